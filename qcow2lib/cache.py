@@ -1,0 +1,90 @@
+"""The metadata table cache shared by L2 tables and refcount blocks.
+
+Tables are kept decoded (native-endian arrays) and written back only when the image
+flushes, in the order the image dictates: the cache tracks what is dirty, the image
+decides when it may reach the disk. Clean tables are evicted least recently used first;
+dirty ones stay until written back, so a crash never sees a half-ordered update.
+"""
+from __future__ import annotations
+
+import sys
+from array import array
+from collections import OrderedDict
+from typing import Callable
+
+_NATIVE_LITTLE = sys.byteorder == "little"
+
+
+def decode_be64(data: bytes) -> array:
+    """Big-endian 64-bit entries to a native array."""
+    table = array("Q")
+    table.frombytes(data)
+    if _NATIVE_LITTLE:
+        table.byteswap()
+    return table
+
+
+def encode_be64(table: array) -> bytes:
+    if _NATIVE_LITTLE:
+        swapped = array("Q", table)
+        swapped.byteswap()
+        return swapped.tobytes()
+    return table.tobytes()
+
+
+class TableCache:
+    """offset -> decoded table, with dirty tracking and a bound on clean entries."""
+
+    def __init__(self, load: Callable[[int], object], max_entries: int):
+        self._load = load
+        self.max_entries = max(4, max_entries)
+        self._tables: OrderedDict[int, object] = OrderedDict()
+        self.dirty: set[int] = set()
+
+    def get(self, offset: int):
+        table = self._tables.get(offset)
+        if table is None:
+            table = self._load(offset)
+            self._tables[offset] = table
+            self._evict()
+        else:
+            self._tables.move_to_end(offset)
+        return table
+
+    def put(self, offset: int, table, dirty: bool = True) -> None:
+        self._tables[offset] = table
+        self._tables.move_to_end(offset)
+        if dirty:
+            self.dirty.add(offset)
+        self._evict()
+
+    def mark_dirty(self, offset: int) -> None:
+        self.dirty.add(offset)
+
+    def drop(self, offset: int) -> None:
+        """Forget a table whose cluster was freed (its content no longer matters)."""
+        self._tables.pop(offset, None)
+        self.dirty.discard(offset)
+
+    def take_dirty(self) -> list[tuple[int, object]]:
+        """The dirty tables in offset order; they count as clean from now on."""
+        items = [(offset, self._tables[offset]) for offset in sorted(self.dirty)]
+        self.dirty.clear()
+        self._evict()
+        return items
+
+    def clear(self) -> None:
+        self._tables.clear()
+        self.dirty.clear()
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+    def _evict(self) -> None:
+        if len(self._tables) <= self.max_entries:
+            return
+        for offset in list(self._tables):
+            if len(self._tables) <= self.max_entries:
+                break
+            if offset not in self.dirty:
+                del self._tables[offset]

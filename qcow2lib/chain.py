@@ -1,0 +1,68 @@
+"""Opening any image together with its backing chain.
+
+Formats are probed only where the user or the image does not name them; relative
+backing names resolve against the directory of the image that names them; a loop or a
+chain deeper than MAX_CHAIN_DEPTH is refused before it can exhaust anything.
+"""
+from __future__ import annotations
+
+import os
+
+from . import structs as S
+from .blockdev import BlockDevice, RawDevice
+from .errors import CorruptImageError, InvalidArgumentError, Qcow2IOError, UnsupportedFeatureError
+from .image import Qcow2Image
+
+MAX_CHAIN_DEPTH = 16
+FORMATS = ("qcow2", "raw")
+
+
+def probe_format(path: str) -> str:
+    """'qcow2' when the file starts with the qcow2 magic, else 'raw'."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise Qcow2IOError(exc.errno, f"Could not open '{path}': {exc.strerror}", path) from None
+    return "qcow2" if magic == S.QCOW_MAGIC.to_bytes(4, "big") else "raw"
+
+
+def resolve_backing_path(image_path: str, backing_name: str) -> str:
+    """A backing name as QEMU resolves it: relative to the directory of the image naming it."""
+    if os.path.isabs(backing_name):
+        return backing_name
+    return os.path.join(os.path.dirname(image_path), backing_name)
+
+
+def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool = True,
+               data_file: str | None = None, _chain: tuple[str, ...] = ()) -> BlockDevice:
+    """Open an image (and, unless backing=False, its whole backing chain, read-only)."""
+    if mode not in ("r", "r+"):
+        raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
+    if fmt is None:
+        fmt = probe_format(path)
+    if fmt not in FORMATS:
+        raise UnsupportedFeatureError(f"Unknown driver '{fmt}'")
+    real = os.path.realpath(path)
+    if real in _chain:
+        raise CorruptImageError(f"Backing file loop: '{path}' is its own backing file "
+                                f"(chain: {' -> '.join(_chain + (real,))})")
+    if len(_chain) >= MAX_CHAIN_DEPTH:
+        raise CorruptImageError(f"Backing chain of '{_chain[0]}' is too deep (more than "
+                                f"{MAX_CHAIN_DEPTH} images)")
+    if fmt == "raw":
+        return RawDevice(path, mode)
+    image = Qcow2Image(path, mode, data_file_path=data_file)
+    if backing and image.backing_filename:
+        try:
+            backing_path = resolve_backing_path(path, image.backing_filename)
+            if not os.path.exists(backing_path):
+                raise Qcow2IOError(
+                    2, f"Could not open backing file: Could not open '{backing_path}': "
+                       f"No such file or directory", backing_path)
+            image.backing = open_image(backing_path, "r", image.backing_format, True,
+                                       None, _chain + (real,))
+        except BaseException:
+            image.close()
+            raise
+    return image

@@ -1,0 +1,185 @@
+"""Creating images: option checks as QEMU does them, the initial layout, preallocation.
+
+A new qcow2 file holds, in order, the header cluster, the refcount table, the refcount
+blocks that count the metadata, and the L1 table (QEMU's layout). Preallocation then
+runs through the engine itself, so it follows the same allocation and write order as
+any guest write.
+"""
+from __future__ import annotations
+
+import os
+from array import array
+
+from . import structs as S
+from .cache import encode_be64
+from .chain import open_image, resolve_backing_path
+from .errors import InvalidArgumentError, Qcow2IOError
+from .header import Header
+from .hostfile import HostFile
+from .refcount import RefcountBlock
+
+PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
+COMPAT_LEVELS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
+
+
+def create(path: str, size: int | None, *, fmt: str = "qcow2", cluster_size: int = 65536,
+           compat: str = "1.1", backing_file: str | None = None, backing_fmt: str | None = None,
+           refcount_bits: int = 16, lazy_refcounts: bool = False, extended_l2: bool = False,
+           preallocation: str = "off", data_file: str | None = None, data_file_raw: bool = False,
+           compression_type: str = "zlib") -> None:
+    """Create a raw or qcow2 image. `size=None` takes the size of the backing file."""
+    if preallocation not in PREALLOCATION_MODES:
+        raise InvalidArgumentError(f"Unsupported preallocation mode '{preallocation}'")
+    if size is None:
+        if not backing_file:
+            raise InvalidArgumentError("Image creation needs a size parameter")
+        size = _backing_size(path, backing_file, backing_fmt)
+    if size < 0:
+        raise InvalidArgumentError(f"Image size must be a non-negative number (size {size})")
+    if fmt == "raw":
+        _create_raw(path, size, preallocation)
+        return
+    if fmt != "qcow2":
+        raise InvalidArgumentError(f"Unknown file format '{fmt}'")
+    size = (size + 511) // 512 * 512
+    version = COMPAT_LEVELS.get(str(compat))
+    if version is None:
+        raise InvalidArgumentError(f"Invalid compatibility level: '{compat}'")
+    _check_qcow2_options(version, size, cluster_size, backing_file, backing_fmt, refcount_bits,
+                         lazy_refcounts, extended_l2, preallocation, data_file, data_file_raw,
+                         compression_type)
+    if data_file_raw and preallocation == "off":
+        preallocation = "metadata"  # raw data files need the identity mapping in the tables
+    if data_file:
+        data_path = data_file if os.path.isabs(data_file) else os.path.join(
+            os.path.dirname(os.path.abspath(path)), data_file)
+        HostFile(data_path, writable=True, create=True).close()
+    _write_empty_qcow2(path, size, version, cluster_size, backing_file, backing_fmt,
+                       refcount_bits, lazy_refcounts, extended_l2, data_file, data_file_raw,
+                       compression_type)
+    if preallocation != "off":
+        with open_image(path, "r+", "qcow2", backing=False) as image:
+            image.preallocate(preallocation)
+
+
+def _check_qcow2_options(version, size, cluster_size, backing_file, backing_fmt, refcount_bits,
+                         lazy_refcounts, extended_l2, preallocation, data_file, data_file_raw,
+                         compression_type) -> None:
+    def fail(message: str):
+        raise InvalidArgumentError(message)
+
+    if extended_l2 and version < 3:
+        fail("Extended L2 entries are only supported with compatibility level 1.1 and above "
+             "(use version=v3 or greater)")
+    bits = cluster_size.bit_length() - 1
+    if not S.MIN_CLUSTER_BITS <= bits <= S.MAX_CLUSTER_BITS or 1 << bits != cluster_size:
+        fail("Cluster size must be a power of two between 512 and 2048k")
+    if extended_l2 and cluster_size < 512 * S.SUBCLUSTERS:
+        fail(f"Extended L2 entries are only supported with cluster sizes of at least "
+             f"{512 * S.SUBCLUSTERS} bytes")
+    if backing_file and preallocation != "off" and not extended_l2:
+        fail("Backing file and preallocation can only be used at the same time if extended_l2 "
+             "is on")
+    if backing_fmt and not backing_file:
+        fail("Backing format cannot be used without backing file")
+    if lazy_refcounts and version < 3:
+        fail("Lazy refcounts only supported with compatibility level 1.1 and above (use "
+             "version=v3 or greater)")
+    if refcount_bits > 64 or refcount_bits < 1 or refcount_bits & (refcount_bits - 1):
+        fail("Refcount width must be a power of two and may not exceed 64 bits")
+    if version < 3 and refcount_bits != 16:
+        fail("Different refcount widths than 16 bits require compatibility level 1.1 or above "
+             "(use version=v3 or greater)")
+    if data_file_raw and not data_file:
+        fail("data-file-raw requires data-file")
+    if data_file_raw and backing_file:
+        fail("Backing file and data-file-raw cannot be used at the same time")
+    if data_file and version < 3:
+        fail("External data files are only supported with compatibility level 1.1 and above "
+             "(use version=v3 or greater)")
+    if compression_type not in ("zlib", "zstd"):
+        fail(f"Invalid parameter '{compression_type}'")
+    if compression_type != "zlib" and version < 3:
+        fail("Non-zlib compression type is only supported with compatibility level 1.1 and "
+             "above (use version=v3 or greater)")
+    l2_entries = cluster_size // (16 if extended_l2 else 8)
+    l1_entries = -(-size // (cluster_size * l2_entries))
+    if l1_entries * 8 > S.MAX_L1_BYTES:
+        fail(f"Image size is too large for this cluster size (size {size}, cluster_size "
+             f"{cluster_size})")
+
+
+def _backing_size(path: str, backing_file: str, backing_fmt: str | None) -> int:
+    with open_image(resolve_backing_path(path, backing_file), "r", backing_fmt) as backing:
+        return backing.size
+
+
+def _create_raw(path: str, size: int, preallocation: str) -> None:
+    file = HostFile(path, writable=True, create=True)
+    try:
+        file.truncate(size)
+        if preallocation == "falloc" and size:
+            file.allocate(0, size)
+        elif preallocation == "full":
+            chunk = bytes(min(size, 1 << 20))
+            for offset in range(0, size, len(chunk) or 1):
+                file.pwrite(memoryview(chunk)[:min(len(chunk), size - offset)], offset)
+        file.flush()
+    finally:
+        file.close()
+
+
+def _write_empty_qcow2(path, size, version, cluster_size, backing_file, backing_fmt, refcount_bits,
+                       lazy_refcounts, extended_l2, data_file, data_file_raw,
+                       compression_type) -> None:
+    bits = cluster_size.bit_length() - 1
+    order = refcount_bits.bit_length() - 1
+    hdr = Header(version=version, cluster_bits=bits, size=size, refcount_order=order,
+                 header_length=112 if version >= 3 else S.HEADER_V2_SIZE)
+    if extended_l2:
+        hdr.incompatible_features |= S.INCOMPAT_EXTL2
+    if compression_type == "zstd":
+        hdr.incompatible_features |= S.INCOMPAT_COMPRESSION
+        hdr.compression_type = 1
+    if data_file:
+        hdr.incompatible_features |= S.INCOMPAT_DATA_FILE
+        hdr.data_file = data_file
+        if data_file_raw:
+            hdr.autoclear_features |= S.AUTOCLEAR_DATA_FILE_RAW
+    if lazy_refcounts:
+        hdr.compatible_features |= S.COMPAT_LAZY_REFCOUNTS
+    if backing_file:
+        hdr.backing_file = backing_file
+        hdr.backing_format = backing_fmt
+    hdr.l1_size = hdr.l1_entries_needed()
+    l1_clusters = -(-hdr.l1_size * 8 // cluster_size)
+    block_entries = cluster_size * 8 // refcount_bits
+    table_clusters = blocks = 1
+    while True:  # the refcount structure must count itself
+        total = 1 + table_clusters + blocks + l1_clusters
+        need_blocks = -(-total // block_entries)
+        need_table = -(-need_blocks * 8 // cluster_size)
+        if (need_blocks, need_table) == (blocks, table_clusters):
+            break
+        blocks, table_clusters = need_blocks, need_table
+    hdr.refcount_table_offset = cluster_size
+    hdr.refcount_table_clusters = table_clusters
+    first_block = 1 + table_clusters
+    hdr.l1_table_offset = (first_block + blocks) * cluster_size
+    table = array("Q", [(first_block + i) * cluster_size for i in range(blocks)])
+    table.extend([0] * (table_clusters * cluster_size // 8 - blocks))
+    file = HostFile(path, writable=True, create=True)
+    try:
+        file.pwrite(hdr.pack(), 0)
+        file.pwrite(encode_be64(table), cluster_size)
+        for i in range(blocks):
+            block = RefcountBlock(order, bytes(cluster_size))
+            for j in range(min(block_entries, total - i * block_entries)):
+                block.set(j, 1)
+            file.pwrite(block.to_bytes(), (first_block + i) * cluster_size)
+        file.truncate(total * cluster_size)
+        file.flush()
+    except Qcow2IOError:
+        file.close()
+        raise
+    file.close()

@@ -1,0 +1,40 @@
+"""The one exception hierarchy every caller of qcow2lib catches.
+
+Each error names the field and the value that made it fail, so a user can tell a
+damaged image from an unsupported one without reading a traceback.
+"""
+
+
+class Qcow2Error(Exception):
+    """Base of every error qcow2lib raises on purpose."""
+
+
+class CorruptImageError(Qcow2Error):
+    """The image contradicts the format: a field, table or entry is invalid."""
+
+
+class UnsupportedFeatureError(Qcow2Error):
+    """The image is valid but uses something this engine does not implement."""
+
+
+class Qcow2IOError(Qcow2Error, OSError):
+    """The host file failed a read, write or flush (errno is kept)."""
+
+    def __init__(self, errno_value: int, message: str, filename: str | None = None):
+        OSError.__init__(self, errno_value, message, filename)
+
+
+class InvalidArgumentError(Qcow2Error, ValueError):
+    """A caller passed an option or range the image cannot take."""
+
+
+class ImageLockedError(Qcow2Error):
+    """Another process holds a lock on the image that conflicts with ours."""
+
+
+class BadSecretError(Qcow2Error):
+    """The passphrase or key does not open the image."""
+
+
+class ReadOnlyError(Qcow2Error):
+    """A write was attempted on an image opened read-only."""

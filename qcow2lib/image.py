@@ -1,0 +1,723 @@
+"""`Qcow2Image`: the header, cluster map, refcounts and codecs tied into a BlockDevice.
+
+Concurrency: one lock (`_lock`) guards metadata. A request takes it to translate its
+range into host runs (and to allocate), then does its data I/O without it, so reads of
+allocated data and writes into allocated clusters from many threads run in parallel.
+Guest clusters being allocated are marked in flight; a second writer of the same
+cluster waits for the first to publish its L2 entry.
+
+Durability: data goes straight to the file; metadata is written back by `flush`, in the
+order refcount increments, L2 tables, L1 entries, refcount decrements, with a barrier
+(fdatasync) between each phase that wrote something.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+from . import codecs
+from . import structs as S
+from .blockdev import BlockDevice, Extent, merge_extents
+from .cache import decode_be64
+from .errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureError
+from .header import Header
+from .hostfile import HostFile
+from .mapping import BACKING, COMPRESSED, DATA, ZERO, ClusterMap, Segment
+from .refcount import Refcounts
+
+_ZEROS = bytes(1 << 20)
+
+
+class _ClusterWrite:
+    """One guest cluster whose L2 entry a write changes."""
+
+    __slots__ = ("cluster_index", "host", "new_host", "fill_start", "fill_end", "entry", "bitmap",
+                 "free_clusters")
+
+    def __init__(self, cluster_index: int):
+        self.cluster_index = cluster_index
+        self.host = 0          # host offset of the cluster the data goes to
+        self.new_host = False  # host must be allocated
+        self.fill_start = 0    # byte range inside the cluster that is written (data + COW fill)
+        self.fill_end = 0
+        self.entry = 0         # new L2 entry (host filled in once known)
+        self.bitmap = 0
+        self.free_clusters: list[tuple[int, int]] = []  # host clusters to release afterwards
+
+
+class Qcow2Image(BlockDevice):
+    format = "qcow2"
+
+    def __init__(self, path: str, mode: str = "r", data_file_path: str | None = None):
+        if mode not in ("r", "r+"):
+            raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
+        self.filename = path
+        self.read_only = mode == "r"
+        self.file = HostFile(path, writable=not self.read_only)
+        self.data_file: HostFile | None = None
+        try:
+            self._open(data_file_path)
+        except BaseException:
+            self._close_files()
+            raise
+
+    # --- opening ------------------------------------------------------------------------
+
+    def _open(self, data_file_path: str | None) -> None:
+        file_size = self.file.size()
+        self.header = hdr = Header.parse(self._read_header_bytes, file_size)
+        self.dirty = bool(hdr.incompatible_features & S.INCOMPAT_DIRTY)
+        self.corrupt = bool(hdr.incompatible_features & S.INCOMPAT_CORRUPT)
+        if self.corrupt and not self.read_only:
+            raise CorruptImageError(
+                f"qcow2: Image is corrupt; cannot be opened read/write ('{self.filename}' has "
+                f"the corrupt bit set in incompatible_features)")
+        self.size = hdr.size
+        self.cluster_bits = hdr.cluster_bits
+        self.cluster_size = hdr.cluster_size
+        self.compat = "1.1" if hdr.version >= 3 else "0.10"
+        self.refcount_bits = 1 << hdr.refcount_order
+        self.lazy_refcounts = bool(hdr.compatible_features & S.COMPAT_LAZY_REFCOUNTS)
+        self.extended_l2 = hdr.extended_l2
+        self.compression_type = S.COMPRESSION_TYPES[hdr.compression_type]
+        self.encrypted = hdr.crypt_method != 0
+        self.backing_filename = hdr.backing_file
+        self.backing_format = hdr.backing_format
+        self.data_file_name = hdr.data_file
+        self.data_file_raw = bool(hdr.autoclear_features & S.AUTOCLEAR_DATA_FILE_RAW)
+        self.bitmaps: list[str] = []
+        self.backing: BlockDevice | None = None
+        has_data_file = bool(hdr.incompatible_features & S.INCOMPAT_DATA_FILE)
+        if has_data_file:
+            name = data_file_path or hdr.data_file
+            if not name:
+                raise CorruptImageError("'data-file' is required for this image (the external "
+                                        "data file bit is set but no data file name is stored)")
+            if not os.path.isabs(name) and data_file_path is None:
+                name = os.path.join(os.path.dirname(os.path.abspath(self.filename)), name)
+            self.data_file = HostFile(name, writable=not self.read_only)
+        elif hdr.data_file:
+            raise CorruptImageError("'data-file' can only be set for images with an external "
+                                    "data file (data file name present, incompatible bit clear)")
+        self._host_size = file_size
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._inflight: set[int] = set()
+        self._io_active = 0
+        self._closed = False
+        self._last_decompressed: tuple[int, bytes] | None = None
+        self.refcounts = Refcounts(self.file, hdr.cluster_bits, hdr.refcount_order,
+                                   hdr.refcount_table_offset, hdr.refcount_table_clusters, file_size)
+        self.map = ClusterMap(self.file, hdr, self._data_size)
+        if not self.read_only:
+            self._open_for_writing()
+
+    def _read_header_bytes(self, offset: int, length: int) -> bytes:
+        return self.file.pread(length, offset)
+
+    def _data_size(self) -> int:
+        return self.data_file.size() if self.data_file else self._host_size
+
+    def _open_for_writing(self) -> None:
+        hdr = self.header
+        changed = False
+        if hdr.autoclear_features & ~S.AUTOCLEAR_DATA_FILE_RAW:
+            # We do not keep bitmaps (or unknown autoclear features) up to date.
+            hdr.autoclear_features &= S.AUTOCLEAR_DATA_FILE_RAW
+            changed = True
+        if self.dirty:
+            from .rebuild import rebuild_refcounts
+            rebuild_refcounts(self)
+            hdr.incompatible_features &= ~S.INCOMPAT_DIRTY
+            self.dirty = False
+            changed = True
+        if self.lazy_refcounts:
+            hdr.incompatible_features |= S.INCOMPAT_DIRTY
+            changed = True
+        if changed:
+            self._write_header()
+            self.file.flush()
+
+    def _write_header(self) -> None:
+        """Rewrite the header cluster's content (header, extensions, backing name)."""
+        data = self.header.pack()
+        self.file.pwrite(data, 0)
+
+    def _write_header_fields(self) -> None:
+        """Rewrite only the fixed header fields: one sector, so the write is atomic."""
+        self.file.pwrite(self.header.pack()[:self.header.header_length], 0)
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _data_file(self) -> HostFile:
+        return self.data_file or self.file
+
+    def _guest_clusters(self, offset: int, length: int) -> range:
+        return range(offset >> self.cluster_bits, (offset + length - 1 >> self.cluster_bits) + 1)
+
+    def _begin_io(self, clusters: range | None = None) -> None:
+        """Under the lock: wait until none of `clusters` is being allocated, then count us in."""
+        if clusters is not None:
+            while any(c in self._inflight for c in clusters) if self._inflight else False:
+                self._cond.wait()
+        self._io_active += 1
+
+    def _end_io(self) -> None:
+        with self._cond:
+            self._io_active -= 1
+            self._cond.notify_all()
+
+    # --- reading ------------------------------------------------------------------------
+
+    def readinto(self, offset: int, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        self.check_request(offset, len(view))
+        if not view:
+            return 0
+        with self._lock:
+            segments = self.map.lookup(offset, len(view))
+            self._begin_io()
+        try:
+            self._read_segments(segments, view, offset)
+        finally:
+            self._end_io()
+        return len(view)
+
+    def _read_segments(self, segments: list[Segment], view: memoryview, base: int) -> None:
+        if self.encrypted:
+            raise UnsupportedFeatureError(
+                f"reading encrypted data (crypt_method {self.header.crypt_method}) is not "
+                f"supported yet")
+        compressed = []
+        data_file = self._data_file()
+        for seg in segments:
+            part = view[seg.guest_offset - base:seg.guest_offset - base + seg.length]
+            if seg.kind == DATA:
+                data_file.readinto(part, seg.host_offset)
+            elif seg.kind == ZERO:
+                part[:] = _ZEROS[:seg.length] if seg.length <= len(_ZEROS) else bytes(seg.length)
+            elif seg.kind == BACKING:
+                self._read_backing(seg.guest_offset, part)
+            else:
+                compressed.append((seg, part))
+        if len(compressed) > 1:
+            results = codecs.pool().map(lambda item: self._cluster_plain(item[0]), compressed)
+            for (seg, part), plain in zip(compressed, results):
+                start = seg.guest_offset - seg.cluster_offset
+                part[:] = plain[start:start + seg.length]
+        elif compressed:
+            seg, part = compressed[0]
+            plain = self._cluster_plain(seg)
+            start = seg.guest_offset - seg.cluster_offset
+            part[:] = plain[start:start + seg.length]
+
+    def _read_backing(self, guest_offset: int, part: memoryview) -> None:
+        backing = self.backing
+        available = 0
+        if backing is not None:
+            available = max(0, min(len(part), backing.size - guest_offset))
+            if available:
+                backing.readinto(guest_offset, part[:available])
+        if available < len(part):
+            part[available:] = bytes(len(part) - available)
+
+    def _cluster_plain(self, seg: Segment) -> bytes:
+        """Decompressed content of a compressed cluster (the last one is remembered)."""
+        last = self._last_decompressed
+        if last is not None and last[0] == seg.host_offset:
+            return last[1]
+        raw = self.file.pread(seg.compressed_size, seg.host_offset)
+        plain = codecs.decompress(self.compression_type, raw, self.cluster_size)
+        self._last_decompressed = (seg.host_offset, plain)
+        return plain
+
+    # --- extents ------------------------------------------------------------------------
+
+    def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
+        if length is None:
+            length = self.size - offset
+        self.check_request(offset, length)
+        if not length:
+            return []
+        with self._lock:
+            segments = self.map.lookup(offset, length)
+        result: list[Extent] = []
+        for seg in segments:
+            if seg.kind == DATA:
+                result.append(Extent(seg.guest_offset, seg.length, True, False, 0, seg.host_offset))
+            elif seg.kind == ZERO:
+                result.append(Extent(seg.guest_offset, seg.length, False, True, 0, seg.host_offset))
+            elif seg.kind == COMPRESSED:
+                result.append(Extent(seg.guest_offset, seg.length, True, False, 0, None))
+            else:
+                result += self._backing_extents(seg.guest_offset, seg.length)
+        return merge_extents(result)
+
+    def _backing_extents(self, offset: int, length: int) -> list[Extent]:
+        backing = self.backing
+        if backing is None:
+            return [Extent(offset, length, False, True, 0, None, False)]
+        result = []
+        inside = max(0, min(length, backing.size - offset))
+        if inside:
+            for ext in backing.extents(offset, inside):
+                result.append(ext._replace(depth=ext.depth + 1))
+        if inside < length:
+            result.append(Extent(offset + inside, length - inside, False, True, 1, None, False))
+        return result
+
+    # --- writing ------------------------------------------------------------------------
+
+    def write(self, offset: int, data) -> None:
+        view = memoryview(data).cast("B")
+        self.check_request(offset, len(view), write=True)
+        if not view:
+            return
+        clusters = self._guest_clusters(offset, len(view))
+        with self._cond:
+            self._begin_io(clusters)
+            try:
+                direct, changes = self._plan_write(offset, len(view))
+            except BaseException:
+                self._io_active -= 1
+                raise
+            self._inflight.update(change.cluster_index for change in changes)
+        ok = False
+        try:
+            self._write_data(offset, view, direct, changes)
+            ok = True
+        finally:
+            with self._cond:
+                try:
+                    if ok:
+                        self._commit(changes)
+                    else:
+                        self._abandon(changes)
+                finally:
+                    self._inflight.difference_update(change.cluster_index for change in changes)
+                    self._io_active -= 1
+                    self._cond.notify_all()
+        self._maybe_write_back()
+
+    def _plan_write(self, offset: int, length: int):
+        """Under the lock: direct host runs, and the clusters whose entries must change."""
+        cs = self.cluster_size
+        bits = self.cluster_bits
+        end = offset + length
+        direct: list[tuple[int, int, int]] = []  # (guest offset, length, host offset)
+        changes: list[_ClusterWrite] = []
+        sub = self.map.subcluster_size
+        has_data_file = self.data_file is not None
+        for cluster_index in self._guest_clusters(offset, length):
+            cluster_start = cluster_index << bits
+            ws = max(offset, cluster_start) - cluster_start
+            we = min(end, cluster_start + cs) - cluster_start
+            entry, bitmap = self.map.get_entry(cluster_index)
+            host = entry & S.L2E_OFFSET_MASK
+            compressed = bool(entry & S.OFLAG_COMPRESSED)
+            copied = bool(entry & S.OFLAG_COPIED) and not compressed
+            if has_data_file and host and not compressed:
+                copied = True  # data clusters of an external data file are never shared
+            change = _ClusterWrite(cluster_index)
+            if not self.extended_l2:
+                if host and copied and not entry & S.OFLAG_ZERO:
+                    direct.append((cluster_start + ws, we - ws, host + ws))
+                    continue
+                change.fill_start, change.fill_end = 0, cs
+                change.entry = S.OFLAG_COPIED
+                if host and copied:  # preallocated zero cluster: reuse it
+                    change.host = host
+                else:
+                    change.new_host = True
+                    change.free_clusters = self._clusters_of(entry)
+            else:
+                alloc = bitmap & 0xFFFFFFFF
+                first_sub, last_sub = ws // sub, (we - 1) // sub
+                touched = ((1 << (last_sub + 1)) - 1) & ~((1 << first_sub) - 1)
+                if host and copied:
+                    if touched & ~alloc == 0:
+                        direct.append((cluster_start + ws, we - ws, host + ws))
+                        continue
+                    change.host = host
+                    change.fill_start, change.fill_end = first_sub * sub, (last_sub + 1) * sub
+                    new_alloc = alloc | touched
+                    change.bitmap = new_alloc | ((bitmap >> 32) & ~new_alloc) << 32
+                elif host or compressed:  # shared or compressed: copy the whole cluster
+                    change.new_host = True
+                    change.fill_start, change.fill_end = 0, cs
+                    change.bitmap = S.L2_BITMAP_ALL_ALLOC
+                    change.free_clusters = self._clusters_of(entry)
+                else:
+                    change.new_host = True
+                    change.fill_start, change.fill_end = first_sub * sub, (last_sub + 1) * sub
+                    change.bitmap = touched | ((bitmap >> 32) & ~touched) << 32
+                change.entry = S.OFLAG_COPIED
+            changes.append(change)
+        if changes:
+            self._prepare_l2_tables(changes)
+            self._assign_hosts(changes)
+        return direct, changes
+
+    def _clusters_of(self, entry: int) -> list[tuple[int, int]]:
+        """Host cluster runs an L2 entry holds a reference on (for freeing)."""
+        if entry & S.OFLAG_COMPRESSED:
+            host = entry & self.map.compressed_offset_mask
+            sectors = ((entry >> self.map.csize_shift) & self.map.csize_mask) + 1
+            first = (host & ~511) >> self.cluster_bits
+            last = ((host & ~511) + sectors * 512 - 1) >> self.cluster_bits
+            return [(first, last - first + 1)]
+        host = entry & S.L2E_OFFSET_MASK
+        if host and self.data_file is None:
+            return [(host >> self.cluster_bits, 1)]
+        return []
+
+    def _assign_hosts(self, changes: list[_ClusterWrite]) -> None:
+        """Give new clusters host offsets, contiguous for neighbouring guest clusters."""
+        if self.data_file is not None:
+            for change in changes:
+                if change.new_host:  # external data files map guest offset == host offset
+                    change.host = change.cluster_index << self.cluster_bits
+            return
+        index = 0
+        while index < len(changes):
+            if not changes[index].new_host:
+                index += 1
+                continue
+            run_end = index + 1
+            while (run_end < len(changes) and changes[run_end].new_host
+                   and changes[run_end].cluster_index == changes[run_end - 1].cluster_index + 1):
+                run_end += 1
+            first = self.refcounts.allocate(run_end - index)
+            for i in range(index, run_end):
+                changes[i].host = (first + i - index) << self.cluster_bits
+            index = run_end
+
+    def _prepare_l2_tables(self, changes: list[_ClusterWrite]) -> None:
+        """Make every L2 table the changes touch exist and belong to this image alone."""
+        for l1_index in sorted({c.cluster_index // self.map.l2_entries for c in changes}):
+            self._writable_l2(l1_index)
+
+    def _writable_l2(self, l1_index: int) -> None:
+        if l1_index >= len(self.map.l1):
+            raise CorruptImageError(f"guest offset beyond the L1 table (L1 index {l1_index}, "
+                                    f"l1_size {len(self.map.l1)})")
+        entry = self.map.l1[l1_index]
+        offset = self.map.l2_offset(l1_index)
+        if offset and entry & S.OFLAG_COPIED:
+            return
+        words = self.map.l2_entries * self.map.entry_words
+        if offset:
+            # Shared with a snapshot: copy it, taking a reference on what it points at.
+            old = self.map.l2_cache.get(offset)
+            table = old.__copy__()
+            step = self.map.entry_words
+            for i in range(0, words, step):
+                for first, count in self._clusters_of(table[i]):
+                    self.refcounts.update(first, count, +1)
+            self.refcounts.free(offset >> self.cluster_bits)
+        else:
+            table = decode_be64(bytes(words * 8))
+        new_cluster = self.refcounts.allocate(1)
+        new_offset = new_cluster << self.cluster_bits
+        self.map.l2_cache.put(new_offset, table)
+        self.map.l1[l1_index] = new_offset | S.OFLAG_COPIED
+        self.map.l1_dirty.add(l1_index)
+
+    def _write_data(self, offset: int, view: memoryview, direct, changes) -> None:
+        """Outside the lock: write the data and the copy-on-write fill, in host-contiguous runs."""
+        runs: list[tuple[int, list]] = []  # (host offset, buffers)
+
+        def add(host: int, buffer) -> None:
+            if runs and runs[-1][0] + sum(len(b) for b in runs[-1][1]) == host:
+                runs[-1][1].append(buffer)
+            else:
+                runs.append((host, [buffer]))
+
+        for guest, length, host in direct:
+            add(host, view[guest - offset:guest - offset + length])
+        end = offset + len(view)
+        for change in changes:
+            cluster_start = change.cluster_index << self.cluster_bits
+            fill_start = cluster_start + change.fill_start
+            fill_end = cluster_start + change.fill_end
+            data_start = max(offset, fill_start)
+            data_end = min(end, fill_end)
+            host = change.host + change.fill_start
+            if fill_start < data_start:
+                add(host, self._old_content(fill_start, data_start - fill_start))
+            add(host + data_start - fill_start, view[data_start - offset:data_end - offset])
+            if data_end < fill_end:
+                add(host + data_end - fill_start, self._old_content(data_end, fill_end - data_end))
+        target = self._data_file()
+        for host, buffers in sorted(runs, key=lambda r: r[0]):
+            target.pwritev(buffers, host)
+            with self._lock:
+                if target is self.file:
+                    self._host_size = max(self._host_size, host + sum(len(b) for b in buffers))
+
+    def _old_content(self, guest_offset: int, length: int) -> bytes:
+        """What the guest sees now (the mapping the write will replace is still in place)."""
+        limit = min(length, self.size - guest_offset)
+        buf = bytearray(length)
+        if limit > 0:
+            segments = None
+            with self._lock:
+                segments = self.map.lookup(guest_offset, limit)
+            self._read_segments(segments, memoryview(buf)[:limit], guest_offset)
+        return buf
+
+    def _commit(self, changes: list[_ClusterWrite]) -> None:
+        """Under the lock: publish the new entries and release what they replace."""
+        for change in changes:
+            self.map.set_entry(change.cluster_index, change.host | change.entry, change.bitmap)
+            for first, count in change.free_clusters:
+                self.refcounts.free(first, count)
+
+    def _abandon(self, changes: list[_ClusterWrite]) -> None:
+        """A write failed: give back the clusters it allocated (nothing points at them)."""
+        if self.data_file is not None:
+            return
+        for change in changes:
+            if change.new_host and change.host:
+                self.refcounts.update(change.host >> self.cluster_bits, 1, -1)
+
+    # --- zeroing and discarding ---------------------------------------------------------
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        self.check_request(offset, length, write=True)
+        if not length:
+            return
+        self._zero_or_discard(offset, length, may_unmap, discard=False)
+
+    def discard(self, offset: int, length: int) -> None:
+        self.check_request(offset, length, write=True)
+        if not length:
+            return
+        self._zero_or_discard(offset, length, True, discard=True)
+
+    def _zero_or_discard(self, offset: int, length: int, may_unmap: bool, discard: bool) -> None:
+        cs = self.cluster_size
+        end = offset + length
+        granule = self.map.subcluster_size
+        physical: list[tuple[int, int]] = []  # ranges that must be written with zeros
+        first_full = -(-offset // cs) * cs
+        last_full = end // cs * cs
+        if self.size - end < cs and end == self.size:
+            last_full = -(-end // cs) * cs  # the image's last, partial cluster counts as whole
+        with self._cond:
+            self._begin_io(self._guest_clusters(offset, length))
+            try:
+                if not discard:
+                    physical += self._zero_partial(offset, min(end, first_full), granule)
+                    if last_full >= first_full and last_full < end:
+                        physical += self._zero_partial(max(last_full, offset), end, granule)
+                if first_full < last_full:
+                    physical += self._unmap_clusters(first_full >> self.cluster_bits,
+                                                     last_full >> self.cluster_bits,
+                                                     may_unmap, discard)
+            finally:
+                self._io_active -= 1
+                self._cond.notify_all()
+        for start, stop in physical:
+            pos = start
+            while pos < stop:
+                n = min(len(_ZEROS), stop - pos)
+                self.write(pos, _ZEROS[:n])
+                pos += n
+        self._maybe_write_back()
+
+    def _zero_partial(self, start: int, stop: int, granule: int) -> list[tuple[int, int]]:
+        """Zero part of one cluster: set zero bits for whole subclusters where possible."""
+        if start >= stop:
+            return []
+        if not self.extended_l2:
+            return [] if self._reads_zero(start, stop - start) else [(start, stop)]
+        cluster_index = start >> self.cluster_bits
+        cluster_start = cluster_index << self.cluster_bits
+        entry, bitmap = self.map.get_entry(cluster_index)
+        host = entry & S.L2E_OFFSET_MASK
+        usable = not entry & S.OFLAG_COMPRESSED and (not host or entry & S.OFLAG_COPIED
+                                                      or self.data_file is not None)
+        sub_first = -(-(start - cluster_start) // granule)
+        sub_end = (stop - cluster_start) // granule
+        if not usable or sub_first >= sub_end:
+            return [] if self._reads_zero(start, stop - start) else [(start, stop)]
+        mask = ((1 << sub_end) - 1) & ~((1 << sub_first) - 1)
+        alloc = (bitmap & 0xFFFFFFFF) & ~mask
+        zero = (bitmap >> 32) | mask
+        self._writable_l2(cluster_index // self.map.l2_entries)
+        self.map.set_entry(cluster_index, entry if alloc or host else 0, alloc | (zero & ~alloc) << 32)
+        ranges = []
+        head_end = cluster_start + sub_first * granule
+        tail_start = cluster_start + sub_end * granule
+        for a, b in ((start, min(stop, head_end)), (max(start, tail_start), stop)):
+            if a < b and not self._reads_zero(a, b - a):
+                ranges.append((a, b))
+        return ranges
+
+    def _reads_zero(self, offset: int, length: int) -> bool:
+        """Cheap test from metadata alone: the range is a hole or a zero run everywhere."""
+        for seg in self.map.lookup(offset, length):
+            if seg.kind == ZERO:
+                continue
+            if seg.kind == BACKING and self._backing_reads_zero(seg.guest_offset, seg.length):
+                continue
+            return False
+        return True
+
+    def _backing_reads_zero(self, offset: int, length: int) -> bool:
+        if self.backing is None or offset >= self.backing.size:
+            return True
+        return all(ext.is_zero and not ext.is_data
+                   for ext in self.backing.extents(offset, min(length, self.backing.size - offset)))
+
+    def _unmap_clusters(self, first: int, stop: int, may_unmap: bool,
+                        discard: bool) -> list[tuple[int, int]]:
+        """Whole clusters [first, stop): zero flags, or unallocated, as the format allows."""
+        physical: list[tuple[int, int]] = []
+        v3 = self.header.version >= 3
+        for cluster_index in range(first, stop):
+            entry, bitmap = self.map.get_entry(cluster_index)
+            host = entry & S.L2E_OFFSET_MASK
+            compressed = bool(entry & S.OFLAG_COMPRESSED)
+            owned = self._clusters_of(entry)
+            if self.extended_l2:
+                keep = host and not compressed and not may_unmap and (
+                    entry & S.OFLAG_COPIED or self.data_file is not None)
+                new_entry = entry if keep else 0
+                new_bitmap = S.L2_BITMAP_ALL_ZERO
+            elif discard:
+                if not v3:
+                    new_entry = 0
+                elif entry == 0 and self.backing is None:
+                    continue
+                else:
+                    new_entry = S.OFLAG_ZERO
+                new_bitmap = 0
+            elif v3:
+                keep = host and not compressed and not may_unmap and (
+                    entry & S.OFLAG_COPIED or self.data_file is not None)
+                new_entry = (entry & (S.L2E_OFFSET_MASK | S.OFLAG_COPIED) if keep else 0) | S.OFLAG_ZERO
+                new_bitmap = 0
+            else:  # v2 has no zero flag: only a hole with nothing behind it reads as zeros
+                if self.backing is not None and not self._backing_reads_zero(
+                        cluster_index << self.cluster_bits, self.cluster_size):
+                    start = cluster_index << self.cluster_bits
+                    physical.append((start, min(start + self.cluster_size, self.size)))
+                    continue
+                new_entry, new_bitmap = 0, 0
+            if (new_entry, new_bitmap) == (entry, bitmap):
+                continue
+            if new_entry == 0 and entry == 0 and self.map.l2_offset(
+                    cluster_index // self.map.l2_entries) == 0 and not self.extended_l2 and not v3:
+                continue
+            self._writable_l2(cluster_index // self.map.l2_entries)
+            self.map.set_entry(cluster_index, new_entry, new_bitmap)
+            if not (new_entry & S.L2E_OFFSET_MASK):
+                for c, count in owned:
+                    self.refcounts.free(c, count)
+        return physical
+
+    # --- durability ---------------------------------------------------------------------
+
+    def _maybe_write_back(self) -> None:
+        """Keep dirty metadata bounded: write it back once the caches fill up with it."""
+        limit = self.map.l2_cache.max_entries // 2
+        if (len(self.map.l2_cache.dirty) > limit
+                or len(self.refcounts.blocks.dirty) > self.refcounts.blocks.max_entries // 2):
+            with self._lock:
+                self._write_back(sync=True)
+
+    def flush(self) -> None:
+        if self.read_only or self._closed:
+            return
+        with self._lock:
+            self._write_back(sync=True)
+
+    def _write_back(self, sync: bool) -> None:
+        """Write dirty metadata in crash-safe order (see the module docstring)."""
+        refs = self.refcounts
+        if self.data_file is not None:
+            self.data_file.flush()
+        refs.write_blocks()
+        if refs.table_dirty:
+            self.file.flush()  # blocks before the table that points at them
+            refs.write_table()
+            if refs.table_moved:
+                self.file.flush()
+                self.header.refcount_table_offset = refs.table_offset
+                self.header.refcount_table_clusters = refs.table_clusters
+                self._write_header_fields()
+                refs.table_moved = False
+        self.file.flush()  # data and refcounts before the L2 entries that use them
+        if self.map.write_dirty_l2():
+            self.file.flush()
+        if self.map.write_dirty_l1():
+            self.file.flush()
+        if refs.pending_frees and self._io_active == 0:
+            for first, count in refs.pending_frees:
+                for c in range(first, first + count):
+                    self.map.l2_cache.drop(c << self.cluster_bits)
+            released = refs.apply_frees()
+            refs.write_blocks()
+            self.file.flush()
+            for first, count in released:
+                self.file.punch_hole(first << self.cluster_bits, count << self.cluster_bits)
+
+    # --- preallocation -----------------------------------------------------------------
+
+    def preallocate(self, mode: str) -> None:
+        """Map every guest cluster to a host cluster (metadata), reserved (falloc) or written (full)."""
+        cs = self.cluster_size
+        clusters = -(-self.size // cs)
+        if not clusters:
+            return
+        with self._lock:
+            for l1_index in range(-(-clusters // self.map.l2_entries)):
+                self._writable_l2(l1_index)
+            if self.data_file is not None:
+                first = 0
+            else:
+                first = self.refcounts.allocate(clusters)
+            target = self._data_file()
+            start, end = first * cs, (first + clusters) * cs
+            if mode == "falloc":
+                target.allocate(start, end - start)
+            elif mode == "full":
+                for pos in range(start, end, len(_ZEROS)):
+                    target.pwrite(memoryview(_ZEROS)[:min(len(_ZEROS), end - pos)], pos)
+            if target.size() < end:
+                target.truncate(end)
+            self._host_size = max(self._host_size, self.file.size())
+            bitmap = S.L2_BITMAP_ALL_ALLOC if self.extended_l2 else 0
+            for index in range(clusters):
+                self.map.set_entry(index, (start + index * cs) | S.OFLAG_COPIED, bitmap)
+            self._write_back(sync=True)
+
+    # --- closing ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            if not self.read_only:
+                with self._cond:
+                    while self._io_active:
+                        self._cond.wait()
+                    self._write_back(sync=True)
+                    if self.refcounts.pending_frees:
+                        self._write_back(sync=True)
+                    if self.lazy_refcounts:
+                        self.header.incompatible_features &= ~S.INCOMPAT_DIRTY
+                        self._write_header_fields()
+                        self.file.flush()
+        finally:
+            self._closed = True
+            if self.backing is not None:
+                self.backing.close()
+            self._close_files()
+
+    def _close_files(self) -> None:
+        self.file.close()
+        if self.data_file is not None:
+            self.data_file.close()

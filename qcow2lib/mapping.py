@@ -1,0 +1,254 @@
+"""Guest offsets to host runs: the L1 table, L2 tables and the meaning of their entries.
+
+`lookup` turns a guest range into a short list of `Segment`s (contiguous host runs,
+zero runs, runs the backing file answers, compressed clusters), walking each L2 table
+once per request. Entries are validated as they are read: an entry that points outside
+the file, is misaligned or has reserved bits set raises CorruptImageError.
+"""
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass
+
+from . import structs as S
+from .cache import TableCache, decode_be64, encode_be64
+from .errors import CorruptImageError
+
+DATA, ZERO, BACKING, COMPRESSED = "data", "zero", "backing", "compressed"
+
+
+@dataclass(slots=True)
+class Segment:
+    """A guest range with one meaning.
+
+    kind DATA: host_offset is where guest_offset lives. ZERO: reads zeros (host_offset is
+    the preallocated cluster, or None). BACKING: not allocated here. COMPRESSED: one
+    cluster's compressed bytes at host_offset, `compressed_size` long; `cluster_offset` is
+    the guest offset of that cluster's start.
+    """
+    guest_offset: int
+    length: int
+    kind: str
+    host_offset: int | None = None
+    compressed_size: int = 0
+    cluster_offset: int = 0
+
+
+class ClusterMap:
+    """The active L1 table and the L2 tables under it."""
+
+    def __init__(self, file, header, data_file_size, cache_bytes: int = 32 << 20):
+        self.file = file
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = header.cluster_size
+        self.extended = header.extended_l2
+        self.entry_words = 2 if self.extended else 1
+        self.l2_entries = header.l2_entries
+        self.subcluster_size = self.cluster_size // S.SUBCLUSTERS if self.extended else self.cluster_size
+        self.csize_shift = 62 - (self.cluster_bits - 8)
+        self.csize_mask = (1 << (self.cluster_bits - 8)) - 1
+        self.compressed_offset_mask = (1 << self.csize_shift) - 1
+        self.has_data_file = bool(header.incompatible_features & S.INCOMPAT_DATA_FILE)
+        self.data_file_size = data_file_size  # callable: size of the file data clusters live in
+        self.l1_table_offset = header.l1_table_offset
+        self.l1 = decode_be64(file.pread(header.l1_size * 8, header.l1_table_offset)) \
+            if header.l1_size else array("Q")
+        self.l1_dirty: set[int] = set()
+        self.l2_cache = TableCache(self._load_l2, max(16, cache_bytes // self.cluster_size))
+
+    # --- L1 / L2 access -----------------------------------------------------------------
+
+    def l2_offset(self, l1_index: int) -> int:
+        """Host offset of the L2 table for l1_index (0 if unallocated), validated."""
+        entry = self.l1[l1_index]
+        offset = entry & S.L1E_OFFSET_MASK
+        if entry & S.L1E_RESERVED_MASK:
+            raise CorruptImageError(
+                f"L1 entry {l1_index} has reserved bits set (0x{entry:016x})")
+        if offset % self.cluster_size:
+            raise CorruptImageError(
+                f"L2 table offset 0x{offset:x} (L1 entry {l1_index}) is not aligned to the "
+                f"cluster size {self.cluster_size}")
+        return offset
+
+    def _load_l2(self, offset: int) -> array:
+        if offset == 0 or offset + self.cluster_size > self.file.size():
+            raise CorruptImageError(
+                f"L2 table offset 0x{offset:x} lies outside the image file "
+                f"({self.file.size()} bytes)")
+        return decode_be64(self.file.pread(self.cluster_size, offset))
+
+    def l2_table(self, l1_index: int) -> array | None:
+        offset = self.l2_offset(l1_index)
+        return self.l2_cache.get(offset) if offset else None
+
+    def write_dirty_l2(self) -> bool:
+        dirty = self.l2_cache.take_dirty()
+        for offset, table in dirty:
+            self.file.pwrite(encode_be64(table), offset)
+        return bool(dirty)
+
+    def write_dirty_l1(self) -> bool:
+        if not self.l1_dirty:
+            return False
+        # Write whole 512-byte sectors that hold dirty entries, so each write is atomic.
+        per_sector = 64
+        sectors = sorted({i // per_sector for i in self.l1_dirty})
+        self.l1_dirty.clear()
+        for sector in sectors:
+            start = sector * per_sector
+            chunk = self.l1[start:start + per_sector]
+            self.file.pwrite(encode_be64(chunk), self.l1_table_offset + start * 8)
+        return True
+
+    # --- classification -----------------------------------------------------------------
+
+    def _check_host(self, host: int, entry: int, cluster_index: int) -> None:
+        if host % self.cluster_size:
+            raise CorruptImageError(
+                f"Cluster allocation offset 0x{host:x} unaligned (L2 entry 0x{entry:016x} for "
+                f"guest cluster {cluster_index})")
+        if self.has_data_file:
+            return
+        if host == 0:
+            raise CorruptImageError(
+                f"Data cluster of guest cluster {cluster_index} points at the image header "
+                f"(L2 entry 0x{entry:016x})")
+        if host + self.cluster_size > self.data_file_size():
+            raise CorruptImageError(
+                f"Data cluster offset 0x{host:x} (guest cluster {cluster_index}) lies past the "
+                f"end of the image file")
+
+    def lookup(self, guest_offset: int, length: int) -> list[Segment]:
+        """Split a guest range into segments, merging neighbours of the same kind."""
+        segments: list[Segment] = []
+        end = guest_offset + length
+        cluster_size = self.cluster_size
+        bits = self.cluster_bits
+        l2_entries = self.l2_entries
+        pos = guest_offset
+        while pos < end:
+            cluster_index = pos >> bits
+            l1_index, l2_index = divmod(cluster_index, l2_entries)
+            table_end = min(end, (l1_index + 1) * l2_entries * cluster_size)
+            table = self.l2_table(l1_index) if l1_index < len(self.l1) else None
+            if table is None:
+                _append(segments, pos, table_end - pos, BACKING, None)
+                pos = table_end
+                continue
+            while pos < table_end:
+                cluster_index = pos >> bits
+                l2_index = cluster_index % l2_entries
+                cluster_start = cluster_index << bits
+                chunk_end = min(table_end, cluster_start + cluster_size)
+                if self.extended:
+                    self._classify_extended(segments, table, l2_index, cluster_index, pos, chunk_end)
+                else:
+                    self._classify_standard(segments, table[l2_index], cluster_index, pos, chunk_end)
+                pos = chunk_end
+        return segments
+
+    def _classify_standard(self, segments, entry: int, cluster_index: int, pos: int,
+                           chunk_end: int) -> None:
+        cluster_start = cluster_index << self.cluster_bits
+        if entry & S.OFLAG_COMPRESSED:
+            self._append_compressed(segments, entry, cluster_index, pos, chunk_end)
+            return
+        if entry & S.L2E_STD_RESERVED_MASK:
+            raise CorruptImageError(
+                f"L2 entry 0x{entry:016x} for guest cluster {cluster_index} has reserved bits set")
+        host = entry & S.L2E_OFFSET_MASK
+        if entry & S.OFLAG_ZERO:
+            _append(segments, pos, chunk_end - pos, ZERO, host + pos - cluster_start if host else None)
+        elif host:
+            self._check_host(host, entry, cluster_index)
+            _append(segments, pos, chunk_end - pos, DATA, host + pos - cluster_start)
+        else:
+            _append(segments, pos, chunk_end - pos, BACKING, None)
+
+    def _append_compressed(self, segments, entry: int, cluster_index: int, pos: int,
+                           chunk_end: int) -> None:
+        host = entry & self.compressed_offset_mask
+        sectors = ((entry >> self.csize_shift) & self.csize_mask) + 1
+        size = sectors * 512 - (host & 511)
+        if host + size > self.file.size() + 512 or host < self.cluster_size:
+            raise CorruptImageError(
+                f"Compressed cluster at 0x{host:x} ({size} bytes, guest cluster {cluster_index}) "
+                f"lies outside the image file")
+        segments.append(Segment(pos, chunk_end - pos, COMPRESSED, host, size,
+                                cluster_index << self.cluster_bits))
+
+    def _classify_extended(self, segments, table, l2_index: int, cluster_index: int, pos: int,
+                           chunk_end: int) -> None:
+        entry = table[2 * l2_index]
+        bitmap = table[2 * l2_index + 1]
+        if entry & S.OFLAG_COMPRESSED:
+            self._append_compressed(segments, entry, cluster_index, pos, chunk_end)
+            return
+        if entry & 0x3F000000000001FF:
+            raise CorruptImageError(
+                f"L2 entry 0x{entry:016x} for guest cluster {cluster_index} has reserved bits set")
+        alloc = bitmap & 0xFFFFFFFF
+        zero = bitmap >> 32
+        if alloc & zero:
+            raise CorruptImageError(
+                f"Extended L2 bitmap 0x{bitmap:016x} of guest cluster {cluster_index} marks "
+                f"subclusters both allocated and zero")
+        host = entry & S.L2E_OFFSET_MASK
+        if alloc:
+            if not host:
+                raise CorruptImageError(
+                    f"Extended L2 entry of guest cluster {cluster_index} has allocated "
+                    f"subclusters (bitmap 0x{bitmap:016x}) but no host offset")
+            self._check_host(host, entry, cluster_index)
+        cluster_start = cluster_index << self.cluster_bits
+        sub = self.subcluster_size
+        while pos < chunk_end:
+            index = (pos - cluster_start) // sub
+            sub_end = min(chunk_end, cluster_start + (index + 1) * sub)
+            if alloc >> index & 1:
+                _append(segments, pos, sub_end - pos, DATA, host + pos - cluster_start)
+            elif zero >> index & 1:
+                _append(segments, pos, sub_end - pos, ZERO, None)
+            else:
+                _append(segments, pos, sub_end - pos, BACKING, None)
+            pos = sub_end
+
+    # --- entries for writers ------------------------------------------------------------
+
+    def get_entry(self, cluster_index: int) -> tuple[int, int]:
+        """(entry, bitmap) of a guest cluster; (0, 0) where no L2 table exists."""
+        l1_index, l2_index = divmod(cluster_index, self.l2_entries)
+        table = self.l2_table(l1_index) if l1_index < len(self.l1) else None
+        if table is None:
+            return 0, 0
+        if self.extended:
+            return table[2 * l2_index], table[2 * l2_index + 1]
+        return table[l2_index], 0
+
+    def set_entry(self, cluster_index: int, entry: int, bitmap: int = 0) -> None:
+        """Store an entry; the L2 table must already be writable (see Qcow2Image)."""
+        l1_index, l2_index = divmod(cluster_index, self.l2_entries)
+        offset = self.l2_offset(l1_index)
+        table = self.l2_cache.get(offset)
+        if self.extended:
+            table[2 * l2_index] = entry
+            table[2 * l2_index + 1] = bitmap
+        else:
+            table[l2_index] = entry
+        self.l2_cache.mark_dirty(offset)
+
+
+def _append(segments: list[Segment], pos: int, length: int, kind: str, host: int | None) -> None:
+    """Add a run, extending the previous one when it continues it (same kind, contiguous host)."""
+    if segments:
+        last = segments[-1]
+        if last.kind == kind and last.kind != COMPRESSED and last.guest_offset + last.length == pos:
+            if host is None and last.host_offset is None:
+                last.length += length
+                return
+            if (host is not None and last.host_offset is not None
+                    and last.host_offset + last.length == host):
+                last.length += length
+                return
+    segments.append(Segment(pos, length, kind, host))

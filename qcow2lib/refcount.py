@@ -1,0 +1,291 @@
+"""Refcount table and blocks of every width (1 to 64 bits), and the cluster allocator.
+
+Increments take effect in the cache at once and reach the disk in the image's first
+flush phase, before any pointer to the cluster. Decrements are queued (`free`) and
+applied only after the tables that dropped the pointer are on disk, so a crash can leak
+a cluster but never leave one referenced with a refcount of zero. A freed cluster is not
+reused before its decrement is applied.
+"""
+from __future__ import annotations
+
+import sys
+from array import array
+from typing import Callable
+
+from .cache import TableCache, decode_be64, encode_be64
+from .errors import CorruptImageError, InvalidArgumentError
+from .structs import REFT_OFFSET_MASK, REFT_RESERVED_MASK
+
+_NATIVE_LITTLE = sys.byteorder == "little"
+_TYPECODES = {3: "B", 4: "H", 5: "I", 6: "Q"}
+
+
+class RefcountBlock:
+    """One refcount block, decoded. Sub-byte widths keep the packed bytes (LSB first)."""
+
+    __slots__ = ("order", "values")
+
+    def __init__(self, order: int, data: bytes):
+        self.order = order
+        if order >= 3:
+            self.values = array(_TYPECODES[order])
+            self.values.frombytes(data)
+            if _NATIVE_LITTLE and order > 3:
+                self.values.byteswap()
+        else:
+            self.values = bytearray(data)
+
+    def get(self, index: int) -> int:
+        if self.order >= 3:
+            return self.values[index]
+        bits = 1 << self.order
+        per_byte = 8 >> self.order
+        return (self.values[index // per_byte] >> ((index % per_byte) * bits)) & ((1 << bits) - 1)
+
+    def set(self, index: int, value: int) -> None:
+        if self.order >= 3:
+            self.values[index] = value
+            return
+        bits = 1 << self.order
+        per_byte = 8 >> self.order
+        shift = (index % per_byte) * bits
+        mask = ((1 << bits) - 1) << shift
+        byte = index // per_byte
+        self.values[byte] = (self.values[byte] & ~mask) | (value << shift)
+
+    def zero_run(self, start: int, limit: int) -> tuple[int, int]:
+        """(first index >= start with refcount 0, length of the zero run from there), within limit."""
+        if self.order >= 3:
+            try:
+                first = self.values.index(0, start, limit)
+            except ValueError:
+                return limit, 0
+            width = 1 << (self.order - 3)
+            raw = self.values[first:limit].tobytes()
+            nonzero = len(raw) - len(raw.lstrip(b"\0"))
+            return first, nonzero // width
+        index = start
+        while index < limit and self.get(index):
+            index += 1
+        first = index
+        while index < limit and not self.get(index):
+            index += 1
+        return first, index - first
+
+    def to_bytes(self) -> bytes:
+        if self.order > 3 and _NATIVE_LITTLE:
+            swapped = array(self.values.typecode, self.values)
+            swapped.byteswap()
+            return swapped.tobytes()
+        return bytes(self.values) if self.order < 3 else self.values.tobytes()
+
+
+class Refcounts:
+    """The refcount structure of one image file and the allocator built on it."""
+
+    def __init__(self, file, cluster_bits: int, refcount_order: int, table_offset: int,
+                 table_clusters: int, file_size: int, cache_entries: int = 256):
+        self.file = file
+        self.cluster_bits = cluster_bits
+        self.cluster_size = 1 << cluster_bits
+        self.order = refcount_order
+        self.max_refcount = (1 << (1 << refcount_order)) - 1
+        self.block_entries = (self.cluster_size * 8) >> refcount_order
+        self.table_offset = table_offset
+        self.table_clusters = table_clusters
+        raw = file.pread(table_clusters * self.cluster_size, table_offset)
+        self.table: array = decode_be64(raw)
+        for index, entry in enumerate(self.table):
+            if entry & REFT_RESERVED_MASK:
+                raise CorruptImageError(
+                    f"Refcount table entry {index} has reserved bits set (0x{entry:016x})")
+        self.blocks = TableCache(self._load_block, cache_entries)
+        self.table_dirty = False
+        self.table_moved = False
+        self.old_tables: list[tuple[int, int]] = []
+        self.pending_frees: list[tuple[int, int]] = []
+        self.free_hint = 0
+        self.end_cluster = (file_size + self.cluster_size - 1) >> cluster_bits
+        self.file_size_hint = file_size
+
+    # --- reading ------------------------------------------------------------------------
+
+    def _block_offset(self, block_index: int) -> int:
+        if block_index >= len(self.table):
+            return 0
+        offset = self.table[block_index] & REFT_OFFSET_MASK
+        if offset and offset % self.cluster_size:
+            raise CorruptImageError(
+                f"Refcount block offset 0x{offset:x} (refcount table entry {block_index}) is not "
+                f"aligned to the cluster size")
+        return offset
+
+    def _load_block(self, offset: int) -> RefcountBlock:
+        if offset + self.cluster_size > max(self.file.size(), self.file_size_hint):
+            raise CorruptImageError(
+                f"Refcount block offset 0x{offset:x} lies past the end of the image file")
+        return RefcountBlock(self.order, self.file.pread(self.cluster_size, offset))
+
+    def block(self, block_index: int) -> RefcountBlock | None:
+        offset = self._block_offset(block_index)
+        return self.blocks.get(offset) if offset else None
+
+    def get(self, cluster: int) -> int:
+        block = self.block(cluster // self.block_entries)
+        return block.get(cluster % self.block_entries) if block else 0
+
+    # --- changing -----------------------------------------------------------------------
+
+    def update(self, cluster: int, count: int, delta: int) -> None:
+        """Add delta to the refcount of `count` clusters from `cluster`, at once (in cache)."""
+        end = cluster + count
+        while cluster < end:
+            block_index = cluster // self.block_entries
+            block = self._writable_block(block_index)
+            offset = self._block_offset(block_index)
+            stop = min(end, (block_index + 1) * self.block_entries)
+            base = block_index * self.block_entries
+            for c in range(cluster, stop):
+                value = block.get(c - base) + delta
+                if value < 0:
+                    raise CorruptImageError(
+                        f"Refcount of cluster {c} (offset 0x{c << self.cluster_bits:x}) would "
+                        f"drop below zero")
+                if value > self.max_refcount:
+                    raise InvalidArgumentError(
+                        f"Refcount of cluster {c} would overflow {1 << self.order}-bit refcounts "
+                        f"(max {self.max_refcount})")
+                block.set(c - base, value)
+            self.blocks.mark_dirty(offset)
+            cluster = stop
+        if delta > 0:
+            self.end_cluster = max(self.end_cluster, end)
+
+    def free(self, cluster: int, count: int = 1) -> None:
+        """Queue a decrement; applied by `apply_frees` once no pointer on disk needs it."""
+        self.pending_frees.append((cluster, count))
+
+    def apply_frees(self) -> list[tuple[int, int]]:
+        """Apply queued decrements; returns the runs whose refcount reached zero."""
+        released: list[tuple[int, int]] = []
+        frees, self.pending_frees = self.pending_frees, []
+        for cluster, count in frees:
+            self.update(cluster, count, -1)
+            for c in range(cluster, cluster + count):
+                if self.get(c) == 0:
+                    if released and released[-1][0] + released[-1][1] == c:
+                        released[-1] = (released[-1][0], released[-1][1] + 1)
+                    else:
+                        released.append((c, 1))
+                    self.free_hint = min(self.free_hint, c)
+        return released
+
+    def _writable_block(self, block_index: int) -> RefcountBlock:
+        offset = self._block_offset(block_index)
+        if offset:
+            return self.blocks.get(offset)
+        if block_index >= len(self.table):
+            self._grow_table(block_index + 1)
+            offset = self._block_offset(block_index)
+            if offset:
+                return self.blocks.get(offset)
+        # A range without a block has every refcount at zero, so the block may describe
+        # itself from the range's first cluster.
+        first = block_index * self.block_entries
+        offset = first << self.cluster_bits
+        block = RefcountBlock(self.order, bytes(self.cluster_size))
+        block.set(0, 1)
+        self.blocks.put(offset, block)
+        self.table[block_index] = offset
+        self.table_dirty = True
+        self.end_cluster = max(self.end_cluster, first + 1)
+        return block
+
+    def _grow_table(self, min_entries: int) -> None:
+        """Move the table to the end of the image, larger, with the blocks that count it."""
+        per_cluster = self.cluster_size // 8
+        start = self.end_cluster
+        entries = max(min_entries, len(self.table) * 2)
+        new_blocks = 0
+        while True:
+            table_clusters = (entries + per_cluster - 1) // per_cluster
+            while True:
+                last = start + table_clusters + new_blocks - 1
+                missing = [r for r in range(start // self.block_entries, last // self.block_entries + 1)
+                           if self._block_offset(r) == 0]
+                if len(missing) == new_blocks:
+                    break
+                new_blocks = len(missing)
+            if last // self.block_entries < entries:
+                break
+            entries = last // self.block_entries + 1
+        new_table = array("Q", self.table)
+        new_table.extend([0] * (table_clusters * per_cluster - len(new_table)))
+        old = (self.table_offset >> self.cluster_bits, self.table_clusters)
+        self.table = new_table
+        for i, block_index in enumerate(missing):
+            cluster = start + table_clusters + i
+            self.blocks.put(cluster << self.cluster_bits,
+                            RefcountBlock(self.order, bytes(self.cluster_size)))
+            self.table[block_index] = cluster << self.cluster_bits
+        self.table_offset = start << self.cluster_bits
+        self.table_clusters = table_clusters
+        self.table_dirty = self.table_moved = True
+        self.end_cluster = start + table_clusters + new_blocks
+        self.update(start, table_clusters + new_blocks, +1)
+        self.free(*old)
+
+    def allocate(self, count: int) -> int:
+        """Allocate `count` contiguous free clusters (refcount 1); returns the first index."""
+        if count <= 0:
+            raise InvalidArgumentError(f"cannot allocate {count} clusters")
+        candidate = self.free_hint
+        while True:
+            candidate = self._next_free_run(candidate, count)
+            # Creating blocks for the run may take clusters inside it; check again after.
+            for block_index in range(candidate // self.block_entries,
+                                     (candidate + count - 1) // self.block_entries + 1):
+                self._writable_block(block_index)
+            if self._is_free(candidate, count):
+                break
+        self.update(candidate, count, +1)
+        if candidate == self.free_hint:
+            self.free_hint = candidate + count
+        return candidate
+
+    def _is_free(self, cluster: int, count: int) -> bool:
+        return self._next_free_run(cluster, count) == cluster
+
+    def _next_free_run(self, cluster: int, count: int) -> int:
+        """First cluster >= `cluster` that starts a run of `count` free clusters."""
+        run_start, run_length = cluster, 0
+        while run_length < count:
+            block_index = cluster // self.block_entries
+            base = block_index * self.block_entries
+            limit = base + self.block_entries
+            block = self.block(block_index)
+            if block is None:  # a range without a block is all free
+                run_length += limit - cluster
+                cluster = limit
+                continue
+            first, length = block.zero_run(cluster - base, self.block_entries)
+            first += base
+            if first != cluster:  # `cluster` is in use: the run starts again at `first`
+                run_start, run_length = first, 0
+            run_length += length
+            cluster = first + length
+        return run_start
+
+    # --- writing back -------------------------------------------------------------------
+
+    def write_blocks(self) -> bool:
+        """Write dirty blocks; returns whether anything was written."""
+        dirty = self.blocks.take_dirty()
+        for offset, block in dirty:
+            self.file.pwrite(block.to_bytes(), offset)
+        return bool(dirty)
+
+    def write_table(self) -> None:
+        data = encode_be64(self.table)
+        self.file.pwrite(data.ljust(self.table_clusters * self.cluster_size, b"\0"), self.table_offset)
+        self.table_dirty = False

@@ -1,0 +1,84 @@
+"""Thin wrappers around the real QEMU tools: the oracle every test compares against."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+QEMU_IMG = shutil.which("qemu-img") or "qemu-img"
+QEMU_IO = shutil.which("qemu-io") or "qemu-io"
+
+
+def run(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, check=check)
+
+
+def qemu_img(*args, check: bool = True) -> subprocess.CompletedProcess:
+    return run([QEMU_IMG, *args], check=check)
+
+
+def qemu_io(image, *commands: str, fmt: str | None = None, extra: list[str] | None = None) -> None:
+    """Run qemu-io commands (e.g. "write -P 0x41 0 4k") against an image."""
+    args = [QEMU_IO]
+    if fmt:
+        args += ["-f", fmt]
+    args += extra or []
+    for command in commands:
+        args += ["-c", command]
+    args.append(str(image))
+    result = run(args)
+    if "error" in result.stdout.lower() or "failed" in result.stdout.lower():
+        raise AssertionError(f"qemu-io failed: {result.stdout}{result.stderr}")
+
+
+def qemu_create(path, size, fmt: str = "qcow2", options: dict | None = None,
+                backing: str | None = None, backing_fmt: str | None = None) -> None:
+    args = ["create", "-q", "-f", fmt]
+    if options:
+        args += ["-o", ",".join(f"{k}={v}" for k, v in options.items())]
+    if backing is not None:
+        args += ["-b", backing]
+        if backing_fmt:
+            args += ["-F", backing_fmt]
+    args += [path, str(size)]
+    qemu_img(*args)
+
+
+def to_raw(image, out: Path, fmt: str | None = None) -> bytes:
+    """Convert an image to raw with qemu-img and return its bytes."""
+    args = ["convert", "-O", "raw"]
+    if fmt:
+        args += ["-f", fmt]
+    qemu_img(*args, image, out)
+    return Path(out).read_bytes()
+
+
+def qemu_map(image) -> list[dict]:
+    return json.loads(qemu_img("map", "--output=json", image).stdout)
+
+
+def qemu_check(image) -> tuple[int, dict]:
+    """Return (exit code, parsed JSON report) of `qemu-img check`."""
+    result = qemu_img("check", "--output=json", image, check=False)
+    try:
+        report = json.loads(result.stdout)
+    except json.JSONDecodeError:
+        report = {"stderr": result.stderr}
+    return result.returncode, report
+
+
+def assert_clean(image) -> None:
+    """qemu-img check must find no corruption and no leaks."""
+    code, report = qemu_check(image)
+    assert code == 0, f"qemu-img check exit {code}: {report}"
+    assert report.get("corruptions", 0) == 0 and report.get("leaks", 0) == 0, report
+
+
+def qemu_compare(a, b, fmt_a: str | None = None, fmt_b: str | None = None) -> int:
+    args = ["compare"]
+    if fmt_a:
+        args += ["-f", fmt_a]
+    if fmt_b:
+        args += ["-F", fmt_b]
+    return qemu_img(*args, a, b, check=False).returncode
