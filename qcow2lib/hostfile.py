@@ -12,6 +12,7 @@ import os
 from .errors import Qcow2IOError
 
 _FALLOC_FL_KEEP_SIZE = 0x01
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
 try:  # punch_hole needs fallocate(2) with flags, which os does not expose.
@@ -88,22 +89,25 @@ class HostFile:
     def pwritev(self, buffers: list, offset: int) -> None:
         """Write several buffers back to back at offset with as few syscalls as possible."""
         views = [memoryview(b).cast("B") for b in buffers]
-        total = sum(len(v) for v in views)
-        done = 0
-        while done < total:
-            try:
-                n = os.pwritev(self.fd, views, offset + done)
-            except OSError as exc:
-                raise self._fail(exc, "write") from None
-            done += n
-            if done < total:  # drop what was written and retry the rest
-                while n and views:
-                    if n >= len(views[0]):
-                        n -= len(views[0])
-                        views.pop(0)
+        while views:
+            batch = views[:_IOV_MAX]
+            views = views[_IOV_MAX:]
+            total = sum(len(v) for v in batch)
+            done = 0
+            while done < total:
+                try:
+                    n = os.pwritev(self.fd, batch, offset + done)
+                except OSError as exc:
+                    raise self._fail(exc, "write") from None
+                done += n
+                while n and batch:  # drop what was written; retry the rest
+                    if n >= len(batch[0]):
+                        n -= len(batch[0])
+                        batch.pop(0)
                     else:
-                        views[0] = views[0][n:]
+                        batch[0] = batch[0][n:]
                         n = 0
+            offset += total
 
     def flush(self) -> None:
         """Make every completed write durable."""

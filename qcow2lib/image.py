@@ -106,11 +106,18 @@ class Qcow2Image(BlockDevice):
         self._io_active = 0
         self._closed = False
         self._last_decompressed: tuple[int, bytes] | None = None
-        self.refcounts = Refcounts(self.file, hdr.cluster_bits, hdr.refcount_order,
-                                   hdr.refcount_table_offset, hdr.refcount_table_clusters, file_size)
+        self._prealloc_detected: bool | None = None
         self.map = ClusterMap(self.file, hdr, self._data_size)
+        self.use_refcount_table(hdr.refcount_table_offset, hdr.refcount_table_clusters, file_size)
         if not self.read_only:
             self._open_for_writing()
+
+    def use_refcount_table(self, offset: int, clusters: int, file_size: int) -> None:
+        """(Re)load the refcount structure from a table at offset."""
+        self.refcounts = Refcounts(self.file, self.cluster_bits, self.header.refcount_order,
+                                   offset, clusters, file_size)
+        self.refcounts.check_no_overlap = self.map.check_no_overlap
+        self.map.set_refcount_table(offset, clusters)
 
     def _read_header_bytes(self, offset: int, length: int) -> bytes:
         return self.file.pread(length, offset)
@@ -242,8 +249,11 @@ class Qcow2Image(BlockDevice):
         with self._lock:
             segments = self.map.lookup(offset, length)
         result: list[Extent] = []
+        holes_are_zero = self._metadata_preallocated()
         for seg in segments:
-            if seg.kind == DATA:
+            if seg.kind == DATA and holes_are_zero:
+                result += self._data_extents_by_holes(seg)
+            elif seg.kind == DATA:
                 result.append(Extent(seg.guest_offset, seg.length, True, False, 0, seg.host_offset))
             elif seg.kind == ZERO:
                 result.append(Extent(seg.guest_offset, seg.length, False, True, 0, seg.host_offset))
@@ -252,6 +262,44 @@ class Qcow2Image(BlockDevice):
             else:
                 result += self._backing_extents(seg.guest_offset, seg.length)
         return merge_extents(result)
+
+    def _metadata_preallocated(self) -> bool:
+        """Whether many mapped clusters have no blocks on disk (QEMU's heuristic).
+
+        Then, as in qemu-img map, data clusters that are holes in the host file report zero.
+        """
+        if self._prealloc_detected is None:
+            with self._lock:
+                real_clusters = self.file.allocated_bytes() // self.cluster_size
+                threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+                end_cluster = -(-self.file.size() // self.cluster_size)
+                count = 0
+                for cluster in range(end_cluster):
+                    count += self.refcounts.get(cluster) != 0
+                    if count >= threshold:
+                        break
+                self._prealloc_detected = count >= threshold
+        return self._prealloc_detected
+
+    def _data_extents_by_holes(self, seg: Segment) -> list[Extent]:
+        fd = self._data_file().fd
+        result = []
+        pos, end = seg.host_offset, seg.host_offset + seg.length
+        while pos < end:
+            try:
+                data = min(os.lseek(fd, pos, os.SEEK_DATA), end)
+            except OSError:  # ENXIO: nothing but hole up to the end of the file
+                data = end
+            if data > pos:
+                result.append(Extent(seg.guest_offset + pos - seg.host_offset, data - pos, True,
+                                     True, 0, pos))
+                pos = data
+                continue
+            hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
+            result.append(Extent(seg.guest_offset + pos - seg.host_offset, hole - pos, True, False,
+                                 0, pos))
+            pos = hole
+        return result
 
     def _backing_extents(self, offset: int, length: int) -> list[Extent]:
         backing = self.backing
@@ -566,7 +614,11 @@ class Qcow2Image(BlockDevice):
         return True
 
     def _backing_reads_zero(self, offset: int, length: int) -> bool:
-        if self.backing is None or offset >= self.backing.size:
+        if not self.backing_filename:
+            return True
+        if self.backing is None:  # opened without its backing file: its content is unknown
+            return False
+        if offset >= self.backing.size:
             return True
         return all(ext.is_zero and not ext.is_data
                    for ext in self.backing.extents(offset, min(length, self.backing.size - offset)))
@@ -581,6 +633,8 @@ class Qcow2Image(BlockDevice):
             host = entry & S.L2E_OFFSET_MASK
             compressed = bool(entry & S.OFLAG_COMPRESSED)
             owned = self._clusters_of(entry)
+            if entry == 0 and bitmap == 0 and not self.backing_filename:
+                continue  # unallocated with nothing behind it already reads as zeros
             if self.extended_l2:
                 keep = host and not compressed and not may_unmap and (
                     entry & S.OFLAG_COPIED or self.data_file is not None)
@@ -589,8 +643,6 @@ class Qcow2Image(BlockDevice):
             elif discard:
                 if not v3:
                     new_entry = 0
-                elif entry == 0 and self.backing is None:
-                    continue
                 else:
                     new_entry = S.OFLAG_ZERO
                 new_bitmap = 0
@@ -607,9 +659,6 @@ class Qcow2Image(BlockDevice):
                     continue
                 new_entry, new_bitmap = 0, 0
             if (new_entry, new_bitmap) == (entry, bitmap):
-                continue
-            if new_entry == 0 and entry == 0 and self.map.l2_offset(
-                    cluster_index // self.map.l2_entries) == 0 and not self.extended_l2 and not v3:
                 continue
             self._writable_l2(cluster_index // self.map.l2_entries)
             self.map.set_entry(cluster_index, new_entry, new_bitmap)
@@ -649,6 +698,7 @@ class Qcow2Image(BlockDevice):
                 self.header.refcount_table_clusters = refs.table_clusters
                 self._write_header_fields()
                 refs.table_moved = False
+                self.map.set_refcount_table(refs.table_offset, refs.table_clusters)
         self.file.flush()  # data and refcounts before the L2 entries that use them
         if self.map.write_dirty_l2():
             self.file.flush()

@@ -55,6 +55,22 @@ class ClusterMap:
             if header.l1_size else array("Q")
         self.l1_dirty: set[int] = set()
         self.l2_cache = TableCache(self._load_l2, max(16, cache_bytes // self.cluster_size))
+        # Fixed metadata no table entry may point into: header, L1 table, refcount table.
+        self.metadata = [(0, self.cluster_size, "the image header"),
+                         (header.l1_table_offset, header.l1_table_offset + header.l1_size * 8,
+                          "the L1 table"),
+                         (header.refcount_table_offset, header.refcount_table_offset
+                          + header.refcount_table_clusters * self.cluster_size,
+                          "the refcount table")]
+
+    def set_refcount_table(self, offset: int, clusters: int) -> None:
+        self.metadata[2] = (offset, offset + clusters * self.cluster_size, "the refcount table")
+
+    def check_no_overlap(self, offset: int, length: int, what: str) -> None:
+        """CorruptImageError if [offset, offset+length) overlaps fixed metadata."""
+        for start, end, name in self.metadata:
+            if offset < end and start < offset + length:
+                raise CorruptImageError(f"{what} at offset 0x{offset:x} overlaps {name}")
 
     # --- L1 / L2 access -----------------------------------------------------------------
 
@@ -76,6 +92,7 @@ class ClusterMap:
             raise CorruptImageError(
                 f"L2 table offset 0x{offset:x} lies outside the image file "
                 f"({self.file.size()} bytes)")
+        self.check_no_overlap(offset, self.cluster_size, "L2 table")
         return decode_be64(self.file.pread(self.cluster_size, offset))
 
     def l2_table(self, l1_index: int) -> array | None:
@@ -110,14 +127,12 @@ class ClusterMap:
                 f"guest cluster {cluster_index})")
         if self.has_data_file:
             return
-        if host == 0:
-            raise CorruptImageError(
-                f"Data cluster of guest cluster {cluster_index} points at the image header "
-                f"(L2 entry 0x{entry:016x})")
-        if host + self.cluster_size > self.data_file_size():
+        if host >= self.data_file_size():
             raise CorruptImageError(
                 f"Data cluster offset 0x{host:x} (guest cluster {cluster_index}) lies past the "
                 f"end of the image file")
+        self.check_no_overlap(host, self.cluster_size,
+                              f"Data cluster of guest cluster {cluster_index}")
 
     def lookup(self, guest_offset: int, length: int) -> list[Segment]:
         """Split a guest range into segments, merging neighbours of the same kind."""

@@ -13,7 +13,7 @@ from array import array
 from . import structs as S
 from .cache import decode_be64, encode_be64
 from .errors import CorruptImageError
-from .refcount import RefcountBlock, Refcounts
+from .refcount import RefcountBlock
 from .snapshots import read_snapshot_table
 
 
@@ -163,5 +163,4 @@ def rebuild_refcounts(image) -> None:
     image._write_header_fields()
     image.file.flush()
     image._host_size = max(image._host_size, total * cs)
-    image.refcounts = Refcounts(image.file, image.cluster_bits, order, start * cs, table_clusters,
-                                total * cs)
+    image.use_refcount_table(start * cs, table_clusters, total * cs)

@@ -107,6 +107,7 @@ class Refcounts:
         self.free_hint = 0
         self.end_cluster = (file_size + self.cluster_size - 1) >> cluster_bits
         self.file_size_hint = file_size
+        self.check_no_overlap = lambda offset, length, what: None  # set by the image
 
     # --- reading ------------------------------------------------------------------------
 
@@ -124,6 +125,7 @@ class Refcounts:
         if offset + self.cluster_size > max(self.file.size(), self.file_size_hint):
             raise CorruptImageError(
                 f"Refcount block offset 0x{offset:x} lies past the end of the image file")
+        self.check_no_overlap(offset, self.cluster_size, "Refcount block")
         return RefcountBlock(self.order, self.file.pread(self.cluster_size, offset))
 
     def block(self, block_index: int) -> RefcountBlock | None:
