@@ -473,13 +473,14 @@ class Qcow2Image(BlockDevice):
 
     def _write_data(self, offset: int, view: memoryview, direct, changes) -> None:
         """Outside the lock: write the data and the copy-on-write fill, in host-contiguous runs."""
-        runs: list[tuple[int, list]] = []  # (host offset, buffers)
+        runs: list[list] = []  # [host offset, end offset, buffers]
 
         def add(host: int, buffer) -> None:
-            if runs and runs[-1][0] + sum(len(b) for b in runs[-1][1]) == host:
-                runs[-1][1].append(buffer)
+            if runs and runs[-1][1] == host:
+                runs[-1][1] += len(buffer)
+                runs[-1][2].append(buffer)
             else:
-                runs.append((host, [buffer]))
+                runs.append([host, host + len(buffer), [buffer]])
 
         for guest, length, host in direct:
             add(host, view[guest - offset:guest - offset + length])
@@ -497,11 +498,11 @@ class Qcow2Image(BlockDevice):
             if data_end < fill_end:
                 add(host + data_end - fill_start, self._old_content(data_end, fill_end - data_end))
         target = self._data_file()
-        for host, buffers in sorted(runs, key=lambda r: r[0]):
+        for host, run_end, buffers in sorted(runs, key=lambda r: r[0]):
             target.pwritev(buffers, host)
-            with self._lock:
-                if target is self.file:
-                    self._host_size = max(self._host_size, host + sum(len(b) for b in buffers))
+            if target is self.file and run_end > self._host_size:
+                with self._lock:
+                    self._host_size = max(self._host_size, run_end)
 
     def _old_content(self, guest_offset: int, length: int) -> bytes:
         """What the guest sees now (the mapping the write will replace is still in place)."""

@@ -53,22 +53,23 @@ class RefcountBlock:
         byte = index // per_byte
         self.values[byte] = (self.values[byte] & ~mask) | (value << shift)
 
-    def zero_run(self, start: int, limit: int) -> tuple[int, int]:
-        """(first index >= start with refcount 0, length of the zero run from there), within limit."""
+    def zero_run(self, start: int, limit: int, want: int) -> tuple[int, int]:
+        """(first index >= start with refcount 0, length of the zero run there, at most want)."""
         if self.order >= 3:
             try:
                 first = self.values.index(0, start, limit)
             except ValueError:
                 return limit, 0
             width = 1 << (self.order - 3)
-            raw = self.values[first:limit].tobytes()
-            nonzero = len(raw) - len(raw.lstrip(b"\0"))
-            return first, nonzero // width
+            raw = self.values[first:min(limit, first + want)].tobytes()
+            zeros = len(raw) - len(raw.lstrip(b"\0"))
+            return first, zeros // width
         index = start
         while index < limit and self.get(index):
             index += 1
         first = index
-        while index < limit and not self.get(index):
+        stop = min(limit, first + want)
+        while index < stop and not self.get(index):
             index += 1
         return first, index - first
 
@@ -270,7 +271,7 @@ class Refcounts:
                 run_length += limit - cluster
                 cluster = limit
                 continue
-            first, length = block.zero_run(cluster - base, self.block_entries)
+            first, length = block.zero_run(cluster - base, self.block_entries, count - run_length)
             first += base
             if first != cluster:  # `cluster` is in use: the run starts again at `first`
                 run_start, run_length = first, 0

@@ -1,0 +1,63 @@
+"""Whole-image operations behind the qimg subcommands.
+
+Each operation is a plain function returning plain data (dicts, lists, ints) so the CLI
+only parses arguments and prints; other programs can call the same functions.
+"""
+from __future__ import annotations
+
+from ..errors import InvalidArgumentError, Qcow2Error
+
+
+def error_text(exc: Qcow2Error) -> str:
+    """The message of a qcow2lib error, without OSError's "[Errno n]" decoration."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
+def has_protocol(filename: str) -> bool:
+    """True for names like "nbd:host" that QEMU reads as protocol:rest (a ':' before any '/')."""
+    for char in filename:
+        if char == "/":
+            return False
+        if char == ":":
+            return True
+    return False
+
+
+def host_path(filename: str) -> str:
+    """The host file a QEMU-style filename refers to.
+
+    QEMU accepts an explicit "file:" protocol prefix; any other "proto:" prefix names a
+    protocol qcow2lib does not implement, so it is refused with QEMU's wording.
+    """
+    if not has_protocol(filename):
+        return filename
+    protocol = filename.split(":", 1)[0]
+    if protocol == "file":
+        return filename[len("file:"):]
+    raise InvalidArgumentError(f"Unknown protocol '{protocol}'")
+
+
+def path_combine(base: str, filename: str) -> str:
+    """Resolve `filename` relative to the directory part of `base`, as QEMU does.
+
+    The result is not normalised ("sub/top.qcow2" + "../base" gives "sub/../base"), which
+    is what qemu-img shows as the actual backing path.
+    """
+    if filename.startswith("/"):
+        return filename
+    start = base.index(":") + 1 if has_protocol(base) else 0
+    slash = base.rfind("/")
+    if slash + 1 > start:
+        start = slash + 1
+    return base[:start] + filename
+
+
+def full_backing_filename(image: str, backing: str) -> str:
+    """The name under which a backing file is opened, relative names resolved against `image`."""
+    if has_protocol(backing) or backing.startswith("/"):
+        return backing
+    if image == "" or image.startswith("json:"):
+        raise InvalidArgumentError(f"Cannot use relative backing file names for '{image}'")
+    return path_combine(image, backing)
