@@ -107,6 +107,7 @@ class Qcow2Image(BlockDevice):
         self._closed = False
         self._last_decompressed: tuple[int, bytes] | None = None
         self._prealloc_detected: bool | None = None
+        self._compressed_tail = 0  # next free byte after the last compressed cluster written
         self.map = ClusterMap(self.file, hdr, self._data_size)
         self.use_refcount_table(hdr.refcount_table_offset, hdr.refcount_table_clusters, file_size)
         if not self.read_only:
@@ -530,6 +531,90 @@ class Qcow2Image(BlockDevice):
             if change.new_host and change.host:
                 self.refcounts.update(change.host >> self.cluster_bits, 1, -1)
 
+    # --- compressed writes --------------------------------------------------------------
+
+    def write_compressed(self, offset: int, data) -> None:
+        """Store one whole cluster compressed (the image's last cluster may be partial).
+
+        Data that does not shrink is stored as a normal cluster. Compression runs before
+        the lock is taken, so callers on several threads compress in parallel.
+        """
+        view = memoryview(data).cast("B")
+        self.check_request(offset, len(view), write=True)
+        cs = self.cluster_size
+        if offset % cs or (len(view) != cs and offset + len(view) != self.size) or not view:
+            raise InvalidArgumentError(
+                f"compressed writes take whole clusters: offset {offset} length {len(view)} "
+                f"(cluster size {cs})")
+        if self.data_file is not None:
+            raise UnsupportedFeatureError("Compression is not supported with an external data file")
+        if self.encrypted:
+            raise UnsupportedFeatureError("Compression is not supported with encryption")
+        plain = bytes(view) + bytes(cs - len(view))
+        packed = codecs.compress(self.compression_type, plain)
+        if len(packed) >= cs:  # as QEMU: store it plain unless compressing saves space
+            self.write(offset, view)
+            return
+        cluster_index = offset >> self.cluster_bits
+        with self._cond:
+            self._begin_io(range(cluster_index, cluster_index + 1))
+            try:
+                entry, _ = self.map.get_entry(cluster_index)
+                self._writable_l2(cluster_index // self.map.l2_entries)
+                host = self._allocate_bytes(len(packed))
+            except BaseException:
+                self._io_active -= 1
+                raise
+            self._inflight.add(cluster_index)
+        ok = False
+        try:
+            self.file.pwrite(packed, host)
+            ok = True
+        finally:
+            with self._cond:
+                try:
+                    if ok:
+                        self._host_size = max(self._host_size, host + len(packed))
+                        sectors = ((host + len(packed) - 1) >> 9) - (host >> 9)
+                        new_entry = S.OFLAG_COMPRESSED | host | sectors << self.map.csize_shift
+                        self.map.set_entry(cluster_index, new_entry, 0)
+                        for first, count in self._clusters_of(entry):
+                            self.refcounts.free(first, count)
+                    else:
+                        for first, count in self._clusters_of(
+                                S.OFLAG_COMPRESSED | host
+                                | ((host + len(packed) - 1 >> 9) - (host >> 9)) << self.map.csize_shift):
+                            self.refcounts.update(first, count, -1)
+                finally:
+                    self._inflight.discard(cluster_index)
+                    self._io_active -= 1
+                    self._cond.notify_all()
+        self._maybe_write_back()
+
+    def _allocate_bytes(self, size: int) -> int:
+        """Room for `size` compressed bytes, packed after the previous compressed cluster.
+
+        Each host cluster the bytes touch gains one reference, as QEMU counts them.
+        """
+        cs = self.cluster_size
+        tail = self._compressed_tail
+        if tail and tail % cs and self.refcounts.get(tail >> self.cluster_bits):
+            room = cs - tail % cs
+            if size <= room:
+                self.refcounts.update(tail >> self.cluster_bits, 1, +1)
+                self._compressed_tail = tail + size
+                return tail
+            extra = -(-(size - room) // cs)
+            next_cluster = (tail >> self.cluster_bits) + 1
+            if self.refcounts.allocate_at(next_cluster, extra):
+                self.refcounts.update(tail >> self.cluster_bits, 1, +1)
+                self._compressed_tail = tail + size
+                return tail
+        first = self.refcounts.allocate(-(-size // cs))
+        host = first << self.cluster_bits
+        self._compressed_tail = host + size
+        return host
+
     # --- zeroing and discarding ---------------------------------------------------------
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
@@ -710,6 +795,8 @@ class Qcow2Image(BlockDevice):
                 for c in range(first, first + count):
                     self.map.l2_cache.drop(c << self.cluster_bits)
             released = refs.apply_frees()
+            self._last_decompressed = None
+            self._compressed_tail = 0
             refs.write_blocks()
             self.file.flush()
             for first, count in released:

@@ -256,6 +256,18 @@ class Refcounts:
             self.free_hint = candidate + count
         return candidate
 
+    def allocate_at(self, cluster: int, count: int) -> bool:
+        """Allocate exactly [cluster, cluster+count) if all of it is free; False otherwise."""
+        if not self._is_free(cluster, count):
+            return False
+        for block_index in range(cluster // self.block_entries,
+                                 (cluster + count - 1) // self.block_entries + 1):
+            self._writable_block(block_index)
+        if not self._is_free(cluster, count):
+            return False
+        self.update(cluster, count, +1)
+        return True
+
     def _is_free(self, cluster: int, count: int) -> bool:
         return self._next_free_run(cluster, count) == cluster
 
