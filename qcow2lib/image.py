@@ -54,7 +54,7 @@ class Qcow2Image(BlockDevice):
         self.filename = path
         self.read_only = mode == "r"
         self.file = HostFile(path, writable=not self.read_only)
-        self.data_file: HostFile | None = None
+        self.data_host: HostFile | None = None  # the external data file, when there is one
         try:
             self._open(data_file_path)
         except BaseException:
@@ -83,9 +83,9 @@ class Qcow2Image(BlockDevice):
         self.encrypted = hdr.crypt_method != 0
         self.backing_filename = hdr.backing_file
         self.backing_format = hdr.backing_format
-        self.data_file_name = hdr.data_file
+        self.data_file = hdr.data_file  # its name as stored in the header
         self.data_file_raw = bool(hdr.autoclear_features & S.AUTOCLEAR_DATA_FILE_RAW)
-        self.bitmaps: list[str] = []
+        self.bitmaps: list[dict] = []  # persistent bitmaps: name, granularity, flags
         self.backing: BlockDevice | None = None
         has_data_file = bool(hdr.incompatible_features & S.INCOMPAT_DATA_FILE)
         if has_data_file:
@@ -95,7 +95,7 @@ class Qcow2Image(BlockDevice):
                                         "data file bit is set but no data file name is stored)")
             if not os.path.isabs(name) and data_file_path is None:
                 name = os.path.join(os.path.dirname(os.path.abspath(self.filename)), name)
-            self.data_file = HostFile(name, writable=not self.read_only)
+            self.data_host = HostFile(name, writable=not self.read_only)
         elif hdr.data_file:
             raise CorruptImageError("'data-file' can only be set for images with an external "
                                     "data file (data file name present, incompatible bit clear)")
@@ -110,8 +110,36 @@ class Qcow2Image(BlockDevice):
         self._compressed_tail = 0  # next free byte after the last compressed cluster written
         self.map = ClusterMap(self.file, hdr, self._data_size)
         self.use_refcount_table(hdr.refcount_table_offset, hdr.refcount_table_clusters, file_size)
+        self._load_bitmap_directory()
         if not self.read_only:
             self._open_for_writing()
+
+    def _load_bitmap_directory(self) -> None:
+        """Names, granularities and flags of persistent bitmaps (for info; kept, not updated)."""
+        for ext in self.header.extensions:
+            if ext.type != S.EXT_BITMAPS or len(ext.data) < S.BitmapsExtension.sizeof():
+                continue
+            info = S.BitmapsExtension.parse(ext.data)
+            if info.bitmap_directory_size > S.MAX_L1_BYTES or (
+                    info.bitmap_directory_offset + info.bitmap_directory_size > self.file.size()):
+                raise CorruptImageError(
+                    f"Bitmap directory (bitmap_directory_offset {info.bitmap_directory_offset}, "
+                    f"bitmap_directory_size {info.bitmap_directory_size}) lies outside the file")
+            directory = self.file.pread(info.bitmap_directory_size, info.bitmap_directory_offset)
+            pos = 0
+            for _ in range(info.nb_bitmaps):
+                if pos + S.BITMAP_DIRECTORY_ENTRY_SIZE > len(directory):
+                    raise CorruptImageError(
+                        f"Bitmap directory truncated (nb_bitmaps {info.nb_bitmaps})")
+                entry = S.BitmapDirectoryEntry.parse(
+                    directory[pos:pos + S.BITMAP_DIRECTORY_ENTRY_SIZE])
+                name_at = pos + S.BITMAP_DIRECTORY_ENTRY_SIZE + entry.extra_data_size
+                name = directory[name_at:name_at + entry.name_size].decode("utf-8", "replace")
+                flags = [flag for bit, flag in ((0, "in-use"), (1, "auto")) if entry.flags >> bit & 1]
+                self.bitmaps.append({"name": name, "granularity": 1 << entry.granularity_bits,
+                                     "flags": flags})
+                pos = name_at + entry.name_size
+                pos += -pos % 8
 
     def use_refcount_table(self, offset: int, clusters: int, file_size: int) -> None:
         """(Re)load the refcount structure from a table at offset."""
@@ -124,7 +152,7 @@ class Qcow2Image(BlockDevice):
         return self.file.pread(length, offset)
 
     def _data_size(self) -> int:
-        return self.data_file.size() if self.data_file else self._host_size
+        return self.data_host.size() if self.data_host else self._host_size
 
     def _open_for_writing(self) -> None:
         hdr = self.header
@@ -157,8 +185,8 @@ class Qcow2Image(BlockDevice):
 
     # --- helpers ------------------------------------------------------------------------
 
-    def _data_file(self) -> HostFile:
-        return self.data_file or self.file
+    def _data_target(self) -> HostFile:
+        return self.data_host or self.file
 
     def _guest_clusters(self, offset: int, length: int) -> range:
         return range(offset >> self.cluster_bits, (offset + length - 1 >> self.cluster_bits) + 1)
@@ -197,7 +225,7 @@ class Qcow2Image(BlockDevice):
                 f"reading encrypted data (crypt_method {self.header.crypt_method}) is not "
                 f"supported yet")
         compressed = []
-        data_file = self._data_file()
+        data_file = self._data_target()
         for seg in segments:
             part = view[seg.guest_offset - base:seg.guest_offset - base + seg.length]
             if seg.kind == DATA:
@@ -283,7 +311,7 @@ class Qcow2Image(BlockDevice):
         return self._prealloc_detected
 
     def _data_extents_by_holes(self, seg: Segment) -> list[Extent]:
-        fd = self._data_file().fd
+        fd = self._data_target().fd
         result = []
         pos, end = seg.host_offset, seg.host_offset + seg.length
         while pos < end:
@@ -356,7 +384,7 @@ class Qcow2Image(BlockDevice):
         direct: list[tuple[int, int, int]] = []  # (guest offset, length, host offset)
         changes: list[_ClusterWrite] = []
         sub = self.map.subcluster_size
-        has_data_file = self.data_file is not None
+        has_data_file = self.data_host is not None
         for cluster_index in self._guest_clusters(offset, length):
             cluster_start = cluster_index << bits
             ws = max(offset, cluster_start) - cluster_start
@@ -416,13 +444,13 @@ class Qcow2Image(BlockDevice):
             last = ((host & ~511) + sectors * 512 - 1) >> self.cluster_bits
             return [(first, last - first + 1)]
         host = entry & S.L2E_OFFSET_MASK
-        if host and self.data_file is None:
+        if host and self.data_host is None:
             return [(host >> self.cluster_bits, 1)]
         return []
 
     def _assign_hosts(self, changes: list[_ClusterWrite]) -> None:
         """Give new clusters host offsets, contiguous for neighbouring guest clusters."""
-        if self.data_file is not None:
+        if self.data_host is not None:
             for change in changes:
                 if change.new_host:  # external data files map guest offset == host offset
                     change.host = change.cluster_index << self.cluster_bits
@@ -498,7 +526,7 @@ class Qcow2Image(BlockDevice):
             add(host + data_start - fill_start, view[data_start - offset:data_end - offset])
             if data_end < fill_end:
                 add(host + data_end - fill_start, self._old_content(data_end, fill_end - data_end))
-        target = self._data_file()
+        target = self._data_target()
         for host, run_end, buffers in sorted(runs, key=lambda r: r[0]):
             target.pwritev(buffers, host)
             if target is self.file and run_end > self._host_size:
@@ -525,7 +553,7 @@ class Qcow2Image(BlockDevice):
 
     def _abandon(self, changes: list[_ClusterWrite]) -> None:
         """A write failed: give back the clusters it allocated (nothing points at them)."""
-        if self.data_file is not None:
+        if self.data_host is not None:
             return
         for change in changes:
             if change.new_host and change.host:
@@ -546,7 +574,7 @@ class Qcow2Image(BlockDevice):
             raise InvalidArgumentError(
                 f"compressed writes take whole clusters: offset {offset} length {len(view)} "
                 f"(cluster size {cs})")
-        if self.data_file is not None:
+        if self.data_host is not None:
             raise UnsupportedFeatureError("Compression is not supported with an external data file")
         if self.encrypted:
             raise UnsupportedFeatureError("Compression is not supported with encryption")
@@ -671,7 +699,7 @@ class Qcow2Image(BlockDevice):
         entry, bitmap = self.map.get_entry(cluster_index)
         host = entry & S.L2E_OFFSET_MASK
         usable = not entry & S.OFLAG_COMPRESSED and (not host or entry & S.OFLAG_COPIED
-                                                      or self.data_file is not None)
+                                                      or self.data_host is not None)
         sub_first = -(-(start - cluster_start) // granule)
         sub_end = (stop - cluster_start) // granule
         if not usable or sub_first >= sub_end:
@@ -723,7 +751,7 @@ class Qcow2Image(BlockDevice):
                 continue  # unallocated with nothing behind it already reads as zeros
             if self.extended_l2:
                 keep = host and not compressed and not may_unmap and (
-                    entry & S.OFLAG_COPIED or self.data_file is not None)
+                    entry & S.OFLAG_COPIED or self.data_host is not None)
                 new_entry = entry if keep else 0
                 new_bitmap = S.L2_BITMAP_ALL_ZERO
             elif discard:
@@ -734,7 +762,7 @@ class Qcow2Image(BlockDevice):
                 new_bitmap = 0
             elif v3:
                 keep = host and not compressed and not may_unmap and (
-                    entry & S.OFLAG_COPIED or self.data_file is not None)
+                    entry & S.OFLAG_COPIED or self.data_host is not None)
                 new_entry = (entry & (S.L2E_OFFSET_MASK | S.OFLAG_COPIED) if keep else 0) | S.OFLAG_ZERO
                 new_bitmap = 0
             else:  # v2 has no zero flag: only a hole with nothing behind it reads as zeros
@@ -772,8 +800,8 @@ class Qcow2Image(BlockDevice):
     def _write_back(self, sync: bool) -> None:
         """Write dirty metadata in crash-safe order (see the module docstring)."""
         refs = self.refcounts
-        if self.data_file is not None:
-            self.data_file.flush()
+        if self.data_host is not None:
+            self.data_host.flush()
         refs.write_blocks()
         if refs.table_dirty:
             self.file.flush()  # blocks before the table that points at them
@@ -813,11 +841,11 @@ class Qcow2Image(BlockDevice):
         with self._lock:
             for l1_index in range(-(-clusters // self.map.l2_entries)):
                 self._writable_l2(l1_index)
-            if self.data_file is not None:
+            if self.data_host is not None:
                 first = 0
             else:
                 first = self.refcounts.allocate(clusters)
-            target = self._data_file()
+            target = self._data_target()
             start, end = first * cs, (first + clusters) * cs
             if mode == "falloc":
                 target.allocate(start, end - start)
@@ -857,5 +885,5 @@ class Qcow2Image(BlockDevice):
 
     def _close_files(self) -> None:
         self.file.close()
-        if self.data_file is not None:
-            self.data_file.close()
+        if self.data_host is not None:
+            self.data_host.close()

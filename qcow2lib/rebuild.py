@@ -77,7 +77,7 @@ def count_references(image, refcount_structure: bool = True) -> References:
 
 def _count_l2(image, refs: References, table) -> None:
     step = image.map.entry_words
-    has_data_file = image.data_file is not None
+    has_data_file = image.data_host is not None
     for i in range(0, len(table), step):
         entry = table[i]
         if not entry:

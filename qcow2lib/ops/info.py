@@ -69,11 +69,8 @@ def image_info(filename: str, fmt: str | None = None) -> dict:
     except Qcow2Error as exc:
         raise ImageOpenError(f"Could not open '{filename}': {error_text(exc)}") from exc
     with img:
-        info: dict = {"filename": path, "format": img.format}
-        if img.format == "qcow2":
-            info["dirty-flag"] = img.dirty
-        else:
-            info["dirty-flag"] = False
+        info: dict = {"filename": path, "format": img.format,
+                      "dirty-flag": img.format == "qcow2" and img.dirty}
         info["actual-size"] = os.stat(path).st_blocks * 512
         info["virtual-size"] = img.size
         if img.format == "qcow2":
