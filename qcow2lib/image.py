@@ -340,7 +340,7 @@ class Qcow2Image(BlockDevice):
             for ext in backing.extents(offset, inside):
                 result.append(ext._replace(depth=ext.depth + 1))
         if inside < length:
-            result.append(Extent(offset + inside, length - inside, False, True, 1, None, False))
+            result.append(Extent(offset + inside, length - inside, False, True, 0, None, False))
         return result
 
     # --- writing ------------------------------------------------------------------------
@@ -392,17 +392,16 @@ class Qcow2Image(BlockDevice):
             entry, bitmap = self.map.get_entry(cluster_index)
             host = entry & S.L2E_OFFSET_MASK
             compressed = bool(entry & S.OFLAG_COMPRESSED)
-            copied = bool(entry & S.OFLAG_COPIED) and not compressed
-            if has_data_file and host and not compressed:
-                copied = True  # data clusters of an external data file are never shared
+            mapped = self.map.has_host(entry)
+            copied = mapped and (bool(entry & S.OFLAG_COPIED) or has_data_file)
             change = _ClusterWrite(cluster_index)
             if not self.extended_l2:
-                if host and copied and not entry & S.OFLAG_ZERO:
+                if copied and not entry & S.OFLAG_ZERO:
                     direct.append((cluster_start + ws, we - ws, host + ws))
                     continue
                 change.fill_start, change.fill_end = 0, cs
                 change.entry = S.OFLAG_COPIED
-                if host and copied:  # preallocated zero cluster: reuse it
+                if copied:  # preallocated zero cluster: reuse it
                     change.host = host
                 else:
                     change.new_host = True
@@ -411,7 +410,7 @@ class Qcow2Image(BlockDevice):
                 alloc = bitmap & 0xFFFFFFFF
                 first_sub, last_sub = ws // sub, (we - 1) // sub
                 touched = ((1 << (last_sub + 1)) - 1) & ~((1 << first_sub) - 1)
-                if host and copied:
+                if copied:
                     if touched & ~alloc == 0:
                         direct.append((cluster_start + ws, we - ws, host + ws))
                         continue
@@ -419,7 +418,7 @@ class Qcow2Image(BlockDevice):
                     change.fill_start, change.fill_end = first_sub * sub, (last_sub + 1) * sub
                     new_alloc = alloc | touched
                     change.bitmap = new_alloc | ((bitmap >> 32) & ~new_alloc) << 32
-                elif host or compressed:  # shared or compressed: copy the whole cluster
+                elif mapped or compressed:  # shared or compressed: copy the whole cluster
                     change.new_host = True
                     change.fill_start, change.fill_end = 0, cs
                     change.bitmap = S.L2_BITMAP_ALL_ALLOC
@@ -697,8 +696,8 @@ class Qcow2Image(BlockDevice):
         cluster_index = start >> self.cluster_bits
         cluster_start = cluster_index << self.cluster_bits
         entry, bitmap = self.map.get_entry(cluster_index)
-        host = entry & S.L2E_OFFSET_MASK
-        usable = not entry & S.OFLAG_COMPRESSED and (not host or entry & S.OFLAG_COPIED
+        mapped = self.map.has_host(entry)
+        usable = not entry & S.OFLAG_COMPRESSED and (not mapped or entry & S.OFLAG_COPIED
                                                       or self.data_host is not None)
         sub_first = -(-(start - cluster_start) // granule)
         sub_end = (stop - cluster_start) // granule
@@ -708,7 +707,7 @@ class Qcow2Image(BlockDevice):
         alloc = (bitmap & 0xFFFFFFFF) & ~mask
         zero = (bitmap >> 32) | mask
         self._writable_l2(cluster_index // self.map.l2_entries)
-        self.map.set_entry(cluster_index, entry if alloc or host else 0, alloc | (zero & ~alloc) << 32)
+        self.map.set_entry(cluster_index, entry if alloc or mapped else 0, alloc | (zero & ~alloc) << 32)
         ranges = []
         head_end = cluster_start + sub_first * granule
         tail_start = cluster_start + sub_end * granule
@@ -744,13 +743,13 @@ class Qcow2Image(BlockDevice):
         v3 = self.header.version >= 3
         for cluster_index in range(first, stop):
             entry, bitmap = self.map.get_entry(cluster_index)
-            host = entry & S.L2E_OFFSET_MASK
+            mapped = self.map.has_host(entry)
             compressed = bool(entry & S.OFLAG_COMPRESSED)
             owned = self._clusters_of(entry)
             if entry == 0 and bitmap == 0 and not self.backing_filename:
                 continue  # unallocated with nothing behind it already reads as zeros
             if self.extended_l2:
-                keep = host and not compressed and not may_unmap and (
+                keep = mapped and not may_unmap and (
                     entry & S.OFLAG_COPIED or self.data_host is not None)
                 new_entry = entry if keep else 0
                 new_bitmap = S.L2_BITMAP_ALL_ZERO
@@ -761,7 +760,7 @@ class Qcow2Image(BlockDevice):
                     new_entry = S.OFLAG_ZERO
                 new_bitmap = 0
             elif v3:
-                keep = host and not compressed and not may_unmap and (
+                keep = mapped and not may_unmap and (
                     entry & S.OFLAG_COPIED or self.data_host is not None)
                 new_entry = (entry & (S.L2E_OFFSET_MASK | S.OFLAG_COPIED) if keep else 0) | S.OFLAG_ZERO
                 new_bitmap = 0
@@ -776,7 +775,7 @@ class Qcow2Image(BlockDevice):
                 continue
             self._writable_l2(cluster_index // self.map.l2_entries)
             self.map.set_entry(cluster_index, new_entry, new_bitmap)
-            if not (new_entry & S.L2E_OFFSET_MASK):
+            if not self.map.has_host(new_entry):
                 for c, count in owned:
                     self.refcounts.free(c, count)
         return physical

@@ -120,6 +120,16 @@ class ClusterMap:
 
     # --- classification -----------------------------------------------------------------
 
+    def has_host(self, entry: int) -> bool:
+        """Whether an uncompressed entry maps a host cluster.
+
+        Offset 0 normally means unallocated, but is a valid offset in an external data
+        file, whose clusters are never shared: there the COPIED flag marks allocation.
+        """
+        if entry & S.OFLAG_COMPRESSED:
+            return False
+        return bool(entry & S.L2E_OFFSET_MASK) or (self.has_data_file and bool(entry & S.OFLAG_COPIED))
+
     def _check_host(self, host: int, entry: int, cluster_index: int) -> None:
         if host % self.cluster_size:
             raise CorruptImageError(
@@ -175,7 +185,7 @@ class ClusterMap:
         host = entry & S.L2E_OFFSET_MASK
         if entry & S.OFLAG_ZERO:
             _append(segments, pos, chunk_end - pos, ZERO, host + pos - cluster_start if host else None)
-        elif host:
+        elif self.has_host(entry):
             self._check_host(host, entry, cluster_index)
             _append(segments, pos, chunk_end - pos, DATA, host + pos - cluster_start)
         else:
@@ -211,7 +221,7 @@ class ClusterMap:
                 f"subclusters both allocated and zero")
         host = entry & S.L2E_OFFSET_MASK
         if alloc:
-            if not host:
+            if not self.has_host(entry):
                 raise CorruptImageError(
                     f"Extended L2 entry of guest cluster {cluster_index} has allocated "
                     f"subclusters (bitmap 0x{bitmap:016x}) but no host offset")
