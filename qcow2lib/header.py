@@ -211,6 +211,14 @@ class Header:
         if self.crypt_method not in (0, 1, 2):
             raise UnsupportedFeatureError(f"Unsupported encryption method {self.crypt_method} "
                                           f"(crypt_method)")
+        if self.crypt_method == 2 and not self.crypto_offset:
+            raise CorruptImageError("Missing CRYPTO header for crypt method 2 (no full disk "
+                                    "encryption header extension)")
+        if self.autoclear_features & S.AUTOCLEAR_DATA_FILE_RAW and not (
+                self.incompatible_features & S.INCOMPAT_DATA_FILE):
+            raise CorruptImageError("data-file-raw requires a data file (autoclear_features "
+                                    f"0x{self.autoclear_features:x} without the external data "
+                                    "file bit)")
         if self.refcount_table_clusters == 0:
             raise CorruptImageError("Image does not contain a reference count table "
                                     "(refcount_table_clusters 0)")

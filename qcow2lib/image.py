@@ -120,7 +120,14 @@ class Qcow2Image(BlockDevice):
             if ext.type != S.EXT_BITMAPS or len(ext.data) < S.BitmapsExtension.sizeof():
                 continue
             info = S.BitmapsExtension.parse(ext.data)
-            if info.bitmap_directory_size > S.MAX_L1_BYTES or (
+            if not 0 < info.nb_bitmaps <= S.MAX_BITMAPS:
+                raise CorruptImageError(
+                    f"bitmaps_ext: invalid number of bitmaps (nb_bitmaps {info.nb_bitmaps})")
+            if info.bitmap_directory_offset % self.cluster_size:
+                raise CorruptImageError(
+                    f"bitmaps_ext: invalid bitmap directory offset (bitmap_directory_offset "
+                    f"{info.bitmap_directory_offset})")
+            if info.bitmap_directory_size > S.MAX_BITMAP_DIRECTORY_BYTES or (
                     info.bitmap_directory_offset + info.bitmap_directory_size > self.file.size()):
                 raise CorruptImageError(
                     f"Bitmap directory (bitmap_directory_offset {info.bitmap_directory_offset}, "
@@ -355,6 +362,10 @@ class Qcow2Image(BlockDevice):
             self._begin_io(clusters)
             try:
                 direct, changes = self._plan_write(offset, len(view))
+            except CorruptImageError as exc:
+                self._io_active -= 1
+                self._signal_corruption(exc)
+                raise
             except BaseException:
                 self._io_active -= 1
                 raise
@@ -390,6 +401,7 @@ class Qcow2Image(BlockDevice):
             ws = max(offset, cluster_start) - cluster_start
             we = min(end, cluster_start + cs) - cluster_start
             entry, bitmap = self.map.get_entry(cluster_index)
+            self.map.validate_entry(entry, bitmap, cluster_index)
             host = entry & S.L2E_OFFSET_MASK
             compressed = bool(entry & S.OFLAG_COMPRESSED)
             mapped = self.map.has_host(entry)
@@ -828,6 +840,19 @@ class Qcow2Image(BlockDevice):
             self.file.flush()
             for first, count in released:
                 self.file.punch_hole(first << self.cluster_bits, count << self.cluster_bits)
+
+    def _signal_corruption(self, exc: CorruptImageError) -> None:
+        """Metadata a write depends on is broken: mark the image corrupt and stop writing,
+        as QEMU does, so nothing more is damaged before a repair."""
+        if self.read_only or self.corrupt:
+            return
+        self.corrupt = True
+        self.header.incompatible_features |= S.INCOMPAT_CORRUPT
+        try:
+            self._write_header_fields()
+            self.file.flush()
+        finally:
+            self.read_only = True
 
     # --- preallocation -----------------------------------------------------------------
 

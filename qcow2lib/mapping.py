@@ -42,6 +42,7 @@ class ClusterMap:
         self.cluster_bits = header.cluster_bits
         self.cluster_size = header.cluster_size
         self.extended = header.extended_l2
+        self.version = header.version
         self.entry_words = 2 if self.extended else 1
         self.l2_entries = header.l2_entries
         self.subcluster_size = self.cluster_size // S.SUBCLUSTERS if self.extended else self.cluster_size
@@ -130,6 +131,34 @@ class ClusterMap:
             return False
         return bool(entry & S.L2E_OFFSET_MASK) or (self.has_data_file and bool(entry & S.OFLAG_COPIED))
 
+    def validate_entry(self, entry: int, bitmap: int, cluster_index: int) -> None:
+        """CorruptImageError for an uncompressed entry the format does not allow."""
+        if entry & S.OFLAG_COMPRESSED:
+            return
+        reserved = 0x3F000000000001FF if self.extended else S.L2E_STD_RESERVED_MASK
+        if entry & reserved:
+            raise CorruptImageError(
+                f"L2 entry 0x{entry:016x} for guest cluster {cluster_index} has reserved bits set")
+        if entry & S.OFLAG_ZERO and not self.extended and self.version < 3:
+            raise CorruptImageError(
+                f"L2 entry 0x{entry:016x} for guest cluster {cluster_index} has the zero flag, "
+                f"which is reserved in a version 2 image")
+        if self.extended:
+            alloc = bitmap & 0xFFFFFFFF
+            if alloc & (bitmap >> 32):
+                raise CorruptImageError(
+                    f"Extended L2 bitmap 0x{bitmap:016x} of guest cluster {cluster_index} marks "
+                    f"subclusters both allocated and zero")
+            if alloc and not self.has_host(entry):
+                raise CorruptImageError(
+                    f"Extended L2 entry of guest cluster {cluster_index} has allocated "
+                    f"subclusters (bitmap 0x{bitmap:016x}) but no host offset")
+            if not alloc:
+                return
+        elif entry & S.OFLAG_ZERO or not self.has_host(entry):
+            return
+        self._check_host(entry & S.L2E_OFFSET_MASK, entry, cluster_index)
+
     def _check_host(self, host: int, entry: int, cluster_index: int) -> None:
         if host % self.cluster_size:
             raise CorruptImageError(
@@ -179,14 +208,11 @@ class ClusterMap:
         if entry & S.OFLAG_COMPRESSED:
             self._append_compressed(segments, entry, cluster_index, pos, chunk_end)
             return
-        if entry & S.L2E_STD_RESERVED_MASK:
-            raise CorruptImageError(
-                f"L2 entry 0x{entry:016x} for guest cluster {cluster_index} has reserved bits set")
+        self.validate_entry(entry, 0, cluster_index)
         host = entry & S.L2E_OFFSET_MASK
         if entry & S.OFLAG_ZERO:
             _append(segments, pos, chunk_end - pos, ZERO, host + pos - cluster_start if host else None)
         elif self.has_host(entry):
-            self._check_host(host, entry, cluster_index)
             _append(segments, pos, chunk_end - pos, DATA, host + pos - cluster_start)
         else:
             _append(segments, pos, chunk_end - pos, BACKING, None)
@@ -210,22 +236,10 @@ class ClusterMap:
         if entry & S.OFLAG_COMPRESSED:
             self._append_compressed(segments, entry, cluster_index, pos, chunk_end)
             return
-        if entry & 0x3F000000000001FF:
-            raise CorruptImageError(
-                f"L2 entry 0x{entry:016x} for guest cluster {cluster_index} has reserved bits set")
+        self.validate_entry(entry, bitmap, cluster_index)
         alloc = bitmap & 0xFFFFFFFF
         zero = bitmap >> 32
-        if alloc & zero:
-            raise CorruptImageError(
-                f"Extended L2 bitmap 0x{bitmap:016x} of guest cluster {cluster_index} marks "
-                f"subclusters both allocated and zero")
         host = entry & S.L2E_OFFSET_MASK
-        if alloc:
-            if not self.has_host(entry):
-                raise CorruptImageError(
-                    f"Extended L2 entry of guest cluster {cluster_index} has allocated "
-                    f"subclusters (bitmap 0x{bitmap:016x}) but no host offset")
-            self._check_host(host, entry, cluster_index)
         cluster_start = cluster_index << self.cluster_bits
         sub = self.subcluster_size
         while pos < chunk_end:

@@ -196,6 +196,7 @@ class Refcounts:
         # itself from the range's first cluster.
         first = block_index * self.block_entries
         offset = first << self.cluster_bits
+        self.check_no_overlap(offset, self.cluster_size, "New refcount block")
         block = RefcountBlock(self.order, bytes(self.cluster_size))
         block.set(0, 1)
         self.blocks.put(offset, block)
@@ -251,6 +252,9 @@ class Refcounts:
                 self._writable_block(block_index)
             if self._is_free(candidate, count):
                 break
+        # Refcounts claim these are free; refuse if that contradicts the header.
+        self.check_no_overlap(candidate << self.cluster_bits, count << self.cluster_bits,
+                              "Newly allocated cluster")
         self.update(candidate, count, +1)
         if candidate == self.free_hint:
             self.free_hint = candidate + count

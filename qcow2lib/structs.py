@@ -139,4 +139,6 @@ BitmapDirectoryEntry = Struct(
     "extra_data_size" / Int32ub,
 )
 BITMAP_DIRECTORY_ENTRY_SIZE = BitmapDirectoryEntry.sizeof()  # 24
+MAX_BITMAPS = 65535
+MAX_BITMAP_DIRECTORY_BYTES = 1024 * MAX_BITMAPS
 BITMAP_TABLE_OFFSET_MASK = 0x00FFFFFFFFFFFE00
