@@ -107,10 +107,15 @@ class RawDevice(BlockDevice):
 
     format = "raw"
 
-    def __init__(self, path: str, mode: str = "r"):
+    def __init__(self, path: str, mode: str = "r", force_share: bool = False):
         self.filename = path
         self.read_only = mode != "r+"
         self.file = HostFile(path, writable=not self.read_only)
+        try:
+            self.file.lock_for_use(force_share)
+        except BaseException:
+            self.file.close()
+            raise
         self.size = self.file.size()
 
     def readinto(self, offset: int, buffer) -> int:

@@ -35,8 +35,13 @@ def resolve_backing_path(image_path: str, backing_name: str) -> str:
 
 
 def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool = True,
-               data_file: str | None = None, _chain: tuple[str, ...] = ()) -> BlockDevice:
-    """Open an image (and, unless backing=False, its whole backing chain, read-only)."""
+               data_file: str | None = None, force_share: bool = False,
+               _chain: tuple[str, ...] = ()) -> BlockDevice:
+    """Open an image (and, unless backing=False, its whole backing chain, read-only).
+
+    Images are locked the way QEMU locks them; force_share (qemu-img -U) reads an image
+    another process is writing.
+    """
     if mode not in ("r", "r+"):
         raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
     if fmt is None:
@@ -51,8 +56,8 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
         raise CorruptImageError(f"Backing chain of '{_chain[0]}' is too deep (more than "
                                 f"{MAX_CHAIN_DEPTH} images)")
     if fmt == "raw":
-        return RawDevice(path, mode)
-    image = Qcow2Image(path, mode, data_file_path=data_file)
+        return RawDevice(path, mode, force_share)
+    image = Qcow2Image(path, mode, data_file_path=data_file, force_share=force_share)
     if backing and image.backing_filename:
         try:
             backing_path = resolve_backing_path(path, image.backing_filename)
@@ -61,7 +66,7 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
                     2, f"Could not open backing file: Could not open '{backing_path}': "
                        f"No such file or directory", backing_path)
             image.backing = open_image(backing_path, "r", image.backing_format, True,
-                                       None, _chain + (real,))
+                                       None, force_share, _chain + (real,))
         except BaseException:
             image.close()
             raise

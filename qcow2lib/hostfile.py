@@ -7,7 +7,9 @@ Qcow2IOError. Tests swap in a subclass that records or fails chosen operations.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import struct
 
 from .errors import Qcow2IOError
 
@@ -24,6 +26,19 @@ try:  # punch_hole needs fallocate(2) with flags, which os does not expose.
     _fallocate = _libc.fallocate
 except (OSError, AttributeError):  # pragma: no cover - non-glibc hosts
     _fallocate = None
+
+
+# QEMU's image locking: byte 100+i is held by whoever uses permission i, byte 200+i by
+# whoever does not let others have it (open file description locks, so they work across
+# processes and between threads of one process alike).
+PERM_CONSISTENT_READ, PERM_WRITE, PERM_WRITE_UNCHANGED, PERM_RESIZE = 1, 2, 4, 8
+PERM_ALL = 0x0F
+_PERM_NAMES = {1: "consistent read", 2: "write", 4: "write unchanged", 8: "resize"}
+_LOCK_PERM_BASE, _LOCK_SHARED_BASE = 100, 200
+
+
+def _flock(kind: int, start: int) -> bytes:
+    return struct.pack("@hhqqi4x", kind, os.SEEK_SET, start, 1, 0)
 
 
 class HostFile:
@@ -143,6 +158,46 @@ class HostFile:
             raise Qcow2IOError(err, f"punch hole failed on '{self.path}': {os.strerror(err)}",
                                self.path)
         return True
+
+    def lock(self, perm: int, shared: int) -> None:
+        """Take QEMU-compatible locks for using `perm` while letting others have `shared`.
+
+        ImageLockedError names the first permission another process holds against us.
+        """
+        from .errors import ImageLockedError
+
+        def conflicts(byte: int) -> bool:
+            probe = fcntl.fcntl(self.fd, fcntl.F_OFD_GETLK, _flock(fcntl.F_WRLCK, byte))
+            return struct.unpack("@hhqqi4x", probe)[0] != fcntl.F_UNLCK
+
+        for bit, name in _PERM_NAMES.items():
+            if perm & bit and conflicts(_LOCK_SHARED_BASE + bit.bit_length() - 1):
+                raise ImageLockedError(f'Failed to get "{name}" lock')
+        for bit, name in _PERM_NAMES.items():
+            if not shared & bit and conflicts(_LOCK_PERM_BASE + bit.bit_length() - 1):
+                raise ImageLockedError(f'Failed to get shared "{name}" lock')
+        for bit in _PERM_NAMES:
+            index = bit.bit_length() - 1
+            for held, base in ((perm & bit, _LOCK_PERM_BASE), (not shared & bit, _LOCK_SHARED_BASE)):
+                if held:
+                    try:
+                        fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_RDLCK, base + index))
+                    except OSError as exc:
+                        raise ImageLockedError(f"Failed to lock byte {base + index}: "
+                                               f"{exc.strerror}") from None
+
+    def lock_for_use(self, force_share: bool = False) -> None:
+        """Lock as qemu-img does: writers share only reads; readers refuse writers unless
+        force_share (qemu-img -U) lets them look at an image in use."""
+        if self.writable:
+            if force_share:
+                from .errors import InvalidArgumentError
+                raise InvalidArgumentError("force-share=on can only be used with read-only images")
+            self.lock(PERM_ALL, PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED)
+        elif force_share:
+            self.lock(PERM_CONSISTENT_READ, PERM_ALL)
+        else:
+            self.lock(PERM_CONSISTENT_READ, PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED)
 
     def close(self) -> None:
         if not self._closed:

@@ -48,14 +48,17 @@ class _ClusterWrite:
 class Qcow2Image(BlockDevice):
     format = "qcow2"
 
-    def __init__(self, path: str, mode: str = "r", data_file_path: str | None = None):
+    def __init__(self, path: str, mode: str = "r", data_file_path: str | None = None,
+                 force_share: bool = False):
         if mode not in ("r", "r+"):
             raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
         self.filename = path
         self.read_only = mode == "r"
         self.file = HostFile(path, writable=not self.read_only)
         self.data_host: HostFile | None = None  # the external data file, when there is one
+        self.force_share = force_share
         try:
+            self.file.lock_for_use(force_share)
             self._open(data_file_path)
         except BaseException:
             self._close_files()
@@ -96,6 +99,7 @@ class Qcow2Image(BlockDevice):
             if not os.path.isabs(name) and data_file_path is None:
                 name = os.path.join(os.path.dirname(os.path.abspath(self.filename)), name)
             self.data_host = HostFile(name, writable=not self.read_only)
+            self.data_host.lock_for_use(self.force_share)
         elif hdr.data_file:
             raise CorruptImageError("'data-file' can only be set for images with an external "
                                     "data file (data file name present, incompatible bit clear)")
