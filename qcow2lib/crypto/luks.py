@@ -384,6 +384,12 @@ def header_for_options(options) -> tuple[LuksHeader, int]:
         ivgen_hash = check_hash(str(ivgen_hash), "Hash algorithm")
         spec += f":{ivgen_hash}"
     key_len = AES_KEY_LEN[cipher_alg] * (2 if cipher_mode == "xts" else 1)
+    if key_len * STRIPES % SECTOR_SIZE:
+        # QEMU 7.2 asserts on key material that is not a whole number of sectors (it
+        # would abort opening the volume), so do not make one.
+        raise UnsupportedFeatureError(
+            f"cipher-alg '{cipher_alg}' with cipher-mode '{cipher_mode}' gives key material "
+            f"of {key_len * STRIPES} bytes, not a multiple of {SECTOR_SIZE}; QEMU cannot open it")
     split_sectors = splitkey_sectors(key_len, STRIPES)
     hdr = LuksHeader(
         cipher_name="aes", cipher_mode_spec=spec, hash_spec=hash_alg,
