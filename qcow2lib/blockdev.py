@@ -12,7 +12,7 @@ import os
 from typing import NamedTuple
 
 from .errors import InvalidArgumentError, ReadOnlyError
-from .hostfile import HostFile
+from .hostfile import open_host_file
 
 
 class Extent(NamedTuple):
@@ -110,7 +110,7 @@ class RawDevice(BlockDevice):
     def __init__(self, path: str, mode: str = "r", force_share: bool = False):
         self.filename = path
         self.read_only = mode != "r+"
-        self.file = HostFile(path, writable=not self.read_only)
+        self.file = open_host_file(path, writable=not self.read_only)
         try:
             self.file.lock_for_use(force_share)
         except BaseException:

@@ -81,7 +81,7 @@ class TableCache:
         return len(self._tables)
 
     def _evict(self) -> None:
-        if len(self._tables) <= self.max_entries:
+        if len(self._tables) <= self.max_entries or len(self._tables) == len(self.dirty):
             return
         for offset in list(self._tables):
             if len(self._tables) <= self.max_entries:

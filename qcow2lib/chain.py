@@ -36,11 +36,13 @@ def resolve_backing_path(image_path: str, backing_name: str) -> str:
 
 def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool = True,
                data_file: str | None = None, force_share: bool = False,
+               passphrase: str | bytes | None = None,
                _chain: tuple[str, ...] = ()) -> BlockDevice:
     """Open an image (and, unless backing=False, its whole backing chain, read-only).
 
     Images are locked the way QEMU locks them; force_share (qemu-img -U) reads an image
-    another process is writing.
+    another process is writing. `passphrase` unlocks encrypted (LUKS or legacy AES) images
+    in the chain.
     """
     if mode not in ("r", "r+"):
         raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
@@ -57,7 +59,8 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
                                 f"{MAX_CHAIN_DEPTH} images)")
     if fmt == "raw":
         return RawDevice(path, mode, force_share)
-    image = Qcow2Image(path, mode, data_file_path=data_file, force_share=force_share)
+    image = Qcow2Image(path, mode, data_file_path=data_file, force_share=force_share,
+                       passphrase=passphrase)
     if backing and image.backing_filename:
         try:
             backing_path = resolve_backing_path(path, image.backing_filename)
@@ -66,7 +69,7 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
                     2, f"Could not open backing file: Could not open '{backing_path}': "
                        f"No such file or directory", backing_path)
             image.backing = open_image(backing_path, "r", image.backing_format, True,
-                                       None, force_share, _chain + (real,))
+                                       None, force_share, passphrase, _chain + (real,))
         except BaseException:
             image.close()
             raise

@@ -13,6 +13,7 @@ from array import array
 from . import structs as S
 from .cache import encode_be64
 from .chain import open_image, resolve_backing_path
+from .crypto import create_luks_header
 from .errors import InvalidArgumentError, Qcow2IOError
 from .header import Header
 from .hostfile import HostFile
@@ -26,8 +27,13 @@ def create(path: str, size: int | None, *, fmt: str = "qcow2", cluster_size: int
            compat: str = "1.1", backing_file: str | None = None, backing_fmt: str | None = None,
            refcount_bits: int = 16, lazy_refcounts: bool = False, extended_l2: bool = False,
            preallocation: str = "off", data_file: str | None = None, data_file_raw: bool = False,
-           compression_type: str = "zlib") -> None:
-    """Create a raw or qcow2 image. `size=None` takes the size of the backing file."""
+           compression_type: str = "zlib", encrypt_format: str | None = None,
+           passphrase: str | bytes | None = None, encrypt_options: dict | None = None) -> None:
+    """Create a raw or qcow2 image. `size=None` takes the size of the backing file.
+
+    encrypt_format "luks" (with encrypt_options as qemu-img's encrypt.* options) or the
+    legacy "aes" encrypts the qcow2 image's data with `passphrase`.
+    """
     if preallocation not in PREALLOCATION_MODES:
         raise InvalidArgumentError(f"Unsupported preallocation mode '{preallocation}'")
     if size is None:
@@ -48,17 +54,24 @@ def create(path: str, size: int | None, *, fmt: str = "qcow2", cluster_size: int
     _check_qcow2_options(version, size, cluster_size, backing_file, backing_fmt, refcount_bits,
                          lazy_refcounts, extended_l2, preallocation, data_file, data_file_raw,
                          compression_type)
+    if encrypt_format not in (None, "luks", "aes"):
+        raise InvalidArgumentError(f"Invalid parameter '{encrypt_format}' (encrypt.format)")
+    if encrypt_format and passphrase is None:
+        raise InvalidArgumentError("Parameter 'encrypt.key-secret' is required for cipher")
     if data_file_raw and preallocation == "off":
         preallocation = "metadata"  # raw data files need the identity mapping in the tables
     if data_file:
         data_path = data_file if os.path.isabs(data_file) else os.path.join(
             os.path.dirname(os.path.abspath(path)), data_file)
         HostFile(data_path, writable=True, create=True).close()
+    luks_header = b""
+    if encrypt_format == "luks":
+        luks_header, _ = create_luks_header(passphrase, encrypt_options or {})
     _write_empty_qcow2(path, size, version, cluster_size, backing_file, backing_fmt,
                        refcount_bits, lazy_refcounts, extended_l2, data_file, data_file_raw,
-                       compression_type)
+                       compression_type, encrypt_format, luks_header)
     if preallocation != "off":
-        with open_image(path, "r+", "qcow2", backing=False) as image:
+        with open_image(path, "r+", "qcow2", backing=False, passphrase=passphrase) as image:
             image.preallocate(preallocation)
 
 
@@ -131,7 +144,7 @@ def _create_raw(path: str, size: int, preallocation: str) -> None:
 
 def _write_empty_qcow2(path, size, version, cluster_size, backing_file, backing_fmt, refcount_bits,
                        lazy_refcounts, extended_l2, data_file, data_file_raw,
-                       compression_type) -> None:
+                       compression_type, encrypt_format, luks_header) -> None:
     bits = cluster_size.bit_length() - 1
     order = refcount_bits.bit_length() - 1
     hdr = Header(version=version, cluster_bits=bits, size=size, refcount_order=order,
@@ -151,12 +164,15 @@ def _write_empty_qcow2(path, size, version, cluster_size, backing_file, backing_
     if backing_file:
         hdr.backing_file = backing_file
         hdr.backing_format = backing_fmt
+    if encrypt_format:
+        hdr.crypt_method = 2 if encrypt_format == "luks" else 1
     hdr.l1_size = hdr.l1_entries_needed()
     l1_clusters = -(-hdr.l1_size * 8 // cluster_size)
+    crypto_clusters = -(-len(luks_header) // cluster_size)
     block_entries = cluster_size * 8 // refcount_bits
     table_clusters = blocks = 1
     while True:  # the refcount structure must count itself
-        total = 1 + table_clusters + blocks + l1_clusters
+        total = 1 + table_clusters + blocks + l1_clusters + crypto_clusters
         need_blocks = -(-total // block_entries)
         need_table = -(-need_blocks * 8 // cluster_size)
         if (need_blocks, need_table) == (blocks, table_clusters):
@@ -166,12 +182,17 @@ def _write_empty_qcow2(path, size, version, cluster_size, backing_file, backing_
     hdr.refcount_table_clusters = table_clusters
     first_block = 1 + table_clusters
     hdr.l1_table_offset = (first_block + blocks) * cluster_size
+    if luks_header:  # after the L1 table, as QEMU lays it out
+        hdr.crypto_offset = hdr.l1_table_offset + l1_clusters * cluster_size
+        hdr.crypto_length = len(luks_header)
     table = array("Q", [(first_block + i) * cluster_size for i in range(blocks)])
     table.extend([0] * (table_clusters * cluster_size // 8 - blocks))
     file = HostFile(path, writable=True, create=True)
     try:
         file.pwrite(hdr.pack(), 0)
         file.pwrite(encode_be64(table), cluster_size)
+        if luks_header:
+            file.pwrite(luks_header, hdr.crypto_offset)
         for i in range(blocks):
             block = RefcountBlock(order, bytes(cluster_size))
             for j in range(min(block_entries, total - i * block_entries)):

@@ -203,3 +203,12 @@ class HostFile:
         if not self._closed:
             self._closed = True
             os.close(self.fd)
+
+
+# The class every image opens its files with. Crash and fault tests swap in a subclass
+# that records or fails chosen operations; nothing else should change it.
+host_file_class: type[HostFile] = HostFile
+
+
+def open_host_file(path: str, writable: bool = False, create: bool = False) -> HostFile:
+    return host_file_class(path, writable=writable, create=create)

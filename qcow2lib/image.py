@@ -19,9 +19,11 @@ from . import codecs
 from . import structs as S
 from .blockdev import BlockDevice, Extent, merge_extents
 from .cache import decode_be64
-from .errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureError
+from .crypto import open_crypto
+from .errors import (BadSecretError, CorruptImageError, InvalidArgumentError,
+                     UnsupportedFeatureError)
 from .header import Header
-from .hostfile import HostFile
+from .hostfile import HostFile, open_host_file
 from .mapping import BACKING, COMPRESSED, DATA, ZERO, ClusterMap, Segment
 from .refcount import Refcounts
 
@@ -49,24 +51,24 @@ class Qcow2Image(BlockDevice):
     format = "qcow2"
 
     def __init__(self, path: str, mode: str = "r", data_file_path: str | None = None,
-                 force_share: bool = False):
+                 force_share: bool = False, passphrase: str | bytes | None = None):
         if mode not in ("r", "r+"):
             raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
         self.filename = path
         self.read_only = mode == "r"
-        self.file = HostFile(path, writable=not self.read_only)
+        self.file = open_host_file(path, writable=not self.read_only)
         self.data_host: HostFile | None = None  # the external data file, when there is one
         self.force_share = force_share
         try:
             self.file.lock_for_use(force_share)
-            self._open(data_file_path)
+            self._open(data_file_path, passphrase)
         except BaseException:
             self._close_files()
             raise
 
     # --- opening ------------------------------------------------------------------------
 
-    def _open(self, data_file_path: str | None) -> None:
+    def _open(self, data_file_path: str | None, passphrase) -> None:
         file_size = self.file.size()
         self.header = hdr = Header.parse(self._read_header_bytes, file_size)
         self.dirty = bool(hdr.incompatible_features & S.INCOMPAT_DIRTY)
@@ -98,7 +100,7 @@ class Qcow2Image(BlockDevice):
                                         "data file bit is set but no data file name is stored)")
             if not os.path.isabs(name) and data_file_path is None:
                 name = os.path.join(os.path.dirname(os.path.abspath(self.filename)), name)
-            self.data_host = HostFile(name, writable=not self.read_only)
+            self.data_host = open_host_file(name, writable=not self.read_only)
             self.data_host.lock_for_use(self.force_share)
         elif hdr.data_file:
             raise CorruptImageError("'data-file' can only be set for images with an external "
@@ -115,6 +117,10 @@ class Qcow2Image(BlockDevice):
         self.map = ClusterMap(self.file, hdr, self._data_size)
         self.use_refcount_table(hdr.refcount_table_offset, hdr.refcount_table_clusters, file_size)
         self._load_bitmap_directory()
+        self.crypto = None
+        if self.encrypted and passphrase is not None:
+            self.crypto = open_crypto(hdr.crypt_method, self._read_header_bytes, hdr.crypto_offset,
+                                      hdr.crypto_length, passphrase, cluster_size=self.cluster_size)
         if not self.read_only:
             self._open_for_writing()
 
@@ -230,16 +236,20 @@ class Qcow2Image(BlockDevice):
             self._end_io()
         return len(view)
 
+    def _require_crypto(self) -> None:
+        if self.encrypted and self.crypto is None:
+            raise BadSecretError(
+                f"'{self.filename}' is encrypted: its data cannot be read or written without "
+                f"the passphrase (encrypt.key-secret)")
+
     def _read_segments(self, segments: list[Segment], view: memoryview, base: int) -> None:
-        if self.encrypted:
-            raise UnsupportedFeatureError(
-                f"reading encrypted data (crypt_method {self.header.crypt_method}) is not "
-                f"supported yet")
         compressed = []
         data_file = self._data_target()
         for seg in segments:
             part = view[seg.guest_offset - base:seg.guest_offset - base + seg.length]
-            if seg.kind == DATA:
+            if seg.kind == DATA and self.encrypted:
+                self._read_encrypted(part, seg.host_offset, seg.guest_offset)
+            elif seg.kind == DATA:
                 data_file.readinto(part, seg.host_offset)
             elif seg.kind == ZERO:
                 part[:] = _ZEROS[:seg.length] if seg.length <= len(_ZEROS) else bytes(seg.length)
@@ -257,6 +267,16 @@ class Qcow2Image(BlockDevice):
             plain = self._cluster_plain(seg)
             start = seg.guest_offset - seg.cluster_offset
             part[:] = plain[start:start + seg.length]
+
+    def _read_encrypted(self, part: memoryview, host: int, guest: int) -> None:
+        """Read whole sectors around the range and decrypt them (IVs are per sector)."""
+        self._require_crypto()
+        start = host & ~511
+        end = (host + len(part) + 511) & ~511
+        buf = bytearray(end - start)
+        self._data_target().readinto(memoryview(buf), start)
+        self.crypto.decrypt(self.crypto.sector_number(start, guest - (host - start)), buf)
+        part[:] = memoryview(buf)[host - start:host - start + len(part)]
 
     def _read_backing(self, guest_offset: int, part: memoryview) -> None:
         backing = self.backing
@@ -291,10 +311,11 @@ class Qcow2Image(BlockDevice):
         result: list[Extent] = []
         holes_are_zero = self._metadata_preallocated()
         for seg in segments:
-            if seg.kind == DATA and holes_are_zero:
+            if seg.kind == DATA and holes_are_zero and not self.encrypted:
                 result += self._data_extents_by_holes(seg)
             elif seg.kind == DATA:
-                result.append(Extent(seg.guest_offset, seg.length, True, False, 0, seg.host_offset))
+                result.append(Extent(seg.guest_offset, seg.length, True, False, 0,
+                                     None if self.encrypted else seg.host_offset))
             elif seg.kind == ZERO:
                 result.append(Extent(seg.guest_offset, seg.length, False, True, 0, seg.host_offset))
             elif seg.kind == COMPRESSED:
@@ -361,6 +382,13 @@ class Qcow2Image(BlockDevice):
         self.check_request(offset, len(view), write=True)
         if not view:
             return
+        if self.encrypted:  # ciphers work on whole sectors: read, merge, rewrite the edges
+            self._require_crypto()
+            start, end = offset & ~511, min(self.size, (offset + len(view) + 511) & ~511)
+            if (start, end) != (offset, offset + len(view)):
+                merged = bytearray(self.read(start, end - start))
+                merged[offset - start:offset - start + len(view)] = view
+                offset, view = start, memoryview(merged)
         clusters = self._guest_clusters(offset, len(view))
         with self._cond:
             self._begin_io(clusters)
@@ -519,7 +547,12 @@ class Qcow2Image(BlockDevice):
         """Outside the lock: write the data and the copy-on-write fill, in host-contiguous runs."""
         runs: list[list] = []  # [host offset, end offset, buffers]
 
-        def add(host: int, buffer) -> None:
+        crypto = self.crypto
+
+        def add(host: int, buffer, guest: int) -> None:
+            if crypto is not None:
+                buffer = bytearray(buffer)
+                crypto.encrypt(crypto.sector_number(host, guest), buffer)
             if runs and runs[-1][1] == host:
                 runs[-1][1] += len(buffer)
                 runs[-1][2].append(buffer)
@@ -527,7 +560,7 @@ class Qcow2Image(BlockDevice):
                 runs.append([host, host + len(buffer), [buffer]])
 
         for guest, length, host in direct:
-            add(host, view[guest - offset:guest - offset + length])
+            add(host, view[guest - offset:guest - offset + length], guest)
         end = offset + len(view)
         for change in changes:
             cluster_start = change.cluster_index << self.cluster_bits
@@ -537,10 +570,12 @@ class Qcow2Image(BlockDevice):
             data_end = min(end, fill_end)
             host = change.host + change.fill_start
             if fill_start < data_start:
-                add(host, self._old_content(fill_start, data_start - fill_start))
-            add(host + data_start - fill_start, view[data_start - offset:data_end - offset])
+                add(host, self._old_content(fill_start, data_start - fill_start), fill_start)
+            add(host + data_start - fill_start, view[data_start - offset:data_end - offset],
+                data_start)
             if data_end < fill_end:
-                add(host + data_end - fill_start, self._old_content(data_end, fill_end - data_end))
+                add(host + data_end - fill_start, self._old_content(data_end, fill_end - data_end),
+                    data_end)
         target = self._data_target()
         for host, run_end, buffers in sorted(runs, key=lambda r: r[0]):
             target.pwritev(buffers, host)
@@ -915,3 +950,214 @@ class Qcow2Image(BlockDevice):
         self.file.close()
         if self.data_host is not None:
             self.data_host.close()
+
+    # --- resize (ops) -------------------------------------------------------------------
+    # Size changes and whole-range cluster release, used by qcow2lib.ops.resize (qemu-img
+    # resize) and qcow2lib.ops.commit (emptying the top image). Callers hold the image
+    # exclusively (no other I/O in flight).
+
+    def _resize_quiesce(self) -> None:
+        """Under self._cond: wait for in-flight I/O, then put all metadata on disk."""
+        while self._io_active:
+            self._cond.wait()
+        self._write_back(sync=True)
+        if self.refcounts.pending_frees:
+            self._write_back(sync=True)
+
+    def resize_grow_l1(self, new_l1_size: int) -> None:
+        """Give the active L1 table `new_l1_size` entries (no-op if it has them).
+
+        The new table goes into newly allocated clusters and is made durable, the header's
+        l1_size and l1_table_offset switch with one sector write, then the old table is freed.
+        """
+        from array import array
+
+        from .cache import encode_be64
+        with self._cond:
+            old_size = len(self.map.l1)
+            if new_l1_size <= old_size:
+                return
+            if new_l1_size * 8 > S.MAX_L1_BYTES:
+                raise InvalidArgumentError(
+                    f"Failed to grow the L1 table: File too large (l1_size {new_l1_size}, limit "
+                    f"{S.MAX_L1_BYTES // 8})")
+            self._resize_quiesce()
+            cs = self.cluster_size
+            clusters = -(-new_l1_size * 8 // cs)
+            first = self.refcounts.allocate(clusters)
+            new_offset = first << self.cluster_bits
+            self._write_back(sync=True)  # the new table's refcounts before the header
+            table = array("Q", self.map.l1)
+            table.extend([0] * (new_l1_size - old_size))
+            self.file.pwrite(encode_be64(table).ljust(clusters * cs, b"\0"), new_offset)
+            self._host_size = max(self._host_size, new_offset + clusters * cs)
+            self.file.flush()
+            old_offset = self.header.l1_table_offset
+            self.header.l1_size = new_l1_size
+            self.header.l1_table_offset = new_offset
+            self._write_header_fields()
+            self.file.flush()
+            self.map.l1 = table
+            self.map.l1_dirty.clear()
+            self.map.l1_table_offset = new_offset
+            self.map.metadata[1] = (new_offset, new_offset + new_l1_size * 8, "the L1 table")
+            if old_size and old_offset:
+                self.refcounts.free(old_offset >> self.cluster_bits,
+                                    -(-old_size * 8 // cs))
+            self._write_back(sync=True)
+
+    def _resize_own_l2(self, l1_index: int) -> None:
+        """Make the L2 table of l1_index this image's own (copy one shared with snapshots).
+
+        The copy takes over the active tree's path, so data refcounts do not change; the
+        shared table loses one reference.
+        """
+        entry = self.map.l1[l1_index]
+        offset = self.map.l2_offset(l1_index)
+        if not offset or entry & S.OFLAG_COPIED:
+            return
+        table = self.map.l2_cache.get(offset).__copy__()
+        new_offset = self.refcounts.allocate(1) << self.cluster_bits
+        self.map.l2_cache.put(new_offset, table)
+        self.map.l1[l1_index] = new_offset | S.OFLAG_COPIED
+        self.map.l1_dirty.add(l1_index)
+        self.refcounts.free(offset >> self.cluster_bits)
+
+    def _resize_release_l2(self, l1_index: int) -> None:
+        """Unhook a whole L2 table from the active L1 and drop the references its path
+        holds (the table and every cluster it points at)."""
+        offset = self.map.l2_offset(l1_index)
+        if not offset:
+            return
+        table = self.map.l2_cache.get(offset)
+        step = self.map.entry_words
+        for i in range(0, len(table), step):
+            if table[i]:
+                for first, count in self._clusters_of(table[i]):
+                    self.refcounts.free(first, count)
+        self.map.l1[l1_index] = 0
+        self.map.l1_dirty.add(l1_index)
+        self.refcounts.free(offset >> self.cluster_bits)
+
+    def resize_drop_clusters(self, first_cluster: int, stop_cluster: int | None = None) -> None:
+        """Make guest clusters [first, stop) unallocated (QEMU's full discard): their
+        entries become 0 and their host clusters are released. L2 tables lying wholly in
+        the range are released too. Metadata reaches the disk before the frees apply."""
+        l2e = self.map.l2_entries
+        with self._cond:
+            while self._io_active:
+                self._cond.wait()
+            if stop_cluster is None:
+                stop_cluster = len(self.map.l1) * l2e
+            stop_cluster = min(stop_cluster, len(self.map.l1) * l2e)
+            for l1_index in range(first_cluster // l2e, -(-stop_cluster // l2e)):
+                if not self.map.l2_offset(l1_index):
+                    continue
+                lo = max(first_cluster, l1_index * l2e)
+                hi = min(stop_cluster, (l1_index + 1) * l2e)
+                if lo == l1_index * l2e and hi == (l1_index + 1) * l2e:
+                    self._resize_release_l2(l1_index)
+                    continue
+                self._resize_own_l2(l1_index)
+                for cluster_index in range(lo, hi):
+                    entry, bitmap = self.map.get_entry(cluster_index)
+                    if not entry and not bitmap:
+                        continue
+                    owned = self._clusters_of(entry)
+                    self.map.set_entry(cluster_index, 0, 0)
+                    for first, count in owned:
+                        self.refcounts.free(first, count)
+            self._resize_quiesce()
+            self._last_decompressed = None
+
+    def resize_set_size(self, new_size: int) -> None:
+        """Write the new virtual size into the header (one sector write, made durable)."""
+        with self._cond:
+            self._resize_quiesce()
+            self.header.size = new_size
+            self._write_header_fields()
+            self.file.flush()
+            self.size = new_size
+
+    def resize_truncate_file(self) -> None:
+        """Cut the image file after its last cluster with a non-zero refcount."""
+        with self._cond:
+            self._resize_quiesce()
+            cs = self.cluster_size
+            file_size = self.file.size()
+            last = -(-file_size // cs) - 1
+            while last >= 0 and self.refcounts.get(last) == 0:
+                last -= 1
+            if last < 0:
+                raise CorruptImageError("There are no references in the refcount table.")
+            end = (last + 1) * cs
+            if end < file_size:
+                self.file.truncate(end)
+                self._host_size = end
+                self.refcounts.end_cluster = min(self.refcounts.end_cluster, last + 1)
+                self.refcounts.file_size_hint = end
+                self.refcounts.free_hint = min(self.refcounts.free_hint, last + 1)
+                self._compressed_tail = 0
+
+    def resize_preallocate(self, start: int, end: int, mode: str) -> None:
+        """Map the guest clusters of [start, end) that have no host cluster yet to new
+        host clusters after the end of the file: "metadata" (sparse), "falloc" (reserved)
+        or "full" (zeros written)."""
+        cs = self.cluster_size
+        bits = self.cluster_bits
+        with self._cond:
+            while self._io_active:
+                self._cond.wait()
+            first_index, stop_index = start >> bits, -(-end // cs)
+            todo = [i for i in range(first_index, stop_index)
+                    if not self.map.has_host(self.map.get_entry(i)[0])
+                    and not self.map.get_entry(i)[0] & S.OFLAG_COMPRESSED]
+            if not todo:
+                return
+            for l1_index in sorted({i // self.map.l2_entries for i in todo}):
+                self._writable_l2(l1_index)
+            bitmap = S.L2_BITMAP_ALL_ALLOC if self.extended_l2 else 0
+            if self.data_host is not None:
+                target = self.data_host
+                hosts = [i << bits for i in todo]
+                runs = [(h, cs) for h in hosts]
+            else:
+                # After the end of the file (reads zeros), one refcount block range at a
+                # time: a new block takes the first cluster of its range.
+                target = self.file
+                per_block = self.refcounts.block_entries
+                pos = max(self.refcounts.end_cluster, -(-self.file.size() // cs))
+                clusters: list[int] = []
+                while len(clusters) < len(todo):
+                    n = min(len(todo) - len(clusters), (pos // per_block + 1) * per_block - pos)
+                    if self.refcounts.allocate_at(pos, n):
+                        clusters.extend(range(pos, pos + n))
+                        pos += n
+                    else:
+                        pos += 1
+                hosts = [c << bits for c in clusters]
+                runs = []
+                for c in clusters:
+                    if runs and runs[-1][0] + runs[-1][1] == c << bits:
+                        runs[-1] = (runs[-1][0], runs[-1][1] + cs)
+                    else:
+                        runs.append((c << bits, cs))
+            for host, length in runs:
+                if mode == "falloc":
+                    target.allocate(host, length)
+                elif mode == "full":
+                    for pos in range(host, host + length, len(_ZEROS)):
+                        target.pwrite(memoryview(_ZEROS)[:min(len(_ZEROS), host + length - pos)],
+                                      pos)
+            last_end = max(h + cs for h in hosts)
+            if target.size() < last_end:
+                target.truncate(last_end)
+            if target is self.file:
+                self._host_size = max(self._host_size, last_end)
+            self._prealloc_detected = None
+            for index, host in zip(todo, hosts):
+                old_entry = self.map.get_entry(index)[0]
+                self.map.set_entry(index, host | S.OFLAG_COPIED, bitmap)
+                for first, count in self._clusters_of(old_entry):
+                    self.refcounts.free(first, count)
+            self._write_back(sync=True)

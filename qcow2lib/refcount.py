@@ -240,25 +240,48 @@ class Refcounts:
         self.free(*old)
 
     def allocate(self, count: int) -> int:
-        """Allocate `count` contiguous free clusters (refcount 1); returns the first index."""
+        """Allocate `count` contiguous free clusters (refcount 1); returns the first index.
+
+        Ranges the run reaches that have no refcount block yet get one, placed just in
+        front of the run, so a large run stays contiguous however small the blocks' ranges.
+        """
         if count <= 0:
             raise InvalidArgumentError(f"cannot allocate {count} clusters")
-        candidate = self.free_hint
+        n = self.block_entries
+        candidate, need = self.free_hint, count
         while True:
-            candidate = self._next_free_run(candidate, count)
-            # Creating blocks for the run may take clusters inside it; check again after.
-            for block_index in range(candidate // self.block_entries,
-                                     (candidate + count - 1) // self.block_entries + 1):
-                self._writable_block(block_index)
-            if self._is_free(candidate, count):
-                break
+            start = self._next_free_run(candidate, need)
+            missing: list[int] = []
+            while True:
+                last_range = (start + len(missing) + count - 1) // n
+                if last_range >= len(self.table):
+                    break
+                now_missing = [r for r in range(start // n, last_range + 1)
+                               if self._block_offset(r) == 0]
+                if len(now_missing) == len(missing):
+                    break
+                missing = now_missing
+            if last_range >= len(self.table):
+                self._grow_table(last_range + 1)
+                candidate, need = start, count
+                continue
+            if not self._is_free(start, len(missing) + count):
+                candidate, need = start, len(missing) + count
+                continue
+            break
         # Refcounts claim these are free; refuse if that contradicts the header.
-        self.check_no_overlap(candidate << self.cluster_bits, count << self.cluster_bits,
+        self.check_no_overlap(start << self.cluster_bits, (len(missing) + count) << self.cluster_bits,
                               "Newly allocated cluster")
-        self.update(candidate, count, +1)
-        if candidate == self.free_hint:
-            self.free_hint = candidate + count
-        return candidate
+        for i, block_index in enumerate(missing):
+            offset = (start + i) << self.cluster_bits
+            self.blocks.put(offset, RefcountBlock(self.order, bytes(self.cluster_size)))
+            self.table[block_index] = offset
+            self.table_dirty = True
+        first = start + len(missing)
+        self.update(start, len(missing) + count, +1)
+        if start == self.free_hint:
+            self.free_hint = first + count
+        return first
 
     def allocate_at(self, cluster: int, count: int) -> bool:
         """Allocate exactly [cluster, cluster+count) if all of it is free; False otherwise."""
