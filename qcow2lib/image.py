@@ -227,6 +227,8 @@ class Qcow2Image(BlockDevice):
         self.check_request(offset, len(view))
         if not view:
             return 0
+        if self.encrypted:
+            self._require_crypto()
         with self._lock:
             segments = self.map.lookup(offset, len(view))
             self._begin_io()
