@@ -81,10 +81,13 @@ class TableCache:
         return len(self._tables)
 
     def _evict(self) -> None:
+        """Drop clean tables, least recently used first, never the one just used (the
+        caller is about to change it)."""
         if len(self._tables) <= self.max_entries or len(self._tables) == len(self.dirty):
             return
+        newest = next(reversed(self._tables))
         for offset in list(self._tables):
             if len(self._tables) <= self.max_entries:
                 break
-            if offset not in self.dirty:
+            if offset not in self.dirty and offset != newest:
                 del self._tables[offset]

@@ -11,6 +11,7 @@ import os
 from . import structs as S
 from .blockdev import BlockDevice, RawDevice
 from .errors import CorruptImageError, InvalidArgumentError, Qcow2IOError, UnsupportedFeatureError
+from .hostfile import open_host_file
 from .image import Qcow2Image
 
 MAX_CHAIN_DEPTH = 16
@@ -19,16 +20,18 @@ FORMATS = ("qcow2", "raw")
 
 def probe_format(path: str) -> str:
     """'qcow2' when the file starts with the qcow2 magic, else 'raw'."""
+    file = open_host_file(path)
     try:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-    except OSError as exc:
-        raise Qcow2IOError(exc.errno, f"Could not open '{path}': {exc.strerror}", path) from None
+        magic = file.pread(4, 0)
+    finally:
+        file.close()
     return "qcow2" if magic == S.QCOW_MAGIC.to_bytes(4, "big") else "raw"
 
 
 def resolve_backing_path(image_path: str, backing_name: str) -> str:
     """A backing name as QEMU resolves it: relative to the directory of the image naming it."""
+    if backing_name.startswith("file:"):  # QEMU's protocol prefix for plain files
+        backing_name = backing_name[len("file:"):]
     if os.path.isabs(backing_name):
         return backing_name
     return os.path.join(os.path.dirname(image_path), backing_name)
@@ -36,14 +39,18 @@ def resolve_backing_path(image_path: str, backing_name: str) -> str:
 
 def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool = True,
                data_file: str | None = None, force_share: bool = False,
-               passphrase: str | bytes | None = None,
-               _chain: tuple[str, ...] = ()) -> BlockDevice:
+               passphrase: str | bytes | None = None, open_data_file: bool = True,
+               _chain: tuple[str, ...] = (), snapshot: str | None = None) -> BlockDevice:
     """Open an image (and, unless backing=False, its whole backing chain, read-only).
 
     Images are locked the way QEMU locks them; force_share (qemu-img -U) reads an image
     another process is writing. `passphrase` unlocks encrypted (LUKS or legacy AES) images
-    in the chain.
+    in the chain. open_data_file=False opens a read-only image's metadata without its
+    external data file (what `info` needs). snapshot="name or id" gives a read-only view of
+    an internal snapshot's content.
     """
+    if snapshot is not None and mode != "r":
+        raise InvalidArgumentError("a snapshot can only be opened read-only (mode 'r')")
     if mode not in ("r", "r+"):
         raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
     if fmt is None:
@@ -58,9 +65,11 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
         raise CorruptImageError(f"Backing chain of '{_chain[0]}' is too deep (more than "
                                 f"{MAX_CHAIN_DEPTH} images)")
     if fmt == "raw":
+        if snapshot is not None:
+            raise UnsupportedFeatureError("Block driver does not support snapshots (raw)")
         return RawDevice(path, mode, force_share)
     image = Qcow2Image(path, mode, data_file_path=data_file, force_share=force_share,
-                       passphrase=passphrase)
+                       passphrase=passphrase, open_data_file=open_data_file)
     if backing and image.backing_filename:
         try:
             backing_path = resolve_backing_path(path, image.backing_filename)
@@ -69,7 +78,15 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
                     2, f"Could not open backing file: Could not open '{backing_path}': "
                        f"No such file or directory", backing_path)
             image.backing = open_image(backing_path, "r", image.backing_format, True,
-                                       None, force_share, passphrase, _chain + (real,))
+                                       None, force_share, passphrase, open_data_file,
+                                       _chain + (real,))
+        except BaseException:
+            image.close()
+            raise
+    if snapshot is not None:
+        from .snapshots import SnapshotView
+        try:
+            return SnapshotView(image, snapshot, close_image=True)
         except BaseException:
             image.close()
             raise

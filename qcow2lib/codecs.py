@@ -12,18 +12,29 @@ from concurrent.futures import ThreadPoolExecutor
 
 import zstandard
 
-from .errors import CorruptImageError, UnsupportedFeatureError
+from .errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureError
 
 ZLIB, ZSTD = "zlib", "zstd"
 
 _pool: ThreadPoolExecutor | None = None
+_pool_size = os.cpu_count() or 2
+
+
+def set_pool_size(threads: int) -> None:
+    """How many threads compress, decompress and cipher at once (default: one per core)."""
+    global _pool, _pool_size
+    if threads < 1:
+        raise InvalidArgumentError(f"codec thread count must be at least 1, not {threads}")
+    old, _pool, _pool_size = _pool, None, threads
+    if old is not None:
+        old.shutdown(wait=True)
 
 
 def pool() -> ThreadPoolExecutor:
-    """The shared codec pool, one thread per core."""
+    """The shared codec pool."""
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="qcow2-codec")
+        _pool = ThreadPoolExecutor(max_workers=_pool_size, thread_name_prefix="qcow2-codec")
     return _pool
 
 

@@ -16,7 +16,7 @@ from .chain import open_image, resolve_backing_path
 from .crypto import create_luks_header
 from .errors import InvalidArgumentError, Qcow2IOError
 from .header import Header
-from .hostfile import HostFile
+from .hostfile import create_host_file
 from .refcount import RefcountBlock
 
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
@@ -60,10 +60,12 @@ def create(path: str, size: int | None, *, fmt: str = "qcow2", cluster_size: int
         raise InvalidArgumentError("Parameter 'encrypt.key-secret' is required for cipher")
     if data_file_raw and preallocation == "off":
         preallocation = "metadata"  # raw data files need the identity mapping in the tables
-    if data_file:
-        data_path = data_file if os.path.isabs(data_file) else os.path.join(
-            os.path.dirname(os.path.abspath(path)), data_file)
-        HostFile(data_path, writable=True, create=True).close()
+    if data_file:  # QEMU resolves a relative data file name against the working directory
+        data = create_host_file(data_file)
+        try:
+            data.truncate(size)
+        finally:
+            data.close()
     luks_header = b""
     if encrypt_format == "luks":
         luks_header, _ = create_luks_header(passphrase, encrypt_options or {})
@@ -118,8 +120,8 @@ def _check_qcow2_options(version, size, cluster_size, backing_file, backing_fmt,
     l2_entries = cluster_size // (16 if extended_l2 else 8)
     l1_entries = -(-size // (cluster_size * l2_entries))
     if l1_entries * 8 > S.MAX_L1_BYTES:
-        fail(f"Image size is too large for this cluster size (size {size}, cluster_size "
-             f"{cluster_size})")
+        fail("The image size is too large for file format 'qcow2' (try using a larger cluster "
+             "size)")
 
 
 def _backing_size(path: str, backing_file: str, backing_fmt: str | None) -> int:
@@ -128,7 +130,10 @@ def _backing_size(path: str, backing_file: str, backing_fmt: str | None) -> int:
 
 
 def _create_raw(path: str, size: int, preallocation: str) -> None:
-    file = HostFile(path, writable=True, create=True)
+    file = create_host_file(path)
+    if preallocation == "metadata":  # QEMU fails here too, leaving the file it made empty
+        file.close()
+        raise InvalidArgumentError("Unsupported preallocation mode: metadata")
     try:
         file.truncate(size)
         if preallocation == "falloc" and size:
@@ -187,7 +192,7 @@ def _write_empty_qcow2(path, size, version, cluster_size, backing_file, backing_
         hdr.crypto_length = len(luks_header)
     table = array("Q", [(first_block + i) * cluster_size for i in range(blocks)])
     table.extend([0] * (table_clusters * cluster_size // 8 - blocks))
-    file = HostFile(path, writable=True, create=True)
+    file = create_host_file(path)
     try:
         file.pwrite(hdr.pack(), 0)
         file.pwrite(encode_be64(table), cluster_size)

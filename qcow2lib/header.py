@@ -86,7 +86,7 @@ class Header:
                 f"{S.HEADER_V2_SIZE}")
         v2 = S.HeaderV2.parse(raw)
         if v2.magic != S.QCOW_MAGIC:
-            raise CorruptImageError(f"Image is not in qcow2 format (magic 0x{v2.magic:08x})")
+            raise CorruptImageError("Image is not in qcow2 format")
         if v2.version not in (2, 3):
             raise UnsupportedFeatureError(f"Unsupported qcow2 version {v2.version}")
         if not S.MIN_CLUSTER_BITS <= v2.cluster_bits <= S.MAX_CLUSTER_BITS:
@@ -251,6 +251,15 @@ class Header:
 
     # --- writing -------------------------------------------------------------------------
 
+    def pack_fields(self) -> bytes:
+        """Only the fixed header fields (header_length bytes), with the backing file name
+        pointer as it is on disk: for in-place updates that leave the extensions alone."""
+        offset, size = self.backing_file_offset, self.backing_file_size
+        data = bytearray(self.pack()[:self.header_length])
+        self.backing_file_offset, self.backing_file_size = offset, size
+        struct.pack_into(">QI", data, 8, offset, size)
+        return bytes(data)
+
     def pack(self) -> bytes:
         """The header cluster's content: header, extensions, end marker, backing file name.
 
@@ -304,7 +313,8 @@ class Header:
         if self.crypto_offset:
             result.append(Extension(S.EXT_CRYPTO, struct.pack(">QQ", self.crypto_offset,
                                                               self.crypto_length)))
-        if self.version >= 3:
+        if self.version >= 3 and self.cluster_size > 4096:
+            # As QEMU: small header clusters keep their room for the backing file name.
             table = b"".join(S.FeatureNameEntry.build(dict(type=t, bit=b, name=n))
                              for t, b, n in S.FEATURE_NAMES)
             result.append(Extension(S.EXT_FEATURE_TABLE, table))

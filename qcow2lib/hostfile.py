@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 import struct
 
 from .errors import Qcow2IOError
@@ -48,13 +49,20 @@ class HostFile:
         self.path = path
         self.writable = writable
         flags = os.O_RDWR if writable else os.O_RDONLY
-        if create:
-            flags |= os.O_CREAT | os.O_TRUNC
+        if create:  # not O_TRUNC: the caller truncates once it holds the image lock
+            flags |= os.O_CREAT
         flags |= getattr(os, "O_CLOEXEC", 0)
+        verb = "create" if create else "open"
         try:
             self.fd = os.open(path, flags, 0o644)
         except OSError as exc:
-            raise Qcow2IOError(exc.errno, f"Could not open '{path}': {exc.strerror}", path) from None
+            raise Qcow2IOError(exc.errno, f"Could not {verb} '{path}': {exc.strerror}",
+                               path) from None
+        if not stat.S_ISREG(os.fstat(self.fd).st_mode) and not stat.S_ISBLK(
+                os.fstat(self.fd).st_mode):
+            os.close(self.fd)
+            raise Qcow2IOError(errno.EINVAL, f"'file' driver requires '{path}' to be a regular "
+                                             f"file", path)
         self._closed = False
 
     def _fail(self, exc: OSError, what: str) -> Qcow2IOError:
@@ -212,3 +220,15 @@ host_file_class: type[HostFile] = HostFile
 
 def open_host_file(path: str, writable: bool = False, create: bool = False) -> HostFile:
     return host_file_class(path, writable=writable, create=create)
+
+
+def create_host_file(path: str) -> HostFile:
+    """Create (or empty) a file for a new image, only once no one else is using it."""
+    file = host_file_class(path, writable=True, create=True)
+    try:
+        file.lock_for_use()
+        file.truncate(0)
+    except BaseException:
+        file.close()
+        raise
+    return file

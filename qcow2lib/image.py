@@ -51,7 +51,8 @@ class Qcow2Image(BlockDevice):
     format = "qcow2"
 
     def __init__(self, path: str, mode: str = "r", data_file_path: str | None = None,
-                 force_share: bool = False, passphrase: str | bytes | None = None):
+                 force_share: bool = False, passphrase: str | bytes | None = None,
+                 open_data_file: bool = True):
         if mode not in ("r", "r+"):
             raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
         self.filename = path
@@ -61,14 +62,14 @@ class Qcow2Image(BlockDevice):
         self.force_share = force_share
         try:
             self.file.lock_for_use(force_share)
-            self._open(data_file_path, passphrase)
+            self._open(data_file_path, passphrase, open_data_file)
         except BaseException:
             self._close_files()
             raise
 
     # --- opening ------------------------------------------------------------------------
 
-    def _open(self, data_file_path: str | None, passphrase) -> None:
+    def _open(self, data_file_path: str | None, passphrase, open_data_file: bool) -> None:
         file_size = self.file.size()
         self.header = hdr = Header.parse(self._read_header_bytes, file_size)
         self.dirty = bool(hdr.incompatible_features & S.INCOMPAT_DIRTY)
@@ -92,16 +93,18 @@ class Qcow2Image(BlockDevice):
         self.data_file_raw = bool(hdr.autoclear_features & S.AUTOCLEAR_DATA_FILE_RAW)
         self.bitmaps: list[dict] = []  # persistent bitmaps: name, granularity, flags
         self.backing: BlockDevice | None = None
-        has_data_file = bool(hdr.incompatible_features & S.INCOMPAT_DATA_FILE)
+        self.has_data_file = has_data_file = bool(hdr.incompatible_features & S.INCOMPAT_DATA_FILE)
         if has_data_file:
             name = data_file_path or hdr.data_file
             if not name:
                 raise CorruptImageError("'data-file' is required for this image (the external "
                                         "data file bit is set but no data file name is stored)")
-            if not os.path.isabs(name) and data_file_path is None:
-                name = os.path.join(os.path.dirname(os.path.abspath(self.filename)), name)
-            self.data_host = open_host_file(name, writable=not self.read_only)
-            self.data_host.lock_for_use(self.force_share)
+            # As QEMU does, a relative name is taken from the working directory.
+            if not open_data_file and not self.read_only:
+                raise InvalidArgumentError("an image opened for writing needs its data file")
+            if open_data_file:
+                self.data_host = open_host_file(name, writable=not self.read_only)
+                self.data_host.lock_for_use(self.force_share)
         elif hdr.data_file:
             raise CorruptImageError("'data-file' can only be set for images with an external "
                                     "data file (data file name present, incompatible bit clear)")
@@ -198,11 +201,14 @@ class Qcow2Image(BlockDevice):
 
     def _write_header_fields(self) -> None:
         """Rewrite only the fixed header fields: one sector, so the write is atomic."""
-        self.file.pwrite(self.header.pack()[:self.header.header_length], 0)
+        self.file.pwrite(self.header.pack_fields(), 0)
 
     # --- helpers ------------------------------------------------------------------------
 
     def _data_target(self) -> HostFile:
+        if self.has_data_file and self.data_host is None:
+            raise InvalidArgumentError(
+                f"'{self.filename}' was opened without its external data file")
         return self.data_host or self.file
 
     def _guest_clusters(self, offset: int, length: int) -> range:
@@ -229,14 +235,18 @@ class Qcow2Image(BlockDevice):
             return 0
         if self.encrypted:
             self._require_crypto()
+        self.read_mapped(self.map, offset, view)
+        return len(view)
+
+    def read_mapped(self, cluster_map: ClusterMap, offset: int, view: memoryview) -> None:
+        """Read guest data through `cluster_map` (the active L1 table, or a snapshot's)."""
         with self._lock:
-            segments = self.map.lookup(offset, len(view))
+            segments = cluster_map.lookup(offset, len(view))
             self._begin_io()
         try:
             self._read_segments(segments, view, offset)
         finally:
             self._end_io()
-        return len(view)
 
     def _require_crypto(self) -> None:
         if self.encrypted and self.crypto is None:
@@ -322,6 +332,9 @@ class Qcow2Image(BlockDevice):
                 result.append(Extent(seg.guest_offset, seg.length, False, True, 0, seg.host_offset))
             elif seg.kind == COMPRESSED:
                 result.append(Extent(seg.guest_offset, seg.length, True, False, 0, None))
+            elif seg.host_offset is not None and self.backing is None and not self.encrypted:
+                result.append(Extent(seg.guest_offset, seg.length, False, True, 0,
+                                     seg.host_offset, False))
             else:
                 result += self._backing_extents(seg.guest_offset, seg.length)
         return merge_extents(result)
@@ -429,7 +442,7 @@ class Qcow2Image(BlockDevice):
         direct: list[tuple[int, int, int]] = []  # (guest offset, length, host offset)
         changes: list[_ClusterWrite] = []
         sub = self.map.subcluster_size
-        has_data_file = self.data_host is not None
+        has_data_file = self.has_data_file
         for cluster_index in self._guest_clusters(offset, length):
             cluster_start = cluster_index << bits
             ws = max(offset, cluster_start) - cluster_start
@@ -489,13 +502,13 @@ class Qcow2Image(BlockDevice):
             last = ((host & ~511) + sectors * 512 - 1) >> self.cluster_bits
             return [(first, last - first + 1)]
         host = entry & S.L2E_OFFSET_MASK
-        if host and self.data_host is None:
+        if host and not self.has_data_file:
             return [(host >> self.cluster_bits, 1)]
         return []
 
     def _assign_hosts(self, changes: list[_ClusterWrite]) -> None:
         """Give new clusters host offsets, contiguous for neighbouring guest clusters."""
-        if self.data_host is not None:
+        if self.has_data_file:
             for change in changes:
                 if change.new_host:  # external data files map guest offset == host offset
                     change.host = change.cluster_index << self.cluster_bits
@@ -529,13 +542,9 @@ class Qcow2Image(BlockDevice):
             return
         words = self.map.l2_entries * self.map.entry_words
         if offset:
-            # Shared with a snapshot: copy it, taking a reference on what it points at.
-            old = self.map.l2_cache.get(offset)
-            table = old.__copy__()
-            step = self.map.entry_words
-            for i in range(0, words, step):
-                for first, count in self._clusters_of(table[i]):
-                    self.refcounts.update(first, count, +1)
+            # Shared with a snapshot: copy it. Refcounts count L1 -> L2 -> cluster paths, so
+            # the clusters it points at keep their counts; only the table changes hands.
+            table = self.map.l2_cache.get(offset).__copy__()
             self.refcounts.free(offset >> self.cluster_bits)
         else:
             table = decode_be64(bytes(words * 8))
@@ -605,7 +614,7 @@ class Qcow2Image(BlockDevice):
 
     def _abandon(self, changes: list[_ClusterWrite]) -> None:
         """A write failed: give back the clusters it allocated (nothing points at them)."""
-        if self.data_host is not None:
+        if self.has_data_file:
             return
         for change in changes:
             if change.new_host and change.host:
@@ -626,7 +635,7 @@ class Qcow2Image(BlockDevice):
             raise InvalidArgumentError(
                 f"compressed writes take whole clusters: offset {offset} length {len(view)} "
                 f"(cluster size {cs})")
-        if self.data_host is not None:
+        if self.has_data_file:
             raise UnsupportedFeatureError("Compression is not supported with an external data file")
         if self.encrypted:
             raise UnsupportedFeatureError("Compression is not supported with encryption")
@@ -732,6 +741,11 @@ class Qcow2Image(BlockDevice):
             finally:
                 self._io_active -= 1
                 self._cond.notify_all()
+        if self.data_file_raw:  # the raw data file must stay a faithful image of the guest
+            if not discard:
+                self._zero_raw_data(offset, end)
+            elif first_full < last_full:
+                self._zero_raw_data(first_full, min(last_full, self.size))
         for start, stop in physical:
             pos = start
             while pos < stop:
@@ -739,6 +753,13 @@ class Qcow2Image(BlockDevice):
                 self.write(pos, _ZEROS[:n])
                 pos += n
         self._maybe_write_back()
+
+    def _zero_raw_data(self, start: int, stop: int) -> None:
+        target = self._data_target()
+        if target.punch_hole(start, stop - start):
+            return
+        for pos in range(start, stop, len(_ZEROS)):
+            target.pwrite(memoryview(_ZEROS)[:min(len(_ZEROS), stop - pos)], pos)
 
     def _zero_partial(self, start: int, stop: int, granule: int) -> list[tuple[int, int]]:
         """Zero part of one cluster: set zero bits for whole subclusters where possible."""
@@ -751,7 +772,7 @@ class Qcow2Image(BlockDevice):
         entry, bitmap = self.map.get_entry(cluster_index)
         mapped = self.map.has_host(entry)
         usable = not entry & S.OFLAG_COMPRESSED and (not mapped or entry & S.OFLAG_COPIED
-                                                      or self.data_host is not None)
+                                                      or self.has_data_file)
         sub_first = -(-(start - cluster_start) // granule)
         sub_end = (stop - cluster_start) // granule
         if not usable or sub_first >= sub_end:
@@ -803,7 +824,7 @@ class Qcow2Image(BlockDevice):
                 continue  # unallocated with nothing behind it already reads as zeros
             if self.extended_l2:
                 keep = mapped and not may_unmap and (
-                    entry & S.OFLAG_COPIED or self.data_host is not None)
+                    entry & S.OFLAG_COPIED or self.has_data_file)
                 new_entry = entry if keep else 0
                 new_bitmap = S.L2_BITMAP_ALL_ZERO
             elif discard:
@@ -814,7 +835,7 @@ class Qcow2Image(BlockDevice):
                 new_bitmap = 0
             elif v3:
                 keep = mapped and not may_unmap and (
-                    entry & S.OFLAG_COPIED or self.data_host is not None)
+                    entry & S.OFLAG_COPIED or self.has_data_file)
                 new_entry = (entry & (S.L2E_OFFSET_MASK | S.OFLAG_COPIED) if keep else 0) | S.OFLAG_ZERO
                 new_bitmap = 0
             else:  # v2 has no zero flag: only a hole with nothing behind it reads as zeros
@@ -895,35 +916,16 @@ class Qcow2Image(BlockDevice):
         finally:
             self.read_only = True
 
+    def check(self, repair: str | None = None):
+        """qemu-img check on this image (repair None, "leaks" or "all"): a CheckReport."""
+        from .check import check_image
+        return check_image(self, repair)
+
     # --- preallocation -----------------------------------------------------------------
 
     def preallocate(self, mode: str) -> None:
         """Map every guest cluster to a host cluster (metadata), reserved (falloc) or written (full)."""
-        cs = self.cluster_size
-        clusters = -(-self.size // cs)
-        if not clusters:
-            return
-        with self._lock:
-            for l1_index in range(-(-clusters // self.map.l2_entries)):
-                self._writable_l2(l1_index)
-            if self.data_host is not None:
-                first = 0
-            else:
-                first = self.refcounts.allocate(clusters)
-            target = self._data_target()
-            start, end = first * cs, (first + clusters) * cs
-            if mode == "falloc":
-                target.allocate(start, end - start)
-            elif mode == "full":
-                for pos in range(start, end, len(_ZEROS)):
-                    target.pwrite(memoryview(_ZEROS)[:min(len(_ZEROS), end - pos)], pos)
-            if target.size() < end:
-                target.truncate(end)
-            self._host_size = max(self._host_size, self.file.size())
-            bitmap = S.L2_BITMAP_ALL_ALLOC if self.extended_l2 else 0
-            for index in range(clusters):
-                self.map.set_entry(index, (start + index * cs) | S.OFLAG_COPIED, bitmap)
-            self._write_back(sync=True)
+        self.preallocate_range(0, self.size, mode)
 
     # --- closing ------------------------------------------------------------------------
 
@@ -1008,23 +1010,6 @@ class Qcow2Image(BlockDevice):
                                     -(-old_size * 8 // cs))
             self._write_back(sync=True)
 
-    def _resize_own_l2(self, l1_index: int) -> None:
-        """Make the L2 table of l1_index this image's own (copy one shared with snapshots).
-
-        The copy takes over the active tree's path, so data refcounts do not change; the
-        shared table loses one reference.
-        """
-        entry = self.map.l1[l1_index]
-        offset = self.map.l2_offset(l1_index)
-        if not offset or entry & S.OFLAG_COPIED:
-            return
-        table = self.map.l2_cache.get(offset).__copy__()
-        new_offset = self.refcounts.allocate(1) << self.cluster_bits
-        self.map.l2_cache.put(new_offset, table)
-        self.map.l1[l1_index] = new_offset | S.OFLAG_COPIED
-        self.map.l1_dirty.add(l1_index)
-        self.refcounts.free(offset >> self.cluster_bits)
-
     def _resize_release_l2(self, l1_index: int) -> None:
         """Unhook a whole L2 table from the active L1 and drop the references its path
         holds (the table and every cluster it points at)."""
@@ -1059,8 +1044,9 @@ class Qcow2Image(BlockDevice):
                 hi = min(stop_cluster, (l1_index + 1) * l2e)
                 if lo == l1_index * l2e and hi == (l1_index + 1) * l2e:
                     self._resize_release_l2(l1_index)
+                    self._maybe_write_back()
                     continue
-                self._resize_own_l2(l1_index)
+                self._writable_l2(l1_index)
                 for cluster_index in range(lo, hi):
                     entry, bitmap = self.map.get_entry(cluster_index)
                     if not entry and not bitmap:
@@ -1069,6 +1055,7 @@ class Qcow2Image(BlockDevice):
                     self.map.set_entry(cluster_index, 0, 0)
                     for first, count in owned:
                         self.refcounts.free(first, count)
+                self._maybe_write_back()
             self._resize_quiesce()
             self._last_decompressed = None
 
@@ -1101,49 +1088,42 @@ class Qcow2Image(BlockDevice):
                 self.refcounts.free_hint = min(self.refcounts.free_hint, last + 1)
                 self._compressed_tail = 0
 
-    def resize_preallocate(self, start: int, end: int, mode: str) -> None:
+    def preallocate_range(self, start: int, end: int, mode: str, cow_head: bool = False) -> None:
         """Map the guest clusters of [start, end) that have no host cluster yet to new
         host clusters after the end of the file: "metadata" (sparse), "falloc" (reserved)
-        or "full" (zeros written)."""
+        or "full" (zeros written).
+
+        With cow_head, a cluster holding `start` in its middle gets a new host cluster
+        too, whatever it had: its bytes before `start` are copied, the rest reads zeros
+        (as QEMU's falloc/full growth does)."""
         cs = self.cluster_size
         bits = self.cluster_bits
         with self._cond:
             while self._io_active:
                 self._cond.wait()
             first_index, stop_index = start >> bits, -(-end // cs)
+            head_index = first_index if cow_head and start % cs else None
             todo = [i for i in range(first_index, stop_index)
-                    if not self.map.has_host(self.map.get_entry(i)[0])
-                    and not self.map.get_entry(i)[0] & S.OFLAG_COMPRESSED]
+                    if i == head_index or (not self.map.has_host(self.map.get_entry(i)[0])
+                                           and not self.map.get_entry(i)[0] & S.OFLAG_COMPRESSED)]
             if not todo:
                 return
+            head = None
+            if head_index is not None:
+                head_start = head_index << bits
+                head = self._old_content(head_start, start - head_start)
             for l1_index in sorted({i // self.map.l2_entries for i in todo}):
                 self._writable_l2(l1_index)
             bitmap = S.L2_BITMAP_ALL_ALLOC if self.extended_l2 else 0
-            if self.data_host is not None:
-                target = self.data_host
+            if self.has_data_file:  # guest offset == host offset
+                target = self._data_target()
                 hosts = [i << bits for i in todo]
                 runs = [(h, cs) for h in hosts]
-            else:
-                # After the end of the file (reads zeros), one refcount block range at a
-                # time: a new block takes the first cluster of its range.
+            else:  # past the end of the file, where clusters read zeros
                 target = self.file
-                per_block = self.refcounts.block_entries
-                pos = max(self.refcounts.end_cluster, -(-self.file.size() // cs))
-                clusters: list[int] = []
-                while len(clusters) < len(todo):
-                    n = min(len(todo) - len(clusters), (pos // per_block + 1) * per_block - pos)
-                    if self.refcounts.allocate_at(pos, n):
-                        clusters.extend(range(pos, pos + n))
-                        pos += n
-                    else:
-                        pos += 1
-                hosts = [c << bits for c in clusters]
-                runs = []
-                for c in clusters:
-                    if runs and runs[-1][0] + runs[-1][1] == c << bits:
-                        runs[-1] = (runs[-1][0], runs[-1][1] + cs)
-                    else:
-                        runs.append((c << bits, cs))
+                first = self.refcounts.allocate(len(todo), at_end=True)
+                hosts = [(first + i) << bits for i in range(len(todo))]
+                runs = [(first << bits, len(todo) * cs)]
             for host, length in runs:
                 if mode == "falloc":
                     target.allocate(host, length)
@@ -1154,6 +1134,8 @@ class Qcow2Image(BlockDevice):
             last_end = max(h + cs for h in hosts)
             if target.size() < last_end:
                 target.truncate(last_end)
+            if head is not None:
+                target.pwrite(head, hosts[0])
             if target is self.file:
                 self._host_size = max(self._host_size, last_end)
             self._prealloc_detected = None
@@ -1162,4 +1144,5 @@ class Qcow2Image(BlockDevice):
                 self.map.set_entry(index, host | S.OFLAG_COPIED, bitmap)
                 for first, count in self._clusters_of(old_entry):
                     self.refcounts.free(first, count)
+                self._maybe_write_back()
             self._write_back(sync=True)

@@ -249,8 +249,9 @@ class ClusterMap:
                 _append(segments, pos, sub_end - pos, DATA, host + pos - cluster_start)
             elif zero >> index & 1:
                 _append(segments, pos, sub_end - pos, ZERO, None)
-            else:
-                _append(segments, pos, sub_end - pos, BACKING, None)
+            else:  # unallocated, though the cluster may have a host (map reports it)
+                _append(segments, pos, sub_end - pos, BACKING,
+                        host + pos - cluster_start if host else None)
             pos = sub_end
 
     # --- entries for writers ------------------------------------------------------------

@@ -57,17 +57,13 @@ def count_references(image, refcount_structure: bool = True) -> References:
         for snap in snapshots:
             l1 = decode_be64(image.file.pread(snap.l1_size * 8, snap.l1_table_offset))
             l1_tables.append((snap.l1_table_offset, snap.l1_size, l1))
-    l2_seen: set[int] = set()
     for l1_offset, l1_size, l1 in l1_tables:
         refs.add_range(l1_offset, l1_size * 8)
         for entry in l1:
             l2_offset = entry & S.L1E_OFFSET_MASK
             if not l2_offset:
                 continue
-            refs.add_range(l2_offset, cs)
-            if l2_offset in l2_seen:
-                continue
-            l2_seen.add(l2_offset)
+            refs.add_range(l2_offset, cs)  # every L1 -> L2 -> cluster path holds a reference
             _count_l2(image, refs, image.map.l2_cache.get(l2_offset))
     if hdr.crypto_offset:
         refs.add_range(hdr.crypto_offset, hdr.crypto_length)
@@ -77,7 +73,7 @@ def count_references(image, refcount_structure: bool = True) -> References:
 
 def _count_l2(image, refs: References, table) -> None:
     step = image.map.entry_words
-    has_data_file = image.data_host is not None
+    has_data_file = image.has_data_file
     for i in range(0, len(table), step):
         entry = table[i]
         if not entry:

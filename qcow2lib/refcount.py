@@ -239,16 +239,17 @@ class Refcounts:
         self.update(start, table_clusters + new_blocks, +1)
         self.free(*old)
 
-    def allocate(self, count: int) -> int:
+    def allocate(self, count: int, at_end: bool = False) -> int:
         """Allocate `count` contiguous free clusters (refcount 1); returns the first index.
 
         Ranges the run reaches that have no refcount block yet get one, placed just in
         front of the run, so a large run stays contiguous however small the blocks' ranges.
+        at_end takes clusters past everything in use (they read zeros without a write).
         """
         if count <= 0:
             raise InvalidArgumentError(f"cannot allocate {count} clusters")
         n = self.block_entries
-        candidate, need = self.free_hint, count
+        candidate, need = (self.end_cluster if at_end else self.free_hint), count
         while True:
             start = self._next_free_run(candidate, need)
             missing: list[int] = []

@@ -1,15 +1,41 @@
-"""The internal snapshot table: reading and validating its entries.
+"""Internal snapshots: the snapshot table, and creating, applying, deleting and reading them.
 
-Each snapshot owns an L1 table; the clusters it shares with the active image are
-counted in the refcounts, which is what keeps copy-on-write correct.
+Each snapshot owns an L1 table. Refcounts count paths, as QEMU does: every L1 table that
+reaches an L2 table holds one reference on it, and every time an L2 table is reached it
+holds one reference on each cluster it points at. Sharing a tree with a snapshot therefore
+adds one to every cluster the tree reaches, and an entry of the active tree carries the
+COPIED flag exactly when its cluster's refcount is 1 (then it may be written in place).
+
+Crash safety: every operation first writes what the new state needs into free clusters
+(refcount increments on disk before anything that points at them), then switches the
+header's snapshot table pointer (and, for apply, the active L1 pointer and the size) with
+one sector write, and only then drops references (the engine's deferred frees). A crash
+leaves the old or the new state, at worst with leaked clusters; COPIED flags are brought
+up to date last, so a crash just before that leaves a flag that is clear although the
+refcount is 1 (qemu-img check reports it; it only costs one needless copy on write).
 """
 from __future__ import annotations
 
+import copy
+import re
 import struct
+import time
+from array import array
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 
 from . import structs as S
-from .errors import CorruptImageError
+from .blockdev import BlockDevice, Extent, merge_extents
+from .cache import decode_be64, encode_be64
+from .errors import (CorruptImageError, InvalidArgumentError, ReadOnlyError,
+                     UnsupportedFeatureError)
+from .mapping import COMPRESSED, DATA, ZERO
+
+EXTRA_DATA_SIZE = 24           # vm_state_size_large, disk_size, icount: what QEMU writes
+ICOUNT_DISABLED = (1 << 64) - 1  # icount -1: record/replay was off
+MAX_NAME_BYTES = 255           # QEMU keeps names in a 256-byte buffer (id: 128)
+MAX_ID_BYTES = 127
 
 
 @dataclass
@@ -23,9 +49,16 @@ class Snapshot:
     vm_clock_nsec: int
     vm_state_size: int
     extra_data: bytes = b""
-    disk_size: int | None = None
-    icount: int | None = None
+    disk_size: int | None = None  # None: the entry predates the field (the image's size)
+    icount: int | None = None     # None: the entry predates the field (-1, disabled)
 
+    @property
+    def date(self) -> float:
+        """Creation time, seconds since the epoch."""
+        return self.date_sec + self.date_nsec / 1e9
+
+
+# --- the snapshot table ---------------------------------------------------------------------
 
 def read_snapshot_table(file, offset: int, count: int, cluster_size: int,
                         file_size: int) -> tuple[list[Snapshot], int]:
@@ -58,11 +91,12 @@ def read_snapshot_table(file, offset: int, count: int, cluster_size: int,
             raise CorruptImageError(
                 f"Snapshot {index}: L1 table (l1_table_offset 0x{entry.l1_table_offset:x}, "
                 f"l1_size {entry.l1_size}) lies past the end of the file")
-        snap = Snapshot(ident.decode("utf-8", "replace"), name.decode("utf-8", "replace"),
+        snap = Snapshot(ident.decode("utf-8", "surrogateescape"),
+                        name.decode("utf-8", "surrogateescape"),
                         entry.l1_table_offset, entry.l1_size, entry.date_sec, entry.date_nsec,
                         entry.vm_clock_nsec, entry.vm_state_size, extra)
-        if len(extra) >= 8:
-            snap.vm_state_size = struct.unpack_from(">Q", extra, 0)[0] or snap.vm_state_size
+        if len(extra) >= 8:  # present, the 64-bit size replaces the 32-bit one (even if 0)
+            snap.vm_state_size = struct.unpack_from(">Q", extra, 0)[0]
         if len(extra) >= 16:
             snap.disk_size = struct.unpack_from(">Q", extra, 8)[0]
         if len(extra) >= 24:
@@ -73,3 +107,692 @@ def read_snapshot_table(file, offset: int, count: int, cluster_size: int,
         if pos - offset > S.MAX_SNAPSHOT_TABLE_BYTES:
             raise CorruptImageError(f"Snapshot table too large (nb_snapshots {count})")
     return snapshots, pos - offset
+
+
+def pack_snapshot_entry(snap: Snapshot, default_disk_size: int) -> bytes:
+    """One table entry as QEMU writes it: at least 24 bytes of extra data, unknown extra
+    data kept, the 32-bit VM state size only where the size fits."""
+    ident = snap.id.encode("utf-8", "surrogateescape")
+    name = snap.name.encode("utf-8", "surrogateescape")
+    disk_size = default_disk_size if snap.disk_size is None else snap.disk_size
+    icount = ICOUNT_DISABLED if snap.icount is None else snap.icount
+    extra = struct.pack(">QQQ", snap.vm_state_size, disk_size, icount) + snap.extra_data[24:]
+    head = S.SnapshotEntryHeader.build(dict(
+        l1_table_offset=snap.l1_table_offset, l1_size=snap.l1_size,
+        id_str_size=len(ident), name_size=len(name),
+        date_sec=snap.date_sec, date_nsec=snap.date_nsec, vm_clock_nsec=snap.vm_clock_nsec,
+        vm_state_size=snap.vm_state_size if snap.vm_state_size <= 0xFFFFFFFF else 0,
+        extra_data_size=len(extra)))
+    return head + extra + ident + name
+
+
+def pack_snapshot_table(snapshots: list[Snapshot], default_disk_size: int) -> bytes:
+    out = bytearray()
+    for snap in snapshots:
+        out += bytes(-len(out) % 8)
+        out += pack_snapshot_entry(snap, default_disk_size)
+    if len(out) > S.MAX_SNAPSHOT_TABLE_BYTES:
+        raise InvalidArgumentError(
+            f"Snapshot table too large ({len(out)} bytes, limit {S.MAX_SNAPSHOT_TABLE_BYTES})")
+    return bytes(out)
+
+
+def _read_table(image) -> tuple[list[Snapshot], int]:
+    hdr = image.header
+    if not hdr.nb_snapshots:
+        return [], 0
+    return read_snapshot_table(image.file, hdr.snapshots_offset, hdr.nb_snapshots,
+                               image.cluster_size, image.file.size())
+
+
+def list_snapshots(image) -> list[Snapshot]:
+    """The image's snapshots, in table order."""
+    _require_qcow2(image)
+    with image._lock:
+        return _read_table(image)[0]
+
+
+def _select(snapshots: list[Snapshot], name_or_id: str | None, id: str | None,
+            name: str | None) -> int:
+    """Index of the snapshot QEMU would pick, or -1.
+
+    name_or_id: an ID first, then a name (qcow2_snapshot_goto). id and/or name: both
+    must match where both are given (qcow2_snapshot_delete, snapshot.id/snapshot.name).
+    """
+    if name_or_id is not None:
+        if id is not None or name is not None:
+            raise InvalidArgumentError("give either name_or_id or id/name, not both")
+        for index, snap in enumerate(snapshots):
+            if snap.id == name_or_id:
+                return index
+        id, name = None, name_or_id
+    if id is None and name is None:
+        raise InvalidArgumentError("no snapshot ID or name given")
+    for index, snap in enumerate(snapshots):
+        if (id is None or snap.id == id) and (name is None or snap.name == name):
+            return index
+    return -1
+
+
+def find_snapshot(image, name_or_id: str | None = None, *, id: str | None = None,
+                  name: str | None = None) -> Snapshot | None:
+    """Look a snapshot up like QEMU: by ID first, then by name (or by id/name exactly)."""
+    snapshots = list_snapshots(image)
+    index = _select(snapshots, name_or_id, id, name)
+    return snapshots[index] if index >= 0 else None
+
+
+def _lookup(snapshots: list[Snapshot], name_or_id, id, name) -> int:
+    index = _select(snapshots, name_or_id, id, name)
+    if index < 0:
+        what = name_or_id if name_or_id is not None else (name if id is None else id)
+        raise InvalidArgumentError(f"Can't find the snapshot '{what}' (no snapshot has this "
+                                   f"ID or name)")
+    return index
+
+
+def _new_id(snapshots: list[Snapshot]) -> str:
+    """QEMU's rule: one more than the largest ID read as a number (strtoul)."""
+    highest = 0
+    for snap in snapshots:
+        match = re.match(r"\s*\+?(\d+)", snap.id)
+        if match:
+            highest = max(highest, int(match.group(1)))
+    return str(highest + 1)
+
+
+# --- helpers over the engine ----------------------------------------------------------------
+
+def _require_qcow2(image) -> None:
+    if getattr(image, "format", None) != "qcow2" or not hasattr(image, "map"):
+        raise InvalidArgumentError(
+            f"internal snapshots need a qcow2 image ('{getattr(image, 'filename', image)}' is "
+            f"{getattr(image, 'format', type(image).__name__)})")
+
+
+def _require_writable(image, what: str) -> None:
+    _require_qcow2(image)
+    if image.read_only:
+        raise ReadOnlyError(f"cannot {what}: '{image.filename}' is opened read-only")
+    if image._closed:
+        raise InvalidArgumentError(f"cannot {what}: '{image.filename}' is closed")
+    if image.header.incompatible_features & S.INCOMPAT_DATA_FILE:
+        raise UnsupportedFeatureError(
+            f"cannot {what}: internal snapshots are not supported with an external data file "
+            f"('{image.header.data_file}')")
+
+
+@contextmanager
+def _exclusive(image):
+    """Hold the image lock with no request in flight, metadata written back."""
+    with image._cond:
+        while image._io_active:
+            image._cond.wait()
+        _flush_all(image)
+        try:
+            yield
+        finally:
+            image._last_decompressed = None  # host clusters may have been freed and reused
+            image._prealloc_detected = None
+
+
+def _flush_all(image) -> None:
+    image._write_back(sync=True)
+    if image.refcounts.pending_frees:
+        image._write_back(sync=True)
+
+
+def _l1_span(image) -> int:
+    """Guest bytes one L1 entry covers."""
+    return image.cluster_size * image.map.l2_entries
+
+
+def _vm_state_index(image, disk_size: int) -> int:
+    """First L1 index of the VM state area (QEMU's l1_vm_state_index)."""
+    return -(-disk_size // _l1_span(image))
+
+
+def vm_state_offset(image, disk_size: int | None = None) -> int:
+    """Guest offset at which the VM state of an image of disk_size starts."""
+    return _vm_state_index(image, image.size if disk_size is None else disk_size) * _l1_span(image)
+
+
+def _l2_offset(entry: int, index: int, cluster_size: int) -> int:
+    offset = entry & S.L1E_OFFSET_MASK
+    if entry & S.L1E_RESERVED_MASK:
+        raise CorruptImageError(f"L1 entry {index} has reserved bits set (0x{entry:016x})")
+    if offset % cluster_size:
+        raise CorruptImageError(f"L2 table offset 0x{offset:x} (L1 entry {index}) is not "
+                                f"aligned to the cluster size {cluster_size}")
+    return offset
+
+
+class References:
+    """Per host cluster, how many references a set of trees holds (one per path)."""
+
+    def __init__(self, image):
+        self.image = image
+        end = max(image.file.size(), image._host_size)
+        # One cluster of slack: a compressed cluster's sector count may run past the end.
+        self.counts = array("I", bytes(4 * (-(-end // image.cluster_size) + 1)))
+
+    def add(self, cluster: int, n: int = 1) -> None:
+        if cluster >= len(self.counts):
+            raise CorruptImageError(
+                f"Cluster offset 0x{cluster << self.image.cluster_bits:x} referenced by the "
+                f"image's tables lies past the end of the file")
+        self.counts[cluster] += n
+
+    def add_tree(self, l1) -> "References":
+        """Every L1 -> L2 and L1 -> L2 -> cluster path under `l1` (as qemu-img check counts)."""
+        image = self.image
+        bits = image.cluster_bits
+        step = image.map.entry_words
+        offset_mask = S.L2E_OFFSET_MASK
+        for index, entry in enumerate(l1):
+            if not entry:
+                continue
+            l2 = _l2_offset(entry, index, image.cluster_size)
+            if not l2:
+                continue
+            self.add(l2 >> bits)
+            table = image.map.l2_cache.get(l2)
+            for value in filter(None, table[::step] if step > 1 else table):
+                if value & S.OFLAG_COMPRESSED:
+                    for first, count in image._clusters_of(value):
+                        for cluster in range(first, first + count):
+                            self.add(cluster)
+                elif value & offset_mask:
+                    self.add((value & offset_mask) >> bits)
+        return self
+
+    def items(self):
+        """(cluster, n) for every cluster with references."""
+        for cluster, n in enumerate(self.counts):
+            if n:
+                yield cluster, n
+
+    def get(self, cluster: int) -> int:
+        return self.counts[cluster] if cluster < len(self.counts) else 0
+
+    def runs(self):
+        """(first cluster, length, n): neighbouring clusters with the same count."""
+        run = None
+        for cluster, n in self.items():
+            if run and run[0] + run[1] == cluster and run[2] == n:
+                run[1] += 1
+                continue
+            if run:
+                yield tuple(run)
+            run = [cluster, 1, n]
+        if run:
+            yield tuple(run)
+
+
+def _path_references(image, l1) -> References:
+    return References(image).add_tree(l1)
+
+
+def _check_changes(image, increments: References | None,
+                   decrements: References | None = None) -> None:
+    """Refuse, before anything changes, what would overflow or underflow a refcount."""
+    refs = image.refcounts
+    clusters = set()
+    for counts in (increments, decrements):
+        if counts is not None:
+            clusters.update(cluster for cluster, _ in counts.items())
+    for cluster in sorted(clusters):
+        up = increments.get(cluster) if increments is not None else 0
+        down = decrements.get(cluster) if decrements is not None else 0
+        value = refs.get(cluster)
+        if value == 0:
+            raise CorruptImageError(
+                f"Cluster {cluster} (offset 0x{cluster << image.cluster_bits:x}) is referenced "
+                f"by the image's tables but its refcount is 0")
+        if value + up > refs.max_refcount:
+            raise InvalidArgumentError(
+                f"Refcount of cluster {cluster} (offset 0x{cluster << image.cluster_bits:x}) "
+                f"would overflow: {value} + {up} references exceed the maximum "
+                f"{refs.max_refcount} of refcount_bits={image.refcount_bits}")
+        if value + up < down:
+            raise CorruptImageError(
+                f"Refcount of cluster {cluster} (offset 0x{cluster << image.cluster_bits:x}) "
+                f"is {value}, fewer than the {down} references being dropped")
+
+
+def _increment(image, counts: References) -> None:
+    for first, length, n in counts.runs():
+        image.refcounts.update(first, length, n)
+
+
+def _queue_decrements(image, counts: References) -> None:
+    for first, length, n in counts.runs():
+        for _ in range(n):
+            image.refcounts.free(first, length)
+
+
+def _allocate_and_write(image, data: bytes) -> int:
+    """Write data into newly allocated clusters (unreferenced until a table points there)."""
+    cs = image.cluster_size
+    clusters = -(-len(data) // cs)
+    if not clusters:
+        return 0
+    first = image.refcounts.allocate(clusters)
+    offset = first << image.cluster_bits
+    image.map.check_no_overlap(offset, clusters * cs, "New snapshot metadata")
+    image.file.pwrite(data + bytes(clusters * cs - len(data)), offset)
+    image._host_size = max(image._host_size, offset + clusters * cs)
+    return offset
+
+
+def _free_range(image, offset: int, length: int) -> None:
+    if offset and length:
+        first = offset >> image.cluster_bits
+        last = (offset + length - 1) >> image.cluster_bits
+        image.refcounts.free(first, last - first + 1)
+
+
+def _switch_header(image, **fields) -> None:
+    """Change header fields with one sector write, made durable (the commit point)."""
+    hdr = image.header
+    old = {key: getattr(hdr, key) for key in fields}
+    for key, value in fields.items():
+        setattr(hdr, key, value)
+    try:
+        image.file.flush()  # everything the new header points at is on disk first
+        image._write_header_fields()
+        image.file.flush()
+    except BaseException:
+        for key, value in old.items():
+            setattr(hdr, key, value)
+        raise
+
+
+def _use_l1(image, l1: array, offset: int) -> None:
+    """Point the in-memory map at a new active L1 table (after the header switch)."""
+    m = image.map
+    m.l1 = l1
+    m.l1_dirty.clear()
+    m.l1_table_offset = offset
+    m.metadata[1] = (offset, offset + len(l1) * 8, "the L1 table")
+
+
+def _read_l1(image, snap: Snapshot) -> array:
+    if snap.l1_size * 8 > S.MAX_L1_BYTES:
+        raise CorruptImageError(f"Snapshot '{snap.name}' L1 table too large (l1_size "
+                                f"{snap.l1_size})")
+    if not snap.l1_size:
+        return array("Q")
+    if snap.l1_table_offset % image.cluster_size or (
+            snap.l1_table_offset + snap.l1_size * 8 > image.file.size()):
+        raise CorruptImageError(
+            f"Snapshot '{snap.name}' L1 table offset invalid (l1_table_offset "
+            f"0x{snap.l1_table_offset:x}, l1_size {snap.l1_size})")
+    return decode_be64(image.file.pread(snap.l1_size * 8, snap.l1_table_offset))
+
+
+def _clear_copied(image, l1: array, first: int = 0, stop: int | None = None) -> None:
+    """Clear COPIED in l1[first:stop] and in every entry of the L2 tables they reach."""
+    m = image.map
+    step = m.entry_words
+    stop = len(l1) if stop is None else stop
+    for index in range(first, stop):
+        entry = l1[index]
+        l2 = _l2_offset(entry, index, image.cluster_size)
+        if not l2:
+            continue
+        if entry & S.OFLAG_COPIED and l1 is m.l1:
+            l1[index] = entry & ~S.OFLAG_COPIED
+            m.l1_dirty.add(index)
+        table = m.l2_cache.get(l2)
+        changed = False
+        for i in range(0, len(table), step):
+            if table[i] & S.OFLAG_COPIED:
+                table[i] &= ~S.OFLAG_COPIED
+                changed = True
+        if changed:
+            m.l2_cache.mark_dirty(l2)
+
+
+def refresh_copied_flags(image) -> None:
+    """Set COPIED in the active tree exactly where the refcount is 1 (QEMU's addend 0)."""
+    m = image.map
+    refs = image.refcounts
+    bits = image.cluster_bits
+    step = m.entry_words
+    for index, entry in enumerate(m.l1):
+        l2 = _l2_offset(entry, index, image.cluster_size)
+        if not l2:
+            continue
+        want = S.OFLAG_COPIED if refs.get(l2 >> bits) == 1 else 0
+        if entry & S.OFLAG_COPIED != want:
+            m.l1[index] = (entry & ~S.OFLAG_COPIED) | want
+            m.l1_dirty.add(index)
+        table = m.l2_cache.get(l2)
+        changed = False
+        for i in range(0, len(table), step):
+            value = table[i]
+            if not value:
+                continue
+            host = value & S.L2E_OFFSET_MASK
+            if value & S.OFLAG_COMPRESSED or not host:
+                flag = 0
+            else:
+                flag = S.OFLAG_COPIED if refs.get(host >> bits) == 1 else 0
+            if value & S.OFLAG_COPIED != flag:
+                table[i] = (value & ~S.OFLAG_COPIED) | flag
+                changed = True
+        if changed:
+            m.l2_cache.mark_dirty(l2)
+
+
+def _grow_l1(image, entries: int) -> None:
+    """Move the active L1 table to new clusters with `entries` entries (crash-safe)."""
+    if entries * 8 > S.MAX_L1_BYTES:
+        raise InvalidArgumentError(f"L1 table would be too large (l1_size {entries}, limit "
+                                   f"{S.MAX_L1_BYTES // 8})")
+    m = image.map
+    old_offset, old_size = m.l1_table_offset, len(m.l1)
+    l1 = array("Q", m.l1)
+    l1.extend([0] * (entries - len(l1)))
+    offset = _allocate_and_write(image, encode_be64(l1))
+    image._write_back(sync=True)
+    _switch_header(image, l1_size=entries, l1_table_offset=offset)
+    _use_l1(image, l1, offset)
+    _free_range(image, old_offset, old_size * 8)
+    image._write_back(sync=True)
+
+
+def _make_date(date) -> tuple[int, int]:
+    if date is None:
+        now = time.time_ns()
+        return now // 1_000_000_000, now % 1_000_000_000
+    if isinstance(date, datetime):
+        date = date.timestamp()
+    if isinstance(date, tuple):
+        sec, nsec = date
+    else:
+        sec = int(date // 1)
+        nsec = int(round((date - sec) * 1e9))
+        if nsec >= 1_000_000_000:
+            sec, nsec = sec + 1, nsec - 1_000_000_000
+    if not (0 <= sec <= 0xFFFFFFFF and 0 <= nsec < 1_000_000_000):
+        raise InvalidArgumentError(f"snapshot date {date!r} out of range (date_sec must fit "
+                                   f"32 bits)")
+    return int(sec), int(nsec)
+
+
+# --- VM state -------------------------------------------------------------------------------
+
+def write_vmstate(image, pos: int, data) -> None:
+    """Write VM state bytes at `pos` of the active image's VM state area.
+
+    The area starts at the first L1 entry past the virtual disk (as QEMU's savevm
+    writes it); `create_snapshot(..., vm_state_size=n)` then takes it into the snapshot.
+    """
+    _require_writable(image, "write VM state")
+    view = memoryview(data).cast("B")
+    if pos < 0:
+        raise InvalidArgumentError(f"VM state position {pos} is negative")
+    if not view:
+        return
+    with _exclusive(image):
+        start = vm_state_offset(image) + pos
+        end = start + len(view)
+        needed = -(-end // _l1_span(image))
+        if needed > len(image.map.l1):
+            _grow_l1(image, needed)
+        size = image.size
+        image.size = end  # let the engine's write path reach past the disk, as QEMU does
+        try:
+            image.write(start, view)
+        finally:
+            image.size = size
+        _flush_all(image)
+
+
+def read_vmstate(image, name_or_id: str, pos: int = 0, length: int | None = None) -> bytes:
+    """VM state bytes of a snapshot."""
+    with SnapshotView(image, name_or_id) as view:
+        return view.read_vmstate(pos, length)
+
+
+# --- create / apply / delete ----------------------------------------------------------------
+
+def create_snapshot(image, name: str, *, vm_state_size: int = 0, vm_clock_nsec: int = 0,
+                    date=None, icount: int | None = None, vm_state=None) -> Snapshot:
+    """Take a snapshot of the active image; returns its entry.
+
+    date: None (now), seconds since the epoch, a datetime or (sec, nsec). icount: None
+    writes -1 (icount disabled). vm_state: bytes to store as the VM state first (else
+    the first vm_state_size bytes already written with write_vmstate are taken).
+    """
+    _require_writable(image, "create a snapshot")
+    encoded = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else None
+    if encoded is None or b"\0" in encoded or len(encoded) > MAX_NAME_BYTES:
+        raise InvalidArgumentError(f"invalid snapshot name {name!r} (a string of at most "
+                                   f"{MAX_NAME_BYTES} bytes without NUL)")
+    if not 0 <= vm_clock_nsec < 1 << 64:
+        raise InvalidArgumentError(f"vm_clock_nsec {vm_clock_nsec} out of range")
+    if icount is not None and not 0 <= icount < 1 << 64:
+        icount &= (1 << 64) - 1  # -1 and friends, as QEMU's uint64 holds them
+    date_sec, date_nsec = _make_date(date)
+    if vm_state is not None:
+        write_vmstate(image, 0, vm_state)
+        vm_state_size = vm_state_size or len(vm_state)
+    if not 0 <= vm_state_size < 1 << 64:
+        raise InvalidArgumentError(f"vm_state_size {vm_state_size} out of range")
+    with _exclusive(image):
+        snapshots, old_table_size = _read_table(image)
+        if len(snapshots) >= S.MAX_SNAPSHOTS:
+            raise InvalidArgumentError(f"too many snapshots (nb_snapshots {len(snapshots)}, "
+                                       f"limit {S.MAX_SNAPSHOTS})")
+        m = image.map
+        active = m.l1
+        vm_index = _vm_state_index(image, image.size)
+        span = _l1_span(image)
+        keep = min(len(active), vm_index + (-(-vm_state_size // span)))
+        if vm_state_size and vm_index + (-(-vm_state_size // span)) > len(active):
+            raise InvalidArgumentError(
+                f"vm_state_size {vm_state_size} reaches past the image's L1 table (write the "
+                f"VM state with write_vmstate first)")
+        snap_l1 = array("Q", (e & ~S.OFLAG_COPIED for e in active[:keep]))
+        snap_l1.extend([0] * (len(active) - keep))
+        increments = _path_references(image, snap_l1)
+        _check_changes(image, increments)
+        # 1. The snapshot's references, and no COPIED flag left on what is now shared.
+        _increment(image, increments)
+        _clear_copied(image, active, 0, keep)
+        snap = Snapshot(_new_id(snapshots), name, 0, len(active), date_sec, date_nsec,
+                        vm_clock_nsec, vm_state_size, b"", image.size,
+                        ICOUNT_DISABLED if icount is None else icount)
+        # 2. The snapshot's L1 table and the new snapshot table, in free clusters.
+        snap.l1_table_offset = _allocate_and_write(image, encode_be64(snap_l1))
+        table = pack_snapshot_table(snapshots + [snap], image.size)
+        table_offset = _allocate_and_write(image, table)
+        # Refcounts, then L2 tables and L1 entries without COPIED, each phase durable.
+        image._write_back(sync=True)
+        # 3. Commit: the header points at the new table.
+        old_table_offset = image.header.snapshots_offset
+        _switch_header(image, nb_snapshots=len(snapshots) + 1, snapshots_offset=table_offset)
+        # 4. Drop the old table, and the VM state from the active tree (QEMU discards it).
+        _free_range(image, old_table_offset, old_table_size)
+        dropped = _path_references(image, active[vm_index:])
+        for index in range(vm_index, len(active)):
+            if active[index]:
+                active[index] = 0
+                m.l1_dirty.add(index)
+        _queue_decrements(image, dropped)
+        image._write_back(sync=True)  # L1 entries first, then the decrements
+        _flush_all(image)
+        return snap
+
+
+def apply_snapshot(image, name_or_id: str | None = None, *, id: str | None = None,
+                   name: str | None = None) -> Snapshot:
+    """Revert the active image to a snapshot (the snapshot stays)."""
+    _require_writable(image, "apply a snapshot")
+    with _exclusive(image):
+        snapshots, _ = _read_table(image)
+        snap = snapshots[_lookup(snapshots, name_or_id, id, name)]
+        disk_size = image.size if snap.disk_size is None else snap.disk_size
+        if disk_size != image.size and image.header.version < 3:
+            raise UnsupportedFeatureError(
+                f"cannot apply snapshot '{snap.name}': its disk size {disk_size} differs from "
+                f"the image's {image.size} and a version 2 image cannot be resized")
+        if disk_size % 512:
+            raise CorruptImageError(f"Snapshot '{snap.name}' disk size {disk_size} is not a "
+                                    f"multiple of 512")
+        entries = max(snap.l1_size, _vm_state_index(image, disk_size))
+        if entries * 8 > S.MAX_L1_BYTES:
+            raise CorruptImageError(f"Snapshot '{snap.name}' disk size {disk_size} needs too "
+                                    f"large an L1 table")
+        new_l1 = array("Q", (e & ~S.OFLAG_COPIED for e in _read_l1(image, snap)))
+        new_l1.extend([0] * (entries - len(new_l1)))
+        m = image.map
+        old_l1, old_offset = m.l1, m.l1_table_offset
+        increments = _path_references(image, new_l1)
+        decrements = _path_references(image, old_l1)
+        _check_changes(image, increments, decrements)
+        # 1. The new active tree's references; its tables are all shared, so no COPIED.
+        _increment(image, increments)
+        _clear_copied(image, new_l1)
+        new_offset = _allocate_and_write(image, encode_be64(new_l1))
+        image._write_back(sync=True)
+        # 2. Commit: the header points at the new active L1 table (and the snapshot's size).
+        _switch_header(image, size=disk_size, l1_size=entries, l1_table_offset=new_offset)
+        _use_l1(image, new_l1, new_offset)
+        image.size = disk_size
+        # 3. Drop the old active tree, then set COPIED where refcounts dropped to 1.
+        _queue_decrements(image, decrements)
+        _free_range(image, old_offset, len(old_l1) * 8)
+        _flush_all(image)
+        refresh_copied_flags(image)
+        _flush_all(image)
+        return snap
+
+
+def delete_snapshot(image, name_or_id: str | None = None, *, id: str | None = None,
+                    name: str | None = None) -> Snapshot:
+    """Delete a snapshot; returns the entry it had."""
+    _require_writable(image, "delete a snapshot")
+    with _exclusive(image):
+        snapshots, old_table_size = _read_table(image)
+        index = _lookup(snapshots, name_or_id, id, name)
+        snap = snapshots[index]
+        decrements = _path_references(image, _read_l1(image, snap))
+        _check_changes(image, None, decrements)
+        rest = snapshots[:index] + snapshots[index + 1:]
+        # 1. The table without the entry, in free clusters; commit with the header.
+        table_offset = _allocate_and_write(image, pack_snapshot_table(rest, image.size))
+        image._write_back(sync=True)
+        old_table_offset = image.header.snapshots_offset
+        _switch_header(image, nb_snapshots=len(rest), snapshots_offset=table_offset)
+        # 2. Drop the snapshot's references, its L1 table and the old table.
+        _queue_decrements(image, decrements)
+        _free_range(image, snap.l1_table_offset, snap.l1_size * 8)
+        _free_range(image, old_table_offset, old_table_size)
+        _flush_all(image)
+        # 3. What the active tree now holds alone becomes writable in place.
+        refresh_copied_flags(image)
+        _flush_all(image)
+        return snap
+
+
+# --- reading a snapshot without applying it -------------------------------------------------
+
+class SnapshotView(BlockDevice):
+    """A snapshot's disk content as a read-only BlockDevice (the image is not changed).
+
+    Reads go through the image's L2 cache, decompression and backing file. The view is
+    valid while the snapshot exists; close() closes the image only if close_image.
+    """
+
+    format = "qcow2"
+
+    def __init__(self, image, name_or_id: str | None = None, *, id: str | None = None,
+                 name: str | None = None, close_image: bool = False):
+        _require_qcow2(image)
+        self.image = image
+        self.close_image = close_image
+        with image._lock:
+            snapshots, _ = _read_table(image)
+            self.snapshot = snap = snapshots[_lookup(snapshots, name_or_id, id, name)]
+            l1 = _read_l1(image, snap)
+            self.map = copy.copy(image.map)
+            self.map.l1 = l1
+            self.map.l1_dirty = set()
+            self.map.l1_table_offset = snap.l1_table_offset
+        self.size = image.size if snap.disk_size is None else snap.disk_size
+        self.filename = image.filename
+        self.read_only = True
+        self.backing = image.backing
+        self._closed = False
+
+    def __getattr__(self, attr):
+        # header, cluster_size, compat, refcount_bits, ... come from the image.
+        if attr in ("image", "map", "snapshot"):
+            raise AttributeError(attr)
+        return getattr(self.image, attr)
+
+    def _read(self, offset: int, view: memoryview) -> None:
+        self.image.read_mapped(self.map, offset, view)
+
+    def readinto(self, offset: int, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        self.check_request(offset, len(view))
+        if view:
+            self._read(offset, view)
+        return len(view)
+
+    def read_vmstate(self, pos: int = 0, length: int | None = None) -> bytes:
+        """Bytes of the snapshot's saved VM state."""
+        total = self.snapshot.vm_state_size
+        if length is None:
+            length = max(0, total - pos)
+        if pos < 0 or length < 0 or pos + length > total:
+            raise InvalidArgumentError(f"VM state request at {pos} length {length} lies outside "
+                                       f"the VM state ({total} bytes)")
+        buf = bytearray(length)
+        if length:
+            self._read(vm_state_offset(self.image, self.size) + pos, memoryview(buf))
+        return bytes(buf)
+
+    def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
+        if length is None:
+            length = self.size - offset
+        self.check_request(offset, length)
+        if not length:
+            return []
+        with self.image._lock:
+            segments = self.map.lookup(offset, length)
+        result: list[Extent] = []
+        for seg in segments:
+            if seg.kind == DATA:
+                result.append(Extent(seg.guest_offset, seg.length, True, False, 0, seg.host_offset))
+            elif seg.kind == ZERO:
+                result.append(Extent(seg.guest_offset, seg.length, False, True, 0, seg.host_offset))
+            elif seg.kind == COMPRESSED:
+                result.append(Extent(seg.guest_offset, seg.length, True, False, 0, None))
+            else:
+                result += self.image._backing_extents(seg.guest_offset, seg.length)
+        return merge_extents(result)
+
+    def write(self, offset: int, data) -> None:
+        raise ReadOnlyError(f"snapshot '{self.snapshot.name}' of '{self.filename}' is read-only")
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        self.write(offset, b"")
+
+    def discard(self, offset: int, length: int) -> None:
+        self.write(offset, b"")
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.close_image:
+            self.image.close()

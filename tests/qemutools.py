@@ -11,7 +11,17 @@ QEMU_IO = shutil.which("qemu-io") or "qemu-io"
 
 
 def run(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([str(a) for a in args], capture_output=True, text=True, check=check)
+    """Run a QEMU tool. QEMU's PBKDF2 calibration (LUKS create) gives up with "Unable to get
+    accurate CPU usage" when the thread CPU clock has not ticked, which a busy machine
+    provokes: such runs are tried again."""
+    for _ in range(10):
+        result = subprocess.run([str(a) for a in args], capture_output=True, text=True)
+        if "Unable to get accurate CPU usage" not in result.stderr:
+            break
+    if check and result.returncode:
+        raise subprocess.CalledProcessError(result.returncode, result.args, result.stdout,
+                                            result.stderr)
+    return result
 
 
 def qemu_img(*args, check: bool = True) -> subprocess.CompletedProcess:

@@ -101,6 +101,20 @@ LUKS_VARIANTS = [
 ]
 
 
+def _qemu_create_encrypted(path: Path, options: str, size: str) -> None:
+    """qemu-img create with encryption. QEMU's PBKDF2 calibration reads the thread's CPU
+    time and gives up ("Unable to get accurate CPU usage") when that clock has not ticked,
+    which happens on busy machines: try again a few times."""
+    for _ in range(10):
+        result = subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "--object",
+                                 f"secret,id=sec0,data={SECRET}", "-o", options, str(path), size],
+                                capture_output=True, text=True)
+        if result.returncode == 0:
+            return
+        assert "Unable to get accurate CPU usage" in result.stderr, result.stderr
+    raise AssertionError(f"qemu-img create kept failing: {result.stderr}")
+
+
 def _image_opts(path: Path) -> list[str]:
     return ["--object", f"secret,id=sec0,data={SECRET}", "--image-opts",
             f"driver=qcow2,file.filename={path},encrypt.key-secret=sec0"]
@@ -147,8 +161,8 @@ def test_luks_images_written_by_qcow2lib_read_by_qemu(tmp_path: Path, options: d
 def test_luks_images_written_by_qemu_read_by_qcow2lib(tmp_path: Path, options: dict) -> None:
     path = tmp_path / "q.qcow2"
     opts = ",".join(f"encrypt.{k}={v}" for k, v in options.items())
-    qemu_img("create", "-q", "-f", "qcow2", "--object", f"secret,id=sec0,data={SECRET}", "-o",
-             f"encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,{opts}", path, "4M")
+    _qemu_create_encrypted(path, f"encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,"
+                                 f"{opts}", "4M")
     subprocess.run([QEMU_IO, *_image_opts(path), "-c", "write -P 0x5a 0 70000",
                     "-c", "write -P 0xa5 3000001 5000", "-c", "write -z 2M 64k"],
                    check=True, capture_output=True)
@@ -198,8 +212,7 @@ def test_legacy_aes_both_ways(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
     theirs = tmp_path / "theirs.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "--object", f"secret,id=sec0,data={SECRET}", "-o",
-             "encrypt.format=aes,encrypt.key-secret=sec0", theirs, "2M")
+    _qemu_create_encrypted(theirs, "encrypt.format=aes,encrypt.key-secret=sec0", "2M")
     subprocess.run([QEMU_IO, *_image_opts(theirs), "-c", "write -P 0x33 4095 10000"],
                    check=True, capture_output=True)
     with qcow2lib.open(str(theirs), passphrase=SECRET) as image:

@@ -1,11 +1,18 @@
-"""Whole-image operations behind the qimg subcommands.
+"""Whole-image operations behind the qimg subcommands, and the naming rules they share.
 
-Each operation is a plain function returning plain data (dicts, lists, ints) so the CLI
-only parses arguments and prints; other programs can call the same functions.
+Each operation (one module each, e.g. ops.info) is a plain function returning plain data
+(dicts, lists, ints), so the CLI only parses arguments and prints and other programs can
+call the same functions. This module holds what every operation needs to take image
+names the way qemu-img does: protocol prefixes, backing name resolution, QEMU's sizes.
 """
 from __future__ import annotations
 
+from ..blockdev import BlockDevice
+from ..chain import FORMATS, open_image
 from ..errors import InvalidArgumentError, Qcow2Error
+
+__all__ = ["FORMATS", "error_text", "virtual_size", "has_protocol", "host_path", "open_by_name",
+           "path_combine", "full_backing_filename"]
 
 
 def error_text(exc: Qcow2Error) -> str:
@@ -13,6 +20,17 @@ def error_text(exc: Qcow2Error) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc)
+
+
+def virtual_size(img: BlockDevice) -> int:
+    """The size QEMU's block layer shows for an image: whole 512-byte sectors.
+
+    QEMU counts sizes in sectors: a raw file's partial last sector is rounded up (it
+    reads as zeros past the end of the file), a qcow2 header size is rounded down.
+    """
+    if img.format == "raw":
+        return (img.size + 511) // 512 * 512
+    return img.size // 512 * 512
 
 
 def has_protocol(filename: str) -> bool:
@@ -37,6 +55,18 @@ def host_path(filename: str) -> str:
     if protocol == "file":
         return filename[len("file:"):]
     raise InvalidArgumentError(f"Unknown protocol '{protocol}'")
+
+
+def open_by_name(filename: str, fmt: str | None = None, backing: bool = True,
+                 force_share: bool = False) -> BlockDevice:
+    """Open an image read-only, named as qemu-img names images (see host_path()).
+
+    `fmt` None probes the format; an empty name fails as QEMU's file driver fails.
+    """
+    path = host_path(filename)
+    if not path:
+        raise InvalidArgumentError("The 'file' block driver requires a file name")
+    return open_image(path, "r", fmt, backing, force_share=force_share, open_data_file=False)
 
 
 def path_combine(base: str, filename: str) -> str:

@@ -8,43 +8,72 @@ from __future__ import annotations
 
 import os
 
-import qcow2lib
+from ..crypto import luks_info
+from ..errors import CorruptImageError, ImageLockedError, Qcow2Error
+from ..snapshots import list_snapshots
+from . import error_text, full_backing_filename, host_path, open_by_name, virtual_size
 
-from ..errors import InvalidArgumentError, Qcow2Error
-from ..snapshots import read_snapshot_table
-from . import error_text, full_backing_filename, host_path
-
-FORMATS = ("qcow2", "raw")
+CRYPT_AES, CRYPT_LUKS = 1, 2  # qcow2 header crypt_method values
+_LUKS_KEYS = ("cipher-alg", "cipher-mode", "ivgen-alg", "ivgen-hash-alg", "hash-alg",
+              "payload-offset", "master-key-iters", "uuid", "slots")
+_LUKS_SLOT_KEYS = ("active", "iters", "stripes", "key-offset")
 
 
 class ImageOpenError(Qcow2Error):
-    """An image of the chain could not be opened; the message names it like qemu-img."""
+    """An image of the chain could not be opened; the message names it like qemu-img.
+
+    `hint` is the extra advice qemu-img prints on the following line(s), or "".
+    """
+
+    def __init__(self, message: str, hint: str = ""):
+        super().__init__(message)
+        self.hint = hint
 
 
 def _qcow2_specific(img) -> dict:
-    """The "format-specific" data of a qcow2 image, members in QEMU's schema order."""
-    if img.compat == "0.10":
-        return {"compat": "0.10", "refcount-bits": img.refcount_bits,
-                "compression-type": img.compression_type}
+    """The "format-specific" data of a qcow2 image, members in QEMU's schema order.
+
+    Version 2 images report only what version 2 can express.
+    """
     data: dict = {"compat": img.compat}
-    if img.header.data_file is not None:
-        data["data-file"] = img.header.data_file
-        data["data-file-raw"] = img.data_file_raw
-    data["extended-l2"] = img.extended_l2
-    data["lazy-refcounts"] = img.lazy_refcounts
-    data["corrupt"] = img.corrupt
+    if img.compat != "0.10":
+        if img.header.data_file is not None:
+            data["data-file"] = img.header.data_file
+            data["data-file-raw"] = img.data_file_raw
+        data["extended-l2"] = img.extended_l2
+        data["lazy-refcounts"] = img.lazy_refcounts
+        data["corrupt"] = img.corrupt
     data["refcount-bits"] = img.refcount_bits
+    if img.header.crypt_method:
+        data["encrypt"] = _encryption(img)
+    if img.bitmaps:
+        data["bitmaps"] = [{"flags": b["flags"], "name": b["name"], "granularity": b["granularity"]}
+                           for b in img.bitmaps]
     data["compression-type"] = img.compression_type
     return data
 
 
+def _encryption(img) -> dict:
+    """The "encrypt" member: the format, and for LUKS the header's parameters and key slots.
+
+    Needs no passphrase: it describes the LUKS header, not the data.
+    """
+    hdr = img.header
+    if hdr.crypt_method == CRYPT_AES:
+        return {"format": "aes"}
+    if hdr.crypt_method != CRYPT_LUKS:
+        raise CorruptImageError(f"Unknown crypt_method {hdr.crypt_method} in the qcow2 header")
+    luks = luks_info(lambda offset, length: img.file.pread(length, offset), hdr.crypto_offset,
+                     hdr.crypto_length)
+    luks["slots"] = [{key: slot[key] for key in _LUKS_SLOT_KEYS if key in slot}
+                     for slot in luks["slots"]]
+    return {"format": "luks", **{key: luks[key] for key in _LUKS_KEYS if key in luks}}
+
+
 def _snapshot_list(img) -> list[dict]:
     """The internal snapshots of a qcow2 image as QEMU's SnapshotInfo dicts."""
-    hdr = img.header
-    snapshots, _ = read_snapshot_table(img.file, hdr.snapshots_offset, hdr.nb_snapshots,
-                                       img.cluster_size, img.file.size())
     infos = []
-    for snap in snapshots:
+    for snap in list_snapshots(img):
         info = {"id": snap.id, "name": snap.name, "vm-state-size": snap.vm_state_size,
                 "date-sec": snap.date_sec, "date-nsec": snap.date_nsec,
                 "vm-clock-sec": snap.vm_clock_nsec // 1_000_000_000,
@@ -55,40 +84,46 @@ def _snapshot_list(img) -> list[dict]:
     return infos
 
 
-def image_info(filename: str, fmt: str | None = None) -> dict:
-    """The `qemu-img info` dict of one image, its backing file left unopened.
-
-    `filename` is taken as qemu-img takes it (a "file:" prefix is allowed); `fmt` None
-    probes the format. Raises ImageOpenError naming the file when it cannot be opened.
-    """
-    try:
-        if fmt is not None and fmt not in FORMATS:
-            raise InvalidArgumentError(f"Unknown driver '{fmt}'")
-        path = host_path(filename)
-        img = qcow2lib.open(path, "r", fmt=fmt, backing=False)
-    except Qcow2Error as exc:
-        raise ImageOpenError(f"Could not open '{filename}': {error_text(exc)}") from exc
-    with img:
-        info: dict = {"filename": path, "format": img.format,
-                      "dirty-flag": img.format == "qcow2" and img.dirty}
-        info["actual-size"] = os.stat(path).st_blocks * 512
-        info["virtual-size"] = img.size
-        if img.format == "qcow2":
-            info["cluster-size"] = img.cluster_size
-            if img.encrypted:
-                info["encrypted"] = True
-            if img.backing_filename:
-                info["backing-filename"] = img.backing_filename
-                info["full-backing-filename"] = full_backing_filename(path, img.backing_filename)
-                if img.backing_format:
-                    info["backing-filename-format"] = img.backing_format
-            if img.header.nb_snapshots:
-                info["snapshots"] = _snapshot_list(img)
-            info["format-specific"] = {"type": "qcow2", "data": _qcow2_specific(img)}
+def _describe(img, path: str) -> dict:
+    """The info dict of an open image whose host file is `path`."""
+    info: dict = {"filename": path, "format": img.format,
+                  "dirty-flag": img.format == "qcow2" and img.dirty,
+                  "actual-size": os.stat(path).st_blocks * 512,
+                  "virtual-size": virtual_size(img)}
+    if img.format == "qcow2":
+        info["cluster-size"] = img.cluster_size
+        if img.encrypted:
+            info["encrypted"] = True
+        if img.backing_filename:
+            info["backing-filename"] = img.backing_filename
+            info["full-backing-filename"] = full_backing_filename(path, img.backing_filename)
+            if img.backing_format:
+                info["backing-filename-format"] = img.backing_format
+        if img.header.nb_snapshots:
+            info["snapshots"] = _snapshot_list(img)
+        info["format-specific"] = {"type": "qcow2", "data": _qcow2_specific(img)}
     return info
 
 
-def image_info_list(filename: str, fmt: str | None = None, backing_chain: bool = False) -> list[dict]:
+def image_info(filename: str, fmt: str | None = None, force_share: bool = False) -> dict:
+    """The `qemu-img info` dict of one image, its backing file left unopened.
+
+    `filename` is taken as qemu-img takes it (a "file:" prefix is allowed); `fmt` None
+    probes the format; force_share reads an image another process has open for writing.
+    Raises ImageOpenError naming the file when it cannot be read.
+    """
+    try:
+        with open_by_name(filename, fmt, backing=False, force_share=force_share) as img:
+            return _describe(img, host_path(filename))
+    except Qcow2Error as exc:
+        hint = ""
+        if isinstance(exc, ImageLockedError):
+            hint = f"Is another process using the image [{host_path(filename)}]?\n"
+        raise ImageOpenError(f"Could not open '{filename}': {error_text(exc)}", hint) from exc
+
+
+def image_info_list(filename: str, fmt: str | None = None, backing_chain: bool = False,
+                    force_share: bool = False) -> list[dict]:
     """`qemu-img info [--backing-chain]`: the top image, then each backing file in turn.
 
     Backing files are opened by their full backing filename with the recorded backing
@@ -100,9 +135,9 @@ def image_info_list(filename: str, fmt: str | None = None, backing_chain: bool =
     name: str | None = filename
     while name is not None:
         if name in seen:
-            raise qcow2lib.CorruptImageError(f"Backing file '{name}' creates an infinite loop.")
+            raise CorruptImageError(f"Backing file '{name}' creates an infinite loop.")
         seen.add(name)
-        info = image_info(name, fmt)
+        info = image_info(name, fmt, force_share)
         infos.append(info)
         name = fmt = None
         if backing_chain:

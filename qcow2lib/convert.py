@@ -1,0 +1,666 @@
+"""`qemu-img convert`: copy one or more images (concatenated) into a target device.
+
+It is a pipeline, not a loop over bytes:
+
+1. The plan comes from the sources' extent maps (metadata only). Runs are classified as
+   qemu-img does it (data / zero / left to the target's backing file) and cut into work
+   items: data runs into buffers of at most 2 MiB, zero runs whole, exactly the way
+   qemu-img's convert_iteration_sectors() walks them (including the trimming of runs
+   to the source's cluster alignment and, for compressed output, whole clusters).
+2. `parallel` worker threads (qemu-img -m) take items in order from the planner. Each
+   owns one buffer, so memory stays bounded at `parallel` buffers. Reads, zero
+   detection, compression (inside Qcow2Image.write_compressed; zlib and zstd release
+   the GIL) and writes of different items overlap across the threads.
+3. Unless out_of_order (qemu-img -W), uncompressed writes reach the target in guest
+   order, so a new qcow2 target is laid out sequentially. Compressed writes are never
+   held back: compression is the expensive step and is done by the writing thread.
+4. Zero runs are never read. Within data buffers, runs of zero sectors of at least
+   `sparse_size` bytes are detected (qemu-img -S; QEMU's is_allocated_sectors_min with
+   its alignment rules) and become zero writes. A zero write is skipped wherever the
+   target already reads as zeros according to its own extent map (a new image, or
+   target_is_zero), otherwise it is `write_zeroes(may_unmap=True)`.
+5. Raw to raw data runs go through os.copy_file_range when copy_range is set (copied
+   verbatim, as qemu-img -C does: no zero detection inside them).
+
+With `target_backing` (qemu-img -B) only what differs from the backing file is
+written: where the source's own backing file *is* that file, the runs the source's top
+layer leaves unallocated stay unallocated (as qemu-img does, without reading them);
+elsewhere source data is compared with the backing file's content cluster by cluster
+and equal clusters are left unallocated. The result, read over its backing file, always
+equals the source.
+"""
+from __future__ import annotations
+
+import bisect
+import os
+import threading
+
+from .blockdev import BlockDevice, RawDevice
+from .errors import InvalidArgumentError, Qcow2IOError
+
+SECTOR = 512
+IO_BUF_SIZE = 2 << 20
+MAX_BUF_SECTORS = 32768
+MAX_COROUTINES = 16
+BDRV_REQUEST_MAX_SECTORS = ((1 << 31) - 1) // SECTOR  # INT_MAX bytes, in whole sectors
+
+BLK_DATA, BLK_ZERO, BLK_BACKING_FILE = "data", "zero", "backing"
+
+_Z512 = bytes(SECTOR)
+_ZEROS = bytes(MAX_BUF_SECTORS * SECTOR)
+_ZEROS_VIEW = memoryview(_ZEROS)
+
+
+class ConvertError(Qcow2IOError):
+    """A read or write failed during convert; the message is qemu-img's
+    ("error while reading at byte N: ..."), the original error is the __cause__."""
+
+
+# --- zero detection (QEMU's is_allocated_sectors / is_allocated_sectors_min) -------------
+
+def _zero_range(buf, start: int, end: int) -> bool:
+    return buf.startswith(_ZEROS_VIEW[:end - start], start)
+
+
+def _same_run(buf, first: int, count: int, is_zero: bool) -> int:
+    """How many sectors from `first` (at most count) share `is_zero` with each other."""
+    stop = first + count
+    if is_zero:
+        sector = first
+        step = 64
+        while sector < stop:
+            block_end = min(stop, sector + step)
+            if _zero_range(buf, sector * SECTOR, block_end * SECTOR):
+                sector = block_end
+                continue
+            while sector < block_end and buf.startswith(_Z512, sector * SECTOR):
+                sector += 1
+            return sector - first
+        return count
+    # Non-zero run: find the next aligned all-zero sector.
+    pos = first * SECTOR
+    limit = stop * SECTOR
+    while True:
+        hit = buf.find(_Z512, pos, limit)
+        if hit < 0:
+            return count
+        sector = -(-hit // SECTOR)
+        if sector >= stop:
+            return count
+        if buf.startswith(_Z512, sector * SECTOR):
+            return sector - first  # >= 1: sector `first` itself holds data
+        pos = (sector + 1) * SECTOR
+
+
+def is_allocated_sectors(buf, first: int, n: int, sector_num: int,
+                         alignment: int) -> tuple[bool, int]:
+    """(has data, run length in sectors) for the sectors of buf from `first` (QEMU's
+    is_allocated_sectors: run ends are moved to `alignment` where that avoids RMW)."""
+    if n <= 0:
+        return False, 0
+    is_zero = buf.startswith(_Z512, first * SECTOR)
+    i = _same_run(buf, first, n, is_zero)
+    if i == n:
+        return not is_zero, i
+    tail = (sector_num + i) & (alignment - 1)
+    if tail:
+        if is_zero and i <= tail:
+            is_zero = False
+        if not is_zero:
+            i = min(i + alignment - tail, n)
+        else:
+            i -= tail
+    return not is_zero, i
+
+
+def is_allocated_sectors_min(buf, first: int, n: int, min_sparse: int, sector_num: int,
+                             alignment: int) -> tuple[bool, int]:
+    """Like is_allocated_sectors, but a data run swallows zero runs shorter than
+    `min_sparse` sectors (qemu-img convert -S)."""
+    if n < min_sparse:
+        min_sparse = n
+    ret, pnum = is_allocated_sectors(buf, first, n, sector_num, alignment)
+    if not ret:
+        return ret, pnum
+    num_used = num_checked = pnum
+    pos = first + pnum
+    n -= pnum
+    sector_num += pnum
+    while n > 0:
+        ret, pnum = is_allocated_sectors(buf, pos, n, sector_num, alignment)
+        pos += pnum
+        n -= pnum
+        sector_num += pnum
+        num_checked += pnum
+        if ret:
+            num_used = num_checked
+        elif pnum >= min_sparse:
+            break
+    return True, num_used
+
+
+# --- interval sets ------------------------------------------------------------------------
+
+class _Intervals:
+    """Sorted, merged [start, end) ranges."""
+
+    def __init__(self, ranges=()):
+        merged: list[list[int]] = []
+        for start, end in sorted(ranges):
+            if end <= start:
+                continue
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        self.starts = [r[0] for r in merged]
+        self.ends = [r[1] for r in merged]
+
+    def _first(self, pos: int) -> int:
+        i = bisect.bisect_right(self.starts, pos) - 1
+        return max(i, 0)
+
+    def gaps(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Parts of [start, end) not covered."""
+        out = []
+        pos = start
+        i = self._first(start)
+        while pos < end and i < len(self.starts):
+            s, e = self.starts[i], self.ends[i]
+            if e <= pos:
+                i += 1
+                continue
+            if s >= end:
+                break
+            if s > pos:
+                out.append((pos, s))
+            pos = max(pos, e)
+            i += 1
+        if pos < end:
+            out.append((pos, end))
+        return out
+
+    def overlaps(self, start: int, end: int) -> bool:
+        return self.gaps(start, end) != [(start, end)]
+
+
+# --- the sources --------------------------------------------------------------------------
+
+class _Part:
+    __slots__ = ("device", "start", "sectors", "alignment", "extents", "index")
+
+    def __init__(self, device: BlockDevice, start: int):
+        self.device = device
+        self.start = start  # first sector of this source in the concatenation
+        self.sectors = -(-device.size // SECTOR)
+        cluster = getattr(device, "cluster_size", 0) if device.format == "qcow2" else 0
+        self.alignment = max(1, cluster // SECTOR)
+        self.extents = device.extents(0, device.size) if device.size else []
+        self.index = 0
+
+    def status_at(self, offset: int):
+        """The extent holding byte `offset` (queries only move forward)."""
+        extents = self.extents
+        while self.index < len(extents) and \
+                extents[self.index].offset + extents[self.index].length <= offset:
+            self.index += 1
+        if self.index < len(extents) and extents[self.index].offset <= offset:
+            return extents[self.index]
+        return None
+
+
+def _same_file(a: BlockDevice | None, b: BlockDevice | None) -> bool:
+    if a is None or b is None:
+        return False
+    try:
+        return os.path.samefile(a.filename, b.filename)
+    except OSError:
+        return False
+
+
+# --- the converter ------------------------------------------------------------------------
+
+class _Converter:
+    def __init__(self, sources, target, compress, sparse_size, target_is_zero,
+                 target_backing, parallel, out_of_order, progress, copy_range, buffer_size):
+        self.target = target
+        self.compressed = compress
+        self.min_sparse = sparse_size // SECTOR
+        self.target_backing = target_backing
+        self.parallel = parallel
+        self.in_order = not out_of_order
+        self.progress = progress
+        self.parts: list[_Part] = []
+        start = 0
+        for device in sources:
+            part = _Part(device, start)
+            self.parts.append(part)
+            start += part.sectors
+        self.total_sectors = start
+        self.buf_sectors = max(1, buffer_size // SECTOR)
+        self.alignment = max(_pow2floor(self.min_sparse), 1)
+        self.cluster_sectors = 0
+        if compress:
+            self.cluster_sectors = target.cluster_size // SECTOR
+            self.buf_sectors = self.cluster_sectors
+        self.same_backing = target_backing is not None and len(sources) == 1 and \
+            _same_file(sources[0].backing, target_backing)
+        self.copy_range = bool(copy_range) and not compress and target_backing is None and \
+            isinstance(target, RawDevice) and all(isinstance(s, RawDevice) for s in sources)
+        self.diff_granule = getattr(target, "cluster_size", 65536) or 65536
+        self._target_maps(target_is_zero)
+        # planner state (convert_iteration_sectors)
+        self.sector_next_status = 0
+        self.status = BLK_DATA
+        self.sector_num = 0
+        self.lock = threading.Lock()
+        self.cond = threading.Condition()
+        self.wr_offs = 0
+        self.error: BaseException | None = None
+        self.done = 0
+        self.total_bytes = 0
+
+    # -- what the target already holds --
+
+    def _target_maps(self, target_is_zero: bool) -> None:
+        """Where the target reads zeros now (zero writes skipped there) and where its
+        own top layer is allocated (never left to the backing file)."""
+        target = self.target
+        size = target.size
+        if target_is_zero:
+            self.known_zero = _Intervals([(0, size)])
+            self.own = _Intervals()
+            return
+        zero, own = [], []
+        backing_open = getattr(target, "backing", None) is not None
+        named_backing = bool(getattr(target, "backing_filename", None))
+        for ext in target.extents(0, size) if size else []:
+            end = ext.offset + ext.length
+            if ext.depth == 0 and ext.present:
+                own.append((ext.offset, end))
+            if ext.depth == 0 and not ext.present and named_backing and not backing_open:
+                # Unallocated over a backing file the target was opened without.
+                tb = self.target_backing
+                if tb is None:
+                    continue
+                if ext.offset >= tb.size:
+                    zero.append((ext.offset, end))
+                    continue
+                inside = min(end, tb.size)
+                for bext in tb.extents(ext.offset, inside - ext.offset):
+                    if bext.is_zero:
+                        zero.append((bext.offset, bext.offset + bext.length))
+                if inside < end:
+                    zero.append((inside, end))
+                continue
+            if ext.is_zero:
+                zero.append((ext.offset, end))
+        self.known_zero = _Intervals(zero)
+        self.own = _Intervals(own)
+
+    # -- planning --
+
+    def _select_part(self, sector_num: int) -> _Part:
+        for part in self.parts:
+            if sector_num - part.start < part.sectors:
+                return part
+        raise AssertionError("sector past the sources")
+
+    def _classify(self, part: _Part, offset: int, count: int) -> tuple[str, int]:
+        """Block status of a source at byte offset: (status, bytes in that state)."""
+        ext = part.status_at(offset)
+        if ext is None:  # a raw file's partial last sector: zeros
+            return BLK_ZERO, count
+        run = min(count, ext.offset + ext.length - offset)
+        if self.same_backing and (ext.depth > 0 or not ext.present):
+            return BLK_BACKING_FILE, run
+        if ext.is_zero:
+            return BLK_ZERO, run
+        return BLK_DATA, run
+
+    def _iteration_sectors(self, sector_num: int) -> int:
+        part = self._select_part(sector_num)
+        n = min(self.total_sectors - sector_num, BDRV_REQUEST_MAX_SECTORS)
+        if self.sector_next_status <= sector_num:
+            offset = (sector_num - part.start) * SECTOR
+            # Block status is clamped to the source's length (whole sectors, as QEMU).
+            count = min(n * SECTOR, part.sectors * SECTOR - offset)
+            status, count = self._classify(part, offset, count)
+            n = -(-count // SECTOR)
+            tail = (sector_num - part.start + n) % part.alignment
+            if n > tail:
+                n -= tail
+            self.status = status
+            self.sector_next_status = sector_num + n
+        n = min(n, self.sector_next_status - sector_num)
+        if self.status == BLK_DATA:
+            n = min(n, self.buf_sectors)
+        if self.compressed:
+            if n < self.cluster_sectors:
+                n = min(self.cluster_sectors, self.total_sectors - sector_num)
+                self.status = BLK_DATA
+            else:
+                n -= n % self.cluster_sectors
+        return n
+
+    def _next_item(self):
+        """Under self.lock: the next (sector, count, status), or None at the end."""
+        if self.error is not None or self.sector_num >= self.total_sectors:
+            return None
+        n = self._iteration_sectors(self.sector_num)
+        sector_num, status = self.sector_num, self.status
+        if not self.min_sparse and status == BLK_ZERO:
+            n = min(n, self.buf_sectors)
+        self.sector_num += n
+        return sector_num, n, status
+
+    def _count_work(self) -> int:
+        """First pass over the plan: bytes that will be copied (for progress)."""
+        total = 0
+        while self.sector_num < self.total_sectors:
+            n = self._iteration_sectors(self.sector_num)
+            if self.status == BLK_DATA or (not self.min_sparse and self.status == BLK_ZERO):
+                total += n * SECTOR
+            self.sector_num += n
+        for part in self.parts:
+            part.index = 0
+        self.sector_num = 0
+        self.sector_next_status = 0
+        self.status = BLK_DATA
+        return total
+
+    # -- I/O --
+
+    def _read(self, sector_num: int, n: int, view: memoryview) -> None:
+        pos = 0
+        while pos < n:
+            part = self._select_part(sector_num + pos)
+            first = sector_num + pos - part.start
+            count = min(n - pos, part.sectors - first)
+            offset = first * SECTOR
+            chunk = view[pos * SECTOR:(pos + count) * SECTOR]
+            inside = max(0, min(len(chunk), part.device.size - offset))
+            if inside:
+                part.device.readinto(offset, chunk[:inside])
+            if inside < len(chunk):
+                chunk[inside:] = _ZEROS_VIEW[:len(chunk) - inside]
+            pos += count
+
+    def _copy_range(self, sector_num: int, n: int) -> bool:
+        """Raw to raw with copy_file_range; False if the kernel will not do it."""
+        pos = 0
+        target_fd = self.target.file.fd
+        while pos < n:
+            part = self._select_part(sector_num + pos)
+            first = sector_num + pos - part.start
+            count = min(n - pos, part.sectors - first)
+            src = first * SECTOR
+            dst = (sector_num + pos) * SECTOR
+            length = count * SECTOR
+            inside = max(0, min(length, part.device.size - src))
+            done = 0
+            while done < inside:
+                try:
+                    copied = os.copy_file_range(part.device.file.fd, target_fd, inside - done,
+                                                src + done, dst + done)
+                except OSError:
+                    return False
+                if copied == 0:
+                    return False
+                done += copied
+            if inside < length:
+                self.target.write(dst + inside, _ZEROS_VIEW[:length - inside])
+            pos += count
+        return True
+
+    def _zero(self, offset: int, length: int) -> None:
+        """Make [offset, offset+length) of the target read zeros, where it does not yet."""
+        end = min(offset + length, self.target.size)
+        for start, stop in self.known_zero.gaps(offset, end):
+            self.target.write_zeroes(start, stop - start, may_unmap=True)
+
+    def _write(self, offset: int, data: memoryview, backing_buf) -> None:
+        """Write data, leaving out clusters equal to the target's backing file."""
+        if backing_buf is None:
+            self.target.write(offset, data)
+            return
+        granule = self.diff_granule
+        end = offset + len(data)
+        pos = offset
+        run_start = None
+        while pos < end:
+            piece_end = min(end, (pos // granule + 1) * granule)
+            a, b = pos - offset, piece_end - offset
+            differs = self.own.overlaps(pos, piece_end) or \
+                data[a:b].tobytes() != backing_buf[a:b].tobytes()
+            if differs and run_start is None:
+                run_start = pos
+            elif not differs and run_start is not None:
+                self.target.write(run_start, data[run_start - offset:pos - offset])
+                run_start = None
+            pos = piece_end
+        if run_start is not None:
+            self.target.write(run_start, data[run_start - offset:end - offset])
+
+    def _read_backing(self, offset: int, length: int, buf: bytearray) -> memoryview:
+        view = memoryview(buf)[:length]
+        tb = self.target_backing
+        inside = max(0, min(length, tb.size - offset))
+        if inside:
+            tb.readinto(offset, view[:inside])
+        if inside < length:
+            view[inside:] = _ZEROS_VIEW[:length - inside]
+        return view
+
+    def _write_data(self, sector_num: int, n: int, buf: bytearray, backing_buf) -> None:
+        """convert_co_write for a data buffer: sparse detection, then writes and zeroes."""
+        view = memoryview(buf)
+        offset = sector_num * SECTOR
+        if backing_buf is not None:
+            backing_buf = self._read_backing(offset, n * SECTOR, backing_buf)
+        if self.compressed:
+            length = n * SECTOR
+            if self.min_sparse and _zero_range(buf, 0, length):
+                self._zero(offset, length)
+                return
+            if backing_buf is not None and not self.own.overlaps(offset, offset + length) \
+                    and view[:length].tobytes() == backing_buf[:length].tobytes():
+                return
+            cs = self.cluster_sectors * SECTOR
+            if length < cs and offset + length < self.target.size:
+                pad = min(cs, self.target.size - offset)
+                view[length:pad] = self.target.read(offset + length, pad - length)
+                length = pad
+            self.target.write_compressed(offset, view[:length])
+            return
+        pos = 0
+        while pos < n:
+            if not self.min_sparse:
+                allocated, count = True, n - pos
+            else:
+                allocated, count = is_allocated_sectors_min(
+                    buf, pos, n - pos, self.min_sparse, sector_num + pos, self.alignment)
+            start = offset + pos * SECTOR
+            if allocated:
+                bb = None if backing_buf is None else \
+                    backing_buf[pos * SECTOR:(pos + count) * SECTOR]
+                self._write(start, view[pos * SECTOR:(pos + count) * SECTOR], bb)
+            else:
+                self._zero(start, count * SECTOR)
+            pos += count
+
+    # -- workers --
+
+    def _wait_turn(self, sector_num: int) -> bool:
+        with self.cond:
+            while self.wr_offs != sector_num and self.error is None:
+                self.cond.wait()
+            return self.error is None
+
+    def _done_turn(self, sector_num: int, n: int) -> None:
+        with self.cond:
+            self.wr_offs = sector_num + n
+            self.cond.notify_all()
+
+    def _fail(self, exc: BaseException) -> None:
+        with self.cond:
+            if self.error is None:
+                self.error = exc
+            self.cond.notify_all()
+
+    def _buffers(self, state: dict) -> bytearray:
+        if state.get("buf") is None:
+            state["buf"] = bytearray(self.buf_sectors * SECTOR)
+            if self.target_backing is not None and not self.same_backing:
+                state["backing"] = bytearray(len(state["buf"]))
+        return state["buf"]
+
+    def _process(self, sector_num: int, n: int, status: str, ordered: bool,
+                 state: dict) -> bool:
+        """One work item; False when the job was stopped by another thread's error."""
+        waited = False
+
+        def turn() -> bool:
+            nonlocal waited
+            if ordered and not waited:
+                waited = True
+                return self._wait_turn(sector_num)
+            return True
+
+        state["phase"] = "reading"
+        if status == BLK_DATA:
+            if self.copy_range:
+                if not turn():
+                    return False
+                state["phase"] = "writing"
+                if self._copy_range(sector_num, n):
+                    return True
+                self.copy_range = False  # not on this file system: read and write instead
+            buf = self._buffers(state)
+            state["phase"] = "reading"
+            self._read(sector_num, n, memoryview(buf)[:n * SECTOR])
+            if not turn():
+                return False
+            state["phase"] = "writing"
+            self._write_data(sector_num, n, buf, state.get("backing"))
+        elif status == BLK_ZERO:
+            if not turn():
+                return False
+            state["phase"] = "writing"
+            if not self.min_sparse:  # -S 0: zeros are written as data
+                buf = self._buffers(state)
+                memoryview(buf)[:n * SECTOR] = _ZEROS_VIEW[:n * SECTOR]
+                self._write_data(sector_num, n, buf, state.get("backing"))
+            else:
+                self._zero(sector_num * SECTOR, n * SECTOR)
+        else:
+            return turn()
+        return True
+
+    def _worker(self) -> None:
+        state: dict = {}
+        while True:
+            with self.lock:
+                item = self._next_item()
+            if item is None:
+                return
+            sector_num, n, status = item
+            # Compressed output is never ordered: the writing thread compresses.
+            ordered = self.in_order and not self.compressed
+            try:
+                if not self._process(sector_num, n, status, ordered, state):
+                    return
+            except Qcow2IOError as exc:
+                err = ConvertError(exc.errno, f"error while {state.get('phase', 'reading')} at "
+                                              f"byte {sector_num * SECTOR}: {exc.strerror}",
+                                   exc.filename)
+                err.__cause__ = exc
+                self._fail(err)
+                return
+            except BaseException as exc:
+                self._fail(exc)
+                return
+            finally:
+                if ordered:
+                    self._done_turn(sector_num, n)
+            if self.progress is not None and (
+                    status == BLK_DATA or (not self.min_sparse and status == BLK_ZERO)):
+                with self.lock:
+                    self.done += n * SECTOR
+                    done = self.done
+                try:
+                    self.progress(min(done, self.total_bytes), self.total_bytes)
+                except BaseException as exc:  # a failing callback stops the job
+                    self._fail(exc)
+                    return
+
+    def run(self) -> None:
+        self.total_bytes = self._count_work()
+        if self.progress is not None:
+            self.progress(0, self.total_bytes)
+        threads = [threading.Thread(target=self._worker, name=f"qcow2-convert-{i}", daemon=True)
+                   for i in range(self.parallel)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if self.error is not None:
+            raise self.error
+        self.target.flush()
+        if self.progress is not None:
+            self.progress(self.total_bytes, self.total_bytes)
+
+
+def _pow2floor(value: int) -> int:
+    return 1 << (value.bit_length() - 1) if value > 0 else 0
+
+
+def convert(sources, target: BlockDevice, *, compress: bool = False, sparse_size: int = 4096,
+            target_is_zero: bool = False, target_backing: BlockDevice | None = None,
+            parallel: int = 8, out_of_order: bool = False, progress=None,
+            copy_range: bool = True, buffer_size: int = IO_BUF_SIZE) -> None:
+    """Copy the guest content of `sources` (one device, or several concatenated) into
+    `target`, which must be at least as large. See the module docstring.
+
+    compress: write compressed clusters (qcow2 targets; -c). sparse_size: smallest run of
+    zero bytes in data that is not written (-S; 0 writes everything, zeros included).
+    target_is_zero: the target is known to read zeros (--target-is-zero). target_backing:
+    the target's backing file (-B). parallel: worker threads (-m). out_of_order: allow
+    writes out of guest order (-W). progress(done_bytes, total_bytes), called from the
+    worker threads (so it must be thread-safe). copy_range: raw to
+    raw data via copy_file_range (-C: verbatim, no zero detection; pass False to get
+    qemu-img's default sparse raw output).
+    """
+    if isinstance(sources, BlockDevice):
+        sources = [sources]
+    sources = list(sources)
+    if not sources:
+        raise InvalidArgumentError("Must specify image file name")
+    if sparse_size < 0 or sparse_size % SECTOR or sparse_size // SECTOR > MAX_BUF_SECTORS:
+        raise InvalidArgumentError(
+            f"Invalid buffer size for sparse output specified. Valid sizes are multiples of "
+            f"{SECTOR} up to {MAX_BUF_SECTORS * SECTOR}. Select 0 to disable sparse detection "
+            f"(fully allocates output).")
+    if not 1 <= parallel <= MAX_COROUTINES:
+        raise InvalidArgumentError(f"Invalid number of coroutines. Allowed number of "
+                                   f"coroutines is between 1 and {MAX_COROUTINES}")
+    if target_is_zero and target_backing is not None:
+        raise InvalidArgumentError("Cannot use --target-is-zero when the destination image "
+                                   "has a backing file")
+    if len(sources) > 1 and target_backing is not None:
+        raise InvalidArgumentError("Having a backing file for the target makes no sense when "
+                                   "concatenating multiple input images")
+    if compress and (target.format != "qcow2" or not hasattr(target, "write_compressed")):
+        raise InvalidArgumentError("Compression not supported for this file format")
+    if target.read_only:
+        from .errors import ReadOnlyError
+        raise ReadOnlyError(f"'{target.filename}' is opened read-only")
+    total = sum(-(-s.size // SECTOR) for s in sources)
+    if -(-target.size // SECTOR) < total:
+        raise InvalidArgumentError("output file is smaller than input file")
+    buffer_size = min(max(buffer_size, SECTOR), MAX_BUF_SECTORS * SECTOR)
+    _Converter(sources, target, compress, sparse_size, target_is_zero, target_backing,
+               parallel, out_of_order, progress, copy_range, buffer_size).run()
+
+
+__all__ = ["convert", "ConvertError", "is_allocated_sectors", "is_allocated_sectors_min"]

@@ -1,0 +1,398 @@
+"""`qemu-img amend` for qcow2: compat level, refcount width, lazy refcounts, size.
+
+The steps run in QEMU's order: upgrade to compat 1.1 first, then the refcount width,
+the backing file check, lazy refcounts, the size, and the downgrade to 0.10 last, with
+QEMU's error messages.
+
+- 0.10 -> 1.1: snapshot tables still in the short v2 form are rewritten in v3 form, then
+  the header becomes a v3 header (112 bytes, feature name table).
+- 1.1 -> 0.10: refused for other refcount widths, data files, snapshots of another size,
+  extended L2 entries and other incompatible features, or zstd images holding
+  compressed clusters. Zero clusters are expanded in every L1 table (active and
+  snapshots): preallocated ones keep their cluster (zeros written to it), others become
+  unallocated, or, over a backing file, newly allocated zero-filled clusters. The header
+  is rewritten as a 72-byte v2 header with no feature bits and no feature table.
+- refcount_bits: a new refcount structure of the new width is built after the end of the
+  file from the references the metadata makes (as rebuild.py does for dirty images), then
+  the header switches to it with one sector write.
+- lazy_refcounts: the compatible feature bit (the image is made clean first when
+  turning it off).
+"""
+from __future__ import annotations
+
+from .. import structs as S
+from ..cache import decode_be64
+from ..chain import open_image
+from ..errors import CorruptImageError, InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
+from ..sizes import parse_number, parse_size
+from ..snapshots import pack_snapshot_table, read_snapshot_table
+from .resize import resize
+
+AMEND_OPTIONS = ("compat", "size", "backing_file", "backing_fmt", "lazy_refcounts",
+                 "refcount_bits", "data_file", "data_file_raw")
+CREATE_ONLY_OPTIONS = ("cluster_size", "preallocation", "encryption", "extended_l2",
+                       "compression_type", "nocow", "extent_size_hint")
+
+
+class AmendError(Qcow2Error):
+    """An amendment QEMU refuses; the message is qemu-img's."""
+
+
+def _bool_option(name: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value) in ("on", "yes", "true"):
+        return True
+    if str(value) in ("off", "no", "false"):
+        return False
+    raise InvalidArgumentError(f"Parameter '{name}' expects 'on' or 'off'")
+
+
+def parse_options(options: dict) -> dict:
+    """qemu-img amend's -o options (strings) to amend() keyword arguments."""
+    out: dict = {}
+    for key, value in options.items():
+        name = key.replace("-", "_")
+        if name == "compat":
+            out["compat"] = str(value)
+        elif name == "size":
+            try:
+                out["size"] = value if isinstance(value, int) else parse_size(str(value))
+            except InvalidArgumentError:
+                raise InvalidArgumentError(
+                    f"Parameter 'size' expects a non-negative number below 2^64\nOptional "
+                    f"suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand "
+                    f"exabytes, respectively.") from None
+        elif name == "refcount_bits":
+            try:
+                out["refcount_bits"] = value if isinstance(value, int) else parse_number(str(value))
+            except InvalidArgumentError:
+                raise InvalidArgumentError(f"Parameter 'refcount_bits' expects a number") from None
+        elif name == "lazy_refcounts":
+            out["lazy_refcounts"] = _bool_option("lazy_refcounts", value)
+        elif name in ("backing_file", "backing_fmt"):
+            out[name] = value
+        elif name in ("data_file", "data_file_raw"):
+            out[name] = value
+        elif name in CREATE_ONLY_OPTIONS:
+            raise InvalidArgumentError(f"Invalid parameter '{key}'\nThis option is only "
+                                       f"supported for image creation")
+        else:
+            raise InvalidArgumentError(f"Invalid parameter '{key}'")
+    return out
+
+
+def amend(image_path: str, *, compat: str | None = None, refcount_bits: int | None = None,
+          lazy_refcounts: bool | None = None, size: int | None = None,
+          backing_file: str | None = None, backing_fmt: str | None = None,
+          data_file: str | None = None, data_file_raw=None, fmt: str | None = None,
+          progress=None) -> None:
+    """Amend the qcow2 image at image_path (see the module docstring).
+
+    Raises AmendError / InvalidArgumentError / UnsupportedFeatureError with qemu-img's
+    messages. The image content is kept; qemu-img check is clean afterwards.
+    """
+    image = open_image(image_path, "r+", fmt)
+    try:
+        if image.format != "qcow2":
+            raise UnsupportedFeatureError(
+                f"Format driver '{image.format}' does not support option amendment")
+        _amend(image, compat, refcount_bits, lazy_refcounts, size, backing_file, backing_fmt,
+               data_file, data_file_raw, progress)
+    finally:
+        image.close()
+
+
+def _amend(image, compat, refcount_bits, lazy_refcounts, size, backing_file, backing_fmt,
+           data_file, data_file_raw, progress) -> None:
+    hdr = image.header
+    old_version = new_version = hdr.version
+    if compat is not None:
+        if compat in ("0.10", "v2"):
+            new_version = 2
+        elif compat in ("1.1", "v3"):
+            new_version = 3
+        else:
+            raise AmendError(f"Unknown compatibility level {compat}")
+    new_bits = image.refcount_bits if refcount_bits is None else refcount_bits
+    if new_bits <= 0 or new_bits > 64 or new_bits & (new_bits - 1):
+        raise AmendError("Refcount width must be a power of two and may not exceed 64 bits")
+    if data_file is not None and image.data_host is None:
+        raise AmendError("data-file can only be set for images that use an external data file")
+    if data_file_raw is not None and _bool_option("data_file_raw", data_file_raw) \
+            and not image.data_file_raw:
+        raise AmendError("data-file-raw cannot be set on existing images")
+    steps = (new_version != old_version) + (new_bits != image.refcount_bits)
+    step = 0
+
+    def report(done: int) -> None:
+        if progress is not None and steps:
+            progress(done, steps)
+
+    if new_version > old_version:
+        _upgrade(image)
+        step += 1
+        report(step)
+    if new_bits != image.refcount_bits:
+        if new_version < 3 and new_bits != 16:
+            raise AmendError("Refcount widths other than 16 bits require compatibility level "
+                             "1.1 or above (use compat=1.1 or greater)")
+        change_refcount_width(image, new_bits)
+        step += 1
+        report(step)
+    if backing_file is not None or backing_fmt is not None:
+        if backing_file != image.backing_filename or backing_fmt != image.backing_format:
+            raise AmendError("Cannot amend the backing file\n"
+                             "You can use 'qemu-img rebase' instead.")
+    if lazy_refcounts is not None and lazy_refcounts != image.lazy_refcounts:
+        if lazy_refcounts and new_version < 3:
+            raise AmendError("Lazy refcounts only supported with compatibility level 1.1 and "
+                             "above (use compat=1.1 or greater)")
+        set_lazy_refcounts(image, lazy_refcounts)
+    if size:
+        resize(image, size, shrink=True)
+    if new_version < old_version:
+        _downgrade(image)
+        step += 1
+        report(step)
+    image.flush()
+
+
+# --- lazy refcounts -----------------------------------------------------------------------
+
+def set_lazy_refcounts(image, on: bool) -> None:
+    hdr = image.header
+    image.flush()  # metadata and refcounts consistent on disk: the image is clean
+    if on:
+        hdr.compatible_features |= S.COMPAT_LAZY_REFCOUNTS
+        hdr.incompatible_features |= S.INCOMPAT_DIRTY  # the engine's state while open
+    else:
+        hdr.compatible_features &= ~S.COMPAT_LAZY_REFCOUNTS
+        hdr.incompatible_features &= ~S.INCOMPAT_DIRTY
+    image._write_header_fields()
+    image.file.flush()
+    image.lazy_refcounts = on
+
+
+# --- refcount width -----------------------------------------------------------------------
+
+def _first_refcount_above(image, limit: int) -> tuple[int, int] | None:
+    """(cluster, refcount) of the first cluster whose refcount exceeds `limit`."""
+    refs = image.refcounts
+    for block_index, entry in enumerate(refs.table):
+        if not entry & S.REFT_OFFSET_MASK:
+            continue
+        block = refs.block(block_index)
+        if block is None:
+            continue
+        values = block.values
+        if block.order >= 3:
+            if max(values) <= limit:
+                continue
+            for i, value in enumerate(values):
+                if value > limit:
+                    return block_index * refs.block_entries + i, value
+        else:
+            for i in range(refs.block_entries):
+                value = block.get(i)
+                if value > limit:
+                    return block_index * refs.block_entries + i, value
+    return None
+
+
+def change_refcount_width(image, bits: int) -> None:
+    """Rebuild the refcount structure with `bits`-bit entries."""
+    from ..rebuild import rebuild_refcounts
+    image.flush()
+    if bits < image.refcount_bits:
+        found = _first_refcount_above(image, (1 << bits) - 1)
+        if found is not None:
+            cluster, value = found
+            raise AmendError(f"Cannot decrease refcount entry width to {bits} bits: Cluster at "
+                             f"offset {cluster << image.cluster_bits:#x} has a refcount of "
+                             f"{value}")
+    old_order = image.header.refcount_order
+    image.header.refcount_order = bits.bit_length() - 1
+    try:
+        rebuild_refcounts(image)  # switches the header with _write_header_fields
+    except BaseException:
+        image.header.refcount_order = old_order
+        raise
+    image.refcount_bits = bits
+
+
+# --- version changes ----------------------------------------------------------------------
+
+def _snapshots(image):
+    hdr = image.header
+    if not hdr.nb_snapshots:
+        return [], 0
+    return read_snapshot_table(image.file, hdr.snapshots_offset, hdr.nb_snapshots,
+                               image.cluster_size, image.file.size())
+
+
+def _write_header_or_fail(image) -> None:
+    """Rewrite the header cluster (the caller flushed all metadata before changing it)."""
+    try:
+        image.header.pack()
+    except CorruptImageError:
+        raise AmendError("Failed to update the image header: No space left on device") from None
+    image.file.flush()
+    image._write_header()
+    image.file.flush()
+
+
+def _upgrade(image) -> None:
+    hdr = image.header
+    snapshots, table_bytes = _snapshots(image)
+    old_table = None
+    if any(len(snap.extra_data) < 16 for snap in snapshots):
+        data = pack_snapshot_table(snapshots, image.size)
+        cs = image.cluster_size
+        clusters = -(-len(data) // cs)
+        with image._lock:
+            first = image.refcounts.allocate(clusters)
+        offset = first << image.cluster_bits
+        image.file.pwrite(data + bytes(clusters * cs - len(data)), offset)
+        image._host_size = max(image._host_size, offset + clusters * cs)
+        old_table = (hdr.snapshots_offset, table_bytes)
+    image.flush()  # the new table and its refcounts on disk before the header changes
+    old = (hdr.version, hdr.header_length, hdr.snapshots_offset)
+    if old_table is not None:
+        hdr.snapshots_offset = offset
+    hdr.version = 3
+    hdr.header_length = 112
+    hdr.refcount_order = 4
+    hdr.compression_type = 0
+    hdr.extra_header_bytes = b""
+    try:
+        _write_header_or_fail(image)
+    except BaseException:
+        hdr.version, hdr.header_length, hdr.snapshots_offset = old
+        raise
+    if old_table is not None and old_table[1]:
+        first = old_table[0] >> image.cluster_bits
+        last = (old_table[0] + old_table[1] - 1) >> image.cluster_bits
+        with image._lock:
+            image.refcounts.free(first, last - first + 1)
+    image.compat = "1.1"
+    image.map.version = 3
+    image.flush()
+
+
+def _l1_tables(image, snapshots) -> list:
+    tables = [image.map.l1]
+    for snap in snapshots:
+        if snap.l1_size:
+            tables.append(decode_be64(image.file.pread(snap.l1_size * 8, snap.l1_table_offset)))
+    return tables
+
+
+def _has_compressed_clusters(image, snapshots) -> bool:
+    seen = set()
+    for l1 in _l1_tables(image, snapshots):
+        for entry in l1:
+            l2_offset = entry & S.L1E_OFFSET_MASK
+            if not l2_offset or l2_offset in seen:
+                continue
+            seen.add(l2_offset)
+            table = image.map.l2_cache.get(l2_offset)
+            if any(e & S.OFLAG_COMPRESSED for e in table[::image.map.entry_words]):
+                return True
+    return False
+
+
+def _expand_zero_clusters(image, snapshots) -> None:
+    """v2 has no zero flag: turn every zero cluster into a real one (or a hole)."""
+    bits = image.cluster_bits
+    cs = image.cluster_size
+    zeros = bytes(cs)
+    has_backing = bool(image.backing_filename)
+    seen = set()
+    with image._lock:
+        for l1 in _l1_tables(image, snapshots):
+            for l1_entry in l1:
+                l2_offset = l1_entry & S.L1E_OFFSET_MASK
+                if not l2_offset or l2_offset in seen:
+                    continue
+                seen.add(l2_offset)
+                table = image.map.l2_cache.get(l2_offset)
+                l2_refcount = image.refcounts.get(l2_offset >> bits)
+                dirty = False
+                for j, entry in enumerate(table):
+                    if entry & S.OFLAG_COMPRESSED or not entry & S.OFLAG_ZERO:
+                        continue
+                    host = entry & S.L2E_OFFSET_MASK
+                    if host and image.refcounts.get(host >> bits) <= l2_refcount:
+                        # Preallocated zero cluster only this table uses: make it hold zeros.
+                        image.file.pwrite(zeros, host)
+                        table[j] = entry & ~S.OFLAG_ZERO
+                        dirty = True
+                        continue
+                    if host:
+                        # Shared with a snapshot's table (QEMU would zero the snapshot's
+                        # data here): drop the references of this table's paths instead.
+                        for _ in range(l2_refcount):
+                            image.refcounts.free(host >> bits, 1)
+                    if not has_backing:
+                        table[j] = 0
+                    else:
+                        cluster = image.refcounts.allocate(1)
+                        if l2_refcount > 1:
+                            image.refcounts.update(cluster, 1, l2_refcount - 1)
+                        image.file.pwrite(zeros, cluster << bits)
+                        image._host_size = max(image._host_size, (cluster + 1) << bits)
+                        table[j] = (cluster << bits) | (S.OFLAG_COPIED if l2_refcount == 1 else 0)
+                    dirty = True
+                if dirty:
+                    image.map.l2_cache.mark_dirty(l2_offset)
+                blocks = image.refcounts.blocks
+                if len(blocks.dirty) > blocks.max_entries // 4:
+                    image.flush()  # keep the refcount block cache from filling with dirt
+        image._last_decompressed = None
+    image.flush()
+    if snapshots:  # references dropped above may leave active clusters unshared
+        from ..snapshots import refresh_copied_flags
+        with image._lock:
+            refresh_copied_flags(image)
+        image.flush()
+
+
+def _downgrade(image) -> None:
+    hdr = image.header
+    if hdr.refcount_order != 4:
+        raise AmendError("compat=0.10 requires refcount_bits=16")
+    if image.data_host is not None or hdr.incompatible_features & S.INCOMPAT_DATA_FILE:
+        raise AmendError("Cannot downgrade an image with a data file")
+    snapshots, _ = _snapshots(image)
+    for snap in snapshots:
+        disk_size = image.size if snap.disk_size is None else snap.disk_size
+        if snap.vm_state_size > 0xFFFFFFFF or disk_size != image.size:
+            raise AmendError("Internal snapshots prevent downgrade of image")
+    image.flush()  # clean: the dirty bit we hold for lazy refcounts can go
+    incompatible = hdr.incompatible_features & ~S.INCOMPAT_DIRTY
+    if incompatible & ~S.INCOMPAT_COMPRESSION:
+        raise AmendError(f"Cannot downgrade an image with incompatible features "
+                         f"{incompatible & ~S.INCOMPAT_COMPRESSION:#x} set")
+    if incompatible & S.INCOMPAT_COMPRESSION and _has_compressed_clusters(image, snapshots):
+        raise AmendError("Cannot downgrade an image with zstd compression type and existing "
+                         "compressed clusters")
+    _expand_zero_clusters(image, snapshots)
+    old = (hdr.version, hdr.header_length, hdr.incompatible_features, hdr.compatible_features,
+           hdr.autoclear_features, hdr.compression_type)
+    hdr.incompatible_features = 0
+    hdr.compatible_features = 0
+    hdr.autoclear_features = 0
+    hdr.compression_type = 0
+    hdr.version = 2
+    hdr.header_length = S.HEADER_V2_SIZE
+    try:
+        _write_header_or_fail(image)
+    except BaseException:
+        (hdr.version, hdr.header_length, hdr.incompatible_features, hdr.compatible_features,
+         hdr.autoclear_features, hdr.compression_type) = old
+        raise
+    image.lazy_refcounts = False
+    image.compat = "0.10"
+    image.compression_type = "zlib"
+    image.map.version = 2

@@ -1,0 +1,122 @@
+"""`qemu-img commit`: write an overlay's changes down into a backing file.
+
+Everything the layers above the base provide (as `qemu-img commit` decides it: ranges
+allocated above the base, zero runs included, and ranges past the end of a shorter
+intermediate layer, which read as zeros) is written into the base, which first grows to
+the top's size if it is smaller. Then, unless `drop` is set, the top image is emptied:
+all its clusters are released, so it reads entirely through its backing file again (the
+file is cut back to its metadata). As in qemu-img, naming a base (-b) implies drop:
+the images between it and the top are no longer consistent, so the top is kept.
+"""
+from __future__ import annotations
+
+import os
+
+from ..chain import MAX_CHAIN_DEPTH, open_image, resolve_backing_path
+from ..errors import CorruptImageError, Qcow2Error
+from .resize import resize
+
+IO_BUF_SIZE = 2 << 20
+
+
+class CommitError(Qcow2Error):
+    """A commit failed; the message is qemu-img's."""
+
+
+def _matches(base: str, layer_filename: str, path: str) -> bool:
+    """bdrv_find_backing_image: `base`, resolved against the directory of the layer that
+    names the backing file, is that backing file (canonical paths compared)."""
+    candidate = resolve_backing_path(layer_filename, base)
+    if not os.path.exists(candidate):
+        return False
+    return os.path.realpath(candidate) == os.path.realpath(path)
+
+
+def _open_chain(top_path: str, fmt: str | None, base_name: str | None):
+    """Open the top read-write, the layers down to the base read-only, the base
+    read-write (with its own chain read-only). Returns (top, base depth)."""
+    top = open_image(top_path, "r+", fmt, backing=False)
+    try:
+        layer, depth = top, 0
+        seen = {os.path.realpath(top_path)}
+        while True:
+            name = getattr(layer, "backing_filename", None)
+            if not name:
+                if base_name is None and depth == 0:
+                    raise CommitError("Image does not have a backing file")
+                raise CommitError(f"Did not find '{base_name}' in the backing chain of "
+                                  f"'{top_path}'")
+            path = resolve_backing_path(layer.filename, name)
+            real = os.path.realpath(path)
+            if real in seen or depth >= MAX_CHAIN_DEPTH:
+                raise CorruptImageError(f"Backing file '{path}' creates an infinite loop.")
+            seen.add(real)
+            depth += 1
+            is_base = _matches(base_name, layer.filename, path) if base_name is not None \
+                else depth == 1
+            if not os.path.exists(path):
+                raise CommitError(f"Could not open backing file: Could not open '{path}': "
+                                  f"No such file or directory")
+            if is_base:
+                layer.backing = open_image(path, "r+", layer.backing_format)
+                return top, depth
+            layer.backing = open_image(path, "r", layer.backing_format, backing=False)
+            layer = layer.backing
+    except BaseException:
+        top.close()
+        raise
+
+
+def _layer(top, depth: int):
+    layer = top
+    for _ in range(depth):
+        layer = layer.backing
+    return layer
+
+
+def commit(top_path: str, base_path: str | None = None, *, drop: bool = False,
+           progress=None, fmt: str | None = None) -> None:
+    """Commit the image at `top_path` into its backing file, or into `base_path` further
+    down its chain (which implies drop, as qemu-img's -b does). Unless drop, the top is
+    emptied afterwards. qemu-img then prints "Image committed.".
+
+    progress(done_bytes, total_bytes) is called while copying.
+    """
+    if base_path is not None:
+        drop = True
+    top, base_depth = _open_chain(top_path, fmt, base_path)
+    try:
+        base = _layer(top, base_depth)
+        if base.size < top.size:
+            resize(base, top.size)
+        total = top.size
+        done = 0
+        buf = bytearray(IO_BUF_SIZE)
+        for ext in top.extents(0, total) if total else []:
+            end = ext.offset + ext.length
+            if ext.depth >= base_depth:
+                done += ext.length
+                continue  # the base (or what is below it) already provides this
+            if ext.is_zero:
+                base.write_zeroes(ext.offset, ext.length, may_unmap=True)
+                done += ext.length
+            else:
+                offset = ext.offset
+                while offset < end:
+                    n = min(IO_BUF_SIZE, end - offset)
+                    view = memoryview(buf)[:n]
+                    top.readinto(offset, view)
+                    base.write(offset, view)
+                    offset += n
+                    done += n
+                    if progress is not None:
+                        progress(done, total)
+        base.flush()
+        if progress is not None:
+            progress(total, total)
+        if not drop and top.format == "qcow2":
+            top.resize_drop_clusters(0)
+            top.resize_truncate_file()
+            top.flush()
+    finally:
+        top.close()

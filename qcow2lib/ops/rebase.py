@@ -1,0 +1,218 @@
+"""`qemu-img rebase`: point an overlay at another backing file (or at none).
+
+Safe mode (the default) keeps the guest content: every range the overlay does not
+allocate itself is compared between the old chain and the new backing file, and where
+they differ the old content is copied into the overlay (zeros written as zero clusters
+where the old chain ended). When the new backing file is a layer of the old chain, ranges
+the layers above it never touched are skipped without reading. Then the header's backing
+name and format are rewritten. `new_backing` "" or None removes the backing file
+(flattening the overlay). unsafe=True only rewrites the header.
+"""
+from __future__ import annotations
+
+import os
+
+from ..chain import open_image, probe_format
+from ..errors import CorruptImageError, InvalidArgumentError, Qcow2Error
+from . import error_text, full_backing_filename
+
+IO_BUF_SIZE = 2 << 20
+SECTOR = 512
+FORMATS = ("qcow2", "raw")
+
+
+class RebaseError(Qcow2Error):
+    """A rebase failed; the message is qemu-img's."""
+
+
+def _compare_runs(old: memoryview, new: memoryview):
+    """(offset, length, differs) runs of whole sectors (QEMU's compare_buffers)."""
+    n = len(old)
+    pos = 0
+
+    def differ(a: int, b: int) -> bool:
+        return old[a:b].tobytes() != new[a:b].tobytes()
+
+    while pos < n:
+        end = min(n, pos + SECTOR)
+        differs = differ(pos, end)
+        while end < n:
+            step_end = min(n, end + 128 * SECTOR)
+            if not differs and not differ(end, step_end):
+                end = step_end
+                continue
+            s_end = min(n, end + SECTOR)
+            if differ(end, s_end) != differs:
+                break
+            end = s_end
+        yield pos, end - pos, differs
+        pos = end
+
+
+def _header_backing_check(image, backing_name: str | None, backing_fmt: str | None) -> None:
+    """Refuse, with qemu-img's messages, a header change QEMU would refuse."""
+    if image.format != "qcow2":
+        raise RebaseError(f"Could not change the backing file to '{backing_name or ''}': "
+                          f"Operation not supported")
+    if backing_name and not backing_fmt:
+        raise RebaseError(f"Could not change the backing file to '{backing_name}': backing "
+                          f"format must be specified")
+    if backing_name and (image.data_file_raw or len(backing_name.encode()) > 1023):
+        raise RebaseError(f"Could not change the backing file to '{backing_name}': Invalid "
+                          f"argument")
+
+
+def set_backing(image, backing_name: str | None, backing_fmt: str | None) -> None:
+    """Rewrite the header's backing file name and format (None removes them)."""
+    hdr = image.header
+    old = (hdr.backing_file, hdr.backing_format)
+    hdr.backing_file = backing_name or None
+    hdr.backing_format = backing_fmt if backing_name else None
+    try:
+        hdr.pack()
+    except CorruptImageError:
+        hdr.backing_file, hdr.backing_format = old
+        raise RebaseError(f"Could not change the backing file to '{backing_name}': No space "
+                          f"left in the file header") from None
+    image.flush()  # everything copied is durable before the header points elsewhere
+    image._write_header()
+    image.file.flush()
+    image.backing_filename = hdr.backing_file
+    image.backing_format = hdr.backing_format
+
+
+def _chain_depth(image, path: str) -> tuple[int, object] | None:
+    """(depth, device) of the layer of image's chain that is the file `path`, if any."""
+    depth, layer = 1, image.backing
+    while layer is not None:
+        try:
+            if os.path.samefile(layer.filename, path):
+                return depth, layer
+        except OSError:
+            pass
+        layer = layer.backing
+        depth += 1
+    return None
+
+
+def rebase(image_path: str, new_backing: str | None, new_backing_fmt: str | None = None, *,
+           unsafe: bool = False, progress=None, fmt: str | None = None,
+           force_share: bool = False) -> None:
+    """Change the backing file of the image at `image_path` (see the module docstring).
+
+    new_backing is stored as given; relative names are resolved against the image's
+    directory for opening. Raises RebaseError (or another Qcow2Error) with qemu-img's
+    messages. progress(done_bytes, total_bytes) is called during the safe-mode copy.
+    """
+    if new_backing_fmt is not None and new_backing_fmt not in FORMATS:
+        raise InvalidArgumentError(f"Invalid format name: '{new_backing_fmt}'")
+    new_backing = new_backing or None
+    image = open_image(image_path, "r+", fmt, backing=not unsafe)
+    try:
+        _header_backing_check(image, new_backing, new_backing_fmt)
+        if not unsafe:
+            _safe_copy(image, image_path, new_backing, new_backing_fmt, progress, force_share)
+        set_backing(image, new_backing, new_backing_fmt)
+    finally:
+        image.close()
+
+
+def _open_new_backing(image, image_path: str, new_backing: str, new_fmt: str | None,
+                      force_share: bool):
+    """(device, depth in the old chain or None, whether we opened it)."""
+    real_path = full_backing_filename(image_path, new_backing)
+    found = _chain_depth(image, real_path) if os.path.exists(real_path) else None
+    if found is not None:
+        return found[1], found[0], False
+    try:
+        fmt = new_fmt or probe_format(real_path)
+        device = open_image(real_path, "r", fmt, force_share=force_share)
+    except Qcow2Error as exc:
+        raise RebaseError(f"Could not open new backing file '{new_backing}': "
+                          f"{error_text(exc)}") from exc
+    return device, None, True
+
+
+def _safe_copy(image, image_path, new_backing, new_fmt, progress, force_share) -> None:
+    old = image.backing
+    new, prefix_depth, opened = None, None, False
+    if new_backing:
+        new, prefix_depth, opened = _open_new_backing(image, image_path, new_backing, new_fmt,
+                                                      force_share)
+    try:
+        size = image.size
+        old_size = old.size if old is not None else 0
+        new_size = new.size if new is not None else 0
+        buf_old = bytearray(IO_BUF_SIZE)
+        buf_new = bytearray(IO_BUF_SIZE)
+        done = 0
+        for ext in image.extents(0, size) if size else []:
+            end = ext.offset + ext.length
+            if ext.depth == 0 and ext.present:  # allocated in the overlay itself
+                done += ext.length
+                continue
+            if prefix_depth is not None and ext.depth >= prefix_depth and ext.present:
+                # Comes from the new backing file itself (or below it): unchanged.
+                done += ext.length
+                continue
+            offset = ext.offset
+            while offset < end:
+                n = min(IO_BUF_SIZE, end - offset)
+                for limit in (old_size, new_size):  # split where a backing file ends
+                    if offset < limit < offset + n:
+                        n = limit - offset
+                _copy_differences(image, old, new, old_size, new_size, offset, n,
+                                  buf_old, buf_new)
+                offset += n
+                done += n
+                if progress is not None:
+                    progress(done, size)
+        if progress is not None:
+            progress(size, size)
+    finally:
+        if opened and new is not None:
+            new.close()
+
+
+def _read(device, device_size: int, offset: int, n: int, buf: bytearray) -> memoryview:
+    view = memoryview(buf)[:n]
+    inside = max(0, min(n, device_size - offset)) if device is not None else 0
+    if inside:
+        device.readinto(offset, view[:inside])
+    if inside < n:
+        view[inside:] = bytes(n - inside)
+    return view
+
+
+def _write_explicit_zeros(image, offset: int, length: int) -> None:
+    """Make the range read zeros whatever the backing file is (it is about to change):
+    zero clusters where whole v3 clusters are covered, zero data elsewhere. (write_zeroes
+    alone would skip ranges that read as zeros through the *current* backing file.)"""
+    cs = image.cluster_size
+    end = offset + length
+    first, last = -(-offset // cs) * cs, end // cs * cs
+    if image.compat != "1.1" or first >= last:
+        first = last = end
+    for start, stop in ((offset, min(first, end)), (max(last, offset), end)):
+        pos = start
+        while pos < stop:
+            n = min(stop - pos, IO_BUF_SIZE)
+            image.write(pos, bytes(n))
+            pos += n
+    if first < last:
+        image.write_zeroes(first, last - first)
+
+
+def _copy_differences(image, old, new, old_size, new_size, offset, n, buf_old, buf_new) -> None:
+    old_is_zero = offset >= old_size
+    view_old = _read(old, old_size, offset, n, buf_old)
+    view_new = _read(new, new_size, offset, n, buf_new)
+    if view_old.tobytes() == view_new.tobytes():
+        return
+    for pos, length, differs in _compare_runs(view_old, view_new):
+        if not differs:
+            continue
+        if old_is_zero:
+            _write_explicit_zeros(image, offset + pos, length)
+        else:
+            image.write(offset + pos, view_old[pos:pos + length])
