@@ -404,6 +404,8 @@ class Qcow2Image(BlockDevice):
                 merged = bytearray(self.read(start, end - start))
                 merged[offset - start:offset - start + len(view)] = view
                 offset, view = start, memoryview(merged)
+        elif self._write_in_place(offset, view):
+            return
         clusters = self._guest_clusters(offset, len(view))
         with self._cond:
             self._begin_io(clusters)
@@ -433,6 +435,32 @@ class Qcow2Image(BlockDevice):
                     self._io_active -= 1
                     self._cond.notify_all()
         self._maybe_write_back()
+
+    def _write_in_place(self, offset: int, view: memoryview) -> bool:
+        """Fast path for the common small write: inside one cluster this image owns
+        (standard L2 entry, COPIED, not zero, not being allocated). False: take the
+        general path."""
+        cluster_index = offset >> self.cluster_bits
+        if (offset + len(view) - 1) >> self.cluster_bits != cluster_index or self.extended_l2:
+            return False
+        with self._lock:
+            if cluster_index in self._inflight:
+                return False
+            entry, _ = self.map.get_entry(cluster_index)
+            if entry & (S.OFLAG_COMPRESSED | S.OFLAG_ZERO) or not entry & S.OFLAG_COPIED:
+                return False
+            try:
+                self.map.validate_entry(entry, 0, cluster_index)
+            except CorruptImageError as exc:
+                self._signal_corruption(exc)
+                raise
+            host = (entry & S.L2E_OFFSET_MASK) + (offset & (self.cluster_size - 1))
+            self._io_active += 1
+        try:
+            self._data_target().pwrite(view, host)
+        finally:
+            self._end_io()
+        return True
 
     def _plan_write(self, offset: int, length: int):
         """Under the lock: direct host runs, and the clusters whose entries must change."""
