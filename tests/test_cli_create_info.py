@@ -549,7 +549,8 @@ def test_info_bitmaps(twins):
 @contextlib.contextmanager
 def held_by_qemu_io(twins: Twins, name: str):
     """Keep `name` open for writing by a qemu-io process in both directories."""
-    procs = [subprocess.Popen(["qemu-io", "-c", "sleep 20000", str(d / name)],
+    # qemu-io sleeps in milliseconds: hold the lock for up to ten minutes (killed after use).
+    procs = [subprocess.Popen(["qemu-io", "-c", "sleep 600000", str(d / name)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
              for d in twins.dirs()]
     try:
