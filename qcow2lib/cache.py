@@ -66,12 +66,16 @@ class TableCache:
         self._tables.pop(offset, None)
         self.dirty.discard(offset)
 
-    def take_dirty(self) -> list[tuple[int, object]]:
-        """The dirty tables in offset order; they count as clean from now on."""
-        items = [(offset, self._tables[offset]) for offset in sorted(self.dirty)]
-        self.dirty.clear()
+    def write_back(self, write) -> bool:
+        """Write each dirty table with write(offset, table), in offset order; a table
+        counts as clean only once its write returned, so a failed write leaves it (and
+        those after it) dirty for the next attempt. Returns whether anything was written."""
+        offsets = sorted(self.dirty)
+        for offset in offsets:
+            write(offset, self._tables[offset])
+            self.dirty.discard(offset)
         self._evict()
-        return items
+        return bool(offsets)
 
     def clear(self) -> None:
         self._tables.clear()

@@ -77,10 +77,8 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
                 raise Qcow2IOError(
                     2, f"Could not open backing file: Could not open '{backing_path}': "
                        f"No such file or directory", backing_path)
-            # Backing layers let others write them, as QEMU's backing links do (a commit
-            # into the base while the top is in use relies on it).
             image.backing = open_image(backing_path, "r", image.backing_format, True,
-                                       None, True, passphrase, open_data_file,
+                                       None, force_share, passphrase, open_data_file,
                                        _chain + (real,))
         except BaseException:
             image.close()

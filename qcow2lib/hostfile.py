@@ -33,7 +33,7 @@ except (OSError, AttributeError):  # pragma: no cover - non-glibc hosts
 # whoever does not let others have it (open file description locks, so they work across
 # processes and between threads of one process alike).
 PERM_CONSISTENT_READ, PERM_WRITE, PERM_WRITE_UNCHANGED, PERM_RESIZE = 1, 2, 4, 8
-PERM_ALL = 0x0F
+PERM_ALL = 0x0F  # what a writer does not take: WRITE_UNCHANGED (QEMU leaves byte 102 alone)
 _PERM_NAMES = {1: "consistent read", 2: "write", 4: "write unchanged", 8: "resize"}
 _LOCK_PERM_BASE, _LOCK_SHARED_BASE = 100, 200
 
@@ -65,14 +65,17 @@ class HostFile:
                                              f"file", path)
         self._closed = False
 
-    def _fail(self, exc: OSError, what: str) -> Qcow2IOError:
+    def _fail(self, exc: OSError | OverflowError, what: str) -> Qcow2IOError:
+        if isinstance(exc, OverflowError):  # an offset or length no file can have
+            return Qcow2IOError(errno.EFBIG, f"{what} failed on '{self.path}': offset or length "
+                                             f"too large", self.path)
         return Qcow2IOError(exc.errno or errno.EIO, f"{what} failed on '{self.path}': {exc.strerror}",
                             self.path)
 
     def size(self) -> int:
         try:
             return os.fstat(self.fd).st_size
-        except OSError as exc:
+        except (OSError, OverflowError) as exc:
             raise self._fail(exc, "fstat") from None
 
     def allocated_bytes(self) -> int:
@@ -92,7 +95,7 @@ class HostFile:
         while done < total:
             try:
                 n = os.preadv(self.fd, [buf[done:]], offset + done)
-            except OSError as exc:
+            except (OSError, OverflowError) as exc:
                 raise self._fail(exc, "read") from None
             if n == 0:
                 buf[done:] = bytes(total - done)
@@ -105,7 +108,7 @@ class HostFile:
         while done < len(view):
             try:
                 n = os.pwrite(self.fd, view[done:], offset + done)
-            except OSError as exc:
+            except (OSError, OverflowError) as exc:
                 raise self._fail(exc, "write") from None
             done += n
 
@@ -120,7 +123,7 @@ class HostFile:
             while done < total:
                 try:
                     n = os.pwritev(self.fd, batch, offset + done)
-                except OSError as exc:
+                except (OSError, OverflowError) as exc:
                     raise self._fail(exc, "write") from None
                 done += n
                 while n and batch:  # drop what was written; retry the rest
@@ -136,20 +139,20 @@ class HostFile:
         """Make every completed write durable."""
         try:
             os.fdatasync(self.fd)
-        except OSError as exc:
+        except (OSError, OverflowError) as exc:
             raise self._fail(exc, "flush") from None
 
     def truncate(self, length: int) -> None:
         try:
             os.ftruncate(self.fd, length)
-        except OSError as exc:
+        except (OSError, OverflowError) as exc:
             raise self._fail(exc, "truncate") from None
 
     def allocate(self, offset: int, length: int) -> None:
         """Reserve blocks (preallocation=falloc) without changing data."""
         try:
             os.posix_fallocate(self.fd, offset, length)
-        except OSError as exc:
+        except (OSError, OverflowError) as exc:
             raise self._fail(exc, "fallocate") from None
 
     def punch_hole(self, offset: int, length: int) -> bool:
@@ -159,6 +162,9 @@ class HostFile:
         """
         if _fallocate is None or length <= 0:
             return False
+        if offset < 0 or offset + length >= 1 << 63:
+            raise Qcow2IOError(errno.EFBIG, f"punch hole failed on '{self.path}': offset or "
+                                            f"length too large", self.path)
         if _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
             err = ctypes.get_errno()
             if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
@@ -201,7 +207,8 @@ class HostFile:
             if force_share:
                 from .errors import InvalidArgumentError
                 raise InvalidArgumentError("force-share=on can only be used with read-only images")
-            self.lock(PERM_ALL, PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED)
+            self.lock(PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE,
+                      PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED)
         elif force_share:
             self.lock(PERM_CONSISTENT_READ, PERM_ALL)
         else:

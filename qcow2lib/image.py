@@ -798,6 +798,7 @@ class Qcow2Image(BlockDevice):
         cluster_index = start >> self.cluster_bits
         cluster_start = cluster_index << self.cluster_bits
         entry, bitmap = self.map.get_entry(cluster_index)
+        self._validate_for_write(entry, bitmap, cluster_index)
         mapped = self.map.has_host(entry)
         usable = not entry & S.OFLAG_COMPRESSED and (not mapped or entry & S.OFLAG_COPIED
                                                       or self.has_data_file)
@@ -845,6 +846,7 @@ class Qcow2Image(BlockDevice):
         v3 = self.header.version >= 3
         for cluster_index in range(first, stop):
             entry, bitmap = self.map.get_entry(cluster_index)
+            self._validate_for_write(entry, bitmap, cluster_index)
             mapped = self.map.has_host(entry)
             compressed = bool(entry & S.OFLAG_COMPRESSED)
             owned = self._clusters_of(entry)
@@ -930,6 +932,16 @@ class Qcow2Image(BlockDevice):
             self.file.flush()
             for first, count in released:
                 self.file.punch_hole(first << self.cluster_bits, count << self.cluster_bits)
+
+    def _validate_for_write(self, entry: int, bitmap: int, cluster_index: int) -> None:
+        """Refuse to change (or free what is behind) an entry that is itself invalid."""
+        try:
+            self.map.validate_entry(entry, bitmap, cluster_index)
+            if entry & S.OFLAG_COMPRESSED:
+                self.map.lookup(cluster_index << self.cluster_bits, 1)  # checks the extent
+        except CorruptImageError as exc:
+            self._signal_corruption(exc)
+            raise
 
     def _signal_corruption(self, exc: CorruptImageError) -> None:
         """Metadata a write depends on is broken: mark the image corrupt and stop writing,

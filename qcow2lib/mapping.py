@@ -101,22 +101,19 @@ class ClusterMap:
         return self.l2_cache.get(offset) if offset else None
 
     def write_dirty_l2(self) -> bool:
-        dirty = self.l2_cache.take_dirty()
-        for offset, table in dirty:
-            self.file.pwrite(encode_be64(table), offset)
-        return bool(dirty)
+        return self.l2_cache.write_back(lambda offset, table: self.file.pwrite(encode_be64(table),
+                                                                              offset))
 
     def write_dirty_l1(self) -> bool:
         if not self.l1_dirty:
             return False
         # Write whole 512-byte sectors that hold dirty entries, so each write is atomic.
         per_sector = 64
-        sectors = sorted({i // per_sector for i in self.l1_dirty})
-        self.l1_dirty.clear()
-        for sector in sectors:
+        for sector in sorted({i // per_sector for i in self.l1_dirty}):
             start = sector * per_sector
             chunk = self.l1[start:start + per_sector]
             self.file.pwrite(encode_be64(chunk), self.l1_table_offset + start * 8)
+            self.l1_dirty.difference_update(range(start, start + per_sector))
         return True
 
     # --- classification -----------------------------------------------------------------

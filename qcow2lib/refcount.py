@@ -14,7 +14,7 @@ from typing import Callable
 
 from .cache import TableCache, decode_be64, encode_be64
 from .errors import CorruptImageError, InvalidArgumentError
-from .structs import REFT_OFFSET_MASK, REFT_RESERVED_MASK
+from .structs import MAX_REFTABLE_BYTES, REFT_OFFSET_MASK, REFT_RESERVED_MASK
 
 _NATIVE_LITTLE = sys.byteorder == "little"
 _TYPECODES = {3: "B", 4: "H", 5: "I", 6: "Q"}
@@ -144,6 +144,10 @@ class Refcounts:
         end = cluster + count
         while cluster < end:
             block_index = cluster // self.block_entries
+            if delta < 0 and self._block_offset(block_index) == 0:
+                raise CorruptImageError(
+                    f"Refcount of cluster {cluster} (offset 0x{cluster << self.cluster_bits:x}) "
+                    f"would drop below zero (no refcount block describes it)")
             block = self._writable_block(block_index)
             offset = self._block_offset(block_index)
             stop = min(end, (block_index + 1) * self.block_entries)
@@ -207,6 +211,10 @@ class Refcounts:
 
     def _grow_table(self, min_entries: int) -> None:
         """Move the table to the end of the image, larger, with the blocks that count it."""
+        if min_entries * 8 > MAX_REFTABLE_BYTES:
+            raise InvalidArgumentError(
+                f"Refcount table would need {min_entries} entries, more than the format's "
+                f"limit of {MAX_REFTABLE_BYTES // 8} (image too large for its cluster size)")
         per_cluster = self.cluster_size // 8
         start = self.end_cluster
         entries = max(min_entries, len(self.table) * 2)
@@ -323,10 +331,7 @@ class Refcounts:
 
     def write_blocks(self) -> bool:
         """Write dirty blocks; returns whether anything was written."""
-        dirty = self.blocks.take_dirty()
-        for offset, block in dirty:
-            self.file.pwrite(block.to_bytes(), offset)
-        return bool(dirty)
+        return self.blocks.write_back(lambda offset, block: self.file.pwrite(block.to_bytes(), offset))
 
     def write_table(self) -> None:
         data = encode_be64(self.table)
