@@ -252,6 +252,7 @@ class GetoptLong:
         self.argv = list(argv)
         self.optind = 1
         self.optarg: str | None = None
+        self.error_message = ""  # what glibc prints for the last error (opterr mode)
         self._longopts = longopts
         self._nextchar = ""
         self._first_nonopt = self._last_nonopt = 1
@@ -306,12 +307,14 @@ class GetoptLong:
             self.optind += 1
         pos = self._shortopts.find(char)
         if pos < 0 or char in ":;":
+            self.error_message = f"invalid option -- '{char}'"
             return "?"
         if self._shortopts[pos + 1:pos + 2] == ":":
             if self._nextchar:
                 self.optarg = self._nextchar
                 self.optind += 1
             elif self.optind == argc:
+                self.error_message = f"option requires an argument -- '{char}'"
                 char = ":" if self._colon else "?"
             else:
                 self.optarg = argv[self.optind]
@@ -328,17 +331,22 @@ class GetoptLong:
                                                              candidates[0].val)
                                   for opt in candidates[1:]):
                 self.optind += 1
+                names = "".join(f" '--{opt.name}'" for opt in candidates)
+                self.error_message = f"option '--{name}' is ambiguous; possibilities:{names}"
                 return "?"  # ambiguous abbreviation
             found = candidates[0] if candidates else None
         self.optind += 1
         if found is None:
+            self.error_message = f"unrecognized option '--{text}'"
             return "?"
         if eq:
             if not found.has_arg:
+                self.error_message = f"option '--{found.name}' doesn't allow an argument"
                 return "?"
             self.optarg = value
         elif found.has_arg:
             if self.optind >= len(self.argv):
+                self.error_message = f"option '--{found.name}' requires an argument"
                 return ":" if self._colon else "?"
             self.optarg = self.argv[self.optind]
             self.optind += 1
@@ -730,7 +738,45 @@ def _open_backing(filename: str, backing_file: str, backing_fmt: str | None):
         raise CreateError(error_text(exc), hint) from exc
 
 
-def _qcow2_arguments(opts: CreateOptions) -> dict:
+CIPHER_ALGS = ("aes-128", "aes-192", "aes-256", "des", "3des", "cast5-128", "serpent-128",
+               "serpent-192", "serpent-256", "twofish-128", "twofish-192", "twofish-256")
+HASH_ALGS = ("md5", "sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160")
+LUKS_CREATE_ENUMS = {"cipher-alg": CIPHER_ALGS, "cipher-mode": ("ecb", "cbc", "xts", "ctr"),
+                     "ivgen-alg": ("plain", "plain64", "essiv"), "ivgen-hash-alg": HASH_ALGS,
+                     "hash-alg": HASH_ALGS}
+
+
+def _encrypt_options(opts: CreateOptions, encryption: str | None) -> tuple[str, dict] | None:
+    """The encrypt.* create options as QEMU's visitor checks them: (format, options without
+    the "encrypt." prefix, key-secret included) or None for an unencrypted image."""
+    given = {name[len("encrypt."):]: opts.get(name) for name in opts.names()
+             if name.startswith("encrypt.")}
+    encrypt_format = given.pop("format", None)
+    if encryption is not None:  # the deprecated "encryption=on": legacy AES
+        encrypt_format = "aes"
+    if encrypt_format is None:
+        if given:
+            raise CreateError("Parameter 'encrypt.format' is missing")
+        return None
+    if encrypt_format not in ("aes", "luks"):
+        raise CreateError(f"Parameter 'format' does not accept value '{encrypt_format}'")
+    if encrypt_format == "luks":
+        for name, allowed in LUKS_CREATE_ENUMS.items():
+            if name in given and given[name] not in allowed:
+                raise CreateError(f"Parameter '{name}' does not accept value '{given[name]}'")
+        if "iter-time" in given:
+            try:
+                given["iter-time"] = parse_number(given["iter-time"], signed=True)
+            except SizeError:
+                raise CreateError("Parameter 'iter-time' expects integer") from None
+    else:
+        for name in given:
+            if name != "key-secret":
+                raise CreateError(f"Parameter 'encrypt.{name}' is unexpected")
+    return encrypt_format, given
+
+
+def _qcow2_arguments(opts: CreateOptions, secrets: dict[str, bytes] | None = None) -> dict:
     """Turn checked -o values into qcow2lib.create() arguments.
 
     This is the string-to-type step of QEMU's qcow2 creation, with its messages and in its
@@ -754,9 +800,7 @@ def _qcow2_arguments(opts: CreateOptions) -> dict:
     backing_fmt = opts.get("backing_fmt")
     if backing_fmt is not None and backing_fmt not in BLOCKDEV_DRIVERS:
         raise CreateError(f"Parameter 'backing-fmt' does not accept value '{backing_fmt}'")
-    if encryption is not None or any(opts.is_set(name) for name in opts.descs
-                                     if name.startswith("encrypt.")):
-        raise CreateError("Image encryption is not supported by qimg yet")
+    encrypt = _encrypt_options(opts, encryption)
     opts.reparse("cluster_size")
     preallocation = opts.get("preallocation") or "off"
     if preallocation not in PREALLOC_MODES:
@@ -769,7 +813,18 @@ def _qcow2_arguments(opts: CreateOptions) -> dict:
     if compression_type not in ("zlib", "zstd"):
         raise CreateError(f"Parameter 'compression-type' does not accept value "
                           f"'{compression_type}'")
+    encrypt_arguments = {}
+    if encrypt is not None:
+        encrypt_format, encrypt_options = encrypt
+        secret_id = encrypt_options.pop("key-secret", None)
+        if secret_id is None:
+            raise CreateError("Parameter 'encrypt.key-secret' is required for cipher")
+        if secrets is None or secret_id not in secrets:
+            raise CreateError(f"No secret with id '{secret_id}'")
+        encrypt_arguments = {"encrypt_format": encrypt_format, "passphrase": secrets[secret_id],
+                             "encrypt_options": encrypt_options}
     return {
+        **encrypt_arguments,
         "fmt": "qcow2",
         "cluster_size": opts.value("cluster_size"),
         "compat": versions[compat],
@@ -850,7 +905,7 @@ def img_create(cli: Cli, filename: str, fmt: str, base_filename: str | None,
     if not quiet:
         cli.out(f"Formatting '{filename}', fmt={fmt} {opts.render()}\n")
         sys.stdout.flush()
-    arguments = _qcow2_arguments(opts) if fmt == "qcow2" else _raw_arguments(opts)
+    arguments = _qcow2_arguments(opts, cli.secrets) if fmt == "qcow2" else _raw_arguments(opts)
     size = (size + 511) // 512 * 512  # QEMU rounds every new image up to whole sectors
     try:
         qcow2lib.create(path, size, **arguments)
@@ -889,7 +944,7 @@ def cmd_create(cli: Cli, argv: list[str]) -> int:
         elif c == "u":
             unsafe = True
         elif c == "object":
-            cli.unsupported("--object")
+            process_object(cli, getopt.optarg)
     argv, optind = getopt.argv, getopt.optind
     filename = argv[optind] if optind < len(argv) else None
     if options is not None and any(is_help for _, _, is_help in split_option_list(options)):
@@ -929,6 +984,1590 @@ def cvtnum(cli: Cli, name: str, text: str) -> int | None:
         cli.error_report(f"Invalid {name} specified. Must be between 0 and {INT64_MAX}.")
         return None
     return value
+
+
+# --- --object: secrets -----------------------------------------------------------------------
+
+# QEMU's user creatable object types (`--object help`); qimg implements "secret".
+OBJECT_TYPES = ("authz-list", "authz-list-file", "authz-simple", "main-loop",
+                "pr-manager-helper", "secret", "secret_keyring", "thread-context",
+                "throttle-group", "tls-cipher-suites", "tls-creds-anon", "tls-creds-psk",
+                "tls-creds-x509")
+# The properties of a secret object; "env" is qimg's own (the secret is read from an
+# environment variable, so it appears neither on the command line nor in a file).
+SECRET_PROPERTIES = ("data", "env", "file", "format", "iv", "keyid")
+IDENTIFIER_HINT = ("Identifiers consist of letters, digits, '-', '.', '_', starting with a "
+                   "letter.\n")
+
+
+class ObjectError(Exception):
+    """A bad --object: QEMU's message, and the hint lines printed after it."""
+
+    def __init__(self, message: str, hint: str = ""):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+def _keyval_key(text: str) -> bool:
+    """A dotted key as QEMU's keyval parser accepts it (fragments start with a letter)."""
+    return all(part and part[0].isascii() and part[0].isalpha()
+               and all(c.isascii() and (c.isalnum() or c in "-_") for c in part)
+               for part in text.split("."))
+
+
+def keyval_parse(text: str, implied_key: str) -> tuple[dict[str, str], bool]:
+    """QEMU's keyval_parse(): "type,key=value,,more,help" -> ({key: value}, help wanted).
+
+    Only the first item may omit "key=" (it is then `implied_key`'s value, ending at the
+    first comma); elsewhere ",," is a literal comma; a bare "help" or "?" asks for help.
+    """
+    values: dict[str, str] = {}
+    want_help = False
+    pos = 0
+    first = True
+    while pos < len(text) or first:
+        end = pos
+        while end < len(text) and text[end] not in "=,":
+            end += 1
+        key = text[pos:end]
+        if key in ("help", "?") and (end == len(text) or text[end] == ","):
+            want_help = True
+            pos = end + 1
+        elif first and key and (end == len(text) or text[end] == ","):
+            values[implied_key] = key
+            pos = end + 1
+        else:
+            if not _keyval_key(key):
+                raise ObjectError(f"Invalid parameter '{key}'")
+            if end == len(text) or text[end] != "=":
+                raise ObjectError(f"Expected '=' after parameter '{key}'")
+            pos = end + 1
+            parts = []
+            while True:
+                comma = text.find(",", pos)
+                if comma < 0:
+                    parts.append(text[pos:])
+                    pos = len(text) + 1
+                    break
+                if text[comma + 1:comma + 2] == ",":
+                    parts.append(text[pos:comma + 1])
+                    pos = comma + 2
+                    continue
+                parts.append(text[pos:comma])
+                pos = comma + 1
+                break
+            values[key] = "".join(parts)
+        first = False
+        if pos >= len(text):
+            break
+    return values, want_help
+
+
+def _is_identifier(text: str) -> bool:
+    return bool(text) and text[0].isascii() and text[0].isalpha() and \
+        all(c.isascii() and (c.isalnum() or c in "-._") for c in text)
+
+
+def _read_secret_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except IsADirectoryError:
+        raise ObjectError(f"Unable to read {path}: Error reading file \u201c{path}\u201d: "
+                          f"Is a directory") from None
+    except OSError as exc:
+        raise ObjectError(f"Unable to read {path}: Failed to open file \u201c{path}\u201d: "
+                          f"{exc.strerror}") from None
+
+
+def _base64_decode(data: bytes) -> bytes:
+    """GLib's lenient base64 decoding, refusing what QEMU's qbase64_decode refuses."""
+    text = data.decode("latin-1")
+    body = text.rstrip("=")
+    if any(not (c.isascii() and (c.isalnum() or c in "+/")) for c in body) or \
+            len(text) - len(body) > 2:
+        raise ObjectError("Base64 data contains invalid characters")
+    body = body[:len(body) - len(body) % 4 if len(body) % 4 == 1 else len(body)]
+    return base64.b64decode(body + "=" * (-len(body) % 4))
+
+
+def add_object(cli: Cli, text: str) -> None:
+    """--object TEXT: define a secret (or print the object help and exit 0)."""
+    props, want_help = keyval_parse(text, "qom-type")
+    qom_type = props.get("qom-type")
+    if qom_type in ("help", "?") or (qom_type is None and want_help):
+        cli.out("List of user creatable objects:\n"
+                + "".join(f"  {name}\n" for name in OBJECT_TYPES))
+        raise CliExit(0)
+    if qom_type is None:
+        raise ObjectError("Parameter 'qom-type' is missing")
+    if qom_type not in OBJECT_TYPES:
+        raise ObjectError(f"Parameter 'qom-type' does not accept value '{qom_type}'")
+    if want_help and qom_type == "secret":
+        names = {"data": "string", "env": "string", "file": "string",
+                 "format": "QCryptoSecretFormat", "iv": "string", "keyid": "string"}
+        cli.out("secret options:\n" + "".join(f"  {name}=<{kind}>\n"
+                                               for name, kind in names.items()))
+        raise CliExit(0)
+    if "id" not in props:
+        raise ObjectError("Parameter 'id' is missing")
+    if qom_type != "secret":
+        raise ObjectError(f"Object type '{qom_type}' is not supported yet")
+    object_id = props["id"]
+    if props.get("format", "raw") not in ("raw", "base64"):
+        raise ObjectError(f"Parameter 'format' does not accept value '{props['format']}'")
+    for name in props:
+        if name == "loaded":
+            raise ObjectError("Property 'secret.loaded' is not writable")
+        if name not in SECRET_PROPERTIES and name not in ("qom-type", "id"):
+            raise ObjectError(f"Parameter '{name}' is unexpected")
+    if not _is_identifier(object_id):
+        raise ObjectError("Parameter 'id' expects an identifier", IDENTIFIER_HINT)
+    sources = [name for name in ("data", "file", "env") if name in props]
+    if "env" in props and len(sources) > 1:
+        raise ObjectError("'env' cannot be used together with 'data' or 'file'")
+    if "data" in props and "file" in props:
+        raise ObjectError("'file' and 'data' are mutually exclusive")
+    if not sources:
+        raise ObjectError("Either 'file' or 'data' must be provided")
+    if "data" in props:
+        value = props["data"].encode("utf-8", "surrogateescape")
+    elif "file" in props:
+        value = _read_secret_file(props["file"])
+    else:
+        name = props["env"]
+        if name.encode("utf-8", "surrogateescape") not in os.environb:
+            raise ObjectError(f"Environment variable '{name}' is not set")
+        value = os.environb[name.encode("utf-8", "surrogateescape")]
+    if "keyid" in props:
+        if props["keyid"] not in cli.secrets:
+            raise ObjectError(f"No secret with id '{props['keyid']}'")
+        raise ObjectError("Encrypted secrets (keyid) are not supported by qimg yet")
+    if props.get("format") == "base64":
+        value = _base64_decode(value)
+    if object_id in cli.secrets:
+        raise ObjectError(f"attempt to add duplicate property '{object_id}' to object "
+                          f"(type 'container')")
+    cli.secrets[object_id] = value
+
+
+def process_object(cli: Cli, text: str, code: int = 1) -> None:
+    """--object as a command processes it: errors end qemu-img with `code`."""
+    try:
+        add_object(cli, text)
+    except ObjectError as exc:
+        cli.error_report(exc.message)
+        sys.stderr.write(exc.hint)
+        raise CliExit(code) from None
+
+
+def secret_value(cli: Cli, secret_id: str) -> bytes:
+    """The data of a secret object; QEMU's error when there is none."""
+    if secret_id not in cli.secrets:
+        raise InvalidSecret(f"No secret with id '{secret_id}'")
+    return cli.secrets[secret_id]
+
+
+class InvalidSecret(Qcow2Error):
+    """A key-secret naming no --object secret."""
+
+
+# --- opening images as qemu-img names them (filename or --image-opts) -------------------------
+
+CACHE_MODES = ("none", "off", "directsync", "writeback", "unsafe", "writethrough")
+# --image-opts options qimg accepts and ignores (they tune QEMU's I/O, not content).
+IGNORED_IMAGE_OPTS = ("read-only", "auto-read-only", "cache.direct", "cache.no-flush",
+                      "discard", "detect-zeroes", "file.locking", "file.aio",
+                      "file.cache.direct", "file.cache.no-flush", "file.discard",
+                      "file.detect-zeroes", "node-name", "file.node-name")
+RAW_PROBE_WARNING = (
+    "WARNING: Image format was not specified for '{0}' and probing guessed raw.\n"
+    "         Automatically detecting the format is dangerous for raw images, write "
+    "operations on block 0 will be restricted.\n"
+    "         Specify the 'raw' format explicitly to remove the restrictions.\n")
+
+
+class OpenFailure(Exception):
+    """An image could not be opened: qemu-img's message (without the program name) and
+    the hint lines it prints after it."""
+
+    def __init__(self, message: str, hint: str = ""):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+def report_failure(cli: Cli, exc: "OpenFailure | CreateError") -> None:
+    cli.error_report(exc.message)
+    sys.stderr.write(exc.hint)
+
+
+@dataclass
+class ImageSpec:
+    """An image argument: `name` is how messages call it, `path` the host file."""
+    name: str
+    path: str
+    fmt: str | None = None
+    key_secret: str | None = None
+    force_share: bool = False
+
+
+def parse_qemu_opts(text: str, implied: str) -> list[tuple[str, str]]:
+    """QemuOpts parsing ("flag" -> on, "noflag" -> off, ",," a literal comma) where a first
+    item without "=" is the value of `implied` (as --image-opts takes "file")."""
+    end = 0
+    while end < len(text) and text[end] not in "=,":
+        end += 1
+    if end < len(text) and text[end] == "=":
+        return [(name, value) for name, value, _ in split_option_list(text)]
+    parts = []
+    pos = 0
+    while True:
+        comma = text.find(",", pos)
+        if comma < 0:
+            parts.append(text[pos:])
+            rest = ""
+            break
+        if text[comma + 1:comma + 2] == ",":
+            parts.append(text[pos:comma + 1])
+            pos = comma + 2
+            continue
+        parts.append(text[pos:comma])
+        rest = text[comma + 1:]
+        break
+    return [(implied, "".join(parts))] + [(name, value) for name, value, _ in
+                                          split_option_list(rest)]
+
+
+def image_spec(text: str, image_opts: bool, fmt: str | None,
+               force_share: bool = False) -> ImageSpec:
+    """Turn a filename (or with --image-opts an option string) into an ImageSpec."""
+    if not image_opts:
+        return ImageSpec(text, text, fmt, None, force_share)
+    if fmt is not None:
+        raise OpenFailure("--image-opts and --format are mutually exclusive")
+    opts = dict(parse_qemu_opts(text, "file"))
+
+    def fail(message: str) -> NoReturn:
+        raise OpenFailure(f"Could not open '{text}': {message}")
+
+    driver = opts.pop("driver", None)
+    if driver is not None and driver not in ("qcow2", "raw", "file"):
+        fail(f"Unknown driver '{driver}'")
+    if "file" in opts:
+        name = opts["file"]
+        fail(f"Cannot find device='{name}' nor node-name='{name}'")
+    filename = None
+    if driver == "file":
+        filename = opts.pop("filename", None)
+        if filename is None:
+            fail("The 'file' block driver requires a file name")
+    else:
+        if opts.pop("file.driver", "file") != "file":
+            fail("qimg only opens images in plain files (file.driver=file)")
+        filename = opts.pop("file.filename", None)
+        if filename is None:
+            if driver is None:
+                fail("Must specify either driver or file")
+            fail('A block device must be specified for "file"')
+    key_secret = opts.pop("encrypt.key-secret", None)
+    share = opts.pop("force-share", None)
+    if share is not None:
+        if share not in ("on", "off"):
+            fail(f"Parameter 'force-share' expects 'on' or 'off'")
+        if force_share and share != "on":
+            raise OpenFailure("--force-share/-U conflicts with image options")
+        force_share = share == "on"
+    for name in opts:
+        if name in IGNORED_IMAGE_OPTS:
+            continue
+        fail(f"Block format '{driver or 'raw'}' does not support the option '{name}'")
+    return ImageSpec(text, filename, "raw" if driver == "file" else driver, key_secret,
+                     force_share)
+
+
+def _chain_layers(device):
+    layer = device
+    while layer is not None:
+        yield layer
+        layer = getattr(layer, "backing", None)
+
+
+def open_spec(cli: Cli, spec: ImageSpec, mode: str = "r", backing: bool = True,
+              passphrase: bytes | None = None, warn_probe: bool = True):
+    """Open an image like qemu-img's img_open(); raises OpenFailure with its message."""
+    try:
+        path = host_path(spec.path)
+        if not path:
+            raise qcow2lib.InvalidArgumentError("The 'file' block driver requires a file name")
+        if spec.key_secret is not None:
+            passphrase = secret_value(cli, spec.key_secret)
+        device = qcow2lib.open(path, mode, fmt=spec.fmt, backing=backing,
+                               force_share=spec.force_share,
+                               passphrase=passphrase)
+    except ImageLockedError as exc:
+        raise OpenFailure(f"Could not open '{spec.name}': {error_text(exc)}",
+                          f"Is another process using the image [{host_path(spec.path)}]?\n") \
+            from exc
+    except Qcow2Error as exc:
+        raise OpenFailure(f"Could not open '{spec.name}': {error_text(exc)}") from exc
+    for layer in _chain_layers(device):
+        if getattr(layer, "encrypted", False) and getattr(layer, "crypto", None) is None:
+            device.close()
+            raise OpenFailure(f"Could not open '{spec.name}': Parameter 'encrypt.key-secret' "
+                              f"is required for cipher")
+    if warn_probe and mode == "r+" and spec.fmt is None and device.format == "raw":
+        sys.stderr.write(RAW_PROBE_WARNING.format(path))
+    return device
+
+
+# --- progress (-p) ---------------------------------------------------------------------------
+
+def _f32(value: float) -> float:
+    """Round to C's float: qemu-img keeps its progress in single precision."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+class Progress:
+    """QEMU's qemu-progress.c: "    (12.34/100%)\\r" on stdout, each time the value moved by
+    more than min_skip percent (and at 0 and 100), a newline at the end. Disabled (no -p,
+    or -q) it prints nothing."""
+
+    def __init__(self, cli: Cli, enabled: bool, min_skip: float):
+        self.cli = cli
+        self.enabled = enabled
+        self.min_skip = _f32(min_skip)
+        self.current = 0.0
+        self.last_print = 0.0
+        self.lock = threading.Lock()
+        self._last_done = -1
+
+    def print(self, delta: float, maximum: int = 0) -> None:
+        """qemu_progress_print(delta, max): absolute percent when max is 0, else a delta."""
+        with self.lock:
+            if maximum == 0:
+                current = _f32(delta)
+            else:
+                current = _f32(self.current + _f32(_f32(_f32(delta) / 100) * maximum))
+            if current > 100:
+                current = 100.0
+            self.current = current
+            if current > _f32(self.last_print + self.min_skip) or \
+                    current < _f32(self.last_print - self.min_skip) or \
+                    current == 100 or current == 0:
+                self.last_print = current
+                if self.enabled:
+                    self.cli.out("    (%3.2f/100%%)\r" % current)
+                    sys.stdout.flush()
+
+    def callback(self, done: int, total: int) -> None:
+        """A qcow2lib progress(done, total) callback: the absolute percentage, reported
+        once per new amount of work done (thread-safe, never backwards)."""
+        if total <= 0 or done <= 0:
+            return
+        with self.lock:
+            if done <= self._last_done:
+                return
+            self._last_done = done
+        self.print(100.0 * done / total, 0)
+
+    def end(self) -> None:
+        if self.enabled:
+            self.cli.out("\n")
+            sys.stdout.flush()
+
+
+def check_cache_mode(cli: Cli, mode: str, source: bool) -> bool:
+    """bdrv_parse_cache_mode(): False (after the error) for an unknown mode."""
+    if mode in CACHE_MODES:
+        return True
+    cli.error_report(f"Invalid {'source ' if source else ''}cache option: {mode}")
+    return False
+
+
+# --- convert ---------------------------------------------------------------------------------
+
+SNAPSHOT_OPT_BASE = "snapshot."
+MAX_COROUTINES = 16
+MAX_BUF_SECTORS = 32768
+
+
+def parse_strtol(text: str) -> int | None:
+    """QEMU's qemu_strtol(text, NULL, 0): the whole string one C integer (0x.., 0.. octal)."""
+    body = text.lstrip(" \t\n\v\f\r")
+    sign = 1
+    if body[:1] in "+-" and body:
+        sign = -1 if body[0] == "-" else 1
+        body = body[1:]
+    try:
+        if body[:2].lower() == "0x":
+            value = int(body[2:], 16) if body[2:] and body[2:].isalnum() else None
+        elif body.startswith("0") and len(body) > 1:
+            value = int(body[1:], 8)
+        else:
+            value = int(body, 10) if body.isdigit() else None
+    except ValueError:
+        return None
+    if value is None or not body.isascii():
+        return None
+    return sign * value
+
+
+def parse_snapshot_param(cli: Cli, text: str) -> dict[str, str] | None:
+    """-l snapshot.id=ID,snapshot.name=NAME (QEMU's internal_snapshot_opts)."""
+    result = {}
+    for name, value, _ in split_option_list(text):
+        if name not in ("snapshot.id", "snapshot.name"):
+            cli.error_report(f"Invalid parameter '{name}'")
+            cli.error_report(f"Failed in parsing snapshot param '{text}'")
+            return None
+        result[name] = value
+    return result
+
+
+def load_snapshot(source, snapshot_opts: dict | None, snapshot_name: str | None):
+    """bdrv_snapshot_load_tmp(): a read-only view of an internal snapshot of `source`.
+
+    Raises OpenFailure("Failed to load snapshot: ...") as qemu-img reports it.
+    """
+    from qcow2lib.snapshots import SnapshotView
+    if source.format != "qcow2":
+        raise OpenFailure(f"Failed to load snapshot: Block format '{source.format}' used by "
+                          f"device '' does not support temporarily loading internal snapshots")
+    try:
+        if snapshot_opts is not None:
+            return SnapshotView(source, id=snapshot_opts.get("snapshot.id"),
+                                name=snapshot_opts.get("snapshot.name"))
+        from qcow2lib import snapshots as snaps
+        found = snaps.find_snapshot(source, id=snapshot_name)
+        if found is None:
+            found = snaps.find_snapshot(source, name=snapshot_name)
+        if found is None:
+            raise qcow2lib.InvalidArgumentError("Can't find snapshot")
+        return SnapshotView(source, id=found.id, name=found.name)
+    except Qcow2Error as exc:
+        text = error_text(exc)
+        if "find" in text.lower() or "no snapshot" in text.lower() or "not found" in text:
+            text = "Can't find snapshot"
+        raise OpenFailure(f"Failed to load snapshot: {text}") from exc
+
+
+class ConvertStop(Exception):
+    """Ends `convert` after an error was reported; `code` is the exit status."""
+
+    def __init__(self, code: int = 1):
+        super().__init__(code)
+        self.code = code
+
+
+def _create_convert_target(cli: Cli, filename: str, fmt: str, opts: "CreateOptions") -> None:
+    """bdrv_create() of convert's target (no "Formatting" line, no backing file check)."""
+    path = host_path(filename)
+    try:
+        arguments = _qcow2_arguments(opts, cli.secrets) if fmt == "qcow2" \
+            else _raw_arguments(opts)
+        size = _int64(opts.value("size"))
+        size = (size + 511) // 512 * 512
+        qcow2lib.create(path, size, **arguments)
+    except CreateError as exc:
+        raise CreateError(f"{filename}: error while converting {fmt}: {exc.message}",
+                          exc.hint) from exc
+    except ImageLockedError as exc:
+        raise CreateError(f"{filename}: error while converting {fmt}: {error_text(exc)}",
+                          f"Is another process using the image [{path}]?\n") from exc
+    except Qcow2Error as exc:
+        raise CreateError(f"{filename}: error while converting {fmt}: {error_text(exc)}") \
+            from exc
+
+
+def cmd_convert(cli: Cli, argv: list[str]) -> int:
+    """`convert`: copy one or more images (concatenated) into a new or existing target."""
+    fmt = out_fmt = out_baseimg = snapshot_name = backing_fmt = options = None
+    snapshot_opts: dict | None = None
+    cache, src_cache = "unsafe", "writeback"
+    image_opts = skip_create = progress = tgt_image_opts = force_share = False
+    explicit_sparse = bitmaps = skip_broken = salvage = compressed = copy_range = False
+    quiet = has_zero_init = False
+    min_sparse = 8
+    num_coroutines = 8
+    in_order = True
+    getopt = GetoptLong(argv, ":hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:", (
+        LongOpt("help", False, "h"), LongOpt("object", True, "object"),
+        LongOpt("image-opts", False, "image-opts"), LongOpt("force-share", False, "U"),
+        LongOpt("target-image-opts", False, "target-image-opts"),
+        LongOpt("salvage", False, "salvage"), LongOpt("target-is-zero", False, "target-is-zero"),
+        LongOpt("bitmaps", False, "bitmaps"),
+        LongOpt("skip-broken-bitmaps", False, "skip-broken-bitmaps")))
+    while (c := getopt.next()) is not None:
+        arg = getopt.optarg
+        if c in ":?":
+            cli.option_error(getopt, c)
+        elif c == "h":
+            cli.help()
+        elif c == "f":
+            fmt = arg
+        elif c == "O":
+            out_fmt = arg
+        elif c == "B":
+            out_baseimg = arg
+        elif c == "C":
+            copy_range = True
+        elif c == "c":
+            compressed = True
+        elif c == "F":
+            backing_fmt = arg
+        elif c == "o":
+            if not valid_option_list(arg):
+                cli.error_report(f"Invalid option list: {arg}")
+                return 1
+            options = arg if options is None else f"{options},{arg}"
+        elif c == "l":
+            if arg.startswith(SNAPSHOT_OPT_BASE):
+                snapshot_opts = parse_snapshot_param(cli, arg)
+                if snapshot_opts is None:
+                    return 1
+            else:
+                snapshot_name = arg
+        elif c == "S":
+            value = cvtnum(cli, "buffer size for sparse output", arg)
+            if value is None:
+                return 1
+            if value % 512 or value // 512 > MAX_BUF_SECTORS:
+                cli.error_report("Invalid buffer size for sparse output specified. Valid sizes "
+                                 f"are multiples of 512 up to {MAX_BUF_SECTORS * 512}. Select 0 "
+                                 "to disable sparse detection (fully allocates output).")
+                return 1
+            min_sparse = value // 512
+            explicit_sparse = True
+        elif c == "p":
+            progress = True
+        elif c == "t":
+            cache = arg
+        elif c == "T":
+            src_cache = arg
+        elif c == "q":
+            quiet = True
+        elif c == "n":
+            skip_create = True
+        elif c == "m":
+            value = parse_strtol(arg)
+            if value is None or not 1 <= value <= MAX_COROUTINES:
+                cli.error_report("Invalid number of coroutines. Allowed number of coroutines is "
+                                 f"between 1 and {MAX_COROUTINES}")
+                return 1
+            num_coroutines = value
+        elif c == "W":
+            in_order = False
+        elif c == "U":
+            force_share = True
+        elif c == "r":
+            if cvtnum(cli, "rate limit", arg) is None:
+                return 1
+        elif c == "object":
+            process_object(cli, arg)
+        elif c == "image-opts":
+            image_opts = True
+        elif c == "salvage":
+            salvage = True
+        elif c == "target-image-opts":
+            tgt_image_opts = True
+        elif c == "target-is-zero":
+            has_zero_init = True
+        elif c == "bitmaps":
+            bitmaps = True
+        elif c == "skip-broken-bitmaps":
+            skip_broken = True
+    if out_fmt is None and not tgt_image_opts:
+        out_fmt = "raw"
+    for bad, message in (
+            (skip_broken and not bitmaps, "Use of --skip-broken-bitmaps requires --bitmaps"),
+            (compressed and copy_range, "Cannot enable copy offloading when -c is used"),
+            (explicit_sparse and copy_range, "Cannot enable copy offloading when -S is used"),
+            (copy_range and salvage, "Cannot use copy offloading in salvaging mode"),
+            (tgt_image_opts and not skip_create, "--target-image-opts requires use of -n flag"),
+            (skip_create and options is not None,
+             "-o has no effect when skipping image creation"),
+            (has_zero_init and not skip_create, "--target-is-zero requires use of -n flag")):
+        if bad:
+            cli.error_report(message)
+            return 1
+    argv, optind = getopt.argv, getopt.optind
+    src_num = len(argv) - optind - 1
+    out_filename = argv[-1] if src_num >= 1 else None
+    if options is not None and any(is_help for _, _, is_help in split_option_list(options)):
+        if out_fmt is None:
+            cli.error_report("Option help requires a format be specified")
+            return 1
+        return print_create_option_help(cli, out_filename, out_fmt)
+    if src_num < 1:
+        cli.error_report("Must specify image file name")
+        return 1
+    if not check_cache_mode(cli, src_cache, True):
+        return 1
+    meter = Progress(cli, progress and not quiet, 1.0)
+    meter.print(0, 100)
+    devices: list = []
+    try:
+        code = _convert(cli, argv[optind:optind + src_num], out_filename, devices, meter,
+                        fmt=fmt, out_fmt=out_fmt, out_baseimg=out_baseimg,
+                        backing_fmt=backing_fmt, options=options, snapshot_opts=snapshot_opts,
+                        snapshot_name=snapshot_name, cache=cache, image_opts=image_opts,
+                        skip_create=skip_create, tgt_image_opts=tgt_image_opts,
+                        force_share=force_share, bitmaps=bitmaps, compressed=compressed,
+                        copy_range=copy_range, has_zero_init=has_zero_init,
+                        min_sparse=min_sparse, num_coroutines=num_coroutines,
+                        in_order=in_order)
+    except ConvertStop as stop:
+        code = stop.code
+    finally:
+        for device in reversed(devices):
+            try:
+                device.close()
+            except Qcow2Error:
+                pass
+    if code == 0:
+        meter.print(100, 0)
+    meter.end()
+    return code
+
+
+def _convert(cli: Cli, sources: list[str], out_filename: str, devices: list, meter: Progress,
+             *, fmt, out_fmt, out_baseimg, backing_fmt, options, snapshot_opts, snapshot_name,
+             cache, image_opts, skip_create, tgt_image_opts, force_share, bitmaps, compressed,
+             copy_range, has_zero_init, min_sparse, num_coroutines, in_order) -> int:
+    """img_convert() after its argument checks; opened devices are appended to `devices`
+    (the caller closes them). Returns the exit status or raises ConvertStop."""
+    def fail(message: str, hint: str = "") -> NoReturn:
+        cli.error_report(message)
+        sys.stderr.write(hint)
+        raise ConvertStop(1)
+
+    src_devices = []
+    for name in sources:
+        try:
+            device = open_spec(cli, image_spec(name, image_opts, fmt, force_share), "r")
+        except OpenFailure as exc:
+            fail(exc.message, exc.hint)
+        devices.append(device)
+        src_devices.append(device)
+    total_sectors = sum(virtual_size(device) // 512 for device in src_devices)
+    if snapshot_opts is not None or snapshot_name is not None:
+        if snapshot_opts is None and len(src_devices) > 1:
+            fail("No support for concatenating multiple snapshot")
+        try:
+            view = load_snapshot(src_devices[0], snapshot_opts, snapshot_name)
+        except OpenFailure as exc:
+            fail(exc.message)
+        src_devices[0] = view
+
+    opts = None
+    if not skip_create:
+        if out_fmt not in FORMAT_CREATE_OPTS:
+            fail(f"Unknown file format '{out_fmt}'")
+        try:
+            host_path(out_filename)
+        except Qcow2Error as exc:
+            fail(error_text(exc))
+        opts = CreateOptions(merged_create_opts(out_fmt), cli.warn_report)
+        try:
+            for name, value, _ in split_option_list(options or ""):
+                if name != "id":
+                    opts.set(name, value)
+        except CreateError as exc:
+            fail(exc.message, exc.hint)
+        opts.set_number("size", total_sectors * 512)
+        if out_baseimg is not None:
+            if "backing_file" not in opts.descs:
+                fail(f"Backing file not supported for file format '{out_fmt}'")
+            opts.set("backing_file", out_baseimg)
+        if backing_fmt is not None:
+            if "backing_fmt" not in opts.descs:
+                fail(f"Backing file format not supported for file format '{out_fmt}'")
+            opts.set("backing_fmt", backing_fmt)
+    baseimg_param = opts.get("backing_file") if opts is not None else None
+    if baseimg_param is not None:
+        out_baseimg = baseimg_param
+    has_backing = bool(out_baseimg)
+    if has_zero_init and has_backing:
+        cli.error_report("Cannot use --target-is-zero when the destination image has a "
+                         "backing file")
+        return 0  # qemu-img's exit status here is that of its last successful step
+    if len(src_devices) > 1 and out_baseimg:
+        fail("Having a backing file for the target makes no sense when concatenating "
+             "multiple input images")
+    if baseimg_param is not None and not opts.get("backing_fmt"):
+        fail("Use of backing file requires explicit backing format")
+    if compressed and opts is not None:
+        if out_fmt != "qcow2":
+            fail("Compression not supported for this file format")
+        if opts.is_set("encryption") and opts.value("encryption") or opts.get("encrypt.format"):
+            fail("Compression and encryption not supported at the same time")
+        preallocation = opts.get("preallocation")
+        if preallocation and preallocation != "off":
+            fail("Compression and preallocation not supported at the same time")
+    if bitmaps:
+        if len(src_devices) > 1:
+            fail("Copying bitmaps only possible with single source")
+        if getattr(src_devices[0], "bitmaps", None):
+            fail("--bitmaps is not supported by qimg yet (the source has persistent bitmaps)")
+
+    passphrase = None
+    if opts is not None:
+        secret_ids = [opts.get(name) for name in opts.names() if name.endswith("key-secret")]
+        try:
+            _create_convert_target(cli, out_filename, out_fmt, opts)
+        except CreateError as exc:
+            fail(exc.message, exc.hint)
+        if secret_ids and secret_ids[-1] in cli.secrets:
+            passphrase = cli.secrets[secret_ids[-1]]
+    if not check_cache_mode(cli, cache, False):
+        raise ConvertStop(1)
+    try:
+        if skip_create:
+            spec = image_spec(out_filename, tgt_image_opts, out_fmt)
+        else:
+            spec = ImageSpec(out_filename, out_filename, out_fmt)
+        target = open_spec(cli, spec, "r+", passphrase=passphrase)
+    except OpenFailure as exc:
+        fail(exc.message, exc.hint)
+    devices.append(target)
+    if bitmaps and target.format != "qcow2":
+        fail(f"Format driver '{target.format}' does not support bitmaps")
+    if compressed and target.format != "qcow2":
+        fail("Compression not supported for this file format")
+    if skip_create and virtual_size(target) // 512 < total_sectors:
+        fail("output file is smaller than input file")
+    target_backing = target.backing if has_backing else None
+    from qcow2lib.convert import ConvertError, convert
+    try:
+        convert(src_devices, target, compress=compressed, sparse_size=min_sparse * 512,
+                target_is_zero=has_zero_init, target_backing=target_backing,
+                parallel=num_coroutines, out_of_order=not in_order,
+                progress=meter.callback if meter.enabled else None, copy_range=copy_range)
+    except ConvertError as exc:
+        fail(error_text(exc))
+    except Qcow2Error as exc:
+        fail(error_text(exc))
+    return 0
+
+
+# --- map -------------------------------------------------------------------------------------
+
+def cmd_map(cli: Cli, argv: list[str]) -> int:
+    """`map`: the allocation map of an image and its chain (human or JSON)."""
+    from qcow2lib.ops.mapping_report import map_entries, map_human_lines, map_json_text
+    fmt = output = None
+    image_opts = force_share = False
+    start, max_length = 0, -1
+    getopt = GetoptLong(argv, ":f:s:l:hU", (
+        LongOpt("help", False, "h"), LongOpt("format", True, "f"),
+        LongOpt("output", True, "output"), LongOpt("object", True, "object"),
+        LongOpt("image-opts", False, "image-opts"), LongOpt("force-share", False, "U"),
+        LongOpt("start-offset", True, "s"), LongOpt("max-length", True, "l")))
+    while (c := getopt.next()) is not None:
+        if c in ":?":
+            cli.option_error(getopt, c)
+        elif c == "h":
+            cli.help()
+        elif c == "f":
+            fmt = getopt.optarg
+        elif c == "U":
+            force_share = True
+        elif c == "output":
+            output = getopt.optarg
+        elif c == "s":
+            value = cvtnum(cli, "start offset", getopt.optarg)
+            if value is None:
+                return 1
+            start = value
+        elif c == "l":
+            value = cvtnum(cli, "max length", getopt.optarg)
+            if value is None:
+                return 1
+            max_length = value
+        elif c == "object":
+            process_object(cli, getopt.optarg)
+        elif c == "image-opts":
+            image_opts = True
+    if getopt.optind != len(getopt.argv) - 1:
+        cli.error_exit("Expecting one image file name")
+    filename = getopt.argv[getopt.optind]
+    if output not in (None, "json", "human"):
+        cli.error_report("--output must be used with human or json as argument.")
+        return 1
+    try:
+        device = open_spec(cli, image_spec(filename, image_opts, fmt, force_share))
+    except OpenFailure as exc:
+        report_failure(cli, exc)
+        return 1
+    with device:
+        try:
+            length = virtual_size(device)
+            if max_length != -1:
+                length = min(start + max_length, length)
+            entries = map_entries(device, start, max(0, length - start))
+            if output == "json":
+                cli.out(map_json_text(entries))
+                return 0
+            lines, error = map_human_lines(device, entries)
+        except Qcow2Error as exc:
+            cli.error_report(f"Could not read file metadata: {error_text(exc)}")
+            return 1
+    cli.out("".join(line + "\n" for line in lines))
+    if error is not None:
+        cli.error_report(error)
+        return 1
+    return 0
+
+
+# --- compare ---------------------------------------------------------------------------------
+
+def cmd_compare(cli: Cli, argv: list[str]) -> int:
+    """`compare`: 0 identical, 1 different, 2 and more errors (qemu-img's code table)."""
+    from qcow2lib.ops.compare import compare
+    fmt1 = fmt2 = None
+    cache = "writeback"
+    progress = quiet = strict = image_opts = force_share = False
+    getopt = GetoptLong(argv, ":hf:F:T:pqsU", (
+        LongOpt("help", False, "h"), LongOpt("object", True, "object"),
+        LongOpt("image-opts", False, "image-opts"), LongOpt("force-share", False, "U")))
+    while (c := getopt.next()) is not None:
+        if c in ":?":
+            cli.option_error(getopt, c)
+        elif c == "h":
+            cli.help()
+        elif c == "f":
+            fmt1 = getopt.optarg
+        elif c == "F":
+            fmt2 = getopt.optarg
+        elif c == "T":
+            cache = getopt.optarg
+        elif c == "p":
+            progress = True
+        elif c == "q":
+            quiet = True
+        elif c == "s":
+            strict = True
+        elif c == "U":
+            force_share = True
+        elif c == "object":
+            process_object(cli, getopt.optarg, code=2)
+        elif c == "image-opts":
+            image_opts = True
+    if quiet:
+        progress = False
+    if getopt.optind != len(getopt.argv) - 2:
+        cli.error_exit("Expecting two image file names")
+    filename1, filename2 = getopt.argv[getopt.optind:]
+    meter = Progress(cli, progress, 2.0)
+    devices = []
+    try:
+        if not check_cache_mode(cli, cache, True):
+            return 2
+        for name, fmt in ((filename1, fmt1), (filename2, fmt2)):
+            try:
+                devices.append(open_spec(cli, image_spec(name, image_opts, fmt, force_share)))
+            except OpenFailure as exc:
+                report_failure(cli, exc)
+                return 2
+        meter.print(0, 100)
+        sizes = [virtual_size(device) for device in devices]
+        warning = "Warning: Image size mismatch!"
+        warned = []
+
+        def progress_callback(done: int, total: int) -> None:
+            # qemu-img prints the size warning when its scan passes the smaller image's end
+            if done > min(sizes) and sizes[0] != sizes[1] and not warned:
+                warned.append(True)
+                if not quiet:
+                    cli.out(warning + "\n")
+            meter.callback(done, total)
+
+        code, text = compare(devices[0], devices[1], strict=strict, name_a=filename1,
+                             name_b=filename2,
+                             progress=progress_callback if meter.enabled else None)
+        if warned and text.startswith(warning + "\n"):
+            text = text[len(warning) + 1:]
+        if code in (0, 1):
+            if not quiet:
+                cli.out(text + "\n")
+        else:
+            lines = text.split("\n")
+            if not quiet:
+                cli.out("".join(line + "\n" for line in lines[:-1]))
+            cli.error_report(lines[-1])
+        return code
+    finally:
+        for device in devices:
+            device.close()
+        meter.end()
+
+
+# --- resize ----------------------------------------------------------------------------------
+
+def cmd_resize(cli: Cli, argv: list[str]) -> int:
+    """`resize`: set the virtual size ([+|-]size), shrinking only with --shrink."""
+    from qcow2lib.ops.resize import ShrinkRefusedError, resize
+    if len(argv) < 3:
+        cli.error_exit("Not enough arguments")
+    size_text = argv[-1]  # taken out first, so that "-1G" is not read as an option
+    fmt = None
+    quiet = image_opts = shrink = False
+    prealloc = "off"
+    getopt = GetoptLong(argv[:-1], ":f:hq", (
+        LongOpt("help", False, "h"), LongOpt("object", True, "object"),
+        LongOpt("image-opts", False, "image-opts"),
+        LongOpt("preallocation", True, "preallocation"), LongOpt("shrink", False, "shrink")))
+    while (c := getopt.next()) is not None:
+        if c in ":?":
+            cli.option_error(getopt, c)
+        elif c == "h":
+            cli.help()
+        elif c == "f":
+            fmt = getopt.optarg
+        elif c == "q":
+            quiet = True
+        elif c == "object":
+            process_object(cli, getopt.optarg)
+        elif c == "image-opts":
+            image_opts = True
+        elif c == "preallocation":
+            if getopt.optarg not in PREALLOC_MODES:
+                cli.error_report(f"Invalid preallocation mode '{getopt.optarg}'")
+                return 1
+            prealloc = getopt.optarg
+        elif c == "shrink":
+            shrink = True
+    if getopt.optind != len(getopt.argv) - 1:
+        cli.error_exit("Expecting image file name and size")
+    filename = getopt.argv[getopt.optind]
+    relative = {"+": 1, "-": -1}.get(size_text[:1], 0)
+    if relative:
+        size_text = size_text[1:]
+    size_opts = CreateOptions((_SIZE_OPT,), cli.warn_report)
+    try:
+        size_opts.set("size", size_text)
+    except CreateError as exc:
+        report_failure(cli, exc)
+        return 1
+    n = _int64(size_opts.value("size"))
+    try:
+        image = open_spec(cli, image_spec(filename, image_opts, fmt), "r+")
+    except OpenFailure as exc:
+        report_failure(cli, exc)
+        return 1
+    with image:
+        current = virtual_size(image)
+        total = current + n * relative if relative else n
+        total = _int64(total & ((1 << 64) - 1))
+        if total <= 0:
+            cli.error_report("New image size must be positive")
+            return 1
+        if total <= current and prealloc != "off":
+            cli.error_report("Preallocation can only be used for growing images")
+            return 1
+        try:
+            resize(image, total, shrink=shrink, preallocation=prealloc)
+        except ShrinkRefusedError as exc:
+            cli.error_report(str(exc))
+            cli.warn_report(exc.warning)
+            return 1
+        except Qcow2Error as exc:
+            cli.error_report(error_text(exc))
+            return 1
+    if not quiet:
+        cli.out("Image resized.\n")
+    return 0
+
+
+# --- measure ---------------------------------------------------------------------------------
+
+def cmd_measure(cli: Cli, argv: list[str]) -> int:
+    """`measure`: the size a new image of a format would need (for --size N or a source)."""
+    from qcow2lib.ops.measure import measure, measure_human, measure_json
+    fmt = filename = options = snapshot_name = None
+    snapshot_opts: dict | None = None
+    out_fmt = "raw"
+    output = "human"
+    force_share = image_opts = False
+    img_size = None
+    getopt = GetoptLong(argv, "hf:O:o:l:U", (
+        LongOpt("help", False, "h"), LongOpt("image-opts", False, "image-opts"),
+        LongOpt("object", True, "object"), LongOpt("output", True, "output"),
+        LongOpt("size", True, "size"), LongOpt("force-share", False, "U")))
+    while (c := getopt.next()) is not None:
+        arg = getopt.optarg
+        if c in "?:":  # measure lets getopt print its own complaint, then shows the help
+            sys.stderr.write(f"{argv[0]}: {getopt.error_message}\n")
+            cli.help()
+        elif c == "h":
+            cli.help()
+        elif c == "f":
+            fmt = arg
+        elif c == "O":
+            out_fmt = arg
+        elif c == "o":
+            if not valid_option_list(arg):
+                cli.error_report(f"Invalid option list: {arg}")
+                return 1
+            options = arg if options is None else f"{options},{arg}"
+        elif c == "l":
+            if arg.startswith(SNAPSHOT_OPT_BASE):
+                snapshot_opts = parse_snapshot_param(cli, arg)
+                if snapshot_opts is None:
+                    return 1
+            else:
+                snapshot_name = arg
+        elif c == "U":
+            force_share = True
+        elif c == "object":
+            process_object(cli, arg)
+        elif c == "image-opts":
+            image_opts = True
+        elif c == "output":
+            if arg not in ("json", "human"):
+                cli.error_report("--output must be used with human or json as argument.")
+                return 1
+            output = arg
+        elif c == "size":
+            img_size = cvtnum(cli, "image size", arg)
+            if img_size is None:
+                return 1
+    rest = getopt.argv[getopt.optind:]
+    if len(rest) > 1:
+        cli.error_report("At most one filename argument is allowed.")
+        return 1
+    filename = rest[0] if rest else None
+    if filename is None and (image_opts or fmt is not None or snapshot_name is not None
+                             or snapshot_opts is not None):
+        cli.error_report("--image-opts, -f, and -l require a filename argument.")
+        return 1
+    if filename is not None and img_size is not None:
+        cli.error_report("--size N cannot be used together with a filename.")
+        return 1
+    if filename is None and img_size is None:
+        cli.error_report("Either --size N or one filename must be specified.")
+        return 1
+    devices = []
+    try:
+        source = None
+        if filename is not None:
+            try:
+                source = open_spec(cli, image_spec(filename, image_opts, fmt, force_share))
+                devices.append(source)
+                if snapshot_opts is not None or snapshot_name is not None:
+                    source = load_snapshot(source, snapshot_opts, snapshot_name)
+            except OpenFailure as exc:
+                report_failure(cli, exc)
+                return 1
+        if out_fmt not in FORMAT_CREATE_OPTS:
+            cli.error_report(f"Unknown file format '{out_fmt}'")
+            return 1
+        opts = CreateOptions(merged_create_opts(out_fmt), cli.warn_report)
+        try:
+            for name, value, _ in split_option_list(options or ""):
+                opts.set(name, value)
+        except CreateError as exc:
+            report_failure(cli, exc)
+            cli.error_report(f"Invalid options for file format '{out_fmt}'")
+            return 1
+        given = {name: opts.get(name) for name in opts.names()}
+        if out_fmt == "raw":  # QEMU's raw driver looks at the size only
+            given = {name: value for name, value in given.items() if name == "size"}
+        if given.get("encrypt.format") == "luks":  # QEMU builds a LUKS header to measure it
+            secret_id = given.get("encrypt.key-secret")
+            if secret_id is None:
+                cli.error_report("Parameter 'encrypt.key-secret' is required for cipher")
+                return 1
+            if secret_id not in cli.secrets:
+                cli.error_report(f"No secret with id '{secret_id}'")
+                return 1
+        try:
+            info = measure(size=img_size, source=source, fmt=out_fmt, options=given)
+        except Qcow2Error as exc:
+            for line in error_text(exc).split("\n"):
+                cli.error_report(line)
+            return 1
+    finally:
+        for device in devices:
+            device.close()
+    cli.out(measure_json(info) if output == "json" else measure_human(info))
+    return 0
+
+
+# --- rebase ----------------------------------------------------------------------------------
+
+def cmd_rebase(cli: Cli, argv: list[str]) -> int:
+    """`rebase`: change the backing file, keeping the guest content unless -u."""
+    from qcow2lib.ops.rebase import rebase
+    fmt = out_basefmt = out_baseimg = None
+    cache = src_cache = "writeback"
+    unsafe = progress = quiet = image_opts = force_share = False
+    getopt = GetoptLong(argv, ":hf:F:b:upt:T:qU", (
+        LongOpt("help", False, "h"), LongOpt("object", True, "object"),
+        LongOpt("image-opts", False, "image-opts"), LongOpt("force-share", False, "U")))
+    while (c := getopt.next()) is not None:
+        arg = getopt.optarg
+        if c in ":?":
+            cli.option_error(getopt, c)
+        elif c == "h":
+            cli.help()
+        elif c == "f":
+            fmt = arg
+        elif c == "F":
+            out_basefmt = arg
+        elif c == "b":
+            out_baseimg = arg
+        elif c == "u":
+            unsafe = True
+        elif c == "p":
+            progress = True
+        elif c == "t":
+            cache = arg
+        elif c == "T":
+            src_cache = arg
+        elif c == "q":
+            quiet = True
+        elif c == "object":
+            process_object(cli, arg)
+        elif c == "image-opts":
+            image_opts = True
+        elif c == "U":
+            force_share = True
+    if quiet:
+        progress = False
+    if getopt.optind != len(getopt.argv) - 1:
+        cli.error_exit("Expecting one image file name")
+    if not unsafe and out_baseimg is None:
+        cli.error_exit("Must specify backing file (-b) or use unsafe mode (-u)")
+    filename = getopt.argv[getopt.optind]
+    meter = Progress(cli, progress, 2.0)
+    meter.print(0, 100)
+    try:
+        if not check_cache_mode(cli, cache, False) or not check_cache_mode(cli, src_cache, True):
+            return 1
+        try:
+            spec = image_spec(filename, image_opts, fmt)
+            open_spec(cli, spec, "r+", backing=not unsafe).close()
+        except OpenFailure as exc:
+            report_failure(cli, exc)
+            return 1
+        if out_basefmt is not None and out_basefmt not in FORMATS:
+            cli.error_report(f"Invalid format name: '{out_basefmt}'")
+            return 1
+        try:
+            rebase(host_path(spec.path), out_baseimg or None, out_basefmt, unsafe=unsafe,
+                   progress=meter.callback if meter.enabled else None, fmt=spec.fmt,
+                   force_share=force_share)
+        except Qcow2Error as exc:
+            cli.error_report(error_text(exc))
+            return 1
+        meter.print(100, 0)
+        return 0
+    finally:
+        meter.end()
+
+
+# --- commit ----------------------------------------------------------------------------------
+
+def cmd_commit(cli: Cli, argv: list[str]) -> int:
+    """`commit`: write an overlay's data into its backing file (or into -b further down)."""
+    from qcow2lib.ops.commit import commit
+    fmt = base = None
+    cache = "writeback"
+    progress = quiet = drop = image_opts = False
+    getopt = GetoptLong(argv, ":f:ht:b:dpqr:", (
+        LongOpt("help", False, "h"), LongOpt("object", True, "object"),
+        LongOpt("image-opts", False, "image-opts")))
+    while (c := getopt.next()) is not None:
+        arg = getopt.optarg
+        if c in ":?":
+            cli.option_error(getopt, c)
+        elif c == "h":
+            cli.help()
+        elif c == "f":
+            fmt = arg
+        elif c == "t":
+            cache = arg
+        elif c == "b":
+            base = arg
+            drop = True  # -b implies -d
+        elif c == "d":
+            drop = True
+        elif c == "p":
+            progress = True
+        elif c == "q":
+            quiet = True
+        elif c == "r":
+            if cvtnum(cli, "rate limit", arg) is None:
+                return 1
+        elif c == "object":
+            process_object(cli, arg)
+        elif c == "image-opts":
+            image_opts = True
+    if quiet:
+        progress = False
+    if getopt.optind != len(getopt.argv) - 1:
+        cli.error_exit("Expecting one image file name")
+    filename = getopt.argv[getopt.optind]
+    if not check_cache_mode(cli, cache, False):
+        return 1
+    try:
+        spec = image_spec(filename, image_opts, fmt)
+        open_spec(cli, spec, "r+").close()
+    except OpenFailure as exc:
+        report_failure(cli, exc)
+        return 1
+    meter = Progress(cli, progress, 1.0)
+    meter.print(0, 100)
+    try:
+        commit(host_path(spec.path), base, drop=drop,
+               progress=meter.callback if meter.enabled else None, fmt=spec.fmt)
+    except Qcow2Error as exc:
+        meter.end()
+        cli.error_report(error_text(exc))
+        return 1
+    meter.print(100, 0)
+    meter.end()
+    if not quiet:
+        cli.out("Image committed.\n")
+    return 0
+
+
+# --- amend -----------------------------------------------------------------------------------
+
+QCOW2_AMEND_OPTS = (
+    _SIZE_OPT,
+    OptDesc("compat", "str", "Compatibility level (v2 [0.10] or v3 [1.1])"),
+    OptDesc("backing_file", "str", "File name of a base image"),
+    OptDesc("backing_fmt", "str", "Image format of the base image"),
+    OptDesc("data_file", "str", "File name of an external data file"),
+    OptDesc("data_file_raw", "bool", "The external data file must stay valid as a raw image"),
+    OptDesc("lazy_refcounts", "bool", "Postpone refcount updates"),
+    OptDesc("refcount_bits", "num", "Width of a reference count entry in bits"),
+    OptDesc("encrypt.state", "str", "Select new state of affected keyslots (active/inactive)"),
+    OptDesc("encrypt.keyslot", "num", "Select a single keyslot to modify explicitly"),
+    OptDesc("encrypt.old-secret", "str", "Select all keyslots that match this password"),
+    OptDesc("encrypt.new-secret", "str", "New secret to set in the matching keyslots. Empty "
+                                         "string to erase"),
+    OptDesc("encrypt.iter-time", "num", "Time to spend in PBKDF in milliseconds"),
+)
+
+
+def print_amend_option_help(cli: Cli, fmt: str) -> int:
+    if fmt not in FORMATS:
+        cli.error_report(f"Unknown file format '{fmt}'")
+        return 1
+    if fmt != "qcow2":
+        cli.error_report(f"Format driver '{fmt}' does not support option amendment")
+        return 1
+    cli.out(f"Amend options for '{fmt}':\n{option_help_lines(QCOW2_AMEND_OPTS)}")
+    return 0
+
+
+def _luks_amend_options(cli: Cli, opts: CreateOptions) -> dict:
+    """The encrypt.* amend options for qcow2lib.crypto.amend_luks (secrets resolved)."""
+    state = opts.get("encrypt.state") if opts.is_set("encrypt.state") else None
+    if state is None:
+        raise CreateError("Parameter 'state' is missing")
+    if state not in ("active", "inactive"):
+        raise CreateError(f"Parameter 'state' does not accept value '{state}'")
+    result: dict = {"state": state}
+    if opts.is_set("encrypt.keyslot"):
+        result["keyslot"] = opts.value("encrypt.keyslot")
+    if opts.is_set("encrypt.iter-time"):
+        result["iter-time"] = opts.value("encrypt.iter-time")
+    for name in ("new-secret", "old-secret"):
+        if not opts.is_set(f"encrypt.{name}"):
+            continue
+        secret_id = opts.get(f"encrypt.{name}")
+        wanted = (state == "active") == (name == "new-secret")
+        if wanted and secret_id not in cli.secrets:
+            raise CreateError(f"No secret with id '{secret_id}'")
+        result[name] = cli.secrets.get(secret_id, b"")
+    return result
+
+
+def cmd_amend(cli: Cli, argv: list[str]) -> int:
+    """`amend`: change qcow2 options of an existing image (compat, refcounts, LUKS slots...)."""
+    from qcow2lib.crypto import amend_luks
+    from qcow2lib.ops.amend import amend
+    fmt = options = None
+    cache = "writeback"
+    quiet = progress = image_opts = force = False
+    getopt = GetoptLong(argv, ":ho:f:t:pq", (
+        LongOpt("help", False, "h"), LongOpt("object", True, "object"),
+        LongOpt("image-opts", False, "image-opts"), LongOpt("force", False, "force")))
+    while (c := getopt.next()) is not None:
+        arg = getopt.optarg
+        if c in ":?":
+            cli.option_error(getopt, c)
+        elif c == "h":
+            cli.help()
+        elif c == "o":
+            if not valid_option_list(arg):
+                cli.error_report(f"Invalid option list: {arg}")
+                return 1
+            options = arg if options is None else f"{options},{arg}"
+        elif c == "f":
+            fmt = arg
+        elif c == "t":
+            cache = arg
+        elif c == "p":
+            progress = True
+        elif c == "q":
+            quiet = True
+        elif c == "object":
+            process_object(cli, arg)
+        elif c == "image-opts":
+            image_opts = True
+        elif c == "force":
+            force = True
+    if options is None:
+        cli.error_exit("Must specify options (-o)")
+    meter = Progress(cli, progress and not quiet, 1.0)
+    try:
+        return _amend(cli, getopt, options, fmt, cache, image_opts, force, meter,
+                      amend, amend_luks)
+    finally:
+        meter.end()
+
+
+def _amend(cli, getopt, options, fmt, cache, image_opts, force, meter, amend, amend_luks) -> int:
+    argv, optind = getopt.argv, getopt.optind
+    wants_help = any(is_help for _, _, is_help in split_option_list(options))
+    if fmt is not None and wants_help:
+        return print_amend_option_help(cli, fmt)
+    if optind != len(argv) - 1:
+        cli.error_report("Expecting one image file name")
+        return 1
+    if not check_cache_mode(cli, cache, False):
+        return 1
+    spec = image_spec(argv[optind], image_opts, fmt) if image_opts else \
+        ImageSpec(argv[optind], argv[optind], fmt)
+    try:
+        image = open_spec(cli, spec, "r+")
+    except OpenFailure as exc:
+        report_failure(cli, exc)
+        return 1
+    with image:
+        image_fmt = image.format
+        encrypted = getattr(image, "encrypted", False)
+        luks = encrypted and image.header.crypt_method == 2
+        passphrase = secret_value(cli, spec.key_secret) if spec.key_secret else None
+    if wants_help:
+        return print_amend_option_help(cli, image_fmt)
+    if image_fmt != "qcow2":
+        cli.error_report(f"Format driver '{image_fmt}' does not support option amendment")
+        return 1
+    opts = CreateOptions(QCOW2_AMEND_OPTS, cli.warn_report)
+    try:
+        for name, value, _ in split_option_list(options):
+            opts.set(name, value)
+    except CreateError as exc:
+        hint = exc.hint
+        try:
+            everything = CreateOptions(QCOW2_AMEND_OPTS + merged_create_opts("qcow2"),
+                                       lambda message: None)
+            for name, value, _ in split_option_list(options):
+                everything.set(name, value)
+            hint += "This option is only supported for image creation\n"
+        except CreateError:
+            pass
+        report_failure(cli, CreateError(exc.message, hint))
+        return 1
+    meter.print(0, 0)
+    arguments: dict = {}
+    for name in ("compat", "backing_file", "backing_fmt", "data_file"):
+        if opts.is_set(name):
+            arguments[name] = opts.get(name)
+    for name in ("size", "refcount_bits", "lazy_refcounts", "data_file_raw"):
+        if opts.is_set(name):
+            arguments[name] = opts.value(name)
+    try:
+        code = _amend_image(cli, spec, opts, arguments, encrypted, luks, passphrase, force,
+                            meter, amend, amend_luks)
+    finally:
+        meter.print(100, 0)  # qemu-img reports 100% whether the amendment worked or not
+    return code
+
+
+def _amend_image(cli, spec, opts, arguments, encrypted, luks, passphrase, force, meter,
+                 amend, amend_luks) -> int:
+    compat = arguments.get("compat")
+    if compat is not None and compat not in ("0.10", "v2", "1.1", "v3"):
+        cli.error_report(f"Unknown compatibility level {compat}")
+        return 1
+    bits = arguments.get("refcount_bits")
+    if bits is not None and (bits <= 0 or bits > 64 or bits & (bits - 1)):
+        cli.error_report("Refcount width must be a power of two and may not exceed 64 bits")
+        return 1
+    try:
+        if any(name.startswith("encrypt.") for name in opts.names()):
+            if not encrypted:
+                raise CreateError("Can't amend encryption options - encryption not present")
+            if not luks:
+                raise CreateError("Only LUKS encryption options can be amended")
+            luks_options = _luks_amend_options(cli, opts)
+            with open_spec(cli, spec, "r+", passphrase=passphrase) as image:
+                hdr = image.header
+                amend_luks(lambda offset, length: image.file.pread(length, offset),
+                           lambda offset, data: image.file.pwrite(data, offset),
+                           hdr.crypto_offset, hdr.crypto_length, passphrase, luks_options,
+                           force)
+                image.file.flush()
+        if arguments:
+            amend(host_path(spec.path), fmt=spec.fmt,
+                  progress=(lambda done, total: meter.print(100.0 * done / total, 0))
+                  if meter.enabled else None, **arguments)
+    except CreateError as exc:
+        report_failure(cli, exc)
+        return 1
+    except OpenFailure as exc:
+        report_failure(cli, exc)
+        return 1
+    except Qcow2Error as exc:
+        for line in error_text(exc).split("\n")[:1]:
+            cli.error_report(line)
+        sys.stderr.write("".join(line + "\n" for line in error_text(exc).split("\n")[1:]))
+        return 1
+    return 0
+
+
+# --- dd --------------------------------------------------------------------------------------
+
+def cmd_dd(cli: Cli, argv: list[str]) -> int:
+    """`dd`: copy (part of) an image into a new image, dd(1)-style operands."""
+    fmt = None
+    out_fmt = "raw"
+    image_opts = force_share = False
+    getopt = GetoptLong(argv, ":hf:O:U", (
+        LongOpt("help", False, "h"), LongOpt("object", True, "object"),
+        LongOpt("image-opts", False, "image-opts"), LongOpt("force-share", False, "U")))
+    while (c := getopt.next()) is not None:
+        if c == "O":
+            out_fmt = getopt.optarg
+        elif c == "f":
+            fmt = getopt.optarg
+        elif c in ":?":
+            cli.option_error(getopt, c)
+        elif c == "h":
+            cli.help()
+        elif c == "U":
+            force_share = True
+        elif c == "object":
+            process_object(cli, getopt.optarg)
+        elif c == "image-opts":
+            image_opts = True
+    block_size = 512
+    count = skip = None
+    in_name = out_name = None
+    for operand in getopt.argv[getopt.optind:]:
+        key, eq, value = operand.partition("=")
+        if not eq:
+            cli.error_report(f"unrecognized operand {operand}")
+            return 1
+        if key not in ("bs", "count", "if", "of", "skip"):
+            cli.error_report(f"unrecognized operand {key}")
+            return 1
+        if key == "bs":
+            try:
+                parsed = parse_size(value, warn=cli.warn_report)
+            except SizeError as exc:
+                if not exc.out_of_range:
+                    cli.error_report("Invalid bs specified. You may use k, M, G, T, P or E "
+                                     "suffixes for")
+                    cli.error_report("kilobytes, megabytes, gigabytes, terabytes, petabytes "
+                                     "and exabytes.")
+                    return 1
+                parsed = INT64_MAX + 1
+            if not 1 <= parsed <= (1 << 31) - 1:
+                cli.error_report(f"Invalid bs specified. Must be between 1 and {(1 << 31) - 1}.")
+                return 1
+            block_size = parsed
+        elif key == "count":
+            count = cvtnum(cli, "count", value)
+            if count is None:
+                return 1
+        elif key == "skip":
+            skip = cvtnum(cli, "skip", value)
+            if skip is None:
+                return 1
+        elif key == "if":
+            in_name = value
+        else:
+            out_name = value
+    if in_name is None or out_name is None:
+        cli.error_report("Must specify both input and output files")
+        return 1
+    try:
+        source = open_spec(cli, image_spec(in_name, image_opts, fmt, force_share))
+    except OpenFailure as exc:
+        report_failure(cli, exc)
+        return 1
+    with source:
+        if out_fmt not in FORMAT_CREATE_OPTS:
+            cli.error_report("Unknown file format")
+            return 1
+        try:
+            out_path = host_path(out_name)
+        except Qcow2Error as exc:
+            cli.error_report(error_text(exc))
+            return 1
+        size = virtual_size(source)
+        if count is not None and count <= INT64_MAX // block_size and count * block_size < size:
+            size = count * block_size
+        beyond = skip is not None and (skip > INT64_MAX // block_size or size < block_size * skip)
+        out_size = 0 if beyond else size - block_size * (skip or 0)
+        opts = CreateOptions(merged_create_opts(out_fmt), cli.warn_report)
+        opts.set_number("size", out_size)
+        try:
+            _create_dd_target(cli, out_name, out_fmt, opts)
+        except CreateError as exc:
+            report_failure(cli, exc)
+            return 1
+        try:
+            target = open_spec(cli, ImageSpec(out_name, out_path, out_fmt), "r+")
+        except OpenFailure as exc:
+            report_failure(cli, exc)
+            return 1
+        with target:
+            if beyond:
+                cli.error_report(f"{in_name}: cannot skip to specified offset")
+                in_pos = size
+            else:
+                in_pos = (skip or 0) * block_size
+            out_pos = 0
+            step = max(block_size, 0)
+            while in_pos < size:
+                n = min(step, size - in_pos)
+                try:
+                    inside = max(0, min(n, source.size - in_pos))  # a raw file's last sector
+                    data = (source.read(in_pos, inside) if inside else b"").ljust(n, b"\0")
+                except Qcow2Error as exc:
+                    cli.error_report(f"error while reading from input image file: "
+                                     f"{error_text(exc)}")
+                    return 1
+                in_pos += n
+                try:
+                    target.write(out_pos, data)
+                except Qcow2Error as exc:
+                    cli.error_report(f"error while writing to output image file: "
+                                     f"{error_text(exc)}")
+                    return 1
+                out_pos += n
+            target.flush()
+    return 0
+
+
+def _create_dd_target(cli: Cli, filename: str, fmt: str, opts: CreateOptions) -> None:
+    try:
+        _create_convert_target(cli, filename, fmt, opts)
+    except CreateError as exc:
+        message = exc.message.replace(f"error while converting {fmt}: ",
+                                      "error while creating output image: ", 1)
+        raise CreateError(message, exc.hint) from exc
 
 
 # --- info ------------------------------------------------------------------------------------
@@ -1003,7 +2642,7 @@ def cmd_info(cli: Cli, argv: list[str]) -> int:
         elif c == "backing-chain":
             chain = True
         elif c == "object":
-            cli.unsupported("--object")
+            process_object(cli, getopt.optarg)
         elif c == "image-opts":
             image_opts = True
         elif c == "U":
@@ -1015,7 +2654,12 @@ def cmd_info(cli: Cli, argv: list[str]) -> int:
         cli.error_report("--output must be used with human or json as argument.")
         return 1
     if image_opts:
-        cli.unsupported("--image-opts")
+        try:
+            spec = image_spec(filename, True, fmt, force_share)
+        except OpenFailure as exc:
+            report_failure(cli, exc)
+            return 1
+        filename, fmt, force_share = spec.path, spec.fmt, spec.force_share
     try:
         infos = image_info_list(filename, fmt, chain, force_share)
     except ImageOpenError as exc:
@@ -1062,7 +2706,7 @@ def cmd_check(cli: Cli, argv: list[str]) -> int:
         elif c == "U":
             force_share = True
         elif c == "object":
-            cli.unsupported("--object")
+            process_object(cli, getopt.optarg)
         elif c == "image-opts":
             image_opts = True
         # -T src_cache: accepted and ignored (qimg has no cache modes)
@@ -1072,9 +2716,16 @@ def cmd_check(cli: Cli, argv: list[str]) -> int:
     if output not in (None, "json", "human"):
         cli.error_report("--output must be used with human or json as argument.")
         return 1
-    if image_opts:
-        cli.unsupported("--image-opts")
-    report = check_path(filename, repair, fmt, force_share, prog=cli.prog)
+    try:
+        spec = image_spec(filename, image_opts, fmt, force_share)
+    except OpenFailure as exc:
+        report_failure(cli, exc)
+        return 1
+    failure = _encrypted_without_key(cli, spec)
+    if failure is not None:
+        report_failure(cli, failure)
+        return 1
+    report = check_path(spec.path, repair, spec.fmt, spec.force_share, prog=cli.prog)
     for line in report.messages:
         sys.stderr.write(line + "\n")
     if not quiet:
@@ -1082,6 +2733,26 @@ def cmd_check(cli: Cli, argv: list[str]) -> int:
     if report.error:
         cli.error_report(report.error)
     return report.exit_code
+
+
+def _encrypted_without_key(cli: Cli, spec: ImageSpec) -> OpenFailure | None:
+    """For commands that read an image's data with other code than qcow2lib.open (check):
+    the error qemu-img gives for an encrypted image it cannot unlock, else None."""
+    try:
+        img = qcow2lib.open(host_path(spec.path), "r", fmt=spec.fmt, backing=False,
+                            force_share=True)
+    except Qcow2Error:
+        return None  # the command reports the failure itself
+    with img:
+        encrypted = getattr(img, "encrypted", False)
+    if not encrypted:
+        return None
+    try:
+        open_spec(cli, ImageSpec(spec.name, spec.path, spec.fmt, spec.key_secret, True),
+                  backing=False).close()
+    except OpenFailure as exc:
+        return exc
+    return None
 
 
 def cmd_snapshot(cli: Cli, argv: list[str]) -> int:
@@ -1107,19 +2778,17 @@ def cmd_snapshot(cli: Cli, argv: list[str]) -> int:
         elif c == "U":
             force_share = True
         elif c == "object":
-            cli.unsupported("--object")
+            process_object(cli, getopt.optarg)
         elif c == "image-opts":
             image_opts = True
     if getopt.optind != len(getopt.argv) - 1:
         cli.error_exit("Expecting one image file name")
     filename = getopt.argv[getopt.optind]
-    if image_opts:
-        cli.unsupported("--image-opts")
     try:
-        img = qcow2lib.open(host_path(filename), "r" if action == "l" else "r+",
-                            force_share=force_share)
-    except Qcow2Error as exc:
-        cli.error_report(f"Could not open '{filename}': {error_text(exc)}")
+        spec = image_spec(filename, image_opts, None, force_share)
+        img = open_spec(cli, spec, "r" if action == "l" else "r+", warn_probe=False)
+    except OpenFailure as exc:
+        report_failure(cli, exc)
         return 1
     with img:
         qcow2 = img.format == "qcow2" and not img.header.incompatible_features & 4
@@ -1175,8 +2844,17 @@ def cmd_snapshot(cli: Cli, argv: list[str]) -> int:
 # --- entry point -----------------------------------------------------------------------------
 
 COMMANDS: dict[str, Callable[[Cli, list[str]], int]] = {
+    "amend": cmd_amend,
+    "convert": cmd_convert,
+    "commit": cmd_commit,
+    "compare": cmd_compare,
     "create": cmd_create,
+    "dd": cmd_dd,
     "info": cmd_info,
+    "map": cmd_map,
+    "measure": cmd_measure,
+    "rebase": cmd_rebase,
+    "resize": cmd_resize,
     "check": cmd_check,
     "snapshot": cmd_snapshot,
 }
