@@ -7,11 +7,13 @@ method may be called from several threads at once.
 """
 from __future__ import annotations
 
+import errno
 import io
 import os
 from typing import NamedTuple
 
-from .errors import InvalidArgumentError, ReadOnlyError
+from .errors import InvalidArgumentError, Qcow2IOError, ReadOnlyError
+from .structs import QCOW_MAGIC
 from .hostfile import open_host_file
 
 
@@ -107,8 +109,10 @@ class RawDevice(BlockDevice):
 
     format = "raw"
 
-    def __init__(self, path: str, mode: str = "r", force_share: bool = False):
+    def __init__(self, path: str, mode: str = "r", force_share: bool = False,
+                 probed: bool = False):
         self.filename = path
+        self.probed = probed  # the format was guessed: sector 0 must not turn into another
         self.read_only = mode != "r+"
         self.file = open_host_file(path, writable=not self.read_only)
         try:
@@ -127,7 +131,20 @@ class RawDevice(BlockDevice):
     def write(self, offset: int, data) -> None:
         view = memoryview(data).cast("B")
         self.check_request(offset, len(view), write=True)
+        if self.probed and offset < 4 and len(view):
+            self._refuse_format_change(offset, view)
         self.file.pwrite(view, offset)
+
+    def _refuse_format_change(self, offset: int, view: memoryview) -> None:
+        """As QEMU: a guest of a probed raw image may not write a header that would make
+        the next open probe it as another format (and so read the host's files)."""
+        head = bytearray(self.file.pread(4, 0))
+        end = min(4, offset + len(view))
+        head[offset:end] = view[:end - offset]
+        if bytes(head) == QCOW_MAGIC.to_bytes(4, "big"):
+            raise Qcow2IOError(errno.EPERM, f"Operation not permitted: writing a qcow2 header "
+                                            f"into '{self.filename}', a raw image whose format "
+                                            f"was probed", self.filename)
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         self.check_request(offset, length, write=True)

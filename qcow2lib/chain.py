@@ -53,7 +53,8 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
         raise InvalidArgumentError("a snapshot can only be opened read-only (mode 'r')")
     if mode not in ("r", "r+"):
         raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
-    if fmt is None:
+    probed = fmt is None
+    if probed:
         fmt = probe_format(path)
     if fmt not in FORMATS:
         raise UnsupportedFeatureError(f"Unknown driver '{fmt}'")
@@ -67,7 +68,7 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
     if fmt == "raw":
         if snapshot is not None:
             raise UnsupportedFeatureError("Block driver does not support snapshots (raw)")
-        return RawDevice(path, mode, force_share)
+        return RawDevice(path, mode, force_share, probed)
     image = Qcow2Image(path, mode, data_file_path=data_file, force_share=force_share,
                        passphrase=passphrase, open_data_file=open_data_file)
     if backing and image.backing_filename:

@@ -58,12 +58,12 @@ class HostFile:
         except OSError as exc:
             raise Qcow2IOError(exc.errno, f"Could not {verb} '{path}': {exc.strerror}",
                                path) from None
-        if not stat.S_ISREG(os.fstat(self.fd).st_mode) and not stat.S_ISBLK(
-                os.fstat(self.fd).st_mode):
+        if stat.S_ISDIR(os.fstat(self.fd).st_mode):
             os.close(self.fd)
             raise Qcow2IOError(errno.EINVAL, f"'file' driver requires '{path}' to be a regular "
                                              f"file", path)
         self._closed = False
+        self._flush_error: Qcow2IOError | None = None
 
     def _fail(self, exc: OSError | OverflowError, what: str) -> Qcow2IOError:
         if isinstance(exc, OverflowError):  # an offset or length no file can have
@@ -136,11 +136,18 @@ class HostFile:
             offset += total
 
     def flush(self) -> None:
-        """Make every completed write durable."""
+        """Make every completed write durable.
+
+        A failed flush may have lost writes the kernel then forgets about, so every later
+        flush of this file fails too: nothing is reported durable that may not be.
+        """
+        if self._flush_error is not None:
+            raise self._flush_error
         try:
             os.fdatasync(self.fd)
         except (OSError, OverflowError) as exc:
-            raise self._fail(exc, "flush") from None
+            self._flush_error = self._fail(exc, "flush")
+            raise self._flush_error from None
 
     def truncate(self, length: int) -> None:
         try:

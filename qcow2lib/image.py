@@ -20,7 +20,7 @@ from . import structs as S
 from .blockdev import BlockDevice, Extent, merge_extents
 from .cache import decode_be64
 from .crypto import open_crypto
-from .errors import (BadSecretError, CorruptImageError, InvalidArgumentError,
+from .errors import (BadSecretError, CorruptImageError, InvalidArgumentError, Qcow2IOError,
                      UnsupportedFeatureError)
 from .header import Header
 from .hostfile import HostFile, open_host_file
@@ -116,6 +116,7 @@ class Qcow2Image(BlockDevice):
         self._closed = False
         self._last_decompressed: tuple[int, bytes] | None = None
         self._prealloc_detected: bool | None = None
+        self._flush_failure: Qcow2IOError | None = None
         self._compressed_tail = 0  # next free byte after the last compressed cluster written
         self.map = ClusterMap(self.file, hdr, self._data_size)
         self.use_refcount_table(hdr.refcount_table_offset, hdr.refcount_table_clusters, file_size)
@@ -192,7 +193,7 @@ class Qcow2Image(BlockDevice):
             changed = True
         if changed:
             self._write_header()
-            self.file.flush()
+            self._sync(self.file)
 
     def _write_header(self) -> None:
         """Rewrite the header cluster's content (header, extensions, backing name)."""
@@ -698,6 +699,7 @@ class Qcow2Image(BlockDevice):
                         for first, count in self._clusters_of(entry):
                             self.refcounts.free(first, count)
                     else:
+                        self._compressed_tail = 0  # its cluster may be freed and reused
                         for first, count in self._clusters_of(
                                 S.OFLAG_COMPRESSED | host
                                 | ((host + len(packed) - 1 >> 9) - (host >> 9)) << self.map.csize_shift):
@@ -899,28 +901,42 @@ class Qcow2Image(BlockDevice):
             return
         with self._lock:
             self._write_back(sync=True)
+        if self._flush_failure is not None:
+            raise self._flush_failure
+
+    def _sync(self, target: HostFile) -> None:
+        """fdatasync a file. After one failed, the kernel may have dropped writes it no
+        longer reports: every later flush fails too, as QEMU does, so nothing is claimed
+        durable that may not be."""
+        if self._flush_failure is not None:
+            raise self._flush_failure
+        try:
+            target.flush()
+        except Qcow2IOError as exc:
+            self._flush_failure = exc
+            raise
 
     def _write_back(self, sync: bool) -> None:
         """Write dirty metadata in crash-safe order (see the module docstring)."""
         refs = self.refcounts
         if self.data_host is not None:
-            self.data_host.flush()
+            self._sync(self.data_host)
         refs.write_blocks()
         if refs.table_dirty:
-            self.file.flush()  # blocks before the table that points at them
+            self._sync(self.file)  # blocks before the table that points at them
             refs.write_table()
             if refs.table_moved:
-                self.file.flush()
+                self._sync(self.file)
                 self.header.refcount_table_offset = refs.table_offset
                 self.header.refcount_table_clusters = refs.table_clusters
                 self._write_header_fields()
                 refs.table_moved = False
                 self.map.set_refcount_table(refs.table_offset, refs.table_clusters)
-        self.file.flush()  # data and refcounts before the L2 entries that use them
+        self._sync(self.file)  # data and refcounts before the L2 entries that use them
         if self.map.write_dirty_l2():
-            self.file.flush()
+            self._sync(self.file)
         if self.map.write_dirty_l1():
-            self.file.flush()
+            self._sync(self.file)
         if refs.pending_frees and self._io_active == 0:
             for first, count in refs.pending_frees:
                 for c in range(first, first + count):
@@ -929,7 +945,7 @@ class Qcow2Image(BlockDevice):
             self._last_decompressed = None
             self._compressed_tail = 0
             refs.write_blocks()
-            self.file.flush()
+            self._sync(self.file)
             for first, count in released:
                 self.file.punch_hole(first << self.cluster_bits, count << self.cluster_bits)
 
@@ -952,7 +968,7 @@ class Qcow2Image(BlockDevice):
         self.header.incompatible_features |= S.INCOMPAT_CORRUPT
         try:
             self._write_header_fields()
-            self.file.flush()
+            self._sync(self.file)
         finally:
             self.read_only = True
 
@@ -983,7 +999,7 @@ class Qcow2Image(BlockDevice):
                     if self.lazy_refcounts:
                         self.header.incompatible_features &= ~S.INCOMPAT_DIRTY
                         self._write_header_fields()
-                        self.file.flush()
+                        self._sync(self.file)
         finally:
             self._closed = True
             if self.backing is not None:
@@ -1035,12 +1051,12 @@ class Qcow2Image(BlockDevice):
             table.extend([0] * (new_l1_size - old_size))
             self.file.pwrite(encode_be64(table).ljust(clusters * cs, b"\0"), new_offset)
             self._host_size = max(self._host_size, new_offset + clusters * cs)
-            self.file.flush()
+            self._sync(self.file)
             old_offset = self.header.l1_table_offset
             self.header.l1_size = new_l1_size
             self.header.l1_table_offset = new_offset
             self._write_header_fields()
-            self.file.flush()
+            self._sync(self.file)
             self.map.l1 = table
             self.map.l1_dirty.clear()
             self.map.l1_table_offset = new_offset
@@ -1105,7 +1121,7 @@ class Qcow2Image(BlockDevice):
             self._resize_quiesce()
             self.header.size = new_size
             self._write_header_fields()
-            self.file.flush()
+            self._sync(self.file)
             self.size = new_size
 
     def resize_truncate_file(self) -> None:
