@@ -58,6 +58,8 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
         fmt = probe_format(path)
     if fmt not in FORMATS:
         raise UnsupportedFeatureError(f"Unknown driver '{fmt}'")
+    if "\0" in path:
+        raise CorruptImageError(f"Image file name {path!r} contains a NUL byte")
     real = os.path.realpath(path)
     if real in _chain:
         raise CorruptImageError(f"Backing file loop: '{path}' is its own backing file "

@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -283,6 +284,9 @@ CONVERT_ERRORS = [
     ["--image-opts", "driver=qcow2", "out"],
     ["--image-opts", "driver=qcow2,file.filename=a.qcow2,bogus=1", "out"],
     ["-p", "missing", "out"], ["-p", "-O", "raw", "-l", "x", "a.qcow2", "out"],
+    ["-O", "qcow2", "a.qcow2", "a.qcow2"], ["-n", "-O", "qcow2", "a.qcow2", "a.qcow2"],
+    ["-O", "raw", "r.raw", "file:r.raw"], ["-l", "snapshot.id", "a.qcow2", "out"],
+    ["-l", "snapshot.id=1,nosnapshot.name", "a.qcow2", "out"],
 ]
 
 
@@ -292,17 +296,29 @@ def test_convert_errors(twins, args):
 
 
 @pytest.mark.parametrize("args", [
-    ["-p", "-O", "qcow2", "a.qcow2", "out"],
+    ["-p", "-m", "1", "-O", "qcow2", "a.qcow2", "out"],
     ["-p", "-m", "1", "-O", "raw", "top.qcow2", "out"],
     ["-p", "-m", "1", "-O", "qcow2", "-c", "r.raw", "out"],
     ["-p", "-q", "-O", "qcow2", "a.qcow2", "out"],
     ["-p", "-O", "qcow2", "-S", "0", "-m", "1", "a.qcow2", "out"],
 ], ids=" ".join)
 def test_convert_progress(twins, args):
+    """qemu-img's exact bar, on stdout, "\r" after each value, "\n" at the end."""
     result = twins.assert_same("convert", *args)
     if "-q" not in args:
         assert result.stdout.startswith("    (0.00/100%)\r")
         assert result.stdout.endswith("    (100.00/100%)\r    (100.00/100%)\r\n")
+
+
+def test_convert_progress_parallel(twins):
+    """With parallel workers the values are those of finished work (qemu-img counts work
+    as it is handed out), so only the form is qemu-img's: rising, 0 to 100."""
+    expected, actual = twins.both("convert", "-p", "-O", "qcow2", "top.qcow2", "out")
+    assert (actual.returncode, actual.stderr) == (expected.returncode, expected.stderr)
+    values = [float(v) for v in re.findall(r"    \((\d+\.\d\d)/100%\)\r", actual.stdout)]
+    assert actual.stdout == "".join(f"    ({v:.2f}/100%)\r" for v in values) + "\n"
+    assert values[0] == 0 and values[-2:] == [100, 100] and values == sorted(values)
+    twins.assert_same_image("out", "qcow2")
 
 
 def test_convert_round_trips(twins):
@@ -449,7 +465,6 @@ def test_object_secret_from_environment(twins, monkeypatch):
 
 
 def _mask_disk_size(text: str) -> str:
-    import re
     return re.sub(r"^disk size: .*$", "disk size: <masked>", text, flags=re.M)
 
 

@@ -169,7 +169,13 @@ Parameters to dd subcommand:
   'skip=N' skip N bs-sized blocks at the start of input
 """
 
-HELP_BOTTOM = "Report qimg bugs to the qcow2lib project; qimg is not maintained by QEMU.\n"
+HELP_BOTTOM = """\
+qimg extension: a secret object can also take its data from an environment variable,
+  '--object secret,id=ID,env=VARNAME' (instead of data=... or file=...), so that the
+  passphrase appears neither on the command line nor in a file; format=base64 applies.
+
+Report qimg bugs to the qcow2lib project; qimg is not maintained by QEMU.
+"""
 
 
 # --- process plumbing ----------------------------------------------------------------------
@@ -447,6 +453,26 @@ def qemu_json(value: Any, depth: int = 0) -> str:
         opening, closing = "[", "]"
     body = "".join(("," if i else "") + pad + member for i, member in enumerate(members))
     return f"{opening}{body}\n{' ' * 4 * depth}{closing}"
+
+
+def qemu_json_compact(value: Any) -> str:
+    """QEMU's one-line JSON (qobject_to_json), dict members in QDict order."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_json_string(k)}: {qemu_json_compact(v)}"
+                               for k, v in qdict_items(value)) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(qemu_json_compact(v) for v in value) + "]"
+    return qemu_json(value)
+
+
+def json_filename(spec: "ImageSpec", fmt: str) -> str:
+    """The "json:{...}" name QEMU gives an image opened with options beyond its file name."""
+    options: dict = {}
+    if spec.key_secret is not None:
+        options["encrypt.key-secret"] = spec.key_secret
+    options["driver"] = fmt
+    options["file"] = {"driver": "file", "filename": spec.path}
+    return "json:" + qemu_json_compact(options)
 
 
 def dump_qobject(value: Any, indent: int) -> str:
@@ -1211,6 +1237,7 @@ class ImageSpec:
     fmt: str | None = None
     key_secret: str | None = None
     force_share: bool = False
+    backing_secrets: tuple = ()  # backing[.backing...].encrypt.key-secret, nearest first
 
 
 def parse_qemu_opts(text: str, implied: str) -> list[tuple[str, str]]:
@@ -1272,6 +1299,12 @@ def image_spec(text: str, image_opts: bool, fmt: str | None,
                 fail("Must specify either driver or file")
             fail('A block device must be specified for "file"')
     key_secret = opts.pop("encrypt.key-secret", None)
+    backing_secrets = []
+    prefix = "backing."
+    while f"{prefix}encrypt.key-secret" in opts or any(name.startswith(prefix + "backing.")
+                                                      for name in opts):
+        backing_secrets.append(opts.pop(f"{prefix}encrypt.key-secret", None))
+        prefix += "backing."
     share = opts.pop("force-share", None)
     if share is not None:
         if share not in ("on", "off"):
@@ -1284,7 +1317,7 @@ def image_spec(text: str, image_opts: bool, fmt: str | None,
             continue
         fail(f"Block format '{driver or 'raw'}' does not support the option '{name}'")
     return ImageSpec(text, filename, "raw" if driver == "file" else driver, key_secret,
-                     force_share)
+                     force_share, tuple(backing_secrets))
 
 
 def _chain_layers(device):
@@ -1296,13 +1329,25 @@ def _chain_layers(device):
 
 def open_spec(cli: Cli, spec: ImageSpec, mode: str = "r", backing: bool = True,
               passphrase: bytes | None = None, warn_probe: bool = True):
-    """Open an image like qemu-img's img_open(); raises OpenFailure with its message."""
+    """Open an image like qemu-img's img_open(); raises OpenFailure with its message.
+
+    As in QEMU, each encrypted layer needs its own key-secret option (the top's is
+    encrypt.key-secret, a backing file's backing.encrypt.key-secret, ...); `passphrase`
+    is the top's when the caller has it from elsewhere (a target just created).
+    """
+    explicit = passphrase is not None
     try:
         path = host_path(spec.path)
         if not path:
             raise qcow2lib.InvalidArgumentError("The 'file' block driver requires a file name")
-        if spec.key_secret is not None:
-            passphrase = secret_value(cli, spec.key_secret)
+        secrets = [spec.key_secret, *spec.backing_secrets]
+        values = [None if name is None else secret_value(cli, name) for name in secrets]
+        if passphrase is None:
+            passphrase = next((value for value in values if value is not None), None)
+        if any(value not in (None, passphrase) for value in values):
+            raise qcow2lib.UnsupportedFeatureError(
+                "qimg opens a backing chain with one secret; different encrypt.key-secret "
+                "values for its layers are not supported yet")
         device = qcow2lib.open(path, mode, fmt=spec.fmt, backing=backing,
                                force_share=spec.force_share,
                                passphrase=passphrase)
@@ -1312,11 +1357,16 @@ def open_spec(cli: Cli, spec: ImageSpec, mode: str = "r", backing: bool = True,
             from exc
     except Qcow2Error as exc:
         raise OpenFailure(f"Could not open '{spec.name}': {error_text(exc)}") from exc
-    for layer in _chain_layers(device):
-        if getattr(layer, "encrypted", False) and getattr(layer, "crypto", None) is None:
+    given = [spec.key_secret is not None or explicit,
+             *(name is not None for name in spec.backing_secrets)]
+    for depth, layer in enumerate(_chain_layers(device)):
+        keyed = given[depth] if depth < len(given) else False
+        if getattr(layer, "encrypted", False) and (
+                not keyed or getattr(layer, "crypto", None) is None):
             device.close()
-            raise OpenFailure(f"Could not open '{spec.name}': Parameter 'encrypt.key-secret' "
-                              f"is required for cipher")
+            raise OpenFailure(f"Could not open '{spec.name}': "
+                              + "Could not open backing file: " * depth
+                              + "Parameter 'encrypt.key-secret' is required for cipher")
     if warn_probe and mode == "r+" and spec.fmt is None and device.format == "raw":
         sys.stderr.write(RAW_PROBE_WARNING.format(path))
     return device
@@ -1417,7 +1467,12 @@ def parse_strtol(text: str) -> int | None:
 def parse_snapshot_param(cli: Cli, text: str) -> dict[str, str] | None:
     """-l snapshot.id=ID,snapshot.name=NAME (QEMU's internal_snapshot_opts)."""
     result = {}
+    bare = [token for token in text.replace(",,", "\0").split(",") if "=" not in token]
     for name, value, _ in split_option_list(text):
+        if (name in bare and value == "on") or (f"no{name}" in bare and value == "off"):
+            given = name if value == "on" else f"no{name}"
+            cli.warn_report(f"short-form boolean option '{given}' deprecated")
+            sys.stderr.write(f"Please use {name}={value} instead\n")
         if name not in ("snapshot.id", "snapshot.name"):
             cli.error_report(f"Invalid parameter '{name}'")
             cli.error_report(f"Failed in parsing snapshot param '{text}'")
@@ -2663,12 +2718,17 @@ def cmd_info(cli: Cli, argv: list[str]) -> int:
     try:
         infos = image_info_list(filename, fmt, chain, force_share)
     except ImageOpenError as exc:
-        cli.error_report(str(exc))
+        message = str(exc)
+        if image_opts and message.startswith(f"Could not open '{spec.path}': "):
+            message = f"Could not open '{spec.name}': " + message[len(spec.path) + 19:]
+        cli.error_report(message)
         sys.stderr.write(exc.hint)
         return 1
     except Qcow2Error as exc:
         cli.error_report(error_text(exc))
         return 1
+    if image_opts and spec.key_secret is not None:
+        infos[0]["filename"] = json_filename(spec, infos[0]["format"])
     if output == "json":
         cli.out(qemu_json(infos if chain else infos[0]) + "\n")
     else:
@@ -2721,11 +2781,12 @@ def cmd_check(cli: Cli, argv: list[str]) -> int:
     except OpenFailure as exc:
         report_failure(cli, exc)
         return 1
-    failure = _encrypted_without_key(cli, spec)
+    failure = _check_open_failure(cli, spec, repair)
     if failure is not None:
         report_failure(cli, failure)
         return 1
     report = check_path(spec.path, repair, spec.fmt, spec.force_share, prog=cli.prog)
+    report.filename = spec.name
     for line in report.messages:
         sys.stderr.write(line + "\n")
     if not quiet:
@@ -2735,23 +2796,29 @@ def cmd_check(cli: Cli, argv: list[str]) -> int:
     return report.exit_code
 
 
-def _encrypted_without_key(cli: Cli, spec: ImageSpec) -> OpenFailure | None:
-    """For commands that read an image's data with other code than qcow2lib.open (check):
-    the error qemu-img gives for an encrypted image it cannot unlock, else None."""
+def _check_open_failure(cli: Cli, spec: ImageSpec, repair: str | None) -> OpenFailure | None:
+    """qemu-img check opens the image (and its backing chain, its encryption) before it
+    checks anything: the failure it reports there, else None.
+
+    The check itself reads the metadata with its own tolerant code, so only what QEMU's
+    open refuses before checking counts here: a lock another process holds, a backing
+    chain that cannot be opened (or loops), an encrypted image without its key.
+    Anything else is left for the check to report.
+    """
     try:
-        img = qcow2lib.open(host_path(spec.path), "r", fmt=spec.fmt, backing=False,
-                            force_share=True)
+        qcow2lib.open(host_path(spec.path), "r", fmt=spec.fmt, backing=False,
+                      force_share=True).close()
     except Qcow2Error:
-        return None  # the command reports the failure itself
-    with img:
-        encrypted = getattr(img, "encrypted", False)
-    if not encrypted:
-        return None
+        return None  # the check reports what is wrong with the file itself
     try:
-        open_spec(cli, ImageSpec(spec.name, spec.path, spec.fmt, spec.key_secret, True),
-                  backing=False).close()
+        open_spec(cli, spec, "r+" if repair else "r", warn_probe=False).close()
     except OpenFailure as exc:
-        return exc
+        cause = exc.__cause__
+        text = exc.message
+        if isinstance(cause, (ImageLockedError, InvalidSecret, qcow2lib.BadSecretError)) \
+                or "Could not open backing file" in text or "loop" in text.lower() \
+                or "too deep" in text or "encrypt.key-secret" in text:
+            return exc
     return None
 
 
@@ -2895,10 +2962,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="surrogateescape")
+    cli = Cli(prog)
     try:
-        return run(Cli(prog), [prog, *args])
+        return run(cli, [prog, *args])
     except CliExit as exc:
         return exc.code
+    except qcow2lib.Qcow2Error as exc:  # a library error no command turned into its own text
+        cli.error_report(str(exc))
+        return 1
     finally:
         sys.stdout.flush()
 
