@@ -448,7 +448,8 @@ class Qcow2Image(BlockDevice):
             if cluster_index in self._inflight:
                 return False
             entry, _ = self.map.get_entry(cluster_index)
-            if entry & (S.OFLAG_COMPRESSED | S.OFLAG_ZERO) or not entry & S.OFLAG_COPIED:
+            if (entry & (S.OFLAG_COMPRESSED | S.OFLAG_ZERO) or not entry & S.OFLAG_COPIED
+                    or not self.map.has_host(entry)):  # COPIED at offset 0 is unallocated
                 return False
             try:
                 self.map.validate_entry(entry, 0, cluster_index)

@@ -92,3 +92,22 @@ def test_long_header_with_unknown_trailing_fields_is_kept(tmp_path: Path) -> Non
     assert raw[old_length:old_length + len(extra)] == extra
     assert struct.unpack_from(">I", raw, 100)[0] == old_length + len(extra)
     assert qemu_img("check", path).returncode == 0
+
+
+def test_copied_entry_at_offset_zero_is_not_written_in_place(tmp_path: Path) -> None:
+    """An L2 entry with only COPIED set (host offset 0, no data file) is unallocated: a write
+    must allocate a cluster, never go to offset 0, where the header lives."""
+    path = tmp_path / "a.qcow2"
+    qemu_create(path, "1M", options={"cluster_size": "4096"})
+    qemu_io(path, "write -P 0x11 0 4k")
+    data = bytearray(path.read_bytes())
+    l1 = struct.unpack_from(">Q", data, 40)[0]
+    l2 = struct.unpack_from(">Q", data, l1)[0] & S.L1E_OFFSET_MASK
+    struct.pack_into(">Q", data, l2, S.OFLAG_COPIED)
+    path.write_bytes(bytes(data))
+    with qcow2lib.open(str(path), "r+") as image:
+        assert image.read(0, 4096) == bytes(4096)
+        image.write(0, b"\x22" * 4096)
+        assert image.read(0, 4096) == b"\x22" * 4096
+    assert path.read_bytes()[:4] == b"QFI\xfb"
+    assert qemu_img("check", path, check=False).returncode in (0, 3)  # a leak at most
