@@ -479,9 +479,7 @@ def test_repair_needs_read_write(bases):
 
 
 def test_image_check_method(bases, tmp_path):
-    """Qcow2Image.check, once wired, forwards to check_image."""
-    if not hasattr(qcow2lib.Qcow2Image, "check"):
-        pytest.skip("Qcow2Image.check is not wired in yet")
+    """Qcow2Image.check forwards to check_image."""
     damaged, _, _ = damaged_copy(bases, tmp_path, "default", "leak_free_cluster")
     with qcow2lib.open(str(damaged), "r+") as img:
         assert img.check().exit_code == 3

@@ -26,11 +26,6 @@ from qemutools import qemu_create, qemu_img, qemu_io
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def engine_gap(reason: str):
-    """A difference from qemu-img that lies in qcow2lib, not in the CLI (reported upstream)."""
-    return pytest.mark.xfail(reason=f"qcow2lib: {reason}", strict=True)
-
-
 def make_launcher(directory: Path, name: str) -> Path:
     """An executable called `name` that runs qimg (argv[0] is what qemu-img's messages use)."""
     path = directory / name
