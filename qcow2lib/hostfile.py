@@ -58,6 +58,9 @@ class HostFile:
         except OSError as exc:
             raise Qcow2IOError(exc.errno, f"Could not {verb} '{path}': {exc.strerror}",
                                path) from None
+        except ValueError:  # a NUL byte: no file can have this name
+            raise Qcow2IOError(errno.EINVAL, f"Could not {verb} '{path!r}': file name contains "
+                                             f"a NUL byte", None) from None
         if stat.S_ISDIR(os.fstat(self.fd).st_mode):
             os.close(self.fd)
             raise Qcow2IOError(errno.EINVAL, f"'file' driver requires '{path}' to be a regular "

@@ -113,7 +113,8 @@ class Twins:
                 shutil.rmtree(directory)
             subprocess.run(["cp", "-a", str(self.template), str(directory)], check=True)
 
-    def run(self, args: list[str]) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
+    def run(self, args: list[str]) -> tuple[subprocess.CompletedProcess,
+                                            subprocess.CompletedProcess]:
         qemu = subprocess.run([QEMU_IMG, *args], cwd=self.qemu_dir, capture_output=True,
                               text=True, timeout=60)
         qimg = subprocess.run([str(self.launcher), *args], cwd=self.qimg_dir,
@@ -167,7 +168,8 @@ INFO_CASES = [
     ["info", "text.txt"], ["info", "trunc.qcow2"], ["info", "bigcluster.qcow2"],
     ["info", "corrupt.qcow2"], ["info", "badl1.qcow2"], ["info", "-f", "qcow2", "text.txt"],
     ["info", "-f", "qcow2", "empty"], ["info", "-f", "vmdk", "img.qcow2"],
-    ["info", "-f", "", "img.qcow2"], ["info", "self.qcow2"], ["info", "--backing-chain", "self.qcow2"],
+    ["info", "-f", "", "img.qcow2"], ["info", "self.qcow2"],
+    ["info", "--backing-chain", "self.qcow2"],
     ["info", "-U", "--backing-chain", "loop-b.qcow2"], ["info", "--backing-chain", "orphan.qcow2"],
     ["info", "/dev/null"], ["info", "--output", "yaml", "missing"], ["info", "raw.img/x"],
     ["info", "--object", "secret,id=s0,data=pw,format=base64", "img.qcow2"],
@@ -180,7 +182,8 @@ CHECK_CASES = [
     ["check", "text.txt"], ["check", "raw.img"], ["check", "trunc.qcow2"],
     ["check", "bigcluster.qcow2"], ["check", "corrupt.qcow2"], ["check", "badl1.qcow2"],
     ["check", "-f", "qcow2", "raw.img"], ["check", "-f", "vmdk", "img.qcow2"],
-    ["check", "-f", "raw", "img.qcow2"], ["check", "orphan.qcow2"], ["check", "-r", "everything", "img.qcow2"],
+    ["check", "-f", "raw", "img.qcow2"], ["check", "orphan.qcow2"],
+    ["check", "-r", "everything", "img.qcow2"],
     ["check", "-r", "all", "raw.img"], ["check", "-r", "leaks", "missing"],
     ["check", "-U", "-r", "all", "img.qcow2"], ["check", "--output=xml", "img.qcow2"],
     ["check", "-r", "all", "trunc.qcow2"], ["check", "-r", "all", "bigcluster.qcow2"],

@@ -1,7 +1,7 @@
 """Resource faults: a full filesystem and injected I/O errors.
 
-Full filesystem: images live on a small ext4 filesystem (a 20 MiB file, loop-mounted)
-that is filled to a chosen number of free bytes. Writes, cluster/table allocation and
+Full filesystem: images live on a small ext4 filesystem (a 20 MiB file made with
+mkfs.ext4 and loop-mounted, so these tests run as root) that is filled to a chosen number of free bytes. Writes, cluster/table allocation and
 snapshot creation must then fail with Qcow2IOError(ENOSPC), leave an image that
 `qemu-img check` finds free of corruption (leaks are allowed) with every acknowledged
 byte in place, and work again once space is freed (on the same handle and after
@@ -112,11 +112,6 @@ def fs(small_fs):
     clean()
 
 
-def free_bytes(path) -> int:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
 def fill(directory: Path, leave: int) -> Path:
     """Fill the filesystem completely, then give back `leave` bytes (whole 4 KiB blocks)."""
     filler = directory / "filler"
@@ -180,32 +175,48 @@ class Model:
 
 
 def _fill_until_enospc(img, model: Model, rng: random.Random, offsets: list[int],
-                       length: int) -> Qcow2IOError:
-    """Write (and flush) at each offset until the filesystem runs out of space."""
+                       length: int) -> tuple[Qcow2IOError, str]:
+    """Write (and flush) at each offset until the filesystem runs out of space; returns
+    the error and what failed ("write": the data, "flush": the metadata write-back)."""
     for offset in offsets:
         data = rng.randbytes(length)
         try:
             img.write(offset, data)
         except Qcow2IOError as exc:
             model.failed(offset, length)
-            return exc
+            return exc, "write"
         model.wrote(offset, data)
         try:
             img.flush()
         except Qcow2IOError as exc:
-            return exc
+            return exc, "flush"
         model.flushed()
     raise AssertionError("the filesystem never filled up")
 
 
-@pytest.mark.parametrize("leave", [0, 12 << 10, 200 << 10])
-@pytest.mark.parametrize("cluster_size", [512, 4096, 65536])
-def test_enospc_during_writes(fs, tmp_path, leave, cluster_size):
-    """Data writes and the table/refcount allocations they need hit a full filesystem."""
-    size = 8 << 20
+ENOSPC_CASES = {
+    # name: (cluster size, bytes per write, distance between writes, free bytes left,
+    #        what runs out of space first)
+    "data-4k-none-left": (4096, 16 << 10, 263 * 4096, 0, "write"),
+    "data-4k-200k-left": (4096, 16 << 10, 263 * 4096, 200 << 10, "write"),
+    "l2-table-4k": (4096, 4096, (2 << 20) + 4096, 4 << 10, "flush"),
+    "l2-table-4k-3-blocks": (4096, 4096, (2 << 20) + 4096, 12 << 10, "flush"),
+    "tables-512": (512, 512, (32 << 10) + 512, 8 << 10, None),
+    "tables-512-none-left": (512, 512, (32 << 10) + 512, 0, None),
+    "data-64k": (65536, 16 << 10, 3 << 16, 12 << 10, None),
+}
+
+
+@pytest.mark.parametrize("name", list(ENOSPC_CASES))
+def test_enospc_during_writes(fs, tmp_path, name):
+    """Data writes, and the L2 tables and refcount blocks they need, meet a full
+    filesystem: ENOSPC, a sound image with every flushed byte, and writes work again
+    once space is freed."""
+    cluster_size, length, stride, leave, expected_where = ENOSPC_CASES[name]
+    size = 64 << 20
     path = fs / "img.qcow2"
     qcow2lib.create(str(path), size, cluster_size=cluster_size)
-    rng = random.Random(f"enospc-{leave}-{cluster_size}")
+    rng = random.Random(f"enospc-{name}")
     model = Model(bytes(size))
     img = qcow2lib.open(str(path), "r+")
     first = rng.randbytes(64 << 10)
@@ -214,18 +225,19 @@ def test_enospc_during_writes(fs, tmp_path, leave, cluster_size):
     model.wrote(0, first)
     model.flushed()
     filler = fill(fs, leave)
-    # Spread over the disk, so new L2 tables and refcount blocks are needed too.
-    offsets = [(i * 263 * 4096) % (size - (64 << 10)) + (64 << 10) for i in range(200)]
-    exc = _fill_until_enospc(img, model, rng, offsets, 16 << 10)
+    offsets = [(i * stride) % (size - length) for i in range(1, 2000)]
+    exc, where = _fill_until_enospc(img, model, rng, offsets, length)
     assert isinstance(exc, Qcow2IOError) and exc.errno == errno.ENOSPC, repr(exc)
     assert "No space left" in str(exc)
+    if expected_where:
+        assert where == expected_where, f"ENOSPC came from the {where}, not the {expected_where}"
     with contextlib.suppress(Qcow2IOError):
         img.flush()  # may fail again: still no space
     qemu_check(path, force_share=True)  # still open: what a crash now would leave
     model.check(qemu_content(path, tmp_path / "a.raw"), "after ENOSPC")
     # Space comes back: the same handle carries on.
     free_space(filler)
-    retry = rng.randbytes(16 << 10)
+    retry = rng.randbytes(length)
     img.write(offsets[0], retry)
     model.wrote(offsets[0], retry)
     img.flush()
@@ -335,7 +347,7 @@ def test_enospc_growing_the_refcount_table(fs, tmp_path):
     rng = random.Random("reftable")
     img = qcow2lib.open(str(path), "r+")
     filler = fill(fs, 96 << 10)
-    exc = _fill_until_enospc(img, model, rng, [i * 8192 for i in range(size // 8192)], 4096)
+    exc, _ = _fill_until_enospc(img, model, rng, [i * 8192 for i in range(size // 8192)], 4096)
     assert exc.errno == errno.ENOSPC
     with contextlib.suppress(Qcow2IOError):
         img.close()
@@ -448,12 +460,11 @@ def _setup(directory: Path, name: str) -> tuple[Path, bytes, set[str]]:
     options, size, extras = WORKLOADS[name]
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "img.qcow2"
-    backing = None
     if extras.get("backing"):
         base = directory / "base.qcow2"
         qemu_create(base, size, options={"cluster_size": 4096, "compat": "0.10"})
         qemu_io(base, "write -P 0x61 0 512k", "write -P 0x62 1M 256k")
-        backing = qemu_content(base, directory / "base.raw")
+        qemu_content(base, directory / "base.raw")  # what discarded v2 clusters read again
         qcow2lib.create(str(path), size, backing_file="base.qcow2", backing_fmt="qcow2",
                         **options)
     else:
@@ -514,8 +525,8 @@ def run_workload(path: Path, content: bytes, ops: list[tuple], injector: Injecto
                 elif kind == "snapshot":
                     snaps.create_snapshot(img, op[1])
                 elif kind == "flush":
-                    img.flush()  # (success after a failed fdatasync: see
-                    model.flushed()  # test_failed_flush_keeps_failing; the data did land here)
+                    img.flush()
+                    model.flushed()
                 elif kind == "close":
                     img.close()
                     model.flushed()  # close() flushes
