@@ -550,9 +550,9 @@ def held_by_qemu_io(twins: Twins, name: str):
              for d in twins.dirs()]
     try:
         for directory in twins.dirs():
-            for _ in range(100):  # until qemu-io has taken its locks
-                if qemu_img("info", directory / name, check=False).returncode:
-                    break
+            deadline = time.monotonic() + 60  # until qemu-io has taken its locks
+            while not qemu_img("info", directory / name, check=False).returncode:
+                assert time.monotonic() < deadline, f"qemu-io never locked {directory / name}"
                 time.sleep(0.05)
         yield
     finally:
