@@ -1403,9 +1403,7 @@ def check_image(image, repair: str | None = None, prog: str = "qemu-img") -> Che
         raise ReadOnlyError(f"repairing '{image.filename}' needs it opened read-write (mode 'r+')")
     with image._lock:
         if not image.read_only:
-            image._write_back(sync=True)
-            if image.refcounts.pending_frees:
-                image._write_back(sync=True)
+            image._write_back_all()
         t = _Target(image.file, image.header, image.filename, not image.read_only,
                     report.messages, prog)
         # The engine keeps the dirty bit set itself while a lazy-refcounts image is open.

@@ -629,7 +629,6 @@ class Qcow2Image(BlockDevice):
         limit = min(length, self.size - guest_offset)
         buf = bytearray(length)
         if limit > 0:
-            segments = None
             with self._lock:
                 segments = self.map.lookup(guest_offset, limit)
             self._read_segments(segments, memoryview(buf)[:limit], guest_offset)
@@ -895,13 +894,13 @@ class Qcow2Image(BlockDevice):
         if (len(self.map.l2_cache.dirty) > limit
                 or len(self.refcounts.blocks.dirty) > self.refcounts.blocks.max_entries // 2):
             with self._lock:
-                self._write_back(sync=True)
+                self._write_back()
 
     def flush(self) -> None:
         if self.read_only or self._closed:
             return
         with self._lock:
-            self._write_back(sync=True)
+            self._write_back()
         if self._flush_failure is not None:
             raise self._flush_failure
 
@@ -917,7 +916,13 @@ class Qcow2Image(BlockDevice):
             self._flush_failure = exc
             raise
 
-    def _write_back(self, sync: bool) -> None:
+    def _write_back_all(self) -> None:
+        """Write back everything, including decrements a first pass had to leave queued."""
+        self._write_back()
+        if self.refcounts.pending_frees:
+            self._write_back()
+
+    def _write_back(self) -> None:
         """Write dirty metadata in crash-safe order (see the module docstring)."""
         refs = self.refcounts
         if self.data_host is not None:
@@ -994,9 +999,7 @@ class Qcow2Image(BlockDevice):
                 with self._cond:
                     while self._io_active:
                         self._cond.wait()
-                    self._write_back(sync=True)
-                    if self.refcounts.pending_frees:
-                        self._write_back(sync=True)
+                    self._write_back_all()
                     if self.lazy_refcounts:
                         self.header.incompatible_features &= ~S.INCOMPAT_DIRTY
                         self._write_header_fields()
@@ -1021,9 +1024,7 @@ class Qcow2Image(BlockDevice):
         """Under self._cond: wait for in-flight I/O, then put all metadata on disk."""
         while self._io_active:
             self._cond.wait()
-        self._write_back(sync=True)
-        if self.refcounts.pending_frees:
-            self._write_back(sync=True)
+        self._write_back_all()
 
     def resize_grow_l1(self, new_l1_size: int) -> None:
         """Give the active L1 table `new_l1_size` entries (no-op if it has them).
@@ -1047,7 +1048,7 @@ class Qcow2Image(BlockDevice):
             clusters = -(-new_l1_size * 8 // cs)
             first = self.refcounts.allocate(clusters)
             new_offset = first << self.cluster_bits
-            self._write_back(sync=True)  # the new table's refcounts before the header
+            self._write_back()  # the new table's refcounts before the header
             table = array("Q", self.map.l1)
             table.extend([0] * (new_l1_size - old_size))
             self.file.pwrite(encode_be64(table).ljust(clusters * cs, b"\0"), new_offset)
@@ -1065,7 +1066,7 @@ class Qcow2Image(BlockDevice):
             if old_size and old_offset:
                 self.refcounts.free(old_offset >> self.cluster_bits,
                                     -(-old_size * 8 // cs))
-            self._write_back(sync=True)
+            self._write_back()
 
     def _resize_release_l2(self, l1_index: int) -> None:
         """Unhook a whole L2 table from the active L1 and drop the references its path
@@ -1202,4 +1203,4 @@ class Qcow2Image(BlockDevice):
                 for first, count in self._clusters_of(old_entry):
                     self.refcounts.free(first, count)
                 self._maybe_write_back()
-            self._write_back(sync=True)
+            self._write_back()

@@ -237,9 +237,7 @@ def _exclusive(image):
 
 
 def _flush_all(image) -> None:
-    image._write_back(sync=True)
-    if image.refcounts.pending_frees:
-        image._write_back(sync=True)
+    image._write_back_all()
 
 
 def _l1_span(image) -> int:
@@ -496,11 +494,11 @@ def _grow_l1(image, entries: int) -> None:
     l1 = array("Q", m.l1)
     l1.extend([0] * (entries - len(l1)))
     offset = _allocate_and_write(image, encode_be64(l1))
-    image._write_back(sync=True)
+    image._write_back()
     _switch_header(image, l1_size=entries, l1_table_offset=offset)
     _use_l1(image, l1, offset)
     _free_range(image, old_offset, old_size * 8)
-    image._write_back(sync=True)
+    image._write_back()
 
 
 def _make_date(date) -> tuple[int, int]:
@@ -611,7 +609,7 @@ def create_snapshot(image, name: str, *, vm_state_size: int = 0, vm_clock_nsec: 
         table = pack_snapshot_table(snapshots + [snap], image.size)
         table_offset = _allocate_and_write(image, table)
         # Refcounts, then L2 tables and L1 entries without COPIED, each phase durable.
-        image._write_back(sync=True)
+        image._write_back()
         # 3. Commit: the header points at the new table.
         old_table_offset = image.header.snapshots_offset
         _switch_header(image, nb_snapshots=len(snapshots) + 1, snapshots_offset=table_offset)
@@ -623,7 +621,7 @@ def create_snapshot(image, name: str, *, vm_state_size: int = 0, vm_clock_nsec: 
                 active[index] = 0
                 m.l1_dirty.add(index)
         _queue_decrements(image, dropped)
-        image._write_back(sync=True)  # L1 entries first, then the decrements
+        image._write_back()  # L1 entries first, then the decrements
         _flush_all(image)
         return snap
 
@@ -658,7 +656,7 @@ def apply_snapshot(image, name_or_id: str | None = None, *, id: str | None = Non
         _increment(image, increments)
         _clear_copied(image, new_l1)
         new_offset = _allocate_and_write(image, encode_be64(new_l1))
-        image._write_back(sync=True)
+        image._write_back()
         # 2. Commit: the header points at the new active L1 table (and the snapshot's size).
         _switch_header(image, size=disk_size, l1_size=entries, l1_table_offset=new_offset)
         _use_l1(image, new_l1, new_offset)
@@ -685,7 +683,7 @@ def delete_snapshot(image, name_or_id: str | None = None, *, id: str | None = No
         rest = snapshots[:index] + snapshots[index + 1:]
         # 1. The table without the entry, in free clusters; commit with the header.
         table_offset = _allocate_and_write(image, pack_snapshot_table(rest, image.size))
-        image._write_back(sync=True)
+        image._write_back()
         old_table_offset = image.header.snapshots_offset
         _switch_header(image, nb_snapshots=len(rest), snapshots_offset=table_offset)
         # 2. Drop the snapshot's references, its L1 table and the old table.
