@@ -541,17 +541,30 @@ def test_info_bitmaps(twins):
     twins.assert_same("info", "--output=json", "img", mask=mask_disk_size)
 
 
+def _has_file_locks(path: Path) -> bool:
+    """True once some process holds a byte-range lock on `path` (as listed in /proc/locks).
+
+    Reading /proc/locks takes no lock itself: probing with qemu-img would, and a
+    qemu-io starting at that moment would then fail to get its write lock and exit."""
+    stat = os.stat(path)
+    inode = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+    with open("/proc/locks") as locks:
+        return any(line.split()[5] == inode for line in locks if len(line.split()) > 5)
+
+
 @contextlib.contextmanager
 def held_by_qemu_io(twins: Twins, name: str):
     """Keep `name` open for writing by a qemu-io process in both directories."""
     # qemu-io sleeps in milliseconds: hold the lock for up to ten minutes (killed after use).
     procs = [subprocess.Popen(["qemu-io", "-c", "sleep 600000", str(d / name)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
              for d in twins.dirs()]
     try:
-        for directory in twins.dirs():
+        for proc, directory in zip(procs, twins.dirs()):
             deadline = time.monotonic() + 60  # until qemu-io has taken its locks
-            while not qemu_img("info", directory / name, check=False).returncode:
+            while not _has_file_locks(directory / name):
+                if proc.poll() is not None:
+                    raise AssertionError(f"qemu-io exited: {proc.stderr.read().decode()}")
                 assert time.monotonic() < deadline, f"qemu-io never locked {directory / name}"
                 time.sleep(0.05)
         yield
@@ -559,6 +572,7 @@ def held_by_qemu_io(twins: Twins, name: str):
         for proc in procs:
             proc.kill()
             proc.wait()
+            proc.stderr.close()
 
 
 @pytest.fixture
