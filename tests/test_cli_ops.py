@@ -321,6 +321,69 @@ def test_convert_progress_parallel(twins):
     twins.assert_same_image("out", "qcow2")
 
 
+def run_on_terminal(directory: Path, *args) -> tuple[int, str]:
+    """The installed qimg with a pseudo-terminal as its stdout: (exit code, output)."""
+    import pty
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: never return into pytest
+        try:
+            os.chdir(directory)
+            os.execvp("qimg", ["qimg", *map(str, args)])
+        finally:
+            os._exit(127)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO once the child has closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), output.decode()
+
+
+def test_convert_progress_on_terminal(tmp_path):
+    """On a terminal -p also shows bytes done of the total, the throughput and the time
+    left; piped (the other tests) it stays qemu-img's bare percentages."""
+    qemu_img("create", "-q", "-f", "qcow2", tmp_path / "big.qcow2", "64M")
+    qemu_io(tmp_path / "big.qcow2", "write -P 5 0 48M")
+    code, output = run_on_terminal(tmp_path, "convert", "-p", "-m", "1", "-O", "qcow2", "-c",
+                                   "big.qcow2", "out.qcow2")
+    assert code == 0, output
+    lines = output.split("\r")
+    assert lines[0] == "    (0.00/100%)\x1b[K"
+    assert re.fullmatch(r"    \(100\.00/100%\)  48 MiB of 48 MiB(, [0-9.]+ [KMG]iB/s)?\x1b\[K",
+                        lines[-3]), lines[-3]
+    assert lines[-1] == "\n"
+    assert qemu_img("compare", tmp_path / "big.qcow2", tmp_path / "out.qcow2").returncode == 0
+
+
+def test_progress_details_on_terminal(monkeypatch):
+    """The terminal line's arithmetic: bytes, rate over the elapsed time, time left."""
+    clock = [1000.0]
+    monkeypatch.setattr(qimg.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(qimg, "_stdout_is_terminal", lambda: True)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        meter = qimg.Progress(qimg.Cli("qemu-img"), True, 1.0)
+        meter.print(0, 100)
+        clock[0] += 4.0
+        meter.callback(100 << 20, 1 << 30)  # 100 MiB of 1 GiB in 4 s: 25 MiB/s
+        clock[0] += 0.1
+        meter.callback((100 << 20) + 1, 1 << 30)  # moved too little, too soon: no line
+        clock[0] += 0.3
+        meter.callback((101 << 20), 1 << 30)  # too little, but a refresh is due
+        meter.end()
+    assert out.getvalue().split("\r") == [
+        "    (0.00/100%)\x1b[K",
+        "    (9.77/100%)  100 MiB of 1 GiB, 25 MiB/s, 0:00:36 left\x1b[K",
+        "    (9.86/100%)  101 MiB of 1 GiB, 23 MiB/s, 0:00:40 left\x1b[K",
+        "\n"]
+
+
 def test_convert_round_trips(twins):
     """raw -> qcow2 -> raw gives the same bytes; a 3-deep chain flattens to its content."""
     d = twins.qimg_dir
