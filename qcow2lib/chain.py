@@ -7,10 +7,12 @@ chain deeper than MAX_CHAIN_DEPTH is refused before it can exhaust anything.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from . import structs as S
 from .blockdev import BlockDevice, RawDevice
-from .errors import CorruptImageError, InvalidArgumentError, Qcow2IOError, UnsupportedFeatureError
+from .errors import (CorruptImageError, InvalidArgumentError, Qcow2Error, Qcow2IOError,
+                     UnsupportedFeatureError)
 from .hostfile import open_host_file
 from .image import Qcow2Image
 
@@ -37,15 +39,27 @@ def resolve_backing_path(image_path: str, backing_name: str) -> str:
     return os.path.join(os.path.dirname(image_path), backing_name)
 
 
+def _in_backing_file(exc: Qcow2Error) -> Qcow2Error:
+    """The same error, its message prefixed as QEMU prefixes it at each backing level."""
+    prefix = "Could not open backing file: "
+    if isinstance(exc, OSError):
+        wrapped = Qcow2IOError(exc.errno, prefix + (exc.strerror or str(exc)), exc.filename)
+    else:
+        wrapped = type(exc)(prefix + str(exc))
+    return wrapped
+
+
 def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool = True,
                data_file: str | None = None, force_share: bool = False,
-               passphrase: str | bytes | None = None, open_data_file: bool = True,
-               _chain: tuple[str, ...] = (), snapshot: str | None = None) -> BlockDevice:
+               passphrase: str | bytes | Sequence[str | bytes | None] | None = None,
+               open_data_file: bool = True, _chain: tuple[str, ...] = (),
+               snapshot: str | None = None) -> BlockDevice:
     """Open an image (and, unless backing=False, its whole backing chain, read-only).
 
     Images are locked the way QEMU locks them; force_share (qemu-img -U) reads an image
     another process is writing. `passphrase` unlocks encrypted (LUKS or legacy AES) images
-    in the chain. open_data_file=False opens a read-only image's metadata without its
+    in the chain: one value for every layer, or a sequence with one per layer (the image
+    first, then its backing file, ...; None or a missing entry for a layer without one). open_data_file=False opens a read-only image's metadata without its
     external data file (what `info` needs). snapshot="name or id" gives a read-only view of
     an internal snapshot's content.
     """
@@ -71,18 +85,26 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
         if snapshot is not None:
             raise UnsupportedFeatureError("Block driver does not support snapshots (raw)")
         return RawDevice(path, mode, force_share, probed)
+    if isinstance(passphrase, (str, bytes, type(None))):
+        own_passphrase = backing_passphrase = passphrase
+    else:
+        layers = tuple(passphrase)
+        own_passphrase = layers[0] if layers else None
+        backing_passphrase = layers[1:]
     image = Qcow2Image(path, mode, data_file_path=data_file, force_share=force_share,
-                       passphrase=passphrase, open_data_file=open_data_file)
+                       passphrase=own_passphrase, open_data_file=open_data_file)
     if backing and image.backing_filename:
         try:
             backing_path = resolve_backing_path(path, image.backing_filename)
             if not os.path.exists(backing_path):
-                raise Qcow2IOError(
-                    2, f"Could not open backing file: Could not open '{backing_path}': "
-                       f"No such file or directory", backing_path)
+                raise Qcow2IOError(2, f"Could not open '{backing_path}': No such file or "
+                                      f"directory", backing_path)
             image.backing = open_image(backing_path, "r", image.backing_format, True,
-                                       None, force_share, passphrase, open_data_file,
+                                       None, force_share, backing_passphrase, open_data_file,
                                        _chain + (real,))
+        except Qcow2Error as exc:
+            image.close()
+            raise _in_backing_file(exc) from exc
         except BaseException:
             image.close()
             raise

@@ -88,6 +88,11 @@ def build_inputs(directory: Path) -> None:
                     "loop-a.qcow2"], cwd=directory, check=True)
     subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F",
                     "qcow2", "orphan.qcow2", "1M"], cwd=directory, check=True)
+    # broken two levels down: each level prefixes "Could not open backing file: "
+    for name, backing in (("deep-orphan.qcow2", "orphan.qcow2"),
+                          ("over-big.qcow2", "bigcluster.qcow2")):
+        subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F",
+                        "qcow2", name, "1M"], cwd=directory, check=True)
     # an image with a snapshot
     qemu_create(here("snap.qcow2"), "1M")
     subprocess.run([QEMU_IMG, "snapshot", "-c", "first", "snap.qcow2"], cwd=directory,
@@ -183,6 +188,9 @@ CHECK_CASES = [
     ["check", "bigcluster.qcow2"], ["check", "corrupt.qcow2"], ["check", "badl1.qcow2"],
     ["check", "-f", "qcow2", "raw.img"], ["check", "-f", "vmdk", "img.qcow2"],
     ["check", "-f", "raw", "img.qcow2"], ["check", "orphan.qcow2"],
+    ["check", "deep-orphan.qcow2"], ["check", "over-big.qcow2"],
+    ["compare", "deep-orphan.qcow2", "img.qcow2"], ["map", "over-big.qcow2"],
+    ["convert", "-O", "raw", "deep-orphan.qcow2", "out.raw"],
     ["check", "-r", "everything", "img.qcow2"],
     ["check", "-r", "all", "raw.img"], ["check", "-r", "leaks", "missing"],
     ["check", "-U", "-r", "all", "img.qcow2"], ["check", "--output=xml", "img.qcow2"],

@@ -15,11 +15,14 @@ from pathlib import Path
 import pytest
 
 from qemutools import qemu_img, run
-from test_cli_ops import LUKS_OPEN, Twins, inside, run_qimg
+from test_cli_ops import LUKS_OPEN, Twins, inside, run_qemu, run_qimg
 
 SECRET = ["--object", "secret,id=sec0,data=secret-pw"]
 SECRETS = SECRET + ["--object", "secret,id=sec1,data=other-pw"]
 FAST = "encrypt.iter-time=10"
+# over2.qcow2 (secret sec1) over l.qcow2 (secret sec0): each layer is given its own secret
+OVER2_OPEN = ("driver=qcow2,file.filename=over2.qcow2,encrypt.key-secret=sec1,"
+              "backing.encrypt.key-secret=sec0")
 
 
 def qemu(*args, check: bool = True):
@@ -42,6 +45,11 @@ def build_sources(directory: Path) -> None:
         # an encrypted overlay over an encrypted base (same secret)
         qemu("create", "-q", "-f", "qcow2", *SECRET, "-b", "l.qcow2", "-F", "qcow2", "-o",
              f"encrypt.format=luks,encrypt.key-secret=sec0,{FAST}", "over.qcow2", "4M")
+        # an overlay with its own secret over l.qcow2, with data of its own
+        qemu("create", "-q", "-f", "qcow2", *SECRETS, "-b", "l.qcow2", "-F", "qcow2", "-o",
+             f"encrypt.format=luks,encrypt.key-secret=sec1,{FAST}", "over2.qcow2", "4M")
+        run(["qemu-io", *SECRETS, "--image-opts", OVER2_OPEN, "-c", "write -P 0x55 1536k 1M",
+             "-c", "write -z 3M 512k"])
         Path("pw.txt").write_text("secret-pw")
         Path("pw.b64").write_text(base64.b64encode(b"secret-pw").decode())
 
@@ -300,6 +308,63 @@ def test_amend_new_secret_opens_image(twins):
 ], ids=" ".join)
 def test_amend_encryption_errors(twins, args):
     twins.assert_same("amend", *SECRETS, *args)
+
+
+# --- commit, rebase and amend of encrypted chains ----------------------------------------------
+
+def assert_same_content(twins: Twins, image_opts: str) -> None:
+    """qemu-img's and qimg's copies of an encrypted image read the same (per qemu-img),
+    and qemu-img check finds qimg's clean."""
+    ours, theirs = (image_opts.replace("file.filename=", f"file.filename={d}/")
+                    for d in (twins.qimg_dir, twins.qemu_dir))
+    result = qemu("compare", *SECRETS, "--image-opts", theirs, ours, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = qemu("check", *SECRETS, "--image-opts", ours, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_commit_encrypted_chain(twins):
+    """Each layer unlocked by its own secret; the base ends up with the overlay's data."""
+    twins.assert_same("commit", *SECRETS, "--image-opts", OVER2_OPEN)
+    assert_same_content(twins, LUKS_OPEN.format("l.qcow2"))
+    assert_same_content(twins, OVER2_OPEN)
+
+
+def test_rebase_encrypted_chain_flattens(twins):
+    twins.assert_same("rebase", *SECRETS, "--image-opts", "-b", "", OVER2_OPEN)
+    assert_same_content(twins, OVER2_OPEN.split(",backing.")[0])
+    for directory in twins.dirs():  # l.qcow2's data now lives in the overlay itself
+        (directory / "l.qcow2").unlink()
+    assert_same_content(twins, OVER2_OPEN.split(",backing.")[0])
+
+
+def test_rebase_encrypted_onto_plain(twins):
+    """With options for the backing file the new backing name must be absolute (QEMU
+    cannot resolve a relative one against the image's json: name)."""
+    results = [runner(directory, "rebase", *SECRETS, "--image-opts", "-b",
+                      directory / "plain.qcow2", "-F", "qcow2", OVER2_OPEN)
+               for runner, directory in ((run_qemu, twins.qemu_dir), (run_qimg, twins.qimg_dir))]
+    assert [(r.returncode, r.stdout, r.stderr) for r in results] == [(0, "", "")] * 2
+    assert_same_content(twins, OVER2_OPEN.split(",backing.")[0])
+
+
+@pytest.mark.parametrize("args", [
+    ["commit", "--image-opts", OVER2_OPEN.split(",backing.")[0]],  # no secret for the base
+    ["commit", "--image-opts", OVER2_OPEN.replace("sec0", "sec1")],  # the wrong one
+    ["rebase", "-u", "-b", "", "--image-opts", OVER2_OPEN],
+    ["rebase", "-b", "over.qcow2", "-F", "qcow2", "--image-opts", OVER2_OPEN],
+    ["rebase", "-b", "plain.qcow2", "-F", "qcow2", "--image-opts", OVER2_OPEN],
+    ["rebase", "-b", "", "--image-opts", OVER2_OPEN.split(",backing.")[0]],
+], ids=" ".join)
+def test_encrypted_chain_errors(twins, args):
+    twins.assert_same(args[0], *SECRETS, *args[1:])
+
+
+def test_amend_encrypted_refcount_bits(twins):
+    """Changing the refcount width rewrites metadata only: no secret is needed."""
+    twins.assert_same("amend", "-o", "refcount_bits=4", "l.qcow2")
+    twins.assert_same("amend", "-o", "compat=0.10", "l.qcow2")  # LUKS needs version 3
+    assert_same_content(twins, LUKS_OPEN.format("l.qcow2"))
 
 
 # --- secrets -----------------------------------------------------------------------------------

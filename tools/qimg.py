@@ -466,13 +466,29 @@ def qemu_json_compact(value: Any) -> str:
 
 
 def json_filename(spec: "ImageSpec", fmt: str) -> str:
-    """The "json:{...}" name QEMU gives an image opened with options beyond its file name."""
+    """The "json:{...}" name QEMU gives an image opened with options beyond its file name;
+    options for backing files nest each backing layer's under "backing"."""
+    path = host_path(spec.path)
+    top = layer = _json_layer(spec.key_secret, fmt, spec.path)
+    for secret in spec.backing_secrets:
+        with qcow2lib.open(path, "r", fmt=fmt, backing=False, force_share=True,
+                           open_data_file=False) as image:
+            backing_name, backing_fmt = image.backing_filename, image.backing_format
+        if not backing_name:
+            break
+        path = full_backing_filename(path, backing_name)
+        fmt = backing_fmt or qcow2lib.probe_format(path)
+        layer["backing"] = layer = _json_layer(secret, fmt, path)
+    return "json:" + qemu_json_compact(top)
+
+
+def _json_layer(key_secret: str | None, fmt: str, filename: str) -> dict:
     options: dict = {}
-    if spec.key_secret is not None:
-        options["encrypt.key-secret"] = spec.key_secret
+    if key_secret is not None:
+        options["encrypt.key-secret"] = key_secret
     options["driver"] = fmt
-    options["file"] = {"driver": "file", "filename": spec.path}
-    return "json:" + qemu_json_compact(options)
+    options["file"] = {"driver": "file", "filename": filename}
+    return options
 
 
 def dump_qobject(value: Any, indent: int) -> str:
@@ -1327,6 +1343,12 @@ def _chain_layers(device):
         layer = getattr(layer, "backing", None)
 
 
+def spec_passphrases(cli: Cli, spec: ImageSpec) -> list[bytes | None]:
+    """The secrets' values for each layer of the chain, the image's first."""
+    return [None if name is None else secret_value(cli, name)
+            for name in (spec.key_secret, *spec.backing_secrets)]
+
+
 def open_spec(cli: Cli, spec: ImageSpec, mode: str = "r", backing: bool = True,
               passphrase: bytes | None = None, warn_probe: bool = True):
     """Open an image like qemu-img's img_open(); raises OpenFailure with its message.
@@ -1340,17 +1362,11 @@ def open_spec(cli: Cli, spec: ImageSpec, mode: str = "r", backing: bool = True,
         path = host_path(spec.path)
         if not path:
             raise qcow2lib.InvalidArgumentError("The 'file' block driver requires a file name")
-        secrets = [spec.key_secret, *spec.backing_secrets]
-        values = [None if name is None else secret_value(cli, name) for name in secrets]
-        if passphrase is None:
-            passphrase = next((value for value in values if value is not None), None)
-        if any(value not in (None, passphrase) for value in values):
-            raise qcow2lib.UnsupportedFeatureError(
-                "qimg opens a backing chain with one secret; different encrypt.key-secret "
-                "values for its layers are not supported yet")
+        passphrases = spec_passphrases(cli, spec)
+        if explicit:
+            passphrases[0] = passphrase
         device = qcow2lib.open(path, mode, fmt=spec.fmt, backing=backing,
-                               force_share=spec.force_share,
-                               passphrase=passphrase)
+                               force_share=spec.force_share, passphrase=passphrases)
     except ImageLockedError as exc:
         raise OpenFailure(f"Could not open '{spec.name}': {error_text(exc)}",
                           f"Is another process using the image [{host_path(spec.path)}]?\n") \
@@ -2249,6 +2265,9 @@ def cmd_rebase(cli: Cli, argv: list[str]) -> int:
             return 1
         try:
             spec = image_spec(filename, image_opts, fmt)
+            if unsafe and spec.backing_secrets:  # -u opens no backing file to take them
+                raise OpenFailure(f"Could not open '{filename}': Block format 'qcow2' does not "
+                                  f"support the option 'backing.encrypt.key-secret'")
             open_spec(cli, spec, "r+", backing=not unsafe).close()
         except OpenFailure as exc:
             report_failure(cli, exc)
@@ -2257,9 +2276,18 @@ def cmd_rebase(cli: Cli, argv: list[str]) -> int:
             cli.error_report(f"Invalid format name: '{out_basefmt}'")
             return 1
         try:
+            if not unsafe and out_baseimg and spec.backing_secrets:
+                # options for the backing file turn the image's name into a json: one,
+                # against which a relative new backing name cannot be resolved
+                fmt_used = spec.fmt or qcow2lib.probe_format(host_path(spec.path))
+                try:
+                    full_backing_filename(json_filename(spec, fmt_used), out_baseimg)
+                except qcow2lib.InvalidArgumentError as exc:
+                    cli.error_report(f"Could not resolve backing filename: {error_text(exc)}")
+                    return 1
             rebase(host_path(spec.path), out_baseimg or None, out_basefmt, unsafe=unsafe,
                    progress=meter.callback if meter.enabled else None, fmt=spec.fmt,
-                   force_share=force_share)
+                   force_share=force_share, passphrases=spec_passphrases(cli, spec))
         except Qcow2Error as exc:
             cli.error_report(error_text(exc))
             return 1
@@ -2323,7 +2351,8 @@ def cmd_commit(cli: Cli, argv: list[str]) -> int:
     meter.print(0, 100)
     try:
         commit(host_path(spec.path), base, drop=drop,
-               progress=meter.callback if meter.enabled else None, fmt=spec.fmt)
+               progress=meter.callback if meter.enabled else None, fmt=spec.fmt,
+               passphrases=spec_passphrases(cli, spec))
     except Qcow2Error as exc:
         meter.end()
         cli.error_report(error_text(exc))

@@ -11,6 +11,7 @@ the images between it and the top are no longer consistent, so the top is kept.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from ..chain import MAX_CHAIN_DEPTH, open_image, resolve_backing_path
 from ..errors import CorruptImageError, Qcow2Error
@@ -32,10 +33,10 @@ def _matches(base: str, layer_filename: str, path: str) -> bool:
     return os.path.realpath(candidate) == os.path.realpath(path)
 
 
-def _open_chain(top_path: str, fmt: str | None, base_name: str | None):
+def _open_chain(top_path: str, fmt: str | None, base_name: str | None, passphrases: tuple):
     """Open the top read-write, the layers down to the base read-only, the base
     read-write (with its own chain read-only). Returns (top, base depth)."""
-    top = open_image(top_path, "r+", fmt, backing=False)
+    top = open_image(top_path, "r+", fmt, backing=False, passphrase=passphrases[:1])
     try:
         layer, depth = top, 0
         seen = {os.path.realpath(top_path)}
@@ -58,9 +59,11 @@ def _open_chain(top_path: str, fmt: str | None, base_name: str | None):
                 raise CommitError(f"Could not open backing file: Could not open '{path}': "
                                   f"No such file or directory")
             if is_base:
-                layer.backing = open_image(path, "r+", layer.backing_format)
+                layer.backing = open_image(path, "r+", layer.backing_format,
+                                           passphrase=passphrases[depth:])
                 return top, depth
-            layer.backing = open_image(path, "r", layer.backing_format, backing=False)
+            layer.backing = open_image(path, "r", layer.backing_format, backing=False,
+                                       passphrase=passphrases[depth:depth + 1])
             layer = layer.backing
     except BaseException:
         top.close()
@@ -75,16 +78,18 @@ def _layer(top, depth: int):
 
 
 def commit(top_path: str, base_path: str | None = None, *, drop: bool = False,
-           progress=None, fmt: str | None = None) -> None:
+           progress=None, fmt: str | None = None,
+           passphrases: Sequence[str | bytes | None] = ()) -> None:
     """Commit the image at `top_path` into its backing file, or into `base_path` further
     down its chain (which implies drop, as qemu-img's -b does). Unless drop, the top is
     emptied afterwards. qemu-img then prints "Image committed.".
 
-    progress(done_bytes, total_bytes) is called while copying.
+    progress(done_bytes, total_bytes) is called while copying. passphrases unlock
+    encrypted layers: the top's first, then its backing file's, and so on.
     """
     if base_path is not None:
         drop = True
-    top, base_depth = _open_chain(top_path, fmt, base_path)
+    top, base_depth = _open_chain(top_path, fmt, base_path, tuple(passphrases))
     try:
         base = _layer(top, base_depth)
         if base.size < top.size:

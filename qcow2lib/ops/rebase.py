@@ -11,6 +11,7 @@ name and format are rewritten. `new_backing` "" or None removes the backing file
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from ..chain import open_image, probe_format
 from ..errors import CorruptImageError, InvalidArgumentError, Qcow2Error
@@ -97,17 +98,21 @@ def _chain_depth(image, path: str) -> tuple[int, object] | None:
 
 def rebase(image_path: str, new_backing: str | None, new_backing_fmt: str | None = None, *,
            unsafe: bool = False, progress=None, fmt: str | None = None,
-           force_share: bool = False) -> None:
+           force_share: bool = False,
+           passphrases: Sequence[str | bytes | None] = ()) -> None:
     """Change the backing file of the image at `image_path` (see the module docstring).
 
     new_backing is stored as given; relative names are resolved against the image's
     directory for opening. Raises RebaseError (or another Qcow2Error) with qemu-img's
     messages. progress(done_bytes, total_bytes) is called during the safe-mode copy.
+    passphrases unlock encrypted layers of the image's chain (the image's first); as with
+    qemu-img, a new backing file outside the old chain is opened without any.
     """
     if new_backing_fmt is not None and new_backing_fmt not in FORMATS:
         raise InvalidArgumentError(f"Invalid format name: '{new_backing_fmt}'")
     new_backing = new_backing or None
-    image = open_image(image_path, "r+", fmt, backing=not unsafe)
+    image = open_image(image_path, "r+", fmt, backing=not unsafe,
+                       passphrase=tuple(passphrases))
     try:
         _header_backing_check(image, new_backing, new_backing_fmt)
         if not unsafe:
@@ -130,6 +135,14 @@ def _open_new_backing(image, image_path: str, new_backing: str, new_fmt: str | N
     except Qcow2Error as exc:
         raise RebaseError(f"Could not open new backing file '{new_backing}': "
                           f"{error_text(exc)}") from exc
+    layer, depth = device, 0
+    while layer is not None:  # qemu-img gives the new backing file no secrets
+        if getattr(layer, "encrypted", False):
+            device.close()
+            raise RebaseError(f"Could not open new backing file '{new_backing}': "
+                              + "Could not open backing file: " * depth
+                              + "Parameter 'encrypt.key-secret' is required for cipher")
+        layer, depth = getattr(layer, "backing", None), depth + 1
     return device, None, True
 
 
