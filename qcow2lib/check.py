@@ -267,6 +267,85 @@ class _CacheSlot:
         self.lru = 0
 
 
+_CHUNK_BITS = 10  # clusters per chunk of the in-memory refcount table: 1024
+_CHUNK_MASK = (1 << _CHUNK_BITS) - 1
+
+
+class _RefcountArray:
+    """QEMU's in-memory refcount table (IMRT): a reference count per host cluster.
+
+    QEMU grows one array up to the highest cluster counted. A repair that meets a
+    refcount block terabytes past the end of the file grows the file (and the array) to
+    reach it; bit-packed, QEMU's array stays a few MB, one Python integer per cluster
+    would not. So the counts live in chunks of 1024 clusters, allocated on first use and
+    as narrow as the image's refcount width: memory follows the clusters really counted
+    and scans skip the ranges never touched. Absent clusters count 0.
+    """
+
+    def __init__(self, refcount_order: int):
+        self.typecode = "BBBBHIQ"[refcount_order]
+        self.chunks: dict[int, array] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.chunks)
+
+    def chunk(self, index: int) -> array:
+        """The chunk holding clusters [index << _CHUNK_BITS, ...), created zeroed if new."""
+        chunk = self.chunks.get(index)
+        if chunk is None:
+            chunk = self.chunks[index] = array(self.typecode, bytes(
+                array(self.typecode).itemsize << _CHUNK_BITS))
+        return chunk
+
+    def get(self, cluster: int) -> int:
+        chunk = self.chunks.get(cluster >> _CHUNK_BITS)
+        return chunk[cluster & _CHUNK_MASK] if chunk is not None else 0
+
+    def set(self, cluster: int, value: int) -> None:
+        self.chunk(cluster >> _CHUNK_BITS)[cluster & _CHUNK_MASK] = value
+
+    def add(self, cluster: int, count: int) -> None:
+        self.chunk(cluster >> _CHUNK_BITS)[cluster & _CHUNK_MASK] += count
+
+    def values(self, start: int, end: int) -> list[int]:
+        """The counts of clusters [start, end)."""
+        out: list[int] = []
+        while start < end:
+            stop = min(end, (start | _CHUNK_MASK) + 1)
+            chunk = self.chunks.get(start >> _CHUNK_BITS)
+            if chunk is None:
+                out += [0] * (stop - start)
+            else:
+                out += chunk[start & _CHUNK_MASK:((stop - 1) & _CHUNK_MASK) + 1].tolist()
+            start = stop
+        return out
+
+    def next_used(self, cluster: int, end: int) -> int:
+        """The first cluster in [cluster, end) with a non-zero count, or end."""
+        chunks = self.chunks
+        while cluster < end:
+            index = cluster >> _CHUNK_BITS
+            stop = min(end, (index + 1) << _CHUNK_BITS)
+            chunk = chunks.get(index)
+            if chunk is not None:
+                first, last = cluster & _CHUNK_MASK, ((stop - 1) & _CHUNK_MASK) + 1
+                if any(chunk[first:last]):
+                    for position in range(first, last):
+                        if chunk[position]:
+                            return (index << _CHUNK_BITS) + position
+            cluster = stop
+        return end
+
+    def max_value(self) -> int:
+        return max((max(chunk) for chunk in self.chunks.values()), default=0)
+
+    def used_chunks(self) -> list[int]:
+        return sorted(self.chunks)
+
+    def clear(self) -> None:
+        self.chunks.clear()
+
+
 class _Target:
     """The image being checked: its file, header values and QEMU's in-memory state."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from array import array
+from dataclasses import dataclass
 
 from . import structs as S
 from .cache import decode_be64, encode_be64
@@ -37,8 +38,12 @@ class References:
             self.counts[cluster] += 1
 
 
-def count_references(image, refcount_structure: bool = True) -> References:
-    """References from all metadata; `refcount_structure` adds the refcount table and blocks."""
+def count_references(image, refcount_structure: bool = True,
+                     trees: "Trees | None" = None) -> References:
+    """References from all metadata; `refcount_structure` adds the refcount table and blocks.
+
+    `trees` counts a state the header does not point at yet (a snapshot operation's new
+    L1 tables and snapshot table) instead of the current one."""
     hdr = image.header
     cs = image.cluster_size
     file_size = image.file.size()
@@ -49,16 +54,11 @@ def count_references(image, refcount_structure: bool = True) -> References:
         for entry in image.refcounts.table:
             if entry & S.REFT_OFFSET_MASK:
                 refs.add_range(entry & S.REFT_OFFSET_MASK, cs)
-    l1_tables = [(hdr.l1_table_offset, hdr.l1_size, image.map.l1)]
-    if hdr.nb_snapshots:
-        snapshots, table_bytes = read_snapshot_table(image.file, hdr.snapshots_offset,
-                                                     hdr.nb_snapshots, cs, file_size)
-        refs.add_range(hdr.snapshots_offset, table_bytes)
-        for snap in snapshots:
-            l1 = decode_be64(image.file.pread(snap.l1_size * 8, snap.l1_table_offset))
-            l1_tables.append((snap.l1_table_offset, snap.l1_size, l1))
-    for l1_offset, l1_size, l1 in l1_tables:
-        refs.add_range(l1_offset, l1_size * 8)
+    if trees is None:
+        trees = current_trees(image)
+    refs.add_range(trees.snapshot_table_offset, trees.snapshot_table_bytes)
+    for l1_offset, l1 in trees.l1_tables:
+        refs.add_range(l1_offset, len(l1) * 8)
         for entry in l1:
             l2_offset = entry & S.L1E_OFFSET_MASK
             if not l2_offset:
@@ -69,6 +69,30 @@ def count_references(image, refcount_structure: bool = True) -> References:
         refs.add_range(hdr.crypto_offset, hdr.crypto_length)
     _count_bitmaps(image, refs)
     return refs
+
+
+@dataclass
+class Trees:
+    """Every L1 table (the active one first) and the snapshot table of one image state."""
+    l1_tables: list[tuple[int, array]]  # (host offset, entries)
+    snapshot_table_offset: int = 0
+    snapshot_table_bytes: int = 0
+
+
+def current_trees(image) -> Trees:
+    """The L1 tables and snapshot table the header points at now."""
+    hdr = image.header
+    trees = Trees([(hdr.l1_table_offset, image.map.l1)])
+    if hdr.nb_snapshots:
+        snapshots, table_bytes = read_snapshot_table(image.file, hdr.snapshots_offset,
+                                                     hdr.nb_snapshots, image.cluster_size,
+                                                     image.file.size())
+        trees.snapshot_table_offset, trees.snapshot_table_bytes = hdr.snapshots_offset, \
+            table_bytes
+        for snap in snapshots:
+            trees.l1_tables.append((snap.l1_table_offset, decode_be64(
+                image.file.pread(snap.l1_size * 8, snap.l1_table_offset))))
+    return trees
 
 
 def _count_l2(image, refs: References, table) -> None:
@@ -116,7 +140,22 @@ def rebuild_refcounts(image) -> None:
     The new table and blocks go past everything in use, so the old structure stays valid
     until the header switches over; the old clusters are then simply unreferenced.
     """
-    refs = count_references(image, refcount_structure=False)
+    table_offset, table_clusters, end = write_refcount_structure(
+        image, count_references(image, refcount_structure=False))
+    image.file.flush()
+    image.header.refcount_table_offset = table_offset
+    image.header.refcount_table_clusters = table_clusters
+    image._write_header_fields()
+    image.file.flush()
+    image._host_size = max(image._host_size, end)
+    image.use_refcount_table(table_offset, table_clusters, end)
+
+
+def write_refcount_structure(image, refs: References) -> tuple[int, int, int]:
+    """Write a refcount table and blocks holding `refs` (plus their own clusters) past the
+    end of the file, unreferenced until a header points at them.
+
+    Returns (table offset, table clusters, end of the file after them)."""
     cs = image.cluster_size
     order = image.header.refcount_order
     max_refcount = (1 << (1 << order)) - 1
@@ -124,11 +163,11 @@ def rebuild_refcounts(image) -> None:
     used_end = len(counts)
     while used_end and not counts[used_end - 1]:
         used_end -= 1
-    for cluster, value in enumerate(counts):
-        if value > max_refcount:
+    for cluster in range(used_end):
+        if counts[cluster] > max_refcount:
             raise CorruptImageError(
-                f"Cluster {cluster} is referenced {value} times, more than refcount_bits "
-                f"{1 << order} can count")
+                f"Cluster {cluster} is referenced {counts[cluster]} times, more than "
+                f"refcount_bits {1 << order} can count")
     block_entries = cs * 8 >> order
     start = max(used_end, -(-image.file.size() // cs))
     table_clusters = blocks = 1
@@ -145,18 +184,11 @@ def rebuild_refcounts(image) -> None:
     for i in range(blocks):
         block = RefcountBlock(order, bytes(cs))
         base = i * block_entries
-        for j in range(block_entries):
-            cluster = base + j
-            if cluster < len(counts) and counts[cluster]:
-                block.set(j, counts[cluster])
-            elif start <= cluster < total:
-                block.set(j, 1)
+        for j in range(min(block_entries, used_end - base)):
+            if counts[base + j]:
+                block.set(j, counts[base + j])
+        for cluster in range(max(start, base), min(total, base + block_entries)):
+            block.set(cluster - base, 1)  # the new table and blocks themselves
         image.file.pwrite(block.to_bytes(), (first_block + i) * cs)
     image.file.pwrite(encode_be64(table), start * cs)
-    image.file.flush()
-    image.header.refcount_table_offset = start * cs
-    image.header.refcount_table_clusters = table_clusters
-    image._write_header_fields()
-    image.file.flush()
-    image._host_size = max(image._host_size, total * cs)
-    image.use_refcount_table(start * cs, table_clusters, total * cs)
+    return start * cs, table_clusters, total * cs

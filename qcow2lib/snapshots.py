@@ -6,13 +6,14 @@ holds one reference on each cluster it points at. Sharing a tree with a snapshot
 adds one to every cluster the tree reaches, and an entry of the active tree carries the
 COPIED flag exactly when its cluster's refcount is 1 (then it may be written in place).
 
-Crash safety: every operation first writes what the new state needs into free clusters
-(refcount increments on disk before anything that points at them), then switches the
-header's snapshot table pointer (and, for apply, the active L1 pointer and the size) with
-one sector write, and only then drops references (the engine's deferred frees). A crash
-leaves the old or the new state, at worst with leaked clusters; COPIED flags are brought
-up to date last, so a crash just before that leaves a flag that is clear although the
-refcount is 1 (qemu-img check reports it; it only costs one needless copy on write).
+Crash safety: create, apply and delete change refcounts and COPIED flags together, and
+no order of in-place writes keeps those two consistent at every moment. So each operation
+builds its new state beside the old one: copies of the active L2 tables whose COPIED flags
+change, new L1 tables, the new snapshot table and a whole new refcount structure, all past
+the end of the file and referenced by nothing; then one sector write of the header
+switches L1 table, refcount table, snapshot table (and size) at once. A crash leaves the
+old state or the new one; the old state's clusters are free in the new refcounts, and are
+given back to the filesystem afterwards.
 """
 from __future__ import annotations
 
@@ -270,7 +271,7 @@ class References:
 
     def __init__(self, image):
         self.image = image
-        end = max(image.file.size(), image._host_size)
+        end = image.file.size()  # everything is written back first: nothing lies beyond
         # One cluster of slack: a compressed cluster's sector count may run past the end.
         self.counts = array("I", bytes(4 * (-(-end // image.cluster_size) + 1)))
 
@@ -327,67 +328,161 @@ class References:
             yield tuple(run)
 
 
-def _path_references(image, l1) -> References:
-    return References(image).add_tree(l1)
-
-
-def _check_changes(image, increments: References | None,
-                   decrements: References | None = None) -> None:
-    """Refuse, before anything changes, what would overflow or underflow a refcount."""
-    refs = image.refcounts
-    clusters = set()
-    for counts in (increments, decrements):
-        if counts is not None:
-            clusters.update(cluster for cluster, _ in counts.items())
-    for cluster in sorted(clusters):
-        up = increments.get(cluster) if increments is not None else 0
-        down = decrements.get(cluster) if decrements is not None else 0
-        value = refs.get(cluster)
-        if value == 0:
-            raise CorruptImageError(
-                f"Cluster {cluster} (offset 0x{cluster << image.cluster_bits:x}) is referenced "
-                f"by the image's tables but its refcount is 0")
-        if value + up > refs.max_refcount:
+def _check_overflow(image, counts: References) -> None:
+    """Refuse, before anything is written, a state whose refcounts would overflow."""
+    limit = image.refcounts.max_refcount
+    for cluster, n in counts.items():
+        if n > limit:
             raise InvalidArgumentError(
                 f"Refcount of cluster {cluster} (offset 0x{cluster << image.cluster_bits:x}) "
-                f"would overflow: {value} + {up} references exceed the maximum "
-                f"{refs.max_refcount} of refcount_bits={image.refcount_bits}")
-        if value + up < down:
-            raise CorruptImageError(
-                f"Refcount of cluster {cluster} (offset 0x{cluster << image.cluster_bits:x}) "
-                f"is {value}, fewer than the {down} references being dropped")
+                f"would overflow: {n} references exceed the maximum {limit} of "
+                f"refcount_bits={image.refcount_bits}")
 
 
-def _increment(image, counts: References) -> None:
-    for first, length, n in counts.runs():
-        image.refcounts.update(first, length, n)
+def _flags_for(table: array, step: int, counts: References, bits: int) -> array | None:
+    """A copy of an L2 table with COPIED set exactly on entries whose cluster has one
+    reference in `counts`, or None when the table already has those flags."""
+    fixed = None
+    for i in range(0, len(table), step):
+        value = table[i]
+        if not value:
+            continue
+        host = value & S.L2E_OFFSET_MASK
+        if value & S.OFLAG_COMPRESSED or not host:
+            flag = 0
+        else:
+            flag = S.OFLAG_COPIED if counts.get(host >> bits) == 1 else 0
+        if value & S.OFLAG_COPIED != flag:
+            if fixed is None:
+                fixed = array("Q", table)
+            fixed[i] = (value & ~S.OFLAG_COPIED) | flag
+    return fixed
 
 
-def _queue_decrements(image, counts: References) -> None:
-    for first, length, n in counts.runs():
-        for _ in range(n):
-            image.refcounts.free(first, length)
+class _Appender:
+    """Writes a new state's metadata past the end of the file, where the current state
+    references nothing."""
+
+    def __init__(self, image):
+        self.image = image
+        cs = image.cluster_size
+        self.start = -(-image.file.size() // cs) * cs
+        self.end = self.start
+
+    def write(self, data: bytes) -> int:
+        cs = self.image.cluster_size
+        offset = self.end
+        size = -(-len(data) // cs) * cs
+        self.image.file.pwrite(data + bytes(size - len(data)), offset)
+        self.end += size
+        return offset
+
+    def undo(self) -> None:
+        """Cut the file back (best effort) after a failure before the switch."""
+        try:
+            self.image.file.truncate(self.start)
+        except Exception:  # the failure being reported matters more; this is only space
+            pass
 
 
-def _allocate_and_write(image, data: bytes) -> int:
-    """Write data into newly allocated clusters (unreferenced until a table points there)."""
-    cs = image.cluster_size
-    clusters = -(-len(data) // cs)
-    if not clusters:
-        return 0
-    first = image.refcounts.allocate(clusters)
-    offset = first << image.cluster_bits
-    image.map.check_no_overlap(offset, clusters * cs, "New snapshot metadata")
-    image.file.pwrite(data + bytes(clusters * cs - len(data)), offset)
-    image._host_size = max(image._host_size, offset + clusters * cs)
-    return offset
+def _commit_state(image, active_l1: array, kept: list[tuple[Snapshot, array]],
+                  new_snapshot: Snapshot | None = None, new_snapshot_l1: array | None = None,
+                  size: int | None = None) -> None:
+    """Switch the image, in one header write, to the active tree `active_l1` and the
+    snapshots `kept` (with their L1 tables, in table order) plus `new_snapshot` with its
+    L1 table `new_snapshot_l1`. The L1 entries point at existing L2 tables; the caller
+    holds _exclusive. See the module docstring."""
+    from .rebuild import Trees, count_references, write_refcount_structure
+    m = image.map
+    bits = image.cluster_bits
+    new_l1s = [active_l1] + ([new_snapshot_l1] if new_snapshot is not None else [])
+    counts = References(image)
+    for l1 in new_l1s + [l1 for _, l1 in kept]:
+        counts.add_tree(l1)
+    _check_overflow(image, counts)
+    appender = _Appender(image)
+    try:
+        # 1. Active L2 tables whose COPIED flags are wrong for the new state get copies
+        #    (which a new snapshot's L1 table, sharing them, points at as well).
+        copies: dict[int, int] = {}
+        for index, entry in enumerate(active_l1):
+            l2 = _l2_offset(entry, index, image.cluster_size)
+            if l2 and l2 not in copies:
+                fixed = _flags_for(m.l2_cache.get(l2), m.entry_words, counts, bits)
+                copies[l2] = appender.write(encode_be64(fixed)) if fixed is not None else l2
+        new_l1s = [array("Q", (copies.get(e & S.L1E_OFFSET_MASK, e & S.L1E_OFFSET_MASK)
+                               for e in l1)) for l1 in new_l1s]
+        table_refs: dict[int, int] = {}  # host offset of an L2 table -> L1 entries on it
+        for l1 in new_l1s + [l1 for _, l1 in kept]:
+            for entry in l1:
+                if entry & S.L1E_OFFSET_MASK:
+                    l2 = entry & S.L1E_OFFSET_MASK
+                    table_refs[l2] = table_refs.get(l2, 0) + 1
+        new_active = new_l1s[0]
+        for index, l2 in enumerate(new_active):
+            if l2 and table_refs[l2] == 1:
+                new_active[index] = l2 | S.OFLAG_COPIED
+        # 2. The L1 tables and the snapshot table.
+        snapshots = [snap for snap, _ in kept]
+        l1_tables = [(appender.write(encode_be64(new_active)), new_active)]
+        l1_tables += [(snap.l1_table_offset, l1) for snap, l1 in kept]
+        if new_snapshot is not None:
+            new_snapshot.l1_table_offset = appender.write(encode_be64(new_l1s[1]))
+            new_snapshot.l1_size = len(new_l1s[1])
+            snapshots.append(new_snapshot)
+            l1_tables.append((new_snapshot.l1_table_offset, new_l1s[1]))
+        disk_size = image.size if size is None else size
+        table = pack_snapshot_table(snapshots, disk_size) if snapshots else b""
+        table_offset = appender.write(table) if table else 0
+        # 3. The refcounts of that state, in a structure of their own.
+        refs = count_references(image, refcount_structure=False,
+                                trees=Trees(l1_tables, table_offset, len(table)))
+        reftable_offset, reftable_clusters, end = write_refcount_structure(image, refs)
+        image._sync(image.file)
+        # 4. The commit point: one sector write of the header.
+        hdr = image.header
+        fields = dict(size=disk_size, l1_size=len(new_active), l1_table_offset=l1_tables[0][0],
+                      nb_snapshots=len(snapshots), snapshots_offset=table_offset,
+                      refcount_table_offset=reftable_offset,
+                      refcount_table_clusters=reftable_clusters)
+        old_fields = {key: getattr(hdr, key) for key in fields}
+        for key, value in fields.items():
+            setattr(hdr, key, value)
+        try:
+            image._write_header_fields()
+        except BaseException:
+            for key, value in old_fields.items():
+                setattr(hdr, key, value)
+            raise
+    except BaseException:
+        appender.undo()  # the header does not point there
+        raise
+    # 5. Work from the new state, which the file shows from now on (even if the flush
+    #    below fails), and give what the old one alone used back to the filesystem.
+    image._host_size = max(image._host_size, end)
+    image.use_refcount_table(reftable_offset, reftable_clusters, end)
+    _use_l1(image, new_active, l1_tables[0][0])
+    image.size = disk_size
+    m.l2_cache.clear()
+    image._compressed_tail = 0
+    image._sync(image.file)
+    _release_unused(image, refs)
 
 
-def _free_range(image, offset: int, length: int) -> None:
-    if offset and length:
-        first = offset >> image.cluster_bits
-        last = (offset + length - 1) >> image.cluster_bits
-        image.refcounts.free(first, last - first + 1)
+def _release_unused(image, refs) -> None:
+    """Punch holes where no metadata of the new state points: the old state's tables and
+    the clusters only it used (refcount 0 now, so nothing can depend on their content)."""
+    counts = refs.counts
+    runs, run_start = [], None
+    for cluster in range(1, len(counts) + 1):
+        unused = cluster < len(counts) and not counts[cluster]
+        if unused and run_start is None:
+            run_start = cluster
+        elif not unused and run_start is not None:
+            runs.append((run_start, cluster - run_start))
+            run_start = None
+    for first, count in runs:
+        image.file.punch_hole(first << image.cluster_bits, count << image.cluster_bits)
 
 
 def _switch_header(image, **fields) -> None:
@@ -429,29 +524,6 @@ def _read_l1(image, snap: Snapshot) -> array:
     return decode_be64(image.file.pread(snap.l1_size * 8, snap.l1_table_offset))
 
 
-def _clear_copied(image, l1: array, first: int = 0, stop: int | None = None) -> None:
-    """Clear COPIED in l1[first:stop] and in every entry of the L2 tables they reach."""
-    m = image.map
-    step = m.entry_words
-    stop = len(l1) if stop is None else stop
-    for index in range(first, stop):
-        entry = l1[index]
-        l2 = _l2_offset(entry, index, image.cluster_size)
-        if not l2:
-            continue
-        if entry & S.OFLAG_COPIED and l1 is m.l1:
-            l1[index] = entry & ~S.OFLAG_COPIED
-            m.l1_dirty.add(index)
-        table = m.l2_cache.get(l2)
-        changed = False
-        for i in range(0, len(table), step):
-            if table[i] & S.OFLAG_COPIED:
-                table[i] &= ~S.OFLAG_COPIED
-                changed = True
-        if changed:
-            m.l2_cache.mark_dirty(l2)
-
-
 def refresh_copied_flags(image) -> None:
     """Set COPIED in the active tree exactly where the refcount is 1 (QEMU's addend 0)."""
     m = image.map
@@ -484,6 +556,18 @@ def refresh_copied_flags(image) -> None:
             m.l2_cache.mark_dirty(l2)
 
 
+def _allocate_and_write(image, data: bytes) -> int:
+    """Write data into newly allocated clusters (unreferenced until a table points there)."""
+    cs = image.cluster_size
+    clusters = -(-len(data) // cs)
+    first = image.refcounts.allocate(clusters)
+    offset = first << image.cluster_bits
+    image.map.check_no_overlap(offset, clusters * cs, "New L1 table")
+    image.file.pwrite(data + bytes(clusters * cs - len(data)), offset)
+    image._host_size = max(image._host_size, offset + clusters * cs)
+    return offset
+
+
 def _grow_l1(image, entries: int) -> None:
     """Move the active L1 table to new clusters with `entries` entries (crash-safe)."""
     if entries * 8 > S.MAX_L1_BYTES:
@@ -497,7 +581,10 @@ def _grow_l1(image, entries: int) -> None:
     image._write_back()
     _switch_header(image, l1_size=entries, l1_table_offset=offset)
     _use_l1(image, l1, offset)
-    _free_range(image, old_offset, old_size * 8)
+    if old_size:
+        first = old_offset >> image.cluster_bits
+        image.refcounts.free(first, ((old_offset + old_size * 8 - 1) >> image.cluster_bits)
+                             - first + 1)
     image._write_back()
 
 
@@ -581,12 +668,11 @@ def create_snapshot(image, name: str, *, vm_state_size: int = 0, vm_clock_nsec: 
     if not 0 <= vm_state_size < 1 << 64:
         raise InvalidArgumentError(f"vm_state_size {vm_state_size} out of range")
     with _exclusive(image):
-        snapshots, old_table_size = _read_table(image)
+        snapshots, _ = _read_table(image)
         if len(snapshots) >= S.MAX_SNAPSHOTS:
             raise InvalidArgumentError(f"too many snapshots (nb_snapshots {len(snapshots)}, "
                                        f"limit {S.MAX_SNAPSHOTS})")
-        m = image.map
-        active = m.l1
+        active = image.map.l1
         vm_index = _vm_state_index(image, image.size)
         span = _l1_span(image)
         keep = min(len(active), vm_index + (-(-vm_state_size // span)))
@@ -594,35 +680,15 @@ def create_snapshot(image, name: str, *, vm_state_size: int = 0, vm_clock_nsec: 
             raise InvalidArgumentError(
                 f"vm_state_size {vm_state_size} reaches past the image's L1 table (write the "
                 f"VM state with write_vmstate first)")
-        snap_l1 = array("Q", (e & ~S.OFLAG_COPIED for e in active[:keep]))
-        snap_l1.extend([0] * (len(active) - keep))
-        increments = _path_references(image, snap_l1)
-        _check_changes(image, increments)
-        # 1. The snapshot's references, and no COPIED flag left on what is now shared.
-        _increment(image, increments)
-        _clear_copied(image, active, 0, keep)
         snap = Snapshot(_new_id(snapshots), name, 0, len(active), date_sec, date_nsec,
                         vm_clock_nsec, vm_state_size, b"", image.size,
                         ICOUNT_DISABLED if icount is None else icount)
-        # 2. The snapshot's L1 table and the new snapshot table, in free clusters.
-        snap.l1_table_offset = _allocate_and_write(image, encode_be64(snap_l1))
-        table = pack_snapshot_table(snapshots + [snap], image.size)
-        table_offset = _allocate_and_write(image, table)
-        # Refcounts, then L2 tables and L1 entries without COPIED, each phase durable.
-        image._write_back()
-        # 3. Commit: the header points at the new table.
-        old_table_offset = image.header.snapshots_offset
-        _switch_header(image, nb_snapshots=len(snapshots) + 1, snapshots_offset=table_offset)
-        # 4. Drop the old table, and the VM state from the active tree (QEMU discards it).
-        _free_range(image, old_table_offset, old_table_size)
-        dropped = _path_references(image, active[vm_index:])
-        for index in range(vm_index, len(active)):
-            if active[index]:
-                active[index] = 0
-                m.l1_dirty.add(index)
-        _queue_decrements(image, dropped)
-        image._write_back()  # L1 entries first, then the decrements
-        _flush_all(image)
+        zeros = array("Q", bytes(8 * len(active)))
+        snap_l1 = array("Q", (e & ~S.OFLAG_COPIED for e in active[:keep])) + zeros[keep:]
+        # The VM state goes to the snapshot alone: QEMU drops it from the active tree.
+        new_active = active[:vm_index] + zeros[vm_index:]
+        _commit_state(image, new_active, [(s, _read_l1(image, s)) for s in snapshots],
+                      snap, snap_l1)
         return snap
 
 
@@ -632,7 +698,8 @@ def apply_snapshot(image, name_or_id: str | None = None, *, id: str | None = Non
     _require_writable(image, "apply a snapshot")
     with _exclusive(image):
         snapshots, _ = _read_table(image)
-        snap = snapshots[_lookup(snapshots, name_or_id, id, name)]
+        index = _lookup(snapshots, name_or_id, id, name)
+        snap = snapshots[index]
         disk_size = image.size if snap.disk_size is None else snap.disk_size
         if disk_size != image.size and image.header.version < 3:
             raise UnsupportedFeatureError(
@@ -645,28 +712,10 @@ def apply_snapshot(image, name_or_id: str | None = None, *, id: str | None = Non
         if entries * 8 > S.MAX_L1_BYTES:
             raise CorruptImageError(f"Snapshot '{snap.name}' disk size {disk_size} needs too "
                                     f"large an L1 table")
-        new_l1 = array("Q", (e & ~S.OFLAG_COPIED for e in _read_l1(image, snap)))
-        new_l1.extend([0] * (entries - len(new_l1)))
-        m = image.map
-        old_l1, old_offset = m.l1, m.l1_table_offset
-        increments = _path_references(image, new_l1)
-        decrements = _path_references(image, old_l1)
-        _check_changes(image, increments, decrements)
-        # 1. The new active tree's references; its tables are all shared, so no COPIED.
-        _increment(image, increments)
-        _clear_copied(image, new_l1)
-        new_offset = _allocate_and_write(image, encode_be64(new_l1))
-        image._write_back()
-        # 2. Commit: the header points at the new active L1 table (and the snapshot's size).
-        _switch_header(image, size=disk_size, l1_size=entries, l1_table_offset=new_offset)
-        _use_l1(image, new_l1, new_offset)
-        image.size = disk_size
-        # 3. Drop the old active tree, then set COPIED where refcounts dropped to 1.
-        _queue_decrements(image, decrements)
-        _free_range(image, old_offset, len(old_l1) * 8)
-        _flush_all(image)
-        refresh_copied_flags(image)
-        _flush_all(image)
+        kept = [(s, _read_l1(image, s)) for s in snapshots]
+        new_active = array("Q", kept[index][1])
+        new_active.extend([0] * (entries - len(new_active)))
+        _commit_state(image, new_active, kept, size=disk_size)
         return snap
 
 
@@ -675,25 +724,12 @@ def delete_snapshot(image, name_or_id: str | None = None, *, id: str | None = No
     """Delete a snapshot; returns the entry it had."""
     _require_writable(image, "delete a snapshot")
     with _exclusive(image):
-        snapshots, old_table_size = _read_table(image)
+        snapshots, _ = _read_table(image)
         index = _lookup(snapshots, name_or_id, id, name)
         snap = snapshots[index]
-        decrements = _path_references(image, _read_l1(image, snap))
-        _check_changes(image, None, decrements)
-        rest = snapshots[:index] + snapshots[index + 1:]
-        # 1. The table without the entry, in free clusters; commit with the header.
-        table_offset = _allocate_and_write(image, pack_snapshot_table(rest, image.size))
-        image._write_back()
-        old_table_offset = image.header.snapshots_offset
-        _switch_header(image, nb_snapshots=len(rest), snapshots_offset=table_offset)
-        # 2. Drop the snapshot's references, its L1 table and the old table.
-        _queue_decrements(image, decrements)
-        _free_range(image, snap.l1_table_offset, snap.l1_size * 8)
-        _free_range(image, old_table_offset, old_table_size)
-        _flush_all(image)
-        # 3. What the active tree now holds alone becomes writable in place.
-        refresh_copied_flags(image)
-        _flush_all(image)
+        kept = [(s, _read_l1(image, s)) for i, s in enumerate(snapshots) if i != index]
+        _read_l1(image, snap)  # a snapshot whose L1 table is invalid is refused, as QEMU does
+        _commit_state(image, image.map.l1, kept)
         return snap
 
 

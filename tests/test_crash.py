@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import qcow2lib
+from qcow2lib import snapshots as snaps
 from crashsim import Recorder, crash_states, write_state
 from qemutools import QEMU_IMG, qemu_create, qemu_io
 
@@ -34,6 +35,8 @@ class Workload:
         self.model = model
         self.flushes: list[tuple[int, bytes]] = [(0, bytes(model))]  # (op index, model)
         self.guest_ops: list[tuple[int, int, int]] = []  # (op index at start, offset, length)
+        self.snapshot_models: dict[str, bytes] = {}  # snapshot name -> content it was taken of
+        self.snapshot_models_ever: dict[str, bytes] = dict(self.snapshot_models)  # deleted too
 
     def _note(self, offset: int, length: int) -> None:
         self.guest_ops.append((len(self.recorder.ops), offset, length))
@@ -72,11 +75,31 @@ class Workload:
         self.image.flush()
         self.flushes.append((len(self.recorder.ops), bytes(self.model)))
 
+    def snapshot(self, action: str, name: str) -> None:
+        """Create, apply or delete an internal snapshot; each is durable when it returns."""
+        if action == "create":
+            snaps.create_snapshot(self.image, name)
+            self.snapshot_models[name] = self.snapshot_models_ever[name] = bytes(self.model)
+        elif action == "apply":
+            self._note(0, len(self.model))  # the whole disk changes at once
+            snaps.apply_snapshot(self.image, name)
+            self.model[:] = self.snapshot_models[name]
+        else:
+            snaps.delete_snapshot(self.image, name)
+            del self.snapshot_models[name]
+        self.flushes.append((len(self.recorder.ops), bytes(self.model)))
+
 
 def _random_ops(work: Workload, rng: random.Random, count: int, size: int, cluster: int,
-                backing: bytes | None = None, compressed: bool = False, zeroes: bool = True) -> None:
+                backing: bytes | None = None, compressed: bool = False, zeroes: bool = True,
+                snapshots: bool = False) -> None:
     for step in range(count):
         choice = rng.random()
+        if snapshots and step % 5 == 4:
+            names = sorted(work.snapshot_models)
+            action = rng.choice(["create", "apply", "delete"] if names else ["create"])
+            work.snapshot(action, f"s{step}" if action == "create" else rng.choice(names))
+            continue
         # Offsets biased to cluster and L2-table boundaries.
         base = rng.choice([rng.randrange(size), rng.randrange(size // cluster) * cluster,
                            rng.randrange(1, size // cluster) * cluster - rng.randrange(1, 700)])
@@ -108,6 +131,9 @@ WORKLOADS = {
                         {"compressed": True}),
     "backing-cow-v3": (dict(cluster_size=4096), 4 << 20, 20, {"backing": True}),
     "backing-cow-v2": (dict(cluster_size=4096, compat="0.10"), 4 << 20, 20, {"backing": True}),
+    "snapshots-v3": (dict(cluster_size=4096), 2 << 20, 30, {"snapshots": True}),
+    "snapshots-v2-512": (dict(cluster_size=512, compat="0.10"), 1 << 20, 25,
+                         {"snapshots": True}),
 }
 
 
@@ -139,7 +165,8 @@ def test_crash_at_every_point(tmp_path: Path, name: str) -> None:
         work = Workload(image, recorder, model)
         _random_ops(work, rng, count, size, options["cluster_size"], backing_content,
                     compressed=extra.get("compressed", False),
-                    zeroes=not extra.get("compressed", False))
+                    zeroes=not extra.get("compressed", False),
+                    snapshots=extra.get("snapshots", False))
         image.close()
     ops = recorder.ops
     assert any(op.kind == "flush" for op in ops)
@@ -179,6 +206,10 @@ def _verify_state(target: Path, work: Workload, t: int, description: str, lazy: 
             uncertain[offset:offset + length] = b"\x01" * length
     with qcow2lib.open(str(target), "r+") as image:
         content = image.read(0, image.size)
+        for snap in snaps.list_snapshots(image):  # each snapshot holds what it was taken of
+            with snaps.SnapshotView(image, snap.name) as view:
+                assert view.read(0, view.size) == work.snapshot_models_ever[snap.name], \
+                    f"{description}: snapshot {snap.name} changed"
         image.write(0, content[:512])  # the image still takes writes
     assert len(content) == len(durable_model)
     mismatch = [i for i in range(0, len(content), 512)
