@@ -376,8 +376,10 @@ class _Target:
         self.keep_dirty = False  # leave the dirty bit alone (the engine manages it)
         self._size: int | None = None
         # QEMU's in-memory tables, read when the image was opened.
-        self.l1 = list(decode_be64(self.pread(header.l1_size * 8, header.l1_table_offset))) \
-            if header.l1_size else []
+        self.l1 = decode_be64(self.pread(header.l1_size * 8, header.l1_table_offset)) \
+            if header.l1_size else array("Q")
+        self.writes = 0  # bumped by every change to the file: what was read may be stale
+        self._l2_starts: list[int] | None = None
         self.load_reftable(header.refcount_table_offset, header.refcount_table_clusters)
         self.snapshots: list[_Snapshot] = []
         self.snapshots_offset = 0
@@ -400,10 +402,12 @@ class _Target:
     def pwrite(self, data, offset: int) -> None:
         self.file.pwrite(data, offset)
         self._size = None
+        self.writes += 1
 
     def truncate(self, length: int) -> None:
         self.file.truncate(length)
         self._size = None
+        self.writes += 1
 
     def flush(self) -> None:
         self.file.flush()
@@ -414,14 +418,20 @@ class _Target:
             self.file.punch_hole(cluster << self.cluster_bits, self.cs)
         except Qcow2Error:
             pass  # discarding is optional
+        self.writes += 1
 
     # refcounts on disk ---------------------------------------------------------------
     def load_reftable(self, offset: int, clusters: int) -> None:
         """Read the refcount table; the refcount block cache starts empty."""
-        self.reftable_offset = offset
-        self.reftable = list(decode_be64(self.pread(clusters * self.cs, offset))) if clusters else []
+        self.set_reftable(offset, decode_be64(self.pread(clusters * self.cs, offset))
+                          if clusters else array("Q"))
         self.cache = [_CacheSlot() for _ in range(_REFCOUNT_CACHE_ENTRIES)]
         self.lru_counter = 0
+
+    def set_reftable(self, offset: int, table: array) -> None:
+        self.reftable_offset = offset
+        self.reftable = table
+        self._refblock_starts: list[int] | None = None
 
     def max_reftable_index(self) -> int:
         for i in range(len(self.reftable) - 1, -1, -1):

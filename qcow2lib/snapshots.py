@@ -339,9 +339,9 @@ def _check_overflow(image, counts: References) -> None:
                 f"refcount_bits={image.refcount_bits}")
 
 
-def _flags_for(table: array, step: int, counts: References, bits: int) -> array | None:
-    """A copy of an L2 table with COPIED set exactly on entries whose cluster has one
-    reference in `counts`, or None when the table already has those flags."""
+def _flags_for(table: array, step: int, counts, bits: int) -> array | None:
+    """A copy of an L2 table with COPIED set exactly on entries whose cluster count is 1
+    (`counts`: References or the image's Refcounts), or None when it has those flags."""
     fixed = None
     for i in range(0, len(table), step):
         value = table[i]
@@ -529,7 +529,6 @@ def refresh_copied_flags(image) -> None:
     m = image.map
     refs = image.refcounts
     bits = image.cluster_bits
-    step = m.entry_words
     for index, entry in enumerate(m.l1):
         l2 = _l2_offset(entry, index, image.cluster_size)
         if not l2:
@@ -539,20 +538,9 @@ def refresh_copied_flags(image) -> None:
             m.l1[index] = (entry & ~S.OFLAG_COPIED) | want
             m.l1_dirty.add(index)
         table = m.l2_cache.get(l2)
-        changed = False
-        for i in range(0, len(table), step):
-            value = table[i]
-            if not value:
-                continue
-            host = value & S.L2E_OFFSET_MASK
-            if value & S.OFLAG_COMPRESSED or not host:
-                flag = 0
-            else:
-                flag = S.OFLAG_COPIED if refs.get(host >> bits) == 1 else 0
-            if value & S.OFLAG_COPIED != flag:
-                table[i] = (value & ~S.OFLAG_COPIED) | flag
-                changed = True
-        if changed:
+        fixed = _flags_for(table, m.entry_words, refs, bits)
+        if fixed is not None:
+            table[:] = fixed
             m.l2_cache.mark_dirty(l2)
 
 
