@@ -39,6 +39,10 @@ def resolve_backing_path(image_path: str, backing_name: str) -> str:
     return os.path.join(os.path.dirname(image_path), backing_name)
 
 
+# QEMU's cache modes; only "unsafe" changes what the engine does (no fdatasync).
+CACHE_MODES = ("writeback", "writethrough", "none", "directsync", "unsafe")
+
+
 def _in_backing_file(exc: Qcow2Error) -> Qcow2Error:
     """The same error, its message prefixed as QEMU prefixes it at each backing level."""
     prefix = "Could not open backing file: "
@@ -53,20 +57,25 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
                data_file: str | None = None, force_share: bool = False,
                passphrase: str | bytes | Sequence[str | bytes | None] | None = None,
                open_data_file: bool = True, _chain: tuple[str, ...] = (),
-               snapshot: str | None = None) -> BlockDevice:
+               snapshot: str | None = None, cache: str = "writeback") -> BlockDevice:
     """Open an image (and, unless backing=False, its whole backing chain, read-only).
 
     Images are locked the way QEMU locks them; force_share (qemu-img -U) reads an image
     another process is writing. `passphrase` unlocks encrypted (LUKS or legacy AES) images
     in the chain: one value for every layer, or a sequence with one per layer (the image
-    first, then its backing file, ...; None or a missing entry for a layer without one). open_data_file=False opens a read-only image's metadata without its
-    external data file (what `info` needs). snapshot="name or id" gives a read-only view of
-    an internal snapshot's content.
+    first, then its backing file, ...; None or a missing entry for a layer without one).
+    open_data_file=False opens a read-only image's metadata without its external data file
+    (what `info` needs). snapshot="name or id" gives a read-only view of an internal
+    snapshot's content. cache="unsafe" never makes writes durable (flush()
+    only writes metadata back), as qemu-img convert treats its target by default.
     """
     if snapshot is not None and mode != "r":
         raise InvalidArgumentError("a snapshot can only be opened read-only (mode 'r')")
     if mode not in ("r", "r+"):
         raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
+    if cache not in CACHE_MODES:
+        raise InvalidArgumentError(f"cache must be one of {', '.join(CACHE_MODES)}, not "
+                                   f"{cache!r}")
     probed = fmt is None
     if probed:
         fmt = probe_format(path)
@@ -84,7 +93,9 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
     if fmt == "raw":
         if snapshot is not None:
             raise UnsupportedFeatureError("Block driver does not support snapshots (raw)")
-        return RawDevice(path, mode, force_share, probed)
+        device = RawDevice(path, mode, force_share, probed)
+        device.file.no_flush = cache == "unsafe"
+        return device
     if isinstance(passphrase, (str, bytes, type(None))):
         own_passphrase = backing_passphrase = passphrase
     else:
@@ -93,6 +104,9 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
         backing_passphrase = layers[1:]
     image = Qcow2Image(path, mode, data_file_path=data_file, force_share=force_share,
                        passphrase=own_passphrase, open_data_file=open_data_file)
+    for host in (image.file, image.data_host):
+        if host is not None:
+            host.no_flush = cache == "unsafe"
     if backing and image.backing_filename:
         try:
             backing_path = resolve_backing_path(path, image.backing_filename)

@@ -227,7 +227,9 @@ class _Converter:
         self.compressed = compress
         self.min_sparse = sparse_size // SECTOR
         self.target_backing = target_backing
-        self.parallel = parallel
+        # -m counts QEMU's coroutines; more threads than CPUs only contend for the GIL
+        # (I/O and codecs release it, but two per CPU already keep every CPU busy).
+        self.parallel = min(parallel, 2 * (os.cpu_count() or 1))
         self.in_order = not out_of_order
         self.progress = progress
         self.parts: list[_Part] = []

@@ -13,7 +13,6 @@ from array import array
 from . import structs as S
 from .cache import encode_be64
 from .chain import open_image, resolve_backing_path
-from .crypto import create_luks_header
 from .errors import InvalidArgumentError, Qcow2IOError
 from .header import Header
 from .hostfile import create_host_file
@@ -68,6 +67,7 @@ def create(path: str, size: int | None, *, fmt: str = "qcow2", cluster_size: int
             data.close()
     luks_header = b""
     if encrypt_format == "luks":
+        from .crypto import create_luks_header  # loaded only when needed (start-up time)
         luks_header, _ = create_luks_header(passphrase, encrypt_options or {})
     _write_empty_qcow2(path, size, version, cluster_size, backing_file, backing_fmt,
                        refcount_bits, lazy_refcounts, extended_l2, data_file, data_file_raw,
@@ -142,7 +142,7 @@ def _create_raw(path: str, size: int, preallocation: str) -> None:
             chunk = bytes(min(size, 1 << 20))
             for offset in range(0, size, len(chunk) or 1):
                 file.pwrite(memoryview(chunk)[:min(len(chunk), size - offset)], offset)
-        file.flush()
+            file.flush()  # (an empty raw file, as qemu-img makes it, holds nothing to sync)
     finally:
         file.close()
 

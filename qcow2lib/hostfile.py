@@ -67,6 +67,9 @@ class HostFile:
                                              f"file", path)
         self._closed = False
         self._flush_error: Qcow2IOError | None = None
+        # cache=unsafe (qemu-img convert's default for its target): writes are never
+        # made durable; for copies that are thrown away if the machine goes down.
+        self.no_flush = False
 
     def _fail(self, exc: OSError | OverflowError, what: str) -> Qcow2IOError:
         if isinstance(exc, OverflowError):  # an offset or length no file can have
@@ -146,6 +149,8 @@ class HostFile:
         """
         if self._flush_error is not None:
             raise self._flush_error
+        if self.no_flush:
+            return
         try:
             os.fdatasync(self.fd)
         except (OSError, OverflowError) as exc:

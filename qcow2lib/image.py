@@ -19,7 +19,6 @@ from . import codecs
 from . import structs as S
 from .blockdev import BlockDevice, Extent, merge_extents
 from .cache import decode_be64
-from .crypto import open_crypto
 from .errors import (BadSecretError, CorruptImageError, InvalidArgumentError, Qcow2IOError,
                      UnsupportedFeatureError)
 from .header import Header
@@ -123,6 +122,7 @@ class Qcow2Image(BlockDevice):
         self._load_bitmap_directory()
         self.crypto = None
         if self.encrypted and passphrase is not None:
+            from .crypto import open_crypto  # loaded for encrypted images only (start-up time)
             self.crypto = open_crypto(hdr.crypt_method, self._read_header_bytes, hdr.crypto_offset,
                                       hdr.crypto_length, passphrase, cluster_size=self.cluster_size)
         if not self.read_only:

@@ -825,3 +825,28 @@ def test_dd(twins, args):
     twins.assert_same("dd", *LUKS, *args)
     twins.assert_same_image("o.raw", "raw", same_map=False)
     twins.assert_same_image("o.qcow2", "qcow2")
+
+
+def test_convert_cache_modes(twins, monkeypatch):
+    """Like qemu-img, convert writes its target with cache=unsafe (no fdatasync after the
+    target is created) unless -t asks for another mode."""
+    synced = []
+    real_fdatasync = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync",
+                        lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                    real_fdatasync(fd)))
+    d = twins.qimg_dir
+    counts = {}
+    for cache in ("", "unsafe", "writeback", "none"):
+        for fmt in ("raw", "qcow2"):
+            synced.clear()
+            target = d / f"{cache or 'default'}.{fmt}"
+            result = run_qimg(d, "convert", *(["-t", cache] if cache else []), "-O", fmt,
+                              "a.qcow2", target)
+            assert result.returncode == 0, result.stderr
+            counts[cache, fmt] = synced.count(str(target))
+            assert qemu_img("compare", d / "a.qcow2", target).returncode == 0
+    assert counts["", "raw"] == counts["unsafe", "raw"] == 0, counts
+    assert counts["", "qcow2"] == counts["unsafe", "qcow2"], counts  # creating it syncs
+    for cache in ("writeback", "none"):
+        assert counts[cache, "raw"] > 0 and counts[cache, "qcow2"] > counts["", "qcow2"], counts

@@ -676,3 +676,24 @@ def test_map_entries_extended_l2(tmp_path):
     ext = make(tmp_path / "ext.qcow2", 4 * MiB, "write -P 1 0 100k", "write -z 1M 64k",
                options={"extended_l2": "on", "cluster_size": "64k"})
     _check_map([(ext, None)])
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_cache_unsafe_never_syncs(tmp_path, monkeypatch, fmt):
+    """cache="unsafe" (qemu-img convert's default for its target) writes metadata back
+    on flush() but never calls fdatasync; the default cache mode does."""
+    path = str(tmp_path / "img")
+    qcow2lib.create(path, 1 << 20, fmt=fmt)
+    syncs = []
+    real_fdatasync = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (syncs.append(fd), real_fdatasync(fd)))
+    for cache, expect_syncs in (("unsafe", False), ("writeback", True)):
+        syncs.clear()
+        with qcow2lib.open(path, "r+", fmt=fmt, cache=cache) as image:
+            image.write(0, b"x" * 70000)
+            image.flush()
+        assert bool(syncs) == expect_syncs, cache
+    with qcow2lib.open(path, fmt=fmt) as image:
+        assert image.read(0, 70000) == b"x" * 70000
+    with pytest.raises(qcow2lib.InvalidArgumentError, match="cache"):
+        qcow2lib.open(path, fmt=fmt, cache="fast")

@@ -1350,7 +1350,8 @@ def spec_passphrases(cli: Cli, spec: ImageSpec) -> list[bytes | None]:
 
 
 def open_spec(cli: Cli, spec: ImageSpec, mode: str = "r", backing: bool = True,
-              passphrase: bytes | None = None, warn_probe: bool = True):
+              passphrase: bytes | None = None, warn_probe: bool = True,
+              cache: str = "writeback"):
     """Open an image like qemu-img's img_open(); raises OpenFailure with its message.
 
     As in QEMU, each encrypted layer needs its own key-secret option (the top's is
@@ -1366,7 +1367,8 @@ def open_spec(cli: Cli, spec: ImageSpec, mode: str = "r", backing: bool = True,
         if explicit:
             passphrases[0] = passphrase
         device = qcow2lib.open(path, mode, fmt=spec.fmt, backing=backing,
-                               force_share=spec.force_share, passphrase=passphrases)
+                               force_share=spec.force_share, passphrase=passphrases,
+                               cache="none" if cache == "off" else cache)
     except ImageLockedError as exc:
         raise OpenFailure(f"Could not open '{spec.name}': {error_text(exc)}",
                           f"Is another process using the image [{host_path(spec.path)}]?\n") \
@@ -1844,7 +1846,7 @@ def _convert(cli: Cli, sources: list[str], out_filename: str, devices: list, met
             spec = image_spec(out_filename, tgt_image_opts, out_fmt)
         else:
             spec = ImageSpec(out_filename, out_filename, out_fmt)
-        target = open_spec(cli, spec, "r+", passphrase=passphrase)
+        target = open_spec(cli, spec, "r+", passphrase=passphrase, cache=cache)
     except OpenFailure as exc:
         fail(exc.message, exc.hint)
     devices.append(target)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 
-from ..crypto import luks_info
 from ..errors import CorruptImageError, ImageLockedError, Qcow2Error
 from ..snapshots import list_snapshots
 from . import error_text, full_backing_filename, host_path, open_by_name, virtual_size
@@ -63,6 +62,7 @@ def _encryption(img) -> dict:
         return {"format": "aes"}
     if hdr.crypt_method != CRYPT_LUKS:
         raise CorruptImageError(f"Unknown crypt_method {hdr.crypt_method} in the qcow2 header")
+    from ..crypto import luks_info  # loaded for encrypted images only (start-up time)
     luks = luks_info(lambda offset, length: img.file.pread(length, offset), hdr.crypto_offset,
                      hdr.crypto_length)
     luks["slots"] = [{key: slot[key] for key in _LUKS_SLOT_KEYS if key in slot}
