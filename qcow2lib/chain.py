@@ -30,6 +30,20 @@ def probe_format(path: str) -> str:
     return "qcow2" if magic == S.QCOW_MAGIC.to_bytes(4, "big") else "raw"
 
 
+def backing_format(path: str, stated: str | None, name: str) -> str:
+    """The format a backing file is opened with: the one its image states, else qcow2 if
+    the file has the qcow2 magic. A file that would be probed as raw is refused: a backing
+    file name in an untrusted image must not expose any host file's bytes to the guest."""
+    if stated is not None:
+        return stated
+    if probe_format(path) == "qcow2":
+        return "qcow2"
+    raise UnsupportedFeatureError(
+        f"The image states no format for its backing file '{name}', which is not a qcow2 "
+        f"image; it is not opened as raw unless the format is stated (qemu-img rebase -u "
+        f"-b '{name}' -F raw)")
+
+
 def resolve_backing_path(image_path: str, backing_name: str) -> str:
     """A backing name as QEMU resolves it: relative to the directory of the image naming it."""
     if backing_name.startswith("file:"):  # QEMU's protocol prefix for plain files
@@ -113,9 +127,11 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
             if not os.path.exists(backing_path):
                 raise Qcow2IOError(2, f"Could not open '{backing_path}': No such file or "
                                       f"directory", backing_path)
-            image.backing = open_image(backing_path, "r", image.backing_format, True,
-                                       None, force_share, backing_passphrase, open_data_file,
-                                       _chain + (real,))
+            image.backing = open_image(backing_path, "r",
+                                       backing_format(backing_path, image.backing_format,
+                                                      image.backing_filename),
+                                       True, None, force_share, backing_passphrase,
+                                       open_data_file, _chain + (real,))
         except Qcow2Error as exc:
             image.close()
             raise _in_backing_file(exc) from exc

@@ -9,9 +9,10 @@ of create/info is tested in test_cli_create_info.py; here every subcommand qimg 
 (create, info, check, snapshot) meets the same inputs.
 
 Untrusted images: a backing file name is only a name. Where an image does not say the
-backing format, QEMU 7.2 probes it (a file without the qcow2 magic is read as raw, which
-exposes its bytes through the image: qcow2lib must read exactly what QEMU reads, no more);
-a stated format is never second-guessed. A raw image whose format was probed must not be
+backing format, QEMU 7.2 probes it, and a file without the qcow2 magic is read as raw,
+which exposes any host file's bytes through the image: qcow2lib refuses that (qcow2 files
+are still probed), and reads what QEMU reads once the format is stated; a stated format
+is never second-guessed. A raw image whose format was probed must not be
 turned into something else by a guest write to its first sector (QEMU refuses with
 EPERM). And `info`/`check`/`snapshot -l` open no file of the chain that qemu-img would
 not open (watched with inotify): `info` without --backing-chain touches no backing file.
@@ -296,27 +297,51 @@ def top_over(directory: Path, backing_name: str, backing_fmt: str | None) -> Pat
     return top
 
 
-@pytest.mark.parametrize("content", ["raw", "qcow2"])
-def test_backing_without_format_is_probed_like_qemu(tmp_path, content):
-    """No backing format stored: QEMU 7.2 probes (qcow2 magic -> qcow2, else raw). The
-    engine reads through the chain exactly what QEMU reads, and writes nothing to the
-    backing file."""
+def test_backing_without_format_is_probed_as_qcow2_only(tmp_path):
+    """No backing format stored and a qcow2 file behind the name: probed as qcow2, as QEMU
+    7.2 does; the engine reads through the chain what QEMU reads and writes nothing to
+    the backing file."""
     host = tmp_path / "host.file"
-    if content == "raw":
-        host.write_bytes(b"secret host data" + bytes((1 << 20) - 16))
-    else:
-        qemu_create(host, "1M")
-        qemu_io(host, "write -P 0x5a 0 64k")
+    qemu_create(host, "1M")
+    qemu_io(host, "write -P 0x5a 0 64k")
     before = host.read_bytes()
     top = top_over(tmp_path, "host.file", None)
     with qcow2lib.open(str(top), "r") as img:
         assert img.backing_format is None
-        assert img.backing.format == content
+        assert img.backing.format == "qcow2"
         ours = img.read(0, img.size)
     assert ours == qemu_raw(top, tmp_path / "qemu.raw")
     with qcow2lib.open(str(top), "r+") as img:
         img.write(4096, b"top" * 100)
     assert host.read_bytes() == before
+
+
+def test_backing_host_file_is_not_opened_as_raw_unless_stated(tmp_path):
+    """No backing format stored and a plain host file behind the name: QEMU 7.2 would probe
+    it as raw and show its bytes to the guest; qcow2lib and qimg refuse to read through it
+    (one clear line) until the format is stated, and then read what QEMU reads. (`info
+    --backing-chain` still describes the file: its size and format, not its bytes.)"""
+    host = tmp_path / "host.file"
+    host.write_bytes(b"secret host data" + bytes((1 << 20) - 16))
+    top = top_over(tmp_path, "host.file", None)
+    with pytest.raises(qcow2lib.UnsupportedFeatureError, match="host.file.*not opened as raw"):
+        qcow2lib.open(str(top), "r")
+    (tmp_path / "bin").mkdir()
+    launcher = make_launcher(tmp_path / "bin")
+    for args in (["convert", "-O", "raw", "top.qcow2", "out.raw"], ["map", "top.qcow2"],
+                 ["compare", "top.qcow2", "host.file"], ["commit", "top.qcow2"]):
+        result = subprocess.run([launcher, *args], cwd=tmp_path, capture_output=True,
+                                text=True)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, args
+        assert result.stderr.count("\n") == 1 and "not opened as raw" in result.stderr, \
+            (args, result.stderr)
+    assert not (tmp_path / "out.raw").exists() or not (tmp_path / "out.raw").read_bytes() \
+        .startswith(b"secret")
+    subprocess.run([launcher, "rebase", "-u", "-b", "host.file", "-F", "raw", "top.qcow2"],
+                   cwd=tmp_path, check=True)
+    with qcow2lib.open(str(top), "r") as img:
+        assert img.backing.format == "raw"
+        assert img.read(0, img.size) == qemu_raw(top, tmp_path / "qemu.raw")
 
 
 def test_stated_backing_format_is_never_second_guessed(tmp_path):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from ..chain import MAX_CHAIN_DEPTH, open_image, resolve_backing_path
+from ..chain import MAX_CHAIN_DEPTH, backing_format, open_image, resolve_backing_path
 from ..errors import CorruptImageError, Qcow2Error
 from .resize import resize
 
@@ -59,11 +59,12 @@ def _open_chain(top_path: str, fmt: str | None, base_name: str | None, passphras
                 raise CommitError(f"Could not open backing file: Could not open '{path}': "
                                   f"No such file or directory")
             if is_base:
-                layer.backing = open_image(path, "r+", layer.backing_format,
-                                           passphrase=passphrases[depth:])
+                layer.backing = open_image(path, "r+", backing_format(
+                    path, layer.backing_format, name), passphrase=passphrases[depth:])
                 return top, depth
-            layer.backing = open_image(path, "r", layer.backing_format, backing=False,
-                                       passphrase=passphrases[depth:depth + 1])
+            layer.backing = open_image(path, "r", backing_format(
+                path, layer.backing_format, name), backing=False,
+                passphrase=passphrases[depth:depth + 1])
             layer = layer.backing
     except BaseException:
         top.close()
