@@ -218,9 +218,9 @@ class SectorCipher:
         if mode not in CIPHER_MODES:
             raise UnsupportedFeatureError(f"Cipher mode '{mode}' not supported")
         if mode == "xts":
-            if len(key) not in (32, 64):
+            if len(key) not in (32, 48, 64):
                 raise UnsupportedFeatureError(
-                    f"AES-XTS needs a 32 or 64 byte key, not {len(key)} bytes")
+                    f"AES-XTS needs a 32, 48 or 64 byte key, not {len(key)} bytes")
             if key[:len(key) // 2] == key[len(key) // 2:]:
                 # OpenSSL refuses XTS keys whose halves are equal.
                 raise UnsupportedFeatureError("AES-XTS key halves are identical")
@@ -229,15 +229,22 @@ class SectorCipher:
         self.mode = mode
         self.sector_size = sector_size
         self.ivgen = ivgen
-        self._alg = algorithms.AES(key)
         if mode == "xts":
             half = len(key) // 2
             self._alg_data = algorithms.AES(key[:half])
             self._alg_tweak = algorithms.AES(key[half:])
+            # OpenSSL's XTS takes AES-128 and AES-256 keys only; AES-192 (a 48-byte key, as
+            # QEMU allows) goes through the ECB-based _xts_batch, whole sectors only.
+            self._alg = algorithms.AES(key) if len(key) != 48 else None
+        else:
+            self._alg = algorithms.AES(key)
 
     # The per-sector workers return the transformed bytes of one data unit.
     def _one(self, iv: bytes, data: bytes, encrypt: bool) -> bytes:
         if self.mode == "xts":
+            if self._alg is None:
+                raise UnsupportedFeatureError(
+                    f"AES-192-XTS on a partial data unit ({len(data)} bytes) is not supported")
             mode = modes.XTS(iv)
         elif self.mode == "cbc":
             mode = modes.CBC(iv)
