@@ -4,20 +4,27 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 QEMU_IMG = shutil.which("qemu-img") or "qemu-img"
 QEMU_IO = shutil.which("qemu-io") or "qemu-io"
 
 
-def run(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    """Run a QEMU tool. QEMU's PBKDF2 calibration (LUKS create) gives up with "Unable to get
-    accurate CPU usage" when the thread CPU clock has not ticked, which a busy machine
-    provokes: such runs are tried again."""
-    for _ in range(10):
-        result = subprocess.run([str(a) for a in args], capture_output=True, text=True)
-        if "Unable to get accurate CPU usage" not in result.stderr:
+CALIBRATION_FLAKE = "Unable to get accurate CPU usage"
+
+
+def run(args: list, check: bool = True, cwd=None, text: bool = True) -> subprocess.CompletedProcess:
+    """Run a QEMU tool. QEMU's PBKDF2 calibration (LUKS create, amend, convert) gives up with
+    "Unable to get accurate CPU usage" when the thread CPU clock has not ticked during its
+    first measurement, which happens at random on fast or busy machines: such runs fail at
+    once and are tried again, many times, since each failure costs milliseconds."""
+    for attempt in range(100):
+        result = subprocess.run([str(a) for a in args], capture_output=True, text=text, cwd=cwd)
+        stderr = result.stderr if text else result.stderr.decode("utf-8", "surrogateescape")
+        if CALIBRATION_FLAKE not in stderr:
             break
+        time.sleep(min(0.01 * attempt, 0.1))
     if check and result.returncode:
         raise subprocess.CalledProcessError(result.returncode, result.args, result.stdout,
                                             result.stderr)

@@ -46,15 +46,11 @@ def run_qimg(directory: Path, *args) -> subprocess.CompletedProcess:
 
 
 def run_qemu(directory: Path, *args) -> subprocess.CompletedProcess:
-    """The real qemu-img in `directory`; output kept byte-exact (progress uses "\r")."""
-    for _ in range(10):  # QEMU's LUKS calibration may fail on a busy machine: try again
-        result = subprocess.run(["qemu-img", *map(str, args)], cwd=directory,
-                                capture_output=True)
-        stderr = result.stderr.decode("utf-8", "surrogateescape")
-        if "Unable to get accurate CPU usage" not in stderr:
-            break
+    """The real qemu-img in `directory`; output kept byte-exact (progress uses "\\r")."""
+    result = run(["qemu-img", *args], check=False, cwd=directory, text=False)
     return subprocess.CompletedProcess(args, result.returncode,
-                                       result.stdout.decode("utf-8", "surrogateescape"), stderr)
+                                       result.stdout.decode("utf-8", "surrogateescape"),
+                                       result.stderr.decode("utf-8", "surrogateescape"))
 
 
 def build_sources(directory: Path) -> None:

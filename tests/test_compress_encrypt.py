@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import qcow2lib
-from qemutools import QEMU_IMG, QEMU_IO, assert_clean, qemu_compare, qemu_img
+from qemutools import QEMU_IMG, QEMU_IO, assert_clean, qemu_compare, qemu_img, run
 
 SECRET = "s3cret-passphrase"
 
@@ -102,17 +102,8 @@ LUKS_VARIANTS = [
 
 
 def _qemu_create_encrypted(path: Path, options: str, size: str) -> None:
-    """qemu-img create with encryption. QEMU's PBKDF2 calibration reads the thread's CPU
-    time and gives up ("Unable to get accurate CPU usage") when that clock has not ticked,
-    which happens on busy machines: try again a few times."""
-    for _ in range(10):
-        result = subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "--object",
-                                 f"secret,id=sec0,data={SECRET}", "-o", options, str(path), size],
-                                capture_output=True, text=True)
-        if result.returncode == 0:
-            return
-        assert "Unable to get accurate CPU usage" in result.stderr, result.stderr
-    raise AssertionError(f"qemu-img create kept failing: {result.stderr}")
+    run([QEMU_IMG, "create", "-q", "-f", "qcow2", "--object", f"secret,id=sec0,data={SECRET}",
+         "-o", options, path, size])
 
 
 def _image_opts(path: Path) -> list[str]:

@@ -149,14 +149,9 @@ def encrypt_guest(img: ImageFile, crypto, guest, data) -> None:
 
 # --- QEMU-made images, created in parallel once ----------------------------------------
 
-def run_retrying(args, attempts=4) -> subprocess.CompletedProcess:
-    """Run a qemu-img that calibrates PBKDF2.  QEMU measures the calibration run with
-    getrusage(RUSAGE_THREAD), whose tick granularity sometimes yields 0 ms and the error
-    "Unable to get accurate CPU usage" -- a QEMU flake, retried here."""
-    for _ in range(attempts):
-        result = run(args, check=False)
-        if result.returncode == 0 or "accurate CPU usage" not in result.stderr:
-            break
+def run_retrying(args) -> subprocess.CompletedProcess:
+    """Run a qemu-img that must succeed (run() retries QEMU's PBKDF2 calibration flake)."""
+    result = run(args, check=False)
     assert result.returncode == 0, f"{args}: {result.stdout}{result.stderr}"
     return result
 
