@@ -31,7 +31,12 @@ import json
 import os
 import struct
 from array import array
+from bisect import bisect_right
+from collections import Counter
 from dataclasses import dataclass, field
+from itertools import compress, islice
+from operator import or_
+from typing import Callable, Iterator
 
 from . import structs as S
 from .cache import decode_be64, encode_be64
@@ -253,7 +258,9 @@ class _RefcountReadError(Exception):
     pass
 
 
-_MAX_IMRT_CLUSTERS = 1 << 29  # 4 GiB of in-memory refcounts: QEMU's allocation would fail
+# A repair growing the file past this many clusters fails with ENOMEM, as QEMU's does when
+# its in-memory refcount array (GiBs by then) cannot be allocated.
+_MAX_IMRT_CLUSTERS = 1 << 29
 _REFCOUNT_CACHE_ENTRIES = 4  # QEMU's default refcount cache: MIN_REFCOUNT_CACHE_SIZE clusters
 
 
@@ -284,17 +291,14 @@ class _RefcountArray:
 
     def __init__(self, refcount_order: int):
         self.typecode = "BBBBHIQ"[refcount_order]
+        self._zeros = bytes(array(self.typecode).itemsize << _CHUNK_BITS)
         self.chunks: dict[int, array] = {}
-
-    def __bool__(self) -> bool:
-        return bool(self.chunks)
 
     def chunk(self, index: int) -> array:
         """The chunk holding clusters [index << _CHUNK_BITS, ...), created zeroed if new."""
         chunk = self.chunks.get(index)
         if chunk is None:
-            chunk = self.chunks[index] = array(self.typecode, bytes(
-                array(self.typecode).itemsize << _CHUNK_BITS))
+            chunk = self.chunks[index] = array(self.typecode, self._zeros)
         return chunk
 
     def get(self, cluster: int) -> int:
@@ -339,9 +343,6 @@ class _RefcountArray:
     def max_value(self) -> int:
         return max((max(chunk) for chunk in self.chunks.values()), default=0)
 
-    def used_chunks(self) -> list[int]:
-        return sorted(self.chunks)
-
     def clear(self) -> None:
         self.chunks.clear()
 
@@ -359,6 +360,7 @@ class _Target:
         self.prog = prog
         self.cluster_bits = header.cluster_bits
         self.cs = 1 << header.cluster_bits
+        self.zero_cluster = bytes(self.cs)
         self.extended = header.extended_l2
         self.words = 2 if self.extended else 1
         self.l2_entries = header.l2_entries
@@ -395,7 +397,7 @@ class _Target:
     def pread(self, length: int, offset: int) -> bytes:
         if length <= 0:
             return b""
-        if offset >= 1 << 62:
+        if offset >= self.file_size():  # (tables past the end read as zeros)
             return bytes(length)
         return self.file.pread(length, offset)
 
@@ -433,12 +435,6 @@ class _Target:
         self.reftable = table
         self._refblock_starts: list[int] | None = None
 
-    def max_reftable_index(self) -> int:
-        for i in range(len(self.reftable) - 1, -1, -1):
-            if self.reftable[i] & S.REFT_OFFSET_MASK:
-                return i
-        return 0
-
     def _cache_get(self, offset: int) -> "_CacheSlot":
         """QEMU's refcount block cache: a few blocks, least recently used one replaced
         (and written back first if dirty)."""
@@ -472,6 +468,9 @@ class _Target:
         self.pwrite(slot.block.to_bytes(), slot.offset)
         slot.dirty = False
         return True
+
+    def cache_clean(self) -> bool:
+        return not any(slot.dirty for slot in self.cache)
 
     def flush_if_alive(self) -> None:
         """bdrv_flush of the image: nothing once a fatal corruption dropped the driver."""
@@ -590,14 +589,15 @@ class _Target:
                 if sn.l1_size and hit(sn.l1_table_offset, sn.l1_size * 8):
                     return _OL_INACTIVE_L1
         if chk & _OL_ACTIVE_L2:
-            for entry in self.l1:
-                if entry & S.L1E_OFFSET_MASK and hit(entry & S.L1E_OFFSET_MASK, cs):
-                    return _OL_ACTIVE_L2
-        if chk & _OL_REFCOUNT_BLOCK and self.reftable:
-            for i in range(self.max_reftable_index() + 1):
-                block = self.reftable[i] & S.REFT_OFFSET_MASK
-                if block and hit(block, cs):
-                    return _OL_REFCOUNT_BLOCK
+            if self._l2_starts is None:  # (repairs only touch the L1 entries' flags)
+                self._l2_starts = _sorted_offsets(self.l1, S.L1E_OFFSET_MASK)
+            if _any_cluster_within(self._l2_starts, cs, offset, size):
+                return _OL_ACTIVE_L2
+        if chk & _OL_REFCOUNT_BLOCK:
+            if self._refblock_starts is None:
+                self._refblock_starts = _sorted_offsets(self.reftable, S.REFT_OFFSET_MASK)
+            if _any_cluster_within(self._refblock_starts, cs, offset, size):
+                return _OL_REFCOUNT_BLOCK
         if chk & _OL_BITMAP_DIRECTORY and hdr.autoclear_features & S.AUTOCLEAR_BITMAPS:
             info = _bitmaps_extension(hdr)
             if info and hit(info.bitmap_directory_offset, info.bitmap_directory_size):
@@ -621,11 +621,52 @@ class _Target:
         self.flush()
 
 
+def _used_entries(table: array, words: int) -> Iterator[int]:
+    """Indices of the L2 entries that are not all zeros (entry and extended bitmap): a
+    table past the end of the file, or a mostly empty one, is then skipped at C speed."""
+    if words == 1:
+        return compress(range(len(table)), table)
+    return compress(range(len(table) // 2), map(or_, table[::2], table[1::2]))
+
+
+def _sorted_offsets(table: array, mask: int) -> list[int]:
+    """The non-zero offsets of a table's entries, sorted (for the overlap check)."""
+    return sorted({entry & mask for entry in filter(None, table)} - {0})
+
+
+def _any_cluster_within(starts: list[int], cs: int, offset: int, size: int) -> bool:
+    """Whether a cluster starting at one of `starts` (sorted) overlaps [offset, offset+size).
+
+    QEMU tests every L1 entry (refcount table entry) in turn; with millions of entries
+    and a test per write that is too slow here."""
+    index = bisect_right(starts, offset - cs)
+    return index < len(starts) and starts[index] < offset + size
+
+
 def _bitmaps_extension(hdr: Header):
     for ext in hdr.extensions:
         if ext.type == S.EXT_BITMAPS and len(ext.data) >= S.BitmapsExtension.sizeof():
             return S.BitmapsExtension.parse(ext.data)
     return None
+
+
+@dataclass
+class _Replay:
+    """What checking one L1 entry did, to do it again for the same entry without re-reading
+    its L2 table: the lines printed, the change of each counter, and the clusters counted.
+
+    An L1 table may point at the same L2 table thousands of times (at itself, or into a
+    data cluster repeating one entry), which QEMU re-reads each time in C."""
+    messages: list[str]
+    counters: list[tuple[str, int]]
+    increments: list[tuple[int, int]]  # (cluster, times counted)
+    depth: int                         # the most times one cluster was counted
+    pending: int = 0                   # repeats whose increments are not in the IMRT yet
+
+
+_MAX_COUNTED_L1_ENTRIES = 1 << 16  # L1 entries looked at for repeats, per L1 table
+_MAX_REMEMBERED_REFCOUNTS = 1 << 16  # refcounts check_oflag_copied keeps at hand
+_MIN_DEFER_HEADROOM = 1024  # refcounts this far below the maximum allow deferred increments
 
 
 class _Check:
@@ -636,16 +677,22 @@ class _Check:
         self.fix = fix
         self.out = t.out
         self.res = _Result()
-        self.imrt = array("Q")
+        self.imrt = _RefcountArray(t.order)
         self.nb_clusters = 0
         self.rebuild = False
+        # Repeated L1 entries (see _Replay): the clusters counted while recording one, and
+        # the repeats whose increments are deferred. `spent` bounds what the deferred
+        # increments (and those made since) add to any cluster, `bound` the largest count
+        # before them: while bound + spent stays within the refcount maximum no increment
+        # can overflow, so applying them late changes nothing QEMU would print.
+        self._recorded: list[int] | None = None
+        self._overflowed = False
+        self._pending: list[_Replay] = []
+        self._spent = 0
+        self._bound = 0
+        self._deferring = True
 
     # --- the IMRT ---------------------------------------------------------------------
-    def _grow(self, entries: int) -> None:
-        if entries > len(self.imrt):
-            self.imrt.extend(array("Q", bytes(8 * (entries - len(self.imrt)))))
-        self.nb_clusters = max(self.nb_clusters, entries)
-
     def inc(self, offset: int, size: int) -> None:
         """qcow2_inc_refcounts_imrt."""
         if size <= 0:
@@ -656,22 +703,117 @@ class _Check:
                             f"file by one cluster or more: offset {offset:#x} size {size:#x}")
             self.res.corruptions += 1
             return
+        limit = t.refcount_max
+        if self._pending:
+            self._spent += 1
+            if self._bound + self._spent > limit:
+                self._apply_pending()
         first = offset >> t.cluster_bits
         last = (offset + size - 1) >> t.cluster_bits
         if last >= self.nb_clusters:
-            self._grow(last + 1)
+            self.nb_clusters = last + 1
+        if self._recorded is not None:
+            self._recorded.extend(range(first, last + 1))
+        if first == last:  # the usual case: one cluster
+            chunk = self.imrt.chunk(first >> _CHUNK_BITS)
+            value = chunk[first & _CHUNK_MASK]
+            if value < limit:
+                chunk[first & _CHUNK_MASK] = value + 1
+                return
+        cluster = first
+        while cluster <= last:
+            chunk = self.imrt.chunk(cluster >> _CHUNK_BITS)
+            base = cluster & ~_CHUNK_MASK
+            stop = min(last + 1, base + _CHUNK_MASK + 1)
+            for position in range(cluster - base, stop - base):
+                value = chunk[position]
+                if value >= limit:
+                    self.out.append(f"ERROR: overflow cluster offset="
+                                    f"{(base + position) << t.cluster_bits:#x}")
+                    self.out.append("Use qemu-img amend to increase the refcount entry width "
+                                    "or qemu-img convert to create a clean copy if the image "
+                                    "cannot be opened for writing")
+                    self.res.corruptions += 1
+                    self._overflowed = True
+                    continue
+                chunk[position] = value + 1
+            cluster = stop
+
+    def _record(self, entry: int, frag: bool, active: bool) -> _Replay | None:
+        """Check an L1 entry, noting what it did; None if that cannot simply be repeated
+        (it overflowed a refcount, wrote or signalled a corruption)."""
+        t = self.t
+        res = self.res
+        mark = len(self.out)
+        before = [getattr(res, name) for name in _Result.__slots__]
+        writes, signaled = t.writes, t.signaled_corruption
+        self._recorded, self._overflowed = [], False
+        try:
+            self._check_l1_entry(entry, frag, active)
+        finally:
+            clusters, self._recorded = self._recorded, None
+        if self._overflowed or t.writes != writes or t.signaled_corruption != signaled:
+            return None
+        counters = [(name, getattr(res, name) - value)
+                    for name, value in zip(_Result.__slots__, before)
+                    if getattr(res, name) != value]
+        counts = Counter(clusters)
+        return _Replay(self.out[mark:], counters, list(counts.items()),
+                       max(counts.values(), default=0))
+
+    def _repeat(self, replay: _Replay) -> bool:
+        """Do a recorded L1 entry's check again; False if its increments might overflow a
+        refcount (then the entry is really checked, so the overflow lines come in order)."""
+        if not self._defer(replay):
+            if not self._apply(replay.increments):
+                return False
+            self._add_counters(replay.counters, 1)
+        self.out.extend(replay.messages)
+        return True
+
+    def _add_counters(self, counters: list[tuple[str, int]], times: int) -> None:
+        res = self.res
+        for name, delta in counters:
+            setattr(res, name, getattr(res, name) + delta * times)
+
+    def _defer(self, replay: _Replay) -> bool:
+        """Leave a repeat's increments (and counters) for later if no refcount can overflow
+        meanwhile."""
+        if not self._deferring:
+            return False
+        limit = self.t.refcount_max
+        if self._pending and self._bound + self._spent + replay.depth > limit:
+            self._apply_pending()
+        if not self._pending:
+            self._bound = self.imrt.max_value()
+            if self._bound + replay.depth + _MIN_DEFER_HEADROOM > limit:
+                self._deferring = False  # (counts only grow: stays so for this table)
+                return False
+        if not replay.pending:
+            self._pending.append(replay)
+        replay.pending += 1
+        self._spent += replay.depth
+        return True
+
+    def _apply_pending(self) -> None:
+        chunk = self.imrt.chunk
+        for replay in self._pending:
+            times, replay.pending = replay.pending, 0
+            for cluster, count in replay.increments:
+                chunk(cluster >> _CHUNK_BITS)[cluster & _CHUNK_MASK] += count * times
+            self._add_counters(replay.counters, times)
+        self._pending.clear()
+        self._spent = 0
+
+    def _apply(self, increments: list[tuple[int, int]]) -> bool:
+        """Count clusters at once, unless one of them would overflow (then nothing)."""
         imrt = self.imrt
-        limit = t.refcount_max
-        for k in range(first, last + 1):
-            value = imrt[k]
-            if value >= limit:
-                self.out.append(f"ERROR: overflow cluster offset={k << t.cluster_bits:#x}")
-                self.out.append("Use qemu-img amend to increase the refcount entry width or "
-                                "qemu-img convert to create a clean copy if the image cannot be "
-                                "opened for writing")
-                self.res.corruptions += 1
-                continue
-            imrt[k] = value + 1
+        limit = self.t.refcount_max
+        if any(imrt.get(cluster) + count > limit for cluster, count in increments):
+            return False
+        for cluster, count in increments:
+            imrt.add(cluster, count)
+        return True
 
     # --- the snapshot table (qcow2_check_read_snapshot_table) ---------------------------
     def read_snapshot_table(self, res: _Result) -> None:
@@ -863,22 +1005,43 @@ class _Check:
         if not l1_size:
             return
         t = self.t
-        cs = t.cs
         self.inc(l1_offset, l1_size * 8)
         table = decode_be64(t.pread(l1_size * 8, l1_offset))
-        for entry in table:
-            if not entry:
-                continue
-            if entry & S.L1E_RESERVED_MASK:
-                self.out.append(f"ERROR found L1 entry with reserved bits set: {entry:x}")
-                self.res.corruptions += 1
-            l2_offset = entry & S.L1E_OFFSET_MASK
-            self.inc(l2_offset, cs)
-            if l2_offset & (cs - 1):
-                self.out.append(f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; "
-                                f"L1 entry corrupted")
-                self.res.corruptions += 1
-            self.check_l2(l2_offset, frag, active)
+        counts = Counter(islice(filter(None, table), _MAX_COUNTED_L1_ENTRIES))
+        repeated = {entry for entry, count in counts.items() if count > 1}
+        replays: dict[int, _Replay] = {}
+        writes = t.writes
+        self._deferring = True
+        try:
+            for entry in filter(None, table):
+                if t.writes != writes:  # a repair wrote: what was recorded may not hold
+                    replays.clear()
+                    writes = t.writes
+                replay = replays.get(entry)
+                if replay is not None and self._repeat(replay):
+                    continue
+                if replay is None and entry in repeated:
+                    replay = self._record(entry, frag, active)
+                    if replay is not None:
+                        replays[entry] = replay
+                else:
+                    self._check_l1_entry(entry, frag, active)
+        finally:
+            self._apply_pending()
+
+    def _check_l1_entry(self, entry: int, frag: bool, active: bool) -> None:
+        t = self.t
+        cs = t.cs
+        if entry & S.L1E_RESERVED_MASK:
+            self.out.append(f"ERROR found L1 entry with reserved bits set: {entry:x}")
+            self.res.corruptions += 1
+        l2_offset = entry & S.L1E_OFFSET_MASK
+        self.inc(l2_offset, cs)
+        if l2_offset & (cs - 1):
+            self.out.append(f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; "
+                            f"L1 entry corrupted")
+            self.res.corruptions += 1
+        self.check_l2(l2_offset, frag, active)
 
     def check_l2(self, l2_offset: int, frag: bool, active: bool) -> None:
         """check_refcounts_l2."""
@@ -886,13 +1049,28 @@ class _Check:
         res = self.res
         cs = t.cs
         words = t.words
-        table = decode_be64(t.pread(cs, l2_offset))
+        data = t.pread(cs, l2_offset)
+        if data == t.zero_cluster:  # (a table past the end of the file, say)
+            return
+        table = decode_be64(data)
         next_contiguous = 0
         fix_errors = bool(self.fix & FIX_ERRORS)
-        for i in range(t.l2_entries):
+        # Entries with none of these bits are aligned data clusters without any problem.
+        unusual = S.OFLAG_COMPRESSED | S.L2E_STD_RESERVED_MASK | (cs - 1) & S.L2E_OFFSET_MASK \
+            | (0 if t.extended else S.OFLAG_ZERO)
+        count_data = not t.has_data_file
+        for i in _used_entries(table, words):
             entry = table[i * words]
             bitmap = table[i * words + 1] if words == 2 else 0
-            if not entry and not bitmap:
+            offset = entry & S.L2E_OFFSET_MASK
+            if offset and not entry & unusual and not (bitmap >> 32) & bitmap:
+                if frag:
+                    res.allocated_clusters += 1
+                    if next_contiguous and offset != next_contiguous:
+                        res.fragmented_clusters += 1
+                    next_contiguous = offset + cs
+                if count_data:
+                    self.inc(offset, cs)
                 continue
             kind = t.cluster_type(entry)
             if kind != _COMPRESSED and entry & S.L2E_STD_RESERVED_MASK:
@@ -922,7 +1100,6 @@ class _Check:
                     res.compressed_clusters += 1
                     res.fragmented_clusters += 1
             elif kind in (_NORMAL, _ZERO_ALLOC):
-                offset = entry & S.L2E_OFFSET_MASK
                 if (bitmap >> 32) & bitmap:
                     res.corruptions += 1
                     self.out.append(f"ERROR offset={offset:x}: Allocated cluster has corrupted "
@@ -948,7 +1125,7 @@ class _Check:
                     if next_contiguous and offset != next_contiguous:
                         res.fragmented_clusters += 1
                     next_contiguous = offset + cs
-                if not t.has_data_file:
+                if count_data:
                     self.inc(offset, cs)
             elif kind == _UNALLOCATED:
                 if bitmap & _L2_BITMAP_ALL_ALLOC:
@@ -984,8 +1161,6 @@ class _Check:
         hdr = t.hdr
         saved_fix, self.fix = self.fix, fix
         try:
-            if not self.imrt:
-                self._grow(self.nb_clusters)
             self.inc(0, t.cs)
             self.check_l1(hdr.l1_table_offset, hdr.l1_size, True, True)
             if t.has_data_file and t.nb_snapshots:
@@ -1102,36 +1277,37 @@ class _Check:
                     try:
                         t.truncate(offset + cs)
                     except OSError as exc:
+                        reason = os.strerror(exc.errno or errno.EIO)
                         self.rebuild = True
-                        self.out.append(f"ERROR could not resize image: "
-                                        f"{os.strerror(exc.errno or errno.EIO)}")
+                        self.out.append(f"{t.prog}: Could not resize file: {reason}")
+                        self.out.append(f"ERROR could not resize image: {reason}")
                         continue
                     new_clusters = -(-t.file_size() // cs)
                     if new_clusters > _MAX_IMRT_CLUSTERS:
                         res.check_errors += 1
                         raise _Abort(errno.ENOMEM)
-                    self._grow(new_clusters)
+                    self.nb_clusters = max(self.nb_clusters, new_clusters)
                     res.corruptions -= 1
                     res.corruptions_fixed += 1
                     self.inc(offset, cs)
                 continue
             if offset:
                 self.inc(offset, cs)
-                if self.imrt[cluster] != 1:
-                    self.out.append(f"ERROR refcount block {i} refcount={self.imrt[cluster]}")
+                refcount = self.imrt.get(cluster)
+                if refcount != 1:
+                    self.out.append(f"ERROR refcount block {i} refcount={refcount}")
                     res.corruptions += 1
                     self.rebuild = True
 
-    # --- compare_refcounts --------------------------------------------------------------
+    # --- compare_refcounts ------------------------------------------------------------
     def compare(self, fix: int) -> int:
         """Compare the IMRT with the refcounts on disk; returns the highest used cluster."""
         t = self.t
         res = self.res
         highest = 0
         nb = self.nb_clusters
-        imrt = self.imrt
         rb_size = t.rb_size
-        for block_index in range(-(-nb // rb_size)):
+        for block_index in self._blocks_to_compare():
             lo = block_index * rb_size
             hi = min(nb, lo + rb_size)
             try:
@@ -1142,40 +1318,54 @@ class _Check:
                                     f"{os.strerror(errno.EIO)}")
                     res.check_errors += 1
                 continue
-            mine = imrt[lo:hi].tolist()
+            mine = self.imrt.values(lo, hi)
             theirs = disk[:hi - lo] if disk is not None else [0] * (hi - lo)
-            if mine == theirs:
-                for j in range(hi - lo - 1, -1, -1):
-                    if mine[j]:
-                        highest = lo + j
-                        break
-                continue
-            for j in range(hi - lo):
-                refcount1, refcount2 = theirs[j], mine[j]
-                i = lo + j
-                if refcount1 or refcount2:
-                    highest = i
-                if refcount1 == refcount2:
+            last = _last_used(mine, theirs)
+            if last >= 0:
+                highest = lo + last
+            for start in range(0, hi - lo, _COMPARE_STEP):
+                stop = start + _COMPARE_STEP
+                if mine[start:stop] == theirs[start:stop]:
                     continue
-                fixed = None
-                if refcount1 == 0:
-                    self.rebuild = True
-                elif refcount1 > refcount2 and fix & FIX_LEAKS:
-                    fixed = "leaks_fixed"
-                elif refcount1 < refcount2 and fix & FIX_ERRORS:
-                    fixed = "corruptions_fixed"
-                word = "Repairing" if fixed else "ERROR" if refcount1 < refcount2 else "Leaked"
-                self.out.append(f"{word} cluster {i} refcount={refcount1} reference={refcount2}")
-                if fixed and t.set_refcount(i, refcount2):
-                    if not refcount2:
-                        t.discard(i)
-                    setattr(res, fixed, getattr(res, fixed) + 1)
-                    continue
-                if refcount1 < refcount2:
-                    res.corruptions += 1
-                else:
-                    res.leaks += 1
+                for j in range(start, min(stop, hi - lo)):
+                    refcount1, refcount2 = theirs[j], mine[j]
+                    if refcount1 == refcount2:
+                        continue
+                    i = lo + j
+                    fixed = None
+                    if refcount1 == 0:
+                        self.rebuild = True
+                    elif refcount1 > refcount2 and fix & FIX_LEAKS:
+                        fixed = "leaks_fixed"
+                    elif refcount1 < refcount2 and fix & FIX_ERRORS:
+                        fixed = "corruptions_fixed"
+                    word = "Repairing" if fixed else "ERROR" if refcount1 < refcount2 else "Leaked"
+                    self.out.append(f"{word} cluster {i} refcount={refcount1} "
+                                    f"reference={refcount2}")
+                    if fixed and t.set_refcount(i, refcount2):
+                        if not refcount2:
+                            t.discard(i)
+                        setattr(res, fixed, getattr(res, fixed) + 1)
+                        continue
+                    if refcount1 < refcount2:
+                        res.corruptions += 1
+                    else:
+                        res.leaks += 1
         return highest
+
+    def _blocks_to_compare(self) -> list[int]:
+        """The refcount block indices below nb_clusters that have a refcount block on disk
+        or counts in the IMRT: everywhere else both sides are 0 (QEMU walks every cluster;
+        a file grown to reach a refcount block far past its end has billions)."""
+        t = self.t
+        count = -(-self.nb_clusters // t.rb_size)
+        blocks = {i for i in compress(range(min(count, len(t.reftable))), t.reftable)
+                  if t.reftable[i] & S.REFT_OFFSET_MASK}
+        for chunk in self.imrt.chunks:
+            first = (chunk << _CHUNK_BITS) >> t.rb_bits
+            last = (((chunk + 1) << _CHUNK_BITS) - 1) >> t.rb_bits
+            blocks.update(range(first, min(last + 1, count)))
+        return sorted(blocks)
 
     # --- rebuild_refcount_structure -----------------------------------------------------
     def _alloc_imrt(self, count: int, first_free: list[int]) -> int:
@@ -1185,7 +1375,7 @@ class _Check:
         first_gap = True
         contiguous = 0
         while cluster < self.nb_clusters and contiguous < count:
-            if not imrt[cluster]:
+            if not imrt.get(cluster):
                 contiguous += 1
                 if first_gap:
                     first_free[0] = cluster
@@ -1194,39 +1384,35 @@ class _Check:
                 contiguous = 0
             cluster += 1
         if contiguous < count:
-            self._grow(cluster + count - contiguous)
             self.nb_clusters = cluster + count - contiguous
         cluster -= contiguous
         for i in range(count):
-            imrt[cluster + i] = 1
+            imrt.set(cluster + i, 1)
         return cluster << self.t.cluster_bits
 
     def _encode_refblock(self, index: int) -> bytes:
         t = self.t
-        lo = index * t.rb_size
-        values = self.imrt[lo:lo + t.rb_size].tolist()
-        values += [0] * (t.rb_size - len(values))
-        if t.order >= 3:
-            block = RefcountBlock(t.order, bytes(t.cs))
-            block.values = array(block.values.typecode, values)
-            return block.to_bytes()
+        values = self.imrt.values(index * t.rb_size, (index + 1) * t.rb_size)
         block = RefcountBlock(t.order, bytes(t.cs))
-        for j, value in enumerate(values):
-            if value:
-                block.set(j, value)
+        if t.order >= 3:
+            block.values = array(block.values.typecode, values)
+        else:
+            for j, value in enumerate(values):
+                if value:
+                    block.set(j, value)
         return block.to_bytes()
 
-    def _write_refblocks(self, first: int, end: int, reftable: list[int]) -> bool:
+    def _write_refblocks(self, first: int, end: int, reftable: array) -> bool:
         """rebuild_refcounts_write_refblocks; returns whether the reftable grew."""
         t = self.t
         grown = False
         first_free = [0]
         cluster = first
         entries_per_cluster = t.cs // 8
-        while cluster < end:
-            if cluster >= len(self.imrt) or not self.imrt[cluster]:
-                cluster += 1
-                continue
+        while True:
+            cluster = self.imrt.next_used(cluster, end)
+            if cluster >= end:
+                return grown
             index = cluster >> t.rb_bits
             start = index << t.rb_bits
             if index < len(reftable) and reftable[index]:
@@ -1239,21 +1425,20 @@ class _Check:
                     end = block_cluster + 1
                 if len(reftable) <= index:
                     new_len = -(-(index + 1) // entries_per_cluster) * entries_per_cluster
-                    reftable.extend([0] * (new_len - len(reftable)))
+                    reftable.extend(array("Q", bytes(8 * (new_len - len(reftable)))))
                     grown = True
                 reftable[index] = block_offset
             if t.overlap_check(0, block_offset, t.cs):
                 raise _RebuildError("ERROR writing refblock", errno.EIO)
             t.pwrite(self._encode_refblock(index), block_offset)
             cluster = start + t.rb_size
-        return grown
 
     def rebuild_structure(self) -> None:
         t = self.t
         if t.flush_cache():  # qcow2_cache_empty
             t.cache = [_CacheSlot() for _ in range(_REFCOUNT_CACHE_ENTRIES)]
             t.lru_counter = 0
-        reftable: list[int] = []
+        reftable = array("Q")
         self._write_refblocks(0, self.nb_clusters, reftable)
         while True:
             clusters = -(-len(reftable) * 8 // t.cs)
@@ -1261,7 +1446,7 @@ class _Check:
             start = offset >> t.cluster_bits
             if not self._write_refblocks(start, start + clusters, reftable):
                 break
-        data = encode_be64(array("Q", reftable))
+        data = encode_be64(reftable)
         if t.overlap_check(0, offset, len(data)):
             raise _RebuildError("ERROR writing reftable", errno.EIO)
         t.pwrite(data, offset)
@@ -1269,8 +1454,7 @@ class _Check:
         t.flush()
         t.hdr.refcount_table_offset = offset
         t.hdr.refcount_table_clusters = clusters
-        t.reftable_offset = offset
-        t.reftable = reftable
+        t.set_reftable(offset, reftable)
 
     # --- check_oflag_copied -------------------------------------------------------------
     def check_oflag_copied(self) -> None:
@@ -1283,64 +1467,110 @@ class _Check:
         else:
             repair = False
         word = "Repairing" if repair else "ERROR"
-        words = t.words
-        for i in range(len(t.l1)):
-            l1_entry = t.l1[i]
+        # An L1 table may point at a few L2 tables thousands of times. Refcounts do not
+        # change here, and what checking an L2 table printed holds until something is
+        # written; both are remembered. Not asking the refcount cache is unnoticeable
+        # once no cached block is dirty (an eviction would write it back).
+        quiet = t.cache_clean()
+        refcounts: dict[int, int] = {}
+
+        def refcount_of(cluster: int) -> int:
+            nonlocal quiet
+            value = refcounts.get(cluster) if quiet else None
+            if value is None:
+                value = t.get_refcount(cluster)
+                quiet = quiet or t.cache_clean()
+                if len(refcounts) < _MAX_REMEMBERED_REFCOUNTS:
+                    refcounts[cluster] = value
+            return value
+
+        tables: dict[int, tuple[list[str], int]] = {}
+        writes = t.writes
+        l1 = t.l1
+        out = self.out
+        for i in compress(range(len(l1)), l1):
+            l1_entry = l1[i]
             l2_offset = l1_entry & S.L1E_OFFSET_MASK
             if not l2_offset:
                 continue
             try:
-                refcount = t.get_refcount(l2_offset >> t.cluster_bits)
+                refcount = refcount_of(l2_offset >> t.cluster_bits)
             except _RefcountReadError:
                 continue
             if (refcount == 1) != bool(l1_entry & S.OFLAG_COPIED):
                 res.corruptions += 1
-                self.out.append(f"{word} OFLAG_COPIED L2 cluster: l1_index={i} "
-                                f"l1_entry={l1_entry:x} refcount={refcount}")
+                out.append(f"{word} OFLAG_COPIED L2 cluster: l1_index={i} "
+                           f"l1_entry={l1_entry:x} refcount={refcount}")
                 if repair:
-                    t.l1[i] = (l1_entry | S.OFLAG_COPIED if refcount == 1
-                               else l1_entry & ~S.OFLAG_COPIED)
+                    l1[i] = (l1_entry | S.OFLAG_COPIED if refcount == 1
+                             else l1_entry & ~S.OFLAG_COPIED)
                     where = t.hdr.l1_table_offset + 8 * i
                     if t.overlap_check(_OL_ACTIVE_L1, where, 8):
                         res.check_errors += 1
                         raise _Abort(errno.EIO)
-                    t.pwrite(struct.pack(">Q", t.l1[i]), where)
-                    t.flush()
+                    # QEMU syncs each entry; the entries are independent of each other
+                    # and of the L2 writes here, so the flush at the end does for all.
+                    t.pwrite(struct.pack(">Q", l1[i]), where)
                     res.corruptions -= 1
                     res.corruptions_fixed += 1
-            table = decode_be64(t.pread(t.cs, l2_offset))
-            dirty = 0
-            for j in range(t.l2_entries):
-                entry = table[j * words]
-                if not entry:
-                    continue
-                if t.cluster_type(entry) not in (_NORMAL, _ZERO_ALLOC):
-                    continue
-                if t.has_data_file:
-                    refcount = 1
-                else:
-                    try:
-                        refcount = t.get_refcount((entry & S.L2E_OFFSET_MASK) >> t.cluster_bits)
-                    except _RefcountReadError:
-                        continue
-                if (refcount == 1) != bool(entry & S.OFLAG_COPIED):
-                    res.corruptions += 1
-                    self.out.append(f"{word} OFLAG_COPIED data cluster: l2_entry={entry:x} "
-                                    f"refcount={refcount}")
-                    if repair:
-                        table[j * words] = (entry | S.OFLAG_COPIED if refcount == 1
-                                            else entry & ~S.OFLAG_COPIED)
-                        dirty += 1
-            if dirty:
-                if t.overlap_check(_OL_ACTIVE_L2, l2_offset, t.cs):
-                    self.out.append(f"ERROR: Could not write L2 table; metadata overlap check "
-                                    f"failed: {os.strerror(errno.EIO)}")
-                    res.check_errors += 1
-                    raise _Abort(errno.EIO)
-                t.pwrite(encode_be64(table), l2_offset)
-                res.corruptions -= dirty
-                res.corruptions_fixed += dirty
+            if t.writes != writes:
+                tables.clear()
+                writes = t.writes
+            known = tables.get(l2_offset) if quiet else None
+            if known is not None:
+                out.extend(known[0])
+                res.corruptions += known[1]
+                continue
+            mark, corruptions = len(out), res.corruptions
+            if (self._check_l2_copied(l2_offset, repair, word, refcount_of) and quiet
+                    and t.writes == writes):
+                tables[l2_offset] = (out[mark:], res.corruptions - corruptions)
         t.flush()
+
+    def _check_l2_copied(self, l2_offset: int, repair: bool, word: str,
+                         refcount_of: Callable[[int], int]) -> bool:
+        """The data cluster part of check_oflag_copied for one L2 table; False if a refcount
+        could not be read."""
+        t = self.t
+        res = self.res
+        words = t.words
+        data = t.pread(t.cs, l2_offset)
+        if data == t.zero_cluster:
+            return True
+        complete = True
+        table = decode_be64(data)
+        dirty = 0
+        for j in compress(range(t.l2_entries), table[::words]):
+            entry = table[j * words]
+            if (entry & S.OFLAG_COMPRESSED or not entry & S.L2E_OFFSET_MASK) \
+                    and t.cluster_type(entry) not in (_NORMAL, _ZERO_ALLOC):
+                continue
+            if t.has_data_file:
+                refcount = 1
+            else:
+                try:
+                    refcount = refcount_of((entry & S.L2E_OFFSET_MASK) >> t.cluster_bits)
+                except _RefcountReadError:
+                    complete = False
+                    continue
+            if (refcount == 1) != bool(entry & S.OFLAG_COPIED):
+                res.corruptions += 1
+                self.out.append(f"{word} OFLAG_COPIED data cluster: l2_entry={entry:x} "
+                                f"refcount={refcount}")
+                if repair:
+                    table[j * words] = (entry | S.OFLAG_COPIED if refcount == 1
+                                        else entry & ~S.OFLAG_COPIED)
+                    dirty += 1
+        if dirty:
+            if t.overlap_check(_OL_ACTIVE_L2, l2_offset, t.cs):
+                self.out.append(f"ERROR: Could not write L2 table; metadata overlap check "
+                                f"failed: {os.strerror(errno.EIO)}")
+                res.check_errors += 1
+                raise _Abort(errno.EIO)
+            t.pwrite(encode_be64(table), l2_offset)
+            res.corruptions -= dirty
+            res.corruptions_fixed += dirty
+        return complete
 
     # --- qcow2_check_refcounts ----------------------------------------------------------
     def check_refcounts(self) -> _Result:
@@ -1367,7 +1597,7 @@ class _Check:
             self.res.corruptions = 0
             self.res.leaks = 0
             self.rebuild = False
-            self.imrt = array("Q", bytes(8 * len(self.imrt)))
+            self.imrt.clear()
             self.calculate(0)
             if fix & FIX_LEAKS:
                 saved = self.res
@@ -1393,6 +1623,20 @@ class _Check:
         self.check_oflag_copied()
         self.res.image_end_offset = (highest + 1) * t.cs
         return self.res
+
+
+_COMPARE_STEP = 256  # clusters compared at once before looking at each
+
+
+def _last_used(mine: list[int], theirs: list[int]) -> int:
+    """The last index at which either list is non-zero, or -1."""
+    for start in range((len(mine) - 1) // _COMPARE_STEP * _COMPARE_STEP, -1, -_COMPARE_STEP):
+        stop = start + _COMPARE_STEP
+        if any(mine[start:stop]) or any(theirs[start:stop]):
+            for j in range(min(stop, len(mine)) - 1, start - 1, -1):
+                if mine[j] or theirs[j]:
+                    return j
+    return -1
 
 
 class _RebuildError(Exception):
@@ -1608,14 +1852,13 @@ def _check_openable(filename: str, header: Header) -> None:
     """What else makes QEMU's open fail: a missing external data file or backing file."""
     from .errors import Qcow2IOError
 
-    base = os.path.dirname(os.path.abspath(filename))
     if header.incompatible_features & S.INCOMPAT_DATA_FILE:
         if not header.data_file:
             raise CorruptImageError("'data-file' is required for this image")
-        path = header.data_file if os.path.isabs(header.data_file) else \
-            os.path.join(base, header.data_file)
-        if not os.path.exists(path):
-            raise Qcow2IOError(errno.ENOENT, f"Could not open '{path}': No such file or directory")
+        # QEMU opens the name as the header has it: a relative one from the working directory.
+        if not os.path.exists(header.data_file):
+            raise Qcow2IOError(errno.ENOENT, f"Could not open '{header.data_file}': No such "
+                                             f"file or directory")
     elif header.data_file:
         raise CorruptImageError("'data-file' can only be set for images with an external data "
                                 "file")

@@ -13,33 +13,94 @@ from dataclasses import dataclass
 
 from . import structs as S
 from .cache import decode_be64, encode_be64
-from .errors import CorruptImageError
+from .errors import CorruptImageError, InvalidArgumentError
 from .refcount import RefcountBlock
-from .snapshots import read_snapshot_table
+from .snapshots import l2_table_offset, read_snapshot_table
 
 
-class References:
-    """Reference counts per host cluster, as the metadata implies them."""
+_CHUNK_BITS = 16
+_CHUNK_MASK = (1 << _CHUNK_BITS) - 1
+
+
+class ClusterCounts:
+    """References per host cluster, as the metadata implies them.
+
+    Counts live in chunks of 64K clusters allocated on first use: a damaged or repaired
+    image may be a sparse file terabytes long, and only what is referenced costs memory."""
 
     def __init__(self, cluster_bits: int, file_clusters: int):
         self.cluster_bits = cluster_bits
-        self.counts = array("Q", bytes(8 * max(file_clusters, 1)))
+        self.file_clusters = file_clusters  # references at or past this are corruption
+        self.chunks: dict[int, array] = {}
+
+    def _past_end(self, offset: int, length: int) -> CorruptImageError:
+        return CorruptImageError(f"Metadata references offset 0x{offset:x} (length {length}) "
+                                 f"past the end of the image file")
 
     def add_range(self, offset: int, length: int) -> None:
+        """One reference to every cluster that bytes [offset, offset + length) touch."""
         if length <= 0:
             return
-        first = offset >> self.cluster_bits
-        last = (offset + length - 1) >> self.cluster_bits
-        if last >= len(self.counts):
-            raise CorruptImageError(
-                f"Metadata references offset 0x{offset:x} (length {length}) past the end of the "
-                f"image file")
-        for cluster in range(first, last + 1):
-            self.counts[cluster] += 1
+        bits = self.cluster_bits
+        cluster, last = offset >> bits, (offset + length - 1) >> bits
+        if last >= self.file_clusters:
+            raise self._past_end(offset, length)
+        chunks = self.chunks
+        while cluster <= last:
+            chunk = chunks.get(cluster >> _CHUNK_BITS)
+            if chunk is None:
+                chunk = chunks[cluster >> _CHUNK_BITS] = array("I", bytes(4 << _CHUNK_BITS))
+            chunk[cluster & _CHUNK_MASK] += 1
+            cluster += 1
+
+    def get(self, cluster: int) -> int:
+        chunk = self.chunks.get(cluster >> _CHUNK_BITS)
+        return chunk[cluster & _CHUNK_MASK] if chunk is not None else 0
+
+    def items(self):
+        """(cluster, count) for every referenced cluster, in order."""
+        for index in sorted(self.chunks):
+            base = index << _CHUNK_BITS
+            for offset, count in enumerate(self.chunks[index]):
+                if count:
+                    yield base + offset, count
+
+    def block_counts(self, first: int, length: int):
+        """(cluster, count) for the referenced clusters in [first, first + length)."""
+        end = first + length
+        for index in range(first >> _CHUNK_BITS, ((end - 1) >> _CHUNK_BITS) + 1):
+            chunk = self.chunks.get(index)
+            if chunk is None:
+                continue
+            base = index << _CHUNK_BITS
+            for offset in range(max(first - base, 0), min(end - base, 1 << _CHUNK_BITS)):
+                if chunk[offset]:
+                    yield base + offset, chunk[offset]
+
+    def end(self) -> int:
+        """One past the last referenced cluster."""
+        for index in sorted(self.chunks, reverse=True):
+            chunk = self.chunks[index]
+            for offset in range(len(chunk) - 1, -1, -1):
+                if chunk[offset]:
+                    return (index << _CHUNK_BITS) + offset + 1
+        return 0
+
+    def unreferenced_runs(self, start: int, end: int):
+        """(first, length) of the runs of unreferenced clusters in [start, end)."""
+        position = start
+        for cluster, _ in self.items():
+            if cluster >= end:
+                break
+            if cluster > position:
+                yield position, cluster - position
+            position = max(position, cluster + 1)
+        if position < end:
+            yield position, end - position
 
 
 def count_references(image, refcount_structure: bool = True,
-                     trees: "Trees | None" = None) -> References:
+                     trees: "Trees | None" = None) -> ClusterCounts:
     """References from all metadata; `refcount_structure` adds the refcount table and blocks.
 
     `trees` counts a state the header does not point at yet (a snapshot operation's new
@@ -47,7 +108,7 @@ def count_references(image, refcount_structure: bool = True,
     hdr = image.header
     cs = image.cluster_size
     file_size = image.file.size()
-    refs = References(image.cluster_bits, -(-file_size // cs))
+    refs = ClusterCounts(image.cluster_bits, -(-file_size // cs))
     refs.add_range(0, cs)
     if refcount_structure:
         refs.add_range(hdr.refcount_table_offset, hdr.refcount_table_clusters * cs)
@@ -59,16 +120,22 @@ def count_references(image, refcount_structure: bool = True,
     refs.add_range(trees.snapshot_table_offset, trees.snapshot_table_bytes)
     for l1_offset, l1 in trees.l1_tables:
         refs.add_range(l1_offset, len(l1) * 8)
-        for entry in l1:
-            l2_offset = entry & S.L1E_OFFSET_MASK
-            if not l2_offset:
-                continue
-            refs.add_range(l2_offset, cs)  # every L1 -> L2 -> cluster path holds a reference
-            _count_l2(image, refs, image.map.l2_cache.get(l2_offset))
+        count_tree(image, refs, l1)
     if hdr.crypto_offset:
         refs.add_range(hdr.crypto_offset, hdr.crypto_length)
     _count_bitmaps(image, refs)
     return refs
+
+
+def count_tree(image, refs: ClusterCounts, l1) -> None:
+    """Every L1 -> L2 and L1 -> L2 -> cluster path under the L1 table `l1` holds one
+    reference (as qemu-img check counts)."""
+    cluster_size = image.cluster_size
+    for index, entry in enumerate(l1):
+        l2_offset = l2_table_offset(entry, index, cluster_size)
+        if l2_offset:
+            refs.add_range(l2_offset, cluster_size)
+            _count_l2(image, refs, image.map.l2_cache.get(l2_offset))
 
 
 @dataclass
@@ -95,7 +162,7 @@ def current_trees(image) -> Trees:
     return trees
 
 
-def _count_l2(image, refs: References, table) -> None:
+def _count_l2(image, refs: ClusterCounts, table) -> None:
     step = image.map.entry_words
     has_data_file = image.has_data_file
     for i in range(0, len(table), step):
@@ -112,7 +179,9 @@ def _count_l2(image, refs: References, table) -> None:
             refs.add_range(host, image.cluster_size)
 
 
-def _count_bitmaps(image, refs: References) -> None:
+def _count_bitmaps(image, refs: ClusterCounts) -> None:
+    if not image.header.autoclear_features & S.AUTOCLEAR_BITMAPS:
+        return  # without the autoclear bit the bitmaps are stale and own nothing (as QEMU)
     for ext in image.header.extensions:
         if ext.type != S.EXT_BITMAPS or len(ext.data) < S.BitmapsExtension.sizeof():
             continue
@@ -151,7 +220,7 @@ def rebuild_refcounts(image) -> None:
     image.use_refcount_table(table_offset, table_clusters, end)
 
 
-def write_refcount_structure(image, refs: References) -> tuple[int, int, int]:
+def write_refcount_structure(image, refs: ClusterCounts) -> tuple[int, int, int]:
     """Write a refcount table and blocks holding `refs` (plus their own clusters) past the
     end of the file, unreferenced until a header points at them.
 
@@ -159,36 +228,42 @@ def write_refcount_structure(image, refs: References) -> tuple[int, int, int]:
     cs = image.cluster_size
     order = image.header.refcount_order
     max_refcount = (1 << (1 << order)) - 1
-    counts = refs.counts
-    used_end = len(counts)
-    while used_end and not counts[used_end - 1]:
-        used_end -= 1
-    for cluster in range(used_end):
-        if counts[cluster] > max_refcount:
-            raise CorruptImageError(
-                f"Cluster {cluster} is referenced {counts[cluster]} times, more than "
-                f"refcount_bits {1 << order} can count")
     block_entries = cs * 8 >> order
-    start = max(used_end, -(-image.file.size() // cs))
+    used_blocks = set()
+    for cluster, count in refs.items():
+        if count > max_refcount:
+            raise CorruptImageError(
+                f"Cluster {cluster} is referenced {count} times, more than "
+                f"refcount_bits {1 << order} can count")
+        used_blocks.add(cluster // block_entries)
+    # The new table and blocks go at `start`; blocks exist only where refcounts are not
+    # all zero (a sparse file may reach far beyond what it uses).
+    start = max(refs.end(), -(-image.file.size() // cs))
     table_clusters = blocks = 1
     while True:
         total = start + table_clusters + blocks
-        need_blocks = -(-total // block_entries)
-        need_table = -(-need_blocks * 8 // cs)
-        if (need_blocks, need_table) == (blocks, table_clusters):
+        block_indices = used_blocks.union(range(start // block_entries,
+                                                (total - 1) // block_entries + 1))
+        need_table = -(-(max(block_indices) + 1) * 8 // cs)
+        if need_table * cs > S.MAX_REFTABLE_BYTES:
+            raise InvalidArgumentError(
+                f"Refcount table would need {max(block_indices) + 1} entries, more than the "
+                f"format's limit of {S.MAX_REFTABLE_BYTES // 8} (image file of "
+                f"{image.file.size()} bytes too large for its cluster size {cs})")
+        if (len(block_indices), need_table) == (blocks, table_clusters):
             break
-        blocks, table_clusters = need_blocks, need_table
+        blocks, table_clusters = len(block_indices), need_table
     first_block = start + table_clusters
-    table = array("Q", [(first_block + i) * cs for i in range(blocks)])
-    table.extend([0] * (table_clusters * cs // 8 - blocks))
-    for i in range(blocks):
+    table = array("Q", bytes(table_clusters * cs))
+    for position, index in enumerate(sorted(block_indices)):
+        host_cluster = first_block + position
+        table[index] = host_cluster * cs
         block = RefcountBlock(order, bytes(cs))
-        base = i * block_entries
-        for j in range(min(block_entries, used_end - base)):
-            if counts[base + j]:
-                block.set(j, counts[base + j])
+        base = index * block_entries
+        for cluster, count in refs.block_counts(base, block_entries):
+            block.set(cluster - base, count)
         for cluster in range(max(start, base), min(total, base + block_entries)):
             block.set(cluster - base, 1)  # the new table and blocks themselves
-        image.file.pwrite(block.to_bytes(), (first_block + i) * cs)
+        image.file.pwrite(block.to_bytes(), host_cluster * cs)
     image.file.pwrite(encode_be64(table), start * cs)
     return start * cs, table_clusters, total * cs

@@ -256,7 +256,8 @@ def vm_state_offset(image, disk_size: int | None = None) -> int:
     return _vm_state_index(image, image.size if disk_size is None else disk_size) * _l1_span(image)
 
 
-def _l2_offset(entry: int, index: int, cluster_size: int) -> int:
+def l2_table_offset(entry: int, index: int, cluster_size: int) -> int:
+    """The L2 table offset of L1 entry `index` (0: none), refused if malformed."""
     offset = entry & S.L1E_OFFSET_MASK
     if entry & S.L1E_RESERVED_MASK:
         raise CorruptImageError(f"L1 entry {index} has reserved bits set (0x{entry:016x})")
@@ -266,69 +267,7 @@ def _l2_offset(entry: int, index: int, cluster_size: int) -> int:
     return offset
 
 
-class References:
-    """Per host cluster, how many references a set of trees holds (one per path)."""
-
-    def __init__(self, image):
-        self.image = image
-        end = image.file.size()  # everything is written back first: nothing lies beyond
-        # One cluster of slack: a compressed cluster's sector count may run past the end.
-        self.counts = array("I", bytes(4 * (-(-end // image.cluster_size) + 1)))
-
-    def add(self, cluster: int, n: int = 1) -> None:
-        if cluster >= len(self.counts):
-            raise CorruptImageError(
-                f"Cluster offset 0x{cluster << self.image.cluster_bits:x} referenced by the "
-                f"image's tables lies past the end of the file")
-        self.counts[cluster] += n
-
-    def add_tree(self, l1) -> "References":
-        """Every L1 -> L2 and L1 -> L2 -> cluster path under `l1` (as qemu-img check counts)."""
-        image = self.image
-        bits = image.cluster_bits
-        step = image.map.entry_words
-        offset_mask = S.L2E_OFFSET_MASK
-        for index, entry in enumerate(l1):
-            if not entry:
-                continue
-            l2 = _l2_offset(entry, index, image.cluster_size)
-            if not l2:
-                continue
-            self.add(l2 >> bits)
-            table = image.map.l2_cache.get(l2)
-            for value in filter(None, table[::step] if step > 1 else table):
-                if value & S.OFLAG_COMPRESSED:
-                    for first, count in image._clusters_of(value):
-                        for cluster in range(first, first + count):
-                            self.add(cluster)
-                elif value & offset_mask:
-                    self.add((value & offset_mask) >> bits)
-        return self
-
-    def items(self):
-        """(cluster, n) for every cluster with references."""
-        for cluster, n in enumerate(self.counts):
-            if n:
-                yield cluster, n
-
-    def get(self, cluster: int) -> int:
-        return self.counts[cluster] if cluster < len(self.counts) else 0
-
-    def runs(self):
-        """(first cluster, length, n): neighbouring clusters with the same count."""
-        run = None
-        for cluster, n in self.items():
-            if run and run[0] + run[1] == cluster and run[2] == n:
-                run[1] += 1
-                continue
-            if run:
-                yield tuple(run)
-            run = [cluster, 1, n]
-        if run:
-            yield tuple(run)
-
-
-def _check_overflow(image, counts: References) -> None:
+def _check_overflow(image, counts) -> None:
     """Refuse, before anything is written, a state whose refcounts would overflow."""
     limit = image.refcounts.max_refcount
     for cluster, n in counts.items():
@@ -341,7 +280,7 @@ def _check_overflow(image, counts: References) -> None:
 
 def _flags_for(table: array, step: int, counts, bits: int) -> array | None:
     """A copy of an L2 table with COPIED set exactly on entries whose cluster count is 1
-    (`counts`: References or the image's Refcounts), or None when it has those flags."""
+    (`counts`: rebuild.ClusterCounts or the image's Refcounts), or None when it has those flags."""
     fixed = None
     for i in range(0, len(table), step):
         value = table[i]
@@ -392,13 +331,14 @@ def _commit_state(image, active_l1: array, kept: list[tuple[Snapshot, array]],
     snapshots `kept` (with their L1 tables, in table order) plus `new_snapshot` with its
     L1 table `new_snapshot_l1`. The L1 entries point at existing L2 tables; the caller
     holds _exclusive. See the module docstring."""
-    from .rebuild import Trees, count_references, write_refcount_structure
+    from .rebuild import ClusterCounts, Trees, count_references, count_tree, \
+        write_refcount_structure
     m = image.map
     bits = image.cluster_bits
     new_l1s = [active_l1] + ([new_snapshot_l1] if new_snapshot is not None else [])
-    counts = References(image)
+    counts = ClusterCounts(bits, -(-image.file.size() >> bits))
     for l1 in new_l1s + [l1 for _, l1 in kept]:
-        counts.add_tree(l1)
+        count_tree(image, counts, l1)
     _check_overflow(image, counts)
     appender = _Appender(image)
     try:
@@ -406,7 +346,7 @@ def _commit_state(image, active_l1: array, kept: list[tuple[Snapshot, array]],
         #    (which a new snapshot's L1 table, sharing them, points at as well).
         copies: dict[int, int] = {}
         for index, entry in enumerate(active_l1):
-            l2 = _l2_offset(entry, index, image.cluster_size)
+            l2 = l2_table_offset(entry, index, image.cluster_size)
             if l2 and l2 not in copies:
                 fixed = _flags_for(m.l2_cache.get(l2), m.entry_words, counts, bits)
                 copies[l2] = appender.write(encode_be64(fixed)) if fixed is not None else l2
@@ -472,16 +412,7 @@ def _commit_state(image, active_l1: array, kept: list[tuple[Snapshot, array]],
 def _release_unused(image, refs) -> None:
     """Punch holes where no metadata of the new state points: the old state's tables and
     the clusters only it used (refcount 0 now, so nothing can depend on their content)."""
-    counts = refs.counts
-    runs, run_start = [], None
-    for cluster in range(1, len(counts) + 1):
-        unused = cluster < len(counts) and not counts[cluster]
-        if unused and run_start is None:
-            run_start = cluster
-        elif not unused and run_start is not None:
-            runs.append((run_start, cluster - run_start))
-            run_start = None
-    for first, count in runs:
+    for first, count in refs.unreferenced_runs(1, refs.file_clusters):
         image.file.punch_hole(first << image.cluster_bits, count << image.cluster_bits)
 
 
@@ -530,7 +461,7 @@ def refresh_copied_flags(image) -> None:
     refs = image.refcounts
     bits = image.cluster_bits
     for index, entry in enumerate(m.l1):
-        l2 = _l2_offset(entry, index, image.cluster_size)
+        l2 = l2_table_offset(entry, index, image.cluster_size)
         if not l2:
             continue
         want = S.OFLAG_COPIED if refs.get(l2 >> bits) == 1 else 0
