@@ -130,7 +130,7 @@ def run_case(image: str, passphrase: str | None, report: dict) -> None:
 
     def cli(*args: str) -> None:
         name = report["step"] = "qimg " + " ".join(args)
-        out, err = io.StringIO(), StderrPieces()
+        out, err = io.StringIO(), StderrWatch()
         start = time.process_time()
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -224,23 +224,40 @@ def run_case(image: str, passphrase: str | None, report: dict) -> None:
                 dev.close()
 
 
-class StderrPieces:
-    """qimg's stderr in the worker, each distinct piece written kept once, in the order
-    first written.
+class StderrWatch:
+    """qimg's stderr in the worker: the first 64 KiB, and 64 KiB from the first traceback on.
 
     `check` of a badly damaged image prints every problem as qemu-img does: up to millions
-    of mostly identical lines (hundreds of MB), which kept whole would count against the
-    case's memory limit. Writing stays a C call, as cheap as writing to a real stderr."""
+    of lines (hundreds of MB), which kept whole would count against the case's memory
+    limit. Only tracebacks matter here, and the search for one runs in C."""
+
+    KEEP = 64 << 10
 
     def __init__(self) -> None:
-        self.pieces: dict[str, None] = {}
-        self.write = self.pieces.setdefault
+        self.head: list[str] = []
+        self.head_size = 0
+        self.traceback: list[str] | None = None
+        self.traceback_size = 0
+
+    def write(self, text: str) -> int:
+        if self.head_size < self.KEEP:
+            self.head.append(text[:self.KEEP - self.head_size])
+            self.head_size += len(self.head[-1])
+        if self.traceback is None:
+            at = text.find("Traceback")
+            if at >= 0:
+                self.traceback = [text[at:at + self.KEEP]]
+                self.traceback_size = len(self.traceback[0])
+        elif self.traceback_size < self.KEEP:
+            self.traceback.append(text[:self.KEEP - self.traceback_size])
+            self.traceback_size += len(self.traceback[-1])
+        return len(text)
 
     def flush(self) -> None:
         pass
 
     def text(self) -> str:
-        return "".join(self.pieces)
+        return "".join(self.head) + "".join(self.traceback or ())
 
 
 def _vm_size() -> int:

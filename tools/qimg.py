@@ -2863,8 +2863,9 @@ def cmd_check(cli: Cli, argv: list[str]) -> int:
         return 1
     report = check_path(spec.path, repair, spec.fmt, spec.force_share, prog=cli.prog)
     report.filename = spec.name
-    for line in report.messages:
-        sys.stderr.write(line + "\n")
+    messages = report.messages  # (millions of lines for a badly damaged image)
+    for start in range(0, len(messages), 4096):
+        sys.stderr.write("\n".join(messages[start:start + 4096]) + "\n")
     if not quiet:
         cli.out(format_check_json(report) if output == "json" else format_check_human(report))
     if report.error:
