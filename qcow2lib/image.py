@@ -91,6 +91,7 @@ class Qcow2Image(BlockDevice):
         self.data_file = hdr.data_file  # its name as stored in the header
         self.data_file_raw = bool(hdr.autoclear_features & S.AUTOCLEAR_DATA_FILE_RAW)
         self.bitmaps: list[dict] = []  # persistent bitmaps: name, granularity, flags
+        self._bitmaps_live = False  # bitmaps valid, image writable: see invalidate_bitmaps
         self.backing: BlockDevice | None = None
         self.has_data_file = has_data_file = bool(hdr.incompatible_features & S.INCOMPAT_DATA_FILE)
         if has_data_file:
@@ -129,7 +130,10 @@ class Qcow2Image(BlockDevice):
             self._open_for_writing()
 
     def _load_bitmap_directory(self) -> None:
-        """Names, granularities and flags of persistent bitmaps (for info; kept, not updated)."""
+        """Names, granularities and flags of persistent bitmaps (for info; kept, not updated).
+        Without the autoclear bit they are stale, and QEMU ignores them."""
+        if not self.header.autoclear_features & S.AUTOCLEAR_BITMAPS:
+            return
         for ext in self.header.extensions:
             if ext.type != S.EXT_BITMAPS or len(ext.data) < S.BitmapsExtension.sizeof():
                 continue
@@ -178,10 +182,11 @@ class Qcow2Image(BlockDevice):
     def _open_for_writing(self) -> None:
         hdr = self.header
         changed = False
-        if hdr.autoclear_features & ~S.AUTOCLEAR_DATA_FILE_RAW:
-            # We do not keep bitmaps (or unknown autoclear features) up to date.
-            hdr.autoclear_features &= S.AUTOCLEAR_DATA_FILE_RAW
+        if hdr.autoclear_features & ~S.AUTOCLEAR_KNOWN:
+            hdr.autoclear_features &= S.AUTOCLEAR_KNOWN  # features we would not keep up to date
             changed = True
+        # Persistent bitmaps stay valid until the guest's content first changes.
+        self._bitmaps_live = bool(hdr.autoclear_features & S.AUTOCLEAR_BITMAPS)
         if self.dirty:
             from .rebuild import rebuild_refcounts
             rebuild_refcounts(self)
@@ -194,6 +199,25 @@ class Qcow2Image(BlockDevice):
         if changed:
             self._write_header()
             self._sync(self.file)
+
+    def check_request(self, offset: int, length: int, write: bool = False) -> None:
+        super().check_request(offset, length, write)
+        if write and self._bitmaps_live:
+            self.invalidate_bitmaps()
+
+    def invalidate_bitmaps(self) -> None:
+        """Called before the guest's content first changes. qcow2lib does not track dirty
+        blocks, so persistent bitmaps would silently miss the change: clear their autoclear
+        bit first, durably, as the format asks of such a writer (QEMU then ignores them).
+        Opening for writing alone (check -r, snapshot -c, amend) keeps them valid."""
+        with self._lock:
+            if not self._bitmaps_live:
+                return
+            self.header.autoclear_features &= ~S.AUTOCLEAR_BITMAPS
+            self._write_header_fields()
+            self._sync(self.file)
+            self._bitmaps_live = False
+            self.bitmaps = []
 
     def _write_header(self) -> None:
         """Rewrite the header cluster's content (header, extensions, backing name)."""

@@ -632,6 +632,7 @@ def apply_snapshot(image, name_or_id: str | None = None, *, id: str | None = Non
             raise CorruptImageError(f"Snapshot '{snap.name}' disk size {disk_size} needs too "
                                     f"large an L1 table")
         kept = [(s, _read_l1(image, s)) for s in snapshots]
+        image.invalidate_bitmaps()  # the guest's content changes
         new_active = array("Q", kept[index][1])
         new_active.extend([0] * (entries - len(new_active)))
         _commit_state(image, new_active, kept, size=disk_size)

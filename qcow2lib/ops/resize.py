@@ -77,6 +77,7 @@ def _resize_qcow2(image, new_size: int, preallocation: str) -> None:
         raise InvalidArgumentError("The new size must be a multiple of 512")
     if image.header.nb_snapshots and image.header.version < 3:
         raise UnsupportedFeatureError("Can't resize a v2 image which has snapshots")
+    image.invalidate_bitmaps()  # they would need resizing (QEMU does it; we do not)
     old = image.size
     cs = image.cluster_size
     l2_span = cs * image.map.l2_entries
