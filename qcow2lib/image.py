@@ -17,6 +17,7 @@ import threading
 
 from . import codecs
 from . import structs as S
+from .bitmaps import BitmapEntry, BitmapTracker, Untrackable, read_directory
 from .blockdev import BlockDevice, Extent, merge_extents
 from .cache import decode_be64
 from .errors import (BadSecretError, CorruptImageError, InvalidArgumentError, Qcow2IOError,
@@ -91,7 +92,11 @@ class Qcow2Image(BlockDevice):
         self.data_file = hdr.data_file  # its name as stored in the header
         self.data_file_raw = bool(hdr.autoclear_features & S.AUTOCLEAR_DATA_FILE_RAW)
         self.bitmaps: list[dict] = []  # persistent bitmaps: name, granularity, flags
-        self._bitmaps_live = False  # bitmaps valid, image writable: see invalidate_bitmaps
+        self._bitmap_entries: list[BitmapEntry] = []
+        # Open for writing with valid bitmaps: a tracker keeps them up to date, or, for
+        # bitmaps it cannot keep, _bitmaps_live has them invalidated at the first change.
+        self._bitmap_tracker: BitmapTracker | None = None
+        self._bitmaps_live = False
         self.backing: BlockDevice | None = None
         self.has_data_file = has_data_file = bool(hdr.incompatible_features & S.INCOMPAT_DATA_FILE)
         if has_data_file:
@@ -130,41 +135,11 @@ class Qcow2Image(BlockDevice):
             self._open_for_writing()
 
     def _load_bitmap_directory(self) -> None:
-        """Names, granularities and flags of persistent bitmaps (for info; kept, not updated).
-        Without the autoclear bit they are stale, and QEMU ignores them."""
-        if not self.header.autoclear_features & S.AUTOCLEAR_BITMAPS:
-            return
-        for ext in self.header.extensions:
-            if ext.type != S.EXT_BITMAPS or len(ext.data) < S.BitmapsExtension.sizeof():
-                continue
-            info = S.BitmapsExtension.parse(ext.data)
-            if not 0 < info.nb_bitmaps <= S.MAX_BITMAPS:
-                raise CorruptImageError(
-                    f"bitmaps_ext: invalid number of bitmaps (nb_bitmaps {info.nb_bitmaps})")
-            if info.bitmap_directory_offset % self.cluster_size:
-                raise CorruptImageError(
-                    f"bitmaps_ext: invalid bitmap directory offset (bitmap_directory_offset "
-                    f"{info.bitmap_directory_offset})")
-            if info.bitmap_directory_size > S.MAX_BITMAP_DIRECTORY_BYTES or (
-                    info.bitmap_directory_offset + info.bitmap_directory_size > self.file.size()):
-                raise CorruptImageError(
-                    f"Bitmap directory (bitmap_directory_offset {info.bitmap_directory_offset}, "
-                    f"bitmap_directory_size {info.bitmap_directory_size}) lies outside the file")
-            directory = self.file.pread(info.bitmap_directory_size, info.bitmap_directory_offset)
-            pos = 0
-            for _ in range(info.nb_bitmaps):
-                if pos + S.BITMAP_DIRECTORY_ENTRY_SIZE > len(directory):
-                    raise CorruptImageError(
-                        f"Bitmap directory truncated (nb_bitmaps {info.nb_bitmaps})")
-                entry = S.BitmapDirectoryEntry.parse(
-                    directory[pos:pos + S.BITMAP_DIRECTORY_ENTRY_SIZE])
-                name_at = pos + S.BITMAP_DIRECTORY_ENTRY_SIZE + entry.extra_data_size
-                name = directory[name_at:name_at + entry.name_size].decode("utf-8", "replace")
-                flags = [flag for bit, flag in ((0, "in-use"), (1, "auto")) if entry.flags >> bit & 1]
-                self.bitmaps.append({"name": name, "granularity": 1 << entry.granularity_bits,
-                                     "flags": flags})
-                pos = name_at + entry.name_size
-                pos += -pos % 8
+        """Persistent bitmaps (listed by info). Without the autoclear bit they are stale,
+        and QEMU ignores them."""
+        if self.header.autoclear_features & S.AUTOCLEAR_BITMAPS:
+            self._bitmap_entries = read_directory(self.file, self.header, self.cluster_size)
+            self.bitmaps = [entry.info() for entry in self._bitmap_entries]
 
     def use_refcount_table(self, offset: int, clusters: int, file_size: int) -> None:
         """(Re)load the refcount structure from a table at offset."""
@@ -185,8 +160,12 @@ class Qcow2Image(BlockDevice):
         if hdr.autoclear_features & ~S.AUTOCLEAR_KNOWN:
             hdr.autoclear_features &= S.AUTOCLEAR_KNOWN  # features we would not keep up to date
             changed = True
-        # Persistent bitmaps stay valid until the guest's content first changes.
-        self._bitmaps_live = bool(hdr.autoclear_features & S.AUTOCLEAR_BITMAPS)
+        if hdr.autoclear_features & S.AUTOCLEAR_BITMAPS:
+            try:
+                tracker = BitmapTracker(self, self._bitmap_entries)
+                self._bitmap_tracker = tracker if tracker.tracked else None
+            except Untrackable:
+                self._bitmaps_live = True
         if self.dirty:
             from .rebuild import rebuild_refcounts
             rebuild_refcounts(self)
@@ -202,21 +181,26 @@ class Qcow2Image(BlockDevice):
 
     def check_request(self, offset: int, length: int, write: bool = False) -> None:
         super().check_request(offset, length, write)
-        if write and self._bitmaps_live:
-            self.invalidate_bitmaps()
+        if write:
+            if self._bitmap_tracker is not None:
+                with self._lock:
+                    if self._bitmap_tracker is not None:
+                        self._bitmap_tracker.mark(offset, length)
+            elif self._bitmaps_live:
+                self.invalidate_bitmaps()
 
     def invalidate_bitmaps(self) -> None:
-        """Called before the guest's content first changes. qcow2lib does not track dirty
-        blocks, so persistent bitmaps would silently miss the change: clear their autoclear
-        bit first, durably, as the format asks of such a writer (QEMU then ignores them).
-        Opening for writing alone (check -r, snapshot -c, amend) keeps them valid."""
+        """Before a change persistent bitmaps cannot record (a snapshot applied, a resize,
+        or any change to bitmaps the tracker cannot keep): clear their autoclear bit first,
+        durably, as the format asks of such a writer (QEMU then ignores them)."""
         with self._lock:
-            if not self._bitmaps_live:
+            if not (self._bitmaps_live or self._bitmap_tracker):
                 return
             self.header.autoclear_features &= ~S.AUTOCLEAR_BITMAPS
             self._write_header_fields()
             self._sync(self.file)
             self._bitmaps_live = False
+            self._bitmap_tracker = None
             self.bitmaps = []
 
     def _write_header(self) -> None:
@@ -874,7 +858,6 @@ class Qcow2Image(BlockDevice):
             entry, bitmap = self.map.get_entry(cluster_index)
             self._validate_for_write(entry, bitmap, cluster_index)
             mapped = self.map.has_host(entry)
-            compressed = bool(entry & S.OFLAG_COMPRESSED)
             owned = self._clusters_of(entry)
             if entry == 0 and bitmap == 0 and not self.backing_filename:
                 continue  # unallocated with nothing behind it already reads as zeros
@@ -949,6 +932,11 @@ class Qcow2Image(BlockDevice):
     def _write_back(self) -> None:
         """Write dirty metadata in crash-safe order (see the module docstring)."""
         refs = self.refcounts
+        bitmaps = self._bitmap_tracker
+        if bitmaps is not None and bitmaps.pending:
+            bitmaps.allocate()  # their refcounts go to disk with the others, below
+        else:
+            bitmaps = None
         if self.data_host is not None:
             self._sync(self.data_host)
         refs.write_blocks()
@@ -967,6 +955,8 @@ class Qcow2Image(BlockDevice):
             self._sync(self.file)
         if self.map.write_dirty_l1():
             self._sync(self.file)
+        if bitmaps is not None:
+            bitmaps.store()
         if refs.pending_frees and self._io_active == 0:
             for first, count in refs.pending_frees:
                 for c in range(first, first + count):
@@ -1024,6 +1014,8 @@ class Qcow2Image(BlockDevice):
                     while self._io_active:
                         self._cond.wait()
                     self._write_back_all()
+                    if self._bitmap_tracker is not None:
+                        self._bitmap_tracker.close()
                     if self.lazy_refcounts:
                         self.header.incompatible_features &= ~S.INCOMPAT_DIRTY
                         self._write_header_fields()

@@ -12,6 +12,7 @@ from array import array
 from dataclasses import dataclass
 
 from . import structs as S
+from .bitmaps import bitmaps_extension, read_directory
 from .cache import decode_be64, encode_be64
 from .errors import CorruptImageError, InvalidArgumentError
 from .refcount import RefcountBlock
@@ -182,25 +183,16 @@ def _count_l2(image, refs: ClusterCounts, table) -> None:
 def _count_bitmaps(image, refs: ClusterCounts) -> None:
     if not image.header.autoclear_features & S.AUTOCLEAR_BITMAPS:
         return  # without the autoclear bit the bitmaps are stale and own nothing (as QEMU)
-    for ext in image.header.extensions:
-        if ext.type != S.EXT_BITMAPS or len(ext.data) < S.BitmapsExtension.sizeof():
-            continue
-        info = S.BitmapsExtension.parse(ext.data)
-        if info.bitmap_directory_size > S.MAX_L1_BYTES:
-            raise CorruptImageError(
-                f"Bitmap directory too large (bitmap_directory_size {info.bitmap_directory_size})")
-        refs.add_range(info.bitmap_directory_offset, info.bitmap_directory_size)
-        directory = image.file.pread(info.bitmap_directory_size, info.bitmap_directory_offset)
-        pos = 0
-        while pos + S.BITMAP_DIRECTORY_ENTRY_SIZE <= len(directory):
-            entry = S.BitmapDirectoryEntry.parse(directory[pos:pos + S.BITMAP_DIRECTORY_ENTRY_SIZE])
-            refs.add_range(entry.bitmap_table_offset, entry.bitmap_table_size * 8)
-            table = image.file.pread(entry.bitmap_table_size * 8, entry.bitmap_table_offset)
-            for (value,) in struct.iter_unpack(">Q", table):
-                if value & S.BITMAP_TABLE_OFFSET_MASK:
-                    refs.add_range(value & S.BITMAP_TABLE_OFFSET_MASK, image.cluster_size)
-            pos += S.BITMAP_DIRECTORY_ENTRY_SIZE + entry.extra_data_size + entry.name_size
-            pos += -pos % 8
+    info = bitmaps_extension(image.header)
+    if info is None:
+        return
+    refs.add_range(info.bitmap_directory_offset, info.bitmap_directory_size)
+    for entry in read_directory(image.file, image.header, image.cluster_size):
+        refs.add_range(entry.table_offset, entry.table_size * 8)  # (refused past the end)
+        table = image.file.pread(entry.table_size * 8, entry.table_offset)
+        for (value,) in struct.iter_unpack(">Q", table):
+            if value & S.BITMAP_TABLE_OFFSET_MASK:
+                refs.add_range(value & S.BITMAP_TABLE_OFFSET_MASK, image.cluster_size)
 
 
 def rebuild_refcounts(image) -> None:

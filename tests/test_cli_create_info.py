@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-import qcow2lib
 import qimg
 from qemutools import qemu_create, qemu_img, qemu_io
 
@@ -699,21 +698,3 @@ def test_bitmaps_survive_what_leaves_the_guest_content_alone(twins, op):
     # (QEMU rewrites the bitmaps it loaded when it closes the image, further on)
     twins.assert_same("check", "img", mask=lambda text: re.sub(r"end offset: \d+", "", text))
 
-
-def test_a_guest_write_invalidates_bitmaps_first(tmp_path):
-    """qcow2lib does not track dirty blocks: the first write clears the bitmaps' autoclear
-    bit (durably, before the data), so QEMU ignores the stale bitmaps and finds the image
-    free of corruption; until then they stay valid."""
-    path = tmp_path / "img"
-    qemu_create(path, "4M")
-    qemu_img("bitmap", "--add", path, "b0")
-    with qcow2lib.open(str(path), "r+") as image:
-        assert [b["name"] for b in image.bitmaps] == ["b0"]
-        image.read(0, 4096)
-        assert "b0" in qemu_img("info", "-U", path).stdout
-        image.write(0, b"x" * 4096)
-        assert image.bitmaps == []
-        assert "b0" not in qemu_img("info", "-U", path).stdout  # before flush or close
-    result = qemu_img("check", "--output=json", path, check=False)
-    assert result.returncode in (0, 3) and json.loads(result.stdout).get("corruptions", 0) == 0
-    assert "b0" not in qemu_img("info", path).stdout

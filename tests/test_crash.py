@@ -20,7 +20,7 @@ import pytest
 import qcow2lib
 from qcow2lib import snapshots as snaps
 from crashsim import Recorder, crash_states, write_state
-from qemutools import QEMU_IMG, qemu_create, qemu_io
+from qemutools import QEMU_IMG, qemu_create, qemu_img, qemu_io
 
 CRASH_POINTS = int(os.environ.get("CRASH_POINTS", "60"))
 STATES_CHECKED: dict[str, int] = {}
@@ -134,6 +134,7 @@ WORKLOADS = {
     "snapshots-v3": (dict(cluster_size=4096), 2 << 20, 30, {"snapshots": True}),
     "snapshots-v2-512": (dict(cluster_size=512, compat="0.10"), 1 << 20, 25,
                          {"snapshots": True}),
+    "bitmaps-4k": (dict(cluster_size=4096), 4 << 20, 20, {"bitmaps": True}),
 }
 
 
@@ -158,6 +159,9 @@ def test_crash_at_every_point(tmp_path: Path, name: str) -> None:
         with qcow2lib.open(str(image_path), "r+") as image:
             image.write(0, os.urandom(size // 2))
             model[:size // 2] = image.read(0, size // 2)
+    if extra.get("bitmaps"):  # persistent bitmaps, kept up to date by the writes
+        qemu_img("bitmap", "--add", image_path, "b0")
+        qemu_img("bitmap", "--add", "-g", "512", image_path, "fine")
     initial = {os.path.realpath(image_path): image_path.read_bytes()}
 
     with Recorder(set(initial)) as recorder:

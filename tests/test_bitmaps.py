@@ -1,0 +1,177 @@
+"""Persistent dirty bitmaps: qcow2lib's writes mark them exactly as QEMU's do.
+
+Twin images get the same bitmaps (qemu-img bitmap --add) and the same guest writes, one
+through qemu-io, one through qcow2lib; QEMU itself (qemu-nbd exporting each bitmap, read
+by nbdinfo) must then report the same dirty ranges for both, `qemu-img check` must find
+both clean, and `qemu-img info` must list the same bitmaps and flags.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import qcow2lib
+from qcow2lib import structs as S
+from qemutools import qemu_create, qemu_img, qemu_io
+
+MiB = 1 << 20
+BITMAPS = [("b0", "64k", True), ("fine", "512", True), ("coarse", "4M", True),
+           ("off", "64k", False)]
+
+
+def dirty_map(image: Path, bitmap: str) -> list[tuple[int, int, str]]:
+    """The bitmap's ranges as QEMU exports them over NBD: (offset, length, dirty|clean)."""
+    result = subprocess.run(["nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{bitmap}", "--",
+                             "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", bitmap, str(image), "]"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return [(e["offset"], e["length"], e["description"]) for e in json.loads(result.stdout)]
+
+
+def bitmap_info(image: Path) -> list[dict]:
+    info = json.loads(qemu_img("info", "--output=json", "-U", image).stdout)
+    return info["format-specific"]["data"].get("bitmaps", [])
+
+
+def assert_clean(image: Path) -> None:
+    result = qemu_img("check", "--output=json", image, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def make_twins(tmp_path: Path, size: int, cluster_size: str = "64k") -> tuple[Path, Path]:
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    qemu_create(ours, size, options={"cluster_size": cluster_size})
+    qemu_io(ours, "write -P 1 0 1M")
+    for name, granularity, enabled in BITMAPS:
+        qemu_img("bitmap", "--add", "-g", granularity, *([] if enabled else ["--disable"]),
+                 ours, name)
+    shutil.copy(ours, theirs)
+    return ours, theirs
+
+
+def random_ops(rng: random.Random, size: int, count: int) -> list[tuple[str, int, int]]:
+    ops = []
+    for _ in range(count):
+        kind = rng.choice(["write", "write", "zero", "discard"])
+        offset = rng.randrange(0, size // 512) * 512
+        length = min(size - offset, rng.choice([512, 4096, 65536 + 512, 3 * MiB, 9 * MiB]))
+        ops.append((kind, offset, length))
+    return ops
+
+
+def apply_ours(image: Path, ops) -> None:
+    with qcow2lib.open(str(image), "r+") as dev:
+        for kind, offset, length in ops:
+            if kind == "write":
+                dev.write(offset, bytes([0x5A]) * length)
+            elif kind == "zero":
+                dev.write_zeroes(offset, length)
+            else:
+                dev.discard(offset, length)
+
+
+def apply_theirs(image: Path, ops) -> None:
+    commands = {"write": "write -P 0x5a", "zero": "write -z", "discard": "discard"}
+    qemu_io(image, *(f"{commands[kind]} {offset} {length}" for kind, offset, length in ops))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_writes_mark_bitmaps_as_qemu_does(tmp_path, seed):
+    size = 64 * MiB
+    ours, theirs = make_twins(tmp_path, size)
+    ops = random_ops(random.Random(seed), size, 25)
+    apply_ours(ours, ops)
+    apply_theirs(theirs, ops)
+    for name, _, _ in BITMAPS:
+        assert dirty_map(ours, name) == dirty_map(theirs, name), name
+    assert bitmap_info(ours) == bitmap_info(theirs)
+    assert_clean(ours)
+    assert qemu_img("compare", ours, theirs, check=False).returncode == 0
+
+
+def test_whole_disk_discard_and_later_writes(tmp_path):
+    """A change covering whole bitmap clusters needs no copy of them; later writes into
+    those clusters change nothing more."""
+    size = 48 * MiB
+    ours, theirs = make_twins(tmp_path, size, cluster_size="4k")  # many bitmap clusters
+    ops = [("discard", 0, size), ("write", 5 * MiB + 7 * 512, 4096), ("zero", size - 512, 512)]
+    apply_ours(ours, ops)
+    apply_theirs(theirs, ops)
+    for name, _, _ in BITMAPS:
+        assert dirty_map(ours, name) == dirty_map(theirs, name), name
+    assert_clean(ours)
+
+
+def test_bitmaps_are_in_use_until_closed_and_a_crash_leaves_them_so(tmp_path):
+    ours, _ = make_twins(tmp_path, 16 * MiB)
+    script = (f"import os, qcow2lib\n"
+              f"dev = qcow2lib.open({str(ours)!r}, 'r+')\n"
+              f"dev.write(5 << 20, b'x' * 70000)\n"
+              f"dev.flush()\n"
+              f"dev.write(9 << 20, b'y' * 512)\n"
+              f"os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", script], check=True)
+    flags = {b["name"]: b["flags"] for b in bitmap_info(ours)}
+    # What was tracked is marked inconsistent; a disabled bitmap was never touched.
+    assert flags == {"b0": ["in-use", "auto"], "fine": ["in-use", "auto"],
+                     "coarse": ["in-use", "auto"], "off": []}
+    assert_clean(ours)
+
+
+def test_opening_and_reading_leaves_bitmaps_untouched(tmp_path):
+    ours, theirs = make_twins(tmp_path, 16 * MiB)
+    with qcow2lib.open(str(ours), "r+") as dev:
+        dev.read(0, 4 * MiB)
+        dev.flush()
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
+def _set_flags(image: Path, bitmap_index: int, flags: int) -> None:
+    with qcow2lib.open(str(image)) as dev:
+        entry = dev._bitmap_entries[bitmap_index]
+    with open(image, "r+b") as f:
+        f.seek(entry.entry_offset + 12)
+        f.write(struct.pack(">I", flags))
+
+
+def test_bitmaps_it_cannot_keep_are_invalidated_before_the_first_change(tmp_path):
+    """A bitmap flag this code does not know: the first write clears the bitmaps'
+    autoclear bit first (durably), and QEMU then ignores them and finds no corruption."""
+    ours, _ = make_twins(tmp_path, 16 * MiB)
+    _set_flags(ours, 0, 2 | 1 << 7)
+    with qcow2lib.open(str(ours), "r+") as dev:
+        assert len(dev.bitmaps) == 4
+        dev.write(0, b"x" * 4096)
+        assert dev.bitmaps == []
+        with open(ours, "rb") as f:
+            autoclear, = struct.unpack(">Q", f.read(96)[88:96])  # (header bytes 88-95)
+        assert not autoclear & S.AUTOCLEAR_BITMAPS
+    assert bitmap_info(ours) == []
+    result = qemu_img("check", "--output=json", ours, check=False)
+    assert result.returncode in (0, 3) and json.loads(result.stdout).get("corruptions", 0) == 0
+
+
+@pytest.mark.parametrize("change", ["resize", "apply"])
+def test_resize_and_snapshot_apply_invalidate_bitmaps(tmp_path, change):
+    """Changes the tracker does not record: the bitmaps are invalidated instead."""
+    from qcow2lib import snapshots
+    from qcow2lib.ops.resize import resize
+
+    ours, _ = make_twins(tmp_path, 16 * MiB)
+    with qcow2lib.open(str(ours), "r+") as dev:
+        snapshots.create_snapshot(dev, "s1")
+        assert len(bitmap_info(ours)) == 4  # creating a snapshot changes no guest data
+        if change == "resize":
+            resize(dev, 32 * MiB)
+        else:
+            snapshots.apply_snapshot(dev, "s1")
+    assert bitmap_info(ours) == []
+    result = qemu_img("check", "--output=json", ours, check=False)
+    assert result.returncode in (0, 3) and json.loads(result.stdout).get("corruptions", 0) == 0
