@@ -40,7 +40,7 @@ class BitmapEntry:
     table_offset: int
     table_size: int
     entry_offset: int  # host offset of the directory entry
-    extra_data_size: int
+    extra_data: bytes = b""
 
     def info(self) -> dict:
         """As qemu-img info lists it."""
@@ -87,7 +87,7 @@ def read_directory(file, header, cluster_size: int) -> list[BitmapEntry]:
             flags=raw.flags, type=raw.type, granularity_bits=raw.granularity_bits,
             table_offset=raw.bitmap_table_offset, table_size=raw.bitmap_table_size,
             entry_offset=info.bitmap_directory_offset + pos,
-            extra_data_size=raw.extra_data_size))
+            extra_data=directory[name_at - raw.extra_data_size:name_at]))
         pos = name_at + raw.name_size
         pos += -pos % 8
     return entries
@@ -117,7 +117,7 @@ class BitmapTracker:
         file_size = image.file.size()
         for entry in entries:
             if entry.flags & ~_KNOWN_FLAGS or entry.type != _TYPE_DIRTY_TRACKING or (
-                    entry.extra_data_size and not entry.flags & FLAG_EXTRA_DATA_COMPATIBLE):
+                    entry.extra_data and not entry.flags & FLAG_EXTRA_DATA_COMPATIBLE):
                 raise Untrackable(f"bitmap '{entry.name}' flags 0x{entry.flags:x} type "
                                   f"{entry.type}")
             if entry.flags & FLAG_IN_USE or not entry.flags & FLAG_AUTO:
@@ -169,7 +169,7 @@ class BitmapTracker:
                     continue                              # must not need the whole bitmap)
                 if bits is None:
                     bits = bitmap.changed[index] = self._load(bitmap.table[index])
-                _set_bits(bits, first, last)
+                set_bits(bits, first, last)
 
     def _load(self, table_entry: int) -> bytearray:
         host = table_entry & S.BITMAP_TABLE_OFFSET_MASK
@@ -227,8 +227,9 @@ class BitmapTracker:
             self._set_in_use(False)
 
 
-def _set_bits(bits: bytearray, first: int, last: int) -> None:
-    """Set bits first..last (inclusive) of a bitmap cluster; bit 0 is byte 0's lowest."""
+def set_bits(bits: bytearray, first: int, last: int) -> None:
+    """Set bits first..last (inclusive) of a bitmap (or a cluster of one); bit 0 is byte
+    0's lowest."""
     first_byte, last_byte = first >> 3, last >> 3
     low = (0xFF << (first & 7)) & 0xFF
     high = 0xFF >> (7 - (last & 7))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import struct
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 import qcow2lib
 from qcow2lib import structs as S
 from qemutools import qemu_create, qemu_img, qemu_io
+from test_cli_create_info import Twins, mask_disk_size, twins  # noqa: F401 (fixture)
 
 MiB = 1 << 20
 BITMAPS = [("b0", "64k", True), ("fine", "512", True), ("coarse", "4M", True),
@@ -175,3 +177,102 @@ def test_resize_and_snapshot_apply_invalidate_bitmaps(tmp_path, change):
     assert bitmap_info(ours) == []
     result = qemu_img("check", "--output=json", ours, check=False)
     assert result.returncode in (0, 3) and json.loads(result.stdout).get("corruptions", 0) == 0
+
+
+# --- qimg bitmap, side by side with qemu-img bitmap ----------------------------------------
+
+def _mask_node(text: str) -> str:
+    """QEMU names an image by its internal node name (#blockNNN) in some messages."""
+    text = re.sub(r"persistent in '[^']*'", "persistent in <node>", text)
+    return re.sub(r"persistent bitmaps to \S+:", "persistent bitmaps to <node>:", text)
+
+
+def _same_bitmaps(twins: Twins, image: str) -> None:
+    twins.assert_same("info", "--output=json", image, mask=mask_disk_size)
+    twins.assert_same("check", image, mask=lambda text: re.sub(r"end offset: \d+", "", text))
+    with qcow2lib.open(str(twins.qemu_dir / image)) as dev:
+        names = [b["name"] for b in dev.bitmaps]
+    for name in names:
+        assert dirty_map(twins.qimg_dir / image, name) == \
+            dirty_map(twins.qemu_dir / image, name), name
+
+
+def test_bitmap_command_matches_qemu_img(twins):
+    def build():
+        qemu_create("img", "64M")
+        qemu_io("img", "write -P 1 0 3M")
+        qemu_create("src", "64M")
+        qemu_img("bitmap", "--add", "src", "s")
+        qemu_io("src", "write 20M 1536", "write 40M 9M")
+        qemu_create("small", "32M")
+        qemu_img("bitmap", "--add", "small", "s")
+        qemu_create("v2", "1M", options={"compat": "0.10"})
+        qemu_img("create", "-q", "-f", "raw", "r.raw", "1M")
+    twins.setup_copied(build)
+    for args in (["--add", "img", "a"], ["--add", "-g", "512", "--disable", "img", "fine"],
+                 ["--add", "img", "a"], ["--add", "--add", "img", "x"],
+                 ["--add", "-g", "3000", "img", "c"], ["--add", "-g", "4G", "img", "c"],
+                 ["--add", "-g", "0", "img", "dflt"], ["--add", "-g", "2G", "img", "huge"],
+                 ["--add", "img", ""], ["--clear", "img", "nope"], ["--add", "v2", "b"],
+                 ["--add", "-f", "raw", "r.raw", "b"], ["--clear", "-f", "raw", "r.raw", "b"],
+                 ["img", "a"], ["-g", "64k", "--clear", "img", "a"],
+                 ["-F", "qcow2", "--clear", "img", "a"], ["-b", "src", "--clear", "img", "a"],
+                 ["--add", "img"], ["--add", "missing.qcow2", "b"]):
+        twins.assert_same("bitmap", *args, mask=_mask_node)
+    _same_bitmaps(twins, "img")
+    twins.setup(lambda directory: qemu_io("img", "write 5M 1M", "write -z 30M 64k"))
+    for args in (["--merge", "a", "img", "fine"], ["--enable", "img", "fine"],
+                 ["--disable", "img", "a"], ["--clear", "img", "x"],
+                 ["--remove", "img", "huge"], ["--remove", "--remove", "img", "dflt"],
+                 ["--merge", "s", "-b", "src", "-F", "qcow2", "img", "x"],
+                 ["--merge", "s", "-b", "src", "img", "a"],
+                 ["--merge", "zz", "-b", "src", "img", "a"],
+                 ["--merge", "s", "-b", "small", "img", "a"],
+                 ["--merge", "s", "-b", "r.raw", "-F", "raw", "img", "a"]):
+        twins.assert_same("bitmap", *args, mask=_mask_node)
+    _same_bitmaps(twins, "img")
+    for name in ("a", "fine", "x"):
+        twins.assert_same("bitmap", "--remove", "img", name)
+    _same_bitmaps(twins, "img")
+    assert bitmap_info(twins.qimg_dir / "img") == []
+    result = qemu_img("check", "--output=json", twins.qimg_dir / "img", check=False)
+    assert result.returncode == 0, result.stdout  # every bitmap cluster given back
+
+
+def test_bitmap_command_on_an_inconsistent_bitmap(twins):
+    def build():
+        qemu_create("img", "16M")
+        qemu_img("bitmap", "--add", "img", "b0")
+        subprocess.run(["qemu-io", "-c", "write 1M 64k", "-c", "abort", "img"],
+                       capture_output=True)  # leaves b0 marked in use
+    twins.setup_copied(build)
+    for args in (["--clear", "img", "b0"], ["--enable", "img", "b0"],
+                 ["--merge", "b0", "img", "b0"], ["--add", "img", "b1"],
+                 ["--merge", "b0", "img", "b1"], ["--remove", "img", "b0"]):
+        twins.assert_same("bitmap", *args)
+    _same_bitmaps(twins, "img")
+
+
+def test_bitmap_operations_keep_writes_tracked(tmp_path):
+    """Bitmap operations on an image being written: what was tracked is stored first,
+    and a bitmap added later tracks the writes after it."""
+    from qcow2lib.ops import bitmap as ops
+
+    path = tmp_path / "img"
+    qemu_create(path, 16 * MiB)
+    qemu_img("bitmap", "--add", path, "early")
+    with qcow2lib.open(str(path), "r+") as dev:
+        dev.write(1 * MiB, b"x" * 4096)
+        ops.add_bitmap(dev, "late", 65536)
+        dev.write(9 * MiB, b"y" * 4096)
+        ops.set_bitmap_enabled(dev, "early", False)
+        dev.write(12 * MiB, b"z" * 4096)
+    assert dirty_map(path, "early") == [(0, MiB, "clean"), (MiB, 65536, "dirty"),
+                                        (MiB + 65536, 8 * MiB - 65536, "clean"),
+                                        (9 * MiB, 65536, "dirty"),
+                                        (9 * MiB + 65536, 7 * MiB - 65536, "clean")]
+    assert dirty_map(path, "late") == [(0, 9 * MiB, "clean"), (9 * MiB, 65536, "dirty"),
+                                       (9 * MiB + 65536, 3 * MiB - 65536, "clean"),
+                                       (12 * MiB, 65536, "dirty"),
+                                       (12 * MiB + 65536, 4 * MiB - 65536, "clean")]
+    assert_clean(path)
