@@ -276,3 +276,32 @@ def test_bitmap_operations_keep_writes_tracked(tmp_path):
                                        (12 * MiB, 65536, "dirty"),
                                        (12 * MiB + 65536, 4 * MiB - 65536, "clean")]
     assert_clean(path)
+
+
+def test_convert_bitmaps_matches_qemu_img(twins):
+    def build():
+        qemu_create("src", "32M", options={"cluster_size": "4k"})
+        qemu_img("bitmap", "--add", "src", "first")
+        qemu_img("bitmap", "--add", "-g", "512", "--disable", "src", "off")
+        qemu_img("bitmap", "--add", "-g", "1M", "src", "last")
+        qemu_io("src", "write -P 9 3M 70k", "write -z 20M 2M")
+        qemu_img("bitmap", "--merge", "first", "src", "off")
+        qemu_create("broken", "8M")
+        qemu_img("bitmap", "--add", "broken", "b0")
+        qemu_img("bitmap", "--add", "broken", "b1")
+        subprocess.run(["qemu-io", "-c", "write 1M 64k", "-c", "abort", "broken"],
+                       capture_output=True)  # b0 and b1 left in use
+        qemu_img("bitmap", "--add", "broken", "b2")
+        qemu_create("v2", "1M", options={"compat": "0.10"})
+    twins.setup_copied(build)
+    twins.assert_same("convert", "--bitmaps", "-O", "qcow2", "src", "out")
+    _same_bitmaps(twins, "out")
+    twins.assert_same("compare", "src", "out")
+    for args in (["--bitmaps", "-O", "qcow2", "broken", "b.qcow2"],
+                 ["--bitmaps", "--skip-broken-bitmaps", "-O", "qcow2", "broken", "b.qcow2"],
+                 ["--skip-broken-bitmaps", "-O", "qcow2", "src", "x.qcow2"],
+                 ["--bitmaps", "-O", "raw", "src", "x.raw"],
+                 ["--bitmaps", "-O", "qcow2", "v2", "x2.qcow2"],
+                 ["--bitmaps", "-O", "qcow2", "src", "v2", "x3.qcow2"]):
+        twins.assert_same("convert", *args)
+    _same_bitmaps(twins, "b.qcow2")

@@ -23,6 +23,7 @@ from typing import Any, Callable, NoReturn
 
 import qcow2lib
 from qcow2lib import ImageLockedError, Qcow2Error
+from qcow2lib.bitmaps import FLAG_AUTO as BITMAP_AUTO, FLAG_IN_USE as BITMAP_IN_USE
 from qcow2lib.ops import (FORMATS, error_text, full_backing_filename, host_path, open_by_name,
                           virtual_size)
 from qcow2lib.ops.info import ImageOpenError, image_info_list
@@ -1732,8 +1733,8 @@ def cmd_convert(cli: Cli, argv: list[str]) -> int:
                         backing_fmt=backing_fmt, options=options, snapshot_opts=snapshot_opts,
                         snapshot_name=snapshot_name, cache=cache, image_opts=image_opts,
                         skip_create=skip_create, tgt_image_opts=tgt_image_opts,
-                        force_share=force_share, bitmaps=bitmaps, compressed=compressed,
-                        copy_range=copy_range, has_zero_init=has_zero_init,
+                        force_share=force_share, bitmaps=bitmaps, skip_broken=skip_broken,
+                        compressed=compressed, copy_range=copy_range, has_zero_init=has_zero_init,
                         min_sparse=min_sparse, num_coroutines=num_coroutines,
                         in_order=in_order)
     except ConvertStop as stop:
@@ -1752,8 +1753,9 @@ def cmd_convert(cli: Cli, argv: list[str]) -> int:
 
 def _convert(cli: Cli, sources: list[str], out_filename: str, devices: list, meter: Progress,
              *, fmt, out_fmt, out_baseimg, backing_fmt, options, snapshot_opts, snapshot_name,
-             cache, image_opts, skip_create, tgt_image_opts, force_share, bitmaps, compressed,
-             copy_range, has_zero_init, min_sparse, num_coroutines, in_order) -> int:
+             cache, image_opts, skip_create, tgt_image_opts, force_share, bitmaps, skip_broken,
+             compressed, copy_range, has_zero_init, min_sparse, num_coroutines,
+             in_order) -> int:
     """img_convert() after its argument checks; opened devices are appended to `devices`
     (the caller closes them). Returns the exit status or raises ConvertStop."""
     def fail(message: str, hint: str = "") -> NoReturn:
@@ -1827,8 +1829,14 @@ def _convert(cli: Cli, sources: list[str], out_filename: str, devices: list, met
     if bitmaps:
         if len(src_devices) > 1:
             fail("Copying bitmaps only possible with single source")
-        if getattr(src_devices[0], "bitmaps", None):
-            fail("--bitmaps is not supported by qimg yet (the source has persistent bitmaps)")
+        source = src_devices[0]
+        if source.format != "qcow2" or source.header.version < 3:
+            fail("Source lacks bitmap support")
+        for entry in reversed(source._bitmap_entries):  # (QEMU's list order)
+            if entry.flags & BITMAP_IN_USE and not skip_broken:
+                fail(f"Cannot copy inconsistent bitmap '{entry.name}'",
+                     "Try --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete "
+                     "it\n")
 
     passphrase = None
     if opts is not None:
@@ -1867,7 +1875,34 @@ def _convert(cli: Cli, sources: list[str], out_filename: str, devices: list, met
         fail(error_text(exc))
     except Qcow2Error as exc:
         fail(error_text(exc))
+    if bitmaps:
+        _convert_copy_bitmaps(cli, src_devices[0], target, skip_broken)
     return 0
+
+
+def _convert_copy_bitmaps(cli: Cli, source, target, skip_broken: bool) -> None:
+    """convert --bitmaps: each persistent bitmap of the source, with its granularity,
+    state and bits, into the target (an inconsistent one skipped with a warning)."""
+    from qcow2lib.ops import bitmap as bitmap_ops
+
+    for entry in reversed(source._bitmap_entries):  # (QEMU's list order)
+        if entry.flags & BITMAP_IN_USE:
+            cli.warn_report(f"Skipping inconsistent bitmap '{entry.name}'")
+    for entry in source._bitmap_entries:  # (the target's directory keeps the source's order)
+        if entry.flags & BITMAP_IN_USE:
+            continue
+        try:
+            bitmap_ops.add_bitmap(target, entry.name, 1 << entry.granularity_bits,
+                                  enabled=bool(entry.flags & BITMAP_AUTO))
+        except Qcow2Error as exc:
+            cli.error_report(f"Failed to create bitmap {entry.name}: {error_text(exc)}")
+            raise ConvertStop(1) from exc
+        try:
+            bitmap_ops.merge_bitmap(target, entry.name, source, entry.name)
+        except Qcow2Error as exc:
+            cli.error_report(f"Failed to populate bitmap {entry.name}: {error_text(exc)}")
+            bitmap_ops.remove_bitmap(target, entry.name)
+            raise ConvertStop(1) from exc
 
 
 # --- map -------------------------------------------------------------------------------------

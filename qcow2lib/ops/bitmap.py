@@ -44,8 +44,8 @@ def default_granularity(image) -> int:
 
 
 @_holding_the_image
-def add_bitmap(image, name: str, granularity: int | None = None) -> None:
-    """A new, empty, enabled persistent bitmap."""
+def add_bitmap(image, name: str, granularity: int | None = None, enabled: bool = True) -> None:
+    """A new, empty persistent bitmap."""
     if not name:
         raise BitmapOperationError("Bitmap name cannot be empty")
     if granularity is not None and (granularity < 512 or granularity & (granularity - 1)):
@@ -70,7 +70,7 @@ def add_bitmap(image, name: str, granularity: int | None = None) -> None:
     if len(entries) >= S.MAX_BITMAPS:
         raise BitmapOperationError(prefix + "Maximum number of persistent bitmaps is already "
                                             "reached")
-    new = BitmapEntry(name=name, flags=FLAG_AUTO, type=1, granularity_bits=bits,
+    new = BitmapEntry(name=name, flags=FLAG_AUTO if enabled else 0, type=1, granularity_bits=bits,
                       table_offset=0, table_size=0, entry_offset=0)
     _commit(image, entries + [new], {name: bytearray(_byte_count(image, new))}, [])
 
