@@ -142,7 +142,9 @@ def assert_like_qemu(twins: Twins, args: list[str]) -> None:
     qemu_errors = [line for line in qemu.stderr.splitlines() if line.startswith("qemu-img: ")]
     qimg_errors = [line for line in qimg.stderr.splitlines() if line.startswith("qimg: ")]
     if qemu.returncode != 0 and qemu_errors:
-        assert qimg.stderr.startswith("qimg: "), shown
+        # the error line first, after the warnings qemu-img prints too (a probed raw image)
+        warnings = qemu.stderr[:qemu.stderr.index("qemu-img: ")]
+        assert qimg.stderr.startswith(warnings + "qimg: "), shown
     assert len(qimg_errors) == len(qemu_errors), shown
 
 

@@ -2923,7 +2923,8 @@ def _check_open_failure(cli: Cli, spec: ImageSpec, repair: str | None) -> OpenFa
     except Qcow2Error:
         return None  # the check reports what is wrong with the file itself
     try:
-        open_spec(cli, spec, "r+" if repair else "r", warn_probe=False).close()
+        # (qemu-img warns of a probed raw image it opens for writing, here to repair it)
+        open_spec(cli, spec, "r+" if repair else "r", warn_probe=bool(repair)).close()
     except OpenFailure as exc:
         cause = exc.__cause__
         text = exc.message
@@ -2965,7 +2966,7 @@ def cmd_snapshot(cli: Cli, argv: list[str]) -> int:
     filename = getopt.argv[getopt.optind]
     try:
         spec = image_spec(filename, image_opts, None, force_share)
-        img = open_spec(cli, spec, "r" if action == "l" else "r+", warn_probe=False)
+        img = open_spec(cli, spec, "r" if action == "l" else "r+")
     except OpenFailure as exc:
         report_failure(cli, exc)
         return 1
@@ -2990,6 +2991,8 @@ def cmd_snapshot(cli: Cli, argv: list[str]) -> int:
                 return 1
         elif action == "a":
             if not qcow2:
+                if img.format == "raw" and spec.fmt is None:  # QEMU reopens it, warning again
+                    sys.stderr.write(RAW_PROBE_WARNING.format(host_path(spec.path)))
                 cli.error_report(f"Could not apply snapshot '{name}': Block driver does not "
                                  f"support snapshots")
                 return 1
