@@ -93,6 +93,29 @@ def read_directory(file, header, cluster_size: int) -> list[BitmapEntry]:
     return entries
 
 
+def read_table(image, entry: BitmapEntry) -> array:
+    """A bitmap's table, refused unless it fits the disk size and every entry is sound
+    (0: all zeros, 1: all ones, else an aligned cluster inside the file)."""
+    cs = image.cluster_size
+    file_size = image.file.size()
+    bits = -(-image.size >> entry.granularity_bits)
+    data_bytes = -(-bits // 8)
+    if entry.table_size != -(-data_bytes // cs) or entry.table_offset % cs or \
+            entry.table_offset + entry.table_size * 8 > file_size:
+        raise CorruptImageError(f"Bitmap '{entry.name}' table is invalid (bitmap_table_offset "
+                                f"0x{entry.table_offset:x}, bitmap_table_size "
+                                f"{entry.table_size})")
+    table = array("Q", struct.unpack(f">{entry.table_size}Q",
+                                     image.file.pread(entry.table_size * 8, entry.table_offset)))
+    for index, value in enumerate(table):
+        host = value & S.BITMAP_TABLE_OFFSET_MASK
+        if value & ~S.BITMAP_TABLE_OFFSET_MASK & ~_ALL_ONES or (host and (
+                value & _ALL_ONES or host % cs or host + cs > file_size)):
+            raise CorruptImageError(f"Bitmap '{entry.name}' table entry {index} is invalid "
+                                    f"(0x{value:x})")
+    return table
+
+
 class Untrackable(Exception):
     """A bitmap this code cannot keep up to date (the caller invalidates them all)."""
 
@@ -114,7 +137,6 @@ class BitmapTracker:
         self.in_use_on_disk = False
         self.all_set = b"\xff" * image.cluster_size  # a changed cluster whose bits are all set
         self.tracked: list[_Tracked] = []
-        file_size = image.file.size()
         for entry in entries:
             if entry.flags & ~_KNOWN_FLAGS or entry.type != _TYPE_DIRTY_TRACKING or (
                     entry.extra_data and not entry.flags & FLAG_EXTRA_DATA_COMPATIBLE):
@@ -122,27 +144,13 @@ class BitmapTracker:
                                   f"{entry.type}")
             if entry.flags & FLAG_IN_USE or not entry.flags & FLAG_AUTO:
                 continue  # inconsistent already, or disabled: writes do not change it
-            self.tracked.append(_Tracked(entry, self._read_table(entry, file_size)))
-
-    def _read_table(self, entry: BitmapEntry, file_size: int) -> array:
-        if not 9 <= entry.granularity_bits <= 31:
-            raise Untrackable(f"bitmap '{entry.name}' granularity_bits {entry.granularity_bits}")
-        bits = -(-self.image.size >> entry.granularity_bits)
-        if entry.table_size != -(-bits // self.bits_per_cluster):
-            raise Untrackable(f"bitmap '{entry.name}' bitmap_table_size {entry.table_size}")
-        if entry.table_offset % self.cluster_size or \
-                entry.table_offset + entry.table_size * 8 > file_size:
-            raise Untrackable(f"bitmap '{entry.name}' bitmap_table_offset "
-                              f"0x{entry.table_offset:x}")
-        table = array("Q", struct.unpack(f">{entry.table_size}Q", self.image.file.pread(
-            entry.table_size * 8, entry.table_offset)))
-        for value in table:
-            offset = value & S.BITMAP_TABLE_OFFSET_MASK
-            if value & ~S.BITMAP_TABLE_OFFSET_MASK & ~_ALL_ONES or (offset and (
-                    value & _ALL_ONES or offset % self.cluster_size or
-                    offset + self.cluster_size > file_size)):
-                raise Untrackable(f"bitmap '{entry.name}' table entry 0x{value:x}")
-        return table
+            if not 9 <= entry.granularity_bits <= 31:
+                raise Untrackable(f"bitmap '{entry.name}' granularity_bits "
+                                  f"{entry.granularity_bits}")
+            try:
+                self.tracked.append(_Tracked(entry, read_table(image, entry)))
+            except CorruptImageError as exc:
+                raise Untrackable(str(exc)) from exc
 
     def mark(self, offset: int, length: int) -> None:
         """Before guest bytes [offset, offset + length) change (under the image lock)."""

@@ -7,7 +7,6 @@ any guest write.
 """
 from __future__ import annotations
 
-import os
 from array import array
 
 from . import structs as S

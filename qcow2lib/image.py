@@ -203,6 +203,18 @@ class Qcow2Image(BlockDevice):
             self._bitmap_tracker = None
             self.bitmaps = []
 
+    def write_new_clusters(self, data: bytes, what: str) -> int:
+        """Write `data` (padded to whole clusters) into newly allocated clusters and return
+        their offset; nothing points at them until the caller's commit (a header or table
+        write after the next write-back has made their refcounts durable)."""
+        cs = self.cluster_size
+        clusters = max(1, -(-len(data) // cs))
+        offset = self.refcounts.allocate(clusters) << self.cluster_bits
+        self.map.check_no_overlap(offset, clusters * cs, what)
+        self.file.pwrite(bytes(data) + bytes(clusters * cs - len(data)), offset)
+        self._host_size = max(self._host_size, offset + clusters * cs)
+        return offset
+
     def _write_header(self) -> None:
         """Rewrite the header cluster's content (header, extensions, backing name)."""
         data = self.header.pack()

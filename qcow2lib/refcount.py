@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 from array import array
-from typing import Callable
 
 from .cache import TableCache, decode_be64, encode_be64
 from .errors import CorruptImageError, InvalidArgumentError

@@ -475,18 +475,6 @@ def refresh_copied_flags(image) -> None:
             m.l2_cache.mark_dirty(l2)
 
 
-def _allocate_and_write(image, data: bytes) -> int:
-    """Write data into newly allocated clusters (unreferenced until a table points there)."""
-    cs = image.cluster_size
-    clusters = -(-len(data) // cs)
-    first = image.refcounts.allocate(clusters)
-    offset = first << image.cluster_bits
-    image.map.check_no_overlap(offset, clusters * cs, "New L1 table")
-    image.file.pwrite(data + bytes(clusters * cs - len(data)), offset)
-    image._host_size = max(image._host_size, offset + clusters * cs)
-    return offset
-
-
 def _grow_l1(image, entries: int) -> None:
     """Move the active L1 table to new clusters with `entries` entries (crash-safe)."""
     if entries * 8 > S.MAX_L1_BYTES:
@@ -496,7 +484,7 @@ def _grow_l1(image, entries: int) -> None:
     old_offset, old_size = m.l1_table_offset, len(m.l1)
     l1 = array("Q", m.l1)
     l1.extend([0] * (entries - len(l1)))
-    offset = _allocate_and_write(image, encode_be64(l1))
+    offset = image.write_new_clusters(encode_be64(l1), "New L1 table")
     image._write_back()
     _switch_header(image, l1_size=entries, l1_table_offset=offset)
     _use_l1(image, l1, offset)

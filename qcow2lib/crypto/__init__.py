@@ -23,13 +23,10 @@ The engine calls:
 """
 from __future__ import annotations
 
-import os
-
 from ..errors import BadSecretError, CorruptImageError, InvalidArgumentError
 from .aes_legacy import legacy_key, open_aes_legacy
 from .ciphers import SECTOR_SIZE, SectorCipher, SectorCrypto
-from .luks import (HEADER_SIZE, LuksHeader, LuksVolume, create_luks, normalize_options,
-                   CREATE_OPTIONS)
+from .luks import HEADER_SIZE, LuksHeader, LuksVolume, create_luks
 
 CRYPT_NONE = 0
 CRYPT_AES = 1

@@ -60,14 +60,14 @@ def parse_options(options: dict) -> dict:
                 out["size"] = value if isinstance(value, int) else parse_size(str(value))
             except InvalidArgumentError:
                 raise InvalidArgumentError(
-                    f"Parameter 'size' expects a non-negative number below 2^64\nOptional "
-                    f"suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand "
-                    f"exabytes, respectively.") from None
+                    "Parameter 'size' expects a non-negative number below 2^64\nOptional "
+                    "suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand "
+                    "exabytes, respectively.") from None
         elif name == "refcount_bits":
             try:
                 out["refcount_bits"] = value if isinstance(value, int) else parse_number(str(value))
             except InvalidArgumentError:
-                raise InvalidArgumentError(f"Parameter 'refcount_bits' expects a number") from None
+                raise InvalidArgumentError("Parameter 'refcount_bits' expects a number") from None
         elif name == "lazy_refcounts":
             out["lazy_refcounts"] = _bool_option("lazy_refcounts", value)
         elif name in ("backing_file", "backing_fmt"):

@@ -15,8 +15,8 @@ from dataclasses import replace
 
 from .. import structs as S
 from ..bitmaps import (FLAG_AUTO, FLAG_IN_USE, BitmapEntry, BitmapTracker, Untrackable,
-                       bitmaps_extension, read_directory, set_bits)
-from ..errors import InvalidArgumentError, UnsupportedFeatureError
+                       bitmaps_extension, read_directory, read_table, set_bits)
+from ..errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureError
 from ..header import Extension
 
 MAX_NAME_BYTES = 1023
@@ -136,22 +136,13 @@ def read_bits(image, entry: BitmapEntry) -> bytearray:
         raise UnsupportedFeatureError(f"Bitmap '{entry.name}' is too big ({size} bytes; "
                                       f"granularity {1 << entry.granularity_bits})")
     cs = image.cluster_size
-    if entry.table_size != -(-size // cs) or entry.table_offset % cs or \
-            entry.table_offset + entry.table_size * 8 > image.file.size():
-        raise BitmapOperationError(f"Bitmap '{entry.name}' table is invalid (bitmap_table_offset "
-                                   f"0x{entry.table_offset:x}, bitmap_table_size "
-                                   f"{entry.table_size})")
-    table = struct.unpack(f">{entry.table_size}Q",
-                          image.file.pread(entry.table_size * 8, entry.table_offset))
+    table = read_table(image, entry)
     out = bytearray(size)
     for index, value in enumerate(table):
         start = index * cs
         length = min(cs, size - start)
         host = value & S.BITMAP_TABLE_OFFSET_MASK
         if host:
-            if host % cs or host + cs > image.file.size():
-                raise BitmapOperationError(f"Bitmap '{entry.name}' table entry {index} is "
-                                           f"invalid (0x{value:x})")
             out[start:start + length] = image.file.pread(length, host)
         elif value & 1:
             out[start:start + length] = b"\xff" * length
@@ -217,17 +208,6 @@ def _usable(entry: BitmapEntry) -> BitmapEntry:
     return entry
 
 
-def _allocate(image, data: bytes) -> int:
-    """Write data into newly allocated clusters (unreferenced until the header switches)."""
-    cs = image.cluster_size
-    clusters = max(1, -(-len(data) // cs))
-    offset = image.refcounts.allocate(clusters) << image.cluster_bits
-    image.map.check_no_overlap(offset, clusters * cs, "New bitmap metadata")
-    image.file.pwrite(bytes(data) + bytes(clusters * cs - len(data)), offset)
-    image._host_size = max(image._host_size, offset + clusters * cs)
-    return offset
-
-
 def _pack_entry(entry: BitmapEntry) -> bytes:
     name = entry.name.encode()
     out = S.BitmapDirectoryEntry.build(dict(
@@ -247,18 +227,18 @@ def _commit(image, entries: list[BitmapEntry], new_bits: dict[str, bytearray],
         for entry in entries:
             bits = new_bits.get(entry.name)
             if bits is not None:  # all-zero clusters of bits need none
-                table = [_allocate(image, bits[start:start + cs])
+                table = [image.write_new_clusters(bits[start:start + cs], "New bitmap")
                          if bits[start:start + cs].strip(b"\0") else 0
                          for start in range(0, len(bits), cs)]
-                entry = replace(entry, table_size=len(table), table_offset=_allocate(
-                    image, struct.pack(f">{len(table)}Q", *table)))
+                entry = replace(entry, table_size=len(table), table_offset=image.write_new_clusters(
+                    struct.pack(f">{len(table)}Q", *table), "New bitmap table"))
             final.append(entry)
         old = bitmaps_extension(image.header) \
             if image.header.autoclear_features & S.AUTOCLEAR_BITMAPS else None
         image.header.extensions = [e for e in image.header.extensions if e.type != S.EXT_BITMAPS]
         if final:
             directory = b"".join(_pack_entry(entry) for entry in final)
-            directory_offset = _allocate(image, directory)
+            directory_offset = image.write_new_clusters(directory, "New bitmap directory")
             image.header.extensions.append(Extension(S.EXT_BITMAPS, S.BitmapsExtension.build(dict(
                 nb_bitmaps=len(final), reserved=0, bitmap_directory_size=len(directory),
                 bitmap_directory_offset=directory_offset))))
@@ -291,14 +271,11 @@ def _free(image, offset: int, length: int) -> None:
 
 def _free_bitmap(image, entry: BitmapEntry) -> None:
     """The table and data clusters of a bitmap no directory points at any more."""
-    cs = image.cluster_size
-    if not entry.table_offset or entry.table_offset % cs or \
-            entry.table_offset + entry.table_size * 8 > image.file.size():
+    try:
+        table = read_table(image, entry)
+    except CorruptImageError:
         return  # nothing trustworthy to free: leaked at worst
-    table = struct.unpack(f">{entry.table_size}Q",
-                          image.file.pread(entry.table_size * 8, entry.table_offset))
     for value in table:
-        host = value & S.BITMAP_TABLE_OFFSET_MASK
-        if host and not host % cs and host + cs <= image.file.size():
-            _free(image, host, cs)
+        if value & S.BITMAP_TABLE_OFFSET_MASK:
+            _free(image, value & S.BITMAP_TABLE_OFFSET_MASK, image.cluster_size)
     _free(image, entry.table_offset, entry.table_size * 8)
