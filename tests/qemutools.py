@@ -99,3 +99,11 @@ def qemu_compare(a, b, fmt_a: str | None = None, fmt_b: str | None = None) -> in
     if fmt_b:
         args += ["-F", fmt_b]
     return qemu_img(*args, a, b, check=False).returncode
+
+
+def require_root(why: str) -> None:
+    """Tests that mount filesystems or set up loop devices need root; CI runs as root."""
+    import os
+    import pytest
+    if os.geteuid() != 0:
+        pytest.skip(f"needs root: {why}")

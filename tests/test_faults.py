@@ -36,7 +36,7 @@ import pytest
 import qcow2lib
 from qcow2lib import Qcow2Error, Qcow2IOError, hostfile
 from qcow2lib import snapshots as snaps
-from qemutools import QEMU_IMG, qemu_create, qemu_io
+from qemutools import QEMU_IMG, qemu_create, qemu_io, require_root
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -69,6 +69,7 @@ def qemu_content(path, out: Path) -> bytes:
 @pytest.fixture(scope="module")
 def small_fs(tmp_path_factory):
     """A 20 MiB ext4 filesystem, loop-mounted (mkfs.ext4 from e2fsprogs, mount -o loop)."""
+    require_root("loop-mounts a small ext4 filesystem")
     root = tmp_path_factory.mktemp("smallfs")
     backing = root / "fs.img"
     mountpoint = root / "mnt"
