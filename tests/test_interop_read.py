@@ -26,6 +26,7 @@ import io
 import os
 import random
 import struct
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -522,6 +523,16 @@ class Oracle:
 
 
 _BUILT: dict[str, Oracle] = {}
+_BUILT_DIRS: list[Path] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_built_images():
+    """The built images (~700 MB) live for this module's tests only, not for the whole run."""
+    yield
+    _BUILT.clear()
+    while _BUILT_DIRS:
+        shutil.rmtree(_BUILT_DIRS.pop(), ignore_errors=True)
 
 
 @pytest.fixture
@@ -529,6 +540,7 @@ def oracle(request, tmp_path_factory) -> Oracle:
     c: Case = request.param
     if c.id not in _BUILT:
         d = tmp_path_factory.mktemp(c.id.replace("/", "_"))
+        _BUILT_DIRS.append(d)
         built = c.build(d)
         raw_path = d / "oracle.raw"
         to_raw(built.path, raw_path)
