@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import qimg
+from qcow2lib.cli.qobject import qdict_items, qemu_json
 from qemutools import qemu_create, qemu_img, qemu_io
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -675,10 +676,10 @@ def test_qemu_json_key_order():
     """QEMU prints dict members in its hash table's order, not insertion order."""
     info = {"filename": "f", "format": "qcow2", "dirty-flag": False, "actual-size": 1,
             "virtual-size": 2, "cluster-size": 3}
-    assert [k for k, _ in qimg.qdict_items(info)] == [
+    assert [k for k, _ in qdict_items(info)] == [
         "virtual-size", "filename", "cluster-size", "format", "actual-size", "dirty-flag"]
-    assert qimg.qemu_json({"a": [], "b": {}}) == '{\n    "a": [\n    ],\n    "b": {\n    }\n}'
-    assert qimg.qemu_json("\x01é\U0001F600\"\\") == '"\\u0001\\u00E9\\uD83D\\uDE00\\"\\\\"'
+    assert qemu_json({"a": [], "b": {}}) == '{\n    "a": [\n    ],\n    "b": {\n    }\n}'
+    assert qemu_json("\x01é\U0001F600\"\\") == '"\\u0001\\u00E9\\uD83D\\uDE00\\"\\\\"'
 
 
 @pytest.mark.parametrize("op", [["check", "-r", "all"], ["snapshot", "-c", "s1"],

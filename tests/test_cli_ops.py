@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import qimg
+from qcow2lib.cli import common, progress
 from qemutools import qemu_img, qemu_io, run
 
 LUKS = ["--object", "secret,id=sec0,data=secret-pw"]
@@ -360,11 +361,11 @@ def test_convert_progress_on_terminal(tmp_path):
 def test_progress_details_on_terminal(monkeypatch):
     """The terminal line's arithmetic: bytes, rate over the elapsed time, time left."""
     clock = [1000.0]
-    monkeypatch.setattr(qimg.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(qimg, "_stdout_is_terminal", lambda: True)
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(progress, "_stdout_is_terminal", lambda: True)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        meter = qimg.Progress(qimg.Cli("qemu-img"), True, 1.0)
+        meter = progress.Progress(common.Cli("qemu-img"), True, 1.0)
         meter.print(0, 100)
         clock[0] += 4.0
         meter.callback(100 << 20, 1 << 30)  # 100 MiB of 1 GiB in 4 s: 25 MiB/s

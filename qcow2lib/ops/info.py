@@ -1,7 +1,7 @@
 """What `qemu-img info` reports about an image, as the same dict QEMU serialises.
 
 Keys, nesting and presence rules follow QEMU's ImageInfo schema, and every dict is built
-in schema order, so a caller can print it exactly like qemu-img (see tools/qimg.py)
+in schema order, so a caller can print it exactly like qemu-img (see qcow2lib/cli/info.py)
 or hand it to programs that already parse `qemu-img info --output=json`.
 """
 from __future__ import annotations

@@ -1,0 +1,106 @@
+"""`check`: consistency check, optionally repairing (-r leaks|all), as qemu-img check."""
+from __future__ import annotations
+
+import sys
+
+import qcow2lib
+from qcow2lib import ImageLockedError, Qcow2Error
+from qcow2lib.cli.common import Cli
+from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
+from qcow2lib.cli.images import (
+    ImageSpec,
+    OpenFailure,
+    image_spec,
+    open_spec,
+    report_failure,
+)
+from qcow2lib.cli.secrets import InvalidSecret, process_object
+from qcow2lib.ops import host_path
+
+
+def cmd_check(cli: Cli, argv: list[str]) -> int:
+    """`check`: consistency check, optionally repairing (-r leaks|all), as qemu-img check."""
+    from qcow2lib.check import check_path, format_check_human, format_check_json
+
+    fmt = output = repair = None
+    quiet = force_share = image_opts = False
+    getopt = GetoptLong(argv, ":hf:r:T:qU", (
+        LongOpt("help", False, "h"), LongOpt("format", True, "f"),
+        LongOpt("repair", True, "r"), LongOpt("output", True, "output"),
+        LongOpt("object", True, "object"), LongOpt("image-opts", False, "image-opts"),
+        LongOpt("force-share", False, "U")))
+    while (c := getopt.next()) is not None:
+        if c in ":?":
+            cli.option_error(getopt, c)
+        elif c == "h":
+            cli.help()
+        elif c == "f":
+            fmt = getopt.optarg
+        elif c == "r":
+            if getopt.optarg not in ("leaks", "all"):
+                cli.error_exit(f"Unknown option value for -r (expecting 'leaks' or 'all'): "
+                               f"{getopt.optarg}")
+            repair = getopt.optarg
+        elif c == "output":
+            output = getopt.optarg
+        elif c == "q":
+            quiet = True
+        elif c == "U":
+            force_share = True
+        elif c == "object":
+            process_object(cli, getopt.optarg)
+        elif c == "image-opts":
+            image_opts = True
+        # -T src_cache: accepted and ignored (qimg has no cache modes)
+    if getopt.optind != len(getopt.argv) - 1:
+        cli.error_exit("Expecting one image file name")
+    filename = getopt.argv[getopt.optind]
+    if output not in (None, "json", "human"):
+        cli.error_report("--output must be used with human or json as argument.")
+        return 1
+    try:
+        spec = image_spec(filename, image_opts, fmt, force_share)
+    except OpenFailure as exc:
+        report_failure(cli, exc)
+        return 1
+    failure = _check_open_failure(cli, spec, repair)
+    if failure is not None:
+        report_failure(cli, failure)
+        return 1
+    report = check_path(spec.path, repair, spec.fmt, spec.force_share, prog=cli.prog)
+    report.filename = spec.name
+    messages = report.messages  # (millions of lines for a badly damaged image)
+    for start in range(0, len(messages), 4096):
+        sys.stderr.write("\n".join(messages[start:start + 4096]) + "\n")
+    if not quiet:
+        cli.out(format_check_json(report) if output == "json" else format_check_human(report))
+    if report.error:
+        cli.error_report(report.error)
+    return report.exit_code
+
+
+def _check_open_failure(cli: Cli, spec: ImageSpec, repair: str | None) -> OpenFailure | None:
+    """qemu-img check opens the image (and its backing chain, its encryption) before it
+    checks anything: the failure it reports there, else None.
+
+    The check itself reads the metadata with its own tolerant code, so only what QEMU's
+    open refuses before checking counts here: a lock another process holds, a backing
+    chain that cannot be opened (or loops), an encrypted image without its key.
+    Anything else is left for the check to report.
+    """
+    try:
+        qcow2lib.open(host_path(spec.path), "r", fmt=spec.fmt, backing=False,
+                      force_share=True).close()
+    except Qcow2Error:
+        return None  # the check reports what is wrong with the file itself
+    try:
+        # (qemu-img warns of a probed raw image it opens for writing, here to repair it)
+        open_spec(cli, spec, "r+" if repair else "r", warn_probe=bool(repair)).close()
+    except OpenFailure as exc:
+        cause = exc.__cause__
+        text = exc.message
+        if isinstance(cause, (ImageLockedError, InvalidSecret, qcow2lib.BadSecretError)) \
+                or "Could not open backing file" in text or "loop" in text.lower() \
+                or "too deep" in text or "encrypt.key-secret" in text:
+            return exc
+    return None

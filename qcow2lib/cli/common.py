@@ -1,0 +1,78 @@
+"""One qemu-img invocation: its output channels, message conventions and exit."""
+from __future__ import annotations
+
+import sys
+from typing import NoReturn
+
+from qcow2lib.cli.gnu_getopt import GetoptLong
+from qcow2lib.sizes import INT64_MAX, SizeError, parse_size
+
+
+class CliExit(Exception):
+    """Ends the command with an exit code (qemu-img calls exit() from deep inside)."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+class Cli:
+    """Output channels and qemu-img's message conventions for one invocation."""
+
+    def __init__(self, prog: str):
+        self.prog = prog
+        self.secrets: dict[str, bytes] = {}  # --object secret,id=ID,... values
+
+    def out(self, text: str) -> None:
+        """Write to the current stdout (looked up each time, so capturing works)."""
+        sys.stdout.write(text)
+
+    def error_report(self, message: str) -> None:
+        """One error line prefixed with the program name, like QEMU's error_report()."""
+        sys.stderr.write(f"{self.prog}: {message}\n")
+
+    def warn_report(self, message: str) -> None:
+        """A warning line; qemu-img goes on after it."""
+        sys.stderr.write(f"{self.prog}: warning: {message}\n")
+
+    def error_exit(self, message: str) -> NoReturn:
+        """A usage error: the message, the pointer to --help, exit status 1."""
+        self.error_report(message)
+        sys.stderr.write("Try 'qemu-img --help' for more information\n")
+        raise CliExit(1)
+
+    def help(self) -> NoReturn:
+        """qemu-img's full help (any -h, global or per command), then exit status 0."""
+        from qcow2lib.cli.help import help_text
+        self.out(help_text())
+        raise CliExit(0)
+
+    def option_error(self, getopt: GetoptLong, code: str) -> NoReturn:
+        """Report a getopt error (':' missing argument, '?' unknown) as qemu-img does."""
+        culprit = getopt.argv[getopt.optind - 1]
+        if code == ":":
+            self.error_exit(f"missing argument for option '{culprit}'")
+        self.error_exit(f"unrecognized option '{culprit}'")
+
+    def unsupported(self, what: str) -> NoReturn:
+        """Refuse a qemu-img feature qimg does not implement yet, plainly and with status 1."""
+        self.error_report(f"{what} is not supported yet")
+        raise CliExit(1)
+
+
+def cvtnum(cli: Cli, name: str, text: str, maximum: int = INT64_MAX) -> int | None:
+    """Parse a size argument, reporting errors as qemu-img does; None after an error."""
+    try:
+        value = parse_size(text, warn=cli.warn_report)
+    except SizeError as exc:
+        if not exc.out_of_range:
+            cli.error_report(f"Invalid {name} specified. You may use k, M, G, T, P or E "
+                             "suffixes for")
+            cli.error_report("kilobytes, megabytes, gigabytes, terabytes, petabytes and "
+                             "exabytes.")
+            return None
+        value = INT64_MAX + 1
+    if value > maximum:
+        cli.error_report(f"Invalid {name} specified. Must be between 0 and {maximum}.")
+        return None
+    return value
