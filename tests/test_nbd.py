@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -17,9 +18,10 @@ from pathlib import Path
 import pytest
 
 import qcow2lib
-from qcow2lib.errors import InvalidArgumentError, Qcow2IOError
+from qcow2lib.errors import (CorruptImageError, InvalidArgumentError, Qcow2IOError,
+                             ReadOnlyError)
 from qcow2lib.exports import nbd_protocol as P
-from qcow2lib.exports.nbd import NBDExport, NBDServer, serve
+from qcow2lib.exports.nbd import NBDExport, NBDServer, nbd_error_for, serve
 from qemutools import assert_clean, qemu_compare, qemu_create, qemu_img, qemu_io, qemu_map
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # where python3-libnbd is installed
@@ -410,6 +412,18 @@ def test_several_exports_listed_and_chosen_by_name(tmp_path: Path) -> None:
                     extra=["-r"])
             missing = run("nbdinfo", f"nbd+unix:///three?socket={sock}", check=False)
             assert missing.returncode != 0
+            # metadata contexts hold only for the export they were negotiated for
+            for context_export, status_error in (("one", P.EINVAL), ("two", 0)):
+                client = RawClient(sock)
+                assert client.option(P.OPT_STRUCTURED_REPLY)[-1][0] == P.REP_ACK
+                name = context_export.encode()
+                query = (struct.pack(">I", len(name)) + name + struct.pack(">II", 1, 15)
+                         + b"base:allocation")
+                assert client.option(P.OPT_SET_META_CONTEXT, query)[-1][0] == P.REP_ACK
+                client.go("two", structured=False)
+                client.request(P.CMD_BLOCK_STATUS, 0, 6 << 20, handle=4)
+                assert client.reply()[:2] == (4, status_error)
+                client.close()
         finally:
             server.shutdown()
             thread.join(10)
@@ -650,3 +664,79 @@ def test_hostile_requests(tmp_path: Path) -> None:
         qemu_io(url, "read -P 0x31 0 1M", "read -P 0 1M 3M", fmt="raw", extra=["-r"])
     assert_clean(image)
     qemu_io(image, "read -P 0x31 0 1M", "read -P 0 1M 3M")
+
+
+def test_device_errors_become_nbd_errors(tmp_path: Path) -> None:
+    image = tmp_path / "broken.qcow2"
+    qemu_create(image, "4M")
+    qemu_io(image, "write -P 0x41 0 128k")
+    with open(image, "r+b") as f:  # point guest cluster 1 past the end of the file
+        f.seek(40)
+        l1_offset = struct.unpack(">Q", f.read(8))[0]
+        f.seek(l1_offset)
+        l2_offset = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
+        f.seek(l2_offset + 8)
+        f.write(struct.pack(">Q", (1 << 63) | (1 << 40)))
+    with nbd_server(tmp_path, image, mode="r", shared=0) as (server, url):
+        for structured in (False, True):
+            client = RawClient(server.address)
+            client.go(structured=structured)
+            client.request(P.CMD_READ, 0, 4096, handle=1)
+            assert client.reply() == (1, 0, b"\x41" * 4096)
+            client.request(P.CMD_READ, 60 << 10, 8192, handle=2)
+            assert client.reply()[:2] == (2, P.EIO)
+            client.request(P.CMD_READ, 0, 4096, handle=3)  # the connection goes on
+            assert client.reply() == (3, 0, b"\x41" * 4096)
+            client.close()
+        failed = run("qemu-io", "-r", "-f", "raw", "-c", "read 64k 4k", url, check=False)
+        assert "Input/output error" in failed.stdout + failed.stderr
+
+
+@pytest.mark.parametrize("exc, error", [
+    (ReadOnlyError("read-only"), P.EPERM),
+    (InvalidArgumentError("bad range"), P.EINVAL),
+    (CorruptImageError("bad L2 entry"), P.EIO),
+    (Qcow2IOError(errno.ENOSPC, "full"), P.ENOSPC),
+    (Qcow2IOError(errno.EDQUOT, "quota"), P.ENOSPC),
+    (OSError(errno.EFBIG, "too big"), P.ENOSPC),
+    (OSError(errno.EROFS, "read-only fs"), P.EPERM),
+    (OSError(errno.EBADF, "bad fd"), P.EIO),
+])
+def test_nbd_error_values(exc: Exception, error: int) -> None:
+    assert nbd_error_for(exc) == error
+
+
+def test_shutdown_from_a_signal_handler_with_clients_connected(tmp_path: Path) -> None:
+    """What a CLI does: serve in the main thread, shut down on a signal."""
+    image = tmp_path / "disk.qcow2"
+    qemu_create(image, "4M")
+    device = qcow2lib.open(str(image), "r+")
+    server = NBDServer(device, unix_path=tmp_path / "sig.sock", persistent=True, shared=0)
+    server.start()
+    clients: list[RawClient] = []
+
+    def connect_then_signal() -> None:
+        idle = RawClient(server.address)
+        idle.go()
+        idle.request(P.CMD_WRITE, 0, 4096, payload=b"\x66" * 4096, handle=9)
+        clients.extend([idle, RawClient(server.address)])  # the second stays in handshake
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGUSR1, lambda *_: server.shutdown())
+    try:
+        helper = threading.Thread(target=connect_then_signal)
+        helper.start()
+        started = time.monotonic()
+        server.serve_forever()
+        assert time.monotonic() - started < 5
+        helper.join()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        device.close()
+    idle, in_handshake = clients
+    assert idle.reply() == (9, 0, b"")
+    assert closed_by_server(idle.sock) and closed_by_server(in_handshake.sock)
+    assert not (tmp_path / "sig.sock").exists()
+    qemu_io(image, "read -P 0x66 0 4k")
+    assert_clean(image)

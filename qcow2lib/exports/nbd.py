@@ -203,7 +203,7 @@ class _Connection:
         self.no_zeroes = False
         self.structured = False
         self.contexts: dict[int, str] = {}
-        self.contexts_export: str | None = None
+        self.contexts_export: NBDExport | None = None
         self.export: NBDExport | None = None
         self.requests = 0
         self.budget = _Budget(server.max_requests_in_flight, server.max_buffered_bytes)
@@ -395,7 +395,7 @@ class _Connection:
         export = self._find_export(name)
         if export is None:
             raise _ProtocolViolation(f"unknown export {name[:256]!r}")
-        self._enter(export, name)
+        self._enter(export)
         reply = P.EXPORT_NAME_REPLY.pack(export.device.size, self._transmission_flags(export))
         self._send(reply, b"" if self.no_zeroes else P.EXPORT_NAME_PADDING)
 
@@ -421,7 +421,7 @@ class _Connection:
             P.INFO_BLOCK_SIZE, MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE, MAX_BLOCK_SIZE))
         self._option_reply(option, P.REP_ACK)
         if option == P.OPT_GO:
-            self._enter(export, name)
+            self._enter(export)
             return True
         return False
 
@@ -437,7 +437,8 @@ class _Connection:
             self._option_reply(option, P.REP_ERR_INVALID,
                                b"metadata contexts need structured replies first")
             return
-        if self._find_export(name) is None:
+        export = self._find_export(name)
+        if export is None:
             self._option_reply(option, P.REP_ERR_UNKNOWN,
                                f"export {name[:256]!r} is not served here".encode())
             return
@@ -456,12 +457,12 @@ class _Connection:
                                context_id.to_bytes(4, "big") + context.encode())
         if setting:
             self.contexts = {_CONTEXT_IDS[c]: c for c in selected}
-            self.contexts_export = name
+            self.contexts_export = export
         self._option_reply(option, P.REP_ACK)
 
-    def _enter(self, export: NBDExport, name: str) -> None:
+    def _enter(self, export: NBDExport) -> None:
         self.export = export
-        if self.contexts_export != name:
+        if self.contexts_export is not export:
             self.contexts = {}  # contexts were negotiated for another export
 
     # --- transmission --------------------------------------------------------------------
