@@ -325,12 +325,14 @@ class _Connection:
                 except _ClientGone:
                     pass
                 return False
+            if option == P.OPT_EXPORT_NAME:
+                if self.server.stopping:  # no error reply exists for this option
+                    raise _ClientGone("the server is shutting down")
+                self._export_name(data)
+                break
             if self.server.stopping:
                 self._option_reply(option, P.REP_ERR_SHUTDOWN, b"the server is shutting down")
                 continue
-            if option == P.OPT_EXPORT_NAME:
-                self._export_name(data)
-                break
             try:
                 if self._option(option, data):
                     break
