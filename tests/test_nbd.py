@@ -395,7 +395,8 @@ def test_several_exports_listed_and_chosen_by_name(tmp_path: Path) -> None:
     qemu_create(two, "6M", fmt="raw")
     qemu_io(two, "write -P 0x22 0 4k", fmt="raw")
     sock = tmp_path / "multi.sock"
-    with qcow2lib.open(str(one), "r+") as dev_one, qcow2lib.open(str(two), "r", fmt="raw") as dev_two:
+    with qcow2lib.open(str(one), "r+") as dev_one, \
+            qcow2lib.open(str(two), "r", fmt="raw") as dev_two:
         server = NBDServer([NBDExport(dev_one, "one", "first disk"),
                             NBDExport(dev_two, "two", "second disk")],
                            unix_path=sock, persistent=True, shared=0)
@@ -410,6 +411,9 @@ def test_several_exports_listed_and_chosen_by_name(tmp_path: Path) -> None:
                                           ("two", "second disk", 6 << 20, True)]
             qemu_io(f"nbd+unix:///two?socket={sock}", "read -P 0x22 0 4k", fmt="raw",
                     extra=["-r"])
+            default = json.loads(run("nbdinfo", "--json", f"nbd+unix:///?socket={sock}")
+                                 .stdout)["exports"][0]
+            assert default["export-size"] == 4 << 20  # the empty name: the first export
             missing = run("nbdinfo", f"nbd+unix:///three?socket={sock}", check=False)
             assert missing.returncode != 0
             # metadata contexts hold only for the export they were negotiated for
@@ -439,8 +443,9 @@ def test_bad_server_arguments(tmp_path: Path) -> None:
             NBDServer(device, unix_path=tmp_path / "s", host="127.0.0.1")
         with pytest.raises(InvalidArgumentError, match="shared -1"):
             NBDServer(device, unix_path=tmp_path / "s", shared=-1)
-        with pytest.raises(InvalidArgumentError, match="export name"):
-            NBDServer(device, unix_path=tmp_path / "s", export_name="x" * 5000)
+        for name in ("x" * 5000, "a\0b", "\udcff"):
+            with pytest.raises(InvalidArgumentError, match="export name"):
+                NBDServer(device, unix_path=tmp_path / "s", export_name=name)
         with pytest.raises(InvalidArgumentError, match="given twice"):
             NBDServer([NBDExport(device, "a"), NBDExport(device, "a")], unix_path=tmp_path / "s")
         server = NBDServer(device, unix_path=tmp_path / "missing" / "s")

@@ -108,14 +108,17 @@ def nbd_error_for(exc: BaseException) -> int:
     return P.EIO
 
 
-def _check_string(what: str, value: str) -> bytes:
+def _check_string(what: str, value: str) -> None:
+    """Names and descriptions go on the wire as protocol strings: UTF-8, no NUL, 4 KiB."""
     if not isinstance(value, str):
         raise InvalidArgumentError(f"{what} must be a string, not {type(value).__name__}")
-    encoded = value.encode("utf-8")
-    if len(encoded) > P.MAX_STRING or "\0" in value:
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        size = -1
+    if not 0 <= size <= P.MAX_STRING or "\0" in value:
         raise InvalidArgumentError(f"{what} {value[:64]!r} must be at most {P.MAX_STRING} "
                                    f"bytes of UTF-8 without NUL")
-    return encoded
 
 
 class _OptionData:
@@ -668,7 +671,8 @@ class NBDServer:
     """Serves one or more exports on a Unix socket or a TCP port.
 
     `exports` is a single `BlockDevice` (exported under `export_name`, with `description`)
-    or a sequence of `NBDExport`. `read_only` makes every export read-only. Without
+    or a sequence of `NBDExport`; a client asking for the empty name gets the export named
+    "" or else the first one. `read_only` makes every export read-only. Without
     `persistent`, the server stops once its last client is gone (as qemu-nbd without
     --persistent); `shared` is how many clients may be connected at once (0: no limit).
     The devices stay open: the caller closes them after the server has stopped.
