@@ -81,6 +81,18 @@ def qemu_img_allocation(image) -> list[tuple[int, int, int]]:
                    for e in qemu_map(image)])
 
 
+def allocation_states(image) -> list[tuple]:
+    """qemu-img map without host offsets: (start, length, depth, present, zero, data)."""
+    out: list[list] = []
+    for e in qemu_map(image):
+        state = [e["depth"], e["present"], e["zero"], e["data"]]
+        if out and out[-1][2:] == state and out[-1][0] + out[-1][1] == e["start"]:
+            out[-1][1] += e["length"]
+        else:
+            out.append([e["start"], e["length"], *state])
+    return [tuple(r) for r in out]
+
+
 @contextmanager
 def qemu_nbd(tmp_path: Path, image, fmt: str = "qcow2"):
     """QEMU's own server, read-only with allocation depth: the block-status oracle."""
@@ -175,6 +187,8 @@ def test_qemu_io_writes_through_nbd_equal_direct_writes(tmp_path: Path) -> None:
     qemu_io(twin, *QEMU_IO_WORKLOAD)
     assert_clean(ours)
     assert qemu_compare(ours, twin) == 0
+    # NO_HOLE and unmapping came through: the same clusters are allocated, zero or absent
+    assert allocation_states(ours) == allocation_states(twin)
 
 
 def test_raw_image_export(tmp_path: Path) -> None:
@@ -281,6 +295,7 @@ except nbd.Error as exc:
     out["slow_zero"] = exc.errnum
 out["zeroed"] = h.pread(128 * 1024, 1 << 20) == bytes(128 * 1024)
 out["kept"] = h.pread(4096, (2 << 20) + 4096) == bytes([0x70 + 16]) * 4096
+h.cache(2 << 20, 0)
 try:
     h.set_strict_mode(0)
     h.pread(4096, (64 << 20) - 2048)
@@ -744,4 +759,29 @@ def test_shutdown_from_a_signal_handler_with_clients_connected(tmp_path: Path) -
     assert closed_by_server(idle.sock) and closed_by_server(in_handshake.sock)
     assert not (tmp_path / "sig.sock").exists()
     qemu_io(image, "read -P 0x66 0 4k")
+    assert_clean(image)
+
+
+def test_a_client_that_stops_reading_replies_is_held_to_its_budget(tmp_path: Path) -> None:
+    image = tmp_path / "disk.qcow2"
+    qemu_create(image, "64M")
+    qemu_io(image, "write -P 0x5c 0 32M")
+    with nbd_server(tmp_path, image, shared=0) as (server, url):
+        stalled = RawClient(server.address)
+        stalled.go()
+        for handle in range(64):  # 256 MiB of replies asked for, none read yet
+            stalled.request(P.CMD_READ, (handle % 8) << 22, 4 << 20, handle=handle)
+        time.sleep(0.5)
+        [connection] = [c for c in list(server._connections) if c.requests]
+        # reading stopped at the limit: 16 requests of 4 MiB in flight, plus the one waiting
+        assert connection.requests <= server.max_requests_in_flight + 1
+        assert connection.budget.bytes <= server.max_buffered_bytes
+        qemu_io(url, "read -P 0x5c 1M 64k", "write -P 0x5d 40M 64k", fmt="raw")
+        replies = {}
+        for _ in range(64):
+            handle, error, data = stalled.reply()
+            replies[handle] = (error, data == b"\x5c" * (4 << 20))
+        assert replies == {handle: (0, True) for handle in range(64)}
+        stalled.close()
+    qemu_io(image, "read -P 0x5d 40M 64k")
     assert_clean(image)
