@@ -466,6 +466,18 @@ def test_bad_server_arguments(tmp_path: Path) -> None:
         server = NBDServer(device, unix_path=tmp_path / "missing" / "s")
         with pytest.raises(Qcow2IOError, match="cannot listen on unix socket"):
             server.start()
+        (tmp_path / "file").write_text("keep me")
+        with pytest.raises(Qcow2IOError, match="exists and is not a socket"):
+            NBDServer(device, unix_path=tmp_path / "file").start()
+        assert (tmp_path / "file").read_text() == "keep me"
+        stale = socket.socket(socket.AF_UNIX)  # bound, never listening: a dead server's file
+        stale.bind(str(tmp_path / "stale.sock"))
+        stale.close()
+        with NBDServer(device, unix_path=tmp_path / "stale.sock") as live:
+            live.start()
+            with pytest.raises(Qcow2IOError, match="another server is listening"):
+                NBDServer(device, unix_path=tmp_path / "stale.sock").start()
+        assert not (tmp_path / "stale.sock").exists()
 
 
 # --- hostile clients, with raw sockets ----------------------------------------------------

@@ -758,6 +758,8 @@ class NBDServer:
             where = f"{self.host} port {self.port}"
             address = (self.host, self.port)
         try:
+            if self.unix_path is not None:
+                self._remove_stale_socket()
             listener.bind(address)
             listener.listen(16)
         except OSError as exc:
@@ -914,6 +916,25 @@ class NBDServer:
                 if fd >= 0:
                     os.close(fd)
             self._wake_read = self._wake_write = -1
+
+    def _remove_stale_socket(self) -> None:
+        """A socket file nobody listens on (left by a server that died) is replaced; a live
+        one, or any other kind of file, is an error."""
+        try:
+            info = os.lstat(self.unix_path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(info.st_mode):
+            raise FileExistsError(errno.EEXIST, "the path exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(self.unix_path)
+        except ConnectionRefusedError:
+            os.unlink(self.unix_path)
+            return
+        finally:
+            probe.close()
+        raise OSError(errno.EADDRINUSE, "another server is listening there")
 
     def _remove_socket_file(self) -> None:
         """Remove our socket file, unless someone replaced it meanwhile."""
