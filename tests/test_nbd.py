@@ -797,3 +797,34 @@ def test_a_client_that_stops_reading_replies_is_held_to_its_budget(tmp_path: Pat
         stalled.close()
     qemu_io(image, "read -P 0x5d 40M 64k")
     assert_clean(image)
+
+
+def test_can_zero_fast_follows_what_zeroing_would_write(tmp_path: Path) -> None:
+    """FAST_ZERO's answer: metadata-only zeroing is fast, writing zero bytes is not."""
+    v3 = tmp_path / "v3.qcow2"
+    qemu_create(v3, "4M")
+    qemu_io(v3, "write -P 0x41 0 64k")
+    base = tmp_path / "base.qcow2"
+    qemu_create(base, "4M")
+    qemu_io(base, "write -P 0x42 0 64k")
+    v2 = tmp_path / "v2.qcow2"
+    qemu_create(v2, "4M", options={"compat": "0.10"}, backing=base.name, backing_fmt="qcow2")
+    raw = tmp_path / "disk.raw"
+    qemu_create(raw, "4M", fmt="raw")
+    with qcow2lib.open(str(v3), "r+") as disk:
+        assert disk.can_zero_fast(0, 65536)            # a zero flag for the whole cluster
+        assert not disk.can_zero_fast(4096, 4096)      # part of a data cluster: zeros written
+        assert disk.can_zero_fast(65536 + 4096, 4096)  # part of a cluster that reads zero
+        assert disk.can_zero_fast(0, 4 << 20)
+    with qcow2lib.open(str(v2), "r+") as disk:
+        assert not disk.can_zero_fast(0, 65536)        # v2: no zero flag over backing data
+        assert disk.can_zero_fast(65536, 65536)
+        size_before = v2.stat().st_size
+        disk.write_zeroes(65536, 1 << 20)
+        disk.flush()
+    assert v2.stat().st_size - size_before < 65536    # no data cluster was written
+    with qcow2lib.open(str(v3), "r") as disk:
+        assert not disk.can_zero_fast(0, 65536)        # read-only
+    with qcow2lib.open(str(raw), "r+", fmt="raw") as disk:
+        assert disk.can_zero_fast(0, 65536, may_unmap=True)
+        assert not disk.can_zero_fast(0, 65536, may_unmap=False)

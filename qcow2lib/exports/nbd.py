@@ -35,6 +35,8 @@ from ..blockdev import BlockDevice, Extent
 from ..errors import InvalidArgumentError, Qcow2Error, Qcow2IOError, ReadOnlyError
 from . import nbd_protocol as P
 
+__all__ = ["NBDExport", "NBDServer", "serve", "nbd_error_for", "DEFAULT_PORT"]
+
 log = logging.getLogger("qcow2lib.exports.nbd")
 
 DEFAULT_PORT = 10809
