@@ -828,3 +828,45 @@ def test_can_zero_fast_follows_what_zeroing_would_write(tmp_path: Path) -> None:
     with qcow2lib.open(str(raw), "r+", fmt="raw") as disk:
         assert disk.can_zero_fast(0, 65536, may_unmap=True)
         assert not disk.can_zero_fast(0, 65536, may_unmap=False)
+
+
+SERVER_WITH_FILE_SIZE_LIMIT = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # writes past the limit fail with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+import qcow2lib
+from qcow2lib.exports.nbd import serve
+with qcow2lib.open(sys.argv[1], "r+", fmt="raw") as device:
+    serve(device, unix_path=sys.argv[2])
+"""
+
+
+def test_host_errors_reach_the_client_in_a_server_process(tmp_path: Path) -> None:
+    """A server in its own process whose file may not grow past 1 MiB: EFBIG becomes
+    ENOSPC for the client, and the server leaves once its only client is gone."""
+    image = tmp_path / "disk.raw"
+    with open(image, "wb") as f:
+        f.truncate(4 << 20)
+    sock = tmp_path / "limited.sock"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen(["python3", "-c", SERVER_WITH_FILE_SIZE_LIMIT, str(image), str(sock)],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        result = run("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 64k", "-c",
+                     "write -P 0x22 2M 64k", "-c", "read -P 0x11 0 64k",
+                     f"nbd+unix:///?socket={sock}", check=False)
+        assert "write failed: No space left on device" in result.stdout + result.stderr
+        assert "read 65536/65536 bytes at offset 0" in result.stdout
+        assert proc.wait(20) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not sock.exists()
+    data = image.read_bytes()
+    assert data[:65536] == b"\x11" * 65536 and data[65536:] == bytes(len(data) - 65536)
