@@ -772,7 +772,9 @@ class NBDServer:
             listener.close()
             raise InvalidArgumentError(f"cannot listen on {where}: {exc}") from None
         listener.setblocking(False)
-        if self.unix_path is not None:
+        if self.unix_path is None:
+            self.port = listener.getsockname()[1]  # the one chosen for port 0
+        else:
             info = os.stat(self.unix_path)
             self._socket_inode = (info.st_dev, info.st_ino)
         self._wake_read, self._wake_write = os.pipe()
@@ -785,9 +787,7 @@ class NBDServer:
         """The Unix socket path, or (host, port) with the port actually bound."""
         if self.unix_path is not None:
             return self.unix_path
-        if self._listener is None:
-            return (self.host, self.port)
-        return self._listener.getsockname()[:2]
+        return (self.host, self.port)
 
     def serve_forever(self) -> None:
         """Accept and serve clients until shutdown() (or, unless persistent, until the
