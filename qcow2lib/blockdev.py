@@ -50,6 +50,11 @@ class BlockDevice:
     def discard(self, offset: int, length: int) -> None:
         raise NotImplementedError
 
+    def can_zero_fast(self, offset: int, length: int, may_unmap: bool = False) -> bool:
+        """Whether write_zeroes of this range would be clearly faster than writing zeros
+        (metadata or hole punching only). False when unsure; NBD's FAST_ZERO asks this."""
+        return False
+
     def flush(self) -> None:
         raise NotImplementedError
 
@@ -160,6 +165,10 @@ class RawDevice(BlockDevice):
     def discard(self, offset: int, length: int) -> None:
         self.check_request(offset, length, write=True)
         self.file.punch_hole(offset, length)
+
+    def can_zero_fast(self, offset: int, length: int, may_unmap: bool = False) -> bool:
+        """Only a hole punch is fast; without may_unmap zeros are written."""
+        return may_unmap and not self.read_only
 
     def flush(self) -> None:
         if not self.read_only:

@@ -768,6 +768,28 @@ class Qcow2Image(BlockDevice):
             return
         self._zero_or_discard(offset, length, True, discard=True)
 
+    def can_zero_fast(self, offset: int, length: int, may_unmap: bool = False) -> bool:
+        """Zeroing changes only L2 entries when the partial clusters at either end already
+        read as zeros, and whole clusters can take a zero flag (v3) or become holes over a
+        backing file that reads as zeros there (v2). A raw external data file is zeroed too."""
+        self.check_request(offset, length)
+        if self.read_only or self.data_file_raw:
+            return False
+        cs = self.cluster_size
+        end = offset + length
+        first_full = min(-(-offset // cs) * cs, end)
+        last_full = max(end // cs * cs, first_full)
+        if end == self.size:
+            last_full = end  # the image's last, partial cluster counts as whole
+        with self._lock:
+            for start, stop in ((offset, first_full), (last_full, end)):
+                if start < stop and not self._reads_zero(start, stop - start):
+                    return False
+            if (first_full < last_full and self.header.version < 3 and not self.extended_l2
+                    and self.backing is not None):
+                return self._backing_reads_zero(first_full, last_full - first_full)
+        return True
+
     def _zero_or_discard(self, offset: int, length: int, may_unmap: bool, discard: bool) -> None:
         cs = self.cluster_size
         end = offset + length
