@@ -17,8 +17,7 @@ import qcow2lib
 from qcow2lib.errors import ImageLockedError, Qcow2Error
 from qcow2lib.ops import error_text, host_path
 
-from .filesystem import (DISK_FILE, INFO_FILE, PARTITION_DIR, SERVER_PID_XATTR, SNAPSHOT_DIR,
-                         DiskFilesystem, serve)
+from .filesystem import SERVER_PID_XATTR, DiskFilesystem, serve
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 LIBFUSE_LOOP_ENDED = 8      # fuse_main's code when a signal (SIGINT, SIGTERM, SIGHUP) stops it
@@ -79,8 +78,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m fuse_mount") -> int:
-    """`prog IMAGE MOUNTPOINT [options]` or `prog --unmount MOUNTPOINT`; the exit status."""
+def main(argv: Sequence[str] | None = None, prog: str = "python -m fuse_mount", *,
+         info_json: Callable[[dict], str] | None = None) -> int:
+    """`prog IMAGE MOUNTPOINT [options]` or `prog --unmount MOUNTPOINT`; the exit status.
+
+    info_json prints qimg's info dict as qimg does (default: the `qimg` module's
+    qemu_json); qimg passes its own so that info.json is what it prints."""
     parser = build_parser(prog)
     try:
         args = parser.parse_args(argv)
@@ -102,11 +105,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m fuse_mount") 
             print(f"{prog}: the environment variable {args.passphrase_env} is not set",
                   file=sys.stderr)
             return EXIT_FAILURE
-    from qimg import qemu_json  # the CLI's JSON printer: info.json is what qimg prints
+    if info_json is None:
+        from qimg import qemu_json as info_json  # the CLI's JSON printer
     return mount_image(args.image, args.mountpoint, writable=args.rw, fmt=args.format,
                        snapshot=args.snapshot, foreground=args.foreground,
                        allow_other=args.allow_other, passphrase=passphrase,
-                       info_json=qemu_json, prog=prog)
+                       info_json=info_json, prog=prog)
 
 
 def umount_main(argv: Sequence[str] | None = None, prog: str = "qimg umount") -> int:
@@ -241,10 +245,13 @@ def _serve_image(image: str, mountpoint: str, *, on_ready, writable, fmt, snapsh
             from qcow2lib.ops.info import image_info
             return info_json(image_info(info_path, info_format, force_share=True)) + "\n"
 
-        filesystem = DiskFilesystem(
-            device, snapshot_source=base if base.format == "qcow2" else None,
-            info_text=info_text if info_json is not None else None, on_ready=on_ready,
-            prog=prog)
+        try:
+            filesystem = DiskFilesystem(
+                device, snapshot_source=base if base.format == "qcow2" else None,
+                info_text=info_text if info_json is not None else None, on_ready=on_ready,
+                prog=prog)
+        except Qcow2Error as exc:  # a snapshot table that cannot be read
+            raise MountError(f"Could not open '{image}': {error_text(exc)}") from None
         ready = []
         if on_ready is None:
             filesystem.on_ready = lambda: ready.append(True)
