@@ -11,6 +11,7 @@ import json
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -469,3 +470,90 @@ def test_foreground_prints_nothing(tmp_path: Path, mountpoints) -> None:
             proc.kill()
             proc.wait()
     assert (proc.returncode, out, err) == (0, "", "")
+
+
+def test_corrupt_cluster_reads_fail_alone(tmp_path: Path, mountpoints) -> None:
+    """An L2 entry pointing far past the end of the file: that cluster reads as EIO, the
+    rest of the disk still reads, and the server lives on to unmount cleanly."""
+    image = tmp_path / "bad.qcow2"
+    qemu_create(image, "4M")
+    qemu_io(image, "write -P 7 0 128k")
+    with open(image, "r+b") as f:
+        l1_offset = struct.unpack(">Q", f.read(48)[40:48])[0]
+        f.seek(l1_offset)
+        l2_offset = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
+        f.seek(l2_offset)
+        f.write(struct.pack(">Q", (1 << 63) | (1 << 40)))
+    mnt = mountpoints()
+    mount_ok(image, mnt)
+    fd = os.open(mnt / "disk.raw", os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as broken:
+            os.pread(fd, 4096, 0)
+        assert broken.value.errno == errno.EIO
+        assert os.pread(fd, 65536, 65536) == b"\x07" * 65536
+    finally:
+        os.close(fd)
+    unmount_ok(mnt)
+
+
+def test_raw_image(tmp_path: Path, mountpoints) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    mnt = mountpoints()
+    mount_ok(image, mnt, "--rw", "-f", "raw")
+    assert os.listdir(mnt / "snapshots") == []
+    with open(mnt / "disk.raw", "r+b") as disk:
+        disk.seek(4096)
+        disk.write(b"raw!" * 1024)
+    info = json.loads((mnt / "info.json").read_text())
+    assert (info["format"], info["virtual-size"]) == ("raw", 1 << 20)
+    unmount_ok(mnt)
+    assert image.read_bytes()[4096:8192] == b"raw!" * 1024
+
+
+def test_parallel_readers_and_writers(tmp_path: Path, mountpoints) -> None:
+    """Several threads at once through the multi-threaded server, each on its own region,
+    then every region as its thread left it."""
+    image = tmp_path / "img.qcow2"
+    qemu_create(image, "64M", options={"cluster_size": "65536"})
+    mnt = mountpoints()
+    mount_ok(image, mnt, "--rw")
+    region = 8 << 20
+    expected: dict[int, bytes] = {}
+    errors: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        try:
+            rng = random.Random(index)
+            model = bytearray(region)
+            fd = os.open(mnt / "disk.raw", os.O_RDWR)
+            try:
+                for _ in range(40):
+                    offset = rng.randrange(0, region - 300_000)
+                    data = rng.randbytes(rng.randrange(1, 300_000))
+                    os.pwrite(fd, data, index * region + offset)
+                    model[offset:offset + len(data)] = data
+                    check = rng.randrange(0, region - 65536)
+                    assert os.pread(fd, 65536, index * region + check) == \
+                        bytes(model[check:check + 65536])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            expected[index] = bytes(model)
+        except BaseException as exc:  # noqa: B902 (reported by the main thread)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(index,)) for index in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors
+    unmount_ok(mnt)
+    assert_clean(image)
+    raw = tmp_path / "after.raw"
+    qemu_img("convert", "-O", "raw", image, raw)
+    content = raw.read_bytes()
+    for index, model in expected.items():
+        assert content[index * region:(index + 1) * region] == model, index
