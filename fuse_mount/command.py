@@ -27,7 +27,7 @@ DESCRIPTION = """\
 Mount a disk image (qcow2 or raw, with its backing chain) as a directory of files:
 
   MOUNTPOINT/disk.raw               the guest-visible disk, its virtual size
-  MOUNTPOINT/info.json              the image's `qimg info --output=json`
+  MOUNTPOINT/info.json              `qimg info --output=json` of the image's absolute path
   MOUNTPOINT/snapshots/NAME.raw     each internal snapshot, read-only
   MOUNTPOINT/snapshots/id-ID.raw    each internal snapshot by its ID, always there
   MOUNTPOINT/partitions/N.raw       each partition of the disk's MBR or GPT table
@@ -39,10 +39,12 @@ Partitions are numbered as Linux numbers them (MBR logical partitions from 5) an
 read again when the table is written through disk.raw.
 
 The mount is read-only unless --rw is given; snapshots are always read-only. Writes go
-through the image's engine: fsync makes them durable, the size cannot change. Without
---foreground the command returns once the filesystem is mounted and the server runs in
-the background. Unmount with `%(prog)s --unmount MOUNTPOINT`, `fusermount3 -u` or
-`umount`, or stop the server with SIGINT or SIGTERM: each closes the image cleanly."""
+through the image's engine: fsync makes them durable, the size cannot change. The kernel
+caches disk.raw and each partition file apart: reopen a file to see what was written
+through another. Without --foreground the command returns once the filesystem is
+mounted, the server running on in the background. Unmount with
+`%(prog)s --unmount MOUNTPOINT`, `fusermount3 -u` or `umount`, or stop the server with
+SIGINT or SIGTERM: each closes the image cleanly."""
 
 EPILOG = """\
 exit status:

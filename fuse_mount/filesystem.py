@@ -241,15 +241,25 @@ class DiskFilesystem(mfusepy.Operations):
             return {"st_mode": stat.S_IFDIR | 0o755, "st_nlink": 2, **self._times()}
         if path == f"/{INFO_FILE}" and self.info_text:
             with self._info_lock:
-                size = len(self._info[fh.fh]) if fh is not None and fh.fh in self._info \
-                    else len(self.info_text().encode())
+                opened = self._info.get(fh.fh) if fh is not None else None
+            size = len(opened if opened is not None else self.info_text().encode())
             return {"st_mode": stat.S_IFREG | 0o444, "st_nlink": 1, "st_size": size,
                     **self._times()}
         device = self._device(path)
         writable = not device.read_only
+        allocated = device.size
+        if device is self.device:  # what du shows: the image file's share of the disk
+            allocated = min(allocated, self._image_allocation())
         return {"st_mode": stat.S_IFREG | (0o644 if writable else 0o444), "st_nlink": 1,
                 "st_size": device.size, "st_blksize": 65536,
-                "st_blocks": (device.size + 511) // 512, **self._times()}
+                "st_blocks": (allocated + 511) // 512, **self._times()}
+
+    def _image_allocation(self) -> int:
+        """Bytes the image file takes on the host (its backing files not counted)."""
+        try:
+            return os.stat(self.image_path).st_blocks * 512
+        except OSError:
+            return 0
 
     @_fuse_errors
     def readdir(self, path: str, fh):
@@ -344,9 +354,15 @@ class DiskFilesystem(mfusepy.Operations):
     def lseek(self, path: str, offset: int, whence: int, fi) -> int:
         """SEEK_DATA / SEEK_HOLE from the device's extents: holes read as zeros and hold
         no data (unallocated, or zero clusters)."""
-        device = self._device(path)
         if whence not in (SEEK_DATA, SEEK_HOLE):
             raise mfusepy.FuseOSError(errno.EINVAL)
+        if fi.fh:  # info.json: all data (ENOSYS would end lseek for the whole mount)
+            with self._info_lock:
+                size = len(self._info[fi.fh])
+            if offset < 0 or offset >= size:
+                raise mfusepy.FuseOSError(errno.ENXIO)
+            return offset if whence == SEEK_DATA else size
+        device = self._device(path)
         if offset < 0 or offset >= device.size:
             raise mfusepy.FuseOSError(errno.ENXIO)
         want_data = whence == SEEK_DATA
@@ -377,10 +393,7 @@ class DiskFilesystem(mfusepy.Operations):
         how much of the virtual disk the image has allocated."""
         block = 4096
         total = (self.device.size + block - 1) // block
-        try:
-            used = os.stat(self.image_path).st_blocks * 512 // block
-        except OSError:
-            used = 0
+        used = self._image_allocation() // block
         free = max(0, total - used)
         return {"f_bsize": block, "f_frsize": block, "f_blocks": total, "f_bfree": free,
                 "f_bavail": free, "f_files": 0, "f_ffree": 0, "f_namemax": NAME_MAX}

@@ -195,6 +195,15 @@ def test_sparse_copy_keeps_holes(tmp_path: Path, mountpoints) -> None:
     subprocess.run(["cp", "--sparse=always", str(mnt / "disk.raw"), str(copy)], check=True)
     assert copy.stat().st_size == 64 << 20
     assert copy.stat().st_blocks * 512 <= 4 << 20
+    # du of disk.raw: what the image file takes, not the virtual size
+    allocated = (mnt / "disk.raw").stat().st_blocks * 512
+    assert allocated == min(64 << 20, image.stat().st_blocks * 512)
+    info_fd = os.open(mnt / "info.json", os.O_RDONLY)
+    try:
+        assert os.lseek(info_fd, 0, SEEK_DATA) == 0
+        assert os.lseek(info_fd, 0, SEEK_HOLE) == os.fstat(info_fd).st_size
+    finally:
+        os.close(info_fd)
     unmount_ok(mnt)
     assert qemu_compare(image, copy, "qcow2", "raw") == 0
 
