@@ -566,3 +566,49 @@ def test_parallel_readers_and_writers(tmp_path: Path, mountpoints) -> None:
     content = raw.read_bytes()
     for index, model in expected.items():
         assert content[index * region:(index + 1) * region] == model, index
+
+
+def run_entry(function: str, prog: str, *args) -> subprocess.CompletedProcess:
+    """fuse_mount.command.<function>(argv, prog) as qimg mount/umount will call it."""
+    code = (f"import sys\nfrom fuse_mount.command import {function}\n"
+            f"sys.exit({function}(sys.argv[1:], {prog!r}))")
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], env=ENV,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_entry_points_for_qimg(tmp_path: Path, mountpoints) -> None:
+    image = tmp_path / "img.qcow2"
+    qemu_create(image, "1M")
+    mnt = mountpoints()
+    result = run_entry("main", "qimg mount", image, tmp_path / "nowhere")
+    assert (result.returncode, result.stderr) == (
+        1, f"qimg mount: mount point '{tmp_path / 'nowhere'}' does not exist\n")
+    usage = run_entry("main", "qimg mount")
+    assert usage.returncode == 2 and usage.stderr.startswith("usage: qimg mount ")
+    result = run_entry("main", "qimg mount", image, mnt, "--rw")
+    assert (result.returncode, result.stderr) == (0, "")
+    assert is_mounted(mnt)
+    result = run_entry("umount_main", "qimg umount", mnt)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert not is_mounted(mnt)
+    assert_clean(image)
+    result = run_entry("umount_main", "qimg umount", mnt)
+    assert (result.returncode, result.stderr) == (
+        1, f"qimg umount: '{mnt}' is not a mount point\n")
+
+
+def test_hostile_snapshot_table_is_refused(tmp_path: Path, mountpoints) -> None:
+    image = tmp_path / "img.qcow2"
+    qemu_create(image, "4M")
+    qemu_img("snapshot", "-c", "s1", image)
+    with open(image, "r+b") as f:
+        table = struct.unpack(">Q", f.read(72)[64:72])[0]
+        f.seek(table + 36)
+        f.write(struct.pack(">I", 0xFFFFFFF0))  # the entry's extra data size
+    before = digest(image)
+    mnt = mountpoints()
+    result = fuse_mount(image, mnt)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"python -m fuse_mount: Could not open '{image}': ")
+    assert result.stderr.count("\n") == 1
+    assert not is_mounted(mnt) and digest(image) == before
