@@ -9,6 +9,8 @@ returns the byte ranges it looked at, so a caller can rescan when one of them is
 Numbering follows Linux: MBR primary slots are 1-4 (empty slots keep their number),
 logical partitions of extended ones count from 5; GPT entries are numbered by their
 index in the entry array, from 1. Extended (container) partitions are not listed.
+Tables are read with 512-byte sectors (what sfdisk and fdisk use on an image file); a
+GPT written for 4096-byte sectors is not found.
 """
 from __future__ import annotations
 
