@@ -92,7 +92,7 @@ def test_tree_matches_qemu(tmp_path: Path, mountpoints) -> None:
 def test_snapshot_names_that_are_no_file_names(tmp_path: Path, mountpoints) -> None:
     image = tmp_path / "img.qcow2"
     qemu_create(image, "1M")
-    names = ["a/b", "", ".", "..", "dup", "dup", "id-1", "fine"]
+    names = ["a/b", "", ".", "..", "dup", "dup", "id-1", "x" * 252, "fine"]
     for index, name in enumerate(names):
         qemu_io(image, f"write -P {index + 1} 0 64k")
         qemu_img("snapshot", "-c", name, image)
@@ -100,13 +100,14 @@ def test_snapshot_names_that_are_no_file_names(tmp_path: Path, mountpoints) -> N
     mount_ok(image, mnt)
     listing = sorted(os.listdir(mnt / "snapshots"))
     # id-1.raw is snapshot 1's ('a/b'): the snapshot named "id-1" is reachable by its ID only
-    assert listing == sorted([f"id-{n}.raw" for n in range(1, 9)] + ["fine.raw"])
-    for snapshot_id in range(1, 9):
+    # (a name of 252 bytes makes a file name longer than NAME_MAX, 255)
+    assert listing == sorted([f"id-{n}.raw" for n in range(1, 10)] + ["fine.raw"])
+    for snapshot_id in range(1, 10):
         expected = convert_snapshot(image, tmp_path / f"{snapshot_id}.raw",
                                     f"snapshot.id={snapshot_id}")
         assert expected[:1] == bytes([snapshot_id])
         assert (mnt / "snapshots" / f"id-{snapshot_id}.raw").read_bytes() == expected
-    assert (mnt / "snapshots" / "fine.raw").read_bytes()[:1] == b"\x08"
+    assert (mnt / "snapshots" / "fine.raw").read_bytes()[:1] == b"\x09"
     for missing in ("dup.raw", ".raw", "..raw"):
         assert not (mnt / "snapshots" / missing).exists()
     unmount_ok(mnt)
