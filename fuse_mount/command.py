@@ -270,8 +270,9 @@ def _serve_image(image: str, mountpoint: str, *, on_ready, writable, fmt, snapsh
 def _daemonize(image: str, mountpoint: str, options: dict, prog: str) -> int:
     """Fork a detached server; wait until it reports the mount ready or its failure.
 
-    The image is opened in the child only, so the parent never holds it; the child
-    never returns to the caller.
+    The server is a grandchild in a session of its own (the child exits at once), so
+    it is nobody's zombie and the terminal's ^C is not for it. The image is opened in
+    the server only; the parent never holds it, the server never returns to the caller.
     """
     read_end, write_end = os.pipe()
     sys.stdout.flush()
@@ -281,17 +282,19 @@ def _daemonize(image: str, mountpoint: str, options: dict, prog: str) -> int:
         os.close(write_end)
         with os.fdopen(read_end, "rb") as pipe:
             report = pipe.read()
+        os.waitpid(pid, 0)
         if report == b"ready":
             return EXIT_OK
-        _, status = os.waitpid(pid, 0)
         message = report.decode("utf-8", "replace") or \
-            f"the mount server exited before the mount was ready (status {status})"
+            "the mount server exited before the mount was ready"
         print(f"{prog}: {message}", file=sys.stderr)
         return EXIT_FAILURE
     os.close(read_end)
     code = EXIT_FAILURE
     try:
-        os.setsid()  # no longer in the terminal's process group: the shell's ^C is not ours
+        os.setsid()
+        if os.fork():
+            os._exit(EXIT_OK)  # the server is forked: this child's part is done
         null = os.open(os.devnull, os.O_RDWR)
         os.dup2(null, 0)
         os.dup2(null, 1)
