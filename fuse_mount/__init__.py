@@ -1,12 +1,13 @@
-"""Mount a disk image with FUSE: the guest disk (and its internal snapshots) as files.
+"""Mount a disk image with FUSE: the guest disk, its snapshots and partitions as files.
 
-    python -m fuse_mount disk.qcow2 /mnt/disk [--rw]
+    python -m fuse_mount disk.qcow2 /mnt/disk [--rw] [--foreground]
+    python -m fuse_mount --unmount /mnt/disk
 
-gives /mnt/disk/disk (the guest disk, read-write with --rw) and, for qcow2 images with
-internal snapshots, /mnt/disk/snapshots/<name> (read-only). Everything goes through the
-engine's BlockDevice interface; FUSE calls arrive on several threads, which the engine
-allows.
+See `python -m fuse_mount --help` for the tree. `command.main` / `command.umount_main`
+are the commands, `command.mount_image` / `command.unmount` the same for callers with
+their own option parsing, `filesystem.DiskFilesystem` the filesystem over a BlockDevice.
 """
-from .mount import DiskFilesystem, mount
+from .command import main, mount_image, umount_main, unmount
+from .filesystem import DiskFilesystem
 
-__all__ = ["DiskFilesystem", "mount"]
+__all__ = ["DiskFilesystem", "main", "mount_image", "umount_main", "unmount"]

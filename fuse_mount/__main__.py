@@ -1,5 +1,5 @@
 import sys
 
-from .mount import main
+from .command import main
 
-sys.exit(main())
+sys.exit(main(prog="python -m fuse_mount"))
