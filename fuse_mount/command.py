@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m fuse_mount", 
                   file=sys.stderr)
             return EXIT_FAILURE
     if info_json is None:
-        from qimg import qemu_json as info_json  # the CLI's JSON printer
+        from qcow2lib.cli.qobject import qemu_json as info_json  # qimg info's JSON printer
     return mount_image(args.image, args.mountpoint, writable=args.rw, fmt=args.format,
                        snapshot=args.snapshot, foreground=args.foreground,
                        allow_other=args.allow_other, passphrase=passphrase,
