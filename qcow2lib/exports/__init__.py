@@ -1,0 +1,1 @@
+"""Protocol layers that export a `BlockDevice` to other processes (NBD, vhost-user-blk)."""

@@ -1,0 +1,355 @@
+"""vhost-user-blk export: a hand-written front-end (well-behaved and hostile) and a real
+Linux guest under QEMU, both against qcow2 images checked with qemu-img afterwards."""
+from __future__ import annotations
+
+import hashlib
+import select
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+import qcow2lib
+from qcow2lib.exports.vhost_user_blk import VhostUserBlkServer
+from qemutools import assert_clean, qemu_create, qemu_img, qemu_io, to_raw
+from vhost_user_client import (DATA_ADDR, D_INDIRECT, D_NEXT, D_WRITE, F_EVENT_IDX, F_INDIRECT,
+                               F_VERSION_1, GET_CONFIG, GET_QUEUE_NUM, MEMORY_SIZE, QUEUE_SIZE,
+                               SET_CONFIG, U64, Frontend)
+
+MIB = 1 << 20
+T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
+S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
+BLK_F_RO, BLK_F_FLUSH, BLK_F_MQ, BLK_F_DISCARD, BLK_F_WRITE_ZEROES = 5, 9, 12, 13, 14
+
+
+class Export:
+    """An image opened with qcow2lib and served on a socket in tmp_path."""
+
+    def __init__(self, image: Path, socket_path: Path, read_only: bool = False,
+                 device=None, **options):
+        self.image = image
+        self.device = device or qcow2lib.open(str(image), "r" if read_only else "r+")
+        self.server = VhostUserBlkServer(self.device, str(socket_path), read_only=read_only,
+                                         serial="qimg-test-disk", **options)
+        self.socket_path = str(socket_path)
+        self.server.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.device.close()
+
+
+@pytest.fixture
+def export(tmp_path: Path):
+    exports: list[Export] = []
+
+    def start(image: Path, **options) -> Export:
+        started = Export(image, tmp_path / f"vhost{len(exports)}.sock", **options)
+        exports.append(started)
+        return started
+
+    yield start
+    for started in exports:
+        started.close()
+
+
+def image_with_pattern(tmp_path: Path, size: str = "4M") -> Path:
+    image = tmp_path / "disk.qcow2"
+    qemu_create(image, size)
+    qemu_io(image, "write -P 0x11 0 64k", "write -P 0x22 1M 64k", fmt="qcow2")
+    return image
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# -- a hand-written front-end --
+
+def test_negotiation_config_and_queue_count(tmp_path: Path, export) -> None:
+    served = export(image_with_pattern(tmp_path), num_queues=3)
+    client = Frontend(served.socket_path)
+    try:
+        offered = client.negotiate()
+        for bit in (F_VERSION_1, F_INDIRECT, F_EVENT_IDX, BLK_F_FLUSH, BLK_F_MQ, BLK_F_DISCARD,
+                    BLK_F_WRITE_ZEROES):
+            assert offered >> bit & 1, bit
+        assert not offered >> BLK_F_RO & 1
+        assert client.protocol == (1 << 0) | (1 << 3) | (1 << 9)   # MQ, REPLY_ACK, CONFIG
+        assert client.call_u64(GET_QUEUE_NUM) == 3
+        client.send(GET_CONFIG, struct.pack("<III", 0, 60, 0) + bytes(60))
+        _, _, reply = client.receive()
+        assert len(reply) == 12 + 60
+        config = reply[12:]
+        capacity, size_max, seg_max = struct.unpack_from("<QII", config)
+        assert capacity == 4 * MIB // 512 and seg_max >= 1 and size_max >= 4096
+        assert struct.unpack_from("<I", config, 20)[0] == 512               # blk_size
+        assert struct.unpack_from("<H", config, 34)[0] == 3                 # num_queues
+        max_discard, discard_segments = struct.unpack_from("<II", config, 36)
+        max_zeroes, zeroes_segments, may_unmap = struct.unpack_from("<IIB", config, 48)
+        assert max_discard and discard_segments and max_zeroes and zeroes_segments and may_unmap
+        # a partial read of the configuration space, as QEMU asks for fewer bytes
+        client.send(GET_CONFIG, struct.pack("<III", 0, 8, 0) + bytes(8))
+        assert client.receive()[2][12:] == config[:8]
+        # the configuration space is read-only: SET_CONFIG is refused through REPLY_ACK
+        assert client.acked(SET_CONFIG, struct.pack("<III", 32, 1, 0) + b"\1") != 0
+        # features never offered are refused
+        assert client.acked(2, U64.pack(1 << 60)) != 0
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("indirect", [False, True])
+def test_requests_reach_the_image(tmp_path: Path, export, indirect: bool) -> None:
+    image = image_with_pattern(tmp_path)
+    served = export(image)
+    client = Frontend(served.socket_path)
+    try:
+        client.setup()
+        status, data, used = client.blk(T_IN, 0, in_length=4096, indirect=indirect)
+        assert (status, data, used) == (S_OK, b"\x11" * 4096, 4097)
+        status, _, used = client.blk(T_OUT, 256, out=b"\xab" * 8192, indirect=indirect)
+        assert (status, used) == (S_OK, 1)
+        assert client.blk(T_FLUSH, 0, indirect=indirect)[0] == S_OK
+        status, ident, used = client.blk(T_GET_ID, 0, in_length=20, indirect=indirect)
+        assert (status, ident, used) == (S_OK, b"qimg-test-disk".ljust(20, b"\0"), 21)
+        # write zeroes with and without unmap, discard, over the pattern at 1 MiB
+        zeroes = struct.pack("<QII", 2048, 32, 1) + struct.pack("<QII", 2048 + 64, 16, 0)
+        assert client.blk(T_WRITE_ZEROES, 0, out=zeroes, indirect=indirect)[0] == S_OK
+        # a whole cluster written, then discarded: it reads back as zeroes
+        assert client.blk(T_OUT, 6144, out=b"\xcd" * 65536, indirect=indirect)[0] == S_OK
+        discard = struct.pack("<QII", 6144, 128, 0)
+        assert client.blk(T_DISCARD, 0, out=discard, indirect=indirect)[0] == S_OK
+        # refused requests: unknown type, misaligned length, past the end, discard with unmap
+        assert client.blk(99, 0, in_length=512, indirect=indirect)[0] == S_UNSUPP
+        assert client.blk(T_OUT, 0, out=b"x" * 100, indirect=indirect)[0] == S_IOERR
+        assert client.blk(T_IN, 8191, in_length=1024, indirect=indirect)[0] == S_IOERR
+        assert client.blk(T_IN, 1 << 62, in_length=512, indirect=indirect)[0] == S_IOERR
+        assert client.blk(T_DISCARD, 0, out=struct.pack("<QII", 0, 8, 1),
+                          indirect=indirect)[0] == S_UNSUPP
+        assert client.blk(T_WRITE_ZEROES, 0, out=struct.pack("<QII", 0, 8, 4),
+                          indirect=indirect)[0] == S_UNSUPP
+        status, data, _ = client.blk(T_IN, 256, in_length=8192, indirect=indirect)
+        assert (status, data) == (S_OK, b"\xab" * 8192)
+        assert client.stop_queue() == client.avail_idx
+    finally:
+        client.close()
+    served.close()
+    expected = bytearray(4 * MIB)
+    expected[0:65536] = b"\x11" * 65536
+    expected[MIB:MIB + 65536] = b"\x22" * 65536
+    expected[MIB:MIB + 16384] = bytes(16384)
+    expected[MIB + 32768:MIB + 40960] = bytes(8192)
+    expected[128 * 1024:128 * 1024 + 8192] = b"\xab" * 8192
+    assert to_raw(image, tmp_path / "out.raw") == bytes(expected)
+    assert_clean(image)
+
+
+def test_read_only_export_refuses_writes(tmp_path: Path, export) -> None:
+    image = image_with_pattern(tmp_path)
+    before = file_digest(image)
+    served = export(image, read_only=True)
+    client = Frontend(served.socket_path)
+    try:
+        offered = client.negotiate()
+        assert offered >> BLK_F_RO & 1
+        assert not offered >> BLK_F_DISCARD & 1 and not offered >> BLK_F_WRITE_ZEROES & 1
+        client.set_memory()
+        client.start_queue()
+        assert client.blk(T_OUT, 0, out=b"w" * 512)[0] == S_IOERR
+        assert client.blk(T_WRITE_ZEROES, 0, out=struct.pack("<QII", 0, 8, 0))[0] == S_IOERR
+        assert client.blk(T_DISCARD, 0, out=struct.pack("<QII", 0, 8, 0))[0] == S_IOERR
+        assert client.blk(T_FLUSH, 0)[0] == S_OK
+        assert client.blk(T_IN, 0, in_length=512)[:2] == (S_OK, b"\x11" * 512)
+    finally:
+        client.close()
+    served.close()
+    assert file_digest(image) == before
+
+
+class GatedDevice:
+    """Wraps a device so that a read of sector 0 waits until another request has been
+    completed on the used ring: the server must run requests concurrently and complete
+    them out of order."""
+
+    def __init__(self, device):
+        self.device = device
+        self.released = lambda: True
+
+    def __getattr__(self, name):
+        return getattr(self.device, name)
+
+    def readinto(self, offset: int, buffer) -> int:
+        deadline = time.monotonic() + 10
+        while offset == 0 and not self.released():
+            assert time.monotonic() < deadline, "the other request never completed"
+            time.sleep(0.01)
+        return self.device.readinto(offset, buffer)
+
+
+def test_requests_run_concurrently_and_complete_out_of_order(tmp_path: Path, export) -> None:
+    image = image_with_pattern(tmp_path)
+    gated = GatedDevice(qcow2lib.open(str(image), "r+"))
+    served = export(image, device=gated, workers=2)
+    client = Frontend(served.socket_path)
+    gated.released = lambda: client.used_idx() == 1
+    try:
+        client.setup()
+        first = client.blk_chain(T_IN, 0, in_length=512, first=0, data_addr=DATA_ADDR)
+        second = client.blk_chain(T_IN, 2048, in_length=512, first=4, data_addr=DATA_ADDR + 0x1000)
+        client.publish(first)
+        client.publish(second)
+        used = client.wait_used(2)
+        assert used == [(second, 513), (first, 513)]
+        assert client.blk_result(T_IN, b"", 512) == (S_OK, b"\x11" * 512)
+        assert client.blk_result(T_IN, b"", 512, DATA_ADDR + 0x1000) == (S_OK, b"\x22" * 512)
+    finally:
+        client.close()
+
+
+def test_event_idx_suppresses_kicks_and_calls(tmp_path: Path, export) -> None:
+    served = export(image_with_pattern(tmp_path))
+    client = Frontend(served.socket_path)
+    try:
+        offered = client.negotiate(features=None)
+        client.send(2, U64.pack(offered & ~(1 << 30) | 1 << 30))   # all, EVENT_IDX included
+        client.set_memory()
+        client.start_queue()
+        # used_event = 1: the driver wants a call only once the second request completes
+        struct.pack_into("<H", client.memory, 0x1000 + 4 + 2 * QUEUE_SIZE, 1)
+        assert client.blk(T_IN, 0, in_length=512, timeout=0.5)[0] == S_OK
+        assert not select.select([client.call], [], [], 0.2)[0]     # no call for the first
+        assert client.blk(T_IN, 0, in_length=512)[0] == S_OK
+        # the device asks to be kicked at the next entry: avail_event == avail index
+        assert struct.unpack_from("<H", client.memory, 0x2000 + 4 + 8 * QUEUE_SIZE)[0] == 2
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("case", ["outside_memory", "length_overflows", "status_outside",
+                                  "loop", "too_long", "head_past_queue", "next_past_queue",
+                                  "indirect_loop", "nested_indirect", "indirect_outside",
+                                  "readable_after_writable", "avail_index_jump"])
+def test_hostile_frontend(tmp_path: Path, export, case: str) -> None:
+    """Broken descriptors fail that request (IOERR) or stop the queue, never the server,
+    and never write to the image."""
+    image = image_with_pattern(tmp_path)
+    before = to_raw(image, tmp_path / "before.raw")
+    served = export(image)
+    client = Frontend(served.socket_path)
+    header = struct.pack("<IIQ", T_OUT, 0, 0)
+    client.memory[DATA_ADDR:DATA_ADDR + 16] = header
+    client.memory[DATA_ADDR + 0x100] = 0xFF           # status byte
+    status_addr = DATA_ADDR + 0x100
+    far = MEMORY_SIZE + 0x1000
+    try:
+        client.setup()
+        put = client.put_descriptor
+        request_fails = True
+        if case == "outside_memory":
+            put(0, DATA_ADDR, 16, D_NEXT, 1)
+            put(1, far, 4096, D_NEXT, 2)
+            put(2, status_addr, 1, D_WRITE, 0)
+        elif case == "length_overflows":
+            put(0, DATA_ADDR, 16, D_NEXT, 1)
+            put(1, DATA_ADDR + 0x200, 0xFFFFFE00, D_NEXT, 2)
+            put(2, status_addr, 1, D_WRITE, 0)
+        elif case == "status_outside":
+            put(0, DATA_ADDR, 16, D_NEXT, 1)
+            put(1, DATA_ADDR + 0x200, 512, D_NEXT, 2)
+            put(2, (1 << 64) - 1, 1, D_WRITE, 0)
+        else:
+            request_fails = False
+            if case == "loop":
+                put(0, DATA_ADDR, 16, D_NEXT, 1)
+                put(1, DATA_ADDR + 0x200, 512, D_NEXT, 0)
+            elif case == "too_long":
+                for i in range(QUEUE_SIZE):
+                    put(i, DATA_ADDR + 0x200, 512, D_NEXT, (i + 1) % QUEUE_SIZE)
+            elif case == "head_past_queue":
+                client.publish(QUEUE_SIZE + 3)
+            elif case == "next_past_queue":
+                put(0, DATA_ADDR, 16, D_NEXT, 1000)
+            elif case in ("indirect_loop", "nested_indirect", "indirect_outside"):
+                table = DATA_ADDR + 0x4000
+                put(0, table if case != "indirect_outside" else far, 48, D_INDIRECT, 0)
+                put(0, DATA_ADDR, 16, D_NEXT, 1, table=table)
+                if case == "indirect_loop":
+                    put(1, DATA_ADDR + 0x200, 512, D_NEXT, 0, table=table)
+                else:
+                    put(1, table, 32, D_INDIRECT, 0, table=table)
+            elif case == "readable_after_writable":
+                put(0, DATA_ADDR, 16, D_NEXT, 1)
+                put(1, status_addr, 1, D_WRITE | D_NEXT, 2)
+                put(2, DATA_ADDR + 0x200, 512, 0, 0)
+            elif case == "avail_index_jump":
+                client.avail_idx = 1000
+        if case != "head_past_queue":
+            client.publish(0)
+        used = client.wait_used(1, timeout=0.5 if not request_fails else 5)
+        if request_fails:
+            # the request completes with an I/O error (or, without a status byte, length 0)
+            assert used == [(0, 0 if case == "status_outside" else 1)]
+            if case != "status_outside":
+                assert client.memory[status_addr] == S_IOERR
+        else:
+            # the queue stopped: no completion, the error eventfd was signalled
+            assert used == []
+            assert client.memory[status_addr] == 0xFF
+            assert select.select([client.err], [], [], 2)[0]
+        # the connection still answers, and the queue can be stopped and restarted
+        client.stop_queue()
+        client.start_queue(base=client.avail_idx)
+        client.used_seen = client.used_idx()
+        struct.pack_into("<H", client.memory, 0x1000 + 2, client.avail_idx)
+        assert client.blk(T_IN, 0, in_length=512)[:2] == (S_OK, b"\x11" * 512)
+    finally:
+        client.close()
+    # a fresh front-end is served by the same server
+    again = Frontend(served.socket_path)
+    try:
+        again.setup()
+        assert again.blk(T_IN, 2048, in_length=512)[:2] == (S_OK, b"\x22" * 512)
+    finally:
+        again.close()
+    served.close()
+    assert to_raw(image, tmp_path / "after.raw") == before
+    assert_clean(image)
+
+
+@pytest.mark.parametrize("message", ["bad_version", "huge_size", "unknown_request",
+                                     "mem_table_without_fd", "vring_index", "short_payload"])
+def test_malformed_messages(tmp_path: Path, export, message: str) -> None:
+    """Broken framing drops the connection; a bad request is refused; the server goes on."""
+    served = export(image_with_pattern(tmp_path))
+    client = Frontend(served.socket_path)
+    try:
+        client.negotiate()
+        if message == "bad_version":
+            client.send(1, flags=2)
+            with pytest.raises(ConnectionError):
+                client.receive()
+        elif message == "huge_size":
+            client.sock.sendall(struct.pack("<III", 5, 1, 1 << 30))
+            with pytest.raises(ConnectionError):
+                client.receive()
+        elif message == "unknown_request":
+            assert client.acked(99) != 0
+        elif message == "mem_table_without_fd":
+            table = struct.pack("<II", 1, 0) + struct.pack("<QQQQ", 0, MEMORY_SIZE, 0, 0)
+            assert client.acked(5, table) != 0
+        elif message == "vring_index":
+            assert client.acked(8, struct.pack("<II", 200, 16)) != 0
+        elif message == "short_payload":
+            assert client.acked(9, b"\0" * 8) != 0
+        if message not in ("bad_version", "huge_size"):
+            assert client.call_u64(GET_QUEUE_NUM) == 1
+    finally:
+        client.close()
+    again = Frontend(served.socket_path)
+    try:
+        again.setup()
+        assert again.blk(T_IN, 0, in_length=512)[:2] == (S_OK, b"\x11" * 512)
+    finally:
+        again.close()
