@@ -3,6 +3,8 @@ Linux guest under QEMU, both against qcow2 images checked with qemu-img afterwar
 from __future__ import annotations
 
 import hashlib
+import random
+import re
 import select
 import struct
 import time
@@ -12,6 +14,7 @@ import pytest
 
 import qcow2lib
 from qcow2lib.exports.vhost_user_blk import VhostUserBlkServer
+from guest import Guest, boot_guest
 from qemutools import assert_clean, qemu_create, qemu_img, qemu_io, to_raw
 from vhost_user_client import (DATA_ADDR, D_INDIRECT, D_NEXT, D_WRITE, F_EVENT_IDX, F_INDIRECT,
                                F_VERSION_1, GET_CONFIG, GET_QUEUE_NUM, MEMORY_SIZE, QUEUE_SIZE,
@@ -353,3 +356,165 @@ def test_malformed_messages(tmp_path: Path, export, message: str) -> None:
         assert again.blk(T_IN, 0, in_length=512)[:2] == (S_OK, b"\x11" * 512)
     finally:
         again.close()
+
+
+# -- a real Linux guest under QEMU --
+
+DISK_MIB = 16
+PATTERN_TEXT = b"qcow2lib vhost-user-blk known pattern\n"
+MD5_LINE = re.compile(r"^MD5 (\d+) ([0-9a-f]{32})", re.M)
+
+
+def vhost_disk_args(socket_path: str, num_queues: int = 1) -> list[str]:
+    return ["-chardev", f"socket,id=vub,path={socket_path},reconnect=1",
+            "-device", f"vhost-user-blk-pci,chardev=vub,num-queues={num_queues}"]
+
+
+def known_pattern(length: int) -> bytes:
+    return (PATTERN_TEXT * (length // len(PATTERN_TEXT) + 1))[:length]
+
+
+def checksum_script() -> str:
+    return (f"for r in $(seq 0 {DISK_MIB - 1}); do echo \"MD5 $r $(dd if=/dev/vda bs=1M skip=$r "
+            f"count=1 iflag=direct 2>/dev/null | md5sum)\"; done\n")
+
+
+def workload_script(seed: int, cpus: int = 1) -> str:
+    """Known pattern written and read back, sequential O_DIRECT writes, concurrent random
+    4 KiB writes (spread over the CPUs), a discard, sync, then a checksum per MiB."""
+    rng = random.Random(seed)
+    writers = []
+    for i in range(24):
+        block = rng.randrange(DISK_MIB * 256)
+        pin = f"taskset -c {i % cpus} " if cpus > 1 else ""
+        writers.append(f"{pin}dd if=/dev/urandom of=/dev/vda bs=4096 seek={block} count=1 "
+                       f"oflag=direct 2>/dev/null &")
+    text = PATTERN_TEXT.decode().rstrip("\n")
+    return "\n".join([
+        'echo "SIZE $(cat /sys/block/vda/size) SERIAL $(cat /sys/block/vda/serial)"',
+        f'yes "{text}" | head -c 1048576 | dd of=/dev/vda bs=65536 seek=16 iflag=fullblock '
+        f'conv=fsync 2>/dev/null',
+        'echo "PATTERN $(dd if=/dev/vda bs=65536 skip=16 count=16 iflag=direct 2>/dev/null '
+        '| md5sum)"',
+        "dd if=/dev/urandom of=/dev/vda bs=1M seek=8 count=3 oflag=direct 2>/dev/null",
+        *writers,
+        "wait",
+        "blkdiscard -o 3145728 -l 1048576 /dev/vda && echo DISCARDED",
+        "sync",
+        checksum_script()])
+
+
+def guest_checksums(output: str) -> dict[int, str]:
+    found = {int(region): digest for region, digest in MD5_LINE.findall(output)}
+    assert sorted(found) == list(range(DISK_MIB)), output[-3000:]
+    return found
+
+
+def assert_image_matches(image: Path, checksums: dict[int, str], tmp_path: Path) -> None:
+    """What the guest read is what qemu-img and qcow2lib read from the image now."""
+    raw = to_raw(image, tmp_path / "final.raw")
+    with qcow2lib.open(str(image)) as device:
+        for region, digest in checksums.items():
+            expected = hashlib.md5(raw[region * MIB:(region + 1) * MIB]).hexdigest()
+            ours = hashlib.md5(device.read(region * MIB, MIB)).hexdigest()
+            assert digest == expected == ours, f"region {region} MiB"
+    assert_clean(image)
+
+
+def backed_image(tmp_path: Path) -> tuple[Path, Path]:
+    base = tmp_path / "base.qcow2"
+    qemu_create(base, f"{DISK_MIB}M")
+    qemu_io(base, "write -P 0x5a 4M 4M", "write -P 0x3c 12M 2M", fmt="qcow2")
+    overlay = tmp_path / "overlay.qcow2"
+    qemu_create(overlay, f"{DISK_MIB}M", backing=str(base), backing_fmt="qcow2")
+    return base, overlay
+
+
+def test_guest_on_qcow2_with_backing_file(tmp_path: Path, export) -> None:
+    base, overlay = backed_image(tmp_path)
+    base_digest = file_digest(base)
+    served = export(overlay)
+    output = boot_guest(vhost_disk_args(served.socket_path), workload_script(1), 90,
+                        workdir=tmp_path)
+    assert f"SIZE {DISK_MIB * 2048} SERIAL qimg-test-disk" in output
+    pattern_md5 = hashlib.md5(known_pattern(MIB)).hexdigest()
+    assert f"PATTERN {pattern_md5}" in output and "DISCARDED" in output
+    checksums = guest_checksums(output)
+    assert checksums[1] == pattern_md5
+    served.close()
+    assert_image_matches(overlay, checksums, tmp_path)
+    assert file_digest(base) == base_digest
+
+
+def test_guest_sees_read_only_disk(tmp_path: Path, export) -> None:
+    _, overlay = backed_image(tmp_path)
+    before = file_digest(overlay)
+    served = export(overlay, read_only=True)
+    script = "\n".join([
+        'echo "RO $(blockdev --getro /dev/vda)"',
+        "echo data | dd of=/dev/vda bs=512 conv=sync,fsync 2>/dev/null",
+        'echo "WRITE-RC $?"',
+        checksum_script()])
+    output = boot_guest(vhost_disk_args(served.socket_path), script, 90, workdir=tmp_path)
+    assert "RO 1" in output
+    assert re.search(r"^WRITE-RC [1-9]", output, re.M), output[-2000:]
+    checksums = guest_checksums(output)
+    assert checksums[4] == hashlib.md5(b"\x5a" * MIB).hexdigest()
+    assert checksums[0] == hashlib.md5(bytes(MIB)).hexdigest()
+    served.close()
+    assert file_digest(overlay) == before
+    assert_image_matches(overlay, checksums, tmp_path)
+
+
+def test_guest_two_queues_and_reboot(tmp_path: Path, export) -> None:
+    """Two vCPUs drive two queues; the guest reboots (the rings are stopped and set up
+    again on the same connection) and the second boot reads what the first wrote."""
+    image = tmp_path / "disk.qcow2"
+    qemu_create(image, f"{DISK_MIB}M")
+    served = export(image, num_queues=2)
+    script = "\n".join([
+        'marker=$(dd if=/dev/vda bs=512 skip=100 count=1 iflag=direct 2>/dev/null | head -c 6)',
+        'if [ "$marker" = BOOTED ]; then',
+        "echo SECOND-BOOT",
+        checksum_script(),
+        "else",
+        "echo FIRST-BOOT",
+        'echo "QUEUES $(ls /sys/block/vda/mq | wc -l)"',
+        workload_script(2, cpus=2),
+        "printf BOOTED | dd of=/dev/vda bs=512 seek=100 conv=sync,fsync 2>/dev/null",
+        "sync",
+        "reboot -f",
+        "fi"])
+    output = boot_guest(vhost_disk_args(served.socket_path, 2), script, 150, workdir=tmp_path,
+                        smp=2, allow_reboot=True)
+    first, second = output.split("SECOND-BOOT")
+    assert "FIRST-BOOT" in first and "QUEUES 2" in first
+    before_reboot = guest_checksums(first)
+    after_reboot = guest_checksums(second)
+    assert {r: d for r, d in before_reboot.items() if r} == {
+        r: d for r, d in after_reboot.items() if r}
+    served.close()
+    assert served.server.connections == 1
+    assert all(served.server.completed_per_queue), served.server.completed_per_queue
+    assert_image_matches(image, after_reboot, tmp_path)
+
+
+def test_guest_reconnects_after_qemu_is_killed(tmp_path: Path, export) -> None:
+    """QEMU killed mid-run: the server drops that front-end, keeps listening, and a new
+    QEMU on the same socket reads what the first one's guest had synced."""
+    image = tmp_path / "disk.qcow2"
+    qemu_create(image, f"{DISK_MIB}M")
+    served = export(image)
+    doomed = Guest(vhost_disk_args(served.socket_path),
+                   workload_script(3) + "echo READY-TO-DIE\nsleep 600\n", tmp_path, name="first")
+    try:
+        first_output = doomed.wait_for("READY-TO-DIE", 90)
+    finally:
+        doomed.kill()
+    written = guest_checksums(first_output)
+    output = boot_guest(vhost_disk_args(served.socket_path), checksum_script(), 90,
+                        workdir=tmp_path)
+    assert guest_checksums(output) == written
+    served.close()
+    assert served.server.connections == 2
+    assert_image_matches(image, written, tmp_path)
