@@ -3,10 +3,14 @@ Linux guest under QEMU, both against qcow2 images checked with qemu-img afterwar
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import re
 import select
+import signal
 import struct
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +22,7 @@ from guest import Guest, boot_guest
 from qemutools import assert_clean, qemu_create, qemu_img, qemu_io, to_raw
 from vhost_user_client import (DATA_ADDR, D_INDIRECT, D_NEXT, D_WRITE, F_EVENT_IDX, F_INDIRECT,
                                F_VERSION_1, GET_CONFIG, GET_QUEUE_NUM, MEMORY_SIZE, QUEUE_SIZE,
-                               SET_CONFIG, U64, Frontend)
+                               SET_CONFIG, SET_MEM_TABLE, U64, USER_BASE, Frontend)
 
 MIB = 1 << 20
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
@@ -230,7 +234,8 @@ def test_event_idx_suppresses_kicks_and_calls(tmp_path: Path, export) -> None:
         client.close()
 
 
-@pytest.mark.parametrize("case", ["outside_memory", "length_overflows", "status_outside",
+@pytest.mark.parametrize("case", ["outside_memory", "length_overflows", "address_wraps",
+                                  "status_outside",
                                   "loop", "too_long", "head_past_queue", "next_past_queue",
                                   "indirect_loop", "nested_indirect", "indirect_outside",
                                   "readable_after_writable", "avail_index_jump"])
@@ -257,6 +262,10 @@ def test_hostile_frontend(tmp_path: Path, export, case: str) -> None:
         elif case == "length_overflows":
             put(0, DATA_ADDR, 16, D_NEXT, 1)
             put(1, DATA_ADDR + 0x200, 0xFFFFFE00, D_NEXT, 2)
+            put(2, status_addr, 1, D_WRITE, 0)
+        elif case == "address_wraps":
+            put(0, DATA_ADDR, 16, D_NEXT, 1)
+            put(1, (1 << 64) - 256, 512, D_NEXT, 2)
             put(2, status_addr, 1, D_WRITE, 0)
         elif case == "status_outside":
             put(0, DATA_ADDR, 16, D_NEXT, 1)
@@ -356,6 +365,104 @@ def test_malformed_messages(tmp_path: Path, export, message: str) -> None:
         assert again.blk(T_IN, 0, in_length=512)[:2] == (S_OK, b"\x11" * 512)
     finally:
         again.close()
+
+
+def memfd_mappings(name: str) -> int:
+    with open("/proc/self/maps") as maps:
+        return sum(f"/memfd:{name} " in line for line in maps)
+
+
+def test_memory_table_replaced_and_everything_released(tmp_path: Path, export) -> None:
+    """A new memory table while the ring runs: the ring moves to it, the old mapping is
+    unmapped; after the front-end leaves no mapping or file descriptor remains."""
+    served = export(image_with_pattern(tmp_path))
+    fds_before = len(os.listdir("/proc/self/fd"))
+    client = Frontend(served.socket_path)
+    try:
+        client.setup()
+        assert client.blk(T_IN, 0, in_length=512)[:2] == (S_OK, b"\x11" * 512)
+        assert memfd_mappings("guest-ram") == 2      # the test's own mapping and the server's
+        # the same memory described as two regions (the second half at its fd offset)
+        half = MEMORY_SIZE // 2
+        table = struct.pack("<II", 2, 0) + struct.pack("<QQQQ", 0, half, USER_BASE, 0) + \
+            struct.pack("<QQQQ", half, half, USER_BASE + half, half)
+        assert client.acked(SET_MEM_TABLE, table, [client.memfd, client.memfd]) == 0
+        assert memfd_mappings("guest-ram") == 3      # the old one went, two new ones
+        status, data, _ = client.blk(T_IN, 2048, in_length=512)
+        assert (status, data) == (S_OK, b"\x22" * 512)
+        # a buffer in the second region is reached through it
+        client.blk_chain(T_IN, 0, in_length=512, data_addr=half + 0x1000)
+        client.publish(0)
+        assert client.wait_used(1) == [(0, 513)]
+        assert client.blk_result(T_IN, b"", 512, half + 0x1000) == (S_OK, b"\x11" * 512)
+    finally:
+        client.close()
+    deadline = time.monotonic() + 5
+    while (memfd_mappings("guest-ram") or len(os.listdir("/proc/self/fd")) != fds_before) \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert memfd_mappings("guest-ram") == 0
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+def test_shutdown_with_a_frontend_connected(tmp_path: Path) -> None:
+    image = image_with_pattern(tmp_path)
+    socket_path = tmp_path / "s.sock"
+    with qcow2lib.open(str(image), "r+") as device:
+        server = VhostUserBlkServer(device, str(socket_path))
+        server.start()
+        client = Frontend(str(socket_path))
+        try:
+            client.setup()
+            assert client.blk(T_OUT, 0, out=b"\x77" * 4096)[0] == S_OK
+            started = time.monotonic()
+            server.shutdown()
+            assert time.monotonic() - started < 5 and server.wait(0)
+            with pytest.raises((ConnectionError, OSError)):
+                client.call_u64(GET_QUEUE_NUM)
+        finally:
+            client.close()
+        assert not socket_path.exists()
+    assert qcow2lib.open(str(image)).read(0, 4096) == b"\x77" * 4096
+    assert_clean(image)
+
+
+def test_serve_stops_cleanly_on_sigint(tmp_path: Path) -> None:
+    image = image_with_pattern(tmp_path)
+    socket_path = tmp_path / "s.sock"
+    program = (
+        "import logging, sys, qcow2lib\n"
+        "from qcow2lib.exports.vhost_user_blk import serve\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "with qcow2lib.open(sys.argv[1], 'r+') as device:\n"
+        "    serve(device, sys.argv[2])\n"
+        "print('clean exit')\n")
+    root = Path(__file__).resolve().parent.parent
+    process = subprocess.Popen([sys.executable, "-c", program, str(image), str(socket_path)],
+                               cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not socket_path.exists():
+            assert time.monotonic() < deadline and process.poll() is None
+            time.sleep(0.05)
+        client = Frontend(str(socket_path))
+        try:
+            client.setup()
+            assert client.blk(T_OUT, 8, out=b"\x66" * 512)[0] == S_OK
+            process.send_signal(signal.SIGINT)
+            out, err = process.communicate(timeout=20)
+        finally:
+            client.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0 and out == "clean exit\n", err
+    assert err.count("front-end 1 connected") == 1
+    assert not socket_path.exists()
+    assert qcow2lib.open(str(image)).read(4096, 512) == b"\x66" * 512
+    assert_clean(image)
 
 
 # -- a real Linux guest under QEMU --

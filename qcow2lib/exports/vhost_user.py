@@ -305,6 +305,8 @@ class VhostUserConnection:
             self.log.warning("vhost-user front-end dropped: %s", exc)
         except OSError as exc:
             self.log.warning("vhost-user connection failed: %s", exc)
+        except Exception:       # whatever a front-end sends, the server must go on
+            self.log.exception("vhost-user front-end dropped after an unexpected error")
         finally:
             self.reset()
 
@@ -341,6 +343,8 @@ class VhostUserConnection:
         fd_list = list(fds)
         try:
             if not data:
+                for fd in fd_list:
+                    os.close(fd)
                 return None
             if flags & socket.MSG_CTRUNC:
                 raise ProtocolError(f"more than {MAX_FDS} file descriptors in one message")

@@ -309,7 +309,13 @@ class VhostUserBlkServer:
                     break
                 if self._listener not in ready:
                     continue
-                sock, _ = self._listener.accept()
+                try:
+                    sock, _ = self._listener.accept()
+                except OSError as exc:      # out of fds, or the peer gave up: try again
+                    self.log.warning("vhost-user-blk: accept on %s failed: %s",
+                                     self.socket_path, exc)
+                    self._stop.wait(0.1)
+                    continue
                 with self._lock:
                     if self._stop.is_set():
                         sock.close()
