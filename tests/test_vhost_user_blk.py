@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import qcow2lib
+from qcow2lib.exports import vhost_user_blk
 from qcow2lib.exports.vhost_user_blk import VhostUserBlkServer
 from guest import Guest, boot_guest
 from qemutools import assert_clean, qemu_create, qemu_img, qemu_io, to_raw
@@ -173,6 +174,60 @@ def test_read_only_export_refuses_writes(tmp_path: Path, export) -> None:
         client.close()
     served.close()
     assert file_digest(image) == before
+
+
+def test_scattered_buffers_in_several_batches(tmp_path: Path, export, monkeypatch) -> None:
+    """A request of uneven buffers, moved through small batches, lands byte for byte."""
+    monkeypatch.setattr(vhost_user_blk, "IO_CHUNK", 4096)
+    image = image_with_pattern(tmp_path)
+    served = export(image)
+    client = Frontend(served.socket_path)
+    lengths = [1536, 2560, 4608, 512]                     # 9216 bytes, 18 sectors
+    payload = bytes(random.Random(5).randrange(256) for _ in range(sum(lengths)))
+    header, status = DATA_ADDR, DATA_ADDR + 0x100
+    try:
+        client.setup()
+        for kind, data_addr in ((T_OUT, DATA_ADDR + 0x1000), (T_IN, DATA_ADDR + 0x8000)):
+            client.memory[header:header + 16] = struct.pack("<IIQ", kind, 0, 40)
+            client.put_descriptor(0, header, 16, D_NEXT, 1)
+            addr, done = data_addr, 0
+            for i, length in enumerate(lengths):
+                if kind == T_OUT:
+                    client.memory[addr:addr + length] = payload[done:done + length]
+                client.put_descriptor(i + 1, addr, length,
+                                      D_NEXT | (D_WRITE if kind == T_IN else 0), i + 2)
+                addr += length + 512                      # gaps between the buffers
+                done += length
+            client.put_descriptor(len(lengths) + 1, status, 1, D_WRITE, 0)
+            client.publish(0)
+            assert client.wait_used(1) == [(0, 1 + (sum(lengths) if kind == T_IN else 0))]
+            assert client.memory[status] == S_OK
+        addr, read_back = DATA_ADDR + 0x8000, b""
+        for length in lengths:
+            read_back += client.memory[addr:addr + length]
+            addr += length + 512
+        assert read_back == payload
+    finally:
+        client.close()
+    served.close()
+    assert to_raw(image, tmp_path / "out.raw")[40 * 512:40 * 512 + len(payload)] == payload
+
+
+def test_bad_server_arguments_are_named(tmp_path: Path) -> None:
+    image = image_with_pattern(tmp_path)
+    (tmp_path / "plain-file").write_text("not a socket")
+    with qcow2lib.open(str(image)) as device:
+        with pytest.raises(qcow2lib.InvalidArgumentError, match="num_queues 0"):
+            VhostUserBlkServer(device, str(tmp_path / "s"), num_queues=0)
+        with pytest.raises(qcow2lib.InvalidArgumentError, match="workers 0"):
+            VhostUserBlkServer(device, str(tmp_path / "s"), workers=0)
+        for path in (tmp_path / "plain-file", tmp_path / ("x" * 120),
+                     tmp_path / "missing" / "s"):
+            server = VhostUserBlkServer(device, str(path))
+            with pytest.raises(qcow2lib.InvalidArgumentError, match="cannot listen on socket"):
+                server.start()
+            server.shutdown()
+        assert (tmp_path / "plain-file").read_text() == "not a socket"
 
 
 class GatedDevice:

@@ -167,11 +167,14 @@ class VirtioBlk:
             return S_IOERR, 0
         for segment in into:
             memory.check(segment.guest_addr, segment.length)
-        for addr, length in _chunks(into):
-            buffer = bytearray(length)
+        for batch in _batches(into):
+            buffer = memoryview(bytearray(sum(length for _, length in batch)))
             self.device.readinto(offset, buffer)
-            memory.write(addr, buffer)
-            offset += length
+            done = 0
+            for addr, length in batch:
+                memory.write(addr, buffer[done:done + length])
+                done += length
+            offset += done
         return S_OK, total
 
     def _write(self, sector: int, memory: GuestMemory, out: list[Segment]) -> int:
@@ -181,9 +184,10 @@ class VirtioBlk:
             return S_IOERR
         for segment in out:
             memory.check(segment.guest_addr, segment.length)
-        for addr, length in _chunks(out):
-            self.device.write(offset, memory.read(addr, length))
-            offset += length
+        for batch in _batches(out):
+            data = b"".join(memory.read(addr, length) for addr, length in batch)
+            self.device.write(offset, data)
+            offset += len(data)
         return S_OK
 
     def _ranges(self, kind: int, memory: GuestMemory, out: list[Segment]) -> int:
@@ -243,11 +247,23 @@ def _scatter(memory: GuestMemory, segments: list[Segment], data: bytes) -> None:
         done += n
 
 
-def _chunks(segments: list[Segment]):
-    """(guest_addr, length) pieces of at most IO_CHUNK bytes, in order."""
+def _batches(segments: list[Segment]):
+    """Lists of (guest_addr, length) pieces of at most IO_CHUNK bytes in all, in order: a
+    request of many small buffers becomes few device calls, a huge one no huge buffer."""
+    batch: list[tuple[int, int]] = []
+    size = 0
     for segment in segments:
-        for start in range(0, segment.length, IO_CHUNK):
-            yield segment.guest_addr + start, min(IO_CHUNK, segment.length - start)
+        start = 0
+        while start < segment.length:
+            n = min(segment.length - start, IO_CHUNK - size)
+            batch.append((segment.guest_addr + start, n))
+            size += n
+            start += n
+            if size == IO_CHUNK:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
 
 
 class VhostUserBlkServer:
@@ -278,7 +294,7 @@ class VhostUserBlkServer:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._stopped = threading.Event()
-        self._wake_read, self._wake_write = os.pipe()
+        self._wake_read = self._wake_write = -1
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -294,8 +310,9 @@ class VhostUserBlkServer:
         except OSError as exc:
             listener.close()
             raise InvalidArgumentError(f"cannot listen on socket '{self.socket_path}': "
-                                       f"{exc.strerror}") from None
+                                       f"{exc.strerror or exc}") from None
         self._listener = listener
+        self._wake_read, self._wake_write = os.pipe2(os.O_CLOEXEC)
         self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="vhost-user-blk")
         self._thread = threading.Thread(target=self._accept_loop, name="vhost-user-blk server",
                                         daemon=True)
@@ -348,7 +365,8 @@ class VhostUserBlkServer:
             if self._stop.is_set():
                 return
             self._stop.set()
-        os.write(self._wake_write, b"s")
+        if self._wake_write >= 0:
+            os.write(self._wake_write, b"s")
         with self._lock:
             if self._connection is not None:
                 try:
@@ -368,8 +386,9 @@ class VhostUserBlkServer:
                 os.unlink(self.socket_path)
             except FileNotFoundError:
                 pass
-        os.close(self._wake_read)
-        os.close(self._wake_write)
+        if self._wake_read >= 0:
+            os.close(self._wake_read)
+            os.close(self._wake_write)
         self._stopped.set()
 
     def __enter__(self) -> "VhostUserBlkServer":
