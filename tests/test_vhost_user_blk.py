@@ -20,10 +20,10 @@ import qcow2lib
 from qcow2lib.exports import vhost_user_blk
 from qcow2lib.exports.vhost_user_blk import VhostUserBlkServer
 from guest import Guest, boot_guest
-from qemutools import assert_clean, qemu_create, qemu_img, qemu_io, to_raw
+from qemutools import assert_clean, qemu_create, qemu_io, to_raw
 from vhost_user_client import (DATA_ADDR, D_INDIRECT, D_NEXT, D_WRITE, F_EVENT_IDX, F_INDIRECT,
                                F_VERSION_1, GET_CONFIG, GET_QUEUE_NUM, MEMORY_SIZE, QUEUE_SIZE,
-                               SET_CONFIG, SET_MEM_TABLE, U64, USER_BASE, Frontend)
+                               SET_CONFIG, SET_FEATURES, SET_MEM_TABLE, U64, USER_BASE, Frontend)
 
 MIB = 1 << 20
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
@@ -103,7 +103,7 @@ def test_negotiation_config_and_queue_count(tmp_path: Path, export) -> None:
         # the configuration space is read-only: SET_CONFIG is refused through REPLY_ACK
         assert client.acked(SET_CONFIG, struct.pack("<III", 32, 1, 0) + b"\1") != 0
         # features never offered are refused
-        assert client.acked(2, U64.pack(1 << 60)) != 0
+        assert client.acked(SET_FEATURES, U64.pack(1 << 60)) != 0
     finally:
         client.close()
 
@@ -274,8 +274,7 @@ def test_event_idx_suppresses_kicks_and_calls(tmp_path: Path, export) -> None:
     served = export(image_with_pattern(tmp_path))
     client = Frontend(served.socket_path)
     try:
-        offered = client.negotiate(features=None)
-        client.send(2, U64.pack(offered & ~(1 << 30) | 1 << 30))   # all, EVENT_IDX included
+        client.negotiate(event_idx=True)
         client.set_memory()
         client.start_queue()
         # used_event = 1: the driver wants a call only once the second request completes

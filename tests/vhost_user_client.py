@@ -19,14 +19,13 @@ DESC = struct.Struct("<QIHH")
 USED = struct.Struct("<II")
 BLK_HEADER = struct.Struct("<IIQ")
 
-GET_FEATURES, SET_FEATURES, SET_OWNER, RESET_OWNER, SET_MEM_TABLE = 1, 2, 3, 4, 5
+GET_FEATURES, SET_FEATURES, SET_OWNER, SET_MEM_TABLE = 1, 2, 3, 5
 SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE, GET_VRING_BASE = 8, 9, 10, 11
 SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR = 12, 13, 14
 GET_PROTOCOL_FEATURES, SET_PROTOCOL_FEATURES, GET_QUEUE_NUM, SET_VRING_ENABLE = 15, 16, 17, 18
 GET_CONFIG, SET_CONFIG = 24, 25
 NEED_REPLY = 1 << 3
-F_INDIRECT, F_EVENT_IDX, F_PROTOCOL, F_VERSION_1 = 28, 29, 30, 32
-PROTOCOL_REPLY_ACK, PROTOCOL_CONFIG, PROTOCOL_MQ = 3, 9, 0
+F_INDIRECT, F_EVENT_IDX, F_VERSION_1 = 28, 29, 32
 D_NEXT, D_WRITE, D_INDIRECT = 1, 2, 4
 
 MEMORY_SIZE = 1 << 20
@@ -91,12 +90,13 @@ class Frontend:
         return U64.unpack(self.receive()[2])[0]
 
     # -- setting up one queue the way QEMU does --
-    def negotiate(self, features: int | None = None) -> int:
+    def negotiate(self, event_idx: bool = False) -> int:
+        """Accept every feature offered (EVENT_IDX only when asked); return the offer."""
         offered = self.call_u64(GET_FEATURES)
         self.protocol = self.call_u64(GET_PROTOCOL_FEATURES)
         self.send(SET_PROTOCOL_FEATURES, U64.pack(self.protocol))
         self.send(SET_OWNER)
-        wanted = offered & ~(1 << F_EVENT_IDX) if features is None else features
+        wanted = offered if event_idx else offered & ~(1 << F_EVENT_IDX)
         assert self.acked(SET_FEATURES, U64.pack(wanted)) == 0
         return offered
 
@@ -114,8 +114,8 @@ class Frontend:
         self.send(SET_VRING_KICK, U64.pack(index), [self.kick])
         assert self.acked(SET_VRING_ENABLE, struct.pack("<II", index, 1)) == 0
 
-    def setup(self, features: int | None = None) -> None:
-        self.negotiate(features)
+    def setup(self) -> None:
+        self.negotiate()
         self.set_memory()
         self.start_queue()
 

@@ -209,6 +209,13 @@ class Vring:
 
     # -- serving --
     def _serve(self) -> None:
+        try:
+            self._wait_for_kicks()
+        except Exception:       # a bug here stops this ring, never the process
+            self.broken = True
+            self.log.exception("vhost-user vring %d stopped", self.index)
+
+    def _wait_for_kicks(self) -> None:
         while not self.stopping:
             watched = [self.wake_read] + ([self.kick_fd] if self.kick_fd is not None else [])
             ready, _, _ = select.select(watched, [], [], 0.001 if self.polling else None)
@@ -270,9 +277,8 @@ class Vring:
             self.in_flight -= 1
             if not self.in_flight:
                 self.drained.notify_all()
-            call_fd = self.call_fd
-        if notify:
-            signal_eventfd(call_fd)
+            if notify:                  # under the lock: SET_VRING_CALL may replace the fd
+                signal_eventfd(self.call_fd)
 
 
 class VhostUserConnection:
