@@ -481,7 +481,8 @@ def test_shutdown_with_a_frontend_connected(tmp_path: Path) -> None:
     assert_clean(image)
 
 
-def test_serve_stops_cleanly_on_sigint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_serve_stops_cleanly_on_a_signal(tmp_path: Path, signum: int) -> None:
     image = image_with_pattern(tmp_path)
     socket_path = tmp_path / "s.sock"
     program = (
@@ -504,7 +505,7 @@ def test_serve_stops_cleanly_on_sigint(tmp_path: Path) -> None:
         try:
             client.setup()
             assert client.blk(T_OUT, 8, out=b"\x66" * 512)[0] == S_OK
-            process.send_signal(signal.SIGINT)
+            process.send_signal(signum)
             out, err = process.communicate(timeout=20)
         finally:
             client.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import signal
 import socket
 import stat
 import struct
@@ -402,14 +403,21 @@ class VhostUserBlkServer:
 def serve(device: BlockDevice, socket_path: str, *, read_only: bool = False,
           num_queues: int = 1, workers: int | None = None, serial: str | None = None,
           logger: logging.Logger | None = None) -> None:
-    """Serve `device` until KeyboardInterrupt (SIGINT); always shuts down cleanly."""
+    """Serve `device` until SIGINT (KeyboardInterrupt) or, when called from the main
+    thread, SIGTERM; the server always shuts down cleanly (front-end disconnected,
+    requests drained, device flushed, socket removed) before this returns."""
     server = VhostUserBlkServer(device, socket_path, read_only=read_only,
                                 num_queues=num_queues, workers=workers, serial=serial,
                                 logger=logger)
     server.start()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: server.shutdown()) if in_main_thread \
+        else None
     try:
         server.wait()
     except KeyboardInterrupt:
         pass
     finally:
         server.shutdown()
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
