@@ -5,7 +5,7 @@ the Debian kernel in /boot and its virtio modules (decompressed here when the ke
 ships them as .ko.xz or .ko.zst). Nothing binary is kept in the repository.
 
     output = boot_guest(["-drive", f"file=nbd:unix:{sock},if=virtio,format=raw"],
-                        "dd if=/dev/vda bs=1M count=1 | md5sum", workdir=tmp_path)
+                        "dd if=/dev/vda bs=1M count=1 | md5sum", timeout=90)
 
 The guest's /init loads the modules, waits for /dev/vda, runs the script with busybox sh
 and powers off; `output` is everything the serial console printed. QEMU runs under TCG
@@ -20,6 +20,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -200,10 +201,15 @@ class Guest:
         self._reader.join(5)
 
 
-def boot_guest(disk_args: list[str], script: str, timeout: float = 90, *, workdir: Path,
-               smp: int = 1, allow_reboot: bool = False) -> str:
+def boot_guest(disk_args: list[str], script: str, timeout: float = 90, *,
+               workdir: Path | None = None, smp: int = 1, allow_reboot: bool = False) -> str:
     """Boot, run `script` in the guest, wait for power-off; return the console output.
-    Raises AssertionError when QEMU fails or the guest does not finish in time."""
+    The initramfs goes to `workdir` (a temporary directory when None). Raises
+    AssertionError when QEMU fails or the guest does not finish in time."""
+    if workdir is None:
+        with tempfile.TemporaryDirectory(prefix="qimg-guest-") as scratch:
+            return boot_guest(disk_args, script, timeout, workdir=Path(scratch), smp=smp,
+                              allow_reboot=allow_reboot)
     guest = Guest(disk_args, script, workdir, smp=smp, allow_reboot=allow_reboot)
     output = guest.wait(timeout)
     if guest.process.returncode != 0 or DONE_MARKER not in output:
