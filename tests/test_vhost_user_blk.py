@@ -498,10 +498,13 @@ def test_serve_stops_cleanly_on_a_signal(tmp_path: Path, signum: int) -> None:
                                text=True)
     try:
         deadline = time.monotonic() + 20
-        while not socket_path.exists():
-            assert time.monotonic() < deadline and process.poll() is None
-            time.sleep(0.05)
-        client = Frontend(str(socket_path))
+        while True:         # the socket file appears at bind(), accepts after listen()
+            try:
+                client = Frontend(str(socket_path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                assert time.monotonic() < deadline and process.poll() is None
+                time.sleep(0.05)
         try:
             client.setup()
             assert client.blk(T_OUT, 8, out=b"\x66" * 512)[0] == S_OK
