@@ -228,6 +228,13 @@ def test_bad_server_arguments_are_named(tmp_path: Path) -> None:
                 server.start()
             server.shutdown()
         assert (tmp_path / "plain-file").read_text() == "not a socket"
+        server = VhostUserBlkServer(device, str(tmp_path / "s"))
+        server.start()
+        with pytest.raises(qcow2lib.InvalidArgumentError, match="already started"):
+            server.start()
+        server.shutdown()
+        with pytest.raises(qcow2lib.InvalidArgumentError, match="already started"):
+            server.start()
 
 
 class GatedDevice:

@@ -299,9 +299,11 @@ class VhostUserBlkServer:
         self._lock = threading.Lock()
 
     def start(self) -> None:
+        if self._listener is not None or self._stop.is_set():
+            raise InvalidArgumentError(f"the server on '{self.socket_path}' was already started")
         try:
             if stat.S_ISSOCK(os.stat(self.socket_path).st_mode):
-                os.unlink(self.socket_path)         # a stale socket from an earlier server
+                os.unlink(self.socket_path)         # an earlier server's, as QEMU replaces it
         except FileNotFoundError:
             pass
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
