@@ -392,7 +392,9 @@ def test_hostile_frontend(tmp_path: Path, export, case: str) -> None:
 
 
 @pytest.mark.parametrize("message", ["bad_version", "huge_size", "unknown_request",
-                                     "mem_table_without_fd", "vring_index", "short_payload"])
+                                     "mem_table_without_fd", "region_past_fd_end",
+                                     "region_wraps", "vring_index", "short_payload",
+                                     "kick_before_memory"])
 def test_malformed_messages(tmp_path: Path, export, message: str) -> None:
     """Broken framing drops the connection; a bad request is refused; the server goes on."""
     served = export(image_with_pattern(tmp_path))
@@ -412,6 +414,13 @@ def test_malformed_messages(tmp_path: Path, export, message: str) -> None:
         elif message == "mem_table_without_fd":
             table = struct.pack("<II", 1, 0) + struct.pack("<QQQQ", 0, MEMORY_SIZE, 0, 0)
             assert client.acked(5, table) != 0
+        elif message in ("region_past_fd_end", "region_wraps"):
+            size, guest = (2 * MEMORY_SIZE, 0) if message == "region_past_fd_end" else (
+                MEMORY_SIZE, (1 << 64) - 4096)
+            table = struct.pack("<II", 1, 0) + struct.pack("<QQQQ", guest, size, USER_BASE, 0)
+            assert client.acked(SET_MEM_TABLE, table, [client.memfd]) != 0
+        elif message == "kick_before_memory":
+            assert client.acked(12, U64.pack(0), [client.kick]) != 0
         elif message == "vring_index":
             assert client.acked(8, struct.pack("<II", 200, 16)) != 0
         elif message == "short_payload":
