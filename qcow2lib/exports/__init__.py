@@ -1,5 +1,3 @@
-"""Network exports of a `BlockDevice`: the NBD server (and, later, an NBD client and a
-vhost-user-blk backend). The protocol layer knows sockets but never parses argv or prints."""
-from .nbd import NBDExport, NBDServer, serve
-
-__all__ = ["NBDExport", "NBDServer", "serve"]
+"""Exports of a `BlockDevice` to other processes: the NBD server (`exports.nbd`) and the
+vhost-user-blk backend (`exports.vhost_user_blk`). The protocol layer knows sockets but
+never parses argv or prints; import the protocol's module, so a command loads only its own."""

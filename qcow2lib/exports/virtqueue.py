@@ -1,0 +1,287 @@
+"""Guest memory shared by a vhost-user front-end, and split virtqueues laid out in it.
+
+Everything here reads structures a guest wrote, so every index, address and length is
+checked before use: a bad descriptor raises `VirtqueueError` (the ring is unusable and
+must stop) and a data buffer outside guest memory raises `GuestMemoryError` (only that
+request fails). Nothing is ever read or written outside the mapped regions.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import threading
+from typing import NamedTuple
+
+from ..errors import Qcow2Error
+
+MAX_QUEUE_SIZE = 32768          # the largest split virtqueue the virtio spec allows
+
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+DESC_F_INDIRECT = 4
+AVAIL_F_NO_INTERRUPT = 1
+DESCRIPTOR = struct.Struct("<QIHH")     # addr, len, flags, next
+USED_ELEM = struct.Struct("<II")        # id, len
+U16 = struct.Struct("<H")
+
+
+class GuestMemoryError(Qcow2Error):
+    """A guest address range is not inside the memory table the front-end gave us."""
+
+
+class VirtqueueError(Qcow2Error):
+    """The driver broke the ring's rules (bad index, loop, bad indirect table): the
+    queue stops, as a device that needs a reset would."""
+
+
+class MemoryRegion(NamedTuple):
+    guest_phys_addr: int
+    size: int
+    user_addr: int              # where the front-end mapped it (ring addresses use this)
+    mapping: mmap.mmap
+    start: int                  # offset of guest_phys_addr inside `mapping`
+
+
+class GuestMemory:
+    """The regions of one SET_MEM_TABLE, mapped shared. Requests in flight hold a use
+    (`acquire`/`release`) so a replaced table is unmapped only when the last one ends."""
+
+    def __init__(self, regions: list[MemoryRegion]):
+        self.regions = sorted(regions, key=lambda r: r.guest_phys_addr)
+        self._users = 0
+        self._retired = False
+        self._lock = threading.Lock()
+
+    @classmethod
+    def map_regions(cls, descriptions: list[tuple[int, int, int, int]], fds: list[int]
+                    ) -> "GuestMemory":
+        """Map each (guest_phys_addr, size, user_addr, mmap_offset) from its fd."""
+        regions: list[MemoryRegion] = []
+        try:
+            for (guest_addr, size, user_addr, mmap_offset), fd in zip(descriptions, fds):
+                if size == 0 or guest_addr + size > 1 << 64 or user_addr + size > 1 << 64:
+                    raise GuestMemoryError(f"memory region guest_phys_addr {guest_addr:#x} "
+                                           f"size {size:#x} is empty or wraps around")
+                aligned = mmap_offset - mmap_offset % mmap.ALLOCATIONGRANULARITY
+                try:
+                    mapping = mmap.mmap(fd, size + mmap_offset - aligned, mmap.MAP_SHARED,
+                                        mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned)
+                except (OSError, ValueError, OverflowError) as exc:
+                    raise GuestMemoryError(f"cannot map memory region guest_phys_addr "
+                                           f"{guest_addr:#x} size {size:#x} mmap_offset "
+                                           f"{mmap_offset:#x}: {exc}") from None
+                regions.append(MemoryRegion(guest_addr, size, user_addr, mapping,
+                                            mmap_offset - aligned))
+        except BaseException:
+            for region in regions:
+                region.mapping.close()
+            raise
+        return cls(regions)
+
+    def acquire(self) -> bool:
+        with self._lock:
+            if self._retired:
+                return False
+            self._users += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            unmap = self._retired and self._users == 0
+        if unmap:
+            self._unmap()
+
+    def retire(self) -> None:
+        """No new users; unmap now or when the last request in flight releases it."""
+        with self._lock:
+            if self._retired:
+                return
+            self._retired = True
+            unmap = self._users == 0
+        if unmap:
+            self._unmap()
+
+    def _unmap(self) -> None:
+        for region in self.regions:
+            region.mapping.close()
+
+    def _pieces(self, guest_addr: int, length: int):
+        """(mapping, offset, length) pieces covering [guest_addr, +length)."""
+        end = guest_addr + length
+        if guest_addr < 0 or end > 1 << 64:
+            raise GuestMemoryError(f"guest address {guest_addr:#x} length {length:#x} wraps "
+                                   f"around the address space")
+        pos = guest_addr
+        while pos < end:
+            for region in self.regions:
+                if region.guest_phys_addr <= pos < region.guest_phys_addr + region.size:
+                    n = min(end, region.guest_phys_addr + region.size) - pos
+                    yield region.mapping, region.start + pos - region.guest_phys_addr, n
+                    pos += n
+                    break
+            else:
+                raise GuestMemoryError(f"guest address {pos:#x} (buffer {guest_addr:#x} length "
+                                       f"{length:#x}) is outside guest memory")
+
+    def check(self, guest_addr: int, length: int) -> None:
+        for _ in self._pieces(guest_addr, length):
+            pass
+
+    def read(self, guest_addr: int, length: int) -> bytes:
+        return b"".join(mapping[offset:offset + n]
+                        for mapping, offset, n in self._pieces(guest_addr, length))
+
+    def write(self, guest_addr: int, data) -> None:
+        view = memoryview(data).cast("B")
+        done = 0
+        for mapping, offset, n in self._pieces(guest_addr, len(view)):
+            mapping[offset:offset + n] = view[done:done + n]
+            done += n
+
+    def locate(self, guest_addr: int, length: int) -> tuple[mmap.mmap, int]:
+        """The one mapping holding all of a ring structure, and its offset there."""
+        pieces = list(self._pieces(guest_addr, length))
+        if len(pieces) != 1:
+            raise GuestMemoryError(f"guest range {guest_addr:#x} length {length:#x} spans "
+                                   f"several memory regions")
+        return pieces[0][0], pieces[0][1]
+
+    def user_to_guest(self, user_addr: int) -> int:
+        """Translate a front-end virtual address (vring addresses) to a guest address."""
+        for region in self.regions:
+            if region.user_addr <= user_addr < region.user_addr + region.size:
+                return region.guest_phys_addr + user_addr - region.user_addr
+        raise GuestMemoryError(f"front-end address {user_addr:#x} is not in any memory region")
+
+
+class Segment(NamedTuple):
+    guest_addr: int
+    length: int
+    writable: bool
+
+
+class DescriptorChain(NamedTuple):
+    head: int
+    readable: list[Segment]
+    writable: list[Segment]
+
+
+def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """The EVENT_IDX rule: notify when event_idx lies in (old_idx, new_idx]."""
+    return (new_idx - event_idx - 1) & 0xFFFF < (new_idx - old_idx) & 0xFFFF
+
+
+class SplitVirtqueue:
+    """One split virtqueue: the device side of the descriptor table, available ring and
+    used ring. Not thread-safe: the owner serialises pop and push."""
+
+    def __init__(self, memory: GuestMemory, size: int, desc_addr: int, avail_addr: int,
+                 used_addr: int, last_avail_idx: int, event_idx: bool, indirect: bool):
+        if size < 1 or size > MAX_QUEUE_SIZE or size & (size - 1):
+            raise VirtqueueError(f"queue size {size} is not a power of two up to "
+                                 f"{MAX_QUEUE_SIZE}")
+        self.memory = memory
+        self.size = size
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.desc_addr = desc_addr
+        self.desc_map, self.desc_offset = memory.locate(desc_addr, 16 * size)
+        self.avail_map, self.avail_offset = memory.locate(avail_addr, 6 + 2 * size)
+        self.used_map, self.used_offset = memory.locate(used_addr, 6 + 8 * size)
+        self.last_avail_idx = last_avail_idx & 0xFFFF
+        self.used_idx = U16.unpack_from(self.used_map, self.used_offset + 2)[0]
+
+    # -- available side --
+    def avail_idx(self) -> int:
+        return U16.unpack_from(self.avail_map, self.avail_offset + 2)[0]
+
+    def pending(self) -> int:
+        pending = (self.avail_idx() - self.last_avail_idx) & 0xFFFF
+        if pending > self.size:
+            raise VirtqueueError(f"available index moved {pending} entries past the last one "
+                                 f"seen, more than the queue size {self.size}")
+        return pending
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, or None when the ring is empty."""
+        if not self.pending():
+            return None
+        slot = self.avail_offset + 4 + 2 * (self.last_avail_idx % self.size)
+        head = U16.unpack_from(self.avail_map, slot)[0]
+        chain = self._walk(head)
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        return chain
+
+    def publish_avail_event(self) -> None:
+        """With EVENT_IDX, ask for a kick only once the driver passes what we have seen."""
+        if self.event_idx:
+            U16.pack_into(self.used_map, self.used_offset + 4 + 8 * self.size,
+                          self.last_avail_idx)
+
+    def _walk(self, head: int) -> DescriptorChain:
+        if head >= self.size:
+            raise VirtqueueError(f"available ring head {head} is past the queue size {self.size}")
+        readable: list[Segment] = []
+        writable: list[Segment] = []
+        table, base, count = self.desc_map, self.desc_offset, self.size
+        index, seen, in_indirect = head, 0, False
+        while True:
+            addr, length, flags, next_index = DESCRIPTOR.unpack_from(table, base + 16 * index)
+            seen += 1
+            if seen > count:
+                raise VirtqueueError(f"descriptor chain from head {head} is longer than its "
+                                     f"table ({count} entries): a loop")
+            if flags & DESC_F_INDIRECT:
+                if in_indirect or not self.indirect:
+                    raise VirtqueueError(f"descriptor {index} of chain {head} is indirect "
+                                         f"{'inside an indirect table' if in_indirect else 'but INDIRECT_DESC was not negotiated'}")
+                if flags & DESC_F_NEXT:
+                    raise VirtqueueError(f"indirect descriptor {index} of chain {head} also "
+                                         f"has NEXT set")
+                if length == 0 or length % 16 or length // 16 > MAX_QUEUE_SIZE:
+                    raise VirtqueueError(f"indirect table length {length} of chain {head} is "
+                                         f"not a multiple of 16 up to {16 * MAX_QUEUE_SIZE}")
+                try:
+                    table, base = self.memory.locate(addr, length)
+                except GuestMemoryError as exc:
+                    raise VirtqueueError(f"indirect table of chain {head}: {exc}") from None
+                index, seen, count, in_indirect = 0, 0, length // 16, True
+                continue
+            if flags & DESC_F_WRITE:
+                writable.append(Segment(addr, length, True))
+            elif writable:
+                raise VirtqueueError(f"descriptor chain {head} has a device-readable buffer "
+                                     f"after a device-writable one")
+            else:
+                readable.append(Segment(addr, length, False))
+            if not flags & DESC_F_NEXT:
+                return DescriptorChain(head, readable, writable)
+            if next_index >= count:
+                raise VirtqueueError(f"descriptor {index} of chain {head} links to {next_index}, "
+                                     f"past its table of {count} entries")
+            index = next_index
+
+    # -- used side --
+    def push(self, head: int, written: int) -> bool:
+        """Return a chain to the driver; True when the driver asked to be notified."""
+        slot = self.used_offset + 4 + 8 * (self.used_idx % self.size)
+        USED_ELEM.pack_into(self.used_map, slot, head, written)
+        old_idx = self.used_idx
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        U16.pack_into(self.used_map, self.used_offset + 2, self.used_idx)
+        if self.event_idx:
+            used_event = U16.unpack_from(self.avail_map, self.avail_offset + 4 + 2 * self.size)[0]
+            return need_event(used_event, self.used_idx, old_idx)
+        flags = U16.unpack_from(self.avail_map, self.avail_offset)[0]
+        return not flags & AVAIL_F_NO_INTERRUPT
+
+
+def signal_eventfd(fd: int | None) -> None:
+    """Add one to an eventfd (a kick or a call); a closed or full one is not our error."""
+    if fd is not None:
+        try:
+            os.eventfd_write(fd, 1)
+        except OSError:
+            pass
