@@ -29,25 +29,42 @@ class Extent(NamedTuple):
 
 
 class BlockDevice:
-    """Base of every device: range checks, the context manager and the file adapter."""
+    """A guest disk: a fixed number of bytes, addressed by guest offset.
 
-    format = "raw"
-    filename = ""
+    Every method may be called from several threads at once; data I/O of one device runs
+    in parallel, metadata updates are serialized inside. Offsets and lengths are in bytes
+    and need no alignment. A request that reaches past `size` raises InvalidArgumentError,
+    a write to a read-only device ReadOnlyError, a failed host I/O Qcow2IOError (an
+    OSError with its errno), broken metadata CorruptImageError; after close() every
+    request raises Qcow2IOError (EBADF) saying the device is closed.
+    """
+
+    format = "raw"  # the format's name, as qemu-img names it ("raw", "qcow2", "nbd")
+    filename = ""  # the name it was opened by
     read_only = True
-    backing: "BlockDevice | None" = None
-    size = 0
+    backing: "BlockDevice | None" = None  # the next layer of the chain, if any
+    size = 0  # virtual size in bytes
+    _closed = False  # set by close(); every later request is refused
 
     # -- to implement --
     def readinto(self, offset: int, buffer) -> int:
+        """Fill `buffer` (any writable buffer) with the bytes at `offset`; returns its
+        length. Unallocated ranges read as the backing file's bytes or as zeros."""
         raise NotImplementedError
 
     def write(self, offset: int, data) -> None:
+        """Write `data` (bytes or any buffer) at `offset`. Acknowledged, not yet durable:
+        call flush() for that."""
         raise NotImplementedError
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        """Make the range read as zeros, cheaply where the format can (zero flags, holes);
+        may_unmap lets it release the host space too."""
         raise NotImplementedError
 
     def discard(self, offset: int, length: int) -> None:
+        """Tell the device the range is no longer needed; what it reads afterwards is
+        unspecified (zeros or the backing file's bytes)."""
         raise NotImplementedError
 
     def can_zero_fast(self, offset: int, length: int, may_unmap: bool = False) -> bool:
@@ -56,21 +73,33 @@ class BlockDevice:
         return False
 
     def flush(self) -> None:
+        """Make every acknowledged write durable (metadata written back in crash-safe
+        order, then fdatasync). A failed flush keeps failing: nothing is claimed durable
+        that may not be."""
         raise NotImplementedError
 
     def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
+        """The range (default: to the end) as runs of one allocation state each, in
+        order and merged, with qemu-img map's fields."""
         raise NotImplementedError
 
     def close(self) -> None:
+        """Flush (when writable), release the image's locks and close its files; a
+        second close() does nothing."""
         raise NotImplementedError
 
     # -- shared --
     def read(self, offset: int, length: int) -> bytes:
+        """`length` bytes from `offset`, as new bytes (readinto() fills your own buffer)."""
         buf = bytearray(length)
         self.readinto(offset, buf)
         return bytes(buf)
 
     def check_request(self, offset: int, length: int, write: bool = False) -> None:
+        """Refuse a request to a closed device, outside the device, or a write to a
+        read-only one."""
+        if self._closed:
+            raise Qcow2IOError(errno.EBADF, f"'{self.filename}' is closed", self.filename)
         if write and self.read_only:
             raise ReadOnlyError(f"'{self.filename}' is opened read-only")
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -79,6 +108,7 @@ class BlockDevice:
                 f"(size {self.size})")
 
     def as_file(self) -> "BlockFile":
+        """A seekable io.RawIOBase over the device, for code that wants a stream."""
         return BlockFile(self)
 
     def __enter__(self):
@@ -171,7 +201,7 @@ class RawDevice(BlockDevice):
         return may_unmap and not self.read_only
 
     def flush(self) -> None:
-        if not self.read_only:
+        if not self.read_only and not self._closed:
             self.file.flush()
 
     def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
@@ -207,6 +237,7 @@ class RawDevice(BlockDevice):
         self.size = size
 
     def close(self) -> None:
+        self._closed = True
         self.file.close()
 
 

@@ -16,12 +16,27 @@ from .errors import InvalidArgumentError, Qcow2IOError
 from .header import Header
 from .hostfile import create_host_file
 from .refcount import RefcountBlock
+from .sizes import SizeError, parse_size
 
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
 COMPAT_LEVELS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 
 
-def create(path: str, size: int | None, *, fmt: str = "qcow2", cluster_size: int = 65536,
+def _size_argument(size: int | str | None) -> int | None:
+    """The virtual size in bytes from an int or a qemu-img size string."""
+    if size is None or (isinstance(size, int) and not isinstance(size, bool)):
+        return size
+    if isinstance(size, str):
+        try:
+            return parse_size(size)
+        except SizeError:
+            raise InvalidArgumentError(f"invalid image size {size!r}: a number of bytes, "
+                                       f"or with a suffix k, M, G, T, P or E") from None
+    raise InvalidArgumentError(f"image size must be an int or a string, not "
+                               f"{type(size).__name__} ({size!r})")
+
+
+def create(path: str, size: int | str | None, *, fmt: str = "qcow2", cluster_size: int = 65536,
            compat: str = "1.1", backing_file: str | None = None, backing_fmt: str | None = None,
            refcount_bits: int = 16, lazy_refcounts: bool = False, extended_l2: bool = False,
            preallocation: str = "off", data_file: str | None = None, data_file_raw: bool = False,
@@ -29,11 +44,15 @@ def create(path: str, size: int | None, *, fmt: str = "qcow2", cluster_size: int
            passphrase: str | bytes | None = None, encrypt_options: dict | None = None) -> None:
     """Create a raw or qcow2 image. `size=None` takes the size of the backing file.
 
+    `size` is in bytes, or a string as qemu-img takes it ("1G", "512M", "0x1000"; powers
+    of 1024). Every error is an InvalidArgumentError naming the option and the value.
+
     encrypt_format "luks" (with encrypt_options as qemu-img's encrypt.* options) or the
     legacy "aes" encrypts the qcow2 image's data with `passphrase`.
     """
     if preallocation not in PREALLOCATION_MODES:
         raise InvalidArgumentError(f"Unsupported preallocation mode '{preallocation}'")
+    size = _size_argument(size)
     if size is None:
         if not backing_file:
             raise InvalidArgumentError("Image creation needs a size parameter")
