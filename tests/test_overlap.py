@@ -1,0 +1,222 @@
+"""The pre-write overlap check against QEMU's (`overlap-check=cached`, its default).
+
+Each test builds an image with qemu-img and qemu-io, bends one pointer or refcount so a
+write would land on metadata, and makes the same write through qcow2lib and through
+qemu-io on identical copies. Both must refuse it with EIO and QEMU's message, mark the
+image corrupt (qemu-img info says so), and leave the two files byte-identical: the
+metadata the write aimed at is unharmed. qemu-img check and check -r all must then see
+the two images alike.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import struct
+import subprocess
+
+import pytest
+from qemutools import QEMU_IO, qemu_img, qemu_io
+
+import qcow2lib
+from qcow2lib.check import check_path, format_check_json, format_check_stderr
+from qcow2lib.errors import Qcow2IOError, ReadOnlyError
+
+COPIED = 1 << 63
+L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+
+
+class Layout:
+    """Offsets of an image's structures, read from its header, to aim pointers at."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        raw = self.read(0, 104)
+        (_, _, _, _, cluster_bits, _, _, self.l1_size, self.l1_offset, self.reftable_offset,
+         _, self.nb_snapshots, self.snapshots_offset) = struct.unpack(">IIQIIQIIQQIIQ", raw[:72])
+        self.cluster_size = 1 << cluster_bits
+        self.refcount_bits = 1 << struct.unpack(">I", raw[96:100])[0]
+        self.refblock_offset = self.r64(self.reftable_offset) & L1E_OFFSET_MASK
+
+    def read(self, offset, length):
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
+    def r64(self, offset):
+        return struct.unpack(">Q", self.read(offset, 8))[0]
+
+    def w64(self, offset, value):
+        with open(self.path, "r+b") as f:
+            f.seek(offset)
+            f.write(struct.pack(">Q", value))
+
+    def l2_offset(self, l1_index=0):
+        return self.r64(self.l1_offset + 8 * l1_index) & L1E_OFFSET_MASK
+
+    def set_l2_entry(self, index, value, l1_index=0):
+        self.w64(self.l2_offset(l1_index) + 8 * index, value)
+
+    def zero_refcount(self, cluster):
+        """Set a cluster's refcount to 0 (16-bit refcounts, the first refcount block)."""
+        assert self.refcount_bits == 16
+        with open(self.path, "r+b") as f:
+            f.seek(self.refblock_offset + 2 * cluster)
+            f.write(b"\0\0")
+
+    def snapshot_l1_offset(self):
+        """The first snapshot's L1 table offset (the first field of its table entry)."""
+        return self.r64(self.snapshots_offset)
+
+
+def base_image(tmp_path, size="1G", snapshot=False):
+    """Guest clusters 0 and 512M (two L2 tables, 64 KiB clusters) written by qemu-io.
+    With a snapshot, cluster 0 is written again after it, so the first L2 table belongs
+    to the active state alone (as the table of a COPIED entry does)."""
+    path = tmp_path / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, size)
+    qemu_io(path, "write -P 0x11 0 64k", "write -P 0x12 512M 64k")
+    if snapshot:
+        qemu_img("snapshot", "-c", "snap1", path)
+        qemu_io(path, "write -P 0x13 0 64k")
+    return path
+
+
+def qemu_info(path) -> dict:
+    return json.loads(qemu_img("info", "--output=json", "-U", path).stdout)
+
+
+def file_bytes(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def is_corrupt(path) -> bool:
+    return qemu_info(path)["format-specific"]["data"]["corrupt"]
+
+
+def write_both(path, offset, length, tmp_path):
+    """The same write through qcow2lib (on `path`) and qemu-io (on a copy): returns our
+    exception and qemu-io's stderr and the copy's path."""
+    theirs = tmp_path / "qemu.qcow2"
+    shutil.copy(path, theirs)
+    with qcow2lib.open(str(path), "r+") as image, pytest.raises(Qcow2IOError) as caught:
+        image.write(offset, b"\x5a" * length)
+    qemu = subprocess.run([QEMU_IO, "-c", f"write -P 0x5a {offset} {length}", str(theirs)],
+                          capture_output=True, text=True, check=False)
+    return caught.value, qemu, theirs
+
+
+def assert_refused_like_qemu(path, offset, length, tmp_path, name, same_file=True):
+    before = Layout(path)
+    metadata = {off: before.read(off, before.cluster_size)
+                for off in (0, before.l1_offset, before.reftable_offset, before.refblock_offset,
+                            before.l2_offset(0), before.l2_offset(1))}
+    error, qemu, theirs = write_both(path, offset, length, tmp_path)
+    message = (f"qcow2: Marking image as corrupt: Preventing invalid write on metadata "
+               f"(overlaps with {name}); further corruption events will be suppressed")
+    assert error.errno == errno.EIO
+    assert error.strerror == message
+    assert qemu.stderr.splitlines()[0] == message
+    assert "write failed: Input/output error" in qemu.stdout + qemu.stderr
+    assert is_corrupt(path) and is_corrupt(theirs)
+    if same_file:
+        assert file_bytes(path) == file_bytes(theirs)
+    after = Layout(path)
+    for off, content in metadata.items():
+        if off == 0:  # the header gained the corrupt bit, nothing else
+            content = content[:72] + struct.pack(">Q", struct.unpack(">Q", content[72:80])[0]
+                                                 | 2) + content[80:]
+        assert after.read(off, before.cluster_size) == content, hex(off)
+    return theirs
+
+
+# --- the allocator hands out a cluster whose refcount is wrongly 0 ------------------------
+
+@pytest.mark.timeout(60)
+def test_allocator_refuses_active_l2_table_with_refcount_zero(tmp_path):
+    path = base_image(tmp_path)
+    layout = Layout(path)
+    layout.zero_refcount(layout.l2_offset(0) // layout.cluster_size)
+    assert_refused_like_qemu(path, 1 << 20, 65536, tmp_path, "active L2 table")
+
+
+@pytest.mark.timeout(60)
+def test_allocator_refuses_header_with_refcount_zero(tmp_path):
+    path = base_image(tmp_path)
+    Layout(path).zero_refcount(0)
+    assert_refused_like_qemu(path, 1 << 20, 4096, tmp_path, "qcow2_header")
+
+
+@pytest.mark.timeout(60)
+def test_allocator_refuses_refcount_block_with_refcount_zero(tmp_path):
+    """The first free cluster is the refcount block: a new L2 table (guest offset 1.5G
+    has none) would go there. QEMU reports the same overlap, but only after its new L2
+    table has overwritten the refcount block; here the block is unharmed (checked by
+    assert_refused_like_qemu), so the two files differ."""
+    path = base_image(tmp_path, size="2G")
+    layout = Layout(path)
+    layout.zero_refcount(layout.refblock_offset // layout.cluster_size)
+    assert_refused_like_qemu(path, 1536 << 20, 4096, tmp_path, "refcount block", same_file=False)
+
+
+# --- an L2 entry flagged COPIED points at metadata -----------------------------------------
+
+TARGETS = {
+    "refcount block": lambda layout: layout.refblock_offset,
+    "active L1 table": lambda layout: layout.l1_offset,
+    "refcount table": lambda layout: layout.reftable_offset,
+    "active L2 table": lambda layout: layout.l2_offset(1),
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", sorted(TARGETS))
+@pytest.mark.parametrize("length", [4096, 65536 + 4096])
+def test_copied_entry_pointing_at_metadata(tmp_path, name, length):
+    """A small write (the in-place path) and one that also allocates the next cluster
+    (the general path)."""
+    path = base_image(tmp_path)
+    layout = Layout(path)
+    layout.set_l2_entry(0, COPIED | TARGETS[name](layout))
+    assert_refused_like_qemu(path, 0, length, tmp_path, name)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["snapshot table", "inactive L1 table"])
+def test_copied_entry_pointing_at_snapshot_metadata(tmp_path, name):
+    path = base_image(tmp_path, snapshot=True)
+    layout = Layout(path)
+    target = layout.snapshots_offset if name == "snapshot table" else layout.snapshot_l1_offset()
+    assert target % layout.cluster_size == 0
+    layout.set_l2_entry(0, COPIED | target)
+    assert_refused_like_qemu(path, 4096, 512, tmp_path, name)
+
+
+@pytest.mark.timeout(60)
+def test_refused_image_reads_and_checks_like_qemu(tmp_path):
+    """After the refusal: the image opens read-only (not read-write), and qemu-img check
+    and check -r all treat both copies alike (the repair is not blocked)."""
+    path = base_image(tmp_path)
+    layout = Layout(path)
+    layout.set_l2_entry(0, COPIED | layout.refblock_offset)
+    theirs = assert_refused_like_qemu(path, 0, 4096, tmp_path, "refcount block")
+    with qcow2lib.open(str(path), "r") as image:
+        assert image.read(512 << 20, 4) == b"\x12" * 4
+        with pytest.raises(ReadOnlyError):
+            image.write(512 << 20, b"x")
+    with pytest.raises(qcow2lib.Qcow2Error, match="corrupt"):
+        qcow2lib.open(str(path), "r+")
+    for repair in (None, "all"):
+        ours = check_path(str(path), repair)
+        result = qemu_img("check", "--output=json", *(["-r", repair] if repair else []),
+                          theirs, check=False)
+        assert ours.exit_code == result.returncode
+        data = json.loads(format_check_json(ours))
+        data["filename"] = str(theirs)
+        assert data == json.loads(result.stdout)
+        assert format_check_stderr(ours).replace(str(path), str(theirs)) == result.stderr
+        assert file_bytes(path) == file_bytes(theirs)
+    assert not is_corrupt(path)
+    with qcow2lib.open(str(path), "r+") as image:  # repaired: writable again
+        image.write(0, b"\x77" * 4096)
