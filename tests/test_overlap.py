@@ -220,3 +220,80 @@ def test_refused_image_reads_and_checks_like_qemu(tmp_path):
     assert not is_corrupt(path)
     with qcow2lib.open(str(path), "r+") as image:  # repaired: writable again
         image.write(0, b"\x77" * 4096)
+
+
+# --- metadata written back onto other metadata -----------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_refcount_block_written_back_over_active_l2_table(tmp_path):
+    """An L1 entry points at the refcount block. With 64-bit refcounts the block's
+    entries (1 each) read as valid zero-flagged L2 entries, so a write under that L1 entry
+    allocates a cluster: its refcount increment makes the block dirty, and writing it
+    back (checked against everything but refcount blocks) would overwrite an active L2
+    table. The data reached its new cluster; the write-back is refused, as in QEMU."""
+    path = tmp_path / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "refcount_bits=64", path, "1G")
+    qemu_io(path, "write -P 0x11 0 64k", "write -P 0x12 512M 64k")
+    layout = Layout(path)
+    layout.w64(layout.l1_offset + 8, COPIED | layout.refblock_offset)
+    block = layout.read(layout.refblock_offset, layout.cluster_size)
+    theirs = tmp_path / "qemu.qcow2"
+    shutil.copy(path, theirs)
+    with qcow2lib.open(str(path), "r+") as image:
+        image.write(513 << 20, b"\x5a" * 4096)
+        with pytest.raises(Qcow2IOError) as caught:
+            image.flush()
+    qemu = subprocess.run([QEMU_IO, "-c", "write -P 0x5a 513M 4k", str(theirs)],
+                          capture_output=True, text=True, check=False)
+    message = ("qcow2: Marking image as corrupt: Preventing invalid write on metadata "
+               "(overlaps with active L2 table); further corruption events will be suppressed")
+    assert caught.value.errno == errno.EIO and caught.value.strerror == message
+    assert qemu.stderr.splitlines()[0] == message
+    assert is_corrupt(path) and is_corrupt(theirs)
+    assert file_bytes(path) == file_bytes(theirs)
+    assert Layout(path).read(layout.refblock_offset, layout.cluster_size) == block
+
+
+def bitmap_table_offset(layout: Layout) -> int:
+    """The first bitmap's table offset, from the bitmaps header extension's directory."""
+    header = layout.read(0, layout.cluster_size)
+    pos = struct.unpack(">I", header[100:104])[0]
+    while True:
+        kind, length = struct.unpack(">II", header[pos:pos + 8])
+        assert kind, "no bitmaps extension"
+        if kind == 0x23852875:
+            directory = struct.unpack(">Q", header[pos + 24:pos + 32])[0]
+            return layout.r64(directory)
+        pos += 8 + (length + 7 & ~7)
+
+
+@pytest.mark.timeout(60)
+def test_bitmap_table_entry_pointing_at_l1_table(tmp_path):
+    """The bitmap's only data cluster is bent to the L1 table. A write marks the bitmap;
+    storing it at the flush would overwrite the L1 table, and is refused.
+
+    QEMU differs here: it stores bitmaps into new clusters and frees the old ones, so it
+    frees the L1 table's cluster and loses the whole mapping (qemu-img check then finds
+    cluster 3 referenced with refcount 0); the L1 table is kept here."""
+    path = tmp_path / "bitmap.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "64M")
+    qemu_img("bitmap", "--add", path, "b0")
+    qemu_io(path, "write -P 0x11 0 64k")
+    layout = Layout(path)
+    table = bitmap_table_offset(layout)
+    assert layout.r64(table) & L1E_OFFSET_MASK  # the bitmap has a data cluster
+    layout.w64(table, layout.l1_offset)
+    l1_table = layout.read(layout.l1_offset, layout.cluster_size)
+    with qcow2lib.open(str(path), "r+") as image:
+        image.write(1 << 20, b"\x5a" * 4096)
+        with pytest.raises(Qcow2IOError) as caught:
+            image.flush()
+    assert caught.value.errno == errno.EIO
+    assert caught.value.strerror == (
+        "qcow2: Marking image as corrupt: Preventing invalid write on metadata (overlaps "
+        "with active L1 table); further corruption events will be suppressed")
+    assert is_corrupt(path)
+    assert layout.read(layout.l1_offset, layout.cluster_size) == l1_table
+    with qcow2lib.open(str(path), "r") as image:
+        assert image.read(0, 65536) == b"\x11" * 65536
+        assert image.read(1 << 20, 4096) == b"\x5a" * 4096
