@@ -312,6 +312,7 @@ class _Appender:
         cs = self.image.cluster_size
         offset = self.end
         size = -(-len(data) // cs) * cs
+        self.image.guard_write(offset, size)
         self.image.file.pwrite(data + bytes(size - len(data)), offset)
         self.end += size
         return offset

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import random
 import shutil
 import struct
 import subprocess
@@ -21,6 +22,14 @@ from qemutools import QEMU_IO, qemu_img, qemu_io
 import qcow2lib
 from qcow2lib.check import check_path, format_check_json, format_check_stderr
 from qcow2lib.errors import Qcow2IOError, ReadOnlyError
+from qcow2lib.overlap import (
+    ACTIVE_L1,
+    ACTIVE_L2,
+    HEADER,
+    REFCOUNT_BLOCK,
+    SNAPSHOT_TABLE,
+    OverlapMap,
+)
 
 COPIED = 1 << 63
 L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
@@ -297,3 +306,86 @@ def test_bitmap_table_entry_pointing_at_l1_table(tmp_path):
     with qcow2lib.open(str(path), "r") as image:
         assert image.read(0, 65536) == b"\x11" * 65536
         assert image.read(1 << 20, 4096) == b"\x5a" * 4096
+
+
+# --- the map kept up to date incrementally --------------------------------------------------
+
+def map_state(overlaps):
+    return dict(overlaps._clusters), dict(overlaps._counts), sorted(overlaps._wide)
+
+
+def assert_map_current(image):
+    """The map the image keeps (when it is the one in use) equals one built afresh."""
+    assert image._overlaps_for is image.map.l1
+    kept = map_state(image.overlaps)
+    image._build_overlaps()
+    assert map_state(image.overlaps) == kept
+
+
+@pytest.mark.timeout(120)
+def test_map_follows_allocations_snapshots_and_releases(tmp_path):
+    """512-byte clusters: every 32 KiB of guest disk has its own L2 table and every
+    128 KiB of file its own refcount block, and the refcount table (64 entries) must move
+    once the file passes 8 MiB. The map must follow, without a rebuild, the L2 tables and
+    refcount blocks allocated, the table's move, L2 tables copied away from a snapshot,
+    compressed writes and L2 tables released."""
+    from qcow2lib.ops.resize import resize
+    from qcow2lib.snapshots import create_snapshot, delete_snapshot
+
+    path = tmp_path / "small.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", path, "64M")
+    rng = random.Random(7)
+    with qcow2lib.open(str(path), "r+") as image:
+        image.write(0, b"\1" * 512)
+        table_offset = image.refcounts.table_offset
+        for _ in range(300):
+            image.write(rng.randrange(0, 64 << 20, 512), b"\2" * 32768)
+            assert_map_current(image)
+        image.flush()
+        assert image.refcounts.table_offset != table_offset  # the table moved
+        assert_map_current(image)
+        create_snapshot(image, "s1")
+        for _ in range(50):
+            image.write(rng.randrange(0, 64 << 20, 512), b"\3" * 4096)
+            image.write_compressed(rng.randrange(0, 64 << 20, 512), b"\4" * 512)
+            assert_map_current(image)
+        image.resize_drop_clusters(0, 4096)  # the first 2 MiB: 64 whole L2 tables
+        assert_map_current(image)
+        image.flush()
+        delete_snapshot(image, "s1")
+        image.write(5 << 20, b"\5" * 65536)
+        assert_map_current(image)
+        resize(image, 256 << 20)  # a larger L1 table
+        image.write(200 << 20, b"\6" * 65536)
+        assert_map_current(image)
+    assert qemu_img("check", path, check=False).returncode == 0
+
+
+def test_map_kinds_counts_and_qemu_order():
+    """Unit behaviour: whole clusters, a structure recorded twice needs two removals, wide
+    structures are intervals, and a range over several kinds is named in QEMU's order
+    (header, active L1, refcount table, snapshot table, inactive L1, active L2, ...)."""
+    overlaps = OverlapMap(16)
+    overlaps.add(HEADER, 0, 65536)
+    overlaps.add(ACTIVE_L2, 0x40000, 65536)
+    overlaps.add(ACTIVE_L2, 0x40000, 65536)  # two L1 entries on one table
+    overlaps.add(REFCOUNT_BLOCK, 0x50000, 65536)
+    overlaps.add(SNAPSHOT_TABLE, 0x100000, 20 * 65536)  # wide: an interval
+    assert overlaps.find(0xFFFF, 1) == HEADER
+    assert overlaps.find(0x10000, 0x30000) == 0
+    assert overlaps.find(0x4FFFF, 2) == ACTIVE_L2  # touches both: active L2 comes first
+    assert overlaps.find(0x4FFFF, 2, ignore=ACTIVE_L2) == REFCOUNT_BLOCK
+    assert overlaps.find(0x3FFFF, 0x20000) == ACTIVE_L2
+    assert overlaps.find(0x100000 + 19 * 65536 + 100, 1) == SNAPSHOT_TABLE
+    assert overlaps.find(0x100000 + 20 * 65536, 65536) == 0
+    assert overlaps.find(0x40000, 0x200000) == SNAPSHOT_TABLE  # before active L2
+    overlaps.remove(ACTIVE_L2, 0x40000, 65536)
+    assert overlaps.find(0x40000, 1) == ACTIVE_L2
+    overlaps.remove(ACTIVE_L2, 0x40000, 65536)
+    assert overlaps.find(0x40000, 1) == 0
+    overlaps.add(ACTIVE_L1, 0x40000, 8)
+    overlaps.remove(SNAPSHOT_TABLE, 0x100000, 20 * 65536)
+    assert overlaps.find(0, 1 << 30) == HEADER
+    assert overlaps.find(65536, 1 << 30) == ACTIVE_L1
+    assert overlaps.find(0x100000, 1 << 30) == 0
+    assert overlaps.find(0x40000, 0) == 0
