@@ -202,14 +202,25 @@ def test_copied_entry_pointing_at_snapshot_metadata(tmp_path, name):
     assert_refused_like_qemu(path, 4096, 512, tmp_path, name)
 
 
+DAMAGES = {  # name: (bend the image, guest offset of the write, what it would overwrite)
+    "copied_on_refblock": (lambda layout: layout.set_l2_entry(0, COPIED | layout.refblock_offset),
+                           0, "refcount block"),
+    "copied_on_l1": (lambda layout: layout.set_l2_entry(0, COPIED | layout.l1_offset),
+                     0, "active L1 table"),
+    "l2_refcount_zero": (lambda layout: layout.zero_refcount(layout.l2_offset(0) >> 16),
+                         1 << 20, "active L2 table"),
+}
+
+
 @pytest.mark.timeout(60)
-def test_refused_image_reads_and_checks_like_qemu(tmp_path):
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_refused_image_reads_and_checks_like_qemu(tmp_path, damage):
     """After the refusal: the image opens read-only (not read-write), and qemu-img check
     and check -r all treat both copies alike (the repair is not blocked)."""
     path = base_image(tmp_path)
-    layout = Layout(path)
-    layout.set_l2_entry(0, COPIED | layout.refblock_offset)
-    theirs = assert_refused_like_qemu(path, 0, 4096, tmp_path, "refcount block")
+    bend, offset, name = DAMAGES[damage]
+    bend(Layout(path))
+    theirs = assert_refused_like_qemu(path, offset, 4096, tmp_path, name)
     with qcow2lib.open(str(path), "r") as image:
         assert image.read(512 << 20, 4) == b"\x12" * 4
         with pytest.raises(ReadOnlyError):
@@ -228,7 +239,8 @@ def test_refused_image_reads_and_checks_like_qemu(tmp_path):
         assert file_bytes(path) == file_bytes(theirs)
     assert not is_corrupt(path)
     with qcow2lib.open(str(path), "r+") as image:  # repaired: writable again
-        image.write(0, b"\x77" * 4096)
+        image.write(512 << 20, b"\x77" * 4096)
+    assert qemu_img("check", path, check=False).returncode == 0
 
 
 # --- metadata written back onto other metadata -----------------------------------------------
