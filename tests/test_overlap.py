@@ -45,6 +45,7 @@ class Layout:
          _, self.nb_snapshots, self.snapshots_offset) = struct.unpack(">IIQIIQIIQQIIQ", raw[:72])
         self.cluster_size = 1 << cluster_bits
         self.refcount_bits = 1 << struct.unpack(">I", raw[96:100])[0]
+        self.entry_size = 16 if struct.unpack(">Q", raw[72:80])[0] & 16 else 8  # extended L2
         self.refblock_offset = self.r64(self.reftable_offset) & L1E_OFFSET_MASK
 
     def read(self, offset, length):
@@ -63,8 +64,10 @@ class Layout:
     def l2_offset(self, l1_index=0):
         return self.r64(self.l1_offset + 8 * l1_index) & L1E_OFFSET_MASK
 
-    def set_l2_entry(self, index, value, l1_index=0):
-        self.w64(self.l2_offset(l1_index) + 8 * index, value)
+    def set_l2_entry(self, index, value, l1_index=0, bitmap=None):
+        self.w64(self.l2_offset(l1_index) + self.entry_size * index, value)
+        if bitmap is not None:
+            self.w64(self.l2_offset(l1_index) + self.entry_size * index + 8, bitmap)
 
     def zero_refcount(self, cluster):
         """Set a cluster's refcount to 0 (16-bit refcounts, the first refcount block)."""
@@ -78,12 +81,12 @@ class Layout:
         return self.r64(self.snapshots_offset)
 
 
-def base_image(tmp_path, size="1G", snapshot=False):
+def base_image(tmp_path, size="1G", snapshot=False, options="cluster_size=64k"):
     """Guest clusters 0 and 512M (two L2 tables, 64 KiB clusters) written by qemu-io.
     With a snapshot, cluster 0 is written again after it, so the first L2 table belongs
     to the active state alone (as the table of a COPIED entry does)."""
     path = tmp_path / "base.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", path, size)
+    qemu_img("create", "-q", "-f", "qcow2", "-o", options, path, size)
     qemu_io(path, "write -P 0x11 0 64k", "write -P 0x12 512M 64k")
     if snapshot:
         qemu_img("snapshot", "-c", "snap1", path)
@@ -189,6 +192,18 @@ def test_copied_entry_pointing_at_metadata(tmp_path, name, length):
     layout = Layout(path)
     layout.set_l2_entry(0, COPIED | TARGETS[name](layout))
     assert_refused_like_qemu(path, 0, length, tmp_path, name)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("offset, length, bitmap", [
+    (0, 4096, None),  # allocated subclusters: written in place
+    (4096, 512, 1),  # subcluster 2 unallocated (only 0 is): allocated inside the cluster
+])
+def test_copied_extended_l2_entry_pointing_at_refcount_block(tmp_path, offset, length, bitmap):
+    path = base_image(tmp_path, options="extended_l2=on")
+    layout = Layout(path)
+    layout.set_l2_entry(0, COPIED | layout.refblock_offset, bitmap=bitmap)
+    assert_refused_like_qemu(path, offset, length, tmp_path, "refcount block")
 
 
 @pytest.mark.timeout(60)
