@@ -117,19 +117,22 @@ class OverlapMap:
                     del self._clusters[cluster]
 
     def move(self, kind: int, old_offset: int, old_length: int, offset: int, length: int) -> None:
+        """A structure moved (the refcount table, grown into new clusters)."""
         self.remove(kind, old_offset, old_length)
         self.add(kind, offset, length)
 
     def find(self, offset: int, length: int, ignore: int = 0) -> int:
         """The kind of the first structure (in QEMU's order) that host bytes
         [offset, offset + length) touch, other than kinds in `ignore`; 0 if none."""
+        if length <= 0:
+            return 0
         bits = self.cluster_bits
         first = offset >> bits
         stop = ((offset + length - 1) >> bits) + 1
         if stop - first == 1 and not self._wide:  # the common case: one cluster
             hits = self._clusters.get(first, 0) & ~ignore
             return _first_kind(hits) if hits else 0
-        return self._find_span(first, stop, ignore) if length > 0 else 0
+        return self._find_span(first, stop, ignore)
 
     def _find_span(self, first: int, stop: int, ignore: int) -> int:
         clusters = self._clusters

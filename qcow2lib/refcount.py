@@ -252,10 +252,9 @@ class Refcounts:
                             RefcountBlock(self.order, bytes(self.cluster_size)))
             self._set_table_entry(block_index, cluster << self.cluster_bits)
         if self.overlaps is not None:
-            self.overlaps.remove(REFCOUNT_TABLE, self.table_offset,
-                                 self.table_clusters * self.cluster_size)
-            self.overlaps.add(REFCOUNT_TABLE, start << self.cluster_bits,
-                              table_clusters * self.cluster_size)
+            self.overlaps.move(REFCOUNT_TABLE, self.table_offset,
+                               self.table_clusters * self.cluster_size,
+                               start << self.cluster_bits, table_clusters * self.cluster_size)
         self.table_offset = start << self.cluster_bits
         self.table_clusters = table_clusters
         self.table_dirty = self.table_moved = True

@@ -416,3 +416,4 @@ def test_map_kinds_counts_and_qemu_order():
     assert overlaps.find(65536, 1 << 30) == ACTIVE_L1
     assert overlaps.find(0x100000, 1 << 30) == 0
     assert overlaps.find(0x40000, 0) == 0
+    assert overlaps.find(100, 0) == 0  # an empty range touches nothing
