@@ -207,6 +207,28 @@ def test_copied_extended_l2_entry_pointing_at_refcount_block(tmp_path, offset, l
 
 
 @pytest.mark.timeout(60)
+def test_version_2_image_refuses_without_a_corrupt_bit(tmp_path):
+    """compat=0.10 has no incompatible features to mark: the write is refused with the
+    same message and nothing else is written, as in QEMU; this session writes no more."""
+    path = base_image(tmp_path, options="compat=0.10")
+    layout = Layout(path)
+    layout.set_l2_entry(0, COPIED | layout.refblock_offset)
+    theirs = tmp_path / "qemu.qcow2"
+    shutil.copy(path, theirs)
+    with qcow2lib.open(str(path), "r+") as image:
+        with pytest.raises(Qcow2IOError) as caught:
+            image.write(0, b"\x5a" * 4096)
+        with pytest.raises(ReadOnlyError):
+            image.write(512 << 20, b"\x5a" * 4096)
+    qemu = subprocess.run([QEMU_IO, "-c", "write -P 0x5a 0 4k", str(theirs)],
+                          capture_output=True, text=True, check=False)
+    assert caught.value.errno == errno.EIO
+    assert qemu.stderr.splitlines()[0] == caught.value.strerror
+    assert "overlaps with refcount block" in caught.value.strerror
+    assert file_bytes(path) == file_bytes(theirs)
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("name", ["snapshot table", "inactive L1 table"])
 def test_copied_entry_pointing_at_snapshot_metadata(tmp_path, name):
     path = base_image(tmp_path, snapshot=True)
