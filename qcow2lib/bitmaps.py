@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from . import structs as S
 from .errors import CorruptImageError
+from .overlap import BITMAP_DIRECTORY, BITMAP_TABLE
 
 FLAG_IN_USE = 1 << 0
 FLAG_AUTO = 1 << 1
@@ -197,7 +198,6 @@ class BitmapTracker:
                 if not bitmap.table[index]:
                     first = image.refcounts.allocate(1)
                     host = first << image.cluster_bits
-                    image.map.check_no_overlap(host, self.cluster_size, "New bitmap cluster")
                     image._host_size = max(image._host_size, host + self.cluster_size)
                     bitmap.table[index] = host
 
@@ -210,13 +210,16 @@ class BitmapTracker:
             if not bitmap.changed:
                 continue
             for index, bits in bitmap.changed.items():
-                image.file.pwrite(bits, bitmap.table[index] & S.BITMAP_TABLE_OFFSET_MASK)
+                host = bitmap.table[index] & S.BITMAP_TABLE_OFFSET_MASK
+                image.guard_write(host, len(bits))  # a table entry may point at metadata
+                image.file.pwrite(bits, host)
             bitmap.changed.clear()
             tables.append(bitmap)
         if not tables:
             return
         image._sync(image.file)
         for bitmap in tables:
+            image.guard_write(bitmap.entry.table_offset, len(bitmap.table) * 8, BITMAP_TABLE)
             image.file.pwrite(struct.pack(f">{len(bitmap.table)}Q", *bitmap.table),
                               bitmap.entry.table_offset)
         image._sync(image.file)
@@ -225,6 +228,7 @@ class BitmapTracker:
         image = self.image
         for bitmap in self.tracked:
             flags = bitmap.entry.flags | FLAG_IN_USE if in_use else bitmap.entry.flags
+            image.guard_write(bitmap.entry.entry_offset + _FLAGS_FIELD, 4, BITMAP_DIRECTORY)
             image.file.pwrite(struct.pack(">I", flags), bitmap.entry.entry_offset + _FLAGS_FIELD)
         image._sync(image.file)
         self.in_use_on_disk = in_use

@@ -12,6 +12,7 @@ order refcount increments, L2 tables, L1 entries, refcount decrements, with a ba
 """
 from __future__ import annotations
 
+import errno
 import os
 import threading
 
@@ -20,11 +21,13 @@ from . import structs as S
 from .bitmaps import BitmapEntry, BitmapTracker, Untrackable, read_directory
 from .blockdev import BlockDevice, Extent, merge_extents
 from .cache import decode_be64
-from .errors import (BadSecretError, CorruptImageError, InvalidArgumentError, Qcow2IOError,
-                     UnsupportedFeatureError)
+from .errors import (BadSecretError, CorruptImageError, InvalidArgumentError, Qcow2Error,
+                     Qcow2IOError, UnsupportedFeatureError)
 from .header import Header
 from .hostfile import HostFile, open_host_file
 from .mapping import BACKING, COMPRESSED, DATA, ZERO, ClusterMap, Segment
+from .overlap import (ACTIVE_L1, ACTIVE_L2, BITMAP_DIRECTORY, BITMAP_TABLE, HEADER, INACTIVE_L1,
+                      REFCOUNT_BLOCK, REFCOUNT_TABLE, SNAPSHOT_TABLE, OverlapMap, overlap_message)
 from .refcount import Refcounts
 
 _ZEROS = bytes(1 << 20)
@@ -124,6 +127,11 @@ class Qcow2Image(BlockDevice):
         self._flush_failure: Qcow2IOError | None = None
         self._compressed_tail = 0  # next free byte after the last compressed cluster written
         self.map = ClusterMap(self.file, hdr, self._data_size)
+        # Where metadata lies, for the pre-write overlap check: built at the first check
+        # for the active L1 table `_overlaps_for`; a new L1 table, refcount structure or
+        # header (set to None) has it rebuilt.
+        self.overlaps = OverlapMap(self.cluster_bits)
+        self._overlaps_for = None
         self.use_refcount_table(hdr.refcount_table_offset, hdr.refcount_table_clusters, file_size)
         self._load_bitmap_directory()
         self.crypto = None
@@ -146,6 +154,9 @@ class Qcow2Image(BlockDevice):
         self.refcounts = Refcounts(self.file, self.cluster_bits, self.header.refcount_order,
                                    offset, clusters, file_size)
         self.refcounts.check_no_overlap = self.map.check_no_overlap
+        self.refcounts.check_allocation = self._check_allocation
+        self.refcounts.overlaps = self.overlaps
+        self._overlaps_for = None
         self.map.set_refcount_table(offset, clusters)
 
     def _read_header_bytes(self, offset: int, length: int) -> bytes:
@@ -203,14 +214,14 @@ class Qcow2Image(BlockDevice):
             self._bitmap_tracker = None
             self.bitmaps = []
 
-    def write_new_clusters(self, data: bytes, what: str) -> int:
+    def write_new_clusters(self, data: bytes) -> int:
         """Write `data` (padded to whole clusters) into newly allocated clusters and return
         their offset; nothing points at them until the caller's commit (a header or table
         write after the next write-back has made their refcounts durable)."""
         cs = self.cluster_size
         clusters = max(1, -(-len(data) // cs))
         offset = self.refcounts.allocate(clusters) << self.cluster_bits
-        self.map.check_no_overlap(offset, clusters * cs, what)
+        self.guard_write(offset, clusters * cs)
         self.file.pwrite(bytes(data) + bytes(clusters * cs - len(data)), offset)
         self._host_size = max(self._host_size, offset + clusters * cs)
         return offset
@@ -218,11 +229,79 @@ class Qcow2Image(BlockDevice):
     def _write_header(self) -> None:
         """Rewrite the header cluster's content (header, extensions, backing name)."""
         data = self.header.pack()
+        self._overlaps_for = None  # it may point at other structures now
         self.file.pwrite(data, 0)
 
     def _write_header_fields(self) -> None:
         """Rewrite only the fixed header fields: one sector, so the write is atomic."""
+        self._overlaps_for = None
         self.file.pwrite(self.header.pack_fields(), 0)
+
+    # --- the pre-write overlap check ----------------------------------------------------
+    # Header writes are not checked (as in QEMU): marking the image corrupt is one of them.
+
+    def guard_write(self, host_offset: int, length: int, writing: int = 0) -> None:
+        """Before writing host bytes [host_offset, host_offset + length) of the image file:
+        refuse (EIO, image marked corrupt) if they touch metadata other than the kind of
+        structure being written (`writing`, an overlap kind, 0 for guest data or a new
+        structure)."""
+        if self._overlaps_for is not self.map.l1:
+            self._build_overlaps()
+        kind = self.overlaps.find(host_offset, length, writing)
+        if kind:
+            self._refuse_overlap(kind)
+
+    def _check_allocation(self, first_cluster: int, count: int) -> None:
+        """The allocator's candidate clusters are free by their refcounts; refuse them if
+        metadata lies there all the same (its refcount is wrong: the image is corrupt)."""
+        self.guard_write(first_cluster << self.cluster_bits, count << self.cluster_bits)
+
+    def _refuse_overlap(self, kind: int) -> None:
+        error = Qcow2IOError(errno.EIO, f"qcow2: Marking image as corrupt: {overlap_message(kind)}"
+                                        f"; further corruption events will be suppressed",
+                             self.filename)
+        self._signal_corruption(error)
+        raise error
+
+    def _build_overlaps(self) -> None:
+        """Record every structure the overlap check covers, from the current state."""
+        from .bitmaps import bitmaps_extension
+        from .snapshots import read_snapshot_table
+        overlaps = self.overlaps
+        overlaps.clear()
+        cs = self.cluster_size
+        hdr = self.header
+        overlaps.add(HEADER, 0, cs)
+        l1 = self.map.l1
+        overlaps.add(ACTIVE_L1, self.map.l1_table_offset, len(l1) * 8)
+        for entry in filter(None, l1):
+            if entry & S.L1E_OFFSET_MASK:
+                overlaps.add(ACTIVE_L2, entry & S.L1E_OFFSET_MASK, cs)
+        refs = self.refcounts
+        overlaps.add(REFCOUNT_TABLE, refs.table_offset, refs.table_clusters * cs)
+        for entry in filter(None, refs.table):
+            if entry & S.REFT_OFFSET_MASK:
+                overlaps.add(REFCOUNT_BLOCK, entry & S.REFT_OFFSET_MASK, cs)
+        if hdr.nb_snapshots:
+            try:
+                snapshots, table_bytes = read_snapshot_table(
+                    self.file, hdr.snapshots_offset, hdr.nb_snapshots, cs, self.file.size())
+            except CorruptImageError:  # unreadable: at least its fixed-size entry headers
+                snapshots, table_bytes = [], hdr.nb_snapshots * S.SNAPSHOT_ENTRY_HEADER_SIZE
+            overlaps.add(SNAPSHOT_TABLE, hdr.snapshots_offset, table_bytes)
+            for snap in snapshots:
+                overlaps.add(INACTIVE_L1, snap.l1_table_offset, snap.l1_size * 8)
+        info = bitmaps_extension(hdr) if hdr.autoclear_features & S.AUTOCLEAR_BITMAPS else None
+        if info is not None:
+            overlaps.add(BITMAP_DIRECTORY, info.bitmap_directory_offset,
+                         info.bitmap_directory_size)
+            try:
+                entries = read_directory(self.file, hdr, cs)
+            except CorruptImageError:
+                entries = []
+            for entry in entries:
+                overlaps.add(BITMAP_TABLE, entry.table_offset, entry.table_size * 8)
+        self._overlaps_for = l1
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -472,11 +551,13 @@ class Qcow2Image(BlockDevice):
                     or not self.map.has_host(entry)):  # COPIED at offset 0 is unallocated
                 return False
             try:
-                self.map.validate_entry(entry, 0, cluster_index)
+                self.map.validate_entry(entry, 0, cluster_index, overlap=False)
             except CorruptImageError as exc:
                 self._signal_corruption(exc)
                 raise
             host = (entry & S.L2E_OFFSET_MASK) + (offset & (self.cluster_size - 1))
+            if not self.has_data_file:
+                self.guard_write(host, len(view))
             self._io_active += 1
         try:
             self._data_target().pwrite(view, host)
@@ -498,7 +579,7 @@ class Qcow2Image(BlockDevice):
             ws = max(offset, cluster_start) - cluster_start
             we = min(end, cluster_start + cs) - cluster_start
             entry, bitmap = self.map.get_entry(cluster_index)
-            self.map.validate_entry(entry, bitmap, cluster_index)
+            self.map.validate_entry(entry, bitmap, cluster_index, overlap=False)
             host = entry & S.L2E_OFFSET_MASK
             compressed = bool(entry & S.OFLAG_COMPRESSED)
             mapped = self.map.has_host(entry)
@@ -541,6 +622,12 @@ class Qcow2Image(BlockDevice):
         if changes:
             self._prepare_l2_tables(changes)
             self._assign_hosts(changes)
+        if not has_data_file:
+            for _, run_length, host in direct:
+                self.guard_write(host, run_length)
+            for change in changes:
+                self.guard_write(change.host + change.fill_start,
+                                 change.fill_end - change.fill_start)
         return direct, changes
 
     def _clusters_of(self, entry: int) -> list[tuple[int, int]]:
@@ -595,14 +682,17 @@ class Qcow2Image(BlockDevice):
             # Shared with a snapshot: copy it. Refcounts count L1 -> L2 -> cluster paths, so
             # the clusters it points at keep their counts; only the table changes hands.
             table = self.map.l2_cache.get(offset).__copy__()
-            self.refcounts.free(offset >> self.cluster_bits)
         else:
             table = decode_be64(bytes(words * 8))
         new_cluster = self.refcounts.allocate(1)
         new_offset = new_cluster << self.cluster_bits
+        if offset:
+            self.refcounts.free(offset >> self.cluster_bits)
+            self.overlaps.remove(ACTIVE_L2, offset, self.cluster_size)  # a snapshot's alone now
         self.map.l2_cache.put(new_offset, table)
         self.map.l1[l1_index] = new_offset | S.OFLAG_COPIED
         self.map.l1_dirty.add(l1_index)
+        self.overlaps.add(ACTIVE_L2, new_offset, self.cluster_size)
 
     def _write_data(self, offset: int, view: memoryview, direct, changes) -> None:
         """Outside the lock: write the data and the copy-on-write fill, in host-contiguous runs."""
@@ -700,6 +790,7 @@ class Qcow2Image(BlockDevice):
                 entry, _ = self.map.get_entry(cluster_index)
                 self._writable_l2(cluster_index // self.map.l2_entries)
                 host = self._allocate_bytes(len(packed))
+                self.guard_write(host, len(packed))
             except BaseException:
                 self._io_active -= 1
                 raise
@@ -973,6 +1064,7 @@ class Qcow2Image(BlockDevice):
             bitmaps = None
         if self.data_host is not None:
             self._sync(self.data_host)
+        self._guard_metadata_writes()
         refs.write_blocks()
         if refs.table_dirty:
             self._sync(self.file)  # blocks before the table that points at them
@@ -998,10 +1090,25 @@ class Qcow2Image(BlockDevice):
             released = refs.apply_frees()
             self._last_decompressed = None
             self._compressed_tail = 0
+            self._guard_metadata_writes()
             refs.write_blocks()
             self._sync(self.file)
             for first, count in released:
                 self.file.punch_hole(first << self.cluster_bits, count << self.cluster_bits)
+
+    def _guard_metadata_writes(self) -> None:
+        """Before a write-back: every dirty table goes where its own kind of structure lies
+        and nowhere else (a table over another kind of metadata is refused)."""
+        cs = self.cluster_size
+        refs = self.refcounts
+        for offset in refs.blocks.dirty:
+            self.guard_write(offset, cs, REFCOUNT_BLOCK)
+        if refs.table_dirty:
+            self.guard_write(refs.table_offset, refs.table_clusters * cs, REFCOUNT_TABLE)
+        for offset in self.map.l2_cache.dirty:
+            self.guard_write(offset, cs, ACTIVE_L2)
+        if self.map.l1_dirty:
+            self.guard_write(self.map.l1_table_offset, len(self.map.l1) * 8, ACTIVE_L1)
 
     def _validate_for_write(self, entry: int, bitmap: int, cluster_index: int) -> None:
         """Refuse to change (or free what is behind) an entry that is itself invalid."""
@@ -1013,7 +1120,7 @@ class Qcow2Image(BlockDevice):
             self._signal_corruption(exc)
             raise
 
-    def _signal_corruption(self, exc: CorruptImageError) -> None:
+    def _signal_corruption(self, exc: Qcow2Error) -> None:
         """Metadata a write depends on is broken: mark the image corrupt and stop writing,
         as QEMU does, so nothing more is damaged before a repair."""
         if self.read_only or self.corrupt:
@@ -1101,6 +1208,7 @@ class Qcow2Image(BlockDevice):
             self._write_back()  # the new table's refcounts before the header
             table = array("Q", self.map.l1)
             table.extend([0] * (new_l1_size - old_size))
+            self.guard_write(new_offset, clusters * cs)
             self.file.pwrite(encode_be64(table).ljust(clusters * cs, b"\0"), new_offset)
             self._host_size = max(self._host_size, new_offset + clusters * cs)
             self._sync(self.file)
@@ -1132,6 +1240,7 @@ class Qcow2Image(BlockDevice):
                     self.refcounts.free(first, count)
         self.map.l1[l1_index] = 0
         self.map.l1_dirty.add(l1_index)
+        self.overlaps.remove(ACTIVE_L2, offset, self.cluster_size)
         self.refcounts.free(offset >> self.cluster_bits)
 
     def resize_drop_clusters(self, first_cluster: int, stop_cluster: int | None = None) -> None:
@@ -1233,6 +1342,8 @@ class Qcow2Image(BlockDevice):
                 hosts = [(first + i) << bits for i in range(len(todo))]
                 runs = [(first << bits, len(todo) * cs)]
             for host, length in runs:
+                if target is self.file:
+                    self.guard_write(host, length)
                 if mode == "falloc":
                     target.allocate(host, length)
                 elif mode == "full":

@@ -128,8 +128,12 @@ class ClusterMap:
             return False
         return bool(entry & S.L2E_OFFSET_MASK) or (self.has_data_file and bool(entry & S.OFLAG_COPIED))
 
-    def validate_entry(self, entry: int, bitmap: int, cluster_index: int) -> None:
-        """CorruptImageError for an uncompressed entry the format does not allow."""
+    def validate_entry(self, entry: int, bitmap: int, cluster_index: int,
+                       overlap: bool = True) -> None:
+        """CorruptImageError for an uncompressed entry the format does not allow.
+
+        overlap=False leaves out the test against the header, L1 and refcount tables: a
+        writer runs the image's full overlap check on what it writes instead."""
         if entry & S.OFLAG_COMPRESSED:
             return
         reserved = 0x3F000000000001FF if self.extended else S.L2E_STD_RESERVED_MASK
@@ -154,9 +158,9 @@ class ClusterMap:
                 return
         elif entry & S.OFLAG_ZERO or not self.has_host(entry):
             return
-        self._check_host(entry & S.L2E_OFFSET_MASK, entry, cluster_index)
+        self._check_host(entry & S.L2E_OFFSET_MASK, entry, cluster_index, overlap)
 
-    def _check_host(self, host: int, entry: int, cluster_index: int) -> None:
+    def _check_host(self, host: int, entry: int, cluster_index: int, overlap: bool) -> None:
         if host % self.cluster_size:
             raise CorruptImageError(
                 f"Cluster allocation offset 0x{host:x} unaligned (L2 entry 0x{entry:016x} for "
@@ -167,8 +171,9 @@ class ClusterMap:
             raise CorruptImageError(
                 f"Data cluster offset 0x{host:x} (guest cluster {cluster_index}) lies past the "
                 f"end of the image file")
-        self.check_no_overlap(host, self.cluster_size,
-                              f"Data cluster of guest cluster {cluster_index}")
+        if overlap:
+            self.check_no_overlap(host, self.cluster_size,
+                                  f"Data cluster of guest cluster {cluster_index}")
 
     def lookup(self, guest_offset: int, length: int) -> list[Segment]:
         """Split a guest range into segments, merging neighbours of the same kind."""

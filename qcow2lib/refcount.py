@@ -13,6 +13,7 @@ from array import array
 
 from .cache import TableCache, decode_be64, encode_be64
 from .errors import CorruptImageError, InvalidArgumentError
+from .overlap import REFCOUNT_BLOCK, REFCOUNT_TABLE, OverlapMap
 from .structs import MAX_REFTABLE_BYTES, REFT_OFFSET_MASK, REFT_RESERVED_MASK
 
 _NATIVE_LITTLE = sys.byteorder == "little"
@@ -108,6 +109,10 @@ class Refcounts:
         self.end_cluster = (file_size + self.cluster_size - 1) >> cluster_bits
         self.file_size_hint = file_size
         self.check_no_overlap = lambda offset, length, what: None  # set by the image
+        # Set by the image: refuses clusters that hold metadata whatever their refcount,
+        # and the map of that metadata, which learns of new blocks and table moves.
+        self.check_allocation = lambda first_cluster, count: None
+        self.overlaps: OverlapMap | None = None
 
     # --- reading ------------------------------------------------------------------------
 
@@ -199,14 +204,20 @@ class Refcounts:
         # itself from the range's first cluster.
         first = block_index * self.block_entries
         offset = first << self.cluster_bits
-        self.check_no_overlap(offset, self.cluster_size, "New refcount block")
+        self.check_allocation(first, 1)
         block = RefcountBlock(self.order, bytes(self.cluster_size))
         block.set(0, 1)
         self.blocks.put(offset, block)
-        self.table[block_index] = offset
+        self._set_table_entry(block_index, offset)
         self.table_dirty = True
         self.end_cluster = max(self.end_cluster, first + 1)
         return block
+
+    def _set_table_entry(self, block_index: int, offset: int) -> None:
+        """Point the table at a new refcount block (the table had none for its range)."""
+        self.table[block_index] = offset
+        if self.overlaps is not None:
+            self.overlaps.add(REFCOUNT_BLOCK, offset, self.cluster_size)
 
     def _grow_table(self, min_entries: int) -> None:
         """Move the table to the end of the image, larger, with the blocks that count it."""
@@ -230,6 +241,7 @@ class Refcounts:
             if last // self.block_entries < entries:
                 break
             entries = last // self.block_entries + 1
+        self.check_allocation(start, table_clusters + new_blocks)
         new_table = array("Q", self.table)
         new_table.extend([0] * (table_clusters * per_cluster - len(new_table)))
         old = (self.table_offset >> self.cluster_bits, self.table_clusters)
@@ -238,7 +250,11 @@ class Refcounts:
             cluster = start + table_clusters + i
             self.blocks.put(cluster << self.cluster_bits,
                             RefcountBlock(self.order, bytes(self.cluster_size)))
-            self.table[block_index] = cluster << self.cluster_bits
+            self._set_table_entry(block_index, cluster << self.cluster_bits)
+        if self.overlaps is not None:
+            self.overlaps.move(REFCOUNT_TABLE, self.table_offset,
+                               self.table_clusters * self.cluster_size,
+                               start << self.cluster_bits, table_clusters * self.cluster_size)
         self.table_offset = start << self.cluster_bits
         self.table_clusters = table_clusters
         self.table_dirty = self.table_moved = True
@@ -277,13 +293,12 @@ class Refcounts:
                 candidate, need = start, len(missing) + count
                 continue
             break
-        # Refcounts claim these are free; refuse if that contradicts the header.
-        self.check_no_overlap(start << self.cluster_bits, (len(missing) + count) << self.cluster_bits,
-                              "Newly allocated cluster")
+        # Refcounts claim these are free; refuse them if metadata lies there all the same.
+        self.check_allocation(start, len(missing) + count)
         for i, block_index in enumerate(missing):
             offset = (start + i) << self.cluster_bits
             self.blocks.put(offset, RefcountBlock(self.order, bytes(self.cluster_size)))
-            self.table[block_index] = offset
+            self._set_table_entry(block_index, offset)
             self.table_dirty = True
         first = start + len(missing)
         self.update(start, len(missing) + count, +1)
@@ -295,6 +310,7 @@ class Refcounts:
         """Allocate exactly [cluster, cluster+count) if all of it is free; False otherwise."""
         if not self._is_free(cluster, count):
             return False
+        self.check_allocation(cluster, count)
         for block_index in range(cluster // self.block_entries,
                                  (cluster + count - 1) // self.block_entries + 1):
             self._writable_block(block_index)

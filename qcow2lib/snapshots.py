@@ -312,6 +312,7 @@ class _Appender:
         cs = self.image.cluster_size
         offset = self.end
         size = -(-len(data) // cs) * cs
+        self.image.guard_write(offset, size)
         self.image.file.pwrite(data + bytes(size - len(data)), offset)
         self.end += size
         return offset
@@ -484,7 +485,7 @@ def _grow_l1(image, entries: int) -> None:
     old_offset, old_size = m.l1_table_offset, len(m.l1)
     l1 = array("Q", m.l1)
     l1.extend([0] * (entries - len(l1)))
-    offset = image.write_new_clusters(encode_be64(l1), "New L1 table")
+    offset = image.write_new_clusters(encode_be64(l1))
     image._write_back()
     _switch_header(image, l1_size=entries, l1_table_offset=offset)
     _use_l1(image, l1, offset)

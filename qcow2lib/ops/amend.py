@@ -253,6 +253,7 @@ def _upgrade(image) -> None:
         with image._lock:
             first = image.refcounts.allocate(clusters)
         offset = first << image.cluster_bits
+        image.guard_write(offset, clusters * cs)
         image.file.pwrite(data + bytes(clusters * cs - len(data)), offset)
         image._host_size = max(image._host_size, offset + clusters * cs)
         old_table = (hdr.snapshots_offset, table_bytes)
@@ -325,6 +326,7 @@ def _expand_zero_clusters(image, snapshots) -> None:
                     host = entry & S.L2E_OFFSET_MASK
                     if host and image.refcounts.get(host >> bits) <= l2_refcount:
                         # Preallocated zero cluster only this table uses: make it hold zeros.
+                        image.guard_write(host, cs)
                         image.file.pwrite(zeros, host)
                         table[j] = entry & ~S.OFLAG_ZERO
                         dirty = True
@@ -340,6 +342,7 @@ def _expand_zero_clusters(image, snapshots) -> None:
                         cluster = image.refcounts.allocate(1)
                         if l2_refcount > 1:
                             image.refcounts.update(cluster, 1, l2_refcount - 1)
+                        image.guard_write(cluster << bits, cs)
                         image.file.pwrite(zeros, cluster << bits)
                         image._host_size = max(image._host_size, (cluster + 1) << bits)
                         table[j] = (cluster << bits) | (S.OFLAG_COPIED if l2_refcount == 1 else 0)

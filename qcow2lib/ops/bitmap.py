@@ -227,18 +227,18 @@ def _commit(image, entries: list[BitmapEntry], new_bits: dict[str, bytearray],
         for entry in entries:
             bits = new_bits.get(entry.name)
             if bits is not None:  # all-zero clusters of bits need none
-                table = [image.write_new_clusters(bits[start:start + cs], "New bitmap")
+                table = [image.write_new_clusters(bits[start:start + cs])
                          if bits[start:start + cs].strip(b"\0") else 0
                          for start in range(0, len(bits), cs)]
                 entry = replace(entry, table_size=len(table), table_offset=image.write_new_clusters(
-                    struct.pack(f">{len(table)}Q", *table), "New bitmap table"))
+                    struct.pack(f">{len(table)}Q", *table)))
             final.append(entry)
         old = bitmaps_extension(image.header) \
             if image.header.autoclear_features & S.AUTOCLEAR_BITMAPS else None
         image.header.extensions = [e for e in image.header.extensions if e.type != S.EXT_BITMAPS]
         if final:
             directory = b"".join(_pack_entry(entry) for entry in final)
-            directory_offset = image.write_new_clusters(directory, "New bitmap directory")
+            directory_offset = image.write_new_clusters(directory)
             image.header.extensions.append(Extension(S.EXT_BITMAPS, S.BitmapsExtension.build(dict(
                 nb_bitmaps=len(final), reserved=0, bitmap_directory_size=len(directory),
                 bitmap_directory_offset=directory_offset))))
