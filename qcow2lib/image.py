@@ -327,7 +327,9 @@ class Qcow2Image(BlockDevice):
         if last is not None and last[0] == seg.host_offset:
             return last[1]
         raw = self.file.pread(seg.compressed_size, seg.host_offset)
-        plain = codecs.decompress(self.compression_type, raw, self.cluster_size)
+        plain = codecs.decompress(
+            self.compression_type, raw, self.cluster_size,
+            f" at host offset 0x{seg.host_offset:x} (guest offset 0x{seg.cluster_offset:x})")
         self._last_decompressed = (seg.host_offset, plain)
         return plain
 

@@ -1,0 +1,297 @@
+"""Hostile images and failure paths (issue 10): each test builds its hostile images at test
+time from valid ones made by qemu-img, and compares with what QEMU does where QEMU answers.
+
+* Decompression bombs: a compressed cluster whose stream inflates far past the cluster
+  (to gigabytes) costs no more than about a cluster of memory, under an address-space
+  limit, for read, convert, compare and a copy-on-write into the cluster.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import tracemalloc
+import zlib
+from pathlib import Path
+
+import pytest
+import zstandard
+
+import qcow2lib
+from qcow2lib import CorruptImageError, codecs
+
+from qemutools import QEMU_IMG, QEMU_IO, assert_clean, qemu_img, run
+
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = Path(__file__).resolve().parent.parent
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+OFLAG_COMPRESSED = 1 << 62
+OFFSET_MASK = 0x00FFFFFFFFFFFE00
+
+
+# ---------------------------------------------------------------------------------------------
+# Decompression bombs
+# ---------------------------------------------------------------------------------------------
+
+def zstd_rle_frame(total: int, content_size: int | None = None, byte: int = 0) -> bytes:
+    """A zstd frame of RLE blocks (4 bytes each for 128 KiB of output): `total` bytes of
+    `byte`, declaring `content_size` (honest or not) or no content size."""
+    descriptor = 0xC0 if content_size is not None else 0x00  # 8-byte content size, or none
+    frame = bytearray(struct.pack("<IBB", 0xFD2FB528, descriptor, 0x38))  # window 128 KiB
+    if content_size is not None:
+        frame += struct.pack("<Q", content_size)
+    block = 128 * KiB
+    blocks = -(-total // block)
+    for i in range(blocks):
+        size = min(block, total - i * block)
+        header = (i == blocks - 1) | 1 << 1 | size << 3
+        frame += struct.pack("<I", header)[:3] + bytes([byte])
+    return bytes(frame)
+
+
+def zlib_bomb(total: int) -> bytes:
+    """Raw deflate (QEMU's 4 KiB window) of `total` zero bytes, made from one 4 MiB piece
+    repeated: a full flush makes every piece start afresh, so the pieces are identical."""
+    chunk = 4 * MiB
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -12)
+    piece = deflater.compress(bytes(chunk)) + deflater.flush(zlib.Z_FULL_FLUSH)
+    assert deflater.compress(bytes(chunk)) + deflater.flush(zlib.Z_FULL_FLUSH) == piece
+    return piece * (total // chunk) + deflater.flush()
+
+
+def max_payload(cluster_size: int) -> int:
+    """The most compressed bytes an L2 entry can describe: 2^(cluster_bits - 8) sectors."""
+    return cluster_size // 256 * 512
+
+
+def bomb_image(path: Path, kind: str, cluster_size: int, payload: bytes) -> Path:
+    """A qemu-img image whose guest cluster 0 is compressed with `payload` as its stream
+    (cluster 1 holds plain data). The payload goes into new clusters at the end of the
+    file with their refcounts set and the old compressed cluster's cleared, so qemu-img
+    check finds nothing wrong: only decompressing shows the bomb."""
+    qemu_img("create", "-q", "-f", "qcow2", "-o",
+             f"compression_type={kind},cluster_size={cluster_size}", path, 4 * cluster_size)
+    run([QEMU_IO, "-c", f"write -c -P 0x5a 0 {cluster_size}",
+         "-c", f"write -P 0x33 {cluster_size} {cluster_size}", path])
+    cluster_bits = cluster_size.bit_length() - 1
+    csize_shift = 62 - (cluster_bits - 8)
+    with open(path, "r+b") as f:
+        data = f.read()
+        (l1_offset,) = struct.unpack_from(">Q", data, 40)
+        (reftable_offset,) = struct.unpack_from(">Q", data, 48)
+        assert struct.unpack_from(">I", data, 96) == (4,)  # 16-bit refcounts
+        l2_offset = struct.unpack_from(">Q", data, l1_offset)[0] & OFFSET_MASK
+        (entry,) = struct.unpack_from(">Q", data, l2_offset)
+        assert entry & OFLAG_COMPRESSED
+        old_host = entry & ((1 << csize_shift) - 1)
+        refblock = struct.unpack_from(">Q", data, reftable_offset)[0]
+        new_host = -(-len(data) // cluster_size) * cluster_size
+        sectors = -(-len(payload) // 512)
+        assert sectors <= max_payload(cluster_size) // 512
+        f.seek(new_host)
+        f.write(payload)
+        f.truncate(new_host + -(-len(payload) // cluster_size) * cluster_size)
+        f.seek(l2_offset)
+        f.write(struct.pack(">Q", OFLAG_COMPRESSED | new_host | (sectors - 1) << csize_shift))
+        f.seek(refblock + 2 * (old_host >> cluster_bits))
+        f.write(struct.pack(">H", 0))
+        for cluster in range(new_host >> cluster_bits,
+                             -(-(new_host + len(payload)) // cluster_size)):
+            f.seek(refblock + 2 * cluster)
+            f.write(struct.pack(">H", 1))
+    assert_clean(path)
+    return path
+
+
+# The worker runs in its own process under an address-space limit of 512 MiB above what it
+# uses once warmed up: a bomb decompressed whole (gigabytes) would end in MemoryError there.
+LIMITED_WORKER = r"""
+import contextlib, io, json, os, resource, sys, time
+sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tools")]
+import qcow2lib, qimg
+from qcow2lib import Qcow2Error, codecs
+
+def vm_size():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmSize:"))
+
+list(codecs.pool().map(time.sleep, [0.01] * 8))  # the codec threads exist before the limit
+limit = vm_size() + (512 << 20)
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+image, reference, out_dir, length = sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+results = {}
+
+def attempt(name, action):
+    try:
+        results[name] = {"ok": action()}
+    except Qcow2Error as exc:
+        results[name] = {"error": type(exc).__name__, "message": str(exc)}
+
+def read():
+    with qcow2lib.open(image) as dev:
+        return dev.read(0, length).hex()
+
+def cow_write():
+    dev = qcow2lib.open(image, "r+")
+    try:
+        dev.write(512, b"\x77" * 512)
+    finally:
+        dev.close()
+    return True
+
+def cli(*args):
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = qimg.main(list(args), prog="qemu-img")
+    return {"code": code, "stderr": err.getvalue()}
+
+attempt("read", read)
+results["convert"] = cli("convert", "-O", "qcow2", image, os.path.join(out_dir, "converted.qcow2"))
+results["compare"] = cli("compare", image, reference)
+attempt("cow_write", cow_write)
+print(json.dumps(results))
+"""
+
+
+def run_limited(image: Path, reference: Path, out_dir: Path, length: int) -> dict:
+    result = subprocess.run([sys.executable, "-c", LIMITED_WORKER, str(ROOT), str(image),
+                             str(reference), str(out_dir), str(length)],
+                            capture_output=True, text=True, env={**os.environ,
+                                                                 "MALLOC_ARENA_MAX": "2"})
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    return json.loads(result.stdout)
+
+
+BOMBS = {
+    # name: (compression type, cluster size, payload built from the cluster size)
+    "zstd-64k": ("zstd", 64 * KiB, lambda cs: zstd_rle_frame(3 * GiB)),
+    "zstd-64k-honest-size": ("zstd", 64 * KiB,
+                             lambda cs: zstd_rle_frame(3 * GiB, 3 * GiB)),
+    "zstd-64k-lying-size": ("zstd", 64 * KiB, lambda cs: zstd_rle_frame(3 * GiB, cs)),
+    "zstd-64k-second-frame": ("zstd", 64 * KiB, lambda cs: zstandard.ZstdCompressor().compress(
+        bytes(cs // 2)) + zstd_rle_frame(3 * GiB)),
+    "zstd-2m": ("zstd", 2 * MiB, lambda cs: zstd_rle_frame(4 * GiB)),
+    "zlib-64k": ("zlib", 64 * KiB, lambda cs: zlib_bomb(120 * MiB)),
+    "zlib-2m": ("zlib", 2 * MiB, lambda cs: zlib_bomb(2 * GiB)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BOMBS))
+def test_decompression_bomb(tmp_path, name):
+    """As QEMU: zlib stops at the cluster size and reads what it has; a zstd frame going on
+    past the cluster is an error (QEMU: EIO; here CorruptImageError naming the cluster).
+    Either way memory stays bounded: read, convert, compare and a copy-on-write write run
+    under a 512 MiB address-space limit, and every failure is a clean Qcow2Error."""
+    kind, cluster_size, make_payload = BOMBS[name]
+    payload = make_payload(cluster_size)
+    assert len(payload) <= max_payload(cluster_size)
+    image = bomb_image(tmp_path / "bomb.qcow2", kind, cluster_size, payload)
+    twin = tmp_path / "twin.qcow2"  # QEMU's copy, for the write
+    twin.write_bytes(image.read_bytes())
+    reference = tmp_path / "reference.raw"
+    reference.write_bytes(b"\x5a" * cluster_size)
+    qemu_read = run([QEMU_IO, "-c", f"read 0 {cluster_size}", image], check=False)
+    qemu_convert = run([QEMU_IMG, "convert", "-O", "raw", image, tmp_path / "qemu.raw"],
+                       check=False)
+    qemu_compare = run([QEMU_IMG, "compare", image, reference], check=False)
+    qemu_write = run([QEMU_IO, "-c", "write -P 0x77 512 512", twin], check=False)
+
+    results = run_limited(image, reference, tmp_path, cluster_size)
+    converted = tmp_path / "converted.qcow2"
+    assert results["convert"]["code"] == qemu_convert.returncode, results["convert"]
+    assert results["compare"]["code"] == qemu_compare.returncode, results["compare"]
+    if kind == "zlib":
+        # QEMU keeps the first cluster's worth and reads on.
+        assert "read failed" not in qemu_read.stdout and qemu_convert.returncode == 0
+        expected = (tmp_path / "qemu.raw").read_bytes()[:cluster_size]
+        assert bytes.fromhex(results["read"]["ok"]) == expected
+        assert qemu_img("compare", converted, tmp_path / "qemu.raw").returncode == 0
+        assert results["cow_write"] == {"ok": True}
+        assert "wrote" in qemu_write.stdout
+        assert qemu_img("compare", image, twin).returncode == 0
+    else:
+        assert "Input/output error" in qemu_read.stdout + qemu_read.stderr
+        assert "Input/output error" in qemu_write.stdout + qemu_write.stderr
+        for step in ("read", "cow_write"):
+            assert results[step]["error"] == "CorruptImageError", results
+            message = results[step]["message"]
+            assert "guest offset 0x0" in message and "zstd" in message, message
+        for step in ("convert", "compare"):
+            assert "guest offset 0x0" in results[step]["stderr"], results[step]
+        assert_clean(image)  # the failed write changed nothing on disk
+
+
+def test_decompress_memory_stays_within_a_cluster():
+    """The codec itself: Python memory for a 4 GiB bomb stays about one cluster (plus one
+    128 KiB zstd block), whether or not the frame states its size."""
+    cluster_size = 64 * KiB
+    cases = [("zstd", zstd_rle_frame(3 * GiB)),
+             ("zstd", zstd_rle_frame(3 * GiB, 3 * GiB)),
+             ("zlib", zlib_bomb(64 * MiB))]
+    for kind, payload in cases:
+        tracemalloc.start()
+        try:
+            try:
+                codecs.decompress(kind, payload, cluster_size, " (test)")
+            except CorruptImageError as exc:
+                assert kind == "zstd" and "(test)" in str(exc)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < cluster_size + 128 * KiB + 64 * KiB + len(payload), (kind, peak)
+
+
+def _frames(*pieces: bytes) -> bytes:
+    return b"".join(pieces)
+
+
+@pytest.mark.parametrize("checksum", [False, True])
+@pytest.mark.parametrize("content_size", [False, True])
+@pytest.mark.parametrize("cluster_size", [512, 64 * KiB, 2 * MiB])
+def test_zstd_valid_streams_decode(checksum, content_size, cluster_size):
+    """What zstd writers produce still decodes: one frame with or without checksum and
+    content size, several frames making up the cluster, trailing bytes after the frame
+    that fills it (the next compressed cluster shares the last sector), skippable frames."""
+    data = (os.urandom(97) * (cluster_size // 97 + 1))[:cluster_size]
+    compressor = zstandard.ZstdCompressor(write_checksum=checksum, write_content_size=content_size)
+    half = cluster_size // 2
+    skippable = struct.pack("<II", 0x184D2A53, 5) + b"12345"
+    streams = [
+        compressor.compress(data),
+        compressor.compress(data) + b"\x28\xb5\x2f\xfd\x00garbage",
+        compressor.compress(data[:half]) + compressor.compress(data[half:]) + bytes(300),
+        skippable + compressor.compress(data[:half]) + skippable + compressor.compress(data[half:]),
+    ]
+    chunker = compressor.chunker(chunk_size=4096)  # many blocks from a streaming compressor
+    streamed = b"".join(chunker.compress(data)) + b"".join(chunker.finish())
+    streams.append(streamed)
+    for stream in streams:
+        assert codecs.decompress("zstd", stream, cluster_size) == data
+
+
+def test_zstd_frames_that_do_not_fit_the_cluster():
+    """QEMU's rule: decoding stops when the cluster is full, and the frame filling it must
+    end there; a stream ending early is short. Each is a CorruptImageError."""
+    cluster_size = 64 * KiB
+    data = os.urandom(cluster_size)
+    compressor = zstandard.ZstdCompressor()
+    cases = {
+        "past the cluster": compressor.compress(data + b"x"),
+        "past the cluster in the second frame": compressor.compress(data[:100])
+        + compressor.compress(data),
+        "short": compressor.compress(data[:-1]),
+        "cut": compressor.compress(data)[:-3],
+        "garbage": b"\x00" * 64,
+        "rle bomb without an end": zstd_rle_frame(4 * GiB)[:-4],
+    }
+    for what, stream in cases.items():
+        with pytest.raises(CorruptImageError, match="compressed cluster"):
+            codecs.decompress("zstd", stream, cluster_size)
+            pytest.fail(what)
