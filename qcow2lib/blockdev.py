@@ -110,11 +110,12 @@ class RawDevice(BlockDevice):
     format = "raw"
 
     def __init__(self, path: str, mode: str = "r", force_share: bool = False,
-                 probed: bool = False):
+                 probed: bool = False, backing_of: str | None = None):
         self.filename = path
         self.probed = probed  # the format was guessed: sector 0 must not turn into another
         self.read_only = mode != "r+"
-        self.file = open_host_file(path, writable=not self.read_only)
+        self.file = open_host_file(path, writable=not self.read_only,
+                                   role="backing file" if backing_of else None, named_by=backing_of)
         try:
             self.file.lock_for_use(force_share)
         except BaseException:

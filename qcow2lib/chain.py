@@ -13,16 +13,17 @@ from . import structs as S
 from .blockdev import BlockDevice, RawDevice
 from .errors import (CorruptImageError, InvalidArgumentError, Qcow2Error, Qcow2IOError,
                      UnsupportedFeatureError)
-from .hostfile import open_host_file
+from .hostfile import open_host_file, refuse_special_file
 from .image import Qcow2Image
 
 MAX_CHAIN_DEPTH = 16
 FORMATS = ("qcow2", "raw")
 
 
-def probe_format(path: str) -> str:
-    """'qcow2' when the file starts with the qcow2 magic, else 'raw'."""
-    file = open_host_file(path)
+def probe_format(path: str, backing_of: str | None = None) -> str:
+    """'qcow2' when the file starts with the qcow2 magic, else 'raw'. backing_of: the
+    image naming the file as its backing file (a special file is then refused)."""
+    file = open_host_file(path, role="backing file" if backing_of else None, named_by=backing_of)
     try:
         magic = file.pread(4, 0)
     finally:
@@ -30,13 +31,15 @@ def probe_format(path: str) -> str:
     return "qcow2" if magic == S.QCOW_MAGIC.to_bytes(4, "big") else "raw"
 
 
-def backing_format(path: str, stated: str | None, name: str) -> str:
-    """The format a backing file is opened with: the one its image states, else qcow2 if
-    the file has the qcow2 magic. A file that would be probed as raw is refused: a backing
-    file name in an untrusted image must not expose any host file's bytes to the guest."""
+def backing_format(path: str, stated: str | None, name: str, backing_of: str) -> str:
+    """The format a backing file is opened with: the one its image (`backing_of`) states,
+    else qcow2 if the file has the qcow2 magic. A file that would be probed as raw is
+    refused: a backing file name in an untrusted image must not expose any host file's
+    bytes to the guest. A FIFO, socket or character device is refused before it is read."""
+    refuse_special_file(path, "backing file", backing_of)
     if stated is not None:
         return stated
-    if probe_format(path) == "qcow2":
+    if probe_format(path, backing_of) == "qcow2":
         return "qcow2"
     raise UnsupportedFeatureError(
         f"The image states no format for its backing file '{name}', which is not a qcow2 "
@@ -71,7 +74,8 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
                data_file: str | None = None, force_share: bool = False,
                passphrase: str | bytes | Sequence[str | bytes | None] | None = None,
                open_data_file: bool = True, _chain: tuple[str, ...] = (),
-               snapshot: str | None = None, cache: str = "writeback") -> BlockDevice:
+               snapshot: str | None = None, cache: str = "writeback",
+               backing_of: str | None = None) -> BlockDevice:
     """Open an image (and, unless backing=False, its whole backing chain, read-only).
 
     Images are locked the way QEMU locks them; force_share (qemu-img -U) reads an image
@@ -82,6 +86,8 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
     (what `info` needs). snapshot="name or id" gives a read-only view of an internal
     snapshot's content. cache="unsafe" never makes writes durable (flush()
     only writes metadata back), as qemu-img convert treats its target by default.
+    backing_of names the image whose backing file `path` is: a FIFO, socket or character
+    device is then refused (named directly, a character device opens as a file).
     """
     if snapshot is not None and mode != "r":
         raise InvalidArgumentError("a snapshot can only be opened read-only (mode 'r')")
@@ -92,7 +98,7 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
                                    f"{cache!r}")
     probed = fmt is None
     if probed:
-        fmt = probe_format(path)
+        fmt = probe_format(path, backing_of)
     if fmt not in FORMATS:
         raise UnsupportedFeatureError(f"Unknown driver '{fmt}'")
     if "\0" in path:
@@ -107,7 +113,7 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
     if fmt == "raw":
         if snapshot is not None:
             raise UnsupportedFeatureError("Block driver does not support snapshots (raw)")
-        device = RawDevice(path, mode, force_share, probed)
+        device = RawDevice(path, mode, force_share, probed, backing_of)
         device.file.no_flush = cache == "unsafe"
         return device
     if isinstance(passphrase, (str, bytes, type(None))):
@@ -117,7 +123,8 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
         own_passphrase = layers[0] if layers else None
         backing_passphrase = layers[1:]
     image = Qcow2Image(path, mode, data_file_path=data_file, force_share=force_share,
-                       passphrase=own_passphrase, open_data_file=open_data_file)
+                       passphrase=own_passphrase, open_data_file=open_data_file,
+                       backing_of=backing_of)
     for host in (image.file, image.data_host):
         if host is not None:
             host.no_flush = cache == "unsafe"
@@ -129,9 +136,9 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
                                       f"directory", backing_path)
             image.backing = open_image(backing_path, "r",
                                        backing_format(backing_path, image.backing_format,
-                                                      image.backing_filename),
+                                                      image.backing_filename, path),
                                        True, None, force_share, backing_passphrase,
-                                       open_data_file, _chain + (real,))
+                                       open_data_file, _chain + (real,), backing_of=path)
         except Qcow2Error as exc:
             image.close()
             raise _in_backing_file(exc) from exc

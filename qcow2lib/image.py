@@ -52,12 +52,14 @@ class Qcow2Image(BlockDevice):
 
     def __init__(self, path: str, mode: str = "r", data_file_path: str | None = None,
                  force_share: bool = False, passphrase: str | bytes | None = None,
-                 open_data_file: bool = True):
+                 open_data_file: bool = True, backing_of: str | None = None):
+        """backing_of: the image naming this one as its backing file, if any."""
         if mode not in ("r", "r+"):
             raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
         self.filename = path
         self.read_only = mode == "r"
-        self.file = open_host_file(path, writable=not self.read_only)
+        self.file = open_host_file(path, writable=not self.read_only,
+                                   role="backing file" if backing_of else None, named_by=backing_of)
         self.data_host: HostFile | None = None  # the external data file, when there is one
         self.force_share = force_share
         try:
@@ -108,7 +110,8 @@ class Qcow2Image(BlockDevice):
             if not open_data_file and not self.read_only:
                 raise InvalidArgumentError("an image opened for writing needs its data file")
             if open_data_file:
-                self.data_host = open_host_file(name, writable=not self.read_only)
+                self.data_host = open_host_file(name, writable=not self.read_only,
+                                                role="external data file", named_by=self.filename)
                 self.data_host.lock_for_use(self.force_share)
         elif hdr.data_file:
             raise CorruptImageError("'data-file' can only be set for images with an external "

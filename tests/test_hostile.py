@@ -4,11 +4,17 @@ time from valid ones made by qemu-img, and compares with what QEMU does where QE
 * Decompression bombs: a compressed cluster whose stream inflates far past the cluster
   (to gigabytes) costs no more than about a cluster of memory, under an address-space
   limit, for read, convert, compare and a copy-on-write into the cluster.
+* Special files: a FIFO, socket or character device named by an image as its backing file
+  or external data file is refused before any I/O (qemu-img hangs on a FIFO); a FIFO or
+  socket given as the image itself too. Regular files and block devices still open.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -20,7 +26,7 @@ import pytest
 import zstandard
 
 import qcow2lib
-from qcow2lib import CorruptImageError, codecs
+from qcow2lib import CorruptImageError, Qcow2Error, codecs
 
 from qemutools import QEMU_IMG, QEMU_IO, assert_clean, qemu_img, run
 
@@ -295,3 +301,134 @@ def test_zstd_frames_that_do_not_fit_the_cluster():
         with pytest.raises(CorruptImageError, match="compressed cluster"):
             codecs.decompress("zstd", stream, cluster_size)
             pytest.fail(what)
+
+
+# ---------------------------------------------------------------------------------------------
+# Special files
+# ---------------------------------------------------------------------------------------------
+
+def qimg_run(*args: str) -> tuple[int, str, str]:
+    """qimg in this process: (exit code, stdout, stderr)."""
+    import qimg
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = qimg.main([str(a) for a in args], prog="qemu-img")
+    return code, out.getvalue(), err.getvalue()
+
+
+@contextlib.contextmanager
+def special_file(path: Path, kind: str):
+    """Make `path` a FIFO, a listening Unix socket, or a character device (a symlink to
+    /dev/zero, the one host file these tests name)."""
+    listener = None
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "socket":
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(path))
+        listener.listen()
+    else:
+        os.symlink("/dev/zero", path)
+    try:
+        yield path
+    finally:
+        if listener is not None:
+            listener.close()
+
+
+SPECIAL_NAMES = {"fifo": "a FIFO", "socket": "a socket", "chardev": "a character device"}
+
+
+def images_naming(tmp_path: Path, target_name: str) -> dict[str, Path]:
+    """Two qemu-img images naming `target_name` (a file made afterwards): one as its backing
+    file (stated format raw, so no probing decides anything), one as its external data file
+    (data_file_raw: every guest cluster maps to the data file)."""
+    qemu_img("create", "-q", "-f", "raw", tmp_path / target_name, "1M")
+    backed = tmp_path / "backed.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", target_name, "-F", "raw", backed, "1M")
+    with_data = tmp_path / "with-data.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={target_name},data_file_raw=on", with_data,
+             "1M")
+    (tmp_path / target_name).unlink()
+    return {"backing file": backed, "external data file": with_data}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", sorted(SPECIAL_NAMES))
+def test_special_files_named_by_an_image_are_refused(tmp_path, kind, monkeypatch):
+    """qcow2lib.open and every qimg command that opens the file refuse it with an error
+    naming the file and what it is, at once (a FIFO is never opened blocking)."""
+    monkeypatch.chdir(tmp_path)  # qemu-img resolves a data file name against the cwd
+    images = images_naming(tmp_path, "target")
+    with special_file(tmp_path / "target", kind):
+        for role, image in images.items():
+            for mode in ("r", "r+"):
+                with pytest.raises(Qcow2Error, match=SPECIAL_NAMES[kind]) as info:
+                    qcow2lib.open(str(image), mode)
+                message = str(info.value)
+                assert f"The {role} '" in message and "target'" in message, message
+                assert f"named by '{image}'" in message, message
+            commands = [("map", image), ("convert", "-O", "raw", image, tmp_path / "out.raw"),
+                        ("compare", image, image), ("info", "--backing-chain", image)]
+            if role == "external data file":  # qemu-img opens the data file for these too
+                commands += [("snapshot", "-l", image), ("check", "-r", "all", image)]
+            else:
+                commands += [("check", image), ("snapshot", "-l", image)]
+            for command in commands:
+                code, _, err = qimg_run(*command)
+                if command[0] == "info" and role == "external data file":
+                    assert code == 0, err  # info reads no guest data
+                    continue
+                assert code != 0 and SPECIAL_NAMES[kind] in err and "target'" in err, \
+                    (command, err)
+                assert "Traceback" not in err
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["fifo", "socket"])
+def test_fifo_or_socket_as_the_image_is_refused(tmp_path, kind):
+    """Named directly, a FIFO or socket is refused too (qemu-img waits on a FIFO forever);
+    a character device still opens as a file, as before."""
+    with special_file(tmp_path / "image", kind) as path:
+        for mode in ("r", "r+"):
+            with pytest.raises(Qcow2Error, match="regular file|No such device"):
+                qcow2lib.open(str(path), mode)
+        for fmt in ("qcow2", "raw"):
+            with pytest.raises(Qcow2Error, match="regular file|No such device"):
+                qcow2lib.open(str(path), "r", fmt=fmt)
+        for command in (("info", path), ("check", path), ("map", path),
+                        ("convert", "-O", "raw", path, tmp_path / "out.raw")):
+            code, _, err = qimg_run(*command)
+            assert code == 1 and str(path) in err and "Traceback" not in err, (command, err)
+    if kind == "fifo":
+        with special_file(tmp_path / "fifo2", "fifo") as path:
+            with pytest.raises(Qcow2Error, match="it is a FIFO"):
+                qcow2lib.open(str(path))
+    with special_file(tmp_path / "chardev", "chardev") as path:
+        code, out, err = qimg_run("info", "--output=json", path)
+        assert code == 0 and json.loads(out)["format"] == "raw", err
+
+
+@pytest.mark.timeout(30)
+def test_block_devices_and_regular_files_named_by_an_image_open(tmp_path, monkeypatch):
+    """A loop device (through a symlink in tmp_path) as backing file and as data file."""
+    monkeypatch.chdir(tmp_path)
+    backing_content = tmp_path / "disk.raw"
+    backing_content.write_bytes(b"\x42" * MiB)
+    loop = subprocess.run(["losetup", "-f", "--show", backing_content], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    try:
+        images = images_naming(tmp_path, "target")
+        os.symlink(loop, tmp_path / "target")
+        for role, image in images.items():
+            with qcow2lib.open(str(image)) as dev:
+                assert dev.read(0, 4096) == b"\x42" * 4096, role
+            code, _, err = qimg_run("compare", image, backing_content)
+            assert code == 0, (role, err)
+        (tmp_path / "target").unlink()
+        os.symlink(backing_content, tmp_path / "target")  # a regular file through a symlink
+        for role, image in images.items():
+            with qcow2lib.open(str(image)) as dev:
+                assert dev.read(0, 4096) == b"\x42" * 4096, role
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=True)

@@ -60,11 +60,12 @@ def _open_chain(top_path: str, fmt: str | None, base_name: str | None, passphras
                                   f"No such file or directory")
             if is_base:
                 layer.backing = open_image(path, "r+", backing_format(
-                    path, layer.backing_format, name), passphrase=passphrases[depth:])
+                    path, layer.backing_format, name, layer.filename),
+                    passphrase=passphrases[depth:], backing_of=layer.filename)
                 return top, depth
             layer.backing = open_image(path, "r", backing_format(
-                path, layer.backing_format, name), backing=False,
-                passphrase=passphrases[depth:depth + 1])
+                path, layer.backing_format, name, layer.filename), backing=False,
+                passphrase=passphrases[depth:depth + 1], backing_of=layer.filename)
             layer = layer.backing
     except BaseException:
         top.close()

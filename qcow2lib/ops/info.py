@@ -105,15 +105,18 @@ def _describe(img, path: str) -> dict:
     return info
 
 
-def image_info(filename: str, fmt: str | None = None, force_share: bool = False) -> dict:
+def image_info(filename: str, fmt: str | None = None, force_share: bool = False,
+               backing_of: str | None = None) -> dict:
     """The `qemu-img info` dict of one image, its backing file left unopened.
 
     `filename` is taken as qemu-img takes it (a "file:" prefix is allowed); `fmt` None
-    probes the format; force_share reads an image another process has open for writing.
+    probes the format; force_share reads an image another process has open for writing;
+    backing_of names the image whose backing file this is (see open_image).
     Raises ImageOpenError naming the file when it cannot be read.
     """
     try:
-        with open_by_name(filename, fmt, backing=False, force_share=force_share) as img:
+        with open_by_name(filename, fmt, backing=False, force_share=force_share,
+                          backing_of=backing_of) as img:
             return _describe(img, host_path(filename))
     except Qcow2Error as exc:
         hint = ""
@@ -133,13 +136,14 @@ def image_info_list(filename: str, fmt: str | None = None, backing_chain: bool =
     seen: set[str] = set()
     infos: list[dict] = []
     name: str | None = filename
+    named_by: str | None = None
     while name is not None:
         if name in seen:
             raise CorruptImageError(f"Backing file '{name}' creates an infinite loop.")
         seen.add(name)
-        info = image_info(name, fmt, force_share)
+        info = image_info(name, fmt, force_share, named_by)
         infos.append(info)
-        name = fmt = None
+        named_by, name, fmt = name, None, None
         if backing_chain:
             name = info.get("full-backing-filename")
             fmt = info.get("backing-filename-format")
