@@ -78,11 +78,15 @@ def _zstd_cluster(data: memoryview, cluster_size: int, where: str) -> bytes:
     """
     chunks: list[bytes] = []
     produced = 0
+
+    def room() -> int:
+        return cluster_size - produced
+
     frame_start = 0
     while frame_start < len(data):
         inflater = zstandard.ZstdDecompressor().decompressobj()
         fed_end = frame_start
-        for piece in _zstd_pieces(data, frame_start, lambda: cluster_size - produced, where):
+        for piece in _zstd_pieces(data, frame_start, room, where):
             fed_end += len(piece)
             chunk = inflater.decompress(piece)
             chunks.append(chunk)

@@ -7,6 +7,9 @@ time from valid ones made by qemu-img, and compares with what QEMU does where QE
 * Special files: a FIFO, socket or character device named by an image as its backing file
   or external data file is refused before any I/O (qemu-img hangs on a FIFO); a FIFO or
   socket given as the image itself too. Regular files and block devices still open.
+* LUKS key derivation: a header whose key slots would make one open compute more PBKDF2
+  blocks than luks.MAX_KDF_BLOCKS (8x what qemu-img's iter-time=10000 gives) is refused
+  before any derivation, naming the slot and its iterations.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 import tracemalloc
 import zlib
 from pathlib import Path
@@ -432,3 +436,131 @@ def test_block_devices_and_regular_files_named_by_an_image_open(tmp_path, monkey
                 assert dev.read(0, 4096) == b"\x42" * 4096, role
     finally:
         subprocess.run(["losetup", "-d", loop], check=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# LUKS key derivation work
+# ---------------------------------------------------------------------------------------------
+
+PASSPHRASE = "hostile-test"
+SLOT_ENABLED = 0x00AC71F3
+LUKS_SLOTS_AT = 208  # the first key slot in the LUKS1 header; 48 bytes each
+EXT_CRYPTO_HEADER = 0x0537BE77
+
+
+def luks_image(path: Path, iter_time: int = 10) -> Path:
+    qemu_img("create", "-q", "-f", "qcow2", "--object", f"secret,id=s0,data={PASSPHRASE}",
+             "-o", f"encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time={iter_time}",
+             path, "1M")
+    return path
+
+
+def luks_header_offset(path: Path) -> int:
+    """Where the LUKS header lies: the qcow2 'full disk encryption header' extension."""
+    data = path.read_bytes()
+    pos = struct.unpack_from(">I", data, 100)[0]  # header_length
+    while True:
+        kind, length = struct.unpack_from(">II", data, pos)
+        if kind == EXT_CRYPTO_HEADER:
+            return struct.unpack_from(">Q", data, pos + 8)[0]
+        assert kind != 0, "no crypto header extension"
+        pos += 8 + -(-length // 8) * 8
+
+
+def set_slots(path: Path, iterations: dict[int, int]) -> None:
+    """Make the given key slots active with these PBKDF2 iteration counts (their key
+    material stays what it is: no passphrase opens the new ones)."""
+    base = luks_header_offset(path)
+    with open(path, "r+b") as f:
+        for index, count in iterations.items():
+            f.seek(base + LUKS_SLOTS_AT + 48 * index)
+            f.write(struct.pack(">II", SLOT_ENABLED, count))
+
+
+def luks_iterations(path: Path) -> tuple[int, int]:
+    """(master key digest iterations, slot 0 iterations) of a LUKS qcow2 image."""
+    data = path.read_bytes()
+    base = luks_header_offset(path)
+    master = struct.unpack_from(">I", data, base + 196)[0]
+    slot0 = struct.unpack_from(">I", data, base + LUKS_SLOTS_AT + 4)[0]
+    return master, slot0
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("layout", ["eight-huge-slots", "sum-over-the-limit"])
+def test_luks_key_derivation_work_is_bounded(tmp_path, layout):
+    """A header whose slots would cost more than MAX_KDF_BLOCKS is refused at once, for a
+    wrong passphrase and for the right one alike (every slot counts: a wrong passphrase
+    tries them all), naming the slot where the sum passes the limit and its iterations.
+    Without a passphrase (info) nothing is derived and the image still describes itself."""
+    from qcow2lib.crypto import luks
+    image = luks_image(tmp_path / "luks.qcow2")
+    if layout == "eight-huge-slots":
+        slots = dict.fromkeys(range(8), 0xFFFFFFFF)
+        named_slot, named_iterations = 0, 0xFFFFFFFF
+    else:  # each slot alone is fine; together they are not
+        per_slot = luks.MAX_KDF_BLOCKS // 6 // 2  # a 64-byte key: two SHA-256 blocks each
+        slots = dict.fromkeys(range(1, 8), per_slot)
+        named_slot, named_iterations = 6, per_slot
+    set_slots(image, slots)
+    for passphrase in (PASSPHRASE, "wrong"):
+        start = time.process_time()
+        with pytest.raises(CorruptImageError) as info:
+            qcow2lib.open(str(image), passphrase=passphrase)
+        assert time.process_time() - start < 2
+        message = str(info.value)
+        assert f"keyslot {named_slot} (iterations {named_iterations}" in message, message
+        assert str(luks.MAX_KDF_BLOCKS) in message
+    code, _, err = qimg_run("convert", "--object", f"secret,id=s0,data={PASSPHRASE}",
+                            "--image-opts", f"driver=qcow2,file.filename={image},"
+                            "encrypt.key-secret=s0", "-O", "raw", tmp_path / "out.raw")
+    assert code == 1 and f"keyslot {named_slot}" in err and "Traceback" not in err, err
+    code, out, err = qimg_run("info", "--output=json", image)
+    assert code == 0, err
+    reported = json.loads(out)["format-specific"]["data"]["encrypt"]["slots"]
+    assert [slot["iters"] for slot in reported if slot["active"]][-1] == named_iterations
+
+
+@pytest.mark.timeout(60)
+def test_luks_images_qemu_makes_still_open(tmp_path):
+    """What qemu-img makes opens: iter-time 100 ms here (a unit check of the bound covers
+    10 s: the counts qemu-img 7.2 gave for iter-time=10000, also on a machine 8x faster),
+    and a header whose slots sum to just the limit is tried, not refused."""
+    from qcow2lib.crypto import luks
+    image = luks_image(tmp_path / "luks.qcow2", iter_time=100)
+    run([QEMU_IO, "--object", f"secret,id=s0,data={PASSPHRASE}", "--image-opts",
+         "-c", "write -P 0x61 0 64k", f"driver=qcow2,file.filename={image},encrypt.key-secret=s0"])
+    with qcow2lib.open(str(image), passphrase=PASSPHRASE) as dev:
+        assert dev.read(0, 64 * KiB) == b"\x61" * 64 * KiB
+    header = luks.LuksHeader(hash_alg="sha256", master_key_len=64,
+                             master_key_iterations=8 * 11_113_461)
+    header.key_slots[0] = luks.KeySlot(SLOT_ENABLED, 8 * 44_643_050)
+    header.check_kdf_work()  # qemu-img's iter-time=10000 on a machine 8x as fast
+    header.key_slots[0].iterations += 1
+    with pytest.raises(CorruptImageError, match="keyslot 0"):
+        header.check_kdf_work()
+    # Three slots summing to the limit (to within one iteration) pass; one more does not.
+    iterations = 2 * 44_643_050
+    header.key_slots[0].iterations = iterations
+    header.key_slots[1] = luks.KeySlot(SLOT_ENABLED, iterations)
+    spare = (luks.MAX_KDF_BLOCKS - 2 * header.slot_kdf_blocks(iterations)
+             - header.slot_kdf_blocks(0))
+    header.key_slots[2] = luks.KeySlot(SLOT_ENABLED, spare // 2)  # two blocks an iteration
+    header.check_kdf_work()
+    header.key_slots[2].iterations += 1
+    with pytest.raises(CorruptImageError, match=f"keyslot 2 \\(iterations {spare // 2 + 1}"):
+        header.check_kdf_work()
+
+
+@pytest.mark.timeout(30)
+def test_luks_create_refuses_an_iter_time_it_could_not_open(tmp_path):
+    """qcow2lib's own create and amend refuse an iter-time whose slot would pass the limit,
+    before deriving anything (an image that could never be opened again)."""
+    from qcow2lib.crypto import ciphers, luks
+    per_second = ciphers.pbkdf2_iterations_for("sha256", 64, 1000)  # 64-byte key slots
+    too_long = luks.MAX_KDF_BLOCKS // (2 * per_second) * 1000 + 60_000
+    start = time.process_time()
+    with pytest.raises(qcow2lib.InvalidArgumentError, match="iter-time"):
+        qcow2lib.create(str(tmp_path / "new.qcow2"), MiB, encrypt_format="luks",
+                        passphrase=PASSPHRASE, encrypt_options={"iter-time": too_long})
+    assert time.process_time() - start < 5
