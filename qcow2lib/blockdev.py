@@ -105,7 +105,11 @@ def merge_extents(extents: list[Extent]) -> list[Extent]:
 
 
 class RawDevice(BlockDevice):
-    """A raw image file: guest offset == file offset."""
+    """A raw image file: guest offset == file offset.
+
+    Durability as for qcow2 images: close() flushes what was written since the last
+    flush, and once an fdatasync has failed every later flush and close fails too (the
+    kernel may have dropped the pages it could not write)."""
 
     format = "raw"
 
@@ -122,6 +126,14 @@ class RawDevice(BlockDevice):
             self.file.close()
             raise
         self.size = self.file.size()
+        self._unflushed = False  # written since the last flush
+        self._flush_failure: Qcow2IOError | None = None
+        self._closed = False
+
+    def check_request(self, offset: int, length: int, write: bool = False) -> None:
+        super().check_request(offset, length, write)
+        if write:
+            self._unflushed = True
 
     def readinto(self, offset: int, buffer) -> int:
         view = memoryview(buffer).cast("B")
@@ -163,8 +175,16 @@ class RawDevice(BlockDevice):
         self.file.punch_hole(offset, length)
 
     def flush(self) -> None:
-        if not self.read_only:
+        if self.read_only or self._closed:
+            return
+        if self._flush_failure is not None:
+            raise self._flush_failure
+        try:
             self.file.flush()
+        except Qcow2IOError as exc:
+            self._flush_failure = exc
+            raise
+        self._unflushed = False
 
     def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
         """Data and holes as the filesystem reports them (SEEK_DATA / SEEK_HOLE)."""
@@ -195,11 +215,19 @@ class RawDevice(BlockDevice):
     def resize(self, size: int) -> None:
         if self.read_only:
             raise ReadOnlyError(f"'{self.filename}' is opened read-only")
+        self._unflushed = True
         self.file.truncate(size)
         self.size = size
 
     def close(self) -> None:
-        self.file.close()
+        if self._closed:
+            return
+        try:
+            if self._unflushed or self._flush_failure is not None:
+                self.flush()
+        finally:
+            self._closed = True
+            self.file.close()
 
 
 class BlockFile(io.RawIOBase):

@@ -10,10 +10,13 @@ time from valid ones made by qemu-img, and compares with what QEMU does where QE
 * LUKS key derivation: a header whose key slots would make one open compute more PBKDF2
   blocks than luks.MAX_KDF_BLOCKS (8x what qemu-img's iter-time=10000 gives) is refused
   before any derivation, naming the slot and its iterations.
+* Durability after a failed fdatasync: a raw image's flush and close fail from then on,
+  as a qcow2 image's do (nothing claimed durable that the kernel may have dropped).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -30,7 +33,7 @@ import pytest
 import zstandard
 
 import qcow2lib
-from qcow2lib import CorruptImageError, Qcow2Error, codecs
+from qcow2lib import CorruptImageError, Qcow2Error, Qcow2IOError, codecs, hostfile
 
 from qemutools import QEMU_IMG, QEMU_IO, assert_clean, qemu_img, run
 
@@ -564,3 +567,75 @@ def test_luks_create_refuses_an_iter_time_it_could_not_open(tmp_path):
         qcow2lib.create(str(tmp_path / "new.qcow2"), MiB, encrypt_format="luks",
                         passphrase=PASSPHRASE, encrypt_options={"iter-time": too_long})
     assert time.process_time() - start < 5
+
+
+# ---------------------------------------------------------------------------------------------
+# A failed fdatasync
+# ---------------------------------------------------------------------------------------------
+
+def failing_flushes(monkeypatch, path: Path, sticky: bool) -> dict:
+    """Swap in a HostFile whose first fdatasync of `path` fails with EIO (sticky: every
+    one from then on), as tests/test_faults.py injects faults; returns the counters."""
+    state = {"flushes": 0, "failed": 0}
+    watched = os.path.realpath(path)
+
+    class FailingFlush(hostfile.HostFile):
+        def flush(self):
+            if os.path.realpath(self.path) == watched:
+                state["flushes"] += 1
+                if state["flushes"] == 1 or (sticky and state["failed"]):
+                    state["failed"] += 1
+                    raise Qcow2IOError(errno.EIO, f"flush failed on '{self.path}': "
+                                                  f"Input/output error (injected)", self.path)
+            return super().flush()
+
+    monkeypatch.setattr(hostfile, "host_file_class", FailingFlush)
+    return state
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+@pytest.mark.parametrize("sticky", [False, True])
+def test_failed_fdatasync_fails_later_flushes_and_close(tmp_path, monkeypatch, fmt, sticky):
+    """Once an fdatasync failed, flush() and close() keep failing, also when the disk
+    would accept the next one (transient): the pages it lost are not written again."""
+    path = tmp_path / f"img.{fmt}"
+    qemu_img("create", "-q", "-f", fmt, path, "1M")
+    state = failing_flushes(monkeypatch, path, sticky)
+    dev = qcow2lib.open(str(path), "r+", fmt=fmt)
+    dev.write(0, b"A" * 4096)
+    with pytest.raises(Qcow2IOError) as info:
+        dev.flush()
+    assert info.value.errno == errno.EIO
+    dev.write(4096, b"B" * 4096)
+    with pytest.raises(Qcow2IOError):
+        dev.flush()
+    with pytest.raises(Qcow2IOError):
+        dev.close()
+    dev.close()  # a second close does nothing
+    assert state["failed"] == 1 + (sticky and state["flushes"] - 1)
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_close_flushes_what_was_written(tmp_path, monkeypatch, fmt):
+    """close() makes writes durable and reports the fdatasync that fails doing it; a
+    device that wrote nothing (or only reads) closes without one."""
+    path = tmp_path / f"img.{fmt}"
+    qemu_img("create", "-q", "-f", fmt, path, "1M")
+    state = failing_flushes(monkeypatch, path, sticky=False)
+    with qcow2lib.open(str(path), "r", fmt=fmt) as dev:
+        dev.read(0, 4096)
+    dev = qcow2lib.open(str(path), "r+", fmt=fmt)
+    flushes_at_open = state["flushes"]
+    dev.write(0, b"C" * 4096)
+    with pytest.raises(Qcow2IOError):
+        dev.close()
+    assert state["flushes"] > flushes_at_open
+    with qcow2lib.open(str(path), "r+", fmt=fmt) as dev:  # the next fdatasync succeeds
+        dev.write(0, b"D" * 4096)
+    monkeypatch.undo()
+    with qcow2lib.open(str(path), "r", fmt=fmt) as dev:
+        assert dev.read(0, 4096) == b"D" * 4096
+    if fmt == "raw":
+        state = failing_flushes(monkeypatch, path, sticky=True)
+        qcow2lib.open(str(path), "r+", fmt=fmt).close()
+        assert state["flushes"] == 0
