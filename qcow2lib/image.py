@@ -125,6 +125,9 @@ class Qcow2Image(BlockDevice):
         self._last_decompressed: tuple[int, bytes] | None = None
         self._prealloc_detected: bool | None = None
         self._flush_failure: Qcow2IOError | None = None
+        # Opened for writing, then stopped by corruption: metadata of the writes
+        # acknowledged until then is still written back (flush, close).
+        self._stopped_by_corruption = False
         self._compressed_tail = 0  # next free byte after the last compressed cluster written
         self.map = ClusterMap(self.file, hdr, self._data_size)
         self.use_refcount_table(hdr.refcount_table_offset, hdr.refcount_table_clusters, file_size)
@@ -921,7 +924,7 @@ class Qcow2Image(BlockDevice):
                 self._write_back()
 
     def flush(self) -> None:
-        if self.read_only or self._closed:
+        if self._closed or (self.read_only and not self._stopped_by_corruption):
             return
         with self._lock:
             self._write_back()
@@ -998,7 +1001,8 @@ class Qcow2Image(BlockDevice):
 
     def _signal_corruption(self, exc: CorruptImageError) -> None:
         """Metadata a write depends on is broken: mark the image corrupt and stop writing,
-        as QEMU does, so nothing more is damaged before a repair."""
+        as QEMU does, so nothing more is damaged before a repair. Writes acknowledged
+        before are not lost: flush and close still write their metadata back (or fail)."""
         if self.read_only or self.corrupt:
             return
         self.corrupt = True
@@ -1008,6 +1012,7 @@ class Qcow2Image(BlockDevice):
             self._sync(self.file)
         finally:
             self.read_only = True
+            self._stopped_by_corruption = True
 
     def check(self, repair: str | None = None):
         """qemu-img check on this image (repair None, "leaks" or "all"): a CheckReport."""
@@ -1026,7 +1031,7 @@ class Qcow2Image(BlockDevice):
         if self._closed:
             return
         try:
-            if not self.read_only:
+            if not self.read_only or self._stopped_by_corruption:
                 with self._cond:
                     while self._io_active:
                         self._cond.wait()

@@ -12,6 +12,9 @@ time from valid ones made by qemu-img, and compares with what QEMU does where QE
   before any derivation, naming the slot and its iterations.
 * Durability after a failed fdatasync: a raw image's flush and close fail from then on,
   as a qcow2 image's do (nothing claimed durable that the kernel may have dropped).
+* Nothing acknowledged is lost silently: after a write meets broken metadata and the image
+  is marked corrupt, flush and close still write back the metadata of the writes
+  acknowledged before (or fail): the data is there after reopening.
 """
 from __future__ import annotations
 
@@ -639,3 +642,62 @@ def test_close_flushes_what_was_written(tmp_path, monkeypatch, fmt):
         state = failing_flushes(monkeypatch, path, sticky=True)
         qcow2lib.open(str(path), "r+", fmt=fmt).close()
         assert state["flushes"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Writes acknowledged before corruption was found
+# ---------------------------------------------------------------------------------------------
+
+def break_l2_entry(path: Path, cluster_index: int, how: str) -> None:
+    """Damage the L2 entry of a guest cluster qemu-io allocated (first L2 table)."""
+    data = path.read_bytes()
+    (l1_offset,) = struct.unpack_from(">Q", data, 40)
+    l2_offset = struct.unpack_from(">Q", data, l1_offset)[0] & OFFSET_MASK
+    (entry,) = struct.unpack_from(">Q", data, l2_offset + 8 * cluster_index)
+    assert entry & OFFSET_MASK
+    if how == "unaligned":
+        entry |= 0x200
+    else:  # past the end of the file, cluster aligned
+        entry = (entry & ~OFFSET_MASK) | 0x10000000
+    with open(path, "r+b") as f:
+        f.seek(l2_offset + 8 * cluster_index)
+        f.write(struct.pack(">Q", entry))
+
+
+BROKEN_OPERATIONS = {
+    "write": lambda dev, start: dev.write(start + 100, b"x" * 10),
+    "write-across": lambda dev, start: dev.write(start - 512, b"x" * 1024),
+    "write-zeroes": lambda dev, start: dev.write_zeroes(start, 64 * KiB),
+    "discard": lambda dev, start: dev.discard(start, 64 * KiB),
+}
+
+
+@pytest.mark.parametrize("how", ["unaligned", "past-eof"])
+@pytest.mark.parametrize("operation", sorted(BROKEN_OPERATIONS))
+@pytest.mark.parametrize("ending", ["flush-close", "close"])
+def test_writes_acknowledged_before_corruption_survive(tmp_path, how, operation, ending):
+    """A 64 KiB write (new cluster: its L2 entry only in the cache), then an operation on a
+    cluster whose L2 entry is broken: that one fails and the image is marked corrupt, but
+    flush and close succeed only with the first write on disk (QEMU reads it back)."""
+    path = tmp_path / "img.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "1M")
+    run([QEMU_IO, "-c", "write -P 0x11 320k 64k", path])
+    break_l2_entry(path, 5, how)
+    dev = qcow2lib.open(str(path), "r+")
+    dev.write(0, b"\x42" * 64 * KiB)
+    dev.write(128 * KiB, b"\x43" * 4096)
+    with pytest.raises(CorruptImageError):
+        BROKEN_OPERATIONS[operation](dev, 5 * 64 * KiB)
+    with pytest.raises(Qcow2Error):  # stopped: nothing more is written
+        dev.write(192 * KiB, b"\x44" * 4096)
+    if ending == "flush-close":
+        dev.flush()
+    dev.close()
+    with qcow2lib.open(str(path)) as dev:
+        assert dev.corrupt
+        assert dev.read(0, 64 * KiB) == b"\x42" * 64 * KiB
+        assert dev.read(128 * KiB, 4096) == b"\x43" * 4096
+        assert dev.read(192 * KiB, 4096) == bytes(4096)
+    result = run([QEMU_IO, "-r", "-c", "read -P 0x42 0 64k", "-c", "read -P 0x43 128k 4k", path])
+    assert "verification failed" not in result.stdout and "read failed" not in result.stdout, \
+        result.stdout
