@@ -741,11 +741,14 @@ class Qcow2Image(BlockDevice):
     def _allocate_bytes(self, size: int) -> int:
         """Room for `size` compressed bytes, packed after the previous compressed cluster.
 
-        Each host cluster the bytes touch gains one reference, as QEMU counts them.
+        Each host cluster the bytes touch gains one reference, as QEMU counts them; a
+        cluster whose refcount is at the most its width holds (1-bit refcounts: one
+        reference) takes no more, and the bytes start a new cluster, as in QEMU.
         """
         cs = self.cluster_size
         tail = self._compressed_tail
-        if tail and tail % cs and self.refcounts.get(tail >> self.cluster_bits):
+        if tail and tail % cs and 0 < self.refcounts.get(tail >> self.cluster_bits) \
+                < self.refcounts.max_refcount:
             room = cs - tail % cs
             if size <= room:
                 self.refcounts.update(tail >> self.cluster_bits, 1, +1)

@@ -15,6 +15,8 @@ time from valid ones made by qemu-img, and compares with what QEMU does where QE
 * Nothing acknowledged is lost silently: after a write meets broken metadata and the image
   is marked corrupt, flush and close still write back the metadata of the writes
   acknowledged before (or fail): the data is there after reopening.
+* Compressed writes with narrow refcounts: a host cluster whose refcount is at its width's
+  maximum takes no more compressed clusters (convert -c with refcount_bits=1 and 2).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import errno
 import io
 import json
 import os
+import random
 import socket
 import struct
 import subprocess
@@ -701,3 +704,40 @@ def test_writes_acknowledged_before_corruption_survive(tmp_path, how, operation,
     result = run([QEMU_IO, "-r", "-c", "read -P 0x42 0 64k", "-c", "read -P 0x43 128k 4k", path])
     assert "verification failed" not in result.stdout and "read failed" not in result.stdout, \
         result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Compressed clusters and narrow refcounts
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("compression", ["zlib", "zstd"])
+@pytest.mark.parametrize("refcount_bits", [1, 2])
+def test_convert_compressed_with_narrow_refcounts(tmp_path, compression, refcount_bits):
+    """qimg convert -c -o refcount_bits=1|2 succeeds like qemu-img: each host cluster holds
+    as many compressed clusters as its refcount can count; check is clean, the content
+    equal, and (zlib: the same compressed bytes) the file as long as qemu-img's."""
+    rng = random.Random(refcount_bits)
+    words = [rng.randbytes(8) for _ in range(64)]
+    source = tmp_path / "source.raw"
+    source.write_bytes(b"".join(rng.choice(words) for _ in range(4 * MiB // 8)))
+    options = f"refcount_bits={refcount_bits},compression_type={compression}"
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    code, _, err = qimg_run("convert", "-c", "-O", "qcow2", "-o", options, source, ours)
+    assert code == 0, err
+    qemu_img("convert", "-c", "-O", "qcow2", "-o", options, source, theirs)
+    reports = {}
+    for image in (ours, theirs):
+        assert_clean(image)
+        assert qemu_img("compare", image, source).returncode == 0
+        reports[image] = json.loads(qemu_img("check", "--output=json", image).stdout)
+        assert reports[image]["compressed-clusters"] == 64
+    if compression == "zlib":
+        assert reports[ours]["image-end-offset"] == reports[theirs]["image-end-offset"]
+    expected = bytearray(source.read_bytes())
+    with qcow2lib.open(str(ours), "r+") as dev:  # and overwriting them keeps counts valid
+        for index in range(0, 64, 3):
+            dev.write_compressed(index * 64 * KiB, bytes(64 * KiB))
+            expected[index * 64 * KiB:(index + 1) * 64 * KiB] = bytes(64 * KiB)
+    assert_clean(ours)
+    source.write_bytes(expected)
+    assert qemu_img("compare", ours, source).returncode == 0
