@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from . import structs as S
 from .blockdev import BlockDevice, RawDevice
 from .errors import (CorruptImageError, InvalidArgumentError, Qcow2Error, Qcow2IOError,
-                     UnsupportedFeatureError)
+                     UnsupportedFeatureError, UntrustedImageError)
 from .hostfile import open_host_file, refuse_special_file
 from .image import Qcow2Image
 
@@ -56,6 +56,31 @@ def resolve_backing_path(image_path: str, backing_name: str) -> str:
     return os.path.join(os.path.dirname(image_path), backing_name)
 
 
+def untrusted_backing_path(image_path: str, backing_name: str, stated_format: str | None) -> str:
+    """Where the backing file of an untrusted image is, if it may have one there: a qcow2
+    image inside the directory of the image naming it (a relative name without '..' or a
+    protocol, also once symlinks are resolved); else UntrustedImageError."""
+    def refuse(why: str) -> UntrustedImageError:
+        return UntrustedImageError(f"Untrusted image '{image_path}' names the backing file "
+                                   f"'{backing_name}': {why}")
+    if stated_format is not None and stated_format != "qcow2":
+        raise refuse(f"its format is {stated_format}, and only a qcow2 backing file is "
+                     f"opened for an untrusted image")
+    if ":" in backing_name.split("/", 1)[0]:
+        raise refuse("a protocol or json: name (only a file name is allowed)")
+    if os.path.isabs(backing_name):
+        raise refuse("an absolute name (only a file in the image's directory is allowed)")
+    if ".." in backing_name.split("/"):
+        raise refuse("a name with '..' (only a file in the image's directory is allowed)")
+    directory = os.path.dirname(image_path)
+    path = os.path.join(directory, backing_name)
+    real_directory = os.path.realpath(directory or ".")
+    if os.path.commonpath([os.path.realpath(path), real_directory]) != real_directory:
+        raise refuse(f"it resolves to '{os.path.realpath(path)}', outside the image's "
+                     f"directory '{real_directory}'")
+    return path
+
+
 # QEMU's cache modes; only "unsafe" changes what the engine does (no fdatasync).
 CACHE_MODES = ("writeback", "writethrough", "none", "directsync", "unsafe")
 
@@ -75,7 +100,7 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
                passphrase: str | bytes | Sequence[str | bytes | None] | None = None,
                open_data_file: bool = True, _chain: tuple[str, ...] = (),
                snapshot: str | None = None, cache: str = "writeback",
-               backing_of: str | None = None) -> BlockDevice:
+               backing_of: str | None = None, untrusted: bool = False) -> BlockDevice:
     """Open an image (and, unless backing=False, its whole backing chain, read-only).
 
     Images are locked the way QEMU locks them; force_share (qemu-img -U) reads an image
@@ -88,6 +113,14 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
     only writes metadata back), as qemu-img convert treats its target by default.
     backing_of names the image whose backing file `path` is: a FIFO, socket or character
     device is then refused (named directly, a character device opens as a file).
+
+    untrusted=True opens an image from an untrusted source: what it names must stay inside
+    its directory. An external data file named by the image is refused, and a backing
+    file (at every level) must be a qcow2 image named by a relative name without '..' or
+    a protocol that stays in the naming image's directory once symlinks are resolved
+    (UntrustedImageError). `path` itself, `fmt` and `data_file` come from the caller and
+    are trusted. The default trusts the image as qemu-img does: it may name any host file
+    as its backing file (a raw one only if it states the format) or data file.
     """
     if snapshot is not None and mode != "r":
         raise InvalidArgumentError("a snapshot can only be opened read-only (mode 'r')")
@@ -124,13 +157,17 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
         backing_passphrase = layers[1:]
     image = Qcow2Image(path, mode, data_file_path=data_file, force_share=force_share,
                        passphrase=own_passphrase, open_data_file=open_data_file,
-                       backing_of=backing_of)
+                       backing_of=backing_of, untrusted=untrusted)
     for host in (image.file, image.data_host):
         if host is not None:
             host.no_flush = cache == "unsafe"
     if backing and image.backing_filename:
         try:
-            backing_path = resolve_backing_path(path, image.backing_filename)
+            if untrusted:
+                backing_path = untrusted_backing_path(path, image.backing_filename,
+                                                      image.backing_format)
+            else:
+                backing_path = resolve_backing_path(path, image.backing_filename)
             if not os.path.exists(backing_path):
                 raise Qcow2IOError(2, f"Could not open '{backing_path}': No such file or "
                                       f"directory", backing_path)
@@ -138,7 +175,8 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
                                        backing_format(backing_path, image.backing_format,
                                                       image.backing_filename, path),
                                        True, None, force_share, backing_passphrase,
-                                       open_data_file, _chain + (real,), backing_of=path)
+                                       open_data_file, _chain + (real,), backing_of=path,
+                                       untrusted=untrusted)
         except Qcow2Error as exc:
             image.close()
             raise _in_backing_file(exc) from exc

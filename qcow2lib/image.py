@@ -21,7 +21,7 @@ from .bitmaps import BitmapEntry, BitmapTracker, Untrackable, read_directory
 from .blockdev import BlockDevice, Extent, merge_extents
 from .cache import decode_be64
 from .errors import (BadSecretError, CorruptImageError, InvalidArgumentError, Qcow2IOError,
-                     UnsupportedFeatureError)
+                     UnsupportedFeatureError, UntrustedImageError)
 from .header import Header
 from .hostfile import HostFile, open_host_file
 from .mapping import BACKING, COMPRESSED, DATA, ZERO, ClusterMap, Segment
@@ -52,8 +52,10 @@ class Qcow2Image(BlockDevice):
 
     def __init__(self, path: str, mode: str = "r", data_file_path: str | None = None,
                  force_share: bool = False, passphrase: str | bytes | None = None,
-                 open_data_file: bool = True, backing_of: str | None = None):
-        """backing_of: the image naming this one as its backing file, if any."""
+                 open_data_file: bool = True, backing_of: str | None = None,
+                 untrusted: bool = False):
+        """backing_of: the image naming this one as its backing file, if any. untrusted:
+        an external data file the image names (not `data_file_path`) is refused."""
         if mode not in ("r", "r+"):
             raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
         self.filename = path
@@ -64,14 +66,15 @@ class Qcow2Image(BlockDevice):
         self.force_share = force_share
         try:
             self.file.lock_for_use(force_share)
-            self._open(data_file_path, passphrase, open_data_file)
+            self._open(data_file_path, passphrase, open_data_file, untrusted)
         except BaseException:
             self._close_files()
             raise
 
     # --- opening ------------------------------------------------------------------------
 
-    def _open(self, data_file_path: str | None, passphrase, open_data_file: bool) -> None:
+    def _open(self, data_file_path: str | None, passphrase, open_data_file: bool,
+              untrusted: bool) -> None:
         file_size = self.file.size()
         self.header = hdr = Header.parse(self._read_header_bytes, file_size)
         self.dirty = bool(hdr.incompatible_features & S.INCOMPAT_DIRTY)
@@ -109,6 +112,11 @@ class Qcow2Image(BlockDevice):
             # As QEMU does, a relative name is taken from the working directory.
             if not open_data_file and not self.read_only:
                 raise InvalidArgumentError("an image opened for writing needs its data file")
+            if open_data_file and untrusted and not data_file_path:
+                raise UntrustedImageError(
+                    f"Untrusted image '{self.filename}' names the external data file '{name}': "
+                    f"an untrusted image may not have one (its guest data would be read from "
+                    f"and written to that host file)")
             if open_data_file:
                 self.data_host = open_host_file(name, writable=not self.read_only,
                                                 role="external data file", named_by=self.filename)

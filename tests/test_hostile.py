@@ -17,6 +17,8 @@ time from valid ones made by qemu-img, and compares with what QEMU does where QE
   acknowledged before (or fail): the data is there after reopening.
 * Compressed writes with narrow refcounts: a host cluster whose refcount is at its width's
   maximum takes no more compressed clusters (convert -c with refcount_bits=1 and 2).
+* Untrusted images (open_image(untrusted=True), qimg's QIMG_UNTRUSTED=1): no external data
+  file, backing files only qcow2 images inside the naming image's directory.
 """
 from __future__ import annotations
 
@@ -37,11 +39,10 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from qemutools import QEMU_IMG, QEMU_IO, assert_clean, qemu_img, run
 
 import qcow2lib
 from qcow2lib import CorruptImageError, Qcow2Error, Qcow2IOError, codecs, hostfile
-
-from qemutools import QEMU_IMG, QEMU_IO, assert_clean, qemu_img, run
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -180,9 +181,9 @@ print(json.dumps(results))
 
 def run_limited(image: Path, reference: Path, out_dir: Path, length: int) -> dict:
     result = subprocess.run([sys.executable, "-c", LIMITED_WORKER, str(ROOT), str(image),
-                             str(reference), str(out_dir), str(length)],
-                            capture_output=True, text=True, env={**os.environ,
-                                                                 "MALLOC_ARENA_MAX": "2"})
+                             str(reference), str(out_dir), str(length)], check=False,
+                            capture_output=True, text=True,
+                            env={**os.environ, "MALLOC_ARENA_MAX": "2"})
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     return json.loads(result.stdout)
@@ -360,8 +361,8 @@ def images_naming(tmp_path: Path, target_name: str) -> dict[str, Path]:
     backed = tmp_path / "backed.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-b", target_name, "-F", "raw", backed, "1M")
     with_data = tmp_path / "with-data.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={target_name},data_file_raw=on", with_data,
-             "1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={target_name},data_file_raw=on",
+             with_data, "1M")
     (tmp_path / target_name).unlink()
     return {"backing file": backed, "external data file": with_data}
 
@@ -414,9 +415,9 @@ def test_fifo_or_socket_as_the_image_is_refused(tmp_path, kind):
             code, _, err = qimg_run(*command)
             assert code == 1 and str(path) in err and "Traceback" not in err, (command, err)
     if kind == "fifo":
-        with special_file(tmp_path / "fifo2", "fifo") as path:
-            with pytest.raises(Qcow2Error, match="it is a FIFO"):
-                qcow2lib.open(str(path))
+        with special_file(tmp_path / "fifo2", "fifo") as path, \
+                pytest.raises(Qcow2Error, match="it is a FIFO"):
+            qcow2lib.open(str(path))
     with special_file(tmp_path / "chardev", "chardev") as path:
         code, out, err = qimg_run("info", "--output=json", path)
         assert code == 0 and json.loads(out)["format"] == "raw", err
@@ -741,3 +742,131 @@ def test_convert_compressed_with_narrow_refcounts(tmp_path, compression, refcoun
     assert_clean(ours)
     source.write_bytes(expected)
     assert qemu_img("compare", ours, source).returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Untrusted images
+# ---------------------------------------------------------------------------------------------
+
+def qcow2(path: Path, backing: str | None = None, backing_fmt: str | None = "qcow2",
+          options: str | None = None) -> Path:
+    """A qemu-img image (its backing name stored as given, -u: no check of it)."""
+    args = ["create", "-q", "-f", "qcow2"]
+    if options:
+        args += ["-o", options]
+    if backing is not None:
+        args += ["-u", "-b", backing] + (["-F", backing_fmt] if backing_fmt else [])
+    qemu_img(*args, path, "1M")
+    return path
+
+
+def hostile_layouts(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """Images naming what an untrusted image may not, each with the words its refusal
+    must contain. Everything named lies in tmp_path (outside/ plays the host's files)."""
+    inside, outside = tmp_path / "images", tmp_path / "outside"
+    inside.mkdir()
+    outside.mkdir()
+    qcow2(outside / "secret.qcow2")
+    (outside / "secret.raw").write_bytes(b"\x99" * MiB)
+    qcow2(inside / "base.qcow2")
+    (inside / "disk.raw").write_bytes(b"\x98" * MiB)
+    os.symlink(outside / "secret.qcow2", inside / "escape.qcow2")
+    os.symlink(outside, inside / "outdir")
+    layouts = {
+        "absolute": (qcow2(inside / "absolute.qcow2", str(outside / "secret.qcow2")),
+                     "absolute name"),
+        "dotdot": (qcow2(inside / "dotdot.qcow2", "../outside/secret.qcow2"), "'..'"),
+        "raw-inside": (qcow2(inside / "raw.qcow2", "disk.raw", "raw"), "format is raw"),
+        "raw-outside": (qcow2(inside / "raw-out.qcow2", str(outside / "secret.raw"), "raw"),
+                        "format is raw"),
+        "json": (qcow2(inside / "json.qcow2", 'json:{"driver": "qcow2", "file": {"driver": '
+                       f'"file", "filename": "{outside / "secret.qcow2"}"}}}}'),
+                 "protocol or json"),
+        "nbd": (qcow2(inside / "nbd.qcow2", "nbd:localhost:10809"), "protocol or json"),
+        "file-prefix": (qcow2(inside / "file.qcow2", "file:base.qcow2"), "protocol or json"),
+        "symlink-file": (qcow2(inside / "symlink.qcow2", "escape.qcow2"), "outside the image"),
+        "symlink-dir": (qcow2(inside / "symdir.qcow2", "outdir/secret.qcow2"),
+                        "outside the image"),
+        "deeper": (qcow2(inside / "deeper.qcow2", "absolute.qcow2"), "absolute name"),
+        "data-file": (qcow2(inside / "data.qcow2",
+                            options=f"data_file={outside / 'secret.raw'},data_file_raw=on"),
+                      "external data file"),
+    }
+    os.mkfifo(inside / "fifo.qcow2")
+    layouts["fifo"] = (qcow2(inside / "fifo-backed.qcow2", "fifo.qcow2"), "a FIFO")
+    return layouts
+
+
+def test_untrusted_images_are_confined_to_their_directory(tmp_path):
+    """Each refusal of the library switch; the default (trusted, as qemu-img) opens every
+    layout whose target is a usable image."""
+    for name, (image, words) in hostile_layouts(tmp_path).items():
+        with pytest.raises(Qcow2Error) as info:
+            qcow2lib.open(str(image), untrusted=True)
+        message = str(info.value)
+        assert words in message, (name, message)
+        if name != "fifo":
+            assert isinstance(info.value, qcow2lib.UntrustedImageError), (name, message)
+        if name in ("absolute", "dotdot", "raw-outside", "symlink-file", "symlink-dir",
+                    "data-file", "raw-inside", "deeper"):
+            qcow2lib.open(str(image)).close()  # trusted, as qemu-img: opened
+    for mode in ("r", "r+"):
+        with pytest.raises(qcow2lib.UntrustedImageError):
+            qcow2lib.open(str(tmp_path / "images" / "data.qcow2"), mode, untrusted=True)
+
+
+def test_untrusted_images_inside_their_directory_open(tmp_path):
+    """A chain of relative names inside the directory (a subdirectory too, and a symlink
+    that stays inside) opens and reads as qemu-img reads it."""
+    directory = tmp_path / "images"
+    (directory / "sub").mkdir(parents=True)
+    base = qcow2(directory / "sub" / "base.qcow2")
+    run([QEMU_IO, "-c", "write -P 0x31 0 64k", base])
+    middle = qcow2(directory / "sub" / "middle.qcow2", "base.qcow2")
+    run([QEMU_IO, "-c", "write -P 0x32 64k 64k", middle])
+    top = qcow2(directory / "top.qcow2", "sub/middle.qcow2")
+    os.symlink("sub/base.qcow2", directory / "link.qcow2")
+    linked = qcow2(directory / "linked.qcow2", "link.qcow2")
+    for image in (top, linked):
+        run([QEMU_IO, "-c", "write -P 0x33 128k 64k", image])
+        expected = tmp_path / "expected.raw"
+        qemu_img("convert", "-O", "raw", image, expected)
+        with qcow2lib.open(str(image), "r+", untrusted=True) as dev:
+            assert dev.read(0, MiB) == expected.read_bytes()
+            dev.write(256 * KiB, b"\x34" * 4096)
+    explicit = qcow2(directory / "explicit-data.qcow2", options=f"data_file={directory / 'd.raw'}")
+    with qcow2lib.open(str(explicit), untrusted=True,
+                       data_file=str(directory / "d.raw")) as dev:  # named by the caller
+        assert dev.read(0, 4096) == bytes(4096)
+
+
+def test_qimg_untrusted_environment_variable(tmp_path, monkeypatch):
+    """QIMG_UNTRUSTED=1 makes qimg open every image as untrusted: each command refuses what
+    the library refuses; unset, qimg behaves as qemu-img."""
+    layouts = hostile_layouts(tmp_path)
+    inside = tmp_path / "images"
+    monkeypatch.chdir(inside)
+    commands = {
+        "absolute": [("info", "--backing-chain"), ("convert", "-O", "raw", "{image}", "out.raw"),
+                     ("map",), ("compare", "{image}", "base.qcow2"), ("check",),
+                     ("commit",), ("rebase", "-b", "base.qcow2", "-F", "qcow2"),
+                     ("create", "-f", "qcow2", "-b", "{image}", "-F", "qcow2", "new.qcow2")],
+        "symlink-file": [("info", "--backing-chain"), ("map",)],
+        "raw-outside": [("convert", "-O", "raw", "{image}", "out.raw"),
+                        ("info", "--backing-chain")],
+        "data-file": [("map",), ("convert", "-O", "raw", "{image}", "out.raw"),
+                      ("amend", "-o", "lazy_refcounts=on")],
+    }
+    for name, runs in commands.items():
+        image, words = layouts[name]
+        for command in runs:
+            args = [part.format(image=image) for part in command]
+            if "{image}" not in " ".join(command):
+                args.append(str(image))
+            monkeypatch.setenv("QIMG_UNTRUSTED", "1")
+            code, _, err = qimg_run(*args)
+            assert code != 0 and words in err and "Traceback" not in err, (name, args, err)
+            monkeypatch.delenv("QIMG_UNTRUSTED")
+            if command[0] in ("info", "map", "check"):
+                code, _, err = qimg_run(*args)
+                assert code == 0, (name, args, err)

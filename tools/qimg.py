@@ -768,6 +768,11 @@ def print_create_option_help(cli: Cli, filename: str | None, fmt: str) -> int:
     return 0
 
 
+def untrusted() -> bool:
+    """QIMG_UNTRUSTED=1 (qimg's extension): open every image as untrusted (open_image)."""
+    return os.environ.get("QIMG_UNTRUSTED") == "1"
+
+
 def _open_backing(filename: str, backing_file: str, backing_fmt: str | None):
     """Open the backing chain a new image will use (qemu-img checks it and takes its size)."""
     hint = "Could not open backing image.\n"
@@ -776,7 +781,7 @@ def _open_backing(filename: str, backing_file: str, backing_fmt: str | None):
     except Qcow2Error as exc:
         raise CreateError(error_text(exc)) from exc
     try:
-        return open_by_name(full, backing_fmt, force_share=True)
+        return open_by_name(full, backing_fmt, force_share=True, untrusted=untrusted())
     except Qcow2Error as exc:
         raise CreateError(error_text(exc), hint) from exc
 
@@ -1369,7 +1374,7 @@ def open_spec(cli: Cli, spec: ImageSpec, mode: str = "r", backing: bool = True,
             passphrases[0] = passphrase
         device = qcow2lib.open(path, mode, fmt=spec.fmt, backing=backing,
                                force_share=spec.force_share, passphrase=passphrases,
-                               cache="none" if cache == "off" else cache)
+                               cache="none" if cache == "off" else cache, untrusted=untrusted())
     except ImageLockedError as exc:
         raise OpenFailure(f"Could not open '{spec.name}': {error_text(exc)}",
                           f"Is another process using the image [{host_path(spec.path)}]?\n") \
@@ -2324,7 +2329,8 @@ def cmd_rebase(cli: Cli, argv: list[str]) -> int:
                     return 1
             rebase(host_path(spec.path), out_baseimg or None, out_basefmt, unsafe=unsafe,
                    progress=meter.callback if meter.enabled else None, fmt=spec.fmt,
-                   force_share=force_share, passphrases=spec_passphrases(cli, spec))
+                   force_share=force_share, passphrases=spec_passphrases(cli, spec),
+                   untrusted=untrusted())
         except Qcow2Error as exc:
             cli.error_report(error_text(exc))
             return 1
@@ -2389,7 +2395,7 @@ def cmd_commit(cli: Cli, argv: list[str]) -> int:
     try:
         commit(host_path(spec.path), base, drop=drop,
                progress=meter.callback if meter.enabled else None, fmt=spec.fmt,
-               passphrases=spec_passphrases(cli, spec))
+               passphrases=spec_passphrases(cli, spec), untrusted=untrusted())
     except Qcow2Error as exc:
         meter.end()
         cli.error_report(error_text(exc))
@@ -2586,7 +2592,7 @@ def _amend_image(cli, spec, opts, arguments, encrypted, luks, passphrase, force,
         if arguments:
             amend(host_path(spec.path), fmt=spec.fmt,
                   progress=(lambda done, total: meter.print(100.0 * done / total, 0))
-                  if meter.enabled else None, **arguments)
+                  if meter.enabled else None, untrusted=untrusted(), **arguments)
     except CreateError as exc:
         report_failure(cli, exc)
         return 1
@@ -2827,7 +2833,7 @@ def cmd_info(cli: Cli, argv: list[str]) -> int:
             return 1
         filename, fmt, force_share = spec.path, spec.fmt, spec.force_share
     try:
-        infos = image_info_list(filename, fmt, chain, force_share)
+        infos = image_info_list(filename, fmt, chain, force_share, untrusted())
     except ImageOpenError as exc:
         message = str(exc)
         if image_opts and message.startswith(f"Could not open '{spec.path}': "):
