@@ -850,7 +850,10 @@ def test_qimg_untrusted_environment_variable(tmp_path, monkeypatch):
         "absolute": [("info", "--backing-chain"), ("convert", "-O", "raw", "{image}", "out.raw"),
                      ("map",), ("compare", "{image}", "base.qcow2"), ("check",),
                      ("commit",), ("rebase", "-b", "base.qcow2", "-F", "qcow2"),
-                     ("create", "-f", "qcow2", "-b", "{image}", "-F", "qcow2", "new.qcow2")],
+                     ("create", "-f", "qcow2", "-b", "{image}", "-F", "qcow2", "new.qcow2"),
+                     ("info", "--object", "secret,id=s0,data=x", "--object", "secret,id=s1,data=y",
+                      "--image-opts", ("driver=qcow2,file.filename={image},encrypt.key-secret=s0,"
+                                       "backing.encrypt.key-secret=s1"))],
         "symlink-file": [("info", "--backing-chain"), ("map",)],
         "raw-outside": [("convert", "-O", "raw", "{image}", "out.raw"),
                         ("info", "--backing-chain")],

@@ -24,6 +24,7 @@ from typing import Any, Callable, NoReturn
 import qcow2lib
 from qcow2lib import ImageLockedError, Qcow2Error
 from qcow2lib.bitmaps import FLAG_AUTO as BITMAP_AUTO, FLAG_IN_USE as BITMAP_IN_USE
+from qcow2lib.chain import untrusted_backing_path
 from qcow2lib.ops import (FORMATS, error_text, full_backing_filename, host_path, open_by_name,
                           virtual_size)
 from qcow2lib.ops.info import ImageOpenError, image_info_list
@@ -477,8 +478,10 @@ def json_filename(spec: "ImageSpec", fmt: str) -> str:
             backing_name, backing_fmt = image.backing_filename, image.backing_format
         if not backing_name:
             break
-        path = full_backing_filename(path, backing_name)
-        fmt = backing_fmt or qcow2lib.probe_format(path)
+        if untrusted():
+            untrusted_backing_path(path, backing_name, backing_fmt)
+        named_by, path = path, full_backing_filename(path, backing_name)
+        fmt = backing_fmt or qcow2lib.probe_format(path, backing_of=named_by)
         layer["backing"] = layer = _json_layer(secret, fmt, path)
     return "json:" + qemu_json_compact(top)
 
