@@ -12,11 +12,13 @@ from .chain import open_image as open
 from .chain import probe_format
 from .create import create
 from .errors import (BadSecretError, CorruptImageError, ImageLockedError, InvalidArgumentError,
-                     Qcow2Error, Qcow2IOError, ReadOnlyError, UnsupportedFeatureError)
+                     Qcow2Error, Qcow2IOError, ReadOnlyError, UnsupportedFeatureError,
+                     UntrustedImageError)
 from .image import Qcow2Image
 
 __all__ = [
     "open", "create", "probe_format", "BlockDevice", "BlockFile", "Extent", "RawDevice",
     "Qcow2Image", "Qcow2Error", "CorruptImageError", "UnsupportedFeatureError", "Qcow2IOError",
     "InvalidArgumentError", "ImageLockedError", "BadSecretError", "ReadOnlyError",
+    "UntrustedImageError",
 ]

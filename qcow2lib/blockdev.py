@@ -140,22 +140,35 @@ def merge_extents(extents: list[Extent]) -> list[Extent]:
 
 
 class RawDevice(BlockDevice):
-    """A raw image file: guest offset == file offset."""
+    """A raw image file: guest offset == file offset.
+
+    Durability as for qcow2 images: close() flushes what was written since the last
+    flush, and once an fdatasync has failed every later flush and close fails too (the
+    kernel may have dropped the pages it could not write)."""
 
     format = "raw"
 
     def __init__(self, path: str, mode: str = "r", force_share: bool = False,
-                 probed: bool = False):
+                 probed: bool = False, backing_of: str | None = None):
         self.filename = path
         self.probed = probed  # the format was guessed: sector 0 must not turn into another
         self.read_only = mode != "r+"
-        self.file = open_host_file(path, writable=not self.read_only)
+        self.file = open_host_file(path, writable=not self.read_only,
+                                   role="backing file" if backing_of else None, named_by=backing_of)
         try:
             self.file.lock_for_use(force_share)
         except BaseException:
             self.file.close()
             raise
         self.size = self.file.size()
+        self._unflushed = False  # written since the last flush
+        self._flush_failure: Qcow2IOError | None = None
+        self._closed = False
+
+    def check_request(self, offset: int, length: int, write: bool = False) -> None:
+        super().check_request(offset, length, write)
+        if write:
+            self._unflushed = True
 
     def readinto(self, offset: int, buffer) -> int:
         view = memoryview(buffer).cast("B")
@@ -201,8 +214,16 @@ class RawDevice(BlockDevice):
         return may_unmap and not self.read_only
 
     def flush(self) -> None:
-        if not self.read_only and not self._closed:
+        if self.read_only or self._closed:
+            return
+        if self._flush_failure is not None:
+            raise self._flush_failure
+        try:
             self.file.flush()
+        except Qcow2IOError as exc:
+            self._flush_failure = exc
+            raise
+        self._unflushed = False
 
     def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
         """Data and holes as the filesystem reports them (SEEK_DATA / SEEK_HOLE)."""
@@ -233,12 +254,19 @@ class RawDevice(BlockDevice):
     def resize(self, size: int) -> None:
         if self.read_only:
             raise ReadOnlyError(f"'{self.filename}' is opened read-only")
+        self._unflushed = True
         self.file.truncate(size)
         self.size = size
 
     def close(self) -> None:
-        self._closed = True
-        self.file.close()
+        if self._closed:
+            return
+        try:
+            if self._unflushed or self._flush_failure is not None:
+                self.flush()
+        finally:
+            self._closed = True
+            self.file.close()
 
 
 class BlockFile(io.RawIOBase):

@@ -12,17 +12,18 @@ from collections.abc import Sequence
 from . import structs as S
 from .blockdev import BlockDevice, RawDevice
 from .errors import (CorruptImageError, InvalidArgumentError, Qcow2Error, Qcow2IOError,
-                     UnsupportedFeatureError)
-from .hostfile import open_host_file
+                     UnsupportedFeatureError, UntrustedImageError)
+from .hostfile import open_host_file, refuse_special_file
 from .image import Qcow2Image
 
 MAX_CHAIN_DEPTH = 16
 FORMATS = ("qcow2", "raw")
 
 
-def probe_format(path: str) -> str:
-    """'qcow2' when the file starts with the qcow2 magic, else 'raw'."""
-    file = open_host_file(path)
+def probe_format(path: str, backing_of: str | None = None) -> str:
+    """'qcow2' when the file starts with the qcow2 magic, else 'raw'. backing_of: the
+    image naming the file as its backing file (a special file is then refused)."""
+    file = open_host_file(path, role="backing file" if backing_of else None, named_by=backing_of)
     try:
         magic = file.pread(4, 0)
     finally:
@@ -30,13 +31,15 @@ def probe_format(path: str) -> str:
     return "qcow2" if magic == S.QCOW_MAGIC.to_bytes(4, "big") else "raw"
 
 
-def backing_format(path: str, stated: str | None, name: str) -> str:
-    """The format a backing file is opened with: the one its image states, else qcow2 if
-    the file has the qcow2 magic. A file that would be probed as raw is refused: a backing
-    file name in an untrusted image must not expose any host file's bytes to the guest."""
+def backing_format(path: str, stated: str | None, name: str, backing_of: str) -> str:
+    """The format a backing file is opened with: the one its image (`backing_of`) states,
+    else qcow2 if the file has the qcow2 magic. A file that would be probed as raw is
+    refused: a backing file name in an untrusted image must not expose any host file's
+    bytes to the guest. A FIFO, socket or character device is refused before it is read."""
+    refuse_special_file(path, "backing file", backing_of)
     if stated is not None:
         return stated
-    if probe_format(path) == "qcow2":
+    if probe_format(path, backing_of) == "qcow2":
         return "qcow2"
     raise UnsupportedFeatureError(
         f"The image states no format for its backing file '{name}', which is not a qcow2 "
@@ -51,6 +54,31 @@ def resolve_backing_path(image_path: str, backing_name: str) -> str:
     if os.path.isabs(backing_name):
         return backing_name
     return os.path.join(os.path.dirname(image_path), backing_name)
+
+
+def untrusted_backing_path(image_path: str, backing_name: str, stated_format: str | None) -> str:
+    """Where the backing file of an untrusted image is, if it may have one there: a qcow2
+    image inside the directory of the image naming it (a relative name without '..' or a
+    protocol, also once symlinks are resolved); else UntrustedImageError."""
+    def refuse(why: str) -> UntrustedImageError:
+        return UntrustedImageError(f"Untrusted image '{image_path}' names the backing file "
+                                   f"'{backing_name}': {why}")
+    if stated_format is not None and stated_format != "qcow2":
+        raise refuse(f"its format is {stated_format}, and only a qcow2 backing file is "
+                     f"opened for an untrusted image")
+    if ":" in backing_name.split("/", 1)[0]:
+        raise refuse("a protocol or json: name (only a file name is allowed)")
+    if os.path.isabs(backing_name):
+        raise refuse("an absolute name (only a file in the image's directory is allowed)")
+    if ".." in backing_name.split("/"):
+        raise refuse("a name with '..' (only a file in the image's directory is allowed)")
+    directory = os.path.dirname(image_path)
+    path = os.path.join(directory, backing_name)
+    real_directory = os.path.realpath(directory or ".")
+    if os.path.commonpath([os.path.realpath(path), real_directory]) != real_directory:
+        raise refuse(f"it resolves to '{os.path.realpath(path)}', outside the image's "
+                     f"directory '{real_directory}'")
+    return path
 
 
 # QEMU's cache modes; only "unsafe" changes what the engine does (no fdatasync).
@@ -71,7 +99,8 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
                data_file: str | None = None, force_share: bool = False,
                passphrase: str | bytes | Sequence[str | bytes | None] | None = None,
                open_data_file: bool = True, _chain: tuple[str, ...] = (),
-               snapshot: str | None = None, cache: str = "writeback") -> BlockDevice:
+               snapshot: str | None = None, cache: str = "writeback",
+               backing_of: str | None = None, untrusted: bool = False) -> BlockDevice:
     """Open an image (and, unless backing=False, its whole backing chain, read-only).
 
     Images are locked the way QEMU locks them; force_share (qemu-img -U) reads an image
@@ -82,6 +111,16 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
     (what `info` needs). snapshot="name or id" gives a read-only view of an internal
     snapshot's content. cache="unsafe" never makes writes durable (flush()
     only writes metadata back), as qemu-img convert treats its target by default.
+    backing_of names the image whose backing file `path` is: a FIFO, socket or character
+    device is then refused (named directly, a character device opens as a file).
+
+    untrusted=True opens an image from an untrusted source: what it names must stay inside
+    its directory. An external data file named by the image is refused, and a backing
+    file (at every level) must be a qcow2 image named by a relative name without '..' or
+    a protocol that stays in the naming image's directory once symlinks are resolved
+    (UntrustedImageError). `path` itself, `fmt` and `data_file` come from the caller and
+    are trusted. The default trusts the image as qemu-img does: it may name any host file
+    as its backing file (a raw one only if it states the format) or data file.
     """
     if snapshot is not None and mode != "r":
         raise InvalidArgumentError("a snapshot can only be opened read-only (mode 'r')")
@@ -92,7 +131,7 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
                                    f"{cache!r}")
     probed = fmt is None
     if probed:
-        fmt = probe_format(path)
+        fmt = probe_format(path, backing_of)
     if fmt not in FORMATS:
         raise UnsupportedFeatureError(f"Unknown driver '{fmt}'")
     if "\0" in path:
@@ -107,7 +146,7 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
     if fmt == "raw":
         if snapshot is not None:
             raise UnsupportedFeatureError("Block driver does not support snapshots (raw)")
-        device = RawDevice(path, mode, force_share, probed)
+        device = RawDevice(path, mode, force_share, probed, backing_of)
         device.file.no_flush = cache == "unsafe"
         return device
     if isinstance(passphrase, (str, bytes, type(None))):
@@ -117,21 +156,27 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
         own_passphrase = layers[0] if layers else None
         backing_passphrase = layers[1:]
     image = Qcow2Image(path, mode, data_file_path=data_file, force_share=force_share,
-                       passphrase=own_passphrase, open_data_file=open_data_file)
+                       passphrase=own_passphrase, open_data_file=open_data_file,
+                       backing_of=backing_of, untrusted=untrusted)
     for host in (image.file, image.data_host):
         if host is not None:
             host.no_flush = cache == "unsafe"
     if backing and image.backing_filename:
         try:
-            backing_path = resolve_backing_path(path, image.backing_filename)
+            if untrusted:
+                backing_path = untrusted_backing_path(path, image.backing_filename,
+                                                      image.backing_format)
+            else:
+                backing_path = resolve_backing_path(path, image.backing_filename)
             if not os.path.exists(backing_path):
                 raise Qcow2IOError(2, f"Could not open '{backing_path}': No such file or "
                                       f"directory", backing_path)
             image.backing = open_image(backing_path, "r",
                                        backing_format(backing_path, image.backing_format,
-                                                      image.backing_filename),
+                                                      image.backing_filename, path),
                                        True, None, force_share, backing_passphrase,
-                                       open_data_file, _chain + (real,))
+                                       open_data_file, _chain + (real,), backing_of=path,
+                                       untrusted=untrusted)
         except Qcow2Error as exc:
             image.close()
             raise _in_backing_file(exc) from exc

@@ -1796,7 +1796,7 @@ def check_path(filename: str, repair: str | None = None, fmt: str | None = None,
 
     Failing to open gives a report with `error` set and exit code 1, as qemu-img does.
     """
-    from .hostfile import HostFile
+    from .hostfile import HostFile, open_host_file
 
     if repair not in _REPAIR_MODES:
         from .errors import InvalidArgumentError
@@ -1805,13 +1805,16 @@ def check_path(filename: str, repair: str | None = None, fmt: str | None = None,
     fix = _REPAIR_MODES[repair]
     report = CheckReport(filename=filename)
     if fmt is None:
-        try:
-            with open(filename, "rb") as f:
-                magic = f.read(4)
-        except OSError as exc:
+        try:  # through HostFile, which refuses a FIFO instead of waiting for a writer
+            probe = open_host_file(filename)
+            try:
+                magic = probe.pread(4, 0)
+            finally:
+                probe.close()
+        except Qcow2Error as exc:
             report.failed = True
-            report.error = f"Could not open '{filename}': Could not open '{filename}': " \
-                           f"{exc.strerror}"
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            report.error = f"Could not open '{filename}': {reason}"
             return report
         fmt = "qcow2" if magic == S.QCOW_MAGIC.to_bytes(4, "big") else "raw"
     report.format = fmt
@@ -1849,8 +1852,10 @@ def check_path(filename: str, repair: str | None = None, fmt: str | None = None,
 
 
 def _check_openable(filename: str, header: Header) -> None:
-    """What else makes QEMU's open fail: a missing external data file or backing file."""
+    """What else makes QEMU's open fail: a missing external data file or backing file
+    (and what qcow2lib refuses to open as one: a FIFO, socket or character device)."""
     from .errors import Qcow2IOError
+    from .hostfile import refuse_special_file
 
     if header.incompatible_features & S.INCOMPAT_DATA_FILE:
         if not header.data_file:
@@ -1859,6 +1864,7 @@ def _check_openable(filename: str, header: Header) -> None:
         if not os.path.exists(header.data_file):
             raise Qcow2IOError(errno.ENOENT, f"Could not open '{header.data_file}': No such "
                                              f"file or directory")
+        refuse_special_file(header.data_file, "external data file", filename)
     elif header.data_file:
         raise CorruptImageError("'data-file' can only be set for images with an external data "
                                 "file")
@@ -1868,3 +1874,4 @@ def _check_openable(filename: str, header: Header) -> None:
         if not os.path.exists(path):
             raise Qcow2IOError(errno.ENOENT, f"Could not open backing file: Could not open "
                                              f"'{path}': No such file or directory")
+        refuse_special_file(path, "backing file", filename)

@@ -24,6 +24,11 @@ class Qcow2IOError(Qcow2Error, OSError):
         OSError.__init__(self, errno_value, message, filename)
 
 
+class UntrustedImageError(UnsupportedFeatureError):
+    """An image opened as untrusted names something only a trusted image may: an external
+    data file, a backing file outside its directory, a raw backing file."""
+
+
 class InvalidArgumentError(Qcow2Error, ValueError):
     """A caller passed an option or range the image cannot take."""
 

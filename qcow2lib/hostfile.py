@@ -42,6 +42,35 @@ def _flock(kind: int, start: int) -> bytes:
     return struct.pack("@hhqqi4x", kind, os.SEEK_SET, start, 1, 0)
 
 
+def special_file_kind(mode: int, char_devices: bool = True) -> str | None:
+    """What a file is when no image should use it: reading a FIFO or socket waits for a
+    writer that may never come, and a character device is a stream, not a disk. Regular
+    files and block devices (None) are fine. Character devices open as files when named
+    directly (as qemu-img allows); named by an image (char_devices) they are refused."""
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if char_devices and stat.S_ISCHR(mode):
+        return "a character device"
+    return None
+
+
+def refuse_special_file(path: str, role: str, named_by: str, mode: int | None = None) -> None:
+    """Refuse a FIFO, socket or character device that an image names as its `role`
+    (backing file, external data file), before it is opened (`mode` from os.stat), or
+    once it is (the opened file's mode: the name may have changed in between)."""
+    if mode is None:
+        try:
+            mode = os.stat(path).st_mode
+        except (OSError, ValueError):
+            return  # opening it reports why it cannot be used
+    kind = special_file_kind(mode)
+    if kind:
+        raise Qcow2IOError(errno.EINVAL, f"The {role} '{path}' named by '{named_by}' is {kind}, "
+                                         f"not a regular file or block device", path)
+
+
 class HostFile:
     """A file opened for positional I/O; safe to share between threads."""
 
@@ -53,18 +82,22 @@ class HostFile:
             flags |= os.O_CREAT
         flags |= getattr(os, "O_CLOEXEC", 0)
         verb = "create" if create else "open"
-        try:
-            self.fd = os.open(path, flags, 0o644)
+        try:  # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below)
+            self.fd = os.open(path, flags | os.O_NONBLOCK, 0o644)
         except OSError as exc:
             raise Qcow2IOError(exc.errno, f"Could not {verb} '{path}': {exc.strerror}",
                                path) from None
         except ValueError:  # a NUL byte: no file can have this name
             raise Qcow2IOError(errno.EINVAL, f"Could not {verb} '{path!r}': file name contains "
                                              f"a NUL byte", None) from None
-        if stat.S_ISDIR(os.fstat(self.fd).st_mode):
+        self.st_mode = os.fstat(self.fd).st_mode
+        special = special_file_kind(self.st_mode, char_devices=False)
+        if stat.S_ISDIR(self.st_mode) or special:
             os.close(self.fd)
             raise Qcow2IOError(errno.EINVAL, f"'file' driver requires '{path}' to be a regular "
-                                             f"file", path)
+                                             f"file" + (f"; it is {special}" if special else ""),
+                               path)
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         self._closed = False
         self._flush_error: Qcow2IOError | None = None
         # cache=unsafe (qemu-img convert's default for its target): writes are never
@@ -80,6 +113,8 @@ class HostFile:
 
     def size(self) -> int:
         try:
+            if stat.S_ISBLK(self.st_mode):  # fstat gives a block device no size
+                return os.lseek(self.fd, 0, os.SEEK_END)
             return os.fstat(self.fd).st_size
         except (OSError, OverflowError) as exc:
             raise self._fail(exc, "fstat") from None
@@ -240,8 +275,20 @@ class HostFile:
 host_file_class: type[HostFile] = HostFile
 
 
-def open_host_file(path: str, writable: bool = False, create: bool = False) -> HostFile:
-    return host_file_class(path, writable=writable, create=create)
+def open_host_file(path: str, writable: bool = False, create: bool = False,
+                   role: str | None = None, named_by: str | None = None) -> HostFile:
+    """Open a file; with `role` and `named_by`, one an image names (see
+    refuse_special_file), refused if special before and after it is opened."""
+    if role is not None:
+        refuse_special_file(path, role, named_by)
+    file = host_file_class(path, writable=writable, create=create)
+    if role is not None:
+        try:
+            refuse_special_file(path, role, named_by, file.st_mode)
+        except BaseException:
+            file.close()
+            raise
+    return file
 
 
 def create_host_file(path: str) -> HostFile:

@@ -22,7 +22,7 @@ from .bitmaps import BitmapEntry, BitmapTracker, Untrackable, read_directory
 from .blockdev import BlockDevice, Extent, merge_extents
 from .cache import decode_be64
 from .errors import (BadSecretError, CorruptImageError, InvalidArgumentError, Qcow2Error,
-                     Qcow2IOError, UnsupportedFeatureError)
+                     Qcow2IOError, UnsupportedFeatureError, UntrustedImageError)
 from .header import Header
 from .hostfile import HostFile, open_host_file
 from .mapping import BACKING, COMPRESSED, DATA, ZERO, ClusterMap, Segment
@@ -55,24 +55,29 @@ class Qcow2Image(BlockDevice):
 
     def __init__(self, path: str, mode: str = "r", data_file_path: str | None = None,
                  force_share: bool = False, passphrase: str | bytes | None = None,
-                 open_data_file: bool = True):
+                 open_data_file: bool = True, backing_of: str | None = None,
+                 untrusted: bool = False):
+        """backing_of: the image naming this one as its backing file, if any. untrusted:
+        an external data file the image names (not `data_file_path`) is refused."""
         if mode not in ("r", "r+"):
             raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
         self.filename = path
         self.read_only = mode == "r"
-        self.file = open_host_file(path, writable=not self.read_only)
+        self.file = open_host_file(path, writable=not self.read_only,
+                                   role="backing file" if backing_of else None, named_by=backing_of)
         self.data_host: HostFile | None = None  # the external data file, when there is one
         self.force_share = force_share
         try:
             self.file.lock_for_use(force_share)
-            self._open(data_file_path, passphrase, open_data_file)
+            self._open(data_file_path, passphrase, open_data_file, untrusted)
         except BaseException:
             self._close_files()
             raise
 
     # --- opening ------------------------------------------------------------------------
 
-    def _open(self, data_file_path: str | None, passphrase, open_data_file: bool) -> None:
+    def _open(self, data_file_path: str | None, passphrase, open_data_file: bool,
+              untrusted: bool) -> None:
         file_size = self.file.size()
         self.header = hdr = Header.parse(self._read_header_bytes, file_size)
         self.dirty = bool(hdr.incompatible_features & S.INCOMPAT_DIRTY)
@@ -110,8 +115,14 @@ class Qcow2Image(BlockDevice):
             # As QEMU does, a relative name is taken from the working directory.
             if not open_data_file and not self.read_only:
                 raise InvalidArgumentError("an image opened for writing needs its data file")
+            if open_data_file and untrusted and not data_file_path:
+                raise UntrustedImageError(
+                    f"Untrusted image '{self.filename}' names the external data file '{name}': "
+                    f"an untrusted image may not have one (its guest data would be read from "
+                    f"and written to that host file)")
             if open_data_file:
-                self.data_host = open_host_file(name, writable=not self.read_only)
+                self.data_host = open_host_file(name, writable=not self.read_only,
+                                                role="external data file", named_by=self.filename)
                 self.data_host.lock_for_use(self.force_share)
         elif hdr.data_file:
             raise CorruptImageError("'data-file' can only be set for images with an external "
@@ -125,6 +136,9 @@ class Qcow2Image(BlockDevice):
         self._last_decompressed: tuple[int, bytes] | None = None
         self._prealloc_detected: bool | None = None
         self._flush_failure: Qcow2IOError | None = None
+        # Opened for writing, then stopped by corruption: metadata of the writes
+        # acknowledged until then is still written back (flush, close).
+        self._stopped_by_corruption = False
         self._compressed_tail = 0  # next free byte after the last compressed cluster written
         self.map = ClusterMap(self.file, hdr, self._data_size)
         # Where metadata lies, for the pre-write overlap check: built at the first check
@@ -406,7 +420,9 @@ class Qcow2Image(BlockDevice):
         if last is not None and last[0] == seg.host_offset:
             return last[1]
         raw = self.file.pread(seg.compressed_size, seg.host_offset)
-        plain = codecs.decompress(self.compression_type, raw, self.cluster_size)
+        plain = codecs.decompress(
+            self.compression_type, raw, self.cluster_size,
+            f" at host offset 0x{seg.host_offset:x} (guest offset 0x{seg.cluster_offset:x})")
         self._last_decompressed = (seg.host_offset, plain)
         return plain
 
@@ -824,11 +840,14 @@ class Qcow2Image(BlockDevice):
     def _allocate_bytes(self, size: int) -> int:
         """Room for `size` compressed bytes, packed after the previous compressed cluster.
 
-        Each host cluster the bytes touch gains one reference, as QEMU counts them.
+        Each host cluster the bytes touch gains one reference, as QEMU counts them; a
+        cluster whose refcount is at the most its width holds (1-bit refcounts: one
+        reference) takes no more, and the bytes start a new cluster, as in QEMU.
         """
         cs = self.cluster_size
         tail = self._compressed_tail
-        if tail and tail % cs and self.refcounts.get(tail >> self.cluster_bits):
+        if tail and tail % cs and 0 < self.refcounts.get(tail >> self.cluster_bits) \
+                < self.refcounts.max_refcount:
             room = cs - tail % cs
             if size <= room:
                 self.refcounts.update(tail >> self.cluster_bits, 1, +1)
@@ -1029,7 +1048,7 @@ class Qcow2Image(BlockDevice):
                 self._write_back()
 
     def flush(self) -> None:
-        if self.read_only or self._closed:
+        if self._closed or (self.read_only and not self._stopped_by_corruption):
             return
         with self._lock:
             self._write_back()
@@ -1122,7 +1141,8 @@ class Qcow2Image(BlockDevice):
 
     def _signal_corruption(self, exc: Qcow2Error) -> None:
         """Metadata a write depends on is broken: mark the image corrupt and stop writing,
-        as QEMU does, so nothing more is damaged before a repair."""
+        as QEMU does, so nothing more is damaged before a repair. Writes acknowledged
+        before are not lost: flush and close still write their metadata back (or fail)."""
         if self.read_only or self.corrupt:
             return
         self.corrupt = True
@@ -1132,6 +1152,7 @@ class Qcow2Image(BlockDevice):
             self._sync(self.file)
         finally:
             self.read_only = True
+            self._stopped_by_corruption = True
 
     def check(self, repair: str | None = None):
         """qemu-img check on this image (repair None, "leaks" or "all"): a CheckReport."""
@@ -1150,7 +1171,7 @@ class Qcow2Image(BlockDevice):
         if self._closed:
             return
         try:
-            if not self.read_only:
+            if not self.read_only or self._stopped_by_corruption:
                 with self._cond:
                     while self._io_active:
                         self._cond.wait()

@@ -13,6 +13,7 @@ from qcow2lib.cli.images import (
     image_spec,
     open_spec,
     report_failure,
+    untrusted,
 )
 from qcow2lib.cli.progress import Progress
 from qcow2lib.cli.qemuopts import (
@@ -211,7 +212,7 @@ def _amend_image(cli, spec, opts, arguments, encrypted, luks, passphrase, force,
         if arguments:
             amend(host_path(spec.path), fmt=spec.fmt,
                   progress=(lambda done, total: meter.print(100.0 * done / total, 0))
-                  if meter.enabled else None, **arguments)
+                  if meter.enabled else None, untrusted=untrusted(), **arguments)
     except CreateError as exc:
         report_failure(cli, exc)
         return 1

@@ -11,6 +11,7 @@ from qcow2lib.cli.images import (
     open_spec,
     report_failure,
     spec_passphrases,
+    untrusted,
 )
 from qcow2lib.cli.progress import Progress
 from qcow2lib.cli.secrets import process_object
@@ -70,7 +71,7 @@ def cmd_commit(cli: Cli, argv: list[str]) -> int:
     try:
         commit(host_path(spec.path), base, drop=drop,
                progress=meter.callback if meter.enabled else None, fmt=spec.fmt,
-               passphrases=spec_passphrases(cli, spec))
+               passphrases=spec_passphrases(cli, spec), untrusted=untrusted())
     except Qcow2Error as exc:
         meter.end()
         cli.error_report(error_text(exc))

@@ -8,6 +8,7 @@ import qcow2lib
 from qcow2lib import ImageLockedError, Qcow2Error
 from qcow2lib.cli.common import Cli, cvtnum
 from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
+from qcow2lib.cli.images import untrusted
 from qcow2lib.cli.qemuopts import (
     BLOCKDEV_DRIVERS,
     FORMAT_CREATE_OPTS,
@@ -60,7 +61,7 @@ def _open_backing(filename: str, backing_file: str, backing_fmt: str | None):
     except Qcow2Error as exc:
         raise CreateError(error_text(exc)) from exc
     try:
-        return open_by_name(full, backing_fmt, force_share=True)
+        return open_by_name(full, backing_fmt, force_share=True, untrusted=untrusted())
     except Qcow2Error as exc:
         raise CreateError(error_text(exc), hint) from exc
 

@@ -2,12 +2,14 @@
 with the secrets of each encrypted layer, and qemu-img's messages when that fails."""
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from typing import NoReturn
 
 import qcow2lib
 from qcow2lib import ImageLockedError, Qcow2Error
+from qcow2lib.chain import untrusted_backing_path
 from qcow2lib.cli.common import Cli
 from qcow2lib.cli.qemuopts import CreateError, parse_qemu_opts, split_option_list
 from qcow2lib.cli.qobject import qemu_json_compact
@@ -25,6 +27,11 @@ RAW_PROBE_WARNING = (
     "         Automatically detecting the format is dangerous for raw images, write "
     "operations on block 0 will be restricted.\n"
     "         Specify the 'raw' format explicitly to remove the restrictions.\n")
+
+
+def untrusted() -> bool:
+    """QIMG_UNTRUSTED=1 (qimg's extension): open every image as untrusted (open_image)."""
+    return os.environ.get("QIMG_UNTRUSTED") == "1"
 
 
 class OpenFailure(Exception):
@@ -138,7 +145,7 @@ def open_spec(cli: Cli, spec: ImageSpec, mode: str = "r", backing: bool = True,
             passphrases[0] = passphrase
         device = qcow2lib.open(path, mode, fmt=spec.fmt, backing=backing,
                                force_share=spec.force_share, passphrase=passphrases,
-                               cache="none" if cache == "off" else cache)
+                               cache="none" if cache == "off" else cache, untrusted=untrusted())
     except ImageLockedError as exc:
         raise OpenFailure(f"Could not open '{spec.name}': {error_text(exc)}",
                           f"Is another process using the image [{host_path(spec.path)}]?\n") \
@@ -171,8 +178,10 @@ def json_filename(spec: ImageSpec, fmt: str) -> str:
             backing_name, backing_fmt = image.backing_filename, image.backing_format
         if not backing_name:
             break
-        path = full_backing_filename(path, backing_name)
-        fmt = backing_fmt or qcow2lib.probe_format(path)
+        if untrusted():
+            untrusted_backing_path(path, backing_name, backing_fmt)
+        named_by, path = path, full_backing_filename(path, backing_name)
+        fmt = backing_fmt or qcow2lib.probe_format(path, backing_of=named_by)
         layer["backing"] = layer = _json_layer(secret, fmt, path)
     return "json:" + qemu_json_compact(top)
 

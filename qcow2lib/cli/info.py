@@ -8,7 +8,8 @@ import time
 from qcow2lib import Qcow2Error
 from qcow2lib.cli.common import Cli
 from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
-from qcow2lib.cli.images import OpenFailure, image_spec, json_filename, report_failure
+from qcow2lib.cli.images import (OpenFailure, image_spec, json_filename, report_failure,
+                                  untrusted)
 from qcow2lib.cli.qobject import dump_qobject, qemu_json
 from qcow2lib.cli.secrets import process_object
 from qcow2lib.ops import error_text
@@ -105,7 +106,7 @@ def cmd_info(cli: Cli, argv: list[str]) -> int:
             return 1
         filename, fmt, force_share = spec.path, spec.fmt, spec.force_share
     try:
-        infos = image_info_list(filename, fmt, chain, force_share)
+        infos = image_info_list(filename, fmt, chain, force_share, untrusted())
     except ImageOpenError as exc:
         message = str(exc)
         if image_opts and message.startswith(f"Could not open '{spec.path}': "):

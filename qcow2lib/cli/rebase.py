@@ -13,6 +13,7 @@ from qcow2lib.cli.images import (
     open_spec,
     report_failure,
     spec_passphrases,
+    untrusted,
 )
 from qcow2lib.cli.progress import Progress
 from qcow2lib.cli.secrets import process_object
@@ -92,7 +93,8 @@ def cmd_rebase(cli: Cli, argv: list[str]) -> int:
                     return 1
             rebase(host_path(spec.path), out_baseimg or None, out_basefmt, unsafe=unsafe,
                    progress=meter.callback if meter.enabled else None, fmt=spec.fmt,
-                   force_share=force_share, passphrases=spec_passphrases(cli, spec))
+                   force_share=force_share, passphrases=spec_passphrases(cli, spec),
+                   untrusted=untrusted())
         except Qcow2Error as exc:
             cli.error_report(error_text(exc))
             return 1

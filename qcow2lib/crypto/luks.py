@@ -24,7 +24,7 @@ from ..errors import (BadSecretError, CorruptImageError, InvalidArgumentError,
 from . import afsplit
 from .ciphers import (AES_KEY_LEN, CIPHER_MODES, IVGEN_ALGS, KNOWN_UNSUPPORTED_CIPHERS,
                       SECTOR_SIZE, SectorCipher, SectorCrypto, check_hash, essiv_cipher_key_len,
-                      make_ivgen, pbkdf2, pbkdf2_iterations_for, secret_bytes)
+                      digest_len, make_ivgen, pbkdf2, pbkdf2_iterations_for, secret_bytes)
 
 LUKS_MAGIC = b"LUKS\xba\xbe"
 LUKS_VERSION = 1
@@ -92,9 +92,18 @@ def _cstr(raw: bytes, field_name: str) -> str:
     return raw.split(b"\0", 1)[0].decode("latin-1")
 
 
-# PBKDF2 work an untrusted header may ask for before we refuse it: far above what any
-# iter-time setting produces on today's machines, far below an unlock that never ends.
-MAX_ITERATIONS = 1 << 26
+# The PBKDF2 work one open may do, counted in hash-block computations (an iteration
+# yielding a key longer than the hash costs one per digest-sized block), summed over the
+# active key slots a wrong passphrase tries: each slot's key, then the master key digest.
+# qemu-img 7.2 create with encrypt.iter-time=10000 (10 s) made, on a 2-core Xeon, a slot of
+# 44,643,050 iterations (aes-256-xts, 64-byte key: two SHA-256 blocks each) and a digest
+# of 11,113,461: 100M blocks (QEMU's nettle does 8.9M a CPU second there, Python's
+# OpenSSL-backed hashlib 4.6M). One open may do 8 times that: every image qemu-img makes
+# with iter-time up to 10 s opens, also one made on a machine up to 8 times faster, and
+# a wrong passphrase costs at most about 3 minutes of CPU there, where a hostile header
+# (8 slots of 2^32-1 iterations) would cost hours; it is refused at once.
+QEMU_ITER_TIME_10S_BLOCKS = 44_643_050 * 2 + 11_113_461
+MAX_KDF_BLOCKS = 8 * QEMU_ITER_TIME_10S_BLOCKS
 
 
 @dataclass
@@ -174,10 +183,6 @@ class LuksHeader:
                 f"{self.payload_offset_sector})")
         if self.master_key_iterations == 0:
             raise CorruptImageError("LUKS key iteration count is zero (master_key_iterations 0)")
-        if self.master_key_iterations > MAX_ITERATIONS:
-            raise UnsupportedFeatureError(
-                f"LUKS master key digest iteration count too large (master_key_iterations "
-                f"{self.master_key_iterations}, limit {MAX_ITERATIONS})")
         if not 0 < self.master_key_len <= MAX_MASTER_KEY_LEN:
             raise CorruptImageError(
                 f"LUKS master key length out of range (master_key_len {self.master_key_len}, "
@@ -192,10 +197,6 @@ class LuksHeader:
                     f"Keyslot {i} state (active/disable) is corrupted (active 0x{slot.active:x})")
             if slot.is_active and slot.iterations == 0:
                 raise CorruptImageError(f"Keyslot {i} iteration count is zero (iterations 0)")
-            if slot.is_active and slot.iterations > MAX_ITERATIONS:
-                raise UnsupportedFeatureError(
-                    f"Keyslot {i} iteration count too large (iterations {slot.iterations}, "
-                    f"limit {MAX_ITERATIONS})")
             start = slot.key_offset_sector
             length = splitkey_sectors(self.master_key_len, slot.stripes)
             if start < HEADER_SECTORS:
@@ -297,6 +298,39 @@ class LuksHeader:
         ivgen = make_ivgen(self.ivgen_alg, key=key, cipher_key_len=self.cipher_key_len,
                            hash_name=self.ivgen_hash_alg)
         return SectorCipher(self.cipher_mode, key, ivgen)
+
+    def slot_kdf_blocks(self, iterations: int) -> int:
+        """PBKDF2 hash blocks one try of a slot with `iterations` costs: its key (as long as
+        the master key), then the digest of the master key it yields."""
+        block = digest_len(self.hash_alg)
+        return (iterations * -(-self.master_key_len // block)
+                + self.master_key_iterations * -(-DIGEST_LEN // block))
+
+    def check_new_slot_work(self, index: int, iterations: int, iter_time: int) -> None:
+        """Refuse to give slot `index` `iterations` when the header could then not be
+        opened again (see MAX_KDF_BLOCKS), before any key is derived."""
+        total = sum(self.slot_kdf_blocks(slot.iterations if i != index else iterations)
+                    for i, slot in enumerate(self.key_slots) if slot.is_active or i == index)
+        if total > MAX_KDF_BLOCKS:
+            raise InvalidArgumentError(
+                f"iter-time {iter_time} ms gives keyslot {index} {iterations} iterations: the "
+                f"active keyslots would cost {total} PBKDF2 blocks to try, more than the limit "
+                f"of {MAX_KDF_BLOCKS} one open may spend")
+
+    def check_kdf_work(self) -> None:
+        """Refuse, before any key derivation, a header whose active slots would together
+        cost more than MAX_KDF_BLOCKS (what a wrong passphrase pays: every slot)."""
+        total = 0
+        for index, slot in enumerate(self.key_slots):
+            if not slot.is_active:
+                continue
+            total += self.slot_kdf_blocks(slot.iterations)
+            if total > MAX_KDF_BLOCKS:
+                raise CorruptImageError(
+                    f"LUKS key derivation too costly: with keyslot {index} (iterations "
+                    f"{slot.iterations}, master_key_iterations {self.master_key_iterations}) "
+                    f"one open would compute {total} PBKDF2-{self.hash_alg} blocks, more than "
+                    f"the limit of {MAX_KDF_BLOCKS}")
 
     def master_key_matches(self, key: bytes) -> bool:
         digest = pbkdf2(self.hash_alg, key, self.master_key_salt, self.master_key_iterations,
@@ -470,6 +504,7 @@ class LuksVolume:
         slot = hdr.key_slots[index]
         if not slot.is_active:
             return None
+        hdr.check_kdf_work()
         password = secret_bytes(passphrase)
         slot_key = pbkdf2(hdr.hash_alg, password, slot.salt, slot.iterations, hdr.master_key_len)
         material = bytearray(self._read(slot.key_offset_sector * SECTOR_SIZE,
@@ -509,6 +544,7 @@ class LuksVolume:
         salt = self._random(SALT_LEN)
         iterations = _scaled_iterations(hdr.hash_alg, hdr.master_key_len, iter_time, 1,
                                         MIN_SLOT_KEY_ITERS, "key slot iterations")
+        hdr.check_new_slot_work(index, iterations, iter_time)
         slot_key = pbkdf2(hdr.hash_alg, password, salt, iterations, hdr.master_key_len)
         material = bytearray(afsplit.af_split(hdr.hash_alg, master_key, slot.stripes,
                                               self._random))
@@ -639,6 +675,9 @@ def create_luks(passphrase, options=None, random=os.urandom) -> tuple[bytes, byt
             master_key = random(hdr.master_key_len)
     hdr.master_key_iterations = _scaled_iterations(hdr.hash_alg, DIGEST_LEN, iter_time, 8,
                                                    MIN_MASTER_KEY_ITERS, "master key iterations")
+    hdr.check_new_slot_work(0, _scaled_iterations(hdr.hash_alg, hdr.master_key_len, iter_time, 1,
+                                                  MIN_SLOT_KEY_ITERS, "key slot iterations"),
+                            iter_time)
     hdr.master_key_digest = pbkdf2(hdr.hash_alg, master_key, hdr.master_key_salt,
                                    hdr.master_key_iterations, DIGEST_LEN)
     region = bytearray(hdr.payload_offset)

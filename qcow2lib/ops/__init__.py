@@ -58,15 +58,19 @@ def host_path(filename: str) -> str:
 
 
 def open_by_name(filename: str, fmt: str | None = None, backing: bool = True,
-                 force_share: bool = False) -> BlockDevice:
+                 force_share: bool = False, backing_of: str | None = None,
+                 untrusted: bool = False) -> BlockDevice:
     """Open an image read-only, named as qemu-img names images (see host_path()).
 
     `fmt` None probes the format; an empty name fails as QEMU's file driver fails.
+    backing_of: the image naming this one as its backing file; untrusted: what the
+    image names is confined to its directory (both as in open_image).
     """
     path = host_path(filename)
     if not path:
         raise InvalidArgumentError("The 'file' block driver requires a file name")
-    return open_image(path, "r", fmt, backing, force_share=force_share, open_data_file=False)
+    return open_image(path, "r", fmt, backing, force_share=force_share, open_data_file=False,
+                      backing_of=backing_of, untrusted=untrusted)
 
 
 def path_combine(base: str, filename: str) -> str:

@@ -86,13 +86,14 @@ def amend(image_path: str, *, compat: str | None = None, refcount_bits: int | No
           lazy_refcounts: bool | None = None, size: int | None = None,
           backing_file: str | None = None, backing_fmt: str | None = None,
           data_file: str | None = None, data_file_raw=None, fmt: str | None = None,
-          progress=None) -> None:
+          progress=None, untrusted: bool = False) -> None:
     """Amend the qcow2 image at image_path (see the module docstring).
 
     Raises AmendError / InvalidArgumentError / UnsupportedFeatureError with qemu-img's
-    messages. The image content is kept; qemu-img check is clean afterwards.
+    messages. The image content is kept; qemu-img check is clean afterwards. untrusted:
+    the image is opened as open_image(untrusted=True) opens it.
     """
-    image = open_image(image_path, "r+", fmt)
+    image = open_image(image_path, "r+", fmt, untrusted=untrusted)
     try:
         if image.format != "qcow2":
             raise UnsupportedFeatureError(

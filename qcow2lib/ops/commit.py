@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from ..chain import MAX_CHAIN_DEPTH, backing_format, open_image, resolve_backing_path
+from ..chain import (MAX_CHAIN_DEPTH, backing_format, open_image, resolve_backing_path,
+                     untrusted_backing_path)
 from ..errors import CorruptImageError, Qcow2Error
 from .resize import resize
 
@@ -33,10 +34,12 @@ def _matches(base: str, layer_filename: str, path: str) -> bool:
     return os.path.realpath(candidate) == os.path.realpath(path)
 
 
-def _open_chain(top_path: str, fmt: str | None, base_name: str | None, passphrases: tuple):
+def _open_chain(top_path: str, fmt: str | None, base_name: str | None, passphrases: tuple,
+                untrusted: bool):
     """Open the top read-write, the layers down to the base read-only, the base
     read-write (with its own chain read-only). Returns (top, base depth)."""
-    top = open_image(top_path, "r+", fmt, backing=False, passphrase=passphrases[:1])
+    top = open_image(top_path, "r+", fmt, backing=False, passphrase=passphrases[:1],
+                     untrusted=untrusted)
     try:
         layer, depth = top, 0
         seen = {os.path.realpath(top_path)}
@@ -47,7 +50,10 @@ def _open_chain(top_path: str, fmt: str | None, base_name: str | None, passphras
                     raise CommitError("Image does not have a backing file")
                 raise CommitError(f"Did not find '{base_name}' in the backing chain of "
                                   f"'{top_path}'")
-            path = resolve_backing_path(layer.filename, name)
+            if untrusted:
+                path = untrusted_backing_path(layer.filename, name, layer.backing_format)
+            else:
+                path = resolve_backing_path(layer.filename, name)
             real = os.path.realpath(path)
             if real in seen or depth >= MAX_CHAIN_DEPTH:
                 raise CorruptImageError(f"Backing file '{path}' creates an infinite loop.")
@@ -60,11 +66,14 @@ def _open_chain(top_path: str, fmt: str | None, base_name: str | None, passphras
                                   f"No such file or directory")
             if is_base:
                 layer.backing = open_image(path, "r+", backing_format(
-                    path, layer.backing_format, name), passphrase=passphrases[depth:])
+                    path, layer.backing_format, name, layer.filename),
+                    passphrase=passphrases[depth:], backing_of=layer.filename,
+                    untrusted=untrusted)
                 return top, depth
             layer.backing = open_image(path, "r", backing_format(
-                path, layer.backing_format, name), backing=False,
-                passphrase=passphrases[depth:depth + 1])
+                path, layer.backing_format, name, layer.filename), backing=False,
+                passphrase=passphrases[depth:depth + 1], backing_of=layer.filename,
+                untrusted=untrusted)
             layer = layer.backing
     except BaseException:
         top.close()
@@ -80,17 +89,18 @@ def _layer(top, depth: int):
 
 def commit(top_path: str, base_path: str | None = None, *, drop: bool = False,
            progress=None, fmt: str | None = None,
-           passphrases: Sequence[str | bytes | None] = ()) -> None:
+           passphrases: Sequence[str | bytes | None] = (), untrusted: bool = False) -> None:
     """Commit the image at `top_path` into its backing file, or into `base_path` further
     down its chain (which implies drop, as qemu-img's -b does). Unless drop, the top is
     emptied afterwards. qemu-img then prints "Image committed.".
 
     progress(done_bytes, total_bytes) is called while copying. passphrases unlock
-    encrypted layers: the top's first, then its backing file's, and so on.
+    encrypted layers: the top's first, then its backing file's, and so on. untrusted:
+    the chain is opened as open_image(untrusted=True) opens it.
     """
     if base_path is not None:
         drop = True
-    top, base_depth = _open_chain(top_path, fmt, base_path, tuple(passphrases))
+    top, base_depth = _open_chain(top_path, fmt, base_path, tuple(passphrases), untrusted)
     try:
         base = _layer(top, base_depth)
         if base.size < top.size:

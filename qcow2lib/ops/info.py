@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from ..chain import untrusted_backing_path
 from ..errors import CorruptImageError, ImageLockedError, Qcow2Error
 from ..snapshots import list_snapshots
 from . import error_text, full_backing_filename, host_path, open_by_name, virtual_size
@@ -105,15 +106,18 @@ def _describe(img, path: str) -> dict:
     return info
 
 
-def image_info(filename: str, fmt: str | None = None, force_share: bool = False) -> dict:
+def image_info(filename: str, fmt: str | None = None, force_share: bool = False,
+               backing_of: str | None = None, untrusted: bool = False) -> dict:
     """The `qemu-img info` dict of one image, its backing file left unopened.
 
     `filename` is taken as qemu-img takes it (a "file:" prefix is allowed); `fmt` None
-    probes the format; force_share reads an image another process has open for writing.
+    probes the format; force_share reads an image another process has open for writing;
+    backing_of names the image whose backing file this is; untrusted (see open_image).
     Raises ImageOpenError naming the file when it cannot be read.
     """
     try:
-        with open_by_name(filename, fmt, backing=False, force_share=force_share) as img:
+        with open_by_name(filename, fmt, backing=False, force_share=force_share,
+                          backing_of=backing_of, untrusted=untrusted) as img:
             return _describe(img, host_path(filename))
     except Qcow2Error as exc:
         hint = ""
@@ -123,24 +127,28 @@ def image_info(filename: str, fmt: str | None = None, force_share: bool = False)
 
 
 def image_info_list(filename: str, fmt: str | None = None, backing_chain: bool = False,
-                    force_share: bool = False) -> list[dict]:
+                    force_share: bool = False, untrusted: bool = False) -> list[dict]:
     """`qemu-img info [--backing-chain]`: the top image, then each backing file in turn.
 
     Backing files are opened by their full backing filename with the recorded backing
     format (probed when none is recorded). A name seen twice is a loop and raises
-    CorruptImageError with qemu-img's message.
+    CorruptImageError with qemu-img's message. untrusted: each backing file must be one
+    an untrusted image may name (chain.untrusted_backing_path).
     """
     seen: set[str] = set()
     infos: list[dict] = []
     name: str | None = filename
+    named_by: str | None = None
     while name is not None:
         if name in seen:
             raise CorruptImageError(f"Backing file '{name}' creates an infinite loop.")
         seen.add(name)
-        info = image_info(name, fmt, force_share)
+        info = image_info(name, fmt, force_share, named_by, untrusted)
         infos.append(info)
-        name = fmt = None
+        named_by, name, fmt = name, None, None
         if backing_chain:
             name = info.get("full-backing-filename")
             fmt = info.get("backing-filename-format")
+            if untrusted and name is not None:
+                untrusted_backing_path(host_path(named_by), info["backing-filename"], fmt)
     return infos

@@ -99,31 +99,34 @@ def _chain_depth(image, path: str) -> tuple[int, object] | None:
 def rebase(image_path: str, new_backing: str | None, new_backing_fmt: str | None = None, *,
            unsafe: bool = False, progress=None, fmt: str | None = None,
            force_share: bool = False,
-           passphrases: Sequence[str | bytes | None] = ()) -> None:
+           passphrases: Sequence[str | bytes | None] = (), untrusted: bool = False) -> None:
     """Change the backing file of the image at `image_path` (see the module docstring).
 
     new_backing is stored as given; relative names are resolved against the image's
     directory for opening. Raises RebaseError (or another Qcow2Error) with qemu-img's
     messages. progress(done_bytes, total_bytes) is called during the safe-mode copy.
     passphrases unlock encrypted layers of the image's chain (the image's first); as with
-    qemu-img, a new backing file outside the old chain is opened without any.
+    qemu-img, a new backing file outside the old chain is opened without any. untrusted:
+    the image's chain, and the new backing file's own chain, are opened as
+    open_image(untrusted=True) opens them (the new name itself is the caller's).
     """
     if new_backing_fmt is not None and new_backing_fmt not in FORMATS:
         raise InvalidArgumentError(f"Invalid format name: '{new_backing_fmt}'")
     new_backing = new_backing or None
     image = open_image(image_path, "r+", fmt, backing=not unsafe,
-                       passphrase=tuple(passphrases))
+                       passphrase=tuple(passphrases), untrusted=untrusted)
     try:
         _header_backing_check(image, new_backing, new_backing_fmt)
         if not unsafe:
-            _safe_copy(image, image_path, new_backing, new_backing_fmt, progress, force_share)
+            _safe_copy(image, image_path, new_backing, new_backing_fmt, progress, force_share,
+                       untrusted)
         set_backing(image, new_backing, new_backing_fmt)
     finally:
         image.close()
 
 
 def _open_new_backing(image, image_path: str, new_backing: str, new_fmt: str | None,
-                      force_share: bool):
+                      force_share: bool, untrusted: bool):
     """(device, depth in the old chain or None, whether we opened it)."""
     real_path = full_backing_filename(image_path, new_backing)
     found = _chain_depth(image, real_path) if os.path.exists(real_path) else None
@@ -131,7 +134,7 @@ def _open_new_backing(image, image_path: str, new_backing: str, new_fmt: str | N
         return found[1], found[0], False
     try:
         fmt = new_fmt or probe_format(real_path)
-        device = open_image(real_path, "r", fmt, force_share=force_share)
+        device = open_image(real_path, "r", fmt, force_share=force_share, untrusted=untrusted)
     except Qcow2Error as exc:
         raise RebaseError(f"Could not open new backing file '{new_backing}': "
                           f"{error_text(exc)}") from exc
@@ -146,12 +149,13 @@ def _open_new_backing(image, image_path: str, new_backing: str, new_fmt: str | N
     return device, None, True
 
 
-def _safe_copy(image, image_path, new_backing, new_fmt, progress, force_share) -> None:
+def _safe_copy(image, image_path, new_backing, new_fmt, progress, force_share,
+               untrusted: bool) -> None:
     old = image.backing
     new, prefix_depth, opened = None, None, False
     if new_backing:
         new, prefix_depth, opened = _open_new_backing(image, image_path, new_backing, new_fmt,
-                                                      force_share)
+                                                      force_share, untrusted)
     try:
         size = image.size
         old_size = old.size if old is not None else 0
