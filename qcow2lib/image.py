@@ -635,12 +635,13 @@ class Qcow2Image(BlockDevice):
                     change.bitmap = touched | ((bitmap >> 32) & ~touched) << 32
                 change.entry = S.OFLAG_COPIED
             changes.append(change)
+        if not has_data_file:  # before allocating: a refused request allocates nothing
+            for _, run_length, host in direct:
+                self.guard_write(host, run_length)
         if changes:
             self._prepare_l2_tables(changes)
             self._assign_hosts(changes)
         if not has_data_file:
-            for _, run_length, host in direct:
-                self.guard_write(host, run_length)
             for change in changes:
                 self.guard_write(change.host + change.fill_start,
                                  change.fill_end - change.fill_start)

@@ -297,10 +297,12 @@ def test_refcount_block_written_back_over_active_l2_table(tmp_path):
     block = layout.read(layout.refblock_offset, layout.cluster_size)
     theirs = tmp_path / "qemu.qcow2"
     shutil.copy(path, theirs)
-    with qcow2lib.open(str(path), "r+") as image:
-        image.write(513 << 20, b"\x5a" * 4096)
-        with pytest.raises(Qcow2IOError) as caught:
-            image.flush()
+    image = qcow2lib.open(str(path), "r+")
+    image.write(513 << 20, b"\x5a" * 4096)
+    with pytest.raises(Qcow2IOError) as caught:
+        image.flush()
+    with pytest.raises(Qcow2IOError):  # what flush could not write back, close cannot either
+        image.close()
     qemu = subprocess.run([QEMU_IO, "-c", "write -P 0x5a 513M 4k", str(theirs)],
                           capture_output=True, text=True, check=False)
     message = ("qcow2: Marking image as corrupt: Preventing invalid write on metadata "
@@ -342,10 +344,12 @@ def test_bitmap_table_entry_pointing_at_l1_table(tmp_path):
     assert layout.r64(table) & L1E_OFFSET_MASK  # the bitmap has a data cluster
     layout.w64(table, layout.l1_offset)
     l1_table = layout.read(layout.l1_offset, layout.cluster_size)
-    with qcow2lib.open(str(path), "r+") as image:
-        image.write(1 << 20, b"\x5a" * 4096)
-        with pytest.raises(Qcow2IOError) as caught:
-            image.flush()
+    image = qcow2lib.open(str(path), "r+")
+    image.write(1 << 20, b"\x5a" * 4096)
+    with pytest.raises(Qcow2IOError) as caught:
+        image.flush()
+    with pytest.raises(Qcow2IOError):  # what flush could not write back, close cannot either
+        image.close()
     assert caught.value.errno == errno.EIO
     assert caught.value.strerror == (
         "qcow2: Marking image as corrupt: Preventing invalid write on metadata (overlaps "
