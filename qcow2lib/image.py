@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
 
 from . import codecs
 from . import structs as S
 from .bitmaps import BitmapEntry, BitmapTracker, Untrackable, read_directory
-from .blockdev import BlockDevice, Extent, merge_extents
+from .blockdev import BlockDevice, Extent
 from .cache import decode_be64
 from .errors import (BadSecretError, CorruptImageError, InvalidArgumentError, Qcow2IOError,
                      UnsupportedFeatureError)
@@ -28,6 +29,9 @@ from .mapping import BACKING, COMPRESSED, DATA, ZERO, ClusterMap, Segment
 from .refcount import Refcounts
 
 _ZEROS = bytes(1 << 20)
+# L2 entries (subclusters count 32 each) classified per extents window: bounds the memory
+# and latency of one step of map/convert/compare whatever the image holds.
+EXTENT_WINDOW_CLUSTERS = 1 << 15
 
 
 class _ClusterWrite:
@@ -333,32 +337,50 @@ class Qcow2Image(BlockDevice):
 
     # --- extents ------------------------------------------------------------------------
 
-    def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
-        if length is None:
-            length = self.size - offset
-        self.check_request(offset, length)
-        if not length:
-            return []
-        with self._lock:
-            segments = self.map.lookup(offset, length)
-        result: list[Extent] = []
-        holes_are_zero = self._metadata_preallocated()
-        for seg in segments:
-            if seg.kind == DATA and holes_are_zero and not self.encrypted:
-                result += self._data_extents_by_holes(seg)
-            elif seg.kind == DATA:
-                result.append(Extent(seg.guest_offset, seg.length, True, False, 0,
-                                     None if self.encrypted else seg.host_offset))
-            elif seg.kind == ZERO:
-                result.append(Extent(seg.guest_offset, seg.length, False, True, 0, seg.host_offset))
-            elif seg.kind == COMPRESSED:
-                result.append(Extent(seg.guest_offset, seg.length, True, False, 0, None))
-            elif seg.host_offset is not None and self.backing is None and not self.encrypted:
-                result.append(Extent(seg.guest_offset, seg.length, False, True, 0,
-                                     seg.host_offset, False))
-            else:
-                result += self._backing_extents(seg.guest_offset, seg.length)
-        return merge_extents(result)
+    def extent_batches(self, offset: int, length: int) -> Iterator[list[Extent]]:
+        return self.mapped_extent_batches(self.map, offset, length, active=True)
+
+    def mapped_extent_batches(self, cluster_map: ClusterMap, offset: int, length: int,
+                              active: bool) -> Iterator[list[Extent]]:
+        """Extents of [offset, offset+length) through `cluster_map`, one window of at most
+        EXTENT_WINDOW_CLUSTERS L2 entries at a time (the backing file's answers in its
+        own windows), so work and memory follow the window, not the image. active=False
+        (a snapshot's map) reports neither preallocated holes nor encrypted data apart."""
+        holes_are_zero = active and self._metadata_preallocated()
+        hide_host = active and self.encrypted
+        own_zero_host = active and self.backing is None and not self.encrypted
+        window = EXTENT_WINDOW_CLUSTERS // (S.SUBCLUSTERS if self.extended_l2 else 1)
+        pos, end = offset, offset + length
+        while pos < end:
+            with self._lock:
+                segments, stop, error = cluster_map.lookup_window(pos, end - pos, window)
+            batch: list[Extent] = []
+            for seg in segments:
+                kind = seg.kind
+                if kind == DATA:
+                    if holes_are_zero and not hide_host:
+                        batch += self._data_extents_by_holes(seg)
+                    else:
+                        batch.append(Extent(seg.guest_offset, seg.length, True, False, 0,
+                                            None if hide_host else seg.host_offset))
+                elif kind == ZERO:
+                    batch.append(Extent(seg.guest_offset, seg.length, False, True, 0,
+                                        seg.host_offset))
+                elif kind == COMPRESSED:
+                    batch.append(Extent(seg.guest_offset, seg.length, True, False, 0, None))
+                elif seg.host_offset is not None and own_zero_host:
+                    batch.append(Extent(seg.guest_offset, seg.length, False, True, 0,
+                                        seg.host_offset, False))
+                else:
+                    if batch:
+                        yield batch
+                        batch = []
+                    yield from self._backing_extent_batches(seg.guest_offset, seg.length)
+            if batch:
+                yield batch
+            if error is not None:
+                raise error
+            pos = stop
 
     def _metadata_preallocated(self) -> bool:
         """Whether many mapped clusters have no blocks on disk (QEMU's heuristic).
@@ -398,18 +420,17 @@ class Qcow2Image(BlockDevice):
             pos = hole
         return result
 
-    def _backing_extents(self, offset: int, length: int) -> list[Extent]:
+    def _backing_extent_batches(self, offset: int, length: int) -> Iterator[list[Extent]]:
+        """What the backing file says of a range this layer leaves unallocated (one level
+        deeper); past its end, or without one, the range reads as zeros."""
         backing = self.backing
-        if backing is None:
-            return [Extent(offset, length, False, True, 0, None, False)]
-        result = []
-        inside = max(0, min(length, backing.size - offset))
+        inside = 0 if backing is None else max(0, min(length, backing.size - offset))
         if inside:
-            for ext in backing.extents(offset, inside):
-                result.append(ext._replace(depth=ext.depth + 1))
+            for batch in backing.extent_batches(offset, inside):
+                yield [Extent(ext.offset, ext.length, ext.is_data, ext.is_zero, ext.depth + 1,
+                              ext.host_offset, ext.present) for ext in batch]
         if inside < length:
-            result.append(Extent(offset + inside, length - inside, False, True, 0, None, False))
-        return result
+            yield [Extent(offset + inside, length - inside, False, True, 0, None, False)]
 
     # --- writing ------------------------------------------------------------------------
 

@@ -172,47 +172,109 @@ class ClusterMap:
 
     def lookup(self, guest_offset: int, length: int) -> list[Segment]:
         """Split a guest range into segments, merging neighbours of the same kind."""
-        segments: list[Segment] = []
-        end = guest_offset + length
-        cluster_size = self.cluster_size
-        bits = self.cluster_bits
-        l2_entries = self.l2_entries
-        pos = guest_offset
-        while pos < end:
-            cluster_index = pos >> bits
-            l1_index, l2_index = divmod(cluster_index, l2_entries)
-            table_end = min(end, (l1_index + 1) * l2_entries * cluster_size)
-            table = self.l2_table(l1_index) if l1_index < len(self.l1) else None
-            if table is None:
-                _append(segments, pos, table_end - pos, BACKING, None)
-                pos = table_end
-                continue
-            while pos < table_end:
-                cluster_index = pos >> bits
-                l2_index = cluster_index % l2_entries
-                cluster_start = cluster_index << bits
-                chunk_end = min(table_end, cluster_start + cluster_size)
-                if self.extended:
-                    self._classify_extended(segments, table, l2_index, cluster_index, pos, chunk_end)
-                else:
-                    self._classify_standard(segments, table[l2_index], cluster_index, pos, chunk_end)
-                pos = chunk_end
+        segments, _, error = self.lookup_window(guest_offset, length)
+        if error is not None:
+            raise error
         return segments
 
-    def _classify_standard(self, segments, entry: int, cluster_index: int, pos: int,
-                           chunk_end: int) -> None:
-        cluster_start = cluster_index << self.cluster_bits
-        if entry & S.OFLAG_COMPRESSED:
-            self._append_compressed(segments, entry, cluster_index, pos, chunk_end)
+    def lookup_window(self, guest_offset: int, length: int, max_clusters: int | None = None
+                      ) -> tuple[list[Segment], int, CorruptImageError | None]:
+        """(segments, end, error): the segments of [guest_offset, end), where `end` stops
+        early once `max_clusters` entries of allocated L2 tables have been classified (a
+        bound on the work and on the number of segments; unallocated L2 tables cost
+        nothing). A corrupt entry ends the walk: `error` is set and `segments` hold what
+        lies before it, as QEMU reports the good part of a range before failing."""
+        segments: list[Segment] = []
+        end = guest_offset + length
+        bits = self.cluster_bits
+        l2_entries = self.l2_entries
+        l1_size = len(self.l1)
+        budget = max_clusters
+        pos = guest_offset
+        try:
+            while pos < end:
+                l1_index = (pos >> bits) // l2_entries
+                base = l1_index * l2_entries  # cluster index of the table's first entry
+                table_end = min(end, (base + l2_entries) << bits)
+                table = self.l2_table(l1_index) if l1_index < l1_size else None
+                if table is None:
+                    _append(segments, pos, table_end - pos, BACKING, None)
+                    pos = table_end
+                    continue
+                if budget is not None:
+                    if budget <= 0:
+                        break
+                    first = (pos >> bits) - base
+                    if ((table_end - 1) >> bits) - base + 1 - first > budget:
+                        table_end = (base + first + budget) << bits
+                    budget -= ((table_end - 1) >> bits) - base + 1 - first
+                if self.extended:
+                    self._classify_extended_range(segments, table, base, pos, table_end)
+                else:
+                    self._classify_standard_range(segments, table, base, pos, table_end)
+                pos = table_end
+        except CorruptImageError as exc:
+            return segments, pos, exc
+        return segments, pos, None
+
+    def _classify_standard_range(self, segments, table, base: int, pos: int, end: int) -> None:
+        """Segments of [pos, end) inside one standard L2 table whose first entry maps
+        cluster `base`. Runs of entries that merge anyway (equal hostless entries, or
+        entries whose host offsets step by one cluster) are found with whole-slice array
+        comparisons, so a long run costs a few C-level compares, not a Python step each."""
+        bits = self.cluster_bits
+        cluster_size = self.cluster_size
+        index = (pos >> bits) - base
+        stop = ((end - 1) >> bits) - base + 1
+        while index < stop:
+            entry = table[index]
+            cluster_index = base + index
+            cluster_start = cluster_index << bits
+            start = max(pos, cluster_start)
+            if entry & S.OFLAG_COMPRESSED:
+                self._append_compressed(segments, entry, cluster_index, start,
+                                        min(end, cluster_start + cluster_size))
+                index += 1
+                continue
+            self.validate_entry(entry, 0, cluster_index)
+            host = entry & S.L2E_OFFSET_MASK
+            is_zero = entry & S.OFLAG_ZERO
+            hosted = bool(host) if is_zero else self.has_host(entry)
+            step = cluster_size if hosted else 0
+            count = 1
+            if index + 1 < stop and table[index + 1] == entry + step:
+                count = _run_length(table, index, stop - index, 1, entry, 0, step)
+                self.validate_run(entry, 0, step, count, cluster_index)
+            run_end = min(end, (cluster_index + count) << bits)
+            if is_zero:
+                _append(segments, start, run_end - start, ZERO,
+                        host + start - cluster_start if host else None)
+            elif hosted:
+                _append(segments, start, run_end - start, DATA, host + start - cluster_start)
+            else:
+                _append(segments, start, run_end - start, BACKING, None)
+            index += count
+
+    def validate_run(self, entry: int, bitmap: int, step: int, count: int,
+                     cluster_index: int) -> None:
+        """Validate `count` entries (entry + k*step, bitmap) of consecutive clusters from
+        `cluster_index`, whose first entry is already valid: checking the last entry and
+        the whole host range is equivalent, and on failure the entries are checked one by
+        one so the error names the first bad cluster."""
+        if not step or count < 2:
             return
-        self.validate_entry(entry, 0, cluster_index)
-        host = entry & S.L2E_OFFSET_MASK
-        if entry & S.OFLAG_ZERO:
-            _append(segments, pos, chunk_end - pos, ZERO, host + pos - cluster_start if host else None)
-        elif self.has_host(entry):
-            _append(segments, pos, chunk_end - pos, DATA, host + pos - cluster_start)
-        else:
-            _append(segments, pos, chunk_end - pos, BACKING, None)
+        last = entry + (count - 1) * step
+        try:
+            self.validate_entry(last, bitmap, cluster_index + count - 1)
+            maps_host = (bitmap & 0xFFFFFFFF) if self.extended else not entry & S.OFLAG_ZERO
+            if maps_host and not self.has_data_file:
+                self.check_no_overlap(entry & S.L2E_OFFSET_MASK, count * self.cluster_size,
+                                      f"Data cluster of guest cluster {cluster_index}")
+        except CorruptImageError:
+            # The range check is coarser (an empty metadata range inside the run counts):
+            # the verdict is that of the entries one by one.
+            for k in range(1, count):  # validate_entry checks each host cluster too
+                self.validate_entry(entry + k * step, bitmap, cluster_index + k)
 
     def _append_compressed(self, segments, entry: int, cluster_index: int, pos: int,
                            chunk_end: int) -> None:
@@ -225,6 +287,43 @@ class ClusterMap:
                 f"lies outside the image file")
         segments.append(Segment(pos, chunk_end - pos, COMPRESSED, host, size,
                                 cluster_index << self.cluster_bits))
+
+    def _classify_extended_range(self, segments, table, base: int, pos: int, end: int) -> None:
+        """As _classify_standard_range for extended entries: runs of clusters with one
+        uniform bitmap (all allocated, all zero, all unallocated) are found by slice
+        comparison; clusters with mixed subclusters are split one by one."""
+        bits = self.cluster_bits
+        cluster_size = self.cluster_size
+        index = (pos >> bits) - base
+        stop = ((end - 1) >> bits) - base + 1
+        while index < stop:
+            entry = table[2 * index]
+            bitmap = table[2 * index + 1]
+            cluster_index = base + index
+            cluster_start = cluster_index << bits
+            chunk_end = min(end, cluster_start + cluster_size)
+            start = max(pos, cluster_start)
+            if entry & S.OFLAG_COMPRESSED or bitmap not in _UNIFORM_BITMAPS:
+                self._classify_extended(segments, table, index, cluster_index, start, chunk_end)
+                index += 1
+                continue
+            self.validate_entry(entry, bitmap, cluster_index)
+            host = entry & S.L2E_OFFSET_MASK
+            step = cluster_size if host or (bitmap and self.has_host(entry)) else 0
+            count = 1
+            if index + 1 < stop and table[2 * index + 2] == entry + step \
+                    and table[2 * index + 3] == bitmap:
+                count = _run_length(table, index, stop - index, 2, entry, bitmap, step)
+                self.validate_run(entry, bitmap, step, count, cluster_index)
+            run_end = min(end, (cluster_index + count) << bits)
+            if bitmap == _ALL_ALLOCATED:
+                _append(segments, start, run_end - start, DATA, host + start - cluster_start)
+            elif bitmap == _ALL_ZERO:
+                _append(segments, start, run_end - start, ZERO, None)
+            else:
+                _append(segments, start, run_end - start, BACKING,
+                        host + start - cluster_start if host else None)
+            index += count
 
     def _classify_extended(self, segments, table, l2_index: int, cluster_index: int, pos: int,
                            chunk_end: int) -> None:
@@ -274,6 +373,48 @@ class ClusterMap:
         else:
             table[l2_index] = entry
         self.l2_cache.mark_dirty(offset)
+
+
+_ALL_ALLOCATED = 0x00000000FFFFFFFF
+_ALL_ZERO = 0xFFFFFFFF00000000
+_UNIFORM_BITMAPS = (_ALL_ALLOCATED, _ALL_ZERO, 0)
+
+
+def _expected_entries(words: int, entry: int, bitmap: int, step: int, count: int) -> array:
+    """`count` table entries (entry + k*step, and the bitmap word when words == 2)."""
+    entries = array("Q", range(entry, entry + count * step, step)) if step \
+        else array("Q", (entry,)) * count
+    if words == 1:
+        return entries
+    pairs = array("Q", (bitmap,)) * (2 * count)
+    pairs[0::2] = entries
+    return pairs
+
+
+def _run_length(table: array, index: int, limit: int, words: int, entry: int, bitmap: int,
+                step: int) -> int:
+    """How many entries from `index` (at most `limit`, at least the 2 already seen) follow
+    the pattern (entry + k*step, bitmap): a galloping search over slice comparisons, each
+    one a C-level compare of the table against the expected entries."""
+    good, probe, bad = 2, 4, None
+    while good < limit:
+        count = min(probe, limit)
+        if table[index * words:(index + count) * words] == \
+                _expected_entries(words, entry, bitmap, step, count):
+            good, probe = count, probe * 2
+        else:
+            bad = count
+            break
+    if bad is None:
+        return good
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        if table[index * words:(index + middle) * words] == \
+                _expected_entries(words, entry, bitmap, step, middle):
+            good = middle
+        else:
+            bad = middle
+    return good
 
 
 def _append(segments: list[Segment], pos: int, length: int, kind: str, host: int | None) -> None:
