@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from . import codecs
 from . import structs as S
 from .bitmaps import BitmapEntry, BitmapTracker, Untrackable, read_directory
-from .blockdev import BlockDevice, Extent
+from .blockdev import RAW_EXTENT_BATCH, BlockDevice, Extent
 from .cache import decode_be64
 from .errors import (BadSecretError, CorruptImageError, InvalidArgumentError, Qcow2IOError,
                      UnsupportedFeatureError)
@@ -359,7 +359,11 @@ class Qcow2Image(BlockDevice):
                 kind = seg.kind
                 if kind == DATA:
                     if holes_are_zero and not hide_host:
-                        batch += self._data_extents_by_holes(seg)
+                        for ext in self._data_extents_by_holes(seg):
+                            batch.append(ext)
+                            if len(batch) >= RAW_EXTENT_BATCH:  # a fragmented host file
+                                yield batch
+                                batch = []
                     else:
                         batch.append(Extent(seg.guest_offset, seg.length, True, False, 0,
                                             None if hide_host else seg.host_offset))
@@ -392,17 +396,13 @@ class Qcow2Image(BlockDevice):
                 real_clusters = self.file.allocated_bytes() // self.cluster_size
                 threshold = max(real_clusters * 10 // 9, real_clusters + 2)
                 end_cluster = -(-self.file.size() // self.cluster_size)
-                count = 0
-                for cluster in range(end_cluster):
-                    count += self.refcounts.get(cluster) != 0
-                    if count >= threshold:
-                        break
+                count = self.refcounts.count_in_use(end_cluster, threshold)
                 self._prealloc_detected = count >= threshold
         return self._prealloc_detected
 
-    def _data_extents_by_holes(self, seg: Segment) -> list[Extent]:
+    def _data_extents_by_holes(self, seg: Segment) -> Iterator[Extent]:
+        """A data run split where its host range has holes (those read as zeros)."""
         fd = self._data_target().fd
-        result = []
         pos, end = seg.host_offset, seg.host_offset + seg.length
         while pos < end:
             try:
@@ -410,15 +410,13 @@ class Qcow2Image(BlockDevice):
             except OSError:  # ENXIO: nothing but hole up to the end of the file
                 data = end
             if data > pos:
-                result.append(Extent(seg.guest_offset + pos - seg.host_offset, data - pos, True,
-                                     True, 0, pos))
+                yield Extent(seg.guest_offset + pos - seg.host_offset, data - pos, True, True, 0,
+                             pos)
                 pos = data
                 continue
             hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
-            result.append(Extent(seg.guest_offset + pos - seg.host_offset, hole - pos, True, False,
-                                 0, pos))
+            yield Extent(seg.guest_offset + pos - seg.host_offset, hole - pos, True, False, 0, pos)
             pos = hole
-        return result
 
     def _backing_extent_batches(self, offset: int, length: int) -> Iterator[list[Extent]]:
         """What the backing file says of a range this layer leaves unallocated (one level
