@@ -319,7 +319,8 @@ class ClusterMap:
             if bitmap == _ALL_ALLOCATED:
                 _append(segments, start, run_end - start, DATA, host + start - cluster_start)
             elif bitmap == _ALL_ZERO:
-                _append(segments, start, run_end - start, ZERO, None)
+                _append(segments, start, run_end - start, ZERO,
+                        host + start - cluster_start if host else None)
             else:
                 _append(segments, start, run_end - start, BACKING,
                         host + start - cluster_start if host else None)
@@ -343,8 +344,9 @@ class ClusterMap:
             sub_end = min(chunk_end, cluster_start + (index + 1) * sub)
             if alloc >> index & 1:
                 _append(segments, pos, sub_end - pos, DATA, host + pos - cluster_start)
-            elif zero >> index & 1:
-                _append(segments, pos, sub_end - pos, ZERO, None)
+            elif zero >> index & 1:  # a zero subcluster keeps its cluster's host, as in QEMU
+                _append(segments, pos, sub_end - pos, ZERO,
+                        host + pos - cluster_start if host else None)
             else:  # unallocated, though the cluster may have a host (map reports it)
                 _append(segments, pos, sub_end - pos, BACKING,
                         host + pos - cluster_start if host else None)
