@@ -56,6 +56,8 @@ class ClusterMap:
             if header.l1_size else array("Q")
         self.l1_dirty: set[int] = set()
         self.l2_cache = TableCache(self._load_l2, max(16, cache_bytes // self.cluster_size))
+        # (key, entries, segments relative to the table) of the last whole table classified
+        self._last_table: tuple | None = None
         # Fixed metadata no table entry may point into: header, L1 table, refcount table.
         self.metadata = [(0, self.cluster_size, "the image header"),
                          (header.l1_table_offset, header.l1_table_offset + header.l1_size * 8,
@@ -208,7 +210,9 @@ class ClusterMap:
                     if ((table_end - 1) >> bits) - base + 1 - first > budget:
                         table_end = (base + first + budget) << bits
                     budget -= ((table_end - 1) >> bits) - base + 1 - first
-                if self.extended:
+                if pos == base << bits and table_end == (base + l2_entries) << bits:
+                    self._classify_whole_table(segments, table, l1_index, base)
+                elif self.extended:
                     self._classify_extended_range(segments, table, base, pos, table_end)
                 else:
                     self._classify_standard_range(segments, table, base, pos, table_end)
@@ -217,6 +221,36 @@ class ClusterMap:
             return segments, pos, exc
         return segments, pos, None
 
+    def _classify_whole_table(self, segments: list[Segment], table: array, l1_index: int,
+                              base: int) -> None:
+        """Segments of a whole L2 table. The last table classified is remembered (with a
+        copy of its entries and what validation depended on): a table that many L1 entries
+        share, the way a hostile image multiplies its extents, is classified once and
+        then only replayed at each guest offset."""
+        key = (self.l2_offset(l1_index), self.data_file_size(), tuple(self.metadata))
+        remembered = self._last_table
+        shift = base << self.cluster_bits
+        if remembered is not None and remembered[0] == key and remembered[1] == table:
+            own = [Segment(seg.guest_offset + shift, seg.length, seg.kind, seg.host_offset,
+                           seg.compressed_size, seg.cluster_offset + shift)
+                   for seg in remembered[2]]
+        else:
+            own = []
+            table_end = shift + (self.l2_entries << self.cluster_bits)
+            if self.extended:
+                self._classify_extended_range(own, table, base, shift, table_end)
+            else:
+                self._classify_standard_range(own, table, base, shift, table_end)
+            self._last_table = (key, array("Q", table), [
+                Segment(seg.guest_offset - shift, seg.length, seg.kind, seg.host_offset,
+                        seg.compressed_size, seg.cluster_offset - shift) for seg in own])
+        if own and own[0].kind != COMPRESSED:
+            first = own[0]
+            _append(segments, first.guest_offset, first.length, first.kind, first.host_offset)
+            segments += own[1:]
+        else:
+            segments += own
+
     def _classify_standard_range(self, segments, table, base: int, pos: int, end: int) -> None:
         """Segments of [pos, end) inside one standard L2 table whose first entry maps
         cluster `base`. Runs of entries that merge anyway (equal hostless entries, or
@@ -224,6 +258,10 @@ class ClusterMap:
         comparisons, so a long run costs a few C-level compares, not a Python step each."""
         bits = self.cluster_bits
         cluster_size = self.cluster_size
+        # validate_entry's checks of an entry without a data cluster, done inline (the
+        # common case of an alternating table); entries with one go through it.
+        reserved = S.L2E_STD_RESERVED_MASK | (S.OFLAG_ZERO if self.version < 3 else 0)
+        data_file_copied = S.OFLAG_COPIED if self.has_data_file else 0
         index = (pos >> bits) - base
         stop = ((end - 1) >> bits) - base + 1
         while index < stop:
@@ -236,23 +274,36 @@ class ClusterMap:
                                         min(end, cluster_start + cluster_size))
                 index += 1
                 continue
-            self.validate_entry(entry, 0, cluster_index)
             host = entry & S.L2E_OFFSET_MASK
             is_zero = entry & S.OFLAG_ZERO
-            hosted = bool(host) if is_zero else self.has_host(entry)
+            hosted = bool(host) if is_zero else bool(host or entry & data_file_copied)
+            if entry & reserved or (hosted and not is_zero):
+                self.validate_entry(entry, 0, cluster_index)
             step = cluster_size if hosted else 0
             count = 1
             if index + 1 < stop and table[index + 1] == entry + step:
                 count = _run_length(table, index, stop - index, 1, entry, 0, step)
                 self.validate_run(entry, 0, step, count, cluster_index)
-            run_end = min(end, (cluster_index + count) << bits)
+            run_end = (cluster_index + count) << bits
+            if run_end > end:
+                run_end = end
             if is_zero:
-                _append(segments, start, run_end - start, ZERO,
-                        host + start - cluster_start if host else None)
+                kind, run_host = ZERO, host + start - cluster_start if host else None
             elif hosted:
-                _append(segments, start, run_end - start, DATA, host + start - cluster_start)
+                kind, run_host = DATA, host + start - cluster_start
             else:
-                _append(segments, start, run_end - start, BACKING, None)
+                kind, run_host = BACKING, None
+            # _append, inlined: this loop runs once per entry of an alternating table.
+            if segments:
+                last = segments[-1]
+                if last.kind is kind and last.guest_offset + last.length == start and (
+                        (run_host is None and last.host_offset is None)
+                        or (run_host is not None and last.host_offset is not None
+                            and last.host_offset + last.length == run_host)):
+                    last.length += run_end - start
+                    index += count
+                    continue
+            segments.append(Segment(start, run_end - start, kind, run_host))
             index += count
 
     def validate_run(self, entry: int, bitmap: int, step: int, count: int,
