@@ -105,11 +105,6 @@ class BlockDevice:
         self.close()
 
 
-def merge_extents(extents: Iterable[Extent]) -> list[Extent]:
-    """Join neighbours that say the same thing (and whose host offsets continue)."""
-    return list(iter_merged((extents,)))
-
-
 def iter_merged(batches: Iterable[Iterable[Extent]]) -> Iterator[Extent]:
     """The extents of the batches, neighbours that say the same thing (same state, host
     offsets continuing or both absent) joined, zero-length ones dropped."""
