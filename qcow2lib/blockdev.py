@@ -10,11 +10,15 @@ from __future__ import annotations
 import errno
 import io
 import os
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 from .errors import InvalidArgumentError, Qcow2IOError, ReadOnlyError
 from .structs import QCOW_MAGIC
 from .hostfile import open_host_file
+
+
+RAW_EXTENT_BATCH = 4096  # SEEK_DATA/SEEK_HOLE pairs per batch of a raw file's extents
 
 
 class Extent(NamedTuple):
@@ -80,8 +84,17 @@ class BlockDevice:
 
     def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
         """The range (default: to the end) as runs of one allocation state each, in
-        order and merged, with qemu-img map's fields."""
-        raise NotImplementedError
+        order and merged, with qemu-img map's fields, as a list: for bounded ranges
+        (iter_extents streams a whole image)."""
+        return list(self.iter_extents(offset, length))
+
+    def extent_batches(self, offset: int, length: int) -> Iterator[list[Extent]]:
+        """The extents of an already checked range, in order, as lists of bounded size
+        (neighbours across two lists may still merge). A device implements this, or
+        only `extents` if a whole range's list is always small."""
+        if type(self).extents is BlockDevice.extents:
+            raise NotImplementedError
+        yield self.extents(offset, length)
 
     def close(self) -> None:
         """Flush (when writable), release the image's locks and close its files; a
@@ -89,6 +102,14 @@ class BlockDevice:
         raise NotImplementedError
 
     # -- shared --
+    def iter_extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        """The merged extents of [offset, offset+length) (to the end by default), produced
+        as they are found: memory stays bounded however many extents the image has."""
+        if length is None:
+            length = self.size - offset
+        self.check_request(offset, length)
+        return iter_merged(self.extent_batches(offset, length)) if length else iter(())
+
     def read(self, offset: int, length: int) -> bytes:
         """`length` bytes from `offset`, as new bytes (readinto() fills your own buffer)."""
         buf = bytearray(length)
@@ -118,25 +139,28 @@ class BlockDevice:
         self.close()
 
 
-def merge_extents(extents: list[Extent]) -> list[Extent]:
-    """Join neighbours that say the same thing (and whose host offsets continue)."""
-    merged: list[Extent] = []
-    for ext in extents:
-        if ext.length == 0:
-            continue
-        if merged:
-            last = merged[-1]
-            same = (last.is_data == ext.is_data and last.is_zero == ext.is_zero
-                    and last.depth == ext.depth and last.present == ext.present
-                    and last.offset + last.length == ext.offset)
-            contiguous = (last.host_offset is None and ext.host_offset is None) or (
-                last.host_offset is not None and ext.host_offset is not None
-                and last.host_offset + last.length == ext.host_offset)
-            if same and contiguous:
-                merged[-1] = last._replace(length=last.length + ext.length)
+def iter_merged(batches: Iterable[Iterable[Extent]]) -> Iterator[Extent]:
+    """The extents of the batches, neighbours that say the same thing (same state, host
+    offsets continuing or both absent) joined, zero-length ones dropped."""
+    last = None
+    for batch in batches:
+        for ext in batch:
+            if not ext[1]:
                 continue
-        merged.append(ext)
-    return merged
+            if last is not None and last[0] + last[1] == ext[0] and last[2] == ext[2] \
+                    and last[3] == ext[3] and last[4] == ext[4] and last[6] == ext[6]:
+                host, last_host = ext[5], last[5]
+                if host is None and last_host is None or (
+                        host is not None and last_host is not None
+                        and last_host + last[1] == host):
+                    last = Extent(last[0], last[1] + ext[1], last[2], last[3], last[4],
+                                  last_host, last[6])
+                    continue
+            if last is not None:
+                yield last
+            last = ext
+    if last is not None:
+        yield last
 
 
 class RawDevice(BlockDevice):
@@ -225,20 +249,22 @@ class RawDevice(BlockDevice):
             raise
         self._unflushed = False
 
-    def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
+    def extent_batches(self, offset: int, length: int) -> Iterator[list[Extent]]:
         """Data and holes as the filesystem reports them (SEEK_DATA / SEEK_HOLE)."""
-        end = self.size if length is None else offset + length
-        self.check_request(offset, end - offset)
-        result: list[Extent] = []
+        end = offset + length
+        batch: list[Extent] = []
         pos = offset
         while pos < end:
+            if len(batch) >= RAW_EXTENT_BATCH:
+                yield batch
+                batch = []
             try:
                 data = os.lseek(self.file.fd, pos, os.SEEK_DATA)
             except OSError:
                 data = end
             data = min(data, end)
             if data > pos:
-                result.append(Extent(pos, data - pos, False, True, 0, pos, True))
+                batch.append(Extent(pos, data - pos, False, True, 0, pos, True))
                 pos = data
                 if pos >= end:
                     break
@@ -247,9 +273,10 @@ class RawDevice(BlockDevice):
             except OSError:
                 hole = end
             hole = min(max(hole, pos + 1), end)
-            result.append(Extent(pos, hole - pos, True, False, 0, pos, True))
+            batch.append(Extent(pos, hole - pos, True, False, 0, pos, True))
             pos = hole
-        return merge_extents(result)
+        if batch:
+            yield batch
 
     def resize(self, size: int) -> None:
         if self.read_only:

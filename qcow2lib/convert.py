@@ -187,7 +187,10 @@ class _Intervals:
 # --- the sources --------------------------------------------------------------------------
 
 class _Part:
-    __slots__ = ("device", "start", "sectors", "alignment", "extents", "index")
+    """One source: its extents are streamed (queries only move forward; `rewind` starts
+    the walk again), so a source with millions of extents costs one window of memory."""
+
+    __slots__ = ("device", "start", "sectors", "alignment", "extents", "current")
 
     def __init__(self, device: BlockDevice, start: int):
         self.device = device
@@ -195,18 +198,21 @@ class _Part:
         self.sectors = -(-device.size // SECTOR)
         cluster = getattr(device, "cluster_size", 0) if device.format == "qcow2" else 0
         self.alignment = max(1, cluster // SECTOR)
-        self.extents = device.extents(0, device.size) if device.size else []
-        self.index = 0
+        self.rewind()
+
+    def rewind(self) -> None:
+        self.extents = self.device.iter_extents(0, self.device.size)
+        self.current = None
 
     def status_at(self, offset: int):
-        """The extent holding byte `offset` (queries only move forward)."""
-        extents = self.extents
-        while self.index < len(extents) and \
-                extents[self.index].offset + extents[self.index].length <= offset:
-            self.index += 1
-        if self.index < len(extents) and extents[self.index].offset <= offset:
-            return extents[self.index]
-        return None
+        """The extent holding byte `offset`."""
+        ext = self.current
+        while ext is None or ext.offset + ext.length <= offset:
+            ext = next(self.extents, None)
+            if ext is None:
+                return None
+        self.current = ext
+        return ext if ext.offset <= offset else None
 
 
 def _same_file(a: BlockDevice | None, b: BlockDevice | None) -> bool:
@@ -276,7 +282,7 @@ class _Converter:
         zero, own = [], []
         backing_open = getattr(target, "backing", None) is not None
         named_backing = bool(getattr(target, "backing_filename", None))
-        for ext in target.extents(0, size) if size else []:
+        for ext in target.iter_extents(0, size):
             end = ext.offset + ext.length
             if ext.depth == 0 and ext.present:
                 own.append((ext.offset, end))
@@ -289,7 +295,7 @@ class _Converter:
                     zero.append((ext.offset, end))
                     continue
                 inside = min(end, tb.size)
-                for bext in tb.extents(ext.offset, inside - ext.offset):
+                for bext in tb.iter_extents(ext.offset, inside - ext.offset):
                     if bext.is_zero:
                         zero.append((bext.offset, bext.offset + bext.length))
                 if inside < end:
@@ -365,7 +371,7 @@ class _Converter:
                 total += n * SECTOR
             self.sector_num += n
         for part in self.parts:
-            part.index = 0
+            part.rewind()
         self.sector_num = 0
         self.sector_next_status = 0
         self.status = BLK_DATA

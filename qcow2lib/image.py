@@ -15,11 +15,13 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from functools import partial
+from collections.abc import Iterator
 
 from . import codecs
 from . import structs as S
 from .bitmaps import BitmapEntry, BitmapTracker, Untrackable, read_directory
-from .blockdev import BlockDevice, Extent, merge_extents
+from .blockdev import RAW_EXTENT_BATCH, BlockDevice, Extent
 from .cache import decode_be64
 from .errors import (BadSecretError, CorruptImageError, InvalidArgumentError, Qcow2Error,
                      Qcow2IOError, UnsupportedFeatureError, UntrustedImageError)
@@ -31,6 +33,22 @@ from .overlap import (ACTIVE_L1, ACTIVE_L2, BITMAP_DIRECTORY, BITMAP_TABLE, HEAD
 from .refcount import Refcounts
 
 _ZEROS = bytes(1 << 20)
+_ZEROS_VIEW = memoryview(_ZEROS)
+
+
+def _fill_zeros(part: memoryview) -> None:
+    """Zero a buffer by slice assignments from one shared, cache-warm zero block: a
+    memset at memory speed, with no temporary buffer however large the range."""
+    block = len(_ZEROS)
+    for start in range(0, len(part), block):
+        chunk = part[start:start + block]
+        chunk[:] = _ZEROS_VIEW[:len(chunk)]
+
+
+_new_extent = partial(tuple.__new__, Extent)  # Extent from a 7-tuple, without __new__'s frame
+# L2 entries (subclusters count 32 each) classified per extents window: bounds the memory
+# and latency of one step of map/convert/compare whatever the image holds.
+EXTENT_WINDOW_CLUSTERS = 1 << 15
 
 
 class _ClusterWrite:
@@ -352,6 +370,24 @@ class Qcow2Image(BlockDevice):
         self.read_mapped(self.map, offset, view)
         return len(view)
 
+    def read(self, offset: int, length: int) -> bytes:
+        """As BlockDevice.read; a range that metadata alone says reads as zeros (no data
+        cluster, nothing from a backing file) returns freshly allocated zero bytes, whose
+        pages the system provides lazily, instead of filling and copying a buffer."""
+        self.check_request(offset, length)
+        if self.encrypted:
+            self._require_crypto()
+        pos, end = offset, offset + length
+        while pos < end:  # window by window, stopping at the first data
+            with self._lock:
+                segments, pos, error = self.map.lookup_window(pos, end - pos, 1024)
+            if error is not None or not all(
+                    seg.kind == ZERO or seg.kind == BACKING and (
+                        self.backing is None or seg.guest_offset >= self.backing.size)
+                    for seg in segments):
+                return super().read(offset, length)
+        return bytes(length)
+
     def read_mapped(self, cluster_map: ClusterMap, offset: int, view: memoryview) -> None:
         """Read guest data through `cluster_map` (the active L1 table, or a snapshot's)."""
         with self._lock:
@@ -378,7 +414,7 @@ class Qcow2Image(BlockDevice):
             elif seg.kind == DATA:
                 data_file.readinto(part, seg.host_offset)
             elif seg.kind == ZERO:
-                part[:] = _ZEROS[:seg.length] if seg.length <= len(_ZEROS) else bytes(seg.length)
+                _fill_zeros(part)
             elif seg.kind == BACKING:
                 self._read_backing(seg.guest_offset, part)
             else:
@@ -412,7 +448,7 @@ class Qcow2Image(BlockDevice):
             if available:
                 backing.readinto(guest_offset, part[:available])
         if available < len(part):
-            part[available:] = bytes(len(part) - available)
+            _fill_zeros(part[available:])
 
     def _cluster_plain(self, seg: Segment) -> bytes:
         """Decompressed content of a compressed cluster (the last one is remembered)."""
@@ -428,32 +464,63 @@ class Qcow2Image(BlockDevice):
 
     # --- extents ------------------------------------------------------------------------
 
-    def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
-        if length is None:
-            length = self.size - offset
-        self.check_request(offset, length)
-        if not length:
-            return []
-        with self._lock:
-            segments = self.map.lookup(offset, length)
-        result: list[Extent] = []
-        holes_are_zero = self._metadata_preallocated()
-        for seg in segments:
-            if seg.kind == DATA and holes_are_zero and not self.encrypted:
-                result += self._data_extents_by_holes(seg)
-            elif seg.kind == DATA:
-                result.append(Extent(seg.guest_offset, seg.length, True, False, 0,
-                                     None if self.encrypted else seg.host_offset))
-            elif seg.kind == ZERO:
-                result.append(Extent(seg.guest_offset, seg.length, False, True, 0, seg.host_offset))
-            elif seg.kind == COMPRESSED:
-                result.append(Extent(seg.guest_offset, seg.length, True, False, 0, None))
-            elif seg.host_offset is not None and self.backing is None and not self.encrypted:
-                result.append(Extent(seg.guest_offset, seg.length, False, True, 0,
-                                     seg.host_offset, False))
-            else:
-                result += self._backing_extents(seg.guest_offset, seg.length)
-        return merge_extents(result)
+    def extent_batches(self, offset: int, length: int) -> Iterator[list[Extent]]:
+        return self.mapped_extent_batches(self.map, offset, length, active=True)
+
+    def mapped_extent_batches(self, cluster_map: ClusterMap, offset: int, length: int,
+                              active: bool) -> Iterator[list[Extent]]:
+        """Extents of [offset, offset+length) through `cluster_map`, one window of at most
+        EXTENT_WINDOW_CLUSTERS L2 entries at a time (the backing file's answers in its
+        own windows), so work and memory follow the window, not the image. active=False
+        (a snapshot's map) reports neither preallocated holes nor encrypted data apart."""
+        holes_are_zero = active and self._metadata_preallocated()
+        hide_host = active and self.encrypted
+        no_backing = self.backing is None
+        own_zero_host = active and no_backing and not self.encrypted
+        window = EXTENT_WINDOW_CLUSTERS // (S.SUBCLUSTERS if self.extended_l2 else 1)
+        pos, end = offset, offset + length
+        while pos < end:
+            with self._lock:
+                segments, stop, error = cluster_map.lookup_window(pos, end - pos, window)
+            batch: list[Extent] = []
+            add = batch.append
+            for seg in segments:
+                kind = seg.kind
+                if kind is BACKING and no_backing and (seg.host_offset is None
+                                                       or not own_zero_host):
+                    # reads as zeros, nothing below (the most common segment: first)
+                    add(_new_extent((seg.guest_offset, seg.length, False, True, 0, None,
+                                     False)))
+                elif kind is ZERO:
+                    add(_new_extent((seg.guest_offset, seg.length, False, True, 0,
+                                     seg.host_offset, True)))
+                elif kind is DATA:
+                    if holes_are_zero and not hide_host:
+                        for ext in self._data_extents_by_holes(seg):
+                            add(ext)
+                            if len(batch) >= RAW_EXTENT_BATCH:  # a fragmented host file
+                                yield batch
+                                batch = []
+                                add = batch.append
+                    else:
+                        add(_new_extent((seg.guest_offset, seg.length, True, False, 0,
+                                         None if hide_host else seg.host_offset, True)))
+                elif kind is COMPRESSED:
+                    add(Extent(seg.guest_offset, seg.length, True, False, 0, None))
+                elif seg.host_offset is not None and own_zero_host:
+                    add(Extent(seg.guest_offset, seg.length, False, True, 0, seg.host_offset,
+                               False))
+                else:
+                    if batch:
+                        yield batch
+                        batch = []
+                        add = batch.append
+                    yield from self._backing_extent_batches(seg.guest_offset, seg.length)
+            if batch:
+                yield batch
+            if error is not None:
+                raise error
+            pos = stop
 
     def _metadata_preallocated(self) -> bool:
         """Whether many mapped clusters have no blocks on disk (QEMU's heuristic).
@@ -465,17 +532,13 @@ class Qcow2Image(BlockDevice):
                 real_clusters = self.file.allocated_bytes() // self.cluster_size
                 threshold = max(real_clusters * 10 // 9, real_clusters + 2)
                 end_cluster = -(-self.file.size() // self.cluster_size)
-                count = 0
-                for cluster in range(end_cluster):
-                    count += self.refcounts.get(cluster) != 0
-                    if count >= threshold:
-                        break
+                count = self.refcounts.count_in_use(end_cluster, threshold)
                 self._prealloc_detected = count >= threshold
         return self._prealloc_detected
 
-    def _data_extents_by_holes(self, seg: Segment) -> list[Extent]:
+    def _data_extents_by_holes(self, seg: Segment) -> Iterator[Extent]:
+        """A data run split where its host range has holes (those read as zeros)."""
         fd = self._data_target().fd
-        result = []
         pos, end = seg.host_offset, seg.host_offset + seg.length
         while pos < end:
             try:
@@ -483,28 +546,25 @@ class Qcow2Image(BlockDevice):
             except OSError:  # ENXIO: nothing but hole up to the end of the file
                 data = end
             if data > pos:
-                result.append(Extent(seg.guest_offset + pos - seg.host_offset, data - pos, True,
-                                     True, 0, pos))
+                yield Extent(seg.guest_offset + pos - seg.host_offset, data - pos, True, True, 0,
+                             pos)
                 pos = data
                 continue
             hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
-            result.append(Extent(seg.guest_offset + pos - seg.host_offset, hole - pos, True, False,
-                                 0, pos))
+            yield Extent(seg.guest_offset + pos - seg.host_offset, hole - pos, True, False, 0, pos)
             pos = hole
-        return result
 
-    def _backing_extents(self, offset: int, length: int) -> list[Extent]:
+    def _backing_extent_batches(self, offset: int, length: int) -> Iterator[list[Extent]]:
+        """What the backing file says of a range this layer leaves unallocated (one level
+        deeper); past its end, or without one, the range reads as zeros."""
         backing = self.backing
-        if backing is None:
-            return [Extent(offset, length, False, True, 0, None, False)]
-        result = []
-        inside = max(0, min(length, backing.size - offset))
+        inside = 0 if backing is None else max(0, min(length, backing.size - offset))
         if inside:
-            for ext in backing.extents(offset, inside):
-                result.append(ext._replace(depth=ext.depth + 1))
+            for batch in backing.extent_batches(offset, inside):
+                yield [Extent(ext.offset, ext.length, ext.is_data, ext.is_zero, ext.depth + 1,
+                              ext.host_offset, ext.present) for ext in batch]
         if inside < length:
-            result.append(Extent(offset + inside, length - inside, False, True, 0, None, False))
-        return result
+            yield [Extent(offset + inside, length - inside, False, True, 0, None, False)]
 
     # --- writing ------------------------------------------------------------------------
 

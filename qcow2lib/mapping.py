@@ -56,6 +56,8 @@ class ClusterMap:
             if header.l1_size else array("Q")
         self.l1_dirty: set[int] = set()
         self.l2_cache = TableCache(self._load_l2, max(16, cache_bytes // self.cluster_size))
+        # (key, entries, segments relative to the table) of the last whole table classified
+        self._last_table: tuple | None = None
         # Fixed metadata no table entry may point into: header, L1 table, refcount table.
         self.metadata = [(0, self.cluster_size, "the image header"),
                          (header.l1_table_offset, header.l1_table_offset + header.l1_size * 8,
@@ -177,47 +179,158 @@ class ClusterMap:
 
     def lookup(self, guest_offset: int, length: int) -> list[Segment]:
         """Split a guest range into segments, merging neighbours of the same kind."""
-        segments: list[Segment] = []
-        end = guest_offset + length
-        cluster_size = self.cluster_size
-        bits = self.cluster_bits
-        l2_entries = self.l2_entries
-        pos = guest_offset
-        while pos < end:
-            cluster_index = pos >> bits
-            l1_index, l2_index = divmod(cluster_index, l2_entries)
-            table_end = min(end, (l1_index + 1) * l2_entries * cluster_size)
-            table = self.l2_table(l1_index) if l1_index < len(self.l1) else None
-            if table is None:
-                _append(segments, pos, table_end - pos, BACKING, None)
-                pos = table_end
-                continue
-            while pos < table_end:
-                cluster_index = pos >> bits
-                l2_index = cluster_index % l2_entries
-                cluster_start = cluster_index << bits
-                chunk_end = min(table_end, cluster_start + cluster_size)
-                if self.extended:
-                    self._classify_extended(segments, table, l2_index, cluster_index, pos, chunk_end)
-                else:
-                    self._classify_standard(segments, table[l2_index], cluster_index, pos, chunk_end)
-                pos = chunk_end
+        segments, _, error = self.lookup_window(guest_offset, length)
+        if error is not None:
+            raise error
         return segments
 
-    def _classify_standard(self, segments, entry: int, cluster_index: int, pos: int,
-                           chunk_end: int) -> None:
-        cluster_start = cluster_index << self.cluster_bits
-        if entry & S.OFLAG_COMPRESSED:
-            self._append_compressed(segments, entry, cluster_index, pos, chunk_end)
-            return
-        self.validate_entry(entry, 0, cluster_index)
-        host = entry & S.L2E_OFFSET_MASK
-        if entry & S.OFLAG_ZERO:
-            _append(segments, pos, chunk_end - pos, ZERO, host + pos - cluster_start if host else None)
-        elif self.has_host(entry):
-            _append(segments, pos, chunk_end - pos, DATA, host + pos - cluster_start)
+    def lookup_window(self, guest_offset: int, length: int, max_clusters: int | None = None
+                      ) -> tuple[list[Segment], int, CorruptImageError | None]:
+        """(segments, end, error): the segments of [guest_offset, end), where `end` stops
+        early once `max_clusters` entries of allocated L2 tables have been classified (a
+        bound on the work and on the number of segments; unallocated L2 tables cost
+        nothing). A corrupt entry ends the walk: `error` is set and `segments` hold what
+        lies before it, as QEMU reports the good part of a range before failing."""
+        segments: list[Segment] = []
+        end = guest_offset + length
+        bits = self.cluster_bits
+        l2_entries = self.l2_entries
+        l1_size = len(self.l1)
+        budget = max_clusters
+        pos = guest_offset
+        try:
+            while pos < end:
+                l1_index = (pos >> bits) // l2_entries
+                base = l1_index * l2_entries  # cluster index of the table's first entry
+                table_end = min(end, (base + l2_entries) << bits)
+                table = self.l2_table(l1_index) if l1_index < l1_size else None
+                if table is None:
+                    _append(segments, pos, table_end - pos, BACKING, None)
+                    pos = table_end
+                    continue
+                if budget is not None:
+                    if budget <= 0:
+                        break
+                    first = (pos >> bits) - base
+                    if ((table_end - 1) >> bits) - base + 1 - first > budget:
+                        table_end = (base + first + budget) << bits
+                    budget -= ((table_end - 1) >> bits) - base + 1 - first
+                if pos == base << bits and table_end == (base + l2_entries) << bits:
+                    self._classify_whole_table(segments, table, l1_index, base)
+                elif self.extended:
+                    self._classify_extended_range(segments, table, base, pos, table_end)
+                else:
+                    self._classify_standard_range(segments, table, base, pos, table_end)
+                pos = table_end
+        except CorruptImageError as exc:
+            return segments, pos, exc
+        return segments, pos, None
+
+    def _classify_whole_table(self, segments: list[Segment], table: array, l1_index: int,
+                              base: int) -> None:
+        """Segments of a whole L2 table. The last table classified is remembered (with a
+        copy of its entries and what validation depended on): a table that many L1 entries
+        share, the way a hostile image multiplies its extents, is classified once and
+        then only replayed at each guest offset."""
+        key = (self.l2_offset(l1_index), self.data_file_size(), tuple(self.metadata))
+        remembered = self._last_table
+        shift = base << self.cluster_bits
+        if remembered is not None and remembered[0] == key and remembered[1] == table:
+            own = [Segment(seg.guest_offset + shift, seg.length, seg.kind, seg.host_offset,
+                           seg.compressed_size, seg.cluster_offset + shift)
+                   for seg in remembered[2]]
         else:
-            _append(segments, pos, chunk_end - pos, BACKING, None)
+            own = []
+            table_end = shift + (self.l2_entries << self.cluster_bits)
+            if self.extended:
+                self._classify_extended_range(own, table, base, shift, table_end)
+            else:
+                self._classify_standard_range(own, table, base, shift, table_end)
+            self._last_table = (key, array("Q", table), [
+                Segment(seg.guest_offset - shift, seg.length, seg.kind, seg.host_offset,
+                        seg.compressed_size, seg.cluster_offset - shift) for seg in own])
+        if own and own[0].kind != COMPRESSED:
+            first = own[0]
+            _append(segments, first.guest_offset, first.length, first.kind, first.host_offset)
+            segments += own[1:]
+        else:
+            segments += own
+
+    def _classify_standard_range(self, segments, table, base: int, pos: int, end: int) -> None:
+        """Segments of [pos, end) inside one standard L2 table whose first entry maps
+        cluster `base`. Runs of entries that merge anyway (equal hostless entries, or
+        entries whose host offsets step by one cluster) are found with whole-slice array
+        comparisons, so a long run costs a few C-level compares, not a Python step each."""
+        bits = self.cluster_bits
+        cluster_size = self.cluster_size
+        # validate_entry's checks of an entry without a data cluster, done inline (the
+        # common case of an alternating table); entries with one go through it.
+        reserved = S.L2E_STD_RESERVED_MASK | (S.OFLAG_ZERO if self.version < 3 else 0)
+        data_file_copied = S.OFLAG_COPIED if self.has_data_file else 0
+        index = (pos >> bits) - base
+        stop = ((end - 1) >> bits) - base + 1
+        while index < stop:
+            entry = table[index]
+            cluster_index = base + index
+            cluster_start = cluster_index << bits
+            start = max(pos, cluster_start)
+            if entry & S.OFLAG_COMPRESSED:
+                self._append_compressed(segments, entry, cluster_index, start,
+                                        min(end, cluster_start + cluster_size))
+                index += 1
+                continue
+            host = entry & S.L2E_OFFSET_MASK
+            is_zero = entry & S.OFLAG_ZERO
+            hosted = bool(host) if is_zero else bool(host or entry & data_file_copied)
+            if entry & reserved or (hosted and not is_zero):
+                self.validate_entry(entry, 0, cluster_index)
+            step = cluster_size if hosted else 0
+            count = 1
+            if index + 1 < stop and table[index + 1] == entry + step:
+                count = _run_length(table, index, stop - index, 1, entry, 0, step)
+                self.validate_run(entry, 0, step, count, cluster_index)
+            run_end = (cluster_index + count) << bits
+            if run_end > end:
+                run_end = end
+            if is_zero:
+                kind, run_host = ZERO, host + start - cluster_start if host else None
+            elif hosted:
+                kind, run_host = DATA, host + start - cluster_start
+            else:
+                kind, run_host = BACKING, None
+            # _append, inlined: this loop runs once per entry of an alternating table.
+            if segments:
+                last = segments[-1]
+                if last.kind is kind and last.guest_offset + last.length == start and (
+                        (run_host is None and last.host_offset is None)
+                        or (run_host is not None and last.host_offset is not None
+                            and last.host_offset + last.length == run_host)):
+                    last.length += run_end - start
+                    index += count
+                    continue
+            segments.append(Segment(start, run_end - start, kind, run_host))
+            index += count
+
+    def validate_run(self, entry: int, bitmap: int, step: int, count: int,
+                     cluster_index: int) -> None:
+        """Validate `count` entries (entry + k*step, bitmap) of consecutive clusters from
+        `cluster_index`, whose first entry is already valid: checking the last entry and
+        the whole host range is equivalent, and on failure the entries are checked one by
+        one so the error names the first bad cluster."""
+        if not step or count < 2:
+            return
+        last = entry + (count - 1) * step
+        try:
+            self.validate_entry(last, bitmap, cluster_index + count - 1)
+            maps_host = (bitmap & 0xFFFFFFFF) if self.extended else not entry & S.OFLAG_ZERO
+            if maps_host and not self.has_data_file:
+                self.check_no_overlap(entry & S.L2E_OFFSET_MASK, count * self.cluster_size,
+                                      f"Data cluster of guest cluster {cluster_index}")
+        except CorruptImageError:
+            # The range check is coarser (an empty metadata range inside the run counts):
+            # the verdict is that of the entries one by one.
+            for k in range(1, count):  # validate_entry checks each host cluster too
+                self.validate_entry(entry + k * step, bitmap, cluster_index + k)
 
     def _append_compressed(self, segments, entry: int, cluster_index: int, pos: int,
                            chunk_end: int) -> None:
@@ -230,6 +343,44 @@ class ClusterMap:
                 f"lies outside the image file")
         segments.append(Segment(pos, chunk_end - pos, COMPRESSED, host, size,
                                 cluster_index << self.cluster_bits))
+
+    def _classify_extended_range(self, segments, table, base: int, pos: int, end: int) -> None:
+        """As _classify_standard_range for extended entries: runs of clusters with one
+        uniform bitmap (all allocated, all zero, all unallocated) are found by slice
+        comparison; clusters with mixed subclusters are split one by one."""
+        bits = self.cluster_bits
+        cluster_size = self.cluster_size
+        index = (pos >> bits) - base
+        stop = ((end - 1) >> bits) - base + 1
+        while index < stop:
+            entry = table[2 * index]
+            bitmap = table[2 * index + 1]
+            cluster_index = base + index
+            cluster_start = cluster_index << bits
+            chunk_end = min(end, cluster_start + cluster_size)
+            start = max(pos, cluster_start)
+            if entry & S.OFLAG_COMPRESSED or bitmap not in _UNIFORM_BITMAPS:
+                self._classify_extended(segments, table, index, cluster_index, start, chunk_end)
+                index += 1
+                continue
+            self.validate_entry(entry, bitmap, cluster_index)
+            host = entry & S.L2E_OFFSET_MASK
+            step = cluster_size if host or (bitmap and self.has_host(entry)) else 0
+            count = 1
+            if index + 1 < stop and table[2 * index + 2] == entry + step \
+                    and table[2 * index + 3] == bitmap:
+                count = _run_length(table, index, stop - index, 2, entry, bitmap, step)
+                self.validate_run(entry, bitmap, step, count, cluster_index)
+            run_end = min(end, (cluster_index + count) << bits)
+            if bitmap == _ALL_ALLOCATED:
+                _append(segments, start, run_end - start, DATA, host + start - cluster_start)
+            elif bitmap == _ALL_ZERO:
+                _append(segments, start, run_end - start, ZERO,
+                        host + start - cluster_start if host else None)
+            else:
+                _append(segments, start, run_end - start, BACKING,
+                        host + start - cluster_start if host else None)
+            index += count
 
     def _classify_extended(self, segments, table, l2_index: int, cluster_index: int, pos: int,
                            chunk_end: int) -> None:
@@ -249,8 +400,9 @@ class ClusterMap:
             sub_end = min(chunk_end, cluster_start + (index + 1) * sub)
             if alloc >> index & 1:
                 _append(segments, pos, sub_end - pos, DATA, host + pos - cluster_start)
-            elif zero >> index & 1:
-                _append(segments, pos, sub_end - pos, ZERO, None)
+            elif zero >> index & 1:  # a zero subcluster keeps its cluster's host, as in QEMU
+                _append(segments, pos, sub_end - pos, ZERO,
+                        host + pos - cluster_start if host else None)
             else:  # unallocated, though the cluster may have a host (map reports it)
                 _append(segments, pos, sub_end - pos, BACKING,
                         host + pos - cluster_start if host else None)
@@ -279,6 +431,48 @@ class ClusterMap:
         else:
             table[l2_index] = entry
         self.l2_cache.mark_dirty(offset)
+
+
+_ALL_ALLOCATED = 0x00000000FFFFFFFF
+_ALL_ZERO = 0xFFFFFFFF00000000
+_UNIFORM_BITMAPS = (_ALL_ALLOCATED, _ALL_ZERO, 0)
+
+
+def _expected_entries(words: int, entry: int, bitmap: int, step: int, count: int) -> array:
+    """`count` table entries (entry + k*step, and the bitmap word when words == 2)."""
+    entries = array("Q", range(entry, entry + count * step, step)) if step \
+        else array("Q", (entry,)) * count
+    if words == 1:
+        return entries
+    pairs = array("Q", (bitmap,)) * (2 * count)
+    pairs[0::2] = entries
+    return pairs
+
+
+def _run_length(table: array, index: int, limit: int, words: int, entry: int, bitmap: int,
+                step: int) -> int:
+    """How many entries from `index` (at most `limit`, at least the 2 already seen) follow
+    the pattern (entry + k*step, bitmap): a galloping search over slice comparisons, each
+    one a C-level compare of the table against the expected entries."""
+    good, probe, bad = 2, 4, None
+    while good < limit:
+        count = min(probe, limit)
+        if table[index * words:(index + count) * words] == \
+                _expected_entries(words, entry, bitmap, step, count):
+            good, probe = count, probe * 2
+        else:
+            bad = count
+            break
+    if bad is None:
+        return good
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        if table[index * words:(index + middle) * words] == \
+                _expected_entries(words, entry, bitmap, step, middle):
+            good = middle
+        else:
+            bad = middle
+    return good
 
 
 def _append(segments: list[Segment], pos: int, length: int, kind: str, host: int | None) -> None:

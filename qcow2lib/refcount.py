@@ -18,6 +18,11 @@ from .structs import MAX_REFTABLE_BYTES, REFT_OFFSET_MASK, REFT_RESERVED_MASK
 
 _NATIVE_LITTLE = sys.byteorder == "little"
 _TYPECODES = {3: "B", 4: "H", 5: "I", 6: "Q"}
+# For refcounts narrower than a byte: byte value -> how many of its fields are not zero.
+_NONZERO_FIELDS = {order: bytes(sum(1 for shift in range(0, 8, 1 << order)
+                                    if value >> shift & ((1 << (1 << order)) - 1))
+                                for value in range(256))
+                   for order in range(3)}
 
 
 class RefcountBlock:
@@ -72,6 +77,17 @@ class RefcountBlock:
         while index < stop and not self.get(index):
             index += 1
         return first, index - first
+
+    def count_nonzero(self, limit: int) -> int:
+        """How many of the first `limit` refcounts are not zero (C-level counting)."""
+        if self.order >= 3:
+            return limit - self.values[:limit].count(0) if limit else 0
+        per_byte = 8 >> self.order
+        whole, rest = divmod(limit, per_byte)
+        count = sum(self.values[:whole].translate(_NONZERO_FIELDS[self.order]))
+        for index in range(whole * per_byte, whole * per_byte + rest):
+            count += self.get(index) != 0
+        return count
 
     def to_bytes(self) -> bytes:
         if self.order > 3 and _NATIVE_LITTLE:
@@ -140,6 +156,22 @@ class Refcounts:
     def get(self, cluster: int) -> int:
         block = self.block(cluster // self.block_entries)
         return block.get(cluster % self.block_entries) if block else 0
+
+    def count_in_use(self, end_cluster: int, enough: int) -> int:
+        """Clusters below `end_cluster` with a non-zero refcount, counted block by block
+        (ranges without a block cost nothing, so a sparse file's size does not matter);
+        stops once `enough` are found."""
+        count = 0
+        last_block = min(len(self.table), -(-end_cluster // self.block_entries))
+        for block_index in range(last_block):
+            if not self.table[block_index] & REFT_OFFSET_MASK:
+                continue
+            block = self.block(block_index)
+            first = block_index * self.block_entries
+            count += block.count_nonzero(min(self.block_entries, end_cluster - first))
+            if count >= enough:
+                break
+        return count
 
     # --- changing -----------------------------------------------------------------------
 

@@ -22,16 +22,16 @@ import re
 import struct
 import time
 from array import array
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
 from . import structs as S
-from .blockdev import BlockDevice, Extent, merge_extents
+from .blockdev import BlockDevice, Extent
 from .cache import decode_be64, encode_be64
 from .errors import (CorruptImageError, InvalidArgumentError, ReadOnlyError,
                      UnsupportedFeatureError)
-from .mapping import COMPRESSED, DATA, ZERO
 
 EXTRA_DATA_SIZE = 24           # vm_state_size_large, disk_size, icount: what QEMU writes
 ICOUNT_DISABLED = (1 << 64) - 1  # icount -1: record/replay was off
@@ -701,25 +701,8 @@ class SnapshotView(BlockDevice):
             self._read(vm_state_offset(self.image, self.size) + pos, memoryview(buf))
         return bytes(buf)
 
-    def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
-        if length is None:
-            length = self.size - offset
-        self.check_request(offset, length)
-        if not length:
-            return []
-        with self.image._lock:
-            segments = self.map.lookup(offset, length)
-        result: list[Extent] = []
-        for seg in segments:
-            if seg.kind == DATA:
-                result.append(Extent(seg.guest_offset, seg.length, True, False, 0, seg.host_offset))
-            elif seg.kind == ZERO:
-                result.append(Extent(seg.guest_offset, seg.length, False, True, 0, seg.host_offset))
-            elif seg.kind == COMPRESSED:
-                result.append(Extent(seg.guest_offset, seg.length, True, False, 0, None))
-            else:
-                result += self.image._backing_extents(seg.guest_offset, seg.length)
-        return merge_extents(result)
+    def extent_batches(self, offset: int, length: int) -> Iterator[list[Extent]]:
+        return self.image.mapped_extent_batches(self.map, offset, length, active=False)
 
     def write(self, offset: int, data) -> None:
         raise ReadOnlyError(f"snapshot '{self.snapshot.name}' of '{self.filename}' is read-only")

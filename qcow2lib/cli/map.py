@@ -11,7 +11,7 @@ from qcow2lib.ops import error_text, virtual_size
 
 def cmd_map(cli: Cli, argv: list[str]) -> int:
     """`map`: the allocation map of an image and its chain (human or JSON)."""
-    from qcow2lib.ops.mapping_report import map_entries, map_human_lines, map_json_text
+    from qcow2lib.ops.mapping_report import write_map
     fmt = output = None
     image_opts = force_share = False
     start, max_length = 0, -1
@@ -61,15 +61,10 @@ def cmd_map(cli: Cli, argv: list[str]) -> int:
             length = virtual_size(device)
             if max_length != -1:
                 length = min(start + max_length, length)
-            entries = map_entries(device, start, max(0, length - start))
-            if output == "json":
-                cli.out(map_json_text(entries))
-                return 0
-            lines, error = map_human_lines(device, entries)
+            error = write_map(device, cli.out, start, max(0, length - start), output or "human")
         except Qcow2Error as exc:
             cli.error_report(f"Could not read file metadata: {error_text(exc)}")
             return 1
-    cli.out("".join(line + "\n" for line in lines))
     if error is not None:
         cli.error_report(error)
         return 1

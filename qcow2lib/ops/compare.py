@@ -12,6 +12,8 @@ zero is checked by reading that other side alone.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from ..blockdev import BlockDevice, Extent
 from ..errors import Qcow2Error
 from . import error_text, virtual_size
@@ -90,16 +92,17 @@ def _status(ext, size: int) -> tuple:
             ext.offset + ext.length >= size)
 
 
-def _extents(dev: BlockDevice, name: str, start: int, end: int) -> list:
-    """Extents over [start, end), the partial last sector of a raw file included."""
+def _extents(dev: BlockDevice, name: str, start: int, end: int) -> Iterator[Extent]:
+    """Extents over [start, end), the partial last sector of a raw file included, streamed
+    (a block status failure part-way is reported when the walk reaches it, as qemu-img)."""
+    limit = min(end, dev.size)
     try:
-        limit = min(end, dev.size)
-        result = list(dev.extents(start, limit - start)) if limit > start else []
+        if limit > start:
+            yield from dev.iter_extents(start, limit - start)
     except Qcow2Error as exc:
         raise _StatusFailed(f"Sector allocation test failed for {name}") from exc
     if limit < end:
-        result.append(Extent(limit, end - limit, False, True, 0, limit, True))
-    return result
+        yield Extent(limit, end - limit, False, True, 0, limit, True)
 
 
 class _StatusFailed(Exception):
@@ -138,14 +141,13 @@ def _compare(a, b, strict, name_a, name_b, progress) -> tuple[int, str]:
         return 1, "Strict mode: Image size mismatch!"
     ext1 = _extents(a, name_a, 0, total)
     ext2 = _extents(b, name_b, 0, total)
-    i = j = 0
+    e1 = e2 = None
     offset = 0
     while offset < total:
-        while ext1[i].offset + ext1[i].length <= offset:
-            i += 1
-        while ext2[j].offset + ext2[j].length <= offset:
-            j += 1
-        e1, e2 = ext1[i], ext2[j]
+        while e1 is None or e1.offset + e1.length <= offset:
+            e1 = next(ext1)
+        while e2 is None or e2.offset + e2.length <= offset:
+            e2 = next(ext2)
         end = min(e1.offset + e1.length, e2.offset + e2.length, total)
         if strict:
             s1 = _status(e1, size1)

@@ -1,77 +1,48 @@
 """`qemu-img map`: the allocation map of an image and its chain, JSON and human forms.
 
+The map is streamed: `write_map` writes the text as the extents are found (one window of
+the image at a time), so a map of millions of entries needs memory for one window, and
+an error part-way leaves the entries before it printed, as qemu-img does.
 `map_entries` gives the entries of `qemu-img map --output=json` as dicts (keys in
-QEMU's order: start, length, depth, present, zero, data, offset when known);
-`map_json_text` and `map_human_text` render them exactly as qemu-img prints them.
+QEMU's order: start, length, depth, present, zero, data, offset when known) for callers
+that want a (bounded) list; `map_json_text` and `map_human_text` render as qemu-img does.
 """
 from __future__ import annotations
 
-from ..blockdev import BlockDevice
+from collections.abc import Callable, Iterator
+
+from ..blockdev import BlockDevice, Extent, iter_merged
 from . import virtual_size
 
-
-def _entry(ext) -> dict:
-    entry = {"start": ext.offset, "length": ext.length, "depth": ext.depth,
-             "present": bool(ext.present), "zero": bool(ext.is_zero), "data": bool(ext.is_data)}
-    if ext.host_offset is not None:
-        entry["offset"] = ext.host_offset
-    return entry
+_BOOL = ("false", "true")
+_JSON_KEYS = ("start", "length", "depth", "present", "zero", "data")
 
 
-def _mergeable(curr: dict, nxt: dict) -> bool:
-    if curr["length"] == 0:
-        return False
-    for key in ("zero", "data", "depth", "present"):
-        if curr[key] != nxt[key]:
-            return False
-    if ("offset" in curr) != ("offset" in nxt):
-        return False
-    if "offset" in curr and curr["offset"] + curr["length"] != nxt["offset"]:
-        return False
-    return True
-
-
-def map_entries(device: BlockDevice, start: int = 0, length: int | None = None) -> list[dict]:
-    """The entries `qemu-img map --output=json [-s start] [-l length]` prints.
-
-    As in qemu-img, the map covers [start, min(start + length, size)); a start at or
-    past the end yields one empty entry.
-    """
+def _merged(device: BlockDevice, start: int, length: int | None) -> Iterator[Extent]:
+    """The map's entries: as in qemu-img it covers [start, min(start + length, size)), a
+    raw file's partial last sector reads as zeros, and a start at or past the end gives
+    one empty entry."""
     size = virtual_size(device)
     end = size if length is None else min(start + length, size)
     if start >= end:
-        return [{"start": start, "length": 0, "depth": 0, "present": False, "zero": False,
-                 "data": False}]
+        return iter((Extent(start, 0, False, False, 0, None, False),))
+    return iter_merged(_extent_batches(device, start, end))
+
+
+def _extent_batches(device: BlockDevice, start: int, end: int) -> Iterator[list[Extent]]:
     limit = min(end, device.size)
-    entries: list[dict] = []
     if start < limit:
-        for ext in device.extents(start, limit - start):
-            entry = _entry(ext)
-            if entries and _mergeable(entries[-1], entry):
-                entries[-1]["length"] += entry["length"]
-            else:
-                entries.append(entry)
-    if limit < end:  # a raw file's partial last sector reads as zeros
-        tail = {"start": limit, "length": end - limit, "depth": 0, "present": True,
-                "zero": True, "data": False, "offset": limit}
-        if entries and _mergeable(entries[-1], tail):
-            entries[-1]["length"] += tail["length"]
-        else:
-            entries.append(tail)
-    return entries
+        yield from device.extent_batches(start, limit - start)
+    if limit < end:
+        yield [Extent(limit, end - limit, False, True, 0, limit, True)]
 
 
-def map_json_text(entries: list[dict]) -> str:
-    """The exact text of `qemu-img map --output=json`."""
-    parts = []
-    for entry in entries:
-        text = (f'{{ "start": {entry["start"]}, "length": {entry["length"]}, '
-                f'"depth": {entry["depth"]}, "present": {str(entry["present"]).lower()}, '
-                f'"zero": {str(entry["zero"]).lower()}, "data": {str(entry["data"]).lower()}')
-        if "offset" in entry:
-            text += f', "offset": {entry["offset"]}'
-        parts.append(text + "}")
-    return "[" + ",\n".join(parts) + "]\n"
+def _json_entry(ext: Extent) -> str:
+    text = (f'{{ "start": {ext[0]}, "length": {ext[1]}, "depth": {ext[4]}, '
+            f'"present": {_BOOL[ext[6]]}, "zero": {_BOOL[ext[3]]}, "data": {_BOOL[ext[2]]}')
+    if ext[5] is not None:
+        return text + f', "offset": {ext[5]}}}'
+    return text + "}"
 
 
 def _hex(value: int) -> str:
@@ -92,38 +63,94 @@ def layer_filename(device: BlockDevice, depth: int) -> str:
     return layer.filename
 
 
-def map_human_lines(device: BlockDevice, entries: list[dict]) -> tuple[list[str], str | None]:
-    """(stdout lines, error message or None) of `qemu-img map` in human format.
+HUMAN_HEADER = f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File\n"
+EXTERNAL_ERROR = "File contains external, encrypted or compressed clusters."
+_FLUSH_EVERY = 4096  # entries per write: output goes out as the map is walked
 
-    The error is qemu-img's "File contains external, encrypted or compressed clusters."
-    (exit 1); the lines printed before it are still returned.
-    """
-    lines = [f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File"]
-    if not entries:
-        return lines, None
-    entries = [dict(e) for e in entries]
-    curr = entries[0]
-    for nxt in entries[1:] + [None]:
-        if nxt is not None and _mergeable(curr, nxt):
-            curr["length"] += nxt["length"]
-            continue
-        if curr["length"] > 0 or nxt is None:
-            if curr["data"] and "offset" not in curr:
-                return lines, "File contains external, encrypted or compressed clusters."
-            if curr["data"] and not curr["zero"]:
-                lines.append(_hex(curr["start"]) + _hex(curr["length"])
-                             + _hex(curr.get("offset", 0))
-                             + layer_filename(device, curr["depth"]))
-            # The human format ignores the difference between 0, ZERO and ZERO|DATA.
-            if nxt is not None and (not nxt["data"] or nxt["zero"]):
-                nxt["data"] = False
-                nxt["zero"] = True
-        if nxt is not None:
-            curr = nxt
-    return lines, None
+
+def write_map(device: BlockDevice, write: Callable[[str], object], start: int = 0,
+              length: int | None = None, output: str = "human") -> str | None:
+    """Write `qemu-img map [--output=json] [-s start] [-l length]`'s stdout through
+    `write`, as the entries are found. Returns qemu-img's exit-1 message of the human
+    format (external, encrypted or compressed data) or None; a Qcow2Error raised
+    part-way leaves the entries found before it written, as qemu-img leaves them."""
+    if output == "json":
+        _write_json(device, write, start, length)
+        return None
+    return _write_human(device, write, start, length)
+
+
+def _write_json(device: BlockDevice, write, start: int, length: int | None) -> None:
+    write("[")
+    pending: list[str] = []
+    previous = None
+    try:
+        for ext in _merged(device, start, length):
+            if previous is not None:  # an entry is printed once the next one is known
+                pending.append(_json_entry(previous) + ",\n")
+                if len(pending) >= _FLUSH_EVERY:
+                    write("".join(pending))
+                    pending.clear()
+            previous = ext
+    except BaseException:
+        # Merging yields an entry only once its successor is known: qemu-img printed it.
+        if previous is not None:
+            pending.append(_json_entry(previous) + ",\n")
+        raise
+    finally:
+        write("".join(pending))
+    write(("" if previous is None else _json_entry(previous)) + "]\n")
+
+
+def _write_human(device: BlockDevice, write, start: int, length: int | None) -> str | None:
+    """qemu-img's human format prints data entries only. Its rule, applied to entries
+    already merged as in JSON: an entry with data and no host offset is an error, except
+    one that also reads as zero and is not the first (the format folds those into zero)."""
+    write(HUMAN_HEADER)
+    pending: list[str] = []
+    names: dict[int, str] = {}
+    first = True
+    try:
+        for ext in _merged(device, start, length):
+            if ext[2] and (first or not ext[3]):
+                if ext[5] is None:
+                    return EXTERNAL_ERROR
+                if not ext[3]:
+                    name = names.get(ext[4])
+                    if name is None:
+                        name = names[ext[4]] = layer_filename(device, ext[4])
+                    pending.append(_hex(ext[0]) + _hex(ext[1]) + _hex(ext[5]) + name + "\n")
+                    if len(pending) >= _FLUSH_EVERY:
+                        write("".join(pending))
+                        pending.clear()
+            first = False
+    finally:
+        write("".join(pending))
+    return None
+
+
+def map_entries(device: BlockDevice, start: int = 0, length: int | None = None) -> list[dict]:
+    """The entries `qemu-img map --output=json [-s start] [-l length]` prints, as a list
+    (for bounded ranges: `write_map` streams a whole image)."""
+    entries = []
+    for ext in _merged(device, start, length):
+        entry = dict(zip(_JSON_KEYS, (ext[0], ext[1], ext[4], bool(ext[6]), bool(ext[3]),
+                                      bool(ext[2]))))
+        if ext[5] is not None:
+            entry["offset"] = ext[5]
+        entries.append(entry)
+    return entries
+
+
+def map_json_text(entries: list[dict]) -> str:
+    """The exact text of `qemu-img map --output=json` for a list of entries."""
+    return "[" + ",\n".join(_json_entry(Extent(e["start"], e["length"], e["data"], e["zero"],
+                                               e["depth"], e.get("offset"), e["present"]))
+                            for e in entries) + "]\n"
 
 
 def map_human_text(device: BlockDevice, start: int = 0, length: int | None = None):
     """(stdout text, error or None) of `qemu-img map` (human format)."""
-    lines, error = map_human_lines(device, map_entries(device, start, length))
-    return "".join(line + "\n" for line in lines), error
+    parts: list[str] = []
+    error = write_map(device, parts.append, start, length, "human")
+    return "".join(parts), error

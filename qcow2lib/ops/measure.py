@@ -129,13 +129,11 @@ def _source_required(source, cluster_size: int) -> int:
     required = 0
     offset = 0
     limit = min(ssize, source.size)
-    extents = source.extents(0, limit) if limit else []
-    index = 0
-    while offset < ssize and index < len(extents):
-        ext = extents[index]
+    for ext in source.iter_extents(0, limit):
         end = ext.offset + ext.length
+        if offset >= ssize:
+            break
         if end <= offset:
-            index += 1
             continue
         if ext.is_zero:
             offset = end
