@@ -1835,6 +1835,7 @@ def _reload_engine_state(image) -> None:
     image._host_size = max(getattr(image, "_host_size", 0), size)
     image._last_decompressed = None
     image._prealloc_detected = None
+    image._snapshot_table = None  # (a repair may rewrite it in place)
     image.corrupt = bool(hdr.incompatible_features & S.INCOMPAT_CORRUPT)
     image.map.l1 = decode_be64(image.file.pread(hdr.l1_size * 8, hdr.l1_table_offset)) \
         if hdr.l1_size else array("Q")
