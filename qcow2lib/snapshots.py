@@ -555,28 +555,20 @@ def _commit_state(image, active: array, *, snapshot_l1: array | None = None,
     image._sync(image.file)
     for first, count in freed:
         image.file.punch_hole(first << bits, count << bits)
-    _trim_file(image)
+    _trim_file(image, state)
 
 
-def _trim_file(image) -> None:
-    """Cut the file after its last cluster in use, so freed metadata at its end does not
-    make it grow from one operation to the next."""
+def _trim_file(image, state: _NewState) -> None:
+    """Cut the file after its last cluster in use, so the metadata one operation frees at
+    the end does not make the file grow from one operation to the next. Only clusters the
+    operation freed or wrote are cut: a cluster that was free before may still hold data
+    a damaged image points at."""
     refs = image.refcounts
-    entries = refs.block_entries
-    file_clusters = -(-image.file.size() >> image.cluster_bits)
-    end = 0
-    for block_index in range(min(len(refs.table), -(-file_clusters // entries)) - 1, -1, -1):
-        block = refs.block(block_index)
-        if block is None:
-            continue
-        base = block_index * entries
-        for index in range(min(entries, file_clusters - base) - 1, -1, -1):
-            if block.get(index):
-                end = base + index + 1
-                break
-        if end:
-            break
-    if 0 < end < file_clusters:
+    old_end = -(-state.file_size >> image.cluster_bits)
+    end = -(-image.file.size() >> image.cluster_bits)
+    while end > 1 and not refs.get(end - 1) and (end > old_end or state.delta.get(end - 1)):
+        end -= 1
+    if end << image.cluster_bits < image.file.size():
         image.file.truncate(end << image.cluster_bits)
         image._host_size = end << image.cluster_bits
         refs.end_cluster = min(refs.end_cluster, end)
