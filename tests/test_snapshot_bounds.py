@@ -85,15 +85,16 @@ sys.path[:0] = [sys.argv[2], sys.argv[2] + "/tools"]
 import qimg
 try:
     code = qimg.main(sys.argv[4:], prog="qemu-img")
-finally:
-    with open(sys.argv[3], "w") as out:
-        out.write(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+finally:  # (ru_maxrss would include the parent's: Linux keeps it across fork and exec)
+    with open("/proc/self/status") as status, open(sys.argv[3], "w") as out:
+        out.write(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
 sys.exit(code)
 """
 
 
 def bounded_qimg(tmp_path: Path, *args) -> tuple[subprocess.CompletedProcess, int]:
-    """qimg in a subprocess limited to 1 GiB of address space: its result and peak RSS (KiB)."""
+    """qimg in a subprocess limited to 1 GiB of address space: its result and peak resident
+    memory (KiB, VmHWM)."""
     rss_file = tmp_path / "maxrss"
     result = subprocess.run([sys.executable, "-c", _RUNNER, str(MEMORY_LIMIT), str(ROOT),
                              str(rss_file), *map(str, args)], capture_output=True, text=True)
