@@ -41,7 +41,6 @@ class ClusterCounts:
     def __init__(self, cluster_bits: int, file_clusters: int, signed: bool = False):
         self.cluster_bits = cluster_bits
         self.file_clusters = file_clusters  # references at or past this are corruption
-        self.signed = signed
         self._typecode = "q" if signed else "I"
         self.chunks: dict[int, array] = {}
 
