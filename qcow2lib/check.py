@@ -691,6 +691,12 @@ class _Check:
         self._spent = 0
         self._bound = 0
         self._deferring = True
+        # Snapshots sharing one L1 table (see calculate): every inc() counts `_times` paths.
+        self._times = 1
+        self._overflows = 0
+        # The non-zero entries of the L1 table checked last: (offset, size), t.writes
+        # when read, entries, those repeated.
+        self._l1_entries: tuple | None = None
 
     # --- the IMRT ---------------------------------------------------------------------
     def inc(self, offset: int, size: int) -> None:
@@ -704,8 +710,9 @@ class _Check:
             self.res.corruptions += 1
             return
         limit = t.refcount_max
+        times = self._times
         if self._pending:
-            self._spent += 1
+            self._spent += times
             if self._bound + self._spent > limit:
                 self._apply_pending()
         first = offset >> t.cluster_bits
@@ -717,8 +724,8 @@ class _Check:
         if first == last:  # the usual case: one cluster
             chunk = self.imrt.chunk(first >> _CHUNK_BITS)
             value = chunk[first & _CHUNK_MASK]
-            if value < limit:
-                chunk[first & _CHUNK_MASK] = value + 1
+            if value + times <= limit:
+                chunk[first & _CHUNK_MASK] = value + times
                 return
         cluster = first
         while cluster <= last:
@@ -727,7 +734,7 @@ class _Check:
             stop = min(last + 1, base + _CHUNK_MASK + 1)
             for position in range(cluster - base, stop - base):
                 value = chunk[position]
-                if value >= limit:
+                if value + times > limit:
                     self.out.append(f"ERROR: overflow cluster offset="
                                     f"{(base + position) << t.cluster_bits:#x}")
                     self.out.append("Use qemu-img amend to increase the refcount entry width "
@@ -735,8 +742,9 @@ class _Check:
                                     "cannot be opened for writing")
                     self.res.corruptions += 1
                     self._overflowed = True
+                    self._overflows += 1
                     continue
-                chunk[position] = value + 1
+                chunk[position] = value + times
             cluster = stop
 
     def _record(self, entry: int, frag: bool, active: bool) -> _Replay | None:
@@ -782,25 +790,27 @@ class _Check:
         if not self._deferring:
             return False
         limit = self.t.refcount_max
-        if self._pending and self._bound + self._spent + replay.depth > limit:
+        depth = replay.depth * self._times
+        if self._pending and self._bound + self._spent + depth > limit:
             self._apply_pending()
         if not self._pending:
             self._bound = self.imrt.max_value()
-            if self._bound + replay.depth + _MIN_DEFER_HEADROOM > limit:
+            if self._bound + depth + _MIN_DEFER_HEADROOM > limit:
                 self._deferring = False  # (counts only grow: stays so for this table)
                 return False
         if not replay.pending:
             self._pending.append(replay)
         replay.pending += 1
-        self._spent += replay.depth
+        self._spent += depth
         return True
 
     def _apply_pending(self) -> None:
         chunk = self.imrt.chunk
         for replay in self._pending:
             times, replay.pending = replay.pending, 0
+            paths = times * self._times
             for cluster, count in replay.increments:
-                chunk(cluster >> _CHUNK_BITS)[cluster & _CHUNK_MASK] += count * times
+                chunk(cluster >> _CHUNK_BITS)[cluster & _CHUNK_MASK] += count * paths
             self._add_counters(replay.counters, times)
         self._pending.clear()
         self._spent = 0
@@ -809,10 +819,11 @@ class _Check:
         """Count clusters at once, unless one of them would overflow (then nothing)."""
         imrt = self.imrt
         limit = self.t.refcount_max
-        if any(imrt.get(cluster) + count > limit for cluster, count in increments):
+        times = self._times
+        if any(imrt.get(cluster) + count * times > limit for cluster, count in increments):
             return False
         for cluster, count in increments:
-            imrt.add(cluster, count)
+            imrt.add(cluster, count * times)
         return True
 
     # --- the snapshot table (qcow2_check_read_snapshot_table) ---------------------------
@@ -1006,14 +1017,21 @@ class _Check:
             return
         t = self.t
         self.inc(l1_offset, l1_size * 8)
-        table = decode_be64(t.pread(l1_size * 8, l1_offset))
-        counts = Counter(islice(filter(None, table), _MAX_COUNTED_L1_ENTRIES))
-        repeated = {entry for entry, count in counts.items() if count > 1}
+        key = (l1_offset, l1_size)
+        cached = self._l1_entries
+        if cached is not None and cached[:2] == (key, t.writes):
+            entries, repeated = cached[2], cached[3]
+        else:  # (snapshots sharing an L1 table check it one after the other: read it once)
+            self._l1_entries = None
+            entries = array("Q", filter(None, decode_be64(t.pread(l1_size * 8, l1_offset))))
+            counts = Counter(islice(entries, _MAX_COUNTED_L1_ENTRIES))
+            repeated = {entry for entry, count in counts.items() if count > 1}
+            self._l1_entries = (key, t.writes, entries, repeated)
         replays: dict[int, _Replay] = {}
         writes = t.writes
         self._deferring = True
         try:
-            for entry in filter(None, table):
+            for entry in entries:
                 if t.writes != writes:  # a repair wrote: what was recorded may not hold
                     replays.clear()
                     writes = t.writes
@@ -1157,6 +1175,22 @@ class _Check:
 
     # --- calculate_refcounts ------------------------------------------------------------
     def calculate(self, fix: int) -> None:
+        """calculate_refcounts. Snapshots sharing an L1 table have it walked once and
+        counted as often as it is used (see _check_snapshots); should a refcount overflow
+        with counts so reordered, the walk is done again snapshot by snapshot, so the
+        overflow lines come where QEMU prints them."""
+        t = self.t
+        start = (len(self.out), self.res.copy(), self.nb_clusters, t.writes)
+        shared = not fix & FIX_ERRORS and not self.imrt.chunks  # (repairs write: no reordering)
+        self._overflows = 0
+        if self._calculate(fix, shared) and self._overflows and t.writes == start[3]:
+            del self.out[start[0]:]
+            self.res, self.nb_clusters = start[1], start[2]
+            self.imrt.clear()
+            self._calculate(fix, False)
+
+    def _calculate(self, fix: int, shared: bool) -> bool:
+        """Returns whether L1 tables shared by snapshots were counted at once."""
         t = self.t
         hdr = t.hdr
         saved_fix, self.fix = self.fix, fix
@@ -1166,22 +1200,7 @@ class _Check:
             if t.has_data_file and t.nb_snapshots:
                 self.out.append(f"ERROR {t.nb_snapshots} snapshots in image with data file")
                 self.res.corruptions += 1
-            for sn in t.snapshots:
-                sid = sn.id_str.decode("utf-8", "replace")
-                sname = sn.name.decode("utf-8", "replace")
-                if sn.l1_table_offset & (t.cs - 1):
-                    self.out.append(f"ERROR snapshot {sid} ({sname}) l1_offset="
-                                    f"{_hash_x(sn.l1_table_offset)}: L1 table is not cluster "
-                                    f"aligned; snapshot table entry corrupted")
-                    self.res.corruptions += 1
-                    continue
-                if sn.l1_size > _MAX_L1_ENTRIES:
-                    self.out.append(f"ERROR snapshot {sid} ({sname}) l1_size="
-                                    f"{_hash_x(sn.l1_size)}: L1 table is too large; snapshot "
-                                    f"table entry corrupted")
-                    self.res.corruptions += 1
-                    continue
-                self.check_l1(sn.l1_table_offset, sn.l1_size, False, False)
+            counted_at_once = self._check_snapshots(shared)
             self.inc(t.snapshots_offset, t.snapshots_size)
             self.inc(t.reftable_offset, len(t.reftable) * 8)
             if hdr.crypto_length:
@@ -1190,6 +1209,66 @@ class _Check:
             self.check_refblocks()
         finally:
             self.fix = saved_fix
+        return counted_at_once
+
+    def _check_snapshots(self, shared: bool) -> bool:
+        """The snapshots' L1 tables, in table order. With `shared`, an L1 table (offset and
+        size) used by several snapshots is walked once: its lines and counters are repeated
+        for each later user, and its increments are added for all of them at the end (a
+        thousand snapshots of one disk cost one walk, not a thousand; nothing is written
+        meanwhile, so every walk would see the same). Returns whether that happened."""
+        t = self.t
+        keys = [None if sn.l1_table_offset & (t.cs - 1) or sn.l1_size > _MAX_L1_ENTRIES
+                else (sn.l1_table_offset, sn.l1_size) for sn in t.snapshots]
+        uses = Counter(filter(None, keys)) if shared else Counter()
+        recorded: dict[tuple[int, int], tuple[int, list[str], list[tuple[str, int]]]] = {}
+        repeats: Counter = Counter()
+        for sn, key in zip(t.snapshots, keys):
+            if key is None:
+                self._report_bad_snapshot(sn)
+                continue
+            replay = recorded.get(key)
+            if replay is not None and replay[0] == t.writes:
+                self.out.extend(replay[1])
+                self._add_counters(replay[2], 1)
+                repeats[key] += 1
+                continue
+            if uses[key] < 2:
+                self.check_l1(*key, False, False)
+                continue
+            mark = len(self.out)
+            before = [getattr(self.res, name) for name in _Result.__slots__]
+            state = (t.writes, t.signaled_corruption, self._overflows)
+            self.check_l1(*key, False, False)
+            if (t.writes, t.signaled_corruption, self._overflows) == state:
+                recorded[key] = (t.writes, self.out[mark:], [
+                    (name, getattr(self.res, name) - value)
+                    for name, value in zip(_Result.__slots__, before)
+                    if getattr(self.res, name) != value])
+        out, res = self.out, self.res
+        try:
+            self.out, self.res = [], _Result()  # (lines and counters repeated above)
+            for key, times in repeats.items():
+                self._times = times
+                self.check_l1(*key, False, False)
+        finally:
+            self.out, self.res, self._times = out, res, 1
+        return bool(repeats)
+
+    def _report_bad_snapshot(self, sn: _Snapshot) -> None:
+        """A snapshot table entry whose L1 table cannot be walked."""
+        t = self.t
+        sid = sn.id_str.decode("utf-8", "replace")
+        sname = sn.name.decode("utf-8", "replace")
+        if sn.l1_table_offset & (t.cs - 1):
+            self.out.append(f"ERROR snapshot {sid} ({sname}) l1_offset="
+                            f"{_hash_x(sn.l1_table_offset)}: L1 table is not cluster "
+                            f"aligned; snapshot table entry corrupted")
+        else:
+            self.out.append(f"ERROR snapshot {sid} ({sname}) l1_size="
+                            f"{_hash_x(sn.l1_size)}: L1 table is too large; snapshot "
+                            f"table entry corrupted")
+        self.res.corruptions += 1
 
     def _count_bitmaps(self) -> None:
         """qcow2_check_bitmaps_refcounts (bitmaps count only with the autoclear bit set)."""
@@ -1756,6 +1835,7 @@ def _reload_engine_state(image) -> None:
     image._host_size = max(getattr(image, "_host_size", 0), size)
     image._last_decompressed = None
     image._prealloc_detected = None
+    image._snapshot_table = None  # (a repair may rewrite it in place)
     image.corrupt = bool(hdr.incompatible_features & S.INCOMPAT_CORRUPT)
     image.map.l1 = decode_be64(image.file.pread(hdr.l1_size * 8, hdr.l1_table_offset)) \
         if hdr.l1_size else array("Q")

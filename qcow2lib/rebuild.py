@@ -4,12 +4,18 @@
 and compressed clusters, the snapshot table, the encryption header and the persistent
 bitmaps. Opening a dirty lazy-refcounts image rebuilds the refcount structure from it;
 check and repair use the same walk.
+
+Snapshots often share L1 tables and L2 tables (thousands of snapshots of one disk share
+almost everything). The walk therefore counts first how many paths reach each L1 table
+and each L2 table, then reads each table once and counts what it points at that many
+times: time and memory follow the distinct tables, not the number of snapshots.
 """
 from __future__ import annotations
 
 import struct
 from array import array
-from dataclasses import dataclass
+from collections import Counter
+from itertools import compress
 
 from . import structs as S
 from .bitmaps import bitmaps_extension, read_directory
@@ -19,39 +25,56 @@ from .refcount import RefcountBlock
 from .snapshots import l2_table_offset, read_snapshot_table
 
 
-_CHUNK_BITS = 16
-_CHUNK_MASK = (1 << _CHUNK_BITS) - 1
+_CHUNK_BITS = 12
+_CHUNK_SIZE = 1 << _CHUNK_BITS
+_CHUNK_MASK = _CHUNK_SIZE - 1
+_UNSIGNED_MAX = (1 << 32) - 1
 
 
 class ClusterCounts:
-    """References per host cluster, as the metadata implies them.
+    """References per host cluster (or, signed, a change of them).
 
-    Counts live in chunks of 64K clusters allocated on first use: a damaged or repaired
-    image may be a sparse file terabytes long, and only what is referenced costs memory."""
+    Counts live in chunks of 4096 clusters allocated on first use: a damaged or repaired
+    image may be a sparse file terabytes long, and only what is referenced costs memory.
+    Unsigned counts are 32-bit; more references than that to one cluster are refused."""
 
-    def __init__(self, cluster_bits: int, file_clusters: int):
+    def __init__(self, cluster_bits: int, file_clusters: int, signed: bool = False):
         self.cluster_bits = cluster_bits
         self.file_clusters = file_clusters  # references at or past this are corruption
+        self._typecode = "q" if signed else "I"
         self.chunks: dict[int, array] = {}
 
     def _past_end(self, offset: int, length: int) -> CorruptImageError:
         return CorruptImageError(f"Metadata references offset 0x{offset:x} (length {length}) "
                                  f"past the end of the image file")
 
-    def add_range(self, offset: int, length: int) -> None:
-        """One reference to every cluster that bytes [offset, offset + length) touch."""
-        if length <= 0:
+    def _chunk(self, index: int) -> array:
+        chunk = self.chunks.get(index)
+        if chunk is None:
+            chunk = self.chunks[index] = array(self._typecode, bytes(
+                array(self._typecode).itemsize << _CHUNK_BITS))
+        return chunk
+
+    def add(self, cluster: int, times: int = 1) -> None:
+        """`times` more references to one cluster (no bounds check: new clusters)."""
+        chunk = self._chunk(cluster >> _CHUNK_BITS)
+        try:
+            chunk[cluster & _CHUNK_MASK] += times
+        except OverflowError:
+            raise CorruptImageError(
+                f"Cluster {cluster} (offset 0x{cluster << self.cluster_bits:x}) is referenced "
+                f"more than {_UNSIGNED_MAX} times") from None
+
+    def add_range(self, offset: int, length: int, times: int = 1) -> None:
+        """`times` references to every cluster that bytes [offset, offset + length) touch."""
+        if length <= 0 or not times:
             return
         bits = self.cluster_bits
         cluster, last = offset >> bits, (offset + length - 1) >> bits
         if last >= self.file_clusters:
             raise self._past_end(offset, length)
-        chunks = self.chunks
         while cluster <= last:
-            chunk = chunks.get(cluster >> _CHUNK_BITS)
-            if chunk is None:
-                chunk = chunks[cluster >> _CHUNK_BITS] = array("I", bytes(4 << _CHUNK_BITS))
-            chunk[cluster & _CHUNK_MASK] += 1
+            self.add(cluster, times)
             cluster += 1
 
     def get(self, cluster: int) -> int:
@@ -59,24 +82,39 @@ class ClusterCounts:
         return chunk[cluster & _CHUNK_MASK] if chunk is not None else 0
 
     def items(self):
-        """(cluster, count) for every referenced cluster, in order."""
+        """(cluster, count) for every cluster with a non-zero count, in order."""
         for index in sorted(self.chunks):
             base = index << _CHUNK_BITS
-            for offset, count in enumerate(self.chunks[index]):
-                if count:
-                    yield base + offset, count
+            chunk = self.chunks[index]
+            for offset in compress(range(_CHUNK_SIZE), chunk):
+                yield base + offset, chunk[offset]
 
     def block_counts(self, first: int, length: int):
-        """(cluster, count) for the referenced clusters in [first, first + length)."""
+        """(cluster, count) for the clusters with a non-zero count in [first, first + length)."""
         end = first + length
         for index in range(first >> _CHUNK_BITS, ((end - 1) >> _CHUNK_BITS) + 1):
             chunk = self.chunks.get(index)
             if chunk is None:
                 continue
             base = index << _CHUNK_BITS
-            for offset in range(max(first - base, 0), min(end - base, 1 << _CHUNK_BITS)):
-                if chunk[offset]:
-                    yield base + offset, chunk[offset]
+            start, stop = max(first - base, 0), min(end - base, _CHUNK_SIZE)
+            for offset in compress(range(start, stop), chunk[start:stop]):
+                yield base + offset, chunk[offset]
+
+    def nonzero_blocks(self, block_entries: int) -> set[int]:
+        """Indices of the refcount blocks (of `block_entries` clusters each) whose range
+        holds a non-zero count."""
+        size = block_entries
+        groups: set[int] = set()
+        for index, chunk in self.chunks.items():
+            base = index << _CHUNK_BITS
+            if size >= _CHUNK_SIZE and size % _CHUNK_SIZE == 0:
+                if any(chunk):
+                    groups.add(base // size)
+                continue
+            for offset in compress(range(_CHUNK_SIZE), chunk):
+                groups.add((base + offset) // size)
+        return groups
 
     def end(self) -> int:
         """One past the last referenced cluster."""
@@ -87,97 +125,75 @@ class ClusterCounts:
                     return (index << _CHUNK_BITS) + offset + 1
         return 0
 
-    def unreferenced_runs(self, start: int, end: int):
-        """(first, length) of the runs of unreferenced clusters in [start, end)."""
-        position = start
-        for cluster, _ in self.items():
-            if cluster >= end:
-                break
-            if cluster > position:
-                yield position, cluster - position
-            position = max(position, cluster + 1)
-        if position < end:
-            yield position, end - position
 
-
-def count_references(image, refcount_structure: bool = True,
-                     trees: "Trees | None" = None) -> ClusterCounts:
-    """References from all metadata; `refcount_structure` adds the refcount table and blocks.
-
-    `trees` counts a state the header does not point at yet (a snapshot operation's new
-    L1 tables and snapshot table) instead of the current one."""
+def count_references(image, refcount_structure: bool = True) -> ClusterCounts:
+    """References from all metadata; `refcount_structure` adds the refcount table and blocks."""
     hdr = image.header
     cs = image.cluster_size
+    bits = image.cluster_bits
     file_size = image.file.size()
-    refs = ClusterCounts(image.cluster_bits, -(-file_size // cs))
+    file_clusters = -(-file_size // cs)
+    refs = ClusterCounts(bits, file_clusters)
     refs.add_range(0, cs)
     if refcount_structure:
         refs.add_range(hdr.refcount_table_offset, hdr.refcount_table_clusters * cs)
         for entry in image.refcounts.table:
             if entry & S.REFT_OFFSET_MASK:
                 refs.add_range(entry & S.REFT_OFFSET_MASK, cs)
-    if trees is None:
-        trees = current_trees(image)
-    refs.add_range(trees.snapshot_table_offset, trees.snapshot_table_bytes)
-    for l1_offset, l1 in trees.l1_tables:
-        refs.add_range(l1_offset, len(l1) * 8)
-        count_tree(image, refs, l1)
+    l2_paths = ClusterCounts(bits, file_clusters)
+    refs.add_range(hdr.l1_table_offset, len(image.map.l1) * 8)
+    count_l1_entries(l2_paths, image.map.l1, cs)
+    if hdr.nb_snapshots:
+        snapshots, table_bytes = read_snapshot_table(image.file, hdr.snapshots_offset,
+                                                     hdr.nb_snapshots, cs, file_size)
+        refs.add_range(hdr.snapshots_offset, table_bytes)
+        # Snapshots sharing one L1 table: read it once, count it as often as it is used.
+        l1_uses = Counter((snap.l1_table_offset, snap.l1_size) for snap in snapshots)
+        del snapshots
+        for (l1_offset, l1_size), uses in l1_uses.items():
+            if l1_size:
+                refs.add_range(l1_offset, l1_size * 8, uses)
+                count_l1_entries(l2_paths, decode_be64(image.file.pread(l1_size * 8, l1_offset)),
+                                 cs, uses)
+    count_l2_tables(image, refs, l2_paths)
     if hdr.crypto_offset:
         refs.add_range(hdr.crypto_offset, hdr.crypto_length)
     _count_bitmaps(image, refs)
     return refs
 
 
-def count_tree(image, refs: ClusterCounts, l1) -> None:
-    """Every L1 -> L2 and L1 -> L2 -> cluster path under the L1 table `l1` holds one
-    reference (as qemu-img check counts)."""
-    cluster_size = image.cluster_size
-    for index, entry in enumerate(l1):
-        l2_offset = l2_table_offset(entry, index, cluster_size)
+def count_l1_entries(l2_paths: ClusterCounts, l1, cluster_size: int, times: int = 1) -> None:
+    """Add `times` to the path count of the L2 table each entry of `l1` points at."""
+    bits = l2_paths.cluster_bits
+    for index in compress(range(len(l1)), l1):
+        l2_offset = l2_table_offset(l1[index], index, cluster_size)
         if l2_offset:
-            refs.add_range(l2_offset, cluster_size)
-            _count_l2(image, refs, image.map.l2_cache.get(l2_offset))
+            l2_paths.add(l2_offset >> bits, times)
 
 
-@dataclass
-class Trees:
-    """Every L1 table (the active one first) and the snapshot table of one image state."""
-    l1_tables: list[tuple[int, array]]  # (host offset, entries)
-    snapshot_table_offset: int = 0
-    snapshot_table_bytes: int = 0
+def count_l2_tables(image, refs: ClusterCounts, l2_paths: ClusterCounts) -> None:
+    """Every L1 -> L2 and L1 -> L2 -> cluster path holds one reference (as qemu-img check
+    counts): each L2 table reached n times is read once and counted n times."""
+    bits = image.cluster_bits
+    for cluster, times in l2_paths.items():
+        refs.add_range(cluster << bits, image.cluster_size, times)
+        _count_l2(image, refs, image.map.l2_cache.get(cluster << bits), times)
 
 
-def current_trees(image) -> Trees:
-    """The L1 tables and snapshot table the header points at now."""
-    hdr = image.header
-    trees = Trees([(hdr.l1_table_offset, image.map.l1)])
-    if hdr.nb_snapshots:
-        snapshots, table_bytes = read_snapshot_table(image.file, hdr.snapshots_offset,
-                                                     hdr.nb_snapshots, image.cluster_size,
-                                                     image.file.size())
-        trees.snapshot_table_offset, trees.snapshot_table_bytes = hdr.snapshots_offset, \
-            table_bytes
-        for snap in snapshots:
-            trees.l1_tables.append((snap.l1_table_offset, decode_be64(
-                image.file.pread(snap.l1_size * 8, snap.l1_table_offset))))
-    return trees
-
-
-def _count_l2(image, refs: ClusterCounts, table) -> None:
+def _count_l2(image, refs: ClusterCounts, table, times: int = 1) -> None:
     step = image.map.entry_words
     has_data_file = image.has_data_file
-    for i in range(0, len(table), step):
+    cluster_size = image.cluster_size
+    for i in compress(range(0, len(table), step), table[::step]):
         entry = table[i]
-        if not entry:
-            continue
         if entry & S.OFLAG_COMPRESSED:
             host = entry & image.map.compressed_offset_mask
             sectors = ((entry >> image.map.csize_shift) & image.map.csize_mask) + 1
-            refs.add_range(host & ~511, sectors * 512)
+            refs.add_range(host & ~511, sectors * 512, times)
             continue
         host = entry & S.L2E_OFFSET_MASK
         if host and not has_data_file:
-            refs.add_range(host, image.cluster_size)
+            refs.add_range(host, cluster_size, times)
 
 
 def _count_bitmaps(image, refs: ClusterCounts) -> None:

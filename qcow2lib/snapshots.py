@@ -8,12 +8,17 @@ COPIED flag exactly when its cluster's refcount is 1 (then it may be written in 
 
 Crash safety: create, apply and delete change refcounts and COPIED flags together, and
 no order of in-place writes keeps those two consistent at every moment. So each operation
-builds its new state beside the old one: copies of the active L2 tables whose COPIED flags
-change, new L1 tables, the new snapshot table and a whole new refcount structure, all past
-the end of the file and referenced by nothing; then one sector write of the header
-switches L1 table, refcount table, snapshot table (and size) at once. A crash leaves the
-old state or the new one; the old state's clusters are free in the new refcounts, and are
-given back to the filesystem afterwards.
+builds its new state beside the old one, in clusters the old state leaves free: copies of
+the active L2 tables whose COPIED flags change, the L1 tables and snapshot table that
+change, copies of the refcount blocks whose counts change and a new refcount table; then
+one sector write of the header switches L1 table, refcount table, snapshot table (and
+size) at once. A crash leaves the old state or the new one. The clusters only the old
+state used are free in the new refcounts: they are given back to the filesystem, the
+file is cut after its last cluster in use, and the next operation reuses them.
+
+Cost: an operation reads the L1 tables it changes (the active one, and the snapshot it
+creates, applies or deletes) and the L2 tables whose number of paths changes, never the
+other snapshots' tables; the snapshot table is parsed once per table the header points at.
 """
 from __future__ import annotations
 
@@ -26,12 +31,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import compress
 
 from . import structs as S
 from .blockdev import BlockDevice, Extent
 from .cache import decode_be64, encode_be64
 from .errors import (CorruptImageError, InvalidArgumentError, ReadOnlyError,
                      UnsupportedFeatureError)
+from .mapping import COMPRESSED, DATA, ZERO
+from .refcount import RefcountBlock
 
 EXTRA_DATA_SIZE = 24           # vm_state_size_large, disk_size, icount: what QEMU writes
 ICOUNT_DISABLED = (1 << 64) - 1  # icount -1: record/replay was off
@@ -138,12 +146,24 @@ def pack_snapshot_table(snapshots: list[Snapshot], default_disk_size: int) -> by
     return bytes(out)
 
 
-def _read_table(image) -> tuple[list[Snapshot], int]:
+def _cached_table(image) -> tuple[list[Snapshot], int]:
+    """The parsed snapshot table and its size in bytes, parsed once for each table the
+    header points at (65536 entries take a while; lookups must not parse it again)."""
     hdr = image.header
-    if not hdr.nb_snapshots:
-        return [], 0
-    return read_snapshot_table(image.file, hdr.snapshots_offset, hdr.nb_snapshots,
-                               image.cluster_size, image.file.size())
+    key = (hdr.snapshots_offset, hdr.nb_snapshots)
+    cached = getattr(image, "_snapshot_table", None)
+    if cached is None or cached[:2] != key:
+        snapshots, table_bytes = read_snapshot_table(
+            image.file, hdr.snapshots_offset, hdr.nb_snapshots, image.cluster_size,
+            image.file.size()) if hdr.nb_snapshots else ([], 0)
+        cached = image._snapshot_table = (*key, snapshots, table_bytes)
+    return cached[2], cached[3]
+
+
+def _read_table(image) -> tuple[list[Snapshot], int]:
+    """A copy of the snapshot list (callers may change it) and the table's size."""
+    snapshots, table_bytes = _cached_table(image)
+    return list(snapshots), table_bytes
 
 
 def list_snapshots(image) -> list[Snapshot]:
@@ -267,25 +287,12 @@ def l2_table_offset(entry: int, index: int, cluster_size: int) -> int:
     return offset
 
 
-def _check_overflow(image, counts) -> None:
-    """Refuse, before anything is written, a state whose refcounts would overflow."""
-    limit = image.refcounts.max_refcount
-    for cluster, n in counts.items():
-        if n > limit:
-            raise InvalidArgumentError(
-                f"Refcount of cluster {cluster} (offset 0x{cluster << image.cluster_bits:x}) "
-                f"would overflow: {n} references exceed the maximum {limit} of "
-                f"refcount_bits={image.refcount_bits}")
-
-
 def _flags_for(table: array, step: int, counts, bits: int) -> array | None:
     """A copy of an L2 table with COPIED set exactly on entries whose cluster count is 1
-    (`counts`: rebuild.ClusterCounts or the image's Refcounts), or None when it has those flags."""
+    (`counts`: anything with get(cluster)), or None when it has those flags already."""
     fixed = None
-    for i in range(0, len(table), step):
+    for i in compress(range(0, len(table), step), table[::step]):
         value = table[i]
-        if not value:
-            continue
         host = value & S.L2E_OFFSET_MASK
         if value & S.OFLAG_COMPRESSED or not host:
             flag = 0
@@ -298,92 +305,228 @@ def _flags_for(table: array, step: int, counts, bits: int) -> array | None:
     return fixed
 
 
-class _Appender:
-    """Writes a new state's metadata past the end of the file, where the current state
-    references nothing."""
+class _NewState:
+    """A snapshot operation's new state, built beside the current one.
+
+    `delta` holds, per host cluster, how the new state's references differ from the
+    current ones. New metadata goes into clusters the current state leaves free (refcount
+    0) and the change does not touch, so the state on disk stays intact until the header
+    switches. Only the refcount blocks whose counts change get new copies (and then a new
+    refcount table pointing at them and at the unchanged blocks)."""
 
     def __init__(self, image):
+        from .rebuild import ClusterCounts
         self.image = image
-        cs = image.cluster_size
-        self.start = -(-image.file.size() // cs) * cs
-        self.end = self.start
+        self.refs = image.refcounts
+        self.bits = image.cluster_bits
+        self.cs = image.cluster_size
+        self.file_size = image.file.size()
+        self.delta = ClusterCounts(self.bits, -(-self.file_size >> self.bits), signed=True)
+        self.search_from = 1  # first-fit search start (what lies before is taken)
+        self.end = self.file_size  # the file's size once the new clusters are written
 
-    def write(self, data: bytes) -> int:
-        cs = self.image.cluster_size
-        offset = self.end
-        size = -(-len(data) // cs) * cs
-        self.image.guard_write(offset, size)
-        self.image.file.pwrite(data + bytes(size - len(data)), offset)
-        self.end += size
+    def get(self, cluster: int) -> int:
+        """A cluster's refcount in the new state."""
+        return self.refs.get(cluster) + self.delta.get(cluster)
+
+    def change_range(self, offset: int, length: int, times: int) -> None:
+        bits = self.bits
+        for cluster in range(offset >> bits, ((offset + length - 1) >> bits) + 1):
+            self.delta.add(cluster, times)
+
+    def allocate(self, count: int) -> int:
+        """First cluster of `count` contiguous clusters free now and untouched by the change."""
+        candidate = self.search_from
+        while True:
+            start = self.refs._next_free_run(candidate, count)
+            busy = [c for c in range(start, start + count) if self.delta.get(c)]
+            if not busy:
+                break
+            candidate = busy[-1] + 1
+        for cluster in range(start, start + count):
+            self.delta.add(cluster, 1)
+        if count == 1 or start == self.search_from:
+            self.search_from = start + count
+        return start
+
+    def write_new(self, data: bytes) -> int:
+        """Write `data` (padded to whole clusters) into newly allocated clusters."""
+        cs = self.cs
+        clusters = max(1, -(-len(data) // cs))
+        offset = self.allocate(clusters) << self.bits
+        self.image.guard_write(offset, clusters * cs)
+        self.image.file.pwrite(bytes(data) + bytes(clusters * cs - len(data)), offset)
+        self.end = max(self.end, offset + clusters * cs)
         return offset
 
+    def check_counts(self) -> None:
+        """Refuse, before anything is written, counts that would leave their range."""
+        refs = self.refs
+        limit = refs.max_refcount
+        for cluster, change in self.delta.items():
+            count = refs.get(cluster) + change
+            if count < 0:
+                raise CorruptImageError(
+                    f"Refcount of cluster {cluster} (offset 0x{cluster << self.bits:x}) would "
+                    f"drop below zero")
+            if count > limit:
+                raise InvalidArgumentError(
+                    f"Refcount of cluster {cluster} (offset 0x{cluster << self.bits:x}) would "
+                    f"overflow: {count} references exceed the maximum {limit} of "
+                    f"refcount_bits={self.image.refcount_bits}")
+
+    def write_refcounts(self) -> tuple[int, int, list[tuple[int, int]]]:
+        """New copies of the refcount blocks whose counts change and a new refcount table.
+
+        Placing each copy changes counts too (the copy is used, the block it replaces is
+        free), so blocks are placed until no further block changes. Returns the table's
+        offset and clusters, and the runs of clusters the new state frees."""
+        refs = self.refs
+        bits, cs = self.bits, self.cs
+        entries = refs.block_entries
+        copies: dict[int, int] = {}  # block index -> cluster of its new copy
+        self.change_range(refs.table_offset, refs.table_clusters * cs, -1)
+        table_first, table_clusters = None, refs.table_clusters
+        while True:
+            todo = sorted(self.delta.nonzero_blocks(entries) - copies.keys())
+            for block_index in todo:
+                copies[block_index] = self.allocate(1)
+                old = refs._block_offset(block_index)
+                if old:
+                    self.delta.add(old >> bits, -1)
+            needed = max(len(refs.table), max(copies, default=0) + 1)
+            if needed * 8 > S.MAX_REFTABLE_BYTES:
+                raise InvalidArgumentError(
+                    f"Refcount table would need {needed} entries, more than the format's "
+                    f"limit of {S.MAX_REFTABLE_BYTES // 8}")
+            if table_first is not None and needed * 8 <= table_clusters * cs:
+                if not todo:
+                    break
+                continue
+            if table_first is not None:  # too small now: give it back, take a larger one
+                for cluster in range(table_first, table_first + table_clusters):
+                    self.delta.add(cluster, -1)
+            table_clusters = max(table_clusters, -(-needed * 8 // cs))
+            table_first = self.allocate(table_clusters)
+        table = array("Q", refs.table)
+        table.extend([0] * (table_clusters * cs // 8 - len(table)))
+        limit = refs.max_refcount
+        freed: list[tuple[int, int]] = []
+        for block_index, cluster in sorted(copies.items()):
+            old = refs.block(block_index)
+            block = RefcountBlock(refs.order, old.to_bytes() if old is not None else bytes(cs))
+            base = block_index * entries
+            for counted, change in self.delta.block_counts(base, entries):
+                before = block.get(counted - base)
+                after = before + change
+                if not 0 <= after <= limit:
+                    raise CorruptImageError(
+                        f"Refcount of cluster {counted} (offset 0x{counted << bits:x}) would "
+                        f"become {after}, outside 0..{limit}")
+                block.set(counted - base, after)
+                if before and not after:
+                    if freed and sum(freed[-1]) == counted:
+                        freed[-1] = (freed[-1][0], freed[-1][1] + 1)
+                    else:
+                        freed.append((counted, 1))
+            self.image.guard_write(cluster << bits, cs)
+            self.image.file.pwrite(block.to_bytes(), cluster << bits)
+            self.end = max(self.end, (cluster + 1) << bits)
+            table[block_index] = cluster << bits
+        self.image.guard_write(table_first << bits, table_clusters * cs)
+        self.image.file.pwrite(encode_be64(table), table_first << bits)
+        self.end = max(self.end, (table_first + table_clusters) << bits)
+        return table_first << bits, table_clusters, freed
+
     def undo(self) -> None:
-        """Cut the file back (best effort) after a failure before the switch."""
+        """Cut the file back (best effort) after a failure before the switch; clusters
+        written inside the file were free and stay so."""
         try:
-            self.image.file.truncate(self.start)
+            if self.image.file.size() > self.file_size:
+                self.image.file.truncate(self.file_size)
         except Exception:  # the failure being reported matters more; this is only space
             pass
 
 
-def _commit_state(image, active_l1: array, kept: list[tuple[Snapshot, array]],
-                  new_snapshot: Snapshot | None = None, new_snapshot_l1: array | None = None,
-                  size: int | None = None) -> None:
-    """Switch the image, in one header write, to the active tree `active_l1` and the
-    snapshots `kept` (with their L1 tables, in table order) plus `new_snapshot` with its
-    L1 table `new_snapshot_l1`. The L1 entries point at existing L2 tables; the caller
-    holds _exclusive. See the module docstring."""
-    from .rebuild import ClusterCounts, Trees, count_references, count_tree, \
-        write_refcount_structure
+def _paths_changed(image, state: _NewState, added: list[array], removed: list[array]) -> None:
+    """Count into state.delta the L1 -> L2 (-> cluster) paths of the `added` L1 tables,
+    less those of the `removed` ones; L2 tables reached as often before as after cancel
+    out and are not read at all."""
+    from .rebuild import ClusterCounts, count_l1_entries, count_l2_tables
+    l2_paths = ClusterCounts(state.bits, state.delta.file_clusters, signed=True)
+    for l1 in added:
+        count_l1_entries(l2_paths, l1, state.cs, 1)
+    for l1 in removed:
+        count_l1_entries(l2_paths, l1, state.cs, -1)
+    count_l2_tables(image, state.delta, l2_paths)
+
+
+def _commit_state(image, active: array, *, snapshot_l1: array | None = None,
+                  new_snapshot: Snapshot | None = None,
+                  deleted: tuple[Snapshot, array] | None = None,
+                  snapshots: list[Snapshot] | None = None, size: int | None = None) -> None:
+    """Switch the image, in one header write, to the active tree `active` (L2 table
+    offsets without flags), plus the new snapshot `new_snapshot` with `snapshot_l1`, less
+    the snapshot `deleted` (with its L1 table); `snapshots` is the new snapshot table
+    (None: unchanged). The caller holds _exclusive. See the module docstring."""
     m = image.map
-    bits = image.cluster_bits
-    new_l1s = [active_l1] + ([new_snapshot_l1] if new_snapshot is not None else [])
-    counts = ClusterCounts(bits, -(-image.file.size() >> bits))
-    for l1 in new_l1s + [l1 for _, l1 in kept]:
-        count_tree(image, counts, l1)
-    _check_overflow(image, counts)
-    appender = _Appender(image)
+    hdr = image.header
+    bits, cs = image.cluster_bits, image.cluster_size
+    state = _NewState(image)
+    added = [active] + ([snapshot_l1] if snapshot_l1 is not None else [])
+    _paths_changed(image, state, added, [m.l1] + ([deleted[1]] if deleted else []))
+    if deleted is not None and deleted[0].l1_size:
+        state.change_range(deleted[0].l1_table_offset, deleted[0].l1_size * 8, -1)
+    old_table = _cached_table(image)
+    if snapshots is not None and old_table[1]:
+        state.change_range(hdr.snapshots_offset, old_table[1], -1)
+    state.check_counts()
     try:
-        # 1. Active L2 tables whose COPIED flags are wrong for the new state get copies
-        #    (which a new snapshot's L1 table, sharing them, points at as well).
+        # 1. Active L2 tables whose COPIED flags are wrong for the new state get copies,
+        #    which the new L1 tables point at instead (a new snapshot shares them).
+        uses: dict[int, int] = {}  # L2 table offset -> entries of the new L1 tables on it
+        for l1 in added:
+            for offset in filter(None, l1):
+                uses[offset] = uses.get(offset, 0) + 1
         copies: dict[int, int] = {}
-        for index, entry in enumerate(active_l1):
-            l2 = l2_table_offset(entry, index, image.cluster_size)
-            if l2 and l2 not in copies:
-                fixed = _flags_for(m.l2_cache.get(l2), m.entry_words, counts, bits)
-                copies[l2] = appender.write(encode_be64(fixed)) if fixed is not None else l2
-        new_l1s = [array("Q", (copies.get(e & S.L1E_OFFSET_MASK, e & S.L1E_OFFSET_MASK)
-                               for e in l1)) for l1 in new_l1s]
-        table_refs: dict[int, int] = {}  # host offset of an L2 table -> L1 entries on it
-        for l1 in new_l1s + [l1 for _, l1 in kept]:
-            for entry in l1:
-                if entry & S.L1E_OFFSET_MASK:
-                    l2 = entry & S.L1E_OFFSET_MASK
-                    table_refs[l2] = table_refs.get(l2, 0) + 1
-        new_active = new_l1s[0]
-        for index, l2 in enumerate(new_active):
-            if l2 and table_refs[l2] == 1:
-                new_active[index] = l2 | S.OFLAG_COPIED
-        # 2. The L1 tables and the snapshot table.
-        snapshots = [snap for snap, _ in kept]
-        l1_tables = [(appender.write(encode_be64(new_active)), new_active)]
-        l1_tables += [(snap.l1_table_offset, l1) for snap, l1 in kept]
+        for offset in dict.fromkeys(filter(None, active)):
+            fixed = _flags_for(m.l2_cache.get(offset), m.entry_words, state, bits)
+            if fixed is not None:
+                copy_offset = state.write_new(encode_be64(fixed))
+                copies[offset] = copy_offset
+                state.delta.add(offset >> bits, -uses[offset])
+                state.delta.add(copy_offset >> bits, uses[offset] - 1)
+        if copies:
+            for l1 in added:
+                for index in compress(range(len(l1)), l1):
+                    l1[index] = copies.get(l1[index], l1[index])
+        for index in compress(range(len(active)), active):
+            if state.get(active[index] >> bits) == 1:
+                active[index] |= S.OFLAG_COPIED
+        # 2. The L1 tables and the snapshot table that changed.
+        l1_offset = hdr.l1_table_offset
+        if active != m.l1:
+            if len(m.l1):
+                state.change_range(hdr.l1_table_offset, len(m.l1) * 8, -1)
+            l1_offset = state.write_new(encode_be64(active)) \
+                if len(active) else 0
         if new_snapshot is not None:
-            new_snapshot.l1_table_offset = appender.write(encode_be64(new_l1s[1]))
-            new_snapshot.l1_size = len(new_l1s[1])
-            snapshots.append(new_snapshot)
-            l1_tables.append((new_snapshot.l1_table_offset, new_l1s[1]))
+            new_snapshot.l1_size = len(snapshot_l1)
+            new_snapshot.l1_table_offset = state.write_new(
+                encode_be64(snapshot_l1)) if len(snapshot_l1) else 0
         disk_size = image.size if size is None else size
-        table = pack_snapshot_table(snapshots, disk_size) if snapshots else b""
-        table_offset = appender.write(table) if table else 0
-        # 3. The refcounts of that state, in a structure of their own.
-        refs = count_references(image, refcount_structure=False,
-                                trees=Trees(l1_tables, table_offset, len(table)))
-        reftable_offset, reftable_clusters, end = write_refcount_structure(image, refs)
+        table_offset, table_bytes = hdr.snapshots_offset, old_table[1]
+        if snapshots is not None:
+            table = pack_snapshot_table(snapshots, disk_size) if snapshots else b""
+            table_offset = state.write_new(table) if table else 0
+            table_bytes = len(table)
+        # 3. New copies of the refcount blocks that change, and a refcount table.
+        reftable_offset, reftable_clusters, freed = state.write_refcounts()
         image._sync(image.file)
         # 4. The commit point: one sector write of the header.
-        hdr = image.header
-        fields = dict(size=disk_size, l1_size=len(new_active), l1_table_offset=l1_tables[0][0],
-                      nb_snapshots=len(snapshots), snapshots_offset=table_offset,
+        fields = dict(size=disk_size, l1_size=len(active), l1_table_offset=l1_offset,
+                      nb_snapshots=len(snapshots) if snapshots is not None
+                      else hdr.nb_snapshots, snapshots_offset=table_offset,
                       refcount_table_offset=reftable_offset,
                       refcount_table_clusters=reftable_clusters)
         old_fields = {key: getattr(hdr, key) for key in fields}
@@ -396,25 +539,41 @@ def _commit_state(image, active_l1: array, kept: list[tuple[Snapshot, array]],
                 setattr(hdr, key, value)
             raise
     except BaseException:
-        appender.undo()  # the header does not point there
+        state.undo()  # the header does not point there
         raise
     # 5. Work from the new state, which the file shows from now on (even if the flush
-    #    below fails), and give what the old one alone used back to the filesystem.
-    image._host_size = max(image._host_size, end)
-    image.use_refcount_table(reftable_offset, reftable_clusters, end)
-    _use_l1(image, new_active, l1_tables[0][0])
+    #    below fails), and give what only the old one used back to the filesystem.
+    image._host_size = max(image._host_size, state.end)
+    image.use_refcount_table(reftable_offset, reftable_clusters, max(state.end, state.file_size))
+    _use_l1(image, active, l1_offset)
     image.size = disk_size
     m.l2_cache.clear()
     image._compressed_tail = 0
+    if snapshots is not None:
+        image._snapshot_table = (hdr.snapshots_offset, hdr.nb_snapshots, list(snapshots),
+                                 table_bytes)
     image._sync(image.file)
-    _release_unused(image, refs)
+    for first, count in freed:
+        image.file.punch_hole(first << bits, count << bits)
+    _trim_file(image, state)
 
 
-def _release_unused(image, refs) -> None:
-    """Punch holes where no metadata of the new state points: the old state's tables and
-    the clusters only it used (refcount 0 now, so nothing can depend on their content)."""
-    for first, count in refs.unreferenced_runs(1, refs.file_clusters):
-        image.file.punch_hole(first << image.cluster_bits, count << image.cluster_bits)
+def _trim_file(image, state: _NewState) -> None:
+    """Cut the file after its last cluster in use, so the metadata one operation frees at
+    the end does not make the file grow from one operation to the next. Only clusters the
+    operation freed or wrote are cut: a cluster that was free before may still hold data
+    a damaged image points at."""
+    refs = image.refcounts
+    old_end = -(-state.file_size >> image.cluster_bits)
+    end = -(-image.file.size() >> image.cluster_bits)
+    while end > 1 and not refs.get(end - 1) and (end > old_end or state.delta.get(end - 1)):
+        end -= 1
+    if end << image.cluster_bits < image.file.size():
+        image.file.truncate(end << image.cluster_bits)
+        image._host_size = end << image.cluster_bits
+        refs.end_cluster = min(refs.end_cluster, end)
+        refs.file_size_hint = end << image.cluster_bits
+        refs.free_hint = min(refs.free_hint, end)
 
 
 def _switch_header(image, **fields) -> None:
@@ -454,6 +613,14 @@ def _read_l1(image, snap: Snapshot) -> array:
             f"Snapshot '{snap.name}' L1 table offset invalid (l1_table_offset "
             f"0x{snap.l1_table_offset:x}, l1_size {snap.l1_size})")
     return decode_be64(image.file.pread(snap.l1_size * 8, snap.l1_table_offset))
+
+
+def _plain_offsets(image, l1: array) -> array:
+    """An L1 table's L2 table offsets without flags (malformed entries refused)."""
+    offsets = array("Q", bytes(8 * len(l1)))
+    for index in compress(range(len(l1)), l1):
+        offsets[index] = l2_table_offset(l1[index], index, image.cluster_size)
+    return offsets
 
 
 def refresh_copied_flags(image) -> None:
@@ -591,12 +758,13 @@ def create_snapshot(image, name: str, *, vm_state_size: int = 0, vm_clock_nsec: 
         snap = Snapshot(_new_id(snapshots), name, 0, len(active), date_sec, date_nsec,
                         vm_clock_nsec, vm_state_size, b"", image.size,
                         ICOUNT_DISABLED if icount is None else icount)
-        zeros = array("Q", bytes(8 * len(active)))
-        snap_l1 = array("Q", (e & ~S.OFLAG_COPIED for e in active[:keep])) + zeros[keep:]
+        offsets = _plain_offsets(image, active)
+        snap_l1 = offsets[:keep] + array("Q", bytes(8 * (len(active) - keep)))
         # The VM state goes to the snapshot alone: QEMU drops it from the active tree.
-        new_active = active[:vm_index] + zeros[vm_index:]
-        _commit_state(image, new_active, [(s, _read_l1(image, s)) for s in snapshots],
-                      snap, snap_l1)
+        new_active = offsets[:vm_index] + array("Q", bytes(8 * (len(active) - vm_index)))
+        del offsets
+        _commit_state(image, new_active, snapshot_l1=snap_l1, new_snapshot=snap,
+                      snapshots=snapshots + [snap])
         return snap
 
 
@@ -620,11 +788,10 @@ def apply_snapshot(image, name_or_id: str | None = None, *, id: str | None = Non
         if entries * 8 > S.MAX_L1_BYTES:
             raise CorruptImageError(f"Snapshot '{snap.name}' disk size {disk_size} needs too "
                                     f"large an L1 table")
-        kept = [(s, _read_l1(image, s)) for s in snapshots]
-        image.invalidate_bitmaps()  # the guest's content changes
-        new_active = array("Q", kept[index][1])
+        new_active = _plain_offsets(image, _read_l1(image, snap))
         new_active.extend([0] * (entries - len(new_active)))
-        _commit_state(image, new_active, kept, size=disk_size)
+        image.invalidate_bitmaps()  # the guest's content changes
+        _commit_state(image, new_active, size=disk_size)
         return snap
 
 
@@ -636,9 +803,9 @@ def delete_snapshot(image, name_or_id: str | None = None, *, id: str | None = No
         snapshots, _ = _read_table(image)
         index = _lookup(snapshots, name_or_id, id, name)
         snap = snapshots[index]
-        kept = [(s, _read_l1(image, s)) for i, s in enumerate(snapshots) if i != index]
-        _read_l1(image, snap)  # a snapshot whose L1 table is invalid is refused, as QEMU does
-        _commit_state(image, image.map.l1, kept)
+        deleted_l1 = _read_l1(image, snap)  # refused if invalid, as QEMU does
+        _commit_state(image, _plain_offsets(image, image.map.l1), deleted=(snap, deleted_l1),
+                      snapshots=snapshots[:index] + snapshots[index + 1:])
         return snap
 
 

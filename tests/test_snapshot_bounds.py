@@ -1,0 +1,342 @@
+"""Internal snapshots at scale (issues 10 and 13): many snapshots sharing their tables cost
+bounded memory and one walk of each distinct table; snapshot operations keep the file
+within a small constant of what qemu-img leaves; the snapshot table is parsed once.
+
+Images with many snapshots are made at test time from one qemu-img snapshot whose table
+entry is repeated (distinct IDs and names, one L1 table shared by all), refcounts then
+fixed by `qemu-img check -r all`: qemu-img itself accepts them.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import qcow2lib
+from qcow2lib import snapshots as snaps
+from qemutools import assert_clean, qemu_img, qemu_io
+
+ROOT = Path(__file__).resolve().parent.parent
+MEMORY_LIMIT = 1 << 30          # address space of the subprocess
+MAXRSS_LIMIT_KIB = 256 * 1024   # the target: under 256 MiB resident
+HEADER_NB_SNAPSHOTS = 60        # nb_snapshots (4 bytes), then snapshots_offset (8)
+HEADER_INCOMPATIBLE = 72
+
+
+def repeat_snapshot(path: Path, count: int, repair: bool = True) -> None:
+    """Replace the image's single snapshot table entry by `count` copies of it (IDs 1..count,
+    names s1..scount), all on the same L1 table; the table goes to the end of the file.
+    With `repair`, qemu-img check -r all then fixes the refcounts."""
+    with open(path, "r+b") as f:
+        header = f.read(104)
+        nb_snapshots, table_offset = struct.unpack_from(">IQ", header, HEADER_NB_SNAPSHOTS)
+        assert nb_snapshots == 1
+        cluster_size = 1 << struct.unpack_from(">I", header, 20)[0]
+        f.seek(table_offset)
+        entry = f.read(1024)
+        fields = list(struct.unpack_from(">QIHHIIQII", entry, 0))
+        extra = entry[40:40 + fields[8]]
+        table = bytearray()
+        for number in range(1, count + 1):
+            ident, name = str(number).encode(), f"s{number}".encode()
+            fields[2:4] = len(ident), len(name)
+            table += bytes(-len(table) % 8)
+            table += struct.pack(">QIHHIIQII", *fields) + extra + ident + name
+        end = -(-f.seek(0, 2) // cluster_size) * cluster_size
+        f.seek(end)
+        f.write(table + bytes(-len(table) % cluster_size))
+        f.seek(HEADER_NB_SNAPSHOTS)
+        f.write(struct.pack(">IQ", count, end))
+    if repair:
+        qemu_img("check", "-q", "-r", "all", path, check=False)
+        assert_clean(path)
+
+
+def make_many_snapshots(path: Path, count: int, size: str = "256T",
+                        refcount_bits: int = 16) -> None:
+    """An image whose `count` snapshots share one L1 table (4 MiB for 256 TiB) and the L2
+    tables under it; the active image has moved on since (data written after)."""
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"refcount_bits={refcount_bits}", path, size)
+    qemu_io(path, "write -P 0x11 0 1M", "write -c -P 0x12 2M 64k", "write -P 0x13 100M 256k")
+    qemu_img("snapshot", "-c", "base", path)
+    qemu_io(path, "write -P 0x21 64k 128k", "write -P 0x22 3M 64k")
+    repeat_snapshot(path, count)
+    listing = qemu_img("snapshot", "-l", path).stdout.splitlines()
+    assert len(listing) == count + 2
+
+
+@pytest.fixture(scope="module")
+def many_snapshots(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("many") / "many.qcow2"
+    make_many_snapshots(path, 1000)
+    return path
+
+
+_RUNNER = """
+import resource, sys
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+sys.path[:0] = [sys.argv[2], sys.argv[2] + "/tools"]
+import qimg
+try:
+    code = qimg.main(sys.argv[4:], prog="qemu-img")
+finally:  # (ru_maxrss would include the parent's: Linux keeps it across fork and exec)
+    with open("/proc/self/status") as status, open(sys.argv[3], "w") as out:
+        out.write(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+sys.exit(code)
+"""
+
+
+def bounded_qimg(tmp_path: Path, *args) -> tuple[subprocess.CompletedProcess, int]:
+    """qimg in a subprocess limited to 1 GiB of address space: its result and peak resident
+    memory (KiB, VmHWM)."""
+    rss_file = tmp_path / "maxrss"
+    result = subprocess.run([sys.executable, "-c", _RUNNER, str(MEMORY_LIMIT), str(ROOT),
+                             str(rss_file), *map(str, args)], capture_output=True, text=True)
+    assert "MemoryError" not in result.stderr, result.stderr[-2000:]
+    return result, int(rss_file.read_text())
+
+
+_DATE_AND_CLOCK = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\s+\d+:\d\d:\d\d\.\d+")
+
+
+def without_dates(listing: str) -> list[str]:
+    """`snapshot -l` lines with the date and VM clock columns dropped (a snapshot made by
+    each tool has its own), columns joined by one space."""
+    return [" ".join(_DATE_AND_CLOCK.sub("", line).split()) for line in listing.splitlines()]
+
+
+def twins(source: Path, tmp_path: Path) -> tuple[Path, Path]:
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    shutil.copyfile(source, ours)
+    shutil.copyfile(source, theirs)
+    return ours, theirs
+
+
+def assert_same_images(ours: Path, theirs: Path, tmp_path: Path) -> None:
+    """Clean, same snapshots (dates aside), same guest content as qemu-img's twin."""
+    assert_clean(ours)
+    assert without_dates(qemu_img("snapshot", "-l", ours).stdout) == \
+        without_dates(qemu_img("snapshot", "-l", theirs).stdout)
+    assert qemu_img("compare", "-q", ours, theirs, check=False).returncode == 0
+
+
+@pytest.mark.parametrize("args", [("snapshot", "-l"), ("snapshot", "-c", "x"),
+                                  ("snapshot", "-a", "s500"), ("snapshot", "-d", "s7"),
+                                  ("snapshot", "-a", "base-not-there")],
+                         ids=["list", "create", "apply", "delete", "apply-missing"])
+def test_thousand_snapshots_bounded_memory_like_qemu(many_snapshots, tmp_path, args):
+    ours, theirs = twins(many_snapshots, tmp_path)
+    result, maxrss = bounded_qimg(tmp_path, *args, ours)
+    expected = qemu_img(*args, theirs, check=False)
+    assert maxrss < MAXRSS_LIMIT_KIB, f"{args}: peak RSS {maxrss} KiB"
+    assert result.returncode == expected.returncode, result.stderr
+    assert without_dates(result.stdout) == without_dates(expected.stdout)
+    assert result.stderr == expected.stderr
+    assert_same_images(ours, theirs, tmp_path)
+
+
+@pytest.mark.parametrize("repair", [None, "leaks", "all"])
+@pytest.mark.parametrize("damage", ["clean", "leaked", "bad-entries"])
+def test_thousand_snapshots_check_like_qemu(many_snapshots, tmp_path, repair, damage):
+    """check walks an L1 table shared by 1000 snapshots once, with QEMU's report: clean,
+    with one snapshot dropped from the table (each shared cluster leaks once), and with bad
+    entries in the snapshots' shared L2 table (reported once per snapshot)."""
+    source = tmp_path / "source.qcow2"
+    shutil.copyfile(many_snapshots, source)
+    if damage != "clean":
+        with open(source, "r+b") as f:
+            header = f.read(104)
+            l1_offset = struct.unpack_from(">Q", header, 40)[0]
+            nb_snapshots, table_offset = struct.unpack_from(">IQ", header, 60)
+            f.seek(table_offset)
+            snapshot_l1 = struct.unpack(">Q", f.read(8))[0]
+            f.seek(snapshot_l1)
+            l2_offset = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
+            if damage == "leaked":  # one snapshot fewer in the table: every shared count leaks
+                f.seek(HEADER_NB_SNAPSHOTS)
+                f.write(struct.pack(">I", nb_snapshots - 1))
+            else:  # reserved bit in one entry, a data cluster past the end in another
+                f.seek(l2_offset + 8)
+                value = struct.unpack(">Q", f.read(8))[0]
+                f.seek(l2_offset + 8)
+                f.write(struct.pack(">Q", value | 2))
+                f.seek(l2_offset + 8 * 1000)
+                f.write(struct.pack(">Q", (1 << 63) | (0x7F << 30)))
+            assert l1_offset
+    ours, theirs = twins(source, tmp_path)
+    args = ["check"] + (["-r", repair] if repair else [])
+    result, maxrss = bounded_qimg(tmp_path, *args, ours)
+    expected = qemu_img(*args, theirs, check=False)
+    assert maxrss < MAXRSS_LIMIT_KIB, f"{args}: peak RSS {maxrss} KiB"
+    assert (result.returncode, result.stdout, result.stderr) == \
+        (expected.returncode, expected.stdout, expected.stderr)
+    if damage == "bad-entries":
+        assert result.stderr.count("ERROR found l2 entry with reserved bits set") == 1000
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_thousand_snapshots_overflowing_8bit_refcounts_check_like_qemu(tmp_path):
+    """300 snapshots on 8-bit refcounts: counts overflow; the shared walk is redone
+    snapshot by snapshot so the overflow lines come where qemu-img prints them."""
+    source = tmp_path / "source.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "refcount_bits=8", source, "1G")
+    qemu_io(source, "write -P 0x11 0 256k")
+    qemu_img("snapshot", "-c", "base", source)
+    repeat_snapshot(source, 300, repair=False)  # (no repair could make it clean)
+    ours, theirs = twins(source, tmp_path)
+    for args in (["check"], ["check", "-r", "all"]):
+        result, _ = bounded_qimg(tmp_path, *args, ours)
+        expected = qemu_img(*args, theirs, check=False)
+        assert "overflow" in expected.stderr
+        assert (result.returncode, result.stdout, result.stderr) == \
+            (expected.returncode, expected.stdout, expected.stderr)
+        assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_dirty_lazy_refcounts_with_thousand_snapshots_opens_bounded(many_snapshots, tmp_path):
+    """Opening a dirty lazy-refcounts image for writing rebuilds its refcounts: each
+    shared table is counted once, with its multiplicity."""
+    source = tmp_path / "source.qcow2"
+    shutil.copyfile(many_snapshots, source)
+    qemu_img("amend", "-o", "lazy_refcounts=on", source)
+    with open(source, "r+b") as f:
+        f.seek(HEADER_INCOMPATIBLE)
+        features = struct.unpack(">Q", f.read(8))[0]
+        f.seek(HEADER_INCOMPATIBLE)
+        f.write(struct.pack(">Q", features | 1))  # dirty
+    ours, theirs = twins(source, tmp_path)
+    result, maxrss = bounded_qimg(tmp_path, "snapshot", "-c", "after", ours)
+    assert result.returncode == 0, result.stderr
+    assert maxrss < MAXRSS_LIMIT_KIB, f"peak RSS {maxrss} KiB"
+    qemu_img("snapshot", "-c", "after", theirs)
+    assert_same_images(ours, theirs, tmp_path)
+
+
+# --- disk space ---------------------------------------------------------------------------
+
+def image_end_offset(path: Path) -> int:
+    text = qemu_img("check", path).stdout
+    return int(re.search(r"Image end offset: (\d+)", text).group(1))
+
+
+def test_create_apply_delete_rounds_stay_near_qemu(tmp_path):
+    """40 rounds of create / (apply) / delete: the file stays within a few clusters of
+    what qemu-img leaves doing the same (it used to grow by a refcount structure a round).
+    The few: one operation's new tables exist beside the old ones until its header write,
+    so the new ones may end up highest (L2 copy, L1 tables, snapshot table, refcount
+    block and table); whatever the number of rounds, that is all."""
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", ours, "64M")
+    qemu_io(ours, "write -P 0x31 0 2M", "write -c -P 0x32 8M 64k")
+    shutil.copyfile(ours, theirs)
+    for round_number in range(40):
+        steps = [("-c", "x")] + ([("-a", "x")] if round_number % 2 else []) + [("-d", "x")]
+        if round_number % 5 == 0:  # one that stays a while, deleted later
+            steps.insert(0, ("-c", f"keep{round_number}"))
+        if round_number % 5 == 3:
+            steps.append(("-d", f"keep{round_number - 3}"))
+        for action, name in steps:
+            with qcow2lib.open(str(ours), "r+") as img:
+                {"-c": snaps.create_snapshot, "-a": snaps.apply_snapshot,
+                 "-d": snaps.delete_snapshot}[action](img, name)
+            qemu_img("snapshot", action, name, theirs)
+    assert_same_images(ours, theirs, tmp_path)
+    cluster = 65536
+    ours_end, theirs_end = image_end_offset(ours), image_end_offset(theirs)
+    assert ours_end <= theirs_end + 8 * cluster, (ours_end, theirs_end)
+    assert ours.stat().st_size == ours_end
+
+
+def test_freed_metadata_is_reused_and_the_tail_cut(tmp_path):
+    """A delete frees the snapshot's L1 table and the old snapshot table, and the next
+    create takes those clusters back; the file never keeps free clusters at its end."""
+    path = tmp_path / "img.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", path, "16M")
+    qemu_io(path, "write -P 0x41 0 1M")
+    sizes = []
+    for round_number in range(12):
+        with qcow2lib.open(str(path), "r+") as img:
+            snaps.create_snapshot(img, "a")
+            snaps.create_snapshot(img, "b")
+            snaps.delete_snapshot(img, "a")
+            snaps.delete_snapshot(img, "b")
+        sizes.append(path.stat().st_size)
+        assert path.stat().st_size == image_end_offset(path)
+    assert len(set(sizes[2:])) == 1, sizes
+    assert_clean(path)
+
+
+# --- the snapshot table, parsed once ------------------------------------------------------
+
+def test_65536_snapshots_table_parsed_once(tmp_path, monkeypatch):
+    path = tmp_path / "img.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "refcount_bits=32", path, "64M")
+    qemu_io(path, "write -P 0x51 0 64k")
+    qemu_img("snapshot", "-c", "base", path)
+    repeat_snapshot(path, 65536)
+    parses = []
+    real_parse = snaps.read_snapshot_table
+
+    def counting_parse(*args, **kwargs):
+        parses.append(args[2])
+        return real_parse(*args, **kwargs)
+
+    monkeypatch.setattr(snaps, "read_snapshot_table", counting_parse)
+    with qcow2lib.open(str(path), "r+") as img:
+        assert len(snaps.list_snapshots(img)) == 65536
+        for number in range(1, 65537, 997):
+            assert snaps.find_snapshot(img, f"s{number}").id == str(number)
+            assert snaps.find_snapshot(img, id=str(number)).name == f"s{number}"
+        with snaps.SnapshotView(img, "s65536") as view:
+            assert view.read(0, 4) == b"\x51" * 4
+        snaps.delete_snapshot(img, "s3")
+        snaps.apply_snapshot(img, "s65536")
+        assert len(snaps.list_snapshots(img)) == 65535
+        assert snaps.find_snapshot(img, "s3") is None
+    assert parses == [65536]
+    assert_clean(path)
+
+
+# --- the refcount table grows inside a commit -----------------------------------------------
+
+def test_refcount_table_grows_inside_a_crash_safe_commit(tmp_path):
+    """512-byte clusters with 64-bit refcounts: a refcount table cluster reaches 4096
+    clusters, and a snapshot of 1950 KiB of data copies ~60 L2 tables past that reach, so
+    the commit needs a larger table. A crash at any write (every prefix, and a sample of
+    the reorderings within a flush epoch) leaves the old or the new state, never harm."""
+    import random
+
+    from test_snapshots import _apply_ops, _Recorder, harmful_check_findings
+    path = tmp_path / "img.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64", path,
+             "8M")
+    qemu_io(path, "write -P 0x61 0 1950k")
+    twin = tmp_path / "twin.qcow2"
+    shutil.copyfile(path, twin)
+    base = path.read_bytes()
+    with qcow2lib.open(str(path), "r+") as img:
+        table_clusters = img.header.refcount_table_clusters
+        before = img.read(0, 2 << 20)
+        recorder = _Recorder(img.file)
+        snaps.create_snapshot(img, "a", icount=0)  # (what qemu-img snapshot -c writes)
+        recorder.stop()
+        assert img.header.refcount_table_clusters > table_clusters
+    qemu_img("snapshot", "-c", "a", twin)
+    assert_same_images(path, twin, tmp_path)
+    states = recorder.crash_states()
+    assert len(states) > 100
+    prefixes = [state for state in states if not state[0].startswith("write ")]
+    sample = random.Random(13).sample(states, min(len(states), 120))
+    crashed = tmp_path / "crashed.qcow2"
+    for description, ops in prefixes + sample:
+        crashed.write_bytes(_apply_ops(base, ops))
+        assert not harmful_check_findings(crashed, 9), description
+        with qcow2lib.open(str(crashed)) as img:
+            assert img.read(0, 2 << 20) == before, description
+            assert [s.name for s in snaps.list_snapshots(img)] in ([], ["a"]), description
