@@ -38,7 +38,6 @@ from .blockdev import BlockDevice, Extent
 from .cache import decode_be64, encode_be64
 from .errors import (CorruptImageError, InvalidArgumentError, ReadOnlyError,
                      UnsupportedFeatureError)
-from .mapping import COMPRESSED, DATA, ZERO
 from .refcount import RefcountBlock
 
 EXTRA_DATA_SIZE = 24           # vm_state_size_large, disk_size, icount: what QEMU writes
@@ -471,7 +470,7 @@ def _commit_state(image, active: array, *, snapshot_l1: array | None = None,
     (None: unchanged). The caller holds _exclusive. See the module docstring."""
     m = image.map
     hdr = image.header
-    bits, cs = image.cluster_bits, image.cluster_size
+    bits = image.cluster_bits
     state = _NewState(image)
     added = [active] + ([snapshot_l1] if snapshot_l1 is not None else [])
     _paths_changed(image, state, added, [m.l1] + ([deleted[1]] if deleted else []))
