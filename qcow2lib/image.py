@@ -298,7 +298,7 @@ class Qcow2Image(BlockDevice):
     def _build_overlaps(self) -> None:
         """Record every structure the overlap check covers, from the current state."""
         from .bitmaps import bitmaps_extension
-        from .snapshots import read_snapshot_table
+        from .snapshots import cached_table
         overlaps = self.overlaps
         overlaps.clear()
         cs = self.cluster_size
@@ -316,8 +316,7 @@ class Qcow2Image(BlockDevice):
                 overlaps.add(REFCOUNT_BLOCK, entry & S.REFT_OFFSET_MASK, cs)
         if hdr.nb_snapshots:
             try:
-                snapshots, table_bytes = read_snapshot_table(
-                    self.file, hdr.snapshots_offset, hdr.nb_snapshots, cs, self.file.size())
+                snapshots, table_bytes = cached_table(self)
             except CorruptImageError:  # unreadable: at least its fixed-size entry headers
                 snapshots, table_bytes = [], hdr.nb_snapshots * S.SNAPSHOT_ENTRY_HEADER_SIZE
             overlaps.add(SNAPSHOT_TABLE, hdr.snapshots_offset, table_bytes)

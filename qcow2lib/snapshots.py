@@ -145,7 +145,7 @@ def pack_snapshot_table(snapshots: list[Snapshot], default_disk_size: int) -> by
     return bytes(out)
 
 
-def _cached_table(image) -> tuple[list[Snapshot], int]:
+def cached_table(image) -> tuple[list[Snapshot], int]:
     """The parsed snapshot table and its size in bytes, parsed once for each table the
     header points at (65536 entries take a while; lookups must not parse it again)."""
     hdr = image.header
@@ -161,7 +161,7 @@ def _cached_table(image) -> tuple[list[Snapshot], int]:
 
 def _read_table(image) -> tuple[list[Snapshot], int]:
     """A copy of the snapshot list (callers may change it) and the table's size."""
-    snapshots, table_bytes = _cached_table(image)
+    snapshots, table_bytes = cached_table(image)
     return list(snapshots), table_bytes
 
 
@@ -476,7 +476,7 @@ def _commit_state(image, active: array, *, snapshot_l1: array | None = None,
     _paths_changed(image, state, added, [m.l1] + ([deleted[1]] if deleted else []))
     if deleted is not None and deleted[0].l1_size:
         state.change_range(deleted[0].l1_table_offset, deleted[0].l1_size * 8, -1)
-    old_table = _cached_table(image)
+    old_table = cached_table(image)
     if snapshots is not None and old_table[1]:
         state.change_range(hdr.snapshots_offset, old_table[1], -1)
     state.check_counts()
