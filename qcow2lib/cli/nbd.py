@@ -4,7 +4,8 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
+from typing import Callable
 
 from qcow2lib import Qcow2Error
 from qcow2lib.cli.common import Cli
@@ -205,7 +206,8 @@ def cmd_nbd(cli: Cli, argv: list[str]) -> int:
             cli.error_report(f"Failed to bind socket to {where}: {reason}")
             return 1
         log_to_stderr(cli)
-        run_until_stopped(server)
+        with stop_on_signals(server.shutdown):
+            server.serve_forever()
     return 0
 
 
@@ -219,16 +221,14 @@ def log_to_stderr(cli: Cli) -> None:
     logger.propagate = False
 
 
-def run_until_stopped(server) -> None:
-    """serve_forever(), with SIGINT and SIGTERM asking the server to stop cleanly."""
-    def stop(signum, frame) -> None:
-        server.shutdown()
-
-    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT,
-                                                                    signal.SIGTERM)}
+@contextmanager
+def stop_on_signals(stop: Callable[[], None]):
+    """While inside, SIGINT and SIGTERM call stop() (a server's shutdown, which must be
+    safe from a signal handler) instead of killing the process or raising."""
+    previous = {signum: signal.signal(signum, lambda *_: stop())
+                for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server.serve_forever()
+        yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-
