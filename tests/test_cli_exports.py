@@ -387,8 +387,7 @@ def test_guest_on_qimg_nbd(tmp_path: Path) -> None:
     assert "qimg: NBD client" in err
     pattern_md5 = hashlib.md5(known_pattern(MIB)).hexdigest()
     assert f"PATTERN {pattern_md5}" in output
-    checksums = guest_checksums(output)
-    assert checksums[1] == pattern_md5
+    checksums = guest_checksums(output)  # after random writes, some maybe over the pattern
     assert dirty_bit(image) == 0
     assert_image_matches(image, checksums, tmp_path)
 
