@@ -172,6 +172,7 @@ def cmd_nbd(cli: Cli, argv: list[str]) -> int:
             return 1
     filename = getopt.argv[getopt.optind]
 
+    hold_stop_signals()
     with ExitStack() as cleanup:
         try:
             spec = image_spec(filename, image_opts, fmt, force_share)
@@ -221,14 +222,34 @@ def log_to_stderr(cli: Cli) -> None:
     logger.propagate = False
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def hold_stop_signals() -> None:
+    """Block SIGINT and SIGTERM until stop_on_signals() is entered: one that arrives while
+    the image opens or the server starts waits and then stops the server cleanly, instead
+    of killing the process half-way. (Threads started meanwhile keep them blocked, so
+    they go to the main thread, where Python runs handlers anyway.)"""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
 @contextmanager
 def stop_on_signals(stop: Callable[[], None]):
-    """While inside, SIGINT and SIGTERM call stop() (a server's shutdown, which must be
-    safe from a signal handler) instead of killing the process or raising."""
-    previous = {signum: signal.signal(signum, lambda *_: stop())
-                for signum in (signal.SIGINT, signal.SIGTERM)}
+    """While inside, the first SIGINT or SIGTERM calls stop() (a server's shutdown, which
+    must be safe from a signal handler) instead of killing the process or raising; later
+    ones do nothing, so that a shutdown is never interrupted by another. Signals held by
+    hold_stop_signals() are delivered on entry."""
+    signalled = []
+
+    def handler(signum, frame) -> None:
+        if not signalled:
+            signalled.append(signum)
+            stop()
+
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum, earlier in previous.items():
+            signal.signal(signum, earlier)

@@ -8,7 +8,7 @@ from qcow2lib import Qcow2Error
 from qcow2lib.cli.common import Cli
 from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
 from qcow2lib.cli.images import OpenFailure, image_spec, open_spec
-from qcow2lib.cli.nbd import log_to_stderr, stop_on_signals
+from qcow2lib.cli.nbd import hold_stop_signals, log_to_stderr, stop_on_signals
 from qcow2lib.cli.secrets import process_object
 from qcow2lib.ops import error_text
 
@@ -84,6 +84,7 @@ def cmd_vhost_user_blk(cli: Cli, argv: list[str]) -> int:
         cli.error_report("--image-opts and -f are mutually exclusive")
         return 1
     filename = getopt.argv[getopt.optind]
+    hold_stop_signals()
     with ExitStack() as cleanup:
         try:
             device = open_spec(cli, image_spec(filename, image_opts, fmt),
