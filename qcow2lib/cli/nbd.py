@@ -172,8 +172,8 @@ def cmd_nbd(cli: Cli, argv: list[str]) -> int:
             return 1
     filename = getopt.argv[getopt.optind]
 
-    hold_stop_signals()
     with ExitStack() as cleanup:
+        hold_stop_signals(cleanup)
         try:
             spec = image_spec(filename, image_opts, fmt, force_share)
             writable = not read_only and snapshot is None
@@ -225,12 +225,14 @@ def log_to_stderr(cli: Cli) -> None:
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
-def hold_stop_signals() -> None:
+def hold_stop_signals(cleanup: ExitStack) -> None:
     """Block SIGINT and SIGTERM until stop_on_signals() is entered: one that arrives while
     the image opens or the server starts waits and then stops the server cleanly, instead
     of killing the process half-way. (Threads started meanwhile keep them blocked, so
-    they go to the main thread, where Python runs handlers anyway.)"""
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    they go to the main thread, where Python runs handlers anyway.) `cleanup` restores
+    the caller's signal mask, also when the command fails before serving."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    cleanup.callback(signal.pthread_sigmask, signal.SIG_SETMASK, previous)
 
 
 @contextmanager

@@ -84,8 +84,8 @@ def cmd_vhost_user_blk(cli: Cli, argv: list[str]) -> int:
         cli.error_report("--image-opts and -f are mutually exclusive")
         return 1
     filename = getopt.argv[getopt.optind]
-    hold_stop_signals()
     with ExitStack() as cleanup:
+        hold_stop_signals(cleanup)
         try:
             device = open_spec(cli, image_spec(filename, image_opts, fmt),
                                "r" if read_only else "r+")
