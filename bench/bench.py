@@ -9,14 +9,18 @@ ours/theirs (below 1.0 means we are faster). Targets the engine is held to:
   read whole image <= 1.0 x pyqcow (libqcow's C binding), when installed
   random 4 KiB I/O <= 1.5 x qemu-img bench
   open 8 TiB image  < 50 ms
+  nbdcopy from qimg nbd <= 1.2 x from qemu-nbd (same image, sequential copy)
 Nothing here is a test: timings depend on the machine.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -78,15 +82,66 @@ def report(name: str, ours: float, theirs: float, target: str) -> None:
           f"(target {target})")
 
 
+@contextlib.contextmanager
+def nbd_server(command: list, sock: Path):
+    """A persistent NBD server process on `sock` while inside; yields its URL."""
+    process = subprocess.Popen([str(a) for a in command], env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(sock))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{command[0]} did not start: exit {process.poll()}")
+                time.sleep(0.05)
+            finally:
+                probe.close()
+        yield f"nbd+unix:///?socket={sock}"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+
+
+def bench_exports(directory: Path, src: Path, count: int) -> None:
+    """The same clients against `qimg nbd` and `qemu-nbd` serving the same image, one
+    server at a time."""
+    servers = {"qimg": [*QIMG, "nbd", "-f", "qcow2", "-t", "-e", "0"],
+               "qemu": ["qemu-nbd", "-f", "qcow2", "-t", "-e", "0", "--cache=writeback"]}
+    copy, reads, writes = {}, {}, {}
+    for who, command in servers.items():
+        sock = directory / f"{who}.sock"
+        with nbd_server([*command, "-r", "-k", sock, src], sock) as url:
+            copy[who] = best_of(2, lambda: run(["nbdcopy", url, "null:"]))
+            reads[who] = min(bench_run([QEMU_IMG, "bench", "-f", "raw", "-c", str(count),
+                                        "-d", "16", "-s", "4k", "-S", "1M", url])
+                             for _ in range(2))
+        with nbd_server([*command, "-k", sock, src], sock) as url:
+            writes[who] = min(bench_run([QEMU_IMG, "bench", "-w", "-f", "raw", "-c",
+                                         str(count), "-d", "16", "-s", "4k", "-S", "1M", url])
+                              for _ in range(2))
+    report("nbdcopy from NBD server", copy["qimg"], copy["qemu"], "<= 1.2 x qemu-nbd")
+    report("qemu-img bench 4 KiB reads on NBD", reads["qimg"], reads["qemu"], "vs qemu-nbd")
+    report("qemu-img bench 4 KiB writes on NBD", writes["qimg"], writes["qemu"], "vs qemu-nbd")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--dir", default=None)
+    parser.add_argument("--only", choices=["exports"], default=None,
+                        help="run only the NBD export cases")
     args = parser.parse_args()
     size = args.size_mib << 20
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         directory = Path(tmp)
         src = make_source(directory, size)
+        if args.only == "exports":
+            bench_exports(directory, src, 20000)
+            return
         raw = directory / "src.raw"
         run([QEMU_IMG, "convert", "-O", "raw", src, raw])
 
@@ -149,6 +204,11 @@ def main() -> None:
             report(f"bench 4 KiB {'writes' if write else 'reads'} (same command)",
                    min(bench_run([*QIMG, *args]) for _ in range(2)),
                    min(bench_run([QEMU_IMG, *args]) for _ in range(2)), "<= 1.5")
+
+        if shutil.which("nbdcopy") and shutil.which("qemu-nbd"):
+            bench_exports(directory, src, count)
+        else:
+            print("NBD exports: nbdcopy (libnbd-bin) or qemu-nbd not installed")
 
         big = directory / "big.qcow2"
         qcow2lib.create(str(big), 8 << 40)

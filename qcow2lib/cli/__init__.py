@@ -98,6 +98,12 @@ COMMANDS: dict[str, Command] = {
         "resize", "cmd_resize",
         "resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] "
         "[-q] [--shrink] filename [+ | -]size"),
+    # qimg's own commands: qemu-img's help does not list them (its text stays qemu-img's);
+    # each has its own `--help`, and HELP_BOTTOM names them.
+    "nbd": Command("nbd", "cmd_nbd", None),
+    "vhost-user-blk": Command("vhost_user_blk", "cmd_vhost_user_blk", None),
+    "mount": Command("mount", "cmd_mount", None),
+    "umount": Command("mount", "cmd_umount", None),
 }
 
 

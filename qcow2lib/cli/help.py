@@ -104,6 +104,14 @@ Parameters to dd subcommand:
 """
 
 HELP_BOTTOM = """\
+qimg's own commands (each with its own --help):
+  nbd [options] filename           serve an image over NBD (options of qemu-nbd)
+  vhost-user-blk [options] --socket path filename
+                                   serve an image to a VM as a vhost-user-blk disk
+  mount [options] filename mountpoint
+                                   mount an image with FUSE (disk, snapshots, partitions)
+  umount mountpoint                unmount it, waiting until the image is closed
+
 qimg extension: a secret object can also take its data from an environment variable,
   '--object secret,id=ID,env=VARNAME' (instead of data=... or file=...), so that the
   passphrase appears neither on the command line nor in a file; format=base64 applies.
