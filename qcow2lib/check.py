@@ -1672,7 +1672,7 @@ class _Check:
             except _RebuildError as exc:
                 self.res.check_errors += 1
                 self.out.append(f"{t.prog}: {exc.message}: {os.strerror(exc.errno)}")
-                raise _Abort(exc.errno)
+                raise _Abort(exc.errno) from exc
             self.res.corruptions = 0
             self.res.leaks = 0
             self.rebuild = False

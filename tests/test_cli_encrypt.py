@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from qemutools import qemu_img, run
+from qemutools import run
 from test_cli_ops import LUKS_OPEN, Twins, inside, run_qemu, run_qimg
 
 SECRET = ["--object", "secret,id=sec0,data=secret-pw"]

@@ -212,7 +212,7 @@ def test_runs_of_entries_match_qemu(tmp_path):
         table: list[int] = []
         kinds = ["data", "zero", "zero-host", "unallocated", "data-plain"]
 
-        def words(index, data_start, cluster_size):
+        def words(index, data_start, cluster_size, table=table, kinds=kinds):
             while index >= len(table):
                 kind = rng.choice(kinds)
                 host = data_start + rng.randrange(256) * cluster_size

@@ -126,7 +126,8 @@ def workload(c: int, size: int, rnd: Path, rnd2: Path, *, extended: bool = False
     l2_cover = l2_entries * c
     if l2_cover + 4 * KiB < size - 2 * c:                   # write across an L2 table boundary
         cmds.append(f"write -s {rnd} {l2_cover - 1000} 3000")
-    if compressed_writes:                                   # qemu-io `write -c`: fresh clusters only
+    # qemu-io `write -c`: fresh clusters only
+    if compressed_writes:
         cmds.append(f"write -c -s {rnd} {21 * c} {c}")
         cmds.append(f"write -c -P 0x49 {22 * c} {c}")
     return cmds

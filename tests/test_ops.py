@@ -302,7 +302,7 @@ def test_convert_read_error_stops_all_workers(tmp_path):
 
 def test_rebase_safe_keeps_content(tmp_path, chain3):
     base, mid, top = chain3
-    other = make(tmp_path / "other.qcow2", 3 * MiB, "write -P 0x11 0 512k",
+    make(tmp_path / "other.qcow2", 3 * MiB, "write -P 0x11 0 512k",
                  "write -P 0x77 1M 1M")
     expected = to_raw(top, tmp_path / "expected.raw")
     rebase(str(top), "other.qcow2", "qcow2")
@@ -363,7 +363,7 @@ def test_commit_into_backing_empties_top(tmp_path, chain3):
 
 def test_commit_to_base_and_drop(tmp_path):
     base = make(tmp_path / "b.qcow2", 4 * MiB, "write -P 1 0 4M")
-    mid = make(tmp_path / "m.qcow2", 4 * MiB, "write -P 2 1M 1M",
+    make(tmp_path / "m.qcow2", 4 * MiB, "write -P 2 1M 1M",
                backing="b.qcow2", backing_fmt="qcow2")
     top = make(tmp_path / "t.qcow2", 4 * MiB, "write -P 3 1536k 1M", "write -z 3M 64k",
                backing="m.qcow2", backing_fmt="qcow2")
@@ -409,7 +409,7 @@ def test_resize_grow_and_shrink(tmp_path, cluster_size):
 
 def test_resize_like_qemu(tmp_path):
     """Growing over a larger backing file zero-fills the new area, as qemu-img does."""
-    base = make(tmp_path / "base.qcow2", 4 * MiB, "write -P 9 0 4M")
+    make(tmp_path / "base.qcow2", 4 * MiB, "write -P 9 0 4M")
     ours = make(tmp_path / "ours.qcow2", 1 * MiB, "write -P 1 0 64k",
                 backing="base.qcow2", backing_fmt="qcow2")
     theirs = tmp_path / "theirs.qcow2"
@@ -461,7 +461,7 @@ def test_resize_random_against_qemu(tmp_path, seed):
 def test_header_rewrites_keep_backing_of_small_cluster_images(tmp_path):
     """QEMU writes no feature name table for clusters <= 4 KiB: field rewrites must keep
     the backing file name where QEMU put it."""
-    base = make(tmp_path / "base.qcow2", 2 * MiB, "write -P 3 0 2M")
+    make(tmp_path / "base.qcow2", 2 * MiB, "write -P 3 0 2M")
     img = make(tmp_path / "o.qcow2", 1 * MiB, "write -P 4 64k 64k", backing="base.qcow2",
                backing_fmt="qcow2", options={"cluster_size": 4096})
     expected = to_raw(img, tmp_path / "e.raw") + bytes(MiB)
@@ -478,7 +478,7 @@ def test_header_rewrites_keep_backing_of_small_cluster_images(tmp_path):
 # --- amend ----------------------------------------------------------------------------------
 
 def _amend_image(tmp_path, name="a.qcow2", **options):
-    base = make(tmp_path / "amb.qcow2", 4 * MiB, "write -P 0x61 0 4M")
+    make(tmp_path / "amb.qcow2", 4 * MiB, "write -P 0x61 0 4M")
     return make(tmp_path / name, 4 * MiB, "write -P 1 0 1M", "write -z 1M 512k",
                 "write -z 3M 64k", "write -P 3 3200k 64k", "write -c -P 4 2M 64k",
                 backing="amb.qcow2", backing_fmt="qcow2", options=options or None)

@@ -260,7 +260,7 @@ def test_freed_metadata_is_reused_and_the_tail_cut(tmp_path):
     qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", path, "16M")
     qemu_io(path, "write -P 0x41 0 1M")
     sizes = []
-    for round_number in range(12):
+    for _ in range(12):
         with qcow2lib.open(str(path), "r+") as img:
             snaps.create_snapshot(img, "a")
             snaps.create_snapshot(img, "b")

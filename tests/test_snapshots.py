@@ -327,7 +327,7 @@ def test_vm_state_snapshot_stays_loadable(tmp_path, config):
         assert img.header.l1_size * img.cluster_size * img.map.l2_entries > size + len(state)
         img.write(0, b"changed")
         write_vmstate(img, 0, pattern(9, 1000))        # a second snapshot's VM state
-        snap2 = create_snapshot(img, "vm2", vm_state_size=1000)
+        create_snapshot(img, "vm2", vm_state_size=1000)
         assert read_vmstate(img, "vm") == state
         assert read_vmstate(img, "vm2") == pattern(9, 1000)
         assert read_vmstate(img, "vm", 1000, 10) == state[1000:1010]

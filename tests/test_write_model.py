@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -495,7 +494,7 @@ def test_concurrent_readers_and_writer(tmp_path, cluster_size):
         writes: list[tuple[int, bytes]] = []
         offsets = list(range(4 * MiB, size - 2 * cs, cs))
         rng.shuffle(offsets)
-        for k, off in enumerate(offsets[:300]):
+        for off in offsets[:300]:
             off += rng.choice([0, 0, 512, cs // 2])
             n = rng.choice([cs, 2 * cs, 512, cs + 512])
             n = min(n, size - off)

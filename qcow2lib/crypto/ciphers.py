@@ -21,7 +21,8 @@ from ..errors import BadSecretError, InvalidArgumentError, UnsupportedFeatureErr
 
 SECTOR_SIZE = 512
 AES_BLOCK = 16
-BATCH_SECTORS = 512  # sectors per vectorised XTS/CBC-decrypt pass (256 KiB; big ints get slow past ~1 MiB)
+# sectors per vectorised XTS/CBC-decrypt pass (256 KiB; big ints get slow past ~1 MiB)
+BATCH_SECTORS = 512
 
 # QEMU's QCryptoHashAlgorithm names and their digest lengths.
 HASH_DIGEST_LEN = {
