@@ -7,8 +7,8 @@ returns its rows; bench.py alternates ours and theirs over them.
 from __future__ import annotations
 
 import importlib.util
-import os
 import random
+import signal
 import shutil
 import socket
 import subprocess
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from measure import (QIMG, ROOT, BenchError, Case, Row, Sample, Target, reported, run_child,
-                     wall, worker)
+from measure import (QIMG, ROOT, BenchError, Case, Launched, Row, Sample, Target, reported,
+                     run_child, wall, worker)
 
 QEMU_IMG = shutil.which("qemu-img") or "qemu-img"
 QEMU_IO = shutil.which("qemu-io") or "qemu-io"
@@ -396,28 +396,18 @@ def _wait_for_socket(path: Path, proc: subprocess.Popen, timeout: float = 30) ->
 
 def nbd_sampler(server_argv: list, sock: Path) -> Callable[[], Sample]:
     """nbdcopy's wall time from a persistent server started (untimed) for it; the RSS
-    is the server's, from wait4 once SIGTERM has stopped it."""
+    is the server's, once SIGTERM has stopped it."""
     def sample() -> Sample:
         sock.unlink(missing_ok=True)
-        server = subprocess.Popen([str(a) for a in server_argv], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE)
+        server = Launched(server_argv)
         try:
-            _wait_for_socket(sock, server)
+            _wait_for_socket(sock, server.proc)
             seconds, _, _ = run_child([NBDCOPY, f"nbd+unix:///?socket={sock}", "null:"])
         finally:
             server.terminate()
-            deadline = time.monotonic() + 30
-            while True:
-                pid, status, rusage = os.wait4(server.pid, os.WNOHANG)
-                if pid:
-                    break
-                if time.monotonic() > deadline:
-                    server.kill()
-                    pid, status, rusage = os.wait4(server.pid, 0)
-                    break
-                time.sleep(0.005)
-            server.returncode = os.waitstatus_to_exitcode(status)
-        return Sample(seconds, rusage.ru_maxrss)
+            # Killed by SIGTERM (ours, with Python's default handler) or exit 0 (qemu-nbd).
+            _, rss, _ = server.wait(timeout=30, accept=(0, -signal.SIGTERM))
+        return Sample(seconds, rss)
     return sample
 
 

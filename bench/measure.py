@@ -1,7 +1,7 @@
 """Timing and peak-memory measurement for the benchmark suite, and its result table.
 
 Every sample is one child process reaped with os.wait4, whose rusage gives that run's
-exact peak RSS (ru_maxrss, KiB on Linux). Times are either the wall time around the child
+peak RSS (ru_maxrss, KiB on Linux; about 5 MiB is the floor, see LAUNCHER). Times are either the wall time around the child
 or, for API and `bench` runs, the time the child reports for its own work (interpreter
 start-up excluded).
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -42,33 +43,80 @@ class Sample:
     rss_kib: int | None
 
 
+# A fresh, small process runs each measured command: the peak RSS that wait4 reports for a
+# child starts at the RSS of the process it was forked from (Linux carries the forking
+# process's high-water mark across exec), so forking from this suite, which grows while
+# it builds images, would inflate every number. The launcher (an isolated interpreter,
+# about 5 MiB) forks, execs the command, times it from fork to reaping, and writes
+# "seconds maxrss_kib exit_code" to the descriptor it is given. It ignores SIGTERM, so
+# that signalling its process group stops only the command; the command gets the default
+# disposition back before exec.
+LAUNCHER = r"""
+import os, signal, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+seconds = time.perf_counter() - start
+os.write(int(sys.argv[1]), f"{seconds} {usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}".encode())
+"""
+
+
+class Launched:
+    """A command running under the launcher, its output going to temporary files."""
+
+    def __init__(self, argv: list):
+        self.argv = [str(a) for a in argv]
+        self.out = tempfile.TemporaryFile()
+        self.err = tempfile.TemporaryFile()
+        result_read, result_write = os.pipe()
+        self.result = os.fdopen(result_read, "rb")
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", LAUNCHER, str(result_write), *self.argv],
+                stdout=self.out, stderr=self.err, stdin=subprocess.DEVNULL, env=ENV,
+                pass_fds=(result_write,), start_new_session=True)
+        finally:
+            os.close(result_write)
+
+    def terminate(self) -> None:
+        """SIGTERM to the command (the launcher ignores it)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+
+    def wait(self, timeout: float = 1800, accept: tuple[int, ...] = (0,),
+             ) -> tuple[float, int, str]:
+        """(seconds, peak RSS in KiB, stdout) of the finished command."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        with self.result, self.out, self.err:
+            fields = self.result.read().split()
+            self.out.seek(0)
+            self.err.seek(0)
+            stdout = self.out.read().decode(errors="replace")
+            stderr = self.err.read().decode(errors="replace").strip()
+        if len(fields) != 3:
+            raise BenchError(f"{' '.join(self.argv[:8])}... was killed (timeout {timeout} s)")
+        seconds, rss, code = float(fields[0]), int(fields[1]), int(fields[2])
+        if code not in accept:
+            raise BenchError(f"{' '.join(self.argv[:8])}... exited {code}: {stderr[-400:]}")
+        return seconds, rss, stdout
+
+
 def run_child(argv: list, *, accept: tuple[int, ...] = (0,), timeout: float = 1800,
               ) -> tuple[float, int, str]:
-    """Run argv to completion; (wall seconds, peak RSS KiB, stdout) from its own rusage."""
-    argv = [str(a) for a in argv]
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                env=ENV)
-        deadline = start + timeout
-        while True:
-            pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
-                proc.kill()
-                pid, status, rusage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.0005)
-        seconds = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout = out.read().decode(errors="replace")
-        if proc.returncode not in accept:
-            raise BenchError(f"{' '.join(argv[:8])}... exited {proc.returncode}: "
-                             f"{err.read().decode(errors='replace').strip()[-400:]}")
-    return seconds, rusage.ru_maxrss, stdout
+    """Run argv to completion: (wall seconds, peak RSS KiB, stdout), both from its own
+    process alone."""
+    return Launched(argv).wait(timeout, accept)
 
 
 def wall(argv: list, accept: tuple[int, ...] = (0,)) -> Callable[[], Sample]:
