@@ -1,0 +1,441 @@
+"""The cases of the suite (issue 13's list) and the images they run on.
+
+Inputs are made by the reference tools (qemu-img, qemu-io, mkfs.ext4) from raw data
+written here, so that neither side measures images of its own making. Each case's setup
+returns its rows; bench.py alternates ours and theirs over them.
+"""
+from __future__ import annotations
+
+import importlib.util
+import random
+import signal
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from measure import (QIMG, ROOT, BenchError, Case, Launched, Row, Sample, Target, reported,
+                     run_child, wall, worker)
+
+QEMU_IMG = shutil.which("qemu-img") or "qemu-img"
+QEMU_IO = shutil.which("qemu-io") or "qemu-io"
+QEMU_NBD = shutil.which("qemu-nbd") or "qemu-nbd"
+NBDCOPY = shutil.which("nbdcopy")
+MIB = 1 << 20
+
+
+@dataclass
+class Config:
+    directory: Path
+    size: int            # bytes of the data-carrying images
+    io_count: int        # requests per random-I/O run
+    fs_source: Path      # the tree mkfs.ext4 -d copies into the filesystem image
+    snapshots: int       # snapshots in the metadata-heavy snapshot image
+
+
+def sh(*argv, stdin: bytes | None = None) -> None:
+    """Run a fixture-building command (untimed); its failure stops the case."""
+    done = subprocess.run([str(a) for a in argv], input=stdin, capture_output=True)
+    if done.returncode:
+        raise BenchError(f"{' '.join(map(str, argv[:6]))} failed: "
+                         f"{done.stderr.decode(errors='replace').strip()[-400:]}")
+
+
+def qemu_io(image: Path, commands: list[str], fmt: str = "qcow2") -> None:
+    """Many qemu-io commands in one process, fed on stdin."""
+    sh(QEMU_IO, "-f", fmt, image, stdin=("\n".join(commands) + "\nquit\n").encode())
+
+
+def remove(path: Path) -> Callable[[str], None]:
+    def prepare(_side: str) -> None:
+        path.unlink(missing_ok=True)
+    return prepare
+
+
+def copy_sparse(source: Path, target: Path) -> None:
+    sh("cp", "--sparse=always", source, target)
+
+
+class Fixtures:
+    """The shared images, each built once on first use."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.dir = config.directory
+        self._made: dict[str, Path] = {}
+
+    def _once(self, name: str, build: Callable[[Path], None]) -> Path:
+        if name not in self._made:
+            path = self.dir / name
+            build(path)
+            self._made[name] = path
+        return self._made[name]
+
+    def _raw_to_qcow2(self, raw: Path, target: Path) -> None:
+        sh(QEMU_IMG, "convert", "-f", "raw", "-O", "qcow2", raw, target)
+
+    def _write_raw(self, path: Path, chunk_kind: Callable[[int, random.Random], str | None],
+                   chunk: int = MIB) -> None:
+        """A raw file of config.size, each chunk random, text, zeros or a hole."""
+        rng = random.Random(13)
+        text = (b"The quick brown fox jumps over the lazy dog; qcow2 clusters, refcounts "
+                b"and L2 tables. ") * (chunk // 80 + 1)
+        with open(path, "wb") as out:
+            out.truncate(self.config.size)
+            for index, offset in enumerate(range(0, self.config.size, chunk)):
+                kind = chunk_kind(index, rng)
+                if kind is None:
+                    continue
+                data = {"random": lambda: rng.randbytes(chunk),
+                        "text": lambda: text[:chunk],
+                        "zeros": lambda: bytes(chunk),
+                        "old": lambda: (rng.randbytes(chunk // 2)
+                                        + bytes([rng.randrange(256)]) * (chunk // 2)),
+                        }[kind]()
+                out.seek(offset)
+                out.write(data)
+
+    def mixed_raw(self) -> Path:
+        """30% incompressible, 30% text, 15% zeros written as data, 25% holes."""
+        def kind(_index, rng):
+            roll = rng.random()
+            return ("random" if roll < 0.30 else "text" if roll < 0.60
+                    else "zeros" if roll < 0.75 else None)
+        return self._once("mixed.raw", lambda path: self._write_raw(path, kind))
+
+    def mixed(self) -> Path:
+        return self._once("mixed.qcow2",
+                          lambda path: self._raw_to_qcow2(self.mixed_raw(), path))
+
+    def full(self) -> Path:
+        """Every cluster allocated, incompressible data."""
+        def build(path):
+            raw = self.dir / "full.raw"
+            self._write_raw(raw, lambda _i, _r: "random")
+            self._raw_to_qcow2(raw, path)
+            raw.unlink()
+        return self._once("full.qcow2", build)
+
+    def half(self) -> Path:
+        """Every other MiB allocated, the rest unallocated."""
+        def build(path):
+            raw = self.dir / "half.raw"
+            self._write_raw(raw, lambda index, _r: "random" if index % 2 == 0 else None)
+            self._raw_to_qcow2(raw, path)
+            raw.unlink()
+        return self._once("half.qcow2", build)
+
+    def empty(self) -> Path:
+        return self._once("empty.qcow2",
+                          lambda path: sh(QEMU_IMG, "create", "-f", "qcow2", path,
+                                          self.config.size))
+
+    def old_bench(self) -> Path:
+        """The old bench.py's image: 3/4 of the 4 MiB chunks written, each half random
+        and half one repeated byte, 1/4 holes."""
+        def build(path):
+            raw = self.dir / "old.raw"
+            self._write_raw(raw, lambda _i, rng: "old" if rng.random() < 0.75 else None,
+                            chunk=4 * MIB)
+            self._raw_to_qcow2(raw, path)
+            raw.unlink()
+        return self._once("old.qcow2", build)
+
+    def chain(self) -> Path:
+        """A 3-deep chain over the mixed image: each upper layer rewrites some chunks."""
+        def build(top):
+            base = self.mixed()
+            mid = self.dir / "chain-mid.qcow2"
+            sh(QEMU_IMG, "create", "-f", "qcow2", "-b", base, "-F", "qcow2", mid)
+            sh(QEMU_IMG, "create", "-f", "qcow2", "-b", mid, "-F", "qcow2", top)
+            step = max(self.config.size // 64, MIB)
+            qemu_io(mid, [f"write -P 0x11 {offset} 1M"
+                          for offset in range(0, self.config.size, step)])
+            qemu_io(top, [f"write -P 0x22 {offset + step // 2} 512k"
+                          for offset in range(0, self.config.size - step // 2, step)])
+        return self._once("chain-top.qcow2", build)
+
+    def fs_raw(self) -> Path:
+        """An ext4 filesystem holding a copy of config.fs_source (/usr/share by default)."""
+        def build(path):
+            used = int(subprocess.run(["du", "-sk", "--apparent-size",
+                                       str(self.config.fs_source)],
+                                      capture_output=True, text=True).stdout.split()[0])
+            size_mib = max(64, used * 14 // 10 // 1024 + 64)
+            with open(path, "wb") as out:
+                out.truncate(size_mib * MIB)
+            sh("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+               "-d", self.config.fs_source, path)
+        return self._once("fs.raw", build)
+
+    def fs(self) -> Path:
+        return self._once("fs.qcow2", lambda path: self._raw_to_qcow2(self.fs_raw(), path))
+
+    def small(self) -> Path:
+        return self._once("small.qcow2",
+                          lambda path: sh(QEMU_IMG, "create", "-f", "qcow2", path, "64M"))
+
+    def huge(self) -> Path:
+        """8 TiB with a few clusters written at offsets spread over all of it."""
+        def build(path):
+            sh(QEMU_IMG, "create", "-f", "qcow2", path, "8T")
+            qemu_io(path, [f"write -P {index + 1} {index * (512 << 30) + (index << 20)} 64k"
+                           for index in range(16)])
+        return self._once("huge.qcow2", build)
+
+    def extents(self) -> Path:
+        """Many small extents: 4 KiB written at every other 64 KiB cluster."""
+        def build(path):
+            sh(QEMU_IMG, "create", "-f", "qcow2", path, self.config.size)
+            qemu_io(path, [f"write -P 0x5a {offset} 4k"
+                           for offset in range(0, self.config.size, 128 << 10)])
+        return self._once("extents.qcow2", build)
+
+    def many_snapshots(self) -> Path:
+        """Snapshots sharing L1/L2 tables: the mixed image, then a snapshot after each of
+        a few scattered writes."""
+        def build(path):
+            copy_sparse(self.mixed(), path)
+            step = max(self.config.size // 16, MIB)
+            for index in range(self.config.snapshots):
+                offset = (index * 7919 * 65536) % (self.config.size - 65536)
+                qemu_io(path, [f"write -P {index % 250 + 1} {offset} 64k",
+                               f"write -P {index % 250 + 2} {(offset + step) % self.config.size} 4k"])
+                sh(QEMU_IMG, "snapshot", "-c", f"s{index}", path)
+        return self._once("snapshots.qcow2", build)
+
+
+# --- the cases --------------------------------------------------------------------------
+
+def startup_case(fx: Fixtures) -> list[Row]:
+    small = fx.small()
+    floor = wall([sys.executable, "-c", "pass"])
+    in_process = worker(op="info", path=str(small))
+
+    def floor_plus_read() -> Sample:
+        started, work = floor(), in_process()
+        return Sample(started.seconds + work.seconds, started.rss_kib)
+
+    return [
+        Row("start-up: info, small image", wall([*QIMG, "info", small]),
+            wall([QEMU_IMG, "info", small]), Target(max_ratio=3.0), "qemu-img info"),
+        Row("start-up: info vs floor+read", wall([*QIMG, "info", small]), floor_plus_read,
+            Target(max_ratio=1.5), "python3 -c pass + in-process info"),
+    ]
+
+
+def snapshot_rows(fx: Fixtures, label: str, source: Path) -> list[Row]:
+    """-c, -a, -d in turn on each side's own copy, so that the image is back to where it
+    started at the end of every round."""
+    ours_copy = fx.dir / f"snap-{label}-ours.qcow2"
+    theirs_copy = fx.dir / f"snap-{label}-theirs.qcow2"
+    copy_sparse(source, ours_copy)
+    copy_sparse(source, theirs_copy)
+    rows = []
+    for flag, name in (("-c", "create"), ("-a", "apply"), ("-d", "delete")):
+        rows.append(Row(f"snapshot {flag} ({name}), {label}",
+                        wall([*QIMG, "snapshot", flag, "bench", ours_copy]),
+                        wall([QEMU_IMG, "snapshot", flag, "bench", theirs_copy]),
+                        Target(max_ratio=1.5), "qemu-img snapshot"))
+    return rows
+
+
+def snapshot_case(fx: Fixtures) -> list[Row]:
+    size_label = f"{fx.config.size // MIB} MiB"
+    sparse = fx.dir / "sparse100g.qcow2"
+    sh(QEMU_IMG, "create", "-f", "qcow2", sparse, "100G")
+    chunks = fx.config.size // MIB
+    spacing = (100 << 30) // chunks
+    qemu_io(sparse, [f"write -P {index % 250 + 1} {index * spacing} 1M"
+                     for index in range(chunks)])
+    return [*snapshot_rows(fx, f"{size_label} with data", fx.mixed()),
+            *snapshot_rows(fx, f"100 GiB sparse, {size_label} data", sparse)]
+
+
+def convert_rows(fx: Fixtures, label: str, raw: Path, qcow2: Path,
+                 chain: Path | None) -> list[Row]:
+    out = fx.dir / "convert-out.img"
+    jobs = [("raw -> qcow2", ["-f", "raw", "-O", "qcow2"], raw),
+            ("qcow2 -> raw", ["-f", "qcow2", "-O", "raw"], qcow2)]
+    if chain is not None:
+        jobs.append(("3-deep chain -> qcow2", ["-f", "qcow2", "-O", "qcow2"], chain))
+    jobs += [("qcow2 -> qcow2 -c zlib", ["-f", "qcow2", "-O", "qcow2", "-c"], qcow2),
+             ("qcow2 -> qcow2 -c zstd", ["-f", "qcow2", "-O", "qcow2", "-c", "-o",
+                                         "compression_type=zstd"], qcow2)]
+    return [Row(f"convert {job}, {label}", wall([*QIMG, "convert", *args, source, out]),
+                wall([QEMU_IMG, "convert", *args, source, out]), Target(max_ratio=1.0),
+                "qemu-img convert", prepare=remove(out))
+            for job, args, source in jobs]
+
+
+def convert_case(fx: Fixtures) -> list[Row]:
+    return [*convert_rows(fx, "mixed", fx.mixed_raw(), fx.mixed(), fx.chain()),
+            *convert_rows(fx, f"ext4 of {fx.config.fs_source}", fx.fs_raw(), fx.fs(), None)]
+
+
+def check_map_case(fx: Fixtures) -> list[Row]:
+    rows = []
+    for label, image in (("many small extents", fx.extents()),
+                         (f"{fx.config.snapshots} snapshots", fx.many_snapshots())):
+        rows.append(Row(f"check, {label}", wall([*QIMG, "check", image]),
+                        wall([QEMU_IMG, "check", image]), Target(max_ratio=1.0),
+                        "qemu-img check"))
+        rows.append(Row(f"map --output=json, {label}",
+                        wall([*QIMG, "map", "--output=json", image]),
+                        wall([QEMU_IMG, "map", "--output=json", image]),
+                        Target(max_ratio=1.0), "qemu-img map"))
+    return rows
+
+
+def random_io_case(fx: Fixtures) -> list[Row]:
+    count = fx.config.io_count
+    step = 4096 * 7919       # visits the 4 KiB blocks in a scattered order
+    full, empty = fx.full(), fx.empty()
+    fresh = fx.dir / "randio-fresh.qcow2"
+
+    def fresh_copy(_side: str) -> None:
+        copy_sparse(empty, fresh)
+
+    rows = []
+    for depth in (1, 8):
+        for write, region, image, prepare in ((False, "allocated", full, None),
+                                              (False, "unallocated", empty, None),
+                                              (True, "allocated", full, None),
+                                              (True, "unallocated", fresh, fresh_copy)):
+            verb = "writes" if write else "reads"
+            theirs = [QEMU_IMG, "bench", "-f", "qcow2", "-c", count, "-d", depth, "-s", "4k",
+                      "-S", step, "-t", "writeback", "-i", "threads",
+                      *(["-w"] if write else []), image]
+            rows.append(Row(f"4k random {verb}, {region}, "
+                            f"{'QD1' if depth == 1 else '8 threads'} x{count}",
+                            worker(op="randio", path=str(image), count=count, threads=depth,
+                                   step=step, write=write),
+                            reported(theirs), Target(max_ratio=1.5),
+                            f"qemu-img bench -d {depth}", prepare=prepare))
+    return rows
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def read_rows(fx: Fixtures, label: str, image: Path, bufsize: int, modes: tuple[str, ...],
+              dissect: bool) -> list[Row]:
+    """Ours in each mode against pyqcow (target: faster) and, with `dissect`, against
+    dissect.hypervisor (target: at least twice as fast); both of those only read()."""
+    references = [("pyqcow", "pyqcow", Target(max_ratio=1.0))]
+    if dissect:
+        references.append(("dissect", "dissect.hypervisor", Target(max_ratio=0.5)))
+    size = f"{bufsize // MIB} MiB"
+    rows = []
+    for mode in modes:
+        for impl, module, target in references:
+            installed = _installed(module)
+            rows.append(Row(f"read whole, {label}, {size} {mode}()",
+                            worker(op="read", impl="ours", path=str(image), bufsize=bufsize,
+                                   mode=mode),
+                            worker(op="read", impl=impl, path=str(image), bufsize=bufsize,
+                                   mode="read") if installed else None,
+                            target, f"{module} {size} read",
+                            missing="" if installed else f"{module} not installed"))
+    return rows
+
+
+def read_case(fx: Fixtures) -> list[Row]:
+    rows = []
+    for label, image in (("full", fx.full()), ("half allocated", fx.half()),
+                         ("empty", fx.empty())):
+        rows += read_rows(fx, label, image, MIB, ("read", "readinto"), True)
+    return rows
+
+
+def read_why_case(fx: Fixtures) -> list[Row]:
+    """Why the old bench and a user disagreed: buffer size, read() vs readinto(), and
+    the image (the old bench's 3/4-written one, or fully allocated)."""
+    rows = []
+    for label, image in (("old bench image", fx.old_bench()), ("full", fx.full())):
+        for bufsize in (4 * MIB, MIB):
+            rows += read_rows(fx, label, image, bufsize, ("readinto", "read"), False)
+    return rows
+
+
+def open_case(fx: Fixtures) -> list[Row]:
+    huge = fx.huge()
+    return [Row("open+close 8 TiB image (API)", worker(op="open", path=str(huge)), None,
+                Target(max_seconds=0.05, max_rss_mib=50)),
+            Row("info 8 TiB image (process)", wall([*QIMG, "info", huge]),
+                wall([QEMU_IMG, "info", huge]), Target(max_ratio=3.0), "qemu-img info")]
+
+
+def _wait_for_socket(path: Path, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"NBD server exited {proc.returncode} before listening")
+        if path.exists():
+            with socket.socket(socket.AF_UNIX) as probe:
+                try:
+                    probe.connect(str(path))
+                    return
+                except OSError:
+                    pass
+        time.sleep(0.01)
+    raise BenchError(f"NBD server did not listen on {path} within {timeout} s")
+
+
+def nbd_sampler(server_argv: list, sock: Path) -> Callable[[], Sample]:
+    """nbdcopy's wall time from a persistent server started (untimed) for it; the RSS
+    is the server's, once SIGTERM has stopped it."""
+    def sample() -> Sample:
+        sock.unlink(missing_ok=True)
+        server = Launched(server_argv)
+        try:
+            _wait_for_socket(sock, server.proc)
+            seconds, _, _ = run_child([NBDCOPY, f"nbd+unix:///?socket={sock}", "null:"])
+        finally:
+            server.terminate()
+            # Killed by SIGTERM (ours, with Python's default handler) or exit 0 (qemu-nbd).
+            _, rss, _ = server.wait(timeout=30, accept=(0, -signal.SIGTERM))
+        return Sample(seconds, rss)
+    return sample
+
+
+def exports_case(fx: Fixtures) -> list[Row]:
+    if not (ROOT / "qcow2lib" / "exports" / "nbd.py").exists():
+        return [Row("nbdcopy from NBD export", lambda: Sample(0, 0), None, Target(),
+                    missing="qcow2lib.exports.nbd not in this checkout")]
+    if NBDCOPY is None:
+        return [Row("nbdcopy from NBD export", lambda: Sample(0, 0), None, Target(),
+                    missing="nbdcopy not installed (libnbd-bin)")]
+    rows = []
+    for label, image in (("full", fx.full()), ("mixed", fx.mixed())):
+        sock = fx.dir / "nbd.sock"
+        ours = [sys.executable, "-c",
+                "import sys; sys.path.insert(0, sys.argv[1]); import qcow2lib; "
+                "from qcow2lib.exports.nbd import serve; "
+                "serve(qcow2lib.open(sys.argv[2]), unix_path=sys.argv[3], read_only=True, "
+                "persistent=True, shared=0)", ROOT, image, sock]
+        theirs = [QEMU_NBD, "-r", "-f", "qcow2", "--persistent", "-e", "0", "-k", sock, image]
+        rows.append(Row(f"nbdcopy to null:, {label}", nbd_sampler(ours, sock),
+                        nbd_sampler(theirs, sock), Target(max_ratio=1.2), "qemu-nbd"))
+    return rows
+
+
+CASES = [
+    Case("startup", "start-up", startup_case),
+    Case("snapshot", "snapshot -c/-a/-d", snapshot_case),
+    Case("convert", "convert", convert_case),
+    Case("checkmap", "check and map on metadata-heavy images", check_map_case),
+    Case("randio", "random 4 KiB I/O", random_io_case),
+    Case("read", "whole-image read vs pyqcow and dissect", read_case),
+    Case("readwhy", "old bench vs user: buffer size, read/readinto, image", read_why_case),
+    Case("open", "open an 8 TiB image", open_case),
+    Case("exports", "NBD export", exports_case),
+]
