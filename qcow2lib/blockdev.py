@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import io
-import os
 from typing import NamedTuple
 
 from .errors import InvalidArgumentError, Qcow2IOError, ReadOnlyError
@@ -181,23 +180,9 @@ class RawDevice(BlockDevice):
         result: list[Extent] = []
         pos = offset
         while pos < end:
-            try:
-                data = os.lseek(self.file.fd, pos, os.SEEK_DATA)
-            except OSError:
-                data = end
-            data = min(data, end)
-            if data > pos:
-                result.append(Extent(pos, data - pos, False, True, 0, pos, True))
-                pos = data
-                if pos >= end:
-                    break
-            try:
-                hole = os.lseek(self.file.fd, pos, os.SEEK_HOLE)
-            except OSError:
-                hole = end
-            hole = min(max(hole, pos + 1), end)
-            result.append(Extent(pos, hole - pos, True, False, 0, pos, True))
-            pos = hole
+            is_data, run_end = self.file.data_run(pos, end)
+            result.append(Extent(pos, run_end - pos, is_data, not is_data, 0, pos, True))
+            pos = run_end
         return merge_extents(result)
 
     def resize(self, size: int) -> None:

@@ -18,6 +18,8 @@ from .image import Qcow2Image
 
 MAX_CHAIN_DEPTH = 16
 FORMATS = ("qcow2", "raw")
+# Protocol driver names accepted where a format is: the device's bytes as they are.
+RAW_PROTOCOLS = ("host_device", "file")
 
 
 def probe_format(path: str) -> str:
@@ -93,7 +95,7 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
     probed = fmt is None
     if probed:
         fmt = probe_format(path)
-    if fmt not in FORMATS:
+    if fmt not in FORMATS and fmt not in RAW_PROTOCOLS:
         raise UnsupportedFeatureError(f"Unknown driver '{fmt}'")
     if "\0" in path:
         raise CorruptImageError(f"Image file name {path!r} contains a NUL byte")
@@ -104,10 +106,18 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
     if len(_chain) >= MAX_CHAIN_DEPTH:
         raise CorruptImageError(f"Backing chain of '{_chain[0]}' is too deep (more than "
                                 f"{MAX_CHAIN_DEPTH} images)")
-    if fmt == "raw":
+    if fmt == "raw" or fmt in RAW_PROTOCOLS:
         if snapshot is not None:
-            raise UnsupportedFeatureError("Block driver does not support snapshots (raw)")
+            raise UnsupportedFeatureError(f"Block driver does not support snapshots ({fmt})")
         device = RawDevice(path, mode, force_share, probed)
+        if fmt == "host_device" and not device.file.is_device:
+            device.close()
+            raise InvalidArgumentError(f"'host_device' driver requires '{path}' to be either "
+                                       f"a character or block device")
+        if fmt == "file" and device.file.is_device:
+            device.close()
+            raise InvalidArgumentError(f"'file' driver requires '{path}' to be a regular file")
+        device.format = fmt
         device.file.no_flush = cache == "unsafe"
         return device
     if isinstance(passphrase, (str, bytes, type(None))):

@@ -202,6 +202,10 @@ def _write_empty_qcow2(path, size, version, cluster_size, backing_file, backing_
             for j in range(min(block_entries, total - i * block_entries)):
                 block.set(j, 1)
             file.pwrite(block.to_bytes(), (first_block + i) * cluster_size)
+        if file.is_device:  # a device keeps old bytes where a new file would read zeros
+            header = hdr.pack()
+            file.pwrite(bytes(-len(header) % cluster_size), len(header))
+            file.pwrite(bytes(l1_clusters * cluster_size), hdr.l1_table_offset)
         file.truncate(total * cluster_size)
         file.flush()
     except Qcow2IOError:

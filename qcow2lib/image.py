@@ -12,7 +12,6 @@ order refcount increments, L2 tables, L1 entries, refcount decrements, with a ba
 """
 from __future__ import annotations
 
-import os
 import threading
 
 from . import codecs
@@ -379,23 +378,14 @@ class Qcow2Image(BlockDevice):
         return self._prealloc_detected
 
     def _data_extents_by_holes(self, seg: Segment) -> list[Extent]:
-        fd = self._data_target().fd
+        host = self._data_target()
         result = []
         pos, end = seg.host_offset, seg.host_offset + seg.length
         while pos < end:
-            try:
-                data = min(os.lseek(fd, pos, os.SEEK_DATA), end)
-            except OSError:  # ENXIO: nothing but hole up to the end of the file
-                data = end
-            if data > pos:
-                result.append(Extent(seg.guest_offset + pos - seg.host_offset, data - pos, True,
-                                     True, 0, pos))
-                pos = data
-                continue
-            hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
-            result.append(Extent(seg.guest_offset + pos - seg.host_offset, hole - pos, True, False,
-                                 0, pos))
-            pos = hole
+            is_data, run_end = host.data_run(pos, end)
+            result.append(Extent(seg.guest_offset + pos - seg.host_offset, run_end - pos, True,
+                                 not is_data, 0, pos))
+            pos = run_end
         return result
 
     def _backing_extents(self, offset: int, length: int) -> list[Extent]:
