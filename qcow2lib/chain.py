@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import structs as S
 from .blockdev import BlockDevice, RawDevice
@@ -15,6 +16,9 @@ from .errors import (CorruptImageError, InvalidArgumentError, Qcow2Error, Qcow2I
                      UnsupportedFeatureError)
 from .hostfile import open_host_file
 from .image import Qcow2Image
+
+if TYPE_CHECKING:
+    from .exports.nbd_client import NBDAddress
 
 MAX_CHAIN_DEPTH = 16
 FORMATS = ("qcow2", "raw")
@@ -69,12 +73,42 @@ def _in_backing_file(exc: Qcow2Error) -> Qcow2Error:
     return wrapped
 
 
-def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool = True,
+_NBD_PREFIXES = ("nbd:", "nbd+tcp:", "nbd+unix:")
+
+
+def is_nbd_name(name: str) -> bool:
+    """Whether QEMU opens `name` with its nbd driver (nbd://..., nbd+unix://..., nbd:...)."""
+    return name.startswith(_NBD_PREFIXES)
+
+
+def _open_nbd(target, mode: str, fmt: str | None, snapshot: str | None) -> BlockDevice:
+    """An NBD export (a name, or an NBDAddress) as a raw device, or as the protocol
+    itself when fmt is "nbd" (QEMU's driver=nbd)."""
+    from .exports.nbd_client import NBDClient, parse_nbd_name
+    address = parse_nbd_name(target) if isinstance(target, str) else target
+    if fmt not in (None, "raw", "nbd"):
+        raise UnsupportedFeatureError(f"Opening an NBD export as '{fmt}' is not supported "
+                                      f"(only its raw content)")
+    if snapshot is not None:
+        raise UnsupportedFeatureError(f"Block driver does not support snapshots ({fmt or 'raw'})")
+    client = NBDClient(address, read_only=mode == "r", fmt=fmt or "raw")
+    if fmt is None and client.size >= 4:
+        if client.read(0, 4) == S.QCOW_MAGIC.to_bytes(4, "big"):
+            client.close()
+            raise UnsupportedFeatureError(f"The NBD export '{client.filename}' holds a qcow2 "
+                                          f"image; only raw exports are opened")
+    return client
+
+
+def open_image(path: "str | NBDAddress", mode: str = "r", fmt: str | None = None, backing: bool = True,
                data_file: str | None = None, force_share: bool = False,
                passphrase: str | bytes | Sequence[str | bytes | None] | None = None,
                open_data_file: bool = True, _chain: tuple[str, ...] = (),
                snapshot: str | None = None, cache: str = "writeback") -> BlockDevice:
     """Open an image (and, unless backing=False, its whole backing chain, read-only).
+
+    `path` is a host file, an NBD name (nbd://..., nbd+unix://..., nbd:...) or an
+    NBDAddress; an export opens as its raw content.
 
     Images are locked the way QEMU locks them; force_share (qemu-img -U) reads an image
     another process is writing. `passphrase` unlocks encrypted (LUKS or legacy AES) images
@@ -92,6 +126,8 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
     if cache not in CACHE_MODES:
         raise InvalidArgumentError(f"cache must be one of {', '.join(CACHE_MODES)}, not "
                                    f"{cache!r}")
+    if not isinstance(path, str) or is_nbd_name(path):
+        return _open_nbd(path, mode, fmt, snapshot)
     probed = fmt is None
     if probed:
         fmt = probe_format(path)

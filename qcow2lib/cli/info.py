@@ -42,7 +42,7 @@ def human_image_info(info: dict) -> str:
     text = (f"image: {info['filename']}\n"
             f"file format: {info['format']}\n"
             f"virtual size: {format_size(info['virtual-size'])} ({info['virtual-size']} bytes)\n"
-            f"disk size: {format_size(info['actual-size'])}\n")
+            f"disk size: {format_size(info['actual-size']) if 'actual-size' in info else 'unavailable'}\n")
     if info.get("encrypted"):
         text += "encrypted: yes\n"
     if "cluster-size" in info:

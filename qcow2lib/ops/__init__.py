@@ -52,6 +52,8 @@ def host_path(filename: str) -> str:
     if not has_protocol(filename):
         return filename
     protocol = filename.split(":", 1)[0]
+    if protocol in ("nbd", "nbd+tcp", "nbd+unix"):  # opened by the NBD client
+        return filename
     if protocol == "file":
         return filename[len("file:"):]
     raise InvalidArgumentError(f"Unknown protocol '{protocol}'")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from ..errors import CorruptImageError, ImageLockedError, Qcow2Error
+from ..chain import is_nbd_name
 from ..snapshots import list_snapshots
 from . import error_text, full_backing_filename, host_path, open_by_name, virtual_size
 
@@ -87,9 +88,13 @@ def _snapshot_list(img) -> list[dict]:
 def _describe(img, path: str) -> dict:
     """The info dict of an open image whose host file is `path`."""
     info: dict = {"filename": path, "format": img.format,
-                  "dirty-flag": img.format == "qcow2" and img.dirty,
-                  "actual-size": os.stat(path).st_blocks * 512,
-                  "virtual-size": virtual_size(img)}
+                  "dirty-flag": img.format == "qcow2" and img.dirty}
+    if is_nbd_name(path):  # QEMU names an export by its URI; no disk size nor dirty flag
+        info["filename"] = img.filename
+        del info["dirty-flag"]
+    else:
+        info["actual-size"] = os.stat(path).st_blocks * 512
+    info["virtual-size"] = virtual_size(img)
     if img.format == "qcow2":
         info["cluster-size"] = img.cluster_size
         if img.encrypted:
