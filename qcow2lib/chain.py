@@ -59,6 +59,66 @@ def resolve_backing_path(image_path: str, backing_name: str) -> str:
     return os.path.join(os.path.dirname(image_path), backing_name)
 
 
+def json_name_options(name: str) -> dict[str, str]:
+    """The options of a "json:{...}" image name, nested objects flattened to dotted keys
+    ({"file": {"filename": "x"}} -> {"file.filename": "x"}), values as option strings."""
+    import json
+    try:
+        tree = json.loads(name[len("json:"):])
+    except (ValueError, RecursionError) as exc:
+        raise InvalidArgumentError(f"Could not parse the JSON options: JSON parse error, "
+                                   f"{exc}") from None
+    if not isinstance(tree, dict):
+        raise InvalidArgumentError("Invalid JSON object given")
+    options: dict[str, str] = {}
+
+    def flatten(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                flatten(f"{prefix}{key}.", item)
+        elif isinstance(value, list):
+            raise InvalidArgumentError(f"Lists are not supported in image options "
+                                       f"('{prefix[:-1]}')")
+        elif isinstance(value, bool):
+            options[prefix[:-1]] = "on" if value else "off"
+        elif value is not None:
+            options[prefix[:-1]] = str(value)
+
+    flatten("", tree)
+    return options
+
+
+def json_image_target(name: str) -> "tuple[str | NBDAddress, str | None]":
+    """What a "json:{...}" backing name opens: a host file or an NBD export, and the format
+    its "driver" states (None when it states none). Only options naming the image are
+    taken; any other is refused rather than silently dropped."""
+    opts = json_name_options(name)
+    driver = opts.pop("driver", None)
+    if driver == "nbd":
+        from .exports.nbd_client import nbd_address_from_options
+        return nbd_address_from_options(opts, name), "nbd"
+    if driver in RAW_PROTOCOLS:
+        filename = opts.pop("filename", None)
+    else:
+        file_driver = opts.pop("file.driver", "file")
+        if file_driver == "nbd":
+            from .exports.nbd_client import nbd_address_from_options
+            nbd = {key[5:]: opts.pop(key) for key in list(opts) if key.startswith("file.")}
+            if opts:
+                raise UnsupportedFeatureError(f"Option '{sorted(opts)[0]}' in the image name "
+                                              f"'{name}' is not supported")
+            return nbd_address_from_options(nbd, name), driver
+        if file_driver not in RAW_PROTOCOLS:
+            raise UnsupportedFeatureError(f"Unknown protocol driver '{file_driver}' in '{name}'")
+        filename = opts.pop("file.filename", None)
+    if opts:
+        raise UnsupportedFeatureError(f"Option '{sorted(opts)[0]}' in the image name "
+                                      f"'{name}' is not supported")
+    if not filename:
+        raise InvalidArgumentError(f"The image name '{name}' names no file (file.filename)")
+    return filename, driver
+
+
 # QEMU's cache modes; only "unsafe" changes what the engine does (no fdatasync).
 CACHE_MODES = ("writeback", "writethrough", "none", "directsync", "unsafe")
 
@@ -169,15 +229,22 @@ def open_image(path: "str | NBDAddress", mode: str = "r", fmt: str | None = None
             host.no_flush = cache == "unsafe"
     if backing and image.backing_filename:
         try:
-            backing_path = resolve_backing_path(path, image.backing_filename)
-            if not os.path.exists(backing_path):
-                raise Qcow2IOError(2, f"Could not open '{backing_path}': No such file or "
-                                      f"directory", backing_path)
-            image.backing = open_image(backing_path, "r",
-                                       backing_format(backing_path, image.backing_format,
-                                                      image.backing_filename),
-                                       True, None, force_share, backing_passphrase,
-                                       open_data_file, _chain + (real,))
+            name = image.backing_filename
+            stated = image.backing_format
+            if name.startswith("json:"):
+                backing_path, json_format = json_image_target(name)
+                stated = json_format or stated
+            else:
+                backing_path = resolve_backing_path(path, name)
+            if not isinstance(backing_path, str) or is_nbd_name(backing_path):
+                backing_fmt = stated or "raw"
+            else:
+                if not os.path.exists(backing_path):
+                    raise Qcow2IOError(2, f"Could not open '{backing_path}': No such file or "
+                                          f"directory", backing_path)
+                backing_fmt = backing_format(backing_path, stated, name)
+            image.backing = open_image(backing_path, "r", backing_fmt, True, None, force_share,
+                                       backing_passphrase, open_data_file, _chain + (real,))
         except Qcow2Error as exc:
             image.close()
             raise _in_backing_file(exc) from exc

@@ -8,7 +8,7 @@ names the way qemu-img does: protocol prefixes, backing name resolution, QEMU's 
 from __future__ import annotations
 
 from ..blockdev import BlockDevice
-from ..chain import FORMATS, open_image
+from ..chain import FORMATS, json_image_target, open_image
 from ..errors import InvalidArgumentError, Qcow2Error
 
 __all__ = ["FORMATS", "error_text", "virtual_size", "has_protocol", "host_path", "open_by_name",
@@ -59,13 +59,23 @@ def host_path(filename: str) -> str:
     raise InvalidArgumentError(f"Unknown protocol '{protocol}'")
 
 
+def image_target(filename: str, fmt: str | None) -> tuple:
+    """(what open_image takes, format) for a name as qemu-img takes it: a file (see
+    host_path()), an NBD name, or "json:{...}" options whose driver gives the format
+    unless `fmt` is stated."""
+    if filename.startswith("json:"):
+        target, stated = json_image_target(filename)
+        return target, fmt or stated
+    return host_path(filename), fmt
+
+
 def open_by_name(filename: str, fmt: str | None = None, backing: bool = True,
                  force_share: bool = False) -> BlockDevice:
-    """Open an image read-only, named as qemu-img names images (see host_path()).
+    """Open an image read-only, named as qemu-img names images (see image_target()).
 
     `fmt` None probes the format; an empty name fails as QEMU's file driver fails.
     """
-    path = host_path(filename)
+    path, fmt = image_target(filename, fmt)
     if not path:
         raise InvalidArgumentError("The 'file' block driver requires a file name")
     return open_image(path, "r", fmt, backing, force_share=force_share, open_data_file=False)

@@ -11,7 +11,8 @@ import os
 from ..errors import CorruptImageError, ImageLockedError, Qcow2Error
 from ..chain import is_nbd_name
 from ..snapshots import list_snapshots
-from . import error_text, full_backing_filename, host_path, open_by_name, virtual_size
+from . import (error_text, full_backing_filename, host_path, image_target, open_by_name,
+               virtual_size)
 
 CRYPT_AES, CRYPT_LUKS = 1, 2  # qcow2 header crypt_method values
 _LUKS_KEYS = ("cipher-alg", "cipher-mode", "ivgen-alg", "ivgen-hash-alg", "hash-alg",
@@ -119,7 +120,8 @@ def image_info(filename: str, fmt: str | None = None, force_share: bool = False)
     """
     try:
         with open_by_name(filename, fmt, backing=False, force_share=force_share) as img:
-            return _describe(img, host_path(filename))
+            target = image_target(filename, fmt)[0]
+            return _describe(img, target if isinstance(target, str) else img.filename)
     except Qcow2Error as exc:
         hint = ""
         if isinstance(exc, ImageLockedError):
