@@ -494,8 +494,9 @@ class NBDClient(BlockDevice):
 
     def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
         """Allocation as the server's base:allocation reports it: HOLE is not data, ZERO
-        reads as zeros; everything is present at depth 0 (an export has no backing file
-        the client sees), mapped at its own offset, as QEMU's nbd driver reports it."""
+        reads as zeros; depth 0 (an export has no backing file the client sees), mapped at
+        its own offset, as QEMU's nbd driver reports it. A hole that is not known to read
+        as zeros is not present (what x-dirty-bitmap shows as dirty or allocated)."""
         end = self.size if length is None else offset + length
         self.check_request(offset, end - offset)
         result: list[Extent] = []
@@ -515,8 +516,10 @@ class NBDClient(BlockDevice):
                 run = min(run, end - advanced)
                 if run == 0:
                     break
-                result.append(Extent(advanced, run, not flags & P.STATE_HOLE,
-                                     bool(flags & P.STATE_ZERO), 0, advanced, True))
+                is_data, is_zero = not flags & P.STATE_HOLE, bool(flags & P.STATE_ZERO)
+                allocated = is_data or is_zero  # neither: QEMU reports it absent, unmapped
+                result.append(Extent(advanced, run, is_data, is_zero, 0,
+                                     advanced if allocated else None, allocated))
                 advanced += run
             if advanced == pos:
                 raise self._lost(f"block status at {pos} described no bytes")
