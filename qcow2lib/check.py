@@ -1816,7 +1816,7 @@ def check_path(filename: str, repair: str | None = None, fmt: str | None = None,
         fmt = "qcow2" if magic == S.QCOW_MAGIC.to_bytes(4, "big") else "raw"
     report.format = fmt
     if fmt != "qcow2":
-        if fmt != "raw":
+        if fmt not in ("raw", "file", "host_device", "nbd"):
             report.failed = True
             report.error = f"Unknown driver '{fmt}'"
             return report

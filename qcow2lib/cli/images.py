@@ -139,8 +139,7 @@ def _options_spec(text: str, opts: dict[str, str], force_share: bool) -> ImageSp
     entry_size = _qcow2_tuning(text, opts, fail) if driver == "qcow2" else None
     for name in opts:
         fail(f"Block format '{driver or 'raw'}' does not support the option '{name}'")
-    fmt = "raw" if driver == "file" else driver
-    return ImageSpec(text, filename, fmt, key_secret, force_share, tuple(backing_secrets),
+    return ImageSpec(text, filename, driver, key_secret, force_share, tuple(backing_secrets),
                      l2_cache_entry_size=entry_size)
 
 
