@@ -59,12 +59,38 @@ def resolve_backing_path(image_path: str, backing_name: str) -> str:
     return os.path.join(os.path.dirname(image_path), backing_name)
 
 
+def _double_quoted(text: str) -> str:
+    """QEMU's JSON also takes 'single-quoted' strings: rewrite them as standard ones."""
+    out = []
+    quote = None
+    index = 0
+    while index < len(text):
+        char = text[index]
+        if quote is None:
+            if char in "'\"":
+                quote = char
+                out.append('"')
+            else:
+                out.append(char)
+        elif char == "\\" and index + 1 < len(text):
+            escaped = text[index + 1]
+            out.append("'" if escaped == "'" else char + escaped)
+            index += 1
+        elif char == quote:
+            quote = None
+            out.append('"')
+        else:
+            out.append('\\"' if char == '"' else char)
+        index += 1
+    return "".join(out)
+
+
 def json_name_options(name: str) -> dict[str, str]:
     """The options of a "json:{...}" image name, nested objects flattened to dotted keys
     ({"file": {"filename": "x"}} -> {"file.filename": "x"}), values as option strings."""
     import json
     try:
-        tree = json.loads(name[len("json:"):])
+        tree = json.loads(_double_quoted(name[len("json:"):]))
     except (ValueError, RecursionError) as exc:
         raise InvalidArgumentError(f"Could not parse the JSON options: JSON parse error, "
                                    f"{exc}") from None

@@ -146,3 +146,12 @@ def test_amend_with_tuning_option(work: Path):
             (qemu.returncode, qemu.stdout, qemu.stderr)
     assert run_qimg(work, "info", ours.name).stdout.replace(ours.name, "X") == \
         run(["qemu-img", "info", theirs.name], cwd=work).stdout.replace(theirs.name, "X")
+
+
+def test_single_quoted_json(work: Path):
+    """QEMU's JSON parser takes 'single-quoted' strings too (iotest 162 relies on it)."""
+    for name in ("json:{'driver': 'qcow2', 'file': {'driver': 'file', 'filename': 'src.qcow2'}}",
+                 "json:{'driver': \"raw\", 'file.filename': 'r.raw'}",
+                 "json:{'driver': 'qcow2', 'file.filename': 'it\\'s.qcow2'}"):
+        assert_same(work, "info", name)
+        assert_same(work, "map", "--output=json", name)

@@ -227,3 +227,28 @@ def test_server_error_mapped(tmp_path: Path):
         server.shutdown()
         thread.join(10)
         device.close()
+
+
+def test_tcp_names(source: Path, tmp_path: Path):
+    """nbd://HOST:PORT/EXPORT, nbd:HOST:PORT:exportname=..., and json host/port options
+    (iotest 162: a numeric port, a host that does not resolve)."""
+    device = qcow2lib.open(str(source))
+    server = NBDServer(device, host="127.0.0.1", port=0, export_name="exp", shared=8,
+                       persistent=True)
+    server.start()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        host, port = server.address
+        for name in (f"nbd://{host}:{port}/exp", f"nbd:{host}:{port}:exportname=exp",
+                     f"json:{{'driver': 'nbd', 'host': '{host}', 'port': {port}, "
+                     f"'export': 'exp'}}",
+                     f'json:{{"driver":"nbd","server":{{"type":"inet","host":"{host}",'
+                     f'"port":"{port}"}},"export":"exp"}}'):
+            assert f"image: nbd://{host}:{port}/exp\n" in assert_same("info", name).stdout
+            assert_same("map", "--output=json", name)
+    finally:
+        server.shutdown()
+        thread.join(10)
+        device.close()
+    assert_same("info", 'json:{"driver": "nbd", "host": -1}')

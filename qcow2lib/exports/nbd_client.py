@@ -186,6 +186,13 @@ class NBDClient(BlockDevice):
     # -- connection and handshake --
     def _connect(self) -> socket.socket:
         address = self.address
+        if address.socket_path is None:
+            try:
+                socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+            except socket.gaierror as exc:
+                raise Qcow2IOError(errno.EINVAL, f"address resolution failed for "
+                                                 f"{address.host}:{address.port}: "
+                                                 f"{exc.strerror}") from None
         try:
             if address.socket_path is not None:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
