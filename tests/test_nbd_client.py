@@ -252,3 +252,21 @@ def test_tcp_names(source: Path, tmp_path: Path):
         thread.join(10)
         device.close()
     assert_same("info", 'json:{"driver": "nbd", "host": -1}')
+
+
+def test_silent_server_does_not_hang(tmp_path: Path, monkeypatch):
+    """A peer that accepts and never greets fails the open after the handshake timeout."""
+    from qcow2lib.exports import nbd_client
+    monkeypatch.setattr(nbd_client, "HANDSHAKE_TIMEOUT", 0.5)
+    import socket
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "silent.sock"))
+    listener.listen()
+    try:
+        started = time.monotonic()
+        with pytest.raises(qcow2lib.Qcow2IOError) as failed:
+            qcow2lib.open(f"nbd+unix:///x?socket={tmp_path / 'silent.sock'}")
+        assert failed.value.errno == errno.EIO and "timed out" in str(failed.value)
+        assert time.monotonic() - started < 5
+    finally:
+        listener.close()

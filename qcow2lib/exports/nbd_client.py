@@ -31,6 +31,7 @@ DEFAULT_PORT = 10809
 OLDSTYLE_MAGIC = 0x00420281861253
 MAX_REPLY_PAYLOAD = P.MAX_PAYLOAD + 4096   # a read's data plus its chunk header
 MAX_STATUS_LENGTH = 0x80000000             # bytes asked for in one BLOCK_STATUS request
+HANDSHAKE_TIMEOUT = 30.0                   # seconds a server may take to negotiate
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _STATUS_DESCRIPTOR = struct.Struct(">II")
@@ -173,10 +174,13 @@ class NBDClient(BlockDevice):
         self.context_id: int | None = None
         self.min_block, self.max_block = 1, P.MAX_PAYLOAD
         try:
+            self._sock.settimeout(HANDSHAKE_TIMEOUT)  # a silent peer must not hang the open
             self._handshake()
+            self._sock.settimeout(None)
         except BaseException:
-            self._sock.close()
-            self._sock = None
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
             raise
         self.read_only = read_only or bool(self.transmission_flags & P.FLAG_READ_ONLY)
         if not read_only and self.transmission_flags & P.FLAG_READ_ONLY:
@@ -480,9 +484,6 @@ class NBDClient(BlockDevice):
         for chunk_offset, n in self._chunks(offset, length):
             with self._lock:
                 self._request(P.CMD_WRITE_ZEROES, flags, chunk_offset, n)
-
-    def can_zero_fast(self, offset: int, length: int, may_unmap: bool = False) -> bool:
-        return False
 
     def discard(self, offset: int, length: int) -> None:
         """TRIM where the server takes it; a discard is only advice otherwise."""
