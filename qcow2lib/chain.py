@@ -167,23 +167,34 @@ def is_nbd_name(name: str) -> bool:
     return name.startswith(_NBD_PREFIXES)
 
 
-def _open_nbd(target, mode: str, fmt: str | None, snapshot: str | None) -> BlockDevice:
-    """An NBD export (a name, or an NBDAddress) as a raw device, or as the protocol
-    itself when fmt is "nbd" (QEMU's driver=nbd)."""
-    from .exports.nbd_client import NBDClient, parse_nbd_name
+def _open_nbd(target, mode: str, fmt: str | None, snapshot: str | None, backing: bool,
+              force_share: bool, passphrase, open_data_file: bool, cache: str) -> BlockDevice:
+    """An NBD export (a name, or an NBDAddress): its raw content, the protocol itself when
+    fmt is "nbd" (QEMU's driver=nbd), or the qcow2 image it holds (stated or probed)."""
+    from .exports.nbd_client import NBDClient, NBDHostFile, parse_nbd_name
     address = parse_nbd_name(target) if isinstance(target, str) else target
-    if fmt not in (None, "raw", "nbd"):
-        raise UnsupportedFeatureError(f"Opening an NBD export as '{fmt}' is not supported "
-                                      f"(only its raw content)")
-    if snapshot is not None:
-        raise UnsupportedFeatureError(f"Block driver does not support snapshots ({fmt or 'raw'})")
-    client = NBDClient(address, read_only=mode == "r", fmt=fmt or "raw")
-    if fmt is None and client.size >= 4:
-        if client.read(0, 4) == S.QCOW_MAGIC.to_bytes(4, "big"):
+    if fmt not in (None, "raw", "nbd", "qcow2"):
+        raise UnsupportedFeatureError(f"Unknown driver '{fmt}'")
+    client = NBDClient(address, read_only=mode == "r", fmt="nbd" if fmt == "nbd" else "raw")
+    if fmt is None:
+        fmt = "raw"
+        if client.size >= 4 and client.read(0, 4) == S.QCOW_MAGIC.to_bytes(4, "big"):
+            fmt = "qcow2"
+    if fmt != "qcow2":
+        if snapshot is not None:
             client.close()
-            raise UnsupportedFeatureError(f"The NBD export '{client.filename}' holds a qcow2 "
-                                          f"image; only raw exports are opened")
-    return client
+            raise UnsupportedFeatureError(f"Block driver does not support snapshots ({fmt})")
+        return client
+    own_passphrase, backing_passphrase = _split_passphrase(passphrase)
+    try:
+        image = Qcow2Image(client.filename, mode, passphrase=own_passphrase,
+                           open_data_file=open_data_file, file=NBDHostFile(client))
+    except BaseException:
+        client.close()
+        raise
+    image.file.no_flush = cache == "unsafe"
+    return _finish_qcow2(image, None, backing, force_share, backing_passphrase,
+                         open_data_file, (client.filename,), snapshot)
 
 
 def open_image(path: "str | NBDAddress", mode: str = "r", fmt: str | None = None, backing: bool = True,
@@ -213,7 +224,8 @@ def open_image(path: "str | NBDAddress", mode: str = "r", fmt: str | None = None
         raise InvalidArgumentError(f"cache must be one of {', '.join(CACHE_MODES)}, not "
                                    f"{cache!r}")
     if not isinstance(path, str) or is_nbd_name(path):
-        return _open_nbd(path, mode, fmt, snapshot)
+        return _open_nbd(path, mode, fmt, snapshot, backing, force_share, passphrase,
+                         open_data_file, cache)
     probed = fmt is None
     if probed:
         fmt = probe_format(path)
@@ -242,17 +254,29 @@ def open_image(path: "str | NBDAddress", mode: str = "r", fmt: str | None = None
         device.format = fmt
         device.file.no_flush = cache == "unsafe"
         return device
-    if isinstance(passphrase, (str, bytes, type(None))):
-        own_passphrase = backing_passphrase = passphrase
-    else:
-        layers = tuple(passphrase)
-        own_passphrase = layers[0] if layers else None
-        backing_passphrase = layers[1:]
+    own_passphrase, backing_passphrase = _split_passphrase(passphrase)
     image = Qcow2Image(path, mode, data_file_path=data_file, force_share=force_share,
                        passphrase=own_passphrase, open_data_file=open_data_file)
     for host in (image.file, image.data_host):
         if host is not None:
             host.no_flush = cache == "unsafe"
+    return _finish_qcow2(image, path, backing, force_share, backing_passphrase,
+                         open_data_file, _chain + (real,), snapshot)
+
+
+def _split_passphrase(passphrase):
+    """(this layer's passphrase, what its backing chain gets)."""
+    if isinstance(passphrase, (str, bytes, type(None))):
+        return passphrase, passphrase
+    layers = tuple(passphrase)
+    return (layers[0] if layers else None), layers[1:]
+
+
+def _finish_qcow2(image: Qcow2Image, path: str | None, backing: bool, force_share: bool,
+                  backing_passphrase, open_data_file: bool, chain: tuple[str, ...],
+                  snapshot: str | None) -> BlockDevice:
+    """Open the backing chain of a qcow2 image (`path` None: it is not in a host
+    directory, so relative backing names mean nothing), then its snapshot view if asked."""
     if backing and image.backing_filename:
         try:
             name = image.backing_filename
@@ -260,8 +284,11 @@ def open_image(path: "str | NBDAddress", mode: str = "r", fmt: str | None = None
             if name.startswith("json:"):
                 backing_path, json_format = json_image_target(name)
                 stated = json_format or stated
+            elif path is None and not os.path.isabs(name) and not is_nbd_name(name):
+                raise InvalidArgumentError(f"Cannot use relative backing file names for "
+                                           f"'{image.filename}'")
             else:
-                backing_path = resolve_backing_path(path, name)
+                backing_path = resolve_backing_path(path or "/", name)
             if not isinstance(backing_path, str) or is_nbd_name(backing_path):
                 backing_fmt = stated or "raw"
             else:
@@ -270,7 +297,7 @@ def open_image(path: "str | NBDAddress", mode: str = "r", fmt: str | None = None
                                           f"directory", backing_path)
                 backing_fmt = backing_format(backing_path, stated, name)
             image.backing = open_image(backing_path, "r", backing_fmt, True, None, force_share,
-                                       backing_passphrase, open_data_file, _chain + (real,))
+                                       backing_passphrase, open_data_file, chain)
         except Qcow2Error as exc:
             image.close()
             raise _in_backing_file(exc) from exc

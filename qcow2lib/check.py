@@ -1804,7 +1804,28 @@ def check_path(filename: str, repair: str | None = None, fmt: str | None = None,
                                    f"{repair}")
     fix = _REPAIR_MODES[repair]
     report = CheckReport(filename=filename)
-    if fmt is None:
+    nbd = filename.startswith(("nbd:", "nbd+tcp:", "nbd+unix:"))
+    if nbd:  # the image is in an NBD export (opened again below, for the check itself)
+        from .exports.nbd_client import NBDClient, NBDHostFile, parse_nbd_name
+
+        def open_container():
+            return NBDHostFile(NBDClient(parse_nbd_name(filename), read_only=not fix))
+    else:
+        def open_container():
+            return HostFile(filename, writable=bool(fix))
+    if fmt is None and nbd:
+        try:
+            probe = open_container()
+        except Qcow2Error as exc:
+            report.failed = True
+            report.error = f"Could not open '{filename}': {exc}"
+            return report
+        try:
+            magic = probe.pread(4, 0)
+        finally:
+            probe.close()
+        fmt = "qcow2" if magic == S.QCOW_MAGIC.to_bytes(4, "big") else "raw"
+    elif fmt is None:
         try:
             with open(filename, "rb") as f:
                 magic = f.read(4)
@@ -1824,7 +1845,7 @@ def check_path(filename: str, repair: str | None = None, fmt: str | None = None,
         report.error = "This image format does not support checks"
         return report
     try:
-        file = HostFile(filename, writable=bool(fix))
+        file = open_container()
     except Qcow2Error as exc:
         report.failed = True
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

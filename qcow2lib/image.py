@@ -51,12 +51,15 @@ class Qcow2Image(BlockDevice):
 
     def __init__(self, path: str, mode: str = "r", data_file_path: str | None = None,
                  force_share: bool = False, passphrase: str | bytes | None = None,
-                 open_data_file: bool = True):
+                 open_data_file: bool = True, file: HostFile | None = None):
+        """`file` is the container when it is not a host file (an NBD export); it is
+        closed with the image."""
         if mode not in ("r", "r+"):
             raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
         self.filename = path
         self.read_only = mode == "r"
-        self.file = open_host_file(path, writable=not self.read_only)
+        self.file = file if file is not None else open_host_file(path,
+                                                                 writable=not self.read_only)
         self.data_host: HostFile | None = None  # the external data file, when there is one
         self.force_share = force_share
         try:

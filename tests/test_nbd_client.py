@@ -64,9 +64,9 @@ def qemu_nbd(image: Path, sock: Path, export: str = "exp", fmt: str = "qcow2",
 
 @contextlib.contextmanager
 def own_server(image: Path, sock: Path, export: str = "exp", mode: str = "r+",
-               **options):
+               fmt: str | None = None, **options):
     """qcow2lib's NBD server over `image` on a Unix socket, in this process."""
-    device = qcow2lib.open(str(image), mode)
+    device = qcow2lib.open(str(image), mode, fmt=fmt)
     server = NBDServer(device, unix_path=str(sock), export_name=export, shared=8,
                        persistent=True, **options)
     server.start()
@@ -270,3 +270,34 @@ def test_silent_server_does_not_hang(tmp_path: Path, monkeypatch):
         assert time.monotonic() - started < 5
     finally:
         listener.close()
+
+
+@pytest.mark.parametrize("server", ["qemu-nbd", "qcow2lib"])
+def test_qcow2_inside_export(server, source: Path, tmp_path: Path):
+    """A qcow2 image in a raw export (iotest 302): created there by convert, then probed,
+    read, mapped and checked through NBD as qemu-img does."""
+    container = tmp_path / "container.raw"
+    with open(container, "wb") as f:
+        f.truncate(8 << 20)
+    sock = tmp_path / "c.sock"
+    serve = qemu_nbd(container, sock, fmt="raw") if server == "qemu-nbd" else \
+        own_server(container, sock, fmt="raw")
+    with serve as url:
+        assert run_qimg("convert", "-f", "qcow2", "-O", "qcow2", "-c", source,
+                        url).returncode == 0
+        assert qemu_img("check", url, check=False).returncode == 0
+        assert qemu_img("compare", "-U", source, url, check=False).returncode == 0
+        for args in (("info", url), ("info", "--output=json", url), ("map", url),
+                     ("map", "--output=json", url), ("check", url), ("info", "-f", "raw", url),
+                     ("compare", "-U", source, url)):
+            assert_same(*args)
+        with qcow2lib.open(url, "r+") as image:  # writes go through the export
+            assert image.format == "qcow2"
+            image.write(3 << 20, b"\x42" * 65536)
+        assert qemu_img("check", url, check=False).returncode == 0
+        assert_same("map", "--output=json", url)
+        too_small = tmp_path / "big.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", too_small, "64M")
+        qemu_io(too_small, "write -P 1 0 16M")
+        result = run_qimg("convert", "-n", "-O", "qcow2", too_small, url)
+        assert result.returncode == 1  # the qcow2 inside cannot grow past the export

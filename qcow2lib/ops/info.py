@@ -90,9 +90,10 @@ def _describe(img, path: str) -> dict:
     """The info dict of an open image whose host file is `path`."""
     info: dict = {"filename": path, "format": img.format,
                   "dirty-flag": img.format == "qcow2" and img.dirty}
-    if is_nbd_name(path):  # QEMU names an export by its URI; no disk size nor dirty flag
+    if is_nbd_name(path):  # QEMU names an export by its URI; no disk size (nor, raw, a dirty flag)
         info["filename"] = img.filename
-        del info["dirty-flag"]
+        if img.format != "qcow2":
+            del info["dirty-flag"]
     else:
         info["actual-size"] = os.stat(path).st_blocks * 512
     info["virtual-size"] = virtual_size(img)
