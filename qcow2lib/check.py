@@ -1804,7 +1804,8 @@ def check_path(filename: str, repair: str | None = None, fmt: str | None = None,
                                    f"{repair}")
     fix = _REPAIR_MODES[repair]
     report = CheckReport(filename=filename)
-    nbd = filename.startswith(("nbd:", "nbd+tcp:", "nbd+unix:"))
+    from .chain import is_nbd_name
+    nbd = is_nbd_name(filename)
     if nbd:  # the image is in an NBD export (opened again below, for the check itself)
         from .exports.nbd_client import NBDClient, NBDHostFile, parse_nbd_name
 
