@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import io
-import os
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
@@ -258,23 +257,9 @@ class RawDevice(BlockDevice):
             if len(batch) >= RAW_EXTENT_BATCH:
                 yield batch
                 batch = []
-            try:
-                data = os.lseek(self.file.fd, pos, os.SEEK_DATA)
-            except OSError:
-                data = end
-            data = min(data, end)
-            if data > pos:
-                batch.append(Extent(pos, data - pos, False, True, 0, pos, True))
-                pos = data
-                if pos >= end:
-                    break
-            try:
-                hole = os.lseek(self.file.fd, pos, os.SEEK_HOLE)
-            except OSError:
-                hole = end
-            hole = min(max(hole, pos + 1), end)
-            batch.append(Extent(pos, hole - pos, True, False, 0, pos, True))
-            pos = hole
+            is_data, run_end = self.file.data_run(pos, end)
+            batch.append(Extent(pos, run_end - pos, is_data, not is_data, 0, pos, True))
+            pos = run_end
         if batch:
             yield batch
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import structs as S
 from .blockdev import BlockDevice, RawDevice
@@ -16,8 +17,13 @@ from .errors import (CorruptImageError, InvalidArgumentError, Qcow2Error, Qcow2I
 from .hostfile import open_host_file, refuse_special_file
 from .image import Qcow2Image
 
+if TYPE_CHECKING:
+    from .exports.nbd_client import NBDAddress
+
 MAX_CHAIN_DEPTH = 16
 FORMATS = ("qcow2", "raw")
+# Protocol driver names accepted where a format is: the device's bytes as they are.
+RAW_PROTOCOLS = ("host_device", "file")
 
 
 def probe_format(path: str, backing_of: str | None = None) -> str:
@@ -81,6 +87,92 @@ def untrusted_backing_path(image_path: str, backing_name: str, stated_format: st
     return path
 
 
+def _double_quoted(text: str) -> str:
+    """QEMU's JSON also takes 'single-quoted' strings: rewrite them as standard ones."""
+    out = []
+    quote = None
+    index = 0
+    while index < len(text):
+        char = text[index]
+        if quote is None:
+            if char in "'\"":
+                quote = char
+                out.append('"')
+            else:
+                out.append(char)
+        elif char == "\\" and index + 1 < len(text):
+            escaped = text[index + 1]
+            out.append("'" if escaped == "'" else char + escaped)
+            index += 1
+        elif char == quote:
+            quote = None
+            out.append('"')
+        else:
+            out.append('\\"' if char == '"' else char)
+        index += 1
+    return "".join(out)
+
+
+def json_name_options(name: str) -> dict[str, str]:
+    """The options of a "json:{...}" image name, nested objects flattened to dotted keys
+    ({"file": {"filename": "x"}} -> {"file.filename": "x"}), values as option strings."""
+    import json
+    try:
+        tree = json.loads(_double_quoted(name[len("json:"):]))
+    except (ValueError, RecursionError) as exc:
+        raise InvalidArgumentError(f"Could not parse the JSON options: JSON parse error, "
+                                   f"{exc}") from None
+    if not isinstance(tree, dict):
+        raise InvalidArgumentError("Invalid JSON object given")
+    options: dict[str, str] = {}
+
+    def flatten(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                flatten(f"{prefix}{key}.", item)
+        elif isinstance(value, list):
+            raise InvalidArgumentError(f"Lists are not supported in image options "
+                                       f"('{prefix[:-1]}')")
+        elif isinstance(value, bool):
+            options[prefix[:-1]] = "on" if value else "off"
+        elif value is not None:
+            options[prefix[:-1]] = str(value)
+
+    flatten("", tree)
+    return options
+
+
+def json_image_target(name: str) -> "tuple[str | NBDAddress, str | None]":
+    """What a "json:{...}" backing name opens: a host file or an NBD export, and the format
+    its "driver" states (None when it states none). Only options naming the image are
+    taken; any other is refused rather than silently dropped."""
+    opts = json_name_options(name)
+    driver = opts.pop("driver", None)
+    if driver == "nbd":
+        from .exports.nbd_client import nbd_address_from_options
+        return nbd_address_from_options(opts, name), "nbd"
+    if driver in RAW_PROTOCOLS:
+        filename = opts.pop("filename", None)
+    else:
+        file_driver = opts.pop("file.driver", "file")
+        if file_driver == "nbd":
+            from .exports.nbd_client import nbd_address_from_options
+            nbd = {key[5:]: opts.pop(key) for key in list(opts) if key.startswith("file.")}
+            if opts:
+                raise UnsupportedFeatureError(f"Option '{sorted(opts)[0]}' in the image name "
+                                              f"'{name}' is not supported")
+            return nbd_address_from_options(nbd, name), driver
+        if file_driver not in RAW_PROTOCOLS:
+            raise UnsupportedFeatureError(f"Unknown protocol driver '{file_driver}' in '{name}'")
+        filename = opts.pop("file.filename", None)
+    if opts:
+        raise UnsupportedFeatureError(f"Option '{sorted(opts)[0]}' in the image name "
+                                      f"'{name}' is not supported")
+    if not filename:
+        raise InvalidArgumentError(f"The image name '{name}' names no file (file.filename)")
+    return filename, driver
+
+
 # QEMU's cache modes; only "unsafe" changes what the engine does (no fdatasync).
 CACHE_MODES = ("writeback", "writethrough", "none", "directsync", "unsafe")
 
@@ -95,13 +187,54 @@ def _in_backing_file(exc: Qcow2Error) -> Qcow2Error:
     return wrapped
 
 
-def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool = True,
+_NBD_PREFIXES = ("nbd:", "nbd+tcp:", "nbd+unix:")
+
+
+def is_nbd_name(name: str) -> bool:
+    """Whether QEMU opens `name` with its nbd driver (nbd://..., nbd+unix://..., nbd:...)."""
+    return name.startswith(_NBD_PREFIXES)
+
+
+def _open_nbd(target, mode: str, fmt: str | None, snapshot: str | None, backing: bool,
+              force_share: bool, passphrase, open_data_file: bool, cache: str) -> BlockDevice:
+    """An NBD export (a name, or an NBDAddress): its raw content, the protocol itself when
+    fmt is "nbd" (QEMU's driver=nbd), or the qcow2 image it holds (stated or probed)."""
+    from .exports.nbd_client import NBDClient, NBDHostFile, parse_nbd_name
+    address = parse_nbd_name(target) if isinstance(target, str) else target
+    if fmt not in (None, "raw", "nbd", "qcow2"):
+        raise UnsupportedFeatureError(f"Unknown driver '{fmt}'")
+    client = NBDClient(address, read_only=mode == "r", fmt="nbd" if fmt == "nbd" else "raw")
+    if fmt is None:
+        fmt = "raw"
+        if client.size >= 4 and client.read(0, 4) == S.QCOW_MAGIC.to_bytes(4, "big"):
+            fmt = "qcow2"
+    if fmt != "qcow2":
+        if snapshot is not None:
+            client.close()
+            raise UnsupportedFeatureError(f"Block driver does not support snapshots ({fmt})")
+        return client
+    own_passphrase, backing_passphrase = _split_passphrase(passphrase)
+    try:
+        image = Qcow2Image(client.filename, mode, passphrase=own_passphrase,
+                           open_data_file=open_data_file, file=NBDHostFile(client))
+    except BaseException:
+        client.close()
+        raise
+    image.file.no_flush = cache == "unsafe"
+    return _finish_qcow2(image, None, backing, force_share, backing_passphrase,
+                         open_data_file, (client.filename,), snapshot)
+
+
+def open_image(path: "str | NBDAddress", mode: str = "r", fmt: str | None = None, backing: bool = True,
                data_file: str | None = None, force_share: bool = False,
                passphrase: str | bytes | Sequence[str | bytes | None] | None = None,
                open_data_file: bool = True, _chain: tuple[str, ...] = (),
                snapshot: str | None = None, cache: str = "writeback",
                backing_of: str | None = None, untrusted: bool = False) -> BlockDevice:
     """Open an image (and, unless backing=False, its whole backing chain, read-only).
+
+    `path` is a host file, an NBD name (nbd://..., nbd+unix://..., nbd:...) or an
+    NBDAddress; an export opens as its raw content.
 
     Images are locked the way QEMU locks them; force_share (qemu-img -U) reads an image
     another process is writing. `passphrase` unlocks encrypted (LUKS or legacy AES) images
@@ -129,10 +262,13 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
     if cache not in CACHE_MODES:
         raise InvalidArgumentError(f"cache must be one of {', '.join(CACHE_MODES)}, not "
                                    f"{cache!r}")
+    if not isinstance(path, str) or is_nbd_name(path):
+        return _open_nbd(path, mode, fmt, snapshot, backing, force_share, passphrase,
+                         open_data_file, cache)
     probed = fmt is None
     if probed:
         fmt = probe_format(path, backing_of)
-    if fmt not in FORMATS:
+    if fmt not in FORMATS and fmt not in RAW_PROTOCOLS:
         raise UnsupportedFeatureError(f"Unknown driver '{fmt}'")
     if "\0" in path:
         raise CorruptImageError(f"Image file name {path!r} contains a NUL byte")
@@ -143,40 +279,71 @@ def open_image(path: str, mode: str = "r", fmt: str | None = None, backing: bool
     if len(_chain) >= MAX_CHAIN_DEPTH:
         raise CorruptImageError(f"Backing chain of '{_chain[0]}' is too deep (more than "
                                 f"{MAX_CHAIN_DEPTH} images)")
-    if fmt == "raw":
+    if fmt == "raw" or fmt in RAW_PROTOCOLS:
         if snapshot is not None:
-            raise UnsupportedFeatureError("Block driver does not support snapshots (raw)")
+            raise UnsupportedFeatureError(f"Block driver does not support snapshots ({fmt})")
         device = RawDevice(path, mode, force_share, probed, backing_of)
+        if fmt == "host_device" and not device.file.is_device:
+            device.close()
+            raise InvalidArgumentError(f"'host_device' driver requires '{path}' to be either "
+                                       f"a character or block device")
+        if fmt == "file" and device.file.is_device:
+            device.close()
+            raise InvalidArgumentError(f"'file' driver requires '{path}' to be a regular file")
+        device.format = fmt
         device.file.no_flush = cache == "unsafe"
         return device
-    if isinstance(passphrase, (str, bytes, type(None))):
-        own_passphrase = backing_passphrase = passphrase
-    else:
-        layers = tuple(passphrase)
-        own_passphrase = layers[0] if layers else None
-        backing_passphrase = layers[1:]
+    own_passphrase, backing_passphrase = _split_passphrase(passphrase)
     image = Qcow2Image(path, mode, data_file_path=data_file, force_share=force_share,
                        passphrase=own_passphrase, open_data_file=open_data_file,
                        backing_of=backing_of, untrusted=untrusted)
     for host in (image.file, image.data_host):
         if host is not None:
             host.no_flush = cache == "unsafe"
+    return _finish_qcow2(image, path, backing, force_share, backing_passphrase,
+                         open_data_file, _chain + (real,), snapshot, untrusted)
+
+
+def _split_passphrase(passphrase):
+    """(this layer's passphrase, what its backing chain gets)."""
+    if isinstance(passphrase, (str, bytes, type(None))):
+        return passphrase, passphrase
+    layers = tuple(passphrase)
+    return (layers[0] if layers else None), layers[1:]
+
+
+def _finish_qcow2(image: Qcow2Image, path: str | None, backing: bool, force_share: bool,
+                  backing_passphrase, open_data_file: bool, chain: tuple[str, ...],
+                  snapshot: str | None, untrusted: bool = False) -> BlockDevice:
+    """Open the backing chain of a qcow2 image (`path` None: it is not in a host
+    directory, so relative backing names mean nothing), then its snapshot view if asked."""
     if backing and image.backing_filename:
         try:
+            name = image.backing_filename
+            stated = image.backing_format
             if untrusted:
-                backing_path = untrusted_backing_path(path, image.backing_filename,
-                                                      image.backing_format)
+                if path is None:
+                    raise UntrustedImageError(f"Untrusted image '{image.filename}' names the "
+                                              f"backing file '{name}' but lies in no directory")
+                backing_path = untrusted_backing_path(path, name, stated)
+            elif name.startswith("json:"):
+                backing_path, json_format = json_image_target(name)
+                stated = json_format or stated
+            elif path is None and not os.path.isabs(name) and not is_nbd_name(name):
+                raise InvalidArgumentError(f"Cannot use relative backing file names for "
+                                           f"'{image.filename}'")
             else:
-                backing_path = resolve_backing_path(path, image.backing_filename)
-            if not os.path.exists(backing_path):
-                raise Qcow2IOError(2, f"Could not open '{backing_path}': No such file or "
-                                      f"directory", backing_path)
-            image.backing = open_image(backing_path, "r",
-                                       backing_format(backing_path, image.backing_format,
-                                                      image.backing_filename, path),
-                                       True, None, force_share, backing_passphrase,
-                                       open_data_file, _chain + (real,), backing_of=path,
-                                       untrusted=untrusted)
+                backing_path = resolve_backing_path(path or "/", name)
+            if not isinstance(backing_path, str) or is_nbd_name(backing_path):
+                backing_fmt = stated or "raw"
+            else:
+                if not os.path.exists(backing_path):
+                    raise Qcow2IOError(2, f"Could not open '{backing_path}': No such file or "
+                                          f"directory", backing_path)
+                backing_fmt = backing_format(backing_path, stated, name, image.filename)
+            image.backing = open_image(backing_path, "r", backing_fmt, True, None, force_share,
+                                       backing_passphrase, open_data_file, chain,
+                                       backing_of=image.filename, untrusted=untrusted)
         except Qcow2Error as exc:
             image.close()
             raise _in_backing_file(exc) from exc

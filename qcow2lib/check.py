@@ -1884,7 +1884,29 @@ def check_path(filename: str, repair: str | None = None, fmt: str | None = None,
                                    f"{repair}")
     fix = _REPAIR_MODES[repair]
     report = CheckReport(filename=filename)
-    if fmt is None:
+    from .chain import is_nbd_name
+    nbd = is_nbd_name(filename)
+    if nbd:  # the image is in an NBD export (opened again below, for the check itself)
+        from .exports.nbd_client import NBDClient, NBDHostFile, parse_nbd_name
+
+        def open_container():
+            return NBDHostFile(NBDClient(parse_nbd_name(filename), read_only=not fix))
+    else:
+        def open_container():
+            return HostFile(filename, writable=bool(fix))
+    if fmt is None and nbd:
+        try:
+            probe = open_container()
+        except Qcow2Error as exc:
+            report.failed = True
+            report.error = f"Could not open '{filename}': {exc}"
+            return report
+        try:
+            magic = probe.pread(4, 0)
+        finally:
+            probe.close()
+        fmt = "qcow2" if magic == S.QCOW_MAGIC.to_bytes(4, "big") else "raw"
+    elif fmt is None:
         try:  # through HostFile, which refuses a FIFO instead of waiting for a writer
             probe = open_host_file(filename)
             try:
@@ -1899,7 +1921,7 @@ def check_path(filename: str, repair: str | None = None, fmt: str | None = None,
         fmt = "qcow2" if magic == S.QCOW_MAGIC.to_bytes(4, "big") else "raw"
     report.format = fmt
     if fmt != "qcow2":
-        if fmt != "raw":
+        if fmt not in ("raw", "file", "host_device", "nbd"):
             report.failed = True
             report.error = f"Unknown driver '{fmt}'"
             return report
@@ -1907,7 +1929,7 @@ def check_path(filename: str, repair: str | None = None, fmt: str | None = None,
         report.error = "This image format does not support checks"
         return report
     try:
-        file = HostFile(filename, writable=bool(fix))
+        file = open_container()
     except Qcow2Error as exc:
         report.failed = True
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)

@@ -11,10 +11,10 @@ from array import array
 
 from . import structs as S
 from .cache import encode_be64
-from .chain import open_image, resolve_backing_path
+from .chain import is_nbd_name, open_image, resolve_backing_path
 from .errors import InvalidArgumentError, Qcow2IOError
 from .header import Header
-from .hostfile import create_host_file
+from .hostfile import HostFile, create_host_file
 from .refcount import RefcountBlock
 from .sizes import SizeError, parse_size
 
@@ -147,8 +147,17 @@ def _backing_size(path: str, backing_file: str, backing_fmt: str | None) -> int:
         return backing.size
 
 
+def _container(path: str) -> HostFile:
+    """The file a new image is written into: a host file (created or emptied), or an NBD
+    export, which like a device keeps its size (QEMU's create on the nbd protocol)."""
+    if is_nbd_name(path):
+        from .exports.nbd_client import NBDClient, NBDHostFile, parse_nbd_name
+        return NBDHostFile(NBDClient(parse_nbd_name(path), read_only=False))
+    return create_host_file(path)
+
+
 def _create_raw(path: str, size: int, preallocation: str) -> None:
-    file = create_host_file(path)
+    file = _container(path)
     if preallocation == "metadata":  # QEMU fails here too, leaving the file it made empty
         file.close()
         raise InvalidArgumentError("Unsupported preallocation mode: metadata")
@@ -210,7 +219,7 @@ def _write_empty_qcow2(path, size, version, cluster_size, backing_file, backing_
         hdr.crypto_length = len(luks_header)
     table = array("Q", [(first_block + i) * cluster_size for i in range(blocks)])
     table.extend([0] * (table_clusters * cluster_size // 8 - blocks))
-    file = create_host_file(path)
+    file = _container(path)
     try:
         file.pwrite(hdr.pack(), 0)
         file.pwrite(encode_be64(table), cluster_size)
@@ -221,6 +230,10 @@ def _write_empty_qcow2(path, size, version, cluster_size, backing_file, backing_
             for j in range(min(block_entries, total - i * block_entries)):
                 block.set(j, 1)
             file.pwrite(block.to_bytes(), (first_block + i) * cluster_size)
+        if file.is_device:  # a device keeps old bytes where a new file would read zeros
+            header = hdr.pack()
+            file.pwrite(bytes(-len(header) % cluster_size), len(header))
+            file.pwrite(bytes(l1_clusters * cluster_size), hdr.l1_table_offset)
         file.truncate(total * cluster_size)
         file.flush()
     except Qcow2IOError:

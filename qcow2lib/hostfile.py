@@ -98,6 +98,9 @@ class HostFile:
                                              f"file" + (f"; it is {special}" if special else ""),
                                path)
         fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        # A block or character device (QEMU's host_device): its size is the device's, not
+        # st_size (0), and it cannot be truncated.
+        self.is_device = stat.S_ISBLK(self.st_mode) or stat.S_ISCHR(self.st_mode)
         self._closed = False
         self._flush_error: Qcow2IOError | None = None
         # cache=unsafe (qemu-img convert's default for its target): writes are never
@@ -113,11 +116,31 @@ class HostFile:
 
     def size(self) -> int:
         try:
-            if stat.S_ISBLK(self.st_mode):  # fstat gives a block device no size
+            if self.is_device:
                 return os.lseek(self.fd, 0, os.SEEK_END)
             return os.fstat(self.fd).st_size
         except (OSError, OverflowError) as exc:
             raise self._fail(exc, "fstat") from None
+
+    def data_run(self, offset: int, end: int) -> tuple[bool, int]:
+        """Whether the bytes at `offset` hold data, and where that state ends (at most `end`).
+
+        Asked with SEEK_DATA/SEEK_HOLE; where those are not supported (a block device, a
+        filesystem without them) everything is data, as QEMU reports it.
+        """
+        try:
+            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole up to the end of the file
+                return False, end
+            return True, end
+        if data > offset:
+            return False, min(data, end)
+        try:
+            hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
+        except OSError:
+            return True, end
+        return True, min(max(hole, offset + 1), end)
 
     def allocated_bytes(self) -> int:
         """Bytes the file occupies on disk (qemu-img's 'disk size')."""
@@ -193,6 +216,12 @@ class HostFile:
             raise self._flush_error from None
 
     def truncate(self, length: int) -> None:
+        """Set the file's length. A device keeps its size: shrinking is a no-op (as QEMU's
+        host_device driver, the space past `length` is simply unused), growing fails."""
+        if self.is_device:
+            if length > self.size():
+                raise Qcow2IOError(errno.EINVAL, "Cannot grow device files", self.path)
+            return
         try:
             os.ftruncate(self.fd, length)
         except (OSError, OverflowError) as exc:

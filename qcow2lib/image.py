@@ -13,7 +13,6 @@ order refcount increments, L2 tables, L1 entries, refcount decrements, with a ba
 from __future__ import annotations
 
 import errno
-import os
 import threading
 from functools import partial
 from collections.abc import Iterator
@@ -74,15 +73,18 @@ class Qcow2Image(BlockDevice):
     def __init__(self, path: str, mode: str = "r", data_file_path: str | None = None,
                  force_share: bool = False, passphrase: str | bytes | None = None,
                  open_data_file: bool = True, backing_of: str | None = None,
-                 untrusted: bool = False):
+                 untrusted: bool = False, file: HostFile | None = None):
         """backing_of: the image naming this one as its backing file, if any. untrusted:
-        an external data file the image names (not `data_file_path`) is refused."""
+        an external data file the image names (not `data_file_path`) is refused. `file` is
+        the container when it is not a host file (an NBD export); it is closed with the
+        image."""
         if mode not in ("r", "r+"):
             raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
         self.filename = path
         self.read_only = mode == "r"
-        self.file = open_host_file(path, writable=not self.read_only,
-                                   role="backing file" if backing_of else None, named_by=backing_of)
+        self.file = file if file is not None else open_host_file(
+            path, writable=not self.read_only, role="backing file" if backing_of else None,
+            named_by=backing_of)
         self.data_host: HostFile | None = None  # the external data file, when there is one
         self.force_share = force_share
         try:
@@ -537,21 +539,13 @@ class Qcow2Image(BlockDevice):
 
     def _data_extents_by_holes(self, seg: Segment) -> Iterator[Extent]:
         """A data run split where its host range has holes (those read as zeros)."""
-        fd = self._data_target().fd
+        host = self._data_target()
         pos, end = seg.host_offset, seg.host_offset + seg.length
         while pos < end:
-            try:
-                data = min(os.lseek(fd, pos, os.SEEK_DATA), end)
-            except OSError:  # ENXIO: nothing but hole up to the end of the file
-                data = end
-            if data > pos:
-                yield Extent(seg.guest_offset + pos - seg.host_offset, data - pos, True, True, 0,
-                             pos)
-                pos = data
-                continue
-            hole = min(os.lseek(fd, pos, os.SEEK_HOLE), end)
-            yield Extent(seg.guest_offset + pos - seg.host_offset, hole - pos, True, False, 0, pos)
-            pos = hole
+            is_data, run_end = host.data_run(pos, end)
+            yield Extent(seg.guest_offset + pos - seg.host_offset, run_end - pos, True,
+                         not is_data, 0, pos)
+            pos = run_end
 
     def _backing_extent_batches(self, offset: int, length: int) -> Iterator[list[Extent]]:
         """What the backing file says of a range this layer leaves unallocated (one level

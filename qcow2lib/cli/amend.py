@@ -7,7 +7,6 @@ from qcow2lib import Qcow2Error
 from qcow2lib.cli.common import Cli
 from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
 from qcow2lib.cli.images import (
-    ImageSpec,
     OpenFailure,
     check_cache_mode,
     image_spec,
@@ -136,9 +135,8 @@ def _amend(cli, getopt, options, fmt, cache, image_opts, force, meter, amend, am
         return 1
     if not check_cache_mode(cli, cache, False):
         return 1
-    spec = image_spec(argv[optind], image_opts, fmt) if image_opts else \
-        ImageSpec(argv[optind], argv[optind], fmt)
     try:
+        spec = image_spec(argv[optind], image_opts, fmt)
         image = open_spec(cli, spec, "r+")
     except OpenFailure as exc:
         report_failure(cli, exc)

@@ -69,6 +69,9 @@ def cmd_check(cli: Cli, argv: list[str]) -> int:
         return 1
     report = check_path(spec.path, repair, spec.fmt, spec.force_share, prog=cli.prog)
     report.filename = spec.name
+    prefix = f"Could not open '{spec.path}': "
+    if report.error and spec.name != spec.path and report.error.startswith(prefix):
+        report.error = f"Could not open '{spec.name}': " + report.error[len(prefix):]
     messages = report.messages  # (millions of lines for a badly damaged image)
     for start in range(0, len(messages), 4096):
         sys.stderr.write("\n".join(messages[start:start + 4096]) + "\n")
@@ -101,6 +104,7 @@ def _check_open_failure(cli: Cli, spec: ImageSpec, repair: str | None) -> OpenFa
         text = exc.message
         if isinstance(cause, (ImageLockedError, InvalidSecret, qcow2lib.BadSecretError)) \
                 or "Could not open backing file" in text or "loop" in text.lower() \
-                or "too deep" in text or "encrypt.key-secret" in text:
+                or "too deep" in text or "encrypt.key-secret" in text \
+                or "L2 cache entry size" in text:
             return exc
     return None

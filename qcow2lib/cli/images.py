@@ -9,7 +9,7 @@ from typing import NoReturn
 
 import qcow2lib
 from qcow2lib import ImageLockedError, Qcow2Error
-from qcow2lib.chain import untrusted_backing_path
+from qcow2lib.chain import json_name_options, untrusted_backing_path
 from qcow2lib.cli.common import Cli
 from qcow2lib.cli.qemuopts import CreateError, parse_qemu_opts, split_option_list
 from qcow2lib.cli.qobject import qemu_json_compact
@@ -51,53 +51,55 @@ def report_failure(cli: Cli, exc: OpenFailure | CreateError) -> None:
 
 @dataclass
 class ImageSpec:
-    """An image argument: `name` is how messages call it, `path` the host file."""
+    """An image argument: `name` is how messages call it, `path` the host file (or the
+    NBD export's name, `nbd` its address when options gave it)."""
     name: str
     path: str
     fmt: str | None = None
     key_secret: str | None = None
     force_share: bool = False
     backing_secrets: tuple = ()  # backing[.backing...].encrypt.key-secret, nearest first
+    nbd: object = None           # an NBDAddress
+    l2_cache_entry_size: int | None = None
+
+
+# qcow2 options that only tune QEMU's caches and checks: accepted once valid, ignored.
+QCOW2_SIZE_OPTS = ("l2-cache-size", "refcount-cache-size", "cache-size")
+QCOW2_NUMBER_OPTS = ("cache-clean-interval",)
+QCOW2_BOOL_OPTS = ("lazy-refcounts", "pass-discard-request", "pass-discard-snapshot",
+                   "pass-discard-other")
+OVERLAP_CHECK_MODES = ("none", "constant", "cached", "all")
+OVERLAP_CHECK_KINDS = ("main-header", "active-l1", "active-l2", "refcount-table",
+                       "refcount-block", "snapshot-table", "inactive-l1", "inactive-l2",
+                       "bitmap-directory")
 
 
 def image_spec(text: str, image_opts: bool, fmt: str | None,
                force_share: bool = False) -> ImageSpec:
-    """Turn a filename (or with --image-opts an option string) into an ImageSpec."""
+    """Turn a filename (or with --image-opts an option string) into an ImageSpec.
+
+    A "json:{...}" filename gives the same options as --image-opts would, nested objects
+    as dotted keys; a stated format then overrides its "driver".
+    """
+    if not image_opts and text.startswith("json:"):
+        try:
+            opts = json_name_options(text)
+        except Qcow2Error as exc:
+            raise OpenFailure(f"Could not open '{text}': {exc}") from exc
+        if fmt is not None:
+            opts["driver"] = fmt
+        return _options_spec(text, opts, force_share)
     if not image_opts:
         return ImageSpec(text, text, fmt, None, force_share)
     if fmt is not None:
         raise OpenFailure("--image-opts and --format are mutually exclusive")
-    opts = dict(parse_qemu_opts(text, "file"))
+    return _options_spec(text, dict(parse_qemu_opts(text, "file")), force_share)
 
+
+def _options_spec(text: str, opts: dict[str, str], force_share: bool) -> ImageSpec:
     def fail(message: str) -> NoReturn:
         raise OpenFailure(f"Could not open '{text}': {message}")
 
-    driver = opts.pop("driver", None)
-    if driver is not None and driver not in ("qcow2", "raw", "file"):
-        fail(f"Unknown driver '{driver}'")
-    if "file" in opts:
-        name = opts["file"]
-        fail(f"Cannot find device='{name}' nor node-name='{name}'")
-    filename = None
-    if driver == "file":
-        filename = opts.pop("filename", None)
-        if filename is None:
-            fail("The 'file' block driver requires a file name")
-    else:
-        if opts.pop("file.driver", "file") != "file":
-            fail("qimg only opens images in plain files (file.driver=file)")
-        filename = opts.pop("file.filename", None)
-        if filename is None:
-            if driver is None:
-                fail("Must specify either driver or file")
-            fail('A block device must be specified for "file"')
-    key_secret = opts.pop("encrypt.key-secret", None)
-    backing_secrets = []
-    prefix = "backing."
-    while f"{prefix}encrypt.key-secret" in opts or any(name.startswith(prefix + "backing.")
-                                                      for name in opts):
-        backing_secrets.append(opts.pop(f"{prefix}encrypt.key-secret", None))
-        prefix += "backing."
     share = opts.pop("force-share", None)
     if share is not None:
         if share not in ("on", "off"):
@@ -105,12 +107,108 @@ def image_spec(text: str, image_opts: bool, fmt: str | None,
         if force_share and share != "on":
             raise OpenFailure("--force-share/-U conflicts with image options")
         force_share = share == "on"
+    for name in IGNORED_IMAGE_OPTS:
+        opts.pop(name, None)
+    driver = opts.pop("driver", None)
+    if driver is not None and driver not in ("qcow2", "raw", "file", "host_device", "nbd"):
+        fail(f"Unknown driver '{driver}'")
+    if driver == "nbd" or opts.get("file.driver") == "nbd":
+        return _nbd_spec(text, driver, opts, force_share, fail)
+    if "file" in opts:
+        name = opts["file"]
+        fail(f"Cannot find device='{name}' nor node-name='{name}'")
+    filename = None
+    if driver in ("file", "host_device"):
+        filename = opts.pop("filename", None)
+        if filename is None:
+            fail(f"The '{driver}' block driver requires a file name")
+    else:
+        file_driver = opts.pop("file.driver", "file")
+        if file_driver not in ("file", "host_device"):
+            fail(f"qimg opens images in files, devices or NBD exports, not '{file_driver}'")
+        filename = opts.pop("file.filename", None)
+        if filename is None:
+            if driver is None:
+                fail("Must specify either driver or file")
+            fail('A block device must be specified for "file"')
+        for name in list(opts):
+            if name.startswith("file.") and name not in IGNORED_IMAGE_OPTS:
+                fail(f"Block protocol '{file_driver}' doesn't support the option "
+                     f"'{name[len('file.'):]}'")
+    key_secret = opts.pop("encrypt.key-secret", None)
+    backing_secrets = []
+    prefix = "backing."
+    while f"{prefix}encrypt.key-secret" in opts or any(name.startswith(prefix + "backing.")
+                                                      for name in opts):
+        backing_secrets.append(opts.pop(f"{prefix}encrypt.key-secret", None))
+        prefix += "backing."
+    entry_size = _qcow2_tuning(text, opts, fail) if driver == "qcow2" else None
     for name in opts:
-        if name in IGNORED_IMAGE_OPTS:
-            continue
         fail(f"Block format '{driver or 'raw'}' does not support the option '{name}'")
-    return ImageSpec(text, filename, "raw" if driver == "file" else driver, key_secret,
-                     force_share, tuple(backing_secrets))
+    return ImageSpec(text, filename, driver, key_secret, force_share, tuple(backing_secrets),
+                     l2_cache_entry_size=entry_size)
+
+
+SIZE_SUFFIX_HINT = ("Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+                    "and exabytes, respectively.\n")
+
+
+def _qcow2_tuning(text: str, opts: dict[str, str], fail) -> int | None:
+    """Check and take the qcow2 options that tune QEMU's caches and overlap checks (they
+    change nothing qimg does); returns l2-cache-entry-size, checked once the image is open."""
+    from qcow2lib.sizes import parse_size
+    entry_size = None
+    for name in (*QCOW2_SIZE_OPTS, "l2-cache-entry-size", *QCOW2_NUMBER_OPTS):
+        if name in opts:
+            value = opts.pop(name)
+            try:
+                number = parse_size(value) if name not in QCOW2_NUMBER_OPTS else int(value, 0)
+                if not 0 <= number < 1 << 64:
+                    raise ValueError(value)
+            except (ValueError, Qcow2Error):
+                if name in QCOW2_NUMBER_OPTS:
+                    fail(f"Parameter '{name}' expects a number")
+                raise OpenFailure(f"Could not open '{text}': Parameter '{name}' expects a "
+                                  f"non-negative number below 2^64", SIZE_SUFFIX_HINT) from None
+            if name == "l2-cache-entry-size":
+                entry_size = number
+    for name in QCOW2_BOOL_OPTS:
+        if name in opts and opts.pop(name) not in ("on", "off"):
+            fail(f"Parameter '{name}' expects 'on' or 'off'")
+    for name in ("overlap-check", "overlap-check.template"):
+        if name in opts:
+            value = opts.pop(name)
+            if value not in OVERLAP_CHECK_MODES:
+                fail(f"Unsupported value '{value}' for qcow2 option '{name}'. Allowed are any "
+                     f"of the following: {', '.join(OVERLAP_CHECK_MODES)}")
+    for kind in OVERLAP_CHECK_KINDS:
+        name = f"overlap-check.{kind}"
+        if name in opts and opts.pop(name) not in ("on", "off"):
+            fail(f"Parameter '{name}' expects 'on' or 'off'")
+    return entry_size
+
+
+def _nbd_spec(text: str, driver: str | None, opts: dict[str, str], force_share: bool,
+              fail) -> ImageSpec:
+    """An NBD export given by options: driver=nbd (the protocol itself, format "nbd"), or
+    a raw image whose file.driver is nbd."""
+    from qcow2lib.exports.nbd_client import nbd_address_from_options
+    if driver == "nbd":
+        nbd_opts, fmt = opts, "nbd"
+    else:
+        if driver not in (None, "raw"):
+            fail(f"qimg opens only the raw content of an NBD export, not '{driver}'")
+        del opts["file.driver"]
+        nbd_opts = {name[len("file."):]: opts.pop(name) for name in list(opts)
+                    if name.startswith("file.")}
+        for name in opts:
+            fail(f"Block format 'raw' does not support the option '{name}'")
+        fmt = "raw"
+    try:
+        address = nbd_address_from_options(nbd_opts, text)
+    except Qcow2Error as exc:
+        fail(str(exc))
+    return ImageSpec(text, address.uri(), fmt, None, force_share, nbd=address)
 
 
 def _chain_layers(device):
@@ -137,7 +235,7 @@ def open_spec(cli: Cli, spec: ImageSpec, mode: str = "r", backing: bool = True,
     """
     explicit = passphrase is not None
     try:
-        path = host_path(spec.path)
+        path = spec.nbd if spec.nbd is not None else host_path(spec.path)
         if not path:
             raise qcow2lib.InvalidArgumentError("The 'file' block driver requires a file name")
         passphrases = spec_passphrases(cli, spec)
@@ -152,6 +250,12 @@ def open_spec(cli: Cli, spec: ImageSpec, mode: str = "r", backing: bool = True,
             from exc
     except Qcow2Error as exc:
         raise OpenFailure(f"Could not open '{spec.name}': {error_text(exc)}") from exc
+    if device.format == "qcow2":
+        try:
+            check_entry_size(spec, device.cluster_size)
+        except OpenFailure:
+            device.close()
+            raise
     given = [spec.key_secret is not None or explicit,
              *(name is not None for name in spec.backing_secrets)]
     for depth, layer in enumerate(_chain_layers(device)):
@@ -165,6 +269,14 @@ def open_spec(cli: Cli, spec: ImageSpec, mode: str = "r", backing: bool = True,
     if warn_probe and mode == "r+" and spec.fmt is None and device.format == "raw":
         sys.stderr.write(RAW_PROBE_WARNING.format(path))
     return device
+
+
+def check_entry_size(spec: ImageSpec, cluster_size: int) -> None:
+    """l2-cache-entry-size must fit the image's clusters (QEMU checks it on open)."""
+    size = spec.l2_cache_entry_size
+    if size is not None and (size < 512 or size > cluster_size or size & (size - 1)):
+        raise OpenFailure(f"Could not open '{spec.name}': L2 cache entry size must be a power "
+                          f"of two between 512 and the cluster size ({cluster_size})")
 
 
 def json_filename(spec: ImageSpec, fmt: str) -> str:

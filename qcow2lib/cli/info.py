@@ -8,8 +8,8 @@ import time
 from qcow2lib import Qcow2Error
 from qcow2lib.cli.common import Cli
 from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
-from qcow2lib.cli.images import (OpenFailure, image_spec, json_filename, report_failure,
-                                  untrusted)
+from qcow2lib.cli.images import (OpenFailure, check_entry_size, image_spec, json_filename,
+                                  report_failure, untrusted)
 from qcow2lib.cli.qobject import dump_qobject, qemu_json
 from qcow2lib.cli.secrets import process_object
 from qcow2lib.ops import error_text
@@ -43,7 +43,7 @@ def human_image_info(info: dict) -> str:
     text = (f"image: {info['filename']}\n"
             f"file format: {info['format']}\n"
             f"virtual size: {format_size(info['virtual-size'])} ({info['virtual-size']} bytes)\n"
-            f"disk size: {format_size(info['actual-size'])}\n")
+            f"disk size: {format_size(info['actual-size']) if 'actual-size' in info else 'unavailable'}\n")
     if info.get("encrypted"):
         text += "encrypted: yes\n"
     if "cluster-size" in info:
@@ -98,9 +98,10 @@ def cmd_info(cli: Cli, argv: list[str]) -> int:
     if output not in (None, "json", "human"):
         cli.error_report("--output must be used with human or json as argument.")
         return 1
-    if image_opts:
+    spec = None
+    if image_opts or filename.startswith("json:"):
         try:
-            spec = image_spec(filename, True, fmt, force_share)
+            spec = image_spec(filename, image_opts, fmt, force_share)
         except OpenFailure as exc:
             report_failure(cli, exc)
             return 1
@@ -109,7 +110,7 @@ def cmd_info(cli: Cli, argv: list[str]) -> int:
         infos = image_info_list(filename, fmt, chain, force_share, untrusted())
     except ImageOpenError as exc:
         message = str(exc)
-        if image_opts and message.startswith(f"Could not open '{spec.path}': "):
+        if spec is not None and message.startswith(f"Could not open '{spec.path}': "):
             message = f"Could not open '{spec.name}': " + message[len(spec.path) + 19:]
         cli.error_report(message)
         sys.stderr.write(exc.hint)
@@ -117,7 +118,13 @@ def cmd_info(cli: Cli, argv: list[str]) -> int:
     except Qcow2Error as exc:
         cli.error_report(error_text(exc))
         return 1
-    if image_opts and spec.key_secret is not None:
+    if spec is not None and "cluster-size" in infos[0]:
+        try:
+            check_entry_size(spec, infos[0]["cluster-size"])
+        except OpenFailure as exc:
+            report_failure(cli, exc)
+            return 1
+    if spec is not None and spec.key_secret is not None:
         infos[0]["filename"] = json_filename(spec, infos[0]["format"])
     if output == "json":
         cli.out(qemu_json(infos if chain else infos[0]) + "\n")

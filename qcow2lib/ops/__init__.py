@@ -8,7 +8,7 @@ names the way qemu-img does: protocol prefixes, backing name resolution, QEMU's 
 from __future__ import annotations
 
 from ..blockdev import BlockDevice
-from ..chain import FORMATS, open_image
+from ..chain import FORMATS, json_image_target, open_image
 from ..errors import InvalidArgumentError, Qcow2Error
 
 __all__ = ["FORMATS", "error_text", "virtual_size", "has_protocol", "host_path", "open_by_name",
@@ -28,7 +28,7 @@ def virtual_size(img: BlockDevice) -> int:
     QEMU counts sizes in sectors: a raw file's partial last sector is rounded up (it
     reads as zeros past the end of the file), a qcow2 header size is rounded down.
     """
-    if img.format == "raw":
+    if img.format in ("raw", "host_device", "file"):
         return (img.size + 511) // 512 * 512
     return img.size // 512 * 512
 
@@ -52,21 +52,33 @@ def host_path(filename: str) -> str:
     if not has_protocol(filename):
         return filename
     protocol = filename.split(":", 1)[0]
+    if protocol in ("nbd", "nbd+tcp", "nbd+unix"):  # opened by the NBD client
+        return filename
     if protocol == "file":
         return filename[len("file:"):]
     raise InvalidArgumentError(f"Unknown protocol '{protocol}'")
 
 
+def image_target(filename: str, fmt: str | None) -> tuple:
+    """(what open_image takes, format) for a name as qemu-img takes it: a file (see
+    host_path()), an NBD name, or "json:{...}" options whose driver gives the format
+    unless `fmt` is stated."""
+    if filename.startswith("json:"):
+        target, stated = json_image_target(filename)
+        return target, fmt or stated
+    return host_path(filename), fmt
+
+
 def open_by_name(filename: str, fmt: str | None = None, backing: bool = True,
                  force_share: bool = False, backing_of: str | None = None,
                  untrusted: bool = False) -> BlockDevice:
-    """Open an image read-only, named as qemu-img names images (see host_path()).
+    """Open an image read-only, named as qemu-img names images (see image_target()).
 
     `fmt` None probes the format; an empty name fails as QEMU's file driver fails.
     backing_of: the image naming this one as its backing file; untrusted: what the
     image names is confined to its directory (both as in open_image).
     """
-    path = host_path(filename)
+    path, fmt = image_target(filename, fmt)
     if not path:
         raise InvalidArgumentError("The 'file' block driver requires a file name")
     return open_image(path, "r", fmt, backing, force_share=force_share, open_data_file=False,

@@ -10,8 +10,10 @@ import os
 
 from ..chain import untrusted_backing_path
 from ..errors import CorruptImageError, ImageLockedError, Qcow2Error
+from ..chain import is_nbd_name
 from ..snapshots import list_snapshots
-from . import error_text, full_backing_filename, host_path, open_by_name, virtual_size
+from . import (error_text, full_backing_filename, host_path, image_target, open_by_name,
+               virtual_size)
 
 CRYPT_AES, CRYPT_LUKS = 1, 2  # qcow2 header crypt_method values
 _LUKS_KEYS = ("cipher-alg", "cipher-mode", "ivgen-alg", "ivgen-hash-alg", "hash-alg",
@@ -88,9 +90,14 @@ def _snapshot_list(img) -> list[dict]:
 def _describe(img, path: str) -> dict:
     """The info dict of an open image whose host file is `path`."""
     info: dict = {"filename": path, "format": img.format,
-                  "dirty-flag": img.format == "qcow2" and img.dirty,
-                  "actual-size": os.stat(path).st_blocks * 512,
-                  "virtual-size": virtual_size(img)}
+                  "dirty-flag": img.format == "qcow2" and img.dirty}
+    if is_nbd_name(path):  # QEMU names an export by its URI; no disk size (nor, raw, a dirty flag)
+        info["filename"] = img.filename
+        if img.format != "qcow2":
+            del info["dirty-flag"]
+    else:
+        info["actual-size"] = os.stat(path).st_blocks * 512
+    info["virtual-size"] = virtual_size(img)
     if img.format == "qcow2":
         info["cluster-size"] = img.cluster_size
         if img.encrypted:
@@ -118,7 +125,8 @@ def image_info(filename: str, fmt: str | None = None, force_share: bool = False,
     try:
         with open_by_name(filename, fmt, backing=False, force_share=force_share,
                           backing_of=backing_of, untrusted=untrusted) as img:
-            return _describe(img, host_path(filename))
+            target = image_target(filename, fmt)[0]
+            return _describe(img, target if isinstance(target, str) else img.filename)
     except Qcow2Error as exc:
         hint = ""
         if isinstance(exc, ImageLockedError):

@@ -46,7 +46,9 @@ def resize(image, new_size: int, *, shrink: bool = False, preallocation: str = "
     if image.read_only:
         from ..errors import ReadOnlyError
         raise ReadOnlyError("Image is read-only")
-    if image.format == "raw":
+    if image.format in ("raw", "host_device", "file"):
+        if image.file.is_device and new_size != image.size:
+            raise UnsupportedFeatureError("Cannot resize device files")
         _resize_raw(image, new_size, preallocation)
     elif image.format == "qcow2":
         _resize_qcow2(image, new_size, preallocation)
