@@ -18,10 +18,11 @@ import socket
 import struct
 import threading
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..chain import is_nbd_name
-from ..blockdev import BlockDevice, Extent, merge_extents
+from ..blockdev import BlockDevice, Extent
 from ..errors import InvalidArgumentError, Qcow2IOError, ReadOnlyError
 from . import nbd_protocol as P
 
@@ -500,19 +501,18 @@ class NBDClient(BlockDevice):
         with self._lock:
             self._request(P.CMD_FLUSH, 0, 0, 0)
 
-    def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
+    def extent_batches(self, offset: int, length: int) -> Iterator[list[Extent]]:
         """Allocation as the server's base:allocation reports it: HOLE is not data, ZERO
         reads as zeros; depth 0 (an export has no backing file the client sees), mapped at
-        its own offset, as QEMU's nbd driver reports it. A hole that is not known to read
+        its own offset, as QEMU's nbd driver reports it, one block status reply a batch. A hole that is not known to read
         as zeros is not present (what x-dirty-bitmap shows as dirty or allocated)."""
-        end = self.size if length is None else offset + length
-        self.check_request(offset, end - offset)
-        result: list[Extent] = []
+        end = offset + length
         pos = offset
         while pos < end:
             if self.context_id is None:
-                result.append(Extent(pos, end - pos, True, False, 0, pos, True))
-                break
+                yield [Extent(pos, end - pos, True, False, 0, pos, True)]
+                return
+            result: list[Extent] = []
             ask = min(end - pos, MAX_STATUS_LENGTH)
             with self._lock:
                 statuses = self._request(P.CMD_BLOCK_STATUS, 0, pos, ask)
@@ -532,7 +532,7 @@ class NBDClient(BlockDevice):
             if advanced == pos:
                 raise self._lost(f"block status at {pos} described no bytes")
             pos = advanced
-        return merge_extents(result)
+            yield result
 
     def close(self) -> None:
         with self._lock:
