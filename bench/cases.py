@@ -476,8 +476,8 @@ def exports_case(fx: Fixtures) -> list[Row]:
 
 # --- the guest's own view of a vhost-user-blk disk ---------------------------------------
 
-GUEST_DISK_MIB = 64      # the guest reads all of it, writes half of it (TCG is slow)
-GUEST_RANDOM_IOS = 200   # one busybox dd per 4 KiB request: process start-up included
+GUEST_DISK_MIB = 256     # the guest reads all of it, writes half of it (TCG is slow)
+GUEST_RANDOM_IOS = 300   # one busybox dd per 4 KiB request: process start-up included
 GUEST_METRICS = ("seqread", "seqwrite", "randread", "randwrite")
 
 
@@ -577,8 +577,10 @@ def guest_case(fx: Fixtures) -> list[Row]:
         return [Row("guest I/O on vhost-user-blk", lambda: Sample(0, 0), None, Target(),
                     missing="qemu-storage-daemon not installed (qemu-system-x86)")]
     raw = fx.dir / "guest.raw"
+    rng = random.Random(17)
     with open(raw, "wb") as out:
-        out.write(random.Random(17).randbytes(GUEST_DISK_MIB * MIB))
+        for _ in range(GUEST_DISK_MIB):
+            out.write(rng.randbytes(MIB))
     source = fx.dir / "guest.qcow2"
     fx._raw_to_qcow2(raw, source)
     raw.unlink()
