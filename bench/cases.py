@@ -161,6 +161,19 @@ class Fixtures:
                           for offset in range(0, self.config.size - step // 2, step)])
         return self._once("chain-top.qcow2", build)
 
+    def guest_disk(self, size_mib: int) -> Path:
+        """Every cluster allocated with incompressible data, at a size of its own (the
+        guest reads all of it under TCG, so it stays small whatever config.size is)."""
+        def build(path):
+            raw = self.dir / "guest.raw"
+            rng = random.Random(17)
+            with open(raw, "wb") as out:
+                for _ in range(size_mib):
+                    out.write(rng.randbytes(MIB))
+            self._raw_to_qcow2(raw, path)
+            raw.unlink()
+        return self._once(f"guest-{size_mib}m.qcow2", build)
+
     def fs_raw(self) -> Path:
         """An ext4 filesystem holding a copy of config.fs_source (/usr/share by default)."""
         def build(path):
@@ -576,15 +589,7 @@ def guest_case(fx: Fixtures) -> list[Row]:
     if QEMU_STORAGE_DAEMON is None:
         return [Row("guest I/O on vhost-user-blk", lambda: Sample(0, 0), None, Target(),
                     missing="qemu-storage-daemon not installed (qemu-system-x86)")]
-    raw = fx.dir / "guest.raw"
-    rng = random.Random(17)
-    with open(raw, "wb") as out:
-        for _ in range(GUEST_DISK_MIB):
-            out.write(rng.randbytes(MIB))
-    source = fx.dir / "guest.qcow2"
-    fx._raw_to_qcow2(raw, source)
-    raw.unlink()
-    runs = GuestRuns(fx, source)
+    runs = GuestRuns(fx, fx.guest_disk(GUEST_DISK_MIB))
     accel = "KVM" if os.environ.get("QIMG_TEST_KVM") == "1" else "TCG"
     labels = {"seqread": f"dd 1 MiB direct reads x{GUEST_DISK_MIB}",
               "seqwrite": f"dd 1 MiB direct writes x{GUEST_DISK_MIB // 2}",
