@@ -9,7 +9,7 @@ pyqcow, dissect.hypervisor) in the same run on the same files, ours and theirs t
 turns to go first, `--rounds` times. The table gives the median time of each side,
 ours/theirs (below 1.0: we are faster), the peak RSS of each side's process (os.wait4),
 the target from issue 13 and whether it is met. Cases: startup, snapshot, convert,
-checkmap, randio, read, readwhy, open, exports. Nothing here is a test: timings depend
+checkmap, randio, read, readwhy, open, exports, guest. Nothing here is a test: timings depend
 on the machine and its load.
 """
 from __future__ import annotations

@@ -7,6 +7,7 @@ returns its rows; bench.py alternates ours and theirs over them.
 from __future__ import annotations
 
 import importlib.util
+import os
 import random
 import signal
 import shutil
@@ -25,6 +26,7 @@ QEMU_IMG = shutil.which("qemu-img") or "qemu-img"
 QEMU_IO = shutil.which("qemu-io") or "qemu-io"
 QEMU_NBD = shutil.which("qemu-nbd") or "qemu-nbd"
 NBDCOPY = shutil.which("nbdcopy")
+QEMU_STORAGE_DAEMON = shutil.which("qemu-storage-daemon")
 MIB = 1 << 20
 
 
@@ -158,6 +160,19 @@ class Fixtures:
             qemu_io(top, [f"write -P 0x22 {offset + step // 2} 512k"
                           for offset in range(0, self.config.size - step // 2, step)])
         return self._once("chain-top.qcow2", build)
+
+    def guest_disk(self, size_mib: int) -> Path:
+        """Every cluster allocated with incompressible data, at a size of its own (the
+        guest reads all of it under TCG, so it stays small whatever config.size is)."""
+        def build(path):
+            raw = self.dir / "guest.raw"
+            rng = random.Random(17)
+            with open(raw, "wb") as out:
+                for _ in range(size_mib):
+                    out.write(rng.randbytes(MIB))
+            self._raw_to_qcow2(raw, path)
+            raw.unlink()
+        return self._once(f"guest-{size_mib}m.qcow2", build)
 
     def fs_raw(self) -> Path:
         """An ext4 filesystem holding a copy of config.fs_source (/usr/share by default)."""
@@ -378,7 +393,7 @@ def _wait_for_socket(path: Path, proc: subprocess.Popen, timeout: float = 30) ->
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise BenchError(f"NBD server exited {proc.returncode} before listening")
+            raise BenchError(f"server exited {proc.returncode} before listening on {path}")
         if path.exists():
             with socket.socket(socket.AF_UNIX) as probe:
                 try:
@@ -387,45 +402,203 @@ def _wait_for_socket(path: Path, proc: subprocess.Popen, timeout: float = 30) ->
                 except OSError:
                     pass
         time.sleep(0.01)
-    raise BenchError(f"NBD server did not listen on {path} within {timeout} s")
+    raise BenchError(f"server did not listen on {path} within {timeout} s")
 
 
-def nbd_sampler(server_argv: list, sock: Path) -> Callable[[], Sample]:
-    """nbdcopy's wall time from a persistent server started (untimed) for it; the RSS
-    is the server's, once SIGTERM has stopped it."""
+def served_sampler(server_argv: list, sock: Path, client: Callable[[], float],
+                   before: Callable[[], None] | None = None) -> Callable[[], Sample]:
+    """The seconds `client()` returns against a server started (untimed) for it on `sock`;
+    the RSS is the server's, once SIGTERM has stopped it. `before` runs (untimed) before
+    the server starts: the place to give it a fresh copy of its image."""
     def sample() -> Sample:
+        if before is not None:
+            before()
         sock.unlink(missing_ok=True)
         server = Launched(server_argv)
         try:
             _wait_for_socket(sock, server.proc)
-            seconds, _, _ = run_child([NBDCOPY, f"nbd+unix:///?socket={sock}", "null:"])
+            seconds = client()
         finally:
             server.terminate()
-            # Killed by SIGTERM (ours, with Python's default handler) or exit 0 (qemu-nbd).
+            # SIGTERM stops qimg and qemu-nbd with exit 0 (qcow2lib.exports.nbd.serve run
+            # bare keeps Python's default handler: killed by the signal).
             _, rss, _ = server.wait(timeout=30, accept=(0, -signal.SIGTERM))
         return Sample(seconds, rss)
     return sample
+
+
+def nbdcopy_client(sock: Path) -> Callable[[], float]:
+    def client() -> float:
+        return run_child([NBDCOPY, f"nbd+unix:///?socket={sock}", "null:"])[0]
+    return client
+
+
+def qemu_img_bench_client(sock: Path, args: list) -> Callable[[], float]:
+    """`qemu-img bench` against the NBD export: the run time it prints."""
+    argv = [QEMU_IMG, "bench", "-f", "raw", *args, f"nbd+unix:///?socket={sock}"]
+
+    def client() -> float:
+        _, _, stdout = run_child(argv)
+        return float(stdout.rsplit("Run completed in ", 1)[1].split()[0])
+    return client
 
 
 def exports_case(fx: Fixtures) -> list[Row]:
     if not (ROOT / "qcow2lib" / "exports" / "nbd.py").exists():
         return [Row("nbdcopy from NBD export", lambda: Sample(0, 0), None, Target(),
                     missing="qcow2lib.exports.nbd not in this checkout")]
-    if NBDCOPY is None:
-        return [Row("nbdcopy from NBD export", lambda: Sample(0, 0), None, Target(),
-                    missing="nbdcopy not installed (libnbd-bin)")]
     rows = []
+    sock = fx.dir / "nbd.sock"
     for label, image in (("full", fx.full()), ("mixed", fx.mixed())):
-        sock = fx.dir / "nbd.sock"
+        if NBDCOPY is None:
+            rows.append(Row(f"nbdcopy to null:, {label}", lambda: Sample(0, 0), None,
+                            Target(), missing="nbdcopy not installed (libnbd-bin)"))
+            continue
         ours = [sys.executable, "-c",
                 "import sys; sys.path.insert(0, sys.argv[1]); import qcow2lib; "
                 "from qcow2lib.exports.nbd import serve; "
                 "serve(qcow2lib.open(sys.argv[2]), unix_path=sys.argv[3], read_only=True, "
                 "persistent=True, shared=0)", ROOT, image, sock]
         theirs = [QEMU_NBD, "-r", "-f", "qcow2", "--persistent", "-e", "0", "-k", sock, image]
-        rows.append(Row(f"nbdcopy to null:, {label}", nbd_sampler(ours, sock),
-                        nbd_sampler(theirs, sock), Target(max_ratio=1.2), "qemu-nbd"))
+        rows.append(Row(f"nbdcopy to null:, {label}",
+                        served_sampler(ours, sock, nbdcopy_client(sock)),
+                        served_sampler(theirs, sock, nbdcopy_client(sock)),
+                        Target(max_ratio=1.2), "qemu-nbd"))
+    # qemu-img bench as the NBD client, against `qimg nbd` and qemu-nbd serving the same
+    # fully allocated image, writable; the writes land on allocated clusters in place.
+    image = fx.dir / "nbd-bench.qcow2"
+    copy_sparse(fx.full(), image)
+    ours = [*QIMG, "nbd", "-k", sock, "-t", "-f", "qcow2", image]
+    theirs = [QEMU_NBD, "-k", sock, "-t", "-f", "qcow2", image]
+    count = fx.config.io_count
+    step = 4096 * 7919       # the 4 KiB blocks in a scattered order, as in randio
+    jobs = [(f"4k random reads x{count}", ["-c", count, "-d", 16, "-s", "4k", "-S", step],
+             Target(max_ratio=1.5)),
+            (f"4k random writes x{count}", ["-c", count, "-d", 16, "-s", "4k", "-S", step,
+                                            "-w"], Target(max_ratio=1.5)),
+            (f"1 MiB sequential reads x{fx.config.size // MIB}",
+             ["-c", fx.config.size // MIB, "-d", 16, "-s", "1M", "-S", "1M"],
+             Target(max_ratio=1.2))]
+    for label, args, target in jobs:
+        rows.append(Row(f"NBD qemu-img bench -d 16, {label}",
+                        served_sampler(ours, sock, qemu_img_bench_client(sock, args)),
+                        served_sampler(theirs, sock, qemu_img_bench_client(sock, args)),
+                        target, "qemu-nbd"))
     return rows
+
+
+# --- the guest's own view of a vhost-user-blk disk ---------------------------------------
+
+GUEST_DISK_MIB = 256     # the guest reads all of it, writes half of it (TCG is slow)
+GUEST_RANDOM_IOS = 300   # one busybox dd per 4 KiB request: process start-up included
+GUEST_METRICS = ("seqread", "seqwrite", "randread", "randwrite")
+
+
+def guest_script(blocks: list[int]) -> str:
+    """Each phase between two readings of /proc/uptime (10 ms resolution), printed as
+    `BENCH name start end` for the host to subtract; boot time is outside every phase."""
+    listed = " ".join(map(str, blocks))
+    phases = {
+        "seqread": f"dd if=/dev/vda of=/dev/null bs=1M count={GUEST_DISK_MIB} iflag=direct",
+        "seqwrite": f"dd if=/dev/zero of=/dev/vda bs=1M count={GUEST_DISK_MIB // 2} "
+                    f"oflag=direct",
+        "randread": f"for b in {listed}; do dd if=/dev/vda of=/dev/null bs=4096 skip=$b "
+                    f"count=1 iflag=direct 2>/dev/null || echo BENCH-FAILED; done",
+        "randwrite": f"for b in {listed}; do dd if=/dev/zero of=/dev/vda bs=4096 seek=$b "
+                     f"count=1 oflag=direct 2>/dev/null || echo BENCH-FAILED; done",
+    }
+    lines = []
+    for name in GUEST_METRICS:
+        lines += ["read s _ < /proc/uptime",
+                  f"{phases[name]} 2>/dev/null || echo BENCH-FAILED",
+                  "read e _ < /proc/uptime",
+                  f'echo "BENCH {name} $s $e"']
+    return "\n".join(lines) + "\n"
+
+
+def guest_results(output: str) -> dict[str, float]:
+    if "BENCH-FAILED" in output:
+        raise BenchError(f"an I/O command failed in the guest:\n{output[-1500:]}")
+    found = {}
+    for line in output.splitlines():
+        fields = line.split()
+        if len(fields) == 4 and fields[0] == "BENCH" and fields[1] in GUEST_METRICS:
+            found[fields[1]] = float(fields[3]) - float(fields[2])
+    if sorted(found) != sorted(GUEST_METRICS):
+        raise BenchError(f"the guest printed {sorted(found)}:\n{output[-1500:]}")
+    return found
+
+
+class GuestRuns:
+    """One guest boot per side and round measures all four phases; each row's sampler
+    takes its phase from the latest boot of that side, booting again when it was taken."""
+
+    def __init__(self, fx: Fixtures, source: Path):
+        sys.path.insert(0, str(ROOT / "tests"))
+        import guest
+        self.guest = guest
+        self.fx = fx
+        self.source = source
+        rng = random.Random(11)
+        self.script = guest_script([rng.randrange(GUEST_DISK_MIB * 256)
+                                    for _ in range(GUEST_RANDOM_IOS)])
+        self.pending: dict[str, dict[str, Sample]] = {"ours": {}, "theirs": {}}
+
+    def server(self, side: str, image: Path, sock: Path) -> list:
+        if side == "ours":
+            return [*QIMG, "vhost-user-blk", "--socket", sock, image]
+        return [QEMU_STORAGE_DAEMON,
+                "--blockdev", f"driver=file,node-name=file,filename={image}",
+                "--blockdev", "driver=qcow2,node-name=disk,file=file",
+                "--export", "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,"
+                f"addr.path={sock},writable=on"]
+
+    def boot(self, side: str) -> None:
+        image = self.fx.dir / f"guest-{side}.qcow2"
+        sock = self.fx.dir / f"vhost-{side}.sock"
+        copy_sparse(self.source, image)
+        sock.unlink(missing_ok=True)
+        server = Launched(self.server(side, image, sock))
+        try:
+            _wait_for_socket(sock, server.proc)
+            disk = ["-chardev", f"socket,id=vub,path={sock}",
+                    "-device", "vhost-user-blk-pci,chardev=vub"]
+            try:
+                output = self.guest.boot_guest(disk, self.script, timeout=600,
+                                               workdir=self.fx.dir)
+            except AssertionError as exc:
+                raise BenchError(str(exc)[-1500:]) from None
+        finally:
+            server.terminate()
+            _, rss, _ = server.wait(timeout=30, accept=(0, -signal.SIGTERM))
+        self.pending[side] = {name: Sample(seconds, rss)
+                              for name, seconds in guest_results(output).items()}
+
+    def sampler(self, side: str, metric: str) -> Callable[[], Sample]:
+        def sample() -> Sample:
+            if metric not in self.pending[side]:
+                self.boot(side)
+            return self.pending[side].pop(metric)
+        return sample
+
+
+def guest_case(fx: Fixtures) -> list[Row]:
+    if not (ROOT / "qcow2lib" / "exports" / "vhost_user_blk.py").exists():
+        return [Row("guest I/O on vhost-user-blk", lambda: Sample(0, 0), None, Target(),
+                    missing="qcow2lib.exports.vhost_user_blk not in this checkout")]
+    if QEMU_STORAGE_DAEMON is None:
+        return [Row("guest I/O on vhost-user-blk", lambda: Sample(0, 0), None, Target(),
+                    missing="qemu-storage-daemon not installed (qemu-system-x86)")]
+    runs = GuestRuns(fx, fx.guest_disk(GUEST_DISK_MIB))
+    accel = "KVM" if os.environ.get("QIMG_TEST_KVM") == "1" else "TCG"
+    labels = {"seqread": f"dd 1 MiB direct reads x{GUEST_DISK_MIB}",
+              "seqwrite": f"dd 1 MiB direct writes x{GUEST_DISK_MIB // 2}",
+              "randread": f"4k random direct reads x{GUEST_RANDOM_IOS} (a dd each)",
+              "randwrite": f"4k random direct writes x{GUEST_RANDOM_IOS} (a dd each)"}
+    return [Row(f"guest ({accel}) on vhost-user-blk: {labels[metric]}",
+                runs.sampler("ours", metric), runs.sampler("theirs", metric),
+                Target(max_ratio=1.25), "qemu-storage-daemon")
+            for metric in GUEST_METRICS]
 
 
 CASES = [
@@ -437,5 +610,6 @@ CASES = [
     Case("read", "whole-image read vs pyqcow and dissect", read_case),
     Case("readwhy", "old bench vs user: buffer size, read/readinto, image", read_why_case),
     Case("open", "open an 8 TiB image", open_case),
-    Case("exports", "NBD export", exports_case),
+    Case("exports", "NBD export: nbdcopy and qemu-img bench as clients", exports_case),
+    Case("guest", "a Linux guest's I/O on the vhost-user-blk export", guest_case),
 ]
