@@ -582,18 +582,20 @@ def create_snapshot(image, name: str, *, vm_state_size: int = 0, vm_clock_nsec: 
         active = image.map.l1
         vm_index = _vm_state_index(image, image.size)
         span = _l1_span(image)
-        keep = min(len(active), vm_index + (-(-vm_state_size // span)))
-        if vm_state_size and vm_index + (-(-vm_state_size // span)) > len(active):
+        vm_end = vm_index + (-(-vm_state_size // span))
+        if vm_state_size and vm_end > len(active):
             raise InvalidArgumentError(
                 f"vm_state_size {vm_state_size} reaches past the image's L1 table (write the "
                 f"VM state with write_vmstate first)")
         snap = Snapshot(_new_id(snapshots), name, 0, len(active), date_sec, date_nsec,
                         vm_clock_nsec, vm_state_size, b"", image.size,
                         ICOUNT_DISABLED if icount is None else icount)
-        zeros = array("Q", bytes(8 * len(active)))
-        snap_l1 = array("Q", (e & ~S.OFLAG_COPIED for e in active[:keep])) + zeros[keep:]
-        # The VM state goes to the snapshot alone: QEMU drops it from the active tree.
-        new_active = active[:vm_index] + zeros[vm_index:]
+        # The snapshot takes the whole active L1 table, VM state area included (data
+        # written there past vm_state_size survives a revert, as in QEMU); the VM state
+        # itself goes to the snapshot alone: QEMU drops it from the active tree.
+        snap_l1 = array("Q", (e & ~S.OFLAG_COPIED for e in active))
+        new_active = array("Q", active)
+        new_active[vm_index:vm_end] = array("Q", bytes(8 * (vm_end - vm_index)))
         _commit_state(image, new_active, [(s, _read_l1(image, s)) for s in snapshots],
                       snap, snap_l1)
         return snap

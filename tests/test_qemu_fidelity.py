@@ -64,3 +64,33 @@ def test_rebase_without_old_backing_zeroes_what_the_new_one_would_show(tmp_path)
         assert result.returncode == 0, result.stderr
     assert to_raw(ours / "t.qcow2", tmp_path / "after.raw") == before
     assert qemu_map(ours / "t.qcow2") == qemu_map(theirs / "t.qcow2")
+
+
+# --- iotest 029: snapshots and the VM state area -----------------------------------------
+
+def test_vm_state_past_one_tebibyte_survives_snapshot_and_revert(tmp_path):
+    image = tmp_path / "t.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", image, "64M")
+    qemu_io(image, "write -b -P 0x11 1T 4k")
+    for action in ("-c", "-a"):
+        result = run_qimg(tmp_path, "snapshot", action, "foo", image)
+        assert result.returncode == 0, result.stderr
+    qemu_io(image, "read -b -P 0x11 1T 4k")  # raises on a pattern mismatch
+    assert qemu_img("check", image).returncode == 0
+
+
+def test_convert_of_a_snapshot_keeps_the_image_size_not_the_recorded_one(tmp_path):
+    def setup(d: Path) -> None:
+        qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", d / "t.qcow2", "64M")
+        qemu_img("snapshot", "-c", "foo", d / "t.qcow2")
+        with open(d / "t.qcow2", "r+b") as f:  # header: size 512, L1 table of one entry
+            f.seek(24)
+            f.write((512).to_bytes(8, "big"))
+            f.seek(36)
+            f.write((1).to_bytes(4, "big"))
+
+    ours, theirs = twin(tmp_path, setup)
+    mine = run_qimg(ours, "convert", "-l", "foo", "t.qcow2", "t.snap")
+    real = run_qemu(theirs, "convert", "-l", "foo", "t.qcow2", "t.snap")
+    assert (mine.returncode, mine.stderr) == (real.returncode, real.stderr) == (0, "")
+    assert (ours / "t.snap").read_bytes() == (theirs / "t.snap").read_bytes()

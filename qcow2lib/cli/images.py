@@ -225,15 +225,20 @@ def load_snapshot(source, snapshot_opts: dict | None, snapshot_name: str | None)
                           f"device '' does not support temporarily loading internal snapshots")
     try:
         if snapshot_opts is not None:
-            return SnapshotView(source, id=snapshot_opts.get("snapshot.id"),
+            view = SnapshotView(source, id=snapshot_opts.get("snapshot.id"),
                                 name=snapshot_opts.get("snapshot.name"))
-        from qcow2lib import snapshots as snaps
-        found = snaps.find_snapshot(source, id=snapshot_name)
-        if found is None:
-            found = snaps.find_snapshot(source, name=snapshot_name)
-        if found is None:
-            raise qcow2lib.InvalidArgumentError("Can't find snapshot")
-        return SnapshotView(source, id=found.id, name=found.name)
+        else:
+            from qcow2lib import snapshots as snaps
+            found = snaps.find_snapshot(source, id=snapshot_name)
+            if found is None:
+                found = snaps.find_snapshot(source, name=snapshot_name)
+            if found is None:
+                raise qcow2lib.InvalidArgumentError("Can't find snapshot")
+            view = SnapshotView(source, id=found.id, name=found.name)
+        # qemu-img swaps in the snapshot's L1 table only: the device keeps the image's
+        # current size, whatever disk size the snapshot recorded.
+        view.size = source.size
+        return view
     except Qcow2Error as exc:
         text = error_text(exc)
         if "find" in text.lower() or "no snapshot" in text.lower() or "not found" in text:
