@@ -1176,6 +1176,49 @@ class Qcow2Image(BlockDevice):
             self._sync(self.file)
             self.size = new_size
 
+    def resize_shrink_reftable(self) -> None:
+        """Drop refcount blocks that count nothing any more (after a shrink freed the
+        clusters they described), as QEMU does before cutting the file: a block counting
+        only itself goes with its table entry; one counted by another block is released
+        there, which may empty that block in turn. The table reaches the disk first, so a
+        crash can only leak the dropped blocks."""
+        refs = self.refcounts
+        with self._cond:
+            self._resize_quiesce()
+            while True:
+                dropped: list[int] = []
+                for block_index in range(len(refs.table)):
+                    offset = refs._block_offset(block_index)
+                    if not offset:
+                        continue
+                    block = refs.blocks.get(offset)
+                    own_cluster = offset >> self.cluster_bits
+                    own_index = None
+                    if own_cluster // refs.block_entries == block_index:
+                        own_index = own_cluster % refs.block_entries
+                    if all(block.get(i) == 0 for i in range(refs.block_entries)
+                           if i != own_index):
+                        dropped.append(block_index)
+                if not dropped:
+                    return
+                counted_elsewhere = []
+                for block_index in dropped:
+                    offset = refs._block_offset(block_index)
+                    refs.blocks.drop(offset)
+                    refs.table[block_index] = 0
+                    own_cluster = offset >> self.cluster_bits
+                    if own_cluster // refs.block_entries != block_index:
+                        counted_elsewhere.append(own_cluster)
+                refs.write_table()
+                self._sync(self.file)
+                for cluster in counted_elsewhere:
+                    refs.update(cluster, 1, -1)
+                    refs.free_hint = min(refs.free_hint, cluster)
+                self._write_back_all()
+                self._sync(self.file)
+                if not counted_elsewhere:
+                    return
+
     def resize_truncate_file(self) -> None:
         """Cut the image file after its last cluster with a non-zero refcount."""
         with self._cond:

@@ -94,3 +94,33 @@ def test_convert_of_a_snapshot_keeps_the_image_size_not_the_recorded_one(tmp_pat
     real = run_qemu(theirs, "convert", "-l", "foo", "t.qcow2", "t.snap")
     assert (mine.returncode, mine.stderr) == (real.returncode, real.stderr) == (0, "")
     assert (ours / "t.snap").read_bytes() == (theirs / "t.snap").read_bytes()
+
+
+# --- iotest 163: shrinking releases refcount blocks that count nothing any more ---------
+
+def _empty_refcount_blocks(path: Path) -> list[int]:
+    """Offsets of refcount blocks the table points at that hold only zeros."""
+    data = path.read_bytes()
+    cluster_size = 1 << int.from_bytes(data[20:24], "big")
+    table_offset = int.from_bytes(data[48:56], "big")
+    table_clusters = int.from_bytes(data[56:60], "big")
+    table = data[table_offset:table_offset + table_clusters * cluster_size]
+    offsets = [int.from_bytes(table[i:i + 8], "big") for i in range(0, len(table), 8)]
+    return [o for o in offsets if o and not any(data[o:o + cluster_size])]
+
+
+def test_shrink_with_512_byte_clusters_drops_empty_refcount_blocks(tmp_path):
+    def setup(d: Path) -> None:
+        qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64",
+                 d / "t.qcow2", "3M")
+        qemu_io(d / "t.qcow2", *(f"write -P 0xff {offset} 256k"
+                                 for offset in range(0, 3 << 20, 256 << 10)))
+
+    ours, theirs = twin(tmp_path, setup)
+    for d, runner in ((ours, run_qimg), (theirs, run_qemu)):
+        result = runner(d, "resize", "-f", "qcow2", "--shrink", "t.qcow2", "1M")
+        assert result.returncode == 0, result.stderr
+    assert _empty_refcount_blocks(ours / "t.qcow2") == []
+    assert (ours / "t.qcow2").stat().st_size == (theirs / "t.qcow2").stat().st_size
+    assert qemu_img("check", ours / "t.qcow2").returncode == 0
+    assert qemu_img("compare", ours / "t.qcow2", theirs / "t.qcow2").returncode == 0
