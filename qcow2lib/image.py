@@ -1265,7 +1265,6 @@ class Qcow2Image(BlockDevice):
                 head = self._old_content(head_start, start - head_start)
             for l1_index in sorted({i // self.map.l2_entries for i in todo}):
                 self._writable_l2(l1_index)
-            bitmap = S.L2_BITMAP_ALL_ALLOC if self.extended_l2 else 0
             if self.has_data_file:  # guest offset == host offset
                 target = self._data_target()
                 hosts = [i << bits for i in todo]
@@ -1291,7 +1290,10 @@ class Qcow2Image(BlockDevice):
                 self._host_size = max(self._host_size, last_end)
             self._prealloc_detected = None
             for index, host in zip(todo, hosts):
-                old_entry = self.map.get_entry(index)[0]
+                # With subclusters, preallocation maps the cluster but leaves its bitmap
+                # as it was (QEMU's prealloc link): unallocated subclusters keep showing
+                # the backing file, or zeros without one.
+                old_entry, bitmap = self.map.get_entry(index)
                 self.map.set_entry(index, host | S.OFLAG_COPIED, bitmap)
                 for first, count in self._clusters_of(old_entry):
                     self.refcounts.free(first, count)

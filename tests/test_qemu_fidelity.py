@@ -124,3 +124,23 @@ def test_shrink_with_512_byte_clusters_drops_empty_refcount_blocks(tmp_path):
     assert (ours / "t.qcow2").stat().st_size == (theirs / "t.qcow2").stat().st_size
     assert qemu_img("check", ours / "t.qcow2").returncode == 0
     assert qemu_img("compare", ours / "t.qcow2", theirs / "t.qcow2").returncode == 0
+
+
+# --- iotest 271: preallocation with subclusters leaves the backing file visible ----------
+
+def test_preallocation_over_a_backing_file_with_extended_l2(tmp_path):
+    def setup(d: Path) -> None:
+        qemu_img("create", "-q", "-f", "raw", d / "base", "512k")
+        qemu_io(d / "base", "write -P 0xff 0 512k", fmt="raw")
+
+    ours, theirs = twin(tmp_path, setup)
+    for mode in ("metadata", "falloc", "full"):
+        args = ("create", "-q", "-f", "qcow2", "-o", f"extended_l2=on,preallocation={mode}",
+                "-b", "base", "-F", "raw", f"{mode}.qcow2", "512k")
+        for d, runner in ((ours, run_qimg), (theirs, run_qemu)):
+            result = runner(d, *args)
+            assert result.returncode == 0, result.stderr
+        qemu_io(ours / f"{mode}.qcow2", "read -P 0xff 0 512k")  # raises on a mismatch
+        assert qemu_map(ours / f"{mode}.qcow2") == qemu_map(theirs / f"{mode}.qcow2")
+    # metadata preallocation lays the image out byte for byte as qemu-img does
+    assert (ours / "metadata.qcow2").read_bytes() == (theirs / "metadata.qcow2").read_bytes()
