@@ -203,16 +203,19 @@ class Qcow2Image(BlockDevice):
             self._bitmap_tracker = None
             self.bitmaps = []
 
-    def write_new_clusters(self, data: bytes, what: str) -> int:
-        """Write `data` (padded to whole clusters) into newly allocated clusters and return
-        their offset; nothing points at them until the caller's commit (a header or table
-        write after the next write-back has made their refcounts durable)."""
+    def write_new_clusters(self, data: bytes, what: str, pad: bool = False) -> int:
+        """Write `data` into newly allocated clusters and return their offset; nothing
+        points at them until the caller's commit (a header or table write after the next
+        write-back has made their refcounts durable). As QEMU, only the bytes of a table
+        are written (a file ending with it ends where it does); pad=True zero-fills the
+        last cluster (bitmap data, which QEMU writes in whole clusters)."""
         cs = self.cluster_size
         clusters = max(1, -(-len(data) // cs))
         offset = self.refcounts.allocate(clusters) << self.cluster_bits
         self.map.check_no_overlap(offset, clusters * cs, what)
-        self.file.pwrite(bytes(data) + bytes(clusters * cs - len(data)), offset)
-        self._host_size = max(self._host_size, offset + clusters * cs)
+        written = bytes(data) + bytes(clusters * cs - len(data)) if pad else bytes(data)
+        self.file.pwrite(written, offset)
+        self._host_size = max(self._host_size, offset + len(written))
         return offset
 
     def _write_header(self) -> None:
@@ -1101,8 +1104,8 @@ class Qcow2Image(BlockDevice):
             self._write_back()  # the new table's refcounts before the header
             table = array("Q", self.map.l1)
             table.extend([0] * (new_l1_size - old_size))
-            self.file.pwrite(encode_be64(table).ljust(clusters * cs, b"\0"), new_offset)
-            self._host_size = max(self._host_size, new_offset + clusters * cs)
+            self.file.pwrite(encode_be64(table), new_offset)  # its bytes only, as QEMU
+            self._host_size = max(self._host_size, new_offset + new_l1_size * 8)
             self._sync(self.file)
             old_offset = self.header.l1_table_offset
             self.header.l1_size = new_l1_size

@@ -165,3 +165,14 @@ def test_create_is_byte_identical_to_qemu_img(tmp_path):
         assert result.returncode == 0, result.stderr
         qemu_img("create", "-q", "-f", "qcow2", *extra, theirs, size)
         assert ours.read_bytes() == theirs.read_bytes(), (options, size)
+
+
+def test_resize_grows_the_l1_table_as_qemu_img_does(tmp_path):
+    for index, (start, new_size) in enumerate((("0", "10G"), ("1G", "100G"))):
+        ours, theirs = tmp_path / f"ours{index}.qcow2", tmp_path / f"theirs{index}.qcow2"
+        for image in (ours, theirs):
+            qemu_img("create", "-q", "-f", "qcow2", image, start)
+        result = run_qimg(tmp_path, "resize", "-q", ours, new_size)
+        assert result.returncode == 0, result.stderr
+        qemu_img("resize", "-q", theirs, new_size)
+        assert ours.read_bytes() == theirs.read_bytes(), (start, new_size)
