@@ -10,7 +10,10 @@ import contextlib
 import io
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import qimg
@@ -176,3 +179,45 @@ def test_resize_grows_the_l1_table_as_qemu_img_does(tmp_path):
         assert result.returncode == 0, result.stderr
         qemu_img("resize", "-q", theirs, new_size)
         assert ours.read_bytes() == theirs.read_bytes(), (start, new_size)
+
+
+# --- messages -------------------------------------------------------------------------
+
+QIMG_SCRIPT = Path(__file__).resolve().parent.parent / "tools" / "qimg.py"
+
+
+def qimg_program(tmp_path: Path, name: str) -> Path:
+    """An executable called `name` that runs this worktree's qimg (argv[0] kept)."""
+    program = tmp_path / name
+    program.write_text(f"#!{sys.executable}\nimport sys\n"
+                       f"sys.path.insert(0, {str(QIMG_SCRIPT.parent.parent)!r})\n"
+                       "from qcow2lib.cli import main\nsys.exit(main())\n")
+    program.chmod(0o755)
+    return program
+
+
+def test_usage_pointers_name_the_program_as_invoked(tmp_path):
+    for name in ("qimg", "qemu-img"):
+        program = qimg_program(tmp_path, name)
+        result = run([program], check=False)
+        assert result.returncode == 1
+        assert result.stderr == (f"{name}: Not enough arguments\n"
+                                 f"Try '{name} --help' for more information\n")
+        usage = run([program, "--help"]).stdout.splitlines()[2]
+        assert usage == f"usage: {name} [standard options] command [command options]"
+    # under its own name, exactly what qemu-img prints
+    assert run([tmp_path / "qemu-img"], check=False).stderr == run(["qemu-img"], check=False).stderr
+
+
+def test_ctrl_c_kills_quietly_by_sigint_like_qemu_img(tmp_path):
+    qemu_img("create", "-q", "-f", "qcow2", tmp_path / "b.qcow2", "1G")
+    program = qimg_program(tmp_path, "qemu-img")
+    for command in (["qemu-img"], [str(program)]):
+        process = subprocess.Popen(command + ["bench", "-c", "100000000", "-q",
+                                              str(tmp_path / "b.qcow2")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(1.5)  # past start-up: Python installs its own handler early
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+        assert process.returncode == -signal.SIGINT, command  # a shell shows 130
+        assert err == b"", command
