@@ -1840,6 +1840,8 @@ def check_path(filename: str, repair: str | None = None, fmt: str | None = None,
         except Qcow2Error as exc:
             report.failed = True
             message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            if exc.qemu_message is not None:
+                message = exc.qemu_message
             report.error = f"Could not open '{filename}': {message}"
             return report
         t = _Target(file, header, filename, bool(fix), report.messages, prog)

@@ -73,7 +73,9 @@ def read_snapshot_table(file, offset: int, count: int, cluster_size: int,
         entry = S.SnapshotEntryHeader.parse(file.pread(S.SNAPSHOT_ENTRY_HEADER_SIZE, pos))
         if entry.extra_data_size > S.MAX_SNAPSHOT_EXTRA_DATA:
             raise CorruptImageError(
-                f"Snapshot {index}: extra_data_size {entry.extra_data_size} too large")
+                f"Snapshot {index}: extra_data_size {entry.extra_data_size} too large",
+                qemu_message=f"Too much extra metadata in snapshot table entry {index}",
+                qemu_hint="You can force-remove this extra metadata with qemu-img check -r all\n")
         body_size = entry.extra_data_size + entry.id_str_size + entry.name_size
         body_start = pos + S.SNAPSHOT_ENTRY_HEADER_SIZE
         if body_start + body_size > file_size:
@@ -106,7 +108,11 @@ def read_snapshot_table(file, offset: int, count: int, cluster_size: int,
         pos = body_start + body_size
         pos += -(pos - offset) % 8
         if pos - offset > S.MAX_SNAPSHOT_TABLE_BYTES:
-            raise CorruptImageError(f"Snapshot table too large (nb_snapshots {count})")
+            raise CorruptImageError(
+                f"Snapshot table too large (nb_snapshots {count})",
+                qemu_message="Snapshot table is too big",
+                qemu_hint=f"You can force-remove all {count - index} overhanging snapshots "
+                          f"with qemu-img check -r all\n")
     return snapshots, pos - offset
 
 

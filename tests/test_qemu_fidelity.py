@@ -221,3 +221,52 @@ def test_ctrl_c_kills_quietly_by_sigint_like_qemu_img(tmp_path):
         _, err = process.communicate(timeout=30)
         assert process.returncode == -signal.SIGINT, command  # a shell shows 130
         assert err == b"", command
+
+
+def _poke(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def _add_feature_table(path: Path, table: bytes) -> None:
+    """Replace the header extensions of a fresh v3 image by one feature name table."""
+    data = (0x6803F857).to_bytes(4, "big") + len(table).to_bytes(4, "big") + table
+    _poke(path, 112, data + bytes(-len(data) % 8) + bytes(8))
+
+
+def test_open_failures_are_worded_as_qemu_img_words_them(tmp_path):
+    """iotests 036 (feature names from the table, in its order), 054, 080, 261."""
+    image = tmp_path / "t.qcow2"
+    cases = []
+    # 036: bits 61-63 set; a table naming 61 and 62 (entries padded as QEMU writes them)
+    qemu_img("create", "-q", "-f", "qcow2", image, "64M")
+    _poke(image, 72, (0xE000000000000000).to_bytes(8, "big"))
+    entry = b"\x00\x3d" + b"test1" + b"\0" + b" " * 40 + b"\x00\x3e" + b"test2" + b"\0" + b" " * 40
+    _add_feature_table(image, entry)
+    cases.append(("features", image.read_bytes()))
+    # 036: a short, unpadded entry still names its bit
+    qemu_img("create", "-q", "-f", "qcow2", image, "64M")
+    _poke(image, 72, (0x8000000000000000).to_bytes(8, "big"))
+    _add_feature_table(image, b"\x00\x3fTest feature")
+    cases.append(("short entry", image.read_bytes()))
+    # 054: a virtual size no L1 table can cover
+    qemu_img("create", "-q", "-f", "qcow2", image, "64M")
+    _poke(image, 24, (1 << 60).to_bytes(8, "big"))
+    cases.append(("too big", image.read_bytes()))
+    # 080: an L1 table smaller than the size needs
+    qemu_img("create", "-q", "-f", "qcow2", image, "64M")
+    _poke(image, 36, (0).to_bytes(4, "big"))
+    cases.append(("L1 too small", image.read_bytes()))
+    # 261: a snapshot whose extra data is over QEMU's limit (with its hint)
+    qemu_img("create", "-q", "-f", "qcow2", image, "64M")
+    qemu_img("snapshot", "-c", "s", image)
+    snapshots_offset = int.from_bytes(image.read_bytes()[64:72], "big")
+    _poke(image, snapshots_offset + 36, (65536).to_bytes(4, "big"))
+    cases.append(("extra data", image.read_bytes()))
+    for label, content in cases:
+        image.write_bytes(content)
+        mine = run_qimg(tmp_path, "info", image)
+        real = run_qemu(tmp_path, "info", image)
+        assert real.returncode == 1, label
+        assert (mine.returncode, mine.stderr) == (real.returncode, real.stderr), label

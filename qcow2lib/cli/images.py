@@ -144,7 +144,8 @@ def open_spec(cli: Cli, spec: ImageSpec, mode: str = "r", backing: bool = True,
                           f"Is another process using the image [{host_path(spec.path)}]?\n") \
             from exc
     except Qcow2Error as exc:
-        raise OpenFailure(f"Could not open '{spec.name}': {error_text(exc)}") from exc
+        raise OpenFailure(f"Could not open '{spec.name}': {error_text(exc)}",
+                          exc.qemu_hint) from exc
     given = [spec.key_secret is not None or explicit,
              *(name is not None for name in spec.backing_secrets)]
     for depth, layer in enumerate(_chain_layers(device)):

@@ -116,7 +116,7 @@ def image_info(filename: str, fmt: str | None = None, force_share: bool = False)
         with open_by_name(filename, fmt, backing=False, force_share=force_share) as img:
             return _describe(img, host_path(filename))
     except Qcow2Error as exc:
-        hint = ""
+        hint = exc.qemu_hint
         if isinstance(exc, ImageLockedError):
             hint = f"Is another process using the image [{host_path(filename)}]?\n"
         raise ImageOpenError(f"Could not open '{filename}': {error_text(exc)}", hint) from exc
