@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 import qcow2lib
+from qcow2lib.bitmaps import check_qemu_constraints
 from qcow2lib import ImageLockedError, Qcow2Error
 from qcow2lib.cli.common import Cli
 from qcow2lib.cli.qemuopts import CreateError, parse_qemu_opts, split_option_list
@@ -139,6 +140,11 @@ def open_spec(cli: Cli, spec: ImageSpec, mode: str = "r", backing: bool = True,
         device = qcow2lib.open(path, mode, fmt=spec.fmt, backing=backing,
                                force_share=spec.force_share, passphrase=passphrases,
                                cache="none" if cache == "off" else cache)
+        try:
+            check_qemu_constraints(getattr(device, "_bitmap_entries", []))
+        except Qcow2Error:
+            device.close()
+            raise
     except ImageLockedError as exc:
         raise OpenFailure(f"Could not open '{spec.name}': {error_text(exc)}",
                           f"Is another process using the image [{host_path(spec.path)}]?\n") \

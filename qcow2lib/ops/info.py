@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from ..bitmaps import check_qemu_constraints
 from ..errors import CorruptImageError, ImageLockedError, Qcow2Error
 from ..snapshots import list_snapshots
 from . import error_text, full_backing_filename, host_path, open_by_name, virtual_size
@@ -114,6 +115,7 @@ def image_info(filename: str, fmt: str | None = None, force_share: bool = False)
     """
     try:
         with open_by_name(filename, fmt, backing=False, force_share=force_share) as img:
+            check_qemu_constraints(getattr(img, "_bitmap_entries", []))
             return _describe(img, host_path(filename))
     except Qcow2Error as exc:
         hint = exc.qemu_hint
