@@ -1273,7 +1273,11 @@ class _Check:
                 fixing = bool(self.fix & FIX_ERRORS)
                 self.out.append(f"{'Repairing' if fixing else 'ERROR'} refcount block {i} is "
                                 f"outside image")
-                if fixing:
+                if fixing and offset > (1 << 63) - 1 - cs:
+                    # a file that long cannot exist (QEMU refuses with EINVAL, silently)
+                    self.rebuild = True
+                    self.out.append(f"ERROR could not resize image: {os.strerror(errno.EINVAL)}")
+                elif fixing:
                     try:
                         t.truncate(offset + cs)
                     except OSError as exc:

@@ -287,3 +287,20 @@ def test_bitmap_with_an_unknown_flag_is_refused_like_qemu_img(tmp_path):
         real = run_qemu(tmp_path, *command)
         assert (mine.returncode, mine.stderr) == (real.returncode, real.stderr), command
     assert "doesn't satisfy the constraints" in real.stderr
+
+
+def test_repairing_a_refcount_block_past_any_possible_file_end(tmp_path):
+    """iotest 108: a refblock offset so large that the file cannot grow to it."""
+    for value in (0x7FFFFFFFFFFF0000, 0xFFFFFFFFFFFF0000):
+        def setup(d: Path) -> None:
+            qemu_img("create", "-q", "-f", "qcow2", d / "t.qcow2", "64M")
+            _poke(d / "t.qcow2", 0x10008, value.to_bytes(8, "big"))
+
+        case = tmp_path / f"{value:x}"
+        case.mkdir()
+        ours, theirs = twin(case, setup)
+        mine = run_qimg(ours, "check", "-r", "all", "t.qcow2")
+        real = run_qemu(theirs, "check", "-r", "all", "t.qcow2")
+        assert "ERROR could not resize image: Invalid argument" in real.stderr
+        assert (mine.returncode, mine.stdout, mine.stderr) == \
+            (real.returncode, real.stdout, real.stderr)
