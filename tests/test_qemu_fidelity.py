@@ -304,3 +304,33 @@ def test_repairing_a_refcount_block_past_any_possible_file_end(tmp_path):
         assert "ERROR could not resize image: Invalid argument" in real.stderr
         assert (mine.returncode, mine.stdout, mine.stderr) == \
             (real.returncode, real.stdout, real.stderr)
+
+
+def test_amend_data_file_renames_or_removes_the_external_data_file_name(tmp_path):
+    """iotest 244: `amend -o data_file=` leaves an image that needs its data file given."""
+    def setup(d: Path) -> None:
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=t.qcow2.data",
+             "t.qcow2", "64M"], cwd=d)  # (a relative data file is taken from the cwd)
+
+    ours, theirs = twin(tmp_path, setup)
+    for d, runner in ((ours, run_qimg), (theirs, run_qemu)):
+        result = runner(d, "amend", "-odata_file=", "t.qcow2")
+        assert result.returncode == 0, result.stderr
+    assert (ours / "t.qcow2").read_bytes() == (theirs / "t.qcow2").read_bytes()
+    for command in (["check", "t.qcow2"],):  # (info: qimg refuses, qemu-img lists; see report)
+        mine, real = run_qimg(ours, *command), run_qemu(theirs, *command)
+        assert (mine.returncode, mine.stderr) == (real.returncode, real.stderr), command
+
+
+def test_compressed_convert_to_an_external_data_file_fails_as_qemu_img(tmp_path):
+    """iotest 244: the write fails with ENOTSUP, worded as qemu-img words write errors."""
+    def setup(d: Path) -> None:
+        qemu_img("create", "-q", "-f", "qcow2", d / "s.qcow2", "64M")
+        qemu_io(d / "s.qcow2", "write -P 0x11 0 1M")
+
+    ours, theirs = twin(tmp_path, setup)
+    args = ("convert", "-f", "qcow2", "-O", "qcow2", "-c", "-odata_file=t.qcow2.data",
+            "s.qcow2", "t.qcow2")
+    mine, real = run_qimg(ours, *args), run_qemu(theirs, *args)
+    assert (mine.returncode, mine.stderr) == (real.returncode, real.stderr)
+    assert real.stderr == "qemu-img: error while writing at byte 0: Operation not supported\n"
