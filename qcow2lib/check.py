@@ -1816,6 +1816,9 @@ def check_path(filename: str, repair: str | None = None, fmt: str | None = None,
             report.failed = True
             report.error = f"Could not open '{filename}': Could not open '{filename}': " \
                            f"{exc.strerror}"
+            if exc.errno == errno.EISDIR and not fix:  # opened read-only, then refused
+                report.error = f"Could not open '{filename}': 'file' driver requires " \
+                               f"'{filename}' to be a regular file"
             return report
         fmt = "qcow2" if magic == S.QCOW_MAGIC.to_bytes(4, "big") else "raw"
     report.format = fmt

@@ -81,9 +81,13 @@ class Header:
         """
         raw = first_cluster_reader(0, S.HEADER_V2_SIZE)
         if file_size < S.HEADER_V2_SIZE:
+            # QEMU reads a short file as if zero-padded: without the magic it is "not
+            # in qcow2 format" rather than truncated
+            magic_ok = raw[:4].ljust(4, b"\0") == S.QCOW_MAGIC.to_bytes(4, "big")
             raise CorruptImageError(
                 f"qcow2 header truncated: the file has {file_size} bytes, the header needs "
-                f"{S.HEADER_V2_SIZE}")
+                f"{S.HEADER_V2_SIZE}",
+                qemu_message=None if magic_ok else "Image is not in qcow2 format")
         v2 = S.HeaderV2.parse(raw)
         if v2.magic != S.QCOW_MAGIC:
             raise CorruptImageError("Image is not in qcow2 format")

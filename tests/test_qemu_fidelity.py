@@ -334,3 +334,16 @@ def test_compressed_convert_to_an_external_data_file_fails_as_qemu_img(tmp_path)
     mine, real = run_qimg(ours, *args), run_qemu(theirs, *args)
     assert (mine.returncode, mine.stderr) == (real.returncode, real.stderr)
     assert real.stderr == "qemu-img: error while writing at byte 0: Operation not supported\n"
+
+
+def test_directories_and_empty_files_are_refused_as_qemu_img_refuses_them(tmp_path):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "empty.img").write_bytes(b"")
+    (tmp_path / "short.img").write_bytes(bytes(50))
+    commands = [["check", "dir"], ["check", "-f", "qcow2", "dir"], ["check", "-r", "all", "dir"],
+                ["info", "dir"], ["info", "-f", "qcow2", "empty.img"],
+                ["info", "-f", "qcow2", "short.img"], ["check", "-f", "qcow2", "empty.img"]]
+    for command in commands:
+        mine, real = run_qimg(tmp_path, *command), run_qemu(tmp_path, *command)
+        assert real.returncode == 1, command
+        assert (mine.returncode, mine.stderr) == (real.returncode, real.stderr), command
