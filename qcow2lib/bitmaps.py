@@ -58,6 +58,29 @@ def bitmaps_extension(header):
     return None
 
 
+def check_qemu_constraints(entries: list[BitmapEntry]) -> None:
+    """Raise CorruptImageError for the first entry QEMU's open refuses: flags beyond
+    in-use and auto, a type other than dirty tracking, a granularity outside 512 B - 2 GiB,
+    a name over 1023 bytes or a table over 2^27 entries. (This engine keeps such bitmaps
+    and invalidates them on the first write; a drop-in for QEMU's tools refuses them.)"""
+    for entry in entries:
+        problems = []
+        if entry.flags & ~(FLAG_IN_USE | FLAG_AUTO):
+            problems.append(f"flags 0x{entry.flags:x}")
+        if entry.type != _TYPE_DIRTY_TRACKING:
+            problems.append(f"type {entry.type}")
+        if not 9 <= entry.granularity_bits <= 31:
+            problems.append(f"granularity_bits {entry.granularity_bits}")
+        if len(entry.name.encode()) > 1023:
+            problems.append(f"name of {len(entry.name.encode())} bytes")
+        if entry.table_size > 0x8000000:
+            problems.append(f"bitmap_table_size {entry.table_size}")
+        if problems:
+            raise CorruptImageError(
+                f"Bitmap '{entry.name}' directory entry is unusable ({', '.join(problems)})",
+                qemu_message=f"Bitmap '{entry.name}' doesn't satisfy the constraints")
+
+
 def read_directory(file, header, cluster_size: int) -> list[BitmapEntry]:
     """The bitmap directory the header points at ([] without the extension)."""
     info = bitmaps_extension(header)

@@ -1352,7 +1352,11 @@ class _Check:
                 fixing = bool(self.fix & FIX_ERRORS)
                 self.out.append(f"{'Repairing' if fixing else 'ERROR'} refcount block {i} is "
                                 f"outside image")
-                if fixing:
+                if fixing and offset > (1 << 63) - 1 - cs:
+                    # a file that long cannot exist (QEMU refuses with EINVAL, silently)
+                    self.rebuild = True
+                    self.out.append(f"ERROR could not resize image: {os.strerror(errno.EINVAL)}")
+                elif fixing:
                     try:
                         t.truncate(offset + cs)
                     except OSError as exc:
@@ -1945,6 +1949,8 @@ def check_path(filename: str, repair: str | None = None, fmt: str | None = None,
         except Qcow2Error as exc:
             report.failed = True
             message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            if exc.qemu_message is not None:
+                message = exc.qemu_message
             report.error = f"Could not open '{filename}': {message}"
             return report
         t = _Target(file, header, filename, bool(fix), report.messages, prog)

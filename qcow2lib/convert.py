@@ -32,11 +32,12 @@ equals the source.
 from __future__ import annotations
 
 import bisect
+import errno
 import os
 import threading
 
 from .blockdev import BlockDevice, RawDevice
-from .errors import InvalidArgumentError, Qcow2IOError
+from .errors import InvalidArgumentError, Qcow2IOError, UnsupportedFeatureError
 
 SECTOR = 512
 IO_BUF_SIZE = 2 << 20
@@ -582,6 +583,15 @@ class _Converter:
                 err = ConvertError(exc.errno, f"error while {state.get('phase', 'reading')} at "
                                               f"byte {sector_num * SECTOR}: {exc.strerror}",
                                    exc.filename)
+                err.__cause__ = exc
+                self._fail(err)
+                return
+            except UnsupportedFeatureError as exc:
+                # what the target cannot store (compressed clusters in an image with an
+                # external data file): QEMU's ENOTSUP from the write
+                err = ConvertError(errno.ENOTSUP, f"error while {state.get('phase', 'reading')} "
+                                                  f"at byte {sector_num * SECTOR}: "
+                                                  f"{os.strerror(errno.ENOTSUP)}")
                 err.__cause__ = exc
                 self._fail(err)
                 return

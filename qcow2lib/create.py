@@ -199,6 +199,10 @@ def _write_empty_qcow2(path, size, version, cluster_size, backing_file, backing_
     if encrypt_format:
         hdr.crypt_method = 2 if encrypt_format == "luks" else 1
     hdr.l1_size = hdr.l1_entries_needed()
+    layout = None if luks_header else _qemu_layout(cluster_size, refcount_bits, hdr.l1_size * 8)
+    if layout is not None:
+        _write_qemu_layout(path, hdr, cluster_size, refcount_bits, *layout)
+        return
     l1_clusters = -(-hdr.l1_size * 8 // cluster_size)
     crypto_clusters = -(-len(luks_header) // cluster_size)
     block_entries = cluster_size * 8 // refcount_bits
@@ -235,6 +239,81 @@ def _write_empty_qcow2(path, size, version, cluster_size, backing_file, backing_
             file.pwrite(bytes(-len(header) % cluster_size), len(header))
             file.pwrite(bytes(l1_clusters * cluster_size), hdr.l1_table_offset)
         file.truncate(total * cluster_size)
+        file.flush()
+    except Qcow2IOError:
+        file.close()
+        raise
+    file.close()
+
+
+def _qemu_layout(cluster_size: int, refcount_bits: int,
+                 l1_bytes: int) -> tuple[int, dict[int, int], int] | None:
+    """Where qemu-img's create puts the L1 table and the refcount blocks, or None when
+    its refcount table (one cluster) would have to grow.
+
+    QEMU first writes the header, a one-cluster refcount table and one refcount block
+    (clusters 0-2), then grows the empty L1 table to its size: the table takes the
+    clusters from 3 on, but only its bytes are written, so the file ends with it. Each
+    refcount block the table's clusters then need goes to the next free cluster; a block
+    that lands outside the range it describes is counted by the block covering it, placed
+    right after. Returns (L1 offset, {refcount table index: block cluster}, file size).
+    """
+    block_entries = cluster_size * 8 // refcount_bits
+    table_entries = cluster_size // 8
+    blocks = {0: 2}
+    if not l1_bytes:
+        return 0, blocks, 3 * cluster_size
+    l1_first = 3
+    next_free = l1_first + -(-l1_bytes // cluster_size)
+
+    def place(block_index: int) -> bool:
+        nonlocal next_free
+        if block_index in blocks:
+            return True
+        if block_index >= table_entries:
+            return False
+        cluster = next_free
+        next_free += 1
+        if cluster // block_entries != block_index and not place(cluster // block_entries):
+            return False
+        blocks[block_index] = cluster
+        return True
+
+    for block_index in range(l1_first // block_entries, (next_free - 1) // block_entries + 1):
+        if not place(block_index):
+            return None
+    file_end = max(l1_first * cluster_size + l1_bytes, (max(blocks.values()) + 1) * cluster_size)
+    return l1_first * cluster_size, blocks, file_end
+
+
+def _write_qemu_layout(path: str, hdr: Header, cluster_size: int, refcount_bits: int,
+                       l1_offset: int, blocks: dict[int, int], file_end: int) -> None:
+    """Write a new image laid out by _qemu_layout: header, refcount table and blocks
+    counting every cluster in use; the L1 table reads zeros (the file is sparse there)."""
+    order = refcount_bits.bit_length() - 1
+    block_entries = cluster_size * 8 // refcount_bits
+    hdr.refcount_table_offset = cluster_size
+    hdr.refcount_table_clusters = 1
+    hdr.l1_table_offset = l1_offset
+    used = {0, 1, *blocks.values()}
+    if l1_offset:
+        first = l1_offset // cluster_size
+        used.update(range(first, first + -(-hdr.l1_size * 8 // cluster_size)))
+    table = array("Q", [0] * (cluster_size // 8))
+    for block_index, cluster in blocks.items():
+        table[block_index] = cluster * cluster_size
+    file = create_host_file(path)
+    try:
+        file.pwrite(hdr.pack(), 0)
+        file.pwrite(encode_be64(table), cluster_size)
+        for block_index, cluster in sorted(blocks.items()):
+            block = RefcountBlock(order, bytes(cluster_size))
+            base = block_index * block_entries
+            for used_cluster in used:
+                if base <= used_cluster < base + block_entries:
+                    block.set(used_cluster - base, 1)
+            file.pwrite(block.to_bytes(), cluster * cluster_size)
+        file.truncate(file_end)
         file.flush()
     except Qcow2IOError:
         file.close()

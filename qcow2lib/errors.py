@@ -3,10 +3,24 @@
 Each error names the field and the value that made it fail, so a user can tell a
 damaged image from an unsupported one without reading a traceback.
 """
+from __future__ import annotations
 
 
 class Qcow2Error(Exception):
-    """Base of every error qcow2lib raises on purpose."""
+    """Base of every error qcow2lib raises on purpose.
+
+    qemu_message, when set, is QEMU's own wording of the same failure (which often omits
+    the field and value the message names) and qemu_hint the lines QEMU prints after it:
+    what a drop-in for QEMU's tools shows instead of the message.
+    """
+
+    qemu_message: str | None = None
+    qemu_hint: str = ""
+
+    def __init__(self, *args, qemu_message: str | None = None, qemu_hint: str = ""):
+        super().__init__(*args)
+        self.qemu_message = qemu_message
+        self.qemu_hint = qemu_hint
 
 
 class CorruptImageError(Qcow2Error):

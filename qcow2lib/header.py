@@ -81,9 +81,13 @@ class Header:
         """
         raw = first_cluster_reader(0, S.HEADER_V2_SIZE)
         if file_size < S.HEADER_V2_SIZE:
+            # QEMU reads a short file as if zero-padded: without the magic it is "not
+            # in qcow2 format" rather than truncated
+            magic_ok = raw[:4].ljust(4, b"\0") == S.QCOW_MAGIC.to_bytes(4, "big")
             raise CorruptImageError(
                 f"qcow2 header truncated: the file has {file_size} bytes, the header needs "
-                f"{S.HEADER_V2_SIZE}")
+                f"{S.HEADER_V2_SIZE}",
+                qemu_message=None if magic_ok else "Image is not in qcow2 format")
         v2 = S.HeaderV2.parse(raw)
         if v2.magic != S.QCOW_MAGIC:
             raise CorruptImageError("Image is not in qcow2 format")
@@ -164,10 +168,16 @@ class Header:
                     f"Backing format extension too long (length {len(data)}, limit 15)")
             self.backing_format = data.split(b"\0", 1)[0].decode("ascii", "replace")
         elif ext_type == S.EXT_FEATURE_TABLE:
-            for pos in range(0, len(data) - S.FEATURE_NAME_ENTRY_SIZE + 1, S.FEATURE_NAME_ENTRY_SIZE):
-                entry = data[pos:pos + S.FEATURE_NAME_ENTRY_SIZE]
+            # As QEMU reads it: a last partial entry counts (zero-padded), the table ends
+            # at the first entry without a name, and the first name for a bit wins.
+            size = S.FEATURE_NAME_ENTRY_SIZE
+            data = data + bytes(-len(data) % size)
+            for pos in range(0, len(data), size):
+                entry = data[pos:pos + size]
+                if not entry[2]:
+                    break
                 name = entry[2:].split(b"\0", 1)[0].decode("ascii", "replace")
-                self.feature_names[(entry[0], entry[1])] = name
+                self.feature_names.setdefault((entry[0], entry[1]), name)
         elif ext_type == S.EXT_DATA_FILE:
             self.data_file = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         elif ext_type == S.EXT_CRYPTO:
@@ -180,15 +190,16 @@ class Header:
         unknown = self.incompatible_features & ~S.INCOMPAT_KNOWN
         if unknown:
             names = []
-            for bit in range(64):
-                if unknown & (1 << bit) and (0, bit) in self.feature_names:
-                    names.append(self.feature_names[(0, bit)])
+            for (feature_type, bit), name in self.feature_names.items():  # table order
+                if feature_type == 0 and bit < 64 and unknown & (1 << bit):
+                    names.append(name[:46])
                     unknown &= ~(1 << bit)
             if unknown:
                 names.append(f"Unknown incompatible feature: {unknown:x}")
+            text = f"Unsupported qcow2 feature(s): {', '.join(names)}"
             raise UnsupportedFeatureError(
-                f"Unsupported qcow2 feature(s): {', '.join(names)} (incompatible_features "
-                f"0x{self.incompatible_features:x})")
+                f"{text} (incompatible_features 0x{self.incompatible_features:x})",
+                qemu_message=text)
         if self.compression_type not in S.COMPRESSION_TYPES:
             raise UnsupportedFeatureError(
                 f"qcow2: unknown compression type: {self.compression_type} (compression_type)")
@@ -233,17 +244,21 @@ class Header:
                              "l1_size", self.l1_size, 8, S.MAX_L1_BYTES, file_size)
         needed = self.l1_entries_needed()
         if needed > 0x7FFFFFFF:
-            raise CorruptImageError(f"Image is too big (size {self.size})")
+            raise CorruptImageError(f"Image is too big (size {self.size})",
+                                    qemu_message="Image is too big")
         if self.l1_size < needed:
             raise CorruptImageError(
-                f"L1 table is too small (l1_size {self.l1_size}, size {self.size} needs {needed})")
+                f"L1 table is too small (l1_size {self.l1_size}, size {self.size} needs {needed})",
+                qemu_message="L1 table is too small")
 
     def _validate_table(self, name: str, field_name: str, offset: int, count_field: str,
                         entries: int, entry_len: int, max_bytes: int, file_size: int) -> None:
         if entries > max_bytes // entry_len:
-            raise CorruptImageError(f"{name} too large ({count_field} {entries})")
+            raise CorruptImageError(f"{name} too large ({count_field} {entries})",
+                                    qemu_message=f"{name} too large")
         if offset % self.cluster_size or (entries and offset == 0):
-            raise CorruptImageError(f"{name} offset invalid ({field_name} {offset})")
+            raise CorruptImageError(f"{name} offset invalid ({field_name} {offset})",
+                                    qemu_message=f"{name} offset invalid")
         if entries and offset + entries * entry_len > file_size:
             raise CorruptImageError(
                 f"{name} offset invalid: {field_name} {offset} with {count_field} {entries} ends "

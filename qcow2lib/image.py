@@ -248,16 +248,19 @@ class Qcow2Image(BlockDevice):
             self._bitmap_tracker = None
             self.bitmaps = []
 
-    def write_new_clusters(self, data: bytes) -> int:
-        """Write `data` (padded to whole clusters) into newly allocated clusters and return
-        their offset; nothing points at them until the caller's commit (a header or table
-        write after the next write-back has made their refcounts durable)."""
+    def write_new_clusters(self, data: bytes, pad: bool = False) -> int:
+        """Write `data` into newly allocated clusters and return their offset; nothing
+        points at them until the caller's commit (a header or table write after the next
+        write-back has made their refcounts durable). As QEMU, only the bytes of a table
+        are written (a file ending with it ends where it does); pad=True zero-fills the
+        last cluster (bitmap data, which QEMU writes in whole clusters)."""
         cs = self.cluster_size
         clusters = max(1, -(-len(data) // cs))
         offset = self.refcounts.allocate(clusters) << self.cluster_bits
         self.guard_write(offset, clusters * cs)
-        self.file.pwrite(bytes(data) + bytes(clusters * cs - len(data)), offset)
-        self._host_size = max(self._host_size, offset + clusters * cs)
+        written = bytes(data) + bytes(clusters * cs - len(data)) if pad else bytes(data)
+        self.file.pwrite(written, offset)
+        self._host_size = max(self._host_size, offset + len(written))
         return offset
 
     def _write_header(self) -> None:
@@ -1284,8 +1287,8 @@ class Qcow2Image(BlockDevice):
             table = array("Q", self.map.l1)
             table.extend([0] * (new_l1_size - old_size))
             self.guard_write(new_offset, clusters * cs)
-            self.file.pwrite(encode_be64(table).ljust(clusters * cs, b"\0"), new_offset)
-            self._host_size = max(self._host_size, new_offset + clusters * cs)
+            self.file.pwrite(encode_be64(table), new_offset)  # its bytes only, as QEMU
+            self._host_size = max(self._host_size, new_offset + new_l1_size * 8)
             self._sync(self.file)
             old_offset = self.header.l1_table_offset
             self.header.l1_size = new_l1_size
@@ -1360,6 +1363,49 @@ class Qcow2Image(BlockDevice):
             self._sync(self.file)
             self.size = new_size
 
+    def resize_shrink_reftable(self) -> None:
+        """Drop refcount blocks that count nothing any more (after a shrink freed the
+        clusters they described), as QEMU does before cutting the file: a block counting
+        only itself goes with its table entry; one counted by another block is released
+        there, which may empty that block in turn. The table reaches the disk first, so a
+        crash can only leak the dropped blocks."""
+        refs = self.refcounts
+        with self._cond:
+            self._resize_quiesce()
+            while True:
+                dropped: list[int] = []
+                for block_index in range(len(refs.table)):
+                    offset = refs._block_offset(block_index)
+                    if not offset:
+                        continue
+                    block = refs.blocks.get(offset)
+                    own_cluster = offset >> self.cluster_bits
+                    own_index = None
+                    if own_cluster // refs.block_entries == block_index:
+                        own_index = own_cluster % refs.block_entries
+                    if all(block.get(i) == 0 for i in range(refs.block_entries)
+                           if i != own_index):
+                        dropped.append(block_index)
+                if not dropped:
+                    return
+                counted_elsewhere = []
+                for block_index in dropped:
+                    offset = refs._block_offset(block_index)
+                    refs.blocks.drop(offset)
+                    refs.table[block_index] = 0
+                    own_cluster = offset >> self.cluster_bits
+                    if own_cluster // refs.block_entries != block_index:
+                        counted_elsewhere.append(own_cluster)
+                refs.write_table()
+                self._sync(self.file)
+                for cluster in counted_elsewhere:
+                    refs.update(cluster, 1, -1)
+                    refs.free_hint = min(refs.free_hint, cluster)
+                self._write_back_all()
+                self._sync(self.file)
+                if not counted_elsewhere:
+                    return
+
     def resize_truncate_file(self) -> None:
         """Cut the image file after its last cluster with a non-zero refcount."""
         with self._cond:
@@ -1406,7 +1452,6 @@ class Qcow2Image(BlockDevice):
                 head = self._old_content(head_start, start - head_start)
             for l1_index in sorted({i // self.map.l2_entries for i in todo}):
                 self._writable_l2(l1_index)
-            bitmap = S.L2_BITMAP_ALL_ALLOC if self.extended_l2 else 0
             if self.has_data_file:  # guest offset == host offset
                 target = self._data_target()
                 hosts = [i << bits for i in todo]
@@ -1434,7 +1479,10 @@ class Qcow2Image(BlockDevice):
                 self._host_size = max(self._host_size, last_end)
             self._prealloc_detected = None
             for index, host in zip(todo, hosts):
-                old_entry = self.map.get_entry(index)[0]
+                # With subclusters, preallocation maps the cluster but leaves its bitmap
+                # as it was (QEMU's prealloc link): unallocated subclusters keep showing
+                # the backing file, or zeros without one.
+                old_entry, bitmap = self.map.get_entry(index)
                 self.map.set_entry(index, host | S.OFLAG_COPIED, bitmap)
                 for first, count in self._clusters_of(old_entry):
                     self.refcounts.free(first, count)

@@ -80,7 +80,9 @@ def read_snapshot_table(file, offset: int, count: int, cluster_size: int,
         entry = S.SnapshotEntryHeader.parse(file.pread(S.SNAPSHOT_ENTRY_HEADER_SIZE, pos))
         if entry.extra_data_size > S.MAX_SNAPSHOT_EXTRA_DATA:
             raise CorruptImageError(
-                f"Snapshot {index}: extra_data_size {entry.extra_data_size} too large")
+                f"Snapshot {index}: extra_data_size {entry.extra_data_size} too large",
+                qemu_message=f"Too much extra metadata in snapshot table entry {index}",
+                qemu_hint="You can force-remove this extra metadata with qemu-img check -r all\n")
         body_size = entry.extra_data_size + entry.id_str_size + entry.name_size
         body_start = pos + S.SNAPSHOT_ENTRY_HEADER_SIZE
         if body_start + body_size > file_size:
@@ -113,7 +115,11 @@ def read_snapshot_table(file, offset: int, count: int, cluster_size: int,
         pos = body_start + body_size
         pos += -(pos - offset) % 8
         if pos - offset > S.MAX_SNAPSHOT_TABLE_BYTES:
-            raise CorruptImageError(f"Snapshot table too large (nb_snapshots {count})")
+            raise CorruptImageError(
+                f"Snapshot table too large (nb_snapshots {count})",
+                qemu_message="Snapshot table is too big",
+                qemu_hint=f"You can force-remove all {count - index} overhanging snapshots "
+                          f"with qemu-img check -r all\n")
     return snapshots, pos - offset
 
 
@@ -749,19 +755,20 @@ def create_snapshot(image, name: str, *, vm_state_size: int = 0, vm_clock_nsec: 
         active = image.map.l1
         vm_index = _vm_state_index(image, image.size)
         span = _l1_span(image)
-        keep = min(len(active), vm_index + (-(-vm_state_size // span)))
-        if vm_state_size and vm_index + (-(-vm_state_size // span)) > len(active):
+        vm_end = vm_index + (-(-vm_state_size // span))
+        if vm_state_size and vm_end > len(active):
             raise InvalidArgumentError(
                 f"vm_state_size {vm_state_size} reaches past the image's L1 table (write the "
                 f"VM state with write_vmstate first)")
         snap = Snapshot(_new_id(snapshots), name, 0, len(active), date_sec, date_nsec,
                         vm_clock_nsec, vm_state_size, b"", image.size,
                         ICOUNT_DISABLED if icount is None else icount)
-        offsets = _plain_offsets(image, active)
-        snap_l1 = offsets[:keep] + array("Q", bytes(8 * (len(active) - keep)))
-        # The VM state goes to the snapshot alone: QEMU drops it from the active tree.
-        new_active = offsets[:vm_index] + array("Q", bytes(8 * (len(active) - vm_index)))
-        del offsets
+        # The snapshot takes the whole active L1 table, VM state area included (data
+        # written there past vm_state_size survives a revert, as in QEMU); the VM state
+        # itself goes to the snapshot alone: QEMU drops it from the active tree.
+        snap_l1 = _plain_offsets(image, active)
+        new_active = array("Q", snap_l1)
+        new_active[vm_index:vm_end] = array("Q", bytes(8 * (vm_end - vm_index)))
         _commit_state(image, new_active, snapshot_l1=snap_l1, new_snapshot=snap,
                       snapshots=snapshots + [snap])
         return snap

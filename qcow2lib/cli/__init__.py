@@ -15,6 +15,7 @@ returns the exit code.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 from typing import NamedTuple
 
@@ -137,6 +138,10 @@ def run(cli: Cli, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Run qimg with `argv` (default sys.argv[1:]); messages name `prog` (default argv[0])."""
+    if argv is None:
+        # As a program, die of Ctrl-C the way qemu-img does (it keeps SIGINT's default
+        # action): no traceback, and the parent sees death by SIGINT (a shell: 130).
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     if prog is None:
         prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "qimg"
         prog = prog.removesuffix(".py")  # `python -m qimg` and `python qimg.py` say "qimg"

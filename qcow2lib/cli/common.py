@@ -38,13 +38,13 @@ class Cli:
     def error_exit(self, message: str) -> NoReturn:
         """A usage error: the message, the pointer to --help, exit status 1."""
         self.error_report(message)
-        sys.stderr.write("Try 'qemu-img --help' for more information\n")
+        sys.stderr.write(f"Try '{self.prog} --help' for more information\n")
         raise CliExit(1)
 
     def help(self) -> NoReturn:
         """qemu-img's full help (any -h, global or per command), then exit status 0."""
         from qcow2lib.cli.help import help_text
-        self.out(help_text())
+        self.out(help_text(self.prog))
         raise CliExit(0)
 
     def option_error(self, getopt: GetoptLong, code: str) -> NoReturn:

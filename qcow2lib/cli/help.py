@@ -8,7 +8,7 @@ VERSION_TEXT = (f"qemu-img version {QEMU_VERSION} (qimg {QIMG_VERSION})\n"
 
 
 HELP_INTRO = """\
-usage: qemu-img [standard options] command [command options]
+usage: {prog} [standard options] command [command options]
 QEMU disk image utility
 
     '-h', '--help'       display this help and exit
@@ -120,12 +120,13 @@ Report qimg bugs to the qcow2lib project; qimg is not maintained by QEMU.
 """
 
 
-def help_text() -> str:
-    """qemu-img's full help: version, usage, the commands' syntax, parameters, formats."""
+def help_text(prog: str = "qemu-img") -> str:
+    """qemu-img's full help: version, usage (naming `prog`), the commands' syntax,
+    parameters, formats."""
     from qcow2lib.cli import COMMANDS
     from qcow2lib.ops import FORMATS
     syntax = "".join(f"  {command.synopsis}\n" for command in COMMANDS.values()
                      if command.synopsis is not None)
     formats = "".join(f" {name}" for name in FORMATS)
-    return (f"{VERSION_TEXT}{HELP_INTRO}{syntax}{HELP_PARAMETERS}\n"
+    return (f"{VERSION_TEXT}{HELP_INTRO.format(prog=prog)}{syntax}{HELP_PARAMETERS}\n"
             f"Supported formats:{formats}\n\n{HELP_BOTTOM}")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 import qcow2lib
+from qcow2lib.bitmaps import check_qemu_constraints
 from qcow2lib import ImageLockedError, Qcow2Error
 from qcow2lib.chain import json_name_options, untrusted_backing_path
 from qcow2lib.cli.common import Cli
@@ -244,12 +245,18 @@ def open_spec(cli: Cli, spec: ImageSpec, mode: str = "r", backing: bool = True,
         device = qcow2lib.open(path, mode, fmt=spec.fmt, backing=backing,
                                force_share=spec.force_share, passphrase=passphrases,
                                cache="none" if cache == "off" else cache, untrusted=untrusted())
+        try:
+            check_qemu_constraints(getattr(device, "_bitmap_entries", []))
+        except Qcow2Error:
+            device.close()
+            raise
     except ImageLockedError as exc:
         raise OpenFailure(f"Could not open '{spec.name}': {error_text(exc)}",
                           f"Is another process using the image [{host_path(spec.path)}]?\n") \
             from exc
     except Qcow2Error as exc:
-        raise OpenFailure(f"Could not open '{spec.name}': {error_text(exc)}") from exc
+        raise OpenFailure(f"Could not open '{spec.name}': {error_text(exc)}",
+                          exc.qemu_hint) from exc
     if device.format == "qcow2":
         try:
             check_entry_size(spec, device.cluster_size)
@@ -346,15 +353,20 @@ def load_snapshot(source, snapshot_opts: dict | None, snapshot_name: str | None)
                           f"device '' does not support temporarily loading internal snapshots")
     try:
         if snapshot_opts is not None:
-            return SnapshotView(source, id=snapshot_opts.get("snapshot.id"),
+            view = SnapshotView(source, id=snapshot_opts.get("snapshot.id"),
                                 name=snapshot_opts.get("snapshot.name"))
-        from qcow2lib import snapshots as snaps
-        found = snaps.find_snapshot(source, id=snapshot_name)
-        if found is None:
-            found = snaps.find_snapshot(source, name=snapshot_name)
-        if found is None:
-            raise qcow2lib.InvalidArgumentError("Can't find snapshot")
-        return SnapshotView(source, id=found.id, name=found.name)
+        else:
+            from qcow2lib import snapshots as snaps
+            found = snaps.find_snapshot(source, id=snapshot_name)
+            if found is None:
+                found = snaps.find_snapshot(source, name=snapshot_name)
+            if found is None:
+                raise qcow2lib.InvalidArgumentError("Can't find snapshot")
+            view = SnapshotView(source, id=found.id, name=found.name)
+        # qemu-img swaps in the snapshot's L1 table only: the device keeps the image's
+        # current size, whatever disk size the snapshot recorded.
+        view.size = source.size
+        return view
     except Qcow2Error as exc:
         text = error_text(exc)
         if "find" in text.lower() or "no snapshot" in text.lower() or "not found" in text:

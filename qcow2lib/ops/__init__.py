@@ -16,7 +16,10 @@ __all__ = ["FORMATS", "error_text", "virtual_size", "has_protocol", "host_path",
 
 
 def error_text(exc: Qcow2Error) -> str:
-    """The message of a qcow2lib error, without OSError's "[Errno n]" decoration."""
+    """The message of a qcow2lib error as qemu-img words it: its qemu_message if it has
+    one, without OSError's "[Errno n]" decoration."""
+    if getattr(exc, "qemu_message", None) is not None:
+        return exc.qemu_message
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc)

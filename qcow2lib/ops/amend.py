@@ -152,6 +152,13 @@ def _amend(image, compat, refcount_bits, lazy_refcounts, size, backing_file, bac
         set_lazy_refcounts(image, lazy_refcounts)
     if size:
         resize(image, size, shrink=True)
+    if data_file is not None and (data_file or None) != hdr.data_file:
+        # A new name for the external data file; "" removes it (it must then be given
+        # at open), as QEMU's amend does.
+        hdr.data_file = data_file or None
+        image.flush()
+        image._write_header()
+        image.file.flush()
     if new_version < old_version:
         _downgrade(image)
         step += 1

@@ -227,7 +227,7 @@ def _commit(image, entries: list[BitmapEntry], new_bits: dict[str, bytearray],
         for entry in entries:
             bits = new_bits.get(entry.name)
             if bits is not None:  # all-zero clusters of bits need none
-                table = [image.write_new_clusters(bits[start:start + cs])
+                table = [image.write_new_clusters(bits[start:start + cs], pad=True)
                          if bits[start:start + cs].strip(b"\0") else 0
                          for start in range(0, len(bits), cs)]
                 entry = replace(entry, table_size=len(table), table_offset=image.write_new_clusters(

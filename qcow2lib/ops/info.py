@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from ..chain import untrusted_backing_path
+from ..bitmaps import check_qemu_constraints
 from ..errors import CorruptImageError, ImageLockedError, Qcow2Error
 from ..chain import is_nbd_name
 from ..snapshots import list_snapshots
@@ -125,10 +126,11 @@ def image_info(filename: str, fmt: str | None = None, force_share: bool = False,
     try:
         with open_by_name(filename, fmt, backing=False, force_share=force_share,
                           backing_of=backing_of, untrusted=untrusted) as img:
+            check_qemu_constraints(getattr(img, "_bitmap_entries", []))
             target = image_target(filename, fmt)[0]
             return _describe(img, target if isinstance(target, str) else img.filename)
     except Qcow2Error as exc:
-        hint = ""
+        hint = exc.qemu_hint
         if isinstance(exc, ImageLockedError):
             hint = f"Is another process using the image [{host_path(filename)}]?\n"
         raise ImageOpenError(f"Could not open '{filename}': {error_text(exc)}", hint) from exc

@@ -156,6 +156,11 @@ def _safe_copy(image, image_path, new_backing, new_fmt, progress, force_share,
     if new_backing:
         new, prefix_depth, opened = _open_new_backing(image, image_path, new_backing, new_fmt,
                                                       force_share, untrusted)
+    if new_backing and not image.backing_filename:
+        # The image is about to get a backing file: from now on an unallocated cluster
+        # shows the new backing file, so zeroing one must write an explicit zero flag
+        # rather than leave the hole (which reads zeros only while nothing is behind it).
+        image.backing_filename = new_backing
     try:
         size = image.size
         old_size = old.size if old is not None else 0

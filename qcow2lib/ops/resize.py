@@ -88,6 +88,7 @@ def _resize_qcow2(image, new_size: int, preallocation: str) -> None:
         image.resize_drop_clusters(-(-new_size // cs))
         if image.data_host is not None:
             image.data_host.truncate(new_size)
+        image.resize_shrink_reftable()
         image.resize_truncate_file()
         image.resize_set_size(new_size)
         image.flush()

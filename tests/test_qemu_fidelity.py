@@ -1,0 +1,349 @@
+"""qimg against the real qemu-img on the cases QEMU 7.2's own iotests catch.
+
+Each test names the iotest it mirrors. The guest content (read back with qemu-io or
+converted with qemu-img) and, where the layout is deterministic, the image bytes are
+compared with what the real qemu-img produces from the same input.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import qimg
+from qemutools import qemu_img, qemu_io, qemu_map, run, to_raw
+
+
+def run_qimg(directory: Path, *args) -> subprocess.CompletedProcess:
+    """qimg.main() in-process in `directory`, its output captured."""
+    out, err = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(directory)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = qimg.main([str(a) for a in args], prog="qemu-img")
+    finally:
+        os.chdir(cwd)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def run_qemu(directory: Path, *args) -> subprocess.CompletedProcess:
+    """The real qemu-img in `directory`."""
+    return run(["qemu-img", *args], check=False, cwd=directory)
+
+
+def twin(tmp_path: Path, setup) -> tuple[Path, Path]:
+    """Two directories holding the same input, made by `setup(directory)`: one for
+    qemu-img, one for qimg."""
+    ours, theirs = tmp_path / "qimg", tmp_path / "qemu"
+    ours.mkdir()
+    setup(ours)
+    shutil.copytree(ours, theirs)
+    return ours, theirs
+
+
+# --- iotest 252: a safe rebase onto a new backing file never changes the guest's view ---
+
+def test_rebase_without_old_backing_zeroes_what_the_new_one_would_show(tmp_path):
+    cs = 65536
+
+    def setup(d: Path) -> None:
+        qemu_img("create", "-q", "-f", "qcow2", d / "t.qcow2", str(6 * cs))
+        qemu_img("create", "-q", "-f", "qcow2", d / "base_new.qcow2", str(6 * cs))
+        qemu_io(d / "t.qcow2", f"write -P 0x22 0 {2 * cs}", f"write -P 0x11 {2 * cs} {2 * cs}")
+        qemu_io(d / "base_new.qcow2", f"write -P 0x11 0 {cs}", f"write -P 0x11 {2 * cs} {cs}",
+                f"write -P 0x11 {4 * cs} {cs}")
+
+    ours, theirs = twin(tmp_path, setup)
+    before = to_raw(ours / "t.qcow2", tmp_path / "before.raw")
+    for d, runner in ((ours, run_qimg), (theirs, run_qemu)):
+        result = runner(d, "rebase", "-b", "base_new.qcow2", "-F", "qcow2", "t.qcow2")
+        assert result.returncode == 0, result.stderr
+    assert to_raw(ours / "t.qcow2", tmp_path / "after.raw") == before
+    assert qemu_map(ours / "t.qcow2") == qemu_map(theirs / "t.qcow2")
+
+
+# --- iotest 029: snapshots and the VM state area -----------------------------------------
+
+def test_vm_state_past_one_tebibyte_survives_snapshot_and_revert(tmp_path):
+    image = tmp_path / "t.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", image, "64M")
+    qemu_io(image, "write -b -P 0x11 1T 4k")
+    for action in ("-c", "-a"):
+        result = run_qimg(tmp_path, "snapshot", action, "foo", image)
+        assert result.returncode == 0, result.stderr
+    qemu_io(image, "read -b -P 0x11 1T 4k")  # raises on a pattern mismatch
+    assert qemu_img("check", image).returncode == 0
+
+
+def test_convert_of_a_snapshot_keeps_the_image_size_not_the_recorded_one(tmp_path):
+    def setup(d: Path) -> None:
+        qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", d / "t.qcow2", "64M")
+        qemu_img("snapshot", "-c", "foo", d / "t.qcow2")
+        with open(d / "t.qcow2", "r+b") as f:  # header: size 512, L1 table of one entry
+            f.seek(24)
+            f.write((512).to_bytes(8, "big"))
+            f.seek(36)
+            f.write((1).to_bytes(4, "big"))
+
+    ours, theirs = twin(tmp_path, setup)
+    mine = run_qimg(ours, "convert", "-l", "foo", "t.qcow2", "t.snap")
+    real = run_qemu(theirs, "convert", "-l", "foo", "t.qcow2", "t.snap")
+    assert (mine.returncode, mine.stderr) == (real.returncode, real.stderr) == (0, "")
+    assert (ours / "t.snap").read_bytes() == (theirs / "t.snap").read_bytes()
+
+
+# --- iotest 163: shrinking releases refcount blocks that count nothing any more ---------
+
+def _empty_refcount_blocks(path: Path) -> list[int]:
+    """Offsets of refcount blocks the table points at that hold only zeros."""
+    data = path.read_bytes()
+    cluster_size = 1 << int.from_bytes(data[20:24], "big")
+    table_offset = int.from_bytes(data[48:56], "big")
+    table_clusters = int.from_bytes(data[56:60], "big")
+    table = data[table_offset:table_offset + table_clusters * cluster_size]
+    offsets = [int.from_bytes(table[i:i + 8], "big") for i in range(0, len(table), 8)]
+    return [o for o in offsets if o and not any(data[o:o + cluster_size])]
+
+
+def test_shrink_with_512_byte_clusters_drops_empty_refcount_blocks(tmp_path):
+    def setup(d: Path) -> None:
+        qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64",
+                 d / "t.qcow2", "3M")
+        qemu_io(d / "t.qcow2", *(f"write -P 0xff {offset} 256k"
+                                 for offset in range(0, 3 << 20, 256 << 10)))
+
+    ours, theirs = twin(tmp_path, setup)
+    for d, runner in ((ours, run_qimg), (theirs, run_qemu)):
+        result = runner(d, "resize", "-f", "qcow2", "--shrink", "t.qcow2", "1M")
+        assert result.returncode == 0, result.stderr
+    assert _empty_refcount_blocks(ours / "t.qcow2") == []
+    assert (ours / "t.qcow2").stat().st_size == (theirs / "t.qcow2").stat().st_size
+    assert qemu_img("check", ours / "t.qcow2").returncode == 0
+    assert qemu_img("compare", ours / "t.qcow2", theirs / "t.qcow2").returncode == 0
+
+
+# --- iotest 271: preallocation with subclusters leaves the backing file visible ----------
+
+def test_preallocation_over_a_backing_file_with_extended_l2(tmp_path):
+    def setup(d: Path) -> None:
+        qemu_img("create", "-q", "-f", "raw", d / "base", "512k")
+        qemu_io(d / "base", "write -P 0xff 0 512k", fmt="raw")
+
+    ours, theirs = twin(tmp_path, setup)
+    for mode in ("metadata", "falloc", "full"):
+        args = ("create", "-q", "-f", "qcow2", "-o", f"extended_l2=on,preallocation={mode}",
+                "-b", "base", "-F", "raw", f"{mode}.qcow2", "512k")
+        for d, runner in ((ours, run_qimg), (theirs, run_qemu)):
+            result = runner(d, *args)
+            assert result.returncode == 0, result.stderr
+        qemu_io(ours / f"{mode}.qcow2", "read -P 0xff 0 512k")  # raises on a mismatch
+        assert qemu_map(ours / f"{mode}.qcow2") == qemu_map(theirs / f"{mode}.qcow2")
+    # metadata preallocation lays the image out byte for byte as qemu-img does
+    assert (ours / "metadata.qcow2").read_bytes() == (theirs / "metadata.qcow2").read_bytes()
+
+
+# --- new images are laid out as qemu-img lays them out (190, 243, 303) ------------------
+
+CREATE_CASES = [
+    ("", "1G"), ("", "0"), ("compat=0.10", "1G"), ("extended_l2=on", "1G"),
+    ("cluster_size=2M", "100T"), ("cluster_size=512", "256M"),
+    ("cluster_size=512,refcount_bits=64", "2G"),  # L1 needs refcount blocks after it
+    ("cluster_size=512,refcount_bits=1", "64M"), ("lazy_refcounts=on", "1G"),
+    ("preallocation=metadata", "100M"),
+]
+
+
+def test_create_is_byte_identical_to_qemu_img(tmp_path):
+    for index, (options, size) in enumerate(CREATE_CASES):
+        ours, theirs = tmp_path / f"ours{index}.qcow2", tmp_path / f"theirs{index}.qcow2"
+        extra = ["-o", options] if options else []
+        result = run_qimg(tmp_path, "create", "-q", "-f", "qcow2", *extra, ours, size)
+        assert result.returncode == 0, result.stderr
+        qemu_img("create", "-q", "-f", "qcow2", *extra, theirs, size)
+        assert ours.read_bytes() == theirs.read_bytes(), (options, size)
+
+
+def test_resize_grows_the_l1_table_as_qemu_img_does(tmp_path):
+    for index, (start, new_size) in enumerate((("0", "10G"), ("1G", "100G"))):
+        ours, theirs = tmp_path / f"ours{index}.qcow2", tmp_path / f"theirs{index}.qcow2"
+        for image in (ours, theirs):
+            qemu_img("create", "-q", "-f", "qcow2", image, start)
+        result = run_qimg(tmp_path, "resize", "-q", ours, new_size)
+        assert result.returncode == 0, result.stderr
+        qemu_img("resize", "-q", theirs, new_size)
+        assert ours.read_bytes() == theirs.read_bytes(), (start, new_size)
+
+
+# --- messages -------------------------------------------------------------------------
+
+QIMG_SCRIPT = Path(__file__).resolve().parent.parent / "tools" / "qimg.py"
+
+
+def qimg_program(tmp_path: Path, name: str) -> Path:
+    """An executable called `name` that runs this worktree's qimg (argv[0] kept)."""
+    program = tmp_path / name
+    program.write_text(f"#!{sys.executable}\nimport sys\n"
+                       f"sys.path.insert(0, {str(QIMG_SCRIPT.parent.parent)!r})\n"
+                       "from qcow2lib.cli import main\nsys.exit(main())\n")
+    program.chmod(0o755)
+    return program
+
+
+def test_usage_pointers_name_the_program_as_invoked(tmp_path):
+    for name in ("qimg", "qemu-img"):
+        program = qimg_program(tmp_path, name)
+        result = run([program], check=False)
+        assert result.returncode == 1
+        assert result.stderr == (f"{name}: Not enough arguments\n"
+                                 f"Try '{name} --help' for more information\n")
+        usage = run([program, "--help"]).stdout.splitlines()[2]
+        assert usage == f"usage: {name} [standard options] command [command options]"
+    # under its own name, exactly what qemu-img prints
+    assert run([tmp_path / "qemu-img"], check=False).stderr == run(["qemu-img"], check=False).stderr
+
+
+def test_ctrl_c_kills_quietly_by_sigint_like_qemu_img(tmp_path):
+    qemu_img("create", "-q", "-f", "qcow2", tmp_path / "b.qcow2", "1G")
+    program = qimg_program(tmp_path, "qemu-img")
+    for command in (["qemu-img"], [str(program)]):
+        process = subprocess.Popen(command + ["bench", "-c", "100000000", "-q",
+                                              str(tmp_path / "b.qcow2")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(1.5)  # past start-up: Python installs its own handler early
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+        assert process.returncode == -signal.SIGINT, command  # a shell shows 130
+        assert err == b"", command
+
+
+def _poke(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def _add_feature_table(path: Path, table: bytes) -> None:
+    """Replace the header extensions of a fresh v3 image by one feature name table."""
+    data = (0x6803F857).to_bytes(4, "big") + len(table).to_bytes(4, "big") + table
+    _poke(path, 112, data + bytes(-len(data) % 8) + bytes(8))
+
+
+def test_open_failures_are_worded_as_qemu_img_words_them(tmp_path):
+    """iotests 036 (feature names from the table, in its order), 054, 080, 261."""
+    image = tmp_path / "t.qcow2"
+    cases = []
+    # 036: bits 61-63 set; a table naming 61 and 62 (entries padded as QEMU writes them)
+    qemu_img("create", "-q", "-f", "qcow2", image, "64M")
+    _poke(image, 72, (0xE000000000000000).to_bytes(8, "big"))
+    entry = b"\x00\x3d" + b"test1" + b"\0" + b" " * 40 + b"\x00\x3e" + b"test2" + b"\0" + b" " * 40
+    _add_feature_table(image, entry)
+    cases.append(("features", image.read_bytes()))
+    # 036: a short, unpadded entry still names its bit
+    qemu_img("create", "-q", "-f", "qcow2", image, "64M")
+    _poke(image, 72, (0x8000000000000000).to_bytes(8, "big"))
+    _add_feature_table(image, b"\x00\x3fTest feature")
+    cases.append(("short entry", image.read_bytes()))
+    # 054: a virtual size no L1 table can cover
+    qemu_img("create", "-q", "-f", "qcow2", image, "64M")
+    _poke(image, 24, (1 << 60).to_bytes(8, "big"))
+    cases.append(("too big", image.read_bytes()))
+    # 080: an L1 table smaller than the size needs
+    qemu_img("create", "-q", "-f", "qcow2", image, "64M")
+    _poke(image, 36, (0).to_bytes(4, "big"))
+    cases.append(("L1 too small", image.read_bytes()))
+    # 261: a snapshot whose extra data is over QEMU's limit (with its hint)
+    qemu_img("create", "-q", "-f", "qcow2", image, "64M")
+    qemu_img("snapshot", "-c", "s", image)
+    snapshots_offset = int.from_bytes(image.read_bytes()[64:72], "big")
+    _poke(image, snapshots_offset + 36, (65536).to_bytes(4, "big"))
+    cases.append(("extra data", image.read_bytes()))
+    for label, content in cases:
+        image.write_bytes(content)
+        mine = run_qimg(tmp_path, "info", image)
+        real = run_qemu(tmp_path, "info", image)
+        assert real.returncode == 1, label
+        assert (mine.returncode, mine.stderr) == (real.returncode, real.stderr), label
+
+
+def test_bitmap_with_an_unknown_flag_is_refused_like_qemu_img(tmp_path):
+    """iotest 242: QEMU's open refuses a bitmap directory entry with a reserved flag."""
+    image = tmp_path / "t.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", image, "1M")
+    qemu_img("bitmap", "--add", "-g", "16k", image, "bitmap-0")
+    data = image.read_bytes()
+    extension_at = data.find((0x23852875).to_bytes(4, "big"), 104)  # the bitmaps extension
+    directory = int.from_bytes(data[extension_at + 8 + 16:extension_at + 8 + 24], "big")
+    flags = int.from_bytes(data[directory + 12:directory + 16], "big")
+    _poke(image, directory + 12, (flags | 4).to_bytes(4, "big"))
+    for command in (["info", image], ["map", image]):  # (check: not yet, see the report)
+        mine = run_qimg(tmp_path, *command)
+        real = run_qemu(tmp_path, *command)
+        assert (mine.returncode, mine.stderr) == (real.returncode, real.stderr), command
+    assert "doesn't satisfy the constraints" in real.stderr
+
+
+def test_repairing_a_refcount_block_past_any_possible_file_end(tmp_path):
+    """iotest 108: a refblock offset so large that the file cannot grow to it."""
+    for value in (0x7FFFFFFFFFFF0000, 0xFFFFFFFFFFFF0000):
+        def setup(d: Path, value: int = value) -> None:
+            qemu_img("create", "-q", "-f", "qcow2", d / "t.qcow2", "64M")
+            _poke(d / "t.qcow2", 0x10008, value.to_bytes(8, "big"))
+
+        case = tmp_path / f"{value:x}"
+        case.mkdir()
+        ours, theirs = twin(case, setup)
+        mine = run_qimg(ours, "check", "-r", "all", "t.qcow2")
+        real = run_qemu(theirs, "check", "-r", "all", "t.qcow2")
+        assert "ERROR could not resize image: Invalid argument" in real.stderr
+        assert (mine.returncode, mine.stdout, mine.stderr) == \
+            (real.returncode, real.stdout, real.stderr)
+
+
+def test_amend_data_file_renames_or_removes_the_external_data_file_name(tmp_path):
+    """iotest 244: `amend -o data_file=` leaves an image that needs its data file given."""
+    def setup(d: Path) -> None:
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=t.qcow2.data",
+             "t.qcow2", "64M"], cwd=d)  # (a relative data file is taken from the cwd)
+
+    ours, theirs = twin(tmp_path, setup)
+    for d, runner in ((ours, run_qimg), (theirs, run_qemu)):
+        result = runner(d, "amend", "-odata_file=", "t.qcow2")
+        assert result.returncode == 0, result.stderr
+    assert (ours / "t.qcow2").read_bytes() == (theirs / "t.qcow2").read_bytes()
+    for command in (["check", "t.qcow2"],):  # (info: qimg refuses, qemu-img lists; see report)
+        mine, real = run_qimg(ours, *command), run_qemu(theirs, *command)
+        assert (mine.returncode, mine.stderr) == (real.returncode, real.stderr), command
+
+
+def test_compressed_convert_to_an_external_data_file_fails_as_qemu_img(tmp_path):
+    """iotest 244: the write fails with ENOTSUP, worded as qemu-img words write errors."""
+    def setup(d: Path) -> None:
+        qemu_img("create", "-q", "-f", "qcow2", d / "s.qcow2", "64M")
+        qemu_io(d / "s.qcow2", "write -P 0x11 0 1M")
+
+    ours, theirs = twin(tmp_path, setup)
+    args = ("convert", "-f", "qcow2", "-O", "qcow2", "-c", "-odata_file=t.qcow2.data",
+            "s.qcow2", "t.qcow2")
+    mine, real = run_qimg(ours, *args), run_qemu(theirs, *args)
+    assert (mine.returncode, mine.stderr) == (real.returncode, real.stderr)
+    assert real.stderr == "qemu-img: error while writing at byte 0: Operation not supported\n"
+
+
+def test_directories_and_empty_files_are_refused_as_qemu_img_refuses_them(tmp_path):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "empty.img").write_bytes(b"")
+    (tmp_path / "short.img").write_bytes(bytes(50))
+    commands = [["check", "dir"], ["check", "-f", "qcow2", "dir"], ["check", "-r", "all", "dir"],
+                ["info", "dir"], ["info", "-f", "qcow2", "empty.img"],
+                ["info", "-f", "qcow2", "short.img"], ["check", "-f", "qcow2", "empty.img"]]
+    for command in commands:
+        mine, real = run_qimg(tmp_path, *command), run_qemu(tmp_path, *command)
+        assert real.returncode == 1, command
+        assert (mine.returncode, mine.stderr) == (real.returncode, real.stderr), command
