@@ -1911,8 +1911,9 @@ def check_path(filename: str, repair: str | None = None, fmt: str | None = None,
             probe.close()
         fmt = "qcow2" if magic == S.QCOW_MAGIC.to_bytes(4, "big") else "raw"
     elif fmt is None:
-        try:  # through HostFile, which refuses a FIFO instead of waiting for a writer
-            probe = open_host_file(filename)
+        try:  # through HostFile, which refuses a FIFO instead of waiting for a writer; opened
+            # for writing when repairing, as QEMU opens it (a directory: EISDIR then)
+            probe = open_host_file(filename, writable=bool(fix))
             try:
                 magic = probe.pread(4, 0)
             finally:
