@@ -22,7 +22,7 @@ from .bitmaps import bitmaps_extension, read_directory
 from .cache import decode_be64, encode_be64
 from .errors import CorruptImageError, InvalidArgumentError
 from .refcount import RefcountBlock
-from .snapshots import l2_table_offset, read_snapshot_table
+from .snapshot_table import l2_table_offset, read_snapshot_table
 
 
 _CHUNK_BITS = 12

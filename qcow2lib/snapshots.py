@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import copy
 import re
-import struct
 import time
 from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from itertools import compress
 
@@ -38,117 +36,14 @@ from .blockdev import BlockDevice, Extent
 from .cache import decode_be64, encode_be64
 from .errors import (CorruptImageError, InvalidArgumentError, ReadOnlyError,
                      UnsupportedFeatureError)
+from .rebuild import ClusterCounts, count_l1_entries, count_l2_tables
 from .refcount import RefcountBlock
+from .snapshot_table import (ICOUNT_DISABLED, Snapshot, l2_table_offset, pack_snapshot_table,
+                             read_snapshot_table)
 
 EXTRA_DATA_SIZE = 24           # vm_state_size_large, disk_size, icount: what QEMU writes
-ICOUNT_DISABLED = (1 << 64) - 1  # icount -1: record/replay was off
 MAX_NAME_BYTES = 255           # QEMU keeps names in a 256-byte buffer (id: 128)
 MAX_ID_BYTES = 127
-
-
-@dataclass
-class Snapshot:
-    id: str
-    name: str
-    l1_table_offset: int
-    l1_size: int
-    date_sec: int
-    date_nsec: int
-    vm_clock_nsec: int
-    vm_state_size: int
-    extra_data: bytes = b""
-    disk_size: int | None = None  # None: the entry predates the field (the image's size)
-    icount: int | None = None     # None: the entry predates the field (-1, disabled)
-
-    @property
-    def date(self) -> float:
-        """Creation time, seconds since the epoch."""
-        return self.date_sec + self.date_nsec / 1e9
-
-
-# --- the snapshot table ---------------------------------------------------------------------
-
-def read_snapshot_table(file, offset: int, count: int, cluster_size: int,
-                        file_size: int) -> tuple[list[Snapshot], int]:
-    """Parse `count` entries at `offset`; returns them and the table's size in bytes."""
-    snapshots: list[Snapshot] = []
-    pos = offset
-    for index in range(count):
-        if pos + S.SNAPSHOT_ENTRY_HEADER_SIZE > file_size:
-            raise CorruptImageError(
-                f"Snapshot table entry {index} at offset {pos} lies past the end of the file")
-        entry = S.SnapshotEntryHeader.parse(file.pread(S.SNAPSHOT_ENTRY_HEADER_SIZE, pos))
-        if entry.extra_data_size > S.MAX_SNAPSHOT_EXTRA_DATA:
-            raise CorruptImageError(
-                f"Snapshot {index}: extra_data_size {entry.extra_data_size} too large",
-                qemu_message=f"Too much extra metadata in snapshot table entry {index}",
-                qemu_hint="You can force-remove this extra metadata with qemu-img check -r all\n")
-        body_size = entry.extra_data_size + entry.id_str_size + entry.name_size
-        body_start = pos + S.SNAPSHOT_ENTRY_HEADER_SIZE
-        if body_start + body_size > file_size:
-            raise CorruptImageError(f"Snapshot {index}: entry runs past the end of the file")
-        body = file.pread(body_size, body_start)
-        extra = body[:entry.extra_data_size]
-        ident = body[entry.extra_data_size:entry.extra_data_size + entry.id_str_size]
-        name = body[entry.extra_data_size + entry.id_str_size:]
-        if entry.l1_table_offset % cluster_size:
-            raise CorruptImageError(
-                f"Snapshot {index}: L1 table offset 0x{entry.l1_table_offset:x} is not aligned "
-                f"(l1_table_offset)")
-        if entry.l1_size * 8 > S.MAX_L1_BYTES:
-            raise CorruptImageError(f"Snapshot {index}: L1 table too large (l1_size {entry.l1_size})")
-        if entry.l1_size and entry.l1_table_offset + entry.l1_size * 8 > file_size:
-            raise CorruptImageError(
-                f"Snapshot {index}: L1 table (l1_table_offset 0x{entry.l1_table_offset:x}, "
-                f"l1_size {entry.l1_size}) lies past the end of the file")
-        snap = Snapshot(ident.decode("utf-8", "surrogateescape"),
-                        name.decode("utf-8", "surrogateescape"),
-                        entry.l1_table_offset, entry.l1_size, entry.date_sec, entry.date_nsec,
-                        entry.vm_clock_nsec, entry.vm_state_size, extra)
-        if len(extra) >= 8:  # present, the 64-bit size replaces the 32-bit one (even if 0)
-            snap.vm_state_size = struct.unpack_from(">Q", extra, 0)[0]
-        if len(extra) >= 16:
-            snap.disk_size = struct.unpack_from(">Q", extra, 8)[0]
-        if len(extra) >= 24:
-            snap.icount = struct.unpack_from(">Q", extra, 16)[0]
-        snapshots.append(snap)
-        pos = body_start + body_size
-        pos += -(pos - offset) % 8
-        if pos - offset > S.MAX_SNAPSHOT_TABLE_BYTES:
-            raise CorruptImageError(
-                f"Snapshot table too large (nb_snapshots {count})",
-                qemu_message="Snapshot table is too big",
-                qemu_hint=f"You can force-remove all {count - index} overhanging snapshots "
-                          f"with qemu-img check -r all\n")
-    return snapshots, pos - offset
-
-
-def pack_snapshot_entry(snap: Snapshot, default_disk_size: int) -> bytes:
-    """One table entry as QEMU writes it: at least 24 bytes of extra data, unknown extra
-    data kept, the 32-bit VM state size only where the size fits."""
-    ident = snap.id.encode("utf-8", "surrogateescape")
-    name = snap.name.encode("utf-8", "surrogateescape")
-    disk_size = default_disk_size if snap.disk_size is None else snap.disk_size
-    icount = ICOUNT_DISABLED if snap.icount is None else snap.icount
-    extra = struct.pack(">QQQ", snap.vm_state_size, disk_size, icount) + snap.extra_data[24:]
-    head = S.SnapshotEntryHeader.build(dict(
-        l1_table_offset=snap.l1_table_offset, l1_size=snap.l1_size,
-        id_str_size=len(ident), name_size=len(name),
-        date_sec=snap.date_sec, date_nsec=snap.date_nsec, vm_clock_nsec=snap.vm_clock_nsec,
-        vm_state_size=snap.vm_state_size if snap.vm_state_size <= 0xFFFFFFFF else 0,
-        extra_data_size=len(extra)))
-    return head + extra + ident + name
-
-
-def pack_snapshot_table(snapshots: list[Snapshot], default_disk_size: int) -> bytes:
-    out = bytearray()
-    for snap in snapshots:
-        out += bytes(-len(out) % 8)
-        out += pack_snapshot_entry(snap, default_disk_size)
-    if len(out) > S.MAX_SNAPSHOT_TABLE_BYTES:
-        raise InvalidArgumentError(
-            f"Snapshot table too large ({len(out)} bytes, limit {S.MAX_SNAPSHOT_TABLE_BYTES})")
-    return bytes(out)
 
 
 def cached_table(image) -> tuple[list[Snapshot], int]:
@@ -281,17 +176,6 @@ def vm_state_offset(image, disk_size: int | None = None) -> int:
     return _vm_state_index(image, image.size if disk_size is None else disk_size) * _l1_span(image)
 
 
-def l2_table_offset(entry: int, index: int, cluster_size: int) -> int:
-    """The L2 table offset of L1 entry `index` (0: none), refused if malformed."""
-    offset = entry & S.L1E_OFFSET_MASK
-    if entry & S.L1E_RESERVED_MASK:
-        raise CorruptImageError(f"L1 entry {index} has reserved bits set (0x{entry:016x})")
-    if offset % cluster_size:
-        raise CorruptImageError(f"L2 table offset 0x{offset:x} (L1 entry {index}) is not "
-                                f"aligned to the cluster size {cluster_size}")
-    return offset
-
-
 def _flags_for(table: array, step: int, counts, bits: int) -> array | None:
     """A copy of an L2 table with COPIED set exactly on entries whose cluster count is 1
     (`counts`: anything with get(cluster)), or None when it has those flags already."""
@@ -320,7 +204,6 @@ class _NewState:
     refcount table pointing at them and at the unchanged blocks)."""
 
     def __init__(self, image):
-        from .rebuild import ClusterCounts
         self.image = image
         self.refs = image.refcounts
         self.bits = image.cluster_bits
@@ -457,7 +340,6 @@ def _paths_changed(image, state: _NewState, added: list[array], removed: list[ar
     """Count into state.delta the L1 -> L2 (-> cluster) paths of the `added` L1 tables,
     less those of the `removed` ones; L2 tables reached as often before as after cancel
     out and are not read at all."""
-    from .rebuild import ClusterCounts, count_l1_entries, count_l2_tables
     l2_paths = ClusterCounts(state.bits, state.delta.file_clusters, signed=True)
     for l1 in added:
         count_l1_entries(l2_paths, l1, state.cs, 1)

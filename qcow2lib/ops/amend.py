@@ -25,7 +25,7 @@ from ..cache import decode_be64
 from ..chain import open_image
 from ..errors import CorruptImageError, InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
 from ..sizes import parse_number, parse_size
-from ..snapshots import pack_snapshot_table, read_snapshot_table
+from ..snapshot_table import pack_snapshot_table, read_snapshot_table
 from .resize import resize
 
 AMEND_OPTIONS = ("compat", "size", "backing_file", "backing_fmt", "lazy_refcounts",

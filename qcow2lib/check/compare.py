@@ -1,0 +1,218 @@
+"""Comparing the counted references with the refcounts on disk (QEMU's compare_refcounts:
+leaks, corruptions, the repair of both) and checking the COPIED flags of the active L1 and
+L2 entries against the refcounts (check_oflag_copied)."""
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from itertools import compress
+from typing import Callable
+
+from .. import structs as S
+from ..cache import decode_be64, encode_be64
+from .report import FIX_ERRORS, FIX_LEAKS, _Abort
+from .target import (_CHUNK_BITS, _NORMAL, _OL_ACTIVE_L1, _OL_ACTIVE_L2, _ZERO_ALLOC,
+                     _RefcountReadError)
+
+_MAX_REMEMBERED_REFCOUNTS = 1 << 16  # refcounts check_oflag_copied keeps at hand
+_COMPARE_STEP = 256  # clusters compared at once before looking at each
+
+
+def _last_used(mine: list[int], theirs: list[int]) -> int:
+    """The last index at which either list is non-zero, or -1."""
+    for start in range((len(mine) - 1) // _COMPARE_STEP * _COMPARE_STEP, -1, -_COMPARE_STEP):
+        stop = start + _COMPARE_STEP
+        if any(mine[start:stop]) or any(theirs[start:stop]):
+            for j in range(min(stop, len(mine)) - 1, start - 1, -1):
+                if mine[j] or theirs[j]:
+                    return j
+    return -1
+
+
+class _Compare:
+    """compare_refcounts and check_oflag_copied (a mixin of _Check)."""
+
+    # --- compare_refcounts ------------------------------------------------------------
+    def compare(self, fix: int) -> int:
+        """Compare the IMRT with the refcounts on disk; returns the highest used cluster."""
+        t = self.t
+        res = self.res
+        highest = 0
+        nb = self.nb_clusters
+        rb_size = t.rb_size
+        for block_index in self._blocks_to_compare():
+            lo = block_index * rb_size
+            hi = min(nb, lo + rb_size)
+            try:
+                disk = t.block_values(block_index)
+            except _RefcountReadError:
+                for i in range(lo, hi):
+                    self.out.append(f"Can't get refcount for cluster {i}: "
+                                    f"{os.strerror(errno.EIO)}")
+                    res.check_errors += 1
+                continue
+            mine = self.imrt.values(lo, hi)
+            theirs = disk[:hi - lo] if disk is not None else [0] * (hi - lo)
+            last = _last_used(mine, theirs)
+            if last >= 0:
+                highest = lo + last
+            for start in range(0, hi - lo, _COMPARE_STEP):
+                stop = start + _COMPARE_STEP
+                if mine[start:stop] == theirs[start:stop]:
+                    continue
+                for j in range(start, min(stop, hi - lo)):
+                    refcount1, refcount2 = theirs[j], mine[j]
+                    if refcount1 == refcount2:
+                        continue
+                    i = lo + j
+                    fixed = None
+                    if refcount1 == 0:
+                        self.rebuild = True
+                    elif refcount1 > refcount2 and fix & FIX_LEAKS:
+                        fixed = "leaks_fixed"
+                    elif refcount1 < refcount2 and fix & FIX_ERRORS:
+                        fixed = "corruptions_fixed"
+                    word = "Repairing" if fixed else "ERROR" if refcount1 < refcount2 else "Leaked"
+                    self.out.append(f"{word} cluster {i} refcount={refcount1} "
+                                    f"reference={refcount2}")
+                    if fixed and t.set_refcount(i, refcount2):
+                        if not refcount2:
+                            t.discard(i)
+                        setattr(res, fixed, getattr(res, fixed) + 1)
+                        continue
+                    if refcount1 < refcount2:
+                        res.corruptions += 1
+                    else:
+                        res.leaks += 1
+        return highest
+
+    def _blocks_to_compare(self) -> list[int]:
+        """The refcount block indices below nb_clusters that have a refcount block on disk
+        or counts in the IMRT: everywhere else both sides are 0 (QEMU walks every cluster;
+        a file grown to reach a refcount block far past its end has billions)."""
+        t = self.t
+        count = -(-self.nb_clusters // t.rb_size)
+        blocks = {i for i in compress(range(min(count, len(t.reftable))), t.reftable)
+                  if t.reftable[i] & S.REFT_OFFSET_MASK}
+        for chunk in self.imrt.chunks:
+            first = (chunk << _CHUNK_BITS) >> t.rb_bits
+            last = (((chunk + 1) << _CHUNK_BITS) - 1) >> t.rb_bits
+            blocks.update(range(first, min(last + 1, count)))
+        return sorted(blocks)
+
+    # --- check_oflag_copied -------------------------------------------------------------
+    def check_oflag_copied(self) -> None:
+        t = self.t
+        res = self.res
+        if self.fix & FIX_ERRORS:
+            repair = True
+        elif self.fix & FIX_LEAKS:
+            repair = not res.check_errors and not res.corruptions and not res.leaks
+        else:
+            repair = False
+        word = "Repairing" if repair else "ERROR"
+        # An L1 table may point at a few L2 tables thousands of times. Refcounts do not
+        # change here, and what checking an L2 table printed holds until something is
+        # written; both are remembered. Not asking the refcount cache is unnoticeable
+        # once no cached block is dirty (an eviction would write it back).
+        quiet = t.cache_clean()
+        refcounts: dict[int, int] = {}
+
+        def refcount_of(cluster: int) -> int:
+            nonlocal quiet
+            value = refcounts.get(cluster) if quiet else None
+            if value is None:
+                value = t.get_refcount(cluster)
+                quiet = quiet or t.cache_clean()
+                if len(refcounts) < _MAX_REMEMBERED_REFCOUNTS:
+                    refcounts[cluster] = value
+            return value
+
+        tables: dict[int, tuple[list[str], int]] = {}
+        writes = t.writes
+        l1 = t.l1
+        out = self.out
+        for i in compress(range(len(l1)), l1):
+            l1_entry = l1[i]
+            l2_offset = l1_entry & S.L1E_OFFSET_MASK
+            if not l2_offset:
+                continue
+            try:
+                refcount = refcount_of(l2_offset >> t.cluster_bits)
+            except _RefcountReadError:
+                continue
+            if (refcount == 1) != bool(l1_entry & S.OFLAG_COPIED):
+                res.corruptions += 1
+                out.append(f"{word} OFLAG_COPIED L2 cluster: l1_index={i} "
+                           f"l1_entry={l1_entry:x} refcount={refcount}")
+                if repair:
+                    l1[i] = (l1_entry | S.OFLAG_COPIED if refcount == 1
+                             else l1_entry & ~S.OFLAG_COPIED)
+                    where = t.hdr.l1_table_offset + 8 * i
+                    if t.overlap_check(_OL_ACTIVE_L1, where, 8):
+                        res.check_errors += 1
+                        raise _Abort(errno.EIO)
+                    # QEMU syncs each entry; the entries are independent of each other
+                    # and of the L2 writes here, so the flush at the end does for all.
+                    t.pwrite(struct.pack(">Q", l1[i]), where)
+                    res.corruptions -= 1
+                    res.corruptions_fixed += 1
+            if t.writes != writes:
+                tables.clear()
+                writes = t.writes
+            known = tables.get(l2_offset) if quiet else None
+            if known is not None:
+                out.extend(known[0])
+                res.corruptions += known[1]
+                continue
+            mark, corruptions = len(out), res.corruptions
+            if (self._check_l2_copied(l2_offset, repair, word, refcount_of) and quiet
+                    and t.writes == writes):
+                tables[l2_offset] = (out[mark:], res.corruptions - corruptions)
+        t.flush()
+
+    def _check_l2_copied(self, l2_offset: int, repair: bool, word: str,
+                         refcount_of: Callable[[int], int]) -> bool:
+        """The data cluster part of check_oflag_copied for one L2 table; False if a refcount
+        could not be read."""
+        t = self.t
+        res = self.res
+        words = t.words
+        data = t.pread(t.cs, l2_offset)
+        if data == t.zero_cluster:
+            return True
+        complete = True
+        table = decode_be64(data)
+        dirty = 0
+        for j in compress(range(t.l2_entries), table[::words]):
+            entry = table[j * words]
+            if (entry & S.OFLAG_COMPRESSED or not entry & S.L2E_OFFSET_MASK) \
+                    and t.cluster_type(entry) not in (_NORMAL, _ZERO_ALLOC):
+                continue
+            if t.has_data_file:
+                refcount = 1
+            else:
+                try:
+                    refcount = refcount_of((entry & S.L2E_OFFSET_MASK) >> t.cluster_bits)
+                except _RefcountReadError:
+                    complete = False
+                    continue
+            if (refcount == 1) != bool(entry & S.OFLAG_COPIED):
+                res.corruptions += 1
+                self.out.append(f"{word} OFLAG_COPIED data cluster: l2_entry={entry:x} "
+                                f"refcount={refcount}")
+                if repair:
+                    table[j * words] = (entry | S.OFLAG_COPIED if refcount == 1
+                                        else entry & ~S.OFLAG_COPIED)
+                    dirty += 1
+        if dirty:
+            if t.overlap_check(_OL_ACTIVE_L2, l2_offset, t.cs):
+                self.out.append(f"ERROR: Could not write L2 table; metadata overlap check "
+                                f"failed: {os.strerror(errno.EIO)}")
+                res.check_errors += 1
+                raise _Abort(errno.EIO)
+            t.pwrite(encode_be64(table), l2_offset)
+            res.corruptions -= dirty
+            res.corruptions_fixed += dirty
+        return complete

@@ -1,0 +1,645 @@
+"""The reference walk (QEMU's calculate_refcounts): the snapshot table read tolerantly,
+then every reference the metadata makes counted into the in-memory refcount table (IMRT):
+header, active and snapshot L1/L2 tables, data and compressed clusters, snapshot table,
+refcount table and blocks, encryption header, bitmaps; each L1/L2 entry checked on the way."""
+from __future__ import annotations
+
+import errno
+import os
+import struct
+from array import array
+from collections import Counter
+from dataclasses import dataclass
+from itertools import compress, islice
+from operator import or_
+from typing import Iterator
+
+from .. import structs as S
+from ..cache import decode_be64
+from .report import FIX_ERRORS, _Abort, _hash_x, _Result
+from .target import (_CHUNK_BITS, _CHUNK_MASK, _COMPRESSED, _INT64_MAX, _INT_MAX, _NORMAL,
+                     _MAX_SNAPSHOTS_SIZE, _SNAPSHOT_EXTRA_SIZE, _UNALLOCATED, _ZERO_ALLOC,
+                     _Snapshot, _bitmaps_extension)
+
+_L2_BITMAP_ALL_ALLOC = 0xFFFFFFFF
+_MAX_L1_ENTRIES = S.MAX_L1_BYTES // 8
+_BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
+_BME_TABLE_ENTRY_FLAG_ALL_ONES = 1
+
+# A repair growing the file past this many clusters fails with ENOMEM, as QEMU's does when
+# its in-memory refcount array (GiBs by then) cannot be allocated.
+_MAX_IMRT_CLUSTERS = 1 << 29
+
+
+def _used_entries(table: array, words: int) -> Iterator[int]:
+    """Indices of the L2 entries that are not all zeros (entry and extended bitmap): a
+    table past the end of the file, or a mostly empty one, is then skipped at C speed."""
+    if words == 1:
+        return compress(range(len(table)), table)
+    return compress(range(len(table) // 2), map(or_, table[::2], table[1::2]))
+
+
+@dataclass
+class _Replay:
+    """What checking one L1 entry did, to do it again for the same entry without re-reading
+    its L2 table: the lines printed, the change of each counter, and the clusters counted.
+
+    An L1 table may point at the same L2 table thousands of times (at itself, or into a
+    data cluster repeating one entry), which QEMU re-reads each time in C."""
+    messages: list[str]
+    counters: list[tuple[str, int]]
+    increments: list[tuple[int, int]]  # (cluster, times counted)
+    depth: int                         # the most times one cluster was counted
+    pending: int = 0                   # repeats whose increments are not in the IMRT yet
+
+
+_MAX_COUNTED_L1_ENTRIES = 1 << 16  # L1 entries looked at for repeats, per L1 table
+_MIN_DEFER_HEADROOM = 1024  # refcounts this far below the maximum allow deferred increments
+
+
+class _Walk:
+    """The reference walk and the IMRT it counts into (a mixin of _Check)."""
+
+    # --- the IMRT ---------------------------------------------------------------------
+    def inc(self, offset: int, size: int) -> None:
+        """qcow2_inc_refcounts_imrt."""
+        if size <= 0:
+            return
+        t = self.t
+        if offset + size - t.file_size() >= t.cs:
+            self.out.append(f"ERROR: counting reference for region exceeding the end of the "
+                            f"file by one cluster or more: offset {offset:#x} size {size:#x}")
+            self.res.corruptions += 1
+            return
+        limit = t.refcount_max
+        times = self._times
+        if self._pending:
+            self._spent += times
+            if self._bound + self._spent > limit:
+                self._apply_pending()
+        first = offset >> t.cluster_bits
+        last = (offset + size - 1) >> t.cluster_bits
+        if last >= self.nb_clusters:
+            self.nb_clusters = last + 1
+        if self._recorded is not None:
+            self._recorded.extend(range(first, last + 1))
+        if first == last:  # the usual case: one cluster
+            chunk = self.imrt.chunk(first >> _CHUNK_BITS)
+            value = chunk[first & _CHUNK_MASK]
+            if value + times <= limit:
+                chunk[first & _CHUNK_MASK] = value + times
+                return
+        cluster = first
+        while cluster <= last:
+            chunk = self.imrt.chunk(cluster >> _CHUNK_BITS)
+            base = cluster & ~_CHUNK_MASK
+            stop = min(last + 1, base + _CHUNK_MASK + 1)
+            for position in range(cluster - base, stop - base):
+                value = chunk[position]
+                if value + times > limit:
+                    self.out.append(f"ERROR: overflow cluster offset="
+                                    f"{(base + position) << t.cluster_bits:#x}")
+                    self.out.append("Use qemu-img amend to increase the refcount entry width "
+                                    "or qemu-img convert to create a clean copy if the image "
+                                    "cannot be opened for writing")
+                    self.res.corruptions += 1
+                    self._overflowed = True
+                    self._overflows += 1
+                    continue
+                chunk[position] = value + times
+            cluster = stop
+
+    def _record(self, entry: int, frag: bool, active: bool) -> _Replay | None:
+        """Check an L1 entry, noting what it did; None if that cannot simply be repeated
+        (it overflowed a refcount, wrote or signalled a corruption)."""
+        t = self.t
+        res = self.res
+        mark = len(self.out)
+        before = [getattr(res, name) for name in _Result.__slots__]
+        writes, signaled = t.writes, t.signaled_corruption
+        self._recorded, self._overflowed = [], False
+        try:
+            self._check_l1_entry(entry, frag, active)
+        finally:
+            clusters, self._recorded = self._recorded, None
+        if self._overflowed or t.writes != writes or t.signaled_corruption != signaled:
+            return None
+        counters = [(name, getattr(res, name) - value)
+                    for name, value in zip(_Result.__slots__, before)
+                    if getattr(res, name) != value]
+        counts = Counter(clusters)
+        return _Replay(self.out[mark:], counters, list(counts.items()),
+                       max(counts.values(), default=0))
+
+    def _repeat(self, replay: _Replay) -> bool:
+        """Do a recorded L1 entry's check again; False if its increments might overflow a
+        refcount (then the entry is really checked, so the overflow lines come in order)."""
+        if not self._defer(replay):
+            if not self._apply(replay.increments):
+                return False
+            self._add_counters(replay.counters, 1)
+        self.out.extend(replay.messages)
+        return True
+
+    def _add_counters(self, counters: list[tuple[str, int]], times: int) -> None:
+        res = self.res
+        for name, delta in counters:
+            setattr(res, name, getattr(res, name) + delta * times)
+
+    def _defer(self, replay: _Replay) -> bool:
+        """Leave a repeat's increments (and counters) for later if no refcount can overflow
+        meanwhile."""
+        if not self._deferring:
+            return False
+        limit = self.t.refcount_max
+        depth = replay.depth * self._times
+        if self._pending and self._bound + self._spent + depth > limit:
+            self._apply_pending()
+        if not self._pending:
+            self._bound = self.imrt.max_value()
+            if self._bound + depth + _MIN_DEFER_HEADROOM > limit:
+                self._deferring = False  # (counts only grow: stays so for this table)
+                return False
+        if not replay.pending:
+            self._pending.append(replay)
+        replay.pending += 1
+        self._spent += depth
+        return True
+
+    def _apply_pending(self) -> None:
+        chunk = self.imrt.chunk
+        for replay in self._pending:
+            times, replay.pending = replay.pending, 0
+            paths = times * self._times
+            for cluster, count in replay.increments:
+                chunk(cluster >> _CHUNK_BITS)[cluster & _CHUNK_MASK] += count * paths
+            self._add_counters(replay.counters, times)
+        self._pending.clear()
+        self._spent = 0
+
+    def _apply(self, increments: list[tuple[int, int]]) -> bool:
+        """Count clusters at once, unless one of them would overflow (then nothing)."""
+        imrt = self.imrt
+        limit = self.t.refcount_max
+        times = self._times
+        if any(imrt.get(cluster) + count * times > limit for cluster, count in increments):
+            return False
+        for cluster, count in increments:
+            imrt.add(cluster, count * times)
+        return True
+
+    # --- the snapshot table (qcow2_check_read_snapshot_table) ---------------------------
+    def read_snapshot_table(self, res: _Result) -> None:
+        t = self.t
+        nb_snapshots, snapshots_offset = struct.unpack(">IQ", t.pread(12, 60))
+        repair = bool(self.fix & FIX_ERRORS)
+        reduced = 0
+        dropped = 0
+        if nb_snapshots > S.MAX_SNAPSHOTS and repair:
+            self.out.append(f"Discarding {nb_snapshots - S.MAX_SNAPSHOTS} overhanging snapshots")
+            reduced += nb_snapshots - S.MAX_SNAPSHOTS
+            nb_snapshots = S.MAX_SNAPSHOTS
+        t.snapshots, t.snapshots_offset, t.nb_snapshots, t.snapshots_size = [], 0, 0, 0
+        error = None
+        if nb_snapshots > S.MAX_SNAPSHOTS:
+            error, err = "snapshot table too large", errno.EFBIG
+        elif _INT64_MAX - nb_snapshots * 40 < snapshots_offset or snapshots_offset & (t.cs - 1):
+            error, err = "snapshot table offset invalid", errno.EINVAL
+        if error:
+            res.check_errors += 1
+            self.out.append(f"{t.prog}: ERROR {error}")
+            if nb_snapshots > S.MAX_SNAPSHOTS:
+                self.out.append(f"You can force-remove all {nb_snapshots - S.MAX_SNAPSHOTS} "
+                                f"overhanging snapshots with qemu-img check -r all")
+            raise _Abort(err)
+        snapshots: list[_Snapshot] = []
+        offset = snapshots_offset
+        table_length = 0
+        failure = None
+        for i in range(nb_snapshots):
+            pre_offset = offset
+            table_length = -(-table_length // 8) * 8
+            offset = -(-offset // 8) * 8
+            (l1_offset, l1_size, id_size, name_size, date_sec, date_nsec, vm_clock,
+             vm_state, extra_size) = struct.unpack(">QIHHIIQII", t.pread(40, offset))
+            offset += 40
+            truncate_extra = False
+            if extra_size > S.MAX_SNAPSHOT_EXTRA_DATA:
+                if not repair:
+                    failure = (errno.EFBIG, f"Too much extra metadata in snapshot table entry {i}",
+                               "You can force-remove this extra metadata with qemu-img check "
+                               "-r all")
+                    break
+                self.out.append(f"Discarding too much extra metadata in snapshot table entry {i} "
+                                f"({extra_size} > {S.MAX_SNAPSHOT_EXTRA_DATA})")
+                dropped += 1
+                truncate_extra = True
+            known = min(_SNAPSHOT_EXTRA_SIZE, extra_size)
+            extra = t.pread(known, offset).ljust(_SNAPSHOT_EXTRA_SIZE, b"\0")
+            offset += known
+            vm_large, disk_size, icount = struct.unpack(">QQQ", extra)
+            if extra_size >= 8:
+                vm_state = vm_large
+            if extra_size < 16:
+                disk_size = t.hdr.size // 512 * 512
+            if extra_size < 24:
+                icount = (1 << 64) - 1
+            unknown = b""
+            if extra_size > _SNAPSHOT_EXTRA_SIZE:
+                extra_end = offset + extra_size - _SNAPSHOT_EXTRA_SIZE
+                if truncate_extra:
+                    extra_size = S.MAX_SNAPSHOT_EXTRA_DATA
+                unknown = t.pread(extra_size - _SNAPSHOT_EXTRA_SIZE, offset)
+                offset = extra_end
+            id_str = t.pread(id_size, offset).split(b"\0", 1)[0]
+            offset += id_size
+            name = t.pread(name_size, offset).split(b"\0", 1)[0]
+            offset += name_size
+            table_length += 40 + extra_size + id_size + name_size
+            if table_length > _MAX_SNAPSHOTS_SIZE or offset - snapshots_offset > _INT_MAX:
+                if not repair:
+                    failure = (errno.EFBIG, "Snapshot table is too big",
+                               f"You can force-remove all {nb_snapshots - i} overhanging "
+                               f"snapshots with qemu-img check -r all")
+                    break
+                self.out.append(f"Discarding {nb_snapshots - i} overhanging snapshots (snapshot "
+                                f"table is too big)")
+                reduced += nb_snapshots - i
+                offset = pre_offset
+                break
+            snapshots.append(_Snapshot(l1_offset, l1_size, id_str, name, vm_state, date_sec,
+                                       date_nsec, vm_clock, extra_size, disk_size, icount,
+                                       unknown))
+        if failure:
+            res.check_errors += 1
+            err, message, hint = failure
+            self.out.append(f"{t.prog}: ERROR failed to read the snapshot table: {message}")
+            self.out.append(hint)
+            raise _Abort(err)
+        t.snapshots = snapshots
+        t.nb_snapshots = len(snapshots)
+        t.snapshots_offset = snapshots_offset
+        t.snapshots_size = offset - snapshots_offset
+        res.corruptions += reduced + dropped
+        if reduced:
+            t.pwrite(struct.pack(">I", t.nb_snapshots), 60)
+            t.flush()
+            t.hdr.nb_snapshots = t.nb_snapshots
+            res.corruptions_fixed += reduced
+            res.corruptions -= reduced
+        if t.hdr.version >= 3:
+            for i, sn in enumerate(snapshots):
+                if sn.extra_data_size < 16:
+                    res.corruptions += 1
+                    self.out.append(f"{'Repairing' if repair else 'ERROR'} snapshot table entry "
+                                    f"{i} is incomplete")
+
+    # --- L1 / L2 tables ---------------------------------------------------------------
+    def check_l1(self, l1_offset: int, l1_size: int, frag: bool, active: bool) -> None:
+        """check_refcounts_l1."""
+        if not l1_size:
+            return
+        t = self.t
+        self.inc(l1_offset, l1_size * 8)
+        key = (l1_offset, l1_size)
+        cached = self._l1_entries
+        if cached is not None and cached[:2] == (key, t.writes):
+            entries, repeated = cached[2], cached[3]
+        else:  # (snapshots sharing an L1 table check it one after the other: read it once)
+            self._l1_entries = None
+            entries = array("Q", filter(None, decode_be64(t.pread(l1_size * 8, l1_offset))))
+            counts = Counter(islice(entries, _MAX_COUNTED_L1_ENTRIES))
+            repeated = {entry for entry, count in counts.items() if count > 1}
+            self._l1_entries = (key, t.writes, entries, repeated)
+        replays: dict[int, _Replay] = {}
+        writes = t.writes
+        self._deferring = True
+        try:
+            for entry in entries:
+                if t.writes != writes:  # a repair wrote: what was recorded may not hold
+                    replays.clear()
+                    writes = t.writes
+                replay = replays.get(entry)
+                if replay is not None and self._repeat(replay):
+                    continue
+                if replay is None and entry in repeated:
+                    replay = self._record(entry, frag, active)
+                    if replay is not None:
+                        replays[entry] = replay
+                else:
+                    self._check_l1_entry(entry, frag, active)
+        finally:
+            self._apply_pending()
+
+    def _check_l1_entry(self, entry: int, frag: bool, active: bool) -> None:
+        t = self.t
+        cs = t.cs
+        if entry & S.L1E_RESERVED_MASK:
+            self.out.append(f"ERROR found L1 entry with reserved bits set: {entry:x}")
+            self.res.corruptions += 1
+        l2_offset = entry & S.L1E_OFFSET_MASK
+        self.inc(l2_offset, cs)
+        if l2_offset & (cs - 1):
+            self.out.append(f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; "
+                            f"L1 entry corrupted")
+            self.res.corruptions += 1
+        self.check_l2(l2_offset, frag, active)
+
+    def check_l2(self, l2_offset: int, frag: bool, active: bool) -> None:
+        """check_refcounts_l2."""
+        t = self.t
+        res = self.res
+        cs = t.cs
+        words = t.words
+        data = t.pread(cs, l2_offset)
+        if data == t.zero_cluster:  # (a table past the end of the file, say)
+            return
+        table = decode_be64(data)
+        next_contiguous = 0
+        fix_errors = bool(self.fix & FIX_ERRORS)
+        # Entries with none of these bits are aligned data clusters without any problem.
+        unusual = S.OFLAG_COMPRESSED | S.L2E_STD_RESERVED_MASK | (cs - 1) & S.L2E_OFFSET_MASK \
+            | (0 if t.extended else S.OFLAG_ZERO)
+        count_data = not t.has_data_file
+        for i in _used_entries(table, words):
+            entry = table[i * words]
+            bitmap = table[i * words + 1] if words == 2 else 0
+            offset = entry & S.L2E_OFFSET_MASK
+            if offset and not entry & unusual and not (bitmap >> 32) & bitmap:
+                if frag:
+                    res.allocated_clusters += 1
+                    if next_contiguous and offset != next_contiguous:
+                        res.fragmented_clusters += 1
+                    next_contiguous = offset + cs
+                if count_data:
+                    self.inc(offset, cs)
+                continue
+            kind = t.cluster_type(entry)
+            if kind != _COMPRESSED and entry & S.L2E_STD_RESERVED_MASK:
+                self.out.append(f"ERROR found l2 entry with reserved bits set: {entry:x}")
+                res.corruptions += 1
+            if kind == _COMPRESSED:
+                if entry & S.OFLAG_COPIED:
+                    self.out.append(f"ERROR: coffset={entry & t.cluster_offset_mask:#x}: copied "
+                                    f"flag must never be set for compressed clusters")
+                    entry &= ~S.OFLAG_COPIED
+                    res.corruptions += 1
+                if t.has_data_file:
+                    self.out.append(f"ERROR compressed cluster {i} with data file, "
+                                    f"entry={entry:#x}")
+                    res.corruptions += 1
+                    continue
+                if bitmap:
+                    self.out.append(f"ERROR compressed cluster {i} with non-zero subcluster "
+                                    f"allocation bitmap, entry={entry:#x}")
+                    res.corruptions += 1
+                    continue
+                coffset = entry & t.cluster_offset_mask
+                sectors = ((entry >> t.csize_shift) & t.csize_mask) + 1
+                self.inc(coffset, sectors * 512 - (coffset & 511))
+                if frag:
+                    res.allocated_clusters += 1
+                    res.compressed_clusters += 1
+                    res.fragmented_clusters += 1
+            elif kind in (_NORMAL, _ZERO_ALLOC):
+                if (bitmap >> 32) & bitmap:
+                    res.corruptions += 1
+                    self.out.append(f"ERROR offset={offset:x}: Allocated cluster has corrupted "
+                                    f"subcluster allocation bitmap")
+                if offset & (cs - 1):
+                    res.corruptions += 1
+                    if t.extended:
+                        contains_data = bool(bitmap & _L2_BITMAP_ALL_ALLOC)
+                    else:
+                        contains_data = not entry & S.OFLAG_ZERO
+                    if not contains_data:
+                        self.out.append(f"{'Repairing' if fix_errors else 'ERROR'} "
+                                        f"offset={offset:x}: Preallocated cluster is not properly "
+                                        f"aligned; L2 entry corrupted.")
+                        if fix_errors:
+                            if self._fix_l2_entry_by_zero(l2_offset, table, i, active):
+                                continue
+                    else:
+                        self.out.append(f"ERROR offset={offset:x}: Data cluster is not properly "
+                                        f"aligned; L2 entry corrupted.")
+                if frag:
+                    res.allocated_clusters += 1
+                    if next_contiguous and offset != next_contiguous:
+                        res.fragmented_clusters += 1
+                    next_contiguous = offset + cs
+                if count_data:
+                    self.inc(offset, cs)
+            elif kind == _UNALLOCATED:
+                if bitmap & _L2_BITMAP_ALL_ALLOC:
+                    res.corruptions += 1
+                    self.out.append("ERROR: Unallocated cluster has non-zero subcluster "
+                                    "allocation map")
+
+    # --- calculate_refcounts ------------------------------------------------------------
+    def calculate(self, fix: int) -> None:
+        """calculate_refcounts. Snapshots sharing an L1 table have it walked once and
+        counted as often as it is used (see _check_snapshots); should a refcount overflow
+        with counts so reordered, the walk is done again snapshot by snapshot, so the
+        overflow lines come where QEMU prints them."""
+        t = self.t
+        start = (len(self.out), self.res.copy(), self.nb_clusters, t.writes)
+        shared = not fix & FIX_ERRORS and not self.imrt.chunks  # (repairs write: no reordering)
+        self._overflows = 0
+        if self._calculate(fix, shared) and self._overflows and t.writes == start[3]:
+            del self.out[start[0]:]
+            self.res, self.nb_clusters = start[1], start[2]
+            self.imrt.clear()
+            self._calculate(fix, False)
+
+    def _calculate(self, fix: int, shared: bool) -> bool:
+        """Returns whether L1 tables shared by snapshots were counted at once."""
+        t = self.t
+        hdr = t.hdr
+        saved_fix, self.fix = self.fix, fix
+        try:
+            self.inc(0, t.cs)
+            self.check_l1(hdr.l1_table_offset, hdr.l1_size, True, True)
+            if t.has_data_file and t.nb_snapshots:
+                self.out.append(f"ERROR {t.nb_snapshots} snapshots in image with data file")
+                self.res.corruptions += 1
+            counted_at_once = self._check_snapshots(shared)
+            self.inc(t.snapshots_offset, t.snapshots_size)
+            self.inc(t.reftable_offset, len(t.reftable) * 8)
+            if hdr.crypto_length:
+                self.inc(hdr.crypto_offset, hdr.crypto_length)
+            self._count_bitmaps()
+            self.check_refblocks()
+        finally:
+            self.fix = saved_fix
+        return counted_at_once
+
+    def _check_snapshots(self, shared: bool) -> bool:
+        """The snapshots' L1 tables, in table order. With `shared`, an L1 table (offset and
+        size) used by several snapshots is walked once: its lines and counters are repeated
+        for each later user, and its increments are added for all of them at the end (a
+        thousand snapshots of one disk cost one walk, not a thousand; nothing is written
+        meanwhile, so every walk would see the same). Returns whether that happened."""
+        t = self.t
+        keys = [None if sn.l1_table_offset & (t.cs - 1) or sn.l1_size > _MAX_L1_ENTRIES
+                else (sn.l1_table_offset, sn.l1_size) for sn in t.snapshots]
+        uses = Counter(filter(None, keys)) if shared else Counter()
+        recorded: dict[tuple[int, int], tuple[int, list[str], list[tuple[str, int]]]] = {}
+        repeats: Counter = Counter()
+        for sn, key in zip(t.snapshots, keys):
+            if key is None:
+                self._report_bad_snapshot(sn)
+                continue
+            replay = recorded.get(key)
+            if replay is not None and replay[0] == t.writes:
+                self.out.extend(replay[1])
+                self._add_counters(replay[2], 1)
+                repeats[key] += 1
+                continue
+            if uses[key] < 2:
+                self.check_l1(*key, False, False)
+                continue
+            mark = len(self.out)
+            before = [getattr(self.res, name) for name in _Result.__slots__]
+            state = (t.writes, t.signaled_corruption, self._overflows)
+            self.check_l1(*key, False, False)
+            if (t.writes, t.signaled_corruption, self._overflows) == state:
+                recorded[key] = (t.writes, self.out[mark:], [
+                    (name, getattr(self.res, name) - value)
+                    for name, value in zip(_Result.__slots__, before)
+                    if getattr(self.res, name) != value])
+        out, res = self.out, self.res
+        try:
+            self.out, self.res = [], _Result()  # (lines and counters repeated above)
+            for key, times in repeats.items():
+                self._times = times
+                self.check_l1(*key, False, False)
+        finally:
+            self.out, self.res, self._times = out, res, 1
+        return bool(repeats)
+
+    def _report_bad_snapshot(self, sn: _Snapshot) -> None:
+        """A snapshot table entry whose L1 table cannot be walked."""
+        t = self.t
+        sid = sn.id_str.decode("utf-8", "replace")
+        sname = sn.name.decode("utf-8", "replace")
+        if sn.l1_table_offset & (t.cs - 1):
+            self.out.append(f"ERROR snapshot {sid} ({sname}) l1_offset="
+                            f"{_hash_x(sn.l1_table_offset)}: L1 table is not cluster "
+                            f"aligned; snapshot table entry corrupted")
+        else:
+            self.out.append(f"ERROR snapshot {sid} ({sname}) l1_size="
+                            f"{_hash_x(sn.l1_size)}: L1 table is too large; snapshot "
+                            f"table entry corrupted")
+        self.res.corruptions += 1
+
+    def _count_bitmaps(self) -> None:
+        """qcow2_check_bitmaps_refcounts (bitmaps count only with the autoclear bit set)."""
+        t = self.t
+        if not t.hdr.autoclear_features & S.AUTOCLEAR_BITMAPS:
+            return
+        info = _bitmaps_extension(t.hdr)
+        if info is None or info.nb_bitmaps == 0:
+            return
+        self.inc(info.bitmap_directory_offset, info.bitmap_directory_size)
+        entries = self._bitmap_directory(info)
+        if entries is None:
+            self.res.corruptions += 1
+            raise _Abort(errno.EINVAL)
+        for entry in entries:
+            self.inc(entry.bitmap_table_offset, entry.bitmap_table_size * 8)
+            table = decode_be64(t.pread(entry.bitmap_table_size * 8, entry.bitmap_table_offset))
+            for value in table:
+                offset = value & S.BITMAP_TABLE_OFFSET_MASK
+                if (value & _BME_TABLE_ENTRY_RESERVED_MASK
+                        or offset and (value & _BME_TABLE_ENTRY_FLAG_ALL_ONES or offset % t.cs)):
+                    # bitmap_table_load refuses the whole table
+                    self.res.corruptions += 1
+                    raise _Abort(errno.EINVAL)
+            for value in table:
+                offset = value & S.BITMAP_TABLE_OFFSET_MASK
+                if offset:
+                    self.inc(offset, t.cs)
+
+    def _bitmap_directory(self, info):
+        """bitmap_list_load: the directory entries, or None where QEMU refuses the list."""
+        t = self.t
+        size = info.bitmap_directory_size
+        if size == 0 or size > 1024 * 65535:
+            return None
+        directory = t.pread(size, info.bitmap_directory_offset)
+        entries = []
+        pos = 0
+        while pos < size:
+            if pos + S.BITMAP_DIRECTORY_ENTRY_SIZE > size or len(entries) >= info.nb_bitmaps:
+                return None
+            entry = S.BitmapDirectoryEntry.parse(directory[pos:pos + S.BITMAP_DIRECTORY_ENTRY_SIZE])
+            step = S.BITMAP_DIRECTORY_ENTRY_SIZE + entry.extra_data_size + entry.name_size
+            step += -step % 8
+            if pos + step > size or entry.extra_data_size:
+                return None
+            phys = entry.bitmap_table_size * t.cs
+            if (entry.bitmap_table_size == 0 or entry.bitmap_table_offset == 0
+                    or entry.bitmap_table_offset % t.cs or entry.bitmap_table_size > 0x8000000
+                    or not 9 <= entry.granularity_bits <= 31 or entry.flags & 0xFFFFFFFC
+                    or entry.name_size > 1023 or entry.type != 1 or phys > 0x20000000
+                    or (not entry.flags & 1
+                        and t.hdr.size > (phys * 8) << entry.granularity_bits)):
+                return None
+            entries.append(entry)
+            pos += step
+        if len(entries) != info.nb_bitmaps:
+            return None
+        return entries
+
+    def check_refblocks(self) -> None:
+        t = self.t
+        res = self.res
+        cs = t.cs
+        for i, entry in enumerate(t.reftable):
+            offset = entry & S.REFT_OFFSET_MASK
+            cluster = offset >> t.cluster_bits
+            if entry & S.REFT_RESERVED_MASK:
+                self.out.append(f"ERROR refcount table entry {i} has reserved bits set")
+                res.corruptions += 1
+                self.rebuild = True
+                continue
+            if offset & (cs - 1):
+                self.out.append(f"ERROR refcount block {i} is not cluster aligned; refcount table "
+                                f"entry corrupted")
+                res.corruptions += 1
+                self.rebuild = True
+                continue
+            if cluster >= self.nb_clusters:
+                res.corruptions += 1
+                fixing = bool(self.fix & FIX_ERRORS)
+                self.out.append(f"{'Repairing' if fixing else 'ERROR'} refcount block {i} is "
+                                f"outside image")
+                if fixing and offset > (1 << 63) - 1 - cs:
+                    # a file that long cannot exist (QEMU refuses with EINVAL, silently)
+                    self.rebuild = True
+                    self.out.append(f"ERROR could not resize image: {os.strerror(errno.EINVAL)}")
+                elif fixing:
+                    try:
+                        t.truncate(offset + cs)
+                    except OSError as exc:
+                        reason = os.strerror(exc.errno or errno.EIO)
+                        self.rebuild = True
+                        self.out.append(f"{t.prog}: Could not resize file: {reason}")
+                        self.out.append(f"ERROR could not resize image: {reason}")
+                        continue
+                    new_clusters = -(-t.file_size() // cs)
+                    if new_clusters > _MAX_IMRT_CLUSTERS:
+                        res.check_errors += 1
+                        raise _Abort(errno.ENOMEM)
+                    self.nb_clusters = max(self.nb_clusters, new_clusters)
+                    res.corruptions -= 1
+                    res.corruptions_fixed += 1
+                    self.inc(offset, cs)
+                continue
+            if offset:
+                self.inc(offset, cs)
+                refcount = self.imrt.get(cluster)
+                if refcount != 1:
+                    self.out.append(f"ERROR refcount block {i} refcount={refcount}")
+                    res.corruptions += 1
+                    self.rebuild = True
