@@ -384,13 +384,18 @@ class Qcow2Image(BlockDevice):
         try:
             if len(segments) == 1 and segments[0].kind == DATA:
                 return self._data_target().pread(length, segments[0].host_offset)
-            backing_size = self.backing.size if self.backing is not None else 0
-            if all(seg.kind == ZERO or seg.kind == BACKING and seg.guest_offset >= backing_size
-                   for seg in segments):
+            if self._reads_as_zeros(segments):
                 return bytes(length)
             return b"".join(self._segment_pieces(segments))
         finally:
             self._end_io()
+
+    def _reads_as_zeros(self, segments: list[Segment]) -> bool:
+        """Whether metadata alone says the segments read as zeros (no data cluster,
+        nothing from a backing file)."""
+        backing_size = self.backing.size if self.backing is not None else 0
+        return all(seg.kind == ZERO or seg.kind == BACKING and seg.guest_offset >= backing_size
+                   for seg in segments)
 
     def _segment_pieces(self, segments: list[Segment]) -> list[bytes]:
         """The bytes of each segment, in order (as _read_segments, for read())."""
@@ -852,11 +857,14 @@ class Qcow2Image(BlockDevice):
     def _old_content(self, guest_offset: int, length: int) -> bytes:
         """What the guest sees now (the mapping the write will replace is still in place)."""
         limit = min(length, self.size - guest_offset)
+        if limit <= 0:
+            return bytes(length)
+        with self._lock:
+            segments = self.map.lookup(guest_offset, limit)
+        if self._reads_as_zeros(segments):  # the common case: a cluster's first write
+            return bytes(length)
         buf = bytearray(length)
-        if limit > 0:
-            with self._lock:
-                segments = self.map.lookup(guest_offset, limit)
-            self._read_segments(segments, memoryview(buf)[:limit], guest_offset)
+        self._read_segments(segments, memoryview(buf)[:limit], guest_offset)
         return buf
 
     def _commit(self, changes: list[_ClusterWrite]) -> None:
