@@ -199,6 +199,11 @@ class RawDevice(BlockDevice):
         self.file.readinto(view, offset)
         return len(view)
 
+    def read(self, offset: int, length: int) -> bytes:
+        """As BlockDevice.read, as the bytes of one pread."""
+        self.check_request(offset, length)
+        return self.file.pread(length, offset)
+
     def write(self, offset: int, data) -> None:
         view = memoryview(data).cast("B")
         self.check_request(offset, len(view), write=True)

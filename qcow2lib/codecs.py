@@ -10,8 +10,6 @@ import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
-import zstandard
-
 from .errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureError
 
 ZLIB, ZSTD = "zlib", "zstd"
@@ -38,6 +36,13 @@ def pool() -> ThreadPoolExecutor:
     return _pool
 
 
+def _zstandard():
+    """The zstandard module, imported the first time a zstd cluster is met (start-up of
+    every command that meets none stays free of it)."""
+    import zstandard
+    return zstandard
+
+
 def decompress(kind: str, data: bytes, cluster_size: int, where: str = "") -> bytes:
     """One cluster's worth of data; CorruptImageError if the stream is damaged, short, or
     (zstd) a frame goes on past the cluster. `where` names the cluster in messages.
@@ -46,6 +51,7 @@ def decompress(kind: str, data: bytes, cluster_size: int, where: str = "") -> by
     hundred KiB can inflate to gigabytes (a decompression bomb). As QEMU does, zlib stops
     at the cluster size and keeps what it has, and a zstd frame must end exactly there.
     """
+    errors = (zlib.error, _zstandard().ZstdError) if kind == ZSTD else zlib.error
     try:
         if kind == ZLIB:
             inflater = zlib.decompressobj(-12)
@@ -54,7 +60,7 @@ def decompress(kind: str, data: bytes, cluster_size: int, where: str = "") -> by
             out = _zstd_cluster(memoryview(data), cluster_size, where)
         else:
             raise UnsupportedFeatureError(f"unknown compression type {kind!r}")
-    except (zlib.error, zstandard.ZstdError) as exc:
+    except errors as exc:
         raise CorruptImageError(
             f"compressed cluster{where} cannot be decompressed ({kind}): {exc}") from None
     if len(out) < cluster_size:
@@ -84,7 +90,7 @@ def _zstd_cluster(data: memoryview, cluster_size: int, where: str) -> bytes:
 
     frame_start = 0
     while frame_start < len(data):
-        inflater = zstandard.ZstdDecompressor().decompressobj()
+        inflater = _zstandard().ZstdDecompressor().decompressobj()
         fed_end = frame_start
         for piece in _zstd_pieces(data, frame_start, room, where):
             fed_end += len(piece)
@@ -166,5 +172,5 @@ def compress(kind: str, data: bytes) -> bytes:
         deflater = zlib.compressobj(6, zlib.DEFLATED, -12)
         return deflater.compress(data) + deflater.flush()
     if kind == ZSTD:
-        return zstandard.ZstdCompressor().compress(data)
+        return _zstandard().ZstdCompressor().compress(data)
     raise UnsupportedFeatureError(f"unknown compression type {kind!r}")

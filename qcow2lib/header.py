@@ -88,17 +88,18 @@ class Header:
                 f"qcow2 header truncated: the file has {file_size} bytes, the header needs "
                 f"{S.HEADER_V2_SIZE}",
                 qemu_message=None if magic_ok else "Image is not in qcow2 format")
-        v2 = S.HeaderV2.parse(raw)
-        if v2.magic != S.QCOW_MAGIC:
+        v2 = dict(zip(S.HEADER_V2_FIELDS, S.HEADER_V2_FORMAT.unpack_from(raw)))
+        if v2.pop("magic") != S.QCOW_MAGIC:
             raise CorruptImageError("Image is not in qcow2 format")
-        if v2.version not in (2, 3):
-            raise UnsupportedFeatureError(f"Unsupported qcow2 version {v2.version}")
-        if not S.MIN_CLUSTER_BITS <= v2.cluster_bits <= S.MAX_CLUSTER_BITS:
+        if v2["version"] not in (2, 3):
+            raise UnsupportedFeatureError(f"Unsupported qcow2 version {v2['version']}")
+        cluster_bits = v2["cluster_bits"]
+        if not S.MIN_CLUSTER_BITS <= cluster_bits <= S.MAX_CLUSTER_BITS:
             raise CorruptImageError(
-                f"Unsupported cluster size: 2^{v2.cluster_bits} (cluster_bits {v2.cluster_bits})")
-        hdr = cls(**{k: v for k, v in v2.items() if not k.startswith("_") and k != "magic"})
+                f"Unsupported cluster size: 2^{cluster_bits} (cluster_bits {cluster_bits})")
+        hdr = cls(**v2)
         cluster_size = hdr.cluster_size
-        if v2.version == 2:
+        if hdr.version == 2:
             hdr.refcount_order = 4
             hdr.header_length = S.HEADER_V2_SIZE
         else:
@@ -106,11 +107,10 @@ class Header:
                 raise CorruptImageError(
                     f"qcow2 header truncated: the file has {file_size} bytes, a version 3 "
                     f"header needs {S.HEADER_V3_SIZE}")
-            tail = S.HeaderV3Tail.parse(first_cluster_reader(S.HEADER_V2_SIZE,
-                                                             S.HeaderV3Tail.sizeof()))
-            for key, value in tail.items():
-                if not key.startswith("_"):
-                    setattr(hdr, key, value)
+            tail = S.HEADER_V3_TAIL_FORMAT.unpack_from(first_cluster_reader(
+                S.HEADER_V2_SIZE, S.HEADER_V3_TAIL_FORMAT.size))
+            for key, value in zip(S.HEADER_V3_TAIL_FIELDS, tail):
+                setattr(hdr, key, value)
             if hdr.header_length < S.HEADER_V3_SIZE:
                 raise CorruptImageError(f"qcow2 header too short (header_length {hdr.header_length})")
         if hdr.header_length > cluster_size:

@@ -147,10 +147,31 @@ class HostFile:
         return os.fstat(self.fd).st_blocks * 512
 
     def pread(self, length: int, offset: int) -> bytes:
-        """Read exactly length bytes; bytes past end of file read as zeros."""
-        buf = bytearray(length)
-        self.readinto(memoryview(buf), offset)
-        return bytes(buf)
+        """Read exactly length bytes; bytes past end of file read as zeros. One os.pread
+        into the returned bytes (no zero-filled buffer, no copy) when the file has them."""
+        if type(self).readinto is not HostFile.readinto:  # a subclass that watches reads
+            buf = bytearray(length)
+            self.readinto(memoryview(buf), offset)
+            return bytes(buf)
+        try:
+            data = os.pread(self.fd, length, offset)
+        except (OSError, OverflowError) as exc:
+            raise self._fail(exc, "read") from None
+        if len(data) == length:
+            return data
+        pieces = [data]
+        done = len(data)
+        while done < length:
+            try:
+                more = os.pread(self.fd, length - done, offset + done)
+            except (OSError, OverflowError) as exc:
+                raise self._fail(exc, "read") from None
+            if not more:
+                pieces.append(bytes(length - done))
+                break
+            pieces.append(more)
+            done += len(more)
+        return b"".join(pieces)
 
     def readinto(self, buf: memoryview, offset: int) -> None:
         """Fill buf from offset; a short read past end of file leaves zeros."""

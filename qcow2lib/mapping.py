@@ -58,6 +58,10 @@ class ClusterMap:
         self.l2_cache = TableCache(self._load_l2, max(16, cache_bytes // self.cluster_size))
         # (key, entries, segments relative to the table) of the last whole table classified
         self._last_table: tuple | None = None
+        # The image file's size as this lookup found it (None: not asked yet). A lookup runs
+        # under the image's lock, so nothing grows the file during one; asking once spares
+        # an fstat per compressed cluster.
+        self._lookup_file_size: int | None = None
         # Fixed metadata no table entry may point into: header, L1 table, refcount table.
         self.metadata = [(0, self.cluster_size, "the image header"),
                          (header.l1_table_offset, header.l1_table_offset + header.l1_size * 8,
@@ -198,6 +202,7 @@ class ClusterMap:
         l1_size = len(self.l1)
         budget = max_clusters
         pos = guest_offset
+        self._lookup_file_size = None
         try:
             while pos < end:
                 l1_index = (pos >> bits) // l2_entries
@@ -337,7 +342,9 @@ class ClusterMap:
         host = entry & self.compressed_offset_mask
         sectors = ((entry >> self.csize_shift) & self.csize_mask) + 1
         size = sectors * 512 - (host & 511)
-        if host + size > self.file.size() + 512 or host < self.cluster_size:
+        if self._lookup_file_size is None:
+            self._lookup_file_size = self.file.size()
+        if host + size > self._lookup_file_size + 512 or host < self.cluster_size:
             raise CorruptImageError(
                 f"Compressed cluster at 0x{host:x} ({size} bytes, guest cluster {cluster_index}) "
                 f"lies outside the image file")

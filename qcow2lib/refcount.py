@@ -121,7 +121,7 @@ class Refcounts:
         self.table_moved = False
         self.old_tables: list[tuple[int, int]] = []
         self.pending_frees: list[tuple[int, int]] = []
-        self.free_hint = 0
+        self.free_hint = 0  # no cluster below it is free: where the allocator's search starts
         self.end_cluster = (file_size + self.cluster_size - 1) >> cluster_bits
         self.file_size_hint = file_size
         self.check_no_overlap = lambda offset, length, what: None  # set by the image
@@ -203,6 +203,8 @@ class Refcounts:
             cluster = stop
         if delta > 0:
             self.end_cluster = max(self.end_cluster, end)
+        else:
+            self.free_hint = min(self.free_hint, end - count)
 
     def free(self, cluster: int, count: int = 1) -> None:
         """Queue a decrement; applied by `apply_frees` once no pointer on disk needs it."""
@@ -220,7 +222,6 @@ class Refcounts:
                         released[-1] = (released[-1][0], released[-1][1] + 1)
                     else:
                         released.append((c, 1))
-                    self.free_hint = min(self.free_hint, c)
         return released
 
     def _writable_block(self, block_index: int) -> RefcountBlock:
@@ -304,6 +305,8 @@ class Refcounts:
         if count <= 0:
             raise InvalidArgumentError(f"cannot allocate {count} clusters")
         n = self.block_entries
+        if not at_end:  # move the cursor past the clusters in use since it was last set
+            self.free_hint = self._next_free_run(self.free_hint, 1)
         candidate, need = (self.end_cluster if at_end else self.free_hint), count
         while True:
             start = self._next_free_run(candidate, need)

@@ -3,48 +3,29 @@
 Only the cold, symmetric structures live here (header, extensions, feature table);
 hot tables (L1/L2/refcounts) are plain arrays handled by their own modules, which use
 the bit masks defined below.
+
+The construct declarations are built on first use (module __getattr__): importing
+construct costs more than the rest of a `qimg info`, and opening an image parses its
+fixed header with struct (HEADER_V2_FORMAT, HEADER_V3_TAIL_FORMAT) instead.
 """
-from construct import Int8ub, Int16ub, Int32ub, Int64ub, PaddedString, Struct
+import struct
 
 QCOW_MAGIC = 0x514649FB  # "QFI\xfb"
 
-# The part of the header every version has (72 bytes), and the v3 additions.
-HeaderV2 = Struct(
-    "magic" / Int32ub,
-    "version" / Int32ub,
-    "backing_file_offset" / Int64ub,
-    "backing_file_size" / Int32ub,
-    "cluster_bits" / Int32ub,
-    "size" / Int64ub,
-    "crypt_method" / Int32ub,
-    "l1_size" / Int32ub,
-    "l1_table_offset" / Int64ub,
-    "refcount_table_offset" / Int64ub,
-    "refcount_table_clusters" / Int32ub,
-    "nb_snapshots" / Int32ub,
-    "snapshots_offset" / Int64ub,
-)
-HEADER_V2_SIZE = HeaderV2.sizeof()  # 72
+# The part of the header every version has, field by field, and the v3 additions.
+HEADER_V2_FIELDS = ("magic", "version", "backing_file_offset", "backing_file_size",
+                    "cluster_bits", "size", "crypt_method", "l1_size", "l1_table_offset",
+                    "refcount_table_offset", "refcount_table_clusters", "nb_snapshots",
+                    "snapshots_offset")
+HEADER_V2_FORMAT = struct.Struct(">IIQIIQIIQQIIQ")
+HEADER_V2_SIZE = HEADER_V2_FORMAT.size  # 72
+HEADER_V3_TAIL_FIELDS = ("incompatible_features", "compatible_features", "autoclear_features",
+                         "refcount_order", "header_length")
+HEADER_V3_TAIL_FORMAT = struct.Struct(">QQQII")
+HEADER_V3_SIZE = HEADER_V2_SIZE + HEADER_V3_TAIL_FORMAT.size  # 104
 
-HeaderV3Tail = Struct(
-    "incompatible_features" / Int64ub,
-    "compatible_features" / Int64ub,
-    "autoclear_features" / Int64ub,
-    "refcount_order" / Int32ub,
-    "header_length" / Int32ub,
-)
-HEADER_V3_SIZE = HEADER_V2_SIZE + HeaderV3Tail.sizeof()  # 104
+FEATURE_NAME_ENTRY_SIZE = 48  # type, bit, 46-byte name
 
-ExtensionHeader = Struct("type" / Int32ub, "length" / Int32ub)
-
-FeatureNameEntry = Struct(
-    "type" / Int8ub,  # 0 incompatible, 1 compatible, 2 autoclear
-    "bit" / Int8ub,
-    "name" / PaddedString(46, "ascii"),
-)
-FEATURE_NAME_ENTRY_SIZE = FeatureNameEntry.sizeof()  # 48
-
-FullDiskEncryptionPointer = Struct("offset" / Int64ub, "length" / Int64ub)
 
 # Header extension types.
 EXT_END = 0x00000000
@@ -106,39 +87,90 @@ MAX_CLUSTER_BITS = 21
 
 
 # One entry of the snapshot table (followed by extra data, id string, name, padding to 8).
-SnapshotEntryHeader = Struct(
-    "l1_table_offset" / Int64ub,
-    "l1_size" / Int32ub,
-    "id_str_size" / Int16ub,
-    "name_size" / Int16ub,
-    "date_sec" / Int32ub,
-    "date_nsec" / Int32ub,
-    "vm_clock_nsec" / Int64ub,
-    "vm_state_size" / Int32ub,
-    "extra_data_size" / Int32ub,
-)
-SNAPSHOT_ENTRY_HEADER_SIZE = SnapshotEntryHeader.sizeof()  # 40
+SNAPSHOT_ENTRY_HEADER_SIZE = 40  # SnapshotEntryHeader.sizeof()
 MAX_SNAPSHOT_EXTRA_DATA = 1024
 MAX_SNAPSHOT_TABLE_BYTES = 1024 * MAX_SNAPSHOTS
 
 # The bitmaps header extension and one bitmap directory entry (followed by extra data,
 # the name, padding to 8).
-BitmapsExtension = Struct(
-    "nb_bitmaps" / Int32ub,
-    "reserved" / Int32ub,
-    "bitmap_directory_size" / Int64ub,
-    "bitmap_directory_offset" / Int64ub,
-)
-BitmapDirectoryEntry = Struct(
-    "bitmap_table_offset" / Int64ub,
-    "bitmap_table_size" / Int32ub,
-    "flags" / Int32ub,
-    "type" / Int8ub,
-    "granularity_bits" / Int8ub,
-    "name_size" / Int16ub,
-    "extra_data_size" / Int32ub,
-)
-BITMAP_DIRECTORY_ENTRY_SIZE = BitmapDirectoryEntry.sizeof()  # 24
+BITMAP_DIRECTORY_ENTRY_SIZE = 24  # BitmapDirectoryEntry.sizeof()
 MAX_BITMAPS = 65535
 MAX_BITMAP_DIRECTORY_BYTES = 1024 * MAX_BITMAPS
 BITMAP_TABLE_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+
+
+def _declare() -> dict:
+    """The construct declarations (importing construct only now)."""
+    from construct import Int8ub, Int16ub, Int32ub, Int64ub, PaddedString, Struct
+    HeaderV2 = Struct(
+        "magic" / Int32ub,
+        "version" / Int32ub,
+        "backing_file_offset" / Int64ub,
+        "backing_file_size" / Int32ub,
+        "cluster_bits" / Int32ub,
+        "size" / Int64ub,
+        "crypt_method" / Int32ub,
+        "l1_size" / Int32ub,
+        "l1_table_offset" / Int64ub,
+        "refcount_table_offset" / Int64ub,
+        "refcount_table_clusters" / Int32ub,
+        "nb_snapshots" / Int32ub,
+        "snapshots_offset" / Int64ub,
+    )
+    HeaderV3Tail = Struct(
+        "incompatible_features" / Int64ub,
+        "compatible_features" / Int64ub,
+        "autoclear_features" / Int64ub,
+        "refcount_order" / Int32ub,
+        "header_length" / Int32ub,
+    )
+    ExtensionHeader = Struct("type" / Int32ub, "length" / Int32ub)
+    FeatureNameEntry = Struct(
+        "type" / Int8ub,  # 0 incompatible, 1 compatible, 2 autoclear
+        "bit" / Int8ub,
+        "name" / PaddedString(46, "ascii"),
+    )
+    FullDiskEncryptionPointer = Struct("offset" / Int64ub, "length" / Int64ub)
+    SnapshotEntryHeader = Struct(
+        "l1_table_offset" / Int64ub,
+        "l1_size" / Int32ub,
+        "id_str_size" / Int16ub,
+        "name_size" / Int16ub,
+        "date_sec" / Int32ub,
+        "date_nsec" / Int32ub,
+        "vm_clock_nsec" / Int64ub,
+        "vm_state_size" / Int32ub,
+        "extra_data_size" / Int32ub,
+    )
+    BitmapsExtension = Struct(
+        "nb_bitmaps" / Int32ub,
+        "reserved" / Int32ub,
+        "bitmap_directory_size" / Int64ub,
+        "bitmap_directory_offset" / Int64ub,
+    )
+    BitmapDirectoryEntry = Struct(
+        "bitmap_table_offset" / Int64ub,
+        "bitmap_table_size" / Int32ub,
+        "flags" / Int32ub,
+        "type" / Int8ub,
+        "granularity_bits" / Int8ub,
+        "name_size" / Int16ub,
+        "extra_data_size" / Int32ub,
+    )
+    return dict(HeaderV2=HeaderV2, HeaderV3Tail=HeaderV3Tail, ExtensionHeader=ExtensionHeader,
+                FeatureNameEntry=FeatureNameEntry,
+                FullDiskEncryptionPointer=FullDiskEncryptionPointer,
+                SnapshotEntryHeader=SnapshotEntryHeader, BitmapsExtension=BitmapsExtension,
+                BitmapDirectoryEntry=BitmapDirectoryEntry)
+
+
+_DECLARED = ("HeaderV2", "HeaderV3Tail", "ExtensionHeader", "FeatureNameEntry",
+             "FullDiskEncryptionPointer", "SnapshotEntryHeader", "BitmapsExtension",
+             "BitmapDirectoryEntry")
+
+
+def __getattr__(name: str):
+    if name in _DECLARED:
+        globals().update(_declare())
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -174,6 +174,7 @@ class _Target:
         self.l1 = decode_be64(self.pread(header.l1_size * 8, header.l1_table_offset)) \
             if header.l1_size else array("Q")
         self.writes = 0  # bumped by every change to the file: what was read may be stale
+        self._synced_writes = 0  # `writes` at the last flush
         self._l2_starts: list[int] | None = None
         self.load_reftable(header.refcount_table_offset, header.refcount_table_clusters)
         self.snapshots: list[_Snapshot] = []
@@ -205,7 +206,12 @@ class _Target:
         self.writes += 1
 
     def flush(self) -> None:
+        """fdatasync what the check wrote since its last flush; a check that wrote
+        nothing (every read-only check) syncs nothing."""
+        if self.writes == self._synced_writes:
+            return
         self.file.flush()
+        self._synced_writes = self.writes
 
     def discard(self, cluster: int) -> None:
         """A cluster whose refcount a repair dropped to 0 is discarded, as QEMU does."""
