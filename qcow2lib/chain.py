@@ -225,12 +225,12 @@ def _open_nbd(target, mode: str, fmt: str | None, snapshot: str | None, backing:
                          open_data_file, (client.filename,), snapshot)
 
 
-def open_image(path: "str | NBDAddress", mode: str = "r", fmt: str | None = None, backing: bool = True,
-               data_file: str | None = None, force_share: bool = False,
+def open_image(path: "str | NBDAddress", mode: str = "r", fmt: str | None = None,
+               backing: bool = True, data_file: str | None = None, force_share: bool = False,
                passphrase: str | bytes | Sequence[str | bytes | None] | None = None,
-               open_data_file: bool = True, _chain: tuple[str, ...] = (),
-               snapshot: str | None = None, cache: str = "writeback",
-               backing_of: str | None = None, untrusted: bool = False) -> BlockDevice:
+               open_data_file: bool = True, snapshot: str | None = None,
+               cache: str = "writeback", backing_of: str | None = None,
+               untrusted: bool = False) -> BlockDevice:
     """Open an image (and, unless backing=False, its whole backing chain, read-only).
 
     `path` is a host file, an NBD name (nbd://..., nbd+unix://..., nbd:...) or an
@@ -255,6 +255,16 @@ def open_image(path: "str | NBDAddress", mode: str = "r", fmt: str | None = None
     are trusted. The default trusts the image as qemu-img does: it may name any host file
     as its backing file (a raw one only if it states the format) or data file.
     """
+    return _open(path, mode, fmt, backing, data_file, force_share, passphrase, open_data_file,
+                 (), snapshot, cache, backing_of, untrusted)
+
+
+def _open(path, mode: str, fmt: str | None, backing: bool, data_file: str | None,
+          force_share: bool, passphrase, open_data_file: bool, chain: tuple[str, ...],
+          snapshot: str | None, cache: str, backing_of: str | None,
+          untrusted: bool) -> BlockDevice:
+    """open_image() at one level of a chain: `chain` holds the real paths of the images
+    above, for loop and depth checks."""
     if snapshot is not None and mode != "r":
         raise InvalidArgumentError("a snapshot can only be opened read-only (mode 'r')")
     if mode not in ("r", "r+"):
@@ -273,11 +283,11 @@ def open_image(path: "str | NBDAddress", mode: str = "r", fmt: str | None = None
     if "\0" in path:
         raise CorruptImageError(f"Image file name {path!r} contains a NUL byte")
     real = os.path.realpath(path)
-    if real in _chain:
+    if real in chain:
         raise CorruptImageError(f"Backing file loop: '{path}' is its own backing file "
-                                f"(chain: {' -> '.join(_chain + (real,))})")
-    if len(_chain) >= MAX_CHAIN_DEPTH:
-        raise CorruptImageError(f"Backing chain of '{_chain[0]}' is too deep (more than "
+                                f"(chain: {' -> '.join(chain + (real,))})")
+    if len(chain) >= MAX_CHAIN_DEPTH:
+        raise CorruptImageError(f"Backing chain of '{chain[0]}' is too deep (more than "
                                 f"{MAX_CHAIN_DEPTH} images)")
     if fmt == "raw" or fmt in RAW_PROTOCOLS:
         if snapshot is not None:
@@ -301,7 +311,7 @@ def open_image(path: "str | NBDAddress", mode: str = "r", fmt: str | None = None
         if host is not None:
             host.no_flush = cache == "unsafe"
     return _finish_qcow2(image, path, backing, force_share, backing_passphrase,
-                         open_data_file, _chain + (real,), snapshot, untrusted)
+                         open_data_file, chain + (real,), snapshot, untrusted)
 
 
 def _split_passphrase(passphrase):
@@ -341,9 +351,9 @@ def _finish_qcow2(image: Qcow2Image, path: str | None, backing: bool, force_shar
                     raise Qcow2IOError(2, f"Could not open '{backing_path}': No such file or "
                                           f"directory", backing_path)
                 backing_fmt = backing_format(backing_path, stated, name, image.filename)
-            image.backing = open_image(backing_path, "r", backing_fmt, True, None, force_share,
-                                       backing_passphrase, open_data_file, chain,
-                                       backing_of=image.filename, untrusted=untrusted)
+            image.backing = _open(backing_path, "r", backing_fmt, True, None, force_share,
+                                  backing_passphrase, open_data_file, chain, None, "writeback",
+                                  image.filename, untrusted)
         except Qcow2Error as exc:
             image.close()
             raise _in_backing_file(exc) from exc

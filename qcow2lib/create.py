@@ -302,7 +302,7 @@ def _write_qemu_layout(path: str, hdr: Header, cluster_size: int, refcount_bits:
     table = array("Q", [0] * (cluster_size // 8))
     for block_index, cluster in blocks.items():
         table[block_index] = cluster * cluster_size
-    file = create_host_file(path)
+    file = _container(path)
     try:
         file.pwrite(hdr.pack(), 0)
         file.pwrite(encode_be64(table), cluster_size)
@@ -313,7 +313,13 @@ def _write_qemu_layout(path: str, hdr: Header, cluster_size: int, refcount_bits:
                 if base <= used_cluster < base + block_entries:
                     block.set(used_cluster - base, 1)
             file.pwrite(block.to_bytes(), cluster * cluster_size)
-        file.truncate(file_end)
+        if file.is_device:  # a device (or NBD export) keeps old bytes and its size
+            header = hdr.pack()
+            file.pwrite(bytes(-len(header) % cluster_size), len(header))
+            if l1_offset:
+                file.pwrite(bytes(-(-hdr.l1_size * 8 // cluster_size) * cluster_size), l1_offset)
+        else:
+            file.truncate(file_end)
         file.flush()
     except Qcow2IOError:
         file.close()
