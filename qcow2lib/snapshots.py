@@ -41,9 +41,7 @@ from .refcount import RefcountBlock
 from .snapshot_table import (ICOUNT_DISABLED, Snapshot, l2_table_offset, pack_snapshot_table,
                              read_snapshot_table)
 
-EXTRA_DATA_SIZE = 24           # vm_state_size_large, disk_size, icount: what QEMU writes
-MAX_NAME_BYTES = 255           # QEMU keeps names in a 256-byte buffer (id: 128)
-MAX_ID_BYTES = 127
+MAX_NAME_BYTES = 255  # QEMU keeps names in a 256-byte buffer
 
 
 def cached_table(image) -> tuple[list[Snapshot], int]:
