@@ -1,7 +1,10 @@
 """Thin wrappers around the real QEMU tools: the oracle every test compares against."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -107,3 +110,29 @@ def require_root(why: str) -> None:
     import pytest
     if os.geteuid() != 0:
         pytest.skip(f"needs root: {why}")
+
+
+@contextlib.contextmanager
+def inside(directory: Path):
+    """Run the block with `directory` as the working directory (qemu-img's relative names)."""
+    cwd = os.getcwd()
+    os.chdir(directory)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+
+
+def run_qimg(*args) -> subprocess.CompletedProcess:
+    """qimg.main() in-process, named "qemu-img" as a linking user would, output captured."""
+    import qimg
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = qimg.main([str(a) for a in args], prog="qemu-img")
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def run_qimg_in(directory: Path, *args) -> subprocess.CompletedProcess:
+    """run_qimg() with `directory` as the working directory."""
+    with inside(directory):
+        return run_qimg(*args)

@@ -6,23 +6,14 @@ resize and create must see it as qemu-img does, raw and as a qcow2 container, an
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import subprocess
 from pathlib import Path
 
 import pytest
 
 import qcow2lib
-import qimg
 from qemutools import qemu_img, qemu_io, require_root, run
-
-
-def run_qimg(*args) -> subprocess.CompletedProcess:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = qimg.main([str(a) for a in args], prog="qemu-img")
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+from qemutools import run_qimg
 
 
 def run_qemu(*args) -> subprocess.CompletedProcess:

@@ -20,30 +20,12 @@ from pathlib import Path
 
 import pytest
 
-import qimg
 from qcow2lib.cli import common, progress
 from qemutools import qemu_img, qemu_io, run
+from qemutools import inside, run_qimg_in as run_qimg
 
 LUKS = ["--object", "secret,id=sec0,data=secret-pw"]
 LUKS_OPEN = "driver=qcow2,file.filename={},encrypt.key-secret=sec0"
-
-
-@contextlib.contextmanager
-def inside(directory: Path):
-    cwd = os.getcwd()
-    os.chdir(directory)
-    try:
-        yield
-    finally:
-        os.chdir(cwd)
-
-
-def run_qimg(directory: Path, *args) -> subprocess.CompletedProcess:
-    """qimg.main() in-process in `directory`, its output captured."""
-    out, err = io.StringIO(), io.StringIO()
-    with inside(directory), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = qimg.main([str(a) for a in args], prog="qemu-img")
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def run_qemu(directory: Path, *args) -> subprocess.CompletedProcess:

@@ -2,9 +2,6 @@
 against the real qemu-img 7.2 (same arguments, same exit code, stdout and stderr)."""
 from __future__ import annotations
 
-import contextlib
-import io
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -12,25 +9,8 @@ from pathlib import Path
 import pytest
 
 import qcow2lib
-import qimg
 from qemutools import qemu_img, qemu_io, run, to_raw
-
-
-@contextlib.contextmanager
-def inside(directory: Path):
-    cwd = os.getcwd()
-    os.chdir(directory)
-    try:
-        yield
-    finally:
-        os.chdir(cwd)
-
-
-def run_qimg(directory: Path, *args) -> subprocess.CompletedProcess:
-    out, err = io.StringIO(), io.StringIO()
-    with inside(directory), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = qimg.main([str(a) for a in args], prog="qemu-img")
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+from qemutools import inside, run_qimg_in as run_qimg
 
 
 def assert_same(directory: Path, *args) -> subprocess.CompletedProcess:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import os
 import subprocess
 import threading
@@ -21,17 +20,10 @@ from pathlib import Path
 import pytest
 
 import qcow2lib
-import qimg
 from qcow2lib.exports.nbd import NBDServer
 from qcow2lib.exports.nbd_client import NBDAddress, NBDClient, parse_nbd_name
 from qemutools import qemu_img, qemu_io, run
-
-
-def run_qimg(*args) -> subprocess.CompletedProcess:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = qimg.main([str(a) for a in args], prog="qemu-img")
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+from qemutools import run_qimg
 
 
 def assert_same(*args) -> subprocess.CompletedProcess:

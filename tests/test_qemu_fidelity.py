@@ -6,9 +6,6 @@ compared with what the real qemu-img produces from the same input.
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import os
 import shutil
 import signal
 import subprocess
@@ -16,21 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-import qimg
 from qemutools import qemu_img, qemu_io, qemu_map, run, to_raw
-
-
-def run_qimg(directory: Path, *args) -> subprocess.CompletedProcess:
-    """qimg.main() in-process in `directory`, its output captured."""
-    out, err = io.StringIO(), io.StringIO()
-    cwd = os.getcwd()
-    os.chdir(directory)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = qimg.main([str(a) for a in args], prog="qemu-img")
-    finally:
-        os.chdir(cwd)
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+from qemutools import run_qimg_in as run_qimg
 
 
 def run_qemu(directory: Path, *args) -> subprocess.CompletedProcess:
