@@ -149,10 +149,6 @@ class HostFile:
     def pread(self, length: int, offset: int) -> bytes:
         """Read exactly length bytes; bytes past end of file read as zeros. One os.pread
         into the returned bytes (no zero-filled buffer, no copy) when the file has them."""
-        if type(self).readinto is not HostFile.readinto:  # a subclass that watches reads
-            buf = bytearray(length)
-            self.readinto(memoryview(buf), offset)
-            return bytes(buf)
         try:
             data = os.pread(self.fd, length, offset)
         except (OSError, OverflowError) as exc:

@@ -634,11 +634,20 @@ def test_eio_on_read_is_reported(tmp_path):
     qemu_io(path, "write -P 0x41 0 64k", "write -P 0x42 512k 4k")
 
     class FailingReads(hostfile.HostFile):
-        def readinto(self, buf, offset):
+        """Both ways HostFile reads (into a buffer, or as new bytes) fail past 0x3000."""
+
+        def _maybe_fail(self, offset):
             if offset >= 0x3000 and FailingReads.armed:  # past header, L1 and refcounts
                 raise Qcow2IOError(errno.EIO, f"read failed on '{self.path}': Input/output "
                                               f"error", self.path)
+
+        def readinto(self, buf, offset):
+            self._maybe_fail(offset)
             return super().readinto(buf, offset)
+
+        def pread(self, length, offset):
+            self._maybe_fail(offset)
+            return super().pread(length, offset)
 
     FailingReads.armed = False
     saved = hostfile.host_file_class
