@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import os
 
-from ..chain import untrusted_backing_path
 from ..bitmaps import check_qemu_constraints
+from ..chain import is_nbd_name, untrusted_backing_path
 from ..errors import CorruptImageError, ImageLockedError, Qcow2Error
-from ..chain import is_nbd_name
 from ..snapshots import list_snapshots
 from . import (error_text, full_backing_filename, host_path, image_target, open_by_name,
                virtual_size)
