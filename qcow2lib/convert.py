@@ -266,6 +266,7 @@ class _Converter:
         self.cond = threading.Condition()
         self.wr_offs = 0
         self.error: BaseException | None = None
+        self.error_sector = -1  # the guest sector of the failed work item; -1 when unknown
         self.done = 0
         self.total_bytes = 0
 
@@ -511,10 +512,12 @@ class _Converter:
             self.wr_offs = sector_num + n
             self.cond.notify_all()
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException, sector_num: int = -1) -> None:
+        """Stop the job with `exc`. Of several failing I/O requests in flight the lowest in
+        guest order is reported, as qemu-img's in-order writers would hit it first."""
         with self.cond:
-            if self.error is None:
-                self.error = exc
+            if self.error is None or (0 <= sector_num < self.error_sector):
+                self.error, self.error_sector = exc, sector_num
             self.cond.notify_all()
 
     def _buffers(self, state: dict) -> bytearray:
@@ -584,7 +587,7 @@ class _Converter:
                                               f"byte {sector_num * SECTOR}: {exc.strerror}",
                                    exc.filename)
                 err.__cause__ = exc
-                self._fail(err)
+                self._fail(err, sector_num)
                 return
             except UnsupportedFeatureError as exc:
                 # what the target cannot store (compressed clusters in an image with an
@@ -593,7 +596,7 @@ class _Converter:
                                                   f"at byte {sector_num * SECTOR}: "
                                                   f"{os.strerror(errno.ENOTSUP)}")
                 err.__cause__ = exc
-                self._fail(err)
+                self._fail(err, sector_num)
                 return
             except BaseException as exc:
                 self._fail(exc)
