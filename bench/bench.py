@@ -12,6 +12,7 @@ the target from issue 13 and whether it is met. Cases: startup, snapshot, conver
 checkmap, randio, read, readwhy, open, exports, guest. Nothing here is a test: timings depend
 on the machine and its load.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,45 +39,63 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    qemu = subprocess.run([QEMU_IMG, "--version"], capture_output=True,
-                          text=True).stdout.splitlines()[:1]
+    qemu = subprocess.run(
+        [QEMU_IMG, "--version"], capture_output=True, text=True
+    ).stdout.splitlines()[:1]
     load = " ".join(f"{value:.1f}" for value in os.getloadavg())
-    return (f"{os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}, Python "
-            f"{platform.python_version()}, {qemu[0] if qemu else 'qemu-img ?'}, "
-            f"load average at start {load}")
+    return (
+        f"{os.cpu_count()} CPUs ({cpu}), Linux {platform.release()}, Python "
+        f"{platform.python_version()}, {qemu[0] if qemu else 'qemu-img ?'}, "
+        f"load average at start {load}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="small sizes, 1 round: checks that the suite works (~2 min)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes, 1 round: checks that the suite works (~2 min)",
+    )
     parser.add_argument("--size-mib", type=int, help="size of the data images (1024)")
     parser.add_argument("--rounds", type=int, help="runs of each side per row (3)")
-    parser.add_argument("--only", nargs="+", metavar="NAME",
-                        choices=[case.name for case in CASES], help="run only these cases")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        choices=[case.name for case in CASES],
+        help="run only these cases",
+    )
     parser.add_argument("--markdown", metavar="FILE", help="also write the table here")
     parser.add_argument("--dir", help="where the scratch images go (a temporary directory)")
-    parser.add_argument("--fs-source", help="tree copied into the ext4 image "
-                        "(/usr/share; /usr/share/zoneinfo with --quick)")
+    parser.add_argument(
+        "--fs-source",
+        help="tree copied into the ext4 image (/usr/share; /usr/share/zoneinfo with --quick)",
+    )
     args = parser.parse_args()
     size_mib = args.size_mib or (64 if args.quick else 1024)
     rounds = args.rounds or (1 if args.quick else 3)
-    fs_source = Path(args.fs_source or ("/usr/share/zoneinfo" if args.quick
-                                        else "/usr/share"))
+    fs_source = Path(args.fs_source or ("/usr/share/zoneinfo" if args.quick else "/usr/share"))
     selected = [case for case in CASES if not args.only or case.name in args.only]
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    header = (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {machine()}\n"
-              f"data images {size_mib} MiB, {rounds} round(s), ext4 image of {fs_source}")
+    header = (
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {machine()}\n"
+        f"data images {size_mib} MiB, {rounds} round(s), ext4 image of {fs_source}"
+    )
     log(header)
     started = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory(prefix="qcow2lib-bench-", dir=args.dir) as tmp:
-        config = Config(directory=Path(tmp), size=size_mib << 20,
-                        io_count=2000 if args.quick else 20000, fs_source=fs_source,
-                        snapshots=8 if args.quick else 50)
+        config = Config(
+            directory=Path(tmp),
+            size=size_mib << 20,
+            io_count=2000 if args.quick else 20000,
+            fs_source=fs_source,
+            snapshots=8 if args.quick else 50,
+        )
         fixtures = Fixtures(config)
         for case in selected:
             log(f"[{case.name}] {case.title}")

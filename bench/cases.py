@@ -4,6 +4,7 @@ Inputs are made by the reference tools (qemu-img, qemu-io, mkfs.ext4) from raw d
 written here, so that neither side measures images of its own making. Each case's setup
 returns its rows; bench.py alternates ours and theirs over them.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -19,8 +20,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from measure import (QIMG, ROOT, BenchError, Case, Launched, Row, Sample, Target, reported,
-                     run_child, wall, worker)
+from measure import (
+    QIMG,
+    ROOT,
+    BenchError,
+    Case,
+    Launched,
+    Row,
+    Sample,
+    Target,
+    reported,
+    run_child,
+    wall,
+    worker,
+)
 
 QEMU_IMG = shutil.which("qemu-img") or "qemu-img"
 QEMU_IO = shutil.which("qemu-io") or "qemu-io"
@@ -33,18 +46,20 @@ MIB = 1 << 20
 @dataclass
 class Config:
     directory: Path
-    size: int            # bytes of the data-carrying images
-    io_count: int        # requests per random-I/O run
-    fs_source: Path      # the tree mkfs.ext4 -d copies into the filesystem image
-    snapshots: int       # snapshots in the metadata-heavy snapshot image
+    size: int  # bytes of the data-carrying images
+    io_count: int  # requests per random-I/O run
+    fs_source: Path  # the tree mkfs.ext4 -d copies into the filesystem image
+    snapshots: int  # snapshots in the metadata-heavy snapshot image
 
 
 def sh(*argv, stdin: bytes | None = None) -> None:
     """Run a fixture-building command (untimed); its failure stops the case."""
     done = subprocess.run([str(a) for a in argv], input=stdin, capture_output=True)
     if done.returncode:
-        raise BenchError(f"{' '.join(map(str, argv[:6]))} failed: "
-                         f"{done.stderr.decode(errors='replace').strip()[-400:]}")
+        raise BenchError(
+            f"{' '.join(map(str, argv[:6]))} failed: "
+            f"{done.stderr.decode(errors='replace').strip()[-400:]}"
+        )
 
 
 def qemu_io(image: Path, commands: list[str], fmt: str = "qcow2") -> None:
@@ -55,6 +70,7 @@ def qemu_io(image: Path, commands: list[str], fmt: str = "qcow2") -> None:
 def remove(path: Path) -> Callable[[str], None]:
     def prepare(_side: str) -> None:
         path.unlink(missing_ok=True)
+
     return prepare
 
 
@@ -80,90 +96,120 @@ class Fixtures:
     def _raw_to_qcow2(self, raw: Path, target: Path) -> None:
         sh(QEMU_IMG, "convert", "-f", "raw", "-O", "qcow2", raw, target)
 
-    def _write_raw(self, path: Path, chunk_kind: Callable[[int, random.Random], str | None],
-                   chunk: int = MIB) -> None:
+    def _write_raw(
+        self, path: Path, chunk_kind: Callable[[int, random.Random], str | None], chunk: int = MIB
+    ) -> None:
         """A raw file of config.size, each chunk random, text, zeros or a hole."""
         rng = random.Random(13)
-        text = (b"The quick brown fox jumps over the lazy dog; qcow2 clusters, refcounts "
-                b"and L2 tables. ") * (chunk // 80 + 1)
+        text = (
+            b"The quick brown fox jumps over the lazy dog; qcow2 clusters, refcounts "
+            b"and L2 tables. "
+        ) * (chunk // 80 + 1)
         with open(path, "wb") as out:
             out.truncate(self.config.size)
             for index, offset in enumerate(range(0, self.config.size, chunk)):
                 kind = chunk_kind(index, rng)
                 if kind is None:
                     continue
-                data = {"random": lambda: rng.randbytes(chunk),
-                        "text": lambda: text[:chunk],
-                        "zeros": lambda: bytes(chunk),
-                        "old": lambda: (rng.randbytes(chunk // 2)
-                                        + bytes([rng.randrange(256)]) * (chunk // 2)),
-                        }[kind]()
+                data = {
+                    "random": lambda: rng.randbytes(chunk),
+                    "text": lambda: text[:chunk],
+                    "zeros": lambda: bytes(chunk),
+                    "old": lambda: (
+                        rng.randbytes(chunk // 2) + bytes([rng.randrange(256)]) * (chunk // 2)
+                    ),
+                }[kind]()
                 out.seek(offset)
                 out.write(data)
 
     def mixed_raw(self) -> Path:
         """30% incompressible, 30% text, 15% zeros written as data, 25% holes."""
+
         def kind(_index, rng):
             roll = rng.random()
-            return ("random" if roll < 0.30 else "text" if roll < 0.60
-                    else "zeros" if roll < 0.75 else None)
+            return (
+                "random"
+                if roll < 0.30
+                else "text"
+                if roll < 0.60
+                else "zeros"
+                if roll < 0.75
+                else None
+            )
+
         return self._once("mixed.raw", lambda path: self._write_raw(path, kind))
 
     def mixed(self) -> Path:
-        return self._once("mixed.qcow2",
-                          lambda path: self._raw_to_qcow2(self.mixed_raw(), path))
+        return self._once("mixed.qcow2", lambda path: self._raw_to_qcow2(self.mixed_raw(), path))
 
     def full(self) -> Path:
         """Every cluster allocated, incompressible data."""
+
         def build(path):
             raw = self.dir / "full.raw"
             self._write_raw(raw, lambda _i, _r: "random")
             self._raw_to_qcow2(raw, path)
             raw.unlink()
+
         return self._once("full.qcow2", build)
 
     def half(self) -> Path:
         """Every other MiB allocated, the rest unallocated."""
+
         def build(path):
             raw = self.dir / "half.raw"
             self._write_raw(raw, lambda index, _r: "random" if index % 2 == 0 else None)
             self._raw_to_qcow2(raw, path)
             raw.unlink()
+
         return self._once("half.qcow2", build)
 
     def empty(self) -> Path:
-        return self._once("empty.qcow2",
-                          lambda path: sh(QEMU_IMG, "create", "-f", "qcow2", path,
-                                          self.config.size))
+        return self._once(
+            "empty.qcow2",
+            lambda path: sh(QEMU_IMG, "create", "-f", "qcow2", path, self.config.size),
+        )
 
     def old_bench(self) -> Path:
         """The old bench.py's image: 3/4 of the 4 MiB chunks written, each half random
         and half one repeated byte, 1/4 holes."""
+
         def build(path):
             raw = self.dir / "old.raw"
-            self._write_raw(raw, lambda _i, rng: "old" if rng.random() < 0.75 else None,
-                            chunk=4 * MIB)
+            self._write_raw(
+                raw, lambda _i, rng: "old" if rng.random() < 0.75 else None, chunk=4 * MIB
+            )
             self._raw_to_qcow2(raw, path)
             raw.unlink()
+
         return self._once("old.qcow2", build)
 
     def chain(self) -> Path:
         """A 3-deep chain over the mixed image: each upper layer rewrites some chunks."""
+
         def build(top):
             base = self.mixed()
             mid = self.dir / "chain-mid.qcow2"
             sh(QEMU_IMG, "create", "-f", "qcow2", "-b", base, "-F", "qcow2", mid)
             sh(QEMU_IMG, "create", "-f", "qcow2", "-b", mid, "-F", "qcow2", top)
             step = max(self.config.size // 64, MIB)
-            qemu_io(mid, [f"write -P 0x11 {offset} 1M"
-                          for offset in range(0, self.config.size, step)])
-            qemu_io(top, [f"write -P 0x22 {offset + step // 2} 512k"
-                          for offset in range(0, self.config.size - step // 2, step)])
+            qemu_io(
+                mid, [f"write -P 0x11 {offset} 1M" for offset in range(0, self.config.size, step)]
+            )
+            qemu_io(
+                top,
+                [
+                    f"write -P 0x22 {offset + step // 2} 512k"
+                    for offset in range(0, self.config.size - step // 2, step)
+                ],
+            )
+
         return self._once("chain-top.qcow2", build)
 
     def guest_disk(self, size_mib: int) -> Path:
         """Every cluster allocated with incompressible data, at a size of its own (the
         guest reads all of it under TCG, so it stays small whatever config.size is)."""
+
         def build(path):
             raw = self.dir / "guest.raw"
             rng = random.Random(17)
@@ -172,59 +218,94 @@ class Fixtures:
                     out.write(rng.randbytes(MIB))
             self._raw_to_qcow2(raw, path)
             raw.unlink()
+
         return self._once(f"guest-{size_mib}m.qcow2", build)
 
     def fs_raw(self) -> Path:
         """An ext4 filesystem holding a copy of config.fs_source (/usr/share by default)."""
+
         def build(path):
-            used = int(subprocess.run(["du", "-sk", "--apparent-size",
-                                       str(self.config.fs_source)],
-                                      capture_output=True, text=True).stdout.split()[0])
+            used = int(
+                subprocess.run(
+                    ["du", "-sk", "--apparent-size", str(self.config.fs_source)],
+                    capture_output=True,
+                    text=True,
+                ).stdout.split()[0]
+            )
             size_mib = max(64, used * 14 // 10 // 1024 + 64)
             with open(path, "wb") as out:
                 out.truncate(size_mib * MIB)
-            sh("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
-               "-d", self.config.fs_source, path)
+            sh(
+                "mkfs.ext4",
+                "-q",
+                "-F",
+                "-E",
+                "lazy_itable_init=0,lazy_journal_init=0",
+                "-d",
+                self.config.fs_source,
+                path,
+            )
+
         return self._once("fs.raw", build)
 
     def fs(self) -> Path:
         return self._once("fs.qcow2", lambda path: self._raw_to_qcow2(self.fs_raw(), path))
 
     def small(self) -> Path:
-        return self._once("small.qcow2",
-                          lambda path: sh(QEMU_IMG, "create", "-f", "qcow2", path, "64M"))
+        return self._once(
+            "small.qcow2", lambda path: sh(QEMU_IMG, "create", "-f", "qcow2", path, "64M")
+        )
 
     def huge(self) -> Path:
         """8 TiB with a few clusters written at offsets spread over all of it."""
+
         def build(path):
             sh(QEMU_IMG, "create", "-f", "qcow2", path, "8T")
-            qemu_io(path, [f"write -P {index + 1} {index * (512 << 30) + (index << 20)} 64k"
-                           for index in range(16)])
+            qemu_io(
+                path,
+                [
+                    f"write -P {index + 1} {index * (512 << 30) + (index << 20)} 64k"
+                    for index in range(16)
+                ],
+            )
+
         return self._once("huge.qcow2", build)
 
     def extents(self) -> Path:
         """Many small extents: 4 KiB written at every other 64 KiB cluster."""
+
         def build(path):
             sh(QEMU_IMG, "create", "-f", "qcow2", path, self.config.size)
-            qemu_io(path, [f"write -P 0x5a {offset} 4k"
-                           for offset in range(0, self.config.size, 128 << 10)])
+            qemu_io(
+                path,
+                [f"write -P 0x5a {offset} 4k" for offset in range(0, self.config.size, 128 << 10)],
+            )
+
         return self._once("extents.qcow2", build)
 
     def many_snapshots(self) -> Path:
         """Snapshots sharing L1/L2 tables: the mixed image, then a snapshot after each of
         a few scattered writes."""
+
         def build(path):
             copy_sparse(self.mixed(), path)
             step = max(self.config.size // 16, MIB)
             for index in range(self.config.snapshots):
                 offset = (index * 7919 * 65536) % (self.config.size - 65536)
-                qemu_io(path, [f"write -P {index % 250 + 1} {offset} 64k",
-                               f"write -P {index % 250 + 2} {(offset + step) % self.config.size} 4k"])
+                qemu_io(
+                    path,
+                    [
+                        f"write -P {index % 250 + 1} {offset} 64k",
+                        f"write -P {index % 250 + 2} {(offset + step) % self.config.size} 4k",
+                    ],
+                )
                 sh(QEMU_IMG, "snapshot", "-c", f"s{index}", path)
+
         return self._once("snapshots.qcow2", build)
 
 
 # --- the cases --------------------------------------------------------------------------
+
 
 def startup_case(fx: Fixtures) -> list[Row]:
     small = fx.small()
@@ -236,10 +317,20 @@ def startup_case(fx: Fixtures) -> list[Row]:
         return Sample(started.seconds + work.seconds, started.rss_kib)
 
     return [
-        Row("start-up: info, small image", wall([*QIMG, "info", small]),
-            wall([QEMU_IMG, "info", small]), Target(max_ratio=3.0), "qemu-img info"),
-        Row("start-up: info vs floor+read", wall([*QIMG, "info", small]), floor_plus_read,
-            Target(max_ratio=1.5), "python3 -c pass + in-process info"),
+        Row(
+            "start-up: info, small image",
+            wall([*QIMG, "info", small]),
+            wall([QEMU_IMG, "info", small]),
+            Target(max_ratio=3.0),
+            "qemu-img info",
+        ),
+        Row(
+            "start-up: info vs floor+read",
+            wall([*QIMG, "info", small]),
+            floor_plus_read,
+            Target(max_ratio=1.5),
+            "python3 -c pass + in-process info",
+        ),
     ]
 
 
@@ -252,10 +343,15 @@ def snapshot_rows(fx: Fixtures, label: str, source: Path) -> list[Row]:
     copy_sparse(source, theirs_copy)
     rows = []
     for flag, name in (("-c", "create"), ("-a", "apply"), ("-d", "delete")):
-        rows.append(Row(f"snapshot {flag} ({name}), {label}",
-                        wall([*QIMG, "snapshot", flag, "bench", ours_copy]),
-                        wall([QEMU_IMG, "snapshot", flag, "bench", theirs_copy]),
-                        Target(max_ratio=1.5), "qemu-img snapshot"))
+        rows.append(
+            Row(
+                f"snapshot {flag} ({name}), {label}",
+                wall([*QIMG, "snapshot", flag, "bench", ours_copy]),
+                wall([QEMU_IMG, "snapshot", flag, "bench", theirs_copy]),
+                Target(max_ratio=1.5),
+                "qemu-img snapshot",
+            )
+        )
     return rows
 
 
@@ -265,50 +361,79 @@ def snapshot_case(fx: Fixtures) -> list[Row]:
     sh(QEMU_IMG, "create", "-f", "qcow2", sparse, "100G")
     chunks = fx.config.size // MIB
     spacing = (100 << 30) // chunks
-    qemu_io(sparse, [f"write -P {index % 250 + 1} {index * spacing} 1M"
-                     for index in range(chunks)])
-    return [*snapshot_rows(fx, f"{size_label} with data", fx.mixed()),
-            *snapshot_rows(fx, f"100 GiB sparse, {size_label} data", sparse)]
+    qemu_io(sparse, [f"write -P {index % 250 + 1} {index * spacing} 1M" for index in range(chunks)])
+    return [
+        *snapshot_rows(fx, f"{size_label} with data", fx.mixed()),
+        *snapshot_rows(fx, f"100 GiB sparse, {size_label} data", sparse),
+    ]
 
 
-def convert_rows(fx: Fixtures, label: str, raw: Path, qcow2: Path,
-                 chain: Path | None) -> list[Row]:
+def convert_rows(fx: Fixtures, label: str, raw: Path, qcow2: Path, chain: Path | None) -> list[Row]:
     out = fx.dir / "convert-out.img"
-    jobs = [("raw -> qcow2", ["-f", "raw", "-O", "qcow2"], raw),
-            ("qcow2 -> raw", ["-f", "qcow2", "-O", "raw"], qcow2)]
+    jobs = [
+        ("raw -> qcow2", ["-f", "raw", "-O", "qcow2"], raw),
+        ("qcow2 -> raw", ["-f", "qcow2", "-O", "raw"], qcow2),
+    ]
     if chain is not None:
         jobs.append(("3-deep chain -> qcow2", ["-f", "qcow2", "-O", "qcow2"], chain))
-    jobs += [("qcow2 -> qcow2 -c zlib", ["-f", "qcow2", "-O", "qcow2", "-c"], qcow2),
-             ("qcow2 -> qcow2 -c zstd", ["-f", "qcow2", "-O", "qcow2", "-c", "-o",
-                                         "compression_type=zstd"], qcow2)]
-    return [Row(f"convert {job}, {label}", wall([*QIMG, "convert", *args, source, out]),
-                wall([QEMU_IMG, "convert", *args, source, out]), Target(max_ratio=1.0),
-                "qemu-img convert", prepare=remove(out))
-            for job, args, source in jobs]
+    jobs += [
+        ("qcow2 -> qcow2 -c zlib", ["-f", "qcow2", "-O", "qcow2", "-c"], qcow2),
+        (
+            "qcow2 -> qcow2 -c zstd",
+            ["-f", "qcow2", "-O", "qcow2", "-c", "-o", "compression_type=zstd"],
+            qcow2,
+        ),
+    ]
+    return [
+        Row(
+            f"convert {job}, {label}",
+            wall([*QIMG, "convert", *args, source, out]),
+            wall([QEMU_IMG, "convert", *args, source, out]),
+            Target(max_ratio=1.0),
+            "qemu-img convert",
+            prepare=remove(out),
+        )
+        for job, args, source in jobs
+    ]
 
 
 def convert_case(fx: Fixtures) -> list[Row]:
-    return [*convert_rows(fx, "mixed", fx.mixed_raw(), fx.mixed(), fx.chain()),
-            *convert_rows(fx, f"ext4 of {fx.config.fs_source}", fx.fs_raw(), fx.fs(), None)]
+    return [
+        *convert_rows(fx, "mixed", fx.mixed_raw(), fx.mixed(), fx.chain()),
+        *convert_rows(fx, f"ext4 of {fx.config.fs_source}", fx.fs_raw(), fx.fs(), None),
+    ]
 
 
 def check_map_case(fx: Fixtures) -> list[Row]:
     rows = []
-    for label, image in (("many small extents", fx.extents()),
-                         (f"{fx.config.snapshots} snapshots", fx.many_snapshots())):
-        rows.append(Row(f"check, {label}", wall([*QIMG, "check", image]),
-                        wall([QEMU_IMG, "check", image]), Target(max_ratio=1.0),
-                        "qemu-img check"))
-        rows.append(Row(f"map --output=json, {label}",
-                        wall([*QIMG, "map", "--output=json", image]),
-                        wall([QEMU_IMG, "map", "--output=json", image]),
-                        Target(max_ratio=1.0), "qemu-img map"))
+    for label, image in (
+        ("many small extents", fx.extents()),
+        (f"{fx.config.snapshots} snapshots", fx.many_snapshots()),
+    ):
+        rows.append(
+            Row(
+                f"check, {label}",
+                wall([*QIMG, "check", image]),
+                wall([QEMU_IMG, "check", image]),
+                Target(max_ratio=1.0),
+                "qemu-img check",
+            )
+        )
+        rows.append(
+            Row(
+                f"map --output=json, {label}",
+                wall([*QIMG, "map", "--output=json", image]),
+                wall([QEMU_IMG, "map", "--output=json", image]),
+                Target(max_ratio=1.0),
+                "qemu-img map",
+            )
+        )
     return rows
 
 
 def random_io_case(fx: Fixtures) -> list[Row]:
     count = fx.config.io_count
-    step = 4096 * 7919       # visits the 4 KiB blocks in a scattered order
+    step = 4096 * 7919  # visits the 4 KiB blocks in a scattered order
     full, empty = fx.full(), fx.empty()
     fresh = fx.dir / "randio-fresh.qcow2"
 
@@ -317,20 +442,50 @@ def random_io_case(fx: Fixtures) -> list[Row]:
 
     rows = []
     for depth in (1, 8):
-        for write, region, image, prepare in ((False, "allocated", full, None),
-                                              (False, "unallocated", empty, None),
-                                              (True, "allocated", full, None),
-                                              (True, "unallocated", fresh, fresh_copy)):
+        for write, region, image, prepare in (
+            (False, "allocated", full, None),
+            (False, "unallocated", empty, None),
+            (True, "allocated", full, None),
+            (True, "unallocated", fresh, fresh_copy),
+        ):
             verb = "writes" if write else "reads"
-            theirs = [QEMU_IMG, "bench", "-f", "qcow2", "-c", count, "-d", depth, "-s", "4k",
-                      "-S", step, "-t", "writeback", "-i", "threads",
-                      *(["-w"] if write else []), image]
-            rows.append(Row(f"4k random {verb}, {region}, "
-                            f"{'QD1' if depth == 1 else '8 threads'} x{count}",
-                            worker(op="randio", path=str(image), count=count, threads=depth,
-                                   step=step, write=write),
-                            reported(theirs), Target(max_ratio=1.5),
-                            f"qemu-img bench -d {depth}", prepare=prepare))
+            theirs = [
+                QEMU_IMG,
+                "bench",
+                "-f",
+                "qcow2",
+                "-c",
+                count,
+                "-d",
+                depth,
+                "-s",
+                "4k",
+                "-S",
+                step,
+                "-t",
+                "writeback",
+                "-i",
+                "threads",
+                *(["-w"] if write else []),
+                image,
+            ]
+            rows.append(
+                Row(
+                    f"4k random {verb}, {region}, {'QD1' if depth == 1 else '8 threads'} x{count}",
+                    worker(
+                        op="randio",
+                        path=str(image),
+                        count=count,
+                        threads=depth,
+                        step=step,
+                        write=write,
+                    ),
+                    reported(theirs),
+                    Target(max_ratio=1.5),
+                    f"qemu-img bench -d {depth}",
+                    prepare=prepare,
+                )
+            )
     return rows
 
 
@@ -341,8 +496,9 @@ def _installed(module: str) -> bool:
         return False
 
 
-def read_rows(fx: Fixtures, label: str, image: Path, bufsize: int, modes: tuple[str, ...],
-              dissect: bool) -> list[Row]:
+def read_rows(
+    fx: Fixtures, label: str, image: Path, bufsize: int, modes: tuple[str, ...], dissect: bool
+) -> list[Row]:
     """Ours in each mode against pyqcow (target: faster) and, with `dissect`, against
     dissect.hypervisor (target: at least twice as fast); both of those only read()."""
     references = [("pyqcow", "pyqcow", Target(max_ratio=1.0))]
@@ -353,20 +509,24 @@ def read_rows(fx: Fixtures, label: str, image: Path, bufsize: int, modes: tuple[
     for mode in modes:
         for impl, module, target in references:
             installed = _installed(module)
-            rows.append(Row(f"read whole, {label}, {size} {mode}()",
-                            worker(op="read", impl="ours", path=str(image), bufsize=bufsize,
-                                   mode=mode),
-                            worker(op="read", impl=impl, path=str(image), bufsize=bufsize,
-                                   mode="read") if installed else None,
-                            target, f"{module} {size} read",
-                            missing="" if installed else f"{module} not installed"))
+            rows.append(
+                Row(
+                    f"read whole, {label}, {size} {mode}()",
+                    worker(op="read", impl="ours", path=str(image), bufsize=bufsize, mode=mode),
+                    worker(op="read", impl=impl, path=str(image), bufsize=bufsize, mode="read")
+                    if installed
+                    else None,
+                    target,
+                    f"{module} {size} read",
+                    missing="" if installed else f"{module} not installed",
+                )
+            )
     return rows
 
 
 def read_case(fx: Fixtures) -> list[Row]:
     rows = []
-    for label, image in (("full", fx.full()), ("half allocated", fx.half()),
-                         ("empty", fx.empty())):
+    for label, image in (("full", fx.full()), ("half allocated", fx.half()), ("empty", fx.empty())):
         rows += read_rows(fx, label, image, MIB, ("read", "readinto"), True)
     return rows
 
@@ -383,10 +543,21 @@ def read_why_case(fx: Fixtures) -> list[Row]:
 
 def open_case(fx: Fixtures) -> list[Row]:
     huge = fx.huge()
-    return [Row("open+close 8 TiB image (API)", worker(op="open", path=str(huge)), None,
-                Target(max_seconds=0.05, max_rss_mib=50)),
-            Row("info 8 TiB image (process)", wall([*QIMG, "info", huge]),
-                wall([QEMU_IMG, "info", huge]), Target(max_ratio=3.0), "qemu-img info")]
+    return [
+        Row(
+            "open+close 8 TiB image (API)",
+            worker(op="open", path=str(huge)),
+            None,
+            Target(max_seconds=0.05, max_rss_mib=50),
+        ),
+        Row(
+            "info 8 TiB image (process)",
+            wall([*QIMG, "info", huge]),
+            wall([QEMU_IMG, "info", huge]),
+            Target(max_ratio=3.0),
+            "qemu-img info",
+        ),
+    ]
 
 
 def _wait_for_socket(path: Path, proc: subprocess.Popen, timeout: float = 30) -> None:
@@ -405,11 +576,16 @@ def _wait_for_socket(path: Path, proc: subprocess.Popen, timeout: float = 30) ->
     raise BenchError(f"server did not listen on {path} within {timeout} s")
 
 
-def served_sampler(server_argv: list, sock: Path, client: Callable[[], float],
-                   before: Callable[[], None] | None = None) -> Callable[[], Sample]:
+def served_sampler(
+    server_argv: list,
+    sock: Path,
+    client: Callable[[], float],
+    before: Callable[[], None] | None = None,
+) -> Callable[[], Sample]:
     """The seconds `client()` returns against a server started (untimed) for it on `sock`;
     the RSS is the server's, once SIGTERM has stopped it. `before` runs (untimed) before
     the server starts: the place to give it a fresh copy of its image."""
+
     def sample() -> Sample:
         if before is not None:
             before()
@@ -424,12 +600,14 @@ def served_sampler(server_argv: list, sock: Path, client: Callable[[], float],
             # bare keeps Python's default handler: killed by the signal).
             _, rss, _ = server.wait(timeout=30, accept=(0, -signal.SIGTERM))
         return Sample(seconds, rss)
+
     return sample
 
 
 def nbdcopy_client(sock: Path) -> Callable[[], float]:
     def client() -> float:
         return run_child([NBDCOPY, f"nbd+unix:///?socket={sock}", "null:"])[0]
+
     return client
 
 
@@ -440,30 +618,56 @@ def qemu_img_bench_client(sock: Path, args: list) -> Callable[[], float]:
     def client() -> float:
         _, _, stdout = run_child(argv)
         return float(stdout.rsplit("Run completed in ", 1)[1].split()[0])
+
     return client
 
 
 def exports_case(fx: Fixtures) -> list[Row]:
     if not (ROOT / "qcow2lib" / "exports" / "nbd.py").exists():
-        return [Row("nbdcopy from NBD export", lambda: Sample(0, 0), None, Target(),
-                    missing="qcow2lib.exports.nbd not in this checkout")]
+        return [
+            Row(
+                "nbdcopy from NBD export",
+                lambda: Sample(0, 0),
+                None,
+                Target(),
+                missing="qcow2lib.exports.nbd not in this checkout",
+            )
+        ]
     rows = []
     sock = fx.dir / "nbd.sock"
     for label, image in (("full", fx.full()), ("mixed", fx.mixed())):
         if NBDCOPY is None:
-            rows.append(Row(f"nbdcopy to null:, {label}", lambda: Sample(0, 0), None,
-                            Target(), missing="nbdcopy not installed (libnbd-bin)"))
+            rows.append(
+                Row(
+                    f"nbdcopy to null:, {label}",
+                    lambda: Sample(0, 0),
+                    None,
+                    Target(),
+                    missing="nbdcopy not installed (libnbd-bin)",
+                )
+            )
             continue
-        ours = [sys.executable, "-c",
-                "import sys; sys.path.insert(0, sys.argv[1]); import qcow2lib; "
-                "from qcow2lib.exports.nbd import serve; "
-                "serve(qcow2lib.open(sys.argv[2]), unix_path=sys.argv[3], read_only=True, "
-                "persistent=True, shared=0)", ROOT, image, sock]
+        ours = [
+            sys.executable,
+            "-c",
+            "import sys; sys.path.insert(0, sys.argv[1]); import qcow2lib; "
+            "from qcow2lib.exports.nbd import serve; "
+            "serve(qcow2lib.open(sys.argv[2]), unix_path=sys.argv[3], read_only=True, "
+            "persistent=True, shared=0)",
+            ROOT,
+            image,
+            sock,
+        ]
         theirs = [QEMU_NBD, "-r", "-f", "qcow2", "--persistent", "-e", "0", "-k", sock, image]
-        rows.append(Row(f"nbdcopy to null:, {label}",
-                        served_sampler(ours, sock, nbdcopy_client(sock)),
-                        served_sampler(theirs, sock, nbdcopy_client(sock)),
-                        Target(max_ratio=1.2), "qemu-nbd"))
+        rows.append(
+            Row(
+                f"nbdcopy to null:, {label}",
+                served_sampler(ours, sock, nbdcopy_client(sock)),
+                served_sampler(theirs, sock, nbdcopy_client(sock)),
+                Target(max_ratio=1.2),
+                "qemu-nbd",
+            )
+        )
     # qemu-img bench as the NBD client, against `qimg nbd` and qemu-nbd serving the same
     # fully allocated image, writable; the writes land on allocated clusters in place.
     image = fx.dir / "nbd-bench.qcow2"
@@ -471,26 +675,41 @@ def exports_case(fx: Fixtures) -> list[Row]:
     ours = [*QIMG, "nbd", "-k", sock, "-t", "-f", "qcow2", image]
     theirs = [QEMU_NBD, "-k", sock, "-t", "-f", "qcow2", image]
     count = fx.config.io_count
-    step = 4096 * 7919       # the 4 KiB blocks in a scattered order, as in randio
-    jobs = [(f"4k random reads x{count}", ["-c", count, "-d", 16, "-s", "4k", "-S", step],
-             Target(max_ratio=1.5)),
-            (f"4k random writes x{count}", ["-c", count, "-d", 16, "-s", "4k", "-S", step,
-                                            "-w"], Target(max_ratio=1.5)),
-            (f"1 MiB sequential reads x{fx.config.size // MIB}",
-             ["-c", fx.config.size // MIB, "-d", 16, "-s", "1M", "-S", "1M"],
-             Target(max_ratio=1.2))]
+    step = 4096 * 7919  # the 4 KiB blocks in a scattered order, as in randio
+    jobs = [
+        (
+            f"4k random reads x{count}",
+            ["-c", count, "-d", 16, "-s", "4k", "-S", step],
+            Target(max_ratio=1.5),
+        ),
+        (
+            f"4k random writes x{count}",
+            ["-c", count, "-d", 16, "-s", "4k", "-S", step, "-w"],
+            Target(max_ratio=1.5),
+        ),
+        (
+            f"1 MiB sequential reads x{fx.config.size // MIB}",
+            ["-c", fx.config.size // MIB, "-d", 16, "-s", "1M", "-S", "1M"],
+            Target(max_ratio=1.2),
+        ),
+    ]
     for label, args, target in jobs:
-        rows.append(Row(f"NBD qemu-img bench -d 16, {label}",
-                        served_sampler(ours, sock, qemu_img_bench_client(sock, args)),
-                        served_sampler(theirs, sock, qemu_img_bench_client(sock, args)),
-                        target, "qemu-nbd"))
+        rows.append(
+            Row(
+                f"NBD qemu-img bench -d 16, {label}",
+                served_sampler(ours, sock, qemu_img_bench_client(sock, args)),
+                served_sampler(theirs, sock, qemu_img_bench_client(sock, args)),
+                target,
+                "qemu-nbd",
+            )
+        )
     return rows
 
 
 # --- the guest's own view of a vhost-user-blk disk ---------------------------------------
 
-GUEST_DISK_MIB = 256     # the guest reads all of it, writes half of it (TCG is slow)
-GUEST_RANDOM_IOS = 300   # one busybox dd per 4 KiB request: process start-up included
+GUEST_DISK_MIB = 256  # the guest reads all of it, writes half of it (TCG is slow)
+GUEST_RANDOM_IOS = 300  # one busybox dd per 4 KiB request: process start-up included
 GUEST_METRICS = ("seqread", "seqwrite", "randread", "randwrite")
 
 
@@ -500,19 +719,20 @@ def guest_script(blocks: list[int]) -> str:
     listed = " ".join(map(str, blocks))
     phases = {
         "seqread": f"dd if=/dev/vda of=/dev/null bs=1M count={GUEST_DISK_MIB} iflag=direct",
-        "seqwrite": f"dd if=/dev/zero of=/dev/vda bs=1M count={GUEST_DISK_MIB // 2} "
-                    f"oflag=direct",
+        "seqwrite": f"dd if=/dev/zero of=/dev/vda bs=1M count={GUEST_DISK_MIB // 2} oflag=direct",
         "randread": f"for b in {listed}; do dd if=/dev/vda of=/dev/null bs=4096 skip=$b "
-                    f"count=1 iflag=direct 2>/dev/null || echo BENCH-FAILED; done",
+        f"count=1 iflag=direct 2>/dev/null || echo BENCH-FAILED; done",
         "randwrite": f"for b in {listed}; do dd if=/dev/zero of=/dev/vda bs=4096 seek=$b "
-                     f"count=1 oflag=direct 2>/dev/null || echo BENCH-FAILED; done",
+        f"count=1 oflag=direct 2>/dev/null || echo BENCH-FAILED; done",
     }
     lines = []
     for name in GUEST_METRICS:
-        lines += ["read s _ < /proc/uptime",
-                  f"{phases[name]} 2>/dev/null || echo BENCH-FAILED",
-                  "read e _ < /proc/uptime",
-                  f'echo "BENCH {name} $s $e"']
+        lines += [
+            "read s _ < /proc/uptime",
+            f"{phases[name]} 2>/dev/null || echo BENCH-FAILED",
+            "read e _ < /proc/uptime",
+            f'echo "BENCH {name} $s $e"',
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -536,22 +756,29 @@ class GuestRuns:
     def __init__(self, fx: Fixtures, source: Path):
         sys.path.insert(0, str(ROOT / "tests"))
         import guest
+
         self.guest = guest
         self.fx = fx
         self.source = source
         rng = random.Random(11)
-        self.script = guest_script([rng.randrange(GUEST_DISK_MIB * 256)
-                                    for _ in range(GUEST_RANDOM_IOS)])
+        self.script = guest_script(
+            [rng.randrange(GUEST_DISK_MIB * 256) for _ in range(GUEST_RANDOM_IOS)]
+        )
         self.pending: dict[str, dict[str, Sample]] = {"ours": {}, "theirs": {}}
 
     def server(self, side: str, image: Path, sock: Path) -> list:
         if side == "ours":
             return [*QIMG, "vhost-user-blk", "--socket", sock, image]
-        return [QEMU_STORAGE_DAEMON,
-                "--blockdev", f"driver=file,node-name=file,filename={image}",
-                "--blockdev", "driver=qcow2,node-name=disk,file=file",
-                "--export", "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,"
-                f"addr.path={sock},writable=on"]
+        return [
+            QEMU_STORAGE_DAEMON,
+            "--blockdev",
+            f"driver=file,node-name=file,filename={image}",
+            "--blockdev",
+            "driver=qcow2,node-name=disk,file=file",
+            "--export",
+            "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,"
+            f"addr.path={sock},writable=on",
+        ]
 
     def boot(self, side: str) -> None:
         image = self.fx.dir / f"guest-{side}.qcow2"
@@ -561,44 +788,71 @@ class GuestRuns:
         server = Launched(self.server(side, image, sock))
         try:
             _wait_for_socket(sock, server.proc)
-            disk = ["-chardev", f"socket,id=vub,path={sock}",
-                    "-device", "vhost-user-blk-pci,chardev=vub"]
+            disk = [
+                "-chardev",
+                f"socket,id=vub,path={sock}",
+                "-device",
+                "vhost-user-blk-pci,chardev=vub",
+            ]
             try:
-                output = self.guest.boot_guest(disk, self.script, timeout=600,
-                                               workdir=self.fx.dir)
+                output = self.guest.boot_guest(disk, self.script, timeout=600, workdir=self.fx.dir)
             except AssertionError as exc:
                 raise BenchError(str(exc)[-1500:]) from None
         finally:
             server.terminate()
             _, rss, _ = server.wait(timeout=30, accept=(0, -signal.SIGTERM))
-        self.pending[side] = {name: Sample(seconds, rss)
-                              for name, seconds in guest_results(output).items()}
+        self.pending[side] = {
+            name: Sample(seconds, rss) for name, seconds in guest_results(output).items()
+        }
 
     def sampler(self, side: str, metric: str) -> Callable[[], Sample]:
         def sample() -> Sample:
             if metric not in self.pending[side]:
                 self.boot(side)
             return self.pending[side].pop(metric)
+
         return sample
 
 
 def guest_case(fx: Fixtures) -> list[Row]:
     if not (ROOT / "qcow2lib" / "exports" / "vhost_user_blk.py").exists():
-        return [Row("guest I/O on vhost-user-blk", lambda: Sample(0, 0), None, Target(),
-                    missing="qcow2lib.exports.vhost_user_blk not in this checkout")]
+        return [
+            Row(
+                "guest I/O on vhost-user-blk",
+                lambda: Sample(0, 0),
+                None,
+                Target(),
+                missing="qcow2lib.exports.vhost_user_blk not in this checkout",
+            )
+        ]
     if QEMU_STORAGE_DAEMON is None:
-        return [Row("guest I/O on vhost-user-blk", lambda: Sample(0, 0), None, Target(),
-                    missing="qemu-storage-daemon not installed (qemu-system-x86)")]
+        return [
+            Row(
+                "guest I/O on vhost-user-blk",
+                lambda: Sample(0, 0),
+                None,
+                Target(),
+                missing="qemu-storage-daemon not installed (qemu-system-x86)",
+            )
+        ]
     runs = GuestRuns(fx, fx.guest_disk(GUEST_DISK_MIB))
     accel = "KVM" if os.environ.get("QIMG_TEST_KVM") == "1" else "TCG"
-    labels = {"seqread": f"dd 1 MiB direct reads x{GUEST_DISK_MIB}",
-              "seqwrite": f"dd 1 MiB direct writes x{GUEST_DISK_MIB // 2}",
-              "randread": f"4k random direct reads x{GUEST_RANDOM_IOS} (a dd each)",
-              "randwrite": f"4k random direct writes x{GUEST_RANDOM_IOS} (a dd each)"}
-    return [Row(f"guest ({accel}) on vhost-user-blk: {labels[metric]}",
-                runs.sampler("ours", metric), runs.sampler("theirs", metric),
-                Target(max_ratio=1.25), "qemu-storage-daemon")
-            for metric in GUEST_METRICS]
+    labels = {
+        "seqread": f"dd 1 MiB direct reads x{GUEST_DISK_MIB}",
+        "seqwrite": f"dd 1 MiB direct writes x{GUEST_DISK_MIB // 2}",
+        "randread": f"4k random direct reads x{GUEST_RANDOM_IOS} (a dd each)",
+        "randwrite": f"4k random direct writes x{GUEST_RANDOM_IOS} (a dd each)",
+    }
+    return [
+        Row(
+            f"guest ({accel}) on vhost-user-blk: {labels[metric]}",
+            runs.sampler("ours", metric),
+            runs.sampler("theirs", metric),
+            Target(max_ratio=1.25),
+            "qemu-storage-daemon",
+        )
+        for metric in GUEST_METRICS
+    ]
 
 
 CASES = [

@@ -1,10 +1,12 @@
 """Timing and peak-memory measurement for the benchmark suite, and its result table.
 
 Every sample is one child process reaped with os.wait4, whose rusage gives that run's
-peak RSS (ru_maxrss, KiB on Linux; about 5 MiB is the floor, see LAUNCHER). Times are either the wall time around the child
+peak RSS (ru_maxrss, KiB on Linux; about 5 MiB is the floor, see LAUNCHER). Times are
+either the wall time around the child
 or, for API and `bench` runs, the time the child reports for its own work (interpreter
 start-up excluded).
 """
+
 from __future__ import annotations
 
 import json
@@ -28,9 +30,14 @@ ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
 
 # qimg as its console script runs it, importing this checkout's qcow2lib (not an installed
 # one): the worktree root and tools/ go first on sys.path.
-QIMG = [sys.executable, "-c",
-        "import sys; sys.path[:0] = sys.argv[1:3]; del sys.argv[1:3]; "
-        "import qimg; sys.exit(qimg.main())", str(ROOT), str(ROOT / "tools")]
+QIMG = [
+    sys.executable,
+    "-c",
+    "import sys; sys.path[:0] = sys.argv[1:3]; del sys.argv[1:3]; "
+    "import qimg; sys.exit(qimg.main())",
+    str(ROOT),
+    str(ROOT / "tools"),
+]
 
 
 class BenchError(Exception):
@@ -64,7 +71,8 @@ if pid == 0:
         os._exit(127)
 _, status, usage = os.wait4(pid, 0)
 seconds = time.perf_counter() - start
-os.write(int(sys.argv[1]), f"{seconds} {usage.ru_maxrss} {os.waitstatus_to_exitcode(status)}".encode())
+exit_code = os.waitstatus_to_exitcode(status)
+os.write(int(sys.argv[1]), f"{seconds} {usage.ru_maxrss} {exit_code}".encode())
 """
 
 
@@ -80,8 +88,13 @@ class Launched:
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", LAUNCHER, str(result_write), *self.argv],
-                stdout=self.out, stderr=self.err, stdin=subprocess.DEVNULL, env=ENV,
-                pass_fds=(result_write,), start_new_session=True)
+                stdout=self.out,
+                stderr=self.err,
+                stdin=subprocess.DEVNULL,
+                env=ENV,
+                pass_fds=(result_write,),
+                start_new_session=True,
+            )
         finally:
             os.close(result_write)
 
@@ -90,8 +103,11 @@ class Launched:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
 
-    def wait(self, timeout: float = 1800, accept: tuple[int, ...] = (0,),
-             ) -> tuple[float, int, str]:
+    def wait(
+        self,
+        timeout: float = 1800,
+        accept: tuple[int, ...] = (0,),
+    ) -> tuple[float, int, str]:
         """(seconds, peak RSS in KiB, stdout) of the finished command."""
         try:
             self.proc.wait(timeout)
@@ -112,8 +128,12 @@ class Launched:
         return seconds, rss, stdout
 
 
-def run_child(argv: list, *, accept: tuple[int, ...] = (0,), timeout: float = 1800,
-              ) -> tuple[float, int, str]:
+def run_child(
+    argv: list,
+    *,
+    accept: tuple[int, ...] = (0,),
+    timeout: float = 1800,
+) -> tuple[float, int, str]:
     """Run argv to completion: (wall seconds, peak RSS KiB, stdout), both from its own
     process alone."""
     return Launched(argv).wait(timeout, accept)
@@ -121,17 +141,21 @@ def run_child(argv: list, *, accept: tuple[int, ...] = (0,), timeout: float = 18
 
 def wall(argv: list, accept: tuple[int, ...] = (0,)) -> Callable[[], Sample]:
     """A sampler: the child's wall time, start-up included."""
+
     def sample() -> Sample:
         seconds, rss, _ = run_child(argv, accept=accept)
         return Sample(seconds, rss)
+
     return sample
 
 
 def reported(argv: list) -> Callable[[], Sample]:
     """A sampler for `qemu-img bench`/`qimg bench`: the run time the command prints."""
+
     def sample() -> Sample:
         _, rss, stdout = run_child(argv)
         return Sample(float(stdout.rsplit("Run completed in ", 1)[1].split()[0]), rss)
+
     return sample
 
 
@@ -142,12 +166,14 @@ def worker(**spec) -> Callable[[], Sample]:
     def sample() -> Sample:
         _, rss, stdout = run_child(argv)
         return Sample(json.loads(stdout.strip().splitlines()[-1])["seconds"], rss)
+
     return sample
 
 
 @dataclass
 class Target:
     """What a row is held to: ours/theirs <= max_ratio, and/or absolute bounds on ours."""
+
     max_ratio: float | None = None
     max_seconds: float | None = None
     max_rss_mib: float | None = None
@@ -157,8 +183,11 @@ class Target:
         if self.max_ratio is not None:
             parts.append(f"<= {self.max_ratio:g}x")
         if self.max_seconds is not None:
-            parts.append(f"< {self.max_seconds * 1000:g} ms" if self.max_seconds < 1
-                         else f"< {self.max_seconds:g} s")
+            parts.append(
+                f"< {self.max_seconds * 1000:g} ms"
+                if self.max_seconds < 1
+                else f"< {self.max_seconds:g} s"
+            )
         if self.max_rss_mib is not None:
             parts.append(f"< {self.max_rss_mib:g} MiB")
         return ", ".join(parts) or "-"
@@ -184,6 +213,7 @@ class Row:
     remove an output file or copy a fresh input. `missing` says why there is no reference
     (a module not installed); the row is still reported.
     """
+
     name: str
     ours: Callable[[], Sample]
     theirs: Callable[[], Sample] | None
@@ -199,13 +229,13 @@ class Row:
 @dataclass
 class Case:
     """A group of rows sharing fixtures; `setup(fixtures)` builds them (untimed)."""
+
     name: str
     title: str
     setup: Callable[[object], list[Row]]
 
 
-def run_case(case: Case, fixtures: object, rounds: int,
-             log: Callable[[str], None]) -> list[Row]:
+def run_case(case: Case, fixtures: object, rounds: int, log: Callable[[str], None]) -> list[Row]:
     """Set the case up, then run every row `rounds` times, ours and theirs alternating
     which goes first, so that drift in machine load hits both sides alike."""
     started = time.perf_counter()
@@ -258,8 +288,7 @@ def _mib(kib: int | None) -> str:
     return "-" if kib is None else f"{kib / 1024:.0f} MiB"
 
 
-HEADER = ("case", "ours", "theirs", "reference", "ratio", "RSS ours", "RSS theirs", "target",
-          "met")
+HEADER = ("case", "ours", "theirs", "reference", "ratio", "RSS ours", "RSS theirs", "target", "met")
 
 
 def table_rows(rows: list[Row]) -> list[tuple[str, ...]]:
@@ -278,8 +307,19 @@ def table_rows(rows: list[Row]) -> list[tuple[str, ...]]:
         else:
             met = row.target.met(ours, theirs, ours_rss)
             verdict = {True: "yes", False: "NO", None: "-"}[met]
-        lines.append((row.name, _seconds(ours), _seconds(theirs), row.theirs_label, ratio,
-                      _mib(ours_rss), _mib(theirs_rss), row.target.describe(), verdict))
+        lines.append(
+            (
+                row.name,
+                _seconds(ours),
+                _seconds(theirs),
+                row.theirs_label,
+                ratio,
+                _mib(ours_rss),
+                _mib(theirs_rss),
+                row.target.describe(),
+                verdict,
+            )
+        )
     return lines
 
 
@@ -294,4 +334,5 @@ def format_text(lines: list[tuple[str, ...]]) -> str:
 def format_markdown(lines: list[tuple[str, ...]]) -> str:
     def cells(line):
         return "| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |"
+
     return "\n".join([cells(HEADER), "|" + "---|" * len(HEADER), *map(cells, lines)])

@@ -6,6 +6,7 @@ Prints {"seconds": ...} as its last line: the time of the work itself (opening t
 included where the operation says so), interpreter start-up and imports excluded. The
 parent reads this process's peak RSS from os.wait4.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,6 +23,7 @@ def read_whole(impl: str, path: str, bufsize: int, mode: str) -> float:
     readinto() fills one buffer. Open and close are inside the timing."""
     if impl == "ours":
         import qcow2lib
+
         start = time.perf_counter()
         with qcow2lib.open(path) as image:
             size = image.size
@@ -29,13 +31,14 @@ def read_whole(impl: str, path: str, bufsize: int, mode: str) -> float:
                 buf = bytearray(bufsize)
                 view = memoryview(buf)
                 for offset in range(0, size, bufsize):
-                    image.readinto(offset, view[:min(bufsize, size - offset)])
+                    image.readinto(offset, view[: min(bufsize, size - offset)])
             else:
                 for offset in range(0, size, bufsize):
                     image.read(offset, min(bufsize, size - offset))
         return time.perf_counter() - start
     if impl == "pyqcow":
         import pyqcow
+
         start = time.perf_counter()
         handle = pyqcow.file()
         handle.open(path)
@@ -46,6 +49,7 @@ def read_whole(impl: str, path: str, bufsize: int, mode: str) -> float:
         return time.perf_counter() - start
     if impl == "dissect":
         from dissect.hypervisor.disk.qcow2 import QCow2
+
         start = time.perf_counter()
         with open(path, "rb") as fh:
             stream = QCow2(fh).open()
@@ -57,12 +61,14 @@ def read_whole(impl: str, path: str, bufsize: int, mode: str) -> float:
     raise ValueError(f"unknown implementation {impl!r}")
 
 
-def random_io(path: str, count: int, threads: int, step: int, write: bool,
-              bufsize: int = 4096) -> float:
+def random_io(
+    path: str, count: int, threads: int, step: int, write: bool, bufsize: int = 4096
+) -> float:
     """The requests `qemu-img bench -c count -d threads -s bufsize -S step` makes, from
     `threads` threads: request i at (i * step) % size. The I/O loop is timed, as the
     `Run completed in` time of qemu-img bench (open and close are not)."""
     import qcow2lib
+
     with qcow2lib.open(path, "r+" if write else "r") as image:
         size = image.size
 
@@ -89,6 +95,7 @@ def random_io(path: str, count: int, threads: int, step: int, write: bool,
 
 def open_close(path: str) -> float:
     import qcow2lib
+
     start = time.perf_counter()
     qcow2lib.open(path).close()
     return time.perf_counter() - start
@@ -97,6 +104,7 @@ def open_close(path: str) -> float:
 def info(path: str) -> float:
     """What `qimg info` does besides starting: open the image and describe it."""
     from qcow2lib.ops.info import image_info_list
+
     start = time.perf_counter()
     image_info_list(path)
     return time.perf_counter() - start
@@ -105,8 +113,9 @@ def info(path: str) -> float:
 def main() -> None:
     spec = json.loads(sys.argv[1])
     op = spec.pop("op")
-    seconds = {"read": read_whole, "randio": random_io, "open": open_close,
-               "info": info}[op](**spec)
+    seconds = {"read": read_whole, "randio": random_io, "open": open_close, "info": info}[op](
+        **spec
+    )
     print(json.dumps({"seconds": seconds}))
 
 

@@ -7,6 +7,7 @@ See `python -m fuse_mount --help` for the tree. `command.main` / `command.umount
 are the commands, `command.mount_image` / `command.unmount` the same for callers with
 their own option parsing, `filesystem.DiskFilesystem` the filesystem over a BlockDevice.
 """
+
 from .command import main, mount_image, umount_main, unmount
 from .filesystem import DiskFilesystem
 

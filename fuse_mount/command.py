@@ -4,6 +4,7 @@
 is `qimg umount`. `mount_image()` and `unmount()` are the same actions for callers that
 parse their own options (qimg's --object secrets become `passphrase`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,8 @@ from qcow2lib.ops import error_text, host_path
 from .filesystem import SERVER_PID_XATTR, DiskFilesystem, serve
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-LIBFUSE_LOOP_ENDED = 8      # fuse_main's code when a signal (SIGINT, SIGTERM, SIGHUP) stops it
-UNMOUNT_TIMEOUT = 120.0     # seconds an unmount waits for the server to close the image
+LIBFUSE_LOOP_ENDED = 8  # fuse_main's code when a signal (SIGINT, SIGTERM, SIGHUP) stops it
+UNMOUNT_TIMEOUT = 120.0  # seconds an unmount waits for the server to close the image
 
 DESCRIPTION = """\
 Mount a disk image (qcow2 or raw, with its backing chain) as a directory of files:
@@ -59,29 +60,60 @@ class MountError(Exception):
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("image", nargs="?", help="the disk image")
     parser.add_argument("mountpoint", nargs="?", help="an existing, unused directory")
-    parser.add_argument("--rw", action="store_true", help="mount disk.raw and partitions "
-                        "read-write (default: read-only)")
-    parser.add_argument("-s", "--snapshot", metavar="NAME", help="serve this internal "
-                        "snapshot (name or ID) as disk.raw, read-only")
-    parser.add_argument("-f", "--format", metavar="FMT", help="the image format (qcow2 or "
-                        "raw; default: probe, a probed raw image cannot turn into qcow2)")
-    parser.add_argument("--foreground", action="store_true", help="stay attached until "
-                        "unmounted or interrupted")
-    parser.add_argument("--allow-other", action="store_true", help="let other users than "
-                        "the mounting one use the mount")
-    parser.add_argument("--passphrase-env", metavar="VAR", help="the environment variable "
-                        "holding the passphrase of an encrypted image")
-    parser.add_argument("-u", "--unmount", metavar="MOUNTPOINT", help="unmount MOUNTPOINT "
-                        "and wait until its server has closed the image")
+    parser.add_argument(
+        "--rw",
+        action="store_true",
+        help="mount disk.raw and partitions read-write (default: read-only)",
+    )
+    parser.add_argument(
+        "-s",
+        "--snapshot",
+        metavar="NAME",
+        help="serve this internal snapshot (name or ID) as disk.raw, read-only",
+    )
+    parser.add_argument(
+        "-f",
+        "--format",
+        metavar="FMT",
+        help="the image format (qcow2 or "
+        "raw; default: probe, a probed raw image cannot turn into qcow2)",
+    )
+    parser.add_argument(
+        "--foreground", action="store_true", help="stay attached until unmounted or interrupted"
+    )
+    parser.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let other users than the mounting one use the mount",
+    )
+    parser.add_argument(
+        "--passphrase-env",
+        metavar="VAR",
+        help="the environment variable holding the passphrase of an encrypted image",
+    )
+    parser.add_argument(
+        "-u",
+        "--unmount",
+        metavar="MOUNTPOINT",
+        help="unmount MOUNTPOINT and wait until its server has closed the image",
+    )
     return parser
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m fuse_mount", *,
-         info_json: Callable[[dict], str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    prog: str = "python -m fuse_mount",
+    *,
+    info_json: Callable[[dict], str] | None = None,
+) -> int:
     """`prog IMAGE MOUNTPOINT [options]` or `prog --unmount MOUNTPOINT`; the exit status.
 
     info_json prints qimg's info dict as qimg does (default: the `qimg` module's
@@ -104,23 +136,37 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m fuse_mount", 
     if args.passphrase_env is not None:
         passphrase = os.environ.get(args.passphrase_env)
         if passphrase is None:
-            print(f"{prog}: the environment variable {args.passphrase_env} is not set",
-                  file=sys.stderr)
+            print(
+                f"{prog}: the environment variable {args.passphrase_env} is not set",
+                file=sys.stderr,
+            )
             return EXIT_FAILURE
     if info_json is None:
         from qcow2lib.cli.qobject import qemu_json as info_json  # qimg info's JSON printer
-    return mount_image(args.image, args.mountpoint, writable=args.rw, fmt=args.format,
-                       snapshot=args.snapshot, foreground=args.foreground,
-                       allow_other=args.allow_other, passphrase=passphrase,
-                       info_json=info_json, prog=prog)
+    return mount_image(
+        args.image,
+        args.mountpoint,
+        writable=args.rw,
+        fmt=args.format,
+        snapshot=args.snapshot,
+        foreground=args.foreground,
+        allow_other=args.allow_other,
+        passphrase=passphrase,
+        info_json=info_json,
+        prog=prog,
+    )
 
 
 def umount_main(argv: Sequence[str] | None = None, prog: str = "qimg umount") -> int:
     """`prog MOUNTPOINT`: unmount and wait for the server to close its image."""
-    parser = argparse.ArgumentParser(prog=prog, description="Unmount a disk image mounted by "
-                                     "qimg mount (or python -m fuse_mount) and wait until the "
-                                     "image is closed.", epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Unmount a disk image mounted by "
+        "qimg mount (or python -m fuse_mount) and wait until the "
+        "image is closed.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("mountpoint")
     try:
         args = parser.parse_args(argv)
@@ -139,6 +185,7 @@ def _report(prog: str, action: Callable[[], None]) -> int:
 
 
 # -- mounting --
+
 
 def check_mountpoint(mountpoint: str) -> None:
     """Refuse what libfuse would refuse with a less clear message (or mount over)."""
@@ -174,8 +221,8 @@ def _unescape(field: bytes) -> str:
     out = bytearray()
     index = 0
     while index < len(field):
-        if field[index:index + 1] == b"\\" and field[index + 1:index + 4].isdigit():
-            out.append(int(field[index + 1:index + 4], 8))
+        if field[index : index + 1] == b"\\" and field[index + 1 : index + 4].isdigit():
+            out.append(int(field[index + 1 : index + 4], 8))
             index += 4
         else:
             out.append(field[index])
@@ -183,34 +230,48 @@ def _unescape(field: bytes) -> str:
     return os.fsdecode(bytes(out))
 
 
-def open_for_mount(image: str, *, writable: bool, fmt: str | None, snapshot: str | None,
-                   passphrase) -> qcow2lib.BlockDevice:
+def open_for_mount(
+    image: str, *, writable: bool, fmt: str | None, snapshot: str | None, passphrase
+) -> qcow2lib.BlockDevice:
     """The image's disk as a device; errors worded as qemu-img words them."""
     try:
         path = host_path(image)
-        device = qcow2lib.open(path, "r+" if writable else "r", fmt=fmt, passphrase=passphrase,
-                               snapshot=snapshot)
+        device = qcow2lib.open(
+            path, "r+" if writable else "r", fmt=fmt, passphrase=passphrase, snapshot=snapshot
+        )
     except ImageLockedError as exc:
-        raise MountError(f"Could not open '{image}': {error_text(exc)}\n"
-                         f"Is another process using the image [{host_path(image)}]?") from None
+        raise MountError(
+            f"Could not open '{image}': {error_text(exc)}\n"
+            f"Is another process using the image [{host_path(image)}]?"
+        ) from None
     except Qcow2Error as exc:
         raise MountError(f"Could not open '{image}': {error_text(exc)}") from None
     layer, depth = getattr(device, "image", device), 0
     while layer is not None:
         if getattr(layer, "encrypted", False) and getattr(layer, "crypto", None) is None:
             device.close()
-            raise MountError(f"Could not open '{image}': "
-                             + "Could not open backing file: " * depth
-                             + "Parameter 'encrypt.key-secret' is required for cipher")
+            raise MountError(
+                f"Could not open '{image}': "
+                + "Could not open backing file: " * depth
+                + "Parameter 'encrypt.key-secret' is required for cipher"
+            )
         layer, depth = getattr(layer, "backing", None), depth + 1
     return device
 
 
-def mount_image(image: str, mountpoint: str, *, writable: bool = False, fmt: str | None = None,
-                snapshot: str | None = None, foreground: bool = False,
-                allow_other: bool = False, passphrase=None,
-                info_json: Callable[[dict], str] | None = None,
-                prog: str = "python -m fuse_mount") -> int:
+def mount_image(
+    image: str,
+    mountpoint: str,
+    *,
+    writable: bool = False,
+    fmt: str | None = None,
+    snapshot: str | None = None,
+    foreground: bool = False,
+    allow_other: bool = False,
+    passphrase=None,
+    info_json: Callable[[dict], str] | None = None,
+    prog: str = "python -m fuse_mount",
+) -> int:
     """Mount `image` at `mountpoint`; the exit status (messages go to stderr as `prog: ...`).
 
     passphrase: what qcow2lib.open takes (one secret, or one per backing layer).
@@ -223,8 +284,15 @@ def mount_image(image: str, mountpoint: str, *, writable: bool = False, fmt: str
     except MountError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    options = dict(writable=writable, fmt=fmt, snapshot=snapshot, passphrase=passphrase,
-                   allow_other=allow_other, info_json=info_json, prog=prog)
+    options = dict(
+        writable=writable,
+        fmt=fmt,
+        snapshot=snapshot,
+        passphrase=passphrase,
+        allow_other=allow_other,
+        info_json=info_json,
+        prog=prog,
+    )
     if foreground:
         try:
             return _serve_image(image, os.path.abspath(mountpoint), on_ready=None, **options)
@@ -234,10 +302,22 @@ def mount_image(image: str, mountpoint: str, *, writable: bool = False, fmt: str
     return _daemonize(image, os.path.abspath(mountpoint), options, prog)
 
 
-def _serve_image(image: str, mountpoint: str, *, on_ready, writable, fmt, snapshot, passphrase,
-                 allow_other, info_json, prog) -> int:
-    device = open_for_mount(image, writable=writable, fmt=fmt, snapshot=snapshot,
-                            passphrase=passphrase)
+def _serve_image(
+    image: str,
+    mountpoint: str,
+    *,
+    on_ready,
+    writable,
+    fmt,
+    snapshot,
+    passphrase,
+    allow_other,
+    info_json,
+    prog,
+) -> int:
+    device = open_for_mount(
+        image, writable=writable, fmt=fmt, snapshot=snapshot, passphrase=passphrase
+    )
     try:
         base = getattr(device, "image", device)  # the image behind a snapshot's view
         info_path = os.path.abspath(host_path(image))
@@ -245,13 +325,17 @@ def _serve_image(image: str, mountpoint: str, *, on_ready, writable, fmt, snapsh
 
         def info_text() -> str:
             from qcow2lib.ops.info import image_info
+
             return info_json(image_info(info_path, info_format, force_share=True)) + "\n"
 
         try:
             filesystem = DiskFilesystem(
-                device, snapshot_source=base if base.format == "qcow2" else None,
-                info_text=info_text if info_json is not None else None, on_ready=on_ready,
-                prog=prog)
+                device,
+                snapshot_source=base if base.format == "qcow2" else None,
+                info_text=info_text if info_json is not None else None,
+                on_ready=on_ready,
+                prog=prog,
+            )
         except Qcow2Error as exc:  # a snapshot table that cannot be read
             raise MountError(f"Could not open '{image}': {error_text(exc)}") from None
         ready = []
@@ -285,8 +369,10 @@ def _daemonize(image: str, mountpoint: str, options: dict, prog: str) -> int:
         os.waitpid(pid, 0)
         if report == b"ready":
             return EXIT_OK
-        message = report.decode("utf-8", "replace") or \
-            "the mount server exited before the mount was ready"
+        message = (
+            report.decode("utf-8", "replace")
+            or "the mount server exited before the mount was ready"
+        )
         print(f"{prog}: {message}", file=sys.stderr)
         return EXIT_FAILURE
     os.close(read_end)
@@ -312,12 +398,14 @@ def _daemonize(image: str, mountpoint: str, options: dict, prog: str) -> int:
             os.write(write_end, str(exc).encode())
     except BaseException:
         import traceback
+
         traceback.print_exc()
     finally:
         os._exit(code)
 
 
 # -- unmounting --
+
 
 def unmount(mountpoint: str, timeout: float = UNMOUNT_TIMEOUT) -> None:
     """Unmount, then wait until the serving process has closed the image (flushed, clean),
@@ -337,8 +425,10 @@ def unmount(mountpoint: str, timeout: float = UNMOUNT_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while _running(server_pid):
         if time.monotonic() > deadline:
-            raise MountError(f"'{mountpoint}' is unmounted but its server (pid {server_pid}) "
-                             f"has not exited after {timeout:.0f} s")
+            raise MountError(
+                f"'{mountpoint}' is unmounted but its server (pid {server_pid}) "
+                f"has not exited after {timeout:.0f} s"
+            )
         time.sleep(0.02)
 
 

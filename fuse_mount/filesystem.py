@@ -10,6 +10,7 @@ Everything goes through the engine's BlockDevice interface; FUSE calls arrive on
 threads, which BlockDevice allows. Partition files are slices of the disk; the table is
 read again after any write that touches a sector the last scan read.
 """
+
 from __future__ import annotations
 
 import errno
@@ -35,7 +36,7 @@ FILE_SUFFIX = ".raw"
 NAME_MAX = 255
 SEEK_DATA, SEEK_HOLE = 3, 4
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
-MAX_IO = 1 << 20        # the largest request libfuse 3 accepts (256 pages)
+MAX_IO = 1 << 20  # the largest request libfuse 3 accepts (256 pages)
 SERVER_PID_XATTR = "user.qcow2lib.server_pid"
 EXTENT_WINDOW = 1 << 30  # SEEK_DATA/SEEK_HOLE look at this much of the disk per query
 
@@ -75,8 +76,10 @@ class DiskSlice(BlockDevice):
         if length is None:
             length = self.size - offset
         self.check_request(offset, length)
-        return [ext._replace(offset=ext.offset - self.offset)
-                for ext in self.device.extents(self.offset + offset, length)]
+        return [
+            ext._replace(offset=ext.offset - self.offset)
+            for ext in self.device.extents(self.offset + offset, length)
+        ]
 
     def close(self) -> None:
         """The slice owns nothing: the disk is closed by its owner."""
@@ -88,10 +91,15 @@ def snapshot_file_names(snapshots) -> dict[str, object]:
 
     Usable: not empty, not '.' or '..', no '/' or NUL, short enough for NAME_MAX.
     """
+
     def usable(text: str) -> bool:
         name = text + FILE_SUFFIX
-        return (text not in ("", ".", "..") and "/" not in text and "\0" not in text
-                and len(name.encode("utf-8", "surrogateescape")) <= NAME_MAX)
+        return (
+            text not in ("", ".", "..")
+            and "/" not in text
+            and "\0" not in text
+            and len(name.encode("utf-8", "surrogateescape")) <= NAME_MAX
+        )
 
     files: dict[str, object] = {}
     id_counts: dict[str, int] = {}
@@ -123,9 +131,11 @@ class _Partitions:
             if self.scan is None:
                 self.scan = partition_tables.scan(self.disk.read, self.disk.size)
                 self.slices = {
-                    f"{part.number}{FILE_SUFFIX}": DiskSlice(self.disk, part.offset, part.length,
-                                                             self.disk.read_only)
-                    for part in self.scan.partitions}
+                    f"{part.number}{FILE_SUFFIX}": DiskSlice(
+                        self.disk, part.offset, part.length, self.disk.read_only
+                    )
+                    for part in self.scan.partitions
+                }
             return self.slices
 
     def written(self, offset: int, length: int) -> None:
@@ -137,6 +147,7 @@ class _Partitions:
 
 def _fuse_errors(method):
     """Engine errors become the errno a program expects; the message goes to stderr."""
+
     def wrapper(self, *args):
         try:
             return method(self, *args)
@@ -148,6 +159,7 @@ def _fuse_errors(method):
             print(f"{self.prog}: {method.__name__} {args[0]}: {exc}", file=sys.stderr, flush=True)
             code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
             raise mfusepy.FuseOSError(code) from exc
+
     wrapper.__name__ = method.__name__
     return wrapper
 
@@ -162,9 +174,15 @@ class DiskFilesystem(mfusepy.Operations):
 
     use_ns = True
 
-    def __init__(self, device: BlockDevice, *, snapshot_source=None,
-                 info_text: Callable[[], str] | None = None,
-                 on_ready: Callable[[], None] | None = None, prog: str = "fuse_mount"):
+    def __init__(
+        self,
+        device: BlockDevice,
+        *,
+        snapshot_source=None,
+        info_text: Callable[[], str] | None = None,
+        on_ready: Callable[[], None] | None = None,
+        prog: str = "fuse_mount",
+    ):
         self.device = device
         self.prog = prog
         self.info_text = info_text
@@ -179,6 +197,7 @@ class DiskFilesystem(mfusepy.Operations):
         self.snapshot_source = snapshot_source
         if snapshot_source is not None:
             from qcow2lib.snapshots import list_snapshots
+
             self.snapshot_files = snapshot_file_names(list_snapshots(snapshot_source))
         self._info_lock = threading.Lock()
         self._info: dict[int, bytes] = {}
@@ -203,6 +222,7 @@ class DiskFilesystem(mfusepy.Operations):
 
     def _snapshot_view(self, name: str) -> BlockDevice:
         from qcow2lib.snapshots import SnapshotView
+
         with self._snapshot_lock:
             view = self.snapshot_views.get(name)
             if view is None:
@@ -213,8 +233,12 @@ class DiskFilesystem(mfusepy.Operations):
 
     def _dir_entries(self, path: str) -> list[str] | None:
         if path == "/":
-            return [DISK_FILE, *([INFO_FILE] if self.info_text else []), SNAPSHOT_DIR,
-                    PARTITION_DIR]
+            return [
+                DISK_FILE,
+                *([INFO_FILE] if self.info_text else []),
+                SNAPSHOT_DIR,
+                PARTITION_DIR,
+            ]
         if path == f"/{SNAPSHOT_DIR}":
             return list(self.snapshot_files)
         if path == f"/{PARTITION_DIR}":
@@ -222,8 +246,13 @@ class DiskFilesystem(mfusepy.Operations):
         return None
 
     def _times(self) -> dict:
-        return {"st_atime": self.mounted_at, "st_mtime": self.mounted_at,
-                "st_ctime": self.mounted_at, "st_uid": os.getuid(), "st_gid": os.getgid()}
+        return {
+            "st_atime": self.mounted_at,
+            "st_mtime": self.mounted_at,
+            "st_ctime": self.mounted_at,
+            "st_uid": os.getuid(),
+            "st_gid": os.getgid(),
+        }
 
     # -- FUSE operations --
     def init_with_config(self, conn_info, config_3) -> None:
@@ -243,16 +272,25 @@ class DiskFilesystem(mfusepy.Operations):
             with self._info_lock:
                 opened = self._info.get(fh.fh) if fh is not None else None
             size = len(opened if opened is not None else self.info_text().encode())
-            return {"st_mode": stat.S_IFREG | 0o444, "st_nlink": 1, "st_size": size,
-                    **self._times()}
+            return {
+                "st_mode": stat.S_IFREG | 0o444,
+                "st_nlink": 1,
+                "st_size": size,
+                **self._times(),
+            }
         device = self._device(path)
         writable = not device.read_only
         allocated = device.size
         if device is self.device:  # what du shows: the image file's share of the disk
             allocated = min(allocated, self._image_allocation())
-        return {"st_mode": stat.S_IFREG | (0o644 if writable else 0o444), "st_nlink": 1,
-                "st_size": device.size, "st_blksize": 65536,
-                "st_blocks": (allocated + 511) // 512, **self._times()}
+        return {
+            "st_mode": stat.S_IFREG | (0o644 if writable else 0o444),
+            "st_nlink": 1,
+            "st_size": device.size,
+            "st_blksize": 65536,
+            "st_blocks": (allocated + 511) // 512,
+            **self._times(),
+        }
 
     def _image_allocation(self) -> int:
         """Bytes the image file takes on the host (its backing files not counted)."""
@@ -299,7 +337,7 @@ class DiskFilesystem(mfusepy.Operations):
     def read(self, path: str, size: int, offset: int, fi) -> bytes:
         if fi.fh:
             with self._info_lock:
-                return self._info[fi.fh][offset:offset + size]
+                return self._info[fi.fh][offset : offset + size]
         device = self._device(path)
         size = max(0, min(size, device.size - offset))
         return device.read(offset, size) if size else b""
@@ -315,7 +353,7 @@ class DiskFilesystem(mfusepy.Operations):
             raise mfusepy.FuseOSError(errno.EROFS)
         if offset >= device.size and data:
             raise mfusepy.FuseOSError(errno.ENOSPC)
-        data = data[:device.size - offset]  # a short write at the end, then ENOSPC
+        data = data[: device.size - offset]  # a short write at the end, then ENOSPC
         device.write(offset, data)
         self._written(path, device, offset, len(data))
         return len(data)
@@ -339,8 +377,11 @@ class DiskFilesystem(mfusepy.Operations):
         device = self._device(path)
         if device.read_only:
             raise mfusepy.FuseOSError(errno.EROFS)
-        if mode not in (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, FALLOC_FL_ZERO_RANGE,
-                        FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE):
+        if mode not in (
+            FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+            FALLOC_FL_ZERO_RANGE,
+            FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+        ):
             raise mfusepy.FuseOSError(errno.EOPNOTSUPP)
         length = min(length, device.size - offset)
         if offset < 0 or length < 0:
@@ -395,8 +436,16 @@ class DiskFilesystem(mfusepy.Operations):
         total = (self.device.size + block - 1) // block
         used = self._image_allocation() // block
         free = max(0, total - used)
-        return {"f_bsize": block, "f_frsize": block, "f_blocks": total, "f_bfree": free,
-                "f_bavail": free, "f_files": 0, "f_ffree": 0, "f_namemax": NAME_MAX}
+        return {
+            "f_bsize": block,
+            "f_frsize": block,
+            "f_blocks": total,
+            "f_bfree": free,
+            "f_bavail": free,
+            "f_files": 0,
+            "f_ffree": 0,
+            "f_namemax": NAME_MAX,
+        }
 
     def destroy(self, path: str) -> None:
         for view in self.snapshot_views.values():
@@ -414,18 +463,31 @@ class _Fuse(mfusepy.FUSE):
         return self.operations.lseek(name, offset, whence, fip.contents)
 
 
-def serve(filesystem: DiskFilesystem, mountpoint: str, *, allow_other: bool = False,
-          max_threads: int = 16) -> int:
+def serve(
+    filesystem: DiskFilesystem, mountpoint: str, *, allow_other: bool = False, max_threads: int = 16
+) -> int:
     """Mount and serve until unmounted or signalled; libfuse's return code (0: unmounted,
     8: its loop ended, which a SIGINT/SIGTERM/SIGHUP does)."""
-    options = {"fsname": "qcow2lib", "subtype": "qcow2lib",
-               "max_threads": max_threads,
-               "max_idle_threads": max_threads, "max_read": MAX_IO, "ro": filesystem.read_only,
-               "allow_other": allow_other, "default_permissions": True,
-               "kernel_cache": filesystem.read_only}
+    options = {
+        "fsname": "qcow2lib",
+        "subtype": "qcow2lib",
+        "max_threads": max_threads,
+        "max_idle_threads": max_threads,
+        "max_read": MAX_IO,
+        "ro": filesystem.read_only,
+        "allow_other": allow_other,
+        "default_permissions": True,
+        "kernel_cache": filesystem.read_only,
+    }
     try:
-        _Fuse(filesystem, mountpoint, raw_fi=True, foreground=True, nothreads=False,
-              **{key: value for key, value in options.items() if value is not False})
+        _Fuse(
+            filesystem,
+            mountpoint,
+            raw_fi=True,
+            foreground=True,
+            nothreads=False,
+            **{key: value for key, value in options.items() if value is not False},
+        )
     except RuntimeError as exc:
         if exc.args and isinstance(exc.args[0], int):
             return exc.args[0]

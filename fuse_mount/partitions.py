@@ -12,6 +12,7 @@ index in the entry array, from 1. Extended (container) partitions are not listed
 Tables are read with 512-byte sectors (what sfdisk and fdisk use on an image file); a
 GPT written for 4096-byte sectors is not found.
 """
+
 from __future__ import annotations
 
 import struct
@@ -26,9 +27,9 @@ GPT_PROTECTIVE_TYPE = 0xEE
 EXTENDED_TYPES = frozenset({0x05, 0x0F, 0x85})
 GPT_SIGNATURE = b"EFI PART"
 GPT_HEADER = struct.Struct("<8sIII4xQQQQ16sQIII")  # 92 bytes, the fields of revision 1.0
-MAX_GPT_ENTRY_ARRAY = 1 << 20     # bytes; the spec's minimum array is 16 KiB, 128 entries
+MAX_GPT_ENTRY_ARRAY = 1 << 20  # bytes; the spec's minimum array is 16 KiB, 128 entries
 MAX_GPT_ENTRY_SIZE = 4096
-MAX_LOGICAL_PARTITIONS = 251      # Linux allows 256 minors per disk, 1-4 primaries + extended
+MAX_LOGICAL_PARTITIONS = 251  # Linux allows 256 minors per disk, 1-4 primaries + extended
 
 Reader = Callable[[int, int], bytes]
 
@@ -36,6 +37,7 @@ Reader = Callable[[int, int], bytes]
 @dataclass(frozen=True)
 class Partition:
     """One partition: its number (the name under partitions/) and its bytes on the disk."""
+
     number: int
     offset: int
     length: int
@@ -45,13 +47,15 @@ class Partition:
 @dataclass(frozen=True)
 class Scan:
     """The partitions found, and the (offset, length) ranges of the disk the scan read."""
+
     partitions: tuple[Partition, ...]
     ranges_read: tuple[tuple[int, int], ...]
 
     def touches(self, offset: int, length: int) -> bool:
         """True when a write of `length` bytes at `offset` may change the table."""
-        return any(offset < start + size and start < offset + length
-                   for start, size in self.ranges_read)
+        return any(
+            offset < start + size and start < offset + length for start, size in self.ranges_read
+        )
 
 
 class _Disk:
@@ -86,7 +90,7 @@ def _mbr_entries(sector: bytes) -> list[tuple[int, int, int, int]] | None:
         return None
     entries = []
     for slot in range(4):
-        raw = sector[MBR_TABLE_OFFSET + 16 * slot:MBR_TABLE_OFFSET + 16 * (slot + 1)]
+        raw = sector[MBR_TABLE_OFFSET + 16 * slot : MBR_TABLE_OFFSET + 16 * (slot + 1)]
         status, ptype = raw[0], raw[4]
         first_lba, sectors = struct.unpack_from("<II", raw, 8)
         if status not in (0x00, 0x80):
@@ -124,15 +128,19 @@ def _scan_mbr(disk: _Disk) -> list[Partition]:
     return partitions + logicals
 
 
-def _scan_extended(disk: _Disk, ext_lba: int, ext_sectors: int, first_number: int
-                   ) -> list[Partition]:
+def _scan_extended(
+    disk: _Disk, ext_lba: int, ext_sectors: int, first_number: int
+) -> list[Partition]:
     """Logical partitions: a chain of EBRs, each inside the extended partition, no loops."""
     found: list[Partition] = []
     seen: set[int] = set()
     ebr_lba = ext_lba
     number = first_number
-    while (ebr_lba not in seen and ext_lba <= ebr_lba < ext_lba + ext_sectors
-           and number < first_number + MAX_LOGICAL_PARTITIONS):
+    while (
+        ebr_lba not in seen
+        and ext_lba <= ebr_lba < ext_lba + ext_sectors
+        and number < first_number + MAX_LOGICAL_PARTITIONS
+    ):
         seen.add(ebr_lba)
         sector = disk.read(ebr_lba * SECTOR, SECTOR)
         entries = _mbr_entries(sector) if sector is not None else None
@@ -179,14 +187,15 @@ def _gpt_entries(disk: _Disk, header: tuple) -> list[Partition] | None:
     sectors_on_disk = disk.size // SECTOR
     partitions = []
     for index in range(count):
-        entry = array[index * entry_size:index * entry_size + 128]
+        entry = array[index * entry_size : index * entry_size + 128]
         if entry[:16] == bytes(16):
             continue  # an unused entry
         first_lba, last_lba = struct.unpack_from("<QQ", entry, 32)
         if first_lba > last_lba or last_lba >= sectors_on_disk:
             continue
-        partitions.append(Partition(index + 1, first_lba * SECTOR,
-                                    (last_lba - first_lba + 1) * SECTOR, "gpt"))
+        partitions.append(
+            Partition(index + 1, first_lba * SECTOR, (last_lba - first_lba + 1) * SECTOR, "gpt")
+        )
     return partitions
 
 

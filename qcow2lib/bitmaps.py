@@ -12,6 +12,7 @@ When a bitmap cannot be kept (a flag or type this code does not know, a table it
 trust) the image clears the bitmaps' autoclear bit at the first change instead, as the
 format asks of a writer that does not maintain them; QEMU then ignores them.
 """
+
 from __future__ import annotations
 
 import struct
@@ -34,6 +35,7 @@ _ALL_ONES = 1  # a bitmap table entry without a cluster whose bits all read as s
 @dataclass
 class BitmapEntry:
     """One bitmap directory entry, with where it lies in the file."""
+
     name: str
     flags: int
     type: int
@@ -45,8 +47,9 @@ class BitmapEntry:
 
     def info(self) -> dict:
         """As qemu-img info lists it."""
-        flags = [flag for bit, flag in ((FLAG_IN_USE, "in-use"), (FLAG_AUTO, "auto"))
-                 if self.flags & bit]
+        flags = [
+            flag for bit, flag in ((FLAG_IN_USE, "in-use"), (FLAG_AUTO, "auto")) if self.flags & bit
+        ]
         return {"name": self.name, "granularity": 1 << self.granularity_bits, "flags": flags}
 
 
@@ -78,7 +81,8 @@ def check_qemu_constraints(entries: list[BitmapEntry]) -> None:
         if problems:
             raise CorruptImageError(
                 f"Bitmap '{entry.name}' directory entry is unusable ({', '.join(problems)})",
-                qemu_message=f"Bitmap '{entry.name}' doesn't satisfy the constraints")
+                qemu_message=f"Bitmap '{entry.name}' doesn't satisfy the constraints",
+            )
 
 
 def read_directory(file, header, cluster_size: int) -> list[BitmapEntry]:
@@ -88,30 +92,40 @@ def read_directory(file, header, cluster_size: int) -> list[BitmapEntry]:
         return []
     if not 0 < info.nb_bitmaps <= S.MAX_BITMAPS:
         raise CorruptImageError(
-            f"bitmaps_ext: invalid number of bitmaps (nb_bitmaps {info.nb_bitmaps})")
+            f"bitmaps_ext: invalid number of bitmaps (nb_bitmaps {info.nb_bitmaps})"
+        )
     if info.bitmap_directory_offset % cluster_size:
         raise CorruptImageError(
             f"bitmaps_ext: invalid bitmap directory offset (bitmap_directory_offset "
-            f"{info.bitmap_directory_offset})")
+            f"{info.bitmap_directory_offset})"
+        )
     if info.bitmap_directory_size > S.MAX_BITMAP_DIRECTORY_BYTES or (
-            info.bitmap_directory_offset + info.bitmap_directory_size > file.size()):
+        info.bitmap_directory_offset + info.bitmap_directory_size > file.size()
+    ):
         raise CorruptImageError(
             f"Bitmap directory (bitmap_directory_offset {info.bitmap_directory_offset}, "
-            f"bitmap_directory_size {info.bitmap_directory_size}) lies outside the file")
+            f"bitmap_directory_size {info.bitmap_directory_size}) lies outside the file"
+        )
     directory = file.pread(info.bitmap_directory_size, info.bitmap_directory_offset)
     entries = []
     pos = 0
     for _ in range(info.nb_bitmaps):
         if pos + S.BITMAP_DIRECTORY_ENTRY_SIZE > len(directory):
             raise CorruptImageError(f"Bitmap directory truncated (nb_bitmaps {info.nb_bitmaps})")
-        raw = S.BitmapDirectoryEntry.parse(directory[pos:pos + S.BITMAP_DIRECTORY_ENTRY_SIZE])
+        raw = S.BitmapDirectoryEntry.parse(directory[pos : pos + S.BITMAP_DIRECTORY_ENTRY_SIZE])
         name_at = pos + S.BITMAP_DIRECTORY_ENTRY_SIZE + raw.extra_data_size
-        entries.append(BitmapEntry(
-            name=directory[name_at:name_at + raw.name_size].decode("utf-8", "replace"),
-            flags=raw.flags, type=raw.type, granularity_bits=raw.granularity_bits,
-            table_offset=raw.bitmap_table_offset, table_size=raw.bitmap_table_size,
-            entry_offset=info.bitmap_directory_offset + pos,
-            extra_data=directory[name_at - raw.extra_data_size:name_at]))
+        entries.append(
+            BitmapEntry(
+                name=directory[name_at : name_at + raw.name_size].decode("utf-8", "replace"),
+                flags=raw.flags,
+                type=raw.type,
+                granularity_bits=raw.granularity_bits,
+                table_offset=raw.bitmap_table_offset,
+                table_size=raw.bitmap_table_size,
+                entry_offset=info.bitmap_directory_offset + pos,
+                extra_data=directory[name_at - raw.extra_data_size : name_at],
+            )
+        )
         pos = name_at + raw.name_size
         pos += -pos % 8
     return entries
@@ -124,19 +138,30 @@ def read_table(image, entry: BitmapEntry) -> array:
     file_size = image.file.size()
     bits = -(-image.size >> entry.granularity_bits)
     data_bytes = -(-bits // 8)
-    if entry.table_size != -(-data_bytes // cs) or entry.table_offset % cs or \
-            entry.table_offset + entry.table_size * 8 > file_size:
-        raise CorruptImageError(f"Bitmap '{entry.name}' table is invalid (bitmap_table_offset "
-                                f"0x{entry.table_offset:x}, bitmap_table_size "
-                                f"{entry.table_size})")
-    table = array("Q", struct.unpack(f">{entry.table_size}Q",
-                                     image.file.pread(entry.table_size * 8, entry.table_offset)))
+    if (
+        entry.table_size != -(-data_bytes // cs)
+        or entry.table_offset % cs
+        or entry.table_offset + entry.table_size * 8 > file_size
+    ):
+        raise CorruptImageError(
+            f"Bitmap '{entry.name}' table is invalid (bitmap_table_offset "
+            f"0x{entry.table_offset:x}, bitmap_table_size "
+            f"{entry.table_size})"
+        )
+    table = array(
+        "Q",
+        struct.unpack(
+            f">{entry.table_size}Q", image.file.pread(entry.table_size * 8, entry.table_offset)
+        ),
+    )
     for index, value in enumerate(table):
         host = value & S.BITMAP_TABLE_OFFSET_MASK
-        if value & ~S.BITMAP_TABLE_OFFSET_MASK & ~_ALL_ONES or (host and (
-                value & _ALL_ONES or host % cs or host + cs > file_size)):
-            raise CorruptImageError(f"Bitmap '{entry.name}' table entry {index} is invalid "
-                                    f"(0x{value:x})")
+        if value & ~S.BITMAP_TABLE_OFFSET_MASK & ~_ALL_ONES or (
+            host and (value & _ALL_ONES or host % cs or host + cs > file_size)
+        ):
+            raise CorruptImageError(
+                f"Bitmap '{entry.name}' table entry {index} is invalid (0x{value:x})"
+            )
     return table
 
 
@@ -162,15 +187,20 @@ class BitmapTracker:
         self.all_set = b"\xff" * image.cluster_size  # a changed cluster whose bits are all set
         self.tracked: list[_Tracked] = []
         for entry in entries:
-            if entry.flags & ~_KNOWN_FLAGS or entry.type != _TYPE_DIRTY_TRACKING or (
-                    entry.extra_data and not entry.flags & FLAG_EXTRA_DATA_COMPATIBLE):
-                raise Untrackable(f"bitmap '{entry.name}' flags 0x{entry.flags:x} type "
-                                  f"{entry.type}")
+            if (
+                entry.flags & ~_KNOWN_FLAGS
+                or entry.type != _TYPE_DIRTY_TRACKING
+                or (entry.extra_data and not entry.flags & FLAG_EXTRA_DATA_COMPATIBLE)
+            ):
+                raise Untrackable(
+                    f"bitmap '{entry.name}' flags 0x{entry.flags:x} type {entry.type}"
+                )
             if entry.flags & FLAG_IN_USE or not entry.flags & FLAG_AUTO:
                 continue  # inconsistent already, or disabled: writes do not change it
             if not 9 <= entry.granularity_bits <= 31:
-                raise Untrackable(f"bitmap '{entry.name}' granularity_bits "
-                                  f"{entry.granularity_bits}")
+                raise Untrackable(
+                    f"bitmap '{entry.name}' granularity_bits {entry.granularity_bits}"
+                )
             try:
                 self.tracked.append(_Tracked(entry, read_table(image, entry)))
             except CorruptImageError as exc:
@@ -198,15 +228,16 @@ class BitmapTracker:
                     continue
                 if first == 0 and last == per_cluster - 1:
                     bitmap.changed[index] = self.all_set  # (no copy: a whole-disk discard
-                    continue                              # must not need the whole bitmap)
+                    continue  # must not need the whole bitmap)
                 if bits is None:
                     bits = bitmap.changed[index] = self._load(bitmap.table[index])
                 set_bits(bits, first, last)
 
     def _load(self, table_entry: int) -> bytearray:
         host = table_entry & S.BITMAP_TABLE_OFFSET_MASK
-        return bytearray(self.image.file.pread(self.cluster_size, host) if host
-                         else bytes(self.cluster_size))
+        return bytearray(
+            self.image.file.pread(self.cluster_size, host) if host else bytes(self.cluster_size)
+        )
 
     @property
     def pending(self) -> bool:
@@ -243,8 +274,9 @@ class BitmapTracker:
         image._sync(image.file)
         for bitmap in tables:
             image.guard_write(bitmap.entry.table_offset, len(bitmap.table) * 8, BITMAP_TABLE)
-            image.file.pwrite(struct.pack(f">{len(bitmap.table)}Q", *bitmap.table),
-                              bitmap.entry.table_offset)
+            image.file.pwrite(
+                struct.pack(f">{len(bitmap.table)}Q", *bitmap.table), bitmap.entry.table_offset
+            )
         image._sync(image.file)
 
     def _set_in_use(self, in_use: bool) -> None:
@@ -272,5 +304,5 @@ def set_bits(bits: bytearray, first: int, last: int) -> None:
         bits[first_byte] |= low & high
         return
     bits[first_byte] |= low
-    bits[first_byte + 1:last_byte] = b"\xff" * (last_byte - first_byte - 1)
+    bits[first_byte + 1 : last_byte] = b"\xff" * (last_byte - first_byte - 1)
     bits[last_byte] |= high

@@ -5,6 +5,7 @@ FUSE mount and the network exports know nothing else. It is deliberately small (
 read, write, write_zeroes, discard, flush, extents), like an nbdkit plugin, and every
 method may be called from several threads at once.
 """
+
 from __future__ import annotations
 
 import errno
@@ -22,6 +23,7 @@ RAW_EXTENT_BATCH = 4096  # SEEK_DATA/SEEK_HOLE pairs per batch of a raw file's e
 
 class Extent(NamedTuple):
     """A run of guest bytes with one allocation state (qemu-img map's fields)."""
+
     offset: int
     length: int
     is_data: bool
@@ -124,8 +126,8 @@ class BlockDevice:
             raise ReadOnlyError(f"'{self.filename}' is opened read-only")
         if offset < 0 or length < 0 or offset + length > self.size:
             raise InvalidArgumentError(
-                f"request offset {offset} length {length} lies outside the image "
-                f"(size {self.size})")
+                f"request offset {offset} length {length} lies outside the image (size {self.size})"
+            )
 
     def as_file(self) -> "BlockFile":
         """A seekable io.RawIOBase over the device, for code that wants a stream."""
@@ -146,14 +148,23 @@ def iter_merged(batches: Iterable[Iterable[Extent]]) -> Iterator[Extent]:
         for ext in batch:
             if not ext[1]:
                 continue
-            if last is not None and last[0] + last[1] == ext[0] and last[2] == ext[2] \
-                    and last[3] == ext[3] and last[4] == ext[4] and last[6] == ext[6]:
+            if (
+                last is not None
+                and last[0] + last[1] == ext[0]
+                and last[2] == ext[2]
+                and last[3] == ext[3]
+                and last[4] == ext[4]
+                and last[6] == ext[6]
+            ):
                 host, last_host = ext[5], last[5]
-                if host is None and last_host is None or (
-                        host is not None and last_host is not None
-                        and last_host + last[1] == host):
-                    last = Extent(last[0], last[1] + ext[1], last[2], last[3], last[4],
-                                  last_host, last[6])
+                if (
+                    host is None
+                    and last_host is None
+                    or (host is not None and last_host is not None and last_host + last[1] == host)
+                ):
+                    last = Extent(
+                        last[0], last[1] + ext[1], last[2], last[3], last[4], last_host, last[6]
+                    )
                     continue
             if last is not None:
                 yield last
@@ -171,13 +182,23 @@ class RawDevice(BlockDevice):
 
     format = "raw"
 
-    def __init__(self, path: str, mode: str = "r", force_share: bool = False,
-                 probed: bool = False, backing_of: str | None = None):
+    def __init__(
+        self,
+        path: str,
+        mode: str = "r",
+        force_share: bool = False,
+        probed: bool = False,
+        backing_of: str | None = None,
+    ):
         self.filename = path
         self.probed = probed  # the format was guessed: sector 0 must not turn into another
         self.read_only = mode != "r+"
-        self.file = open_host_file(path, writable=not self.read_only,
-                                   role="backing file" if backing_of else None, named_by=backing_of)
+        self.file = open_host_file(
+            path,
+            writable=not self.read_only,
+            role="backing file" if backing_of else None,
+            named_by=backing_of,
+        )
         try:
             self.file.lock_for_use(force_share)
         except BaseException:
@@ -216,11 +237,15 @@ class RawDevice(BlockDevice):
         the next open probe it as another format (and so read the host's files)."""
         head = bytearray(self.file.pread(4, 0))
         end = min(4, offset + len(view))
-        head[offset:end] = view[:end - offset]
+        head[offset:end] = view[: end - offset]
         if bytes(head) == QCOW_MAGIC.to_bytes(4, "big"):
-            raise Qcow2IOError(errno.EPERM, f"Operation not permitted: writing a qcow2 header "
-                                            f"into '{self.filename}', a raw image whose format "
-                                            f"was probed", self.filename)
+            raise Qcow2IOError(
+                errno.EPERM,
+                f"Operation not permitted: writing a qcow2 header "
+                f"into '{self.filename}', a raw image whose format "
+                f"was probed",
+                self.filename,
+            )
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         self.check_request(offset, length, write=True)
@@ -325,7 +350,8 @@ class BlockFile(io.RawIOBase):
         if self.position + len(view) > self.device.size:
             raise InvalidArgumentError(
                 f"write of {len(view)} bytes at {self.position} would pass the end of the device "
-                f"({self.device.size} bytes)")
+                f"({self.device.size} bytes)"
+            )
         self.device.write(self.position, view)
         self.position += len(view)
         return len(view)

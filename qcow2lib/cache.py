@@ -5,6 +5,7 @@ flushes, in the order the image dictates: the cache tracks what is dirty, the im
 decides when it may reach the disk. Clean tables are evicted least recently used first;
 dirty ones stay until written back, so a crash never sees a half-ordered update.
 """
+
 from __future__ import annotations
 
 import sys

@@ -4,6 +4,7 @@ Formats are probed only where the user or the image does not name them; relative
 backing names resolve against the directory of the image that names them; a loop or a
 chain deeper than MAX_CHAIN_DEPTH is refused before it can exhaust anything.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,14 @@ from typing import TYPE_CHECKING
 
 from . import structs as S
 from .blockdev import BlockDevice, RawDevice
-from .errors import (CorruptImageError, InvalidArgumentError, Qcow2Error, Qcow2IOError,
-                     UnsupportedFeatureError, UntrustedImageError)
+from .errors import (
+    CorruptImageError,
+    InvalidArgumentError,
+    Qcow2Error,
+    Qcow2IOError,
+    UnsupportedFeatureError,
+    UntrustedImageError,
+)
 from .hostfile import open_host_file, refuse_special_file
 from .image import Qcow2Image
 
@@ -50,13 +57,14 @@ def backing_format(path: str, stated: str | None, name: str, backing_of: str) ->
     raise UnsupportedFeatureError(
         f"The image states no format for its backing file '{name}', which is not a qcow2 "
         f"image; it is not opened as raw unless the format is stated (qemu-img rebase -u "
-        f"-b '{name}' -F raw)")
+        f"-b '{name}' -F raw)"
+    )
 
 
 def resolve_backing_path(image_path: str, backing_name: str) -> str:
     """A backing name as QEMU resolves it: relative to the directory of the image naming it."""
     if backing_name.startswith("file:"):  # QEMU's protocol prefix for plain files
-        backing_name = backing_name[len("file:"):]
+        backing_name = backing_name[len("file:") :]
     if os.path.isabs(backing_name):
         return backing_name
     return os.path.join(os.path.dirname(image_path), backing_name)
@@ -66,12 +74,17 @@ def untrusted_backing_path(image_path: str, backing_name: str, stated_format: st
     """Where the backing file of an untrusted image is, if it may have one there: a qcow2
     image inside the directory of the image naming it (a relative name without '..' or a
     protocol, also once symlinks are resolved); else UntrustedImageError."""
+
     def refuse(why: str) -> UntrustedImageError:
-        return UntrustedImageError(f"Untrusted image '{image_path}' names the backing file "
-                                   f"'{backing_name}': {why}")
+        return UntrustedImageError(
+            f"Untrusted image '{image_path}' names the backing file '{backing_name}': {why}"
+        )
+
     if stated_format is not None and stated_format != "qcow2":
-        raise refuse(f"its format is {stated_format}, and only a qcow2 backing file is "
-                     f"opened for an untrusted image")
+        raise refuse(
+            f"its format is {stated_format}, and only a qcow2 backing file is "
+            f"opened for an untrusted image"
+        )
     if ":" in backing_name.split("/", 1)[0]:
         raise refuse("a protocol or json: name (only a file name is allowed)")
     if os.path.isabs(backing_name):
@@ -82,8 +95,10 @@ def untrusted_backing_path(image_path: str, backing_name: str, stated_format: st
     path = os.path.join(directory, backing_name)
     real_directory = os.path.realpath(directory or ".")
     if os.path.commonpath([os.path.realpath(path), real_directory]) != real_directory:
-        raise refuse(f"it resolves to '{os.path.realpath(path)}', outside the image's "
-                     f"directory '{real_directory}'")
+        raise refuse(
+            f"it resolves to '{os.path.realpath(path)}', outside the image's "
+            f"directory '{real_directory}'"
+        )
     return path
 
 
@@ -117,11 +132,13 @@ def json_name_options(name: str) -> dict[str, str]:
     """The options of a "json:{...}" image name, nested objects flattened to dotted keys
     ({"file": {"filename": "x"}} -> {"file.filename": "x"}), values as option strings."""
     import json
+
     try:
-        tree = json.loads(_double_quoted(name[len("json:"):]))
+        tree = json.loads(_double_quoted(name[len("json:") :]))
     except (ValueError, RecursionError) as exc:
-        raise InvalidArgumentError(f"Could not parse the JSON options: JSON parse error, "
-                                   f"{exc}") from None
+        raise InvalidArgumentError(
+            f"Could not parse the JSON options: JSON parse error, {exc}"
+        ) from None
     if not isinstance(tree, dict):
         raise InvalidArgumentError("Invalid JSON object given")
     options: dict[str, str] = {}
@@ -131,8 +148,9 @@ def json_name_options(name: str) -> dict[str, str]:
             for key, item in value.items():
                 flatten(f"{prefix}{key}.", item)
         elif isinstance(value, list):
-            raise InvalidArgumentError(f"Lists are not supported in image options "
-                                       f"('{prefix[:-1]}')")
+            raise InvalidArgumentError(
+                f"Lists are not supported in image options ('{prefix[:-1]}')"
+            )
         elif isinstance(value, bool):
             options[prefix[:-1]] = "on" if value else "off"
         elif value is not None:
@@ -150,6 +168,7 @@ def json_image_target(name: str) -> "tuple[str | NBDAddress, str | None]":
     driver = opts.pop("driver", None)
     if driver == "nbd":
         from .exports.nbd_client import nbd_address_from_options
+
         return nbd_address_from_options(opts, name), "nbd"
     if driver in RAW_PROTOCOLS:
         filename = opts.pop("filename", None)
@@ -157,17 +176,20 @@ def json_image_target(name: str) -> "tuple[str | NBDAddress, str | None]":
         file_driver = opts.pop("file.driver", "file")
         if file_driver == "nbd":
             from .exports.nbd_client import nbd_address_from_options
+
             nbd = {key[5:]: opts.pop(key) for key in list(opts) if key.startswith("file.")}
             if opts:
-                raise UnsupportedFeatureError(f"Option '{sorted(opts)[0]}' in the image name "
-                                              f"'{name}' is not supported")
+                raise UnsupportedFeatureError(
+                    f"Option '{sorted(opts)[0]}' in the image name '{name}' is not supported"
+                )
             return nbd_address_from_options(nbd, name), driver
         if file_driver not in RAW_PROTOCOLS:
             raise UnsupportedFeatureError(f"Unknown protocol driver '{file_driver}' in '{name}'")
         filename = opts.pop("file.filename", None)
     if opts:
-        raise UnsupportedFeatureError(f"Option '{sorted(opts)[0]}' in the image name "
-                                      f"'{name}' is not supported")
+        raise UnsupportedFeatureError(
+            f"Option '{sorted(opts)[0]}' in the image name '{name}' is not supported"
+        )
     if not filename:
         raise InvalidArgumentError(f"The image name '{name}' names no file (file.filename)")
     return filename, driver
@@ -195,11 +217,21 @@ def is_nbd_name(name: str) -> bool:
     return name.startswith(_NBD_PREFIXES)
 
 
-def _open_nbd(target, mode: str, fmt: str | None, snapshot: str | None, backing: bool,
-              force_share: bool, passphrase, open_data_file: bool, cache: str) -> BlockDevice:
+def _open_nbd(
+    target,
+    mode: str,
+    fmt: str | None,
+    snapshot: str | None,
+    backing: bool,
+    force_share: bool,
+    passphrase,
+    open_data_file: bool,
+    cache: str,
+) -> BlockDevice:
     """An NBD export (a name, or an NBDAddress): its raw content, the protocol itself when
     fmt is "nbd" (QEMU's driver=nbd), or the qcow2 image it holds (stated or probed)."""
     from .exports.nbd_client import NBDClient, NBDHostFile, parse_nbd_name
+
     address = parse_nbd_name(target) if isinstance(target, str) else target
     if fmt not in (None, "raw", "nbd", "qcow2"):
         raise UnsupportedFeatureError(f"Unknown driver '{fmt}'")
@@ -215,22 +247,43 @@ def _open_nbd(target, mode: str, fmt: str | None, snapshot: str | None, backing:
         return client
     own_passphrase, backing_passphrase = _split_passphrase(passphrase)
     try:
-        image = Qcow2Image(client.filename, mode, passphrase=own_passphrase,
-                           open_data_file=open_data_file, file=NBDHostFile(client))
+        image = Qcow2Image(
+            client.filename,
+            mode,
+            passphrase=own_passphrase,
+            open_data_file=open_data_file,
+            file=NBDHostFile(client),
+        )
     except BaseException:
         client.close()
         raise
     image.file.no_flush = cache == "unsafe"
-    return _finish_qcow2(image, None, backing, force_share, backing_passphrase,
-                         open_data_file, (client.filename,), snapshot)
+    return _finish_qcow2(
+        image,
+        None,
+        backing,
+        force_share,
+        backing_passphrase,
+        open_data_file,
+        (client.filename,),
+        snapshot,
+    )
 
 
-def open_image(path: "str | NBDAddress", mode: str = "r", fmt: str | None = None,
-               backing: bool = True, data_file: str | None = None, force_share: bool = False,
-               passphrase: str | bytes | Sequence[str | bytes | None] | None = None,
-               open_data_file: bool = True, snapshot: str | None = None,
-               cache: str = "writeback", backing_of: str | None = None,
-               untrusted: bool = False) -> BlockDevice:
+def open_image(
+    path: "str | NBDAddress",
+    mode: str = "r",
+    fmt: str | None = None,
+    backing: bool = True,
+    data_file: str | None = None,
+    force_share: bool = False,
+    passphrase: str | bytes | Sequence[str | bytes | None] | None = None,
+    open_data_file: bool = True,
+    snapshot: str | None = None,
+    cache: str = "writeback",
+    backing_of: str | None = None,
+    untrusted: bool = False,
+) -> BlockDevice:
     """Open an image (and, unless backing=False, its whole backing chain, read-only).
 
     `path` is a host file, an NBD name (nbd://..., nbd+unix://..., nbd:...) or an
@@ -255,14 +308,38 @@ def open_image(path: "str | NBDAddress", mode: str = "r", fmt: str | None = None
     are trusted. The default trusts the image as qemu-img does: it may name any host file
     as its backing file (a raw one only if it states the format) or data file.
     """
-    return _open(path, mode, fmt, backing, data_file, force_share, passphrase, open_data_file,
-                 (), snapshot, cache, backing_of, untrusted)
+    return _open(
+        path,
+        mode,
+        fmt,
+        backing,
+        data_file,
+        force_share,
+        passphrase,
+        open_data_file,
+        (),
+        snapshot,
+        cache,
+        backing_of,
+        untrusted,
+    )
 
 
-def _open(path, mode: str, fmt: str | None, backing: bool, data_file: str | None,
-          force_share: bool, passphrase, open_data_file: bool, chain: tuple[str, ...],
-          snapshot: str | None, cache: str, backing_of: str | None,
-          untrusted: bool) -> BlockDevice:
+def _open(
+    path,
+    mode: str,
+    fmt: str | None,
+    backing: bool,
+    data_file: str | None,
+    force_share: bool,
+    passphrase,
+    open_data_file: bool,
+    chain: tuple[str, ...],
+    snapshot: str | None,
+    cache: str,
+    backing_of: str | None,
+    untrusted: bool,
+) -> BlockDevice:
     """open_image() at one level of a chain: `chain` holds the real paths of the images
     above, for loop and depth checks."""
     if snapshot is not None and mode != "r":
@@ -270,11 +347,11 @@ def _open(path, mode: str, fmt: str | None, backing: bool, data_file: str | None
     if mode not in ("r", "r+"):
         raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
     if cache not in CACHE_MODES:
-        raise InvalidArgumentError(f"cache must be one of {', '.join(CACHE_MODES)}, not "
-                                   f"{cache!r}")
+        raise InvalidArgumentError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
     if not isinstance(path, str) or is_nbd_name(path):
-        return _open_nbd(path, mode, fmt, snapshot, backing, force_share, passphrase,
-                         open_data_file, cache)
+        return _open_nbd(
+            path, mode, fmt, snapshot, backing, force_share, passphrase, open_data_file, cache
+        )
     probed = fmt is None
     if probed:
         fmt = probe_format(path, backing_of)
@@ -284,19 +361,23 @@ def _open(path, mode: str, fmt: str | None, backing: bool, data_file: str | None
         raise CorruptImageError(f"Image file name {path!r} contains a NUL byte")
     real = os.path.realpath(path)
     if real in chain:
-        raise CorruptImageError(f"Backing file loop: '{path}' is its own backing file "
-                                f"(chain: {' -> '.join(chain + (real,))})")
+        raise CorruptImageError(
+            f"Backing file loop: '{path}' is its own backing file "
+            f"(chain: {' -> '.join(chain + (real,))})"
+        )
     if len(chain) >= MAX_CHAIN_DEPTH:
-        raise CorruptImageError(f"Backing chain of '{chain[0]}' is too deep (more than "
-                                f"{MAX_CHAIN_DEPTH} images)")
+        raise CorruptImageError(
+            f"Backing chain of '{chain[0]}' is too deep (more than {MAX_CHAIN_DEPTH} images)"
+        )
     if fmt == "raw" or fmt in RAW_PROTOCOLS:
         if snapshot is not None:
             raise UnsupportedFeatureError(f"Block driver does not support snapshots ({fmt})")
         device = RawDevice(path, mode, force_share, probed, backing_of)
         if fmt == "host_device" and not device.file.is_device:
             device.close()
-            raise InvalidArgumentError(f"'host_device' driver requires '{path}' to be either "
-                                       f"a character or block device")
+            raise InvalidArgumentError(
+                f"'host_device' driver requires '{path}' to be either a character or block device"
+            )
         if fmt == "file" and device.file.is_device:
             device.close()
             raise InvalidArgumentError(f"'file' driver requires '{path}' to be a regular file")
@@ -304,14 +385,30 @@ def _open(path, mode: str, fmt: str | None, backing: bool, data_file: str | None
         device.file.no_flush = cache == "unsafe"
         return device
     own_passphrase, backing_passphrase = _split_passphrase(passphrase)
-    image = Qcow2Image(path, mode, data_file_path=data_file, force_share=force_share,
-                       passphrase=own_passphrase, open_data_file=open_data_file,
-                       backing_of=backing_of, untrusted=untrusted)
+    image = Qcow2Image(
+        path,
+        mode,
+        data_file_path=data_file,
+        force_share=force_share,
+        passphrase=own_passphrase,
+        open_data_file=open_data_file,
+        backing_of=backing_of,
+        untrusted=untrusted,
+    )
     for host in (image.file, image.data_host):
         if host is not None:
             host.no_flush = cache == "unsafe"
-    return _finish_qcow2(image, path, backing, force_share, backing_passphrase,
-                         open_data_file, chain + (real,), snapshot, untrusted)
+    return _finish_qcow2(
+        image,
+        path,
+        backing,
+        force_share,
+        backing_passphrase,
+        open_data_file,
+        chain + (real,),
+        snapshot,
+        untrusted,
+    )
 
 
 def _split_passphrase(passphrase):
@@ -322,9 +419,17 @@ def _split_passphrase(passphrase):
     return (layers[0] if layers else None), layers[1:]
 
 
-def _finish_qcow2(image: Qcow2Image, path: str | None, backing: bool, force_share: bool,
-                  backing_passphrase, open_data_file: bool, chain: tuple[str, ...],
-                  snapshot: str | None, untrusted: bool = False) -> BlockDevice:
+def _finish_qcow2(
+    image: Qcow2Image,
+    path: str | None,
+    backing: bool,
+    force_share: bool,
+    backing_passphrase,
+    open_data_file: bool,
+    chain: tuple[str, ...],
+    snapshot: str | None,
+    untrusted: bool = False,
+) -> BlockDevice:
     """Open the backing chain of a qcow2 image (`path` None: it is not in a host
     directory, so relative backing names mean nothing), then its snapshot view if asked."""
     if backing and image.backing_filename:
@@ -333,27 +438,45 @@ def _finish_qcow2(image: Qcow2Image, path: str | None, backing: bool, force_shar
             stated = image.backing_format
             if untrusted:
                 if path is None:
-                    raise UntrustedImageError(f"Untrusted image '{image.filename}' names the "
-                                              f"backing file '{name}' but lies in no directory")
+                    raise UntrustedImageError(
+                        f"Untrusted image '{image.filename}' names the "
+                        f"backing file '{name}' but lies in no directory"
+                    )
                 backing_path = untrusted_backing_path(path, name, stated)
             elif name.startswith("json:"):
                 backing_path, json_format = json_image_target(name)
                 stated = json_format or stated
             elif path is None and not os.path.isabs(name) and not is_nbd_name(name):
-                raise InvalidArgumentError(f"Cannot use relative backing file names for "
-                                           f"'{image.filename}'")
+                raise InvalidArgumentError(
+                    f"Cannot use relative backing file names for '{image.filename}'"
+                )
             else:
                 backing_path = resolve_backing_path(path or "/", name)
             if not isinstance(backing_path, str) or is_nbd_name(backing_path):
                 backing_fmt = stated or "raw"
             else:
                 if not os.path.exists(backing_path):
-                    raise Qcow2IOError(2, f"Could not open '{backing_path}': No such file or "
-                                          f"directory", backing_path)
+                    raise Qcow2IOError(
+                        2,
+                        f"Could not open '{backing_path}': No such file or directory",
+                        backing_path,
+                    )
                 backing_fmt = backing_format(backing_path, stated, name, image.filename)
-            image.backing = _open(backing_path, "r", backing_fmt, True, None, force_share,
-                                  backing_passphrase, open_data_file, chain, None, "writeback",
-                                  image.filename, untrusted)
+            image.backing = _open(
+                backing_path,
+                "r",
+                backing_fmt,
+                True,
+                None,
+                force_share,
+                backing_passphrase,
+                open_data_file,
+                chain,
+                None,
+                "writeback",
+                image.filename,
+                untrusted,
+            )
         except Qcow2Error as exc:
             image.close()
             raise _in_backing_file(exc) from exc
@@ -362,6 +485,7 @@ def _finish_qcow2(image: Qcow2Image, path: str | None, backing: bool, force_shar
             raise
     if snapshot is not None:
         from .snapshots import SnapshotView
+
         try:
             return SnapshotView(image, snapshot, close_image=True)
         except BaseException:

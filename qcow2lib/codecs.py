@@ -4,6 +4,7 @@ QEMU stores zlib clusters as raw deflate with a 4 KiB window and zstd clusters a
 or more zstd frames; both libraries release the GIL, so decompressing many clusters in
 a pool keeps every core busy.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,6 +41,7 @@ def _zstandard():
     """The zstandard module, imported the first time a zstd cluster is met (start-up of
     every command that meets none stays free of it)."""
     import zstandard
+
     return zstandard
 
 
@@ -62,16 +64,19 @@ def decompress(kind: str, data: bytes, cluster_size: int, where: str = "") -> by
             raise UnsupportedFeatureError(f"unknown compression type {kind!r}")
     except errors as exc:
         raise CorruptImageError(
-            f"compressed cluster{where} cannot be decompressed ({kind}): {exc}") from None
+            f"compressed cluster{where} cannot be decompressed ({kind}): {exc}"
+        ) from None
     if len(out) < cluster_size:
-        raise CorruptImageError(f"compressed cluster{where} decompresses to {len(out)} bytes, "
-                                f"expected {cluster_size} ({kind})")
+        raise CorruptImageError(
+            f"compressed cluster{where} decompresses to {len(out)} bytes, "
+            f"expected {cluster_size} ({kind})"
+        )
     return out
 
 
 _ZSTD_MAGIC = 0xFD2FB528
 _ZSTD_SKIPPABLE = 0x184D2A50  # and the next 15 values: frames a decoder skips
-_ZSTD_BLOCK_MAX = 128 << 10   # the most one block can produce
+_ZSTD_BLOCK_MAX = 128 << 10  # the most one block can produce
 
 
 def _zstd_cluster(data: memoryview, cluster_size: int, where: str) -> bytes:
@@ -100,20 +105,25 @@ def _zstd_cluster(data: memoryview, cluster_size: int, where: str) -> bytes:
             if produced > cluster_size:
                 raise CorruptImageError(
                     f"compressed cluster{where} inflates past the cluster size ({cluster_size} "
-                    f"bytes) within one zstd frame")
+                    f"bytes) within one zstd frame"
+                )
             if inflater.eof:
                 break
         if not inflater.eof:
             if fed_end < len(data):
-                raise CorruptImageError(f"compressed cluster{where}: a zstd frame goes on past "
-                                        f"the end its block headers give (byte {fed_end})")
+                raise CorruptImageError(
+                    f"compressed cluster{where}: a zstd frame goes on past "
+                    f"the end its block headers give (byte {fed_end})"
+                )
             break  # the data ends inside the frame
         if produced == cluster_size:
             return b"".join(chunks)
         frame_start = fed_end - len(inflater.unused_data)
     if produced == cluster_size:
-        raise CorruptImageError(f"compressed cluster{where}: the zstd frame that fills the "
-                                f"cluster does not end within the compressed data")
+        raise CorruptImageError(
+            f"compressed cluster{where}: the zstd frame that fills the "
+            f"cluster does not end within the compressed data"
+        )
     return b"".join(chunks)
 
 
@@ -136,22 +146,29 @@ def _zstd_blocks(data: memoryview, start: int, where: str):
     block headers (RFC 8878); the first block's range takes the frame header, the last
     one's the checksum. A frame cut short ends at the end of the data."""
     size = len(data)
-    magic = int.from_bytes(data[start:start + 4], "little")
+    magic = int.from_bytes(data[start : start + 4], "little")
     if size - start < 5:
         yield size, 0
         return
     if magic & ~0xF == _ZSTD_SKIPPABLE:
-        yield min(size, start + 8 + int.from_bytes(data[start + 4:start + 8], "little")), 0
+        yield min(size, start + 8 + int.from_bytes(data[start + 4 : start + 8], "little")), 0
         return
     if magic != _ZSTD_MAGIC:
-        raise CorruptImageError(f"compressed cluster{where}: no zstd frame at byte {start} of "
-                                f"the compressed data (magic 0x{magic:08x})")
+        raise CorruptImageError(
+            f"compressed cluster{where}: no zstd frame at byte {start} of "
+            f"the compressed data (magic 0x{magic:08x})"
+        )
     descriptor = data[start + 4]
     single_segment = descriptor >> 5 & 1
-    pos = (start + 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[descriptor & 3]
-           + (single_segment, 2, 4, 8)[descriptor >> 6])
+    pos = (
+        start
+        + 5
+        + (0 if single_segment else 1)
+        + (0, 1, 2, 4)[descriptor & 3]
+        + (single_segment, 2, 4, 8)[descriptor >> 6]
+    )
     while pos + 3 <= size:
-        header = int.from_bytes(data[pos:pos + 3], "little")
+        header = int.from_bytes(data[pos : pos + 3], "little")
         block_type, block_size = header >> 1 & 3, header >> 3
         if block_type == 1:  # RLE: one stored byte, repeated block_size times
             pos, most = pos + 4, block_size

@@ -29,6 +29,7 @@ elsewhere source data is compared with the backing file's content cluster by clu
 and equal clusters are left unallocated. The result, read over its backing file, always
 equals the source.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -59,8 +60,9 @@ class ConvertError(Qcow2IOError):
 
 # --- zero detection (QEMU's is_allocated_sectors / is_allocated_sectors_min) -------------
 
+
 def _zero_range(buf, start: int, end: int) -> bool:
-    return buf.startswith(_ZEROS_VIEW[:end - start], start)
+    return buf.startswith(_ZEROS_VIEW[: end - start], start)
 
 
 def _same_run(buf, first: int, count: int, is_zero: bool) -> int:
@@ -93,8 +95,9 @@ def _same_run(buf, first: int, count: int, is_zero: bool) -> int:
         pos = (sector + 1) * SECTOR
 
 
-def is_allocated_sectors(buf, first: int, n: int, sector_num: int,
-                         alignment: int) -> tuple[bool, int]:
+def is_allocated_sectors(
+    buf, first: int, n: int, sector_num: int, alignment: int
+) -> tuple[bool, int]:
     """(has data, run length in sectors) for the sectors of buf from `first` (QEMU's
     is_allocated_sectors: run ends are moved to `alignment` where that avoids RMW)."""
     if n <= 0:
@@ -114,8 +117,9 @@ def is_allocated_sectors(buf, first: int, n: int, sector_num: int,
     return not is_zero, i
 
 
-def is_allocated_sectors_min(buf, first: int, n: int, min_sparse: int, sector_num: int,
-                             alignment: int) -> tuple[bool, int]:
+def is_allocated_sectors_min(
+    buf, first: int, n: int, min_sparse: int, sector_num: int, alignment: int
+) -> tuple[bool, int]:
     """Like is_allocated_sectors, but a data run swallows zero runs shorter than
     `min_sparse` sectors (qemu-img convert -S)."""
     if n < min_sparse:
@@ -141,6 +145,7 @@ def is_allocated_sectors_min(buf, first: int, n: int, min_sparse: int, sector_nu
 
 
 # --- interval sets ------------------------------------------------------------------------
+
 
 class _Intervals:
     """Sorted, merged [start, end) ranges."""
@@ -187,6 +192,7 @@ class _Intervals:
 
 # --- the sources --------------------------------------------------------------------------
 
+
 class _Part:
     """One source: its extents are streamed (queries only move forward; `rewind` starts
     the walk again), so a source with millions of extents costs one window of memory."""
@@ -227,9 +233,22 @@ def _same_file(a: BlockDevice | None, b: BlockDevice | None) -> bool:
 
 # --- the converter ------------------------------------------------------------------------
 
+
 class _Converter:
-    def __init__(self, sources, target, compress, sparse_size, target_is_zero,
-                 target_backing, parallel, out_of_order, progress, copy_range, buffer_size):
+    def __init__(
+        self,
+        sources,
+        target,
+        compress,
+        sparse_size,
+        target_is_zero,
+        target_backing,
+        parallel,
+        out_of_order,
+        progress,
+        copy_range,
+        buffer_size,
+    ):
         self.target = target
         self.compressed = compress
         self.min_sparse = sparse_size // SECTOR
@@ -252,10 +271,18 @@ class _Converter:
         if compress:
             self.cluster_sectors = target.cluster_size // SECTOR
             self.buf_sectors = self.cluster_sectors
-        self.same_backing = target_backing is not None and len(sources) == 1 and \
-            _same_file(sources[0].backing, target_backing)
-        self.copy_range = bool(copy_range) and not compress and target_backing is None and \
-            isinstance(target, RawDevice) and all(isinstance(s, RawDevice) for s in sources)
+        self.same_backing = (
+            target_backing is not None
+            and len(sources) == 1
+            and _same_file(sources[0].backing, target_backing)
+        )
+        self.copy_range = (
+            bool(copy_range)
+            and not compress
+            and target_backing is None
+            and isinstance(target, RawDevice)
+            and all(isinstance(s, RawDevice) for s in sources)
+        )
         self.diff_granule = getattr(target, "cluster_size", 65536) or 65536
         self._target_maps(target_is_zero)
         # planner state (convert_iteration_sectors)
@@ -388,12 +415,12 @@ class _Converter:
             first = sector_num + pos - part.start
             count = min(n - pos, part.sectors - first)
             offset = first * SECTOR
-            chunk = view[pos * SECTOR:(pos + count) * SECTOR]
+            chunk = view[pos * SECTOR : (pos + count) * SECTOR]
             inside = max(0, min(len(chunk), part.device.size - offset))
             if inside:
                 part.device.readinto(offset, chunk[:inside])
             if inside < len(chunk):
-                chunk[inside:] = _ZEROS_VIEW[:len(chunk) - inside]
+                chunk[inside:] = _ZEROS_VIEW[: len(chunk) - inside]
             pos += count
 
     def _copy_range(self, sector_num: int, n: int) -> bool:
@@ -411,15 +438,16 @@ class _Converter:
             done = 0
             while done < inside:
                 try:
-                    copied = os.copy_file_range(part.device.file.fd, target_fd, inside - done,
-                                                src + done, dst + done)
+                    copied = os.copy_file_range(
+                        part.device.file.fd, target_fd, inside - done, src + done, dst + done
+                    )
                 except OSError:
                     return False
                 if copied == 0:
                     return False
                 done += copied
             if inside < length:
-                self.target.write(dst + inside, _ZEROS_VIEW[:length - inside])
+                self.target.write(dst + inside, _ZEROS_VIEW[: length - inside])
             pos += count
         return True
 
@@ -441,16 +469,18 @@ class _Converter:
         while pos < end:
             piece_end = min(end, (pos // granule + 1) * granule)
             a, b = pos - offset, piece_end - offset
-            differs = self.own.overlaps(pos, piece_end) or \
-                data[a:b].tobytes() != backing_buf[a:b].tobytes()
+            differs = (
+                self.own.overlaps(pos, piece_end)
+                or data[a:b].tobytes() != backing_buf[a:b].tobytes()
+            )
             if differs and run_start is None:
                 run_start = pos
             elif not differs and run_start is not None:
-                self.target.write(run_start, data[run_start - offset:pos - offset])
+                self.target.write(run_start, data[run_start - offset : pos - offset])
                 run_start = None
             pos = piece_end
         if run_start is not None:
-            self.target.write(run_start, data[run_start - offset:end - offset])
+            self.target.write(run_start, data[run_start - offset : end - offset])
 
     def _read_backing(self, offset: int, length: int, buf: bytearray) -> memoryview:
         view = memoryview(buf)[:length]
@@ -459,7 +489,7 @@ class _Converter:
         if inside:
             tb.readinto(offset, view[:inside])
         if inside < length:
-            view[inside:] = _ZEROS_VIEW[:length - inside]
+            view[inside:] = _ZEROS_VIEW[: length - inside]
         return view
 
     def _write_data(self, sector_num: int, n: int, buf: bytearray, backing_buf) -> None:
@@ -473,8 +503,11 @@ class _Converter:
             if self.min_sparse and _zero_range(buf, 0, length):
                 self._zero(offset, length)
                 return
-            if backing_buf is not None and not self.own.overlaps(offset, offset + length) \
-                    and view[:length].tobytes() == backing_buf[:length].tobytes():
+            if (
+                backing_buf is not None
+                and not self.own.overlaps(offset, offset + length)
+                and view[:length].tobytes() == backing_buf[:length].tobytes()
+            ):
                 return
             cs = self.cluster_sectors * SECTOR
             if length < cs and offset + length < self.target.size:
@@ -489,12 +522,16 @@ class _Converter:
                 allocated, count = True, n - pos
             else:
                 allocated, count = is_allocated_sectors_min(
-                    buf, pos, n - pos, self.min_sparse, sector_num + pos, self.alignment)
+                    buf, pos, n - pos, self.min_sparse, sector_num + pos, self.alignment
+                )
             start = offset + pos * SECTOR
             if allocated:
-                bb = None if backing_buf is None else \
-                    backing_buf[pos * SECTOR:(pos + count) * SECTOR]
-                self._write(start, view[pos * SECTOR:(pos + count) * SECTOR], bb)
+                bb = (
+                    None
+                    if backing_buf is None
+                    else backing_buf[pos * SECTOR : (pos + count) * SECTOR]
+                )
+                self._write(start, view[pos * SECTOR : (pos + count) * SECTOR], bb)
             else:
                 self._zero(start, count * SECTOR)
             pos += count
@@ -527,8 +564,7 @@ class _Converter:
                 state["backing"] = bytearray(len(state["buf"]))
         return state["buf"]
 
-    def _process(self, sector_num: int, n: int, status: str, ordered: bool,
-                 state: dict) -> bool:
+    def _process(self, sector_num: int, n: int, status: str, ordered: bool, state: dict) -> bool:
         """One work item; False when the job was stopped by another thread's error."""
         waited = False
 
@@ -550,7 +586,7 @@ class _Converter:
                 self.copy_range = False  # not on this file system: read and write instead
             buf = self._buffers(state)
             state["phase"] = "reading"
-            self._read(sector_num, n, memoryview(buf)[:n * SECTOR])
+            self._read(sector_num, n, memoryview(buf)[: n * SECTOR])
             if not turn():
                 return False
             state["phase"] = "writing"
@@ -561,7 +597,7 @@ class _Converter:
             state["phase"] = "writing"
             if not self.min_sparse:  # -S 0: zeros are written as data
                 buf = self._buffers(state)
-                memoryview(buf)[:n * SECTOR] = _ZEROS_VIEW[:n * SECTOR]
+                memoryview(buf)[: n * SECTOR] = _ZEROS_VIEW[: n * SECTOR]
                 self._write_data(sector_num, n, buf, state.get("backing"))
             else:
                 self._zero(sector_num * SECTOR, n * SECTOR)
@@ -583,18 +619,24 @@ class _Converter:
                 if not self._process(sector_num, n, status, ordered, state):
                     return
             except Qcow2IOError as exc:
-                err = ConvertError(exc.errno, f"error while {state.get('phase', 'reading')} at "
-                                              f"byte {sector_num * SECTOR}: {exc.strerror}",
-                                   exc.filename)
+                err = ConvertError(
+                    exc.errno,
+                    f"error while {state.get('phase', 'reading')} at "
+                    f"byte {sector_num * SECTOR}: {exc.strerror}",
+                    exc.filename,
+                )
                 err.__cause__ = exc
                 self._fail(err, sector_num)
                 return
             except UnsupportedFeatureError as exc:
                 # what the target cannot store (compressed clusters in an image with an
                 # external data file): QEMU's ENOTSUP from the write
-                err = ConvertError(errno.ENOTSUP, f"error while {state.get('phase', 'reading')} "
-                                                  f"at byte {sector_num * SECTOR}: "
-                                                  f"{os.strerror(errno.ENOTSUP)}")
+                err = ConvertError(
+                    errno.ENOTSUP,
+                    f"error while {state.get('phase', 'reading')} "
+                    f"at byte {sector_num * SECTOR}: "
+                    f"{os.strerror(errno.ENOTSUP)}",
+                )
                 err.__cause__ = exc
                 self._fail(err, sector_num)
                 return
@@ -605,7 +647,8 @@ class _Converter:
                 if ordered:
                     self._done_turn(sector_num, n)
             if self.progress is not None and (
-                    status == BLK_DATA or (not self.min_sparse and status == BLK_ZERO)):
+                status == BLK_DATA or (not self.min_sparse and status == BLK_ZERO)
+            ):
                 with self.lock:
                     self.done += n * SECTOR
                     done = self.done
@@ -619,8 +662,10 @@ class _Converter:
         self.total_bytes = self._count_work()
         if self.progress is not None:
             self.progress(0, self.total_bytes)
-        threads = [threading.Thread(target=self._worker, name=f"qcow2-convert-{i}", daemon=True)
-                   for i in range(self.parallel)]
+        threads = [
+            threading.Thread(target=self._worker, name=f"qcow2-convert-{i}", daemon=True)
+            for i in range(self.parallel)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -636,10 +681,20 @@ def _pow2floor(value: int) -> int:
     return 1 << (value.bit_length() - 1) if value > 0 else 0
 
 
-def convert(sources, target: BlockDevice, *, compress: bool = False, sparse_size: int = 4096,
-            target_is_zero: bool = False, target_backing: BlockDevice | None = None,
-            parallel: int = 8, out_of_order: bool = False, progress=None,
-            copy_range: bool = True, buffer_size: int = IO_BUF_SIZE) -> None:
+def convert(
+    sources,
+    target: BlockDevice,
+    *,
+    compress: bool = False,
+    sparse_size: int = 4096,
+    target_is_zero: bool = False,
+    target_backing: BlockDevice | None = None,
+    parallel: int = 8,
+    out_of_order: bool = False,
+    progress=None,
+    copy_range: bool = True,
+    buffer_size: int = IO_BUF_SIZE,
+) -> None:
     """Copy the guest content of `sources` (one device, or several concatenated) into
     `target`, which must be at least as large. See the module docstring.
 
@@ -661,27 +716,45 @@ def convert(sources, target: BlockDevice, *, compress: bool = False, sparse_size
         raise InvalidArgumentError(
             f"Invalid buffer size for sparse output specified. Valid sizes are multiples of "
             f"{SECTOR} up to {MAX_BUF_SECTORS * SECTOR}. Select 0 to disable sparse detection "
-            f"(fully allocates output).")
+            f"(fully allocates output)."
+        )
     if not 1 <= parallel <= MAX_COROUTINES:
-        raise InvalidArgumentError(f"Invalid number of coroutines. Allowed number of "
-                                   f"coroutines is between 1 and {MAX_COROUTINES}")
+        raise InvalidArgumentError(
+            f"Invalid number of coroutines. Allowed number of "
+            f"coroutines is between 1 and {MAX_COROUTINES}"
+        )
     if target_is_zero and target_backing is not None:
-        raise InvalidArgumentError("Cannot use --target-is-zero when the destination image "
-                                   "has a backing file")
+        raise InvalidArgumentError(
+            "Cannot use --target-is-zero when the destination image has a backing file"
+        )
     if len(sources) > 1 and target_backing is not None:
-        raise InvalidArgumentError("Having a backing file for the target makes no sense when "
-                                   "concatenating multiple input images")
+        raise InvalidArgumentError(
+            "Having a backing file for the target makes no sense when "
+            "concatenating multiple input images"
+        )
     if compress and (target.format != "qcow2" or not hasattr(target, "write_compressed")):
         raise InvalidArgumentError("Compression not supported for this file format")
     if target.read_only:
         from .errors import ReadOnlyError
+
         raise ReadOnlyError(f"'{target.filename}' is opened read-only")
     total = sum(-(-s.size // SECTOR) for s in sources)
     if -(-target.size // SECTOR) < total:
         raise InvalidArgumentError("output file is smaller than input file")
     buffer_size = min(max(buffer_size, SECTOR), MAX_BUF_SECTORS * SECTOR)
-    _Converter(sources, target, compress, sparse_size, target_is_zero, target_backing,
-               parallel, out_of_order, progress, copy_range, buffer_size).run()
+    _Converter(
+        sources,
+        target,
+        compress,
+        sparse_size,
+        target_is_zero,
+        target_backing,
+        parallel,
+        out_of_order,
+        progress,
+        copy_range,
+        buffer_size,
+    ).run()
 
 
 __all__ = ["convert", "ConvertError", "is_allocated_sectors", "is_allocated_sectors_min"]

@@ -5,6 +5,7 @@ blocks that count the metadata, and the L1 table (QEMU's layout). Preallocation 
 runs through the engine itself, so it follows the same allocation and write order as
 any guest write.
 """
+
 from __future__ import annotations
 
 from array import array
@@ -30,18 +31,35 @@ def _size_argument(size: int | str | None) -> int | None:
         try:
             return parse_size(size)
         except SizeError:
-            raise InvalidArgumentError(f"invalid image size {size!r}: a number of bytes, "
-                                       f"or with a suffix k, M, G, T, P or E") from None
-    raise InvalidArgumentError(f"image size must be an int or a string, not "
-                               f"{type(size).__name__} ({size!r})")
+            raise InvalidArgumentError(
+                f"invalid image size {size!r}: a number of bytes, "
+                f"or with a suffix k, M, G, T, P or E"
+            ) from None
+    raise InvalidArgumentError(
+        f"image size must be an int or a string, not {type(size).__name__} ({size!r})"
+    )
 
 
-def create(path: str, size: int | str | None, *, fmt: str = "qcow2", cluster_size: int = 65536,
-           compat: str = "1.1", backing_file: str | None = None, backing_fmt: str | None = None,
-           refcount_bits: int = 16, lazy_refcounts: bool = False, extended_l2: bool = False,
-           preallocation: str = "off", data_file: str | None = None, data_file_raw: bool = False,
-           compression_type: str = "zlib", encrypt_format: str | None = None,
-           passphrase: str | bytes | None = None, encrypt_options: dict | None = None) -> None:
+def create(
+    path: str,
+    size: int | str | None,
+    *,
+    fmt: str = "qcow2",
+    cluster_size: int = 65536,
+    compat: str = "1.1",
+    backing_file: str | None = None,
+    backing_fmt: str | None = None,
+    refcount_bits: int = 16,
+    lazy_refcounts: bool = False,
+    extended_l2: bool = False,
+    preallocation: str = "off",
+    data_file: str | None = None,
+    data_file_raw: bool = False,
+    compression_type: str = "zlib",
+    encrypt_format: str | None = None,
+    passphrase: str | bytes | None = None,
+    encrypt_options: dict | None = None,
+) -> None:
     """Create a raw or qcow2 image. `size=None` takes the size of the backing file.
 
     `size` is in bytes, or a string as qemu-img takes it ("1G", "512M", "0x1000"; powers
@@ -68,9 +86,20 @@ def create(path: str, size: int | str | None, *, fmt: str = "qcow2", cluster_siz
     version = COMPAT_LEVELS.get(str(compat))
     if version is None:
         raise InvalidArgumentError(f"Invalid compatibility level: '{compat}'")
-    _check_qcow2_options(version, size, cluster_size, backing_file, backing_fmt, refcount_bits,
-                         lazy_refcounts, extended_l2, preallocation, data_file, data_file_raw,
-                         compression_type)
+    _check_qcow2_options(
+        version,
+        size,
+        cluster_size,
+        backing_file,
+        backing_fmt,
+        refcount_bits,
+        lazy_refcounts,
+        extended_l2,
+        preallocation,
+        data_file,
+        data_file_raw,
+        compression_type,
+    )
     if encrypt_format not in (None, "luks", "aes"):
         raise InvalidArgumentError(f"Invalid parameter '{encrypt_format}' (encrypt.format)")
     if encrypt_format and passphrase is None:
@@ -86,60 +115,99 @@ def create(path: str, size: int | str | None, *, fmt: str = "qcow2", cluster_siz
     luks_header = b""
     if encrypt_format == "luks":
         from .crypto import create_luks_header  # loaded only when needed (start-up time)
+
         luks_header, _ = create_luks_header(passphrase, encrypt_options or {})
-    _write_empty_qcow2(path, size, version, cluster_size, backing_file, backing_fmt,
-                       refcount_bits, lazy_refcounts, extended_l2, data_file, data_file_raw,
-                       compression_type, encrypt_format, luks_header)
+    _write_empty_qcow2(
+        path,
+        size,
+        version,
+        cluster_size,
+        backing_file,
+        backing_fmt,
+        refcount_bits,
+        lazy_refcounts,
+        extended_l2,
+        data_file,
+        data_file_raw,
+        compression_type,
+        encrypt_format,
+        luks_header,
+    )
     if preallocation != "off":
         with open_image(path, "r+", "qcow2", backing=False, passphrase=passphrase) as image:
             image.preallocate(preallocation)
 
 
-def _check_qcow2_options(version, size, cluster_size, backing_file, backing_fmt, refcount_bits,
-                         lazy_refcounts, extended_l2, preallocation, data_file, data_file_raw,
-                         compression_type) -> None:
+def _check_qcow2_options(
+    version,
+    size,
+    cluster_size,
+    backing_file,
+    backing_fmt,
+    refcount_bits,
+    lazy_refcounts,
+    extended_l2,
+    preallocation,
+    data_file,
+    data_file_raw,
+    compression_type,
+) -> None:
     def fail(message: str):
         raise InvalidArgumentError(message)
 
     if extended_l2 and version < 3:
-        fail("Extended L2 entries are only supported with compatibility level 1.1 and above "
-             "(use version=v3 or greater)")
+        fail(
+            "Extended L2 entries are only supported with compatibility level 1.1 and above "
+            "(use version=v3 or greater)"
+        )
     bits = cluster_size.bit_length() - 1
     if not S.MIN_CLUSTER_BITS <= bits <= S.MAX_CLUSTER_BITS or 1 << bits != cluster_size:
         fail("Cluster size must be a power of two between 512 and 2048k")
     if extended_l2 and cluster_size < 512 * S.SUBCLUSTERS:
-        fail(f"Extended L2 entries are only supported with cluster sizes of at least "
-             f"{512 * S.SUBCLUSTERS} bytes")
+        fail(
+            f"Extended L2 entries are only supported with cluster sizes of at least "
+            f"{512 * S.SUBCLUSTERS} bytes"
+        )
     if backing_file and preallocation != "off" and not extended_l2:
-        fail("Backing file and preallocation can only be used at the same time if extended_l2 "
-             "is on")
+        fail(
+            "Backing file and preallocation can only be used at the same time if extended_l2 is on"
+        )
     if backing_fmt and not backing_file:
         fail("Backing format cannot be used without backing file")
     if lazy_refcounts and version < 3:
-        fail("Lazy refcounts only supported with compatibility level 1.1 and above (use "
-             "version=v3 or greater)")
+        fail(
+            "Lazy refcounts only supported with compatibility level 1.1 and above (use "
+            "version=v3 or greater)"
+        )
     if refcount_bits > 64 or refcount_bits < 1 or refcount_bits & (refcount_bits - 1):
         fail("Refcount width must be a power of two and may not exceed 64 bits")
     if version < 3 and refcount_bits != 16:
-        fail("Different refcount widths than 16 bits require compatibility level 1.1 or above "
-             "(use version=v3 or greater)")
+        fail(
+            "Different refcount widths than 16 bits require compatibility level 1.1 or above "
+            "(use version=v3 or greater)"
+        )
     if data_file_raw and not data_file:
         fail("data-file-raw requires data-file")
     if data_file_raw and backing_file:
         fail("Backing file and data-file-raw cannot be used at the same time")
     if data_file and version < 3:
-        fail("External data files are only supported with compatibility level 1.1 and above "
-             "(use version=v3 or greater)")
+        fail(
+            "External data files are only supported with compatibility level 1.1 and above "
+            "(use version=v3 or greater)"
+        )
     if compression_type not in ("zlib", "zstd"):
         fail(f"Invalid parameter '{compression_type}'")
     if compression_type != "zlib" and version < 3:
-        fail("Non-zlib compression type is only supported with compatibility level 1.1 and "
-             "above (use version=v3 or greater)")
+        fail(
+            "Non-zlib compression type is only supported with compatibility level 1.1 and "
+            "above (use version=v3 or greater)"
+        )
     l2_entries = cluster_size // (16 if extended_l2 else 8)
     l1_entries = -(-size // (cluster_size * l2_entries))
     if l1_entries * 8 > S.MAX_L1_BYTES:
-        fail("The image size is too large for file format 'qcow2' (try using a larger cluster "
-             "size)")
+        fail(
+            "The image size is too large for file format 'qcow2' (try using a larger cluster size)"
+        )
 
 
 def _backing_size(path: str, backing_file: str, backing_fmt: str | None) -> int:
@@ -152,6 +220,7 @@ def _container(path: str) -> HostFile:
     export, which like a device keeps its size (QEMU's create on the nbd protocol)."""
     if is_nbd_name(path):
         from .exports.nbd_client import NBDClient, NBDHostFile, parse_nbd_name
+
         return NBDHostFile(NBDClient(parse_nbd_name(path), read_only=False))
     return create_host_file(path)
 
@@ -168,19 +237,37 @@ def _create_raw(path: str, size: int, preallocation: str) -> None:
         elif preallocation == "full":
             chunk = bytes(min(size, 1 << 20))
             for offset in range(0, size, len(chunk) or 1):
-                file.pwrite(memoryview(chunk)[:min(len(chunk), size - offset)], offset)
+                file.pwrite(memoryview(chunk)[: min(len(chunk), size - offset)], offset)
             file.flush()  # (an empty raw file, as qemu-img makes it, holds nothing to sync)
     finally:
         file.close()
 
 
-def _write_empty_qcow2(path, size, version, cluster_size, backing_file, backing_fmt, refcount_bits,
-                       lazy_refcounts, extended_l2, data_file, data_file_raw,
-                       compression_type, encrypt_format, luks_header) -> None:
+def _write_empty_qcow2(
+    path,
+    size,
+    version,
+    cluster_size,
+    backing_file,
+    backing_fmt,
+    refcount_bits,
+    lazy_refcounts,
+    extended_l2,
+    data_file,
+    data_file_raw,
+    compression_type,
+    encrypt_format,
+    luks_header,
+) -> None:
     bits = cluster_size.bit_length() - 1
     order = refcount_bits.bit_length() - 1
-    hdr = Header(version=version, cluster_bits=bits, size=size, refcount_order=order,
-                 header_length=112 if version >= 3 else S.HEADER_V2_SIZE)
+    hdr = Header(
+        version=version,
+        cluster_bits=bits,
+        size=size,
+        refcount_order=order,
+        header_length=112 if version >= 3 else S.HEADER_V2_SIZE,
+    )
     if extended_l2:
         hdr.incompatible_features |= S.INCOMPAT_EXTL2
     if compression_type == "zstd":
@@ -246,8 +333,9 @@ def _write_empty_qcow2(path, size, version, cluster_size, backing_file, backing_
     file.close()
 
 
-def _qemu_layout(cluster_size: int, refcount_bits: int,
-                 l1_bytes: int) -> tuple[int, dict[int, int], int] | None:
+def _qemu_layout(
+    cluster_size: int, refcount_bits: int, l1_bytes: int
+) -> tuple[int, dict[int, int], int] | None:
     """Where qemu-img's create puts the L1 table and the refcount blocks, or None when
     its refcount table (one cluster) would have to grow.
 
@@ -286,8 +374,15 @@ def _qemu_layout(cluster_size: int, refcount_bits: int,
     return l1_first * cluster_size, blocks, file_end
 
 
-def _write_qemu_layout(path: str, hdr: Header, cluster_size: int, refcount_bits: int,
-                       l1_offset: int, blocks: dict[int, int], file_end: int) -> None:
+def _write_qemu_layout(
+    path: str,
+    hdr: Header,
+    cluster_size: int,
+    refcount_bits: int,
+    l1_offset: int,
+    blocks: dict[int, int],
+    file_end: int,
+) -> None:
     """Write a new image laid out by _qemu_layout: header, refcount table and blocks
     counting every cluster in use; the L1 table reads zeros (the file is sparse there)."""
     order = refcount_bits.bit_length() - 1

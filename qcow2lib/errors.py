@@ -3,6 +3,7 @@
 Each error names the field and the value that made it fail, so a user can tell a
 damaged image from an unsupported one without reading a traceback.
 """
+
 from __future__ import annotations
 
 

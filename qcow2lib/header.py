@@ -4,6 +4,7 @@ Validation happens here, once, before anything is sized from a header field: eve
 offset is checked for alignment and against the file size, every table against a
 memory bound, so later code can trust what it reads from `Header`.
 """
+
 from __future__ import annotations
 
 import struct
@@ -16,6 +17,7 @@ from .errors import CorruptImageError, UnsupportedFeatureError
 @dataclass
 class Extension:
     """A header extension kept as raw bytes (unknown ones are written back untouched)."""
+
     type: int
     data: bytes
 
@@ -87,7 +89,8 @@ class Header:
             raise CorruptImageError(
                 f"qcow2 header truncated: the file has {file_size} bytes, the header needs "
                 f"{S.HEADER_V2_SIZE}",
-                qemu_message=None if magic_ok else "Image is not in qcow2 format")
+                qemu_message=None if magic_ok else "Image is not in qcow2 format",
+            )
         v2 = dict(zip(S.HEADER_V2_FIELDS, S.HEADER_V2_FORMAT.unpack_from(raw)))
         if v2.pop("magic") != S.QCOW_MAGIC:
             raise CorruptImageError("Image is not in qcow2 format")
@@ -96,7 +99,8 @@ class Header:
         cluster_bits = v2["cluster_bits"]
         if not S.MIN_CLUSTER_BITS <= cluster_bits <= S.MAX_CLUSTER_BITS:
             raise CorruptImageError(
-                f"Unsupported cluster size: 2^{cluster_bits} (cluster_bits {cluster_bits})")
+                f"Unsupported cluster size: 2^{cluster_bits} (cluster_bits {cluster_bits})"
+            )
         hdr = cls(**v2)
         cluster_size = hdr.cluster_size
         if hdr.version == 2:
@@ -106,39 +110,48 @@ class Header:
             if file_size < S.HEADER_V3_SIZE:
                 raise CorruptImageError(
                     f"qcow2 header truncated: the file has {file_size} bytes, a version 3 "
-                    f"header needs {S.HEADER_V3_SIZE}")
-            tail = S.HEADER_V3_TAIL_FORMAT.unpack_from(first_cluster_reader(
-                S.HEADER_V2_SIZE, S.HEADER_V3_TAIL_FORMAT.size))
+                    f"header needs {S.HEADER_V3_SIZE}"
+                )
+            tail = S.HEADER_V3_TAIL_FORMAT.unpack_from(
+                first_cluster_reader(S.HEADER_V2_SIZE, S.HEADER_V3_TAIL_FORMAT.size)
+            )
             for key, value in zip(S.HEADER_V3_TAIL_FIELDS, tail):
                 setattr(hdr, key, value)
             if hdr.header_length < S.HEADER_V3_SIZE:
-                raise CorruptImageError(f"qcow2 header too short (header_length {hdr.header_length})")
+                raise CorruptImageError(
+                    f"qcow2 header too short (header_length {hdr.header_length})"
+                )
         if hdr.header_length > cluster_size:
             raise CorruptImageError(
                 f"qcow2 header exceeds cluster size (header_length {hdr.header_length}, "
-                f"cluster size {cluster_size})")
+                f"cluster size {cluster_size})"
+            )
         if hdr.header_length > file_size:
             raise CorruptImageError(
-                f"qcow2 header truncated (header_length {hdr.header_length}, file size {file_size})")
+                f"qcow2 header truncated (header_length {hdr.header_length}, file size {file_size})"
+            )
         if hdr.header_length > S.HEADER_V3_SIZE:
             extra = first_cluster_reader(S.HEADER_V3_SIZE, hdr.header_length - S.HEADER_V3_SIZE)
             hdr.compression_type = extra[0]
             hdr.extra_header_bytes = extra[8:] if len(extra) > 8 else b""
         if hdr.backing_file_offset > cluster_size:
             raise CorruptImageError(
-                f"Invalid backing file offset (backing_file_offset {hdr.backing_file_offset})")
+                f"Invalid backing file offset (backing_file_offset {hdr.backing_file_offset})"
+            )
         ext_end = hdr.backing_file_offset or cluster_size
         hdr._read_extensions(first_cluster_reader, min(ext_end, file_size))
         hdr._validate(file_size)
         if hdr.backing_file_offset:
             if hdr.backing_file_size > S.MAX_BACKING_NAME:
                 raise CorruptImageError(
-                    f"Backing file name too long (backing_file_size {hdr.backing_file_size})")
+                    f"Backing file name too long (backing_file_size {hdr.backing_file_size})"
+                )
             end = hdr.backing_file_offset + hdr.backing_file_size
             if end > cluster_size or end > file_size:
                 raise CorruptImageError(
                     f"Backing file name lies outside the header cluster (backing_file_offset "
-                    f"{hdr.backing_file_offset}, backing_file_size {hdr.backing_file_size})")
+                    f"{hdr.backing_file_offset}, backing_file_size {hdr.backing_file_size})"
+                )
             name = first_cluster_reader(hdr.backing_file_offset, hdr.backing_file_size)
             hdr.backing_file = name.decode("utf-8", "surrogateescape")
         return hdr
@@ -152,7 +165,8 @@ class Header:
             if length > end - offset:
                 raise CorruptImageError(
                     f"Header extension too large (type 0x{ext_type:08x}, length {length} at "
-                    f"offset {offset - 8})")
+                    f"offset {offset - 8})"
+                )
             if ext_type == S.EXT_END:
                 return
             data = reader(offset, length)
@@ -165,7 +179,8 @@ class Header:
         if ext_type == S.EXT_BACKING_FORMAT:
             if len(data) >= 16:
                 raise CorruptImageError(
-                    f"Backing format extension too long (length {len(data)}, limit 15)")
+                    f"Backing format extension too long (length {len(data)}, limit 15)"
+                )
             self.backing_format = data.split(b"\0", 1)[0].decode("ascii", "replace")
         elif ext_type == S.EXT_FEATURE_TABLE:
             # As QEMU reads it: a last partial entry counts (zero-padded), the table ends
@@ -173,7 +188,7 @@ class Header:
             size = S.FEATURE_NAME_ENTRY_SIZE
             data = data + bytes(-len(data) % size)
             for pos in range(0, len(data), size):
-                entry = data[pos:pos + size]
+                entry = data[pos : pos + size]
                 if not entry[2]:
                     break
                 name = entry[2:].split(b"\0", 1)[0].decode("ascii", "replace")
@@ -199,70 +214,122 @@ class Header:
             text = f"Unsupported qcow2 feature(s): {', '.join(names)}"
             raise UnsupportedFeatureError(
                 f"{text} (incompatible_features 0x{self.incompatible_features:x})",
-                qemu_message=text)
+                qemu_message=text,
+            )
         if self.compression_type not in S.COMPRESSION_TYPES:
             raise UnsupportedFeatureError(
-                f"qcow2: unknown compression type: {self.compression_type} (compression_type)")
+                f"qcow2: unknown compression type: {self.compression_type} (compression_type)"
+            )
         has_bit = bool(self.incompatible_features & S.INCOMPAT_COMPRESSION)
         if self.compression_type == 0 and has_bit:
             raise CorruptImageError(
-                "qcow2: Compression type incompatible feature bit must not be set (compression_type 0)")
+                "qcow2: Compression type incompatible feature bit must not be set "
+                "(compression_type 0)"
+            )
         if self.compression_type != 0 and not has_bit:
             raise CorruptImageError(
                 f"qcow2: Compression type incompatible feature bit must be set "
-                f"(compression_type {self.compression_type})")
+                f"(compression_type {self.compression_type})"
+            )
         if self.extended_l2 and cs // S.SUBCLUSTERS < 512:
             raise CorruptImageError(
-                f"Unsupported subcluster size: {cs // S.SUBCLUSTERS} (cluster_bits {self.cluster_bits} "
-                f"with extended L2 entries)")
+                f"Unsupported subcluster size: {cs // S.SUBCLUSTERS} "
+                f"(cluster_bits {self.cluster_bits} "
+                f"with extended L2 entries)"
+            )
         if self.refcount_order > 6:
             raise CorruptImageError(
                 f"Reference count entry width too large; may not exceed 64 bits (refcount_order "
-                f"{self.refcount_order})")
+                f"{self.refcount_order})"
+            )
         if self.crypt_method not in (0, 1, 2):
-            raise UnsupportedFeatureError(f"Unsupported encryption method {self.crypt_method} "
-                                          f"(crypt_method)")
+            raise UnsupportedFeatureError(
+                f"Unsupported encryption method {self.crypt_method} (crypt_method)"
+            )
         if self.crypt_method == 2 and not self.crypto_offset:
-            raise CorruptImageError("Missing CRYPTO header for crypt method 2 (no full disk "
-                                    "encryption header extension)")
+            raise CorruptImageError(
+                "Missing CRYPTO header for crypt method 2 (no full disk "
+                "encryption header extension)"
+            )
         if self.autoclear_features & S.AUTOCLEAR_DATA_FILE_RAW and not (
-                self.incompatible_features & S.INCOMPAT_DATA_FILE):
-            raise CorruptImageError("data-file-raw requires a data file (autoclear_features "
-                                    f"0x{self.autoclear_features:x} without the external data "
-                                    "file bit)")
+            self.incompatible_features & S.INCOMPAT_DATA_FILE
+        ):
+            raise CorruptImageError(
+                "data-file-raw requires a data file (autoclear_features "
+                f"0x{self.autoclear_features:x} without the external data "
+                "file bit)"
+            )
         if self.refcount_table_clusters == 0:
-            raise CorruptImageError("Image does not contain a reference count table "
-                                    "(refcount_table_clusters 0)")
-        self._validate_table("Reference count table", "refcount_table_offset",
-                             self.refcount_table_offset, "refcount_table_clusters",
-                             self.refcount_table_clusters, cs, S.MAX_REFTABLE_BYTES, file_size)
+            raise CorruptImageError(
+                "Image does not contain a reference count table (refcount_table_clusters 0)"
+            )
+        self._validate_table(
+            "Reference count table",
+            "refcount_table_offset",
+            self.refcount_table_offset,
+            "refcount_table_clusters",
+            self.refcount_table_clusters,
+            cs,
+            S.MAX_REFTABLE_BYTES,
+            file_size,
+        )
         if self.nb_snapshots:
-            self._validate_table("Snapshot table", "snapshots_offset", self.snapshots_offset,
-                                 "nb_snapshots", self.nb_snapshots, 40, 40 * S.MAX_SNAPSHOTS,
-                                 file_size)
-        self._validate_table("Active L1 table", "l1_table_offset", self.l1_table_offset,
-                             "l1_size", self.l1_size, 8, S.MAX_L1_BYTES, file_size)
+            self._validate_table(
+                "Snapshot table",
+                "snapshots_offset",
+                self.snapshots_offset,
+                "nb_snapshots",
+                self.nb_snapshots,
+                40,
+                40 * S.MAX_SNAPSHOTS,
+                file_size,
+            )
+        self._validate_table(
+            "Active L1 table",
+            "l1_table_offset",
+            self.l1_table_offset,
+            "l1_size",
+            self.l1_size,
+            8,
+            S.MAX_L1_BYTES,
+            file_size,
+        )
         needed = self.l1_entries_needed()
         if needed > 0x7FFFFFFF:
-            raise CorruptImageError(f"Image is too big (size {self.size})",
-                                    qemu_message="Image is too big")
+            raise CorruptImageError(
+                f"Image is too big (size {self.size})", qemu_message="Image is too big"
+            )
         if self.l1_size < needed:
             raise CorruptImageError(
                 f"L1 table is too small (l1_size {self.l1_size}, size {self.size} needs {needed})",
-                qemu_message="L1 table is too small")
+                qemu_message="L1 table is too small",
+            )
 
-    def _validate_table(self, name: str, field_name: str, offset: int, count_field: str,
-                        entries: int, entry_len: int, max_bytes: int, file_size: int) -> None:
+    def _validate_table(
+        self,
+        name: str,
+        field_name: str,
+        offset: int,
+        count_field: str,
+        entries: int,
+        entry_len: int,
+        max_bytes: int,
+        file_size: int,
+    ) -> None:
         if entries > max_bytes // entry_len:
-            raise CorruptImageError(f"{name} too large ({count_field} {entries})",
-                                    qemu_message=f"{name} too large")
+            raise CorruptImageError(
+                f"{name} too large ({count_field} {entries})", qemu_message=f"{name} too large"
+            )
         if offset % self.cluster_size or (entries and offset == 0):
-            raise CorruptImageError(f"{name} offset invalid ({field_name} {offset})",
-                                    qemu_message=f"{name} offset invalid")
+            raise CorruptImageError(
+                f"{name} offset invalid ({field_name} {offset})",
+                qemu_message=f"{name} offset invalid",
+            )
         if entries and offset + entries * entry_len > file_size:
             raise CorruptImageError(
                 f"{name} offset invalid: {field_name} {offset} with {count_field} {entries} ends "
-                f"past the end of the file ({file_size} bytes)")
+                f"past the end of the file ({file_size} bytes)"
+            )
 
     # --- writing -------------------------------------------------------------------------
 
@@ -270,7 +337,7 @@ class Header:
         """Only the fixed header fields (header_length bytes), with the backing file name
         pointer as it is on disk: for in-place updates that leave the extensions alone."""
         offset, size = self.backing_file_offset, self.backing_file_size
-        data = bytearray(self.pack()[:self.header_length])
+        data = bytearray(self.pack()[: self.header_length])
         self.backing_file_offset, self.backing_file_size = offset, size
         struct.pack_into(">QI", data, 8, offset, size)
         return bytes(data)
@@ -281,26 +348,37 @@ class Header:
         Known extensions are regenerated from the fields; unknown ones are kept in order.
         """
         out = bytearray()
-        v2_fields = dict(magic=S.QCOW_MAGIC, version=self.version,
-                         backing_file_offset=0, backing_file_size=0,
-                         cluster_bits=self.cluster_bits, size=self.size,
-                         crypt_method=self.crypt_method, l1_size=self.l1_size,
-                         l1_table_offset=self.l1_table_offset,
-                         refcount_table_offset=self.refcount_table_offset,
-                         refcount_table_clusters=self.refcount_table_clusters,
-                         nb_snapshots=self.nb_snapshots, snapshots_offset=self.snapshots_offset)
+        v2_fields = dict(
+            magic=S.QCOW_MAGIC,
+            version=self.version,
+            backing_file_offset=0,
+            backing_file_size=0,
+            cluster_bits=self.cluster_bits,
+            size=self.size,
+            crypt_method=self.crypt_method,
+            l1_size=self.l1_size,
+            l1_table_offset=self.l1_table_offset,
+            refcount_table_offset=self.refcount_table_offset,
+            refcount_table_clusters=self.refcount_table_clusters,
+            nb_snapshots=self.nb_snapshots,
+            snapshots_offset=self.snapshots_offset,
+        )
         out += S.HeaderV2.build(v2_fields)
         if self.version >= 3:
-            out += S.HeaderV3Tail.build(dict(
-                incompatible_features=self.incompatible_features,
-                compatible_features=self.compatible_features,
-                autoclear_features=self.autoclear_features,
-                refcount_order=self.refcount_order,
-                header_length=self.header_length))
+            out += S.HeaderV3Tail.build(
+                dict(
+                    incompatible_features=self.incompatible_features,
+                    compatible_features=self.compatible_features,
+                    autoclear_features=self.autoclear_features,
+                    refcount_order=self.refcount_order,
+                    header_length=self.header_length,
+                )
+            )
             if self.header_length > S.HEADER_V3_SIZE:
                 extra = bytes([self.compression_type]) + bytes(7) + self.extra_header_bytes
-                out += extra[:self.header_length - S.HEADER_V3_SIZE].ljust(
-                    self.header_length - S.HEADER_V3_SIZE, b"\0")
+                out += extra[: self.header_length - S.HEADER_V3_SIZE].ljust(
+                    self.header_length - S.HEADER_V3_SIZE, b"\0"
+                )
         for ext in self._extensions_to_write():
             out += struct.pack(">II", ext.type, len(ext.data))
             out += ext.data + bytes(-len(ext.data) % 8)
@@ -315,7 +393,8 @@ class Header:
         if len(out) > self.cluster_size:
             raise CorruptImageError(
                 f"Header and extensions ({len(out)} bytes) do not fit in one cluster "
-                f"({self.cluster_size} bytes)")
+                f"({self.cluster_size} bytes)"
+            )
         return bytes(out)
 
     def _extensions_to_write(self) -> list[Extension]:
@@ -324,14 +403,18 @@ class Header:
         if self.backing_format and self.backing_file:
             result.append(Extension(S.EXT_BACKING_FORMAT, self.backing_format.encode()))
         if self.data_file:
-            result.append(Extension(S.EXT_DATA_FILE, self.data_file.encode("utf-8", "surrogateescape")))
+            result.append(
+                Extension(S.EXT_DATA_FILE, self.data_file.encode("utf-8", "surrogateescape"))
+            )
         if self.crypto_offset:
-            result.append(Extension(S.EXT_CRYPTO, struct.pack(">QQ", self.crypto_offset,
-                                                              self.crypto_length)))
+            result.append(
+                Extension(S.EXT_CRYPTO, struct.pack(">QQ", self.crypto_offset, self.crypto_length))
+            )
         if self.version >= 3 and self.cluster_size > 4096:
             # As QEMU: small header clusters keep their room for the backing file name.
-            table = b"".join(S.FeatureNameEntry.build(dict(type=t, bit=b, name=n))
-                             for t, b, n in S.FEATURE_NAMES)
+            table = b"".join(
+                S.FeatureNameEntry.build(dict(type=t, bit=b, name=n)) for t, b, n in S.FEATURE_NAMES
+            )
             result.append(Extension(S.EXT_FEATURE_TABLE, table))
         result += [e for e in self.extensions if e.type not in known]
         return result

@@ -4,6 +4,7 @@ Everything above works in offsets and buffers; this layer turns them into positi
 vectored system calls, durable flushes and hole punching, and maps OSError onto
 Qcow2IOError. Tests swap in a subclass that records or fails chosen operations.
 """
+
 from __future__ import annotations
 
 import errno
@@ -67,8 +68,12 @@ def refuse_special_file(path: str, role: str, named_by: str, mode: int | None = 
             return  # opening it reports why it cannot be used
     kind = special_file_kind(mode)
     if kind:
-        raise Qcow2IOError(errno.EINVAL, f"The {role} '{path}' named by '{named_by}' is {kind}, "
-                                         f"not a regular file or block device", path)
+        raise Qcow2IOError(
+            errno.EINVAL,
+            f"The {role} '{path}' named by '{named_by}' is {kind}, "
+            f"not a regular file or block device",
+            path,
+        )
 
 
 class HostFile:
@@ -85,18 +90,23 @@ class HostFile:
         try:  # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below)
             self.fd = os.open(path, flags | os.O_NONBLOCK, 0o644)
         except OSError as exc:
-            raise Qcow2IOError(exc.errno, f"Could not {verb} '{path}': {exc.strerror}",
-                               path) from None
+            raise Qcow2IOError(
+                exc.errno, f"Could not {verb} '{path}': {exc.strerror}", path
+            ) from None
         except ValueError:  # a NUL byte: no file can have this name
-            raise Qcow2IOError(errno.EINVAL, f"Could not {verb} '{path!r}': file name contains "
-                                             f"a NUL byte", None) from None
+            raise Qcow2IOError(
+                errno.EINVAL, f"Could not {verb} '{path!r}': file name contains a NUL byte", None
+            ) from None
         self.st_mode = os.fstat(self.fd).st_mode
         special = special_file_kind(self.st_mode, char_devices=False)
         if stat.S_ISDIR(self.st_mode) or special:
             os.close(self.fd)
-            raise Qcow2IOError(errno.EINVAL, f"'file' driver requires '{path}' to be a regular "
-                                             f"file" + (f"; it is {special}" if special else ""),
-                               path)
+            raise Qcow2IOError(
+                errno.EINVAL,
+                f"'file' driver requires '{path}' to be a regular "
+                f"file" + (f"; it is {special}" if special else ""),
+                path,
+            )
         fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         # A block or character device (QEMU's host_device): its size is the device's, not
         # st_size (0), and it cannot be truncated.
@@ -109,10 +119,14 @@ class HostFile:
 
     def _fail(self, exc: OSError | OverflowError, what: str) -> Qcow2IOError:
         if isinstance(exc, OverflowError):  # an offset or length no file can have
-            return Qcow2IOError(errno.EFBIG, f"{what} failed on '{self.path}': offset or length "
-                                             f"too large", self.path)
-        return Qcow2IOError(exc.errno or errno.EIO, f"{what} failed on '{self.path}': {exc.strerror}",
-                            self.path)
+            return Qcow2IOError(
+                errno.EFBIG,
+                f"{what} failed on '{self.path}': offset or length too large",
+                self.path,
+            )
+        return Qcow2IOError(
+            exc.errno or errno.EIO, f"{what} failed on '{self.path}': {exc.strerror}", self.path
+        )
 
     def size(self) -> int:
         try:
@@ -259,14 +273,18 @@ class HostFile:
         if _fallocate is None or length <= 0:
             return False
         if offset < 0 or offset + length >= 1 << 63:
-            raise Qcow2IOError(errno.EFBIG, f"punch hole failed on '{self.path}': offset or "
-                                            f"length too large", self.path)
+            raise Qcow2IOError(
+                errno.EFBIG,
+                f"punch hole failed on '{self.path}': offset or length too large",
+                self.path,
+            )
         if _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
             err = ctypes.get_errno()
             if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 return False
-            raise Qcow2IOError(err, f"punch hole failed on '{self.path}': {os.strerror(err)}",
-                               self.path)
+            raise Qcow2IOError(
+                err, f"punch hole failed on '{self.path}': {os.strerror(err)}", self.path
+            )
         return True
 
     def lock(self, perm: int, shared: int) -> None:
@@ -288,13 +306,17 @@ class HostFile:
                 raise ImageLockedError(f'Failed to get shared "{name}" lock')
         for bit in _PERM_NAMES:
             index = bit.bit_length() - 1
-            for held, base in ((perm & bit, _LOCK_PERM_BASE), (not shared & bit, _LOCK_SHARED_BASE)):
+            for held, base in (
+                (perm & bit, _LOCK_PERM_BASE),
+                (not shared & bit, _LOCK_SHARED_BASE),
+            ):
                 if held:
                     try:
                         fcntl.fcntl(self.fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_RDLCK, base + index))
                     except OSError as exc:
-                        raise ImageLockedError(f"Failed to lock byte {base + index}: "
-                                               f"{exc.strerror}") from None
+                        raise ImageLockedError(
+                            f"Failed to lock byte {base + index}: {exc.strerror}"
+                        ) from None
 
     def lock_for_use(self, force_share: bool = False) -> None:
         """Lock as qemu-img does: writers share only reads; readers refuse writers unless
@@ -302,9 +324,12 @@ class HostFile:
         if self.writable:
             if force_share:
                 from .errors import InvalidArgumentError
+
                 raise InvalidArgumentError("force-share=on can only be used with read-only images")
-            self.lock(PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE,
-                      PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED)
+            self.lock(
+                PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE,
+                PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED,
+            )
         elif force_share:
             self.lock(PERM_CONSISTENT_READ, PERM_ALL)
         else:
@@ -321,8 +346,13 @@ class HostFile:
 host_file_class: type[HostFile] = HostFile
 
 
-def open_host_file(path: str, writable: bool = False, create: bool = False,
-                   role: str | None = None, named_by: str | None = None) -> HostFile:
+def open_host_file(
+    path: str,
+    writable: bool = False,
+    create: bool = False,
+    role: str | None = None,
+    named_by: str | None = None,
+) -> HostFile:
     """Open a file; with `role` and `named_by`, one an image names (see
     refuse_special_file), refused if special before and after it is opened."""
     if role is not None:

@@ -10,6 +10,7 @@ Durability: data goes straight to the file; metadata is written back by `flush`,
 order refcount increments, L2 tables, L1 entries, refcount decrements, with a barrier
 (fdatasync) between each phase that wrote something.
 """
+
 from __future__ import annotations
 
 import errno
@@ -22,13 +23,31 @@ from . import structs as S
 from .bitmaps import BitmapEntry, BitmapTracker, Untrackable, read_directory
 from .blockdev import RAW_EXTENT_BATCH, BlockDevice, Extent
 from .cache import decode_be64
-from .errors import (BadSecretError, CorruptImageError, InvalidArgumentError, Qcow2Error,
-                     Qcow2IOError, UnsupportedFeatureError, UntrustedImageError)
+from .errors import (
+    BadSecretError,
+    CorruptImageError,
+    InvalidArgumentError,
+    Qcow2Error,
+    Qcow2IOError,
+    UnsupportedFeatureError,
+    UntrustedImageError,
+)
 from .header import Header
 from .hostfile import HostFile, open_host_file
 from .mapping import BACKING, COMPRESSED, DATA, ZERO, ClusterMap, Segment
-from .overlap import (ACTIVE_L1, ACTIVE_L2, BITMAP_DIRECTORY, BITMAP_TABLE, HEADER, INACTIVE_L1,
-                      REFCOUNT_BLOCK, REFCOUNT_TABLE, SNAPSHOT_TABLE, OverlapMap, overlap_message)
+from .overlap import (
+    ACTIVE_L1,
+    ACTIVE_L2,
+    BITMAP_DIRECTORY,
+    BITMAP_TABLE,
+    HEADER,
+    INACTIVE_L1,
+    REFCOUNT_BLOCK,
+    REFCOUNT_TABLE,
+    SNAPSHOT_TABLE,
+    OverlapMap,
+    overlap_message,
+)
 from .refcount import Refcounts
 
 _ZEROS = bytes(1 << 20)
@@ -40,8 +59,8 @@ def _fill_zeros(part: memoryview) -> None:
     memset at memory speed, with no temporary buffer however large the range."""
     block = len(_ZEROS)
     for start in range(0, len(part), block):
-        chunk = part[start:start + block]
-        chunk[:] = _ZEROS_VIEW[:len(chunk)]
+        chunk = part[start : start + block]
+        chunk[:] = _ZEROS_VIEW[: len(chunk)]
 
 
 _new_extent = partial(tuple.__new__, Extent)  # Extent from a 7-tuple, without __new__'s frame
@@ -53,16 +72,24 @@ EXTENT_WINDOW_CLUSTERS = 1 << 15
 class _ClusterWrite:
     """One guest cluster whose L2 entry a write changes."""
 
-    __slots__ = ("cluster_index", "host", "new_host", "fill_start", "fill_end", "entry", "bitmap",
-                 "free_clusters")
+    __slots__ = (
+        "cluster_index",
+        "host",
+        "new_host",
+        "fill_start",
+        "fill_end",
+        "entry",
+        "bitmap",
+        "free_clusters",
+    )
 
     def __init__(self, cluster_index: int):
         self.cluster_index = cluster_index
-        self.host = 0          # host offset of the cluster the data goes to
+        self.host = 0  # host offset of the cluster the data goes to
         self.new_host = False  # host must be allocated
-        self.fill_start = 0    # byte range inside the cluster that is written (data + COW fill)
+        self.fill_start = 0  # byte range inside the cluster that is written (data + COW fill)
         self.fill_end = 0
-        self.entry = 0         # new L2 entry (host filled in once known)
+        self.entry = 0  # new L2 entry (host filled in once known)
         self.bitmap = 0
         self.free_clusters: list[tuple[int, int]] = []  # host clusters to release afterwards
 
@@ -70,10 +97,18 @@ class _ClusterWrite:
 class Qcow2Image(BlockDevice):
     format = "qcow2"
 
-    def __init__(self, path: str, mode: str = "r", data_file_path: str | None = None,
-                 force_share: bool = False, passphrase: str | bytes | None = None,
-                 open_data_file: bool = True, backing_of: str | None = None,
-                 untrusted: bool = False, file: HostFile | None = None):
+    def __init__(
+        self,
+        path: str,
+        mode: str = "r",
+        data_file_path: str | None = None,
+        force_share: bool = False,
+        passphrase: str | bytes | None = None,
+        open_data_file: bool = True,
+        backing_of: str | None = None,
+        untrusted: bool = False,
+        file: HostFile | None = None,
+    ):
         """backing_of: the image naming this one as its backing file, if any. untrusted:
         an external data file the image names (not `data_file_path`) is refused. `file` is
         the container when it is not a host file (an NBD export); it is closed with the
@@ -82,9 +117,16 @@ class Qcow2Image(BlockDevice):
             raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
         self.filename = path
         self.read_only = mode == "r"
-        self.file = file if file is not None else open_host_file(
-            path, writable=not self.read_only, role="backing file" if backing_of else None,
-            named_by=backing_of)
+        self.file = (
+            file
+            if file is not None
+            else open_host_file(
+                path,
+                writable=not self.read_only,
+                role="backing file" if backing_of else None,
+                named_by=backing_of,
+            )
+        )
         self.data_host: HostFile | None = None  # the external data file, when there is one
         self.force_share = force_share
         try:
@@ -96,8 +138,9 @@ class Qcow2Image(BlockDevice):
 
     # --- opening ------------------------------------------------------------------------
 
-    def _open(self, data_file_path: str | None, passphrase, open_data_file: bool,
-              untrusted: bool) -> None:
+    def _open(
+        self, data_file_path: str | None, passphrase, open_data_file: bool, untrusted: bool
+    ) -> None:
         file_size = self.file.size()
         self.header = hdr = Header.parse(self._read_header_bytes, file_size)
         self.dirty = bool(hdr.incompatible_features & S.INCOMPAT_DIRTY)
@@ -105,7 +148,8 @@ class Qcow2Image(BlockDevice):
         if self.corrupt and not self.read_only:
             raise CorruptImageError(
                 f"qcow2: Image is corrupt; cannot be opened read/write ('{self.filename}' has "
-                f"the corrupt bit set in incompatible_features)")
+                f"the corrupt bit set in incompatible_features)"
+            )
         self.size = hdr.size
         self.cluster_bits = hdr.cluster_bits
         self.cluster_size = hdr.cluster_size
@@ -130,8 +174,10 @@ class Qcow2Image(BlockDevice):
         if has_data_file:
             name = data_file_path or hdr.data_file
             if not name:
-                raise CorruptImageError("'data-file' is required for this image (the external "
-                                        "data file bit is set but no data file name is stored)")
+                raise CorruptImageError(
+                    "'data-file' is required for this image (the external "
+                    "data file bit is set but no data file name is stored)"
+                )
             # As QEMU does, a relative name is taken from the working directory.
             if not open_data_file and not self.read_only:
                 raise InvalidArgumentError("an image opened for writing needs its data file")
@@ -139,14 +185,21 @@ class Qcow2Image(BlockDevice):
                 raise UntrustedImageError(
                     f"Untrusted image '{self.filename}' names the external data file '{name}': "
                     f"an untrusted image may not have one (its guest data would be read from "
-                    f"and written to that host file)")
+                    f"and written to that host file)"
+                )
             if open_data_file:
-                self.data_host = open_host_file(name, writable=not self.read_only,
-                                                role="external data file", named_by=self.filename)
+                self.data_host = open_host_file(
+                    name,
+                    writable=not self.read_only,
+                    role="external data file",
+                    named_by=self.filename,
+                )
                 self.data_host.lock_for_use(self.force_share)
         elif hdr.data_file:
-            raise CorruptImageError("'data-file' can only be set for images with an external "
-                                    "data file (data file name present, incompatible bit clear)")
+            raise CorruptImageError(
+                "'data-file' can only be set for images with an external "
+                "data file (data file name present, incompatible bit clear)"
+            )
         self._host_size = file_size
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -171,8 +224,15 @@ class Qcow2Image(BlockDevice):
         self.crypto = None
         if self.encrypted and passphrase is not None:
             from .crypto import open_crypto  # loaded for encrypted images only (start-up time)
-            self.crypto = open_crypto(hdr.crypt_method, self._read_header_bytes, hdr.crypto_offset,
-                                      hdr.crypto_length, passphrase, cluster_size=self.cluster_size)
+
+            self.crypto = open_crypto(
+                hdr.crypt_method,
+                self._read_header_bytes,
+                hdr.crypto_offset,
+                hdr.crypto_length,
+                passphrase,
+                cluster_size=self.cluster_size,
+            )
         if not self.read_only:
             self._open_for_writing()
 
@@ -185,8 +245,9 @@ class Qcow2Image(BlockDevice):
 
     def use_refcount_table(self, offset: int, clusters: int, file_size: int) -> None:
         """(Re)load the refcount structure from a table at offset."""
-        self.refcounts = Refcounts(self.file, self.cluster_bits, self.header.refcount_order,
-                                   offset, clusters, file_size)
+        self.refcounts = Refcounts(
+            self.file, self.cluster_bits, self.header.refcount_order, offset, clusters, file_size
+        )
         self.refcounts.check_no_overlap = self.map.check_no_overlap
         self.refcounts.check_allocation = self._check_allocation
         self.refcounts.overlaps = self.overlaps
@@ -213,6 +274,7 @@ class Qcow2Image(BlockDevice):
                 self._bitmaps_live = True
         if self.dirty:
             from .rebuild import rebuild_refcounts
+
             rebuild_refcounts(self)
             hdr.incompatible_features &= ~S.INCOMPAT_DIRTY
             self.dirty = False
@@ -294,9 +356,12 @@ class Qcow2Image(BlockDevice):
         self.guard_write(first_cluster << self.cluster_bits, count << self.cluster_bits)
 
     def _refuse_overlap(self, kind: int) -> None:
-        error = Qcow2IOError(errno.EIO, f"qcow2: Marking image as corrupt: {overlap_message(kind)}"
-                                        f"; further corruption events will be suppressed",
-                             self.filename)
+        error = Qcow2IOError(
+            errno.EIO,
+            f"qcow2: Marking image as corrupt: {overlap_message(kind)}"
+            f"; further corruption events will be suppressed",
+            self.filename,
+        )
         self._signal_corruption(error)
         raise error
 
@@ -304,6 +369,7 @@ class Qcow2Image(BlockDevice):
         """Record every structure the overlap check covers, from the current state."""
         from .bitmaps import bitmaps_extension
         from .snapshots import cached_table
+
         overlaps = self.overlaps
         overlaps.clear()
         cs = self.cluster_size
@@ -329,8 +395,7 @@ class Qcow2Image(BlockDevice):
                 overlaps.add(INACTIVE_L1, snap.l1_table_offset, snap.l1_size * 8)
         info = bitmaps_extension(hdr) if hdr.autoclear_features & S.AUTOCLEAR_BITMAPS else None
         if info is not None:
-            overlaps.add(BITMAP_DIRECTORY, info.bitmap_directory_offset,
-                         info.bitmap_directory_size)
+            overlaps.add(BITMAP_DIRECTORY, info.bitmap_directory_offset, info.bitmap_directory_size)
             try:
                 entries = read_directory(self.file, hdr, cs)
             except CorruptImageError:
@@ -344,7 +409,8 @@ class Qcow2Image(BlockDevice):
     def _data_target(self) -> HostFile:
         if self.has_data_file and self.data_host is None:
             raise InvalidArgumentError(
-                f"'{self.filename}' was opened without its external data file")
+                f"'{self.filename}' was opened without its external data file"
+            )
         return self.data_host or self.file
 
     def _guest_clusters(self, offset: int, length: int) -> range:
@@ -399,8 +465,10 @@ class Qcow2Image(BlockDevice):
         """Whether metadata alone says the segments read as zeros (no data cluster,
         nothing from a backing file)."""
         backing_size = self.backing.size if self.backing is not None else 0
-        return all(seg.kind == ZERO or seg.kind == BACKING and seg.guest_offset >= backing_size
-                   for seg in segments)
+        return all(
+            seg.kind == ZERO or seg.kind == BACKING and seg.guest_offset >= backing_size
+            for seg in segments
+        )
 
     def _segment_pieces(self, segments: list[Segment]) -> list[bytes]:
         """The bytes of each segment, in order (as _read_segments, for read())."""
@@ -423,7 +491,7 @@ class Qcow2Image(BlockDevice):
             plains = [self._cluster_plain(seg) for _, seg in compressed]
         for (index, seg), plain in zip(compressed, plains):
             start = seg.guest_offset - seg.cluster_offset
-            pieces[index] = plain[start:start + seg.length]
+            pieces[index] = plain[start : start + seg.length]
         return pieces
 
     def _backing_bytes(self, guest_offset: int, length: int) -> bytes:
@@ -450,13 +518,14 @@ class Qcow2Image(BlockDevice):
         if self.encrypted and self.crypto is None:
             raise BadSecretError(
                 f"'{self.filename}' is encrypted: its data cannot be read or written without "
-                f"the passphrase (encrypt.key-secret)")
+                f"the passphrase (encrypt.key-secret)"
+            )
 
     def _read_segments(self, segments: list[Segment], view: memoryview, base: int) -> None:
         compressed = []
         data_file = self._data_target()
         for seg in segments:
-            part = view[seg.guest_offset - base:seg.guest_offset - base + seg.length]
+            part = view[seg.guest_offset - base : seg.guest_offset - base + seg.length]
             if seg.kind == DATA and self.encrypted:
                 self._read_encrypted(part, seg.host_offset, seg.guest_offset)
             elif seg.kind == DATA:
@@ -471,12 +540,12 @@ class Qcow2Image(BlockDevice):
             results = codecs.pool().map(lambda item: self._cluster_plain(item[0]), compressed)
             for (seg, part), plain in zip(compressed, results):
                 start = seg.guest_offset - seg.cluster_offset
-                part[:] = plain[start:start + seg.length]
+                part[:] = plain[start : start + seg.length]
         elif compressed:
             seg, part = compressed[0]
             plain = self._cluster_plain(seg)
             start = seg.guest_offset - seg.cluster_offset
-            part[:] = plain[start:start + seg.length]
+            part[:] = plain[start : start + seg.length]
 
     def _read_encrypted(self, part: memoryview, host: int, guest: int) -> None:
         """Read whole sectors around the range and decrypt them (IVs are per sector)."""
@@ -486,7 +555,7 @@ class Qcow2Image(BlockDevice):
         buf = bytearray(end - start)
         self._data_target().readinto(memoryview(buf), start)
         self.crypto.decrypt(self.crypto.sector_number(start, guest - (host - start)), buf)
-        part[:] = memoryview(buf)[host - start:host - start + len(part)]
+        part[:] = memoryview(buf)[host - start : host - start + len(part)]
 
     def _read_backing(self, guest_offset: int, part: memoryview) -> None:
         backing = self.backing
@@ -505,8 +574,11 @@ class Qcow2Image(BlockDevice):
             return last[1]
         raw = self.file.pread(seg.compressed_size, seg.host_offset)
         plain = codecs.decompress(
-            self.compression_type, raw, self.cluster_size,
-            f" at host offset 0x{seg.host_offset:x} (guest offset 0x{seg.cluster_offset:x})")
+            self.compression_type,
+            raw,
+            self.cluster_size,
+            f" at host offset 0x{seg.host_offset:x} (guest offset 0x{seg.cluster_offset:x})",
+        )
         self._last_decompressed = (seg.host_offset, plain)
         return plain
 
@@ -515,8 +587,9 @@ class Qcow2Image(BlockDevice):
     def extent_batches(self, offset: int, length: int) -> Iterator[list[Extent]]:
         return self.mapped_extent_batches(self.map, offset, length, active=True)
 
-    def mapped_extent_batches(self, cluster_map: ClusterMap, offset: int, length: int,
-                              active: bool) -> Iterator[list[Extent]]:
+    def mapped_extent_batches(
+        self, cluster_map: ClusterMap, offset: int, length: int, active: bool
+    ) -> Iterator[list[Extent]]:
         """Extents of [offset, offset+length) through `cluster_map`, one window of at most
         EXTENT_WINDOW_CLUSTERS L2 entries at a time (the backing file's answers in its
         own windows), so work and memory follow the window, not the image. active=False
@@ -534,14 +607,19 @@ class Qcow2Image(BlockDevice):
             add = batch.append
             for seg in segments:
                 kind = seg.kind
-                if kind is BACKING and no_backing and (seg.host_offset is None
-                                                       or not own_zero_host):
+                if (
+                    kind is BACKING
+                    and no_backing
+                    and (seg.host_offset is None or not own_zero_host)
+                ):
                     # reads as zeros, nothing below (the most common segment: first)
-                    add(_new_extent((seg.guest_offset, seg.length, False, True, 0, None,
-                                     False)))
+                    add(_new_extent((seg.guest_offset, seg.length, False, True, 0, None, False)))
                 elif kind is ZERO:
-                    add(_new_extent((seg.guest_offset, seg.length, False, True, 0,
-                                     seg.host_offset, True)))
+                    add(
+                        _new_extent(
+                            (seg.guest_offset, seg.length, False, True, 0, seg.host_offset, True)
+                        )
+                    )
                 elif kind is DATA:
                     if holes_are_zero and not hide_host:
                         for ext in self._data_extents_by_holes(seg):
@@ -551,13 +629,25 @@ class Qcow2Image(BlockDevice):
                                 batch = []
                                 add = batch.append
                     else:
-                        add(_new_extent((seg.guest_offset, seg.length, True, False, 0,
-                                         None if hide_host else seg.host_offset, True)))
+                        add(
+                            _new_extent(
+                                (
+                                    seg.guest_offset,
+                                    seg.length,
+                                    True,
+                                    False,
+                                    0,
+                                    None if hide_host else seg.host_offset,
+                                    True,
+                                )
+                            )
+                        )
                 elif kind is COMPRESSED:
                     add(Extent(seg.guest_offset, seg.length, True, False, 0, None))
                 elif seg.host_offset is not None and own_zero_host:
-                    add(Extent(seg.guest_offset, seg.length, False, True, 0, seg.host_offset,
-                               False))
+                    add(
+                        Extent(seg.guest_offset, seg.length, False, True, 0, seg.host_offset, False)
+                    )
                 else:
                     if batch:
                         yield batch
@@ -590,8 +680,9 @@ class Qcow2Image(BlockDevice):
         pos, end = seg.host_offset, seg.host_offset + seg.length
         while pos < end:
             is_data, run_end = host.data_run(pos, end)
-            yield Extent(seg.guest_offset + pos - seg.host_offset, run_end - pos, True,
-                         not is_data, 0, pos)
+            yield Extent(
+                seg.guest_offset + pos - seg.host_offset, run_end - pos, True, not is_data, 0, pos
+            )
             pos = run_end
 
     def _backing_extent_batches(self, offset: int, length: int) -> Iterator[list[Extent]]:
@@ -601,8 +692,18 @@ class Qcow2Image(BlockDevice):
         inside = 0 if backing is None else max(0, min(length, backing.size - offset))
         if inside:
             for batch in backing.extent_batches(offset, inside):
-                yield [Extent(ext.offset, ext.length, ext.is_data, ext.is_zero, ext.depth + 1,
-                              ext.host_offset, ext.present) for ext in batch]
+                yield [
+                    Extent(
+                        ext.offset,
+                        ext.length,
+                        ext.is_data,
+                        ext.is_zero,
+                        ext.depth + 1,
+                        ext.host_offset,
+                        ext.present,
+                    )
+                    for ext in batch
+                ]
         if inside < length:
             yield [Extent(offset + inside, length - inside, False, True, 0, None, False)]
 
@@ -618,7 +719,7 @@ class Qcow2Image(BlockDevice):
             start, end = offset & ~511, min(self.size, (offset + len(view) + 511) & ~511)
             if (start, end) != (offset, offset + len(view)):
                 merged = bytearray(self.read(start, end - start))
-                merged[offset - start:offset - start + len(view)] = view
+                merged[offset - start : offset - start + len(view)] = view
                 offset, view = start, memoryview(merged)
         elif self._write_in_place(offset, view):
             return
@@ -663,8 +764,11 @@ class Qcow2Image(BlockDevice):
             if cluster_index in self._inflight:
                 return False
             entry, _ = self.map.get_entry(cluster_index)
-            if (entry & (S.OFLAG_COMPRESSED | S.OFLAG_ZERO) or not entry & S.OFLAG_COPIED
-                    or not self.map.has_host(entry)):  # COPIED at offset 0 is unallocated
+            if (
+                entry & (S.OFLAG_COMPRESSED | S.OFLAG_ZERO)
+                or not entry & S.OFLAG_COPIED
+                or not self.map.has_host(entry)
+            ):  # COPIED at offset 0 is unallocated
                 return False
             try:
                 self.map.validate_entry(entry, 0, cluster_index, overlap=False)
@@ -743,8 +847,9 @@ class Qcow2Image(BlockDevice):
             self._assign_hosts(changes)
         if not has_data_file:
             for change in changes:
-                self.guard_write(change.host + change.fill_start,
-                                 change.fill_end - change.fill_start)
+                self.guard_write(
+                    change.host + change.fill_start, change.fill_end - change.fill_start
+                )
         return direct, changes
 
     def _clusters_of(self, entry: int) -> list[tuple[int, int]]:
@@ -773,8 +878,11 @@ class Qcow2Image(BlockDevice):
                 index += 1
                 continue
             run_end = index + 1
-            while (run_end < len(changes) and changes[run_end].new_host
-                   and changes[run_end].cluster_index == changes[run_end - 1].cluster_index + 1):
+            while (
+                run_end < len(changes)
+                and changes[run_end].new_host
+                and changes[run_end].cluster_index == changes[run_end - 1].cluster_index + 1
+            ):
                 run_end += 1
             first = self.refcounts.allocate(run_end - index)
             for i in range(index, run_end):
@@ -788,8 +896,10 @@ class Qcow2Image(BlockDevice):
 
     def _writable_l2(self, l1_index: int) -> None:
         if l1_index >= len(self.map.l1):
-            raise CorruptImageError(f"guest offset beyond the L1 table (L1 index {l1_index}, "
-                                    f"l1_size {len(self.map.l1)})")
+            raise CorruptImageError(
+                f"guest offset beyond the L1 table (L1 index {l1_index}, "
+                f"l1_size {len(self.map.l1)})"
+            )
         entry = self.map.l1[l1_index]
         offset = self.map.l2_offset(l1_index)
         if offset and entry & S.OFLAG_COPIED:
@@ -828,7 +938,7 @@ class Qcow2Image(BlockDevice):
                 runs.append([host, host + len(buffer), [buffer]])
 
         for guest, length, host in direct:
-            add(host, view[guest - offset:guest - offset + length], guest)
+            add(host, view[guest - offset : guest - offset + length], guest)
         end = offset + len(view)
         for change in changes:
             cluster_start = change.cluster_index << self.cluster_bits
@@ -839,11 +949,17 @@ class Qcow2Image(BlockDevice):
             host = change.host + change.fill_start
             if fill_start < data_start:
                 add(host, self._old_content(fill_start, data_start - fill_start), fill_start)
-            add(host + data_start - fill_start, view[data_start - offset:data_end - offset],
-                data_start)
+            add(
+                host + data_start - fill_start,
+                view[data_start - offset : data_end - offset],
+                data_start,
+            )
             if data_end < fill_end:
-                add(host + data_end - fill_start, self._old_content(data_end, fill_end - data_end),
-                    data_end)
+                add(
+                    host + data_end - fill_start,
+                    self._old_content(data_end, fill_end - data_end),
+                    data_end,
+                )
         target = self._data_target()
         for host, run_end, buffers in sorted(runs, key=lambda r: r[0]):
             target.pwritev(buffers, host)
@@ -893,7 +1009,8 @@ class Qcow2Image(BlockDevice):
         if offset % cs or (len(view) != cs and offset + len(view) != self.size) or not view:
             raise InvalidArgumentError(
                 f"compressed writes take whole clusters: offset {offset} length {len(view)} "
-                f"(cluster size {cs})")
+                f"(cluster size {cs})"
+            )
         if self.has_data_file:
             raise UnsupportedFeatureError("Compression is not supported with an external data file")
         if self.encrypted:
@@ -932,8 +1049,10 @@ class Qcow2Image(BlockDevice):
                     else:
                         self._compressed_tail = 0  # its cluster may be freed and reused
                         for first, count in self._clusters_of(
-                                S.OFLAG_COMPRESSED | host
-                                | ((host + len(packed) - 1 >> 9) - (host >> 9)) << self.map.csize_shift):
+                            S.OFLAG_COMPRESSED
+                            | host
+                            | ((host + len(packed) - 1 >> 9) - (host >> 9)) << self.map.csize_shift
+                        ):
                             self.refcounts.update(first, count, -1)
                 finally:
                     self._inflight.discard(cluster_index)
@@ -950,8 +1069,11 @@ class Qcow2Image(BlockDevice):
         """
         cs = self.cluster_size
         tail = self._compressed_tail
-        if tail and tail % cs and 0 < self.refcounts.get(tail >> self.cluster_bits) \
-                < self.refcounts.max_refcount:
+        if (
+            tail
+            and tail % cs
+            and 0 < self.refcounts.get(tail >> self.cluster_bits) < self.refcounts.max_refcount
+        ):
             room = cs - tail % cs
             if size <= room:
                 self.refcounts.update(tail >> self.cluster_bits, 1, +1)
@@ -999,8 +1121,12 @@ class Qcow2Image(BlockDevice):
             for start, stop in ((offset, first_full), (last_full, end)):
                 if start < stop and not self._reads_zero(start, stop - start):
                     return False
-            if (first_full < last_full and self.header.version < 3 and not self.extended_l2
-                    and self.backing is not None):
+            if (
+                first_full < last_full
+                and self.header.version < 3
+                and not self.extended_l2
+                and self.backing is not None
+            ):
                 return self._backing_reads_zero(first_full, last_full - first_full)
         return True
 
@@ -1021,9 +1147,12 @@ class Qcow2Image(BlockDevice):
                     if last_full >= first_full and last_full < end:
                         physical += self._zero_partial(max(last_full, offset), end, granule)
                 if first_full < last_full:
-                    physical += self._unmap_clusters(first_full >> self.cluster_bits,
-                                                     last_full >> self.cluster_bits,
-                                                     may_unmap, discard)
+                    physical += self._unmap_clusters(
+                        first_full >> self.cluster_bits,
+                        last_full >> self.cluster_bits,
+                        may_unmap,
+                        discard,
+                    )
             finally:
                 self._io_active -= 1
                 self._cond.notify_all()
@@ -1045,7 +1174,7 @@ class Qcow2Image(BlockDevice):
         if target.punch_hole(start, stop - start):
             return
         for pos in range(start, stop, len(_ZEROS)):
-            target.pwrite(memoryview(_ZEROS)[:min(len(_ZEROS), stop - pos)], pos)
+            target.pwrite(memoryview(_ZEROS)[: min(len(_ZEROS), stop - pos)], pos)
 
     def _zero_partial(self, start: int, stop: int, granule: int) -> list[tuple[int, int]]:
         """Zero part of one cluster: set zero bits for whole subclusters where possible."""
@@ -1058,8 +1187,9 @@ class Qcow2Image(BlockDevice):
         entry, bitmap = self.map.get_entry(cluster_index)
         self._validate_for_write(entry, bitmap, cluster_index)
         mapped = self.map.has_host(entry)
-        usable = not entry & S.OFLAG_COMPRESSED and (not mapped or entry & S.OFLAG_COPIED
-                                                      or self.has_data_file)
+        usable = not entry & S.OFLAG_COMPRESSED and (
+            not mapped or entry & S.OFLAG_COPIED or self.has_data_file
+        )
         sub_first = -(-(start - cluster_start) // granule)
         sub_end = (stop - cluster_start) // granule
         if not usable or sub_first >= sub_end:
@@ -1068,7 +1198,9 @@ class Qcow2Image(BlockDevice):
         alloc = (bitmap & 0xFFFFFFFF) & ~mask
         zero = (bitmap >> 32) | mask
         self._writable_l2(cluster_index // self.map.l2_entries)
-        self.map.set_entry(cluster_index, entry if alloc or mapped else 0, alloc | (zero & ~alloc) << 32)
+        self.map.set_entry(
+            cluster_index, entry if alloc or mapped else 0, alloc | (zero & ~alloc) << 32
+        )
         ranges = []
         head_end = cluster_start + sub_first * granule
         tail_start = cluster_start + sub_end * granule
@@ -1094,11 +1226,14 @@ class Qcow2Image(BlockDevice):
             return False
         if offset >= self.backing.size:
             return True
-        return all(ext.is_zero and not ext.is_data
-                   for ext in self.backing.extents(offset, min(length, self.backing.size - offset)))
+        return all(
+            ext.is_zero and not ext.is_data
+            for ext in self.backing.extents(offset, min(length, self.backing.size - offset))
+        )
 
-    def _unmap_clusters(self, first: int, stop: int, may_unmap: bool,
-                        discard: bool) -> list[tuple[int, int]]:
+    def _unmap_clusters(
+        self, first: int, stop: int, may_unmap: bool, discard: bool
+    ) -> list[tuple[int, int]]:
         """Whole clusters [first, stop): zero flags, or unallocated, as the format allows."""
         physical: list[tuple[int, int]] = []
         v3 = self.header.version >= 3
@@ -1110,8 +1245,7 @@ class Qcow2Image(BlockDevice):
             if entry == 0 and bitmap == 0 and not self.backing_filename:
                 continue  # unallocated with nothing behind it already reads as zeros
             if self.extended_l2:
-                keep = mapped and not may_unmap and (
-                    entry & S.OFLAG_COPIED or self.has_data_file)
+                keep = mapped and not may_unmap and (entry & S.OFLAG_COPIED or self.has_data_file)
                 new_entry = entry if keep else 0
                 new_bitmap = S.L2_BITMAP_ALL_ZERO
             elif discard:
@@ -1121,13 +1255,15 @@ class Qcow2Image(BlockDevice):
                     new_entry = S.OFLAG_ZERO
                 new_bitmap = 0
             elif v3:
-                keep = mapped and not may_unmap and (
-                    entry & S.OFLAG_COPIED or self.has_data_file)
-                new_entry = (entry & (S.L2E_OFFSET_MASK | S.OFLAG_COPIED) if keep else 0) | S.OFLAG_ZERO
+                keep = mapped and not may_unmap and (entry & S.OFLAG_COPIED or self.has_data_file)
+                new_entry = (
+                    entry & (S.L2E_OFFSET_MASK | S.OFLAG_COPIED) if keep else 0
+                ) | S.OFLAG_ZERO
                 new_bitmap = 0
             else:  # v2 has no zero flag: only a hole with nothing behind it reads as zeros
                 if self.backing is not None and not self._backing_reads_zero(
-                        cluster_index << self.cluster_bits, self.cluster_size):
+                    cluster_index << self.cluster_bits, self.cluster_size
+                ):
                     start = cluster_index << self.cluster_bits
                     physical.append((start, min(start + self.cluster_size, self.size)))
                     continue
@@ -1146,8 +1282,10 @@ class Qcow2Image(BlockDevice):
     def _maybe_write_back(self) -> None:
         """Keep dirty metadata bounded: write it back once the caches fill up with it."""
         limit = self.map.l2_cache.max_entries // 2
-        if (len(self.map.l2_cache.dirty) > limit
-                or len(self.refcounts.blocks.dirty) > self.refcounts.blocks.max_entries // 2):
+        if (
+            len(self.map.l2_cache.dirty) > limit
+            or len(self.refcounts.blocks.dirty) > self.refcounts.blocks.max_entries // 2
+        ):
             with self._lock:
                 self._write_back()
 
@@ -1261,12 +1399,14 @@ class Qcow2Image(BlockDevice):
     def check(self, repair: str | None = None):
         """qemu-img check on this image (repair None, "leaks" or "all"): a CheckReport."""
         from .check import check_image
+
         return check_image(self, repair)
 
     # --- preallocation -----------------------------------------------------------------
 
     def preallocate(self, mode: str) -> None:
-        """Map every guest cluster to a host cluster (metadata), reserved (falloc) or written (full)."""
+        """Map every guest cluster to a host cluster (metadata), reserved (falloc) or written
+        (full)."""
         self.preallocate_range(0, self.size, mode)
 
     # --- closing ------------------------------------------------------------------------
@@ -1317,6 +1457,7 @@ class Qcow2Image(BlockDevice):
         from array import array
 
         from .cache import encode_be64
+
         with self._cond:
             old_size = len(self.map.l1)
             if new_l1_size <= old_size:
@@ -1324,7 +1465,8 @@ class Qcow2Image(BlockDevice):
             if new_l1_size * 8 > S.MAX_L1_BYTES:
                 raise InvalidArgumentError(
                     f"Failed to grow the L1 table: File too large (l1_size {new_l1_size}, limit "
-                    f"{S.MAX_L1_BYTES // 8})")
+                    f"{S.MAX_L1_BYTES // 8})"
+                )
             self._resize_quiesce()
             cs = self.cluster_size
             clusters = -(-new_l1_size * 8 // cs)
@@ -1347,8 +1489,7 @@ class Qcow2Image(BlockDevice):
             self.map.l1_table_offset = new_offset
             self.map.metadata[1] = (new_offset, new_offset + new_l1_size * 8, "the L1 table")
             if old_size and old_offset:
-                self.refcounts.free(old_offset >> self.cluster_bits,
-                                    -(-old_size * 8 // cs))
+                self.refcounts.free(old_offset >> self.cluster_bits, -(-old_size * 8 // cs))
             self._write_back()
 
     def _resize_release_l2(self, l1_index: int) -> None:
@@ -1430,8 +1571,7 @@ class Qcow2Image(BlockDevice):
                     own_index = None
                     if own_cluster // refs.block_entries == block_index:
                         own_index = own_cluster % refs.block_entries
-                    if all(block.get(i) == 0 for i in range(refs.block_entries)
-                           if i != own_index):
+                    if all(block.get(i) == 0 for i in range(refs.block_entries) if i != own_index):
                         dropped.append(block_index)
                 if not dropped:
                     return
@@ -1488,9 +1628,15 @@ class Qcow2Image(BlockDevice):
                 self._cond.wait()
             first_index, stop_index = start >> bits, -(-end // cs)
             head_index = first_index if cow_head and start % cs else None
-            todo = [i for i in range(first_index, stop_index)
-                    if i == head_index or (not self.map.has_host(self.map.get_entry(i)[0])
-                                           and not self.map.get_entry(i)[0] & S.OFLAG_COMPRESSED)]
+            todo = [
+                i
+                for i in range(first_index, stop_index)
+                if i == head_index
+                or (
+                    not self.map.has_host(self.map.get_entry(i)[0])
+                    and not self.map.get_entry(i)[0] & S.OFLAG_COMPRESSED
+                )
+            ]
             if not todo:
                 return
             head = None
@@ -1515,8 +1661,9 @@ class Qcow2Image(BlockDevice):
                     target.allocate(host, length)
                 elif mode == "full":
                     for pos in range(host, host + length, len(_ZEROS)):
-                        target.pwrite(memoryview(_ZEROS)[:min(len(_ZEROS), host + length - pos)],
-                                      pos)
+                        target.pwrite(
+                            memoryview(_ZEROS)[: min(len(_ZEROS), host + length - pos)], pos
+                        )
             last_end = max(h + cs for h in hosts)
             if target.size() < last_end:
                 target.truncate(last_end)

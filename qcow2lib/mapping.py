@@ -5,6 +5,7 @@ zero runs, runs the backing file answers, compressed clusters), walking each L2 
 once per request. Entries are validated as they are read: an entry that points outside
 the file, is misaligned or has reserved bits set raises CorruptImageError.
 """
+
 from __future__ import annotations
 
 from array import array
@@ -26,6 +27,7 @@ class Segment:
     cluster's compressed bytes at host_offset, `compressed_size` long; `cluster_offset` is
     the guest offset of that cluster's start.
     """
+
     guest_offset: int
     length: int
     kind: str
@@ -45,15 +47,20 @@ class ClusterMap:
         self.version = header.version
         self.entry_words = 2 if self.extended else 1
         self.l2_entries = header.l2_entries
-        self.subcluster_size = self.cluster_size // S.SUBCLUSTERS if self.extended else self.cluster_size
+        self.subcluster_size = (
+            self.cluster_size // S.SUBCLUSTERS if self.extended else self.cluster_size
+        )
         self.csize_shift = 62 - (self.cluster_bits - 8)
         self.csize_mask = (1 << (self.cluster_bits - 8)) - 1
         self.compressed_offset_mask = (1 << self.csize_shift) - 1
         self.has_data_file = bool(header.incompatible_features & S.INCOMPAT_DATA_FILE)
         self.data_file_size = data_file_size  # callable: size of the file data clusters live in
         self.l1_table_offset = header.l1_table_offset
-        self.l1 = decode_be64(file.pread(header.l1_size * 8, header.l1_table_offset)) \
-            if header.l1_size else array("Q")
+        self.l1 = (
+            decode_be64(file.pread(header.l1_size * 8, header.l1_table_offset))
+            if header.l1_size
+            else array("Q")
+        )
         self.l1_dirty: set[int] = set()
         self.l2_cache = TableCache(self._load_l2, max(16, cache_bytes // self.cluster_size))
         # (key, entries, segments relative to the table) of the last whole table classified
@@ -63,12 +70,15 @@ class ClusterMap:
         # an fstat per compressed cluster.
         self._lookup_file_size: int | None = None
         # Fixed metadata no table entry may point into: header, L1 table, refcount table.
-        self.metadata = [(0, self.cluster_size, "the image header"),
-                         (header.l1_table_offset, header.l1_table_offset + header.l1_size * 8,
-                          "the L1 table"),
-                         (header.refcount_table_offset, header.refcount_table_offset
-                          + header.refcount_table_clusters * self.cluster_size,
-                          "the refcount table")]
+        self.metadata = [
+            (0, self.cluster_size, "the image header"),
+            (header.l1_table_offset, header.l1_table_offset + header.l1_size * 8, "the L1 table"),
+            (
+                header.refcount_table_offset,
+                header.refcount_table_offset + header.refcount_table_clusters * self.cluster_size,
+                "the refcount table",
+            ),
+        ]
 
     def set_refcount_table(self, offset: int, clusters: int) -> None:
         self.metadata[2] = (offset, offset + clusters * self.cluster_size, "the refcount table")
@@ -86,19 +96,20 @@ class ClusterMap:
         entry = self.l1[l1_index]
         offset = entry & S.L1E_OFFSET_MASK
         if entry & S.L1E_RESERVED_MASK:
-            raise CorruptImageError(
-                f"L1 entry {l1_index} has reserved bits set (0x{entry:016x})")
+            raise CorruptImageError(f"L1 entry {l1_index} has reserved bits set (0x{entry:016x})")
         if offset % self.cluster_size:
             raise CorruptImageError(
                 f"L2 table offset 0x{offset:x} (L1 entry {l1_index}) is not aligned to the "
-                f"cluster size {self.cluster_size}")
+                f"cluster size {self.cluster_size}"
+            )
         return offset
 
     def _load_l2(self, offset: int) -> array:
         if offset == 0 or offset + self.cluster_size > self.file.size():
             raise CorruptImageError(
                 f"L2 table offset 0x{offset:x} lies outside the image file "
-                f"({self.file.size()} bytes)")
+                f"({self.file.size()} bytes)"
+            )
         self.check_no_overlap(offset, self.cluster_size, "L2 table")
         return decode_be64(self.file.pread(self.cluster_size, offset))
 
@@ -107,8 +118,9 @@ class ClusterMap:
         return self.l2_cache.get(offset) if offset else None
 
     def write_dirty_l2(self) -> bool:
-        return self.l2_cache.write_back(lambda offset, table: self.file.pwrite(encode_be64(table),
-                                                                              offset))
+        return self.l2_cache.write_back(
+            lambda offset, table: self.file.pwrite(encode_be64(table), offset)
+        )
 
     def write_dirty_l1(self) -> bool:
         if not self.l1_dirty:
@@ -117,7 +129,7 @@ class ClusterMap:
         per_sector = 64
         for sector in sorted({i // per_sector for i in self.l1_dirty}):
             start = sector * per_sector
-            chunk = self.l1[start:start + per_sector]
+            chunk = self.l1[start : start + per_sector]
             self.file.pwrite(encode_be64(chunk), self.l1_table_offset + start * 8)
             self.l1_dirty.difference_update(range(start, start + per_sector))
         return True
@@ -132,10 +144,13 @@ class ClusterMap:
         """
         if entry & S.OFLAG_COMPRESSED:
             return False
-        return bool(entry & S.L2E_OFFSET_MASK) or (self.has_data_file and bool(entry & S.OFLAG_COPIED))
+        return bool(entry & S.L2E_OFFSET_MASK) or (
+            self.has_data_file and bool(entry & S.OFLAG_COPIED)
+        )
 
-    def validate_entry(self, entry: int, bitmap: int, cluster_index: int,
-                       overlap: bool = True) -> None:
+    def validate_entry(
+        self, entry: int, bitmap: int, cluster_index: int, overlap: bool = True
+    ) -> None:
         """CorruptImageError for an uncompressed entry the format does not allow.
 
         overlap=False leaves out the test against the header, L1 and refcount tables: a
@@ -145,21 +160,25 @@ class ClusterMap:
         reserved = 0x3F000000000001FF if self.extended else S.L2E_STD_RESERVED_MASK
         if entry & reserved:
             raise CorruptImageError(
-                f"L2 entry 0x{entry:016x} for guest cluster {cluster_index} has reserved bits set")
+                f"L2 entry 0x{entry:016x} for guest cluster {cluster_index} has reserved bits set"
+            )
         if entry & S.OFLAG_ZERO and not self.extended and self.version < 3:
             raise CorruptImageError(
                 f"L2 entry 0x{entry:016x} for guest cluster {cluster_index} has the zero flag, "
-                f"which is reserved in a version 2 image")
+                f"which is reserved in a version 2 image"
+            )
         if self.extended:
             alloc = bitmap & 0xFFFFFFFF
             if alloc & (bitmap >> 32):
                 raise CorruptImageError(
                     f"Extended L2 bitmap 0x{bitmap:016x} of guest cluster {cluster_index} marks "
-                    f"subclusters both allocated and zero")
+                    f"subclusters both allocated and zero"
+                )
             if alloc and not self.has_host(entry):
                 raise CorruptImageError(
                     f"Extended L2 entry of guest cluster {cluster_index} has allocated "
-                    f"subclusters (bitmap 0x{bitmap:016x}) but no host offset")
+                    f"subclusters (bitmap 0x{bitmap:016x}) but no host offset"
+                )
             if not alloc:
                 return
         elif entry & S.OFLAG_ZERO or not self.has_host(entry):
@@ -170,16 +189,19 @@ class ClusterMap:
         if host % self.cluster_size:
             raise CorruptImageError(
                 f"Cluster allocation offset 0x{host:x} unaligned (L2 entry 0x{entry:016x} for "
-                f"guest cluster {cluster_index})")
+                f"guest cluster {cluster_index})"
+            )
         if self.has_data_file:
             return
         if host >= self.data_file_size():
             raise CorruptImageError(
                 f"Data cluster offset 0x{host:x} (guest cluster {cluster_index}) lies past the "
-                f"end of the image file")
+                f"end of the image file"
+            )
         if overlap:
-            self.check_no_overlap(host, self.cluster_size,
-                                  f"Data cluster of guest cluster {cluster_index}")
+            self.check_no_overlap(
+                host, self.cluster_size, f"Data cluster of guest cluster {cluster_index}"
+            )
 
     def lookup(self, guest_offset: int, length: int) -> list[Segment]:
         """Split a guest range into segments, merging neighbours of the same kind."""
@@ -188,8 +210,9 @@ class ClusterMap:
             raise error
         return segments
 
-    def lookup_window(self, guest_offset: int, length: int, max_clusters: int | None = None
-                      ) -> tuple[list[Segment], int, CorruptImageError | None]:
+    def lookup_window(
+        self, guest_offset: int, length: int, max_clusters: int | None = None
+    ) -> tuple[list[Segment], int, CorruptImageError | None]:
         """(segments, end, error): the segments of [guest_offset, end), where `end` stops
         early once `max_clusters` entries of allocated L2 tables have been classified (a
         bound on the work and on the number of segments; unallocated L2 tables cost
@@ -231,8 +254,9 @@ class ClusterMap:
             return segments, pos, exc
         return segments, pos, None
 
-    def _classify_whole_table(self, segments: list[Segment], table: array, l1_index: int,
-                              base: int) -> None:
+    def _classify_whole_table(
+        self, segments: list[Segment], table: array, l1_index: int, base: int
+    ) -> None:
         """Segments of a whole L2 table. The last table classified is remembered (with a
         copy of its entries and what validation depended on): a table that many L1 entries
         share, the way a hostile image multiplies its extents, is classified once and
@@ -241,9 +265,17 @@ class ClusterMap:
         remembered = self._last_table
         shift = base << self.cluster_bits
         if remembered is not None and remembered[0] == key and remembered[1] == table:
-            own = [Segment(seg.guest_offset + shift, seg.length, seg.kind, seg.host_offset,
-                           seg.compressed_size, seg.cluster_offset + shift)
-                   for seg in remembered[2]]
+            own = [
+                Segment(
+                    seg.guest_offset + shift,
+                    seg.length,
+                    seg.kind,
+                    seg.host_offset,
+                    seg.compressed_size,
+                    seg.cluster_offset + shift,
+                )
+                for seg in remembered[2]
+            ]
         else:
             own = []
             table_end = shift + (self.l2_entries << self.cluster_bits)
@@ -251,9 +283,21 @@ class ClusterMap:
                 self._classify_extended_range(own, table, base, shift, table_end)
             else:
                 self._classify_standard_range(own, table, base, shift, table_end)
-            self._last_table = (key, array("Q", table), [
-                Segment(seg.guest_offset - shift, seg.length, seg.kind, seg.host_offset,
-                        seg.compressed_size, seg.cluster_offset - shift) for seg in own])
+            self._last_table = (
+                key,
+                array("Q", table),
+                [
+                    Segment(
+                        seg.guest_offset - shift,
+                        seg.length,
+                        seg.kind,
+                        seg.host_offset,
+                        seg.compressed_size,
+                        seg.cluster_offset - shift,
+                    )
+                    for seg in own
+                ],
+            )
         if own and own[0].kind != COMPRESSED:
             first = own[0]
             _append(segments, first.guest_offset, first.length, first.kind, first.host_offset)
@@ -280,8 +324,9 @@ class ClusterMap:
             cluster_start = cluster_index << bits
             start = max(pos, cluster_start)
             if entry & S.OFLAG_COMPRESSED:
-                self._append_compressed(segments, entry, cluster_index, start,
-                                        min(end, cluster_start + cluster_size))
+                self._append_compressed(
+                    segments, entry, cluster_index, start, min(end, cluster_start + cluster_size)
+                )
                 index += 1
                 continue
             host = entry & S.L2E_OFFSET_MASK
@@ -306,18 +351,27 @@ class ClusterMap:
             # _append, inlined: this loop runs once per entry of an alternating table.
             if segments:
                 last = segments[-1]
-                if last.kind is kind and last.guest_offset + last.length == start and (
+                if (
+                    last.kind is kind
+                    and last.guest_offset + last.length == start
+                    and (
                         (run_host is None and last.host_offset is None)
-                        or (run_host is not None and last.host_offset is not None
-                            and last.host_offset + last.length == run_host)):
+                        or (
+                            run_host is not None
+                            and last.host_offset is not None
+                            and last.host_offset + last.length == run_host
+                        )
+                    )
+                ):
                     last.length += run_end - start
                     index += count
                     continue
             segments.append(Segment(start, run_end - start, kind, run_host))
             index += count
 
-    def validate_run(self, entry: int, bitmap: int, step: int, count: int,
-                     cluster_index: int) -> None:
+    def validate_run(
+        self, entry: int, bitmap: int, step: int, count: int, cluster_index: int
+    ) -> None:
         """Validate `count` entries (entry + k*step, bitmap) of consecutive clusters from
         `cluster_index`, whose first entry is already valid: checking the last entry and
         the whole host range is equivalent, and on failure the entries are checked one by
@@ -329,16 +383,20 @@ class ClusterMap:
             self.validate_entry(last, bitmap, cluster_index + count - 1)
             maps_host = (bitmap & 0xFFFFFFFF) if self.extended else not entry & S.OFLAG_ZERO
             if maps_host and not self.has_data_file:
-                self.check_no_overlap(entry & S.L2E_OFFSET_MASK, count * self.cluster_size,
-                                      f"Data cluster of guest cluster {cluster_index}")
+                self.check_no_overlap(
+                    entry & S.L2E_OFFSET_MASK,
+                    count * self.cluster_size,
+                    f"Data cluster of guest cluster {cluster_index}",
+                )
         except CorruptImageError:
             # The range check is coarser (an empty metadata range inside the run counts):
             # the verdict is that of the entries one by one.
             for k in range(1, count):  # validate_entry checks each host cluster too
                 self.validate_entry(entry + k * step, bitmap, cluster_index + k)
 
-    def _append_compressed(self, segments, entry: int, cluster_index: int, pos: int,
-                           chunk_end: int) -> None:
+    def _append_compressed(
+        self, segments, entry: int, cluster_index: int, pos: int, chunk_end: int
+    ) -> None:
         host = entry & self.compressed_offset_mask
         sectors = ((entry >> self.csize_shift) & self.csize_mask) + 1
         size = sectors * 512 - (host & 511)
@@ -347,9 +405,13 @@ class ClusterMap:
         if host + size > self._lookup_file_size + 512 or host < self.cluster_size:
             raise CorruptImageError(
                 f"Compressed cluster at 0x{host:x} ({size} bytes, guest cluster {cluster_index}) "
-                f"lies outside the image file")
-        segments.append(Segment(pos, chunk_end - pos, COMPRESSED, host, size,
-                                cluster_index << self.cluster_bits))
+                f"lies outside the image file"
+            )
+        segments.append(
+            Segment(
+                pos, chunk_end - pos, COMPRESSED, host, size, cluster_index << self.cluster_bits
+            )
+        )
 
     def _classify_extended_range(self, segments, table, base: int, pos: int, end: int) -> None:
         """As _classify_standard_range for extended entries: runs of clusters with one
@@ -374,23 +436,37 @@ class ClusterMap:
             host = entry & S.L2E_OFFSET_MASK
             step = cluster_size if host or (bitmap and self.has_host(entry)) else 0
             count = 1
-            if index + 1 < stop and table[2 * index + 2] == entry + step \
-                    and table[2 * index + 3] == bitmap:
+            if (
+                index + 1 < stop
+                and table[2 * index + 2] == entry + step
+                and table[2 * index + 3] == bitmap
+            ):
                 count = _run_length(table, index, stop - index, 2, entry, bitmap, step)
                 self.validate_run(entry, bitmap, step, count, cluster_index)
             run_end = min(end, (cluster_index + count) << bits)
             if bitmap == _ALL_ALLOCATED:
                 _append(segments, start, run_end - start, DATA, host + start - cluster_start)
             elif bitmap == _ALL_ZERO:
-                _append(segments, start, run_end - start, ZERO,
-                        host + start - cluster_start if host else None)
+                _append(
+                    segments,
+                    start,
+                    run_end - start,
+                    ZERO,
+                    host + start - cluster_start if host else None,
+                )
             else:
-                _append(segments, start, run_end - start, BACKING,
-                        host + start - cluster_start if host else None)
+                _append(
+                    segments,
+                    start,
+                    run_end - start,
+                    BACKING,
+                    host + start - cluster_start if host else None,
+                )
             index += count
 
-    def _classify_extended(self, segments, table, l2_index: int, cluster_index: int, pos: int,
-                           chunk_end: int) -> None:
+    def _classify_extended(
+        self, segments, table, l2_index: int, cluster_index: int, pos: int, chunk_end: int
+    ) -> None:
         entry = table[2 * l2_index]
         bitmap = table[2 * l2_index + 1]
         if entry & S.OFLAG_COMPRESSED:
@@ -408,11 +484,17 @@ class ClusterMap:
             if alloc >> index & 1:
                 _append(segments, pos, sub_end - pos, DATA, host + pos - cluster_start)
             elif zero >> index & 1:  # a zero subcluster keeps its cluster's host, as in QEMU
-                _append(segments, pos, sub_end - pos, ZERO,
-                        host + pos - cluster_start if host else None)
+                _append(
+                    segments, pos, sub_end - pos, ZERO, host + pos - cluster_start if host else None
+                )
             else:  # unallocated, though the cluster may have a host (map reports it)
-                _append(segments, pos, sub_end - pos, BACKING,
-                        host + pos - cluster_start if host else None)
+                _append(
+                    segments,
+                    pos,
+                    sub_end - pos,
+                    BACKING,
+                    host + pos - cluster_start if host else None,
+                )
             pos = sub_end
 
     # --- entries for writers ------------------------------------------------------------
@@ -447,8 +529,11 @@ _UNIFORM_BITMAPS = (_ALL_ALLOCATED, _ALL_ZERO, 0)
 
 def _expected_entries(words: int, entry: int, bitmap: int, step: int, count: int) -> array:
     """`count` table entries (entry + k*step, and the bitmap word when words == 2)."""
-    entries = array("Q", range(entry, entry + count * step, step)) if step \
+    entries = (
+        array("Q", range(entry, entry + count * step, step))
+        if step
         else array("Q", (entry,)) * count
+    )
     if words == 1:
         return entries
     pairs = array("Q", (bitmap,)) * (2 * count)
@@ -456,16 +541,18 @@ def _expected_entries(words: int, entry: int, bitmap: int, step: int, count: int
     return pairs
 
 
-def _run_length(table: array, index: int, limit: int, words: int, entry: int, bitmap: int,
-                step: int) -> int:
+def _run_length(
+    table: array, index: int, limit: int, words: int, entry: int, bitmap: int, step: int
+) -> int:
     """How many entries from `index` (at most `limit`, at least the 2 already seen) follow
     the pattern (entry + k*step, bitmap): a galloping search over slice comparisons, each
     one a C-level compare of the table against the expected entries."""
     good, probe, bad = 2, 4, None
     while good < limit:
         count = min(probe, limit)
-        if table[index * words:(index + count) * words] == \
-                _expected_entries(words, entry, bitmap, step, count):
+        if table[index * words : (index + count) * words] == _expected_entries(
+            words, entry, bitmap, step, count
+        ):
             good, probe = count, probe * 2
         else:
             bad = count
@@ -474,8 +561,9 @@ def _run_length(table: array, index: int, limit: int, words: int, entry: int, bi
         return good
     while bad - good > 1:
         middle = (good + bad) // 2
-        if table[index * words:(index + middle) * words] == \
-                _expected_entries(words, entry, bitmap, step, middle):
+        if table[index * words : (index + middle) * words] == _expected_entries(
+            words, entry, bitmap, step, middle
+        ):
             good = middle
         else:
             bad = middle
@@ -490,8 +578,11 @@ def _append(segments: list[Segment], pos: int, length: int, kind: str, host: int
             if host is None and last.host_offset is None:
                 last.length += length
                 return
-            if (host is not None and last.host_offset is not None
-                    and last.host_offset + last.length == host):
+            if (
+                host is not None
+                and last.host_offset is not None
+                and last.host_offset + last.length == host
+            ):
                 last.length += length
                 return
     segments.append(Segment(pos, length, kind, host))

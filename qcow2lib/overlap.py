@@ -18,6 +18,7 @@ a structural switch (a new L1 table, refcount structure, snapshot table or bitma
 directory) rebuilds it. A lookup is a dict probe per cluster written (a write rarely
 spans more than a few) plus a scan of the few structures wider than `_WIDE` clusters.
 """
+
 from __future__ import annotations
 
 # Kinds are bits, as in QEMU's ign mask; the names are the ones QEMU reports.
@@ -44,8 +45,17 @@ NAMES = {
 }
 
 # The order QEMU tests the structures in: a range over several is named after the first.
-_ORDER = (HEADER, ACTIVE_L1, REFCOUNT_TABLE, SNAPSHOT_TABLE, INACTIVE_L1, ACTIVE_L2,
-          REFCOUNT_BLOCK, BITMAP_DIRECTORY, BITMAP_TABLE)
+_ORDER = (
+    HEADER,
+    ACTIVE_L1,
+    REFCOUNT_TABLE,
+    SNAPSHOT_TABLE,
+    INACTIVE_L1,
+    ACTIVE_L2,
+    REFCOUNT_BLOCK,
+    BITMAP_DIRECTORY,
+    BITMAP_TABLE,
+)
 
 _WIDE = 8  # structures over more clusters than this are kept as intervals
 

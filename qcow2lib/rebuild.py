@@ -10,6 +10,7 @@ almost everything). The walk therefore counts first how many paths reach each L1
 and each L2 table, then reads each table once and counts what it points at that many
 times: time and memory follow the distinct tables, not the number of snapshots.
 """
+
 from __future__ import annotations
 
 import struct
@@ -45,14 +46,17 @@ class ClusterCounts:
         self.chunks: dict[int, array] = {}
 
     def _past_end(self, offset: int, length: int) -> CorruptImageError:
-        return CorruptImageError(f"Metadata references offset 0x{offset:x} (length {length}) "
-                                 f"past the end of the image file")
+        return CorruptImageError(
+            f"Metadata references offset 0x{offset:x} (length {length}) "
+            f"past the end of the image file"
+        )
 
     def _chunk(self, index: int) -> array:
         chunk = self.chunks.get(index)
         if chunk is None:
-            chunk = self.chunks[index] = array(self._typecode, bytes(
-                array(self._typecode).itemsize << _CHUNK_BITS))
+            chunk = self.chunks[index] = array(
+                self._typecode, bytes(array(self._typecode).itemsize << _CHUNK_BITS)
+            )
         return chunk
 
     def add(self, cluster: int, times: int = 1) -> None:
@@ -63,7 +67,8 @@ class ClusterCounts:
         except OverflowError:
             raise CorruptImageError(
                 f"Cluster {cluster} (offset 0x{cluster << self.cluster_bits:x}) is referenced "
-                f"more than {_UNSIGNED_MAX} times") from None
+                f"more than {_UNSIGNED_MAX} times"
+            ) from None
 
     def add_range(self, offset: int, length: int, times: int = 1) -> None:
         """`times` references to every cluster that bytes [offset, offset + length) touch."""
@@ -144,8 +149,9 @@ def count_references(image, refcount_structure: bool = True) -> ClusterCounts:
     refs.add_range(hdr.l1_table_offset, len(image.map.l1) * 8)
     count_l1_entries(l2_paths, image.map.l1, cs)
     if hdr.nb_snapshots:
-        snapshots, table_bytes = read_snapshot_table(image.file, hdr.snapshots_offset,
-                                                     hdr.nb_snapshots, cs, file_size)
+        snapshots, table_bytes = read_snapshot_table(
+            image.file, hdr.snapshots_offset, hdr.nb_snapshots, cs, file_size
+        )
         refs.add_range(hdr.snapshots_offset, table_bytes)
         # Snapshots sharing one L1 table: read it once, count it as often as it is used.
         l1_uses = Counter((snap.l1_table_offset, snap.l1_size) for snap in snapshots)
@@ -153,8 +159,9 @@ def count_references(image, refcount_structure: bool = True) -> ClusterCounts:
         for (l1_offset, l1_size), uses in l1_uses.items():
             if l1_size:
                 refs.add_range(l1_offset, l1_size * 8, uses)
-                count_l1_entries(l2_paths, decode_be64(image.file.pread(l1_size * 8, l1_offset)),
-                                 cs, uses)
+                count_l1_entries(
+                    l2_paths, decode_be64(image.file.pread(l1_size * 8, l1_offset)), cs, uses
+                )
     count_l2_tables(image, refs, l2_paths)
     if hdr.crypto_offset:
         refs.add_range(hdr.crypto_offset, hdr.crypto_length)
@@ -218,7 +225,8 @@ def rebuild_refcounts(image) -> None:
     until the header switches over; the old clusters are then simply unreferenced.
     """
     table_offset, table_clusters, end = write_refcount_structure(
-        image, count_references(image, refcount_structure=False))
+        image, count_references(image, refcount_structure=False)
+    )
     image.file.flush()
     image.header.refcount_table_offset = table_offset
     image.header.refcount_table_clusters = table_clusters
@@ -242,7 +250,8 @@ def write_refcount_structure(image, refs: ClusterCounts) -> tuple[int, int, int]
         if count > max_refcount:
             raise CorruptImageError(
                 f"Cluster {cluster} is referenced {count} times, more than "
-                f"refcount_bits {1 << order} can count")
+                f"refcount_bits {1 << order} can count"
+            )
         used_blocks.add(cluster // block_entries)
     # The new table and blocks go at `start`; blocks exist only where refcounts are not
     # all zero (a sparse file may reach far beyond what it uses).
@@ -250,14 +259,16 @@ def write_refcount_structure(image, refs: ClusterCounts) -> tuple[int, int, int]
     table_clusters = blocks = 1
     while True:
         total = start + table_clusters + blocks
-        block_indices = used_blocks.union(range(start // block_entries,
-                                                (total - 1) // block_entries + 1))
+        block_indices = used_blocks.union(
+            range(start // block_entries, (total - 1) // block_entries + 1)
+        )
         need_table = -(-(max(block_indices) + 1) * 8 // cs)
         if need_table * cs > S.MAX_REFTABLE_BYTES:
             raise InvalidArgumentError(
                 f"Refcount table would need {max(block_indices) + 1} entries, more than the "
                 f"format's limit of {S.MAX_REFTABLE_BYTES // 8} (image file of "
-                f"{image.file.size()} bytes too large for its cluster size {cs})")
+                f"{image.file.size()} bytes too large for its cluster size {cs})"
+            )
         if (len(block_indices), need_table) == (blocks, table_clusters):
             break
         blocks, table_clusters = len(block_indices), need_table

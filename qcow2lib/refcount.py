@@ -6,6 +6,7 @@ applied only after the tables that dropped the pointer are on disk, so a crash c
 a cluster but never leave one referenced with a refcount of zero. A freed cluster is not
 reused before its decrement is applied.
 """
+
 from __future__ import annotations
 
 import sys
@@ -19,10 +20,13 @@ from .structs import MAX_REFTABLE_BYTES, REFT_OFFSET_MASK, REFT_RESERVED_MASK
 _NATIVE_LITTLE = sys.byteorder == "little"
 _TYPECODES = {3: "B", 4: "H", 5: "I", 6: "Q"}
 # For refcounts narrower than a byte: byte value -> how many of its fields are not zero.
-_NONZERO_FIELDS = {order: bytes(sum(1 for shift in range(0, 8, 1 << order)
-                                    if value >> shift & ((1 << (1 << order)) - 1))
-                                for value in range(256))
-                   for order in range(3)}
+_NONZERO_FIELDS = {
+    order: bytes(
+        sum(1 for shift in range(0, 8, 1 << order) if value >> shift & ((1 << (1 << order)) - 1))
+        for value in range(256)
+    )
+    for order in range(3)
+}
 
 
 class RefcountBlock:
@@ -66,7 +70,7 @@ class RefcountBlock:
             except ValueError:
                 return limit, 0
             width = 1 << (self.order - 3)
-            raw = self.values[first:min(limit, first + want)].tobytes()
+            raw = self.values[first : min(limit, first + want)].tobytes()
             zeros = len(raw) - len(raw.lstrip(b"\0"))
             return first, zeros // width
         index = start
@@ -100,8 +104,16 @@ class RefcountBlock:
 class Refcounts:
     """The refcount structure of one image file and the allocator built on it."""
 
-    def __init__(self, file, cluster_bits: int, refcount_order: int, table_offset: int,
-                 table_clusters: int, file_size: int, cache_entries: int = 256):
+    def __init__(
+        self,
+        file,
+        cluster_bits: int,
+        refcount_order: int,
+        table_offset: int,
+        table_clusters: int,
+        file_size: int,
+        cache_entries: int = 256,
+    ):
         self.file = file
         self.cluster_bits = cluster_bits
         self.cluster_size = 1 << cluster_bits
@@ -115,7 +127,8 @@ class Refcounts:
         for index, entry in enumerate(self.table):
             if entry & REFT_RESERVED_MASK:
                 raise CorruptImageError(
-                    f"Refcount table entry {index} has reserved bits set (0x{entry:016x})")
+                    f"Refcount table entry {index} has reserved bits set (0x{entry:016x})"
+                )
         self.blocks = TableCache(self._load_block, cache_entries)
         self.table_dirty = False
         self.table_moved = False
@@ -139,13 +152,15 @@ class Refcounts:
         if offset and offset % self.cluster_size:
             raise CorruptImageError(
                 f"Refcount block offset 0x{offset:x} (refcount table entry {block_index}) is not "
-                f"aligned to the cluster size")
+                f"aligned to the cluster size"
+            )
         return offset
 
     def _load_block(self, offset: int) -> RefcountBlock:
         if offset + self.cluster_size > max(self.file.size(), self.file_size_hint):
             raise CorruptImageError(
-                f"Refcount block offset 0x{offset:x} lies past the end of the image file")
+                f"Refcount block offset 0x{offset:x} lies past the end of the image file"
+            )
         self.check_no_overlap(offset, self.cluster_size, "Refcount block")
         return RefcountBlock(self.order, self.file.pread(self.cluster_size, offset))
 
@@ -183,7 +198,8 @@ class Refcounts:
             if delta < 0 and self._block_offset(block_index) == 0:
                 raise CorruptImageError(
                     f"Refcount of cluster {cluster} (offset 0x{cluster << self.cluster_bits:x}) "
-                    f"would drop below zero (no refcount block describes it)")
+                    f"would drop below zero (no refcount block describes it)"
+                )
             block = self._writable_block(block_index)
             offset = self._block_offset(block_index)
             stop = min(end, (block_index + 1) * self.block_entries)
@@ -193,11 +209,13 @@ class Refcounts:
                 if value < 0:
                     raise CorruptImageError(
                         f"Refcount of cluster {c} (offset 0x{c << self.cluster_bits:x}) would "
-                        f"drop below zero")
+                        f"drop below zero"
+                    )
                 if value > self.max_refcount:
                     raise InvalidArgumentError(
                         f"Refcount of cluster {c} would overflow {1 << self.order}-bit refcounts "
-                        f"(max {self.max_refcount})")
+                        f"(max {self.max_refcount})"
+                    )
                 block.set(c - base, value)
             self.blocks.mark_dirty(offset)
             cluster = stop
@@ -257,7 +275,8 @@ class Refcounts:
         if min_entries * 8 > MAX_REFTABLE_BYTES:
             raise InvalidArgumentError(
                 f"Refcount table would need {min_entries} entries, more than the format's "
-                f"limit of {MAX_REFTABLE_BYTES // 8} (image too large for its cluster size)")
+                f"limit of {MAX_REFTABLE_BYTES // 8} (image too large for its cluster size)"
+            )
         per_cluster = self.cluster_size // 8
         start = self.end_cluster
         entries = max(min_entries, len(self.table) * 2)
@@ -266,8 +285,11 @@ class Refcounts:
             table_clusters = (entries + per_cluster - 1) // per_cluster
             while True:
                 last = start + table_clusters + new_blocks - 1
-                missing = [r for r in range(start // self.block_entries, last // self.block_entries + 1)
-                           if self._block_offset(r) == 0]
+                missing = [
+                    r
+                    for r in range(start // self.block_entries, last // self.block_entries + 1)
+                    if self._block_offset(r) == 0
+                ]
                 if len(missing) == new_blocks:
                     break
                 new_blocks = len(missing)
@@ -281,13 +303,18 @@ class Refcounts:
         self.table = new_table
         for i, block_index in enumerate(missing):
             cluster = start + table_clusters + i
-            self.blocks.put(cluster << self.cluster_bits,
-                            RefcountBlock(self.order, bytes(self.cluster_size)))
+            self.blocks.put(
+                cluster << self.cluster_bits, RefcountBlock(self.order, bytes(self.cluster_size))
+            )
             self._set_table_entry(block_index, cluster << self.cluster_bits)
         if self.overlaps is not None:
-            self.overlaps.move(REFCOUNT_TABLE, self.table_offset,
-                               self.table_clusters * self.cluster_size,
-                               start << self.cluster_bits, table_clusters * self.cluster_size)
+            self.overlaps.move(
+                REFCOUNT_TABLE,
+                self.table_offset,
+                self.table_clusters * self.cluster_size,
+                start << self.cluster_bits,
+                table_clusters * self.cluster_size,
+            )
         self.table_offset = start << self.cluster_bits
         self.table_clusters = table_clusters
         self.table_dirty = self.table_moved = True
@@ -315,8 +342,9 @@ class Refcounts:
                 last_range = (start + len(missing) + count - 1) // n
                 if last_range >= len(self.table):
                     break
-                now_missing = [r for r in range(start // n, last_range + 1)
-                               if self._block_offset(r) == 0]
+                now_missing = [
+                    r for r in range(start // n, last_range + 1) if self._block_offset(r) == 0
+                ]
                 if len(now_missing) == len(missing):
                     break
                 missing = now_missing
@@ -346,8 +374,9 @@ class Refcounts:
         if not self._is_free(cluster, count):
             return False
         self.check_allocation(cluster, count)
-        for block_index in range(cluster // self.block_entries,
-                                 (cluster + count - 1) // self.block_entries + 1):
+        for block_index in range(
+            cluster // self.block_entries, (cluster + count - 1) // self.block_entries + 1
+        ):
             self._writable_block(block_index)
         if not self._is_free(cluster, count):
             return False
@@ -381,9 +410,13 @@ class Refcounts:
 
     def write_blocks(self) -> bool:
         """Write dirty blocks; returns whether anything was written."""
-        return self.blocks.write_back(lambda offset, block: self.file.pwrite(block.to_bytes(), offset))
+        return self.blocks.write_back(
+            lambda offset, block: self.file.pwrite(block.to_bytes(), offset)
+        )
 
     def write_table(self) -> None:
         data = encode_be64(self.table)
-        self.file.pwrite(data.ljust(self.table_clusters * self.cluster_size, b"\0"), self.table_offset)
+        self.file.pwrite(
+            data.ljust(self.table_clusters * self.cluster_size, b"\0"), self.table_offset
+        )
         self.table_dirty = False

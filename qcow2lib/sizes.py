@@ -4,6 +4,7 @@ Scripts written for qemu-img pass sizes such as "10G", "1.5k", "0x1000" or "512b
 parse lines such as "virtual size: 1 GiB"; a drop-in replacement has to accept exactly
 the same spellings (and reject the same ones) and print the same rounding.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,16 +42,20 @@ def _strtox(text: str, pos: int, base: int, signed: bool) -> tuple[int, int, boo
     i = pos
     while i < len(text) and text[i] in _BLANKS:
         i += 1
-    negative = text[i:i + 1] == "-"
-    if text[i:i + 1] in ("+", "-"):
+    negative = text[i : i + 1] == "-"
+    if text[i : i + 1] in ("+", "-"):
         i += 1
-    after_prefix = text[i + 2:i + 3]
-    if base in (0, 16) and text[i:i + 2] in ("0x", "0X") and after_prefix \
-            and after_prefix.lower() in _DIGITS:
+    after_prefix = text[i + 2 : i + 3]
+    if (
+        base in (0, 16)
+        and text[i : i + 2] in ("0x", "0X")
+        and after_prefix
+        and after_prefix.lower() in _DIGITS
+    ):
         base = 16
         i += 2
     elif base == 0:
-        base = 8 if text[i:i + 1] == "0" else 10
+        base = 8 if text[i : i + 1] == "0" else 10
     start = i
     while i < len(text) and text[i].lower() in _DIGITS[:base]:
         i += 1
@@ -84,8 +89,13 @@ def parse_number(text: str, *, signed: bool = False) -> int:
     return value
 
 
-def parse_size(text: str, *, unit: int = 1024, default_suffix: str = "B",
-               warn: Callable[[str], None] | None = None) -> int:
+def parse_size(
+    text: str,
+    *,
+    unit: int = 1024,
+    default_suffix: str = "B",
+    warn: Callable[[str], None] | None = None,
+) -> int:
     """Parse a size the way qemu-img does (QEMU's qemu_strtosz()).
 
     Accepts decimal or hex integers, decimal fractions with a scaling suffix and the
@@ -104,25 +114,25 @@ def parse_size(text: str, *, unit: int = 1024, default_suffix: str = "B",
         raise SizeError(text, False)
     fraction = 0  # 64-bit fixed point, as QEMU computes it
     is_hex = False
-    if value == 0 and text[end:end + 1] in ("x", "X"):
+    if value == 0 and text[end : end + 1] in ("x", "X"):
         value, end, overflow = _strtox(text, 0, 16, False)
         if overflow:
             raise SizeError(text, end == len(text))
-        if text[end:end + 1] == ".":
+        if text[end : end + 1] == ".":
             raise SizeError(text, False)
         is_hex = True
-    elif text[end:end + 1] == ".":
+    elif text[end : end + 1] == ".":
         match = _FRACTION_RE.match(text, end)
         if match.group(1) is None:  # strtod() found no digits: skip the '.' only
             end += 1
         elif match.group(2):
             raise SizeError(text, False)
         else:
-            scaled = float("0." + match.group(1)) * 2.0 ** 64
+            scaled = float("0." + match.group(1)) * 2.0**64
             # C's (uint64_t) cast of 2**64 yields 0 on x86-64, which QEMU relies on.
-            fraction = int(scaled) if scaled < 2.0 ** 64 else 0
+            fraction = int(scaled) if scaled < 2.0**64 else 0
             end = match.end()
-    suffix = text[end:end + 1].upper()
+    suffix = text[end : end + 1].upper()
     if suffix and suffix in _SUFFIX_POWER:
         if is_hex and warn is not None:
             warn(f"Using a multiplier suffix on hex numbers is deprecated: {text}")

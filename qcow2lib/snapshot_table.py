@@ -1,6 +1,7 @@
 """The snapshot table on disk: its entries (Snapshot), parsed and packed as QEMU writes
 them, and the L2 table offset an L1 entry gives. Below both the snapshot operations
 (snapshots.py) and the reference walk (rebuild.py), which read snapshots' L1 tables."""
+
 from __future__ import annotations
 
 import struct
@@ -24,7 +25,7 @@ class Snapshot:
     vm_state_size: int
     extra_data: bytes = b""
     disk_size: int | None = None  # None: the entry predates the field (the image's size)
-    icount: int | None = None     # None: the entry predates the field (-1, disabled)
+    icount: int | None = None  # None: the entry predates the field (-1, disabled)
 
     @property
     def date(self) -> float:
@@ -34,43 +35,58 @@ class Snapshot:
 
 # --- the snapshot table ---------------------------------------------------------------------
 
-def read_snapshot_table(file, offset: int, count: int, cluster_size: int,
-                        file_size: int) -> tuple[list[Snapshot], int]:
+
+def read_snapshot_table(
+    file, offset: int, count: int, cluster_size: int, file_size: int
+) -> tuple[list[Snapshot], int]:
     """Parse `count` entries at `offset`; returns them and the table's size in bytes."""
     snapshots: list[Snapshot] = []
     pos = offset
     for index in range(count):
         if pos + S.SNAPSHOT_ENTRY_HEADER_SIZE > file_size:
             raise CorruptImageError(
-                f"Snapshot table entry {index} at offset {pos} lies past the end of the file")
+                f"Snapshot table entry {index} at offset {pos} lies past the end of the file"
+            )
         entry = S.SnapshotEntryHeader.parse(file.pread(S.SNAPSHOT_ENTRY_HEADER_SIZE, pos))
         if entry.extra_data_size > S.MAX_SNAPSHOT_EXTRA_DATA:
             raise CorruptImageError(
                 f"Snapshot {index}: extra_data_size {entry.extra_data_size} too large",
                 qemu_message=f"Too much extra metadata in snapshot table entry {index}",
-                qemu_hint="You can force-remove this extra metadata with qemu-img check -r all\n")
+                qemu_hint="You can force-remove this extra metadata with qemu-img check -r all\n",
+            )
         body_size = entry.extra_data_size + entry.id_str_size + entry.name_size
         body_start = pos + S.SNAPSHOT_ENTRY_HEADER_SIZE
         if body_start + body_size > file_size:
             raise CorruptImageError(f"Snapshot {index}: entry runs past the end of the file")
         body = file.pread(body_size, body_start)
-        extra = body[:entry.extra_data_size]
-        ident = body[entry.extra_data_size:entry.extra_data_size + entry.id_str_size]
-        name = body[entry.extra_data_size + entry.id_str_size:]
+        extra = body[: entry.extra_data_size]
+        ident = body[entry.extra_data_size : entry.extra_data_size + entry.id_str_size]
+        name = body[entry.extra_data_size + entry.id_str_size :]
         if entry.l1_table_offset % cluster_size:
             raise CorruptImageError(
                 f"Snapshot {index}: L1 table offset 0x{entry.l1_table_offset:x} is not aligned "
-                f"(l1_table_offset)")
+                f"(l1_table_offset)"
+            )
         if entry.l1_size * 8 > S.MAX_L1_BYTES:
-            raise CorruptImageError(f"Snapshot {index}: L1 table too large (l1_size {entry.l1_size})")
+            raise CorruptImageError(
+                f"Snapshot {index}: L1 table too large (l1_size {entry.l1_size})"
+            )
         if entry.l1_size and entry.l1_table_offset + entry.l1_size * 8 > file_size:
             raise CorruptImageError(
                 f"Snapshot {index}: L1 table (l1_table_offset 0x{entry.l1_table_offset:x}, "
-                f"l1_size {entry.l1_size}) lies past the end of the file")
-        snap = Snapshot(ident.decode("utf-8", "surrogateescape"),
-                        name.decode("utf-8", "surrogateescape"),
-                        entry.l1_table_offset, entry.l1_size, entry.date_sec, entry.date_nsec,
-                        entry.vm_clock_nsec, entry.vm_state_size, extra)
+                f"l1_size {entry.l1_size}) lies past the end of the file"
+            )
+        snap = Snapshot(
+            ident.decode("utf-8", "surrogateescape"),
+            name.decode("utf-8", "surrogateescape"),
+            entry.l1_table_offset,
+            entry.l1_size,
+            entry.date_sec,
+            entry.date_nsec,
+            entry.vm_clock_nsec,
+            entry.vm_state_size,
+            extra,
+        )
         if len(extra) >= 8:  # present, the 64-bit size replaces the 32-bit one (even if 0)
             snap.vm_state_size = struct.unpack_from(">Q", extra, 0)[0]
         if len(extra) >= 16:
@@ -85,7 +101,8 @@ def read_snapshot_table(file, offset: int, count: int, cluster_size: int,
                 f"Snapshot table too large (nb_snapshots {count})",
                 qemu_message="Snapshot table is too big",
                 qemu_hint=f"You can force-remove all {count - index} overhanging snapshots "
-                          f"with qemu-img check -r all\n")
+                f"with qemu-img check -r all\n",
+            )
     return snapshots, pos - offset
 
 
@@ -97,12 +114,19 @@ def pack_snapshot_entry(snap: Snapshot, default_disk_size: int) -> bytes:
     disk_size = default_disk_size if snap.disk_size is None else snap.disk_size
     icount = ICOUNT_DISABLED if snap.icount is None else snap.icount
     extra = struct.pack(">QQQ", snap.vm_state_size, disk_size, icount) + snap.extra_data[24:]
-    head = S.SnapshotEntryHeader.build(dict(
-        l1_table_offset=snap.l1_table_offset, l1_size=snap.l1_size,
-        id_str_size=len(ident), name_size=len(name),
-        date_sec=snap.date_sec, date_nsec=snap.date_nsec, vm_clock_nsec=snap.vm_clock_nsec,
-        vm_state_size=snap.vm_state_size if snap.vm_state_size <= 0xFFFFFFFF else 0,
-        extra_data_size=len(extra)))
+    head = S.SnapshotEntryHeader.build(
+        dict(
+            l1_table_offset=snap.l1_table_offset,
+            l1_size=snap.l1_size,
+            id_str_size=len(ident),
+            name_size=len(name),
+            date_sec=snap.date_sec,
+            date_nsec=snap.date_nsec,
+            vm_clock_nsec=snap.vm_clock_nsec,
+            vm_state_size=snap.vm_state_size if snap.vm_state_size <= 0xFFFFFFFF else 0,
+            extra_data_size=len(extra),
+        )
+    )
     return head + extra + ident + name
 
 
@@ -113,7 +137,8 @@ def pack_snapshot_table(snapshots: list[Snapshot], default_disk_size: int) -> by
         out += pack_snapshot_entry(snap, default_disk_size)
     if len(out) > S.MAX_SNAPSHOT_TABLE_BYTES:
         raise InvalidArgumentError(
-            f"Snapshot table too large ({len(out)} bytes, limit {S.MAX_SNAPSHOT_TABLE_BYTES})")
+            f"Snapshot table too large ({len(out)} bytes, limit {S.MAX_SNAPSHOT_TABLE_BYTES})"
+        )
     return bytes(out)
 
 
@@ -123,6 +148,8 @@ def l2_table_offset(entry: int, index: int, cluster_size: int) -> int:
     if entry & S.L1E_RESERVED_MASK:
         raise CorruptImageError(f"L1 entry {index} has reserved bits set (0x{entry:016x})")
     if offset % cluster_size:
-        raise CorruptImageError(f"L2 table offset 0x{offset:x} (L1 entry {index}) is not "
-                                f"aligned to the cluster size {cluster_size}")
+        raise CorruptImageError(
+            f"L2 table offset 0x{offset:x} (L1 entry {index}) is not "
+            f"aligned to the cluster size {cluster_size}"
+        )
     return offset

@@ -20,6 +20,7 @@ Cost: an operation reads the L1 tables it changes (the active one, and the snaps
 creates, applies or deletes) and the L2 tables whose number of paths changes, never the
 other snapshots' tables; the snapshot table is parsed once per table the header points at.
 """
+
 from __future__ import annotations
 
 import copy
@@ -34,12 +35,16 @@ from itertools import compress
 from . import structs as S
 from .blockdev import BlockDevice, Extent
 from .cache import decode_be64, encode_be64
-from .errors import (CorruptImageError, InvalidArgumentError, ReadOnlyError,
-                     UnsupportedFeatureError)
+from .errors import CorruptImageError, InvalidArgumentError, ReadOnlyError, UnsupportedFeatureError
 from .rebuild import ClusterCounts, count_l1_entries, count_l2_tables
 from .refcount import RefcountBlock
-from .snapshot_table import (ICOUNT_DISABLED, Snapshot, l2_table_offset, pack_snapshot_table,
-                             read_snapshot_table)
+from .snapshot_table import (
+    ICOUNT_DISABLED,
+    Snapshot,
+    l2_table_offset,
+    pack_snapshot_table,
+    read_snapshot_table,
+)
 
 MAX_NAME_BYTES = 255  # QEMU keeps names in a 256-byte buffer
 
@@ -51,9 +56,17 @@ def cached_table(image) -> tuple[list[Snapshot], int]:
     key = (hdr.snapshots_offset, hdr.nb_snapshots)
     cached = getattr(image, "_snapshot_table", None)
     if cached is None or cached[:2] != key:
-        snapshots, table_bytes = read_snapshot_table(
-            image.file, hdr.snapshots_offset, hdr.nb_snapshots, image.cluster_size,
-            image.file.size()) if hdr.nb_snapshots else ([], 0)
+        snapshots, table_bytes = (
+            read_snapshot_table(
+                image.file,
+                hdr.snapshots_offset,
+                hdr.nb_snapshots,
+                image.cluster_size,
+                image.file.size(),
+            )
+            if hdr.nb_snapshots
+            else ([], 0)
+        )
         cached = image._snapshot_table = (*key, snapshots, table_bytes)
     return cached[2], cached[3]
 
@@ -71,8 +84,9 @@ def list_snapshots(image) -> list[Snapshot]:
         return _read_table(image)[0]
 
 
-def _select(snapshots: list[Snapshot], name_or_id: str | None, id: str | None,
-            name: str | None) -> int:
+def _select(
+    snapshots: list[Snapshot], name_or_id: str | None, id: str | None, name: str | None
+) -> int:
     """Index of the snapshot QEMU would pick, or -1.
 
     name_or_id: an ID first, then a name (qcow2_snapshot_goto). id and/or name: both
@@ -93,8 +107,9 @@ def _select(snapshots: list[Snapshot], name_or_id: str | None, id: str | None,
     return -1
 
 
-def find_snapshot(image, name_or_id: str | None = None, *, id: str | None = None,
-                  name: str | None = None) -> Snapshot | None:
+def find_snapshot(
+    image, name_or_id: str | None = None, *, id: str | None = None, name: str | None = None
+) -> Snapshot | None:
     """Look a snapshot up like QEMU: by ID first, then by name (or by id/name exactly)."""
     snapshots = list_snapshots(image)
     index = _select(snapshots, name_or_id, id, name)
@@ -105,8 +120,9 @@ def _lookup(snapshots: list[Snapshot], name_or_id, id, name) -> int:
     index = _select(snapshots, name_or_id, id, name)
     if index < 0:
         what = name_or_id if name_or_id is not None else (name if id is None else id)
-        raise InvalidArgumentError(f"Can't find the snapshot '{what}' (no snapshot has this "
-                                   f"ID or name)")
+        raise InvalidArgumentError(
+            f"Can't find the snapshot '{what}' (no snapshot has this ID or name)"
+        )
     return index
 
 
@@ -122,11 +138,13 @@ def _new_id(snapshots: list[Snapshot]) -> str:
 
 # --- helpers over the engine ----------------------------------------------------------------
 
+
 def _require_qcow2(image) -> None:
     if getattr(image, "format", None) != "qcow2" or not hasattr(image, "map"):
         raise InvalidArgumentError(
             f"internal snapshots need a qcow2 image ('{getattr(image, 'filename', image)}' is "
-            f"{getattr(image, 'format', type(image).__name__)})")
+            f"{getattr(image, 'format', type(image).__name__)})"
+        )
 
 
 def _require_writable(image, what: str) -> None:
@@ -138,7 +156,8 @@ def _require_writable(image, what: str) -> None:
     if image.header.incompatible_features & S.INCOMPAT_DATA_FILE:
         raise UnsupportedFeatureError(
             f"cannot {what}: internal snapshots are not supported with an external data file "
-            f"('{image.header.data_file}')")
+            f"('{image.header.data_file}')"
+        )
 
 
 @contextmanager
@@ -254,12 +273,14 @@ class _NewState:
             if count < 0:
                 raise CorruptImageError(
                     f"Refcount of cluster {cluster} (offset 0x{cluster << self.bits:x}) would "
-                    f"drop below zero")
+                    f"drop below zero"
+                )
             if count > limit:
                 raise InvalidArgumentError(
                     f"Refcount of cluster {cluster} (offset 0x{cluster << self.bits:x}) would "
                     f"overflow: {count} references exceed the maximum {limit} of "
-                    f"refcount_bits={self.image.refcount_bits}")
+                    f"refcount_bits={self.image.refcount_bits}"
+                )
 
     def write_refcounts(self) -> tuple[int, int, list[tuple[int, int]]]:
         """New copies of the refcount blocks whose counts change and a new refcount table.
@@ -284,7 +305,8 @@ class _NewState:
             if needed * 8 > S.MAX_REFTABLE_BYTES:
                 raise InvalidArgumentError(
                     f"Refcount table would need {needed} entries, more than the format's "
-                    f"limit of {S.MAX_REFTABLE_BYTES // 8}")
+                    f"limit of {S.MAX_REFTABLE_BYTES // 8}"
+                )
             if table_first is not None and needed * 8 <= table_clusters * cs:
                 if not todo:
                     break
@@ -308,7 +330,8 @@ class _NewState:
                 if not 0 <= after <= limit:
                     raise CorruptImageError(
                         f"Refcount of cluster {counted} (offset 0x{counted << bits:x}) would "
-                        f"become {after}, outside 0..{limit}")
+                        f"become {after}, outside 0..{limit}"
+                    )
                 block.set(counted - base, after)
                 if before and not after:
                     if freed and sum(freed[-1]) == counted:
@@ -346,10 +369,16 @@ def _paths_changed(image, state: _NewState, added: list[array], removed: list[ar
     count_l2_tables(image, state.delta, l2_paths)
 
 
-def _commit_state(image, active: array, *, snapshot_l1: array | None = None,
-                  new_snapshot: Snapshot | None = None,
-                  deleted: tuple[Snapshot, array] | None = None,
-                  snapshots: list[Snapshot] | None = None, size: int | None = None) -> None:
+def _commit_state(
+    image,
+    active: array,
+    *,
+    snapshot_l1: array | None = None,
+    new_snapshot: Snapshot | None = None,
+    deleted: tuple[Snapshot, array] | None = None,
+    snapshots: list[Snapshot] | None = None,
+    size: int | None = None,
+) -> None:
     """Switch the image, in one header write, to the active tree `active` (L2 table
     offsets without flags), plus the new snapshot `new_snapshot` with `snapshot_l1`, less
     the snapshot `deleted` (with its L1 table); `snapshots` is the new snapshot table
@@ -393,12 +422,12 @@ def _commit_state(image, active: array, *, snapshot_l1: array | None = None,
         if active != m.l1:
             if len(m.l1):
                 state.change_range(hdr.l1_table_offset, len(m.l1) * 8, -1)
-            l1_offset = state.write_new(encode_be64(active)) \
-                if len(active) else 0
+            l1_offset = state.write_new(encode_be64(active)) if len(active) else 0
         if new_snapshot is not None:
             new_snapshot.l1_size = len(snapshot_l1)
-            new_snapshot.l1_table_offset = state.write_new(
-                encode_be64(snapshot_l1)) if len(snapshot_l1) else 0
+            new_snapshot.l1_table_offset = (
+                state.write_new(encode_be64(snapshot_l1)) if len(snapshot_l1) else 0
+            )
         disk_size = image.size if size is None else size
         table_offset, table_bytes = hdr.snapshots_offset, old_table[1]
         if snapshots is not None:
@@ -409,11 +438,15 @@ def _commit_state(image, active: array, *, snapshot_l1: array | None = None,
         reftable_offset, reftable_clusters, freed = state.write_refcounts()
         image._sync(image.file)
         # 4. The commit point: one sector write of the header.
-        fields = dict(size=disk_size, l1_size=len(active), l1_table_offset=l1_offset,
-                      nb_snapshots=len(snapshots) if snapshots is not None
-                      else hdr.nb_snapshots, snapshots_offset=table_offset,
-                      refcount_table_offset=reftable_offset,
-                      refcount_table_clusters=reftable_clusters)
+        fields = dict(
+            size=disk_size,
+            l1_size=len(active),
+            l1_table_offset=l1_offset,
+            nb_snapshots=len(snapshots) if snapshots is not None else hdr.nb_snapshots,
+            snapshots_offset=table_offset,
+            refcount_table_offset=reftable_offset,
+            refcount_table_clusters=reftable_clusters,
+        )
         old_fields = {key: getattr(hdr, key) for key in fields}
         for key, value in fields.items():
             setattr(hdr, key, value)
@@ -435,8 +468,12 @@ def _commit_state(image, active: array, *, snapshot_l1: array | None = None,
     m.l2_cache.clear()
     image._compressed_tail = 0
     if snapshots is not None:
-        image._snapshot_table = (hdr.snapshots_offset, hdr.nb_snapshots, list(snapshots),
-                                 table_bytes)
+        image._snapshot_table = (
+            hdr.snapshots_offset,
+            hdr.nb_snapshots,
+            list(snapshots),
+            table_bytes,
+        )
     image._sync(image.file)
     for first, count in freed:
         image.file.punch_hole(first << bits, count << bits)
@@ -488,15 +525,18 @@ def _use_l1(image, l1: array, offset: int) -> None:
 
 def _read_l1(image, snap: Snapshot) -> array:
     if snap.l1_size * 8 > S.MAX_L1_BYTES:
-        raise CorruptImageError(f"Snapshot '{snap.name}' L1 table too large (l1_size "
-                                f"{snap.l1_size})")
+        raise CorruptImageError(
+            f"Snapshot '{snap.name}' L1 table too large (l1_size {snap.l1_size})"
+        )
     if not snap.l1_size:
         return array("Q")
     if snap.l1_table_offset % image.cluster_size or (
-            snap.l1_table_offset + snap.l1_size * 8 > image.file.size()):
+        snap.l1_table_offset + snap.l1_size * 8 > image.file.size()
+    ):
         raise CorruptImageError(
             f"Snapshot '{snap.name}' L1 table offset invalid (l1_table_offset "
-            f"0x{snap.l1_table_offset:x}, l1_size {snap.l1_size})")
+            f"0x{snap.l1_table_offset:x}, l1_size {snap.l1_size})"
+        )
     return decode_be64(image.file.pread(snap.l1_size * 8, snap.l1_table_offset))
 
 
@@ -531,8 +571,9 @@ def refresh_copied_flags(image) -> None:
 def _grow_l1(image, entries: int) -> None:
     """Move the active L1 table to new clusters with `entries` entries (crash-safe)."""
     if entries * 8 > S.MAX_L1_BYTES:
-        raise InvalidArgumentError(f"L1 table would be too large (l1_size {entries}, limit "
-                                   f"{S.MAX_L1_BYTES // 8})")
+        raise InvalidArgumentError(
+            f"L1 table would be too large (l1_size {entries}, limit {S.MAX_L1_BYTES // 8})"
+        )
     m = image.map
     old_offset, old_size = m.l1_table_offset, len(m.l1)
     l1 = array("Q", m.l1)
@@ -543,8 +584,9 @@ def _grow_l1(image, entries: int) -> None:
     _use_l1(image, l1, offset)
     if old_size:
         first = old_offset >> image.cluster_bits
-        image.refcounts.free(first, ((old_offset + old_size * 8 - 1) >> image.cluster_bits)
-                             - first + 1)
+        image.refcounts.free(
+            first, ((old_offset + old_size * 8 - 1) >> image.cluster_bits) - first + 1
+        )
     image._write_back()
 
 
@@ -562,12 +604,14 @@ def _make_date(date) -> tuple[int, int]:
         if nsec >= 1_000_000_000:
             sec, nsec = sec + 1, nsec - 1_000_000_000
     if not (0 <= sec <= 0xFFFFFFFF and 0 <= nsec < 1_000_000_000):
-        raise InvalidArgumentError(f"snapshot date {date!r} out of range (date_sec must fit "
-                                   f"32 bits)")
+        raise InvalidArgumentError(
+            f"snapshot date {date!r} out of range (date_sec must fit 32 bits)"
+        )
     return int(sec), int(nsec)
 
 
 # --- VM state -------------------------------------------------------------------------------
+
 
 def write_vmstate(image, pos: int, data) -> None:
     """Write VM state bytes at `pos` of the active image's VM state area.
@@ -604,8 +648,17 @@ def read_vmstate(image, name_or_id: str, pos: int = 0, length: int | None = None
 
 # --- create / apply / delete ----------------------------------------------------------------
 
-def create_snapshot(image, name: str, *, vm_state_size: int = 0, vm_clock_nsec: int = 0,
-                    date=None, icount: int | None = None, vm_state=None) -> Snapshot:
+
+def create_snapshot(
+    image,
+    name: str,
+    *,
+    vm_state_size: int = 0,
+    vm_clock_nsec: int = 0,
+    date=None,
+    icount: int | None = None,
+    vm_state=None,
+) -> Snapshot:
     """Take a snapshot of the active image; returns its entry.
 
     date: None (now), seconds since the epoch, a datetime or (sec, nsec). icount: None
@@ -615,8 +668,10 @@ def create_snapshot(image, name: str, *, vm_state_size: int = 0, vm_clock_nsec: 
     _require_writable(image, "create a snapshot")
     encoded = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else None
     if encoded is None or b"\0" in encoded or len(encoded) > MAX_NAME_BYTES:
-        raise InvalidArgumentError(f"invalid snapshot name {name!r} (a string of at most "
-                                   f"{MAX_NAME_BYTES} bytes without NUL)")
+        raise InvalidArgumentError(
+            f"invalid snapshot name {name!r} (a string of at most "
+            f"{MAX_NAME_BYTES} bytes without NUL)"
+        )
     if not 0 <= vm_clock_nsec < 1 << 64:
         raise InvalidArgumentError(f"vm_clock_nsec {vm_clock_nsec} out of range")
     if icount is not None and not 0 <= icount < 1 << 64:
@@ -630,8 +685,9 @@ def create_snapshot(image, name: str, *, vm_state_size: int = 0, vm_clock_nsec: 
     with _exclusive(image):
         snapshots, _ = _read_table(image)
         if len(snapshots) >= S.MAX_SNAPSHOTS:
-            raise InvalidArgumentError(f"too many snapshots (nb_snapshots {len(snapshots)}, "
-                                       f"limit {S.MAX_SNAPSHOTS})")
+            raise InvalidArgumentError(
+                f"too many snapshots (nb_snapshots {len(snapshots)}, limit {S.MAX_SNAPSHOTS})"
+            )
         active = image.map.l1
         vm_index = _vm_state_index(image, image.size)
         span = _l1_span(image)
@@ -639,23 +695,36 @@ def create_snapshot(image, name: str, *, vm_state_size: int = 0, vm_clock_nsec: 
         if vm_state_size and vm_end > len(active):
             raise InvalidArgumentError(
                 f"vm_state_size {vm_state_size} reaches past the image's L1 table (write the "
-                f"VM state with write_vmstate first)")
-        snap = Snapshot(_new_id(snapshots), name, 0, len(active), date_sec, date_nsec,
-                        vm_clock_nsec, vm_state_size, b"", image.size,
-                        ICOUNT_DISABLED if icount is None else icount)
+                f"VM state with write_vmstate first)"
+            )
+        snap = Snapshot(
+            _new_id(snapshots),
+            name,
+            0,
+            len(active),
+            date_sec,
+            date_nsec,
+            vm_clock_nsec,
+            vm_state_size,
+            b"",
+            image.size,
+            ICOUNT_DISABLED if icount is None else icount,
+        )
         # The snapshot takes the whole active L1 table, VM state area included (data
         # written there past vm_state_size survives a revert, as in QEMU); the VM state
         # itself goes to the snapshot alone: QEMU drops it from the active tree.
         snap_l1 = _plain_offsets(image, active)
         new_active = array("Q", snap_l1)
         new_active[vm_index:vm_end] = array("Q", bytes(8 * (vm_end - vm_index)))
-        _commit_state(image, new_active, snapshot_l1=snap_l1, new_snapshot=snap,
-                      snapshots=snapshots + [snap])
+        _commit_state(
+            image, new_active, snapshot_l1=snap_l1, new_snapshot=snap, snapshots=snapshots + [snap]
+        )
         return snap
 
 
-def apply_snapshot(image, name_or_id: str | None = None, *, id: str | None = None,
-                   name: str | None = None) -> Snapshot:
+def apply_snapshot(
+    image, name_or_id: str | None = None, *, id: str | None = None, name: str | None = None
+) -> Snapshot:
     """Revert the active image to a snapshot (the snapshot stays)."""
     _require_writable(image, "apply a snapshot")
     with _exclusive(image):
@@ -666,14 +735,17 @@ def apply_snapshot(image, name_or_id: str | None = None, *, id: str | None = Non
         if disk_size != image.size and image.header.version < 3:
             raise UnsupportedFeatureError(
                 f"cannot apply snapshot '{snap.name}': its disk size {disk_size} differs from "
-                f"the image's {image.size} and a version 2 image cannot be resized")
+                f"the image's {image.size} and a version 2 image cannot be resized"
+            )
         if disk_size % 512:
-            raise CorruptImageError(f"Snapshot '{snap.name}' disk size {disk_size} is not a "
-                                    f"multiple of 512")
+            raise CorruptImageError(
+                f"Snapshot '{snap.name}' disk size {disk_size} is not a multiple of 512"
+            )
         entries = max(snap.l1_size, _vm_state_index(image, disk_size))
         if entries * 8 > S.MAX_L1_BYTES:
-            raise CorruptImageError(f"Snapshot '{snap.name}' disk size {disk_size} needs too "
-                                    f"large an L1 table")
+            raise CorruptImageError(
+                f"Snapshot '{snap.name}' disk size {disk_size} needs too large an L1 table"
+            )
         new_active = _plain_offsets(image, _read_l1(image, snap))
         new_active.extend([0] * (entries - len(new_active)))
         image.invalidate_bitmaps()  # the guest's content changes
@@ -681,8 +753,9 @@ def apply_snapshot(image, name_or_id: str | None = None, *, id: str | None = Non
         return snap
 
 
-def delete_snapshot(image, name_or_id: str | None = None, *, id: str | None = None,
-                    name: str | None = None) -> Snapshot:
+def delete_snapshot(
+    image, name_or_id: str | None = None, *, id: str | None = None, name: str | None = None
+) -> Snapshot:
     """Delete a snapshot; returns the entry it had."""
     _require_writable(image, "delete a snapshot")
     with _exclusive(image):
@@ -690,12 +763,17 @@ def delete_snapshot(image, name_or_id: str | None = None, *, id: str | None = No
         index = _lookup(snapshots, name_or_id, id, name)
         snap = snapshots[index]
         deleted_l1 = _read_l1(image, snap)  # refused if invalid, as QEMU does
-        _commit_state(image, _plain_offsets(image, image.map.l1), deleted=(snap, deleted_l1),
-                      snapshots=snapshots[:index] + snapshots[index + 1:])
+        _commit_state(
+            image,
+            _plain_offsets(image, image.map.l1),
+            deleted=(snap, deleted_l1),
+            snapshots=snapshots[:index] + snapshots[index + 1 :],
+        )
         return snap
 
 
 # --- reading a snapshot without applying it -------------------------------------------------
+
 
 class SnapshotView(BlockDevice):
     """A snapshot's disk content as a read-only BlockDevice (the image is not changed).
@@ -706,8 +784,15 @@ class SnapshotView(BlockDevice):
 
     format = "qcow2"
 
-    def __init__(self, image, name_or_id: str | None = None, *, id: str | None = None,
-                 name: str | None = None, close_image: bool = False):
+    def __init__(
+        self,
+        image,
+        name_or_id: str | None = None,
+        *,
+        id: str | None = None,
+        name: str | None = None,
+        close_image: bool = False,
+    ):
         _require_qcow2(image)
         self.image = image
         self.close_image = close_image
@@ -747,8 +832,10 @@ class SnapshotView(BlockDevice):
         if length is None:
             length = max(0, total - pos)
         if pos < 0 or length < 0 or pos + length > total:
-            raise InvalidArgumentError(f"VM state request at {pos} length {length} lies outside "
-                                       f"the VM state ({total} bytes)")
+            raise InvalidArgumentError(
+                f"VM state request at {pos} length {length} lies outside "
+                f"the VM state ({total} bytes)"
+            )
         buf = bytearray(length)
         if length:
             self._read(vm_state_offset(self.image, self.size) + pos, memoryview(buf))

@@ -8,19 +8,36 @@ The construct declarations are built on first use (module __getattr__): importin
 construct costs more than the rest of a `qimg info`, and opening an image parses its
 fixed header with struct (HEADER_V2_FORMAT, HEADER_V3_TAIL_FORMAT) instead.
 """
+
 import struct
 
 QCOW_MAGIC = 0x514649FB  # "QFI\xfb"
 
 # The part of the header every version has, field by field, and the v3 additions.
-HEADER_V2_FIELDS = ("magic", "version", "backing_file_offset", "backing_file_size",
-                    "cluster_bits", "size", "crypt_method", "l1_size", "l1_table_offset",
-                    "refcount_table_offset", "refcount_table_clusters", "nb_snapshots",
-                    "snapshots_offset")
+HEADER_V2_FIELDS = (
+    "magic",
+    "version",
+    "backing_file_offset",
+    "backing_file_size",
+    "cluster_bits",
+    "size",
+    "crypt_method",
+    "l1_size",
+    "l1_table_offset",
+    "refcount_table_offset",
+    "refcount_table_clusters",
+    "nb_snapshots",
+    "snapshots_offset",
+)
 HEADER_V2_FORMAT = struct.Struct(">IIQIIQIIQQIIQ")
 HEADER_V2_SIZE = HEADER_V2_FORMAT.size  # 72
-HEADER_V3_TAIL_FIELDS = ("incompatible_features", "compatible_features", "autoclear_features",
-                         "refcount_order", "header_length")
+HEADER_V3_TAIL_FIELDS = (
+    "incompatible_features",
+    "compatible_features",
+    "autoclear_features",
+    "refcount_order",
+    "header_length",
+)
 HEADER_V3_TAIL_FORMAT = struct.Struct(">QQQII")
 HEADER_V3_SIZE = HEADER_V2_SIZE + HEADER_V3_TAIL_FORMAT.size  # 104
 
@@ -41,8 +58,9 @@ INCOMPAT_CORRUPT = 1 << 1
 INCOMPAT_DATA_FILE = 1 << 2
 INCOMPAT_COMPRESSION = 1 << 3
 INCOMPAT_EXTL2 = 1 << 4
-INCOMPAT_KNOWN = (INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION
-                  | INCOMPAT_EXTL2)
+INCOMPAT_KNOWN = (
+    INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2
+)
 COMPAT_LAZY_REFCOUNTS = 1 << 0
 AUTOCLEAR_BITMAPS = 1 << 0
 AUTOCLEAR_DATA_FILE_RAW = 1 << 1
@@ -102,6 +120,7 @@ BITMAP_TABLE_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 def _declare() -> dict:
     """The construct declarations (importing construct only now)."""
     from construct import Int8ub, Int16ub, Int32ub, Int64ub, PaddedString, Struct
+
     HeaderV2 = Struct(
         "magic" / Int32ub,
         "version" / Int32ub,
@@ -157,16 +176,28 @@ def _declare() -> dict:
         "name_size" / Int16ub,
         "extra_data_size" / Int32ub,
     )
-    return dict(HeaderV2=HeaderV2, HeaderV3Tail=HeaderV3Tail, ExtensionHeader=ExtensionHeader,
-                FeatureNameEntry=FeatureNameEntry,
-                FullDiskEncryptionPointer=FullDiskEncryptionPointer,
-                SnapshotEntryHeader=SnapshotEntryHeader, BitmapsExtension=BitmapsExtension,
-                BitmapDirectoryEntry=BitmapDirectoryEntry)
+    return dict(
+        HeaderV2=HeaderV2,
+        HeaderV3Tail=HeaderV3Tail,
+        ExtensionHeader=ExtensionHeader,
+        FeatureNameEntry=FeatureNameEntry,
+        FullDiskEncryptionPointer=FullDiskEncryptionPointer,
+        SnapshotEntryHeader=SnapshotEntryHeader,
+        BitmapsExtension=BitmapsExtension,
+        BitmapDirectoryEntry=BitmapDirectoryEntry,
+    )
 
 
-_DECLARED = ("HeaderV2", "HeaderV3Tail", "ExtensionHeader", "FeatureNameEntry",
-             "FullDiskEncryptionPointer", "SnapshotEntryHeader", "BitmapsExtension",
-             "BitmapDirectoryEntry")
+_DECLARED = (
+    "HeaderV2",
+    "HeaderV3Tail",
+    "ExtensionHeader",
+    "FeatureNameEntry",
+    "FullDiskEncryptionPointer",
+    "SnapshotEntryHeader",
+    "BitmapsExtension",
+    "BitmapDirectoryEntry",
+)
 
 
 def __getattr__(name: str):

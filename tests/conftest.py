@@ -1,4 +1,5 @@
 """Test setup: import the package from this checkout, whatever is installed."""
+
 import sys
 from pathlib import Path
 

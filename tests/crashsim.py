@@ -5,6 +5,7 @@ and flush the engine issues is logged per file. A crash state is the starting co
 plus every operation before some flush, plus any subset of the operations issued after
 it and before the next flush (a disk may persist those in any order, sector by sector).
 """
+
 from __future__ import annotations
 
 import os
@@ -29,6 +30,7 @@ class Op:
 @dataclass
 class Recorder:
     """Context manager that logs file operations of every image opened inside it."""
+
     watched: set[str]
     ops: list[Op] = field(default_factory=list)
 
@@ -41,8 +43,14 @@ class Recorder:
 
             def pwrite(self, data, offset):
                 if self._watched():
-                    recorder.ops.append(Op("write", os.path.realpath(self.path), offset,
-                                           bytes(memoryview(data).cast("B"))))
+                    recorder.ops.append(
+                        Op(
+                            "write",
+                            os.path.realpath(self.path),
+                            offset,
+                            bytes(memoryview(data).cast("B")),
+                        )
+                    )
                 super().pwrite(data, offset)
 
             def pwritev(self, buffers, offset):
@@ -58,8 +66,9 @@ class Recorder:
 
             def punch_hole(self, offset, length):
                 if self._watched():
-                    recorder.ops.append(Op("punch", os.path.realpath(self.path), offset,
-                                           length=length))
+                    recorder.ops.append(
+                        Op("punch", os.path.realpath(self.path), offset, length=length)
+                    )
                 return super().punch_hole(offset, length)
 
             def flush(self):
@@ -82,25 +91,26 @@ def _apply(files: dict[str, bytearray], op: Op, sectors: set[int] | None = None)
         if len(content) < end:
             content.extend(bytes(end - len(content)))
         if sectors is None:
-            content[op.offset:end] = op.data
+            content[op.offset : end] = op.data
         else:  # only the chosen sectors of this write reached the disk
             for index in sectors:
                 start = max(op.offset, index * SECTOR)
                 stop = min(end, (index + 1) * SECTOR)
-                content[start:stop] = op.data[start - op.offset:stop - op.offset]
+                content[start:stop] = op.data[start - op.offset : stop - op.offset]
     elif op.kind == "truncate":
         if op.length < len(content):
-            del content[op.length:]
+            del content[op.length :]
         else:
             content.extend(bytes(op.length - len(content)))
     elif op.kind == "punch":
         stop = min(len(content), op.offset + op.length)
         if op.offset < stop:
-            content[op.offset:stop] = bytes(stop - op.offset)
+            content[op.offset : stop] = bytes(stop - op.offset)
 
 
-def crash_states(initial: dict[str, bytes], ops: list[Op], rng: random.Random,
-                 points: set[int], subsets: int = 2):
+def crash_states(
+    initial: dict[str, bytes], ops: list[Op], rng: random.Random, points: set[int], subsets: int = 2
+):
     """Yield (description, files, crash_index) for simulated power losses at `points`.
 
     A crash before op t keeps every earlier operation that a later flush of its own file
@@ -138,7 +148,11 @@ def crash_states(initial: dict[str, bytes], ops: list[Op], rng: random.Random,
                     _apply(files, op, {s for s in range(first, last + 1) if rng.random() < 0.5})
                 elif rng.random() < 0.5:
                     _apply(files, op)
-            yield f"crash before op {t} (random subset {trial} of {len(maybe)} unflushed ops)", files, t
+            yield (
+                f"crash before op {t} (random subset {trial} of {len(maybe)} unflushed ops)",
+                files,
+                t,
+            )
 
 
 def write_state(files: dict[str, bytearray], mapping: dict[str, Path]) -> None:

@@ -1,4 +1,5 @@
 """Running `python -m fuse_mount` in tests, and leaving no mount behind whatever happens."""
+
 from __future__ import annotations
 
 import os
@@ -15,18 +16,25 @@ ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tools'}"}
 PID_XATTR = "user.qcow2lib.server_pid"
 
 
-def fuse_mount(*args, timeout: float = 60, env: dict | None = None
-               ) -> subprocess.CompletedProcess:
+def fuse_mount(*args, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the command to its end (a mount returns once the filesystem is ready)."""
-    return subprocess.run([sys.executable, "-m", "fuse_mount", *map(str, args)],
-                          env={**ENV, **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fuse_mount", *map(str, args)],
+        env={**ENV, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def start_foreground(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "fuse_mount", *map(str, args),
-                             "--foreground"], env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fuse_mount", *map(str, args), "--foreground"],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def is_mounted(path: Path) -> bool:

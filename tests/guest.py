@@ -11,6 +11,7 @@ The guest's /init loads the modules, waits for /dev/vda, runs the script with bu
 and powers off; `output` is everything the serial console printed. QEMU runs under TCG
 (KVM only when QIMG_TEST_KVM=1) with its RAM in a shared memfd, as vhost-user needs.
 """
+
 from __future__ import annotations
 
 import lzma
@@ -27,8 +28,14 @@ from pathlib import Path
 
 BUSYBOX = Path("/bin/busybox")
 QEMU_SYSTEM = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
-MODULE_ORDER = ["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev",
-                "virtio_pci", "virtio_blk"]
+MODULE_ORDER = [
+    "virtio_ring",
+    "virtio",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "virtio_blk",
+]
 MEMORY_MB = 256
 DONE_MARKER = "GUEST-SCRIPT-DONE"
 
@@ -52,7 +59,7 @@ poweroff -f
 def kernel_release() -> str:
     """The newest /boot/vmlinuz-* that has its modules installed."""
     for kernel in sorted(Path("/boot").glob("vmlinuz-*"), reverse=True):
-        release = kernel.name[len("vmlinuz-"):]
+        release = kernel.name[len("vmlinuz-") :]
         if (Path("/lib/modules") / release / "kernel").is_dir():
             return release
     raise FileNotFoundError("no /boot/vmlinuz-* with modules in /lib/modules")
@@ -74,6 +81,7 @@ def module_bytes(name: str, release: str) -> bytes:
             return lzma.decompress(data)
         if suffix == ".ko.zst":
             import zstandard
+
             return zstandard.ZstdDecompressor().decompressobj().decompress(data)
         return data
     raise FileNotFoundError(f"kernel module {name} not found under {root}")
@@ -86,11 +94,25 @@ class CpioWriter:
         self.parts: list[bytes] = []
         self.inode = 1
 
-    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)
-               ) -> None:
+    def _entry(
+        self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)
+    ) -> None:
         encoded = name.encode() + b"\0"
-        fields = [self.inode, mode, 0, 0, 2 if stat.S_ISDIR(mode) else 1, 0, len(data), 0, 0,
-                  rdev[0], rdev[1], len(encoded), 0]
+        fields = [
+            self.inode,
+            mode,
+            0,
+            0,
+            2 if stat.S_ISDIR(mode) else 1,
+            0,
+            len(data),
+            0,
+            0,
+            rdev[0],
+            rdev[1],
+            len(encoded),
+            0,
+        ]
         self.inode += 1
         header = b"070701" + b"".join(b"%08x" % value for value in fields)
         self.parts.append(header + encoded + b"\0" * (-(len(header) + len(encoded)) % 4))
@@ -121,23 +143,44 @@ def build_initramfs(path: Path, script: str) -> Path:
     cpio.file("bin/busybox", BUSYBOX.read_bytes(), executable=True)
     for name in MODULE_ORDER:
         cpio.file(f"modules/{name}.ko", module_bytes(name, release))
-    cpio.file("init", INIT_TEMPLATE.format(modules=" ".join(MODULE_ORDER),
-                                           done=DONE_MARKER).encode(), executable=True)
+    cpio.file(
+        "init",
+        INIT_TEMPLATE.format(modules=" ".join(MODULE_ORDER), done=DONE_MARKER).encode(),
+        executable=True,
+    )
     cpio.file("script.sh", script.encode())
     path.write_bytes(cpio.finish())
     return path
 
 
-def qemu_command(disk_args: list[str], initrd: Path, *, smp: int = 1,
-                 allow_reboot: bool = False) -> list[str]:
+def qemu_command(
+    disk_args: list[str], initrd: Path, *, smp: int = 1, allow_reboot: bool = False
+) -> list[str]:
     accel = "kvm" if os.environ.get("QIMG_TEST_KVM") == "1" else "tcg"
-    command = [QEMU_SYSTEM, "-nodefaults", "-display", "none", "-accel", accel,
-               "-m", str(MEMORY_MB), "-smp", str(smp),
-               "-object", f"memory-backend-memfd,id=mem,size={MEMORY_MB}M,share=on",
-               "-numa", "node,memdev=mem",
-               "-kernel", str(kernel_path()), "-initrd", str(initrd),
-               "-append", "console=ttyS0 panic=-1 quiet",
-               "-serial", "stdio"]
+    command = [
+        QEMU_SYSTEM,
+        "-nodefaults",
+        "-display",
+        "none",
+        "-accel",
+        accel,
+        "-m",
+        str(MEMORY_MB),
+        "-smp",
+        str(smp),
+        "-object",
+        f"memory-backend-memfd,id=mem,size={MEMORY_MB}M,share=on",
+        "-numa",
+        "node,memdev=mem",
+        "-kernel",
+        str(kernel_path()),
+        "-initrd",
+        str(initrd),
+        "-append",
+        "console=ttyS0 panic=-1 quiet",
+        "-serial",
+        "stdio",
+    ]
     if not allow_reboot:
         command.append("-no-reboot")
     return command + list(disk_args)
@@ -146,12 +189,21 @@ def qemu_command(disk_args: list[str], initrd: Path, *, smp: int = 1,
 class Guest:
     """A running QEMU: its console output is collected as it arrives."""
 
-    def __init__(self, disk_args: list[str], script: str, workdir: Path, *, smp: int = 1,
-                 allow_reboot: bool = False, name: str = "guest"):
+    def __init__(
+        self,
+        disk_args: list[str],
+        script: str,
+        workdir: Path,
+        *,
+        smp: int = 1,
+        allow_reboot: bool = False,
+        name: str = "guest",
+    ):
         initrd = build_initramfs(Path(workdir) / f"{name}-initramfs.cpio", script)
         self.command = qemu_command(disk_args, initrd, smp=smp, allow_reboot=allow_reboot)
-        self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         self._chunks: list[bytes] = []
         self._changed = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -178,8 +230,9 @@ class Guest:
                 left = deadline - time.monotonic()
                 if left <= 0 or (self.process.poll() is not None and not self._reader.is_alive()):
                     self.kill()
-                    raise AssertionError(f"guest did not print {text!r} within {timeout} s:\n"
-                                         f"{self.output[-4000:]}")
+                    raise AssertionError(
+                        f"guest did not print {text!r} within {timeout} s:\n{self.output[-4000:]}"
+                    )
                 self._changed.wait(min(left, 0.5))
         return self.output
 
@@ -189,8 +242,10 @@ class Guest:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"guest still running after {timeout} s "
-                                 f"({shlex.join(self.command)}):\n{self.output[-4000:]}") from None
+            raise AssertionError(
+                f"guest still running after {timeout} s "
+                f"({shlex.join(self.command)}):\n{self.output[-4000:]}"
+            ) from None
         self._reader.join(5)
         return self.output
 
@@ -201,18 +256,32 @@ class Guest:
         self._reader.join(5)
 
 
-def boot_guest(disk_args: list[str], script: str, timeout: float = 90, *,
-               workdir: Path | None = None, smp: int = 1, allow_reboot: bool = False) -> str:
+def boot_guest(
+    disk_args: list[str],
+    script: str,
+    timeout: float = 90,
+    *,
+    workdir: Path | None = None,
+    smp: int = 1,
+    allow_reboot: bool = False,
+) -> str:
     """Boot, run `script` in the guest, wait for power-off; return the console output.
     The initramfs goes to `workdir` (a temporary directory when None). Raises
     AssertionError when QEMU fails or the guest does not finish in time."""
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="qimg-guest-") as scratch:
-            return boot_guest(disk_args, script, timeout, workdir=Path(scratch), smp=smp,
-                              allow_reboot=allow_reboot)
+            return boot_guest(
+                disk_args,
+                script,
+                timeout,
+                workdir=Path(scratch),
+                smp=smp,
+                allow_reboot=allow_reboot,
+            )
     guest = Guest(disk_args, script, workdir, smp=smp, allow_reboot=allow_reboot)
     output = guest.wait(timeout)
     if guest.process.returncode != 0 or DONE_MARKER not in output:
-        raise AssertionError(f"guest failed (QEMU exit {guest.process.returncode}):\n"
-                             f"{output[-4000:]}")
+        raise AssertionError(
+            f"guest failed (QEMU exit {guest.process.returncode}):\n{output[-4000:]}"
+        )
     return output

@@ -1,4 +1,5 @@
 """Thin wrappers around the real QEMU tools: the oracle every test compares against."""
+
 from __future__ import annotations
 
 import contextlib
@@ -29,8 +30,9 @@ def run(args: list, check: bool = True, cwd=None, text: bool = True) -> subproce
             break
         time.sleep(min(0.01 * attempt, 0.1))
     if check and result.returncode:
-        raise subprocess.CalledProcessError(result.returncode, result.args, result.stdout,
-                                            result.stderr)
+        raise subprocess.CalledProcessError(
+            result.returncode, result.args, result.stdout, result.stderr
+        )
     return result
 
 
@@ -52,8 +54,14 @@ def qemu_io(image, *commands: str, fmt: str | None = None, extra: list[str] | No
         raise AssertionError(f"qemu-io failed: {result.stdout}{result.stderr}")
 
 
-def qemu_create(path, size, fmt: str = "qcow2", options: dict | None = None,
-                backing: str | None = None, backing_fmt: str | None = None) -> None:
+def qemu_create(
+    path,
+    size,
+    fmt: str = "qcow2",
+    options: dict | None = None,
+    backing: str | None = None,
+    backing_fmt: str | None = None,
+) -> None:
     args = ["create", "-q", "-f", fmt]
     if options:
         args += ["-o", ",".join(f"{k}={v}" for k, v in options.items())]
@@ -108,6 +116,7 @@ def require_root(why: str) -> None:
     """Tests that mount filesystems or set up loop devices need root; CI runs as root."""
     import os
     import pytest
+
     if os.geteuid() != 0:
         pytest.skip(f"needs root: {why}")
 
@@ -126,6 +135,7 @@ def inside(directory: Path):
 def run_qimg(*args) -> subprocess.CompletedProcess:
     """qimg.main() in-process, named "qemu-img" as a linking user would, output captured."""
     import qimg
+
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = qimg.main([str(a) for a in args], prog="qemu-img")

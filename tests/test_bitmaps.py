@@ -5,6 +5,7 @@ through qemu-io, one through qcow2lib; QEMU itself (qemu-nbd exporting each bitm
 by nbdinfo) must then report the same dirty ranges for both, `qemu-img check` must find
 both clean, and `qemu-img info` must list the same bitmaps and flags.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,15 +26,36 @@ from qemutools import qemu_create, qemu_img, qemu_io
 from test_cli_create_info import Twins, mask_disk_size, twins  # noqa: F401 (fixture)
 
 MiB = 1 << 20
-BITMAPS = [("b0", "64k", True), ("fine", "512", True), ("coarse", "4M", True),
-           ("off", "64k", False)]
+BITMAPS = [
+    ("b0", "64k", True),
+    ("fine", "512", True),
+    ("coarse", "4M", True),
+    ("off", "64k", False),
+]
 
 
 def dirty_map(image: Path, bitmap: str) -> list[tuple[int, int, str]]:
     """The bitmap's ranges as QEMU exports them over NBD: (offset, length, dirty|clean)."""
-    result = subprocess.run(["nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{bitmap}", "--",
-                             "[", "qemu-nbd", "-r", "-f", "qcow2", "-B", bitmap, str(image), "]"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            "nbdinfo",
+            "--json",
+            f"--map=qemu:dirty-bitmap:{bitmap}",
+            "--",
+            "[",
+            "qemu-nbd",
+            "-r",
+            "-f",
+            "qcow2",
+            "-B",
+            bitmap,
+            str(image),
+            "]",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     return [(e["offset"], e["length"], e["description"]) for e in json.loads(result.stdout)]
 
@@ -53,18 +75,24 @@ def make_twins(tmp_path: Path, size: int, cluster_size: str = "64k") -> tuple[Pa
     qemu_create(ours, size, options={"cluster_size": cluster_size})
     qemu_io(ours, "write -P 1 0 1M")
     for name, granularity, enabled in BITMAPS:
-        qemu_img("bitmap", "--add", "-g", granularity, *([] if enabled else ["--disable"]),
-                 ours, name)
+        qemu_img(
+            "bitmap", "--add", "-g", granularity, *([] if enabled else ["--disable"]), ours, name
+        )
     shutil.copy(ours, theirs)
     return ours, theirs
 
 
 def crash_qemu_io(image: str) -> None:
     """qemu-io writes to `image`, then aborts (no core file) before closing it."""
+
     def no_core() -> None:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    result = subprocess.run(["qemu-io", "-c", "write 1M 64k", "-c", "abort", image],
-                            capture_output=True, preexec_fn=no_core)
+
+    result = subprocess.run(
+        ["qemu-io", "-c", "write 1M 64k", "-c", "abort", image],
+        capture_output=True,
+        preexec_fn=no_core,
+    )
     assert result.returncode < 0, result  # killed by SIGABRT
 
 
@@ -123,17 +151,23 @@ def test_whole_disk_discard_and_later_writes(tmp_path):
 
 def test_bitmaps_are_in_use_until_closed_and_a_crash_leaves_them_so(tmp_path):
     ours, _ = make_twins(tmp_path, 16 * MiB)
-    script = (f"import os, qcow2lib\n"
-              f"dev = qcow2lib.open({str(ours)!r}, 'r+')\n"
-              f"dev.write(5 << 20, b'x' * 70000)\n"
-              f"dev.flush()\n"
-              f"dev.write(9 << 20, b'y' * 512)\n"
-              f"os._exit(0)\n")
+    script = (
+        f"import os, qcow2lib\n"
+        f"dev = qcow2lib.open({str(ours)!r}, 'r+')\n"
+        f"dev.write(5 << 20, b'x' * 70000)\n"
+        f"dev.flush()\n"
+        f"dev.write(9 << 20, b'y' * 512)\n"
+        f"os._exit(0)\n"
+    )
     subprocess.run([sys.executable, "-c", script], check=True)
     flags = {b["name"]: b["flags"] for b in bitmap_info(ours)}
     # What was tracked is marked inconsistent; a disabled bitmap was never touched.
-    assert flags == {"b0": ["in-use", "auto"], "fine": ["in-use", "auto"],
-                     "coarse": ["in-use", "auto"], "off": []}
+    assert flags == {
+        "b0": ["in-use", "auto"],
+        "fine": ["in-use", "auto"],
+        "coarse": ["in-use", "auto"],
+        "off": [],
+    }
     assert_clean(ours)
 
 
@@ -163,7 +197,7 @@ def test_bitmaps_it_cannot_keep_are_invalidated_before_the_first_change(tmp_path
         dev.write(0, b"x" * 4096)
         assert dev.bitmaps == []
         with open(ours, "rb") as f:
-            autoclear, = struct.unpack(">Q", f.read(96)[88:96])  # (header bytes 88-95)
+            (autoclear,) = struct.unpack(">Q", f.read(96)[88:96])  # (header bytes 88-95)
         assert not autoclear & S.AUTOCLEAR_BITMAPS
     assert bitmap_info(ours) == []
     result = qemu_img("check", "--output=json", ours, check=False)
@@ -191,6 +225,7 @@ def test_resize_and_snapshot_apply_invalidate_bitmaps(tmp_path, change):
 
 # --- qimg bitmap, side by side with qemu-img bitmap ----------------------------------------
 
+
 def _mask_node(text: str) -> str:
     """QEMU names an image by its internal node name (#blockNNN) in some messages."""
     text = re.sub(r"persistent in '[^']*'", "persistent in <node>", text)
@@ -203,8 +238,9 @@ def _same_bitmaps(twins: Twins, image: str) -> None:
     with qcow2lib.open(str(twins.qemu_dir / image)) as dev:
         names = [b["name"] for b in dev.bitmaps]
     for name in names:
-        assert dirty_map(twins.qimg_dir / image, name) == \
-            dirty_map(twins.qemu_dir / image, name), name
+        assert dirty_map(twins.qimg_dir / image, name) == dirty_map(twins.qemu_dir / image, name), (
+            name
+        )
 
 
 def test_bitmap_command_matches_qemu_img(twins):
@@ -218,27 +254,45 @@ def test_bitmap_command_matches_qemu_img(twins):
         qemu_img("bitmap", "--add", "small", "s")
         qemu_create("v2", "1M", options={"compat": "0.10"})
         qemu_img("create", "-q", "-f", "raw", "r.raw", "1M")
+
     twins.setup_copied(build)
-    for args in (["--add", "img", "a"], ["--add", "-g", "512", "--disable", "img", "fine"],
-                 ["--add", "img", "a"], ["--add", "--add", "img", "x"],
-                 ["--add", "-g", "3000", "img", "c"], ["--add", "-g", "4G", "img", "c"],
-                 ["--add", "-g", "0", "img", "dflt"], ["--add", "-g", "2G", "img", "huge"],
-                 ["--add", "img", ""], ["--clear", "img", "nope"], ["--add", "v2", "b"],
-                 ["--add", "-f", "raw", "r.raw", "b"], ["--clear", "-f", "raw", "r.raw", "b"],
-                 ["img", "a"], ["-g", "64k", "--clear", "img", "a"],
-                 ["-F", "qcow2", "--clear", "img", "a"], ["-b", "src", "--clear", "img", "a"],
-                 ["--add", "img"], ["--add", "missing.qcow2", "b"]):
+    for args in (
+        ["--add", "img", "a"],
+        ["--add", "-g", "512", "--disable", "img", "fine"],
+        ["--add", "img", "a"],
+        ["--add", "--add", "img", "x"],
+        ["--add", "-g", "3000", "img", "c"],
+        ["--add", "-g", "4G", "img", "c"],
+        ["--add", "-g", "0", "img", "dflt"],
+        ["--add", "-g", "2G", "img", "huge"],
+        ["--add", "img", ""],
+        ["--clear", "img", "nope"],
+        ["--add", "v2", "b"],
+        ["--add", "-f", "raw", "r.raw", "b"],
+        ["--clear", "-f", "raw", "r.raw", "b"],
+        ["img", "a"],
+        ["-g", "64k", "--clear", "img", "a"],
+        ["-F", "qcow2", "--clear", "img", "a"],
+        ["-b", "src", "--clear", "img", "a"],
+        ["--add", "img"],
+        ["--add", "missing.qcow2", "b"],
+    ):
         twins.assert_same("bitmap", *args, mask=_mask_node)
     _same_bitmaps(twins, "img")
     twins.setup(lambda directory: qemu_io("img", "write 5M 1M", "write -z 30M 64k"))
-    for args in (["--merge", "a", "img", "fine"], ["--enable", "img", "fine"],
-                 ["--disable", "img", "a"], ["--clear", "img", "x"],
-                 ["--remove", "img", "huge"], ["--remove", "--remove", "img", "dflt"],
-                 ["--merge", "s", "-b", "src", "-F", "qcow2", "img", "x"],
-                 ["--merge", "s", "-b", "src", "img", "a"],
-                 ["--merge", "zz", "-b", "src", "img", "a"],
-                 ["--merge", "s", "-b", "small", "img", "a"],
-                 ["--merge", "s", "-b", "r.raw", "-F", "raw", "img", "a"]):
+    for args in (
+        ["--merge", "a", "img", "fine"],
+        ["--enable", "img", "fine"],
+        ["--disable", "img", "a"],
+        ["--clear", "img", "x"],
+        ["--remove", "img", "huge"],
+        ["--remove", "--remove", "img", "dflt"],
+        ["--merge", "s", "-b", "src", "-F", "qcow2", "img", "x"],
+        ["--merge", "s", "-b", "src", "img", "a"],
+        ["--merge", "zz", "-b", "src", "img", "a"],
+        ["--merge", "s", "-b", "small", "img", "a"],
+        ["--merge", "s", "-b", "r.raw", "-F", "raw", "img", "a"],
+    ):
         twins.assert_same("bitmap", *args, mask=_mask_node)
     _same_bitmaps(twins, "img")
     for name in ("a", "fine", "x"):
@@ -254,10 +308,16 @@ def test_bitmap_command_on_an_inconsistent_bitmap(twins):
         qemu_create("img", "16M")
         qemu_img("bitmap", "--add", "img", "b0")
         crash_qemu_io("img")  # leaves b0 marked in use
+
     twins.setup_copied(build)
-    for args in (["--clear", "img", "b0"], ["--enable", "img", "b0"],
-                 ["--merge", "b0", "img", "b0"], ["--add", "img", "b1"],
-                 ["--merge", "b0", "img", "b1"], ["--remove", "img", "b0"]):
+    for args in (
+        ["--clear", "img", "b0"],
+        ["--enable", "img", "b0"],
+        ["--merge", "b0", "img", "b0"],
+        ["--add", "img", "b1"],
+        ["--merge", "b0", "img", "b1"],
+        ["--remove", "img", "b0"],
+    ):
         twins.assert_same("bitmap", *args)
     _same_bitmaps(twins, "img")
 
@@ -276,14 +336,20 @@ def test_bitmap_operations_keep_writes_tracked(tmp_path):
         dev.write(9 * MiB, b"y" * 4096)
         ops.set_bitmap_enabled(dev, "early", False)
         dev.write(12 * MiB, b"z" * 4096)
-    assert dirty_map(path, "early") == [(0, MiB, "clean"), (MiB, 65536, "dirty"),
-                                        (MiB + 65536, 8 * MiB - 65536, "clean"),
-                                        (9 * MiB, 65536, "dirty"),
-                                        (9 * MiB + 65536, 7 * MiB - 65536, "clean")]
-    assert dirty_map(path, "late") == [(0, 9 * MiB, "clean"), (9 * MiB, 65536, "dirty"),
-                                       (9 * MiB + 65536, 3 * MiB - 65536, "clean"),
-                                       (12 * MiB, 65536, "dirty"),
-                                       (12 * MiB + 65536, 4 * MiB - 65536, "clean")]
+    assert dirty_map(path, "early") == [
+        (0, MiB, "clean"),
+        (MiB, 65536, "dirty"),
+        (MiB + 65536, 8 * MiB - 65536, "clean"),
+        (9 * MiB, 65536, "dirty"),
+        (9 * MiB + 65536, 7 * MiB - 65536, "clean"),
+    ]
+    assert dirty_map(path, "late") == [
+        (0, 9 * MiB, "clean"),
+        (9 * MiB, 65536, "dirty"),
+        (9 * MiB + 65536, 3 * MiB - 65536, "clean"),
+        (12 * MiB, 65536, "dirty"),
+        (12 * MiB + 65536, 4 * MiB - 65536, "clean"),
+    ]
     assert_clean(path)
 
 
@@ -301,15 +367,18 @@ def test_convert_bitmaps_matches_qemu_img(twins):
         crash_qemu_io("broken")  # b0 and b1 left in use
         qemu_img("bitmap", "--add", "broken", "b2")
         qemu_create("v2", "1M", options={"compat": "0.10"})
+
     twins.setup_copied(build)
     twins.assert_same("convert", "--bitmaps", "-O", "qcow2", "src", "out")
     _same_bitmaps(twins, "out")
     twins.assert_same("compare", "src", "out")
-    for args in (["--bitmaps", "-O", "qcow2", "broken", "b.qcow2"],
-                 ["--bitmaps", "--skip-broken-bitmaps", "-O", "qcow2", "broken", "b.qcow2"],
-                 ["--skip-broken-bitmaps", "-O", "qcow2", "src", "x.qcow2"],
-                 ["--bitmaps", "-O", "raw", "src", "x.raw"],
-                 ["--bitmaps", "-O", "qcow2", "v2", "x2.qcow2"],
-                 ["--bitmaps", "-O", "qcow2", "src", "v2", "x3.qcow2"]):
+    for args in (
+        ["--bitmaps", "-O", "qcow2", "broken", "b.qcow2"],
+        ["--bitmaps", "--skip-broken-bitmaps", "-O", "qcow2", "broken", "b.qcow2"],
+        ["--skip-broken-bitmaps", "-O", "qcow2", "src", "x.qcow2"],
+        ["--bitmaps", "-O", "raw", "src", "x.raw"],
+        ["--bitmaps", "-O", "qcow2", "v2", "x2.qcow2"],
+        ["--bitmaps", "-O", "qcow2", "src", "v2", "x3.qcow2"],
+    ):
         twins.assert_same("convert", *args)
     _same_bitmaps(twins, "b.qcow2")

@@ -4,6 +4,7 @@ A device's size is the device's, not st_size (0): info, map, convert (both ways)
 resize and create must see it as qemu-img does, raw and as a qcow2 container, and
 `host_device` is accepted as a format name.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -22,8 +23,11 @@ def run_qemu(*args) -> subprocess.CompletedProcess:
 
 def assert_same(*args) -> subprocess.CompletedProcess:
     ours, theirs = run_qimg(*args), run_qemu(*args)
-    assert (ours.returncode, ours.stdout, ours.stderr) == \
-        (theirs.returncode, theirs.stdout, theirs.stderr), args
+    assert (ours.returncode, ours.stdout, ours.stderr) == (
+        theirs.returncode,
+        theirs.stdout,
+        theirs.stderr,
+    ), args
     return ours
 
 
@@ -58,8 +62,7 @@ def test_raw_device_info_and_map(loop):
         assert_same("map", "--output=json", *fmt, loop)
     with qcow2lib.open(loop) as device:
         assert device.size == 4 << 20
-        assert [(e.offset, e.length, e.is_data) for e in device.extents()] == \
-            [(0, 4 << 20, True)]
+        assert [(e.offset, e.length, e.is_data) for e in device.extents()] == [(0, 4 << 20, True)]
 
 
 def test_format_names_checked_against_file_type(loop, tmp_path: Path):
@@ -72,8 +75,9 @@ def test_format_names_checked_against_file_type(loop, tmp_path: Path):
 
 def test_convert_onto_and_from_device(loop, source: Path, tmp_path: Path):
     assert assert_same("convert", "-n", "-O", "raw", source, loop).returncode == 0
-    assert qemu_img("compare", "-f", "qcow2", "-F", "raw", source, loop,
-                    check=False).returncode == 0
+    assert (
+        qemu_img("compare", "-f", "qcow2", "-F", "raw", source, loop, check=False).returncode == 0
+    )
     ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
     assert run_qimg("convert", "-O", "qcow2", loop, ours).returncode == 0
     qemu_img("convert", "-O", "qcow2", loop, theirs)
@@ -81,11 +85,17 @@ def test_convert_onto_and_from_device(loop, source: Path, tmp_path: Path):
 
     def info(result: subprocess.CompletedProcess, path: Path) -> list[str]:
         """The info lines, less the host filesystem's allocation (disk size)."""
-        return [line for line in result.stdout.replace(str(path), "X").splitlines()
-                if not line.startswith("disk size")]
+        return [
+            line
+            for line in result.stdout.replace(str(path), "X").splitlines()
+            if not line.startswith("disk size")
+        ]
+
     assert info(run_qimg("info", ours), ours) == info(run_qemu("info", theirs), theirs)
-    assert run_qimg("map", "--output=json", ours).stdout == \
-        run_qemu("map", "--output=json", theirs).stdout
+    assert (
+        run_qimg("map", "--output=json", ours).stdout
+        == run_qemu("map", "--output=json", theirs).stdout
+    )
 
 
 def test_qcow2_container_on_device(loop, source: Path):
@@ -105,9 +115,12 @@ def test_qcow2_container_on_device(loop, source: Path):
 
 
 def test_device_size_fixed(loop):
-    for args in (("resize", "-f", "raw", loop, "8M"), ("resize", "--shrink", "-f", "raw", loop,
-                                                        "2M"),
-                 ("resize", "-f", "raw", loop, "4M"), ("create", "-f", "raw", loop, "8M"),
-                 ("create", "-f", "raw", loop, "1M")):
+    for args in (
+        ("resize", "-f", "raw", loop, "8M"),
+        ("resize", "--shrink", "-f", "raw", loop, "2M"),
+        ("resize", "-f", "raw", loop, "4M"),
+        ("create", "-f", "raw", loop, "8M"),
+        ("create", "-f", "raw", loop, "1M"),
+    ):
         assert_same(*args)
     assert_same("info", loop)

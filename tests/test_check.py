@@ -6,6 +6,7 @@ qemu-img. The counts, the JSON, the human summary, the problem lines on stderr a
 exit code must be the same; after a repair both files must be byte-identical, and the
 data the damage did not destroy must read back as it did before.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,14 @@ import struct
 import pytest
 
 import qcow2lib
-from qcow2lib.check import (CheckReport, check_image, check_path, format_check_human,
-                            format_check_json, format_check_stderr)
+from qcow2lib.check import (
+    CheckReport,
+    check_image,
+    check_path,
+    format_check_human,
+    format_check_json,
+    format_check_stderr,
+)
 from qemutools import assert_clean, qemu_check, qemu_img, qemu_io, to_raw
 
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
@@ -28,6 +35,7 @@ COMPRESSED = 1 << 62
 
 # --- images and damage -------------------------------------------------------------------
 
+
 class Img:
     """Just enough of the qcow2 layout to damage an image on purpose."""
 
@@ -35,8 +43,21 @@ class Img:
         self.path = str(path)
         with open(self.path, "rb") as f:
             raw = f.read(104)
-        (_, self.version, _, _, self.cluster_bits, self.size, _, self.l1_size, self.l1_off,
-         self.rt_off, _, self.nb_snap, self.snap_off) = struct.unpack(">IIQIIQIIQQIIQ", raw[:72])
+        (
+            _,
+            self.version,
+            _,
+            _,
+            self.cluster_bits,
+            self.size,
+            _,
+            self.l1_size,
+            self.l1_off,
+            self.rt_off,
+            _,
+            self.nb_snap,
+            self.snap_off,
+        ) = struct.unpack(">IIQIIQIIQQIIQ", raw[:72])
         self.cs = 1 << self.cluster_bits
         incompat = struct.unpack(">Q", raw[72:80])[0] if self.version >= 3 else 0
         self.order = struct.unpack(">I", raw[96:100])[0] if self.version >= 3 else 4
@@ -125,8 +146,7 @@ def bases(tmp_path_factory):
             if spec["opts"]:
                 args += ["-o", ",".join(f"{k}={v}" for k, v in spec["opts"].items())]
             qemu_img(*args, path, "8M")
-            qemu_io(path, "write -P 0x11 0 192k", "write -P 0x22 1M 64k",
-                    "write -P 0x33 3M 128k")
+            qemu_io(path, "write -P 0x11 0 192k", "write -P 0x22 1M 64k", "write -P 0x33 3M 128k")
             if spec.get("compressed"):
                 qemu_io(path, "write -c -P 0x44 5M 128k")
             if spec.get("snapshot"):
@@ -134,6 +154,7 @@ def bases(tmp_path_factory):
                 qemu_io(path, "write -P 0x55 64k 64k", "write -P 0x66 3M 64k")
             made[name] = (path, to_raw(path, root / f"{name}.raw"))
         return made[name]
+
     return get
 
 
@@ -229,31 +250,70 @@ def snapshot_l1_misaligned(img):
     img.w64(img.snap_off, img.r64(img.snap_off) + 512)
 
 
-DAMAGES = {f.__name__: f for f in (
-    leak_data_cluster, leak_free_cluster, refcount_too_low, clear_copied, clear_l1_copied,
-    l2_entry_past_end, l2_entry_misaligned, l2_entry_on_l1_table, refblock_garbage,
-    reftable_entry_zeroed, refblock_on_l1_table)}
-SNAPSHOT_DAMAGES = {f.__name__: f for f in (
-    copied_on_shared, shared_refcount_too_low, snapshot_entry_incomplete,
-    snapshot_l1_misaligned)}
+DAMAGES = {
+    f.__name__: f
+    for f in (
+        leak_data_cluster,
+        leak_free_cluster,
+        refcount_too_low,
+        clear_copied,
+        clear_l1_copied,
+        l2_entry_past_end,
+        l2_entry_misaligned,
+        l2_entry_on_l1_table,
+        refblock_garbage,
+        reftable_entry_zeroed,
+        refblock_on_l1_table,
+    )
+}
+SNAPSHOT_DAMAGES = {
+    f.__name__: f
+    for f in (
+        copied_on_shared,
+        shared_refcount_too_low,
+        snapshot_entry_incomplete,
+        snapshot_l1_misaligned,
+    )
+}
 
 CASES = [("default", d) for d in DAMAGES]
-CASES += [(v, d) for v in ("v2", "refcount1", "refcount64", "extl2") for d in (
-    "leak_data_cluster", "refcount_too_low", "clear_copied", "l2_entry_past_end",
-    "refblock_garbage", "reftable_entry_zeroed")]
-CASES += [(v, d) for v in ("snapshot", "v2-snapshot", "extl2-snapshot", "small-clusters")
-          for d in ("leak_data_cluster", "refcount_too_low", "refblock_garbage",
-                    "reftable_entry_zeroed", *SNAPSHOT_DAMAGES)]
+CASES += [
+    (v, d)
+    for v in ("v2", "refcount1", "refcount64", "extl2")
+    for d in (
+        "leak_data_cluster",
+        "refcount_too_low",
+        "clear_copied",
+        "l2_entry_past_end",
+        "refblock_garbage",
+        "reftable_entry_zeroed",
+    )
+]
+CASES += [
+    (v, d)
+    for v in ("snapshot", "v2-snapshot", "extl2-snapshot", "small-clusters")
+    for d in (
+        "leak_data_cluster",
+        "refcount_too_low",
+        "refblock_garbage",
+        "reftable_entry_zeroed",
+        *SNAPSHOT_DAMAGES,
+    )
+]
 
 
 # --- comparing with qemu-img -------------------------------------------------------------
+
 
 def qemu_check_all(path, repair=None):
     """(exit code, JSON dict, stderr) of qemu-img check --output=json [-r repair]."""
     args = ["check", "--output=json"] + (["-r", repair] if repair else []) + [path]
     result = qemu_img(*args, check=False)
-    return result.returncode, json.loads(result.stdout) if result.stdout.strip() else None, \
-        result.stderr
+    return (
+        result.returncode,
+        json.loads(result.stdout) if result.stdout.strip() else None,
+        result.stderr,
+    )
 
 
 def our_json(report: CheckReport, name: str):
@@ -291,11 +351,12 @@ def same_except(before: bytes, after: bytes, destroyed):
     assert len(before) == len(after)
     before, after = bytearray(before), bytearray(after)
     for start, length in destroyed:
-        before[start:start + length] = after[start:start + length]
+        before[start : start + length] = after[start : start + length]
     return before == after
 
 
 # --- tests ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_clean_image_matches_qemu(bases, variant):
@@ -353,8 +414,7 @@ def test_damage_check_and_repair_like_qemu(bases, tmp_path, variant, damage):
                 assert_clean(ours)
             # The data the damage did not destroy reads back unchanged (where qemu-img can
             # read the image at all: a misaligned entry still fails reads after -r all).
-            converted = qemu_img("convert", "-O", "raw", ours, tmp_path / "after.raw",
-                                 check=False)
+            converted = qemu_img("convert", "-O", "raw", ours, tmp_path / "after.raw", check=False)
             if code == 0 or converted.returncode == 0:
                 assert converted.returncode == 0, converted.stderr
                 after = (tmp_path / "after.raw").read_bytes()
@@ -405,11 +465,12 @@ def test_repaired_image_stays_usable(bases, tmp_path):
     assert_clean(damaged)
     after = to_raw(damaged, tmp_path / "after.raw")
     expected = bytearray(raw_before)
-    expected[7 << 20:(7 << 20) + 65536] = b"\x77" * 65536
-    expected[64 << 10:(64 << 10) + 4096] = b"\x78" * 4096
+    expected[7 << 20 : (7 << 20) + 65536] = b"\x77" * 65536
+    expected[64 << 10 : (64 << 10) + 4096] = b"\x78" * 4096
     assert after == expected
-    snap = qemu_img("convert", "-O", "raw", "-l", "snapshot.name=snap1", damaged,
-                    tmp_path / "snap.raw")
+    snap = qemu_img(
+        "convert", "-O", "raw", "-l", "snapshot.name=snap1", damaged, tmp_path / "snap.raw"
+    )
     assert snap.returncode == 0
 
 
@@ -421,9 +482,11 @@ def test_human_output_after_repair(bases, tmp_path):
     result = qemu_img("check", "-r", "leaks", theirs, check=False)
     text = format_check_human(report)
     assert text == result.stdout
-    assert text.startswith("The following inconsistencies were found and repaired:\n\n"
-                           "    1 leaked clusters\n    0 corruptions\n\n"
-                           "Double checking the fixed image now...\nNo errors were found")
+    assert text.startswith(
+        "The following inconsistencies were found and repaired:\n\n"
+        "    1 leaked clusters\n    0 corruptions\n\n"
+        "Double checking the fixed image now...\nNo errors were found"
+    )
     assert format_check_stderr(report) == result.stderr
 
 
@@ -489,10 +552,17 @@ def test_image_check_method(bases, tmp_path):
 
 
 def test_json_shape():
-    report = CheckReport(filename="x.qcow2", image_end_offset=655360, total_clusters=160,
-                         allocated_clusters=5, leaks=1)
+    report = CheckReport(
+        filename="x.qcow2",
+        image_end_offset=655360,
+        total_clusters=160,
+        allocated_clusters=5,
+        leaks=1,
+    )
     text = format_check_json(report)
-    assert text == ('{\n    "image-end-offset": 655360,\n    "total-clusters": 160,\n'
-                    '    "check-errors": 0,\n    "leaks": 1,\n    "allocated-clusters": 5,\n'
-                    '    "filename": "x.qcow2",\n    "format": "qcow2"\n}\n')
+    assert text == (
+        '{\n    "image-end-offset": 655360,\n    "total-clusters": 160,\n'
+        '    "check-errors": 0,\n    "leaks": 1,\n    "allocated-clusters": 5,\n'
+        '    "filename": "x.qcow2",\n    "format": "qcow2"\n}\n'
+    )
     assert report.exit_code == 3

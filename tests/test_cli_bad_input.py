@@ -17,6 +17,7 @@ turned into something else by a guest write to its first sector (QEMU refuses wi
 EPERM). And `info`/`check`/`snapshot -l` open no file of the chain that qemu-img would
 not open (watched with inotify): `info` without --backing-chain touches no backing file.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -40,11 +41,13 @@ pytestmark = pytest.mark.timeout(300)
 def make_launcher(directory: Path) -> Path:
     """An executable named "qimg" running qimg from this checkout."""
     path = directory / "qimg"
-    path.write_text(f"#!{sys.executable}\n"
-                    "import sys\n"
-                    f"sys.path[:0] = [{str(ROOT / 'tools')!r}, {str(ROOT)!r}]\n"
-                    "import qimg\n"
-                    "sys.exit(qimg.main())\n")
+    path.write_text(
+        f"#!{sys.executable}\n"
+        "import sys\n"
+        f"sys.path[:0] = [{str(ROOT / 'tools')!r}, {str(ROOT)!r}]\n"
+        "import qimg\n"
+        "sys.exit(qimg.main())\n"
+    )
     path.chmod(0o755)
     return path
 
@@ -57,8 +60,10 @@ def set_field(path: Path, offset: int, fmt: str, value: int) -> None:
 
 def build_inputs(directory: Path) -> None:
     """The bad (and some good) inputs, identical in both tools' directories."""
+
     def here(name):
         return directory / name
+
     qemu_create(here("img.qcow2"), "1M")
     qemu_io(here("img.qcow2"), "write -P 0x41 0 64k")
     qemu_create(here("raw.img"), "1M", "raw")
@@ -80,24 +85,77 @@ def build_inputs(directory: Path) -> None:
     set_field(here("badl1.qcow2"), l1_offset, ">Q", (1 << 63) | (1 << 40))
     # its own backing file; a loop of two; a missing backing file
     qemu_create(here("self.qcow2"), "1M")
-    subprocess.run([QEMU_IMG, "rebase", "-u", "-b", "self.qcow2", "-F", "qcow2", "self.qcow2"],
-                   cwd=directory, check=True)
+    subprocess.run(
+        [QEMU_IMG, "rebase", "-u", "-b", "self.qcow2", "-F", "qcow2", "self.qcow2"],
+        cwd=directory,
+        check=True,
+    )
     qemu_create(here("loop-a.qcow2"), "1M")
-    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", "loop-a.qcow2", "-F",
-                    "qcow2", "loop-b.qcow2"], cwd=directory, check=True)
-    subprocess.run([QEMU_IMG, "rebase", "-u", "-b", "loop-b.qcow2", "-F", "qcow2",
-                    "loop-a.qcow2"], cwd=directory, check=True)
-    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F",
-                    "qcow2", "orphan.qcow2", "1M"], cwd=directory, check=True)
+    subprocess.run(
+        [
+            QEMU_IMG,
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "loop-a.qcow2",
+            "-F",
+            "qcow2",
+            "loop-b.qcow2",
+        ],
+        cwd=directory,
+        check=True,
+    )
+    subprocess.run(
+        [QEMU_IMG, "rebase", "-u", "-b", "loop-b.qcow2", "-F", "qcow2", "loop-a.qcow2"],
+        cwd=directory,
+        check=True,
+    )
+    subprocess.run(
+        [
+            QEMU_IMG,
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "gone.qcow2",
+            "-F",
+            "qcow2",
+            "orphan.qcow2",
+            "1M",
+        ],
+        cwd=directory,
+        check=True,
+    )
     # broken two levels down: each level prefixes "Could not open backing file: "
-    for name, backing in (("deep-orphan.qcow2", "orphan.qcow2"),
-                          ("over-big.qcow2", "bigcluster.qcow2")):
-        subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F",
-                        "qcow2", name, "1M"], cwd=directory, check=True)
+    for name, backing in (
+        ("deep-orphan.qcow2", "orphan.qcow2"),
+        ("over-big.qcow2", "bigcluster.qcow2"),
+    ):
+        subprocess.run(
+            [
+                QEMU_IMG,
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-u",
+                "-b",
+                backing,
+                "-F",
+                "qcow2",
+                name,
+                "1M",
+            ],
+            cwd=directory,
+            check=True,
+        )
     # an image with a snapshot
     qemu_create(here("snap.qcow2"), "1M")
-    subprocess.run([QEMU_IMG, "snapshot", "-c", "first", "snap.qcow2"], cwd=directory,
-                   check=True)
+    subprocess.run([QEMU_IMG, "snapshot", "-c", "first", "snap.qcow2"], cwd=directory, check=True)
 
 
 class Twins:
@@ -119,12 +177,19 @@ class Twins:
                 shutil.rmtree(directory)
             subprocess.run(["cp", "-a", str(self.template), str(directory)], check=True)
 
-    def run(self, args: list[str]) -> tuple[subprocess.CompletedProcess,
-                                            subprocess.CompletedProcess]:
-        qemu = subprocess.run([QEMU_IMG, *args], cwd=self.qemu_dir, capture_output=True,
-                              text=True, timeout=60)
-        qimg = subprocess.run([str(self.launcher), *args], cwd=self.qimg_dir,
-                              capture_output=True, text=True, timeout=60)
+    def run(
+        self, args: list[str]
+    ) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
+        qemu = subprocess.run(
+            [QEMU_IMG, *args], cwd=self.qemu_dir, capture_output=True, text=True, timeout=60
+        )
+        qimg = subprocess.run(
+            [str(self.launcher), *args],
+            cwd=self.qimg_dir,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         return qemu, qimg
 
 
@@ -135,26 +200,28 @@ def twins(tmp_path_factory):
 
 def assert_like_qemu(twins: Twins, args: list[str]) -> None:
     qemu, qimg = twins.run(args)
-    shown = (f"qimg {' '.join(args)}\n--- qemu-img (exit {qemu.returncode}):\n{qemu.stderr}"
-             f"--- qimg (exit {qimg.returncode}):\n{qimg.stderr}")
+    shown = (
+        f"qimg {' '.join(args)}\n--- qemu-img (exit {qemu.returncode}):\n{qemu.stderr}"
+        f"--- qimg (exit {qimg.returncode}):\n{qimg.stderr}"
+    )
     assert "Traceback" not in qimg.stderr + qimg.stdout, shown
     assert qimg.returncode == qemu.returncode, shown
     qemu_errors = [line for line in qemu.stderr.splitlines() if line.startswith("qemu-img: ")]
     qimg_errors = [line for line in qimg.stderr.splitlines() if line.startswith("qimg: ")]
     if qemu.returncode != 0 and qemu_errors:
         # the error line first, after the warnings qemu-img prints too (a probed raw image)
-        warnings = qemu.stderr[:qemu.stderr.index("qemu-img: ")]
+        warnings = qemu.stderr[: qemu.stderr.index("qemu-img: ")]
         assert qimg.stderr.startswith(warnings + "qimg: "), shown
     assert len(qimg_errors) == len(qemu_errors), shown
 
 
 CREATE_CASES = [
-    ["create", "-f", "qcow2", "dir", "1M"],                      # a directory's name
+    ["create", "-f", "qcow2", "dir", "1M"],  # a directory's name
     ["create", "-f", "raw", "dir", "1M"],
-    ["create", "-f", "qcow2", "raw.img/sub", "1M"],              # through a regular file
-    ["create", "-f", "qcow2", "x" * 300, "1M"],                  # name too long
+    ["create", "-f", "qcow2", "raw.img/sub", "1M"],  # through a regular file
+    ["create", "-f", "qcow2", "x" * 300, "1M"],  # name too long
     ["create", "-f", "qcow2", "nodir/new.qcow2", "1M"],
-    ["create", "-f", "raw", "huge.raw", "8E"],                   # beyond any file system
+    ["create", "-f", "raw", "huge.raw", "8E"],  # beyond any file system
     ["create", "-f", "qcow2", "new.qcow2", "-1"],
     ["create", "-f", "qcow2", "new.qcow2", "1Q"],
     ["create", "-f", "qcow2", "new.qcow2", "99999999999999999999"],
@@ -172,53 +239,95 @@ CREATE_CASES = [
 ]
 
 INFO_CASES = [
-    ["info", "missing"], ["info", "dir"], ["info", "empty"], ["info", "tiny"],
-    ["info", "text.txt"], ["info", "trunc.qcow2"], ["info", "bigcluster.qcow2"],
-    ["info", "corrupt.qcow2"], ["info", "badl1.qcow2"], ["info", "-f", "qcow2", "text.txt"],
-    ["info", "-f", "qcow2", "empty"], ["info", "-f", "vmdk", "img.qcow2"],
-    ["info", "-f", "", "img.qcow2"], ["info", "self.qcow2"],
+    ["info", "missing"],
+    ["info", "dir"],
+    ["info", "empty"],
+    ["info", "tiny"],
+    ["info", "text.txt"],
+    ["info", "trunc.qcow2"],
+    ["info", "bigcluster.qcow2"],
+    ["info", "corrupt.qcow2"],
+    ["info", "badl1.qcow2"],
+    ["info", "-f", "qcow2", "text.txt"],
+    ["info", "-f", "qcow2", "empty"],
+    ["info", "-f", "vmdk", "img.qcow2"],
+    ["info", "-f", "", "img.qcow2"],
+    ["info", "self.qcow2"],
     ["info", "--backing-chain", "self.qcow2"],
-    ["info", "-U", "--backing-chain", "loop-b.qcow2"], ["info", "--backing-chain", "orphan.qcow2"],
-    ["info", "/dev/null"], ["info", "--output", "yaml", "missing"], ["info", "raw.img/x"],
+    ["info", "-U", "--backing-chain", "loop-b.qcow2"],
+    ["info", "--backing-chain", "orphan.qcow2"],
+    ["info", "/dev/null"],
+    ["info", "--output", "yaml", "missing"],
+    ["info", "raw.img/x"],
     ["info", "--object", "secret,id=s0,data=pw,format=base64", "img.qcow2"],
     ["info", "--object", "secret,id=s0,file=/nonexistent", "img.qcow2"],
     ["info", "--object", "secret", "img.qcow2"],
 ]
 
 CHECK_CASES = [
-    ["check", "missing"], ["check", "dir"], ["check", "empty"], ["check", "tiny"],
-    ["check", "text.txt"], ["check", "raw.img"], ["check", "trunc.qcow2"],
-    ["check", "bigcluster.qcow2"], ["check", "corrupt.qcow2"], ["check", "badl1.qcow2"],
-    ["check", "-f", "qcow2", "raw.img"], ["check", "-f", "vmdk", "img.qcow2"],
-    ["check", "-f", "raw", "img.qcow2"], ["check", "orphan.qcow2"],
-    ["check", "deep-orphan.qcow2"], ["check", "over-big.qcow2"],
-    ["compare", "deep-orphan.qcow2", "img.qcow2"], ["map", "over-big.qcow2"],
+    ["check", "missing"],
+    ["check", "dir"],
+    ["check", "empty"],
+    ["check", "tiny"],
+    ["check", "text.txt"],
+    ["check", "raw.img"],
+    ["check", "trunc.qcow2"],
+    ["check", "bigcluster.qcow2"],
+    ["check", "corrupt.qcow2"],
+    ["check", "badl1.qcow2"],
+    ["check", "-f", "qcow2", "raw.img"],
+    ["check", "-f", "vmdk", "img.qcow2"],
+    ["check", "-f", "raw", "img.qcow2"],
+    ["check", "orphan.qcow2"],
+    ["check", "deep-orphan.qcow2"],
+    ["check", "over-big.qcow2"],
+    ["compare", "deep-orphan.qcow2", "img.qcow2"],
+    ["map", "over-big.qcow2"],
     ["convert", "-O", "raw", "deep-orphan.qcow2", "out.raw"],
     ["check", "-r", "everything", "img.qcow2"],
-    ["check", "-r", "all", "raw.img"], ["check", "-r", "leaks", "missing"],
-    ["check", "-U", "-r", "all", "img.qcow2"], ["check", "--output=xml", "img.qcow2"],
-    ["check", "-r", "all", "trunc.qcow2"], ["check", "-r", "all", "bigcluster.qcow2"],
-    ["check", "--output=json", "empty"], ["check", "/dev/null"],
+    ["check", "-r", "all", "raw.img"],
+    ["check", "-r", "leaks", "missing"],
+    ["check", "-U", "-r", "all", "img.qcow2"],
+    ["check", "--output=xml", "img.qcow2"],
+    ["check", "-r", "all", "trunc.qcow2"],
+    ["check", "-r", "all", "bigcluster.qcow2"],
+    ["check", "--output=json", "empty"],
+    ["check", "/dev/null"],
     ["check", "--object", "secret,id=s0", "img.qcow2"],
 ]
 
 SNAPSHOT_CASES = [
-    ["snapshot", "-l", "missing"], ["snapshot", "-l", "dir"], ["snapshot", "-l", "empty"],
-    ["snapshot", "-l", "text.txt"], ["snapshot", "-l", "trunc.qcow2"],
-    ["snapshot", "-l", "bigcluster.qcow2"], ["snapshot", "-l", "orphan.qcow2"],
-    ["snapshot", "-c", "s", "raw.img"], ["snapshot", "-c", "s", "corrupt.qcow2"],
-    ["snapshot", "-c", "s", "trunc.qcow2"], ["snapshot", "-c", "s", "self.qcow2"],
-    ["snapshot", "-c", "s", "badl1.qcow2"], ["snapshot", "-a", "nosuch", "snap.qcow2"],
-    ["snapshot", "-d", "nosuch", "snap.qcow2"], ["snapshot", "-a", "first", "raw.img"],
-    ["snapshot", "-d", "first", "raw.img"], ["snapshot", "-a", "first", "missing"],
-    ["snapshot", "-l", "-c", "x", "snap.qcow2"], ["snapshot", "-c", "s", "-U", "snap.qcow2"],
-    ["snapshot", "-c"], ["snapshot", "-l"], ["snapshot", "snap.qcow2"],
+    ["snapshot", "-l", "missing"],
+    ["snapshot", "-l", "dir"],
+    ["snapshot", "-l", "empty"],
+    ["snapshot", "-l", "text.txt"],
+    ["snapshot", "-l", "trunc.qcow2"],
+    ["snapshot", "-l", "bigcluster.qcow2"],
+    ["snapshot", "-l", "orphan.qcow2"],
+    ["snapshot", "-c", "s", "raw.img"],
+    ["snapshot", "-c", "s", "corrupt.qcow2"],
+    ["snapshot", "-c", "s", "trunc.qcow2"],
+    ["snapshot", "-c", "s", "self.qcow2"],
+    ["snapshot", "-c", "s", "badl1.qcow2"],
+    ["snapshot", "-a", "nosuch", "snap.qcow2"],
+    ["snapshot", "-d", "nosuch", "snap.qcow2"],
+    ["snapshot", "-a", "first", "raw.img"],
+    ["snapshot", "-d", "first", "raw.img"],
+    ["snapshot", "-a", "first", "missing"],
+    ["snapshot", "-l", "-c", "x", "snap.qcow2"],
+    ["snapshot", "-c", "s", "-U", "snap.qcow2"],
+    ["snapshot", "-c"],
+    ["snapshot", "-l"],
+    ["snapshot", "snap.qcow2"],
     ["snapshot", "-c", "s", "--object", "secret,id=s0", "snap.qcow2"],
 ]
 
 
-@pytest.mark.parametrize("args", CREATE_CASES + INFO_CASES + CHECK_CASES + SNAPSHOT_CASES,
-                         ids=lambda args: " ".join(a[:24] for a in args))
+@pytest.mark.parametrize(
+    "args",
+    CREATE_CASES + INFO_CASES + CHECK_CASES + SNAPSHOT_CASES,
+    ids=lambda args: " ".join(a[:24] for a in args),
+)
 def test_bad_input_like_qemu_img(twins, args):
     try:
         assert_like_qemu(twins, args)
@@ -232,8 +341,11 @@ def test_bad_input_like_qemu_img(twins, args):
 LOOP_CASES = [
     ["create", "-f", "qcow2", "-b", "self.qcow2", "-F", "qcow2", "new.qcow2"],
     ["create", "-f", "qcow2", "-b", "loop-a.qcow2", "-F", "qcow2", "new.qcow2"],
-    ["check", "self.qcow2"], ["check", "loop-a.qcow2"], ["check", "-r", "all", "self.qcow2"],
-    ["snapshot", "-l", "self.qcow2"], ["snapshot", "-l", "loop-a.qcow2"],
+    ["check", "self.qcow2"],
+    ["check", "loop-a.qcow2"],
+    ["check", "-r", "all", "self.qcow2"],
+    ["snapshot", "-l", "self.qcow2"],
+    ["snapshot", "-l", "loop-a.qcow2"],
     ["snapshot", "-c", "s", "self.qcow2"],
 ]
 
@@ -241,13 +353,19 @@ LOOP_CASES = [
 @pytest.mark.parametrize("args", LOOP_CASES, ids=lambda args: " ".join(args))
 def test_backing_loops_fail_in_one_line(twins, args):
     try:
-        result = subprocess.run([str(twins.launcher), *args], cwd=twins.qimg_dir,
-                                capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            [str(twins.launcher), *args],
+            cwd=twins.qimg_dir,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert "Traceback" not in result.stderr, result.stderr
         assert result.returncode == 1, result
         lines = result.stderr.splitlines()
-        assert lines and lines[0].startswith("qimg: ") and "loop" in result.stderr.lower(), \
+        assert lines and lines[0].startswith("qimg: ") and "loop" in result.stderr.lower(), (
             result.stderr
+        )
         assert len([line for line in lines if line.startswith("qimg: ")]) == 1, result.stderr
         assert not (twins.qimg_dir / "new.qcow2").exists()
     finally:
@@ -256,10 +374,13 @@ def test_backing_loops_fail_in_one_line(twins, args):
 
 def test_qemu_img_answers_are_what_we_compare_against(twins):
     """Guard: the inputs are as bad as intended (qemu-img itself fails on them)."""
-    for args, code in ((["info", "missing"], 1), (["check", "raw.img"], 63),
-                       (["check", "bigcluster.qcow2"], 1), (["info", "--backing-chain",
-                                                             "self.qcow2"], 1),
-                       (["snapshot", "-l", "trunc.qcow2"], 1)):
+    for args, code in (
+        (["info", "missing"], 1),
+        (["check", "raw.img"], 63),
+        (["check", "bigcluster.qcow2"], 1),
+        (["info", "--backing-chain", "self.qcow2"], 1),
+        (["snapshot", "-l", "trunc.qcow2"], 1),
+    ):
         qemu, _ = twins.run(args)
         assert qemu.returncode == code, (args, qemu.stderr)
 
@@ -267,6 +388,7 @@ def test_qemu_img_answers_are_what_we_compare_against(twins):
 # ---------------------------------------------------------------------------------------------
 # Untrusted images
 # ---------------------------------------------------------------------------------------------
+
 
 def forget_backing_format(path: Path) -> None:
     """Turn the backing format extension into an unknown one (as in images made before
@@ -285,15 +407,31 @@ def forget_backing_format(path: Path) -> None:
 
 
 def qemu_raw(image: Path, out: Path) -> bytes:
-    subprocess.run([QEMU_IMG, "convert", "-O", "raw", str(image), str(out)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [QEMU_IMG, "convert", "-O", "raw", str(image), str(out)], check=True, capture_output=True
+    )
     return out.read_bytes()
 
 
 def top_over(directory: Path, backing_name: str, backing_fmt: str | None) -> Path:
     top = directory / "top.qcow2"
-    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-u", "-b", backing_name, "-F",
-                    backing_fmt or "raw", str(top), "1M"], check=True)
+    subprocess.run(
+        [
+            QEMU_IMG,
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            backing_name,
+            "-F",
+            backing_fmt or "raw",
+            str(top),
+            "1M",
+        ],
+        check=True,
+    )
     if backing_fmt is None:
         forget_backing_format(top)
     return top
@@ -330,17 +468,26 @@ def test_backing_host_file_is_not_opened_as_raw_unless_stated(tmp_path):
         qcow2lib.open(str(top), "r")
     (tmp_path / "bin").mkdir()
     launcher = make_launcher(tmp_path / "bin")
-    for args in (["convert", "-O", "raw", "top.qcow2", "out.raw"], ["map", "top.qcow2"],
-                 ["compare", "top.qcow2", "host.file"], ["commit", "top.qcow2"]):
-        result = subprocess.run([launcher, *args], cwd=tmp_path, capture_output=True,
-                                text=True)
+    for args in (
+        ["convert", "-O", "raw", "top.qcow2", "out.raw"],
+        ["map", "top.qcow2"],
+        ["compare", "top.qcow2", "host.file"],
+        ["commit", "top.qcow2"],
+    ):
+        result = subprocess.run([launcher, *args], cwd=tmp_path, capture_output=True, text=True)
         assert result.returncode != 0 and "Traceback" not in result.stderr, args
-        assert result.stderr.count("\n") == 1 and "not opened as raw" in result.stderr, \
-            (args, result.stderr)
-    assert not (tmp_path / "out.raw").exists() or not (tmp_path / "out.raw").read_bytes() \
-        .startswith(b"secret")
-    subprocess.run([launcher, "rebase", "-u", "-b", "host.file", "-F", "raw", "top.qcow2"],
-                   cwd=tmp_path, check=True)
+        assert result.stderr.count("\n") == 1 and "not opened as raw" in result.stderr, (
+            args,
+            result.stderr,
+        )
+    assert not (tmp_path / "out.raw").exists() or not (
+        tmp_path / "out.raw"
+    ).read_bytes().startswith(b"secret")
+    subprocess.run(
+        [launcher, "rebase", "-u", "-b", "host.file", "-F", "raw", "top.qcow2"],
+        cwd=tmp_path,
+        check=True,
+    )
     with qcow2lib.open(str(top), "r") as img:
         assert img.backing.format == "raw"
         assert img.read(0, img.size) == qemu_raw(top, tmp_path / "qemu.raw")
@@ -356,8 +503,9 @@ def test_stated_backing_format_is_never_second_guessed(tmp_path):
     top = top_over(tmp_path, "plain.raw", "qcow2")
     with pytest.raises(qcow2lib.Qcow2Error):
         qcow2lib.open(str(top), "r")
-    assert subprocess.run([QEMU_IO, "-c", "read 0 512", str(top)],
-                          capture_output=True).returncode != 0
+    assert (
+        subprocess.run([QEMU_IO, "-c", "read 0 512", str(top)], capture_output=True).returncode != 0
+    )
     top.unlink()
     top = top_over(tmp_path, "real.qcow2", "raw")
     with qcow2lib.open(str(top), "r") as img:
@@ -376,8 +524,9 @@ def test_probed_raw_image_cannot_become_another_format(tmp_path):
     qcow2_sector = header.read_bytes()[:512]
     disk = tmp_path / "disk.raw"
     disk.write_bytes(bytes(1 << 20))
-    result = subprocess.run([QEMU_IO, "-c", f"write -s {header} 0 512", str(disk)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [QEMU_IO, "-c", f"write -s {header} 0 512", str(disk)], capture_output=True, text=True
+    )
     assert "Operation not permitted" in result.stdout + result.stderr
     with qcow2lib.open(str(disk), "r+") as img:
         assert img.format == "raw"
@@ -407,8 +556,9 @@ class OpenWatch:
         assert self.fd >= 0, ctypes.get_errno()
         self.names = {}
         for path in paths:
-            wd = _libc.inotify_add_watch(self.fd, str(path).encode(),
-                                         IN_OPEN | IN_MODIFY | IN_CLOSE_WRITE)
+            wd = _libc.inotify_add_watch(
+                self.fd, str(path).encode(), IN_OPEN | IN_MODIFY | IN_CLOSE_WRITE
+            )
             assert wd >= 0, (path, ctypes.get_errno())
             self.names[wd] = path.name
 
@@ -436,24 +586,44 @@ def chain_dir(tmp_path_factory):
     """top.qcow2 -> mid.qcow2 -> base.raw, and data.qcow2 with an external data file."""
     directory = tmp_path_factory.mktemp("chain")
     (directory / "base.raw").write_bytes(b"base" * (1 << 18))
-    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw",
-                    "mid.qcow2"], cwd=directory, check=True)
-    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
-                    "top.qcow2"], cwd=directory, check=True)
-    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "data_file=data.raw",
-                    "data.qcow2", "1M"], cwd=directory, check=True)
+    subprocess.run(
+        [QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "mid.qcow2"],
+        cwd=directory,
+        check=True,
+    )
+    subprocess.run(
+        [QEMU_IMG, "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2"],
+        cwd=directory,
+        check=True,
+    )
+    subprocess.run(
+        [QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "data_file=data.raw", "data.qcow2", "1M"],
+        cwd=directory,
+        check=True,
+    )
     bindir = directory / "bin"
     bindir.mkdir()
     return directory, make_launcher(bindir)
 
 
-@pytest.mark.parametrize("args", [
-    ["info", "top.qcow2"], ["info", "-U", "top.qcow2"], ["info", "-f", "qcow2", "top.qcow2"],
-    ["info", "--backing-chain", "top.qcow2"], ["info", "-U", "--backing-chain", "top.qcow2"],
-    ["check", "top.qcow2"], ["check", "-U", "top.qcow2"], ["check", "-r", "leaks", "top.qcow2"],
-    ["snapshot", "-l", "top.qcow2"], ["snapshot", "-l", "-U", "top.qcow2"],
-    ["info", "data.qcow2"], ["info", "-U", "data.qcow2"], ["check", "data.qcow2"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["info", "top.qcow2"],
+        ["info", "-U", "top.qcow2"],
+        ["info", "-f", "qcow2", "top.qcow2"],
+        ["info", "--backing-chain", "top.qcow2"],
+        ["info", "-U", "--backing-chain", "top.qcow2"],
+        ["check", "top.qcow2"],
+        ["check", "-U", "top.qcow2"],
+        ["check", "-r", "leaks", "top.qcow2"],
+        ["snapshot", "-l", "top.qcow2"],
+        ["snapshot", "-l", "-U", "top.qcow2"],
+        ["info", "data.qcow2"],
+        ["info", "-U", "data.qcow2"],
+        ["check", "data.qcow2"],
+    ],
+)
 def test_commands_open_no_more_of_the_chain_than_qemu_img(chain_dir, args):
     """qimg opens a backing or data file only where qemu-img does, and never for writing
     where qemu-img only reads it (info without --backing-chain opens no backing file)."""
@@ -463,8 +633,9 @@ def test_commands_open_no_more_of_the_chain_than_qemu_img(chain_dir, args):
     for tool, command in (("qemu-img", [QEMU_IMG]), ("qimg", [str(launcher)])):
         watch = OpenWatch(watched)
         try:
-            result = subprocess.run(command + args, cwd=directory, capture_output=True,
-                                    text=True, timeout=60)
+            result = subprocess.run(
+                command + args, cwd=directory, capture_output=True, text=True, timeout=60
+            )
             seen[tool] = (result.returncode, watch.events())
         finally:
             watch.close()
@@ -473,6 +644,7 @@ def test_commands_open_no_more_of_the_chain_than_qemu_img(chain_dir, args):
     for name, kinds in qimg_seen.items():
         assert kinds <= qemu_seen.get(name, set()), (
             f"qimg {' '.join(args)}: {name} {sorted(kinds)}; qemu-img: "
-            f"{sorted(qemu_seen.get(name, set()))}")
+            f"{sorted(qemu_seen.get(name, set()))}"
+        )
     if args[0] == "info" and "--backing-chain" not in args:
         assert not qimg_seen.get("mid.qcow2") and not qimg_seen.get("base.raw")

@@ -6,6 +6,7 @@ same contents, then compares exit code, stdout and stderr exactly. Only what leg
 differs between two tools writing two files is masked: the "disk size" of an image, and
 the version/bug-report lines of --help.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,11 +31,13 @@ ROOT = Path(__file__).resolve().parent.parent
 def make_launcher(directory: Path, name: str) -> Path:
     """An executable called `name` that runs qimg (argv[0] is what qemu-img's messages use)."""
     path = directory / name
-    path.write_text(f"#!{sys.executable}\n"
-                    "import sys\n"
-                    f"sys.path[:0] = [{str(ROOT / 'tools')!r}, {str(ROOT)!r}]\n"
-                    "import qimg\n"
-                    "sys.exit(qimg.main())\n")
+    path.write_text(
+        f"#!{sys.executable}\n"
+        "import sys\n"
+        f"sys.path[:0] = [{str(ROOT / 'tools')!r}, {str(ROOT)!r}]\n"
+        "import qimg\n"
+        "sys.exit(qimg.main())\n"
+    )
     path.chmod(0o755)
     return path
 
@@ -68,16 +71,18 @@ class Twins:
         with inside(self.qemu_dir):
             action()
         self.qimg_dir.rmdir()
-        subprocess.run(["cp", "-a", "--sparse=always", str(self.qemu_dir), str(self.qimg_dir)],
-                       check=True)
+        subprocess.run(
+            ["cp", "-a", "--sparse=always", str(self.qemu_dir), str(self.qimg_dir)], check=True
+        )
 
     def qemu(self, *args) -> subprocess.CompletedProcess:
         with inside(self.qemu_dir):
             return qemu_img(*args, check=False)
 
     def qimg(self, *args) -> subprocess.CompletedProcess:
-        return subprocess.run([str(self.launcher), *map(str, args)], cwd=self.qimg_dir,
-                              capture_output=True, text=True)
+        return subprocess.run(
+            [str(self.launcher), *map(str, args)], cwd=self.qimg_dir, capture_output=True, text=True
+        )
 
     def both(self, *args) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
         return self.qemu(*args), self.qimg(*args)
@@ -91,9 +96,11 @@ class Twins:
         assert "Traceback" not in actual.stderr, actual.stderr
 
         def seen(result, directory):
-            clean = [text.replace(str(directory), "<dir>") for text in (result.stdout,
-                                                                      result.stderr)]
+            clean = [
+                text.replace(str(directory), "<dir>") for text in (result.stdout, result.stderr)
+            ]
             return (result.returncode, *(mask(text) if mask else text for text in clean))
+
         assert seen(actual, self.qimg_dir) == seen(expected, self.qemu_dir), args
         return actual
 
@@ -122,6 +129,7 @@ def mask_disk_size(text: str) -> str:
 
 # --- help, version, global options ----------------------------------------------------------
 
+
 def help_body(text: str) -> list[str]:
     """--help minus the lines that name the program's own version, formats and bug tracker."""
     lines = text.splitlines()
@@ -129,12 +137,22 @@ def help_body(text: str) -> list[str]:
     body = lines[2:]
     formats = [i for i, line in enumerate(body) if line.startswith("Supported formats:")]
     assert len(formats) == 1
-    return body[:formats[0]]
+    return body[: formats[0]]
 
 
-@pytest.mark.parametrize("args", [["--help"], ["-h"], ["--he"], ["create", "--help"],
-                                  ["create", "-h"], ["info", "--help"], ["info", "-h"],
-                                  ["create", "-q", "-h", "x"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["-h"],
+        ["--he"],
+        ["create", "--help"],
+        ["create", "-h"],
+        ["info", "--help"],
+        ["info", "-h"],
+        ["create", "-q", "-h", "x"],
+    ],
+)
 def test_help_matches_qemu_img(twins, args):
     expected, actual = twins.both(*args)
     assert actual.returncode == expected.returncode == 0
@@ -148,51 +166,129 @@ def test_help_matches_qemu_img(twins, args):
 def test_version(twins, args):
     expected, actual = twins.both(*args)
     assert actual.returncode == expected.returncode == 0
-    assert actual.stdout.splitlines()[0].split(" (")[0] == \
-        expected.stdout.splitlines()[0].split(" (")[0] == "qemu-img version 7.2.22"
+    assert (
+        actual.stdout.splitlines()[0].split(" (")[0]
+        == expected.stdout.splitlines()[0].split(" (")[0]
+        == "qemu-img version 7.2.22"
+    )
 
 
-@pytest.mark.parametrize("args", [
-    [], ["foo"], ["-x"], ["--xyz"], ["-T"], ["--trace"], ["--help=x"], ["--"], ["-", "info"],
-    ["create"], ["create", "-f"], ["create", "-x", "a"], ["create", "-qx", "a"],
-    ["create", "-xq", "a"], ["create", "--obj"], ["create", "--help=1"],
-    ["create", "a.img", "1G", "extra"], ["create", "-f", "qcow2", "--", "-a.img", "-1"],
-    ["create", "-o", "", "a.img", "1G"], ["create", "-o", ",size=1G", "a.img"],
-    ["create", "-o", "size=1G,", "a.img"], ["create", "-f", "qcow2", "-o", "size=1G,,", "a.img"],
-    ["info"], ["info", "a", "b"], ["info", "-Ux", "a"], ["info", "-xU", "a"],
-    ["info", "--help=x", "a"], ["info", "--f", "a"], ["info", "--fo", "raw"],
-    ["info", "--output"], ["info", "a", "--output"], ["info", "a", "-f"],
-    ["info", "--output=xml", "a"], ["info", "--output", "JSON", "a"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["foo"],
+        ["-x"],
+        ["--xyz"],
+        ["-T"],
+        ["--trace"],
+        ["--help=x"],
+        ["--"],
+        ["-", "info"],
+        ["create"],
+        ["create", "-f"],
+        ["create", "-x", "a"],
+        ["create", "-qx", "a"],
+        ["create", "-xq", "a"],
+        ["create", "--obj"],
+        ["create", "--help=1"],
+        ["create", "a.img", "1G", "extra"],
+        ["create", "-f", "qcow2", "--", "-a.img", "-1"],
+        ["create", "-o", "", "a.img", "1G"],
+        ["create", "-o", ",size=1G", "a.img"],
+        ["create", "-o", "size=1G,", "a.img"],
+        ["create", "-f", "qcow2", "-o", "size=1G,,", "a.img"],
+        ["info"],
+        ["info", "a", "b"],
+        ["info", "-Ux", "a"],
+        ["info", "-xU", "a"],
+        ["info", "--help=x", "a"],
+        ["info", "--f", "a"],
+        ["info", "--fo", "raw"],
+        ["info", "--output"],
+        ["info", "a", "--output"],
+        ["info", "a", "-f"],
+        ["info", "--output=xml", "a"],
+        ["info", "--output", "JSON", "a"],
+    ],
+)
 def test_usage_errors(twins, args):
     twins.assert_same(*args)
 
 
 # --- sizes -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("size", [
-    "1G", "1g", "1.5k", "1.", "1.k", "0x10", "0x10k", "12b", "12B", " 12", "+12", "1.5e",
-    "1.99999999999999999999k", "0", "9223372036854775807", "0x1E", "1.0000000000000000001E",
-    "1x", "-1", "-0", "1e3", "1.5", "1.5b", "16E", "8E", "0x", "0x1.8", ".5k", "k", "1kb",
-    "18446744073709551615", "18446744073709551616", "9223372036854775808",
-])
+
+@pytest.mark.parametrize(
+    "size",
+    [
+        "1G",
+        "1g",
+        "1.5k",
+        "1.",
+        "1.k",
+        "0x10",
+        "0x10k",
+        "12b",
+        "12B",
+        " 12",
+        "+12",
+        "1.5e",
+        "1.99999999999999999999k",
+        "0",
+        "9223372036854775807",
+        "0x1E",
+        "1.0000000000000000001E",
+        "1x",
+        "-1",
+        "-0",
+        "1e3",
+        "1.5",
+        "1.5b",
+        "16E",
+        "8E",
+        "0x",
+        "0x1.8",
+        ".5k",
+        "k",
+        "1kb",
+        "18446744073709551615",
+        "18446744073709551616",
+        "9223372036854775808",
+    ],
+)
 def test_size_argument(twins, size):
     """Size spellings reach the same byte count (the Formatting line) or the same error."""
     twins.assert_same("create", "-f", "raw", "-o", "preallocation=foo", "img.raw", size)
 
 
-@pytest.mark.parametrize("value, text", [
-    (0, "0 B"), (1, "1 B"), (999, "999 B"), (1000, "0.977 KiB"), (1023, "0.999 KiB"),
-    (1024, "1 KiB"), (200704, "196 KiB"), (1536, "1.5 KiB"), (1 << 30, "1 GiB"),
-    ((1 << 30) - 1, "1 GiB"), (1023 * 1024 ** 2, "0.999 GiB"), (10 ** 15, "909 TiB"),
-    ((1 << 64) - 1, "16 EiB"), (123456789, "118 MiB"),
-])
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        (0, "0 B"),
+        (1, "1 B"),
+        (999, "999 B"),
+        (1000, "0.977 KiB"),
+        (1023, "0.999 KiB"),
+        (1024, "1 KiB"),
+        (200704, "196 KiB"),
+        (1536, "1.5 KiB"),
+        (1 << 30, "1 GiB"),
+        ((1 << 30) - 1, "1 GiB"),
+        (1023 * 1024**2, "0.999 GiB"),
+        (10**15, "909 TiB"),
+        ((1 << 64) - 1, "16 EiB"),
+        (123456789, "118 MiB"),
+    ],
+)
 def test_format_size(value, text):
     from qcow2lib.sizes import format_size
+
     assert format_size(value) == text
 
 
 # --- create ----------------------------------------------------------------------------------
+
 
 def compare_images(twins: Twins, name: str, fmt: str | None = None, check: bool = True) -> None:
     """Both created images must look the same to the real qemu-img (info and check)."""
@@ -240,8 +336,9 @@ CREATE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("options", CREATE_CASES,
-                         ids=lambda o: " ".join(o) if isinstance(o, list) else None)
+@pytest.mark.parametrize(
+    "options", CREATE_CASES, ids=lambda o: " ".join(o) if isinstance(o, list) else None
+)
 @pytest.mark.parametrize("size", ["1M", "100"])
 def test_create(twins, options, size):
     twins.assert_same("create", *options, "img", size)
@@ -249,87 +346,96 @@ def test_create(twins, options, size):
     compare_images(twins, "img", fmt)
 
 
-@pytest.mark.parametrize("args", [
-    ["-f", "qcow2", "-o", "size=1G", "img"],
-    ["-f", "raw", "-o", "size=1G", "img"],
-    ["-f", "qcow2", "-o", "size=0x10M", "img"],
-    ["-f", "qcow2", "-o", "size=0x10M,extent_size_hint=0x1k,cluster_size=0x1M", "img"],
-    ["-f", "raw", "-o", "size=0x1M,extent_size_hint=0x1k", "img"],
-    ["-f", "qcow2", "file:img", "1M"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-f", "qcow2", "-o", "size=1G", "img"],
+        ["-f", "raw", "-o", "size=1G", "img"],
+        ["-f", "qcow2", "-o", "size=0x10M", "img"],
+        ["-f", "qcow2", "-o", "size=0x10M,extent_size_hint=0x1k,cluster_size=0x1M", "img"],
+        ["-f", "raw", "-o", "size=0x1M,extent_size_hint=0x1k", "img"],
+        ["-f", "qcow2", "file:img", "1M"],
+    ],
+)
 def test_create_size_forms(twins, args):
     twins.assert_same("create", *args)
     compare_images(twins, "img")
 
 
-@pytest.mark.parametrize("args", [
-    ["-f", "qcow2", "img", "1G", "-o", "cluster_size=1000"],
-    ["-f", "qcow2", "img", "1G", "-o", "cluster_size=0"],
-    ["-f", "qcow2", "img", "1G", "-o", "cluster_size=4M"],
-    ["-f", "qcow2", "img", "1G", "-o", "cluster_size=1.5k"],
-    ["-f", "qcow2", "img", "1G", "-o", "cluster_size=x"],
-    ["-f", "qcow2", "img", "1G", "-o", "cluster_size=16E"],
-    ["-f", "qcow2", "img", "1G", "-o", "compat=foo"],
-    ["-f", "qcow2", "img", "0x1M", "-o", "extent_size_hint=0x1k,cluster_size=0x10k,compat=foo"],
-    ["-f", "qcow2", "img", "-o", "size=0x1M,cluster_size=0x10k,preallocation=foo"],
-    ["-f", "qcow2", "img", "1G", "-o", "compat=0.10,lazy_refcounts=on"],
-    ["-f", "qcow2", "img", "1G", "-o", "compat=0.10,extended_l2=on"],
-    ["-f", "qcow2", "img", "1G", "-o", "compat=0.10,refcount_bits=8"],
-    ["-f", "qcow2", "img", "1G", "-o", "compat=0.10,compression_type=zstd"],
-    ["-f", "qcow2", "img", "1G", "-o", "compat=0.10,data_file=d.raw"],
-    ["-f", "qcow2", "img", "1G", "-o", "refcount_bits=3"],
-    ["-f", "qcow2", "img", "1G", "-o", "refcount_bits=128"],
-    ["-f", "qcow2", "img", "1G", "-o", "refcount_bits=0"],
-    ["-f", "qcow2", "img", "1G", "-o", "refcount_bits=-1"],
-    ["-f", "qcow2", "img", "1G", "-o", "refcount_bits=foo"],
-    ["-f", "qcow2", "img", "1G", "-o", "refcount_bits=18446744073709551615"],
-    ["-f", "qcow2", "img", "1G", "-o", "refcount_bits=18446744073709551616"],
-    ["-f", "qcow2", "img", "1G", "-o", "compression_type=foo"],
-    ["-f", "qcow2", "img", "1G", "-o", "preallocation=foo"],
-    ["-f", "qcow2", "img", "1G", "-o", "extended_l2=maybe"],
-    ["-f", "qcow2", "img", "1G", "-o", "extended_l2=on,cluster_size=4k"],
-    ["-f", "qcow2", "img", "1G", "-o", "foo=bar"],
-    ["-f", "qcow2", "img", "1G", "-o", "size=1G"],
-    ["-f", "qcow2", "img", "1G", "-o", "data_file_raw=on"],
-    ["-f", "qcow2", "img", "1G", "-o", "backing_fmt=qcow2"],
-    ["-f", "qcow2", "img", "1G", "-F", "qcow2"],
-    ["-f", "qcow2", "img", "1G", "-o", "extent_size_hint=5G"],
-    ["-f", "qcow2", "img", "1G", "-o", "encryption=on,encrypt.format=luks"],
-    ["-f", "qcow2", "img", "-o", "size=1.5"],
-    ["-f", "qcow2", "img", "-o", "size=16E"],
-    ["-f", "qcow2", "img"],
-    ["-f", "qcow2", "-u", "-b", "nonexist", "-F", "qcow2", "img"],
-    ["-f", "qcow2", "-b", "nonexist", "img", "1G"],
-    ["-f", "qcow2", "-b", "nonexist", "-F", "qcow2", "img", "1G"],
-    ["-f", "qcow2", "-b", "img", "-F", "qcow2", "img", "1G"],
-    ["-f", "qcow2", "-b", "", "-F", "qcow2", "img", "1G"],
-    ["-f", "qcow2", "-u", "-b", "base", "-F", "foo", "img", "1G"],
-    ["-f", "qcow2", "-u", "-b", "base", "img", "1G"],
-    ["-f", "foo", "img", "1G"],
-    ["-f", "raw", "img", "1G", "-o", "preallocation=foo"],
-    ["-f", "raw", "img", "1G", "-o", "extent_size_hint=5G"],
-    ["-f", "raw", "img", "1G", "-o", "cluster_size=64k"],
-    ["-f", "raw", "-b", "base", "img", "1G"],
-    ["-f", "raw", "-F", "raw", "img", "1G"],
-    ["-f", "qcow2", "a:img", "1G"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-f", "qcow2", "img", "1G", "-o", "cluster_size=1000"],
+        ["-f", "qcow2", "img", "1G", "-o", "cluster_size=0"],
+        ["-f", "qcow2", "img", "1G", "-o", "cluster_size=4M"],
+        ["-f", "qcow2", "img", "1G", "-o", "cluster_size=1.5k"],
+        ["-f", "qcow2", "img", "1G", "-o", "cluster_size=x"],
+        ["-f", "qcow2", "img", "1G", "-o", "cluster_size=16E"],
+        ["-f", "qcow2", "img", "1G", "-o", "compat=foo"],
+        ["-f", "qcow2", "img", "0x1M", "-o", "extent_size_hint=0x1k,cluster_size=0x10k,compat=foo"],
+        ["-f", "qcow2", "img", "-o", "size=0x1M,cluster_size=0x10k,preallocation=foo"],
+        ["-f", "qcow2", "img", "1G", "-o", "compat=0.10,lazy_refcounts=on"],
+        ["-f", "qcow2", "img", "1G", "-o", "compat=0.10,extended_l2=on"],
+        ["-f", "qcow2", "img", "1G", "-o", "compat=0.10,refcount_bits=8"],
+        ["-f", "qcow2", "img", "1G", "-o", "compat=0.10,compression_type=zstd"],
+        ["-f", "qcow2", "img", "1G", "-o", "compat=0.10,data_file=d.raw"],
+        ["-f", "qcow2", "img", "1G", "-o", "refcount_bits=3"],
+        ["-f", "qcow2", "img", "1G", "-o", "refcount_bits=128"],
+        ["-f", "qcow2", "img", "1G", "-o", "refcount_bits=0"],
+        ["-f", "qcow2", "img", "1G", "-o", "refcount_bits=-1"],
+        ["-f", "qcow2", "img", "1G", "-o", "refcount_bits=foo"],
+        ["-f", "qcow2", "img", "1G", "-o", "refcount_bits=18446744073709551615"],
+        ["-f", "qcow2", "img", "1G", "-o", "refcount_bits=18446744073709551616"],
+        ["-f", "qcow2", "img", "1G", "-o", "compression_type=foo"],
+        ["-f", "qcow2", "img", "1G", "-o", "preallocation=foo"],
+        ["-f", "qcow2", "img", "1G", "-o", "extended_l2=maybe"],
+        ["-f", "qcow2", "img", "1G", "-o", "extended_l2=on,cluster_size=4k"],
+        ["-f", "qcow2", "img", "1G", "-o", "foo=bar"],
+        ["-f", "qcow2", "img", "1G", "-o", "size=1G"],
+        ["-f", "qcow2", "img", "1G", "-o", "data_file_raw=on"],
+        ["-f", "qcow2", "img", "1G", "-o", "backing_fmt=qcow2"],
+        ["-f", "qcow2", "img", "1G", "-F", "qcow2"],
+        ["-f", "qcow2", "img", "1G", "-o", "extent_size_hint=5G"],
+        ["-f", "qcow2", "img", "1G", "-o", "encryption=on,encrypt.format=luks"],
+        ["-f", "qcow2", "img", "-o", "size=1.5"],
+        ["-f", "qcow2", "img", "-o", "size=16E"],
+        ["-f", "qcow2", "img"],
+        ["-f", "qcow2", "-u", "-b", "nonexist", "-F", "qcow2", "img"],
+        ["-f", "qcow2", "-b", "nonexist", "img", "1G"],
+        ["-f", "qcow2", "-b", "nonexist", "-F", "qcow2", "img", "1G"],
+        ["-f", "qcow2", "-b", "img", "-F", "qcow2", "img", "1G"],
+        ["-f", "qcow2", "-b", "", "-F", "qcow2", "img", "1G"],
+        ["-f", "qcow2", "-u", "-b", "base", "-F", "foo", "img", "1G"],
+        ["-f", "qcow2", "-u", "-b", "base", "img", "1G"],
+        ["-f", "foo", "img", "1G"],
+        ["-f", "raw", "img", "1G", "-o", "preallocation=foo"],
+        ["-f", "raw", "img", "1G", "-o", "extent_size_hint=5G"],
+        ["-f", "raw", "img", "1G", "-o", "cluster_size=64k"],
+        ["-f", "raw", "-b", "base", "img", "1G"],
+        ["-f", "raw", "-F", "raw", "img", "1G"],
+        ["-f", "qcow2", "a:img", "1G"],
+    ],
+)
 def test_create_errors(twins, args):
     twins.assert_same("create", *args)
     for directory in twins.dirs():
         assert not (directory / "img").exists()
 
 
-@pytest.mark.parametrize("args", [
-    ["-f", "qcow2", "-o", "help"],
-    ["-f", "qcow2", "-o", "?"],
-    ["-f", "qcow2", "-o", "help", "x.qcow2"],
-    ["-f", "qcow2", "-o", "size=1G,help", "x.qcow2", "1G"],
-    ["-o", "help"],
-    ["-f", "raw", "-o", "help", "x.raw"],
-    ["-f", "foo", "-o", "help"],
-    ["-f", "qcow2", "-o", "help", "a:b"],
-    ["-f", "qcow2", "-o", "nohelp", "x.qcow2", "1M"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-f", "qcow2", "-o", "help"],
+        ["-f", "qcow2", "-o", "?"],
+        ["-f", "qcow2", "-o", "help", "x.qcow2"],
+        ["-f", "qcow2", "-o", "size=1G,help", "x.qcow2", "1G"],
+        ["-o", "help"],
+        ["-f", "raw", "-o", "help", "x.raw"],
+        ["-f", "foo", "-o", "help"],
+        ["-f", "qcow2", "-o", "help", "a:b"],
+        ["-f", "qcow2", "-o", "nohelp", "x.qcow2", "1M"],
+    ],
+)
 def test_create_option_help(twins, args):
     twins.assert_same("create", *args)
 
@@ -340,38 +446,48 @@ def backing_twins(twins):
         qemu_create("base.qcow2", "64M", "qcow2")
         qemu_create("base.raw", "3M", "raw")
         (directory / "sub").mkdir()
+
     twins.setup(build)
     return twins
 
 
-@pytest.mark.parametrize("options, name, size", [
-    (["-b", "base.qcow2", "-F", "qcow2"], "top1", []),
-    (["-b", "base.qcow2", "-F", "qcow2"], "top2", ["1G"]),
-    (["-b", "base.raw", "-F", "raw"], "top3", []),
-    (["-b", "base.qcow2", "-F", "raw"], "top4", []),
-    (["-b", "../base.qcow2", "-F", "qcow2"], "sub/top5", []),
-    (["-o", "backing_file=base.qcow2,backing_fmt=qcow2"], "top6", []),
-    (["-u", "-b", "missing.qcow2", "-F", "qcow2"], "top7", ["1M"]),
-    (["-u", "-b", "base.qcow2", "-F", "vmdk"], "top8", ["1M"]),
-    (["-b", "base.qcow2", "-F", "qcow2", "-o", "extended_l2=on,preallocation=metadata"],
-     "top9", []),
-    (["-b", "file:base.qcow2", "-F", "qcow2"], "top10", []),
-])
+@pytest.mark.parametrize(
+    "options, name, size",
+    [
+        (["-b", "base.qcow2", "-F", "qcow2"], "top1", []),
+        (["-b", "base.qcow2", "-F", "qcow2"], "top2", ["1G"]),
+        (["-b", "base.raw", "-F", "raw"], "top3", []),
+        (["-b", "base.qcow2", "-F", "raw"], "top4", []),
+        (["-b", "../base.qcow2", "-F", "qcow2"], "sub/top5", []),
+        (["-o", "backing_file=base.qcow2,backing_fmt=qcow2"], "top6", []),
+        (["-u", "-b", "missing.qcow2", "-F", "qcow2"], "top7", ["1M"]),
+        (["-u", "-b", "base.qcow2", "-F", "vmdk"], "top8", ["1M"]),
+        (
+            ["-b", "base.qcow2", "-F", "qcow2", "-o", "extended_l2=on,preallocation=metadata"],
+            "top9",
+            [],
+        ),
+        (["-b", "file:base.qcow2", "-F", "qcow2"], "top10", []),
+    ],
+)
 def test_create_with_backing(backing_twins, options, name, size):
     backing_twins.assert_same("create", "-f", "qcow2", *options, name, *size)
     compare_images(backing_twins, name, check=name not in ("top7", "top8"))
 
 
-@pytest.mark.parametrize("args", [
-    ["-b", "base.qcow2", "bad"],
-    ["-b", "base.raw", "-F", "qcow2", "bad"],
-    ["-b", "base.qcow2", "-F", "qcow2", "-o", "preallocation=metadata", "bad"],
-    ["-b", "base.qcow2", "-F", "qcow2", "-o", "data_file=d,data_file_raw=on", "bad"],
-    ["-b", "base.qcow2", "-F", "qcow2", "sub/bad"],
-    ["-b", "file:", "-F", "qcow2", "bad", "1M"],
-    ["-b", "a:b", "-F", "qcow2", "bad", "1M"],
-    ["-b", "sub", "-F", "qcow2", "bad"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-b", "base.qcow2", "bad"],
+        ["-b", "base.raw", "-F", "qcow2", "bad"],
+        ["-b", "base.qcow2", "-F", "qcow2", "-o", "preallocation=metadata", "bad"],
+        ["-b", "base.qcow2", "-F", "qcow2", "-o", "data_file=d,data_file_raw=on", "bad"],
+        ["-b", "base.qcow2", "-F", "qcow2", "sub/bad"],
+        ["-b", "file:", "-F", "qcow2", "bad", "1M"],
+        ["-b", "a:b", "-F", "qcow2", "bad", "1M"],
+        ["-b", "sub", "-F", "qcow2", "bad"],
+    ],
+)
 def test_create_with_backing_errors(backing_twins, args):
     backing_twins.assert_same("create", "-f", "qcow2", *args)
 
@@ -405,6 +521,7 @@ def test_create_overwrites(twins):
 
 # --- info ------------------------------------------------------------------------------------
 
+
 def set_incompatible_bits(path: Path, bits: int) -> None:
     with open(path, "r+b") as f:
         f.seek(72)
@@ -432,52 +549,119 @@ def forget_backing_format(path: Path) -> None:
 INFO_IMAGES = {
     "plain.qcow2": lambda: qemu_create("plain.qcow2", "1G"),
     "v2.qcow2": lambda: qemu_create("v2.qcow2", "10M", options={"compat": "0.10"}),
-    "features.qcow2": lambda: qemu_create("features.qcow2", "3G", options={
-        "lazy_refcounts": "on", "extended_l2": "on", "compression_type": "zstd",
-        "refcount_bits": "4", "cluster_size": "128k"}),
+    "features.qcow2": lambda: qemu_create(
+        "features.qcow2",
+        "3G",
+        options={
+            "lazy_refcounts": "on",
+            "extended_l2": "on",
+            "compression_type": "zstd",
+            "refcount_bits": "4",
+            "cluster_size": "128k",
+        },
+    ),
     "odd.qcow2": lambda: qemu_create("odd.qcow2", "1234567"),
     "data.qcow2": lambda: qemu_create("data.qcow2", "4M", options={"data_file": "data.raw"}),
-    "rawdata.qcow2": lambda: qemu_create("rawdata.qcow2", "4M", options={
-        "data_file": "rawdata.raw", "data_file_raw": "on"}),
-    "written.qcow2": lambda: (qemu_create("written.qcow2", "8M"),
-                              qemu_io("written.qcow2", "write -P 7 0 3M")),
+    "rawdata.qcow2": lambda: qemu_create(
+        "rawdata.qcow2", "4M", options={"data_file": "rawdata.raw", "data_file_raw": "on"}
+    ),
+    "written.qcow2": lambda: (
+        qemu_create("written.qcow2", "8M"),
+        qemu_io("written.qcow2", "write -P 7 0 3M"),
+    ),
     "disk.raw": lambda: qemu_create("disk.raw", "5M", "raw"),
     "empty.raw": lambda: Path("empty.raw").write_bytes(b""),
-    "snap.qcow2": lambda: (qemu_create("snap.qcow2", "16M"),
-                           qemu_img("snapshot", "-c", "first", "snap.qcow2"),
-                           qemu_io("snap.qcow2", "write 0 64k"),
-                           qemu_img("snapshot", "-c", "second snapshot", "snap.qcow2")),
-    "dirty.qcow2": lambda: (qemu_create("dirty.qcow2", "1M", options={"lazy_refcounts": "on"}),
-                            set_incompatible_bits(Path("dirty.qcow2"), 1)),
-    "corrupt.qcow2": lambda: (qemu_create("corrupt.qcow2", "1M"),
-                              set_incompatible_bits(Path("corrupt.qcow2"), 2)),
-    "top.qcow2": lambda: (qemu_create("mid.qcow2", "2M", backing="disk.raw", backing_fmt="raw"),
-                          qemu_create("top.qcow2", "2M", backing="mid.qcow2",
-                                      backing_fmt="qcow2")),
-    "nofmt.qcow2": lambda: (qemu_create("nofmt.qcow2", "5M", backing="disk.raw",
-                                        backing_fmt="raw"),
-                            forget_backing_format(Path("nofmt.qcow2"))),
-    "sub/rel.qcow2": lambda: (Path("sub").mkdir(exist_ok=True),
-                              qemu_create("sub/rel.qcow2", "5M", backing="../disk.raw",
-                                          backing_fmt="raw")),
-    "dangling.qcow2": lambda: qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "gone.qcow2",
-                                       "-F", "qcow2", "dangling.qcow2", "5M"),
+    "snap.qcow2": lambda: (
+        qemu_create("snap.qcow2", "16M"),
+        qemu_img("snapshot", "-c", "first", "snap.qcow2"),
+        qemu_io("snap.qcow2", "write 0 64k"),
+        qemu_img("snapshot", "-c", "second snapshot", "snap.qcow2"),
+    ),
+    "dirty.qcow2": lambda: (
+        qemu_create("dirty.qcow2", "1M", options={"lazy_refcounts": "on"}),
+        set_incompatible_bits(Path("dirty.qcow2"), 1),
+    ),
+    "corrupt.qcow2": lambda: (
+        qemu_create("corrupt.qcow2", "1M"),
+        set_incompatible_bits(Path("corrupt.qcow2"), 2),
+    ),
+    "top.qcow2": lambda: (
+        qemu_create("mid.qcow2", "2M", backing="disk.raw", backing_fmt="raw"),
+        qemu_create("top.qcow2", "2M", backing="mid.qcow2", backing_fmt="qcow2"),
+    ),
+    "nofmt.qcow2": lambda: (
+        qemu_create("nofmt.qcow2", "5M", backing="disk.raw", backing_fmt="raw"),
+        forget_backing_format(Path("nofmt.qcow2")),
+    ),
+    "sub/rel.qcow2": lambda: (
+        Path("sub").mkdir(exist_ok=True),
+        qemu_create("sub/rel.qcow2", "5M", backing="../disk.raw", backing_fmt="raw"),
+    ),
+    "dangling.qcow2": lambda: qemu_img(
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "gone.qcow2",
+        "-F",
+        "qcow2",
+        "dangling.qcow2",
+        "5M",
+    ),
     'we"ird\\n\u00e9\u4e2d.qcow2': lambda: qemu_create('we"ird\\n\u00e9\u4e2d.qcow2', "1M"),
-    "aes.qcow2": lambda: qemu_img("create", "-q", "--object", "secret,id=s0,data=pw", "-f",
-                                  "qcow2", "-o", "encrypt.format=aes,encrypt.key-secret=s0",
-                                  "aes.qcow2", "1M"),
-    "luks.qcow2": lambda: qemu_img("create", "-q", "--object", "secret,id=s0,data=pw", "-f",
-                                   "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=s0,"
-                                   "encrypt.iter-time=10", "luks.qcow2", "1M"),
-    "essiv.qcow2": lambda: qemu_img("create", "-q", "--object", "secret,id=s0,data=pw", "-f",
-                                    "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=s0,"
-                                    "encrypt.iter-time=10,encrypt.cipher-alg=aes-128,"
-                                    "encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,"
-                                    "encrypt.ivgen-hash-alg=sha256,encrypt.hash-alg=sha1",
-                                    "essiv.qcow2", "1M"),
-    "aes-v2.qcow2": lambda: qemu_img("create", "-q", "--object", "secret,id=s0,data=pw", "-f",
-                                     "qcow2", "-o", "encryption=on,encrypt.key-secret=s0,"
-                                     "compat=0.10", "aes-v2.qcow2", "1M"),
+    "aes.qcow2": lambda: qemu_img(
+        "create",
+        "-q",
+        "--object",
+        "secret,id=s0,data=pw",
+        "-f",
+        "qcow2",
+        "-o",
+        "encrypt.format=aes,encrypt.key-secret=s0",
+        "aes.qcow2",
+        "1M",
+    ),
+    "luks.qcow2": lambda: qemu_img(
+        "create",
+        "-q",
+        "--object",
+        "secret,id=s0,data=pw",
+        "-f",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+        "luks.qcow2",
+        "1M",
+    ),
+    "essiv.qcow2": lambda: qemu_img(
+        "create",
+        "-q",
+        "--object",
+        "secret,id=s0,data=pw",
+        "-f",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=s0,"
+        "encrypt.iter-time=10,encrypt.cipher-alg=aes-128,"
+        "encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,"
+        "encrypt.ivgen-hash-alg=sha256,encrypt.hash-alg=sha1",
+        "essiv.qcow2",
+        "1M",
+    ),
+    "aes-v2.qcow2": lambda: qemu_img(
+        "create",
+        "-q",
+        "--object",
+        "secret,id=s0,data=pw",
+        "-f",
+        "qcow2",
+        "-o",
+        "encryption=on,encrypt.key-secret=s0,compat=0.10",
+        "aes-v2.qcow2",
+        "1M",
+    ),
 }
 
 
@@ -494,32 +678,57 @@ def info_twins(tmp_path_factory):
         for make in INFO_IMAGES.values():
             make()
         assert not Path("gone.qcow2").exists()
+
     twins.setup_copied(build)
     twins.setup(absolute_backing)  # names its own directory, so it cannot be copied
     return twins
 
 
-INFO_OPTIONS = [[], ["--output=json"], ["--backing-chain"], ["--output", "json", "--backing-chain"],
-                ["-U"], ["--output=human", "--force-share"]]
+INFO_OPTIONS = [
+    [],
+    ["--output=json"],
+    ["--backing-chain"],
+    ["--output", "json", "--backing-chain"],
+    ["-U"],
+    ["--output=human", "--force-share"],
+]
 
 
-@pytest.mark.parametrize("image,options", [
-    (image, options) for image in [*INFO_IMAGES, "abs.qcow2"] for options in INFO_OPTIONS
-    # a dangling backing file with --backing-chain is an error case: test_info_errors
-    if not (image == "dangling.qcow2" and "--backing-chain" in options)])
+@pytest.mark.parametrize(
+    "image,options",
+    [
+        (image, options)
+        for image in [*INFO_IMAGES, "abs.qcow2"]
+        for options in INFO_OPTIONS
+        # a dangling backing file with --backing-chain is an error case: test_info_errors
+        if not (image == "dangling.qcow2" and "--backing-chain" in options)
+    ],
+)
 def test_info(info_twins, image, options):
     info_twins.assert_same("info", *options, image, mask=mask_disk_size)
 
 
-@pytest.mark.parametrize("args", [
-    ["nonexist"], ["file:nonexist"], ["a:b"], [""], ["file:"], ["-f", "foo", "disk.raw"],
-    ["-f", "foo", "nonexist"],
-    ["-f", "qcow2", "disk.raw"],
-    ["sub"],
-["--output=xml", "plain.qcow2"], ["--output=", "plain.qcow2"],
-    ["--backing-chain", "dangling.qcow2"], ["--backing-chain", "--output=json", "dangling.qcow2"],
-    ["-f", "raw", "plain.qcow2"], ["file:plain.qcow2"], ["--backing-chain", "file:top.qcow2"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["nonexist"],
+        ["file:nonexist"],
+        ["a:b"],
+        [""],
+        ["file:"],
+        ["-f", "foo", "disk.raw"],
+        ["-f", "foo", "nonexist"],
+        ["-f", "qcow2", "disk.raw"],
+        ["sub"],
+        ["--output=xml", "plain.qcow2"],
+        ["--output=", "plain.qcow2"],
+        ["--backing-chain", "dangling.qcow2"],
+        ["--backing-chain", "--output=json", "dangling.qcow2"],
+        ["-f", "raw", "plain.qcow2"],
+        ["file:plain.qcow2"],
+        ["--backing-chain", "file:top.qcow2"],
+    ],
+)
 def test_info_errors_and_variants(info_twins, args):
     info_twins.assert_same("info", *args, mask=mask_disk_size)
 
@@ -528,6 +737,7 @@ def test_info_without_data_file(twins):
     def build():
         qemu_create("img", "1M", options={"data_file": "img.data"})
         os.unlink("img.data")
+
     twins.setup_copied(build)
     twins.assert_same("info", "img", mask=mask_disk_size)
 
@@ -537,6 +747,7 @@ def test_info_bitmaps(twins):
         qemu_create("img", "1M")
         qemu_img("bitmap", "--add", "img", "b0")
         qemu_img("bitmap", "--add", "-g", "128k", "--disable", "img", "b1")
+
     twins.setup_copied(build)
     twins.assert_same("info", "img", mask=mask_disk_size)
     twins.assert_same("info", "--output=json", "img", mask=mask_disk_size)
@@ -557,9 +768,14 @@ def _has_file_locks(path: Path) -> bool:
 def held_by_qemu_io(twins: Twins, name: str):
     """Keep `name` open for writing by a qemu-io process in both directories."""
     # qemu-io sleeps in milliseconds: hold the lock for up to ten minutes (killed after use).
-    procs = [subprocess.Popen(["qemu-io", "-c", "sleep 600000", str(d / name)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for d in twins.dirs()]
+    procs = [
+        subprocess.Popen(
+            ["qemu-io", "-c", "sleep 600000", str(d / name)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for d in twins.dirs()
+    ]
     try:
         for proc, directory in zip(procs, twins.dirs()):
             deadline = time.monotonic() + 60  # until qemu-io has taken its locks
@@ -578,16 +794,26 @@ def held_by_qemu_io(twins: Twins, name: str):
 
 @pytest.fixture
 def locked_twins(twins):
-    twins.setup(lambda d: (qemu_create("busy.qcow2", "1M"),
-                           qemu_create("top.qcow2", "1M", backing="busy.qcow2",
-                                       backing_fmt="qcow2")))
+    twins.setup(
+        lambda d: (
+            qemu_create("busy.qcow2", "1M"),
+            qemu_create("top.qcow2", "1M", backing="busy.qcow2", backing_fmt="qcow2"),
+        )
+    )
     with held_by_qemu_io(twins, "busy.qcow2"):
         yield twins
 
 
-@pytest.mark.parametrize("args", [["busy.qcow2"], ["-U", "busy.qcow2"], ["file:busy.qcow2"],
-                                  ["--backing-chain", "top.qcow2"],
-                                  ["--backing-chain", "--force-share", "top.qcow2"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["busy.qcow2"],
+        ["-U", "busy.qcow2"],
+        ["file:busy.qcow2"],
+        ["--backing-chain", "top.qcow2"],
+        ["--backing-chain", "--force-share", "top.qcow2"],
+    ],
+)
 def test_info_of_image_in_use(locked_twins, args):
     locked_twins.assert_same("info", *args, mask=mask_disk_size)
 
@@ -605,6 +831,7 @@ def test_info_backing_loop(twins):
         qemu_create("a.qcow2", "1M")
         qemu_create("b.qcow2", "1M", backing="a.qcow2", backing_fmt="qcow2")
         qemu_img("rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2")
+
     twins.setup(build)
     twins.assert_same("info", "--backing-chain", "a.qcow2", mask=mask_disk_size)
     twins.assert_same("info", "a.qcow2", mask=mask_disk_size)
@@ -612,8 +839,11 @@ def test_info_backing_loop(twins):
 
 def test_info_of_created_images_matches(twins):
     """qimg-created images described by qimg: same as qemu-img on qemu-img's images."""
-    for args in (["-f", "qcow2", "q", "1G"], ["-f", "raw", "r", "1M"],
-                 ["-f", "qcow2", "-o", "compat=0.10,cluster_size=512", "v2", "1M"]):
+    for args in (
+        ["-f", "qcow2", "q", "1G"],
+        ["-f", "raw", "r", "1M"],
+        ["-f", "qcow2", "-o", "compat=0.10,cluster_size=512", "v2", "1M"],
+    ):
         twins.assert_same("create", *args)
         twins.assert_same("info", args[-2], mask=mask_disk_size)
         twins.assert_same("info", "--output=json", args[-2], mask=mask_disk_size)
@@ -621,25 +851,32 @@ def test_info_of_created_images_matches(twins):
 
 # --- program name and in-process use ---------------------------------------------------------
 
+
 def test_program_name_comes_from_argv0(tmp_path):
     launcher = make_launcher(tmp_path, "qimg")
-    result = subprocess.run([str(launcher), "info", str(tmp_path / "missing")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [str(launcher), "info", str(tmp_path / "missing")], capture_output=True, text=True
+    )
     missing = tmp_path / "missing"
     assert result.returncode == 1
-    assert result.stderr == (f"qimg: Could not open '{missing}': Could not open '{missing}': "
-                             "No such file or directory\n")
+    assert result.stderr == (
+        f"qimg: Could not open '{missing}': Could not open '{missing}': No such file or directory\n"
+    )
     result = subprocess.run([str(launcher), "frobnicate"], capture_output=True, text=True)
     # the pointer to --help names the program as invoked, too (issue 14)
-    assert result.stderr == ("qimg: Command not found: frobnicate\n"
-                             "Try 'qimg --help' for more information\n")
+    assert result.stderr == (
+        "qimg: Command not found: frobnicate\nTry 'qimg --help' for more information\n"
+    )
 
 
 def test_python_m_qimg(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tools"), str(ROOT)]))
-    result = subprocess.run([sys.executable, "-m", "qimg", "create", "-f", "qcow2",
-                             str(tmp_path / "x.qcow2"), "1M"], capture_output=True, text=True,
-                            env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", "qimg", "create", "-f", "qcow2", str(tmp_path / "x.qcow2"), "1M"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"Formatting '{tmp_path / 'x.qcow2'}', fmt=qcow2 ")
 
@@ -654,8 +891,10 @@ def test_main_in_process(tmp_path, capsys):
     assert qimg.main(["info", str(tmp_path / "nope")], prog="tool") == 1
     out, err = capsys.readouterr()
     assert err.startswith("tool: Could not open ")
-    assert qimg.main(["create", "-f", "qcow2", str(image), "1G", "-o", "cluster_size=3k"],
-                     prog="tool") == 1
+    assert (
+        qimg.main(["create", "-f", "qcow2", str(image), "1G", "-o", "cluster_size=3k"], prog="tool")
+        == 1
+    )
     out, err = capsys.readouterr()
     assert err == f"tool: {image}: Cluster size must be a power of two between 512 and 2048k\n"
 
@@ -675,28 +914,46 @@ def test_engine_errors_never_traceback(tmp_path, capsys):
 
 def test_qemu_json_key_order():
     """QEMU prints dict members in its hash table's order, not insertion order."""
-    info = {"filename": "f", "format": "qcow2", "dirty-flag": False, "actual-size": 1,
-            "virtual-size": 2, "cluster-size": 3}
+    info = {
+        "filename": "f",
+        "format": "qcow2",
+        "dirty-flag": False,
+        "actual-size": 1,
+        "virtual-size": 2,
+        "cluster-size": 3,
+    }
     assert [k for k, _ in qdict_items(info)] == [
-        "virtual-size", "filename", "cluster-size", "format", "actual-size", "dirty-flag"]
+        "virtual-size",
+        "filename",
+        "cluster-size",
+        "format",
+        "actual-size",
+        "dirty-flag",
+    ]
     assert qemu_json({"a": [], "b": {}}) == '{\n    "a": [\n    ],\n    "b": {\n    }\n}'
-    assert qemu_json("\x01é\U0001F600\"\\") == '"\\u0001\\u00E9\\uD83D\\uDE00\\"\\\\"'
+    assert qemu_json('\x01é\U0001f600"\\') == '"\\u0001\\u00E9\\uD83D\\uDE00\\"\\\\"'
 
 
-@pytest.mark.parametrize("op", [["check", "-r", "all"], ["snapshot", "-c", "s1"],
-                                ["amend", "-o", "lazy_refcounts=on"]])
+@pytest.mark.parametrize(
+    "op", [["check", "-r", "all"], ["snapshot", "-c", "s1"], ["amend", "-o", "lazy_refcounts=on"]]
+)
 def test_bitmaps_survive_what_leaves_the_guest_content_alone(twins, op):
     """Opening for writing does not invalidate persistent bitmaps (qemu-img keeps them
     through check -r, snapshot -c and amend); only a change of the guest's content does."""
+
     def build():
         qemu_create("img", "4M")
         qemu_io("img", "write -P 7 0 1M")
         qemu_img("bitmap", "--add", "img", "b0")
         qemu_img("bitmap", "--add", "-g", "128k", "--disable", "img", "b1")
+
     twins.setup_copied(build)
     twins.assert_same(*op, "img")
-    twins.assert_same("info", "--output=json", "img", mask=lambda text: re.sub(
-        r'"date-n?sec": \d+', "", mask_disk_size(text)))
+    twins.assert_same(
+        "info",
+        "--output=json",
+        "img",
+        mask=lambda text: re.sub(r'"date-n?sec": \d+', "", mask_disk_size(text)),
+    )
     # (QEMU rewrites the bitmaps it loaded when it closes the image, further on)
     twins.assert_same("check", "img", mask=lambda text: re.sub(r"end offset: \d+", "", text))
-

@@ -7,6 +7,7 @@ write are then checked with the real qemu-img: `check` must be clean, `compare` 
 what qemu-img wrote must find them identical, and for qcow2 output the allocation maps
 must be the same.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,9 +32,12 @@ LUKS_OPEN = "driver=qcow2,file.filename={},encrypt.key-secret=sec0"
 def run_qemu(directory: Path, *args) -> subprocess.CompletedProcess:
     """The real qemu-img in `directory`; output kept byte-exact (progress uses "\\r")."""
     result = run(["qemu-img", *args], check=False, cwd=directory, text=False)
-    return subprocess.CompletedProcess(args, result.returncode,
-                                       result.stdout.decode("utf-8", "surrogateescape"),
-                                       result.stderr.decode("utf-8", "surrogateescape"))
+    return subprocess.CompletedProcess(
+        args,
+        result.returncode,
+        result.stdout.decode("utf-8", "surrogateescape"),
+        result.stderr.decode("utf-8", "surrogateescape"),
+    )
 
 
 def build_sources(directory: Path) -> None:
@@ -41,8 +45,9 @@ def build_sources(directory: Path) -> None:
     with inside(directory):
         # a.qcow2: data, a zero run, an internal snapshot, then changes after it
         qemu_img("create", "-q", "-f", "qcow2", "a.qcow2", "10M")
-        qemu_io("a.qcow2", "write -P 1 0 3M", "write -z 4M 1M", "write -P 2 5M 1M",
-                "write -P 9 9M 512")
+        qemu_io(
+            "a.qcow2", "write -P 1 0 3M", "write -z 4M 1M", "write -P 2 5M 1M", "write -P 9 9M 512"
+        )
         qemu_img("snapshot", "-c", "s1", "a.qcow2")
         qemu_io("a.qcow2", "write -P 3 0 1M", "write -z 5M 64k")
         # r.raw: a raw image with data and holes
@@ -57,14 +62,34 @@ def build_sources(directory: Path) -> None:
         qemu_io("top.qcow2", "write -P 0x33 6M 1M", "write -P 0x34 1M 4k")
         # compressed sources
         qemu_img("convert", "-c", "-O", "qcow2", "a.qcow2", "cz.qcow2")
-        qemu_img("convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd", "a.qcow2",
-                 "cs.qcow2")
+        qemu_img(
+            "convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd", "a.qcow2", "cs.qcow2"
+        )
         # a LUKS image
-        run(["qemu-img", "create", "-q", "-f", "qcow2", *LUKS, "-o",
-             "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", "l.qcow2",
-             "6M"])
-        run(["qemu-io", *LUKS, "--image-opts", LUKS_OPEN.format("l.qcow2"),
-             "-c", "write -P 0x77 1M 2M"])
+        run(
+            [
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                *LUKS,
+                "-o",
+                "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+                "l.qcow2",
+                "6M",
+            ]
+        )
+        run(
+            [
+                "qemu-io",
+                *LUKS,
+                "--image-opts",
+                LUKS_OPEN.format("l.qcow2"),
+                "-c",
+                "write -P 0x77 1M 2M",
+            ]
+        )
         Path("pw.txt").write_text("secret-pw")
 
 
@@ -82,8 +107,9 @@ class Twins:
         self.qemu_dir = tmp_path / "qemu"
         self.qimg_dir = tmp_path / "qimg"
         for directory in self.dirs():
-            subprocess.run(["cp", "-a", "--sparse=always", str(sources), str(directory)],
-                           check=True)
+            subprocess.run(
+                ["cp", "-a", "--sparse=always", str(sources), str(directory)], check=True
+            )
 
     def dirs(self) -> tuple[Path, Path]:
         return self.qemu_dir, self.qimg_dir
@@ -98,11 +124,13 @@ class Twins:
         def seen(result, directory):
             texts = [t.replace(str(directory), "<dir>") for t in (result.stdout, result.stderr)]
             return (result.returncode, *(mask(t) if mask else t for t in texts))
+
         assert seen(actual, self.qimg_dir) == seen(expected, self.qemu_dir), args
         return actual
 
-    def assert_same_image(self, name: str, fmt: str | None = None, same_map: bool = True,
-                          extra: tuple = ()) -> None:
+    def assert_same_image(
+        self, name: str, fmt: str | None = None, same_map: bool = True, extra: tuple = ()
+    ) -> None:
         """The image qimg wrote: clean, identical in content (and map) to qemu-img's."""
         ours, theirs = self.qimg_dir / name, self.qemu_dir / name
         assert ours.exists() == theirs.exists()
@@ -112,14 +140,19 @@ class Twins:
         result = qemu_img("compare", *extra, *f, theirs, ours, check=False)
         assert result.returncode == 0, result.stdout + result.stderr
         fmt_args = ["-f", fmt] if fmt else []
-        info = json.loads(qemu_img("info", "--output=json", *extra[:0], *fmt_args, ours).stdout) \
-            if not extra else None
+        info = (
+            json.loads(qemu_img("info", "--output=json", *extra[:0], *fmt_args, ours).stdout)
+            if not extra
+            else None
+        )
         if (info or {}).get("format") == "qcow2":
             code = qemu_img("check", ours, check=False).returncode
             assert code == 0
         if same_map and not extra:
-            maps = [json.loads(qemu_img("map", "--output=json", *fmt_args, path).stdout)
-                    for path in (theirs, ours)]
+            maps = [
+                json.loads(qemu_img("map", "--output=json", *fmt_args, path).stdout)
+                for path in (theirs, ours)
+            ]
             assert guest_map(maps[1]) == guest_map(maps[0])
 
     def info(self, name: str) -> tuple[dict, dict]:
@@ -152,8 +185,11 @@ def guest_map(entries: list[dict]) -> list[dict]:
     for entry in entries:
         entry = {k: v for k, v in entry.items() if k != "offset"}
         last = merged[-1] if merged else None
-        if last and all(last[k] == entry[k] for k in ("depth", "present", "zero", "data")) \
-                and last["start"] + last["length"] == entry["start"]:
+        if (
+            last
+            and all(last[k] == entry[k] for k in ("depth", "present", "zero", "data"))
+            and last["start"] + last["length"] == entry["start"]
+        ):
             last["length"] += entry["length"]
         else:
             merged.append(entry)
@@ -227,31 +263,53 @@ def test_convert_existing_target(twins):
 
 
 CONVERT_ERRORS = [
-    [], ["a.qcow2"], ["-x", "a.qcow2", "out"], ["-O"], ["-C", "-c", "a.qcow2", "out"],
-    ["-C", "-S", "4k", "a.qcow2", "out"], ["-S", "100", "a.qcow2", "out"],
-    ["-S", "32M", "a.qcow2", "out"], ["-S", "x", "a.qcow2", "out"],
-    ["-m", "0", "a.qcow2", "out"], ["-m", "17", "a.qcow2", "out"], ["-m", "x", "a", "b"],
-    ["-m", "010", "a.qcow2", "out"], ["-r", "x", "a.qcow2", "out"],
-    ["--target-is-zero", "a.qcow2", "out"], ["--target-image-opts", "a.qcow2", "out"],
-    ["-n", "-o", "cluster_size=4k", "a.qcow2", "out"], ["--skip-broken-bitmaps", "a", "b"],
-    ["-C", "--salvage", "a", "b"], ["-o", "", "a.qcow2", "out"], ["-o", "help", "a.qcow2"],
-    ["-O", "qcow2", "-o", "help", "a.qcow2", "out"], ["-O", "raw", "-o", "?", "a.qcow2"],
-    ["-O", "foo", "-o", "help", "a.qcow2"], ["-O", "foo", "a.qcow2", "out"],
+    [],
+    ["a.qcow2"],
+    ["-x", "a.qcow2", "out"],
+    ["-O"],
+    ["-C", "-c", "a.qcow2", "out"],
+    ["-C", "-S", "4k", "a.qcow2", "out"],
+    ["-S", "100", "a.qcow2", "out"],
+    ["-S", "32M", "a.qcow2", "out"],
+    ["-S", "x", "a.qcow2", "out"],
+    ["-m", "0", "a.qcow2", "out"],
+    ["-m", "17", "a.qcow2", "out"],
+    ["-m", "x", "a", "b"],
+    ["-m", "010", "a.qcow2", "out"],
+    ["-r", "x", "a.qcow2", "out"],
+    ["--target-is-zero", "a.qcow2", "out"],
+    ["--target-image-opts", "a.qcow2", "out"],
+    ["-n", "-o", "cluster_size=4k", "a.qcow2", "out"],
+    ["--skip-broken-bitmaps", "a", "b"],
+    ["-C", "--salvage", "a", "b"],
+    ["-o", "", "a.qcow2", "out"],
+    ["-o", "help", "a.qcow2"],
+    ["-O", "qcow2", "-o", "help", "a.qcow2", "out"],
+    ["-O", "raw", "-o", "?", "a.qcow2"],
+    ["-O", "foo", "-o", "help", "a.qcow2"],
+    ["-O", "foo", "a.qcow2", "out"],
     ["-O", "qcow2", "-o", "foo=1", "a.qcow2", "out"],
     ["-O", "qcow2", "-o", "cluster_size=3k", "a.qcow2", "out"],
     ["-O", "qcow2", "-o", "compat=0.10,compression_type=zstd", "a.qcow2", "out"],
-    ["-T", "bad", "a.qcow2", "out"], ["-t", "bad", "a.qcow2", "out"],
-    ["missing.qcow2", "out"], ["-f", "qcow2", "r.raw", "out"], ["-O", "raw", "a.qcow2", ""],
-    ["-l", "nosuch", "a.qcow2", "out"], ["-l", "s1", "a.qcow2", "a.qcow2", "out"],
-    ["-l", "snapshot.foo=1", "a.qcow2", "out"], ["-l", "snapshot.id=9", "a.qcow2", "out"],
-    ["-l", "s1", "r.raw", "out"], ["-O", "qcow2", "-B", "base.qcow2", "top.qcow2", "out"],
+    ["-T", "bad", "a.qcow2", "out"],
+    ["-t", "bad", "a.qcow2", "out"],
+    ["missing.qcow2", "out"],
+    ["-f", "qcow2", "r.raw", "out"],
+    ["-O", "raw", "a.qcow2", ""],
+    ["-l", "nosuch", "a.qcow2", "out"],
+    ["-l", "s1", "a.qcow2", "a.qcow2", "out"],
+    ["-l", "snapshot.foo=1", "a.qcow2", "out"],
+    ["-l", "snapshot.id=9", "a.qcow2", "out"],
+    ["-l", "s1", "r.raw", "out"],
+    ["-O", "qcow2", "-B", "base.qcow2", "top.qcow2", "out"],
     ["-O", "raw", "-B", "base.qcow2", "-F", "qcow2", "top.qcow2", "out"],
     ["-O", "raw", "-F", "qcow2", "top.qcow2", "out"],
     ["-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", "r.raw", "r.raw", "out"],
     ["-O", "qcow2", "-B", "missing", "-F", "qcow2", "top.qcow2", "out"],
     ["-O", "qcow2", "-B", "base.qcow2", "-F", "foo", "top.qcow2", "out"],
     ["-n", "--target-is-zero", "-B", "x", "a.qcow2", "out"],
-    ["-c", "a.qcow2", "out"], ["-n", "-c", "a.qcow2", "r.raw"],
+    ["-c", "a.qcow2", "out"],
+    ["-n", "-c", "a.qcow2", "r.raw"],
     ["-O", "qcow2", "-c", "-o", "preallocation=full", "a.qcow2", "out"],
     ["-O", "qcow2", "-c", "-o", "encryption=on", "a.qcow2", "out"],
     ["-O", "raw", "--bitmaps", "a.qcow2", "out"],
@@ -262,9 +320,12 @@ CONVERT_ERRORS = [
     ["--image-opts", "driver=foo,file.filename=a.qcow2", "out"],
     ["--image-opts", "driver=qcow2", "out"],
     ["--image-opts", "driver=qcow2,file.filename=a.qcow2,bogus=1", "out"],
-    ["-p", "missing", "out"], ["-p", "-O", "raw", "-l", "x", "a.qcow2", "out"],
-    ["-O", "qcow2", "a.qcow2", "a.qcow2"], ["-n", "-O", "qcow2", "a.qcow2", "a.qcow2"],
-    ["-O", "raw", "r.raw", "file:r.raw"], ["-l", "snapshot.id", "a.qcow2", "out"],
+    ["-p", "missing", "out"],
+    ["-p", "-O", "raw", "-l", "x", "a.qcow2", "out"],
+    ["-O", "qcow2", "a.qcow2", "a.qcow2"],
+    ["-n", "-O", "qcow2", "a.qcow2", "a.qcow2"],
+    ["-O", "raw", "r.raw", "file:r.raw"],
+    ["-l", "snapshot.id", "a.qcow2", "out"],
     ["-l", "snapshot.id=1,nosnapshot.name", "a.qcow2", "out"],
 ]
 
@@ -274,13 +335,17 @@ def test_convert_errors(twins, args):
     twins.assert_same("convert", *args)
 
 
-@pytest.mark.parametrize("args", [
-    ["-p", "-m", "1", "-O", "qcow2", "a.qcow2", "out"],
-    ["-p", "-m", "1", "-O", "raw", "top.qcow2", "out"],
-    ["-p", "-m", "1", "-O", "qcow2", "-c", "r.raw", "out"],
-    ["-p", "-q", "-O", "qcow2", "a.qcow2", "out"],
-    ["-p", "-O", "qcow2", "-S", "0", "-m", "1", "a.qcow2", "out"],
-], ids=" ".join)
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-p", "-m", "1", "-O", "qcow2", "a.qcow2", "out"],
+        ["-p", "-m", "1", "-O", "raw", "top.qcow2", "out"],
+        ["-p", "-m", "1", "-O", "qcow2", "-c", "r.raw", "out"],
+        ["-p", "-q", "-O", "qcow2", "a.qcow2", "out"],
+        ["-p", "-O", "qcow2", "-S", "0", "-m", "1", "a.qcow2", "out"],
+    ],
+    ids=" ".join,
+)
 def test_convert_progress(twins, args):
     """qemu-img's exact bar, on stdout, "\r" after each value, "\n" at the end."""
     result = twins.assert_same("convert", *args)
@@ -303,6 +368,7 @@ def test_convert_progress_parallel(twins):
 def run_on_terminal(directory: Path, *args) -> tuple[int, str]:
     """The installed qimg with a pseudo-terminal as its stdout: (exit code, output)."""
     import pty
+
     pid, fd = pty.fork()
     if pid == 0:  # the child: never return into pytest
         try:
@@ -329,13 +395,15 @@ def test_convert_progress_on_terminal(tmp_path):
     left; piped (the other tests) it stays qemu-img's bare percentages."""
     qemu_img("create", "-q", "-f", "qcow2", tmp_path / "big.qcow2", "64M")
     qemu_io(tmp_path / "big.qcow2", "write -P 5 0 48M")
-    code, output = run_on_terminal(tmp_path, "convert", "-p", "-m", "1", "-O", "qcow2", "-c",
-                                   "big.qcow2", "out.qcow2")
+    code, output = run_on_terminal(
+        tmp_path, "convert", "-p", "-m", "1", "-O", "qcow2", "-c", "big.qcow2", "out.qcow2"
+    )
     assert code == 0, output
     lines = output.split("\r")
     assert lines[0] == "    (0.00/100%)\x1b[K"
-    assert re.fullmatch(r"    \(100\.00/100%\)  48 MiB of 48 MiB(, [0-9.]+ [KMG]iB/s)?\x1b\[K",
-                        lines[-3]), lines[-3]
+    assert re.fullmatch(
+        r"    \(100\.00/100%\)  48 MiB of 48 MiB(, [0-9.]+ [KMG]iB/s)?\x1b\[K", lines[-3]
+    ), lines[-3]
     assert lines[-1] == "\n"
     assert qemu_img("compare", tmp_path / "big.qcow2", tmp_path / "out.qcow2").returncode == 0
 
@@ -360,7 +428,8 @@ def test_progress_details_on_terminal(monkeypatch):
         "    (0.00/100%)\x1b[K",
         "    (9.77/100%)  100 MiB of 1 GiB, 25 MiB/s, 0:00:36 left\x1b[K",
         "    (9.86/100%)  101 MiB of 1 GiB, 23 MiB/s, 0:00:40 left\x1b[K",
-        "\n"]
+        "\n",
+    ]
 
 
 def test_convert_round_trips(twins):
@@ -381,8 +450,9 @@ def test_convert_backing_overlay(twins):
     d = twins.qimg_dir
     # over the source's own backing file, and over an unrelated one
     for backing in ("mid.qcow2", "base.qcow2", "a.qcow2"):
-        result = run_qimg(d, "convert", "-O", "qcow2", "-B", backing, "-F", "qcow2",
-                          "top.qcow2", "ov.qcow2")
+        result = run_qimg(
+            d, "convert", "-O", "qcow2", "-B", backing, "-F", "qcow2", "top.qcow2", "ov.qcow2"
+        )
         assert result.returncode == 0, result.stderr
         info = json.loads(qemu_img("info", "--output=json", d / "ov.qcow2").stdout)
         assert info["backing-filename"] == backing
@@ -393,8 +463,9 @@ def test_convert_backing_overlay(twins):
 @pytest.mark.parametrize("ctype", ["zlib", "zstd"])
 def test_convert_compressed(twins, ctype):
     d = twins.qimg_dir
-    result = run_qimg(d, "convert", "-c", "-O", "qcow2", "-o", f"compression_type={ctype}",
-                      "top.qcow2", "c.qcow2")
+    result = run_qimg(
+        d, "convert", "-c", "-O", "qcow2", "-o", f"compression_type={ctype}", "top.qcow2", "c.qcow2"
+    )
     assert result.returncode == 0, result.stderr
     info = json.loads(qemu_img("info", "--output=json", d / "c.qcow2").stdout)
     assert info["format-specific"]["data"]["compression-type"] == ctype
@@ -405,79 +476,184 @@ def test_convert_compressed(twins, ctype):
 
 def test_convert_to_and_from_luks(twins):
     d = twins.qimg_dir
-    result = run_qimg(d, "convert", *LUKS, "-O", "qcow2", "-o",
-                      "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-                      "a.qcow2", "enc.qcow2")
+    result = run_qimg(
+        d,
+        "convert",
+        *LUKS,
+        "-O",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        "a.qcow2",
+        "enc.qcow2",
+    )
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
     info = json.loads(qemu_img("info", "--output=json", d / "enc.qcow2").stdout)
     assert info["encrypted"] and info["format-specific"]["data"]["encrypt"]["format"] == "luks"
-    compare = run(["qemu-img", "compare", *LUKS, "--image-opts",
-                   LUKS_OPEN.format(d / "enc.qcow2"), f"driver=qcow2,file.filename={d}/a.qcow2"],
-                  check=False)
+    compare = run(
+        [
+            "qemu-img",
+            "compare",
+            *LUKS,
+            "--image-opts",
+            LUKS_OPEN.format(d / "enc.qcow2"),
+            f"driver=qcow2,file.filename={d}/a.qcow2",
+        ],
+        check=False,
+    )
     assert compare.returncode == 0, compare.stdout + compare.stderr
     # and back, the secret read from a file this time
-    result = run_qimg(d, "convert", "--object", "secret,id=sec0,file=pw.txt", "--image-opts",
-                      LUKS_OPEN.format("enc.qcow2"), "plain.raw")
+    result = run_qimg(
+        d,
+        "convert",
+        "--object",
+        "secret,id=sec0,file=pw.txt",
+        "--image-opts",
+        LUKS_OPEN.format("enc.qcow2"),
+        "plain.raw",
+    )
     assert result.returncode == 0, result.stderr
-    assert qemu_img("compare", "-F", "raw", d / "a.qcow2", d / "plain.raw",
-                    check=False).returncode == 0
+    assert (
+        qemu_img("compare", "-F", "raw", d / "a.qcow2", d / "plain.raw", check=False).returncode
+        == 0
+    )
     # the QEMU-made LUKS image, read with the secret from the environment (qimg's env=)
     os.environ["QIMG_TEST_SECRET"] = "secret-pw"
     try:
-        result = run_qimg(d, "convert", "--object", "secret,id=sec0,env=QIMG_TEST_SECRET",
-                          "--image-opts", LUKS_OPEN.format("l.qcow2"), "-O", "qcow2", "l2.qcow2")
+        result = run_qimg(
+            d,
+            "convert",
+            "--object",
+            "secret,id=sec0,env=QIMG_TEST_SECRET",
+            "--image-opts",
+            LUKS_OPEN.format("l.qcow2"),
+            "-O",
+            "qcow2",
+            "l2.qcow2",
+        )
     finally:
         del os.environ["QIMG_TEST_SECRET"]
     assert result.returncode == 0, result.stderr
-    compare = run(["qemu-img", "compare", *LUKS, "--image-opts", LUKS_OPEN.format(d / "l.qcow2"),
-                   f"driver=qcow2,file.filename={d}/l2.qcow2"], check=False)
+    compare = run(
+        [
+            "qemu-img",
+            "compare",
+            *LUKS,
+            "--image-opts",
+            LUKS_OPEN.format(d / "l.qcow2"),
+            f"driver=qcow2,file.filename={d}/l2.qcow2",
+        ],
+        check=False,
+    )
     assert compare.returncode == 0, compare.stdout + compare.stderr
 
 
 def test_convert_legacy_aes(twins):
-    twins.assert_same("convert", *LUKS, "-O", "qcow2", "-o",
-                      "encrypt.format=aes,encrypt.key-secret=sec0", "r.raw", "aes.qcow2")
+    twins.assert_same(
+        "convert",
+        *LUKS,
+        "-O",
+        "qcow2",
+        "-o",
+        "encrypt.format=aes,encrypt.key-secret=sec0",
+        "r.raw",
+        "aes.qcow2",
+    )
     d = twins.qimg_dir
-    compare = run(["qemu-img", "compare", *LUKS, "--image-opts",
-                   LUKS_OPEN.format(d / "aes.qcow2"), f"driver=raw,file.filename={d}/r.raw"],
-                  check=False)
+    compare = run(
+        [
+            "qemu-img",
+            "compare",
+            *LUKS,
+            "--image-opts",
+            LUKS_OPEN.format(d / "aes.qcow2"),
+            f"driver=raw,file.filename={d}/r.raw",
+        ],
+        check=False,
+    )
     assert compare.returncode == 0, compare.stdout + compare.stderr
 
 
-@pytest.mark.parametrize("args", [
-    ["-O", "qcow2", "-o", "encrypt.format=luks", "a.qcow2", "out"],
-    ["-O", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=nope", "a.qcow2", "out"],
-    ["-O", "qcow2", "-o", "encrypt.key-secret=sec0", "a.qcow2", "out"],
-    ["-O", "qcow2", "-o", "encrypt.format=foo,encrypt.key-secret=sec0", "a.qcow2", "out"],
-    ["-O", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.cipher-alg=x",
-     "a.qcow2", "out"],
-    ["-O", "qcow2", "-o", "encrypt.format=aes,encrypt.key-secret=sec0,encrypt.hash-alg=sha1",
-     "a.qcow2", "out"],
-    ["-O", "qcow2", "-c", "-o", "encrypt.format=luks,encrypt.key-secret=sec0", "a.qcow2", "o"],
-    ["--image-opts", "driver=qcow2,file.filename=l.qcow2,encrypt.key-secret=nope", "out"],
-    ["l.qcow2", "out"],
-], ids=" ".join)
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-O", "qcow2", "-o", "encrypt.format=luks", "a.qcow2", "out"],
+        ["-O", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=nope", "a.qcow2", "out"],
+        ["-O", "qcow2", "-o", "encrypt.key-secret=sec0", "a.qcow2", "out"],
+        ["-O", "qcow2", "-o", "encrypt.format=foo,encrypt.key-secret=sec0", "a.qcow2", "out"],
+        [
+            "-O",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.cipher-alg=x",
+            "a.qcow2",
+            "out",
+        ],
+        [
+            "-O",
+            "qcow2",
+            "-o",
+            "encrypt.format=aes,encrypt.key-secret=sec0,encrypt.hash-alg=sha1",
+            "a.qcow2",
+            "out",
+        ],
+        ["-O", "qcow2", "-c", "-o", "encrypt.format=luks,encrypt.key-secret=sec0", "a.qcow2", "o"],
+        ["--image-opts", "driver=qcow2,file.filename=l.qcow2,encrypt.key-secret=nope", "out"],
+        ["l.qcow2", "out"],
+    ],
+    ids=" ".join,
+)
 def test_convert_encryption_errors(twins, args):
     twins.assert_same("convert", *LUKS, *args)
 
 
 def test_convert_wrong_passphrase(twins):
-    twins.assert_same("convert", "--object", "secret,id=sec0,data=wrong", "--image-opts",
-                      LUKS_OPEN.format("l.qcow2"), "out")
+    twins.assert_same(
+        "convert",
+        "--object",
+        "secret,id=sec0,data=wrong",
+        "--image-opts",
+        LUKS_OPEN.format("l.qcow2"),
+        "out",
+    )
 
 
 # --- --object ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("spec", [
-    "secret,id=s0,data=abc", "secret,id=s0,file=missing", "secret,id=s0,file=/", "foo",
-    "foo,id=x", "secret", "secret,data=x", "secret,id=s0", "secret,id=s0,data=x,file=pw.txt",
-    "secret,id=s0,data=eHl6,format=base64", "secret,id=s0,data=!!,format=base64",
-    "secret,id=s0,data=x,format=foo", "secret,id=s0,data=x,bogus=1", "help", "secret,help",
-    "secret,id=s0,data=x,keyid=k", "secret,id=0s,data=x", "id=s0,data=x", "secret,bogus=1",
-    "secret,id=0,bogus=1", "secret,id=s0,data=x,data=y", "secret,id=s0,flag",
-    "secret,id=s0,data=x,,y", ",id=s0", "secret,,id=s0", "secret,id=s0,data=x,loaded=on",
-    "secret,id=s0,file=pw.txt,format=raw",
-], ids=str)
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "secret,id=s0,data=abc",
+        "secret,id=s0,file=missing",
+        "secret,id=s0,file=/",
+        "foo",
+        "foo,id=x",
+        "secret",
+        "secret,data=x",
+        "secret,id=s0",
+        "secret,id=s0,data=x,file=pw.txt",
+        "secret,id=s0,data=eHl6,format=base64",
+        "secret,id=s0,data=!!,format=base64",
+        "secret,id=s0,data=x,format=foo",
+        "secret,id=s0,data=x,bogus=1",
+        "help",
+        "secret,help",
+        "secret,id=s0,data=x,keyid=k",
+        "secret,id=0s,data=x",
+        "id=s0,data=x",
+        "secret,bogus=1",
+        "secret,id=0,bogus=1",
+        "secret,id=s0,data=x,data=y",
+        "secret,id=s0,flag",
+        "secret,id=s0,data=x,,y",
+        ",id=s0",
+        "secret,,id=s0",
+        "secret,id=s0,data=x,loaded=on",
+        "secret,id=s0,file=pw.txt,format=raw",
+    ],
+    ids=str,
+)
 def test_object_option(twins, spec):
     if spec == "secret,help":
         # qimg lists its own "env" property as well
@@ -488,19 +664,29 @@ def test_object_option(twins, spec):
 
 
 def test_object_duplicate_id(twins):
-    twins.assert_same("info", "--object", "secret,id=a,data=x", "--object",
-                      "secret,id=a,data=y", "a.qcow2")
+    twins.assert_same(
+        "info", "--object", "secret,id=a,data=x", "--object", "secret,id=a,data=y", "a.qcow2"
+    )
 
 
 def test_object_secret_from_environment(twins, monkeypatch):
     d = twins.qimg_dir
     monkeypatch.setenv("QIMG_PW", "secret-pw")
-    result = run_qimg(d, "map", "--object", "secret,id=sec0,env=QIMG_PW", "--image-opts",
-                      LUKS_OPEN.format("l.qcow2"), "--output=json")
+    result = run_qimg(
+        d,
+        "map",
+        "--object",
+        "secret,id=sec0,env=QIMG_PW",
+        "--image-opts",
+        LUKS_OPEN.format("l.qcow2"),
+        "--output=json",
+    )
     assert result.returncode == 0, result.stderr
     result = run_qimg(d, "info", "--object", "secret,id=sec0,env=QIMG_UNSET", "a.qcow2")
     assert (result.returncode, result.stderr) == (
-        1, "qemu-img: Environment variable 'QIMG_UNSET' is not set\n")
+        1,
+        "qemu-img: Environment variable 'QIMG_UNSET' is not set\n",
+    )
     result = run_qimg(d, "info", "--object", "secret,id=sec0,env=QIMG_PW,data=x", "a.qcow2")
     assert result.returncode == 1
     assert "env" in result.stderr
@@ -512,23 +698,46 @@ def _mask_disk_size(text: str) -> str:
 
 # --- map ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args", [
-    ["a.qcow2"], ["--output=json", "a.qcow2"], ["top.qcow2"], ["--output=json", "top.qcow2"],
-    ["cz.qcow2"], ["--output=json", "cz.qcow2"], ["r.raw"], ["--output", "json", "r.raw"],
-    ["-f", "raw", "a.qcow2"], ["--output=json", "-s", "1M", "-l", "2M", "top.qcow2"],
-    ["--start-offset=3M", "--max-length=100", "top.qcow2"], ["-s", "20M", "top.qcow2"],
-    ["--output=json", "-s", "20M", "top.qcow2"], ["-l", "0", "--output=json", "top.qcow2"],
-    ["--output=human", "mid.qcow2"], ["-U", "a.qcow2"],
-    ["--image-opts", "driver=qcow2,file.filename=top.qcow2"],
-    ["--output=json", "--image-opts", LUKS_OPEN.format("l.qcow2")], ["l.qcow2"],
-    ["-s", "x", "a.qcow2"], ["-l", "-1", "a.qcow2"], [], ["a", "b"],
-    ["--output=xml", "a.qcow2"], ["missing"], ["-x", "a.qcow2"], ["--output"],
-], ids=" ".join)
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["a.qcow2"],
+        ["--output=json", "a.qcow2"],
+        ["top.qcow2"],
+        ["--output=json", "top.qcow2"],
+        ["cz.qcow2"],
+        ["--output=json", "cz.qcow2"],
+        ["r.raw"],
+        ["--output", "json", "r.raw"],
+        ["-f", "raw", "a.qcow2"],
+        ["--output=json", "-s", "1M", "-l", "2M", "top.qcow2"],
+        ["--start-offset=3M", "--max-length=100", "top.qcow2"],
+        ["-s", "20M", "top.qcow2"],
+        ["--output=json", "-s", "20M", "top.qcow2"],
+        ["-l", "0", "--output=json", "top.qcow2"],
+        ["--output=human", "mid.qcow2"],
+        ["-U", "a.qcow2"],
+        ["--image-opts", "driver=qcow2,file.filename=top.qcow2"],
+        ["--output=json", "--image-opts", LUKS_OPEN.format("l.qcow2")],
+        ["l.qcow2"],
+        ["-s", "x", "a.qcow2"],
+        ["-l", "-1", "a.qcow2"],
+        [],
+        ["a", "b"],
+        ["--output=xml", "a.qcow2"],
+        ["missing"],
+        ["-x", "a.qcow2"],
+        ["--output"],
+    ],
+    ids=" ".join,
+)
 def test_map(twins, args):
     twins.assert_same("map", *LUKS, *args)
 
 
 # --- compare -----------------------------------------------------------------------------------
+
 
 def make_compare_images(twins: Twins) -> None:
     for directory in twins.dirs():
@@ -540,20 +749,42 @@ def make_compare_images(twins: Twins) -> None:
             qemu_io("big2.qcow2", "write -P 5 11M 4k")
 
 
-@pytest.mark.parametrize("args", [
-    ["a.qcow2", "cz.qcow2"], ["a.qcow2", "cs.qcow2"], ["a.qcow2", "top.qcow2"],
-    ["-s", "a.qcow2", "cz.qcow2"], ["-s", "a.qcow2", "a.raw"], ["a.qcow2", "a.raw"],
-    ["-f", "qcow2", "-F", "raw", "a.qcow2", "a.raw"], ["-F", "qcow2", "a.qcow2", "a.raw"],
-    ["a.qcow2", "big.qcow2"], ["-s", "a.qcow2", "big.qcow2"], ["a.qcow2", "big2.qcow2"],
-    ["big2.qcow2", "a.qcow2"], ["-q", "a.qcow2", "top.qcow2"], ["-q", "a.qcow2", "a.qcow2"],
-    ["a.qcow2"], [], ["a", "b", "c"], ["a.qcow2", "missing"], ["missing", "a.qcow2"],
-    ["-T", "foo", "a.qcow2", "cz.qcow2"], ["--object", "foo", "a.qcow2", "cz.qcow2"],
-    ["--object", "secret,id=s0", "a.qcow2", "cz.qcow2"], ["-x", "a", "b"],
-    ["-U", "a.qcow2", "cz.qcow2"], ["l.qcow2", "a.qcow2"],
-    ["--image-opts", "driver=qcow2,file.filename=a.qcow2", "file.filename=a.raw"],
-    ["--image-opts", LUKS_OPEN.format("l.qcow2"), "driver=qcow2,file.filename=a.qcow2"],
-    ["-p", "a.qcow2", "top.qcow2"], ["-p", "a.qcow2", "big.qcow2"], ["-p", "-q", "a", "b"],
-], ids=" ".join)
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["a.qcow2", "cz.qcow2"],
+        ["a.qcow2", "cs.qcow2"],
+        ["a.qcow2", "top.qcow2"],
+        ["-s", "a.qcow2", "cz.qcow2"],
+        ["-s", "a.qcow2", "a.raw"],
+        ["a.qcow2", "a.raw"],
+        ["-f", "qcow2", "-F", "raw", "a.qcow2", "a.raw"],
+        ["-F", "qcow2", "a.qcow2", "a.raw"],
+        ["a.qcow2", "big.qcow2"],
+        ["-s", "a.qcow2", "big.qcow2"],
+        ["a.qcow2", "big2.qcow2"],
+        ["big2.qcow2", "a.qcow2"],
+        ["-q", "a.qcow2", "top.qcow2"],
+        ["-q", "a.qcow2", "a.qcow2"],
+        ["a.qcow2"],
+        [],
+        ["a", "b", "c"],
+        ["a.qcow2", "missing"],
+        ["missing", "a.qcow2"],
+        ["-T", "foo", "a.qcow2", "cz.qcow2"],
+        ["--object", "foo", "a.qcow2", "cz.qcow2"],
+        ["--object", "secret,id=s0", "a.qcow2", "cz.qcow2"],
+        ["-x", "a", "b"],
+        ["-U", "a.qcow2", "cz.qcow2"],
+        ["l.qcow2", "a.qcow2"],
+        ["--image-opts", "driver=qcow2,file.filename=a.qcow2", "file.filename=a.raw"],
+        ["--image-opts", LUKS_OPEN.format("l.qcow2"), "driver=qcow2,file.filename=a.qcow2"],
+        ["-p", "a.qcow2", "top.qcow2"],
+        ["-p", "a.qcow2", "big.qcow2"],
+        ["-p", "-q", "a", "b"],
+    ],
+    ids=" ".join,
+)
 def test_compare(twins, args):
     make_compare_images(twins)
     twins.assert_same("compare", *LUKS, *args)
@@ -561,27 +792,55 @@ def test_compare(twins, args):
 
 # --- resize ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args", [
-    ["a.qcow2", "20M"], ["a.qcow2", "+1M"], ["a.qcow2", "-1M"], ["--shrink", "a.qcow2", "-1M"],
-    ["--shrink", "a.qcow2", "1M"], ["a.qcow2", "10M"], ["-q", "a.qcow2", "+1G"],
-    ["r.raw", "+1000"], ["-f", "raw", "r.raw", "1M"], ["-f", "raw", "--shrink", "r.raw", "1M"],
-    ["a.qcow2", "+1000"], ["a.qcow2"], [], ["a.qcow2", "x"], ["a.qcow2", "-20M"],
-    ["a.qcow2", "0"], ["--preallocation=full", "a.qcow2", "12M"],
-    ["--preallocation=metadata", "a.qcow2", "12M"],
-    ["--preallocation=falloc", "-f", "raw", "r.raw", "12M"],
-    ["--preallocation=foo", "a.qcow2", "12M"], ["--preallocation=full", "a.qcow2", "5M"],
-    ["top.qcow2", "10M"], ["mid.qcow2", "+4M"], ["missing", "1M"], ["a", "b", "1M"],
-    ["a.qcow2", "1T"], ["a.qcow2", "+9E"], ["-f", "qcow2", "r.raw", "1M"],
-    ["--image-opts", "driver=qcow2,file.filename=a.qcow2", "11M"], ["-x", "a.qcow2", "1M"],
-    ["a.qcow2", "-x"], ["--shrink", "cz.qcow2", "3M"], ["l.qcow2", "8M"],
-    ["--image-opts", LUKS_OPEN.format("l.qcow2"), "8M"],
-], ids=" ".join)
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["a.qcow2", "20M"],
+        ["a.qcow2", "+1M"],
+        ["a.qcow2", "-1M"],
+        ["--shrink", "a.qcow2", "-1M"],
+        ["--shrink", "a.qcow2", "1M"],
+        ["a.qcow2", "10M"],
+        ["-q", "a.qcow2", "+1G"],
+        ["r.raw", "+1000"],
+        ["-f", "raw", "r.raw", "1M"],
+        ["-f", "raw", "--shrink", "r.raw", "1M"],
+        ["a.qcow2", "+1000"],
+        ["a.qcow2"],
+        [],
+        ["a.qcow2", "x"],
+        ["a.qcow2", "-20M"],
+        ["a.qcow2", "0"],
+        ["--preallocation=full", "a.qcow2", "12M"],
+        ["--preallocation=metadata", "a.qcow2", "12M"],
+        ["--preallocation=falloc", "-f", "raw", "r.raw", "12M"],
+        ["--preallocation=foo", "a.qcow2", "12M"],
+        ["--preallocation=full", "a.qcow2", "5M"],
+        ["top.qcow2", "10M"],
+        ["mid.qcow2", "+4M"],
+        ["missing", "1M"],
+        ["a", "b", "1M"],
+        ["a.qcow2", "1T"],
+        ["a.qcow2", "+9E"],
+        ["-f", "qcow2", "r.raw", "1M"],
+        ["--image-opts", "driver=qcow2,file.filename=a.qcow2", "11M"],
+        ["-x", "a.qcow2", "1M"],
+        ["a.qcow2", "-x"],
+        ["--shrink", "cz.qcow2", "3M"],
+        ["l.qcow2", "8M"],
+        ["--image-opts", LUKS_OPEN.format("l.qcow2"), "8M"],
+    ],
+    ids=" ".join,
+)
 def test_resize(twins, args):
     twins.assert_same("resize", *LUKS, *args)
     for name in ("a.qcow2", "top.qcow2", "mid.qcow2", "cz.qcow2"):
         twins.assert_same_image(name, "qcow2")
-    ours, theirs = (json.loads(qemu_img("info", "--output=json", d / "a.qcow2").stdout)
-                    for d in (twins.qimg_dir, twins.qemu_dir))
+    ours, theirs = (
+        json.loads(qemu_img("info", "--output=json", d / "a.qcow2").stdout)
+        for d in (twins.qimg_dir, twins.qemu_dir)
+    )
     assert ours["virtual-size"] == theirs["virtual-size"]
     assert (twins.qimg_dir / "r.raw").stat().st_size == (twins.qemu_dir / "r.raw").stat().st_size
 
@@ -591,43 +850,76 @@ def test_resize_shrink_needs_flag(twins):
     d = twins.qimg_dir
     before = (d / "a.qcow2").read_bytes()
     for size in ("-512", "10M-512", "1M"):
-        result = run_qimg(d, "resize", "a.qcow2", size if size[0] == "-" else
-                          str(10 * 1024 * 1024 - 512) if size == "10M-512" else size)
+        result = run_qimg(
+            d,
+            "resize",
+            "a.qcow2",
+            size if size[0] == "-" else str(10 * 1024 * 1024 - 512) if size == "10M-512" else size,
+        )
         assert result.returncode == 1
-        assert result.stderr.startswith("qemu-img: Use the --shrink option to perform a shrink "
-                                        "operation.\nqemu-img: warning: Shrinking an image ")
+        assert result.stderr.startswith(
+            "qemu-img: Use the --shrink option to perform a shrink "
+            "operation.\nqemu-img: warning: Shrinking an image "
+        )
     assert (d / "a.qcow2").read_bytes() == before
 
 
 # --- measure -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args", [
-    ["--out=json", "--size", "1M"], ["--size=1M", "extra", "extra2"], ["a.qcow2", "--size", "1M"],
-    ["--image-opts", "--size", "1M"], ["--size", "1M", "--output=xml"], ["--size", "x"],
-    ["--size", "1M", "-O", "foo"], ["--size", "1M", "-O", "qcow2", "-o", "foo=1"],
-    ["--size", "1M", "-o", "help"], ["-O", "qcow2", "--size", "1M", "-o", "cluster_size=3k"],
-    ["--size", "1G", "-O", "qcow2"], ["--size", "1G", "-O", "qcow2", "--output=json"],
-    ["a.qcow2"], ["-O", "qcow2", "a.qcow2"], ["-O", "qcow2", "--output=json", "a.qcow2"],
-    ["-O", "qcow2", "top.qcow2"], ["-O", "qcow2", "-o", "compat=0.10", "a.qcow2"],
-    ["-O", "qcow2", "-l", "s1", "a.qcow2"], ["-O", "qcow2", "-l", "snapshot.name=s1", "r.raw"],
-    ["-O", "qcow2", "-o", "cluster_size=4k,preallocation=full", "r.raw"],
-    ["-O", "qcow2", "-o", "size=x", "--size", "1M"],
-    ["-O", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-     "--size", "1G"],
-    ["-O", "qcow2", "-o", "encrypt.format=luks", "--size", "1G"],
-    ["-O", "qcow2", "-o", "extended_l2=on,refcount_bits=1", "--size", "100G"],
-    ["-O", "qcow2", "-o", "backing_file=a.qcow2", "top.qcow2"], [], ["missing"],
-    ["-O", "raw", "-o", "preallocation=metadata", "--size", "1M"],
-    ["-O", "qcow2", "-o", "compat=0.10,refcount_bits=8", "--size", "1M"],
-    ["-O", "qcow2", "--image-opts", LUKS_OPEN.format("l.qcow2")], ["-O", "qcow2", "l.qcow2"],
-    ["-O", "qcow2", "-U", "cz.qcow2"], ["-f", "raw", "a.qcow2"],
-], ids=" ".join)
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--out=json", "--size", "1M"],
+        ["--size=1M", "extra", "extra2"],
+        ["a.qcow2", "--size", "1M"],
+        ["--image-opts", "--size", "1M"],
+        ["--size", "1M", "--output=xml"],
+        ["--size", "x"],
+        ["--size", "1M", "-O", "foo"],
+        ["--size", "1M", "-O", "qcow2", "-o", "foo=1"],
+        ["--size", "1M", "-o", "help"],
+        ["-O", "qcow2", "--size", "1M", "-o", "cluster_size=3k"],
+        ["--size", "1G", "-O", "qcow2"],
+        ["--size", "1G", "-O", "qcow2", "--output=json"],
+        ["a.qcow2"],
+        ["-O", "qcow2", "a.qcow2"],
+        ["-O", "qcow2", "--output=json", "a.qcow2"],
+        ["-O", "qcow2", "top.qcow2"],
+        ["-O", "qcow2", "-o", "compat=0.10", "a.qcow2"],
+        ["-O", "qcow2", "-l", "s1", "a.qcow2"],
+        ["-O", "qcow2", "-l", "snapshot.name=s1", "r.raw"],
+        ["-O", "qcow2", "-o", "cluster_size=4k,preallocation=full", "r.raw"],
+        ["-O", "qcow2", "-o", "size=x", "--size", "1M"],
+        [
+            "-O",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+            "--size",
+            "1G",
+        ],
+        ["-O", "qcow2", "-o", "encrypt.format=luks", "--size", "1G"],
+        ["-O", "qcow2", "-o", "extended_l2=on,refcount_bits=1", "--size", "100G"],
+        ["-O", "qcow2", "-o", "backing_file=a.qcow2", "top.qcow2"],
+        [],
+        ["missing"],
+        ["-O", "raw", "-o", "preallocation=metadata", "--size", "1M"],
+        ["-O", "qcow2", "-o", "compat=0.10,refcount_bits=8", "--size", "1M"],
+        ["-O", "qcow2", "--image-opts", LUKS_OPEN.format("l.qcow2")],
+        ["-O", "qcow2", "l.qcow2"],
+        ["-O", "qcow2", "-U", "cz.qcow2"],
+        ["-f", "raw", "a.qcow2"],
+    ],
+    ids=" ".join,
+)
 def test_measure(twins, args):
     twins.assert_same("measure", *LUKS, *args)
 
 
-@pytest.mark.parametrize("args", [["-x"], ["--foo=1"], ["--si"], ["--size"], ["-f"],
-                                  ["--help=1"], ["--o"]], ids=" ".join)
+@pytest.mark.parametrize(
+    "args", [["-x"], ["--foo=1"], ["--si"], ["--size"], ["-f"], ["--help=1"], ["--o"]], ids=" ".join
+)
 def test_measure_getopt_errors(twins, args):
     """measure lets glibc print its complaint, then prints the help (exit 0)."""
     expected, actual = twins.both("measure", *args)
@@ -638,6 +930,7 @@ def test_measure_getopt_errors(twins, args):
 
 # --- rebase ------------------------------------------------------------------------------------
 
+
 def make_rebase_images(twins: Twins) -> None:
     for directory in twins.dirs():
         with inside(directory):
@@ -647,21 +940,36 @@ def make_rebase_images(twins: Twins) -> None:
             qemu_img("convert", "-O", "raw", "top.qcow2", "top.raw")
 
 
-@pytest.mark.parametrize("args", [
-    ["-b", "base.qcow2", "-F", "qcow2", "top.qcow2"],
-    ["-b", "other.qcow2", "-F", "qcow2", "top.qcow2"], ["-b", "", "top.qcow2"],
-    ["-b", "base.raw", "-F", "raw", "top.qcow2"], ["-b", "mid.qcow2", "-F", "qcow2", "top.qcow2"],
-    ["-u", "-b", "x.qcow2", "-F", "qcow2", "top.qcow2"], ["-u", "-b", "", "top.qcow2"],
-    ["-b", "base.qcow2", "top.qcow2"], ["-u", "-b", "base.qcow2", "top.qcow2"],
-    ["-b", "missing", "-F", "qcow2", "top.qcow2"], ["-b", "base.qcow2", "-F", "foo", "top.qcow2"],
-    ["top.qcow2"], ["-b", "x"], ["-b", "x", "a", "b"], ["-q", "-p", "-b", "", "top.qcow2"],
-    ["-b", "base.qcow2", "-F", "qcow2", "missing.qcow2"],
-    ["-b", "base.qcow2", "-F", "qcow2", "top.raw"], ["-t", "foo", "-b", "x", "top.qcow2"],
-    ["-T", "foo", "-b", "x", "top.qcow2"], ["-p", "-t", "foo", "-b", "x", "top.qcow2"],
-    ["-u", "top.qcow2"], ["-b", "other.qcow2", "-F", "qcow2", "-f", "qcow2", "top.qcow2"],
-    ["-b", "a.qcow2", "-F", "qcow2", "-U", "mid.qcow2"],
-    ["--image-opts", "-b", "", "driver=qcow2,file.filename=top.qcow2"],
-], ids=" ".join)
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-b", "base.qcow2", "-F", "qcow2", "top.qcow2"],
+        ["-b", "other.qcow2", "-F", "qcow2", "top.qcow2"],
+        ["-b", "", "top.qcow2"],
+        ["-b", "base.raw", "-F", "raw", "top.qcow2"],
+        ["-b", "mid.qcow2", "-F", "qcow2", "top.qcow2"],
+        ["-u", "-b", "x.qcow2", "-F", "qcow2", "top.qcow2"],
+        ["-u", "-b", "", "top.qcow2"],
+        ["-b", "base.qcow2", "top.qcow2"],
+        ["-u", "-b", "base.qcow2", "top.qcow2"],
+        ["-b", "missing", "-F", "qcow2", "top.qcow2"],
+        ["-b", "base.qcow2", "-F", "foo", "top.qcow2"],
+        ["top.qcow2"],
+        ["-b", "x"],
+        ["-b", "x", "a", "b"],
+        ["-q", "-p", "-b", "", "top.qcow2"],
+        ["-b", "base.qcow2", "-F", "qcow2", "missing.qcow2"],
+        ["-b", "base.qcow2", "-F", "qcow2", "top.raw"],
+        ["-t", "foo", "-b", "x", "top.qcow2"],
+        ["-T", "foo", "-b", "x", "top.qcow2"],
+        ["-p", "-t", "foo", "-b", "x", "top.qcow2"],
+        ["-u", "top.qcow2"],
+        ["-b", "other.qcow2", "-F", "qcow2", "-f", "qcow2", "top.qcow2"],
+        ["-b", "a.qcow2", "-F", "qcow2", "-U", "mid.qcow2"],
+        ["--image-opts", "-b", "", "driver=qcow2,file.filename=top.qcow2"],
+    ],
+    ids=" ".join,
+)
 def test_rebase(twins, args):
     make_rebase_images(twins)
     twins.assert_same("rebase", *args)
@@ -676,12 +984,18 @@ def test_rebase_keeps_content(twins):
     """Safe mode: whatever the new backing file, the guest sees the same data."""
     make_rebase_images(twins)
     d = twins.qimg_dir
-    for args in (["-b", "other.qcow2", "-F", "qcow2"], ["-b", "base.qcow2", "-F", "qcow2"],
-                 ["-b", "base.raw", "-F", "raw"], ["-b", ""]):
+    for args in (
+        ["-b", "other.qcow2", "-F", "qcow2"],
+        ["-b", "base.qcow2", "-F", "qcow2"],
+        ["-b", "base.raw", "-F", "raw"],
+        ["-b", ""],
+    ):
         result = run_qimg(d, "rebase", *args, "top.qcow2")
         assert result.returncode == 0, result.stderr
-        assert qemu_img("compare", "-F", "raw", d / "top.qcow2", d / "top.raw",
-                        check=False).returncode == 0
+        assert (
+            qemu_img("compare", "-F", "raw", d / "top.qcow2", d / "top.raw", check=False).returncode
+            == 0
+        )
         assert qemu_img("check", d / "top.qcow2", check=False).returncode == 0
     info = json.loads(qemu_img("info", "--output=json", d / "top.qcow2").stdout)
     assert "backing-filename" not in info
@@ -689,13 +1003,30 @@ def test_rebase_keeps_content(twins):
 
 # --- commit ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args", [
-    ["top.qcow2"], ["-d", "top.qcow2"], ["-b", "base.qcow2", "top.qcow2"],
-    ["-b", "mid.qcow2", "top.qcow2"], ["-b", "nosuch", "top.qcow2"], ["-q", "mid.qcow2"],
-    ["base.qcow2"], ["-p", "-q", "top.qcow2"], [], ["a", "b"], ["-t", "foo", "top.qcow2"],
-    ["missing"], ["-r", "x", "top.qcow2"], ["-f", "raw", "r.raw"], ["-x", "top.qcow2"],
-    ["--image-opts", "driver=qcow2,file.filename=top.qcow2"], ["-r", "1M", "-t", "none", "t"],
-], ids=" ".join)
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["top.qcow2"],
+        ["-d", "top.qcow2"],
+        ["-b", "base.qcow2", "top.qcow2"],
+        ["-b", "mid.qcow2", "top.qcow2"],
+        ["-b", "nosuch", "top.qcow2"],
+        ["-q", "mid.qcow2"],
+        ["base.qcow2"],
+        ["-p", "-q", "top.qcow2"],
+        [],
+        ["a", "b"],
+        ["-t", "foo", "top.qcow2"],
+        ["missing"],
+        ["-r", "x", "top.qcow2"],
+        ["-f", "raw", "r.raw"],
+        ["-x", "top.qcow2"],
+        ["--image-opts", "driver=qcow2,file.filename=top.qcow2"],
+        ["-r", "1M", "-t", "none", "t"],
+    ],
+    ids=" ".join,
+)
 def test_commit(twins, args):
     twins.assert_same("commit", *args)
     for name in ("top.qcow2", "mid.qcow2", "base.qcow2"):
@@ -707,8 +1038,10 @@ def test_commit_makes_base_equal_top(twins):
     qemu_img("convert", "-O", "raw", d / "top.qcow2", d / "top.raw")
     result = run_qimg(d, "commit", "-b", "base.qcow2", "top.qcow2")
     assert (result.returncode, result.stdout) == (0, "Image committed.\n")
-    assert qemu_img("compare", "-F", "raw", d / "base.qcow2", d / "top.raw",
-                    check=False).returncode == 0
+    assert (
+        qemu_img("compare", "-F", "raw", d / "base.qcow2", d / "top.raw", check=False).returncode
+        == 0
+    )
     assert qemu_img("check", d / "base.qcow2", check=False).returncode == 0
     # a plain commit empties the overlay: it then reads through to the (new) base
     result = run_qimg(d, "commit", "mid.qcow2")
@@ -718,6 +1051,7 @@ def test_commit_makes_base_equal_top(twins):
 
 # --- amend -------------------------------------------------------------------------------------
 
+
 def make_amend_images(twins: Twins) -> None:
     for directory in twins.dirs():
         with inside(directory):
@@ -725,27 +1059,52 @@ def make_amend_images(twins: Twins) -> None:
             qemu_io("v2.qcow2", "write -P 1 0 3M", "write -P 2 8M 64k")
 
 
-@pytest.mark.parametrize("args", [
-    ["-f", "qcow2", "-o", "help"], ["-f", "raw", "-o", "help"], ["-f", "foo", "-o", "help"],
-    ["-o", "help", "a.qcow2"], ["-o", "help"], ["a.qcow2"], ["-o", "cluster_size=4k", "a.qcow2"],
-    ["-o", "foo=1", "a.qcow2"], ["-o", "compat=0.10", "-f", "raw", "r.raw"],
-    ["-o", "compat=0.10", "r.raw"], ["-o", "compat=1.3", "a.qcow2"], ["-o", "size=x", "a.qcow2"],
-    ["-o", "refcount_bits=x", "a.qcow2"], ["-o", "lazy_refcounts=x", "a.qcow2"],
-    ["-o", "compat=0.10", "a.qcow2"],
-    ["-o", "compat=0.10", "top.qcow2"], ["-o", "compat=0.10", "cs.qcow2"],
-    ["-o", "compat=1.1", "v2.qcow2"], ["-o", "compat=v3,lazy_refcounts=on", "v2.qcow2"],
-    ["-o", "lazy_refcounts=on", "v2.qcow2"], ["-o", "refcount_bits=8", "v2.qcow2"],
-    ["-o", "refcount_bits=3", "a.qcow2"], ["-o", "refcount_bits=1", "a.qcow2"],
-    ["-o", "refcount_bits=64,lazy_refcounts=on", "a.qcow2"], ["-o", "size=20M", "a.qcow2"],
-    ["-o", "size=1M", "a.qcow2"], ["-o", "backing_file=x", "top.qcow2"],
-    ["-o", "backing_file=mid.qcow2,backing_fmt=qcow2", "top.qcow2"],
-    ["-o", "encrypt.keyslot=1", "a.qcow2"], ["-o", "data_file=x", "a.qcow2"],
-    ["-o", "data_file_raw=on", "a.qcow2"], ["-o", "compat=0.10", "missing"],
-    ["-o", "compat=1.1", "a", "b"], ["-o", "", "a.qcow2"], ["-t", "foo", "-o", "compat=1.1", "a"],
-    ["-q", "-o", "compat=0.10", "a.qcow2"], ["-p", "-o", "compat=1.3", "a.qcow2"],
-    ["--image-opts", "-o", "compat=0.10", "driver=qcow2,file.filename=a.qcow2"],
-    ["-o", "cluster_size=4k,foo=1", "a.qcow2"], ["-x", "a.qcow2"],
-], ids=" ".join)
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-f", "qcow2", "-o", "help"],
+        ["-f", "raw", "-o", "help"],
+        ["-f", "foo", "-o", "help"],
+        ["-o", "help", "a.qcow2"],
+        ["-o", "help"],
+        ["a.qcow2"],
+        ["-o", "cluster_size=4k", "a.qcow2"],
+        ["-o", "foo=1", "a.qcow2"],
+        ["-o", "compat=0.10", "-f", "raw", "r.raw"],
+        ["-o", "compat=0.10", "r.raw"],
+        ["-o", "compat=1.3", "a.qcow2"],
+        ["-o", "size=x", "a.qcow2"],
+        ["-o", "refcount_bits=x", "a.qcow2"],
+        ["-o", "lazy_refcounts=x", "a.qcow2"],
+        ["-o", "compat=0.10", "a.qcow2"],
+        ["-o", "compat=0.10", "top.qcow2"],
+        ["-o", "compat=0.10", "cs.qcow2"],
+        ["-o", "compat=1.1", "v2.qcow2"],
+        ["-o", "compat=v3,lazy_refcounts=on", "v2.qcow2"],
+        ["-o", "lazy_refcounts=on", "v2.qcow2"],
+        ["-o", "refcount_bits=8", "v2.qcow2"],
+        ["-o", "refcount_bits=3", "a.qcow2"],
+        ["-o", "refcount_bits=1", "a.qcow2"],
+        ["-o", "refcount_bits=64,lazy_refcounts=on", "a.qcow2"],
+        ["-o", "size=20M", "a.qcow2"],
+        ["-o", "size=1M", "a.qcow2"],
+        ["-o", "backing_file=x", "top.qcow2"],
+        ["-o", "backing_file=mid.qcow2,backing_fmt=qcow2", "top.qcow2"],
+        ["-o", "encrypt.keyslot=1", "a.qcow2"],
+        ["-o", "data_file=x", "a.qcow2"],
+        ["-o", "data_file_raw=on", "a.qcow2"],
+        ["-o", "compat=0.10", "missing"],
+        ["-o", "compat=1.1", "a", "b"],
+        ["-o", "", "a.qcow2"],
+        ["-t", "foo", "-o", "compat=1.1", "a"],
+        ["-q", "-o", "compat=0.10", "a.qcow2"],
+        ["-p", "-o", "compat=1.3", "a.qcow2"],
+        ["--image-opts", "-o", "compat=0.10", "driver=qcow2,file.filename=a.qcow2"],
+        ["-o", "cluster_size=4k,foo=1", "a.qcow2"],
+        ["-x", "a.qcow2"],
+    ],
+    ids=" ".join,
+)
 def test_amend(twins, args):
     make_amend_images(twins)
     twins.assert_same("amend", *args)
@@ -759,20 +1118,34 @@ def test_amend_between_compat_levels(twins):
     make_amend_images(twins)
     d = twins.qimg_dir
     qemu_img("convert", "-O", "raw", d / "a.qcow2", d / "a.raw")
-    for step in (["compat=0.10"], ["compat=1.1"], ["refcount_bits=2"], ["lazy_refcounts=on"],
-                 ["compat=1.1,refcount_bits=16,lazy_refcounts=off"], ["compat=0.10"]):
+    for step in (
+        ["compat=0.10"],
+        ["compat=1.1"],
+        ["refcount_bits=2"],
+        ["lazy_refcounts=on"],
+        ["compat=1.1,refcount_bits=16,lazy_refcounts=off"],
+        ["compat=0.10"],
+    ):
         result = run_qimg(d, "amend", "-o", *step, "a.qcow2")
         assert result.returncode == 0, result.stderr
         assert qemu_img("check", d / "a.qcow2", check=False).returncode == 0
-        assert qemu_img("compare", "-F", "raw", d / "a.qcow2", d / "a.raw",
-                        check=False).returncode == 0
+        assert (
+            qemu_img("compare", "-F", "raw", d / "a.qcow2", d / "a.raw", check=False).returncode
+            == 0
+        )
     info = json.loads(qemu_img("info", "--output=json", d / "a.qcow2").stdout)
     assert info["format-specific"]["data"]["compat"] == "0.10"
 
 
-@pytest.mark.parametrize("args", [["-p", "-o", "compat=0.10", "a.qcow2"],
-                                  ["-p", "-o", "compat=1.1,refcount_bits=8", "v2.qcow2"],
-                                  ["-p", "-o", "lazy_refcounts=on", "a.qcow2"]], ids=" ".join)
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-p", "-o", "compat=0.10", "a.qcow2"],
+        ["-p", "-o", "compat=1.1,refcount_bits=8", "v2.qcow2"],
+        ["-p", "-o", "lazy_refcounts=on", "a.qcow2"],
+    ],
+    ids=" ".join,
+)
 def test_amend_progress(twins, args):
     """The same bar (how many steps QEMU's driver reports in between is its own)."""
     make_amend_images(twins)
@@ -786,20 +1159,39 @@ def test_amend_progress(twins, args):
 
 # --- dd ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args", [
-    ["if=a.qcow2", "of=o.raw"], ["if=a.qcow2", "of=o.qcow2", "-O", "qcow2"],
-    ["-O", "qcow2", "bs=1M", "count=4", "skip=1", "if=top.qcow2", "of=o.qcow2"],
-    ["bs=4k", "count=3", "if=a.qcow2", "of=o.raw"], ["bs=3000", "skip=2", "if=r.raw", "of=o.raw"],
-    ["skip=100000", "if=r.raw", "of=o.raw"], ["bs=300", "if=pw.txt", "of=o.raw"],
-    ["if=r.raw"], ["of=r.raw"], [], ["foo", "if=a", "of=b"], ["foo=1", "if=r.raw", "of=o"],
-    ["bs=0", "if=r.raw", "of=o.raw"], ["bs=x", "if=r.raw", "of=o.raw"],
-    ["bs=3G", "if=r.raw", "of=o.raw"], ["count=x", "if=r.raw", "of=o.raw"],
-    ["skip=-1", "if=r.raw", "of=o.raw"], ["if=missing", "of=o.raw"],
-    ["-O", "foo", "if=r.raw", "of=o.raw"], ["-f", "raw", "if=a.qcow2", "of=o.raw"],
-    ["-O", "qcow2", "count=0", "if=r.raw", "of=o.qcow2"], ["if=r.raw", "of="],
-    ["if=r.raw", "of=nodir/x"], ["-U", "if=cz.qcow2", "of=o.raw"],
-    ["--image-opts", f"if={LUKS_OPEN.format('l.qcow2')}", "of=o.raw"], ["if=l.qcow2", "of=o"],
-], ids=" ".join)
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["if=a.qcow2", "of=o.raw"],
+        ["if=a.qcow2", "of=o.qcow2", "-O", "qcow2"],
+        ["-O", "qcow2", "bs=1M", "count=4", "skip=1", "if=top.qcow2", "of=o.qcow2"],
+        ["bs=4k", "count=3", "if=a.qcow2", "of=o.raw"],
+        ["bs=3000", "skip=2", "if=r.raw", "of=o.raw"],
+        ["skip=100000", "if=r.raw", "of=o.raw"],
+        ["bs=300", "if=pw.txt", "of=o.raw"],
+        ["if=r.raw"],
+        ["of=r.raw"],
+        [],
+        ["foo", "if=a", "of=b"],
+        ["foo=1", "if=r.raw", "of=o"],
+        ["bs=0", "if=r.raw", "of=o.raw"],
+        ["bs=x", "if=r.raw", "of=o.raw"],
+        ["bs=3G", "if=r.raw", "of=o.raw"],
+        ["count=x", "if=r.raw", "of=o.raw"],
+        ["skip=-1", "if=r.raw", "of=o.raw"],
+        ["if=missing", "of=o.raw"],
+        ["-O", "foo", "if=r.raw", "of=o.raw"],
+        ["-f", "raw", "if=a.qcow2", "of=o.raw"],
+        ["-O", "qcow2", "count=0", "if=r.raw", "of=o.qcow2"],
+        ["if=r.raw", "of="],
+        ["if=r.raw", "of=nodir/x"],
+        ["-U", "if=cz.qcow2", "of=o.raw"],
+        ["--image-opts", f"if={LUKS_OPEN.format('l.qcow2')}", "of=o.raw"],
+        ["if=l.qcow2", "of=o"],
+    ],
+    ids=" ".join,
+)
 def test_dd(twins, args):
     twins.assert_same("dd", *LUKS, *args)
     twins.assert_same_image("o.raw", "raw", same_map=False)
@@ -811,17 +1203,20 @@ def test_convert_cache_modes(twins, monkeypatch):
     target is created) unless -t asks for another mode."""
     synced = []
     real_fdatasync = os.fdatasync
-    monkeypatch.setattr(os, "fdatasync",
-                        lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
-                                    real_fdatasync(fd)))
+    monkeypatch.setattr(
+        os,
+        "fdatasync",
+        lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fdatasync(fd)),
+    )
     d = twins.qimg_dir
     counts = {}
     for cache in ("", "unsafe", "writeback", "none"):
         for fmt in ("raw", "qcow2"):
             synced.clear()
             target = d / f"{cache or 'default'}.{fmt}"
-            result = run_qimg(d, "convert", *(["-t", cache] if cache else []), "-O", fmt,
-                              "a.qcow2", target)
+            result = run_qimg(
+                d, "convert", *(["-t", cache] if cache else []), "-O", fmt, "a.qcow2", target
+            )
             assert result.returncode == 0, result.stderr
             counts[cache, fmt] = synced.count(str(target))
             assert qemu_img("compare", d / "a.qcow2", target).returncode == 0

@@ -10,6 +10,7 @@ slots that QEMU must open.
 PBKDF2 is kept cheap with iter-time=10; the QEMU images are created in parallel once per
 module because each `qemu-img create` spends about a second calibrating PBKDF2.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,13 +34,25 @@ try:
 except ImportError:  # pragma: no cover - conftest normally puts the source tree on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qcow2lib.crypto import (amend_luks, create_luks_header, legacy_key, luks_crypto_from_key,
-                             luks_info, open_crypto, open_luks_header, open_luks_raw)
+from qcow2lib.crypto import (
+    amend_luks,
+    create_luks_header,
+    legacy_key,
+    luks_crypto_from_key,
+    luks_info,
+    open_crypto,
+    open_luks_header,
+    open_luks_raw,
+)
 from qcow2lib.crypto.afsplit import af_merge, af_split
 from qcow2lib.crypto.ciphers import SectorCipher, make_ivgen
 from qcow2lib.crypto.luks import HEADER_SIZE, LuksHeader, LuksHeaderStruct, LuksVolume
-from qcow2lib.errors import (BadSecretError, CorruptImageError, InvalidArgumentError,
-                             UnsupportedFeatureError)
+from qcow2lib.errors import (
+    BadSecretError,
+    CorruptImageError,
+    InvalidArgumentError,
+    UnsupportedFeatureError,
+)
 from qcow2lib.header import Header
 
 PASS = "PASS"
@@ -53,13 +66,25 @@ LUKS_CONFIGS = {
     "aes256-xts-plain64": {"cipher-alg": "aes-256", "cipher-mode": "xts", "ivgen-alg": "plain64"},
     # two AES-192 keys: OpenSSL has no such XTS, the engine builds it on AES-192-ECB
     "aes192-xts-plain64": {"cipher-alg": "aes-192", "cipher-mode": "xts", "ivgen-alg": "plain64"},
-    "aes128-cbc-plain-sha1": {"cipher-alg": "aes-128", "cipher-mode": "cbc", "ivgen-alg": "plain",
-                              "hash-alg": "sha1"},
-    "aes256-cbc-plain64-sha512": {"cipher-alg": "aes-256", "cipher-mode": "cbc",
-                                  "ivgen-alg": "plain64", "hash-alg": "sha512"},
+    "aes128-cbc-plain-sha1": {
+        "cipher-alg": "aes-128",
+        "cipher-mode": "cbc",
+        "ivgen-alg": "plain",
+        "hash-alg": "sha1",
+    },
+    "aes256-cbc-plain64-sha512": {
+        "cipher-alg": "aes-256",
+        "cipher-mode": "cbc",
+        "ivgen-alg": "plain64",
+        "hash-alg": "sha512",
+    },
     # ESSIV with sha256 runs AES-256 for the IVs under an AES-128 data cipher (dm-crypt's rule)
-    "aes128-cbc-essiv": {"cipher-alg": "aes-128", "cipher-mode": "cbc", "ivgen-alg": "essiv",
-                         "ivgen-hash-alg": "sha256"},
+    "aes128-cbc-essiv": {
+        "cipher-alg": "aes-128",
+        "cipher-mode": "cbc",
+        "ivgen-alg": "essiv",
+        "ivgen-hash-alg": "sha256",
+    },
 }
 AES_PASSES = {"aes-short": "PASS", "aes-long": "a passphrase longer than sixteen bytes"}
 # (guest offset, length, pattern) written by qemu-io; 1 MiB lands in another host cluster
@@ -98,6 +123,7 @@ def luks_opts(path, secret="sec0") -> str:
 
 # --- image access by hand ---------------------------------------------------------------
 
+
 class ImageFile:
     def __init__(self, path):
         self.path = Path(path)
@@ -126,8 +152,14 @@ class ImageFile:
 
     def crypto(self, passphrase=PASS):
         h = self.header
-        return open_crypto(h.crypt_method, self.read, h.crypto_offset, h.crypto_length, passphrase,
-                           cluster_size=h.cluster_size)
+        return open_crypto(
+            h.crypt_method,
+            self.read,
+            h.crypto_offset,
+            h.crypto_length,
+            passphrase,
+            cluster_size=h.cluster_size,
+        )
 
     def close(self):
         os.close(self.fd)
@@ -149,6 +181,7 @@ def encrypt_guest(img: ImageFile, crypto, guest, data) -> None:
 
 # --- QEMU-made images, created in parallel once ----------------------------------------
 
+
 def run_retrying(args) -> subprocess.CompletedProcess:
     """Run a qemu-img that must succeed (run() retries QEMU's PBKDF2 calibration flake)."""
     result = run(args, check=False)
@@ -165,16 +198,52 @@ def qemu_images(tmp_path_factory):
         path = base / f"{name}.qcow2"
         opts = ["encrypt.format=luks", "encrypt.key-secret=sec0", "encrypt.iter-time=10"]
         opts += [f"encrypt.{k}={v}" for k, v in options.items()]
-        jobs.append([QEMU_IMG, "create", "-q", "-f", "qcow2", *secret_args(sec0=PASS), "-o",
-                     ",".join(opts), path, "4M"])
+        jobs.append(
+            [
+                QEMU_IMG,
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                *secret_args(sec0=PASS),
+                "-o",
+                ",".join(opts),
+                path,
+                "4M",
+            ]
+        )
         paths[name] = path
     paths["raw-luks"] = base / "x.luks"
-    jobs.append([QEMU_IMG, "create", "-q", "-f", "luks", *secret_args(sec0=PASS), "-o",
-                 "key-secret=sec0,iter-time=10", paths["raw-luks"], "1M"])
+    jobs.append(
+        [
+            QEMU_IMG,
+            "create",
+            "-q",
+            "-f",
+            "luks",
+            *secret_args(sec0=PASS),
+            "-o",
+            "key-secret=sec0,iter-time=10",
+            paths["raw-luks"],
+            "1M",
+        ]
+    )
     for name, secret in AES_PASSES.items():
         paths[name] = base / f"{name}.qcow2"
-        jobs.append([QEMU_IMG, "create", "-q", "-f", "qcow2", *secret_args(sec0=secret), "-o",
-                     "encrypt.format=aes,encrypt.key-secret=sec0", paths[name], "4M"])
+        jobs.append(
+            [
+                QEMU_IMG,
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                *secret_args(sec0=secret),
+                "-o",
+                "encrypt.format=aes,encrypt.key-secret=sec0",
+                paths[name],
+                "4M",
+            ]
+        )
     # each LUKS create burns ~1-2 s of CPU calibrating PBKDF2: run them side by side
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
         list(pool.map(run_retrying, jobs))
@@ -200,6 +269,7 @@ def qemu_info_encrypt(path) -> dict:
 
 
 # --- qcow2 + LUKS made by QEMU -----------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", sorted(LUKS_CONFIGS))
 def test_qcow2_luks_decrypts_qemu_data(qemu_images, name):
@@ -232,8 +302,12 @@ def test_qcow2_luks_qemu_reads_our_encryption(qemu_images, name, tmp_path):
         encrypt_guest(img, crypto, MB + 4096, b"\x11" * 4096)
     finally:
         img.close()
-    qio_ok(qcow2_opts(path), "read -P 0xc3 0 64k", f"read -P 0x11 {MB + 4096} 4k",
-           f"read -P 0x6b {MB + 8192} 4k")
+    qio_ok(
+        qcow2_opts(path),
+        "read -P 0xc3 0 64k",
+        f"read -P 0x11 {MB + 4096} 4k",
+        f"read -P 0x6b {MB + 8192} 4k",
+    )
 
 
 def test_qcow2_luks_wrong_passphrase(qemu_images):
@@ -255,8 +329,14 @@ def test_qcow2_luks_key_material_outside_extension(qemu_images):
         with pytest.raises(CorruptImageError, match="payload_offset_sector|outside"):
             open_crypto(2, img.read, h.crypto_offset, 8192, PASS)
         with pytest.raises(CorruptImageError, match="crypto_offset"):
-            open_crypto(2, img.read, h.crypto_offset + 512, h.crypto_length, PASS,
-                        cluster_size=h.cluster_size)
+            open_crypto(
+                2,
+                img.read,
+                h.crypto_offset + 512,
+                h.crypto_length,
+                PASS,
+                cluster_size=h.cluster_size,
+            )
         with pytest.raises(CorruptImageError, match="Missing CRYPTO header"):
             open_crypto(2, img.read, 0, 0, PASS)
     finally:
@@ -265,19 +345,20 @@ def test_qcow2_luks_key_material_outside_extension(qemu_images):
 
 # --- raw LUKS -------------------------------------------------------------------------------
 
+
 def test_raw_luks_made_by_qemu(qemu_images):
     path = qemu_images["raw-luks"]
     with open(path, "rb") as f:
         data = f.read()
-    crypto = open_luks_raw(lambda off, n: data[off:off + n], PASS, len(data))
+    crypto = open_luks_raw(lambda off, n: data[off : off + n], PASS, len(data))
     assert not crypto.physical_offset
     assert crypto.payload_offset == 2068480  # aes-256-xts: 8 + 8 * 504 sectors
     for guest, pattern in ((0, 0x5A), (65536, 0x33)):
-        buf = bytearray(data[crypto.payload_offset + guest:crypto.payload_offset + guest + 65536])
+        buf = bytearray(data[crypto.payload_offset + guest : crypto.payload_offset + guest + 65536])
         crypto.decrypt(crypto.sector_number(crypto.payload_offset + guest, guest), buf)
         assert buf == bytes([pattern]) * 65536
     with pytest.raises(BadSecretError):
-        open_luks_raw(lambda off, n: data[off:off + n], "wrong", len(data))
+        open_luks_raw(lambda off, n: data[off : off + n], "wrong", len(data))
 
 
 def make_luks_file(path: Path, options, size=MB, passphrase=PASS, pattern=0x5A) -> bytes:
@@ -292,22 +373,43 @@ def make_luks_file(path: Path, options, size=MB, passphrase=PASS, pattern=0x5A) 
     return master_key
 
 
-@pytest.mark.parametrize("options", [
-    {},
-    {"cipher-alg": "aes-128", "cipher-mode": "xts", "hash-alg": "sha1"},
-    {"cipher-alg": "aes-256", "cipher-mode": "cbc", "ivgen-alg": "essiv"},
-    {"cipher-alg": "aes-128", "cipher-mode": "cbc", "ivgen-alg": "plain", "hash-alg": "sha512"},
-    {"cipher-alg": "aes-256", "cipher-mode": "ctr", "hash-alg": "md5"},
-    {"cipher-alg": "aes-128", "cipher-mode": "ecb"},
-    {"cipher-alg": "aes-192", "cipher-mode": "xts"},
-], ids=["default", "aes128-xts-sha1", "aes256-cbc-essiv", "aes128-cbc-plain-sha512", "ctr-md5",
-        "ecb", "aes192-xts"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"cipher-alg": "aes-128", "cipher-mode": "xts", "hash-alg": "sha1"},
+        {"cipher-alg": "aes-256", "cipher-mode": "cbc", "ivgen-alg": "essiv"},
+        {"cipher-alg": "aes-128", "cipher-mode": "cbc", "ivgen-alg": "plain", "hash-alg": "sha512"},
+        {"cipher-alg": "aes-256", "cipher-mode": "ctr", "hash-alg": "md5"},
+        {"cipher-alg": "aes-128", "cipher-mode": "ecb"},
+        {"cipher-alg": "aes-192", "cipher-mode": "xts"},
+    ],
+    ids=[
+        "default",
+        "aes128-xts-sha1",
+        "aes256-cbc-essiv",
+        "aes128-cbc-plain-sha512",
+        "ctr-md5",
+        "ecb",
+        "aes192-xts",
+    ],
+)
 def test_our_luks_file_read_by_qemu(tmp_path, options):
     path = tmp_path / "ours.luks"
     make_luks_file(path, options)
     qio_ok(luks_opts(path), "read -P 0x5a 0 64k", "read -P 0 64k 960k")
-    info = json.loads(run([QEMU_IMG, "info", "--output=json", *secret_args(sec0=PASS),
-                           "--image-opts", luks_opts(path)]).stdout)
+    info = json.loads(
+        run(
+            [
+                QEMU_IMG,
+                "info",
+                "--output=json",
+                *secret_args(sec0=PASS),
+                "--image-opts",
+                luks_opts(path),
+            ]
+        ).stdout
+    )
     assert info["virtual-size"] == MB
     data = info["format-specific"]["data"]
     assert data["cipher-alg"] == options.get("cipher-alg", "aes-256")
@@ -319,13 +421,24 @@ def test_our_luks_file_read_by_qemu(tmp_path, options):
 
 
 def test_created_header_parses_back():
-    header, master_key = create_luks_header(PASS, {"encrypt.cipher-alg": "aes-128",
-                                                   "cipher_mode": "cbc", "ivgen-alg": "essiv",
-                                                   "iter-time": 10})
+    header, master_key = create_luks_header(
+        PASS,
+        {
+            "encrypt.cipher-alg": "aes-128",
+            "cipher_mode": "cbc",
+            "ivgen-alg": "essiv",
+            "iter-time": 10,
+        },
+    )
     assert len(header) % 512 == 0
     hdr = LuksHeader.parse(header)
-    assert (hdr.cipher_alg, hdr.cipher_mode, hdr.ivgen_alg, hdr.ivgen_hash_alg, hdr.hash_alg) == \
-        ("aes-128", "cbc", "essiv", "sha256", "sha256")
+    assert (hdr.cipher_alg, hdr.cipher_mode, hdr.ivgen_alg, hdr.ivgen_hash_alg, hdr.hash_alg) == (
+        "aes-128",
+        "cbc",
+        "essiv",
+        "sha256",
+        "sha256",
+    )
     assert hdr.cipher_mode_spec == "cbc-essiv:sha256"
     assert hdr.master_key_len == 16 == len(master_key)
     assert hdr.payload_offset == len(header)
@@ -333,7 +446,7 @@ def test_created_header_parses_back():
     assert [s.is_active for s in hdr.key_slots] == [True] + [False] * 7
     assert hdr.key_slots[0].iterations >= 1000
     assert hdr.pack() == header[:HEADER_SIZE]
-    vol = LuksVolume.load(lambda off, n: header[off:off + n], len(header))
+    vol = LuksVolume.load(lambda off, n: header[off : off + n], len(header))
     assert vol.unlock(PASS) == (master_key, 0)
     with pytest.raises(BadSecretError):
         vol.unlock("nope")
@@ -353,11 +466,14 @@ def test_create_options_rejected():
         create_luks_header(PASS, {"cipher-alg": "aes-192", "cipher-mode": "cbc", "iter-time": 0})
     with pytest.raises(UnsupportedFeatureError, match="sha1"):
         # ESSIV needs a digest as long as an AES key; sha1's 20 bytes are not
-        create_luks_header(PASS, {"cipher-mode": "cbc", "ivgen-alg": "essiv",
-                                  "ivgen-hash-alg": "sha1", "iter-time": 0})
+        create_luks_header(
+            PASS,
+            {"cipher-mode": "cbc", "ivgen-alg": "essiv", "ivgen-hash-alg": "sha1", "iter-time": 0},
+        )
 
 
 # --- key slots ------------------------------------------------------------------------------
+
 
 def file_io(path):
     fd = os.open(path, os.O_RDWR)
@@ -406,18 +522,38 @@ def test_keyslot_add_remove_raw_luks(tmp_path):
 def test_keyslots_in_qcow2_interop(qemu_images, tmp_path):
     path = fresh_copy(qemu_images["aes128-cbc-essiv"], tmp_path)
     # QEMU adds a slot; we open with it
-    run_retrying([QEMU_IMG, "amend", *secret_args(sec0=PASS, sec1=NEW), "--image-opts", qcow2_opts(path),
-         "-o", "encrypt.state=active,encrypt.new-secret=sec1,encrypt.iter-time=10"])
+    run_retrying(
+        [
+            QEMU_IMG,
+            "amend",
+            *secret_args(sec0=PASS, sec1=NEW),
+            "--image-opts",
+            qcow2_opts(path),
+            "-o",
+            "encrypt.state=active,encrypt.new-secret=sec1,encrypt.iter-time=10",
+        ]
+    )
     img = ImageFile(path)
     try:
         assert decrypt_guest(img, img.crypto(NEW), 0, 65536) == b"\x5a" * 65536
         # we erase QEMU's original slot and add a third passphrase in slot 5
         h = img.header
-        assert amend_luks(img.read, img.write, h.crypto_offset, h.crypto_length, None,
-                          {"encrypt.state": "inactive", "encrypt.old-secret": PASS}) == [0]
-        assert amend_luks(img.read, img.write, h.crypto_offset, h.crypto_length, NEW,
-                          {"state": "active", "new-secret": "third", "keyslot": 5,
-                           "iter-time": 10}) == [5]
+        assert amend_luks(
+            img.read,
+            img.write,
+            h.crypto_offset,
+            h.crypto_length,
+            None,
+            {"encrypt.state": "inactive", "encrypt.old-secret": PASS},
+        ) == [0]
+        assert amend_luks(
+            img.read,
+            img.write,
+            h.crypto_offset,
+            h.crypto_length,
+            NEW,
+            {"state": "active", "new-secret": "third", "keyslot": 5, "iter-time": 10},
+        ) == [5]
         with pytest.raises(BadSecretError):
             img.crypto(PASS)
     finally:
@@ -429,6 +565,7 @@ def test_keyslots_in_qcow2_interop(qemu_images, tmp_path):
 
 
 # --- legacy qcow2 AES -----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", sorted(AES_PASSES))
 def test_legacy_aes(qemu_images, name, tmp_path):
@@ -458,6 +595,7 @@ def test_legacy_key_derivation():
 
 # --- malformed LUKS headers -----------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def good_header():
     header, _ = create_luks_header(PASS, {"iter-time": 0})
@@ -474,32 +612,43 @@ def mutate(header: bytes, **changes) -> bytes:
     return LuksHeaderStruct.build(raw) + header[HEADER_SIZE:]
 
 
-@pytest.mark.parametrize("changes, error, match", [
-    ({"magic": b"LUKS\0\0"}, CorruptImageError, "not in LUKS format"),
-    ({"version": 2}, UnsupportedFeatureError, "version 2"),
-    ({"master_key_len": 1 << 30}, CorruptImageError, "master_key_len 1073741824"),
-    ({"master_key_len": 0}, CorruptImageError, "master_key_len 0"),
-    ({"master_key_len": 40}, CorruptImageError, "master_key_len 40"),
-    ({"payload_offset_sector": 0}, CorruptImageError, "payload_offset_sector 0"),
-    ({"payload_offset_sector": 100}, CorruptImageError, "overlapping with the encrypted payload"),
-    ({"master_key_iterations": 0}, CorruptImageError, "master_key_iterations 0"),
-    ({"slot0": {"stripes": 1 << 31}}, CorruptImageError, "stripes 2147483648"),
-    ({"slot0": {"active": 7}}, CorruptImageError, "active 0x7"),
-    ({"slot0": {"iterations": 0}}, CorruptImageError, "Keyslot 0 iteration count"),
-    ({"slot0": {"key_offset_sector": 2}}, CorruptImageError, "key_offset_sector 2"),
-    ({"slot0": {"key_offset_sector": 512}}, CorruptImageError, "overlapping"),
-    ({"slot0": {"key_offset_sector": 0xFFFFFFF0}}, CorruptImageError, "key_offset_sector"),
-    ({"cipher_name": b"x" * 32}, CorruptImageError, "cipher_name is not NUL terminated"),
-    ({"cipher_name": b"serpent".ljust(32, b"\0")}, UnsupportedFeatureError, "serpent"),
-    ({"cipher_mode": b"xts".ljust(32, b"\0")}, CorruptImageError, "cipher mode string"),
-    ({"cipher_mode": b"gcm-plain64".ljust(32, b"\0")}, UnsupportedFeatureError, "gcm"),
-    ({"cipher_mode": b"xts-essiv".ljust(32, b"\0")}, CorruptImageError, "Missing IV generator hash"),
-    ({"hash_spec": b"whirlpool".ljust(32, b"\0")}, UnsupportedFeatureError, "whirlpool"),
-])
+@pytest.mark.parametrize(
+    "changes, error, match",
+    [
+        ({"magic": b"LUKS\0\0"}, CorruptImageError, "not in LUKS format"),
+        ({"version": 2}, UnsupportedFeatureError, "version 2"),
+        ({"master_key_len": 1 << 30}, CorruptImageError, "master_key_len 1073741824"),
+        ({"master_key_len": 0}, CorruptImageError, "master_key_len 0"),
+        ({"master_key_len": 40}, CorruptImageError, "master_key_len 40"),
+        ({"payload_offset_sector": 0}, CorruptImageError, "payload_offset_sector 0"),
+        (
+            {"payload_offset_sector": 100},
+            CorruptImageError,
+            "overlapping with the encrypted payload",
+        ),
+        ({"master_key_iterations": 0}, CorruptImageError, "master_key_iterations 0"),
+        ({"slot0": {"stripes": 1 << 31}}, CorruptImageError, "stripes 2147483648"),
+        ({"slot0": {"active": 7}}, CorruptImageError, "active 0x7"),
+        ({"slot0": {"iterations": 0}}, CorruptImageError, "Keyslot 0 iteration count"),
+        ({"slot0": {"key_offset_sector": 2}}, CorruptImageError, "key_offset_sector 2"),
+        ({"slot0": {"key_offset_sector": 512}}, CorruptImageError, "overlapping"),
+        ({"slot0": {"key_offset_sector": 0xFFFFFFF0}}, CorruptImageError, "key_offset_sector"),
+        ({"cipher_name": b"x" * 32}, CorruptImageError, "cipher_name is not NUL terminated"),
+        ({"cipher_name": b"serpent".ljust(32, b"\0")}, UnsupportedFeatureError, "serpent"),
+        ({"cipher_mode": b"xts".ljust(32, b"\0")}, CorruptImageError, "cipher mode string"),
+        ({"cipher_mode": b"gcm-plain64".ljust(32, b"\0")}, UnsupportedFeatureError, "gcm"),
+        (
+            {"cipher_mode": b"xts-essiv".ljust(32, b"\0")},
+            CorruptImageError,
+            "Missing IV generator hash",
+        ),
+        ({"hash_spec": b"whirlpool".ljust(32, b"\0")}, UnsupportedFeatureError, "whirlpool"),
+    ],
+)
 def test_malformed_luks_header(good_header, changes, error, match):
     bad = mutate(good_header, **changes)
     with pytest.raises(error, match=match):
-        open_luks_header(lambda off, n: bad[off - 65536:off - 65536 + n], 65536, len(bad))
+        open_luks_header(lambda off, n: bad[off - 65536 : off - 65536 + n], 65536, len(bad))
 
 
 def test_truncated_luks_header(good_header):
@@ -510,6 +659,7 @@ def test_truncated_luks_header(good_header):
 
 
 # --- primitives -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("hash_name", ["sha1", "sha256", "sha512"])
 def test_afsplit_roundtrip(hash_name):
@@ -522,14 +672,15 @@ def test_afsplit_roundtrip(hash_name):
 
 def test_cbc_batch_decrypt_matches_per_sector():
     key = os.urandom(32)
-    cipher = SectorCipher("cbc", key, make_ivgen("essiv", key=key, cipher_key_len=32,
-                                                 hash_name="sha256"))
+    cipher = SectorCipher(
+        "cbc", key, make_ivgen("essiv", key=key, cipher_key_len=32, hash_name="sha256")
+    )
     plain = os.urandom(4096)
     buf = bytearray(plain)
     cipher.encrypt(77, buf)
     one_by_one = bytearray(buf)
     for i in range(8):
-        sector = memoryview(one_by_one)[i * 512:(i + 1) * 512]
+        sector = memoryview(one_by_one)[i * 512 : (i + 1) * 512]
         cipher.decrypt(77 + i, sector)
     cipher.decrypt(77, buf)
     assert buf == one_by_one == plain

@@ -6,6 +6,7 @@ number of extents explodes while the file stays tiny), or the file is extended s
 to terabytes. qimg runs in a child process under an address-space and a CPU-time limit,
 and its output must equal qemu-img's.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,15 +49,28 @@ sys.exit(code)
 """
 
 
-def run_limited(tmp_path: Path, *args,
-                cpu: int = CPU_LIMIT) -> tuple[subprocess.CompletedProcess, int]:
+def run_limited(
+    tmp_path: Path, *args, cpu: int = CPU_LIMIT
+) -> tuple[subprocess.CompletedProcess, int]:
     """qimg (the in-process entry point, named qemu-img) in a child under RLIMIT_AS and
     RLIMIT_CPU; returns the result and the child's peak RSS in KiB."""
     rss_file = tmp_path / "rss.txt"
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tools'}")
-    result = subprocess.run([sys.executable, "-c", _DRIVER, str(MEMORY_LIMIT), str(cpu),
-                             str(rss_file), *map(str, args)],
-                            capture_output=True, text=True, cwd=tmp_path, env=env)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _DRIVER,
+            str(MEMORY_LIMIT),
+            str(cpu),
+            str(rss_file),
+            *map(str, args),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.returncode >= 0, f"killed by signal {-result.returncode} (CPU limit?)"
     return result, int(rss_file.read_text())
@@ -105,22 +119,25 @@ def rare_data(index: int, data_start: int, cluster_size: int) -> list[int]:
 
 def qemu_in(tmp_path: Path, *args) -> subprocess.CompletedProcess:
     """qemu-img run in tmp_path with the same arguments as qimg."""
-    return subprocess.run([QEMU_IMG, *map(str, args)], capture_output=True, text=True,
-                          cwd=tmp_path)
+    return subprocess.run([QEMU_IMG, *map(str, args)], capture_output=True, text=True, cwd=tmp_path)
 
 
-def assert_same_output(ours: subprocess.CompletedProcess, theirs: subprocess.CompletedProcess,
-                       what) -> None:
+def assert_same_output(
+    ours: subprocess.CompletedProcess, theirs: subprocess.CompletedProcess, what
+) -> None:
     """Same exit code and stdout; a difference is shown as its first line, not a diff of
     megabytes."""
     assert ours.returncode == theirs.returncode, (what, ours.stderr, theirs.stderr)
     if ours.stdout != theirs.stdout:
         mine, qemu = ours.stdout.splitlines(), theirs.stdout.splitlines()
-        line = next((i for i, (a, b) in enumerate(zip(mine, qemu)) if a != b),
-                    min(len(mine), len(qemu)))
-        raise AssertionError(f"{what}: stdout differs at line {line}: "
-                             f"{mine[line:line + 1]} != {qemu[line:line + 1]} "
-                             f"({len(mine)} vs {len(qemu)} lines)")
+        line = next(
+            (i for i, (a, b) in enumerate(zip(mine, qemu)) if a != b), min(len(mine), len(qemu))
+        )
+        raise AssertionError(
+            f"{what}: stdout differs at line {line}: "
+            f"{mine[line : line + 1]} != {qemu[line : line + 1]} "
+            f"({len(mine)} vs {len(qemu)} lines)"
+        )
 
 
 def same_bytes(a: Path, b: Path) -> bool:
@@ -159,9 +176,11 @@ def test_convert_compare_measure_of_amplified_extents(tmp_path):
     qemu_create(image, 1 << 30, options={"cluster_size": "4k"})
     patch_shared_l2(image, 512, rare_data)
     qemu_in(tmp_path, "convert", "-O", "raw", image.name, "theirs.raw").check_returncode()
-    for args in (["convert", "-O", "raw", image.name, "ours.raw"],
-                 ["compare", image.name, "theirs.raw"],
-                 ["measure", "--output=json", "-O", "qcow2", image.name]):
+    for args in (
+        ["convert", "-O", "raw", image.name, "ours.raw"],
+        ["compare", image.name, "theirs.raw"],
+        ["measure", "--output=json", "-O", "qcow2", image.name],
+    ):
         result, rss = run_limited(tmp_path, *args)
         assert_same_output(result, qemu_in(tmp_path, *args), args)
         assert rss < MAX_RSS_KIB, f"{args[0]}: peak RSS {rss} KiB"
@@ -179,15 +198,24 @@ def test_iter_extents_of_amplified_image(amplified):
             count += 1
         assert previous_end == dev.size and count == 32 * 8192
         first = dev.extents(0, 3 << 16)
-        assert [(e.is_data, e.is_zero, e.present) for e in first] == \
-            [(True, False, True), (False, True, True), (False, True, False)]
+        assert [(e.is_data, e.is_zero, e.present) for e in first] == [
+            (True, False, True),
+            (False, True, True),
+            (False, True, False),
+        ]
 
 
 def test_extended_l2_alternating_subclusters(tmp_path):
     image = tmp_path / "ext.qcow2"
     qemu_create(image, 8 << 30, options={"extended_l2": "on", "cluster_size": "64k"})
-    patterns = [0x00000000FFFFFFFF, 0xFFFFFFFF00000000, 0, 0x000055550000AAAA,
-                0xAAAAAAAA55555555, 0xFFFF00000000FFFF]
+    patterns = [
+        0x00000000FFFFFFFF,
+        0xFFFFFFFF00000000,
+        0,
+        0x000055550000AAAA,
+        0xAAAAAAAA55555555,
+        0xFFFF00000000FFFF,
+    ]
 
     def words(index, data_start, cluster_size):
         bitmap = patterns[index % len(patterns)]
@@ -219,14 +247,23 @@ def test_runs_of_entries_match_qemu(tmp_path):
                 for k in range(rng.choice([1, 2, 3, 7, 64, 200])):
                     room = 512 - (host - data_start) // cluster_size  # data clusters left
                     offset = host + k * cluster_size if k < room else data_start
-                    table.append({"data": offset | OFLAG_COPIED, "data-plain": offset,
-                                  "zero": OFLAG_ZERO, "zero-host": offset | OFLAG_ZERO,
-                                  "unallocated": 0}[kind])
+                    table.append(
+                        {
+                            "data": offset | OFLAG_COPIED,
+                            "data-plain": offset,
+                            "zero": OFLAG_ZERO,
+                            "zero-host": offset | OFLAG_ZERO,
+                            "unallocated": 0,
+                        }[kind]
+                    )
             return [table[index]]
 
         patch_shared_l2(image, 3, words, data_clusters=512)
-        for args in (["map", "--output=json", image.name], ["map", image.name],
-                     ["map", "--output=json", "-s", "12345", "-l", "9999999", image.name]):
+        for args in (
+            ["map", "--output=json", image.name],
+            ["map", image.name],
+            ["map", "--output=json", "-s", "12345", "-l", "9999999", image.name],
+        ):
             result, _ = run_limited(tmp_path, *args)
             assert_same_output(result, qemu_in(tmp_path, *args), (trial, args))
 
@@ -269,10 +306,13 @@ def test_sparse_host_file_costs_nothing(tmp_path, sparse_extended):
     took ~20 s of CPU here)."""
     name = sparse_extended.name
     qemu_in(tmp_path, "convert", "-O", "raw", name, "theirs.raw").check_returncode()
-    for args in (["map", "--output=json", name], ["map", name],
-                 ["compare", name, "theirs.raw"],
-                 ["measure", "--output=json", "-O", "qcow2", name],
-                 ["convert", "-O", "raw", name, "ours.raw"]):
+    for args in (
+        ["map", "--output=json", name],
+        ["map", name],
+        ["compare", name, "theirs.raw"],
+        ["measure", "--output=json", "-O", "qcow2", name],
+        ["convert", "-O", "raw", name, "ours.raw"],
+    ):
         result, _ = run_limited(tmp_path, *args, cpu=10)
         if args[0] != "convert":
             assert_same_output(result, qemu_in(tmp_path, *args), args)

@@ -1,7 +1,8 @@
 """Resource faults: a full filesystem and injected I/O errors.
 
 Full filesystem: images live on a small ext4 filesystem (a 20 MiB file made with
-mkfs.ext4 and loop-mounted, so these tests run as root) that is filled to a chosen number of free bytes. Writes, cluster/table allocation and
+mkfs.ext4 and loop-mounted, so these tests run as root) that is filled to a chosen number
+of free bytes. Writes, cluster/table allocation and
 snapshot creation must then fail with Qcow2IOError(ENOSPC), leave an image that
 `qemu-img check` finds free of corruption (leaks are allowed) with every acknowledged
 byte in place, and work again once space is freed (on the same handle and after
@@ -20,6 +21,7 @@ not report success, since the kernel may have dropped the pages that did not rea
 disk. Every write and every flush of a workload is failed once (in its own run), and
 FAULT_STICKY (environment, default 6) of each for good.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,24 +49,32 @@ SECTOR = 512
 def qemu_check(path, force_share: bool = False) -> dict:
     """`qemu-img check` must find no corruption (exit 0, or 3 for leaks only), also after
     a snapshot creation cut short (it commits with one header write)."""
-    result = subprocess.run([QEMU_IMG, "check", "--output=json", *(["-U"] if force_share else []),
-                             str(path)], capture_output=True, text=True)
-    assert result.returncode in (0, 3), f"qemu-img check exit {result.returncode}: " \
-                                        f"{result.stdout}{result.stderr}"
+    result = subprocess.run(
+        [QEMU_IMG, "check", "--output=json", *(["-U"] if force_share else []), str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode in (0, 3), (
+        f"qemu-img check exit {result.returncode}: {result.stdout}{result.stderr}"
+    )
     report = json.loads(result.stdout)
     assert report.get("corruptions", 0) == 0, report
     return report
 
 
 def qemu_content(path, out: Path) -> bytes:
-    subprocess.run([QEMU_IMG, "convert", "-U", "-O", "raw", str(path), str(out)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [QEMU_IMG, "convert", "-U", "-O", "raw", str(path), str(out)],
+        check=True,
+        capture_output=True,
+    )
     return out.read_bytes()
 
 
 # ---------------------------------------------------------------------------------------------
 # A full filesystem
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def small_fs(tmp_path_factory):
@@ -89,6 +99,7 @@ def small_fs(tmp_path_factory):
 @pytest.fixture
 def fs(small_fs):
     """The small filesystem, emptied before and after each test."""
+
     def clean():
         for entry in small_fs.iterdir():
             if entry.name != "lost+found":
@@ -97,6 +108,7 @@ def fs(small_fs):
                 else:
                     entry.unlink()
         os.sync()
+
     clean()
     yield small_fs
     clean()
@@ -144,11 +156,11 @@ class Model:
         self.doubtful = bytearray(len(content))
 
     def wrote(self, offset: int, data: bytes) -> None:
-        self.current[offset:offset + len(data)] = data
-        self.doubtful[offset:offset + len(data)] = b"\1" * len(data)
+        self.current[offset : offset + len(data)] = data
+        self.doubtful[offset : offset + len(data)] = b"\1" * len(data)
 
     def failed(self, offset: int, length: int) -> None:
-        self.doubtful[offset:offset + length] = b"\2" * length
+        self.doubtful[offset : offset + length] = b"\2" * length
 
     def flushed(self) -> None:
         self.durable = bytes(self.current)
@@ -156,15 +168,20 @@ class Model:
 
     def check(self, content: bytes, what: str) -> None:
         assert len(content) == len(self.durable), what
-        bad = [i for i in range(0, len(content), SECTOR)
-               if content[i:i + SECTOR] != self.durable[i:i + SECTOR]
-               and not any(self.doubtful[i:i + SECTOR])]
-        assert not bad, (f"{what}: acknowledged data lost at guest offsets "
-                         f"{[hex(b) for b in bad[:8]]}")
+        bad = [
+            i
+            for i in range(0, len(content), SECTOR)
+            if content[i : i + SECTOR] != self.durable[i : i + SECTOR]
+            and not any(self.doubtful[i : i + SECTOR])
+        ]
+        assert not bad, (
+            f"{what}: acknowledged data lost at guest offsets {[hex(b) for b in bad[:8]]}"
+        )
 
 
-def _fill_until_enospc(img, model: Model, rng: random.Random, offsets: list[int],
-                       length: int) -> tuple[Qcow2IOError, str]:
+def _fill_until_enospc(
+    img, model: Model, rng: random.Random, offsets: list[int], length: int
+) -> tuple[Qcow2IOError, str]:
     """Write (and flush) at each offset until the filesystem runs out of space; returns
     the error and what failed ("write": the data, "flush": the metadata write-back)."""
     for offset in offsets:
@@ -309,8 +326,9 @@ def test_enospc_during_snapshot_creation(fs, tmp_path, leave):
             img.close()
     report = qemu_check(path)
     assert report["check-errors"] == 0
-    listed = subprocess.run([QEMU_IMG, "snapshot", "-l", str(path)], capture_output=True,
-                            text=True, check=True).stdout
+    listed = subprocess.run(
+        [QEMU_IMG, "snapshot", "-l", str(path)], capture_output=True, text=True, check=True
+    ).stdout
     assert "before" in listed
     assert qemu_content(path, tmp_path / "a.raw") == expected
     free_space(filler)
@@ -321,8 +339,10 @@ def test_enospc_during_snapshot_creation(fs, tmp_path, leave):
         img.write(0, b"after" * 100)
     qemu_check(path)
     snap_raw = tmp_path / "snap.raw"
-    subprocess.run([QEMU_IMG, "convert", "-l", "snapshot.name=full", "-O", "raw", str(path),
-                    str(snap_raw)], check=True)
+    subprocess.run(
+        [QEMU_IMG, "convert", "-l", "snapshot.name=full", "-O", "raw", str(path), str(snap_raw)],
+        check=True,
+    )
     assert snap_raw.read_bytes() == expected
 
 
@@ -352,15 +372,17 @@ def test_enospc_growing_the_refcount_table(fs, tmp_path):
 # Injected I/O errors
 # ---------------------------------------------------------------------------------------------
 
+
 class Injector:
     """Swaps a HostFile subclass in that counts the writes and flushes of `watched` files
     and fails one chosen operation (and, if sticky, every later write and flush) with EIO."""
 
-    def __init__(self, watched: set[str], kind: str | None = None, at: int = -1,
-                 sticky: bool = False):
+    def __init__(
+        self, watched: set[str], kind: str | None = None, at: int = -1, sticky: bool = False
+    ):
         self.watched = {os.path.realpath(p) for p in watched}
-        self.kind = kind      # "write" or "flush"
-        self.at = at          # index among operations of that kind
+        self.kind = kind  # "write" or "flush"
+        self.at = at  # index among operations of that kind
         self.sticky = sticky
         self.counts = {"write": 0, "flush": 0}
         self.fired = False
@@ -376,13 +398,19 @@ class Injector:
                 index = injector.counts[kind]
                 injector.counts[kind] += 1
                 if injector.fired and injector.sticky and kind in ("write", "flush"):
-                    raise Qcow2IOError(errno.EIO, f"{kind} failed on '{self.path}': "
-                                                  f"Input/output error (sticky)", self.path)
+                    raise Qcow2IOError(
+                        errno.EIO,
+                        f"{kind} failed on '{self.path}': Input/output error (sticky)",
+                        self.path,
+                    )
                 if kind == injector.kind and index == injector.at:
                     injector.fired = True
                     injector.in_flight = True
-                    raise Qcow2IOError(errno.EIO, f"{kind} failed on '{self.path}': "
-                                                  f"Input/output error (injected)", self.path)
+                    raise Qcow2IOError(
+                        errno.EIO,
+                        f"{kind} failed on '{self.path}': Input/output error (injected)",
+                        self.path,
+                    )
 
             def pwrite(self, data, offset):
                 self._maybe_fail("write")
@@ -411,8 +439,11 @@ WORKLOADS = {
     "v2-backing": (dict(cluster_size=4096, compat="0.10"), 2 << 20, {"backing": True}),
     "extended-l2": (dict(cluster_size=16384, extended_l2=True), 2 << 20, {}),
     "lazy-refcounts": (dict(cluster_size=4096, lazy_refcounts=True), 2 << 20, {}),
-    "compressed-zstd": (dict(cluster_size=4096, compression_type="zstd"), 1 << 20,
-                        {"compressed": True}),
+    "compressed-zstd": (
+        dict(cluster_size=4096, compression_type="zstd"),
+        1 << 20,
+        {"compressed": True},
+    ),
     "data-file": (dict(cluster_size=4096, data_file="img.data"), 2 << 20, {"data_file": True}),
 }
 
@@ -422,15 +453,29 @@ def make_ops(rng: random.Random, size: int, cluster: int, extras: dict) -> list[
     ops = []
     for step in range(26):
         choice = rng.random()
-        offset = rng.choice([rng.randrange(size), rng.randrange(size // cluster) * cluster,
-                             rng.randrange(1, size // cluster) * cluster - rng.randrange(1, 600)])
+        offset = rng.choice(
+            [
+                rng.randrange(size),
+                rng.randrange(size // cluster) * cluster,
+                rng.randrange(1, size // cluster) * cluster - rng.randrange(1, 600),
+            ]
+        )
         offset = max(0, min(offset, size - 1))
-        length = min(size - offset, rng.choice([512, 4096, cluster, 3 * cluster + 77,
-                                                rng.randrange(1, 9000)]))
+        length = min(
+            size - offset,
+            rng.choice([512, 4096, cluster, 3 * cluster + 77, rng.randrange(1, 9000)]),
+        )
         if extras.get("compressed") and choice < 0.3:
             start = rng.randrange(size // cluster) * cluster
-            ops.append(("compressed", start, bytes([rng.randrange(1, 255)]) * (cluster // 2)
-                        + rng.randbytes(16) + bytes(cluster // 2 - 16)))
+            ops.append(
+                (
+                    "compressed",
+                    start,
+                    bytes([rng.randrange(1, 255)]) * (cluster // 2)
+                    + rng.randbytes(16)
+                    + bytes(cluster // 2 - 16),
+                )
+            )
         elif choice < 0.12:
             ops.append(("zeroes", offset, length, rng.random() < 0.5))
         elif choice < 0.2:
@@ -454,8 +499,7 @@ def _setup(directory: Path, name: str) -> tuple[Path, bytes, set[str]]:
         qemu_create(base, size, options={"cluster_size": 4096, "compat": "0.10"})
         qemu_io(base, "write -P 0x61 0 512k", "write -P 0x62 1M 256k")
         qemu_content(base, directory / "base.raw")  # what discarded v2 clusters read again
-        qcow2lib.create(str(path), size, backing_file="base.qcow2", backing_fmt="qcow2",
-                        **options)
+        qcow2lib.create(str(path), size, backing_file="base.qcow2", backing_fmt="qcow2", **options)
     else:
         qcow2lib.create(str(path), size, **options)  # a data file name is relative to the cwd
     with qcow2lib.open(str(path), "r+") as img:  # some data before the workload starts
@@ -482,8 +526,13 @@ def _discard_effect(model: Model, img, offset: int, length: int, backing_content
 GUEST_OPS = ("write", "compressed", "zeroes", "discard")
 
 
-def run_workload(path: Path, content: bytes, ops: list[tuple], injector: Injector | None,
-                 backing_content: bytes | None) -> tuple[Model, list[str]]:
+def run_workload(
+    path: Path,
+    content: bytes,
+    ops: list[tuple],
+    injector: Injector | None,
+    backing_content: bytes | None,
+) -> tuple[Model, list[str]]:
     """Run the ops; returns the model and a list of problems (empty if all went well)."""
     model = Model(content)
     problems: list[str] = []
@@ -522,13 +571,15 @@ def run_workload(path: Path, content: bytes, ops: list[tuple], injector: Injecto
             except Exception as exc:  # noqa: BLE001 - sorted out below
                 eio = isinstance(exc, Qcow2IOError) and exc.errno == errno.EIO
                 if not isinstance(exc, Qcow2Error):
-                    problems.append(f"{kind} raised {type(exc).__module__}."
-                                    f"{type(exc).__name__}: {exc!r}")
+                    problems.append(
+                        f"{kind} raised {type(exc).__module__}.{type(exc).__name__}: {exc!r}"
+                    )
                 elif not (injector and injector.fired):
                     problems.append(f"{kind} raised {type(exc).__name__} before any fault: {exc}")
                 elif injector.in_flight and not eio:
-                    problems.append(f"the injected EIO during {kind} surfaced as "
-                                    f"{type(exc).__name__}: {exc}")
+                    problems.append(
+                        f"the injected EIO during {kind} surfaced as {type(exc).__name__}: {exc}"
+                    )
                 elif isinstance(exc, qcow2lib.CorruptImageError):
                     problems.append(f"after an I/O error, {kind} found the image corrupt: {exc}")
                 if kind in GUEST_OPS:
@@ -537,8 +588,9 @@ def run_workload(path: Path, content: bytes, ops: list[tuple], injector: Injecto
                     break
                 continue
             if injector and injector.in_flight:
-                problems.append(f"the injected EIO during {kind} was swallowed: the operation "
-                                f"reported success")
+                problems.append(
+                    f"the injected EIO during {kind} was swallowed: the operation reported success"
+                )
     return model, problems
 
 
@@ -570,11 +622,11 @@ def test_injected_eio(tmp_path, name):
     shutil.copytree(template, clean)
     counter = Injector({str(clean / Path(p).name) for p in watched})
     with contextlib.chdir(clean):
-        model, problems = run_workload(clean / "img.qcow2", content, ops, counter,
-                                       backing_content)
+        model, problems = run_workload(clean / "img.qcow2", content, ops, counter, backing_content)
         assert not problems, problems
-        _verify_after(clean / "img.qcow2", model, clean, options.get("lazy_refcounts", False),
-                      "clean run")
+        _verify_after(
+            clean / "img.qcow2", model, clean, options.get("lazy_refcounts", False), "clean run"
+        )
     totals = dict(counter.counts)
     assert totals["write"] > 10 and totals["flush"] > 5, totals
 
@@ -593,18 +645,25 @@ def test_injected_eio(tmp_path, name):
         what = f"EIO on {kind} #{at}{' (sticky)' if sticky else ''}"
         try:
             with contextlib.chdir(run_dir):
-                model, problems = run_workload(run_dir / "img.qcow2", content, ops, injector,
-                                               backing_content)
+                model, problems = run_workload(
+                    run_dir / "img.qcow2", content, ops, injector, backing_content
+                )
             assert injector.fired, f"{what}: the fault never fired"
             assert not problems, problems
             with contextlib.chdir(run_dir):
-                _verify_after(run_dir / "img.qcow2", model, run_dir,
-                              options.get("lazy_refcounts", False), what)
+                _verify_after(
+                    run_dir / "img.qcow2",
+                    model,
+                    run_dir,
+                    options.get("lazy_refcounts", False),
+                    what,
+                )
         except AssertionError as exc:
             failures.append(f"{what}: {exc}")
         shutil.rmtree(run_dir, ignore_errors=True)
-    assert not failures, f"{len(failures)} of {len(plans)} fault points failed:\n" + \
-        "\n".join(failures[:6])
+    assert not failures, f"{len(failures)} of {len(plans)} fault points failed:\n" + "\n".join(
+        failures[:6]
+    )
 
 
 def test_failed_flush_keeps_failing(tmp_path):
@@ -638,8 +697,9 @@ def test_eio_on_read_is_reported(tmp_path):
 
         def _maybe_fail(self, offset):
             if offset >= 0x3000 and FailingReads.armed:  # past header, L1 and refcounts
-                raise Qcow2IOError(errno.EIO, f"read failed on '{self.path}': Input/output "
-                                              f"error", self.path)
+                raise Qcow2IOError(
+                    errno.EIO, f"read failed on '{self.path}': Input/output error", self.path
+                )
 
         def readinto(self, buf, offset):
             self._maybe_fail(offset)

@@ -4,6 +4,7 @@ qcow2lib must read each fixture to the exact bytes recorded in manifest.json (sh
 `qemu-img convert -O raw`); qemu-img is re-run as a guard so a stale manifest shows up as a
 fixture problem and not as an engine bug.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,8 +43,11 @@ EXPECTED_ATTRS = {
     "v3-bitmap-4k.qcow2": {"bitmaps": [{"name": "bm0", "granularity": 65536, "flags": ["auto"]}]},
     "chain-base.raw": {"format": "raw"},
     "chain-mid.qcow2": {"backing_filename": "chain-base.raw", "backing_format": "raw"},
-    "chain-top.qcow2": {"backing_filename": "chain-mid.qcow2", "backing_format": "qcow2",
-                        "extended_l2": True},
+    "chain-top.qcow2": {
+        "backing_filename": "chain-mid.qcow2",
+        "backing_format": "qcow2",
+        "extended_l2": True,
+    },
     "v3-datafile-raw-4k.qcow2": {"data_file": "v3-datafile-raw-4k.data", "data_file_raw": True},
     "v3-unknown-ext-4k.qcow2": {"data_file": None, "backing_filename": None},
 }
@@ -99,14 +103,15 @@ def test_qcow2lib_reads_fixture(name, tmp_path, in_fixtures_dir):
             step = step * 3 // 2 + 1
         assert h.hexdigest() == entry["sha256_raw"], f"{name}: chunked read differs"
         for attr, want in EXPECTED_ATTRS.get(name, {}).items():
-            assert getattr(img, attr) == want, f"{name}: {attr}={getattr(img, attr)!r}, want {want!r}"
+            assert getattr(img, attr) == want, (
+                f"{name}: {attr}={getattr(img, attr)!r}, want {want!r}"
+            )
     # a read-only open must leave the file untouched (no dirty/autoclear bit fixes etc.)
     assert sha256(path.read_bytes()) == before, f"{name}: read-only open modified the file"
 
 
 def test_manifest_covers_fixture_dir():
-    images = {p.name for p in FIXTURES.iterdir()
-              if p.suffix in (".qcow2", ".raw", ".xz")}
+    images = {p.name for p in FIXTURES.iterdir() if p.suffix in (".qcow2", ".raw", ".xz")}
     assert images == set(MANIFEST), images ^ set(MANIFEST)
     for name in MANIFEST:
         assert (FIXTURES / name).stat().st_size < 200 * 1024, name

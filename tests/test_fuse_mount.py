@@ -3,6 +3,7 @@
 Each test mounts with the real command (`python -m fuse_mount`, daemonizing unless told
 otherwise) and checks what the kernel shows against qemu-img's own reading of the image.
 """
+
 from __future__ import annotations
 
 import errno
@@ -20,8 +21,18 @@ from pathlib import Path
 
 import pytest
 
-from fusetools import (ENV, ROOT, force_unmount, fuse_mount, is_mounted, mount_options,
-                       process_gone, server_pid, start_foreground, wait_until)
+from fusetools import (
+    ENV,
+    ROOT,
+    force_unmount,
+    fuse_mount,
+    is_mounted,
+    mount_options,
+    process_gone,
+    server_pid,
+    start_foreground,
+    wait_until,
+)
 from fusetools import mountpoints  # noqa: F401 (a fixture)
 from qemutools import assert_clean, qemu_compare, qemu_create, qemu_img, qemu_io
 
@@ -74,13 +85,16 @@ def test_tree_matches_qemu(tmp_path: Path, mountpoints) -> None:
         open(mnt / "disk.raw", "r+b")
     assert refused.value.errno in (errno.EROFS, errno.EACCES)
     # info.json is what qimg and qemu-img print for the image
-    qimg_info = subprocess.run([sys.executable, str(ROOT / "tools" / "qimg.py"), "info",
-                                "--output=json", str(image)], capture_output=True, text=True,
-                               env=ENV, check=True).stdout
+    qimg_info = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "qimg.py"), "info", "--output=json", str(image)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        check=True,
+    ).stdout
     info_text = (mnt / "info.json").read_text()
     assert info_text == qimg_info
-    assert json.loads(info_text) == json.loads(
-        qemu_img("info", "--output=json", image).stdout)
+    assert json.loads(info_text) == json.loads(qemu_img("info", "--output=json", image).stdout)
     # df shows the image's allocation, not a full disk
     stats = os.statvfs(mnt)
     assert stats.f_blocks * stats.f_frsize == 8 << 20
@@ -103,8 +117,9 @@ def test_snapshot_names_that_are_no_file_names(tmp_path: Path, mountpoints) -> N
     # (a name of 252 bytes makes a file name longer than NAME_MAX, 255)
     assert listing == sorted([f"id-{n}.raw" for n in range(1, 10)] + ["fine.raw"])
     for snapshot_id in range(1, 10):
-        expected = convert_snapshot(image, tmp_path / f"{snapshot_id}.raw",
-                                    f"snapshot.id={snapshot_id}")
+        expected = convert_snapshot(
+            image, tmp_path / f"{snapshot_id}.raw", f"snapshot.id={snapshot_id}"
+        )
         assert expected[:1] == bytes([snapshot_id])
         assert (mnt / "snapshots" / f"id-{snapshot_id}.raw").read_bytes() == expected
     assert (mnt / "snapshots" / "fine.raw").read_bytes()[:1] == b"\x09"
@@ -146,7 +161,7 @@ def test_writes_fsync_and_fixed_size(tmp_path: Path, mountpoints) -> None:
     try:
         for offset, data in ((100, b"hello"), (4095, b"ab" * 3000), ((4 << 20) - 7, b"theend!")):
             os.pwrite(fd, data, offset)
-            model[offset:offset + len(data)] = data
+            model[offset : offset + len(data)] = data
         os.fsync(fd)
         assert os.pread(fd, 16, 95) == bytes(model[95:111])
         with pytest.raises(OSError) as past_end:
@@ -220,8 +235,9 @@ def _ext4_workload(tmp_path: Path, mountpoints, populate) -> None:
     qemu_create(image, "64M", backing=str(base), backing_fmt="qcow2")
     mnt = mountpoints()
     mount_ok(image, mnt, "--rw")
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(mnt / "disk.raw")], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", str(mnt / "disk.raw")], check=True, capture_output=True
+    )
     populate(mnt / "disk.raw")
     unmount_ok(mnt)
     assert_clean(image)
@@ -229,11 +245,13 @@ def _ext4_workload(tmp_path: Path, mountpoints, populate) -> None:
     raw = tmp_path / "converted.raw"
     qemu_img("convert", "-O", "raw", image, raw)
     subprocess.run(["e2fsck", "-fn", str(raw)], check=True, capture_output=True)
-    listing = subprocess.run(["debugfs", "-R", "ls -l /", str(raw)], capture_output=True,
-                             text=True, check=True).stdout
+    listing = subprocess.run(
+        ["debugfs", "-R", "ls -l /", str(raw)], capture_output=True, text=True, check=True
+    ).stdout
     assert "kept.txt" in listing and "gone.txt" not in listing
-    kept = subprocess.run(["debugfs", "-R", "cat /kept.txt", str(raw)], capture_output=True,
-                          check=True).stdout
+    kept = subprocess.run(
+        ["debugfs", "-R", "cat /kept.txt", str(raw)], capture_output=True, check=True
+    ).stdout
     assert kept == b"kept\n" * 10000
 
 
@@ -259,8 +277,9 @@ def test_ext4_through_debugfs(tmp_path: Path, mountpoints) -> None:
         kept.write_bytes(b"kept\n" * 10000)
         gone.write_bytes(os.urandom(300_000))
         for request in (f"write {kept} kept.txt", f"write {gone} gone.txt", "rm gone.txt"):
-            subprocess.run(["debugfs", "-w", "-R", request, str(disk)], check=True,
-                           capture_output=True)
+            subprocess.run(
+                ["debugfs", "-w", "-R", request, str(disk)], check=True, capture_output=True
+            )
 
     _ext4_workload(tmp_path, mountpoints, populate)
 
@@ -288,7 +307,7 @@ def test_signals_close_the_image_cleanly(tmp_path: Path, mountpoints, how: str) 
     assert json.loads(qemu_img("info", "--output=json", image).stdout)["dirty-flag"] is False
     raw = tmp_path / "raw"
     qemu_img("convert", "-O", "raw", image, raw)
-    assert raw.read_bytes()[12345:12345 + 9000] == b"signalled" * 1000
+    assert raw.read_bytes()[12345 : 12345 + 9000] == b"signalled" * 1000
 
 
 def test_daemon_stops_cleanly_on_sigterm(tmp_path: Path, mountpoints) -> None:
@@ -320,10 +339,10 @@ def test_kill_9_keeps_fsynced_writes(tmp_path: Path, mountpoints) -> None:
     for _ in range(60):  # the durable half: 16 MiB..32 MiB, fsynced
         offset = rng.randrange(16 << 20, 32 << 20, 4096)
         data = rng.randbytes(rng.choice((4096, 65536, 200_000)))
-        data = data[:(32 << 20) - offset]
+        data = data[: (32 << 20) - offset]
         os.pwrite(fd, data, offset)
         for block in range(0, len(data), 4096):
-            durable[offset + block] = data[block:block + 4096]
+            durable[offset + block] = data[block : block + 4096]
     os.fsync(fd)
     stop = threading.Event()
 
@@ -352,7 +371,7 @@ def test_kill_9_keeps_fsynced_writes(tmp_path: Path, mountpoints) -> None:
     qemu_img("convert", "-O", "raw", image, raw)
     content = raw.read_bytes()
     for offset, block in durable.items():
-        assert content[offset:offset + len(block)] == block, offset
+        assert content[offset : offset + len(block)] == block, offset
 
 
 def _no_mount_and_untouched(mnt: Path, image: Path, before: str) -> None:
@@ -367,12 +386,16 @@ def test_bad_mount_points(tmp_path: Path, mountpoints) -> None:
     missing = tmp_path / "missing"
     result = fuse_mount(image, missing)
     assert (result.returncode, result.stderr) == (
-        1, f"python -m fuse_mount: mount point '{missing}' does not exist\n")
+        1,
+        f"python -m fuse_mount: mount point '{missing}' does not exist\n",
+    )
     file_mountpoint = tmp_path / "afile"
     file_mountpoint.write_text("")
     result = fuse_mount(image, file_mountpoint)
     assert (result.returncode, result.stderr) == (
-        1, f"python -m fuse_mount: mount point '{file_mountpoint}' is not a directory\n")
+        1,
+        f"python -m fuse_mount: mount point '{file_mountpoint}' is not a directory\n",
+    )
     mnt = mountpoints()
     other = tmp_path / "other.qcow2"
     qemu_create(other, "1M")
@@ -380,8 +403,9 @@ def test_bad_mount_points(tmp_path: Path, mountpoints) -> None:
     for options in ((), ("--foreground",)):
         result = fuse_mount(image, mnt, *options)
         assert (result.returncode, result.stderr) == (
-            1, f"python -m fuse_mount: mount point '{mnt}' is busy: something is mounted "
-               f"there\n")
+            1,
+            f"python -m fuse_mount: mount point '{mnt}' is busy: something is mounted there\n",
+        )
     unmount_ok(mnt)
     _no_mount_and_untouched(mnt, image, before)
 
@@ -407,7 +431,9 @@ def test_image_in_use_and_bad_images(tmp_path: Path, mountpoints) -> None:
     result = fuse_mount(missing, second)
     expected = qemu_img("info", missing, check=False).stderr
     assert (result.returncode, result.stderr) == (
-        1, expected.replace("qemu-img:", "python -m fuse_mount:", 1))
+        1,
+        expected.replace("qemu-img:", "python -m fuse_mount:", 1),
+    )
     garbage = tmp_path / "garbage.qcow2"
     garbage.write_bytes(b"QFI\xfb" + bytes(1000))
     before = digest(garbage)
@@ -420,23 +446,49 @@ def test_image_in_use_and_bad_images(tmp_path: Path, mountpoints) -> None:
 
 def test_encrypted_image_needs_its_passphrase(tmp_path: Path, mountpoints) -> None:
     image = tmp_path / "enc.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "--object", "secret,id=s,data=hunter2",
-             "-o", "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10", image, "1M")
+    qemu_img(
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        "secret,id=s,data=hunter2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10",
+        image,
+        "1M",
+    )
     mnt = mountpoints()
     result = fuse_mount(image, mnt)
     assert (result.returncode, result.stderr) == (
-        1, f"python -m fuse_mount: Could not open '{image}': Parameter 'encrypt.key-secret' "
-           f"is required for cipher\n")
+        1,
+        f"python -m fuse_mount: Could not open '{image}': Parameter 'encrypt.key-secret' "
+        f"is required for cipher\n",
+    )
     assert not is_mounted(mnt)
-    result = fuse_mount(image, mnt, "--rw", "--passphrase-env", "FUSE_TEST_SECRET",
-                        env={"FUSE_TEST_SECRET": "hunter2"})
+    result = fuse_mount(
+        image,
+        mnt,
+        "--rw",
+        "--passphrase-env",
+        "FUSE_TEST_SECRET",
+        env={"FUSE_TEST_SECRET": "hunter2"},
+    )
     assert (result.returncode, result.stderr) == (0, "")
     with open(mnt / "disk.raw", "r+b") as disk:
         disk.write(b"\x77" * 65536)
     unmount_ok(mnt)
     raw = tmp_path / "plain.raw"
-    qemu_img("convert", "--object", "secret,id=s,data=hunter2", "--image-opts",
-             f"driver=qcow2,file.filename={image},encrypt.key-secret=s", "-O", "raw", raw)
+    qemu_img(
+        "convert",
+        "--object",
+        "secret,id=s,data=hunter2",
+        "--image-opts",
+        f"driver=qcow2,file.filename={image},encrypt.key-secret=s",
+        "-O",
+        "raw",
+        raw,
+    )
     assert raw.read_bytes()[:65536] == b"\x77" * 65536
 
 
@@ -446,19 +498,30 @@ def test_unmount_refusals_and_help(tmp_path: Path, mountpoints) -> None:
     mnt = mountpoints()
     result = fuse_mount("--unmount", mnt)
     assert (result.returncode, result.stderr) == (
-        1, f"python -m fuse_mount: '{mnt}' is not a mount point\n")
+        1,
+        f"python -m fuse_mount: '{mnt}' is not a mount point\n",
+    )
     mount_ok(image, mnt)
     with open(mnt / "disk.raw", "rb"):
         result = fuse_mount("--unmount", mnt)
         assert result.returncode == 1
-        assert result.stderr == (f"python -m fuse_mount: could not unmount '{mnt}': Device or "
-                                 f"resource busy\n")
+        assert result.stderr == (
+            f"python -m fuse_mount: could not unmount '{mnt}': Device or resource busy\n"
+        )
         assert is_mounted(mnt)
     unmount_ok(mnt)
     help_text = fuse_mount("--help")
     assert help_text.returncode == 0
-    for words in ("id-ID.raw", "contain '/'", "exit status", "--foreground", "--unmount",
-                  "partitions/N.raw", "info.json", "SIGTERM"):
+    for words in (
+        "id-ID.raw",
+        "contain '/'",
+        "exit status",
+        "--foreground",
+        "--unmount",
+        "partitions/N.raw",
+        "info.json",
+        "SIGTERM",
+    ):
         assert words in help_text.stdout, words
     usage = fuse_mount(image)
     assert usage.returncode == 2 and "usage:" in usage.stderr
@@ -543,10 +606,11 @@ def test_parallel_readers_and_writers(tmp_path: Path, mountpoints) -> None:
                     offset = rng.randrange(0, region - 300_000)
                     data = rng.randbytes(rng.randrange(1, 300_000))
                     os.pwrite(fd, data, index * region + offset)
-                    model[offset:offset + len(data)] = data
+                    model[offset : offset + len(data)] = data
                     check = rng.randrange(0, region - 65536)
-                    assert os.pread(fd, 65536, index * region + check) == \
-                        bytes(model[check:check + 65536])
+                    assert os.pread(fd, 65536, index * region + check) == bytes(
+                        model[check : check + 65536]
+                    )
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -566,15 +630,22 @@ def test_parallel_readers_and_writers(tmp_path: Path, mountpoints) -> None:
     qemu_img("convert", "-O", "raw", image, raw)
     content = raw.read_bytes()
     for index, model in expected.items():
-        assert content[index * region:(index + 1) * region] == model, index
+        assert content[index * region : (index + 1) * region] == model, index
 
 
 def run_entry(function: str, prog: str, *args) -> subprocess.CompletedProcess:
     """fuse_mount.command.<function>(argv, prog) as qimg mount/umount will call it."""
-    code = (f"import sys\nfrom fuse_mount.command import {function}\n"
-            f"sys.exit({function}(sys.argv[1:], {prog!r}))")
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], env=ENV,
-                          capture_output=True, text=True, timeout=60)
+    code = (
+        f"import sys\nfrom fuse_mount.command import {function}\n"
+        f"sys.exit({function}(sys.argv[1:], {prog!r}))"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_entry_points_for_qimg(tmp_path: Path, mountpoints) -> None:
@@ -583,7 +654,9 @@ def test_entry_points_for_qimg(tmp_path: Path, mountpoints) -> None:
     mnt = mountpoints()
     result = run_entry("main", "qimg mount", image, tmp_path / "nowhere")
     assert (result.returncode, result.stderr) == (
-        1, f"qimg mount: mount point '{tmp_path / 'nowhere'}' does not exist\n")
+        1,
+        f"qimg mount: mount point '{tmp_path / 'nowhere'}' does not exist\n",
+    )
     usage = run_entry("main", "qimg mount")
     assert usage.returncode == 2 and usage.stderr.startswith("usage: qimg mount ")
     result = run_entry("main", "qimg mount", image, mnt, "--rw")
@@ -594,8 +667,7 @@ def test_entry_points_for_qimg(tmp_path: Path, mountpoints) -> None:
     assert not is_mounted(mnt)
     assert_clean(image)
     result = run_entry("umount_main", "qimg umount", mnt)
-    assert (result.returncode, result.stderr) == (
-        1, f"qimg umount: '{mnt}' is not a mount point\n")
+    assert (result.returncode, result.stderr) == (1, f"qimg umount: '{mnt}' is not a mount point\n")
 
 
 def test_hostile_snapshot_table_is_refused(tmp_path: Path, mountpoints) -> None:

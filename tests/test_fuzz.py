@@ -34,6 +34,7 @@ FUZZ_RANDOM=1 draws new cases instead of the fixed (derandomized) sequence; FUZZ
 keeps going past failures and writes each failing case there (for hunting; the test then
 only reports); FUZZ_SHRINK=1 lets hypothesis shrink a failure.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,10 +61,10 @@ if __name__ == "__main__":  # the worker process: import the package from this c
 
 FIXTURES = ROOT / "tests" / "fixtures" / "fuzz"
 CASE_CPU_SECONDS = float(os.environ.get("FUZZ_CPU_LIMIT", "2.0"))
-WALL_LIMIT = 15.0            # a case still running after this is a hang: the worker is killed
-MEMORY_LIMIT = 256 << 20     # address space a case may add to the worker's
-RESTART_EVERY = 100          # cases per worker process
-READ_CAP = 4 << 20           # bytes read from the start of the guest disk (and 1 MiB at its end)
+WALL_LIMIT = 15.0  # a case still running after this is a hang: the worker is killed
+MEMORY_LIMIT = 256 << 20  # address space a case may add to the worker's
+RESTART_EVERY = 100  # cases per worker process
+READ_CAP = 4 << 20  # bytes read from the start of the guest disk (and 1 MiB at its end)
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "500"))
 PASSPHRASE = "pw"
 
@@ -79,29 +80,53 @@ OFLAG_COMPRESSED = 1 << 62
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
 
 HEADER_FIELDS = [  # (name, offset, width) of the fixed header
-    ("magic", 0, 4), ("version", 4, 4), ("backing_file_offset", 8, 8),
-    ("backing_file_size", 16, 4), ("cluster_bits", 20, 4), ("size", 24, 8),
-    ("crypt_method", 32, 4), ("l1_size", 36, 4), ("l1_table_offset", 40, 8),
-    ("refcount_table_offset", 48, 8), ("refcount_table_clusters", 56, 4),
-    ("nb_snapshots", 60, 4), ("snapshots_offset", 64, 8),
+    ("magic", 0, 4),
+    ("version", 4, 4),
+    ("backing_file_offset", 8, 8),
+    ("backing_file_size", 16, 4),
+    ("cluster_bits", 20, 4),
+    ("size", 24, 8),
+    ("crypt_method", 32, 4),
+    ("l1_size", 36, 4),
+    ("l1_table_offset", 40, 8),
+    ("refcount_table_offset", 48, 8),
+    ("refcount_table_clusters", 56, 4),
+    ("nb_snapshots", 60, 4),
+    ("snapshots_offset", 64, 8),
 ]
 HEADER_V3_FIELDS = [
-    ("incompatible_features", 72, 8), ("compatible_features", 80, 8),
-    ("autoclear_features", 88, 8), ("refcount_order", 96, 4), ("header_length", 100, 4),
+    ("incompatible_features", 72, 8),
+    ("compatible_features", 80, 8),
+    ("autoclear_features", 88, 8),
+    ("refcount_order", 96, 4),
+    ("header_length", 100, 4),
 ]
 LUKS_FIELDS = [  # (name, offset, width); width 0 = a byte string of that field's length
-    ("magic", 0, -6), ("version", 6, 2), ("cipher_name", 8, -32), ("cipher_mode", 40, -32),
-    ("hash_spec", 72, -32), ("payload_offset", 104, 4), ("key_bytes", 108, 4),
-    ("mk_digest", 112, -20), ("mk_digest_salt", 132, -32), ("mk_digest_iter", 164, 4),
+    ("magic", 0, -6),
+    ("version", 6, 2),
+    ("cipher_name", 8, -32),
+    ("cipher_mode", 40, -32),
+    ("hash_spec", 72, -32),
+    ("payload_offset", 104, 4),
+    ("key_bytes", 108, 4),
+    ("mk_digest", 112, -20),
+    ("mk_digest_salt", 132, -32),
+    ("mk_digest_iter", 164, 4),
     ("uuid", 168, -40),
 ]
-LUKS_SLOT_FIELDS = [("active", 0, 4), ("iterations", 4, 4), ("salt", 8, -32),
-                    ("key_offset", 40, 4), ("stripes", 44, 4)]
+LUKS_SLOT_FIELDS = [
+    ("active", 0, 4),
+    ("iterations", 4, 4),
+    ("salt", 8, -32),
+    ("key_offset", 40, 4),
+    ("stripes", 44, 4),
+]
 
 
 # ---------------------------------------------------------------------------------------------
 # The worker: runs one case at a time under the limits, answers one JSON line per case
 # ---------------------------------------------------------------------------------------------
+
 
 def run_case(image: str, passphrase: str | None, report: dict) -> None:
     """Everything a user does to an image; Qcow2Error is fine anywhere, nothing else is."""
@@ -141,8 +166,10 @@ def run_case(image: str, passphrase: str | None, report: dict) -> None:
         times[name] = time.process_time() - start
         text = err.text()
         if "Traceback" in text:
-            raise AssertionError(f"qimg {' '.join(args)} printed a traceback:\n"
-                                 f"{text[text.index('Traceback'):][:64 << 10]}")
+            raise AssertionError(
+                f"qimg {' '.join(args)} printed a traceback:\n"
+                f"{text[text.index('Traceback') :][: 64 << 10]}"
+            )
 
     def read_all(dev) -> None:
         size = dev.size
@@ -195,8 +222,10 @@ def run_case(image: str, passphrase: str | None, report: dict) -> None:
                     dev.write(offset, data)
                     back = dev.read(offset, length)
                     if back != data:
-                        raise AssertionError(f"a write of {length} bytes at {offset} that "
-                                             f"succeeded does not read back")
+                        raise AssertionError(
+                            f"a write of {length} bytes at {offset} that "
+                            f"succeeded does not read back"
+                        )
             if size >= 2 * cs:
                 with step("write_zeroes"):
                     dev.write_zeroes(cs // 2, cs, may_unmap=True)
@@ -209,8 +238,7 @@ def run_case(image: str, passphrase: str | None, report: dict) -> None:
                     block = (b"fuzz" * (cs // 4 + 1))[:cs]
                     dev.write_compressed(0, block)
                     if dev.read(0, cs) != block:
-                        raise AssertionError("a compressed write that succeeded does not "
-                                             "read back")
+                        raise AssertionError("a compressed write that succeeded does not read back")
             if dev.format == "qcow2":
                 with step("create_snapshot"):
                     snaps.create_snapshot(dev, "fuzz")
@@ -241,15 +269,15 @@ class StderrWatch:
 
     def write(self, text: str) -> int:
         if self.head_size < self.KEEP:
-            self.head.append(text[:self.KEEP - self.head_size])
+            self.head.append(text[: self.KEEP - self.head_size])
             self.head_size += len(self.head[-1])
         if self.traceback is None:
             at = text.find("Traceback")
             if at >= 0:
-                self.traceback = [text[at:at + self.KEEP]]
+                self.traceback = [text[at : at + self.KEEP]]
                 self.traceback_size = len(self.traceback[0])
         elif self.traceback_size < self.KEEP:
-            self.traceback.append(text[:self.KEEP - self.traceback_size])
+            self.traceback.append(text[: self.KEEP - self.traceback_size])
             self.traceback_size += len(self.traceback[-1])
         return len(text)
 
@@ -325,8 +353,10 @@ def worker_main() -> None:
     list(codecs.pool().map(time.sleep, warm_threads))
     baseline = _vm_size()
     resource.setrlimit(resource.RLIMIT_AS, (baseline + MEMORY_LIMIT, baseline + MEMORY_LIMIT))
-    proto.write(json.dumps({"ready": True, "baseline": baseline,
-                            "threads": threading.active_count()}) + "\n")
+    proto.write(
+        json.dumps({"ready": True, "baseline": baseline, "threads": threading.active_count()})
+        + "\n"
+    )
     for line in sys.stdin:
         request = json.loads(line)
         os.chdir(request["dir"])
@@ -338,12 +368,16 @@ def worker_main() -> None:
             run_case(request["image"], request.get("passphrase"), report)
         except MemoryError:
             where = report.get("failed_step", report["step"])
-            report["failure"] = (f"MemoryError in step {where!r}: the case needed more "
-                                 f"than {MEMORY_LIMIT >> 20} MiB\n{traceback.format_exc()}")
+            report["failure"] = (
+                f"MemoryError in step {where!r}: the case needed more "
+                f"than {MEMORY_LIMIT >> 20} MiB\n{traceback.format_exc()}"
+            )
         except BaseException as exc:  # noqa: BLE001 - this is what the fuzzer hunts
             where = report.get("failed_step", report["step"])
-            report["failure"] = (f"{type(exc).__module__}.{type(exc).__name__} escaped in step "
-                                 f"{where!r}: {exc!r}\n{traceback.format_exc()}")
+            report["failure"] = (
+                f"{type(exc).__module__}.{type(exc).__name__} escaped in step "
+                f"{where!r}: {exc!r}\n{traceback.format_exc()}"
+            )
         report["cpu"] = time.process_time() - cpu0
         report["wall"] = time.monotonic() - wall0
         report["violations"] = state["violations"]
@@ -362,15 +396,22 @@ class Worker:
 
     def _start(self) -> None:
         env = dict(os.environ, MALLOC_ARENA_MAX="1", PYTHONHASHSEED="0")
-        self.proc = subprocess.Popen([sys.executable, __file__, "--fuzz-worker"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=open(self.log, "ab"), env=env, cwd=str(ROOT))
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--fuzz-worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=open(self.log, "ab"),
+            env=env,
+            cwd=str(ROOT),
+        )
         self.warm_up.reset()
         self._send(self.warm_up.request())
         answer = self._receive(60)
         if not answer or not answer.get("ready"):
-            raise RuntimeError(f"the fuzz worker did not start: {answer}\n"
-                               f"{self.log.read_text(errors='replace')[-3000:]}")
+            raise RuntimeError(
+                f"the fuzz worker did not start: {answer}\n"
+                f"{self.log.read_text(errors='replace')[-3000:]}"
+            )
 
     def _send(self, request: dict) -> None:
         self.proc.stdin.write((json.dumps(request) + "\n").encode())
@@ -386,8 +427,10 @@ class Worker:
                 return None
             chunk = os.read(fd, 65536)
             if not chunk:
-                return {"failure": f"the worker died (exit {self.proc.wait()}); stderr:\n"
-                                   f"{self.log.read_text(errors='replace')[-3000:]}"}
+                return {
+                    "failure": f"the worker died (exit {self.proc.wait()}); stderr:\n"
+                    f"{self.log.read_text(errors='replace')[-3000:]}"
+                }
             buf += chunk
         return json.loads(buf)
 
@@ -402,8 +445,11 @@ class Worker:
         answer = self._receive(WALL_LIMIT)
         if answer is None:
             self.stop()
-            return {"failure": f"hang: the case was still running after {WALL_LIMIT} s",
-                    "qcow2_errors": [], "violations": []}
+            return {
+                "failure": f"hang: the case was still running after {WALL_LIMIT} s",
+                "qcow2_errors": [],
+                "violations": [],
+            }
         if "cpu" not in answer:  # the worker died
             self.stop()
         return answer
@@ -422,13 +468,15 @@ class Worker:
 # Base images and cases
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Base:
     """A valid image (and the files it needs next to it) to mutate."""
+
     name: str
     image: bytes
-    sidecars: dict[str, bytes]       # other files of the case directory (backing, data file)
-    data_file: str | None = None     # the sidecar the image may write (its external data file)
+    sidecars: dict[str, bytes]  # other files of the case directory (backing, data file)
+    data_file: str | None = None  # the sidecar the image may write (its external data file)
     passphrase: str | None = None
 
 
@@ -456,8 +504,12 @@ class Case:
         allowed = [str(self.path)]
         if self.base.data_file:
             allowed.append(str(self.directory / self.base.data_file))
-        return {"dir": str(self.directory), "image": str(self.path), "allowed": allowed,
-                "passphrase": self.base.passphrase}
+        return {
+            "dir": str(self.directory),
+            "image": str(self.path),
+            "allowed": allowed,
+            "passphrase": self.base.passphrase,
+        }
 
     def others(self) -> dict[str, str]:
         """Digest of every file but the image (and its data file), by name."""
@@ -466,8 +518,9 @@ class Case:
             rel = str(entry.relative_to(self.directory))
             if rel in ("img.qcow2", self.base.data_file):
                 continue
-            result[rel] = hashlib.sha256(entry.read_bytes()).hexdigest() if entry.is_file() \
-                else "dir"
+            result[rel] = (
+                hashlib.sha256(entry.read_bytes()).hexdigest() if entry.is_file() else "dir"
+            )
         return result
 
 
@@ -478,10 +531,12 @@ def verdict(case: Case, answer: dict, before: dict[str, str]) -> str | None:
         problems.append(answer["failure"])
     if answer.get("cpu", 0) > CASE_CPU_SECONDS:
         slowest = sorted(answer.get("times", {}).items(), key=lambda kv: -kv[1])[:3]
-        problems.append(f"slow: the case used {answer['cpu']:.2f} s of CPU (limit "
-                        f"{CASE_CPU_SECONDS} s, wall {answer['wall']:.2f} s; slowest steps: "
-                        + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in slowest)
-                        + ")")
+        problems.append(
+            f"slow: the case used {answer['cpu']:.2f} s of CPU (limit "
+            f"{CASE_CPU_SECONDS} s, wall {answer['wall']:.2f} s; slowest steps: "
+            + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in slowest)
+            + ")"
+        )
     if answer.get("violations"):
         problems.append(f"wrote outside the image: {answer['violations'][:5]}")
     after = case.others()
@@ -493,10 +548,13 @@ def verdict(case: Case, answer: dict, before: dict[str, str]) -> str | None:
 
 def qemu(*args, cwd=None) -> None:
     from qemutools import run  # (here: the worker process never needs it)
+
     result = run(args, check=False, cwd=cwd)
     if result.returncode:
-        raise RuntimeError(f"{' '.join(map(str, args))} failed ({result.returncode}): "
-                           f"{result.stdout}{result.stderr}")
+        raise RuntimeError(
+            f"{' '.join(map(str, args))} failed ({result.returncode}): "
+            f"{result.stdout}{result.stderr}"
+        )
 
 
 def build_bases(directory: Path) -> dict[str, Base]:
@@ -517,12 +575,21 @@ def build_bases(directory: Path) -> dict[str, Base]:
         qemu(*args, *extra, name, size, cwd=directory)
 
     def add(key, name="img.qcow2", sidecars=(), data_file=None, passphrase=None):
-        bases[key] = Base(key, (directory / name).read_bytes(),
-                          {s: (directory / s).read_bytes() for s in sidecars}, data_file,
-                          passphrase)
+        bases[key] = Base(
+            key,
+            (directory / name).read_bytes(),
+            {s: (directory / s).read_bytes() for s in sidecars},
+            data_file,
+            passphrase,
+        )
 
-    scattered = ["write -P 0x11 0 3k", "write -P 0x22 64k 4k", "write -P 0x33 300k 9k",
-                 "write -P 0x44 1M 512", "write -P 0x55 1984k 64k"]
+    scattered = [
+        "write -P 0x11 0 3k",
+        "write -P 0x22 64k 4k",
+        "write -P 0x33 300k 9k",
+        "write -P 0x44 1M 512",
+        "write -P 0x55 1984k 64k",
+    ]
 
     # plain v3, 512-byte clusters: many L2 tables and refcount blocks
     (directory / "v3-512").mkdir()
@@ -545,21 +612,41 @@ def build_bases(directory: Path) -> dict[str, Base]:
     qemu("qemu-img", "snapshot", "-c", "second", "snap/img.qcow2", cwd=directory)
     io_cmds("snap/img.qcow2", "write -P 5 8k 4k")
     # compressed clusters (zlib, 4 KiB; zstd, 512 bytes)
-    for key, opts in (("zlib", "cluster_size=4k"),
-                      ("zstd", "cluster_size=512,compression_type=zstd")):
+    for key, opts in (
+        ("zlib", "cluster_size=4k"),
+        ("zstd", "cluster_size=512,compression_type=zstd"),
+    ):
         (directory / key).mkdir()
         raw = directory / key / "src.raw"
         noise = random.Random(f"seed-{key}").randbytes(8192)  # the same seeds every run
-        raw.write_bytes((b"compressible " * 40000)[:256 << 10] + noise
-                        + bytes(64 << 10) + b"tail" * 4096)
-        qemu("qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", opts, raw,
-             f"{key}/img.qcow2", cwd=directory)
+        raw.write_bytes(
+            (b"compressible " * 40000)[: 256 << 10] + noise + bytes(64 << 10) + b"tail" * 4096
+        )
+        qemu(
+            "qemu-img",
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            opts,
+            raw,
+            f"{key}/img.qcow2",
+            cwd=directory,
+        )
         raw.unlink()
     # extended L2 (subcluster allocation and zero bits)
     (directory / "extl2").mkdir()
     create("extl2/img.qcow2", "2M", "extended_l2=on,cluster_size=16k")
-    io_cmds("extl2/img.qcow2", "write -P 7 0 1k", "write -P 8 20k 2k", "write -z 40k 1k",
-            "write -P 9 1M 64k")
+    io_cmds(
+        "extl2/img.qcow2",
+        "write -P 7 0 1k",
+        "write -P 8 20k 2k",
+        "write -z 40k 1k",
+        "write -P 9 1M 64k",
+    )
     # lazy refcounts with the dirty bit set (refcounts rebuilt when opened read-write)
     (directory / "lazy").mkdir()
     create("lazy/img.qcow2", "1M", "lazy_refcounts=on,cluster_size=4k")
@@ -570,8 +657,10 @@ def build_bases(directory: Path) -> dict[str, Base]:
         f.seek(72)
         f.write(struct.pack(">Q", value))
     # refcount widths 1 and 64
-    for key, opts in (("rc1", "refcount_bits=1,cluster_size=4k"),
-                      ("rc64", "refcount_bits=64,cluster_size=512")):
+    for key, opts in (
+        ("rc1", "refcount_bits=1,cluster_size=4k"),
+        ("rc64", "refcount_bits=64,cluster_size=512"),
+    ):
         (directory / key).mkdir()
         create(f"{key}/img.qcow2", "1M", opts)
         io_cmds(f"{key}/img.qcow2", *scattered[:3])
@@ -583,41 +672,105 @@ def build_bases(directory: Path) -> dict[str, Base]:
     io_cmds("backing/img.qcow2", "write -P 0x62 4k 4k", "write -P 0x63 200k 8k")
     (directory / "rawbacking").mkdir()
     (directory / "rawbacking/base.raw").write_bytes(b"backing!" * (64 << 10))
-    create("rawbacking/img.qcow2", "512k", "cluster_size=4k,compat=0.10", "-b", "base.raw",
-           "-F", "raw")
+    create(
+        "rawbacking/img.qcow2", "512k", "cluster_size=4k,compat=0.10", "-b", "base.raw", "-F", "raw"
+    )
     io_cmds("rawbacking/img.qcow2", "write -P 0x64 4k 4k")
     # external data files (plain and data_file_raw)
-    for key, opts in (("datafile", "data_file=data.raw,cluster_size=4k"),
-                      ("datafile-raw", "data_file=data.raw,data_file_raw=on,cluster_size=4k")):
+    for key, opts in (
+        ("datafile", "data_file=data.raw,cluster_size=4k"),
+        ("datafile-raw", "data_file=data.raw,data_file_raw=on,cluster_size=4k"),
+    ):
         (directory / key).mkdir()
-        qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, "img.qcow2", "1M",
-             cwd=directory / key)  # QEMU takes a relative data file name from the cwd
-        qemu("qemu-io", *[a for c in scattered[:3] for a in ("-c", c)], "img.qcow2",
-             cwd=directory / key)
+        qemu(
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            opts,
+            "img.qcow2",
+            "1M",
+            cwd=directory / key,
+        )  # QEMU takes a relative data file name from the cwd
+        qemu(
+            "qemu-io",
+            *[a for c in scattered[:3] for a in ("-c", c)],
+            "img.qcow2",
+            cwd=directory / key,
+        )
     # persistent bitmaps
     (directory / "bitmaps").mkdir()
     create("bitmaps/img.qcow2", "1M", "cluster_size=4k")
     qemu("qemu-img", "bitmap", "--add", "bitmaps/img.qcow2", "b0", cwd=directory)
-    qemu("qemu-img", "bitmap", "--add", "-g", "128k", "--disable", "bitmaps/img.qcow2", "b1",
-         cwd=directory)
+    qemu(
+        "qemu-img",
+        "bitmap",
+        "--add",
+        "-g",
+        "128k",
+        "--disable",
+        "bitmaps/img.qcow2",
+        "b1",
+        cwd=directory,
+    )
     # encryption: LUKS (with a small iteration count) and legacy AES
     secret = ["--object", f"secret,id=s0,data={PASSPHRASE}"]
     (directory / "luks").mkdir()
-    qemu("qemu-img", "create", "-q", *secret, "-f", "qcow2", "-o",
-         "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10,cluster_size=4k",
-         "luks/img.qcow2", "256k", cwd=directory)
+    qemu(
+        "qemu-img",
+        "create",
+        "-q",
+        *secret,
+        "-f",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10,cluster_size=4k",
+        "luks/img.qcow2",
+        "256k",
+        cwd=directory,
+    )
     (directory / "aes").mkdir()
-    qemu("qemu-img", "create", "-q", *secret, "-f", "qcow2", "-o",
-         "encrypt.format=aes,encrypt.key-secret=s0,cluster_size=4k", "aes/img.qcow2", "256k",
-         cwd=directory)
+    qemu(
+        "qemu-img",
+        "create",
+        "-q",
+        *secret,
+        "-f",
+        "qcow2",
+        "-o",
+        "encrypt.format=aes,encrypt.key-secret=s0,cluster_size=4k",
+        "aes/img.qcow2",
+        "256k",
+        cwd=directory,
+    )
     for key in ("luks", "aes"):
-        qemu("qemu-io", *secret, "--image-opts", "-c", "write -P 0x71 0 12k", "-c",
-             "write -P 0x72 100k 4k",
-             f"driver=qcow2,file.filename={key}/img.qcow2,encrypt.key-secret=s0",
-             cwd=directory)
+        qemu(
+            "qemu-io",
+            *secret,
+            "--image-opts",
+            "-c",
+            "write -P 0x71 0 12k",
+            "-c",
+            "write -P 0x72 100k 4k",
+            f"driver=qcow2,file.filename={key}/img.qcow2,encrypt.key-secret=s0",
+            cwd=directory,
+        )
 
-    for key in ("v3-512", "v2", "v3-64k", "snap", "zlib", "zstd", "extl2", "lazy", "rc1",
-                "rc64", "bitmaps"):
+    for key in (
+        "v3-512",
+        "v2",
+        "v3-64k",
+        "snap",
+        "zlib",
+        "zstd",
+        "extl2",
+        "lazy",
+        "rc1",
+        "rc64",
+        "bitmaps",
+    ):
         add(key, f"{key}/img.qcow2")
     add("backing", "backing/img.qcow2", sidecars=())
     bases["backing"].sidecars = {"base.qcow2": (directory / "backing/base.qcow2").read_bytes()}
@@ -636,22 +789,36 @@ def build_bases(directory: Path) -> dict[str, Base]:
 # Finding the structures to mutate (own parser, following the spec)
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Target:
     offset: int
-    width: int   # 1, 2, 4 or 8: a big-endian integer; negative: a byte string of -width bytes
+    width: int  # 1, 2, 4 or 8: a big-endian integer; negative: a byte string of -width bytes
     label: str
 
 
-CATEGORIES = ("header", "extension", "backing_name", "l1", "l2", "compressed",
-              "refcount_table", "refcount_block", "snapshot_table", "snapshot_l1",
-              "bitmaps", "luks", "any_byte", "length")
+CATEGORIES = (
+    "header",
+    "extension",
+    "backing_name",
+    "l1",
+    "l2",
+    "compressed",
+    "refcount_table",
+    "refcount_block",
+    "snapshot_table",
+    "snapshot_l1",
+    "bitmaps",
+    "luks",
+    "any_byte",
+    "length",
+)
 
 
 def _u(data: bytes, offset: int, width: int) -> int:
     if offset < 0 or offset + width > len(data):
         return 0
-    return int.from_bytes(data[offset:offset + width], "big")
+    return int.from_bytes(data[offset : offset + width], "big")
 
 
 def find_targets(data: bytes) -> dict[str, list[Target]]:
@@ -704,9 +871,12 @@ def find_targets(data: bytes) -> dict[str, list[Target]]:
             add("extension", pos + 16, 8, "crypto header length")
         elif ext_type == EXT_BITMAPS:
             bitmaps_ext = (_u(data, pos + 8, 4), _u(data, pos + 16, 8), _u(data, pos + 24, 8))
-            for off, width, name in ((8, 4, "nb_bitmaps"), (12, 4, "reserved"),
-                                     (16, 8, "bitmap_directory_size"),
-                                     (24, 8, "bitmap_directory_offset")):
+            for off, width, name in (
+                (8, 4, "nb_bitmaps"),
+                (12, 4, "reserved"),
+                (16, 8, "bitmap_directory_size"),
+                (24, 8, "bitmap_directory_offset"),
+            ):
                 add("bitmaps", pos + off, width, name)
         elif ext_type == EXT_FEATURE_TABLE:
             for entry in range(min(length // 48, 8)):
@@ -737,8 +907,12 @@ def find_targets(data: bytes) -> dict[str, list[Target]]:
                     x = 62 - (cluster_bits - 8)
                     host = e & ((1 << x) - 1)
                     sectors = ((e >> x) & ((1 << (cluster_bits - 8)) - 1)) + 1
-                    add("compressed", host, -min(sectors * 512 - (host & 511), 64),
-                        "compressed payload")
+                    add(
+                        "compressed",
+                        host,
+                        -min(sectors * 512 - (host & 511), 64),
+                        "compressed payload",
+                    )
                     add("compressed", host, 1, "compressed payload first byte")
                 else:
                     add(category_l2, l2 + j * step, 8, f"L2[{i}][{j}]")
@@ -767,18 +941,31 @@ def find_targets(data: bytes) -> dict[str, list[Target]]:
     nb, snap_offset = _u(data, 60, 4), _u(data, 64, 8)
     pos = snap_offset
     for index in range(min(nb, 8) if tables else 0):
-        for off, width, name in ((0, 8, "l1_table_offset"), (8, 4, "l1_size"),
-                                 (12, 2, "id_str_size"), (14, 2, "name_size"),
-                                 (16, 4, "date_sec"), (20, 4, "date_nsec"),
-                                 (24, 8, "vm_clock_nsec"), (32, 4, "vm_state_size"),
-                                 (36, 4, "extra_data_size")):
+        for off, width, name in (
+            (0, 8, "l1_table_offset"),
+            (8, 4, "l1_size"),
+            (12, 2, "id_str_size"),
+            (14, 2, "name_size"),
+            (16, 4, "date_sec"),
+            (20, 4, "date_nsec"),
+            (24, 8, "vm_clock_nsec"),
+            (32, 4, "vm_state_size"),
+            (36, 4, "extra_data_size"),
+        ):
             add("snapshot_table", pos + off, width, f"snapshot {index} {name}")
-        extra, id_len, name_len = _u(data, pos + 36, 4), _u(data, pos + 12, 2), \
-            _u(data, pos + 14, 2)
+        extra, id_len, name_len = (
+            _u(data, pos + 36, 4),
+            _u(data, pos + 12, 2),
+            _u(data, pos + 14, 2),
+        )
         for off in range(0, min(extra, 24), 8):
             add("snapshot_table", pos + 40 + off, 8, f"snapshot {index} extra data {off}")
-        add("snapshot_table", pos + 40 + extra, -max(1, id_len + name_len),
-            f"snapshot {index} id and name")
+        add(
+            "snapshot_table",
+            pos + 40 + extra,
+            -max(1, id_len + name_len),
+            f"snapshot {index} id and name",
+        )
         walk_l1(_u(data, pos, 8), _u(data, pos + 8, 4), "snapshot_l1", None)
         pos += 40 + extra + id_len + name_len
         pos += -pos % 8
@@ -788,10 +975,15 @@ def find_targets(data: bytes) -> dict[str, list[Target]]:
         count, dir_size, dir_offset = bitmaps_ext
         pos = dir_offset
         for index in range(min(count, 8)):
-            for off, width, name in ((0, 8, "bitmap_table_offset"), (8, 4, "bitmap_table_size"),
-                                     (12, 4, "flags"), (16, 1, "type"),
-                                     (17, 1, "granularity_bits"), (18, 2, "name_size"),
-                                     (20, 4, "extra_data_size")):
+            for off, width, name in (
+                (0, 8, "bitmap_table_offset"),
+                (8, 4, "bitmap_table_size"),
+                (12, 4, "flags"),
+                (16, 1, "type"),
+                (17, 1, "granularity_bits"),
+                (18, 2, "name_size"),
+                (20, 4, "extra_data_size"),
+            ):
                 add("bitmaps", pos + off, width, f"bitmap {index} {name}")
             table, table_size = _u(data, pos, 8), _u(data, pos + 8, 4)
             for k in range(min(table_size, 4)):
@@ -821,22 +1013,68 @@ def find_targets(data: bytes) -> dict[str, list[Target]]:
 
 def interesting_values(width: int, old: int, data_len: int, cs: int, hints: list[int]) -> list[int]:
     top = (1 << (8 * width)) - 1
-    values = [0, 1, top, 1 << (8 * width - 1), (1 << (8 * width - 1)) - 1, old ^ 1, old + 1,
-              old - 1, old + cs, old - cs, cs, 512, data_len, data_len - cs, data_len + cs,
-              old * 2, old << 8, old >> 8, 9, 21, 63, 64, 255, 65535]
+    values = [
+        0,
+        1,
+        top,
+        1 << (8 * width - 1),
+        (1 << (8 * width - 1)) - 1,
+        old ^ 1,
+        old + 1,
+        old - 1,
+        old + cs,
+        old - cs,
+        cs,
+        512,
+        data_len,
+        data_len - cs,
+        data_len + cs,
+        old * 2,
+        old << 8,
+        old >> 8,
+        9,
+        21,
+        63,
+        64,
+        255,
+        65535,
+    ]
     if width == 8:  # table entries: flags and pointers at other structures
-        values += [old | OFLAG_COPIED, old & ~OFLAG_COPIED, old | OFLAG_COMPRESSED, old | 1,
-                   old ^ (1 << 56), old ^ (1 << 9), (old & ~OFFSET_MASK) | (1 << 55)]
+        values += [
+            old | OFLAG_COPIED,
+            old & ~OFLAG_COPIED,
+            old | OFLAG_COMPRESSED,
+            old | 1,
+            old ^ (1 << 56),
+            old ^ (1 << 9),
+            (old & ~OFFSET_MASK) | (1 << 55),
+        ]
         values += [h | (old & ~OFFSET_MASK) for h in hints]
     return [v & top for v in values]
 
 
-def apply_mutation(data: bytearray, targets: dict[str, list[Target]], category: str,
-                   index: int, op: int, param: int, cs: int, hints: list[int]) -> str:
+def apply_mutation(
+    data: bytearray,
+    targets: dict[str, list[Target]],
+    category: str,
+    index: int,
+    op: int,
+    param: int,
+    cs: int,
+    hints: list[int],
+) -> str:
     """Change `data` in place; returns a description of the change."""
     if category == "length":
-        choices = [len(data) // 2, len(data) - 1, len(data) - cs, 512, 72, len(data) + 1,
-                   (param % max(1, len(data))) // 512 * 512, param % max(1, len(data))]
+        choices = [
+            len(data) // 2,
+            len(data) - 1,
+            len(data) - cs,
+            512,
+            72,
+            len(data) + 1,
+            (param % max(1, len(data))) // 512 * 512,
+            param % max(1, len(data)),
+        ]
         new_len = max(0, choices[op % len(choices)])
         if new_len < len(data):
             del data[new_len:]
@@ -848,7 +1086,7 @@ def apply_mutation(data: bytearray, targets: dict[str, list[Target]], category: 
         return "nothing to mutate"
     target = pool[index % len(pool)]
     if target.width > 0:
-        old = int.from_bytes(data[target.offset:target.offset + target.width], "big")
+        old = int.from_bytes(data[target.offset : target.offset + target.width], "big")
         kind = op % 4
         if kind == 0:
             values = interesting_values(target.width, old, len(data), cs, hints)
@@ -859,10 +1097,10 @@ def apply_mutation(data: bytearray, targets: dict[str, list[Target]], category: 
             new = old ^ (1 << (param % (8 * target.width)))
         else:
             new = (old + (param % 4097) - 2048) % (1 << (8 * target.width))
-        data[target.offset:target.offset + target.width] = new.to_bytes(target.width, "big")
+        data[target.offset : target.offset + target.width] = new.to_bytes(target.width, "big")
         return f"{target.label} @{target.offset}: {old:#x} -> {new:#x}"
     length = -target.width
-    chunk = data[target.offset:target.offset + length]
+    chunk = data[target.offset : target.offset + length]
     kind = op % 5
     if kind == 0:
         bit = param % (8 * length)
@@ -875,7 +1113,7 @@ def apply_mutation(data: bytearray, targets: dict[str, list[Target]], category: 
         chunk[:] = b"\xff" * length
     else:
         chunk[:] = bytes((param >> (i % 56)) & 0xFF for i in range(length))
-    data[target.offset:target.offset + length] = chunk
+    data[target.offset : target.offset + length] = chunk
     return f"{target.label} @{target.offset}+{length}: op {kind}"
 
 
@@ -889,14 +1127,13 @@ def apply_recipe(image: bytes, recipe: list[list]) -> bytes:
         found = [t for ts in find_targets(bytes(data)).values() for t in ts if t.label == label]
         assert found, f"no field labelled {label!r}"
         target = found[0]
-        data[target.offset:target.offset + target.width] = value.to_bytes(target.width, "big")
+        data[target.offset : target.offset + target.width] = value.to_bytes(target.width, "big")
     return bytes(data)
 
 
 def hints_for(data: bytes) -> list[int]:
     """Offsets of structures a pointer may be bent to (overlaps are the interesting bugs)."""
-    return [0, _u(data, 40, 8), _u(data, 48, 8), _u(data, 64, 8), len(data) // 512 * 512,
-            1 << 40]
+    return [0, _u(data, 40, 8), _u(data, 48, 8), _u(data, 64, 8), len(data) // 512 * 512, 1 << 40]
 
 
 def mutate(base: Base, mutations: list[tuple[str, int, int, int]]) -> tuple[bytes, list[str]]:
@@ -905,8 +1142,9 @@ def mutate(base: Base, mutations: list[tuple[str, int, int, int]]) -> tuple[byte
     notes = []
     for category, index, op, param in mutations:
         targets = find_targets(bytes(data))  # the previous mutation may have moved things
-        notes.append(apply_mutation(data, targets, category, index, op, param, cs,
-                                    hints_for(bytes(data))))
+        notes.append(
+            apply_mutation(data, targets, category, index, op, param, cs, hints_for(bytes(data)))
+        )
     return bytes(data), notes
 
 
@@ -954,10 +1192,14 @@ if __name__ != "__main__":
             problem = verdict(case, answer, before)
             assert problem is None, f"{name}: {problem}"
             # QEMU too refuses snapshots with 1-bit refcounts or an external data file.
-            expected = ("create_snapshot", "write after snapshot") \
-                if name in ("rc1", "datafile", "datafile-raw") else ()
-            assert not [e for e in answer["qcow2_errors"] if not e.startswith(expected)], \
+            expected = (
+                ("create_snapshot", "write after snapshot")
+                if name in ("rc1", "datafile", "datafile-raw")
+                else ()
+            )
+            assert not [e for e in answer["qcow2_errors"] if not e.startswith(expected)], (
                 f"{name}: a valid image raised {answer['qcow2_errors']}"
+            )
             assert targets["header"] and targets["l1"] and targets["refcount_block"], name
         assert find_targets(bases["snap"].image)["snapshot_table"]
         assert find_targets(bases["snap"].image)["snapshot_l1"]
@@ -967,25 +1209,48 @@ if __name__ != "__main__":
         assert find_targets(bases["bitmaps"].image)["bitmaps"]
         assert find_targets(bases["backing"].image)["backing_name"]
 
-    BASE_NAMES = ["v3-512", "v2", "v3-64k", "snap", "zlib", "zstd", "extl2", "lazy", "rc1",
-                  "rc64", "backing", "rawbacking", "datafile", "datafile-raw", "bitmaps", "luks",
-                  "aes"]
+    BASE_NAMES = [
+        "v3-512",
+        "v2",
+        "v3-64k",
+        "snap",
+        "zlib",
+        "zstd",
+        "extl2",
+        "lazy",
+        "rc1",
+        "rc64",
+        "backing",
+        "rawbacking",
+        "datafile",
+        "datafile-raw",
+        "bitmaps",
+        "luks",
+        "aes",
+    ]
     COLLECT = os.environ.get("FUZZ_COLLECT")
 
     def mutations_for(categories: list[str]):
         """One to three mutations, each on a structure the base image really has."""
-        mutation = st.tuples(st.sampled_from(categories), st.integers(0, 1 << 16),
-                             st.integers(0, 255), st.integers(0, (1 << 64) - 1))
+        mutation = st.tuples(
+            st.sampled_from(categories),
+            st.integers(0, 1 << 16),
+            st.integers(0, 255),
+            st.integers(0, (1 << 64) - 1),
+        )
         return st.lists(mutation, min_size=1, max_size=3)
 
     def test_fuzz_mutated_images(bases, worker, case_root):
         seen: list[tuple[str, list[str], str]] = []
         runs = [0]
 
-        present = {name: [c for c, found in find_targets(bases[name].image).items() if found]
-                   for name in BASE_NAMES}
+        present = {
+            name: [c for c, found in find_targets(bases[name].image).items() if found]
+            for name in BASE_NAMES
+        }
         case_strategy = st.sampled_from(BASE_NAMES).flatmap(
-            lambda name: st.tuples(st.just(name), mutations_for(present[name])))
+            lambda name: st.tuples(st.just(name), mutations_for(present[name]))
+        )
 
         # No shrinking unless asked for: a slow case shrinks one slow run at a time, and the
         # failure message already names each mutation.
@@ -993,9 +1258,14 @@ if __name__ != "__main__":
         if os.environ.get("FUZZ_SHRINK"):
             phases.append(Phase.shrink)
 
-        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, phases=phases,
-                  derandomize=not os.environ.get("FUZZ_RANDOM"),
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=FUZZ_EXAMPLES,
+            deadline=None,
+            database=None,
+            phases=phases,
+            derandomize=not os.environ.get("FUZZ_RANDOM"),
+            suppress_health_check=list(HealthCheck),
+        )
         @given(drawn=case_strategy)
         def fuzz(drawn):
             name, mutations = drawn
@@ -1010,12 +1280,13 @@ if __name__ != "__main__":
                 key = hashlib.sha256(image).hexdigest()[:12]
                 (out / f"{name}-{key}.qcow2").write_bytes(image)
                 (out / f"{name}-{key}.txt").write_text(
-                    f"base {name}\nmutations {mutations}\n" + "\n".join(notes) + "\n\n"
-                    + problem)
+                    f"base {name}\nmutations {mutations}\n" + "\n".join(notes) + "\n\n" + problem
+                )
                 seen.append((name, notes, problem.splitlines()[0]))
                 return
-            assert problem is None, f"base {name}, mutations:\n  " + "\n  ".join(notes) + \
-                f"\n{problem}"
+            assert problem is None, (
+                f"base {name}, mutations:\n  " + "\n  ".join(notes) + f"\n{problem}"
+            )
 
         worker.stop()  # a fresh worker: each case meets the same heap, whatever ran before
         fuzz()

@@ -1,4 +1,5 @@
 """Header rewriting: what qcow2lib must keep, clear and write, checked with qemu-img."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ from qemutools import assert_clean, qemu_create, qemu_img, qemu_io
 
 def _header(path: Path) -> Header:
     data = path.read_bytes()
-    return Header.parse(lambda offset, length: data[offset:offset + length], len(data))
+    return Header.parse(lambda offset, length: data[offset : offset + length], len(data))
 
 
 def _add_unknown_extension(path: Path, ext_type: int, payload: bytes) -> None:
@@ -22,7 +23,9 @@ def _add_unknown_extension(path: Path, ext_type: int, payload: bytes) -> None:
     length = struct.unpack_from(">I", data, 100)[0]
     blob = struct.pack(">II", ext_type, len(payload)) + payload + bytes(-len(payload) % 8)
     data[length:length] = blob
-    del data[65536:65536 + len(blob)]  # keep the cluster layout: the header cluster's tail is free
+    del data[
+        65536 : 65536 + len(blob)
+    ]  # keep the cluster layout: the header cluster's tail is free
     path.write_bytes(bytes(data))
 
 
@@ -49,15 +52,30 @@ def test_unknown_extension_and_fields_survive_a_header_rewrite(tmp_path: Path) -
 def test_created_header_matches_qemu_layout(tmp_path: Path) -> None:
     ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
     qemu_create(tmp_path / "base.qcow2", 1 << 30)
-    qcow2lib.create(str(ours), 1 << 30, lazy_refcounts=True, backing_file="base.qcow2",
-                    backing_fmt="qcow2")
-    qemu_create(theirs, 1 << 30, options={"lazy_refcounts": "on"}, backing="base.qcow2",
-                backing_fmt="qcow2")
+    qcow2lib.create(
+        str(ours), 1 << 30, lazy_refcounts=True, backing_file="base.qcow2", backing_fmt="qcow2"
+    )
+    qemu_create(
+        theirs, 1 << 30, options={"lazy_refcounts": "on"}, backing="base.qcow2", backing_fmt="qcow2"
+    )
     a, b = _header(ours), _header(theirs)
-    for name in ("version", "cluster_bits", "size", "l1_size", "l1_table_offset",
-                 "refcount_table_offset", "refcount_table_clusters", "incompatible_features",
-                 "compatible_features", "autoclear_features", "refcount_order", "header_length",
-                 "backing_file", "backing_format", "feature_names"):
+    for name in (
+        "version",
+        "cluster_bits",
+        "size",
+        "l1_size",
+        "l1_table_offset",
+        "refcount_table_offset",
+        "refcount_table_clusters",
+        "incompatible_features",
+        "compatible_features",
+        "autoclear_features",
+        "refcount_order",
+        "header_length",
+        "backing_file",
+        "backing_format",
+        "feature_names",
+    ):
         assert getattr(a, name) == getattr(b, name), name
     # The header cluster is byte-identical up to the end of the backing file name.
     end = a.backing_file_offset + a.backing_file_size
@@ -82,14 +100,14 @@ def test_long_header_with_unknown_trailing_fields_is_kept(tmp_path: Path) -> Non
     old_length = struct.unpack_from(">I", data, 100)[0]
     extra = b"FUTURE!!"
     data[old_length:old_length] = extra
-    del data[65536:65536 + len(extra)]
+    del data[65536 : 65536 + len(extra)]
     struct.pack_into(">I", data, 100, old_length + len(extra))
     path.write_bytes(bytes(data))
     with qcow2lib.open(str(path), "r+") as image:
         image.header.autoclear_features = 0
         image._write_header()
     raw = path.read_bytes()
-    assert raw[old_length:old_length + len(extra)] == extra
+    assert raw[old_length : old_length + len(extra)] == extra
     assert struct.unpack_from(">I", raw, 100)[0] == old_length + len(extra)
     assert qemu_img("check", path).returncode == 0
 

@@ -20,6 +20,7 @@ time from valid ones made by qemu-img, and compares with what QEMU does where QE
 * Untrusted images (open_image(untrusted=True), qimg's QIMG_UNTRUSTED=1): no external data
   file, backing files only qcow2 images inside the naming image's directory.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,6 +60,7 @@ OFFSET_MASK = 0x00FFFFFFFFFFFE00
 # Decompression bombs
 # ---------------------------------------------------------------------------------------------
 
+
 def zstd_rle_frame(total: int, content_size: int | None = None, byte: int = 0) -> bytes:
     """A zstd frame of RLE blocks (4 bytes each for 128 KiB of output): `total` bytes of
     `byte`, declaring `content_size` (honest or not) or no content size."""
@@ -95,10 +97,26 @@ def bomb_image(path: Path, kind: str, cluster_size: int, payload: bytes) -> Path
     (cluster 1 holds plain data). The payload goes into new clusters at the end of the
     file with their refcounts set and the old compressed cluster's cleared, so qemu-img
     check finds nothing wrong: only decompressing shows the bomb."""
-    qemu_img("create", "-q", "-f", "qcow2", "-o",
-             f"compression_type={kind},cluster_size={cluster_size}", path, 4 * cluster_size)
-    run([QEMU_IO, "-c", f"write -c -P 0x5a 0 {cluster_size}",
-         "-c", f"write -P 0x33 {cluster_size} {cluster_size}", path])
+    qemu_img(
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        f"compression_type={kind},cluster_size={cluster_size}",
+        path,
+        4 * cluster_size,
+    )
+    run(
+        [
+            QEMU_IO,
+            "-c",
+            f"write -c -P 0x5a 0 {cluster_size}",
+            "-c",
+            f"write -P 0x33 {cluster_size} {cluster_size}",
+            path,
+        ]
+    )
     cluster_bits = cluster_size.bit_length() - 1
     csize_shift = 62 - (cluster_bits - 8)
     with open(path, "r+b") as f:
@@ -121,8 +139,9 @@ def bomb_image(path: Path, kind: str, cluster_size: int, payload: bytes) -> Path
         f.write(struct.pack(">Q", OFLAG_COMPRESSED | new_host | (sectors - 1) << csize_shift))
         f.seek(refblock + 2 * (old_host >> cluster_bits))
         f.write(struct.pack(">H", 0))
-        for cluster in range(new_host >> cluster_bits,
-                             -(-(new_host + len(payload)) // cluster_size)):
+        for cluster in range(
+            new_host >> cluster_bits, -(-(new_host + len(payload)) // cluster_size)
+        ):
             f.seek(refblock + 2 * cluster)
             f.write(struct.pack(">H", 1))
     assert_clean(path)
@@ -180,10 +199,22 @@ print(json.dumps(results))
 
 
 def run_limited(image: Path, reference: Path, out_dir: Path, length: int) -> dict:
-    result = subprocess.run([sys.executable, "-c", LIMITED_WORKER, str(ROOT), str(image),
-                             str(reference), str(out_dir), str(length)], check=False,
-                            capture_output=True, text=True,
-                            env={**os.environ, "MALLOC_ARENA_MAX": "2"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            LIMITED_WORKER,
+            str(ROOT),
+            str(image),
+            str(reference),
+            str(out_dir),
+            str(length),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MALLOC_ARENA_MAX": "2"},
+    )
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     return json.loads(result.stdout)
@@ -192,11 +223,13 @@ def run_limited(image: Path, reference: Path, out_dir: Path, length: int) -> dic
 BOMBS = {
     # name: (compression type, cluster size, payload built from the cluster size)
     "zstd-64k": ("zstd", 64 * KiB, lambda cs: zstd_rle_frame(3 * GiB)),
-    "zstd-64k-honest-size": ("zstd", 64 * KiB,
-                             lambda cs: zstd_rle_frame(3 * GiB, 3 * GiB)),
+    "zstd-64k-honest-size": ("zstd", 64 * KiB, lambda cs: zstd_rle_frame(3 * GiB, 3 * GiB)),
     "zstd-64k-lying-size": ("zstd", 64 * KiB, lambda cs: zstd_rle_frame(3 * GiB, cs)),
-    "zstd-64k-second-frame": ("zstd", 64 * KiB, lambda cs: zstandard.ZstdCompressor().compress(
-        bytes(cs // 2)) + zstd_rle_frame(3 * GiB)),
+    "zstd-64k-second-frame": (
+        "zstd",
+        64 * KiB,
+        lambda cs: zstandard.ZstdCompressor().compress(bytes(cs // 2)) + zstd_rle_frame(3 * GiB),
+    ),
     "zstd-2m": ("zstd", 2 * MiB, lambda cs: zstd_rle_frame(4 * GiB)),
     "zlib-64k": ("zlib", 64 * KiB, lambda cs: zlib_bomb(120 * MiB)),
     "zlib-2m": ("zlib", 2 * MiB, lambda cs: zlib_bomb(2 * GiB)),
@@ -218,8 +251,9 @@ def test_decompression_bomb(tmp_path, name):
     reference = tmp_path / "reference.raw"
     reference.write_bytes(b"\x5a" * cluster_size)
     qemu_read = run([QEMU_IO, "-c", f"read 0 {cluster_size}", image], check=False)
-    qemu_convert = run([QEMU_IMG, "convert", "-O", "raw", image, tmp_path / "qemu.raw"],
-                       check=False)
+    qemu_convert = run(
+        [QEMU_IMG, "convert", "-O", "raw", image, tmp_path / "qemu.raw"], check=False
+    )
     qemu_compare = run([QEMU_IMG, "compare", image, reference], check=False)
     qemu_write = run([QEMU_IO, "-c", "write -P 0x77 512 512", twin], check=False)
 
@@ -252,9 +286,11 @@ def test_decompress_memory_stays_within_a_cluster():
     """The codec itself: Python memory for a 4 GiB bomb stays about one cluster (plus one
     128 KiB zstd block), whether or not the frame states its size."""
     cluster_size = 64 * KiB
-    cases = [("zstd", zstd_rle_frame(3 * GiB)),
-             ("zstd", zstd_rle_frame(3 * GiB, 3 * GiB)),
-             ("zlib", zlib_bomb(64 * MiB))]
+    cases = [
+        ("zstd", zstd_rle_frame(3 * GiB)),
+        ("zstd", zstd_rle_frame(3 * GiB, 3 * GiB)),
+        ("zlib", zlib_bomb(64 * MiB)),
+    ]
     for kind, payload in cases:
         tracemalloc.start()
         try:
@@ -321,9 +357,11 @@ def test_zstd_frames_that_do_not_fit_the_cluster():
 # Special files
 # ---------------------------------------------------------------------------------------------
 
+
 def qimg_run(*args: str) -> tuple[int, str, str]:
     """qimg in this process: (exit code, stdout, stderr)."""
     import qimg
+
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = qimg.main([str(a) for a in args], prog="qemu-img")
@@ -361,8 +399,16 @@ def images_naming(tmp_path: Path, target_name: str) -> dict[str, Path]:
     backed = tmp_path / "backed.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-b", target_name, "-F", "raw", backed, "1M")
     with_data = tmp_path / "with-data.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={target_name},data_file_raw=on",
-             with_data, "1M")
+    qemu_img(
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        f"data_file={target_name},data_file_raw=on",
+        with_data,
+        "1M",
+    )
     (tmp_path / target_name).unlink()
     return {"backing file": backed, "external data file": with_data}
 
@@ -382,8 +428,12 @@ def test_special_files_named_by_an_image_are_refused(tmp_path, kind, monkeypatch
                 message = str(info.value)
                 assert f"The {role} '" in message and "target'" in message, message
                 assert f"named by '{image}'" in message, message
-            commands = [("map", image), ("convert", "-O", "raw", image, tmp_path / "out.raw"),
-                        ("compare", image, image), ("info", "--backing-chain", image)]
+            commands = [
+                ("map", image),
+                ("convert", "-O", "raw", image, tmp_path / "out.raw"),
+                ("compare", image, image),
+                ("info", "--backing-chain", image),
+            ]
             if role == "external data file":  # qemu-img opens the data file for these too
                 commands += [("snapshot", "-l", image), ("check", "-r", "all", image)]
             else:
@@ -393,8 +443,7 @@ def test_special_files_named_by_an_image_are_refused(tmp_path, kind, monkeypatch
                 if command[0] == "info" and role == "external data file":
                     assert code == 0, err  # info reads no guest data
                     continue
-                assert code != 0 and SPECIAL_NAMES[kind] in err and "target'" in err, \
-                    (command, err)
+                assert code != 0 and SPECIAL_NAMES[kind] in err and "target'" in err, (command, err)
                 assert "Traceback" not in err
 
 
@@ -410,13 +459,19 @@ def test_fifo_or_socket_as_the_image_is_refused(tmp_path, kind):
         for fmt in ("qcow2", "raw"):
             with pytest.raises(Qcow2Error, match="regular file|No such device"):
                 qcow2lib.open(str(path), "r", fmt=fmt)
-        for command in (("info", path), ("check", path), ("map", path),
-                        ("convert", "-O", "raw", path, tmp_path / "out.raw")):
+        for command in (
+            ("info", path),
+            ("check", path),
+            ("map", path),
+            ("convert", "-O", "raw", path, tmp_path / "out.raw"),
+        ):
             code, _, err = qimg_run(*command)
             assert code == 1 and str(path) in err and "Traceback" not in err, (command, err)
     if kind == "fifo":
-        with special_file(tmp_path / "fifo2", "fifo") as path, \
-                pytest.raises(Qcow2Error, match="it is a FIFO"):
+        with (
+            special_file(tmp_path / "fifo2", "fifo") as path,
+            pytest.raises(Qcow2Error, match="it is a FIFO"),
+        ):
             qcow2lib.open(str(path))
     with special_file(tmp_path / "chardev", "chardev") as path:
         code, out, err = qimg_run("info", "--output=json", path)
@@ -429,8 +484,9 @@ def test_block_devices_and_regular_files_named_by_an_image_open(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     backing_content = tmp_path / "disk.raw"
     backing_content.write_bytes(b"\x42" * MiB)
-    loop = subprocess.run(["losetup", "-f", "--show", backing_content], check=True,
-                          capture_output=True, text=True).stdout.strip()
+    loop = subprocess.run(
+        ["losetup", "-f", "--show", backing_content], check=True, capture_output=True, text=True
+    ).stdout.strip()
     try:
         images = images_naming(tmp_path, "target")
         os.symlink(loop, tmp_path / "target")
@@ -459,9 +515,18 @@ EXT_CRYPTO_HEADER = 0x0537BE77
 
 
 def luks_image(path: Path, iter_time: int = 10) -> Path:
-    qemu_img("create", "-q", "-f", "qcow2", "--object", f"secret,id=s0,data={PASSPHRASE}",
-             "-o", f"encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time={iter_time}",
-             path, "1M")
+    qemu_img(
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        f"secret,id=s0,data={PASSPHRASE}",
+        "-o",
+        f"encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time={iter_time}",
+        path,
+        "1M",
+    )
     return path
 
 
@@ -504,6 +569,7 @@ def test_luks_key_derivation_work_is_bounded(tmp_path, layout):
     tries them all), naming the slot where the sum passes the limit and its iterations.
     Without a passphrase (info) nothing is derived and the image still describes itself."""
     from qcow2lib.crypto import luks
+
     image = luks_image(tmp_path / "luks.qcow2")
     if layout == "eight-huge-slots":
         slots = dict.fromkeys(range(8), 0xFFFFFFFF)
@@ -521,9 +587,16 @@ def test_luks_key_derivation_work_is_bounded(tmp_path, layout):
         message = str(info.value)
         assert f"keyslot {named_slot} (iterations {named_iterations}" in message, message
         assert str(luks.MAX_KDF_BLOCKS) in message
-    code, _, err = qimg_run("convert", "--object", f"secret,id=s0,data={PASSPHRASE}",
-                            "--image-opts", f"driver=qcow2,file.filename={image},"
-                            "encrypt.key-secret=s0", "-O", "raw", tmp_path / "out.raw")
+    code, _, err = qimg_run(
+        "convert",
+        "--object",
+        f"secret,id=s0,data={PASSPHRASE}",
+        "--image-opts",
+        f"driver=qcow2,file.filename={image},encrypt.key-secret=s0",
+        "-O",
+        "raw",
+        tmp_path / "out.raw",
+    )
     assert code == 1 and f"keyslot {named_slot}" in err and "Traceback" not in err, err
     code, out, err = qimg_run("info", "--output=json", image)
     assert code == 0, err
@@ -537,13 +610,24 @@ def test_luks_images_qemu_makes_still_open(tmp_path):
     10 s: the counts qemu-img 7.2 gave for iter-time=10000, also on a machine 8x faster),
     and a header whose slots sum to just the limit is tried, not refused."""
     from qcow2lib.crypto import luks
+
     image = luks_image(tmp_path / "luks.qcow2", iter_time=100)
-    run([QEMU_IO, "--object", f"secret,id=s0,data={PASSPHRASE}", "--image-opts",
-         "-c", "write -P 0x61 0 64k", f"driver=qcow2,file.filename={image},encrypt.key-secret=s0"])
+    run(
+        [
+            QEMU_IO,
+            "--object",
+            f"secret,id=s0,data={PASSPHRASE}",
+            "--image-opts",
+            "-c",
+            "write -P 0x61 0 64k",
+            f"driver=qcow2,file.filename={image},encrypt.key-secret=s0",
+        ]
+    )
     with qcow2lib.open(str(image), passphrase=PASSPHRASE) as dev:
         assert dev.read(0, 64 * KiB) == b"\x61" * 64 * KiB
-    header = luks.LuksHeader(hash_alg="sha256", master_key_len=64,
-                             master_key_iterations=8 * 11_113_461)
+    header = luks.LuksHeader(
+        hash_alg="sha256", master_key_len=64, master_key_iterations=8 * 11_113_461
+    )
     header.key_slots[0] = luks.KeySlot(SLOT_ENABLED, 8 * 44_643_050)
     header.check_kdf_work()  # qemu-img's iter-time=10000 on a machine 8x as fast
     header.key_slots[0].iterations += 1
@@ -553,8 +637,7 @@ def test_luks_images_qemu_makes_still_open(tmp_path):
     iterations = 2 * 44_643_050
     header.key_slots[0].iterations = iterations
     header.key_slots[1] = luks.KeySlot(SLOT_ENABLED, iterations)
-    spare = (luks.MAX_KDF_BLOCKS - 2 * header.slot_kdf_blocks(iterations)
-             - header.slot_kdf_blocks(0))
+    spare = luks.MAX_KDF_BLOCKS - 2 * header.slot_kdf_blocks(iterations) - header.slot_kdf_blocks(0)
     header.key_slots[2] = luks.KeySlot(SLOT_ENABLED, spare // 2)  # two blocks an iteration
     header.check_kdf_work()
     header.key_slots[2].iterations += 1
@@ -567,18 +650,25 @@ def test_luks_create_refuses_an_iter_time_it_could_not_open(tmp_path):
     """qcow2lib's own create and amend refuse an iter-time whose slot would pass the limit,
     before deriving anything (an image that could never be opened again)."""
     from qcow2lib.crypto import ciphers, luks
+
     per_second = ciphers.pbkdf2_iterations_for("sha256", 64, 1000)  # 64-byte key slots
     too_long = luks.MAX_KDF_BLOCKS // (2 * per_second) * 1000 + 60_000
     start = time.process_time()
     with pytest.raises(qcow2lib.InvalidArgumentError, match="iter-time"):
-        qcow2lib.create(str(tmp_path / "new.qcow2"), MiB, encrypt_format="luks",
-                        passphrase=PASSPHRASE, encrypt_options={"iter-time": too_long})
+        qcow2lib.create(
+            str(tmp_path / "new.qcow2"),
+            MiB,
+            encrypt_format="luks",
+            passphrase=PASSPHRASE,
+            encrypt_options={"iter-time": too_long},
+        )
     assert time.process_time() - start < 5
 
 
 # ---------------------------------------------------------------------------------------------
 # A failed fdatasync
 # ---------------------------------------------------------------------------------------------
+
 
 def failing_flushes(monkeypatch, path: Path, sticky: bool) -> dict:
     """Swap in a HostFile whose first fdatasync of `path` fails with EIO (sticky: every
@@ -592,8 +682,11 @@ def failing_flushes(monkeypatch, path: Path, sticky: bool) -> dict:
                 state["flushes"] += 1
                 if state["flushes"] == 1 or (sticky and state["failed"]):
                     state["failed"] += 1
-                    raise Qcow2IOError(errno.EIO, f"flush failed on '{self.path}': "
-                                                  f"Input/output error (injected)", self.path)
+                    raise Qcow2IOError(
+                        errno.EIO,
+                        f"flush failed on '{self.path}': Input/output error (injected)",
+                        self.path,
+                    )
             return super().flush()
 
     monkeypatch.setattr(hostfile, "host_file_class", FailingFlush)
@@ -652,6 +745,7 @@ def test_close_flushes_what_was_written(tmp_path, monkeypatch, fmt):
 # Writes acknowledged before corruption was found
 # ---------------------------------------------------------------------------------------------
 
+
 def break_l2_entry(path: Path, cluster_index: int, how: str) -> None:
     """Damage the L2 entry of a guest cluster qemu-io allocated (first L2 table)."""
     data = path.read_bytes()
@@ -703,13 +797,15 @@ def test_writes_acknowledged_before_corruption_survive(tmp_path, how, operation,
         assert dev.read(128 * KiB, 4096) == b"\x43" * 4096
         assert dev.read(192 * KiB, 4096) == bytes(4096)
     result = run([QEMU_IO, "-r", "-c", "read -P 0x42 0 64k", "-c", "read -P 0x43 128k 4k", path])
-    assert "verification failed" not in result.stdout and "read failed" not in result.stdout, \
+    assert "verification failed" not in result.stdout and "read failed" not in result.stdout, (
         result.stdout
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Compressed clusters and narrow refcounts
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("compression", ["zlib", "zstd"])
 @pytest.mark.parametrize("refcount_bits", [1, 2])
@@ -738,7 +834,7 @@ def test_convert_compressed_with_narrow_refcounts(tmp_path, compression, refcoun
     with qcow2lib.open(str(ours), "r+") as dev:  # and overwriting them keeps counts valid
         for index in range(0, 64, 3):
             dev.write_compressed(index * 64 * KiB, bytes(64 * KiB))
-            expected[index * 64 * KiB:(index + 1) * 64 * KiB] = bytes(64 * KiB)
+            expected[index * 64 * KiB : (index + 1) * 64 * KiB] = bytes(64 * KiB)
     assert_clean(ours)
     source.write_bytes(expected)
     assert qemu_img("compare", ours, source).returncode == 0
@@ -748,8 +844,13 @@ def test_convert_compressed_with_narrow_refcounts(tmp_path, compression, refcoun
 # Untrusted images
 # ---------------------------------------------------------------------------------------------
 
-def qcow2(path: Path, backing: str | None = None, backing_fmt: str | None = "qcow2",
-          options: str | None = None) -> Path:
+
+def qcow2(
+    path: Path,
+    backing: str | None = None,
+    backing_fmt: str | None = "qcow2",
+    options: str | None = None,
+) -> Path:
     """A qemu-img image (its backing name stored as given, -u: no check of it)."""
     args = ["create", "-q", "-f", "qcow2"]
     if options:
@@ -773,24 +874,36 @@ def hostile_layouts(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     os.symlink(outside / "secret.qcow2", inside / "escape.qcow2")
     os.symlink(outside, inside / "outdir")
     layouts = {
-        "absolute": (qcow2(inside / "absolute.qcow2", str(outside / "secret.qcow2")),
-                     "absolute name"),
+        "absolute": (
+            qcow2(inside / "absolute.qcow2", str(outside / "secret.qcow2")),
+            "absolute name",
+        ),
         "dotdot": (qcow2(inside / "dotdot.qcow2", "../outside/secret.qcow2"), "'..'"),
         "raw-inside": (qcow2(inside / "raw.qcow2", "disk.raw", "raw"), "format is raw"),
-        "raw-outside": (qcow2(inside / "raw-out.qcow2", str(outside / "secret.raw"), "raw"),
-                        "format is raw"),
-        "json": (qcow2(inside / "json.qcow2", 'json:{"driver": "qcow2", "file": {"driver": '
-                       f'"file", "filename": "{outside / "secret.qcow2"}"}}}}'),
-                 "protocol or json"),
+        "raw-outside": (
+            qcow2(inside / "raw-out.qcow2", str(outside / "secret.raw"), "raw"),
+            "format is raw",
+        ),
+        "json": (
+            qcow2(
+                inside / "json.qcow2",
+                'json:{"driver": "qcow2", "file": {"driver": '
+                f'"file", "filename": "{outside / "secret.qcow2"}"}}}}',
+            ),
+            "protocol or json",
+        ),
         "nbd": (qcow2(inside / "nbd.qcow2", "nbd:localhost:10809"), "protocol or json"),
         "file-prefix": (qcow2(inside / "file.qcow2", "file:base.qcow2"), "protocol or json"),
         "symlink-file": (qcow2(inside / "symlink.qcow2", "escape.qcow2"), "outside the image"),
-        "symlink-dir": (qcow2(inside / "symdir.qcow2", "outdir/secret.qcow2"),
-                        "outside the image"),
+        "symlink-dir": (qcow2(inside / "symdir.qcow2", "outdir/secret.qcow2"), "outside the image"),
         "deeper": (qcow2(inside / "deeper.qcow2", "absolute.qcow2"), "absolute name"),
-        "data-file": (qcow2(inside / "data.qcow2",
-                            options=f"data_file={outside / 'secret.raw'},data_file_raw=on"),
-                      "external data file"),
+        "data-file": (
+            qcow2(
+                inside / "data.qcow2",
+                options=f"data_file={outside / 'secret.raw'},data_file_raw=on",
+            ),
+            "external data file",
+        ),
     }
     os.mkfifo(inside / "fifo.qcow2")
     layouts["fifo"] = (qcow2(inside / "fifo-backed.qcow2", "fifo.qcow2"), "a FIFO")
@@ -807,8 +920,16 @@ def test_untrusted_images_are_confined_to_their_directory(tmp_path):
         assert words in message, (name, message)
         if name != "fifo":
             assert isinstance(info.value, qcow2lib.UntrustedImageError), (name, message)
-        if name in ("absolute", "dotdot", "raw-outside", "symlink-file", "symlink-dir",
-                    "data-file", "raw-inside", "deeper"):
+        if name in (
+            "absolute",
+            "dotdot",
+            "raw-outside",
+            "symlink-file",
+            "symlink-dir",
+            "data-file",
+            "raw-inside",
+            "deeper",
+        ):
             qcow2lib.open(str(image)).close()  # trusted, as qemu-img: opened
     for mode in ("r", "r+"):
         with pytest.raises(qcow2lib.UntrustedImageError):
@@ -835,8 +956,9 @@ def test_untrusted_images_inside_their_directory_open(tmp_path):
             assert dev.read(0, MiB) == expected.read_bytes()
             dev.write(256 * KiB, b"\x34" * 4096)
     explicit = qcow2(directory / "explicit-data.qcow2", options=f"data_file={directory / 'd.raw'}")
-    with qcow2lib.open(str(explicit), untrusted=True,
-                       data_file=str(directory / "d.raw")) as dev:  # named by the caller
+    with qcow2lib.open(
+        str(explicit), untrusted=True, data_file=str(directory / "d.raw")
+    ) as dev:  # named by the caller
         assert dev.read(0, 4096) == bytes(4096)
 
 
@@ -847,18 +969,38 @@ def test_qimg_untrusted_environment_variable(tmp_path, monkeypatch):
     inside = tmp_path / "images"
     monkeypatch.chdir(inside)
     commands = {
-        "absolute": [("info", "--backing-chain"), ("convert", "-O", "raw", "{image}", "out.raw"),
-                     ("map",), ("compare", "{image}", "base.qcow2"), ("check",),
-                     ("commit",), ("rebase", "-b", "base.qcow2", "-F", "qcow2"),
-                     ("create", "-f", "qcow2", "-b", "{image}", "-F", "qcow2", "new.qcow2"),
-                     ("info", "--object", "secret,id=s0,data=x", "--object", "secret,id=s1,data=y",
-                      "--image-opts", ("driver=qcow2,file.filename={image},encrypt.key-secret=s0,"
-                                       "backing.encrypt.key-secret=s1"))],
+        "absolute": [
+            ("info", "--backing-chain"),
+            ("convert", "-O", "raw", "{image}", "out.raw"),
+            ("map",),
+            ("compare", "{image}", "base.qcow2"),
+            ("check",),
+            ("commit",),
+            ("rebase", "-b", "base.qcow2", "-F", "qcow2"),
+            ("create", "-f", "qcow2", "-b", "{image}", "-F", "qcow2", "new.qcow2"),
+            (
+                "info",
+                "--object",
+                "secret,id=s0,data=x",
+                "--object",
+                "secret,id=s1,data=y",
+                "--image-opts",
+                (
+                    "driver=qcow2,file.filename={image},encrypt.key-secret=s0,"
+                    "backing.encrypt.key-secret=s1"
+                ),
+            ),
+        ],
         "symlink-file": [("info", "--backing-chain"), ("map",)],
-        "raw-outside": [("convert", "-O", "raw", "{image}", "out.raw"),
-                        ("info", "--backing-chain")],
-        "data-file": [("map",), ("convert", "-O", "raw", "{image}", "out.raw"),
-                      ("amend", "-o", "lazy_refcounts=on")],
+        "raw-outside": [
+            ("convert", "-O", "raw", "{image}", "out.raw"),
+            ("info", "--backing-chain"),
+        ],
+        "data-file": [
+            ("map",),
+            ("convert", "-O", "raw", "{image}", "out.raw"),
+            ("amend", "-o", "lazy_refcounts=on"),
+        ],
     }
     for name, runs in commands.items():
         image, words = layouts[name]

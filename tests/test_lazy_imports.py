@@ -1,6 +1,7 @@
 """Start-up cost: opening a plain qcow2 image and reading what `info` shows imports neither
 construct nor the optional codec/crypto packages; the struct formats used instead agree
 with the construct declarations they stand in for."""
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,13 @@ def test_opening_and_reading_an_image_imports_no_construct(tmp_path: Path) -> No
         "    data = img.read(0, 65536)\n"
         "    extents = len(img.extents())\n"
         "print(json.dumps({'ok': data == b'a' * 65536, 'extents': extents, 'loaded': sorted(\n"
-        "    m for m in ('construct', 'cryptography', 'zstandard') if m in sys.modules)}))\n")
-    out = subprocess.run([sys.executable, "-c", script, str(ROOT), str(path)], check=True,
-                         capture_output=True, text=True).stdout
+        "    m for m in ('construct', 'cryptography', 'zstandard') if m in sys.modules)}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(ROOT), str(path)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     result = json.loads(out)
     assert result == {"ok": True, "extents": 2, "loaded": []}

@@ -10,6 +10,7 @@ qcow2lib (for writing, for reading, and for reading with force-share / -U), ever
 same answer. A holder is a `qemu-io` process reading commands from a pipe, so it keeps
 the image open (and can still write to it) for as long as the test needs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,8 +55,9 @@ class QemuHolder:
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "QemuHolder":
-        self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
         self.expect_prompt()
         return self
 
@@ -118,6 +120,7 @@ def chain(tmp_path) -> tuple[Path, Path]:
 
 # --- probes: each returns True if it could open the image, False if a lock refused it ---------
 
+
 def _tool(args: list[str]) -> bool:
     result = subprocess.run([str(a) for a in args], capture_output=True, text=True)
     if result.returncode == 0:
@@ -155,8 +158,9 @@ def probes(top: Path, base: Path) -> dict:
         "qemu-io read base": lambda: _tool([QEMU_IO, "-r", "-c", "read 0 512", base]),
         "qemu-img info top": lambda: _tool([QEMU_IMG, "info", top]),
         "qemu-img info -U top": lambda: _tool([QEMU_IMG, "info", "-U", top]),
-        "qemu-img info --backing-chain top": lambda: _tool([QEMU_IMG, "info", "--backing-chain",
-                                                            top]),
+        "qemu-img info --backing-chain top": lambda: _tool(
+            [QEMU_IMG, "info", "--backing-chain", top]
+        ),
         "qemu-img check top": lambda: _tool([QEMU_IMG, "check", top]),
         "qemu-img check -U top": lambda: _tool([QEMU_IMG, "check", "-U", top]),
         "qemu-img info base": lambda: _tool([QEMU_IMG, "info", base]),
@@ -176,12 +180,25 @@ def probes(top: Path, base: Path) -> dict:
 
 # What QEMU answers each probe (True: it opens) when qemu-io holds the chain in a role.
 EXPECTED_UNDER_QEMU = {
-    "rw": {"qemu-io write top": False, "qemu-io read top": False, "qemu-io -U read top": True,
-           "qemu-io write base": False, "qemu-io read base": True, "qemu-img info top": False,
-           "qemu-img info -U top": True, "qemu-img check top": False,
-           "qemu-img check -U top": True, "qemu-img info base": True},
-    "ro": {"qemu-io write top": False, "qemu-io read top": True, "qemu-io write base": False,
-           "qemu-img info top": True, "qemu-img check top": True},
+    "rw": {
+        "qemu-io write top": False,
+        "qemu-io read top": False,
+        "qemu-io -U read top": True,
+        "qemu-io write base": False,
+        "qemu-io read base": True,
+        "qemu-img info top": False,
+        "qemu-img info -U top": True,
+        "qemu-img check top": False,
+        "qemu-img check -U top": True,
+        "qemu-img info base": True,
+    },
+    "ro": {
+        "qemu-io write top": False,
+        "qemu-io read top": True,
+        "qemu-io write base": False,
+        "qemu-img info top": True,
+        "qemu-img check top": True,
+    },
     "ro-U": {"qemu-io write top": True, "qemu-io write base": True, "qemu-io read top": True},
 }
 
@@ -197,9 +214,11 @@ def test_same_answers_whoever_holds_the_image(chain, role):
         assert held(top) == [] and held(base) == [], f"{kind} left locks behind"
     for name, expected in EXPECTED_UNDER_QEMU[role].items():
         assert answers["qemu-io"][name] == expected, f"QEMU itself: {name}"
-    different = {name: (answers["qemu-io"][name], answers["qcow2lib"][name])
-                 for name in answers["qemu-io"] if answers["qemu-io"][name]
-                 != answers["qcow2lib"][name]}
+    different = {
+        name: (answers["qemu-io"][name], answers["qcow2lib"][name])
+        for name in answers["qemu-io"]
+        if answers["qemu-io"][name] != answers["qcow2lib"][name]
+    }
     assert not different, f"(held by qemu-io, held by qcow2lib) differ: {different}"
 
 
@@ -214,8 +233,9 @@ def test_lock_bytes_match_qemu(chain, role, layer):
     with holder("qcow2lib", role, top):
         lib_bytes = held(path)
     assert qemu_bytes, "qemu-io took no locks"
-    assert lib_bytes == qemu_bytes, (f"{layer} held for {role}: qcow2lib locks bytes "
-                                     f"{lib_bytes}, QEMU {qemu_bytes}")
+    assert lib_bytes == qemu_bytes, (
+        f"{layer} held for {role}: qcow2lib locks bytes {lib_bytes}, QEMU {qemu_bytes}"
+    )
 
 
 def test_qemu_writer_keeps_writing_while_qcow2lib_inspects_with_force_share(chain):
@@ -247,19 +267,27 @@ def test_qemu_cannot_write_what_qcow2lib_writes(chain):
     with qcow2lib.open(str(top), "r+") as img:
         img.write(0, b"L" * 4096)
         img.flush()
-        for args in ([QEMU_IO, "-c", "write 0 512", top], [QEMU_IO, "-c", "write 0 512", base],
-                     [QEMU_IMG, "info", top], [QEMU_IMG, "check", top],
-                     [QEMU_IMG, "snapshot", "-c", "s", top], [QEMU_IMG, "resize", top, "2M"],
-                     [QEMU_IMG, "commit", top], [QEMU_IMG, "amend", "-o", "compat=0.10", top],
-                     [QEMU_IMG, "check", "-r", "all", top]):
+        for args in (
+            [QEMU_IO, "-c", "write 0 512", top],
+            [QEMU_IO, "-c", "write 0 512", base],
+            [QEMU_IMG, "info", top],
+            [QEMU_IMG, "check", top],
+            [QEMU_IMG, "snapshot", "-c", "s", top],
+            [QEMU_IMG, "resize", top, "2M"],
+            [QEMU_IMG, "commit", top],
+            [QEMU_IMG, "amend", "-o", "compat=0.10", top],
+            [QEMU_IMG, "check", "-r", "all", top],
+        ):
             result = subprocess.run([str(a) for a in args], capture_output=True, text=True)
             assert result.returncode != 0, args
             assert "lock" in result.stdout + result.stderr, (args, result.stderr)
-        result = subprocess.run([QEMU_IO, "-r", "-U", "-c", "read -P 0x4c 0 4096", str(top)],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [QEMU_IO, "-r", "-U", "-c", "read -P 0x4c 0 4096", str(top)],
+            capture_output=True,
+            text=True,
+        )
         assert result.returncode == 0 and "read 4096/4096" in result.stdout, result
-        result = subprocess.run([QEMU_IMG, "info", "-U", str(top)], capture_output=True,
-                                text=True)
+        result = subprocess.run([QEMU_IMG, "info", "-U", str(top)], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
     assert held(top) == [] and held(base) == []
     qemu_io(top, "write -P 0x65 0 512")  # free again once closed
@@ -288,9 +316,11 @@ def test_external_data_file_is_locked_too(tmp_path, monkeypatch):
     assert held(data) == []
     with qcow2lib.open(str(image), "r+") as img:
         assert held(data), "qcow2lib locks the data file"
-        for args in ([QEMU_IO, "-c", "write 0 512", image],
-                     [QEMU_IO, "-f", "raw", "-c", "write 0 512", data],
-                     [QEMU_IMG, "info", image]):
+        for args in (
+            [QEMU_IO, "-c", "write 0 512", image],
+            [QEMU_IO, "-f", "raw", "-c", "write 0 512", data],
+            [QEMU_IMG, "info", image],
+        ):
             assert not _tool(args), args
         assert _tool([QEMU_IO, "-r", "-U", "-c", "read -P 0x44 0 512", image])
     assert held(data) == [] and held(image) == []
@@ -306,14 +336,42 @@ def test_failed_opens_leave_no_locks(chain, tmp_path):
         assert held(top) == [], "the top image stayed locked after its backing file failed"
         assert _tool([QEMU_IO, "-r", "-U", "-c", "read 0 512", top])
     orphan = tmp_path / "orphan.qcow2"
-    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-u", "-b", "gone.qcow2", "-F",
-                    "qcow2", str(orphan), "1M"], check=True)
+    subprocess.run(
+        [
+            QEMU_IMG,
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "gone.qcow2",
+            "-F",
+            "qcow2",
+            str(orphan),
+            "1M",
+        ],
+        check=True,
+    )
     with pytest.raises(qcow2lib.Qcow2Error):
         qcow2lib.open(str(orphan), "r+")
     assert held(orphan) == []
     nodata = tmp_path / "nodata.qcow2"
-    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-o", "data_file=nodata.raw",
-                    "nodata.qcow2", "1M"], cwd=tmp_path, check=True)
+    subprocess.run(
+        [
+            QEMU_IMG,
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=nodata.raw",
+            "nodata.qcow2",
+            "1M",
+        ],
+        cwd=tmp_path,
+        check=True,
+    )
     os.unlink(tmp_path / "nodata.raw")
     with pytest.raises(qcow2lib.Qcow2Error):
         qcow2lib.open(str(nodata), "r+")
@@ -352,14 +410,23 @@ def _run_qimg_as_qemu_img(args) -> tuple[int, str]:
     return code, err.getvalue()
 
 
-@pytest.mark.parametrize("args", [
-    ["check", "{top}"], ["check", "-U", "{top}"], ["check", "-r", "all", "{top}"],
-    ["check", "-r", "leaks", "-U", "{top}"], ["snapshot", "-l", "{top}"],
-    ["snapshot", "-l", "-U", "{top}"], ["snapshot", "-c", "s1", "{top}"],
-    ["snapshot", "-d", "s1", "{top}"], ["snapshot", "-c", "s1", "-U", "{top}"],
-    ["info", "-U", "--backing-chain", "{top}"], ["check", "{base}"],
-    ["snapshot", "-c", "s1", "{base}"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["check", "{top}"],
+        ["check", "-U", "{top}"],
+        ["check", "-r", "all", "{top}"],
+        ["check", "-r", "leaks", "-U", "{top}"],
+        ["snapshot", "-l", "{top}"],
+        ["snapshot", "-l", "-U", "{top}"],
+        ["snapshot", "-c", "s1", "{top}"],
+        ["snapshot", "-d", "s1", "{top}"],
+        ["snapshot", "-c", "s1", "-U", "{top}"],
+        ["info", "-U", "--backing-chain", "{top}"],
+        ["check", "{base}"],
+        ["snapshot", "-c", "s1", "{base}"],
+    ],
+)
 def test_qimg_on_an_image_qemu_holds(chain, args):
     """qimg's check/snapshot on an image qemu-io is writing: qemu-img's exit code and
     its exact messages (the lock that failed, and the hint to look for another process)."""

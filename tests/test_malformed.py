@@ -10,6 +10,7 @@ damaged by patching big-endian header fields / table entries at their spec offse
 * leave the file untouched when it refuses at open time (also in mode "r+"), and
   change nothing but (at most) the corrupt bit when it refuses a later write.
 """
+
 from __future__ import annotations
 
 import os
@@ -79,6 +80,7 @@ PAST_EOF = 0x10000000  # 256 MiB: cluster aligned for every cluster size, far pa
 # helpers
 # ----------------------------------------------------------------------------------------------
 
+
 def get(path, field):
     off, fmt = FIELDS[field]
     with open(path, "rb") as f:
@@ -103,8 +105,16 @@ def get_at(path, offset, fmt):
         return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
 
 
-def make(tmp_path: Path, name="img.qcow2", size=4 * GiB, compat="1.1", cluster_size=65536,
-         backing=None, backing_fmt=None, **opts) -> Path:
+def make(
+    tmp_path: Path,
+    name="img.qcow2",
+    size=4 * GiB,
+    compat="1.1",
+    cluster_size=65536,
+    backing=None,
+    backing_fmt=None,
+    **opts,
+) -> Path:
     path = tmp_path / name
     options = {"compat": compat, "cluster_size": cluster_size, **opts}
     qemu_create(path, size, options=options, backing=backing, backing_fmt=backing_fmt)
@@ -154,12 +164,13 @@ def expect_error(fn, classes=Qcow2Error):
     try:
         fn()
     except Qcow2Error as e:
-        assert isinstance(e, classes), (
-            f"expected {classes}, got {type(e).__name__}: {e}")
+        assert isinstance(e, classes), f"expected {classes}, got {type(e).__name__}: {e}"
         return e
     except Exception as e:  # noqa: BLE001 - anything else is a bug in the engine
-        pytest.fail(f"expected a Qcow2Error subclass, got {type(e).__module__}."
-                    f"{type(e).__name__}: {e!r}\n{traceback.format_exc()}")
+        pytest.fail(
+            f"expected a Qcow2Error subclass, got {type(e).__module__}."
+            f"{type(e).__name__}: {e!r}\n{traceback.format_exc()}"
+        )
     pytest.fail("no error was raised")
 
 
@@ -177,6 +188,7 @@ def _open_op(path, mode, op=None, fmt="qcow2", backing=True):
             except Qcow2Error:
                 if not failed:
                     raise
+
     return run
 
 
@@ -201,14 +213,22 @@ def op_fails(path, mode, op, classes, *alternatives, allow_corrupt_bit=True):
     err = expect_error(_open_op(path, mode, op), classes)
     if alternatives:
         assert_mentions(err, *alternatives)
-    assert_same_bytes(before, Path(path).read_bytes(), f"after failed op mode={mode}",
-                      allow_corrupt_bit=allow_corrupt_bit)
+    assert_same_bytes(
+        before,
+        Path(path).read_bytes(),
+        f"after failed op mode={mode}",
+        allow_corrupt_bit=allow_corrupt_bit,
+    )
     return err
 
 
 def assert_same_bytes(before: bytes, after: bytes, what: str, allow_corrupt_bit=False):
-    if allow_corrupt_bit and len(before) == len(after) and len(before) >= 104 \
-            and struct.unpack_from(">I", before, 4)[0] >= 3:
+    if (
+        allow_corrupt_bit
+        and len(before) == len(after)
+        and len(before) >= 104
+        and struct.unpack_from(">I", before, 4)[0] >= 3
+    ):
         a = bytearray(after)
         inc_before = struct.unpack_from(">Q", before, 72)[0]
         inc_after = struct.unpack_from(">Q", a, 72)[0]
@@ -220,8 +240,10 @@ def assert_same_bytes(before: bytes, after: bytes, what: str, allow_corrupt_bit=
     if len(before) != len(after):
         pytest.fail(f"file changed {what}: size {len(before)} -> {len(after)}")
     first = next(i for i in range(len(before)) if before[i] != after[i])
-    pytest.fail(f"file changed {what}: first differing byte at {first:#x} "
-                f"({before[first]:#04x} -> {after[first]:#04x})")
+    pytest.fail(
+        f"file changed {what}: first differing byte at {first:#x} "
+        f"({before[first]:#04x} -> {after[first]:#04x})"
+    )
 
 
 def read_exts(path):
@@ -238,7 +260,7 @@ def read_exts(path):
         typ, ln = struct.unpack_from(">II", data, off)
         if typ == EXT_END:
             break
-        exts.append((typ, data[off + 8:off + 8 + ln], off))
+        exts.append((typ, data[off + 8 : off + 8 + ln], off))
         off += 8 + (ln + 7) // 8 * 8
     return hlen, end, exts
 
@@ -300,6 +322,7 @@ def with_data(tmp_path, compressed=False, compat="1.1", cluster_size=65536, **op
 # file too short / not qcow2
 # ----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.timeout(10)
 def test_empty_file(tmp_path):
     path = tmp_path / "empty.qcow2"
@@ -332,6 +355,7 @@ def test_bad_version(v3, version):
 # ----------------------------------------------------------------------------------------------
 # header fields
 # ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.timeout(10)
 @pytest.mark.parametrize("bits", [0, 8, 22, 31, 64, 0xFFFFFFFF])
@@ -397,8 +421,9 @@ def test_refcount_table_offset_misaligned(v3):
 @pytest.mark.timeout(10)
 def test_refcount_table_offset_past_eof(v3):
     put(v3, "refcount_table_offset", PAST_EOF)
-    open_fails(v3, CorruptImageError, ("refcount_table_offset", PAST_EOF),
-               ("refcount_table", PAST_EOF))
+    open_fails(
+        v3, CorruptImageError, ("refcount_table_offset", PAST_EOF), ("refcount_table", PAST_EOF)
+    )
 
 
 @pytest.mark.timeout(10)
@@ -445,6 +470,7 @@ def test_header_length_beyond_cluster(v3, length):
 # backing file fields and chains
 # ----------------------------------------------------------------------------------------------
 
+
 def backed(tmp_path, size=64 * MiB):
     base = make(tmp_path, "base.qcow2", size=size)
     qemu_io(base, "write -P 0x42 0 64k")
@@ -478,15 +504,17 @@ def test_backing_file_name_crosses_cluster_end(tmp_path):
     top = backed(tmp_path)
     put(top, "backing_file_offset", 65536 - 4)
     put(top, "backing_file_size", 10)
-    open_fails(top, CorruptImageError, ("backing_file_offset", 65536 - 4),
-               ("backing_file_size", 10))
+    open_fails(
+        top, CorruptImageError, ("backing_file_offset", 65536 - 4), ("backing_file_size", 10)
+    )
 
 
 @pytest.mark.timeout(10)
 def test_backing_file_missing(tmp_path):
     top = tmp_path / "top.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "no-such-base.qcow2", "-F", "qcow2",
-             top, "1M")
+    qemu_img(
+        "create", "-q", "-f", "qcow2", "-u", "-b", "no-such-base.qcow2", "-F", "qcow2", top, "1M"
+    )
     open_fails(top, Qcow2Error, ("no_such_base.qcow2", None))
     # Without the backing chain the image itself is fine.
     _open_op(top, "r", read0, backing=False)()
@@ -495,23 +523,46 @@ def test_backing_file_missing(tmp_path):
 @pytest.mark.timeout(10)
 def test_backing_chain_loop(tmp_path):
     for name, target in (("a.qcow2", "b.qcow2"), ("b.qcow2", "a.qcow2")):
-        qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", target, "-F", "qcow2",
-                 tmp_path / name, "1M")
+        qemu_img(
+            "create", "-q", "-f", "qcow2", "-u", "-b", target, "-F", "qcow2", tmp_path / name, "1M"
+        )
     open_fails(tmp_path / "a.qcow2", Qcow2Error, ("a.qcow2", None), ("b.qcow2", None))
 
 
 @pytest.mark.timeout(10)
 def test_backing_self_reference(tmp_path):
-    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "self.qcow2", "-F", "qcow2",
-             tmp_path / "self.qcow2", "1M")
+    qemu_img(
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "self.qcow2",
+        "-F",
+        "qcow2",
+        tmp_path / "self.qcow2",
+        "1M",
+    )
     open_fails(tmp_path / "self.qcow2", Qcow2Error, ("self.qcow2", None))
 
 
 @pytest.mark.timeout(10)
 def test_backing_self_reference_by_other_spelling(tmp_path):
     """./self.qcow2 names the same file as self.qcow2: still a loop."""
-    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "./self.qcow2", "-F", "qcow2",
-             tmp_path / "self.qcow2", "1M")
+    qemu_img(
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "./self.qcow2",
+        "-F",
+        "qcow2",
+        tmp_path / "self.qcow2",
+        "1M",
+    )
     open_fails(tmp_path / "self.qcow2", Qcow2Error, ("self.qcow2", None))
 
 
@@ -521,15 +572,28 @@ def make_chain(tmp_path: Path, depth: int) -> Path:
     qemu_create(base, 64 * KiB, options={"cluster_size": 512})
     qemu_io(base, "write -P 0x42 0 4k")
     tmpl = tmp_path / "template.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-u", "-o", "cluster_size=512", "-b", "c0000.qcow2",
-             "-F", "qcow2", tmpl, "64K")
+    qemu_img(
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-o",
+        "cluster_size=512",
+        "-b",
+        "c0000.qcow2",
+        "-F",
+        "qcow2",
+        tmpl,
+        "64K",
+    )
     data = bytearray(tmpl.read_bytes())
     bfo = struct.unpack_from(">Q", data, 8)[0]
     bfs = struct.unpack_from(">I", data, 16)[0]
-    assert data[bfo:bfo + bfs] == b"c0000.qcow2"
+    assert data[bfo : bfo + bfs] == b"c0000.qcow2"
     tmpl.unlink()
     for i in range(1, depth + 1):
-        data[bfo:bfo + bfs] = f"c{i - 1:04d}.qcow2".encode()
+        data[bfo : bfo + bfs] = f"c{i - 1:04d}.qcow2".encode()
         (tmp_path / f"c{i:04d}.qcow2").write_bytes(data)
     return tmp_path / f"c{depth:04d}.qcow2"
 
@@ -566,13 +630,13 @@ def test_deep_backing_chain_30(tmp_path):
 def test_over_deep_backing_chain(tmp_path):
     """1500 links (beyond any sane depth limit and Python's recursion limit): a clean refusal."""
     top = make_chain(tmp_path, 1500)
-    open_fails(top, Qcow2Error, ("depth", None), ("chain", None), ("backing", None),
-               modes=("r",))
+    open_fails(top, Qcow2Error, ("depth", None), ("chain", None), ("backing", None), modes=("r",))
 
 
 # ----------------------------------------------------------------------------------------------
 # feature bits, encryption, compression type
 # ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.timeout(10)
 def test_unknown_incompatible_bit_named(v3):
@@ -593,16 +657,18 @@ def test_unknown_incompatible_bit_named(v3):
 @pytest.mark.timeout(10)
 def test_unknown_incompatible_bit_unnamed(v3):
     put(v3, "incompatible_features", 1 << 63)
-    open_fails(v3, UnsupportedFeatureError, ("incompatible", (63, 1 << 63)),
-               ("feature", (63, 1 << 63)))
+    open_fails(
+        v3, UnsupportedFeatureError, ("incompatible", (63, 1 << 63)), ("feature", (63, 1 << 63))
+    )
 
 
 @pytest.mark.timeout(10)
 def test_unknown_incompatible_bit_without_feature_table(v3):
     write_exts(v3, [])
     put(v3, "incompatible_features", 1 << 33)
-    open_fails(v3, UnsupportedFeatureError, ("incompatible", (33, 1 << 33)),
-               ("feature", (33, 1 << 33)))
+    open_fails(
+        v3, UnsupportedFeatureError, ("incompatible", (33, 1 << 33)), ("feature", (33, 1 << 33))
+    )
 
 
 @pytest.mark.timeout(10)
@@ -627,8 +693,19 @@ def test_luks_without_crypto_header_extension(v3):
     message must point at the missing extension, not at a missing key/secret."""
     put(v3, "crypt_method", 2)
     err = op_fails(v3, "r", read0, BOTH, allow_corrupt_bit=False)
-    assert_mentions(err, (("crypto_header", "encryption_header", "header_extension",
-                           "0x0537be77", "full_disk_encryption"), None))
+    assert_mentions(
+        err,
+        (
+            (
+                "crypto_header",
+                "encryption_header",
+                "header_extension",
+                "0x0537be77",
+                "full_disk_encryption",
+            ),
+            None,
+        ),
+    )
 
 
 @pytest.mark.timeout(10)
@@ -674,6 +751,7 @@ def test_external_data_file_missing(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # header extensions
 # ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.timeout(10)
 @pytest.mark.parametrize("length", [0x100000, 0xFFFFFFFF, 0xFFFFFFF8])
@@ -761,6 +839,7 @@ def test_bitmap_directory_past_eof(tmp_path):
 # corrupt bit, snapshots
 # ----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.timeout(10)
 def test_corrupt_bit(tmp_path):
     path = with_data(tmp_path)
@@ -802,6 +881,7 @@ def test_nb_snapshots_absurd(v3, count):
 # ----------------------------------------------------------------------------------------------
 # damage reachable only through I/O: L1 / L2 / refcount entries
 # ----------------------------------------------------------------------------------------------
+
 
 def io_fails(path, value, fields=("l1", "l2", "offset", "entry", "cluster")):
     """read (mode r) and write (mode r+) of guest cluster 0 must both fail with
@@ -893,8 +973,13 @@ def test_compressed_cluster_past_eof(tmp_path):
     shift = 62 - (16 - 8)
     new = OFLAG_COMPRESSED | (entry & ~((1 << shift) - 1) & ((1 << 62) - 1)) | PAST_EOF
     put_at(path, off, ">Q", new)
-    op_fails(path, "r", read0, CorruptImageError,
-             (("compress", "offset", "l2", "entry", "cluster"), (PAST_EOF, new)))
+    op_fails(
+        path,
+        "r",
+        read0,
+        CorruptImageError,
+        (("compress", "offset", "l2", "entry", "cluster"), (PAST_EOF, new)),
+    )
 
 
 @pytest.mark.timeout(15)
@@ -907,8 +992,11 @@ def test_compressed_cluster_garbage(tmp_path):
         f.seek(host)
         f.write(b"\xff\x00\xfe\x13" * 64)
     err = op_fails(path, "r", read0, CorruptImageError)
-    assert "compress" in str(err).lower() or "inflate" in str(err).lower() \
-        or "decompress" in str(err).lower(), str(err)
+    assert (
+        "compress" in str(err).lower()
+        or "inflate" in str(err).lower()
+        or "decompress" in str(err).lower()
+    ), str(err)
 
 
 @pytest.mark.timeout(15)
@@ -919,8 +1007,14 @@ def test_extended_l2_alloc_and_zero_bits_both_set(tmp_path):
     assert bitmap & 1
     new = bitmap | (1 << 32)
     put_at(path, off, ">Q", new)
-    op_fails(path, "r", read0, CorruptImageError,
-             (("subcluster", "bitmap", "l2"), (new, 0)), (("subcluster",), None))
+    op_fails(
+        path,
+        "r",
+        read0,
+        CorruptImageError,
+        (("subcluster", "bitmap", "l2"), (new, 0)),
+        (("subcluster",), None),
+    )
 
 
 @pytest.mark.timeout(15)
@@ -936,8 +1030,13 @@ def test_refcount_table_entry_bad(tmp_path, kind):
     def write_new_cluster(img):
         img.write(5 * 65536 + 100, b"\x77" * 70000)  # unallocated, needs two clusters
 
-    op_fails(path, "r+", write_new_cluster, CorruptImageError,
-             (("refcount", "refblock", "reftable"), bad))
+    op_fails(
+        path,
+        "r+",
+        write_new_cluster,
+        CorruptImageError,
+        (("refcount", "refblock", "reftable"), bad),
+    )
 
 
 @pytest.mark.timeout(15)
@@ -959,16 +1058,20 @@ def test_refcount_table_entry_zero_while_clusters_in_use(tmp_path):
     try:
         _open_op(path, "r+", write_new_cluster)()
     except Qcow2Error:
-        assert_same_bytes(before, path.read_bytes(), "after refused write",
-                          allow_corrupt_bit=True)
+        assert_same_bytes(before, path.read_bytes(), "after refused write", allow_corrupt_bit=True)
         return
     except Exception as e:  # noqa: BLE001
         pytest.fail(f"expected Qcow2Error or success, got {type(e).__name__}: {e!r}")
     after = path.read_bytes()
-    for name, start, length in (("header extensions", 112, 65536 - 112), ("L1", l1, 64),
-                                ("L2", l2, 65536), ("data", data, 65536)):
-        assert after[start:start + length] == before[start:start + length], \
+    for name, start, length in (
+        ("header extensions", 112, 65536 - 112),
+        ("L1", l1, 64),
+        ("L2", l2, 65536),
+        ("data", data, 65536),
+    ):
+        assert after[start : start + length] == before[start : start + length], (
             f"{name} cluster at {start:#x} was overwritten"
+        )
     img = qcow2lib.open(str(path), mode="r")
     try:
         assert img.read(0, 65536) == b"\x5a" * 65536
@@ -980,6 +1083,7 @@ def test_refcount_table_entry_zero_while_clusters_in_use(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # a failing open never writes (spot check on a v2 image and probing)
 # ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.timeout(10)
 def test_v2_bad_l1_offset_nothing_written(v2):

@@ -1,5 +1,6 @@
 """The NBD server, driven by real clients: nbdinfo, nbdcopy, qemu-io, qemu-img, libnbd (its
 Python binding, run with the system python3) and qemu-nbd as the oracle for block status."""
+
 from __future__ import annotations
 
 import errno
@@ -18,8 +19,7 @@ from pathlib import Path
 import pytest
 
 import qcow2lib
-from qcow2lib.errors import (CorruptImageError, InvalidArgumentError, Qcow2IOError,
-                             ReadOnlyError)
+from qcow2lib.errors import CorruptImageError, InvalidArgumentError, Qcow2IOError, ReadOnlyError
 from qcow2lib.exports import nbd_protocol as P
 from qcow2lib.exports.nbd import NBDExport, NBDServer, nbd_error_for, serve
 from qemutools import assert_clean, qemu_compare, qemu_create, qemu_img, qemu_io, qemu_map
@@ -47,8 +47,7 @@ def nbd_server(tmp_path: Path, image, fmt: str | None = None, mode: str = "r+", 
 
 
 def run(*args, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(a) for a in args], capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout)
     if check and result.returncode:
         raise AssertionError(f"{args[0]} exit {result.returncode}: {result.stdout}{result.stderr}")
     return result
@@ -77,8 +76,12 @@ def merged(runs: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
 
 def qemu_img_allocation(image) -> list[tuple[int, int, int]]:
     """qemu-img map as base:allocation flags (hole = not data, zero)."""
-    return merged([(e["start"], e["length"], (0 if e["data"] else 1) | (2 if e["zero"] else 0))
-                   for e in qemu_map(image)])
+    return merged(
+        [
+            (e["start"], e["length"], (0 if e["data"] else 1) | (2 if e["zero"] else 0))
+            for e in qemu_map(image)
+        ]
+    )
 
 
 def allocation_states(image) -> list[tuple]:
@@ -97,8 +100,11 @@ def allocation_states(image) -> list[tuple]:
 def qemu_nbd(tmp_path: Path, image, fmt: str = "qcow2"):
     """QEMU's own server, read-only with allocation depth: the block-status oracle."""
     sock = tmp_path / "qemu.sock"
-    proc = subprocess.Popen(["qemu-nbd", "-r", "-A", "-t", "-f", fmt, "-k", str(sock),
-                             str(image)], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["qemu-nbd", "-r", "-A", "-t", "-f", fmt, "-k", str(sock), str(image)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 20
         while not sock.exists():
@@ -116,19 +122,36 @@ def make_chain(tmp_path: Path, name: str = "top") -> Path:
     base = tmp_path / f"{name}-base.qcow2"
     top = tmp_path / f"{name}.qcow2"
     qemu_create(base, "32M")
-    qemu_io(base, "write -P 0x11 0 1M", "write -P 0x22 5M 192k", "write -z 9M 128k",
-            "write -P 0x23 12M 4k")
+    qemu_io(
+        base,
+        "write -P 0x11 0 1M",
+        "write -P 0x22 5M 192k",
+        "write -z 9M 128k",
+        "write -P 0x23 12M 4k",
+    )
     qemu_create(top, "32M", backing=base.name, backing_fmt="qcow2")
-    qemu_io(top, "write -P 0x33 512k 1M", "write -z 5M 64k", "write -P 0x44 20M 100k",
-            "discard 12M 64k")
+    qemu_io(
+        top, "write -P 0x33 512k 1M", "write -z 5M 64k", "write -P 0x44 20M 100k", "discard 12M 64k"
+    )
     return top
 
 
 QEMU_IO_WORKLOAD = [
-    "write -P 0x51 0 64k", "write -P 0x52 70000 5000", "write -f -P 0x53 2M 300k",
-    "write -z 4M 256k", "write -z -u 5M 128k", "discard 20M 64k", "write -P 0x54 31M 1M",
-    "aio_write -P 0x55 8M 64k", "aio_write -P 0x56 8300k 64k", "aio_flush", "flush",
-    "read -P 0x51 0 64k", "read -P 0x52 70000 5000", "read -P 0 4M 256k", "read -P 0x54 31M 1M",
+    "write -P 0x51 0 64k",
+    "write -P 0x52 70000 5000",
+    "write -f -P 0x53 2M 300k",
+    "write -z 4M 256k",
+    "write -z -u 5M 128k",
+    "discard 20M 64k",
+    "write -P 0x54 31M 1M",
+    "aio_write -P 0x55 8M 64k",
+    "aio_write -P 0x56 8300k 64k",
+    "aio_flush",
+    "flush",
+    "read -P 0x51 0 64k",
+    "read -P 0x52 70000 5000",
+    "read -P 0 4M 256k",
+    "read -P 0x54 31M 1M",
 ]
 
 
@@ -142,13 +165,23 @@ def test_nbdinfo_shows_size_flags_and_block_sizes(tmp_path: Path) -> None:
     assert export["export-name"] == "disk" and export["description"] == "test disk"
     assert export["export-size"] == 48 << 20
     assert export["contexts"] == ["base:allocation", "qemu:allocation-depth"]
-    for flag in ("can_cache", "can_df", "can_fast_zero", "can_flush", "can_fua", "can_trim",
-                 "can_zero"):
+    for flag in (
+        "can_cache",
+        "can_df",
+        "can_fast_zero",
+        "can_flush",
+        "can_fua",
+        "can_trim",
+        "can_zero",
+    ):
         assert export[flag] is True, flag
     assert export["is_read_only"] is False
     assert export["can_multi_conn"] is False  # one client at a time (shared=1)
-    assert (export["block_size_minimum"], export["block_size_preferred"],
-            export["block_size_maximum"]) == (1, 4096, 32 << 20)
+    assert (
+        export["block_size_minimum"],
+        export["block_size_preferred"],
+        export["block_size_maximum"],
+    ) == (1, 4096, 32 << 20)
 
 
 def test_block_status_matches_qemu_nbd_and_qemu_img_map(tmp_path: Path) -> None:
@@ -211,9 +244,9 @@ def test_read_only_export_refuses_writes_with_eperm(tmp_path: Path) -> None:
         export = json.loads(run("nbdinfo", "--json", url).stdout)["exports"][0]
         assert export["is_read_only"] is True
         assert not export["can_trim"] and not export["can_zero"]
-        qemu_io(url, "read -P 0x33 512k 1M", "read -P 0x11 0 512k", fmt="raw",
-                extra=["-r"])
-        result = libnbd("""
+        qemu_io(url, "read -P 0x33 512k 1M", "read -P 0x11 0 512k", fmt="raw", extra=["-r"])
+        result = libnbd(
+            """
 h = nbd.NBD()
 h.set_strict_mode(0)   # send the writes anyway: the server must refuse them
 h.connect_uri(sys.argv[1])
@@ -228,7 +261,9 @@ for name, call in (("write", lambda: h.pwrite(b"x" * 4096, 0)),
         errors[name] = exc.errnum
 h.flush()
 print(json.dumps({"errors": errors, "data": h.pread(4, 512 * 1024).hex()}))
-""", url)
+""",
+            url,
+        )
     assert result["errors"] == {"write": errno.EPERM, "zero": errno.EPERM, "trim": errno.EPERM}
     assert result["data"] == "33333333"
     assert hashlib.sha256(image.read_bytes()).hexdigest() == digest
@@ -313,13 +348,16 @@ def test_libnbd_structured_reads_block_status_aio_and_fast_zero(tmp_path: Path) 
     qemu_io(image, "write -P 0x41 0 64k")
     with nbd_server(tmp_path, image) as (_, url):
         out = libnbd(LIBNBD_FEATURES, url)
-    assert out["chunks"] == [[0, 65536, out["read_data"], "41"],
-                             [65536, 196608, out["read_hole"], "00"]]
+    assert out["chunks"] == [
+        [0, 65536, out["read_data"], "41"],
+        [65536, 196608, out["read_hole"], "00"],
+    ]
     assert out["chunks_df"] == [[0, 262144, out["read_data"]]]
-    assert out["status"] == {"base:allocation": [[65536, 0, (4 << 20) - 65536, 3]],
-                             "qemu:allocation-depth": [[65536, 1, (4 << 20) - 65536, 0]]}
-    assert out["status_one"] == {"base:allocation": [65536, 0],
-                                 "qemu:allocation-depth": [65536, 1]}
+    assert out["status"] == {
+        "base:allocation": [[65536, 0, (4 << 20) - 65536, 3]],
+        "qemu:allocation-depth": [[65536, 1, (4 << 20) - 65536, 0]],
+    }
+    assert out["status_one"] == {"base:allocation": [65536, 0], "qemu:allocation-depth": [65536, 1]}
     assert out["max_in_flight"] > 1 and out["aio_ok"]
     assert out["slow_zero"] == errno.ENOTSUP
     assert out["zeroed"] and out["kept"]
@@ -327,9 +365,12 @@ def test_libnbd_structured_reads_block_status_aio_and_fast_zero(tmp_path: Path) 
     assert_clean(image)
     twin = tmp_path / "twin.qcow2"
     qemu_create(twin, "64M")
-    qemu_io(twin, "write -P 0x41 0 64k",
-            *[f"write -P {0x70 + i:#x} {(1 << 20) + i * 65536} 64k" for i in range(24)],
-            "write -z 1M 128k")
+    qemu_io(
+        twin,
+        "write -P 0x41 0 64k",
+        *[f"write -P {0x70 + i:#x} {(1 << 20) + i * 65536} 64k" for i in range(24)],
+        "write -z 1M 128k",
+    )
     assert qemu_compare(image, twin) == 0
 
 
@@ -337,7 +378,8 @@ def test_clients_share_the_device_up_to_the_limit(tmp_path: Path) -> None:
     image = tmp_path / "disk.qcow2"
     qemu_create(image, "16M")
     with nbd_server(tmp_path, image, shared=2) as (server, url):
-        result = libnbd("""
+        result = libnbd(
+            """
 a, b = nbd.NBD(), nbd.NBD()
 a.connect_uri(sys.argv[1]); b.connect_uri(sys.argv[1])
 a.pwrite(b"\\x5a" * 65536, 65536)
@@ -345,7 +387,9 @@ a.flush()
 seen = b.pread(65536, 65536) == b"\\x5a" * 65536
 b.pwrite(b"\\x5b" * 4096, 0, nbd.CMD_FLAG_FUA)
 print(json.dumps({"seen": seen, "back": a.pread(4096, 0) == b"\\x5b" * 4096}))
-""", url)
+""",
+            url,
+        )
         assert result == {"seen": True, "back": True}
         first, second = RawClient(server.address), RawClient(server.address)
         third = socket.socket(socket.AF_UNIX)
@@ -374,8 +418,9 @@ def test_tcp_export(tmp_path: Path) -> None:
         assert port > 0
         url = f"nbd://{host}:{port}"
         qemu_io(url, "write -P 0x21 1M 64k", "read -P 0x21 1M 64k", fmt="raw")
-        assert json.loads(run("nbdinfo", "--json", url).stdout)["exports"][0][
-            "export-size"] == 8 << 20
+        assert (
+            json.loads(run("nbdinfo", "--json", url).stdout)["exports"][0]["export-size"] == 8 << 20
+        )
     finally:
         server.shutdown()
         thread.join(10)
@@ -390,8 +435,9 @@ def test_not_persistent_stops_after_the_last_client(tmp_path: Path) -> None:
     sock = tmp_path / "once.sock"
     servers = []
     with qcow2lib.open(str(image), "r+") as device:
-        thread = threading.Thread(target=serve, args=(device,),
-                                  kwargs={"unix_path": sock, "ready": servers.append})
+        thread = threading.Thread(
+            target=serve, args=(device,), kwargs={"unix_path": sock, "ready": servers.append}
+        )
         thread.start()
         deadline = time.monotonic() + 10
         while not servers and time.monotonic() < deadline:
@@ -410,24 +456,31 @@ def test_several_exports_listed_and_chosen_by_name(tmp_path: Path) -> None:
     qemu_create(two, "6M", fmt="raw")
     qemu_io(two, "write -P 0x22 0 4k", fmt="raw")
     sock = tmp_path / "multi.sock"
-    with qcow2lib.open(str(one), "r+") as dev_one, \
-            qcow2lib.open(str(two), "r", fmt="raw") as dev_two:
-        server = NBDServer([NBDExport(dev_one, "one", "first disk"),
-                            NBDExport(dev_two, "two", "second disk")],
-                           unix_path=sock, persistent=True, shared=0)
+    with (
+        qcow2lib.open(str(one), "r+") as dev_one,
+        qcow2lib.open(str(two), "r", fmt="raw") as dev_two,
+    ):
+        server = NBDServer(
+            [NBDExport(dev_one, "one", "first disk"), NBDExport(dev_two, "two", "second disk")],
+            unix_path=sock,
+            persistent=True,
+            shared=0,
+        )
         server.start()
         thread = threading.Thread(target=server.serve_forever)
         thread.start()
         try:
-            listing = json.loads(run("nbdinfo", "--list", "--json",
-                                     f"nbd+unix:///?socket={sock}").stdout)["exports"]
-            assert [(e["export-name"], e["description"], e["export-size"], e["is_read_only"])
-                    for e in listing] == [("one", "first disk", 4 << 20, False),
-                                          ("two", "second disk", 6 << 20, True)]
-            qemu_io(f"nbd+unix:///two?socket={sock}", "read -P 0x22 0 4k", fmt="raw",
-                    extra=["-r"])
-            default = json.loads(run("nbdinfo", "--json", f"nbd+unix:///?socket={sock}")
-                                 .stdout)["exports"][0]
+            listing = json.loads(
+                run("nbdinfo", "--list", "--json", f"nbd+unix:///?socket={sock}").stdout
+            )["exports"]
+            assert [
+                (e["export-name"], e["description"], e["export-size"], e["is_read_only"])
+                for e in listing
+            ] == [("one", "first disk", 4 << 20, False), ("two", "second disk", 6 << 20, True)]
+            qemu_io(f"nbd+unix:///two?socket={sock}", "read -P 0x22 0 4k", fmt="raw", extra=["-r"])
+            default = json.loads(run("nbdinfo", "--json", f"nbd+unix:///?socket={sock}").stdout)[
+                "exports"
+            ][0]
             assert default["export-size"] == 4 << 20  # the empty name: the first export
             missing = run("nbdinfo", f"nbd+unix:///three?socket={sock}", check=False)
             assert missing.returncode != 0
@@ -436,8 +489,12 @@ def test_several_exports_listed_and_chosen_by_name(tmp_path: Path) -> None:
                 client = RawClient(sock)
                 assert client.option(P.OPT_STRUCTURED_REPLY)[-1][0] == P.REP_ACK
                 name = context_export.encode()
-                query = (struct.pack(">I", len(name)) + name + struct.pack(">II", 1, 15)
-                         + b"base:allocation")
+                query = (
+                    struct.pack(">I", len(name))
+                    + name
+                    + struct.pack(">II", 1, 15)
+                    + b"base:allocation"
+                )
                 assert client.option(P.OPT_SET_META_CONTEXT, query)[-1][0] == P.REP_ACK
                 client.go("two", structured=False)
                 client.request(P.CMD_BLOCK_STATUS, 0, 6 << 20, handle=4)
@@ -481,6 +538,7 @@ def test_bad_server_arguments(tmp_path: Path) -> None:
 
 
 # --- hostile clients, with raw sockets ----------------------------------------------------
+
 
 def recv_exact(sock: socket.socket, count: int) -> bytes:
     data = b""
@@ -532,12 +590,20 @@ class RawClient:
         data = struct.pack(">I", len(encoded)) + encoded + struct.pack(">H", 0)
         assert self.option(P.OPT_GO, data)[-1][0] == P.REP_ACK
 
-    def request(self, command: int, offset: int = 0, length: int = 0, flags: int = 0,
-                payload: bytes = b"", handle: int = 1) -> None:
+    def request(
+        self,
+        command: int,
+        offset: int = 0,
+        length: int = 0,
+        flags: int = 0,
+        payload: bytes = b"",
+        handle: int = 1,
+    ) -> None:
         if command == P.CMD_READ:
             self.read_lengths[handle] = length
-        self.sock.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, flags, command, handle, offset,
-                                         length) + payload)
+        self.sock.sendall(
+            P.REQUEST.pack(P.REQUEST_MAGIC, flags, command, handle, offset, length) + payload
+        )
 
     def reply(self) -> tuple[int, int, bytes]:
         """(handle, error, data) of one whole reply (structured chunks joined)."""
@@ -590,25 +656,32 @@ def test_hostile_handshakes(tmp_path: Path) -> None:
         assert client.option(1234)[-1][0] == P.REP_ERR_UNSUP
         assert client.option(P.OPT_STARTTLS)[-1][0] == P.REP_ERR_POLICY
         assert client.option(P.OPT_LIST, b"x")[-1][0] == P.REP_ERR_INVALID
-        assert client.option(P.OPT_GO, struct.pack(">I", 1000) + b"ab")[-1][0] == \
-            P.REP_ERR_INVALID
-        assert client.option(P.OPT_GO, struct.pack(">I", 0) + struct.pack(">H", 5))[-1][0] == \
-            P.REP_ERR_INVALID
-        assert client.option(P.OPT_INFO, struct.pack(">I", 2) + b"no" + bytes(2))[-1][0] == \
-            P.REP_ERR_UNKNOWN
+        assert client.option(P.OPT_GO, struct.pack(">I", 1000) + b"ab")[-1][0] == P.REP_ERR_INVALID
+        assert (
+            client.option(P.OPT_GO, struct.pack(">I", 0) + struct.pack(">H", 5))[-1][0]
+            == P.REP_ERR_INVALID
+        )
+        assert (
+            client.option(P.OPT_INFO, struct.pack(">I", 2) + b"no" + bytes(2))[-1][0]
+            == P.REP_ERR_UNKNOWN
+        )
         query = struct.pack(">II", 0, 1) + struct.pack(">I", 15) + b"base:allocation"
         assert client.option(P.OPT_SET_META_CONTEXT, query)[-1][0] == P.REP_ERR_INVALID
         assert client.option(P.OPT_STRUCTURED_REPLY)[-1][0] == P.REP_ACK
         assert client.option(P.OPT_SET_META_CONTEXT, query[:-3])[-1][0] == P.REP_ERR_INVALID
         assert client.option(P.OPT_SET_META_CONTEXT, query) == [
-            (P.REP_META_CONTEXT, struct.pack(">I", 0) + b"base:allocation"), (P.REP_ACK, b"")]
-        listed = client.option(P.OPT_LIST_META_CONTEXT, struct.pack(">II", 0, 1)
-                               + struct.pack(">I", 5) + b"qemu:")
-        assert listed == [(P.REP_META_CONTEXT, bytes(4) + b"qemu:allocation-depth"),
-                          (P.REP_ACK, b"")]
+            (P.REP_META_CONTEXT, struct.pack(">I", 0) + b"base:allocation"),
+            (P.REP_ACK, b""),
+        ]
+        listed = client.option(
+            P.OPT_LIST_META_CONTEXT, struct.pack(">II", 0, 1) + struct.pack(">I", 5) + b"qemu:"
+        )
+        assert listed == [
+            (P.REP_META_CONTEXT, bytes(4) + b"qemu:allocation-depth"),
+            (P.REP_ACK, b""),
+        ]
         replies = client.option(P.OPT_INFO, struct.pack(">IH", 0, 0))
-        assert replies[0] == (P.REP_INFO, P.INFO_EXPORT_PAYLOAD.pack(
-            P.INFO_EXPORT, 4 << 20, 0xDED))
+        assert replies[0] == (P.REP_INFO, P.INFO_EXPORT_PAYLOAD.pack(P.INFO_EXPORT, 4 << 20, 0xDED))
         assert client.option(P.OPT_ABORT) == [(P.REP_ACK, b"")]
         assert closed_by_server(client.sock)
         # EXPORT_NAME of an unknown export can only disconnect
@@ -633,8 +706,9 @@ def test_hostile_handshakes(tmp_path: Path) -> None:
         assert client.reply() == (7, 0, bytes(512))
         client.request(P.CMD_DISC)
         assert closed_by_server(client.sock)
-        assert json.loads(run("nbdinfo", "--json", url).stdout)["exports"][0]["export-size"] \
-            == 4 << 20
+        assert (
+            json.loads(run("nbdinfo", "--json", url).stdout)["exports"][0]["export-size"] == 4 << 20
+        )
     assert_clean(image)
 
 
@@ -666,8 +740,9 @@ def test_hostile_requests(tmp_path: Path) -> None:
             client.request(P.CMD_WRITE, size - 100, 200, payload=b"\xee" * 200, handle=50)
             assert client.reply()[:2] == (50, P.ENOSPC)
             # a write beyond the maximum block size: its payload is skipped, EINVAL
-            client.request(P.CMD_WRITE, 0, (32 << 20) + 4096, handle=51,
-                           payload=b"\xee" * ((32 << 20) + 4096))
+            client.request(
+                P.CMD_WRITE, 0, (32 << 20) + 4096, handle=51, payload=b"\xee" * ((32 << 20) + 4096)
+            )
             assert client.reply()[:2] == (51, P.EINVAL)
             # many requests in flight, answered in any order
             for handle in range(100, 140):
@@ -724,16 +799,19 @@ def test_device_errors_become_nbd_errors(tmp_path: Path) -> None:
         assert "Input/output error" in failed.stdout + failed.stderr
 
 
-@pytest.mark.parametrize("exc, error", [
-    (ReadOnlyError("read-only"), P.EPERM),
-    (InvalidArgumentError("bad range"), P.EINVAL),
-    (CorruptImageError("bad L2 entry"), P.EIO),
-    (Qcow2IOError(errno.ENOSPC, "full"), P.ENOSPC),
-    (Qcow2IOError(errno.EDQUOT, "quota"), P.ENOSPC),
-    (OSError(errno.EFBIG, "too big"), P.ENOSPC),
-    (OSError(errno.EROFS, "read-only fs"), P.EPERM),
-    (OSError(errno.EBADF, "bad fd"), P.EIO),
-])
+@pytest.mark.parametrize(
+    "exc, error",
+    [
+        (ReadOnlyError("read-only"), P.EPERM),
+        (InvalidArgumentError("bad range"), P.EINVAL),
+        (CorruptImageError("bad L2 entry"), P.EIO),
+        (Qcow2IOError(errno.ENOSPC, "full"), P.ENOSPC),
+        (Qcow2IOError(errno.EDQUOT, "quota"), P.ENOSPC),
+        (OSError(errno.EFBIG, "too big"), P.ENOSPC),
+        (OSError(errno.EROFS, "read-only fs"), P.EPERM),
+        (OSError(errno.EBADF, "bad fd"), P.EIO),
+    ],
+)
 def test_nbd_error_values(exc: Exception, error: int) -> None:
     assert nbd_error_for(exc) == error
 
@@ -812,19 +890,19 @@ def test_can_zero_fast_follows_what_zeroing_would_write(tmp_path: Path) -> None:
     raw = tmp_path / "disk.raw"
     qemu_create(raw, "4M", fmt="raw")
     with qcow2lib.open(str(v3), "r+") as disk:
-        assert disk.can_zero_fast(0, 65536)            # a zero flag for the whole cluster
-        assert not disk.can_zero_fast(4096, 4096)      # part of a data cluster: zeros written
+        assert disk.can_zero_fast(0, 65536)  # a zero flag for the whole cluster
+        assert not disk.can_zero_fast(4096, 4096)  # part of a data cluster: zeros written
         assert disk.can_zero_fast(65536 + 4096, 4096)  # part of a cluster that reads zero
         assert disk.can_zero_fast(0, 4 << 20)
     with qcow2lib.open(str(v2), "r+") as disk:
-        assert not disk.can_zero_fast(0, 65536)        # v2: no zero flag over backing data
+        assert not disk.can_zero_fast(0, 65536)  # v2: no zero flag over backing data
         assert disk.can_zero_fast(65536, 65536)
         size_before = v2.stat().st_size
         disk.write_zeroes(65536, 1 << 20)
         disk.flush()
-    assert v2.stat().st_size - size_before < 65536    # no data cluster was written
+    assert v2.stat().st_size - size_before < 65536  # no data cluster was written
     with qcow2lib.open(str(v3), "r") as disk:
-        assert not disk.can_zero_fast(0, 65536)        # read-only
+        assert not disk.can_zero_fast(0, 65536)  # read-only
     with qcow2lib.open(str(raw), "r+", fmt="raw") as disk:
         assert disk.can_zero_fast(0, 65536, may_unmap=True)
         assert not disk.can_zero_fast(0, 65536, may_unmap=False)
@@ -849,17 +927,31 @@ def test_host_errors_reach_the_client_in_a_server_process(tmp_path: Path) -> Non
         f.truncate(4 << 20)
     sock = tmp_path / "limited.sock"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    proc = subprocess.Popen(["python3", "-c", SERVER_WITH_FILE_SIZE_LIMIT, str(image), str(sock)],
-                            env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["python3", "-c", SERVER_WITH_FILE_SIZE_LIMIT, str(image), str(sock)],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 20
         while not sock.exists():
             assert proc.poll() is None, proc.stderr.read()
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        result = run("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 64k", "-c",
-                     "write -P 0x22 2M 64k", "-c", "read -P 0x11 0 64k",
-                     f"nbd+unix:///?socket={sock}", check=False)
+        result = run(
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x11 0 64k",
+            "-c",
+            "write -P 0x22 2M 64k",
+            "-c",
+            "read -P 0x11 0 64k",
+            f"nbd+unix:///?socket={sock}",
+            check=False,
+        )
         assert "write failed: No space left on device" in result.stdout + result.stderr
         assert "read 65536/65536 bytes at offset 0" in result.stdout
         assert proc.wait(20) == 0, proc.stderr.read()

@@ -6,6 +6,7 @@ also driven directly as a BlockDevice: reads, writes, zeroes, trims, flushes, sp
 at the server's maximum block size, many threads at once, server errors and a lost
 connection.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,18 +30,22 @@ from qemutools import run_qimg
 def assert_same(*args) -> subprocess.CompletedProcess:
     ours = run_qimg(*args)
     theirs = run(["qemu-img", *map(str, args)], check=False)
-    assert (ours.returncode, ours.stdout, ours.stderr) == \
-        (theirs.returncode, theirs.stdout, theirs.stderr), args
+    assert (ours.returncode, ours.stdout, ours.stderr) == (
+        theirs.returncode,
+        theirs.stdout,
+        theirs.stderr,
+    ), args
     return ours
 
 
 @contextlib.contextmanager
-def qemu_nbd(image: Path, sock: Path, export: str = "exp", fmt: str = "qcow2",
-             extra: tuple = ()):
+def qemu_nbd(image: Path, sock: Path, export: str = "exp", fmt: str = "qcow2", extra: tuple = ()):
     """A real qemu-nbd serving `image` on a Unix socket (several clients allowed)."""
-    proc = subprocess.Popen(["qemu-nbd", "-f", fmt, "-x", export, "-k", str(sock), "-t",
-                             "-e", "8", *extra, str(image)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        ["qemu-nbd", "-f", fmt, "-x", export, "-k", str(sock), "-t", "-e", "8", *extra, str(image)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 10
         while not sock.exists():
@@ -55,12 +60,19 @@ def qemu_nbd(image: Path, sock: Path, export: str = "exp", fmt: str = "qcow2",
 
 
 @contextlib.contextmanager
-def own_server(image: Path, sock: Path, export: str = "exp", mode: str = "r+",
-               fmt: str | None = None, **options):
+def own_server(
+    image: Path,
+    sock: Path,
+    export: str = "exp",
+    mode: str = "r+",
+    fmt: str | None = None,
+    **options,
+):
     """qcow2lib's NBD server over `image` on a Unix socket, in this process."""
     device = qcow2lib.open(str(image), mode, fmt=fmt)
-    server = NBDServer(device, unix_path=str(sock), export_name=export, shared=8,
-                       persistent=True, **options)
+    server = NBDServer(
+        device, unix_path=str(sock), export_name=export, shared=8, persistent=True, **options
+    )
     server.start()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -76,17 +88,16 @@ def own_server(image: Path, sock: Path, export: str = "exp", mode: str = "r+",
 def source(tmp_path: Path) -> Path:
     path = tmp_path / "src.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", path, "4M")
-    qemu_io(path, "write -P 7 0 64k", "write -P 9 1M 192k", "write -z 2M 64k",
-            "write -P 5 3M 4k")
+    qemu_io(path, "write -P 7 0 64k", "write -P 9 1M 192k", "write -z 2M 64k", "write -P 5 3M 4k")
     return path
 
 
 def test_names():
-    assert parse_nbd_name("nbd+unix:///exp?socket=/run/s.sock") == \
-        NBDAddress("exp", "/run/s.sock")
+    assert parse_nbd_name("nbd+unix:///exp?socket=/run/s.sock") == NBDAddress("exp", "/run/s.sock")
     assert parse_nbd_name("nbd:unix:/run/s.sock:exportname=e") == NBDAddress("e", "/run/s.sock")
-    assert parse_nbd_name("nbd://example:1234/a%20b") == NBDAddress("a b", host="example",
-                                                                    port=1234)
+    assert parse_nbd_name("nbd://example:1234/a%20b") == NBDAddress(
+        "a b", host="example", port=1234
+    )
     assert parse_nbd_name("nbd:localhost:10810") == NBDAddress("", host="localhost", port=10810)
     assert parse_nbd_name("nbd+unix:///e?socket=/s").uri() == "nbd+unix:///e?socket=/s"
     for bad in ("nbd+unix:///e", "nbd://h:99999/e", "nbd:host", "nbd+unix:///e?socket=/s&x=1"):
@@ -136,8 +147,7 @@ def test_convert_both_ways(server, source: Path, tmp_path: Path):
     target = tmp_path / "tgt.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", target, "4M")
     sock = tmp_path / "t.sock"
-    serve = qemu_nbd(target, sock, "t") if server == "qemu-nbd" else own_server(target, sock,
-                                                                                 "t")
+    serve = qemu_nbd(target, sock, "t") if server == "qemu-nbd" else own_server(target, sock, "t")
     with serve as url:
         assert run_qimg("convert", "-n", "-O", "raw", source, url).returncode == 0
         assert qemu_img("compare", "-U", source, url, check=False).returncode == 0
@@ -146,8 +156,10 @@ def test_convert_both_ways(server, source: Path, tmp_path: Path):
         assert run_qimg("convert", "-O", "qcow2", url, ours).returncode == 0
         qemu_img("convert", "-O", "qcow2", url, theirs)
     assert qemu_img("compare", ours, theirs, check=False).returncode == 0
-    assert qemu_img("map", "--output=json", ours).stdout == \
-        qemu_img("map", "--output=json", theirs).stdout
+    assert (
+        qemu_img("map", "--output=json", ours).stdout
+        == qemu_img("map", "--output=json", theirs).stdout
+    )
 
 
 def test_block_device_operations(tmp_path: Path):
@@ -167,12 +179,11 @@ def test_block_device_operations(tmp_path: Path):
             disk.flush()
             assert disk.read(4 << 20, 2 << 20) == bytes(2 << 20)
             with ThreadPoolExecutor(8) as pool:  # one connection shared by many threads
-                chunks = list(pool.map(lambda i: disk.read(12345 + i * 65536, 65536),
-                                       range(40)))
-            assert b"".join(chunks) == payload[:40 * 65536]
+                chunks = list(pool.map(lambda i: disk.read(12345 + i * 65536, 65536), range(40)))
+            assert b"".join(chunks) == payload[: 40 * 65536]
             with pytest.raises(qcow2lib.InvalidArgumentError):
                 disk.read(8 << 20, 1)
-    assert image.read_bytes()[12345:12345 + len(payload)] == payload
+    assert image.read_bytes()[12345 : 12345 + len(payload)] == payload
 
 
 def test_errors(tmp_path: Path, source: Path):
@@ -195,6 +206,7 @@ def test_errors(tmp_path: Path, source: Path):
 
 def test_server_error_mapped(tmp_path: Path):
     """A server's EIO on a read becomes Qcow2IOError(EIO), and the connection still works."""
+
     class FailingDevice(qcow2lib.RawDevice):
         def readinto(self, offset, buffer):
             if offset >= 1 << 20:
@@ -204,8 +216,7 @@ def test_server_error_mapped(tmp_path: Path):
     image = tmp_path / "d.raw"
     image.write_bytes(bytes(2 << 20))
     device = FailingDevice(str(image))
-    server = NBDServer(device, unix_path=str(tmp_path / "s.sock"), export_name="e",
-                       persistent=True)
+    server = NBDServer(device, unix_path=str(tmp_path / "s.sock"), export_name="e", persistent=True)
     server.start()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -225,18 +236,21 @@ def test_tcp_names(source: Path, tmp_path: Path):
     """nbd://HOST:PORT/EXPORT, nbd:HOST:PORT:exportname=..., and json host/port options
     (iotest 162: a numeric port, a host that does not resolve)."""
     device = qcow2lib.open(str(source))
-    server = NBDServer(device, host="127.0.0.1", port=0, export_name="exp", shared=8,
-                       persistent=True)
+    server = NBDServer(
+        device, host="127.0.0.1", port=0, export_name="exp", shared=8, persistent=True
+    )
     server.start()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         host, port = server.address
-        for name in (f"nbd://{host}:{port}/exp", f"nbd:{host}:{port}:exportname=exp",
-                     f"json:{{'driver': 'nbd', 'host': '{host}', 'port': {port}, "
-                     f"'export': 'exp'}}",
-                     f'json:{{"driver":"nbd","server":{{"type":"inet","host":"{host}",'
-                     f'"port":"{port}"}},"export":"exp"}}'):
+        for name in (
+            f"nbd://{host}:{port}/exp",
+            f"nbd:{host}:{port}:exportname=exp",
+            f"json:{{'driver': 'nbd', 'host': '{host}', 'port': {port}, 'export': 'exp'}}",
+            f'json:{{"driver":"nbd","server":{{"type":"inet","host":"{host}",'
+            f'"port":"{port}"}},"export":"exp"}}',
+        ):
             assert f"image: nbd://{host}:{port}/exp\n" in assert_same("info", name).stdout
             assert_same("map", "--output=json", name)
     finally:
@@ -249,8 +263,10 @@ def test_tcp_names(source: Path, tmp_path: Path):
 def test_silent_server_does_not_hang(tmp_path: Path, monkeypatch):
     """A peer that accepts and never greets fails the open after the handshake timeout."""
     from qcow2lib.exports import nbd_client
+
     monkeypatch.setattr(nbd_client, "HANDSHAKE_TIMEOUT", 0.5)
     import socket
+
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(tmp_path / "silent.sock"))
     listener.listen()
@@ -272,16 +288,24 @@ def test_qcow2_inside_export(server, source: Path, tmp_path: Path):
     with open(container, "wb") as f:
         f.truncate(8 << 20)
     sock = tmp_path / "c.sock"
-    serve = qemu_nbd(container, sock, fmt="raw") if server == "qemu-nbd" else \
-        own_server(container, sock, fmt="raw")
+    serve = (
+        qemu_nbd(container, sock, fmt="raw")
+        if server == "qemu-nbd"
+        else own_server(container, sock, fmt="raw")
+    )
     with serve as url:
-        assert run_qimg("convert", "-f", "qcow2", "-O", "qcow2", "-c", source,
-                        url).returncode == 0
+        assert run_qimg("convert", "-f", "qcow2", "-O", "qcow2", "-c", source, url).returncode == 0
         assert qemu_img("check", url, check=False).returncode == 0
         assert qemu_img("compare", "-U", source, url, check=False).returncode == 0
-        for args in (("info", url), ("info", "--output=json", url), ("map", url),
-                     ("map", "--output=json", url), ("check", url), ("info", "-f", "raw", url),
-                     ("compare", "-U", source, url)):
+        for args in (
+            ("info", url),
+            ("info", "--output=json", url),
+            ("map", url),
+            ("map", "--output=json", url),
+            ("check", url),
+            ("info", "-f", "raw", url),
+            ("compare", "-U", source, url),
+        ):
             assert_same(*args)
         with qcow2lib.open(url, "r+") as image:  # writes go through the export
             assert image.format == "qcow2"

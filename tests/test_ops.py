@@ -3,6 +3,7 @@ real qemu-img as the oracle, both ways: images qemu made are processed by qcow2l
 the results are judged by qemu-img (check, compare, map), and qcow2lib's reports are
 compared with qemu-img's on the same inputs.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,7 @@ from qcow2lib.ops.measure import measure
 from qcow2lib.ops.rebase import rebase
 from qcow2lib.ops.resize import ShrinkRefusedError, resize
 
-from qemutools import (assert_clean, qemu_compare, qemu_create, qemu_img, qemu_io, qemu_map,
-                       to_raw)
+from qemutools import assert_clean, qemu_compare, qemu_create, qemu_img, qemu_io, qemu_map, to_raw
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -31,8 +31,16 @@ MiB = 1024 * KiB
 
 # --- helpers -------------------------------------------------------------------------------
 
-def make(path: Path, size: int, *writes: str, fmt: str = "qcow2", options: dict | None = None,
-         backing: Path | str | None = None, backing_fmt: str | None = None) -> Path:
+
+def make(
+    path: Path,
+    size: int,
+    *writes: str,
+    fmt: str = "qcow2",
+    options: dict | None = None,
+    backing: Path | str | None = None,
+    backing_fmt: str | None = None,
+) -> Path:
     """An image made by qemu-img, then written by qemu-io commands."""
     qemu_create(path, size, fmt, options, str(backing) if backing else None, backing_fmt)
     if writes:
@@ -49,22 +57,36 @@ def write_raw(path: Path, pieces: list[tuple[int, bytes]], size: int) -> Path:
     return path
 
 
-def our_convert(src: Path | list[Path], dst: Path, fmt: str = "qcow2", *, create_opts=None,
-                target_backing: Path | None = None, backing_fmt: str | None = None,
-                src_fmt: str | None = None, **kwargs) -> Path:
+def our_convert(
+    src: Path | list[Path],
+    dst: Path,
+    fmt: str = "qcow2",
+    *,
+    create_opts=None,
+    target_backing: Path | None = None,
+    backing_fmt: str | None = None,
+    src_fmt: str | None = None,
+    **kwargs,
+) -> Path:
     """qcow2lib.create + convert, as the CLI will do it."""
     srcs = src if isinstance(src, list) else [src]
     devices = [qcow2lib.open(str(s), fmt=src_fmt) for s in srcs]
     try:
         size = sum(-(-d.size // 512) * 512 for d in devices)
-        qcow2lib.create(str(dst), size, fmt=fmt,
-                        backing_file=str(target_backing) if target_backing else None,
-                        backing_fmt=backing_fmt, **(create_opts or {}))
+        qcow2lib.create(
+            str(dst),
+            size,
+            fmt=fmt,
+            backing_file=str(target_backing) if target_backing else None,
+            backing_fmt=backing_fmt,
+            **(create_opts or {}),
+        )
         tb = qcow2lib.open(str(target_backing), fmt=backing_fmt) if target_backing else None
         try:
             with qcow2lib.open(str(dst), "r+", fmt=fmt, backing=False) as target:
-                convert(devices if len(devices) > 1 else devices[0], target,
-                        target_backing=tb, **kwargs)
+                convert(
+                    devices if len(devices) > 1 else devices[0], target, target_backing=tb, **kwargs
+                )
         finally:
             if tb is not None:
                 tb.close()
@@ -91,13 +113,33 @@ def per_cluster(entries: list[dict], cluster: int = 64 * KiB) -> list[tuple]:
 @pytest.fixture
 def chain3(tmp_path):
     """raw base (4 MiB) <- qcow2 mid (6 MiB) <- qcow2 top (8 MiB), every kind of run."""
-    base = make(tmp_path / "base.raw", 4 * MiB, "write -P 0x11 0 1M", "write -P 0 2M 64k",
-                "write -P 0x12 3M 4k", fmt="raw")
-    mid = make(tmp_path / "mid.qcow2", 6 * MiB, "write -P 0x22 512k 1M", "write -z 3M 128k",
-               "write -P 0x23 4608k 64k", backing="base.raw", backing_fmt="raw")
-    top = make(tmp_path / "top.qcow2", 8 * MiB, "write -P 0x33 1M 64k",
-               "write -c -P 0x34 5M 64k", "write -z 256k 64k", "write -P 0x35 7M 100k",
-               backing="mid.qcow2", backing_fmt="qcow2")
+    base = make(
+        tmp_path / "base.raw",
+        4 * MiB,
+        "write -P 0x11 0 1M",
+        "write -P 0 2M 64k",
+        "write -P 0x12 3M 4k",
+        fmt="raw",
+    )
+    mid = make(
+        tmp_path / "mid.qcow2",
+        6 * MiB,
+        "write -P 0x22 512k 1M",
+        "write -z 3M 128k",
+        "write -P 0x23 4608k 64k",
+        backing="base.raw",
+        backing_fmt="raw",
+    )
+    top = make(
+        tmp_path / "top.qcow2",
+        8 * MiB,
+        "write -P 0x33 1M 64k",
+        "write -c -P 0x34 5M 64k",
+        "write -z 256k 64k",
+        "write -P 0x35 7M 100k",
+        backing="mid.qcow2",
+        backing_fmt="qcow2",
+    )
     return base, mid, top
 
 
@@ -108,14 +150,21 @@ def sparse_raw(tmp_path):
     pieces, pos = [], 0
     for _ in range(48):
         length = rnd.choice([512, 1536, 4096, 7000, 65536, 200000])
-        pieces.append((pos, bytes([rnd.randrange(1, 256)]) * length if rnd.random() < 0.5
-                       else os.urandom(length)))
+        pieces.append(
+            (
+                pos,
+                bytes([rnd.randrange(1, 256)]) * length
+                if rnd.random() < 0.5
+                else os.urandom(length),
+            )
+        )
         pos += length + rnd.choice([512, 1024, 4096, 8192, 12288, 65536, 300000])
     size = -(-pos // MiB) * MiB + MiB
     return write_raw(tmp_path / "sparse.raw", pieces, size)
 
 
 # --- convert --------------------------------------------------------------------------------
+
 
 def test_convert_raw_qcow2_raw_round_trip(tmp_path, sparse_raw):
     ours = our_convert(sparse_raw, tmp_path / "ours.qcow2")
@@ -134,8 +183,12 @@ def test_convert_raw_qcow2_raw_round_trip(tmp_path, sparse_raw):
 def test_convert_chain_to_flat(tmp_path, chain3):
     _, _, top = chain3
     for cluster_size in (4096, 65536):
-        ours = our_convert(top, tmp_path / f"flat{cluster_size}.qcow2",
-                           create_opts={"cluster_size": cluster_size}, parallel=4)
+        ours = our_convert(
+            top,
+            tmp_path / f"flat{cluster_size}.qcow2",
+            create_opts={"cluster_size": cluster_size},
+            parallel=4,
+        )
         assert_clean(ours)
         assert qemu_compare(top, ours) == 0
         theirs = tmp_path / f"theirs{cluster_size}.qcow2"
@@ -145,8 +198,9 @@ def test_convert_chain_to_flat(tmp_path, chain3):
 
 def test_convert_out_of_order_and_single_thread(tmp_path, sparse_raw):
     for kwargs in ({"out_of_order": True, "parallel": 16}, {"parallel": 1}):
-        ours = our_convert(sparse_raw, tmp_path / f"o{len(kwargs)}{kwargs['parallel']}.qcow2",
-                           **kwargs)
+        ours = our_convert(
+            sparse_raw, tmp_path / f"o{len(kwargs)}{kwargs['parallel']}.qcow2", **kwargs
+        )
         assert_clean(ours)
         assert qemu_compare(sparse_raw, ours, "raw") == 0
 
@@ -167,22 +221,38 @@ def test_convert_with_target_backing_same_as_source_backing(tmp_path, chain3):
 
 def test_convert_with_target_backing_writes_only_differences(tmp_path):
     base = make(tmp_path / "b.qcow2", 4 * MiB, "write -P 0x41 0 2M", "write -P 0x42 3M 1M")
-    src = make(tmp_path / "src.raw", 4 * MiB, "write -P 0x41 0 2M", "write -P 0x99 64k 64k",
-               "write -P 0x42 3M 1M", "write -P 0 3M 64k", "write -P 0x43 2M 4k", fmt="raw")
-    out = our_convert(src, tmp_path / "o.qcow2", target_backing=base, backing_fmt="qcow2",
-                      src_fmt="raw")
+    src = make(
+        tmp_path / "src.raw",
+        4 * MiB,
+        "write -P 0x41 0 2M",
+        "write -P 0x99 64k 64k",
+        "write -P 0x42 3M 1M",
+        "write -P 0 3M 64k",
+        "write -P 0x43 2M 4k",
+        fmt="raw",
+    )
+    out = our_convert(
+        src, tmp_path / "o.qcow2", target_backing=base, backing_fmt="qcow2", src_fmt="raw"
+    )
     assert_clean(out)
     assert qemu_compare(src, out, "raw") == 0
-    own = [(e["start"], e["length"], e["zero"]) for e in qemu_map(out)
-           if e["depth"] == 0 and e["present"]]
-    assert own == [(64 * KiB, 64 * KiB, False), (2 * MiB, 64 * KiB, False),
-                   (3 * MiB, 64 * KiB, True)]
+    own = [
+        (e["start"], e["length"], e["zero"])
+        for e in qemu_map(out)
+        if e["depth"] == 0 and e["present"]
+    ]
+    assert own == [
+        (64 * KiB, 64 * KiB, False),
+        (2 * MiB, 64 * KiB, False),
+        (3 * MiB, 64 * KiB, True),
+    ]
 
 
 @pytest.mark.parametrize("ctype", ["zlib", "zstd"])
 def test_convert_compressed(tmp_path, sparse_raw, ctype):
-    ours = our_convert(sparse_raw, tmp_path / "c.qcow2", compress=True,
-                       create_opts={"compression_type": ctype})
+    ours = our_convert(
+        sparse_raw, tmp_path / "c.qcow2", compress=True, create_opts={"compression_type": ctype}
+    )
     assert_clean(ours)
     assert qemu_compare(sparse_raw, ours, "raw") == 0
     info = json.loads(qemu_img("info", "--output=json", ours).stdout)
@@ -190,8 +260,18 @@ def test_convert_compressed(tmp_path, sparse_raw, ctype):
     # Compressible clusters are stored compressed (qemu-img map: data without offset).
     assert any(e["data"] and "offset" not in e for e in qemu_map(ours))
     theirs = tmp_path / "t.qcow2"
-    qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", f"compression_type={ctype}",
-             sparse_raw, theirs)
+    qemu_img(
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        f"compression_type={ctype}",
+        sparse_raw,
+        theirs,
+    )
     # Compressed writes are not ordered, so host offsets (and merging) may differ.
     assert per_cluster(qemu_map(ours)) == per_cluster(qemu_map(theirs))
 
@@ -199,8 +279,9 @@ def test_convert_compressed(tmp_path, sparse_raw, ctype):
 @pytest.mark.parametrize("sparse_size", [0, 512, 4096, 65536])
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
 def test_convert_sparse_size_like_qemu(tmp_path, sparse_raw, sparse_size, fmt):
-    ours = our_convert(sparse_raw, tmp_path / f"s.{fmt}", fmt, sparse_size=sparse_size,
-                       copy_range=False)
+    ours = our_convert(
+        sparse_raw, tmp_path / f"s.{fmt}", fmt, sparse_size=sparse_size, copy_range=False
+    )
     theirs = tmp_path / f"t.{fmt}"
     qemu_img("convert", "-S", str(sparse_size), "-f", "raw", "-O", fmt, sparse_raw, theirs)
     assert qemu_compare(sparse_raw, ours, "raw", fmt) == 0
@@ -230,8 +311,10 @@ def test_convert_progress_and_errors(tmp_path, sparse_raw):
     assert seen and seen[-1][0] == seen[-1][1] > 0
     assert all(d <= t for d, t in seen)
     small = make(tmp_path / "small.qcow2", 64 * KiB)
-    with qcow2lib.open(str(sparse_raw), fmt="raw") as src, \
-            qcow2lib.open(str(small), "r+") as target:
+    with (
+        qcow2lib.open(str(sparse_raw), fmt="raw") as src,
+        qcow2lib.open(str(small), "r+") as target,
+    ):
         with pytest.raises(qcow2lib.InvalidArgumentError, match="smaller than input"):
             convert(src, target)
         with pytest.raises(qcow2lib.InvalidArgumentError, match="Invalid buffer size"):
@@ -239,11 +322,19 @@ def test_convert_progress_and_errors(tmp_path, sparse_raw):
 
 
 def test_convert_between_cluster_sizes(tmp_path):
-    src = make(tmp_path / "src.qcow2", 5 * MiB, "write -P 1 1000k 100k", "write -c -P 2 2M 64k",
-               "write -z 3M 1M", "write -P 3 4M 512", options={"cluster_size": "512"})
+    src = make(
+        tmp_path / "src.qcow2",
+        5 * MiB,
+        "write -P 1 1000k 100k",
+        "write -c -P 2 2M 64k",
+        "write -z 3M 1M",
+        "write -P 3 4M 512",
+        options={"cluster_size": "512"},
+    )
     for cluster_size in (512, 65536, 2 * MiB):
-        ours = our_convert(src, tmp_path / f"o{cluster_size}.qcow2",
-                           create_opts={"cluster_size": cluster_size})
+        ours = our_convert(
+            src, tmp_path / f"o{cluster_size}.qcow2", create_opts={"cluster_size": cluster_size}
+        )
         theirs = tmp_path / f"t{cluster_size}.qcow2"
         qemu_img("convert", "-O", "qcow2", "-o", f"cluster_size={cluster_size}", src, theirs)
         assert_clean(ours)
@@ -255,18 +346,16 @@ def test_convert_between_cluster_sizes(tmp_path):
 def test_convert_into_existing_target(tmp_path, sparse_raw):
     """Without target_is_zero, zero runs of the source overwrite old target data."""
     target = make(tmp_path / "t.qcow2", 8 * MiB, "write -P 0xee 0 8M")
-    with qcow2lib.open(str(sparse_raw), fmt="raw") as src, \
-            qcow2lib.open(str(target), "r+") as dev:
+    with qcow2lib.open(str(sparse_raw), fmt="raw") as src, qcow2lib.open(str(target), "r+") as dev:
         convert(src, dev)
     assert_clean(target)
     data = to_raw(target, tmp_path / "t.raw")
     expected = sparse_raw.read_bytes()
-    assert data[:len(expected)] == expected
-    assert data[len(expected):] == b"\xee" * (len(data) - len(expected))
+    assert data[: len(expected)] == expected
+    assert data[len(expected) :] == b"\xee" * (len(data) - len(expected))
     # target_is_zero trusts the caller: nothing is zeroed.
     other = make(tmp_path / "o.qcow2", 8 * MiB, "write -P 0xee 0 8M")
-    with qcow2lib.open(str(sparse_raw), fmt="raw") as src, \
-            qcow2lib.open(str(other), "r+") as dev:
+    with qcow2lib.open(str(sparse_raw), fmt="raw") as src, qcow2lib.open(str(other), "r+") as dev:
         convert(src, dev, target_is_zero=True)
     assert to_raw(other, tmp_path / "o.raw")[-1:] == b"\xee"
 
@@ -291,6 +380,7 @@ class _FailingSource(qcow2lib.BlockDevice):
 
 def test_convert_read_error_stops_all_workers(tmp_path):
     from qcow2lib.convert import ConvertError
+
     target = make(tmp_path / "t.qcow2", 64 * MiB)
     with qcow2lib.open(str(target), "r+") as dev:
         with pytest.raises(ConvertError, match=r"error while reading at byte 33554432: "):
@@ -300,10 +390,10 @@ def test_convert_read_error_stops_all_workers(tmp_path):
 
 # --- rebase ---------------------------------------------------------------------------------
 
+
 def test_rebase_safe_keeps_content(tmp_path, chain3):
     base, mid, top = chain3
-    make(tmp_path / "other.qcow2", 3 * MiB, "write -P 0x11 0 512k",
-                 "write -P 0x77 1M 1M")
+    make(tmp_path / "other.qcow2", 3 * MiB, "write -P 0x11 0 512k", "write -P 0x77 1M 1M")
     expected = to_raw(top, tmp_path / "expected.raw")
     rebase(str(top), "other.qcow2", "qcow2")
     assert_clean(top)
@@ -350,6 +440,7 @@ def test_rebase_unsafe_and_errors(tmp_path, chain3):
 
 # --- commit ---------------------------------------------------------------------------------
 
+
 def test_commit_into_backing_empties_top(tmp_path, chain3):
     base, mid, top = chain3
     expected = to_raw(top, tmp_path / "expected.raw")
@@ -363,17 +454,23 @@ def test_commit_into_backing_empties_top(tmp_path, chain3):
 
 def test_commit_to_base_and_drop(tmp_path):
     base = make(tmp_path / "b.qcow2", 4 * MiB, "write -P 1 0 4M")
-    make(tmp_path / "m.qcow2", 4 * MiB, "write -P 2 1M 1M",
-               backing="b.qcow2", backing_fmt="qcow2")
-    top = make(tmp_path / "t.qcow2", 4 * MiB, "write -P 3 1536k 1M", "write -z 3M 64k",
-               backing="m.qcow2", backing_fmt="qcow2")
+    make(tmp_path / "m.qcow2", 4 * MiB, "write -P 2 1M 1M", backing="b.qcow2", backing_fmt="qcow2")
+    top = make(
+        tmp_path / "t.qcow2",
+        4 * MiB,
+        "write -P 3 1536k 1M",
+        "write -z 3M 64k",
+        backing="m.qcow2",
+        backing_fmt="qcow2",
+    )
     expected = to_raw(top, tmp_path / "expected.raw")
     top_map = qemu_map(top)
     commit(str(top), str(base))  # -b implies -d: the top is kept
     assert_clean(base)
     assert to_raw(base, tmp_path / "base.raw") == expected
-    assert qemu_map(top) != [] and [e for e in top_map if e["depth"] == 0] == \
-        [e for e in qemu_map(top) if e["depth"] == 0]
+    assert qemu_map(top) != [] and [e for e in top_map if e["depth"] == 0] == [
+        e for e in qemu_map(top) if e["depth"] == 0
+    ]
     with pytest.raises(qcow2lib.Qcow2Error, match="Did not find 'nope'"):
         commit(str(top), "nope")
     with pytest.raises(qcow2lib.Qcow2Error, match="Image does not have a backing file"):
@@ -382,6 +479,7 @@ def test_commit_to_base_and_drop(tmp_path):
 
 # --- resize ---------------------------------------------------------------------------------
 
+
 def _resize(path: Path, size: int, **kwargs) -> None:
     with qcow2lib.open(str(path), "r+") as image:
         resize(image, size, **kwargs)
@@ -389,8 +487,13 @@ def _resize(path: Path, size: int, **kwargs) -> None:
 
 @pytest.mark.parametrize("cluster_size", [512, 65536])
 def test_resize_grow_and_shrink(tmp_path, cluster_size):
-    img = make(tmp_path / "r.qcow2", 1 * MiB, "write -P 5 0 768k", "write -P 6 1000k 24k",
-               options={"cluster_size": cluster_size})
+    img = make(
+        tmp_path / "r.qcow2",
+        1 * MiB,
+        "write -P 5 0 768k",
+        "write -P 6 1000k 24k",
+        options={"cluster_size": cluster_size},
+    )
     data = to_raw(img, tmp_path / "orig.raw")
     _resize(img, 600 * MiB)  # needs a larger L1 table
     assert_clean(img)
@@ -400,18 +503,23 @@ def test_resize_grow_and_shrink(tmp_path, cluster_size):
         _resize(img, 512 * KiB)
     _resize(img, 512 * KiB, shrink=True)
     assert_clean(img)
-    assert to_raw(img, tmp_path / "shrunk.raw") == data[:512 * KiB]
+    assert to_raw(img, tmp_path / "shrunk.raw") == data[: 512 * KiB]
     for mode, size in (("falloc", 1 * MiB), ("full", 2 * MiB), ("metadata", 3 * MiB)):
         _resize(img, size, preallocation=mode)
         assert_clean(img)
-    assert to_raw(img, tmp_path / "final.raw") == data[:512 * KiB] + bytes(3 * MiB - 512 * KiB)
+    assert to_raw(img, tmp_path / "final.raw") == data[: 512 * KiB] + bytes(3 * MiB - 512 * KiB)
 
 
 def test_resize_like_qemu(tmp_path):
     """Growing over a larger backing file zero-fills the new area, as qemu-img does."""
     make(tmp_path / "base.qcow2", 4 * MiB, "write -P 9 0 4M")
-    ours = make(tmp_path / "ours.qcow2", 1 * MiB, "write -P 1 0 64k",
-                backing="base.qcow2", backing_fmt="qcow2")
+    ours = make(
+        tmp_path / "ours.qcow2",
+        1 * MiB,
+        "write -P 1 0 64k",
+        backing="base.qcow2",
+        backing_fmt="qcow2",
+    )
     theirs = tmp_path / "theirs.qcow2"
     shutil.copy(ours, theirs)
     _resize(ours, 3 * MiB)
@@ -434,6 +542,7 @@ def test_resize_random_against_qemu(tmp_path, seed):
     """Random writes and resizes (with snapshots, every preallocation mode but metadata)
     applied to twin images: ours by qcow2lib, the twin by qemu-img resize."""
     import random
+
     rnd = random.Random(seed)
     for trial in range(3):
         cs = rnd.choice([512, 4096, 65536])
@@ -462,8 +571,14 @@ def test_header_rewrites_keep_backing_of_small_cluster_images(tmp_path):
     """QEMU writes no feature name table for clusters <= 4 KiB: field rewrites must keep
     the backing file name where QEMU put it."""
     make(tmp_path / "base.qcow2", 2 * MiB, "write -P 3 0 2M")
-    img = make(tmp_path / "o.qcow2", 1 * MiB, "write -P 4 64k 64k", backing="base.qcow2",
-               backing_fmt="qcow2", options={"cluster_size": 4096})
+    img = make(
+        tmp_path / "o.qcow2",
+        1 * MiB,
+        "write -P 4 64k 64k",
+        backing="base.qcow2",
+        backing_fmt="qcow2",
+        options={"cluster_size": 4096},
+    )
     expected = to_raw(img, tmp_path / "e.raw") + bytes(MiB)
     _resize(img, 2 * MiB)
     amend(str(img), refcount_bits=4)
@@ -477,11 +592,21 @@ def test_header_rewrites_keep_backing_of_small_cluster_images(tmp_path):
 
 # --- amend ----------------------------------------------------------------------------------
 
+
 def _amend_image(tmp_path, name="a.qcow2", **options):
     make(tmp_path / "amb.qcow2", 4 * MiB, "write -P 0x61 0 4M")
-    return make(tmp_path / name, 4 * MiB, "write -P 1 0 1M", "write -z 1M 512k",
-                "write -z 3M 64k", "write -P 3 3200k 64k", "write -c -P 4 2M 64k",
-                backing="amb.qcow2", backing_fmt="qcow2", options=options or None)
+    return make(
+        tmp_path / name,
+        4 * MiB,
+        "write -P 1 0 1M",
+        "write -z 1M 512k",
+        "write -z 3M 64k",
+        "write -P 3 3200k 64k",
+        "write -c -P 4 2M 64k",
+        backing="amb.qcow2",
+        backing_fmt="qcow2",
+        options=options or None,
+    )
 
 
 def _check_amended(img, expected, compat, refcount_bits):
@@ -495,12 +620,14 @@ def test_amend_compat_and_refcount_widths(tmp_path):
     img = _amend_image(tmp_path)
     expected = tmp_path / "expected.raw"
     to_raw(img, expected)
-    for kwargs, compat, bits in (({"compat": "0.10"}, "0.10", 16),
-                                 ({"compat": "1.1"}, "1.1", 16),
-                                 ({"refcount_bits": 1}, "1.1", 1),
-                                 ({"refcount_bits": 64, "lazy_refcounts": True}, "1.1", 64),
-                                 ({"refcount_bits": 4, "lazy_refcounts": False}, "1.1", 4),
-                                 ({"compat": "0.10", "refcount_bits": 16}, "0.10", 16)):
+    for kwargs, compat, bits in (
+        ({"compat": "0.10"}, "0.10", 16),
+        ({"compat": "1.1"}, "1.1", 16),
+        ({"refcount_bits": 1}, "1.1", 1),
+        ({"refcount_bits": 64, "lazy_refcounts": True}, "1.1", 64),
+        ({"refcount_bits": 4, "lazy_refcounts": False}, "1.1", 4),
+        ({"compat": "0.10", "refcount_bits": 16}, "0.10", 16),
+    ):
         amend(str(img), **kwargs)
         _check_amended(img, expected, compat, bits)
 
@@ -524,15 +651,18 @@ def test_amend_snapshots_and_lazy(tmp_path):
     assert snap.read_bytes()[:MiB] == b"\x01" * MiB
 
 
-@pytest.mark.parametrize("create_opts, kwargs", [
-    ({"refcount_bits": 1}, {"compat": "0.10"}),
-    ({}, {"compat": "foo"}),
-    ({}, {"refcount_bits": 3}),
-    ({}, {"compat": "0.10", "lazy_refcounts": True}),
-    ({}, {"compat": "0.10", "refcount_bits": 8}),
-    ({"extended_l2": "on"}, {"compat": "0.10"}),
-    ({"compat": "0.10"}, {"lazy_refcounts": True}),
-])
+@pytest.mark.parametrize(
+    "create_opts, kwargs",
+    [
+        ({"refcount_bits": 1}, {"compat": "0.10"}),
+        ({}, {"compat": "foo"}),
+        ({}, {"refcount_bits": 3}),
+        ({}, {"compat": "0.10", "lazy_refcounts": True}),
+        ({}, {"compat": "0.10", "refcount_bits": 8}),
+        ({"extended_l2": "on"}, {"compat": "0.10"}),
+        ({"compat": "0.10"}, {"lazy_refcounts": True}),
+    ],
+)
 def test_amend_refusals_match_qemu(tmp_path, create_opts, kwargs):
     ours = make(tmp_path / "o.qcow2", 1 * MiB, "write -P 1 0 64k", options=create_opts or None)
     theirs = tmp_path / "t.qcow2"
@@ -547,8 +677,9 @@ def test_amend_refusals_match_qemu(tmp_path, create_opts, kwargs):
 
 
 def test_amend_zstd_downgrade(tmp_path):
-    img = make(tmp_path / "z.qcow2", 1 * MiB, "write -P 1 0 64k",
-               options={"compression_type": "zstd"})
+    img = make(
+        tmp_path / "z.qcow2", 1 * MiB, "write -P 1 0 64k", options={"compression_type": "zstd"}
+    )
     expected = tmp_path / "z.raw"
     to_raw(img, expected)
     amend(str(img), compat="0.10")  # no compressed clusters: allowed, becomes zlib
@@ -556,6 +687,7 @@ def test_amend_zstd_downgrade(tmp_path):
 
 
 # --- compare --------------------------------------------------------------------------------
+
 
 def test_compare_matches_qemu(tmp_path, chain3):
     base, mid, top = chain3
@@ -573,9 +705,17 @@ def test_compare_matches_qemu(tmp_path, chain3):
     plain = make(tmp_path / "plain.qcow2", 8 * MiB)
     qcow_copy = tmp_path / "copy.qcow2"
     qemu_img("convert", "-O", "qcow2", top, qcow_copy)
-    pairs = [(top, flat), (top, changed), (flat, bigger), (bigger, top), (top, dirty_tail),
-             (plain, top), (qcow_copy, top), (mid, base), (plain, make(tmp_path / "p2.qcow2",
-                                                                        8 * MiB))]
+    pairs = [
+        (top, flat),
+        (top, changed),
+        (flat, bigger),
+        (bigger, top),
+        (top, dirty_tail),
+        (plain, top),
+        (qcow_copy, top),
+        (mid, base),
+        (plain, make(tmp_path / "p2.qcow2", 8 * MiB)),
+    ]
     for a, b in pairs:
         for strict in (False, True):
             args = ["compare"] + (["-s"] if strict else []) + [a, b]
@@ -587,16 +727,25 @@ def test_compare_matches_qemu(tmp_path, chain3):
 
 # --- measure --------------------------------------------------------------------------------
 
+
 def _qemu_measure(*args) -> dict:
     return json.loads(qemu_img("measure", "--output=json", *args).stdout)
 
 
-@pytest.mark.parametrize("options", [
-    {}, {"cluster_size": "512"}, {"cluster_size": "4k", "refcount_bits": "1"},
-    {"cluster_size": "2M"}, {"compat": "0.10"}, {"preallocation": "full"},
-    {"preallocation": "metadata", "refcount_bits": "64"}, {"extended_l2": "on"},
-    {"cluster_size": "128k", "extended_l2": "on", "preallocation": "falloc"},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"cluster_size": "512"},
+        {"cluster_size": "4k", "refcount_bits": "1"},
+        {"cluster_size": "2M"},
+        {"compat": "0.10"},
+        {"preallocation": "full"},
+        {"preallocation": "metadata", "refcount_bits": "64"},
+        {"extended_l2": "on"},
+        {"cluster_size": "128k", "extended_l2": "on", "preallocation": "falloc"},
+    ],
+)
 def test_measure_size_matches_qemu(options):
     for size in (0, 1, 100 * MiB + 512, 3 * 1024 * MiB):
         opts = ["-o", ",".join(f"{k}={v}" for k, v in options.items())] if options else []
@@ -611,37 +760,56 @@ def test_measure_image_matches_qemu(tmp_path, chain3, sparse_raw):
     qemu_img("bitmap", "--add", "-g", "64k", bitmap, "bitmap0")
     qemu_img("bitmap", "--add", "-g", "1M", bitmap, "a-longer-bitmap-name")
     v2 = make(tmp_path / "v2.qcow2", 8 * MiB, "write -P 1 0 3M", options={"compat": "0.10"})
-    for image, fmt in ((top, None), (mid, None), (base, "raw"), (sparse_raw, "raw"),
-                       (bitmap, None), (v2, None)):
-        for options in ({}, {"cluster_size": "4k"}, {"cluster_size": "1M", "refcount_bits": "8"},
-                        {"backing_file": "x"}, {"compat": "0.10"}):
+    for image, fmt in (
+        (top, None),
+        (mid, None),
+        (base, "raw"),
+        (sparse_raw, "raw"),
+        (bitmap, None),
+        (v2, None),
+    ):
+        for options in (
+            {},
+            {"cluster_size": "4k"},
+            {"cluster_size": "1M", "refcount_bits": "8"},
+            {"backing_file": "x"},
+            {"compat": "0.10"},
+        ):
             opts = ["-o", ",".join(f"{k}={v}" for k, v in options.items())] if options else []
             fargs = ["-f", fmt] if fmt else []
             expected = _qemu_measure("-O", "qcow2", *fargs, *opts, image)
             with qcow2lib.open(str(image), fmt=fmt) as dev:
-                assert measure(source=dev, fmt="qcow2", options=options) == expected, \
-                    (image, options)
+                assert measure(source=dev, fmt="qcow2", options=options) == expected, (
+                    image,
+                    options,
+                )
         with qcow2lib.open(str(image), fmt=fmt) as dev:
             expected = _qemu_measure("-O", "raw", *(["-f", fmt] if fmt else []), image)
             assert measure(source=dev, fmt="raw") == expected
 
 
 def test_measure_errors_match_qemu():
-    for options in ({"cluster_size": "3k"}, {"compat": "v3"}, {"refcount_bits": "3"},
-                    {"compat": "0.10", "refcount_bits": "8"}):
+    for options in (
+        {"cluster_size": "3k"},
+        {"compat": "v3"},
+        {"refcount_bits": "3"},
+        {"compat": "0.10", "refcount_bits": "8"},
+    ):
         opts = ",".join(f"{k}={v}" for k, v in options.items())
         result = qemu_img("measure", "-O", "qcow2", "--size", "1G", "-o", opts, check=False)
         with pytest.raises(qcow2lib.InvalidArgumentError) as exc:
             measure(1 << 30, options=options)
         assert result.stderr.strip() == f"qemu-img: {exc.value}"
-    result = qemu_img("measure", "-O", "qcow2", "--size", "100T", "-o", "cluster_size=512",
-                      check=False)
+    result = qemu_img(
+        "measure", "-O", "qcow2", "--size", "100T", "-o", "cluster_size=512", check=False
+    )
     with pytest.raises(qcow2lib.InvalidArgumentError) as exc:
         measure(100 << 40, options={"cluster_size": 512})
     assert result.stderr.strip() == f"qemu-img: {exc.value}"
 
 
 # --- map ------------------------------------------------------------------------------------
+
 
 def _check_map(images) -> None:
     for image, fmt in images:
@@ -653,8 +821,7 @@ def _check_map(images) -> None:
             assert map_json_text(entries) == result.stdout
             for start, length in ((MiB, MiB), (12345, 777), (100 * MiB, None)):
                 args = ["-s", str(start)] + (["-l", str(length)] if length else [])
-                expected = json.loads(qemu_img("map", "--output=json", *fargs, *args,
-                                               image).stdout)
+                expected = json.loads(qemu_img("map", "--output=json", *fargs, *args, image).stdout)
                 assert map_entries(dev, start, length) == expected
         human = qemu_img("map", *fargs, image, check=False)
         with qcow2lib.open(str(image), fmt=fmt) as dev:
@@ -667,14 +834,26 @@ def _check_map(images) -> None:
 
 def test_map_entries_match_qemu(tmp_path, chain3, sparse_raw):
     base, mid, top = chain3
-    zstd = make(tmp_path / "zs.qcow2", 1 * MiB, "write -c -P 2 0 64k", "write -P 3 64k 64k",
-                "write -z 128k 64k", "write -z -u 256k 64k", options={"compression_type": "zstd"})
+    zstd = make(
+        tmp_path / "zs.qcow2",
+        1 * MiB,
+        "write -c -P 2 0 64k",
+        "write -P 3 64k 64k",
+        "write -z 128k 64k",
+        "write -z -u 256k 64k",
+        options={"compression_type": "zstd"},
+    )
     _check_map([(top, None), (mid, None), (base, "raw"), (sparse_raw, "raw"), (zstd, None)])
 
 
 def test_map_entries_extended_l2(tmp_path):
-    ext = make(tmp_path / "ext.qcow2", 4 * MiB, "write -P 1 0 100k", "write -z 1M 64k",
-               options={"extended_l2": "on", "cluster_size": "64k"})
+    ext = make(
+        tmp_path / "ext.qcow2",
+        4 * MiB,
+        "write -P 1 0 100k",
+        "write -z 1M 64k",
+        options={"extended_l2": "on", "cluster_size": "64k"},
+    )
     _check_map([(ext, None)])
 
 

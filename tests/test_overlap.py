@@ -7,6 +7,7 @@ image corrupt (qemu-img info says so), and leave the two files byte-identical: t
 metadata the write aimed at is unharmed. qemu-img check and check -r all must then see
 the two images alike.
 """
+
 from __future__ import annotations
 
 import errno
@@ -41,8 +42,21 @@ class Layout:
     def __init__(self, path):
         self.path = str(path)
         raw = self.read(0, 104)
-        (_, _, _, _, cluster_bits, _, _, self.l1_size, self.l1_offset, self.reftable_offset,
-         _, self.nb_snapshots, self.snapshots_offset) = struct.unpack(">IIQIIQIIQQIIQ", raw[:72])
+        (
+            _,
+            _,
+            _,
+            _,
+            cluster_bits,
+            _,
+            _,
+            self.l1_size,
+            self.l1_offset,
+            self.reftable_offset,
+            _,
+            self.nb_snapshots,
+            self.snapshots_offset,
+        ) = struct.unpack(">IIQIIQIIQQIIQ", raw[:72])
         self.cluster_size = 1 << cluster_bits
         self.refcount_bits = 1 << struct.unpack(">I", raw[96:100])[0]
         self.entry_size = 16 if struct.unpack(">Q", raw[72:80])[0] & 16 else 8  # extended L2
@@ -114,19 +128,33 @@ def write_both(path, offset, length, tmp_path):
     shutil.copy(path, theirs)
     with qcow2lib.open(str(path), "r+") as image, pytest.raises(Qcow2IOError) as caught:
         image.write(offset, b"\x5a" * length)
-    qemu = subprocess.run([QEMU_IO, "-c", f"write -P 0x5a {offset} {length}", str(theirs)],
-                          capture_output=True, text=True, check=False)
+    qemu = subprocess.run(
+        [QEMU_IO, "-c", f"write -P 0x5a {offset} {length}", str(theirs)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     return caught.value, qemu, theirs
 
 
 def assert_refused_like_qemu(path, offset, length, tmp_path, name, same_file=True):
     before = Layout(path)
-    metadata = {off: before.read(off, before.cluster_size)
-                for off in (0, before.l1_offset, before.reftable_offset, before.refblock_offset,
-                            before.l2_offset(0), before.l2_offset(1))}
+    metadata = {
+        off: before.read(off, before.cluster_size)
+        for off in (
+            0,
+            before.l1_offset,
+            before.reftable_offset,
+            before.refblock_offset,
+            before.l2_offset(0),
+            before.l2_offset(1),
+        )
+    }
     error, qemu, theirs = write_both(path, offset, length, tmp_path)
-    message = (f"qcow2: Marking image as corrupt: Preventing invalid write on metadata "
-               f"(overlaps with {name}); further corruption events will be suppressed")
+    message = (
+        f"qcow2: Marking image as corrupt: Preventing invalid write on metadata "
+        f"(overlaps with {name}); further corruption events will be suppressed"
+    )
     assert error.errno == errno.EIO
     assert error.strerror == message
     assert qemu.stderr.splitlines()[0] == message
@@ -137,13 +165,17 @@ def assert_refused_like_qemu(path, offset, length, tmp_path, name, same_file=Tru
     after = Layout(path)
     for off, content in metadata.items():
         if off == 0:  # the header gained the corrupt bit, nothing else
-            content = content[:72] + struct.pack(">Q", struct.unpack(">Q", content[72:80])[0]
-                                                 | 2) + content[80:]
+            content = (
+                content[:72]
+                + struct.pack(">Q", struct.unpack(">Q", content[72:80])[0] | 2)
+                + content[80:]
+            )
         assert after.read(off, before.cluster_size) == content, hex(off)
     return theirs
 
 
 # --- the allocator hands out a cluster whose refcount is wrongly 0 ------------------------
+
 
 @pytest.mark.timeout(60)
 def test_allocator_refuses_active_l2_table_with_refcount_zero(tmp_path):
@@ -195,10 +227,13 @@ def test_copied_entry_pointing_at_metadata(tmp_path, name, length):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("offset, length, bitmap", [
-    (0, 4096, None),  # allocated subclusters: written in place
-    (4096, 512, 1),  # subcluster 2 unallocated (only 0 is): allocated inside the cluster
-])
+@pytest.mark.parametrize(
+    "offset, length, bitmap",
+    [
+        (0, 4096, None),  # allocated subclusters: written in place
+        (4096, 512, 1),  # subcluster 2 unallocated (only 0 is): allocated inside the cluster
+    ],
+)
 def test_copied_extended_l2_entry_pointing_at_refcount_block(tmp_path, offset, length, bitmap):
     path = base_image(tmp_path, options="extended_l2=on")
     layout = Layout(path)
@@ -220,8 +255,12 @@ def test_version_2_image_refuses_without_a_corrupt_bit(tmp_path):
             image.write(0, b"\x5a" * 4096)
         with pytest.raises(ReadOnlyError):
             image.write(512 << 20, b"\x5a" * 4096)
-    qemu = subprocess.run([QEMU_IO, "-c", "write -P 0x5a 0 4k", str(theirs)],
-                          capture_output=True, text=True, check=False)
+    qemu = subprocess.run(
+        [QEMU_IO, "-c", "write -P 0x5a 0 4k", str(theirs)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert caught.value.errno == errno.EIO
     assert qemu.stderr.splitlines()[0] == caught.value.strerror
     assert "overlaps with refcount block" in caught.value.strerror
@@ -240,12 +279,21 @@ def test_copied_entry_pointing_at_snapshot_metadata(tmp_path, name):
 
 
 DAMAGES = {  # name: (bend the image, guest offset of the write, what it would overwrite)
-    "copied_on_refblock": (lambda layout: layout.set_l2_entry(0, COPIED | layout.refblock_offset),
-                           0, "refcount block"),
-    "copied_on_l1": (lambda layout: layout.set_l2_entry(0, COPIED | layout.l1_offset),
-                     0, "active L1 table"),
-    "l2_refcount_zero": (lambda layout: layout.zero_refcount(layout.l2_offset(0) >> 16),
-                         1 << 20, "active L2 table"),
+    "copied_on_refblock": (
+        lambda layout: layout.set_l2_entry(0, COPIED | layout.refblock_offset),
+        0,
+        "refcount block",
+    ),
+    "copied_on_l1": (
+        lambda layout: layout.set_l2_entry(0, COPIED | layout.l1_offset),
+        0,
+        "active L1 table",
+    ),
+    "l2_refcount_zero": (
+        lambda layout: layout.zero_refcount(layout.l2_offset(0) >> 16),
+        1 << 20,
+        "active L2 table",
+    ),
 }
 
 
@@ -266,8 +314,9 @@ def test_refused_image_reads_and_checks_like_qemu(tmp_path, damage):
         qcow2lib.open(str(path), "r+")
     for repair in (None, "all"):
         ours = check_path(str(path), repair)
-        result = qemu_img("check", "--output=json", *(["-r", repair] if repair else []),
-                          theirs, check=False)
+        result = qemu_img(
+            "check", "--output=json", *(["-r", repair] if repair else []), theirs, check=False
+        )
         assert ours.exit_code == result.returncode
         data = json.loads(format_check_json(ours))
         data["filename"] = str(theirs)
@@ -281,6 +330,7 @@ def test_refused_image_reads_and_checks_like_qemu(tmp_path, damage):
 
 
 # --- metadata written back onto other metadata -----------------------------------------------
+
 
 @pytest.mark.timeout(60)
 def test_refcount_block_written_back_over_active_l2_table(tmp_path):
@@ -303,10 +353,16 @@ def test_refcount_block_written_back_over_active_l2_table(tmp_path):
         image.flush()
     with pytest.raises(Qcow2IOError):  # what flush could not write back, close cannot either
         image.close()
-    qemu = subprocess.run([QEMU_IO, "-c", "write -P 0x5a 513M 4k", str(theirs)],
-                          capture_output=True, text=True, check=False)
-    message = ("qcow2: Marking image as corrupt: Preventing invalid write on metadata "
-               "(overlaps with active L2 table); further corruption events will be suppressed")
+    qemu = subprocess.run(
+        [QEMU_IO, "-c", "write -P 0x5a 513M 4k", str(theirs)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    message = (
+        "qcow2: Marking image as corrupt: Preventing invalid write on metadata "
+        "(overlaps with active L2 table); further corruption events will be suppressed"
+    )
     assert caught.value.errno == errno.EIO and caught.value.strerror == message
     assert qemu.stderr.splitlines()[0] == message
     assert is_corrupt(path) and is_corrupt(theirs)
@@ -319,10 +375,10 @@ def bitmap_table_offset(layout: Layout) -> int:
     header = layout.read(0, layout.cluster_size)
     pos = struct.unpack(">I", header[100:104])[0]
     while True:
-        kind, length = struct.unpack(">II", header[pos:pos + 8])
+        kind, length = struct.unpack(">II", header[pos : pos + 8])
         assert kind, "no bitmaps extension"
         if kind == 0x23852875:
-            directory = struct.unpack(">Q", header[pos + 24:pos + 32])[0]
+            directory = struct.unpack(">Q", header[pos + 24 : pos + 32])[0]
             return layout.r64(directory)
         pos += 8 + (length + 7 & ~7)
 
@@ -353,7 +409,8 @@ def test_bitmap_table_entry_pointing_at_l1_table(tmp_path):
     assert caught.value.errno == errno.EIO
     assert caught.value.strerror == (
         "qcow2: Marking image as corrupt: Preventing invalid write on metadata (overlaps "
-        "with active L1 table); further corruption events will be suppressed")
+        "with active L1 table); further corruption events will be suppressed"
+    )
     assert is_corrupt(path)
     assert layout.read(layout.l1_offset, layout.cluster_size) == l1_table
     with qcow2lib.open(str(path), "r") as image:
@@ -362,6 +419,7 @@ def test_bitmap_table_entry_pointing_at_l1_table(tmp_path):
 
 
 # --- the map kept up to date incrementally --------------------------------------------------
+
 
 def map_state(overlaps):
     return dict(overlaps._clusters), dict(overlaps._counts), sorted(overlaps._wide)

@@ -4,6 +4,7 @@ Each test names the iotest it mirrors. The guest content (read back with qemu-io
 converted with qemu-img) and, where the layout is deterministic, the image bytes are
 compared with what the real qemu-img produces from the same input.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -34,6 +35,7 @@ def twin(tmp_path: Path, setup) -> tuple[Path, Path]:
 
 # --- iotest 252: a safe rebase onto a new backing file never changes the guest's view ---
 
+
 def test_rebase_without_old_backing_zeroes_what_the_new_one_would_show(tmp_path):
     cs = 65536
 
@@ -41,8 +43,12 @@ def test_rebase_without_old_backing_zeroes_what_the_new_one_would_show(tmp_path)
         qemu_img("create", "-q", "-f", "qcow2", d / "t.qcow2", str(6 * cs))
         qemu_img("create", "-q", "-f", "qcow2", d / "base_new.qcow2", str(6 * cs))
         qemu_io(d / "t.qcow2", f"write -P 0x22 0 {2 * cs}", f"write -P 0x11 {2 * cs} {2 * cs}")
-        qemu_io(d / "base_new.qcow2", f"write -P 0x11 0 {cs}", f"write -P 0x11 {2 * cs} {cs}",
-                f"write -P 0x11 {4 * cs} {cs}")
+        qemu_io(
+            d / "base_new.qcow2",
+            f"write -P 0x11 0 {cs}",
+            f"write -P 0x11 {2 * cs} {cs}",
+            f"write -P 0x11 {4 * cs} {cs}",
+        )
 
     ours, theirs = twin(tmp_path, setup)
     before = to_raw(ours / "t.qcow2", tmp_path / "before.raw")
@@ -54,6 +60,7 @@ def test_rebase_without_old_backing_zeroes_what_the_new_one_would_show(tmp_path)
 
 
 # --- iotest 029: snapshots and the VM state area -----------------------------------------
+
 
 def test_vm_state_past_one_tebibyte_survives_snapshot_and_revert(tmp_path):
     image = tmp_path / "t.qcow2"
@@ -85,23 +92,34 @@ def test_convert_of_a_snapshot_keeps_the_image_size_not_the_recorded_one(tmp_pat
 
 # --- iotest 163: shrinking releases refcount blocks that count nothing any more ---------
 
+
 def _empty_refcount_blocks(path: Path) -> list[int]:
     """Offsets of refcount blocks the table points at that hold only zeros."""
     data = path.read_bytes()
     cluster_size = 1 << int.from_bytes(data[20:24], "big")
     table_offset = int.from_bytes(data[48:56], "big")
     table_clusters = int.from_bytes(data[56:60], "big")
-    table = data[table_offset:table_offset + table_clusters * cluster_size]
-    offsets = [int.from_bytes(table[i:i + 8], "big") for i in range(0, len(table), 8)]
-    return [o for o in offsets if o and not any(data[o:o + cluster_size])]
+    table = data[table_offset : table_offset + table_clusters * cluster_size]
+    offsets = [int.from_bytes(table[i : i + 8], "big") for i in range(0, len(table), 8)]
+    return [o for o in offsets if o and not any(data[o : o + cluster_size])]
 
 
 def test_shrink_with_512_byte_clusters_drops_empty_refcount_blocks(tmp_path):
     def setup(d: Path) -> None:
-        qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64",
-                 d / "t.qcow2", "3M")
-        qemu_io(d / "t.qcow2", *(f"write -P 0xff {offset} 256k"
-                                 for offset in range(0, 3 << 20, 256 << 10)))
+        qemu_img(
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512,refcount_bits=64",
+            d / "t.qcow2",
+            "3M",
+        )
+        qemu_io(
+            d / "t.qcow2",
+            *(f"write -P 0xff {offset} 256k" for offset in range(0, 3 << 20, 256 << 10)),
+        )
 
     ours, theirs = twin(tmp_path, setup)
     for d, runner in ((ours, run_qimg), (theirs, run_qemu)):
@@ -115,6 +133,7 @@ def test_shrink_with_512_byte_clusters_drops_empty_refcount_blocks(tmp_path):
 
 # --- iotest 271: preallocation with subclusters leaves the backing file visible ----------
 
+
 def test_preallocation_over_a_backing_file_with_extended_l2(tmp_path):
     def setup(d: Path) -> None:
         qemu_img("create", "-q", "-f", "raw", d / "base", "512k")
@@ -122,8 +141,20 @@ def test_preallocation_over_a_backing_file_with_extended_l2(tmp_path):
 
     ours, theirs = twin(tmp_path, setup)
     for mode in ("metadata", "falloc", "full"):
-        args = ("create", "-q", "-f", "qcow2", "-o", f"extended_l2=on,preallocation={mode}",
-                "-b", "base", "-F", "raw", f"{mode}.qcow2", "512k")
+        args = (
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            f"extended_l2=on,preallocation={mode}",
+            "-b",
+            "base",
+            "-F",
+            "raw",
+            f"{mode}.qcow2",
+            "512k",
+        )
         for d, runner in ((ours, run_qimg), (theirs, run_qemu)):
             result = runner(d, *args)
             assert result.returncode == 0, result.stderr
@@ -136,10 +167,15 @@ def test_preallocation_over_a_backing_file_with_extended_l2(tmp_path):
 # --- new images are laid out as qemu-img lays them out (190, 243, 303) ------------------
 
 CREATE_CASES = [
-    ("", "1G"), ("", "0"), ("compat=0.10", "1G"), ("extended_l2=on", "1G"),
-    ("cluster_size=2M", "100T"), ("cluster_size=512", "256M"),
+    ("", "1G"),
+    ("", "0"),
+    ("compat=0.10", "1G"),
+    ("extended_l2=on", "1G"),
+    ("cluster_size=2M", "100T"),
+    ("cluster_size=512", "256M"),
     ("cluster_size=512,refcount_bits=64", "2G"),  # L1 needs refcount blocks after it
-    ("cluster_size=512,refcount_bits=1", "64M"), ("lazy_refcounts=on", "1G"),
+    ("cluster_size=512,refcount_bits=1", "64M"),
+    ("lazy_refcounts=on", "1G"),
     ("preallocation=metadata", "100M"),
 ]
 
@@ -173,9 +209,11 @@ QIMG_SCRIPT = Path(__file__).resolve().parent.parent / "tools" / "qimg.py"
 def qimg_program(tmp_path: Path, name: str) -> Path:
     """An executable called `name` that runs this worktree's qimg (argv[0] kept)."""
     program = tmp_path / name
-    program.write_text(f"#!{sys.executable}\nimport sys\n"
-                       f"sys.path.insert(0, {str(QIMG_SCRIPT.parent.parent)!r})\n"
-                       "from qcow2lib.cli import main\nsys.exit(main())\n")
+    program.write_text(
+        f"#!{sys.executable}\nimport sys\n"
+        f"sys.path.insert(0, {str(QIMG_SCRIPT.parent.parent)!r})\n"
+        "from qcow2lib.cli import main\nsys.exit(main())\n"
+    )
     program.chmod(0o755)
     return program
 
@@ -185,8 +223,9 @@ def test_usage_pointers_name_the_program_as_invoked(tmp_path):
         program = qimg_program(tmp_path, name)
         result = run([program], check=False)
         assert result.returncode == 1
-        assert result.stderr == (f"{name}: Not enough arguments\n"
-                                 f"Try '{name} --help' for more information\n")
+        assert result.stderr == (
+            f"{name}: Not enough arguments\nTry '{name} --help' for more information\n"
+        )
         usage = run([program, "--help"]).stdout.splitlines()[2]
         assert usage == f"usage: {name} [standard options] command [command options]"
     # under its own name, exactly what qemu-img prints
@@ -197,9 +236,11 @@ def test_ctrl_c_kills_quietly_by_sigint_like_qemu_img(tmp_path):
     qemu_img("create", "-q", "-f", "qcow2", tmp_path / "b.qcow2", "1G")
     program = qimg_program(tmp_path, "qemu-img")
     for command in (["qemu-img"], [str(program)]):
-        process = subprocess.Popen(command + ["bench", "-c", "100000000", "-q",
-                                              str(tmp_path / "b.qcow2")],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        process = subprocess.Popen(
+            command + ["bench", "-c", "100000000", "-q", str(tmp_path / "b.qcow2")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         time.sleep(1.5)  # past start-up: Python installs its own handler early
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=30)
@@ -263,8 +304,8 @@ def test_bitmap_with_an_unknown_flag_is_refused_like_qemu_img(tmp_path):
     qemu_img("bitmap", "--add", "-g", "16k", image, "bitmap-0")
     data = image.read_bytes()
     extension_at = data.find((0x23852875).to_bytes(4, "big"), 104)  # the bitmaps extension
-    directory = int.from_bytes(data[extension_at + 8 + 16:extension_at + 8 + 24], "big")
-    flags = int.from_bytes(data[directory + 12:directory + 16], "big")
+    directory = int.from_bytes(data[extension_at + 8 + 16 : extension_at + 8 + 24], "big")
+    flags = int.from_bytes(data[directory + 12 : directory + 16], "big")
     _poke(image, directory + 12, (flags | 4).to_bytes(4, "big"))
     for command in (["info", image], ["map", image]):  # (check: not yet, see the report)
         mine = run_qimg(tmp_path, *command)
@@ -276,6 +317,7 @@ def test_bitmap_with_an_unknown_flag_is_refused_like_qemu_img(tmp_path):
 def test_repairing_a_refcount_block_past_any_possible_file_end(tmp_path):
     """iotest 108: a refblock offset so large that the file cannot grow to it."""
     for value in (0x7FFFFFFFFFFF0000, 0xFFFFFFFFFFFF0000):
+
         def setup(d: Path, value: int = value) -> None:
             qemu_img("create", "-q", "-f", "qcow2", d / "t.qcow2", "64M")
             _poke(d / "t.qcow2", 0x10008, value.to_bytes(8, "big"))
@@ -286,15 +328,31 @@ def test_repairing_a_refcount_block_past_any_possible_file_end(tmp_path):
         mine = run_qimg(ours, "check", "-r", "all", "t.qcow2")
         real = run_qemu(theirs, "check", "-r", "all", "t.qcow2")
         assert "ERROR could not resize image: Invalid argument" in real.stderr
-        assert (mine.returncode, mine.stdout, mine.stderr) == \
-            (real.returncode, real.stdout, real.stderr)
+        assert (mine.returncode, mine.stdout, mine.stderr) == (
+            real.returncode,
+            real.stdout,
+            real.stderr,
+        )
 
 
 def test_amend_data_file_renames_or_removes_the_external_data_file_name(tmp_path):
     """iotest 244: `amend -o data_file=` leaves an image that needs its data file given."""
+
     def setup(d: Path) -> None:
-        run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "data_file=t.qcow2.data",
-             "t.qcow2", "64M"], cwd=d)  # (a relative data file is taken from the cwd)
+        run(
+            [
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "data_file=t.qcow2.data",
+                "t.qcow2",
+                "64M",
+            ],
+            cwd=d,
+        )  # (a relative data file is taken from the cwd)
 
     ours, theirs = twin(tmp_path, setup)
     for d, runner in ((ours, run_qimg), (theirs, run_qemu)):
@@ -308,13 +366,23 @@ def test_amend_data_file_renames_or_removes_the_external_data_file_name(tmp_path
 
 def test_compressed_convert_to_an_external_data_file_fails_as_qemu_img(tmp_path):
     """iotest 244: the write fails with ENOTSUP, worded as qemu-img words write errors."""
+
     def setup(d: Path) -> None:
         qemu_img("create", "-q", "-f", "qcow2", d / "s.qcow2", "64M")
         qemu_io(d / "s.qcow2", "write -P 0x11 0 1M")
 
     ours, theirs = twin(tmp_path, setup)
-    args = ("convert", "-f", "qcow2", "-O", "qcow2", "-c", "-odata_file=t.qcow2.data",
-            "s.qcow2", "t.qcow2")
+    args = (
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "qcow2",
+        "-c",
+        "-odata_file=t.qcow2.data",
+        "s.qcow2",
+        "t.qcow2",
+    )
     mine, real = run_qimg(ours, *args), run_qemu(theirs, *args)
     assert (mine.returncode, mine.stderr) == (real.returncode, real.stderr)
     assert real.stderr == "qemu-img: error while writing at byte 0: Operation not supported\n"
@@ -324,9 +392,15 @@ def test_directories_and_empty_files_are_refused_as_qemu_img_refuses_them(tmp_pa
     (tmp_path / "dir").mkdir()
     (tmp_path / "empty.img").write_bytes(b"")
     (tmp_path / "short.img").write_bytes(bytes(50))
-    commands = [["check", "dir"], ["check", "-f", "qcow2", "dir"], ["check", "-r", "all", "dir"],
-                ["info", "dir"], ["info", "-f", "qcow2", "empty.img"],
-                ["info", "-f", "qcow2", "short.img"], ["check", "-f", "qcow2", "empty.img"]]
+    commands = [
+        ["check", "dir"],
+        ["check", "-f", "qcow2", "dir"],
+        ["check", "-r", "all", "dir"],
+        ["info", "dir"],
+        ["info", "-f", "qcow2", "empty.img"],
+        ["info", "-f", "qcow2", "short.img"],
+        ["check", "-f", "qcow2", "empty.img"],
+    ]
     for command in commands:
         mine, real = run_qimg(tmp_path, *command), run_qemu(tmp_path, *command)
         assert real.returncode == 1, command

@@ -6,6 +6,7 @@ Images with many snapshots are made at test time from one qemu-img snapshot whos
 entry is repeated (distinct IDs and names, one L1 table shared by all), refcounts then
 fixed by `qemu-img check -r all`: qemu-img itself accepts them.
 """
+
 from __future__ import annotations
 
 import re
@@ -22,9 +23,9 @@ from qcow2lib import snapshots as snaps
 from qemutools import assert_clean, qemu_img, qemu_io
 
 ROOT = Path(__file__).resolve().parent.parent
-MEMORY_LIMIT = 1 << 30          # address space of the subprocess
-MAXRSS_LIMIT_KIB = 256 * 1024   # the target: under 256 MiB resident
-HEADER_NB_SNAPSHOTS = 60        # nb_snapshots (4 bytes), then snapshots_offset (8)
+MEMORY_LIMIT = 1 << 30  # address space of the subprocess
+MAXRSS_LIMIT_KIB = 256 * 1024  # the target: under 256 MiB resident
+HEADER_NB_SNAPSHOTS = 60  # nb_snapshots (4 bytes), then snapshots_offset (8)
 HEADER_INCOMPATIBLE = 72
 
 
@@ -40,7 +41,7 @@ def repeat_snapshot(path: Path, count: int, repair: bool = True) -> None:
         f.seek(table_offset)
         entry = f.read(1024)
         fields = list(struct.unpack_from(">QIHHIIQII", entry, 0))
-        extra = entry[40:40 + fields[8]]
+        extra = entry[40 : 40 + fields[8]]
         table = bytearray()
         for number in range(1, count + 1):
             ident, name = str(number).encode(), f"s{number}".encode()
@@ -57,8 +58,9 @@ def repeat_snapshot(path: Path, count: int, repair: bool = True) -> None:
         assert_clean(path)
 
 
-def make_many_snapshots(path: Path, count: int, size: str = "256T",
-                        refcount_bits: int = 16) -> None:
+def make_many_snapshots(
+    path: Path, count: int, size: str = "256T", refcount_bits: int = 16
+) -> None:
     """An image whose `count` snapshots share one L1 table (4 MiB for 256 TiB) and the L2
     tables under it; the active image has moved on since (data written after)."""
     qemu_img("create", "-q", "-f", "qcow2", "-o", f"refcount_bits={refcount_bits}", path, size)
@@ -96,8 +98,19 @@ def bounded_qimg(tmp_path: Path, *args) -> tuple[subprocess.CompletedProcess, in
     """qimg in a subprocess limited to 1 GiB of address space: its result and peak resident
     memory (KiB, VmHWM)."""
     rss_file = tmp_path / "maxrss"
-    result = subprocess.run([sys.executable, "-c", _RUNNER, str(MEMORY_LIMIT), str(ROOT),
-                             str(rss_file), *map(str, args)], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _RUNNER,
+            str(MEMORY_LIMIT),
+            str(ROOT),
+            str(rss_file),
+            *map(str, args),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert "MemoryError" not in result.stderr, result.stderr[-2000:]
     return result, int(rss_file.read_text())
 
@@ -121,15 +134,23 @@ def twins(source: Path, tmp_path: Path) -> tuple[Path, Path]:
 def assert_same_images(ours: Path, theirs: Path, tmp_path: Path) -> None:
     """Clean, same snapshots (dates aside), same guest content as qemu-img's twin."""
     assert_clean(ours)
-    assert without_dates(qemu_img("snapshot", "-l", ours).stdout) == \
-        without_dates(qemu_img("snapshot", "-l", theirs).stdout)
+    assert without_dates(qemu_img("snapshot", "-l", ours).stdout) == without_dates(
+        qemu_img("snapshot", "-l", theirs).stdout
+    )
     assert qemu_img("compare", "-q", ours, theirs, check=False).returncode == 0
 
 
-@pytest.mark.parametrize("args", [("snapshot", "-l"), ("snapshot", "-c", "x"),
-                                  ("snapshot", "-a", "s500"), ("snapshot", "-d", "s7"),
-                                  ("snapshot", "-a", "base-not-there")],
-                         ids=["list", "create", "apply", "delete", "apply-missing"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("snapshot", "-l"),
+        ("snapshot", "-c", "x"),
+        ("snapshot", "-a", "s500"),
+        ("snapshot", "-d", "s7"),
+        ("snapshot", "-a", "base-not-there"),
+    ],
+    ids=["list", "create", "apply", "delete", "apply-missing"],
+)
 def test_thousand_snapshots_bounded_memory_like_qemu(many_snapshots, tmp_path, args):
     ours, theirs = twins(many_snapshots, tmp_path)
     result, maxrss = bounded_qimg(tmp_path, *args, ours)
@@ -174,8 +195,11 @@ def test_thousand_snapshots_check_like_qemu(many_snapshots, tmp_path, repair, da
     result, maxrss = bounded_qimg(tmp_path, *args, ours)
     expected = qemu_img(*args, theirs, check=False)
     assert maxrss < MAXRSS_LIMIT_KIB, f"{args}: peak RSS {maxrss} KiB"
-    assert (result.returncode, result.stdout, result.stderr) == \
-        (expected.returncode, expected.stdout, expected.stderr)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        expected.returncode,
+        expected.stdout,
+        expected.stderr,
+    )
     if damage == "bad-entries":
         assert result.stderr.count("ERROR found l2 entry with reserved bits set") == 1000
     assert ours.read_bytes() == theirs.read_bytes()
@@ -194,8 +218,11 @@ def test_thousand_snapshots_overflowing_8bit_refcounts_check_like_qemu(tmp_path)
         result, _ = bounded_qimg(tmp_path, *args, ours)
         expected = qemu_img(*args, theirs, check=False)
         assert "overflow" in expected.stderr
-        assert (result.returncode, result.stdout, result.stderr) == \
-            (expected.returncode, expected.stdout, expected.stderr)
+        assert (result.returncode, result.stdout, result.stderr) == (
+            expected.returncode,
+            expected.stdout,
+            expected.stderr,
+        )
         assert ours.read_bytes() == theirs.read_bytes()
 
 
@@ -220,6 +247,7 @@ def test_dirty_lazy_refcounts_with_thousand_snapshots_opens_bounded(many_snapsho
 
 # --- disk space ---------------------------------------------------------------------------
 
+
 def image_end_offset(path: Path) -> int:
     text = qemu_img("check", path).stdout
     return int(re.search(r"Image end offset: (\d+)", text).group(1))
@@ -243,8 +271,11 @@ def test_create_apply_delete_rounds_stay_near_qemu(tmp_path):
             steps.append(("-d", f"keep{round_number - 3}"))
         for action, name in steps:
             with qcow2lib.open(str(ours), "r+") as img:
-                {"-c": snaps.create_snapshot, "-a": snaps.apply_snapshot,
-                 "-d": snaps.delete_snapshot}[action](img, name)
+                {
+                    "-c": snaps.create_snapshot,
+                    "-a": snaps.apply_snapshot,
+                    "-d": snaps.delete_snapshot,
+                }[action](img, name)
             qemu_img("snapshot", action, name, theirs)
     assert_same_images(ours, theirs, tmp_path)
     cluster = 65536
@@ -273,6 +304,7 @@ def test_freed_metadata_is_reused_and_the_tail_cut(tmp_path):
 
 
 # --- the snapshot table, parsed once ------------------------------------------------------
+
 
 def test_65536_snapshots_table_parsed_once(tmp_path, monkeypatch):
     path = tmp_path / "img.qcow2"
@@ -305,6 +337,7 @@ def test_65536_snapshots_table_parsed_once(tmp_path, monkeypatch):
 
 # --- the refcount table grows inside a commit -----------------------------------------------
 
+
 def test_refcount_table_grows_inside_a_crash_safe_commit(tmp_path):
     """512-byte clusters with 64-bit refcounts: a refcount table cluster reaches 4096
     clusters, and a snapshot of 1950 KiB of data copies ~60 L2 tables past that reach, so
@@ -313,9 +346,9 @@ def test_refcount_table_grows_inside_a_crash_safe_commit(tmp_path):
     import random
 
     from test_snapshots import _apply_ops, _Recorder, harmful_check_findings
+
     path = tmp_path / "img.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64", path,
-             "8M")
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64", path, "8M")
     qemu_io(path, "write -P 0x61 0 1950k")
     twin = tmp_path / "twin.qcow2"
     shutil.copyfile(path, twin)

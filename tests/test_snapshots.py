@@ -9,6 +9,7 @@
   be after a crash at each point is checked by `qemu-img check` (leaks allowed, and a
   COPIED flag that lags behind its refcount in the harmless direction, as in QEMU itself).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,16 @@ import pytest
 import qcow2lib
 from qcow2lib import InvalidArgumentError, ReadOnlyError, UnsupportedFeatureError
 from qcow2lib import snapshots as snap_api
-from qcow2lib.snapshots import (SnapshotView, apply_snapshot, create_snapshot, delete_snapshot,
-                                find_snapshot, list_snapshots, read_vmstate, write_vmstate)
+from qcow2lib.snapshots import (
+    SnapshotView,
+    apply_snapshot,
+    create_snapshot,
+    delete_snapshot,
+    find_snapshot,
+    list_snapshots,
+    read_vmstate,
+    write_vmstate,
+)
 
 from qemutools import assert_clean, qemu_check, qemu_create, qemu_img, qemu_io, to_raw
 
@@ -34,6 +43,7 @@ MiB = 1024 * KiB
 
 # --- helpers --------------------------------------------------------------------------------
 
+
 def qemu_snapshot_info(path) -> list[dict]:
     info = json.loads(qemu_img("info", "--output=json", path).stdout)
     return info.get("snapshots", [])
@@ -41,8 +51,9 @@ def qemu_snapshot_info(path) -> list[dict]:
 
 def qemu_snapshot_raw(path, tmp_path: Path, *, name=None, id=None) -> bytes:
     """The snapshot's content as QEMU reads it (qemu-img convert -l)."""
-    param = ",".join(p for p in (f"snapshot.id={id}" if id else "",
-                                 f"snapshot.name={name}" if name else "") if p)
+    param = ",".join(
+        p for p in (f"snapshot.id={id}" if id else "", f"snapshot.name={name}" if name else "") if p
+    )
     out = tmp_path / f"snap-{random.random()}.raw"
     qemu_img("convert", "-f", "qcow2", "-l", param, "-O", "raw", path, out)
     data = out.read_bytes()
@@ -60,8 +71,9 @@ def qemu_raw(path, tmp_path: Path) -> bytes:
 def assert_clean_while_open(path) -> None:
     """qemu-img check (sharing the image qcow2lib holds open): no corruption, no leaks."""
     result = qemu_img("check", "-U", "--output=json", path, check=False)
-    assert result.returncode == 0, f"qemu-img check exit {result.returncode}: " \
-                                   f"{result.stdout}{result.stderr}"
+    assert result.returncode == 0, (
+        f"qemu-img check exit {result.returncode}: {result.stdout}{result.stderr}"
+    )
     report = json.loads(result.stdout)
     assert not report.get("corruptions") and not report.get("leaks"), report
 
@@ -70,8 +82,9 @@ def pattern(seed: int, length: int) -> bytes:
     return random.Random(seed).randbytes(length)
 
 
-def make_image(path, size, *, compat="1.1", refcount_bits=16, extended_l2=False,
-               cluster_size=64 * KiB) -> None:
+def make_image(
+    path, size, *, compat="1.1", refcount_bits=16, extended_l2=False, cluster_size=64 * KiB
+) -> None:
     opts = {"compat": compat, "refcount_bits": refcount_bits, "cluster_size": cluster_size}
     if extended_l2:
         opts["extended_l2"] = "on"
@@ -83,14 +96,19 @@ CONFIGS = [
     pytest.param(dict(compat="1.1", refcount_bits=64, cluster_size=4 * KiB), id="v3-rc64-4k"),
     pytest.param(dict(compat="1.1", refcount_bits=2, cluster_size=4 * KiB), id="v3-rc2-4k"),
     pytest.param(dict(compat="0.10", refcount_bits=16, cluster_size=4 * KiB), id="v2-4k"),
-    pytest.param(dict(compat="1.1", refcount_bits=8, cluster_size=64 * KiB, extended_l2=True),
-                 id="v3-extl2-rc8-64k"),
-    pytest.param(dict(compat="1.1", refcount_bits=16, cluster_size=16 * KiB, extended_l2=True),
-                 id="v3-extl2-16k"),
+    pytest.param(
+        dict(compat="1.1", refcount_bits=8, cluster_size=64 * KiB, extended_l2=True),
+        id="v3-extl2-rc8-64k",
+    ),
+    pytest.param(
+        dict(compat="1.1", refcount_bits=16, cluster_size=16 * KiB, extended_l2=True),
+        id="v3-extl2-16k",
+    ),
 ]
 
 
 # --- qcow2lib creates, QEMU reads ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_created_snapshots_seen_by_qemu(tmp_path, config):
@@ -102,14 +120,15 @@ def test_created_snapshots_seen_by_qemu(tmp_path, config):
     with qcow2lib.open(str(path), "r+") as img:
         first = pattern(1, 2 * cs + 100)
         img.write(cs // 2, first)
-        a = create_snapshot(img, "first", vm_clock_nsec=3_723_456_000_000,
-                            date=(1_700_000_000, 123_000_000))
+        a = create_snapshot(
+            img, "first", vm_clock_nsec=3_723_456_000_000, date=(1_700_000_000, 123_000_000)
+        )
         expected["first"] = img.read(0, size)
-        img.write(cs, pattern(2, 3 * cs))           # copies shared clusters
+        img.write(cs, pattern(2, 3 * cs))  # copies shared clusters
         img.write_zeroes(0, cs)
         b = create_snapshot(img, "second", icount=42)
         expected["second"] = img.read(0, size)
-        img.write(2 * MiB + 7, pattern(3, cs))      # past the first L2 table with 4K clusters
+        img.write(2 * MiB + 7, pattern(3, cs))  # past the first L2 table with 4K clusters
         img.discard(cs, cs)
         active = img.read(0, size)
         assert (a.id, b.id) == ("1", "2")
@@ -126,8 +145,9 @@ def test_created_snapshots_seen_by_qemu(tmp_path, config):
     assert "icount" not in listed[0] and listed[1]["icount"] == 42
     assert abs(listed[1]["date-sec"] - time.time()) < 120
     text = qemu_img("snapshot", "-l", path).stdout
-    assert re.search(r"^1\s+first\s+0 B\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\s+01:02:03\.456\s*$", text,
-                     re.M), text
+    assert re.search(
+        r"^1\s+first\s+0 B\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\s+01:02:03\.456\s*$", text, re.M
+    ), text
     assert re.search(r"^2\s+second\s+0 B .*\s42$", text, re.M), text
     for name, content in expected.items():
         assert qemu_snapshot_raw(path, tmp_path, name=name) == content
@@ -145,17 +165,26 @@ def test_created_snapshots_seen_by_qemu(tmp_path, config):
 
 # --- QEMU creates, qcow2lib reads, applies, deletes ----------------------------------------
 
+
 @pytest.mark.parametrize("config", CONFIGS[:1] + CONFIGS[3:5])
 def test_qemu_snapshots_read_applied_deleted(tmp_path, config):
     path = tmp_path / "img.qcow2"
     size = 3 * MiB
     make_image(path, size, **config)
     cs = config["cluster_size"]
-    qemu_io(path, f"write -P 0x11 0 {4 * cs}", f"write -c -P 0x22 {8 * cs} {2 * cs}",
-            f"write -P 0x33 {2 * MiB} {cs}")
+    qemu_io(
+        path,
+        f"write -P 0x11 0 {4 * cs}",
+        f"write -c -P 0x22 {8 * cs} {2 * cs}",
+        f"write -P 0x33 {2 * MiB} {cs}",
+    )
     qemu_img("snapshot", "-c", "base", path)
-    qemu_io(path, f"write -P 0x44 {cs} {cs}", f"write -c -P 0x55 {cs * 5} {cs}",
-            f"write -z {8 * cs} {cs}")
+    qemu_io(
+        path,
+        f"write -P 0x44 {cs} {cs}",
+        f"write -c -P 0x55 {cs * 5} {cs}",
+        f"write -z {8 * cs} {cs}",
+    )
     qemu_img("snapshot", "-c", "middle", path)
     qemu_io(path, f"write -P 0x66 {2 * MiB} {cs // 2}")
     contents = {name: qemu_snapshot_raw(path, tmp_path, name=name) for name in ("base", "middle")}
@@ -164,10 +193,19 @@ def test_qemu_snapshots_read_applied_deleted(tmp_path, config):
 
     with qcow2lib.open(str(path)) as img:
         ours = list_snapshots(img)
-        assert [(s.id, s.name, s.date_sec, s.date_nsec, s.vm_clock_nsec, s.vm_state_size)
-                for s in ours] == [(q["id"], q["name"], q["date-sec"], q["date-nsec"],
-                                    q["vm-clock-sec"] * 10**9 + q["vm-clock-nsec"],
-                                    q["vm-state-size"]) for q in qemu_list]
+        assert [
+            (s.id, s.name, s.date_sec, s.date_nsec, s.vm_clock_nsec, s.vm_state_size) for s in ours
+        ] == [
+            (
+                q["id"],
+                q["name"],
+                q["date-sec"],
+                q["date-nsec"],
+                q["vm-clock-sec"] * 10**9 + q["vm-clock-nsec"],
+                q["vm-state-size"],
+            )
+            for q in qemu_list
+        ]
         assert all(s.disk_size == size for s in ours)
         for name, content in contents.items():
             with SnapshotView(img, name) as view:
@@ -185,7 +223,7 @@ def test_qemu_snapshots_read_applied_deleted(tmp_path, config):
         assert img.read(0, size) == contents["base"]
         img.write(cs + 5, b"after apply")
         model = bytearray(contents["base"])
-        model[cs + 5:cs + 16] = b"after apply"
+        model[cs + 5 : cs + 16] = b"after apply"
         assert img.read(0, size) == model
     assert_clean(path)
     assert qemu_raw(path, tmp_path) == model
@@ -231,20 +269,21 @@ def test_apply_restores_disk_size(tmp_path):
         assert img.size == 3 * MiB
         assert img.read(2 * MiB, 64 * KiB) == b"\x22" * 65536
     assert_clean(path)
-    assert qemu_raw(path, tmp_path)[2 * MiB:2 * MiB + 65536] == b"\x22" * 65536
+    assert qemu_raw(path, tmp_path)[2 * MiB : 2 * MiB + 65536] == b"\x22" * 65536
 
 
 # --- lookup and IDs ---------------------------------------------------------------------------
+
 
 def test_ids_and_lookup_like_qemu(tmp_path):
     path = tmp_path / "img.qcow2"
     qemu_create(path, MiB)
     with qcow2lib.open(str(path), "r+") as img:
-        for name in ("a", "2", "a"):           # duplicate names are allowed, as in QEMU
+        for name in ("a", "2", "a"):  # duplicate names are allowed, as in QEMU
             create_snapshot(img, name)
         assert [(s.id, s.name) for s in list_snapshots(img)] == [("1", "a"), ("2", "2"), ("3", "a")]
-        assert find_snapshot(img, "2").id == "2"        # an ID wins over a name
-        assert find_snapshot(img, "a").id == "1"        # the first name match
+        assert find_snapshot(img, "2").id == "2"  # an ID wins over a name
+        assert find_snapshot(img, "a").id == "1"  # the first name match
         assert find_snapshot(img, id="3", name="a").id == "3"
         assert find_snapshot(img, name="2").id == "2"
         assert find_snapshot(img, "nope") is None
@@ -253,7 +292,7 @@ def test_ids_and_lookup_like_qemu(tmp_path):
         with pytest.raises(InvalidArgumentError, match="nope"):
             delete_snapshot(img, "nope")
         delete_snapshot(img, "3")
-        assert create_snapshot(img, "b").id == "3"      # max + 1
+        assert create_snapshot(img, "b").id == "3"  # max + 1
         delete_snapshot(img, "1")
         assert create_snapshot(img, "c").id == "4"
     qemu_img("snapshot", "-c", "from-qemu", path)
@@ -291,11 +330,12 @@ def test_dirty_lazy_refcounts_image_with_snapshots_rebuilds_exactly(tmp_path):
 
 # --- refcount width 1 -----------------------------------------------------------------------
 
+
 def test_refcount_bits_1_overflow_is_a_clean_error(tmp_path):
     path = tmp_path / "img.qcow2"
     make_image(path, MiB, refcount_bits=1)
     with qcow2lib.open(str(path), "r+") as img:
-        create_snapshot(img, "empty")                  # nothing to share: fits in 1 bit
+        create_snapshot(img, "empty")  # nothing to share: fits in 1 bit
         img.write(0, b"data" * 1000)
         before = img.read(0, MiB)
         with pytest.raises(InvalidArgumentError, match="overflow.*refcount_bits=1"):
@@ -303,7 +343,7 @@ def test_refcount_bits_1_overflow_is_a_clean_error(tmp_path):
         assert [s.name for s in list_snapshots(img)] == ["empty"]
         assert img.read(0, MiB) == before
         img.write(100, b"still writable")
-    assert_clean(path)                                 # no corruption, and nothing leaked
+    assert_clean(path)  # no corruption, and nothing leaked
     with qcow2lib.open(str(path), "r+") as img:
         apply_snapshot(img, "empty")
         assert img.read(0, MiB) == bytes(MiB)
@@ -312,6 +352,7 @@ def test_refcount_bits_1_overflow_is_a_clean_error(tmp_path):
 
 
 # --- VM state -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[1], CONFIGS[4]])
 def test_vm_state_snapshot_stays_loadable(tmp_path, config):
@@ -326,7 +367,7 @@ def test_vm_state_snapshot_stays_loadable(tmp_path, config):
         assert snap.vm_state_size == len(state)
         assert img.header.l1_size * img.cluster_size * img.map.l2_entries > size + len(state)
         img.write(0, b"changed")
-        write_vmstate(img, 0, pattern(9, 1000))        # a second snapshot's VM state
+        write_vmstate(img, 0, pattern(9, 1000))  # a second snapshot's VM state
         create_snapshot(img, "vm2", vm_state_size=1000)
         assert read_vmstate(img, "vm") == state
         assert read_vmstate(img, "vm2") == pattern(9, 1000)
@@ -348,7 +389,7 @@ def test_vm_state_snapshot_stays_loadable(tmp_path, config):
     with qcow2lib.open(str(path), "r+") as img:
         assert img.read(0, size) == disk
         assert read_vmstate(img, "vm") == state
-        create_snapshot(img, "again")                  # captures no VM state, drops it
+        create_snapshot(img, "again")  # captures no VM state, drops it
         apply_snapshot(img, "vm")
         delete_snapshot(img, "again")
         assert read_vmstate(img, "vm") == state
@@ -359,6 +400,7 @@ def test_vm_state_snapshot_stays_loadable(tmp_path, config):
 
 # --- randomized model -----------------------------------------------------------------------
 
+
 def _random_run(tmp_path, config, seed, steps, max_snapshots, compressed=True):
     rng = random.Random(seed)
     path = tmp_path / "img.qcow2"
@@ -368,7 +410,7 @@ def _random_run(tmp_path, config, seed, steps, max_snapshots, compressed=True):
     if compressed:
         qemu_io(path, f"write -c -P 0x77 0 {2 * cs}", f"write -c -P 0x78 {size - cs} {cs}")
     active = bytearray(qemu_raw(path, tmp_path))
-    snaps: dict[str, tuple[str, bytes]] = {}   # id -> (name, content)
+    snaps: dict[str, tuple[str, bytes]] = {}  # id -> (name, content)
     narrow = config["refcount_bits"] < 8
     names = 0
     overflows = 0
@@ -383,13 +425,13 @@ def _random_run(tmp_path, config, seed, steps, max_snapshots, compressed=True):
                 length = min(rng.choice([1, 100, cs // 2, cs, 3 * cs + 7]), size - offset)
                 data = rng.randbytes(length)
                 img.write(offset, data)
-                active[offset:offset + length] = data
+                active[offset : offset + length] = data
             elif action < 0.52:
                 offset = rng.randrange(0, size, 512)
                 length = min(rng.choice([512, cs, 2 * cs]), size - offset)
                 if rng.random() < 0.5:
                     img.write_zeroes(offset, length, may_unmap=rng.random() < 0.5)
-                    active[offset:offset + length] = bytes(length)
+                    active[offset : offset + length] = bytes(length)
                 else:
                     img.discard(offset, length)
                     first = -(-offset // cs) * cs
@@ -428,14 +470,15 @@ def _random_run(tmp_path, config, seed, steps, max_snapshots, compressed=True):
                 with SnapshotView(img, id=ident) as view:
                     assert view.read(0, size) == snaps[ident][1], f"step {step} snapshot {ident}"
             assert {s.id: s.name for s in list_snapshots(img)} == {
-                i: n for i, (n, _) in snaps.items()}
+                i: n for i, (n, _) in snaps.items()
+            }
             if step % 40 == 39:
                 img.flush()
                 assert_clean_while_open(path)
         # Delete what is left in random order, checking as we go.
         order = sorted(snaps)
         rng.shuffle(order)
-        for ident in order[:len(order) // 2]:
+        for ident in order[: len(order) // 2]:
             delete_snapshot(img, ident)
             del snaps[ident]
             assert img.read(0, size) == active
@@ -453,8 +496,13 @@ def _random_run(tmp_path, config, seed, steps, max_snapshots, compressed=True):
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_random_sequence_against_model(tmp_path, config):
-    _random_run(tmp_path, config, seed=zlib.crc32(repr(sorted(config.items())).encode()),
-                steps=160, max_snapshots=20)
+    _random_run(
+        tmp_path,
+        config,
+        seed=zlib.crc32(repr(sorted(config.items())).encode()),
+        steps=160,
+        max_snapshots=20,
+    )
 
 
 def test_hundred_snapshots_deleted_in_random_order(tmp_path):
@@ -471,7 +519,7 @@ def test_hundred_snapshots_deleted_in_random_order(tmp_path):
                 offset = rng.randrange(size - 9000)
                 data = rng.randbytes(rng.choice([10, 4096, 9000]))
                 img.write(offset, data)
-                active[offset:offset + len(data)] = data
+                active[offset : offset + len(data)] = data
             contents[create_snapshot(img, f"snap{i}").id] = bytes(active)
         assert len(list_snapshots(img)) == 100
         img.write(0, b"x" * 8192)
@@ -501,6 +549,7 @@ def test_hundred_snapshots_deleted_in_random_order(tmp_path):
 
 
 # --- crash safety ---------------------------------------------------------------------------
+
 
 class _Recorder:
     """Record the writes and flushes an image makes to its file."""
@@ -533,8 +582,13 @@ class _Recorder:
             self.ops.append(("t", length))
             return self._saved["truncate"](length)
 
-        for name, fn in (("pwrite", pwrite), ("pwritev", pwritev), ("flush", flush),
-                         ("punch_hole", punch_hole), ("truncate", truncate)):
+        for name, fn in (
+            ("pwrite", pwrite),
+            ("pwritev", pwritev),
+            ("flush", flush),
+            ("punch_hole", punch_hole),
+            ("truncate", truncate),
+        ):
             setattr(hostfile, name, fn)
 
     def stop(self):
@@ -554,8 +608,9 @@ class _Recorder:
                 epoch_start = len(writes)
                 continue
             for i in range(epoch_start, len(writes)):
-                states.append((f"write {len(writes)} without {i}",
-                               writes[:i] + writes[i + 1:] + [op]))
+                states.append(
+                    (f"write {len(writes)} without {i}", writes[:i] + writes[i + 1 :] + [op])
+                )
             writes.append(op)
             states.append((f"after write {len(writes)}", list(writes)))
         return states
@@ -565,13 +620,13 @@ def _apply_ops(base: bytes, ops) -> bytes:
     data = bytearray(base)
     for op in ops:
         if op[0] == "t":
-            del data[op[1]:]
+            del data[op[1] :]
             data.extend(bytes(max(0, op[1] - len(data))))
             continue
         _, offset, chunk = op
         if offset + len(chunk) > len(data):
             data.extend(bytes(offset + len(chunk) - len(data)))
-        data[offset:offset + len(chunk)] = chunk
+        data[offset : offset + len(chunk)] = chunk
     return bytes(data)
 
 
@@ -587,12 +642,17 @@ def harmful_check_findings(path, cluster_bits: int) -> list[str]:
     """
     result = qemu_img("check", path, check=False)
     text = result.stdout + result.stderr
-    leaked = {int(c): int(r) for c, r in
-              re.findall(r"Leaked cluster (\d+) refcount=\d+ reference=(\d+)", text)}
+    leaked = {
+        int(c): int(r)
+        for c, r in re.findall(r"Leaked cluster (\d+) refcount=\d+ reference=(\d+)", text)
+    }
     bad = []
     for line in text.splitlines():
-        m = re.match(r"ERROR OFLAG_COPIED (?:data|L2) cluster: (?:l1_index=\d+ )?"
-                     r"l[12]_entry=([0-9a-f]+) refcount=(\d+)", line)
+        m = re.match(
+            r"ERROR OFLAG_COPIED (?:data|L2) cluster: (?:l1_index=\d+ )?"
+            r"l[12]_entry=([0-9a-f]+) refcount=(\d+)",
+            line,
+        )
         if m:
             entry, refcount = int(m.group(1), 16), int(m.group(2))
             cluster = (entry & _OFFSET_MASK) >> cluster_bits
@@ -630,8 +690,9 @@ def test_crash_at_any_write_leaves_a_consistent_image(tmp_path, config, op):
             img.write(0, b"\x99" * cs)
         img.flush()
         before_active = img.read(0, size)
-        before_snaps = {s.name: SnapshotView(img, s.name).read(0, size)
-                        for s in list_snapshots(img)}
+        before_snaps = {
+            s.name: SnapshotView(img, s.name).read(0, size) for s in list_snapshots(img)
+        }
         base = path.read_bytes()
         rec = _Recorder(img.file)
         if op == "create":
@@ -644,8 +705,7 @@ def test_crash_at_any_write_leaves_a_consistent_image(tmp_path, config, op):
             create_snapshot(img, "withstate", vm_state=pattern(5, 3 * cs + 100))
         rec.stop()
         after_active = img.read(0, size)
-        after_snaps = {s.name: SnapshotView(img, s.name).read(0, size)
-                       for s in list_snapshots(img)}
+        after_snaps = {s.name: SnapshotView(img, s.name).read(0, size) for s in list_snapshots(img)}
     states = rec.crash_states()
     assert len(states) > 5
     crashed = tmp_path / "crashed.qcow2"

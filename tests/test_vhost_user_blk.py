@@ -1,5 +1,6 @@
 """vhost-user-blk export: a hand-written front-end (well-behaved and hostile) and a real
 Linux guest under QEMU, both against qcow2 images checked with qemu-img afterwards."""
+
 from __future__ import annotations
 
 import hashlib
@@ -21,9 +22,25 @@ from qcow2lib.exports import vhost_user_blk
 from qcow2lib.exports.vhost_user_blk import VhostUserBlkServer
 from guest import Guest, boot_guest
 from qemutools import assert_clean, qemu_create, qemu_io, to_raw
-from vhost_user_client import (DATA_ADDR, D_INDIRECT, D_NEXT, D_WRITE, F_EVENT_IDX, F_INDIRECT,
-                               F_VERSION_1, GET_CONFIG, GET_QUEUE_NUM, MEMORY_SIZE, QUEUE_SIZE,
-                               SET_CONFIG, SET_FEATURES, SET_MEM_TABLE, U64, USER_BASE, Frontend)
+from vhost_user_client import (
+    DATA_ADDR,
+    D_INDIRECT,
+    D_NEXT,
+    D_WRITE,
+    F_EVENT_IDX,
+    F_INDIRECT,
+    F_VERSION_1,
+    GET_CONFIG,
+    GET_QUEUE_NUM,
+    MEMORY_SIZE,
+    QUEUE_SIZE,
+    SET_CONFIG,
+    SET_FEATURES,
+    SET_MEM_TABLE,
+    U64,
+    USER_BASE,
+    Frontend,
+)
 
 MIB = 1 << 20
 T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES = 0, 1, 4, 8, 11, 13
@@ -34,12 +51,14 @@ BLK_F_RO, BLK_F_FLUSH, BLK_F_MQ, BLK_F_DISCARD, BLK_F_WRITE_ZEROES = 5, 9, 12, 1
 class Export:
     """An image opened with qcow2lib and served on a socket in tmp_path."""
 
-    def __init__(self, image: Path, socket_path: Path, read_only: bool = False,
-                 device=None, **options):
+    def __init__(
+        self, image: Path, socket_path: Path, read_only: bool = False, device=None, **options
+    ):
         self.image = image
         self.device = device or qcow2lib.open(str(image), "r" if read_only else "r+")
-        self.server = VhostUserBlkServer(self.device, str(socket_path), read_only=read_only,
-                                         serial="qimg-test-disk", **options)
+        self.server = VhostUserBlkServer(
+            self.device, str(socket_path), read_only=read_only, serial="qimg-test-disk", **options
+        )
         self.socket_path = str(socket_path)
         self.server.start()
 
@@ -75,16 +94,24 @@ def file_digest(path: Path) -> str:
 
 # -- a hand-written front-end --
 
+
 def test_negotiation_config_and_queue_count(tmp_path: Path, export) -> None:
     served = export(image_with_pattern(tmp_path), num_queues=3)
     client = Frontend(served.socket_path)
     try:
         offered = client.negotiate()
-        for bit in (F_VERSION_1, F_INDIRECT, F_EVENT_IDX, BLK_F_FLUSH, BLK_F_MQ, BLK_F_DISCARD,
-                    BLK_F_WRITE_ZEROES):
+        for bit in (
+            F_VERSION_1,
+            F_INDIRECT,
+            F_EVENT_IDX,
+            BLK_F_FLUSH,
+            BLK_F_MQ,
+            BLK_F_DISCARD,
+            BLK_F_WRITE_ZEROES,
+        ):
             assert offered >> bit & 1, bit
         assert not offered >> BLK_F_RO & 1
-        assert client.protocol == (1 << 0) | (1 << 3) | (1 << 9)   # MQ, REPLY_ACK, CONFIG
+        assert client.protocol == (1 << 0) | (1 << 3) | (1 << 9)  # MQ, REPLY_ACK, CONFIG
         assert client.call_u64(GET_QUEUE_NUM) == 3
         client.send(GET_CONFIG, struct.pack("<III", 0, 60, 0) + bytes(60))
         _, _, reply = client.receive()
@@ -92,8 +119,8 @@ def test_negotiation_config_and_queue_count(tmp_path: Path, export) -> None:
         config = reply[12:]
         capacity, size_max, seg_max = struct.unpack_from("<QII", config)
         assert capacity == 4 * MIB // 512 and seg_max >= 1 and size_max >= 4096
-        assert struct.unpack_from("<I", config, 20)[0] == 512               # blk_size
-        assert struct.unpack_from("<H", config, 34)[0] == 3                 # num_queues
+        assert struct.unpack_from("<I", config, 20)[0] == 512  # blk_size
+        assert struct.unpack_from("<H", config, 34)[0] == 3  # num_queues
         max_discard, discard_segments = struct.unpack_from("<II", config, 36)
         max_zeroes, zeroes_segments, may_unmap = struct.unpack_from("<IIB", config, 48)
         assert max_discard and discard_segments and max_zeroes and zeroes_segments and may_unmap
@@ -134,10 +161,14 @@ def test_requests_reach_the_image(tmp_path: Path, export, indirect: bool) -> Non
         assert client.blk(T_OUT, 0, out=b"x" * 100, indirect=indirect)[0] == S_IOERR
         assert client.blk(T_IN, 8191, in_length=1024, indirect=indirect)[0] == S_IOERR
         assert client.blk(T_IN, 1 << 62, in_length=512, indirect=indirect)[0] == S_IOERR
-        assert client.blk(T_DISCARD, 0, out=struct.pack("<QII", 0, 8, 1),
-                          indirect=indirect)[0] == S_UNSUPP
-        assert client.blk(T_WRITE_ZEROES, 0, out=struct.pack("<QII", 0, 8, 4),
-                          indirect=indirect)[0] == S_UNSUPP
+        assert (
+            client.blk(T_DISCARD, 0, out=struct.pack("<QII", 0, 8, 1), indirect=indirect)[0]
+            == S_UNSUPP
+        )
+        assert (
+            client.blk(T_WRITE_ZEROES, 0, out=struct.pack("<QII", 0, 8, 4), indirect=indirect)[0]
+            == S_UNSUPP
+        )
         status, data, _ = client.blk(T_IN, 256, in_length=8192, indirect=indirect)
         assert (status, data) == (S_OK, b"\xab" * 8192)
         assert client.stop_queue() == client.avail_idx
@@ -146,10 +177,10 @@ def test_requests_reach_the_image(tmp_path: Path, export, indirect: bool) -> Non
     served.close()
     expected = bytearray(4 * MIB)
     expected[0:65536] = b"\x11" * 65536
-    expected[MIB:MIB + 65536] = b"\x22" * 65536
-    expected[MIB:MIB + 16384] = bytes(16384)
-    expected[MIB + 32768:MIB + 40960] = bytes(8192)
-    expected[128 * 1024:128 * 1024 + 8192] = b"\xab" * 8192
+    expected[MIB : MIB + 65536] = b"\x22" * 65536
+    expected[MIB : MIB + 16384] = bytes(16384)
+    expected[MIB + 32768 : MIB + 40960] = bytes(8192)
+    expected[128 * 1024 : 128 * 1024 + 8192] = b"\xab" * 8192
     assert to_raw(image, tmp_path / "out.raw") == bytes(expected)
     assert_clean(image)
 
@@ -182,21 +213,22 @@ def test_scattered_buffers_in_several_batches(tmp_path: Path, export, monkeypatc
     image = image_with_pattern(tmp_path)
     served = export(image)
     client = Frontend(served.socket_path)
-    lengths = [1536, 2560, 4608, 512]                     # 9216 bytes, 18 sectors
+    lengths = [1536, 2560, 4608, 512]  # 9216 bytes, 18 sectors
     payload = bytes(random.Random(5).randrange(256) for _ in range(sum(lengths)))
     header, status = DATA_ADDR, DATA_ADDR + 0x100
     try:
         client.setup()
         for kind, data_addr in ((T_OUT, DATA_ADDR + 0x1000), (T_IN, DATA_ADDR + 0x8000)):
-            client.memory[header:header + 16] = struct.pack("<IIQ", kind, 0, 40)
+            client.memory[header : header + 16] = struct.pack("<IIQ", kind, 0, 40)
             client.put_descriptor(0, header, 16, D_NEXT, 1)
             addr, done = data_addr, 0
             for i, length in enumerate(lengths):
                 if kind == T_OUT:
-                    client.memory[addr:addr + length] = payload[done:done + length]
-                client.put_descriptor(i + 1, addr, length,
-                                      D_NEXT | (D_WRITE if kind == T_IN else 0), i + 2)
-                addr += length + 512                      # gaps between the buffers
+                    client.memory[addr : addr + length] = payload[done : done + length]
+                client.put_descriptor(
+                    i + 1, addr, length, D_NEXT | (D_WRITE if kind == T_IN else 0), i + 2
+                )
+                addr += length + 512  # gaps between the buffers
                 done += length
             client.put_descriptor(len(lengths) + 1, status, 1, D_WRITE, 0)
             client.publish(0)
@@ -204,13 +236,13 @@ def test_scattered_buffers_in_several_batches(tmp_path: Path, export, monkeypatc
             assert client.memory[status] == S_OK
         addr, read_back = DATA_ADDR + 0x8000, b""
         for length in lengths:
-            read_back += client.memory[addr:addr + length]
+            read_back += client.memory[addr : addr + length]
             addr += length + 512
         assert read_back == payload
     finally:
         client.close()
     served.close()
-    assert to_raw(image, tmp_path / "out.raw")[40 * 512:40 * 512 + len(payload)] == payload
+    assert to_raw(image, tmp_path / "out.raw")[40 * 512 : 40 * 512 + len(payload)] == payload
 
 
 def test_bad_server_arguments_are_named(tmp_path: Path) -> None:
@@ -221,8 +253,7 @@ def test_bad_server_arguments_are_named(tmp_path: Path) -> None:
             VhostUserBlkServer(device, str(tmp_path / "s"), num_queues=0)
         with pytest.raises(qcow2lib.InvalidArgumentError, match="workers 0"):
             VhostUserBlkServer(device, str(tmp_path / "s"), workers=0)
-        for path in (tmp_path / "plain-file", tmp_path / ("x" * 120),
-                     tmp_path / "missing" / "s"):
+        for path in (tmp_path / "plain-file", tmp_path / ("x" * 120), tmp_path / "missing" / "s"):
             server = VhostUserBlkServer(device, str(path))
             with pytest.raises(qcow2lib.InvalidArgumentError, match="cannot listen on socket"):
                 server.start()
@@ -287,7 +318,7 @@ def test_event_idx_suppresses_kicks_and_calls(tmp_path: Path, export) -> None:
         # used_event = 1: the driver wants a call only once the second request completes
         struct.pack_into("<H", client.memory, 0x1000 + 4 + 2 * QUEUE_SIZE, 1)
         assert client.blk(T_IN, 0, in_length=512)[0] == S_OK
-        assert not select.select([client.call], [], [], 0.2)[0]     # no call for the first
+        assert not select.select([client.call], [], [], 0.2)[0]  # no call for the first
         assert client.blk(T_IN, 0, in_length=512)[0] == S_OK
         # the device asks to be kicked at the next entry: avail_event == avail index
         assert struct.unpack_from("<H", client.memory, 0x2000 + 4 + 8 * QUEUE_SIZE)[0] == 2
@@ -295,11 +326,24 @@ def test_event_idx_suppresses_kicks_and_calls(tmp_path: Path, export) -> None:
         client.close()
 
 
-@pytest.mark.parametrize("case", ["outside_memory", "length_overflows", "address_wraps",
-                                  "status_outside",
-                                  "loop", "too_long", "head_past_queue", "next_past_queue",
-                                  "indirect_loop", "nested_indirect", "indirect_outside",
-                                  "readable_after_writable", "avail_index_jump"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "outside_memory",
+        "length_overflows",
+        "address_wraps",
+        "status_outside",
+        "loop",
+        "too_long",
+        "head_past_queue",
+        "next_past_queue",
+        "indirect_loop",
+        "nested_indirect",
+        "indirect_outside",
+        "readable_after_writable",
+        "avail_index_jump",
+    ],
+)
 def test_hostile_frontend(tmp_path: Path, export, case: str) -> None:
     """Broken descriptors fail that request (IOERR) or stop the queue, never the server,
     and never write to the image."""
@@ -308,8 +352,8 @@ def test_hostile_frontend(tmp_path: Path, export, case: str) -> None:
     served = export(image)
     client = Frontend(served.socket_path)
     header = struct.pack("<IIQ", T_OUT, 0, 0)
-    client.memory[DATA_ADDR:DATA_ADDR + 16] = header
-    client.memory[DATA_ADDR + 0x100] = 0xFF           # status byte
+    client.memory[DATA_ADDR : DATA_ADDR + 16] = header
+    client.memory[DATA_ADDR + 0x100] = 0xFF  # status byte
     status_addr = DATA_ADDR + 0x100
     far = MEMORY_SIZE + 0x1000
     try:
@@ -391,10 +435,20 @@ def test_hostile_frontend(tmp_path: Path, export, case: str) -> None:
     assert_clean(image)
 
 
-@pytest.mark.parametrize("message", ["bad_version", "huge_size", "unknown_request",
-                                     "mem_table_without_fd", "region_past_fd_end",
-                                     "region_wraps", "vring_index", "short_payload",
-                                     "kick_before_memory"])
+@pytest.mark.parametrize(
+    "message",
+    [
+        "bad_version",
+        "huge_size",
+        "unknown_request",
+        "mem_table_without_fd",
+        "region_past_fd_end",
+        "region_wraps",
+        "vring_index",
+        "short_payload",
+        "kick_before_memory",
+    ],
+)
 def test_malformed_messages(tmp_path: Path, export, message: str) -> None:
     """Broken framing drops the connection; a bad request is refused; the server goes on."""
     served = export(image_with_pattern(tmp_path))
@@ -415,8 +469,11 @@ def test_malformed_messages(tmp_path: Path, export, message: str) -> None:
             table = struct.pack("<II", 1, 0) + struct.pack("<QQQQ", 0, MEMORY_SIZE, 0, 0)
             assert client.acked(5, table) != 0
         elif message in ("region_past_fd_end", "region_wraps"):
-            size, guest = (2 * MEMORY_SIZE, 0) if message == "region_past_fd_end" else (
-                MEMORY_SIZE, (1 << 64) - 4096)
+            size, guest = (
+                (2 * MEMORY_SIZE, 0)
+                if message == "region_past_fd_end"
+                else (MEMORY_SIZE, (1 << 64) - 4096)
+            )
             table = struct.pack("<II", 1, 0) + struct.pack("<QQQQ", guest, size, USER_BASE, 0)
             assert client.acked(SET_MEM_TABLE, table, [client.memfd]) != 0
         elif message == "kick_before_memory":
@@ -451,13 +508,16 @@ def test_memory_table_replaced_and_everything_released(tmp_path: Path, export) -
     try:
         client.setup()
         assert client.blk(T_IN, 0, in_length=512)[:2] == (S_OK, b"\x11" * 512)
-        assert memfd_mappings("guest-ram") == 2      # the test's own mapping and the server's
+        assert memfd_mappings("guest-ram") == 2  # the test's own mapping and the server's
         # the same memory described as two regions (the second half at its fd offset)
         half = MEMORY_SIZE // 2
-        table = struct.pack("<II", 2, 0) + struct.pack("<QQQQ", 0, half, USER_BASE, 0) + \
-            struct.pack("<QQQQ", half, half, USER_BASE + half, half)
+        table = (
+            struct.pack("<II", 2, 0)
+            + struct.pack("<QQQQ", 0, half, USER_BASE, 0)
+            + struct.pack("<QQQQ", half, half, USER_BASE + half, half)
+        )
         assert client.acked(SET_MEM_TABLE, table, [client.memfd, client.memfd]) == 0
-        assert memfd_mappings("guest-ram") == 3      # the old one went, two new ones
+        assert memfd_mappings("guest-ram") == 3  # the old one went, two new ones
         status, data, _ = client.blk(T_IN, 2048, in_length=512)
         assert (status, data) == (S_OK, b"\x22" * 512)
         # a buffer in the second region is reached through it
@@ -468,8 +528,9 @@ def test_memory_table_replaced_and_everything_released(tmp_path: Path, export) -
     finally:
         client.close()
     deadline = time.monotonic() + 5
-    while (memfd_mappings("guest-ram") or len(os.listdir("/proc/self/fd")) != fds_before) \
-            and time.monotonic() < deadline:
+    while (
+        memfd_mappings("guest-ram") or len(os.listdir("/proc/self/fd")) != fds_before
+    ) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert memfd_mappings("guest-ram") == 0
     assert len(os.listdir("/proc/self/fd")) == fds_before
@@ -507,14 +568,19 @@ def test_serve_stops_cleanly_on_a_signal(tmp_path: Path, signum: int) -> None:
         "logging.basicConfig(level=logging.INFO)\n"
         "with qcow2lib.open(sys.argv[1], 'r+') as device:\n"
         "    serve(device, sys.argv[2])\n"
-        "print('clean exit')\n")
+        "print('clean exit')\n"
+    )
     root = Path(__file__).resolve().parent.parent
-    process = subprocess.Popen([sys.executable, "-c", program, str(image), str(socket_path)],
-                               cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", program, str(image), str(socket_path)],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 20
-        while True:         # the socket file appears at bind(), accepts after listen()
+        while True:  # the socket file appears at bind(), accepts after listen()
             try:
                 client = Frontend(str(socket_path))
                 break
@@ -547,8 +613,12 @@ MD5_LINE = re.compile(r"^MD5 (\d+) ([0-9a-f]{32})", re.M)
 
 
 def vhost_disk_args(socket_path: str, num_queues: int = 1) -> list[str]:
-    return ["-chardev", f"socket,id=vub,path={socket_path},reconnect=1",
-            "-device", f"vhost-user-blk-pci,chardev=vub,num-queues={num_queues}"]
+    return [
+        "-chardev",
+        f"socket,id=vub,path={socket_path},reconnect=1",
+        "-device",
+        f"vhost-user-blk-pci,chardev=vub,num-queues={num_queues}",
+    ]
 
 
 def known_pattern(length: int) -> bytes:
@@ -556,8 +626,10 @@ def known_pattern(length: int) -> bytes:
 
 
 def checksum_script() -> str:
-    return (f"for r in $(seq 0 {DISK_MIB - 1}); do echo \"MD5 $r $(dd if=/dev/vda bs=1M skip=$r "
-            f"count=1 iflag=direct 2>/dev/null | md5sum)\"; done\n")
+    return (
+        f'for r in $(seq 0 {DISK_MIB - 1}); do echo "MD5 $r $(dd if=/dev/vda bs=1M skip=$r '
+        f'count=1 iflag=direct 2>/dev/null | md5sum)"; done\n'
+    )
 
 
 def workload_script(seed: int, cpus: int = 1) -> str:
@@ -568,21 +640,26 @@ def workload_script(seed: int, cpus: int = 1) -> str:
     for i in range(24):
         block = rng.randrange(DISK_MIB * 256)
         pin = f"taskset -c {i % cpus} " if cpus > 1 else ""
-        writers.append(f"{pin}dd if=/dev/urandom of=/dev/vda bs=4096 seek={block} count=1 "
-                       f"oflag=direct 2>/dev/null &")
+        writers.append(
+            f"{pin}dd if=/dev/urandom of=/dev/vda bs=4096 seek={block} count=1 "
+            f"oflag=direct 2>/dev/null &"
+        )
     text = PATTERN_TEXT.decode().rstrip("\n")
-    return "\n".join([
-        'echo "SIZE $(cat /sys/block/vda/size) SERIAL $(cat /sys/block/vda/serial)"',
-        f'yes "{text}" | head -c 1048576 | dd of=/dev/vda bs=65536 seek=16 iflag=fullblock '
-        f'conv=fsync 2>/dev/null',
-        'echo "PATTERN $(dd if=/dev/vda bs=65536 skip=16 count=16 iflag=direct 2>/dev/null '
-        '| md5sum)"',
-        "dd if=/dev/urandom of=/dev/vda bs=1M seek=8 count=3 oflag=direct 2>/dev/null",
-        *writers,
-        "wait",
-        "blkdiscard -o 3145728 -l 1048576 /dev/vda && echo DISCARDED",
-        "sync",
-        checksum_script()])
+    return "\n".join(
+        [
+            'echo "SIZE $(cat /sys/block/vda/size) SERIAL $(cat /sys/block/vda/serial)"',
+            f'yes "{text}" | head -c 1048576 | dd of=/dev/vda bs=65536 seek=16 iflag=fullblock '
+            f"conv=fsync 2>/dev/null",
+            'echo "PATTERN $(dd if=/dev/vda bs=65536 skip=16 count=16 iflag=direct 2>/dev/null '
+            '| md5sum)"',
+            "dd if=/dev/urandom of=/dev/vda bs=1M seek=8 count=3 oflag=direct 2>/dev/null",
+            *writers,
+            "wait",
+            "blkdiscard -o 3145728 -l 1048576 /dev/vda && echo DISCARDED",
+            "sync",
+            checksum_script(),
+        ]
+    )
 
 
 def guest_checksums(output: str) -> dict[int, str]:
@@ -596,7 +673,7 @@ def assert_image_matches(image: Path, checksums: dict[int, str], tmp_path: Path)
     raw = to_raw(image, tmp_path / "final.raw")
     with qcow2lib.open(str(image)) as device:
         for region, digest in checksums.items():
-            expected = hashlib.md5(raw[region * MIB:(region + 1) * MIB]).hexdigest()
+            expected = hashlib.md5(raw[region * MIB : (region + 1) * MIB]).hexdigest()
             ours = hashlib.md5(device.read(region * MIB, MIB)).hexdigest()
             assert digest == expected == ours, f"region {region} MiB"
     assert_clean(image)
@@ -615,8 +692,9 @@ def test_guest_on_qcow2_with_backing_file(tmp_path: Path, export) -> None:
     base, overlay = backed_image(tmp_path)
     base_digest = file_digest(base)
     served = export(overlay)
-    output = boot_guest(vhost_disk_args(served.socket_path), workload_script(1), 90,
-                        workdir=tmp_path)
+    output = boot_guest(
+        vhost_disk_args(served.socket_path), workload_script(1), 90, workdir=tmp_path
+    )
     assert f"SIZE {DISK_MIB * 2048} SERIAL qimg-test-disk" in output
     pattern_md5 = hashlib.md5(known_pattern(MIB)).hexdigest()
     assert f"PATTERN {pattern_md5}" in output and "DISCARDED" in output
@@ -631,11 +709,14 @@ def test_guest_sees_read_only_disk(tmp_path: Path, export) -> None:
     _, overlay = backed_image(tmp_path)
     before = file_digest(overlay)
     served = export(overlay, read_only=True)
-    script = "\n".join([
-        'echo "RO $(blockdev --getro /dev/vda)"',
-        "echo data | dd of=/dev/vda bs=512 conv=sync,fsync 2>/dev/null",
-        'echo "WRITE-RC $?"',
-        checksum_script()])
+    script = "\n".join(
+        [
+            'echo "RO $(blockdev --getro /dev/vda)"',
+            "echo data | dd of=/dev/vda bs=512 conv=sync,fsync 2>/dev/null",
+            'echo "WRITE-RC $?"',
+            checksum_script(),
+        ]
+    )
     output = boot_guest(vhost_disk_args(served.socket_path), script, 90, workdir=tmp_path)
     assert "RO 1" in output
     assert re.search(r"^WRITE-RC [1-9]", output, re.M), output[-2000:]
@@ -653,27 +734,37 @@ def test_guest_two_queues_and_reboot(tmp_path: Path, export) -> None:
     image = tmp_path / "disk.qcow2"
     qemu_create(image, f"{DISK_MIB}M")
     served = export(image, num_queues=2)
-    script = "\n".join([
-        'marker=$(dd if=/dev/vda bs=512 skip=100 count=1 iflag=direct 2>/dev/null | head -c 6)',
-        'if [ "$marker" = BOOTED ]; then',
-        "echo SECOND-BOOT",
-        checksum_script(),
-        "else",
-        "echo FIRST-BOOT",
-        'echo "QUEUES $(ls /sys/block/vda/mq | wc -l)"',
-        workload_script(2, cpus=2),
-        "printf BOOTED | dd of=/dev/vda bs=512 seek=100 conv=sync,fsync 2>/dev/null",
-        "sync",
-        "reboot -f",
-        "fi"])
-    output = boot_guest(vhost_disk_args(served.socket_path, 2), script, 150, workdir=tmp_path,
-                        smp=2, allow_reboot=True)
+    script = "\n".join(
+        [
+            "marker=$(dd if=/dev/vda bs=512 skip=100 count=1 iflag=direct 2>/dev/null | head -c 6)",
+            'if [ "$marker" = BOOTED ]; then',
+            "echo SECOND-BOOT",
+            checksum_script(),
+            "else",
+            "echo FIRST-BOOT",
+            'echo "QUEUES $(ls /sys/block/vda/mq | wc -l)"',
+            workload_script(2, cpus=2),
+            "printf BOOTED | dd of=/dev/vda bs=512 seek=100 conv=sync,fsync 2>/dev/null",
+            "sync",
+            "reboot -f",
+            "fi",
+        ]
+    )
+    output = boot_guest(
+        vhost_disk_args(served.socket_path, 2),
+        script,
+        150,
+        workdir=tmp_path,
+        smp=2,
+        allow_reboot=True,
+    )
     first, second = output.split("SECOND-BOOT")
     assert "FIRST-BOOT" in first and "QUEUES 2" in first
     before_reboot = guest_checksums(first)
     after_reboot = guest_checksums(second)
     assert {r: d for r, d in before_reboot.items() if r} == {
-        r: d for r, d in after_reboot.items() if r}
+        r: d for r, d in after_reboot.items() if r
+    }
     served.close()
     assert served.server.connections == 1
     assert all(served.server.completed_per_queue), served.server.completed_per_queue
@@ -686,15 +777,20 @@ def test_guest_reconnects_after_qemu_is_killed(tmp_path: Path, export) -> None:
     image = tmp_path / "disk.qcow2"
     qemu_create(image, f"{DISK_MIB}M")
     served = export(image)
-    doomed = Guest(vhost_disk_args(served.socket_path),
-                   workload_script(3) + "echo READY-TO-DIE\nsleep 600\n", tmp_path, name="first")
+    doomed = Guest(
+        vhost_disk_args(served.socket_path),
+        workload_script(3) + "echo READY-TO-DIE\nsleep 600\n",
+        tmp_path,
+        name="first",
+    )
     try:
         first_output = doomed.wait_for("READY-TO-DIE", 90)
     finally:
         doomed.kill()
     written = guest_checksums(first_output)
-    output = boot_guest(vhost_disk_args(served.socket_path), checksum_script(), 90,
-                        workdir=tmp_path)
+    output = boot_guest(
+        vhost_disk_args(served.socket_path), checksum_script(), 90, workdir=tmp_path
+    )
     assert guest_checksums(output) == written
     served.close()
     assert served.server.connections == 2
@@ -707,13 +803,16 @@ def test_qemu_reconnects_to_a_restarted_server(tmp_path: Path, export) -> None:
     image = tmp_path / "disk.qcow2"
     qemu_create(image, f"{DISK_MIB}M")
     first = export(image)
-    script = "\n".join([
-        workload_script(4),
-        "echo PHASE-ONE-DONE",
-        "sleep 8",
-        "dd if=/dev/urandom of=/dev/vda bs=1M seek=12 count=2 oflag=direct 2>/dev/null",
-        "echo PHASE-TWO",
-        checksum_script()])
+    script = "\n".join(
+        [
+            workload_script(4),
+            "echo PHASE-ONE-DONE",
+            "sleep 8",
+            "dd if=/dev/urandom of=/dev/vda bs=1M seek=12 count=2 oflag=direct 2>/dev/null",
+            "echo PHASE-TWO",
+            checksum_script(),
+        ]
+    )
     guest = Guest(vhost_disk_args(first.socket_path), script, tmp_path)
     try:
         guest.wait_for("PHASE-ONE-DONE", 90)
@@ -731,6 +830,7 @@ def test_qemu_reconnects_to_a_restarted_server(tmp_path: Path, export) -> None:
     phase_one, phase_two = output.split("PHASE-TWO")
     before, after = guest_checksums(phase_one), guest_checksums(phase_two)
     assert {r: before[r] for r in before if r not in (12, 13)} == {
-        r: after[r] for r in after if r not in (12, 13)}
+        r: after[r] for r in after if r not in (12, 13)
+    }
     first.close()
     assert_image_matches(image, after, tmp_path)

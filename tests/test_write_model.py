@@ -10,6 +10,7 @@ the image identical to the model written out as a raw file.
 The model is sparse (64 KiB chunks) so that images with 64 KiB clusters can be made a little
 larger than one L2 table's span (512 MiB) and operations can straddle that boundary.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,12 @@ SETTINGS = settings(
     max_examples=EXAMPLES,
     deadline=None,
     database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                           HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.filter_too_much,
+        HealthCheck.function_scoped_fixture,
+    ],
     report_multiple_bugs=False,
 )
 
@@ -47,6 +52,7 @@ SETTINGS = settings(
 # ----------------------------------------------------------------------------------------------
 # sparse byte model
 # ----------------------------------------------------------------------------------------------
+
 
 class Model:
     """A virtual disk of `size` bytes; chunks not in the dict read as zeros."""
@@ -68,11 +74,11 @@ class Model:
             n = min(CHUNK - within, len(data) - pos)
             chunk = self.chunks.get(idx)
             if chunk is None:
-                if not any(data[pos:pos + n]):
+                if not any(data[pos : pos + n]):
                     pos += n
                     continue
                 chunk = self.chunks[idx] = bytearray(CHUNK)
-            chunk[within:within + n] = data[pos:pos + n]
+            chunk[within : within + n] = data[pos : pos + n]
             pos += n
 
     def zero(self, offset: int, length: int) -> None:
@@ -86,7 +92,7 @@ class Model:
                 if n == CHUNK:
                     del self.chunks[idx]
                 else:
-                    self.chunks[idx][within:within + n] = bytes(n)
+                    self.chunks[idx][within : within + n] = bytes(n)
             pos += n
 
     def read(self, offset: int, length: int) -> bytes:
@@ -98,7 +104,7 @@ class Model:
             idx, within = divmod(pos, CHUNK)
             n = min(CHUNK - within, end - pos)
             chunk = self.chunks.get(idx)
-            out += chunk[within:within + n] if chunk is not None else bytes(n)
+            out += chunk[within : within + n] if chunk is not None else bytes(n)
             pos += n
         return bytes(out)
 
@@ -110,12 +116,13 @@ class Model:
                 chunk = self.chunks[idx]
                 if any(chunk):
                     f.seek(idx * CHUNK)
-                    f.write(chunk[:max(0, min(CHUNK, self.size - idx * CHUNK))])
+                    f.write(chunk[: max(0, min(CHUNK, self.size - idx * CHUNK))])
 
 
 # ----------------------------------------------------------------------------------------------
 # configurations
 # ----------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Cfg:
@@ -123,7 +130,7 @@ class Cfg:
     cluster_size: int
     compat: str = "1.1"
     refcount_bits: int = 16
-    backing: str | None = None      # None, "qcow2" or "raw"
+    backing: str | None = None  # None, "qcow2" or "raw"
     extended_l2: bool = False
     data_file: bool = False
     data_file_raw: bool = False
@@ -142,7 +149,7 @@ class Cfg:
     @property
     def size(self) -> int:
         if self.l2_span <= 4 * MiB:
-            return 4 * MiB + 1536           # several L2 tables, partial last cluster
+            return 4 * MiB + 1536  # several L2 tables, partial last cluster
         return self.l2_span + 1 * MiB + 1536  # just past the first L2 table
 
     @property
@@ -155,8 +162,11 @@ class Cfg:
         """Ranges compared in a 'whole image' check (everything when the image is small)."""
         if self.size <= 8 * MiB:
             return [(0, self.size)]
-        raw = [(0, 2 * MiB), (self.l2_span - 1 * MiB, self.l2_span + 1 * MiB),
-               (self.size - 1 * MiB, self.size)]
+        raw = [
+            (0, 2 * MiB),
+            (self.l2_span - 1 * MiB, self.l2_span + 1 * MiB),
+            (self.size - 1 * MiB, self.size),
+        ]
         merged: list[tuple[int, int]] = []
         for lo, hi in sorted((max(0, lo), min(self.size, hi)) for lo, hi in raw):
             if merged and lo <= merged[-1][1]:
@@ -167,8 +177,15 @@ class Cfg:
 
     @property
     def anchors(self) -> list[int]:
-        a = [0, self.cluster_size, self.l2_span, self.size, self.size // 2,
-             self.backing_size, 2 * self.l2_span]
+        a = [
+            0,
+            self.cluster_size,
+            self.l2_span,
+            self.size,
+            self.size // 2,
+            self.backing_size,
+            2 * self.l2_span,
+        ]
         return sorted({x for x in a if 0 <= x <= self.size})
 
 
@@ -192,14 +209,14 @@ CONFIGS = [
     Cfg("v3-4k-datafile", 4096, data_file=True),
     Cfg("v3-4k-datafile-backing", 4096, data_file=True, backing="qcow2"),
     Cfg("v3-64k-datafile-raw", 65536, data_file=True, data_file_raw=True),
-    Cfg("v3-16k-extl2-datafile-raw", 16384, extended_l2=True, data_file=True,
-        data_file_raw=True),
+    Cfg("v3-16k-extl2-datafile-raw", 16384, extended_l2=True, data_file=True, data_file_raw=True),
 ]
 
 
 # ----------------------------------------------------------------------------------------------
 # image setup
 # ----------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory) -> Path:
@@ -213,11 +230,13 @@ def backing_writes(cfg: Cfg) -> list[tuple[int, int, int]]:
     """(offset, length, pattern) written into the backing file with qemu-io, in order."""
     cs = cfg.cluster_size
     bsize = cfg.backing_size
-    w = [(0, 3 * cs + 700, 0x11),
-         (cfg.l2_span - cs - 300, 2 * cs + 600, 0x22),
-         (bsize // 3 + 123, 5 * cs, 0x44),
-         (bsize - 2 * cs - 100, 2 * cs + 100, 0x33),
-         (cs // 2 + 7, cs + 1, 0x55)]
+    w = [
+        (0, 3 * cs + 700, 0x11),
+        (cfg.l2_span - cs - 300, 2 * cs + 600, 0x22),
+        (bsize // 3 + 123, 5 * cs, 0x44),
+        (bsize - 2 * cs - 100, 2 * cs + 100, 0x33),
+        (cs // 2 + 7, cs + 1, 0x55),
+    ]
     return [(o, min(n, bsize - o), p) for o, n, p in w if 0 <= o < bsize]
 
 
@@ -253,13 +272,17 @@ def create_image(cfg: Cfg, directory: Path, backing: Path | None) -> tuple[Path,
         options["lazy_refcounts"] = "on"
     data = None
     if cfg.data_file:
-        data = directory / "img.data"   # absolute: QEMU resolves data files against the cwd
+        data = directory / "img.data"  # absolute: QEMU resolves data files against the cwd
         options["data_file"] = str(data)
         if cfg.data_file_raw:
             options["data_file_raw"] = "on"
-    qemu_create(img, cfg.size, options=options,
-                backing=str(backing) if backing else None,
-                backing_fmt=cfg.backing if backing else None)
+    qemu_create(
+        img,
+        cfg.size,
+        options=options,
+        backing=str(backing) if backing else None,
+        backing_fmt=cfg.backing if backing else None,
+    )
     return img, data
 
 
@@ -267,12 +290,13 @@ def create_image(cfg: Cfg, directory: Path, backing: Path | None) -> tuple[Path,
 # checks
 # ----------------------------------------------------------------------------------------------
 
+
 def first_diff(a: bytes, b: bytes) -> int:
     n = min(len(a), len(b))
     lo, hi = 0, n
     if a[:n] == b[:n]:
         return n
-    while hi - lo > 1:      # binary search on prefixes
+    while hi - lo > 1:  # binary search on prefixes
         mid = (lo + hi) // 2
         if a[:mid] == b[:mid]:
             lo = mid
@@ -293,7 +317,8 @@ def check_range(img, model: Model, offset: int, length: int, what: str) -> None:
             i = first_diff(got, want)
             raise AssertionError(
                 f"{what}: mismatch at guest offset {pos + i} ({pos + i:#x}): "
-                f"engine {got[i:i + 8].hex()} model {want[i:i + 8].hex()}")
+                f"engine {got[i : i + 8].hex()} model {want[i : i + 8].hex()}"
+            )
         pos += n
 
 
@@ -315,20 +340,24 @@ def check_discard(cfg: Cfg, offset: int, got: bytes, old: bytes, base: bytes) ->
         if piece not in (old[s], bytes(nxt - pos), base[s]):
             raise AssertionError(
                 f"discard({offset}, {len(got)}): bytes {pos}..{nxt} read back as neither the "
-                f"old data, zeros nor the backing data ({piece[:8].hex()}...)")
+                f"old data, zeros nor the backing data ({piece[:8].hex()}...)"
+            )
         pos = nxt
 
 
-def verify_with_qemu(cfg: Cfg, img_path: Path, data_path: Path | None, model: Model,
-                     directory: Path) -> None:
+def verify_with_qemu(
+    cfg: Cfg, img_path: Path, data_path: Path | None, model: Model, directory: Path
+) -> None:
     assert_clean(img_path)
     raw = directory / "model.raw"
     model.dump(raw)
-    assert qemu_compare(img_path, raw, "qcow2", "raw") == 0, \
+    assert qemu_compare(img_path, raw, "qcow2", "raw") == 0, (
         "qemu-img compare: image differs from the model"
+    )
     if cfg.data_file_raw:
-        assert qemu_compare(data_path, raw, "raw", "raw") == 0, \
+        assert qemu_compare(data_path, raw, "raw", "raw") == 0, (
             "data_file_raw: the external data file is not a faithful raw image"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,18 +373,22 @@ def op_strategy(cfg: Cfg, kinds=KINDS):
     tweaks = sorted({0, 1, -1, 512, -512, cfg.granule, -cfg.granule, cs // 2, 7})
     offset = st.one_of(
         st.integers(0, size - 1),
-        st.builds(lambda a, d: a + d, st.sampled_from(cfg.anchors),
-                  st.integers(-2 * cs, 2 * cs)),
-        st.builds(lambda a, k, d: a + k * cs + d, st.sampled_from(cfg.anchors),
-                  st.integers(-4, 4), st.sampled_from(tweaks)),
+        st.builds(lambda a, d: a + d, st.sampled_from(cfg.anchors), st.integers(-2 * cs, 2 * cs)),
+        st.builds(
+            lambda a, k, d: a + k * cs + d,
+            st.sampled_from(cfg.anchors),
+            st.integers(-4, 4),
+            st.sampled_from(tweaks),
+        ),
     ).map(lambda o: min(max(o, 0), size - 1))
     length = st.one_of(
         st.integers(1, 2 * cs + 1),
         st.sampled_from(sorted({1, 512, cfg.granule, cs, 2 * cs, cs + 512, 3 * cs - 1})),
         st.integers(1, min(1 * MiB, 16 * cs)),
     )
-    return st.tuples(st.sampled_from(kinds), offset, length, st.integers(0, 2 ** 32 - 1)) \
-        .map(lambda t: (t[0], t[1], min(t[2], size - t[1]), t[3]))
+    return st.tuples(st.sampled_from(kinds), offset, length, st.integers(0, 2**32 - 1)).map(
+        lambda t: (t[0], t[1], min(t[2], size - t[1]), t[3])
+    )
 
 
 def apply_op(img, model: Model, base: Model, cfg: Cfg, op) -> None:
@@ -388,6 +421,7 @@ def apply_op(img, model: Model, base: Model, cfg: Cfg, op) -> None:
 # ----------------------------------------------------------------------------------------------
 # tests
 # ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("cfg", CONFIGS, ids=[c.id for c in CONFIGS])
@@ -431,8 +465,10 @@ def test_reopen_between_steps(cfg, workdir, data):
     """close + open r+ between steps: state kept only in memory would be lost."""
     backing, model = get_backing(cfg, workdir)
     base = model.copy()
-    ops = data.draw(st.lists(op_strategy(cfg, KINDS + ["reopen", "reopen"]), min_size=2,
-                             max_size=MAX_OPS + 2), label="ops")
+    ops = data.draw(
+        st.lists(op_strategy(cfg, KINDS + ["reopen", "reopen"]), min_size=2, max_size=MAX_OPS + 2),
+        label="ops",
+    )
     with tempfile.TemporaryDirectory(dir=workdir) as d:
         d = Path(d)
         img_path, data_path = create_image(cfg, d, backing)
@@ -468,7 +504,7 @@ def test_concurrent_readers_and_writer(tmp_path, cluster_size):
     qemu_create(path, size, options={"cluster_size": cs})
     rng = random.Random(1234)
     model = Model(size)
-    stable = rng.randbytes(2 * MiB)          # first 2 MiB: written before the threads start
+    stable = rng.randbytes(2 * MiB)  # first 2 MiB: written before the threads start
     img = qcow2lib.open(str(path), mode="r+")
     errors: list[str] = []
     try:
@@ -483,10 +519,9 @@ def test_concurrent_readers_and_writer(tmp_path, cluster_size):
                     off = r.randrange(0, 2 * MiB - 1)
                     n = r.randint(1, min(3 * cs, 2 * MiB - off))
                     got = img.read(off, n)
-                    if got != stable[off:off + n]:
-                        i = first_diff(got, stable[off:off + n])
-                        errors.append(f"reader {seed}: wrong data at {off + i} "
-                                      f"(read {off}+{n})")
+                    if got != stable[off : off + n]:
+                        i = first_diff(got, stable[off : off + n])
+                        errors.append(f"reader {seed}: wrong data at {off + i} (read {off}+{n})")
                         return
             except Exception as e:  # noqa: BLE001
                 errors.append(f"reader {seed}: {type(e).__name__}: {e}")

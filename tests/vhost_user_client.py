@@ -4,6 +4,7 @@ It plays QEMU and the guest at once: a memfd is the guest's memory, the test lay
 split virtqueue in it, and can send well-formed requests or deliberately broken ones
 (descriptors outside memory, loops, chains longer than the queue) to a back-end.
 """
+
 from __future__ import annotations
 
 import mmap
@@ -29,7 +30,7 @@ F_INDIRECT, F_EVENT_IDX, F_VERSION_1 = 28, 29, 32
 D_NEXT, D_WRITE, D_INDIRECT = 1, 2, 4
 
 MEMORY_SIZE = 1 << 20
-USER_BASE = 0x7F00_0000_0000         # where "QEMU" pretends the memory is mapped
+USER_BASE = 0x7F00_0000_0000  # where "QEMU" pretends the memory is mapped
 QUEUE_SIZE = 16
 DESC_ADDR, AVAIL_ADDR, USED_ADDR = 0x0, 0x1000, 0x2000
 DATA_ADDR = 0x10000
@@ -57,12 +58,12 @@ class Frontend:
         self.memory.close()
 
     # -- messages --
-    def send(self, request: int, payload: bytes = b"", fds: list[int] = (), flags: int = 1
-             ) -> None:
+    def send(self, request: int, payload: bytes = b"", fds: list[int] = (), flags: int = 1) -> None:
         data = HEADER.pack(request, flags, len(payload)) + payload
         if fds:
-            self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                        struct.pack(f"{len(fds)}i", *fds))])
+            self.sock.sendmsg(
+                [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+            )
         else:
             self.sock.sendall(data)
 
@@ -107,8 +108,18 @@ class Frontend:
     def start_queue(self, index: int = 0, size: int = QUEUE_SIZE, base: int = 0) -> None:
         self.send(SET_VRING_NUM, struct.pack("<II", index, size))
         self.send(SET_VRING_BASE, struct.pack("<II", index, base))
-        self.send(SET_VRING_ADDR, struct.pack("<IIQQQQ", index, 0, USER_BASE + DESC_ADDR,
-                                              USER_BASE + USED_ADDR, USER_BASE + AVAIL_ADDR, 0))
+        self.send(
+            SET_VRING_ADDR,
+            struct.pack(
+                "<IIQQQQ",
+                index,
+                0,
+                USER_BASE + DESC_ADDR,
+                USER_BASE + USED_ADDR,
+                USER_BASE + AVAIL_ADDR,
+                0,
+            ),
+        )
         self.send(SET_VRING_CALL, U64.pack(index), [self.call])
         self.send(SET_VRING_ERR, U64.pack(index), [self.err])
         self.send(SET_VRING_KICK, U64.pack(index), [self.kick])
@@ -124,13 +135,21 @@ class Frontend:
         return struct.unpack("<II", self.receive()[2])[1]
 
     # -- the driver side of the ring --
-    def put_descriptor(self, index: int, addr: int, length: int, flags: int, next_index: int,
-                       table: int = DESC_ADDR) -> None:
+    def put_descriptor(
+        self,
+        index: int,
+        addr: int,
+        length: int,
+        flags: int,
+        next_index: int,
+        table: int = DESC_ADDR,
+    ) -> None:
         DESC.pack_into(self.memory, table + 16 * index, addr, length, flags, next_index)
 
     def publish(self, head: int) -> None:
-        struct.pack_into("<H", self.memory, AVAIL_ADDR + 4 + 2 * (self.avail_idx % QUEUE_SIZE),
-                         head)
+        struct.pack_into(
+            "<H", self.memory, AVAIL_ADDR + 4 + 2 * (self.avail_idx % QUEUE_SIZE), head
+        )
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         struct.pack_into("<H", self.memory, AVAIL_ADDR + 2, self.avail_idx)
         os.eventfd_write(self.kick, 1)
@@ -155,15 +174,23 @@ class Frontend:
         return elements
 
     # -- virtio-blk requests, laid out at DATA_ADDR --
-    def blk_chain(self, kind: int, sector: int, out: bytes = b"", in_length: int = 0,
-                  first: int = 0, data_addr: int = DATA_ADDR, indirect: bool = False) -> int:
+    def blk_chain(
+        self,
+        kind: int,
+        sector: int,
+        out: bytes = b"",
+        in_length: int = 0,
+        first: int = 0,
+        data_addr: int = DATA_ADDR,
+        indirect: bool = False,
+    ) -> int:
         """Write a request's buffers and descriptors (header, data, status); return the head."""
         header_addr = data_addr
         out_addr = header_addr + 16
         in_addr = out_addr + len(out)
         status_addr = in_addr + in_length
-        self.memory[header_addr:header_addr + 16] = BLK_HEADER.pack(kind, 0, sector)
-        self.memory[out_addr:out_addr + len(out)] = out
+        self.memory[header_addr : header_addr + 16] = BLK_HEADER.pack(kind, 0, sector)
+        self.memory[out_addr : out_addr + len(out)] = out
         self.memory[status_addr] = 0xFF
         buffers = [(header_addr, 16, 0)]
         if out:
@@ -175,24 +202,39 @@ class Frontend:
             table = data_addr + 0x8000
             for i, (addr, length, flags) in enumerate(buffers):
                 last = i == len(buffers) - 1
-                DESC.pack_into(self.memory, table + 16 * i, addr, length,
-                               flags | (0 if last else D_NEXT), i + 1 if not last else 0)
+                DESC.pack_into(
+                    self.memory,
+                    table + 16 * i,
+                    addr,
+                    length,
+                    flags | (0 if last else D_NEXT),
+                    i + 1 if not last else 0,
+                )
             self.put_descriptor(first, table, 16 * len(buffers), D_INDIRECT, 0)
             return first
         for i, (addr, length, flags) in enumerate(buffers):
             last = i == len(buffers) - 1
             index = (first + i) % QUEUE_SIZE
-            self.put_descriptor(index, addr, length, flags | (0 if last else D_NEXT),
-                                (index + 1) % QUEUE_SIZE)
+            self.put_descriptor(
+                index, addr, length, flags | (0 if last else D_NEXT), (index + 1) % QUEUE_SIZE
+            )
         return first
 
-    def blk_result(self, kind: int, out: bytes, in_length: int, data_addr: int = DATA_ADDR
-                   ) -> tuple[int, bytes]:
+    def blk_result(
+        self, kind: int, out: bytes, in_length: int, data_addr: int = DATA_ADDR
+    ) -> tuple[int, bytes]:
         in_addr = data_addr + 16 + len(out)
-        return self.memory[in_addr + in_length], self.memory[in_addr:in_addr + in_length]
+        return self.memory[in_addr + in_length], self.memory[in_addr : in_addr + in_length]
 
-    def blk(self, kind: int, sector: int, out: bytes = b"", in_length: int = 0,
-            indirect: bool = False, timeout: float = 5.0) -> tuple[int, bytes, int]:
+    def blk(
+        self,
+        kind: int,
+        sector: int,
+        out: bytes = b"",
+        in_length: int = 0,
+        indirect: bool = False,
+        timeout: float = 5.0,
+    ) -> tuple[int, bytes, int]:
         """Run one request to completion: (status, data read, used length)."""
         head = self.blk_chain(kind, sector, out, in_length, indirect=indirect)
         self.publish(head)

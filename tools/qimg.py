@@ -3,6 +3,7 @@
 The entry point only (installed as the top-level module `qimg`, console script
 `qimg = "qimg:main"`); the CLI itself is the package qcow2lib.cli.
 """
+
 import sys
 
 from qcow2lib.cli import main

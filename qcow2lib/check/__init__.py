@@ -24,6 +24,7 @@ repairing and reports that second run with the first run's fixed counts.
 Everything is read from the file directly and tolerantly: a bad entry is counted and
 reported, never raised. Only an unreadable file raises.
 """
+
 from __future__ import annotations
 
 import errno
@@ -36,13 +37,29 @@ from ..errors import CorruptImageError, Qcow2Error, ReadOnlyError
 from ..header import Header
 from .compare import _Compare
 from .repair import _RebuildError, _Repair
-from .report import (FIX_ERRORS, FIX_LEAKS, CheckReport, _Abort, _Result, format_check_human,
-                     format_check_json, format_check_stderr)
+from .report import (
+    FIX_ERRORS,
+    FIX_LEAKS,
+    CheckReport,
+    _Abort,
+    _Result,
+    format_check_human,
+    format_check_json,
+    format_check_stderr,
+)
 from .target import _INT64_MAX, _INT_MAX, _RefcountArray, _Target
 from .walk import _Replay, _Walk
 
-__all__ = ["FIX_ERRORS", "FIX_LEAKS", "CheckReport", "check_image", "check_path",
-           "format_check_human", "format_check_json", "format_check_stderr"]
+__all__ = [
+    "FIX_ERRORS",
+    "FIX_LEAKS",
+    "CheckReport",
+    "check_image",
+    "check_path",
+    "format_check_human",
+    "format_check_json",
+    "format_check_stderr",
+]
 
 _REPAIR_MODES = {None: 0, "leaks": FIX_LEAKS, "all": FIX_LEAKS | FIX_ERRORS}
 
@@ -184,12 +201,23 @@ def _img_check_open(t: _Target, fix: int, report: CheckReport) -> CheckReport:
         report.failed = True
         report.error = f"Check failed: {os.strerror(err)}"
         if report.repaired:
-            report.leaks_fixed, report.corruptions_fixed = result.leaks_fixed, \
-                result.corruptions_fixed
+            report.leaks_fixed, report.corruptions_fixed = (
+                result.leaks_fixed,
+                result.corruptions_fixed,
+            )
         return report
-    for name in ("check_errors", "corruptions", "leaks", "corruptions_fixed", "leaks_fixed",
-                 "image_end_offset", "total_clusters", "allocated_clusters",
-                 "fragmented_clusters", "compressed_clusters"):
+    for name in (
+        "check_errors",
+        "corruptions",
+        "leaks",
+        "corruptions_fixed",
+        "leaks_fixed",
+        "image_end_offset",
+        "total_clusters",
+        "allocated_clusters",
+        "fragmented_clusters",
+        "compressed_clusters",
+    ):
         setattr(report, name, getattr(result, name))
     if report.check_errors:
         report.error = "Check failed"
@@ -207,8 +235,10 @@ def check_image(image, repair: str | None = None, prog: str = "qemu-img") -> Che
     """
     if repair not in _REPAIR_MODES:
         from ..errors import InvalidArgumentError
-        raise InvalidArgumentError(f"Unknown option value for -r (expecting 'leaks' or 'all'): "
-                                   f"{repair}")
+
+        raise InvalidArgumentError(
+            f"Unknown option value for -r (expecting 'leaks' or 'all'): {repair}"
+        )
     fix = _REPAIR_MODES[repair]
     report = CheckReport(filename=image.filename, format=getattr(image, "format", "qcow2"))
     if report.format != "qcow2":
@@ -220,8 +250,9 @@ def check_image(image, repair: str | None = None, prog: str = "qemu-img") -> Che
     with image._lock:
         if not image.read_only:
             image._write_back_all()
-        t = _Target(image.file, image.header, image.filename, not image.read_only,
-                    report.messages, prog)
+        t = _Target(
+            image.file, image.header, image.filename, not image.read_only, report.messages, prog
+        )
         # The engine keeps the dirty bit set itself while a lazy-refcounts image is open.
         t.keep_dirty = bool(image.lazy_refcounts and not image.read_only)
         try:
@@ -241,8 +272,11 @@ def _reload_engine_state(image) -> None:
     image._prealloc_detected = None
     image._snapshot_table = None  # (a repair may rewrite it in place)
     image.corrupt = bool(hdr.incompatible_features & S.INCOMPAT_CORRUPT)
-    image.map.l1 = decode_be64(image.file.pread(hdr.l1_size * 8, hdr.l1_table_offset)) \
-        if hdr.l1_size else array("Q")
+    image.map.l1 = (
+        decode_be64(image.file.pread(hdr.l1_size * 8, hdr.l1_table_offset))
+        if hdr.l1_size
+        else array("Q")
+    )
     image.map.l1_dirty.clear()
     image.map.l2_cache.clear()
     try:
@@ -266,16 +300,22 @@ class _CheckModeHeader(Header):
         finally:
             self.nb_snapshots, self.refcount_table_clusters = saved
 
-    def _validate_table(self, name, field_name, offset, count_field, entries, entry_len,
-                        max_bytes, file_size) -> None:
+    def _validate_table(
+        self, name, field_name, offset, count_field, entries, entry_len, max_bytes, file_size
+    ) -> None:
         if entries > max_bytes // entry_len:
             raise CorruptImageError(f"{name} too large ({count_field} {entries})")
         if _INT64_MAX - entries * entry_len < offset or offset % self.cluster_size:
             raise CorruptImageError(f"{name} offset invalid ({field_name} {offset})")
 
 
-def check_path(filename: str, repair: str | None = None, fmt: str | None = None,
-               force_share: bool = False, prog: str = "qemu-img") -> CheckReport:
+def check_path(
+    filename: str,
+    repair: str | None = None,
+    fmt: str | None = None,
+    force_share: bool = False,
+    prog: str = "qemu-img",
+) -> CheckReport:
     """`qemu-img check [-r leaks|all] [-f fmt] [-U] FILE`: open in check mode, check, report.
 
     Failing to open gives a report with `error` set and exit code 1, as qemu-img does.
@@ -284,11 +324,14 @@ def check_path(filename: str, repair: str | None = None, fmt: str | None = None,
 
     if repair not in _REPAIR_MODES:
         from ..errors import InvalidArgumentError
-        raise InvalidArgumentError(f"Unknown option value for -r (expecting 'leaks' or 'all'): "
-                                   f"{repair}")
+
+        raise InvalidArgumentError(
+            f"Unknown option value for -r (expecting 'leaks' or 'all'): {repair}"
+        )
     fix = _REPAIR_MODES[repair]
     report = CheckReport(filename=filename)
     from ..chain import is_nbd_name
+
     nbd = is_nbd_name(filename)
     if nbd:  # the image is in an NBD export (opened again below, for the check itself)
         from ..exports.nbd_client import NBDClient, NBDHostFile, parse_nbd_name
@@ -296,8 +339,10 @@ def check_path(filename: str, repair: str | None = None, fmt: str | None = None,
         def open_container():
             return NBDHostFile(NBDClient(parse_nbd_name(filename), read_only=not fix))
     else:
+
         def open_container():
             return HostFile(filename, writable=bool(fix))
+
     if fmt is None and nbd:
         try:
             probe = open_container()
@@ -371,16 +416,21 @@ def _check_openable(filename: str, header: Header) -> None:
             raise CorruptImageError("'data-file' is required for this image")
         # QEMU opens the name as the header has it: a relative one from the working directory.
         if not os.path.exists(header.data_file):
-            raise Qcow2IOError(errno.ENOENT, f"Could not open '{header.data_file}': No such "
-                                             f"file or directory")
+            raise Qcow2IOError(
+                errno.ENOENT, f"Could not open '{header.data_file}': No such file or directory"
+            )
         refuse_special_file(header.data_file, "external data file", filename)
     elif header.data_file:
-        raise CorruptImageError("'data-file' can only be set for images with an external data "
-                                "file")
+        raise CorruptImageError("'data-file' can only be set for images with an external data file")
     if header.backing_file:
-        path = header.backing_file if os.path.isabs(header.backing_file) else \
-            os.path.join(os.path.dirname(filename), header.backing_file)
+        path = (
+            header.backing_file
+            if os.path.isabs(header.backing_file)
+            else os.path.join(os.path.dirname(filename), header.backing_file)
+        )
         if not os.path.exists(path):
-            raise Qcow2IOError(errno.ENOENT, f"Could not open backing file: Could not open "
-                                             f"'{path}': No such file or directory")
+            raise Qcow2IOError(
+                errno.ENOENT,
+                f"Could not open backing file: Could not open '{path}': No such file or directory",
+            )
         refuse_special_file(path, "backing file", filename)

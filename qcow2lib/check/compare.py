@@ -1,6 +1,7 @@
 """Comparing the counted references with the refcounts on disk (QEMU's compare_refcounts:
 leaks, corruptions, the repair of both) and checking the COPIED flags of the active L1 and
 L2 entries against the refcounts (check_oflag_copied)."""
+
 from __future__ import annotations
 
 import errno
@@ -12,8 +13,14 @@ from typing import Callable
 from .. import structs as S
 from ..cache import decode_be64, encode_be64
 from .report import FIX_ERRORS, FIX_LEAKS, _Abort
-from .target import (_CHUNK_BITS, _NORMAL, _OL_ACTIVE_L1, _OL_ACTIVE_L2, _ZERO_ALLOC,
-                     _RefcountReadError)
+from .target import (
+    _CHUNK_BITS,
+    _NORMAL,
+    _OL_ACTIVE_L1,
+    _OL_ACTIVE_L2,
+    _ZERO_ALLOC,
+    _RefcountReadError,
+)
 
 _MAX_REMEMBERED_REFCOUNTS = 1 << 16  # refcounts check_oflag_copied keeps at hand
 _COMPARE_STEP = 256  # clusters compared at once before looking at each
@@ -48,12 +55,11 @@ class _Compare:
                 disk = t.block_values(block_index)
             except _RefcountReadError:
                 for i in range(lo, hi):
-                    self.out.append(f"Can't get refcount for cluster {i}: "
-                                    f"{os.strerror(errno.EIO)}")
+                    self.out.append(f"Can't get refcount for cluster {i}: {os.strerror(errno.EIO)}")
                     res.check_errors += 1
                 continue
             mine = self.imrt.values(lo, hi)
-            theirs = disk[:hi - lo] if disk is not None else [0] * (hi - lo)
+            theirs = disk[: hi - lo] if disk is not None else [0] * (hi - lo)
             last = _last_used(mine, theirs)
             if last >= 0:
                 highest = lo + last
@@ -74,8 +80,9 @@ class _Compare:
                     elif refcount1 < refcount2 and fix & FIX_ERRORS:
                         fixed = "corruptions_fixed"
                     word = "Repairing" if fixed else "ERROR" if refcount1 < refcount2 else "Leaked"
-                    self.out.append(f"{word} cluster {i} refcount={refcount1} "
-                                    f"reference={refcount2}")
+                    self.out.append(
+                        f"{word} cluster {i} refcount={refcount1} reference={refcount2}"
+                    )
                     if fixed and t.set_refcount(i, refcount2):
                         if not refcount2:
                             t.discard(i)
@@ -93,8 +100,11 @@ class _Compare:
         a file grown to reach a refcount block far past its end has billions)."""
         t = self.t
         count = -(-self.nb_clusters // t.rb_size)
-        blocks = {i for i in compress(range(min(count, len(t.reftable))), t.reftable)
-                  if t.reftable[i] & S.REFT_OFFSET_MASK}
+        blocks = {
+            i
+            for i in compress(range(min(count, len(t.reftable))), t.reftable)
+            if t.reftable[i] & S.REFT_OFFSET_MASK
+        }
         for chunk in self.imrt.chunks:
             first = (chunk << _CHUNK_BITS) >> t.rb_bits
             last = (((chunk + 1) << _CHUNK_BITS) - 1) >> t.rb_bits
@@ -144,11 +154,14 @@ class _Compare:
                 continue
             if (refcount == 1) != bool(l1_entry & S.OFLAG_COPIED):
                 res.corruptions += 1
-                out.append(f"{word} OFLAG_COPIED L2 cluster: l1_index={i} "
-                           f"l1_entry={l1_entry:x} refcount={refcount}")
+                out.append(
+                    f"{word} OFLAG_COPIED L2 cluster: l1_index={i} "
+                    f"l1_entry={l1_entry:x} refcount={refcount}"
+                )
                 if repair:
-                    l1[i] = (l1_entry | S.OFLAG_COPIED if refcount == 1
-                             else l1_entry & ~S.OFLAG_COPIED)
+                    l1[i] = (
+                        l1_entry | S.OFLAG_COPIED if refcount == 1 else l1_entry & ~S.OFLAG_COPIED
+                    )
                     where = t.hdr.l1_table_offset + 8 * i
                     if t.overlap_check(_OL_ACTIVE_L1, where, 8):
                         res.check_errors += 1
@@ -167,13 +180,17 @@ class _Compare:
                 res.corruptions += known[1]
                 continue
             mark, corruptions = len(out), res.corruptions
-            if (self._check_l2_copied(l2_offset, repair, word, refcount_of) and quiet
-                    and t.writes == writes):
+            if (
+                self._check_l2_copied(l2_offset, repair, word, refcount_of)
+                and quiet
+                and t.writes == writes
+            ):
                 tables[l2_offset] = (out[mark:], res.corruptions - corruptions)
         t.flush()
 
-    def _check_l2_copied(self, l2_offset: int, repair: bool, word: str,
-                         refcount_of: Callable[[int], int]) -> bool:
+    def _check_l2_copied(
+        self, l2_offset: int, repair: bool, word: str, refcount_of: Callable[[int], int]
+    ) -> bool:
         """The data cluster part of check_oflag_copied for one L2 table; False if a refcount
         could not be read."""
         t = self.t
@@ -187,8 +204,9 @@ class _Compare:
         dirty = 0
         for j in compress(range(t.l2_entries), table[::words]):
             entry = table[j * words]
-            if (entry & S.OFLAG_COMPRESSED or not entry & S.L2E_OFFSET_MASK) \
-                    and t.cluster_type(entry) not in (_NORMAL, _ZERO_ALLOC):
+            if (entry & S.OFLAG_COMPRESSED or not entry & S.L2E_OFFSET_MASK) and t.cluster_type(
+                entry
+            ) not in (_NORMAL, _ZERO_ALLOC):
                 continue
             if t.has_data_file:
                 refcount = 1
@@ -200,16 +218,20 @@ class _Compare:
                     continue
             if (refcount == 1) != bool(entry & S.OFLAG_COPIED):
                 res.corruptions += 1
-                self.out.append(f"{word} OFLAG_COPIED data cluster: l2_entry={entry:x} "
-                                f"refcount={refcount}")
+                self.out.append(
+                    f"{word} OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={refcount}"
+                )
                 if repair:
-                    table[j * words] = (entry | S.OFLAG_COPIED if refcount == 1
-                                        else entry & ~S.OFLAG_COPIED)
+                    table[j * words] = (
+                        entry | S.OFLAG_COPIED if refcount == 1 else entry & ~S.OFLAG_COPIED
+                    )
                     dirty += 1
         if dirty:
             if t.overlap_check(_OL_ACTIVE_L2, l2_offset, t.cs):
-                self.out.append(f"ERROR: Could not write L2 table; metadata overlap check "
-                                f"failed: {os.strerror(errno.EIO)}")
+                self.out.append(
+                    f"ERROR: Could not write L2 table; metadata overlap check "
+                    f"failed: {os.strerror(errno.EIO)}"
+                )
                 res.check_errors += 1
                 raise _Abort(errno.EIO)
             t.pwrite(encode_be64(table), l2_offset)

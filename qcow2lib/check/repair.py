@@ -2,6 +2,7 @@
 zero cluster, the refcount structure rebuilt from the counted references (QEMU's
 rebuild_refcount_structure, same allocation order), and the snapshot table rewritten
 (qcow2_check_fix_snapshot_table)."""
+
 from __future__ import annotations
 
 import errno
@@ -13,8 +14,15 @@ from .. import structs as S
 from ..cache import encode_be64
 from ..refcount import RefcountBlock
 from .report import FIX_ERRORS, _Abort, _Result
-from .target import (_OL_ACTIVE_L2, _OL_INACTIVE_L2, _REFCOUNT_CACHE_ENTRIES,
-                     _MAX_SNAPSHOTS_SIZE, _SNAPSHOT_EXTRA_SIZE, _CacheSlot, _RefcountReadError)
+from .target import (
+    _OL_ACTIVE_L2,
+    _OL_INACTIVE_L2,
+    _REFCOUNT_CACHE_ENTRIES,
+    _MAX_SNAPSHOTS_SIZE,
+    _SNAPSHOT_EXTRA_SIZE,
+    _CacheSlot,
+    _RefcountReadError,
+)
 
 _L2_BITMAP_ALL_ZEROES = 0xFFFFFFFF << 32
 
@@ -47,8 +55,13 @@ class _Repair:
         t = self.t
         size = 0
         for sn in t.snapshots:
-            size = -(-size // 8) * 8 + 40 + max(_SNAPSHOT_EXTRA_SIZE, sn.extra_data_size) \
-                + len(sn.id_str) + len(sn.name)
+            size = (
+                -(-size // 8) * 8
+                + 40
+                + max(_SNAPSHOT_EXTRA_SIZE, sn.extra_data_size)
+                + len(sn.id_str)
+                + len(sn.name)
+            )
             if size > _MAX_SNAPSHOTS_SIZE:
                 raise _Abort(errno.EFBIG)
         first = self._alloc_clusters(-(-size // t.cs))
@@ -60,9 +73,18 @@ class _Repair:
         for sn in t.snapshots:
             data += bytes(-len(data) % 8)
             vm32 = sn.vm_state_size if sn.vm_state_size <= 0xFFFFFFFF else 0
-            data += struct.pack(">QIHHIIQII", sn.l1_table_offset, sn.l1_size, len(sn.id_str),
-                                len(sn.name), sn.date_sec, sn.date_nsec, sn.vm_clock_nsec, vm32,
-                                max(_SNAPSHOT_EXTRA_SIZE, sn.extra_data_size))
+            data += struct.pack(
+                ">QIHHIIQII",
+                sn.l1_table_offset,
+                sn.l1_size,
+                len(sn.id_str),
+                len(sn.name),
+                sn.date_sec,
+                sn.date_nsec,
+                sn.vm_clock_nsec,
+                vm32,
+                max(_SNAPSHOT_EXTRA_SIZE, sn.extra_data_size),
+            )
             data += struct.pack(">QQQ", sn.vm_state_size, sn.disk_size, sn.icount)
             if sn.extra_data_size > _SNAPSHOT_EXTRA_SIZE:
                 data += sn.unknown_extra
@@ -125,7 +147,7 @@ class _Repair:
             self.out.append("ERROR: Overlap check failed")
             self.res.check_errors += 1
             raise _Abort(errno.EIO)
-        t.pwrite(encode_be64(table[index * words:(index + 1) * words]), entry_offset)
+        t.pwrite(encode_be64(table[index * words : (index + 1) * words]), entry_offset)
         t.flush()
         self.res.corruptions -= 1
         self.res.corruptions_fixed += 1

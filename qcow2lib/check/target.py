@@ -1,6 +1,7 @@
 """The image as the check sees it: its file, header values, the refcount table and QEMU's
 refcount block cache (_Target), the in-memory refcount table (_RefcountArray), and the
 pre-write overlap check."""
+
 from __future__ import annotations
 
 import struct
@@ -19,14 +20,28 @@ from .report import _hash_x
 _UNALLOCATED, _ZERO_PLAIN, _ZERO_ALLOC, _NORMAL, _COMPRESSED = range(5)
 
 # Metadata kinds of the pre-write overlap check (QCOW2_OL_*), with QEMU's names.
-_OL_MAIN_HEADER, _OL_ACTIVE_L1, _OL_ACTIVE_L2, _OL_REFCOUNT_TABLE, _OL_REFCOUNT_BLOCK, \
-    _OL_SNAPSHOT_TABLE, _OL_INACTIVE_L1, _OL_INACTIVE_L2, _OL_BITMAP_DIRECTORY = \
-    (1 << i for i in range(9))
-_OL_NAMES = {_OL_MAIN_HEADER: "qcow2_header", _OL_ACTIVE_L1: "active L1 table",
-             _OL_ACTIVE_L2: "active L2 table", _OL_REFCOUNT_TABLE: "refcount table",
-             _OL_REFCOUNT_BLOCK: "refcount block", _OL_SNAPSHOT_TABLE: "snapshot table",
-             _OL_INACTIVE_L1: "inactive L1 table", _OL_INACTIVE_L2: "inactive L2 table",
-             _OL_BITMAP_DIRECTORY: "bitmap directory"}
+(
+    _OL_MAIN_HEADER,
+    _OL_ACTIVE_L1,
+    _OL_ACTIVE_L2,
+    _OL_REFCOUNT_TABLE,
+    _OL_REFCOUNT_BLOCK,
+    _OL_SNAPSHOT_TABLE,
+    _OL_INACTIVE_L1,
+    _OL_INACTIVE_L2,
+    _OL_BITMAP_DIRECTORY,
+) = (1 << i for i in range(9))
+_OL_NAMES = {
+    _OL_MAIN_HEADER: "qcow2_header",
+    _OL_ACTIVE_L1: "active L1 table",
+    _OL_ACTIVE_L2: "active L2 table",
+    _OL_REFCOUNT_TABLE: "refcount table",
+    _OL_REFCOUNT_BLOCK: "refcount block",
+    _OL_SNAPSHOT_TABLE: "snapshot table",
+    _OL_INACTIVE_L1: "inactive L1 table",
+    _OL_INACTIVE_L2: "inactive L2 table",
+    _OL_BITMAP_DIRECTORY: "bitmap directory",
+}
 
 _MAX_SNAPSHOTS_SIZE = 1024 * S.MAX_SNAPSHOTS
 _SNAPSHOT_EXTRA_SIZE = 24  # vm_state_size_large, disk_size, icount
@@ -113,7 +128,7 @@ class _RefcountArray:
             if chunk is None:
                 out += [0] * (stop - start)
             else:
-                out += chunk[start & _CHUNK_MASK:((stop - 1) & _CHUNK_MASK) + 1].tolist()
+                out += chunk[start & _CHUNK_MASK : ((stop - 1) & _CHUNK_MASK) + 1].tolist()
             start = stop
         return out
 
@@ -143,8 +158,9 @@ class _RefcountArray:
 class _Target:
     """The image being checked: its file, header values and QEMU's in-memory state."""
 
-    def __init__(self, file, header: Header, filename: str, writable: bool, out: list[str],
-                 prog: str):
+    def __init__(
+        self, file, header: Header, filename: str, writable: bool, out: list[str], prog: str
+    ):
         self.file = file
         self.hdr = header
         self.filename = filename
@@ -171,8 +187,11 @@ class _Target:
         self.keep_dirty = False  # leave the dirty bit alone (the engine manages it)
         self._size: int | None = None
         # QEMU's in-memory tables, read when the image was opened.
-        self.l1 = decode_be64(self.pread(header.l1_size * 8, header.l1_table_offset)) \
-            if header.l1_size else array("Q")
+        self.l1 = (
+            decode_be64(self.pread(header.l1_size * 8, header.l1_table_offset))
+            if header.l1_size
+            else array("Q")
+        )
         self.writes = 0  # bumped by every change to the file: what was read may be stale
         self._synced_writes = 0  # `writes` at the last flush
         self._l2_starts: list[int] | None = None
@@ -224,8 +243,9 @@ class _Target:
     # refcounts on disk ---------------------------------------------------------------
     def load_reftable(self, offset: int, clusters: int) -> None:
         """Read the refcount table; the refcount block cache starts empty."""
-        self.set_reftable(offset, decode_be64(self.pread(clusters * self.cs, offset))
-                          if clusters else array("Q"))
+        self.set_reftable(
+            offset, decode_be64(self.pread(clusters * self.cs, offset)) if clusters else array("Q")
+        )
         self.cache = [_CacheSlot() for _ in range(_REFCOUNT_CACHE_ENTRIES)]
         self.lru_counter = 0
 
@@ -295,8 +315,9 @@ class _Target:
         if not offset:
             return None
         if offset & (self.cs - 1):
-            self.signal_corruption(f"Refblock offset {_hash_x(offset)} unaligned (reftable "
-                                   f"index: {_hash_x(index)})")
+            self.signal_corruption(
+                f"Refblock offset {_hash_x(offset)} unaligned (reftable index: {_hash_x(index)})"
+            )
             raise _RefcountReadError()
         slot = self._cache_get(offset)
         self._put(slot)
@@ -340,16 +361,20 @@ class _Target:
         if self.signaled_corruption and (not fatal or self.marked_corrupt):
             return
         if fatal:
-            self.out.append(f"qcow2: Marking image as corrupt: {message}; further corruption "
-                            f"events will be suppressed")
+            self.out.append(
+                f"qcow2: Marking image as corrupt: {message}; further corruption "
+                f"events will be suppressed"
+            )
             self.marked_corrupt = True
             self.dead = True  # QEMU drops the driver: cached refcount updates are lost
             if self.hdr.version >= 3:
                 self.hdr.incompatible_features |= S.INCOMPAT_CORRUPT
                 self.write_header_features()
         else:
-            self.out.append(f"qcow2: Image is corrupt: {message}; further non-fatal corruption "
-                            f"events will be suppressed")
+            self.out.append(
+                f"qcow2: Image is corrupt: {message}; further non-fatal corruption "
+                f"events will be suppressed"
+            )
         self.signaled_corruption = True
 
     def overlap_check(self, ign: int, offset: int, size: int) -> bool:
@@ -357,8 +382,9 @@ class _Target:
         kind = self._overlap(ign, offset, size)
         if not kind:
             return False
-        self.signal_corruption(f"Preventing invalid write on metadata (overlaps with "
-                               f"{_OL_NAMES[kind]})")
+        self.signal_corruption(
+            f"Preventing invalid write on metadata (overlaps with {_OL_NAMES[kind]})"
+        )
         return True
 
     def _overlap(self, ign: int, offset: int, size: int) -> int:
@@ -377,11 +403,17 @@ class _Target:
         hdr = self.hdr
         if chk & _OL_ACTIVE_L1 and hdr.l1_size and hit(hdr.l1_table_offset, hdr.l1_size * 8):
             return _OL_ACTIVE_L1
-        if chk & _OL_REFCOUNT_TABLE and self.reftable and hit(self.reftable_offset,
-                                                               len(self.reftable) * 8):
+        if (
+            chk & _OL_REFCOUNT_TABLE
+            and self.reftable
+            and hit(self.reftable_offset, len(self.reftable) * 8)
+        ):
             return _OL_REFCOUNT_TABLE
-        if chk & _OL_SNAPSHOT_TABLE and self.snapshots_size and hit(self.snapshots_offset,
-                                                                    self.snapshots_size):
+        if (
+            chk & _OL_SNAPSHOT_TABLE
+            and self.snapshots_size
+            and hit(self.snapshots_offset, self.snapshots_size)
+        ):
             return _OL_SNAPSHOT_TABLE
         if chk & _OL_INACTIVE_L1:
             for sn in self.snapshots:

@@ -2,6 +2,7 @@
 then every reference the metadata makes counted into the in-memory refcount table (IMRT):
 header, active and snapshot L1/L2 tables, data and compressed clusters, snapshot table,
 refcount table and blocks, encryption header, bitmaps; each L1/L2 entry checked on the way."""
+
 from __future__ import annotations
 
 import errno
@@ -17,9 +18,20 @@ from typing import Iterator
 from .. import structs as S
 from ..cache import decode_be64
 from .report import FIX_ERRORS, _Abort, _hash_x, _Result
-from .target import (_CHUNK_BITS, _CHUNK_MASK, _COMPRESSED, _INT64_MAX, _INT_MAX, _NORMAL,
-                     _MAX_SNAPSHOTS_SIZE, _SNAPSHOT_EXTRA_SIZE, _UNALLOCATED, _ZERO_ALLOC,
-                     _Snapshot, _bitmaps_extension)
+from .target import (
+    _CHUNK_BITS,
+    _CHUNK_MASK,
+    _COMPRESSED,
+    _INT64_MAX,
+    _INT_MAX,
+    _NORMAL,
+    _MAX_SNAPSHOTS_SIZE,
+    _SNAPSHOT_EXTRA_SIZE,
+    _UNALLOCATED,
+    _ZERO_ALLOC,
+    _Snapshot,
+    _bitmaps_extension,
+)
 
 _L2_BITMAP_ALL_ALLOC = 0xFFFFFFFF
 _MAX_L1_ENTRIES = S.MAX_L1_BYTES // 8
@@ -46,11 +58,12 @@ class _Replay:
 
     An L1 table may point at the same L2 table thousands of times (at itself, or into a
     data cluster repeating one entry), which QEMU re-reads each time in C."""
+
     messages: list[str]
     counters: list[tuple[str, int]]
     increments: list[tuple[int, int]]  # (cluster, times counted)
-    depth: int                         # the most times one cluster was counted
-    pending: int = 0                   # repeats whose increments are not in the IMRT yet
+    depth: int  # the most times one cluster was counted
+    pending: int = 0  # repeats whose increments are not in the IMRT yet
 
 
 _MAX_COUNTED_L1_ENTRIES = 1 << 16  # L1 entries looked at for repeats, per L1 table
@@ -67,8 +80,10 @@ class _Walk:
             return
         t = self.t
         if offset + size - t.file_size() >= t.cs:
-            self.out.append(f"ERROR: counting reference for region exceeding the end of the "
-                            f"file by one cluster or more: offset {offset:#x} size {size:#x}")
+            self.out.append(
+                f"ERROR: counting reference for region exceeding the end of the "
+                f"file by one cluster or more: offset {offset:#x} size {size:#x}"
+            )
             self.res.corruptions += 1
             return
         limit = t.refcount_max
@@ -97,11 +112,14 @@ class _Walk:
             for position in range(cluster - base, stop - base):
                 value = chunk[position]
                 if value + times > limit:
-                    self.out.append(f"ERROR: overflow cluster offset="
-                                    f"{(base + position) << t.cluster_bits:#x}")
-                    self.out.append("Use qemu-img amend to increase the refcount entry width "
-                                    "or qemu-img convert to create a clean copy if the image "
-                                    "cannot be opened for writing")
+                    self.out.append(
+                        f"ERROR: overflow cluster offset={(base + position) << t.cluster_bits:#x}"
+                    )
+                    self.out.append(
+                        "Use qemu-img amend to increase the refcount entry width "
+                        "or qemu-img convert to create a clean copy if the image "
+                        "cannot be opened for writing"
+                    )
                     self.res.corruptions += 1
                     self._overflowed = True
                     self._overflows += 1
@@ -124,12 +142,15 @@ class _Walk:
             clusters, self._recorded = self._recorded, None
         if self._overflowed or t.writes != writes or t.signaled_corruption != signaled:
             return None
-        counters = [(name, getattr(res, name) - value)
-                    for name, value in zip(_Result.__slots__, before)
-                    if getattr(res, name) != value]
+        counters = [
+            (name, getattr(res, name) - value)
+            for name, value in zip(_Result.__slots__, before)
+            if getattr(res, name) != value
+        ]
         counts = Counter(clusters)
-        return _Replay(self.out[mark:], counters, list(counts.items()),
-                       max(counts.values(), default=0))
+        return _Replay(
+            self.out[mark:], counters, list(counts.items()), max(counts.values(), default=0)
+        )
 
     def _repeat(self, replay: _Replay) -> bool:
         """Do a recorded L1 entry's check again; False if its increments might overflow a
@@ -209,8 +230,10 @@ class _Walk:
             res.check_errors += 1
             self.out.append(f"{t.prog}: ERROR {error}")
             if nb_snapshots > S.MAX_SNAPSHOTS:
-                self.out.append(f"You can force-remove all {nb_snapshots - S.MAX_SNAPSHOTS} "
-                                f"overhanging snapshots with qemu-img check -r all")
+                self.out.append(
+                    f"You can force-remove all {nb_snapshots - S.MAX_SNAPSHOTS} "
+                    f"overhanging snapshots with qemu-img check -r all"
+                )
             raise _Abort(err)
         snapshots: list[_Snapshot] = []
         offset = snapshots_offset
@@ -220,18 +243,31 @@ class _Walk:
             pre_offset = offset
             table_length = -(-table_length // 8) * 8
             offset = -(-offset // 8) * 8
-            (l1_offset, l1_size, id_size, name_size, date_sec, date_nsec, vm_clock,
-             vm_state, extra_size) = struct.unpack(">QIHHIIQII", t.pread(40, offset))
+            (
+                l1_offset,
+                l1_size,
+                id_size,
+                name_size,
+                date_sec,
+                date_nsec,
+                vm_clock,
+                vm_state,
+                extra_size,
+            ) = struct.unpack(">QIHHIIQII", t.pread(40, offset))
             offset += 40
             truncate_extra = False
             if extra_size > S.MAX_SNAPSHOT_EXTRA_DATA:
                 if not repair:
-                    failure = (errno.EFBIG, f"Too much extra metadata in snapshot table entry {i}",
-                               "You can force-remove this extra metadata with qemu-img check "
-                               "-r all")
+                    failure = (
+                        errno.EFBIG,
+                        f"Too much extra metadata in snapshot table entry {i}",
+                        "You can force-remove this extra metadata with qemu-img check -r all",
+                    )
                     break
-                self.out.append(f"Discarding too much extra metadata in snapshot table entry {i} "
-                                f"({extra_size} > {S.MAX_SNAPSHOT_EXTRA_DATA})")
+                self.out.append(
+                    f"Discarding too much extra metadata in snapshot table entry {i} "
+                    f"({extra_size} > {S.MAX_SNAPSHOT_EXTRA_DATA})"
+                )
                 dropped += 1
                 truncate_extra = True
             known = min(_SNAPSHOT_EXTRA_SIZE, extra_size)
@@ -258,18 +294,36 @@ class _Walk:
             table_length += 40 + extra_size + id_size + name_size
             if table_length > _MAX_SNAPSHOTS_SIZE or offset - snapshots_offset > _INT_MAX:
                 if not repair:
-                    failure = (errno.EFBIG, "Snapshot table is too big",
-                               f"You can force-remove all {nb_snapshots - i} overhanging "
-                               f"snapshots with qemu-img check -r all")
+                    failure = (
+                        errno.EFBIG,
+                        "Snapshot table is too big",
+                        f"You can force-remove all {nb_snapshots - i} overhanging "
+                        f"snapshots with qemu-img check -r all",
+                    )
                     break
-                self.out.append(f"Discarding {nb_snapshots - i} overhanging snapshots (snapshot "
-                                f"table is too big)")
+                self.out.append(
+                    f"Discarding {nb_snapshots - i} overhanging snapshots (snapshot "
+                    f"table is too big)"
+                )
                 reduced += nb_snapshots - i
                 offset = pre_offset
                 break
-            snapshots.append(_Snapshot(l1_offset, l1_size, id_str, name, vm_state, date_sec,
-                                       date_nsec, vm_clock, extra_size, disk_size, icount,
-                                       unknown))
+            snapshots.append(
+                _Snapshot(
+                    l1_offset,
+                    l1_size,
+                    id_str,
+                    name,
+                    vm_state,
+                    date_sec,
+                    date_nsec,
+                    vm_clock,
+                    extra_size,
+                    disk_size,
+                    icount,
+                    unknown,
+                )
+            )
         if failure:
             res.check_errors += 1
             err, message, hint = failure
@@ -291,8 +345,10 @@ class _Walk:
             for i, sn in enumerate(snapshots):
                 if sn.extra_data_size < 16:
                     res.corruptions += 1
-                    self.out.append(f"{'Repairing' if repair else 'ERROR'} snapshot table entry "
-                                    f"{i} is incomplete")
+                    self.out.append(
+                        f"{'Repairing' if repair else 'ERROR'} snapshot table entry "
+                        f"{i} is incomplete"
+                    )
 
     # --- L1 / L2 tables ---------------------------------------------------------------
     def check_l1(self, l1_offset: int, l1_size: int, frag: bool, active: bool) -> None:
@@ -340,8 +396,9 @@ class _Walk:
         l2_offset = entry & S.L1E_OFFSET_MASK
         self.inc(l2_offset, cs)
         if l2_offset & (cs - 1):
-            self.out.append(f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; "
-                            f"L1 entry corrupted")
+            self.out.append(
+                f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry corrupted"
+            )
             self.res.corruptions += 1
         self.check_l2(l2_offset, frag, active)
 
@@ -358,8 +415,12 @@ class _Walk:
         next_contiguous = 0
         fix_errors = bool(self.fix & FIX_ERRORS)
         # Entries with none of these bits are aligned data clusters without any problem.
-        unusual = S.OFLAG_COMPRESSED | S.L2E_STD_RESERVED_MASK | (cs - 1) & S.L2E_OFFSET_MASK \
+        unusual = (
+            S.OFLAG_COMPRESSED
+            | S.L2E_STD_RESERVED_MASK
+            | (cs - 1) & S.L2E_OFFSET_MASK
             | (0 if t.extended else S.OFLAG_ZERO)
+        )
         count_data = not t.has_data_file
         for i in _used_entries(table, words):
             entry = table[i * words]
@@ -380,18 +441,23 @@ class _Walk:
                 res.corruptions += 1
             if kind == _COMPRESSED:
                 if entry & S.OFLAG_COPIED:
-                    self.out.append(f"ERROR: coffset={entry & t.cluster_offset_mask:#x}: copied "
-                                    f"flag must never be set for compressed clusters")
+                    self.out.append(
+                        f"ERROR: coffset={entry & t.cluster_offset_mask:#x}: copied "
+                        f"flag must never be set for compressed clusters"
+                    )
                     entry &= ~S.OFLAG_COPIED
                     res.corruptions += 1
                 if t.has_data_file:
-                    self.out.append(f"ERROR compressed cluster {i} with data file, "
-                                    f"entry={entry:#x}")
+                    self.out.append(
+                        f"ERROR compressed cluster {i} with data file, entry={entry:#x}"
+                    )
                     res.corruptions += 1
                     continue
                 if bitmap:
-                    self.out.append(f"ERROR compressed cluster {i} with non-zero subcluster "
-                                    f"allocation bitmap, entry={entry:#x}")
+                    self.out.append(
+                        f"ERROR compressed cluster {i} with non-zero subcluster "
+                        f"allocation bitmap, entry={entry:#x}"
+                    )
                     res.corruptions += 1
                     continue
                 coffset = entry & t.cluster_offset_mask
@@ -404,8 +470,10 @@ class _Walk:
             elif kind in (_NORMAL, _ZERO_ALLOC):
                 if (bitmap >> 32) & bitmap:
                     res.corruptions += 1
-                    self.out.append(f"ERROR offset={offset:x}: Allocated cluster has corrupted "
-                                    f"subcluster allocation bitmap")
+                    self.out.append(
+                        f"ERROR offset={offset:x}: Allocated cluster has corrupted "
+                        f"subcluster allocation bitmap"
+                    )
                 if offset & (cs - 1):
                     res.corruptions += 1
                     if t.extended:
@@ -413,15 +481,19 @@ class _Walk:
                     else:
                         contains_data = not entry & S.OFLAG_ZERO
                     if not contains_data:
-                        self.out.append(f"{'Repairing' if fix_errors else 'ERROR'} "
-                                        f"offset={offset:x}: Preallocated cluster is not properly "
-                                        f"aligned; L2 entry corrupted.")
+                        self.out.append(
+                            f"{'Repairing' if fix_errors else 'ERROR'} "
+                            f"offset={offset:x}: Preallocated cluster is not properly "
+                            f"aligned; L2 entry corrupted."
+                        )
                         if fix_errors:
                             if self._fix_l2_entry_by_zero(l2_offset, table, i, active):
                                 continue
                     else:
-                        self.out.append(f"ERROR offset={offset:x}: Data cluster is not properly "
-                                        f"aligned; L2 entry corrupted.")
+                        self.out.append(
+                            f"ERROR offset={offset:x}: Data cluster is not properly "
+                            f"aligned; L2 entry corrupted."
+                        )
                 if frag:
                     res.allocated_clusters += 1
                     if next_contiguous and offset != next_contiguous:
@@ -432,8 +504,9 @@ class _Walk:
             elif kind == _UNALLOCATED:
                 if bitmap & _L2_BITMAP_ALL_ALLOC:
                     res.corruptions += 1
-                    self.out.append("ERROR: Unallocated cluster has non-zero subcluster "
-                                    "allocation map")
+                    self.out.append(
+                        "ERROR: Unallocated cluster has non-zero subcluster allocation map"
+                    )
 
     # --- calculate_refcounts ------------------------------------------------------------
     def calculate(self, fix: int) -> None:
@@ -446,7 +519,7 @@ class _Walk:
         shared = not fix & FIX_ERRORS and not self.imrt.chunks  # (repairs write: no reordering)
         self._overflows = 0
         if self._calculate(fix, shared) and self._overflows and t.writes == start[3]:
-            del self.out[start[0]:]
+            del self.out[start[0] :]
             self.res, self.nb_clusters = start[1], start[2]
             self.imrt.clear()
             self._calculate(fix, False)
@@ -480,8 +553,12 @@ class _Walk:
         thousand snapshots of one disk cost one walk, not a thousand; nothing is written
         meanwhile, so every walk would see the same). Returns whether that happened."""
         t = self.t
-        keys = [None if sn.l1_table_offset & (t.cs - 1) or sn.l1_size > _MAX_L1_ENTRIES
-                else (sn.l1_table_offset, sn.l1_size) for sn in t.snapshots]
+        keys = [
+            None
+            if sn.l1_table_offset & (t.cs - 1) or sn.l1_size > _MAX_L1_ENTRIES
+            else (sn.l1_table_offset, sn.l1_size)
+            for sn in t.snapshots
+        ]
         uses = Counter(filter(None, keys)) if shared else Counter()
         recorded: dict[tuple[int, int], tuple[int, list[str], list[tuple[str, int]]]] = {}
         repeats: Counter = Counter()
@@ -503,10 +580,15 @@ class _Walk:
             state = (t.writes, t.signaled_corruption, self._overflows)
             self.check_l1(*key, False, False)
             if (t.writes, t.signaled_corruption, self._overflows) == state:
-                recorded[key] = (t.writes, self.out[mark:], [
-                    (name, getattr(self.res, name) - value)
-                    for name, value in zip(_Result.__slots__, before)
-                    if getattr(self.res, name) != value])
+                recorded[key] = (
+                    t.writes,
+                    self.out[mark:],
+                    [
+                        (name, getattr(self.res, name) - value)
+                        for name, value in zip(_Result.__slots__, before)
+                        if getattr(self.res, name) != value
+                    ],
+                )
         out, res = self.out, self.res
         try:
             self.out, self.res = [], _Result()  # (lines and counters repeated above)
@@ -523,13 +605,17 @@ class _Walk:
         sid = sn.id_str.decode("utf-8", "replace")
         sname = sn.name.decode("utf-8", "replace")
         if sn.l1_table_offset & (t.cs - 1):
-            self.out.append(f"ERROR snapshot {sid} ({sname}) l1_offset="
-                            f"{_hash_x(sn.l1_table_offset)}: L1 table is not cluster "
-                            f"aligned; snapshot table entry corrupted")
+            self.out.append(
+                f"ERROR snapshot {sid} ({sname}) l1_offset="
+                f"{_hash_x(sn.l1_table_offset)}: L1 table is not cluster "
+                f"aligned; snapshot table entry corrupted"
+            )
         else:
-            self.out.append(f"ERROR snapshot {sid} ({sname}) l1_size="
-                            f"{_hash_x(sn.l1_size)}: L1 table is too large; snapshot "
-                            f"table entry corrupted")
+            self.out.append(
+                f"ERROR snapshot {sid} ({sname}) l1_size="
+                f"{_hash_x(sn.l1_size)}: L1 table is too large; snapshot "
+                f"table entry corrupted"
+            )
         self.res.corruptions += 1
 
     def _count_bitmaps(self) -> None:
@@ -550,8 +636,11 @@ class _Walk:
             table = decode_be64(t.pread(entry.bitmap_table_size * 8, entry.bitmap_table_offset))
             for value in table:
                 offset = value & S.BITMAP_TABLE_OFFSET_MASK
-                if (value & _BME_TABLE_ENTRY_RESERVED_MASK
-                        or offset and (value & _BME_TABLE_ENTRY_FLAG_ALL_ONES or offset % t.cs)):
+                if (
+                    value & _BME_TABLE_ENTRY_RESERVED_MASK
+                    or offset
+                    and (value & _BME_TABLE_ENTRY_FLAG_ALL_ONES or offset % t.cs)
+                ):
                     # bitmap_table_load refuses the whole table
                     self.res.corruptions += 1
                     raise _Abort(errno.EINVAL)
@@ -572,18 +661,26 @@ class _Walk:
         while pos < size:
             if pos + S.BITMAP_DIRECTORY_ENTRY_SIZE > size or len(entries) >= info.nb_bitmaps:
                 return None
-            entry = S.BitmapDirectoryEntry.parse(directory[pos:pos + S.BITMAP_DIRECTORY_ENTRY_SIZE])
+            entry = S.BitmapDirectoryEntry.parse(
+                directory[pos : pos + S.BITMAP_DIRECTORY_ENTRY_SIZE]
+            )
             step = S.BITMAP_DIRECTORY_ENTRY_SIZE + entry.extra_data_size + entry.name_size
             step += -step % 8
             if pos + step > size or entry.extra_data_size:
                 return None
             phys = entry.bitmap_table_size * t.cs
-            if (entry.bitmap_table_size == 0 or entry.bitmap_table_offset == 0
-                    or entry.bitmap_table_offset % t.cs or entry.bitmap_table_size > 0x8000000
-                    or not 9 <= entry.granularity_bits <= 31 or entry.flags & 0xFFFFFFFC
-                    or entry.name_size > 1023 or entry.type != 1 or phys > 0x20000000
-                    or (not entry.flags & 1
-                        and t.hdr.size > (phys * 8) << entry.granularity_bits)):
+            if (
+                entry.bitmap_table_size == 0
+                or entry.bitmap_table_offset == 0
+                or entry.bitmap_table_offset % t.cs
+                or entry.bitmap_table_size > 0x8000000
+                or not 9 <= entry.granularity_bits <= 31
+                or entry.flags & 0xFFFFFFFC
+                or entry.name_size > 1023
+                or entry.type != 1
+                or phys > 0x20000000
+                or (not entry.flags & 1 and t.hdr.size > (phys * 8) << entry.granularity_bits)
+            ):
                 return None
             entries.append(entry)
             pos += step
@@ -604,16 +701,19 @@ class _Walk:
                 self.rebuild = True
                 continue
             if offset & (cs - 1):
-                self.out.append(f"ERROR refcount block {i} is not cluster aligned; refcount table "
-                                f"entry corrupted")
+                self.out.append(
+                    f"ERROR refcount block {i} is not cluster aligned; refcount table "
+                    f"entry corrupted"
+                )
                 res.corruptions += 1
                 self.rebuild = True
                 continue
             if cluster >= self.nb_clusters:
                 res.corruptions += 1
                 fixing = bool(self.fix & FIX_ERRORS)
-                self.out.append(f"{'Repairing' if fixing else 'ERROR'} refcount block {i} is "
-                                f"outside image")
+                self.out.append(
+                    f"{'Repairing' if fixing else 'ERROR'} refcount block {i} is outside image"
+                )
                 if fixing and offset > (1 << 63) - 1 - cs:
                     # a file that long cannot exist (QEMU refuses with EINVAL, silently)
                     self.rebuild = True

@@ -12,6 +12,7 @@ imported only when its command runs: scripts start qimg thousands of times, so s
 time counts. A command's function takes (cli, argv) with argv[0] the command name and
 returns the exit code.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -26,6 +27,7 @@ from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
 
 class Command(NamedTuple):
     """Where a subcommand lives and how `--help` shows it."""
+
     module: str  # its module in this package, imported when the command runs
     function: str  # function(cli: Cli, argv: list[str]) -> int in that module
     synopsis: str | None  # its line under "Command syntax" in --help (None: not listed)
@@ -34,71 +36,101 @@ class Command(NamedTuple):
 # In the order qemu-img's help lists them.
 COMMANDS: dict[str, Command] = {
     "amend": Command(
-        "amend", "cmd_amend",
+        "amend",
+        "cmd_amend",
         "amend [--object objectdef] [--image-opts] [-p] [-q] [-f fmt] [-t cache] "
-        "[--force] -o options filename"),
+        "[--force] -o options filename",
+    ),
     "bench": Command(
-        "bench", "cmd_bench",
+        "bench",
+        "cmd_bench",
         "bench [-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval] "
         "[-i aio] [-n] [--no-drain] [-o offset] [--pattern=pattern] [-q] "
-        "[-s buffer_size] [-S step_size] [-t cache] [-w] [-U] filename"),
+        "[-s buffer_size] [-S step_size] [-t cache] [-w] [-U] filename",
+    ),
     "bitmap": Command(
-        "bitmap", "cmd_bitmap",
+        "bitmap",
+        "cmd_bitmap",
         "bitmap (--merge SOURCE | --add | --remove | --clear | --enable | "
         "--disable)... [-b source_file [-F source_fmt]] [-g granularity] "
-        "[--object objectdef] [--image-opts | -f fmt] filename bitmap"),
+        "[--object objectdef] [--image-opts | -f fmt] filename bitmap",
+    ),
     "check": Command(
-        "check", "cmd_check",
+        "check",
+        "cmd_check",
         "check [--object objectdef] [--image-opts] [-q] [-f fmt] [--output=ofmt] "
-        "[-r [leaks | all]] [-T src_cache] [-U] filename"),
+        "[-r [leaks | all]] [-T src_cache] [-U] filename",
+    ),
     "commit": Command(
-        "commit", "cmd_commit",
+        "commit",
+        "cmd_commit",
         "commit [--object objectdef] [--image-opts] [-q] [-f fmt] [-t cache] "
-        "[-b base] [-r rate_limit] [-d] [-p] filename"),
+        "[-b base] [-r rate_limit] [-d] [-p] filename",
+    ),
     "compare": Command(
-        "compare", "cmd_compare",
+        "compare",
+        "cmd_compare",
         "compare [--object objectdef] [--image-opts] [-f fmt] [-F fmt] "
-        "[-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2"),
+        "[-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2",
+    ),
     "convert": Command(
-        "convert", "cmd_convert",
+        "convert",
+        "cmd_convert",
         "convert [--object objectdef] [--image-opts] [--target-image-opts] "
         "[--target-is-zero] [--bitmaps] [-U] [-C] [-c] [-p] [-q] [-n] [-f fmt] "
         "[-t cache] [-T src_cache] [-O output_fmt] [-B backing_file [-F backing_fmt]] "
         "[-o options] [-l snapshot_param] [-S sparse_size] [-r rate_limit] "
         "[-m num_coroutines] [-W] [--salvage] filename [filename2 [...]] "
-        "output_filename"),
+        "output_filename",
+    ),
     "create": Command(
-        "create", "cmd_create",
+        "create",
+        "cmd_create",
         "create [--object objectdef] [-q] [-f fmt] [-b backing_file [-F backing_fmt]] "
-        "[-u] [-o options] filename [size]"),
+        "[-u] [-o options] filename [size]",
+    ),
     "dd": Command(
-        "dd", "cmd_dd",
+        "dd",
+        "cmd_dd",
         "dd [--image-opts] [-U] [-f fmt] [-O output_fmt] [bs=block_size] [count=blocks] "
-        "[skip=blocks] if=input of=output"),
+        "[skip=blocks] if=input of=output",
+    ),
     "info": Command(
-        "info", "cmd_info",
+        "info",
+        "cmd_info",
         "info [--object objectdef] [--image-opts] [-f fmt] [--output=ofmt] "
-        "[--backing-chain] [-U] filename"),
+        "[--backing-chain] [-U] filename",
+    ),
     "map": Command(
-        "map", "cmd_map",
+        "map",
+        "cmd_map",
         "map [--object objectdef] [--image-opts] [-f fmt] [--start-offset=offset] "
-        "[--max-length=len] [--output=ofmt] [-U] filename"),
+        "[--max-length=len] [--output=ofmt] [-U] filename",
+    ),
     "measure": Command(
-        "measure", "cmd_measure",
+        "measure",
+        "cmd_measure",
         "measure [--output=ofmt] [-O output_fmt] [-o options] [--size N | "
-        "[--object objectdef] [--image-opts] [-f fmt] [-l snapshot_param] filename]"),
+        "[--object objectdef] [--image-opts] [-f fmt] [-l snapshot_param] filename]",
+    ),
     "snapshot": Command(
-        "snapshot", "cmd_snapshot",
+        "snapshot",
+        "cmd_snapshot",
         "snapshot [--object objectdef] [--image-opts] [-U] [-q] [-l | -a snapshot | "
-        "-c snapshot | -d snapshot] filename"),
+        "-c snapshot | -d snapshot] filename",
+    ),
     "rebase": Command(
-        "rebase", "cmd_rebase",
+        "rebase",
+        "cmd_rebase",
         "rebase [--object objectdef] [--image-opts] [-U] [-q] [-f fmt] [-t cache] "
-        "[-T src_cache] [-p] [-u] -b backing_file [-F backing_fmt] filename"),
+        "[-T src_cache] [-p] [-u] -b backing_file [-F backing_fmt] filename",
+    ),
     "resize": Command(
-        "resize", "cmd_resize",
+        "resize",
+        "cmd_resize",
         "resize [--object objectdef] [--image-opts] [-f fmt] [--preallocation=prealloc] "
-        "[-q] [--shrink] filename [+ | -]size"),
+        "[-q] [--shrink] filename [+ | -]size",
+    ),
     # qimg's own commands: qemu-img's help does not list them (its text stays qemu-img's);
     # each has its own `--help`, and HELP_BOTTOM names them.
     "nbd": Command("nbd", "cmd_nbd", None),
@@ -112,9 +144,11 @@ def run(cli: Cli, argv: list[str]) -> int:
     """qemu-img's main(): global options, then dispatch to the subcommand."""
     if len(argv) < 2:
         cli.error_exit("Not enough arguments")
-    getopt = GetoptLong(argv, "+:hVT:", (LongOpt("help", False, "h"),
-                                         LongOpt("version", False, "V"),
-                                         LongOpt("trace", True, "T")))
+    getopt = GetoptLong(
+        argv,
+        "+:hVT:",
+        (LongOpt("help", False, "h"), LongOpt("version", False, "V"), LongOpt("trace", True, "T")),
+    )
     while (c := getopt.next()) is not None:
         if c in ":?":
             cli.option_error(getopt, c)
@@ -122,6 +156,7 @@ def run(cli: Cli, argv: list[str]) -> int:
             cli.help()
         elif c == "V":
             from qcow2lib.cli.help import VERSION_TEXT
+
             cli.out(VERSION_TEXT)
             return 0
         elif c == "T":
@@ -133,7 +168,7 @@ def run(cli: Cli, argv: list[str]) -> int:
     if entry is None:
         cli.error_exit(f"Command not found: {command}")
     handler = getattr(importlib.import_module(f"{__name__}.{entry.module}"), entry.function)
-    return handler(cli, getopt.argv[getopt.optind:])
+    return handler(cli, getopt.argv[getopt.optind :])
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -159,4 +194,3 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 1
     finally:
         sys.stdout.flush()
-

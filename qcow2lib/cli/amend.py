@@ -1,4 +1,5 @@
 """`amend`: change qcow2 options of an existing image (compat, refcounts, LUKS slots...)."""
+
 from __future__ import annotations
 
 import sys
@@ -40,8 +41,11 @@ QCOW2_AMEND_OPTS = (
     OptDesc("encrypt.state", "str", "Select new state of affected keyslots (active/inactive)"),
     OptDesc("encrypt.keyslot", "num", "Select a single keyslot to modify explicitly"),
     OptDesc("encrypt.old-secret", "str", "Select all keyslots that match this password"),
-    OptDesc("encrypt.new-secret", "str", "New secret to set in the matching keyslots. Empty "
-                                         "string to erase"),
+    OptDesc(
+        "encrypt.new-secret",
+        "str",
+        "New secret to set in the matching keyslots. Empty string to erase",
+    ),
     OptDesc("encrypt.iter-time", "num", "Time to spend in PBKDF in milliseconds"),
 )
 
@@ -84,12 +88,20 @@ def cmd_amend(cli: Cli, argv: list[str]) -> int:
     """`amend`: change qcow2 options of an existing image (compat, refcounts, LUKS slots...)."""
     from qcow2lib.crypto import amend_luks
     from qcow2lib.ops.amend import amend
+
     fmt = options = None
     cache = "writeback"
     quiet = progress = image_opts = force = False
-    getopt = GetoptLong(argv, ":ho:f:t:pq", (
-        LongOpt("help", False, "h"), LongOpt("object", True, "object"),
-        LongOpt("image-opts", False, "image-opts"), LongOpt("force", False, "force")))
+    getopt = GetoptLong(
+        argv,
+        ":ho:f:t:pq",
+        (
+            LongOpt("help", False, "h"),
+            LongOpt("object", True, "object"),
+            LongOpt("image-opts", False, "image-opts"),
+            LongOpt("force", False, "force"),
+        ),
+    )
     while (c := getopt.next()) is not None:
         arg = getopt.optarg
         if c in ":?":
@@ -119,8 +131,7 @@ def cmd_amend(cli: Cli, argv: list[str]) -> int:
         cli.error_exit("Must specify options (-o)")
     meter = Progress(cli, progress and not quiet, 1.0)
     try:
-        return _amend(cli, getopt, options, fmt, cache, image_opts, force, meter,
-                      amend, amend_luks)
+        return _amend(cli, getopt, options, fmt, cache, image_opts, force, meter, amend, amend_luks)
     finally:
         meter.end()
 
@@ -158,8 +169,9 @@ def _amend(cli, getopt, options, fmt, cache, image_opts, force, meter, amend, am
     except CreateError as exc:
         hint = exc.hint
         try:
-            everything = CreateOptions(QCOW2_AMEND_OPTS + merged_create_opts("qcow2"),
-                                       lambda message: None)
+            everything = CreateOptions(
+                QCOW2_AMEND_OPTS + merged_create_opts("qcow2"), lambda message: None
+            )
             for name, value, _ in split_option_list(options):
                 everything.set(name, value)
             hint += "This option is only supported for image creation\n"
@@ -176,15 +188,17 @@ def _amend(cli, getopt, options, fmt, cache, image_opts, force, meter, amend, am
         if opts.is_set(name):
             arguments[name] = opts.value(name)
     try:
-        code = _amend_image(cli, spec, opts, arguments, encrypted, luks, passphrase, force,
-                            meter, amend, amend_luks)
+        code = _amend_image(
+            cli, spec, opts, arguments, encrypted, luks, passphrase, force, meter, amend, amend_luks
+        )
     finally:
         meter.print(100, 0)  # qemu-img reports 100% whether the amendment worked or not
     return code
 
 
-def _amend_image(cli, spec, opts, arguments, encrypted, luks, passphrase, force, meter,
-                 amend, amend_luks) -> int:
+def _amend_image(
+    cli, spec, opts, arguments, encrypted, luks, passphrase, force, meter, amend, amend_luks
+) -> int:
     compat = arguments.get("compat")
     if compat is not None and compat not in ("0.10", "v2", "1.1", "v3"):
         cli.error_report(f"Unknown compatibility level {compat}")
@@ -202,15 +216,26 @@ def _amend_image(cli, spec, opts, arguments, encrypted, luks, passphrase, force,
             luks_options = _luks_amend_options(cli, opts)
             with open_spec(cli, spec, "r+", passphrase=passphrase) as image:
                 hdr = image.header
-                amend_luks(lambda offset, length: image.file.pread(length, offset),
-                           lambda offset, data: image.file.pwrite(data, offset),
-                           hdr.crypto_offset, hdr.crypto_length, passphrase, luks_options,
-                           force)
+                amend_luks(
+                    lambda offset, length: image.file.pread(length, offset),
+                    lambda offset, data: image.file.pwrite(data, offset),
+                    hdr.crypto_offset,
+                    hdr.crypto_length,
+                    passphrase,
+                    luks_options,
+                    force,
+                )
                 image.file.flush()
         if arguments:
-            amend(host_path(spec.path), fmt=spec.fmt,
-                  progress=(lambda done, total: meter.print(100.0 * done / total, 0))
-                  if meter.enabled else None, untrusted=untrusted(), **arguments)
+            amend(
+                host_path(spec.path),
+                fmt=spec.fmt,
+                progress=(lambda done, total: meter.print(100.0 * done / total, 0))
+                if meter.enabled
+                else None,
+                untrusted=untrusted(),
+                **arguments,
+            )
     except CreateError as exc:
         report_failure(cli, exc)
         return 1

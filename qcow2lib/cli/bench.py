@@ -1,6 +1,7 @@
 """`bench`: time `count` reads (or writes, -w) of `-s` bytes each, `-d` of them in
 flight at once on as many threads, at offsets stepping by -S from -o (wrapping at the
 end of the image), with an optional flush every --flush-interval requests."""
+
 from __future__ import annotations
 
 import os
@@ -43,10 +44,18 @@ def cmd_bench(cli: Cli, argv: list[str]) -> int:
             return None
         return value
 
-    getopt = GetoptLong(argv, ":hc:d:f:ni:o:qs:S:t:wU", (
-        LongOpt("help", False, "h"), LongOpt("flush-interval", True, "flush-interval"),
-        LongOpt("image-opts", False, "image-opts"), LongOpt("pattern", True, "pattern"),
-        LongOpt("no-drain", False, "no-drain"), LongOpt("force-share", False, "U")))
+    getopt = GetoptLong(
+        argv,
+        ":hc:d:f:ni:o:qs:S:t:wU",
+        (
+            LongOpt("help", False, "h"),
+            LongOpt("flush-interval", True, "flush-interval"),
+            LongOpt("image-opts", False, "image-opts"),
+            LongOpt("pattern", True, "pattern"),
+            LongOpt("no-drain", False, "no-drain"),
+            LongOpt("force-share", False, "U"),
+        ),
+    )
     while (c := getopt.next()) is not None:
         arg = getopt.optarg
         if c in ":?":
@@ -107,19 +116,30 @@ def cmd_bench(cli: Cli, argv: list[str]) -> int:
         return 1
     try:
         spec = image_spec(getopt.argv[getopt.optind], image_opts, fmt, force_share)
-        img = open_spec(cli, spec, "r+" if is_write else "r", warn_probe=not quiet,
-                        cache=cache)
+        img = open_spec(cli, spec, "r+" if is_write else "r", warn_probe=not quiet, cache=cache)
     except OpenFailure as exc:
         report_failure(cli, exc)
         return 1
     with img:
         step = step or bufsize
-        cli.out(f"Sending {count} {'write' if is_write else 'read'} requests, {bufsize} bytes "
-                f"each, {depth} in parallel (starting at offset {offset}, step size {step})\n")
+        cli.out(
+            f"Sending {count} {'write' if is_write else 'read'} requests, {bufsize} bytes "
+            f"each, {depth} in parallel (starting at offset {offset}, step size {step})\n"
+        )
         if flush_interval:
             cli.out(f"Sending flush every {flush_interval} requests\n")
-        run = _BenchRun(img, count, depth, offset, bufsize, step, pattern, is_write,
-                        flush_interval, drain_on_flush)
+        run = _BenchRun(
+            img,
+            count,
+            depth,
+            offset,
+            bufsize,
+            step,
+            pattern,
+            is_write,
+            flush_interval,
+            drain_on_flush,
+        )
         start = time.monotonic()
         failure = run.run()
         elapsed = time.monotonic() - start
@@ -134,8 +154,19 @@ class _BenchRun:
     """QEMU's bench_cb() on threads: `depth` requests in flight, each on its own buffer;
     at a flush point the queue drains (unless --no-drain) and a flush is sent."""
 
-    def __init__(self, image, count, depth, offset, bufsize, step, pattern, is_write,
-                 flush_interval, drain_on_flush):
+    def __init__(
+        self,
+        image,
+        count,
+        depth,
+        offset,
+        bufsize,
+        step,
+        pattern,
+        is_write,
+        flush_interval,
+        drain_on_flush,
+    ):
         self.image, self.remaining, self.offset = image, count, offset
         self.bufsize, self.step, self.write = bufsize, step, is_write
         self.flush_interval, self.drain = flush_interval, drain_on_flush
@@ -148,8 +179,10 @@ class _BenchRun:
         self.cond = threading.Condition()
 
     def run(self) -> str | None:
-        workers = [threading.Thread(target=self._worker, args=(buffer,), daemon=True)
-                   for buffer in self.buffers]
+        workers = [
+            threading.Thread(target=self._worker, args=(buffer,), daemon=True)
+            for buffer in self.buffers
+        ]
         for worker in workers:
             worker.start()
         for worker in workers:
@@ -181,16 +214,22 @@ class _BenchRun:
                     image.readinto(offset, view)
                 error = None
             except Qcow2Error as exc:
-                error = exc.strerror if isinstance(exc, OSError) and exc.strerror else \
-                    "Input/output error"
+                error = (
+                    exc.strerror
+                    if isinstance(exc, OSError) and exc.strerror
+                    else "Input/output error"
+                )
             with self.cond:
                 left = self.remaining - self.in_flight
                 self.remaining -= 1
                 self.in_flight -= 1
                 if error is not None:
                     self.failure = self.failure or error
-                flush = self.flush_interval and left % self.flush_interval == 0 and \
-                    (not self.in_flight or not self.drain)
+                flush = (
+                    self.flush_interval
+                    and left % self.flush_interval == 0
+                    and (not self.in_flight or not self.drain)
+                )
                 if flush and self.drain:
                     self.flushing = True
                 self.cond.notify_all()

@@ -1,5 +1,6 @@
 """`bitmap`: add, remove, clear, enable, disable or merge persistent bitmaps, in the
 order given; each one done stays done when a later one fails (as in qemu-img)."""
+
 from __future__ import annotations
 
 import sys
@@ -21,13 +22,24 @@ def cmd_bitmap(cli: Cli, argv: list[str]) -> int:
     image_opts = add = merge = False
     granularity = 0
     actions: list[tuple[str, str | None]] = []
-    getopt = GetoptLong(argv, ":b:f:F:g:h", (
-        LongOpt("help", False, "h"), LongOpt("object", True, "object"),
-        LongOpt("image-opts", False, "image-opts"), LongOpt("add", False, "add"),
-        LongOpt("remove", False, "remove"), LongOpt("clear", False, "clear"),
-        LongOpt("enable", False, "enable"), LongOpt("disable", False, "disable"),
-        LongOpt("merge", True, "merge"), LongOpt("granularity", True, "g"),
-        LongOpt("source-file", True, "b"), LongOpt("source-format", True, "F")))
+    getopt = GetoptLong(
+        argv,
+        ":b:f:F:g:h",
+        (
+            LongOpt("help", False, "h"),
+            LongOpt("object", True, "object"),
+            LongOpt("image-opts", False, "image-opts"),
+            LongOpt("add", False, "add"),
+            LongOpt("remove", False, "remove"),
+            LongOpt("clear", False, "clear"),
+            LongOpt("enable", False, "enable"),
+            LongOpt("disable", False, "disable"),
+            LongOpt("merge", True, "merge"),
+            LongOpt("granularity", True, "g"),
+            LongOpt("source-file", True, "b"),
+            LongOpt("source-format", True, "F"),
+        ),
+    )
     while (c := getopt.next()) is not None:
         arg = getopt.optarg
         if c in ":?":
@@ -67,7 +79,7 @@ def cmd_bitmap(cli: Cli, argv: list[str]) -> int:
     if problem:
         cli.error_report(problem)
         return 1
-    filename, name = getopt.argv[getopt.optind:]
+    filename, name = getopt.argv[getopt.optind :]
     source = None
     try:
         img = open_spec(cli, image_spec(filename, image_opts, fmt), "r+", backing=False)
@@ -77,20 +89,23 @@ def cmd_bitmap(cli: Cli, argv: list[str]) -> int:
     try:
         if src_filename:
             try:
-                source = open_spec(cli, image_spec(src_filename, False, src_fmt), "r",
-                                   backing=False)
+                source = open_spec(
+                    cli, image_spec(src_filename, False, src_fmt), "r", backing=False
+                )
             except OpenFailure as exc:
                 report_failure(cli, exc)
                 return 1
         for action, source_name in actions:
             try:
                 if img.format != "qcow2":
-                    raise Qcow2Error(f"Dirty bitmap '{name}' not found" if action != "add" else
-                                     f"Can't store persistent bitmaps to {filename}: "
-                                     f"Operation not supported")
+                    raise Qcow2Error(
+                        f"Dirty bitmap '{name}' not found"
+                        if action != "add"
+                        else f"Can't store persistent bitmaps to {filename}: "
+                        f"Operation not supported"
+                    )
                 if action == "add":  # (QEMU passes the granularity on as 32 bits)
-                    bitmaps.add_bitmap(img, name, granularity & 0xFFFFFFFF if granularity
-                                       else None)
+                    bitmaps.add_bitmap(img, name, granularity & 0xFFFFFFFF if granularity else None)
                 elif action == "remove":
                     bitmaps.remove_bitmap(img, name)
                 elif action == "clear":
@@ -100,11 +115,11 @@ def cmd_bitmap(cli: Cli, argv: list[str]) -> int:
                 else:
                     bitmaps.merge_bitmap(img, name, source or img, source_name)
             except Qcow2Error as exc:
-                cli.error_report(f"Operation {action} on bitmap {name} failed: "
-                                 f"{error_text(exc)}")
+                cli.error_report(f"Operation {action} on bitmap {name} failed: {error_text(exc)}")
                 if "is inconsistent" in str(exc):
-                    sys.stderr.write("Try block-dirty-bitmap-remove to delete this bitmap "
-                                     "from disk\n")
+                    sys.stderr.write(
+                        "Try block-dirty-bitmap-remove to delete this bitmap from disk\n"
+                    )
                 return 1
     finally:
         if source is not None:

@@ -1,4 +1,5 @@
 """`check`: consistency check, optionally repairing (-r leaks|all), as qemu-img check."""
+
 from __future__ import annotations
 
 import sys
@@ -24,11 +25,19 @@ def cmd_check(cli: Cli, argv: list[str]) -> int:
 
     fmt = output = repair = None
     quiet = force_share = image_opts = False
-    getopt = GetoptLong(argv, ":hf:r:T:qU", (
-        LongOpt("help", False, "h"), LongOpt("format", True, "f"),
-        LongOpt("repair", True, "r"), LongOpt("output", True, "output"),
-        LongOpt("object", True, "object"), LongOpt("image-opts", False, "image-opts"),
-        LongOpt("force-share", False, "U")))
+    getopt = GetoptLong(
+        argv,
+        ":hf:r:T:qU",
+        (
+            LongOpt("help", False, "h"),
+            LongOpt("format", True, "f"),
+            LongOpt("repair", True, "r"),
+            LongOpt("output", True, "output"),
+            LongOpt("object", True, "object"),
+            LongOpt("image-opts", False, "image-opts"),
+            LongOpt("force-share", False, "U"),
+        ),
+    )
     while (c := getopt.next()) is not None:
         if c in ":?":
             cli.option_error(getopt, c)
@@ -38,8 +47,9 @@ def cmd_check(cli: Cli, argv: list[str]) -> int:
             fmt = getopt.optarg
         elif c == "r":
             if getopt.optarg not in ("leaks", "all"):
-                cli.error_exit(f"Unknown option value for -r (expecting 'leaks' or 'all'): "
-                               f"{getopt.optarg}")
+                cli.error_exit(
+                    f"Unknown option value for -r (expecting 'leaks' or 'all'): {getopt.optarg}"
+                )
             repair = getopt.optarg
         elif c == "output":
             output = getopt.optarg
@@ -71,10 +81,10 @@ def cmd_check(cli: Cli, argv: list[str]) -> int:
     report.filename = spec.name
     prefix = f"Could not open '{spec.path}': "
     if report.error and spec.name != spec.path and report.error.startswith(prefix):
-        report.error = f"Could not open '{spec.name}': " + report.error[len(prefix):]
+        report.error = f"Could not open '{spec.name}': " + report.error[len(prefix) :]
     messages = report.messages  # (millions of lines for a badly damaged image)
     for start in range(0, len(messages), 4096):
-        sys.stderr.write("\n".join(messages[start:start + 4096]) + "\n")
+        sys.stderr.write("\n".join(messages[start : start + 4096]) + "\n")
     if not quiet:
         cli.out(format_check_json(report) if output == "json" else format_check_human(report))
     if report.error:
@@ -92,8 +102,9 @@ def _check_open_failure(cli: Cli, spec: ImageSpec, repair: str | None) -> OpenFa
     Anything else is left for the check to report.
     """
     try:
-        qcow2lib.open(host_path(spec.path), "r", fmt=spec.fmt, backing=False,
-                      force_share=True).close()
+        qcow2lib.open(
+            host_path(spec.path), "r", fmt=spec.fmt, backing=False, force_share=True
+        ).close()
     except Qcow2Error:
         return None  # the check reports what is wrong with the file itself
     try:
@@ -102,9 +113,13 @@ def _check_open_failure(cli: Cli, spec: ImageSpec, repair: str | None) -> OpenFa
     except OpenFailure as exc:
         cause = exc.__cause__
         text = exc.message
-        if isinstance(cause, (ImageLockedError, InvalidSecret, qcow2lib.BadSecretError)) \
-                or "Could not open backing file" in text or "loop" in text.lower() \
-                or "too deep" in text or "encrypt.key-secret" in text \
-                or "L2 cache entry size" in text:
+        if (
+            isinstance(cause, (ImageLockedError, InvalidSecret, qcow2lib.BadSecretError))
+            or "Could not open backing file" in text
+            or "loop" in text.lower()
+            or "too deep" in text
+            or "encrypt.key-secret" in text
+            or "L2 cache entry size" in text
+        ):
             return exc
     return None

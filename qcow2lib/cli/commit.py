@@ -1,4 +1,5 @@
 """`commit`: write an overlay's data into its backing file (or into -b further down)."""
+
 from __future__ import annotations
 
 from qcow2lib import Qcow2Error
@@ -21,12 +22,19 @@ from qcow2lib.ops import error_text, host_path
 def cmd_commit(cli: Cli, argv: list[str]) -> int:
     """`commit`: write an overlay's data into its backing file (or into -b further down)."""
     from qcow2lib.ops.commit import commit
+
     fmt = base = None
     cache = "writeback"
     progress = quiet = drop = image_opts = False
-    getopt = GetoptLong(argv, ":f:ht:b:dpqr:", (
-        LongOpt("help", False, "h"), LongOpt("object", True, "object"),
-        LongOpt("image-opts", False, "image-opts")))
+    getopt = GetoptLong(
+        argv,
+        ":f:ht:b:dpqr:",
+        (
+            LongOpt("help", False, "h"),
+            LongOpt("object", True, "object"),
+            LongOpt("image-opts", False, "image-opts"),
+        ),
+    )
     while (c := getopt.next()) is not None:
         arg = getopt.optarg
         if c in ":?":
@@ -69,9 +77,15 @@ def cmd_commit(cli: Cli, argv: list[str]) -> int:
     meter = Progress(cli, progress, 1.0)
     meter.print(0, 100)
     try:
-        commit(host_path(spec.path), base, drop=drop,
-               progress=meter.callback if meter.enabled else None, fmt=spec.fmt,
-               passphrases=spec_passphrases(cli, spec), untrusted=untrusted())
+        commit(
+            host_path(spec.path),
+            base,
+            drop=drop,
+            progress=meter.callback if meter.enabled else None,
+            fmt=spec.fmt,
+            passphrases=spec_passphrases(cli, spec),
+            untrusted=untrusted(),
+        )
     except Qcow2Error as exc:
         meter.end()
         cli.error_report(error_text(exc))

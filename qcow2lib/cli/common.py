@@ -1,4 +1,5 @@
 """One qemu-img invocation: its output channels, message conventions and exit."""
+
 from __future__ import annotations
 
 import sys
@@ -44,6 +45,7 @@ class Cli:
     def help(self) -> NoReturn:
         """qemu-img's full help (any -h, global or per command), then exit status 0."""
         from qcow2lib.cli.help import help_text
+
         self.out(help_text(self.prog))
         raise CliExit(0)
 
@@ -66,10 +68,10 @@ def cvtnum(cli: Cli, name: str, text: str, maximum: int = INT64_MAX) -> int | No
         value = parse_size(text, warn=cli.warn_report)
     except SizeError as exc:
         if not exc.out_of_range:
-            cli.error_report(f"Invalid {name} specified. You may use k, M, G, T, P or E "
-                             "suffixes for")
-            cli.error_report("kilobytes, megabytes, gigabytes, terabytes, petabytes and "
-                             "exabytes.")
+            cli.error_report(
+                f"Invalid {name} specified. You may use k, M, G, T, P or E suffixes for"
+            )
+            cli.error_report("kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
             return None
         value = INT64_MAX + 1
     if value > maximum:

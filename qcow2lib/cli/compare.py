@@ -1,4 +1,5 @@
 """`compare`: 0 identical, 1 different, 2 and more errors (qemu-img's code table)."""
+
 from __future__ import annotations
 
 from qcow2lib.cli.common import Cli
@@ -18,12 +19,20 @@ from qcow2lib.ops import virtual_size
 def cmd_compare(cli: Cli, argv: list[str]) -> int:
     """`compare`: 0 identical, 1 different, 2 and more errors (qemu-img's code table)."""
     from qcow2lib.ops.compare import compare
+
     fmt1 = fmt2 = None
     cache = "writeback"
     progress = quiet = strict = image_opts = force_share = False
-    getopt = GetoptLong(argv, ":hf:F:T:pqsU", (
-        LongOpt("help", False, "h"), LongOpt("object", True, "object"),
-        LongOpt("image-opts", False, "image-opts"), LongOpt("force-share", False, "U")))
+    getopt = GetoptLong(
+        argv,
+        ":hf:F:T:pqsU",
+        (
+            LongOpt("help", False, "h"),
+            LongOpt("object", True, "object"),
+            LongOpt("image-opts", False, "image-opts"),
+            LongOpt("force-share", False, "U"),
+        ),
+    )
     while (c := getopt.next()) is not None:
         if c in ":?":
             cli.option_error(getopt, c)
@@ -51,7 +60,7 @@ def cmd_compare(cli: Cli, argv: list[str]) -> int:
         progress = False
     if getopt.optind != len(getopt.argv) - 2:
         cli.error_exit("Expecting two image file names")
-    filename1, filename2 = getopt.argv[getopt.optind:]
+    filename1, filename2 = getopt.argv[getopt.optind :]
     meter = Progress(cli, progress, 2.0)
     devices = []
     try:
@@ -76,11 +85,16 @@ def cmd_compare(cli: Cli, argv: list[str]) -> int:
                     cli.out(warning + "\n")
             meter.callback(done, total)
 
-        code, text = compare(devices[0], devices[1], strict=strict, name_a=filename1,
-                             name_b=filename2,
-                             progress=progress_callback if meter.enabled else None)
+        code, text = compare(
+            devices[0],
+            devices[1],
+            strict=strict,
+            name_a=filename1,
+            name_b=filename2,
+            progress=progress_callback if meter.enabled else None,
+        )
         if warned and text.startswith(warning + "\n"):
-            text = text[len(warning) + 1:]
+            text = text[len(warning) + 1 :]
         if code in (0, 1):
             if not quiet:
                 cli.out(text + "\n")

@@ -1,4 +1,5 @@
 """`convert`: copy one or more images (concatenated) into a new or existing target."""
+
 from __future__ import annotations
 
 import sys
@@ -71,20 +72,21 @@ def create_convert_target(cli: Cli, filename: str, fmt: str, opts: CreateOptions
     """bdrv_create() of convert's target (no "Formatting" line, no backing file check)."""
     path = host_path(filename)
     try:
-        arguments = qcow2_arguments(opts, cli.secrets) if fmt == "qcow2" \
-            else raw_arguments(opts)
+        arguments = qcow2_arguments(opts, cli.secrets) if fmt == "qcow2" else raw_arguments(opts)
         size = int64(opts.value("size"))
         size = (size + 511) // 512 * 512
         qcow2lib.create(path, size, **arguments)
     except CreateError as exc:
-        raise CreateError(f"{filename}: error while converting {fmt}: {exc.message}",
-                          exc.hint) from exc
+        raise CreateError(
+            f"{filename}: error while converting {fmt}: {exc.message}", exc.hint
+        ) from exc
     except ImageLockedError as exc:
-        raise CreateError(f"{filename}: error while converting {fmt}: {error_text(exc)}",
-                          f"Is another process using the image [{path}]?\n") from exc
+        raise CreateError(
+            f"{filename}: error while converting {fmt}: {error_text(exc)}",
+            f"Is another process using the image [{path}]?\n",
+        ) from exc
     except Qcow2Error as exc:
-        raise CreateError(f"{filename}: error while converting {fmt}: {error_text(exc)}") \
-            from exc
+        raise CreateError(f"{filename}: error while converting {fmt}: {error_text(exc)}") from exc
 
 
 def cmd_convert(cli: Cli, argv: list[str]) -> int:
@@ -98,13 +100,21 @@ def cmd_convert(cli: Cli, argv: list[str]) -> int:
     min_sparse = 8
     num_coroutines = 8
     in_order = True
-    getopt = GetoptLong(argv, ":hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:", (
-        LongOpt("help", False, "h"), LongOpt("object", True, "object"),
-        LongOpt("image-opts", False, "image-opts"), LongOpt("force-share", False, "U"),
-        LongOpt("target-image-opts", False, "target-image-opts"),
-        LongOpt("salvage", False, "salvage"), LongOpt("target-is-zero", False, "target-is-zero"),
-        LongOpt("bitmaps", False, "bitmaps"),
-        LongOpt("skip-broken-bitmaps", False, "skip-broken-bitmaps")))
+    getopt = GetoptLong(
+        argv,
+        ":hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:",
+        (
+            LongOpt("help", False, "h"),
+            LongOpt("object", True, "object"),
+            LongOpt("image-opts", False, "image-opts"),
+            LongOpt("force-share", False, "U"),
+            LongOpt("target-image-opts", False, "target-image-opts"),
+            LongOpt("salvage", False, "salvage"),
+            LongOpt("target-is-zero", False, "target-is-zero"),
+            LongOpt("bitmaps", False, "bitmaps"),
+            LongOpt("skip-broken-bitmaps", False, "skip-broken-bitmaps"),
+        ),
+    )
     while (c := getopt.next()) is not None:
         arg = getopt.optarg
         if c in ":?":
@@ -140,9 +150,11 @@ def cmd_convert(cli: Cli, argv: list[str]) -> int:
             if value is None:
                 return 1
             if value % 512 or value // 512 > MAX_BUF_SECTORS:
-                cli.error_report("Invalid buffer size for sparse output specified. Valid sizes "
-                                 f"are multiples of 512 up to {MAX_BUF_SECTORS * 512}. Select 0 "
-                                 "to disable sparse detection (fully allocates output).")
+                cli.error_report(
+                    "Invalid buffer size for sparse output specified. Valid sizes "
+                    f"are multiples of 512 up to {MAX_BUF_SECTORS * 512}. Select 0 "
+                    "to disable sparse detection (fully allocates output)."
+                )
                 return 1
             min_sparse = value // 512
             explicit_sparse = True
@@ -159,8 +171,10 @@ def cmd_convert(cli: Cli, argv: list[str]) -> int:
         elif c == "m":
             value = parse_strtol(arg)
             if value is None or not 1 <= value <= MAX_COROUTINES:
-                cli.error_report("Invalid number of coroutines. Allowed number of coroutines is "
-                                 f"between 1 and {MAX_COROUTINES}")
+                cli.error_report(
+                    "Invalid number of coroutines. Allowed number of coroutines is "
+                    f"between 1 and {MAX_COROUTINES}"
+                )
                 return 1
             num_coroutines = value
         elif c == "W":
@@ -187,14 +201,14 @@ def cmd_convert(cli: Cli, argv: list[str]) -> int:
     if out_fmt is None and not tgt_image_opts:
         out_fmt = "raw"
     for bad, message in (
-            (skip_broken and not bitmaps, "Use of --skip-broken-bitmaps requires --bitmaps"),
-            (compressed and copy_range, "Cannot enable copy offloading when -c is used"),
-            (explicit_sparse and copy_range, "Cannot enable copy offloading when -S is used"),
-            (copy_range and salvage, "Cannot use copy offloading in salvaging mode"),
-            (tgt_image_opts and not skip_create, "--target-image-opts requires use of -n flag"),
-            (skip_create and options is not None,
-             "-o has no effect when skipping image creation"),
-            (has_zero_init and not skip_create, "--target-is-zero requires use of -n flag")):
+        (skip_broken and not bitmaps, "Use of --skip-broken-bitmaps requires --bitmaps"),
+        (compressed and copy_range, "Cannot enable copy offloading when -c is used"),
+        (explicit_sparse and copy_range, "Cannot enable copy offloading when -S is used"),
+        (copy_range and salvage, "Cannot use copy offloading in salvaging mode"),
+        (tgt_image_opts and not skip_create, "--target-image-opts requires use of -n flag"),
+        (skip_create and options is not None, "-o has no effect when skipping image creation"),
+        (has_zero_init and not skip_create, "--target-is-zero requires use of -n flag"),
+    ):
         if bad:
             cli.error_report(message)
             return 1
@@ -215,15 +229,33 @@ def cmd_convert(cli: Cli, argv: list[str]) -> int:
     meter.print(0, 100)
     devices: list = []
     try:
-        code = _convert(cli, argv[optind:optind + src_num], out_filename, devices, meter,
-                        fmt=fmt, out_fmt=out_fmt, out_baseimg=out_baseimg,
-                        backing_fmt=backing_fmt, options=options, snapshot_opts=snapshot_opts,
-                        snapshot_name=snapshot_name, cache=cache, image_opts=image_opts,
-                        skip_create=skip_create, tgt_image_opts=tgt_image_opts,
-                        force_share=force_share, bitmaps=bitmaps, skip_broken=skip_broken,
-                        compressed=compressed, copy_range=copy_range, has_zero_init=has_zero_init,
-                        min_sparse=min_sparse, num_coroutines=num_coroutines,
-                        in_order=in_order)
+        code = _convert(
+            cli,
+            argv[optind : optind + src_num],
+            out_filename,
+            devices,
+            meter,
+            fmt=fmt,
+            out_fmt=out_fmt,
+            out_baseimg=out_baseimg,
+            backing_fmt=backing_fmt,
+            options=options,
+            snapshot_opts=snapshot_opts,
+            snapshot_name=snapshot_name,
+            cache=cache,
+            image_opts=image_opts,
+            skip_create=skip_create,
+            tgt_image_opts=tgt_image_opts,
+            force_share=force_share,
+            bitmaps=bitmaps,
+            skip_broken=skip_broken,
+            compressed=compressed,
+            copy_range=copy_range,
+            has_zero_init=has_zero_init,
+            min_sparse=min_sparse,
+            num_coroutines=num_coroutines,
+            in_order=in_order,
+        )
     except ConvertStop as stop:
         code = stop.code
     finally:
@@ -238,13 +270,37 @@ def cmd_convert(cli: Cli, argv: list[str]) -> int:
     return code
 
 
-def _convert(cli: Cli, sources: list[str], out_filename: str, devices: list, meter: Progress,
-             *, fmt, out_fmt, out_baseimg, backing_fmt, options, snapshot_opts, snapshot_name,
-             cache, image_opts, skip_create, tgt_image_opts, force_share, bitmaps, skip_broken,
-             compressed, copy_range, has_zero_init, min_sparse, num_coroutines,
-             in_order) -> int:
+def _convert(
+    cli: Cli,
+    sources: list[str],
+    out_filename: str,
+    devices: list,
+    meter: Progress,
+    *,
+    fmt,
+    out_fmt,
+    out_baseimg,
+    backing_fmt,
+    options,
+    snapshot_opts,
+    snapshot_name,
+    cache,
+    image_opts,
+    skip_create,
+    tgt_image_opts,
+    force_share,
+    bitmaps,
+    skip_broken,
+    compressed,
+    copy_range,
+    has_zero_init,
+    min_sparse,
+    num_coroutines,
+    in_order,
+) -> int:
     """img_convert() after its argument checks; opened devices are appended to `devices`
     (the caller closes them). Returns the exit status or raises ConvertStop."""
+
     def fail(message: str, hint: str = "") -> NoReturn:
         cli.error_report(message)
         sys.stderr.write(hint)
@@ -297,12 +353,15 @@ def _convert(cli: Cli, sources: list[str], out_filename: str, devices: list, met
         out_baseimg = baseimg_param
     has_backing = bool(out_baseimg)
     if has_zero_init and has_backing:
-        cli.error_report("Cannot use --target-is-zero when the destination image has a "
-                         "backing file")
+        cli.error_report(
+            "Cannot use --target-is-zero when the destination image has a backing file"
+        )
         return 0  # qemu-img's exit status here is that of its last successful step
     if len(src_devices) > 1 and out_baseimg:
-        fail("Having a backing file for the target makes no sense when concatenating "
-             "multiple input images")
+        fail(
+            "Having a backing file for the target makes no sense when concatenating "
+            "multiple input images"
+        )
     if baseimg_param is not None and not opts.get("backing_fmt"):
         fail("Use of backing file requires explicit backing format")
     if compressed and opts is not None:
@@ -321,9 +380,10 @@ def _convert(cli: Cli, sources: list[str], out_filename: str, devices: list, met
             fail("Source lacks bitmap support")
         for entry in reversed(source._bitmap_entries):  # (QEMU's list order)
             if entry.flags & BITMAP_IN_USE and not skip_broken:
-                fail(f"Cannot copy inconsistent bitmap '{entry.name}'",
-                     "Try --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete "
-                     "it\n")
+                fail(
+                    f"Cannot copy inconsistent bitmap '{entry.name}'",
+                    "Try --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it\n",
+                )
 
     passphrase = None
     if opts is not None:
@@ -353,11 +413,20 @@ def _convert(cli: Cli, sources: list[str], out_filename: str, devices: list, met
         fail("output file is smaller than input file")
     target_backing = target.backing if has_backing else None
     from qcow2lib.convert import ConvertError, convert
+
     try:
-        convert(src_devices, target, compress=compressed, sparse_size=min_sparse * 512,
-                target_is_zero=has_zero_init, target_backing=target_backing,
-                parallel=num_coroutines, out_of_order=not in_order,
-                progress=meter.callback if meter.enabled else None, copy_range=copy_range)
+        convert(
+            src_devices,
+            target,
+            compress=compressed,
+            sparse_size=min_sparse * 512,
+            target_is_zero=has_zero_init,
+            target_backing=target_backing,
+            parallel=num_coroutines,
+            out_of_order=not in_order,
+            progress=meter.callback if meter.enabled else None,
+            copy_range=copy_range,
+        )
     except ConvertError as exc:
         fail(error_text(exc))
     except Qcow2Error as exc:
@@ -379,8 +448,12 @@ def _convert_copy_bitmaps(cli: Cli, source, target, skip_broken: bool) -> None:
         if entry.flags & BITMAP_IN_USE:
             continue
         try:
-            bitmap_ops.add_bitmap(target, entry.name, 1 << entry.granularity_bits,
-                                  enabled=bool(entry.flags & BITMAP_AUTO))
+            bitmap_ops.add_bitmap(
+                target,
+                entry.name,
+                1 << entry.granularity_bits,
+                enabled=bool(entry.flags & BITMAP_AUTO),
+            )
         except Qcow2Error as exc:
             cli.error_report(f"Failed to create bitmap {entry.name}: {error_text(exc)}")
             raise ConvertStop(1) from exc

@@ -1,5 +1,6 @@
 """`create`, and the turning of -o values into qcow2lib.create() arguments (which convert
 and dd use for their targets)."""
+
 from __future__ import annotations
 
 import sys
@@ -40,9 +41,11 @@ def print_create_option_help(cli: Cli, filename: str | None, fmt: str) -> int:
         cli.error_report(f"Unknown file format '{fmt}'")
         return 1
     if filename is None:
-        cli.out(f"Supported {fmt} options:\n{option_help_lines(FORMAT_CREATE_OPTS[fmt])}\n"
-                "The protocol level may support further options.\n"
-                "Specify the target filename to include those options.\n")
+        cli.out(
+            f"Supported {fmt} options:\n{option_help_lines(FORMAT_CREATE_OPTS[fmt])}\n"
+            "The protocol level may support further options.\n"
+            "Specify the target filename to include those options.\n"
+        )
         return 0
     try:
         host_path(filename)
@@ -66,19 +69,38 @@ def _open_backing(filename: str, backing_file: str, backing_fmt: str | None):
         raise CreateError(error_text(exc), hint) from exc
 
 
-CIPHER_ALGS = ("aes-128", "aes-192", "aes-256", "des", "3des", "cast5-128", "serpent-128",
-               "serpent-192", "serpent-256", "twofish-128", "twofish-192", "twofish-256")
+CIPHER_ALGS = (
+    "aes-128",
+    "aes-192",
+    "aes-256",
+    "des",
+    "3des",
+    "cast5-128",
+    "serpent-128",
+    "serpent-192",
+    "serpent-256",
+    "twofish-128",
+    "twofish-192",
+    "twofish-256",
+)
 HASH_ALGS = ("md5", "sha1", "sha224", "sha256", "sha384", "sha512", "ripemd160")
-LUKS_CREATE_ENUMS = {"cipher-alg": CIPHER_ALGS, "cipher-mode": ("ecb", "cbc", "xts", "ctr"),
-                     "ivgen-alg": ("plain", "plain64", "essiv"), "ivgen-hash-alg": HASH_ALGS,
-                     "hash-alg": HASH_ALGS}
+LUKS_CREATE_ENUMS = {
+    "cipher-alg": CIPHER_ALGS,
+    "cipher-mode": ("ecb", "cbc", "xts", "ctr"),
+    "ivgen-alg": ("plain", "plain64", "essiv"),
+    "ivgen-hash-alg": HASH_ALGS,
+    "hash-alg": HASH_ALGS,
+}
 
 
 def _encrypt_options(opts: CreateOptions, encryption: str | None) -> tuple[str, dict] | None:
     """The encrypt.* create options as QEMU's visitor checks them: (format, options without
     the "encrypt." prefix, key-secret included) or None for an unencrypted image."""
-    given = {name[len("encrypt."):]: opts.get(name) for name in opts.names()
-             if name.startswith("encrypt.")}
+    given = {
+        name[len("encrypt.") :]: opts.get(name)
+        for name in opts.names()
+        if name.startswith("encrypt.")
+    }
     encrypt_format = given.pop("format", None)
     if encryption is not None:  # the deprecated "encryption=on": legacy AES
         encrypt_format = "aes"
@@ -114,8 +136,9 @@ def qcow2_arguments(opts: CreateOptions, secrets: dict[str, bytes] | None = None
     if encryption == "off":
         encryption = None
     if encryption is not None and opts.is_set("encrypt.format"):
-        raise CreateError("'encrypt.format' and its alias 'encryption' can't be used at the "
-                          "same time")
+        raise CreateError(
+            "'encrypt.format' and its alias 'encryption' can't be used at the same time"
+        )
     opts.reparse("extent_size_hint")
     hint_size = opts.value("extent_size_hint")
     if hint_size is not None and hint_size > UINT32_MAX:
@@ -139,8 +162,9 @@ def qcow2_arguments(opts: CreateOptions, secrets: dict[str, bytes] | None = None
         raise CreateError("Parameter 'refcount-bits' expects integer") from None
     compression_type = opts.get("compression_type")
     if compression_type not in ("zlib", "zstd"):
-        raise CreateError(f"Parameter 'compression-type' does not accept value "
-                          f"'{compression_type}'")
+        raise CreateError(
+            f"Parameter 'compression-type' does not accept value '{compression_type}'"
+        )
     encrypt_arguments = {}
     if encrypt is not None:
         encrypt_format, encrypt_options = encrypt
@@ -149,8 +173,11 @@ def qcow2_arguments(opts: CreateOptions, secrets: dict[str, bytes] | None = None
             raise CreateError("Parameter 'encrypt.key-secret' is required for cipher")
         if secrets is None or secret_id not in secrets:
             raise CreateError(f"No secret with id '{secret_id}'")
-        encrypt_arguments = {"encrypt_format": encrypt_format, "passphrase": secrets[secret_id],
-                             "encrypt_options": encrypt_options}
+        encrypt_arguments = {
+            "encrypt_format": encrypt_format,
+            "passphrase": secrets[secret_id],
+            "encrypt_options": encrypt_options,
+        }
     return {
         **encrypt_arguments,
         "fmt": "qcow2",
@@ -181,9 +208,17 @@ def raw_arguments(opts: CreateOptions) -> dict:
     return {"fmt": "raw", "preallocation": preallocation}
 
 
-def img_create(cli: Cli, filename: str, fmt: str, base_filename: str | None,
-               base_fmt: str | None, options: str | None, img_size: int | None,
-               unsafe: bool, quiet: bool) -> None:
+def img_create(
+    cli: Cli,
+    filename: str,
+    fmt: str,
+    base_filename: str | None,
+    base_fmt: str | None,
+    options: str | None,
+    img_size: int | None,
+    unsafe: bool,
+    quiet: bool,
+) -> None:
     """Everything `qemu-img create` does after reading its arguments; raises CreateError."""
     if fmt not in FORMAT_CREATE_OPTS:
         raise CreateError(f"Unknown file format '{fmt}'")
@@ -211,8 +246,9 @@ def img_create(cli: Cli, filename: str, fmt: str, base_filename: str | None,
     backing_file = opts.get("backing_file")
     if backing_file is not None:
         if backing_file == filename:
-            raise CreateError("Error: Trying to create an image with the same filename as the "
-                              "backing file")
+            raise CreateError(
+                "Error: Trying to create an image with the same filename as the backing file"
+            )
         if backing_file == "":
             raise CreateError("Expected backing file name, got empty string")
     backing_fmt = opts.get("backing_fmt")
@@ -220,8 +256,10 @@ def img_create(cli: Cli, filename: str, fmt: str, base_filename: str | None,
     if backing_file is not None and not unsafe:
         with _open_backing(filename, backing_file, backing_fmt) as backing:
             if backing_fmt is None:
-                raise CreateError("Backing file specified without backing format",
-                                  f"Detected format of {backing.format}.")
+                raise CreateError(
+                    "Backing file specified without backing format",
+                    f"Detected format of {backing.format}.",
+                )
             if size == -1:
                 size = virtual_size(backing)
                 opts.set_number("size", size)
@@ -238,8 +276,9 @@ def img_create(cli: Cli, filename: str, fmt: str, base_filename: str | None,
     try:
         qcow2lib.create(path, size, **arguments)
     except ImageLockedError as exc:
-        raise CreateError(error_text(exc), f"Is another process using the image [{path}]?\n") \
-            from exc
+        raise CreateError(
+            error_text(exc), f"Is another process using the image [{path}]?\n"
+        ) from exc
     except Qcow2Error as exc:
         raise CreateError(error_text(exc)) from exc
 
@@ -249,8 +288,9 @@ def cmd_create(cli: Cli, argv: list[str]) -> int:
     fmt = "raw"
     base_fmt = base_filename = options = None
     quiet = unsafe = False
-    getopt = GetoptLong(argv, ":F:b:f:ho:qu",
-                        (LongOpt("help", False, "h"), LongOpt("object", True, "object")))
+    getopt = GetoptLong(
+        argv, ":F:b:f:ho:qu", (LongOpt("help", False, "h"), LongOpt("object", True, "object"))
+    )
     while (c := getopt.next()) is not None:
         if c in ":?":
             cli.option_error(getopt, c)

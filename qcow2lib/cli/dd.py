@@ -1,4 +1,5 @@
 """`dd`: copy (part of) an image into a new image, dd(1)-style operands."""
+
 from __future__ import annotations
 
 from qcow2lib import Qcow2Error
@@ -28,9 +29,16 @@ def cmd_dd(cli: Cli, argv: list[str]) -> int:
     fmt = None
     out_fmt = "raw"
     image_opts = force_share = False
-    getopt = GetoptLong(argv, ":hf:O:U", (
-        LongOpt("help", False, "h"), LongOpt("object", True, "object"),
-        LongOpt("image-opts", False, "image-opts"), LongOpt("force-share", False, "U")))
+    getopt = GetoptLong(
+        argv,
+        ":hf:O:U",
+        (
+            LongOpt("help", False, "h"),
+            LongOpt("object", True, "object"),
+            LongOpt("image-opts", False, "image-opts"),
+            LongOpt("force-share", False, "U"),
+        ),
+    )
     while (c := getopt.next()) is not None:
         if c == "O":
             out_fmt = getopt.optarg
@@ -49,7 +57,7 @@ def cmd_dd(cli: Cli, argv: list[str]) -> int:
     block_size = 512
     count = skip = None
     in_name = out_name = None
-    for operand in getopt.argv[getopt.optind:]:
+    for operand in getopt.argv[getopt.optind :]:
         key, eq, value = operand.partition("=")
         if not eq:
             cli.error_report(f"unrecognized operand {operand}")
@@ -62,10 +70,12 @@ def cmd_dd(cli: Cli, argv: list[str]) -> int:
                 parsed = parse_size(value, warn=cli.warn_report)
             except SizeError as exc:
                 if not exc.out_of_range:
-                    cli.error_report("Invalid bs specified. You may use k, M, G, T, P or E "
-                                     "suffixes for")
-                    cli.error_report("kilobytes, megabytes, gigabytes, terabytes, petabytes "
-                                     "and exabytes.")
+                    cli.error_report(
+                        "Invalid bs specified. You may use k, M, G, T, P or E suffixes for"
+                    )
+                    cli.error_report(
+                        "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
+                    )
                     return 1
                 parsed = INT64_MAX + 1
             if not 1 <= parsed <= (1 << 31) - 1:
@@ -132,15 +142,15 @@ def cmd_dd(cli: Cli, argv: list[str]) -> int:
                     inside = max(0, min(n, source.size - in_pos))  # a raw file's last sector
                     data = (source.read(in_pos, inside) if inside else b"").ljust(n, b"\0")
                 except Qcow2Error as exc:
-                    cli.error_report(f"error while reading from input image file: "
-                                     f"{error_text(exc)}")
+                    cli.error_report(
+                        f"error while reading from input image file: {error_text(exc)}"
+                    )
                     return 1
                 in_pos += n
                 try:
                     target.write(out_pos, data)
                 except Qcow2Error as exc:
-                    cli.error_report(f"error while writing to output image file: "
-                                     f"{error_text(exc)}")
+                    cli.error_report(f"error while writing to output image file: {error_text(exc)}")
                     return 1
                 out_pos += n
             target.flush()
@@ -151,6 +161,7 @@ def _create_dd_target(cli: Cli, filename: str, fmt: str, opts: CreateOptions) ->
     try:
         create_convert_target(cli, filename, fmt, opts)
     except CreateError as exc:
-        message = exc.message.replace(f"error while converting {fmt}: ",
-                                      "error while creating output image: ", 1)
+        message = exc.message.replace(
+            f"error while converting {fmt}: ", "error while creating output image: ", 1
+        )
         raise CreateError(message, exc.hint) from exc

@@ -1,5 +1,6 @@
 """glibc's getopt_long(), as qemu-img parses its arguments (permutation, abbreviations,
 the exact optind that its error messages expose)."""
+
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class LongOpt:
     """One entry of getopt_long()'s option table; `val` is what next() returns for it."""
+
     name: str
     has_arg: bool
     val: str
@@ -85,7 +87,7 @@ class GetoptLong:
         if pos < 0 or char in ":;":
             self.error_message = f"invalid option -- '{char}'"
             return "?"
-        if self._shortopts[pos + 1:pos + 2] == ":":
+        if self._shortopts[pos + 1 : pos + 2] == ":":
             if self._nextchar:
                 self.optarg = self._nextchar
                 self.optind += 1
@@ -103,9 +105,10 @@ class GetoptLong:
         found = next((opt for opt in self._longopts if opt.name == name), None)
         if found is None:
             candidates = [opt for opt in self._longopts if opt.name.startswith(name)]
-            if candidates and any((opt.has_arg, opt.val) != (candidates[0].has_arg,
-                                                             candidates[0].val)
-                                  for opt in candidates[1:]):
+            if candidates and any(
+                (opt.has_arg, opt.val) != (candidates[0].has_arg, candidates[0].val)
+                for opt in candidates[1:]
+            ):
                 self.optind += 1
                 names = "".join(f" '--{opt.name}'" for opt in candidates)
                 self.error_message = f"option '--{name}' is ambiguous; possibilities:{names}"

@@ -1,10 +1,13 @@
 """qemu-img's --help and --version texts (printed rarely, so kept off the start-up path)."""
+
 from __future__ import annotations
 
 QIMG_VERSION = "0.1.0"
 QEMU_VERSION = "7.2.22"
-VERSION_TEXT = (f"qemu-img version {QEMU_VERSION} (qimg {QIMG_VERSION})\n"
-                "qimg is built on qcow2lib; it is not part of the QEMU project.\n")
+VERSION_TEXT = (
+    f"qemu-img version {QEMU_VERSION} (qimg {QIMG_VERSION})\n"
+    "qimg is built on qcow2lib; it is not part of the QEMU project.\n"
+)
 
 
 HELP_INTRO = """\
@@ -125,8 +128,12 @@ def help_text(prog: str = "qemu-img") -> str:
     parameters, formats."""
     from qcow2lib.cli import COMMANDS
     from qcow2lib.ops import FORMATS
-    syntax = "".join(f"  {command.synopsis}\n" for command in COMMANDS.values()
-                     if command.synopsis is not None)
+
+    syntax = "".join(
+        f"  {command.synopsis}\n" for command in COMMANDS.values() if command.synopsis is not None
+    )
     formats = "".join(f" {name}" for name in FORMATS)
-    return (f"{VERSION_TEXT}{HELP_INTRO.format(prog=prog)}{syntax}{HELP_PARAMETERS}\n"
-            f"Supported formats:{formats}\n\n{HELP_BOTTOM}")
+    return (
+        f"{VERSION_TEXT}{HELP_INTRO.format(prog=prog)}{syntax}{HELP_PARAMETERS}\n"
+        f"Supported formats:{formats}\n\n{HELP_BOTTOM}"
+    )

@@ -1,5 +1,6 @@
 """Opening images as qemu-img names them: a filename or an --image-opts option string,
 with the secrets of each encrypted layer, and qemu-img's messages when that fails."""
+
 from __future__ import annotations
 
 import os
@@ -19,15 +20,28 @@ from qcow2lib.ops import error_text, full_backing_filename, host_path
 
 CACHE_MODES = ("none", "off", "directsync", "writeback", "unsafe", "writethrough")
 # --image-opts options qimg accepts and ignores (they tune QEMU's I/O, not content).
-IGNORED_IMAGE_OPTS = ("read-only", "auto-read-only", "cache.direct", "cache.no-flush",
-                      "discard", "detect-zeroes", "file.locking", "file.aio",
-                      "file.cache.direct", "file.cache.no-flush", "file.discard",
-                      "file.detect-zeroes", "node-name", "file.node-name")
+IGNORED_IMAGE_OPTS = (
+    "read-only",
+    "auto-read-only",
+    "cache.direct",
+    "cache.no-flush",
+    "discard",
+    "detect-zeroes",
+    "file.locking",
+    "file.aio",
+    "file.cache.direct",
+    "file.cache.no-flush",
+    "file.discard",
+    "file.detect-zeroes",
+    "node-name",
+    "file.node-name",
+)
 RAW_PROBE_WARNING = (
     "WARNING: Image format was not specified for '{0}' and probing guessed raw.\n"
     "         Automatically detecting the format is dangerous for raw images, write "
     "operations on block 0 will be restricted.\n"
-    "         Specify the 'raw' format explicitly to remove the restrictions.\n")
+    "         Specify the 'raw' format explicitly to remove the restrictions.\n"
+)
 
 
 def untrusted() -> bool:
@@ -54,29 +68,43 @@ def report_failure(cli: Cli, exc: OpenFailure | CreateError) -> None:
 class ImageSpec:
     """An image argument: `name` is how messages call it, `path` the host file (or the
     NBD export's name, `nbd` its address when options gave it)."""
+
     name: str
     path: str
     fmt: str | None = None
     key_secret: str | None = None
     force_share: bool = False
     backing_secrets: tuple = ()  # backing[.backing...].encrypt.key-secret, nearest first
-    nbd: object = None           # an NBDAddress
+    nbd: object = None  # an NBDAddress
     l2_cache_entry_size: int | None = None
 
 
 # qcow2 options that only tune QEMU's caches and checks: accepted once valid, ignored.
 QCOW2_SIZE_OPTS = ("l2-cache-size", "refcount-cache-size", "cache-size")
 QCOW2_NUMBER_OPTS = ("cache-clean-interval",)
-QCOW2_BOOL_OPTS = ("lazy-refcounts", "pass-discard-request", "pass-discard-snapshot",
-                   "pass-discard-other")
+QCOW2_BOOL_OPTS = (
+    "lazy-refcounts",
+    "pass-discard-request",
+    "pass-discard-snapshot",
+    "pass-discard-other",
+)
 OVERLAP_CHECK_MODES = ("none", "constant", "cached", "all")
-OVERLAP_CHECK_KINDS = ("main-header", "active-l1", "active-l2", "refcount-table",
-                       "refcount-block", "snapshot-table", "inactive-l1", "inactive-l2",
-                       "bitmap-directory")
+OVERLAP_CHECK_KINDS = (
+    "main-header",
+    "active-l1",
+    "active-l2",
+    "refcount-table",
+    "refcount-block",
+    "snapshot-table",
+    "inactive-l1",
+    "inactive-l2",
+    "bitmap-directory",
+)
 
 
-def image_spec(text: str, image_opts: bool, fmt: str | None,
-               force_share: bool = False) -> ImageSpec:
+def image_spec(
+    text: str, image_opts: bool, fmt: str | None, force_share: bool = False
+) -> ImageSpec:
     """Turn a filename (or with --image-opts an option string) into an ImageSpec.
 
     A "json:{...}" filename gives the same options as --image-opts would, nested objects
@@ -134,30 +162,43 @@ def _options_spec(text: str, opts: dict[str, str], force_share: bool) -> ImageSp
             fail('A block device must be specified for "file"')
         for name in list(opts):
             if name.startswith("file.") and name not in IGNORED_IMAGE_OPTS:
-                fail(f"Block protocol '{file_driver}' doesn't support the option "
-                     f"'{name[len('file.'):]}'")
+                fail(
+                    f"Block protocol '{file_driver}' doesn't support the option "
+                    f"'{name[len('file.') :]}'"
+                )
     key_secret = opts.pop("encrypt.key-secret", None)
     backing_secrets = []
     prefix = "backing."
-    while f"{prefix}encrypt.key-secret" in opts or any(name.startswith(prefix + "backing.")
-                                                      for name in opts):
+    while f"{prefix}encrypt.key-secret" in opts or any(
+        name.startswith(prefix + "backing.") for name in opts
+    ):
         backing_secrets.append(opts.pop(f"{prefix}encrypt.key-secret", None))
         prefix += "backing."
     entry_size = _qcow2_tuning(text, opts, fail) if driver == "qcow2" else None
     for name in opts:
         fail(f"Block format '{driver or 'raw'}' does not support the option '{name}'")
-    return ImageSpec(text, filename, driver, key_secret, force_share, tuple(backing_secrets),
-                     l2_cache_entry_size=entry_size)
+    return ImageSpec(
+        text,
+        filename,
+        driver,
+        key_secret,
+        force_share,
+        tuple(backing_secrets),
+        l2_cache_entry_size=entry_size,
+    )
 
 
-SIZE_SUFFIX_HINT = ("Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
-                    "and exabytes, respectively.\n")
+SIZE_SUFFIX_HINT = (
+    "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+    "and exabytes, respectively.\n"
+)
 
 
 def _qcow2_tuning(text: str, opts: dict[str, str], fail) -> int | None:
     """Check and take the qcow2 options that tune QEMU's caches and overlap checks (they
     change nothing qimg does); returns l2-cache-entry-size, checked once the image is open."""
     from qcow2lib.sizes import parse_size
+
     entry_size = None
     for name in (*QCOW2_SIZE_OPTS, "l2-cache-entry-size", *QCOW2_NUMBER_OPTS):
         if name in opts:
@@ -169,8 +210,11 @@ def _qcow2_tuning(text: str, opts: dict[str, str], fail) -> int | None:
             except (ValueError, Qcow2Error):
                 if name in QCOW2_NUMBER_OPTS:
                     fail(f"Parameter '{name}' expects a number")
-                raise OpenFailure(f"Could not open '{text}': Parameter '{name}' expects a "
-                                  f"non-negative number below 2^64", SIZE_SUFFIX_HINT) from None
+                raise OpenFailure(
+                    f"Could not open '{text}': Parameter '{name}' expects a "
+                    f"non-negative number below 2^64",
+                    SIZE_SUFFIX_HINT,
+                ) from None
             if name == "l2-cache-entry-size":
                 entry_size = number
     for name in QCOW2_BOOL_OPTS:
@@ -180,8 +224,10 @@ def _qcow2_tuning(text: str, opts: dict[str, str], fail) -> int | None:
         if name in opts:
             value = opts.pop(name)
             if value not in OVERLAP_CHECK_MODES:
-                fail(f"Unsupported value '{value}' for qcow2 option '{name}'. Allowed are any "
-                     f"of the following: {', '.join(OVERLAP_CHECK_MODES)}")
+                fail(
+                    f"Unsupported value '{value}' for qcow2 option '{name}'. Allowed are any "
+                    f"of the following: {', '.join(OVERLAP_CHECK_MODES)}"
+                )
     for kind in OVERLAP_CHECK_KINDS:
         name = f"overlap-check.{kind}"
         if name in opts and opts.pop(name) not in ("on", "off"):
@@ -189,19 +235,22 @@ def _qcow2_tuning(text: str, opts: dict[str, str], fail) -> int | None:
     return entry_size
 
 
-def _nbd_spec(text: str, driver: str | None, opts: dict[str, str], force_share: bool,
-              fail) -> ImageSpec:
+def _nbd_spec(
+    text: str, driver: str | None, opts: dict[str, str], force_share: bool, fail
+) -> ImageSpec:
     """An NBD export given by options: driver=nbd (the protocol itself, format "nbd"), or
     a raw image whose file.driver is nbd."""
     from qcow2lib.exports.nbd_client import nbd_address_from_options
+
     if driver == "nbd":
         nbd_opts, fmt = opts, "nbd"
     else:
         if driver not in (None, "raw"):
             fail(f"qimg opens only the raw content of an NBD export, not '{driver}'")
         del opts["file.driver"]
-        nbd_opts = {name[len("file."):]: opts.pop(name) for name in list(opts)
-                    if name.startswith("file.")}
+        nbd_opts = {
+            name[len("file.") :]: opts.pop(name) for name in list(opts) if name.startswith("file.")
+        }
         for name in opts:
             fail(f"Block format 'raw' does not support the option '{name}'")
         fmt = "raw"
@@ -221,13 +270,21 @@ def _chain_layers(device):
 
 def spec_passphrases(cli: Cli, spec: ImageSpec) -> list[bytes | None]:
     """The secrets' values for each layer of the chain, the image's first."""
-    return [None if name is None else secret_value(cli, name)
-            for name in (spec.key_secret, *spec.backing_secrets)]
+    return [
+        None if name is None else secret_value(cli, name)
+        for name in (spec.key_secret, *spec.backing_secrets)
+    ]
 
 
-def open_spec(cli: Cli, spec: ImageSpec, mode: str = "r", backing: bool = True,
-              passphrase: bytes | None = None, warn_probe: bool = True,
-              cache: str = "writeback"):
+def open_spec(
+    cli: Cli,
+    spec: ImageSpec,
+    mode: str = "r",
+    backing: bool = True,
+    passphrase: bytes | None = None,
+    warn_probe: bool = True,
+    cache: str = "writeback",
+):
     """Open an image like qemu-img's img_open(); raises OpenFailure with its message.
 
     As in QEMU, each encrypted layer needs its own key-secret option (the top's is
@@ -242,37 +299,51 @@ def open_spec(cli: Cli, spec: ImageSpec, mode: str = "r", backing: bool = True,
         passphrases = spec_passphrases(cli, spec)
         if explicit:
             passphrases[0] = passphrase
-        device = qcow2lib.open(path, mode, fmt=spec.fmt, backing=backing,
-                               force_share=spec.force_share, passphrase=passphrases,
-                               cache="none" if cache == "off" else cache, untrusted=untrusted())
+        device = qcow2lib.open(
+            path,
+            mode,
+            fmt=spec.fmt,
+            backing=backing,
+            force_share=spec.force_share,
+            passphrase=passphrases,
+            cache="none" if cache == "off" else cache,
+            untrusted=untrusted(),
+        )
         try:
             check_qemu_constraints(getattr(device, "_bitmap_entries", []))
         except Qcow2Error:
             device.close()
             raise
     except ImageLockedError as exc:
-        raise OpenFailure(f"Could not open '{spec.name}': {error_text(exc)}",
-                          f"Is another process using the image [{host_path(spec.path)}]?\n") \
-            from exc
+        raise OpenFailure(
+            f"Could not open '{spec.name}': {error_text(exc)}",
+            f"Is another process using the image [{host_path(spec.path)}]?\n",
+        ) from exc
     except Qcow2Error as exc:
-        raise OpenFailure(f"Could not open '{spec.name}': {error_text(exc)}",
-                          exc.qemu_hint) from exc
+        raise OpenFailure(
+            f"Could not open '{spec.name}': {error_text(exc)}", exc.qemu_hint
+        ) from exc
     if device.format == "qcow2":
         try:
             check_entry_size(spec, device.cluster_size)
         except OpenFailure:
             device.close()
             raise
-    given = [spec.key_secret is not None or explicit,
-             *(name is not None for name in spec.backing_secrets)]
+    given = [
+        spec.key_secret is not None or explicit,
+        *(name is not None for name in spec.backing_secrets),
+    ]
     for depth, layer in enumerate(_chain_layers(device)):
         keyed = given[depth] if depth < len(given) else False
         if getattr(layer, "encrypted", False) and (
-                not keyed or getattr(layer, "crypto", None) is None):
+            not keyed or getattr(layer, "crypto", None) is None
+        ):
             device.close()
-            raise OpenFailure(f"Could not open '{spec.name}': "
-                              + "Could not open backing file: " * depth
-                              + "Parameter 'encrypt.key-secret' is required for cipher")
+            raise OpenFailure(
+                f"Could not open '{spec.name}': "
+                + "Could not open backing file: " * depth
+                + "Parameter 'encrypt.key-secret' is required for cipher"
+            )
     if warn_probe and mode == "r+" and spec.fmt is None and device.format == "raw":
         sys.stderr.write(RAW_PROBE_WARNING.format(path))
     return device
@@ -282,8 +353,10 @@ def check_entry_size(spec: ImageSpec, cluster_size: int) -> None:
     """l2-cache-entry-size must fit the image's clusters (QEMU checks it on open)."""
     size = spec.l2_cache_entry_size
     if size is not None and (size < 512 or size > cluster_size or size & (size - 1)):
-        raise OpenFailure(f"Could not open '{spec.name}': L2 cache entry size must be a power "
-                          f"of two between 512 and the cluster size ({cluster_size})")
+        raise OpenFailure(
+            f"Could not open '{spec.name}': L2 cache entry size must be a power "
+            f"of two between 512 and the cluster size ({cluster_size})"
+        )
 
 
 def json_filename(spec: ImageSpec, fmt: str) -> str:
@@ -292,8 +365,9 @@ def json_filename(spec: ImageSpec, fmt: str) -> str:
     path = host_path(spec.path)
     top = layer = _json_layer(spec.key_secret, fmt, spec.path)
     for secret in spec.backing_secrets:
-        with qcow2lib.open(path, "r", fmt=fmt, backing=False, force_share=True,
-                           open_data_file=False) as image:
+        with qcow2lib.open(
+            path, "r", fmt=fmt, backing=False, force_share=True, open_data_file=False
+        ) as image:
             backing_name, backing_fmt = image.backing_filename, image.backing_format
         if not backing_name:
             break
@@ -348,15 +422,20 @@ def load_snapshot(source, snapshot_opts: dict | None, snapshot_name: str | None)
     Raises OpenFailure("Failed to load snapshot: ...") as qemu-img reports it.
     """
     from qcow2lib.snapshots import SnapshotView
+
     if source.format != "qcow2":
-        raise OpenFailure(f"Failed to load snapshot: Block format '{source.format}' used by "
-                          f"device '' does not support temporarily loading internal snapshots")
+        raise OpenFailure(
+            f"Failed to load snapshot: Block format '{source.format}' used by "
+            f"device '' does not support temporarily loading internal snapshots"
+        )
     try:
         if snapshot_opts is not None:
-            view = SnapshotView(source, id=snapshot_opts.get("snapshot.id"),
-                                name=snapshot_opts.get("snapshot.name"))
+            view = SnapshotView(
+                source, id=snapshot_opts.get("snapshot.id"), name=snapshot_opts.get("snapshot.name")
+            )
         else:
             from qcow2lib import snapshots as snaps
+
             found = snaps.find_snapshot(source, id=snapshot_name)
             if found is None:
                 found = snaps.find_snapshot(source, name=snapshot_name)

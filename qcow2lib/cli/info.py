@@ -1,5 +1,6 @@
 """`info`: the image (and with --backing-chain its backing files) in human or JSON form;
 the human tables that `snapshot -l` shares."""
+
 from __future__ import annotations
 
 import sys
@@ -8,8 +9,14 @@ import time
 from qcow2lib import Qcow2Error
 from qcow2lib.cli.common import Cli
 from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
-from qcow2lib.cli.images import (OpenFailure, check_entry_size, image_spec, json_filename,
-                                  report_failure, untrusted)
+from qcow2lib.cli.images import (
+    OpenFailure,
+    check_entry_size,
+    image_spec,
+    json_filename,
+    report_failure,
+    untrusted,
+)
 from qcow2lib.cli.qobject import dump_qobject, qemu_json
 from qcow2lib.cli.secrets import process_object
 from qcow2lib.ops import error_text
@@ -24,26 +31,34 @@ def _ljust(text: str, width: int) -> str:
 
 def human_snapshot_table(snapshots: list[dict]) -> str:
     """The "Snapshot list:" table of `qemu-img info` / `qemu-img snapshot -l`."""
-    lines = ["%-10s%-17s%8s%20s%13s%11s\n" % ("ID", "TAG", "VM SIZE", "DATE", "VM CLOCK",
-                                               "ICOUNT")]
+    lines = ["%-10s%-17s%8s%20s%13s%11s\n" % ("ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT")]
     for snap in snapshots:
         date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap["date-sec"]))
         secs = snap["vm-clock-sec"]
-        clock = "%02d:%02d:%02d.%03d" % (secs // 3600, secs // 60 % 60, secs % 60,
-                                         snap["vm-clock-nsec"] // 1_000_000 % 1000)
+        clock = "%02d:%02d:%02d.%03d" % (
+            secs // 3600,
+            secs // 60 % 60,
+            secs % 60,
+            snap["vm-clock-nsec"] // 1_000_000 % 1000,
+        )
         icount = str(snap["icount"]) if "icount" in snap else ""
-        lines.append(f"{_ljust(snap['id'], 9)} {_ljust(snap['name'], 16)} "
-                     f"{format_size(snap['vm-state-size']):>8}{date:>20}{clock:>13}"
-                     f"{icount:>11}\n")
+        lines.append(
+            f"{_ljust(snap['id'], 9)} {_ljust(snap['name'], 16)} "
+            f"{format_size(snap['vm-state-size']):>8}{date:>20}{clock:>13}"
+            f"{icount:>11}\n"
+        )
     return "".join(lines)
 
 
 def human_image_info(info: dict) -> str:
     """One image of `qemu-img info` in human form."""
-    text = (f"image: {info['filename']}\n"
-            f"file format: {info['format']}\n"
-            f"virtual size: {format_size(info['virtual-size'])} ({info['virtual-size']} bytes)\n"
-            f"disk size: {format_size(info['actual-size']) if 'actual-size' in info else 'unavailable'}\n")
+    disk_size = format_size(info["actual-size"]) if "actual-size" in info else "unavailable"
+    text = (
+        f"image: {info['filename']}\n"
+        f"file format: {info['format']}\n"
+        f"virtual size: {format_size(info['virtual-size'])} ({info['virtual-size']} bytes)\n"
+        f"disk size: {disk_size}\n"
+    )
     if info.get("encrypted"):
         text += "encrypted: yes\n"
     if "cluster-size" in info:
@@ -70,11 +85,19 @@ def cmd_info(cli: Cli, argv: list[str]) -> int:
     """`info`: the image (and with --backing-chain its backing files) in human or JSON form."""
     fmt = output = None
     chain = force_share = image_opts = False
-    getopt = GetoptLong(argv, ":f:hU", (
-        LongOpt("help", False, "h"), LongOpt("format", True, "f"),
-        LongOpt("output", True, "output"), LongOpt("backing-chain", False, "backing-chain"),
-        LongOpt("object", True, "object"), LongOpt("image-opts", False, "image-opts"),
-        LongOpt("force-share", False, "U")))
+    getopt = GetoptLong(
+        argv,
+        ":f:hU",
+        (
+            LongOpt("help", False, "h"),
+            LongOpt("format", True, "f"),
+            LongOpt("output", True, "output"),
+            LongOpt("backing-chain", False, "backing-chain"),
+            LongOpt("object", True, "object"),
+            LongOpt("image-opts", False, "image-opts"),
+            LongOpt("force-share", False, "U"),
+        ),
+    )
     while (c := getopt.next()) is not None:
         if c in ":?":
             cli.option_error(getopt, c)
@@ -111,7 +134,7 @@ def cmd_info(cli: Cli, argv: list[str]) -> int:
     except ImageOpenError as exc:
         message = str(exc)
         if spec is not None and message.startswith(f"Could not open '{spec.path}': "):
-            message = f"Could not open '{spec.name}': " + message[len(spec.path) + 19:]
+            message = f"Could not open '{spec.name}': " + message[len(spec.path) + 19 :]
         cli.error_report(message)
         sys.stderr.write(exc.hint)
         return 1

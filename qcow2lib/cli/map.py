@@ -1,4 +1,5 @@
 """`map`: the allocation map of an image and its chain (human or JSON)."""
+
 from __future__ import annotations
 
 from qcow2lib import Qcow2Error
@@ -12,14 +13,24 @@ from qcow2lib.ops import error_text, virtual_size
 def cmd_map(cli: Cli, argv: list[str]) -> int:
     """`map`: the allocation map of an image and its chain (human or JSON)."""
     from qcow2lib.ops.mapping_report import write_map
+
     fmt = output = None
     image_opts = force_share = False
     start, max_length = 0, -1
-    getopt = GetoptLong(argv, ":f:s:l:hU", (
-        LongOpt("help", False, "h"), LongOpt("format", True, "f"),
-        LongOpt("output", True, "output"), LongOpt("object", True, "object"),
-        LongOpt("image-opts", False, "image-opts"), LongOpt("force-share", False, "U"),
-        LongOpt("start-offset", True, "s"), LongOpt("max-length", True, "l")))
+    getopt = GetoptLong(
+        argv,
+        ":f:s:l:hU",
+        (
+            LongOpt("help", False, "h"),
+            LongOpt("format", True, "f"),
+            LongOpt("output", True, "output"),
+            LongOpt("object", True, "object"),
+            LongOpt("image-opts", False, "image-opts"),
+            LongOpt("force-share", False, "U"),
+            LongOpt("start-offset", True, "s"),
+            LongOpt("max-length", True, "l"),
+        ),
+    )
     while (c := getopt.next()) is not None:
         if c in ":?":
             cli.option_error(getopt, c)

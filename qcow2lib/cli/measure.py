@@ -1,4 +1,5 @@
 """`measure`: the size a new image of a format would need (for --size N or a source)."""
+
 from __future__ import annotations
 
 import sys
@@ -30,16 +31,25 @@ from qcow2lib.ops import error_text
 def cmd_measure(cli: Cli, argv: list[str]) -> int:
     """`measure`: the size a new image of a format would need (for --size N or a source)."""
     from qcow2lib.ops.measure import measure, measure_human, measure_json
+
     fmt = filename = options = snapshot_name = None
     snapshot_opts: dict | None = None
     out_fmt = "raw"
     output = "human"
     force_share = image_opts = False
     img_size = None
-    getopt = GetoptLong(argv, "hf:O:o:l:U", (
-        LongOpt("help", False, "h"), LongOpt("image-opts", False, "image-opts"),
-        LongOpt("object", True, "object"), LongOpt("output", True, "output"),
-        LongOpt("size", True, "size"), LongOpt("force-share", False, "U")))
+    getopt = GetoptLong(
+        argv,
+        "hf:O:o:l:U",
+        (
+            LongOpt("help", False, "h"),
+            LongOpt("image-opts", False, "image-opts"),
+            LongOpt("object", True, "object"),
+            LongOpt("output", True, "output"),
+            LongOpt("size", True, "size"),
+            LongOpt("force-share", False, "U"),
+        ),
+    )
     while (c := getopt.next()) is not None:
         arg = getopt.optarg
         if c in "?:":  # measure lets getopt print its own complaint, then shows the help
@@ -78,13 +88,14 @@ def cmd_measure(cli: Cli, argv: list[str]) -> int:
             img_size = cvtnum(cli, "image size", arg)
             if img_size is None:
                 return 1
-    rest = getopt.argv[getopt.optind:]
+    rest = getopt.argv[getopt.optind :]
     if len(rest) > 1:
         cli.error_report("At most one filename argument is allowed.")
         return 1
     filename = rest[0] if rest else None
-    if filename is None and (image_opts or fmt is not None or snapshot_name is not None
-                             or snapshot_opts is not None):
+    if filename is None and (
+        image_opts or fmt is not None or snapshot_name is not None or snapshot_opts is not None
+    ):
         cli.error_report("--image-opts, -f, and -l require a filename argument.")
         return 1
     if filename is not None and img_size is not None:

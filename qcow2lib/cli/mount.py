@@ -1,4 +1,5 @@
 """`mount` and `umount`: an image as a FUSE directory of files (see fuse_mount)."""
+
 from __future__ import annotations
 
 import sys
@@ -57,14 +58,23 @@ def cmd_mount(cli: Cli, argv: list[str]) -> int:
     """`mount`: mount IMAGE at MOUNTPOINT; returns once mounted (or failed)."""
     from fuse_mount.command import mount_image
     from qcow2lib.cli.qobject import qemu_json
+
     fmt = snapshot = None
     image_opts = writable = foreground = allow_other = False
-    getopt = GetoptLong(argv, "hf:s:", (
-        LongOpt("help", False, "h"), LongOpt("format", True, "f"),
-        LongOpt("snapshot", True, "s"), LongOpt("rw", False, "rw"),
-        LongOpt("foreground", False, "foreground"),
-        LongOpt("allow-other", False, "allow-other"), LongOpt("object", True, "object"),
-        LongOpt("image-opts", False, "image-opts")))
+    getopt = GetoptLong(
+        argv,
+        "hf:s:",
+        (
+            LongOpt("help", False, "h"),
+            LongOpt("format", True, "f"),
+            LongOpt("snapshot", True, "s"),
+            LongOpt("rw", False, "rw"),
+            LongOpt("foreground", False, "foreground"),
+            LongOpt("allow-other", False, "allow-other"),
+            LongOpt("object", True, "object"),
+            LongOpt("image-opts", False, "image-opts"),
+        ),
+    )
     while (c := getopt.next()) is not None:
         if c == "?":
             return _usage_error(cli, "mount", getopt.error_message)
@@ -90,7 +100,7 @@ def cmd_mount(cli: Cli, argv: list[str]) -> int:
     if writable and snapshot is not None:
         cli.error_report("--rw cannot be used with --snapshot: snapshots are read-only")
         return 1
-    filename, mountpoint = getopt.argv[getopt.optind:]
+    filename, mountpoint = getopt.argv[getopt.optind :]
     try:
         spec = image_spec(filename, image_opts, fmt)
         passphrases = spec_passphrases(cli, spec)
@@ -101,15 +111,24 @@ def cmd_mount(cli: Cli, argv: list[str]) -> int:
         cli.error_report(f"Could not open '{filename}': {error_text(exc)}")
         return 1
     sys.stdout.flush()
-    return mount_image(spec.path, mountpoint, writable=writable, fmt=spec.fmt,
-                       snapshot=snapshot, foreground=foreground, allow_other=allow_other,
-                       passphrase=passphrases if any(passphrases) else None,
-                       info_json=qemu_json, prog=cli.prog)
+    return mount_image(
+        spec.path,
+        mountpoint,
+        writable=writable,
+        fmt=spec.fmt,
+        snapshot=snapshot,
+        foreground=foreground,
+        allow_other=allow_other,
+        passphrase=passphrases if any(passphrases) else None,
+        info_json=qemu_json,
+        prog=cli.prog,
+    )
 
 
 def cmd_umount(cli: Cli, argv: list[str]) -> int:
     """`umount`: unmount MOUNTPOINT and wait until its image is closed."""
     from fuse_mount.command import MountError, unmount
+
     getopt = GetoptLong(argv, "h", (LongOpt("help", False, "h"),))
     while (c := getopt.next()) is not None:
         if c == "?":

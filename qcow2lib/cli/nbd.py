@@ -1,4 +1,5 @@
 """`nbd`: serve an image over NBD in the foreground, with qemu-nbd's options and messages."""
+
 from __future__ import annotations
 
 import logging
@@ -10,8 +11,14 @@ from typing import Callable
 from qcow2lib import Qcow2Error
 from qcow2lib.cli.common import Cli
 from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
-from qcow2lib.cli.images import (CACHE_MODES, OpenFailure, image_spec, load_snapshot,
-                                 open_spec, parse_snapshot_param)
+from qcow2lib.cli.images import (
+    CACHE_MODES,
+    OpenFailure,
+    image_spec,
+    load_snapshot,
+    open_spec,
+    parse_snapshot_param,
+)
 from qcow2lib.cli.secrets import process_object
 from qcow2lib.ops import error_text
 
@@ -62,20 +69,35 @@ def cmd_nbd(cli: Cli, argv: list[str]) -> int:
     """`nbd`: export IMAGE over NBD until the last client is gone or a signal stops it."""
     from qcow2lib.exports.nbd import DEFAULT_PORT, NBDServer
     from qcow2lib.exports.write_policy import WritePolicyDevice
+
     fmt = socket_path = host = port_text = snapshot = None
     export_name = description = ""
     image_opts = read_only = persistent = force_share = False
     shared, cache, discard, detect_zeroes = 1, "writeback", "ignore", "off"
-    getopt = GetoptLong(argv, "hf:rtx:D:e:l:k:b:p:U", (
-        LongOpt("help", False, "h"), LongOpt("format", True, "f"),
-        LongOpt("read-only", False, "r"), LongOpt("persistent", False, "t"),
-        LongOpt("export-name", True, "x"), LongOpt("description", True, "D"),
-        LongOpt("shared", True, "e"), LongOpt("load-snapshot", True, "l"),
-        LongOpt("snapshot", True, "snapshot"), LongOpt("socket", True, "k"),
-        LongOpt("bind", True, "b"), LongOpt("port", True, "p"),
-        LongOpt("cache", True, "cache"), LongOpt("discard", True, "discard"),
-        LongOpt("detect-zeroes", True, "detect-zeroes"), LongOpt("object", True, "object"),
-        LongOpt("image-opts", False, "image-opts"), LongOpt("force-share", False, "U")))
+    getopt = GetoptLong(
+        argv,
+        "hf:rtx:D:e:l:k:b:p:U",
+        (
+            LongOpt("help", False, "h"),
+            LongOpt("format", True, "f"),
+            LongOpt("read-only", False, "r"),
+            LongOpt("persistent", False, "t"),
+            LongOpt("export-name", True, "x"),
+            LongOpt("description", True, "D"),
+            LongOpt("shared", True, "e"),
+            LongOpt("load-snapshot", True, "l"),
+            LongOpt("snapshot", True, "snapshot"),
+            LongOpt("socket", True, "k"),
+            LongOpt("bind", True, "b"),
+            LongOpt("port", True, "p"),
+            LongOpt("cache", True, "cache"),
+            LongOpt("discard", True, "discard"),
+            LongOpt("detect-zeroes", True, "detect-zeroes"),
+            LongOpt("object", True, "object"),
+            LongOpt("image-opts", False, "image-opts"),
+            LongOpt("force-share", False, "U"),
+        ),
+    )
 
     def usage_error(message: str) -> int:
         cli.error_report(message)
@@ -127,8 +149,9 @@ def cmd_nbd(cli: Cli, argv: list[str]) -> int:
             discard = "unmap" if arg in ("unmap", "on") else "ignore"
         elif c == "detect-zeroes":
             if arg not in ("off", "on", "unmap"):
-                cli.error_report(f"Failed to parse detect_zeroes mode: invalid parameter "
-                                 f"value: {arg}")
+                cli.error_report(
+                    f"Failed to parse detect_zeroes mode: invalid parameter value: {arg}"
+                )
                 return 1
             detect_zeroes = arg
         elif c == "object":
@@ -145,8 +168,10 @@ def cmd_nbd(cli: Cli, argv: list[str]) -> int:
         cli.error_report("--image-opts and -f are mutually exclusive")
         return 1
     if detect_zeroes == "unmap" and discard != "unmap":
-        cli.error_report("setting detect-zeroes to unmap is not allowed without setting "
-                         "discard operation to unmap")
+        cli.error_report(
+            "setting detect-zeroes to unmap is not allowed without setting "
+            "discard operation to unmap"
+        )
         return 1
     for what, text in (("export name", export_name), ("export description", description)):
         if len(text.encode("utf-8", "surrogateescape")) > MAX_NBD_STRING or "\0" in text:
@@ -162,8 +187,9 @@ def cmd_nbd(cli: Cli, argv: list[str]) -> int:
         if port_text is not None:
             port = int(port_text) if port_text.isascii() and port_text.isdigit() else -1
             if not 0 <= port <= 65535:
-                cli.error_report(f"Invalid port '{port_text}': a number from 0 to 65535 "
-                                 f"is expected")
+                cli.error_report(
+                    f"Invalid port '{port_text}': a number from 0 to 65535 is expected"
+                )
                 return 1
     snapshot_opts = None
     if snapshot is not None and snapshot.startswith(SNAPSHOT_PARAM_PREFIX):
@@ -187,7 +213,7 @@ def cmd_nbd(cli: Cli, argv: list[str]) -> int:
             message = exc.message  # qemu-nbd names the image once, not twice as qemu-img
             prefix = f"Could not open '{filename}': "
             if message.startswith(prefix):
-                message = f"Failed to blk_new_open '{filename}': {message[len(prefix):]}"
+                message = f"Failed to blk_new_open '{filename}': {message[len(prefix) :]}"
             cli.error_report(message)
             sys.stderr.write(exc.hint)
             return 1
@@ -197,9 +223,17 @@ def cmd_nbd(cli: Cli, argv: list[str]) -> int:
         if writable:
             device = WritePolicyDevice(device, discard=discard, detect_zeroes=detect_zeroes)
         try:
-            server = NBDServer(device, unix_path=socket_path, host=host, port=port,
-                               read_only=not writable, export_name=export_name,
-                               description=description, persistent=persistent, shared=shared)
+            server = NBDServer(
+                device,
+                unix_path=socket_path,
+                host=host,
+                port=port,
+                read_only=not writable,
+                export_name=export_name,
+                description=description,
+                persistent=persistent,
+                shared=shared,
+            )
             server.start()
         except Qcow2Error as exc:
             reason = error_text(exc).rsplit(": ", 1)[-1]  # the system's words, not ours

@@ -1,4 +1,5 @@
 """-p: qemu-img's progress line (and a richer one on a terminal)."""
+
 from __future__ import annotations
 
 import struct
@@ -49,13 +50,15 @@ class Progress:
             if current > 100:
                 current = 100.0
             self.current = current
-            if current > _f32(self.last_print + self.min_skip) or \
-                    current < _f32(self.last_print - self.min_skip) or \
-                    current == 100 or current == 0:
+            if (
+                current > _f32(self.last_print + self.min_skip)
+                or current < _f32(self.last_print - self.min_skip)
+                or current == 100
+                or current == 0
+            ):
                 self.last_print = current
                 self._show(current)
-            elif self.terminal and \
-                    time.monotonic() - self._last_refresh >= self.REFRESH_SECONDS:
+            elif self.terminal and time.monotonic() - self._last_refresh >= self.REFRESH_SECONDS:
                 self._show(current)
 
     def _show(self, percent: float) -> None:
@@ -80,8 +83,7 @@ class Progress:
             text += f", {format_size(int(rate))}/s"
             if done < total:
                 seconds = int((total - done) / rate)
-                text += ", %d:%02d:%02d left" % (seconds // 3600, seconds // 60 % 60,
-                                                 seconds % 60)
+                text += ", %d:%02d:%02d left" % (seconds // 3600, seconds // 60 % 60, seconds % 60)
         return text
 
     def callback(self, done: int, total: int) -> None:

@@ -1,5 +1,6 @@
 """QEMU's option syntaxes: "-o" option lists checked against a format's option table
 (QemuOpts, CreateOptions) and the keyval syntax of --object."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from qcow2lib.sizes import INT64_MAX, SizeError, parse_number, parse_size
 @dataclass(frozen=True)
 class OptDesc:
     """One creation option as qemu-img declares it: name, type, help, default."""
+
     name: str
     kind: str  # "str", "bool", "num" or "size"
     help: str
@@ -22,8 +24,11 @@ _KIND_LABEL = {"str": "str", "bool": "bool (on/off)", "num": "num", "size": "siz
 SIZE_OPT = OptDesc("size", "size", "Virtual disk size")
 
 QCOW2_CREATE_OPTS = (
-    OptDesc("encryption", "bool", "Encrypt the image with format 'aes'. (Deprecated in favor "
-                                  "of encrypt.format=aes)"),
+    OptDesc(
+        "encryption",
+        "bool",
+        "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
+    ),
     OptDesc("encrypt.format", "str", "Encrypt the image, format choices: 'aes', 'luks'"),
     OptDesc("encrypt.key-secret", "str", "ID of secret providing qcow AES key or LUKS passphrase"),
     OptDesc("encrypt.cipher-alg", "str", "Name of encryption cipher algorithm"),
@@ -34,10 +39,12 @@ QCOW2_CREATE_OPTS = (
     OptDesc("encrypt.iter-time", "num", "Time to spend in PBKDF in milliseconds"),
     OptDesc("cluster_size", "size", "qcow2 cluster size", "65536"),
     OptDesc("extended_l2", "bool", "Extended L2 tables", "off"),
-    OptDesc("preallocation", "str", "Preallocation mode (allowed values: off, metadata, falloc, "
-                                    "full)"),
-    OptDesc("compression_type", "str", "Compression method used for image cluster compression",
-            "zlib"),
+    OptDesc(
+        "preallocation", "str", "Preallocation mode (allowed values: off, metadata, falloc, full)"
+    ),
+    OptDesc(
+        "compression_type", "str", "Compression method used for image cluster compression", "zlib"
+    ),
     SIZE_OPT,
     OptDesc("compat", "str", "Compatibility level (v2 [0.10] or v3 [1.1])"),
     OptDesc("backing_file", "str", "File name of a base image"),
@@ -58,13 +65,52 @@ FILE_CREATE_OPTS = (
 FORMAT_CREATE_OPTS = {"qcow2": QCOW2_CREATE_OPTS, "raw": RAW_CREATE_OPTS}
 
 # QEMU's block driver names: the values its create path accepts for backing_fmt with -u.
-BLOCKDEV_DRIVERS = frozenset((
-    "blkdebug", "blklogwrites", "blkreplay", "blkverify", "bochs", "cloop", "compress",
-    "copy-before-write", "copy-on-read", "dmg", "file", "snapshot-access", "ftp", "ftps",
-    "gluster", "host_cdrom", "host_device", "http", "https", "iscsi", "luks", "nbd", "nfs",
-    "null-aio", "null-co", "nvme", "parallels", "preallocate", "qcow", "qcow2", "qed",
-    "quorum", "raw", "rbd", "replication", "ssh", "throttle", "vdi", "vhdx", "vmdk", "vpc",
-    "vvfat"))
+BLOCKDEV_DRIVERS = frozenset(
+    (
+        "blkdebug",
+        "blklogwrites",
+        "blkreplay",
+        "blkverify",
+        "bochs",
+        "cloop",
+        "compress",
+        "copy-before-write",
+        "copy-on-read",
+        "dmg",
+        "file",
+        "snapshot-access",
+        "ftp",
+        "ftps",
+        "gluster",
+        "host_cdrom",
+        "host_device",
+        "http",
+        "https",
+        "iscsi",
+        "luks",
+        "nbd",
+        "nfs",
+        "null-aio",
+        "null-co",
+        "nvme",
+        "parallels",
+        "preallocate",
+        "qcow",
+        "qcow2",
+        "qed",
+        "quorum",
+        "raw",
+        "rbd",
+        "replication",
+        "ssh",
+        "throttle",
+        "vdi",
+        "vhdx",
+        "vmdk",
+        "vpc",
+        "vvfat",
+    )
+)
 PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 UINT32_MAX = (1 << 32) - 1
 
@@ -106,8 +152,8 @@ def split_option_list(params: str) -> list[tuple[str, str, bool]]:
                 comma = params.find(",", pos)
                 if comma < 0:
                     comma = len(params)
-                if params[comma + 1:comma + 2] == ",":
-                    value_parts.append(params[pos:comma + 1])
+                if params[comma + 1 : comma + 2] == ",":
+                    value_parts.append(params[pos : comma + 1])
                     pos = comma + 2
                     continue
                 value_parts.append(params[pos:comma])
@@ -156,19 +202,23 @@ class CreateOptions:
                 parsed = parse_number(text)
             except SizeError as exc:
                 if exc.out_of_range:
-                    raise CreateError(f"Value '{text}' is too large for parameter '{name}'") \
-                        from None
+                    raise CreateError(
+                        f"Value '{text}' is too large for parameter '{name}'"
+                    ) from None
                 raise CreateError(f"Parameter '{name}' expects a number") from None
         elif desc.kind == "size":
             try:
                 parsed = parse_size(text, warn=self._warn)
             except SizeError as exc:
                 if exc.out_of_range:
-                    raise CreateError(f"Value '{text}' is out of range for parameter "
-                                      f"'{name}'") from None
-                raise CreateError(f"Parameter '{name}' expects a non-negative number below 2^64",
-                                  "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, "
-                                  "tera-, peta-\nand exabytes, respectively.\n") from None
+                    raise CreateError(
+                        f"Value '{text}' is out of range for parameter '{name}'"
+                    ) from None
+                raise CreateError(
+                    f"Parameter '{name}' expects a non-negative number below 2^64",
+                    "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, "
+                    "tera-, peta-\nand exabytes, respectively.\n",
+                ) from None
         else:
             parsed = text
         self._values[name] = (text, parsed)
@@ -264,15 +314,16 @@ def parse_qemu_opts(text: str, implied: str) -> list[tuple[str, str]]:
             parts.append(text[pos:])
             rest = ""
             break
-        if text[comma + 1:comma + 2] == ",":
-            parts.append(text[pos:comma + 1])
+        if text[comma + 1 : comma + 2] == ",":
+            parts.append(text[pos : comma + 1])
             pos = comma + 2
             continue
         parts.append(text[pos:comma])
-        rest = text[comma + 1:]
+        rest = text[comma + 1 :]
         break
-    return [(implied, "".join(parts))] + [(name, value) for name, value, _ in
-                                          split_option_list(rest)]
+    return [(implied, "".join(parts))] + [
+        (name, value) for name, value, _ in split_option_list(rest)
+    ]
 
 
 class ObjectError(Exception):
@@ -286,9 +337,13 @@ class ObjectError(Exception):
 
 def _keyval_key(text: str) -> bool:
     """A dotted key as QEMU's keyval parser accepts it (fragments start with a letter)."""
-    return all(part and part[0].isascii() and part[0].isalpha()
-               and all(c.isascii() and (c.isalnum() or c in "-_") for c in part)
-               for part in text.split("."))
+    return all(
+        part
+        and part[0].isascii()
+        and part[0].isalpha()
+        and all(c.isascii() and (c.isalnum() or c in "-_") for c in part)
+        for part in text.split(".")
+    )
 
 
 def keyval_parse(text: str, implied_key: str) -> tuple[dict[str, str], bool]:
@@ -325,8 +380,8 @@ def keyval_parse(text: str, implied_key: str) -> tuple[dict[str, str], bool]:
                     parts.append(text[pos:])
                     pos = len(text) + 1
                     break
-                if text[comma + 1:comma + 2] == ",":
-                    parts.append(text[pos:comma + 1])
+                if text[comma + 1 : comma + 2] == ",":
+                    parts.append(text[pos : comma + 1])
                     pos = comma + 2
                     continue
                 parts.append(text[pos:comma])

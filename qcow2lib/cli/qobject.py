@@ -1,5 +1,6 @@
 """QEMU's JSON and human renderings of its dicts and lists (QObjects), byte for byte,
 including the hash-table order in which QEMU's dicts list their keys."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -51,14 +52,26 @@ def _codepoints(data: bytes):
             i += 1
         else:
             min_cp = (0x80, 0x800, 0x10000, 0x200000, 0x4000000)[length - 2]
-            if cp > 0x10FFFF or 0xFDD0 <= cp <= 0xFDEF or cp & 0xFFFE == 0xFFFE \
-                    or 0xD800 <= cp <= 0xDFFF or (cp < min_cp and not (cp == 0 and length == 2)):
+            if (
+                cp > 0x10FFFF
+                or 0xFDD0 <= cp <= 0xFDEF
+                or cp & 0xFFFE == 0xFFFE
+                or 0xD800 <= cp <= 0xDFFF
+                or (cp < min_cp and not (cp == 0 and length == 2))
+            ):
                 cp = -1
         yield cp
 
 
-_ESCAPES = {0x22: '\\"', 0x5C: "\\\\", 0x08: "\\b", 0x0C: "\\f", 0x0A: "\\n", 0x0D: "\\r",
-            0x09: "\\t"}
+_ESCAPES = {
+    0x22: '\\"',
+    0x5C: "\\\\",
+    0x08: "\\b",
+    0x0C: "\\f",
+    0x0A: "\\n",
+    0x0D: "\\r",
+    0x09: "\\t",
+}
 
 
 def _json_string(text: str) -> str:
@@ -70,8 +83,10 @@ def _json_string(text: str) -> str:
         if cp < 0:
             cp = 0xFFFD
         if cp > 0xFFFF:
-            parts.append("\\u%04X\\u%04X" % (0xD800 + ((cp - 0x10000) >> 10),
-                                             0xDC00 + ((cp - 0x10000) & 0x3FF)))
+            parts.append(
+                "\\u%04X\\u%04X"
+                % (0xD800 + ((cp - 0x10000) >> 10), 0xDC00 + ((cp - 0x10000) & 0x3FF))
+            )
         elif cp < 0x20 or cp >= 0x7F:
             parts.append("\\u%04X" % cp)
         else:
@@ -102,8 +117,11 @@ def qemu_json(value: Any, depth: int = 0) -> str:
 def qemu_json_compact(value: Any) -> str:
     """QEMU's one-line JSON (qobject_to_json), dict members in QDict order."""
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{_json_string(k)}: {qemu_json_compact(v)}"
-                               for k, v in qdict_items(value)) + "}"
+        return (
+            "{"
+            + ", ".join(f"{_json_string(k)}: {qemu_json_compact(v)}" for k, v in qdict_items(value))
+            + "}"
+        )
     if isinstance(value, list):
         return "[" + ", ".join(qemu_json_compact(v) for v in value) + "]"
     return qemu_json(value)
@@ -112,8 +130,11 @@ def qemu_json_compact(value: Any) -> str:
 def dump_qobject(value: Any, indent: int) -> str:
     """QEMU's human rendering of a nested dict/list ("Format specific information")."""
     lines = []
-    items = ([(key.replace("-", " "), v) for key, v in qdict_items(value)]
-             if isinstance(value, dict) else [(f"[{i}]", v) for i, v in enumerate(value)])
+    items = (
+        [(key.replace("-", " "), v) for key, v in qdict_items(value)]
+        if isinstance(value, dict)
+        else [(f"[{i}]", v) for i, v in enumerate(value)]
+    )
     for label, item in items:
         if isinstance(item, (dict, list)):
             lines.append(f"{' ' * 4 * indent}{label}:\n{dump_qobject(item, indent + 1)}")

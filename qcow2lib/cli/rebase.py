@@ -1,4 +1,5 @@
 """`rebase`: change the backing file, keeping the guest content unless -u."""
+
 from __future__ import annotations
 
 import qcow2lib
@@ -23,12 +24,20 @@ from qcow2lib.ops import FORMATS, error_text, full_backing_filename, host_path
 def cmd_rebase(cli: Cli, argv: list[str]) -> int:
     """`rebase`: change the backing file, keeping the guest content unless -u."""
     from qcow2lib.ops.rebase import rebase
+
     fmt = out_basefmt = out_baseimg = None
     cache = src_cache = "writeback"
     unsafe = progress = quiet = image_opts = force_share = False
-    getopt = GetoptLong(argv, ":hf:F:b:upt:T:qU", (
-        LongOpt("help", False, "h"), LongOpt("object", True, "object"),
-        LongOpt("image-opts", False, "image-opts"), LongOpt("force-share", False, "U")))
+    getopt = GetoptLong(
+        argv,
+        ":hf:F:b:upt:T:qU",
+        (
+            LongOpt("help", False, "h"),
+            LongOpt("object", True, "object"),
+            LongOpt("image-opts", False, "image-opts"),
+            LongOpt("force-share", False, "U"),
+        ),
+    )
     while (c := getopt.next()) is not None:
         arg = getopt.optarg
         if c in ":?":
@@ -72,8 +81,10 @@ def cmd_rebase(cli: Cli, argv: list[str]) -> int:
         try:
             spec = image_spec(filename, image_opts, fmt)
             if unsafe and spec.backing_secrets:  # -u opens no backing file to take them
-                raise OpenFailure(f"Could not open '{filename}': Block format 'qcow2' does not "
-                                  f"support the option 'backing.encrypt.key-secret'")
+                raise OpenFailure(
+                    f"Could not open '{filename}': Block format 'qcow2' does not "
+                    f"support the option 'backing.encrypt.key-secret'"
+                )
             open_spec(cli, spec, "r+", backing=not unsafe).close()
         except OpenFailure as exc:
             report_failure(cli, exc)
@@ -91,10 +102,17 @@ def cmd_rebase(cli: Cli, argv: list[str]) -> int:
                 except qcow2lib.InvalidArgumentError as exc:
                     cli.error_report(f"Could not resolve backing filename: {error_text(exc)}")
                     return 1
-            rebase(host_path(spec.path), out_baseimg or None, out_basefmt, unsafe=unsafe,
-                   progress=meter.callback if meter.enabled else None, fmt=spec.fmt,
-                   force_share=force_share, passphrases=spec_passphrases(cli, spec),
-                   untrusted=untrusted())
+            rebase(
+                host_path(spec.path),
+                out_baseimg or None,
+                out_basefmt,
+                unsafe=unsafe,
+                progress=meter.callback if meter.enabled else None,
+                fmt=spec.fmt,
+                force_share=force_share,
+                passphrases=spec_passphrases(cli, spec),
+                untrusted=untrusted(),
+            )
         except Qcow2Error as exc:
             cli.error_report(error_text(exc))
             return 1

@@ -1,4 +1,5 @@
 """`resize`: set the virtual size ([+|-]size), shrinking only with --shrink."""
+
 from __future__ import annotations
 
 from qcow2lib import Qcow2Error
@@ -19,16 +20,24 @@ from qcow2lib.ops import error_text, virtual_size
 def cmd_resize(cli: Cli, argv: list[str]) -> int:
     """`resize`: set the virtual size ([+|-]size), shrinking only with --shrink."""
     from qcow2lib.ops.resize import ShrinkRefusedError, resize
+
     if len(argv) < 3:
         cli.error_exit("Not enough arguments")
     size_text = argv[-1]  # taken out first, so that "-1G" is not read as an option
     fmt = None
     quiet = image_opts = shrink = False
     prealloc = "off"
-    getopt = GetoptLong(argv[:-1], ":f:hq", (
-        LongOpt("help", False, "h"), LongOpt("object", True, "object"),
-        LongOpt("image-opts", False, "image-opts"),
-        LongOpt("preallocation", True, "preallocation"), LongOpt("shrink", False, "shrink")))
+    getopt = GetoptLong(
+        argv[:-1],
+        ":f:hq",
+        (
+            LongOpt("help", False, "h"),
+            LongOpt("object", True, "object"),
+            LongOpt("image-opts", False, "image-opts"),
+            LongOpt("preallocation", True, "preallocation"),
+            LongOpt("shrink", False, "shrink"),
+        ),
+    )
     while (c := getopt.next()) is not None:
         if c in ":?":
             cli.option_error(getopt, c)

@@ -1,4 +1,5 @@
 """--object: secret objects (passphrases and keys), as QEMU's user creatable objects."""
+
 from __future__ import annotations
 
 import base64
@@ -10,20 +11,34 @@ from qcow2lib.cli.common import Cli, CliExit
 from qcow2lib.cli.qemuopts import ObjectError, keyval_parse
 
 # QEMU's user creatable object types (`--object help`); qimg implements "secret".
-OBJECT_TYPES = ("authz-list", "authz-list-file", "authz-simple", "main-loop",
-                "pr-manager-helper", "secret", "secret_keyring", "thread-context",
-                "throttle-group", "tls-cipher-suites", "tls-creds-anon", "tls-creds-psk",
-                "tls-creds-x509")
+OBJECT_TYPES = (
+    "authz-list",
+    "authz-list-file",
+    "authz-simple",
+    "main-loop",
+    "pr-manager-helper",
+    "secret",
+    "secret_keyring",
+    "thread-context",
+    "throttle-group",
+    "tls-cipher-suites",
+    "tls-creds-anon",
+    "tls-creds-psk",
+    "tls-creds-x509",
+)
 # The properties of a secret object; "env" is qimg's own (the secret is read from an
 # environment variable, so it appears neither on the command line nor in a file).
 SECRET_PROPERTIES = ("data", "env", "file", "format", "iv", "keyid")
-IDENTIFIER_HINT = ("Identifiers consist of letters, digits, '-', '.', '_', starting with a "
-                   "letter.\n")
+IDENTIFIER_HINT = "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter.\n"
 
 
 def _is_identifier(text: str) -> bool:
-    return bool(text) and text[0].isascii() and text[0].isalpha() and \
-        all(c.isascii() and (c.isalnum() or c in "-._") for c in text)
+    return (
+        bool(text)
+        and text[0].isascii()
+        and text[0].isalpha()
+        and all(c.isascii() and (c.isalnum() or c in "-._") for c in text)
+    )
 
 
 def _read_secret_file(path: str) -> bytes:
@@ -31,21 +46,25 @@ def _read_secret_file(path: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     except IsADirectoryError:
-        raise ObjectError(f"Unable to read {path}: Error reading file \u201c{path}\u201d: "
-                          f"Is a directory") from None
+        raise ObjectError(
+            f"Unable to read {path}: Error reading file \u201c{path}\u201d: Is a directory"
+        ) from None
     except OSError as exc:
-        raise ObjectError(f"Unable to read {path}: Failed to open file \u201c{path}\u201d: "
-                          f"{exc.strerror}") from None
+        raise ObjectError(
+            f"Unable to read {path}: Failed to open file \u201c{path}\u201d: {exc.strerror}"
+        ) from None
 
 
 def _base64_decode(data: bytes) -> bytes:
     """GLib's lenient base64 decoding, refusing what QEMU's qbase64_decode refuses."""
     text = data.decode("latin-1")
     body = text.rstrip("=")
-    if any(not (c.isascii() and (c.isalnum() or c in "+/")) for c in body) or \
-            len(text) - len(body) > 2:
+    if (
+        any(not (c.isascii() and (c.isalnum() or c in "+/")) for c in body)
+        or len(text) - len(body) > 2
+    ):
         raise ObjectError("Base64 data contains invalid characters")
-    body = body[:len(body) - len(body) % 4 if len(body) % 4 == 1 else len(body)]
+    body = body[: len(body) - len(body) % 4 if len(body) % 4 == 1 else len(body)]
     return base64.b64decode(body + "=" * (-len(body) % 4))
 
 
@@ -54,18 +73,26 @@ def add_object(cli: Cli, text: str) -> None:
     props, want_help = keyval_parse(text, "qom-type")
     qom_type = props.get("qom-type")
     if qom_type in ("help", "?") or (qom_type is None and want_help):
-        cli.out("List of user creatable objects:\n"
-                + "".join(f"  {name}\n" for name in OBJECT_TYPES))
+        cli.out(
+            "List of user creatable objects:\n" + "".join(f"  {name}\n" for name in OBJECT_TYPES)
+        )
         raise CliExit(0)
     if qom_type is None:
         raise ObjectError("Parameter 'qom-type' is missing")
     if qom_type not in OBJECT_TYPES:
         raise ObjectError(f"Parameter 'qom-type' does not accept value '{qom_type}'")
     if want_help and qom_type == "secret":
-        names = {"data": "string", "env": "string", "file": "string",
-                 "format": "QCryptoSecretFormat", "iv": "string", "keyid": "string"}
-        cli.out("secret options:\n" + "".join(f"  {name}=<{kind}>\n"
-                                               for name, kind in names.items()))
+        names = {
+            "data": "string",
+            "env": "string",
+            "file": "string",
+            "format": "QCryptoSecretFormat",
+            "iv": "string",
+            "keyid": "string",
+        }
+        cli.out(
+            "secret options:\n" + "".join(f"  {name}=<{kind}>\n" for name, kind in names.items())
+        )
         raise CliExit(0)
     if "id" not in props:
         raise ObjectError("Parameter 'id' is missing")
@@ -104,8 +131,9 @@ def add_object(cli: Cli, text: str) -> None:
     if props.get("format") == "base64":
         value = _base64_decode(value)
     if object_id in cli.secrets:
-        raise ObjectError(f"attempt to add duplicate property '{object_id}' to object "
-                          f"(type 'container')")
+        raise ObjectError(
+            f"attempt to add duplicate property '{object_id}' to object (type 'container')"
+        )
     cli.secrets[object_id] = value
 
 

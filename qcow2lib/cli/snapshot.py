@@ -1,4 +1,5 @@
 """`snapshot`: list (-l), create (-c), apply (-a) or delete (-d) internal snapshots."""
+
 from __future__ import annotations
 
 import os
@@ -25,11 +26,19 @@ def cmd_snapshot(cli: Cli, argv: list[str]) -> int:
     """`snapshot`: list (-l), create (-c), apply (-a) or delete (-d) internal snapshots."""
     from qcow2lib import snapshots as snaps
     from qcow2lib.ops.info import _snapshot_list
+
     action = name = None
     force_share = image_opts = False
-    getopt = GetoptLong(argv, ":la:c:d:hqU", (
-        LongOpt("help", False, "h"), LongOpt("object", True, "object"),
-        LongOpt("image-opts", False, "image-opts"), LongOpt("force-share", False, "U")))
+    getopt = GetoptLong(
+        argv,
+        ":la:c:d:hqU",
+        (
+            LongOpt("help", False, "h"),
+            LongOpt("object", True, "object"),
+            LongOpt("image-opts", False, "image-opts"),
+            LongOpt("force-share", False, "U"),
+        ),
+    )
     while (c := getopt.next()) is not None:
         if c in ":?":
             cli.option_error(getopt, c)
@@ -63,24 +72,26 @@ def cmd_snapshot(cli: Cli, argv: list[str]) -> int:
                 cli.out("Snapshot list:\n" + human_snapshot_table(_snapshot_list(img)))
         elif action == "c":
             if not qcow2:
-                cli.error_report(f"Could not create snapshot '{name}': -95 (Operation not "
-                                 f"supported)")
+                cli.error_report(
+                    f"Could not create snapshot '{name}': -95 (Operation not supported)"
+                )
                 return 1
             now = time.time_ns() // 1000  # g_get_real_time(): microseconds
             try:
-                snaps.create_snapshot(img, name, date=(now // 10**6, now % 10**6 * 1000),
-                                      icount=0)
+                snaps.create_snapshot(img, name, date=(now // 10**6, now % 10**6 * 1000), icount=0)
             except Qcow2Error as exc:
                 code = -27 if "too many" in str(exc) else -22
-                cli.error_report(f"Could not create snapshot '{name}': {code} "
-                                 f"({os.strerror(-code)})")
+                cli.error_report(
+                    f"Could not create snapshot '{name}': {code} ({os.strerror(-code)})"
+                )
                 return 1
         elif action == "a":
             if not qcow2:
                 if img.format == "raw" and spec.fmt is None:  # QEMU reopens it, warning again
                     sys.stderr.write(RAW_PROBE_WARNING.format(host_path(spec.path)))
-                cli.error_report(f"Could not apply snapshot '{name}': Block driver does not "
-                                 f"support snapshots")
+                cli.error_report(
+                    f"Could not apply snapshot '{name}': Block driver does not support snapshots"
+                )
                 return 1
             if snaps.find_snapshot(img, name) is None:
                 reason = "No such file or directory"
@@ -93,8 +104,9 @@ def cmd_snapshot(cli: Cli, argv: list[str]) -> int:
                 except Qcow2Error as exc:
                     reason = error_text(exc)
             if reason:
-                cli.error_report(f"Could not apply snapshot '{name}': Failed to load "
-                                 f"snapshot: {reason}")
+                cli.error_report(
+                    f"Could not apply snapshot '{name}': Failed to load snapshot: {reason}"
+                )
                 return 1
         elif action == "d":
             found = snaps.find_snapshot(img, name=name) if qcow2 else None

@@ -1,4 +1,5 @@
 """`vhost-user-blk`: serve an image to a QEMU guest as its virtio-blk disk, in the foreground."""
+
 from __future__ import annotations
 
 import sys
@@ -40,14 +41,23 @@ the image, the options or the socket are not usable (one message says why).
 def cmd_vhost_user_blk(cli: Cli, argv: list[str]) -> int:
     """`vhost-user-blk`: serve IMAGE on a vhost-user socket until a signal stops it."""
     from qcow2lib.exports.vhost_user_blk import VhostUserBlkServer
+
     fmt = socket_path = None
     image_opts = read_only = False
     num_queues = 1
-    getopt = GetoptLong(argv, "hf:rk:", (
-        LongOpt("help", False, "h"), LongOpt("format", True, "f"),
-        LongOpt("read-only", False, "r"), LongOpt("socket", True, "k"),
-        LongOpt("num-queues", True, "num-queues"), LongOpt("object", True, "object"),
-        LongOpt("image-opts", False, "image-opts")))
+    getopt = GetoptLong(
+        argv,
+        "hf:rk:",
+        (
+            LongOpt("help", False, "h"),
+            LongOpt("format", True, "f"),
+            LongOpt("read-only", False, "r"),
+            LongOpt("socket", True, "k"),
+            LongOpt("num-queues", True, "num-queues"),
+            LongOpt("object", True, "object"),
+            LongOpt("image-opts", False, "image-opts"),
+        ),
+    )
     while (c := getopt.next()) is not None:
         arg = getopt.optarg
         if c == "?":
@@ -66,8 +76,7 @@ def cmd_vhost_user_blk(cli: Cli, argv: list[str]) -> int:
         elif c == "num-queues":
             num_queues = int(arg) if arg.isascii() and arg.isdigit() else 0
             if not 1 <= num_queues <= 64:
-                cli.error_report(f"Invalid num-queues '{arg}': a number from 1 to 64 is "
-                                 f"expected")
+                cli.error_report(f"Invalid num-queues '{arg}': a number from 1 to 64 is expected")
                 return 1
         elif c == "object":
             process_object(cli, arg)
@@ -87,8 +96,9 @@ def cmd_vhost_user_blk(cli: Cli, argv: list[str]) -> int:
     with ExitStack() as cleanup:
         hold_stop_signals(cleanup)
         try:
-            device = open_spec(cli, image_spec(filename, image_opts, fmt),
-                               "r" if read_only else "r+")
+            device = open_spec(
+                cli, image_spec(filename, image_opts, fmt), "r" if read_only else "r+"
+            )
         except OpenFailure as exc:
             cli.error_report(exc.message)
             sys.stderr.write(exc.hint)
@@ -97,14 +107,14 @@ def cmd_vhost_user_blk(cli: Cli, argv: list[str]) -> int:
             cli.error_report(f"Could not open '{filename}': {error_text(exc)}")
             return 1
         cleanup.callback(device.close)
-        server = VhostUserBlkServer(device, socket_path, read_only=read_only,
-                                    num_queues=num_queues)
+        server = VhostUserBlkServer(device, socket_path, read_only=read_only, num_queues=num_queues)
         log_to_stderr(cli)
         try:
             server.start()
         except Qcow2Error as exc:
-            cli.error_report(f"Failed to bind socket to {socket_path}: "
-                             f"{error_text(exc).rsplit(': ', 1)[-1]}")
+            cli.error_report(
+                f"Failed to bind socket to {socket_path}: {error_text(exc).rsplit(': ', 1)[-1]}"
+            )
             return 1
         cleanup.callback(server.shutdown)
         with stop_on_signals(server.shutdown):

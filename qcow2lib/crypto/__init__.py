@@ -21,6 +21,7 @@ The engine calls:
   qemu-img amend's encrypt.* options (add / erase key slots).
 * `luks_info(read_fn, luks_offset, luks_length)` for `qemu-img info` (no passphrase).
 """
+
 from __future__ import annotations
 
 from ..errors import BadSecretError, CorruptImageError, InvalidArgumentError
@@ -33,9 +34,22 @@ CRYPT_AES = 1
 CRYPT_LUKS = 2
 
 __all__ = [
-    "CRYPT_NONE", "CRYPT_AES", "CRYPT_LUKS", "SECTOR_SIZE", "SectorCrypto", "SectorCipher",
-    "LuksHeader", "LuksVolume", "open_crypto", "open_luks_header", "create_luks_header",
-    "luks_crypto_from_key", "amend_luks", "luks_info", "open_luks_raw", "open_aes_legacy",
+    "CRYPT_NONE",
+    "CRYPT_AES",
+    "CRYPT_LUKS",
+    "SECTOR_SIZE",
+    "SectorCrypto",
+    "SectorCipher",
+    "LuksHeader",
+    "LuksVolume",
+    "open_crypto",
+    "open_luks_header",
+    "create_luks_header",
+    "luks_crypto_from_key",
+    "amend_luks",
+    "luks_info",
+    "open_luks_raw",
+    "open_aes_legacy",
     "legacy_key",
 ]
 
@@ -44,24 +58,37 @@ def _relative(fn, base: int):
     return lambda offset, *args: fn(base + offset, *args)
 
 
-def open_luks_header(read_fn, luks_offset: int, luks_length: int, write_fn=None,
-                     cluster_size: int | None = None) -> LuksVolume:
+def open_luks_header(
+    read_fn, luks_offset: int, luks_length: int, write_fn=None, cluster_size: int | None = None
+) -> LuksVolume:
     """Parse and validate the LUKS header of a qcow2 image (no passphrase needed)."""
     if not luks_offset:
         raise CorruptImageError("Missing CRYPTO header for crypt method 2 (crypto_offset 0)")
     if cluster_size and luks_offset % cluster_size:
         raise CorruptImageError(
             f"Encryption header offset '{luks_offset}' is not a multiple of cluster size "
-            f"'{cluster_size}' (crypto_offset)")
+            f"'{cluster_size}' (crypto_offset)"
+        )
     if luks_length < HEADER_SIZE:
         raise CorruptImageError(
-            f"Encryption header too small (crypto_length {luks_length}, need {HEADER_SIZE})")
-    return LuksVolume.load(_relative(read_fn, luks_offset), luks_length,
-                           _relative(write_fn, luks_offset) if write_fn else None)
+            f"Encryption header too small (crypto_length {luks_length}, need {HEADER_SIZE})"
+        )
+    return LuksVolume.load(
+        _relative(read_fn, luks_offset),
+        luks_length,
+        _relative(write_fn, luks_offset) if write_fn else None,
+    )
 
 
-def open_crypto(header_crypt_method: int, read_fn, luks_offset: int = 0, luks_length: int = 0,
-                passphrase=None, *, cluster_size: int | None = None) -> SectorCrypto | None:
+def open_crypto(
+    header_crypt_method: int,
+    read_fn,
+    luks_offset: int = 0,
+    luks_length: int = 0,
+    passphrase=None,
+    *,
+    cluster_size: int | None = None,
+) -> SectorCrypto | None:
     """The SectorCrypto of a qcow2 image, unlocked with `passphrase`.
 
     crypt_method 0 -> None; 1 -> legacy AES (guest sectors; any passphrase "works");
@@ -72,8 +99,8 @@ def open_crypto(header_crypt_method: int, read_fn, luks_offset: int = 0, luks_le
     if header_crypt_method == CRYPT_AES:
         if luks_offset:
             raise CorruptImageError(
-                "CRYPTO header extension only expected with LUKS encryption method "
-                "(crypt_method 1)")
+                "CRYPTO header extension only expected with LUKS encryption method (crypt_method 1)"
+            )
         if passphrase is None:
             raise BadSecretError("Parameter 'encrypt.key-secret' is required for cipher")
         return open_aes_legacy(passphrase)
@@ -83,7 +110,9 @@ def open_crypto(header_crypt_method: int, read_fn, luks_offset: int = 0, luks_le
             raise BadSecretError("Parameter 'encrypt.key-secret' is required for cipher")
         master_key, _ = vol.unlock(passphrase)
         return vol.sector_crypto(master_key, physical_offset=True)
-    raise InvalidArgumentError(f"Unsupported encryption method {header_crypt_method} (crypt_method)")
+    raise InvalidArgumentError(
+        f"Unsupported encryption method {header_crypt_method} (crypt_method)"
+    )
 
 
 def create_luks_header(passphrase, options=None) -> tuple[bytes, bytes]:
@@ -99,8 +128,9 @@ def create_luks_header(passphrase, options=None) -> tuple[bytes, bytes]:
     return region, master_key
 
 
-def luks_crypto_from_key(header_bytes: bytes, master_key: bytes,
-                         physical_offset: bool = True) -> SectorCrypto:
+def luks_crypto_from_key(
+    header_bytes: bytes, master_key: bytes, physical_offset: bool = True
+) -> SectorCrypto:
     """The SectorCrypto for a header you hold and its master key (no PBKDF2)."""
     hdr = LuksHeader.parse(header_bytes[:HEADER_SIZE])
     if not hdr.master_key_matches(master_key):
@@ -108,8 +138,9 @@ def luks_crypto_from_key(header_bytes: bytes, master_key: bytes,
     return LuksVolume(hdr, None).sector_crypto(master_key, physical_offset)
 
 
-def amend_luks(read_fn, write_fn, luks_offset: int, luks_length: int, passphrase, options,
-               force: bool = False) -> list[int]:
+def amend_luks(
+    read_fn, write_fn, luks_offset: int, luks_length: int, passphrase, options, force: bool = False
+) -> list[int]:
     """qemu-img amend on the LUKS header of a qcow2 image; returns the slots changed.
 
     options: state=active|inactive, new-secret, old-secret, keyslot, iter-time, secret --

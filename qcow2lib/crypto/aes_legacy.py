@@ -7,6 +7,7 @@ sector is AES-128-CBC encrypted with the "plain64" IV, i.e. the little-endian 64
 LUKS in qcow2.  There is no header and no way to check the passphrase: a wrong one just
 decrypts to garbage.
 """
+
 from __future__ import annotations
 
 from .ciphers import Plain64IVGen, SectorCipher, SectorCrypto, secret_bytes
@@ -21,5 +22,6 @@ def legacy_key(passphrase) -> bytes:
 
 def open_aes_legacy(passphrase) -> SectorCrypto:
     """The SectorCrypto of a crypt_method 1 image (sector = guest offset / 512)."""
-    return SectorCrypto(SectorCipher("cbc", legacy_key(passphrase), Plain64IVGen()), "aes",
-                        physical_offset=False)
+    return SectorCrypto(
+        SectorCipher("cbc", legacy_key(passphrase), Plain64IVGen()), "aes", physical_offset=False
+    )

@@ -4,6 +4,7 @@ A key of `blocklen` bytes is stored as `stripes` blocks: stripes-1 random blocks
 block equal to key xor diffuse(...diffuse(r1) xor r2 ...).  The diffusion hashes the block
 digest-sized piece by piece, each piece prefixed with its index as a big-endian uint32.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,11 +21,11 @@ def _diffuse(hash_name: str, block: bytes) -> bytes:
     dlen = digest_len(hash_name)
     out = []
     for index, start in enumerate(range(0, len(block), dlen)):
-        piece = block[start:start + dlen]
+        piece = block[start : start + dlen]
         h = hashlib.new(hash_name)
         h.update(index.to_bytes(4, "big"))
         h.update(piece)
-        out.append(h.digest()[:len(piece)])
+        out.append(h.digest()[: len(piece)])
     return b"".join(out)
 
 
@@ -34,9 +35,9 @@ def af_merge(hash_name: str, material: bytes, blocklen: int, stripes: int) -> by
         raise ValueError(f"AF material {len(material)} bytes, need {blocklen * stripes}")
     block = bytes(blocklen)
     for i in range(stripes - 1):
-        block = _diffuse(hash_name, _xor(material[i * blocklen:(i + 1) * blocklen], block))
+        block = _diffuse(hash_name, _xor(material[i * blocklen : (i + 1) * blocklen], block))
     last = stripes - 1
-    return _xor(material[last * blocklen:(last + 1) * blocklen], block)
+    return _xor(material[last * blocklen : (last + 1) * blocklen], block)
 
 
 def af_split(hash_name: str, key: bytes, stripes: int, random=os.urandom) -> bytes:
@@ -45,5 +46,5 @@ def af_split(hash_name: str, key: bytes, stripes: int, random=os.urandom) -> byt
     noise = random(blocklen * (stripes - 1))
     block = bytes(blocklen)
     for i in range(stripes - 1):
-        block = _diffuse(hash_name, _xor(noise[i * blocklen:(i + 1) * blocklen], block))
+        block = _diffuse(hash_name, _xor(noise[i * blocklen : (i + 1) * blocklen], block))
     return noise + _xor(key, block)

@@ -9,6 +9,7 @@ Supported: AES-128/192/256 in XTS, CBC, ECB and CTR modes; IV generators plain, 
 and essiv; hashes md5, sha1, sha224, sha256, sha384, sha512 and ripemd160 (when OpenSSL
 provides it).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,8 +43,19 @@ IVGEN_ALGS = ("plain", "plain64", "essiv")
 # QEMU's cipher algorithm names we implement, with their key length in bytes.
 AES_KEY_LEN = {"aes-128": 16, "aes-192": 24, "aes-256": 32}
 # The ones QEMU knows but this package does not implement.
-KNOWN_UNSUPPORTED_CIPHERS = ("des", "des-rfb", "3des", "cast5-128", "serpent-128", "serpent-192",
-                             "serpent-256", "twofish-128", "twofish-192", "twofish-256", "sm4")
+KNOWN_UNSUPPORTED_CIPHERS = (
+    "des",
+    "des-rfb",
+    "3des",
+    "cast5-128",
+    "serpent-128",
+    "serpent-192",
+    "serpent-256",
+    "twofish-128",
+    "twofish-192",
+    "twofish-256",
+    "sm4",
+)
 
 
 def check_hash(name: str, what: str = "hash algorithm") -> str:
@@ -54,7 +66,8 @@ def check_hash(name: str, what: str = "hash algorithm") -> str:
         hashlib.new(name)
     except (ValueError, TypeError):
         raise UnsupportedFeatureError(
-            f"{what} '{name}' not available in this Python/OpenSSL build") from None
+            f"{what} '{name}' not available in this Python/OpenSSL build"
+        ) from None
     return name
 
 
@@ -122,6 +135,7 @@ def pbkdf2_iterations_for(hash_name: str, out_len: int, iter_time_ms: int) -> in
 
 # --- IV generators ----------------------------------------------------------------------
 
+
 class IVGen:
     """Computes the 16-byte IVs of a run of consecutive sectors."""
 
@@ -133,20 +147,25 @@ class IVGen:
 
 class PlainIVGen(IVGen):
     """IV = low 32 bits of the sector number, little endian, zero padded."""
+
     name = "plain"
 
     def ivs(self, first_sector: int, count: int) -> list[bytes]:
-        return [((first_sector + i) & 0xFFFFFFFF).to_bytes(AES_BLOCK, "little")
-                for i in range(count)]
+        return [
+            ((first_sector + i) & 0xFFFFFFFF).to_bytes(AES_BLOCK, "little") for i in range(count)
+        ]
 
 
 class Plain64IVGen(IVGen):
     """IV = the 64-bit sector number, little endian, zero padded."""
+
     name = "plain64"
 
     def ivs(self, first_sector: int, count: int) -> list[bytes]:
-        return [((first_sector + i) & 0xFFFFFFFFFFFFFFFF).to_bytes(AES_BLOCK, "little")
-                for i in range(count)]
+        return [
+            ((first_sector + i) & 0xFFFFFFFFFFFFFFFF).to_bytes(AES_BLOCK, "little")
+            for i in range(count)
+        ]
 
 
 class EssivIVGen(IVGen):
@@ -155,18 +174,21 @@ class EssivIVGen(IVGen):
     The ESSIV cipher is AES with the key length equal to the digest length (dm-crypt's
     quirk, see `essiv_cipher_key_len`), in ECB mode.
     """
+
     name = "essiv"
 
     def __init__(self, hash_name: str, key: bytes, essiv_key_len: int):
         salt = hash_bytes(hash_name, key)
-        self._alg = algorithms.AES(salt[:min(len(salt), essiv_key_len)])
+        self._alg = algorithms.AES(salt[: min(len(salt), essiv_key_len)])
 
     def ivs(self, first_sector: int, count: int) -> list[bytes]:
-        data = b"".join(((first_sector + i) & 0xFFFFFFFFFFFFFFFF).to_bytes(AES_BLOCK, "little")
-                        for i in range(count))
+        data = b"".join(
+            ((first_sector + i) & 0xFFFFFFFFFFFFFFFF).to_bytes(AES_BLOCK, "little")
+            for i in range(count)
+        )
         enc = Cipher(self._alg, modes.ECB()).encryptor()
         out = enc.update(data) + enc.finalize()
-        return [out[i:i + AES_BLOCK] for i in range(0, len(out), AES_BLOCK)]
+        return [out[i : i + AES_BLOCK] for i in range(0, len(out), AES_BLOCK)]
 
 
 def essiv_cipher_key_len(cipher_key_len: int, hash_name: str) -> int:
@@ -179,11 +201,13 @@ def essiv_cipher_key_len(cipher_key_len: int, hash_name: str) -> int:
     if dlen == cipher_key_len or dlen in (16, 24, 32):
         return dlen
     raise UnsupportedFeatureError(
-        f"No AES cipher with key size {dlen} available (ivgen hash '{hash_name}' with essiv)")
+        f"No AES cipher with key size {dlen} available (ivgen hash '{hash_name}' with essiv)"
+    )
 
 
-def make_ivgen(name: str, *, key: bytes = b"", cipher_key_len: int = 16,
-               hash_name: str | None = None) -> IVGen:
+def make_ivgen(
+    name: str, *, key: bytes = b"", cipher_key_len: int = 16, hash_name: str | None = None
+) -> IVGen:
     """The IV generator `name`; `key` is the (possibly XTS double) cipher key for essiv."""
     if name == "plain":
         return PlainIVGen()
@@ -197,6 +221,7 @@ def make_ivgen(name: str, *, key: bytes = b"", cipher_key_len: int = 16,
 
 
 # --- sector cipher ----------------------------------------------------------------------
+
 
 def _as_writable_view(buf) -> memoryview:
     view = memoryview(buf)
@@ -221,12 +246,15 @@ class SectorCipher:
         if mode == "xts":
             if len(key) not in (32, 48, 64):
                 raise UnsupportedFeatureError(
-                    f"AES-XTS needs a 32, 48 or 64 byte key, not {len(key)} bytes")
-            if key[:len(key) // 2] == key[len(key) // 2:]:
+                    f"AES-XTS needs a 32, 48 or 64 byte key, not {len(key)} bytes"
+                )
+            if key[: len(key) // 2] == key[len(key) // 2 :]:
                 # OpenSSL refuses XTS keys whose halves are equal.
                 raise UnsupportedFeatureError("AES-XTS key halves are identical")
         elif len(key) not in (16, 24, 32):
-            raise UnsupportedFeatureError(f"AES needs a 16, 24 or 32 byte key, not {len(key)} bytes")
+            raise UnsupportedFeatureError(
+                f"AES needs a 16, 24 or 32 byte key, not {len(key)} bytes"
+            )
         self.mode = mode
         self.sector_size = sector_size
         self.ivgen = ivgen
@@ -245,7 +273,8 @@ class SectorCipher:
         if self.mode == "xts":
             if self._alg is None:
                 raise UnsupportedFeatureError(
-                    f"AES-192-XTS on a partial data unit ({len(data)} bytes) is not supported")
+                    f"AES-192-XTS on a partial data unit ({len(data)} bytes) is not supported"
+                )
             mode = modes.XTS(iv)
         elif self.mode == "cbc":
             mode = modes.CBC(iv)
@@ -259,7 +288,8 @@ class SectorCipher:
         tail = length % self.sector_size
         if self.mode in ("cbc", "ecb") and length % AES_BLOCK:
             raise InvalidArgumentError(
-                f"length {length} is not a multiple of the AES block size ({self.mode})")
+                f"length {length} is not a multiple of the AES block size ({self.mode})"
+            )
         if self.mode == "xts" and tail and tail < AES_BLOCK:
             raise InvalidArgumentError(f"length {length} leaves an XTS data unit under 16 bytes")
 
@@ -286,9 +316,10 @@ class SectorCipher:
             full = length // ss
             for start in range(0, full, BATCH_SECTORS):
                 n = min(BATCH_SECTORS, full - start)
-                chunk = view[start * ss:(start + n) * ss]
-                chunk[:] = self._xts_batch(self.ivgen.ivs(first_sector + start, n),
-                                           bytes(chunk), encrypt)
+                chunk = view[start * ss : (start + n) * ss]
+                chunk[:] = self._xts_batch(
+                    self.ivgen.ivs(first_sector + start, n), bytes(chunk), encrypt
+                )
             if full == count:
                 return
             ivs = [None] * full + self.ivgen.ivs(first_sector + full, 1)
@@ -298,13 +329,16 @@ class SectorCipher:
             first = 0
             if self.mode == "cbc" and not encrypt:
                 for start in range(0, count, BATCH_SECTORS):
-                    self._cbc_decrypt_all(view[start * ss:(start + BATCH_SECTORS) * ss],
-                                          ivs[start:start + BATCH_SECTORS])
+                    self._cbc_decrypt_all(
+                        view[start * ss : (start + BATCH_SECTORS) * ss],
+                        ivs[start : start + BATCH_SECTORS],
+                    )
                 return
-        data = bytes(view[first * ss:])
-        view[first * ss:] = b"".join(
-            self._one(ivs[i], data[(i - first) * ss:(i - first + 1) * ss], encrypt)
-            for i in range(first, count))
+        data = bytes(view[first * ss :])
+        view[first * ss :] = b"".join(
+            self._one(ivs[i], data[(i - first) * ss : (i - first + 1) * ss], encrypt)
+            for i in range(first, count)
+        )
 
     def _xts_batch(self, ivs: list[bytes], data: bytes, encrypt: bool) -> bytes:
         """XTS (IEEE 1619) of whole sectors, all at once, without per-sector cipher objects.
@@ -326,7 +360,7 @@ class SectorCipher:
         for j in range(units):
             raw = lanes.to_bytes(lane_bytes, "little")
             for k in range(AES_BLOCK):
-                stream[j * AES_BLOCK + k::ss] = raw[k::AES_BLOCK]
+                stream[j * AES_BLOCK + k :: ss] = raw[k::AES_BLOCK]
             carry = (lanes >> 127) & lane_lsb
             lanes = ((lanes << 1) & keep) ^ (carry * 0x87)
         tweak = int.from_bytes(stream, "little")
@@ -342,13 +376,15 @@ class SectorCipher:
         ss = self.sector_size
         ctx = Cipher(self._alg, modes.ECB()).decryptor()
         plain_blocks = ctx.update(ct) + ctx.finalize()
-        chain = b"".join(ivs[i] + ct[i * ss:min((i + 1) * ss, len(ct)) - AES_BLOCK]
-                         for i in range(len(ivs)))
+        chain = b"".join(
+            ivs[i] + ct[i * ss : min((i + 1) * ss, len(ct)) - AES_BLOCK] for i in range(len(ivs))
+        )
         mixed = int.from_bytes(plain_blocks, "little") ^ int.from_bytes(chain, "little")
         view[:] = mixed.to_bytes(len(ct), "little")
 
 
 # --- the object the engine uses ---------------------------------------------------------
+
 
 def secret_bytes(passphrase, what: str = "key-secret") -> bytes:
     """The passphrase as QEMU sees it: UTF-8 bytes, cut at the first NUL (it uses strlen)."""
@@ -359,8 +395,7 @@ def secret_bytes(passphrase, what: str = "key-secret") -> bytes:
     elif isinstance(passphrase, (bytes, bytearray, memoryview)):
         data = bytes(passphrase)
     else:
-        raise InvalidArgumentError(
-            f"{what} must be str or bytes, not {type(passphrase).__name__}")
+        raise InvalidArgumentError(f"{what} must be str or bytes, not {type(passphrase).__name__}")
     return data.split(b"\0", 1)[0]
 
 
@@ -384,8 +419,9 @@ class SectorCrypto:
     sector_size = SECTOR_SIZE
     payload_sector_size = SECTOR_SIZE
 
-    def __init__(self, cipher: SectorCipher, format: str, physical_offset: bool,
-                 payload_offset: int = 0):
+    def __init__(
+        self, cipher: SectorCipher, format: str, physical_offset: bool, payload_offset: int = 0
+    ):
         self.cipher = cipher
         self.format = format
         self.physical_offset = physical_offset
@@ -403,7 +439,8 @@ class SectorCrypto:
         length = memoryview(buf).nbytes
         if length % SECTOR_SIZE:
             raise InvalidArgumentError(
-                f"buffer length {length} is not a multiple of the {SECTOR_SIZE}-byte sector")
+                f"buffer length {length} is not a multiple of the {SECTOR_SIZE}-byte sector"
+            )
 
     def encrypt(self, sector: int, buf) -> None:
         self._check(sector, buf)
@@ -414,5 +451,7 @@ class SectorCrypto:
         self.cipher.decrypt(sector, buf)
 
     def __repr__(self) -> str:
-        return (f"<SectorCrypto {self.format} {self.cipher.mode}-{self.cipher.ivgen.name} "
-                f"physical_offset={self.physical_offset}>")
+        return (
+            f"<SectorCrypto {self.format} {self.cipher.mode}-{self.cipher.ivgen.name} "
+            f"physical_offset={self.physical_offset}>"
+        )

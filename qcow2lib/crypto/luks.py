@@ -10,6 +10,7 @@ payload offset; the payload offset itself is unused there.
 Every access to the header region goes through `LuksVolume`, whose reader and writer take
 offsets relative to the start of the LUKS header and are bounded by its length.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -19,12 +20,29 @@ from dataclasses import dataclass, field
 
 from construct import Array, Bytes, ConstructError, Int16ub, Int32ub, Struct
 
-from ..errors import (BadSecretError, CorruptImageError, InvalidArgumentError,
-                      UnsupportedFeatureError)
+from ..errors import (
+    BadSecretError,
+    CorruptImageError,
+    InvalidArgumentError,
+    UnsupportedFeatureError,
+)
 from . import afsplit
-from .ciphers import (AES_KEY_LEN, CIPHER_MODES, IVGEN_ALGS, KNOWN_UNSUPPORTED_CIPHERS,
-                      SECTOR_SIZE, SectorCipher, SectorCrypto, check_hash, essiv_cipher_key_len,
-                      digest_len, make_ivgen, pbkdf2, pbkdf2_iterations_for, secret_bytes)
+from .ciphers import (
+    AES_KEY_LEN,
+    CIPHER_MODES,
+    IVGEN_ALGS,
+    KNOWN_UNSUPPORTED_CIPHERS,
+    SECTOR_SIZE,
+    SectorCipher,
+    SectorCrypto,
+    check_hash,
+    essiv_cipher_key_len,
+    digest_len,
+    make_ivgen,
+    pbkdf2,
+    pbkdf2_iterations_for,
+    secret_bytes,
+)
 
 LUKS_MAGIC = b"LUKS\xba\xbe"
 LUKS_VERSION = 1
@@ -41,8 +59,8 @@ SLOT_DISABLED = 0x0000DEAD
 MIN_SLOT_KEY_ITERS = 1000
 MIN_MASTER_KEY_ITERS = 1000
 DEFAULT_ITER_TIME_MS = 2000
-ERASE_PASSES = 40            # QEMU overwrites an erased slot's key material 40 times
-MAX_MASTER_KEY_LEN = 64      # AES-256-XTS; anything longer is no cipher QEMU knows
+ERASE_PASSES = 40  # QEMU overwrites an erased slot's key material 40 times
+MAX_MASTER_KEY_LEN = 64  # AES-256-XTS; anything longer is no cipher QEMU knows
 UINT32_MAX = 0xFFFFFFFF
 
 KeySlotStruct = Struct(
@@ -87,8 +105,9 @@ def splitkey_sectors(master_key_len: int, stripes: int) -> int:
 
 def _cstr(raw: bytes, field_name: str) -> str:
     if b"\0" not in raw:
-        raise CorruptImageError(f"LUKS header {field_name} is not NUL terminated ({field_name} "
-                                f"{raw!r})")
+        raise CorruptImageError(
+            f"LUKS header {field_name} is not NUL terminated ({field_name} {raw!r})"
+        )
     return raw.split(b"\0", 1)[0].decode("latin-1")
 
 
@@ -122,6 +141,7 @@ class KeySlot:
 @dataclass
 class LuksHeader:
     """A parsed, validated LUKS1 header with its algorithms resolved."""
+
     cipher_name: str = "aes"
     cipher_mode_spec: str = "xts-plain64"
     hash_spec: str = "sha256"
@@ -134,11 +154,11 @@ class LuksHeader:
     key_slots: list = field(default_factory=lambda: [KeySlot() for _ in range(NUM_KEY_SLOTS)])
     version: int = LUKS_VERSION
     # Resolved from the strings above by `resolve()`:
-    cipher_alg: str = ""          # QEMU name, e.g. "aes-256"
-    cipher_mode: str = ""         # xts, cbc, ecb, ctr
-    ivgen_alg: str = ""           # plain, plain64, essiv
+    cipher_alg: str = ""  # QEMU name, e.g. "aes-256"
+    cipher_mode: str = ""  # xts, cbc, ecb, ctr
+    ivgen_alg: str = ""  # plain, plain64, essiv
     ivgen_hash_alg: str | None = None
-    hash_alg: str = ""            # PBKDF2 / AF hash
+    hash_alg: str = ""  # PBKDF2 / AF hash
 
     # --- parsing ---------------------------------------------------------------------
 
@@ -147,7 +167,8 @@ class LuksHeader:
         """Parse and validate the first 592 bytes of a LUKS volume (QEMU's checks)."""
         if len(data) < HEADER_SIZE:
             raise CorruptImageError(
-                f"LUKS header truncated ({len(data)} bytes, the header needs {HEADER_SIZE})")
+                f"LUKS header truncated ({len(data)} bytes, the header needs {HEADER_SIZE})"
+            )
         try:
             raw = LuksHeaderStruct.parse(bytes(data[:HEADER_SIZE]))
         except ConstructError as exc:  # cannot happen with enough bytes, but never leak it
@@ -156,7 +177,8 @@ class LuksHeader:
             raise CorruptImageError(f"Volume is not in LUKS format (magic {raw.magic!r})")
         if raw.version != LUKS_VERSION:
             raise UnsupportedFeatureError(
-                f"LUKS version {raw.version} is not supported (version {raw.version})")
+                f"LUKS version {raw.version} is not supported (version {raw.version})"
+            )
         hdr = cls(
             cipher_name=_cstr(raw.cipher_name, "cipher_name"),
             cipher_mode_spec=_cstr(raw.cipher_mode, "cipher_mode"),
@@ -167,8 +189,10 @@ class LuksHeader:
             master_key_salt=bytes(raw.master_key_salt),
             master_key_iterations=raw.master_key_iterations,
             uuid=raw.uuid.split(b"\0", 1)[0].decode("latin-1"),
-            key_slots=[KeySlot(s.active, s.iterations, bytes(s.salt), s.key_offset_sector,
-                               s.stripes) for s in raw.key_slots],
+            key_slots=[
+                KeySlot(s.active, s.iterations, bytes(s.salt), s.key_offset_sector, s.stripes)
+                for s in raw.key_slots
+            ],
             version=raw.version,
         )
         hdr.check()
@@ -180,38 +204,45 @@ class LuksHeader:
         if self.payload_offset_sector < HEADER_SECTORS:
             raise CorruptImageError(
                 f"LUKS payload is overlapping with the header (payload_offset_sector "
-                f"{self.payload_offset_sector})")
+                f"{self.payload_offset_sector})"
+            )
         if self.master_key_iterations == 0:
             raise CorruptImageError("LUKS key iteration count is zero (master_key_iterations 0)")
         if not 0 < self.master_key_len <= MAX_MASTER_KEY_LEN:
             raise CorruptImageError(
                 f"LUKS master key length out of range (master_key_len {self.master_key_len}, "
-                f"limit {MAX_MASTER_KEY_LEN})")
+                f"limit {MAX_MASTER_KEY_LEN})"
+            )
         spans = []
         for i, slot in enumerate(self.key_slots):
             if slot.stripes != STRIPES:
                 raise CorruptImageError(
-                    f"Keyslot {i} is corrupted (stripes {slot.stripes} != {STRIPES})")
+                    f"Keyslot {i} is corrupted (stripes {slot.stripes} != {STRIPES})"
+                )
             if slot.active not in (SLOT_ENABLED, SLOT_DISABLED):
                 raise CorruptImageError(
-                    f"Keyslot {i} state (active/disable) is corrupted (active 0x{slot.active:x})")
+                    f"Keyslot {i} state (active/disable) is corrupted (active 0x{slot.active:x})"
+                )
             if slot.is_active and slot.iterations == 0:
                 raise CorruptImageError(f"Keyslot {i} iteration count is zero (iterations 0)")
             start = slot.key_offset_sector
             length = splitkey_sectors(self.master_key_len, slot.stripes)
             if start < HEADER_SECTORS:
                 raise CorruptImageError(
-                    f"Keyslot {i} is overlapping with the LUKS header (key_offset_sector {start})")
+                    f"Keyslot {i} is overlapping with the LUKS header (key_offset_sector {start})"
+                )
             if start + length > self.payload_offset_sector:
                 raise CorruptImageError(
                     f"Keyslot {i} is overlapping with the encrypted payload (key_offset_sector "
                     f"{start} + {length} sectors > payload_offset_sector "
-                    f"{self.payload_offset_sector})")
+                    f"{self.payload_offset_sector})"
+                )
             for j, (start2, length2) in enumerate(spans):
                 if start + length > start2 and start2 + length2 > start:
                     raise CorruptImageError(
                         f"Keyslots {j} and {i} are overlapping in the header (key_offset_sector "
-                        f"{start2} and {start})")
+                        f"{start2} and {start})"
+                    )
             spans.append((start, length))
 
     def resolve(self) -> None:
@@ -225,59 +256,79 @@ class LuksHeader:
             ivgen, ivhash = ivgen.split(":", 1)
             check_hash(ivhash, "Hash algorithm")
         if mode not in CIPHER_MODES:
-            raise UnsupportedFeatureError(f"Cipher mode '{mode}' not supported (cipher_mode '{spec}')")
+            raise UnsupportedFeatureError(
+                f"Cipher mode '{mode}' not supported (cipher_mode '{spec}')"
+            )
         key_bytes = self.master_key_len
         if mode == "xts":
             if key_bytes % 2:
                 raise CorruptImageError(
-                    f"XTS master key length must be even (master_key_len {key_bytes})")
+                    f"XTS master key length must be even (master_key_len {key_bytes})"
+                )
             key_bytes //= 2
         sizes = _LUKS_CIPHER_SIZES.get(self.cipher_name)
         if sizes is None or key_bytes not in sizes:
             raise CorruptImageError(
                 f"Algorithm '{self.cipher_name}' with key size {key_bytes} bytes not supported "
-                f"(cipher_name '{self.cipher_name}', master_key_len {self.master_key_len})")
+                f"(cipher_name '{self.cipher_name}', master_key_len {self.master_key_len})"
+            )
         if self.cipher_name != "aes":
             raise UnsupportedFeatureError(
                 f"LUKS cipher '{self.cipher_name}-{key_bytes * 8}' is not implemented by "
-                f"qcow2lib (cipher_name '{self.cipher_name}')")
+                f"qcow2lib (cipher_name '{self.cipher_name}')"
+            )
         self.cipher_alg = f"aes-{key_bytes * 8}"
         self.cipher_mode = mode
         self.hash_alg = check_hash(self.hash_spec, "Hash algorithm")
         if ivgen not in IVGEN_ALGS:
-            raise UnsupportedFeatureError(f"IV generator '{ivgen}' not supported (cipher_mode '{spec}')")
+            raise UnsupportedFeatureError(
+                f"IV generator '{ivgen}' not supported (cipher_mode '{spec}')"
+            )
         self.ivgen_alg = ivgen
         self.ivgen_hash_alg = ivhash
         if ivgen == "essiv":
             if not ivhash:
                 raise CorruptImageError(
-                    f"Missing IV generator hash specification (cipher_mode '{spec}')")
+                    f"Missing IV generator hash specification (cipher_mode '{spec}')"
+                )
             essiv_cipher_key_len(key_bytes, ivhash)
 
     # --- building --------------------------------------------------------------------
 
     def pack(self) -> bytes:
         """The 592 header bytes."""
+
         def name(value: str, field_name: str) -> bytes:
             data = value.encode("ascii")
             if len(data) >= NAME_LEN:
                 raise InvalidArgumentError(f"{field_name} '{value}' is too long for LUKS header")
             return data.ljust(NAME_LEN, b"\0")
-        return LuksHeaderStruct.build(dict(
-            magic=LUKS_MAGIC, version=self.version,
-            cipher_name=name(self.cipher_name, "Cipher name"),
-            cipher_mode=name(self.cipher_mode_spec, "Cipher mode"),
-            hash_spec=name(self.hash_spec, "Hash name"),
-            payload_offset_sector=self.payload_offset_sector,
-            master_key_len=self.master_key_len,
-            master_key_digest=self.master_key_digest,
-            master_key_salt=self.master_key_salt,
-            master_key_iterations=self.master_key_iterations,
-            uuid=self.uuid.encode("ascii")[:UUID_LEN].ljust(UUID_LEN, b"\0"),
-            key_slots=[dict(active=s.active, iterations=s.iterations, salt=s.salt,
-                            key_offset_sector=s.key_offset_sector, stripes=s.stripes)
-                       for s in self.key_slots],
-        ))
+
+        return LuksHeaderStruct.build(
+            dict(
+                magic=LUKS_MAGIC,
+                version=self.version,
+                cipher_name=name(self.cipher_name, "Cipher name"),
+                cipher_mode=name(self.cipher_mode_spec, "Cipher mode"),
+                hash_spec=name(self.hash_spec, "Hash name"),
+                payload_offset_sector=self.payload_offset_sector,
+                master_key_len=self.master_key_len,
+                master_key_digest=self.master_key_digest,
+                master_key_salt=self.master_key_salt,
+                master_key_iterations=self.master_key_iterations,
+                uuid=self.uuid.encode("ascii")[:UUID_LEN].ljust(UUID_LEN, b"\0"),
+                key_slots=[
+                    dict(
+                        active=s.active,
+                        iterations=s.iterations,
+                        salt=s.salt,
+                        key_offset_sector=s.key_offset_sector,
+                        stripes=s.stripes,
+                    )
+                    for s in self.key_slots
+                ],
+            )
+        )
 
     # --- derived ---------------------------------------------------------------------
 
@@ -295,27 +346,36 @@ class LuksHeader:
 
     def sector_cipher(self, key: bytes) -> SectorCipher:
         """The cipher used for the payload (master key) and the key material (slot key)."""
-        ivgen = make_ivgen(self.ivgen_alg, key=key, cipher_key_len=self.cipher_key_len,
-                           hash_name=self.ivgen_hash_alg)
+        ivgen = make_ivgen(
+            self.ivgen_alg,
+            key=key,
+            cipher_key_len=self.cipher_key_len,
+            hash_name=self.ivgen_hash_alg,
+        )
         return SectorCipher(self.cipher_mode, key, ivgen)
 
     def slot_kdf_blocks(self, iterations: int) -> int:
         """PBKDF2 hash blocks one try of a slot with `iterations` costs: its key (as long as
         the master key), then the digest of the master key it yields."""
         block = digest_len(self.hash_alg)
-        return (iterations * -(-self.master_key_len // block)
-                + self.master_key_iterations * -(-DIGEST_LEN // block))
+        return iterations * -(-self.master_key_len // block) + self.master_key_iterations * -(
+            -DIGEST_LEN // block
+        )
 
     def check_new_slot_work(self, index: int, iterations: int, iter_time: int) -> None:
         """Refuse to give slot `index` `iterations` when the header could then not be
         opened again (see MAX_KDF_BLOCKS), before any key is derived."""
-        total = sum(self.slot_kdf_blocks(slot.iterations if i != index else iterations)
-                    for i, slot in enumerate(self.key_slots) if slot.is_active or i == index)
+        total = sum(
+            self.slot_kdf_blocks(slot.iterations if i != index else iterations)
+            for i, slot in enumerate(self.key_slots)
+            if slot.is_active or i == index
+        )
         if total > MAX_KDF_BLOCKS:
             raise InvalidArgumentError(
                 f"iter-time {iter_time} ms gives keyslot {index} {iterations} iterations: the "
                 f"active keyslots would cost {total} PBKDF2 blocks to try, more than the limit "
-                f"of {MAX_KDF_BLOCKS} one open may spend")
+                f"of {MAX_KDF_BLOCKS} one open may spend"
+            )
 
     def check_kdf_work(self) -> None:
         """Refuse, before any key derivation, a header whose active slots would together
@@ -330,11 +390,13 @@ class LuksHeader:
                     f"LUKS key derivation too costly: with keyslot {index} (iterations "
                     f"{slot.iterations}, master_key_iterations {self.master_key_iterations}) "
                     f"one open would compute {total} PBKDF2-{self.hash_alg} blocks, more than "
-                    f"the limit of {MAX_KDF_BLOCKS}")
+                    f"the limit of {MAX_KDF_BLOCKS}"
+                )
 
     def master_key_matches(self, key: bytes) -> bool:
-        digest = pbkdf2(self.hash_alg, key, self.master_key_salt, self.master_key_iterations,
-                        DIGEST_LEN)
+        digest = pbkdf2(
+            self.hash_alg, key, self.master_key_salt, self.master_key_iterations, DIGEST_LEN
+        )
         return hmac.compare_digest(digest, self.master_key_digest)
 
     def info(self) -> dict:
@@ -364,8 +426,14 @@ class LuksHeader:
 
 # --- options ------------------------------------------------------------------------------
 
-CREATE_OPTIONS = ("cipher-alg", "cipher-mode", "ivgen-alg", "ivgen-hash-alg", "hash-alg",
-                  "iter-time")
+CREATE_OPTIONS = (
+    "cipher-alg",
+    "cipher-mode",
+    "ivgen-alg",
+    "ivgen-hash-alg",
+    "hash-alg",
+    "iter-time",
+)
 AMEND_OPTIONS = ("state", "new-secret", "old-secret", "keyslot", "iter-time", "secret")
 
 
@@ -373,15 +441,14 @@ def normalize_options(options, allowed) -> dict:
     """Accept qemu-img spellings: 'encrypt.cipher-alg', 'cipher_alg', 'cipher-alg'."""
     out = {}
     for key, value in (options or {}).items():
-        name = key[len("encrypt."):] if key.startswith("encrypt.") else key
+        name = key[len("encrypt.") :] if key.startswith("encrypt.") else key
         name = name.replace("_", "-")
         if name == "format":
             if value not in ("luks", None):
                 raise InvalidArgumentError(f"encryption format '{value}' is not LUKS (format)")
             continue
         if name not in allowed:
-            raise InvalidArgumentError(
-                f"Unknown LUKS option '{key}' (known: {', '.join(allowed)})")
+            raise InvalidArgumentError(f"Unknown LUKS option '{key}' (known: {', '.join(allowed)})")
         if value is not None:
             out[name] = value
     return out
@@ -397,8 +464,9 @@ def _iter_time(value) -> int:
     return result
 
 
-def _scaled_iterations(hash_alg: str, out_len: int, iter_time: int, divisor: int,
-                       floor: int, what: str) -> int:
+def _scaled_iterations(
+    hash_alg: str, out_len: int, iter_time: int, divisor: int, floor: int, what: str
+) -> int:
     iters = pbkdf2_iterations_for(hash_alg, out_len, iter_time) // divisor
     if iters > UINT32_MAX:
         raise InvalidArgumentError(f"PBKDF iterations {iters} larger than {UINT32_MAX} ({what})")
@@ -420,7 +488,8 @@ def header_for_options(options) -> tuple[LuksHeader, int]:
         if cipher_alg in KNOWN_UNSUPPORTED_CIPHERS:
             raise UnsupportedFeatureError(
                 f"cipher-alg '{cipher_alg}' is not implemented by qcow2lib (use aes-128, "
-                f"aes-192 or aes-256)")
+                f"aes-192 or aes-256)"
+            )
         raise InvalidArgumentError(f"Invalid parameter '{cipher_alg}' (cipher-alg)")
     if cipher_mode not in CIPHER_MODES:
         raise InvalidArgumentError(f"Invalid parameter '{cipher_mode}' (cipher-mode)")
@@ -436,14 +505,19 @@ def header_for_options(options) -> tuple[LuksHeader, int]:
         # would abort opening the volume), so do not make one.
         raise UnsupportedFeatureError(
             f"cipher-alg '{cipher_alg}' with cipher-mode '{cipher_mode}' gives key material "
-            f"of {key_len * STRIPES} bytes, not a multiple of {SECTOR_SIZE}; QEMU cannot open it")
+            f"of {key_len * STRIPES} bytes, not a multiple of {SECTOR_SIZE}; QEMU cannot open it"
+        )
     split_sectors = splitkey_sectors(key_len, STRIPES)
     hdr = LuksHeader(
-        cipher_name="aes", cipher_mode_spec=spec, hash_spec=hash_alg,
+        cipher_name="aes",
+        cipher_mode_spec=spec,
+        hash_spec=hash_alg,
         payload_offset_sector=HEADER_SECTORS + NUM_KEY_SLOTS * split_sectors,
         master_key_len=key_len,
-        key_slots=[KeySlot(SLOT_DISABLED, 0, bytes(SALT_LEN), HEADER_SECTORS + i * split_sectors,
-                           STRIPES) for i in range(NUM_KEY_SLOTS)],
+        key_slots=[
+            KeySlot(SLOT_DISABLED, 0, bytes(SALT_LEN), HEADER_SECTORS + i * split_sectors, STRIPES)
+            for i in range(NUM_KEY_SLOTS)
+        ],
     )
     hdr.resolve()
     return hdr, iter_time
@@ -451,13 +525,20 @@ def header_for_options(options) -> tuple[LuksHeader, int]:
 
 # --- the volume: header plus its key material region -----------------------------------
 
+
 class LuksVolume:
     """A LUKS header region reachable through `read_fn(offset, length)` (and `write_fn(offset,
     data)` to change key slots), offsets relative to the header start, bounded by `length`
     (the qcow2 crypto extension length, or the raw file size; None = unbounded)."""
 
-    def __init__(self, header: LuksHeader, read_fn, write_fn=None, length: int | None = None,
-                 random=os.urandom):
+    def __init__(
+        self,
+        header: LuksHeader,
+        read_fn,
+        write_fn=None,
+        length: int | None = None,
+        random=os.urandom,
+    ):
         self.header = header
         self._read_fn = read_fn
         self._write_fn = write_fn
@@ -468,7 +549,8 @@ class LuksVolume:
     def load(cls, read_fn, length: int | None = None, write_fn=None) -> "LuksVolume":
         if length is not None and length < HEADER_SIZE:
             raise CorruptImageError(
-                f"LUKS header region too small (length {length}, the header needs {HEADER_SIZE})")
+                f"LUKS header region too small (length {length}, the header needs {HEADER_SIZE})"
+            )
         vol = cls(LuksHeader(), read_fn, write_fn, length)
         vol.header = LuksHeader.parse(vol._read(0, HEADER_SIZE, "LUKS header"))
         return vol
@@ -477,14 +559,16 @@ class LuksVolume:
         if self.length is not None and offset + size > self.length:
             raise CorruptImageError(
                 f"{what} lies outside of the encryption header (offset {offset}, length {size}, "
-                f"header length {self.length})")
+                f"header length {self.length})"
+            )
 
     def _read(self, offset: int, size: int, what: str) -> bytes:
         self._bounds(offset, size, what)
         data = bytes(self._read_fn(offset, size))
         if len(data) != size:
             raise CorruptImageError(
-                f"{what} truncated: read {len(data)} of {size} bytes at offset {offset}")
+                f"{what} truncated: read {len(data)} of {size} bytes at offset {offset}"
+            )
         return data
 
     def _write(self, offset: int, data: bytes, what: str) -> None:
@@ -507,8 +591,13 @@ class LuksVolume:
         hdr.check_kdf_work()
         password = secret_bytes(passphrase)
         slot_key = pbkdf2(hdr.hash_alg, password, slot.salt, slot.iterations, hdr.master_key_len)
-        material = bytearray(self._read(slot.key_offset_sector * SECTOR_SIZE,
-                                        hdr.split_key_len(slot), f"Keyslot {index} key material"))
+        material = bytearray(
+            self._read(
+                slot.key_offset_sector * SECTOR_SIZE,
+                hdr.split_key_len(slot),
+                f"Keyslot {index} key material",
+            )
+        )
         hdr.sector_cipher(slot_key).decrypt(0, material)
         key = afsplit.af_merge(hdr.hash_alg, bytes(material), hdr.master_key_len, slot.stripes)
         return key if hdr.master_key_matches(key) else None
@@ -526,31 +615,43 @@ class LuksVolume:
         if len(master_key) != self.header.master_key_len:
             raise InvalidArgumentError(
                 f"master key is {len(master_key)} bytes, the header says "
-                f"{self.header.master_key_len}")
-        return SectorCrypto(self.header.sector_cipher(master_key), "luks", physical_offset,
-                            self.header.payload_offset)
+                f"{self.header.master_key_len}"
+            )
+        return SectorCrypto(
+            self.header.sector_cipher(master_key),
+            "luks",
+            physical_offset,
+            self.header.payload_offset,
+        )
 
     # --- key slots -------------------------------------------------------------------
 
     def active_slots(self) -> list[int]:
         return [i for i, s in enumerate(self.header.key_slots) if s.is_active]
 
-    def store_key(self, index: int, passphrase, master_key: bytes,
-                  iter_time: int = DEFAULT_ITER_TIME_MS) -> None:
+    def store_key(
+        self, index: int, passphrase, master_key: bytes, iter_time: int = DEFAULT_ITER_TIME_MS
+    ) -> None:
         """Put `master_key` in slot `index` under `passphrase`: material first, then header."""
         hdr = self.header
         slot = hdr.key_slots[index]
         password = secret_bytes(passphrase, "new-secret")
         salt = self._random(SALT_LEN)
-        iterations = _scaled_iterations(hdr.hash_alg, hdr.master_key_len, iter_time, 1,
-                                        MIN_SLOT_KEY_ITERS, "key slot iterations")
+        iterations = _scaled_iterations(
+            hdr.hash_alg,
+            hdr.master_key_len,
+            iter_time,
+            1,
+            MIN_SLOT_KEY_ITERS,
+            "key slot iterations",
+        )
         hdr.check_new_slot_work(index, iterations, iter_time)
         slot_key = pbkdf2(hdr.hash_alg, password, salt, iterations, hdr.master_key_len)
-        material = bytearray(afsplit.af_split(hdr.hash_alg, master_key, slot.stripes,
-                                              self._random))
+        material = bytearray(afsplit.af_split(hdr.hash_alg, master_key, slot.stripes, self._random))
         hdr.sector_cipher(slot_key).encrypt(0, material)
-        self._write(slot.key_offset_sector * SECTOR_SIZE, bytes(material),
-                    f"Keyslot {index} key material")
+        self._write(
+            slot.key_offset_sector * SECTOR_SIZE, bytes(material), f"Keyslot {index} key material"
+        )
         slot.salt = salt
         slot.iterations = iterations
         slot.active = SLOT_ENABLED
@@ -565,8 +666,11 @@ class LuksVolume:
         self.store_header()
         size = self.header.split_key_len(slot)
         for _ in range(ERASE_PASSES):
-            self._write(slot.key_offset_sector * SECTOR_SIZE, self._random(size),
-                        f"Keyslot {index} key material")
+            self._write(
+                slot.key_offset_sector * SECTOR_SIZE,
+                self._random(size),
+                f"Keyslot {index} key material",
+            )
 
     def _check_index(self, keyslot) -> int:
         try:
@@ -575,11 +679,18 @@ class LuksVolume:
             raise InvalidArgumentError(f"Invalid keyslot {keyslot!r} (keyslot)") from None
         if not 0 <= index < NUM_KEY_SLOTS:
             raise InvalidArgumentError(
-                f"Invalid keyslot {index} specified, must be between 0 and {NUM_KEY_SLOTS - 1}")
+                f"Invalid keyslot {index} specified, must be between 0 and {NUM_KEY_SLOTS - 1}"
+            )
         return index
 
-    def add_key_slot(self, passphrase, new_passphrase, keyslot=None,
-                     iter_time: int = DEFAULT_ITER_TIME_MS, force: bool = False) -> int:
+    def add_key_slot(
+        self,
+        passphrase,
+        new_passphrase,
+        keyslot=None,
+        iter_time: int = DEFAULT_ITER_TIME_MS,
+        force: bool = False,
+    ) -> int:
         """qemu-img amend state=active: unlock with `passphrase`, store under `new_passphrase`."""
         if keyslot is not None:
             index = self._check_index(keyslot)
@@ -590,12 +701,14 @@ class LuksVolume:
             index = free[0]
         if not force and self.header.key_slots[index].is_active:
             raise InvalidArgumentError(
-                f"Refusing to overwrite active keyslot {index} - please erase it first")
+                f"Refusing to overwrite active keyslot {index} - please erase it first"
+            )
         try:
             master_key, _ = self.unlock(passphrase)
         except BadSecretError:
-            raise BadSecretError("Invalid password, cannot unlock any keyslot "
-                                 "(failed to retrieve the master key)") from None
+            raise BadSecretError(
+                "Invalid password, cannot unlock any keyslot (failed to retrieve the master key)"
+            ) from None
         self.store_key(index, new_passphrase, master_key, iter_time)
         return index
 
@@ -606,30 +719,35 @@ class LuksVolume:
             if old_passphrase is not None and self.try_slot(index, old_passphrase) is None:
                 raise BadSecretError(
                     f"Given keyslot {index} doesn't contain the given old password for erase "
-                    f"operation")
+                    f"operation"
+                )
             if not force and not self.header.key_slots[index].is_active:
                 raise InvalidArgumentError(f"Given keyslot {index} is already erased (inactive)")
             if not force and len(self.active_slots()) == 1:
                 raise InvalidArgumentError(
                     f"Attempt to erase the only active keyslot {index} which will erase all the "
-                    f"data in the image irreversibly - refusing operation")
+                    f"data in the image irreversibly - refusing operation"
+                )
             self.erase_key(index)
             return [index]
         if old_passphrase is not None:
-            matching = [i for i in range(NUM_KEY_SLOTS)
-                        if self.try_slot(i, old_passphrase) is not None]
+            matching = [
+                i for i in range(NUM_KEY_SLOTS) if self.try_slot(i, old_passphrase) is not None
+            ]
             if not matching:
                 raise BadSecretError("No keyslots match given (old) password for erase operation")
             if not force and len(matching) == len(self.active_slots()):
                 raise InvalidArgumentError(
                     "All the active keyslots match the (old) password that was given and erasing "
-                    "them will erase all the data in the image irreversibly - refusing operation")
+                    "them will erase all the data in the image irreversibly - refusing operation"
+                )
             for index in matching:
                 self.erase_key(index)
             return matching
         raise InvalidArgumentError(
             "To erase keyslot(s), either explicit keyslot index or the password currently "
-            "contained in them must be given")
+            "contained in them must be given"
+        )
 
     def amend(self, passphrase, options, force: bool = False) -> list[int]:
         """Apply qemu-img amend's LUKS options; returns the slot indexes changed.
@@ -645,11 +763,13 @@ class LuksVolume:
                 raise InvalidArgumentError("'new-secret' is required to activate a keyslot")
             if "old-secret" in opts:
                 raise InvalidArgumentError(
-                    "'old-secret' must not be given when activating keyslots")
+                    "'old-secret' must not be given when activating keyslots"
+                )
             iter_time = _iter_time(opts.get("iter-time", DEFAULT_ITER_TIME_MS))
             secret = opts.get("secret", passphrase)
-            return [self.add_key_slot(secret, opts["new-secret"], opts.get("keyslot"),
-                                      iter_time, force)]
+            return [
+                self.add_key_slot(secret, opts["new-secret"], opts.get("keyslot"), iter_time, force)
+            ]
         if state == "inactive":
             for bad in ("new-secret", "iter-time", "secret"):
                 if bad in opts:
@@ -671,22 +791,33 @@ def create_luks(passphrase, options=None, random=os.urandom) -> tuple[bytes, byt
     hdr.master_key_salt = random(SALT_LEN)
     master_key = random(hdr.master_key_len)
     if hdr.cipher_mode == "xts":
-        while master_key[:len(master_key) // 2] == master_key[len(master_key) // 2:]:
+        while master_key[: len(master_key) // 2] == master_key[len(master_key) // 2 :]:
             master_key = random(hdr.master_key_len)
-    hdr.master_key_iterations = _scaled_iterations(hdr.hash_alg, DIGEST_LEN, iter_time, 8,
-                                                   MIN_MASTER_KEY_ITERS, "master key iterations")
-    hdr.check_new_slot_work(0, _scaled_iterations(hdr.hash_alg, hdr.master_key_len, iter_time, 1,
-                                                  MIN_SLOT_KEY_ITERS, "key slot iterations"),
-                            iter_time)
-    hdr.master_key_digest = pbkdf2(hdr.hash_alg, master_key, hdr.master_key_salt,
-                                   hdr.master_key_iterations, DIGEST_LEN)
+    hdr.master_key_iterations = _scaled_iterations(
+        hdr.hash_alg, DIGEST_LEN, iter_time, 8, MIN_MASTER_KEY_ITERS, "master key iterations"
+    )
+    hdr.check_new_slot_work(
+        0,
+        _scaled_iterations(
+            hdr.hash_alg,
+            hdr.master_key_len,
+            iter_time,
+            1,
+            MIN_SLOT_KEY_ITERS,
+            "key slot iterations",
+        ),
+        iter_time,
+    )
+    hdr.master_key_digest = pbkdf2(
+        hdr.hash_alg, master_key, hdr.master_key_salt, hdr.master_key_iterations, DIGEST_LEN
+    )
     region = bytearray(hdr.payload_offset)
 
     def read(offset, size):
-        return bytes(region[offset:offset + size])
+        return bytes(region[offset : offset + size])
 
     def write(offset, data):
-        region[offset:offset + len(data)] = data
+        region[offset : offset + len(data)] = data
 
     vol = LuksVolume(hdr, read, write, len(region), random)
     vol.store_key(0, password, master_key, iter_time)

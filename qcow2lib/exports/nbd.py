@@ -17,6 +17,7 @@ maximum block size). A client that breaks the protocol in a way that cannot be a
 is disconnected; any request that can be answered gets an NBD error, never a write outside
 the export.
 """
+
 from __future__ import annotations
 
 import errno
@@ -43,20 +44,21 @@ DEFAULT_PORT = 10809
 MIN_BLOCK_SIZE = 1
 PREFERRED_BLOCK_SIZE = 4096
 MAX_BLOCK_SIZE = P.MAX_PAYLOAD
-MAX_OPTION_LENGTH = 64 << 10       # larger option data is skipped and refused (TOO_BIG)
-MAX_OPTION_DRAIN = 32 << 20        # past this, skipping is not worth it: disconnect
-MAX_STATUS_DESCRIPTORS = 1 << 16   # per context in one BLOCK_STATUS reply
+MAX_OPTION_LENGTH = 64 << 10  # larger option data is skipped and refused (TOO_BIG)
+MAX_OPTION_DRAIN = 32 << 20  # past this, skipping is not worth it: disconnect
+MAX_STATUS_DESCRIPTORS = 1 << 16  # per context in one BLOCK_STATUS reply
 CACHE_READ_SIZE = 1 << 20
-SHUTDOWN_GRACE = 5.0               # seconds in-flight requests get to reply on shutdown
+SHUTDOWN_GRACE = 5.0  # seconds in-flight requests get to reply on shutdown
 
 _CONTEXT_IDS = {P.CONTEXT_BASE_ALLOCATION: 0, P.CONTEXT_ALLOCATION_DEPTH: 1}
 _WRITING_COMMANDS = (P.CMD_WRITE, P.CMD_TRIM, P.CMD_WRITE_ZEROES)
-_SEND_BATCH = 512                  # buffers per sendmsg, below every IOV_MAX
+_SEND_BATCH = 512  # buffers per sendmsg, below every IOV_MAX
 
 
 @dataclass(frozen=True)
 class NBDExport:
     """One export: a device under a name. A read-only device is always exported read-only."""
+
     device: BlockDevice
     name: str = ""
     description: str = ""
@@ -104,9 +106,15 @@ def nbd_error_for(exc: BaseException) -> int:
     if isinstance(exc, InvalidArgumentError):
         return P.EINVAL
     if isinstance(exc, OSError) and exc.errno is not None:
-        return {errno.ENOSPC: P.ENOSPC, errno.EDQUOT: P.ENOSPC, errno.EFBIG: P.ENOSPC,
-                errno.EPERM: P.EPERM, errno.EACCES: P.EPERM, errno.EROFS: P.EPERM,
-                errno.EINVAL: P.EINVAL}.get(exc.errno, P.EIO)
+        return {
+            errno.ENOSPC: P.ENOSPC,
+            errno.EDQUOT: P.ENOSPC,
+            errno.EFBIG: P.ENOSPC,
+            errno.EPERM: P.EPERM,
+            errno.EACCES: P.EPERM,
+            errno.EROFS: P.EPERM,
+            errno.EINVAL: P.EINVAL,
+        }.get(exc.errno, P.EIO)
     return P.EIO
 
 
@@ -119,8 +127,9 @@ def _check_string(what: str, value: str) -> None:
     except UnicodeEncodeError:
         size = -1
     if not 0 <= size <= P.MAX_STRING or "\0" in value:
-        raise InvalidArgumentError(f"{what} {value[:64]!r} must be at most {P.MAX_STRING} "
-                                   f"bytes of UTF-8 without NUL")
+        raise InvalidArgumentError(
+            f"{what} {value[:64]!r} must be at most {P.MAX_STRING} bytes of UTF-8 without NUL"
+        )
 
 
 class _OptionData:
@@ -132,9 +141,10 @@ class _OptionData:
 
     def take(self, count: int, what: str) -> bytes:
         if count > len(self.data) - self.pos:
-            raise _BadOption(f"{what} of {count} bytes runs past the option data "
-                             f"({len(self.data)} bytes)")
-        chunk = self.data[self.pos:self.pos + count]
+            raise _BadOption(
+                f"{what} of {count} bytes runs past the option data ({len(self.data)} bytes)"
+            )
+        chunk = self.data[self.pos : self.pos + count]
         self.pos += count
         return chunk
 
@@ -170,8 +180,9 @@ class _Budget:
 
     def acquire(self, nbytes: int) -> None:
         with self.cond:
-            while self.requests and (self.requests >= self.max_requests
-                                     or self.bytes + nbytes > self.max_bytes):
+            while self.requests and (
+                self.requests >= self.max_requests or self.bytes + nbytes > self.max_bytes
+            ):
                 self.cond.wait()
             self.requests += 1
             self.bytes += nbytes
@@ -192,8 +203,10 @@ def _allocation_depth(ext: Extent) -> int:
     return ext.depth + 1 if ext.present else 0
 
 
-_STATUS_OF = {P.CONTEXT_BASE_ALLOCATION: _base_allocation,
-              P.CONTEXT_ALLOCATION_DEPTH: _allocation_depth}
+_STATUS_OF = {
+    P.CONTEXT_BASE_ALLOCATION: _base_allocation,
+    P.CONTEXT_ALLOCATION_DEPTH: _allocation_depth,
+}
 
 
 class _Connection:
@@ -224,8 +237,7 @@ class _Connection:
             else:
                 outcome = "client ended the handshake"
         except _ClientGone as exc:
-            outcome = ("server shut down" if self.server.stopping
-                       else f"connection lost ({exc})")
+            outcome = "server shut down" if self.server.stopping else f"connection lost ({exc})"
         except _ProtocolViolation as exc:
             level, outcome = logging.WARNING, f"dropped: {exc}"
         except Exception:
@@ -236,8 +248,14 @@ class _Connection:
                 self.sock.close()
             finally:
                 name = self.export.name if self.export else None
-                log.log(level, "NBD client %s: export %s, %d requests: %s", self.peer,
-                        "(none)" if name is None else repr(name), self.requests, outcome)
+                log.log(
+                    level,
+                    "NBD client %s: export %s, %d requests: %s",
+                    self.peer,
+                    "(none)" if name is None else repr(name),
+                    self.requests,
+                    outcome,
+                )
                 self.server._connection_done(self)
 
     def stop(self, how: int) -> None:
@@ -254,14 +272,16 @@ class _Connection:
             if self.deadline is not None:
                 remaining = self.deadline - time.monotonic()
                 if remaining <= 0:
-                    raise _ProtocolViolation("handshake not finished within "
-                                             f"{self.server.handshake_timeout} s")
+                    raise _ProtocolViolation(
+                        f"handshake not finished within {self.server.handshake_timeout} s"
+                    )
                 self.sock.settimeout(remaining)
             try:
                 count = self.sock.recv_into(view)
             except socket.timeout:
-                raise _ProtocolViolation("handshake not finished within "
-                                         f"{self.server.handshake_timeout} s") from None
+                raise _ProtocolViolation(
+                    f"handshake not finished within {self.server.handshake_timeout} s"
+                ) from None
             except OSError as exc:
                 raise _ClientGone(exc.strerror or str(exc)) from None
             if count == 0:
@@ -305,8 +325,9 @@ class _Connection:
         """Run the handshake; True when the client entered the transmission phase."""
         if self.server.handshake_timeout:
             self.deadline = time.monotonic() + self.server.handshake_timeout
-        self._send(P.GREETING.pack(P.NBDMAGIC, P.IHAVEOPT,
-                                   P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES))
+        self._send(
+            P.GREETING.pack(P.NBDMAGIC, P.IHAVEOPT, P.FLAG_FIXED_NEWSTYLE | P.FLAG_NO_ZEROES)
+        )
         (client_flags,) = P.CLIENT_FLAGS.unpack(self._recv(P.CLIENT_FLAGS.size))
         if client_flags & ~(P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES):
             raise _ProtocolViolation(f"unknown client flags {client_flags:#x}")
@@ -319,9 +340,12 @@ class _Connection:
                 if length > MAX_OPTION_DRAIN or option == P.OPT_EXPORT_NAME:
                     raise _ProtocolViolation(f"option {option} has {length} bytes of data")
                 self._drain(length)
-                self._option_reply(option, P.REP_ERR_TOO_BIG,
-                                   f"option data of {length} bytes is more than the "
-                                   f"{MAX_OPTION_LENGTH} this server reads".encode())
+                self._option_reply(
+                    option,
+                    P.REP_ERR_TOO_BIG,
+                    f"option data of {length} bytes is more than the "
+                    f"{MAX_OPTION_LENGTH} this server reads".encode(),
+                )
                 continue
             data = bytes(self._recv(length))
             if option == P.OPT_ABORT:
@@ -356,8 +380,11 @@ class _Connection:
                 raise _BadOption("NBD_OPT_LIST takes no data")
             for export in self.server.exports.values():
                 name = export.name.encode()
-                self._option_reply(option, P.REP_SERVER, len(name).to_bytes(4, "big") + name
-                                   + export.description.encode())
+                self._option_reply(
+                    option,
+                    P.REP_SERVER,
+                    len(name).to_bytes(4, "big") + name + export.description.encode(),
+                )
             self._option_reply(option, P.REP_ACK)
         elif option == P.OPT_STRUCTURED_REPLY:
             if data:
@@ -369,8 +396,9 @@ class _Connection:
         elif option == P.OPT_STARTTLS:
             self._option_reply(option, P.REP_ERR_POLICY, b"TLS is not offered by this server")
         else:
-            self._option_reply(option, P.REP_ERR_UNSUP, f"option {option} is not supported"
-                               .encode())
+            self._option_reply(
+                option, P.REP_ERR_UNSUP, f"option {option} is not supported".encode()
+            )
         return False
 
     def _find_export(self, name: str) -> NBDExport | None:
@@ -413,19 +441,34 @@ class _Connection:
         data.end()
         export = self._find_export(name)
         if export is None:
-            self._option_reply(option, P.REP_ERR_UNKNOWN,
-                               f"export {name[:256]!r} is not served here".encode())
+            self._option_reply(
+                option, P.REP_ERR_UNKNOWN, f"export {name[:256]!r} is not served here".encode()
+            )
             return False
-        self._option_reply(option, P.REP_INFO, P.INFO_EXPORT_PAYLOAD.pack(
-            P.INFO_EXPORT, export.device.size, self._transmission_flags(export)))
+        self._option_reply(
+            option,
+            P.REP_INFO,
+            P.INFO_EXPORT_PAYLOAD.pack(
+                P.INFO_EXPORT, export.device.size, self._transmission_flags(export)
+            ),
+        )
         if P.INFO_NAME in requests:
-            self._option_reply(option, P.REP_INFO,
-                               P.INFO_NAME.to_bytes(2, "big") + export.name.encode())
+            self._option_reply(
+                option, P.REP_INFO, P.INFO_NAME.to_bytes(2, "big") + export.name.encode()
+            )
         if P.INFO_DESCRIPTION in requests and export.description:
-            self._option_reply(option, P.REP_INFO, P.INFO_DESCRIPTION.to_bytes(2, "big")
-                               + export.description.encode())
-        self._option_reply(option, P.REP_INFO, P.INFO_BLOCK_SIZE_PAYLOAD.pack(
-            P.INFO_BLOCK_SIZE, MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE, MAX_BLOCK_SIZE))
+            self._option_reply(
+                option,
+                P.REP_INFO,
+                P.INFO_DESCRIPTION.to_bytes(2, "big") + export.description.encode(),
+            )
+        self._option_reply(
+            option,
+            P.REP_INFO,
+            P.INFO_BLOCK_SIZE_PAYLOAD.pack(
+                P.INFO_BLOCK_SIZE, MIN_BLOCK_SIZE, PREFERRED_BLOCK_SIZE, MAX_BLOCK_SIZE
+            ),
+        )
         self._option_reply(option, P.REP_ACK)
         if option == P.OPT_GO:
             self._enter(export)
@@ -441,13 +484,15 @@ class _Connection:
         queries = [data.string("query") for _ in range(count)]
         data.end()
         if not self.structured:
-            self._option_reply(option, P.REP_ERR_INVALID,
-                               b"metadata contexts need structured replies first")
+            self._option_reply(
+                option, P.REP_ERR_INVALID, b"metadata contexts need structured replies first"
+            )
             return
         export = self._find_export(name)
         if export is None:
-            self._option_reply(option, P.REP_ERR_UNKNOWN,
-                               f"export {name[:256]!r} is not served here".encode())
+            self._option_reply(
+                option, P.REP_ERR_UNKNOWN, f"export {name[:256]!r} is not served here".encode()
+            )
             return
         selected: list[str] = []
         if not queries and not setting:
@@ -460,8 +505,9 @@ class _Connection:
                     selected.append(context)
         for context in selected:
             context_id = _CONTEXT_IDS[context] if setting else 0
-            self._option_reply(option, P.REP_META_CONTEXT,
-                               context_id.to_bytes(4, "big") + context.encode())
+            self._option_reply(
+                option, P.REP_META_CONTEXT, context_id.to_bytes(4, "big") + context.encode()
+            )
         if setting:
             self.contexts = {_CONTEXT_IDS[c]: c for c in selected}
             self.contexts_export = export
@@ -475,12 +521,14 @@ class _Connection:
     # --- transmission --------------------------------------------------------------------
 
     def _transmit(self) -> str:
-        pool = ThreadPoolExecutor(max_workers=self.server.workers,
-                                  thread_name_prefix=f"nbd-worker-{self.peer}")
+        pool = ThreadPoolExecutor(
+            max_workers=self.server.workers, thread_name_prefix=f"nbd-worker-{self.peer}"
+        )
         try:
             while True:
-                (magic, flags, command, handle, offset,
-                 length) = P.REQUEST.unpack(self._recv(P.REQUEST.size))
+                (magic, flags, command, handle, offset, length) = P.REQUEST.unpack(
+                    self._recv(P.REQUEST.size)
+                )
                 if magic != P.REQUEST_MAGIC:
                     raise _ProtocolViolation(f"request magic {magic:#x} is wrong")
                 if command == P.CMD_DISC:
@@ -496,8 +544,11 @@ class _Connection:
                 try:
                     if command == P.CMD_WRITE and not dropped:
                         payload = self._recv(length)
-                    pool.submit(self._serve, _Request(flags, command, handle, offset, length,
-                                                      payload, dropped), cost)
+                    pool.submit(
+                        self._serve,
+                        _Request(flags, command, handle, offset, length, payload, dropped),
+                        cost,
+                    )
                 except BaseException:
                     self.budget.release(cost)
                     raise
@@ -515,8 +566,11 @@ class _Connection:
             except _ClientGone:
                 raise
             except Exception as exc:
-                log.exception("NBD client %s: %s request failed", self.peer,
-                              P.COMMAND_NAMES.get(request.command, request.command))
+                log.exception(
+                    "NBD client %s: %s request failed",
+                    self.peer,
+                    P.COMMAND_NAMES.get(request.command, request.command),
+                )
                 self._send_error(request, P.EIO, f"internal error: {type(exc).__name__}")
         except _ClientGone:
             self.stop(socket.SHUT_RDWR)  # replies cannot reach the client: end the reader
@@ -530,15 +584,26 @@ class _Connection:
         if not self.structured:
             self._send(P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, error, request.handle))
             return
-        text = message.encode("utf-8")[:P.MAX_STRING].decode("utf-8", "ignore").encode()
+        text = message.encode("utf-8")[: P.MAX_STRING].decode("utf-8", "ignore").encode()
         payload = P.ERROR_PAYLOAD.pack(error, len(text)) + text
-        self._send(P.CHUNK_HEADER.pack(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
-                                       P.REPLY_TYPE_ERROR, request.handle, len(payload)),
-                   payload)
+        self._send(
+            P.CHUNK_HEADER.pack(
+                P.STRUCTURED_REPLY_MAGIC,
+                P.REPLY_FLAG_DONE,
+                P.REPLY_TYPE_ERROR,
+                request.handle,
+                len(payload),
+            ),
+            payload,
+        )
 
     def _execute(self, request: _Request) -> None:
-        flags, command, offset, length = (request.flags, request.command, request.offset,
-                                          request.length)
+        flags, command, offset, length = (
+            request.flags,
+            request.command,
+            request.offset,
+            request.length,
+        )
         name = P.COMMAND_NAMES.get(command)
         if name is None:
             raise _RequestError(P.EINVAL, f"unknown command {command}")
@@ -553,14 +618,20 @@ class _Connection:
         if command in _WRITING_COMMANDS and not export.writable:
             raise _RequestError(P.EPERM, f"{name} refused: the export is read-only")
         if request.payload_dropped or (
-                command in (P.CMD_READ, P.CMD_WRITE, P.CMD_CACHE) and length > MAX_BLOCK_SIZE):
-            raise _RequestError(P.EINVAL, f"{name} of {length} bytes is more than the maximum "
-                                          f"block size {MAX_BLOCK_SIZE}")
+            command in (P.CMD_READ, P.CMD_WRITE, P.CMD_CACHE) and length > MAX_BLOCK_SIZE
+        ):
+            raise _RequestError(
+                P.EINVAL,
+                f"{name} of {length} bytes is more than the maximum block size {MAX_BLOCK_SIZE}",
+            )
         size = export.device.size
         if command != P.CMD_FLUSH and offset + length > size:
             error = P.ENOSPC if command in (P.CMD_WRITE, P.CMD_WRITE_ZEROES) else P.EINVAL
-            raise _RequestError(error, f"{name} at offset {offset} length {length} passes the "
-                                       f"end of the export ({size} bytes)")
+            raise _RequestError(
+                error,
+                f"{name} at offset {offset} length {length} passes the "
+                f"end of the export ({size} bytes)",
+            )
         device = export.device
         if command == P.CMD_READ:
             self._read(request, device)
@@ -575,10 +646,10 @@ class _Connection:
                 device.discard(offset, length)
         elif command == P.CMD_WRITE_ZEROES:
             may_unmap = not flags & P.CMD_FLAG_NO_HOLE
-            if flags & P.CMD_FLAG_FAST_ZERO and not device.can_zero_fast(offset, length,
-                                                                         may_unmap):
-                raise _RequestError(P.ENOTSUP, "zeroing this range would not be faster than "
-                                               "writing zeros")
+            if flags & P.CMD_FLAG_FAST_ZERO and not device.can_zero_fast(offset, length, may_unmap):
+                raise _RequestError(
+                    P.ENOTSUP, "zeroing this range would not be faster than writing zeros"
+                )
             if length:
                 device.write_zeroes(offset, length, may_unmap)
         elif command == P.CMD_CACHE:
@@ -597,8 +668,11 @@ class _Connection:
             self._send(P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, handle), view)
             return
         if not length:
-            self._send(P.CHUNK_HEADER.pack(P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE,
-                                           P.REPLY_TYPE_NONE, handle, 0))
+            self._send(
+                P.CHUNK_HEADER.pack(
+                    P.STRUCTURED_REPLY_MAGIC, P.REPLY_FLAG_DONE, P.REPLY_TYPE_NONE, handle, 0
+                )
+            )
             return
         runs: list[list] = []  # [start, stop, reads_zero]
         for ext in device.extents(offset, length):
@@ -612,22 +686,34 @@ class _Connection:
         for index, (start, stop, zero) in enumerate(runs):
             done = P.REPLY_FLAG_DONE if index == len(runs) - 1 else 0
             if zero:
-                buffers += [P.CHUNK_HEADER.pack(P.STRUCTURED_REPLY_MAGIC, done,
-                                                P.REPLY_TYPE_OFFSET_HOLE, handle,
-                                                P.OFFSET_HOLE_PAYLOAD.size),
-                            P.OFFSET_HOLE_PAYLOAD.pack(start, stop - start)]
+                buffers += [
+                    P.CHUNK_HEADER.pack(
+                        P.STRUCTURED_REPLY_MAGIC,
+                        done,
+                        P.REPLY_TYPE_OFFSET_HOLE,
+                        handle,
+                        P.OFFSET_HOLE_PAYLOAD.size,
+                    ),
+                    P.OFFSET_HOLE_PAYLOAD.pack(start, stop - start),
+                ]
                 continue
-            data = view[start - offset:stop - offset]
+            data = view[start - offset : stop - offset]
             device.readinto(start, data)
-            buffers += [P.CHUNK_HEADER.pack(P.STRUCTURED_REPLY_MAGIC, done,
-                                            P.REPLY_TYPE_OFFSET_DATA, handle, 8 + len(data)),
-                        start.to_bytes(8, "big"), data]
+            buffers += [
+                P.CHUNK_HEADER.pack(
+                    P.STRUCTURED_REPLY_MAGIC, done, P.REPLY_TYPE_OFFSET_DATA, handle, 8 + len(data)
+                ),
+                start.to_bytes(8, "big"),
+                data,
+            ]
         self._send(*buffers)
 
     def _block_status(self, request: _Request, device: BlockDevice) -> None:
         if not self.contexts:
-            raise _RequestError(P.EINVAL, "block-status needs a metadata context negotiated "
-                                          "with NBD_OPT_SET_META_CONTEXT")
+            raise _RequestError(
+                P.EINVAL,
+                "block-status needs a metadata context negotiated with NBD_OPT_SET_META_CONTEXT",
+            )
         if not request.length:
             raise _RequestError(P.EINVAL, "block-status of 0 bytes")
         extents = device.extents(request.offset, request.length)
@@ -648,9 +734,16 @@ class _Connection:
             for ext_length, status in descriptors:
                 payload += ext_length.to_bytes(4, "big") + status.to_bytes(4, "big")
             done = P.REPLY_FLAG_DONE if index == len(self.contexts) - 1 else 0
-            buffers += [P.CHUNK_HEADER.pack(P.STRUCTURED_REPLY_MAGIC, done,
-                                            P.REPLY_TYPE_BLOCK_STATUS, request.handle,
-                                            len(payload)), payload]
+            buffers += [
+                P.CHUNK_HEADER.pack(
+                    P.STRUCTURED_REPLY_MAGIC,
+                    done,
+                    P.REPLY_TYPE_BLOCK_STATUS,
+                    request.handle,
+                    len(payload),
+                ),
+                payload,
+            ]
         self._send(*buffers)
 
     @staticmethod
@@ -680,22 +773,34 @@ class NBDServer:
     The devices stay open: the caller closes them after the server has stopped.
     """
 
-    def __init__(self, exports: BlockDevice | Sequence[NBDExport], *,
-                 unix_path: str | os.PathLike | None = None, host: str | None = None,
-                 port: int | None = None, read_only: bool = False, export_name: str = "",
-                 description: str = "", persistent: bool = False, shared: int = 1,
-                 workers: int = 4, max_requests_in_flight: int = 16,
-                 handshake_timeout: float | None = 10.0):
+    def __init__(
+        self,
+        exports: BlockDevice | Sequence[NBDExport],
+        *,
+        unix_path: str | os.PathLike | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        read_only: bool = False,
+        export_name: str = "",
+        description: str = "",
+        persistent: bool = False,
+        shared: int = 1,
+        workers: int = 4,
+        max_requests_in_flight: int = 16,
+        handshake_timeout: float | None = 10.0,
+    ):
         if isinstance(exports, BlockDevice):
             exports = [NBDExport(exports, export_name, description, read_only)]
         elif export_name or description:
-            raise InvalidArgumentError("export_name and description apply to a single device; "
-                                       "give each NBDExport its own")
+            raise InvalidArgumentError(
+                "export_name and description apply to a single device; give each NBDExport its own"
+            )
         self.exports: dict[str, NBDExport] = {}
         for export in exports:
             if not isinstance(export, NBDExport):
-                raise InvalidArgumentError(f"exports must be NBDExport objects, not "
-                                           f"{type(export).__name__}")
+                raise InvalidArgumentError(
+                    f"exports must be NBDExport objects, not {type(export).__name__}"
+                )
             _check_string("export name", export.name)
             _check_string("export description", export.description)
             if export.name in self.exports:
@@ -706,8 +811,10 @@ class NBDServer:
         if not self.exports:
             raise InvalidArgumentError("an NBD server needs at least one export")
         if (unix_path is None) == (host is None):
-            raise InvalidArgumentError("give either unix_path or host (and port), not "
-                                       f"{'both' if host is not None else 'neither'}")
+            raise InvalidArgumentError(
+                "give either unix_path or host (and port), not "
+                f"{'both' if host is not None else 'neither'}"
+            )
         if unix_path is None and port is None:
             port = DEFAULT_PORT
         if unix_path is not None and port is not None:
@@ -717,11 +824,14 @@ class NBDServer:
         if shared < 0:
             raise InvalidArgumentError(f"shared {shared} must be 0 (no limit) or more")
         if workers < 1 or max_requests_in_flight < 1:
-            raise InvalidArgumentError(f"workers ({workers}) and max_requests_in_flight "
-                                       f"({max_requests_in_flight}) must be at least 1")
+            raise InvalidArgumentError(
+                f"workers ({workers}) and max_requests_in_flight "
+                f"({max_requests_in_flight}) must be at least 1"
+            )
         if handshake_timeout is not None and handshake_timeout <= 0:
-            raise InvalidArgumentError(f"handshake_timeout {handshake_timeout} must be "
-                                       f"positive (or None for none)")
+            raise InvalidArgumentError(
+                f"handshake_timeout {handshake_timeout} must be positive (or None for none)"
+            )
         self.unix_path = None if unix_path is None else os.fspath(unix_path)
         self.host = host
         self.port = port
@@ -766,8 +876,9 @@ class NBDServer:
             listener.listen(16)
         except OSError as exc:
             listener.close()
-            raise Qcow2IOError(exc.errno or errno.EIO, f"cannot listen on {where}: "
-                                                       f"{exc.strerror or exc}") from None
+            raise Qcow2IOError(
+                exc.errno or errno.EIO, f"cannot listen on {where}: {exc.strerror or exc}"
+            ) from None
         except (TypeError, ValueError) as exc:  # a host name socket cannot take
             listener.close()
             raise InvalidArgumentError(f"cannot listen on {where}: {exc}") from None
@@ -882,8 +993,7 @@ class NBDServer:
             try:
                 export.device.flush()
             except (Qcow2Error, OSError) as exc:
-                log.error("NBD client %s: flush after disconnect failed: %s",
-                          connection.peer, exc)
+                log.error("NBD client %s: flush after disconnect failed: %s", connection.peer, exc)
         with self._lock:
             self._connections.discard(connection)
         self._wake()
@@ -950,9 +1060,15 @@ class NBDServer:
             pass
 
 
-def serve(device: BlockDevice, *, unix_path: str | os.PathLike | None = None,
-          host: str | None = None, port: int | None = None,
-          ready: Callable[[NBDServer], None] | None = None, **options) -> None:
+def serve(
+    device: BlockDevice,
+    *,
+    unix_path: str | os.PathLike | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    ready: Callable[[NBDServer], None] | None = None,
+    **options,
+) -> None:
     """Export one device and serve in the foreground until the server stops.
 
     `options` are NBDServer's (read_only, export_name, description, persistent, shared,

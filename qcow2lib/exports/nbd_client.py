@@ -10,6 +10,7 @@ the device safe to share between threads. Reads and writes are split at the serv
 maximum block size. Every server error and a lost connection raise Qcow2IOError with
 the errno the server sent (EIO when the connection is gone).
 """
+
 from __future__ import annotations
 
 import errno
@@ -30,9 +31,9 @@ __all__ = ["NBDAddress", "NBDClient", "is_nbd_name", "parse_nbd_name", "nbd_addr
 
 DEFAULT_PORT = 10809
 OLDSTYLE_MAGIC = 0x00420281861253
-MAX_REPLY_PAYLOAD = P.MAX_PAYLOAD + 4096   # a read's data plus its chunk header
-MAX_STATUS_LENGTH = 0x80000000             # bytes asked for in one BLOCK_STATUS request
-HANDSHAKE_TIMEOUT = 30.0                   # seconds a server may take to negotiate
+MAX_REPLY_PAYLOAD = P.MAX_PAYLOAD + 4096  # a read's data plus its chunk header
+MAX_STATUS_LENGTH = 0x80000000  # bytes asked for in one BLOCK_STATUS request
+HANDSHAKE_TIMEOUT = 30.0  # seconds a server may take to negotiate
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _STATUS_DESCRIPTOR = struct.Struct(">II")
@@ -46,6 +47,7 @@ class NBDAddress:
     caller asks for another one, whose values are then read as base:allocation flags, as
     QEMU's x-dirty-bitmap option does).
     """
+
     export: str = ""
     socket_path: str | None = None
     host: str | None = None
@@ -77,14 +79,14 @@ def parse_nbd_name(name: str) -> NBDAddress:
     if "://" in name:
         return _parse_uri(name)
     # nbd:unix:PATH[:exportname=NAME] or nbd:HOST:PORT[:exportname=NAME]
-    rest = name[len("nbd:"):]
+    rest = name[len("nbd:") :]
     export = ""
     marker = rest.find(":exportname=")
     if marker >= 0:
-        export = rest[marker + len(":exportname="):]
+        export = rest[marker + len(":exportname=") :]
         rest = rest[:marker]
     if rest.startswith("unix:"):
-        path = rest[len("unix:"):]
+        path = rest[len("unix:") :]
         if not path:
             raise InvalidArgumentError(f"No socket path in NBD name '{name}'")
         return NBDAddress(export=export, socket_path=path)
@@ -105,8 +107,9 @@ def _parse_uri(name: str) -> NBDAddress:
             raise InvalidArgumentError(f"NBD URI '{name}' names a host for a Unix socket")
         sockets = query.pop("socket", [])
         if len(sockets) != 1 or not sockets[0] or query:
-            raise InvalidArgumentError(f"NBD URI '{name}' needs exactly one query parameter "
-                                       f"'socket'")
+            raise InvalidArgumentError(
+                f"NBD URI '{name}' needs exactly one query parameter 'socket'"
+            )
         return NBDAddress(export=export, socket_path=sockets[0])
     if query:
         raise InvalidArgumentError(f"NBD URI '{name}' takes no query parameters")
@@ -127,8 +130,11 @@ def nbd_address_from_options(options: dict[str, str], name: str) -> NBDAddress:
     export = opts.pop("export", "")
     context = opts.pop("x-dirty-bitmap", P.CONTEXT_BASE_ALLOCATION)
     server_type = opts.pop("server.type", None)
-    path, host, port = (opts.pop("server.path", None), opts.pop("server.host", None),
-                        opts.pop("server.port", None))
+    path, host, port = (
+        opts.pop("server.path", None),
+        opts.pop("server.host", None),
+        opts.pop("server.port", None),
+    )
     legacy = opts.pop("path", None), opts.pop("host", None), opts.pop("port", None)
     if any(value is not None for value in legacy):
         if server_type or path or host or port:
@@ -144,9 +150,12 @@ def nbd_address_from_options(options: dict[str, str], name: str) -> NBDAddress:
     if server_type == "inet":
         if not host:
             raise InvalidArgumentError("Parameter 'host' is missing")
-        return NBDAddress(export=export, host=host,
-                          port=_port(str(port), name) if port else DEFAULT_PORT,
-                          status_context=context)
+        return NBDAddress(
+            export=export,
+            host=host,
+            port=_port(str(port), name) if port else DEFAULT_PORT,
+            status_context=context,
+        )
     if server_type is None:
         raise InvalidArgumentError("NBD server address missing")
     raise InvalidArgumentError(f"Invalid parameter '{server_type}' (server.type)")
@@ -195,9 +204,10 @@ class NBDClient(BlockDevice):
             try:
                 socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
             except socket.gaierror as exc:
-                raise Qcow2IOError(errno.EINVAL, f"address resolution failed for "
-                                                 f"{address.host}:{address.port}: "
-                                                 f"{exc.strerror}") from None
+                raise Qcow2IOError(
+                    errno.EINVAL,
+                    f"address resolution failed for {address.host}:{address.port}: {exc.strerror}",
+                ) from None
         try:
             if address.socket_path is not None:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -210,10 +220,14 @@ class NBDClient(BlockDevice):
                 sock = socket.create_connection((address.host, address.port))
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
-            where = address.socket_path if address.socket_path is not None else \
-                f"{address.host}:{address.port}"
-            raise Qcow2IOError(exc.errno or errno.EIO, f"Failed to connect to '{where}': "
-                                                       f"{exc.strerror or exc}") from None
+            where = (
+                address.socket_path
+                if address.socket_path is not None
+                else f"{address.host}:{address.port}"
+            )
+            raise Qcow2IOError(
+                exc.errno or errno.EIO, f"Failed to connect to '{where}': {exc.strerror or exc}"
+            ) from None
         return sock
 
     def _recv(self, count: int) -> bytearray:
@@ -242,24 +256,33 @@ class NBDClient(BlockDevice):
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-        return Qcow2IOError(errno.EIO, f"NBD connection to '{self.filename}' lost: {why}",
-                            self.filename)
+        return Qcow2IOError(
+            errno.EIO, f"NBD connection to '{self.filename}' lost: {why}", self.filename
+        )
 
     def _handshake(self) -> None:
         magic, second, flags = P.GREETING.unpack(self._recv(P.GREETING.size))
         if magic != P.NBDMAGIC:
-            raise Qcow2IOError(errno.EINVAL, f"'{self.filename}' is not an NBD server (magic "
-                                             f"{magic:#x})", self.filename)
+            raise Qcow2IOError(
+                errno.EINVAL,
+                f"'{self.filename}' is not an NBD server (magic {magic:#x})",
+                self.filename,
+            )
         if second == OLDSTYLE_MAGIC:
-            raise Qcow2IOError(errno.EINVAL, f"The NBD server at '{self.filename}' speaks only "
-                                             f"the oldstyle protocol", self.filename)
+            raise Qcow2IOError(
+                errno.EINVAL,
+                f"The NBD server at '{self.filename}' speaks only the oldstyle protocol",
+                self.filename,
+            )
         if second != P.IHAVEOPT:
-            raise Qcow2IOError(errno.EINVAL, f"Bad NBD magic {second:#x} from "
-                                             f"'{self.filename}'", self.filename)
+            raise Qcow2IOError(
+                errno.EINVAL, f"Bad NBD magic {second:#x} from '{self.filename}'", self.filename
+            )
         fixed = bool(flags & P.FLAG_FIXED_NEWSTYLE)
         self.no_zeroes = bool(flags & P.FLAG_NO_ZEROES)
-        client_flags = (P.FLAG_C_FIXED_NEWSTYLE if fixed else 0) | \
-            (P.FLAG_C_NO_ZEROES if self.no_zeroes else 0)
+        client_flags = (P.FLAG_C_FIXED_NEWSTYLE if fixed else 0) | (
+            P.FLAG_C_NO_ZEROES if self.no_zeroes else 0
+        )
         self._sendall(P.CLIENT_FLAGS.pack(client_flags))
         if fixed:
             self.structured = self._simple_option(P.OPT_STRUCTURED_REPLY)
@@ -310,7 +333,7 @@ class NBDClient(BlockDevice):
     def _set_meta_context(self) -> None:
         name = self.address.export.encode()
         query = self.address.status_context.encode()
-        data = (_U32.pack(len(name)) + name + _U32.pack(1) + _U32.pack(len(query)) + query)
+        data = _U32.pack(len(name)) + name + _U32.pack(1) + _U32.pack(len(query)) + query
         self._send_option(P.OPT_SET_META_CONTEXT, data)
         while True:
             try:
@@ -350,8 +373,9 @@ class NBDClient(BlockDevice):
         try:
             reply = self._recv(P.EXPORT_NAME_REPLY.size)
         except Qcow2IOError:
-            raise Qcow2IOError(errno.EINVAL, "Requested export not available",
-                               self.filename) from None
+            raise Qcow2IOError(
+                errno.EINVAL, "Requested export not available", self.filename
+            ) from None
         self.size, self.transmission_flags = P.EXPORT_NAME_REPLY.unpack(reply)
         if not self.no_zeroes:
             self._recv(len(P.EXPORT_NAME_PADDING))
@@ -359,17 +383,26 @@ class NBDClient(BlockDevice):
         self.context_id = None
 
     # -- transmission --
-    def _request(self, command: int, flags: int, offset: int, length: int,
-                 payload=b"", into: memoryview | None = None) -> list[tuple[int, bytes]]:
+    def _request(
+        self,
+        command: int,
+        flags: int,
+        offset: int,
+        length: int,
+        payload=b"",
+        into: memoryview | None = None,
+    ) -> list[tuple[int, bytes]]:
         """Send one request and read its whole reply; returns the block status chunks'
         (context id, descriptors). A read's data lands in `into`. Call with the lock held."""
         if self._sock is None:
-            raise Qcow2IOError(errno.EIO, f"NBD connection to '{self.filename}' is closed",
-                               self.filename)
+            raise Qcow2IOError(
+                errno.EIO, f"NBD connection to '{self.filename}' is closed", self.filename
+            )
         self._handle += 1
         handle = self._handle
-        self._sendall(P.REQUEST.pack(P.REQUEST_MAGIC, flags, command, handle, offset, length),
-                      payload)
+        self._sendall(
+            P.REQUEST.pack(P.REQUEST_MAGIC, flags, command, handle, offset, length), payload
+        )
         magic = _U32.unpack(self._recv(4))[0]
         if magic == P.SIMPLE_REPLY_MAGIC:
             error, echoed = struct.unpack(">IQ", self._recv(12))
@@ -387,8 +420,9 @@ class NBDClient(BlockDevice):
         if echoed != handle:
             raise self._lost(f"reply for handle {echoed} while waiting for {handle}")
 
-    def _structured_reply(self, command: int, handle: int, offset: int, length: int,
-                          into: memoryview | None) -> list[tuple[int, bytes]]:
+    def _structured_reply(
+        self, command: int, handle: int, offset: int, length: int, into: memoryview | None
+    ) -> list[tuple[int, bytes]]:
         statuses: list[tuple[int, bytes]] = []
         error: Qcow2IOError | None = None
         first = True
@@ -408,30 +442,40 @@ class NBDClient(BlockDevice):
                 start = chunk_offset - offset
                 if start < 0 or start + data_length > length:
                     raise self._lost(f"read data chunk at {chunk_offset} outside the request")
-                into[start:start + data_length] = self._recv(data_length)
-            elif kind == P.REPLY_TYPE_OFFSET_HOLE and command == P.CMD_READ and \
-                    size == P.OFFSET_HOLE_PAYLOAD.size:
+                into[start : start + data_length] = self._recv(data_length)
+            elif (
+                kind == P.REPLY_TYPE_OFFSET_HOLE
+                and command == P.CMD_READ
+                and size == P.OFFSET_HOLE_PAYLOAD.size
+            ):
                 chunk_offset, hole_length = P.OFFSET_HOLE_PAYLOAD.unpack(
-                    self._recv(P.OFFSET_HOLE_PAYLOAD.size))
+                    self._recv(P.OFFSET_HOLE_PAYLOAD.size)
+                )
                 start = chunk_offset - offset
                 if start < 0 or start + hole_length > length:
                     raise self._lost(f"read hole chunk at {chunk_offset} outside the request")
-                into[start:start + hole_length] = bytes(hole_length)
-            elif kind == P.REPLY_TYPE_BLOCK_STATUS and command == P.CMD_BLOCK_STATUS and \
-                    size >= 4 and size % 8 == 4:
+                into[start : start + hole_length] = bytes(hole_length)
+            elif (
+                kind == P.REPLY_TYPE_BLOCK_STATUS
+                and command == P.CMD_BLOCK_STATUS
+                and size >= 4
+                and size % 8 == 4
+            ):
                 payload = bytes(self._recv(size))
                 statuses.append((_U32.unpack_from(payload)[0], payload[4:]))
             elif kind in (P.REPLY_TYPE_ERROR, P.REPLY_TYPE_ERROR_OFFSET) and size >= 6:
                 payload = bytes(self._recv(size))
                 value, message_length = P.ERROR_PAYLOAD.unpack_from(payload)
-                message = payload[6:6 + message_length].decode("utf-8", "replace")
+                message = payload[6 : 6 + message_length].decode("utf-8", "replace")
                 if error is None:
                     error = self._server_error(command, value, message)
             elif kind == P.REPLY_TYPE_NONE and size == 0:
                 pass
             else:
-                raise self._lost(f"unexpected reply chunk type {kind} ({size} bytes) for "
-                                 f"{P.COMMAND_NAMES.get(command, command)}")
+                raise self._lost(
+                    f"unexpected reply chunk type {kind} ({size} bytes) for "
+                    f"{P.COMMAND_NAMES.get(command, command)}"
+                )
             if flags & P.REPLY_FLAG_DONE:
                 break
         if error is not None:
@@ -439,10 +483,16 @@ class NBDClient(BlockDevice):
         return statuses
 
     def _server_error(self, command: int, value: int, message: str) -> Qcow2IOError:
-        code = value if value in (P.EPERM, P.EIO, P.ENOMEM, P.EINVAL, P.ENOSPC, P.EOVERFLOW,
-                                  P.ENOTSUP, P.ESHUTDOWN) else errno.EINVAL
-        text = f"NBD {P.COMMAND_NAMES.get(command, command)} failed on '{self.filename}': " \
-               f"{os.strerror(code)}"
+        code = (
+            value
+            if value
+            in (P.EPERM, P.EIO, P.ENOMEM, P.EINVAL, P.ENOSPC, P.EOVERFLOW, P.ENOTSUP, P.ESHUTDOWN)
+            else errno.EINVAL
+        )
+        text = (
+            f"NBD {P.COMMAND_NAMES.get(command, command)} failed on '{self.filename}': "
+            f"{os.strerror(code)}"
+        )
         if message:
             text += f" (server reported: {message})"
         return Qcow2IOError(code, text, self.filename)
@@ -461,7 +511,7 @@ class NBDClient(BlockDevice):
         view = memoryview(buffer).cast("B")
         self.check_request(offset, len(view))
         for chunk_offset, n in self._chunks(offset, len(view)):
-            piece = view[chunk_offset - offset:chunk_offset - offset + n]
+            piece = view[chunk_offset - offset : chunk_offset - offset + n]
             with self._lock:
                 self._request(P.CMD_READ, 0, chunk_offset, n, into=piece)
         return len(view)
@@ -471,8 +521,13 @@ class NBDClient(BlockDevice):
         self.check_request(offset, len(view), write=True)
         for chunk_offset, n in self._chunks(offset, len(view)):
             with self._lock:
-                self._request(P.CMD_WRITE, 0, chunk_offset, n,
-                              view[chunk_offset - offset:chunk_offset - offset + n])
+                self._request(
+                    P.CMD_WRITE,
+                    0,
+                    chunk_offset,
+                    n,
+                    view[chunk_offset - offset : chunk_offset - offset + n],
+                )
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         self.check_request(offset, length, write=True)
@@ -504,8 +559,9 @@ class NBDClient(BlockDevice):
     def extent_batches(self, offset: int, length: int) -> Iterator[list[Extent]]:
         """Allocation as the server's base:allocation reports it: HOLE is not data, ZERO
         reads as zeros; depth 0 (an export has no backing file the client sees), mapped at
-        its own offset, as QEMU's nbd driver reports it, one block status reply a batch. A hole that is not known to read
-        as zeros is not present (what x-dirty-bitmap shows as dirty or allocated)."""
+        its own offset, as QEMU's nbd driver reports it, one block status reply a batch. A hole
+        that is not known to read as zeros is not present (what x-dirty-bitmap shows as dirty
+        or allocated)."""
         end = offset + length
         pos = offset
         while pos < end:
@@ -516,8 +572,9 @@ class NBDClient(BlockDevice):
             ask = min(end - pos, MAX_STATUS_LENGTH)
             with self._lock:
                 statuses = self._request(P.CMD_BLOCK_STATUS, 0, pos, ask)
-            descriptors = next((data for context, data in statuses
-                                if context == self.context_id), b"")
+            descriptors = next(
+                (data for context, data in statuses if context == self.context_id), b""
+            )
             advanced = pos
             for index in range(0, len(descriptors), _STATUS_DESCRIPTOR.size):
                 run, flags = _STATUS_DESCRIPTOR.unpack_from(descriptors, index)
@@ -526,8 +583,17 @@ class NBDClient(BlockDevice):
                     break
                 is_data, is_zero = not flags & P.STATE_HOLE, bool(flags & P.STATE_ZERO)
                 allocated = is_data or is_zero  # neither: QEMU reports it absent, unmapped
-                result.append(Extent(advanced, run, is_data, is_zero, 0,
-                                     advanced if allocated else None, allocated))
+                result.append(
+                    Extent(
+                        advanced,
+                        run,
+                        is_data,
+                        is_zero,
+                        0,
+                        advanced if allocated else None,
+                        allocated,
+                    )
+                )
                 advanced += run
             if advanced == pos:
                 raise self._lost(f"block status at {pos} described no bytes")
@@ -539,8 +605,9 @@ class NBDClient(BlockDevice):
             if self._sock is None:
                 return
             try:
-                self._sock.sendall(P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_DISC,
-                                                  self._handle + 1, 0, 0))
+                self._sock.sendall(
+                    P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_DISC, self._handle + 1, 0, 0)
+                )
             except OSError:
                 pass
             self._sock.close()
@@ -583,9 +650,13 @@ class NBDHostFile:
     def pwrite(self, data, offset: int) -> None:
         view = memoryview(data).cast("B")
         if offset + len(view) > self.client.size:
-            raise Qcow2IOError(errno.ENOSPC, f"write of {len(view)} bytes at {offset} passes the "
-                                             f"end of the NBD export '{self.path}' "
-                                             f"({self.client.size} bytes)", self.path)
+            raise Qcow2IOError(
+                errno.ENOSPC,
+                f"write of {len(view)} bytes at {offset} passes the "
+                f"end of the NBD export '{self.path}' "
+                f"({self.client.size} bytes)",
+                self.path,
+            )
         self.client.write(offset, view)
 
     def pwritev(self, buffers: list, offset: int) -> None:
@@ -600,9 +671,12 @@ class NBDHostFile:
 
     def truncate(self, length: int) -> None:
         if length > self.client.size:
-            raise Qcow2IOError(errno.EINVAL, f"Cannot grow the NBD export '{self.path}' "
-                                             f"({self.client.size} bytes) to {length} bytes",
-                               self.path)
+            raise Qcow2IOError(
+                errno.EINVAL,
+                f"Cannot grow the NBD export '{self.path}' "
+                f"({self.client.size} bytes) to {length} bytes",
+                self.path,
+            )
 
     def allocate(self, offset: int, length: int) -> None:
         self.truncate(offset + length)

@@ -3,18 +3,19 @@
 Values are those of the NBD protocol document (doc/proto.md of the nbd project); every
 integer on the wire is big-endian.
 """
+
 from __future__ import annotations
 
 import struct
 
 # --- handshake ---------------------------------------------------------------------------
-NBDMAGIC = 0x4E42444D41474943          # "NBDMAGIC"
-IHAVEOPT = 0x49484156454F5054          # "IHAVEOPT": newstyle magic, and every option's
+NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
+IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT": newstyle magic, and every option's
 OPTION_REPLY_MAGIC = 0x0003E889045565A9
 
-FLAG_FIXED_NEWSTYLE = 1 << 0           # handshake flags (server)
+FLAG_FIXED_NEWSTYLE = 1 << 0  # handshake flags (server)
 FLAG_NO_ZEROES = 1 << 1
-FLAG_C_FIXED_NEWSTYLE = 1 << 0         # client flags
+FLAG_C_FIXED_NEWSTYLE = 1 << 0  # client flags
 FLAG_C_NO_ZEROES = 1 << 1
 
 OPT_EXPORT_NAME = 1
@@ -75,8 +76,13 @@ CMD_WRITE_ZEROES = 6
 CMD_BLOCK_STATUS = 7
 
 COMMAND_NAMES = {
-    CMD_READ: "read", CMD_WRITE: "write", CMD_DISC: "disconnect", CMD_FLUSH: "flush",
-    CMD_TRIM: "trim", CMD_CACHE: "cache", CMD_WRITE_ZEROES: "write-zeroes",
+    CMD_READ: "read",
+    CMD_WRITE: "write",
+    CMD_DISC: "disconnect",
+    CMD_FLUSH: "flush",
+    CMD_TRIM: "trim",
+    CMD_CACHE: "cache",
+    CMD_WRITE_ZEROES: "write-zeroes",
     CMD_BLOCK_STATUS: "block-status",
 }
 
@@ -112,20 +118,20 @@ EOVERFLOW = 75
 ENOTSUP = 95
 ESHUTDOWN = 108
 
-MAX_STRING = 4096               # names, descriptions, queries and error messages
-MAX_PAYLOAD = 32 << 20          # the largest read or write a portable peer must accept
+MAX_STRING = 4096  # names, descriptions, queries and error messages
+MAX_PAYLOAD = 32 << 20  # the largest read or write a portable peer must accept
 
 # --- layouts -----------------------------------------------------------------------------
-GREETING = struct.Struct(">QQH")          # NBDMAGIC, IHAVEOPT, handshake flags
+GREETING = struct.Struct(">QQH")  # NBDMAGIC, IHAVEOPT, handshake flags
 CLIENT_FLAGS = struct.Struct(">I")
-OPTION_HEADER = struct.Struct(">QII")      # IHAVEOPT, option, length
-OPTION_REPLY = struct.Struct(">QIII")      # magic, option, reply type, length
-EXPORT_NAME_REPLY = struct.Struct(">QH")   # size, transmission flags (+ 124 zero bytes)
+OPTION_HEADER = struct.Struct(">QII")  # IHAVEOPT, option, length
+OPTION_REPLY = struct.Struct(">QIII")  # magic, option, reply type, length
+EXPORT_NAME_REPLY = struct.Struct(">QH")  # size, transmission flags (+ 124 zero bytes)
 INFO_EXPORT_PAYLOAD = struct.Struct(">HQH")
 INFO_BLOCK_SIZE_PAYLOAD = struct.Struct(">HIII")
-REQUEST = struct.Struct(">IHHQQI")         # magic, flags, type, handle, offset, length
-SIMPLE_REPLY = struct.Struct(">IIQ")       # magic, error, handle
-CHUNK_HEADER = struct.Struct(">IHHQI")     # magic, flags, type, handle, payload length
+REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, handle, offset, length
+SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, handle
+CHUNK_HEADER = struct.Struct(">IHHQI")  # magic, flags, type, handle, payload length
 OFFSET_HOLE_PAYLOAD = struct.Struct(">QI")
-ERROR_PAYLOAD = struct.Struct(">IH")       # error, message length (message follows)
+ERROR_PAYLOAD = struct.Struct(">IH")  # error, message length (message follows)
 EXPORT_NAME_PADDING = bytes(124)

@@ -7,6 +7,7 @@ protocol for any `VirtioBackend`; each started ring gets a thread that waits for
 takes chains off the ring and hands them to a shared worker pool, so requests of one
 queue run concurrently and complete in any order.
 """
+
 from __future__ import annotations
 
 import array
@@ -20,8 +21,14 @@ from concurrent.futures import Executor
 from typing import Protocol
 
 from ..errors import Qcow2Error
-from .virtqueue import (DescriptorChain, GuestMemory, GuestMemoryError, SplitVirtqueue,
-                        VirtqueueError, signal_eventfd)
+from .virtqueue import (
+    DescriptorChain,
+    GuestMemory,
+    GuestMemoryError,
+    SplitVirtqueue,
+    VirtqueueError,
+    signal_eventfd,
+)
 
 # message types sent by the front-end
 GET_FEATURES = 1
@@ -45,8 +52,11 @@ SET_VRING_ENABLE = 18
 GET_CONFIG = 24
 SET_CONFIG = 25
 
-MESSAGE_NAMES = {value: name for name, value in globals().items()
-                 if name.isupper() and isinstance(value, int) and not name.startswith("_")}
+MESSAGE_NAMES = {
+    value: name
+    for name, value in globals().items()
+    if name.isupper() and isinstance(value, int) and not name.startswith("_")
+}
 
 # header flags
 VERSION = 0x1
@@ -57,25 +67,26 @@ FLAG_NEED_REPLY = 1 << 3
 # feature bits
 F_RING_INDIRECT_DESC = 28
 F_RING_EVENT_IDX = 29
-F_PROTOCOL_FEATURES = 30          # VHOST_USER_F_PROTOCOL_FEATURES
+F_PROTOCOL_FEATURES = 30  # VHOST_USER_F_PROTOCOL_FEATURES
 F_VERSION_1 = 32
 
 # protocol feature bits
 PROTOCOL_F_MQ = 0
 PROTOCOL_F_REPLY_ACK = 3
 PROTOCOL_F_CONFIG = 9
-SUPPORTED_PROTOCOL_FEATURES = (1 << PROTOCOL_F_MQ) | (1 << PROTOCOL_F_REPLY_ACK) | (
-    1 << PROTOCOL_F_CONFIG)
+SUPPORTED_PROTOCOL_FEATURES = (
+    (1 << PROTOCOL_F_MQ) | (1 << PROTOCOL_F_REPLY_ACK) | (1 << PROTOCOL_F_CONFIG)
+)
 
-HEADER = struct.Struct("<III")              # request, flags, size
+HEADER = struct.Struct("<III")  # request, flags, size
 U64 = struct.Struct("<Q")
-VRING_STATE = struct.Struct("<II")          # index, num
-VRING_ADDR = struct.Struct("<IIQQQQ")       # index, flags, desc, used, avail, log
-MEMORY_HEADER = struct.Struct("<II")        # nregions, padding
-MEMORY_REGION = struct.Struct("<QQQQ")      # guest_phys_addr, size, user_addr, mmap_offset
-CONFIG_HEADER = struct.Struct("<III")       # offset, size, flags
+VRING_STATE = struct.Struct("<II")  # index, num
+VRING_ADDR = struct.Struct("<IIQQQQ")  # index, flags, desc, used, avail, log
+MEMORY_HEADER = struct.Struct("<II")  # nregions, padding
+MEMORY_REGION = struct.Struct("<QQQQ")  # guest_phys_addr, size, user_addr, mmap_offset
+CONFIG_HEADER = struct.Struct("<III")  # offset, size, flags
 
-MAX_PAYLOAD = 4096              # the largest message we accept (a full memory table is 264)
+MAX_PAYLOAD = 4096  # the largest message we accept (a full memory table is 264)
 MAX_REGIONS = 8
 MAX_FDS = 8
 MAX_CONFIG_SIZE = 256
@@ -94,7 +105,7 @@ class ProtocolError(Qcow2Error):
 class VirtioBackend(Protocol):
     """What a device (virtio-blk) gives the protocol layer."""
 
-    features: int               # virtio feature bits offered, ring features included
+    features: int  # virtio feature bits offered, ring features included
     num_queues: int
 
     def config(self) -> bytes:
@@ -117,7 +128,7 @@ class Vring:
         self.lock = threading.Lock()
         self.drained = threading.Condition(self.lock)
         self.size = 0
-        self.addresses: tuple[int, int, int] | None = None   # desc, avail, used (front-end VAs)
+        self.addresses: tuple[int, int, int] | None = None  # desc, avail, used (front-end VAs)
         self.base = 0
         self.kick_fd: int | None = None
         self.call_fd: int | None = None
@@ -144,24 +155,33 @@ class Vring:
         self.stop()
         memory = self.connection.memory
         if memory is None or self.addresses is None or not self.size:
-            raise VhostUserError(f"vring {self.index} started before its memory table, "
-                                 f"addresses and size were set")
+            raise VhostUserError(
+                f"vring {self.index} started before its memory table, addresses and size were set"
+            )
         self.queue = self._map(memory)
         if not self.connection.protocol_features_acked:
             self.enabled = True
         self.broken = False
         self.stopping = False
-        self.thread = threading.Thread(target=self._serve, name=f"vhost-user vring {self.index}",
-                                       daemon=True)
+        self.thread = threading.Thread(
+            target=self._serve, name=f"vhost-user vring {self.index}", daemon=True
+        )
         self.thread.start()
 
     def _map(self, memory: GuestMemory) -> SplitVirtqueue:
         features = self.connection.acked_features
         try:
             desc, avail, used = (memory.user_to_guest(addr) for addr in self.addresses)
-            return SplitVirtqueue(memory, self.size, desc, avail, used, self.base,
-                                  event_idx=bool(features >> F_RING_EVENT_IDX & 1),
-                                  indirect=bool(features >> F_RING_INDIRECT_DESC & 1))
+            return SplitVirtqueue(
+                memory,
+                self.size,
+                desc,
+                avail,
+                used,
+                self.base,
+                event_idx=bool(features >> F_RING_EVENT_IDX & 1),
+                indirect=bool(features >> F_RING_INDIRECT_DESC & 1),
+            )
         except (GuestMemoryError, VirtqueueError) as exc:
             raise VhostUserError(f"vring {self.index}: {exc}") from None
 
@@ -197,7 +217,7 @@ class Vring:
     def wake(self) -> None:
         try:
             os.write(self.wake_write, b"w")
-        except BlockingIOError:         # already woken many times over
+        except BlockingIOError:  # already woken many times over
             pass
 
     def close(self) -> None:
@@ -211,7 +231,7 @@ class Vring:
     def _serve(self) -> None:
         try:
             self._wait_for_kicks()
-        except Exception:       # a bug here stops this ring, never the process
+        except Exception:  # a bug here stops this ring, never the process
             self.broken = True
             self.log.exception("vhost-user vring %d stopped", self.index)
 
@@ -243,7 +263,7 @@ class Vring:
                     chain = queue.pop()
                     if chain is None:
                         queue.publish_avail_event()
-                        if not queue.pending():        # nothing slipped in meanwhile
+                        if not queue.pending():  # nothing slipped in meanwhile
                             break
                         continue
                     chains.append(chain)
@@ -262,30 +282,31 @@ class Vring:
         written = 0
         try:
             written = self.connection.backend.handle(memory, chain)
-        except Exception:       # a worker must never die: the ring would hang
+        except Exception:  # a worker must never die: the ring would hang
             self.log.exception("vhost-user vring %d: request %d failed", self.index, chain.head)
         finally:
             memory.release()
         with self.lock:
             notify = False
             try:
-                if self.queue is not None:      # the current mapping of this same ring
+                if self.queue is not None:  # the current mapping of this same ring
                     notify = self.queue.push(chain.head, written)
                     self.completed += 1
-            except ValueError:       # memory unmapped under us: the front-end is gone
+            except ValueError:  # memory unmapped under us: the front-end is gone
                 pass
             self.in_flight -= 1
             if not self.in_flight:
                 self.drained.notify_all()
-            if notify:                  # under the lock: SET_VRING_CALL may replace the fd
+            if notify:  # under the lock: SET_VRING_CALL may replace the fd
                 signal_eventfd(self.call_fd)
 
 
 class VhostUserConnection:
     """One front-end on one accepted socket: the message loop and its rings."""
 
-    def __init__(self, sock: socket.socket, backend: VirtioBackend, executor: Executor,
-                 log: logging.Logger):
+    def __init__(
+        self, sock: socket.socket, backend: VirtioBackend, executor: Executor, log: logging.Logger
+    ):
         self.sock = sock
         self.backend = backend
         self.executor = executor
@@ -311,7 +332,7 @@ class VhostUserConnection:
             self.log.warning("vhost-user front-end dropped: %s", exc)
         except OSError as exc:
             self.log.warning("vhost-user connection failed: %s", exc)
-        except Exception:       # whatever a front-end sends, the server must go on
+        except Exception:  # whatever a front-end sends, the server must go on
             self.log.exception("vhost-user front-end dropped after an unexpected error")
         finally:
             self.reset()
@@ -334,18 +355,20 @@ class VhostUserConnection:
         while len(data) < length:
             chunk = self.sock.recv(length - len(data))
             if not chunk:
-                raise ProtocolError(f"connection closed inside a message ({len(data)} of "
-                                    f"{length} bytes)")
+                raise ProtocolError(
+                    f"connection closed inside a message ({len(data)} of {length} bytes)"
+                )
             data += chunk
         return data
 
     def _receive(self) -> tuple[int, int, bytes, list[int]] | None:
         fds = array.array("i")
         data, ancillary, flags, _ = self.sock.recvmsg(
-            HEADER.size, socket.CMSG_SPACE(MAX_FDS * fds.itemsize), socket.MSG_CMSG_CLOEXEC)
+            HEADER.size, socket.CMSG_SPACE(MAX_FDS * fds.itemsize), socket.MSG_CMSG_CLOEXEC
+        )
         for level, kind, payload in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
         fd_list = list(fds)
         try:
             if not data:
@@ -357,11 +380,12 @@ class VhostUserConnection:
             data += self._receive_exact(HEADER.size - len(data))
             request, header_flags, size = HEADER.unpack(data)
             if header_flags & VERSION_MASK != VERSION:
-                raise ProtocolError(f"message version {header_flags & VERSION_MASK} in flags "
-                                    f"{header_flags:#x} is not {VERSION}")
+                raise ProtocolError(
+                    f"message version {header_flags & VERSION_MASK} in flags "
+                    f"{header_flags:#x} is not {VERSION}"
+                )
             if size > MAX_PAYLOAD:
-                raise ProtocolError(f"message {request} payload size {size} exceeds "
-                                    f"{MAX_PAYLOAD}")
+                raise ProtocolError(f"message {request} payload size {size} exceeds {MAX_PAYLOAD}")
             payload = self._receive_exact(size)
         except BaseException:
             for fd in fd_list:
@@ -376,8 +400,9 @@ class VhostUserConnection:
     def _dispatch(self, request: int, flags: int, payload: bytes, fds: list[int]) -> None:
         name = MESSAGE_NAMES.get(request, str(request))
         handler = getattr(self, f"_on_{name.lower()}", None)
-        self.log.debug("vhost-user message %s flags %#x size %d fds %d", name, flags,
-                       len(payload), len(fds))
+        self.log.debug(
+            "vhost-user message %s flags %#x size %d fds %d", name, flags, len(payload), len(fds)
+        )
         reply: bytes | None = None
         failed = False
         try:
@@ -388,7 +413,7 @@ class VhostUserConnection:
             failed = True
             self.log.warning("vhost-user %s refused: %s", name, exc)
         finally:
-            for fd in fds:              # handlers take what they keep (setting it to -1)
+            for fd in fds:  # handlers take what they keep (setting it to -1)
                 if fd >= 0:
                     os.close(fd)
         if reply is not None:
@@ -400,14 +425,16 @@ class VhostUserConnection:
 
     def _unpack(self, layout: struct.Struct, payload: bytes, name: str) -> tuple:
         if len(payload) < layout.size:
-            raise VhostUserError(f"{name} payload of {len(payload)} bytes is shorter than "
-                                 f"{layout.size}")
+            raise VhostUserError(
+                f"{name} payload of {len(payload)} bytes is shorter than {layout.size}"
+            )
         return layout.unpack_from(payload)
 
     def _vring(self, index: int) -> Vring:
         if index >= len(self.vrings):
-            raise VhostUserError(f"vring index {index} is not below the queue count "
-                                 f"{len(self.vrings)}")
+            raise VhostUserError(
+                f"vring index {index} is not below the queue count {len(self.vrings)}"
+            )
         return self.vrings[index]
 
     def _take_fd(self, fds: list[int], flagged_none: bool, name: str) -> int | None:
@@ -426,8 +453,9 @@ class VhostUserConnection:
         (features,) = self._unpack(U64, payload, "SET_FEATURES")
         offered = self.backend.features | 1 << F_PROTOCOL_FEATURES
         if features & ~offered:
-            raise VhostUserError(f"features {features:#x} include bits {features & ~offered:#x} "
-                                 f"never offered")
+            raise VhostUserError(
+                f"features {features:#x} include bits {features & ~offered:#x} never offered"
+            )
         self.acked_features = features
 
     def _on_get_protocol_features(self, payload, fds):
@@ -454,12 +482,16 @@ class VhostUserConnection:
     def _on_set_mem_table(self, payload, fds):
         nregions, _ = self._unpack(MEMORY_HEADER, payload, "SET_MEM_TABLE")
         if not 1 <= nregions <= MAX_REGIONS or nregions != len(fds):
-            raise VhostUserError(f"memory table with {nregions} regions and {len(fds)} file "
-                                 f"descriptors (1 to {MAX_REGIONS}, one each)")
+            raise VhostUserError(
+                f"memory table with {nregions} regions and {len(fds)} file "
+                f"descriptors (1 to {MAX_REGIONS}, one each)"
+            )
         if len(payload) < MEMORY_HEADER.size + nregions * MEMORY_REGION.size:
             raise VhostUserError(f"memory table of {nregions} regions in {len(payload)} bytes")
-        descriptions = [MEMORY_REGION.unpack_from(payload, MEMORY_HEADER.size + i * MEMORY_REGION.size)
-                        for i in range(nregions)]
+        descriptions = [
+            MEMORY_REGION.unpack_from(payload, MEMORY_HEADER.size + i * MEMORY_REGION.size)
+            for i in range(nregions)
+        ]
         try:
             memory = GuestMemory.map_regions(descriptions, fds)
         except GuestMemoryError as exc:
@@ -527,10 +559,11 @@ class VhostUserConnection:
     def _on_get_config(self, payload, fds):
         offset, size, _ = self._unpack(CONFIG_HEADER, payload, "GET_CONFIG")
         if offset + size > MAX_CONFIG_SIZE:
-            raise ProtocolError(f"GET_CONFIG offset {offset} size {size} passes "
-                                f"{MAX_CONFIG_SIZE} bytes")
+            raise ProtocolError(
+                f"GET_CONFIG offset {offset} size {size} passes {MAX_CONFIG_SIZE} bytes"
+            )
         config = self.backend.config().ljust(MAX_CONFIG_SIZE, b"\0")
-        return payload[:CONFIG_HEADER.size] + config[offset:offset + size]
+        return payload[: CONFIG_HEADER.size] + config[offset : offset + size]
 
     def _on_set_config(self, payload, fds):
         raise VhostUserError("the configuration space is read-only")

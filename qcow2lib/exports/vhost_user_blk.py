@@ -10,6 +10,7 @@ disconnects (QEMU quit, or will reconnect) the device is flushed and the server 
 the next one. Requests are virtio-blk's (read, write, flush, get-id, discard, write
 zeroes), served by a worker pool, so several run at once and finish in any order.
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,17 +52,17 @@ S_OK = 0
 S_IOERR = 1
 S_UNSUPP = 2
 
-REQUEST_HEADER = struct.Struct("<IIQ")          # type, reserved (ioprio), sector
-RANGE_SEGMENT = struct.Struct("<QII")           # sector, num_sectors, flags
+REQUEST_HEADER = struct.Struct("<IIQ")  # type, reserved (ioprio), sector
+RANGE_SEGMENT = struct.Struct("<QII")  # sector, num_sectors, flags
 RANGE_F_UNMAP = 1
 ID_BYTES = 20
 
 # limits we announce in the configuration space
-SIZE_MAX = 1 << 20              # largest single buffer
-SEG_MAX = 126                   # buffers per request: a 128-entry queue less header and status
-MAX_RANGE_SECTORS = 1 << 22     # 2 GiB per discard / write-zeroes segment
+SIZE_MAX = 1 << 20  # largest single buffer
+SEG_MAX = 126  # buffers per request: a 128-entry queue less header and status
+MAX_RANGE_SECTORS = 1 << 22  # 2 GiB per discard / write-zeroes segment
 MAX_RANGE_SEGMENTS = 16
-IO_CHUNK = 1 << 20              # a request's data moves through buffers this big at most
+IO_CHUNK = 1 << 20  # a request's data moves through buffers this big at most
 
 # struct virtio_blk_config, up to write_zeroes_may_unmap and its padding (60 bytes)
 BLK_CONFIG = struct.Struct("<QII HBB I BBHI BBH III IIB3x")
@@ -70,27 +71,56 @@ BLK_CONFIG = struct.Struct("<QII HBB I BBHI BBH III IIB3x")
 class VirtioBlk:
     """The virtio-blk device model: features, configuration space and requests."""
 
-    def __init__(self, device: BlockDevice, read_only: bool, num_queues: int, serial: str,
-                 log: logging.Logger):
+    def __init__(
+        self,
+        device: BlockDevice,
+        read_only: bool,
+        num_queues: int,
+        serial: str,
+        log: logging.Logger,
+    ):
         self.device = device
         self.read_only = read_only or device.read_only
         self.num_queues = num_queues
         self.serial = serial.encode("utf-8")[:ID_BYTES]
         self.log = log
-        features = [F_VERSION_1, F_RING_INDIRECT_DESC, F_RING_EVENT_IDX, BLK_F_SIZE_MAX,
-                    BLK_F_SEG_MAX, BLK_F_BLK_SIZE, BLK_F_FLUSH, BLK_F_TOPOLOGY, BLK_F_MQ]
+        features = [
+            F_VERSION_1,
+            F_RING_INDIRECT_DESC,
+            F_RING_EVENT_IDX,
+            BLK_F_SIZE_MAX,
+            BLK_F_SEG_MAX,
+            BLK_F_BLK_SIZE,
+            BLK_F_FLUSH,
+            BLK_F_TOPOLOGY,
+            BLK_F_MQ,
+        ]
         features += [BLK_F_RO] if self.read_only else [BLK_F_DISCARD, BLK_F_WRITE_ZEROES]
         self.features = sum(1 << bit for bit in features)
 
     def config(self) -> bytes:
         return BLK_CONFIG.pack(
-            self.device.size // SECTOR, SIZE_MAX, SEG_MAX,
-            0, 0, 0,                                    # no geometry
-            SECTOR,                                     # blk_size
-            0, 0, 1, 0,                                 # topology: 512-byte blocks, no hint
-            0, 0, self.num_queues,                      # writeback, unused, num_queues
-            MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, 1,   # discard
-            MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, 1)   # write zeroes, may unmap
+            self.device.size // SECTOR,
+            SIZE_MAX,
+            SEG_MAX,
+            0,
+            0,
+            0,  # no geometry
+            SECTOR,  # blk_size
+            0,
+            0,
+            1,
+            0,  # topology: 512-byte blocks, no hint
+            0,
+            0,
+            self.num_queues,  # writeback, unused, num_queues
+            MAX_RANGE_SECTORS,
+            MAX_RANGE_SEGMENTS,
+            1,  # discard
+            MAX_RANGE_SECTORS,
+            MAX_RANGE_SEGMENTS,
+            1,
+        )  # write zeroes, may unmap
 
     def disconnected(self) -> None:
         if not self.read_only:
@@ -105,7 +135,7 @@ class VirtioBlk:
         status_addr = last.guest_addr + last.length - 1
         try:
             memory.check(status_addr, 1)
-        except GuestMemoryError as exc:     # the outcome could not be told: do nothing
+        except GuestMemoryError as exc:  # the outcome could not be told: do nothing
             self.log.warning("virtio-blk request %d: status byte: %s", chain.head, exc)
             return 0
         into_guest = chain.writable[:-1] + [last._replace(length=last.length - 1)]
@@ -116,9 +146,9 @@ class VirtioBlk:
                 status = S_IOERR
             else:
                 kind, _, sector = REQUEST_HEADER.unpack(header)
-                status, written = self._serve(kind, sector, memory,
-                                              _skip(chain.readable, REQUEST_HEADER.size),
-                                              into_guest)
+                status, written = self._serve(
+                    kind, sector, memory, _skip(chain.readable, REQUEST_HEADER.size), into_guest
+                )
         except GuestMemoryError as exc:
             self.log.warning("virtio-blk request %d: %s", chain.head, exc)
             status, written = S_IOERR, 0
@@ -129,8 +159,9 @@ class VirtioBlk:
             return 0
         return written + 1
 
-    def _serve(self, kind: int, sector: int, memory: GuestMemory, out: list[Segment],
-               into: list[Segment]) -> tuple[int, int]:
+    def _serve(
+        self, kind: int, sector: int, memory: GuestMemory, out: list[Segment], into: list[Segment]
+    ) -> tuple[int, int]:
         """(status, bytes written into the guest) for one request."""
         try:
             if kind == T_IN:
@@ -143,15 +174,16 @@ class VirtioBlk:
                 return S_OK, 0
             if kind == T_GET_ID:
                 space = sum(s.length for s in into)
-                ident = self.serial.ljust(ID_BYTES, b"\0")[:min(space, ID_BYTES)]
+                ident = self.serial.ljust(ID_BYTES, b"\0")[: min(space, ID_BYTES)]
                 _scatter(memory, into, ident)
                 return S_OK, len(ident)
             if kind in (T_DISCARD, T_WRITE_ZEROES):
                 return self._ranges(kind, memory, out), 0
             return S_UNSUPP, 0
         except (Qcow2Error, OSError) as exc:
-            self.log.warning("virtio-blk request type %d at sector %d failed: %s", kind, sector,
-                             exc)
+            self.log.warning(
+                "virtio-blk request type %d at sector %d failed: %s", kind, sector, exc
+            )
             return S_IOERR, 0
 
     def _span(self, sector: int, length: int) -> int | None:
@@ -173,7 +205,7 @@ class VirtioBlk:
             self.device.readinto(offset, buffer)
             done = 0
             for addr, length in batch:
-                memory.write(addr, buffer[done:done + length])
+                memory.write(addr, buffer[done : done + length])
                 done += length
             offset += done
         return S_OK, total
@@ -196,7 +228,11 @@ class VirtioBlk:
         if self.read_only:
             return S_IOERR
         total = sum(s.length for s in out)
-        if total % RANGE_SEGMENT.size or not total or total > MAX_RANGE_SEGMENTS * RANGE_SEGMENT.size:
+        if (
+            total % RANGE_SEGMENT.size
+            or not total
+            or total > MAX_RANGE_SEGMENTS * RANGE_SEGMENT.size
+        ):
             return S_IOERR
         data = _gather(memory, out, 0, total)
         ranges = [RANGE_SEGMENT.unpack_from(data, i) for i in range(0, total, RANGE_SEGMENT.size)]
@@ -209,8 +245,9 @@ class VirtioBlk:
             if kind == T_DISCARD:
                 self.device.discard(sector * SECTOR, count * SECTOR)
             else:
-                self.device.write_zeroes(sector * SECTOR, count * SECTOR,
-                                         may_unmap=bool(flags & RANGE_F_UNMAP))
+                self.device.write_zeroes(
+                    sector * SECTOR, count * SECTOR, may_unmap=bool(flags & RANGE_F_UNMAP)
+                )
         return S_OK
 
 
@@ -244,7 +281,7 @@ def _scatter(memory: GuestMemory, segments: list[Segment], data: bytes) -> None:
         if done >= len(data):
             break
         n = min(segment.length, len(data) - done)
-        memory.write(segment.guest_addr, data[done:done + n])
+        memory.write(segment.guest_addr, data[done : done + n])
         done += n
 
 
@@ -274,9 +311,17 @@ class VhostUserBlkServer:
     `shutdown()` disconnects the front-end, waits for requests in flight, flushes and
     removes the socket. The device stays open: its owner closes it."""
 
-    def __init__(self, device: BlockDevice, socket_path: str, *, read_only: bool = False,
-                 num_queues: int = 1, workers: int | None = None, serial: str | None = None,
-                 logger: logging.Logger | None = None):
+    def __init__(
+        self,
+        device: BlockDevice,
+        socket_path: str,
+        *,
+        read_only: bool = False,
+        num_queues: int = 1,
+        workers: int | None = None,
+        serial: str | None = None,
+        logger: logging.Logger | None = None,
+    ):
         if not 1 <= num_queues <= 64:
             raise InvalidArgumentError(f"num_queues {num_queues} is not between 1 and 64")
         if workers is not None and workers < 1:
@@ -303,7 +348,7 @@ class VhostUserBlkServer:
             raise InvalidArgumentError(f"the server on '{self.socket_path}' was already started")
         try:
             if stat.S_ISSOCK(os.stat(self.socket_path).st_mode):
-                os.unlink(self.socket_path)         # an earlier server's, as QEMU replaces it
+                os.unlink(self.socket_path)  # an earlier server's, as QEMU replaces it
         except FileNotFoundError:
             pass
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -312,13 +357,15 @@ class VhostUserBlkServer:
             listener.listen(1)
         except OSError as exc:
             listener.close()
-            raise InvalidArgumentError(f"cannot listen on socket '{self.socket_path}': "
-                                       f"{exc.strerror or exc}") from None
+            raise InvalidArgumentError(
+                f"cannot listen on socket '{self.socket_path}': {exc.strerror or exc}"
+            ) from None
         self._listener = listener
         self._wake_read, self._wake_write = os.pipe2(os.O_CLOEXEC)
         self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="vhost-user-blk")
-        self._thread = threading.Thread(target=self._accept_loop, name="vhost-user-blk server",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._accept_loop, name="vhost-user-blk server", daemon=True
+        )
         self._thread.start()
 
     def _accept_loop(self) -> None:
@@ -331,9 +378,10 @@ class VhostUserBlkServer:
                     continue
                 try:
                     sock, _ = self._listener.accept()
-                except OSError as exc:      # out of fds, or the peer gave up: try again
-                    self.log.warning("vhost-user-blk: accept on %s failed: %s",
-                                     self.socket_path, exc)
+                except OSError as exc:  # out of fds, or the peer gave up: try again
+                    self.log.warning(
+                        "vhost-user-blk: accept on %s failed: %s", self.socket_path, exc
+                    )
                     self._stop.wait(0.1)
                     continue
                 with self._lock:
@@ -343,10 +391,14 @@ class VhostUserBlkServer:
                     self.connections += 1
                     connection = VhostUserConnection(sock, self.blk, self._executor, self.log)
                     self._connection = connection
-                self.log.info("vhost-user-blk: front-end %d connected on %s (%d bytes, %d "
-                              "queues%s)", self.connections, self.socket_path,
-                              self.blk.device.size, self.blk.num_queues,
-                              ", read-only" if self.blk.read_only else "")
+                self.log.info(
+                    "vhost-user-blk: front-end %d connected on %s (%d bytes, %d queues%s)",
+                    self.connections,
+                    self.socket_path,
+                    self.blk.device.size,
+                    self.blk.num_queues,
+                    ", read-only" if self.blk.read_only else "",
+                )
                 try:
                     connection.run()
                 finally:
@@ -402,19 +454,33 @@ class VhostUserBlkServer:
         self.shutdown()
 
 
-def serve(device: BlockDevice, socket_path: str, *, read_only: bool = False,
-          num_queues: int = 1, workers: int | None = None, serial: str | None = None,
-          logger: logging.Logger | None = None) -> None:
+def serve(
+    device: BlockDevice,
+    socket_path: str,
+    *,
+    read_only: bool = False,
+    num_queues: int = 1,
+    workers: int | None = None,
+    serial: str | None = None,
+    logger: logging.Logger | None = None,
+) -> None:
     """Serve `device` until SIGINT (KeyboardInterrupt) or, when called from the main
     thread, SIGTERM; the server always shuts down cleanly (front-end disconnected,
     requests drained, device flushed, socket removed) before this returns."""
-    server = VhostUserBlkServer(device, socket_path, read_only=read_only,
-                                num_queues=num_queues, workers=workers, serial=serial,
-                                logger=logger)
+    server = VhostUserBlkServer(
+        device,
+        socket_path,
+        read_only=read_only,
+        num_queues=num_queues,
+        workers=workers,
+        serial=serial,
+        logger=logger,
+    )
     server.start()
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, lambda *_: server.shutdown()) if in_main_thread \
-        else None
+    previous = (
+        signal.signal(signal.SIGTERM, lambda *_: server.shutdown()) if in_main_thread else None
+    )
     try:
         server.wait()
     except KeyboardInterrupt:

@@ -5,6 +5,7 @@ checked before use: a bad descriptor raises `VirtqueueError` (the ring is unusab
 must stop) and a data buffer outside guest memory raises `GuestMemoryError` (only that
 request fails). Nothing is ever read or written outside the mapped regions.
 """
+
 from __future__ import annotations
 
 import mmap
@@ -15,14 +16,14 @@ from typing import NamedTuple
 
 from ..errors import Qcow2Error
 
-MAX_QUEUE_SIZE = 32768          # the largest split virtqueue the virtio spec allows
+MAX_QUEUE_SIZE = 32768  # the largest split virtqueue the virtio spec allows
 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
 DESC_F_INDIRECT = 4
 AVAIL_F_NO_INTERRUPT = 1
-DESCRIPTOR = struct.Struct("<QIHH")     # addr, len, flags, next
-USED_ELEM = struct.Struct("<II")        # id, len
+DESCRIPTOR = struct.Struct("<QIHH")  # addr, len, flags, next
+USED_ELEM = struct.Struct("<II")  # id, len
 U16 = struct.Struct("<H")
 
 
@@ -38,9 +39,9 @@ class VirtqueueError(Qcow2Error):
 class MemoryRegion(NamedTuple):
     guest_phys_addr: int
     size: int
-    user_addr: int              # where the front-end mapped it (ring addresses use this)
+    user_addr: int  # where the front-end mapped it (ring addresses use this)
     mapping: mmap.mmap
-    start: int                  # offset of guest_phys_addr inside `mapping`
+    start: int  # offset of guest_phys_addr inside `mapping`
 
 
 class GuestMemory:
@@ -54,25 +55,36 @@ class GuestMemory:
         self._lock = threading.Lock()
 
     @classmethod
-    def map_regions(cls, descriptions: list[tuple[int, int, int, int]], fds: list[int]
-                    ) -> "GuestMemory":
+    def map_regions(
+        cls, descriptions: list[tuple[int, int, int, int]], fds: list[int]
+    ) -> "GuestMemory":
         """Map each (guest_phys_addr, size, user_addr, mmap_offset) from its fd."""
         regions: list[MemoryRegion] = []
         try:
             for (guest_addr, size, user_addr, mmap_offset), fd in zip(descriptions, fds):
                 if size == 0 or guest_addr + size > 1 << 64 or user_addr + size > 1 << 64:
-                    raise GuestMemoryError(f"memory region guest_phys_addr {guest_addr:#x} "
-                                           f"size {size:#x} is empty or wraps around")
+                    raise GuestMemoryError(
+                        f"memory region guest_phys_addr {guest_addr:#x} "
+                        f"size {size:#x} is empty or wraps around"
+                    )
                 aligned = mmap_offset - mmap_offset % mmap.ALLOCATIONGRANULARITY
                 try:
-                    mapping = mmap.mmap(fd, size + mmap_offset - aligned, mmap.MAP_SHARED,
-                                        mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned)
+                    mapping = mmap.mmap(
+                        fd,
+                        size + mmap_offset - aligned,
+                        mmap.MAP_SHARED,
+                        mmap.PROT_READ | mmap.PROT_WRITE,
+                        offset=aligned,
+                    )
                 except (OSError, ValueError, OverflowError) as exc:
-                    raise GuestMemoryError(f"cannot map memory region guest_phys_addr "
-                                           f"{guest_addr:#x} size {size:#x} mmap_offset "
-                                           f"{mmap_offset:#x}: {exc}") from None
-                regions.append(MemoryRegion(guest_addr, size, user_addr, mapping,
-                                            mmap_offset - aligned))
+                    raise GuestMemoryError(
+                        f"cannot map memory region guest_phys_addr "
+                        f"{guest_addr:#x} size {size:#x} mmap_offset "
+                        f"{mmap_offset:#x}: {exc}"
+                    ) from None
+                regions.append(
+                    MemoryRegion(guest_addr, size, user_addr, mapping, mmap_offset - aligned)
+                )
         except BaseException:
             for region in regions:
                 region.mapping.close()
@@ -111,8 +123,9 @@ class GuestMemory:
         """(mapping, offset, length) pieces covering [guest_addr, +length)."""
         end = guest_addr + length
         if guest_addr < 0 or end > 1 << 64:
-            raise GuestMemoryError(f"guest address {guest_addr:#x} length {length:#x} wraps "
-                                   f"around the address space")
+            raise GuestMemoryError(
+                f"guest address {guest_addr:#x} length {length:#x} wraps around the address space"
+            )
         pos = guest_addr
         while pos < end:
             for region in self.regions:
@@ -122,30 +135,34 @@ class GuestMemory:
                     pos += n
                     break
             else:
-                raise GuestMemoryError(f"guest address {pos:#x} (buffer {guest_addr:#x} length "
-                                       f"{length:#x}) is outside guest memory")
+                raise GuestMemoryError(
+                    f"guest address {pos:#x} (buffer {guest_addr:#x} length "
+                    f"{length:#x}) is outside guest memory"
+                )
 
     def check(self, guest_addr: int, length: int) -> None:
         for _ in self._pieces(guest_addr, length):
             pass
 
     def read(self, guest_addr: int, length: int) -> bytes:
-        return b"".join(mapping[offset:offset + n]
-                        for mapping, offset, n in self._pieces(guest_addr, length))
+        return b"".join(
+            mapping[offset : offset + n] for mapping, offset, n in self._pieces(guest_addr, length)
+        )
 
     def write(self, guest_addr: int, data) -> None:
         view = memoryview(data).cast("B")
         done = 0
         for mapping, offset, n in self._pieces(guest_addr, len(view)):
-            mapping[offset:offset + n] = view[done:done + n]
+            mapping[offset : offset + n] = view[done : done + n]
             done += n
 
     def locate(self, guest_addr: int, length: int) -> tuple[mmap.mmap, int]:
         """The one mapping holding all of a ring structure, and its offset there."""
         pieces = list(self._pieces(guest_addr, length))
         if len(pieces) != 1:
-            raise GuestMemoryError(f"guest range {guest_addr:#x} length {length:#x} spans "
-                                   f"several memory regions")
+            raise GuestMemoryError(
+                f"guest range {guest_addr:#x} length {length:#x} spans several memory regions"
+            )
         return pieces[0][0], pieces[0][1]
 
     def user_to_guest(self, user_addr: int) -> int:
@@ -177,11 +194,19 @@ class SplitVirtqueue:
     """One split virtqueue: the device side of the descriptor table, available ring and
     used ring. Not thread-safe: the owner serialises pop and push."""
 
-    def __init__(self, memory: GuestMemory, size: int, desc_addr: int, avail_addr: int,
-                 used_addr: int, last_avail_idx: int, event_idx: bool, indirect: bool):
+    def __init__(
+        self,
+        memory: GuestMemory,
+        size: int,
+        desc_addr: int,
+        avail_addr: int,
+        used_addr: int,
+        last_avail_idx: int,
+        event_idx: bool,
+        indirect: bool,
+    ):
         if size < 1 or size > MAX_QUEUE_SIZE or size & (size - 1):
-            raise VirtqueueError(f"queue size {size} is not a power of two up to "
-                                 f"{MAX_QUEUE_SIZE}")
+            raise VirtqueueError(f"queue size {size} is not a power of two up to {MAX_QUEUE_SIZE}")
         self.memory = memory
         self.size = size
         self.event_idx = event_idx
@@ -200,8 +225,10 @@ class SplitVirtqueue:
     def pending(self) -> int:
         pending = (self.avail_idx() - self.last_avail_idx) & 0xFFFF
         if pending > self.size:
-            raise VirtqueueError(f"available index moved {pending} entries past the last one "
-                                 f"seen, more than the queue size {self.size}")
+            raise VirtqueueError(
+                f"available index moved {pending} entries past the last one "
+                f"seen, more than the queue size {self.size}"
+            )
         return pending
 
     def pop(self) -> DescriptorChain | None:
@@ -217,8 +244,7 @@ class SplitVirtqueue:
     def publish_avail_event(self) -> None:
         """With EVENT_IDX, ask for a kick only once the driver passes what we have seen."""
         if self.event_idx:
-            U16.pack_into(self.used_map, self.used_offset + 4 + 8 * self.size,
-                          self.last_avail_idx)
+            U16.pack_into(self.used_map, self.used_offset + 4 + 8 * self.size, self.last_avail_idx)
 
     def _walk(self, head: int) -> DescriptorChain:
         if head >= self.size:
@@ -231,18 +257,29 @@ class SplitVirtqueue:
             addr, length, flags, next_index = DESCRIPTOR.unpack_from(table, base + 16 * index)
             seen += 1
             if seen > count:
-                raise VirtqueueError(f"descriptor chain from head {head} is longer than its "
-                                     f"table ({count} entries): a loop")
+                raise VirtqueueError(
+                    f"descriptor chain from head {head} is longer than its "
+                    f"table ({count} entries): a loop"
+                )
             if flags & DESC_F_INDIRECT:
                 if in_indirect or not self.indirect:
-                    raise VirtqueueError(f"descriptor {index} of chain {head} is indirect "
-                                         f"{'inside an indirect table' if in_indirect else 'but INDIRECT_DESC was not negotiated'}")
+                    raise VirtqueueError(
+                        f"descriptor {index} of chain {head} is indirect "
+                        + (
+                            "inside an indirect table"
+                            if in_indirect
+                            else "but INDIRECT_DESC was not negotiated"
+                        )
+                    )
                 if flags & DESC_F_NEXT:
-                    raise VirtqueueError(f"indirect descriptor {index} of chain {head} also "
-                                         f"has NEXT set")
+                    raise VirtqueueError(
+                        f"indirect descriptor {index} of chain {head} also has NEXT set"
+                    )
                 if length == 0 or length % 16 or length // 16 > MAX_QUEUE_SIZE:
-                    raise VirtqueueError(f"indirect table length {length} of chain {head} is "
-                                         f"not a multiple of 16 up to {16 * MAX_QUEUE_SIZE}")
+                    raise VirtqueueError(
+                        f"indirect table length {length} of chain {head} is "
+                        f"not a multiple of 16 up to {16 * MAX_QUEUE_SIZE}"
+                    )
                 try:
                     table, base = self.memory.locate(addr, length)
                 except GuestMemoryError as exc:
@@ -252,15 +289,19 @@ class SplitVirtqueue:
             if flags & DESC_F_WRITE:
                 writable.append(Segment(addr, length, True))
             elif writable:
-                raise VirtqueueError(f"descriptor chain {head} has a device-readable buffer "
-                                     f"after a device-writable one")
+                raise VirtqueueError(
+                    f"descriptor chain {head} has a device-readable buffer "
+                    f"after a device-writable one"
+                )
             else:
                 readable.append(Segment(addr, length, False))
             if not flags & DESC_F_NEXT:
                 return DescriptorChain(head, readable, writable)
             if next_index >= count:
-                raise VirtqueueError(f"descriptor {index} of chain {head} links to {next_index}, "
-                                     f"past its table of {count} entries")
+                raise VirtqueueError(
+                    f"descriptor {index} of chain {head} links to {next_index}, "
+                    f"past its table of {count} entries"
+                )
             index = next_index
 
     # -- used side --

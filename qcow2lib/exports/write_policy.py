@@ -9,6 +9,7 @@ qemu-nbd's --discard/--detect-zeroes behaviour:
   gets a zero cluster instead of allocated zeros; "unmap" also lets it free the space
   (only with discard="unmap", as QEMU insists).
 """
+
 from __future__ import annotations
 
 from ..blockdev import BlockDevice, Extent
@@ -24,14 +25,16 @@ class WritePolicyDevice(BlockDevice):
     Reads, extents and flushes pass straight through; close() closes nothing (the owner
     closes `device`)."""
 
-    def __init__(self, device: BlockDevice, *, discard: str = "ignore",
-                 detect_zeroes: str = "off"):
+    def __init__(self, device: BlockDevice, *, discard: str = "ignore", detect_zeroes: str = "off"):
         if discard not in DISCARD_MODES:
-            raise InvalidArgumentError(f"discard mode {discard!r} is not one of "
-                                       f"{', '.join(DISCARD_MODES)}")
+            raise InvalidArgumentError(
+                f"discard mode {discard!r} is not one of {', '.join(DISCARD_MODES)}"
+            )
         if detect_zeroes not in DETECT_ZEROES_MODES:
-            raise InvalidArgumentError(f"detect_zeroes mode {detect_zeroes!r} is not one of "
-                                       f"{', '.join(DETECT_ZEROES_MODES)}")
+            raise InvalidArgumentError(
+                f"detect_zeroes mode {detect_zeroes!r} is not one of "
+                f"{', '.join(DETECT_ZEROES_MODES)}"
+            )
         self.unmap = DISCARD_MODES[discard]
         if detect_zeroes == "unmap" and not self.unmap:
             raise InvalidArgumentError("detect_zeroes 'unmap' needs discard 'unmap'")
@@ -48,8 +51,9 @@ class WritePolicyDevice(BlockDevice):
 
     def write(self, offset: int, data) -> None:
         if self.detect_zeroes != "off" and _all_zero(data):
-            self.device.write_zeroes(offset, memoryview(data).nbytes,
-                                     may_unmap=self.detect_zeroes == "unmap")
+            self.device.write_zeroes(
+                offset, memoryview(data).nbytes, may_unmap=self.detect_zeroes == "unmap"
+            )
         else:
             self.device.write(offset, data)
 

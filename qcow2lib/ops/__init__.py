@@ -5,14 +5,23 @@ Each operation (one module each, e.g. ops.info) is a plain function returning pl
 call the same functions. This module holds what every operation needs to take image
 names the way qemu-img does: protocol prefixes, backing name resolution, QEMU's sizes.
 """
+
 from __future__ import annotations
 
 from ..blockdev import BlockDevice
 from ..chain import FORMATS, json_image_target, open_image
 from ..errors import InvalidArgumentError, Qcow2Error
 
-__all__ = ["FORMATS", "error_text", "virtual_size", "has_protocol", "host_path", "open_by_name",
-           "path_combine", "full_backing_filename"]
+__all__ = [
+    "FORMATS",
+    "error_text",
+    "virtual_size",
+    "has_protocol",
+    "host_path",
+    "open_by_name",
+    "path_combine",
+    "full_backing_filename",
+]
 
 
 def error_text(exc: Qcow2Error) -> str:
@@ -58,7 +67,7 @@ def host_path(filename: str) -> str:
     if protocol in ("nbd", "nbd+tcp", "nbd+unix"):  # opened by the NBD client
         return filename
     if protocol == "file":
-        return filename[len("file:"):]
+        return filename[len("file:") :]
     raise InvalidArgumentError(f"Unknown protocol '{protocol}'")
 
 
@@ -72,9 +81,14 @@ def image_target(filename: str, fmt: str | None) -> tuple:
     return host_path(filename), fmt
 
 
-def open_by_name(filename: str, fmt: str | None = None, backing: bool = True,
-                 force_share: bool = False, backing_of: str | None = None,
-                 untrusted: bool = False) -> BlockDevice:
+def open_by_name(
+    filename: str,
+    fmt: str | None = None,
+    backing: bool = True,
+    force_share: bool = False,
+    backing_of: str | None = None,
+    untrusted: bool = False,
+) -> BlockDevice:
     """Open an image read-only, named as qemu-img names images (see image_target()).
 
     `fmt` None probes the format; an empty name fails as QEMU's file driver fails.
@@ -84,8 +98,16 @@ def open_by_name(filename: str, fmt: str | None = None, backing: bool = True,
     path, fmt = image_target(filename, fmt)
     if not path:
         raise InvalidArgumentError("The 'file' block driver requires a file name")
-    return open_image(path, "r", fmt, backing, force_share=force_share, open_data_file=False,
-                      backing_of=backing_of, untrusted=untrusted)
+    return open_image(
+        path,
+        "r",
+        fmt,
+        backing,
+        force_share=force_share,
+        open_data_file=False,
+        backing_of=backing_of,
+        untrusted=untrusted,
+    )
 
 
 def path_combine(base: str, filename: str) -> str:

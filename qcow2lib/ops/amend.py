@@ -18,6 +18,7 @@ QEMU's error messages.
 - lazy_refcounts: the compatible feature bit (the image is made clean first when
   turning it off).
 """
+
 from __future__ import annotations
 
 from .. import structs as S
@@ -28,10 +29,25 @@ from ..sizes import parse_number, parse_size
 from ..snapshot_table import pack_snapshot_table, read_snapshot_table
 from .resize import resize
 
-AMEND_OPTIONS = ("compat", "size", "backing_file", "backing_fmt", "lazy_refcounts",
-                 "refcount_bits", "data_file", "data_file_raw")
-CREATE_ONLY_OPTIONS = ("cluster_size", "preallocation", "encryption", "extended_l2",
-                       "compression_type", "nocow", "extent_size_hint")
+AMEND_OPTIONS = (
+    "compat",
+    "size",
+    "backing_file",
+    "backing_fmt",
+    "lazy_refcounts",
+    "refcount_bits",
+    "data_file",
+    "data_file_raw",
+)
+CREATE_ONLY_OPTIONS = (
+    "cluster_size",
+    "preallocation",
+    "encryption",
+    "extended_l2",
+    "compression_type",
+    "nocow",
+    "extent_size_hint",
+)
 
 
 class AmendError(Qcow2Error):
@@ -62,7 +78,8 @@ def parse_options(options: dict) -> dict:
                 raise InvalidArgumentError(
                     "Parameter 'size' expects a non-negative number below 2^64\nOptional "
                     "suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand "
-                    "exabytes, respectively.") from None
+                    "exabytes, respectively."
+                ) from None
         elif name == "refcount_bits":
             try:
                 out["refcount_bits"] = value if isinstance(value, int) else parse_number(str(value))
@@ -75,18 +92,29 @@ def parse_options(options: dict) -> dict:
         elif name in ("data_file", "data_file_raw"):
             out[name] = value
         elif name in CREATE_ONLY_OPTIONS:
-            raise InvalidArgumentError(f"Invalid parameter '{key}'\nThis option is only "
-                                       f"supported for image creation")
+            raise InvalidArgumentError(
+                f"Invalid parameter '{key}'\nThis option is only supported for image creation"
+            )
         else:
             raise InvalidArgumentError(f"Invalid parameter '{key}'")
     return out
 
 
-def amend(image_path: str, *, compat: str | None = None, refcount_bits: int | None = None,
-          lazy_refcounts: bool | None = None, size: int | None = None,
-          backing_file: str | None = None, backing_fmt: str | None = None,
-          data_file: str | None = None, data_file_raw=None, fmt: str | None = None,
-          progress=None, untrusted: bool = False) -> None:
+def amend(
+    image_path: str,
+    *,
+    compat: str | None = None,
+    refcount_bits: int | None = None,
+    lazy_refcounts: bool | None = None,
+    size: int | None = None,
+    backing_file: str | None = None,
+    backing_fmt: str | None = None,
+    data_file: str | None = None,
+    data_file_raw=None,
+    fmt: str | None = None,
+    progress=None,
+    untrusted: bool = False,
+) -> None:
     """Amend the qcow2 image at image_path (see the module docstring).
 
     Raises AmendError / InvalidArgumentError / UnsupportedFeatureError with qemu-img's
@@ -97,15 +125,36 @@ def amend(image_path: str, *, compat: str | None = None, refcount_bits: int | No
     try:
         if image.format != "qcow2":
             raise UnsupportedFeatureError(
-                f"Format driver '{image.format}' does not support option amendment")
-        _amend(image, compat, refcount_bits, lazy_refcounts, size, backing_file, backing_fmt,
-               data_file, data_file_raw, progress)
+                f"Format driver '{image.format}' does not support option amendment"
+            )
+        _amend(
+            image,
+            compat,
+            refcount_bits,
+            lazy_refcounts,
+            size,
+            backing_file,
+            backing_fmt,
+            data_file,
+            data_file_raw,
+            progress,
+        )
     finally:
         image.close()
 
 
-def _amend(image, compat, refcount_bits, lazy_refcounts, size, backing_file, backing_fmt,
-           data_file, data_file_raw, progress) -> None:
+def _amend(
+    image,
+    compat,
+    refcount_bits,
+    lazy_refcounts,
+    size,
+    backing_file,
+    backing_fmt,
+    data_file,
+    data_file_raw,
+    progress,
+) -> None:
     hdr = image.header
     old_version = new_version = hdr.version
     if compat is not None:
@@ -120,8 +169,11 @@ def _amend(image, compat, refcount_bits, lazy_refcounts, size, backing_file, bac
         raise AmendError("Refcount width must be a power of two and may not exceed 64 bits")
     if data_file is not None and image.data_host is None:
         raise AmendError("data-file can only be set for images that use an external data file")
-    if data_file_raw is not None and _bool_option("data_file_raw", data_file_raw) \
-            and not image.data_file_raw:
+    if (
+        data_file_raw is not None
+        and _bool_option("data_file_raw", data_file_raw)
+        and not image.data_file_raw
+    ):
         raise AmendError("data-file-raw cannot be set on existing images")
     steps = (new_version != old_version) + (new_bits != image.refcount_bits)
     step = 0
@@ -136,19 +188,24 @@ def _amend(image, compat, refcount_bits, lazy_refcounts, size, backing_file, bac
         report(step)
     if new_bits != image.refcount_bits:
         if new_version < 3 and new_bits != 16:
-            raise AmendError("Refcount widths other than 16 bits require compatibility level "
-                             "1.1 or above (use compat=1.1 or greater)")
+            raise AmendError(
+                "Refcount widths other than 16 bits require compatibility level "
+                "1.1 or above (use compat=1.1 or greater)"
+            )
         change_refcount_width(image, new_bits)
         step += 1
         report(step)
     if backing_file is not None or backing_fmt is not None:
         if backing_file != image.backing_filename or backing_fmt != image.backing_format:
-            raise AmendError("Cannot amend the backing file\n"
-                             "You can use 'qemu-img rebase' instead.")
+            raise AmendError(
+                "Cannot amend the backing file\nYou can use 'qemu-img rebase' instead."
+            )
     if lazy_refcounts is not None and lazy_refcounts != image.lazy_refcounts:
         if lazy_refcounts and new_version < 3:
-            raise AmendError("Lazy refcounts only supported with compatibility level 1.1 and "
-                             "above (use compat=1.1 or greater)")
+            raise AmendError(
+                "Lazy refcounts only supported with compatibility level 1.1 and "
+                "above (use compat=1.1 or greater)"
+            )
         set_lazy_refcounts(image, lazy_refcounts)
     if size:
         resize(image, size, shrink=True)
@@ -168,6 +225,7 @@ def _amend(image, compat, refcount_bits, lazy_refcounts, size, backing_file, bac
 
 # --- lazy refcounts -----------------------------------------------------------------------
 
+
 def set_lazy_refcounts(image, on: bool) -> None:
     hdr = image.header
     image.flush()  # metadata and refcounts consistent on disk: the image is clean
@@ -183,6 +241,7 @@ def set_lazy_refcounts(image, on: bool) -> None:
 
 
 # --- refcount width -----------------------------------------------------------------------
+
 
 def _first_refcount_above(image, limit: int) -> tuple[int, int] | None:
     """(cluster, refcount) of the first cluster whose refcount exceeds `limit`."""
@@ -211,14 +270,17 @@ def _first_refcount_above(image, limit: int) -> tuple[int, int] | None:
 def change_refcount_width(image, bits: int) -> None:
     """Rebuild the refcount structure with `bits`-bit entries."""
     from ..rebuild import rebuild_refcounts
+
     image.flush()
     if bits < image.refcount_bits:
         found = _first_refcount_above(image, (1 << bits) - 1)
         if found is not None:
             cluster, value = found
-            raise AmendError(f"Cannot decrease refcount entry width to {bits} bits: Cluster at "
-                             f"offset {cluster << image.cluster_bits:#x} has a refcount of "
-                             f"{value}")
+            raise AmendError(
+                f"Cannot decrease refcount entry width to {bits} bits: Cluster at "
+                f"offset {cluster << image.cluster_bits:#x} has a refcount of "
+                f"{value}"
+            )
     old_order = image.header.refcount_order
     image.header.refcount_order = bits.bit_length() - 1
     try:
@@ -231,12 +293,14 @@ def change_refcount_width(image, bits: int) -> None:
 
 # --- version changes ----------------------------------------------------------------------
 
+
 def _snapshots(image):
     hdr = image.header
     if not hdr.nb_snapshots:
         return [], 0
-    return read_snapshot_table(image.file, hdr.snapshots_offset, hdr.nb_snapshots,
-                               image.cluster_size, image.file.size())
+    return read_snapshot_table(
+        image.file, hdr.snapshots_offset, hdr.nb_snapshots, image.cluster_size, image.file.size()
+    )
 
 
 def _write_header_or_fail(image) -> None:
@@ -306,7 +370,7 @@ def _has_compressed_clusters(image, snapshots) -> bool:
                 continue
             seen.add(l2_offset)
             table = image.map.l2_cache.get(l2_offset)
-            if any(e & S.OFLAG_COMPRESSED for e in table[::image.map.entry_words]):
+            if any(e & S.OFLAG_COMPRESSED for e in table[:: image.map.entry_words]):
                 return True
     return False
 
@@ -364,6 +428,7 @@ def _expand_zero_clusters(image, snapshots) -> None:
     image.flush()
     if snapshots:  # references dropped above may leave active clusters unshared
         from ..snapshots import refresh_copied_flags
+
         with image._lock:
             refresh_copied_flags(image)
         image.flush()
@@ -383,14 +448,23 @@ def _downgrade(image) -> None:
     image.flush()  # clean: the dirty bit we hold for lazy refcounts can go
     incompatible = hdr.incompatible_features & ~S.INCOMPAT_DIRTY
     if incompatible & ~S.INCOMPAT_COMPRESSION:
-        raise AmendError(f"Cannot downgrade an image with incompatible features "
-                         f"{incompatible & ~S.INCOMPAT_COMPRESSION:#x} set")
+        raise AmendError(
+            f"Cannot downgrade an image with incompatible features "
+            f"{incompatible & ~S.INCOMPAT_COMPRESSION:#x} set"
+        )
     if incompatible & S.INCOMPAT_COMPRESSION and _has_compressed_clusters(image, snapshots):
-        raise AmendError("Cannot downgrade an image with zstd compression type and existing "
-                         "compressed clusters")
+        raise AmendError(
+            "Cannot downgrade an image with zstd compression type and existing compressed clusters"
+        )
     _expand_zero_clusters(image, snapshots)
-    old = (hdr.version, hdr.header_length, hdr.incompatible_features, hdr.compatible_features,
-           hdr.autoclear_features, hdr.compression_type)
+    old = (
+        hdr.version,
+        hdr.header_length,
+        hdr.incompatible_features,
+        hdr.compatible_features,
+        hdr.autoclear_features,
+        hdr.compression_type,
+    )
     hdr.incompatible_features = 0
     hdr.compatible_features = 0
     hdr.autoclear_features = 0
@@ -400,8 +474,14 @@ def _downgrade(image) -> None:
     try:
         _write_header_or_fail(image)
     except BaseException:
-        (hdr.version, hdr.header_length, hdr.incompatible_features, hdr.compatible_features,
-         hdr.autoclear_features, hdr.compression_type) = old
+        (
+            hdr.version,
+            hdr.header_length,
+            hdr.incompatible_features,
+            hdr.compatible_features,
+            hdr.autoclear_features,
+            hdr.compression_type,
+        ) = old
         raise
     image.lazy_refcounts = False
     image.compat = "0.10"

@@ -6,6 +6,7 @@ header's bitmaps extension to them in one header write and frees what only the o
 used. A crash before the switch leaves the old bitmaps (and leaked clusters), after it
 the new ones. Errors carry QEMU's messages (without its "Operation ... failed: " prefix).
 """
+
 from __future__ import annotations
 
 import functools
@@ -14,8 +15,17 @@ import struct
 from dataclasses import replace
 
 from .. import structs as S
-from ..bitmaps import (FLAG_AUTO, FLAG_IN_USE, BitmapEntry, BitmapTracker, Untrackable,
-                       bitmaps_extension, read_directory, read_table, set_bits)
+from ..bitmaps import (
+    FLAG_AUTO,
+    FLAG_IN_USE,
+    BitmapEntry,
+    BitmapTracker,
+    Untrackable,
+    bitmaps_extension,
+    read_directory,
+    read_table,
+    set_bits,
+)
 from ..errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureError
 from ..header import Extension
 
@@ -31,10 +41,12 @@ class BitmapOperationError(InvalidArgumentError):
 def _holding_the_image(operation):
     """Run under the image lock: a write marks bitmaps under it too, so none is marked in
     a tracker the operation is about to replace."""
+
     @functools.wraps(operation)
     def run(image, *args, **kwargs):
         with image._lock:
             return operation(image, *args, **kwargs)
+
     return run
 
 
@@ -59,19 +71,30 @@ def add_bitmap(image, name: str, granularity: int | None = None, enabled: bool =
     if image.header.version < 3:
         raise BitmapOperationError(prefix + "Cannot store dirty bitmaps in qcow2 v2 files")
     if bits > MAX_GRANULARITY_BITS:
-        raise BitmapOperationError(prefix + f"Granularity exceeds maximum "
-                                            f"({1 << MAX_GRANULARITY_BITS} bytes)")
+        raise BitmapOperationError(
+            prefix + f"Granularity exceeds maximum ({1 << MAX_GRANULARITY_BITS} bytes)"
+        )
     if -(-_bit_count(image.size, bits) // 8) > 1 << 29:  # (QEMU's BME_MAX_PHYS_SIZE)
-        raise BitmapOperationError(prefix + "Too much space will be occupied by the bitmap. "
-                                            "Use larger granularity")
+        raise BitmapOperationError(
+            prefix + "Too much space will be occupied by the bitmap. Use larger granularity"
+        )
     if len(name.encode()) > MAX_NAME_BYTES:
-        raise BitmapOperationError(prefix + f"Name length exceeds maximum "
-                                            f"({MAX_NAME_BYTES} characters)")
+        raise BitmapOperationError(
+            prefix + f"Name length exceeds maximum ({MAX_NAME_BYTES} characters)"
+        )
     if len(entries) >= S.MAX_BITMAPS:
-        raise BitmapOperationError(prefix + "Maximum number of persistent bitmaps is already "
-                                            "reached")
-    new = BitmapEntry(name=name, flags=FLAG_AUTO if enabled else 0, type=1, granularity_bits=bits,
-                      table_offset=0, table_size=0, entry_offset=0)
+        raise BitmapOperationError(
+            prefix + "Maximum number of persistent bitmaps is already reached"
+        )
+    new = BitmapEntry(
+        name=name,
+        flags=FLAG_AUTO if enabled else 0,
+        type=1,
+        granularity_bits=bits,
+        table_offset=0,
+        table_size=0,
+        entry_offset=0,
+    )
     _commit(image, entries + [new], {name: bytearray(_byte_count(image, new))}, [])
 
 
@@ -112,14 +135,21 @@ def merge_bitmap(image, name: str, source_image, source_name: str) -> None:
     if source_image.size != image.size:
         raise BitmapOperationError(
             f"Bitmaps are of different sizes (destination size is {image.size}, source size "
-            f"is {source_image.size}) and can't be merged")
+            f"is {source_image.size}) and can't be merged"
+        )
     bits = read_bits(image, target)
-    _merge_into(bits, target.granularity_bits, read_bits(source_image, source),
-                source.granularity_bits, image.size)
+    _merge_into(
+        bits,
+        target.granularity_bits,
+        read_bits(source_image, source),
+        source.granularity_bits,
+        image.size,
+    )
     _commit(image, entries, {name: bits}, [target])
 
 
 # --- reading -------------------------------------------------------------------------------
+
 
 def _bit_count(disk_size: int, granularity_bits: int) -> int:
     return -(-disk_size >> granularity_bits)
@@ -133,8 +163,10 @@ def read_bits(image, entry: BitmapEntry) -> bytearray:
     """A bitmap's bits, bit i covering guest bytes [i << granularity_bits, ...)."""
     size = _byte_count(image, entry)
     if size > MAX_BITMAP_BYTES:
-        raise UnsupportedFeatureError(f"Bitmap '{entry.name}' is too big ({size} bytes; "
-                                      f"granularity {1 << entry.granularity_bits})")
+        raise UnsupportedFeatureError(
+            f"Bitmap '{entry.name}' is too big ({size} bytes; "
+            f"granularity {1 << entry.granularity_bits})"
+        )
     cs = image.cluster_size
     table = read_table(image, entry)
     out = bytearray(size)
@@ -143,9 +175,9 @@ def read_bits(image, entry: BitmapEntry) -> bytearray:
         length = min(cs, size - start)
         host = value & S.BITMAP_TABLE_OFFSET_MASK
         if host:
-            out[start:start + length] = image.file.pread(length, host)
+            out[start : start + length] = image.file.pread(length, host)
         elif value & 1:
-            out[start:start + length] = b"\xff" * length
+            out[start : start + length] = b"\xff" * length
     spare = size * 8 - _bit_count(image.size, entry.granularity_bits)
     if spare:
         out[-1] &= 0xFF >> spare  # bits past the end of the disk stay clear
@@ -165,8 +197,13 @@ def _set_ranges(bits: bytearray, granularity_bits: int, disk_size: int):
             yield offset, min(disk_size, stop << granularity_bits) - offset
 
 
-def _merge_into(bits: bytearray, granularity_bits: int, source: bytearray,
-                source_granularity_bits: int, disk_size: int) -> None:
+def _merge_into(
+    bits: bytearray,
+    granularity_bits: int,
+    source: bytearray,
+    source_granularity_bits: int,
+    disk_size: int,
+) -> None:
     if granularity_bits == source_granularity_bits:
         merged = int.from_bytes(bits, "little") | int.from_bytes(source, "little")
         bits[:] = merged.to_bytes(len(bits), "little")
@@ -176,6 +213,7 @@ def _merge_into(bits: bytearray, granularity_bits: int, source: bytearray,
 
 
 # --- committing ----------------------------------------------------------------------------
+
 
 def _current_entries(image) -> list[BitmapEntry]:
     if image.format != "qcow2" or not image.header.autoclear_features & S.AUTOCLEAR_BITMAPS:
@@ -210,15 +248,27 @@ def _usable(entry: BitmapEntry) -> BitmapEntry:
 
 def _pack_entry(entry: BitmapEntry) -> bytes:
     name = entry.name.encode()
-    out = S.BitmapDirectoryEntry.build(dict(
-        bitmap_table_offset=entry.table_offset, bitmap_table_size=entry.table_size,
-        flags=entry.flags, type=entry.type, granularity_bits=entry.granularity_bits,
-        name_size=len(name), extra_data_size=len(entry.extra_data))) + entry.extra_data + name
+    out = (
+        S.BitmapDirectoryEntry.build(
+            dict(
+                bitmap_table_offset=entry.table_offset,
+                bitmap_table_size=entry.table_size,
+                flags=entry.flags,
+                type=entry.type,
+                granularity_bits=entry.granularity_bits,
+                name_size=len(name),
+                extra_data_size=len(entry.extra_data),
+            )
+        )
+        + entry.extra_data
+        + name
+    )
     return out + bytes(-len(out) % 8)
 
 
-def _commit(image, entries: list[BitmapEntry], new_bits: dict[str, bytearray],
-            replaced: list[BitmapEntry]) -> None:
+def _commit(
+    image, entries: list[BitmapEntry], new_bits: dict[str, bytearray], replaced: list[BitmapEntry]
+) -> None:
     """Switch the image to the bitmaps `entries`, those named in `new_bits` with those
     bits; the clusters of `replaced` (and of the old directory) are freed afterwards."""
     cs = image.cluster_size
@@ -227,21 +277,40 @@ def _commit(image, entries: list[BitmapEntry], new_bits: dict[str, bytearray],
         for entry in entries:
             bits = new_bits.get(entry.name)
             if bits is not None:  # all-zero clusters of bits need none
-                table = [image.write_new_clusters(bits[start:start + cs], pad=True)
-                         if bits[start:start + cs].strip(b"\0") else 0
-                         for start in range(0, len(bits), cs)]
-                entry = replace(entry, table_size=len(table), table_offset=image.write_new_clusters(
-                    struct.pack(f">{len(table)}Q", *table)))
+                table = [
+                    image.write_new_clusters(bits[start : start + cs], pad=True)
+                    if bits[start : start + cs].strip(b"\0")
+                    else 0
+                    for start in range(0, len(bits), cs)
+                ]
+                entry = replace(
+                    entry,
+                    table_size=len(table),
+                    table_offset=image.write_new_clusters(struct.pack(f">{len(table)}Q", *table)),
+                )
             final.append(entry)
-        old = bitmaps_extension(image.header) \
-            if image.header.autoclear_features & S.AUTOCLEAR_BITMAPS else None
+        old = (
+            bitmaps_extension(image.header)
+            if image.header.autoclear_features & S.AUTOCLEAR_BITMAPS
+            else None
+        )
         image.header.extensions = [e for e in image.header.extensions if e.type != S.EXT_BITMAPS]
         if final:
             directory = b"".join(_pack_entry(entry) for entry in final)
             directory_offset = image.write_new_clusters(directory)
-            image.header.extensions.append(Extension(S.EXT_BITMAPS, S.BitmapsExtension.build(dict(
-                nb_bitmaps=len(final), reserved=0, bitmap_directory_size=len(directory),
-                bitmap_directory_offset=directory_offset))))
+            image.header.extensions.append(
+                Extension(
+                    S.EXT_BITMAPS,
+                    S.BitmapsExtension.build(
+                        dict(
+                            nb_bitmaps=len(final),
+                            reserved=0,
+                            bitmap_directory_size=len(directory),
+                            bitmap_directory_offset=directory_offset,
+                        )
+                    ),
+                )
+            )
             image.header.autoclear_features |= S.AUTOCLEAR_BITMAPS
         else:
             image.header.autoclear_features &= ~S.AUTOCLEAR_BITMAPS

@@ -8,13 +8,19 @@ all its clusters are released, so it reads entirely through its backing file aga
 file is cut back to its metadata). As in qemu-img, naming a base (-b) implies drop:
 the images between it and the top are no longer consistent, so the top is kept.
 """
+
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 
-from ..chain import (MAX_CHAIN_DEPTH, backing_format, open_image, resolve_backing_path,
-                     untrusted_backing_path)
+from ..chain import (
+    MAX_CHAIN_DEPTH,
+    backing_format,
+    open_image,
+    resolve_backing_path,
+    untrusted_backing_path,
+)
 from ..errors import CorruptImageError, Qcow2Error
 from .resize import resize
 
@@ -34,12 +40,14 @@ def _matches(base: str, layer_filename: str, path: str) -> bool:
     return os.path.realpath(candidate) == os.path.realpath(path)
 
 
-def _open_chain(top_path: str, fmt: str | None, base_name: str | None, passphrases: tuple,
-                untrusted: bool):
+def _open_chain(
+    top_path: str, fmt: str | None, base_name: str | None, passphrases: tuple, untrusted: bool
+):
     """Open the top read-write, the layers down to the base read-only, the base
     read-write (with its own chain read-only). Returns (top, base depth)."""
-    top = open_image(top_path, "r+", fmt, backing=False, passphrase=passphrases[:1],
-                     untrusted=untrusted)
+    top = open_image(
+        top_path, "r+", fmt, backing=False, passphrase=passphrases[:1], untrusted=untrusted
+    )
     try:
         layer, depth = top, 0
         seen = {os.path.realpath(top_path)}
@@ -48,8 +56,9 @@ def _open_chain(top_path: str, fmt: str | None, base_name: str | None, passphras
             if not name:
                 if base_name is None and depth == 0:
                     raise CommitError("Image does not have a backing file")
-                raise CommitError(f"Did not find '{base_name}' in the backing chain of "
-                                  f"'{top_path}'")
+                raise CommitError(
+                    f"Did not find '{base_name}' in the backing chain of '{top_path}'"
+                )
             if untrusted:
                 path = untrusted_backing_path(layer.filename, name, layer.backing_format)
             else:
@@ -59,21 +68,33 @@ def _open_chain(top_path: str, fmt: str | None, base_name: str | None, passphras
                 raise CorruptImageError(f"Backing file '{path}' creates an infinite loop.")
             seen.add(real)
             depth += 1
-            is_base = _matches(base_name, layer.filename, path) if base_name is not None \
-                else depth == 1
+            is_base = (
+                _matches(base_name, layer.filename, path) if base_name is not None else depth == 1
+            )
             if not os.path.exists(path):
-                raise CommitError(f"Could not open backing file: Could not open '{path}': "
-                                  f"No such file or directory")
+                raise CommitError(
+                    f"Could not open backing file: Could not open '{path}': "
+                    f"No such file or directory"
+                )
             if is_base:
-                layer.backing = open_image(path, "r+", backing_format(
-                    path, layer.backing_format, name, layer.filename),
-                    passphrase=passphrases[depth:], backing_of=layer.filename,
-                    untrusted=untrusted)
+                layer.backing = open_image(
+                    path,
+                    "r+",
+                    backing_format(path, layer.backing_format, name, layer.filename),
+                    passphrase=passphrases[depth:],
+                    backing_of=layer.filename,
+                    untrusted=untrusted,
+                )
                 return top, depth
-            layer.backing = open_image(path, "r", backing_format(
-                path, layer.backing_format, name, layer.filename), backing=False,
-                passphrase=passphrases[depth:depth + 1], backing_of=layer.filename,
-                untrusted=untrusted)
+            layer.backing = open_image(
+                path,
+                "r",
+                backing_format(path, layer.backing_format, name, layer.filename),
+                backing=False,
+                passphrase=passphrases[depth : depth + 1],
+                backing_of=layer.filename,
+                untrusted=untrusted,
+            )
             layer = layer.backing
     except BaseException:
         top.close()
@@ -87,9 +108,16 @@ def _layer(top, depth: int):
     return layer
 
 
-def commit(top_path: str, base_path: str | None = None, *, drop: bool = False,
-           progress=None, fmt: str | None = None,
-           passphrases: Sequence[str | bytes | None] = (), untrusted: bool = False) -> None:
+def commit(
+    top_path: str,
+    base_path: str | None = None,
+    *,
+    drop: bool = False,
+    progress=None,
+    fmt: str | None = None,
+    passphrases: Sequence[str | bytes | None] = (),
+    untrusted: bool = False,
+) -> None:
     """Commit the image at `top_path` into its backing file, or into `base_path` further
     down its chain (which implies drop, as qemu-img's -b does). Unless drop, the top is
     emptied afterwards. qemu-img then prints "Image committed.".

@@ -10,6 +10,7 @@ sizes differ (not strict) the extra area must read as zeros and the output start
 Runs that both extent maps call zero are never read; a run that only one side calls
 zero is checked by reading that other side alone.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -39,15 +40,19 @@ def _read(dev: BlockDevice, name: str, offset: int, length: int) -> bytearray:
         try:
             dev.readinto(offset, memoryview(buf)[:inside])
         except Qcow2Error as exc:
-            raise _ReadFailed(f"Error while reading offset {offset} of {name}: "
-                              f"{error_text(exc)}") from exc
+            raise _ReadFailed(
+                f"Error while reading offset {offset} of {name}: {error_text(exc)}"
+            ) from exc
     return buf
 
 
 def _is_zero(buf: bytearray, start: int = 0, end: int | None = None) -> bool:
     end = len(buf) if end is None else end
-    return buf.startswith(_ZEROS_VIEW[:end - start], start) if end - start <= IO_BUF_SIZE \
+    return (
+        buf.startswith(_ZEROS_VIEW[: end - start], start)
+        if end - start <= IO_BUF_SIZE
         else not buf[start:end].strip(b"\0")
+    )
 
 
 def find_nonzero(buf: bytearray) -> int:
@@ -88,8 +93,13 @@ def first_difference(buf1: bytearray, buf2: bytearray) -> int:
 def _status(ext, size: int) -> tuple:
     """The block status flags QEMU compares in strict mode (data, zero, allocated,
     offset valid, end of file)."""
-    return (ext.is_data, ext.is_zero, ext.present, ext.host_offset is not None,
-            ext.offset + ext.length >= size)
+    return (
+        ext.is_data,
+        ext.is_zero,
+        ext.present,
+        ext.host_offset is not None,
+        ext.offset + ext.length >= size,
+    )
 
 
 def _extents(dev: BlockDevice, name: str, start: int, end: int) -> Iterator[Extent]:
@@ -111,9 +121,15 @@ class _StatusFailed(Exception):
         self.message = message
 
 
-def compare(a: BlockDevice, b: BlockDevice, *, strict: bool = False,
-            name_a: str | None = None, name_b: str | None = None,
-            progress=None) -> tuple[int, str]:
+def compare(
+    a: BlockDevice,
+    b: BlockDevice,
+    *,
+    strict: bool = False,
+    name_a: str | None = None,
+    name_b: str | None = None,
+    progress=None,
+) -> tuple[int, str]:
     """Compare the guest content of two open devices (with their chains), as qemu-img.
 
     Returns (exit code, output). For codes 0 and 1 the output is what qemu-img prints on

@@ -4,6 +4,7 @@ Keys, nesting and presence rules follow QEMU's ImageInfo schema, and every dict 
 in schema order, so a caller can print it exactly like qemu-img (see qcow2lib/cli/info.py)
 or hand it to programs that already parse `qemu-img info --output=json`.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,12 +13,20 @@ from ..bitmaps import check_qemu_constraints
 from ..chain import is_nbd_name, untrusted_backing_path
 from ..errors import CorruptImageError, ImageLockedError, Qcow2Error
 from ..snapshots import list_snapshots
-from . import (error_text, full_backing_filename, host_path, image_target, open_by_name,
-               virtual_size)
+from . import error_text, full_backing_filename, host_path, image_target, open_by_name, virtual_size
 
 CRYPT_AES, CRYPT_LUKS = 1, 2  # qcow2 header crypt_method values
-_LUKS_KEYS = ("cipher-alg", "cipher-mode", "ivgen-alg", "ivgen-hash-alg", "hash-alg",
-              "payload-offset", "master-key-iters", "uuid", "slots")
+_LUKS_KEYS = (
+    "cipher-alg",
+    "cipher-mode",
+    "ivgen-alg",
+    "ivgen-hash-alg",
+    "hash-alg",
+    "payload-offset",
+    "master-key-iters",
+    "uuid",
+    "slots",
+)
 _LUKS_SLOT_KEYS = ("active", "iters", "stripes", "key-offset")
 
 
@@ -49,8 +58,10 @@ def _qcow2_specific(img) -> dict:
     if img.header.crypt_method:
         data["encrypt"] = _encryption(img)
     if img.bitmaps:
-        data["bitmaps"] = [{"flags": b["flags"], "name": b["name"], "granularity": b["granularity"]}
-                           for b in img.bitmaps]
+        data["bitmaps"] = [
+            {"flags": b["flags"], "name": b["name"], "granularity": b["granularity"]}
+            for b in img.bitmaps
+        ]
     data["compression-type"] = img.compression_type
     return data
 
@@ -66,10 +77,13 @@ def _encryption(img) -> dict:
     if hdr.crypt_method != CRYPT_LUKS:
         raise CorruptImageError(f"Unknown crypt_method {hdr.crypt_method} in the qcow2 header")
     from ..crypto import luks_info  # loaded for encrypted images only (start-up time)
-    luks = luks_info(lambda offset, length: img.file.pread(length, offset), hdr.crypto_offset,
-                     hdr.crypto_length)
-    luks["slots"] = [{key: slot[key] for key in _LUKS_SLOT_KEYS if key in slot}
-                     for slot in luks["slots"]]
+
+    luks = luks_info(
+        lambda offset, length: img.file.pread(length, offset), hdr.crypto_offset, hdr.crypto_length
+    )
+    luks["slots"] = [
+        {key: slot[key] for key in _LUKS_SLOT_KEYS if key in slot} for slot in luks["slots"]
+    ]
     return {"format": "luks", **{key: luks[key] for key in _LUKS_KEYS if key in luks}}
 
 
@@ -77,10 +91,15 @@ def _snapshot_list(img) -> list[dict]:
     """The internal snapshots of a qcow2 image as QEMU's SnapshotInfo dicts."""
     infos = []
     for snap in list_snapshots(img):
-        info = {"id": snap.id, "name": snap.name, "vm-state-size": snap.vm_state_size,
-                "date-sec": snap.date_sec, "date-nsec": snap.date_nsec,
-                "vm-clock-sec": snap.vm_clock_nsec // 1_000_000_000,
-                "vm-clock-nsec": snap.vm_clock_nsec % 1_000_000_000}
+        info = {
+            "id": snap.id,
+            "name": snap.name,
+            "vm-state-size": snap.vm_state_size,
+            "date-sec": snap.date_sec,
+            "date-nsec": snap.date_nsec,
+            "vm-clock-sec": snap.vm_clock_nsec // 1_000_000_000,
+            "vm-clock-nsec": snap.vm_clock_nsec % 1_000_000_000,
+        }
         if snap.icount is not None and snap.icount != (1 << 64) - 1:
             info["icount"] = snap.icount
         infos.append(info)
@@ -89,8 +108,11 @@ def _snapshot_list(img) -> list[dict]:
 
 def _describe(img, path: str) -> dict:
     """The info dict of an open image whose host file is `path`."""
-    info: dict = {"filename": path, "format": img.format,
-                  "dirty-flag": img.format == "qcow2" and img.dirty}
+    info: dict = {
+        "filename": path,
+        "format": img.format,
+        "dirty-flag": img.format == "qcow2" and img.dirty,
+    }
     if is_nbd_name(path):  # QEMU names an export by its URI; no disk size (nor, raw, a dirty flag)
         info["filename"] = img.filename
         if img.format != "qcow2":
@@ -113,8 +135,13 @@ def _describe(img, path: str) -> dict:
     return info
 
 
-def image_info(filename: str, fmt: str | None = None, force_share: bool = False,
-               backing_of: str | None = None, untrusted: bool = False) -> dict:
+def image_info(
+    filename: str,
+    fmt: str | None = None,
+    force_share: bool = False,
+    backing_of: str | None = None,
+    untrusted: bool = False,
+) -> dict:
     """The `qemu-img info` dict of one image, its backing file left unopened.
 
     `filename` is taken as qemu-img takes it (a "file:" prefix is allowed); `fmt` None
@@ -123,8 +150,14 @@ def image_info(filename: str, fmt: str | None = None, force_share: bool = False,
     Raises ImageOpenError naming the file when it cannot be read.
     """
     try:
-        with open_by_name(filename, fmt, backing=False, force_share=force_share,
-                          backing_of=backing_of, untrusted=untrusted) as img:
+        with open_by_name(
+            filename,
+            fmt,
+            backing=False,
+            force_share=force_share,
+            backing_of=backing_of,
+            untrusted=untrusted,
+        ) as img:
             check_qemu_constraints(getattr(img, "_bitmap_entries", []))
             target = image_target(filename, fmt)[0]
             return _describe(img, target if isinstance(target, str) else img.filename)
@@ -135,8 +168,13 @@ def image_info(filename: str, fmt: str | None = None, force_share: bool = False,
         raise ImageOpenError(f"Could not open '{filename}': {error_text(exc)}", hint) from exc
 
 
-def image_info_list(filename: str, fmt: str | None = None, backing_chain: bool = False,
-                    force_share: bool = False, untrusted: bool = False) -> list[dict]:
+def image_info_list(
+    filename: str,
+    fmt: str | None = None,
+    backing_chain: bool = False,
+    force_share: bool = False,
+    untrusted: bool = False,
+) -> list[dict]:
     """`qemu-img info [--backing-chain]`: the top image, then each backing file in turn.
 
     Backing files are opened by their full backing filename with the recorded backing

@@ -7,6 +7,7 @@ an error part-way leaves the entries before it printed, as qemu-img does.
 QEMU's order: start, length, depth, present, zero, data, offset when known) for callers
 that want a (bounded) list; `map_json_text` and `map_human_text` render as qemu-img does.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -38,8 +39,10 @@ def _extent_batches(device: BlockDevice, start: int, end: int) -> Iterator[list[
 
 
 def _json_entry(ext: Extent) -> str:
-    text = (f'{{ "start": {ext[0]}, "length": {ext[1]}, "depth": {ext[4]}, '
-            f'"present": {_BOOL[ext[6]]}, "zero": {_BOOL[ext[3]]}, "data": {_BOOL[ext[2]]}')
+    text = (
+        f'{{ "start": {ext[0]}, "length": {ext[1]}, "depth": {ext[4]}, '
+        f'"present": {_BOOL[ext[6]]}, "zero": {_BOOL[ext[3]]}, "data": {_BOOL[ext[2]]}'
+    )
     if ext[5] is not None:
         return text + f', "offset": {ext[5]}}}'
     return text + "}"
@@ -68,8 +71,13 @@ EXTERNAL_ERROR = "File contains external, encrypted or compressed clusters."
 _FLUSH_EVERY = 4096  # entries per write: output goes out as the map is walked
 
 
-def write_map(device: BlockDevice, write: Callable[[str], object], start: int = 0,
-              length: int | None = None, output: str = "human") -> str | None:
+def write_map(
+    device: BlockDevice,
+    write: Callable[[str], object],
+    start: int = 0,
+    length: int | None = None,
+    output: str = "human",
+) -> str | None:
     """Write `qemu-img map [--output=json] [-s start] [-l length]`'s stdout through
     `write`, as the entries are found. Returns qemu-img's exit-1 message of the human
     format (external, encrypted or compressed data) or None; a Qcow2Error raised
@@ -134,8 +142,9 @@ def map_entries(device: BlockDevice, start: int = 0, length: int | None = None) 
     (for bounded ranges: `write_map` streams a whole image)."""
     entries = []
     for ext in _merged(device, start, length):
-        entry = dict(zip(_JSON_KEYS, (ext[0], ext[1], ext[4], bool(ext[6]), bool(ext[3]),
-                                      bool(ext[2]))))
+        entry = dict(
+            zip(_JSON_KEYS, (ext[0], ext[1], ext[4], bool(ext[6]), bool(ext[3]), bool(ext[2])))
+        )
         if ext[5] is not None:
             entry["offset"] = ext[5]
         entries.append(entry)
@@ -144,9 +153,24 @@ def map_entries(device: BlockDevice, start: int = 0, length: int | None = None) 
 
 def map_json_text(entries: list[dict]) -> str:
     """The exact text of `qemu-img map --output=json` for a list of entries."""
-    return "[" + ",\n".join(_json_entry(Extent(e["start"], e["length"], e["data"], e["zero"],
-                                               e["depth"], e.get("offset"), e["present"]))
-                            for e in entries) + "]\n"
+    return (
+        "["
+        + ",\n".join(
+            _json_entry(
+                Extent(
+                    e["start"],
+                    e["length"],
+                    e["data"],
+                    e["zero"],
+                    e["depth"],
+                    e.get("offset"),
+                    e["present"],
+                )
+            )
+            for e in entries
+        )
+        + "]\n"
+    )
 
 
 def map_human_text(device: BlockDevice, start: int = 0, length: int | None = None):

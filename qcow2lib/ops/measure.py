@@ -6,6 +6,7 @@ clusters by those the source actually allocates (block status above the whole ch
 rounded out to clusters). "bitmaps" appears only when QEMU shows it: a v3 target measured
 from a qcow2 v3 source. Raw targets need exactly the virtual size.
 """
+
 from __future__ import annotations
 
 from ..errors import InvalidArgumentError
@@ -26,8 +27,9 @@ def _div_round_up(value: int, divisor: int) -> int:
     return -(-value // divisor)
 
 
-def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int,
-                           generous_increase: bool = False) -> tuple[int, int]:
+def refcount_metadata_size(
+    clusters: int, cluster_size: int, refcount_order: int, generous_increase: bool = False
+) -> tuple[int, int]:
     """(bytes of refcount table and blocks, number of blocks) to count `clusters` clusters
     plus the refcount structure itself (QEMU's fixed-point computation)."""
     blocks_per_table_cluster = cluster_size // REFTABLE_ENTRY_SIZE
@@ -49,8 +51,9 @@ def refcount_metadata_size(clusters: int, cluster_size: int, refcount_order: int
     return (blocks + table) * cluster_size, blocks
 
 
-def prealloc_size(total_size: int, cluster_size: int, refcount_order: int,
-                  extended_l2: bool = False) -> int:
+def prealloc_size(
+    total_size: int, cluster_size: int, refcount_order: int, extended_l2: bool = False
+) -> int:
     """Bytes of a fully allocated qcow2 image of `total_size` (metadata included)."""
     l2e_size = 16 if extended_l2 else 8
     aligned_total = _round_up(total_size, cluster_size)
@@ -61,12 +64,14 @@ def prealloc_size(total_size: int, cluster_size: int, refcount_order: int,
     nl1e = nl2e * l2e_size // cluster_size
     nl1e = _round_up(nl1e, cluster_size // L1E_SIZE)
     meta += nl1e * L1E_SIZE
-    meta += refcount_metadata_size((meta + aligned_total) // cluster_size, cluster_size,
-                                   refcount_order)[0]
+    meta += refcount_metadata_size(
+        (meta + aligned_total) // cluster_size, cluster_size, refcount_order
+    )[0]
     return meta + aligned_total
 
 
 # --- option parsing (values may be the strings qemu-img's -o gives, or Python values) -----
+
 
 def _opt_size(value, name: str) -> int:
     if isinstance(value, bool):
@@ -79,7 +84,8 @@ def _opt_size(value, name: str) -> int:
         raise InvalidArgumentError(
             f"Parameter '{name}' expects a non-negative number below 2^64\n"
             f"Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
-            f"and exabytes, respectively.\nInvalid options for file format 'qcow2'") from None
+            f"and exabytes, respectively.\nInvalid options for file format 'qcow2'"
+        ) from None
 
 
 def _opt_bool(value, name: str) -> bool:
@@ -90,8 +96,9 @@ def _opt_bool(value, name: str) -> bool:
         return True
     if text in ("off", "no", "false", "n"):
         return False
-    raise InvalidArgumentError(f"Parameter '{name}' expects 'on' or 'off'\n"
-                               f"Invalid options for file format 'qcow2'")
+    raise InvalidArgumentError(
+        f"Parameter '{name}' expects 'on' or 'off'\nInvalid options for file format 'qcow2'"
+    )
 
 
 def _opt_number(value, name: str) -> int:
@@ -102,8 +109,9 @@ def _opt_number(value, name: str) -> int:
     try:
         return parse_number(str(value))
     except InvalidArgumentError:
-        raise InvalidArgumentError(f"Parameter '{name}' expects a number\n"
-                                   f"Invalid options for file format 'qcow2'") from None
+        raise InvalidArgumentError(
+            f"Parameter '{name}' expects a number\nInvalid options for file format 'qcow2'"
+        ) from None
 
 
 def _normalize(options: dict | None) -> dict:
@@ -115,10 +123,15 @@ def _normalize(options: dict | None) -> dict:
 
 # --- measure ------------------------------------------------------------------------------
 
+
 def _luks_payload(opts: dict, cluster_size: int) -> int:
     from ..crypto.luks import header_for_options
-    luks_opts = {k: v for k, v in opts.items() if k.startswith("encrypt.")
-                 and k not in ("encrypt.format", "encrypt.key-secret")}
+
+    luks_opts = {
+        k: v
+        for k, v in opts.items()
+        if k.startswith("encrypt.") and k not in ("encrypt.format", "encrypt.key-secret")
+    }
     hdr, _ = header_for_options(luks_opts)
     return _round_up(hdr.payload_offset, cluster_size)
 
@@ -146,8 +159,9 @@ def _source_required(source, cluster_size: int) -> int:
     return required
 
 
-def measure(size: int | None = None, source=None, fmt: str = "qcow2",
-            options: dict | None = None) -> dict:
+def measure(
+    size: int | None = None, source=None, fmt: str = "qcow2", options: dict | None = None
+) -> dict:
     """What `qemu-img measure` reports, as its JSON dict.
 
     size: the virtual size (--size); source: an open BlockDevice (with its chain) to
@@ -164,21 +178,37 @@ def measure(size: int | None = None, source=None, fmt: str = "qcow2",
         return _measure_raw(opts, source)
     if fmt != "qcow2":
         raise InvalidArgumentError(f"Unknown file format '{fmt}'")
-    known = {"size", "compat", "backing_file", "backing_fmt", "encryption", "cluster_size",
-             "preallocation", "lazy_refcounts", "refcount_bits", "extended_l2",
-             "compression_type", "data_file", "data_file_raw", "nocow"}
+    known = {
+        "size",
+        "compat",
+        "backing_file",
+        "backing_fmt",
+        "encryption",
+        "cluster_size",
+        "preallocation",
+        "lazy_refcounts",
+        "refcount_bits",
+        "extended_l2",
+        "compression_type",
+        "data_file",
+        "data_file_raw",
+        "nocow",
+    }
     for key in opts:
         if key not in known and not key.startswith("encrypt."):
-            raise InvalidArgumentError(f"Invalid parameter '{key}'\n"
-                                       f"Invalid options for file format '{fmt}'")
+            raise InvalidArgumentError(
+                f"Invalid parameter '{key}'\nInvalid options for file format '{fmt}'"
+            )
     extended_l2 = _opt_bool(opts.get("extended_l2", False), "extended_l2")
     cluster_size = _opt_size(opts.get("cluster_size", DEFAULT_CLUSTER_SIZE), "cluster_size")
     bits = cluster_size.bit_length() - 1
     if not 9 <= bits <= 21 or 1 << bits != cluster_size:
         raise InvalidArgumentError("Cluster size must be a power of two between 512 and 2048k")
     if extended_l2 and cluster_size < 512 * 32:
-        raise InvalidArgumentError("Extended L2 entries are only supported with cluster sizes "
-                                   f"of at least {512 * 32} bytes")
+        raise InvalidArgumentError(
+            "Extended L2 entries are only supported with cluster sizes "
+            f"of at least {512 * 32} bytes"
+        )
     compat = opts.get("compat")
     if compat is None:
         version = 3
@@ -190,12 +220,15 @@ def measure(size: int | None = None, source=None, fmt: str = "qcow2",
         raise InvalidArgumentError(f"Invalid compatibility level: '{compat}'")
     refcount_bits = _opt_number(opts.get("refcount_bits", 16), "refcount_bits")
     if refcount_bits > 64 or refcount_bits <= 0 or refcount_bits & (refcount_bits - 1):
-        raise InvalidArgumentError("Refcount width must be a power of two and may not exceed "
-                                   "64 bits")
+        raise InvalidArgumentError(
+            "Refcount width must be a power of two and may not exceed 64 bits"
+        )
     if version < 3 and refcount_bits != 16:
-        raise InvalidArgumentError("Different refcount widths than 16 bits require "
-                                   "compatibility level 1.1 or above (use compat=1.1 or "
-                                   "greater)")
+        raise InvalidArgumentError(
+            "Different refcount widths than 16 bits require "
+            "compatibility level 1.1 or above (use compat=1.1 or "
+            "greater)"
+        )
     prealloc = str(opts.get("preallocation", "off"))
     if prealloc not in ("off", "metadata", "falloc", "full"):
         raise InvalidArgumentError(f"invalid parameter value: {prealloc}")
@@ -212,8 +245,7 @@ def measure(size: int | None = None, source=None, fmt: str = "qcow2",
     l2e_size = 16 if extended_l2 else 8
     l2_tables = _div_round_up(vsize // cluster_size, cluster_size // l2e_size)
     if l2_tables * L1E_SIZE > QCOW_MAX_L1_BYTES:
-        raise InvalidArgumentError("The image size is too large (try using a larger cluster "
-                                   "size)")
+        raise InvalidArgumentError("The image size is too large (try using a larger cluster size)")
     required = 0
     if source is not None:
         vsize = _round_up(virtual_size(source), cluster_size)
@@ -226,8 +258,12 @@ def measure(size: int | None = None, source=None, fmt: str = "qcow2",
     order = refcount_bits.bit_length() - 1
     fully = luks_payload + prealloc_size(vsize, cluster_size, order, extended_l2)
     info = {}
-    if version >= 3 and source is not None and source.format == "qcow2" \
-            and getattr(source, "compat", "1.1") != "0.10":
+    if (
+        version >= 3
+        and source is not None
+        and source.format == "qcow2"
+        and getattr(source, "compat", "1.1") != "0.10"
+    ):
         info["bitmaps"] = _bitmaps_size(source, cluster_size)  # QEMU prints it first
     info["required"] = fully - vsize + required
     info["fully-allocated"] = fully
@@ -252,8 +288,9 @@ def _bitmaps_size(source, cluster_size: int) -> int:
 def _measure_raw(opts: dict, source) -> dict:
     for key in opts:
         if key not in ("size", "preallocation", "nocow", "extent_size_hint"):
-            raise InvalidArgumentError(f"Invalid parameter '{key}'\n"
-                                       f"Invalid options for file format 'raw'")
+            raise InvalidArgumentError(
+                f"Invalid parameter '{key}'\nInvalid options for file format 'raw'"
+            )
     if "preallocation" in opts and str(opts["preallocation"]) not in ("off", "falloc", "full"):
         raise InvalidArgumentError(f"invalid parameter value: {opts['preallocation']}")
     if source is not None:
@@ -265,8 +302,10 @@ def _measure_raw(opts: dict, source) -> dict:
 
 def measure_human(info: dict) -> str:
     """qemu-img measure's human output (bitmaps last, unlike the JSON)."""
-    lines = [f"required size: {info['required']}",
-             f"fully allocated size: {info['fully-allocated']}"]
+    lines = [
+        f"required size: {info['required']}",
+        f"fully allocated size: {info['fully-allocated']}",
+    ]
     if "bitmaps" in info:
         lines.append(f"bitmaps size: {info['bitmaps']}")
     return "\n".join(lines) + "\n"
@@ -282,5 +321,4 @@ def measure_json(info: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["measure", "measure_human", "measure_json", "prealloc_size",
-           "refcount_metadata_size"]
+__all__ = ["measure", "measure_human", "measure_json", "prealloc_size", "refcount_metadata_size"]

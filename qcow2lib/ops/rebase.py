@@ -8,6 +8,7 @@ the layers above it never touched are skipped without reading. Then the header's
 name and format are rewritten. `new_backing` "" or None removes the backing file
 (flattening the overlay). unsafe=True only rewrites the header.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,14 +54,18 @@ def _compare_runs(old: memoryview, new: memoryview):
 def _header_backing_check(image, backing_name: str | None, backing_fmt: str | None) -> None:
     """Refuse, with qemu-img's messages, a header change QEMU would refuse."""
     if image.format != "qcow2":
-        raise RebaseError(f"Could not change the backing file to '{backing_name or ''}': "
-                          f"Operation not supported")
+        raise RebaseError(
+            f"Could not change the backing file to '{backing_name or ''}': Operation not supported"
+        )
     if backing_name and not backing_fmt:
-        raise RebaseError(f"Could not change the backing file to '{backing_name}': backing "
-                          f"format must be specified")
+        raise RebaseError(
+            f"Could not change the backing file to '{backing_name}': backing "
+            f"format must be specified"
+        )
     if backing_name and (image.data_file_raw or len(backing_name.encode()) > 1023):
-        raise RebaseError(f"Could not change the backing file to '{backing_name}': Invalid "
-                          f"argument")
+        raise RebaseError(
+            f"Could not change the backing file to '{backing_name}': Invalid argument"
+        )
 
 
 def set_backing(image, backing_name: str | None, backing_fmt: str | None) -> None:
@@ -73,8 +78,10 @@ def set_backing(image, backing_name: str | None, backing_fmt: str | None) -> Non
         hdr.pack()
     except CorruptImageError:
         hdr.backing_file, hdr.backing_format = old
-        raise RebaseError(f"Could not change the backing file to '{backing_name}': No space "
-                          f"left in the file header") from None
+        raise RebaseError(
+            f"Could not change the backing file to '{backing_name}': No space "
+            f"left in the file header"
+        ) from None
     image.flush()  # everything copied is durable before the header points elsewhere
     image._write_header()
     image.file.flush()
@@ -96,10 +103,18 @@ def _chain_depth(image, path: str) -> tuple[int, object] | None:
     return None
 
 
-def rebase(image_path: str, new_backing: str | None, new_backing_fmt: str | None = None, *,
-           unsafe: bool = False, progress=None, fmt: str | None = None,
-           force_share: bool = False,
-           passphrases: Sequence[str | bytes | None] = (), untrusted: bool = False) -> None:
+def rebase(
+    image_path: str,
+    new_backing: str | None,
+    new_backing_fmt: str | None = None,
+    *,
+    unsafe: bool = False,
+    progress=None,
+    fmt: str | None = None,
+    force_share: bool = False,
+    passphrases: Sequence[str | bytes | None] = (),
+    untrusted: bool = False,
+) -> None:
     """Change the backing file of the image at `image_path` (see the module docstring).
 
     new_backing is stored as given; relative names are resolved against the image's
@@ -113,20 +128,33 @@ def rebase(image_path: str, new_backing: str | None, new_backing_fmt: str | None
     if new_backing_fmt is not None and new_backing_fmt not in FORMATS:
         raise InvalidArgumentError(f"Invalid format name: '{new_backing_fmt}'")
     new_backing = new_backing or None
-    image = open_image(image_path, "r+", fmt, backing=not unsafe,
-                       passphrase=tuple(passphrases), untrusted=untrusted)
+    image = open_image(
+        image_path,
+        "r+",
+        fmt,
+        backing=not unsafe,
+        passphrase=tuple(passphrases),
+        untrusted=untrusted,
+    )
     try:
         _header_backing_check(image, new_backing, new_backing_fmt)
         if not unsafe:
-            _safe_copy(image, image_path, new_backing, new_backing_fmt, progress, force_share,
-                       untrusted)
+            _safe_copy(
+                image, image_path, new_backing, new_backing_fmt, progress, force_share, untrusted
+            )
         set_backing(image, new_backing, new_backing_fmt)
     finally:
         image.close()
 
 
-def _open_new_backing(image, image_path: str, new_backing: str, new_fmt: str | None,
-                      force_share: bool, untrusted: bool):
+def _open_new_backing(
+    image,
+    image_path: str,
+    new_backing: str,
+    new_fmt: str | None,
+    force_share: bool,
+    untrusted: bool,
+):
     """(device, depth in the old chain or None, whether we opened it)."""
     real_path = full_backing_filename(image_path, new_backing)
     found = _chain_depth(image, real_path) if os.path.exists(real_path) else None
@@ -136,26 +164,31 @@ def _open_new_backing(image, image_path: str, new_backing: str, new_fmt: str | N
         fmt = new_fmt or probe_format(real_path)
         device = open_image(real_path, "r", fmt, force_share=force_share, untrusted=untrusted)
     except Qcow2Error as exc:
-        raise RebaseError(f"Could not open new backing file '{new_backing}': "
-                          f"{error_text(exc)}") from exc
+        raise RebaseError(
+            f"Could not open new backing file '{new_backing}': {error_text(exc)}"
+        ) from exc
     layer, depth = device, 0
     while layer is not None:  # qemu-img gives the new backing file no secrets
         if getattr(layer, "encrypted", False):
             device.close()
-            raise RebaseError(f"Could not open new backing file '{new_backing}': "
-                              + "Could not open backing file: " * depth
-                              + "Parameter 'encrypt.key-secret' is required for cipher")
+            raise RebaseError(
+                f"Could not open new backing file '{new_backing}': "
+                + "Could not open backing file: " * depth
+                + "Parameter 'encrypt.key-secret' is required for cipher"
+            )
         layer, depth = getattr(layer, "backing", None), depth + 1
     return device, None, True
 
 
-def _safe_copy(image, image_path, new_backing, new_fmt, progress, force_share,
-               untrusted: bool) -> None:
+def _safe_copy(
+    image, image_path, new_backing, new_fmt, progress, force_share, untrusted: bool
+) -> None:
     old = image.backing
     new, prefix_depth, opened = None, None, False
     if new_backing:
-        new, prefix_depth, opened = _open_new_backing(image, image_path, new_backing, new_fmt,
-                                                      force_share, untrusted)
+        new, prefix_depth, opened = _open_new_backing(
+            image, image_path, new_backing, new_fmt, force_share, untrusted
+        )
     if new_backing and not image.backing_filename:
         # The image is about to get a backing file: from now on an unallocated cluster
         # shows the new backing file, so zeroing one must write an explicit zero flag
@@ -183,8 +216,7 @@ def _safe_copy(image, image_path, new_backing, new_fmt, progress, force_share,
                 for limit in (old_size, new_size):  # split where a backing file ends
                     if offset < limit < offset + n:
                         n = limit - offset
-                _copy_differences(image, old, new, old_size, new_size, offset, n,
-                                  buf_old, buf_new)
+                _copy_differences(image, old, new, old_size, new_size, offset, n, buf_old, buf_new)
                 offset += n
                 done += n
                 if progress is not None:
@@ -237,4 +269,4 @@ def _copy_differences(image, old, new, old_size, new_size, offset, n, buf_old, b
         if old_is_zero:
             _write_explicit_zeros(image, offset + pos, length)
         else:
-            image.write(offset + pos, view_old[pos:pos + length])
+            image.write(offset + pos, view_old[pos : pos + length])

@@ -7,6 +7,7 @@ new size last. Shrinking (only with shrink=True, as qemu-img's --shrink) release
 cluster past the new end, then cuts the file after its last used cluster. Raw images are
 truncated, with falloc/full preallocation of the new area.
 """
+
 from __future__ import annotations
 
 
@@ -14,9 +15,11 @@ from ..errors import InvalidArgumentError, UnsupportedFeatureError
 from . import virtual_size
 
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
-SHRINK_WARNING = ("Shrinking an image will delete all data beyond the shrunken image's end. "
-                  "Before performing such an operation, make sure there is no important data "
-                  "there.")
+SHRINK_WARNING = (
+    "Shrinking an image will delete all data beyond the shrunken image's end. "
+    "Before performing such an operation, make sure there is no important data "
+    "there."
+)
 
 
 class ShrinkRefusedError(InvalidArgumentError):
@@ -45,6 +48,7 @@ def resize(image, new_size: int, *, shrink: bool = False, preallocation: str = "
         raise ShrinkRefusedError()
     if image.read_only:
         from ..errors import ReadOnlyError
+
         raise ReadOnlyError("Image is read-only")
     if image.format in ("raw", "host_device", "file"):
         if image.file.is_device and new_size != image.size:
