@@ -27,7 +27,8 @@ from qcow2lib.cli.qemuopts import (
     valid_option_list,
 )
 from qcow2lib.cli.secrets import process_object, secret_value
-from qcow2lib.ops import FORMATS, error_text, host_path
+from qcow2lib.drivers import KNOWN_DRIVERS, amend_refusal
+from qcow2lib.ops import error_text, host_path
 
 QCOW2_AMEND_OPTS = (
     SIZE_OPT,
@@ -51,11 +52,11 @@ QCOW2_AMEND_OPTS = (
 
 
 def print_amend_option_help(cli: Cli, fmt: str) -> int:
-    if fmt not in FORMATS:
+    if fmt not in KNOWN_DRIVERS:
         cli.error_report(f"Unknown file format '{fmt}'")
         return 1
     if fmt != "qcow2":
-        cli.error_report(f"Format driver '{fmt}' does not support option amendment")
+        cli.error_report(amend_refusal(fmt) or f"qimg does not amend {fmt} images")
         return 1
     cli.out(f"Amend options for '{fmt}':\n{option_help_lines(QCOW2_AMEND_OPTS)}")
     return 0

@@ -10,6 +10,7 @@ from qcow2lib import ImageLockedError, Qcow2Error
 from qcow2lib.bitmaps import FLAG_AUTO as BITMAP_AUTO
 from qcow2lib.bitmaps import FLAG_IN_USE as BITMAP_IN_USE
 from qcow2lib.cli.common import Cli, cvtnum
+from qcow2lib.drivers import creation_refusal
 from qcow2lib.cli.create import print_create_option_help, qcow2_arguments, raw_arguments
 from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
 from qcow2lib.cli.images import (
@@ -327,7 +328,7 @@ def _convert(
     opts = None
     if not skip_create:
         if out_fmt not in FORMAT_CREATE_OPTS:
-            fail(f"Unknown file format '{out_fmt}'")
+            fail(creation_refusal(out_fmt) or f"Unknown file format '{out_fmt}'")
         try:
             host_path(out_filename)
         except Qcow2Error as exc:

@@ -8,6 +8,7 @@ import sys
 import qcow2lib
 from qcow2lib import ImageLockedError, Qcow2Error
 from qcow2lib.cli.common import Cli, cvtnum
+from qcow2lib.drivers import creation_refusal
 from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
 from qcow2lib.cli.images import untrusted
 from qcow2lib.cli.qemuopts import (
@@ -38,7 +39,7 @@ from qcow2lib.sizes import SizeError, parse_number
 def print_create_option_help(cli: Cli, filename: str | None, fmt: str) -> int:
     """`create -o help`: the options of the format (and of the host file, given a name)."""
     if fmt not in FORMAT_CREATE_OPTS:
-        cli.error_report(f"Unknown file format '{fmt}'")
+        cli.error_report(creation_refusal(fmt) or f"Unknown file format '{fmt}'")
         return 1
     if filename is None:
         cli.out(
@@ -221,7 +222,7 @@ def img_create(
 ) -> None:
     """Everything `qemu-img create` does after reading its arguments; raises CreateError."""
     if fmt not in FORMAT_CREATE_OPTS:
-        raise CreateError(f"Unknown file format '{fmt}'")
+        raise CreateError(creation_refusal(fmt) or f"Unknown file format '{fmt}'")
     try:
         path = host_path(filename)
     except Qcow2Error as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from qcow2lib import Qcow2Error
 from qcow2lib.cli.common import Cli, cvtnum
+from qcow2lib.drivers import creation_refusal
 from qcow2lib.cli.convert import create_convert_target
 from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
 from qcow2lib.cli.images import (
@@ -104,7 +105,7 @@ def cmd_dd(cli: Cli, argv: list[str]) -> int:
         return 1
     with source:
         if out_fmt not in FORMAT_CREATE_OPTS:
-            cli.error_report("Unknown file format")
+            cli.error_report(creation_refusal(out_fmt) or "Unknown file format")
             return 1
         try:
             out_path = host_path(out_name)

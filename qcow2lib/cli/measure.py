@@ -6,6 +6,7 @@ import sys
 
 from qcow2lib import Qcow2Error
 from qcow2lib.cli.common import Cli, cvtnum
+from qcow2lib.drivers import creation_refusal
 from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
 from qcow2lib.cli.images import (
     SNAPSHOT_OPT_BASE,
@@ -117,7 +118,7 @@ def cmd_measure(cli: Cli, argv: list[str]) -> int:
                 report_failure(cli, exc)
                 return 1
         if out_fmt not in FORMAT_CREATE_OPTS:
-            cli.error_report(f"Unknown file format '{out_fmt}'")
+            cli.error_report(creation_refusal(out_fmt) or f"Unknown file format '{out_fmt}'")
             return 1
         opts = CreateOptions(merged_create_opts(out_fmt), cli.warn_report)
         try:

@@ -18,7 +18,8 @@ from qcow2lib.cli.images import (
 )
 from qcow2lib.cli.progress import Progress
 from qcow2lib.cli.secrets import process_object
-from qcow2lib.ops import FORMATS, error_text, full_backing_filename, host_path
+from qcow2lib.drivers import KNOWN_DRIVERS
+from qcow2lib.ops import error_text, full_backing_filename, host_path
 
 
 def cmd_rebase(cli: Cli, argv: list[str]) -> int:
@@ -89,7 +90,7 @@ def cmd_rebase(cli: Cli, argv: list[str]) -> int:
         except OpenFailure as exc:
             report_failure(cli, exc)
             return 1
-        if out_basefmt is not None and out_basefmt not in FORMATS:
+        if out_basefmt is not None and out_basefmt not in KNOWN_DRIVERS:
             cli.error_report(f"Invalid format name: '{out_basefmt}'")
             return 1
         try:

@@ -15,12 +15,12 @@ import os
 from collections.abc import Sequence
 
 from ..chain import open_image, probe_format
+from ..drivers import KNOWN_DRIVERS
 from ..errors import CorruptImageError, InvalidArgumentError, Qcow2Error
 from . import error_text, full_backing_filename
 
 IO_BUF_SIZE = 2 << 20
 SECTOR = 512
-FORMATS = ("qcow2", "raw")
 
 
 class RebaseError(Qcow2Error):
@@ -125,7 +125,7 @@ def rebase(
     the image's chain, and the new backing file's own chain, are opened as
     open_image(untrusted=True) opens them (the new name itself is the caller's).
     """
-    if new_backing_fmt is not None and new_backing_fmt not in FORMATS:
+    if new_backing_fmt is not None and new_backing_fmt not in KNOWN_DRIVERS:
         raise InvalidArgumentError(f"Invalid format name: '{new_backing_fmt}'")
     new_backing = new_backing or None
     image = open_image(
