@@ -95,32 +95,49 @@ def cmd_bitmap(cli: Cli, argv: list[str]) -> int:
             except OpenFailure as exc:
                 report_failure(cli, exc)
                 return 1
-        for action, source_name in actions:
-            try:
-                if img.format != "qcow2":
-                    raise Qcow2Error(
-                        f"Dirty bitmap '{name}' not found"
-                        if action != "add"
-                        else f"Can't store persistent bitmaps to {filename}: "
-                        f"Operation not supported"
-                    )
-                if action == "add":  # (QEMU passes the granularity on as 32 bits)
-                    bitmaps.add_bitmap(img, name, granularity & 0xFFFFFFFF if granularity else None)
-                elif action == "remove":
-                    bitmaps.remove_bitmap(img, name)
-                elif action == "clear":
-                    bitmaps.clear_bitmap(img, name)
-                elif action in ("enable", "disable"):
-                    bitmaps.set_bitmap_enabled(img, name, action == "enable")
-                else:
-                    bitmaps.merge_bitmap(img, name, source or img, source_name)
-            except Qcow2Error as exc:
+        if img.format != "qcow2":
+            action = actions[0][0]
+            cli.error_report(
+                f"Operation {action} on bitmap {name} failed: "
+                + (
+                    f"Dirty bitmap '{name}' not found"
+                    if action != "add"
+                    else f"Can't store persistent bitmaps to {filename}: Operation not supported"
+                )
+            )
+            return 1
+        # one session: QEMU changes the bitmaps in memory and stores them on close
+        action, entered = actions[0][0], False
+        try:
+            with bitmaps.BitmapSession(img) as session:
+                entered = True
+                for action, source_name in actions:
+                    try:
+                        if action == "add":  # (QEMU passes the granularity on as 32 bits)
+                            session.add(name, granularity & 0xFFFFFFFF if granularity else None)
+                        elif action == "remove":
+                            session.remove(name)
+                        elif action == "clear":
+                            session.clear(name)
+                        elif action in ("enable", "disable"):
+                            session.set_enabled(name, action == "enable")
+                        else:
+                            session.merge(name, source or img, source_name)
+                    except Qcow2Error as exc:
+                        cli.error_report(
+                            f"Operation {action} on bitmap {name} failed: {error_text(exc)}"
+                        )
+                        if "is inconsistent" in str(exc):
+                            sys.stderr.write(
+                                "Try block-dirty-bitmap-remove to delete this bitmap from disk\n"
+                            )
+                        return 1
+        except Qcow2Error as exc:  # reading the bitmaps, or storing them, failed
+            if entered:
+                cli.error_report(f"Lost persistent bitmaps: {error_text(exc)}")
+            else:
                 cli.error_report(f"Operation {action} on bitmap {name} failed: {error_text(exc)}")
-                if "is inconsistent" in str(exc):
-                    sys.stderr.write(
-                        "Try block-dirty-bitmap-remove to delete this bitmap from disk\n"
-                    )
-                return 1
+            return 1
     finally:
         if source is not None:
             source.close()

@@ -445,22 +445,23 @@ def _convert_copy_bitmaps(cli: Cli, source, target, skip_broken: bool) -> None:
     for entry in reversed(source._bitmap_entries):  # (QEMU's list order)
         if entry.flags & BITMAP_IN_USE:
             cli.warn_report(f"Skipping inconsistent bitmap '{entry.name}'")
-    for entry in source._bitmap_entries:  # (the target's directory keeps the source's order)
-        if entry.flags & BITMAP_IN_USE:
-            continue
-        try:
-            bitmap_ops.add_bitmap(
-                target,
-                entry.name,
-                1 << entry.granularity_bits,
-                enabled=bool(entry.flags & BITMAP_AUTO),
-            )
-        except Qcow2Error as exc:
-            cli.error_report(f"Failed to create bitmap {entry.name}: {error_text(exc)}")
-            raise ConvertStop(1) from exc
-        try:
-            bitmap_ops.merge_bitmap(target, entry.name, source, entry.name)
-        except Qcow2Error as exc:
-            cli.error_report(f"Failed to populate bitmap {entry.name}: {error_text(exc)}")
-            bitmap_ops.remove_bitmap(target, entry.name)
-            raise ConvertStop(1) from exc
+    # one session: QEMU creates and fills them all in memory and stores them on close
+    with bitmap_ops.BitmapSession(target) as session:
+        for entry in source._bitmap_entries:  # (the target's directory keeps the source's order)
+            if entry.flags & BITMAP_IN_USE:
+                continue
+            try:
+                session.add(
+                    entry.name,
+                    1 << entry.granularity_bits,
+                    enabled=bool(entry.flags & BITMAP_AUTO),
+                )
+            except Qcow2Error as exc:
+                cli.error_report(f"Failed to create bitmap {entry.name}: {error_text(exc)}")
+                raise ConvertStop(1) from exc
+            try:
+                session.merge(entry.name, source, entry.name)
+            except Qcow2Error as exc:
+                cli.error_report(f"Failed to populate bitmap {entry.name}: {error_text(exc)}")
+                session.remove(entry.name)
+                raise ConvertStop(1) from exc
