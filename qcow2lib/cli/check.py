@@ -16,7 +16,7 @@ from qcow2lib.cli.images import (
     report_failure,
 )
 from qcow2lib.cli.secrets import InvalidSecret, process_object
-from qcow2lib.ops import host_path
+from qcow2lib.ops import error_text, host_path
 
 
 def cmd_check(cli: Cli, argv: list[str]) -> int:
@@ -73,14 +73,19 @@ def cmd_check(cli: Cli, argv: list[str]) -> int:
     except OpenFailure as exc:
         report_failure(cli, exc)
         return 1
+    try:
+        path = host_path(spec.path)  # ("file:" prefix taken off, other protocols refused)
+    except Qcow2Error as exc:
+        cli.error_report(f"Could not open '{spec.name}': {error_text(exc)}")
+        return 1
     failure = _check_open_failure(cli, spec, repair)
     if failure is not None:
         report_failure(cli, failure)
         return 1
-    report = check_path(spec.path, repair, spec.fmt, spec.force_share, prog=cli.prog)
+    report = check_path(path, repair, spec.fmt, spec.force_share, prog=cli.prog)
     report.filename = spec.name
-    prefix = f"Could not open '{spec.path}': "
-    if report.error and spec.name != spec.path and report.error.startswith(prefix):
+    prefix = f"Could not open '{path}': "
+    if report.error and spec.name != path and report.error.startswith(prefix):
         report.error = f"Could not open '{spec.name}': " + report.error[len(prefix) :]
     messages = report.messages  # (millions of lines for a badly damaged image)
     for start in range(0, len(messages), 4096):

@@ -59,7 +59,9 @@ def host_path(filename: str) -> str:
     """The host file a QEMU-style filename refers to.
 
     QEMU accepts an explicit "file:" protocol prefix; any other "proto:" prefix names a
-    protocol qcow2lib does not implement, so it is refused with QEMU's wording.
+    protocol qcow2lib does not implement, so it is refused with QEMU's wording. A name
+    after "file:" that would itself read as "proto:..." becomes "./name", as QEMU names
+    the file (so a relative backing name resolves beside it, not under a protocol).
     """
     if not has_protocol(filename):
         return filename
@@ -67,7 +69,8 @@ def host_path(filename: str) -> str:
     if protocol in ("nbd", "nbd+tcp", "nbd+unix"):  # opened by the NBD client
         return filename
     if protocol == "file":
-        return filename[len("file:") :]
+        name = filename[len("file:") :]
+        return "./" + name if has_protocol(name) else name
     raise InvalidArgumentError(f"Unknown protocol '{protocol}'")
 
 
