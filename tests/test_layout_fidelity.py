@@ -237,3 +237,17 @@ def test_convert_from_null_co_as_qemu_img(tmp_path):
         both(
             tmp_path, tmp_path, "map", "--output=json", f'json:{{"driver": "null-aio", {options}}}'
         )
+
+
+def test_info_of_null_devices_as_qemu_img(tmp_path):
+    """iotest 153 asks for the info of a null-co device given by --image-opts."""
+    for args in (
+        ["-U", "--image-opts", "driver=null-co,force-share=on"],
+        ["-U", "--image-opts", "driver=null-co,force-share=off"],
+        ["--output=json", "--image-opts", "driver=null-co,size=1M,latency-ns=3"],
+        ["--image-opts", "driver=null-aio,read-zeroes=on,size=1M"],
+        ["--backing-chain", "--output=json", "--image-opts", "driver=null-co"],
+        ["json:{'driver': 'null-co', 'size': 1048576, 'read-zeroes': true}"],
+        ['json:{"driver": "null-co", "size": 1000, "latency-ns": 4}'],
+    ):
+        both(tmp_path, tmp_path, "info", *args)

@@ -11,7 +11,7 @@ from typing import NoReturn
 import qcow2lib
 from qcow2lib.bitmaps import check_qemu_constraints
 from qcow2lib import ImageLockedError, Qcow2Error
-from qcow2lib.chain import json_name_options, untrusted_backing_path
+from qcow2lib.chain import _double_quoted, json_name_options, untrusted_backing_path
 from qcow2lib.cli.common import Cli
 from qcow2lib.cli.qemuopts import CreateError, parse_qemu_opts, split_option_list
 from qcow2lib.cli.qobject import qemu_json_compact
@@ -78,6 +78,7 @@ class ImageSpec:
     backing_secrets: tuple = ()  # backing[.backing...].encrypt.key-secret, nearest first
     nbd: object = None  # an NBDAddress
     null: tuple | None = None  # a null-co/null-aio device's (driver, size, read_zeroes)
+    null_name: str = ""  # and the name QEMU gives it
     l2_cache_entry_size: int | None = None
 
 
@@ -271,6 +272,18 @@ def _null_spec(text: str, driver: str, opts: dict[str, str], force_share: bool, 
     from qcow2lib.nulldev import DEFAULT_SIZE
     from qcow2lib.sizes import parse_size
 
+    # QEMU names the device by its driver and the options that shape its content, as
+    # they were given (JSON numbers and booleans stay such); "<driver>://" without them
+    given = {"driver": driver}
+    for name in ("size", "read-zeroes"):
+        if name in opts:
+            given[name] = opts[name]
+    if text.startswith("json:") and len(given) > 1:
+        import json
+
+        tree = json.loads(_double_quoted(text[len("json:") :]))
+        given.update((name, tree[name]) for name in given if name != "driver")
+    null_name = f"{driver}://" if len(given) == 1 else "json:" + qemu_json_compact(given)
     size = DEFAULT_SIZE
     if "size" in opts:
         value = opts.pop("size")
@@ -292,7 +305,13 @@ def _null_spec(text: str, driver: str, opts: dict[str, str], force_share: bool, 
     for name in opts:
         fail(f"Block protocol '{driver}' doesn't support the option '{name}'")
     return ImageSpec(
-        text, f"{driver}://", driver, None, force_share, null=(driver, size, read_zeroes == "on")
+        text,
+        f"{driver}://",
+        driver,
+        None,
+        force_share,
+        null=(driver, size, read_zeroes == "on"),
+        null_name=null_name,
     )
 
 
