@@ -14,6 +14,7 @@ zeroes), served by a worker pool, so several run at once and finish in any order
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import select
 import signal
@@ -194,33 +195,33 @@ class VirtioBlk:
         return offset
 
     def _read(self, sector: int, memory: GuestMemory, into: list[Segment]) -> tuple[int, int]:
-        total = sum(s.length for s in into)
+        pieces = memory.resolve(into)  # every buffer is checked before any I/O
+        total = sum(piece[2] for piece in pieces)
         offset = self._span(sector, total)
         if offset is None:
             return S_IOERR, 0
-        for segment in into:
-            memory.check(segment.guest_addr, segment.length)
-        for batch in _batches(into):
-            buffer = memoryview(bytearray(sum(length for _, length in batch)))
+        for batch, size in _batches(pieces):
+            buffer = memoryview(bytearray(size))
             self.device.readinto(offset, buffer)
             done = 0
-            for addr, length in batch:
-                memory.write(addr, buffer[done : done + length])
+            for mapping, map_offset, length in batch:
+                mapping[map_offset : map_offset + length] = buffer[done : done + length]
                 done += length
-            offset += done
+            offset += size
         return S_OK, total
 
     def _write(self, sector: int, memory: GuestMemory, out: list[Segment]) -> int:
-        total = sum(s.length for s in out)
+        pieces = memory.resolve(out)
+        total = sum(piece[2] for piece in pieces)
         offset = self._span(sector, total)
         if self.read_only or offset is None:
             return S_IOERR
-        for segment in out:
-            memory.check(segment.guest_addr, segment.length)
-        for batch in _batches(out):
-            data = b"".join(memory.read(addr, length) for addr, length in batch)
+        for batch, size in _batches(pieces):
+            data = b"".join(
+                [mapping[map_offset : map_offset + length] for mapping, map_offset, length in batch]
+            )
             self.device.write(offset, data)
-            offset += len(data)
+            offset += size
         return S_OK
 
     def _ranges(self, kind: int, memory: GuestMemory, out: list[Segment]) -> int:
@@ -252,15 +253,17 @@ class VirtioBlk:
 
 
 def _skip(segments: list[Segment], skip: int) -> list[Segment]:
-    """The segments that follow the first `skip` bytes."""
-    result = []
-    for segment in segments:
-        if skip >= segment.length:
-            skip -= segment.length
-            continue
-        result.append(Segment(segment.guest_addr + skip, segment.length - skip, segment.writable))
-        skip = 0
-    return result
+    """The segments that follow the first `skip` bytes (only a segment cut in two is new)."""
+    for index, segment in enumerate(segments):
+        if skip < segment.length:
+            if not skip:
+                return segments[index:]
+            cut = segment._replace(
+                guest_addr=segment.guest_addr + skip, length=segment.length - skip
+            )
+            return [cut] + segments[index + 1 :]
+        skip -= segment.length
+    return []
 
 
 def _gather(memory: GuestMemory, segments: list[Segment], skip: int, length: int) -> bytes:
@@ -285,23 +288,27 @@ def _scatter(memory: GuestMemory, segments: list[Segment], data: bytes) -> None:
         done += n
 
 
-def _batches(segments: list[Segment]):
-    """Lists of (guest_addr, length) pieces of at most IO_CHUNK bytes in all, in order: a
-    request of many small buffers becomes few device calls, a huge one no huge buffer."""
-    batch: list[tuple[int, int]] = []
+def _batches(pieces: list[tuple[mmap.mmap, int, int]]):
+    """(pieces, bytes) batches of at most IO_CHUNK bytes in all, in order: a request of
+    many small buffers becomes few device calls, a huge one no huge buffer."""
+    total = sum(piece[2] for piece in pieces)
+    if total <= IO_CHUNK:  # the common case: the whole request at once
+        yield pieces, total
+        return
+    batch: list[tuple[mmap.mmap, int, int]] = []
     size = 0
-    for segment in segments:
+    for mapping, map_offset, length in pieces:
         start = 0
-        while start < segment.length:
-            n = min(segment.length - start, IO_CHUNK - size)
-            batch.append((segment.guest_addr + start, n))
+        while start < length:
+            n = min(length - start, IO_CHUNK - size)
+            batch.append((mapping, map_offset + start, n))
             size += n
             start += n
             if size == IO_CHUNK:
-                yield batch
+                yield batch, size
                 batch, size = [], 0
     if batch:
-        yield batch
+        yield batch, size
 
 
 class VhostUserBlkServer:

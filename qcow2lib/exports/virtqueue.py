@@ -140,6 +140,23 @@ class GuestMemory:
                     f"{length:#x}) is outside guest memory"
                 )
 
+    def resolve(self, segments: list[Segment]) -> list[tuple[mmap.mmap, int, int]]:
+        """(mapping, offset, length) pieces covering every segment, in order, or
+        GuestMemoryError when any byte lies outside guest memory. The hot path of data
+        requests: one pass, one region test per segment that lies inside one region."""
+        pieces = []
+        append = pieces.append
+        regions = self.regions
+        for guest_addr, length, _ in segments:
+            for region in regions:
+                start = guest_addr - region.guest_phys_addr
+                if 0 <= start and start + length <= region.size:
+                    append((region.mapping, region.start + start, length))
+                    break
+            else:  # across regions, or outside: piece by piece, which names the bad byte
+                pieces.extend(self._pieces(guest_addr, length))
+        return pieces
+
     def check(self, guest_addr: int, length: int) -> None:
         for _ in self._pieces(guest_addr, length):
             pass
@@ -251,10 +268,17 @@ class SplitVirtqueue:
             raise VirtqueueError(f"available ring head {head} is past the queue size {self.size}")
         readable: list[Segment] = []
         writable: list[Segment] = []
+        make = tuple.__new__  # Segment(...) without NamedTuple's Python-level __new__
+        # the ring's own table is read in place; an indirect table is unpacked whole
         table, base, count = self.desc_map, self.desc_offset, self.size
-        index, seen, in_indirect = head, 0, False
+        unpacked: list[tuple[int, int, int, int]] | None = None
+        unpack_from = DESCRIPTOR.unpack_from
+        index, seen = head, 0
         while True:
-            addr, length, flags, next_index = DESCRIPTOR.unpack_from(table, base + 16 * index)
+            if unpacked is None:
+                addr, length, flags, next_index = unpack_from(table, base + 16 * index)
+            else:
+                addr, length, flags, next_index = unpacked[index]
             seen += 1
             if seen > count:
                 raise VirtqueueError(
@@ -262,12 +286,12 @@ class SplitVirtqueue:
                     f"table ({count} entries): a loop"
                 )
             if flags & DESC_F_INDIRECT:
-                if in_indirect or not self.indirect:
+                if unpacked is not None or not self.indirect:
                     raise VirtqueueError(
                         f"descriptor {index} of chain {head} is indirect "
                         + (
                             "inside an indirect table"
-                            if in_indirect
+                            if unpacked is not None
                             else "but INDIRECT_DESC was not negotiated"
                         )
                     )
@@ -284,17 +308,18 @@ class SplitVirtqueue:
                     table, base = self.memory.locate(addr, length)
                 except GuestMemoryError as exc:
                     raise VirtqueueError(f"indirect table of chain {head}: {exc}") from None
-                index, seen, count, in_indirect = 0, 0, length // 16, True
+                unpacked = list(DESCRIPTOR.iter_unpack(table[base : base + length]))
+                index, seen, count = 0, 0, length // 16
                 continue
             if flags & DESC_F_WRITE:
-                writable.append(Segment(addr, length, True))
+                writable.append(make(Segment, (addr, length, True)))
             elif writable:
                 raise VirtqueueError(
                     f"descriptor chain {head} has a device-readable buffer "
                     f"after a device-writable one"
                 )
             else:
-                readable.append(Segment(addr, length, False))
+                readable.append(make(Segment, (addr, length, False)))
             if not flags & DESC_F_NEXT:
                 return DescriptorChain(head, readable, writable)
             if next_index >= count:
