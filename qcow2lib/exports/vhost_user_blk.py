@@ -129,17 +129,17 @@ class VirtioBlk:
 
     def handle(self, memory: GuestMemory, chain: DescriptorChain) -> int:
         """Serve one request; the status byte is the last byte the driver let us write."""
-        if not chain.writable or chain.writable[-1].length == 0:
+        if not chain.writable or chain.writable[-1][1] == 0:
             self.log.warning("virtio-blk request %d has no status byte", chain.head)
             return 0
-        last = chain.writable[-1]
-        status_addr = last.guest_addr + last.length - 1
+        last_addr, last_length = chain.writable[-1]
+        status_addr = last_addr + last_length - 1
         try:
             memory.check(status_addr, 1)
         except GuestMemoryError as exc:  # the outcome could not be told: do nothing
             self.log.warning("virtio-blk request %d: status byte: %s", chain.head, exc)
             return 0
-        into_guest = chain.writable[:-1] + [last._replace(length=last.length - 1)]
+        into_guest = chain.writable[:-1] + [(last_addr, last_length - 1)]
         written = 0
         try:
             header = _gather(memory, chain.readable, 0, REQUEST_HEADER.size)
@@ -174,7 +174,7 @@ class VirtioBlk:
                     self.device.flush()
                 return S_OK, 0
             if kind == T_GET_ID:
-                space = sum(s.length for s in into)
+                space = sum(length for _, length in into)
                 ident = self.serial.ljust(ID_BYTES, b"\0")[: min(space, ID_BYTES)]
                 _scatter(memory, into, ident)
                 return S_OK, len(ident)
@@ -228,7 +228,7 @@ class VirtioBlk:
         """DISCARD or WRITE_ZEROES: a list of (sector, num_sectors, flags) segments."""
         if self.read_only:
             return S_IOERR
-        total = sum(s.length for s in out)
+        total = sum(length for _, length in out)
         if (
             total % RANGE_SEGMENT.size
             or not total
@@ -254,37 +254,34 @@ class VirtioBlk:
 
 def _skip(segments: list[Segment], skip: int) -> list[Segment]:
     """The segments that follow the first `skip` bytes (only a segment cut in two is new)."""
-    for index, segment in enumerate(segments):
-        if skip < segment.length:
+    for index, (guest_addr, length) in enumerate(segments):
+        if skip < length:
             if not skip:
                 return segments[index:]
-            cut = segment._replace(
-                guest_addr=segment.guest_addr + skip, length=segment.length - skip
-            )
-            return [cut] + segments[index + 1 :]
-        skip -= segment.length
+            return [(guest_addr + skip, length - skip)] + segments[index + 1 :]
+        skip -= length
     return []
 
 
 def _gather(memory: GuestMemory, segments: list[Segment], skip: int, length: int) -> bytes:
     """Up to `length` bytes of the buffers, after `skip` bytes."""
     parts = []
-    for segment in _skip(segments, skip):
+    for guest_addr, segment_length in _skip(segments, skip):
         if length <= 0:
             break
-        n = min(length, segment.length)
-        parts.append(memory.read(segment.guest_addr, n))
+        n = min(length, segment_length)
+        parts.append(memory.read(guest_addr, n))
         length -= n
     return b"".join(parts)
 
 
 def _scatter(memory: GuestMemory, segments: list[Segment], data: bytes) -> None:
     done = 0
-    for segment in segments:
+    for guest_addr, length in segments:
         if done >= len(data):
             break
-        n = min(segment.length, len(data) - done)
-        memory.write(segment.guest_addr, data[done : done + n])
+        n = min(length, len(data) - done)
+        memory.write(guest_addr, data[done : done + n])
         done += n
 
 

@@ -147,7 +147,7 @@ class GuestMemory:
         pieces = []
         append = pieces.append
         regions = self.regions
-        for guest_addr, length, _ in segments:
+        for guest_addr, length in segments:
             for region in regions:
                 start = guest_addr - region.guest_phys_addr
                 if 0 <= start and start + length <= region.size:
@@ -190,10 +190,9 @@ class GuestMemory:
         raise GuestMemoryError(f"front-end address {user_addr:#x} is not in any memory region")
 
 
-class Segment(NamedTuple):
-    guest_addr: int
-    length: int
-    writable: bool
+# One guest buffer of a request: (guest_addr, length). A plain tuple, not a NamedTuple:
+# a request carries up to a queue's worth of them and they are made per request.
+Segment = tuple[int, int]
 
 
 class DescriptorChain(NamedTuple):
@@ -268,17 +267,11 @@ class SplitVirtqueue:
             raise VirtqueueError(f"available ring head {head} is past the queue size {self.size}")
         readable: list[Segment] = []
         writable: list[Segment] = []
-        make = tuple.__new__  # Segment(...) without NamedTuple's Python-level __new__
-        # the ring's own table is read in place; an indirect table is unpacked whole
         table, base, count = self.desc_map, self.desc_offset, self.size
-        unpacked: list[tuple[int, int, int, int]] | None = None
         unpack_from = DESCRIPTOR.unpack_from
-        index, seen = head, 0
+        index, seen, in_indirect = head, 0, False
         while True:
-            if unpacked is None:
-                addr, length, flags, next_index = unpack_from(table, base + 16 * index)
-            else:
-                addr, length, flags, next_index = unpacked[index]
+            addr, length, flags, next_index = unpack_from(table, base + 16 * index)
             seen += 1
             if seen > count:
                 raise VirtqueueError(
@@ -286,12 +279,12 @@ class SplitVirtqueue:
                     f"table ({count} entries): a loop"
                 )
             if flags & DESC_F_INDIRECT:
-                if unpacked is not None or not self.indirect:
+                if in_indirect or not self.indirect:
                     raise VirtqueueError(
                         f"descriptor {index} of chain {head} is indirect "
                         + (
                             "inside an indirect table"
-                            if unpacked is not None
+                            if in_indirect
                             else "but INDIRECT_DESC was not negotiated"
                         )
                     )
@@ -308,18 +301,18 @@ class SplitVirtqueue:
                     table, base = self.memory.locate(addr, length)
                 except GuestMemoryError as exc:
                     raise VirtqueueError(f"indirect table of chain {head}: {exc}") from None
-                unpacked = list(DESCRIPTOR.iter_unpack(table[base : base + length]))
+                in_indirect = True
                 index, seen, count = 0, 0, length // 16
                 continue
             if flags & DESC_F_WRITE:
-                writable.append(make(Segment, (addr, length, True)))
+                writable.append((addr, length))
             elif writable:
                 raise VirtqueueError(
                     f"descriptor chain {head} has a device-readable buffer "
                     f"after a device-writable one"
                 )
             else:
-                readable.append(make(Segment, (addr, length, False)))
+                readable.append((addr, length))
             if not flags & DESC_F_NEXT:
                 return DescriptorChain(head, readable, writable)
             if next_index >= count:
