@@ -52,6 +52,11 @@ SHUTDOWN_GRACE = 5.0  # seconds in-flight requests get to reply on shutdown
 
 _CONTEXT_IDS = {P.CONTEXT_BASE_ALLOCATION: 0, P.CONTEXT_ALLOCATION_DEPTH: 1}
 _WRITING_COMMANDS = (P.CMD_WRITE, P.CMD_TRIM, P.CMD_WRITE_ZEROES)
+# Small reads and writes run on the connection's reader thread: a hand-off to a worker costs
+# more than the request itself (a page-cache copy), under the GIL and with two cores.
+_INLINE_COMMANDS = (P.CMD_READ, P.CMD_WRITE)
+INLINE_MAX = 64 * 1024
+_RECV_AHEAD = 64 * 1024  # bytes the reader asks the socket for at a time
 _SEND_BATCH = 512  # buffers per sendmsg, below every IOV_MAX
 
 
@@ -217,6 +222,8 @@ class _Connection:
         self.sock = sock
         self.peer = peer
         self.send_lock = threading.Lock()
+        self._pending = bytearray()  # received, not yet consumed (only the reader thread)
+        self._scratch = memoryview(bytearray(_RECV_AHEAD))
         self.deadline: float | None = None
         self.no_zeroes = False
         self.structured = False
@@ -267,39 +274,61 @@ class _Connection:
 
     # --- socket I/O ----------------------------------------------------------------------
 
-    def _recv_into(self, view: memoryview) -> None:
-        while len(view):
-            if self.deadline is not None:
-                remaining = self.deadline - time.monotonic()
-                if remaining <= 0:
-                    raise _ProtocolViolation(
-                        f"handshake not finished within {self.server.handshake_timeout} s"
-                    )
-                self.sock.settimeout(remaining)
-            try:
-                count = self.sock.recv_into(view)
-            except socket.timeout:
+    def _recv_some(self, view: memoryview) -> int:
+        """One recv into `view` (at least one byte), within the handshake's deadline."""
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
                 raise _ProtocolViolation(
                     f"handshake not finished within {self.server.handshake_timeout} s"
-                ) from None
-            except OSError as exc:
-                raise _ClientGone(exc.strerror or str(exc)) from None
-            if count == 0:
-                raise _ClientGone("end of stream")
-            view = view[count:]
+                )
+            self.sock.settimeout(remaining)
+        try:
+            count = self.sock.recv_into(view)
+        except socket.timeout:
+            raise _ProtocolViolation(
+                f"handshake not finished within {self.server.handshake_timeout} s"
+            ) from None
+        except OSError as exc:
+            raise _ClientGone(exc.strerror or str(exc)) from None
+        if count == 0:
+            raise _ClientGone("end of stream")
+        return count
 
     def _recv(self, count: int) -> bytearray:
-        buf = bytearray(count)
-        self._recv_into(memoryview(buf))
-        return buf
+        """The next `count` bytes of the stream. Small reads come from a read-ahead buffer,
+        so a pipelined client's requests cost one recv for several; a large payload goes
+        straight into its own buffer."""
+        pending = self._pending
+        if len(pending) >= count:
+            data = pending[:count]
+            del pending[:count]
+            return data
+        if count - len(pending) >= _RECV_AHEAD:
+            data = bytearray(count)
+            view = memoryview(data)
+            have = len(pending)
+            view[:have] = pending
+            pending.clear()
+            while have < count:
+                have += self._recv_some(view[have:])
+            return data
+        scratch = self._scratch
+        while len(pending) < count:
+            pending += scratch[: self._recv_some(scratch)]
+        data = pending[:count]
+        del pending[:count]
+        return data
 
     def _drain(self, count: int) -> None:
         """Read and drop `count` bytes without holding them."""
-        scratch = memoryview(bytearray(min(count, 1 << 16)))
+        pending = self._pending
+        dropped = min(count, len(pending))
+        del pending[:dropped]
+        count -= dropped
+        scratch = self._scratch
         while count:
-            step = min(count, len(scratch))
-            self._recv_into(scratch[:step])
-            count -= step
+            count -= self._recv_some(scratch[: min(count, len(scratch))])
 
     def _send(self, *buffers) -> None:
         views = [memoryview(b).cast("B") for b in buffers if len(b)]
@@ -544,11 +573,11 @@ class _Connection:
                 try:
                     if command == P.CMD_WRITE and not dropped:
                         payload = self._recv(length)
-                    pool.submit(
-                        self._serve,
-                        _Request(flags, command, handle, offset, length, payload, dropped),
-                        cost,
-                    )
+                    request = _Request(flags, command, handle, offset, length, payload, dropped)
+                    if command in _INLINE_COMMANDS and length <= INLINE_MAX:
+                        self._serve(request, cost)
+                    else:
+                        pool.submit(self._serve, request, cost)
                 except BaseException:
                     self.budget.release(cost)
                     raise
