@@ -57,6 +57,7 @@ _WRITING_COMMANDS = (P.CMD_WRITE, P.CMD_TRIM, P.CMD_WRITE_ZEROES)
 _INLINE_COMMANDS = (P.CMD_READ, P.CMD_WRITE)
 INLINE_MAX = 64 * 1024
 _RECV_AHEAD = 64 * 1024  # bytes the reader asks the socket for at a time
+_SEND_BUFFER = 4 << 20  # bytes, asked of the kernel (it caps at net.core.wmem_max)
 _SEND_BATCH = 512  # buffers per sendmsg, below every IOV_MAX
 
 
@@ -1005,6 +1006,10 @@ class NBDServer:
             time.sleep(0.1)
             return
         sock.setblocking(True)
+        try:  # room for several large replies in the socket: fewer waits for the client
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
+        except OSError:
+            pass
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             name = f"{peer[0]}:{peer[1]}"
