@@ -85,6 +85,7 @@ class VirtioBlk:
         self.num_queues = num_queues
         self.serial = serial.encode("utf-8")[:ID_BYTES]
         self.log = log
+        self._local = threading.local()
         features = [
             F_VERSION_1,
             F_RING_INDIRECT_DESC,
@@ -187,6 +188,14 @@ class VirtioBlk:
             )
             return S_IOERR, 0
 
+    def _scratch(self) -> memoryview:
+        """This worker thread's read buffer (IO_CHUNK bytes), made once: a fresh one per
+        request would be zero-filled and page-faulted every time."""
+        buffer = getattr(self._local, "buffer", None)
+        if buffer is None or len(buffer) < IO_CHUNK:
+            buffer = self._local.buffer = memoryview(bytearray(IO_CHUNK))
+        return buffer
+
     def _span(self, sector: int, length: int) -> int | None:
         """The byte offset of a request, or None when it is misaligned or outside the disk."""
         offset = sector * SECTOR
@@ -200,8 +209,9 @@ class VirtioBlk:
         offset = self._span(sector, total)
         if offset is None:
             return S_IOERR, 0
+        scratch = self._scratch()
         for batch, size in _batches(pieces):
-            buffer = memoryview(bytearray(size))
+            buffer = scratch[:size]
             self.device.readinto(offset, buffer)
             done = 0
             for mapping, map_offset, length in batch:
