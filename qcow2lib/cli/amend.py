@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import qcow2lib
 from qcow2lib import Qcow2Error
 from qcow2lib.cli.common import Cli
 from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
@@ -227,15 +228,16 @@ def _amend_image(
                 )
                 image.file.flush()
         if arguments:
-            amend(
-                host_path(spec.path),
-                fmt=spec.fmt,
-                progress=(lambda done, total: meter.print(100.0 * done / total, 0))
-                if meter.enabled
-                else None,
-                untrusted=untrusted(),
-                **arguments,
-            )
+            with qcow2lib.open(
+                host_path(spec.path), "r+", spec.fmt, untrusted=untrusted()
+            ) as image:
+                amend(
+                    image,
+                    progress=(lambda done, total: meter.print(100.0 * done / total, 0))
+                    if meter.enabled
+                    else None,
+                    **arguments,
+                )
     except CreateError as exc:
         report_failure(cli, exc)
         return 1

@@ -2,8 +2,12 @@
 
 Each operation (one module each, e.g. ops.info) is a plain function returning plain data
 (dicts, lists, ints), so the CLI only parses arguments and prints and other programs can
-call the same functions. This module holds what every operation needs to take image
-names the way qemu-img does: protocol prefixes, backing name resolution, QEMU's sizes.
+call the same functions. Operations take open devices (BlockDevice, opened in the mode
+and with the chain their docstring asks for; the caller closes them). Names appear only
+where the operation stores or follows a name: rebase's new backing file, commit's -b
+base, and info, which opens each image of a chain on its own by name as qemu-img does.
+This module holds what the CLI and those operations need to take image names the way
+qemu-img does: protocol prefixes, backing name resolution, QEMU's sizes.
 """
 
 from __future__ import annotations
