@@ -75,9 +75,9 @@ def _luks_amend_options(cli: Cli, opts: CreateOptions) -> dict:
     if opts.is_set("encrypt.iter-time"):
         result["iter-time"] = opts.value("encrypt.iter-time")
     for name in ("new-secret", "old-secret"):
-        if not opts.is_set(f"encrypt.{name}"):
+        secret_id = opts.get(f"encrypt.{name}") if opts.is_set(f"encrypt.{name}") else None
+        if secret_id is None:
             continue
-        secret_id = opts.get(f"encrypt.{name}")
         wanted = (state == "active") == (name == "new-secret")
         if wanted and secret_id not in cli.secrets:
             raise CreateError(f"No secret with id '{secret_id}'")

@@ -31,8 +31,9 @@ __all__ = [
 def error_text(exc: Qcow2Error) -> str:
     """The message of a qcow2lib error as qemu-img words it: its qemu_message if it has
     one, without OSError's "[Errno n]" decoration."""
-    if getattr(exc, "qemu_message", None) is not None:
-        return exc.qemu_message
+    qemu_message = getattr(exc, "qemu_message", None)
+    if qemu_message is not None:
+        return qemu_message
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc)

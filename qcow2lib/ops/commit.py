@@ -23,6 +23,7 @@ from ..chain import (
     untrusted_backing_path,
 )
 from ..errors import CorruptImageError, InvalidArgumentError, Qcow2Error
+from ..image import Qcow2Image
 from .resize import resize
 
 IO_BUF_SIZE = 2 << 20
@@ -161,7 +162,7 @@ def commit(
         base.flush()
         if progress is not None:
             progress(total, total)
-        if not drop and top.format == "qcow2":
+        if not drop and isinstance(top, Qcow2Image):
             top.resize_drop_clusters(0)
             top.resize_truncate_file()
             top.flush()

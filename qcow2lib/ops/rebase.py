@@ -152,7 +152,8 @@ def _open_new_backing(
         raise RebaseError(
             f"Could not open new backing file '{new_backing}': {error_text(exc)}"
         ) from exc
-    layer, depth = device, 0
+    layer: BlockDevice | None = device
+    depth = 0
     while layer is not None:  # qemu-img gives the new backing file no secrets
         if getattr(layer, "encrypted", False):
             device.close()
@@ -161,7 +162,7 @@ def _open_new_backing(
                 + "Could not open backing file: " * depth
                 + "Parameter 'encrypt.key-secret' is required for cipher"
             )
-        layer, depth = getattr(layer, "backing", None), depth + 1
+        layer, depth = layer.backing, depth + 1
     return device, None, True
 
 
