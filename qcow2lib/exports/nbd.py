@@ -645,6 +645,7 @@ class _Connection:
         if flags & ~allowed:
             raise _RequestError(P.EINVAL, f"flags {flags:#x} are not valid for {name}")
         export = self.export
+        assert export is not None  # (requests follow the negotiation, which chose it)
         if command in _WRITING_COMMANDS and not export.writable:
             raise _RequestError(P.EPERM, f"{name} refused: the export is read-only")
         if request.payload_dropped or (
@@ -894,6 +895,7 @@ class NBDServer:
             where = f"unix socket '{self.unix_path}'"
             address: str | tuple = self.unix_path
         else:
+            assert self.host is not None  # (the constructor requires it without unix_path)
             family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
             listener = socket.socket(family, socket.SOCK_STREAM)
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -901,7 +903,7 @@ class NBDServer:
             address = (self.host, self.port)
         try:
             if self.unix_path is not None:
-                self._remove_stale_socket()
+                self._remove_stale_socket(self.unix_path)
             listener.bind(address)
             listener.listen(16)
         except OSError as exc:
@@ -928,6 +930,7 @@ class NBDServer:
         """The Unix socket path, or (host, port) with the port actually bound."""
         if self.unix_path is not None:
             return self.unix_path
+        assert self.host is not None and self.port is not None  # (as the constructor checked)
         return (self.host, self.port)
 
     def serve_forever(self) -> None:
@@ -935,6 +938,8 @@ class NBDServer:
         last client has gone). Then close every connection and flush the devices."""
         if self._listener is None:
             self.start()
+        listener = self._listener
+        assert listener is not None  # (start() set it)
         self._serving_thread = threading.get_ident()
         selector = selectors.DefaultSelector()
         selector.register(self._wake_read, selectors.EVENT_READ)
@@ -948,15 +953,15 @@ class NBDServer:
                 want = not self.shared or active < self.shared
                 if want != accepting:
                     if want:
-                        selector.register(self._listener, selectors.EVENT_READ)
+                        selector.register(listener, selectors.EVENT_READ)
                     else:
-                        selector.unregister(self._listener)
+                        selector.unregister(listener)
                     accepting = want
                 for key, _ in selector.select():
                     if key.fileobj == self._wake_read:
                         self._drain_wake()
                     else:
-                        self._accept()
+                        self._accept(listener)
         finally:
             selector.close()
             self._close()
@@ -996,9 +1001,9 @@ class NBDServer:
         except BlockingIOError:
             pass
 
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket) -> None:
         try:
-            sock, peer = self._listener.accept()
+            sock, peer = listener.accept()
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:  # e.g. EMFILE: keep serving the clients already here
@@ -1063,20 +1068,20 @@ class NBDServer:
                     os.close(fd)
             self._wake_read = self._wake_write = -1
 
-    def _remove_stale_socket(self) -> None:
+    def _remove_stale_socket(self, path: str) -> None:
         """A socket file nobody listens on (left by a server that died) is replaced; a live
         one, or any other kind of file, is an error."""
         try:
-            info = os.lstat(self.unix_path)
+            info = os.lstat(path)
         except FileNotFoundError:
             return
         if not stat.S_ISSOCK(info.st_mode):
             raise FileExistsError(errno.EEXIST, "the path exists and is not a socket")
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            probe.connect(self.unix_path)
+            probe.connect(path)
         except ConnectionRefusedError:
-            os.unlink(self.unix_path)
+            os.unlink(path)
             return
         finally:
             probe.close()

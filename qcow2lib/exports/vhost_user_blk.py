@@ -383,15 +383,18 @@ class VhostUserBlkServer:
         self._thread.start()
 
     def _accept_loop(self) -> None:
+        listener, executor = self._listener, self._executor
+        assert listener is not None and executor is not None  # (set before this thread starts)
+        watched: list[socket.socket | int] = [listener, self._wake_read]
         try:
             while not self._stop.is_set():
-                ready, _, _ = select.select([self._listener, self._wake_read], [], [])
+                ready, _, _ = select.select(watched, [], [])
                 if self._stop.is_set():
                     break
-                if self._listener not in ready:
+                if listener not in ready:
                     continue
                 try:
-                    sock, _ = self._listener.accept()
+                    sock, _ = listener.accept()
                 except OSError as exc:  # out of fds, or the peer gave up: try again
                     self.log.warning(
                         "vhost-user-blk: accept on %s failed: %s", self.socket_path, exc
@@ -403,7 +406,7 @@ class VhostUserBlkServer:
                         sock.close()
                         break
                     self.connections += 1
-                    connection = VhostUserConnection(sock, self.blk, self._executor, self.log)
+                    connection = VhostUserConnection(sock, self.blk, executor, self.log)
                     self._connection = connection
                 self.log.info(
                     "vhost-user-blk: front-end %d connected on %s (%d bytes, %d queues%s)",
