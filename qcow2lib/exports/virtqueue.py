@@ -144,7 +144,7 @@ class GuestMemory:
         """(mapping, offset, length) pieces covering every segment, in order, or
         GuestMemoryError when any byte lies outside guest memory. The hot path of data
         requests: one pass, one region test per segment that lies inside one region."""
-        pieces = []
+        pieces: list[tuple[mmap.mmap, int, int]] = []
         append = pieces.append
         regions = self.regions
         for guest_addr, length in segments:
