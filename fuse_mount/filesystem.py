@@ -19,7 +19,7 @@ import stat
 import sys
 import threading
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import mfusepy
 
@@ -27,6 +27,9 @@ from qcow2lib.blockdev import BlockDevice, Extent
 from qcow2lib.errors import InvalidArgumentError, Qcow2Error, ReadOnlyError
 
 from . import partitions as partition_tables
+
+if TYPE_CHECKING:
+    from qcow2lib.snapshot_table import Snapshot
 
 DISK_FILE = "disk.raw"
 INFO_FILE = "info.json"
@@ -85,7 +88,7 @@ class DiskSlice(BlockDevice):
         """The slice owns nothing: the disk is closed by its owner."""
 
 
-def snapshot_file_names(snapshots) -> dict[str, object]:
+def snapshot_file_names(snapshots: list[Snapshot]) -> dict[str, Snapshot]:
     """File name -> snapshot: `id-<ID>.raw` for every snapshot with a unique usable ID,
     `<name>.raw` where the name is a usable file name no other entry claims.
 
@@ -101,7 +104,7 @@ def snapshot_file_names(snapshots) -> dict[str, object]:
             and len(name.encode("utf-8", "surrogateescape")) <= NAME_MAX
         )
 
-    files: dict[str, object] = {}
+    files: dict[str, Snapshot] = {}
     id_counts: dict[str, int] = {}
     name_counts: dict[str, int] = {}
     for snap in snapshots:
@@ -191,7 +194,7 @@ class DiskFilesystem(mfusepy.Operations):
         self.image_path = os.path.abspath(device.filename)  # the server may chdir("/")
         self.mounted_at = time.time_ns()
         self.partitions = _Partitions(device)
-        self.snapshot_files: dict[str, object] = {}
+        self.snapshot_files: dict[str, Snapshot] = {}
         self.snapshot_views: dict[str, BlockDevice] = {}
         self._snapshot_lock = threading.Lock()
         self.snapshot_source = snapshot_source

@@ -231,6 +231,7 @@ class BitmapTracker:
                     continue  # must not need the whole bitmap)
                 if bits is None:
                     bits = bitmap.changed[index] = self._load(bitmap.table[index])
+                assert isinstance(bits, bytearray)  # (the one bytes value is all_set)
                 set_bits(bits, first, last)
 
     def _load(self, table_entry: int) -> bytearray:

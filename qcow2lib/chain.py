@@ -202,6 +202,7 @@ CACHE_MODES = ("writeback", "writethrough", "none", "directsync", "unsafe")
 def _in_backing_file(exc: Qcow2Error) -> Qcow2Error:
     """The same error, its message prefixed as QEMU prefixes it at each backing level."""
     prefix = "Could not open backing file: "
+    wrapped: Qcow2Error
     if isinstance(exc, OSError):
         wrapped = Qcow2IOError(exc.errno, prefix + (exc.strerror or str(exc)), exc.filename)
     else:
@@ -436,6 +437,7 @@ def _finish_qcow2(
         try:
             name = image.backing_filename
             stated = image.backing_format
+            backing_path: str | NBDAddress
             if untrusted:
                 if path is None:
                     raise UntrustedImageError(

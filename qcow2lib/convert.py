@@ -37,7 +37,7 @@ import errno
 import os
 import threading
 
-from .blockdev import BlockDevice, RawDevice
+from .blockdev import BlockDevice, Extent, RawDevice
 from .errors import InvalidArgumentError, Qcow2IOError, UnsupportedFeatureError
 
 SECTOR = 512
@@ -150,7 +150,7 @@ def is_allocated_sectors_min(
 class _Intervals:
     """Sorted, merged [start, end) ranges."""
 
-    def __init__(self, ranges=()):
+    def __init__(self, ranges=()) -> None:
         merged: list[list[int]] = []
         for start, end in sorted(ranges):
             if end <= start:
@@ -209,7 +209,7 @@ class _Part:
 
     def rewind(self) -> None:
         self.extents = self.device.iter_extents(0, self.device.size)
-        self.current = None
+        self.current: Extent | None = None
 
     def status_at(self, offset: int):
         """The extent holding byte `offset`."""
@@ -248,7 +248,7 @@ class _Converter:
         progress,
         copy_range,
         buffer_size,
-    ):
+    ) -> None:
         self.target = target
         self.compressed = compress
         self.min_sparse = sparse_size // SECTOR
@@ -434,12 +434,14 @@ class _Converter:
             src = first * SECTOR
             dst = (sector_num + pos) * SECTOR
             length = count * SECTOR
-            inside = max(0, min(length, part.device.size - src))
+            device = part.device
+            assert isinstance(device, RawDevice)  # (copy_range is set for raw sources only)
+            inside = max(0, min(length, device.size - src))
             done = 0
             while done < inside:
                 try:
                     copied = os.copy_file_range(
-                        part.device.file.fd, target_fd, inside - done, src + done, dst + done
+                        device.file.fd, target_fd, inside - done, src + done, dst + done
                     )
                 except OSError:
                     return False

@@ -9,6 +9,7 @@ any guest write.
 from __future__ import annotations
 
 from array import array
+from typing import TYPE_CHECKING
 
 from . import structs as S
 from .cache import encode_be64
@@ -18,6 +19,9 @@ from .header import Header
 from .hostfile import HostFile, create_host_file
 from .refcount import RefcountBlock
 from .sizes import SizeError, parse_size
+
+if TYPE_CHECKING:  # (the NBD client is imported only when an export is the target)
+    from .exports.nbd_client import NBDHostFile
 
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
 COMPAT_LEVELS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
@@ -215,7 +219,7 @@ def _backing_size(path: str, backing_file: str, backing_fmt: str | None) -> int:
         return backing.size
 
 
-def _container(path: str) -> HostFile:
+def _container(path: str) -> HostFile | NBDHostFile:
     """The file a new image is written into: a host file (created or emptied), or an NBD
     export, which like a device keeps its size (QEMU's create on the nbd protocol)."""
     if is_nbd_name(path):

@@ -35,7 +35,7 @@ class UnsupportedFeatureError(Qcow2Error):
 class Qcow2IOError(Qcow2Error, OSError):
     """The host file failed a read, write or flush (errno is kept)."""
 
-    def __init__(self, errno_value: int, message: str, filename: str | None = None):
+    def __init__(self, errno_value: int | None, message: str, filename: str | None = None):
         OSError.__init__(self, errno_value, message, filename)
 
 

@@ -12,6 +12,7 @@ import fcntl
 import os
 import stat
 import struct
+from collections.abc import Callable
 
 from .errors import Qcow2IOError
 
@@ -25,7 +26,7 @@ try:  # punch_hole needs fallocate(2) with flags, which os does not expose.
 
     _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    _fallocate = _libc.fallocate
+    _fallocate: Callable[..., int] | None = _libc.fallocate
 except (OSError, AttributeError):  # pragma: no cover - non-glibc hosts
     _fallocate = None
 
@@ -57,7 +58,9 @@ def special_file_kind(mode: int, char_devices: bool = True) -> str | None:
     return None
 
 
-def refuse_special_file(path: str, role: str, named_by: str, mode: int | None = None) -> None:
+def refuse_special_file(
+    path: str, role: str, named_by: str | None, mode: int | None = None
+) -> None:
     """Refuse a FIFO, socket or character device that an image names as its `role`
     (backing file, external data file), before it is opened (`mode` from os.stat), or
     once it is (the opened file's mode: the name may have changed in between)."""

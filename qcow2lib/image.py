@@ -16,7 +16,9 @@ from __future__ import annotations
 import errno
 import threading
 from functools import partial
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from . import codecs
 from . import structs as S
@@ -49,6 +51,10 @@ from .overlap import (
     overlap_message,
 )
 from .refcount import Refcounts
+
+if TYPE_CHECKING:  # (the NBD client is imported only when an export is opened)
+    from .crypto import SectorCrypto
+    from .exports.nbd_client import NBDHostFile
 
 _ZEROS = bytes(1 << 20)
 _ZEROS_VIEW = memoryview(_ZEROS)
@@ -107,7 +113,7 @@ class Qcow2Image(BlockDevice):
         open_data_file: bool = True,
         backing_of: str | None = None,
         untrusted: bool = False,
-        file: HostFile | None = None,
+        file: HostFile | NBDHostFile | None = None,
     ):
         """backing_of: the image naming this one as its backing file, if any. untrusted:
         an external data file the image names (not `data_file_path`) is refused. `file` is
@@ -117,7 +123,7 @@ class Qcow2Image(BlockDevice):
             raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
         self.filename = path
         self.read_only = mode == "r"
-        self.file = (
+        self.file: HostFile | NBDHostFile = (
             file
             if file is not None
             else open_host_file(
@@ -218,7 +224,7 @@ class Qcow2Image(BlockDevice):
         # for the active L1 table `_overlaps_for`; a new L1 table, refcount structure or
         # header (set to None) has it rebuilt.
         self.overlaps = OverlapMap(self.cluster_bits)
-        self._overlaps_for = None
+        self._overlaps_for: array | None = None
         self.use_refcount_table(hdr.refcount_table_offset, hdr.refcount_table_clusters, file_size)
         self._load_bitmap_directory()
         self.crypto = None
@@ -406,7 +412,7 @@ class Qcow2Image(BlockDevice):
 
     # --- helpers ------------------------------------------------------------------------
 
-    def _data_target(self) -> HostFile:
+    def _data_target(self) -> HostFile | NBDHostFile:
         if self.has_data_file and self.data_host is None:
             raise InvalidArgumentError(
                 f"'{self.filename}' was opened without its external data file"
@@ -454,7 +460,9 @@ class Qcow2Image(BlockDevice):
             self._begin_io()
         try:
             if len(segments) == 1 and segments[0].kind == DATA:
-                return self._data_target().pread(length, segments[0].host_offset)
+                host_offset = segments[0].host_offset
+                assert host_offset is not None  # (a data segment always has one)
+                return self._data_target().pread(length, host_offset)
             if self._reads_as_zeros(segments):
                 return bytes(length)
             return b"".join(self._segment_pieces(segments))
@@ -477,6 +485,7 @@ class Qcow2Image(BlockDevice):
         data_file = self._data_target()
         for seg in segments:
             if seg.kind == DATA:
+                assert seg.host_offset is not None  # (a data segment always has one)
                 pieces.append(data_file.pread(seg.length, seg.host_offset))
             elif seg.kind == ZERO:
                 pieces.append(bytes(seg.length))
@@ -485,6 +494,7 @@ class Qcow2Image(BlockDevice):
             else:
                 compressed.append((len(pieces), seg))
                 pieces.append(b"")
+        plains: Iterable[bytes]
         if len(compressed) > 1:
             plains = codecs.pool().map(lambda item: self._cluster_plain(item[1]), compressed)
         else:
@@ -499,7 +509,7 @@ class Qcow2Image(BlockDevice):
         available = 0
         if backing is not None:
             available = max(0, min(length, backing.size - guest_offset))
-        if not available:
+        if backing is None or not available:
             return bytes(length)
         data = backing.read(guest_offset, available)
         return data if available == length else data + bytes(length - available)
@@ -514,22 +524,26 @@ class Qcow2Image(BlockDevice):
         finally:
             self._end_io()
 
-    def _require_crypto(self) -> None:
-        if self.encrypted and self.crypto is None:
+    def _require_crypto(self) -> SectorCrypto:
+        """The cipher of an (encrypted) image; refused when opened without the passphrase."""
+        if self.crypto is None:
             raise BadSecretError(
                 f"'{self.filename}' is encrypted: its data cannot be read or written without "
                 f"the passphrase (encrypt.key-secret)"
             )
+        return self.crypto
 
     def _read_segments(self, segments: list[Segment], view: memoryview, base: int) -> None:
         compressed = []
         data_file = self._data_target()
         for seg in segments:
             part = view[seg.guest_offset - base : seg.guest_offset - base + seg.length]
-            if seg.kind == DATA and self.encrypted:
-                self._read_encrypted(part, seg.host_offset, seg.guest_offset)
-            elif seg.kind == DATA:
-                data_file.readinto(part, seg.host_offset)
+            if seg.kind == DATA:
+                assert seg.host_offset is not None  # (a data segment always has one)
+                if self.encrypted:
+                    self._read_encrypted(part, seg.host_offset, seg.guest_offset)
+                else:
+                    data_file.readinto(part, seg.host_offset)
             elif seg.kind == ZERO:
                 _fill_zeros(part)
             elif seg.kind == BACKING:
@@ -549,12 +563,12 @@ class Qcow2Image(BlockDevice):
 
     def _read_encrypted(self, part: memoryview, host: int, guest: int) -> None:
         """Read whole sectors around the range and decrypt them (IVs are per sector)."""
-        self._require_crypto()
+        crypto = self._require_crypto()
         start = host & ~511
         end = (host + len(part) + 511) & ~511
         buf = bytearray(end - start)
         self._data_target().readinto(memoryview(buf), start)
-        self.crypto.decrypt(self.crypto.sector_number(start, guest - (host - start)), buf)
+        crypto.decrypt(crypto.sector_number(start, guest - (host - start)), buf)
         part[:] = memoryview(buf)[host - start : host - start + len(part)]
 
     def _read_backing(self, guest_offset: int, part: memoryview) -> None:
@@ -572,6 +586,7 @@ class Qcow2Image(BlockDevice):
         last = self._last_decompressed
         if last is not None and last[0] == seg.host_offset:
             return last[1]
+        assert seg.host_offset is not None  # (a compressed segment always has one)
         raw = self.file.pread(seg.compressed_size, seg.host_offset)
         plain = codecs.decompress(
             self.compression_type,
@@ -677,11 +692,13 @@ class Qcow2Image(BlockDevice):
     def _data_extents_by_holes(self, seg: Segment) -> Iterator[Extent]:
         """A data run split where its host range has holes (those read as zeros)."""
         host = self._data_target()
-        pos, end = seg.host_offset, seg.host_offset + seg.length
+        host_offset = seg.host_offset
+        assert host_offset is not None  # (a data segment always has one)
+        pos, end = host_offset, host_offset + seg.length
         while pos < end:
             is_data, run_end = host.data_run(pos, end)
             yield Extent(
-                seg.guest_offset + pos - seg.host_offset, run_end - pos, True, not is_data, 0, pos
+                seg.guest_offset + pos - host_offset, run_end - pos, True, not is_data, 0, pos
             )
             pos = run_end
 
@@ -690,7 +707,7 @@ class Qcow2Image(BlockDevice):
         deeper); past its end, or without one, the range reads as zeros."""
         backing = self.backing
         inside = 0 if backing is None else max(0, min(length, backing.size - offset))
-        if inside:
+        if backing is not None and inside:
             for batch in backing.extent_batches(offset, inside):
                 yield [
                     Extent(
@@ -967,7 +984,7 @@ class Qcow2Image(BlockDevice):
                 with self._lock:
                     self._host_size = max(self._host_size, run_end)
 
-    def _old_content(self, guest_offset: int, length: int) -> bytes:
+    def _old_content(self, guest_offset: int, length: int) -> bytes | bytearray:
         """What the guest sees now (the mapping the write will replace is still in place)."""
         limit = min(length, self.size - guest_offset)
         if limit <= 0:
@@ -1297,7 +1314,7 @@ class Qcow2Image(BlockDevice):
         if self._flush_failure is not None:
             raise self._flush_failure
 
-    def _sync(self, target: HostFile) -> None:
+    def _sync(self, target: HostFile | NBDHostFile) -> None:
         """fdatasync a file. After one failed, the kernel may have dropped writes it no
         longer reports: every later flush fails too, as QEMU does, so nothing is claimed
         durable that may not be."""

@@ -36,6 +36,7 @@ class RefcountBlock:
 
     def __init__(self, order: int, data: bytes):
         self.order = order
+        self.values: array | bytearray
         if order >= 3:
             self.values = array(_TYPECODES[order])
             self.values.frombytes(data)
@@ -64,13 +65,14 @@ class RefcountBlock:
 
     def zero_run(self, start: int, limit: int, want: int) -> tuple[int, int]:
         """(first index >= start with refcount 0, length of the zero run there, at most want)."""
-        if self.order >= 3:
+        values = self.values
+        if isinstance(values, array):  # (order >= 3)
             try:
-                first = self.values.index(0, start, limit)
+                first = values.index(0, start, limit)
             except ValueError:
                 return limit, 0
             width = 1 << (self.order - 3)
-            raw = self.values[first : min(limit, first + want)].tobytes()
+            raw = values[first : min(limit, first + want)].tobytes()
             zeros = len(raw) - len(raw.lstrip(b"\0"))
             return first, zeros // width
         index = start
@@ -84,21 +86,25 @@ class RefcountBlock:
 
     def count_nonzero(self, limit: int) -> int:
         """How many of the first `limit` refcounts are not zero (C-level counting)."""
-        if self.order >= 3:
-            return limit - self.values[:limit].count(0) if limit else 0
+        values = self.values
+        if isinstance(values, array):  # (order >= 3)
+            return limit - values[:limit].count(0) if limit else 0
         per_byte = 8 >> self.order
         whole, rest = divmod(limit, per_byte)
-        count = sum(self.values[:whole].translate(_NONZERO_FIELDS[self.order]))
+        count = sum(values[:whole].translate(_NONZERO_FIELDS[self.order]))
         for index in range(whole * per_byte, whole * per_byte + rest):
             count += self.get(index) != 0
         return count
 
     def to_bytes(self) -> bytes:
+        values = self.values
+        if isinstance(values, bytearray):  # (order < 3)
+            return bytes(values)
         if self.order > 3 and _NATIVE_LITTLE:
-            swapped = array(self.values.typecode, self.values)
+            swapped = array(values.typecode, values)
             swapped.byteswap()
             return swapped.tobytes()
-        return bytes(self.values) if self.order < 3 else self.values.tobytes()
+        return values.tobytes()
 
 
 class Refcounts:
@@ -182,6 +188,8 @@ class Refcounts:
             if not self.table[block_index] & REFT_OFFSET_MASK:
                 continue
             block = self.block(block_index)
+            if block is None:
+                continue
             first = block_index * self.block_entries
             count += block.count_nonzero(min(self.block_entries, end_cluster - first))
             if count >= enough:

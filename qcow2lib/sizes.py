@@ -115,7 +115,9 @@ def parse_size(
     fraction = 0  # 64-bit fixed point, as QEMU computes it
     is_hex = False
     if value == 0 and text[end : end + 1] in ("x", "X"):
-        value, end, overflow = _strtox(text, 0, 16, False)
+        parsed = _strtox(text, 0, 16, False)
+        assert parsed is not None  # (its leading "0" converts at least)
+        value, end, overflow = parsed
         if overflow:
             raise SizeError(text, end == len(text))
         if text[end : end + 1] == ".":
@@ -123,6 +125,7 @@ def parse_size(
         is_hex = True
     elif text[end : end + 1] == ".":
         match = _FRACTION_RE.match(text, end)
+        assert match is not None  # (its last branch matches any ".")
         if match.group(1) is None:  # strtod() found no digits: skip the '.' only
             end += 1
         elif match.group(2):

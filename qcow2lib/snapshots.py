@@ -424,6 +424,7 @@ def _commit_state(
                 state.change_range(hdr.l1_table_offset, len(m.l1) * 8, -1)
             l1_offset = state.write_new(encode_be64(active)) if len(active) else 0
         if new_snapshot is not None:
+            assert snapshot_l1 is not None  # (given with new_snapshot)
             new_snapshot.l1_size = len(snapshot_l1)
             new_snapshot.l1_table_offset = (
                 state.write_new(encode_be64(snapshot_l1)) if len(snapshot_l1) else 0

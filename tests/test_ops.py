@@ -15,12 +15,12 @@ import pytest
 
 import qcow2lib
 from qcow2lib.convert import convert
-from qcow2lib.ops.amend import amend
-from qcow2lib.ops.commit import commit
+from qcow2lib.ops.amend import amend as amend_image
+from qcow2lib.ops.commit import commit as commit_image
 from qcow2lib.ops.compare import compare
 from qcow2lib.ops.mapping_report import map_entries, map_human_text, map_json_text
 from qcow2lib.ops.measure import measure
-from qcow2lib.ops.rebase import rebase
+from qcow2lib.ops.rebase import rebase as rebase_image
 from qcow2lib.ops.resize import ShrinkRefusedError, resize
 
 from qemutools import assert_clean, qemu_compare, qemu_create, qemu_img, qemu_io, qemu_map, to_raw
@@ -30,6 +30,22 @@ MiB = 1024 * KiB
 
 
 # --- helpers -------------------------------------------------------------------------------
+
+
+# The operations take open images; these open them by path as qemu-img would.
+def rebase(path: str, new_backing: str | None, new_backing_fmt: str | None, unsafe=False) -> None:
+    with qcow2lib.open(path, "r+", backing=not unsafe) as image:
+        rebase_image(image, new_backing, new_backing_fmt, unsafe=unsafe)
+
+
+def commit(path: str, base_name: str | None = None) -> None:
+    with qcow2lib.open(path, "r+", backing=False) as top:
+        commit_image(top, base_name)
+
+
+def amend(path: str, **options) -> None:
+    with qcow2lib.open(path, "r+") as image:
+        amend_image(image, **options)
 
 
 def make(

@@ -19,6 +19,7 @@ from .target import (
     _OL_ACTIVE_L1,
     _OL_ACTIVE_L2,
     _ZERO_ALLOC,
+    _CheckState,
     _RefcountReadError,
 )
 
@@ -37,7 +38,7 @@ def _last_used(mine: list[int], theirs: list[int]) -> int:
     return -1
 
 
-class _Compare:
+class _Compare(_CheckState):
     """compare_refcounts and check_oflag_copied (a mixin of _Check)."""
 
     # --- compare_refcounts ------------------------------------------------------------

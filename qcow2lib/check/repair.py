@@ -21,6 +21,7 @@ from .target import (
     _MAX_SNAPSHOTS_SIZE,
     _SNAPSHOT_EXTRA_SIZE,
     _CacheSlot,
+    _CheckState,
     _RefcountReadError,
 )
 
@@ -34,7 +35,7 @@ class _RebuildError(Exception):
         self.errno = err
 
 
-class _Repair:
+class _Repair(_CheckState):
     """The repairs (a mixin of _Check)."""
 
     # --- the snapshot table (qcow2_check_fix_snapshot_table) --------------------------
@@ -180,7 +181,7 @@ class _Repair:
         t = self.t
         values = self.imrt.values(index * t.rb_size, (index + 1) * t.rb_size)
         block = RefcountBlock(t.order, bytes(t.cs))
-        if t.order >= 3:
+        if isinstance(block.values, array):  # (order >= 3)
             block.values = array(block.values.typecode, values)
         else:
             for j, value in enumerate(values):

@@ -187,6 +187,16 @@ class _Result:
         "fragmented_clusters",
         "compressed_clusters",
     )
+    corruptions: int
+    leaks: int
+    check_errors: int
+    corruptions_fixed: int
+    leaks_fixed: int
+    image_end_offset: int
+    total_clusters: int
+    allocated_clusters: int
+    fragmented_clusters: int
+    compressed_clusters: int
 
     def __init__(self):
         for name in self.__slots__:

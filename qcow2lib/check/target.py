@@ -14,7 +14,7 @@ from ..cache import decode_be64
 from ..errors import Qcow2Error
 from ..header import Header
 from ..refcount import RefcountBlock
-from .report import _hash_x
+from .report import _hash_x, _Result
 
 # Cluster types (qcow2_get_cluster_type).
 _UNALLOCATED, _ZERO_PLAIN, _ZERO_ALLOC, _NORMAL, _COMPRESSED = range(5)
@@ -267,6 +267,7 @@ class _Target:
                 return slot
             if victim is None or slot.lru < victim.lru:
                 victim = slot
+        assert victim is not None  # (the cache has slots)
         if not self._flush_slot(victim):
             raise _RefcountReadError()
         victim.offset = 0
@@ -331,7 +332,7 @@ class _Target:
         block = self.refblock(index)
         if block is None:
             return None
-        if self.order >= 3:
+        if isinstance(block.values, array):  # (order >= 3)
             return block.values.tolist()
         bits = 1 << self.order
         mask = (1 << bits) - 1
@@ -471,3 +472,16 @@ def _bitmaps_extension(hdr: Header):
         if ext.type == S.EXT_BITMAPS and len(ext.data) >= S.BitmapsExtension.sizeof():
             return S.BitmapsExtension.parse(ext.data)
     return None
+
+
+class _CheckState:
+    """What the parts of one check run (_Walk, _Compare, _Repair, mixed into _Check) share;
+    _Check.__init__ sets it."""
+
+    t: _Target
+    fix: int
+    out: list[str]
+    res: _Result
+    imrt: _RefcountArray
+    nb_clusters: int
+    rebuild: bool

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass
 from itertools import compress, islice
 from operator import or_
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .. import structs as S
 from ..cache import decode_be64
@@ -29,6 +29,7 @@ from .target import (
     _SNAPSHOT_EXTRA_SIZE,
     _UNALLOCATED,
     _ZERO_ALLOC,
+    _CheckState,
     _Snapshot,
     _bitmaps_extension,
 )
@@ -70,8 +71,20 @@ _MAX_COUNTED_L1_ENTRIES = 1 << 16  # L1 entries looked at for repeats, per L1 ta
 _MIN_DEFER_HEADROOM = 1024  # refcounts this far below the maximum allow deferred increments
 
 
-class _Walk:
+class _Walk(_CheckState):
     """The reference walk and the IMRT it counts into (a mixin of _Check)."""
+
+    # Its own state (see _Check.__init__), and the repair it calls (see _Repair).
+    _recorded: list[int] | None
+    _overflowed: bool
+    _pending: list[_Replay]
+    _spent: int
+    _bound: int
+    _deferring: bool
+    _times: int
+    _overflows: int
+    _l1_entries: tuple | None
+    _fix_l2_entry_by_zero: Callable[[int, array, int, bool], bool]
 
     # --- the IMRT ---------------------------------------------------------------------
     def inc(self, offset: int, size: int) -> None:
@@ -561,7 +574,7 @@ class _Walk:
         ]
         uses = Counter(filter(None, keys)) if shared else Counter()
         recorded: dict[tuple[int, int], tuple[int, list[str], list[tuple[str, int]]]] = {}
-        repeats: Counter = Counter()
+        repeats: Counter[tuple[int, int]] = Counter()
         for sn, key in zip(t.snapshots, keys):
             if key is None:
                 self._report_bad_snapshot(sn)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import qcow2lib
 from qcow2lib import Qcow2Error
 from qcow2lib.cli.common import Cli
 from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
@@ -75,9 +76,9 @@ def _luks_amend_options(cli: Cli, opts: CreateOptions) -> dict:
     if opts.is_set("encrypt.iter-time"):
         result["iter-time"] = opts.value("encrypt.iter-time")
     for name in ("new-secret", "old-secret"):
-        if not opts.is_set(f"encrypt.{name}"):
+        secret_id = opts.get(f"encrypt.{name}") if opts.is_set(f"encrypt.{name}") else None
+        if secret_id is None:
             continue
-        secret_id = opts.get(f"encrypt.{name}")
         wanted = (state == "active") == (name == "new-secret")
         if wanted and secret_id not in cli.secrets:
             raise CreateError(f"No secret with id '{secret_id}'")
@@ -228,15 +229,16 @@ def _amend_image(
                 )
                 image.file.flush()
         if arguments:
-            amend(
-                host_path(spec.path),
-                fmt=spec.fmt,
-                progress=(lambda done, total: meter.print(100.0 * done / total, 0))
-                if meter.enabled
-                else None,
-                untrusted=untrusted(),
-                **arguments,
-            )
+            with qcow2lib.open(
+                host_path(spec.path), "r+", spec.fmt, untrusted=untrusted()
+            ) as image:
+                amend(
+                    image,
+                    progress=(lambda done, total: meter.print(100.0 * done / total, 0))
+                    if meter.enabled
+                    else None,
+                    **arguments,
+                )
     except CreateError as exc:
         report_failure(cli, exc)
         return 1

@@ -63,11 +63,13 @@ def cmd_bench(cli: Cli, argv: list[str]) -> int:
         elif c == "h":
             cli.help()
         elif c == "c":
-            if (count := whole_number(arg, INT_MAX, "request count")) is None:
+            if (number := whole_number(arg, INT_MAX, "request count")) is None:
                 return 1
+            count = number
         elif c == "d":
-            if (depth := whole_number(arg, INT_MAX, "queue depth")) is None:
+            if (number := whole_number(arg, INT_MAX, "queue depth")) is None:
                 return 1
+            depth = number
         elif c == "f":
             fmt = arg
         elif c == "n":
@@ -77,16 +79,19 @@ def cmd_bench(cli: Cli, argv: list[str]) -> int:
                 cli.error_report(f"Invalid aio option: {arg}")
                 return 1
         elif c == "o":
-            if (offset := cvtnum(cli, "offset", arg)) is None:
+            if (number := cvtnum(cli, "offset", arg)) is None:
                 return 1
+            offset = number
         elif c == "q":
             quiet = True
         elif c == "s":
-            if (bufsize := cvtnum(cli, "buffer size", arg, INT_MAX)) is None:
+            if (number := cvtnum(cli, "buffer size", arg, INT_MAX)) is None:
                 return 1
+            bufsize = number
         elif c == "S":
-            if (step := cvtnum(cli, "step_size", arg, INT_MAX)) is None:
+            if (number := cvtnum(cli, "step_size", arg, INT_MAX)) is None:
                 return 1
+            step = number
         elif c == "t":
             if arg not in CACHE_MODES:
                 cli.error_report("Invalid cache mode")
@@ -97,11 +102,13 @@ def cmd_bench(cli: Cli, argv: list[str]) -> int:
         elif c == "U":
             force_share = True
         elif c == "pattern":
-            if (pattern := whole_number(arg, 0xFF, "pattern byte")) is None:
+            if (number := whole_number(arg, 0xFF, "pattern byte")) is None:
                 return 1
+            pattern = number
         elif c == "flush-interval":
-            if (flush_interval := whole_number(arg, INT_MAX, "flush interval")) is None:
+            if (number := whole_number(arg, INT_MAX, "flush interval")) is None:
                 return 1
+            flush_interval = number
         elif c == "no-drain":
             drain_on_flush = False
         elif c == "image-opts":
@@ -166,7 +173,7 @@ class _BenchRun:
         is_write,
         flush_interval,
         drain_on_flush,
-    ):
+    ) -> None:
         self.image, self.remaining, self.offset = image, count, offset
         self.bufsize, self.step, self.write = bufsize, step, is_write
         self.flush_interval, self.drain = flush_interval, drain_on_flush

@@ -122,6 +122,7 @@ def cmd_bitmap(cli: Cli, argv: list[str]) -> int:
                         elif action in ("enable", "disable"):
                             session.set_enabled(name, action == "enable")
                         else:
+                            assert source_name is not None  # (--merge takes an argument)
                             session.merge(name, source or img, source_name)
                     except Qcow2Error as exc:
                         cli.error_report(

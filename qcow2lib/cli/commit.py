@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import qcow2lib
 from qcow2lib import Qcow2Error
 from qcow2lib.cli.common import Cli, cvtnum
 from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
@@ -77,15 +78,23 @@ def cmd_commit(cli: Cli, argv: list[str]) -> int:
     meter = Progress(cli, progress, 1.0)
     meter.print(0, 100)
     try:
-        commit(
+        passphrases = spec_passphrases(cli, spec)
+        with qcow2lib.open(
             host_path(spec.path),
-            base,
-            drop=drop,
-            progress=meter.callback if meter.enabled else None,
-            fmt=spec.fmt,
-            passphrases=spec_passphrases(cli, spec),
+            "r+",
+            spec.fmt,
+            backing=False,
+            passphrase=passphrases[:1],
             untrusted=untrusted(),
-        )
+        ) as top:
+            commit(
+                top,
+                base,
+                drop=drop,
+                progress=meter.callback if meter.enabled else None,
+                backing_passphrases=passphrases[1:],
+                untrusted=untrusted(),
+            )
     except Qcow2Error as exc:
         meter.end()
         cli.error_report(error_text(exc))

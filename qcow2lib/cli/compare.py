@@ -75,7 +75,7 @@ def cmd_compare(cli: Cli, argv: list[str]) -> int:
         meter.print(0, 100)
         sizes = [virtual_size(device) for device in devices]
         warning = "Warning: Image size mismatch!"
-        warned = []
+        warned: list[bool] = []
 
         def progress_callback(done: int, total: int) -> None:
             # qemu-img prints the size warning when its scan passes the smaller image's end

@@ -233,7 +233,7 @@ def cmd_convert(cli: Cli, argv: list[str]) -> int:
         code = _convert(
             cli,
             argv[optind : optind + src_num],
-            out_filename,
+            argv[-1],  # the output file name (src_num >= 1 here)
             devices,
             meter,
             fmt=fmt,
@@ -363,7 +363,7 @@ def _convert(
             "Having a backing file for the target makes no sense when concatenating "
             "multiple input images"
         )
-    if baseimg_param is not None and not opts.get("backing_fmt"):
+    if opts is not None and baseimg_param is not None and not opts.get("backing_fmt"):
         fail("Use of backing file requires explicit backing format")
     if compressed and opts is not None:
         if out_fmt != "qcow2":

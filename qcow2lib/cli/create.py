@@ -4,6 +4,7 @@ and dd use for their targets)."""
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import qcow2lib
 from qcow2lib import ImageLockedError, Qcow2Error
@@ -97,7 +98,7 @@ LUKS_CREATE_ENUMS = {
 def _encrypt_options(opts: CreateOptions, encryption: str | None) -> tuple[str, dict] | None:
     """The encrypt.* create options as QEMU's visitor checks them: (format, options without
     the "encrypt." prefix, key-secret included) or None for an unencrypted image."""
-    given = {
+    given: dict[str, Any] = {
         name[len("encrypt.") :]: opts.get(name)
         for name in opts.names()
         if name.startswith("encrypt.")
@@ -157,8 +158,10 @@ def qcow2_arguments(opts: CreateOptions, secrets: dict[str, bytes] | None = None
     preallocation = opts.get("preallocation") or "off"
     if preallocation not in PREALLOC_MODES:
         raise CreateError(f"Parameter 'preallocation' does not accept value '{preallocation}'")
+    refcount_text = opts.get("refcount_bits")
+    assert refcount_text is not None  # the option has a default
     try:
-        refcount_bits = parse_number(opts.get("refcount_bits"), signed=True)
+        refcount_bits = parse_number(refcount_text, signed=True)
     except SizeError:
         raise CreateError("Parameter 'refcount-bits' expects integer") from None
     compression_type = opts.get("compression_type")

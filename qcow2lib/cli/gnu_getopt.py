@@ -29,7 +29,7 @@ class GetoptLong:
     def __init__(self, argv: list[str], shortopts: str, longopts: tuple[LongOpt, ...] = ()):
         self.argv = list(argv)
         self.optind = 1
-        self.optarg: str | None = None
+        self.optarg = ""  # the argument of the option next() returned ("" if it takes none)
         self.error_message = ""  # what glibc prints for the last error (opterr mode)
         self._longopts = longopts
         self._nextchar = ""
@@ -50,7 +50,7 @@ class GetoptLong:
 
     def next(self) -> str | None:
         """The next option (see the class docstring); sets optarg for options with one."""
-        self.optarg = None
+        self.optarg = ""
         argv, argc = self.argv, len(self.argv)
         if not self._nextchar:
             self._last_nonopt = min(self._last_nonopt, self.optind)

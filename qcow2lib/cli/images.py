@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import qcow2lib
 from qcow2lib.bitmaps import check_qemu_constraints
@@ -16,8 +16,12 @@ from qcow2lib.cli.common import Cli
 from qcow2lib.cli.qemuopts import CreateError, parse_qemu_opts, split_option_list
 from qcow2lib.cli.qobject import qemu_json_compact
 from qcow2lib.cli.secrets import secret_value
+from qcow2lib.image import Qcow2Image
 from qcow2lib.nulldev import NULL_DRIVERS
 from qcow2lib.ops import error_text, full_backing_filename, host_path
+
+if TYPE_CHECKING:  # (the NBD client is imported only when an NBD export is opened)
+    from qcow2lib.exports.nbd_client import NBDAddress
 
 CACHE_MODES = ("none", "off", "directsync", "writeback", "unsafe", "writethrough")
 # --image-opts options qimg accepts and ignores (they tune QEMU's I/O, not content).
@@ -76,7 +80,7 @@ class ImageSpec:
     key_secret: str | None = None
     force_share: bool = False
     backing_secrets: tuple = ()  # backing[.backing...].encrypt.key-secret, nearest first
-    nbd: object = None  # an NBDAddress
+    nbd: NBDAddress | None = None
     null: tuple | None = None  # a null-co/null-aio device's (driver, size, read_zeroes)
     null_name: str = ""  # and the name QEMU gives it
     l2_cache_entry_size: int | None = None
@@ -382,7 +386,7 @@ def open_spec(
         raise OpenFailure(
             f"Could not open '{spec.name}': {error_text(exc)}", exc.qemu_hint
         ) from exc
-    if device.format == "qcow2":
+    if isinstance(device, Qcow2Image):
         try:
             check_entry_size(spec, device.cluster_size)
         except OpenFailure:

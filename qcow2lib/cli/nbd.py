@@ -275,7 +275,7 @@ def stop_on_signals(stop: Callable[[], None]):
     must be safe from a signal handler) instead of killing the process or raising; later
     ones do nothing, so that a shutdown is never interrupted by another. Signals held by
     hold_stop_signals() are delivered on entry."""
-    signalled = []
+    signalled: list[int] = []
 
     def handler(signum, frame) -> None:
         if not signalled:

@@ -103,17 +103,23 @@ def cmd_rebase(cli: Cli, argv: list[str]) -> int:
                 except qcow2lib.InvalidArgumentError as exc:
                     cli.error_report(f"Could not resolve backing filename: {error_text(exc)}")
                     return 1
-            rebase(
+            with qcow2lib.open(
                 host_path(spec.path),
-                out_baseimg or None,
-                out_basefmt,
-                unsafe=unsafe,
-                progress=meter.callback if meter.enabled else None,
-                fmt=spec.fmt,
-                force_share=force_share,
-                passphrases=spec_passphrases(cli, spec),
+                "r+",
+                spec.fmt,
+                backing=not unsafe,
+                passphrase=spec_passphrases(cli, spec),
                 untrusted=untrusted(),
-            )
+            ) as image:
+                rebase(
+                    image,
+                    out_baseimg or None,
+                    out_basefmt,
+                    unsafe=unsafe,
+                    progress=meter.callback if meter.enabled else None,
+                    force_share=force_share,
+                    untrusted=untrusted(),
+                )
         except Qcow2Error as exc:
             cli.error_report(error_text(exc))
             return 1

@@ -27,7 +27,8 @@ def cmd_snapshot(cli: Cli, argv: list[str]) -> int:
     from qcow2lib import snapshots as snaps
     from qcow2lib.ops.info import _snapshot_list
 
-    action = name = None
+    action: str | None = None
+    name = ""  # what -a, -c or -d names
     force_share = image_opts = False
     getopt = GetoptLong(
         argv,

@@ -270,17 +270,19 @@ class SectorCipher:
 
     # The per-sector workers return the transformed bytes of one data unit.
     def _one(self, iv: bytes, data: bytes, encrypt: bool) -> bytes:
+        alg = self._alg
+        if alg is None:  # (XTS with an AES-192 key only)
+            raise UnsupportedFeatureError(
+                f"AES-192-XTS on a partial data unit ({len(data)} bytes) is not supported"
+            )
+        mode: modes.Mode
         if self.mode == "xts":
-            if self._alg is None:
-                raise UnsupportedFeatureError(
-                    f"AES-192-XTS on a partial data unit ({len(data)} bytes) is not supported"
-                )
             mode = modes.XTS(iv)
         elif self.mode == "cbc":
             mode = modes.CBC(iv)
         else:  # ctr
             mode = modes.CTR(iv)
-        cipher = Cipher(self._alg, mode)
+        cipher = Cipher(alg, mode)
         ctx = cipher.encryptor() if encrypt else cipher.decryptor()
         return ctx.update(data) + ctx.finalize()
 
@@ -307,8 +309,9 @@ class SectorCipher:
         self._check_len(length)
         ss = self.sector_size
         if self.mode == "ecb":
-            ctx = Cipher(self._alg, modes.ECB())
-            ctx = ctx.encryptor() if encrypt else ctx.decryptor()
+            assert self._alg is not None  # (None in XTS mode only)
+            cipher = Cipher(self._alg, modes.ECB())
+            ctx = cipher.encryptor() if encrypt else cipher.decryptor()
             view[:] = ctx.update(bytes(view)) + ctx.finalize()
             return
         count = -(-length // ss)
@@ -322,7 +325,7 @@ class SectorCipher:
                 )
             if full == count:
                 return
-            ivs = [None] * full + self.ivgen.ivs(first_sector + full, 1)
+            ivs = self.ivgen.ivs(first_sector + full, 1)
             first = full
         else:
             ivs = self.ivgen.ivs(first_sector, count)
@@ -336,7 +339,7 @@ class SectorCipher:
                 return
         data = bytes(view[first * ss :])
         view[first * ss :] = b"".join(
-            self._one(ivs[i], data[(i - first) * ss : (i - first + 1) * ss], encrypt)
+            self._one(ivs[i - first], data[(i - first) * ss : (i - first + 1) * ss], encrypt)
             for i in range(first, count)
         )
 
@@ -374,6 +377,7 @@ class SectorCipher:
         """CBC decryption of many sectors in one ECB pass: P_i = D(C_i) xor C_(i-1)."""
         ct = bytes(view)
         ss = self.sector_size
+        assert self._alg is not None  # (None in XTS mode only)
         ctx = Cipher(self._alg, modes.ECB()).decryptor()
         plain_blocks = ctx.update(ct) + ctx.finalize()
         chain = b"".join(

@@ -213,7 +213,7 @@ class LuksHeader:
                 f"LUKS master key length out of range (master_key_len {self.master_key_len}, "
                 f"limit {MAX_MASTER_KEY_LEN})"
             )
-        spans = []
+        spans: list[tuple[int, int]] = []
         for i, slot in enumerate(self.key_slots):
             if slot.stripes != STRIPES:
                 raise CorruptImageError(
@@ -401,7 +401,7 @@ class LuksHeader:
 
     def info(self) -> dict:
         """The LUKS part of `qemu-img info`'s format-specific data (same keys)."""
-        out = {
+        out: dict = {
             "ivgen-alg": self.ivgen_alg,
             "hash-alg": self.hash_alg,
             "cipher-alg": self.cipher_alg,

@@ -231,12 +231,14 @@ class NBDClient(BlockDevice):
         return sock
 
     def _recv(self, count: int) -> bytearray:
+        sock = self._sock
+        assert sock is not None  # (open until _lost() or close(), after which none is read)
         buf = bytearray(count)
         view = memoryview(buf)
         done = 0
         while done < count:
             try:
-                n = self._sock.recv_into(view[done:])
+                n = sock.recv_into(view[done:])
             except OSError as exc:
                 raise self._lost(exc.strerror or str(exc)) from None
             if n == 0:
@@ -245,9 +247,11 @@ class NBDClient(BlockDevice):
         return buf
 
     def _sendall(self, *buffers) -> None:
+        sock = self._sock
+        assert sock is not None  # (open until _lost() or close(), after which none is sent)
         try:
             for buffer in buffers:
-                self._sock.sendall(buffer)
+                sock.sendall(buffer)
         except OSError as exc:
             raise self._lost(exc.strerror or str(exc)) from None
 
@@ -436,7 +440,12 @@ class NBDClient(BlockDevice):
             self._check_handle(echoed, handle)
             if size > MAX_REPLY_PAYLOAD:
                 raise self._lost(f"reply chunk of {size} bytes")
-            if kind == P.REPLY_TYPE_OFFSET_DATA and command == P.CMD_READ and size >= 8:
+            if (
+                kind == P.REPLY_TYPE_OFFSET_DATA
+                and command == P.CMD_READ
+                and into is not None  # (a read always has it)
+                and size >= 8
+            ):
                 chunk_offset = _U64.unpack(self._recv(8))[0]
                 data_length = size - 8
                 start = chunk_offset - offset
@@ -446,6 +455,7 @@ class NBDClient(BlockDevice):
             elif (
                 kind == P.REPLY_TYPE_OFFSET_HOLE
                 and command == P.CMD_READ
+                and into is not None
                 and size == P.OFFSET_HOLE_PAYLOAD.size
             ):
                 chunk_offset, hole_length = P.OFFSET_HOLE_PAYLOAD.unpack(

@@ -170,6 +170,7 @@ class Vring:
 
     def _map(self, memory: GuestMemory) -> SplitVirtqueue:
         features = self.connection.acked_features
+        assert self.addresses is not None  # (a ring is mapped only once they are set)
         try:
             desc, avail, used = (memory.user_to_guest(addr) for addr in self.addresses)
             return SplitVirtqueue(

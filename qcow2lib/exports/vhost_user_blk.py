@@ -14,6 +14,7 @@ zeroes), served by a worker pool, so several run at once and finish in any order
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import select
 import signal
@@ -84,6 +85,7 @@ class VirtioBlk:
         self.num_queues = num_queues
         self.serial = serial.encode("utf-8")[:ID_BYTES]
         self.log = log
+        self._local = threading.local()
         features = [
             F_VERSION_1,
             F_RING_INDIRECT_DESC,
@@ -128,17 +130,17 @@ class VirtioBlk:
 
     def handle(self, memory: GuestMemory, chain: DescriptorChain) -> int:
         """Serve one request; the status byte is the last byte the driver let us write."""
-        if not chain.writable or chain.writable[-1].length == 0:
+        if not chain.writable or chain.writable[-1][1] == 0:
             self.log.warning("virtio-blk request %d has no status byte", chain.head)
             return 0
-        last = chain.writable[-1]
-        status_addr = last.guest_addr + last.length - 1
+        last_addr, last_length = chain.writable[-1]
+        status_addr = last_addr + last_length - 1
         try:
             memory.check(status_addr, 1)
         except GuestMemoryError as exc:  # the outcome could not be told: do nothing
             self.log.warning("virtio-blk request %d: status byte: %s", chain.head, exc)
             return 0
-        into_guest = chain.writable[:-1] + [last._replace(length=last.length - 1)]
+        into_guest = chain.writable[:-1] + [(last_addr, last_length - 1)]
         written = 0
         try:
             header = _gather(memory, chain.readable, 0, REQUEST_HEADER.size)
@@ -173,7 +175,7 @@ class VirtioBlk:
                     self.device.flush()
                 return S_OK, 0
             if kind == T_GET_ID:
-                space = sum(s.length for s in into)
+                space = sum(length for _, length in into)
                 ident = self.serial.ljust(ID_BYTES, b"\0")[: min(space, ID_BYTES)]
                 _scatter(memory, into, ident)
                 return S_OK, len(ident)
@@ -186,6 +188,14 @@ class VirtioBlk:
             )
             return S_IOERR, 0
 
+    def _scratch(self) -> memoryview:
+        """This worker thread's read buffer (IO_CHUNK bytes), made once: a fresh one per
+        request would be zero-filled and page-faulted every time."""
+        buffer = getattr(self._local, "buffer", None)
+        if buffer is None or len(buffer) < IO_CHUNK:
+            buffer = self._local.buffer = memoryview(bytearray(IO_CHUNK))
+        return buffer
+
     def _span(self, sector: int, length: int) -> int | None:
         """The byte offset of a request, or None when it is misaligned or outside the disk."""
         offset = sector * SECTOR
@@ -194,40 +204,41 @@ class VirtioBlk:
         return offset
 
     def _read(self, sector: int, memory: GuestMemory, into: list[Segment]) -> tuple[int, int]:
-        total = sum(s.length for s in into)
+        pieces = memory.resolve(into)  # every buffer is checked before any I/O
+        total = sum(piece[2] for piece in pieces)
         offset = self._span(sector, total)
         if offset is None:
             return S_IOERR, 0
-        for segment in into:
-            memory.check(segment.guest_addr, segment.length)
-        for batch in _batches(into):
-            buffer = memoryview(bytearray(sum(length for _, length in batch)))
+        scratch = self._scratch()
+        for batch, size in _batches(pieces):
+            buffer = scratch[:size]
             self.device.readinto(offset, buffer)
             done = 0
-            for addr, length in batch:
-                memory.write(addr, buffer[done : done + length])
+            for mapping, map_offset, length in batch:
+                mapping[map_offset : map_offset + length] = buffer[done : done + length]
                 done += length
-            offset += done
+            offset += size
         return S_OK, total
 
     def _write(self, sector: int, memory: GuestMemory, out: list[Segment]) -> int:
-        total = sum(s.length for s in out)
+        pieces = memory.resolve(out)
+        total = sum(piece[2] for piece in pieces)
         offset = self._span(sector, total)
         if self.read_only or offset is None:
             return S_IOERR
-        for segment in out:
-            memory.check(segment.guest_addr, segment.length)
-        for batch in _batches(out):
-            data = b"".join(memory.read(addr, length) for addr, length in batch)
+        for batch, size in _batches(pieces):
+            data = b"".join(
+                [mapping[map_offset : map_offset + length] for mapping, map_offset, length in batch]
+            )
             self.device.write(offset, data)
-            offset += len(data)
+            offset += size
         return S_OK
 
     def _ranges(self, kind: int, memory: GuestMemory, out: list[Segment]) -> int:
         """DISCARD or WRITE_ZEROES: a list of (sector, num_sectors, flags) segments."""
         if self.read_only:
             return S_IOERR
-        total = sum(s.length for s in out)
+        total = sum(length for _, length in out)
         if (
             total % RANGE_SEGMENT.size
             or not total
@@ -252,56 +263,59 @@ class VirtioBlk:
 
 
 def _skip(segments: list[Segment], skip: int) -> list[Segment]:
-    """The segments that follow the first `skip` bytes."""
-    result = []
-    for segment in segments:
-        if skip >= segment.length:
-            skip -= segment.length
-            continue
-        result.append(Segment(segment.guest_addr + skip, segment.length - skip, segment.writable))
-        skip = 0
-    return result
+    """The segments that follow the first `skip` bytes (only a segment cut in two is new)."""
+    for index, (guest_addr, length) in enumerate(segments):
+        if skip < length:
+            if not skip:
+                return segments[index:]
+            return [(guest_addr + skip, length - skip)] + segments[index + 1 :]
+        skip -= length
+    return []
 
 
 def _gather(memory: GuestMemory, segments: list[Segment], skip: int, length: int) -> bytes:
     """Up to `length` bytes of the buffers, after `skip` bytes."""
     parts = []
-    for segment in _skip(segments, skip):
+    for guest_addr, segment_length in _skip(segments, skip):
         if length <= 0:
             break
-        n = min(length, segment.length)
-        parts.append(memory.read(segment.guest_addr, n))
+        n = min(length, segment_length)
+        parts.append(memory.read(guest_addr, n))
         length -= n
     return b"".join(parts)
 
 
 def _scatter(memory: GuestMemory, segments: list[Segment], data: bytes) -> None:
     done = 0
-    for segment in segments:
+    for guest_addr, length in segments:
         if done >= len(data):
             break
-        n = min(segment.length, len(data) - done)
-        memory.write(segment.guest_addr, data[done : done + n])
+        n = min(length, len(data) - done)
+        memory.write(guest_addr, data[done : done + n])
         done += n
 
 
-def _batches(segments: list[Segment]):
-    """Lists of (guest_addr, length) pieces of at most IO_CHUNK bytes in all, in order: a
-    request of many small buffers becomes few device calls, a huge one no huge buffer."""
-    batch: list[tuple[int, int]] = []
+def _batches(pieces: list[tuple[mmap.mmap, int, int]]):
+    """(pieces, bytes) batches of at most IO_CHUNK bytes in all, in order: a request of
+    many small buffers becomes few device calls, a huge one no huge buffer."""
+    total = sum(piece[2] for piece in pieces)
+    if total <= IO_CHUNK:  # the common case: the whole request at once
+        yield pieces, total
+        return
+    batch: list[tuple[mmap.mmap, int, int]] = []
     size = 0
-    for segment in segments:
+    for mapping, map_offset, length in pieces:
         start = 0
-        while start < segment.length:
-            n = min(segment.length - start, IO_CHUNK - size)
-            batch.append((segment.guest_addr + start, n))
+        while start < length:
+            n = min(length - start, IO_CHUNK - size)
+            batch.append((mapping, map_offset + start, n))
             size += n
             start += n
             if size == IO_CHUNK:
-                yield batch
+                yield batch, size
                 batch, size = [], 0
     if batch:
-        yield batch
+        yield batch, size
 
 
 class VhostUserBlkServer:
@@ -369,15 +383,18 @@ class VhostUserBlkServer:
         self._thread.start()
 
     def _accept_loop(self) -> None:
+        listener, executor = self._listener, self._executor
+        assert listener is not None and executor is not None  # (set before this thread starts)
+        watched: list[socket.socket | int] = [listener, self._wake_read]
         try:
             while not self._stop.is_set():
-                ready, _, _ = select.select([self._listener, self._wake_read], [], [])
+                ready, _, _ = select.select(watched, [], [])
                 if self._stop.is_set():
                     break
-                if self._listener not in ready:
+                if listener not in ready:
                     continue
                 try:
-                    sock, _ = self._listener.accept()
+                    sock, _ = listener.accept()
                 except OSError as exc:  # out of fds, or the peer gave up: try again
                     self.log.warning(
                         "vhost-user-blk: accept on %s failed: %s", self.socket_path, exc
@@ -389,7 +406,7 @@ class VhostUserBlkServer:
                         sock.close()
                         break
                     self.connections += 1
-                    connection = VhostUserConnection(sock, self.blk, self._executor, self.log)
+                    connection = VhostUserConnection(sock, self.blk, executor, self.log)
                     self._connection = connection
                 self.log.info(
                     "vhost-user-blk: front-end %d connected on %s (%d bytes, %d queues%s)",

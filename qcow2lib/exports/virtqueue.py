@@ -140,6 +140,23 @@ class GuestMemory:
                     f"{length:#x}) is outside guest memory"
                 )
 
+    def resolve(self, segments: list[Segment]) -> list[tuple[mmap.mmap, int, int]]:
+        """(mapping, offset, length) pieces covering every segment, in order, or
+        GuestMemoryError when any byte lies outside guest memory. The hot path of data
+        requests: one pass, one region test per segment that lies inside one region."""
+        pieces: list[tuple[mmap.mmap, int, int]] = []
+        append = pieces.append
+        regions = self.regions
+        for guest_addr, length in segments:
+            for region in regions:
+                start = guest_addr - region.guest_phys_addr
+                if 0 <= start and start + length <= region.size:
+                    append((region.mapping, region.start + start, length))
+                    break
+            else:  # across regions, or outside: piece by piece, which names the bad byte
+                pieces.extend(self._pieces(guest_addr, length))
+        return pieces
+
     def check(self, guest_addr: int, length: int) -> None:
         for _ in self._pieces(guest_addr, length):
             pass
@@ -173,10 +190,9 @@ class GuestMemory:
         raise GuestMemoryError(f"front-end address {user_addr:#x} is not in any memory region")
 
 
-class Segment(NamedTuple):
-    guest_addr: int
-    length: int
-    writable: bool
+# One guest buffer of a request: (guest_addr, length). A plain tuple, not a NamedTuple:
+# a request carries up to a queue's worth of them and they are made per request.
+Segment = tuple[int, int]
 
 
 class DescriptorChain(NamedTuple):
@@ -252,9 +268,10 @@ class SplitVirtqueue:
         readable: list[Segment] = []
         writable: list[Segment] = []
         table, base, count = self.desc_map, self.desc_offset, self.size
+        unpack_from = DESCRIPTOR.unpack_from
         index, seen, in_indirect = head, 0, False
         while True:
-            addr, length, flags, next_index = DESCRIPTOR.unpack_from(table, base + 16 * index)
+            addr, length, flags, next_index = unpack_from(table, base + 16 * index)
             seen += 1
             if seen > count:
                 raise VirtqueueError(
@@ -284,17 +301,18 @@ class SplitVirtqueue:
                     table, base = self.memory.locate(addr, length)
                 except GuestMemoryError as exc:
                     raise VirtqueueError(f"indirect table of chain {head}: {exc}") from None
-                index, seen, count, in_indirect = 0, 0, length // 16, True
+                in_indirect = True
+                index, seen, count = 0, 0, length // 16
                 continue
             if flags & DESC_F_WRITE:
-                writable.append(Segment(addr, length, True))
+                writable.append((addr, length))
             elif writable:
                 raise VirtqueueError(
                     f"descriptor chain {head} has a device-readable buffer "
                     f"after a device-writable one"
                 )
             else:
-                readable.append(Segment(addr, length, False))
+                readable.append((addr, length))
             if not flags & DESC_F_NEXT:
                 return DescriptorChain(head, readable, writable)
             if next_index >= count:

@@ -2,8 +2,12 @@
 
 Each operation (one module each, e.g. ops.info) is a plain function returning plain data
 (dicts, lists, ints), so the CLI only parses arguments and prints and other programs can
-call the same functions. This module holds what every operation needs to take image
-names the way qemu-img does: protocol prefixes, backing name resolution, QEMU's sizes.
+call the same functions. Operations take open devices (BlockDevice, opened in the mode
+and with the chain their docstring asks for; the caller closes them). Names appear only
+where the operation stores or follows a name: rebase's new backing file, commit's -b
+base, and info, which opens each image of a chain on its own by name as qemu-img does.
+This module holds what the CLI and those operations need to take image names the way
+qemu-img does: protocol prefixes, backing name resolution, QEMU's sizes.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ __all__ = [
 def error_text(exc: Qcow2Error) -> str:
     """The message of a qcow2lib error as qemu-img words it: its qemu_message if it has
     one, without OSError's "[Errno n]" decoration."""
-    if getattr(exc, "qemu_message", None) is not None:
-        return exc.qemu_message
+    qemu_message = getattr(exc, "qemu_message", None)
+    if qemu_message is not None:
+        return qemu_message
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc)

@@ -21,10 +21,13 @@ QEMU's error messages.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .. import structs as S
+from ..blockdev import BlockDevice
 from ..cache import decode_be64
-from ..chain import open_image
 from ..errors import CorruptImageError, InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
+from ..image import Qcow2Image
 from ..sizes import parse_number, parse_size
 from ..snapshot_table import pack_snapshot_table, read_snapshot_table
 from .resize import resize
@@ -101,7 +104,7 @@ def parse_options(options: dict) -> dict:
 
 
 def amend(
-    image_path: str,
+    image: BlockDevice,
     *,
     compat: str | None = None,
     refcount_bits: int | None = None,
@@ -110,37 +113,31 @@ def amend(
     backing_file: str | None = None,
     backing_fmt: str | None = None,
     data_file: str | None = None,
-    data_file_raw=None,
-    fmt: str | None = None,
-    progress=None,
-    untrusted: bool = False,
+    data_file_raw: bool | str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> None:
-    """Amend the qcow2 image at image_path (see the module docstring).
+    """Amend `image`, a qcow2 image opened read-write (see the module docstring; the
+    caller closes it).
 
     Raises AmendError / InvalidArgumentError / UnsupportedFeatureError with qemu-img's
-    messages. The image content is kept; qemu-img check is clean afterwards. untrusted:
-    the image is opened as open_image(untrusted=True) opens it.
+    messages. The image content is kept; qemu-img check is clean afterwards.
     """
-    image = open_image(image_path, "r+", fmt, untrusted=untrusted)
-    try:
-        if image.format != "qcow2":
-            raise UnsupportedFeatureError(
-                f"Format driver '{image.format}' does not support option amendment"
-            )
-        _amend(
-            image,
-            compat,
-            refcount_bits,
-            lazy_refcounts,
-            size,
-            backing_file,
-            backing_fmt,
-            data_file,
-            data_file_raw,
-            progress,
+    if not isinstance(image, Qcow2Image):
+        raise UnsupportedFeatureError(
+            f"Format driver '{image.format}' does not support option amendment"
         )
-    finally:
-        image.close()
+    _amend(
+        image,
+        compat,
+        refcount_bits,
+        lazy_refcounts,
+        size,
+        backing_file,
+        backing_fmt,
+        data_file,
+        data_file_raw,
+        progress,
+    )
 
 
 def _amend(

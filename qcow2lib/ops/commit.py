@@ -12,8 +12,9 @@ the images between it and the top are no longer consistent, so the top is kept.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+from ..blockdev import BlockDevice
 from ..chain import (
     MAX_CHAIN_DEPTH,
     backing_format,
@@ -21,7 +22,8 @@ from ..chain import (
     resolve_backing_path,
     untrusted_backing_path,
 )
-from ..errors import CorruptImageError, Qcow2Error
+from ..errors import CorruptImageError, InvalidArgumentError, Qcow2Error
+from ..image import Qcow2Image
 from .resize import resize
 
 IO_BUF_SIZE = 2 << 20
@@ -40,24 +42,19 @@ def _matches(base: str, layer_filename: str, path: str) -> bool:
     return os.path.realpath(candidate) == os.path.realpath(path)
 
 
-def _open_chain(
-    top_path: str, fmt: str | None, base_name: str | None, passphrases: tuple, untrusted: bool
-):
-    """Open the top read-write, the layers down to the base read-only, the base
-    read-write (with its own chain read-only). Returns (top, base depth)."""
-    top = open_image(
-        top_path, "r+", fmt, backing=False, passphrase=passphrases[:1], untrusted=untrusted
-    )
+def _open_chain(top, base_name: str | None, passphrases: tuple, untrusted: bool) -> int:
+    """Open the layers below `top` down to the base read-only, the base read-write (with
+    its own chain read-only), and hang them under top. Returns the base's depth."""
     try:
         layer, depth = top, 0
-        seen = {os.path.realpath(top_path)}
+        seen = {os.path.realpath(top.filename)}
         while True:
             name = getattr(layer, "backing_filename", None)
             if not name:
                 if base_name is None and depth == 0:
                     raise CommitError("Image does not have a backing file")
                 raise CommitError(
-                    f"Did not find '{base_name}' in the backing chain of '{top_path}'"
+                    f"Did not find '{base_name}' in the backing chain of '{top.filename}'"
                 )
             if untrusted:
                 path = untrusted_backing_path(layer.filename, name, layer.backing_format)
@@ -81,23 +78,25 @@ def _open_chain(
                     path,
                     "r+",
                     backing_format(path, layer.backing_format, name, layer.filename),
-                    passphrase=passphrases[depth:],
+                    passphrase=passphrases[depth - 1 :],
                     backing_of=layer.filename,
                     untrusted=untrusted,
                 )
-                return top, depth
+                return depth
             layer.backing = open_image(
                 path,
                 "r",
                 backing_format(path, layer.backing_format, name, layer.filename),
                 backing=False,
-                passphrase=passphrases[depth : depth + 1],
+                passphrase=passphrases[depth - 1 : depth],
                 backing_of=layer.filename,
                 untrusted=untrusted,
             )
             layer = layer.backing
     except BaseException:
-        top.close()
+        if top.backing is not None:
+            top.backing.close()  # what was opened so far; the caller closes the top
+            top.backing = None
         raise
 
 
@@ -109,26 +108,31 @@ def _layer(top, depth: int):
 
 
 def commit(
-    top_path: str,
-    base_path: str | None = None,
+    top: BlockDevice,
+    base_name: str | None = None,
     *,
     drop: bool = False,
-    progress=None,
-    fmt: str | None = None,
-    passphrases: Sequence[str | bytes | None] = (),
+    progress: Callable[[int, int], None] | None = None,
+    backing_passphrases: Sequence[str | bytes | None] = (),
     untrusted: bool = False,
 ) -> None:
-    """Commit the image at `top_path` into its backing file, or into `base_path` further
+    """Commit `top` into its backing file, or into the image named `base_name` further
     down its chain (which implies drop, as qemu-img's -b does). Unless drop, the top is
     emptied afterwards. qemu-img then prints "Image committed.".
 
-    progress(done_bytes, total_bytes) is called while copying. passphrases unlock
-    encrypted layers: the top's first, then its backing file's, and so on. untrusted:
-    the chain is opened as open_image(untrusted=True) opens it.
+    `top` is opened read-write *without* its backing chain (backing=False; the caller
+    closes it): commit opens the chain itself, because the base must be opened read-write
+    and the layers between it and the top read-only. base_name is a name, matched as
+    qemu-img matches -b: resolved against the directory of each layer naming a backing
+    file. progress(done_bytes, total_bytes) is called while copying.
+    backing_passphrases unlock encrypted layers below the top: its backing file's first,
+    and so on. untrusted: the chain is opened as open_image(untrusted=True) opens it.
     """
-    if base_path is not None:
+    if top.backing is not None:
+        raise InvalidArgumentError("commit needs the top image opened without its backing chain")
+    if base_name is not None:
         drop = True
-    top, base_depth = _open_chain(top_path, fmt, base_path, tuple(passphrases), untrusted)
+    base_depth = _open_chain(top, base_name, tuple(backing_passphrases), untrusted)
     try:
         base = _layer(top, base_depth)
         if base.size < top.size:
@@ -158,9 +162,11 @@ def commit(
         base.flush()
         if progress is not None:
             progress(total, total)
-        if not drop and top.format == "qcow2":
+        if not drop and isinstance(top, Qcow2Image):
             top.resize_drop_clusters(0)
             top.resize_truncate_file()
             top.flush()
     finally:
-        top.close()
+        if top.backing is not None:
+            top.backing.close()  # the chain this commit opened
+            top.backing = None

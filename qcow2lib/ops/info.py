@@ -144,10 +144,13 @@ def image_info(
 ) -> dict:
     """The `qemu-img info` dict of one image, its backing file left unopened.
 
-    `filename` is taken as qemu-img takes it (a "file:" prefix is allowed); `fmt` None
-    probes the format; force_share reads an image another process has open for writing;
-    backing_of names the image whose backing file this is; untrusted (see open_image).
-    Raises ImageOpenError naming the file when it cannot be read.
+    Unlike the other operations this takes a name, not a device: the dict reports the
+    name (and the file's disk usage), and an image that cannot be opened is reported by
+    the name qemu-img would show. `filename` is taken as qemu-img takes it (a "file:"
+    prefix is allowed); `fmt` None probes the format; force_share reads an image another
+    process has open for writing; backing_of names the image whose backing file this is;
+    untrusted (see open_image). Raises ImageOpenError naming the file when it cannot be
+    read.
     """
     try:
         with open_by_name(
@@ -176,6 +179,9 @@ def image_info_list(
     untrusted: bool = False,
 ) -> list[dict]:
     """`qemu-img info [--backing-chain]`: the top image, then each backing file in turn.
+
+    By name, as image_info(): each backing file is opened on its own (without its own
+    backing file) under the name its overlay records, as qemu-img does.
 
     Backing files are opened by their full backing filename with the recorded backing
     format (probed when none is recorded). A name seen twice is a loop and raises

@@ -12,8 +12,9 @@ name and format are rewritten. `new_backing` "" or None removes the backing file
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable
 
+from ..blockdev import BlockDevice
 from ..chain import open_image, probe_format
 from ..drivers import KNOWN_DRIVERS
 from ..errors import CorruptImageError, InvalidArgumentError, Qcow2Error
@@ -104,59 +105,43 @@ def _chain_depth(image, path: str) -> tuple[int, object] | None:
 
 
 def rebase(
-    image_path: str,
+    image: BlockDevice,
     new_backing: str | None,
     new_backing_fmt: str | None = None,
     *,
     unsafe: bool = False,
-    progress=None,
-    fmt: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
     force_share: bool = False,
-    passphrases: Sequence[str | bytes | None] = (),
     untrusted: bool = False,
 ) -> None:
-    """Change the backing file of the image at `image_path` (see the module docstring).
+    """Change the backing file of `image` (see the module docstring).
 
-    new_backing is stored as given; relative names are resolved against the image's
-    directory for opening. Raises RebaseError (or another Qcow2Error) with qemu-img's
-    messages. progress(done_bytes, total_bytes) is called during the safe-mode copy.
-    passphrases unlock encrypted layers of the image's chain (the image's first); as with
-    qemu-img, a new backing file outside the old chain is opened without any. untrusted:
-    the image's chain, and the new backing file's own chain, are opened as
-    open_image(untrusted=True) opens them (the new name itself is the caller's).
+    `image` is opened read-write, with its backing chain unless unsafe (the caller closes
+    it). new_backing is a name, not a device, because it is what the header stores: it is
+    stored as given, and a relative name is resolved against the image's filename to open
+    it. Raises RebaseError (or another Qcow2Error) with qemu-img's messages.
+    progress(done_bytes, total_bytes) is called during the safe-mode copy. As with
+    qemu-img, a new backing file outside the old chain is opened without any passphrase;
+    force_share and untrusted are given to that open (see open_image).
     """
     if new_backing_fmt is not None and new_backing_fmt not in KNOWN_DRIVERS:
         raise InvalidArgumentError(f"Invalid format name: '{new_backing_fmt}'")
     new_backing = new_backing or None
-    image = open_image(
-        image_path,
-        "r+",
-        fmt,
-        backing=not unsafe,
-        passphrase=tuple(passphrases),
-        untrusted=untrusted,
-    )
-    try:
-        _header_backing_check(image, new_backing, new_backing_fmt)
-        if not unsafe:
-            _safe_copy(
-                image, image_path, new_backing, new_backing_fmt, progress, force_share, untrusted
-            )
-        set_backing(image, new_backing, new_backing_fmt)
-    finally:
-        image.close()
+    _header_backing_check(image, new_backing, new_backing_fmt)
+    if not unsafe:
+        _safe_copy(image, new_backing, new_backing_fmt, progress, force_share, untrusted)
+    set_backing(image, new_backing, new_backing_fmt)
 
 
 def _open_new_backing(
     image,
-    image_path: str,
     new_backing: str,
     new_fmt: str | None,
     force_share: bool,
     untrusted: bool,
 ):
     """(device, depth in the old chain or None, whether we opened it)."""
-    real_path = full_backing_filename(image_path, new_backing)
+    real_path = full_backing_filename(image.filename, new_backing)
     found = _chain_depth(image, real_path) if os.path.exists(real_path) else None
     if found is not None:
         return found[1], found[0], False
@@ -167,7 +152,8 @@ def _open_new_backing(
         raise RebaseError(
             f"Could not open new backing file '{new_backing}': {error_text(exc)}"
         ) from exc
-    layer, depth = device, 0
+    layer: BlockDevice | None = device
+    depth = 0
     while layer is not None:  # qemu-img gives the new backing file no secrets
         if getattr(layer, "encrypted", False):
             device.close()
@@ -176,18 +162,16 @@ def _open_new_backing(
                 + "Could not open backing file: " * depth
                 + "Parameter 'encrypt.key-secret' is required for cipher"
             )
-        layer, depth = getattr(layer, "backing", None), depth + 1
+        layer, depth = layer.backing, depth + 1
     return device, None, True
 
 
-def _safe_copy(
-    image, image_path, new_backing, new_fmt, progress, force_share, untrusted: bool
-) -> None:
+def _safe_copy(image, new_backing, new_fmt, progress, force_share, untrusted: bool) -> None:
     old = image.backing
     new, prefix_depth, opened = None, None, False
     if new_backing:
         new, prefix_depth, opened = _open_new_backing(
-            image, image_path, new_backing, new_fmt, force_share, untrusted
+            image, new_backing, new_fmt, force_share, untrusted
         )
     if new_backing and not image.backing_filename:
         # The image is about to get a backing file: from now on an unallocated cluster
