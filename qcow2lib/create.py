@@ -60,13 +60,14 @@ def create(
     passphrase: str | bytes | None = None,
     encrypt_options: dict | None = None,
 ) -> None:
-    """Create a raw or qcow2 image. `size=None` takes the size of the backing file.
+    """Create a raw, qcow2 or luks image. `size=None` takes the size of the backing file.
 
     `size` is in bytes, or a string as qemu-img takes it ("1G", "512M", "0x1000"; powers
     of 1024). Every error is an InvalidArgumentError naming the option and the value.
 
     encrypt_format "luks" (with encrypt_options as qemu-img's encrypt.* options) or the
-    legacy "aes" encrypts the qcow2 image's data with `passphrase`.
+    legacy "aes" encrypts the qcow2 image's data with `passphrase`. fmt "luks" makes a
+    LUKS volume (QEMU's luks format) opened by `passphrase`, encrypt_options its options.
     """
     if preallocation not in PREALLOCATION_MODES:
         raise InvalidArgumentError(f"Unsupported preallocation mode '{preallocation}'")
@@ -79,6 +80,16 @@ def create(
         raise InvalidArgumentError(f"Image size must be a non-negative number (size {size})")
     if fmt == "raw":
         _create_raw(path, size, preallocation)
+        return
+    if fmt == "luks":  # issue 14: the luks format (luks_image.py)
+        from .luks_image import new_luks_region, write_luks_image
+
+        region = new_luks_region(passphrase, encrypt_options)
+        container = _container(path)
+        try:
+            write_luks_image(container, region, size, preallocation)
+        finally:
+            container.close()
         return
     if fmt != "qcow2":
         raise InvalidArgumentError(f"Unknown file format '{fmt}'")

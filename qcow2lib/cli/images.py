@@ -139,7 +139,7 @@ def _options_spec(text: str, opts: dict[str, str], force_share: bool) -> ImageSp
     for name in IGNORED_IMAGE_OPTS:
         opts.pop(name, None)
     driver = opts.pop("driver", None)
-    if driver is not None and driver not in ("qcow2", "raw", "file", "host_device", "nbd"):
+    if driver is not None and driver not in ("qcow2", "raw", "file", "host_device", "nbd", "luks"):
         fail(f"Unknown driver '{driver}'")
     if driver == "nbd" or opts.get("file.driver") == "nbd":
         return _nbd_spec(text, driver, opts, force_share, fail)
@@ -166,7 +166,7 @@ def _options_spec(text: str, opts: dict[str, str], force_share: bool) -> ImageSp
                     f"Block protocol '{file_driver}' doesn't support the option "
                     f"'{name[len('file.') :]}'"
                 )
-    key_secret = opts.pop("encrypt.key-secret", None)
+    key_secret = opts.pop("key-secret" if driver == "luks" else "encrypt.key-secret", None)
     backing_secrets = []
     prefix = "backing."
     while f"{prefix}encrypt.key-secret" in opts or any(
@@ -339,10 +339,11 @@ def open_spec(
             not keyed or getattr(layer, "crypto", None) is None
         ):
             device.close()
+            option = "key-secret" if layer.format == "luks" else "encrypt.key-secret"
             raise OpenFailure(
                 f"Could not open '{spec.name}': "
                 + "Could not open backing file: " * depth
-                + "Parameter 'encrypt.key-secret' is required for cipher"
+                + f"Parameter '{option}' is required for cipher"
             )
     if warn_probe and mode == "r+" and spec.fmt is None and device.format == "raw":
         sys.stderr.write(RAW_PROBE_WARNING.format(path))
@@ -382,7 +383,7 @@ def json_filename(spec: ImageSpec, fmt: str) -> str:
 def _json_layer(key_secret: str | None, fmt: str, filename: str) -> dict:
     options: dict = {}
     if key_secret is not None:
-        options["encrypt.key-secret"] = key_secret
+        options["key-secret" if fmt == "luks" else "encrypt.key-secret"] = key_secret
     options["driver"] = fmt
     options["file"] = {"driver": "file", "filename": filename}
     return options
