@@ -21,6 +21,7 @@ from .sizes import SizeError, parse_size
 
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
 COMPAT_LEVELS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
+FIRST_BLOCK = 4096  # bytes QEMU writes at the start of a new raw file
 
 
 def _size_argument(size: int | str | None) -> int | None:
@@ -243,6 +244,10 @@ def _create_raw(path: str, size: int, preallocation: str) -> None:
         raise InvalidArgumentError("Unsupported preallocation mode: metadata")
     try:
         file.truncate(size)
+        if preallocation == "off" and size and not file.is_device:
+            # As QEMU's file driver: the first block of a new file is allocated (zeros),
+            # so that later probes of the file's allocation alignment find a data block.
+            file.pwrite(bytes(min(size, FIRST_BLOCK)), 0)
         if preallocation == "falloc" and size:
             file.allocate(0, size)
         elif preallocation == "full":
