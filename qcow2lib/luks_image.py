@@ -81,12 +81,14 @@ class LuksImage(BlockDevice):
         """Guest bytes of a container of `container_size` (QEMU: its sector count)."""
         size = _round_up(container_size, SECTOR_SIZE) - self.payload_offset
         if size < 0:
-            raise Qcow2IOError(
+            error = Qcow2IOError(
                 errno.EIO,
                 f"LUKS payload offset {self.payload_offset} lies past the end of "
                 f"'{self.filename}' ({container_size} bytes)",
                 self.filename,
             )
+            error.qemu_message = "Could not refresh total sector count: Input/output error"
+            raise error
         return size
 
     # -- the container, by absolute offset --
