@@ -75,6 +75,8 @@ class ImageSpec:
     key_secret: str | None = None
     force_share: bool = False
     backing_secrets: tuple = ()  # backing[.backing...].encrypt.key-secret, nearest first
+    # backing[.backing...].driver and .file.filename, nearest first: (driver, filename)
+    backing_files: tuple = ()
     nbd: object = None  # an NBDAddress
     l2_cache_entry_size: int | None = None
 
@@ -168,11 +170,15 @@ def _options_spec(text: str, opts: dict[str, str], force_share: bool) -> ImageSp
                 )
     key_secret = opts.pop("key-secret" if driver == "luks" else "encrypt.key-secret", None)
     backing_secrets = []
+    backing_files = []
     prefix = "backing."
-    while f"{prefix}encrypt.key-secret" in opts or any(
-        name.startswith(prefix + "backing.") for name in opts
-    ):
+    while any(name.startswith(prefix) for name in opts):
         backing_secrets.append(opts.pop(f"{prefix}encrypt.key-secret", None))
+        if opts.get(f"{prefix}file.driver") == "file":
+            del opts[f"{prefix}file.driver"]
+        backing_files.append(
+            (opts.pop(f"{prefix}driver", None), opts.pop(f"{prefix}file.filename", None))
+        )
         prefix += "backing."
     entry_size = _qcow2_tuning(text, opts, fail) if driver == "qcow2" else None
     for name in opts:
@@ -185,6 +191,7 @@ def _options_spec(text: str, opts: dict[str, str], force_share: bool) -> ImageSp
         force_share,
         tuple(backing_secrets),
         l2_cache_entry_size=entry_size,
+        backing_files=tuple(backing_files),
     )
 
 
@@ -323,12 +330,13 @@ def open_spec(
         raise OpenFailure(
             f"Could not open '{spec.name}': {error_text(exc)}", exc.qemu_hint
         ) from exc
-    if device.format == "qcow2":
-        try:
+    try:
+        if device.format == "qcow2":
             check_entry_size(spec, device.cluster_size)
-        except OpenFailure:
-            device.close()
-            raise
+        check_backing_files(spec, device)
+    except OpenFailure:
+        device.close()
+        raise
     given = [
         spec.key_secret is not None or explicit,
         *(name is not None for name in spec.backing_secrets),
@@ -348,6 +356,33 @@ def open_spec(
     if warn_probe and mode == "r+" and spec.fmt is None and device.format == "raw":
         sys.stderr.write(RAW_PROBE_WARNING.format(path))
     return device
+
+
+def check_backing_files(spec: ImageSpec, device) -> None:
+    """backing.driver and backing.file.filename options may name the backing file each
+    layer records (as QEMU's iotests do); qimg opens no other backing file than that."""
+    layers = list(_chain_layers(device))[1:]
+    for depth, (driver, filename) in enumerate(spec.backing_files):
+        if driver is None and filename is None:
+            continue
+        prefix = "backing." * (depth + 1)
+        layer = layers[depth] if depth < len(layers) else None
+        if filename is not None and (
+            layer is None
+            or not os.path.exists(filename)
+            or not os.path.samefile(layer.filename, filename)
+        ):
+            recorded = "none" if layer is None else f"'{layer.filename}'"
+            raise OpenFailure(
+                f"Could not open '{spec.name}': qimg opens the backing file the image names "
+                f"({recorded}), not '{filename}' ({prefix}file.filename)"
+            )
+        if driver is not None and (layer is None or layer.format != driver):
+            recorded = "none" if layer is None else f"'{layer.format}'"
+            raise OpenFailure(
+                f"Could not open '{spec.name}': the backing file's format is {recorded}, "
+                f"not '{driver}' ({prefix}driver)"
+            )
 
 
 def check_entry_size(spec: ImageSpec, cluster_size: int) -> None:
