@@ -15,10 +15,9 @@ from __future__ import annotations
 import errno
 import threading
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from .blockdev import BlockDevice, Extent
-from .crypto.ciphers import SECTOR_SIZE, SectorCrypto
-from .crypto.luks import HEADER_SIZE, LUKS_MAGIC, LuksVolume, create_luks
 from .errors import (
     BadSecretError,
     CorruptImageError,
@@ -27,6 +26,13 @@ from .errors import (
     UnsupportedFeatureError,
 )
 
+if TYPE_CHECKING:
+    from .crypto.ciphers import SectorCrypto
+
+# The crypto package (construct, cryptography) loads only when a LUKS volume is opened or
+# made: probing a file's format needs the magic alone (start-up time counts).
+LUKS_MAGIC = b"LUKS\xba\xbe"  # (crypto.luks.LUKS_MAGIC)
+SECTOR_SIZE = 512
 FORMAT = "luks"
 ZERO_CHUNK = 1 << 20  # bytes of zeros encrypted per step of write_zeroes
 # Create options of the luks format (QEMU's names), beside the container's preallocation.
@@ -59,7 +65,9 @@ class LuksImage(BlockDevice):
         self.filename = container.filename
         self.read_only = container.read_only
         self.file = getattr(container, "file", None)  # the host file, for info's disk size
-        head = container.read(0, min(container.size, HEADER_SIZE))
+        from .crypto.luks import LuksVolume
+
+        head = container.read(0, min(container.size, len(LUKS_MAGIC)))
         if not has_luks_magic(head):
             raise CorruptImageError(
                 f"'{self.filename}' is not a LUKS volume (magic {bytes(head[:6])!r})",
@@ -233,6 +241,8 @@ def new_luks_region(passphrase, options: dict | None = None) -> bytes:
     crypto.luks.header_for_options. Made before any file is, so a bad option leaves none."""
     if passphrase is None:
         raise InvalidArgumentError("Parameter 'key-secret' is required for cipher")
+    from .crypto.luks import create_luks
+
     region, _, _ = create_luks(passphrase, options)
     return region
 

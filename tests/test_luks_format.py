@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 import qcow2lib
+from qcow2lib import luks_image
+from qcow2lib.crypto import luks as crypto_luks
 from qcow2lib.errors import BadSecretError, CorruptImageError
 from qemutools import run, run_qimg_in
 
@@ -190,6 +192,7 @@ def test_probe_and_metadata_without_secret(tmp_path):
         "1M",
     )
     assert qcow2lib.probe_format(str(tmp_path / "v.luks")) == "luks"
+    assert luks_image.LUKS_MAGIC == crypto_luks.LUKS_MAGIC  # (kept apart for start-up time)
     with qcow2lib.open(str(tmp_path / "v.luks")) as disk:
         assert disk.info()["cipher-alg"] == "aes-256"
         with pytest.raises(BadSecretError):
