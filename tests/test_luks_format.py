@@ -391,3 +391,38 @@ def test_amend_key_slots_as_qemu_img(volume_pair):
     assert [slot["active"] for slot in info["format-specific"]["data"]["slots"]] == [True] + [
         False
     ] * 7
+
+
+OVERLAY_OPEN = "driver=qcow2,file.filename=ov.qcow2,backing.key-secret=sec0"
+
+
+def test_qcow2_overlay_over_a_luks_volume(volume_pair):
+    """A luks backing file takes its secret as backing.key-secret (no "encrypt.")."""
+    for side in ("qemu", "qimg"):
+        qemu_img(
+            volume_pair / side,
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "v.luks",
+            "-F",
+            "luks",
+            "ov.qcow2",
+        )
+        run(
+            ["qemu-io", *SECRET, "--image-opts", OVERLAY_OPEN, "-c", "write -P 0x12 1M 4k"],
+            cwd=volume_pair / side,
+        )
+    for args in (
+        ["info", "--backing-chain", "ov.qcow2"],
+        ["convert", "-O", "raw", "ov.qcow2", "out.raw"],  # the base's secret is missing
+        ["convert", *SECRET, "-O", "raw", "--image-opts", OVERLAY_OPEN, "out.raw"],
+    ):
+        expected, actual = both(volume_pair, *args)
+        assert seen(actual) == seen(expected), args
+    out = (volume_pair / "qimg" / "out.raw").read_bytes()
+    assert out == (volume_pair / "qemu" / "out.raw").read_bytes()
+    assert out[1 << 20 : (1 << 20) + 4096] == b"\x12" * 4096
+    assert out[64 << 10 : 164 << 10] == b"\x66" * (100 << 10)

@@ -173,7 +173,9 @@ def _options_spec(text: str, opts: dict[str, str], force_share: bool) -> ImageSp
     backing_files = []
     prefix = "backing."
     while any(name.startswith(prefix) for name in opts):
-        backing_secrets.append(opts.pop(f"{prefix}encrypt.key-secret", None))
+        secret = opts.pop(f"{prefix}encrypt.key-secret", None)  # a qcow2 layer's
+        luks_secret = opts.pop(f"{prefix}key-secret", None)  # a luks layer's (issue 14)
+        backing_secrets.append(secret if secret is not None else luks_secret)
         if opts.get(f"{prefix}file.driver") == "file":
             del opts[f"{prefix}file.driver"]
         backing_files.append(
