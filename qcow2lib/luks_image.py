@@ -73,7 +73,9 @@ class LuksImage(BlockDevice):
                 f"'{self.filename}' is not a LUKS volume (magic {bytes(head[:6])!r})",
                 qemu_message="Volume is not in LUKS format",
             )
-        self.volume = LuksVolume.load(self._read_container, container.size, self._write_header)
+        # (a file shorter than its header reads as zeros past its end, as QEMU reads it:
+        # the header's own checks then refuse it, or the payload offset past the end)
+        self.volume = LuksVolume.load(self._read_container, None, self._write_header)
         self.header = self.volume.header
         self.payload_offset = self.header.payload_offset
         self.size = self._payload_size(container.size)

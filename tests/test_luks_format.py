@@ -426,3 +426,31 @@ def test_qcow2_overlay_over_a_luks_volume(volume_pair):
     assert out == (volume_pair / "qemu" / "out.raw").read_bytes()
     assert out[1 << 20 : (1 << 20) + 4096] == b"\x12" * 4096
     assert out[64 << 10 : 164 << 10] == b"\x66" * (100 << 10)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "short",  # the file ends inside the header
+        "no-payload",  # the file ends before the payload offset
+        "huge-payload-offset",
+        "not-luks",
+    ],
+)
+def test_damaged_volume_refused_as_qemu_img(volume_pair, damage):
+    for side in ("qemu", "qimg"):
+        path = volume_pair / side / "v.luks"
+        data = bytearray(path.read_bytes())
+        if damage == "short":
+            data = data[:100]
+        elif damage == "no-payload":
+            data = data[:4096]
+        elif damage == "huge-payload-offset":
+            data[104:108] = b"\xff\xff\xff\xff"
+        else:
+            data[0:4] = b"XXXX"
+        path.write_bytes(bytes(data))
+    expected, actual = both(volume_pair, "info", "-f", "luks", "v.luks")
+    assert (actual.returncode, actual.stdout) == (expected.returncode, expected.stdout) == (1, "")
+    # the first words are QEMU's (qcow2lib adds the field and value it refused)
+    assert actual.stderr.startswith(expected.stderr.rstrip("\n")), actual.stderr
