@@ -35,8 +35,6 @@ LUKS_MAGIC = b"LUKS\xba\xbe"  # (crypto.luks.LUKS_MAGIC)
 SECTOR_SIZE = 512
 FORMAT = "luks"
 ZERO_CHUNK = 1 << 20  # bytes of zeros encrypted per step of write_zeroes
-# Create options of the luks format (QEMU's names), beside the container's preallocation.
-CREATE_OPTIONS = ("cipher-alg", "cipher-mode", "ivgen-alg", "ivgen-hash-alg", "hash-alg")
 
 
 def has_luks_magic(head: bytes) -> bool:
