@@ -23,25 +23,29 @@ from .errors import (
 )
 from .hostfile import open_host_file, refuse_special_file
 from .image import Qcow2Image
+from .luks_image import has_luks_magic, open_luks
 
 if TYPE_CHECKING:
     from .exports.nbd_client import NBDAddress
 
 MAX_CHAIN_DEPTH = 16
-FORMATS = ("qcow2", "raw")
+FORMATS = ("luks", "qcow2", "raw")  # luks: luks_image.py (issue 14)
 # Protocol driver names accepted where a format is: the device's bytes as they are.
 RAW_PROTOCOLS = ("host_device", "file")
 
 
 def probe_format(path: str, backing_of: str | None = None) -> str:
-    """'qcow2' when the file starts with the qcow2 magic, else 'raw'. backing_of: the
-    image naming the file as its backing file (a special file is then refused)."""
+    """'qcow2' or 'luks' when the file starts with that format's magic, else 'raw'.
+    backing_of: the image naming the file as its backing file (a special file is then
+    refused)."""
     file = open_host_file(path, role="backing file" if backing_of else None, named_by=backing_of)
     try:
-        magic = file.pread(4, 0)
+        magic = file.pread(6, 0)
     finally:
         file.close()
-    return "qcow2" if magic == S.QCOW_MAGIC.to_bytes(4, "big") else "raw"
+    if magic[:4] == S.QCOW_MAGIC.to_bytes(4, "big"):
+        return "qcow2"
+    return "luks" if has_luks_magic(magic) else "raw"  # luks: issue 14
 
 
 def backing_format(path: str, stated: str | None, name: str, backing_of: str) -> str:
@@ -234,13 +238,17 @@ def _open_nbd(
     from .exports.nbd_client import NBDClient, NBDHostFile, parse_nbd_name
 
     address = parse_nbd_name(target) if isinstance(target, str) else target
-    if fmt not in (None, "raw", "nbd", "qcow2"):
+    if fmt not in (None, "raw", "nbd", "qcow2", "luks"):
         raise UnsupportedFeatureError(f"Unknown driver '{fmt}'")
     client = NBDClient(address, read_only=mode == "r", fmt="nbd" if fmt == "nbd" else "raw")
     if fmt is None:
         fmt = "raw"
         if client.size >= 4 and client.read(0, 4) == S.QCOW_MAGIC.to_bytes(4, "big"):
             fmt = "qcow2"
+        elif client.size >= 6 and has_luks_magic(client.read(0, 6)):
+            fmt = "luks"
+    if fmt == "luks":  # issue 14: the luks format on the export's bytes
+        return open_luks(client, _split_passphrase(passphrase)[0])
     if fmt != "qcow2":
         if snapshot is not None:
             client.close()
@@ -370,6 +378,12 @@ def _open(
         raise CorruptImageError(
             f"Backing chain of '{chain[0]}' is too deep (more than {MAX_CHAIN_DEPTH} images)"
         )
+    if fmt == "luks":  # issue 14: a LUKS volume on the raw file (luks_image.py)
+        if snapshot is not None:
+            raise UnsupportedFeatureError("Block driver does not support snapshots (luks)")
+        container = RawDevice(path, mode, force_share, False, backing_of)
+        container.file.no_flush = cache == "unsafe"
+        return open_luks(container, _split_passphrase(passphrase)[0])
     if fmt == "raw" or fmt in RAW_PROTOCOLS:
         if snapshot is not None:
             raise UnsupportedFeatureError(f"Block driver does not support snapshots ({fmt})")

@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # (the NBD client is imported only when an export is the targ
 
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
 COMPAT_LEVELS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
+FIRST_BLOCK = 4096  # bytes QEMU writes at the start of a new raw file
 
 
 def _size_argument(size: int | str | None) -> int | None:
@@ -64,13 +65,14 @@ def create(
     passphrase: str | bytes | None = None,
     encrypt_options: dict | None = None,
 ) -> None:
-    """Create a raw or qcow2 image. `size=None` takes the size of the backing file.
+    """Create a raw, qcow2 or luks image. `size=None` takes the size of the backing file.
 
     `size` is in bytes, or a string as qemu-img takes it ("1G", "512M", "0x1000"; powers
     of 1024). Every error is an InvalidArgumentError naming the option and the value.
 
     encrypt_format "luks" (with encrypt_options as qemu-img's encrypt.* options) or the
-    legacy "aes" encrypts the qcow2 image's data with `passphrase`.
+    legacy "aes" encrypts the qcow2 image's data with `passphrase`. fmt "luks" makes a
+    LUKS volume (QEMU's luks format) opened by `passphrase`, encrypt_options its options.
     """
     if preallocation not in PREALLOCATION_MODES:
         raise InvalidArgumentError(f"Unsupported preallocation mode '{preallocation}'")
@@ -83,6 +85,16 @@ def create(
         raise InvalidArgumentError(f"Image size must be a non-negative number (size {size})")
     if fmt == "raw":
         _create_raw(path, size, preallocation)
+        return
+    if fmt == "luks":  # issue 14: the luks format (luks_image.py)
+        from .luks_image import new_luks_region, write_luks_image
+
+        region = new_luks_region(passphrase, encrypt_options)
+        container = _container(path)
+        try:
+            write_luks_image(container, region, size, preallocation)
+        finally:
+            container.close()
         return
     if fmt != "qcow2":
         raise InvalidArgumentError(f"Unknown file format '{fmt}'")
@@ -236,6 +248,10 @@ def _create_raw(path: str, size: int, preallocation: str) -> None:
         raise InvalidArgumentError("Unsupported preallocation mode: metadata")
     try:
         file.truncate(size)
+        if preallocation == "off" and size and not file.is_device:
+            # As QEMU's file driver: the first block of a new file is allocated (zeros),
+            # so that later probes of the file's allocation alignment find a data block.
+            file.pwrite(bytes(min(size, FIRST_BLOCK)), 0)
         if preallocation == "falloc" and size:
             file.allocate(0, size)
         elif preallocation == "full":

@@ -159,7 +159,7 @@ def test_help_matches_qemu_img(twins, args):
     assert actual.stderr == expected.stderr == ""
     assert help_body(actual.stdout) == help_body(expected.stdout)
     formats = [line for line in actual.stdout.splitlines() if line.startswith("Supported formats")]
-    assert formats == ["Supported formats: qcow2 raw"]
+    assert formats == ["Supported formats: luks qcow2 raw"]
 
 
 @pytest.mark.parametrize("args", [["-V"], ["--version"], ["--vers"], ["-V", "create"]])

@@ -371,7 +371,7 @@ def check_path(
         fmt = "qcow2" if magic == S.QCOW_MAGIC.to_bytes(4, "big") else "raw"
     report.format = fmt
     if fmt != "qcow2":
-        if fmt not in ("raw", "file", "host_device", "nbd"):
+        if fmt not in ("raw", "file", "host_device", "nbd", "luks"):
             report.failed = True
             report.error = f"Unknown driver '{fmt}'"
             return report

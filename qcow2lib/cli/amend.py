@@ -28,7 +28,7 @@ from qcow2lib.cli.qemuopts import (
     valid_option_list,
 )
 from qcow2lib.cli.secrets import process_object, secret_value
-from qcow2lib.drivers import KNOWN_DRIVERS, amend_refusal
+from qcow2lib.drivers import KNOWN_DRIVERS
 from qcow2lib.ops import error_text, host_path
 
 QCOW2_AMEND_OPTS = (
@@ -50,33 +50,41 @@ QCOW2_AMEND_OPTS = (
     ),
     OptDesc("encrypt.iter-time", "num", "Time to spend in PBKDF in milliseconds"),
 )
+# The luks format's amend options: the key slot ones of qcow2, without "encrypt." (issue 14).
+LUKS_AMEND_OPTS = tuple(
+    OptDesc(desc.name[len("encrypt.") :], desc.kind, desc.help)
+    for desc in QCOW2_AMEND_OPTS
+    if desc.name.startswith("encrypt.")
+)
+AMEND_OPTS = {"qcow2": QCOW2_AMEND_OPTS, "luks": LUKS_AMEND_OPTS}
 
 
 def print_amend_option_help(cli: Cli, fmt: str) -> int:
     if fmt not in KNOWN_DRIVERS:
         cli.error_report(f"Unknown file format '{fmt}'")
         return 1
-    if fmt != "qcow2":
-        cli.error_report(amend_refusal(fmt) or f"qimg does not amend {fmt} images")
+    if fmt not in AMEND_OPTS:
+        cli.error_report(f"Format driver '{fmt}' does not support option amendment")
         return 1
-    cli.out(f"Amend options for '{fmt}':\n{option_help_lines(QCOW2_AMEND_OPTS)}")
+    cli.out(f"Amend options for '{fmt}':\n{option_help_lines(AMEND_OPTS[fmt])}")
     return 0
 
 
-def _luks_amend_options(cli: Cli, opts: CreateOptions) -> dict:
-    """The encrypt.* amend options for qcow2lib.crypto.amend_luks (secrets resolved)."""
-    state = opts.get("encrypt.state") if opts.is_set("encrypt.state") else None
+def _luks_amend_options(cli: Cli, opts: CreateOptions, prefix: str = "encrypt.") -> dict:
+    """The encrypt.* amend options (the luks format's: prefix "") for the key slot
+    amendment (secrets resolved)."""
+    state = opts.get(f"{prefix}state") if opts.is_set(f"{prefix}state") else None
     if state is None:
         raise CreateError("Parameter 'state' is missing")
     if state not in ("active", "inactive"):
         raise CreateError(f"Parameter 'state' does not accept value '{state}'")
     result: dict = {"state": state}
-    if opts.is_set("encrypt.keyslot"):
-        result["keyslot"] = opts.value("encrypt.keyslot")
-    if opts.is_set("encrypt.iter-time"):
-        result["iter-time"] = opts.value("encrypt.iter-time")
+    if opts.is_set(f"{prefix}keyslot"):
+        result["keyslot"] = opts.value(f"{prefix}keyslot")
+    if opts.is_set(f"{prefix}iter-time"):
+        result["iter-time"] = opts.value(f"{prefix}iter-time")
     for name in ("new-secret", "old-secret"):
-        secret_id = opts.get(f"encrypt.{name}") if opts.is_set(f"encrypt.{name}") else None
+        secret_id = opts.get(f"{prefix}{name}") if opts.is_set(f"{prefix}{name}") else None
         if secret_id is None:
             continue
         wanted = (state == "active") == (name == "new-secret")
@@ -157,10 +165,12 @@ def _amend(cli, getopt, options, fmt, cache, image_opts, force, meter, amend, am
     with image:
         image_fmt = image.format
         encrypted = getattr(image, "encrypted", False)
-        luks = encrypted and image.header.crypt_method == 2
+        luks = encrypted and image_fmt == "qcow2" and image.header.crypt_method == 2
         passphrase = secret_value(cli, spec.key_secret) if spec.key_secret else None
     if wants_help:
         return print_amend_option_help(cli, image_fmt)
+    if image_fmt == "luks":
+        return _amend_luks_format(cli, spec, options, passphrase, force)
     if image_fmt != "qcow2":
         cli.error_report(f"Format driver '{image_fmt}' does not support option amendment")
         return 1
@@ -196,6 +206,25 @@ def _amend(cli, getopt, options, fmt, cache, image_opts, force, meter, amend, am
     finally:
         meter.print(100, 0)  # qemu-img reports 100% whether the amendment worked or not
     return code
+
+
+def _amend_luks_format(cli: Cli, spec, options: str, passphrase, force: bool) -> int:
+    """amend of a luks image: only its key slots (state, keyslot, old-secret, new-secret,
+    iter-time), as qemu-img 7.2 amends them."""
+    opts = CreateOptions(LUKS_AMEND_OPTS, cli.warn_report)
+    try:
+        for name, value, _ in split_option_list(options):
+            opts.set(name, value)
+        luks_options = _luks_amend_options(cli, opts, prefix="")
+        with open_spec(cli, spec, "r+", passphrase=passphrase) as image:
+            image.amend(passphrase, luks_options, force)
+    except (CreateError, OpenFailure) as exc:
+        report_failure(cli, exc)
+        return 1
+    except Qcow2Error as exc:
+        cli.error_report(error_text(exc))
+        return 1
+    return 0
 
 
 def _amend_image(

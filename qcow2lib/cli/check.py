@@ -123,7 +123,7 @@ def _check_open_failure(cli: Cli, spec: ImageSpec, repair: str | None) -> OpenFa
             or "Could not open backing file" in text
             or "loop" in text.lower()
             or "too deep" in text
-            or "encrypt.key-secret" in text
+            or "key-secret" in text  # encrypt.key-secret (qcow2) or key-secret (luks)
             or "L2 cache entry size" in text
         ):
             return exc

@@ -10,8 +10,8 @@ from qcow2lib import ImageLockedError, Qcow2Error
 from qcow2lib.bitmaps import FLAG_AUTO as BITMAP_AUTO
 from qcow2lib.bitmaps import FLAG_IN_USE as BITMAP_IN_USE
 from qcow2lib.cli.common import Cli, cvtnum
+from qcow2lib.cli.create import format_arguments, print_create_option_help
 from qcow2lib.drivers import creation_refusal
-from qcow2lib.cli.create import print_create_option_help, qcow2_arguments, raw_arguments
 from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
 from qcow2lib.cli.images import (
     SNAPSHOT_OPT_BASE,
@@ -73,9 +73,10 @@ def create_convert_target(cli: Cli, filename: str, fmt: str, opts: CreateOptions
     """bdrv_create() of convert's target (no "Formatting" line, no backing file check)."""
     path = host_path(filename)
     try:
-        arguments = qcow2_arguments(opts, cli.secrets) if fmt == "qcow2" else raw_arguments(opts)
+        arguments = format_arguments(fmt, opts, cli.secrets)
         size = int64(opts.value("size"))
-        size = (size + 511) // 512 * 512
+        if fmt != "luks":  # a LUKS payload keeps its byte size, as in QEMU
+            size = (size + 511) // 512 * 512
         qcow2lib.create(path, size, **arguments)
     except CreateError as exc:
         raise CreateError(

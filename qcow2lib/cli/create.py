@@ -199,6 +199,41 @@ def qcow2_arguments(opts: CreateOptions, secrets: dict[str, bytes] | None = None
     }
 
 
+def luks_arguments(opts: CreateOptions, secrets: dict[str, bytes] | None = None) -> dict:
+    """Turn checked -o values into qcow2lib.create() arguments for a luks image, with
+    QEMU's messages in its order (the options' values, then the secret)."""
+    for name, allowed in LUKS_CREATE_ENUMS.items():
+        value = opts.get(name)
+        if value is not None and value not in allowed:
+            raise CreateError(f"Parameter '{name}' does not accept value '{value}'")
+    preallocation = opts.get("preallocation") or "off"
+    if preallocation not in PREALLOC_MODES:
+        raise CreateError(f"invalid parameter value: {preallocation}")
+    secret_id = opts.get("key-secret")
+    if secret_id is None:
+        raise CreateError("Parameter 'key-secret' is required for cipher")
+    if secrets is None or secret_id not in secrets:
+        raise CreateError(f"No secret with id '{secret_id}'")
+    options = {name: opts.get(name) for name in LUKS_CREATE_ENUMS if opts.get(name) is not None}
+    if opts.is_set("iter-time"):
+        options["iter-time"] = opts.value("iter-time")
+    return {
+        "fmt": "luks",
+        "passphrase": secrets[secret_id],
+        "encrypt_options": options,
+        "preallocation": preallocation,
+    }
+
+
+def format_arguments(fmt: str, opts: CreateOptions, secrets: dict[str, bytes] | None) -> dict:
+    """qcow2lib.create() arguments for a new image of `fmt` from its -o values."""
+    if fmt == "qcow2":
+        return qcow2_arguments(opts, secrets)
+    if fmt == "luks":
+        return luks_arguments(opts, secrets)
+    return raw_arguments(opts)
+
+
 def raw_arguments(opts: CreateOptions) -> dict:
     """Turn checked -o values into qcow2lib.create() arguments for a raw image."""
     for name, _ in qdict_items(dict.fromkeys(opts.names())):  # QEMU passes them on in a QDict
@@ -275,8 +310,9 @@ def img_create(
     if not quiet:
         cli.out(f"Formatting '{filename}', fmt={fmt} {opts.render()}\n")
         sys.stdout.flush()
-    arguments = qcow2_arguments(opts, cli.secrets) if fmt == "qcow2" else raw_arguments(opts)
-    size = (size + 511) // 512 * 512  # QEMU rounds every new image up to whole sectors
+    arguments = format_arguments(fmt, opts, cli.secrets)
+    if fmt != "luks":  # QEMU rounds every new image up to whole sectors, but a LUKS payload
+        size = (size + 511) // 512 * 512
     try:
         qcow2lib.create(path, size, **arguments)
     except ImageLockedError as exc:

@@ -80,6 +80,8 @@ class ImageSpec:
     key_secret: str | None = None
     force_share: bool = False
     backing_secrets: tuple = ()  # backing[.backing...].encrypt.key-secret, nearest first
+    # backing[.backing...].driver and .file.filename, nearest first: (driver, filename)
+    backing_files: tuple = ()
     nbd: NBDAddress | None = None
     null: tuple | None = None  # a null-co/null-aio device's (driver, size, read_zeroes)
     null_name: str = ""  # and the name QEMU gives it
@@ -148,7 +150,7 @@ def _options_spec(text: str, opts: dict[str, str], force_share: bool) -> ImageSp
     driver = opts.pop("driver", None)
     if driver in NULL_DRIVERS:
         return _null_spec(text, driver, opts, force_share, fail)
-    if driver is not None and driver not in ("qcow2", "raw", "file", "host_device", "nbd"):
+    if driver is not None and driver not in ("qcow2", "raw", "file", "host_device", "nbd", "luks"):
         fail(f"Unknown driver '{driver}'")
     if driver == "nbd" or opts.get("file.driver") == "nbd":
         return _nbd_spec(text, driver, opts, force_share, fail)
@@ -175,13 +177,19 @@ def _options_spec(text: str, opts: dict[str, str], force_share: bool) -> ImageSp
                     f"Block protocol '{file_driver}' doesn't support the option "
                     f"'{name[len('file.') :]}'"
                 )
-    key_secret = opts.pop("encrypt.key-secret", None)
+    key_secret = opts.pop("key-secret" if driver == "luks" else "encrypt.key-secret", None)
     backing_secrets = []
+    backing_files = []
     prefix = "backing."
-    while f"{prefix}encrypt.key-secret" in opts or any(
-        name.startswith(prefix + "backing.") for name in opts
-    ):
-        backing_secrets.append(opts.pop(f"{prefix}encrypt.key-secret", None))
+    while any(name.startswith(prefix) for name in opts):
+        secret = opts.pop(f"{prefix}encrypt.key-secret", None)  # a qcow2 layer's
+        luks_secret = opts.pop(f"{prefix}key-secret", None)  # a luks layer's (issue 14)
+        backing_secrets.append(secret if secret is not None else luks_secret)
+        if opts.get(f"{prefix}file.driver") == "file":
+            del opts[f"{prefix}file.driver"]
+        backing_files.append(
+            (opts.pop(f"{prefix}driver", None), opts.pop(f"{prefix}file.filename", None))
+        )
         prefix += "backing."
     entry_size = _qcow2_tuning(text, opts, fail) if driver == "qcow2" else None
     for name in opts:
@@ -194,6 +202,7 @@ def _options_spec(text: str, opts: dict[str, str], force_share: bool) -> ImageSp
         force_share,
         tuple(backing_secrets),
         l2_cache_entry_size=entry_size,
+        backing_files=tuple(backing_files),
     )
 
 
@@ -386,12 +395,13 @@ def open_spec(
         raise OpenFailure(
             f"Could not open '{spec.name}': {error_text(exc)}", exc.qemu_hint
         ) from exc
-    if isinstance(device, Qcow2Image):
-        try:
+    try:
+        if isinstance(device, Qcow2Image):
             check_entry_size(spec, device.cluster_size)
-        except OpenFailure:
-            device.close()
-            raise
+        check_backing_files(spec, device)
+    except OpenFailure:
+        device.close()
+        raise
     given = [
         spec.key_secret is not None or explicit,
         *(name is not None for name in spec.backing_secrets),
@@ -402,14 +412,42 @@ def open_spec(
             not keyed or getattr(layer, "crypto", None) is None
         ):
             device.close()
+            option = "key-secret" if layer.format == "luks" else "encrypt.key-secret"
             raise OpenFailure(
                 f"Could not open '{spec.name}': "
                 + "Could not open backing file: " * depth
-                + "Parameter 'encrypt.key-secret' is required for cipher"
+                + f"Parameter '{option}' is required for cipher"
             )
     if warn_probe and mode == "r+" and spec.fmt is None and device.format == "raw":
         sys.stderr.write(RAW_PROBE_WARNING.format(path))
     return device
+
+
+def check_backing_files(spec: ImageSpec, device) -> None:
+    """backing.driver and backing.file.filename options may name the backing file each
+    layer records (as QEMU's iotests do); qimg opens no other backing file than that."""
+    layers = list(_chain_layers(device))[1:]
+    for depth, (driver, filename) in enumerate(spec.backing_files):
+        if driver is None and filename is None:
+            continue
+        prefix = "backing." * (depth + 1)
+        layer = layers[depth] if depth < len(layers) else None
+        if filename is not None and (
+            layer is None
+            or not os.path.exists(filename)
+            or not os.path.samefile(layer.filename, filename)
+        ):
+            recorded = "none" if layer is None else f"'{layer.filename}'"
+            raise OpenFailure(
+                f"Could not open '{spec.name}': qimg opens the backing file the image names "
+                f"({recorded}), not '{filename}' ({prefix}file.filename)"
+            )
+        if driver is not None and (layer is None or layer.format != driver):
+            recorded = "none" if layer is None else f"'{layer.format}'"
+            raise OpenFailure(
+                f"Could not open '{spec.name}': the backing file's format is {recorded}, "
+                f"not '{driver}' ({prefix}driver)"
+            )
 
 
 def check_entry_size(spec: ImageSpec, cluster_size: int) -> None:
@@ -445,7 +483,7 @@ def json_filename(spec: ImageSpec, fmt: str) -> str:
 def _json_layer(key_secret: str | None, fmt: str, filename: str) -> dict:
     options: dict = {}
     if key_secret is not None:
-        options["encrypt.key-secret"] = key_secret
+        options["key-secret" if fmt == "luks" else "encrypt.key-secret"] = key_secret
     options["driver"] = fmt
     options["file"] = {"driver": "file", "filename": filename}
     return options

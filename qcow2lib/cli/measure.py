@@ -139,6 +139,20 @@ def cmd_measure(cli: Cli, argv: list[str]) -> int:
             if secret_id not in cli.secrets:
                 cli.error_report(f"No secret with id '{secret_id}'")
                 return 1
+        if out_fmt == "luks":  # issue 14: QEMU checks the options and the secret first
+            from qcow2lib.cli.create import LUKS_CREATE_ENUMS
+
+            for name, allowed in LUKS_CREATE_ENUMS.items():
+                if name in given and given[name] not in allowed:
+                    cli.error_report(f"Parameter '{name}' does not accept value '{given[name]}'")
+                    return 1
+            secret_id = given.get("key-secret")
+            if secret_id is None:
+                cli.error_report("Parameter 'key-secret' is required for cipher")
+                return 1
+            if secret_id not in cli.secrets:
+                cli.error_report(f"No secret with id '{secret_id}'")
+                return 1
         try:
             info = measure(size=img_size, source=source, fmt=out_fmt, options=given)
         except Qcow2Error as exc:

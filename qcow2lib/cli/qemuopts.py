@@ -55,6 +55,16 @@ QCOW2_CREATE_OPTS = (
     OptDesc("refcount_bits", "num", "Width of a reference count entry in bits", "16"),
 )
 RAW_CREATE_OPTS = (SIZE_OPT,)
+LUKS_CREATE_OPTS = (
+    SIZE_OPT,
+    OptDesc("key-secret", "str", "ID of the secret that provides the keyslot passphrase"),
+    OptDesc("cipher-alg", "str", "Name of encryption cipher algorithm"),
+    OptDesc("cipher-mode", "str", "Name of encryption cipher mode"),
+    OptDesc("ivgen-alg", "str", "Name of IV generator algorithm"),
+    OptDesc("ivgen-hash-alg", "str", "Name of IV generator hash algorithm"),
+    OptDesc("hash-alg", "str", "Name of encryption hash algorithm"),
+    OptDesc("iter-time", "num", "Time to spend in PBKDF in milliseconds"),
+)
 # Options of the host file (QEMU's "file" protocol) that every image format inherits.
 FILE_CREATE_OPTS = (
     SIZE_OPT,
@@ -62,7 +72,7 @@ FILE_CREATE_OPTS = (
     OptDesc("preallocation", "str", "Preallocation mode (allowed values: off, falloc, full)"),
     OptDesc("extent_size_hint", "size", "Extent size hint for the image file, 0 to disable"),
 )
-FORMAT_CREATE_OPTS = {"qcow2": QCOW2_CREATE_OPTS, "raw": RAW_CREATE_OPTS}
+FORMAT_CREATE_OPTS = {"qcow2": QCOW2_CREATE_OPTS, "raw": RAW_CREATE_OPTS, "luks": LUKS_CREATE_OPTS}
 
 # QEMU's block driver names: the values its create path accepts for backing_fmt with -u.
 BLOCKDEV_DRIVERS = frozenset(

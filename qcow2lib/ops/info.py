@@ -132,6 +132,9 @@ def _describe(img, path: str) -> dict:
         if img.header.nb_snapshots:
             info["snapshots"] = _snapshot_list(img)
         info["format-specific"] = {"type": "qcow2", "data": _qcow2_specific(img)}
+    elif img.format == "luks":  # issue 14: the header's parameters and key slots
+        info["encrypted"] = True
+        info["format-specific"] = {"type": "luks", "data": img.info()}
     return info
 
 

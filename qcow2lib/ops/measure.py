@@ -165,9 +165,10 @@ def measure(
     """What `qemu-img measure` reports, as its JSON dict.
 
     size: the virtual size (--size); source: an open BlockDevice (with its chain) to
-    measure instead; fmt: the output format (-O; note qemu-img's own default is "raw",
-    so the CLI must pass fmt="raw" when -O is absent); options: the -o options (cluster_size,
-    compat, refcount_bits, preallocation, backing_file, extended_l2, size, encrypt.*),
+    measure instead; fmt: the output format, qcow2, raw or luks (-O; note qemu-img's own
+    default is "raw", so the CLI must pass fmt="raw" when -O is absent); options: the -o
+    options (cluster_size, compat, refcount_bits, preallocation, backing_file, extended_l2,
+    size, encrypt.*; for luks its own),
     as strings or Python values. Returns {"required", "fully-allocated"} plus "bitmaps"
     where qemu-img shows it. Raises InvalidArgumentError with qemu-img's messages.
     """
@@ -176,6 +177,8 @@ def measure(
         opts["size"] = size
     if fmt == "raw":
         return _measure_raw(opts, source)
+    if fmt == "luks":  # issue 14
+        return _measure_luks(opts, source)
     if fmt != "qcow2":
         raise InvalidArgumentError(f"Unknown file format '{fmt}'")
     known = {
@@ -298,6 +301,42 @@ def _measure_raw(opts: dict, source) -> dict:
     else:
         required = _round_up(_opt_size(opts.get("size", 0), "size"), 512)
     return {"required": required, "fully-allocated": required}
+
+
+LUKS_MEASURE_OPTIONS = (
+    "size",
+    "key_secret",
+    "cipher_alg",
+    "cipher_mode",
+    "ivgen_alg",
+    "ivgen_hash_alg",
+    "hash_alg",
+    "iter_time",
+    "preallocation",
+    "nocow",
+    "extent_size_hint",
+)
+
+
+def _measure_luks(opts: dict, source) -> dict:
+    """A luks image needs its header region (payload offset, from the options alone: no
+    key is derived) and the guest bytes after it, whatever they hold."""
+    from ..crypto.luks import header_for_options
+
+    for key in opts:
+        if key not in LUKS_MEASURE_OPTIONS:
+            raise InvalidArgumentError(
+                f"Invalid parameter '{key}'\nInvalid options for file format 'luks'"
+            )
+    header, _ = header_for_options(
+        {key: value for key, value in opts.items() if key in LUKS_MEASURE_OPTIONS[2:8]}
+    )
+    if source is not None:
+        size = virtual_size(source)
+    else:
+        size = _opt_size(opts.get("size", 0), "size")
+    total = header.payload_offset + size
+    return {"required": total, "fully-allocated": total}
 
 
 def measure_human(info: dict) -> str:

@@ -32,7 +32,7 @@ class ShrinkRefusedError(InvalidArgumentError):
 
 
 def resize(image, new_size: int, *, shrink: bool = False, preallocation: str = "off") -> None:
-    """Resize an image opened read-write (qcow2 or raw) to `new_size` bytes.
+    """Resize an image opened read-write (qcow2, raw or luks) to `new_size` bytes.
 
     Raises InvalidArgumentError (ShrinkRefusedError for a refused shrink) or another
     Qcow2Error with qemu-img's messages; on success qemu-img prints "Image resized.".
@@ -56,6 +56,12 @@ def resize(image, new_size: int, *, shrink: bool = False, preallocation: str = "
         _resize_raw(image, new_size, preallocation)
     elif image.format == "qcow2":
         _resize_qcow2(image, new_size, preallocation)
+    elif image.format == "luks":  # issue 14: its container is cut or grown with it
+        container = image.container
+        if container.format != "raw" or container.file.is_device:
+            raise UnsupportedFeatureError("Cannot resize device files")
+        _resize_raw(container, image.payload_offset + new_size, preallocation)
+        image.resize(new_size)
     else:
         raise UnsupportedFeatureError("Image format driver does not support resize")
 
