@@ -189,11 +189,13 @@ class RawDevice(BlockDevice):
         force_share: bool = False,
         probed: bool = False,
         backing_of: str | None = None,
+        file=None,
     ):
+        """`file`: the HostFile to use instead of opening `path` (a blkdebug layer)."""
         self.filename = path
         self.probed = probed  # the format was guessed: sector 0 must not turn into another
         self.read_only = mode != "r+"
-        self.file = open_host_file(
+        self.file = file or open_host_file(
             path,
             writable=not self.read_only,
             role="backing file" if backing_of else None,

@@ -147,10 +147,9 @@ def json_name_options(name: str) -> dict[str, str]:
         if isinstance(value, dict):
             for key, item in value.items():
                 flatten(f"{prefix}{key}.", item)
-        elif isinstance(value, list):
-            raise InvalidArgumentError(
-                f"Lists are not supported in image options ('{prefix[:-1]}')"
-            )
+        elif isinstance(value, list):  # QEMU's qdict_flatten: one key per element
+            for index, item in enumerate(value):
+                flatten(f"{prefix}{index}.", item)
         elif isinstance(value, bool):
             options[prefix[:-1]] = "on" if value else "off"
         elif value is not None:
@@ -160,16 +159,24 @@ def json_name_options(name: str) -> dict[str, str]:
     return options
 
 
-def json_image_target(name: str) -> "tuple[str | NBDAddress, str | None]":
-    """What a "json:{...}" backing name opens: a host file or an NBD export, and the format
-    its "driver" states (None when it states none). Only options naming the image are
-    taken; any other is refused rather than silently dropped."""
-    opts = json_name_options(name)
+def json_image_target(name: str) -> "tuple[object, str | None]":
+    """What a "json:{...}" backing name opens (see options_image_target)."""
+    return options_image_target(json_name_options(name), name)
+
+
+def options_image_target(opts: dict[str, str], name: str) -> "tuple[object, str | None]":
+    """What image options (flattened, as json_name_options gives them) open: a host file,
+    an NBD export, a blkdebug or null-co node, and the format "driver" states (None when
+    it states none). Only options naming the image are taken; any other is refused
+    rather than silently dropped."""
+    opts = dict(opts)
     driver = opts.pop("driver", None)
     if driver == "nbd":
         from .exports.nbd_client import nbd_address_from_options
 
         return nbd_address_from_options(opts, name), "nbd"
+    if driver in _TEST_DRIVERS or opts.get("file.driver") == "blkdebug":  # blkdebug.py, nulldev.py
+        return _test_driver_target(driver, opts, name)
     if driver in RAW_PROTOCOLS:
         filename = opts.pop("filename", None)
     else:
@@ -193,6 +200,59 @@ def json_image_target(name: str) -> "tuple[str | NBDAddress, str | None]":
     if not filename:
         raise InvalidArgumentError(f"The image name '{name}' names no file (file.filename)")
     return filename, driver
+
+
+# --- blkdebug and null-co nodes (blkdebug.py, nulldev.py): names, options, opening ---
+_TEST_DRIVERS = ("blkdebug", "null-co", "null-aio")
+
+
+def is_test_driver_name(name: str) -> bool:
+    """blkdebug:CONFIG:IMAGE, null-co:// or null-aio://."""
+    return name.startswith(("blkdebug:", "null-co:", "null-aio:"))
+
+
+def _is_test_target(path) -> bool:
+    from .blkdebug import BlkdebugTarget
+    from .nulldev import NullTarget
+
+    if isinstance(path, str):
+        return is_test_driver_name(path)
+    return isinstance(path, (BlkdebugTarget, NullTarget))
+
+
+def _test_driver_target(driver: str | None, opts: dict[str, str], name: str):
+    from . import blkdebug, nulldev
+
+    if driver in nulldev.NULL_DRIVERS:
+        return nulldev.target_from_options(driver, opts), driver
+    if driver == "blkdebug":
+        return blkdebug.target_from_options(name, opts), "blkdebug"
+    del opts["file.driver"]
+    file_opts = {key[5:]: opts.pop(key) for key in list(opts) if key.startswith("file.")}
+    if opts:
+        raise UnsupportedFeatureError(
+            f"Option '{sorted(opts)[0]}' in the image name '{name}' is not supported"
+        )
+    return blkdebug.target_from_options(name, file_opts), driver
+
+
+def _open_test_driver(path, mode: str, fmt: str | None, **kwargs) -> BlockDevice | None:
+    """A blkdebug or null-co node when `path` or `fmt` names one, else None."""
+    from . import blkdebug, nulldev
+
+    if isinstance(path, nulldev.NullTarget) or fmt in nulldev.NULL_DRIVERS:
+        if isinstance(path, str):
+            path = nulldev.parse_null_name(path) if nulldev.is_null_name(path) else None
+        if path is None:
+            raise InvalidArgumentError(f"The only allowed filename for this driver is '{fmt}://'")
+        return nulldev.NullDevice(path, mode)
+    if isinstance(path, str) and nulldev.is_null_name(path):
+        return nulldev.NullDevice(nulldev.parse_null_name(path), mode)
+    if isinstance(path, blkdebug.BlkdebugTarget) or (
+        isinstance(path, str) and path.startswith("blkdebug:")
+    ):
+        return blkdebug.open_blkdebug(path, mode, fmt, **kwargs)
+    return None
 
 
 # QEMU's cache modes; only "unsafe" changes what the engine does (no fdatasync).
@@ -348,6 +408,18 @@ def _open(
         raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
     if cache not in CACHE_MODES:
         raise InvalidArgumentError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
+    special = _open_test_driver(  # blkdebug and null-co nodes
+        path,
+        mode,
+        fmt,
+        force_share=force_share,
+        passphrase=passphrase,
+        backing=backing,
+        open_data_file=open_data_file,
+        cache=cache,
+    )
+    if special is not None:
+        return special
     if not isinstance(path, str) or is_nbd_name(path):
         return _open_nbd(
             path, mode, fmt, snapshot, backing, force_share, passphrase, open_data_file, cache
@@ -446,13 +518,17 @@ def _finish_qcow2(
             elif name.startswith("json:"):
                 backing_path, json_format = json_image_target(name)
                 stated = json_format or stated
+            elif is_test_driver_name(name):  # blkdebug: or null-co:// (opened as named)
+                backing_path = name
             elif path is None and not os.path.isabs(name) and not is_nbd_name(name):
                 raise InvalidArgumentError(
                     f"Cannot use relative backing file names for '{image.filename}'"
                 )
             else:
                 backing_path = resolve_backing_path(path or "/", name)
-            if not isinstance(backing_path, str) or is_nbd_name(backing_path):
+            if _is_test_target(backing_path):
+                backing_fmt = stated  # probed by open_blkdebug when not stated
+            elif not isinstance(backing_path, str) or is_nbd_name(backing_path):
                 backing_fmt = stated or "raw"
             else:
                 if not os.path.exists(backing_path):

@@ -3,6 +3,7 @@ with the secrets of each encrypted layer, and qemu-img's messages when that fail
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -76,6 +77,7 @@ class ImageSpec:
     force_share: bool = False
     backing_secrets: tuple = ()  # backing[.backing...].encrypt.key-secret, nearest first
     nbd: object = None  # an NBDAddress
+    target: object = None  # a blkdebug or null-co node's (chain.options_image_target)
     l2_cache_entry_size: int | None = None
 
 
@@ -139,6 +141,10 @@ def _options_spec(text: str, opts: dict[str, str], force_share: bool) -> ImageSp
     for name in IGNORED_IMAGE_OPTS:
         opts.pop(name, None)
     driver = opts.pop("driver", None)
+    if driver in TEST_DRIVERS or opts.get("file.driver") == "blkdebug":  # blkdebug, null-co
+        return _test_driver_spec(text, driver, opts, force_share, fail)
+    if driver == "ssh":
+        _ssh_open(opts, fail)
     if driver is not None and driver not in ("qcow2", "raw", "file", "host_device", "nbd"):
         fail(f"Unknown driver '{driver}'")
     if driver == "nbd" or opts.get("file.driver") == "nbd":
@@ -235,6 +241,37 @@ def _qcow2_tuning(text: str, opts: dict[str, str], fail) -> int | None:
     return entry_size
 
 
+TEST_DRIVERS = ("blkdebug", "null-co", "null-aio")
+
+
+def _test_driver_spec(
+    text: str, driver: str | None, opts: dict[str, str], force_share: bool, fail
+) -> ImageSpec:
+    """A blkdebug or null-co node (or an image above blkdebug): the engine opens it from
+    its options, checked here so that a bad one fails as qemu-img's does."""
+    from qcow2lib.chain import options_image_target
+
+    if driver is not None:
+        opts["driver"] = driver
+    try:
+        target, fmt = options_image_target(opts, text)
+    except Qcow2Error as exc:
+        fail(error_text(exc))
+    path = text if text.startswith("json:") else "json:" + json.dumps(opts)
+    return ImageSpec(text, path, fmt, None, force_share, target=target)
+
+
+def _ssh_open(opts: dict[str, str], fail) -> NoReturn:
+    """driver=ssh: the options checked and the server connected as QEMU's ssh driver does
+    first; qimg speaks no SSH, so an image behind a reachable server is refused."""
+    from qcow2lib.exports.ssh_client import ssh_open_check
+
+    try:
+        ssh_open_check(opts)
+    except Qcow2Error as exc:
+        fail(error_text(exc))
+
+
 def _nbd_spec(
     text: str, driver: str | None, opts: dict[str, str], force_share: bool, fail
 ) -> ImageSpec:
@@ -293,7 +330,7 @@ def open_spec(
     """
     explicit = passphrase is not None
     try:
-        path = spec.nbd if spec.nbd is not None else host_path(spec.path)
+        path = spec.nbd if spec.nbd is not None else spec.target or host_path(spec.path)
         if not path:
             raise qcow2lib.InvalidArgumentError("The 'file' block driver requires a file name")
         passphrases = spec_passphrases(cli, spec)

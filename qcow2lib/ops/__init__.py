@@ -66,6 +66,8 @@ def host_path(filename: str) -> str:
     protocol = filename.split(":", 1)[0]
     if protocol in ("nbd", "nbd+tcp", "nbd+unix"):  # opened by the NBD client
         return filename
+    if protocol in ("blkdebug", "null-co", "null-aio"):  # opened by open_image (chain.py)
+        return filename
     if protocol == "file":
         return filename[len("file:") :]
     raise InvalidArgumentError(f"Unknown protocol '{protocol}'")

@@ -117,6 +117,10 @@ def _describe(img, path: str) -> dict:
         info["filename"] = img.filename
         if img.format != "qcow2":
             del info["dirty-flag"]
+    elif img.format in ("null-co", "null-aio"):  # stores nothing
+        info["actual-size"] = 0
+    elif img.format == "blkdebug" or path.startswith("blkdebug:"):
+        pass  # blkdebug reports no allocated size: qemu-img says "unavailable"
     else:
         info["actual-size"] = os.stat(path).st_blocks * 512
     info["virtual-size"] = virtual_size(img)

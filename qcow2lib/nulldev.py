@@ -1,0 +1,106 @@
+"""QEMU's null-co and null-aio drivers: a device of a given size that stores nothing.
+
+Writes are accepted and dropped; reads return zeros (QEMU leaves the buffer alone unless
+read-zeroes is set; zeros are the one safe content to hand out). Useful as a sink or an
+endless source in tests and benchmarks: null-co:// names one of 1 GiB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .blockdev import BlockDevice, Extent
+from .errors import InvalidArgumentError
+
+NULL_DRIVERS = ("null-co", "null-aio")
+DEFAULT_SIZE = 1 << 30
+_BOOLS = {"on": True, "off": False}
+
+
+@dataclass
+class NullTarget:
+    """A null device to open: its driver, size and whether reads report zeros."""
+
+    driver: str = "null-co"
+    size: int = DEFAULT_SIZE
+    read_zeroes: bool = False
+
+
+def is_null_name(name: str) -> bool:
+    """null-co:// or null-aio:// (QEMU's only filenames for these drivers)."""
+    return name.startswith(tuple(f"{driver}:" for driver in NULL_DRIVERS))
+
+
+def parse_null_name(name: str) -> NullTarget:
+    driver, _, rest = name.partition(":")
+    if rest != "//":
+        raise InvalidArgumentError(f"The only allowed filename for this driver is '{driver}://'")
+    return NullTarget(driver)
+
+
+def target_from_options(driver: str, options: dict[str, str]) -> NullTarget:
+    """size, read-zeroes and latency-ns (accepted: there is no I/O to delay)."""
+    from .sizes import parse_size
+
+    target = NullTarget(driver)
+    for key, value in options.items():
+        if key == "size":
+            try:
+                target.size = parse_size(value)
+            except (ValueError, InvalidArgumentError):
+                raise InvalidArgumentError(
+                    "Parameter 'size' expects a non-negative number below 2^64"
+                ) from None
+        elif key == "read-zeroes":
+            if value not in _BOOLS:
+                raise InvalidArgumentError("Parameter 'read-zeroes' expects 'on' or 'off'")
+            target.read_zeroes = _BOOLS[value]
+        elif key == "latency-ns":
+            if not value.isdigit():
+                raise InvalidArgumentError("Parameter 'latency-ns' expects a number")
+        elif key != "filename" or value != f"{driver}://":
+            raise InvalidArgumentError(
+                f"Block protocol '{driver}' doesn't support the option '{key}'"
+            )
+    return target
+
+
+class NullDevice(BlockDevice):
+    """The device of a NullTarget."""
+
+    def __init__(self, target: NullTarget, mode: str = "r"):
+        self.format = target.driver
+        self.filename = f"{target.driver}://"
+        self.size = target.size
+        self.read_only = mode != "r+"
+        self.read_zeroes = target.read_zeroes
+
+    def readinto(self, offset: int, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        self.check_request(offset, len(view))
+        view[:] = bytes(len(view))
+        return len(view)
+
+    def write(self, offset: int, data) -> None:
+        self.check_request(offset, memoryview(data).nbytes, write=True)
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        self.check_request(offset, length, write=True)
+
+    def discard(self, offset: int, length: int) -> None:
+        self.check_request(offset, length, write=True)
+
+    def flush(self) -> None:
+        pass
+
+    def allocated_bytes(self) -> int:
+        """Host space used: none."""
+        return 0
+
+    def extent_batches(self, offset: int, length: int) -> Iterator[list[Extent]]:
+        """As QEMU's block status: not data (nothing is stored), zeros with read-zeroes."""
+        yield [Extent(offset, length, False, self.read_zeroes, 0, offset, True)]
+
+    def close(self) -> None:
+        self._closed = True
