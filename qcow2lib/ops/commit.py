@@ -17,11 +17,13 @@ from collections.abc import Sequence
 from ..chain import (
     MAX_CHAIN_DEPTH,
     backing_format,
+    is_test_driver_name,
+    json_image_target,
     open_image,
     resolve_backing_path,
     untrusted_backing_path,
 )
-from ..errors import CorruptImageError, Qcow2Error
+from ..errors import CorruptImageError, Qcow2Error, Qcow2IOError
 from .resize import resize
 
 IO_BUF_SIZE = 2 << 20
@@ -59,6 +61,22 @@ def _open_chain(
                 raise CommitError(
                     f"Did not find '{base_name}' in the backing chain of '{top_path}'"
                 )
+            if not untrusted and (name.startswith("json:") or is_test_driver_name(name)):
+                # opened as named: options, or a blkdebug / null-co node
+                target, stated = json_image_target(name) if name[0] == "j" else (name, None)
+                depth += 1
+                is_base = depth == 1 if base_name is None else base_name == name
+                layer.backing = open_image(
+                    target,
+                    "r+" if is_base else "r",
+                    stated or layer.backing_format,
+                    backing=is_base,
+                    passphrase=passphrases[depth:],
+                )
+                if is_base:
+                    return top, depth
+                layer = layer.backing
+                continue
             if untrusted:
                 path = untrusted_backing_path(layer.filename, name, layer.backing_format)
             else:
@@ -133,34 +151,45 @@ def commit(
         base = _layer(top, base_depth)
         if base.size < top.size:
             resize(base, top.size)
-        total = top.size
-        done = 0
-        buf = bytearray(IO_BUF_SIZE)
-        for ext in top.extents(0, total) if total else []:
-            end = ext.offset + ext.length
-            if ext.depth >= base_depth:
-                done += ext.length
-                continue  # the base (or what is below it) already provides this
-            if ext.is_zero:
-                base.write_zeroes(ext.offset, ext.length, may_unmap=True)
-                done += ext.length
-            else:
-                offset = ext.offset
-                while offset < end:
-                    n = min(IO_BUF_SIZE, end - offset)
-                    view = memoryview(buf)[:n]
-                    top.readinto(offset, view)
-                    base.write(offset, view)
-                    offset += n
-                    done += n
-                    if progress is not None:
-                        progress(done, total)
-        base.flush()
-        if progress is not None:
-            progress(total, total)
+        try:
+            _copy_down(top, base, base_depth, progress)
+        except Qcow2IOError as exc:  # qemu-img runs the copy as a block job
+            raise CommitError(f"Block job failed: {exc.strerror}") from exc
         if not drop and top.format == "qcow2":
-            top.resize_drop_clusters(0)
-            top.resize_truncate_file()
-            top.flush()
+            try:
+                top.resize_drop_clusters(0)
+                top.resize_truncate_file()
+                top.flush()
+            except Qcow2IOError as exc:
+                raise CommitError(f"Failed to empty {top_path}: {exc.strerror}") from exc
     finally:
         top.close()
+
+
+def _copy_down(top, base, base_depth: int, progress) -> None:
+    """Write what the layers above the base provide into the base, and flush it."""
+    total = top.size
+    done = 0
+    buf = bytearray(IO_BUF_SIZE)
+    for ext in top.extents(0, total) if total else []:
+        end = ext.offset + ext.length
+        if ext.depth >= base_depth:
+            done += ext.length
+            continue  # the base (or what is below it) already provides this
+        if ext.is_zero:
+            base.write_zeroes(ext.offset, ext.length, may_unmap=True)
+            done += ext.length
+        else:
+            offset = ext.offset
+            while offset < end:
+                n = min(IO_BUF_SIZE, end - offset)
+                view = memoryview(buf)[:n]
+                top.readinto(offset, view)
+                base.write(offset, view)
+                offset += n
+                done += n
+                if progress is not None:
+                    progress(done, total)
+    base.flush()
+    if progress is not None:
+        progress(total, total)

@@ -119,8 +119,10 @@ def _describe(img, path: str) -> dict:
             del info["dirty-flag"]
     elif img.format in ("null-co", "null-aio"):  # stores nothing
         info["actual-size"] = 0
-    elif img.format == "blkdebug" or path.startswith("blkdebug:"):
-        pass  # blkdebug reports no allocated size: qemu-img says "unavailable"
+    elif img.format == "blkdebug" or getattr(getattr(img, "file", None), "blkdebug", None):
+        # blkdebug reports no allocated size ("unavailable"); relative backing names
+        # resolve in the directory of the file beneath it
+        path = img.file.path if img.format != "blkdebug" else path
     else:
         info["actual-size"] = os.stat(path).st_blocks * 512
     info["virtual-size"] = virtual_size(img)
