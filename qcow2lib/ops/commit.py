@@ -24,6 +24,7 @@ from ..chain import (
     untrusted_backing_path,
 )
 from ..errors import CorruptImageError, Qcow2Error, Qcow2IOError
+from .empty import can_start_afresh, start_afresh
 from .resize import resize
 
 IO_BUF_SIZE = 2 << 20
@@ -157,9 +158,12 @@ def commit(
             raise CommitError(f"Block job failed: {exc.strerror}") from exc
         if not drop and top.format == "qcow2":
             try:
-                top.resize_drop_clusters(0)
-                top.resize_truncate_file()
-                top.flush()
+                if can_start_afresh(top):
+                    start_afresh(top)
+                else:
+                    top.resize_drop_clusters(0)
+                    top.resize_truncate_file()
+                    top.flush()
             except Qcow2IOError as exc:
                 raise CommitError(f"Failed to empty {top_path}: {exc.strerror}") from exc
     finally:
