@@ -247,7 +247,11 @@ def _open_test_driver(path, mode: str, fmt: str | None, **kwargs) -> BlockDevice
             raise InvalidArgumentError(f"The only allowed filename for this driver is '{fmt}://'")
         return nulldev.NullDevice(path, mode)
     if isinstance(path, str) and nulldev.is_null_name(path):
-        return nulldev.NullDevice(nulldev.parse_null_name(path), mode)
+        if fmt not in (None, "raw"):
+            raise UnsupportedFeatureError(f"qimg opens only raw content of '{path}', not {fmt}")
+        device = nulldev.NullDevice(nulldev.parse_null_name(path), mode)
+        device.format = "raw"  # named by its protocol, the node gets a (probed) format
+        return device
     if isinstance(path, blkdebug.BlkdebugTarget) or (
         isinstance(path, str) and path.startswith("blkdebug:")
     ):

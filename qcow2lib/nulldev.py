@@ -94,10 +94,6 @@ class NullDevice(BlockDevice):
     def flush(self) -> None:
         pass
 
-    def allocated_bytes(self) -> int:
-        """Host space used: none."""
-        return 0
-
     def extent_batches(self, offset: int, length: int) -> Iterator[list[Extent]]:
         """As QEMU's block status: not data (nothing is stored), zeros with read-zeroes."""
         yield [Extent(offset, length, False, self.read_zeroes, 0, offset, True)]

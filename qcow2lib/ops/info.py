@@ -117,7 +117,7 @@ def _describe(img, path: str) -> dict:
         info["filename"] = img.filename
         if img.format != "qcow2":
             del info["dirty-flag"]
-    elif img.format in ("null-co", "null-aio"):  # stores nothing
+    elif img.filename.startswith(("null-co:", "null-aio:")):  # stores nothing
         info["actual-size"] = 0
     elif img.format == "blkdebug" or getattr(getattr(img, "file", None), "blkdebug", None):
         # blkdebug reports no allocated size ("unavailable"); relative backing names
