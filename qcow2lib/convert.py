@@ -350,7 +350,14 @@ class _Converter:
         """Block status of a source at byte offset: (status, bytes in that state)."""
         if self.salvage is not None:
             return self._classify_salvaging(part, offset, count)
-        return self._classify_extent(part.status_at(offset), offset, count)
+        try:
+            ext = part.status_at(offset)
+        except Qcow2IOError as exc:
+            raise ConvertError(
+                exc.errno,
+                f"error while reading block status at offset {offset}: {exc.strerror}",
+            ) from exc
+        return self._classify_extent(ext, offset, count)
 
     def _classify_salvaging(self, part: _Part, offset: int, count: int) -> tuple[str, int]:
         """As qemu-img --salvage: the status of [offset, offset+count) asked of the source
