@@ -175,7 +175,7 @@ def options_image_target(opts: dict[str, str], name: str) -> "tuple[object, str 
         from .exports.nbd_client import nbd_address_from_options
 
         return nbd_address_from_options(opts, name), "nbd"
-    if driver in _TEST_DRIVERS or opts.get("file.driver") == "blkdebug":  # blkdebug.py, nulldev.py
+    if driver in _TEST_DRIVERS or opts.get("file.driver") in ("blkdebug", "quorum"):
         return _test_driver_target(driver, opts, name)
     if driver in RAW_PROTOCOLS:
         filename = opts.pop("filename", None)
@@ -214,10 +214,11 @@ def is_test_driver_name(name: str) -> bool:
 def _is_test_target(path) -> bool:
     from .blkdebug import BlkdebugTarget
     from .nulldev import NullTarget
+    from .quorum import QuorumTarget
 
     if isinstance(path, str):
         return is_test_driver_name(path)
-    return isinstance(path, (BlkdebugTarget, NullTarget))
+    return isinstance(path, (BlkdebugTarget, NullTarget, QuorumTarget))
 
 
 def _test_driver_target(driver: str | None, opts: dict[str, str], name: str):
@@ -227,18 +228,25 @@ def _test_driver_target(driver: str | None, opts: dict[str, str], name: str):
         return nulldev.target_from_options(driver, opts), driver
     if driver == "blkdebug":
         return blkdebug.target_from_options(name, opts), "blkdebug"
-    del opts["file.driver"]
+    file_driver = opts.pop("file.driver")
     file_opts = {key[5:]: opts.pop(key) for key in list(opts) if key.startswith("file.")}
     if opts:
         raise UnsupportedFeatureError(
             f"Option '{sorted(opts)[0]}' in the image name '{name}' is not supported"
         )
+    if file_driver == "quorum":
+        from . import quorum
+
+        return quorum.target_from_options(name, file_opts), driver
     return blkdebug.target_from_options(name, file_opts), driver
 
 
 def _open_test_driver(path, mode: str, fmt: str | None, **kwargs) -> BlockDevice | None:
-    """A blkdebug or null-co node when `path` or `fmt` names one, else None."""
-    from . import blkdebug, nulldev
+    """A blkdebug, null-co or quorum node when `path` or `fmt` names one, else None."""
+    from . import blkdebug, nulldev, quorum
+
+    if isinstance(path, quorum.QuorumTarget):
+        return _open_over_quorum(path, mode, fmt, **kwargs)
 
     if isinstance(path, nulldev.NullTarget) or fmt in nulldev.NULL_DRIVERS:
         if isinstance(path, str):
@@ -257,6 +265,37 @@ def _open_test_driver(path, mode: str, fmt: str | None, **kwargs) -> BlockDevice
     ):
         return blkdebug.open_blkdebug(path, mode, fmt, **kwargs)
     return None
+
+
+def _open_over_quorum(target, mode: str, fmt: str | None, **kwargs) -> BlockDevice:
+    """An image whose file is a quorum of copies (quorum.py)."""
+    from .quorum import QuorumFile
+
+    file = QuorumFile(target, writable=mode == "r+")
+    try:
+        if fmt is None:
+            fmt = "qcow2" if file.pread(4, 0) == S.QCOW_MAGIC.to_bytes(4, "big") else "raw"
+        file.no_flush = kwargs.get("cache") == "unsafe"
+        if fmt == "raw":
+            return RawDevice(target.name, mode, kwargs.get("force_share", False), file=file)
+        if fmt != "qcow2":
+            raise InvalidArgumentError(f"Unknown driver '{fmt}'")
+    except BaseException:
+        file.close()
+        raise
+    own, backing_passphrase = _split_passphrase(kwargs.get("passphrase"))
+    force_share = kwargs.get("force_share", False)
+    image = Qcow2Image(target.name, mode, force_share=force_share, passphrase=own, file=file)
+    return _finish_qcow2(
+        image,
+        None,
+        kwargs.get("backing", True),
+        force_share,
+        backing_passphrase,
+        kwargs.get("open_data_file", True),
+        (),
+        None,
+    )
 
 
 # QEMU's cache modes; only "unsafe" changes what the engine does (no fdatasync).

@@ -141,7 +141,7 @@ def _options_spec(text: str, opts: dict[str, str], force_share: bool) -> ImageSp
     for name in IGNORED_IMAGE_OPTS:
         opts.pop(name, None)
     driver = opts.pop("driver", None)
-    if driver in TEST_DRIVERS or opts.get("file.driver") == "blkdebug":  # blkdebug, null-co
+    if driver in TEST_DRIVERS or opts.get("file.driver") in ("blkdebug", "quorum"):
         return _test_driver_spec(text, driver, opts, force_share, fail)
     if driver == "ssh":
         _ssh_open(opts, fail)
@@ -247,7 +247,7 @@ TEST_DRIVERS = ("blkdebug", "null-co", "null-aio")
 def _test_driver_spec(
     text: str, driver: str | None, opts: dict[str, str], force_share: bool, fail
 ) -> ImageSpec:
-    """A blkdebug or null-co node (or an image above blkdebug): the engine opens it from
+    """A blkdebug or null-co node (or an image above blkdebug or quorum): the engine opens it from
     its options, checked here so that a bad one fails as qemu-img's does."""
     from qcow2lib.chain import options_image_target
 

@@ -66,9 +66,11 @@ def human_image_info(info: dict) -> str:
     if info.get("dirty-flag"):
         text += "cleanly shut down: no\n"
     if "backing-filename" in info:
-        backing, full = info["backing-filename"], info["full-backing-filename"]
+        backing, full = info["backing-filename"], info.get("full-backing-filename")
         text += f"backing file: {backing}"
-        if full != backing:
+        if full is None:
+            text += " (cannot determine actual path)"
+        elif full != backing:
             text += f" (actual path: {full})"
         text += "\n"
         if "backing-filename-format" in info:

@@ -108,6 +108,9 @@ def _snapshot_list(img) -> list[dict]:
 
 def _describe(img, path: str) -> dict:
     """The info dict of an open image whose host file is `path`."""
+    from ..blkdebug import BlkdebugFile
+    from ..quorum import QuorumFile
+
     info: dict = {
         "filename": path,
         "format": img.format,
@@ -119,7 +122,10 @@ def _describe(img, path: str) -> dict:
             del info["dirty-flag"]
     elif img.filename.startswith(("null-co:", "null-aio:")):  # stores nothing
         info["actual-size"] = 0
-    elif img.format == "blkdebug" or getattr(getattr(img, "file", None), "blkdebug", None):
+    elif isinstance(getattr(img, "file", None), QuorumFile):
+        info["actual-size"] = img.file.allocated_bytes()
+        path = None  # its copies lie in no one directory: no relative backing name resolves
+    elif img.format == "blkdebug" or isinstance(getattr(img, "file", None), BlkdebugFile):
         # blkdebug reports no allocated size ("unavailable"); relative backing names
         # resolve in the directory of the file beneath it
         path = img.file.path if img.format != "blkdebug" else path
@@ -132,7 +138,8 @@ def _describe(img, path: str) -> dict:
             info["encrypted"] = True
         if img.backing_filename:
             info["backing-filename"] = img.backing_filename
-            info["full-backing-filename"] = full_backing_filename(path, img.backing_filename)
+            if path is not None:  # else qemu-img "cannot determine actual path"
+                info["full-backing-filename"] = full_backing_filename(path, img.backing_filename)
             if img.backing_format:
                 info["backing-filename-format"] = img.backing_format
         if img.header.nb_snapshots:
