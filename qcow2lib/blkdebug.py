@@ -42,6 +42,10 @@ IO_TYPES = ("read", "write", "write-zeroes", "discard", "flush", "block-status")
 # Without an iotype a rule fails every kind of request but block-status queries.
 DEFAULT_IO_TYPES = frozenset(IO_TYPES[:5])
 SECTOR = 512
+SIZE_SUFFIX_HINT = (
+    "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+    "and exabytes, respectively.\n"
+)
 _RULE_KEYS = {
     "inject-error": ("event", "state", "iotype", "errno", "sector", "once", "immediately"),
     "set-state": ("event", "state", "new_state"),
@@ -76,6 +80,7 @@ class BlkdebugTarget:
     config: str | None
     image: str | dict[str, str]
     rule_options: dict[str, str] = field(default_factory=dict)
+    other_options: bool = False  # options beyond config and image: QEMU keeps a json: name
 
     def child_filename(self) -> str:
         """The child's name as QEMU shows it (a file name, or null-co://)."""
@@ -103,7 +108,8 @@ def parse_blkdebug_name(name: str) -> BlkdebugTarget:
 def target_from_options(name: str, options: dict[str, str]) -> BlkdebugTarget:
     """A blkdebug node given as options (json: or --image-opts, keys flattened, without
     "driver"): config, image (a name, or image.* for the child), inject-error.N.* and
-    set-state.N.* rules, and QEMU's alignment and limit options (checked, not used)."""
+    set-state.N.* rules, and QEMU's alignment and limit options (checked; they shape how
+    QEMU splits requests, which qimg does not do), and permission options (accepted)."""
     config = options.get("config")
     image: str | dict[str, str] | None = options.get("image") or options.get("x-image")
     child = {key[6:]: value for key, value in options.items() if key.startswith("image.")}
@@ -117,14 +123,34 @@ def target_from_options(name: str, options: dict[str, str]) -> BlkdebugTarget:
     for key in options:
         if key in ("config", "image", "x-image") or key.startswith(("image.",) + tuple(_RULE_KEYS)):
             continue
-        if key in limits or key.startswith(("take-child-perms", "unshare-child-perms")):
+        if key in limits:
+            _check_limit(key, options[key])
+            continue
+        if key.startswith(("take-child-perms", "unshare-child-perms")):
             continue
         raise InvalidArgumentError(f"Block protocol 'blkdebug' doesn't support the option '{key}'")
     if child:
         image = child
     if image is None:
         raise InvalidArgumentError('A block device must be specified for "image"')
-    return BlkdebugTarget(name, config, image, rules)
+    others = any(
+        key not in ("config", "image", "x-image") for key in options if key[:6] != "image."
+    )
+    return BlkdebugTarget(name, config, image, rules, others)
+
+
+def _check_limit(key: str, value: str) -> None:
+    from .sizes import parse_size
+
+    try:
+        size = parse_size(value)
+    except (ValueError, InvalidArgumentError):
+        raise InvalidArgumentError(
+            f"Parameter '{key}' expects a non-negative number below 2^64",
+            qemu_hint=SIZE_SUFFIX_HINT,
+        ) from None
+    if size and (size >= 1 << 31 or (key == "align" and size & (size - 1))):
+        raise InvalidArgumentError(f"Cannot meet constraints with {key} {size}")
 
 
 def _number(key: str, value: str) -> int:
@@ -418,7 +444,7 @@ def open_blkdebug(
         child = chain.open_image(
             child_target, mode, child_fmt, backing, force_share=force_share, cache=cache
         )
-        name = target.name if target.rule_options else target.display_name()
+        name = target.name if target.other_options else target.display_name()
         return BlkdebugDevice(child, rules, name)
     image = target.image
     if isinstance(image, dict):

@@ -41,6 +41,7 @@ def parse_null_name(name: str) -> NullTarget:
 
 def target_from_options(driver: str, options: dict[str, str]) -> NullTarget:
     """size, read-zeroes and latency-ns (accepted: there is no I/O to delay)."""
+    from .blkdebug import SIZE_SUFFIX_HINT
     from .sizes import parse_size
 
     target = NullTarget(driver)
@@ -50,7 +51,8 @@ def target_from_options(driver: str, options: dict[str, str]) -> NullTarget:
                 target.size = parse_size(value)
             except (ValueError, InvalidArgumentError):
                 raise InvalidArgumentError(
-                    "Parameter 'size' expects a non-negative number below 2^64"
+                    "Parameter 'size' expects a non-negative number below 2^64",
+                    qemu_hint=SIZE_SUFFIX_HINT,
                 ) from None
         elif key == "read-zeroes":
             if value not in _BOOLS:

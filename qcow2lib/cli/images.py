@@ -256,7 +256,7 @@ def _test_driver_spec(
     try:
         target, fmt = options_image_target(opts, text)
     except Qcow2Error as exc:
-        fail(error_text(exc))
+        raise OpenFailure(f"Could not open '{text}': {error_text(exc)}", exc.qemu_hint) from exc
     path = text if text.startswith("json:") else "json:" + json.dumps(opts)
     return ImageSpec(text, path, fmt, None, force_share, target=target)
 
