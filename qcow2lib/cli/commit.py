@@ -78,7 +78,7 @@ def cmd_commit(cli: Cli, argv: list[str]) -> int:
     meter.print(0, 100)
     try:
         commit(
-            host_path(spec.path),
+            spec.target or host_path(spec.path),
             base,
             drop=drop,
             progress=meter.callback if meter.enabled else None,

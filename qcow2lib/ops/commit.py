@@ -43,8 +43,14 @@ def _matches(base: str, layer_filename: str, path: str) -> bool:
     return os.path.realpath(candidate) == os.path.realpath(path)
 
 
+def _host_name(layer) -> str:
+    """The file a layer's relative backing name resolves against: its host file (beneath
+    blkdebug too), else the name it was opened by."""
+    return getattr(getattr(layer, "file", None), "path", None) or layer.filename
+
+
 def _open_chain(
-    top_path: str, fmt: str | None, base_name: str | None, passphrases: tuple, untrusted: bool
+    top_path, fmt: str | None, base_name: str | None, passphrases: tuple, untrusted: bool
 ):
     """Open the top read-write, the layers down to the base read-only, the base
     read-write (with its own chain read-only). Returns (top, base depth)."""
@@ -53,14 +59,14 @@ def _open_chain(
     )
     try:
         layer, depth = top, 0
-        seen = {os.path.realpath(top_path)}
+        seen = {os.path.realpath(_host_name(top))}
         while True:
             name = getattr(layer, "backing_filename", None)
             if not name:
                 if base_name is None and depth == 0:
                     raise CommitError("Image does not have a backing file")
                 raise CommitError(
-                    f"Did not find '{base_name}' in the backing chain of '{top_path}'"
+                    f"Did not find '{base_name}' in the backing chain of '{top.filename}'"
                 )
             if not untrusted and (name.startswith("json:") or is_test_driver_name(name)):
                 # opened as named: options, or a blkdebug / null-co node
@@ -79,16 +85,18 @@ def _open_chain(
                 layer = layer.backing
                 continue
             if untrusted:
-                path = untrusted_backing_path(layer.filename, name, layer.backing_format)
+                path = untrusted_backing_path(_host_name(layer), name, layer.backing_format)
             else:
-                path = resolve_backing_path(layer.filename, name)
+                path = resolve_backing_path(_host_name(layer), name)
             real = os.path.realpath(path)
             if real in seen or depth >= MAX_CHAIN_DEPTH:
                 raise CorruptImageError(f"Backing file '{path}' creates an infinite loop.")
             seen.add(real)
             depth += 1
             is_base = (
-                _matches(base_name, layer.filename, path) if base_name is not None else depth == 1
+                _matches(base_name, _host_name(layer), path)
+                if base_name is not None
+                else depth == 1
             )
             if not os.path.exists(path):
                 raise CommitError(
@@ -128,7 +136,7 @@ def _layer(top, depth: int):
 
 
 def commit(
-    top_path: str,
+    top_path,
     base_path: str | None = None,
     *,
     drop: bool = False,
@@ -137,9 +145,10 @@ def commit(
     passphrases: Sequence[str | bytes | None] = (),
     untrusted: bool = False,
 ) -> None:
-    """Commit the image at `top_path` into its backing file, or into `base_path` further
-    down its chain (which implies drop, as qemu-img's -b does). Unless drop, the top is
-    emptied afterwards. qemu-img then prints "Image committed.".
+    """Commit the image at `top_path` (a file name, or what open_image takes) into its
+    backing file, or into `base_path` further down its chain (which implies drop, as
+    qemu-img's -b does). Unless drop, the top is emptied afterwards. qemu-img then prints
+    "Image committed.".
 
     progress(done_bytes, total_bytes) is called while copying. passphrases unlock
     encrypted layers: the top's first, then its backing file's, and so on. untrusted:
@@ -165,7 +174,8 @@ def commit(
                     top.resize_truncate_file()
                     top.flush()
             except Qcow2IOError as exc:
-                raise CommitError(f"Failed to empty {top_path}: {exc.strerror}") from exc
+                name = top_path if isinstance(top_path, str) else top.filename
+                raise CommitError(f"Failed to empty {name}: {exc.strerror}") from exc
     finally:
         top.close()
 
