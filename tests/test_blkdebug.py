@@ -276,3 +276,21 @@ def test_ssh_options_and_refused_connection(tmp_path: Path):
     assert (
         result.stderr == f"qemu-img: Could not open '{opts}': Parameter 'port' expects a number\n"
     )
+
+
+def test_commit_top_above_blkdebug_resolves_relative_backing(tmp_path: Path):
+    """blkdebug::sub/top (no config): the relative backing name 'base' is found beside
+    the top's file, not beside the blkdebug: name; the result is qemu-img's."""
+    for who in ("ours", "theirs"):
+        (tmp_path / who / "sub").mkdir(parents=True)
+        qemu_img("create", "-q", "-f", "qcow2", tmp_path / who / "sub" / "base", "1M")
+        top = tmp_path / who / "sub" / "top"
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "base", "-F", "qcow2", top)
+        qemu_io(top, "write -P 3 0 64k")
+    ours = run_qimg(tmp_path / "ours", "commit", "blkdebug::sub/top")
+    theirs = run(["qemu-img", "commit", "blkdebug::sub/top"], check=False, cwd=tmp_path / "theirs")
+    assert (ours.returncode, ours.stdout, ours.stderr) == (0, "Image committed.\n", "")
+    assert (theirs.returncode, theirs.stdout) == (0, "Image committed.\n")
+    sub_ours, sub_theirs = tmp_path / "ours" / "sub", tmp_path / "theirs" / "sub"
+    assert (sub_ours / "top").read_bytes() == (sub_theirs / "top").read_bytes()
+    assert qemu_img("compare", sub_ours / "base", sub_theirs / "base").returncode == 0
