@@ -412,6 +412,24 @@ class BlkdebugDevice(BlockDevice):
             self.child.close()
 
 
+def _open_protocol_file(name: str, writable: bool):
+    """The file beneath blkdebug: a host file (a "file:" prefix allowed), or another
+    blkdebug: layer above one (only the top one hears the image's events, as in QEMU)."""
+    from .hostfile import open_host_file
+
+    if name.startswith("blkdebug:"):
+        inner = parse_blkdebug_name(name)
+        rules = Blkdebug.load(inner)
+        file = BlkdebugFile(_open_protocol_file(inner.image, writable), rules)
+        rules.event("none")
+        return file
+    if name.startswith("file:"):
+        name = name[len("file:") :]
+    if not name:
+        raise InvalidArgumentError("The 'file' block driver requires a file name")
+    return open_host_file(name, writable=writable)
+
+
 def open_blkdebug(
     target: "BlkdebugTarget | str",
     mode: str,
@@ -429,7 +447,6 @@ def open_blkdebug(
     from . import chain
     from . import structs as S
     from .blockdev import RawDevice
-    from .hostfile import open_host_file
     from .image import Qcow2Image
 
     if isinstance(target, str):
@@ -454,7 +471,7 @@ def open_blkdebug(
                 f"not '{image.get('driver')}'"
             )
         image = image["filename"]
-    host = open_host_file(image, writable=mode == "r+")
+    host = _open_protocol_file(image, mode == "r+")
     file = BlkdebugFile(host, rules)
     probed = fmt is None
     try:

@@ -294,3 +294,16 @@ def test_commit_top_above_blkdebug_resolves_relative_backing(tmp_path: Path):
     sub_ours, sub_theirs = tmp_path / "ours" / "sub", tmp_path / "theirs" / "sub"
     assert (sub_ours / "top").read_bytes() == (sub_theirs / "top").read_bytes()
     assert qemu_img("compare", sub_ours / "base", sub_theirs / "base").returncode == 0
+
+
+def test_nested_blkdebug_and_empty_names(tmp_path: Path):
+    """blkdebug: layers stack (only the top one hears the image's events, as in QEMU);
+    an empty image name fails as qemu-img's."""
+    conf = write_conf(tmp_path / "ok.conf", {"event": "read_aio"})
+    qemu_img("create", "-q", "-f", "qcow2", tmp_path / "a.qcow2", "1M")
+    shutil.copy(tmp_path / "a.qcow2", tmp_path / "b.qcow2")
+    qemu_io(tmp_path / "a.qcow2", "write 0 64k")
+    assert_same(tmp_path, "compare", f"blkdebug:{conf.name}:blkdebug::a.qcow2", "b.qcow2")
+    assert_same(tmp_path, "compare", f"blkdebug::blkdebug:{conf.name}:a.qcow2", "b.qcow2")
+    assert_same(tmp_path, "info", f"blkdebug:{conf.name}:")
+    assert_same(tmp_path, "info", "blkdebug::")
