@@ -11,6 +11,7 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from . import nodes
 from . import structs as S
 from .blockdev import BlockDevice, RawDevice
 from .errors import (
@@ -166,7 +167,8 @@ def json_image_target(name: str) -> "tuple[object, str | None]":
 
 def options_image_target(opts: dict[str, str], name: str) -> "tuple[object, str | None]":
     """What image options (flattened, as json_name_options gives them) open: a host file,
-    an NBD export, a blkdebug or null-co node, and the format "driver" states (None when
+    an NBD export, a blkdebug, null-co or quorum node (nodes.py), and the format "driver"
+    states (None when
     it states none). Only options naming the image are taken; any other is refused
     rather than silently dropped."""
     opts = dict(opts)
@@ -175,8 +177,8 @@ def options_image_target(opts: dict[str, str], name: str) -> "tuple[object, str 
         from .exports.nbd_client import nbd_address_from_options
 
         return nbd_address_from_options(opts, name), "nbd"
-    if driver in _TEST_DRIVERS or opts.get("file.driver") in ("blkdebug", "quorum"):
-        return _test_driver_target(driver, opts, name)
+    if driver in nodes.NODE_DRIVERS or opts.get("file.driver") in nodes.FILE_NODE_DRIVERS:
+        return nodes.node_target(driver, opts, name)  # blkdebug, null-co, quorum
     if driver in RAW_PROTOCOLS:
         filename = opts.pop("filename", None)
     else:
@@ -200,102 +202,6 @@ def options_image_target(opts: dict[str, str], name: str) -> "tuple[object, str 
     if not filename:
         raise InvalidArgumentError(f"The image name '{name}' names no file (file.filename)")
     return filename, driver
-
-
-# --- blkdebug and null-co nodes (blkdebug.py, nulldev.py): names, options, opening ---
-_TEST_DRIVERS = ("blkdebug", "null-co", "null-aio")
-
-
-def is_test_driver_name(name: str) -> bool:
-    """blkdebug:CONFIG:IMAGE, null-co:// or null-aio://."""
-    return name.startswith(("blkdebug:", "null-co:", "null-aio:"))
-
-
-def _is_test_target(path) -> bool:
-    from .blkdebug import BlkdebugTarget
-    from .nulldev import NullTarget
-    from .quorum import QuorumTarget
-
-    if isinstance(path, str):
-        return is_test_driver_name(path)
-    return isinstance(path, (BlkdebugTarget, NullTarget, QuorumTarget))
-
-
-def _test_driver_target(driver: str | None, opts: dict[str, str], name: str):
-    from . import blkdebug, nulldev
-
-    if driver in nulldev.NULL_DRIVERS:
-        return nulldev.target_from_options(driver, opts), driver
-    if driver == "blkdebug":
-        return blkdebug.target_from_options(name, opts), "blkdebug"
-    file_driver = opts.pop("file.driver")
-    file_opts = {key[5:]: opts.pop(key) for key in list(opts) if key.startswith("file.")}
-    if opts:
-        raise UnsupportedFeatureError(
-            f"Option '{sorted(opts)[0]}' in the image name '{name}' is not supported"
-        )
-    if file_driver == "quorum":
-        from . import quorum
-
-        return quorum.target_from_options(name, file_opts), driver
-    return blkdebug.target_from_options(name, file_opts), driver
-
-
-def _open_test_driver(path, mode: str, fmt: str | None, **kwargs) -> BlockDevice | None:
-    """A blkdebug, null-co or quorum node when `path` or `fmt` names one, else None."""
-    from . import blkdebug, nulldev, quorum
-
-    if isinstance(path, quorum.QuorumTarget):
-        return _open_over_quorum(path, mode, fmt, **kwargs)
-
-    if isinstance(path, nulldev.NullTarget) or fmt in nulldev.NULL_DRIVERS:
-        if isinstance(path, str):
-            path = nulldev.parse_null_name(path) if nulldev.is_null_name(path) else None
-        if path is None:
-            raise InvalidArgumentError(f"The only allowed filename for this driver is '{fmt}://'")
-        return nulldev.NullDevice(path, mode)
-    if isinstance(path, str) and nulldev.is_null_name(path):
-        if fmt not in (None, "raw"):
-            raise UnsupportedFeatureError(f"qimg opens only raw content of '{path}', not {fmt}")
-        device = nulldev.NullDevice(nulldev.parse_null_name(path), mode)
-        device.format = "raw"  # named by its protocol, the node gets a (probed) format
-        return device
-    if isinstance(path, blkdebug.BlkdebugTarget) or (
-        isinstance(path, str) and path.startswith("blkdebug:")
-    ):
-        return blkdebug.open_blkdebug(path, mode, fmt, **kwargs)
-    return None
-
-
-def _open_over_quorum(target, mode: str, fmt: str | None, **kwargs) -> BlockDevice:
-    """An image whose file is a quorum of copies (quorum.py)."""
-    from .quorum import QuorumFile
-
-    file = QuorumFile(target, writable=mode == "r+")
-    try:
-        if fmt is None:
-            fmt = "qcow2" if file.pread(4, 0) == S.QCOW_MAGIC.to_bytes(4, "big") else "raw"
-        file.no_flush = kwargs.get("cache") == "unsafe"
-        if fmt == "raw":
-            return RawDevice(target.name, mode, kwargs.get("force_share", False), file=file)
-        if fmt != "qcow2":
-            raise InvalidArgumentError(f"Unknown driver '{fmt}'")
-    except BaseException:
-        file.close()
-        raise
-    own, backing_passphrase = _split_passphrase(kwargs.get("passphrase"))
-    force_share = kwargs.get("force_share", False)
-    image = Qcow2Image(target.name, mode, force_share=force_share, passphrase=own, file=file)
-    return _finish_qcow2(
-        image,
-        None,
-        kwargs.get("backing", True),
-        force_share,
-        backing_passphrase,
-        kwargs.get("open_data_file", True),
-        (),
-        None,
-    )
 
 
 # QEMU's cache modes; only "unsafe" changes what the engine does (no fdatasync).
@@ -451,7 +357,7 @@ def _open(
         raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
     if cache not in CACHE_MODES:
         raise InvalidArgumentError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
-    special = _open_test_driver(  # blkdebug and null-co nodes
+    special = nodes.open_node(  # blkdebug, null-co, quorum (nodes.py)
         path,
         mode,
         fmt,
@@ -561,7 +467,7 @@ def _finish_qcow2(
             elif name.startswith("json:"):
                 backing_path, json_format = json_image_target(name)
                 stated = json_format or stated
-            elif is_test_driver_name(name):  # blkdebug: or null-co:// (opened as named)
+            elif nodes.is_node_name(name):  # blkdebug: or null-co:// (opened as named)
                 backing_path = name
             elif path is None and not os.path.isabs(name) and not is_nbd_name(name):
                 raise InvalidArgumentError(
@@ -569,7 +475,7 @@ def _finish_qcow2(
                 )
             else:
                 backing_path = resolve_backing_path(path or "/", name)
-            if _is_test_target(backing_path):
+            if nodes.is_node_target(backing_path):
                 backing_fmt = stated  # probed by open_blkdebug when not stated
             elif not isinstance(backing_path, str) or is_nbd_name(backing_path):
                 backing_fmt = stated or "raw"

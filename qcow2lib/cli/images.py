@@ -13,6 +13,7 @@ import qcow2lib
 from qcow2lib.bitmaps import check_qemu_constraints
 from qcow2lib import ImageLockedError, Qcow2Error
 from qcow2lib.chain import json_name_options, untrusted_backing_path
+from qcow2lib.nodes import FILE_NODE_DRIVERS, NODE_DRIVERS
 from qcow2lib.cli.common import Cli
 from qcow2lib.cli.qemuopts import CreateError, parse_qemu_opts, split_option_list
 from qcow2lib.cli.qobject import qemu_json_compact
@@ -141,8 +142,8 @@ def _options_spec(text: str, opts: dict[str, str], force_share: bool) -> ImageSp
     for name in IGNORED_IMAGE_OPTS:
         opts.pop(name, None)
     driver = opts.pop("driver", None)
-    if driver in TEST_DRIVERS or opts.get("file.driver") in ("blkdebug", "quorum"):
-        return _test_driver_spec(text, driver, opts, force_share, fail)
+    if driver in NODE_DRIVERS or opts.get("file.driver") in FILE_NODE_DRIVERS:
+        return _node_spec(text, driver, opts, force_share, fail)
     if driver == "ssh":
         _ssh_open(opts, fail)
     if driver is not None and driver not in ("qcow2", "raw", "file", "host_device", "nbd"):
@@ -241,10 +242,7 @@ def _qcow2_tuning(text: str, opts: dict[str, str], fail) -> int | None:
     return entry_size
 
 
-TEST_DRIVERS = ("blkdebug", "null-co", "null-aio")
-
-
-def _test_driver_spec(
+def _node_spec(
     text: str, driver: str | None, opts: dict[str, str], force_share: bool, fail
 ) -> ImageSpec:
     """A blkdebug or null-co node (or an image above blkdebug or quorum): the engine opens it from

@@ -17,12 +17,12 @@ from collections.abc import Sequence
 from ..chain import (
     MAX_CHAIN_DEPTH,
     backing_format,
-    is_test_driver_name,
     json_image_target,
     open_image,
     resolve_backing_path,
     untrusted_backing_path,
 )
+from ..nodes import is_node_name
 from ..errors import CorruptImageError, Qcow2Error, Qcow2IOError
 from .empty import can_start_afresh, start_afresh
 from .resize import resize
@@ -68,7 +68,7 @@ def _open_chain(
                 raise CommitError(
                     f"Did not find '{base_name}' in the backing chain of '{top.filename}'"
                 )
-            if not untrusted and (name.startswith("json:") or is_test_driver_name(name)):
+            if not untrusted and (name.startswith("json:") or is_node_name(name)):
                 # opened as named: options, or a blkdebug / null-co node
                 target, stated = json_image_target(name) if name[0] == "j" else (name, None)
                 depth += 1
