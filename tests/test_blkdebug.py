@@ -307,3 +307,22 @@ def test_nested_blkdebug_and_empty_names(tmp_path: Path):
     assert_same(tmp_path, "compare", f"blkdebug::blkdebug:{conf.name}:a.qcow2", "b.qcow2")
     assert_same(tmp_path, "info", f"blkdebug:{conf.name}:")
     assert_same(tmp_path, "info", "blkdebug::")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        'json:{"driver": "blkdebug", "config": "42", "image.driver": "null-co"}',
+        'json:{"driver": "blkdebug", "image": {"driver": "file", "filename": "a.qcow2"}}',
+        'json:{"driver": "blkdebug", "image": {"driver": "qcow2", "file.filename": "a.qcow2"}}',
+        "blkdebug:42:a.qcow2",
+        "null-co://",
+    ],
+)
+def test_info_of_nodes_human_and_json(tmp_path: Path, name: str):
+    """A blkdebug node gives its child's image information (cluster size, dirty flag;
+    null-co has none), as QEMU's filters do."""
+    (tmp_path / "42").write_text("")
+    qemu_img("create", "-q", "-f", "qcow2", tmp_path / "a.qcow2", "1M")
+    assert_same(tmp_path, "info", name)
+    assert_same(tmp_path, "info", "--output", "json", name)

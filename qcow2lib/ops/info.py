@@ -122,13 +122,21 @@ def _describe(img, path: str) -> dict:
             del info["dirty-flag"]
     elif img.filename.startswith(("null-co:", "null-aio:")):  # stores nothing
         info["actual-size"] = 0
+        del info["dirty-flag"]  # the null driver has no image information to give
     elif isinstance(getattr(img, "file", None), QuorumFile):
         info["actual-size"] = img.file.allocated_bytes()
         path = None  # its copies lie in no one directory: no relative backing name resolves
-    elif img.format == "blkdebug" or isinstance(getattr(img, "file", None), BlkdebugFile):
+    elif img.format == "blkdebug":  # the node itself: no allocated size; as a filter it
+        child = img.child  # gives its child's image information (null-co has none)
+        if child.filename.startswith(("null-co:", "null-aio:")):
+            del info["dirty-flag"]
+        elif child.format == "qcow2":
+            info["cluster-size"] = child.cluster_size
+            info["dirty-flag"] = child.dirty
+    elif isinstance(getattr(img, "file", None), BlkdebugFile):
         # blkdebug reports no allocated size ("unavailable"); relative backing names
         # resolve in the directory of the file beneath it
-        path = img.file.path if img.format != "blkdebug" else path
+        path = img.file.path
     else:
         info["actual-size"] = os.stat(path).st_blocks * 512
     info["virtual-size"] = virtual_size(img)
