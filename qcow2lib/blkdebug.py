@@ -72,8 +72,8 @@ class Rule:
 class BlkdebugTarget:
     """What a blkdebug node opens: its rules' sources and its child.
 
-    `image` is the child: a host file name (the `x-image` of a blkdebug: name or an
-    "image": "NAME" option) or the child's own options (the "image" object, flattened).
+    `image` is the child: a host file name (the `x-image` of a blkdebug: name) or the
+    child's own options (the "image" object, flattened).
     """
 
     name: str
@@ -111,7 +111,10 @@ def target_from_options(name: str, options: dict[str, str]) -> BlkdebugTarget:
     set-state.N.* rules, and QEMU's alignment and limit options (checked; they shape how
     QEMU splits requests, which qimg does not do), and permission options (accepted)."""
     config = options.get("config")
-    image: str | dict[str, str] | None = options.get("image") or options.get("x-image")
+    reference = options.get("image")  # a string names another node, which qimg has none of
+    if reference is not None:
+        raise InvalidArgumentError(f"Cannot find device='{reference}' nor node-name='{reference}'")
+    image: str | dict[str, str] | None = options.get("x-image")
     child = {key[6:]: value for key, value in options.items() if key.startswith("image.")}
     rules = {
         key: value
@@ -448,14 +451,15 @@ def open_blkdebug(
     from . import structs as S
     from .blockdev import RawDevice
     from .image import Qcow2Image
+    from .nodes import is_node_name
 
     if isinstance(target, str):
         target = parse_blkdebug_name(target)
     rules = Blkdebug.load(target)
     if fmt == "blkdebug":
-        if isinstance(target.image, str):
-            child_target, child_fmt = chain.options_image_target({"filename": target.image}, "")
-            child_fmt = "file" if isinstance(child_target, str) else child_fmt
+        if isinstance(target.image, str):  # a file, or a node's name (null-co://, blkdebug:)
+            child_target = target.image
+            child_fmt = None if is_node_name(child_target) else "file"
         else:
             child_target, child_fmt = chain.options_image_target(dict(target.image), target.name)
         child = chain.open_image(
@@ -490,13 +494,13 @@ def open_blkdebug(
     own, backing_passphrase = chain._split_passphrase(passphrase)
     qcow2 = Qcow2Image(target.name, mode, force_share=force_share, passphrase=own, file=file)
     qcow2.file.no_flush = cache == "unsafe"
-    return chain._finish_qcow2(
+    return chain._finish_qcow2(  # relative backing names resolve beside the host file
         qcow2,
-        image,
+        file.path,
         backing,
         force_share,
         backing_passphrase,
         open_data_file,
-        (os.path.realpath(image),),
+        (os.path.realpath(file.path),),
         None,
     )

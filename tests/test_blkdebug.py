@@ -317,6 +317,8 @@ def test_nested_blkdebug_and_empty_names(tmp_path: Path):
         'json:{"driver": "blkdebug", "image": {"driver": "qcow2", "file.filename": "a.qcow2"}}',
         "blkdebug:42:a.qcow2",
         "null-co://",
+        'json:{"driver": "blkdebug", "x-image": "null-co://"}',
+        'json:{"driver": "blkdebug", "image": "a.qcow2"}',
     ],
 )
 def test_info_of_nodes_human_and_json(tmp_path: Path, name: str):
