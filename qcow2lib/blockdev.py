@@ -189,11 +189,13 @@ class RawDevice(BlockDevice):
         force_share: bool = False,
         probed: bool = False,
         backing_of: str | None = None,
+        file=None,
     ):
+        """`file`: the HostFile to use instead of opening `path` (a blkdebug layer)."""
         self.filename = path
         self.probed = probed  # the format was guessed: sector 0 must not turn into another
         self.read_only = mode != "r+"
-        self.file = open_host_file(
+        self.file = file or open_host_file(
             path,
             writable=not self.read_only,
             role="backing file" if backing_of else None,
@@ -205,6 +207,8 @@ class RawDevice(BlockDevice):
             self.file.close()
             raise
         self.size = self.file.size()
+        # blkdebug (blkdebug.py): told of each data request, as QEMU's raw driver does
+        self.blkdebug = getattr(self.file, "blkdebug", None)
         self._unflushed = False  # written since the last flush
         self._flush_failure: Qcow2IOError | None = None
         self._closed = False
@@ -217,12 +221,16 @@ class RawDevice(BlockDevice):
     def readinto(self, offset: int, buffer) -> int:
         view = memoryview(buffer).cast("B")
         self.check_request(offset, len(view))
+        if self.blkdebug is not None:
+            self.blkdebug.event("read_aio")
         self.file.readinto(view, offset)
         return len(view)
 
     def read(self, offset: int, length: int) -> bytes:
         """As BlockDevice.read, as the bytes of one pread."""
         self.check_request(offset, length)
+        if self.blkdebug is not None:
+            self.blkdebug.event("read_aio")
         return self.file.pread(length, offset)
 
     def write(self, offset: int, data) -> None:
@@ -230,6 +238,8 @@ class RawDevice(BlockDevice):
         self.check_request(offset, len(view), write=True)
         if self.probed and offset < 4 and len(view):
             self._refuse_format_change(offset, view)
+        if self.blkdebug is not None:
+            self.blkdebug.event("write_aio")
         self.file.pwrite(view, offset)
 
     def _refuse_format_change(self, offset: int, view: memoryview) -> None:

@@ -11,6 +11,7 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from . import nodes
 from . import structs as S
 from .blockdev import BlockDevice, RawDevice
 from .errors import (
@@ -151,10 +152,9 @@ def json_name_options(name: str) -> dict[str, str]:
         if isinstance(value, dict):
             for key, item in value.items():
                 flatten(f"{prefix}{key}.", item)
-        elif isinstance(value, list):
-            raise InvalidArgumentError(
-                f"Lists are not supported in image options ('{prefix[:-1]}')"
-            )
+        elif isinstance(value, list):  # QEMU's qdict_flatten: one key per element
+            for index, item in enumerate(value):
+                flatten(f"{prefix}{index}.", item)
         elif isinstance(value, bool):
             options[prefix[:-1]] = "on" if value else "off"
         elif value is not None:
@@ -164,16 +164,25 @@ def json_name_options(name: str) -> dict[str, str]:
     return options
 
 
-def json_image_target(name: str) -> "tuple[str | NBDAddress, str | None]":
-    """What a "json:{...}" backing name opens: a host file or an NBD export, and the format
-    its "driver" states (None when it states none). Only options naming the image are
-    taken; any other is refused rather than silently dropped."""
-    opts = json_name_options(name)
+def json_image_target(name: str) -> "tuple[object, str | None]":
+    """What a "json:{...}" backing name opens (see options_image_target)."""
+    return options_image_target(json_name_options(name), name)
+
+
+def options_image_target(opts: dict[str, str], name: str) -> "tuple[object, str | None]":
+    """What image options (flattened, as json_name_options gives them) open: a host file,
+    an NBD export, a blkdebug, null-co or quorum node (nodes.py), and the format "driver"
+    states (None when
+    it states none). Only options naming the image are taken; any other is refused
+    rather than silently dropped."""
+    opts = dict(opts)
     driver = opts.pop("driver", None)
     if driver == "nbd":
         from .exports.nbd_client import nbd_address_from_options
 
         return nbd_address_from_options(opts, name), "nbd"
+    if driver in nodes.NODE_DRIVERS or opts.get("file.driver") in nodes.FILE_NODE_DRIVERS:
+        return nodes.node_target(driver, opts, name)  # blkdebug, null-co, quorum
     if driver in RAW_PROTOCOLS:
         filename = opts.pop("filename", None)
     else:
@@ -357,6 +366,18 @@ def _open(
         raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
     if cache not in CACHE_MODES:
         raise InvalidArgumentError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
+    special = nodes.open_node(  # blkdebug, null-co, quorum (nodes.py)
+        path,
+        mode,
+        fmt,
+        force_share=force_share,
+        passphrase=passphrase,
+        backing=backing,
+        open_data_file=open_data_file,
+        cache=cache,
+    )
+    if special is not None:
+        return special
     if not isinstance(path, str) or is_nbd_name(path):
         return _open_nbd(
             path, mode, fmt, snapshot, backing, force_share, passphrase, open_data_file, cache
@@ -462,13 +483,17 @@ def _finish_qcow2(
             elif name.startswith("json:"):
                 backing_path, json_format = json_image_target(name)
                 stated = json_format or stated
+            elif nodes.is_node_name(name):  # blkdebug: or null-co:// (opened as named)
+                backing_path = name
             elif path is None and not os.path.isabs(name) and not is_nbd_name(name):
                 raise InvalidArgumentError(
                     f"Cannot use relative backing file names for '{image.filename}'"
                 )
             else:
                 backing_path = resolve_backing_path(path or "/", name)
-            if not isinstance(backing_path, str) or is_nbd_name(backing_path):
+            if nodes.is_node_target(backing_path):
+                backing_fmt = stated  # probed by open_blkdebug when not stated
+            elif not isinstance(backing_path, str) or is_nbd_name(backing_path):
                 backing_fmt = stated or "raw"
             else:
                 if not os.path.exists(backing_path):

@@ -38,7 +38,7 @@ import os
 import threading
 
 from .blockdev import BlockDevice, Extent, RawDevice
-from .errors import InvalidArgumentError, Qcow2IOError, UnsupportedFeatureError
+from .errors import CorruptImageError, InvalidArgumentError, Qcow2IOError, UnsupportedFeatureError
 
 SECTOR = 512
 IO_BUF_SIZE = 2 << 20
@@ -248,8 +248,10 @@ class _Converter:
         progress,
         copy_range,
         buffer_size,
+        salvage=None,
     ) -> None:
         self.target = target
+        self.salvage = salvage  # the callback of convert(salvage=...), or None
         self.compressed = compress
         self.min_sparse = sparse_size // SECTOR
         self.target_backing = target_backing
@@ -296,6 +298,7 @@ class _Converter:
         self.error_sector = -1  # the guest sector of the failed work item; -1 when unknown
         self.done = 0
         self.total_bytes = 0
+        self.plan_warnings: list = []  # salvage: block status failures of the next item
 
     # -- what the target already holds --
 
@@ -345,7 +348,35 @@ class _Converter:
 
     def _classify(self, part: _Part, offset: int, count: int) -> tuple[str, int]:
         """Block status of a source at byte offset: (status, bytes in that state)."""
-        ext = part.status_at(offset)
+        if self.salvage is not None:
+            return self._classify_salvaging(part, offset, count)
+        try:
+            ext = part.status_at(offset)
+        except Qcow2IOError as exc:
+            raise ConvertError(
+                exc.errno,
+                f"error while reading block status at offset {offset}: {exc.strerror}",
+            ) from exc
+        return self._classify_extent(ext, offset, count)
+
+    def _classify_salvaging(self, part: _Part, offset: int, count: int) -> tuple[str, int]:
+        """As qemu-img --salvage: the status of [offset, offset+count) asked of the source
+        itself; where that fails, of a quarter of the range, down to one sector, which
+        is then taken as data (with a warning) and read."""
+        sectors = -(-count // SECTOR)
+        while True:
+            length = min(sectors * SECTOR, part.device.size - offset)
+            try:
+                ext = next(part.device.iter_extents(offset, length), None) if length > 0 else None
+                return self._classify_extent(ext, offset, min(count, sectors * SECTOR))
+            except (Qcow2IOError, CorruptImageError) as exc:
+                if sectors > 1:
+                    sectors = -(-sectors // 4)
+                    continue
+                self.plan_warnings.append(("block status", offset, exc))
+                return BLK_DATA, SECTOR
+
+    def _classify_extent(self, ext, offset: int, count: int) -> tuple[str, int]:
         if ext is None:  # a raw file's partial last sector: zeros
             return BLK_ZERO, count
         run = min(count, ext.offset + ext.length - offset)
@@ -389,7 +420,8 @@ class _Converter:
         if not self.min_sparse and status == BLK_ZERO:
             n = min(n, self.buf_sectors)
         self.sector_num += n
-        return sector_num, n, status
+        warnings, self.plan_warnings = self.plan_warnings, []
+        return sector_num, n, status, warnings
 
     def _count_work(self) -> int:
         """First pass over the plan: bytes that will be copied (for progress)."""
@@ -399,6 +431,8 @@ class _Converter:
             if self.status == BLK_DATA or (not self.min_sparse and self.status == BLK_ZERO):
                 total += n * SECTOR
             self.sector_num += n
+            self._report(self.plan_warnings)
+            self.plan_warnings = []
         for part in self.parts:
             part.rewind()
         self.sector_num = 0
@@ -408,7 +442,30 @@ class _Converter:
 
     # -- I/O --
 
-    def _read(self, sector_num: int, n: int, view: memoryview) -> None:
+    def _report(self, warnings: list) -> None:
+        for what, offset, exc in warnings:
+            self.salvage(what, offset, exc)
+
+    @staticmethod
+    def _read_salvaging(device, offset: int, view: memoryview, warnings: list) -> None:
+        """As qemu-img --salvage: a failed read is retried sector by sector; a sector that
+        cannot be read becomes zeros (and a warning)."""
+        try:
+            device.readinto(offset, view)
+            return
+        except (Qcow2IOError, CorruptImageError):
+            pass
+        for start in range(0, len(view), SECTOR):
+            piece = view[start : start + SECTOR]
+            try:
+                device.readinto(offset + start, piece)
+            except (Qcow2IOError, CorruptImageError) as exc:
+                warnings.append(("read", offset + start, exc))
+                piece[:] = _ZEROS_VIEW[: len(piece)]
+
+    def _read(
+        self, sector_num: int, n: int, view: memoryview, warnings: list | None = None
+    ) -> None:
         pos = 0
         while pos < n:
             part = self._select_part(sector_num + pos)
@@ -417,7 +474,9 @@ class _Converter:
             offset = first * SECTOR
             chunk = view[pos * SECTOR : (pos + count) * SECTOR]
             inside = max(0, min(len(chunk), part.device.size - offset))
-            if inside:
+            if inside and warnings is not None:
+                self._read_salvaging(part.device, offset, chunk[:inside], warnings)
+            elif inside:
                 part.device.readinto(offset, chunk[:inside])
             if inside < len(chunk):
                 chunk[inside:] = _ZEROS_VIEW[: len(chunk) - inside]
@@ -566,15 +625,21 @@ class _Converter:
                 state["backing"] = bytearray(len(state["buf"]))
         return state["buf"]
 
-    def _process(self, sector_num: int, n: int, status: str, ordered: bool, state: dict) -> bool:
-        """One work item; False when the job was stopped by another thread's error."""
+    def _process(
+        self, sector_num: int, n: int, status: str, ordered: bool, state: dict, warnings: list
+    ) -> bool:
+        """One work item; False when the job was stopped by another thread's error.
+        Salvaging, its warnings are reported in its turn (all items are in order then)."""
         waited = False
 
         def turn() -> bool:
             nonlocal waited
             if ordered and not waited:
                 waited = True
-                return self._wait_turn(sector_num)
+                if not self._wait_turn(sector_num):
+                    return False
+                if warnings:
+                    self._report(warnings)
             return True
 
         state["phase"] = "reading"
@@ -588,7 +653,8 @@ class _Converter:
                 self.copy_range = False  # not on this file system: read and write instead
             buf = self._buffers(state)
             state["phase"] = "reading"
-            self._read(sector_num, n, memoryview(buf)[: n * SECTOR])
+            salvage_warnings = warnings if self.salvage is not None else None
+            self._read(sector_num, n, memoryview(buf)[: n * SECTOR], salvage_warnings)
             if not turn():
                 return False
             state["phase"] = "writing"
@@ -614,11 +680,12 @@ class _Converter:
                 item = self._next_item()
             if item is None:
                 return
-            sector_num, n, status = item
-            # Compressed output is never ordered: the writing thread compresses.
-            ordered = self.in_order and not self.compressed
+            sector_num, n, status, warnings = item
+            # Compressed output is never ordered: the writing thread compresses. Salvaging,
+            # everything is, so that the warnings come in guest order.
+            ordered = self.in_order and not self.compressed or self.salvage is not None
             try:
-                if not self._process(sector_num, n, status, ordered, state):
+                if not self._process(sector_num, n, status, ordered, state, warnings):
                     return
             except Qcow2IOError as exc:
                 err = ConvertError(
@@ -696,6 +763,7 @@ def convert(
     progress=None,
     copy_range: bool = True,
     buffer_size: int = IO_BUF_SIZE,
+    salvage=None,
 ) -> None:
     """Copy the guest content of `sources` (one device, or several concatenated) into
     `target`, which must be at least as large. See the module docstring.
@@ -707,7 +775,11 @@ def convert(
     writes out of guest order (-W). progress(done_bytes, total_bytes), called from the
     worker threads (so it must be thread-safe). copy_range: raw to
     raw data via copy_file_range (-C: verbatim, no zero detection; pass False to get
-    qemu-img's default sparse raw output).
+    qemu-img's default sparse raw output). salvage(what, offset, error), when given,
+    turns source errors into calls of it, as qemu-img --salvage into warnings: what is
+    "block status" (the range is then read as data) or "read" (the sector, at byte
+    offset, is written as zeros); the calls come in guest order, in the planning pass
+    that counts the work (block status) and again while copying.
     """
     if isinstance(sources, BlockDevice):
         sources = [sources]
@@ -754,8 +826,9 @@ def convert(
         parallel,
         out_of_order,
         progress,
-        copy_range,
+        copy_range and salvage is None,
         buffer_size,
+        salvage,
     ).run()
 
 

@@ -134,6 +134,8 @@ class Qcow2Image(BlockDevice):
             )
         )
         self.data_host: HostFile | None = None  # the external data file, when there is one
+        # blkdebug (blkdebug.py): the rules told of the engine's events; None without it
+        self.blkdebug = getattr(self.file, "blkdebug", None)
         self.force_share = force_share
         try:
             self.file.lock_for_use(force_share)
@@ -462,6 +464,8 @@ class Qcow2Image(BlockDevice):
             if len(segments) == 1 and segments[0].kind == DATA:
                 host_offset = segments[0].host_offset
                 assert host_offset is not None  # (a data segment always has one)
+                if self.blkdebug is not None:
+                    self.blkdebug.event("read_aio")
                 return self._data_target().pread(length, host_offset)
             if self._reads_as_zeros(segments):
                 return bytes(length)
@@ -543,6 +547,8 @@ class Qcow2Image(BlockDevice):
                 if self.encrypted:
                     self._read_encrypted(part, seg.host_offset, seg.guest_offset)
                 else:
+                    if self.blkdebug is not None:
+                        self.blkdebug.event("read_aio")
                     data_file.readinto(part, seg.host_offset)
             elif seg.kind == ZERO:
                 _fill_zeros(part)
@@ -797,6 +803,8 @@ class Qcow2Image(BlockDevice):
                 self.guard_write(host, len(view))
             self._io_active += 1
         try:
+            if self.blkdebug is not None:
+                self.blkdebug.event("write_aio")
             self._data_target().pwrite(view, host)
         finally:
             self._end_io()
@@ -979,6 +987,8 @@ class Qcow2Image(BlockDevice):
                 )
         target = self._data_target()
         for host, run_end, buffers in sorted(runs, key=lambda r: r[0]):
+            if self.blkdebug is not None:
+                self.blkdebug.event("write_aio")
             target.pwritev(buffers, host)
             if target is self.file and run_end > self._host_size:
                 with self._lock:

@@ -1,40 +1,83 @@
-"""QEMU's null-co and null-aio drivers: a device of a given size with no storage behind it.
+"""QEMU's null-co and null-aio drivers: a device of a given size that stores nothing.
 
-Writes succeed and are dropped, reads give zeros. With read_zeroes the device also says
-so when asked for its allocation (every range present and reading as zeros); without
-it, as QEMU's driver, it claims nothing (no range present, none known to be zeros), so a
-convert from it treats the whole device as unallocated. Scripts and tests use it as a
-source of any size that costs nothing to read.
+Writes are accepted and dropped; reads return zeros (QEMU leaves the buffer alone unless
+read-zeroes is set; zeros are the one safe content to hand out). Useful as a sink or an
+endless source in tests and benchmarks: null-co:// names one of 1 GiB.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from .blockdev import BlockDevice, Extent
 from .errors import InvalidArgumentError
 
 NULL_DRIVERS = ("null-co", "null-aio")
-DEFAULT_SIZE = 1 << 30  # QEMU's default for the size option
+DEFAULT_SIZE = 1 << 30
 SECTOR = 512
+_BOOLS = {"on": True, "off": False}
+
+
+@dataclass
+class NullTarget:
+    """A null device to open: its driver, size and whether reads report zeros."""
+
+    driver: str = "null-co"
+    size: int = DEFAULT_SIZE
+    read_zeroes: bool = False
+
+
+def is_null_name(name: str) -> bool:
+    """null-co:// or null-aio:// (QEMU's only filenames for these drivers)."""
+    return name.startswith(tuple(f"{driver}:" for driver in NULL_DRIVERS))
+
+
+def parse_null_name(name: str) -> NullTarget:
+    driver, _, rest = name.partition(":")
+    if rest != "//":
+        raise InvalidArgumentError(f"The only allowed filename for this driver is '{driver}://'")
+    return NullTarget(driver)
+
+
+def target_from_options(driver: str, options: dict[str, str]) -> NullTarget:
+    """size, read-zeroes and latency-ns (accepted: there is no I/O to delay)."""
+    from .blkdebug import SIZE_SUFFIX_HINT
+    from .sizes import parse_size
+
+    target = NullTarget(driver)
+    for key, value in options.items():
+        if key == "size":
+            try:
+                target.size = parse_size(value)
+            except (ValueError, InvalidArgumentError):
+                raise InvalidArgumentError(
+                    "Parameter 'size' expects a non-negative number below 2^64",
+                    qemu_hint=SIZE_SUFFIX_HINT,
+                ) from None
+        elif key == "read-zeroes":
+            if value not in _BOOLS:
+                raise InvalidArgumentError("Parameter 'read-zeroes' expects 'on' or 'off'")
+            target.read_zeroes = _BOOLS[value]
+        elif key == "latency-ns":
+            if not value.isdigit():
+                raise InvalidArgumentError("Parameter 'latency-ns' expects a number")
+        elif key != "filename" or value != f"{driver}://":
+            raise InvalidArgumentError(
+                f"Block protocol '{driver}' doesn't support the option '{key}'"
+            )
+    return target
 
 
 class NullDevice(BlockDevice):
-    """A null-co (or null-aio) device of `size` bytes (rounded up to whole sectors, as
-    QEMU counts a device's length)."""
+    """The device of a NullTarget."""
 
-    read_only = False
-
-    def __init__(self, size: int = DEFAULT_SIZE, read_zeroes: bool = False, driver="null-co"):
-        if driver not in NULL_DRIVERS:
-            raise InvalidArgumentError(f"Unknown null driver '{driver}'")
-        if size < 0:
-            raise InvalidArgumentError(f"null device size {size} is negative")
-        self.format = driver
-        self.filename = f"{driver}://"
-        self.size = -(-size // SECTOR) * SECTOR
-        self.read_zeroes = read_zeroes
-        self._closed = False
+    def __init__(self, target: NullTarget, mode: str = "r"):
+        self.format = target.driver
+        self.filename = f"{target.driver}://"
+        self.size = -(-target.size // SECTOR) * SECTOR  # QEMU counts whole sectors
+        self.read_only = mode != "r+"
+        self.read_zeroes = target.read_zeroes
 
     def readinto(self, offset: int, buffer) -> int:
         view = memoryview(buffer).cast("B")
@@ -43,7 +86,7 @@ class NullDevice(BlockDevice):
         return len(view)
 
     def write(self, offset: int, data) -> None:
-        self.check_request(offset, len(memoryview(data).cast("B")), write=True)
+        self.check_request(offset, memoryview(data).nbytes, write=True)
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         self.check_request(offset, length, write=True)
@@ -52,9 +95,12 @@ class NullDevice(BlockDevice):
         self.check_request(offset, length, write=True)
 
     def flush(self) -> None:
-        return None
+        pass
 
     def extent_batches(self, offset: int, length: int) -> Iterator[list[Extent]]:
+        """As QEMU's block status: never data (nothing is stored). With read-zeroes every
+        range is present and reads as zeros; without, the driver claims nothing (not
+        present, not known to be zeros), so convert treats the device as unallocated."""
         if self.read_zeroes:
             yield [Extent(offset, length, False, True, 0, offset, True)]
         else:

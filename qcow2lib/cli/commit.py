@@ -80,7 +80,7 @@ def cmd_commit(cli: Cli, argv: list[str]) -> int:
     try:
         passphrases = spec_passphrases(cli, spec)
         with qcow2lib.open(
-            host_path(spec.path),
+            spec.target or host_path(spec.path),
             "r+",
             spec.fmt,
             backing=False,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from qcow2lib.cli.common import Cli
 from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
 from qcow2lib.cli.images import (
@@ -100,9 +102,15 @@ def cmd_compare(cli: Cli, argv: list[str]) -> int:
                 cli.out(text + "\n")
         else:
             lines = text.split("\n")
-            if not quiet:
-                cli.out("".join(line + "\n" for line in lines[:-1]))
+            # qemu-img's stdout is fully buffered unless it is a terminal: the lines it
+            # printed before the failure reach a pipe after the error line
+            before = "" if quiet else "".join(line + "\n" for line in lines[:-1])
+            terminal = sys.stdout.isatty()
+            if terminal:
+                cli.out(before)
             cli.error_report(lines[-1])
+            if not terminal:
+                cli.out(before)
         return code
     finally:
         for device in devices:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from typing import NoReturn
 
@@ -257,6 +259,7 @@ def cmd_convert(cli: Cli, argv: list[str]) -> int:
             min_sparse=min_sparse,
             num_coroutines=num_coroutines,
             in_order=in_order,
+            salvage=_salvage_warnings(cli, quiet) if salvage else None,
         )
     except ConvertStop as stop:
         code = stop.code
@@ -270,6 +273,19 @@ def cmd_convert(cli: Cli, argv: list[str]) -> int:
         meter.print(100, 0)
     meter.end()
     return code
+
+
+def _salvage_warnings(cli: Cli, quiet: bool):
+    """--salvage: each source error the copy goes past, as qemu-img warns of it."""
+
+    def warn(what: str, offset: int, exc: Qcow2Error) -> None:
+        if not quiet:
+            where = "block status at offset" if what == "block status" else "offset"
+            # broken metadata is EIO to qemu-img (the image is marked corrupt)
+            text = exc.strerror if isinstance(exc, OSError) else os.strerror(errno.EIO)
+            cli.warn_report(f"error while reading {where} {offset}: {text}")
+
+    return warn
 
 
 def _convert(
@@ -299,6 +315,7 @@ def _convert(
     min_sparse,
     num_coroutines,
     in_order,
+    salvage,
 ) -> int:
     """img_convert() after its argument checks; opened devices are appended to `devices`
     (the caller closes them). Returns the exit status or raises ConvertStop."""
@@ -428,6 +445,7 @@ def _convert(
             out_of_order=not in_order,
             progress=meter.callback if meter.enabled else None,
             copy_range=copy_range,
+            salvage=salvage,
         )
     except ConvertError as exc:
         fail(error_text(exc))

@@ -3,6 +3,7 @@ with the secrets of each encrypted layer, and qemu-img's messages when that fail
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -11,13 +12,13 @@ from typing import TYPE_CHECKING, NoReturn
 import qcow2lib
 from qcow2lib.bitmaps import check_qemu_constraints
 from qcow2lib import ImageLockedError, Qcow2Error
-from qcow2lib.chain import _double_quoted, json_name_options, untrusted_backing_path
+from qcow2lib.chain import json_name_options, untrusted_backing_path
+from qcow2lib.nodes import FILE_NODE_DRIVERS, NODE_DRIVERS
 from qcow2lib.cli.common import Cli
 from qcow2lib.cli.qemuopts import CreateError, parse_qemu_opts, split_option_list
 from qcow2lib.cli.qobject import qemu_json_compact
 from qcow2lib.cli.secrets import secret_value
 from qcow2lib.image import Qcow2Image
-from qcow2lib.nulldev import NULL_DRIVERS
 from qcow2lib.ops import error_text, full_backing_filename, host_path
 
 if TYPE_CHECKING:  # (the NBD client is imported only when an NBD export is opened)
@@ -83,8 +84,7 @@ class ImageSpec:
     # backing[.backing...].driver and .file.filename, nearest first: (driver, filename)
     backing_files: tuple = ()
     nbd: NBDAddress | None = None
-    null: tuple | None = None  # a null-co/null-aio device's (driver, size, read_zeroes)
-    null_name: str = ""  # and the name QEMU gives it
+    target: object = None  # a blkdebug or null-co node's (chain.options_image_target)
     l2_cache_entry_size: int | None = None
 
 
@@ -148,8 +148,10 @@ def _options_spec(text: str, opts: dict[str, str], force_share: bool) -> ImageSp
     for name in IGNORED_IMAGE_OPTS:
         opts.pop(name, None)
     driver = opts.pop("driver", None)
-    if driver in NULL_DRIVERS:
-        return _null_spec(text, driver, opts, force_share, fail)
+    if driver in NODE_DRIVERS or opts.get("file.driver") in FILE_NODE_DRIVERS:
+        return _node_spec(text, driver, opts, force_share, fail)
+    if driver == "ssh":
+        _ssh_open(opts, fail)
     if driver is not None and driver not in ("qcow2", "raw", "file", "host_device", "nbd", "luks"):
         fail(f"Unknown driver '{driver}'")
     if driver == "nbd" or opts.get("file.driver") == "nbd":
@@ -253,6 +255,34 @@ def _qcow2_tuning(text: str, opts: dict[str, str], fail) -> int | None:
     return entry_size
 
 
+def _node_spec(
+    text: str, driver: str | None, opts: dict[str, str], force_share: bool, fail
+) -> ImageSpec:
+    """A blkdebug or null-co node (or an image above blkdebug or quorum): the engine opens it from
+    its options, checked here so that a bad one fails as qemu-img's does."""
+    from qcow2lib.chain import options_image_target
+
+    if driver is not None:
+        opts["driver"] = driver
+    try:
+        target, fmt = options_image_target(opts, text)
+    except Qcow2Error as exc:
+        raise OpenFailure(f"Could not open '{text}': {error_text(exc)}", exc.qemu_hint) from exc
+    path = text if text.startswith("json:") else "json:" + json.dumps(opts)
+    return ImageSpec(text, path, fmt, None, force_share, target=target)
+
+
+def _ssh_open(opts: dict[str, str], fail) -> NoReturn:
+    """driver=ssh: the options checked and the server connected as QEMU's ssh driver does
+    first; qimg speaks no SSH, so an image behind a reachable server is refused."""
+    from qcow2lib.exports.ssh_client import ssh_open_check
+
+    try:
+        ssh_open_check(opts)
+    except Qcow2Error as exc:
+        fail(error_text(exc))
+
+
 def _nbd_spec(
     text: str, driver: str | None, opts: dict[str, str], force_share: bool, fail
 ) -> ImageSpec:
@@ -277,55 +307,6 @@ def _nbd_spec(
     except Qcow2Error as exc:
         fail(str(exc))
     return ImageSpec(text, address.uri(), fmt, None, force_share, nbd=address)
-
-
-def _null_spec(text: str, driver: str, opts: dict[str, str], force_share: bool, fail) -> ImageSpec:
-    """QEMU's null-co/null-aio protocol drivers: options size, read-zeroes, latency-ns
-    (qimg answers at once: the latency is accepted and not simulated)."""
-    from qcow2lib.nulldev import DEFAULT_SIZE
-    from qcow2lib.sizes import parse_size
-
-    # QEMU names the device by its driver and the options that shape its content, as
-    # they were given (JSON numbers and booleans stay such); "<driver>://" without them
-    given = {"driver": driver}
-    for name in ("size", "read-zeroes"):
-        if name in opts:
-            given[name] = opts[name]
-    if text.startswith("json:") and len(given) > 1:
-        import json
-
-        tree = json.loads(_double_quoted(text[len("json:") :]))
-        given.update((name, tree[name]) for name in given if name != "driver")
-    null_name = f"{driver}://" if len(given) == 1 else "json:" + qemu_json_compact(given)
-    size = DEFAULT_SIZE
-    if "size" in opts:
-        value = opts.pop("size")
-        try:
-            size = parse_size(value)
-            if not 0 <= size < 1 << 64:
-                raise ValueError(value)
-        except (ValueError, Qcow2Error):
-            raise OpenFailure(
-                f"Could not open '{text}': Parameter 'size' expects a non-negative number "
-                f"below 2^64",
-                SIZE_SUFFIX_HINT,
-            ) from None
-    read_zeroes = opts.pop("read-zeroes", "off")
-    if read_zeroes not in ("on", "off"):
-        fail("Parameter 'read-zeroes' expects 'on' or 'off'")
-    if "latency-ns" in opts and not opts.pop("latency-ns").isdigit():
-        fail("Parameter 'latency-ns' expects a number")
-    for name in opts:
-        fail(f"Block protocol '{driver}' doesn't support the option '{name}'")
-    return ImageSpec(
-        text,
-        f"{driver}://",
-        driver,
-        None,
-        force_share,
-        null=(driver, size, read_zeroes == "on"),
-        null_name=null_name,
-    )
 
 
 def _chain_layers(device):
@@ -359,13 +340,8 @@ def open_spec(
     is the top's when the caller has it from elsewhere (a target just created).
     """
     explicit = passphrase is not None
-    if spec.null is not None:
-        from qcow2lib.nulldev import NullDevice
-
-        driver, size, read_zeroes = spec.null
-        return NullDevice(size, read_zeroes, driver)
     try:
-        path = spec.nbd if spec.nbd is not None else host_path(spec.path)
+        path = spec.nbd if spec.nbd is not None else spec.target or host_path(spec.path)
         if not path:
             raise qcow2lib.InvalidArgumentError("The 'file' block driver requires a file name")
         passphrases = spec_passphrases(cli, spec)

@@ -66,9 +66,11 @@ def human_image_info(info: dict) -> str:
     if info.get("dirty-flag"):
         text += "cleanly shut down: no\n"
     if "backing-filename" in info:
-        backing, full = info["backing-filename"], info["full-backing-filename"]
+        backing, full = info["backing-filename"], info.get("full-backing-filename")
         text += f"backing file: {backing}"
-        if full != backing:
+        if full is None:
+            text += " (cannot determine actual path)"
+        elif full != backing:
             text += f" (actual path: {full})"
         text += "\n"
         if "backing-filename-format" in info:
@@ -129,29 +131,18 @@ def cmd_info(cli: Cli, argv: list[str]) -> int:
             report_failure(cli, exc)
             return 1
         filename, fmt, force_share = spec.path, spec.fmt, spec.force_share
-    if spec is not None and spec.null is not None:  # no file behind it: its name and size
-        driver, size, _ = spec.null
-        infos = [
-            {
-                "virtual-size": -(-size // 512) * 512,
-                "filename": spec.null_name,
-                "format": driver,
-                "actual-size": 0,
-            }
-        ]
-    else:
-        try:
-            infos = image_info_list(filename, fmt, chain, force_share, untrusted())
-        except ImageOpenError as exc:
-            message = str(exc)
-            if spec is not None and message.startswith(f"Could not open '{spec.path}': "):
-                message = f"Could not open '{spec.name}': " + message[len(spec.path) + 19 :]
-            cli.error_report(message)
-            sys.stderr.write(exc.hint)
-            return 1
-        except Qcow2Error as exc:
-            cli.error_report(error_text(exc))
-            return 1
+    try:
+        infos = image_info_list(filename, fmt, chain, force_share, untrusted())
+    except ImageOpenError as exc:
+        message = str(exc)
+        if spec is not None and message.startswith(f"Could not open '{spec.path}': "):
+            message = f"Could not open '{spec.name}': " + message[len(spec.path) + 19 :]
+        cli.error_report(message)
+        sys.stderr.write(exc.hint)
+        return 1
+    except Qcow2Error as exc:
+        cli.error_report(error_text(exc))
+        return 1
     if spec is not None and "cluster-size" in infos[0]:
         try:
             check_entry_size(spec, infos[0]["cluster-size"])

@@ -45,6 +45,8 @@ def virtual_size(img: BlockDevice) -> int:
     QEMU counts sizes in sectors: a raw file's partial last sector is rounded up (it
     reads as zeros past the end of the file), a qcow2 header size is rounded down.
     """
+    if img.format == "blkdebug":  # a filter: its child's length
+        return virtual_size(img.child)
     if img.format in ("raw", "host_device", "file"):
         return (img.size + 511) // 512 * 512
     return img.size // 512 * 512
@@ -72,6 +74,8 @@ def host_path(filename: str) -> str:
         return filename
     protocol = filename.split(":", 1)[0]
     if protocol in ("nbd", "nbd+tcp", "nbd+unix"):  # opened by the NBD client
+        return filename
+    if protocol in ("blkdebug", "null-co", "null-aio"):  # opened by open_image (chain.py)
         return filename
     if protocol == "file":
         name = filename[len("file:") :]

@@ -18,12 +18,15 @@ from ..blockdev import BlockDevice
 from ..chain import (
     MAX_CHAIN_DEPTH,
     backing_format,
+    json_image_target,
     open_image,
     resolve_backing_path,
     untrusted_backing_path,
 )
-from ..errors import CorruptImageError, InvalidArgumentError, Qcow2Error
+from ..errors import CorruptImageError, InvalidArgumentError, Qcow2Error, Qcow2IOError
 from ..image import Qcow2Image
+from ..nodes import is_node_name
+from .empty import can_start_afresh, start_afresh
 from .resize import resize
 
 IO_BUF_SIZE = 2 << 20
@@ -42,12 +45,18 @@ def _matches(base: str, layer_filename: str, path: str) -> bool:
     return os.path.realpath(candidate) == os.path.realpath(path)
 
 
+def _host_name(layer) -> str:
+    """The file a layer's relative backing name resolves against: its host file (beneath
+    blkdebug too), else the name it was opened by."""
+    return getattr(getattr(layer, "file", None), "path", None) or layer.filename
+
+
 def _open_chain(top, base_name: str | None, passphrases: tuple, untrusted: bool) -> int:
     """Open the layers below `top` down to the base read-only, the base read-write (with
     its own chain read-only), and hang them under top. Returns the base's depth."""
     try:
         layer, depth = top, 0
-        seen = {os.path.realpath(top.filename)}
+        seen = {os.path.realpath(_host_name(top))}
         while True:
             name = getattr(layer, "backing_filename", None)
             if not name:
@@ -56,17 +65,35 @@ def _open_chain(top, base_name: str | None, passphrases: tuple, untrusted: bool)
                 raise CommitError(
                     f"Did not find '{base_name}' in the backing chain of '{top.filename}'"
                 )
+            if not untrusted and (name.startswith("json:") or is_node_name(name)):
+                # opened as named: options, or a blkdebug / null-co node
+                target, stated = json_image_target(name) if name[0] == "j" else (name, None)
+                depth += 1
+                is_base = depth == 1 if base_name is None else base_name == name
+                layer.backing = open_image(
+                    target,
+                    "r+" if is_base else "r",
+                    stated or layer.backing_format,
+                    backing=is_base,
+                    passphrase=passphrases[depth - 1 :],
+                )
+                if is_base:
+                    return depth
+                layer = layer.backing
+                continue
             if untrusted:
-                path = untrusted_backing_path(layer.filename, name, layer.backing_format)
+                path = untrusted_backing_path(_host_name(layer), name, layer.backing_format)
             else:
-                path = resolve_backing_path(layer.filename, name)
+                path = resolve_backing_path(_host_name(layer), name)
             real = os.path.realpath(path)
             if real in seen or depth >= MAX_CHAIN_DEPTH:
                 raise CorruptImageError(f"Backing file '{path}' creates an infinite loop.")
             seen.add(real)
             depth += 1
             is_base = (
-                _matches(base_name, layer.filename, path) if base_name is not None else depth == 1
+                _matches(base_name, _host_name(layer), path)
+                if base_name is not None
+                else depth == 1
             )
             if not os.path.exists(path):
                 raise CommitError(
@@ -137,36 +164,50 @@ def commit(
         base = _layer(top, base_depth)
         if base.size < top.size:
             resize(base, top.size)
-        total = top.size
-        done = 0
-        buf = bytearray(IO_BUF_SIZE)
-        for ext in top.extents(0, total) if total else []:
-            end = ext.offset + ext.length
-            if ext.depth >= base_depth:
-                done += ext.length
-                continue  # the base (or what is below it) already provides this
-            if ext.is_zero:
-                base.write_zeroes(ext.offset, ext.length, may_unmap=True)
-                done += ext.length
-            else:
-                offset = ext.offset
-                while offset < end:
-                    n = min(IO_BUF_SIZE, end - offset)
-                    view = memoryview(buf)[:n]
-                    top.readinto(offset, view)
-                    base.write(offset, view)
-                    offset += n
-                    done += n
-                    if progress is not None:
-                        progress(done, total)
-        base.flush()
-        if progress is not None:
-            progress(total, total)
+        try:
+            _copy_down(top, base, base_depth, progress)
+        except Qcow2IOError as exc:  # qemu-img runs the copy as a block job
+            raise CommitError(f"Block job failed: {exc.strerror}") from exc
         if not drop and isinstance(top, Qcow2Image):
-            top.resize_drop_clusters(0)
-            top.resize_truncate_file()
-            top.flush()
+            try:
+                if can_start_afresh(top):
+                    start_afresh(top)
+                else:
+                    top.resize_drop_clusters(0)
+                    top.resize_truncate_file()
+                    top.flush()
+            except Qcow2IOError as exc:
+                raise CommitError(f"Failed to empty {top.filename}: {exc.strerror}") from exc
     finally:
         if top.backing is not None:
             top.backing.close()  # the chain this commit opened
             top.backing = None
+
+
+def _copy_down(top, base, base_depth: int, progress) -> None:
+    """Write what the layers above the base provide into the base, and flush it."""
+    total = top.size
+    done = 0
+    buf = bytearray(IO_BUF_SIZE)
+    for ext in top.extents(0, total) if total else []:
+        end = ext.offset + ext.length
+        if ext.depth >= base_depth:
+            done += ext.length
+            continue  # the base (or what is below it) already provides this
+        if ext.is_zero:
+            base.write_zeroes(ext.offset, ext.length, may_unmap=True)
+            done += ext.length
+        else:
+            offset = ext.offset
+            while offset < end:
+                n = min(IO_BUF_SIZE, end - offset)
+                view = memoryview(buf)[:n]
+                top.readinto(offset, view)
+                base.write(offset, view)
+                offset += n
+                done += n
+                if progress is not None:
+                    progress(done, total)
+    base.flush()
+    if progress is not None:
+        progress(total, total)

@@ -140,19 +140,19 @@ def compare(
     """
     name_a = name_a or a.filename
     name_b = name_b or b.filename
+    out: list[str] = []  # lines printed before a failure (the size warning) stay printed
     try:
-        return _compare(a, b, strict, name_a, name_b, progress)
+        return _compare(a, b, strict, name_a, name_b, progress, out)
     except _ReadFailed as exc:
-        return 4, exc.message
+        return 4, "\n".join(out + [exc.message])
     except _StatusFailed as exc:
-        return 3, exc.message
+        return 3, "\n".join(out + [exc.message])
 
 
-def _compare(a, b, strict, name_a, name_b, progress) -> tuple[int, str]:
+def _compare(a, b, strict, name_a, name_b, progress, out: list[str]) -> tuple[int, str]:
     size1, size2 = virtual_size(a), virtual_size(b)
     total = min(size1, size2)
     progress_base = max(size1, size2)
-    out: list[str] = []
     if strict and size1 != size2:
         return 1, "Strict mode: Image size mismatch!"
     ext1 = _extents(a, name_a, 0, total)

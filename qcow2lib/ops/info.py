@@ -108,6 +108,9 @@ def _snapshot_list(img) -> list[dict]:
 
 def _describe(img, path: str) -> dict:
     """The info dict of an open image whose host file is `path`."""
+    from ..blkdebug import BlkdebugFile
+    from ..quorum import QuorumFile
+
     info: dict = {
         "filename": path,
         "format": img.format,
@@ -117,6 +120,23 @@ def _describe(img, path: str) -> dict:
         info["filename"] = img.filename
         if img.format != "qcow2":
             del info["dirty-flag"]
+    elif img.filename.startswith(("null-co:", "null-aio:")):  # stores nothing
+        info["actual-size"] = 0
+        del info["dirty-flag"]  # the null driver has no image information to give
+    elif isinstance(getattr(img, "file", None), QuorumFile):
+        info["actual-size"] = img.file.allocated_bytes()
+        path = None  # its copies lie in no one directory: no relative backing name resolves
+    elif img.format == "blkdebug":  # the node itself: no allocated size; as a filter it
+        child = img.child  # gives its child's image information (null-co has none)
+        if child.filename.startswith(("null-co:", "null-aio:")):
+            del info["dirty-flag"]
+        elif child.format == "qcow2":
+            info["cluster-size"] = child.cluster_size
+            info["dirty-flag"] = child.dirty
+    elif isinstance(getattr(img, "file", None), BlkdebugFile):
+        # blkdebug reports no allocated size ("unavailable"); relative backing names
+        # resolve in the directory of the file beneath it
+        path = img.file.path
     else:
         info["actual-size"] = os.stat(path).st_blocks * 512
     info["virtual-size"] = virtual_size(img)
@@ -126,7 +146,8 @@ def _describe(img, path: str) -> dict:
             info["encrypted"] = True
         if img.backing_filename:
             info["backing-filename"] = img.backing_filename
-            info["full-backing-filename"] = full_backing_filename(path, img.backing_filename)
+            if path is not None:  # else qemu-img "cannot determine actual path"
+                info["full-backing-filename"] = full_backing_filename(path, img.backing_filename)
             if img.backing_format:
                 info["backing-filename-format"] = img.backing_format
         if img.header.nb_snapshots:

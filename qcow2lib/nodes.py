@@ -1,0 +1,114 @@
+"""QEMU block nodes that qimg opens besides host files, images and NBD exports.
+
+blkdebug (fault injection, blkdebug.py), null-co/null-aio (nulldev.py) and quorum beneath
+an image (quorum.py): their names (blkdebug:CONFIG:IMAGE, null-co://), their json: or
+--image-opts options, and opening them for open_image (chain.py), which asks
+open_node() first.
+"""
+
+from __future__ import annotations
+
+from . import structs as S
+from .blockdev import BlockDevice, RawDevice
+from .errors import InvalidArgumentError, UnsupportedFeatureError
+from .image import Qcow2Image
+
+NODE_DRIVERS = ("blkdebug", "null-co", "null-aio")  # as "driver"
+FILE_NODE_DRIVERS = ("blkdebug", "quorum")  # as "file.driver", beneath an image
+
+
+def is_node_name(name: str) -> bool:
+    """blkdebug:CONFIG:IMAGE, null-co:// or null-aio://."""
+    return name.startswith(("blkdebug:", "null-co:", "null-aio:"))
+
+
+def is_node_target(path) -> bool:
+    """Whether open_image gets a node of this module from `path` (a name or a target)."""
+    from .blkdebug import BlkdebugTarget
+    from .nulldev import NullTarget
+    from .quorum import QuorumTarget
+
+    if isinstance(path, str):
+        return is_node_name(path)
+    return isinstance(path, (BlkdebugTarget, NullTarget, QuorumTarget))
+
+
+def node_target(driver: str | None, opts: dict[str, str], name: str):
+    """(target, format) of options naming a node (driver) or an image above one
+    (file.driver), as chain.options_image_target returns them."""
+    from . import blkdebug, nulldev
+
+    if driver in nulldev.NULL_DRIVERS:
+        return nulldev.target_from_options(driver, opts), driver
+    if driver == "blkdebug":
+        return blkdebug.target_from_options(name, opts), "blkdebug"
+    file_driver = opts.pop("file.driver")
+    file_opts = {key[5:]: opts.pop(key) for key in list(opts) if key.startswith("file.")}
+    if opts:
+        raise UnsupportedFeatureError(
+            f"Option '{sorted(opts)[0]}' in the image name '{name}' is not supported"
+        )
+    if file_driver == "quorum":
+        from . import quorum
+
+        return quorum.target_from_options(name, file_opts), driver
+    return blkdebug.target_from_options(name, file_opts), driver
+
+
+def open_node(path, mode: str, fmt: str | None, **kwargs) -> BlockDevice | None:
+    """A blkdebug, null-co or quorum node when `path` or `fmt` names one, else None."""
+    from . import blkdebug, nulldev, quorum
+
+    if isinstance(path, quorum.QuorumTarget):
+        return _open_over_quorum(path, mode, fmt, **kwargs)
+
+    if isinstance(path, nulldev.NullTarget) or fmt in nulldev.NULL_DRIVERS:
+        if isinstance(path, str):
+            path = nulldev.parse_null_name(path) if nulldev.is_null_name(path) else None
+        if path is None:
+            raise InvalidArgumentError(f"The only allowed filename for this driver is '{fmt}://'")
+        return nulldev.NullDevice(path, mode)
+    if isinstance(path, str) and nulldev.is_null_name(path):
+        if fmt not in (None, "raw"):
+            raise UnsupportedFeatureError(f"qimg opens only raw content of '{path}', not {fmt}")
+        device = nulldev.NullDevice(nulldev.parse_null_name(path), mode)
+        device.format = "raw"  # named by its protocol, the node gets a (probed) format
+        return device
+    if isinstance(path, blkdebug.BlkdebugTarget) or (
+        isinstance(path, str) and path.startswith("blkdebug:")
+    ):
+        return blkdebug.open_blkdebug(path, mode, fmt, **kwargs)
+    return None
+
+
+def _open_over_quorum(target, mode: str, fmt: str | None, **kwargs) -> BlockDevice:
+    """An image whose file is a quorum of copies (quorum.py)."""
+    from .quorum import QuorumFile
+
+    file = QuorumFile(target, writable=mode == "r+")
+    try:
+        if fmt is None:
+            fmt = "qcow2" if file.pread(4, 0) == S.QCOW_MAGIC.to_bytes(4, "big") else "raw"
+        file.no_flush = kwargs.get("cache") == "unsafe"
+        if fmt == "raw":
+            return RawDevice(target.name, mode, kwargs.get("force_share", False), file=file)
+        if fmt != "qcow2":
+            raise InvalidArgumentError(f"Unknown driver '{fmt}'")
+    except BaseException:
+        file.close()
+        raise
+    from .chain import _finish_qcow2, _split_passphrase
+
+    own, backing_passphrase = _split_passphrase(kwargs.get("passphrase"))
+    force_share = kwargs.get("force_share", False)
+    image = Qcow2Image(target.name, mode, force_share=force_share, passphrase=own, file=file)
+    return _finish_qcow2(
+        image,
+        None,
+        kwargs.get("backing", True),
+        force_share,
+        backing_passphrase,
+        kwargs.get("open_data_file", True),
+        (),
+        None,
+    )
