@@ -121,7 +121,7 @@ def target_from_options(name: str, options: dict[str, str]) -> BlkdebugTarget:
         for key, value in options.items()
         if key.startswith(("inject-error", "set-state"))
     }
-    limits = ("align", "max-transfer", "opt-write-zero", "max-write-zero")
+    limits: tuple[str, ...] = ("align", "max-transfer", "opt-write-zero", "max-write-zero")
     limits += ("opt-discard", "max-discard")
     for key in options:
         if key in ("config", "image", "x-image") or key.startswith(("image.",) + tuple(_RULE_KEYS)):
@@ -237,8 +237,8 @@ def _option_sections(options: dict[str, str]) -> list[tuple[str, dict[str, str]]
             raise InvalidArgumentError(f"Unknown option '{sorted(single)[0]}' for [{group}]")
         if single:
             sections.append((group, single))
-        for index in sorted(numbered):
-            sections.append((group, numbered[index]))
+        for section_index in sorted(numbered):
+            sections.append((group, numbered[section_index]))
     return sections
 
 
@@ -422,6 +422,7 @@ def _open_protocol_file(name: str, writable: bool):
 
     if name.startswith("blkdebug:"):
         inner = parse_blkdebug_name(name)
+        assert isinstance(inner.image, str)  # (a blkdebug: name's image is a file name)
         rules = Blkdebug.load(inner)
         file = BlkdebugFile(_open_protocol_file(inner.image, writable), rules)
         rules.event("none")
@@ -457,6 +458,7 @@ def open_blkdebug(
         target = parse_blkdebug_name(target)
     rules = Blkdebug.load(target)
     if fmt == "blkdebug":
+        child_target: chain.ImageTarget
         if isinstance(target.image, str):  # a file, or a node's name (null-co://, blkdebug:)
             child_target = target.image
             child_fmt = None if is_node_name(child_target) else "file"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 from . import nodes
 from . import structs as S
@@ -27,7 +27,13 @@ from .image import Qcow2Image
 from .luks_image import has_luks_magic, open_luks
 
 if TYPE_CHECKING:
+    from .blkdebug import BlkdebugTarget
     from .exports.nbd_client import NBDAddress
+    from .nulldev import NullTarget
+    from .quorum import QuorumTarget
+
+    # what open_image opens: a host file or node name, an NBD export, or a node's options
+    ImageTarget: TypeAlias = str | NBDAddress | BlkdebugTarget | NullTarget | QuorumTarget
 
 MAX_CHAIN_DEPTH = 16
 FORMATS = ("luks", "qcow2", "raw")  # luks: luks_image.py (issue 14)
@@ -164,12 +170,12 @@ def json_name_options(name: str) -> dict[str, str]:
     return options
 
 
-def json_image_target(name: str) -> "tuple[object, str | None]":
+def json_image_target(name: str) -> tuple[ImageTarget, str | None]:
     """What a "json:{...}" backing name opens (see options_image_target)."""
     return options_image_target(json_name_options(name), name)
 
 
-def options_image_target(opts: dict[str, str], name: str) -> "tuple[object, str | None]":
+def options_image_target(opts: dict[str, str], name: str) -> tuple[ImageTarget, str | None]:
     """What image options (flattened, as json_name_options gives them) open: a host file,
     an NBD export, a blkdebug, null-co or quorum node (nodes.py), and the format "driver"
     states (None when
@@ -289,7 +295,7 @@ def _open_nbd(
 
 
 def open_image(
-    path: "str | NBDAddress",
+    path: ImageTarget,
     mode: str = "r",
     fmt: str | None = None,
     backing: bool = True,
@@ -472,7 +478,7 @@ def _finish_qcow2(
         try:
             name = image.backing_filename
             stated = image.backing_format
-            backing_path: str | NBDAddress
+            backing_path: ImageTarget
             if untrusted:
                 if path is None:
                     raise UntrustedImageError(

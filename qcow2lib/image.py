@@ -18,7 +18,7 @@ import threading
 from functools import partial
 from array import array
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 from . import codecs
 from . import structs as S
@@ -53,8 +53,13 @@ from .overlap import (
 from .refcount import Refcounts
 
 if TYPE_CHECKING:  # (the NBD client is imported only when an export is opened)
+    from .blkdebug import BlkdebugFile
     from .crypto import SectorCrypto
     from .exports.nbd_client import NBDHostFile
+    from .quorum import QuorumFile
+
+    # what an image's bytes live in: a host file, an NBD export, or a test node's file
+    ContainerFile: TypeAlias = HostFile | NBDHostFile | BlkdebugFile | QuorumFile
 
 _ZEROS = bytes(1 << 20)
 _ZEROS_VIEW = memoryview(_ZEROS)
@@ -113,7 +118,7 @@ class Qcow2Image(BlockDevice):
         open_data_file: bool = True,
         backing_of: str | None = None,
         untrusted: bool = False,
-        file: HostFile | NBDHostFile | None = None,
+        file: ContainerFile | None = None,
     ):
         """backing_of: the image naming this one as its backing file, if any. untrusted:
         an external data file the image names (not `data_file_path`) is refused. `file` is
@@ -123,7 +128,7 @@ class Qcow2Image(BlockDevice):
             raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
         self.filename = path
         self.read_only = mode == "r"
-        self.file: HostFile | NBDHostFile = (
+        self.file: ContainerFile = (
             file
             if file is not None
             else open_host_file(
@@ -414,7 +419,7 @@ class Qcow2Image(BlockDevice):
 
     # --- helpers ------------------------------------------------------------------------
 
-    def _data_target(self) -> HostFile | NBDHostFile:
+    def _data_target(self) -> ContainerFile:
         if self.has_data_file and self.data_host is None:
             raise InvalidArgumentError(
                 f"'{self.filename}' was opened without its external data file"
@@ -1324,7 +1329,7 @@ class Qcow2Image(BlockDevice):
         if self._flush_failure is not None:
             raise self._flush_failure
 
-    def _sync(self, target: HostFile | NBDHostFile) -> None:
+    def _sync(self, target: ContainerFile) -> None:
         """fdatasync a file. After one failed, the kernel may have dropped writes it no
         longer reports: every later flush fails too, as QEMU does, so nothing is claimed
         durable that may not be."""

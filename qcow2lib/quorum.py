@@ -61,8 +61,8 @@ def target_from_options(name: str, options: dict[str, str]) -> QuorumTarget:
     if threshold is None:
         raise InvalidArgumentError("Parameter 'vote-threshold' is missing")
     files = []
-    for index in sorted(children):
-        child = children[index]
+    for child_index in sorted(children):
+        child = children[child_index]
         if child.get("driver", "file") not in ("file", "host_device") or set(child) - {
             "driver",
             "filename",
@@ -108,7 +108,7 @@ class QuorumFile:
             counts[version] = counts.get(version, 0) + 1
         # QEMU keeps the newest version first: of versions with equal votes, the one a
         # later child returned wins
-        winner = max(reversed(counts), key=counts.get)
+        winner = max(reversed(counts), key=lambda version: counts[version])
         if counts[winner] < self.threshold:  # no version has enough votes
             raise Qcow2IOError(errno.EIO, os.strerror(errno.EIO))
         return winner

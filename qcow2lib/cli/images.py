@@ -23,6 +23,7 @@ from qcow2lib.ops import error_text, full_backing_filename, host_path
 
 if TYPE_CHECKING:  # (the NBD client is imported only when an NBD export is opened)
     from qcow2lib.exports.nbd_client import NBDAddress
+    from qcow2lib.chain import ImageTarget
 
 CACHE_MODES = ("none", "off", "directsync", "writeback", "unsafe", "writethrough")
 # --image-opts options qimg accepts and ignores (they tune QEMU's I/O, not content).
@@ -84,7 +85,7 @@ class ImageSpec:
     # backing[.backing...].driver and .file.filename, nearest first: (driver, filename)
     backing_files: tuple = ()
     nbd: NBDAddress | None = None
-    target: object = None  # a blkdebug or null-co node's (chain.options_image_target)
+    target: ImageTarget | None = None  # a blkdebug or null-co node's (options_image_target)
     l2_cache_entry_size: int | None = None
 
 
@@ -272,7 +273,7 @@ def _node_spec(
     return ImageSpec(text, path, fmt, None, force_share, target=target)
 
 
-def _ssh_open(opts: dict[str, str], fail) -> NoReturn:
+def _ssh_open(opts: dict[str, str], fail) -> None:
     """driver=ssh: the options checked and the server connected as QEMU's ssh driver does
     first; qimg speaks no SSH, so an image behind a reachable server is refused."""
     from qcow2lib.exports.ssh_client import ssh_open_check

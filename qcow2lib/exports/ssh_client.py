@@ -15,7 +15,7 @@ import socket
 from ..errors import InvalidArgumentError, Qcow2IOError, UnsupportedFeatureError
 
 SSH_PORT = 22
-_KNOWN = ("host", "port", "path", "user", "host_key_check", "host-key-check")
+_KNOWN: tuple[str, ...] = ("host", "port", "path", "user", "host_key_check", "host-key-check")
 _KNOWN += ("server.host", "server.port", "filename")
 CONNECT_TIMEOUT = 10.0
 

@@ -46,6 +46,9 @@ def virtual_size(img: BlockDevice) -> int:
     reads as zeros past the end of the file), a qcow2 header size is rounded down.
     """
     if img.format == "blkdebug":  # a filter: its child's length
+        from ..blkdebug import BlkdebugDevice
+
+        assert isinstance(img, BlkdebugDevice)  # (the only device of that format)
         return virtual_size(img.child)
     if img.format in ("raw", "host_device", "file"):
         return (img.size + 511) // 512 * 512

@@ -111,6 +111,7 @@ def _describe(img, path: str) -> dict:
     from ..blkdebug import BlkdebugFile
     from ..quorum import QuorumFile
 
+    backing_base: str | None = path  # where relative backing names resolve
     info: dict = {
         "filename": path,
         "format": img.format,
@@ -125,7 +126,7 @@ def _describe(img, path: str) -> dict:
         del info["dirty-flag"]  # the null driver has no image information to give
     elif isinstance(getattr(img, "file", None), QuorumFile):
         info["actual-size"] = img.file.allocated_bytes()
-        path = None  # its copies lie in no one directory: no relative backing name resolves
+        backing_base = None  # its copies lie in no one directory: no relative name resolves
     elif img.format == "blkdebug":  # the node itself: no allocated size; as a filter it
         child = img.child  # gives its child's image information (null-co has none)
         if child.filename.startswith(("null-co:", "null-aio:")):
@@ -136,7 +137,7 @@ def _describe(img, path: str) -> dict:
     elif isinstance(getattr(img, "file", None), BlkdebugFile):
         # blkdebug reports no allocated size ("unavailable"); relative backing names
         # resolve in the directory of the file beneath it
-        path = img.file.path
+        backing_base = img.file.path
     else:
         info["actual-size"] = os.stat(path).st_blocks * 512
     info["virtual-size"] = virtual_size(img)
@@ -146,8 +147,10 @@ def _describe(img, path: str) -> dict:
             info["encrypted"] = True
         if img.backing_filename:
             info["backing-filename"] = img.backing_filename
-            if path is not None:  # else qemu-img "cannot determine actual path"
-                info["full-backing-filename"] = full_backing_filename(path, img.backing_filename)
+            if backing_base is not None:  # else qemu-img "cannot determine actual path"
+                info["full-backing-filename"] = full_backing_filename(
+                    backing_base, img.backing_filename
+                )
             if img.backing_format:
                 info["backing-filename-format"] = img.backing_format
         if img.header.nb_snapshots:
