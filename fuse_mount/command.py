@@ -142,7 +142,7 @@ def main(
             )
             return EXIT_FAILURE
     if info_json is None:
-        from qcow2lib.cli.qobject import qemu_json as info_json  # qimg info's JSON printer
+        from qcow2lib.qobject import qemu_json as info_json  # qimg info's JSON printer
     return mount_image(
         args.image,
         args.mountpoint,

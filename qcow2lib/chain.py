@@ -139,9 +139,8 @@ def _double_quoted(text: str) -> str:
     return "".join(out)
 
 
-def json_name_options(name: str) -> dict[str, str]:
-    """The options of a "json:{...}" image name, nested objects flattened to dotted keys
-    ({"file": {"filename": "x"}} -> {"file.filename": "x"}), values as option strings."""
+def json_text_tree(name: str) -> dict:
+    """The object of a "json:{...}" image name, as QEMU's JSON parser reads it."""
     import json
 
     try:
@@ -152,6 +151,13 @@ def json_name_options(name: str) -> dict[str, str]:
         ) from None
     if not isinstance(tree, dict):
         raise InvalidArgumentError("Invalid JSON object given")
+    return tree
+
+
+def json_name_options(name: str) -> dict[str, str]:
+    """The options of a "json:{...}" image name, nested objects flattened to dotted keys
+    ({"file": {"filename": "x"}} -> {"file.filename": "x"}), values as option strings."""
+    tree = json_text_tree(name)
     options: dict[str, str] = {}
 
     def flatten(prefix: str, value) -> None:

@@ -39,7 +39,7 @@ def node_target(driver: str | None, opts: dict[str, str], name: str):
     from . import blkdebug, nulldev
 
     if driver in nulldev.NULL_DRIVERS:
-        return nulldev.target_from_options(driver, opts), driver
+        return nulldev.target_from_options(driver, opts, name), driver
     if driver == "blkdebug":
         return blkdebug.target_from_options(name, opts), "blkdebug"
     file_driver = opts.pop("file.driver")

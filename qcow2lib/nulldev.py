@@ -26,6 +26,7 @@ class NullTarget:
     driver: str = "null-co"
     size: int = DEFAULT_SIZE
     read_zeroes: bool = False
+    name: str = ""  # QEMU's name for it: "<driver>://" unless options shape its content
 
 
 def is_null_name(name: str) -> bool:
@@ -40,8 +41,25 @@ def parse_null_name(name: str) -> NullTarget:
     return NullTarget(driver)
 
 
-def target_from_options(driver: str, options: dict[str, str]) -> NullTarget:
-    """size, read-zeroes and latency-ns (accepted: there is no I/O to delay)."""
+def _qemu_name(driver: str, options: dict[str, str], source: str) -> str:
+    """QEMU names a null device by its driver and the options that shape its content, as
+    given (a json: name's numbers and booleans stay such); "<driver>://" without them."""
+    from .chain import json_text_tree
+    from .qobject import qemu_json_compact
+
+    given: dict[str, object] = {"driver": driver}
+    given.update((key, options[key]) for key in ("size", "read-zeroes") if key in options)
+    if len(given) == 1:
+        return f"{driver}://"
+    if source.startswith("json:"):
+        tree = json_text_tree(source)
+        given.update((key, tree[key]) for key in given if key != "driver" and key in tree)
+    return "json:" + qemu_json_compact(given)
+
+
+def target_from_options(driver: str, options: dict[str, str], source: str = "") -> NullTarget:
+    """size, read-zeroes and latency-ns (accepted: there is no I/O to delay). source: the
+    name or options text the device was given by, for QEMU's name of it."""
     from .blkdebug import SIZE_SUFFIX_HINT
     from .sizes import parse_size
 
@@ -66,6 +84,7 @@ def target_from_options(driver: str, options: dict[str, str]) -> NullTarget:
             raise InvalidArgumentError(
                 f"Block protocol '{driver}' doesn't support the option '{key}'"
             )
+    target.name = _qemu_name(driver, options, source)
     return target
 
 
@@ -74,7 +93,7 @@ class NullDevice(BlockDevice):
 
     def __init__(self, target: NullTarget, mode: str = "r"):
         self.format = target.driver
-        self.filename = f"{target.driver}://"
+        self.filename = target.name or f"{target.driver}://"
         self.size = -(-target.size // SECTOR) * SECTOR  # QEMU counts whole sectors
         self.read_only = mode != "r+"
         self.read_zeroes = target.read_zeroes

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import qimg
-from qcow2lib.cli.qobject import qdict_items, qemu_json
+from qcow2lib.qobject import qdict_items, qemu_json
 from qemutools import qemu_create, qemu_img, qemu_io
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -25,7 +25,7 @@ from qcow2lib.cli.qemuopts import (
     split_option_list,
     valid_option_list,
 )
-from qcow2lib.cli.qobject import qdict_items
+from qcow2lib.qobject import qdict_items
 from qcow2lib.cli.secrets import process_object
 from qcow2lib.ops import (
     error_text,

@@ -16,7 +16,7 @@ from qcow2lib.chain import json_name_options, untrusted_backing_path
 from qcow2lib.nodes import FILE_NODE_DRIVERS, NODE_DRIVERS
 from qcow2lib.cli.common import Cli
 from qcow2lib.cli.qemuopts import CreateError, parse_qemu_opts, split_option_list
-from qcow2lib.cli.qobject import qemu_json_compact
+from qcow2lib.qobject import qemu_json_compact
 from qcow2lib.cli.secrets import secret_value
 from qcow2lib.image import Qcow2Image
 from qcow2lib.ops import error_text, full_backing_filename, host_path

@@ -17,7 +17,7 @@ from qcow2lib.cli.images import (
     report_failure,
     untrusted,
 )
-from qcow2lib.cli.qobject import dump_qobject, qemu_json
+from qcow2lib.qobject import dump_qobject, qemu_json
 from qcow2lib.cli.secrets import process_object
 from qcow2lib.ops import error_text
 from qcow2lib.ops.info import ImageOpenError, image_info_list

@@ -57,7 +57,7 @@ def _usage_error(cli: Cli, command: str, message: str) -> int:
 def cmd_mount(cli: Cli, argv: list[str]) -> int:
     """`mount`: mount IMAGE at MOUNTPOINT; returns once mounted (or failed)."""
     from fuse_mount.command import mount_image
-    from qcow2lib.cli.qobject import qemu_json
+    from qcow2lib.qobject import qemu_json
 
     fmt = snapshot = None
     image_opts = writable = foreground = allow_other = False

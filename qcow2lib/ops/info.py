@@ -109,6 +109,7 @@ def _snapshot_list(img) -> list[dict]:
 def _describe(img, path: str) -> dict:
     """The info dict of an open image whose host file is `path`."""
     from ..blkdebug import BlkdebugFile
+    from ..nulldev import NullDevice
     from ..quorum import QuorumFile
 
     backing_base: str | None = path  # where relative backing names resolve
@@ -121,7 +122,7 @@ def _describe(img, path: str) -> dict:
         info["filename"] = img.filename
         if img.format != "qcow2":
             del info["dirty-flag"]
-    elif img.filename.startswith(("null-co:", "null-aio:")):  # stores nothing
+    elif isinstance(img, NullDevice):  # stores nothing
         info["actual-size"] = 0
         del info["dirty-flag"]  # the null driver has no image information to give
     elif isinstance(getattr(img, "file", None), QuorumFile):
@@ -129,7 +130,7 @@ def _describe(img, path: str) -> dict:
         backing_base = None  # its copies lie in no one directory: no relative name resolves
     elif img.format == "blkdebug":  # the node itself: no allocated size; as a filter it
         child = img.child  # gives its child's image information (null-co has none)
-        if child.filename.startswith(("null-co:", "null-aio:")):
+        if isinstance(child, NullDevice):
             del info["dirty-flag"]
         elif child.format == "qcow2":
             info["cluster-size"] = child.cluster_size
