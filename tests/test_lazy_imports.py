@@ -1,6 +1,7 @@
 """Start-up cost: opening a plain qcow2 image and reading what `info` shows imports neither
-construct nor the optional codec/crypto packages; the struct formats used instead agree
-with the construct declarations they stand in for."""
+construct nor the optional codec/crypto packages, and qimg's metadata commands import none
+of the heavy modules they do not use; the struct formats used instead agree with the
+construct declarations they stand in for."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from qcow2lib import structs as S
 from qemutools import qemu_create, qemu_io
@@ -49,3 +52,45 @@ def test_opening_and_reading_an_image_imports_no_construct(tmp_path: Path) -> No
     ).stdout
     result = json.loads(out)
     assert result == {"ok": True, "extents": 2, "loaded": []}
+
+
+# Modules that cost start-up time and that the metadata commands below never need: the
+# optional codec/crypto packages, construct (writers and rare structures only), ctypes
+# (hole punching), the codec thread pool (compressed clusters) and JSON (--output=json).
+LAZY_FOR_METADATA_COMMANDS = (
+    "construct",
+    "cryptography",
+    "zstandard",
+    "ctypes",
+    "concurrent.futures",
+    "json",
+)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["info"], ["check"], ["snapshot", "-l"], ["map"]],
+    ids=lambda command: " ".join(command),
+)
+def test_cli_metadata_commands_import_no_heavy_modules(tmp_path: Path, command: list) -> None:
+    path = tmp_path / "a.qcow2"
+    qemu_create(path, "4M")
+    qemu_io(path, "write -P 0x61 0 64k")
+    script = (
+        "import sys, os\n"
+        "sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], 'tools')]\n"
+        "names = sys.argv[2].split(',')\n"
+        "sys.argv = ['qimg', *sys.argv[3:]]\n"
+        "import qimg\n"
+        "code = qimg.main()\n"
+        "loaded = ','.join(sorted(name for name in names if name in sys.modules))\n"
+        "sys.stderr.write(f'exit={code} loaded=[{loaded}]\\n')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(ROOT), ",".join(LAZY_FOR_METADATA_COMMANDS)]
+        + command
+        + [str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.stderr.splitlines()[-1] == "exit=0 loaded=[]", done.stderr
