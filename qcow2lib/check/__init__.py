@@ -48,7 +48,8 @@ from .report import (
     format_check_stderr,
 )
 from .target import _INT64_MAX, _INT_MAX, _RefcountArray, _Target
-from .walk import _Lanes, _Replay, _Walk
+from ..runs import RunFinder
+from .walk import _Replay, _Walk
 
 __all__ = [
     "FIX_ERRORS",
@@ -93,7 +94,7 @@ class _Check(_Walk, _Compare, _Repair):
         self._plain_mask: tuple[int | None, list[tuple[int, bytes]]] = (None, [])
         self._plain_cache: dict[tuple, list | None] = {}
         self._plain_cached = 0  # tables and runs in _plain_cache
-        self._lanes = _Lanes()
+        self._lanes = RunFinder()
         self._overflows = 0
         # The non-zero entries of the L1 table checked last: (offset, size), t.writes
         # when read, entries, those repeated.

@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import os
 import struct
-import sys
 from array import array
 from collections import Counter
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Iterator
 
 from .. import structs as S
 from ..cache import decode_be64
+from ..runs import used_runs
 from .report import FIX_ERRORS, _Abort, _hash_x, _Result
 from .target import (
     _CHUNK_BITS,
@@ -35,7 +35,6 @@ from .target import (
 )
 
 _L2_BITMAP_ALL_ALLOC = 0xFFFFFFFF
-_BE64 = struct.Struct(">Q")
 _MAX_REMEMBERED_RUNS = 1 << 16  # runs of L2 tables kept between the walk and compare
 _MAX_L1_ENTRIES = S.MAX_L1_BYTES // 8
 _BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
@@ -73,50 +72,9 @@ _MAX_COUNTED_L1_ENTRIES = 1 << 16  # L1 entries looked at for repeats, per L1 ta
 _MIN_DEFER_HEADROOM = 1024  # refcounts this far below the maximum allow deferred increments
 
 
-class _Lanes:
-    """Runs in a table of big-endian 64-bit entries, found with whole-table integer
-    arithmetic: entries [i, j) read as one integer equal `first * ones + ramp` exactly when
-    they are first, first + step, first + 2 * step, ... (no carry crosses an entry, as
-    every entry stays below 2**64), and the highest bit of the XOR of the two says where
-    a run ends, so a run costs a few operations at C speed, not a Python step per entry."""
-
-    def __init__(self) -> None:
-        self._lanes = self._step = 0
-        self._ones = self._ramp = 0
-
-    def runs(self, raw: bytearray, step: int) -> list[tuple[int, int, int]]:
-        """(first index, end index, first entry) of each maximal run in which every entry
-        is `step` past the one before."""
-        entries = len(raw) // 8
-        if entries > self._lanes or step != self._step:  # (made for the largest table)
-            lanes = max(entries, self._lanes)
-            self._ones = int.from_bytes(b"\0\0\0\0\0\0\0\1" * lanes, "big")
-            ramp = array("Q", range(0, lanes * step, step))
-            if sys.byteorder == "little":
-                ramp.byteswap()
-            self._ramp = int.from_bytes(ramp.tobytes(), "big")
-            self._lanes, self._step = lanes, step
-        ones, ramp, lanes = self._ones, self._ramp, self._lanes
-        runs: list[tuple[int, int, int]] = []
-        start = 0
-        while start < entries:
-            (first,) = _BE64.unpack_from(raw, start * 8)
-            window = 64  # entries compared at once, growing while they all match
-            while True:
-                stop = min(entries, start + window)
-                shift = (lanes - (stop - start)) * 64  # (keeps the first stop-start lanes)
-                expected = first * (ones >> shift) + (ramp >> shift)
-                mismatch = int.from_bytes(raw[start * 8 : stop * 8], "big") ^ expected
-                if mismatch:
-                    end = stop - (mismatch.bit_length() + 63) // 64
-                    break
-                if stop == entries:
-                    end = entries
-                    break
-                window *= 4
-            runs.append((start, end, first))
-            start = end
-        return runs
+def _drop_top_byte(packed: bytearray) -> None:
+    """Clear COPIED, the only bit left in the top byte of plain L2 entries."""
+    packed[0::8] = bytes(len(packed) // 8)
 
 
 class _Walk:
@@ -589,21 +547,10 @@ class _Walk:
         for position, allowed in self._plain_mask[1]:
             if data[position::8].translate(None, allowed):
                 return self._remember_plain(key, None)  # (an entry with bits to look at)
-        # Unused entries out first (at C speed), so that clusters allocated one after the
-        # other in the file form one run however the guest maps them.
-        used = array("Q", filter(None, decode_be64(data)))
-        if sys.byteorder == "little":
-            used.byteswap()
-        packed = used.tobytes()
-        flags = packed[0::8]
-        raw = bytearray(packed)
-        raw[0::8] = bytes(len(used))  # (COPIED, the only bit left in the top byte, dropped)
-        runs = self._lanes.runs(raw, self.t.cs)
-        if any(not first for _, _, first in runs):
-            return self._remember_plain(key, None)  # (COPIED without an offset)
-        return self._remember_plain(
-            key, [(first, end - start, flags[start:end]) for start, end, first in runs]
-        )
+        runs = used_runs(self._lanes, decode_be64(data), self.t.cs, _drop_top_byte)
+        if sum(tops.count(0x80) for _, _, tops in runs) != data[0::8].count(0x80):
+            return self._remember_plain(key, None)  # (COPIED on an entry without an offset)
+        return self._remember_plain(key, runs)
 
     def _remember_plain(self, key: tuple, runs: list | None) -> list | None:
         size = 1 + len(runs or ())
