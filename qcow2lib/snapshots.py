@@ -29,7 +29,6 @@ import time
 from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from itertools import compress
 from operator import add
 
@@ -630,8 +629,11 @@ def _make_date(date) -> tuple[int, int]:
     if date is None:
         now = time.time_ns()
         return now // 1_000_000_000, now % 1_000_000_000
-    if isinstance(date, datetime):
-        date = date.timestamp()
+    if not isinstance(date, (tuple, int, float)):
+        from datetime import datetime  # (only here: importing it costs every command)
+
+        if isinstance(date, datetime):
+            date = date.timestamp()
     if isinstance(date, tuple):
         sec, nsec = date
     else:

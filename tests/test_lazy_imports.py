@@ -68,7 +68,7 @@ def test_opening_and_reading_an_image_imports_no_construct(tmp_path: Path) -> No
 # Modules that cost start-up time and that the metadata commands below never need: the
 # optional codec/crypto packages, construct (rare structures and whole-header writes only),
 # ctypes (hole punching: only commands that free clusters), the codec thread pool
-# (compressed clusters) and JSON (--output=json).
+# (compressed clusters), JSON (--output=json) and datetime (dates given as datetime).
 LAZY_FOR_METADATA_COMMANDS = (
     "construct",
     "cryptography",
@@ -76,6 +76,7 @@ LAZY_FOR_METADATA_COMMANDS = (
     "ctypes",
     "concurrent.futures",
     "json",
+    "datetime",
 )
 
 
