@@ -62,6 +62,38 @@ class RunFinder:
         return runs
 
 
+class NativeRunLength:
+    """The same arithmetic on an array of native little-endian entries (the L2 cache's),
+    where entry 0 is the least significant lane and the lowest set bit of the XOR marks
+    the first entry off the pattern."""
+
+    def __init__(self) -> None:
+        self._lanes = self._step = 0
+        self._ones = self._ramp = 0
+
+    def __call__(self, table: array, index: int, limit: int, first: int, step: int) -> int:
+        """How many of the `limit` entries from `index` are first, first + step, ..."""
+        if limit > self._lanes or (step and step != self._step):
+            lanes = max(limit, self._lanes)
+            self._ones = int.from_bytes(b"\1\0\0\0\0\0\0\0" * lanes, "little")
+            ramp_step = step or self._step
+            ramp = array("Q", range(0, lanes * ramp_step, ramp_step)) if ramp_step else b""
+            self._ramp = int.from_bytes(ramp, "little")
+            self._lanes, self._step = lanes, ramp_step
+        window = 64  # entries compared at once, growing while they all match
+        while True:
+            count = min(limit, window)
+            mask = (1 << (64 * count)) - 1
+            expected = first * (self._ones & mask) + (self._ramp & mask if step else 0)
+            found = int.from_bytes(table[index : index + count].tobytes(), "little")
+            mismatch = found ^ expected
+            if mismatch:
+                return ((mismatch & -mismatch).bit_length() - 1) // 64
+            if count == limit:
+                return limit
+            window *= 4
+
+
 def used_runs(
     finder: RunFinder, table: array, step: int, clean: Callable[[bytearray], None]
 ) -> list[tuple[int, int, bytes]]:

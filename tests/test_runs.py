@@ -9,7 +9,7 @@ from array import array
 import pytest
 
 from qcow2lib import structs as S
-from qcow2lib.runs import RunFinder, host_runs
+from qcow2lib.runs import NativeRunLength, RunFinder, host_runs
 
 CLUSTER_BITS = 16
 
@@ -79,3 +79,32 @@ def test_host_runs_refuse_compressed_and_misaligned_entries() -> None:
     # 512-byte clusters: every offset bit is a cluster bit, nothing can be misaligned.
     small = array("Q", [(9 + index) << 9 | S.OFLAG_COPIED for index in range(10)])
     assert host_runs(small, 9, finder) == [(9, 10)]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_native_run_length_matches_counting_entry_by_entry(seed: int) -> None:
+    rng = random.Random(seed)
+    run_length = NativeRunLength()
+    for _ in range(50):
+        table = random_table(rng, rng.choice([2, 100, 8192]))
+        index = rng.randrange(len(table) - 1)
+        first = table[index]
+        step = rng.choice([0, 1 << CLUSTER_BITS, 1 << 9])
+        limit = rng.randint(1, len(table) - index)
+        expected = 0
+        while expected < limit and table[index + expected] == first + expected * step:
+            expected += 1
+        assert run_length(table, index, limit, first, step) == expected
+
+
+def test_native_run_length_across_its_growing_windows() -> None:
+    run_length = NativeRunLength()
+    step = 1 << CLUSTER_BITS
+    table = array("Q", [S.OFLAG_COPIED | (7 + index) << CLUSTER_BITS for index in range(8192)])
+    assert run_length(table, 0, 8192, table[0], step) == 8192
+    for broken in (1, 63, 64, 65, 300, 5000, 8191):
+        damaged = array("Q", table)
+        damaged[broken] ^= 1 << 9
+        assert run_length(damaged, 0, 8192, table[0], step) == broken
+        assert run_length(damaged, 0, broken, table[0], step) == broken
+    assert run_length(array("Q", bytes(8 * 700)), 0, 700, 0, 0) == 700
