@@ -94,7 +94,7 @@ class _Check(_Walk, _Compare, _Repair):
         self._plain_mask: tuple[int | None, list[tuple[int, bytes]]] = (None, [])
         self._plain_cache: dict[tuple, list | None] = {}
         self._plain_cached = 0  # tables and runs in _plain_cache
-        self._lanes = RunFinder()
+        self._run_finder = RunFinder()
         self._overflows = 0
         # The non-zero entries of the L1 table checked last: (offset, size), t.writes
         # when read, entries, those repeated.

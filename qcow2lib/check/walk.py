@@ -547,7 +547,7 @@ class _Walk:
         for position, allowed in self._plain_mask[1]:
             if data[position::8].translate(None, allowed):
                 return self._remember_plain(key, None)  # (an entry with bits to look at)
-        runs = used_runs(self._lanes, decode_be64(data), self.t.cs, _drop_top_byte)
+        runs = used_runs(self._run_finder, decode_be64(data), self.t.cs, _drop_top_byte)
         if sum(tops.count(0x80) for _, _, tops in runs) != data[0::8].count(0x80):
             return self._remember_plain(key, None)  # (COPIED on an entry without an offset)
         return self._remember_plain(key, runs)
