@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Speed and memory of qcow2lib/qimg against the reference tools, side by side.
 
-    python3 bench/bench.py [--quick] [--size-mib N] [--rounds R] [--only NAME...]
+    python3 bench/bench.py [--quick] [--cpu] [--size-mib N] [--rounds R] [--only NAME...]
                            [--markdown FILE] [--dir DIR] [--fs-source DIR]
 
 Every case runs through qcow2lib/qimg and through the reference (qemu-img, qemu-nbd,
@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cases import CASES, QEMU_IMG, Config, Fixtures  # noqa: E402
+import measure  # noqa: E402
 from measure import format_markdown, format_text, run_case, table_rows  # noqa: E402
 
 
@@ -66,6 +67,11 @@ def main() -> None:
         choices=[case.name for case in CASES],
         help="run only these cases",
     )
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="command rows report CPU time (user+sys) and the minimum over the rounds",
+    )
     parser.add_argument("--markdown", metavar="FILE", help="also write the table here")
     parser.add_argument("--dir", help="where the scratch images go (a temporary directory)")
     parser.add_argument(
@@ -73,6 +79,7 @@ def main() -> None:
         help="tree copied into the ext4 image (/usr/share; /usr/share/zoneinfo with --quick)",
     )
     args = parser.parse_args()
+    measure.CPU_TIME = args.cpu
     size_mib = args.size_mib or (64 if args.quick else 1024)
     rounds = args.rounds or (1 if args.quick else 3)
     fs_source = Path(args.fs_source or ("/usr/share/zoneinfo" if args.quick else "/usr/share"))
@@ -84,6 +91,7 @@ def main() -> None:
     header = (
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {machine()}\n"
         f"data images {size_mib} MiB, {rounds} round(s), ext4 image of {fs_source}"
+        + ("; command rows: CPU time (user+sys), minimum of the rounds" if args.cpu else "")
     )
     log(header)
     started = time.perf_counter()

@@ -283,6 +283,20 @@ class Fixtures:
 
         return self._once("extents.qcow2", build)
 
+    def sparse100g(self) -> Path:
+        """100 GiB virtual, `size` of data in 1 MiB pieces spread evenly over it."""
+
+        def build(path):
+            sh(QEMU_IMG, "create", "-f", "qcow2", path, "100G")
+            chunks = self.config.size // MIB
+            spacing = (100 << 30) // chunks
+            qemu_io(
+                path,
+                [f"write -P {index % 250 + 1} {index * spacing} 1M" for index in range(chunks)],
+            )
+
+        return self._once("sparse100g.qcow2", build)
+
     def many_snapshots(self) -> Path:
         """Snapshots sharing L1/L2 tables: the mixed image, then a snapshot after each of
         a few scattered writes."""
@@ -335,19 +349,20 @@ def startup_case(fx: Fixtures) -> list[Row]:
 
 
 def snapshot_rows(fx: Fixtures, label: str, source: Path) -> list[Row]:
-    """-c, -a, -d in turn on each side's own copy, so that the image is back to where it
-    started at the end of every round."""
+    """-c, -l, -a, -d in turn on each side's own copy, so that the image is back to where
+    it started at the end of every round."""
     ours_copy = fx.dir / f"snap-{label}-ours.qcow2"
     theirs_copy = fx.dir / f"snap-{label}-theirs.qcow2"
     copy_sparse(source, ours_copy)
     copy_sparse(source, theirs_copy)
     rows = []
-    for flag, name in (("-c", "create"), ("-a", "apply"), ("-d", "delete")):
+    for flag, name in (("-c", "create"), ("-l", "list"), ("-a", "apply"), ("-d", "delete")):
+        operand = [] if flag == "-l" else ["bench"]
         rows.append(
             Row(
                 f"snapshot {flag} ({name}), {label}",
-                wall([*QIMG, "snapshot", flag, "bench", ours_copy]),
-                wall([QEMU_IMG, "snapshot", flag, "bench", theirs_copy]),
+                wall([*QIMG, "snapshot", flag, *operand, ours_copy]),
+                wall([QEMU_IMG, "snapshot", flag, *operand, theirs_copy]),
                 Target(max_ratio=1.5),
                 "qemu-img snapshot",
             )
@@ -357,14 +372,9 @@ def snapshot_rows(fx: Fixtures, label: str, source: Path) -> list[Row]:
 
 def snapshot_case(fx: Fixtures) -> list[Row]:
     size_label = f"{fx.config.size // MIB} MiB"
-    sparse = fx.dir / "sparse100g.qcow2"
-    sh(QEMU_IMG, "create", "-f", "qcow2", sparse, "100G")
-    chunks = fx.config.size // MIB
-    spacing = (100 << 30) // chunks
-    qemu_io(sparse, [f"write -P {index % 250 + 1} {index * spacing} 1M" for index in range(chunks)])
     return [
         *snapshot_rows(fx, f"{size_label} with data", fx.mixed()),
-        *snapshot_rows(fx, f"100 GiB sparse, {size_label} data", sparse),
+        *snapshot_rows(fx, f"100 GiB sparse, {size_label} data", fx.sparse100g()),
     ]
 
 
@@ -406,7 +416,10 @@ def convert_case(fx: Fixtures) -> list[Row]:
 
 def check_map_case(fx: Fixtures) -> list[Row]:
     rows = []
+    size_label = f"{fx.config.size // MIB} MiB"
     for label, image in (
+        (f"{size_label} fully allocated", fx.full()),
+        (f"100 GiB sparse, {size_label} data", fx.sparse100g()),
         ("many small extents", fx.extents()),
         (f"{fx.config.snapshots} snapshots", fx.many_snapshots()),
     ):

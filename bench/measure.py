@@ -2,9 +2,9 @@
 
 Every sample is one child process reaped with os.wait4, whose rusage gives that run's
 peak RSS (ru_maxrss, KiB on Linux; about 5 MiB is the floor, see LAUNCHER). Times are
-either the wall time around the child
-or, for API and `bench` runs, the time the child reports for its own work (interpreter
-start-up excluded).
+either the wall time around the child, or its CPU time (user + system, from the same
+rusage) when CPU_TIME is set (bench.py --cpu), or, for API and `bench` runs, the time the
+child reports for its own work (interpreter start-up excluded).
 """
 
 from __future__ import annotations
@@ -40,6 +40,13 @@ QIMG = [
 ]
 
 
+# Set by bench.py --cpu: command rows then report the child's user + system CPU time
+# instead of its wall time, and the table its minimum over the rounds instead of the
+# median. On a machine shared with other jobs, wall time measures the neighbours as much
+# as the command; CPU time and the best of several runs are far more stable.
+CPU_TIME = False
+
+
 class BenchError(Exception):
     """A benchmarked command failed: the suite reports it instead of a number."""
 
@@ -55,7 +62,7 @@ class Sample:
 # process's high-water mark across exec), so forking from this suite, which grows while
 # it builds images, would inflate every number. The launcher (an isolated interpreter,
 # about 5 MiB) forks, execs the command, times it from fork to reaping, and writes
-# "seconds maxrss_kib exit_code" to the descriptor it is given. It ignores SIGTERM, so
+# "seconds maxrss_kib exit_code cpu_seconds" to the descriptor it is given. It ignores SIGTERM, so
 # that signalling its process group stops only the command; the command gets the default
 # disposition back before exec.
 LAUNCHER = r"""
@@ -72,7 +79,8 @@ if pid == 0:
 _, status, usage = os.wait4(pid, 0)
 seconds = time.perf_counter() - start
 exit_code = os.waitstatus_to_exitcode(status)
-os.write(int(sys.argv[1]), f"{seconds} {usage.ru_maxrss} {exit_code}".encode())
+cpu = usage.ru_utime + usage.ru_stime
+os.write(int(sys.argv[1]), f"{seconds} {usage.ru_maxrss} {exit_code} {cpu}".encode())
 """
 
 
@@ -85,6 +93,7 @@ class Launched:
         self.err = tempfile.TemporaryFile()
         result_read, result_write = os.pipe()
         self.result = os.fdopen(result_read, "rb")
+        self.cpu_seconds = 0.0
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", LAUNCHER, str(result_write), *self.argv],
@@ -120,9 +129,10 @@ class Launched:
             self.err.seek(0)
             stdout = self.out.read().decode(errors="replace")
             stderr = self.err.read().decode(errors="replace").strip()
-        if len(fields) != 3:
+        if len(fields) != 4:
             raise BenchError(f"{' '.join(self.argv[:8])}... was killed (timeout {timeout} s)")
         seconds, rss, code = float(fields[0]), int(fields[1]), int(fields[2])
+        self.cpu_seconds = float(fields[3])
         if code not in accept:
             raise BenchError(f"{' '.join(self.argv[:8])}... exited {code}: {stderr[-400:]}")
         return seconds, rss, stdout
@@ -140,11 +150,12 @@ def run_child(
 
 
 def wall(argv: list, accept: tuple[int, ...] = (0,)) -> Callable[[], Sample]:
-    """A sampler: the child's wall time, start-up included."""
+    """A sampler: the child's wall time, start-up included (its CPU time with CPU_TIME)."""
 
     def sample() -> Sample:
-        seconds, rss, _ = run_child(argv, accept=accept)
-        return Sample(seconds, rss)
+        child = Launched(argv)
+        seconds, rss, _ = child.wait(accept=accept)
+        return Sample(child.cpu_seconds if CPU_TIME else seconds, rss)
 
     return sample
 
@@ -270,7 +281,11 @@ def run_case(case: Case, fixtures: object, rounds: int, log: Callable[[str], Non
 
 
 def _median(samples: list[Sample]) -> float | None:
-    return statistics.median(s.seconds for s in samples) if samples else None
+    """The row's figure: the median, or with CPU_TIME the minimum (noise only adds)."""
+    if not samples:
+        return None
+    times = [s.seconds for s in samples]
+    return min(times) if CPU_TIME else statistics.median(times)
 
 
 def _peak(samples: list[Sample]) -> int | None:

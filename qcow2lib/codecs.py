@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from .errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureError
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 ZLIB, ZSTD = "zlib", "zstd"
 
@@ -30,9 +33,11 @@ def set_pool_size(threads: int) -> None:
 
 
 def pool() -> ThreadPoolExecutor:
-    """The shared codec pool."""
+    """The shared codec pool, made (and concurrent.futures imported) on first use."""
     global _pool
     if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
         _pool = ThreadPoolExecutor(max_workers=_pool_size, thread_name_prefix="qcow2-codec")
     return _pool
 

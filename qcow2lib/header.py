@@ -336,23 +336,18 @@ class Header:
     def pack_fields(self) -> bytes:
         """Only the fixed header fields (header_length bytes), with the backing file name
         pointer as it is on disk: for in-place updates that leave the extensions alone."""
-        offset, size = self.backing_file_offset, self.backing_file_size
-        data = bytearray(self.pack()[: self.header_length])
-        self.backing_file_offset, self.backing_file_size = offset, size
-        struct.pack_into(">QI", data, 8, offset, size)
-        return bytes(data)
+        data = self._pack_fixed(self.backing_file_offset, self.backing_file_size)
+        return bytes(data[: self.header_length])
 
-    def pack(self) -> bytes:
-        """The header cluster's content: header, extensions, end marker, backing file name.
-
-        Known extensions are regenerated from the fields; unknown ones are kept in order.
-        """
-        out = bytearray()
+    def _pack_fixed(self, backing_file_offset: int, backing_file_size: int) -> bytearray:
+        """The fixed header fields (v2, v3 and the bytes up to header_length), packed
+        with the struct formats that tests hold to the construct declarations (every
+        header update would otherwise import construct)."""
         v2_fields = dict(
             magic=S.QCOW_MAGIC,
             version=self.version,
-            backing_file_offset=0,
-            backing_file_size=0,
+            backing_file_offset=backing_file_offset,
+            backing_file_size=backing_file_size,
             cluster_bits=self.cluster_bits,
             size=self.size,
             crypt_method=self.crypt_method,
@@ -363,22 +358,31 @@ class Header:
             nb_snapshots=self.nb_snapshots,
             snapshots_offset=self.snapshots_offset,
         )
-        out += S.HeaderV2.build(v2_fields)
+        out = bytearray(S.HEADER_V2_FORMAT.pack(*(v2_fields[name] for name in S.HEADER_V2_FIELDS)))
         if self.version >= 3:
-            out += S.HeaderV3Tail.build(
-                dict(
-                    incompatible_features=self.incompatible_features,
-                    compatible_features=self.compatible_features,
-                    autoclear_features=self.autoclear_features,
-                    refcount_order=self.refcount_order,
-                    header_length=self.header_length,
-                )
+            v3_fields = dict(
+                incompatible_features=self.incompatible_features,
+                compatible_features=self.compatible_features,
+                autoclear_features=self.autoclear_features,
+                refcount_order=self.refcount_order,
+                header_length=self.header_length,
+            )
+            out += S.HEADER_V3_TAIL_FORMAT.pack(
+                *(v3_fields[name] for name in S.HEADER_V3_TAIL_FIELDS)
             )
             if self.header_length > S.HEADER_V3_SIZE:
                 extra = bytes([self.compression_type]) + bytes(7) + self.extra_header_bytes
                 out += extra[: self.header_length - S.HEADER_V3_SIZE].ljust(
                     self.header_length - S.HEADER_V3_SIZE, b"\0"
                 )
+        return out
+
+    def pack(self) -> bytes:
+        """The header cluster's content: header, extensions, end marker, backing file name.
+
+        Known extensions are regenerated from the fields; unknown ones are kept in order.
+        """
+        out = self._pack_fixed(0, 0)
         for ext in self._extensions_to_write():
             out += struct.pack(">II", ext.type, len(ext.data))
             out += ext.data + bytes(-len(ext.data) % 8)

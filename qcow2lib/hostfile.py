@@ -12,7 +12,6 @@ import fcntl
 import os
 import stat
 import struct
-from collections.abc import Callable
 
 from .errors import Qcow2IOError
 
@@ -20,15 +19,25 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
-try:  # punch_hole needs fallocate(2) with flags, which os does not expose.
-    import ctypes
-    import ctypes.util
+_fallocate_call: list = []  # [libc's fallocate or None], filled on first use
 
-    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    _fallocate: Callable[..., int] | None = _libc.fallocate
-except (OSError, AttributeError):  # pragma: no cover - non-glibc hosts
-    _fallocate = None
+
+def _fallocate():
+    """libc's fallocate(2), which takes the flags os.posix_fallocate does not, or None.
+
+    Loaded on the first hole punched: ctypes costs start-up time most commands never need.
+    The symbols of the running process include libc's, so no library search is needed.
+    """
+    if not _fallocate_call:
+        import ctypes
+
+        try:
+            call = ctypes.CDLL(None, use_errno=True).fallocate
+            call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        except (OSError, AttributeError):  # pragma: no cover - non-glibc hosts
+            call = None
+        _fallocate_call.append(call)
+    return _fallocate_call[0]
 
 
 # QEMU's image locking: byte 100+i is held by whoever uses permission i, byte 200+i by
@@ -273,7 +282,8 @@ class HostFile:
 
         Returns False where the filesystem cannot punch holes (the data stays).
         """
-        if _fallocate is None or length <= 0:
+        fallocate = _fallocate()
+        if fallocate is None or length <= 0:
             return False
         if offset < 0 or offset + length >= 1 << 63:
             raise Qcow2IOError(
@@ -281,7 +291,9 @@ class HostFile:
                 f"punch hole failed on '{self.path}': offset or length too large",
                 self.path,
             )
-        if _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        if fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+            import ctypes
+
             err = ctypes.get_errno()
             if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 return False

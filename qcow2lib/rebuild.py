@@ -23,6 +23,7 @@ from .bitmaps import bitmaps_extension, read_directory
 from .cache import decode_be64, encode_be64
 from .errors import CorruptImageError, InvalidArgumentError
 from .refcount import RefcountBlock
+from .runs import RunFinder, host_runs
 from .snapshot_table import l2_table_offset, read_snapshot_table
 
 
@@ -30,6 +31,7 @@ _CHUNK_BITS = 12
 _CHUNK_SIZE = 1 << _CHUNK_BITS
 _CHUNK_MASK = _CHUNK_SIZE - 1
 _UNSIGNED_MAX = (1 << 32) - 1
+_RUN_FINDER = RunFinder()  # (keeps the integers it compares with, made once per table size)
 
 
 class ClusterCounts:
@@ -82,13 +84,33 @@ class ClusterCounts:
             self.add(cluster, times)
             cluster += 1
 
+    def add_clusters(self, cluster: int, count: int, times: int) -> None:
+        """`times` more references to each of clusters [cluster, cluster + count), a chunk
+        at a time (add_range's checks are the caller's)."""
+        end = cluster + count
+        while cluster < end:
+            chunk = self._chunk(cluster >> _CHUNK_BITS)
+            low = cluster & _CHUNK_MASK
+            high = min(_CHUNK_SIZE, low + end - cluster)
+            try:
+                chunk[low:high] = array(
+                    self._typecode, [value + times for value in chunk[low:high]]
+                )
+            except OverflowError:  # (add names the first cluster that cannot count more)
+                for one in range(cluster, cluster + high - low):
+                    self.add(one, times)
+            cluster += high - low
+
     def get(self, cluster: int) -> int:
         chunk = self.chunks.get(cluster >> _CHUNK_BITS)
         return chunk[cluster & _CHUNK_MASK] if chunk is not None else 0
 
-    def items(self):
-        """(cluster, count) for every cluster with a non-zero count, in order."""
-        for index in sorted(self.chunks):
+    chunk_size = _CHUNK_SIZE
+
+    def items(self, skip: set[int] = frozenset()):
+        """(cluster, count) for every cluster with a non-zero count, in order (the chunks
+        of clusters [index * chunk_size, ...) with their index in `skip` left out)."""
+        for index in sorted(self.chunks.keys() - skip):
             base = index << _CHUNK_BITS
             chunk = self.chunks[index]
             for offset in compress(range(_CHUNK_SIZE), chunk):
@@ -191,6 +213,14 @@ def _count_l2(image, refs: ClusterCounts, table, times: int = 1) -> None:
     step = image.map.entry_words
     has_data_file = image.has_data_file
     cluster_size = image.cluster_size
+    if not has_data_file:
+        runs = host_runs(table[::step], image.cluster_bits, _RUN_FINDER)
+        if runs is not None and all(
+            first + count <= refs.file_clusters for first, count in runs
+        ):  # (else add_range reports the first cluster past the end)
+            for first, count in runs:
+                refs.add_clusters(first, count, times)
+            return
     for i in compress(range(0, len(table), step), table[::step]):
         entry = table[i]
         if entry & S.OFLAG_COMPRESSED:

@@ -47,44 +47,52 @@ def read_snapshot_table(
             raise CorruptImageError(
                 f"Snapshot table entry {index} at offset {pos} lies past the end of the file"
             )
-        entry = S.SnapshotEntryHeader.parse(file.pread(S.SNAPSHOT_ENTRY_HEADER_SIZE, pos))
-        if entry.extra_data_size > S.MAX_SNAPSHOT_EXTRA_DATA:
+        (
+            l1_table_offset,
+            l1_size,
+            id_str_size,
+            name_size,
+            date_sec,
+            date_nsec,
+            vm_clock_nsec,
+            vm_state_size,
+            extra_data_size,
+        ) = S.SNAPSHOT_ENTRY_HEADER_FORMAT.unpack(file.pread(S.SNAPSHOT_ENTRY_HEADER_SIZE, pos))
+        if extra_data_size > S.MAX_SNAPSHOT_EXTRA_DATA:
             raise CorruptImageError(
-                f"Snapshot {index}: extra_data_size {entry.extra_data_size} too large",
+                f"Snapshot {index}: extra_data_size {extra_data_size} too large",
                 qemu_message=f"Too much extra metadata in snapshot table entry {index}",
                 qemu_hint="You can force-remove this extra metadata with qemu-img check -r all\n",
             )
-        body_size = entry.extra_data_size + entry.id_str_size + entry.name_size
+        body_size = extra_data_size + id_str_size + name_size
         body_start = pos + S.SNAPSHOT_ENTRY_HEADER_SIZE
         if body_start + body_size > file_size:
             raise CorruptImageError(f"Snapshot {index}: entry runs past the end of the file")
         body = file.pread(body_size, body_start)
-        extra = body[: entry.extra_data_size]
-        ident = body[entry.extra_data_size : entry.extra_data_size + entry.id_str_size]
-        name = body[entry.extra_data_size + entry.id_str_size :]
-        if entry.l1_table_offset % cluster_size:
+        extra = body[:extra_data_size]
+        ident = body[extra_data_size : extra_data_size + id_str_size]
+        name = body[extra_data_size + id_str_size :]
+        if l1_table_offset % cluster_size:
             raise CorruptImageError(
-                f"Snapshot {index}: L1 table offset 0x{entry.l1_table_offset:x} is not aligned "
+                f"Snapshot {index}: L1 table offset 0x{l1_table_offset:x} is not aligned "
                 f"(l1_table_offset)"
             )
-        if entry.l1_size * 8 > S.MAX_L1_BYTES:
+        if l1_size * 8 > S.MAX_L1_BYTES:
+            raise CorruptImageError(f"Snapshot {index}: L1 table too large (l1_size {l1_size})")
+        if l1_size and l1_table_offset + l1_size * 8 > file_size:
             raise CorruptImageError(
-                f"Snapshot {index}: L1 table too large (l1_size {entry.l1_size})"
-            )
-        if entry.l1_size and entry.l1_table_offset + entry.l1_size * 8 > file_size:
-            raise CorruptImageError(
-                f"Snapshot {index}: L1 table (l1_table_offset 0x{entry.l1_table_offset:x}, "
-                f"l1_size {entry.l1_size}) lies past the end of the file"
+                f"Snapshot {index}: L1 table (l1_table_offset 0x{l1_table_offset:x}, "
+                f"l1_size {l1_size}) lies past the end of the file"
             )
         snap = Snapshot(
             ident.decode("utf-8", "surrogateescape"),
             name.decode("utf-8", "surrogateescape"),
-            entry.l1_table_offset,
-            entry.l1_size,
-            entry.date_sec,
-            entry.date_nsec,
-            entry.vm_clock_nsec,
-            entry.vm_state_size,
+            l1_table_offset,
+            l1_size,
+            date_sec,
+            date_nsec,
+            vm_clock_nsec,
+            vm_state_size,
             extra,
         )
         if len(extra) >= 8:  # present, the 64-bit size replaces the 32-bit one (even if 0)
@@ -114,18 +122,16 @@ def pack_snapshot_entry(snap: Snapshot, default_disk_size: int) -> bytes:
     disk_size = default_disk_size if snap.disk_size is None else snap.disk_size
     icount = ICOUNT_DISABLED if snap.icount is None else snap.icount
     extra = struct.pack(">QQQ", snap.vm_state_size, disk_size, icount) + snap.extra_data[24:]
-    head = S.SnapshotEntryHeader.build(
-        dict(
-            l1_table_offset=snap.l1_table_offset,
-            l1_size=snap.l1_size,
-            id_str_size=len(ident),
-            name_size=len(name),
-            date_sec=snap.date_sec,
-            date_nsec=snap.date_nsec,
-            vm_clock_nsec=snap.vm_clock_nsec,
-            vm_state_size=snap.vm_state_size if snap.vm_state_size <= 0xFFFFFFFF else 0,
-            extra_data_size=len(extra),
-        )
+    head = S.SNAPSHOT_ENTRY_HEADER_FORMAT.pack(
+        snap.l1_table_offset,
+        snap.l1_size,
+        len(ident),
+        len(name),
+        snap.date_sec,
+        snap.date_nsec,
+        snap.vm_clock_nsec,
+        snap.vm_state_size if snap.vm_state_size <= 0xFFFFFFFF else 0,
+        len(extra),
     )
     return head + extra + ident + name
 

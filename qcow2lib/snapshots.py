@@ -29,8 +29,8 @@ import time
 from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from itertools import compress
+from operator import add
 
 from . import structs as S
 from .blockdev import BlockDevice, Extent
@@ -229,10 +229,21 @@ class _NewState:
         self.delta = ClusterCounts(self.bits, -(-self.file_size >> self.bits), signed=True)
         self.search_from = 1  # first-fit search start (what lies before is taken)
         self.end = self.file_size  # the file's size once the new clusters are written
+        # The refcount block get() read last (the current refcounts do not change until
+        # the switch): asked cluster after cluster, most calls need no lookup.
+        self._block_bits = self.refs.block_entries.bit_length() - 1
+        self._block_index = -1
+        self._block: RefcountBlock | None = None
 
     def get(self, cluster: int) -> int:
         """A cluster's refcount in the new state."""
-        return self.refs.get(cluster) + self.delta.get(cluster)
+        block_index = cluster >> self._block_bits
+        if block_index != self._block_index:
+            self._block = self.refs.block(block_index)
+            self._block_index = block_index
+        block = self._block
+        count = block.get(cluster & (self.refs.block_entries - 1)) if block is not None else 0
+        return count + self.delta.get(cluster)
 
     def change_range(self, offset: int, length: int, times: int) -> None:
         bits = self.bits
@@ -268,7 +279,8 @@ class _NewState:
         """Refuse, before anything is written, counts that would leave their range."""
         refs = self.refs
         limit = refs.max_refcount
-        for cluster, change in self.delta.items():
+        checked = self._chunks_within_range()
+        for cluster, change in self.delta.items(skip=checked):
             count = refs.get(cluster) + change
             if count < 0:
                 raise CorruptImageError(
@@ -281,6 +293,29 @@ class _NewState:
                     f"overflow: {count} references exceed the maximum {limit} of "
                     f"refcount_bits={self.image.refcount_bits}"
                 )
+
+    def _chunks_within_range(self) -> set[int]:
+        """The chunks of `delta` whose new counts are all within range, found with one
+        sum per chunk at C speed (the rest are checked cluster by cluster)."""
+        refs = self.refs
+        chunk_size = self.delta.chunk_size
+        if refs.order < 3 or refs.block_entries % chunk_size:
+            return set()
+        within = set()
+        for index, chunk in self.delta.chunks.items():
+            first = index * chunk_size
+            try:
+                block = refs.block(first // refs.block_entries)
+            except CorruptImageError:
+                continue  # (reported in cluster order by check_counts)
+            if block is None:
+                counts = list(chunk)
+            else:
+                low = first % refs.block_entries
+                counts = list(map(add, block.values[low : low + chunk_size], chunk))
+            if min(counts) >= 0 and max(counts) <= refs.max_refcount:
+                within.add(index)
+        return within
 
     def write_refcounts(self) -> tuple[int, int, list[tuple[int, int]]]:
         """New copies of the refcount blocks whose counts change and a new refcount table.
@@ -595,8 +630,11 @@ def _make_date(date) -> tuple[int, int]:
     if date is None:
         now = time.time_ns()
         return now // 1_000_000_000, now % 1_000_000_000
-    if isinstance(date, datetime):
-        date = date.timestamp()
+    if not isinstance(date, (tuple, int, float)):
+        from datetime import datetime  # (only here: importing it costs every command)
+
+        if isinstance(date, datetime):
+            date = date.timestamp()
     if isinstance(date, tuple):
         sec, nsec = date
     else:

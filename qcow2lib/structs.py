@@ -106,6 +106,20 @@ MAX_CLUSTER_BITS = 21
 
 # One entry of the snapshot table (followed by extra data, id string, name, padding to 8).
 SNAPSHOT_ENTRY_HEADER_SIZE = 40  # SnapshotEntryHeader.sizeof()
+# The same fields for struct, which every snapshot command reads and writes them with
+# (construct's import would cost more than the command; tests keep the two in agreement).
+SNAPSHOT_ENTRY_HEADER_FIELDS = (
+    "l1_table_offset",
+    "l1_size",
+    "id_str_size",
+    "name_size",
+    "date_sec",
+    "date_nsec",
+    "vm_clock_nsec",
+    "vm_state_size",
+    "extra_data_size",
+)
+SNAPSHOT_ENTRY_HEADER_FORMAT = struct.Struct(">QIHHIIQII")
 MAX_SNAPSHOT_EXTRA_DATA = 1024
 MAX_SNAPSHOT_TABLE_BYTES = 1024 * MAX_SNAPSHOTS
 

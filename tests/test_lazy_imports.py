@@ -1,6 +1,7 @@
 """Start-up cost: opening a plain qcow2 image and reading what `info` shows imports neither
-construct nor the optional codec/crypto packages; the struct formats used instead agree
-with the construct declarations they stand in for."""
+construct nor the optional codec/crypto packages, and qimg's metadata commands import none
+of the heavy modules they do not use; the struct formats used instead agree with the
+construct declarations they stand in for."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from qcow2lib import structs as S
-from qemutools import qemu_create, qemu_io
+from qemutools import qemu_create, qemu_img, qemu_io
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,6 +29,17 @@ def test_struct_formats_match_the_construct_declarations() -> None:
     assert tuple(parsed[name] for name in S.HEADER_V2_FIELDS) == values
     assert S.FEATURE_NAME_ENTRY_SIZE == S.FeatureNameEntry.sizeof()
     assert S.SNAPSHOT_ENTRY_HEADER_SIZE == S.SnapshotEntryHeader.sizeof()
+    assert S.SNAPSHOT_ENTRY_HEADER_FORMAT.size == S.SNAPSHOT_ENTRY_HEADER_SIZE
+    assert S.SNAPSHOT_ENTRY_HEADER_FIELDS == tuple(
+        sub.name for sub in S.SnapshotEntryHeader.subcons
+    )
+    values = tuple(range(1, len(S.SNAPSHOT_ENTRY_HEADER_FIELDS) + 1))
+    raw = S.SNAPSHOT_ENTRY_HEADER_FORMAT.pack(*values)
+    assert S.SnapshotEntryHeader.build(dict(zip(S.SNAPSHOT_ENTRY_HEADER_FIELDS, values))) == raw
+    v3_values = tuple(range(7, len(S.HEADER_V3_TAIL_FIELDS) + 7))
+    assert S.HeaderV3Tail.build(
+        dict(zip(S.HEADER_V3_TAIL_FIELDS, v3_values))
+    ) == S.HEADER_V3_TAIL_FORMAT.pack(*v3_values)
     assert S.BITMAP_DIRECTORY_ENTRY_SIZE == S.BitmapDirectoryEntry.sizeof()
 
 
@@ -49,3 +63,61 @@ def test_opening_and_reading_an_image_imports_no_construct(tmp_path: Path) -> No
     ).stdout
     result = json.loads(out)
     assert result == {"ok": True, "extents": 2, "loaded": []}
+
+
+# Modules that cost start-up time and that the metadata commands below never need: the
+# optional codec/crypto packages, construct (rare structures and whole-header writes only),
+# ctypes (hole punching: only commands that free clusters), the codec thread pool
+# (compressed clusters), JSON (--output=json) and datetime (dates given as datetime).
+LAZY_FOR_METADATA_COMMANDS = (
+    "construct",
+    "cryptography",
+    "zstandard",
+    "ctypes",
+    "concurrent.futures",
+    "json",
+    "datetime",
+)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["info"],
+        ["check"],
+        ["map"],
+        ["snapshot", "-l"],
+        ["snapshot", "-c", "new"],
+        ["snapshot", "-a", "s0"],
+        ["snapshot", "-d", "s0"],
+    ],
+    ids=lambda command: " ".join(command),
+)
+def test_cli_metadata_commands_import_no_heavy_modules(tmp_path: Path, command: list) -> None:
+    path = tmp_path / "a.qcow2"
+    qemu_create(path, "4M")
+    qemu_io(path, "write -P 0x61 0 64k")
+    qemu_img("snapshot", "-c", "s0", path)
+    qemu_io(path, "write -P 0x62 0 64k")  # (apply and delete then free clusters)
+    frees_clusters = command[0] == "snapshot" and command[1] != "-l"
+    lazy = [
+        name for name in LAZY_FOR_METADATA_COMMANDS if not (frees_clusters and name == "ctypes")
+    ]
+    script = (
+        "import sys, os\n"
+        "sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], 'tools')]\n"
+        "names = sys.argv[2].split(',')\n"
+        "sys.argv = ['qimg', *sys.argv[3:]]\n"
+        "import qimg\n"
+        "code = qimg.main()\n"
+        "loaded = ','.join(sorted(name for name in names if name in sys.modules))\n"
+        "sys.stderr.write(f'exit={code} loaded=[{loaded}]\\n')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(ROOT), ",".join(lazy)] + command + [str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.stderr.splitlines()[-1] == "exit=0 loaded=[]", done.stderr
+    if command[:2] == ["snapshot", "-l"]:
+        assert " s0 " in done.stdout

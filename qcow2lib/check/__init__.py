@@ -48,6 +48,7 @@ from .report import (
     format_check_stderr,
 )
 from .target import _INT64_MAX, _INT_MAX, _RefcountArray, _Target
+from ..runs import RunFinder
 from .walk import _Replay, _Walk
 
 __all__ = [
@@ -88,6 +89,12 @@ class _Check(_Walk, _Compare, _Repair):
         self._deferring = True
         # Snapshots sharing one L1 table (see calculate): every inc() counts `_times` paths.
         self._times = 1
+        # The test for an L2 table without unusual entries (mask, [(byte of an entry,
+        # the values it may have)]), and the runs of the tables last found (_plain_runs).
+        self._plain_mask: tuple[int | None, list[tuple[int, bytes]]] = (None, [])
+        self._plain_cache: dict[tuple, list | None] = {}
+        self._plain_cached = 0  # tables and runs in _plain_cache
+        self._run_finder = RunFinder()
         self._overflows = 0
         # The non-zero entries of the L1 table checked last: (offset, size), t.writes
         # when read, entries, those repeated.

@@ -3,7 +3,6 @@ counters and failures of one check run (_Result, _Abort), with the repair modes.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 FIX_LEAKS = 1
@@ -106,6 +105,8 @@ def format_check_json(report: CheckReport) -> str:
     """stdout of `qemu-img check --output=json` (empty when the check did not complete)."""
     if report.failed or report.not_supported:
         return ""
+    import json  # here, not at the top: human output does not pay for it at start-up
+
     return json.dumps(report.to_json_dict(), indent=4) + "\n"
 
 

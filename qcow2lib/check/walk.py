@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 
 from .. import structs as S
 from ..cache import decode_be64
+from ..runs import used_runs
 from .report import FIX_ERRORS, _Abort, _hash_x, _Result
 from .target import (
     _CHUNK_BITS,
@@ -35,6 +36,7 @@ from .target import (
 )
 
 _L2_BITMAP_ALL_ALLOC = 0xFFFFFFFF
+_MAX_REMEMBERED_RUNS = 1 << 16  # runs of L2 tables kept between the walk and compare
 _MAX_L1_ENTRIES = S.MAX_L1_BYTES // 8
 _BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
 _BME_TABLE_ENTRY_FLAG_ALL_ONES = 1
@@ -69,6 +71,11 @@ class _Replay:
 
 _MAX_COUNTED_L1_ENTRIES = 1 << 16  # L1 entries looked at for repeats, per L1 table
 _MIN_DEFER_HEADROOM = 1024  # refcounts this far below the maximum allow deferred increments
+
+
+def _drop_top_byte(packed: bytearray) -> None:
+    """Clear COPIED, the only bit left in the top byte of plain L2 entries."""
+    packed[0::8] = bytes(len(packed) // 8)
 
 
 class _Walk(_CheckState):
@@ -125,20 +132,22 @@ class _Walk(_CheckState):
             for position in range(cluster - base, stop - base):
                 value = chunk[position]
                 if value + times > limit:
-                    self.out.append(
-                        f"ERROR: overflow cluster offset={(base + position) << t.cluster_bits:#x}"
-                    )
-                    self.out.append(
-                        "Use qemu-img amend to increase the refcount entry width "
-                        "or qemu-img convert to create a clean copy if the image "
-                        "cannot be opened for writing"
-                    )
-                    self.res.corruptions += 1
-                    self._overflowed = True
-                    self._overflows += 1
+                    self._report_overflow(base + position)
                     continue
                 chunk[position] = value + times
             cluster = stop
+
+    def _report_overflow(self, cluster: int) -> None:
+        """A cluster counted once more than its refcount width can hold."""
+        self.out.append(f"ERROR: overflow cluster offset={cluster << self.t.cluster_bits:#x}")
+        self.out.append(
+            "Use qemu-img amend to increase the refcount entry width "
+            "or qemu-img convert to create a clean copy if the image "
+            "cannot be opened for writing"
+        )
+        self.res.corruptions += 1
+        self._overflowed = True
+        self._overflows += 1
 
     def _record(self, entry: int, frag: bool, active: bool) -> _Replay | None:
         """Check an L1 entry, noting what it did; None if that cannot simply be repeated
@@ -427,14 +436,10 @@ class _Walk(_CheckState):
         table = decode_be64(data)
         next_contiguous = 0
         fix_errors = bool(self.fix & FIX_ERRORS)
-        # Entries with none of these bits are aligned data clusters without any problem.
-        unusual = (
-            S.OFLAG_COMPRESSED
-            | S.L2E_STD_RESERVED_MASK
-            | (cs - 1) & S.L2E_OFFSET_MASK
-            | (0 if t.extended else S.OFLAG_ZERO)
-        )
+        unusual = self._l2_unusual_bits()
         count_data = not t.has_data_file
+        if words == 1 and self._count_plain_l2(data, l2_offset, unusual, frag, count_data):
+            return
         for i in _used_entries(table, words):
             entry = table[i * words]
             bitmap = table[i * words + 1] if words == 2 else 0
@@ -520,6 +525,121 @@ class _Walk(_CheckState):
                     self.out.append(
                         "ERROR: Unallocated cluster has non-zero subcluster allocation map"
                     )
+
+    def _l2_unusual_bits(self) -> int:
+        """The bits of a standard L2 entry that only compressed, zero, misaligned or
+        corrupt entries have: entries with none of them are plain aligned data clusters."""
+        t = self.t
+        return (
+            S.OFLAG_COMPRESSED
+            | S.L2E_STD_RESERVED_MASK
+            | (t.cs - 1) & S.L2E_OFFSET_MASK
+            | (0 if t.extended else S.OFLAG_ZERO)
+        )
+
+    def _plain_runs(
+        self, data: bytes, unusual: int, l2_offset: int
+    ) -> list[tuple[int, int, bytes]] | None:
+        """An L2 table (one word per entry) whose used entries are all plain aligned data
+        clusters, as runs of contiguous host clusters in table order, unused entries
+        skipped: (first host offset, clusters, the top byte of each entry: its COPIED
+        flag). None for any other table. The walk and the COPIED check both ask for the
+        active tables: the last answers are kept until the next write."""
+        key = (l2_offset, self.t.writes, unusual)
+        if key in self._plain_cache:
+            return self._plain_cache[key]
+        if self._plain_mask[0] != unusual:
+            allowed = []  # per byte of an entry: the values without unusual bits
+            for position in range(8):
+                bits = (unusual >> (56 - 8 * position)) & 0xFF
+                if bits:
+                    allowed.append(
+                        (position, bytes(value for value in range(256) if not value & bits))
+                    )
+            self._plain_mask = (unusual, allowed)
+        for position, allowed in self._plain_mask[1]:
+            if data[position::8].translate(None, allowed):
+                return self._remember_plain(key, None)  # (an entry with bits to look at)
+        runs = used_runs(self._run_finder, decode_be64(data), self.t.cs, _drop_top_byte)
+        if sum(tops.count(0x80) for _, _, tops in runs) != data[0::8].count(0x80):
+            return self._remember_plain(key, None)  # (COPIED on an entry without an offset)
+        return self._remember_plain(key, runs)
+
+    def _remember_plain(self, key: tuple, runs: list | None) -> list | None:
+        size = 1 + len(runs or ())
+        if self._plain_cached + size > _MAX_REMEMBERED_RUNS:
+            self._plain_cache.clear()
+            self._plain_cached = 0
+        if size <= _MAX_REMEMBERED_RUNS:
+            self._plain_cache[key] = runs
+            self._plain_cached += size
+        return runs
+
+    def _count_plain_l2(
+        self, data: bytes, l2_offset: int, unusual: int, frag: bool, count_data: bool
+    ) -> bool:
+        """check_l2 for the usual table, whose used entries all point at aligned data
+        clusters inside the file: the same counters and increments, counted run by run of
+        contiguous clusters instead of entry by entry. False (nothing done) for any other
+        table, which the entry-by-entry walk then checks."""
+        t = self.t
+        runs = self._plain_runs(data, unusual, l2_offset)
+        if runs is None:
+            return False
+        if not runs:
+            return True
+        cluster_bits = t.cluster_bits
+        times = self._times
+        used = sum(count for _, count, _ in runs)
+        last_offset = max(first + (count - 1) * t.cs for first, count, _ in runs)
+        if count_data:
+            if last_offset >= t.file_size():
+                return False  # (inc reports clusters past the end one by one)
+            if self._pending and self._bound + self._spent + used * times > t.refcount_max:
+                return False  # (the deferred increments are applied on the way there)
+        if frag:
+            res = self.res
+            res.allocated_clusters += used
+            next_contiguous = runs[0][0]
+            for first, count, _ in runs:
+                if first != next_contiguous:
+                    res.fragmented_clusters += 1
+                next_contiguous = first + count * t.cs
+        if not count_data:
+            return True
+        if self._pending:
+            self._spent += used * times
+        if last_offset >> cluster_bits >= self.nb_clusters:
+            self.nb_clusters = (last_offset >> cluster_bits) + 1
+        for first, count, _ in runs:
+            cluster = first >> cluster_bits
+            if self._recorded is not None:
+                self._recorded.extend(range(cluster, cluster + count))
+            self._add_run(cluster, cluster + count, times)
+        return True
+
+    def _add_run(self, cluster: int, stop: int, times: int) -> None:
+        """Count clusters [cluster, stop) `times` more, reporting any that overflows."""
+        limit = self.t.refcount_max
+        typecode = self.imrt.typecode
+        while cluster < stop:
+            chunk = self.imrt.chunk(cluster >> _CHUNK_BITS)
+            base = cluster & ~_CHUNK_MASK
+            end = min(stop, base + _CHUNK_MASK + 1)
+            low, high = cluster - base, end - base
+            values = chunk[low:high]
+            value = values[0]
+            if values == array(typecode, [value]) * (high - low) and value + times <= limit:
+                chunk[low:high] = array(typecode, [value + times]) * (high - low)
+            elif max(values) + times <= limit:
+                chunk[low:high] = array(typecode, [value + times for value in values])
+            else:
+                for position in range(low, high):
+                    if chunk[position] + times > limit:
+                        self._report_overflow(base + position)
+                    else:
+                        chunk[position] += times
+            cluster = end
 
     # --- calculate_refcounts ------------------------------------------------------------
     def calculate(self, fix: int) -> None:

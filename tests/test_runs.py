@@ -1,0 +1,110 @@
+"""qcow2lib.runs, the run finder behind check's and the snapshots' reference counting,
+against an entry-by-entry reading of the same L2 tables."""
+
+from __future__ import annotations
+
+import random
+from array import array
+
+import pytest
+
+from qcow2lib import structs as S
+from qcow2lib.runs import NativeRunLength, RunFinder, host_runs
+
+CLUSTER_BITS = 16
+
+
+def reference_runs(entries: array, cluster_bits: int) -> list[tuple[int, int]] | None:
+    """What host_runs must give: clusters of the entries with an offset, grouped while
+    each follows the one before in the file; None for compressed or misaligned entries."""
+    clusters = []
+    for entry in entries:
+        if entry & S.OFLAG_COMPRESSED:
+            return None
+        host = entry & S.L2E_OFFSET_MASK
+        if host & ((1 << cluster_bits) - 1):
+            return None
+        if host:
+            clusters.append(host >> cluster_bits)
+    runs: list[tuple[int, int]] = []
+    for cluster in clusters:
+        if runs and runs[-1][0] + runs[-1][1] == cluster:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((cluster, 1))
+    return runs
+
+
+def random_table(rng: random.Random, entries: int) -> array:
+    """Runs of contiguous clusters of many lengths (past the 64- and 256-entry windows),
+    holes, jumps back, flags (COPIED, zero, reserved bits) and entries of flags only."""
+    table = array("Q")
+    cluster = rng.randrange(1, 1 << 20)
+    while len(table) < entries:
+        kind = rng.random()
+        length = rng.choice([1, 2, 63, 64, 65, 255, 256, 257, 1000])
+        if kind < 0.3:
+            table.extend([0] * length)
+            continue
+        if kind < 0.4:
+            cluster = rng.randrange(1, 1 << 20)
+        for _ in range(length):
+            flags = rng.choice([0, S.OFLAG_COPIED, S.OFLAG_COPIED | S.OFLAG_ZERO, 1 << 5])
+            table.append(flags | (cluster << CLUSTER_BITS) if rng.random() > 0.01 else flags)
+            cluster += 1
+    del table[entries:]
+    return table
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_host_runs_match_an_entry_by_entry_reading(seed: int) -> None:
+    rng = random.Random(seed)
+    finder = RunFinder()
+    for entries in (1, 7, 512, 8192):
+        table = random_table(rng, entries)
+        assert host_runs(table, CLUSTER_BITS, finder) == reference_runs(table, CLUSTER_BITS)
+
+
+def test_host_runs_refuse_compressed_and_misaligned_entries() -> None:
+    finder = RunFinder()
+    plain = array("Q", [(5 + index) << CLUSTER_BITS for index in range(100)])
+    assert host_runs(plain, CLUSTER_BITS, finder) == [(5, 100)]
+    compressed = array("Q", plain)
+    compressed[50] |= S.OFLAG_COMPRESSED
+    assert host_runs(compressed, CLUSTER_BITS, finder) is None
+    misaligned = array("Q", plain)
+    misaligned[99] += 1 << 12
+    assert host_runs(misaligned, CLUSTER_BITS, finder) is None
+    assert host_runs(array("Q", bytes(8 * 64)), CLUSTER_BITS, finder) == []
+    # 512-byte clusters: every offset bit is a cluster bit, nothing can be misaligned.
+    small = array("Q", [(9 + index) << 9 | S.OFLAG_COPIED for index in range(10)])
+    assert host_runs(small, 9, finder) == [(9, 10)]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_native_run_length_matches_counting_entry_by_entry(seed: int) -> None:
+    rng = random.Random(seed)
+    run_length = NativeRunLength()
+    for _ in range(50):
+        table = random_table(rng, rng.choice([2, 100, 8192]))
+        index = rng.randrange(len(table) - 1)
+        first = table[index]
+        step = rng.choice([0, 1 << CLUSTER_BITS, 1 << 9])
+        limit = rng.randint(1, len(table) - index)
+        expected = 0
+        while expected < limit and table[index + expected] == first + expected * step:
+            expected += 1
+        assert run_length(table, index, limit, first, step) == expected
+
+
+def test_native_run_length_across_its_growing_windows() -> None:
+    run_length = NativeRunLength()
+    step = 1 << CLUSTER_BITS
+    table = array("Q", [S.OFLAG_COPIED | (7 + index) << CLUSTER_BITS for index in range(8192)])
+    assert run_length(table, 0, 8192, table[0], step) == 8192
+    for broken in (1, 63, 64, 65, 300, 5000, 8191):
+        damaged = array("Q", table)
+        damaged[broken] ^= 1 << 9
+        assert run_length(damaged, 0, 8192, table[0], step) == broken
+        assert run_length(damaged, 0, broken, table[0], step) == broken
+    assert run_length(array("Q", bytes(8 * 700)), 0, 700, 0, 0) == 700
