@@ -107,7 +107,7 @@ class ClusterCounts:
 
     chunk_size = _CHUNK_SIZE
 
-    def items(self, skip: set[int] = frozenset()):
+    def items(self, skip: set[int] | frozenset[int] = frozenset()):
         """(cluster, count) for every cluster with a non-zero count, in order (the chunks
         of clusters [index * chunk_size, ...) with their index in `skip` left out)."""
         for index in sorted(self.chunks.keys() - skip):

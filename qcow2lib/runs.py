@@ -34,10 +34,10 @@ class RunFinder:
         if entries > self._lanes or step != self._step:  # (made for the largest table)
             lanes = max(entries, self._lanes)
             self._ones = int.from_bytes(b"\0\0\0\0\0\0\0\1" * lanes, "big")
-            ramp = array("Q", range(0, lanes * step, step))
+            ramp_entries = array("Q", range(0, lanes * step, step))
             if sys.byteorder == "little":
-                ramp.byteswap()
-            self._ramp = int.from_bytes(ramp.tobytes(), "big")
+                ramp_entries.byteswap()
+            self._ramp = int.from_bytes(ramp_entries.tobytes(), "big")
             self._lanes, self._step = lanes, step
         ones, ramp, lanes = self._ones, self._ramp, self._lanes
         runs: list[tuple[int, int, int]] = []

@@ -42,6 +42,10 @@ def _last_used(mine: list[int], theirs: list[int]) -> int:
 class _Compare(_CheckState):
     """compare_refcounts and check_oflag_copied (a mixin of _Check)."""
 
+    # what the walk provides (see _Walk)
+    _plain_runs: Callable[[bytes, int, int], list[tuple[int, int, bytes]] | None]
+    _l2_unusual_bits: Callable[[], int]
+
     # --- compare_refcounts ------------------------------------------------------------
     def compare(self, fix: int) -> int:
         """Compare the IMRT with the refcounts on disk; returns the highest used cluster."""
@@ -263,11 +267,17 @@ class _Compare(_CheckState):
             block_offset = t.reftable[index] & S.REFT_OFFSET_MASK
             if not block_offset or block_offset & (t.cs - 1):
                 return False  # (refcount 0, or a corruption the slow path reports)
-            values = t.refblock(index).values
+            block = t.refblock(index)
+            if block is None:
+                return False  # (not loaded: the slow path reads and reports it)
+            values = block.values
             low = cluster & (t.rb_size - 1)
             high = min(t.rb_size, low + stop - cluster)
             if copied:
-                if values[low:high] != array(values.typecode, [1]) * (high - low):
+                ones = (
+                    array(values.typecode, [1]) if isinstance(values, array) else bytearray(b"\1")
+                )
+                if values[low:high] != ones * (high - low):
                     return False
             elif 1 in values[low:high]:
                 return False

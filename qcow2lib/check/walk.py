@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 from .. import structs as S
 from ..cache import decode_be64
-from ..runs import used_runs
+from ..runs import RunFinder, used_runs
 from .report import FIX_ERRORS, _Abort, _hash_x, _Result
 from .target import (
     _CHUNK_BITS,
@@ -91,6 +91,11 @@ class _Walk(_CheckState):
     _times: int
     _overflows: int
     _l1_entries: tuple | None
+    # the plain-table fast path's memory (see _Check.__init__)
+    _plain_mask: tuple[int | None, list[tuple[int, bytes]]]
+    _plain_cache: dict[tuple, list | None]
+    _plain_cached: int
+    _run_finder: RunFinder
     _fix_l2_entry_by_zero: Callable[[int, array, int, bool], bool]
 
     # --- the IMRT ---------------------------------------------------------------------
@@ -549,14 +554,14 @@ class _Walk(_CheckState):
         if key in self._plain_cache:
             return self._plain_cache[key]
         if self._plain_mask[0] != unusual:
-            allowed = []  # per byte of an entry: the values without unusual bits
+            allowed_bytes = []  # per byte of an entry: the values without unusual bits
             for position in range(8):
                 bits = (unusual >> (56 - 8 * position)) & 0xFF
                 if bits:
-                    allowed.append(
+                    allowed_bytes.append(
                         (position, bytes(value for value in range(256) if not value & bits))
                     )
-            self._plain_mask = (unusual, allowed)
+            self._plain_mask = (unusual, allowed_bytes)
         for position, allowed in self._plain_mask[1]:
             if data[position::8].translate(None, allowed):
                 return self._remember_plain(key, None)  # (an entry with bits to look at)

@@ -3,7 +3,6 @@ with the secrets of each encrypted layer, and qemu-img's messages when that fail
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -269,6 +268,8 @@ def _node_spec(
         target, fmt = options_image_target(opts, text)
     except Qcow2Error as exc:
         raise OpenFailure(f"Could not open '{text}': {error_text(exc)}", exc.qemu_hint) from exc
+    import json
+
     path = text if text.startswith("json:") else "json:" + json.dumps(opts)
     return ImageSpec(text, path, fmt, None, force_share, target=target)
 
