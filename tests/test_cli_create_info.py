@@ -333,6 +333,8 @@ CREATE_CASES = [
     ["-f", "raw", "-o", "preallocation=falloc"],
     ["-f", "raw", "-o", "preallocation=full,nocow=on"],
     ["-f", "raw", "-o", "extent_size_hint=0"],
+    ["-f", "file"],
+    ["-f", "file", "-o", "preallocation=falloc,nocow=on,extent_size_hint=1M"],
 ]
 
 
@@ -409,6 +411,8 @@ def test_create_size_forms(twins, args):
         ["-f", "qcow2", "-u", "-b", "base", "img", "1G"],
         ["-f", "foo", "img", "1G"],
         ["-f", "raw", "img", "1G", "-o", "preallocation=foo"],
+        ["-f", "file", "img", "1G", "-o", "preallocation=foo"],
+        ["-f", "file", "-b", "base", "img", "1G"],
         ["-f", "raw", "img", "1G", "-o", "extent_size_hint=5G"],
         ["-f", "raw", "img", "1G", "-o", "cluster_size=64k"],
         ["-f", "raw", "-b", "base", "img", "1G"],
@@ -431,6 +435,7 @@ def test_create_errors(twins, args):
         ["-f", "qcow2", "-o", "size=1G,help", "x.qcow2", "1G"],
         ["-o", "help"],
         ["-f", "raw", "-o", "help", "x.raw"],
+        ["-f", "file", "-o", "help"],
         ["-f", "foo", "-o", "help"],
         ["-f", "qcow2", "-o", "help", "a:b"],
         ["-f", "qcow2", "-o", "nohelp", "x.qcow2", "1M"],

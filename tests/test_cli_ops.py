@@ -910,6 +910,9 @@ def test_resize_shrink_needs_flag(twins):
         ["-O", "qcow2", "l.qcow2"],
         ["-O", "qcow2", "-U", "cz.qcow2"],
         ["-f", "raw", "a.qcow2"],
+        ["-O", "file", "--size", "1M"],
+        ["-O", "file", "-o", "foo=bar", "--size", "1M"],
+        ["-O", "file", "a.qcow2"],
     ],
     ids=" ".join,
 )

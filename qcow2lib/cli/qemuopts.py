@@ -62,7 +62,8 @@ FILE_CREATE_OPTS = (
     OptDesc("preallocation", "str", "Preallocation mode (allowed values: off, falloc, full)"),
     OptDesc("extent_size_hint", "size", "Extent size hint for the image file, 0 to disable"),
 )
-FORMAT_CREATE_OPTS = {"qcow2": QCOW2_CREATE_OPTS, "raw": RAW_CREATE_OPTS}
+# "file" is QEMU's protocol driver named as a format: the host file's options alone.
+FORMAT_CREATE_OPTS = {"qcow2": QCOW2_CREATE_OPTS, "raw": RAW_CREATE_OPTS, "file": FILE_CREATE_OPTS}
 
 # QEMU's block driver names: the values its create path accepts for backing_fmt with -u.
 BLOCKDEV_DRIVERS = frozenset(
