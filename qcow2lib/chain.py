@@ -23,6 +23,7 @@ from .errors import (
 )
 from .hostfile import open_host_file, refuse_special_file
 from .image import Qcow2Image
+from .nulldev import NullDevice, null_protocol
 
 if TYPE_CHECKING:
     from .exports.nbd_client import NBDAddress
@@ -348,6 +349,8 @@ def _open(
         raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
     if cache not in CACHE_MODES:
         raise InvalidArgumentError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
+    if isinstance(path, str) and null_protocol(path):
+        return NullDevice(path, mode, fmt)
     if not isinstance(path, str) or is_nbd_name(path):
         return _open_nbd(
             path, mode, fmt, snapshot, backing, force_share, passphrase, open_data_file, cache
@@ -446,13 +449,19 @@ def _finish_qcow2(
             elif name.startswith("json:"):
                 backing_path, json_format = json_image_target(name)
                 stated = json_format or stated
+            elif null_protocol(name):
+                backing_path = name
             elif path is None and not os.path.isabs(name) and not is_nbd_name(name):
                 raise InvalidArgumentError(
                     f"Cannot use relative backing file names for '{image.filename}'"
                 )
             else:
                 backing_path = resolve_backing_path(path or "/", name)
-            if not isinstance(backing_path, str) or is_nbd_name(backing_path):
+            if (
+                not isinstance(backing_path, str)
+                or is_nbd_name(backing_path)
+                or null_protocol(backing_path)
+            ):
                 backing_fmt = stated or "raw"
             else:
                 if not os.path.exists(backing_path):

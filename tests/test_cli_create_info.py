@@ -854,6 +854,30 @@ def test_info_of_created_images_matches(twins):
         twins.assert_same("info", "--output=json", args[-2], mask=mask_disk_size)
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["create", "-f", "qcow2", "-b", "null-co://", "-F", "raw", "img", "1440K"],
+        ["create", "-f", "qcow2", "-b", "null-aio://", "-F", "raw", "img"],
+        ["create", "-f", "qcow2", "-b", "null-co://", "img", "1M"],
+        ["create", "-f", "qcow2", "-b", "null-co://", "-F", "qcow2", "img", "1M"],
+        ["create", "-f", "qcow2", "-b", "null-co://x", "-F", "raw", "img", "1M"],
+        ["info", "null-co://"],
+        ["info", "--output=json", "null-aio://"],
+        ["info", "null-co://foo"],
+        ["map", "--output=json", "null-co://"],
+    ],
+)
+def test_null_driver(twins, args):
+    """QEMU's null-co/null-aio protocols: nothing stored, 1 GiB, openable as a backing file
+    (iotest 155 backs a mirror target with one)."""
+    twins.assert_same(*args, mask=mask_disk_size)
+    if args[0] == "create" and (twins.qemu_dir / "img").exists():
+        compare_images(twins, "img")
+        twins.assert_same("info", "--backing-chain", "img", mask=mask_disk_size)
+        twins.assert_same("map", "--output=json", "img")
+
+
 # --- program name and in-process use ---------------------------------------------------------
 
 

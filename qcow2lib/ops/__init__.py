@@ -64,7 +64,7 @@ def host_path(filename: str) -> str:
     if not has_protocol(filename):
         return filename
     protocol = filename.split(":", 1)[0]
-    if protocol in ("nbd", "nbd+tcp", "nbd+unix"):  # opened by the NBD client
+    if protocol in ("nbd", "nbd+tcp", "nbd+unix", "null-co", "null-aio"):  # not host files
         return filename
     if protocol == "file":
         return filename[len("file:") :]

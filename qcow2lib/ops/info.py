@@ -12,6 +12,7 @@ import os
 from ..bitmaps import check_qemu_constraints
 from ..chain import is_nbd_name, untrusted_backing_path
 from ..errors import CorruptImageError, ImageLockedError, Qcow2Error
+from ..nulldev import null_protocol
 from ..snapshots import list_snapshots
 from . import error_text, full_backing_filename, host_path, image_target, open_by_name, virtual_size
 
@@ -117,6 +118,9 @@ def _describe(img, path: str) -> dict:
         info["filename"] = img.filename
         if img.format != "qcow2":
             del info["dirty-flag"]
+    elif null_protocol(path):  # stores nothing, and QEMU reports no dirty flag for it
+        info["actual-size"] = 0
+        del info["dirty-flag"]
     else:
         info["actual-size"] = os.stat(path).st_blocks * 512
     info["virtual-size"] = virtual_size(img)
