@@ -189,7 +189,9 @@ class RawDevice(BlockDevice):
         force_share: bool = False,
         probed: bool = False,
         backing_of: str | None = None,
+        locking: bool = True,
     ):
+        """locking=False: QEMU's file.locking=off, no lock taken or tested."""
         self.filename = path
         self.probed = probed  # the format was guessed: sector 0 must not turn into another
         self.read_only = mode != "r+"
@@ -200,7 +202,8 @@ class RawDevice(BlockDevice):
             named_by=backing_of,
         )
         try:
-            self.file.lock_for_use(force_share)
+            if locking:
+                self.file.lock_for_use(force_share)
         except BaseException:
             self.file.close()
             raise

@@ -284,6 +284,7 @@ def open_image(
     cache: str = "writeback",
     backing_of: str | None = None,
     untrusted: bool = False,
+    locking: bool = True,
 ) -> BlockDevice:
     """Open an image (and, unless backing=False, its whole backing chain, read-only).
 
@@ -308,6 +309,9 @@ def open_image(
     (UntrustedImageError). `path` itself, `fmt` and `data_file` come from the caller and
     are trusted. The default trusts the image as qemu-img does: it may name any host file
     as its backing file (a raw one only if it states the format) or data file.
+
+    locking=False (QEMU's file.locking=off) neither takes nor tests the locks of the image's
+    own file; its backing and data files are locked as always.
     """
     return _open(
         path,
@@ -323,6 +327,7 @@ def open_image(
         cache,
         backing_of,
         untrusted,
+        locking,
     )
 
 
@@ -340,6 +345,7 @@ def _open(
     cache: str,
     backing_of: str | None,
     untrusted: bool,
+    locking: bool = True,
 ) -> BlockDevice:
     """open_image() at one level of a chain: `chain` holds the real paths of the images
     above, for loop and depth checks."""
@@ -375,7 +381,7 @@ def _open(
     if fmt == "raw" or fmt in RAW_PROTOCOLS:
         if snapshot is not None:
             raise UnsupportedFeatureError(f"Block driver does not support snapshots ({fmt})")
-        device = RawDevice(path, mode, force_share, probed, backing_of)
+        device = RawDevice(path, mode, force_share, probed, backing_of, locking)
         if fmt == "host_device" and not device.file.is_device:
             device.close()
             raise InvalidArgumentError(
@@ -397,6 +403,7 @@ def _open(
         open_data_file=open_data_file,
         backing_of=backing_of,
         untrusted=untrusted,
+        locking=locking,
     )
     for host in (image.file, image.data_host):
         if host is not None:

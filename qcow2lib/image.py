@@ -108,11 +108,12 @@ class Qcow2Image(BlockDevice):
         backing_of: str | None = None,
         untrusted: bool = False,
         file: HostFile | None = None,
+        locking: bool = True,
     ):
         """backing_of: the image naming this one as its backing file, if any. untrusted:
         an external data file the image names (not `data_file_path`) is refused. `file` is
         the container when it is not a host file (an NBD export); it is closed with the
-        image."""
+        image. locking=False (QEMU's file.locking=off): the image's file is not locked."""
         if mode not in ("r", "r+"):
             raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
         self.filename = path
@@ -130,7 +131,8 @@ class Qcow2Image(BlockDevice):
         self.data_host: HostFile | None = None  # the external data file, when there is one
         self.force_share = force_share
         try:
-            self.file.lock_for_use(force_share)
+            if locking:
+                self.file.lock_for_use(force_share)
             self._open(data_file_path, passphrase, open_data_file, untrusted)
         except BaseException:
             self._close_files()
@@ -602,7 +604,9 @@ class Qcow2Image(BlockDevice):
         pos, end = offset, offset + length
         while pos < end:
             with self._lock:
-                segments, stop, error = cluster_map.lookup_window(pos, end - pos, window)
+                segments, stop, error = cluster_map.lookup_window(
+                    pos, end - pos, window, status=True
+                )
             batch: list[Extent] = []
             add = batch.append
             for seg in segments:

@@ -27,7 +27,6 @@ IGNORED_IMAGE_OPTS = (
     "cache.no-flush",
     "discard",
     "detect-zeroes",
-    "file.locking",
     "file.aio",
     "file.cache.direct",
     "file.cache.no-flush",
@@ -77,6 +76,7 @@ class ImageSpec:
     backing_secrets: tuple = ()  # backing[.backing...].encrypt.key-secret, nearest first
     nbd: object = None  # an NBDAddress
     l2_cache_entry_size: int | None = None
+    locking: bool = True  # file.locking=off: neither take nor test the image's locks
 
 
 # qcow2 options that only tune QEMU's caches and checks: accepted once valid, ignored.
@@ -139,6 +139,9 @@ def _options_spec(text: str, opts: dict[str, str], force_share: bool) -> ImageSp
     for name in IGNORED_IMAGE_OPTS:
         opts.pop(name, None)
     driver = opts.pop("driver", None)
+    locking = opts.pop("locking" if driver in ("file", "host_device") else "file.locking", "auto")
+    if locking not in ("on", "off", "auto"):
+        fail(f"invalid parameter value: {locking}")
     if driver is not None and driver not in ("qcow2", "raw", "file", "host_device", "nbd"):
         fail(f"Unknown driver '{driver}'")
     if driver == "nbd" or opts.get("file.driver") == "nbd":
@@ -185,6 +188,7 @@ def _options_spec(text: str, opts: dict[str, str], force_share: bool) -> ImageSp
         force_share,
         tuple(backing_secrets),
         l2_cache_entry_size=entry_size,
+        locking=locking != "off",
     )
 
 
@@ -308,6 +312,7 @@ def open_spec(
             passphrase=passphrases,
             cache="none" if cache == "off" else cache,
             untrusted=untrusted(),
+            locking=spec.locking,
         )
         try:
             check_qemu_constraints(getattr(device, "_bitmap_entries", []))

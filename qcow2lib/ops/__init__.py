@@ -88,12 +88,14 @@ def open_by_name(
     force_share: bool = False,
     backing_of: str | None = None,
     untrusted: bool = False,
+    locking: bool = True,
 ) -> BlockDevice:
     """Open an image read-only, named as qemu-img names images (see image_target()).
 
     `fmt` None probes the format; an empty name fails as QEMU's file driver fails.
     backing_of: the image naming this one as its backing file; untrusted: what the
-    image names is confined to its directory (both as in open_image).
+    image names is confined to its directory; locking=False takes no locks (all as in
+    open_image).
     """
     path, fmt = image_target(filename, fmt)
     if not path:
@@ -107,6 +109,7 @@ def open_by_name(
         open_data_file=False,
         backing_of=backing_of,
         untrusted=untrusted,
+        locking=locking,
     )
 
 
