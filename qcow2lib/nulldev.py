@@ -1,10 +1,10 @@
-"""QEMU's null block drivers ("null-co://", "null-aio://") as a BlockDevice.
+"""QEMU's null-co and null-aio drivers: a device of a given size with no storage behind it.
 
-Test setups name them as a backing file that holds nothing (iotest 155 creates
-`qemu-img create -b null-co:// -F raw`): qemu-img must open them to check the backing
-file and take its size. The device is 1 GiB, as QEMU's default; writes are dropped and
-reads give zeros (QEMU leaves the buffer untouched by default; zeros are the defined
-choice). Its extents say what QEMU's block status says: neither data nor zeros.
+Writes succeed and are dropped, reads give zeros. With read_zeroes the device also says
+so when asked for its allocation (every range present and reading as zeros); without
+it, as QEMU's driver, it claims nothing (no range present, none known to be zeros), so a
+convert from it treats the whole device as unallocated. Scripts and tests use it as a
+source of any size that costs nothing to read.
 """
 
 from __future__ import annotations
@@ -12,37 +12,29 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from .blockdev import BlockDevice, Extent
-from .errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureError
+from .errors import InvalidArgumentError
 
-NULL_PROTOCOLS = ("null-co", "null-aio")
-NULL_DEVICE_SIZE = 1 << 30  # QEMU's default "size" option of the null drivers
-
-
-def null_protocol(name: str) -> str | None:
-    """The null driver a name selects ("null-co" for "null-co://"), else None."""
-    protocol = name.split(":", 1)[0]
-    return protocol if ":" in name and protocol in NULL_PROTOCOLS else None
+NULL_DRIVERS = ("null-co", "null-aio")
+DEFAULT_SIZE = 1 << 30  # QEMU's default for the size option
+SECTOR = 512
 
 
 class NullDevice(BlockDevice):
-    """A device of NULL_DEVICE_SIZE bytes that stores nothing."""
+    """A null-co (or null-aio) device of `size` bytes (rounded up to whole sectors, as
+    QEMU counts a device's length)."""
 
-    def __init__(self, name: str, mode: str = "r", fmt: str | None = None):
-        protocol = null_protocol(name)
-        if protocol is None:
-            raise InvalidArgumentError(f"'{name}' names no null driver")
-        if name != f"{protocol}://":
-            raise InvalidArgumentError(
-                f"The only allowed filename for this driver is '{protocol}://'"
-            )
-        if fmt == "qcow2":
-            raise CorruptImageError("Image is not in qcow2 format")
-        if fmt not in (None, "raw", protocol):
-            raise UnsupportedFeatureError(f"Unknown driver '{fmt}'")
-        self.filename = name
-        self.format = fmt or "raw"
-        self.read_only = mode != "r+"
-        self.size = NULL_DEVICE_SIZE
+    read_only = False
+
+    def __init__(self, size: int = DEFAULT_SIZE, read_zeroes: bool = False, driver="null-co"):
+        if driver not in NULL_DRIVERS:
+            raise InvalidArgumentError(f"Unknown null driver '{driver}'")
+        if size < 0:
+            raise InvalidArgumentError(f"null device size {size} is negative")
+        self.format = driver
+        self.filename = f"{driver}://"
+        self.size = -(-size // SECTOR) * SECTOR
+        self.read_zeroes = read_zeroes
+        self._closed = False
 
     def readinto(self, offset: int, buffer) -> int:
         view = memoryview(buffer).cast("B")
@@ -60,10 +52,13 @@ class NullDevice(BlockDevice):
         self.check_request(offset, length, write=True)
 
     def flush(self) -> None:
-        self.check_request(0, 0)
+        return None
 
     def extent_batches(self, offset: int, length: int) -> Iterator[list[Extent]]:
-        yield [Extent(offset, length, False, False, 0, None, False)]
+        if self.read_zeroes:
+            yield [Extent(offset, length, False, True, 0, offset, True)]
+        else:
+            yield [Extent(offset, length, False, False, 0, None, False)]
 
     def close(self) -> None:
         self._closed = True

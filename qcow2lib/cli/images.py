@@ -16,6 +16,7 @@ from qcow2lib.cli.common import Cli
 from qcow2lib.cli.qemuopts import CreateError, parse_qemu_opts, split_option_list
 from qcow2lib.cli.qobject import qemu_json_compact
 from qcow2lib.cli.secrets import secret_value
+from qcow2lib.nulldev import NULL_DRIVERS
 from qcow2lib.ops import error_text, full_backing_filename, host_path
 
 CACHE_MODES = ("none", "off", "directsync", "writeback", "unsafe", "writethrough")
@@ -75,6 +76,7 @@ class ImageSpec:
     force_share: bool = False
     backing_secrets: tuple = ()  # backing[.backing...].encrypt.key-secret, nearest first
     nbd: object = None  # an NBDAddress
+    null: tuple | None = None  # a null-co/null-aio device's (driver, size, read_zeroes)
     l2_cache_entry_size: int | None = None
     locking: bool = True  # file.locking=off: neither take nor test the image's locks
 
@@ -139,6 +141,8 @@ def _options_spec(text: str, opts: dict[str, str], force_share: bool) -> ImageSp
     for name in IGNORED_IMAGE_OPTS:
         opts.pop(name, None)
     driver = opts.pop("driver", None)
+    if driver in NULL_DRIVERS:
+        return _null_spec(text, driver, opts, force_share, fail)
     locking = opts.pop("locking" if driver in ("file", "host_device") else "file.locking", "auto")
     if locking not in ("on", "off", "auto"):
         fail(f"invalid parameter value: {locking}")
@@ -265,6 +269,37 @@ def _nbd_spec(
     return ImageSpec(text, address.uri(), fmt, None, force_share, nbd=address)
 
 
+def _null_spec(text: str, driver: str, opts: dict[str, str], force_share: bool, fail) -> ImageSpec:
+    """QEMU's null-co/null-aio protocol drivers: options size, read-zeroes, latency-ns
+    (qimg answers at once: the latency is accepted and not simulated)."""
+    from qcow2lib.nulldev import DEFAULT_SIZE
+    from qcow2lib.sizes import parse_size
+
+    size = DEFAULT_SIZE
+    if "size" in opts:
+        value = opts.pop("size")
+        try:
+            size = parse_size(value)
+            if not 0 <= size < 1 << 64:
+                raise ValueError(value)
+        except (ValueError, Qcow2Error):
+            raise OpenFailure(
+                f"Could not open '{text}': Parameter 'size' expects a non-negative number "
+                f"below 2^64",
+                SIZE_SUFFIX_HINT,
+            ) from None
+    read_zeroes = opts.pop("read-zeroes", "off")
+    if read_zeroes not in ("on", "off"):
+        fail("Parameter 'read-zeroes' expects 'on' or 'off'")
+    if "latency-ns" in opts and not opts.pop("latency-ns").isdigit():
+        fail("Parameter 'latency-ns' expects a number")
+    for name in opts:
+        fail(f"Block protocol '{driver}' doesn't support the option '{name}'")
+    return ImageSpec(
+        text, f"{driver}://", driver, None, force_share, null=(driver, size, read_zeroes == "on")
+    )
+
+
 def _chain_layers(device):
     layer = device
     while layer is not None:
@@ -296,6 +331,11 @@ def open_spec(
     is the top's when the caller has it from elsewhere (a target just created).
     """
     explicit = passphrase is not None
+    if spec.null is not None:
+        from qcow2lib.nulldev import NullDevice
+
+        driver, size, read_zeroes = spec.null
+        return NullDevice(size, read_zeroes, driver)
     try:
         path = spec.nbd if spec.nbd is not None else host_path(spec.path)
         if not path:
