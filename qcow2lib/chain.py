@@ -23,7 +23,7 @@ from .errors import (
 )
 from .hostfile import open_host_file, refuse_special_file
 from .image import Qcow2Image
-from .nulldev import NullDevice, null_protocol
+from .nulldev import NULL_DRIVERS, NullDevice
 
 if TYPE_CHECKING:
     from .exports.nbd_client import NBDAddress
@@ -34,15 +34,40 @@ FORMATS = ("qcow2", "raw")
 RAW_PROTOCOLS = ("host_device", "file")
 
 
+def null_protocol(name: str) -> str | None:
+    """The null driver a name such as "null-co://" selects, else None."""
+    protocol = name.split(":", 1)[0]
+    return protocol if ":" in name and protocol in NULL_DRIVERS else None
+
+
+def _open_null(name: str, mode: str, fmt: str | None) -> BlockDevice:
+    """A null-co:// or null-aio:// name, as QEMU opens it: a 1 GiB null device read as
+    raw (test setups name one as a backing file that holds nothing)."""
+    protocol = null_protocol(name)
+    if name != f"{protocol}://":
+        raise InvalidArgumentError(f"The only allowed filename for this driver is '{protocol}://'")
+    if fmt == "qcow2":  # QEMU reads no qcow2 magic from it
+        raise CorruptImageError("Image is not in qcow2 format")
+    if fmt not in (None, "raw", protocol):
+        raise UnsupportedFeatureError(f"Unknown driver '{fmt}'")
+    device = NullDevice(driver=protocol)
+    device.format = fmt or "raw"
+    device.read_only = mode != "r+"
+    return device
+
+
 def probe_format(path: str, backing_of: str | None = None) -> str:
-    """'qcow2' when the file starts with the qcow2 magic, else 'raw'. backing_of: the
-    image naming the file as its backing file (a special file is then refused)."""
+    """'qcow2' when the file starts with the qcow2 magic, 'vmdk' with a VMDK sparse
+    extent's, else 'raw'. backing_of: the image naming the file as its backing file (a
+    special file is then refused)."""
     file = open_host_file(path, role="backing file" if backing_of else None, named_by=backing_of)
     try:
         magic = file.pread(4, 0)
     finally:
         file.close()
-    return "qcow2" if magic == S.QCOW_MAGIC.to_bytes(4, "big") else "raw"
+    if magic == S.QCOW_MAGIC.to_bytes(4, "big"):
+        return "qcow2"
+    return "vmdk" if magic in (b"KDMV", b"COWD") else "raw"
 
 
 def backing_format(path: str, stated: str | None, name: str, backing_of: str) -> str:
@@ -356,7 +381,7 @@ def _open(
     if cache not in CACHE_MODES:
         raise InvalidArgumentError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
     if isinstance(path, str) and null_protocol(path):
-        return NullDevice(path, mode, fmt)
+        return _open_null(path, mode, fmt)
     if not isinstance(path, str) or is_nbd_name(path):
         return _open_nbd(
             path, mode, fmt, snapshot, backing, force_share, passphrase, open_data_file, cache
@@ -364,7 +389,7 @@ def _open(
     probed = fmt is None
     if probed:
         fmt = probe_format(path, backing_of)
-    if fmt not in FORMATS and fmt not in RAW_PROTOCOLS:
+    if fmt not in FORMATS and fmt not in RAW_PROTOCOLS and fmt != "vmdk":
         raise UnsupportedFeatureError(f"Unknown driver '{fmt}'")
     if "\0" in path:
         raise CorruptImageError(f"Image file name {path!r} contains a NUL byte")
@@ -378,6 +403,12 @@ def _open(
         raise CorruptImageError(
             f"Backing chain of '{chain[0]}' is too deep (more than {MAX_CHAIN_DEPTH} images)"
         )
+    if fmt == "vmdk":
+        from .vmdk import VmdkImage
+
+        if snapshot is not None:
+            raise UnsupportedFeatureError("Block driver does not support snapshots (vmdk)")
+        return VmdkImage(path, mode, force_share, backing_of, locking)
     if fmt == "raw" or fmt in RAW_PROTOCOLS:
         if snapshot is not None:
             raise UnsupportedFeatureError(f"Block driver does not support snapshots ({fmt})")

@@ -71,6 +71,11 @@ class ConvertStop(Exception):
 def create_convert_target(cli: Cli, filename: str, fmt: str, opts: CreateOptions) -> None:
     """bdrv_create() of convert's target (no "Formatting" line, no backing file check)."""
     path = host_path(filename)
+    if fmt == "vmdk":  # qcow2lib.vmdk creates VMDK images and reads them, never writes grains
+        raise CreateError(
+            f"{filename}: error while converting {fmt}: qimg does not write VMDK images "
+            f"(only 'create -f vmdk' makes an empty one)"
+        )
     try:
         arguments = qcow2_arguments(opts, cli.secrets) if fmt == "qcow2" else raw_arguments(opts)
         size = int64(opts.value("size"))

@@ -208,6 +208,25 @@ def raw_arguments(opts: CreateOptions) -> dict:
     return {"fmt": "raw", "preallocation": preallocation}
 
 
+def vmdk_arguments(opts: CreateOptions) -> dict:
+    """Turn checked -o values into qcow2lib.vmdk.create_vmdk() arguments, with QEMU's
+    vmdk driver's checks (after the Formatting line) and messages."""
+    backing_fmt = opts.get("backing_fmt")
+    if backing_fmt is not None and backing_fmt != "vmdk":
+        raise CreateError("backing_file must be a vmdk image")
+    if opts.get("backing_file") is not None:
+        raise CreateError("qimg creates VMDK images without a backing file")
+    hwversion = opts.get("hwversion")
+    return {
+        "subformat": opts.get("subformat") or "monolithicSparse",
+        "adapter_type": opts.get("adapter_type") or "ide",
+        "hwversion": None if hwversion == "undefined" else hwversion,
+        "toolsversion": opts.get("toolsversion"),
+        "compat6": bool(opts.value("compat6")),
+        "zeroed_grain": bool(opts.value("zeroed_grain")),
+    }
+
+
 def img_create(
     cli: Cli,
     filename: str,
@@ -271,10 +290,18 @@ def img_create(
     if not quiet:
         cli.out(f"Formatting '{filename}', fmt={fmt} {opts.render()}\n")
         sys.stdout.flush()
-    arguments = qcow2_arguments(opts, cli.secrets) if fmt == "qcow2" else raw_arguments(opts)
+    if fmt == "vmdk":
+        arguments = vmdk_arguments(opts)
+    else:
+        arguments = qcow2_arguments(opts, cli.secrets) if fmt == "qcow2" else raw_arguments(opts)
     size = (size + 511) // 512 * 512  # QEMU rounds every new image up to whole sectors
     try:
-        qcow2lib.create(path, size, **arguments)
+        if fmt == "vmdk":
+            from qcow2lib.vmdk import create_vmdk
+
+            create_vmdk(path, size, **arguments)
+        else:
+            qcow2lib.create(path, size, **arguments)
     except ImageLockedError as exc:
         raise CreateError(
             error_text(exc), f"Is another process using the image [{path}]?\n"

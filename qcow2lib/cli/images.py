@@ -146,7 +146,7 @@ def _options_spec(text: str, opts: dict[str, str], force_share: bool) -> ImageSp
     locking = opts.pop("locking" if driver in ("file", "host_device") else "file.locking", "auto")
     if locking not in ("on", "off", "auto"):
         fail(f"invalid parameter value: {locking}")
-    if driver is not None and driver not in ("qcow2", "raw", "file", "host_device", "nbd"):
+    if driver is not None and driver not in ("qcow2", "raw", "file", "host_device", "nbd", "vmdk"):
         fail(f"Unknown driver '{driver}'")
     if driver == "nbd" or opts.get("file.driver") == "nbd":
         return _nbd_spec(text, driver, opts, force_share, fail)

@@ -10,9 +10,8 @@ from __future__ import annotations
 import os
 
 from ..bitmaps import check_qemu_constraints
-from ..chain import is_nbd_name, untrusted_backing_path
+from ..chain import is_nbd_name, null_protocol, untrusted_backing_path
 from ..errors import CorruptImageError, ImageLockedError, Qcow2Error
-from ..nulldev import null_protocol
 from ..snapshots import list_snapshots
 from . import error_text, full_backing_filename, host_path, image_target, open_by_name, virtual_size
 
@@ -136,6 +135,9 @@ def _describe(img, path: str) -> dict:
         if img.header.nb_snapshots:
             info["snapshots"] = _snapshot_list(img)
         info["format-specific"] = {"type": "qcow2", "data": _qcow2_specific(img)}
+    elif img.format == "vmdk":
+        info["cluster-size"] = img.grain_size
+        info["format-specific"] = {"type": "vmdk", "data": img.specific_info()}
     return info
 
 
