@@ -386,6 +386,26 @@ class VmdkImage(BlockDevice):
                 pos += run
             yield batch
 
+    # --- what qemu-img check looks at --------------------------------------------------
+
+    def first_grain_past_eof(self) -> int | None:
+        """The guest sector of the first grain whose host offset lies at or past the end
+        of the file (QEMU's whole VMDK check), or None."""
+        file_size = self.file.size()
+        grain_sectors = self.grain_size // SECTOR
+        for gd_index in range(len(self.grain_directory)):
+            table = self._grain_table(gd_index)
+            if table is None:
+                continue
+            first_grain = gd_index * self.gtes_per_gt
+            for index, entry in enumerate(table):
+                grain_index = first_grain + index
+                if grain_index * self.grain_size >= self.size:
+                    break
+                if entry and not self._is_zeroed(entry) and entry * SECTOR >= file_size:
+                    return grain_index * grain_sectors
+        return None
+
     # --- what qemu-img info shows -------------------------------------------------------
 
     def specific_info(self) -> dict:

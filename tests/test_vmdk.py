@@ -80,6 +80,9 @@ def test_reads_what_qemu_wrote(tmp_path, qemu_images, name):
         ["info", "--output=json"],
         ["compare", "-f", "vmdk", "-F", "qcow2", "{image}", "src.qcow2"],
         ["convert", "-O", "raw", "{image}", "out.raw"],
+        ["check"],
+        ["check", "--output=json"],
+        ["check", "-r", "all"],
     ],
     ids=" ".join,
 )
@@ -218,6 +221,20 @@ def test_bad_grain_entries_fail_reads_of_that_grain_only(tmp_path, entry):
         with pytest.raises(CorruptImageError):
             device.read(0, 4096)
         assert device.read(MiB, 4096) == b"\x22" * 4096
+
+
+@pytest.mark.parametrize("args", [["check"], ["check", "--output=json"], ["info"]])
+def test_check_of_a_grain_past_the_end_matches_qemu_img(tmp_path, args):
+    image = tmp_path / "bad.vmdk"
+    qemu_img("convert", "-O", "vmdk", _source(tmp_path), image)
+    _patch(image, _first_grain_entry_offset(image) + 16 * 4, "<I", 1 << 24)  # grain at 1 MiB
+    expected = qemu_img(*args, image, check=False)
+    actual = run_qimg_in(tmp_path, *args, image.name)
+    strip = re.compile(r"disk size: .*|cid: \d+")
+    assert (actual.returncode, actual.stderr) == (expected.returncode, expected.stderr)
+    assert strip.sub("", actual.stdout) == strip.sub(
+        "", expected.stdout.replace(str(image), image.name)
+    )
 
 
 def test_opens_read_only(tmp_path):
