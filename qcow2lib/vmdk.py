@@ -12,11 +12,15 @@ real header in a footer before the end-of-stream marker.
 Test setups (QEMU's iotest 055) create streamOptimized targets, let QEMU write
 compressed grains into them, and compare them with the source: qimg creates the
 subformats monolithicSparse and streamOptimized with QEMU's layout, and reads both.
-It writes no grains itself (a VMDK image opens read-only).
+Opened for writing (convert -O vmdk), new grains are appended to the file as QEMU
+appends them: a whole grain each in a sparse extent, a grain marker and the compressed
+grain (whole grains only) in a streamOptimized one; both copies of the grain table
+entry are then written, and the first write gives the image a new CID.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import struct
@@ -30,7 +34,7 @@ from .blockdev import BlockDevice, Extent
 from .errors import (
     CorruptImageError,
     InvalidArgumentError,
-    ReadOnlyError,
+    Qcow2IOError,
     UnsupportedFeatureError,
 )
 from .hostfile import create_host_file, open_host_file
@@ -127,7 +131,7 @@ def _descriptor_cid(text: str, key: str) -> int:
 
 
 class VmdkImage(BlockDevice):
-    """A hosted sparse or streamOptimized VMDK extent, read-only."""
+    """A hosted sparse or streamOptimized VMDK extent (no parent image)."""
 
     format = "vmdk"
 
@@ -139,12 +143,15 @@ class VmdkImage(BlockDevice):
         backing_of: str | None = None,
         locking: bool = True,
     ):
-        if mode != "r":
-            raise ReadOnlyError(f"'{path}': qimg opens VMDK images read-only")
+        if mode not in ("r", "r+"):
+            raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
         self.filename = path
-        self.read_only = True
+        self.read_only = mode == "r"
         self.file = open_host_file(
-            path, role="backing file" if backing_of else None, named_by=backing_of
+            path,
+            writable=not self.read_only,
+            role="backing file" if backing_of else None,
+            named_by=backing_of,
         )
         try:
             if locking:
@@ -156,6 +163,9 @@ class VmdkImage(BlockDevice):
         self._lock = threading.Lock()
         self._tables: dict[int, array] = {}  # GT sector -> entries, a bounded cache
         self._last_grain: tuple[int, bytes] | None = None  # (sector, decompressed grain)
+        self._write_lock = threading.Lock()  # writes allocate at the end: one at a time
+        self._cid_updated = False
+        self._unflushed = False
 
     # --- opening ------------------------------------------------------------------------
 
@@ -207,7 +217,22 @@ class VmdkImage(BlockDevice):
         self.gtes_per_gt = gtes_per_gt
         self.size = capacity * SECTOR
         self.grain_directory = _le32_table(self.file.pread(gd_entries * 4, gd_offset * SECTOR))
-        self.redundant_gd_offset = rgd_offset * SECTOR if flags & FLAG_RGD else 0
+        self.cluster_size = self.grain_size
+        self.redundant_directory = None
+        if flags & FLAG_RGD and not self.read_only:
+            if rgd_offset * SECTOR + gd_entries * 4 > file_size:
+                raise CorruptImageError(
+                    f"Redundant grain directory at offset {rgd_offset * SECTOR} lies past "
+                    f"the end of the file ({file_size} bytes)"
+                )
+            self.redundant_directory = _le32_table(
+                self.file.pread(gd_entries * 4, rgd_offset * SECTOR)
+            )
+        if version == 3 and not self.read_only and not self.compressed:
+            raise UnsupportedFeatureError("VMDK version 3 must be read only")
+        # where the next grain goes: the end of the file, rounded up to a grain at first
+        file_sectors = -(-file_size // SECTOR)
+        self._next_sector = -(-file_sectors // grain_sectors) * grain_sectors
         descriptor = self.file.pread(DESCRIPTOR_SIZE, DESCRIPTOR_OFFSET).split(b"\0", 1)[0]
         text = descriptor.decode("latin-1")
         if _descriptor_value(text, "parentFileNameHint") is not None:
@@ -430,22 +455,138 @@ class VmdkImage(BlockDevice):
 
     # --- the rest of BlockDevice: read-only -----------------------------------------------
 
+    # --- writing ----------------------------------------------------------------------
+
     def write(self, offset: int, data) -> None:
-        self.check_request(offset, len(memoryview(data).cast("B")), write=True)
+        """Write guest bytes; a streamOptimized image takes whole grains only (and the
+        last, shorter one), each written once, compressed."""
+        view = memoryview(data).cast("B")
+        self.check_request(offset, len(view), write=True)
+        with self._write_lock:
+            self._unflushed = True
+            pos = 0
+            while pos < len(view):
+                grain_index, in_grain = divmod(offset + pos, self.grain_size)
+                length = min(len(view) - pos, self.grain_size - in_grain)
+                piece = view[pos : pos + length]
+                if self.compressed:
+                    self._write_compressed_grain(grain_index, in_grain, piece)
+                else:
+                    self._write_plain(grain_index, in_grain, piece)
+                pos += length
+                self._new_cid_once()
+
+    def write_compressed(self, offset: int, data) -> None:
+        """convert's compressed writes: whole grains of a streamOptimized image."""
+        if not self.compressed:
+            raise UnsupportedFeatureError("Compression not supported for this file format")
+        self.write(offset, data)
+
+    def _write_plain(self, grain_index: int, in_grain: int, piece) -> None:
+        entry = self._grain_entry(grain_index)
+        if entry and not self._is_zeroed(entry):
+            self.file.pwrite(piece, entry * SECTOR + in_grain)
+            return
+        grain = bytearray(self.grain_size)  # a new grain: zeros around the data
+        grain[in_grain : in_grain + len(piece)] = piece
+        sector = self._next_sector
+        self.file.pwrite(grain, sector * SECTOR)
+        self._next_sector += self.grain_size // SECTOR
+        self._set_entry(grain_index, sector)
+
+    def _write_compressed_grain(self, grain_index: int, in_grain: int, piece) -> None:
+        guest = grain_index * self.grain_size + in_grain
+        if in_grain or (len(piece) < self.grain_size and guest + len(piece) != self.size):
+            raise InvalidArgumentError(
+                f"A streamOptimized VMDK image takes whole compressed grains: write of "
+                f"{len(piece)} bytes at offset {guest} refused"
+            )
+        entry = self._grain_entry(grain_index)
+        if entry and not self._is_zeroed(entry):
+            raise Qcow2IOError(
+                errno.EIO, "Could not write to allocated cluster for streamOptimized"
+            )
+        if not self.has_marker:
+            raise InvalidArgumentError("Compressed grains need grain markers (header flags)")
+        packed = zlib.compress(bytes(piece))
+        record = GRAIN_MARKER.pack(guest // SECTOR, len(packed)) + packed
+        record += bytes(-len(record) % SECTOR)
+        sector = self._next_sector
+        self.file.pwrite(record, sector * SECTOR)
+        self._next_sector += len(record) // SECTOR
+        self._set_entry(grain_index, sector)
+
+    def _set_entry(self, grain_index: int, value: int) -> None:
+        """Point a grain's entry in the grain table and in its redundant copy at `value`."""
+        gd_index, gt_index = divmod(grain_index, self.gtes_per_gt)
+        table = self._grain_table(gd_index)
+        if table is None:
+            raise UnsupportedFeatureError(
+                f"Grain directory entry {gd_index} has no grain table to allocate grain "
+                f"{grain_index} in"
+            )
+        entry = _pack_le32([value])
+        self.file.pwrite(entry, self.grain_directory[gd_index] * SECTOR + gt_index * 4)
+        if self.redundant_directory is not None and self.redundant_directory[gd_index]:
+            self.file.pwrite(entry, self.redundant_directory[gd_index] * SECTOR + gt_index * 4)
+        with self._lock:
+            table[gt_index] = value
+            self._last_grain = None
+
+    def _new_cid_once(self) -> None:
+        """The first write after opening gives the image a new content ID, as QEMU's."""
+        if self._cid_updated:
+            return
+        self._cid_updated = True
+        region = self.file.pread(DESCRIPTOR_SIZE, DESCRIPTOR_OFFSET)
+        text = region.split(b"\0", 1)[0]
+        start = text.find(b"CID=")
+        if start < 0:
+            return
+        end = start + 4
+        while end < len(text) and text[end : end + 1] in b"0123456789abcdefABCDEF":
+            end += 1
+        self.cid = secrets.randbits(32)
+        text = text[: start + 4] + b"%x" % self.cid + text[end:]
+        self.file.pwrite(text.ljust(DESCRIPTOR_SIZE, b"\0")[:DESCRIPTOR_SIZE], DESCRIPTOR_OFFSET)
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        """Whole grains become zeroed grains where the image has them; anything else is
+        written as zeros (QEMU's fallback)."""
         self.check_request(offset, length, write=True)
+        end = offset + length
+        pos = offset
+        while pos < end:
+            grain_index, in_grain = divmod(pos, self.grain_size)
+            run = min(end, (grain_index + 1) * self.grain_size) - pos
+            if self.zero_grains and not in_grain and run == self.grain_size:
+                with self._write_lock:
+                    self._unflushed = True
+                    if not self._is_zeroed(self._grain_entry(grain_index)):
+                        self._set_entry(grain_index, GTE_ZEROED)
+                    self._new_cid_once()
+            else:
+                self.write(pos, bytes(run))
+            pos += run
 
     def discard(self, offset: int, length: int) -> None:
+        """QEMU's VMDK driver ignores discards: so does this one."""
         self.check_request(offset, length, write=True)
 
     def flush(self) -> None:
         self.check_request(0, 0)
+        if not self.read_only:
+            self.file.flush()
+            self._unflushed = False
 
     def close(self) -> None:
         if not self._closed:
-            self._closed = True
-            self.file.close()
+            try:
+                if not self.read_only and self._unflushed:
+                    self.file.flush()
+            finally:
+                self._closed = True
+                self.file.close()
 
 
 def create_vmdk(

@@ -237,8 +237,70 @@ def test_check_of_a_grain_past_the_end_matches_qemu_img(tmp_path, args):
     )
 
 
-def test_opens_read_only(tmp_path):
-    image = tmp_path / "a.vmdk"
+@pytest.mark.parametrize(
+    "options",
+    [[], ["-o", "subformat=streamOptimized"], ["-o", "zeroed_grain=on"], ["-o", "compat6=on"]],
+    ids=lambda o: " ".join(o) or "default",
+)
+def test_convert_to_vmdk_matches_qemu_img(tmp_path, options):
+    """qimg's VMDK target: same content, same map and a clean check for qemu-img."""
+    source = _source(tmp_path)
+    theirs, ours = tmp_path / "theirs.vmdk", tmp_path / "ours.vmdk"
+    qemu_img("convert", "-O", "vmdk", *options, source, theirs)
+    result = run_qimg_in(tmp_path, "convert", "-O", "vmdk", *options, source.name, ours.name)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert qemu_img("compare", "-f", "qcow2", "-F", "vmdk", source, ours).returncode == 0
+    assert qemu_img("check", ours).stdout == "No errors were found on the image.\n"
+    maps = [qemu_img("map", "--output=json", path).stdout for path in (theirs, ours)]
+    if not options:  # plain grains land where QEMU puts them, offsets included
+        assert maps[1] == maps[0]
+    strip = re.compile(r', "offset": \d+')
+    assert strip.sub("", maps[1]) == strip.sub("", maps[0])
+
+
+def test_writes_read_back_by_qemu(tmp_path):
+    """Partial grain writes (a new grain is zero around them), rewrites in place, zeroed
+    grains: qemu-io reads what was written."""
+    image = tmp_path / "w.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", "-o", "zeroed_grain=on", image, "4M")
+    with qcow2lib.open(str(image), "r+") as device:
+        device.write(1000, b"\x41" * 3000)
+        device.write(1500, b"\x42" * 100)
+        device.write(3 * MiB - 10, b"\x43" * 20)
+        device.write_zeroes(MiB, 128 * KiB)
+        device.write(MiB + 64 * KiB, b"\x44" * 512)
+    qemu_io(
+        image,
+        "read -P 0 0 1000",
+        "read -P 0x41 1000 500",
+        "read -P 0x42 1500 100",
+        "read -P 0x41 1600 2400",
+        "read -P 0 4000 60536",
+        "read -P 0x43 3145718 20",
+        "read -P 0 1048576 65536",
+        "read -P 0x44 1114112 512",
+    )
+    assert qemu_img("check", image).returncode == 0
+    entries = qemu_img("map", "--output=json", image).stdout
+    assert '"start": 1048576, "length": 65536, "depth": 0, "present": true, "zero": true' in entries
+
+
+def test_stream_optimized_takes_whole_grains_once(tmp_path):
+    image = tmp_path / "s.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized", image, "1M")
+    with qcow2lib.open(str(image), "r+") as device:
+        with pytest.raises(Qcow2Error, match="whole compressed grains"):
+            device.write(512, b"x" * 512)
+        device.write(64 * KiB, b"\x55" * 64 * KiB)
+        with pytest.raises(OSError, match="allocated cluster"):
+            device.write(64 * KiB, b"\x56" * 64 * KiB)
+    qemu_io(image, "read -P 0x55 64k 64k", "read -P 0 0 64k")
+
+
+def test_version3_sparse_image_opens_read_only_only(tmp_path):
+    image = tmp_path / "v3.vmdk"
     qemu_img("create", "-q", "-f", "vmdk", image, "1M")
-    with pytest.raises(Qcow2Error, match="read-only"):
+    _patch(image, 4, "<I", 3)
+    qcow2lib.open(str(image), fmt="vmdk").close()
+    with pytest.raises(Qcow2Error, match="VMDK version 3 must be read only"):
         qcow2lib.open(str(image), "r+", fmt="vmdk")

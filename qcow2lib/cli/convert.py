@@ -10,7 +10,12 @@ from qcow2lib import ImageLockedError, Qcow2Error
 from qcow2lib.bitmaps import FLAG_AUTO as BITMAP_AUTO
 from qcow2lib.bitmaps import FLAG_IN_USE as BITMAP_IN_USE
 from qcow2lib.cli.common import Cli, cvtnum
-from qcow2lib.cli.create import print_create_option_help, qcow2_arguments, raw_arguments
+from qcow2lib.cli.create import (
+    print_create_option_help,
+    qcow2_arguments,
+    raw_arguments,
+    vmdk_arguments,
+)
 from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
 from qcow2lib.cli.images import (
     SNAPSHOT_OPT_BASE,
@@ -71,15 +76,15 @@ class ConvertStop(Exception):
 def create_convert_target(cli: Cli, filename: str, fmt: str, opts: CreateOptions) -> None:
     """bdrv_create() of convert's target (no "Formatting" line, no backing file check)."""
     path = host_path(filename)
-    if fmt == "vmdk":  # qcow2lib.vmdk creates VMDK images and reads them, never writes grains
-        raise CreateError(
-            f"{filename}: error while converting {fmt}: qimg does not write VMDK images "
-            f"(only 'create -f vmdk' makes an empty one)"
-        )
     try:
-        arguments = qcow2_arguments(opts, cli.secrets) if fmt == "qcow2" else raw_arguments(opts)
         size = int64(opts.value("size"))
         size = (size + 511) // 512 * 512
+        if fmt == "vmdk":
+            from qcow2lib.vmdk import create_vmdk
+
+            create_vmdk(path, size, **vmdk_arguments(opts))
+            return
+        arguments = qcow2_arguments(opts, cli.secrets) if fmt == "qcow2" else raw_arguments(opts)
         qcow2lib.create(path, size, **arguments)
     except CreateError as exc:
         raise CreateError(
@@ -414,6 +419,8 @@ def _convert(
         fail(f"Format driver '{target.format}' does not support bitmaps")
     if compressed and target.format != "qcow2":
         fail("Compression not supported for this file format")
+    if getattr(target, "compressed", False) is True and target.format == "vmdk":
+        compressed = True  # a streamOptimized target takes compressed grains only
     if skip_create and virtual_size(target) // 512 < total_sectors:
         fail("output file is smaller than input file")
     target_backing = target.backing if has_backing else None
