@@ -62,12 +62,14 @@ def probe_format(path: str, backing_of: str | None = None) -> str:
     special file is then refused)."""
     file = open_host_file(path, role="backing file" if backing_of else None, named_by=backing_of)
     try:
-        magic = file.pread(4, 0)
+        first = file.pread(2048, 0)  # as much as QEMU's probe reads (a VMDK descriptor)
     finally:
         file.close()
-    if magic == S.QCOW_MAGIC.to_bytes(4, "big"):
+    if first[:4] == S.QCOW_MAGIC.to_bytes(4, "big"):
         return "qcow2"
-    return "vmdk" if magic in (b"KDMV", b"COWD") else "raw"
+    from .vmdk import is_vmdk
+
+    return "vmdk" if is_vmdk(first) else "raw"
 
 
 def backing_format(path: str, stated: str | None, name: str, backing_of: str) -> str:

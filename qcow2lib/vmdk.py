@@ -60,6 +60,7 @@ MARKER_EOS, MARKER_FOOTER = 0, 3
 GRAIN_MARKER = struct.Struct("<QI")  # guest sector, compressed size
 DESCRIPTOR_OFFSET = 0x200  # where QEMU reads a hosted sparse extent's descriptor
 DESCRIPTOR_SIZE = 20 * SECTOR
+DESCRIPTOR_FILE_LIMIT = (1 << 20) - 1  # QEMU reads at most this much of a descriptor file
 MAX_GRAIN_SECTORS = 0x200000  # QEMU: more than 1 GiB a grain is a corrupt header
 MAX_GTES_PER_GT = 512
 MAX_GD_ENTRIES = 32 * 1024 * 1024
@@ -99,9 +100,37 @@ def _pack_le32(values) -> bytes:
     return table.tobytes()
 
 
+PROBE_SIZE = 2048  # what QEMU's format probe reads of a file
+
+
 def is_vmdk(first_bytes: bytes) -> bool:
-    """Whether a file starts with a VMDK sparse extent's magic (QEMU's vmdk probe)."""
-    return first_bytes[:4] in (VMDK4_MAGIC, VMDK3_MAGIC)
+    """Whether a file's first PROBE_SIZE bytes are a VMDK's, as QEMU's probe judges: a
+    sparse extent's magic, or a descriptor whose first line that is not a comment or
+    blank (spaces only) is "version=1", 2 or 3."""
+    if first_bytes[:4] in (VMDK4_MAGIC, VMDK3_MAGIC):
+        return True
+    pos, end = 0, len(first_bytes)
+    while pos < end:
+        if first_bytes[pos : pos + 1] == b"#":
+            newline = first_bytes.find(b"\n", pos)
+            pos = end if newline < 0 else newline + 1
+            continue
+        if first_bytes[pos : pos + 1] == b" ":
+            while pos < end and first_bytes[pos : pos + 1] == b" ":
+                pos += 1
+            if first_bytes[pos : pos + 1] == b"\r":
+                pos += 1
+            if pos == end or first_bytes[pos : pos + 1] != b"\n":
+                return False
+            pos += 1
+            continue
+        line = first_bytes[pos : pos + 11]
+        return any(
+            line.startswith(b"version=%d%s" % (n, eol))
+            for n in (1, 2, 3)
+            for eol in (b"\n", b"\r\n")
+        )
+    return False
 
 
 def _descriptor_value(text: str, key: str) -> str | None:
@@ -176,15 +205,12 @@ class VmdkImage(BlockDevice):
         magic = self.file.pread(4, 0)
         if magic == VMDK3_MAGIC:
             raise UnsupportedFeatureError("qimg does not open VMDK3 (COWD) sparse extents")
-        if magic != VMDK4_MAGIC:
-            raise UnsupportedFeatureError(
-                "qimg opens VMDK images whose descriptor is embedded in a sparse extent "
-                "(monolithicSparse, streamOptimized), not separate descriptor files"
-            )
+        if magic != VMDK4_MAGIC:  # a descriptor file, as QEMU takes any other file
+            self._refuse_descriptor_file(0)
         header = HEADER.unpack(self.file.pread(HEADER.size, 4).ljust(HEADER.size, b"\0"))
         (version, flags, capacity, grain_sectors, desc_offset) = header[:5]
         if capacity == 0 and desc_offset:
-            self._refuse_descriptor_extent(desc_offset)
+            self._refuse_descriptor_file(desc_offset * SECTOR)
         if header[8] == GD_AT_END:
             header = self._footer_header(file_size)
             (version, flags, capacity, grain_sectors, desc_offset) = header[:5]
@@ -243,17 +269,20 @@ class VmdkImage(BlockDevice):
         self.parent_cid = _descriptor_cid(text, "parentCID")
         self.create_type = "streamOptimized" if self.compressed else "monolithicSparse"
 
-    def _refuse_descriptor_extent(self, desc_offset: int) -> None:
-        """A sparse header with no capacity only carries a descriptor: QEMU then opens
-        it as a descriptor file, which refuses a monolithicSparse createType."""
-        text = self.file.pread(DESCRIPTOR_SIZE, desc_offset * SECTOR).split(b"\0", 1)[0]
+    def _refuse_descriptor_file(self, offset: int) -> None:
+        """A descriptor file (or a sparse header with no capacity, which only carries a
+        descriptor): QEMU's messages for what it would refuse too, else qimg's refusal
+        (it opens no separate extent files)."""
+        text = self.file.pread(DESCRIPTOR_FILE_LIMIT, offset).split(b"\0", 1)[0]
         create_type = _descriptor_value(text.decode("latin-1"), "createType")
         if create_type is None:
             raise CorruptImageError("invalid VMDK image descriptor")
         if create_type not in DESCRIPTOR_FILE_TYPES:
             raise UnsupportedFeatureError(f"Unsupported image type '{create_type}'")
         raise UnsupportedFeatureError(
-            f"qimg does not open VMDK descriptor files (createType '{create_type}')"
+            f"qimg opens VMDK images whose descriptor is embedded in a sparse extent "
+            f"(monolithicSparse, streamOptimized), not descriptor files (createType "
+            f"'{create_type}')"
         )
 
     def _footer_header(self, file_size: int) -> tuple:

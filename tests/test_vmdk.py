@@ -297,6 +297,28 @@ def test_stream_optimized_takes_whole_grains_once(tmp_path):
     qemu_io(image, "read -P 0x55 64k 64k", "read -P 0 0 64k")
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'# Disk DescriptorFile\nversion=1\ncreateType="foo"\n',
+        b"# c\n   \n  \r\nversion=2\r\n",
+        b"\nversion=1\n",
+        b"version=4\n",
+        b" x\nversion=1\n",
+    ],
+)
+def test_descriptor_files_are_probed_and_refused_as_qemu_img(tmp_path, text):
+    """Text descriptors probe as VMDK as QEMU's probe decides; what QEMU refuses is refused
+    with its message (qimg opens no descriptor files at all)."""
+    (tmp_path / "d.vmdk").write_bytes(text)
+    with inside(tmp_path):
+        expected = qemu_img("info", "d.vmdk", check=False)
+    actual = run_qimg_in(tmp_path, "info", "d.vmdk")
+    strip = re.compile(r"disk size: .*")
+    assert (actual.returncode, actual.stderr) == (expected.returncode, expected.stderr)
+    assert strip.sub("", actual.stdout) == strip.sub("", expected.stdout)
+
+
 def test_version3_sparse_image_opens_read_only_only(tmp_path):
     image = tmp_path / "v3.vmdk"
     qemu_img("create", "-q", "-f", "vmdk", image, "1M")
