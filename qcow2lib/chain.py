@@ -57,9 +57,9 @@ def _open_null(name: str, mode: str, fmt: str | None) -> BlockDevice:
 
 
 def probe_format(path: str, backing_of: str | None = None) -> str:
-    """'qcow2' when the file starts with the qcow2 magic, 'vmdk' with a VMDK sparse
-    extent's, else 'raw'. backing_of: the image naming the file as its backing file (a
-    special file is then refused)."""
+    """'qcow2' when the file starts with the qcow2 magic, 'vmdk' for a VMDK sparse extent
+    or descriptor (vmdk.is_vmdk), else 'raw'. backing_of: the image naming the file as its
+    backing file (a special file is then refused)."""
     file = open_host_file(path, role="backing file" if backing_of else None, named_by=backing_of)
     try:
         first = file.pread(2048, 0)  # as much as QEMU's probe reads (a VMDK descriptor)
