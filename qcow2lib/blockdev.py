@@ -190,8 +190,10 @@ class RawDevice(BlockDevice):
         probed: bool = False,
         backing_of: str | None = None,
         file=None,
+        locking: bool = True,
     ):
-        """`file`: the HostFile to use instead of opening `path` (a blkdebug layer)."""
+        """`file`: the HostFile to use instead of opening `path` (a blkdebug layer).
+        locking=False: QEMU's file.locking=off, no lock taken or tested."""
         self.filename = path
         self.probed = probed  # the format was guessed: sector 0 must not turn into another
         self.read_only = mode != "r+"
@@ -202,7 +204,8 @@ class RawDevice(BlockDevice):
             named_by=backing_of,
         )
         try:
-            self.file.lock_for_use(force_share)
+            if locking:
+                self.file.lock_for_use(force_share)
         except BaseException:
             self.file.close()
             raise

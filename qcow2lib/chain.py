@@ -42,17 +42,21 @@ RAW_PROTOCOLS = ("host_device", "file")
 
 
 def probe_format(path: str, backing_of: str | None = None) -> str:
-    """'qcow2' or 'luks' when the file starts with that format's magic, else 'raw'.
-    backing_of: the image naming the file as its backing file (a special file is then
-    refused)."""
+    """'qcow2' or 'luks' when the file starts with that format's magic, 'vmdk' for a VMDK
+    sparse extent or descriptor (vmdk.is_vmdk), else 'raw'. backing_of: the image naming
+    the file as its backing file (a special file is then refused)."""
     file = open_host_file(path, role="backing file" if backing_of else None, named_by=backing_of)
     try:
-        magic = file.pread(6, 0)
+        first = file.pread(2048, 0)  # as much as QEMU's probe reads (a VMDK descriptor)
     finally:
         file.close()
-    if magic[:4] == S.QCOW_MAGIC.to_bytes(4, "big"):
+    if first[:4] == S.QCOW_MAGIC.to_bytes(4, "big"):
         return "qcow2"
-    return "luks" if has_luks_magic(magic) else "raw"  # luks: issue 14
+    if has_luks_magic(first[:6]):  # luks: issue 14
+        return "luks"
+    from .vmdk import is_vmdk
+
+    return "vmdk" if is_vmdk(first) else "raw"
 
 
 def backing_format(path: str, stated: str | None, name: str, backing_of: str) -> str:
@@ -313,6 +317,7 @@ def open_image(
     cache: str = "writeback",
     backing_of: str | None = None,
     untrusted: bool = False,
+    locking: bool = True,
 ) -> BlockDevice:
     """Open an image (and, unless backing=False, its whole backing chain, read-only).
 
@@ -337,6 +342,9 @@ def open_image(
     (UntrustedImageError). `path` itself, `fmt` and `data_file` come from the caller and
     are trusted. The default trusts the image as qemu-img does: it may name any host file
     as its backing file (a raw one only if it states the format) or data file.
+
+    locking=False (QEMU's file.locking=off) neither takes nor tests the locks of the image's
+    own file; its backing and data files are locked as always.
     """
     return _open(
         path,
@@ -352,6 +360,7 @@ def open_image(
         cache,
         backing_of,
         untrusted,
+        locking,
     )
 
 
@@ -369,6 +378,7 @@ def _open(
     cache: str,
     backing_of: str | None,
     untrusted: bool,
+    locking: bool = True,
 ) -> BlockDevice:
     """open_image() at one level of a chain: `chain` holds the real paths of the images
     above, for loop and depth checks."""
@@ -397,7 +407,7 @@ def _open(
     probed = fmt is None
     if probed:
         fmt = probe_format(path, backing_of)
-    if fmt not in FORMATS and fmt not in RAW_PROTOCOLS:
+    if fmt not in FORMATS and fmt not in RAW_PROTOCOLS and fmt != "vmdk":
         raise UnsupportedFeatureError(f"Unknown driver '{fmt}'")
     if "\0" in path:
         raise CorruptImageError(f"Image file name {path!r} contains a NUL byte")
@@ -417,10 +427,16 @@ def _open(
         container = RawDevice(path, mode, force_share, False, backing_of)
         container.file.no_flush = cache == "unsafe"
         return open_luks(container, _split_passphrase(passphrase)[0])
+    if fmt == "vmdk":
+        from .vmdk import VmdkImage
+
+        if snapshot is not None:
+            raise UnsupportedFeatureError("Block driver does not support snapshots (vmdk)")
+        return VmdkImage(path, mode, force_share, backing_of, locking)
     if fmt == "raw" or fmt in RAW_PROTOCOLS:
         if snapshot is not None:
             raise UnsupportedFeatureError(f"Block driver does not support snapshots ({fmt})")
-        device = RawDevice(path, mode, force_share, probed, backing_of)
+        device = RawDevice(path, mode, force_share, probed, backing_of, locking)
         if fmt == "host_device" and not device.file.is_device:
             device.close()
             raise InvalidArgumentError(
@@ -442,6 +458,7 @@ def _open(
         open_data_file=open_data_file,
         backing_of=backing_of,
         untrusted=untrusted,
+        locking=locking,
     )
     for host in (image.file, image.data_host):
         if host is not None:

@@ -806,7 +806,9 @@ def convert(
             "Having a backing file for the target makes no sense when "
             "concatenating multiple input images"
         )
-    if compress and (target.format != "qcow2" or not hasattr(target, "write_compressed")):
+    if compress and (
+        target.format not in ("qcow2", "vmdk") or not hasattr(target, "write_compressed")
+    ):
         raise InvalidArgumentError("Compression not supported for this file format")
     if target.read_only:
         from .errors import ReadOnlyError

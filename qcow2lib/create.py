@@ -404,7 +404,10 @@ def _write_qemu_layout(
     file_end: int,
 ) -> None:
     """Write a new image laid out by _qemu_layout: header, refcount table and blocks
-    counting every cluster in use; the L1 table reads zeros (the file is sparse there)."""
+    counting every cluster in use, the L1 table as zeros. The header's whole cluster and
+    the L1 table's bytes are written, not left sparse, so the file's allocation is
+    qemu-img's: QEMU takes an image using much less disk than its refcounts count for one
+    with preallocated metadata, and then reports zeros where a data cluster is missing."""
     order = refcount_bits.bit_length() - 1
     block_entries = cluster_size * 8 // refcount_bits
     hdr.refcount_table_offset = cluster_size
@@ -419,7 +422,8 @@ def _write_qemu_layout(
         table[block_index] = cluster * cluster_size
     file = _container(path)
     try:
-        file.pwrite(hdr.pack(), 0)
+        header = hdr.pack()
+        file.pwrite(header + bytes(-len(header) % cluster_size), 0)
         file.pwrite(encode_be64(table), cluster_size)
         for block_index, cluster in sorted(blocks.items()):
             block = RefcountBlock(order, bytes(cluster_size))
@@ -429,11 +433,11 @@ def _write_qemu_layout(
                     block.set(used_cluster - base, 1)
             file.pwrite(block.to_bytes(), cluster * cluster_size)
         if file.is_device:  # a device (or NBD export) keeps old bytes and its size
-            header = hdr.pack()
-            file.pwrite(bytes(-len(header) % cluster_size), len(header))
             if l1_offset:
                 file.pwrite(bytes(-(-hdr.l1_size * 8 // cluster_size) * cluster_size), l1_offset)
         else:
+            if l1_offset:
+                file.pwrite(bytes(hdr.l1_size * 8), l1_offset)
             file.truncate(file_end)
         file.flush()
     except Qcow2IOError:

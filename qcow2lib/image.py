@@ -119,11 +119,12 @@ class Qcow2Image(BlockDevice):
         backing_of: str | None = None,
         untrusted: bool = False,
         file: ContainerFile | None = None,
+        locking: bool = True,
     ):
         """backing_of: the image naming this one as its backing file, if any. untrusted:
         an external data file the image names (not `data_file_path`) is refused. `file` is
         the container when it is not a host file (an NBD export); it is closed with the
-        image."""
+        image. locking=False (QEMU's file.locking=off): the image's file is not locked."""
         if mode not in ("r", "r+"):
             raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
         self.filename = path
@@ -143,7 +144,8 @@ class Qcow2Image(BlockDevice):
         self.blkdebug = getattr(self.file, "blkdebug", None)
         self.force_share = force_share
         try:
-            self.file.lock_for_use(force_share)
+            if locking:
+                self.file.lock_for_use(force_share)
             self._open(data_file_path, passphrase, open_data_file, untrusted)
         except BaseException:
             self._close_files()
@@ -628,7 +630,9 @@ class Qcow2Image(BlockDevice):
         pos, end = offset, offset + length
         while pos < end:
             with self._lock:
-                segments, stop, error = cluster_map.lookup_window(pos, end - pos, window)
+                segments, stop, error = cluster_map.lookup_window(
+                    pos, end - pos, window, status=True
+                )
             batch: list[Extent] = []
             add = batch.append
             for seg in segments:

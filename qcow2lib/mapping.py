@@ -71,6 +71,9 @@ class ClusterMap:
         # under the image's lock, so nothing grows the file during one; asking once spares
         # an fstat per compressed cluster.
         self._lookup_file_size: int | None = None
+        # Set during a block-status lookup (lookup_window(status=True)): a data cluster past
+        # the end of the file is reported, not refused, as QEMU's map reports it.
+        self._status_lookup = False
         # Fixed metadata no table entry may point into: header, L1 table, refcount table.
         self.metadata = [
             (0, self.cluster_size, "the image header"),
@@ -195,7 +198,7 @@ class ClusterMap:
             )
         if self.has_data_file:
             return
-        if host >= self.data_file_size():
+        if host >= self.data_file_size() and not self._status_lookup:
             raise CorruptImageError(
                 f"Data cluster offset 0x{host:x} (guest cluster {cluster_index}) lies past the "
                 f"end of the image file"
@@ -213,13 +216,30 @@ class ClusterMap:
         return segments
 
     def lookup_window(
-        self, guest_offset: int, length: int, max_clusters: int | None = None
+        self,
+        guest_offset: int,
+        length: int,
+        max_clusters: int | None = None,
+        status: bool = False,
     ) -> tuple[list[Segment], int, CorruptImageError | None]:
         """(segments, end, error): the segments of [guest_offset, end), where `end` stops
         early once `max_clusters` entries of allocated L2 tables have been classified (a
         bound on the work and on the number of segments; unallocated L2 tables cost
         nothing). A corrupt entry ends the walk: `error` is set and `segments` hold what
-        lies before it, as QEMU reports the good part of a range before failing."""
+        lies before it, as QEMU reports the good part of a range before failing.
+
+        status=True asks for block status only (map, extents), which reads no data: a
+        data cluster lying past the end of the image file is then no error (an image
+        truncated under a running VM, as QEMU reports it); a read of it still is."""
+        self._status_lookup = status
+        try:
+            return self._lookup_window(guest_offset, length, max_clusters)
+        finally:
+            self._status_lookup = False
+
+    def _lookup_window(
+        self, guest_offset: int, length: int, max_clusters: int | None
+    ) -> tuple[list[Segment], int, CorruptImageError | None]:
         segments: list[Segment] = []
         end = guest_offset + length
         bits = self.cluster_bits
@@ -263,7 +283,12 @@ class ClusterMap:
         copy of its entries and what validation depended on): a table that many L1 entries
         share, the way a hostile image multiplies its extents, is classified once and
         then only replayed at each guest offset."""
-        key = (self.l2_offset(l1_index), self.data_file_size(), tuple(self.metadata))
+        key = (
+            self.l2_offset(l1_index),
+            self.data_file_size(),
+            tuple(self.metadata),
+            self._status_lookup,
+        )
         remembered = self._last_table
         shift = base << self.cluster_bits
         if remembered is not None and remembered[0] == key and remembered[1] == table:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from . import structs as S
 from .blockdev import BlockDevice, RawDevice
-from .errors import InvalidArgumentError, UnsupportedFeatureError
+from .errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureError
 from .image import Qcow2Image
 
 NODE_DRIVERS = ("blkdebug", "null-co", "null-aio")  # as "driver"
@@ -69,6 +69,8 @@ def open_node(path, mode: str, fmt: str | None, **kwargs) -> BlockDevice | None:
             raise InvalidArgumentError(f"The only allowed filename for this driver is '{fmt}://'")
         return nulldev.NullDevice(path, mode)
     if isinstance(path, str) and nulldev.is_null_name(path):
+        if fmt == "qcow2":  # QEMU reads no qcow2 magic from it
+            raise CorruptImageError("Image is not in qcow2 format")
         if fmt not in (None, "raw"):
             raise UnsupportedFeatureError(f"qimg opens only raw content of '{path}', not {fmt}")
         device = nulldev.NullDevice(nulldev.parse_null_name(path), mode)

@@ -333,6 +333,8 @@ CREATE_CASES = [
     ["-f", "raw", "-o", "preallocation=falloc"],
     ["-f", "raw", "-o", "preallocation=full,nocow=on"],
     ["-f", "raw", "-o", "extent_size_hint=0"],
+    ["-f", "file"],
+    ["-f", "file", "-o", "preallocation=falloc,nocow=on,extent_size_hint=1M"],
 ]
 
 
@@ -409,6 +411,8 @@ def test_create_size_forms(twins, args):
         ["-f", "qcow2", "-u", "-b", "base", "img", "1G"],
         ["-f", "foo", "img", "1G"],
         ["-f", "raw", "img", "1G", "-o", "preallocation=foo"],
+        ["-f", "file", "img", "1G", "-o", "preallocation=foo"],
+        ["-f", "file", "-b", "base", "img", "1G"],
         ["-f", "raw", "img", "1G", "-o", "extent_size_hint=5G"],
         ["-f", "raw", "img", "1G", "-o", "cluster_size=64k"],
         ["-f", "raw", "-b", "base", "img", "1G"],
@@ -431,6 +435,7 @@ def test_create_errors(twins, args):
         ["-f", "qcow2", "-o", "size=1G,help", "x.qcow2", "1G"],
         ["-o", "help"],
         ["-f", "raw", "-o", "help", "x.raw"],
+        ["-f", "file", "-o", "help"],
         ["-f", "foo", "-o", "help"],
         ["-f", "qcow2", "-o", "help", "a:b"],
         ["-f", "qcow2", "-o", "nohelp", "x.qcow2", "1M"],
@@ -847,6 +852,58 @@ def test_info_of_created_images_matches(twins):
         twins.assert_same("create", *args)
         twins.assert_same("info", args[-2], mask=mask_disk_size)
         twins.assert_same("info", "--output=json", args[-2], mask=mask_disk_size)
+
+
+def _allocation(path: Path) -> tuple[int, int, list[tuple[int, int]]]:
+    """(size, allocated bytes, data runs) of a file, as SEEK_DATA/SEEK_HOLE see it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        stat = os.fstat(fd)
+        runs, pos = [], 0
+        while pos < stat.st_size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break
+            pos = os.lseek(fd, start, os.SEEK_HOLE)
+            runs.append((start, pos))
+        return stat.st_size, stat.st_blocks * 512, runs
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("size", ["64K", "1G", "100G", "4T"])
+def test_create_allocates_what_qemu_img_allocates(twins, size):
+    """Same bytes and the same blocks allocated: QEMU judges from the file's allocation
+    whether an image has preallocated metadata, which changes what it maps (iotest 102)."""
+    twins.assert_same("create", "-q", "-f", "qcow2", "img", size)
+    theirs, ours = (directory / "img" for directory in twins.dirs())
+    assert ours.read_bytes() == theirs.read_bytes()
+    assert _allocation(ours) == _allocation(theirs)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["create", "-f", "qcow2", "-b", "null-co://", "-F", "raw", "img", "1440K"],
+        ["create", "-f", "qcow2", "-b", "null-aio://", "-F", "raw", "img"],
+        ["create", "-f", "qcow2", "-b", "null-co://", "img", "1M"],
+        ["create", "-f", "qcow2", "-b", "null-co://", "-F", "qcow2", "img", "1M"],
+        ["create", "-f", "qcow2", "-b", "null-co://x", "-F", "raw", "img", "1M"],
+        ["info", "null-co://"],
+        ["info", "--output=json", "null-aio://"],
+        ["info", "null-co://foo"],
+        ["map", "--output=json", "null-co://"],
+    ],
+)
+def test_null_driver(twins, args):
+    """QEMU's null-co/null-aio protocols: nothing stored, 1 GiB, openable as a backing file
+    (iotest 155 backs a mirror target with one)."""
+    twins.assert_same(*args, mask=mask_disk_size)
+    if args[0] == "create" and (twins.qemu_dir / "img").exists():
+        compare_images(twins, "img")
+        twins.assert_same("info", "--backing-chain", "img", mask=mask_disk_size)
+        twins.assert_same("map", "--output=json", "img")
 
 
 # --- program name and in-process use ---------------------------------------------------------

@@ -736,6 +736,18 @@ def test_map(twins, args):
     twins.assert_same("map", *LUKS, *args)
 
 
+def test_map_of_image_truncated_below_its_data(twins):
+    """A data cluster past the end of the file (the image was cut short under a running
+    VM, iotest 102): map reports it where the L2 entry points, as QEMU's block status."""
+    for directory in twins.dirs():
+        image = directory / "cut.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", image, "64K")
+        qemu_io(image, "write -P 7 0 64k")
+        qemu_img("resize", "-q", "-f", "raw", "--shrink", image, str(5 * 65536))
+    twins.assert_same("map", "cut.qcow2")
+    twins.assert_same("map", "--output=json", "cut.qcow2")
+
+
 # --- compare -----------------------------------------------------------------------------------
 
 
@@ -910,6 +922,9 @@ def test_resize_shrink_needs_flag(twins):
         ["-O", "qcow2", "l.qcow2"],
         ["-O", "qcow2", "-U", "cz.qcow2"],
         ["-f", "raw", "a.qcow2"],
+        ["-O", "file", "--size", "1M"],
+        ["-O", "file", "-o", "foo=bar", "--size", "1M"],
+        ["-O", "file", "a.qcow2"],
     ],
     ids=" ".join,
 )

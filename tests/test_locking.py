@@ -425,6 +425,12 @@ def _run_qimg_as_qemu_img(args) -> tuple[int, str]:
         ["info", "-U", "--backing-chain", "{top}"],
         ["check", "{base}"],
         ["snapshot", "-c", "s1", "{base}"],
+        ["info", "--image-opts", "driver=qcow2,file.filename={top},file.locking=off"],
+        ["info", "--image-opts", "driver=qcow2,file.filename={top},file.locking=on"],
+        ["info", "--image-opts", "driver=qcow2,file.filename={top},file.locking=maybe"],
+        ["info", "--image-opts", "driver=file,filename={top},locking=off"],
+        ["resize", "--image-opts", "driver=raw,file.filename={top},file.locking=off", "+512"],
+        ["resize", "--image-opts", "driver=raw,file.filename={top}", "+512"],
     ],
 )
 def test_qimg_on_an_image_qemu_holds(chain, args):

@@ -231,6 +231,43 @@ def _img_check_open(t: _Target, fix: int, report: CheckReport) -> CheckReport:
     return report
 
 
+def _raw_or_vmdk(magic: bytes) -> str:
+    from ..vmdk import is_vmdk
+
+    return "vmdk" if is_vmdk(magic) else "raw"
+
+
+def _check_vmdk(filename: str, fix: int, force_share: bool, report: CheckReport) -> CheckReport:
+    """QEMU's VMDK check: every allocated grain must start inside the file. It repairs
+    nothing, and a bad grain ends the check as a failure (EINVAL)."""
+    from ..vmdk import VmdkImage
+
+    if fix:
+        report.not_supported = True
+        report.error = "This image format does not support checks"
+        return report
+    try:
+        image = VmdkImage(filename, force_share=force_share)
+    except Qcow2Error as exc:
+        report.failed = True
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        report.error = f"Could not open '{filename}': {reason}"
+        return report
+    try:
+        with image:
+            sector = image.first_grain_past_eof()
+    except Qcow2Error as exc:
+        report.failed = True
+        report.error = f"Check failed: {exc}"
+        return report
+    if sector is not None:
+        report.messages.append(f"ERROR: cluster offset for sector {sector} points after EOF")
+        report.corruptions = 1
+        report.failed = True
+        report.error = "Check failed: Invalid argument"
+    return report
+
+
 # --- entry points ------------------------------------------------------------------------
 
 
@@ -361,7 +398,7 @@ def check_path(
             magic = probe.pread(4, 0)
         finally:
             probe.close()
-        fmt = "qcow2" if magic == S.QCOW_MAGIC.to_bytes(4, "big") else "raw"
+        fmt = "qcow2" if magic == S.QCOW_MAGIC.to_bytes(4, "big") else _raw_or_vmdk(magic)
     elif fmt is None:
         try:  # through HostFile, which refuses a FIFO instead of waiting for a writer; opened
             # for writing when repairing, as QEMU opens it (a directory: EISDIR then)
@@ -375,8 +412,10 @@ def check_path(
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             report.error = f"Could not open '{filename}': {reason}"
             return report
-        fmt = "qcow2" if magic == S.QCOW_MAGIC.to_bytes(4, "big") else "raw"
+        fmt = "qcow2" if magic == S.QCOW_MAGIC.to_bytes(4, "big") else _raw_or_vmdk(magic)
     report.format = fmt
+    if fmt == "vmdk" and not nbd:
+        return _check_vmdk(filename, fix, force_share, report)
     if fmt != "qcow2":
         if fmt not in ("raw", "file", "host_device", "nbd", "luks"):
             report.failed = True

@@ -79,6 +79,11 @@ def create_convert_target(cli: Cli, filename: str, fmt: str, opts: CreateOptions
         size = int64(opts.value("size"))
         if fmt != "luks":  # a LUKS payload keeps its byte size, as in QEMU
             size = (size + 511) // 512 * 512
+        if fmt == "vmdk":
+            from qcow2lib.vmdk import create_vmdk
+
+            create_vmdk(path, size, **arguments)
+            return
         qcow2lib.create(path, size, **arguments)
     except CreateError as exc:
         raise CreateError(
@@ -428,6 +433,8 @@ def _convert(
         fail(f"Format driver '{target.format}' does not support bitmaps")
     if compressed and target.format != "qcow2":
         fail("Compression not supported for this file format")
+    if getattr(target, "compressed", False) is True and target.format == "vmdk":
+        compressed = True  # a streamOptimized target takes compressed grains only
     if skip_create and virtual_size(target) // 512 < total_sectors:
         fail("output file is smaller than input file")
     target_backing = target.backing if has_backing else None

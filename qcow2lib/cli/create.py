@@ -231,6 +231,8 @@ def format_arguments(fmt: str, opts: CreateOptions, secrets: dict[str, bytes] | 
         return qcow2_arguments(opts, secrets)
     if fmt == "luks":
         return luks_arguments(opts, secrets)
+    if fmt == "vmdk":
+        return vmdk_arguments(opts)
     return raw_arguments(opts)
 
 
@@ -245,6 +247,25 @@ def raw_arguments(opts: CreateOptions) -> dict:
     if hint_size is not None and hint_size > UINT32_MAX:
         raise CreateError("Extent size hint is too large")
     return {"fmt": "raw", "preallocation": preallocation}
+
+
+def vmdk_arguments(opts: CreateOptions) -> dict:
+    """Turn checked -o values into qcow2lib.vmdk.create_vmdk() arguments, with QEMU's
+    vmdk driver's checks (after the Formatting line) and messages."""
+    backing_fmt = opts.get("backing_fmt")
+    if backing_fmt is not None and backing_fmt != "vmdk":
+        raise CreateError("backing_file must be a vmdk image")
+    if opts.get("backing_file") is not None:
+        raise CreateError("qimg creates VMDK images without a backing file")
+    hwversion = opts.get("hwversion")
+    return {
+        "subformat": opts.get("subformat") or "monolithicSparse",
+        "adapter_type": opts.get("adapter_type") or "ide",
+        "hwversion": None if hwversion == "undefined" else hwversion,
+        "toolsversion": opts.get("toolsversion"),
+        "compat6": bool(opts.value("compat6")),
+        "zeroed_grain": bool(opts.value("zeroed_grain")),
+    }
 
 
 def img_create(
@@ -314,7 +335,12 @@ def img_create(
     if fmt != "luks":  # QEMU rounds every new image up to whole sectors, but a LUKS payload
         size = (size + 511) // 512 * 512
     try:
-        qcow2lib.create(path, size, **arguments)
+        if fmt == "vmdk":
+            from qcow2lib.vmdk import create_vmdk
+
+            create_vmdk(path, size, **arguments)
+        else:
+            qcow2lib.create(path, size, **arguments)
     except ImageLockedError as exc:
         raise CreateError(
             error_text(exc), f"Is another process using the image [{path}]?\n"

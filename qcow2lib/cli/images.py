@@ -33,7 +33,6 @@ IGNORED_IMAGE_OPTS = (
     "cache.no-flush",
     "discard",
     "detect-zeroes",
-    "file.locking",
     "file.aio",
     "file.cache.direct",
     "file.cache.no-flush",
@@ -86,6 +85,7 @@ class ImageSpec:
     nbd: NBDAddress | None = None
     target: ImageTarget | None = None  # a blkdebug or null-co node's (options_image_target)
     l2_cache_entry_size: int | None = None
+    locking: bool = True  # file.locking=off: neither take nor test the image's locks
 
 
 # qcow2 options that only tune QEMU's caches and checks: accepted once valid, ignored.
@@ -152,7 +152,18 @@ def _options_spec(text: str, opts: dict[str, str], force_share: bool) -> ImageSp
         return _node_spec(text, driver, opts, force_share, fail)
     if driver == "ssh":
         _ssh_open(opts, fail)
-    if driver is not None and driver not in ("qcow2", "raw", "file", "host_device", "nbd", "luks"):
+    locking = opts.pop("locking" if driver in ("file", "host_device") else "file.locking", "auto")
+    if locking not in ("on", "off", "auto"):
+        fail(f"invalid parameter value: {locking}")
+    if driver is not None and driver not in (
+        "qcow2",
+        "raw",
+        "file",
+        "host_device",
+        "nbd",
+        "luks",
+        "vmdk",
+    ):
         fail(f"Unknown driver '{driver}'")
     if driver == "nbd" or opts.get("file.driver") == "nbd":
         return _nbd_spec(text, driver, opts, force_share, fail)
@@ -205,6 +216,7 @@ def _options_spec(text: str, opts: dict[str, str], force_share: bool) -> ImageSp
         tuple(backing_secrets),
         l2_cache_entry_size=entry_size,
         backing_files=tuple(backing_files),
+        locking=locking != "off",
     )
 
 
@@ -358,6 +370,7 @@ def open_spec(
             passphrase=passphrases,
             cache="none" if cache == "off" else cache,
             untrusted=untrusted(),
+            locking=spec.locking,
         )
         try:
             check_qemu_constraints(getattr(device, "_bitmap_entries", []))

@@ -124,6 +124,7 @@ def cmd_info(cli: Cli, argv: list[str]) -> int:
         cli.error_report("--output must be used with human or json as argument.")
         return 1
     spec = None
+    locking = True
     if image_opts or filename.startswith("json:"):
         try:
             spec = image_spec(filename, image_opts, fmt, force_share)
@@ -131,8 +132,9 @@ def cmd_info(cli: Cli, argv: list[str]) -> int:
             report_failure(cli, exc)
             return 1
         filename, fmt, force_share = spec.path, spec.fmt, spec.force_share
+        locking = spec.locking
     try:
-        infos = image_info_list(filename, fmt, chain, force_share, untrusted())
+        infos = image_info_list(filename, fmt, chain, force_share, untrusted(), locking)
     except ImageOpenError as exc:
         message = str(exc)
         if spec is not None and message.startswith(f"Could not open '{spec.path}': "):

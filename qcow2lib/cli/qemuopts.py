@@ -72,7 +72,36 @@ FILE_CREATE_OPTS = (
     OptDesc("preallocation", "str", "Preallocation mode (allowed values: off, falloc, full)"),
     OptDesc("extent_size_hint", "size", "Extent size hint for the image file, 0 to disable"),
 )
-FORMAT_CREATE_OPTS = {"qcow2": QCOW2_CREATE_OPTS, "raw": RAW_CREATE_OPTS, "luks": LUKS_CREATE_OPTS}
+VMDK_CREATE_OPTS = (
+    SIZE_OPT,
+    OptDesc(
+        "adapter_type",
+        "str",
+        "Virtual adapter type, can be one of ide (default), lsilogic, buslogic or legacyESX",
+    ),
+    OptDesc("backing_file", "str", "File name of a base image"),
+    OptDesc("backing_fmt", "str", "Must be 'vmdk' if present"),
+    OptDesc("compat6", "bool", "VMDK version 6 image", "off"),
+    OptDesc("hwversion", "str", "VMDK hardware version", "undefined"),
+    OptDesc("toolsversion", "str", "VMware guest tools version"),
+    OptDesc(
+        "subformat",
+        "str",
+        "VMDK flat extent format, can be one of {monolithicSparse (default) | monolithicFlat "
+        "| twoGbMaxExtentSparse | twoGbMaxExtentFlat | streamOptimized} ",
+    ),
+    OptDesc(
+        "zeroed_grain", "bool", "Enable efficient zero writes using the zeroed-grain GTE feature"
+    ),
+)
+# "file" is QEMU's protocol driver named as a format: the host file's options alone.
+FORMAT_CREATE_OPTS = {
+    "qcow2": QCOW2_CREATE_OPTS,
+    "raw": RAW_CREATE_OPTS,
+    "file": FILE_CREATE_OPTS,
+    "luks": LUKS_CREATE_OPTS,
+    "vmdk": VMDK_CREATE_OPTS,
+}
 
 # QEMU's block driver names: the values its create path accepts for backing_fmt with -u.
 BLOCKDEV_DRIVERS = frozenset(

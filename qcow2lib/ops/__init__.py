@@ -76,7 +76,7 @@ def host_path(filename: str) -> str:
     if not has_protocol(filename):
         return filename
     protocol = filename.split(":", 1)[0]
-    if protocol in ("nbd", "nbd+tcp", "nbd+unix"):  # opened by the NBD client
+    if protocol in ("nbd", "nbd+tcp", "nbd+unix", "null-co", "null-aio"):  # not host files
         return filename
     if protocol in ("blkdebug", "null-co", "null-aio"):  # opened by open_image (chain.py)
         return filename
@@ -103,12 +103,14 @@ def open_by_name(
     force_share: bool = False,
     backing_of: str | None = None,
     untrusted: bool = False,
+    locking: bool = True,
 ) -> BlockDevice:
     """Open an image read-only, named as qemu-img names images (see image_target()).
 
     `fmt` None probes the format; an empty name fails as QEMU's file driver fails.
     backing_of: the image naming this one as its backing file; untrusted: what the
-    image names is confined to its directory (both as in open_image).
+    image names is confined to its directory; locking=False takes no locks (all as in
+    open_image).
     """
     path, fmt = image_target(filename, fmt)
     if not path:
@@ -122,6 +124,7 @@ def open_by_name(
         open_data_file=False,
         backing_of=backing_of,
         untrusted=untrusted,
+        locking=locking,
     )
 
 

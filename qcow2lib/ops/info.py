@@ -160,6 +160,9 @@ def _describe(img, path: str) -> dict:
     elif img.format == "luks":  # issue 14: the header's parameters and key slots
         info["encrypted"] = True
         info["format-specific"] = {"type": "luks", "data": img.info()}
+    elif img.format == "vmdk":
+        info["cluster-size"] = img.grain_size
+        info["format-specific"] = {"type": "vmdk", "data": img.specific_info()}
     return info
 
 
@@ -169,6 +172,7 @@ def image_info(
     force_share: bool = False,
     backing_of: str | None = None,
     untrusted: bool = False,
+    locking: bool = True,
 ) -> dict:
     """The `qemu-img info` dict of one image, its backing file left unopened.
 
@@ -177,8 +181,8 @@ def image_info(
     the name qemu-img would show. `filename` is taken as qemu-img takes it (a "file:"
     prefix is allowed); `fmt` None probes the format; force_share reads an image another
     process has open for writing; backing_of names the image whose backing file this is;
-    untrusted (see open_image). Raises ImageOpenError naming the file when it cannot be
-    read.
+    untrusted and locking (see open_image). Raises ImageOpenError naming the file when it
+    cannot be read.
     """
     try:
         with open_by_name(
@@ -188,6 +192,7 @@ def image_info(
             force_share=force_share,
             backing_of=backing_of,
             untrusted=untrusted,
+            locking=locking,
         ) as img:
             check_qemu_constraints(getattr(img, "_bitmap_entries", []))
             target = image_target(filename, fmt)[0]
@@ -205,6 +210,7 @@ def image_info_list(
     backing_chain: bool = False,
     force_share: bool = False,
     untrusted: bool = False,
+    locking: bool = True,
 ) -> list[dict]:
     """`qemu-img info [--backing-chain]`: the top image, then each backing file in turn.
 
@@ -224,8 +230,9 @@ def image_info_list(
         if name in seen:
             raise CorruptImageError(f"Backing file '{name}' creates an infinite loop.")
         seen.add(name)
-        info = image_info(name, fmt, force_share, named_by, untrusted)
+        info = image_info(name, fmt, force_share, named_by, untrusted, locking)
         infos.append(info)
+        locking = True  # file.locking=off was an option of the top image's file only
         named_by, name, fmt = name, None, None
         if backing_chain:
             name = info.get("full-backing-filename")
