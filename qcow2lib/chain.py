@@ -424,7 +424,7 @@ def _open(
     if fmt == "luks":  # issue 14: a LUKS volume on the raw file (luks_image.py)
         if snapshot is not None:
             raise UnsupportedFeatureError("Block driver does not support snapshots (luks)")
-        container = RawDevice(path, mode, force_share, False, backing_of)
+        container = RawDevice(path, mode, force_share, False, backing_of, locking=locking)
         container.file.no_flush = cache == "unsafe"
         return open_luks(container, _split_passphrase(passphrase)[0])
     if fmt == "vmdk":
@@ -436,7 +436,7 @@ def _open(
     if fmt == "raw" or fmt in RAW_PROTOCOLS:
         if snapshot is not None:
             raise UnsupportedFeatureError(f"Block driver does not support snapshots ({fmt})")
-        device = RawDevice(path, mode, force_share, probed, backing_of, locking)
+        device = RawDevice(path, mode, force_share, probed, backing_of, locking=locking)
         if fmt == "host_device" and not device.file.is_device:
             device.close()
             raise InvalidArgumentError(
