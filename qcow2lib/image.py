@@ -144,6 +144,7 @@ class Qcow2Image(BlockDevice):
         file_size = self.file.size()
         self.header = hdr = Header.parse(self._read_header_bytes, file_size)
         self.dirty = bool(hdr.incompatible_features & S.INCOMPAT_DIRTY)
+        self.repair_messages: list[str] = []  # what repairing a dirty image reported
         self.corrupt = bool(hdr.incompatible_features & S.INCOMPAT_CORRUPT)
         if self.corrupt and not self.read_only:
             raise CorruptImageError(
@@ -273,9 +274,10 @@ class Qcow2Image(BlockDevice):
             except Untrackable:
                 self._bitmaps_live = True
         if self.dirty:
-            from .rebuild import rebuild_refcounts
+            from .check import repair_dirty_image
 
-            rebuild_refcounts(self)
+            # QEMU's own repair, for its layout and its messages (the CLI prints them)
+            self.repair_messages = repair_dirty_image(self)
             hdr.incompatible_features &= ~S.INCOMPAT_DIRTY
             self.dirty = False
             changed = True

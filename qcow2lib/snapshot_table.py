@@ -76,9 +76,10 @@ def read_snapshot_table(
                 f"Snapshot {index}: L1 table (l1_table_offset 0x{entry.l1_table_offset:x}, "
                 f"l1_size {entry.l1_size}) lies past the end of the file"
             )
+        # QEMU keeps ID and name as C strings: everything from a NUL byte on is lost.
         snap = Snapshot(
-            ident.decode("utf-8", "surrogateescape"),
-            name.decode("utf-8", "surrogateescape"),
+            ident.split(b"\0", 1)[0].decode("utf-8", "surrogateescape"),
+            name.split(b"\0", 1)[0].decode("utf-8", "surrogateescape"),
             entry.l1_table_offset,
             entry.l1_size,
             entry.date_sec,

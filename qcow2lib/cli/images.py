@@ -309,6 +309,9 @@ def open_spec(
             cache="none" if cache == "off" else cache,
             untrusted=untrusted(),
         )
+        # (QEMU prints these while it repairs a dirty image on opening it read-write)
+        for line in getattr(device, "repair_messages", ()):
+            sys.stderr.write(line + "\n")
         try:
             check_qemu_constraints(getattr(device, "_bitmap_entries", []))
         except Qcow2Error:
