@@ -248,6 +248,7 @@ class _Converter:
         progress,
         copy_range,
         buffer_size,
+        existing_target=False,
     ):
         self.target = target
         self.compressed = compress
@@ -285,6 +286,8 @@ class _Converter:
         )
         self.diff_granule = getattr(target, "cluster_size", 65536) or 65536
         self._target_maps(target_is_zero)
+        if existing_target and not target_is_zero:
+            self.known_zero = _Intervals()
         # planner state (convert_iteration_sectors)
         self.sector_next_status = 0
         self.status = BLK_DATA
@@ -694,6 +697,7 @@ def convert(
     progress=None,
     copy_range: bool = True,
     buffer_size: int = IO_BUF_SIZE,
+    existing_target: bool = False,
 ) -> None:
     """Copy the guest content of `sources` (one device, or several concatenated) into
     `target`, which must be at least as large. See the module docstring.
@@ -705,7 +709,9 @@ def convert(
     writes out of guest order (-W). progress(done_bytes, total_bytes), called from the
     worker threads (so it must be thread-safe). copy_range: raw to
     raw data via copy_file_range (-C: verbatim, no zero detection; pass False to get
-    qemu-img's default sparse raw output).
+    qemu-img's default sparse raw output). existing_target: the target was not created for
+    this copy (-n): as qemu-img does, what it reads now is not trusted to be zero, so the
+    source's zero runs are written as zeroes there too (unless target_is_zero).
     """
     if isinstance(sources, BlockDevice):
         sources = [sources]
@@ -754,6 +760,7 @@ def convert(
         progress,
         copy_range,
         buffer_size,
+        existing_target,
     ).run()
 
 

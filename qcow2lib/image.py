@@ -1244,8 +1244,8 @@ class Qcow2Image(BlockDevice):
             self._validate_for_write(entry, bitmap, cluster_index)
             mapped = self.map.has_host(entry)
             owned = self._clusters_of(entry)
-            if entry == 0 and bitmap == 0 and not self.backing_filename:
-                continue  # unallocated with nothing behind it already reads as zeros
+            if entry == 0 and bitmap == 0 and not self.backing_filename and (discard or not v3):
+                continue  # a hole with nothing behind it (v3 zeroing still sets the flag, as QEMU)
             if self.extended_l2:
                 keep = mapped and not may_unmap and (entry & S.OFLAG_COPIED or self.has_data_file)
                 new_entry = entry if keep else 0
@@ -1263,9 +1263,7 @@ class Qcow2Image(BlockDevice):
                 ) | S.OFLAG_ZERO
                 new_bitmap = 0
             else:  # v2 has no zero flag: only a hole with nothing behind it reads as zeros
-                if self.backing is not None and not self._backing_reads_zero(
-                    cluster_index << self.cluster_bits, self.cluster_size
-                ):
+                if self.backing_filename:  # (QEMU writes zeros whatever the backing file holds)
                     start = cluster_index << self.cluster_bits
                     physical.append((start, min(start + self.cluster_size, self.size)))
                     continue

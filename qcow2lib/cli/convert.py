@@ -426,6 +426,7 @@ def _convert(
             out_of_order=not in_order,
             progress=meter.callback if meter.enabled else None,
             copy_range=copy_range,
+            existing_target=skip_create,
         )
     except ConvertError as exc:
         fail(error_text(exc))
