@@ -1,0 +1,123 @@
+"""`qemu-img check` and the repair of dirty images, line for line against real qemu-img.
+
+A lazy-refcounts image that was not closed cleanly (the dirty bit set) is reported by
+`check` and repaired only by `check -r`; any other read-write open repairs it first,
+printing QEMU's check lines and laying the rebuilt refcount structure out as QEMU does.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+
+from qemutools import QEMU_IO, qemu_img, qemu_io, run, run_qimg
+
+DIRTY = 1  # incompatible_features bit 0
+
+
+def dirty_image(tmp_path, name: str = "dirty.qcow2", writes: str = "write -P 0x5a 0 512"):
+    """A lazy-refcounts image whose writer was killed: refcounts of its new clusters are
+    missing and the dirty bit is set."""
+    path = tmp_path / name
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=1.1,lazy_refcounts=on", path, "64M")
+    subprocess.run(
+        [QEMU_IO, "-c", writes, "-c", "flush", "-c", "sigraise 9", str(path)],
+        capture_output=True,
+    )
+    (features,) = struct.unpack(">Q", path.read_bytes()[72:80])
+    assert features & DIRTY
+    return path
+
+
+def copies(path, *names):
+    out = []
+    for name in names:
+        target = path.with_name(name)
+        shutil.copy(path, target)
+        out.append(target)
+    return out
+
+
+def test_check_reports_a_dirty_image_without_repairing_it(tmp_path):
+    ours, theirs = copies(dirty_image(tmp_path), "ours.qcow2", "theirs.qcow2")
+    before = ours.read_bytes()
+    expected = qemu_img("check", "-f", "qcow2", theirs, check=False)
+    got = run_qimg("check", "-f", "qcow2", ours)
+    assert "ERROR cluster 5 refcount=0 reference=1" in expected.stderr
+    assert (got.returncode, got.stdout, got.stderr) == (
+        expected.returncode,
+        expected.stdout.replace(str(theirs), str(ours)),
+        expected.stderr,
+    )
+    assert ours.read_bytes() == before
+
+
+def test_check_repair_all_of_a_dirty_image_reports_then_rebuilds(tmp_path):
+    ours, theirs = copies(dirty_image(tmp_path), "ours.qcow2", "theirs.qcow2")
+    expected = qemu_img("check", "-r", "all", "-f", "qcow2", theirs, check=False)
+    got = run_qimg("check", "-r", "all", "-f", "qcow2", ours)
+    assert "Rebuilding refcount structure" in expected.stderr
+    assert (got.returncode, got.stdout, got.stderr) == (
+        expected.returncode,
+        expected.stdout,
+        expected.stderr,
+    )
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_read_write_open_of_a_dirty_image_repairs_as_qemu(tmp_path):
+    """amend opens read-write: QEMU's repair lines on stderr, QEMU's rebuilt layout."""
+    base = dirty_image(tmp_path, writes="write -P 0x2a 0 128k")
+    ours, theirs = copies(base, "ours.qcow2", "theirs.qcow2")
+    expected = qemu_img("amend", "-o", "compat=0.10", theirs, check=False)
+    got = run_qimg("amend", "-o", "compat=0.10", ours)
+    assert expected.stderr.splitlines() == [
+        "ERROR cluster 5 refcount=0 reference=1",
+        "ERROR cluster 6 refcount=0 reference=1",
+        "Rebuilding refcount structure",
+        "Repairing cluster 1 refcount=1 reference=0",
+        "Repairing cluster 2 refcount=1 reference=0",
+    ]
+    assert (got.returncode, got.stderr) == (expected.returncode, expected.stderr)
+    ours_header, theirs_header = ours.read_bytes()[:104], theirs.read_bytes()[:104]
+    assert ours_header[48:56] == theirs_header[48:56]  # refcount_table_offset
+    assert qemu_img("check", ours).returncode == 0
+    assert run([QEMU_IO, "-c", "read -P 0x2a 0 128k", ours]).returncode == 0
+
+
+def test_engine_open_hands_the_repair_lines_to_the_caller(tmp_path):
+    import qcow2lib
+
+    path = dirty_image(tmp_path)
+    image = qcow2lib.open(str(path), "r+")
+    try:
+        assert image.repair_messages == [
+            "ERROR cluster 5 refcount=0 reference=1",
+            "Rebuilding refcount structure",
+            "Repairing cluster 1 refcount=1 reference=0",
+            "Repairing cluster 2 refcount=1 reference=0",
+        ]
+        assert image.read(0, 512) == b"\x5a" * 512
+    finally:
+        image.close()
+    assert qemu_img("check", path).returncode == 0
+
+
+def test_snapshot_names_end_at_a_nul_byte(tmp_path):
+    """QEMU keeps snapshot IDs and names as C strings: NUL bytes stored after a name
+    (the entry's name_size counting them) are not part of it."""
+    path = tmp_path / "nul.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "1M")
+    qemu_io(path, "write -P 1 0 4k")
+    qemu_img("snapshot", "-c", "sn", path)
+    data = bytearray(path.read_bytes())
+    (table,) = struct.unpack_from(">Q", data, 64)
+    (name_size,) = struct.unpack_from(">H", data, table + 14)
+    assert name_size == 2
+    struct.pack_into(">H", data, table + 14, name_size + 6)  # the zeros after it
+    path.write_bytes(bytes(data))
+    expected = qemu_img("snapshot", "-l", path)
+    got = run_qimg("snapshot", "-l", path)
+    assert "\0" not in got.stdout
+    assert (got.returncode, got.stdout) == (expected.returncode, expected.stdout)
