@@ -32,6 +32,17 @@ _CHUNK_MASK = _CHUNK_SIZE - 1
 _UNSIGNED_MAX = (1 << 32) - 1
 
 
+class ReferencePastEnd(CorruptImageError):
+    """Metadata references host bytes past the end of the image file."""
+
+    def __init__(self, offset: int, length: int):
+        super().__init__(
+            f"Metadata references offset 0x{offset:x} (length {length}) "
+            f"past the end of the image file"
+        )
+        self.offset = offset
+
+
 class ClusterCounts:
     """References per host cluster (or, signed, a change of them).
 
@@ -46,10 +57,7 @@ class ClusterCounts:
         self.chunks: dict[int, array] = {}
 
     def _past_end(self, offset: int, length: int) -> CorruptImageError:
-        return CorruptImageError(
-            f"Metadata references offset 0x{offset:x} (length {length}) "
-            f"past the end of the image file"
-        )
+        return ReferencePastEnd(offset, length)
 
     def _chunk(self, index: int) -> array:
         chunk = self.chunks.get(index)

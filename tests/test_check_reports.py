@@ -11,6 +11,8 @@ import shutil
 import struct
 import subprocess
 
+import pytest
+
 from qemutools import QEMU_IO, qemu_img, qemu_io, run, run_qimg
 
 DIRTY = 1  # incompatible_features bit 0
@@ -121,3 +123,38 @@ def test_snapshot_names_end_at_a_nul_byte(tmp_path):
     got = run_qimg("snapshot", "-l", path)
     assert "\0" not in got.stdout
     assert (got.returncode, got.stdout) == (expected.returncode, expected.stdout)
+
+
+@pytest.mark.parametrize("l2_entry", [0xBFFFFFFFFFFF0000, 0x800000FFFFFF0000])
+def test_snapshot_create_refuses_a_data_cluster_past_the_end_as_qemu(tmp_path, l2_entry):
+    """A data cluster far past the end of the file: QEMU fails with EFBIG where no refcount
+    table could reach it, else EAGAIN (after growing its refcount structures, a sparse
+    terabyte file); qimg refuses with the same errno before writing anything."""
+    ours = tmp_path / "ours.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", ours, "64M")
+    qemu_io(ours, "write 0 512")
+    data = bytearray(ours.read_bytes())
+    (l1_offset,) = struct.unpack_from(">Q", data, 40)
+    l2_offset = struct.unpack_from(">Q", data, l1_offset)[0] & 0x00FFFFFFFFFFFE00
+    struct.pack_into(">Q", data, l2_offset, l2_entry)
+    ours.write_bytes(bytes(data))
+    (theirs,) = copies(ours, "theirs.qcow2")
+    expected = qemu_img("snapshot", "-c", "test", theirs, check=False)
+    got = run_qimg("snapshot", "-c", "test", ours)
+    assert "Could not create snapshot 'test': -" in expected.stderr
+    assert (got.returncode, got.stderr) == (expected.returncode, expected.stderr)
+    assert ours.read_bytes() == bytes(data)
+
+
+def test_snapshot_create_past_the_snapshot_limit(tmp_path):
+    """65536 snapshots in a table past the end of the file (read as zeros): QEMU opens
+    the image and refuses the snapshot with EFBIG."""
+    path = tmp_path / "full.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "64M")
+    data = bytearray(path.read_bytes())
+    struct.pack_into(">IQ", data, 60, 65536, 16 * 1024 * 1024)
+    path.write_bytes(bytes(data))
+    expected = qemu_img("snapshot", "-c", "test", path, check=False)
+    got = run_qimg("snapshot", "-c", "test", path)
+    assert (got.returncode, got.stderr) == (expected.returncode, expected.stderr)
+    assert got.stderr == "qemu-img: Could not create snapshot 'test': -27 (File too large)\n"
