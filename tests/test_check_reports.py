@@ -158,3 +158,27 @@ def test_snapshot_create_past_the_snapshot_limit(tmp_path):
     got = run_qimg("snapshot", "-c", "test", path)
     assert (got.returncode, got.stderr) == (expected.returncode, expected.stderr)
     assert got.stderr == "qemu-img: Could not create snapshot 'test': -27 (File too large)\n"
+
+
+def test_refcount_width_change_carries_wrong_counts_over(tmp_path):
+    """amend -o refcount_bits copies the refcounts (QEMU does not recount): a cluster
+    referenced twice with refcount 1 is still reported, and repaired, afterwards."""
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "refcount_bits=1", base, "64M")
+    qemu_io(base, "write 0 64k")
+    data = bytearray(base.read_bytes())
+    (l1_offset,) = struct.unpack_from(">Q", data, 40)
+    l2_offset = struct.unpack_from(">Q", data, l1_offset)[0] & 0x00FFFFFFFFFFFE00
+    struct.pack_into(">Q", data, l2_offset + 8, struct.unpack_from(">Q", data, l2_offset)[0])
+    base.write_bytes(bytes(data))
+    ours, theirs = copies(base, "ours.qcow2", "theirs.qcow2")
+    assert qemu_img("amend", "-o", "refcount_bits=2", theirs).returncode == 0
+    assert run_qimg("amend", "-o", "refcount_bits=2", ours).returncode == 0
+    expected = qemu_img("check", "-r", "all", theirs, check=False)
+    got = qemu_img("check", "-r", "all", ours, check=False)
+    assert "ERROR cluster 5 refcount=1 reference=2" in expected.stderr
+    assert (got.returncode, got.stdout, got.stderr) == (
+        expected.returncode,
+        expected.stdout,
+        expected.stderr,
+    )

@@ -268,8 +268,8 @@ def _first_refcount_above(image, limit: int) -> tuple[int, int] | None:
 
 
 def change_refcount_width(image, bits: int) -> None:
-    """Rebuild the refcount structure with `bits`-bit entries."""
-    from ..rebuild import rebuild_refcounts
+    """Rewrite the refcount structure with `bits`-bit entries, its counts carried over."""
+    from ..rebuild import current_refcounts, rebuild_refcounts
 
     image.flush()
     if bits < image.refcount_bits:
@@ -281,10 +281,11 @@ def change_refcount_width(image, bits: int) -> None:
                 f"offset {cluster << image.cluster_bits:#x} has a refcount of "
                 f"{value}"
             )
+    counts = current_refcounts(image)
     old_order = image.header.refcount_order
     image.header.refcount_order = bits.bit_length() - 1
     try:
-        rebuild_refcounts(image)  # switches the header with _write_header_fields
+        rebuild_refcounts(image, counts)  # switches the header with _write_header_fields
     except BaseException:
         image.header.refcount_order = old_order
         raise
