@@ -6,11 +6,31 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import structs as S
 from .errors import CorruptImageError, InvalidArgumentError
 
 ICOUNT_DISABLED = (1 << 64) - 1  # icount -1: record/replay was off
+
+
+class _EntryHeader(NamedTuple):
+    """The fixed part of a table entry (S.SnapshotEntryHeader's fields), unpacked with
+    struct: a table holds up to 65536 entries, too many for construct's parser."""
+
+    l1_table_offset: int
+    l1_size: int
+    id_str_size: int
+    name_size: int
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+    vm_state_size: int
+    extra_data_size: int
+
+
+_ENTRY_HEADER = struct.Struct(">QIHHIIQII")
+assert _ENTRY_HEADER.size == S.SNAPSHOT_ENTRY_HEADER_SIZE
 
 
 @dataclass
@@ -50,7 +70,7 @@ def read_snapshot_table(
         return (file.pread(inside, at) if inside else b"") + bytes(length - inside)
 
     for index in range(count):
-        entry = S.SnapshotEntryHeader.parse(read(S.SNAPSHOT_ENTRY_HEADER_SIZE, pos))
+        entry = _EntryHeader._make(_ENTRY_HEADER.unpack(read(S.SNAPSHOT_ENTRY_HEADER_SIZE, pos)))
         if entry.extra_data_size > S.MAX_SNAPSHOT_EXTRA_DATA:
             raise CorruptImageError(
                 f"Snapshot {index}: extra_data_size {entry.extra_data_size} too large",

@@ -148,23 +148,25 @@ def test_snapshot_create_refuses_a_data_cluster_past_the_end_as_qemu(tmp_path, l
 
 def test_snapshot_create_past_the_snapshot_limit(tmp_path):
     """65536 snapshots in a table past the end of the file (read as zeros): QEMU opens
-    the image and refuses the snapshot with EFBIG."""
+    the image and refuses the snapshot with EFBIG (its iotest 080 expects this line; the
+    real qemu-img takes seconds for this table, so its answer is not asked again here)."""
     path = tmp_path / "full.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", path, "64M")
     data = bytearray(path.read_bytes())
     struct.pack_into(">IQ", data, 60, 65536, 16 * 1024 * 1024)
     path.write_bytes(bytes(data))
-    expected = qemu_img("snapshot", "-c", "test", path, check=False)
+    before = path.read_bytes()
     got = run_qimg("snapshot", "-c", "test", path)
-    assert (got.returncode, got.stderr) == (expected.returncode, expected.stderr)
+    assert got.returncode == 1
     assert got.stderr == "qemu-img: Could not create snapshot 'test': -27 (File too large)\n"
+    assert path.read_bytes() == before
 
 
 def test_refcount_width_change_carries_wrong_counts_over(tmp_path):
     """amend -o refcount_bits copies the refcounts (QEMU does not recount): a cluster
     referenced twice with refcount 1 is still reported, and repaired, afterwards."""
     base = tmp_path / "base.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "refcount_bits=1", base, "64M")
+    qemu_img("create", "-q", "-f", "qcow2", base, "64M")
     qemu_io(base, "write 0 64k")
     data = bytearray(base.read_bytes())
     (l1_offset,) = struct.unpack_from(">Q", data, 40)
@@ -172,8 +174,8 @@ def test_refcount_width_change_carries_wrong_counts_over(tmp_path):
     struct.pack_into(">Q", data, l2_offset + 8, struct.unpack_from(">Q", data, l2_offset)[0])
     base.write_bytes(bytes(data))
     ours, theirs = copies(base, "ours.qcow2", "theirs.qcow2")
-    assert qemu_img("amend", "-o", "refcount_bits=2", theirs).returncode == 0
-    assert run_qimg("amend", "-o", "refcount_bits=2", ours).returncode == 0
+    assert qemu_img("amend", "-o", "refcount_bits=32", theirs).returncode == 0
+    assert run_qimg("amend", "-o", "refcount_bits=32", ours).returncode == 0
     expected = qemu_img("check", "-r", "all", theirs, check=False)
     got = qemu_img("check", "-r", "all", ours, check=False)
     assert "ERROR cluster 5 refcount=1 reference=2" in expected.stderr
