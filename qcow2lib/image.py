@@ -17,6 +17,7 @@ import errno
 import threading
 from functools import partial
 from collections.abc import Iterator
+from itertools import groupby
 
 from . import codecs
 from . import structs as S
@@ -1643,17 +1644,20 @@ class Qcow2Image(BlockDevice):
             if head_index is not None:
                 head_start = head_index << bits
                 head = self._old_content(head_start, start - head_start)
-            for l1_index in sorted({i // self.map.l2_entries for i in todo}):
+            # As QEMU lays it out: each L2 table, then the data clusters it maps.
+            target = self._data_target() if self.has_data_file else self.file
+            hosts: list[int] = []
+            runs: list[tuple[int, int]] = []
+            for l1_index, group in groupby(todo, key=lambda i: i // self.map.l2_entries):
+                group = list(group)
                 self._writable_l2(l1_index)
-            if self.has_data_file:  # guest offset == host offset
-                target = self._data_target()
-                hosts = [i << bits for i in todo]
-                runs = [(h, cs) for h in hosts]
-            else:  # past the end of the file, where clusters read zeros
-                target = self.file
-                first = self.refcounts.allocate(len(todo), at_end=True)
-                hosts = [(first + i) << bits for i in range(len(todo))]
-                runs = [(first << bits, len(todo) * cs)]
+                if self.has_data_file:  # guest offset == host offset
+                    hosts += [i << bits for i in group]
+                    runs += [(i << bits, cs) for i in group]
+                else:  # past the end of the file, where clusters read zeros
+                    first = self.refcounts.allocate(len(group), at_end=True)
+                    hosts += [(first + i) << bits for i in range(len(group))]
+                    runs.append((first << bits, len(group) * cs))
             for host, length in runs:
                 if target is self.file:
                     self.guard_write(host, length)

@@ -69,3 +69,34 @@ def test_raw_data_file_image_created_as_qemu_maps_as_qemu(tmp_path):
     assert qemu_map_json(images["ours"]) == expected
     got = run_qimg("map", "--output=json", images["ours"])
     assert got.stdout == qemu_img("map", "--output=json", images["theirs"]).stdout
+
+
+@pytest.mark.parametrize(
+    "prealloc, base_size, old_size, new_size, data_at",
+    [
+        ("metadata", "3G", "1G", "3200M", "2G"),
+        ("falloc", "10M", "5M", "15M", "9M"),
+        ("full", "16M", "8M", "12M", "11M"),
+    ],
+)
+def test_resize_with_preallocation_over_a_longer_backing_file(
+    tmp_path, prealloc, base_size, old_size, new_size, data_at
+):
+    """Growing over a backing file longer than the image: the new area must read zeros.
+    QEMU lays each L2 table before the data clusters it maps (refcount blocks after the
+    run that needed them), zero-flags metadata preallocation and leaves falloc/full data
+    clusters as data (they read zeros already)."""
+    images = {}
+    for who, resize in (("ours", run_qimg), ("theirs", qemu_img)):
+        base = tmp_path / f"{who}-base.qcow2"
+        top = tmp_path / f"{who}.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", base, base_size)
+        qemu_img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top, old_size)
+        qemu_io(base, f"write -P 1 {data_at} 64k")
+        result = resize("resize", "-q", "-f", "qcow2", "--preallocation", prealloc, top, new_size)
+        assert result.returncode == 0
+        images[who] = top
+    expected = qemu_map_json(images["theirs"])
+    assert qemu_map_json(images["ours"]) == expected
+    assert all(e["depth"] == 0 for e in expected[1:])
+    assert qemu_img("compare", images["ours"], images["theirs"]).returncode == 0
