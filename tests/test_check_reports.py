@@ -184,3 +184,23 @@ def test_refcount_width_change_carries_wrong_counts_over(tmp_path):
         expected.stdout,
         expected.stderr,
     )
+
+
+@pytest.mark.parametrize("with_snapshot", [False, True])
+def test_amend_downgrade_progress_follows_l1_entries(tmp_path, with_snapshot):
+    """amend -p -o compat=0.10 reports each L1 entry it visits (active and snapshots'),
+    as qemu-img does."""
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", base, "4G")
+    outputs = []
+    for who, amend in (("theirs", qemu_img), ("ours", run_qimg)):
+        top = tmp_path / f"{who}.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top, "4G")
+        qemu_io(top, *(f"write -z {g}G 64k" for g in range(4)))
+        if with_snapshot:
+            qemu_img("snapshot", "-c", "foo", top)
+        result = amend("amend", "-p", "-o", "compat=0.10", top)
+        assert result.returncode == 0
+        outputs.append(result.stdout.splitlines())  # (qemu-img's \r, read as text: \n)
+    assert outputs[1] == outputs[0]
+    assert len(outputs[0]) == (18 if with_snapshot else 10)

@@ -175,17 +175,13 @@ def _amend(
         and not image.data_file_raw
     ):
         raise AmendError("data-file-raw cannot be set on existing images")
-    steps = (new_version != old_version) + (new_bits != image.refcount_bits)
-    step = 0
-
-    def report(done: int) -> None:
-        if progress is not None and steps:
-            progress(done, steps)
-
+    status = _AmendStatus(
+        progress, (new_version != old_version) + (new_bits != image.refcount_bits)
+    )
     if new_version > old_version:
         _upgrade(image)
-        step += 1
-        report(step)
+        status.start("upgrade")
+        status(1, 1)
     if new_bits != image.refcount_bits:
         if new_version < 3 and new_bits != 16:
             raise AmendError(
@@ -193,8 +189,8 @@ def _amend(
                 "1.1 or above (use compat=1.1 or greater)"
             )
         change_refcount_width(image, new_bits)
-        step += 1
-        report(step)
+        status.start("refcount width")
+        status(1, 1)
     if backing_file is not None or backing_fmt is not None:
         if backing_file != image.backing_filename or backing_fmt != image.backing_format:
             raise AmendError(
@@ -217,10 +213,37 @@ def _amend(
         image._write_header()
         image.file.flush()
     if new_version < old_version:
-        _downgrade(image)
-        step += 1
-        report(step)
+        status.start("downgrade")
+        _downgrade(image, status)
     image.flush()
+
+
+class _AmendStatus:
+    """Progress over several amend operations, as QEMU reports it: each operation reports
+    (offset, work size) and the total is projected from the operations seen so far."""
+
+    def __init__(self, progress, total_operations: int):
+        self.progress = progress
+        self.total_operations = total_operations
+        self.current = self.last = None
+        self.offset_completed = self.operations_completed = self.last_work_size = 0
+
+    def start(self, operation: str) -> None:
+        self.current = operation
+
+    def __call__(self, offset: int, work_size: int) -> None:
+        if self.progress is None or not self.total_operations:
+            return
+        if self.current != self.last:
+            if self.last is not None:
+                self.offset_completed += self.last_work_size
+                self.operations_completed += 1
+            self.last = self.current
+        self.last_work_size = work_size
+        current = self.offset_completed + work_size
+        remaining = self.total_operations - self.operations_completed - 1
+        projected = current * remaining // (self.operations_completed + 1)
+        self.progress(self.offset_completed + offset, current + projected)
 
 
 # --- lazy refcounts -----------------------------------------------------------------------
@@ -376,16 +399,23 @@ def _has_compressed_clusters(image, snapshots) -> bool:
     return False
 
 
-def _expand_zero_clusters(image, snapshots) -> None:
-    """v2 has no zero flag: turn every zero cluster into a real one (or a hole)."""
+def _expand_zero_clusters(image, snapshots, status=None) -> None:
+    """v2 has no zero flag: turn every zero cluster into a real one (or a hole).
+    `status(visited, total)` follows the L1 entries visited, as QEMU reports them."""
     bits = image.cluster_bits
     cs = image.cluster_size
     zeros = bytes(cs)
     has_backing = bool(image.backing_filename)
     seen = set()
+    tables = _l1_tables(image, snapshots)
+    total = sum(len(l1) for l1 in tables)
+    visited = 0
     with image._lock:
-        for l1 in _l1_tables(image, snapshots):
+        for l1 in tables:
             for l1_entry in l1:
+                visited += 1
+                if status is not None:
+                    status(visited, total)
                 l2_offset = l1_entry & S.L1E_OFFSET_MASK
                 if not l2_offset or l2_offset in seen:
                     continue
@@ -435,7 +465,7 @@ def _expand_zero_clusters(image, snapshots) -> None:
         image.flush()
 
 
-def _downgrade(image) -> None:
+def _downgrade(image, status=None) -> None:
     hdr = image.header
     if hdr.refcount_order != 4:
         raise AmendError("compat=0.10 requires refcount_bits=16")
@@ -457,7 +487,7 @@ def _downgrade(image) -> None:
         raise AmendError(
             "Cannot downgrade an image with zstd compression type and existing compressed clusters"
         )
-    _expand_zero_clusters(image, snapshots)
+    _expand_zero_clusters(image, snapshots, status)
     old = (
         hdr.version,
         hdr.header_length,
