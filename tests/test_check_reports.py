@@ -204,3 +204,26 @@ def test_amend_downgrade_progress_follows_l1_entries(tmp_path, with_snapshot):
         outputs.append(result.stdout.splitlines())  # (qemu-img's \r, read as text: \n)
     assert outputs[1] == outputs[0]
     assert len(outputs[0]) == (18 if with_snapshot else 10)
+
+
+def test_amend_clears_data_file_raw_and_refuses_to_set_it(tmp_path):
+    """data_file_raw=on is accepted where it is on already, =off clears it, and setting it
+    again is refused, with qemu-img's message; the headers end up identical."""
+    images = []
+    for who, amend in (("a", qemu_img), ("b", run_qimg)):
+        (tmp_path / who).mkdir()
+        path = tmp_path / who / "img.qcow2"
+        options = f"compat=1.1,data_file={path}.data,data_file_raw=on"
+        qemu_img("create", "-q", "-f", "qcow2", "-o", options, path, "64M")
+        results = []
+        for value in ("on", "off", "on"):
+            args = ("amend", "-o", f"data_file_raw={value}", path)
+            results.append(qemu_img(*args, check=False) if amend is qemu_img else amend(*args))
+        images.append((path, [(r.returncode, r.stderr) for r in results]))
+    (theirs, expected), (ours, got) = images
+    assert expected[2] == (1, "qemu-img: data-file-raw cannot be set on existing images\n")
+    assert got == expected
+    header = ours.read_bytes()[:0x10000].replace(
+        f"{tmp_path}/b/".encode(), f"{tmp_path}/a/".encode()
+    )
+    assert header == theirs.read_bytes()[:0x10000]

@@ -205,6 +205,18 @@ def _amend(
         set_lazy_refcounts(image, lazy_refcounts)
     if size:
         resize(image, size, shrink=True)
+    if (
+        data_file_raw is not None
+        and not _bool_option("data_file_raw", data_file_raw)
+        and image.data_file_raw
+    ):
+        # The data file stops being a raw image of the guest (it may then get a backing
+        # file, for one): only clearing the bit is allowed, as in QEMU.
+        hdr.autoclear_features &= ~S.AUTOCLEAR_DATA_FILE_RAW
+        image.data_file_raw = False
+        image.flush()
+        image._write_header()
+        image.file.flush()
     if data_file is not None and (data_file or None) != hdr.data_file:
         # A new name for the external data file; "" removes it (it must then be given
         # at open), as QEMU's amend does.
