@@ -18,7 +18,8 @@ It is a pipeline, not a loop over bytes:
    `sparse_size` bytes are detected (qemu-img -S; QEMU's is_allocated_sectors_min with
    its alignment rules) and become zero writes. A zero write is skipped wherever the
    target already reads as zeros according to its own extent map (a new image, or
-   target_is_zero), otherwise it is `write_zeroes(may_unmap=True)`.
+   target_is_zero; an existing target, -n, is not trusted, as in qemu-img), otherwise it
+   is `write_zeroes(may_unmap=True)`.
 5. Raw to raw data runs go through os.copy_file_range when copy_range is set (copied
    verbatim, as qemu-img -C does: no zero detection inside them).
 
