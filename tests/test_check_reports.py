@@ -227,3 +227,30 @@ def test_amend_clears_data_file_raw_and_refuses_to_set_it(tmp_path):
         f"{tmp_path}/b/".encode(), f"{tmp_path}/a/".encode()
     )
     assert header == theirs.read_bytes()[:0x10000]
+
+
+def test_external_data_file_given_in_image_options(tmp_path):
+    """--image-opts data-file.filename=...: info and amend use that data file instead of
+    the name the header stores (or lacks), as qemu-img does."""
+    outputs = []
+    for who, tool in (("a", qemu_img), ("b", run_qimg)):
+        (tmp_path / who).mkdir()
+        path = tmp_path / who / "img.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={path}.data", path, "64M")
+        qemu_io(path, "write -P 0x11 0 4k")
+        opts = f"data-file.filename={path}.data,file.filename={path}"
+        steps = [
+            ("amend", "-o", "data_file=foo", path),
+            ("info", "--image-opts", opts),
+            ("amend", "-o", "data_file=", "--image-opts", opts),
+            ("info", "--image-opts", opts),
+            ("info", "--output=json", "--image-opts", opts),
+        ]
+        results = []
+        for args in steps:
+            result = tool(*args, check=False) if tool is qemu_img else tool(*args)
+            text = (result.stdout + result.stderr).replace(f"{tmp_path}/{who}/", "DIR/")
+            results.append((result.returncode, text))
+        outputs.append(results)
+    assert "data file: foo" in outputs[0][1][1]
+    assert outputs[1] == outputs[0]

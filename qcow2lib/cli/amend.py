@@ -230,6 +230,7 @@ def _amend_image(
             amend(
                 host_path(spec.path),
                 fmt=spec.fmt,
+                data_file_path=spec.data_file,
                 progress=(lambda done, total: meter.print(100.0 * done / total, 0))
                 if meter.enabled
                 else None,

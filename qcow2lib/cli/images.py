@@ -77,6 +77,7 @@ class ImageSpec:
     backing_secrets: tuple = ()  # backing[.backing...].encrypt.key-secret, nearest first
     nbd: object = None  # an NBDAddress
     l2_cache_entry_size: int | None = None
+    data_file: str | None = None  # data-file.filename: the external data file to use
 
 
 # qcow2 options that only tune QEMU's caches and checks: accepted once valid, ignored.
@@ -166,6 +167,10 @@ def _options_spec(text: str, opts: dict[str, str], force_share: bool) -> ImageSp
                     f"Block protocol '{file_driver}' doesn't support the option "
                     f"'{name[len('file.') :]}'"
                 )
+    data_file = None
+    if driver in (None, "qcow2") and opts.get("data-file.driver", "file") == "file":
+        opts.pop("data-file.driver", None)
+        data_file = opts.pop("data-file.filename", None)
     key_secret = opts.pop("encrypt.key-secret", None)
     backing_secrets = []
     prefix = "backing."
@@ -185,6 +190,7 @@ def _options_spec(text: str, opts: dict[str, str], force_share: bool) -> ImageSp
         force_share,
         tuple(backing_secrets),
         l2_cache_entry_size=entry_size,
+        data_file=data_file,
     )
 
 
@@ -304,6 +310,7 @@ def open_spec(
             mode,
             fmt=spec.fmt,
             backing=backing,
+            data_file=spec.data_file,
             force_share=spec.force_share,
             passphrase=passphrases,
             cache="none" if cache == "off" else cache,

@@ -114,14 +114,16 @@ def amend(
     fmt: str | None = None,
     progress=None,
     untrusted: bool = False,
+    data_file_path: str | None = None,
 ) -> None:
     """Amend the qcow2 image at image_path (see the module docstring).
 
     Raises AmendError / InvalidArgumentError / UnsupportedFeatureError with qemu-img's
     messages. The image content is kept; qemu-img check is clean afterwards. untrusted:
-    the image is opened as open_image(untrusted=True) opens it.
+    the image is opened as open_image(untrusted=True) opens it. data_file_path: the
+    external data file to open instead of the one the header names.
     """
-    image = open_image(image_path, "r+", fmt, untrusted=untrusted)
+    image = open_image(image_path, "r+", fmt, data_file=data_file_path, untrusted=untrusted)
     try:
         if image.format != "qcow2":
             raise UnsupportedFeatureError(

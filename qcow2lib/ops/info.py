@@ -50,6 +50,7 @@ def _qcow2_specific(img) -> dict:
     if img.compat != "0.10":
         if img.header.data_file is not None:
             data["data-file"] = img.header.data_file
+        if img.has_data_file:  # (even with no name stored: one was given at open)
             data["data-file-raw"] = img.data_file_raw
         data["extended-l2"] = img.extended_l2
         data["lazy-refcounts"] = img.lazy_refcounts
@@ -141,13 +142,15 @@ def image_info(
     force_share: bool = False,
     backing_of: str | None = None,
     untrusted: bool = False,
+    data_file: str | None = None,
 ) -> dict:
     """The `qemu-img info` dict of one image, its backing file left unopened.
 
     `filename` is taken as qemu-img takes it (a "file:" prefix is allowed); `fmt` None
     probes the format; force_share reads an image another process has open for writing;
-    backing_of names the image whose backing file this is; untrusted (see open_image).
-    Raises ImageOpenError naming the file when it cannot be read.
+    backing_of names the image whose backing file this is; untrusted (see open_image);
+    data_file: its external data file as given (data-file.filename). Raises
+    ImageOpenError naming the file when it cannot be read.
     """
     try:
         with open_by_name(
@@ -157,6 +160,7 @@ def image_info(
             force_share=force_share,
             backing_of=backing_of,
             untrusted=untrusted,
+            data_file=data_file,
         ) as img:
             check_qemu_constraints(getattr(img, "_bitmap_entries", []))
             target = image_target(filename, fmt)[0]
@@ -174,8 +178,10 @@ def image_info_list(
     backing_chain: bool = False,
     force_share: bool = False,
     untrusted: bool = False,
+    data_file: str | None = None,
 ) -> list[dict]:
     """`qemu-img info [--backing-chain]`: the top image, then each backing file in turn.
+    data_file: the top image's external data file as given (data-file.filename).
 
     Backing files are opened by their full backing filename with the recorded backing
     format (probed when none is recorded). A name seen twice is a loop and raises
@@ -190,9 +196,9 @@ def image_info_list(
         if name in seen:
             raise CorruptImageError(f"Backing file '{name}' creates an infinite loop.")
         seen.add(name)
-        info = image_info(name, fmt, force_share, named_by, untrusted)
+        info = image_info(name, fmt, force_share, named_by, untrusted, data_file)
         infos.append(info)
-        named_by, name, fmt = name, None, None
+        named_by, name, fmt, data_file = name, None, None, None
         if backing_chain:
             name = info.get("full-backing-filename")
             fmt = info.get("backing-filename-format")
