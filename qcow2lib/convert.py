@@ -18,7 +18,8 @@ It is a pipeline, not a loop over bytes:
    `sparse_size` bytes are detected (qemu-img -S; QEMU's is_allocated_sectors_min with
    its alignment rules) and become zero writes. A zero write is skipped wherever the
    target already reads as zeros according to its own extent map (a new image, or
-   target_is_zero), otherwise it is `write_zeroes(may_unmap=True)`.
+   target_is_zero; an existing target, -n, is not trusted, as in qemu-img), otherwise it
+   is `write_zeroes(may_unmap=True)`.
 5. Raw to raw data runs go through os.copy_file_range when copy_range is set (copied
    verbatim, as qemu-img -C does: no zero detection inside them).
 
@@ -249,6 +250,7 @@ class _Converter:
         copy_range,
         buffer_size,
         salvage=None,
+        existing_target=False,
     ) -> None:
         self.target = target
         self.salvage = salvage  # the callback of convert(salvage=...), or None
@@ -287,6 +289,8 @@ class _Converter:
         )
         self.diff_granule = getattr(target, "cluster_size", 65536) or 65536
         self._target_maps(target_is_zero)
+        if existing_target and not target_is_zero:
+            self.known_zero = _Intervals()
         # planner state (convert_iteration_sectors)
         self.sector_next_status = 0
         self.status = BLK_DATA
@@ -764,6 +768,7 @@ def convert(
     copy_range: bool = True,
     buffer_size: int = IO_BUF_SIZE,
     salvage=None,
+    existing_target: bool = False,
 ) -> None:
     """Copy the guest content of `sources` (one device, or several concatenated) into
     `target`, which must be at least as large. See the module docstring.
@@ -779,7 +784,10 @@ def convert(
     turns source errors into calls of it, as qemu-img --salvage into warnings: what is
     "block status" (the range is then read as data) or "read" (the sector, at byte
     offset, is written as zeros); the calls come in guest order, in the planning pass
-    that counts the work (block status) and again while copying.
+    that counts the work (block status) and again while copying. existing_target: the
+    target was not created for this copy (-n): as qemu-img does, what it reads now is not
+    trusted to be zero, so the source's zero runs are written as zeroes there too (unless
+    target_is_zero).
     """
     if isinstance(sources, BlockDevice):
         sources = [sources]
@@ -831,6 +839,7 @@ def convert(
         copy_range and salvage is None,
         buffer_size,
         salvage,
+        existing_target,
     ).run()
 
 

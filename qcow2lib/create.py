@@ -332,7 +332,7 @@ def _write_empty_qcow2(
     table.extend([0] * (table_clusters * cluster_size // 8 - blocks))
     file = _container(path)
     try:
-        file.pwrite(hdr.pack(), 0)
+        _write_header_cluster(file, hdr.pack(), cluster_size)
         file.pwrite(encode_be64(table), cluster_size)
         if luks_header:
             file.pwrite(luks_header, hdr.crypto_offset)
@@ -342,8 +342,6 @@ def _write_empty_qcow2(
                 block.set(j, 1)
             file.pwrite(block.to_bytes(), (first_block + i) * cluster_size)
         if file.is_device:  # a device keeps old bytes where a new file would read zeros
-            header = hdr.pack()
-            file.pwrite(bytes(-len(header) % cluster_size), len(header))
             file.pwrite(bytes(l1_clusters * cluster_size), hdr.l1_table_offset)
         file.truncate(total * cluster_size)
         file.flush()
@@ -422,8 +420,7 @@ def _write_qemu_layout(
         table[block_index] = cluster * cluster_size
     file = _container(path)
     try:
-        header = hdr.pack()
-        file.pwrite(header + bytes(-len(header) % cluster_size), 0)
+        _write_header_cluster(file, hdr.pack(), cluster_size)
         file.pwrite(encode_be64(table), cluster_size)
         for block_index, cluster in sorted(blocks.items()):
             block = RefcountBlock(order, bytes(cluster_size))
@@ -444,3 +441,10 @@ def _write_qemu_layout(
         file.close()
         raise
     file.close()
+
+
+def _write_header_cluster(file, header: bytes, cluster_size: int) -> None:
+    """The header with its cluster's zero padding, written whole as QEMU writes it: the
+    file's allocated size (QEMU's metadata preallocation heuristic reads it) and a
+    device's stale bytes after the header depend on it."""
+    file.pwrite(header + bytes(-len(header) % cluster_size), 0)

@@ -18,6 +18,7 @@ import threading
 from functools import partial
 from array import array
 from collections.abc import Iterable, Iterator
+from itertools import groupby
 from typing import TYPE_CHECKING, TypeAlias
 
 from . import codecs
@@ -159,6 +160,7 @@ class Qcow2Image(BlockDevice):
         file_size = self.file.size()
         self.header = hdr = Header.parse(self._read_header_bytes, file_size)
         self.dirty = bool(hdr.incompatible_features & S.INCOMPAT_DIRTY)
+        self.repair_messages: list[str] = []  # what repairing a dirty image reported
         self.corrupt = bool(hdr.incompatible_features & S.INCOMPAT_CORRUPT)
         if self.corrupt and not self.read_only:
             raise CorruptImageError(
@@ -288,9 +290,10 @@ class Qcow2Image(BlockDevice):
             except Untrackable:
                 self._bitmaps_live = True
         if self.dirty:
-            from .rebuild import rebuild_refcounts
+            from .check import repair_dirty_image
 
-            rebuild_refcounts(self)
+            # QEMU's own repair, for its layout and its messages (the CLI prints them)
+            self.repair_messages = repair_dirty_image(self)
             hdr.incompatible_features &= ~S.INCOMPAT_DIRTY
             self.dirty = False
             changed = True
@@ -1278,8 +1281,8 @@ class Qcow2Image(BlockDevice):
             self._validate_for_write(entry, bitmap, cluster_index)
             mapped = self.map.has_host(entry)
             owned = self._clusters_of(entry)
-            if entry == 0 and bitmap == 0 and not self.backing_filename:
-                continue  # unallocated with nothing behind it already reads as zeros
+            if entry == 0 and bitmap == 0 and not self.backing_filename and (discard or not v3):
+                continue  # a hole with nothing behind it (v3 zeroing still sets the flag, as QEMU)
             if self.extended_l2:
                 keep = mapped and not may_unmap and (entry & S.OFLAG_COPIED or self.has_data_file)
                 new_entry = entry if keep else 0
@@ -1297,9 +1300,7 @@ class Qcow2Image(BlockDevice):
                 ) | S.OFLAG_ZERO
                 new_bitmap = 0
             else:  # v2 has no zero flag: only a hole with nothing behind it reads as zeros
-                if self.backing is not None and not self._backing_reads_zero(
-                    cluster_index << self.cluster_bits, self.cluster_size
-                ):
+                if self.backing_filename:  # (QEMU writes zeros whatever the backing file holds)
                     start = cluster_index << self.cluster_bits
                     physical.append((start, min(start + self.cluster_size, self.size)))
                     continue
@@ -1679,17 +1680,20 @@ class Qcow2Image(BlockDevice):
             if head_index is not None:
                 head_start = head_index << bits
                 head = self._old_content(head_start, start - head_start)
-            for l1_index in sorted({i // self.map.l2_entries for i in todo}):
+            # As QEMU lays it out: each L2 table, then the data clusters it maps.
+            target = self._data_target() if self.has_data_file else self.file
+            hosts: list[int] = []
+            runs: list[tuple[int, int]] = []
+            for l1_index, grouped in groupby(todo, key=lambda i: i // self.map.l2_entries):
+                group = list(grouped)
                 self._writable_l2(l1_index)
-            if self.has_data_file:  # guest offset == host offset
-                target = self._data_target()
-                hosts = [i << bits for i in todo]
-                runs = [(h, cs) for h in hosts]
-            else:  # past the end of the file, where clusters read zeros
-                target = self.file
-                first = self.refcounts.allocate(len(todo), at_end=True)
-                hosts = [(first + i) << bits for i in range(len(todo))]
-                runs = [(first << bits, len(todo) * cs)]
+                if self.has_data_file:  # guest offset == host offset
+                    hosts += [i << bits for i in group]
+                    runs += [(i << bits, cs) for i in group]
+                else:  # past the end of the file, where clusters read zeros
+                    first = self.refcounts.allocate(len(group), at_end=True)
+                    hosts += [(first + i) << bits for i in range(len(group))]
+                    runs.append((first << bits, len(group) * cs))
             for host, length in runs:
                 if target is self.file:
                     self.guard_write(host, length)

@@ -34,6 +34,17 @@ _UNSIGNED_MAX = (1 << 32) - 1
 _RUN_FINDER = RunFinder()  # (keeps the integers it compares with, made once per table size)
 
 
+class ReferencePastEnd(CorruptImageError):
+    """Metadata references host bytes past the end of the image file."""
+
+    def __init__(self, offset: int, length: int):
+        super().__init__(
+            f"Metadata references offset 0x{offset:x} (length {length}) "
+            f"past the end of the image file"
+        )
+        self.offset = offset
+
+
 class ClusterCounts:
     """References per host cluster (or, signed, a change of them).
 
@@ -48,10 +59,7 @@ class ClusterCounts:
         self.chunks: dict[int, array] = {}
 
     def _past_end(self, offset: int, length: int) -> CorruptImageError:
-        return CorruptImageError(
-            f"Metadata references offset 0x{offset:x} (length {length}) "
-            f"past the end of the image file"
-        )
+        return ReferencePastEnd(offset, length)
 
     def _chunk(self, index: int) -> array:
         chunk = self.chunks.get(index)
@@ -153,6 +161,30 @@ class ClusterCounts:
         return 0
 
 
+def current_refcounts(image) -> ClusterCounts:
+    """The refcounts as they stand, less the refcount structure's own clusters: what
+    QEMU carries over to a structure of another width (it copies, it does not recount,
+    so a wrong count stays wrong for check to find)."""
+    refs = image.refcounts
+    cs = image.cluster_size
+    counts = ClusterCounts(image.cluster_bits, -(-image.file.size() // cs))
+    structure = set(range(refs.table_offset // cs, refs.table_offset // cs + refs.table_clusters))
+    structure.update((e & S.REFT_OFFSET_MASK) // cs for e in refs.table if e & S.REFT_OFFSET_MASK)
+    entries = refs.block_entries
+    for block_index, entry in enumerate(refs.table):
+        if not entry & S.REFT_OFFSET_MASK:
+            continue
+        block = refs.block(block_index)
+        if block is None:
+            continue
+        values = block.values if block.order >= 3 else [block.get(i) for i in range(entries)]
+        base = block_index * entries
+        for index in compress(range(entries), values):
+            if base + index not in structure:
+                counts.add(base + index, values[index])
+    return counts
+
+
 def count_references(image, refcount_structure: bool = True) -> ClusterCounts:
     """References from all metadata; `refcount_structure` adds the refcount table and blocks."""
     hdr = image.header
@@ -248,15 +280,16 @@ def _count_bitmaps(image, refs: ClusterCounts) -> None:
                 refs.add_range(value & S.BITMAP_TABLE_OFFSET_MASK, image.cluster_size)
 
 
-def rebuild_refcounts(image) -> None:
-    """Write a new refcount structure matching the metadata, then point the header at it.
+def rebuild_refcounts(image, refs: ClusterCounts | None = None) -> None:
+    """Write a new refcount structure holding `refs` (by default the references the
+    metadata makes), then point the header at it.
 
     The new table and blocks go past everything in use, so the old structure stays valid
     until the header switches over; the old clusters are then simply unreferenced.
     """
-    table_offset, table_clusters, end = write_refcount_structure(
-        image, count_references(image, refcount_structure=False)
-    )
+    if refs is None:
+        refs = count_references(image, refcount_structure=False)
+    table_offset, table_clusters, end = write_refcount_structure(image, refs)
     image.file.flush()
     image.header.refcount_table_offset = table_offset
     image.header.refcount_table_clusters = table_clusters

@@ -333,8 +333,9 @@ class Refcounts:
     def allocate(self, count: int, at_end: bool = False) -> int:
         """Allocate `count` contiguous free clusters (refcount 1); returns the first index.
 
-        Ranges the run reaches that have no refcount block yet get one, placed just in
-        front of the run, so a large run stays contiguous however small the blocks' ranges.
+        Ranges the run reaches that have no refcount block yet get one, placed just
+        after the run (where QEMU's allocator puts it), so a large run stays contiguous
+        however small the blocks' ranges.
         at_end takes clusters past everything in use (they read zeros without a write).
         """
         if count <= 0:
@@ -367,15 +368,14 @@ class Refcounts:
         # Refcounts claim these are free; refuse them if metadata lies there all the same.
         self.check_allocation(start, len(missing) + count)
         for i, block_index in enumerate(missing):
-            offset = (start + i) << self.cluster_bits
+            offset = (start + count + i) << self.cluster_bits
             self.blocks.put(offset, RefcountBlock(self.order, bytes(self.cluster_size)))
             self._set_table_entry(block_index, offset)
             self.table_dirty = True
-        first = start + len(missing)
         self.update(start, len(missing) + count, +1)
         if start == self.free_hint:
-            self.free_hint = first + count
-        return first
+            self.free_hint = start + count + len(missing)
+        return start
 
     def allocate_at(self, cluster: int, count: int) -> bool:
         """Allocate exactly [cluster, cluster+count) if all of it is free; False otherwise."""

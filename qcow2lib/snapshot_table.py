@@ -42,11 +42,14 @@ def read_snapshot_table(
     """Parse `count` entries at `offset`; returns them and the table's size in bytes."""
     snapshots: list[Snapshot] = []
     pos = offset
+
+    def read(length: int, at: int) -> bytes:
+        """As QEMU reads it: what lies past the end of the file reads as zeros (the
+        table's size is bounded below, so this is too)."""
+        inside = max(0, min(length, file_size - at))
+        return (file.pread(inside, at) if inside else b"") + bytes(length - inside)
+
     for index in range(count):
-        if pos + S.SNAPSHOT_ENTRY_HEADER_SIZE > file_size:
-            raise CorruptImageError(
-                f"Snapshot table entry {index} at offset {pos} lies past the end of the file"
-            )
         (
             l1_table_offset,
             l1_size,
@@ -57,7 +60,7 @@ def read_snapshot_table(
             vm_clock_nsec,
             vm_state_size,
             extra_data_size,
-        ) = S.SNAPSHOT_ENTRY_HEADER_FORMAT.unpack(file.pread(S.SNAPSHOT_ENTRY_HEADER_SIZE, pos))
+        ) = S.SNAPSHOT_ENTRY_HEADER_FORMAT.unpack(read(S.SNAPSHOT_ENTRY_HEADER_SIZE, pos))
         if extra_data_size > S.MAX_SNAPSHOT_EXTRA_DATA:
             raise CorruptImageError(
                 f"Snapshot {index}: extra_data_size {extra_data_size} too large",
@@ -66,9 +69,7 @@ def read_snapshot_table(
             )
         body_size = extra_data_size + id_str_size + name_size
         body_start = pos + S.SNAPSHOT_ENTRY_HEADER_SIZE
-        if body_start + body_size > file_size:
-            raise CorruptImageError(f"Snapshot {index}: entry runs past the end of the file")
-        body = file.pread(body_size, body_start)
+        body = read(body_size, body_start)
         extra = body[:extra_data_size]
         ident = body[extra_data_size : extra_data_size + id_str_size]
         name = body[extra_data_size + id_str_size :]
@@ -84,9 +85,10 @@ def read_snapshot_table(
                 f"Snapshot {index}: L1 table (l1_table_offset 0x{l1_table_offset:x}, "
                 f"l1_size {l1_size}) lies past the end of the file"
             )
+        # QEMU keeps ID and name as C strings: everything from a NUL byte on is lost.
         snap = Snapshot(
-            ident.decode("utf-8", "surrogateescape"),
-            name.decode("utf-8", "surrogateescape"),
+            ident.split(b"\0", 1)[0].decode("utf-8", "surrogateescape"),
+            name.split(b"\0", 1)[0].decode("utf-8", "surrogateescape"),
             l1_table_offset,
             l1_size,
             date_sec,

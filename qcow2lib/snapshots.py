@@ -24,6 +24,7 @@ other snapshots' tables; the snapshot table is parsed once per table the header 
 from __future__ import annotations
 
 import copy
+import errno
 import re
 import time
 from array import array
@@ -35,8 +36,14 @@ from operator import add
 from . import structs as S
 from .blockdev import BlockDevice, Extent
 from .cache import decode_be64, encode_be64
-from .errors import CorruptImageError, InvalidArgumentError, ReadOnlyError, UnsupportedFeatureError
-from .rebuild import ClusterCounts, count_l1_entries, count_l2_tables
+from .errors import (
+    CorruptImageError,
+    InvalidArgumentError,
+    Qcow2IOError,
+    ReadOnlyError,
+    UnsupportedFeatureError,
+)
+from .rebuild import ClusterCounts, ReferencePastEnd, count_l1_entries, count_l2_tables
 from .refcount import RefcountBlock
 from .snapshot_table import (
     ICOUNT_DISABLED,
@@ -755,10 +762,29 @@ def create_snapshot(
         snap_l1 = _plain_offsets(image, active)
         new_active = array("Q", snap_l1)
         new_active[vm_index:vm_end] = array("Q", bytes(8 * (vm_end - vm_index)))
-        _commit_state(
-            image, new_active, snapshot_l1=snap_l1, new_snapshot=snap, snapshots=snapshots + [snap]
-        )
+        try:
+            _commit_state(
+                image,
+                new_active,
+                snapshot_l1=snap_l1,
+                new_snapshot=snap,
+                snapshots=snapshots + [snap],
+            )
+        except ReferencePastEnd as exc:
+            raise Qcow2IOError(_refcount_growth_errno(image, exc.offset), str(exc)) from exc
         return snap
+
+
+def _refcount_growth_errno(image, offset: int) -> int:
+    """The errno QEMU's snapshot creation fails with when a cluster it must count lies
+    past the end of the file: EFBIG where no refcount table (at most 8 Mi entries, grown
+    with QEMU's 50% margin) could reach it, else EAGAIN (QEMU adds a refcount block for
+    it and gives up asking for a retry). qcow2lib refuses before writing anything."""
+    entries_per_block = image.cluster_size * 8 >> image.header.refcount_order
+    blocks = (offset >> image.cluster_bits) // entries_per_block + 1
+    if blocks + -(-blocks // 2) > S.MAX_REFTABLE_BYTES:
+        return errno.EFBIG
+    return errno.EAGAIN
 
 
 def apply_snapshot(

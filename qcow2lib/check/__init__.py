@@ -60,6 +60,7 @@ __all__ = [
     "format_check_human",
     "format_check_json",
     "format_check_stderr",
+    "repair_dirty_image",
 ]
 
 _REPAIR_MODES = {None: 0, "leaks": FIX_LEAKS, "all": FIX_LEAKS | FIX_ERRORS}
@@ -305,6 +306,26 @@ def check_image(image, repair: str | None = None, prog: str = "qemu-img") -> Che
             if fix:
                 _reload_engine_state(image)
     return report
+
+
+def repair_dirty_image(image) -> list[str]:
+    """QEMU's repair of a dirty image (lazy refcounts, not closed cleanly) when it is
+    opened read-write: one check that fixes errors and leaks, run before anything else
+    changes the file, so the repaired layout is QEMU's. Returns the lines QEMU prints
+    while doing it; raises CorruptImageError if the image could not be repaired.
+
+    The caller (the engine's open) holds the only reference to `image`, has read its
+    header and tables, and writes nothing before this returns."""
+    messages: list[str] = []
+    t = _Target(image.file, image.header, image.filename, True, messages, "qemu-img")
+    try:
+        result, err = _co_check(t, FIX_LEAKS | FIX_ERRORS)
+    finally:
+        t.flush_if_alive()
+        _reload_engine_state(image)
+    if err or result.check_errors:
+        raise CorruptImageError(f"Could not repair dirty image: {os.strerror(err or errno.EIO)}")
+    return messages
 
 
 def _reload_engine_state(image) -> None:

@@ -259,7 +259,11 @@ def _amend_image(
                 image.file.flush()
         if arguments:
             with qcow2lib.open(
-                host_path(spec.path), "r+", spec.fmt, untrusted=untrusted()
+                host_path(spec.path),
+                "r+",
+                spec.fmt,
+                data_file=spec.data_file,
+                untrusted=untrusted(),
             ) as image:
                 amend(
                     image,

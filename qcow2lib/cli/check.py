@@ -107,14 +107,23 @@ def _check_open_failure(cli: Cli, spec: ImageSpec, repair: str | None) -> OpenFa
     Anything else is left for the check to report.
     """
     try:
-        qcow2lib.open(
+        probe = qcow2lib.open(
             host_path(spec.path), "r", fmt=spec.fmt, backing=False, force_share=True
-        ).close()
+        )
     except Qcow2Error:
         return None  # the check reports what is wrong with the file itself
+    # QEMU opens an image to check it without the repair-on-open of a dirty (lazy
+    # refcounts) image: the check is to report what the crash left and repair it itself.
+    # qcow2lib's read-write open would rebuild the refcounts first, so a dirty image is
+    # opened read-only here and its write lock taken on its own.
+    dirty = bool(getattr(probe, "dirty", False))
+    probe.close()
+    mode = "r+" if repair and not dirty else "r"
     try:
         # (qemu-img warns of a probed raw image it opens for writing, here to repair it)
-        open_spec(cli, spec, "r+" if repair else "r", warn_probe=bool(repair)).close()
+        open_spec(cli, spec, mode, warn_probe=bool(repair)).close()
+        if repair and dirty:
+            _lock_for_repair(spec)
     except OpenFailure as exc:
         cause = exc.__cause__
         text = exc.message
@@ -128,3 +137,24 @@ def _check_open_failure(cli: Cli, spec: ImageSpec, repair: str | None) -> OpenFa
         ):
             return exc
     return None
+
+
+def _lock_for_repair(spec: ImageSpec) -> None:
+    """Take (and release) the locks a read-write open takes: OpenFailure when another
+    process holds the image."""
+    from qcow2lib.hostfile import HostFile
+
+    path = host_path(spec.path)
+    try:
+        file = HostFile(path, writable=True)
+    except Qcow2Error as exc:
+        raise OpenFailure(f"Could not open '{spec.name}': {error_text(exc)}") from exc
+    try:
+        file.lock_for_use(spec.force_share)
+    except ImageLockedError as exc:
+        raise OpenFailure(
+            f"Could not open '{spec.name}': {error_text(exc)}",
+            f"Is another process using the image [{path}]?\n",
+        ) from exc
+    finally:
+        file.close()

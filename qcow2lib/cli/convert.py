@@ -453,6 +453,7 @@ def _convert(
             progress=meter.callback if meter.enabled else None,
             copy_range=copy_range,
             salvage=salvage,
+            existing_target=skip_create,
         )
     except ConvertError as exc:
         fail(error_text(exc))

@@ -86,6 +86,7 @@ class ImageSpec:
     target: ImageTarget | None = None  # a blkdebug or null-co node's (options_image_target)
     l2_cache_entry_size: int | None = None
     locking: bool = True  # file.locking=off: neither take nor test the image's locks
+    data_file: str | None = None  # data-file.filename: the external data file to use
 
 
 # qcow2 options that only tune QEMU's caches and checks: accepted once valid, ignored.
@@ -190,6 +191,10 @@ def _options_spec(text: str, opts: dict[str, str], force_share: bool) -> ImageSp
                     f"Block protocol '{file_driver}' doesn't support the option "
                     f"'{name[len('file.') :]}'"
                 )
+    data_file = None
+    if driver in (None, "qcow2") and opts.get("data-file.driver", "file") == "file":
+        opts.pop("data-file.driver", None)
+        data_file = opts.pop("data-file.filename", None)
     key_secret = opts.pop("key-secret" if driver == "luks" else "encrypt.key-secret", None)
     backing_secrets = []
     backing_files = []
@@ -217,6 +222,7 @@ def _options_spec(text: str, opts: dict[str, str], force_share: bool) -> ImageSp
         l2_cache_entry_size=entry_size,
         backing_files=tuple(backing_files),
         locking=locking != "off",
+        data_file=data_file,
     )
 
 
@@ -366,12 +372,16 @@ def open_spec(
             mode,
             fmt=spec.fmt,
             backing=backing,
+            data_file=spec.data_file,
             force_share=spec.force_share,
             passphrase=passphrases,
             cache="none" if cache == "off" else cache,
             untrusted=untrusted(),
             locking=spec.locking,
         )
+        # (QEMU prints these while it repairs a dirty image on opening it read-write)
+        for line in getattr(device, "repair_messages", ()):
+            sys.stderr.write(line + "\n")
         try:
             check_qemu_constraints(getattr(device, "_bitmap_entries", []))
         except Qcow2Error:

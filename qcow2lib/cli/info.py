@@ -134,7 +134,15 @@ def cmd_info(cli: Cli, argv: list[str]) -> int:
         filename, fmt, force_share = spec.path, spec.fmt, spec.force_share
         locking = spec.locking
     try:
-        infos = image_info_list(filename, fmt, chain, force_share, untrusted(), locking)
+        infos = image_info_list(
+            filename,
+            fmt,
+            chain,
+            force_share,
+            untrusted(),
+            locking,
+            data_file=spec.data_file if spec is not None else None,
+        )
     except ImageOpenError as exc:
         message = str(exc)
         if spec is not None and message.startswith(f"Could not open '{spec.path}': "):

@@ -81,7 +81,10 @@ def cmd_snapshot(cli: Cli, argv: list[str]) -> int:
             try:
                 snaps.create_snapshot(img, name, date=(now // 10**6, now % 10**6 * 1000), icount=0)
             except Qcow2Error as exc:
-                code = -27 if "too many" in str(exc) else -22
+                if isinstance(exc, OSError) and exc.errno:
+                    code = -exc.errno
+                else:
+                    code = -27 if "too many" in str(exc) else -22
                 cli.error_report(
                     f"Could not create snapshot '{name}': {code} ({os.strerror(-code)})"
                 )

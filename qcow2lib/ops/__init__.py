@@ -104,13 +104,15 @@ def open_by_name(
     backing_of: str | None = None,
     untrusted: bool = False,
     locking: bool = True,
+    data_file: str | None = None,
 ) -> BlockDevice:
     """Open an image read-only, named as qemu-img names images (see image_target()).
 
     `fmt` None probes the format; an empty name fails as QEMU's file driver fails.
     backing_of: the image naming this one as its backing file; untrusted: what the
     image names is confined to its directory; locking=False takes no locks (all as in
-    open_image).
+    open_image); data_file: the external data file given with the name
+    (data-file.filename), not opened.
     """
     path, fmt = image_target(filename, fmt)
     if not path:
@@ -122,6 +124,7 @@ def open_by_name(
         backing,
         force_share=force_share,
         open_data_file=False,
+        data_file=data_file,
         backing_of=backing_of,
         untrusted=untrusted,
         locking=locking,

@@ -172,17 +172,13 @@ def _amend(
         and not image.data_file_raw
     ):
         raise AmendError("data-file-raw cannot be set on existing images")
-    steps = (new_version != old_version) + (new_bits != image.refcount_bits)
-    step = 0
-
-    def report(done: int) -> None:
-        if progress is not None and steps:
-            progress(done, steps)
-
+    status = _AmendStatus(
+        progress, (new_version != old_version) + (new_bits != image.refcount_bits)
+    )
     if new_version > old_version:
         _upgrade(image)
-        step += 1
-        report(step)
+        status.start("upgrade")
+        status(1, 1)
     if new_bits != image.refcount_bits:
         if new_version < 3 and new_bits != 16:
             raise AmendError(
@@ -190,8 +186,8 @@ def _amend(
                 "1.1 or above (use compat=1.1 or greater)"
             )
         change_refcount_width(image, new_bits)
-        step += 1
-        report(step)
+        status.start("refcount width")
+        status(1, 1)
     if backing_file is not None or backing_fmt is not None:
         if backing_file != image.backing_filename or backing_fmt != image.backing_format:
             raise AmendError(
@@ -206,6 +202,18 @@ def _amend(
         set_lazy_refcounts(image, lazy_refcounts)
     if size:
         resize(image, size, shrink=True)
+    if (
+        data_file_raw is not None
+        and not _bool_option("data_file_raw", data_file_raw)
+        and image.data_file_raw
+    ):
+        # The data file stops being a raw image of the guest (it may then get a backing
+        # file, for one): only clearing the bit is allowed, as in QEMU.
+        hdr.autoclear_features &= ~S.AUTOCLEAR_DATA_FILE_RAW
+        image.data_file_raw = False
+        image.flush()
+        image._write_header()
+        image.file.flush()
     if data_file is not None and (data_file or None) != hdr.data_file:
         # A new name for the external data file; "" removes it (it must then be given
         # at open), as QEMU's amend does.
@@ -214,10 +222,38 @@ def _amend(
         image._write_header()
         image.file.flush()
     if new_version < old_version:
-        _downgrade(image)
-        step += 1
-        report(step)
+        status.start("downgrade")
+        _downgrade(image, status)
     image.flush()
+
+
+class _AmendStatus:
+    """Progress over several amend operations, as QEMU reports it: each operation reports
+    (offset, work size) and the total is projected from the operations seen so far."""
+
+    def __init__(self, progress, total_operations: int):
+        self.progress = progress
+        self.total_operations = total_operations
+        self.current: str | None = None
+        self.last: str | None = None
+        self.offset_completed = self.operations_completed = self.last_work_size = 0
+
+    def start(self, operation: str) -> None:
+        self.current = operation
+
+    def __call__(self, offset: int, work_size: int) -> None:
+        if self.progress is None or not self.total_operations:
+            return
+        if self.current != self.last:
+            if self.last is not None:
+                self.offset_completed += self.last_work_size
+                self.operations_completed += 1
+            self.last = self.current
+        self.last_work_size = work_size
+        current = self.offset_completed + work_size
+        remaining = self.total_operations - self.operations_completed - 1
+        projected = current * remaining // (self.operations_completed + 1)
+        self.progress(self.offset_completed + offset, current + projected)
 
 
 # --- lazy refcounts -----------------------------------------------------------------------
@@ -265,8 +301,8 @@ def _first_refcount_above(image, limit: int) -> tuple[int, int] | None:
 
 
 def change_refcount_width(image, bits: int) -> None:
-    """Rebuild the refcount structure with `bits`-bit entries."""
-    from ..rebuild import rebuild_refcounts
+    """Rewrite the refcount structure with `bits`-bit entries, its counts carried over."""
+    from ..rebuild import current_refcounts, rebuild_refcounts
 
     image.flush()
     if bits < image.refcount_bits:
@@ -278,10 +314,11 @@ def change_refcount_width(image, bits: int) -> None:
                 f"offset {cluster << image.cluster_bits:#x} has a refcount of "
                 f"{value}"
             )
+    counts = current_refcounts(image)
     old_order = image.header.refcount_order
     image.header.refcount_order = bits.bit_length() - 1
     try:
-        rebuild_refcounts(image)  # switches the header with _write_header_fields
+        rebuild_refcounts(image, counts)  # switches the header with _write_header_fields
     except BaseException:
         image.header.refcount_order = old_order
         raise
@@ -372,16 +409,23 @@ def _has_compressed_clusters(image, snapshots) -> bool:
     return False
 
 
-def _expand_zero_clusters(image, snapshots) -> None:
-    """v2 has no zero flag: turn every zero cluster into a real one (or a hole)."""
+def _expand_zero_clusters(image, snapshots, status=None) -> None:
+    """v2 has no zero flag: turn every zero cluster into a real one (or a hole).
+    `status(visited, total)` follows the L1 entries visited, as QEMU reports them."""
     bits = image.cluster_bits
     cs = image.cluster_size
     zeros = bytes(cs)
     has_backing = bool(image.backing_filename)
     seen = set()
+    tables = _l1_tables(image, snapshots)
+    total = sum(len(l1) for l1 in tables)
+    visited = 0
     with image._lock:
-        for l1 in _l1_tables(image, snapshots):
+        for l1 in tables:
             for l1_entry in l1:
+                visited += 1
+                if status is not None:
+                    status(visited, total)
                 l2_offset = l1_entry & S.L1E_OFFSET_MASK
                 if not l2_offset or l2_offset in seen:
                     continue
@@ -431,7 +475,7 @@ def _expand_zero_clusters(image, snapshots) -> None:
         image.flush()
 
 
-def _downgrade(image) -> None:
+def _downgrade(image, status=None) -> None:
     hdr = image.header
     if hdr.refcount_order != 4:
         raise AmendError("compat=0.10 requires refcount_bits=16")
@@ -453,7 +497,7 @@ def _downgrade(image) -> None:
         raise AmendError(
             "Cannot downgrade an image with zstd compression type and existing compressed clusters"
         )
-    _expand_zero_clusters(image, snapshots)
+    _expand_zero_clusters(image, snapshots, status)
     old = (
         hdr.version,
         hdr.header_length,

@@ -50,6 +50,7 @@ def _qcow2_specific(img) -> dict:
     if img.compat != "0.10":
         if img.header.data_file is not None:
             data["data-file"] = img.header.data_file
+        if img.has_data_file:  # (even with no name stored: one was given at open)
             data["data-file-raw"] = img.data_file_raw
         data["extended-l2"] = img.extended_l2
         data["lazy-refcounts"] = img.lazy_refcounts
@@ -173,6 +174,7 @@ def image_info(
     backing_of: str | None = None,
     untrusted: bool = False,
     locking: bool = True,
+    data_file: str | None = None,
 ) -> dict:
     """The `qemu-img info` dict of one image, its backing file left unopened.
 
@@ -181,8 +183,8 @@ def image_info(
     the name qemu-img would show. `filename` is taken as qemu-img takes it (a "file:"
     prefix is allowed); `fmt` None probes the format; force_share reads an image another
     process has open for writing; backing_of names the image whose backing file this is;
-    untrusted and locking (see open_image). Raises ImageOpenError naming the file when it
-    cannot be read.
+    untrusted and locking (see open_image); data_file: its external data file as given
+    (data-file.filename). Raises ImageOpenError naming the file when it cannot be read.
     """
     try:
         with open_by_name(
@@ -193,6 +195,7 @@ def image_info(
             backing_of=backing_of,
             untrusted=untrusted,
             locking=locking,
+            data_file=data_file,
         ) as img:
             check_qemu_constraints(getattr(img, "_bitmap_entries", []))
             target = image_target(filename, fmt)[0]
@@ -211,8 +214,10 @@ def image_info_list(
     force_share: bool = False,
     untrusted: bool = False,
     locking: bool = True,
+    data_file: str | None = None,
 ) -> list[dict]:
     """`qemu-img info [--backing-chain]`: the top image, then each backing file in turn.
+    data_file: the top image's external data file as given (data-file.filename).
 
     By name, as image_info(): each backing file is opened on its own (without its own
     backing file) under the name its overlay records, as qemu-img does.
@@ -230,10 +235,11 @@ def image_info_list(
         if name in seen:
             raise CorruptImageError(f"Backing file '{name}' creates an infinite loop.")
         seen.add(name)
-        info = image_info(name, fmt, force_share, named_by, untrusted, locking)
+        info = image_info(name, fmt, force_share, named_by, untrusted, locking, data_file)
         infos.append(info)
-        locking = True  # file.locking=off was an option of the top image's file only
-        named_by, name, fmt = name, None, None
+        # file.locking=off and data-file.filename were options of the top image only
+        locking = True
+        named_by, name, fmt, data_file = name, None, None, None
         if backing_chain:
             name = info.get("full-backing-filename")
             fmt = info.get("backing-filename-format")

@@ -124,7 +124,8 @@ def _resize_qcow2(image, new_size: int, preallocation: str) -> None:
         if image.data_host is not None and image.data_host.size() < new_size:
             image.data_host.truncate(new_size)
     image.resize_set_size(new_size)
-    if zero_write:
+    # falloc/full data clusters already read zeros (QEMU then sets no zero flags over them)
+    if zero_write and (preallocation not in ("falloc", "full") or image.data_host is not None):
         image.write_zeroes(old, new_size - old)
     image.flush()
 
