@@ -1145,8 +1145,9 @@ class Qcow2Image(BlockDevice):
 
     def can_zero_fast(self, offset: int, length: int, may_unmap: bool = False) -> bool:
         """Zeroing changes only L2 entries when the partial clusters at either end already
-        read as zeros, and whole clusters can take a zero flag (v3) or become holes over a
-        backing file that reads as zeros there (v2). A raw external data file is zeroed too."""
+        read as zeros, and whole clusters can take a zero flag (v3) or become holes (v2
+        without a backing file; over one, v2 zeroing writes zero bytes, as QEMU's does). A
+        raw external data file is zeroed too."""
         self.check_request(offset, length)
         if self.read_only or self.data_file_raw:
             return False
@@ -1164,9 +1165,9 @@ class Qcow2Image(BlockDevice):
                 first_full < last_full
                 and self.header.version < 3
                 and not self.extended_l2
-                and self.backing is not None
+                and self.backing_filename
             ):
-                return self._backing_reads_zero(first_full, last_full - first_full)
+                return False
         return True
 
     def _zero_or_discard(self, offset: int, length: int, may_unmap: bool, discard: bool) -> None:

@@ -896,13 +896,23 @@ def test_can_zero_fast_follows_what_zeroing_would_write(tmp_path: Path) -> None:
         assert not disk.can_zero_fast(4096, 4096)  # part of a data cluster: zeros written
         assert disk.can_zero_fast(65536 + 4096, 4096)  # part of a cluster that reads zero
         assert disk.can_zero_fast(0, 4 << 20)
+    v2_alone = tmp_path / "v2-alone.qcow2"
+    qemu_create(v2_alone, "4M", options={"compat": "0.10"})
+    qemu_io(v2_alone, "write -P 0x43 0 1M")
+    with qcow2lib.open(str(v2_alone), "r+") as disk:
+        assert disk.can_zero_fast(0, 1 << 20)  # v2 without a backing file: holes
+        size_before = v2_alone.stat().st_size
+        disk.write_zeroes(0, 1 << 20, may_unmap=True)
+        disk.flush()
+    assert v2_alone.stat().st_size <= size_before  # no data cluster was written
     with qcow2lib.open(str(v2), "r+") as disk:
-        assert not disk.can_zero_fast(0, 65536)  # v2: no zero flag over backing data
-        assert disk.can_zero_fast(65536, 65536)
+        # v2 has no zero flag: over a backing file, zeroing writes zero bytes (as QEMU)
+        assert not disk.can_zero_fast(0, 65536)
+        assert not disk.can_zero_fast(65536, 65536)
         size_before = v2.stat().st_size
         disk.write_zeroes(65536, 1 << 20)
         disk.flush()
-    assert v2.stat().st_size - size_before < 65536  # no data cluster was written
+    assert v2.stat().st_size - size_before >= 1 << 20  # the zeros were written as data
     with qcow2lib.open(str(v3), "r") as disk:
         assert not disk.can_zero_fast(0, 65536)  # read-only
     with qcow2lib.open(str(raw), "r+", fmt="raw") as disk:

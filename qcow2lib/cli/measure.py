@@ -128,7 +128,7 @@ def cmd_measure(cli: Cli, argv: list[str]) -> int:
             report_failure(cli, exc)
             cli.error_report(f"Invalid options for file format '{out_fmt}'")
             return 1
-        if out_fmt not in ("qcow2", "raw"):  # the "file" protocol cannot measure
+        if out_fmt not in ("qcow2", "raw", "luks"):  # "file" and vmdk cannot measure
             cli.error_report(f"Block driver '{out_fmt}' does not support size measurement")
             return 1
         given = {name: opts.get(name) for name in opts.names()}
