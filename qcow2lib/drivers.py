@@ -51,6 +51,12 @@ KNOWN_DRIVERS = frozenset(
     )
 )
 
+# The values QEMU's create path accepts for backing_fmt with -u: every driver its QAPI
+# schema names, the module drivers and the record/replay filter included.
+BLOCKDEV_DRIVERS = KNOWN_DRIVERS | frozenset(
+    ("blkreplay", "ftp", "ftps", "gluster", "http", "https", "iscsi", "nfs", "rbd", "ssh")
+)
+
 # The drivers that have creation options (the others refuse `create` and `convert -O`).
 CREATE_DRIVERS = frozenset(
     (

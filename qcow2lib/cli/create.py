@@ -9,11 +9,10 @@ from typing import Any
 import qcow2lib
 from qcow2lib import ImageLockedError, Qcow2Error
 from qcow2lib.cli.common import Cli, cvtnum
-from qcow2lib.drivers import creation_refusal
+from qcow2lib.drivers import BLOCKDEV_DRIVERS, creation_refusal
 from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
 from qcow2lib.cli.images import untrusted
 from qcow2lib.cli.qemuopts import (
-    BLOCKDEV_DRIVERS,
     FORMAT_CREATE_OPTS,
     PREALLOC_MODES,
     UINT32_MAX,

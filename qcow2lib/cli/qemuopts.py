@@ -103,53 +103,6 @@ FORMAT_CREATE_OPTS = {
     "vmdk": VMDK_CREATE_OPTS,
 }
 
-# QEMU's block driver names: the values its create path accepts for backing_fmt with -u.
-BLOCKDEV_DRIVERS = frozenset(
-    (
-        "blkdebug",
-        "blklogwrites",
-        "blkreplay",
-        "blkverify",
-        "bochs",
-        "cloop",
-        "compress",
-        "copy-before-write",
-        "copy-on-read",
-        "dmg",
-        "file",
-        "snapshot-access",
-        "ftp",
-        "ftps",
-        "gluster",
-        "host_cdrom",
-        "host_device",
-        "http",
-        "https",
-        "iscsi",
-        "luks",
-        "nbd",
-        "nfs",
-        "null-aio",
-        "null-co",
-        "nvme",
-        "parallels",
-        "preallocate",
-        "qcow",
-        "qcow2",
-        "qed",
-        "quorum",
-        "raw",
-        "rbd",
-        "replication",
-        "ssh",
-        "throttle",
-        "vdi",
-        "vhdx",
-        "vmdk",
-        "vpc",
-        "vvfat",
-    )
-)
 PREALLOC_MODES = ("off", "metadata", "falloc", "full")
 UINT32_MAX = (1 << 32) - 1
 
