@@ -328,3 +328,19 @@ def test_info_of_nodes_human_and_json(tmp_path: Path, name: str):
     qemu_img("create", "-q", "-f", "qcow2", tmp_path / "a.qcow2", "1M")
     assert_same(tmp_path, "info", name)
     assert_same(tmp_path, "info", "--output", "json", name)
+
+
+def test_map_names_the_files_beneath_blkdebug(tmp_path: Path):
+    """qemu-iotests 204: map of an image opened beneath a blkdebug node names the image's
+    file and its backing file, as qemu-img does, not the blkdebug node."""
+    qemu_img("create", "-q", "-f", "qcow2", tmp_path / "base.qcow2", "4M")
+    qemu_io(tmp_path / "base.qcow2", "write -P 11 1M 1M")
+    qemu_img(
+        "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", tmp_path / "top.qcow2"
+    )
+    qemu_io(tmp_path / "top.qcow2", "write -P 22 0 64k")
+    options = "driver=blkdebug,image.driver=qcow2,image.file.driver=file"
+    result = assert_same(
+        tmp_path, "map", "--image-opts", f"{options},image.file.filename=top.qcow2,align=4k"
+    )
+    assert "top.qcow2\n" in result.stdout and "base.qcow2\n" in result.stdout

@@ -53,13 +53,21 @@ def _hex(value: int) -> str:
     return ("0x%x" % value if value else "0").ljust(16)
 
 
+def _below_filters(device: BlockDevice) -> BlockDevice:
+    """The device under any filter nodes (blkdebug): map names the files data lives in."""
+    child = getattr(device, "child", None)
+    while child is not None:
+        device, child = child, getattr(child, "child", None)
+    return device
+
+
 def layer_filename(device: BlockDevice, depth: int) -> str:
     """The file qemu-img map names for data found at `depth` of the chain."""
-    layer = device
+    layer = _below_filters(device)
     for _ in range(depth):
         if layer.backing is None:
             break
-        layer = layer.backing
+        layer = _below_filters(layer.backing)
     data_host = getattr(layer, "data_host", None)
     if data_host is not None:
         return data_host.path
