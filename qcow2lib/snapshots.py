@@ -227,7 +227,7 @@ class _NewState:
     switches. Only the refcount blocks whose counts change get new copies (and then a new
     refcount table pointing at them and at the unchanged blocks)."""
 
-    def __init__(self, image):
+    def __init__(self, image) -> None:
         self.image = image
         self.refs = image.refcounts
         self.bits = image.cluster_bits
