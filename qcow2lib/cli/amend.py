@@ -18,6 +18,7 @@ from qcow2lib.cli.images import (
 )
 from qcow2lib.cli.progress import Progress
 from qcow2lib.cli.qemuopts import (
+    join_option_list,
     SIZE_OPT,
     CreateError,
     CreateOptions,
@@ -25,7 +26,6 @@ from qcow2lib.cli.qemuopts import (
     merged_create_opts,
     option_help_lines,
     split_option_list,
-    valid_option_list,
 )
 from qcow2lib.cli.secrets import process_object, secret_value
 from qcow2lib.drivers import KNOWN_DRIVERS
@@ -119,10 +119,9 @@ def cmd_amend(cli: Cli, argv: list[str]) -> int:
         elif c == "h":
             cli.help()
         elif c == "o":
-            if not valid_option_list(arg):
-                cli.error_report(f"Invalid option list: {arg}")
+            options = join_option_list(options, arg, cli.error_report)
+            if options is None:
                 return 1
-            options = arg if options is None else f"{options},{arg}"
         elif c == "f":
             fmt = arg
         elif c == "t":

@@ -27,13 +27,13 @@ from qcow2lib.cli.images import (
 )
 from qcow2lib.cli.progress import Progress
 from qcow2lib.cli.qemuopts import (
+    join_option_list,
     FORMAT_CREATE_OPTS,
     CreateError,
     CreateOptions,
     int64,
     merged_create_opts,
     split_option_list,
-    valid_option_list,
 )
 from qcow2lib.cli.secrets import process_object
 from qcow2lib.ops import error_text, host_path, virtual_size
@@ -143,10 +143,9 @@ def cmd_convert(cli: Cli, argv: list[str]) -> int:
         elif c == "F":
             backing_fmt = arg
         elif c == "o":
-            if not valid_option_list(arg):
-                cli.error_report(f"Invalid option list: {arg}")
+            options = join_option_list(options, arg, cli.error_report)
+            if options is None:
                 return 1
-            options = arg if options is None else f"{options},{arg}"
         elif c == "l":
             if arg.startswith(SNAPSHOT_OPT_BASE):
                 snapshot_opts = parse_snapshot_param(cli, arg)

@@ -13,6 +13,7 @@ from qcow2lib.drivers import BLOCKDEV_DRIVERS, creation_refusal
 from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
 from qcow2lib.cli.images import untrusted
 from qcow2lib.cli.qemuopts import (
+    join_option_list,
     FORMAT_CREATE_OPTS,
     PREALLOC_MODES,
     UINT32_MAX,
@@ -22,7 +23,6 @@ from qcow2lib.cli.qemuopts import (
     merged_create_opts,
     option_help_lines,
     split_option_list,
-    valid_option_list,
 )
 from qcow2lib.qobject import qdict_items
 from qcow2lib.cli.secrets import process_object
@@ -368,10 +368,9 @@ def cmd_create(cli: Cli, argv: list[str]) -> int:
         elif c == "f":
             fmt = getopt.optarg
         elif c == "o":
-            if not valid_option_list(getopt.optarg):
-                cli.error_report(f"Invalid option list: {getopt.optarg}")
+            options = join_option_list(options, getopt.optarg, cli.error_report)
+            if options is None:
                 return 1
-            options = getopt.optarg if options is None else f"{options},{getopt.optarg}"
         elif c == "q":
             quiet = True
         elif c == "u":

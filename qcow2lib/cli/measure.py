@@ -18,12 +18,12 @@ from qcow2lib.cli.images import (
     report_failure,
 )
 from qcow2lib.cli.qemuopts import (
+    join_option_list,
     FORMAT_CREATE_OPTS,
     CreateError,
     CreateOptions,
     merged_create_opts,
     split_option_list,
-    valid_option_list,
 )
 from qcow2lib.cli.secrets import process_object
 from qcow2lib.ops import error_text
@@ -63,10 +63,9 @@ def cmd_measure(cli: Cli, argv: list[str]) -> int:
         elif c == "O":
             out_fmt = arg
         elif c == "o":
-            if not valid_option_list(arg):
-                cli.error_report(f"Invalid option list: {arg}")
+            options = join_option_list(options, arg, cli.error_report)
+            if options is None:
                 return 1
-            options = arg if options is None else f"{options},{arg}"
         elif c == "l":
             if arg.startswith(SNAPSHOT_OPT_BASE):
                 snapshot_opts = parse_snapshot_param(cli, arg)

@@ -116,12 +116,14 @@ class CreateError(Exception):
         self.hint = hint
 
 
-def valid_option_list(text: str) -> bool:
-    """Whether several -o arguments can be joined with ',' without changing meaning."""
-    if not text or text.startswith(","):
-        return False
+def join_option_list(options: str | None, text: str, report: Callable[[str], None]) -> str | None:
+    """Another -o argument joined to those before it with ',', as qemu-img joins them; None
+    (reported as qemu-img reports it) when joining would change its meaning."""
     trailing = len(text) - len(text.rstrip(","))
-    return trailing % 2 == 0
+    if not text or text.startswith(",") or trailing % 2:
+        report(f"Invalid option list: {text}")
+        return None
+    return text if options is None else f"{options},{text}"
 
 
 def split_option_list(params: str) -> list[tuple[str, str, bool]]:
