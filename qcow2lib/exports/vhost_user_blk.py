@@ -210,7 +210,7 @@ class VirtioBlk:
         if offset is None:
             return S_IOERR, 0
         scratch = self._scratch()
-        for batch, size in _batches(pieces):
+        for batch, size in _batches(pieces, total):
             buffer = scratch[:size]
             self.device.readinto(offset, buffer)
             done = 0
@@ -226,7 +226,7 @@ class VirtioBlk:
         offset = self._span(sector, total)
         if self.read_only or offset is None:
             return S_IOERR
-        for batch, size in _batches(pieces):
+        for batch, size in _batches(pieces, total):
             data = b"".join(
                 [mapping[map_offset : map_offset + length] for mapping, map_offset, length in batch]
             )
@@ -295,10 +295,10 @@ def _scatter(memory: GuestMemory, segments: list[Segment], data: bytes) -> None:
         done += n
 
 
-def _batches(pieces: list[tuple[mmap.mmap, int, int]]):
-    """(pieces, bytes) batches of at most IO_CHUNK bytes in all, in order: a request of
-    many small buffers becomes few device calls, a huge one no huge buffer."""
-    total = sum(piece[2] for piece in pieces)
+def _batches(pieces: list[tuple[mmap.mmap, int, int]], total: int):
+    """(pieces, bytes) batches of at most IO_CHUNK bytes in all, in order, of pieces
+    `total` bytes long: a request of many small buffers becomes few device calls, a huge
+    one no huge buffer."""
     if total <= IO_CHUNK:  # the common case: the whole request at once
         yield pieces, total
         return
