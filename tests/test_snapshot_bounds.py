@@ -20,7 +20,7 @@ import pytest
 
 import qcow2lib
 from qcow2lib import snapshots as snaps
-from qemutools import assert_clean, qemu_img, qemu_io
+from qemutools import assert_clean, qemu_img, qemu_io, run_qimg
 
 ROOT = Path(__file__).resolve().parent.parent
 MEMORY_LIMIT = 1 << 30  # address space of the subprocess
@@ -29,10 +29,12 @@ HEADER_NB_SNAPSHOTS = 60  # nb_snapshots (4 bytes), then snapshots_offset (8)
 HEADER_INCOMPATIBLE = 72
 
 
-def repeat_snapshot(path: Path, count: int, repair: bool = True) -> None:
+def repeat_snapshot(path: Path, count: int, repair: bool = True, verify: bool = True) -> None:
     """Replace the image's single snapshot table entry by `count` copies of it (IDs 1..count,
     names s1..scount), all on the same L1 table; the table goes to the end of the file.
-    With `repair`, qemu-img check -r all then fixes the refcounts."""
+    With `repair`, qimg's check -r all then fixes the refcounts (qemu-img's takes about
+    twenty times as long on 65536 snapshots), and with `verify` qemu-img check confirms
+    the result."""
     with open(path, "r+b") as f:
         header = f.read(104)
         nb_snapshots, table_offset = struct.unpack_from(">IQ", header, HEADER_NB_SNAPSHOTS)
@@ -54,8 +56,10 @@ def repeat_snapshot(path: Path, count: int, repair: bool = True) -> None:
         f.seek(HEADER_NB_SNAPSHOTS)
         f.write(struct.pack(">IQ", count, end))
     if repair:
-        qemu_img("check", "-q", "-r", "all", path, check=False)
-        assert_clean(path)
+        repaired = run_qimg("check", "-q", "-r", "all", path)
+        assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+        if verify:
+            assert_clean(path)
 
 
 def make_many_snapshots(
@@ -311,7 +315,7 @@ def test_65536_snapshots_table_parsed_once(tmp_path, monkeypatch):
     qemu_img("create", "-q", "-f", "qcow2", "-o", "refcount_bits=32", path, "64M")
     qemu_io(path, "write -P 0x51 0 64k")
     qemu_img("snapshot", "-c", "base", path)
-    repeat_snapshot(path, 65536)
+    repeat_snapshot(path, 65536, verify=False)  # the qemu-img check at the end covers it
     parses = []
     real_parse = snaps.read_snapshot_table
 

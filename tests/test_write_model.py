@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 import qcow2lib
 
-from qemutools import assert_clean, qemu_compare, qemu_create, qemu_io
+from qemutools import assert_clean, qemu_compare, qemu_create, qemu_img, qemu_io
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -351,7 +351,14 @@ def verify_with_qemu(
     assert_clean(img_path)
     raw = directory / "model.raw"
     model.dump(raw)
-    assert qemu_compare(img_path, raw, "qcow2", "raw") == 0, (
+    seen_by_qemu = img_path
+    if cfg.data_file_raw:
+        # Every cluster of such an image is allocated, so qemu-img compare reads all of it
+        # (2.6 s for 513 MiB of holes); qemu-img convert asks the data file where its holes
+        # are and skips them. QEMU still reads the image through its qcow2 driver.
+        seen_by_qemu = directory / "qemu-view.raw"
+        qemu_img("convert", "-f", "qcow2", "-O", "raw", img_path, seen_by_qemu)
+    assert qemu_compare(seen_by_qemu, raw, "raw" if cfg.data_file_raw else "qcow2", "raw") == 0, (
         "qemu-img compare: image differs from the model"
     )
     if cfg.data_file_raw:
