@@ -393,7 +393,7 @@ def _open(
     mode: str,
     fmt: str | None,
     backing: bool,
-    data_file: str | None,
+    data_file: DataFileTarget | None,
     force_share: bool,
     passphrase,
     open_data_file: bool,
@@ -637,6 +637,7 @@ def _named_backing(
     """The backing file the header names and its format (`stated`, when options give
     one, else the header's, else probed), with the rules for untrusted images."""
     name = image.backing_filename
+    assert name is not None  # (called only when the header names one)
     stated = stated or image.backing_format
     backing_path: ImageTarget
     if untrusted:
@@ -697,7 +698,7 @@ def _given_backing(
             if image.backing_filename:
                 raise InvalidArgumentError(_REFERENCE_WITH_OPTIONS)
             raise NodeReference(opts["file"]).missing()
-        protocol, prefix = opts.pop("file.driver", None) or "file", "file."
+        protocol, prefix = opts.pop("file.driver", "file"), "file."
         protocol_named = "file.driver" in options
         if protocol not in KNOWN_DRIVERS:
             raise InvalidArgumentError(f"Unknown driver '{protocol}'")
@@ -720,6 +721,7 @@ def _given_backing(
             )
     stated = driver or image.backing_format
     target: ImageTarget
+    fmt: str | None
     if filename is not None:
         target, fmt = filename, stated or probe_format(filename)
     elif image.backing_filename:
