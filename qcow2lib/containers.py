@@ -166,6 +166,27 @@ def _open_blkdebug(options: dict[str, str], writable: bool, force_share: bool) -
     target = target_from_options("data-file", options)
     rules = Blkdebug.load(target)
     child = target.image if isinstance(target.image, dict) else {"filename": target.image}
-    file = BlkdebugFile(_open_node(dict(child), writable, force_share), rules)
+    child_file = _open_node(dict(child), writable, force_share)
+    file = BlkdebugFile(child_file, rules, _blkdebug_filename(options, child, child_file))
     rules.event("none")
     return file
+
+
+def _blkdebug_filename(options: dict[str, str], child: dict[str, str], child_file) -> str:
+    """QEMU's name of a blkdebug node: blkdebug:CONFIG:CHILD, or with options beyond the
+    config file and child, json: of its options (the child's as a file node's)."""
+    child_name = getattr(child_file, "node_filename", None) or child_file.path
+    others = {
+        key: value
+        for key, value in options.items()
+        if key not in ("config", "image", "x-image") and not key.startswith("image.")
+    }
+    if not others:
+        return f"blkdebug:{options.get('config', '')}:{child_name}"
+    from .qobject import qemu_json_compact
+
+    image = {"driver": child.get("driver", "file"), "filename": child_name}
+    node = {"image": image, "driver": "blkdebug"}
+    if "config" in options:
+        node["config"] = options["config"]
+    return "json:" + qemu_json_compact({**node, **others})

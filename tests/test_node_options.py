@@ -134,6 +134,29 @@ def test_data_file_for_an_image_without_one(images, options):
     assert_like_qemu(images, "info", "--image-opts", f"driver=raw,file.filename=t.qcow2,{options}")
 
 
+@pytest.mark.parametrize(
+    "data_file",
+    [
+        "{'driver': 'blkdebug', 'image': {'driver': 'file', 'filename': 't2.data'}}",
+        "{'driver': 'blkdebug', 'config': '/dev/null', 'image': {'filename': 't2.data'}}",
+        "{'driver': 'blkdebug', 'inject-error': [{'event': 'l1_update'}], "
+        "'image': {'driver': 'file', 'filename': 't2.data'}}",
+        "{'driver': 'blkdebug', 'image': {'driver': 'blkdebug', 'image': {'filename': 't2.data'}}}",
+        "{'driver': 'raw', 'file': {'filename': 't2.data'}}",
+        "{'driver': 'blkdebug', 'image': {'filename': 'nonexist'}}",
+        "'foo'",
+    ],
+)
+def test_data_file_node_in_map_and_check(images, data_file):
+    """map names the node the data lies in as QEMU names it; check opens the node first."""
+    name = (
+        f"json:{{'driver': 'qcow2', 'file': {{'filename': 't.qcow2'}}, 'data-file': {data_file}}}"
+    )
+    assert_like_qemu(images, "map", name)
+    assert_like_qemu(images, "map", "--output=json", name)
+    assert_like_qemu(images, "check", name)
+
+
 def blkdebug_json(image: str, data: str) -> str:
     """iotest 244's spelling: the data file as a nested blkdebug node."""
     return (
