@@ -311,6 +311,10 @@ def test_backing_in_json_names(images, name):
 @pytest.mark.parametrize(
     "options",
     [
+        "file.filename=ov.qcow2,l2-cache-size=1M",  # the probed format's options
+        "file.filename=ov.qcow2,bogus=1",
+        "file.filename=rawbase,bogus=1",
+        "file.filename=nonexist,bogus=1",
         "file.filename=ov.qcow2,backing=",
         "file.filename=ov.qcow2,backing=foo",
         "file.filename=ov.qcow2,backing.driver=qcow2",

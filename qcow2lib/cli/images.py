@@ -212,9 +212,15 @@ def _options_spec(text: str, values: dict[str, str | None], force_share: bool) -
         backing_secrets.append(secret if secret is not None else luks_secret)
         prefix += "backing."
     backing_node = take_child_options(opts, "backing")
-    entry_size = _qcow2_tuning(text, opts, fail) if driver == "qcow2" else None
+    fmt = driver
+    if fmt is None and opts:  # what is left is the probed format's (QEMU probes first)
+        try:
+            fmt = qcow2lib.probe_format(host_path(filename))
+        except Qcow2Error as exc:
+            fail(error_text(exc))
+    entry_size = _qcow2_tuning(text, opts, fail) if fmt == "qcow2" else None
     for name in opts:
-        fail(f"Block format '{driver or 'raw'}' does not support the option '{name}'")
+        fail(f"Block format '{fmt}' does not support the option '{name}'")
     return ImageSpec(
         text,
         filename,
