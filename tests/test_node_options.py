@@ -321,8 +321,9 @@ def test_backing_in_json_names(images, name):
         "file.filename=ov.qcow2,backing.file.filename=base2.qcow2",
     ],
 )
-def test_backing_options_where_the_backing_file_is_not_opened(images, options):
-    """info opens no backing node: only "none" is taken, any other is an unused option."""
+def test_info_with_node_options(images, options):
+    """info opens no backing node (only "none" is taken, other backing options are left
+    unused) and checks what is left against the probed format."""
     assert_like_qemu(images, "info", "--image-opts", options)
     assert_like_qemu(images, "info", "--backing-chain", "--image-opts", options)
 
