@@ -527,6 +527,10 @@ def _refuse_image_children(
             f"Block format '{fmt}' does not support the option '{data_file_option(data_file)}'"
         )
     if _names_backing(backing_node):
+        if fmt == "vmdk":  # (QEMU's vmdk driver has backing files; qimg's reads none)
+            raise UnsupportedFeatureError(
+                "qimg opens no backing node given by options beneath a vmdk image"
+            )
         raise InvalidArgumentError("Driver doesn't support backing files")
 
 
