@@ -318,9 +318,10 @@ class BlkdebugFile:
     """A host file seen through blkdebug: HostFile's interface, each request checked
     against the active rules first. The image above reports its events to `blkdebug`."""
 
-    def __init__(self, file, blkdebug: Blkdebug):
+    def __init__(self, file, blkdebug: Blkdebug, node_filename: str | None = None):
         self._file = file
         self.blkdebug = blkdebug
+        self.node_filename = node_filename  # QEMU's name of the node, where map shows it
 
     def __getattr__(self, name: str):
         return getattr(self._file, name)

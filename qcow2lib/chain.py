@@ -8,12 +8,15 @@ chain deeper than MAX_CHAIN_DEPTH is refused before it can exhaust anything.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TypeAlias
 
 from . import nodes
 from . import structs as S
 from .blockdev import BlockDevice, RawDevice
+from .containers import DataFileTarget, NodeReference, data_file_option
+from .drivers import KNOWN_DRIVERS
 from .errors import (
     CorruptImageError,
     InvalidArgumentError,
@@ -34,6 +37,10 @@ if TYPE_CHECKING:
 
     # what open_image opens: a host file or node name, an NBD export, or a node's options
     ImageTarget: TypeAlias = str | NBDAddress | BlkdebugTarget | NullTarget | QuorumTarget
+
+# a backing node given by options instead of the one the header names: the node's options
+# (flattened, keys relative to it), or a reference (NodeReference("") for none)
+BackingNode: TypeAlias = "dict[str, str] | NodeReference"
 
 MAX_CHAIN_DEPTH = 16
 FORMATS = ("luks", "qcow2", "raw")  # luks: luks_image.py (issue 14)
@@ -160,9 +167,15 @@ def json_text_tree(name: str) -> dict:
 
 def json_name_options(name: str) -> dict[str, str]:
     """The options of a "json:{...}" image name, nested objects flattened to dotted keys
-    ({"file": {"filename": "x"}} -> {"file.filename": "x"}), values as option strings."""
+    ({"file": {"filename": "x"}} -> {"file.filename": "x"}), values as option strings
+    (null values dropped)."""
+    return {key: value for key, value in json_option_values(name).items() if value is not None}
+
+
+def json_option_values(name: str) -> dict[str, str | None]:
+    """json_name_options() with JSON null values kept as None ("backing": null: none)."""
     tree = json_text_tree(name)
-    options: dict[str, str] = {}
+    options: dict[str, str | None] = {}
 
     def flatten(prefix: str, value) -> None:
         if isinstance(value, dict):
@@ -173,8 +186,8 @@ def json_name_options(name: str) -> dict[str, str]:
                 flatten(f"{prefix}{index}.", item)
         elif isinstance(value, bool):
             options[prefix[:-1]] = "on" if value else "off"
-        elif value is not None:
-            options[prefix[:-1]] = str(value)
+        else:
+            options[prefix[:-1]] = None if value is None else str(value)
 
     flatten("", tree)
     return options
@@ -309,7 +322,7 @@ def open_image(
     mode: str = "r",
     fmt: str | None = None,
     backing: bool = True,
-    data_file: str | None = None,
+    data_file: DataFileTarget | None = None,
     force_share: bool = False,
     passphrase: str | bytes | Sequence[str | bytes | None] | None = None,
     open_data_file: bool = True,
@@ -318,6 +331,7 @@ def open_image(
     backing_of: str | None = None,
     untrusted: bool = False,
     locking: bool = True,
+    backing_node: BackingNode | None = None,
 ) -> BlockDevice:
     """Open an image (and, unless backing=False, its whole backing chain, read-only).
 
@@ -345,6 +359,15 @@ def open_image(
 
     locking=False (QEMU's file.locking=off) neither takes nor tests the locks of the image's
     own file; its backing and data files are locked as always.
+
+    data_file replaces the external data file the image names (QEMU's data-file option): a
+    file name or a node's options (containers.py). backing_node replaces, at run time, the
+    backing file the header names (QEMU's backing option; the header is not changed): the
+    backing node's options ({"file.filename": ..., "driver": ..., "backing.file.filename":
+    ... for the level below}; without a file name the header's name is opened with them),
+    or NodeReference("") for no backing node (unallocated clusters read as zeros). A
+    backing node given by the caller is trusted as `path` is: a file it names is probed
+    (raw included) and may lie anywhere.
     """
     return _open(
         path,
@@ -361,6 +384,7 @@ def open_image(
         backing_of,
         untrusted,
         locking,
+        backing_node,
     )
 
 
@@ -369,7 +393,7 @@ def _open(
     mode: str,
     fmt: str | None,
     backing: bool,
-    data_file: str | None,
+    data_file: DataFileTarget | None,
     force_share: bool,
     passphrase,
     open_data_file: bool,
@@ -379,6 +403,7 @@ def _open(
     backing_of: str | None,
     untrusted: bool,
     locking: bool = True,
+    backing_node: BackingNode | None = None,
 ) -> BlockDevice:
     """open_image() at one level of a chain: `chain` holds the real paths of the images
     above, for loop and depth checks."""
@@ -388,6 +413,13 @@ def _open(
         raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
     if cache not in CACHE_MODES:
         raise InvalidArgumentError(f"cache must be one of {', '.join(CACHE_MODES)}, not {cache!r}")
+    if (data_file is not None or _names_backing(backing_node)) and (
+        not isinstance(path, str) or is_nbd_name(path) or nodes.is_node_name(path)
+    ):
+        raise UnsupportedFeatureError(
+            "qimg takes a data-file or backing node given by options only for an image in a "
+            "host file"
+        )
     special = nodes.open_node(  # blkdebug, null-co, quorum (nodes.py)
         path,
         mode,
@@ -421,6 +453,8 @@ def _open(
         raise CorruptImageError(
             f"Backing chain of '{chain[0]}' is too deep (more than {MAX_CHAIN_DEPTH} images)"
         )
+    if fmt != "qcow2":
+        _refuse_image_children(fmt, data_file, backing_node)
     if fmt == "luks":  # issue 14: a LUKS volume on the raw file (luks_image.py)
         if snapshot is not None:
             raise UnsupportedFeatureError("Block driver does not support snapshots (luks)")
@@ -452,7 +486,7 @@ def _open(
     image = Qcow2Image(
         path,
         mode,
-        data_file_path=data_file,
+        data_file=data_file,
         force_share=force_share,
         passphrase=own_passphrase,
         open_data_file=open_data_file,
@@ -473,7 +507,51 @@ def _open(
         chain + (real,),
         snapshot,
         untrusted,
+        backing_node,
     )
+
+
+def _names_backing(backing_node: BackingNode | None) -> bool:
+    """Whether options give a backing node (not none: "backing": null or "")."""
+    if isinstance(backing_node, NodeReference):
+        return bool(backing_node.name)
+    return bool(backing_node)
+
+
+def _refuse_image_children(
+    fmt: str, data_file: DataFileTarget | None, backing_node: BackingNode | None
+) -> None:
+    """A format without a data file or backing file given one by options (QEMU's words)."""
+    if data_file is not None:
+        raise InvalidArgumentError(
+            f"Block format '{fmt}' does not support the option '{data_file_option(data_file)}'"
+        )
+    if _names_backing(backing_node):
+        if fmt == "vmdk":  # (QEMU's vmdk driver has backing files; qimg's reads none)
+            raise UnsupportedFeatureError(
+                "qimg opens no backing node given by options beneath a vmdk image"
+            )
+        raise InvalidArgumentError("Driver doesn't support backing files")
+
+
+def take_child_options(opts: dict[str, str], key: str) -> dict[str, str] | NodeReference | None:
+    """Remove the options of child `key` from a node's flattened options: a reference
+    ("key": name), else its own ("key.x": ... as {"x": ...}), or None when not given.
+    Options beside a reference are left in `opts` (the caller refuses what is left)."""
+    if key in opts:
+        return NodeReference(opts.pop(key))
+    child = {
+        name[len(key) + 1 :]: opts.pop(name) for name in list(opts) if name.startswith(key + ".")
+    }
+    return child or None
+
+
+_REFERENCE_WITH_OPTIONS = (
+    "Cannot reference an existing block device with additional options or a new filename"
+)
+# backing node options that tune QEMU's I/O, not what it reads
+_IGNORED_NODE_OPTIONS = ("node-name", "read-only", "auto-read-only", "discard", "detect-zeroes")
+_IGNORED_PROTOCOL_OPTIONS = _IGNORED_NODE_OPTIONS + ("cache.direct", "cache.no-flush", "aio")
 
 
 def _split_passphrase(passphrase):
@@ -494,58 +572,51 @@ def _finish_qcow2(
     chain: tuple[str, ...],
     snapshot: str | None,
     untrusted: bool = False,
+    backing_node: BackingNode | None = None,
 ) -> BlockDevice:
     """Open the backing chain of a qcow2 image (`path` None: it is not in a host
-    directory, so relative backing names mean nothing), then its snapshot view if asked."""
-    if backing and image.backing_filename:
+    directory, so relative backing names mean nothing), the one options give instead of
+    the header's when `backing_node` is set, then its snapshot view if asked."""
+    if isinstance(backing_node, NodeReference) and not backing_node.name:
+        image.backing_dropped = True
+    elif backing_node is not None and not backing:
+        option = (
+            "backing"
+            if isinstance(backing_node, NodeReference)
+            else "backing." + next(iter(backing_node))
+        )
+        image.close()
+        raise InvalidArgumentError(f"Block format 'qcow2' does not support the option '{option}'")
+    elif backing and (image.backing_filename or backing_node is not None):
         try:
-            name = image.backing_filename
-            stated = image.backing_format
-            backing_path: ImageTarget
-            if untrusted:
-                if path is None:
-                    raise UntrustedImageError(
-                        f"Untrusted image '{image.filename}' names the "
-                        f"backing file '{name}' but lies in no directory"
-                    )
-                backing_path = untrusted_backing_path(path, name, stated)
-            elif name.startswith("json:"):
-                backing_path, json_format = json_image_target(name)
-                stated = json_format or stated
-            elif nodes.is_node_name(name):  # blkdebug: or null-co:// (opened as named)
-                backing_path = name
-            elif path is None and not os.path.isabs(name) and not is_nbd_name(name):
-                raise InvalidArgumentError(
-                    f"Cannot use relative backing file names for '{image.filename}'"
+            if backing_node is None:
+                backing_path, backing_fmt = _named_backing(image, path, untrusted, None)
+                opened: dict = {"backing_of": image.filename}
+            else:
+                backing_path, backing_fmt, opened = _given_backing(
+                    image, path, backing_node, untrusted
                 )
-            else:
-                backing_path = resolve_backing_path(path or "/", name)
-            if nodes.is_node_target(backing_path):
-                backing_fmt = stated  # probed by open_blkdebug when not stated
-            elif not isinstance(backing_path, str) or is_nbd_name(backing_path):
-                backing_fmt = stated or "raw"
-            else:
-                if not os.path.exists(backing_path):
-                    raise Qcow2IOError(
-                        2,
-                        f"Could not open '{backing_path}': No such file or directory",
-                        backing_path,
-                    )
-                backing_fmt = backing_format(backing_path, stated, name, image.filename)
+            if opened.get("backing_of") is None and isinstance(backing_path, str):
+                # the caller's file may be one above (QEMU opens it again): the levels
+                # below it, named by headers, are still checked against it
+                real_path = os.path.realpath(backing_path)
+                chain = tuple(level for level in chain if level != real_path)
             image.backing = _open(
                 backing_path,
                 "r",
                 backing_fmt,
                 True,
-                None,
+                opened.get("data_file"),
                 force_share,
                 backing_passphrase,
                 open_data_file,
                 chain,
                 None,
                 "writeback",
-                image.filename,
+                opened.get("backing_of"),
                 untrusted,
+                opened.get("locking", True),
+                opened.get("backing_node"),
             )
         except Qcow2Error as exc:
             image.close()
@@ -562,3 +633,114 @@ def _finish_qcow2(
             image.close()
             raise
     return image
+
+
+def _named_backing(
+    image: Qcow2Image, path: str | None, untrusted: bool, stated: str | None
+) -> tuple[ImageTarget, str | None]:
+    """The backing file the header names and its format (`stated`, when options give
+    one, else the header's, else probed), with the rules for untrusted images."""
+    name = image.backing_filename
+    assert name is not None  # (called only when the header names one)
+    stated = stated or image.backing_format
+    backing_path: ImageTarget
+    if untrusted:
+        if path is None:
+            raise UntrustedImageError(
+                f"Untrusted image '{image.filename}' names the "
+                f"backing file '{name}' but lies in no directory"
+            )
+        backing_path = untrusted_backing_path(path, name, stated)
+    elif name.startswith("json:"):
+        backing_path, json_format = json_image_target(name)
+        stated = json_format or stated
+    elif nodes.is_node_name(name):  # blkdebug: or null-co:// (opened as named)
+        backing_path = name
+    elif path is None and not os.path.isabs(name) and not is_nbd_name(name):
+        raise InvalidArgumentError(f"Cannot use relative backing file names for '{image.filename}'")
+    else:
+        backing_path = resolve_backing_path(path or "/", name)
+    if nodes.is_node_target(backing_path):
+        return backing_path, stated  # probed by open_blkdebug when not stated
+    if not isinstance(backing_path, str) or is_nbd_name(backing_path):
+        return backing_path, stated or "raw"
+    if not os.path.exists(backing_path):
+        raise Qcow2IOError(
+            2, f"Could not open '{backing_path}': No such file or directory", backing_path
+        )
+    return backing_path, backing_format(backing_path, stated, name, image.filename)
+
+
+def _given_backing(
+    image: Qcow2Image, path: str | None, options: BackingNode, untrusted: bool
+) -> tuple[ImageTarget, str | None, dict]:
+    """The backing node options give: (target, format, what _open takes besides: its
+    data_file, backing_of, locking and backing_node). A file the options name is the
+    caller's (probed, opened as named); without one, the header's name is opened with the
+    options' driver, as the header's own would be."""
+    if isinstance(options, NodeReference):
+        raise options.missing()
+    opts = dict(options)
+    opened: dict = {
+        "backing_node": take_child_options(opts, "backing"),
+        "data_file": take_child_options(opts, "data-file"),
+    }
+    for key in _IGNORED_NODE_OPTIONS:
+        opts.pop(key, None)
+    driver = opts.pop("driver", None)
+    if driver is not None and driver not in KNOWN_DRIVERS:
+        raise InvalidArgumentError(f"Unknown driver '{driver}'")
+    if driver in RAW_PROTOCOLS:
+        protocol, prefix, protocol_named = driver, "", True
+    else:
+        if driver is not None and driver not in FORMATS and driver != "vmdk":
+            raise UnsupportedFeatureError(
+                f"qimg opens a backing node given by options as qcow2, raw, luks or vmdk, "
+                f"not '{driver}'"
+            )
+        if "file" in opts:  # (the header's name would be a new filename beside it)
+            if image.backing_filename:
+                raise InvalidArgumentError(_REFERENCE_WITH_OPTIONS)
+            raise NodeReference(opts["file"]).missing()
+        protocol, prefix = opts.pop("file.driver", "file"), "file."
+        protocol_named = "file.driver" in options
+        if protocol not in KNOWN_DRIVERS:
+            raise InvalidArgumentError(f"Unknown driver '{protocol}'")
+        if protocol not in RAW_PROTOCOLS:
+            raise UnsupportedFeatureError(
+                f"qimg opens a backing node given by options in a file or host device, "
+                f"not in '{protocol}'"
+            )
+    filename = opts.pop(prefix + "filename", None)
+    locking = opts.pop(prefix + "locking", "auto")
+    if locking not in ("on", "off", "auto"):
+        raise InvalidArgumentError(f"invalid parameter value: {locking}")
+    opened["locking"] = locking != "off"
+    for key in _IGNORED_PROTOCOL_OPTIONS:
+        opts.pop(prefix + key, None)
+    for key in opts:
+        if prefix and key.startswith(prefix):
+            raise InvalidArgumentError(
+                f"Block protocol '{protocol}' doesn't support the option '{key[len(prefix) :]}'"
+            )
+    stated = driver or image.backing_format
+    target: ImageTarget
+    fmt: str | None
+    if filename is not None:
+        target, fmt = filename, stated or probe_format(filename)
+    elif image.backing_filename:
+        target, fmt = _named_backing(image, path, untrusted, driver)
+        opened["backing_of"] = image.filename
+    elif not protocol_named:
+        raise InvalidArgumentError('A block device must be specified for "file"')
+    else:
+        raise InvalidArgumentError(f"The '{protocol}' block driver requires a file name")
+    if protocol == "host_device" and isinstance(target, str) and os.path.exists(target):
+        mode = os.stat(target).st_mode
+        if not (stat.S_ISBLK(mode) or stat.S_ISCHR(mode)):
+            raise InvalidArgumentError(
+                f"'host_device' driver requires '{target}' to be either a character or block device"
+            )
+    for key in opts:
+        raise InvalidArgumentError(f"Block format '{fmt}' does not support the option '{key}'")
+    return target, fmt, opened

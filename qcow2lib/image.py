@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, TypeAlias
 from . import codecs
 from . import structs as S
 from .bitmaps import BitmapEntry, BitmapTracker, Untrackable, read_directory
+from .containers import DataFileTarget, open_data_file as open_data_file_node
 from .blockdev import RAW_EXTENT_BATCH, BlockDevice, Extent
 from .cache import decode_be64
 from .errors import (
@@ -113,7 +114,7 @@ class Qcow2Image(BlockDevice):
         self,
         path: str,
         mode: str = "r",
-        data_file_path: str | None = None,
+        data_file: DataFileTarget | None = None,
         force_share: bool = False,
         passphrase: str | bytes | None = None,
         open_data_file: bool = True,
@@ -122,8 +123,10 @@ class Qcow2Image(BlockDevice):
         file: ContainerFile | None = None,
         locking: bool = True,
     ):
-        """backing_of: the image naming this one as its backing file, if any. untrusted:
-        an external data file the image names (not `data_file_path`) is refused. `file` is
+        """data_file: the external data file the user gives instead of the one the image
+        names (a file name or a node's options, containers.py). backing_of: the image
+        naming this one as its backing file, if any. untrusted: an external data file the
+        image names (not `data_file`) is refused. `file` is
         the container when it is not a host file (an NBD export); it is closed with the
         image. locking=False (QEMU's file.locking=off): the image's file is not locked."""
         if mode not in ("r", "r+"):
@@ -140,14 +143,15 @@ class Qcow2Image(BlockDevice):
                 named_by=backing_of,
             )
         )
-        self.data_host: HostFile | None = None  # the external data file, when there is one
+        # the external data file, when there is one (blkdebug above it when options say so)
+        self.data_host: HostFile | BlkdebugFile | None = None
         # blkdebug (blkdebug.py): the rules told of the engine's events; None without it
         self.blkdebug = getattr(self.file, "blkdebug", None)
         self.force_share = force_share
         try:
             if locking:
                 self.file.lock_for_use(force_share)
-            self._open(data_file_path, passphrase, open_data_file, untrusted)
+            self._open(data_file, passphrase, open_data_file, untrusted)
         except BaseException:
             self._close_files()
             raise
@@ -155,7 +159,11 @@ class Qcow2Image(BlockDevice):
     # --- opening ------------------------------------------------------------------------
 
     def _open(
-        self, data_file_path: str | None, passphrase, open_data_file: bool, untrusted: bool
+        self,
+        data_file: DataFileTarget | None,
+        passphrase,
+        open_data_file: bool,
+        untrusted: bool,
     ) -> None:
         file_size = self.file.size()
         self.header = hdr = Header.parse(self._read_header_bytes, file_size)
@@ -187,9 +195,12 @@ class Qcow2Image(BlockDevice):
         self._bitmap_tracker: BitmapTracker | None = None
         self._bitmaps_live = False
         self.backing: BlockDevice | None = None
+        # options gave no backing node ("backing": null): the header's backing file is
+        # not used, and unallocated clusters read as zeros (chain.py)
+        self.backing_dropped = False
         self.has_data_file = has_data_file = bool(hdr.incompatible_features & S.INCOMPAT_DATA_FILE)
         if has_data_file:
-            name = data_file_path or hdr.data_file
+            name = data_file or hdr.data_file
             if not name:
                 raise CorruptImageError(
                     "'data-file' is required for this image (the external "
@@ -198,24 +209,28 @@ class Qcow2Image(BlockDevice):
             # As QEMU does, a relative name is taken from the working directory.
             if not open_data_file and not self.read_only:
                 raise InvalidArgumentError("an image opened for writing needs its data file")
-            if open_data_file and untrusted and not data_file_path:
+            if open_data_file and untrusted and not data_file:
                 raise UntrustedImageError(
                     f"Untrusted image '{self.filename}' names the external data file '{name}': "
                     f"an untrusted image may not have one (its guest data would be read from "
                     f"and written to that host file)"
                 )
             if open_data_file:
-                self.data_host = open_host_file(
+                self.data_host = open_data_file_node(
                     name,
                     writable=not self.read_only,
-                    role="external data file",
-                    named_by=self.filename,
+                    force_share=self.force_share,
+                    named_by=None if data_file else self.filename,
                 )
-                self.data_host.lock_for_use(self.force_share)
         elif hdr.data_file:
             raise CorruptImageError(
                 "'data-file' can only be set for images with an external "
                 "data file (data file name present, incompatible bit clear)"
+            )
+        elif data_file is not None and open_data_file:  # (QEMU opens it first)
+            open_data_file_node(data_file, not self.read_only, self.force_share).close()
+            raise InvalidArgumentError(
+                "'data-file' can only be set for images with an external data file"
             )
         self._host_size = file_size
         self._lock = threading.RLock()
@@ -1165,7 +1180,7 @@ class Qcow2Image(BlockDevice):
                 first_full < last_full
                 and self.header.version < 3
                 and not self.extended_l2
-                and self.backing_filename
+                and self._has_backing()
             ):
                 return False
         return True
@@ -1259,11 +1274,16 @@ class Qcow2Image(BlockDevice):
             return False
         return True
 
+    def _has_backing(self) -> bool:
+        """Whether unallocated clusters show a backing node: one is open (the header's or
+        one options gave), or the header names one the image was opened without."""
+        return self.backing is not None or (
+            bool(self.backing_filename) and not self.backing_dropped
+        )
+
     def _backing_reads_zero(self, offset: int, length: int) -> bool:
-        if not self.backing_filename:
-            return True
-        if self.backing is None:  # opened without its backing file: its content is unknown
-            return False
+        if self.backing is None:  # none, or opened without it (its content is unknown)
+            return not self._has_backing()
         if offset >= self.backing.size:
             return True
         return all(
@@ -1282,7 +1302,7 @@ class Qcow2Image(BlockDevice):
             self._validate_for_write(entry, bitmap, cluster_index)
             mapped = self.map.has_host(entry)
             owned = self._clusters_of(entry)
-            if entry == 0 and bitmap == 0 and not self.backing_filename and (discard or not v3):
+            if entry == 0 and bitmap == 0 and not self._has_backing() and (discard or not v3):
                 continue  # a hole with nothing behind it (v3 zeroing still sets the flag, as QEMU)
             if self.extended_l2:
                 keep = mapped and not may_unmap and (entry & S.OFLAG_COPIED or self.has_data_file)
@@ -1301,7 +1321,7 @@ class Qcow2Image(BlockDevice):
                 ) | S.OFLAG_ZERO
                 new_bitmap = 0
             else:  # v2 has no zero flag: only a hole with nothing behind it reads as zeros
-                if self.backing_filename:  # (QEMU writes zeros whatever the backing file holds)
+                if self._has_backing():  # (QEMU writes zeros whatever the backing holds)
                     start = cluster_index << self.cluster_bits
                     physical.append((start, min(start + self.cluster_size, self.size)))
                     continue

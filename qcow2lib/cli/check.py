@@ -103,9 +103,17 @@ def _check_open_failure(cli: Cli, spec: ImageSpec, repair: str | None) -> OpenFa
 
     The check itself reads the metadata with its own tolerant code, so only what QEMU's
     open refuses before checking counts here: a lock another process holds, a backing
-    chain that cannot be opened (or loops), an encrypted image without its key.
+    chain that cannot be opened (or loops), a data file node given by options that cannot,
+    an encrypted image without its key.
     Anything else is left for the check to report.
     """
+    if spec.data_file is not None:  # a data file node given by options opens first
+        from qcow2lib.containers import open_data_file
+
+        try:
+            open_data_file(spec.data_file, False, spec.force_share).close()
+        except Qcow2Error as exc:
+            return OpenFailure(f"Could not open '{spec.name}': {error_text(exc)}", exc.qemu_hint)
     try:
         probe = qcow2lib.open(
             host_path(spec.path), "r", fmt=spec.fmt, backing=False, force_share=True

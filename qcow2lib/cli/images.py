@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING, NoReturn
 import qcow2lib
 from qcow2lib.bitmaps import check_qemu_constraints
 from qcow2lib import ImageLockedError, Qcow2Error
-from qcow2lib.chain import json_name_options, untrusted_backing_path
+from qcow2lib.chain import (
+    BackingNode,
+    json_option_values,
+    take_child_options,
+    untrusted_backing_path,
+)
+from qcow2lib.containers import DataFileTarget
 from qcow2lib.nodes import FILE_NODE_DRIVERS, NODE_DRIVERS
 from qcow2lib.cli.common import Cli
 from qcow2lib.cli.qemuopts import CreateError, parse_qemu_opts, split_option_list
@@ -58,13 +64,16 @@ class OpenFailure(Exception):
     """An image could not be opened: qemu-img's message (without the program name) and
     the hint lines it prints after it."""
 
-    def __init__(self, message: str, hint: str = ""):
+    def __init__(self, message: str, hint: str = "", warnings: tuple[str, ...] = ()):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.warnings = warnings  # what qemu-img warned of before it failed
 
 
 def report_failure(cli: Cli, exc: OpenFailure | CreateError) -> None:
+    for warning in getattr(exc, "warnings", ()):
+        cli.warn_report(warning)
     cli.error_report(exc.message)
     sys.stderr.write(exc.hint)
 
@@ -80,13 +89,13 @@ class ImageSpec:
     key_secret: str | None = None
     force_share: bool = False
     backing_secrets: tuple = ()  # backing[.backing...].encrypt.key-secret, nearest first
-    # backing[.backing...].driver and .file.filename, nearest first: (driver, filename)
-    backing_files: tuple = ()
     nbd: NBDAddress | None = None
     target: ImageTarget | None = None  # a blkdebug or null-co node's (options_image_target)
     l2_cache_entry_size: int | None = None
     locking: bool = True  # file.locking=off: neither take nor test the image's locks
-    data_file: str | None = None  # data-file.filename: the external data file to use
+    data_file: DataFileTarget | None = None  # data-file options: the external data file
+    backing_node: BackingNode | None = None  # backing options: the backing node at run time
+    warnings: tuple[str, ...] = ()  # what qemu-img warns of when it opens the image
 
 
 # qcow2 options that only tune QEMU's caches and checks: accepted once valid, ignored.
@@ -122,7 +131,7 @@ def image_spec(
     """
     if not image_opts and text.startswith("json:"):
         try:
-            opts = json_name_options(text)
+            opts = json_option_values(text)
         except Qcow2Error as exc:
             raise OpenFailure(f"Could not open '{text}': {exc}") from exc
         if fmt is not None:
@@ -135,9 +144,11 @@ def image_spec(
     return _options_spec(text, dict(parse_qemu_opts(text, "file")), force_share)
 
 
-def _options_spec(text: str, opts: dict[str, str], force_share: bool) -> ImageSpec:
+def _options_spec(text: str, values: dict[str, str | None], force_share: bool) -> ImageSpec:
+    opts, warnings = _backing_none(values)
+
     def fail(message: str) -> NoReturn:
-        raise OpenFailure(f"Could not open '{text}': {message}")
+        raise OpenFailure(f"Could not open '{text}': {message}", warnings=warnings)
 
     share = opts.pop("force-share", None)
     if share is not None:
@@ -191,27 +202,25 @@ def _options_spec(text: str, opts: dict[str, str], force_share: bool) -> ImageSp
                     f"Block protocol '{file_driver}' doesn't support the option "
                     f"'{name[len('file.') :]}'"
                 )
-    data_file = None
-    if driver in (None, "qcow2") and opts.get("data-file.driver", "file") == "file":
-        opts.pop("data-file.driver", None)
-        data_file = opts.pop("data-file.filename", None)
+    data_file = take_child_options(opts, "data-file") if driver in (None, "qcow2") else None
     key_secret = opts.pop("key-secret" if driver == "luks" else "encrypt.key-secret", None)
     backing_secrets = []
-    backing_files = []
     prefix = "backing."
     while any(name.startswith(prefix) for name in opts):
         secret = opts.pop(f"{prefix}encrypt.key-secret", None)  # a qcow2 layer's
         luks_secret = opts.pop(f"{prefix}key-secret", None)  # a luks layer's (issue 14)
         backing_secrets.append(secret if secret is not None else luks_secret)
-        if opts.get(f"{prefix}file.driver") == "file":
-            del opts[f"{prefix}file.driver"]
-        backing_files.append(
-            (opts.pop(f"{prefix}driver", None), opts.pop(f"{prefix}file.filename", None))
-        )
         prefix += "backing."
-    entry_size = _qcow2_tuning(text, opts, fail) if driver == "qcow2" else None
+    backing_node = take_child_options(opts, "backing")
+    fmt = driver
+    if fmt is None and opts:  # what is left is the probed format's (QEMU probes first)
+        try:
+            fmt = qcow2lib.probe_format(host_path(filename))
+        except Qcow2Error as exc:
+            fail(error_text(exc))
+    entry_size = _qcow2_tuning(text, opts, fail) if fmt == "qcow2" else None
     for name in opts:
-        fail(f"Block format '{driver or 'raw'}' does not support the option '{name}'")
+        fail(f"Block format '{fmt}' does not support the option '{name}'")
     return ImageSpec(
         text,
         filename,
@@ -220,10 +229,29 @@ def _options_spec(text: str, opts: dict[str, str], force_share: bool) -> ImageSp
         force_share,
         tuple(backing_secrets),
         l2_cache_entry_size=entry_size,
-        backing_files=tuple(backing_files),
         locking=locking != "off",
         data_file=data_file,
+        backing_node=backing_node,
+        warnings=warnings,
     )
+
+
+def _backing_none(opts: dict[str, str | None]) -> tuple[dict[str, str], tuple[str, ...]]:
+    """QEMU's two spellings of "no backing node" at any level of the chain: JSON null
+    (kept, as "", where json: names give it; other nulls are dropped) and the deprecated
+    "" (warned of)."""
+    warnings: list[str] = []
+    options: dict[str, str] = {}
+    for key, value in opts.items():
+        at_backing = set(key.split(".")) == {"backing"}  # backing, backing.backing, ...
+        if value is None:
+            if at_backing:
+                options[key] = ""
+        else:
+            if at_backing and value == "":
+                warnings.append('Use of "backing": "" is deprecated; use "backing": null instead')
+            options[key] = value
+    return options, tuple(warnings)
 
 
 SIZE_SUFFIX_HINT = (
@@ -360,6 +388,8 @@ def open_spec(
     is the top's when the caller has it from elsewhere (a target just created).
     """
     explicit = passphrase is not None
+    for warning in spec.warnings:
+        cli.warn_report(warning)
     try:
         path = spec.nbd if spec.nbd is not None else spec.target or host_path(spec.path)
         if not path:
@@ -378,6 +408,7 @@ def open_spec(
             cache="none" if cache == "off" else cache,
             untrusted=untrusted(),
             locking=spec.locking,
+            backing_node=spec.backing_node,
         )
         # (QEMU prints these while it repairs a dirty image on opening it read-write)
         for line in getattr(device, "repair_messages", ()):
@@ -399,7 +430,6 @@ def open_spec(
     try:
         if isinstance(device, Qcow2Image):
             check_entry_size(spec, device.cluster_size)
-        check_backing_files(spec, device)
     except OpenFailure:
         device.close()
         raise
@@ -422,33 +452,6 @@ def open_spec(
     if warn_probe and mode == "r+" and spec.fmt is None and device.format == "raw":
         sys.stderr.write(RAW_PROBE_WARNING.format(path))
     return device
-
-
-def check_backing_files(spec: ImageSpec, device) -> None:
-    """backing.driver and backing.file.filename options may name the backing file each
-    layer records (as QEMU's iotests do); qimg opens no other backing file than that."""
-    layers = list(_chain_layers(device))[1:]
-    for depth, (driver, filename) in enumerate(spec.backing_files):
-        if driver is None and filename is None:
-            continue
-        prefix = "backing." * (depth + 1)
-        layer = layers[depth] if depth < len(layers) else None
-        if filename is not None and (
-            layer is None
-            or not os.path.exists(filename)
-            or not os.path.samefile(layer.filename, filename)
-        ):
-            recorded = "none" if layer is None else f"'{layer.filename}'"
-            raise OpenFailure(
-                f"Could not open '{spec.name}': qimg opens the backing file the image names "
-                f"({recorded}), not '{filename}' ({prefix}file.filename)"
-            )
-        if driver is not None and (layer is None or layer.format != driver):
-            recorded = "none" if layer is None else f"'{layer.format}'"
-            raise OpenFailure(
-                f"Could not open '{spec.name}': the backing file's format is {recorded}, "
-                f"not '{driver}' ({prefix}driver)"
-            )
 
 
 def check_entry_size(spec: ImageSpec, cluster_size: int) -> None:

@@ -133,6 +133,8 @@ def cmd_info(cli: Cli, argv: list[str]) -> int:
             return 1
         filename, fmt, force_share = spec.path, spec.fmt, spec.force_share
         locking = spec.locking
+        for warning in spec.warnings:
+            cli.warn_report(warning)
     try:
         infos = image_info_list(
             filename,
@@ -142,6 +144,7 @@ def cmd_info(cli: Cli, argv: list[str]) -> int:
             untrusted(),
             locking,
             data_file=spec.data_file if spec is not None else None,
+            backing_node=spec.backing_node if spec is not None else None,
         )
     except ImageOpenError as exc:
         message = str(exc)

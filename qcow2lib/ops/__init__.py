@@ -13,7 +13,8 @@ qemu-img does: protocol prefixes, backing name resolution, QEMU's sizes.
 from __future__ import annotations
 
 from ..blockdev import BlockDevice
-from ..chain import FORMATS, json_image_target, open_image
+from ..chain import FORMATS, BackingNode, json_image_target, open_image
+from ..containers import DataFileTarget
 from ..errors import InvalidArgumentError, Qcow2Error
 
 __all__ = [
@@ -104,7 +105,8 @@ def open_by_name(
     backing_of: str | None = None,
     untrusted: bool = False,
     locking: bool = True,
-    data_file: str | None = None,
+    data_file: DataFileTarget | None = None,
+    backing_node: BackingNode | None = None,
 ) -> BlockDevice:
     """Open an image read-only, named as qemu-img names images (see image_target()).
 
@@ -112,7 +114,8 @@ def open_by_name(
     backing_of: the image naming this one as its backing file; untrusted: what the
     image names is confined to its directory; locking=False takes no locks (all as in
     open_image); data_file: the external data file given with the name
-    (data-file.filename), not opened.
+    (data-file.filename), not opened; backing_node: the backing node options give (with
+    backing False, only "none" is taken, as qemu-img info takes it).
     """
     path, fmt = image_target(filename, fmt)
     if not path:
@@ -127,6 +130,7 @@ def open_by_name(
         data_file=data_file,
         backing_of=backing_of,
         untrusted=untrusted,
+        backing_node=backing_node,
         locking=locking,
     )
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 
 from ..bitmaps import check_qemu_constraints
-from ..chain import is_nbd_name, untrusted_backing_path
+from ..chain import BackingNode, is_nbd_name, untrusted_backing_path
+from ..containers import DataFileTarget
 from ..errors import CorruptImageError, ImageLockedError, Qcow2Error
 from ..snapshots import list_snapshots
 from . import error_text, full_backing_filename, host_path, image_target, open_by_name, virtual_size
@@ -174,7 +175,8 @@ def image_info(
     backing_of: str | None = None,
     untrusted: bool = False,
     locking: bool = True,
-    data_file: str | None = None,
+    data_file: DataFileTarget | None = None,
+    backing_node: BackingNode | None = None,
 ) -> dict:
     """The `qemu-img info` dict of one image, its backing file left unopened.
 
@@ -184,7 +186,9 @@ def image_info(
     prefix is allowed); `fmt` None probes the format; force_share reads an image another
     process has open for writing; backing_of names the image whose backing file this is;
     untrusted and locking (see open_image); data_file: its external data file as given
-    (data-file.filename). Raises ImageOpenError naming the file when it cannot be read.
+    (data-file options, not opened); backing_node: its backing as options give it (only
+    none is taken: the backing file is not opened). Raises ImageOpenError naming the file
+    when it cannot be read.
     """
     try:
         with open_by_name(
@@ -196,6 +200,7 @@ def image_info(
             untrusted=untrusted,
             locking=locking,
             data_file=data_file,
+            backing_node=backing_node,
         ) as img:
             check_qemu_constraints(getattr(img, "_bitmap_entries", []))
             target = image_target(filename, fmt)[0]
@@ -214,10 +219,11 @@ def image_info_list(
     force_share: bool = False,
     untrusted: bool = False,
     locking: bool = True,
-    data_file: str | None = None,
+    data_file: DataFileTarget | None = None,
+    backing_node: BackingNode | None = None,
 ) -> list[dict]:
     """`qemu-img info [--backing-chain]`: the top image, then each backing file in turn.
-    data_file: the top image's external data file as given (data-file.filename).
+    data_file and backing_node: the top image's data-file and backing options.
 
     By name, as image_info(): each backing file is opened on its own (without its own
     backing file) under the name its overlay records, as qemu-img does.
@@ -235,11 +241,13 @@ def image_info_list(
         if name in seen:
             raise CorruptImageError(f"Backing file '{name}' creates an infinite loop.")
         seen.add(name)
-        info = image_info(name, fmt, force_share, named_by, untrusted, locking, data_file)
+        info = image_info(
+            name, fmt, force_share, named_by, untrusted, locking, data_file, backing_node
+        )
         infos.append(info)
-        # file.locking=off and data-file.filename were options of the top image only
+        # file.locking=off, data-file and backing were options of the top image only
         locking = True
-        named_by, name, fmt, data_file = name, None, None, None
+        named_by, name, fmt, data_file, backing_node = name, None, None, None, None
         if backing_chain:
             name = info.get("full-backing-filename")
             fmt = info.get("backing-filename-format")

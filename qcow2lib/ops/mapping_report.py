@@ -69,8 +69,8 @@ def layer_filename(device: BlockDevice, depth: int) -> str:
             break
         layer = _below_filters(layer.backing)
     data_host = getattr(layer, "data_host", None)
-    if data_host is not None:
-        return data_host.path
+    if data_host is not None:  # (a blkdebug node above it goes by its own name)
+        return getattr(data_host, "node_filename", None) or data_host.path
     return layer.filename
 
 
