@@ -52,10 +52,13 @@ SHUTDOWN_GRACE = 5.0  # seconds in-flight requests get to reply on shutdown
 
 _CONTEXT_IDS = {P.CONTEXT_BASE_ALLOCATION: 0, P.CONTEXT_ALLOCATION_DEPTH: 1}
 _WRITING_COMMANDS = (P.CMD_WRITE, P.CMD_TRIM, P.CMD_WRITE_ZEROES)
-# Small reads and writes run on the connection's reader thread: a hand-off to a worker costs
-# more than the request itself (a page-cache copy), under the GIL and with two cores.
-_INLINE_COMMANDS = (P.CMD_READ, P.CMD_WRITE)
+# Reads, and writes up to INLINE_MAX, run on the connection's reader thread: a hand-off to
+# a worker costs more than the request itself (a page-cache copy and a send), under the GIL
+# and with two cores. A read is served into the connection's one reused buffer, which is free
+# again once sendmsg returns (the kernel has copied it). Larger writes, which may allocate
+# clusters and wait on metadata, and every other command go to the worker pool.
 INLINE_MAX = 64 * 1024
+READ_BUFFER_KEPT = 4 << 20  # a larger read gets a buffer of its own, not kept afterwards
 _RECV_AHEAD = 64 * 1024  # bytes the reader asks the socket for at a time
 _SEND_BUFFER = 4 << 20  # bytes, asked of the kernel (it caps at net.core.wmem_max)
 _SEND_BATCH = 512  # buffers per sendmsg, below every IOV_MAX
@@ -225,6 +228,7 @@ class _Connection:
         self.send_lock = threading.Lock()
         self._pending = bytearray()  # received, not yet consumed (only the reader thread)
         self._scratch = memoryview(bytearray(_RECV_AHEAD))
+        self._read_buffer = memoryview(bytearray(0))  # (only the reader thread)
         self.deadline: float | None = None
         self.no_zeroes = False
         self.structured = False
@@ -564,28 +568,36 @@ class _Connection:
                 if command == P.CMD_DISC:
                     return "client disconnected"
                 self.requests += 1
+                if command == P.CMD_READ or (command == P.CMD_WRITE and length <= INLINE_MAX):
+                    payload = self._recv(length) if command == P.CMD_WRITE else None
+                    self._serve(_Request(flags, command, handle, offset, length, payload, False))
+                    continue
                 payload, dropped, cost = None, False, 0
                 if command == P.CMD_WRITE and length > MAX_BLOCK_SIZE:
                     self._drain(length)
                     dropped = True
-                elif command in (P.CMD_WRITE, P.CMD_READ) and length <= MAX_BLOCK_SIZE:
+                elif command == P.CMD_WRITE:
                     cost = length
                 self.budget.acquire(cost)
                 try:
                     if command == P.CMD_WRITE and not dropped:
                         payload = self._recv(length)
                     request = _Request(flags, command, handle, offset, length, payload, dropped)
-                    if command in _INLINE_COMMANDS and length <= INLINE_MAX:
-                        self._serve(request, cost)
-                    else:
-                        pool.submit(self._serve, request, cost)
+                    pool.submit(self._serve_pooled, request, cost)
                 except BaseException:
                     self.budget.release(cost)
                     raise
         finally:
             pool.shutdown(wait=True)
 
-    def _serve(self, request: _Request, cost: int) -> None:
+    def _serve_pooled(self, request: _Request, cost: int) -> None:
+        """A worker's request: its share of the budget is returned once it has replied."""
+        try:
+            self._serve(request)
+        finally:
+            self.budget.release(cost)
+
+    def _serve(self, request: _Request) -> None:
         try:
             try:
                 self._execute(request)
@@ -604,8 +616,6 @@ class _Connection:
                 self._send_error(request, P.EIO, f"internal error: {type(exc).__name__}")
         except _ClientGone:
             self.stop(socket.SHUT_RDWR)  # replies cannot reach the client: end the reader
-        finally:
-            self.budget.release(cost)
 
     def _reply_ok(self, request: _Request) -> None:
         self._send(P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, request.handle))
@@ -691,8 +701,7 @@ class _Connection:
 
     def _read(self, request: _Request, device: BlockDevice) -> None:
         offset, length, handle = request.offset, request.length, request.handle
-        buf = bytearray(length)
-        view = memoryview(buf)
+        view = self._read_view(length)
         if not self.structured:
             if length:
                 device.readinto(offset, view)
@@ -738,6 +747,17 @@ class _Connection:
                 data,
             ]
         self._send(*buffers)
+
+    def _read_view(self, length: int) -> memoryview:
+        """`length` bytes of the reader thread's read buffer, grown on demand up to
+        READ_BUFFER_KEPT; a longer read gets a buffer of its own."""
+        if length > len(self._read_buffer):
+            if length > READ_BUFFER_KEPT:
+                return memoryview(bytearray(length))
+            self._read_buffer = memoryview(
+                bytearray(max(length, min(READ_BUFFER_KEPT, 2 * len(self._read_buffer))))
+            )
+        return self._read_buffer[:length]
 
     def _block_status(self, request: _Request, device: BlockDevice) -> None:
         if not self.contexts:
