@@ -286,6 +286,10 @@ h.pread_structured(256 * 1024, 0, chunk)
 out["chunks"] = chunks
 out["read_data"] = nbd.READ_DATA
 out["read_hole"] = nbd.READ_HOLE
+# a short read is one data chunk, the hole's zeros included
+short = []
+h.pread_structured(8192, 61440, lambda b, o, s, e: short.append([o, len(b), s, b.hex()]) or 0)
+out["chunks_short"] = short
 chunks_df = []
 h.pread_structured(256 * 1024, 0, lambda b, o, s, e: chunks_df.append([o, len(b), s]) or 0,
                    nbd.CMD_FLAG_DF)
@@ -352,6 +356,7 @@ def test_libnbd_structured_reads_block_status_aio_and_fast_zero(tmp_path: Path) 
         [0, 65536, out["read_data"], "41"],
         [65536, 196608, out["read_hole"], "00"],
     ]
+    assert out["chunks_short"] == [[61440, 8192, out["read_data"], "41" * 4096 + "00" * 4096]]
     assert out["chunks_df"] == [[0, 262144, out["read_data"]]]
     assert out["status"] == {
         "base:allocation": [[65536, 0, (4 << 20) - 65536, 3]],

@@ -59,6 +59,9 @@ _WRITING_COMMANDS = (P.CMD_WRITE, P.CMD_TRIM, P.CMD_WRITE_ZEROES)
 # clusters and wait on metadata, and every other command go to the worker pool.
 INLINE_MAX = 64 * 1024
 READ_BUFFER_KEPT = 4 << 20  # a larger read gets a buffer of its own, not kept afterwards
+# A structured read this short is answered with one data chunk, zeros included: looking up
+# its holes (a second walk of the mapping) would cost more than sending their zeros.
+DATA_ONLY_READ_MAX = 64 * 1024
 _RECV_AHEAD = 64 * 1024  # bytes the reader asks the socket for at a time
 _SEND_BUFFER = 4 << 20  # bytes, asked of the kernel (it caps at net.core.wmem_max)
 _SEND_BATCH = 512  # buffers per sendmsg, below every IOV_MAX
@@ -715,11 +718,14 @@ class _Connection:
             )
             return
         runs: list[list] = []  # [start, stop, reads_zero]
-        for ext in device.extents(offset, length):
-            if runs and runs[-1][2] == ext.is_zero:
-                runs[-1][1] = ext.offset + ext.length
-            else:
-                runs.append([ext.offset, ext.offset + ext.length, ext.is_zero])
+        if length <= DATA_ONLY_READ_MAX:
+            runs.append([offset, offset + length, False])
+        else:
+            for ext in device.extents(offset, length):
+                if runs and runs[-1][2] == ext.is_zero:
+                    runs[-1][1] = ext.offset + ext.length
+                else:
+                    runs.append([ext.offset, ext.offset + ext.length, ext.is_zero])
         if request.flags & P.CMD_FLAG_DF and len(runs) > 1:
             runs = [[offset, offset + length, False]]  # one content chunk, zeros included
         buffers: list = []
@@ -740,10 +746,14 @@ class _Connection:
             data = view[start - offset : stop - offset]
             device.readinto(start, data)
             buffers += [
-                P.CHUNK_HEADER.pack(
-                    P.STRUCTURED_REPLY_MAGIC, done, P.REPLY_TYPE_OFFSET_DATA, handle, 8 + len(data)
+                P.OFFSET_DATA_HEADER.pack(
+                    P.STRUCTURED_REPLY_MAGIC,
+                    done,
+                    P.REPLY_TYPE_OFFSET_DATA,
+                    handle,
+                    8 + len(data),
+                    start,
                 ),
-                start.to_bytes(8, "big"),
                 data,
             ]
         self._send(*buffers)
