@@ -52,6 +52,11 @@ SHUTDOWN_GRACE = 5.0  # seconds in-flight requests get to reply on shutdown
 
 _CONTEXT_IDS = {P.CONTEXT_BASE_ALLOCATION: 0, P.CONTEXT_ALLOCATION_DEPTH: 1}
 _WRITING_COMMANDS = (P.CMD_WRITE, P.CMD_TRIM, P.CMD_WRITE_ZEROES)
+_ALLOWED_FLAGS = {  # request flags each command takes (any other command: FUA only)
+    P.CMD_READ: P.CMD_FLAG_FUA | P.CMD_FLAG_DF,
+    P.CMD_WRITE_ZEROES: P.CMD_FLAG_FUA | P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_FAST_ZERO,
+    P.CMD_BLOCK_STATUS: P.CMD_FLAG_FUA | P.CMD_FLAG_REQ_ONE,
+}
 # Reads, and writes up to INLINE_MAX, run on the connection's reader thread: a hand-off to
 # a worker costs more than the request itself (a page-cache copy and a send), under the GIL
 # and with two cores. A read is served into the connection's one reused buffer, which is free
@@ -339,17 +344,24 @@ class _Connection:
             count -= self._recv_some(scratch[: min(count, len(scratch))])
 
     def _send(self, *buffers) -> None:
-        views = [memoryview(b).cast("B") for b in buffers if len(b)]
+        """Send the buffers (bytes-like, one byte per item) in order, as one message: under
+        the send lock, so replies never interleave. Usually one sendmsg takes them all."""
         with self.send_lock:
             try:
-                while views:
-                    sent = self.sock.sendmsg(views[:_SEND_BATCH])
-                    while sent:
+                sent = self.sock.sendmsg(buffers) if len(buffers) <= _SEND_BATCH else 0
+                if sent == sum(map(len, buffers)):
+                    return
+                views = [memoryview(b).cast("B") for b in buffers if len(b)]
+                while True:
+                    while sent:  # drop what the kernel took
                         if sent >= len(views[0]):
                             sent -= len(views.pop(0))
                         else:
                             views[0] = views[0][sent:]
                             sent = 0
+                    if not views:
+                        return
+                    sent = self.sock.sendmsg(views[:_SEND_BATCH])
             except OSError as exc:
                 raise _ClientGone(exc.strerror or str(exc)) from None
 
@@ -650,13 +662,12 @@ class _Connection:
         name = P.COMMAND_NAMES.get(command)
         if name is None:
             raise _RequestError(P.EINVAL, f"unknown command {command}")
-        allowed = P.CMD_FLAG_FUA | {
-            P.CMD_READ: P.CMD_FLAG_DF if self.structured else 0,
-            P.CMD_WRITE_ZEROES: P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_FAST_ZERO,
-            P.CMD_BLOCK_STATUS: P.CMD_FLAG_REQ_ONE,
-        }.get(command, 0)
-        if flags & ~allowed:
-            raise _RequestError(P.EINVAL, f"flags {flags:#x} are not valid for {name}")
+        if flags:
+            allowed = _ALLOWED_FLAGS.get(command, P.CMD_FLAG_FUA)
+            if command == P.CMD_READ and not self.structured:
+                allowed = P.CMD_FLAG_FUA  # DF is for structured replies only
+            if flags & ~allowed:
+                raise _RequestError(P.EINVAL, f"flags {flags:#x} are not valid for {name}")
         export = self.export
         assert export is not None  # (requests follow the negotiation, which chose it)
         if command in _WRITING_COMMANDS and not export.writable:
