@@ -347,23 +347,60 @@ class _Connection:
         """Send the buffers (bytes-like, one byte per item) in order, as one message: under
         the send lock, so replies never interleave. Usually one sendmsg takes them all."""
         with self.send_lock:
-            try:
-                sent = self.sock.sendmsg(buffers) if len(buffers) <= _SEND_BATCH else 0
-                if sent == sum(map(len, buffers)):
+            self._send_locked(buffers)
+
+    def _send_locked(self, buffers: Sequence) -> None:
+        """_send's work, the send lock already held."""
+        try:
+            sent = self.sock.sendmsg(buffers) if len(buffers) <= _SEND_BATCH else 0
+            if sent == sum(map(len, buffers)):
+                return
+            views = [memoryview(b).cast("B") for b in buffers if len(b)]
+            while True:
+                while sent:  # drop what the kernel took
+                    if sent >= len(views[0]):
+                        sent -= len(views.pop(0))
+                    else:
+                        views[0] = views[0][sent:]
+                        sent = 0
+                if not views:
                     return
-                views = [memoryview(b).cast("B") for b in buffers if len(b)]
-                while True:
-                    while sent:  # drop what the kernel took
-                        if sent >= len(views[0]):
-                            sent -= len(views.pop(0))
-                        else:
-                            views[0] = views[0][sent:]
-                            sent = 0
-                    if not views:
-                        return
-                    sent = self.sock.sendmsg(views[:_SEND_BATCH])
+                sent = self.sock.sendmsg(views[:_SEND_BATCH])
+        except OSError as exc:
+            raise _ClientGone(exc.strerror or str(exc)) from None
+
+    def _send_parts(self, parts: list) -> None:
+        """As _send, where a part may also be a host file piece (fd, file_offset, length):
+        its bytes go from the file to the socket by os.sendfile, never through this process.
+        A file failing once its reply has begun can no longer be answered with an error:
+        the connection is then dropped."""
+        with self.send_lock:
+            first = 0
+            for index, part in enumerate(parts):
+                if type(part) is tuple:
+                    if first < index:
+                        self._send_locked(parts[first:index])
+                    self._send_file(*part)
+                    first = index + 1
+            if first < len(parts):
+                self._send_locked(parts[first:])
+
+    def _send_file(self, fd: int, file_offset: int, length: int) -> None:
+        """One host file piece of a reply, the send lock held."""
+        out = self.sock.fileno()
+        while length:
+            try:
+                sent = os.sendfile(out, fd, file_offset, length)
             except OSError as exc:
-                raise _ClientGone(exc.strerror or str(exc)) from None
+                raise _ClientGone(f"read reply cut short: {exc.strerror or exc}") from None
+            if not sent:  # the file ends here: the rest reads as zeros, as readinto has it
+                while length:
+                    zeros = bytes(min(length, CACHE_READ_SIZE))
+                    self._send_locked([zeros])
+                    length -= len(zeros)
+                return
+            file_offset += sent
+            length -= sent
 
     # --- handshake -----------------------------------------------------------------------
 
@@ -717,9 +754,8 @@ class _Connection:
         offset, length, handle = request.offset, request.length, request.handle
         view = self._read_view(length)
         if not self.structured:
-            if length:
-                device.readinto(offset, view)
-            self._send(P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, handle), view)
+            header = P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, handle)
+            self._send_parts([header, *self._content(device, offset, view)] if length else [header])
             return
         if not length:
             self._send(
@@ -754,20 +790,30 @@ class _Connection:
                     P.OFFSET_HOLE_PAYLOAD.pack(start, stop - start),
                 ]
                 continue
-            data = view[start - offset : stop - offset]
-            device.readinto(start, data)
-            buffers += [
+            buffers.append(
                 P.OFFSET_DATA_HEADER.pack(
                     P.STRUCTURED_REPLY_MAGIC,
                     done,
                     P.REPLY_TYPE_OFFSET_DATA,
                     handle,
-                    8 + len(data),
+                    8 + stop - start,
                     start,
-                ),
-                data,
-            ]
-        self._send(*buffers)
+                )
+            )
+            buffers += self._content(device, start, view[start - offset : stop - offset])
+        self._send_parts(buffers)
+
+    @staticmethod
+    def _content(device: BlockDevice, offset: int, part: memoryview) -> list:
+        """The reply parts carrying the bytes at `offset`, `len(part)` of them: the host
+        file pieces holding them when the device is read-only and names them (sent without
+        a copy through this process), else `part` once they are read into it."""
+        if device.read_only:
+            pieces = device.host_pieces(offset, len(part))
+            if pieces is not None:
+                return pieces
+        device.readinto(offset, part)
+        return [part]
 
     def _read_view(self, length: int) -> memoryview:
         """`length` bytes of the reader thread's read buffer, grown on demand up to
