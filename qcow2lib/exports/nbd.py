@@ -59,9 +59,9 @@ _ALLOWED_FLAGS = {  # request flags each command takes (any other command: FUA o
 }
 # Reads, and writes up to INLINE_MAX, run on the connection's reader thread: a hand-off to
 # a worker costs more than the request itself (a page-cache copy and a send), under the GIL
-# and with two cores. A read is served into the connection's one reused buffer, which is free
-# again once sendmsg returns (the kernel has copied it). Larger writes, which may allocate
-# clusters and wait on metadata, and every other command go to the worker pool.
+# and with two cores. A read not sent from the host file is read into the connection's one
+# reused buffer, free again once sendmsg returns (the kernel has copied it). Larger writes,
+# which may allocate clusters and wait on metadata, and every other command go to the pool.
 INLINE_MAX = 64 * 1024
 READ_BUFFER_KEPT = 4 << 20  # a larger read gets a buffer of its own, not kept afterwards
 # A structured read this short is answered with one data chunk, zeros included: looking up
@@ -752,10 +752,11 @@ class _Connection:
 
     def _read(self, request: _Request, device: BlockDevice) -> None:
         offset, length, handle = request.offset, request.length, request.handle
-        view = self._read_view(length)
         if not self.structured:
-            header = P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, handle)
-            self._send_parts([header, *self._content(device, offset, view)] if length else [header])
+            parts = [P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, handle)]
+            if length:
+                parts += self._content(device, offset, length, 0, length)
+            self._send_parts(parts)
             return
         if not length:
             self._send(
@@ -800,31 +801,27 @@ class _Connection:
                     start,
                 )
             )
-            buffers += self._content(device, start, view[start - offset : stop - offset])
+            buffers += self._content(device, start, stop - start, start - offset, length)
         self._send_parts(buffers)
 
-    @staticmethod
-    def _content(device: BlockDevice, offset: int, part: memoryview) -> list:
-        """The reply parts carrying the bytes at `offset`, `len(part)` of them: the host
-        file pieces holding them when the device is read-only and names them (sent without
-        a copy through this process), else `part` once they are read into it."""
+    def _content(self, device: BlockDevice, offset: int, length: int, within: int, total: int):
+        """The reply parts carrying `length` bytes at `offset`: the host file pieces holding
+        them when the device is read-only and names them (sent without passing through this
+        process), else a buffer they are read into, at `within` in a reply of `total` bytes:
+        the reader thread's reused buffer, or for a reply above READ_BUFFER_KEPT, its own."""
         if device.read_only:
-            pieces = device.host_pieces(offset, len(part))
+            pieces = device.host_pieces(offset, length)
             if pieces is not None:
                 return pieces
+        if total > READ_BUFFER_KEPT:
+            part = memoryview(bytearray(length))
+        else:
+            if total > len(self._read_buffer):  # (the first part of a reply, if ever)
+                grown = max(total, min(READ_BUFFER_KEPT, 2 * len(self._read_buffer)))
+                self._read_buffer = memoryview(bytearray(grown))
+            part = self._read_buffer[within : within + length]
         device.readinto(offset, part)
         return [part]
-
-    def _read_view(self, length: int) -> memoryview:
-        """`length` bytes of the reader thread's read buffer, grown on demand up to
-        READ_BUFFER_KEPT; a longer read gets a buffer of its own."""
-        if length > len(self._read_buffer):
-            if length > READ_BUFFER_KEPT:
-                return memoryview(bytearray(length))
-            self._read_buffer = memoryview(
-                bytearray(max(length, min(READ_BUFFER_KEPT, 2 * len(self._read_buffer))))
-            )
-        return self._read_buffer[:length]
 
     def _block_status(self, request: _Request, device: BlockDevice) -> None:
         if not self.contexts:
