@@ -826,13 +826,14 @@ def test_read_only_devices_name_host_pieces_which_the_export_sends(tmp_path: Pat
     with qcow2lib.RawDevice(str(raw)) as device:
         assert device.host_pieces(4096, 8192) == [(device.file.fd, 4096, 8192)]
     expected = raw.read_bytes()
-    with nbd_server(tmp_path, top, mode="r", shared=0) as (server, _):
-        for structured in (False, True):
-            client = RawClient(server.address)
-            client.go(structured=structured)
-            client.request(P.CMD_READ, 0, 6 << 20, handle=1)  # data of both files, zeros
-            assert client.reply() == (1, 0, expected[: 6 << 20])
-            client.close()
+    for mode in ("r", "r+"):  # sent from the files; read into buffers (one per part)
+        with nbd_server(tmp_path, top, mode=mode, shared=0) as (server, _):
+            for structured in (False, True):
+                client = RawClient(server.address)
+                client.go(structured=structured)
+                client.request(P.CMD_READ, 0, 6 << 20, handle=1)  # data of both files, zeros
+                assert client.reply() == (1, 0, expected[: 6 << 20])
+                client.close()
     # the file ends 4 KiB into the last data cluster: the rest reads as zeros
     truncated = tmp_path / "truncated.qcow2"
     qemu_create(truncated, "4M")
