@@ -6,10 +6,13 @@
 
 Fixed newstyle handshake (EXPORT_NAME, GO, INFO, LIST, ABORT, STRUCTURED_REPLY and the
 metadata contexts `base:allocation` and `qemu:allocation-depth`), then every request of
-the transmission phase. Each connection has one thread reading requests and a small pool
-of workers serving them, so replies go out as requests finish, in any order, one at a
-time under the connection's send lock. Every connection shares one device, whose flush
-covers every connection: the server offers CAN_MULTI_CONN when it takes several clients.
+the transmission phase. Each connection has one thread reading requests, which serves reads
+and small writes itself (a hand-off would cost more than they do), and a small pool of
+workers for the rest, so replies go out as requests finish, in any order, one at a time
+under the connection's send lock. A read-only device's data goes from its host files to
+the socket by sendfile, without passing through the process. Every connection shares one
+device, whose flush covers every connection: the server offers CAN_MULTI_CONN when it
+takes several clients.
 
 What a client may make the server hold is bounded: option data (64 KiB), requests in
 flight and the bytes they buffer, and a read or write payload (32 MiB, advertised as the
@@ -804,7 +807,9 @@ class _Connection:
             buffers += self._content(device, start, stop - start, start - offset, length)
         self._send_parts(buffers)
 
-    def _content(self, device: BlockDevice, offset: int, length: int, within: int, total: int):
+    def _content(
+        self, device: BlockDevice, offset: int, length: int, within: int, total: int
+    ) -> list:
         """The reply parts carrying `length` bytes at `offset`: the host file pieces holding
         them when the device is read-only and names them (sent without passing through this
         process), else a buffer they are read into, at `within` in a reply of `total` bytes:
