@@ -93,13 +93,6 @@ class BlockDevice:
         its own way): then use readinto."""
         return None
 
-    def readinto_scattered(self, offset: int, buffers: list) -> bool:
-        """Fill the buffers (writable, one byte per item), in order, with the bytes from
-        `offset`, straight from the host file when the range is one run of plain data
-        there (one preadv, no intermediate buffer). False, nothing read, when the device
-        cannot: the caller then reads through one buffer with readinto."""
-        return False
-
     def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
         """The range (default: to the end) as runs of one allocation state each, in
         order and merged, with qemu-img map's fields, as a list: for bounded ranges
@@ -256,18 +249,6 @@ class RawDevice(BlockDevice):
         ):
             return None
         return [(self.file.fd, offset, length)] if length else []
-
-    def readinto_scattered(self, offset: int, buffers: list) -> bool:
-        views = [memoryview(buffer).cast("B") for buffer in buffers]
-        self.check_request(offset, sum(map(len, views)))
-        if (
-            self.blkdebug is not None
-            or type(self.file) is not HostFile
-            or type(self).readinto is not RawDevice.readinto  # reads done another way
-        ):
-            return False
-        self.file.readinto_views(views, offset)
-        return True
 
     def read(self, offset: int, length: int) -> bytes:
         """As BlockDevice.read, as the bytes of one pread."""

@@ -209,27 +209,6 @@ class HostFile:
                 return
             done += n
 
-    def readinto_views(self, views: list[memoryview], offset: int) -> None:
-        """Fill the views (one byte per item) in order from offset, one preadv for them
-        all when it can; a short read past end of file leaves zeros, as readinto."""
-        views = list(views)
-        while views:
-            try:
-                n = os.preadv(self.fd, views[:_IOV_MAX], offset)
-            except (OSError, OverflowError) as exc:
-                raise self._fail(exc, "read") from None
-            if n == 0:
-                for view in views:
-                    view[:] = bytes(len(view))
-                return
-            offset += n
-            while n:  # drop what was filled
-                if n >= len(views[0]):
-                    n -= len(views.pop(0))
-                else:
-                    views[0] = views[0][n:]
-                    n = 0
-
     def pwrite(self, data, offset: int) -> None:
         view = memoryview(data).cast("B")
         done = 0

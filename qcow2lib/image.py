@@ -516,32 +516,6 @@ class Qcow2Image(BlockDevice):
                 return None
         return pieces
 
-    def readinto_scattered(self, offset: int, buffers: list) -> bool:
-        views = [memoryview(buffer).cast("B") for buffer in buffers]
-        length = sum(map(len, views))
-        self.check_request(offset, length)
-        data_file = self.data_host or self.file
-        if (
-            not length
-            or self.encrypted
-            or self.blkdebug is not None
-            or (self.has_data_file and self.data_host is None)
-            or type(data_file) is not HostFile
-            or type(self).readinto is not Qcow2Image.readinto  # reads done another way
-        ):
-            return False
-        with self._lock:
-            segments = self.map.lookup(offset, length)
-            if len(segments) != 1 or segments[0].kind != DATA:
-                return False
-            self._begin_io()
-        try:
-            assert segments[0].host_offset is not None  # (a data segment always has one)
-            data_file.readinto_views(views, segments[0].host_offset)
-        finally:
-            self._end_io()
-        return True
-
     def _reads_as_zeros(self, segments: list[Segment]) -> bool:
         """Whether metadata alone says the segments read as zeros (no data cluster,
         nothing from a backing file)."""

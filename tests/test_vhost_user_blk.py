@@ -280,19 +280,12 @@ class GatedDevice:
     def __getattr__(self, name):
         return getattr(self.device, name)
 
-    def _gate(self, offset: int) -> None:
+    def readinto(self, offset: int, buffer) -> int:
         deadline = time.monotonic() + 10
         while offset == 0 and not self.released():
             assert time.monotonic() < deadline, "the other request never completed"
             time.sleep(0.01)
-
-    def readinto(self, offset: int, buffer) -> int:
-        self._gate(offset)
         return self.device.readinto(offset, buffer)
-
-    def readinto_scattered(self, offset: int, buffers: list) -> bool:
-        self._gate(offset)
-        return self.device.readinto_scattered(offset, buffers)
 
 
 def test_requests_run_concurrently_and_complete_out_of_order(tmp_path: Path, export) -> None:

@@ -209,27 +209,16 @@ class VirtioBlk:
         offset = self._span(sector, total)
         if offset is None:
             return S_IOERR, 0
+        scratch = self._scratch()
         for batch, size in _batches(pieces, total):
-            if not self._read_into_guest(offset, batch):
-                buffer = self._scratch()[:size]
-                self.device.readinto(offset, buffer)
-                done = 0
-                for mapping, map_offset, length in batch:
-                    mapping[map_offset : map_offset + length] = buffer[done : done + length]
-                    done += length
+            buffer = scratch[:size]
+            self.device.readinto(offset, buffer)
+            done = 0
+            for mapping, map_offset, length in batch:
+                mapping[map_offset : map_offset + length] = buffer[done : done + length]
+                done += length
             offset += size
         return S_OK, total
-
-    def _read_into_guest(self, offset: int, batch: list[tuple[mmap.mmap, int, int]]) -> bool:
-        """Read a batch straight into guest memory when the device can (one preadv, no
-        copy through the scratch buffer). The views on the mappings are released before
-        returning: a mapping with a view on it could not be unmapped."""
-        views = [memoryview(mapping)[start : start + length] for mapping, start, length in batch]
-        try:
-            return self.device.readinto_scattered(offset, views)
-        finally:
-            for view in views:
-                view.release()
 
     def _write(self, sector: int, memory: GuestMemory, out: list[Segment]) -> int:
         pieces = memory.resolve(out)
