@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from .errors import InvalidArgumentError, Qcow2IOError, ReadOnlyError
 from .structs import QCOW_MAGIC
-from .hostfile import open_host_file
+from .hostfile import HostFile, open_host_file
 
 
 RAW_EXTENT_BATCH = 4096  # SEEK_DATA/SEEK_HOLE pairs per batch of a raw file's extents
@@ -82,6 +82,16 @@ class BlockDevice:
         order, then fdatasync). A failed flush keeps failing: nothing is claimed durable
         that may not be."""
         raise NotImplementedError
+
+    def host_pieces(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
+        """The range as (fd, file_offset, length) pieces of host files holding exactly its
+        bytes, in order, for a consumer that moves them without reading them (os.sendfile);
+        a piece reaching past its file's end reads as zeros there, as readinto does. Only a
+        read-only device answers, since its clusters cannot move while the consumer works;
+        None when it does not, or when some part is not plain bytes of a host file (zeros,
+        compressed or encrypted data, a file that intercepts I/O, a subclass that reads
+        its own way): then use readinto."""
+        return None
 
     def extents(self, offset: int = 0, length: int | None = None) -> list[Extent]:
         """The range (default: to the end) as runs of one allocation state each, in
@@ -228,6 +238,17 @@ class RawDevice(BlockDevice):
             self.blkdebug.event("read_aio")
         self.file.readinto(view, offset)
         return len(view)
+
+    def host_pieces(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
+        self.check_request(offset, length)
+        if (
+            not self.read_only
+            or self.blkdebug is not None
+            or type(self.file) is not HostFile
+            or type(self).readinto is not RawDevice.readinto  # reads done another way
+        ):
+            return None
+        return [(self.file.fd, offset, length)] if length else []
 
     def read(self, offset: int, length: int) -> bytes:
         """As BlockDevice.read, as the bytes of one pread."""

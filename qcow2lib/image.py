@@ -498,6 +498,39 @@ class Qcow2Image(BlockDevice):
         finally:
             self._end_io()
 
+    def host_pieces(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
+        self.check_request(offset, length)
+        data_file = self.data_host or self.file
+        if (
+            not self.read_only
+            or self.encrypted
+            or self.blkdebug is not None
+            or (self.has_data_file and self.data_host is None)
+            or type(data_file) is not HostFile
+            or type(self).readinto is not Qcow2Image.readinto  # reads done another way
+        ):
+            return None
+        with self._lock:
+            segments = self.map.lookup(offset, length)
+        backing = self.backing
+        pieces: list[tuple[int, int, int]] = []
+        for seg in segments:
+            if seg.kind == DATA:
+                assert seg.host_offset is not None  # (a data segment always has one)
+                pieces.append((data_file.fd, seg.host_offset, seg.length))
+            elif (
+                seg.kind == BACKING
+                and backing is not None
+                and (seg.guest_offset + seg.length <= backing.size)
+            ):
+                below = backing.host_pieces(seg.guest_offset, seg.length)
+                if below is None:
+                    return None
+                pieces += below
+            else:
+                return None
+        return pieces
+
     def _reads_as_zeros(self, segments: list[Segment]) -> bool:
         """Whether metadata alone says the segments read as zeros (no data cluster,
         nothing from a backing file)."""

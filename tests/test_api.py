@@ -55,6 +55,7 @@ def test_closed_device_says_it_is_closed(tmp_path, fmt):
         lambda: disk.write_zeroes(0, 512),
         lambda: disk.discard(0, 512),
         lambda: disk.extents(),
+        lambda: disk.host_pieces(0, 4),
     ]
     for request in requests:
         with pytest.raises(qcow2lib.Qcow2IOError) as caught:
@@ -79,6 +80,7 @@ def test_help_documents_the_block_device():
         "close",
         "read",
         "as_file",
+        "host_pieces",
     ):
         section = text[text.index(f" {method}(self") :]
         doc = section.split("\n", 2)[1]

@@ -286,6 +286,10 @@ h.pread_structured(256 * 1024, 0, chunk)
 out["chunks"] = chunks
 out["read_data"] = nbd.READ_DATA
 out["read_hole"] = nbd.READ_HOLE
+# a short read is one data chunk, the hole's zeros included
+short = []
+h.pread_structured(8192, 61440, lambda b, o, s, e: short.append([o, len(b), s, b.hex()]) or 0)
+out["chunks_short"] = short
 chunks_df = []
 h.pread_structured(256 * 1024, 0, lambda b, o, s, e: chunks_df.append([o, len(b), s]) or 0,
                    nbd.CMD_FLAG_DF)
@@ -352,6 +356,7 @@ def test_libnbd_structured_reads_block_status_aio_and_fast_zero(tmp_path: Path) 
         [0, 65536, out["read_data"], "41"],
         [65536, 196608, out["read_hole"], "00"],
     ]
+    assert out["chunks_short"] == [[61440, 8192, out["read_data"], "41" * 4096 + "00" * 4096]]
     assert out["chunks_df"] == [[0, 262144, out["read_data"]]]
     assert out["status"] == {
         "base:allocation": [[65536, 0, (4 << 20) - 65536, 3]],
@@ -797,6 +802,52 @@ def test_device_errors_become_nbd_errors(tmp_path: Path) -> None:
             client.close()
         failed = run("qemu-io", "-r", "-f", "raw", "-c", "read 64k 4k", url, check=False)
         assert "Input/output error" in failed.stdout + failed.stderr
+
+
+def test_read_only_devices_name_host_pieces_which_the_export_sends(tmp_path: Path) -> None:
+    """A read-only device names the host file pieces holding a range (its backing file's
+    too), which a read-only export sends with sendfile; anything else is read."""
+    top = make_chain(tmp_path)
+    with qcow2lib.open(str(top)) as device:
+        # base data below a hole of the top, then the top's data: two files
+        pieces = device.host_pieces(0, 1536 << 10)
+        assert pieces is not None and len({fd for fd, _, _ in pieces}) == 2
+        content = b"".join(os.pread(fd, length, pos) for fd, pos, length in pieces)
+        assert content == device.read(0, 1536 << 10)
+        assert device.host_pieces(5 << 20, 64 << 10) is None  # a zero cluster
+        assert device.host_pieces(30 << 20, 4096) is None  # no data anywhere in the chain
+    with qcow2lib.open(str(top), "r+") as device:
+        assert device.host_pieces(0, 4096) is None  # writable: its clusters may move
+    compressed, raw = tmp_path / "compressed.qcow2", tmp_path / "disk.raw"
+    qemu_img("convert", "-c", "-O", "qcow2", top, compressed)
+    qemu_img("convert", "-O", "raw", top, raw)
+    with qcow2lib.open(str(compressed)) as device:
+        assert device.host_pieces(0, 4096) is None
+    with qcow2lib.RawDevice(str(raw)) as device:
+        assert device.host_pieces(4096, 8192) == [(device.file.fd, 4096, 8192)]
+    expected = raw.read_bytes()
+    for mode in ("r", "r+"):  # sent from the files; read into buffers (one per part)
+        with nbd_server(tmp_path, top, mode=mode, shared=0) as (server, _):
+            for structured in (False, True):
+                client = RawClient(server.address)
+                client.go(structured=structured)
+                client.request(P.CMD_READ, 0, 6 << 20, handle=1)  # data of both files, zeros
+                assert client.reply() == (1, 0, expected[: 6 << 20])
+                client.close()
+    # the file ends 4 KiB into the last data cluster: the rest reads as zeros
+    truncated = tmp_path / "truncated.qcow2"
+    qemu_create(truncated, "4M")
+    qemu_io(truncated, "write -P 0x41 0 64k", "write -P 0x42 1M 64k")
+    os.truncate(truncated, os.path.getsize(truncated) - (60 << 10))
+    with nbd_server(tmp_path, truncated, mode="r", shared=0) as (server, _):
+        for structured in (False, True):
+            client = RawClient(server.address)
+            client.go(structured=structured)
+            client.request(P.CMD_READ, 1 << 20, 64 << 10, handle=2)
+            assert client.reply() == (2, 0, b"\x42" * 4096 + bytes(60 << 10))
+            client.request(P.CMD_READ, 0, 4096, handle=3)  # and the connection goes on
+            assert client.reply() == (3, 0, b"\x41" * 4096)
+            client.close()
 
 
 @pytest.mark.parametrize(

@@ -6,10 +6,13 @@
 
 Fixed newstyle handshake (EXPORT_NAME, GO, INFO, LIST, ABORT, STRUCTURED_REPLY and the
 metadata contexts `base:allocation` and `qemu:allocation-depth`), then every request of
-the transmission phase. Each connection has one thread reading requests and a small pool
-of workers serving them, so replies go out as requests finish, in any order, one at a
-time under the connection's send lock. Every connection shares one device, whose flush
-covers every connection: the server offers CAN_MULTI_CONN when it takes several clients.
+the transmission phase. Each connection has one thread reading requests, which serves reads
+and small writes itself (a hand-off would cost more than they do), and a small pool of
+workers for the rest, so replies go out as requests finish, in any order, one at a time
+under the connection's send lock. A read-only device's data goes from its host files to
+the socket by sendfile, without passing through the process. Every connection shares one
+device, whose flush covers every connection: the server offers CAN_MULTI_CONN when it
+takes several clients.
 
 What a client may make the server hold is bounded: option data (64 KiB), requests in
 flight and the bytes they buffer, and a read or write payload (32 MiB, advertised as the
@@ -52,10 +55,21 @@ SHUTDOWN_GRACE = 5.0  # seconds in-flight requests get to reply on shutdown
 
 _CONTEXT_IDS = {P.CONTEXT_BASE_ALLOCATION: 0, P.CONTEXT_ALLOCATION_DEPTH: 1}
 _WRITING_COMMANDS = (P.CMD_WRITE, P.CMD_TRIM, P.CMD_WRITE_ZEROES)
-# Small reads and writes run on the connection's reader thread: a hand-off to a worker costs
-# more than the request itself (a page-cache copy), under the GIL and with two cores.
-_INLINE_COMMANDS = (P.CMD_READ, P.CMD_WRITE)
+_ALLOWED_FLAGS = {  # request flags each command takes (any other command: FUA only)
+    P.CMD_READ: P.CMD_FLAG_FUA | P.CMD_FLAG_DF,
+    P.CMD_WRITE_ZEROES: P.CMD_FLAG_FUA | P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_FAST_ZERO,
+    P.CMD_BLOCK_STATUS: P.CMD_FLAG_FUA | P.CMD_FLAG_REQ_ONE,
+}
+# Reads, and writes up to INLINE_MAX, run on the connection's reader thread: a hand-off to
+# a worker costs more than the request itself (a page-cache copy and a send), under the GIL
+# and with two cores. A read not sent from the host file is read into the connection's one
+# reused buffer, free again once sendmsg returns (the kernel has copied it). Larger writes,
+# which may allocate clusters and wait on metadata, and every other command go to the pool.
 INLINE_MAX = 64 * 1024
+READ_BUFFER_KEPT = 4 << 20  # a larger read gets a buffer of its own, not kept afterwards
+# A structured read this short is answered with one data chunk, zeros included: looking up
+# its holes (a second walk of the mapping) would cost more than sending their zeros.
+DATA_ONLY_READ_MAX = 64 * 1024
 _RECV_AHEAD = 64 * 1024  # bytes the reader asks the socket for at a time
 _SEND_BUFFER = 4 << 20  # bytes, asked of the kernel (it caps at net.core.wmem_max)
 _SEND_BATCH = 512  # buffers per sendmsg, below every IOV_MAX
@@ -225,6 +239,7 @@ class _Connection:
         self.send_lock = threading.Lock()
         self._pending = bytearray()  # received, not yet consumed (only the reader thread)
         self._scratch = memoryview(bytearray(_RECV_AHEAD))
+        self._read_buffer = memoryview(bytearray(0))  # (only the reader thread)
         self.deadline: float | None = None
         self.no_zeroes = False
         self.structured = False
@@ -332,19 +347,63 @@ class _Connection:
             count -= self._recv_some(scratch[: min(count, len(scratch))])
 
     def _send(self, *buffers) -> None:
-        views = [memoryview(b).cast("B") for b in buffers if len(b)]
+        """Send the buffers (bytes-like, one byte per item) in order, as one message: under
+        the send lock, so replies never interleave. Usually one sendmsg takes them all."""
         with self.send_lock:
+            self._send_locked(buffers)
+
+    def _send_locked(self, buffers: Sequence) -> None:
+        """_send's work, the send lock already held."""
+        try:
+            sent = self.sock.sendmsg(buffers) if len(buffers) <= _SEND_BATCH else 0
+            if sent == sum(map(len, buffers)):
+                return
+            views = [memoryview(b).cast("B") for b in buffers if len(b)]
+            while True:
+                while sent:  # drop what the kernel took
+                    if sent >= len(views[0]):
+                        sent -= len(views.pop(0))
+                    else:
+                        views[0] = views[0][sent:]
+                        sent = 0
+                if not views:
+                    return
+                sent = self.sock.sendmsg(views[:_SEND_BATCH])
+        except OSError as exc:
+            raise _ClientGone(exc.strerror or str(exc)) from None
+
+    def _send_parts(self, parts: list) -> None:
+        """As _send, where a part may also be a host file piece (fd, file_offset, length):
+        its bytes go from the file to the socket by os.sendfile, never through this process.
+        A file failing once its reply has begun can no longer be answered with an error:
+        the connection is then dropped."""
+        with self.send_lock:
+            first = 0
+            for index, part in enumerate(parts):
+                if type(part) is tuple:
+                    if first < index:
+                        self._send_locked(parts[first:index])
+                    self._send_file(*part)
+                    first = index + 1
+            if first < len(parts):
+                self._send_locked(parts[first:])
+
+    def _send_file(self, fd: int, file_offset: int, length: int) -> None:
+        """One host file piece of a reply, the send lock held."""
+        out = self.sock.fileno()
+        while length:
             try:
-                while views:
-                    sent = self.sock.sendmsg(views[:_SEND_BATCH])
-                    while sent:
-                        if sent >= len(views[0]):
-                            sent -= len(views.pop(0))
-                        else:
-                            views[0] = views[0][sent:]
-                            sent = 0
+                sent = os.sendfile(out, fd, file_offset, length)
             except OSError as exc:
-                raise _ClientGone(exc.strerror or str(exc)) from None
+                raise _ClientGone(f"read reply cut short: {exc.strerror or exc}") from None
+            if not sent:  # the file ends here: the rest reads as zeros, as readinto has it
+                while length:
+                    zeros = bytes(min(length, CACHE_READ_SIZE))
+                    self._send_locked([zeros])
+                    length -= len(zeros)
+                return
+            file_offset += sent
+            length -= sent
 
     # --- handshake -----------------------------------------------------------------------
 
@@ -564,28 +623,36 @@ class _Connection:
                 if command == P.CMD_DISC:
                     return "client disconnected"
                 self.requests += 1
+                if command == P.CMD_READ or (command == P.CMD_WRITE and length <= INLINE_MAX):
+                    payload = self._recv(length) if command == P.CMD_WRITE else None
+                    self._serve(_Request(flags, command, handle, offset, length, payload, False))
+                    continue
                 payload, dropped, cost = None, False, 0
                 if command == P.CMD_WRITE and length > MAX_BLOCK_SIZE:
                     self._drain(length)
                     dropped = True
-                elif command in (P.CMD_WRITE, P.CMD_READ) and length <= MAX_BLOCK_SIZE:
+                elif command == P.CMD_WRITE:
                     cost = length
                 self.budget.acquire(cost)
                 try:
                     if command == P.CMD_WRITE and not dropped:
                         payload = self._recv(length)
                     request = _Request(flags, command, handle, offset, length, payload, dropped)
-                    if command in _INLINE_COMMANDS and length <= INLINE_MAX:
-                        self._serve(request, cost)
-                    else:
-                        pool.submit(self._serve, request, cost)
+                    pool.submit(self._serve_pooled, request, cost)
                 except BaseException:
                     self.budget.release(cost)
                     raise
         finally:
             pool.shutdown(wait=True)
 
-    def _serve(self, request: _Request, cost: int) -> None:
+    def _serve_pooled(self, request: _Request, cost: int) -> None:
+        """A worker's request: its share of the budget is returned once it has replied."""
+        try:
+            self._serve(request)
+        finally:
+            self.budget.release(cost)
+
+    def _serve(self, request: _Request) -> None:
         try:
             try:
                 self._execute(request)
@@ -604,8 +671,6 @@ class _Connection:
                 self._send_error(request, P.EIO, f"internal error: {type(exc).__name__}")
         except _ClientGone:
             self.stop(socket.SHUT_RDWR)  # replies cannot reach the client: end the reader
-        finally:
-            self.budget.release(cost)
 
     def _reply_ok(self, request: _Request) -> None:
         self._send(P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, request.handle))
@@ -637,13 +702,12 @@ class _Connection:
         name = P.COMMAND_NAMES.get(command)
         if name is None:
             raise _RequestError(P.EINVAL, f"unknown command {command}")
-        allowed = P.CMD_FLAG_FUA | {
-            P.CMD_READ: P.CMD_FLAG_DF if self.structured else 0,
-            P.CMD_WRITE_ZEROES: P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_FAST_ZERO,
-            P.CMD_BLOCK_STATUS: P.CMD_FLAG_REQ_ONE,
-        }.get(command, 0)
-        if flags & ~allowed:
-            raise _RequestError(P.EINVAL, f"flags {flags:#x} are not valid for {name}")
+        if flags:
+            allowed = _ALLOWED_FLAGS.get(command, P.CMD_FLAG_FUA)
+            if command == P.CMD_READ and not self.structured:
+                allowed = P.CMD_FLAG_FUA  # DF is for structured replies only
+            if flags & ~allowed:
+                raise _RequestError(P.EINVAL, f"flags {flags:#x} are not valid for {name}")
         export = self.export
         assert export is not None  # (requests follow the negotiation, which chose it)
         if command in _WRITING_COMMANDS and not export.writable:
@@ -691,12 +755,11 @@ class _Connection:
 
     def _read(self, request: _Request, device: BlockDevice) -> None:
         offset, length, handle = request.offset, request.length, request.handle
-        buf = bytearray(length)
-        view = memoryview(buf)
         if not self.structured:
+            parts = [P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, handle)]
             if length:
-                device.readinto(offset, view)
-            self._send(P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, 0, handle), view)
+                parts += self._content(device, offset, length, 0, length)
+            self._send_parts(parts)
             return
         if not length:
             self._send(
@@ -706,11 +769,14 @@ class _Connection:
             )
             return
         runs: list[list] = []  # [start, stop, reads_zero]
-        for ext in device.extents(offset, length):
-            if runs and runs[-1][2] == ext.is_zero:
-                runs[-1][1] = ext.offset + ext.length
-            else:
-                runs.append([ext.offset, ext.offset + ext.length, ext.is_zero])
+        if length <= DATA_ONLY_READ_MAX:
+            runs.append([offset, offset + length, False])
+        else:
+            for ext in device.extents(offset, length):
+                if runs and runs[-1][2] == ext.is_zero:
+                    runs[-1][1] = ext.offset + ext.length
+                else:
+                    runs.append([ext.offset, ext.offset + ext.length, ext.is_zero])
         if request.flags & P.CMD_FLAG_DF and len(runs) > 1:
             runs = [[offset, offset + length, False]]  # one content chunk, zeros included
         buffers: list = []
@@ -728,16 +794,39 @@ class _Connection:
                     P.OFFSET_HOLE_PAYLOAD.pack(start, stop - start),
                 ]
                 continue
-            data = view[start - offset : stop - offset]
-            device.readinto(start, data)
-            buffers += [
-                P.CHUNK_HEADER.pack(
-                    P.STRUCTURED_REPLY_MAGIC, done, P.REPLY_TYPE_OFFSET_DATA, handle, 8 + len(data)
-                ),
-                start.to_bytes(8, "big"),
-                data,
-            ]
-        self._send(*buffers)
+            buffers.append(
+                P.OFFSET_DATA_HEADER.pack(
+                    P.STRUCTURED_REPLY_MAGIC,
+                    done,
+                    P.REPLY_TYPE_OFFSET_DATA,
+                    handle,
+                    8 + stop - start,
+                    start,
+                )
+            )
+            buffers += self._content(device, start, stop - start, start - offset, length)
+        self._send_parts(buffers)
+
+    def _content(
+        self, device: BlockDevice, offset: int, length: int, within: int, total: int
+    ) -> list:
+        """The reply parts carrying `length` bytes at `offset`: the host file pieces holding
+        them when the device is read-only and names them (sent without passing through this
+        process), else a buffer they are read into, at `within` in a reply of `total` bytes:
+        the reader thread's reused buffer, or for a reply above READ_BUFFER_KEPT, its own."""
+        if device.read_only:
+            pieces = device.host_pieces(offset, length)
+            if pieces is not None:
+                return pieces
+        if total > READ_BUFFER_KEPT:
+            part = memoryview(bytearray(length))
+        else:
+            if total > len(self._read_buffer):  # (the first part of a reply, if ever)
+                grown = max(total, min(READ_BUFFER_KEPT, 2 * len(self._read_buffer)))
+                self._read_buffer = memoryview(bytearray(grown))
+            part = self._read_buffer[within : within + length]
+        device.readinto(offset, part)
+        return [part]
 
     def _block_status(self, request: _Request, device: BlockDevice) -> None:
         if not self.contexts:

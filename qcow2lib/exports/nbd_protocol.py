@@ -133,5 +133,6 @@ REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, handle, offset, length
 SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, handle
 CHUNK_HEADER = struct.Struct(">IHHQI")  # magic, flags, type, handle, payload length
 OFFSET_HOLE_PAYLOAD = struct.Struct(">QI")
+OFFSET_DATA_HEADER = struct.Struct(">IHHQIQ")  # CHUNK_HEADER, then the data's offset
 ERROR_PAYLOAD = struct.Struct(">IH")  # error, message length (message follows)
 EXPORT_NAME_PADDING = bytes(124)
