@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 import zlib
-from typing import TYPE_CHECKING
 
 from .errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureError
 
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
 
