@@ -72,7 +72,32 @@ def _fields_of(cls: type) -> dict[str, object]:
 
 def _build(cls: type[_T], frozen: bool) -> type[_T]:
     fields = _fields_of(cls)
-    names = tuple(fields)
+    for name, default in fields.items():
+        if isinstance(default, _Factory):
+            delattr(cls, name)  # as dataclasses: the class keeps no shared default
+
+    def first_init(self, *args, **kwargs) -> None:
+        """Compiles the real __init__ on the first instance: the compile is most of a
+        record's cost, and many record classes are never instantiated in a qimg run."""
+        init = _compile_init(cls, fields, frozen)
+        cls.__init__ = init  # type: ignore[method-assign]
+        init(self, *args, **kwargs)
+
+    cls.__init__ = first_init  # type: ignore[method-assign]
+    cls.__record_fields__ = tuple(fields)  # type: ignore[attr-defined]
+    cls.__repr__ = _repr  # type: ignore[assignment]
+    cls.__eq__ = _eq  # type: ignore[assignment]
+    if frozen:
+        cls.__setattr__ = _refuse_setattr  # type: ignore[assignment]
+        cls.__delattr__ = _refuse_delattr  # type: ignore[assignment]
+        cls.__hash__ = _hash  # type: ignore[assignment]
+    else:
+        cls.__hash__ = None  # type: ignore[assignment]
+    return cls
+
+
+def _compile_init(cls: type, fields: dict[str, object], frozen: bool) -> Callable[..., None]:
+    """The record's __init__, compiled: as fast as a hand-written one."""
     params, body = [], []
     namespace: dict[str, Any] = {"_NOT_GIVEN": _NOT_GIVEN, "_setattr": object.__setattr__}
     for name, default in fields.items():
@@ -83,27 +108,16 @@ def _build(cls: type[_T], frozen: bool) -> type[_T]:
             namespace[f"_make_{name}"] = default.make
             params.append(f"{name}=_NOT_GIVEN")
             value = f"_make_{name}() if {name} is _NOT_GIVEN else {name}"
-            delattr(cls, name)  # as dataclasses: the class keeps no shared default
         else:
             namespace[f"_default_{name}"] = default
             params.append(f"{name}=_default_{name}")
             value = name
         body.append(f"_setattr(self, {name!r}, {value})" if frozen else f"self.{name} = {value}")
     source = f"def __init__(self, {', '.join(params)}):\n    " + "\n    ".join(body or ["pass"])
-    exec(source, namespace)  # one compiled __init__: as fast as a hand-written one
+    exec(source, namespace)
     init = namespace["__init__"]
     init.__qualname__ = f"{cls.__qualname__}.__init__"
-    cls.__init__ = init  # type: ignore[method-assign]
-    cls.__record_fields__ = names  # type: ignore[attr-defined]
-    cls.__repr__ = _repr  # type: ignore[assignment]
-    cls.__eq__ = _eq  # type: ignore[assignment]
-    if frozen:
-        cls.__setattr__ = _refuse_setattr  # type: ignore[assignment]
-        cls.__delattr__ = _refuse_delattr  # type: ignore[assignment]
-        cls.__hash__ = _hash  # type: ignore[assignment]
-    else:
-        cls.__hash__ = None  # type: ignore[assignment]
-    return cls
+    return init
 
 
 def _values(self: Any) -> tuple:

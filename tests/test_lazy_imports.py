@@ -121,3 +121,64 @@ def test_cli_metadata_commands_import_no_heavy_modules(tmp_path: Path, command: 
     assert done.stderr.splitlines()[-1] == "exit=0 loaded=[]", done.stderr
     if command[:2] == ["snapshot", "-l"]:
         assert " s0 " in done.stdout
+
+
+# What qimg costs beyond the interpreter's own start is mostly its imports (issue 13), and
+# scripts start it thousands of times. On a qcow2 image, info, check and map need none of
+# these: the optional packages, dataclasses (inspect, ast, dis, tokenize), typing, re and
+# enum, signal (it imports enum), JSON (only --output=json), the snapshot machinery (only
+# images with snapshots) and what only other commands use.
+NOT_FOR_INFO_CHECK_MAP = (
+    "construct",
+    "cryptography",
+    "zstandard",
+    "dataclasses",
+    "inspect",
+    "typing",
+    "re",
+    "enum",
+    "signal",
+    "json",
+    "base64",
+    "copy",
+    "ctypes",
+    "concurrent.futures",
+    "datetime",
+    "pathlib",
+    "qcow2lib.snapshots",
+    "qcow2lib.rebuild",
+)
+
+
+@pytest.mark.parametrize("snapshot", [False, True], ids=["plain", "with a snapshot"])
+@pytest.mark.parametrize("command", ["info", "check", "map"])
+def test_info_check_and_map_import_nothing_they_do_not_use(
+    tmp_path: Path, command: str, snapshot: bool
+) -> None:
+    path = tmp_path / "a.qcow2"
+    qemu_create(path, "4M")
+    qemu_io(path, "write -P 0x61 0 64k")
+    lazy = NOT_FOR_INFO_CHECK_MAP
+    if snapshot:
+        qemu_img("snapshot", "-c", "s0", path)
+        if command == "info":  # lists the snapshots: the snapshot modules, no more
+            lazy = tuple(name for name in lazy if not name.startswith("qcow2lib."))
+    script = (
+        "import sys, os\n"
+        "sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], 'tools')]\n"
+        "names = sys.argv[2].split(',')\n"
+        "sys.argv = ['qemu-img', *sys.argv[3:]]\n"
+        "import qimg\n"
+        "code = qimg.main()\n"
+        "loaded = ','.join(sorted(name for name in names if name in sys.modules))\n"
+        "sys.stderr.write(f'exit={code} loaded=[{loaded}]\\n')\n"
+    )
+    # -S: as an installed qimg starts; the venv's editable-install finder (site) would
+    # import re, enum and pathlib itself and hide them.
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", script, str(ROOT), ",".join(lazy), command, str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.stderr.splitlines()[-1] == "exit=0 loaded=[]", done.stderr
+    assert done.stdout == qemu_img(command, path).stdout
