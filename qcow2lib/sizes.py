@@ -7,7 +7,6 @@ the same spellings (and reject the same ones) and print the same rounding.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 from .errors import InvalidArgumentError
@@ -164,6 +163,8 @@ def format_size(value: int) -> str:
     Three significant digits, switching to the next binary prefix once the number
     would reach 1000 of the current one.
     """
+    import math  # (here: an extension module to load, and only printed sizes need it)
+
     _, exponent = math.frexp(value / (1000.0 / 1024.0))
     shift = int((exponent - 1) / 10) * 10  # C division truncates toward zero
     return "%0.3g %sB" % (value / (1 << shift), _IEC_PREFIXES[shift // 10])
