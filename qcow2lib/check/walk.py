@@ -830,7 +830,11 @@ class _Walk(_CheckState):
         t = self.t
         res = self.res
         cs = t.cs
-        for i, entry in enumerate(t.reftable):
+        reftable = t.reftable
+        # A zero entry (no block) needs nothing: only the others are looked at, which
+        # keeps a mostly empty table from costing a Python step per entry.
+        for i in compress(range(len(reftable)), reftable):
+            entry = reftable[i]
             offset = entry & S.REFT_OFFSET_MASK
             cluster = offset >> t.cluster_bits
             if entry & S.REFT_RESERVED_MASK:
