@@ -36,7 +36,8 @@ if TYPE_CHECKING:
         host_offset: int | None = None
         present: bool = True
 
-else:  # the same tuple, made without typing's NamedTuple (importing typing costs start-up)
+else:  # the same tuple without typing's NamedTuple (importing typing costs start-up time);
+    # keep both field lists in step: mypy checks the one above, the code runs this one
     Extent = namedtuple(
         "Extent",
         ("offset", "length", "is_data", "is_zero", "depth", "host_offset", "present"),

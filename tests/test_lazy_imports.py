@@ -1,10 +1,12 @@
 """Start-up cost: opening a plain qcow2 image and reading what `info` shows imports neither
 construct nor the optional codec/crypto packages, and qimg's metadata commands import none
 of the heavy modules they do not use; the struct formats used instead agree with the
-construct declarations they stand in for."""
+construct declarations they stand in for, and Extent's run-time namedtuple with the
+NamedTuple mypy checks."""
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -184,3 +186,19 @@ def test_info_check_and_map_import_nothing_they_do_not_use(
     )
     assert done.stderr.splitlines()[-1] == "exit=0 loaded=[]", done.stderr
     assert done.stdout == qemu_img(command, path).stdout
+
+
+def test_extent_at_run_time_is_the_namedtuple_mypy_checks() -> None:
+    """blockdev declares Extent twice (typing's NamedTuple for mypy, collections' at run
+    time, so that typing is not imported): the fields and defaults must be the same."""
+    from qcow2lib.blockdev import Extent
+
+    tree = ast.parse((ROOT / "qcow2lib" / "blockdev.py").read_text())
+    declared = next(
+        node for node in ast.walk(tree) if isinstance(node, ast.ClassDef) and node.name == "Extent"
+    )
+    fields = [item for item in declared.body if isinstance(item, ast.AnnAssign)]
+    assert Extent._fields == tuple(item.target.id for item in fields)
+    assert Extent._field_defaults == {
+        item.target.id: ast.literal_eval(item.value) for item in fields if item.value is not None
+    }
