@@ -7,6 +7,7 @@ NamedTuple mypy checks."""
 from __future__ import annotations
 
 import ast
+import gc
 import json
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from qcow2lib import structs as S
-from qemutools import qemu_create, qemu_img, qemu_io
+from qemutools import qemu_create, qemu_img, qemu_io, run_qimg
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -202,3 +203,26 @@ def test_extent_at_run_time_is_the_namedtuple_mypy_checks() -> None:
     assert Extent._field_defaults == {
         item.target.id: ast.literal_eval(item.value) for item in fields if item.value is not None
     }
+
+
+def test_only_a_qimg_process_freezes_its_objects_for_exit(tmp_path: Path) -> None:
+    """As a program, qimg spares the interpreter's exit its garbage collections
+    (gc.freeze); called in-process, with argv given, it leaves the collector alone."""
+    path = tmp_path / "a.qcow2"
+    qemu_create(path, "4M")
+    frozen = gc.get_freeze_count()
+    assert run_qimg("info", path).returncode == 0
+    assert gc.get_freeze_count() == frozen and gc.isenabled()
+    script = (
+        "import gc, sys, os\n"
+        "sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], 'tools')]\n"
+        "sys.argv = ['qemu-img', 'info', sys.argv[2]]\n"
+        "import qimg\n"
+        "code = qimg.main()\n"
+        "sys.stderr.write(f'exit={code} frozen={gc.get_freeze_count() > 0}\\n')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(ROOT), str(path)], capture_output=True, text=True
+    )
+    assert done.stderr == "exit=0 frozen=True\n", done.stderr
+    assert done.stdout == qemu_img("info", path).stdout

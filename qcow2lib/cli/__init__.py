@@ -16,6 +16,7 @@ returns the exit code.
 from __future__ import annotations
 
 import _signal  # type: ignore[import-not-found]  # `signal` would import enum (start-up time)
+import gc
 import sys
 
 import qcow2lib
@@ -197,3 +198,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 1
     finally:
         sys.stdout.flush()
+        if argv is None:
+            # As a program the process ends next, and the interpreter's exit would run a
+            # garbage collection over every object qimg made: about 3 ms of a 25 ms `info`.
+            # Frozen objects are left out of it. Nothing here needs it: no object of
+            # qimg's has a finalizer (files and images are closed explicitly), and the
+            # interpreter still flushes stdout and stderr and runs atexit handlers.
+            gc.freeze()
