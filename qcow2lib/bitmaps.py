@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import struct
 from array import array
-from dataclasses import dataclass, field
 
 from . import structs as S
 from .errors import CorruptImageError
 from .overlap import BITMAP_DIRECTORY, BITMAP_TABLE
+from .records import field, record
 
 FLAG_IN_USE = 1 << 0
 FLAG_AUTO = 1 << 1
@@ -32,7 +32,7 @@ _FLAGS_FIELD = 12  # offset of `flags` inside a directory entry
 _ALL_ONES = 1  # a bitmap table entry without a cluster whose bits all read as set
 
 
-@dataclass
+@record
 class BitmapEntry:
     """One bitmap directory entry, with where it lies in the file."""
 
@@ -169,7 +169,7 @@ class Untrackable(Exception):
     """A bitmap this code cannot keep up to date (the caller invalidates them all)."""
 
 
-@dataclass
+@record
 class _Tracked:
     entry: BitmapEntry
     table: array  # bitmap table entries

@@ -21,10 +21,10 @@ import errno as errno_codes
 import os
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 from .blockdev import BlockDevice, Extent
 from .errors import InvalidArgumentError, Qcow2IOError
+from .records import field, record
 
 EVENTS = (
     "l1_update l1_grow_alloc_table l1_grow_write_table l1_grow_activate_table l2_load "
@@ -54,7 +54,7 @@ _BOOL_WORDS = {"on": True, "yes": True, "true": True, "y": True}
 _BOOL_WORDS.update({"off": False, "no": False, "false": False, "n": False})
 
 
-@dataclass
+@record
 class Rule:
     """One [inject-error] or [set-state] section."""
 
@@ -68,7 +68,7 @@ class Rule:
     new_state: int = 0
 
 
-@dataclass
+@record
 class BlkdebugTarget:
     """What a blkdebug node opens: its rules' sources and its child.
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import errno
 import io
+from collections import namedtuple
 from collections.abc import Iterable, Iterator
-from typing import NamedTuple
 
 from .errors import InvalidArgumentError, Qcow2IOError, ReadOnlyError
 from .structs import QCOW_MAGIC
@@ -21,16 +21,29 @@ from .hostfile import HostFile, open_host_file
 RAW_EXTENT_BATCH = 4096  # SEEK_DATA/SEEK_HOLE pairs per batch of a raw file's extents
 
 
-class Extent(NamedTuple):
-    """A run of guest bytes with one allocation state (qemu-img map's fields)."""
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from typing import NamedTuple
 
-    offset: int
-    length: int
-    is_data: bool
-    is_zero: bool
-    depth: int
-    host_offset: int | None = None
-    present: bool = True
+    class Extent(NamedTuple):
+        """A run of guest bytes with one allocation state (qemu-img map's fields)."""
+
+        offset: int
+        length: int
+        is_data: bool
+        is_zero: bool
+        depth: int
+        host_offset: int | None = None
+        present: bool = True
+
+else:  # the same tuple without typing's NamedTuple (importing typing costs start-up time);
+    # keep both field lists in step: mypy checks the one above, the code runs this one
+    Extent = namedtuple(
+        "Extent",
+        ("offset", "length", "is_data", "is_zero", "depth", "host_offset", "present"),
+        defaults=(None, True),
+    )
+    Extent.__doc__ = "A run of guest bytes with one allocation state (qemu-img map's fields)."
 
 
 class BlockDevice:

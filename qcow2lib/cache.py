@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from array import array
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 _NATIVE_LITTLE = sys.byteorder == "little"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, TypeAlias
 
 from . import nodes
 from . import structs as S
@@ -29,7 +28,10 @@ from .hostfile import open_host_file, refuse_special_file
 from .image import Qcow2Image
 from .luks_image import has_luks_magic, open_luks
 
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from .blkdebug import BlkdebugTarget
     from .exports.nbd_client import NBDAddress
     from .nulldev import NullTarget

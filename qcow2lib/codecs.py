@@ -8,11 +8,10 @@ a pool keeps every core busy.
 from __future__ import annotations
 
 import os
-import zlib
-from typing import TYPE_CHECKING
 
 from .errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureError
 
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -58,6 +57,9 @@ def decompress(kind: str, data: bytes, cluster_size: int, where: str = "") -> by
     hundred KiB can inflate to gigabytes (a decompression bomb). As QEMU does, zlib stops
     at the cluster size and keeps what it has, and a zstd frame must end exactly there.
     """
+    import zlib  # (here: an extension module to load, which images without compressed
+    # clusters never need; qimg starts often)
+
     errors = (zlib.error, _zstandard().ZstdError) if kind == ZSTD else zlib.error
     try:
         if kind == ZLIB:
@@ -191,6 +193,8 @@ def _zstd_blocks(data: memoryview, start: int, where: str):
 def compress(kind: str, data: bytes) -> bytes:
     """Compress one cluster the way QEMU does (raw deflate, 4 KiB window / one zstd frame)."""
     if kind == ZLIB:
+        import zlib  # (see decompress)
+
         deflater = zlib.compressobj(6, zlib.DEFLATED, -12)
         return deflater.compress(data) + deflater.flush()
     if kind == ZSTD:

@@ -9,7 +9,6 @@ any guest write.
 from __future__ import annotations
 
 from array import array
-from typing import TYPE_CHECKING
 
 from . import structs as S
 from .cache import encode_be64
@@ -20,6 +19,7 @@ from .hostfile import HostFile, create_host_file
 from .refcount import RefcountBlock
 from .sizes import SizeError, parse_size
 
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:  # (the NBD client is imported only when an export is the target)
     from .exports.nbd_client import NBDHostFile
 

@@ -8,13 +8,13 @@ memory bound, so later code can trust what it reads from `Header`.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
 
 from . import structs as S
 from .errors import CorruptImageError, UnsupportedFeatureError
+from .records import field, record
 
 
-@dataclass
+@record
 class Extension:
     """A header extension kept as raw bytes (unknown ones are written back untouched)."""
 
@@ -22,7 +22,7 @@ class Extension:
     data: bytes
 
 
-@dataclass
+@record
 class Header:
     version: int = 3
     backing_file_offset: int = 0

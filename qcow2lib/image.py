@@ -19,7 +19,6 @@ from functools import partial
 from array import array
 from collections.abc import Iterable, Iterator
 from itertools import groupby
-from typing import TYPE_CHECKING, TypeAlias
 
 from . import codecs
 from . import structs as S
@@ -54,7 +53,10 @@ from .overlap import (
 )
 from .refcount import Refcounts
 
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:  # (the NBD client is imported only when an export is opened)
+    from typing import TypeAlias
+
     from .blkdebug import BlkdebugFile
     from .crypto import SectorCrypto
     from .exports.nbd_client import NBDHostFile

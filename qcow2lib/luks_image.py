@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from .blockdev import BlockDevice, Extent
 from .errors import (
@@ -26,6 +25,7 @@ from .errors import (
     UnsupportedFeatureError,
 )
 
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:
     from .crypto.ciphers import SectorCrypto
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 from array import array
-from dataclasses import dataclass
 
 from . import structs as S
 from .cache import TableCache, decode_be64, encode_be64
@@ -20,7 +19,6 @@ from .runs import NativeRunLength
 DATA, ZERO, BACKING, COMPRESSED = "data", "zero", "backing", "compressed"
 
 
-@dataclass(slots=True)
 class Segment:
     """A guest range with one meaning.
 
@@ -28,14 +26,58 @@ class Segment:
     the preallocated cluster, or None). BACKING: not allocated here. COMPRESSED: one
     cluster's compressed bytes at host_offset, `compressed_size` long; `cluster_offset` is
     the guest offset of that cluster's start.
+
+    A plain class with slots (made per extent on the hot path; a dataclass would import
+    `dataclasses` into every qimg start).
     """
 
-    guest_offset: int
-    length: int
-    kind: str
-    host_offset: int | None = None
-    compressed_size: int = 0
-    cluster_offset: int = 0
+    __slots__ = (
+        "guest_offset",
+        "length",
+        "kind",
+        "host_offset",
+        "compressed_size",
+        "cluster_offset",
+    )
+
+    def __init__(
+        self,
+        guest_offset: int,
+        length: int,
+        kind: str,
+        host_offset: int | None = None,
+        compressed_size: int = 0,
+        cluster_offset: int = 0,
+    ):
+        self.guest_offset = guest_offset
+        self.length = length
+        self.kind = kind
+        self.host_offset = host_offset
+        self.compressed_size = compressed_size
+        self.cluster_offset = cluster_offset
+
+    def _values(self) -> tuple:
+        return (
+            self.guest_offset,
+            self.length,
+            self.kind,
+            self.host_offset,
+            self.compressed_size,
+            self.cluster_offset,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not Segment:
+            return NotImplemented
+        return self._values() == other._values()  # type: ignore[attr-defined]
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
+
+    def __repr__(self) -> str:
+        items = ", ".join(
+            f"{name}={value!r}" for name, value in zip(self.__slots__, self._values())
+        )
+        return f"Segment({items})"
 
 
 class ClusterMap:

@@ -8,10 +8,10 @@ endless source in tests and benchmarks: null-co:// names one of 1 GiB.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from .blockdev import BlockDevice, Extent
 from .errors import InvalidArgumentError
+from .records import record
 
 NULL_DRIVERS = ("null-co", "null-aio")
 DEFAULT_SIZE = 1 << 30
@@ -19,7 +19,7 @@ SECTOR = 512
 _BOOLS = {"on": True, "off": False}
 
 
-@dataclass
+@record
 class NullTarget:
     """A null device to open: its driver, size and whether reads report zeros."""
 

@@ -3,7 +3,9 @@ including the hash-table order in which QEMU's dicts list their keys."""
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def _tdb_hash(key: str) -> int:

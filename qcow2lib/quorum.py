@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
 
 from .errors import InvalidArgumentError, Qcow2IOError, UnsupportedFeatureError
 from .hostfile import open_host_file
+from .records import record
 
 _BOOLS = {"on": True, "off": False}
 
 
-@dataclass
+@record
 class QuorumTarget:
     """The children's files and the vote threshold of a quorum node."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from array import array
+from itertools import compress
 
 from .cache import TableCache, decode_be64, encode_be64
 from .errors import CorruptImageError, InvalidArgumentError
@@ -19,14 +20,20 @@ from .structs import MAX_REFTABLE_BYTES, REFT_OFFSET_MASK, REFT_RESERVED_MASK
 
 _NATIVE_LITTLE = sys.byteorder == "little"
 _TYPECODES = {3: "B", 4: "H", 5: "I", 6: "Q"}
-# For refcounts narrower than a byte: byte value -> how many of its fields are not zero.
-_NONZERO_FIELDS = {
-    order: bytes(
-        sum(1 for shift in range(0, 8, 1 << order) if value >> shift & ((1 << (1 << order)) - 1))
-        for value in range(256)
-    )
-    for order in range(3)
-}
+_NONZERO_FIELDS: dict[int, bytes] = {}  # refcount order -> _nonzero_fields(order)
+
+
+def _nonzero_fields(order: int) -> bytes:
+    """For refcounts narrower than a byte (order 0-2): byte value -> how many of its fields
+    are not zero. Built on first use, not at import (qimg's every start would pay)."""
+    table = _NONZERO_FIELDS.get(order)
+    if table is None:
+        width_mask = (1 << (1 << order)) - 1
+        table = _NONZERO_FIELDS[order] = bytes(
+            sum(1 for shift in range(0, 8, 1 << order) if value >> shift & width_mask)
+            for value in range(256)
+        )
+    return table
 
 
 class RefcountBlock:
@@ -91,7 +98,7 @@ class RefcountBlock:
             return limit - values[:limit].count(0) if limit else 0
         per_byte = 8 >> self.order
         whole, rest = divmod(limit, per_byte)
-        count = sum(values[:whole].translate(_NONZERO_FIELDS[self.order]))
+        count = sum(values[:whole].translate(_nonzero_fields(self.order)))
         for index in range(whole * per_byte, whole * per_byte + rest):
             count += self.get(index) != 0
         return count
@@ -130,7 +137,10 @@ class Refcounts:
         self.table_clusters = table_clusters
         raw = file.pread(table_clusters * self.cluster_size, table_offset)
         self.table: array = decode_be64(raw)
-        for index, entry in enumerate(self.table):
+        # Only the nonzero entries: the table is mostly empty, and walking all of it in
+        # Python cost about a millisecond of every open.
+        for index in compress(range(len(self.table)), self.table):
+            entry = self.table[index]
             if entry & REFT_RESERVED_MASK:
                 raise CorruptImageError(
                     f"Refcount table entry {index} has reserved bits set (0x{entry:016x})"

@@ -11,7 +11,7 @@ import struct
 import sys
 from array import array
 from itertools import compress
-from typing import Callable
+from collections.abc import Callable
 
 _BE64 = struct.Struct(">Q")
 

@@ -7,9 +7,7 @@ the same spellings (and reject the same ones) and print the same rounding.
 
 from __future__ import annotations
 
-import math
-import re
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import InvalidArgumentError
 
@@ -21,8 +19,9 @@ _IEC_PREFIXES = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
 
 _BLANKS = " \t\n\v\f\r"
 _DIGITS = "0123456789abcdef"
-# strtod() on the text starting at the '.': digits and an optional exponent.
-_FRACTION_RE = re.compile(r"\.([0-9]+)([eE][+-]?[0-9]+)?|\.()")
+# strtod() on the text starting at the '.': digits and an optional exponent. (Compiled
+# where a fraction is parsed: importing `re` would cost every qimg start.)
+_FRACTION_PATTERN = r"\.([0-9]+)([eE][+-]?[0-9]+)?|\.()"
 
 
 class SizeError(InvalidArgumentError):
@@ -124,7 +123,9 @@ def parse_size(
             raise SizeError(text, False)
         is_hex = True
     elif text[end : end + 1] == ".":
-        match = _FRACTION_RE.match(text, end)
+        import re
+
+        match = re.compile(_FRACTION_PATTERN).match(text, end)  # (re caches it)
         assert match is not None  # (its last branch matches any ".")
         if match.group(1) is None:  # strtod() found no digits: skip the '.' only
             end += 1
@@ -162,6 +163,8 @@ def format_size(value: int) -> str:
     Three significant digits, switching to the next binary prefix once the number
     would reach 1000 of the current one.
     """
+    import math  # (here: an extension module to load, and only printed sizes need it)
+
     _, exponent = math.frexp(value / (1000.0 / 1024.0))
     shift = int((exponent - 1) / 10) * 10  # C division truncates toward zero
     return "%0.3g %sB" % (value / (1 << shift), _IEC_PREFIXES[shift // 10])

@@ -5,15 +5,15 @@ them, and the L2 table offset an L1 entry gives. Below both the snapshot operati
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 from . import structs as S
 from .errors import CorruptImageError, InvalidArgumentError
+from .records import record
 
 ICOUNT_DISABLED = (1 << 64) - 1  # icount -1: record/replay was off
 
 
-@dataclass
+@record
 class Snapshot:
     id: str
     name: str

@@ -23,9 +23,7 @@ other snapshots' tables; the snapshot table is parsed once per table the header 
 
 from __future__ import annotations
 
-import copy
 import errno
-import re
 import time
 from array import array
 from collections.abc import Iterator
@@ -135,6 +133,8 @@ def _lookup(snapshots: list[Snapshot], name_or_id, id, name) -> int:
 
 def _new_id(snapshots: list[Snapshot]) -> str:
     """QEMU's rule: one more than the largest ID read as a number (strtoul)."""
+    import re  # (here: listing and info need no re, and importing it costs start-up time)
+
     highest = 0
     for snap in snapshots:
         match = re.match(r"\s*\+?(\d+)", snap.id)
@@ -858,6 +858,8 @@ class SnapshotView(BlockDevice):
         name: str | None = None,
         close_image: bool = False,
     ):
+        from copy import copy  # (here: only views need it, and qimg starts often)
+
         _require_qcow2(image)
         self.image = image
         self.close_image = close_image
@@ -865,7 +867,7 @@ class SnapshotView(BlockDevice):
             snapshots, _ = _read_table(image)
             self.snapshot = snap = snapshots[_lookup(snapshots, name_or_id, id, name)]
             l1 = _read_l1(image, snap)
-            self.map = copy.copy(image.map)
+            self.map = copy(image.map)
             self.map.l1 = l1
             self.map.l1_dirty = set()
             self.map.l1_table_offset = snap.l1_table_offset

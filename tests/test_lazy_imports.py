@@ -1,10 +1,13 @@
 """Start-up cost: opening a plain qcow2 image and reading what `info` shows imports neither
 construct nor the optional codec/crypto packages, and qimg's metadata commands import none
 of the heavy modules they do not use; the struct formats used instead agree with the
-construct declarations they stand in for."""
+construct declarations they stand in for, and Extent's run-time namedtuple with the
+NamedTuple mypy checks."""
 
 from __future__ import annotations
 
+import ast
+import gc
 import json
 import subprocess
 import sys
@@ -13,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from qcow2lib import structs as S
-from qemutools import qemu_create, qemu_img, qemu_io
+from qemutools import qemu_create, qemu_img, qemu_io, run_qimg
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -121,3 +124,105 @@ def test_cli_metadata_commands_import_no_heavy_modules(tmp_path: Path, command: 
     assert done.stderr.splitlines()[-1] == "exit=0 loaded=[]", done.stderr
     if command[:2] == ["snapshot", "-l"]:
         assert " s0 " in done.stdout
+
+
+# What qimg costs beyond the interpreter's own start is mostly its imports (issue 13), and
+# scripts start it thousands of times. On a qcow2 image without compressed clusters,
+# info, check and map need none of these: the optional packages, zlib, dataclasses
+# (inspect, ast, dis, tokenize), typing, re and enum, signal (it imports enum), JSON (only
+# --output=json), the snapshot machinery (only images with snapshots) and what only other
+# commands use.
+NOT_FOR_INFO_CHECK_MAP = (
+    "construct",
+    "cryptography",
+    "zstandard",
+    "dataclasses",
+    "inspect",
+    "typing",
+    "re",
+    "enum",
+    "signal",
+    "json",
+    "base64",
+    "copy",
+    "zlib",
+    "ctypes",
+    "concurrent.futures",
+    "datetime",
+    "pathlib",
+    "qcow2lib.snapshots",
+    "qcow2lib.rebuild",
+)
+
+
+@pytest.mark.parametrize("snapshot", [False, True], ids=["plain", "with a snapshot"])
+@pytest.mark.parametrize("command", ["info", "check", "map"])
+def test_info_check_and_map_import_nothing_they_do_not_use(
+    tmp_path: Path, command: str, snapshot: bool
+) -> None:
+    path = tmp_path / "a.qcow2"
+    qemu_create(path, "4M")
+    qemu_io(path, "write -P 0x61 0 64k")
+    lazy = NOT_FOR_INFO_CHECK_MAP
+    if snapshot:
+        qemu_img("snapshot", "-c", "s0", path)
+        if command == "info":  # lists the snapshots: the snapshot modules, no more
+            lazy = tuple(name for name in lazy if not name.startswith("qcow2lib."))
+    script = (
+        "import sys, os\n"
+        "sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], 'tools')]\n"
+        "names = sys.argv[2].split(',')\n"
+        "sys.argv = ['qemu-img', *sys.argv[3:]]\n"
+        "import qimg\n"
+        "code = qimg.main()\n"
+        "loaded = ','.join(sorted(name for name in names if name in sys.modules))\n"
+        "sys.stderr.write(f'exit={code} loaded=[{loaded}]\\n')\n"
+    )
+    # -S: as an installed qimg starts; the venv's editable-install finder (site) would
+    # import re, enum and pathlib itself and hide them.
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", script, str(ROOT), ",".join(lazy), command, str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.stderr.splitlines()[-1] == "exit=0 loaded=[]", done.stderr
+    assert done.stdout == qemu_img(command, path).stdout
+
+
+def test_extent_at_run_time_is_the_namedtuple_mypy_checks() -> None:
+    """blockdev declares Extent twice (typing's NamedTuple for mypy, collections' at run
+    time, so that typing is not imported): the fields and defaults must be the same."""
+    from qcow2lib.blockdev import Extent
+
+    tree = ast.parse((ROOT / "qcow2lib" / "blockdev.py").read_text())
+    declared = next(
+        node for node in ast.walk(tree) if isinstance(node, ast.ClassDef) and node.name == "Extent"
+    )
+    fields = [item for item in declared.body if isinstance(item, ast.AnnAssign)]
+    assert Extent._fields == tuple(item.target.id for item in fields)
+    assert Extent._field_defaults == {
+        item.target.id: ast.literal_eval(item.value) for item in fields if item.value is not None
+    }
+
+
+def test_only_a_qimg_process_freezes_its_objects_for_exit(tmp_path: Path) -> None:
+    """As a program, qimg spares the interpreter's exit its garbage collections
+    (gc.freeze); called in-process, with argv given, it leaves the collector alone."""
+    path = tmp_path / "a.qcow2"
+    qemu_create(path, "4M")
+    frozen = gc.get_freeze_count()
+    assert run_qimg("info", path).returncode == 0
+    assert gc.get_freeze_count() == frozen and gc.isenabled()
+    script = (
+        "import gc, sys, os\n"
+        "sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], 'tools')]\n"
+        "sys.argv = ['qemu-img', 'info', sys.argv[2]]\n"
+        "import qimg\n"
+        "code = qimg.main()\n"
+        "sys.stderr.write(f'exit={code} frozen={gc.get_freeze_count() > 0}\\n')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(ROOT), str(path)], capture_output=True, text=True
+    )
+    assert done.stderr == "exit=0 frozen=True\n", done.stderr
+    assert done.stdout == qemu_img("info", path).stdout

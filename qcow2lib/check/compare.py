@@ -9,7 +9,7 @@ import os
 import struct
 from array import array
 from itertools import compress
-from typing import Callable
+from collections.abc import Callable
 
 from .. import structs as S
 from ..cache import decode_be64, encode_be64

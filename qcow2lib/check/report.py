@@ -3,7 +3,7 @@ counters and failures of one check run (_Result, _Abort), with the repair modes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from ..records import field, record
 
 FIX_LEAKS = 1
 FIX_ERRORS = 2
@@ -39,7 +39,7 @@ _JSON_ORDER = _hash_order(_JSON_FIELDS)
 _OPTIONAL_FIELDS = set(_JSON_FIELDS) - {"filename", "format", "check-errors"}
 
 
-@dataclass
+@record
 class CheckReport:
     """What `qemu-img check` reports.
 

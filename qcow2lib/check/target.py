@@ -7,12 +7,12 @@ from __future__ import annotations
 import struct
 from array import array
 from bisect import bisect_right
-from dataclasses import dataclass
 
 from .. import structs as S
 from ..cache import decode_be64
 from ..errors import Qcow2Error
 from ..header import Header
+from ..records import record
 from ..refcount import RefcountBlock
 from .report import _hash_x, _Result
 
@@ -49,7 +49,7 @@ _INT_MAX = 0x7FFFFFFF
 _INT64_MAX = (1 << 63) - 1
 
 
-@dataclass
+@record
 class _Snapshot:
     l1_table_offset: int
     l1_size: int

@@ -10,12 +10,12 @@ import os
 import struct
 from array import array
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from itertools import compress, islice
 from operator import or_
-from typing import Callable, Iterator
 
 from .. import structs as S
+from ..records import record
 from ..cache import decode_be64
 from ..runs import RunFinder, used_runs
 from .report import FIX_ERRORS, _Abort, _hash_x, _Result
@@ -54,7 +54,7 @@ def _used_entries(table: array, words: int) -> Iterator[int]:
     return compress(range(len(table) // 2), map(or_, table[::2], table[1::2]))
 
 
-@dataclass
+@record
 class _Replay:
     """What checking one L1 entry did, to do it again for the same entry without re-reading
     its L2 table: the lines printed, the change of each counter, and the clusters counted.
@@ -830,7 +830,11 @@ class _Walk(_CheckState):
         t = self.t
         res = self.res
         cs = t.cs
-        for i, entry in enumerate(t.reftable):
+        reftable = t.reftable
+        # A zero entry (no block) needs nothing: only the others are looked at, which
+        # keeps a mostly empty table from costing a Python step per entry.
+        for i in compress(range(len(reftable)), reftable):
+            entry = reftable[i]
             offset = entry & S.REFT_OFFSET_MASK
             cluster = offset >> t.cluster_bits
             if entry & S.REFT_RESERVED_MASK:

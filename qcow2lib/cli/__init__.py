@@ -15,22 +15,24 @@ returns the exit code.
 
 from __future__ import annotations
 
-import importlib
-import signal
+import _signal  # type: ignore[import-not-found]  # `signal` would import enum (start-up time)
+import gc
 import sys
-from typing import NamedTuple
 
 import qcow2lib
 from qcow2lib.cli.common import Cli, CliExit
 from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
 
 
-class Command(NamedTuple):
+class Command:
     """Where a subcommand lives and how `--help` shows it."""
 
-    module: str  # its module in this package, imported when the command runs
-    function: str  # function(cli: Cli, argv: list[str]) -> int in that module
-    synopsis: str | None  # its line under "Command syntax" in --help (None: not listed)
+    __slots__ = ("module", "function", "synopsis")
+
+    def __init__(self, module: str, function: str, synopsis: str | None):
+        self.module = module  # its module in this package, imported when the command runs
+        self.function = function  # function(cli: Cli, argv: list[str]) -> int in that module
+        self.synopsis = synopsis  # its line under "Command syntax" in --help (None: unlisted)
 
 
 # In the order qemu-img's help lists them.
@@ -167,7 +169,9 @@ def run(cli: Cli, argv: list[str]) -> int:
     entry = COMMANDS.get(command)
     if entry is None:
         cli.error_exit(f"Command not found: {command}")
-    handler = getattr(importlib.import_module(f"{__name__}.{entry.module}"), entry.function)
+    # (__import__, not importlib.import_module: the importlib package costs start-up time)
+    module = __import__(f"{__name__}.{entry.module}", fromlist=(entry.function,))
+    handler = getattr(module, entry.function)
     return handler(cli, getopt.argv[getopt.optind :])
 
 
@@ -176,7 +180,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if argv is None:
         # As a program, die of Ctrl-C the way qemu-img does (it keeps SIGINT's default
         # action): no traceback, and the parent sees death by SIGINT (a shell: 130).
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
     if prog is None:
         prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "qimg"
         prog = prog.removesuffix(".py")  # `python -m qimg` and `python qimg.py` say "qimg"
@@ -194,3 +198,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 1
     finally:
         sys.stdout.flush()
+        if argv is None:
+            # As a program the process ends next, and the interpreter's exit would run a
+            # garbage collection over every object qimg made: about 3 ms of a 25 ms `info`.
+            # Frozen objects are left out of it. Nothing here needs it: no object of
+            # qimg's has a finalizer (files and images are closed explicitly), and the
+            # interpreter still flushes stdout and stderr and runs atexit handlers.
+            gc.freeze()

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import sys
-from typing import NoReturn
 
 from qcow2lib.cli.gnu_getopt import GetoptLong
 from qcow2lib.sizes import INT64_MAX, SizeError, parse_size
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 
 class CliExit(Exception):

@@ -4,10 +4,11 @@ the exact optind that its error messages expose)."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+
+from qcow2lib.records import frozen_record
 
 
-@dataclass(frozen=True)
+@frozen_record
 class LongOpt:
     """One entry of getopt_long()'s option table; `val` is what next() returns for it."""
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, NoReturn
 
 import qcow2lib
 from qcow2lib.bitmaps import check_qemu_constraints
@@ -25,8 +23,12 @@ from qcow2lib.qobject import qemu_json_compact
 from qcow2lib.cli.secrets import secret_value
 from qcow2lib.image import Qcow2Image
 from qcow2lib.ops import error_text, full_backing_filename, host_path
+from qcow2lib.records import record as dataclass  # (not dataclasses: start-up time)
 
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:  # (the NBD client is imported only when an NBD export is opened)
+    from typing import NoReturn
+
     from qcow2lib.exports.nbd_client import NBDAddress
     from qcow2lib.chain import ImageTarget
 

@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
+from qcow2lib.records import frozen_record
 from qcow2lib.sizes import INT64_MAX, SizeError, parse_number, parse_size
 
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from typing import Any
 
-@dataclass(frozen=True)
+
+@frozen_record
 class OptDesc:
     """One creation option as qemu-img declares it: name, type, help, default."""
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import os
 import sys
 
@@ -57,6 +56,8 @@ def _read_secret_file(path: str) -> bytes:
 
 def _base64_decode(data: bytes) -> bytes:
     """GLib's lenient base64 decoding, refusing what QEMU's qbase64_decode refuses."""
+    import base64  # (here: only format=base64 secrets need it, and qimg starts often)
+
     text = data.decode("latin-1")
     body = text.rstrip("=")
     if (

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import re
 import struct
-from dataclasses import dataclass, replace
 
 from .. import structs as S
 from ..bitmaps import (
@@ -30,6 +29,7 @@ from ..bitmaps import (
 )
 from ..errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureError
 from ..header import Extension
+from ..records import record, replace
 
 MAX_NAME_BYTES = 1023
 MIN_GRANULARITY_BITS, MAX_GRANULARITY_BITS = 9, 31
@@ -45,7 +45,7 @@ def default_granularity(image) -> int:
     return min(65536, max(4096, image.cluster_size))
 
 
-@dataclass
+@record
 class _Bitmap:
     """A bitmap as a session will store it."""
 
