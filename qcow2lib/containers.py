@@ -11,19 +11,20 @@ refused in QEMU's words.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeAlias
-
 from .drivers import KNOWN_DRIVERS
 from .errors import InvalidArgumentError, UnsupportedFeatureError
 from .hostfile import open_host_file
+from .records import frozen_record
 
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from .blkdebug import BlkdebugFile
     from .hostfile import HostFile
 
 
-@dataclass(frozen=True)
+@frozen_record
 class NodeReference:
     """An option naming another node by its node name instead of describing one (QEMU's
     "data-file": "name", "backing": "name"). qimg keeps no named nodes, so opening one

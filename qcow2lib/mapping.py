@@ -67,11 +67,12 @@ class Segment:
         )
 
     def __eq__(self, other: object) -> bool:
-        if other.__class__ is not Segment:
+        if not isinstance(other, Segment):
             return NotImplemented
-        return self._values() == other._values()  # type: ignore[attr-defined]
+        return self._values() == other._values()
 
-    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
+    def __hash__(self) -> int:
+        raise TypeError("unhashable type: 'Segment' (mutable, compared by value)")
 
     def __repr__(self) -> str:
         items = ", ".join(

@@ -47,7 +47,8 @@ class _Factory:
 
 def field(*, default_factory: Callable[[], _T]) -> _T:
     """A field whose default is made anew for every instance (a list, dict or set)."""
-    return _Factory(default_factory)  # type: ignore[return-value]
+    factory: Any = _Factory(default_factory)  # stands in the class body for a _T
+    return factory
 
 
 def _fields_of(cls: type) -> dict[str, object]:
@@ -76,23 +77,26 @@ def _build(cls: type[_T], frozen: bool) -> type[_T]:
         if isinstance(default, _Factory):
             delattr(cls, name)  # as dataclasses: the class keeps no shared default
 
+    # The methods are replaced on a class whose declared type mypy already knows.
+    record_class: Any = cls
+
     def first_init(self, *args, **kwargs) -> None:
         """Compiles the real __init__ on the first instance: the compile is most of a
         record's cost, and many record classes are never instantiated in a qimg run."""
         init = _compile_init(cls, fields, frozen)
-        cls.__init__ = init  # type: ignore[method-assign]
+        record_class.__init__ = init
         init(self, *args, **kwargs)
 
-    cls.__init__ = first_init  # type: ignore[method-assign]
-    cls.__record_fields__ = tuple(fields)  # type: ignore[attr-defined]
-    cls.__repr__ = _repr  # type: ignore[assignment]
-    cls.__eq__ = _eq  # type: ignore[assignment]
+    record_class.__init__ = first_init
+    record_class.__record_fields__ = tuple(fields)
+    record_class.__repr__ = _repr
+    record_class.__eq__ = _eq
     if frozen:
-        cls.__setattr__ = _refuse_setattr  # type: ignore[assignment]
-        cls.__delattr__ = _refuse_delattr  # type: ignore[assignment]
-        cls.__hash__ = _hash  # type: ignore[assignment]
+        record_class.__setattr__ = _refuse_setattr
+        record_class.__delattr__ = _refuse_delattr
+        record_class.__hash__ = _hash
     else:
-        cls.__hash__ = None  # type: ignore[assignment]
+        record_class.__hash__ = None
     return cls
 
 
@@ -149,7 +153,8 @@ def _refuse_delattr(self: Any, name: str) -> None:
 
 def replace(obj: _T, **changes: Any) -> _T:
     """A copy of the record `obj` with the fields named in `changes` set to new values."""
-    values = {name: getattr(obj, name) for name in obj.__record_fields__}  # type: ignore[attr-defined]
+    record: Any = obj
+    values = {name: getattr(record, name) for name in record.__record_fields__}
     unknown = changes.keys() - values.keys()
     if unknown:
         raise TypeError(f"{type(obj).__name__} has no field {sorted(unknown)[0]!r}")

@@ -15,7 +15,7 @@ returns the exit code.
 
 from __future__ import annotations
 
-import _signal  # type: ignore[import-not-found]  # `signal` would import enum (start-up time)
+import _signal  # `signal` would import enum (start-up time)
 import gc
 import sys
 

@@ -23,7 +23,7 @@ from qcow2lib.qobject import qemu_json_compact
 from qcow2lib.cli.secrets import secret_value
 from qcow2lib.image import Qcow2Image
 from qcow2lib.ops import error_text, full_backing_filename, host_path
-from qcow2lib.records import record as dataclass  # (not dataclasses: start-up time)
+from qcow2lib.records import record  # (not dataclasses: start-up time)
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:  # (the NBD client is imported only when an NBD export is opened)
@@ -80,7 +80,7 @@ def report_failure(cli: Cli, exc: OpenFailure | CreateError) -> None:
     sys.stderr.write(exc.hint)
 
 
-@dataclass
+@record
 class ImageSpec:
     """An image argument: `name` is how messages call it, `path` the host file (or the
     NBD export's name, `nbd` its address when options gave it)."""
