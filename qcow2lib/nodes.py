@@ -8,6 +8,8 @@ open_node() first.
 
 from __future__ import annotations
 
+import sys
+
 from . import structs as S
 from .blockdev import BlockDevice, RawDevice
 from .errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureError
@@ -22,15 +24,24 @@ def is_node_name(name: str) -> bool:
     return name.startswith(("blkdebug:", "null-co:", "null-aio:"))
 
 
+def loaded_instance(obj, module: str, class_name: str) -> bool:
+    """isinstance(obj, qcow2lib.<module>.<class_name>), without importing that module when
+    nothing has: then no object of the class exists. Nodes are rare, and importing their
+    modules for every image opened would cost each qimg start-up time."""
+    loaded = sys.modules.get(f"{__package__}.{module}")
+    return loaded is not None and isinstance(obj, getattr(loaded, class_name))
+
+
+_TARGET_CLASSES = (("blkdebug", "BlkdebugTarget"), ("nulldev", "NullTarget"))
+
+
 def is_node_target(path) -> bool:
     """Whether open_image gets a node of this module from `path` (a name or a target)."""
-    from .blkdebug import BlkdebugTarget
-    from .nulldev import NullTarget
-    from .quorum import QuorumTarget
-
     if isinstance(path, str):
         return is_node_name(path)
-    return isinstance(path, (BlkdebugTarget, NullTarget, QuorumTarget))
+    return loaded_instance(path, "quorum", "QuorumTarget") or any(
+        loaded_instance(path, module, name) for module, name in _TARGET_CLASSES
+    )
 
 
 def node_target(driver: str | None, opts: dict[str, str], name: str):
@@ -57,12 +68,27 @@ def node_target(driver: str | None, opts: dict[str, str], name: str):
 
 def open_node(path, mode: str, fmt: str | None, **kwargs) -> BlockDevice | None:
     """A blkdebug, null-co or quorum node when `path` or `fmt` names one, else None."""
-    from . import blkdebug, nulldev, quorum
-
-    if isinstance(path, quorum.QuorumTarget):
+    if loaded_instance(path, "quorum", "QuorumTarget"):
         return _open_over_quorum(path, mode, fmt, **kwargs)
+    named = path if isinstance(path, str) else ""
+    null_node = loaded_instance(path, "nulldev", "NullTarget")
+    if null_node or named.startswith("null-") or (fmt or "").startswith("null-"):
+        device = _open_null(path, mode, fmt, null_node)
+        if device is not None:
+            return device
+    if named.startswith("blkdebug:") or loaded_instance(path, "blkdebug", "BlkdebugTarget"):
+        from . import blkdebug
 
-    if isinstance(path, nulldev.NullTarget) or fmt in nulldev.NULL_DRIVERS:
+        return blkdebug.open_blkdebug(path, mode, fmt, **kwargs)
+    return None
+
+
+def _open_null(path, mode: str, fmt: str | None, null_node: bool) -> BlockDevice | None:
+    """A null-co/null-aio node, given by target, by name or as the format; None when
+    `path` and `fmt` only looked like one."""
+    from . import nulldev
+
+    if null_node or fmt in nulldev.NULL_DRIVERS:
         if isinstance(path, str):
             path = nulldev.parse_null_name(path) if nulldev.is_null_name(path) else None
         if path is None:
@@ -76,10 +102,6 @@ def open_node(path, mode: str, fmt: str | None, **kwargs) -> BlockDevice | None:
         device = nulldev.NullDevice(nulldev.parse_null_name(path), mode)
         device.format = "raw"  # named by its protocol, the node gets a (probed) format
         return device
-    if isinstance(path, blkdebug.BlkdebugTarget) or (
-        isinstance(path, str) and path.startswith("blkdebug:")
-    ):
-        return blkdebug.open_blkdebug(path, mode, fmt, **kwargs)
     return None
 
 

@@ -8,12 +8,12 @@ or hand it to programs that already parse `qemu-img info --output=json`.
 from __future__ import annotations
 
 import os
-import sys
 
 from ..bitmaps import check_qemu_constraints
 from ..chain import BackingNode, is_nbd_name, untrusted_backing_path
 from ..containers import DataFileTarget
 from ..errors import CorruptImageError, ImageLockedError, Qcow2Error
+from ..nodes import loaded_instance
 from . import error_text, full_backing_filename, host_path, image_target, open_by_name, virtual_size
 
 CRYPT_AES, CRYPT_LUKS = 1, 2  # qcow2 header crypt_method values
@@ -110,14 +110,6 @@ def _snapshot_list(img) -> list[dict]:
     return infos
 
 
-def _is_instance(obj, module: str, class_name: str) -> bool:
-    """isinstance(obj, qcow2lib.<module>.<class_name>), without importing that module when
-    nothing has: then no object of the class exists (blkdebug, null and quorum nodes are
-    rare, and importing their modules for every info would cost start-up time)."""
-    loaded = sys.modules.get(f"qcow2lib.{module}")
-    return loaded is not None and isinstance(obj, getattr(loaded, class_name))
-
-
 def _describe(img, path: str) -> dict:
     """The info dict of an open image whose host file is `path`."""
     backing_base: str | None = path  # where relative backing names resolve
@@ -130,20 +122,20 @@ def _describe(img, path: str) -> dict:
         info["filename"] = img.filename
         if img.format != "qcow2":
             del info["dirty-flag"]
-    elif _is_instance(img, "nulldev", "NullDevice"):  # stores nothing
+    elif loaded_instance(img, "nulldev", "NullDevice"):  # stores nothing
         info["actual-size"] = 0
         del info["dirty-flag"]  # the null driver has no image information to give
-    elif _is_instance(getattr(img, "file", None), "quorum", "QuorumFile"):
+    elif loaded_instance(getattr(img, "file", None), "quorum", "QuorumFile"):
         info["actual-size"] = img.file.allocated_bytes()
         backing_base = None  # its copies lie in no one directory: no relative name resolves
     elif img.format == "blkdebug":  # the node itself: no allocated size; as a filter it
         child = img.child  # gives its child's image information (null-co has none)
-        if _is_instance(child, "nulldev", "NullDevice"):
+        if loaded_instance(child, "nulldev", "NullDevice"):
             del info["dirty-flag"]
         elif child.format == "qcow2":
             info["cluster-size"] = child.cluster_size
             info["dirty-flag"] = child.dirty
-    elif _is_instance(getattr(img, "file", None), "blkdebug", "BlkdebugFile"):
+    elif loaded_instance(getattr(img, "file", None), "blkdebug", "BlkdebugFile"):
         # blkdebug reports no allocated size ("unavailable"); relative backing names
         # resolve in the directory of the file beneath it
         backing_base = img.file.path
