@@ -31,9 +31,12 @@ if TYPE_CHECKING:
     from .exports.nbd_client import NBDAddress
     from .nulldev import NullTarget
     from .quorum import QuorumTarget
+    from .throttle import ThrottleTarget
 
     # what open_image opens: a host file or node name, an NBD export, or a node's options
-    ImageTarget: TypeAlias = str | NBDAddress | BlkdebugTarget | NullTarget | QuorumTarget
+    ImageTarget: TypeAlias = (
+        str | NBDAddress | BlkdebugTarget | NullTarget | QuorumTarget | ThrottleTarget
+    )
 
 MAX_CHAIN_DEPTH = 16
 FORMATS = ("luks", "qcow2", "raw")  # luks: luks_image.py (issue 14)

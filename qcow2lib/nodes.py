@@ -1,9 +1,9 @@
 """QEMU block nodes that qimg opens besides host files, images and NBD exports.
 
-blkdebug (fault injection, blkdebug.py), null-co/null-aio (nulldev.py) and quorum beneath
-an image (quorum.py): their names (blkdebug:CONFIG:IMAGE, null-co://), their json: or
---image-opts options, and opening them for open_image (chain.py), which asks
-open_node() first.
+blkdebug (fault injection, blkdebug.py), null-co/null-aio (nulldev.py), quorum beneath
+an image (quorum.py) and the throttle filter (throttle.py): their names
+(blkdebug:CONFIG:IMAGE, null-co://), their json: or --image-opts options, and opening
+them for open_image (chain.py), which asks open_node() first.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from .blockdev import BlockDevice, RawDevice
 from .errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureError
 from .image import Qcow2Image
 
-NODE_DRIVERS = ("blkdebug", "null-co", "null-aio")  # as "driver"
+NODE_DRIVERS = ("blkdebug", "null-co", "null-aio", "throttle")  # as "driver"
 FILE_NODE_DRIVERS = ("blkdebug", "quorum")  # as "file.driver", beneath an image
 
 
@@ -27,10 +27,11 @@ def is_node_target(path) -> bool:
     from .blkdebug import BlkdebugTarget
     from .nulldev import NullTarget
     from .quorum import QuorumTarget
+    from .throttle import ThrottleTarget
 
     if isinstance(path, str):
         return is_node_name(path)
-    return isinstance(path, (BlkdebugTarget, NullTarget, QuorumTarget))
+    return isinstance(path, (BlkdebugTarget, NullTarget, QuorumTarget, ThrottleTarget))
 
 
 def node_target(driver: str | None, opts: dict[str, str], name: str):
@@ -42,6 +43,10 @@ def node_target(driver: str | None, opts: dict[str, str], name: str):
         return nulldev.target_from_options(driver, opts, name), driver
     if driver == "blkdebug":
         return blkdebug.target_from_options(name, opts), "blkdebug"
+    if driver == "throttle":
+        from . import throttle
+
+        return throttle.target_from_options(name, opts), "throttle"
     file_driver = opts.pop("file.driver")
     file_opts = {key[5:]: opts.pop(key) for key in list(opts) if key.startswith("file.")}
     if opts:
@@ -56,9 +61,12 @@ def node_target(driver: str | None, opts: dict[str, str], name: str):
 
 
 def open_node(path, mode: str, fmt: str | None, **kwargs) -> BlockDevice | None:
-    """A blkdebug, null-co or quorum node when `path` or `fmt` names one, else None."""
-    from . import blkdebug, nulldev, quorum
+    """A blkdebug, null-co, quorum or throttle node when `path` or `fmt` names one, else
+    None."""
+    from . import blkdebug, nulldev, quorum, throttle
 
+    if isinstance(path, throttle.ThrottleTarget):
+        return throttle.open_throttle(path, mode, **kwargs)
     if isinstance(path, quorum.QuorumTarget):
         return _open_over_quorum(path, mode, fmt, **kwargs)
 

@@ -27,6 +27,7 @@ def cmd_commit(cli: Cli, argv: list[str]) -> int:
     fmt = base = None
     cache = "writeback"
     progress = quiet = drop = image_opts = False
+    rate_limit = 0
     getopt = GetoptLong(
         argv,
         ":f:ht:b:dpqr:",
@@ -56,7 +57,8 @@ def cmd_commit(cli: Cli, argv: list[str]) -> int:
         elif c == "q":
             quiet = True
         elif c == "r":
-            if cvtnum(cli, "rate limit", arg) is None:
+            rate_limit = cvtnum(cli, "rate limit", arg)
+            if rate_limit is None:
                 return 1
         elif c == "object":
             process_object(cli, arg)
@@ -94,6 +96,7 @@ def cmd_commit(cli: Cli, argv: list[str]) -> int:
                 progress=meter.callback if meter.enabled else None,
                 backing_passphrases=passphrases[1:],
                 untrusted=untrusted(),
+                rate_limit=rate_limit,
             )
     except Qcow2Error as exc:
         meter.end()
