@@ -18,7 +18,6 @@ checked exactly without timing anything.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -289,6 +288,8 @@ class ThrottleTarget:
 
         child = _child_tree(self.child)
         if self.name.startswith("json:"):  # its numbers and booleans stay such
+            import json
+
             from .chain import json_text_tree
 
             given = json_text_tree(self.name).get("file")

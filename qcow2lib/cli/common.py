@@ -23,6 +23,8 @@ class Cli:
     def __init__(self, prog: str):
         self.prog = prog
         self.secrets: dict[str, bytes] = {}  # --object secret,id=ID,... values
+        # --object throttle-group ids, registered with the engine until the command ends
+        self.throttle_groups: list[str] = []
 
     def out(self, text: str) -> None:
         """Write to the current stdout (looked up each time, so capturing works)."""

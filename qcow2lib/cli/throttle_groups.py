@@ -18,7 +18,7 @@ UINT_MAX = (1 << 32) - 1
 
 def _integer(name: str, text: str) -> int:
     """A QOM integer property's value, or QEMU's refusal of it."""
-    value = parse_strtol(text) if text == text.lstrip() else None
+    value = parse_strtol(text)
     if value is None or not INT64_MIN <= value <= INT64_MAX:
         raise ObjectError(f"Parameter '{name}' expects integer")
     return value
@@ -60,3 +60,4 @@ def add_throttle_group(cli: Cli, object_id: str, props: dict[str, str]) -> None:
         throttle.register_group(object_id, throttle.ThrottleGroup(limits))
     except Qcow2Error as exc:
         raise ObjectError(str(exc)) from None
+    cli.throttle_groups.append(object_id)
