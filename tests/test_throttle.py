@@ -8,6 +8,7 @@ and a real rate-limited run can finish no sooner than its size and rate allow.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -397,3 +398,27 @@ def test_throttle_group_ids_shared_with_secrets_and_dropped_after_the_command(tm
         result = assert_same(tmp_path, "info", "--object", first, "--object", second, "r.raw")
         assert "duplicate property 'G'" in result.stderr
     assert not throttle.has_group("G")  # qimg.main ran in this process and dropped it
+
+
+@pytest.mark.parametrize("node", [NODES[0], NODES[3]])
+def test_resize_through_throttle_node(node_images: Path, node: str):
+    """A filter is resized by resizing its child (as qemu-img does); a shrink still asks
+    for --shrink."""
+    image = "t.qcow2" if "qcow2" in node else "r.raw"
+    for tool in ("qimg", "qemu-img"):
+        shutil.copy(node_images / image, node_images / f"{tool}-{image}")
+    ours, theirs = (node.replace(image, f"{tool}-{image}") for tool in ("qimg", "qemu-img"))
+    for args in (["2M"], ["1M"], ["--shrink", "1M"]):
+        mine = run_qimg(node_images, "resize", "--object", OBJECT, "--image-opts", ours, *args)
+        real = run(
+            ["qemu-img", "resize", "--object", OBJECT, "--image-opts", theirs, *args],
+            check=False,
+            cwd=node_images,
+        )
+        assert (mine.returncode, mine.stdout, mine.stderr) == (
+            real.returncode,
+            real.stdout,
+            real.stderr,
+        )
+        sizes = {(node_images / f"{tool}-{image}").stat().st_size for tool in ("qimg", "qemu-img")}
+        assert len(sizes) == 1, args
