@@ -14,7 +14,7 @@ from .errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureE
 from .image import Qcow2Image
 
 NODE_DRIVERS = ("blkdebug", "null-co", "null-aio", "throttle")  # as "driver"
-FILE_NODE_DRIVERS = ("blkdebug", "quorum")  # as "file.driver", beneath an image
+FILE_NODE_DRIVERS = ("blkdebug", "quorum", "throttle")  # as "file.driver", beneath an image
 
 
 def is_node_name(name: str) -> bool:
@@ -57,6 +57,10 @@ def node_target(driver: str | None, opts: dict[str, str], name: str):
         from . import quorum
 
         return quorum.target_from_options(name, file_opts), driver
+    if file_driver == "throttle":
+        from . import throttle
+
+        return throttle.target_from_options(name, file_opts, beneath=True), driver
     return blkdebug.target_from_options(name, file_opts), driver
 
 
@@ -66,6 +70,8 @@ def open_node(path, mode: str, fmt: str | None, **kwargs) -> BlockDevice | None:
     from . import blkdebug, nulldev, quorum, throttle
 
     if isinstance(path, throttle.ThrottleTarget):
+        if path.beneath:
+            return _open_over_throttle(path, mode, fmt, **kwargs)
         return throttle.open_throttle(path, mode, **kwargs)
     if isinstance(path, quorum.QuorumTarget):
         return _open_over_quorum(path, mode, fmt, **kwargs)
@@ -96,12 +102,33 @@ def _open_over_quorum(target, mode: str, fmt: str | None, **kwargs) -> BlockDevi
     from .quorum import QuorumFile
 
     file = QuorumFile(target, writable=mode == "r+")
+    return _open_over_file(file, lambda fmt: target.name, None, (), mode, fmt, **kwargs)
+
+
+def _open_over_throttle(target, mode: str, fmt: str | None, **kwargs) -> BlockDevice:
+    """An image whose file is a throttle node above a host file (throttle.py): relative
+    backing names resolve beside that file."""
+    import os
+
+    from .throttle import open_throttle_file
+
+    file = open_throttle_file(target, writable=mode == "r+")
+    chain = (os.path.realpath(file.path),)
+    return _open_over_file(file, target.display_name, file.path, chain, mode, fmt, **kwargs)
+
+
+def _open_over_file(
+    file, name_of, host_path: str | None, chain: tuple, mode: str, fmt: str | None, **kwargs
+) -> BlockDevice:
+    """A raw or qcow2 image (probed when `fmt` is None) on `file`, a HostFile-like node;
+    name_of(format) is the image's name, host_path where its relative backing names
+    resolve (None: nowhere), chain the real paths for loop checks."""
     try:
         if fmt is None:
             fmt = "qcow2" if file.pread(4, 0) == S.QCOW_MAGIC.to_bytes(4, "big") else "raw"
         file.no_flush = kwargs.get("cache") == "unsafe"
         if fmt == "raw":
-            return RawDevice(target.name, mode, kwargs.get("force_share", False), file=file)
+            return RawDevice(name_of(fmt), mode, kwargs.get("force_share", False), file=file)
         if fmt != "qcow2":
             raise InvalidArgumentError(f"Unknown driver '{fmt}'")
     except BaseException:
@@ -111,14 +138,14 @@ def _open_over_quorum(target, mode: str, fmt: str | None, **kwargs) -> BlockDevi
 
     own, backing_passphrase = _split_passphrase(kwargs.get("passphrase"))
     force_share = kwargs.get("force_share", False)
-    image = Qcow2Image(target.name, mode, force_share=force_share, passphrase=own, file=file)
+    image = Qcow2Image(name_of(fmt), mode, force_share=force_share, passphrase=own, file=file)
     return _finish_qcow2(
         image,
-        None,
+        host_path,
         kwargs.get("backing", True),
         force_share,
         backing_passphrase,
         kwargs.get("open_data_file", True),
-        (),
+        chain,
         None,
     )

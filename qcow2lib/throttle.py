@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from .blockdev import BlockDevice, Extent
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, UnsupportedFeatureError
 
 NS_PER_SECOND = 1_000_000_000
 SLICE_NS = 100_000_000  # a block job's time slice (QEMU's BLOCK_JOB_SLICE_TIME)
@@ -276,27 +276,47 @@ def find_group(name: str) -> ThrottleGroup:
 
 @dataclass
 class ThrottleTarget:
-    """A throttle node to open: its group's name and its child's options (flattened)."""
+    """A throttle node to open: its group's name and its child's options (flattened).
+    `beneath`: the node is an image's file (file.driver=throttle), not the top node."""
 
     name: str
     group: str
     child: dict[str, str] = field(default_factory=dict)
+    beneath: bool = False
 
-    def display_name(self) -> str:
-        """QEMU's json: name of the node: the group, the driver, the child's options."""
+    def display_name(self, format_name: str | None = None) -> str:
+        """QEMU's json: name of the node (the group, the driver, the child's options), or
+        with `format_name` that of the image of that format above it."""
         from .qobject import qemu_json_compact
 
+        tree = self._tree()
+        if format_name is not None:
+            tree = {"driver": format_name, "file": tree}
+        return "json:" + qemu_json_compact(tree)
+
+    def _tree(self) -> dict:
         child = _child_tree(self.child)
         if self.name.startswith("json:"):  # its numbers and booleans stay such
             import json
 
             from .chain import json_text_tree
 
-            given = json_text_tree(self.name).get("file")
+            given = json_text_tree(self.name)
+            if self.beneath:
+                given = given.get("file") if isinstance(given.get("file"), dict) else {}
+            given = given.get("file")
             if isinstance(given, dict) and all("." not in key for key in given):
                 child = _spell(json.loads(json.dumps(given)))
-        tree = {"throttle-group": self.group, "driver": "throttle", "file": child}
-        return "json:" + qemu_json_compact(tree)
+        return {"throttle-group": self.group, "driver": "throttle", "file": child}
+
+    def host_filename(self) -> str:
+        """The host file beneath the node when it sits beneath an image format."""
+        child = self.child
+        if child.get("driver", "file") not in ("file", "host_device") or "filename" not in child:
+            raise UnsupportedFeatureError(
+                "qimg puts throttle beneath an image format only above a host file"
+            )
+        return child["filename"]
 
 
 def _child_tree(options: Mapping[str, str]) -> dict:
@@ -321,9 +341,12 @@ def _spell(node: dict) -> dict:
     return out
 
 
-def target_from_options(name: str, options: Mapping[str, str]) -> ThrottleTarget:
+def target_from_options(
+    name: str, options: Mapping[str, str], beneath: bool = False
+) -> ThrottleTarget:
     """A throttle node given as options (json: or --image-opts, flattened, without
-    "driver"): throttle-group, and the child as file.* options."""
+    "driver"): throttle-group, and the child as file.* options. beneath: the node is
+    an image's file."""
     child = {key[5:]: value for key, value in options.items() if key.startswith("file.")}
     for key in options:
         if key != "throttle-group" and not key.startswith("file."):
@@ -339,7 +362,7 @@ def target_from_options(name: str, options: Mapping[str, str]) -> ThrottleTarget
     if group is None:
         raise InvalidArgumentError("Please specify a throttle group")
     find_group(group)  # refused now if it does not exist, as QEMU refuses it
-    return ThrottleTarget(name, group, child)
+    return ThrottleTarget(name, group, child, beneath)
 
 
 class ThrottleDevice(BlockDevice):
@@ -387,6 +410,56 @@ class ThrottleDevice(BlockDevice):
         if not self._closed:
             self._closed = True
             self.child.close()
+
+
+class ThrottleFile:
+    """A host file seen through a throttle node beneath an image: HostFile's interface,
+    reads, writes and hole punches waiting for the group's allowance first."""
+
+    def __init__(self, file, group: ThrottleGroup, node_name: str):
+        self._file = file
+        self.group = group
+        self.node_name = node_name  # QEMU's name of the node, which map shows
+
+    def __getattr__(self, name: str):
+        return getattr(self._file, name)
+
+    @property
+    def no_flush(self) -> bool:
+        return self._file.no_flush
+
+    @no_flush.setter
+    def no_flush(self, value: bool) -> None:
+        self._file.no_flush = value
+
+    def pread(self, length: int, offset: int) -> bytes:
+        self.group.intercept(length, False)
+        return self._file.pread(length, offset)
+
+    def readinto(self, buf, offset: int) -> None:
+        self.group.intercept(memoryview(buf).nbytes, False)
+        self._file.readinto(buf, offset)
+
+    def pwrite(self, data, offset: int) -> None:
+        self.group.intercept(memoryview(data).nbytes, True)
+        self._file.pwrite(data, offset)
+
+    def pwritev(self, buffers: list, offset: int) -> None:
+        self.group.intercept(sum(memoryview(b).nbytes for b in buffers), True)
+        self._file.pwritev(buffers, offset)
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        self.group.intercept(length, True)
+        return self._file.punch_hole(offset, length)
+
+
+def open_throttle_file(target: ThrottleTarget, writable: bool) -> ThrottleFile:
+    """The host file beneath a throttle node that an image format sits on."""
+    from .hostfile import open_host_file
+
+    group = find_group(target.group)
+    host = open_host_file(target.host_filename(), writable=writable)
+    return ThrottleFile(host, group, target.display_name())
 
 
 def open_throttle(target: ThrottleTarget, mode: str, **kwargs) -> ThrottleDevice:

@@ -177,6 +177,29 @@ def test_throttle_device_limits_each_request(tmp_path: Path):
     assert path.read_bytes()[8192:12288] == bytes(4096)
 
 
+def test_throttle_file_limits_each_request(tmp_path: Path):
+    """Beneath an image, the node limits its host file's reads, writes and hole punches."""
+    from qcow2lib.hostfile import open_host_file
+    from qcow2lib.throttle import ThrottleFile
+
+    path = tmp_path / "disk.raw"
+    path.write_bytes(b"\x11" * 65536)
+    fake = FakeTime()
+    group = ThrottleGroup({"iops-total": 10}, clock=fake.clock, sleep=fake.sleep)
+    file = ThrottleFile(open_host_file(str(path), writable=True), group, "node")
+    try:
+        assert file.pread(512, 0) == b"\x11" * 512
+        file.pwrite(b"\x22" * 512, 512)
+        file.pwritev([b"\x33" * 512, b"\x44" * 512], 1024)  # one request
+        buf = bytearray(2048)
+        file.readinto(memoryview(buf), 0)
+        file.punch_hole(4096, 4096)
+        assert fake.sleeps == [100 * MS] * 3
+        assert bytes(buf) == b"\x11" * 512 + b"\x22" * 512 + b"\x33" * 512 + b"\x44" * 512
+    finally:
+        file.close()
+
+
 # -- the engine's copies with -r, on the fake clock --
 
 
@@ -278,6 +301,12 @@ NODES = [
     "driver=throttle,throttle-group=G,file.filename=r.raw",
     "driver=throttle,throttle-group=G,file.driver=null-co",
     "driver=throttle,throttle-group=G,file.driver=null-co,file.size=4096",
+    # beneath an image format (file.driver=throttle), the format stated or probed
+    "driver=qcow2,file.driver=throttle,file.throttle-group=G,file.file.filename=t.qcow2",
+    "driver=qcow2,file.driver=throttle,file.throttle-group=G,file.file.filename=top.qcow2",
+    "file.driver=throttle,file.throttle-group=G,file.file.filename=t.qcow2",
+    "driver=raw,file.driver=throttle,file.throttle-group=G,file.file.filename=r.raw",
+    "driver=qcow2,file.driver=throttle,file.throttle-group=H,file.file.filename=t.qcow2",
     # refused: no group, an unknown group, no child, an unknown option
     "driver=throttle,file.driver=file,file.filename=r.raw",
     "driver=throttle,throttle-group=H,file.filename=r.raw",
@@ -289,6 +318,8 @@ NODES = [
 @pytest.fixture
 def node_images(tmp_path: Path) -> Path:
     qemu_img("create", "-q", "-f", "qcow2", tmp_path / "t.qcow2", "1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "t.qcow2", "-F", "qcow2", tmp_path / "top.qcow2")
+    qemu_io(tmp_path / "top.qcow2", "write -P 6 64k 64k")
     qemu_io(tmp_path / "t.qcow2", "write -P 5 0 64k", "write -z 128k 64k")
     (tmp_path / "r.raw").write_bytes(b"\x05" * 65536 + bytes(65536 * 15))
     return tmp_path
@@ -297,7 +328,18 @@ def node_images(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("node", NODES)
 @pytest.mark.parametrize("output", ["human", "json"])
 def test_info_of_throttle_node(node_images: Path, node: str, output: str):
-    assert_same(node_images, "info", f"--output={output}", "--object", OBJECT, "--image-opts", node)
+    args = ["--output", output, "--backing-chain", "--object", OBJECT, "--image-opts", node]
+    assert_same(node_images, "info", *args)
+
+
+# (1 GiB of null-co read at 1 MiB/s would take a quarter of an hour, in both tools)
+@pytest.mark.parametrize("node", [node for node in NODES if not node.endswith("null-co")])
+def test_map_and_compare_through_throttle_node(node_images: Path, node: str):
+    for output in ("human", "json"):
+        assert_same(
+            node_images, "map", "--output", output, "--object", OBJECT, "--image-opts", node
+        )
+    assert_same(node_images, "compare", "--object", OBJECT, "--image-opts", node, node)
 
 
 JSON_NODE = (

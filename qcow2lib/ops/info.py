@@ -112,6 +112,7 @@ def _describe(img, path: str) -> dict:
     from ..blkdebug import BlkdebugFile
     from ..nulldev import NullDevice
     from ..quorum import QuorumFile
+    from ..throttle import ThrottleFile
 
     backing_base: str | None = path  # where relative backing names resolve
     info: dict = {
@@ -143,6 +144,9 @@ def _describe(img, path: str) -> dict:
                 info[key] = child[key]
             else:
                 info.pop(key, None)
+    elif isinstance(getattr(img, "file", None), ThrottleFile):  # beneath the image:
+        info["actual-size"] = os.stat(img.file.path).st_blocks * 512  # its file's usage
+        backing_base = img.file.path
     elif isinstance(getattr(img, "file", None), BlkdebugFile):
         # blkdebug reports no allocated size ("unavailable"); relative backing names
         # resolve in the directory of the file beneath it

@@ -71,6 +71,10 @@ def layer_filename(device: BlockDevice, depth: int) -> str:
     data_host = getattr(layer, "data_host", None)
     if data_host is not None:
         return data_host.path
+    node_name = getattr(getattr(layer, "file", None), "node_name", None)
+    if node_name is not None:  # a node (throttle) between the image and its host file:
+        # qcow2 names that node as its data's file, raw passes through to the host file
+        return node_name if layer.format == "qcow2" else layer.file.path
     return layer.filename
 
 
