@@ -111,7 +111,7 @@ class _Bucket:
         if not self.avg:
             return 0
         if self.max:  # all I/O at the burst rate first, then the average
-            allowance = self.max * self.burst_length
+            allowance = float(self.max * self.burst_length)
             burst_allowance = self.max / 10
         else:  # without a burst rate, a tenth of a second's worth may go at once
             allowance = self.avg / 10
@@ -301,10 +301,10 @@ class ThrottleTarget:
 
             from .chain import json_text_tree
 
-            given = json_text_tree(self.name)
-            if self.beneath:
-                given = given.get("file") if isinstance(given.get("file"), dict) else {}
-            given = given.get("file")
+            given: object = json_text_tree(self.name)
+            if self.beneath:  # the image's file is this node
+                given = given.get("file") if isinstance(given, dict) else None
+            given = given.get("file") if isinstance(given, dict) else None
             if isinstance(given, dict) and all("." not in key for key in given):
                 child = _spell(json.loads(json.dumps(given)))
         return {"throttle-group": self.group, "driver": "throttle", "file": child}

@@ -170,9 +170,10 @@ def cmd_convert(cli: Cli, argv: list[str]) -> int:
         elif c == "U":
             force_share = True
         elif c == "r":
-            rate_limit = cvtnum(cli, "rate limit", arg)
-            if rate_limit is None:
+            rate = cvtnum(cli, "rate limit", arg)
+            if rate is None:
                 return 1
+            rate_limit = rate
         elif c == "object":
             process_object(cli, arg)
         elif c == "image-opts":
