@@ -36,9 +36,12 @@ if TYPE_CHECKING:
     from .exports.nbd_client import NBDAddress
     from .nulldev import NullTarget
     from .quorum import QuorumTarget
+    from .throttle import ThrottleTarget
 
     # what open_image opens: a host file or node name, an NBD export, or a node's options
-    ImageTarget: TypeAlias = str | NBDAddress | BlkdebugTarget | NullTarget | QuorumTarget
+    ImageTarget: TypeAlias = (
+        str | NBDAddress | BlkdebugTarget | NullTarget | QuorumTarget | ThrottleTarget
+    )
 
 # a backing node given by options instead of the one the header names: the node's options
 # (flattened, keys relative to it), or a reference (NodeReference("") for none)
@@ -48,6 +51,10 @@ MAX_CHAIN_DEPTH = 16
 FORMATS = ("luks", "qcow2", "raw")  # luks: luks_image.py (issue 14)
 # Protocol driver names accepted where a format is: the device's bytes as they are.
 RAW_PROTOCOLS = ("host_device", "file")
+# Every block driver qimg implements (formats, protocols, nodes), sorted as qemu-img
+# --help lists its "Supported formats". quorum is left out: qimg opens it only beneath
+# a format (file.driver=quorum), not as a node of its own.
+DRIVERS = tuple(sorted(FORMATS + RAW_PROTOCOLS + ("nbd", "vmdk") + nodes.NODE_DRIVERS))
 
 
 def probe_format(path: str, backing_of: str | None = None) -> str:

@@ -40,6 +40,7 @@ import threading
 
 from .blockdev import BlockDevice, Extent, RawDevice
 from .errors import CorruptImageError, InvalidArgumentError, Qcow2IOError, UnsupportedFeatureError
+from .throttle import ThrottleGroup
 
 SECTOR = 512
 IO_BUF_SIZE = 2 << 20
@@ -251,8 +252,10 @@ class _Converter:
         buffer_size,
         salvage=None,
         existing_target=False,
+        write_limit: ThrottleGroup | None = None,
     ) -> None:
         self.target = target
+        self.write_limit = write_limit
         self.salvage = salvage  # the callback of convert(salvage=...), or None
         self.compressed = compress
         self.min_sparse = sparse_size // SECTOR
@@ -512,20 +515,30 @@ class _Converter:
                     return False
                 done += copied
             if inside < length:
-                self.target.write(dst + inside, _ZEROS_VIEW[: length - inside])
+                self._target_write(dst + inside, _ZEROS_VIEW[: length - inside])
             pos += count
         return True
+
+    def _throttle(self, length: int) -> None:
+        """Before writing `length` bytes to the target: wait as the rate limit asks."""
+        if self.write_limit is not None:
+            self.write_limit.intercept(length, True)
+
+    def _target_write(self, offset: int, data) -> None:
+        self._throttle(len(data))
+        self.target.write(offset, data)
 
     def _zero(self, offset: int, length: int) -> None:
         """Make [offset, offset+length) of the target read zeros, where it does not yet."""
         end = min(offset + length, self.target.size)
         for start, stop in self.known_zero.gaps(offset, end):
+            self._throttle(stop - start)
             self.target.write_zeroes(start, stop - start, may_unmap=True)
 
     def _write(self, offset: int, data: memoryview, backing_buf) -> None:
         """Write data, leaving out clusters equal to the target's backing file."""
         if backing_buf is None:
-            self.target.write(offset, data)
+            self._target_write(offset, data)
             return
         granule = self.diff_granule
         end = offset + len(data)
@@ -541,11 +554,11 @@ class _Converter:
             if differs and run_start is None:
                 run_start = pos
             elif not differs and run_start is not None:
-                self.target.write(run_start, data[run_start - offset : pos - offset])
+                self._target_write(run_start, data[run_start - offset : pos - offset])
                 run_start = None
             pos = piece_end
         if run_start is not None:
-            self.target.write(run_start, data[run_start - offset : end - offset])
+            self._target_write(run_start, data[run_start - offset : end - offset])
 
     def _read_backing(self, offset: int, length: int, buf: bytearray) -> memoryview:
         view = memoryview(buf)[:length]
@@ -579,6 +592,7 @@ class _Converter:
                 pad = min(cs, self.target.size - offset)
                 view[length:pad] = self.target.read(offset + length, pad - length)
                 length = pad
+            self._throttle(length)
             self.target.write_compressed(offset, view[:length])
             return
         pos = 0
@@ -769,6 +783,9 @@ def convert(
     buffer_size: int = IO_BUF_SIZE,
     salvage=None,
     existing_target: bool = False,
+    rate_limit: int = 0,
+    clock=None,
+    sleep=None,
 ) -> None:
     """Copy the guest content of `sources` (one device, or several concatenated) into
     `target`, which must be at least as large. See the module docstring.
@@ -787,7 +804,10 @@ def convert(
     that counts the work (block status) and again while copying. existing_target: the
     target was not created for this copy (-n): as qemu-img does, what it reads now is not
     trusted to be zero, so the source's zero runs are written as zeroes there too (unless
-    target_is_zero).
+    target_is_zero). rate_limit: bytes per second written to the target (-r; 0: no
+    limit), as qemu-img limits them: a throttle group with that bps-write limit on the
+    target (throttle.py; copy offloading passes it by, as in QEMU); clock and sleep
+    replace the group's time.monotonic_ns and time.sleep (tests).
     """
     if isinstance(sources, BlockDevice):
         sources = [sources]
@@ -840,7 +860,17 @@ def convert(
         buffer_size,
         salvage,
         existing_target,
+        _write_limit(rate_limit, clock, sleep),
     ).run()
+
+
+def _write_limit(rate_limit: int, clock, sleep) -> ThrottleGroup | None:
+    if rate_limit < 0:
+        raise InvalidArgumentError(f"rate limit {rate_limit} is negative")
+    if not rate_limit:
+        return None
+    timing = {"clock": clock, "sleep": sleep}
+    return ThrottleGroup.write_rate(rate_limit, **{k: v for k, v in timing.items() if v})
 
 
 __all__ = ["convert", "ConvertError", "is_allocated_sectors", "is_allocated_sectors_min"]

@@ -1,9 +1,9 @@
 """QEMU block nodes that qimg opens besides host files, images and NBD exports.
 
-blkdebug (fault injection, blkdebug.py), null-co/null-aio (nulldev.py) and quorum beneath
-an image (quorum.py): their names (blkdebug:CONFIG:IMAGE, null-co://), their json: or
---image-opts options, and opening them for open_image (chain.py), which asks
-open_node() first.
+blkdebug (fault injection, blkdebug.py), null-co/null-aio (nulldev.py), quorum beneath
+an image (quorum.py) and the throttle filter (throttle.py): their names
+(blkdebug:CONFIG:IMAGE, null-co://), their json: or --image-opts options, and opening
+them for open_image (chain.py), which asks open_node() first.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from .blockdev import BlockDevice, RawDevice
 from .errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureError
 from .image import Qcow2Image
 
-NODE_DRIVERS = ("blkdebug", "null-co", "null-aio")  # as "driver"
-FILE_NODE_DRIVERS = ("blkdebug", "quorum")  # as "file.driver", beneath an image
+NODE_DRIVERS = ("blkdebug", "null-co", "null-aio", "throttle")  # as "driver"
+FILE_NODE_DRIVERS = ("blkdebug", "quorum", "throttle")  # as "file.driver", beneath an image
 
 
 def is_node_name(name: str) -> bool:
@@ -32,16 +32,19 @@ def loaded_instance(obj, module: str, class_name: str) -> bool:
     return loaded is not None and isinstance(obj, getattr(loaded, class_name))
 
 
-_TARGET_CLASSES = (("blkdebug", "BlkdebugTarget"), ("nulldev", "NullTarget"))
+_TARGET_CLASSES = (
+    ("blkdebug", "BlkdebugTarget"),
+    ("nulldev", "NullTarget"),
+    ("quorum", "QuorumTarget"),
+    ("throttle", "ThrottleTarget"),
+)
 
 
 def is_node_target(path) -> bool:
     """Whether open_image gets a node of this module from `path` (a name or a target)."""
     if isinstance(path, str):
         return is_node_name(path)
-    return loaded_instance(path, "quorum", "QuorumTarget") or any(
-        loaded_instance(path, module, name) for module, name in _TARGET_CLASSES
-    )
+    return any(loaded_instance(path, module, name) for module, name in _TARGET_CLASSES)
 
 
 def node_target(driver: str | None, opts: dict[str, str], name: str):
@@ -53,6 +56,10 @@ def node_target(driver: str | None, opts: dict[str, str], name: str):
         return nulldev.target_from_options(driver, opts, name), driver
     if driver == "blkdebug":
         return blkdebug.target_from_options(name, opts), "blkdebug"
+    if driver == "throttle":
+        from . import throttle
+
+        return throttle.target_from_options(name, opts), "throttle"
     file_driver = opts.pop("file.driver")
     file_opts = {key[5:]: opts.pop(key) for key in list(opts) if key.startswith("file.")}
     if opts:
@@ -63,11 +70,22 @@ def node_target(driver: str | None, opts: dict[str, str], name: str):
         from . import quorum
 
         return quorum.target_from_options(name, file_opts), driver
+    if file_driver == "throttle":
+        from . import throttle
+
+        return throttle.target_from_options(name, file_opts, beneath=True), driver
     return blkdebug.target_from_options(name, file_opts), driver
 
 
 def open_node(path, mode: str, fmt: str | None, **kwargs) -> BlockDevice | None:
-    """A blkdebug, null-co or quorum node when `path` or `fmt` names one, else None."""
+    """A blkdebug, null-co, quorum or throttle node when `path` or `fmt` names one, else
+    None."""
+    if loaded_instance(path, "throttle", "ThrottleTarget"):
+        from . import throttle
+
+        if path.beneath:
+            return _open_over_throttle(path, mode, fmt, **kwargs)
+        return throttle.open_throttle(path, mode, **kwargs)
     if loaded_instance(path, "quorum", "QuorumTarget"):
         return _open_over_quorum(path, mode, fmt, **kwargs)
     named = path if isinstance(path, str) else ""
@@ -110,12 +128,33 @@ def _open_over_quorum(target, mode: str, fmt: str | None, **kwargs) -> BlockDevi
     from .quorum import QuorumFile
 
     file = QuorumFile(target, writable=mode == "r+")
+    return _open_over_file(file, lambda fmt: target.name, None, (), mode, fmt, **kwargs)
+
+
+def _open_over_throttle(target, mode: str, fmt: str | None, **kwargs) -> BlockDevice:
+    """An image whose file is a throttle node above a host file (throttle.py): relative
+    backing names resolve beside that file."""
+    import os
+
+    from .throttle import open_throttle_file
+
+    file = open_throttle_file(target, writable=mode == "r+")
+    chain = (os.path.realpath(file.path),)
+    return _open_over_file(file, target.display_name, file.path, chain, mode, fmt, **kwargs)
+
+
+def _open_over_file(
+    file, name_of, host_path: str | None, chain: tuple, mode: str, fmt: str | None, **kwargs
+) -> BlockDevice:
+    """A raw or qcow2 image (probed when `fmt` is None) on `file`, a HostFile-like node;
+    name_of(format) is the image's name, host_path where its relative backing names
+    resolve (None: nowhere), chain the real paths for loop checks."""
     try:
         if fmt is None:
             fmt = "qcow2" if file.pread(4, 0) == S.QCOW_MAGIC.to_bytes(4, "big") else "raw"
         file.no_flush = kwargs.get("cache") == "unsafe"
         if fmt == "raw":
-            return RawDevice(target.name, mode, kwargs.get("force_share", False), file=file)
+            return RawDevice(name_of(fmt), mode, kwargs.get("force_share", False), file=file)
         if fmt != "qcow2":
             raise InvalidArgumentError(f"Unknown driver '{fmt}'")
     except BaseException:
@@ -125,14 +164,14 @@ def _open_over_quorum(target, mode: str, fmt: str | None, **kwargs) -> BlockDevi
 
     own, backing_passphrase = _split_passphrase(kwargs.get("passphrase"))
     force_share = kwargs.get("force_share", False)
-    image = Qcow2Image(target.name, mode, force_share=force_share, passphrase=own, file=file)
+    image = Qcow2Image(name_of(fmt), mode, force_share=force_share, passphrase=own, file=file)
     return _finish_qcow2(
         image,
-        None,
+        host_path,
         kwargs.get("backing", True),
         force_share,
         backing_passphrase,
         kwargs.get("open_data_file", True),
-        (),
+        chain,
         None,
     )

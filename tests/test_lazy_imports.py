@@ -131,7 +131,7 @@ def test_cli_metadata_commands_import_no_heavy_modules(tmp_path: Path, command: 
 # info, check and map need none of these: the optional packages, zlib, dataclasses
 # (inspect, ast, dis, tokenize), typing, re and enum, signal (it imports enum), JSON (only
 # --output=json), the snapshot machinery (only images with snapshots), the nodes only
-# named images open (blkdebug, null-co, quorum) and what only other commands use.
+# named images open (blkdebug, null-co, quorum, throttle) and what only other commands use.
 NOT_FOR_INFO_CHECK_MAP = (
     "construct",
     "cryptography",
@@ -155,6 +155,7 @@ NOT_FOR_INFO_CHECK_MAP = (
     "qcow2lib.blkdebug",
     "qcow2lib.nulldev",
     "qcow2lib.quorum",
+    "qcow2lib.throttle",
 )
 
 

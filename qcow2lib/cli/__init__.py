@@ -197,6 +197,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         cli.error_report(str(exc))
         return 1
     finally:
+        if cli.throttle_groups:  # dropped: main may run again in this process
+            from qcow2lib.throttle import unregister_group
+
+            for group in cli.throttle_groups:
+                unregister_group(group)
         sys.stdout.flush()
         if argv is None:
             # As a program the process ends next, and the interpreter's exit would run a

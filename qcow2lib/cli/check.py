@@ -18,6 +18,9 @@ from qcow2lib.cli.images import (
 from qcow2lib.cli.secrets import InvalidSecret, process_object
 from qcow2lib.ops import error_text, host_path
 
+# Nodes given by options whose drivers have no check: the filters and the null device.
+UNCHECKED_NODES = ("blkdebug", "null-aio", "null-co", "throttle")
+
 
 def cmd_check(cli: Cli, argv: list[str]) -> int:
     """`check`: consistency check, optionally repairing (-r leaks|all), as qemu-img check."""
@@ -73,6 +76,14 @@ def cmd_check(cli: Cli, argv: list[str]) -> int:
     except OpenFailure as exc:
         report_failure(cli, exc)
         return 1
+    if spec.target is not None and spec.fmt in UNCHECKED_NODES:
+        try:  # opened first: a bad node fails as it does in qemu-img
+            open_spec(cli, spec, "r+" if repair else "r").close()
+        except OpenFailure as exc:
+            report_failure(cli, exc)
+            return 1
+        cli.error_report("This image format does not support checks")
+        return 63
     try:
         path = host_path(spec.path)  # ("file:" prefix taken off, other protocols refused)
     except Qcow2Error as exc:

@@ -27,6 +27,7 @@ def cmd_commit(cli: Cli, argv: list[str]) -> int:
     fmt = base = None
     cache = "writeback"
     progress = quiet = drop = image_opts = False
+    rate_limit = 0
     getopt = GetoptLong(
         argv,
         ":f:ht:b:dpqr:",
@@ -56,8 +57,10 @@ def cmd_commit(cli: Cli, argv: list[str]) -> int:
         elif c == "q":
             quiet = True
         elif c == "r":
-            if cvtnum(cli, "rate limit", arg) is None:
+            rate = cvtnum(cli, "rate limit", arg)
+            if rate is None:
                 return 1
+            rate_limit = rate
         elif c == "object":
             process_object(cli, arg)
         elif c == "image-opts":
@@ -94,6 +97,7 @@ def cmd_commit(cli: Cli, argv: list[str]) -> int:
                 progress=meter.callback if meter.enabled else None,
                 backing_passphrases=passphrases[1:],
                 untrusted=untrusted(),
+                rate_limit=rate_limit,
             )
     except Qcow2Error as exc:
         meter.end()

@@ -26,6 +26,8 @@ class Cli:
     def __init__(self, prog: str):
         self.prog = prog
         self.secrets: dict[str, bytes] = {}  # --object secret,id=ID,... values
+        # --object throttle-group ids, registered with the engine until the command ends
+        self.throttle_groups: list[str] = []
 
     def out(self, text: str) -> None:
         """Write to the current stdout (looked up each time, so capturing works)."""
@@ -81,3 +83,24 @@ def cvtnum(cli: Cli, name: str, text: str, maximum: int = INT64_MAX) -> int | No
         cli.error_report(f"Invalid {name} specified. Must be between 0 and {maximum}.")
         return None
     return value
+
+
+def parse_strtol(text: str) -> int | None:
+    """QEMU's qemu_strtol(text, NULL, 0): the whole string one C integer (0x.., 0.. octal)."""
+    body = text.lstrip(" \t\n\v\f\r")
+    sign = 1
+    if body[:1] in "+-" and body:
+        sign = -1 if body[0] == "-" else 1
+        body = body[1:]
+    try:
+        if body[:2].lower() == "0x":
+            value = int(body[2:], 16) if body[2:] and body[2:].isalnum() else None
+        elif body.startswith("0") and len(body) > 1:
+            value = int(body[1:], 8)
+        else:
+            value = int(body, 10) if body.isdigit() else None
+    except ValueError:
+        return None
+    if value is None or not body.isascii():
+        return None
+    return sign * value

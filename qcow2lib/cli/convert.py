@@ -11,7 +11,7 @@ import qcow2lib
 from qcow2lib import ImageLockedError, Qcow2Error
 from qcow2lib.bitmaps import FLAG_AUTO as BITMAP_AUTO
 from qcow2lib.bitmaps import FLAG_IN_USE as BITMAP_IN_USE
-from qcow2lib.cli.common import Cli, cvtnum
+from qcow2lib.cli.common import Cli, cvtnum, parse_strtol
 from qcow2lib.cli.create import format_arguments, print_create_option_help
 from qcow2lib.drivers import creation_refusal
 from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
@@ -40,27 +40,6 @@ from qcow2lib.ops import error_text, host_path, virtual_size
 
 MAX_COROUTINES = 16
 MAX_BUF_SECTORS = 32768
-
-
-def parse_strtol(text: str) -> int | None:
-    """QEMU's qemu_strtol(text, NULL, 0): the whole string one C integer (0x.., 0.. octal)."""
-    body = text.lstrip(" \t\n\v\f\r")
-    sign = 1
-    if body[:1] in "+-" and body:
-        sign = -1 if body[0] == "-" else 1
-        body = body[1:]
-    try:
-        if body[:2].lower() == "0x":
-            value = int(body[2:], 16) if body[2:] and body[2:].isalnum() else None
-        elif body.startswith("0") and len(body) > 1:
-            value = int(body[1:], 8)
-        else:
-            value = int(body, 10) if body.isdigit() else None
-    except ValueError:
-        return None
-    if value is None or not body.isascii():
-        return None
-    return sign * value
 
 
 class ConvertStop(Exception):
@@ -107,6 +86,7 @@ def cmd_convert(cli: Cli, argv: list[str]) -> int:
     explicit_sparse = bitmaps = skip_broken = salvage = compressed = copy_range = False
     quiet = has_zero_init = False
     min_sparse = 8
+    rate_limit = 0
     num_coroutines = 8
     in_order = True
     getopt = GetoptLong(
@@ -190,8 +170,10 @@ def cmd_convert(cli: Cli, argv: list[str]) -> int:
         elif c == "U":
             force_share = True
         elif c == "r":
-            if cvtnum(cli, "rate limit", arg) is None:
+            rate = cvtnum(cli, "rate limit", arg)
+            if rate is None:
                 return 1
+            rate_limit = rate
         elif c == "object":
             process_object(cli, arg)
         elif c == "image-opts":
@@ -264,6 +246,7 @@ def cmd_convert(cli: Cli, argv: list[str]) -> int:
             num_coroutines=num_coroutines,
             in_order=in_order,
             salvage=_salvage_warnings(cli, quiet) if salvage else None,
+            rate_limit=rate_limit,
         )
     except ConvertStop as stop:
         code = stop.code
@@ -320,6 +303,7 @@ def _convert(
     num_coroutines,
     in_order,
     salvage,
+    rate_limit,
 ) -> int:
     """img_convert() after its argument checks; opened devices are appended to `devices`
     (the caller closes them). Returns the exit status or raises ConvertStop."""
@@ -453,6 +437,7 @@ def _convert(
             copy_range=copy_range,
             salvage=salvage,
             existing_target=skip_create,
+            rate_limit=rate_limit,
         )
     except ConvertError as exc:
         fail(error_text(exc))

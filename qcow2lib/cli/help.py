@@ -126,13 +126,13 @@ Report qimg bugs to the qcow2lib project; qimg is not maintained by QEMU.
 def help_text(prog: str = "qemu-img") -> str:
     """qemu-img's full help: version, usage (naming `prog`), the commands' syntax,
     parameters, formats."""
+    from qcow2lib.chain import DRIVERS
     from qcow2lib.cli import COMMANDS
-    from qcow2lib.ops import FORMATS
 
     syntax = "".join(
         f"  {command.synopsis}\n" for command in COMMANDS.values() if command.synopsis is not None
     )
-    formats = "".join(f" {name}" for name in FORMATS)
+    formats = "".join(f" {name}" for name in DRIVERS)
     return (
         f"{VERSION_TEXT}{HELP_INTRO.format(prog=prog)}{syntax}{HELP_PARAMETERS}\n"
         f"Supported formats:{formats}\n\n{HELP_BOTTOM}"

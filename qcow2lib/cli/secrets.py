@@ -1,15 +1,17 @@
-"""--object: secret objects (passphrases and keys), as QEMU's user creatable objects."""
+"""--object: QEMU's user creatable objects; secrets (passphrases and keys) are defined
+here, throttle groups in throttle_groups.py."""
 
 from __future__ import annotations
 
 import os
 import sys
 
-from qcow2lib import Qcow2Error
+from qcow2lib import Qcow2Error, throttle
 from qcow2lib.cli.common import Cli, CliExit
 from qcow2lib.cli.qemuopts import ObjectError, keyval_parse
 
-# QEMU's user creatable object types (`--object help`); qimg implements "secret".
+# QEMU's user creatable object types (`--object help`); qimg implements "secret" and
+# "throttle-group".
 OBJECT_TYPES = (
     "authz-list",
     "authz-list-file",
@@ -95,11 +97,24 @@ def add_object(cli: Cli, text: str) -> None:
             "secret options:\n" + "".join(f"  {name}=<{kind}>\n" for name, kind in names.items())
         )
         raise CliExit(0)
+    if want_help and qom_type == "throttle-group":
+        from qcow2lib.cli.throttle_groups import print_help
+
+        print_help(cli)
+        raise CliExit(0)
     if "id" not in props:
         raise ObjectError("Parameter 'id' is missing")
-    if qom_type != "secret":
+    if qom_type not in ("secret", "throttle-group"):
         raise ObjectError(f"Object type '{qom_type}' is not supported yet")
     object_id = props["id"]
+    if qom_type == "throttle-group":
+        from qcow2lib.cli.throttle_groups import add_throttle_group
+
+        if not _is_identifier(object_id):
+            raise ObjectError("Parameter 'id' expects an identifier", IDENTIFIER_HINT)
+        del props["qom-type"], props["id"]
+        add_throttle_group(cli, object_id, props)
+        return
     if props.get("format", "raw") not in ("raw", "base64"):
         raise ObjectError(f"Parameter 'format' does not accept value '{props['format']}'")
     for name in props:
@@ -131,7 +146,7 @@ def add_object(cli: Cli, text: str) -> None:
         raise ObjectError("Encrypted secrets (keyid) are not supported by qimg yet")
     if props.get("format") == "base64":
         value = _base64_decode(value)
-    if object_id in cli.secrets:
+    if object_id in cli.secrets or throttle.has_group(object_id):
         raise ObjectError(
             f"attempt to add duplicate property '{object_id}' to object (type 'container')"
         )

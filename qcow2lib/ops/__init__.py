@@ -46,10 +46,11 @@ def virtual_size(img: BlockDevice) -> int:
     QEMU counts sizes in sectors: a raw file's partial last sector is rounded up (it
     reads as zeros past the end of the file), a qcow2 header size is rounded down.
     """
-    if img.format == "blkdebug":  # a filter: its child's length
+    if img.format in ("blkdebug", "throttle"):  # a filter: its child's length
         from ..blkdebug import BlkdebugDevice
+        from ..throttle import ThrottleDevice
 
-        assert isinstance(img, BlkdebugDevice)  # (the only device of that format)
+        assert isinstance(img, (BlkdebugDevice, ThrottleDevice))  # (the filter devices)
         return virtual_size(img.child)
     if img.format in ("raw", "host_device", "file"):
         return (img.size + 511) // 512 * 512

@@ -26,6 +26,7 @@ from ..chain import (
 from ..errors import CorruptImageError, InvalidArgumentError, Qcow2Error, Qcow2IOError
 from ..image import Qcow2Image
 from ..nodes import is_node_name
+from ..throttle import RateLimiter
 from .empty import can_start_afresh, start_afresh
 from .resize import resize
 
@@ -142,6 +143,9 @@ def commit(
     progress: Callable[[int, int], None] | None = None,
     backing_passphrases: Sequence[str | bytes | None] = (),
     untrusted: bool = False,
+    rate_limit: int = 0,
+    clock=None,
+    sleep=None,
 ) -> None:
     """Commit `top` into its backing file, or into the image named `base_name` further
     down its chain (which implies drop, as qemu-img's -b does). Unless drop, the top is
@@ -154,7 +158,12 @@ def commit(
     file. progress(done_bytes, total_bytes) is called while copying.
     backing_passphrases unlock encrypted layers below the top: its backing file's first,
     and so on. untrusted: the chain is opened as open_image(untrusted=True) opens it.
+    rate_limit: bytes per second copied (-r; 0: no limit), as QEMU's commit job limits its
+    speed (throttle.RateLimiter: 100 ms slices, zero runs not counted); clock and sleep
+    replace the limiter's time.monotonic_ns and time.sleep (tests).
     """
+    timing = {"clock": clock, "sleep": sleep}
+    limiter = RateLimiter(rate_limit, **{k: v for k, v in timing.items() if v})
     if top.backing is not None:
         raise InvalidArgumentError("commit needs the top image opened without its backing chain")
     if base_name is not None:
@@ -165,7 +174,7 @@ def commit(
         if base.size < top.size:
             resize(base, top.size)
         try:
-            _copy_down(top, base, base_depth, progress)
+            _copy_down(top, base, base_depth, progress, limiter)
         except Qcow2IOError as exc:  # qemu-img runs the copy as a block job
             raise CommitError(f"Block job failed: {exc.strerror}") from exc
         if not drop and isinstance(top, Qcow2Image):
@@ -184,7 +193,7 @@ def commit(
             top.backing = None
 
 
-def _copy_down(top, base, base_depth: int, progress) -> None:
+def _copy_down(top, base, base_depth: int, progress, limiter: RateLimiter) -> None:
     """Write what the layers above the base provide into the base, and flush it."""
     total = top.size
     done = 0
@@ -204,6 +213,7 @@ def _copy_down(top, base, base_depth: int, progress) -> None:
                 view = memoryview(buf)[:n]
                 top.readinto(offset, view)
                 base.write(offset, view)
+                limiter.account(n)
                 offset += n
                 done += n
                 if progress is not None:

@@ -135,6 +135,16 @@ def _describe(img, path: str) -> dict:
         elif child.format == "qcow2":
             info["cluster-size"] = child.cluster_size
             info["dirty-flag"] = child.dirty
+    elif img.format == "throttle":  # a filter: its child's disk usage and image information
+        child = _describe(img.child, img.child.filename)
+        for key in ("actual-size", "cluster-size", "dirty-flag"):
+            if key in child:
+                info[key] = child[key]
+            else:
+                info.pop(key, None)
+    elif loaded_instance(getattr(img, "file", None), "throttle", "ThrottleFile"):  # beneath:
+        info["actual-size"] = os.stat(img.file.path).st_blocks * 512  # its file's usage
+        backing_base = img.file.path
     elif loaded_instance(getattr(img, "file", None), "blkdebug", "BlkdebugFile"):
         # blkdebug reports no allocated size ("unavailable"); relative backing names
         # resolve in the directory of the file beneath it

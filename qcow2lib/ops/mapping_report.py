@@ -11,6 +11,7 @@ that want a (bounded) list; `map_json_text` and `map_human_text` render as qemu-
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from ..blockdev import BlockDevice, Extent, iter_merged
 from . import virtual_size
@@ -71,6 +72,11 @@ def layer_filename(device: BlockDevice, depth: int) -> str:
     data_host = getattr(layer, "data_host", None)
     if data_host is not None:  # (a blkdebug node above it goes by its own name)
         return getattr(data_host, "node_filename", None) or data_host.path
+    node_file: Any = getattr(layer, "file", None)
+    node_name = getattr(node_file, "node_name", None)
+    if node_name is not None:  # a node (throttle) between the image and its host file:
+        # qcow2 names that node as its data's file, raw passes through to the host file
+        return node_name if layer.format == "qcow2" else node_file.path
     return layer.filename
 
 

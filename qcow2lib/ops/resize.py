@@ -62,6 +62,9 @@ def resize(image, new_size: int, *, shrink: bool = False, preallocation: str = "
             raise UnsupportedFeatureError("Cannot resize device files")
         _resize_raw(container, image.payload_offset + new_size, preallocation)
         image.resize(new_size)
+    elif image.format in ("blkdebug", "throttle"):  # a filter: its child is resized
+        resize(image.child, new_size, shrink=shrink, preallocation=preallocation)
+        image.size = image.child.size
     else:
         raise UnsupportedFeatureError("Image format driver does not support resize")
 
