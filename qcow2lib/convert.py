@@ -40,7 +40,10 @@ import threading
 
 from .blockdev import BlockDevice, Extent, RawDevice
 from .errors import CorruptImageError, InvalidArgumentError, Qcow2IOError, UnsupportedFeatureError
-from .throttle import ThrottleGroup
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from .throttle import ThrottleGroup
 
 SECTOR = 512
 IO_BUF_SIZE = 2 << 20
@@ -869,6 +872,8 @@ def _write_limit(rate_limit: int, clock, sleep) -> ThrottleGroup | None:
         raise InvalidArgumentError(f"rate limit {rate_limit} is negative")
     if not rate_limit:
         return None
+    from .throttle import ThrottleGroup
+
     timing = {"clock": clock, "sleep": sleep}
     return ThrottleGroup.write_rate(rate_limit, **{k: v for k, v in timing.items() if v})
 

@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 
 from .blockdev import BlockDevice, Extent
 from .errors import InvalidArgumentError, UnsupportedFeatureError
+from .records import field, record
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Mapping
+    from typing import TypeAlias
 
 NS_PER_SECOND = 1_000_000_000
 SLICE_NS = 100_000_000  # a block job's time slice (QEMU's BLOCK_JOB_SLICE_TIME)
@@ -38,8 +42,8 @@ LIMITS = tuple(
     f"{bucket}{suffix}" for bucket in BUCKETS for suffix in ("", "-max", "-max-length")
 ) + ("iops-size",)
 
-Clock = Callable[[], int]
-Sleep = Callable[[float], None]
+Clock: TypeAlias = "Callable[[], int]"
+Sleep: TypeAlias = "Callable[[float], None]"
 
 
 class RateLimiter:
@@ -90,7 +94,7 @@ class RateLimiter:
             self.sleep(delay / NS_PER_SECOND)
 
 
-@dataclass
+@record
 class _Bucket:
     """One leaky bucket: `level` units poured in and not yet leaked at `avg` per second;
     `burst_level` the same at the burst rate `max`, for bursts longer than a second."""
@@ -274,7 +278,7 @@ def find_group(name: str) -> ThrottleGroup:
     return _GROUPS[name]
 
 
-@dataclass
+@record
 class ThrottleTarget:
     """A throttle node to open: its group's name and its child's options (flattened).
     `beneath`: the node is an image's file (file.driver=throttle), not the top node."""

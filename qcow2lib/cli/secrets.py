@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from qcow2lib import Qcow2Error, throttle
+from qcow2lib import Qcow2Error
 from qcow2lib.cli.common import Cli, CliExit
 from qcow2lib.cli.qemuopts import ObjectError, keyval_parse
 
@@ -146,7 +146,7 @@ def add_object(cli: Cli, text: str) -> None:
         raise ObjectError("Encrypted secrets (keyid) are not supported by qimg yet")
     if props.get("format") == "base64":
         value = _base64_decode(value)
-    if object_id in cli.secrets or throttle.has_group(object_id):
+    if object_id in cli.secrets or object_id in cli.throttle_groups:
         raise ObjectError(
             f"attempt to add duplicate property '{object_id}' to object (type 'container')"
         )

@@ -11,10 +11,13 @@ that want a (bounded) list; `map_json_text` and `map_human_text` render as qemu-
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from ..blockdev import BlockDevice, Extent, iter_merged
 from . import virtual_size
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from typing import Any
 
 _BOOL = ("false", "true")
 _JSON_KEYS = ("start", "length", "depth", "present", "zero", "data")
