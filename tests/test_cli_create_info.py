@@ -24,6 +24,7 @@ import pytest
 import qimg
 from qcow2lib.qobject import qdict_items, qemu_json
 from qemutools import qemu_create, qemu_img, qemu_io
+from shared import build_once
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,12 +46,16 @@ def make_launcher(directory: Path, name: str) -> Path:
 class Twins:
     """Two scratch directories with identical contents, one per tool."""
 
-    def __init__(self, tmp_path: Path):
+    def __init__(self, tmp_path: Path, existing: bool = False):
+        """New twins in `tmp_path`, or with `existing` those made there before."""
         self.qemu_dir = tmp_path / "qemu"
         self.qimg_dir = tmp_path / "qimg"
+        bindir = tmp_path / "bin"
+        if existing:
+            self.launcher = bindir / "qemu-img"
+            return
         self.qemu_dir.mkdir()
         self.qimg_dir.mkdir()
-        bindir = tmp_path / "bin"
         bindir.mkdir()
         self.launcher = make_launcher(bindir, "qemu-img")
 
@@ -681,8 +686,12 @@ def absolute_backing(directory: Path) -> None:
 
 @pytest.fixture(scope="module")
 def info_twins(tmp_path_factory):
-    """The INFO_IMAGES, built once; info only reads them."""
-    twins = Twins(tmp_path_factory.mktemp("info"))
+    """The INFO_IMAGES, built once for the whole run; info only reads them."""
+    return Twins(build_once(tmp_path_factory, "info-twins", build_info_twins), existing=True)
+
+
+def build_info_twins(directory: Path) -> None:
+    twins = Twins(directory)
 
     def build():
         for make in INFO_IMAGES.values():
@@ -691,7 +700,6 @@ def info_twins(tmp_path_factory):
 
     twins.setup_copied(build)
     twins.setup(absolute_backing)  # names its own directory, so it cannot be copied
-    return twins
 
 
 INFO_OPTIONS = [

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from qemutools import run
+from shared import build_once
 from test_cli_ops import LUKS_OPEN, Twins, inside, run_qemu, run_qimg
 
 SECRET = ["--object", "secret,id=sec0,data=secret-pw"]
@@ -130,9 +131,7 @@ def build_sources(directory: Path) -> None:
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("encrypted")
-    build_sources(directory)
-    return directory
+    return build_once(tmp_path_factory, "cli-encrypt-sources", build_sources)
 
 
 @pytest.fixture

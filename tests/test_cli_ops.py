@@ -23,6 +23,7 @@ import pytest
 
 from qcow2lib.cli import common, progress
 from qemutools import qemu_img, qemu_io, run
+from shared import build_once
 from qemutools import inside, run_qimg_in as run_qimg
 
 LUKS = ["--object", "secret,id=sec0,data=secret-pw"]
@@ -95,9 +96,7 @@ def build_sources(directory: Path) -> None:
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("sources")
-    build_sources(directory)
-    return directory
+    return build_once(tmp_path_factory, "cli-ops-sources", build_sources)
 
 
 class Twins:

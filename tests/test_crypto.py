@@ -54,6 +54,7 @@ from qcow2lib.errors import (
     UnsupportedFeatureError,
 )
 from qcow2lib.header import Header
+from shared import build_once
 
 PASS = "PASS"
 NEW = "another secret"
@@ -189,13 +190,24 @@ def run_retrying(args) -> subprocess.CompletedProcess:
     return result
 
 
+def image_paths(base: Path) -> dict[str, Path]:
+    """Where build_qemu_images puts each image."""
+    paths = {name: base / f"{name}.qcow2" for name in [*LUKS_CONFIGS, *AES_PASSES]}
+    paths["raw-luks"] = base / "x.luks"
+    return paths
+
+
 @pytest.fixture(scope="module")
 def qemu_images(tmp_path_factory):
-    base = tmp_path_factory.mktemp("crypto")
+    """The images QEMU made, read by the tests (a test that changes one copies it first)."""
+    return image_paths(build_once(tmp_path_factory, "crypto", build_qemu_images))
+
+
+def build_qemu_images(base: Path) -> None:
     jobs = []
-    paths = {}
+    paths = image_paths(base)
     for name, options in LUKS_CONFIGS.items():
-        path = base / f"{name}.qcow2"
+        path = paths[name]
         opts = ["encrypt.format=luks", "encrypt.key-secret=sec0", "encrypt.iter-time=10"]
         opts += [f"encrypt.{k}={v}" for k, v in options.items()]
         jobs.append(
@@ -212,8 +224,6 @@ def qemu_images(tmp_path_factory):
                 "4M",
             ]
         )
-        paths[name] = path
-    paths["raw-luks"] = base / "x.luks"
     jobs.append(
         [
             QEMU_IMG,
@@ -229,7 +239,6 @@ def qemu_images(tmp_path_factory):
         ]
     )
     for name, secret in AES_PASSES.items():
-        paths[name] = base / f"{name}.qcow2"
         jobs.append(
             [
                 QEMU_IMG,
@@ -254,7 +263,6 @@ def qemu_images(tmp_path_factory):
     for name, secret in AES_PASSES.items():
         qio_ok(qcow2_opts(paths[name]), *writes, sec0=secret)
     qio_ok(luks_opts(paths["raw-luks"]), "write -P 0x5a 0 64k", "write -P 0x33 64k 64k")
-    return paths
 
 
 def fresh_copy(src: Path, tmp_path: Path) -> Path:

@@ -1161,7 +1161,18 @@ if __name__ != "__main__":
 
     @pytest.fixture(scope="module")
     def bases(tmp_path_factory) -> dict[str, Base]:
-        return build_bases(tmp_path_factory.mktemp("fuzz-bases"))
+        """The seeds, made once for the run (by the first worker that asks) and kept as a
+        pickle of their bytes, which every case copies."""
+        import pickle
+
+        from shared import build_once
+
+        def build(directory: Path) -> None:
+            seeds = build_bases(directory / "images")
+            (directory / "bases.pickle").write_bytes(pickle.dumps(seeds))
+
+        directory = build_once(tmp_path_factory, "fuzz-bases", build)
+        return pickle.loads((directory / "bases.pickle").read_bytes())
 
     @pytest.fixture(scope="module")
     def worker(bases, tmp_path_factory):

@@ -20,6 +20,7 @@ from qcow2lib import luks_image
 from qcow2lib.crypto import luks as crypto_luks
 from qcow2lib.errors import BadSecretError, CorruptImageError
 from qemutools import run, run_qimg_in
+from shared import build_once
 
 PASSWORD = "luks-pw"
 SECRET = ["--object", f"secret,id=sec0,data={PASSWORD}"]
@@ -232,7 +233,10 @@ def test_threads_write_neighbouring_bytes_of_one_sector(tmp_path):
 @pytest.fixture(scope="module")
 def volume_source(tmp_path_factory):
     """A qemu-made volume with data and a raw image of the same content, made once."""
-    directory = tmp_path_factory.mktemp("luks-source")
+    return build_once(tmp_path_factory, "luks-source", build_volume_source)
+
+
+def build_volume_source(directory: Path) -> None:
     qemu_img(
         directory,
         "create",
@@ -248,7 +252,6 @@ def volume_source(tmp_path_factory):
     qemu_io(directory, "v.luks", "write -P 0x66 64k 100k")
     qemu_img(directory, "create", "-q", "-f", "raw", "same.raw", "2M")
     run(["qemu-io", "-f", "raw", "-c", "write -P 0x66 64k 100k", "same.raw"], cwd=directory)
-    return directory
 
 
 @pytest.fixture

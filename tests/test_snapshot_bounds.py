@@ -21,6 +21,7 @@ import pytest
 import qcow2lib
 from qcow2lib import snapshots as snaps
 from qemutools import assert_clean, qemu_img, qemu_io, run_qimg
+from shared import build_once
 
 ROOT = Path(__file__).resolve().parent.parent
 MEMORY_LIMIT = 1 << 30  # address space of the subprocess
@@ -78,9 +79,13 @@ def make_many_snapshots(
 
 @pytest.fixture(scope="module")
 def many_snapshots(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("many") / "many.qcow2"
-    make_many_snapshots(path, 1000)
-    return path
+    """An image with 1000 snapshots, made once for the run; the tests work on copies."""
+    directory = build_once(
+        tmp_path_factory,
+        "many-snapshots",
+        lambda here: make_many_snapshots(here / "many.qcow2", 1000),
+    )
+    return directory / "many.qcow2"
 
 
 _RUNNER = """
