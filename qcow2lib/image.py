@@ -1706,25 +1706,40 @@ class Qcow2Image(BlockDevice):
                 self.refcounts.free_hint = min(self.refcounts.free_hint, last + 1)
                 self._compressed_tail = 0
 
-    def preallocate_range(self, start: int, end: int, mode: str, cow_head: bool = False) -> None:
+    def preallocate_range(
+        self,
+        start: int,
+        end: int,
+        mode: str,
+        cow_head: bool = False,
+        allocate: bool = False,
+        copy_head: bool = False,
+    ) -> None:
         """Map the guest clusters of [start, end) that have no host cluster yet to new
         host clusters after the end of the file: "metadata" (sparse), "falloc" (reserved)
         or "full" (zeros written).
 
         With cow_head, a cluster holding `start` in its middle gets a new host cluster
         too, whatever it had: its bytes before `start` are copied, the rest reads zeros
-        (as QEMU's falloc/full growth does)."""
+        (as QEMU's falloc/full growth does). With `allocate`, the new clusters' subclusters
+        (extended L2) are all marked allocated, so the guest reads what the host clusters
+        hold (zeros past the copied head) rather than a backing file: growing an image
+        makes new space, which no backing file may show through. With copy_head, a
+        cluster holding `start` in its middle that gets a host cluster here gets its bytes
+        before `start` copied too (standard L2 entries only: with subclusters the new
+        cluster's unallocated ones still show them), as QEMU's metadata growth does."""
         cs = self.cluster_size
         bits = self.cluster_bits
         with self._cond:
             while self._io_active:
                 self._cond.wait()
             first_index, stop_index = start >> bits, -(-end // cs)
-            head_index = first_index if cow_head and start % cs else None
+            copy_head = copy_head and not self.extended_l2
+            head_index = first_index if (cow_head or copy_head) and start % cs else None
             todo = [
                 i
                 for i in range(first_index, stop_index)
-                if i == head_index
+                if (cow_head and i == head_index)
                 or (
                     not self.map.has_host(self.map.get_entry(i)[0])
                     and not self.map.get_entry(i)[0] & S.OFLAG_COMPRESSED
@@ -1732,6 +1747,8 @@ class Qcow2Image(BlockDevice):
             ]
             if not todo:
                 return
+            if head_index is not None and todo[0] != head_index:
+                head_index = None  # (copy_head: the cluster keeps the host cluster it has)
             head = None
             if head_index is not None:
                 head_start = head_index << bits
@@ -1773,6 +1790,8 @@ class Qcow2Image(BlockDevice):
                 # as it was (QEMU's prealloc link): unallocated subclusters keep showing
                 # the backing file, or zeros without one.
                 old_entry, bitmap = self.map.get_entry(index)
+                if allocate and self.extended_l2:
+                    bitmap = S.L2_BITMAP_ALL_ALLOC
                 self.map.set_entry(index, host | S.OFLAG_COPIED, bitmap)
                 for first, count in self._clusters_of(old_entry):
                     self.refcounts.free(first, count)

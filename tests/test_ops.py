@@ -553,6 +553,29 @@ def test_resize_like_qemu(tmp_path):
         _resize(ours, 0)
 
 
+@pytest.mark.parametrize("mode", ["metadata", "falloc", "full"])
+@pytest.mark.parametrize("extended_l2", [False, True], ids=["l2", "extended-l2"])
+@pytest.mark.parametrize("old_size", [31 * 1024, 503 * 1024])
+def test_resize_with_preallocation_over_a_backing_file(tmp_path, mode, extended_l2, old_size):
+    """QEMU iotests 125 and 271: the guest still reads the backing file below the old size
+    (also in the cluster holding the old end) and zeros above it, as after qemu-img's
+    resize; falloc and full map the same clusters as qemu-img does."""
+    base = make(tmp_path / "base.raw", 2 * MiB, "write -P 0xff 0 2M", fmt="raw")
+    options = {"extended_l2": "on"} if extended_l2 else {}
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    for path in (ours, theirs):
+        qemu_create(path, old_size, options=options, backing=str(base), backing_fmt="raw")
+    _resize(ours, 1013 * 1024, preallocation=mode)
+    qemu_img("resize", "-q", f"--preallocation={mode}", theirs, "1013k")
+    assert_clean(ours)
+    assert qemu_compare(ours, theirs) == 0
+    assert to_raw(ours, tmp_path / "content.raw") == b"\xff" * old_size + bytes(
+        1013 * 1024 - old_size
+    )
+    if mode != "metadata":
+        assert qemu_map(ours) == qemu_map(theirs)
+
+
 @pytest.mark.parametrize("seed", [1, 2])
 def test_resize_random_against_qemu(tmp_path, seed):
     """Random writes and resizes (with snapshots, every preallocation mode but metadata)

@@ -120,10 +120,10 @@ def _resize_qcow2(image, new_size: int, preallocation: str) -> None:
     else:
         if image.data_file_raw or image.data_host is not None:
             image.preallocate_range(old, new_size, preallocation)
-        elif preallocation == "metadata":
-            image.preallocate_range(-(-old // cs) * cs, new_size, preallocation)
+        elif preallocation == "metadata":  # from the cluster holding the old end, as QEMU
+            image.preallocate_range(old, new_size, preallocation, copy_head=True)
         else:  # QEMU reallocates the cluster holding the old end, copying its head
-            image.preallocate_range(old, new_size, preallocation, cow_head=True)
+            image.preallocate_range(old, new_size, preallocation, cow_head=True, allocate=True)
         if image.data_host is not None and image.data_host.size() < new_size:
             image.data_host.truncate(new_size)
     image.resize_set_size(new_size)
