@@ -362,8 +362,9 @@ def test_kill_9_keeps_fsynced_writes(tmp_path: Path, mountpoints) -> None:
     writer.join(30)
     try:
         os.close(fd)
-    except OSError as exc:  # the file of a dead server
-        assert exc.errno == errno.ENOTCONN
+    except OSError as exc:  # the file of a dead server: not connected, or (when the
+        # kernel was still waiting for it on a request) the connection aborted
+        assert exc.errno in (errno.ENOTCONN, errno.ECONNABORTED), exc
     force_unmount(mnt)
     check = qemu_img("check", image, check=False)
     assert check.returncode in (0, 3), check.stdout + check.stderr  # leaks at most
