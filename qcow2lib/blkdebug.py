@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 from .blockdev import BlockDevice, Extent
 from .errors import InvalidArgumentError, Qcow2IOError
+from .hostfile import HostFileFilter
 from .records import field, record
 
 EVENTS = (
@@ -314,25 +315,14 @@ class Blkdebug:
         raise Qcow2IOError(rule.errno, os.strerror(rule.errno))
 
 
-class BlkdebugFile:
+class BlkdebugFile(HostFileFilter):
     """A host file seen through blkdebug: HostFile's interface, each request checked
     against the active rules first. The image above reports its events to `blkdebug`."""
 
     def __init__(self, file, blkdebug: Blkdebug, node_filename: str | None = None):
-        self._file = file
+        super().__init__(file)
         self.blkdebug = blkdebug
         self.node_filename = node_filename  # QEMU's name of the node, where map shows it
-
-    def __getattr__(self, name: str):
-        return getattr(self._file, name)
-
-    @property
-    def no_flush(self) -> bool:
-        return self._file.no_flush
-
-    @no_flush.setter
-    def no_flush(self, value: bool) -> None:
-        self._file.no_flush = value
 
     def pread(self, length: int, offset: int) -> bytes:
         self.blkdebug.check(offset, length, "read")

@@ -392,3 +392,23 @@ def create_host_file(path: str) -> HostFile:
         file.close()
         raise
     return file
+
+
+class HostFileFilter:
+    """A host file seen through a filter node beneath an image (blkdebug, throttle): the
+    wrapped HostFile's interface, with the requests a subclass overrides passing the
+    filter first and everything else (size, locking, paths) going straight through."""
+
+    def __init__(self, file) -> None:
+        self._file = file
+
+    def __getattr__(self, name: str):
+        return getattr(self._file, name)
+
+    @property
+    def no_flush(self) -> bool:
+        return self._file.no_flush
+
+    @no_flush.setter
+    def no_flush(self, value: bool) -> None:
+        self._file.no_flush = value

@@ -23,6 +23,7 @@ import time
 
 from .blockdev import BlockDevice, Extent
 from .errors import InvalidArgumentError, UnsupportedFeatureError
+from .hostfile import HostFileFilter
 from .records import field, record
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
@@ -416,25 +417,14 @@ class ThrottleDevice(BlockDevice):
             self.child.close()
 
 
-class ThrottleFile:
+class ThrottleFile(HostFileFilter):
     """A host file seen through a throttle node beneath an image: HostFile's interface,
     reads, writes and hole punches waiting for the group's allowance first."""
 
     def __init__(self, file, group: ThrottleGroup, node_name: str):
-        self._file = file
+        super().__init__(file)
         self.group = group
         self.node_name = node_name  # QEMU's name of the node, which map shows
-
-    def __getattr__(self, name: str):
-        return getattr(self._file, name)
-
-    @property
-    def no_flush(self) -> bool:
-        return self._file.no_flush
-
-    @no_flush.setter
-    def no_flush(self, value: bool) -> None:
-        self._file.no_flush = value
 
     def pread(self, length: int, offset: int) -> bytes:
         self.group.intercept(length, False)

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -146,3 +147,38 @@ def run_qimg_in(directory: Path, *args) -> subprocess.CompletedProcess:
     """run_qimg() with `directory` as the working directory."""
     with inside(directory):
         return run_qimg(*args)
+
+
+def run_both_in(directory: Path, *args) -> tuple[subprocess.CompletedProcess, ...]:
+    """(qimg's result, qemu-img's result) of the same arguments, both run in `directory`."""
+    ours = run_qimg_in(directory, *args)
+    theirs = run([QEMU_IMG, *map(str, args)], check=False, cwd=directory)
+    return ours, theirs
+
+
+def assert_same_in(directory: Path, *args) -> subprocess.CompletedProcess:
+    """qimg's exit code, stdout and stderr are qemu-img's, for the same arguments run in
+    `directory`; qimg's result."""
+    ours, theirs = run_both_in(directory, *args)
+    assert (ours.returncode, ours.stdout, ours.stderr) == (
+        theirs.returncode,
+        theirs.stdout,
+        theirs.stderr,
+    ), args
+    return ours
+
+
+def make_launcher(directory: Path, name: str) -> Path:
+    """An executable called `name` in `directory` that runs qimg from this checkout
+    (argv[0] is the name qimg's messages give themselves, as qemu-img's do)."""
+    root = Path(__file__).resolve().parent.parent
+    path = directory / name
+    path.write_text(
+        f"#!{sys.executable}\n"
+        "import sys\n"
+        f"sys.path[:0] = [{str(root / 'tools')!r}, {str(root)!r}]\n"
+        "import qimg\n"
+        "sys.exit(qimg.main())\n"
+    )
+    path.chmod(0o755)
+    return path

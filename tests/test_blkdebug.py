@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,23 +14,9 @@ import qcow2lib
 from qcow2lib.blkdebug import Blkdebug, BlkdebugTarget, parse_config_text
 from qcow2lib.errors import InvalidArgumentError, Qcow2IOError
 from qemutools import qemu_img, qemu_io, run
+from qemutools import assert_same_in as assert_same
+from qemutools import run_both_in as run_both
 from qemutools import run_qimg_in as run_qimg
-
-
-def run_both(directory: Path, *args) -> tuple[subprocess.CompletedProcess, ...]:
-    ours = run_qimg(directory, *args)
-    theirs = run(["qemu-img", *map(str, args)], check=False, cwd=directory)
-    return ours, theirs
-
-
-def assert_same(directory: Path, *args) -> subprocess.CompletedProcess:
-    ours, theirs = run_both(directory, *args)
-    assert (ours.returncode, ours.stdout, ours.stderr) == (
-        theirs.returncode,
-        theirs.stdout,
-        theirs.stderr,
-    ), args
-    return ours
 
 
 def write_conf(path: Path, *sections: dict) -> Path:

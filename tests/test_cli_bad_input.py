@@ -26,30 +26,15 @@ import select
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import qcow2lib
 from qemutools import QEMU_IMG, QEMU_IO, qemu_create, qemu_io
+from qemutools import make_launcher
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(300)
-
-
-def make_launcher(directory: Path) -> Path:
-    """An executable named "qimg" running qimg from this checkout."""
-    path = directory / "qimg"
-    path.write_text(
-        f"#!{sys.executable}\n"
-        "import sys\n"
-        f"sys.path[:0] = [{str(ROOT / 'tools')!r}, {str(ROOT)!r}]\n"
-        "import qimg\n"
-        "sys.exit(qimg.main())\n"
-    )
-    path.chmod(0o755)
-    return path
 
 
 def set_field(path: Path, offset: int, fmt: str, value: int) -> None:
@@ -168,7 +153,7 @@ class Twins:
         self.reset()
         bindir = root / "bin"
         bindir.mkdir()
-        self.launcher = make_launcher(bindir)
+        self.launcher = make_launcher(bindir, "qimg")
 
     def reset(self) -> None:
         """Give both directories the pristine inputs (a case may have changed them)."""
@@ -467,7 +452,7 @@ def test_backing_host_file_is_not_opened_as_raw_unless_stated(tmp_path):
     with pytest.raises(qcow2lib.UnsupportedFeatureError, match="host.file.*not opened as raw"):
         qcow2lib.open(str(top), "r")
     (tmp_path / "bin").mkdir()
-    launcher = make_launcher(tmp_path / "bin")
+    launcher = make_launcher(tmp_path / "bin", "qimg")
     for args in (
         ["convert", "-O", "raw", "top.qcow2", "out.raw"],
         ["map", "top.qcow2"],
@@ -603,7 +588,7 @@ def chain_dir(tmp_path_factory):
     )
     bindir = directory / "bin"
     bindir.mkdir()
-    return directory, make_launcher(bindir)
+    return directory, make_launcher(bindir, "qimg")
 
 
 @pytest.mark.parametrize(

@@ -24,23 +24,10 @@ import pytest
 import qimg
 from qcow2lib.qobject import qdict_items, qemu_json
 from qemutools import qemu_create, qemu_img, qemu_io
+from qemutools import make_launcher
 from shared import build_once
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def make_launcher(directory: Path, name: str) -> Path:
-    """An executable called `name` that runs qimg (argv[0] is what qemu-img's messages use)."""
-    path = directory / name
-    path.write_text(
-        f"#!{sys.executable}\n"
-        "import sys\n"
-        f"sys.path[:0] = [{str(ROOT / 'tools')!r}, {str(ROOT)!r}]\n"
-        "import qimg\n"
-        "sys.exit(qimg.main())\n"
-    )
-    path.chmod(0o755)
-    return path
 
 
 class Twins:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,25 +14,10 @@ import pytest
 import qcow2lib
 from qcow2lib.containers import NodeReference
 from qemutools import QEMU_IMG, QEMU_IO, qemu_img, qemu_io
+from qemutools import make_launcher
 
-ROOT = Path(__file__).resolve().parent.parent
 RAW = "driver=raw,file.filename="
 MIB = 1 << 20
-
-
-def make_launcher(directory: Path) -> Path:
-    """An executable named qemu-img that runs qimg from this checkout (messages start
-    with the program's name, so both tools print the same prefix)."""
-    path = directory / "qemu-img"
-    path.write_text(
-        f"#!{sys.executable}\n"
-        "import sys\n"
-        f"sys.path[:0] = [{str(ROOT / 'tools')!r}, {str(ROOT)!r}]\n"
-        "import qimg\n"
-        "sys.exit(qimg.main())\n"
-    )
-    path.chmod(0o755)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +47,7 @@ def images(tmp_path_factory) -> Path:
         qemu_img("convert", "-O", "raw", str(here(f"{name}.qcow2")), str(here(f"{name}.raw")))
     here("zero.raw").write_bytes(bytes(MIB))
     here("bin").mkdir()
-    make_launcher(here("bin"))
+    make_launcher(here("bin"), "qemu-img")
     return directory
 
 
@@ -170,7 +154,7 @@ def test_copy_offloading_into_a_blkdebug_data_file(tmp_path):
     """244's convert -n -C into an image whose data file is a blkdebug node, then compare."""
     for directory in (tmp_path / "qemu", tmp_path / "qimg"):
         directory.mkdir()
-        make_launcher(directory)
+        make_launcher(directory, "qemu-img")
         subprocess.run(
             [QEMU_IMG, "create", "-q", "-f", "qcow2", "src.qcow2", "4M"], cwd=directory, check=True
         )
@@ -404,7 +388,7 @@ def test_data_file_raw_hides_a_runtime_backing(tmp_path):
     node options give it."""
     for directory in (tmp_path / "qemu", tmp_path / "qimg"):
         directory.mkdir()
-        make_launcher(directory)
+        make_launcher(directory, "qemu-img")
     results = []
     for name, program in (("qemu", QEMU_IMG), ("qimg", str(tmp_path / "qimg" / "qemu-img"))):
         cwd = tmp_path / name

@@ -9,7 +9,6 @@ and a real rate-limited run can finish no sooner than its size and rate allow.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from qcow2lib.errors import InvalidArgumentError
 from qcow2lib.ops.commit import commit
 from qcow2lib.throttle import RateLimiter, ThrottleDevice, ThrottleGroup, check_limits
 from qemutools import qemu_img, qemu_io, run
+from qemutools import assert_same_in as assert_same
 from qemutools import run_qimg_in as run_qimg
 
 MS = 1_000_000  # nanoseconds
@@ -42,22 +42,6 @@ class FakeTime:
         ns = round(seconds * 1_000_000_000)
         self.sleeps.append(ns)
         self.now += ns
-
-
-def run_both(directory: Path, *args) -> tuple[subprocess.CompletedProcess, ...]:
-    ours = run_qimg(directory, *args)
-    theirs = run(["qemu-img", *map(str, args)], check=False, cwd=directory)
-    return ours, theirs
-
-
-def assert_same(directory: Path, *args) -> subprocess.CompletedProcess:
-    ours, theirs = run_both(directory, *args)
-    assert (ours.returncode, ours.stdout, ours.stderr) == (
-        theirs.returncode,
-        theirs.stdout,
-        theirs.stderr,
-    ), args
-    return ours
 
 
 # -- the block job's limiter (commit -r) --
