@@ -486,6 +486,8 @@ class Qcow2Image(BlockDevice):
             return super().read(offset, length)
         with self._lock:
             segments = self.map.lookup(offset, length)
+            if self._reads_as_zeros(segments):  # no host I/O, so nothing to count in
+                return bytes(length)
             self._begin_io()
         try:
             if len(segments) == 1 and segments[0].kind == DATA:
@@ -494,8 +496,6 @@ class Qcow2Image(BlockDevice):
                 if self.blkdebug is not None:
                     self.blkdebug.event("read_aio")
                 return self._data_target().pread(length, host_offset)
-            if self._reads_as_zeros(segments):
-                return bytes(length)
             return b"".join(self._segment_pieces(segments))
         finally:
             self._end_io()
@@ -582,7 +582,12 @@ class Qcow2Image(BlockDevice):
         """Read guest data through `cluster_map` (the active L1 table, or a snapshot's)."""
         with self._lock:
             segments = cluster_map.lookup(offset, len(view))
-            self._begin_io()
+            zeros = self._reads_as_zeros(segments)
+            if not zeros:  # (reads of holes touch no host cluster that a writer could free)
+                self._begin_io()
+        if zeros:
+            _fill_zeros(view)
+            return
         try:
             self._read_segments(segments, view, offset)
         finally:
