@@ -20,9 +20,8 @@ from __future__ import annotations
 import errno as errno_codes
 import os
 import threading
-from collections.abc import Iterator
 
-from .blockdev import BlockDevice, Extent
+from .blockdev import BlockDevice, FilterDevice
 from .errors import InvalidArgumentError, Qcow2IOError
 from .hostfile import HostFileFilter
 from .records import field, record
@@ -354,56 +353,21 @@ class BlkdebugFile(HostFileFilter):
         return self._file.data_run(offset, end)
 
 
-class BlkdebugDevice(BlockDevice):
+class BlkdebugDevice(FilterDevice):
     """blkdebug as a node of its own above `child` (json:{"driver": "blkdebug", ...}):
-    the child's content, with the rules applied to reads, writes and block status."""
+    the child's content, with the rules applied to reads, writes and block status (the
+    query of a whole range fails first if a rule covers it, as QEMU's blkdebug answers
+    before its child)."""
 
     format = "blkdebug"
 
     def __init__(self, child: BlockDevice, blkdebug: Blkdebug, filename: str):
-        self.child = child
+        super().__init__(child, filename)
         self.blkdebug = blkdebug
-        self.filename = filename
-        self.read_only = child.read_only
-        self.size = child.size
         blkdebug.event("none")
 
-    def readinto(self, offset: int, buffer) -> int:
-        view = memoryview(buffer).cast("B")
-        self.check_request(offset, len(view))
-        self.blkdebug.check(offset, len(view), "read")
-        return self.child.readinto(offset, view)
-
-    def write(self, offset: int, data) -> None:
-        view = memoryview(data).cast("B")
-        self.check_request(offset, len(view), write=True)
-        self.blkdebug.check(offset, len(view), "write")
-        self.child.write(offset, view)
-
-    def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
-        self.check_request(offset, length, write=True)
-        self.blkdebug.check(offset, length, "write-zeroes")
-        self.child.write_zeroes(offset, length, may_unmap)
-
-    def discard(self, offset: int, length: int) -> None:
-        self.check_request(offset, length, write=True)
-        self.blkdebug.check(offset, length, "discard")
-        self.child.discard(offset, length)
-
-    def flush(self) -> None:
-        self.blkdebug.check(0, 0, "flush")
-        self.child.flush()
-
-    def extent_batches(self, offset: int, length: int) -> Iterator[list[Extent]]:
-        """The child's extents; the query of the whole range fails first if a
-        block-status rule covers it (as QEMU's blkdebug answers before its child)."""
-        self.blkdebug.check(offset, length, "block-status")
-        yield from self.child.extent_batches(offset, length)
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self.child.close()
+    def intercept(self, kind: str, offset: int, length: int) -> None:
+        self.blkdebug.check(offset, length, kind)
 
 
 def _open_protocol_file(name: str, writable: bool):

@@ -196,6 +196,57 @@ def iter_merged(batches: Iterable[Iterable[Extent]]) -> Iterator[Extent]:
         yield last
 
 
+class FilterDevice(BlockDevice):
+    """A filter node above `child` (blkdebug, throttle): the child's content and size, each
+    request first passed to `intercept(kind, offset, length)`, which may wait or raise.
+    The kinds are "read", "write", "write-zeroes", "discard", "flush" and "block-status"."""
+
+    def __init__(self, child: BlockDevice, filename: str):
+        self.child = child
+        self.filename = filename
+        self.read_only = child.read_only
+        self.size = child.size
+
+    def intercept(self, kind: str, offset: int, length: int) -> None:
+        raise NotImplementedError
+
+    def readinto(self, offset: int, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        self.check_request(offset, len(view))
+        self.intercept("read", offset, len(view))
+        return self.child.readinto(offset, view)
+
+    def write(self, offset: int, data) -> None:
+        view = memoryview(data).cast("B")
+        self.check_request(offset, len(view), write=True)
+        self.intercept("write", offset, len(view))
+        self.child.write(offset, view)
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        self.check_request(offset, length, write=True)
+        self.intercept("write-zeroes", offset, length)
+        self.child.write_zeroes(offset, length, may_unmap)
+
+    def discard(self, offset: int, length: int) -> None:
+        self.check_request(offset, length, write=True)
+        self.intercept("discard", offset, length)
+        self.child.discard(offset, length)
+
+    def flush(self) -> None:
+        self.intercept("flush", 0, 0)
+        self.child.flush()
+
+    def extent_batches(self, offset: int, length: int) -> Iterator[list[Extent]]:
+        """The child's extents, after the query of the whole range is intercepted."""
+        self.intercept("block-status", offset, length)
+        yield from self.child.extent_batches(offset, length)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.child.close()
+
+
 class RawDevice(BlockDevice):
     """A raw image file: guest offset == file offset.
 

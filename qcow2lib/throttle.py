@@ -21,14 +21,14 @@ from __future__ import annotations
 import threading
 import time
 
-from .blockdev import BlockDevice, Extent
+from .blockdev import BlockDevice, FilterDevice
 from .errors import InvalidArgumentError, UnsupportedFeatureError
 from .hostfile import HostFileFilter
 from .records import field, record
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Mapping
+    from collections.abc import Callable, Mapping
     from typing import TypeAlias
 
 NS_PER_SECOND = 1_000_000_000
@@ -370,51 +370,19 @@ def target_from_options(
     return ThrottleTarget(name, group, child, beneath)
 
 
-class ThrottleDevice(BlockDevice):
+class ThrottleDevice(FilterDevice):
     """QEMU's throttle filter: `child`'s content, each read, write, zero write and
     discard first waiting for `group`'s allowance (flushes and block status pass)."""
 
     format = "throttle"
 
     def __init__(self, child: BlockDevice, group: ThrottleGroup, filename: str):
-        self.child = child
+        super().__init__(child, filename)
         self.group = group
-        self.filename = filename
-        self.read_only = child.read_only
-        self.size = child.size
 
-    def readinto(self, offset: int, buffer) -> int:
-        view = memoryview(buffer).cast("B")
-        self.check_request(offset, len(view))
-        self.group.intercept(len(view), False)
-        return self.child.readinto(offset, view)
-
-    def write(self, offset: int, data) -> None:
-        view = memoryview(data).cast("B")
-        self.check_request(offset, len(view), write=True)
-        self.group.intercept(len(view), True)
-        self.child.write(offset, view)
-
-    def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
-        self.check_request(offset, length, write=True)
-        self.group.intercept(length, True)
-        self.child.write_zeroes(offset, length, may_unmap)
-
-    def discard(self, offset: int, length: int) -> None:
-        self.check_request(offset, length, write=True)
-        self.group.intercept(length, True)
-        self.child.discard(offset, length)
-
-    def flush(self) -> None:
-        self.child.flush()
-
-    def extent_batches(self, offset: int, length: int) -> Iterator[list[Extent]]:
-        yield from self.child.extent_batches(offset, length)
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self.child.close()
+    def intercept(self, kind: str, offset: int, length: int) -> None:
+        if kind not in ("flush", "block-status"):
+            self.group.intercept(length, kind != "read")
 
 
 class ThrottleFile(HostFileFilter):

@@ -160,12 +160,19 @@ def assert_same_in(directory: Path, *args) -> subprocess.CompletedProcess:
     """qimg's exit code, stdout and stderr are qemu-img's, for the same arguments run in
     `directory`; qimg's result."""
     ours, theirs = run_both_in(directory, *args)
+    assert_same_result(ours, theirs, args)
+    return ours
+
+
+def assert_same_result(
+    ours: subprocess.CompletedProcess, theirs: subprocess.CompletedProcess, context
+) -> None:
+    """qimg's exit code, stdout and stderr are qemu-img's; `context` names the call."""
     assert (ours.returncode, ours.stdout, ours.stderr) == (
         theirs.returncode,
         theirs.stdout,
         theirs.stderr,
-    ), args
-    return ours
+    ), context
 
 
 def make_launcher(directory: Path, name: str) -> Path:

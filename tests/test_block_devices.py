@@ -14,6 +14,7 @@ import pytest
 
 import qcow2lib
 from qemutools import qemu_img, qemu_io, require_root, run
+from qemutools import assert_same_result
 from qemutools import run_qimg
 
 
@@ -23,11 +24,7 @@ def run_qemu(*args) -> subprocess.CompletedProcess:
 
 def assert_same(*args) -> subprocess.CompletedProcess:
     ours, theirs = run_qimg(*args), run_qemu(*args)
-    assert (ours.returncode, ours.stdout, ours.stderr) == (
-        theirs.returncode,
-        theirs.stdout,
-        theirs.stderr,
-    ), args
+    assert_same_result(ours, theirs, args)
     return ours
 
 

@@ -4,25 +4,14 @@ against the real qemu-img 7.2 (same arguments, same exit code, stdout and stderr
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 import qcow2lib
 from qemutools import qemu_img, qemu_io, run, to_raw
+from qemutools import assert_same_in as assert_same
 from qemutools import inside, run_qimg_in as run_qimg
-
-
-def assert_same(directory: Path, *args) -> subprocess.CompletedProcess:
-    ours = run_qimg(directory, *args)
-    theirs = run(["qemu-img", *map(str, args)], check=False, cwd=directory)
-    assert (ours.returncode, ours.stdout, ours.stderr) == (
-        theirs.returncode,
-        theirs.stdout,
-        theirs.stderr,
-    ), args
-    return ours
 
 
 @pytest.fixture

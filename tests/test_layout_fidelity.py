@@ -18,6 +18,7 @@ import pytest
 import qcow2lib
 from qcow2lib.bitmaps import bitmaps_extension, read_directory
 from qemutools import qemu_img, qemu_io, run
+from qemutools import assert_same_result
 from qemutools import run_qimg_in as run_qimg
 
 MiB = 1 << 20
@@ -40,11 +41,7 @@ def twin(tmp_path: Path, setup) -> tuple[Path, Path]:
 def both(ours: Path, theirs: Path, *args) -> subprocess.CompletedProcess:
     """Run one command with each program; their exit code, stdout and stderr must agree."""
     mine, real = run_qimg(ours, *args), run_qemu(theirs, *args)
-    assert (mine.returncode, mine.stdout, mine.stderr) == (
-        real.returncode,
-        real.stdout,
-        real.stderr,
-    ), args
+    assert_same_result(mine, real, args)
     return mine
 
 

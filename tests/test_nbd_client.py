@@ -24,17 +24,14 @@ import qcow2lib
 from qcow2lib.exports.nbd import NBDServer
 from qcow2lib.exports.nbd_client import NBDAddress, NBDClient, parse_nbd_name
 from qemutools import qemu_img, qemu_io, run
+from qemutools import assert_same_result
 from qemutools import run_qimg
 
 
 def assert_same(*args) -> subprocess.CompletedProcess:
     ours = run_qimg(*args)
     theirs = run(["qemu-img", *map(str, args)], check=False)
-    assert (ours.returncode, ours.stdout, ours.stderr) == (
-        theirs.returncode,
-        theirs.stdout,
-        theirs.stderr,
-    ), args
+    assert_same_result(ours, theirs, args)
     return ours
 
 
