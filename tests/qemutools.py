@@ -189,3 +189,21 @@ def make_launcher(directory: Path, name: str) -> Path:
     )
     path.chmod(0o755)
     return path
+
+
+def wait_for_listener(sock: Path, proc: subprocess.Popen, timeout: float) -> None:
+    """Wait until the server `proc` accepts connections on the Unix socket `sock`. The
+    socket file appears at bind(), before listen(): a client that comes in between is
+    refused, so only a connection that succeeds says the server is ready."""
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"the server exited: {proc.stderr and proc.stderr.read()}"
+        assert time.monotonic() < deadline, f"no server listening on {sock}"
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(str(sock))
+                return
+            except OSError:  # not there yet, or not listening yet
+                time.sleep(0.02)

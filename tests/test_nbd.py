@@ -23,6 +23,7 @@ from qcow2lib.errors import CorruptImageError, InvalidArgumentError, Qcow2IOErro
 from qcow2lib.exports import nbd_protocol as P
 from qcow2lib.exports.nbd import NBDExport, NBDServer, nbd_error_for, serve
 from qemutools import assert_clean, qemu_compare, qemu_create, qemu_img, qemu_io, qemu_map
+from qemutools import wait_for_listener
 
 SYSTEM_PYTHON = "/usr/bin/python3"  # where python3-libnbd is installed
 
@@ -106,11 +107,7 @@ def qemu_nbd(tmp_path: Path, image, fmt: str = "qcow2"):
         text=True,
     )
     try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline, "qemu-nbd did not start"
-            time.sleep(0.02)
+        wait_for_listener(sock, proc, 20)
         yield f"nbd+unix:///?socket={sock}"
     finally:
         proc.terminate()
@@ -998,7 +995,7 @@ def test_host_errors_reach_the_client_in_a_server_process(tmp_path: Path) -> Non
     )
     try:
         deadline = time.monotonic() + 20
-        while not sock.exists():
+        while not sock.exists():  # (no probe: a probe would be this server's only client)
             assert proc.poll() is None, proc.stderr.read()
             assert time.monotonic() < deadline
             time.sleep(0.02)

@@ -24,6 +24,7 @@ import qcow2lib
 from qcow2lib.exports.nbd import NBDServer
 from qcow2lib.exports.nbd_client import NBDAddress, NBDClient, parse_nbd_name
 from qemutools import qemu_img, qemu_io, run
+from qemutools import wait_for_listener
 from qemutools import assert_same_result
 from qemutools import run_qimg
 
@@ -44,11 +45,7 @@ def qemu_nbd(image: Path, sock: Path, export: str = "exp", fmt: str = "qcow2", e
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline, "qemu-nbd did not start"
-            time.sleep(0.02)
+        wait_for_listener(sock, proc, 10)
         yield f"nbd+unix:///{export}?socket={sock}"
     finally:
         proc.terminate()
