@@ -20,6 +20,8 @@ import pytest
 
 import qcow2lib
 from guest import boot_guest
+from qemu_luks import BLANK, copy_image
+from qemu_luks import PASS as LUKS_PASS
 from qemutools import QEMU_IO, assert_clean, qemu_create, qemu_img, qemu_io, qemu_map, to_raw
 from test_vhost_user_blk import (
     DISK_MIB,
@@ -34,7 +36,6 @@ ROOT = Path(__file__).resolve().parent.parent
 QIMG = [sys.executable, str(ROOT / "tools" / "qimg.py")]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 MIB = 1 << 20
-SECRET = "correct horse battery staple"
 
 
 def start_qimg(*args) -> subprocess.Popen:
@@ -235,23 +236,11 @@ def test_nbd_exports_an_internal_snapshot_read_only(tmp_path: Path, args: list) 
     assert_clean(image)
 
 
-def test_nbd_encrypted_image_with_object_and_image_opts(tmp_path: Path) -> None:
-    image = tmp_path / "secret.qcow2"
+def test_nbd_encrypted_image_with_object_and_image_opts(tmp_path: Path, tmp_path_factory) -> None:
+    image = copy_image(tmp_path_factory, BLANK, tmp_path / "secret.qcow2")  # 4 MiB, empty
     secret_file = tmp_path / "passphrase"
-    secret_file.write_text(SECRET)
+    secret_file.write_text(LUKS_PASS)
     secret = f"secret,id=sec0,file={secret_file}"
-    qemu_img(
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "--object",
-        secret,
-        "-o",
-        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-        image,
-        "8M",
-    )
     opts = f"driver=qcow2,file.filename={image},encrypt.key-secret=sec0"
     sock = tmp_path / "nbd.sock"
     server = start_qimg("nbd", "-t", "--object", secret, "--image-opts", opts, "-k", sock)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import qcow2lib
 from fusetools import is_mounted, mountpoints  # noqa: F401 (a fixture)
+from qemu_luks import BLANK, copy_image
+from qemu_luks import PASS as LUKS_PASS
 from qemutools import QEMU_IO, assert_clean, qemu_create, qemu_img, qemu_io
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,23 +77,13 @@ def test_mount_is_read_only_by_default_and_serves_snapshots(tmp_path: Path, moun
     assert_clean(image)
 
 
-def test_encrypted_image_round_trip_with_object_and_image_opts(tmp_path: Path, mountpoints) -> None:
-    image = tmp_path / "secret.qcow2"
+def test_encrypted_image_round_trip_with_object_and_image_opts(
+    tmp_path: Path, tmp_path_factory, mountpoints
+) -> None:
+    image = copy_image(tmp_path_factory, BLANK, tmp_path / "secret.qcow2")  # 4 MiB, empty
     secret_file = tmp_path / "passphrase"
-    secret_file.write_text("a passphrase")
+    secret_file.write_text(LUKS_PASS)
     secret = f"secret,id=sec0,file={secret_file}"
-    qemu_img(
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "--object",
-        secret,
-        "-o",
-        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-        image,
-        "4M",
-    )
     opts = f"driver=qcow2,file.filename={image},encrypt.key-secret=sec0"
     mnt = mountpoints()
     result = qimg("mount", "--object", secret, "--image-opts", opts, "--rw", mnt)

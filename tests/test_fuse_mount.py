@@ -34,6 +34,8 @@ from fusetools import (
     wait_until,
 )
 from fusetools import mountpoints  # noqa: F401 (a fixture)
+from qemu_luks import BLANK, copy_image
+from qemu_luks import PASS as LUKS_PASS
 from qemutools import assert_clean, qemu_compare, qemu_create, qemu_img, qemu_io
 
 SEEK_DATA, SEEK_HOLE = 3, 4
@@ -445,20 +447,10 @@ def test_image_in_use_and_bad_images(tmp_path: Path, mountpoints) -> None:
     _no_mount_and_untouched(second, garbage, before)
 
 
-def test_encrypted_image_needs_its_passphrase(tmp_path: Path, mountpoints) -> None:
-    image = tmp_path / "enc.qcow2"
-    qemu_img(
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "--object",
-        "secret,id=s,data=hunter2",
-        "-o",
-        "encrypt.format=luks,encrypt.key-secret=s,encrypt.iter-time=10",
-        image,
-        "1M",
-    )
+def test_encrypted_image_needs_its_passphrase(
+    tmp_path: Path, tmp_path_factory, mountpoints
+) -> None:
+    image = copy_image(tmp_path_factory, BLANK, tmp_path / "enc.qcow2")
     mnt = mountpoints()
     result = fuse_mount(image, mnt)
     assert (result.returncode, result.stderr) == (
@@ -473,7 +465,7 @@ def test_encrypted_image_needs_its_passphrase(tmp_path: Path, mountpoints) -> No
         "--rw",
         "--passphrase-env",
         "FUSE_TEST_SECRET",
-        env={"FUSE_TEST_SECRET": "hunter2"},
+        env={"FUSE_TEST_SECRET": LUKS_PASS},
     )
     assert (result.returncode, result.stderr) == (0, "")
     with open(mnt / "disk.raw", "r+b") as disk:
@@ -483,7 +475,7 @@ def test_encrypted_image_needs_its_passphrase(tmp_path: Path, mountpoints) -> No
     qemu_img(
         "convert",
         "--object",
-        "secret,id=s,data=hunter2",
+        f"secret,id=s,data={LUKS_PASS}",
         "--image-opts",
         f"driver=qcow2,file.filename={image},encrypt.key-secret=s",
         "-O",

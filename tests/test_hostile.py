@@ -40,6 +40,8 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from qemu_luks import BLANK, copy_image
+from qemu_luks import PASS as LUKS_PASS
 from qemutools import QEMU_IMG, QEMU_IO, assert_clean, qemu_img, run
 
 import qcow2lib
@@ -508,13 +510,13 @@ def test_block_devices_and_regular_files_named_by_an_image_open(tmp_path, monkey
 # LUKS key derivation work
 # ---------------------------------------------------------------------------------------------
 
-PASSPHRASE = "hostile-test"
+PASSPHRASE = LUKS_PASS  # the passphrase of the images QEMU encrypts (tests/qemu_luks.py)
 SLOT_ENABLED = 0x00AC71F3
 LUKS_SLOTS_AT = 208  # the first key slot in the LUKS1 header; 48 bytes each
 EXT_CRYPTO_HEADER = 0x0537BE77
 
 
-def luks_image(path: Path, iter_time: int = 10) -> Path:
+def luks_image(path: Path, iter_time: int) -> Path:
     qemu_img(
         "create",
         "-q",
@@ -563,14 +565,14 @@ def luks_iterations(path: Path) -> tuple[int, int]:
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("layout", ["eight-huge-slots", "sum-over-the-limit"])
-def test_luks_key_derivation_work_is_bounded(tmp_path, layout):
+def test_luks_key_derivation_work_is_bounded(tmp_path, tmp_path_factory, layout):
     """A header whose slots would cost more than MAX_KDF_BLOCKS is refused at once, for a
     wrong passphrase and for the right one alike (every slot counts: a wrong passphrase
     tries them all), naming the slot where the sum passes the limit and its iterations.
     Without a passphrase (info) nothing is derived and the image still describes itself."""
     from qcow2lib.crypto import luks
 
-    image = luks_image(tmp_path / "luks.qcow2")
+    image = copy_image(tmp_path_factory, BLANK, tmp_path / "luks.qcow2")
     if layout == "eight-huge-slots":
         slots = dict.fromkeys(range(8), 0xFFFFFFFF)
         named_slot, named_iterations = 0, 0xFFFFFFFF
