@@ -452,7 +452,8 @@ def open_spec(
                 + f"Parameter '{option}' is required for cipher"
             )
     if warn_probe and mode == "r+" and spec.fmt is None and device.format == "raw":
-        sys.stderr.write(RAW_PROBE_WARNING.format(path))
+        display_name = getattr(spec.target, "display_name", None)  # QEMU's name of a node
+        sys.stderr.write(RAW_PROBE_WARNING.format(display_name() if display_name else path))
     return device
 
 

