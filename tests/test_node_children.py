@@ -42,6 +42,9 @@ def images(tmp_path_factory) -> Path:
     qemu_io(tmp_path / "top.qcow2", "write -P 0x66 64k 64k", fmt="qcow2")
     qemu_io(tmp_path / "mid.qcow2", "write -P 0x77 128k 64k", fmt="qcow2")
     (tmp_path / "rawbase").write_bytes(b"\x44" * MIB)
+    (tmp_path / "sub").mkdir()  # sub/ov.qcow2 over sub/base.qcow2, copies of the above
+    for name in ("ov.qcow2", "base.qcow2", "base2.qcow2"):
+        shutil.copy(tmp_path / name, tmp_path / "sub" / name)
     return tmp_path
 
 
@@ -56,7 +59,7 @@ def image_state(directory: Path) -> list:
     """What a command may have changed: every file's allocation map (qcow2 images without
     their backing files; host offsets left out), backing name and content."""
     state = []
-    for path in sorted(directory.iterdir()):
+    for path in sorted(directory.rglob("*")):
         if not path.is_file():
             continue
         data = path.read_bytes()
@@ -87,9 +90,9 @@ def image_state(directory: Path) -> list:
                     last["length"] += extent["length"]
                 else:
                     extents.append(extent)
-            state.append((path.name, extents, done.stderr, backing, raw))
+            state.append((path.relative_to(directory), extents, done.stderr, backing, raw))
         else:
-            state.append((path.name, data))
+            state.append((path.relative_to(directory), data))
     return state
 
 
@@ -97,6 +100,7 @@ def assert_same_effect(images: Path, tmp_path: Path, *args: str) -> None:
     """qimg and qemu-img, each run on its own copy of `images`, print the same and leave
     the same images behind."""
     copies = {}
+    tmp_path.mkdir(exist_ok=True)
     for name in ("qemu", "qimg"):
         copies[name] = tmp_path / f"run-{name}"
         shutil.copytree(images, copies[name])
@@ -205,3 +209,141 @@ COMMIT_CASES = [
 @pytest.mark.parametrize("args", COMMIT_CASES)
 def test_commit_into_the_given_backing_node(images, tmp_path, args):
     assert_same_effect(images, tmp_path, "commit", *args)
+
+
+REBASE_CASES = [
+    # the old backing content is read from the node the options give
+    [
+        "-b",
+        "base2.qcow2",
+        "-F",
+        "qcow2",
+        "--image-opts",
+        "file.filename=ov.qcow2,backing.driver=raw",
+    ],
+    [
+        "-b",
+        "base2.qcow2",
+        "-F",
+        "qcow2",
+        "--image-opts",
+        "file.filename=ov.qcow2,backing.driver=qcow2",
+    ],
+    [
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "--image-opts",
+        "file.filename=ov.qcow2,backing.driver=raw",
+    ],
+    ["-b", "", "--image-opts", "file.filename=ov.qcow2,backing.file.filename=rawbase"],
+    ["-b", "", "--image-opts", "file.filename=top.qcow2,backing.backing.file.filename=rawbase"],
+    ["-b", "", "json:{'file': {'filename': 'ov.qcow2'}, 'backing': null}"],
+    [
+        "-b",
+        "base2.qcow2",
+        "-F",
+        "qcow2",
+        "json:{'file': {'filename': 'nob.qcow2'}, 'backing': null}",
+    ],
+    [
+        "-b",
+        "base2.qcow2",
+        "-F",
+        "qcow2",
+        "--image-opts",
+        "file.filename=top.qcow2,backing.backing.file.filename=rawbase",
+    ],
+    # a node other than the header's names the image json:, and a relative -b then fails
+    [
+        "-b",
+        "base2.qcow2",
+        "-F",
+        "qcow2",
+        "--image-opts",
+        "file.filename=ov.qcow2,backing.file.filename=base.qcow2",
+    ],
+    [
+        "-b",
+        "base2.qcow2",
+        "-F",
+        "qcow2",
+        "--image-opts",
+        "file.filename=ov.qcow2,backing.file.filename=rawbase",
+    ],
+    [
+        "-b",
+        "base2.qcow2",
+        "-F",
+        "qcow2",
+        "--image-opts",
+        "file.filename=top.qcow2,backing.backing.driver=raw",
+    ],
+    [
+        "-b",
+        "base2.qcow2",
+        "-F",
+        "qcow2",
+        "json:{'file': {'filename': 'ov.qcow2'}, 'backing': null}",
+    ],
+    [
+        "-b",
+        "base2.qcow2",
+        "-F",
+        "qcow2",
+        "--image-opts",
+        "file.filename=sub/ov.qcow2,backing.driver=qcow2",
+    ],
+    [
+        "-b",
+        "base2.qcow2",
+        "-F",
+        "qcow2",
+        "--image-opts",
+        "file.filename=sub/ov.qcow2,backing.driver=raw",
+    ],
+    ["-b", "base2.qcow2", "-F", "qcow2", "sub/ov.qcow2"],
+    # -u opens no backing node, and takes no options for one
+    [
+        "-u",
+        "-b",
+        "base2.qcow2",
+        "-F",
+        "qcow2",
+        "--image-opts",
+        "file.filename=ov.qcow2,backing.driver=raw",
+    ],
+    [
+        "-u",
+        "-b",
+        "base2.qcow2",
+        "-F",
+        "qcow2",
+        "json:{'file': {'filename': 'ov.qcow2'}, 'backing': null}",
+    ],
+]
+
+
+@pytest.mark.parametrize("args", REBASE_CASES)
+def test_rebase_reads_the_given_backing_node(images, tmp_path, args):
+    assert_same_effect(images, tmp_path, "rebase", *args)
+
+
+def test_rebase_onto_an_absolute_name_through_a_given_node(images, tmp_path):
+    """An absolute -b resolves whatever the image is named: the old content comes from
+    the node the options give (rawbase's 0x44, not base.qcow2's 0x22)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(images / "base2.qcow2", elsewhere)
+    for name in ("rawbase", "base.qcow2"):
+        args = [
+            "rebase",
+            "-b",
+            str(elsewhere / "base2.qcow2"),
+            "-F",
+            "qcow2",
+            "--image-opts",
+            f"file.filename=ov.qcow2,backing.file.filename={name}",
+        ]
+        assert_same_effect(images, tmp_path / name, *args)

@@ -213,6 +213,8 @@ def _options_spec(text: str, values: dict[str, str | None], force_share: bool) -
         luks_secret = opts.pop(f"{prefix}key-secret", None)  # a luks layer's (issue 14)
         backing_secrets.append(secret if secret is not None else luks_secret)
         prefix += "backing."
+    while backing_secrets and backing_secrets[-1] is None:  # levels with other options only
+        backing_secrets.pop()
     backing_node = take_child_options(opts, "backing")
     fmt = driver
     if fmt is None and opts:  # what is left is the probed format's (QEMU probes first)
@@ -485,6 +487,55 @@ def json_filename(spec: ImageSpec, fmt: str) -> str:
         fmt = backing_fmt or qcow2lib.probe_format(path, backing_of=named_by)
         layer["backing"] = layer = _json_layer(secret, fmt, path)
     return "json:" + qemu_json_compact(top)
+
+
+def overlay_filename(spec: ImageSpec, image, fmt: str) -> str:
+    """The name QEMU gives an image opened with a backing node by options, which relative
+    backing names resolve against: a json: name holding the backing node when it is not
+    the one the header names (QEMU's bdrv_backing_overridden: the node's name is not the
+    header's name as stored; "backing": null overrides any), else the image's file name."""
+    backing = _backing_tree(spec.path, image.backing_filename, image.backing_format, image)
+    if backing is _NOT_OVERRIDDEN:
+        return spec.path
+    tree = {"driver": fmt, "file": {"driver": "file", "filename": spec.path}, "backing": backing}
+    return "json:" + qemu_json_compact(tree)
+
+
+_NOT_OVERRIDDEN = object()
+
+
+def _backing_tree(overlay: str, header_name: str | None, header_format: str | None, image):
+    """The options QEMU shows for the backing node of `image` (opened from `overlay`, whose
+    header names `header_name`): None for none, _NOT_OVERRIDDEN when the node is the one
+    the header names, opened as the header's own would be."""
+    from qcow2lib.containers import NodeReference
+    from qcow2lib.ops import path_combine
+
+    given = getattr(image, "given_backing", None)
+    node = getattr(image, "backing", None)
+    if isinstance(given, NodeReference) or node is None:
+        return None if header_name else _NOT_OVERRIDDEN
+    if given is None:
+        return _NOT_OVERRIDDEN
+    driver = given.get("driver") or header_format or node.format
+    if driver in ("file", "host_device"):
+        filename = given.get("filename") or path_combine(overlay, header_name or "")
+        tree: dict = {"driver": driver, "filename": filename}
+    else:
+        filename = given.get("file.filename") or path_combine(overlay, header_name or "")
+        file_driver = given.get("file.driver", "file")
+        tree = {"driver": driver, "file": {"driver": file_driver, "filename": filename}}
+    below = _backing_tree(
+        filename,
+        getattr(node, "backing_filename", None),
+        getattr(node, "backing_format", None),
+        node,
+    )
+    if below is not _NOT_OVERRIDDEN:
+        tree["backing"] = below
+    elif filename == header_name:
+        return _NOT_OVERRIDDEN
+    return tree
 
 
 def _json_layer(key_secret: str | None, fmt: str, filename: str) -> dict:
