@@ -27,7 +27,9 @@ def images(tmp_path_factory) -> Path:
     """base.qcow2 (0x22 in all 1 MiB) under ov.qcow2 (0x55 in its first 4 KiB);
     base2.qcow2 (0x33 in its first 64 KiB); top.qcow2 -> mid.qcow2 -> base2.qcow2 (0x66
     at 64 KiB in top, 0x77 at 128 KiB in mid); rawbase (0x44 everywhere); nob.qcow2 has
-    no backing file (0x55 in its first 4 KiB)."""
+    no backing file (0x55 in its first 4 KiB); zov.qcow2 (2 MiB over base.qcow2) and
+    znob.qcow2 (no backing file) hold zero clusters; small.qcow2 is a 512 KiB overlay of
+    base.qcow2."""
     tmp_path = tmp_path_factory.mktemp("node-children")
     create(tmp_path, "-f", "qcow2", "base.qcow2", "1M")
     qemu_io(tmp_path / "base.qcow2", "write -P 0x22 0 1M", fmt="qcow2")
@@ -42,6 +44,12 @@ def images(tmp_path_factory) -> Path:
     qemu_io(tmp_path / "top.qcow2", "write -P 0x66 64k 64k", fmt="qcow2")
     qemu_io(tmp_path / "mid.qcow2", "write -P 0x77 128k 64k", fmt="qcow2")
     (tmp_path / "rawbase").write_bytes(b"\x44" * MIB)
+    create(tmp_path, "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "zov.qcow2", "2M")
+    qemu_io(tmp_path / "zov.qcow2", "write -z 0 256k", "write -P 0x12 256k 64k", fmt="qcow2")
+    create(tmp_path, "-f", "qcow2", "znob.qcow2", "1M")
+    qemu_io(tmp_path / "znob.qcow2", "write -z 0 256k", fmt="qcow2")
+    create(tmp_path, "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "small.qcow2", "512k")
+    qemu_io(tmp_path / "small.qcow2", "write -P 0x13 0 64k", fmt="qcow2")
     (tmp_path / "sub").mkdir()  # sub/ov.qcow2 over sub/base.qcow2, copies of the above
     for name in ("ov.qcow2", "base.qcow2", "base2.qcow2"):
         shutil.copy(tmp_path / name, tmp_path / "sub" / name)
@@ -347,3 +355,64 @@ def test_rebase_onto_an_absolute_name_through_a_given_node(images, tmp_path):
             f"file.filename=ov.qcow2,backing.file.filename={name}",
         ]
         assert_same_effect(images, tmp_path / name, *args)
+
+
+AMEND_CASES = [
+    # the v2 downgrade keeps zero clusters as data only over a backing node
+    ["-o", "compat=0.10", "--image-opts", "file.filename=zov.qcow2,backing="],
+    ["-o", "compat=0.10", "json:{'file': {'filename': 'zov.qcow2'}, 'backing': null}"],
+    [
+        "-o",
+        "compat=0.10",
+        "--image-opts",
+        "file.filename=zov.qcow2,backing.file.filename=base2.qcow2",
+    ],
+    [
+        "-o",
+        "compat=0.10",
+        "--image-opts",
+        "file.filename=znob.qcow2,backing.file.filename=base2.qcow2",
+    ],
+    ["-o", "compat=0.10", "zov.qcow2"],
+    # growing zero-fills where the backing node, not the header's file, would show through
+    ["-o", "size=1M", "--image-opts", "file.filename=small.qcow2,backing="],
+    [
+        "-o",
+        "size=1M",
+        "--image-opts",
+        "file.filename=small.qcow2,backing.file.filename=base2.qcow2",
+    ],
+    [
+        "-o",
+        "size=1M",
+        "--image-opts",
+        "file.filename=small.qcow2,backing.driver=raw,backing.file.filename=rawbase",
+    ],
+    # the header's backing file name is still what amend compares
+    [
+        "-o",
+        "backing_file=base.qcow2,backing_fmt=qcow2",
+        "--image-opts",
+        "file.filename=small.qcow2,backing.file.filename=base2.qcow2",
+    ],
+    [
+        "-o",
+        "backing_file=base2.qcow2,backing_fmt=qcow2",
+        "--image-opts",
+        "file.filename=small.qcow2,backing.file.filename=base2.qcow2",
+    ],
+    # refused opens
+    ["-o", "size=1M", "--image-opts", "file.filename=small.qcow2,backing.file.filename=rawbase"],
+    ["-o", "lazy_refcounts=on", "--image-opts", "file.filename=small.qcow2,backing=null"],
+    [
+        "-o",
+        "lazy_refcounts=on",
+        "--image-opts",
+        "file.filename=small.qcow2,backing.file.filename=nonexist",
+    ],
+]
+
+
+@pytest.mark.parametrize("args", AMEND_CASES)
+def test_amend_through_the_given_backing_node(images, tmp_path, args):
+    assert_same_effect(images, tmp_path, "amend", *args)

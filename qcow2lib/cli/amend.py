@@ -263,6 +263,8 @@ def _amend_image(
                 spec.fmt,
                 data_file=spec.data_file,
                 untrusted=untrusted(),
+                locking=spec.locking,
+                backing_node=spec.backing_node,
             ) as image:
                 amend(
                     image,
