@@ -434,13 +434,18 @@ def open_blkdebug(
         image = image["filename"]
     host = _open_protocol_file(image, mode == "r+")
     file = BlkdebugFile(host, rules)
+    # QEMU names an image above a blkdebug node by that node's blkdebug:CONFIG:FILE name
+    # (map too names it for a qcow2 image's data; raw passes through to the host file)
+    name = target.name if target.other_options else target.display_name()
+    if not target.other_options:
+        file.node_name = name
     probed = fmt is None
     try:
         rules.event("none")
         if probed:
             fmt = "qcow2" if file.pread(4, 0) == S.QCOW_MAGIC.to_bytes(4, "big") else "raw"
         if fmt in ("raw", "file"):
-            device = RawDevice(target.name, mode, force_share, probed, file=file)
+            device = RawDevice(name, mode, force_share, probed, file=file)
             device.file.no_flush = cache == "unsafe"
             return device
         if fmt != "qcow2":
@@ -449,7 +454,7 @@ def open_blkdebug(
         host.close()
         raise
     own, backing_passphrase = chain._split_passphrase(passphrase)
-    qcow2 = Qcow2Image(target.name, mode, force_share=force_share, passphrase=own, file=file)
+    qcow2 = Qcow2Image(name, mode, force_share=force_share, passphrase=own, file=file)
     qcow2.file.no_flush = cache == "unsafe"
     return chain._finish_qcow2(  # relative backing names resolve beside the host file
         qcow2,

@@ -167,6 +167,32 @@ def test_check_through_a_filter_node_finds_what_is_wrong(scratch, tmp_path):
     assert_same_effect(images, tmp_path, "check", "-r", "all", name % "base2.qcow2")
 
 
+@pytest.mark.parametrize(
+    "image",
+    [
+        "driver=qcow2,file.driver=blkdebug,file.image.filename=base.qcow2",
+        "file.driver=blkdebug,file.image.filename=ov.qcow2",
+        "file.driver=blkdebug,file.image.filename=rawbase",
+        "file.driver=blkdebug,file.config=/dev/null,file.image.filename=base.qcow2",
+        "file.driver=throttle,file.throttle-group=tg0,file.file.filename=ov.qcow2",
+    ],
+)
+@pytest.mark.parametrize("command", [["info"], ["map"], ["map", "--output=json"]])
+def test_info_and_map_name_a_filter_node_as_qemu(images, image, command):
+    """QEMU names an image above blkdebug by the node's blkdebug:CONFIG:FILE name (map
+    shows it for qcow2 data; raw data passes through to the host file)."""
+    assert_same_in(images, *command, "--object", THROTTLE_GROUP, "--image-opts", image)
+
+
+@pytest.mark.parametrize(
+    "options",
+    ["compat=0.10", "lazy_refcounts=on", "size=2M"],
+)
+def test_amend_through_a_filter_node(images, tmp_path, options):
+    image = "driver=qcow2,file.driver=blkdebug,file.image.filename=zov.qcow2"
+    assert_same_effect(images, tmp_path, "amend", "-o", options, "--image-opts", image)
+
+
 # -- 1. commit, rebase and amend through the backing node options give ------------------
 
 COMMIT_CASES = [

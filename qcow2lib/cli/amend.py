@@ -258,7 +258,7 @@ def _amend_image(
                 image.file.flush()
         if arguments:
             with qcow2lib.open(
-                host_path(spec.path),
+                spec.target or host_path(spec.path),
                 "r+",
                 spec.fmt,
                 data_file=spec.data_file,
