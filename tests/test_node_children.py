@@ -6,6 +6,7 @@ status, output and messages (and, where the command writes, the images it leaves
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -13,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from qemutools import QEMU_IMG, assert_same_in, assert_same_result, qemu_io, run, run_qimg_in
+from qemutools import (
+    QEMU_IMG,
+    assert_same_in,
+    assert_same_result,
+    qemu_io,
+    run,
+    run_qimg_in,
+    wait_for_listener,
+)
 
 MIB = 1 << 20
 
@@ -29,7 +38,8 @@ def images(tmp_path_factory) -> Path:
     at 64 KiB in top, 0x77 at 128 KiB in mid); rawbase (0x44 everywhere); nob.qcow2 has
     no backing file (0x55 in its first 4 KiB); zov.qcow2 (2 MiB over base.qcow2) and
     znob.qcow2 (no backing file) hold zero clusters; small.qcow2 is a 512 KiB overlay of
-    base.qcow2."""
+    base.qcow2; t.qcow2 keeps its data (0x11 in the first 64 KiB) in t.data (t2.data: a
+    copy; dq.qcow2: a qcow2 image of the same content)."""
     tmp_path = tmp_path_factory.mktemp("node-children")
     create(tmp_path, "-f", "qcow2", "base.qcow2", "1M")
     qemu_io(tmp_path / "base.qcow2", "write -P 0x22 0 1M", fmt="qcow2")
@@ -50,6 +60,11 @@ def images(tmp_path_factory) -> Path:
     qemu_io(tmp_path / "znob.qcow2", "write -z 0 256k", fmt="qcow2")
     create(tmp_path, "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "small.qcow2", "512k")
     qemu_io(tmp_path / "small.qcow2", "write -P 0x13 0 64k", fmt="qcow2")
+    create(tmp_path, "-f", "qcow2", "-o", f"data_file={tmp_path / 't.data'}", "t.qcow2", "1M")
+    qemu_io(tmp_path / "t.qcow2", "write -P 0x11 0 64k", fmt="qcow2")
+    shutil.copy(tmp_path / "t.data", tmp_path / "t2.data")
+    create(tmp_path, "-f", "qcow2", "dq.qcow2", "1M")
+    qemu_io(tmp_path / "dq.qcow2", "write -P 0x11 0 64k", fmt="qcow2")
     (tmp_path / "sub").mkdir()  # sub/ov.qcow2 over sub/base.qcow2, copies of the above
     for name in ("ov.qcow2", "base.qcow2", "base2.qcow2"):
         shutil.copy(tmp_path / name, tmp_path / "sub" / name)
@@ -442,3 +457,91 @@ AMEND_CASES = [
 @pytest.mark.parametrize("args", AMEND_CASES)
 def test_amend_through_the_given_backing_node(images, tmp_path, args):
     assert_same_effect(images, tmp_path, "amend", *args)
+
+
+# -- 3. a data file given as a null-co, qcow2 or nbd node ---------------------------------
+
+
+@contextlib.contextmanager
+def qemu_nbd(image: Path, sock: Path):
+    """The real qemu-nbd serving a raw file on a Unix socket, for any number of clients."""
+    proc = subprocess.Popen(
+        ["qemu-nbd", "-f", "raw", "-k", str(sock), "-t", "-e", "8", str(image)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_listener(sock, proc, 10)
+        yield sock
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+DATA_FILE_NODES = [
+    "data-file.driver=null-co",
+    "data-file.driver=null-aio",
+    "data-file.driver=null-co,data-file.size=1M",
+    "data-file.driver=null-co,data-file.read-zeroes=on",
+    "data-file.driver=null-co,data-file.size=4k",  # shorter than the data
+    "data-file.driver=raw,data-file.file.driver=null-co",
+    "data-file.driver=blkdebug,data-file.image.driver=null-co",
+    "data-file.driver=qcow2,data-file.file.filename=dq.qcow2",
+    "data-file.driver=qcow2,data-file.file.driver=file,data-file.file.filename=dq.qcow2",
+    # refused, in QEMU's words
+    "data-file.driver=null-co,data-file.bogus=1",
+    "data-file.driver=qcow2,data-file.file.filename=t2.data",
+    "data-file.driver=qcow2",
+    "data-file.driver=qcow2,data-file.file=foo",
+    "data-file.driver=qcow2,data-file.file.filename=nonexist",
+    "data-file.driver=nbd",
+    "data-file.driver=nbd,data-file.server.type=unix,data-file.server.path=nonexist.sock",
+]
+
+
+@pytest.mark.parametrize("options", DATA_FILE_NODES)
+@pytest.mark.parametrize("command", [["compare"], ["map"], ["map", "--output=json"]])
+def test_data_file_of_another_driver(images, options, command):
+    image = f"driver=qcow2,file.filename=t.qcow2,{options}"
+    args = [*command, "--image-opts", image]
+    if command == ["compare"]:
+        args.append("driver=qcow2,file.filename=t.qcow2")
+    assert_same_in(images, *args)
+
+
+def test_data_file_served_by_qemu_nbd(images, tmp_path):
+    with qemu_nbd(images / "t2.data", tmp_path / "nbd.sock") as sock:
+        server = f"server.type=unix,server.path={sock}"
+        for node in (
+            f"data-file.driver=nbd,data-file.{server.replace(',', ',data-file.')}",
+            "data-file.driver=raw,data-file.file.driver=nbd,"
+            f"data-file.file.{server.replace(',', ',data-file.file.')}",
+            "data-file.driver=blkdebug,data-file.image.driver=nbd,"
+            f"data-file.image.{server.replace(',', ',data-file.image.')}",
+        ):
+            image = f"driver=qcow2,file.filename=t.qcow2,{node}"
+            for command in (["map"], ["map", "--output=json"], ["check"]):
+                assert_same_in(images, *command, "--image-opts", image)
+            assert_same_in(images, "compare", "--image-opts", image, "file.filename=t.qcow2")
+
+
+@pytest.mark.parametrize(
+    "node",
+    [
+        "data-file.driver=qcow2,data-file.file.filename=dq.qcow2",
+        "data-file.driver=null-co",
+        "data-file.driver=raw,data-file.file.driver=null-co",
+    ],
+)
+def test_writes_into_a_data_file_node(scratch, tmp_path, node):
+    """What convert -n writes lands in the node (the qcow2 one's clusters allocated as
+    QEMU allocates them; the null one's lost) and the image's metadata as QEMU's."""
+    create(scratch, "-f", "qcow2", "src.qcow2", "1M")
+    # (over data already there, not zeros: qimg leaves the data file's bytes of a cluster
+    # it zeroes alone, where QEMU discards them)
+    qemu_io(scratch / "src.qcow2", "write -P 0x5a 0 192k", "write -z 512k 64k", fmt="qcow2")
+    target = f"driver=qcow2,file.filename=t.qcow2,{node}"
+    args = ("convert", "-n", "src.qcow2", "--target-image-opts", target)
+    assert_same_effect(scratch, tmp_path / "runs", *args)
