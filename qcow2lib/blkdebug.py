@@ -418,7 +418,9 @@ def open_blkdebug(
             child_target = target.image
             child_fmt = None if is_node_name(child_target) else "file"
         else:
-            child_target, child_fmt = chain.options_image_target(dict(target.image), target.name)
+            child = dict(target.image)
+            child.setdefault("driver", "file")  # (a file name probes QEMU's file protocol)
+            child_target, child_fmt = chain.options_image_target(child, target.name)
         child = chain.open_image(
             child_target, mode, child_fmt, backing, force_share=force_share, cache=cache
         )

@@ -545,3 +545,81 @@ def test_writes_into_a_data_file_node(scratch, tmp_path, node):
     target = f"driver=qcow2,file.filename=t.qcow2,{node}"
     args = ("convert", "-n", "src.qcow2", "--target-image-opts", target)
     assert_same_effect(scratch, tmp_path / "runs", *args)
+
+
+# -- 4. a backing node over blkdebug, nbd, quorum or null-co -----------------------------
+
+QUORUM_CHILD = "vote-threshold=1,{0}children.0.driver=file,{0}children.0.filename="
+BACKING_NODES = [
+    "backing.driver=blkdebug,backing.image.filename=base2.qcow2",  # its bytes, raw
+    "backing.driver=blkdebug,backing.image.driver=qcow2,backing.image.file.filename=base2.qcow2",
+    "backing.driver=blkdebug,backing.config=/dev/null,backing.image.filename=rawbase",
+    "backing.driver=qcow2,backing.file.driver=blkdebug,backing.file.image.filename=base2.qcow2",
+    "backing.file.driver=blkdebug,backing.file.image.filename=base2.qcow2",
+    "backing.driver=blkdebug",  # the header's file as its image (none: refused)
+    "backing.driver=blkdebug,backing.image.driver=null-co",
+    "backing.driver=null-co",
+    "backing.driver=null-aio",
+    "backing.driver=null-co,backing.size=512k",
+    "backing.driver=null-co,backing.read-zeroes=on",
+    "backing.driver=raw,backing.file.driver=null-co",
+    "backing.file.driver=null-co",
+    "backing.driver=qcow2,backing.file.driver=null-co",
+    "backing.driver=qcow2,backing.file.driver=quorum,backing.file."
+    + QUORUM_CHILD.format("backing.file.")
+    + "base2.qcow2",
+    "backing.driver=quorum",
+    "backing.driver=quorum,backing.vote-threshold=2,backing.children.0.filename=rawbase",
+    "backing.driver=nbd",
+]
+
+
+@pytest.mark.parametrize("options", BACKING_NODES)
+@pytest.mark.parametrize("image", ["ov.qcow2", "nob.qcow2"])
+@pytest.mark.parametrize("command", [["map"], ["map", "--output=json"]])
+def test_backing_node_of_another_driver(images, command, image, options):
+    """Beneath an image without a backing file name the node opens as given; when the
+    header names one, QEMU gives the node that name as its file name too, which blkdebug
+    alone takes (as its image) and the others refuse in their own words."""
+    assert_same_in(images, *command, "--image-opts", f"file.filename={image},{options}")
+
+
+@pytest.mark.parametrize("command", [["map"], ["map", "--output=json"]])
+def test_quorum_backing_node_refused_with_a_header_name(images, command):
+    """(Without one, QEMU opens a quorum as the backing node, which qimg does not: it
+    opens a quorum only beneath an image format.)"""
+    node = "backing.driver=quorum,backing." + QUORUM_CHILD.format("backing.") + "rawbase"
+    assert_same_in(images, *command, "--image-opts", f"file.filename=ov.qcow2,{node}")
+
+
+@pytest.mark.parametrize("image", ["ov.qcow2", "nob.qcow2"])
+def test_backing_node_served_by_qemu_nbd(images, tmp_path, image):
+    with qemu_nbd(images / "rawbase", tmp_path / "nbd.sock") as sock:
+        for node in (
+            f"backing.driver=nbd,backing.server.type=unix,backing.server.path={sock}",
+            f"backing.driver=nbd,backing.path={sock}",
+            "backing.driver=raw,backing.file.driver=nbd,backing.file.server.type=unix,"
+            f"backing.file.server.path={sock}",
+            f"backing.file.driver=nbd,backing.file.server.type=unix,backing.file.server.path={sock}",
+            "backing.driver=blkdebug,backing.image.driver=nbd,backing.image.server.type=unix,"
+            f"backing.image.server.path={sock}",
+        ):
+            options = f"file.filename={image},{node}"
+            for command in (["map"], ["map", "--output=json"]):
+                assert_same_in(images, *command, "--image-opts", options)
+            assert_same_in(images, "compare", "--image-opts", options, "file.filename=nob.qcow2")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        "backing.driver=null-co",
+        "backing.driver=blkdebug,backing.image.filename=rawbase",
+        "backing.driver=qcow2,backing.file.driver=blkdebug,backing.file.image.filename=base2.qcow2",
+    ],
+)
+def test_commit_into_a_backing_node_of_another_driver(images, tmp_path, options):
+    """Committing writes into the node (into the blkdebug node's file; the null one's
+    writes vanish)."""
+    args = ("commit", "--image-opts", f"driver=qcow2,file.filename=nob.qcow2,{options}")
+    assert_same_effect(images, tmp_path, *args)
