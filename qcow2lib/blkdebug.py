@@ -322,6 +322,8 @@ class BlkdebugFile(HostFileFilter):
         super().__init__(file)
         self.blkdebug = blkdebug
         self.node_filename = node_filename  # QEMU's name of the node, where map shows it
+        # the name of the node beneath an image format, which map shows for its data
+        self.node_name: str | None = None
 
     def pread(self, length: int, offset: int) -> bytes:
         self.blkdebug.check(offset, length, "read")
@@ -418,9 +420,9 @@ def open_blkdebug(
             child_target = target.image
             child_fmt = None if is_node_name(child_target) else "file"
         else:
-            child = dict(target.image)
-            child.setdefault("driver", "file")  # (a file name probes QEMU's file protocol)
-            child_target, child_fmt = chain.options_image_target(child, target.name)
+            child_options = dict(target.image)
+            child_options.setdefault("driver", "file")  # (a file name: QEMU's file protocol)
+            child_target, child_fmt = chain.options_image_target(child_options, target.name)
         child = chain.open_image(
             child_target, mode, child_fmt, backing, force_share=force_share, cache=cache
         )

@@ -586,8 +586,6 @@ def _finish_qcow2(
     """Open the backing chain of a qcow2 image (`path` None: it is not in a host
     directory, so relative backing names mean nothing), the one options give instead of
     the header's when `backing_node` is set, then its snapshot view if asked."""
-    if backing_node is not None:  # what the options gave (QEMU names the image by it)
-        image.given_backing = backing_node
     if isinstance(backing_node, NodeReference) and not backing_node.name:
         image.backing_dropped = True
     elif backing_node is not None and not backing:
@@ -792,6 +790,7 @@ def _given_node_backing(
             return options_image_target(
                 {"driver": "blkdebug", "image.filename": target, **opts}, image.filename
             )
+        assert node_driver is not None  # (the caller found one)
         raise InvalidArgumentError(_named_node_refusal(node_driver, node_options))
     if driver == "quorum":
         from .quorum import target_from_options

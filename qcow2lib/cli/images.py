@@ -494,7 +494,7 @@ def overlay_filename(spec: ImageSpec, image, fmt: str) -> str:
     backing names resolve against: a json: name holding the backing node when it is not
     the one the header names (QEMU's bdrv_backing_overridden: the node's name is not the
     header's name as stored; "backing": null overrides any), else the image's file name."""
-    backing = _backing_tree(spec.path, image.backing_filename, image.backing_format, image)
+    backing = _backing_tree(spec.path, image, spec.backing_node)
     if backing is _NOT_OVERRIDDEN:
         return spec.path
     tree = {"driver": fmt, "file": {"driver": "file", "filename": spec.path}, "backing": backing}
@@ -504,33 +504,30 @@ def overlay_filename(spec: ImageSpec, image, fmt: str) -> str:
 _NOT_OVERRIDDEN = object()
 
 
-def _backing_tree(overlay: str, header_name: str | None, header_format: str | None, image):
-    """The options QEMU shows for the backing node of `image` (opened from `overlay`, whose
-    header names `header_name`): None for none, _NOT_OVERRIDDEN when the node is the one
-    the header names, opened as the header's own would be."""
+def _backing_tree(overlay: str, image, given: BackingNode | None):
+    """The options QEMU shows for the backing node of `image` (opened from `overlay`)
+    that `given` (the backing options, nested levels included) opened: None for none,
+    _NOT_OVERRIDDEN when it is the node the header names, opened as the header's own."""
     from qcow2lib.containers import NodeReference
     from qcow2lib.ops import path_combine
 
-    given = getattr(image, "given_backing", None)
+    header_name = getattr(image, "backing_filename", None)
     node = getattr(image, "backing", None)
     if isinstance(given, NodeReference) or node is None:
         return None if header_name else _NOT_OVERRIDDEN
     if given is None:
         return _NOT_OVERRIDDEN
-    driver = given.get("driver") or header_format or node.format
+    options = dict(given)
+    below_given = take_child_options(options, "backing")
+    driver = options.get("driver") or getattr(image, "backing_format", None) or node.format
     if driver in ("file", "host_device"):
-        filename = given.get("filename") or path_combine(overlay, header_name or "")
+        filename = options.get("filename") or path_combine(overlay, header_name or "")
         tree: dict = {"driver": driver, "filename": filename}
     else:
-        filename = given.get("file.filename") or path_combine(overlay, header_name or "")
-        file_driver = given.get("file.driver", "file")
+        filename = options.get("file.filename") or path_combine(overlay, header_name or "")
+        file_driver = options.get("file.driver", "file")
         tree = {"driver": driver, "file": {"driver": file_driver, "filename": filename}}
-    below = _backing_tree(
-        filename,
-        getattr(node, "backing_filename", None),
-        getattr(node, "backing_format", None),
-        node,
-    )
+    below = _backing_tree(filename, node, below_given)
     if below is not _NOT_OVERRIDDEN:
         tree["backing"] = below
     elif filename == header_name:
