@@ -245,6 +245,8 @@ COMMIT_CASES = [
         "backing.backing.file.filename=base.qcow2",
     ],
     ["-b", "nonexist", "--image-opts", "file.filename=top.qcow2,backing.file.filename=ov.qcow2"],
+    ["-b", "base.qcow2", "--image-opts", "file.filename=sub/ov.qcow2,backing.driver=qcow2"],
+    ["-b", "sub/base.qcow2", "--image-opts", "file.filename=sub/ov.qcow2,backing.driver=qcow2"],
     # no backing node, or one that does not open
     ["json:{'driver': 'qcow2', 'file': {'filename': 'ov.qcow2'}, 'backing': null}"],
     ["-b", "base.qcow2", "json:{'file': {'filename': 'ov.qcow2'}, 'backing': null}"],

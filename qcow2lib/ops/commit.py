@@ -158,17 +158,20 @@ def _open_given_layer(layer, options, base_name, depth: int, passphrases: tuple,
     """Open the backing node options give `layer` (chain._given_backing: the node's own
     file, or the header's name opened with the options' driver) and hang it under it:
     read-write with its chain when it is the base, else read-only alone. The base is
-    the first backing node without -b; with -b, a node the options name a file for is
-    the base when -b names that file as given (QEMU compares the names of overridden
-    nodes as strings), one opened from the header's name when -b matches that name as
-    the header's own would. Returns the node, whether it is the base, and the options
-    it gives the level below it (None: its header's)."""
+    the first backing node without -b; with -b, a node the options name a file for (or
+    whose header name resolves to another string) is the base when -b is that name as
+    given (QEMU compares the names of overridden nodes as strings), one opened from the
+    header's name as stored when -b matches that name as the header's own would.
+    Returns the node, whether it is the base, and the options it gives the level below
+    it (None: its header's)."""
     if isinstance(options, NodeReference):
         raise options.missing()
     target, fmt, opened = _given_backing(layer, _host_name(layer), options, untrusted)
     if base_name is None:
         is_base = depth == 1
-    elif opened.get("backing_of") is None:  # a file the options name
+    elif opened.get("backing_of") is None or target != layer.backing_filename:
+        # a file the options name, or the header's name resolved to another string (a
+        # layer in another directory): QEMU takes the node as overridden
         is_base = base_name == target
     else:
         is_base = isinstance(target, str) and _matches(base_name, _host_name(layer), target)
