@@ -322,6 +322,8 @@ class BlkdebugFile(HostFileFilter):
         super().__init__(file)
         self.blkdebug = blkdebug
         self.node_filename = node_filename  # QEMU's name of the node, where map shows it
+        # the name of the node beneath an image format, which map shows for its data
+        self.node_name: str | None = None
 
     def pread(self, length: int, offset: int) -> bytes:
         self.blkdebug.check(offset, length, "read")
@@ -418,7 +420,9 @@ def open_blkdebug(
             child_target = target.image
             child_fmt = None if is_node_name(child_target) else "file"
         else:
-            child_target, child_fmt = chain.options_image_target(dict(target.image), target.name)
+            child_options = dict(target.image)
+            child_options.setdefault("driver", "file")  # (a file name: QEMU's file protocol)
+            child_target, child_fmt = chain.options_image_target(child_options, target.name)
         child = chain.open_image(
             child_target, mode, child_fmt, backing, force_share=force_share, cache=cache
         )
@@ -434,13 +438,18 @@ def open_blkdebug(
         image = image["filename"]
     host = _open_protocol_file(image, mode == "r+")
     file = BlkdebugFile(host, rules)
+    # QEMU names an image above a blkdebug node by that node's blkdebug:CONFIG:FILE name
+    # (map too names it for a qcow2 image's data; raw passes through to the host file)
+    name = target.name if target.other_options else target.display_name()
+    if not target.other_options:
+        file.node_name = name
     probed = fmt is None
     try:
         rules.event("none")
         if probed:
             fmt = "qcow2" if file.pread(4, 0) == S.QCOW_MAGIC.to_bytes(4, "big") else "raw"
         if fmt in ("raw", "file"):
-            device = RawDevice(target.name, mode, force_share, probed, file=file)
+            device = RawDevice(name, mode, force_share, probed, file=file)
             device.file.no_flush = cache == "unsafe"
             return device
         if fmt != "qcow2":
@@ -449,7 +458,7 @@ def open_blkdebug(
         host.close()
         raise
     own, backing_passphrase = chain._split_passphrase(passphrase)
-    qcow2 = Qcow2Image(target.name, mode, force_share=force_share, passphrase=own, file=file)
+    qcow2 = Qcow2Image(name, mode, force_share=force_share, passphrase=own, file=file)
     qcow2.file.no_flush = cache == "unsafe"
     return chain._finish_qcow2(  # relative backing names resolve beside the host file
         qcow2,

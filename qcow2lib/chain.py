@@ -699,6 +699,8 @@ def _given_backing(
     driver = opts.pop("driver", None)
     if driver is not None and driver not in KNOWN_DRIVERS:
         raise InvalidArgumentError(f"Unknown driver '{driver}'")
+    if driver in _NODE_BACKING_DRIVERS or opts.get("file.driver") in _NODE_BACKING_DRIVERS:
+        return _given_node_backing(image, path, driver, opts, untrusted) + (opened,)
     if driver in RAW_PROTOCOLS:
         protocol, prefix, protocol_named = driver, "", True
     else:
@@ -753,3 +755,90 @@ def _given_backing(
     for key in opts:
         raise InvalidArgumentError(f"Block format '{fmt}' does not support the option '{key}'")
     return target, fmt, opened
+
+
+# drivers of backing nodes given by options that are nodes.py's or NBD's, not a format
+# above a host file: as the backing node's driver, or as its file's
+_NODE_BACKING_DRIVERS = ("blkdebug", "null-co", "null-aio", "nbd", "quorum")
+
+
+def _given_node_backing(
+    image: Qcow2Image, path: str | None, driver: str | None, opts: dict[str, str], untrusted
+) -> tuple[ImageTarget, str | None]:
+    """A backing node of a node driver (blkdebug, null-co, nbd, quorum), or a format
+    above one, given by options: (target, format). When the header names a backing file,
+    QEMU hands its name to the node as a file name: blkdebug alone opens it as its image,
+    the others refuse it (each in its driver's words)."""
+    file_driver = opts.get("file.driver")
+    node_driver = driver if driver in _NODE_BACKING_DRIVERS else file_driver
+    node_options = (
+        {key[5:]: value for key, value in opts.items() if key.startswith("file.")}
+        if node_driver is file_driver and driver not in _NODE_BACKING_DRIVERS
+        else opts
+    )
+    if image.backing_filename:
+        if (
+            node_driver == "blkdebug"
+            and driver == "blkdebug"
+            and not any(key == "image" or key.startswith(("image.", "x-image")) for key in opts)
+        ):
+            target, fmt = _named_backing(image, path, untrusted, "raw")
+            if not isinstance(target, str):
+                raise UnsupportedFeatureError(
+                    "qimg puts a blkdebug backing node only above a host file"
+                )
+            return options_image_target(
+                {"driver": "blkdebug", "image.filename": target, **opts}, image.filename
+            )
+        assert node_driver is not None  # (the caller found one)
+        raise InvalidArgumentError(_named_node_refusal(node_driver, node_options))
+    if driver == "quorum":
+        from .quorum import target_from_options
+
+        if not any(key.startswith("children.") for key in opts):  # (QEMU's first check)
+            raise InvalidArgumentError("Number of provided children must be 1 or more")
+        target_from_options(image.filename, opts)  # (bad options fail in QEMU's words)
+        raise UnsupportedFeatureError(
+            "qimg opens a quorum node only beneath an image format (file.driver=quorum), "
+            "not as a backing node of its own"
+        )
+    if file_driver in ("null-co", "null-aio") and driver not in _NODE_BACKING_DRIVERS:
+        if driver == "qcow2":  # (a null node holds no qcow2 magic)
+            raise CorruptImageError("Image is not in qcow2 format")
+        if driver not in (None, "raw"):
+            raise UnsupportedFeatureError(
+                f"qimg opens a null-co node beneath a raw backing node, not beneath {driver}"
+            )
+        return options_image_target(node_options | {"driver": file_driver}, image.filename)
+    options = {"driver": driver, **opts} if driver is not None else dict(opts)
+    return options_image_target(options, image.filename)
+
+
+def _named_node_refusal(driver: str, options: dict[str, str]) -> str:
+    """QEMU's error when a node of `driver` (options relative to it) is also given the
+    header's backing file name as its file name."""
+    if driver in ("null-co", "null-aio"):
+        return f"The only allowed filename for this driver is '{driver}://'"
+    if driver == "nbd":
+        from .qobject import qdict_items
+
+        for key, _ in qdict_items({"driver": driver, **options}):
+            if key in ("host", "port", "path", "export") or key.startswith("server."):
+                return f"Option '{key}' cannot be used with a file name"
+        return "File name string for NBD must start with 'nbd:'"
+    if driver == "blkdebug" and options.get("image.driver") in ("null-co", "null-aio", "nbd"):
+        image = {key[6:]: value for key, value in options.items() if key.startswith("image.")}
+        return _named_node_refusal(image.pop("driver"), image)
+    if driver == "quorum":
+        if not any(key.startswith("children.") for key in options):
+            return "Number of provided children must be 1 or more"
+        from .quorum import target_from_options
+
+        try:  # (its own options are checked before the name is found unused)
+            target_from_options("", {k: v for k, v in options.items() if k != "driver"})
+        except InvalidArgumentError as exc:
+            return str(exc)
+        except UnsupportedFeatureError:
+            pass
+        return "Block format 'quorum' does not support the option 'file'"
+    return "Can't specify 'file' and 'filename' options at the same time"

@@ -11,8 +11,10 @@ refused in QEMU's words.
 
 from __future__ import annotations
 
+import errno
+
 from .drivers import KNOWN_DRIVERS
-from .errors import InvalidArgumentError, UnsupportedFeatureError
+from .errors import InvalidArgumentError, Qcow2IOError, UnsupportedFeatureError
 from .hostfile import open_host_file
 from .records import frozen_record
 
@@ -66,7 +68,7 @@ def data_file_option(target: DataFileTarget) -> str:
 
 def open_data_file(
     target: DataFileTarget, writable: bool, force_share: bool, named_by: str | None = None
-) -> HostFile | BlkdebugFile:
+) -> HostFile | BlkdebugFile | DeviceFile:
     """Open an external data file and lock it as qemu-img does (see
     HostFile.lock_for_use; a file node's locking=off takes no lock). `named_by`: the image
     whose header names `target` (a file name); a FIFO, socket or character device is then
@@ -88,7 +90,7 @@ def open_data_file(
 
 def _open_node(
     options: dict[str, str], writable: bool, force_share: bool
-) -> HostFile | BlkdebugFile:
+) -> HostFile | BlkdebugFile | DeviceFile:
     """A data file node from its options (see the module docstring)."""
     driver = options.pop("driver", None)
     if driver is None or driver in PROTOCOL_DRIVERS:
@@ -97,12 +99,116 @@ def _open_node(
         return _open_raw(options, writable, force_share)
     if driver == "blkdebug":
         return _open_blkdebug(options, writable, force_share)
+    if driver in ("null-co", "null-aio", "qcow2", "nbd"):
+        return _open_device_node(driver, options, writable, force_share)
     if driver not in KNOWN_DRIVERS:
         raise InvalidArgumentError(f"Unknown driver '{driver}'")
     raise UnsupportedFeatureError(
-        f"qimg keeps an external data file in a file or host device (or raw or blkdebug "
-        f"above one), not in a '{driver}' node"
+        f"qimg keeps an external data file in a file or host device, a null-co, qcow2 or "
+        f"nbd node (or raw or blkdebug above one), not in a '{driver}' node"
     )
+
+
+def _open_device_node(
+    driver: str, options: dict[str, str], writable: bool, force_share: bool
+) -> DeviceFile:
+    """A null-co/null-aio node (writes vanish, reads are zeros), a qcow2 image (its guest
+    content holds the data) or an NBD export, opened as open_image opens the node."""
+    from .chain import open_image, options_image_target
+
+    if driver == "qcow2" and "file" in options:
+        raise NodeReference(options["file"]).missing()
+    if driver == "qcow2" and not any(key.startswith("file.") for key in options):
+        raise InvalidArgumentError('A block device must be specified for "file"')
+    target, fmt = options_image_target({"driver": driver, **options}, "data-file")
+    device = open_image(target, "r+" if writable else "r", fmt, force_share=force_share)
+    return DeviceFile(device)
+
+
+class DeviceFile:
+    """A node's device as the container of an image's data: HostFile's interface over a
+    BlockDevice. Like a block device it has a fixed size (it cannot grow) and no locks of
+    its own (the device took its own when it opened); bytes past its end read as zeros."""
+
+    is_device = True
+
+    def __init__(self, device) -> None:
+        self.device = device
+        self.path = device.filename  # QEMU's name of the node, which map shows
+        self.writable = not device.read_only
+        self.no_flush = False
+
+    def size(self) -> int:
+        return self.device.size
+
+    def allocated_bytes(self) -> int:
+        return 0
+
+    def pread(self, length: int, offset: int) -> bytes:
+        buf = bytearray(length)
+        self.readinto(memoryview(buf), offset)
+        return bytes(buf)
+
+    def readinto(self, buf: memoryview, offset: int) -> None:
+        inside = max(0, min(len(buf), self.device.size - offset))
+        if inside:
+            self.device.readinto(offset, buf[:inside])
+        if inside < len(buf):
+            buf[inside:] = bytes(len(buf) - inside)
+
+    def pwrite(self, data, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        if offset + len(view) > self.device.size:
+            raise Qcow2IOError(
+                errno.ENOSPC,
+                f"write of {len(view)} bytes at {offset} passes the end of the data file "
+                f"node '{self.path}' ({self.device.size} bytes)",
+                self.path,
+            )
+        self.device.write(offset, view)
+
+    def pwritev(self, buffers: list, offset: int) -> None:
+        for buffer in buffers:
+            view = memoryview(buffer).cast("B")
+            self.pwrite(view, offset)
+            offset += len(view)
+
+    def flush(self) -> None:
+        if not self.no_flush:
+            self.device.flush()
+
+    def truncate(self, length: int) -> None:
+        if length > self.device.size:
+            raise Qcow2IOError(
+                errno.EINVAL,
+                f"Cannot grow the data file node '{self.path}' ({self.device.size} bytes) "
+                f"to {length} bytes",
+                self.path,
+            )
+
+    def allocate(self, offset: int, length: int) -> None:
+        self.truncate(offset + length)
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        length = min(length, self.device.size - offset)
+        if length <= 0:
+            return False
+        self.device.write_zeroes(offset, length, may_unmap=True)
+        return True
+
+    def data_run(self, offset: int, end: int) -> tuple[bool, int]:
+        """Data unless the device says the bytes read as zeros."""
+        end = min(end, self.device.size)
+        if offset >= end:
+            return False, max(offset + 1, end)
+        first = next(iter(self.device.extents(offset, end - offset)))
+        return not first.is_zero, first.offset + first.length
+
+    def lock_for_use(self, force_share: bool = False) -> None:
+        """The device locked what it opened."""
+
+    def close(self) -> None:
+        self.device.close()
 
 
 def _open_protocol(
@@ -140,7 +246,7 @@ def _open_protocol(
 
 def _open_raw(
     options: dict[str, str], writable: bool, force_share: bool
-) -> HostFile | BlkdebugFile:
+) -> HostFile | BlkdebugFile | DeviceFile:
     """raw above a file node: the same bytes (an offset or size window is refused)."""
     if "file" in options:
         raise NodeReference(options["file"]).missing()

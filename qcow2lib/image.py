@@ -58,12 +58,14 @@ if TYPE_CHECKING:  # (the NBD client is imported only when an export is opened)
     from typing import TypeAlias
 
     from .blkdebug import BlkdebugFile
+    from .containers import DeviceFile
     from .crypto import SectorCrypto
     from .exports.nbd_client import NBDHostFile
     from .quorum import QuorumFile
 
-    # what an image's bytes live in: a host file, an NBD export, or a test node's file
-    ContainerFile: TypeAlias = HostFile | NBDHostFile | BlkdebugFile | QuorumFile
+    # what an image's bytes live in: a host file, an NBD export, a test node's file, or
+    # (for a data file given as a null-co, qcow2 or nbd node) a node's device
+    ContainerFile: TypeAlias = HostFile | NBDHostFile | BlkdebugFile | QuorumFile | DeviceFile
 
 _ZEROS = bytes(1 << 20)
 _ZEROS_VIEW = memoryview(_ZEROS)
@@ -146,7 +148,7 @@ class Qcow2Image(BlockDevice):
             )
         )
         # the external data file, when there is one (blkdebug above it when options say so)
-        self.data_host: HostFile | BlkdebugFile | None = None
+        self.data_host: HostFile | BlkdebugFile | DeviceFile | None = None
         # blkdebug (blkdebug.py): the rules told of the engine's events; None without it
         self.blkdebug = getattr(self.file, "blkdebug", None)
         self.force_share = force_share

@@ -99,6 +99,8 @@ def _json_string(text: str) -> str:
 
 def qemu_json(value: Any, depth: int = 0) -> str:
     """Pretty JSON exactly as qemu-img prints it (4-space indent, QDict key order)."""
+    if value is None:  # QNull ("backing": null in a node's options)
+        return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):

@@ -258,11 +258,13 @@ def _amend_image(
                 image.file.flush()
         if arguments:
             with qcow2lib.open(
-                host_path(spec.path),
+                spec.target or host_path(spec.path),
                 "r+",
                 spec.fmt,
                 data_file=spec.data_file,
                 untrusted=untrusted(),
+                locking=spec.locking,
+                backing_node=spec.backing_node,
             ) as image:
                 amend(
                     image,

@@ -84,6 +84,8 @@ def cmd_check(cli: Cli, argv: list[str]) -> int:
             return 1
         cli.error_report("This image format does not support checks")
         return 63
+    if spec.target is not None:  # an image above a blkdebug, throttle or quorum node
+        return _check_over_node(cli, spec, repair, output, quiet)
     try:
         path = host_path(spec.path)  # ("file:" prefix taken off, other protocols refused)
     except Qcow2Error as exc:
@@ -102,6 +104,36 @@ def cmd_check(cli: Cli, argv: list[str]) -> int:
     for start in range(0, len(messages), 4096):
         sys.stderr.write("\n".join(messages[start : start + 4096]) + "\n")
     if not quiet:
+        cli.out(format_check_json(report) if output == "json" else format_check_human(report))
+    if report.error:
+        cli.error_report(report.error)
+    return report.exit_code
+
+
+def _check_over_node(
+    cli: Cli, spec: ImageSpec, repair: str | None, output: str | None, quiet: bool
+) -> int:
+    """Check an image whose file is a filter node (blkdebug, throttle) or a quorum: QEMU
+    opens the node tree, then checks the image through its file node, so the image is
+    opened (failing as qemu-img fails) and checked as open."""
+    from qcow2lib.check import check_image, format_check_human, format_check_json
+
+    try:
+        image = open_spec(cli, spec, "r+" if repair else "r", warn_probe=bool(repair))
+    except OpenFailure as exc:
+        report_failure(cli, exc)
+        return 1
+    with image:
+        try:
+            report = check_image(image, repair, prog=cli.prog)
+        except Qcow2Error as exc:
+            cli.error_report(error_text(exc))
+            return 1
+    report.filename = spec.name
+    messages = report.messages
+    if messages:
+        sys.stderr.write("\n".join(messages) + "\n")
+    if not quiet and not report.not_supported:
         cli.out(format_check_json(report) if output == "json" else format_check_human(report))
     if report.error:
         cli.error_report(report.error)

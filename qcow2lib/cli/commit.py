@@ -87,8 +87,10 @@ def cmd_commit(cli: Cli, argv: list[str]) -> int:
             "r+",
             spec.fmt,
             backing=False,
+            data_file=spec.data_file,
             passphrase=passphrases[:1],
             untrusted=untrusted(),
+            locking=spec.locking,
         ) as top:
             commit(
                 top,
@@ -98,6 +100,8 @@ def cmd_commit(cli: Cli, argv: list[str]) -> int:
                 backing_passphrases=passphrases[1:],
                 untrusted=untrusted(),
                 rate_limit=rate_limit,
+                backing_node=spec.backing_node,
+                name=spec.name,
             )
     except Qcow2Error as exc:
         meter.end()

@@ -213,6 +213,8 @@ def _options_spec(text: str, values: dict[str, str | None], force_share: bool) -
         luks_secret = opts.pop(f"{prefix}key-secret", None)  # a luks layer's (issue 14)
         backing_secrets.append(secret if secret is not None else luks_secret)
         prefix += "backing."
+    while backing_secrets and backing_secrets[-1] is None:  # levels with other options only
+        backing_secrets.pop()
     backing_node = take_child_options(opts, "backing")
     fmt = driver
     if fmt is None and opts:  # what is left is the probed format's (QEMU probes first)
@@ -452,7 +454,8 @@ def open_spec(
                 + f"Parameter '{option}' is required for cipher"
             )
     if warn_probe and mode == "r+" and spec.fmt is None and device.format == "raw":
-        sys.stderr.write(RAW_PROBE_WARNING.format(path))
+        display_name = getattr(spec.target, "display_name", None)  # QEMU's name of a node
+        sys.stderr.write(RAW_PROBE_WARNING.format(display_name() if display_name else path))
     return device
 
 
@@ -484,6 +487,52 @@ def json_filename(spec: ImageSpec, fmt: str) -> str:
         fmt = backing_fmt or qcow2lib.probe_format(path, backing_of=named_by)
         layer["backing"] = layer = _json_layer(secret, fmt, path)
     return "json:" + qemu_json_compact(top)
+
+
+def overlay_filename(spec: ImageSpec, image, fmt: str) -> str:
+    """The name QEMU gives an image opened with a backing node by options, which relative
+    backing names resolve against: a json: name holding the backing node when it is not
+    the one the header names (QEMU's bdrv_backing_overridden: the node's name is not the
+    header's name as stored; "backing": null overrides any), else the image's file name."""
+    backing = _backing_tree(spec.path, image, spec.backing_node)
+    if backing is _NOT_OVERRIDDEN:
+        return spec.path
+    tree = {"driver": fmt, "file": {"driver": "file", "filename": spec.path}, "backing": backing}
+    return "json:" + qemu_json_compact(tree)
+
+
+_NOT_OVERRIDDEN = object()
+
+
+def _backing_tree(overlay: str, image, given: BackingNode | None):
+    """The options QEMU shows for the backing node of `image` (opened from `overlay`)
+    that `given` (the backing options, nested levels included) opened: None for none,
+    _NOT_OVERRIDDEN when it is the node the header names, opened as the header's own."""
+    from qcow2lib.containers import NodeReference
+    from qcow2lib.ops import path_combine
+
+    header_name = getattr(image, "backing_filename", None)
+    node = getattr(image, "backing", None)
+    if isinstance(given, NodeReference) or node is None:
+        return None if header_name else _NOT_OVERRIDDEN
+    if given is None:
+        return _NOT_OVERRIDDEN
+    options = dict(given)
+    below_given = take_child_options(options, "backing")
+    driver = options.get("driver") or getattr(image, "backing_format", None) or node.format
+    if driver in ("file", "host_device"):
+        filename = options.get("filename") or path_combine(overlay, header_name or "")
+        tree: dict = {"driver": driver, "filename": filename}
+    else:
+        filename = options.get("file.filename") or path_combine(overlay, header_name or "")
+        file_driver = options.get("file.driver", "file")
+        tree = {"driver": driver, "file": {"driver": file_driver, "filename": filename}}
+    below = _backing_tree(filename, node, below_given)
+    if below is not _NOT_OVERRIDDEN:
+        tree["backing"] = below
+    elif filename == header_name:
+        return _NOT_OVERRIDDEN
+    return tree
 
 
 def _json_layer(key_secret: str | None, fmt: str, filename: str) -> dict:

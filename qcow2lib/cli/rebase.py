@@ -12,6 +12,7 @@ from qcow2lib.cli.images import (
     image_spec,
     json_filename,
     open_spec,
+    overlay_filename,
     report_failure,
     spec_passphrases,
     untrusted,
@@ -104,13 +105,24 @@ def cmd_rebase(cli: Cli, argv: list[str]) -> int:
                     cli.error_report(f"Could not resolve backing filename: {error_text(exc)}")
                     return 1
             with qcow2lib.open(
-                host_path(spec.path),
+                spec.target or host_path(spec.path),
                 "r+",
                 spec.fmt,
                 backing=not unsafe,
+                data_file=spec.data_file,
                 passphrase=spec_passphrases(cli, spec),
                 untrusted=untrusted(),
+                locking=spec.locking,
+                backing_node=None if unsafe else spec.backing_node,
             ) as image:
+                if not unsafe and out_baseimg and spec.backing_node is not None:
+                    # so may a backing node given by options that is not the header's
+                    name = overlay_filename(spec, image, image.format)
+                    try:
+                        full_backing_filename(name, out_baseimg)
+                    except qcow2lib.InvalidArgumentError as exc:
+                        cli.error_report(f"Could not resolve backing filename: {error_text(exc)}")
+                        return 1
                 rebase(
                     image,
                     out_baseimg or None,

@@ -415,7 +415,10 @@ def _expand_zero_clusters(image, snapshots, status=None) -> None:
     bits = image.cluster_bits
     cs = image.cluster_size
     zeros = bytes(cs)
-    has_backing = bool(image.backing_filename)
+    # (a backing node given by options counts, and "backing": null leaves none)
+    has_backing = image.backing is not None or (
+        bool(image.backing_filename) and not image.backing_dropped
+    )
     seen = set()
     tables = _l1_tables(image, snapshots)
     total = sum(len(l1) for l1 in tables)

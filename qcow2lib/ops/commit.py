@@ -17,12 +17,14 @@ from collections.abc import Callable, Sequence
 from ..blockdev import BlockDevice
 from ..chain import (
     MAX_CHAIN_DEPTH,
+    _given_backing,
     backing_format,
     json_image_target,
     open_image,
     resolve_backing_path,
     untrusted_backing_path,
 )
+from ..containers import NodeReference
 from ..errors import CorruptImageError, InvalidArgumentError, Qcow2Error, Qcow2IOError
 from ..image import Qcow2Image
 from ..nodes import is_node_name
@@ -52,19 +54,43 @@ def _host_name(layer) -> str:
     return getattr(getattr(layer, "file", None), "path", None) or layer.filename
 
 
-def _open_chain(top, base_name: str | None, passphrases: tuple, untrusted: bool) -> int:
+def _open_chain(
+    top,
+    base_name: str | None,
+    passphrases: tuple,
+    untrusted: bool,
+    backing_node=None,
+    top_name: str | None = None,
+) -> int:
     """Open the layers below `top` down to the base read-only, the base read-write (with
-    its own chain read-only), and hang them under top. Returns the base's depth."""
+    its own chain read-only), and hang them under top. Returns the base's depth.
+    backing_node: the backing node options give the top in place of its header's (as
+    open_image takes it); a layer opened from options may give the next one the same way.
+    top_name: the top's name in messages (its filename by default)."""
+    top_name = top_name or top.filename
     try:
         layer, depth = top, 0
         seen = {os.path.realpath(_host_name(top))}
+        given = backing_node
         while True:
-            name = getattr(layer, "backing_filename", None)
+            if isinstance(given, NodeReference) and not given.name:
+                given = None  # "backing": null: the chain ends here
+                name = None
+            else:
+                name = getattr(layer, "backing_filename", None)
+            if given is not None:
+                depth += 1
+                layer, found, given = _open_given_layer(
+                    layer, given, base_name, depth, passphrases, untrusted
+                )
+                if found:
+                    return depth
+                continue
             if not name:
                 if base_name is None and depth == 0:
                     raise CommitError("Image does not have a backing file")
                 raise CommitError(
-                    f"Did not find '{base_name}' in the backing chain of '{top.filename}'"
+                    f"Did not find '{base_name}' in the backing chain of '{top_name}'"
                 )
             if not untrusted and (name.startswith("json:") or is_node_name(name)):
                 # opened as named: options, or a blkdebug / null-co node
@@ -128,6 +154,42 @@ def _open_chain(top, base_name: str | None, passphrases: tuple, untrusted: bool)
         raise
 
 
+def _open_given_layer(layer, options, base_name, depth: int, passphrases: tuple, untrusted):
+    """Open the backing node options give `layer` (chain._given_backing: the node's own
+    file, or the header's name opened with the options' driver) and hang it under it:
+    read-write with its chain when it is the base, else read-only alone. The base is
+    the first backing node without -b; with -b, a node the options name a file for (or
+    whose header name resolves to another string) is the base when -b is that name as
+    given (QEMU compares the names of overridden nodes as strings), one opened from the
+    header's name as stored when -b matches that name as the header's own would.
+    Returns the node, whether it is the base, and the options it gives the level below
+    it (None: its header's)."""
+    if isinstance(options, NodeReference):
+        raise options.missing()
+    target, fmt, opened = _given_backing(layer, _host_name(layer), options, untrusted)
+    if base_name is None:
+        is_base = depth == 1
+    elif opened.get("backing_of") is None or target != layer.backing_filename:
+        # a file the options name, or the header's name resolved to another string (a
+        # layer in another directory): QEMU takes the node as overridden
+        is_base = base_name == target
+    else:
+        is_base = isinstance(target, str) and _matches(base_name, _host_name(layer), target)
+    layer.backing = open_image(
+        target,
+        "r+" if is_base else "r",
+        fmt,
+        backing=is_base,
+        data_file=opened.get("data_file"),
+        passphrase=passphrases[depth - 1 :] if is_base else passphrases[depth - 1 : depth],
+        backing_of=opened.get("backing_of"),
+        untrusted=untrusted and opened.get("backing_of") is not None,
+        locking=opened.get("locking", True),
+        backing_node=opened.get("backing_node") if is_base else None,
+    )
+    return layer.backing, is_base, None if is_base else opened.get("backing_node")
+
+
 def _layer(top, depth: int):
     layer = top
     for _ in range(depth):
@@ -146,6 +208,8 @@ def commit(
     rate_limit: int = 0,
     clock=None,
     sleep=None,
+    backing_node=None,
+    name: str | None = None,
 ) -> None:
     """Commit `top` into its backing file, or into the image named `base_name` further
     down its chain (which implies drop, as qemu-img's -b does). Unless drop, the top is
@@ -160,7 +224,10 @@ def commit(
     and so on. untrusted: the chain is opened as open_image(untrusted=True) opens it.
     rate_limit: bytes per second copied (-r; 0: no limit), as QEMU's commit job limits its
     speed (throttle.RateLimiter: 100 ms slices, zero runs not counted); clock and sleep
-    replace the limiter's time.monotonic_ns and time.sleep (tests).
+    replace the limiter's time.monotonic_ns and time.sleep (tests). backing_node: the
+    top's backing node given by options in place of its header's, as open_image takes it
+    (NodeReference("") for none): the commit goes into it, as qemu-img's does. name: the
+    top's name in messages, as the user gave it (its filename by default).
     """
     timing = {"clock": clock, "sleep": sleep}
     limiter = RateLimiter(rate_limit, **{k: v for k, v in timing.items() if v})
@@ -168,7 +235,9 @@ def commit(
         raise InvalidArgumentError("commit needs the top image opened without its backing chain")
     if base_name is not None:
         drop = True
-    base_depth = _open_chain(top, base_name, tuple(backing_passphrases), untrusted)
+    base_depth = _open_chain(
+        top, base_name, tuple(backing_passphrases), untrusted, backing_node, name
+    )
     try:
         base = _layer(top, base_depth)
         if base.size < top.size:
