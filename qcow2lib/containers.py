@@ -11,11 +11,9 @@ refused in QEMU's words.
 
 from __future__ import annotations
 
-import errno
-
 from .drivers import KNOWN_DRIVERS
-from .errors import InvalidArgumentError, Qcow2IOError, UnsupportedFeatureError
-from .hostfile import open_host_file
+from .errors import InvalidArgumentError, UnsupportedFeatureError
+from .hostfile import DeviceFile, open_host_file
 from .records import frozen_record
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
@@ -123,92 +121,6 @@ def _open_device_node(
     target, fmt = options_image_target({"driver": driver, **options}, "data-file")
     device = open_image(target, "r+" if writable else "r", fmt, force_share=force_share)
     return DeviceFile(device)
-
-
-class DeviceFile:
-    """A node's device as the container of an image's data: HostFile's interface over a
-    BlockDevice. Like a block device it has a fixed size (it cannot grow) and no locks of
-    its own (the device took its own when it opened); bytes past its end read as zeros."""
-
-    is_device = True
-
-    def __init__(self, device) -> None:
-        self.device = device
-        self.path = device.filename  # QEMU's name of the node, which map shows
-        self.writable = not device.read_only
-        self.no_flush = False
-
-    def size(self) -> int:
-        return self.device.size
-
-    def allocated_bytes(self) -> int:
-        return 0
-
-    def pread(self, length: int, offset: int) -> bytes:
-        buf = bytearray(length)
-        self.readinto(memoryview(buf), offset)
-        return bytes(buf)
-
-    def readinto(self, buf: memoryview, offset: int) -> None:
-        inside = max(0, min(len(buf), self.device.size - offset))
-        if inside:
-            self.device.readinto(offset, buf[:inside])
-        if inside < len(buf):
-            buf[inside:] = bytes(len(buf) - inside)
-
-    def pwrite(self, data, offset: int) -> None:
-        view = memoryview(data).cast("B")
-        if offset + len(view) > self.device.size:
-            raise Qcow2IOError(
-                errno.ENOSPC,
-                f"write of {len(view)} bytes at {offset} passes the end of the data file "
-                f"node '{self.path}' ({self.device.size} bytes)",
-                self.path,
-            )
-        self.device.write(offset, view)
-
-    def pwritev(self, buffers: list, offset: int) -> None:
-        for buffer in buffers:
-            view = memoryview(buffer).cast("B")
-            self.pwrite(view, offset)
-            offset += len(view)
-
-    def flush(self) -> None:
-        if not self.no_flush:
-            self.device.flush()
-
-    def truncate(self, length: int) -> None:
-        if length > self.device.size:
-            raise Qcow2IOError(
-                errno.EINVAL,
-                f"Cannot grow the data file node '{self.path}' ({self.device.size} bytes) "
-                f"to {length} bytes",
-                self.path,
-            )
-
-    def allocate(self, offset: int, length: int) -> None:
-        self.truncate(offset + length)
-
-    def punch_hole(self, offset: int, length: int) -> bool:
-        length = min(length, self.device.size - offset)
-        if length <= 0:
-            return False
-        self.device.write_zeroes(offset, length, may_unmap=True)
-        return True
-
-    def data_run(self, offset: int, end: int) -> tuple[bool, int]:
-        """Data unless the device says the bytes read as zeros."""
-        end = min(end, self.device.size)
-        if offset >= end:
-            return False, max(offset + 1, end)
-        first = next(iter(self.device.extents(offset, end - offset)))
-        return not first.is_zero, first.offset + first.length
-
-    def lock_for_use(self, force_share: bool = False) -> None:
-        """The device locked what it opened."""
-
-    def close(self) -> None:
-        self.device.close()
 
 
 def _open_protocol(

@@ -394,6 +394,94 @@ def create_host_file(path: str) -> HostFile:
     return file
 
 
+class DeviceFile:
+    """A BlockDevice as the container of an image's bytes (a data file given as a node, an
+    NBD export beneath a qcow2 image): HostFile's interface over it. Like a block device
+    it has a fixed size (it cannot grow) and no locks of its own (the device took its own
+    when it opened, a server decides who writes); bytes past its end read as zeros."""
+
+    is_device = True
+    what = "data file node"  # what messages call it
+
+    def __init__(self, device) -> None:
+        self.device = device
+        self.path = device.filename  # QEMU's name of the node, which map shows
+        self.writable = not device.read_only
+        self.no_flush = False
+
+    def size(self) -> int:
+        return self.device.size
+
+    def allocated_bytes(self) -> int:
+        return 0
+
+    def pread(self, length: int, offset: int) -> bytes:
+        buf = bytearray(length)
+        self.readinto(memoryview(buf), offset)
+        return bytes(buf)
+
+    def readinto(self, buf: memoryview, offset: int) -> None:
+        inside = max(0, min(len(buf), self.device.size - offset))
+        if inside:
+            self.device.readinto(offset, buf[:inside])
+        if inside < len(buf):
+            buf[inside:] = bytes(len(buf) - inside)
+
+    def pwrite(self, data, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        if offset + len(view) > self.device.size:
+            raise Qcow2IOError(
+                errno.ENOSPC,
+                f"write of {len(view)} bytes at {offset} passes the end of the {self.what} "
+                f"'{self.path}' ({self.device.size} bytes)",
+                self.path,
+            )
+        self.device.write(offset, view)
+
+    def pwritev(self, buffers: list, offset: int) -> None:
+        for buffer in buffers:
+            view = memoryview(buffer).cast("B")
+            self.pwrite(view, offset)
+            offset += len(view)
+
+    def flush(self) -> None:
+        if not self.no_flush:
+            self.device.flush()
+
+    def truncate(self, length: int) -> None:
+        if length > self.device.size:
+            raise Qcow2IOError(
+                errno.EINVAL,
+                f"Cannot grow the {self.what} '{self.path}' ({self.device.size} bytes) "
+                f"to {length} bytes",
+                self.path,
+            )
+
+    def allocate(self, offset: int, length: int) -> None:
+        self.truncate(offset + length)
+
+    def punch_hole(self, offset: int, length: int) -> bool:
+        length = min(length, self.device.size - offset)
+        if length <= 0:
+            return False
+        self.device.write_zeroes(offset, length, may_unmap=True)
+        return True
+
+    def data_run(self, offset: int, end: int) -> tuple[bool, int]:
+        """Data unless the device says the bytes read as zeros."""
+        end = min(end, self.device.size)
+        if offset >= end:
+            return False, max(offset + 1, end)
+        first = next(iter(self.device.extents(offset, end - offset)))
+        return not first.is_zero, first.offset + first.length
+
+    def lock_for_use(self, force_share: bool = False) -> None:
+        """The device locked what it opened (an export has no byte-range locks)."""
+
+    def close(self) -> None:
+        self.device.close()
+
+
 class HostFileFilter:
     """A host file seen through a filter node beneath an image (blkdebug, throttle): the
     wrapped HostFile's interface, with the requests a subclass overrides passing the

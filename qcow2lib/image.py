@@ -54,18 +54,17 @@ from .overlap import (
 from .refcount import Refcounts
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
-if TYPE_CHECKING:  # (the NBD client is imported only when an export is opened)
+if TYPE_CHECKING:
     from typing import TypeAlias
 
     from .blkdebug import BlkdebugFile
-    from .containers import DeviceFile
     from .crypto import SectorCrypto
-    from .exports.nbd_client import NBDHostFile
+    from .hostfile import DeviceFile
     from .quorum import QuorumFile
 
-    # what an image's bytes live in: a host file, an NBD export, a test node's file, or
-    # (for a data file given as a null-co, qcow2 or nbd node) a node's device
-    ContainerFile: TypeAlias = HostFile | NBDHostFile | BlkdebugFile | QuorumFile | DeviceFile
+    # what an image's bytes live in: a host file, a test node's file, or a device (an NBD
+    # export, a data file given as a null-co, qcow2 or nbd node)
+    ContainerFile: TypeAlias = HostFile | BlkdebugFile | QuorumFile | DeviceFile
 
 _ZEROS = bytes(1 << 20)
 _ZEROS_VIEW = memoryview(_ZEROS)

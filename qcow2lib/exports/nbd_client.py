@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from ..chain import is_nbd_name
 from ..blockdev import BlockDevice, Extent
 from ..errors import InvalidArgumentError, Qcow2IOError, ReadOnlyError
+from ..hostfile import DeviceFile
 from . import nbd_protocol as P
 
 __all__ = ["NBDAddress", "NBDClient", "is_nbd_name", "parse_nbd_name", "nbd_address_from_options"]
@@ -624,90 +625,7 @@ class NBDClient(BlockDevice):
             self._sock = None
 
 
-class NBDHostFile:
-    """An export as the file beneath a qcow2 image: HostFile's interface over an NBDClient.
+class NBDHostFile(DeviceFile):
+    """An export as the file beneath a qcow2 image (hostfile.DeviceFile over an NBDClient)."""
 
-    Like a block device it has a fixed size (it cannot grow) and no locks; bytes past its
-    end read as zeros, as a file's do.
-    """
-
-    is_device = True
-
-    def __init__(self, client: NBDClient):
-        self.client = client
-        self.path = client.filename
-        self.writable = not client.read_only
-        self.no_flush = False
-
-    def size(self) -> int:
-        return self.client.size
-
-    def allocated_bytes(self) -> int:
-        return 0
-
-    def pread(self, length: int, offset: int) -> bytes:
-        buf = bytearray(length)
-        self.readinto(memoryview(buf), offset)
-        return bytes(buf)
-
-    def readinto(self, buf: memoryview, offset: int) -> None:
-        inside = max(0, min(len(buf), self.client.size - offset))
-        if inside:
-            self.client.readinto(offset, buf[:inside])
-        if inside < len(buf):
-            buf[inside:] = bytes(len(buf) - inside)
-
-    def pwrite(self, data, offset: int) -> None:
-        view = memoryview(data).cast("B")
-        if offset + len(view) > self.client.size:
-            raise Qcow2IOError(
-                errno.ENOSPC,
-                f"write of {len(view)} bytes at {offset} passes the "
-                f"end of the NBD export '{self.path}' "
-                f"({self.client.size} bytes)",
-                self.path,
-            )
-        self.client.write(offset, view)
-
-    def pwritev(self, buffers: list, offset: int) -> None:
-        for buffer in buffers:
-            view = memoryview(buffer).cast("B")
-            self.pwrite(view, offset)
-            offset += len(view)
-
-    def flush(self) -> None:
-        if not self.no_flush:
-            self.client.flush()
-
-    def truncate(self, length: int) -> None:
-        if length > self.client.size:
-            raise Qcow2IOError(
-                errno.EINVAL,
-                f"Cannot grow the NBD export '{self.path}' "
-                f"({self.client.size} bytes) to {length} bytes",
-                self.path,
-            )
-
-    def allocate(self, offset: int, length: int) -> None:
-        self.truncate(offset + length)
-
-    def punch_hole(self, offset: int, length: int) -> bool:
-        length = min(length, self.client.size - offset)
-        if length <= 0:
-            return False
-        self.client.write_zeroes(offset, length, may_unmap=True)
-        return True
-
-    def data_run(self, offset: int, end: int) -> tuple[bool, int]:
-        """Data unless the server says the bytes read as zeros."""
-        end = min(end, self.client.size)
-        if offset >= end:
-            return False, max(offset + 1, end)
-        first = self.client.extents(offset, end - offset)[0]
-        return not first.is_zero, first.offset + first.length
-
-    def lock_for_use(self, force_share: bool = False) -> None:
-        """An export has no byte-range locks; the server decides who may write."""
-
-    def close(self) -> None:
-        self.client.close()
+    what = "NBD export"
