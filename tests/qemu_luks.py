@@ -99,71 +99,40 @@ def image_paths(base: Path) -> dict[str, Path]:
     return paths
 
 
+def create_args(fmt: str, secret: str, options: str, path: Path, size: str) -> list:
+    return [
+        QEMU_IMG,
+        "create",
+        "-q",
+        "-f",
+        fmt,
+        *secret_args(sec0=secret),
+        "-o",
+        options,
+        path,
+        size,
+    ]
+
+
 def build_qemu_images(base: Path) -> None:
     """Create every image side by side, then write WRITES into the non-blank ones."""
-    jobs = []
     paths = image_paths(base)
-    for name, options in LUKS_CONFIGS.items():
-        path = paths[name]
-        opts = ["encrypt.format=luks", "encrypt.key-secret=sec0", "encrypt.iter-time=10"]
-        opts += [f"encrypt.{k}={v}" for k, v in options.items()]
-        jobs.append(
-            [
-                QEMU_IMG,
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                *secret_args(sec0=PASS),
-                "-o",
-                ",".join(opts),
-                path,
-                "4M",
-            ]
-        )
-    jobs.append(
-        [
-            QEMU_IMG,
-            "create",
-            "-q",
-            "-f",
+    luks = "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10"
+    jobs = [
+        create_args(
             "qcow2",
-            *secret_args(sec0=PASS),
-            "-o",
-            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-            paths[BLANK],
+            PASS,
+            ",".join([luks, *(f"encrypt.{k}={v}" for k, v in options.items())]),
+            paths[name],
             "4M",
-        ]
-    )
-    jobs.append(
-        [
-            QEMU_IMG,
-            "create",
-            "-q",
-            "-f",
-            "luks",
-            *secret_args(sec0=PASS),
-            "-o",
-            "key-secret=sec0,iter-time=10",
-            paths["raw-luks"],
-            "1M",
-        ]
-    )
-    for name, secret in AES_PASSES.items():
-        jobs.append(
-            [
-                QEMU_IMG,
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                *secret_args(sec0=secret),
-                "-o",
-                "encrypt.format=aes,encrypt.key-secret=sec0",
-                paths[name],
-                "4M",
-            ]
         )
+        for name, options in LUKS_CONFIGS.items()
+    ]
+    jobs.append(create_args("qcow2", PASS, luks, paths[BLANK], "4M"))
+    jobs.append(create_args("luks", PASS, "key-secret=sec0,iter-time=10", paths["raw-luks"], "1M"))
+    for name, secret in AES_PASSES.items():
+        options = "encrypt.format=aes,encrypt.key-secret=sec0"
+        jobs.append(create_args("qcow2", secret, options, paths[name], "4M"))
     # each LUKS create burns ~1-2 s of CPU calibrating PBKDF2: run them side by side
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
         list(pool.map(run_retrying, jobs))
