@@ -280,12 +280,19 @@ class GatedDevice:
     def __getattr__(self, name):
         return getattr(self.device, name)
 
-    def readinto(self, offset: int, buffer) -> int:
+    def _gate(self, offset: int) -> None:
         deadline = time.monotonic() + 10
         while offset == 0 and not self.released():
             assert time.monotonic() < deadline, "the other request never completed"
             time.sleep(0.01)
+
+    def readinto(self, offset: int, buffer) -> int:
+        self._gate(offset)
         return self.device.readinto(offset, buffer)
+
+    def readv(self, offset: int, views) -> int:
+        self._gate(offset)
+        return self.device.readv(offset, views)
 
 
 def test_requests_run_concurrently_and_complete_out_of_order(tmp_path: Path, export) -> None:

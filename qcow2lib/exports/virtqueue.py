@@ -8,6 +8,7 @@ request fails). Nothing is ever read or written outside the mapped regions.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import struct
@@ -16,7 +17,13 @@ from typing import NamedTuple
 
 from ..errors import Qcow2Error
 
+# One guest buffer of a request: (guest_addr, length). A plain tuple, not a NamedTuple:
+# a request carries up to a queue's worth of them and they are made per request.
+Segment = tuple[int, int]
+DescriptorChainParts = tuple[list[Segment], list[Segment]]  # (readable, writable)
+
 MAX_QUEUE_SIZE = 32768  # the largest split virtqueue the virtio spec allows
+IN_ORDER_TABLE_MAX = 1024  # indirect tables up to this long are unpacked at once
 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
@@ -25,6 +32,42 @@ AVAIL_F_NO_INTERRUPT = 1
 DESCRIPTOR = struct.Struct("<QIHH")  # addr, len, flags, next
 USED_ELEM = struct.Struct("<II")  # id, len
 U16 = struct.Struct("<H")
+
+
+@functools.lru_cache(maxsize=16)
+def _table_layout(count: int) -> tuple[struct.Struct, tuple[int, ...]]:
+    """The layout of a table of `count` descriptors, and the `next` fields of one whose
+    descriptors chain in order (0 -> 1 -> ... -> count - 1)."""
+    return struct.Struct("<" + "QIHH" * count), tuple(range(1, count))
+
+
+def _in_order_table(table: mmap.mmap, base: int, count: int) -> DescriptorChainParts | None:
+    """(readable, writable) of an indirect table laid out as Linux lays them out: every
+    descriptor chained to the next, readable ones first, no other flags. Unpacked in one
+    call, never walked one by one; None when the table is anything else (the walk then
+    checks it, and names what is wrong)."""
+    layout, successors = _table_layout(count)
+    fields = layout.unpack_from(table, base)
+    if fields[3 : 4 * count - 4 : 4] != successors:
+        return None
+    flags = fields[2::4]
+    writable_count = flags.count(DESC_F_NEXT | DESC_F_WRITE) + (flags[-1] == DESC_F_WRITE)
+    readable_count = count - writable_count
+    if writable_count:
+        expected = (
+            (DESC_F_NEXT,) * readable_count
+            + (DESC_F_NEXT | DESC_F_WRITE,) * (writable_count - 1)
+            + (DESC_F_WRITE,)
+        )
+    else:
+        expected = (DESC_F_NEXT,) * (count - 1) + (0,)
+    if flags != expected:
+        return None
+    addrs, lengths = fields[0::4], fields[1::4]
+    return (
+        list(zip(addrs[:readable_count], lengths[:readable_count])),
+        list(zip(addrs[readable_count:], lengths[readable_count:])),
+    )
 
 
 class GuestMemoryError(Qcow2Error):
@@ -220,11 +263,6 @@ class GuestMemory:
         raise GuestMemoryError(f"front-end address {user_addr:#x} is not in any memory region")
 
 
-# One guest buffer of a request: (guest_addr, length). A plain tuple, not a NamedTuple:
-# a request carries up to a queue's worth of them and they are made per request.
-Segment = tuple[int, int]
-
-
 class DescriptorChain(NamedTuple):
     head: int
     readable: list[Segment]
@@ -331,6 +369,10 @@ class SplitVirtqueue:
                     table, base = self.memory.locate(addr, length)
                 except GuestMemoryError as exc:
                     raise VirtqueueError(f"indirect table of chain {head}: {exc}") from None
+                if seen == 1 and length <= 16 * IN_ORDER_TABLE_MAX:  # the table is the chain
+                    parts = _in_order_table(table, base, length // 16)
+                    if parts is not None:
+                        return DescriptorChain(head, *parts)
                 in_indirect = True
                 index, seen, count = 0, 0, length // 16
                 continue
