@@ -84,7 +84,6 @@ class VirtioBlk:
         self.num_queues = num_queues
         self.serial = serial.encode("utf-8")[:ID_BYTES]
         self.log = log
-        self._local = threading.local()
         features = [
             F_VERSION_1,
             F_RING_INDIRECT_DESC,
@@ -187,14 +186,6 @@ class VirtioBlk:
             )
             return S_IOERR, 0
 
-    def _scratch(self) -> memoryview:
-        """This worker thread's write buffer (IO_CHUNK bytes), made once: a fresh one per
-        request would be zero-filled and page-faulted every time."""
-        buffer = getattr(self._local, "buffer", None)
-        if buffer is None or len(buffer) < IO_CHUNK:
-            buffer = self._local.buffer = memoryview(bytearray(IO_CHUNK))
-        return buffer
-
     def _span(self, sector: int, length: int) -> int | None:
         """The byte offset of a request, or None when it is misaligned or outside the disk."""
         offset = sector * SECTOR
@@ -221,15 +212,8 @@ class VirtioBlk:
         if self.read_only or offset is None:
             return S_IOERR
         for batch, size in _batches(views, total):
-            if len(batch) == 1:  # one run of guest memory: written from where it lies
-                self.device.write(offset, batch[0])
-            else:
-                data = self._scratch()[:size]
-                done = 0
-                for view in batch:
-                    data[done : done + len(view)] = view
-                    done += len(view)
-                self.device.write(offset, data)
+            # one run of guest memory is written from where it lies, several joined
+            self.device.write(offset, batch[0] if len(batch) == 1 else b"".join(batch))
             offset += size
         return S_OK
 

@@ -35,35 +35,45 @@ U16 = struct.Struct("<H")
 
 
 @functools.lru_cache(maxsize=16)
-def _table_layout(count: int) -> tuple[struct.Struct, tuple[int, ...]]:
-    """The layout of a table of `count` descriptors, and the `next` fields of one whose
-    descriptors chain in order (0 -> 1 -> ... -> count - 1)."""
-    return struct.Struct("<" + "QIHH" * count), tuple(range(1, count))
+def _in_order_links(count: int) -> bytes:
+    """The `next` fields (u16 each) of a table of `count` descriptors chained in order,
+    all but the last: 1, 2, ..., count - 1."""
+    return struct.pack(f"<{count - 1}H", *range(1, count))
 
 
-def _in_order_table(table: mmap.mmap, base: int, count: int) -> DescriptorChainParts | None:
-    """(readable, writable) of an indirect table laid out as Linux lays them out: every
-    descriptor chained to the next, readable ones first, no other flags. Unpacked in one
-    call, never walked one by one; None when the table is anything else (the walk then
-    checks it, and names what is wrong)."""
-    layout, successors = _table_layout(count)
-    fields = layout.unpack_from(table, base)
-    if fields[3 : 4 * count - 4 : 4] != successors:
-        return None
-    flags = fields[2::4]
-    writable_count = flags.count(DESC_F_NEXT | DESC_F_WRITE) + (flags[-1] == DESC_F_WRITE)
-    readable_count = count - writable_count
-    if writable_count:
-        expected = (
-            (DESC_F_NEXT,) * readable_count
-            + (DESC_F_NEXT | DESC_F_WRITE,) * (writable_count - 1)
-            + (DESC_F_WRITE,)
-        )
+@functools.lru_cache(maxsize=64)
+def _in_order_flags(count: int, readable_count: int) -> bytes:
+    """The flags (u16 each) of such a table whose first `readable_count` are readable."""
+    if readable_count == count:
+        flags = [DESC_F_NEXT] * (count - 1) + [0]
     else:
-        expected = (DESC_F_NEXT,) * (count - 1) + (0,)
-    if flags != expected:
+        writable = count - readable_count
+        flags = [DESC_F_NEXT] * readable_count + [DESC_F_NEXT | DESC_F_WRITE] * (writable - 1)
+        flags.append(DESC_F_WRITE)
+    return struct.pack(f"<{count}H", *flags)
+
+
+def _in_order_table(table: memoryview) -> DescriptorChainParts | None:
+    """(readable, writable) of an indirect table laid out as Linux lays them out: every
+    descriptor chained to the next, readable ones first, no other flags. Read as arrays
+    compared in one go, never walked one by one; None when the table is anything else
+    (the walk then checks it, and names what is wrong)."""
+    count = len(table) // 16
+    halves = table.cast("H")  # a descriptor: addr (4 halves), len (2), flags, next
+    flags = halves[6::8].tobytes()
+    first_writable = flags.find(b"\x03\x00")  # NEXT | WRITE
+    if first_writable < 0:
+        readable_count = count - 1 if flags[-2:] == b"\x02\x00" else count
+    elif first_writable % 2:
         return None
-    addrs, lengths = fields[0::4], fields[1::4]
+    else:
+        readable_count = first_writable // 2
+    if flags != _in_order_flags(count, readable_count):
+        return None
+    if count > 1 and halves[7 : 8 * count - 8 : 8].tobytes() != _in_order_links(count):
+        return None
+    addrs = table.cast("Q")[0::2].tolist()
+    lengths = table.cast("I")[2::4].tolist()
     return (
         list(zip(addrs[:readable_count], lengths[:readable_count])),
         list(zip(addrs[readable_count:], lengths[readable_count:])),
@@ -245,15 +255,26 @@ class GuestMemory:
             region.view[start : start + n] = view[done : done + n]
             done += n
 
+    def _region_holding(self, guest_addr: int, length: int) -> tuple[MemoryRegion, int]:
+        """The one region holding all of a ring structure, and its offset there."""
+        for region in self.regions:
+            start = guest_addr - region.guest_phys_addr
+            if 0 <= start and start + length <= region.size:
+                return region, start
+        self.check(guest_addr, length)  # names the byte outside memory, if one is
+        raise GuestMemoryError(
+            f"guest range {guest_addr:#x} length {length:#x} spans several memory regions"
+        )
+
     def locate(self, guest_addr: int, length: int) -> tuple[mmap.mmap, int]:
         """The one mapping holding all of a ring structure, and its offset there."""
-        pieces = list(self._pieces(guest_addr, length))
-        if len(pieces) != 1:
-            raise GuestMemoryError(
-                f"guest range {guest_addr:#x} length {length:#x} spans several memory regions"
-            )
-        region, start, _ = pieces[0]
+        region, start = self._region_holding(guest_addr, length)
         return region.mapping, region.start + start
+
+    def locate_view(self, guest_addr: int, length: int) -> memoryview:
+        """A view of a structure that must lie in one region (an indirect table)."""
+        region, start = self._region_holding(guest_addr, length)
+        return region.view[start : start + length]
 
     def user_to_guest(self, user_addr: int) -> int:
         """Translate a front-end virtual address (vring addresses) to a guest address."""
@@ -366,11 +387,11 @@ class SplitVirtqueue:
                         f"not a multiple of 16 up to {16 * MAX_QUEUE_SIZE}"
                     )
                 try:
-                    table, base = self.memory.locate(addr, length)
+                    table, base = self.memory.locate_view(addr, length), 0
                 except GuestMemoryError as exc:
                     raise VirtqueueError(f"indirect table of chain {head}: {exc}") from None
                 if seen == 1 and length <= 16 * IN_ORDER_TABLE_MAX:  # the table is the chain
-                    parts = _in_order_table(table, base, length // 16)
+                    parts = _in_order_table(table)
                     if parts is not None:
                         return DescriptorChain(head, *parts)
                 in_indirect = True
