@@ -12,6 +12,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -397,11 +398,14 @@ class GatedDevice:
     def __init__(self, device):
         self.device = device
         self.released = lambda: True
+        self.entered = threading.Event()  # a read of sector 0 has begun
 
     def __getattr__(self, name):
         return getattr(self.device, name)
 
     def _gate(self, offset: int) -> None:
+        if offset == 0:
+            self.entered.set()
         deadline = time.monotonic() + 10
         while offset == 0 and not self.released():
             assert time.monotonic() < deadline, "the other request never completed"
@@ -432,6 +436,34 @@ def test_requests_run_concurrently_and_complete_out_of_order(tmp_path: Path, exp
         assert used == [(second, 513), (first, 513)]
         assert client.blk_result(T_IN, b"", 512) == (S_OK, b"\x11" * 512)
         assert client.blk_result(T_IN, b"", 512, DATA_ADDR + 0x1000) == (S_OK, b"\x22" * 512)
+    finally:
+        client.close()
+
+
+def test_a_stuck_request_does_not_hold_up_later_ones(tmp_path: Path, export) -> None:
+    """The ring's thread serves requests itself; while it is stuck in one, the rescuer
+    takes what the driver queues next off the ring and serves it on a worker. Once the
+    device is idle again, the rescuer stops polling."""
+    image = image_with_pattern(tmp_path)
+    gated = GatedDevice(qcow2lib.open(str(image), "r+"))
+    served = export(image, device=gated, workers=2)
+    client = Frontend(served.socket_path)
+    gated.released = lambda: client.used_idx() == 1
+    try:
+        client.setup()
+        first = client.blk_chain(T_IN, 0, in_length=512, first=0, data_addr=DATA_ADDR)
+        client.publish(first)
+        assert gated.entered.wait(5)  # the ring thread is now inside the first request
+        second = client.blk_chain(T_IN, 2048, in_length=512, first=4, data_addr=DATA_ADDR + 0x1000)
+        client.publish(second)
+        assert client.wait_used(2) == [(second, 513), (first, 513)]
+        assert client.blk_result(T_IN, b"", 512) == (S_OK, b"\x11" * 512)
+        assert client.blk_result(T_IN, b"", 512, DATA_ADDR + 0x1000) == (S_OK, b"\x22" * 512)
+        rescuer = served.server._connection.rescuer
+        deadline = time.monotonic() + 5
+        while not rescuer.idle and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert rescuer.idle
     finally:
         client.close()
 
