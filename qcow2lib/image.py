@@ -501,6 +501,10 @@ class Qcow2Image(BlockDevice):
                 _fill_zeros(view)
             return total
         try:
+            if len(segments) == 1 and segments[0].kind == DATA:  # one host run: one preadv
+                assert segments[0].host_offset is not None  # (a data segment always has one)
+                data_file.preadv(views, segments[0].host_offset)
+                return total
             rest = views
             for seg in segments:
                 parts, rest = split_views(rest, seg.length)
