@@ -316,18 +316,24 @@ class Vring:
     def rescue(self) -> None:
         """The ring thread has been on one request too long: the rest of its batch, and
         every chain the driver has made available since, go to the worker pool."""
-        submit = self.connection.executor.submit
         while True:
             try:
                 memory, chain = self.backlog.popleft()
             except IndexError:
                 break
-            submit(self._run, memory, chain)
+            self._hand_over(memory, chain)
         if self.owed_call:  # completions before the slow one are not held back
             with self.lock:
                 self._call_if_owed()
         for memory, chain in self._take_chains():
-            submit(self._run, memory, chain)
+            self._hand_over(memory, chain)
+
+    def _hand_over(self, memory: GuestMemory, chain: DescriptorChain) -> None:
+        """To a worker; a chain taken is always served, even if the pool is gone."""
+        try:
+            self.connection.executor.submit(self._run, memory, chain)
+        except RuntimeError:  # the pool was shut down
+            self._run(memory, chain)
 
     def _call_if_owed(self) -> None:
         """Under the lock (SET_VRING_CALL may replace the fd)."""
