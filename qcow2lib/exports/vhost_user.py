@@ -96,7 +96,7 @@ MAX_PAYLOAD = 4096  # the largest message we accept (a full memory table is 264)
 MAX_REGIONS = 8
 MAX_FDS = 8
 MAX_CONFIG_SIZE = 256
-RESCUE_AFTER = 0.002  # a request taking longer than this lets the ring's others go to workers
+RESCUE_AFTER = 0.01  # a request taking longer than this lets the ring's others go to workers
 RESCUER_LINGER = 0.05  # the rescuer sleeps for good after rings were idle this long
 VRING_INDEX_MASK = 0xFF
 VRING_NOFD_MASK = 1 << 8
@@ -368,7 +368,8 @@ class Rescuer:
     """One thread per connection that keeps rings moving while their thread is stuck in a
     slow request (see `Vring.rescue`). It polls only while some ring is serving, and
     sleeps on a condition once they have been idle for RESCUER_LINGER: an idle device
-    costs no CPU, a busy one a wake-up per millisecond, none per request."""
+    costs no CPU, a busy one a wake-up per RESCUE_AFTER / 2, none per request (each
+    wake-up takes the GIL from the thread serving requests, so they are kept few)."""
 
     def __init__(self, vrings: list[Vring], log: logging.Logger):
         self.vrings = vrings
