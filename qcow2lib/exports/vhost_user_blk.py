@@ -8,7 +8,9 @@
 The server listens on a Unix socket and serves one front-end at a time; when it
 disconnects (QEMU quit, or will reconnect) the device is flushed and the server waits for
 the next one. Requests are virtio-blk's (read, write, flush, get-id, discard, write
-zeroes), served by a worker pool, so several run at once and finish in any order.
+zeroes), served in order by each queue's thread; once one is slow, the others go to a
+worker pool, so several run at once and finish in any order (vhost_user.py). Reads go
+straight into the guest's pages (`BlockDevice.readv`).
 """
 
 from __future__ import annotations
