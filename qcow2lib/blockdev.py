@@ -140,6 +140,17 @@ class BlockDevice:
         self.readinto(offset, buf)
         return bytes(buf)
 
+    def readv(self, offset: int, views: list[memoryview]) -> int:
+        """Fill byte views (memoryviews of format "B", such as a guest's scattered pages)
+        back to back with the bytes at `offset`, as preadv does; returns their total length.
+        Devices whose data lies in host files read straight into the views; this default
+        reads into one buffer and copies it out."""
+        total = sum(map(len, views))
+        buffer = memoryview(bytearray(total))
+        self.readinto(offset, buffer)
+        scatter(buffer, views)
+        return total
+
     def check_request(self, offset: int, length: int, write: bool = False) -> None:
         """Refuse a request to a closed device, outside the device, or a write to a
         read-only one."""
@@ -314,6 +325,18 @@ class RawDevice(BlockDevice):
             return None
         return [(self.file.fd, offset, length)] if length else []
 
+    def readv(self, offset: int, views: list[memoryview]) -> int:
+        if (
+            self.blkdebug is not None
+            or type(self.file) is not HostFile
+            or type(self).readinto is not RawDevice.readinto  # reads done another way
+        ):
+            return super().readv(offset, views)
+        total = sum(map(len, views))
+        self.check_request(offset, total)
+        self.file.preadv(views, offset)
+        return total
+
     def read(self, offset: int, length: int) -> bytes:
         """As BlockDevice.read, as the bytes of one pread."""
         self.check_request(offset, length)
@@ -457,3 +480,23 @@ class BlockFile(io.RawIOBase):
     def flush(self) -> None:
         if not self.device.read_only and not self.closed:
             self.device.flush()
+
+
+def split_views(views: list[memoryview], length: int) -> tuple[list[memoryview], list[memoryview]]:
+    """The byte views holding the first `length` bytes, and those holding the rest (a view
+    that straddles the cut is sliced in two)."""
+    for index, view in enumerate(views):
+        if length < len(view):
+            if not length:
+                return views[:index], views[index:]
+            return views[:index] + [view[:length]], [view[length:]] + views[index + 1 :]
+        length -= len(view)
+    return views, []
+
+
+def scatter(buffer: memoryview, views: list[memoryview]) -> None:
+    """Copy the start of `buffer` into the byte views, in order."""
+    done = 0
+    for view in views:
+        view[:] = buffer[done : done + len(view)]
+        done += len(view)

@@ -209,6 +209,33 @@ class HostFile:
                 return
             done += n
 
+    def preadv(self, views: list[memoryview], offset: int) -> None:
+        """Fill byte views (format "B") back to back from offset with as few syscalls as
+        possible (a scatter read straight into the caller's memory); past the end of the
+        file they read as zeros, as readinto does."""
+        while views:
+            batch = views[:_IOV_MAX]
+            views = views[_IOV_MAX:]
+            left = sum(map(len, batch))
+            while left:
+                try:
+                    n = os.preadv(self.fd, batch, offset)
+                except (OSError, OverflowError) as exc:
+                    raise self._fail(exc, "read") from None
+                if n == 0:  # end of file: the rest reads as zeros
+                    for view in batch + views:
+                        view[:] = bytes(len(view))
+                    return
+                offset += n
+                left -= n
+                while n and left:  # drop what was read; retry the rest
+                    if n >= len(batch[0]):
+                        n -= len(batch[0])
+                        batch.pop(0)
+                    else:
+                        batch[0] = batch[0][n:]
+                        n = 0
+
     def pwrite(self, data, offset: int) -> None:
         view = memoryview(data).cast("B")
         done = 0

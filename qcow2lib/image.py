@@ -24,7 +24,7 @@ from . import codecs
 from . import structs as S
 from .bitmaps import BitmapEntry, BitmapTracker, Untrackable, read_directory
 from .containers import DataFileTarget, open_data_file as open_data_file_node
-from .blockdev import RAW_EXTENT_BATCH, BlockDevice, Extent
+from .blockdev import RAW_EXTENT_BATCH, BlockDevice, Extent, scatter, split_views
 from .cache import decode_be64
 from .errors import (
     BadSecretError,
@@ -475,6 +475,53 @@ class Qcow2Image(BlockDevice):
             self._require_crypto()
         self.read_mapped(self.map, offset, view)
         return len(view)
+
+    def readv(self, offset: int, views: list[memoryview]) -> int:
+        """As BlockDevice.readv: each run of data clusters is one preadv straight into the
+        views; zeros, backing, compressed and encrypted data go through a buffer."""
+        data_file = self.data_host or self.file
+        if (
+            self.encrypted
+            or self.blkdebug is not None
+            or (self.has_data_file and self.data_host is None)
+            or type(data_file) is not HostFile
+            or type(self).readinto is not Qcow2Image.readinto  # reads done another way
+        ):
+            return super().readv(offset, views)
+        total = sum(map(len, views))
+        self.check_request(offset, total)
+        if not total:
+            return 0
+        with self._lock:
+            segments = self.map.lookup(offset, total)
+            zeros = self._reads_as_zeros(segments)
+            if not zeros:  # (as read_mapped)
+                self._begin_io()
+        if zeros:
+            for view in views:
+                _fill_zeros(view)
+            return total
+        try:
+            if len(segments) == 1 and segments[0].kind == DATA:  # one host run: one preadv
+                assert segments[0].host_offset is not None  # (a data segment always has one)
+                data_file.preadv(views, segments[0].host_offset)
+                return total
+            rest = views
+            for seg in segments:
+                parts, rest = split_views(rest, seg.length)
+                if seg.kind == DATA:
+                    assert seg.host_offset is not None  # (a data segment always has one)
+                    data_file.preadv(parts, seg.host_offset)
+                elif seg.kind == ZERO:
+                    for part in parts:
+                        _fill_zeros(part)
+                else:
+                    buffer = memoryview(bytearray(seg.length))
+                    self._read_segments([seg], buffer, seg.guest_offset)
+                    scatter(buffer, parts)
+        finally:
+            self._end_io()
+        return total
 
     def read(self, offset: int, length: int) -> bytes:
         """As BlockDevice.read, without a zero-filled buffer and a final copy: a range that

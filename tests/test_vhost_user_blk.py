@@ -12,6 +12,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -245,6 +246,129 @@ def test_scattered_buffers_in_several_batches(tmp_path: Path, export, monkeypatc
     assert to_raw(image, tmp_path / "out.raw")[40 * 512 : 40 * 512 + len(payload)] == payload
 
 
+REGION_STARTS = (0, 0x60000, 0xA0000)  # the memory table below: three regions that meet
+# Guest buffers of one request, in order: three adjacent ones (one view), a small one, one
+# ending where the first region ends followed by one starting the second (adjacent, yet two
+# views), one straddling the second and third regions, a jump back into the first region,
+# and a last one in the third.
+SCATTERED = [
+    (0x20000, 4096),
+    (0x21000, 4096),
+    (0x22000, 8192),
+    (0x30000, 512),
+    (0x60000 - 0x4000, 0x4000),
+    (0x60000, 4096),
+    (0xA0000 - 0x1000, 8192),
+    (0x50000, 4096),
+    (0xC0000, 4096 + 1536),
+]
+
+
+def three_region_memory(client: Frontend) -> None:
+    """The client's memory given as regions that meet at REGION_STARTS, each mapped from
+    its own offset in the memfd, as QEMU splits guest RAM."""
+    ends = REGION_STARTS[1:] + (MEMORY_SIZE,)
+    table = struct.pack("<II", len(REGION_STARTS), 0)
+    for start, end in zip(REGION_STARTS, ends):
+        table += struct.pack("<QQQQ", start, end - start, USER_BASE + start, start)
+    fds = [client.memfd] * len(REGION_STARTS)
+    assert client.acked(SET_MEM_TABLE, table, fds) == 0
+
+
+def scattered_request(client: Frontend, kind: int, sector: int, in_order: bool) -> int:
+    """One request over SCATTERED through an indirect table, laid out in order (as Linux
+    lays it out) or with its descriptors shuffled and linked by their next fields."""
+    header, status, table = DATA_ADDR, DATA_ADDR + 0x100, DATA_ADDR + 0x1000
+    client.memory[header : header + 16] = struct.pack("<IIQ", kind, 0, sector)
+    data_flags = D_WRITE if kind == T_IN else 0
+    chain = [(header, 16, 0)] + [(a, n, data_flags) for a, n in SCATTERED] + [(status, 1, D_WRITE)]
+    slots = list(range(1, len(chain)))
+    if not in_order:
+        random.Random(3).shuffle(slots)
+    slots = [0] + slots  # an indirect chain starts at the table's first entry
+    for position, (addr, length, flags) in enumerate(chain):
+        last = position == len(chain) - 1
+        client.put_descriptor(
+            slots[position],
+            addr,
+            length,
+            flags | (0 if last else D_NEXT),
+            0 if last else slots[position + 1],
+            table=table,
+        )
+    client.put_descriptor(0, table, 16 * len(chain), D_INDIRECT, 0)
+    client.memory[status] = 0xFF
+    return status
+
+
+def mixed_image(tmp_path: Path) -> Path:
+    """A qcow2 image with 4 KiB clusters over a backing file: data, zero, compressed,
+    backing and unallocated clusters within the first 64 KiB."""
+    base = tmp_path / "base.qcow2"
+    qemu_create(base, "1M")
+    qemu_io(base, "write -P 0x31 0 64k", fmt="qcow2")
+    image = tmp_path / "mixed.qcow2"
+    qemu_create(image, "1M", options={"cluster_size": "4096"}, backing=base, backing_fmt="qcow2")
+    qemu_io(
+        image,
+        "write -P 0x42 0 12k",
+        "write -z 12k 8k",
+        "write -c -P 0x53 24k 4k",
+        "write -P 0x64 36k 6k",
+        "write -c -P 0x75 48k 4k",
+        fmt="qcow2",
+    )
+    return image
+
+
+@pytest.mark.parametrize("in_order", [True, False])
+@pytest.mark.parametrize("kind", ["qcow2", "raw", "blkdebug"])
+def test_scattered_request_across_regions(tmp_path: Path, export, kind: str, in_order) -> None:
+    """Guest buffers merged, split at a region boundary and straddling it: reads land
+    byte for byte as qemu-img reads the image (data, zero, compressed, backing and
+    unallocated clusters; a raw file; through blkdebug, which reads through a buffer),
+    writes reach the image as qemu-img reads it."""
+    image = mixed_image(tmp_path)
+    if kind == "raw":
+        raw = tmp_path / "disk.raw"
+        raw.write_bytes(random.Random(7).randbytes(MIB))
+        image = raw
+    before = to_raw(image, tmp_path / "before.raw")
+    device = qcow2lib.open(f"blkdebug::{image}", "r+") if kind == "blkdebug" else None
+    served = export(image, device=device)
+    client = Frontend(served.socket_path)
+    total = sum(length for _, length in SCATTERED)
+    payload = random.Random(11).randbytes(total)
+    try:
+        client.negotiate()
+        three_region_memory(client)
+        client.start_queue()
+        for kind_of_request in (T_IN, T_OUT):
+            if kind_of_request == T_OUT:
+                done = 0
+                for addr, length in SCATTERED:
+                    client.memory[addr : addr + length] = payload[done : done + length]
+                    done += length
+            sector = 0 if kind_of_request == T_IN else 200
+            status = scattered_request(client, kind_of_request, sector, in_order)
+            client.publish(0)
+            written = total + 1 if kind_of_request == T_IN else 1
+            assert client.wait_used(1) == [(0, written)]
+            assert client.memory[status] == S_OK
+            if kind_of_request == T_IN:
+                read_back = b"".join(client.memory[a : a + n] for a, n in SCATTERED)
+                assert read_back == before[:total]
+    finally:
+        client.close()
+    served.close()
+    after = to_raw(image, tmp_path / "after.raw")
+    assert after[200 * 512 : 200 * 512 + total] == payload
+    assert after[: 200 * 512] == before[: 200 * 512]
+    assert after[200 * 512 + total :] == before[200 * 512 + total :]
+    if kind != "raw":
+        assert_clean(image)
+
+
 def test_bad_server_arguments_are_named(tmp_path: Path) -> None:
     image = image_with_pattern(tmp_path)
     (tmp_path / "plain-file").write_text("not a socket")
@@ -276,16 +400,26 @@ class GatedDevice:
     def __init__(self, device):
         self.device = device
         self.released = lambda: True
+        self.entered = threading.Event()  # a read of sector 0 has begun
 
     def __getattr__(self, name):
         return getattr(self.device, name)
 
-    def readinto(self, offset: int, buffer) -> int:
+    def _gate(self, offset: int) -> None:
+        if offset == 0:
+            self.entered.set()
         deadline = time.monotonic() + 10
         while offset == 0 and not self.released():
             assert time.monotonic() < deadline, "the other request never completed"
             time.sleep(0.01)
+
+    def readinto(self, offset: int, buffer) -> int:
+        self._gate(offset)
         return self.device.readinto(offset, buffer)
+
+    def readv(self, offset: int, views) -> int:
+        self._gate(offset)
+        return self.device.readv(offset, views)
 
 
 def test_requests_run_concurrently_and_complete_out_of_order(tmp_path: Path, export) -> None:
@@ -304,6 +438,34 @@ def test_requests_run_concurrently_and_complete_out_of_order(tmp_path: Path, exp
         assert used == [(second, 513), (first, 513)]
         assert client.blk_result(T_IN, b"", 512) == (S_OK, b"\x11" * 512)
         assert client.blk_result(T_IN, b"", 512, DATA_ADDR + 0x1000) == (S_OK, b"\x22" * 512)
+    finally:
+        client.close()
+
+
+def test_a_stuck_request_does_not_hold_up_later_ones(tmp_path: Path, export) -> None:
+    """The ring's thread serves requests itself; while it is stuck in one, the rescuer
+    takes what the driver queues next off the ring and serves it on a worker. Once the
+    device is idle again, the rescuer stops polling."""
+    image = image_with_pattern(tmp_path)
+    gated = GatedDevice(qcow2lib.open(str(image), "r+"))
+    served = export(image, device=gated, workers=2)
+    client = Frontend(served.socket_path)
+    gated.released = lambda: client.used_idx() == 1
+    try:
+        client.setup()
+        first = client.blk_chain(T_IN, 0, in_length=512, first=0, data_addr=DATA_ADDR)
+        client.publish(first)
+        assert gated.entered.wait(5)  # the ring thread is now inside the first request
+        second = client.blk_chain(T_IN, 2048, in_length=512, first=4, data_addr=DATA_ADDR + 0x1000)
+        client.publish(second)
+        assert client.wait_used(2) == [(second, 513), (first, 513)]
+        assert client.blk_result(T_IN, b"", 512) == (S_OK, b"\x11" * 512)
+        assert client.blk_result(T_IN, b"", 512, DATA_ADDR + 0x1000) == (S_OK, b"\x22" * 512)
+        rescuer = served.server._connection.rescuer
+        deadline = time.monotonic() + 5
+        while not rescuer.idle and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert rescuer.idle
     finally:
         client.close()
 

@@ -4,8 +4,12 @@ A front-end (QEMU) connects to our Unix socket and hands us, message by message,
 guest's memory (as file descriptors passed with SCM_RIGHTS), the place and size of each
 virtqueue, and eventfds to be kicked by and to call. `VhostUserConnection` speaks that
 protocol for any `VirtioBackend`; each started ring gets a thread that waits for kicks,
-takes chains off the ring and hands them to a shared worker pool, so requests of one
-queue run concurrently and complete in any order.
+takes chains off the ring and serves them itself, one after the other: handing a request
+to another thread costs more than a read from the page cache. A request that is slow
+(real disk I/O, a blocked device) must not hold up the others, so a `Rescuer` watches
+the rings and, when a ring's thread has been on one request for `RESCUE_AFTER`, hands the
+rest of its batch and whatever the driver queues meanwhile to a shared worker pool: then
+requests of one queue run concurrently and complete in any order.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import select
 import socket
 import struct
 import threading
+import time
+from collections import deque
 from concurrent.futures import Executor
 from typing import Protocol
 
@@ -90,6 +96,8 @@ MAX_PAYLOAD = 4096  # the largest message we accept (a full memory table is 264)
 MAX_REGIONS = 8
 MAX_FDS = 8
 MAX_CONFIG_SIZE = 256
+RESCUE_AFTER = 0.01  # a request taking longer than this lets the ring's others go to workers
+RESCUER_LINGER = 0.05  # the rescuer sleeps for good after rings were idle this long
 VRING_INDEX_MASK = 0xFF
 VRING_NOFD_MASK = 1 << 8
 
@@ -139,6 +147,10 @@ class Vring:
         self.broken = False
         self.in_flight = 0
         self.completed = 0
+        # the ring thread's batch not yet started, as (memory, chain); the rescuer may take it
+        self.backlog: deque[tuple[GuestMemory, DescriptorChain]] = deque()
+        self.busy_since = 0.0  # when the ring thread began its current request, or 0
+        self.owed_call = False  # a completion asked for a call, deferred to the batch's end
         self.thread: threading.Thread | None = None
         self.wake_read, self.wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.stopping = False
@@ -254,10 +266,30 @@ class Vring:
                 self._take_available()
 
     def _take_available(self) -> None:
+        """Serve every chain the driver made available, on this thread, in order; the
+        driver is called once for the whole batch (as it is kicked once for it)."""
+        backlog = self.backlog
+        backlog.extend(self._take_chains())
+        watch = self.connection.rescuer.watch
+        while backlog:
+            try:
+                memory, chain = backlog.popleft()
+            except IndexError:  # the rescuer took the rest
+                break
+            self.busy_since = time.monotonic()
+            watch()
+            self._run(memory, chain, defer_call=bool(backlog))
+        self.busy_since = 0.0
+        if self.owed_call:
+            with self.lock:
+                self._call_if_owed()
+
+    def _take_chains(self) -> list[tuple[GuestMemory, DescriptorChain]]:
+        """Take every available chain off the ring, each with a use of the memory table."""
         with self.lock:
             queue = self.queue
-            if queue is None or self.broken:
-                return
+            if queue is None or self.broken or not self.enabled or self.stopping:
+                return []
             chains: list[DescriptorChain] = []
             try:
                 while True:
@@ -273,23 +305,43 @@ class Vring:
                 self.log.warning("vhost-user vring %d stopped: %s", self.index, exc)
                 signal_eventfd(self.err_fd)
             memory = queue.memory
-            accepted: list[DescriptorChain] = []
+            accepted: list[tuple[GuestMemory, DescriptorChain]] = []
             for chain in chains:
                 if not memory.acquire():
                     break
                 self.in_flight += 1
-                accepted.append(chain)
-        if not accepted:
-            return
-        # The last request runs on this thread: handing it to a worker (a queue, a wake-up
-        # and the GIL passed twice) costs more than a read from the page cache, and a
-        # guest waiting for one request at a time waits for that hand-off on each one.
-        *others, last = accepted
-        for chain in others:
-            self.connection.executor.submit(self._run, memory, chain)
-        self._run(memory, last)
+                accepted.append((memory, chain))
+        return accepted
 
-    def _run(self, memory: GuestMemory, chain: DescriptorChain) -> None:
+    def rescue(self) -> None:
+        """The ring thread has been on one request too long: the rest of its batch, and
+        every chain the driver has made available since, go to the worker pool."""
+        while True:
+            try:
+                memory, chain = self.backlog.popleft()
+            except IndexError:
+                break
+            self._hand_over(memory, chain)
+        if self.owed_call:  # completions before the slow one are not held back
+            with self.lock:
+                self._call_if_owed()
+        for memory, chain in self._take_chains():
+            self._hand_over(memory, chain)
+
+    def _hand_over(self, memory: GuestMemory, chain: DescriptorChain) -> None:
+        """To a worker; a chain taken is always served, even if the pool is gone."""
+        try:
+            self.connection.executor.submit(self._run, memory, chain)
+        except RuntimeError:  # the pool was shut down
+            self._run(memory, chain)
+
+    def _call_if_owed(self) -> None:
+        """Under the lock (SET_VRING_CALL may replace the fd)."""
+        if self.owed_call:
+            self.owed_call = False
+            signal_eventfd(self.call_fd)
+
+    def _run(self, memory: GuestMemory, chain: DescriptorChain, defer_call: bool = False) -> None:
         written = 0
         try:
             written = self.connection.backend.handle(memory, chain)
@@ -298,18 +350,92 @@ class Vring:
         finally:
             memory.release()
         with self.lock:
-            notify = False
             try:
                 if self.queue is not None:  # the current mapping of this same ring
-                    notify = self.queue.push(chain.head, written)
+                    if self.queue.push(chain.head, written):
+                        self.owed_call = True
                     self.completed += 1
             except ValueError:  # memory unmapped under us: the front-end is gone
                 pass
             self.in_flight -= 1
             if not self.in_flight:
                 self.drained.notify_all()
-            if notify:  # under the lock: SET_VRING_CALL may replace the fd
-                signal_eventfd(self.call_fd)
+            if not defer_call:
+                self._call_if_owed()
+
+
+class Rescuer:
+    """One thread per connection that keeps rings moving while their thread is stuck in a
+    slow request (see `Vring.rescue`). It polls only while some ring is serving, and
+    sleeps on a condition once they have been idle for RESCUER_LINGER: an idle device
+    costs no CPU, a busy one a wake-up per RESCUE_AFTER / 2, none per request (each
+    wake-up takes the GIL from the thread serving requests, so they are kept few)."""
+
+    def __init__(self, vrings: list[Vring], log: logging.Logger):
+        self.vrings = vrings
+        self.log = log
+        self.cond = threading.Condition()
+        self.idle = True
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+
+    def watch(self) -> None:
+        """A ring thread began a request: make sure the rescuer is polling."""
+        if self.idle:
+            with self.cond:
+                if self.idle and not self.stopping:
+                    self.idle = False
+                    if self.thread is None:
+                        self.thread = threading.Thread(
+                            target=self._serve, name="vhost-user rescuer", daemon=True
+                        )
+                        self.thread.start()
+                    self.cond.notify()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+
+    def _serve(self) -> None:
+        try:
+            self._poll()
+        except Exception:  # a bug here must not stop the process; rings still serve
+            self.log.exception("vhost-user rescuer stopped")
+
+    def _poll(self) -> None:
+        last_busy = time.monotonic()
+        while True:
+            with self.cond:
+                while self.idle and not self.stopping:
+                    self.cond.wait()
+                if self.stopping:
+                    return
+            time.sleep(RESCUE_AFTER / 2)
+            now = time.monotonic()
+            if self._check(now):
+                last_busy = now
+            elif now - last_busy > RESCUER_LINGER:
+                with self.cond:
+                    self.idle = True
+                if self._check(now):  # a ring began meanwhile and saw us still awake
+                    with self.cond:
+                        self.idle = False
+                last_busy = now
+
+    def _check(self, now: float) -> bool:
+        """Rescue the rings stuck too long; whether any ring is serving."""
+        busy = False
+        for vring in self.vrings:
+            since = vring.busy_since
+            if since and not vring.stopping:
+                busy = True
+                if now - since >= RESCUE_AFTER:
+                    vring.rescue()
+        return busy
 
 
 class VhostUserConnection:
@@ -326,6 +452,7 @@ class VhostUserConnection:
         self.protocol_features = 0
         self.memory: GuestMemory | None = None
         self.vrings = [Vring(i, self) for i in range(backend.num_queues)]
+        self.rescuer = Rescuer(self.vrings, log)
 
     @property
     def protocol_features_acked(self) -> bool:
@@ -350,6 +477,7 @@ class VhostUserConnection:
 
     def reset(self) -> None:
         """Forget everything the front-end set up: stop rings, unmap memory, close fds."""
+        self.rescuer.stop()
         for vring in self.vrings:
             vring.close()
         if self.memory is not None:

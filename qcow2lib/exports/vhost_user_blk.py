@@ -8,13 +8,14 @@
 The server listens on a Unix socket and serves one front-end at a time; when it
 disconnects (QEMU quit, or will reconnect) the device is flushed and the server waits for
 the next one. Requests are virtio-blk's (read, write, flush, get-id, discard, write
-zeroes), served by a worker pool, so several run at once and finish in any order.
+zeroes), served in order by each queue's thread; once one is slow, the others go to a
+worker pool, so several run at once and finish in any order (vhost_user.py). Reads go
+straight into the guest's pages (`BlockDevice.readv`).
 """
 
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import select
 import signal
@@ -85,7 +86,6 @@ class VirtioBlk:
         self.num_queues = num_queues
         self.serial = serial.encode("utf-8")[:ID_BYTES]
         self.log = log
-        self._local = threading.local()
         features = [
             F_VERSION_1,
             F_RING_INDIRECT_DESC,
@@ -188,14 +188,6 @@ class VirtioBlk:
             )
             return S_IOERR, 0
 
-    def _scratch(self) -> memoryview:
-        """This worker thread's read buffer (IO_CHUNK bytes), made once: a fresh one per
-        request would be zero-filled and page-faulted every time."""
-        buffer = getattr(self._local, "buffer", None)
-        if buffer is None or len(buffer) < IO_CHUNK:
-            buffer = self._local.buffer = memoryview(bytearray(IO_CHUNK))
-        return buffer
-
     def _span(self, sector: int, length: int) -> int | None:
         """The byte offset of a request, or None when it is misaligned or outside the disk."""
         offset = sector * SECTOR
@@ -204,33 +196,26 @@ class VirtioBlk:
         return offset
 
     def _read(self, sector: int, memory: GuestMemory, into: list[Segment]) -> tuple[int, int]:
-        pieces = memory.resolve(into)  # every buffer is checked before any I/O
-        total = sum(piece[2] for piece in pieces)
+        """Straight into the guest's pages (BlockDevice.readv): no buffer in between."""
+        views = memory.resolve(into)  # every buffer is checked before any I/O
+        total = sum(map(len, views))
         offset = self._span(sector, total)
         if offset is None:
             return S_IOERR, 0
-        scratch = self._scratch()
-        for batch, size in _batches(pieces, total):
-            buffer = scratch[:size]
-            self.device.readinto(offset, buffer)
-            done = 0
-            for mapping, map_offset, length in batch:
-                mapping[map_offset : map_offset + length] = buffer[done : done + length]
-                done += length
+        for batch, size in _batches(views, total):
+            self.device.readv(offset, batch)
             offset += size
         return S_OK, total
 
     def _write(self, sector: int, memory: GuestMemory, out: list[Segment]) -> int:
-        pieces = memory.resolve(out)
-        total = sum(piece[2] for piece in pieces)
+        views = memory.resolve(out)
+        total = sum(map(len, views))
         offset = self._span(sector, total)
         if self.read_only or offset is None:
             return S_IOERR
-        for batch, size in _batches(pieces, total):
-            data = b"".join(
-                [mapping[map_offset : map_offset + length] for mapping, map_offset, length in batch]
-            )
-            self.device.write(offset, data)
+        for batch, size in _batches(views, total):
+            # one run of guest memory is written from where it lies, several joined
+            self.device.write(offset, batch[0] if len(batch) == 1 else b"".join(batch))
             offset += size
         return S_OK
 
@@ -295,22 +280,21 @@ def _scatter(memory: GuestMemory, segments: list[Segment], data: bytes) -> None:
         done += n
 
 
-def _batches(pieces: list[tuple[mmap.mmap, int, int]], total: int):
-    """(pieces, bytes) batches of at most IO_CHUNK bytes in all, in order, of pieces
+def _batches(views: list[memoryview], total: int):
+    """(views, bytes) batches of at most IO_CHUNK bytes in all, in order, of views
     `total` bytes long: a request of many small buffers becomes few device calls, a huge
     one no huge buffer."""
     if total <= IO_CHUNK:  # the common case: the whole request at once
-        yield pieces, total
+        yield views, total
         return
-    batch: list[tuple[mmap.mmap, int, int]] = []
+    batch: list[memoryview] = []
     size = 0
-    for mapping, map_offset, length in pieces:
-        start = 0
-        while start < length:
-            n = min(length - start, IO_CHUNK - size)
-            batch.append((mapping, map_offset + start, n))
+    for view in views:
+        while view:
+            n = min(len(view), IO_CHUNK - size)
+            batch.append(view[:n])
             size += n
-            start += n
+            view = view[n:]
             if size == IO_CHUNK:
                 yield batch, size
                 batch, size = [], 0

@@ -8,6 +8,7 @@ request fails). Nothing is ever read or written outside the mapped regions.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import struct
@@ -16,7 +17,13 @@ from typing import NamedTuple
 
 from ..errors import Qcow2Error
 
+# One guest buffer of a request: (guest_addr, length). A plain tuple, not a NamedTuple:
+# a request carries up to a queue's worth of them and they are made per request.
+Segment = tuple[int, int]
+DescriptorChainParts = tuple[list[Segment], list[Segment]]  # (readable, writable)
+
 MAX_QUEUE_SIZE = 32768  # the largest split virtqueue the virtio spec allows
+IN_ORDER_TABLE_MAX = 1024  # indirect tables up to this long are unpacked at once
 
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
@@ -25,6 +32,52 @@ AVAIL_F_NO_INTERRUPT = 1
 DESCRIPTOR = struct.Struct("<QIHH")  # addr, len, flags, next
 USED_ELEM = struct.Struct("<II")  # id, len
 U16 = struct.Struct("<H")
+
+
+@functools.lru_cache(maxsize=16)
+def _in_order_links(count: int) -> bytes:
+    """The `next` fields (u16 each) of a table of `count` descriptors chained in order,
+    all but the last: 1, 2, ..., count - 1."""
+    return struct.pack(f"<{count - 1}H", *range(1, count))
+
+
+@functools.lru_cache(maxsize=64)
+def _in_order_flags(count: int, readable_count: int) -> bytes:
+    """The flags (u16 each) of such a table whose first `readable_count` are readable."""
+    if readable_count == count:
+        flags = [DESC_F_NEXT] * (count - 1) + [0]
+    else:
+        writable = count - readable_count
+        flags = [DESC_F_NEXT] * readable_count + [DESC_F_NEXT | DESC_F_WRITE] * (writable - 1)
+        flags.append(DESC_F_WRITE)
+    return struct.pack(f"<{count}H", *flags)
+
+
+def _in_order_table(table: memoryview) -> DescriptorChainParts | None:
+    """(readable, writable) of an indirect table laid out as Linux lays them out: every
+    descriptor chained to the next, readable ones first, no other flags. Read as arrays
+    compared in one go, never walked one by one; None when the table is anything else
+    (the walk then checks it, and names what is wrong)."""
+    count = len(table) // 16
+    halves = table.cast("H")  # a descriptor: addr (4 halves), len (2), flags, next
+    flags = halves[6::8].tobytes()
+    first_writable = flags.find(b"\x03\x00")  # NEXT | WRITE
+    if first_writable < 0:
+        readable_count = count - 1 if flags[-2:] == b"\x02\x00" else count
+    elif first_writable % 2:
+        return None
+    else:
+        readable_count = first_writable // 2
+    if flags != _in_order_flags(count, readable_count):
+        return None
+    if count > 1 and halves[7 : 8 * count - 8 : 8].tobytes() != _in_order_links(count):
+        return None
+    addrs = table.cast("Q")[0::2].tolist()
+    lengths = table.cast("I")[2::4].tolist()
+    return (
+        list(zip(addrs[:readable_count], lengths[:readable_count])),
+        list(zip(addrs[readable_count:], lengths[readable_count:])),
+    )
 
 
 class GuestMemoryError(Qcow2Error):
@@ -42,6 +95,7 @@ class MemoryRegion(NamedTuple):
     user_addr: int  # where the front-end mapped it (ring addresses use this)
     mapping: mmap.mmap
     start: int  # offset of guest_phys_addr inside `mapping`
+    view: memoryview  # the region's bytes, indexed from guest_phys_addr: slices are cheap
 
 
 class GuestMemory:
@@ -82,11 +136,12 @@ class GuestMemory:
                         f"{guest_addr:#x} size {size:#x} mmap_offset "
                         f"{mmap_offset:#x}: {exc}"
                     ) from None
-                regions.append(
-                    MemoryRegion(guest_addr, size, user_addr, mapping, mmap_offset - aligned)
-                )
+                start = mmap_offset - aligned
+                view = memoryview(mapping)[start : start + size]
+                regions.append(MemoryRegion(guest_addr, size, user_addr, mapping, start, view))
         except BaseException:
             for region in regions:
+                region.view.release()
                 region.mapping.close()
             raise
         return cls(regions)
@@ -116,11 +171,17 @@ class GuestMemory:
             self._unmap()
 
     def _unmap(self) -> None:
+        """Unmap every region. Views of a request are gone once it has released the
+        memory; should one still be alive, the region is unmapped when the last goes."""
         for region in self.regions:
-            region.mapping.close()
+            region.view.release()
+            try:
+                region.mapping.close()
+            except BufferError:
+                pass
 
     def _pieces(self, guest_addr: int, length: int):
-        """(mapping, offset, length) pieces covering [guest_addr, +length)."""
+        """(region, offset in the region, length) pieces covering [guest_addr, +length)."""
         end = guest_addr + length
         if guest_addr < 0 or end > 1 << 64:
             raise GuestMemoryError(
@@ -131,7 +192,7 @@ class GuestMemory:
             for region in self.regions:
                 if region.guest_phys_addr <= pos < region.guest_phys_addr + region.size:
                     n = min(end, region.guest_phys_addr + region.size) - pos
-                    yield region.mapping, region.start + pos - region.guest_phys_addr, n
+                    yield region, pos - region.guest_phys_addr, n
                     pos += n
                     break
             else:
@@ -140,22 +201,43 @@ class GuestMemory:
                     f"{length:#x}) is outside guest memory"
                 )
 
-    def resolve(self, segments: list[Segment]) -> list[tuple[mmap.mmap, int, int]]:
-        """(mapping, offset, length) pieces covering every segment, in order, or
+    def resolve(self, segments: list[Segment]) -> list[memoryview]:
+        """Byte views of guest memory covering every segment, in order, or
         GuestMemoryError when any byte lies outside guest memory. The hot path of data
-        requests: one pass, one region test per segment that lies inside one region."""
-        pieces: list[tuple[mmap.mmap, int, int]] = []
-        append = pieces.append
-        regions = self.regions
+        requests: one pass, neighbours in guest memory merged into one view (fewer views
+        to make and fewer iovecs), the region of the last segment tried first."""
+        views: list[memoryview] = []
+        append = views.append
+        region = self.regions[0]
+        base, size, memory = region.guest_phys_addr, region.size, region.view
+        run_start = run_end = -1  # the run of adjacent segments not yet made a view
         for guest_addr, length in segments:
-            for region in regions:
-                start = guest_addr - region.guest_phys_addr
-                if 0 <= start and start + length <= region.size:
-                    append((region.mapping, region.start + start, length))
-                    break
-            else:  # across regions, or outside: piece by piece, which names the bad byte
-                pieces.extend(self._pieces(guest_addr, length))
-        return pieces
+            start = guest_addr - base
+            if start < 0 or start + length > size:
+                for region in self.regions:
+                    start = guest_addr - region.guest_phys_addr
+                    if 0 <= start and start + length <= region.size:
+                        break
+                else:  # across regions, or outside: piece by piece, which names the bad byte
+                    if run_end > run_start:
+                        append(memory[run_start:run_end])
+                    run_start = run_end = -1
+                    for piece_region, piece_start, n in self._pieces(guest_addr, length):
+                        append(piece_region.view[piece_start : piece_start + n])
+                    continue
+                if run_end > run_start:
+                    append(memory[run_start:run_end])
+                run_start = run_end = -1
+                base, size, memory = region.guest_phys_addr, region.size, region.view
+            if start == run_end:
+                run_end += length
+            else:
+                if run_end > run_start:
+                    append(memory[run_start:run_end])
+                run_start, run_end = start, start + length
+        if run_end > run_start:
+            append(memory[run_start:run_end])
+        return views
 
     def check(self, guest_addr: int, length: int) -> None:
         for _ in self._pieces(guest_addr, length):
@@ -163,24 +245,36 @@ class GuestMemory:
 
     def read(self, guest_addr: int, length: int) -> bytes:
         return b"".join(
-            mapping[offset : offset + n] for mapping, offset, n in self._pieces(guest_addr, length)
+            region.view[start : start + n] for region, start, n in self._pieces(guest_addr, length)
         )
 
     def write(self, guest_addr: int, data) -> None:
         view = memoryview(data).cast("B")
         done = 0
-        for mapping, offset, n in self._pieces(guest_addr, len(view)):
-            mapping[offset : offset + n] = view[done : done + n]
+        for region, start, n in self._pieces(guest_addr, len(view)):
+            region.view[start : start + n] = view[done : done + n]
             done += n
+
+    def _region_holding(self, guest_addr: int, length: int) -> tuple[MemoryRegion, int]:
+        """The one region holding all of a ring structure, and its offset there."""
+        for region in self.regions:
+            start = guest_addr - region.guest_phys_addr
+            if 0 <= start and start + length <= region.size:
+                return region, start
+        self.check(guest_addr, length)  # names the byte outside memory, if one is
+        raise GuestMemoryError(
+            f"guest range {guest_addr:#x} length {length:#x} spans several memory regions"
+        )
 
     def locate(self, guest_addr: int, length: int) -> tuple[mmap.mmap, int]:
         """The one mapping holding all of a ring structure, and its offset there."""
-        pieces = list(self._pieces(guest_addr, length))
-        if len(pieces) != 1:
-            raise GuestMemoryError(
-                f"guest range {guest_addr:#x} length {length:#x} spans several memory regions"
-            )
-        return pieces[0][0], pieces[0][1]
+        region, start = self._region_holding(guest_addr, length)
+        return region.mapping, region.start + start
+
+    def locate_view(self, guest_addr: int, length: int) -> memoryview:
+        """A view of a structure that must lie in one region (an indirect table)."""
+        region, start = self._region_holding(guest_addr, length)
+        return region.view[start : start + length]
 
     def user_to_guest(self, user_addr: int) -> int:
         """Translate a front-end virtual address (vring addresses) to a guest address."""
@@ -188,11 +282,6 @@ class GuestMemory:
             if region.user_addr <= user_addr < region.user_addr + region.size:
                 return region.guest_phys_addr + user_addr - region.user_addr
         raise GuestMemoryError(f"front-end address {user_addr:#x} is not in any memory region")
-
-
-# One guest buffer of a request: (guest_addr, length). A plain tuple, not a NamedTuple:
-# a request carries up to a queue's worth of them and they are made per request.
-Segment = tuple[int, int]
 
 
 class DescriptorChain(NamedTuple):
@@ -298,9 +387,13 @@ class SplitVirtqueue:
                         f"not a multiple of 16 up to {16 * MAX_QUEUE_SIZE}"
                     )
                 try:
-                    table, base = self.memory.locate(addr, length)
+                    table, base = self.memory.locate_view(addr, length), 0
                 except GuestMemoryError as exc:
                     raise VirtqueueError(f"indirect table of chain {head}: {exc}") from None
+                if seen == 1 and length <= 16 * IN_ORDER_TABLE_MAX:  # the table is the chain
+                    parts = _in_order_table(table)
+                    if parts is not None:
+                        return DescriptorChain(head, *parts)
                 in_indirect = True
                 index, seen, count = 0, 0, length // 16
                 continue
