@@ -356,7 +356,8 @@ class SplitVirtqueue:
             raise VirtqueueError(f"available ring head {head} is past the queue size {self.size}")
         readable: list[Segment] = []
         writable: list[Segment] = []
-        table, base, count = self.desc_map, self.desc_offset, self.size
+        table: mmap.mmap | memoryview = self.desc_map  # (then an indirect table's view)
+        base, count = self.desc_offset, self.size
         unpack_from = DESCRIPTOR.unpack_from
         index, seen, in_indirect = head, 0, False
         while True:
@@ -387,11 +388,12 @@ class SplitVirtqueue:
                         f"not a multiple of 16 up to {16 * MAX_QUEUE_SIZE}"
                     )
                 try:
-                    table, base = self.memory.locate_view(addr, length), 0
+                    indirect = self.memory.locate_view(addr, length)
                 except GuestMemoryError as exc:
                     raise VirtqueueError(f"indirect table of chain {head}: {exc}") from None
+                table, base = indirect, 0
                 if seen == 1 and length <= 16 * IN_ORDER_TABLE_MAX:  # the table is the chain
-                    parts = _in_order_table(table)
+                    parts = _in_order_table(indirect)
                     if parts is not None:
                         return DescriptorChain(head, *parts)
                 in_indirect = True
