@@ -49,6 +49,7 @@ SECTOR = 512
 IO_BUF_SIZE = 2 << 20
 MAX_BUF_SECTORS = 32768
 MAX_COROUTINES = 16
+BATCH_ITEMS = 4  # buffered work items (of up to 2 MiB each) a worker takes at once
 BDRV_REQUEST_MAX_SECTORS = ((1 << 31) - 1) // SECTOR  # INT_MAX bytes, in whole sectors
 
 BLK_DATA, BLK_ZERO, BLK_BACKING_FILE = "data", "zero", "backing"
@@ -350,8 +351,11 @@ class _Converter:
         self.min_sparse = sparse_size // SECTOR
         self.target_backing = target_backing
         # -m counts QEMU's coroutines; more threads than CPUs only contend for the GIL
-        # (I/O and codecs release it, but two per CPU already keep every CPU busy).
-        self.parallel = min(parallel, 2 * (os.cpu_count() or 1))
+        # (I/O and codecs release it): two per CPU keep every CPU compressing, and for
+        # ordered copies, whose writes go one at a time anyway, one per CPU (at least
+        # two, so that one reads while another writes).
+        cpus = os.cpu_count() or 1
+        self.parallel = min(parallel, 2 * cpus if compress or out_of_order else max(2, cpus))
         self.in_order = not out_of_order
         self.progress = progress
         self.parts: list[_Part] = []
@@ -388,7 +392,15 @@ class _Converter:
         self.status = BLK_DATA
         self.sector_num = 0
         self.lock = threading.Lock()
-        self.cond = threading.Condition()
+        self.turn_lock = threading.Lock()
+        self.turn_gates: dict[int, threading.Lock] = {}  # sector -> the gate its writer waits at
+        # Items per batch: one for compressed output (unordered), salvaging and copy
+        # offloading (each item on its own, as before); ordered copies take several.
+        self.batch_items = (
+            1
+            if compress or self.salvage is not None or self.copy_range or not self.in_order
+            else BATCH_ITEMS
+        )
         self.wr_offs = 0
         self.error: BaseException | None = None
         self.error_sector = -1  # the guest sector of the failed work item; -1 when unknown
@@ -705,94 +717,145 @@ class _Converter:
     # -- workers --
 
     def _wait_turn(self, sector_num: int) -> bool:
-        with self.cond:
-            while self.wr_offs != sector_num and self.error is None:
-                self.cond.wait()
-            return self.error is None
+        """Block until every item before `sector_num` is written (False: the job failed).
+        Each waiter has a gate of its own, opened only by the write it waits for."""
+        with self.turn_lock:
+            if self.wr_offs == sector_num or self.error is not None:
+                return self.error is None
+            gate = threading.Lock()
+            gate.acquire()
+            self.turn_gates[sector_num] = gate
+        gate.acquire()
+        return self.error is None
 
     def _done_turn(self, sector_num: int, n: int) -> None:
-        with self.cond:
+        with self.turn_lock:
             self.wr_offs = sector_num + n
-            self.cond.notify_all()
+            gate = self.turn_gates.pop(self.wr_offs, None)
+        if gate is not None:
+            gate.release()
 
     def _fail(self, exc: BaseException, sector_num: int = -1) -> None:
         """Stop the job with `exc`. Of several failing I/O requests in flight the lowest in
         guest order is reported, as qemu-img's in-order writers would hit it first."""
-        with self.cond:
+        with self.turn_lock:
             if self.error is None or (0 <= sector_num < self.error_sector):
                 self.error, self.error_sector = exc, sector_num
-            self.cond.notify_all()
+            gates = list(self.turn_gates.values())
+            self.turn_gates.clear()
+        for gate in gates:
+            gate.release()
 
-    def _buffers(self, state: dict) -> bytearray:
-        if state.get("buf") is None:
-            state["buf"] = bytearray(self.buf_sectors * SECTOR)
-            if self.target_backing is not None and not self.same_backing:
-                state["backing"] = bytearray(len(state["buf"]))
-        return state["buf"]
+    def _buffers(self, state: dict, slot: int) -> bytearray:
+        """The worker's buffer for the slot-th item of its batch."""
+        buffers = state.setdefault("bufs", [])
+        while len(buffers) <= slot:
+            buffers.append(bytearray(self.buf_sectors * SECTOR))
+        if self.target_backing is not None and not self.same_backing and "backing" not in state:
+            state["backing"] = bytearray(self.buf_sectors * SECTOR)
+        return buffers[slot]
 
-    def _process(
-        self, sector_num: int, n: int, status: str, ordered: bool, state: dict, warnings: list
-    ) -> bool:
-        """One work item; False when the job was stopped by another thread's error.
-        Salvaging, its warnings are reported in its turn (all items are in order then)."""
-        waited = False
+    def _next_batch(self) -> list:
+        """Under self.lock: the next items, consecutive in guest order (empty at the end).
+        Ordered writes take a batch of up to `batch_items` items that need a buffer, so
+        that a worker waits for its turn once per batch rather than once per 2 MiB."""
+        batch = []
+        buffered = 0
+        while buffered < self.batch_items:
+            item = self._next_item()
+            if item is None:
+                break
+            batch.append(item)
+            if item[2] == BLK_DATA or (not self.min_sparse and item[2] == BLK_ZERO):
+                buffered += 1
+        return batch
 
-        def turn() -> bool:
-            nonlocal waited
-            if ordered and not waited:
-                waited = True
-                if not self._wait_turn(sector_num):
-                    return False
-                if warnings:
-                    self._report(warnings)
+    def _read_item(self, item, slot: int, state: dict) -> bool:
+        """The reading half of an item (before its turn); False: written already
+        (copy_file_range) or the job was stopped."""
+        sector_num, n, status, warnings = item
+        if status != BLK_DATA:
             return True
+        if self.copy_range:
+            return True
+        buf = self._buffers(state, slot)
+        salvage_warnings = warnings if self.salvage is not None else None
+        self._read(sector_num, n, memoryview(buf)[: n * SECTOR], salvage_warnings)
+        return True
 
-        state["phase"] = "reading"
+    def _write_item(self, item, slot: int, state: dict) -> None:
+        """The writing half of an item, in its turn."""
+        sector_num, n, status, warnings = item
+        if warnings and self.salvage is not None:
+            self._report(warnings)
         if status == BLK_DATA:
             if self.copy_range:
-                if not turn():
-                    return False
-                state["phase"] = "writing"
                 if self._copy_range(sector_num, n):
-                    return True
+                    return
                 self.copy_range = False  # not on this file system: read and write instead
-            buf = self._buffers(state)
-            state["phase"] = "reading"
-            salvage_warnings = warnings if self.salvage is not None else None
-            self._read(sector_num, n, memoryview(buf)[: n * SECTOR], salvage_warnings)
-            if not turn():
-                return False
-            state["phase"] = "writing"
-            self._write_data(sector_num, n, buf, state.get("backing"))
+                state["phase"] = "reading"
+                self._read_item(item, slot, state)
+                state["phase"] = "writing"
+            self._write_data(sector_num, n, self._buffers(state, slot), state.get("backing"))
         elif status == BLK_ZERO:
-            if not turn():
-                return False
-            state["phase"] = "writing"
             if not self.min_sparse:  # -S 0: zeros are written as data
-                buf = self._buffers(state)
+                buf = self._buffers(state, slot)
                 memoryview(buf)[: n * SECTOR] = _ZEROS_VIEW[: n * SECTOR]
                 self._write_data(sector_num, n, buf, state.get("backing"))
             else:
                 self._zero(sector_num * SECTOR, n * SECTOR)
+
+    def _process(self, batch: list, ordered: bool, state: dict) -> bool:
+        """One batch: all reads, then (ordered: in its turn) all writes, item by item.
+        False when the job was stopped by another thread's error."""
+        slots = []
+        slot = 0
+        for item in batch:
+            slots.append(slot)
+            if item[2] == BLK_DATA or (not self.min_sparse and item[2] == BLK_ZERO):
+                slot += 1
+        if ordered and self.copy_range:
+            # copy_file_range is the whole copy: it runs in the turn
+            if not self._wait_turn(batch[0][0]):
+                return False
         else:
-            return turn()
+            for item, slot in zip(batch, slots):
+                state["phase"], state["item"] = "reading", item[0]
+                self._read_item(item, slot, state)
+            if ordered and not self._wait_turn(batch[0][0]):
+                return False
+        for item, slot in zip(batch, slots):
+            state["phase"], state["item"] = "writing", item[0]
+            self._write_item(item, slot, state)
+            if self.progress is not None:
+                self._report_progress(item)
         return True
+
+    def _report_progress(self, item) -> None:
+        """After an item that copied data (or zeros written as data, -S 0)."""
+        _, n, status, _ = item
+        if status == BLK_DATA or (not self.min_sparse and status == BLK_ZERO):
+            with self.lock:
+                self.done += n * SECTOR
+                done = self.done
+            self.progress(min(done, self.total_bytes), self.total_bytes)
 
     def _worker(self) -> None:
         state: dict = {}
+        # Compressed output is never ordered: the writing thread compresses. Salvaging,
+        # everything is, so that the warnings come in guest order.
+        ordered = self.in_order and not self.compressed or self.salvage is not None
         while True:
             with self.lock:
-                item = self._next_item()
-            if item is None:
+                batch = self._next_batch()
+            if not batch:
                 return
-            sector_num, n, status, warnings = item
-            # Compressed output is never ordered: the writing thread compresses. Salvaging,
-            # everything is, so that the warnings come in guest order.
-            ordered = self.in_order and not self.compressed or self.salvage is not None
+            first, last = batch[0], batch[-1]
             try:
-                if not self._process(sector_num, n, status, ordered, state, warnings):
+                if not self._process(batch, ordered, state):
                     return
             except Qcow2IOError as exc:
+                sector_num = state.get("item", first[0])
                 err = ConvertError(
                     exc.errno,
                     f"error while {state.get('phase', 'reading')} at "
@@ -805,6 +868,7 @@ class _Converter:
             except UnsupportedFeatureError as exc:
                 # what the target cannot store (compressed clusters in an image with an
                 # external data file): QEMU's ENOTSUP from the write
+                sector_num = state.get("item", first[0])
                 err = ConvertError(
                     errno.ENOTSUP,
                     f"error while {state.get('phase', 'reading')} "
@@ -819,18 +883,7 @@ class _Converter:
                 return
             finally:
                 if ordered:
-                    self._done_turn(sector_num, n)
-            if self.progress is not None and (
-                status == BLK_DATA or (not self.min_sparse and status == BLK_ZERO)
-            ):
-                with self.lock:
-                    self.done += n * SECTOR
-                    done = self.done
-                try:
-                    self.progress(min(done, self.total_bytes), self.total_bytes)
-                except BaseException as exc:  # a failing callback stops the job
-                    self._fail(exc)
-                    return
+                    self._done_turn(first[0], last[0] + last[1] - first[0])
 
     def run(self) -> None:
         self.total_bytes = self._count_work()
