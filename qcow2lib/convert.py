@@ -394,13 +394,20 @@ class _Converter:
         self.lock = threading.Lock()
         self.turn_lock = threading.Lock()
         self.turn_gates: dict[int, threading.Lock] = {}  # sector -> the gate its writer waits at
-        # Items per batch: one for compressed output (unordered), salvaging and copy
-        # offloading (each item on its own, as before); ordered copies take several.
-        self.batch_items = (
-            1
-            if compress or self.salvage is not None or self.copy_range or not self.in_order
-            else BATCH_ITEMS
+        self.split_compression = (
+            compress and hasattr(target, "compress_cluster") and hasattr(target, "store_compressed")
         )
+        # Items per batch: ordered copies take several (compressed ones a buffer's worth
+        # of clusters); salvaging, copy offloading, -W and compressed output that cannot
+        # be ordered take one item at a time.
+        if self.salvage is not None or self.copy_range or not self.in_order:
+            self.batch_items = 1
+        elif compress:
+            self.batch_items = max(1, IO_BUF_SIZE // SECTOR // self.cluster_sectors)
+            if not self.split_compression:
+                self.batch_items = 1
+        else:
+            self.batch_items = BATCH_ITEMS
         self.wr_offs = 0
         self.error: BaseException | None = None
         self.error_sector = -1  # the guest sector of the failed work item; -1 when unknown
@@ -671,31 +678,53 @@ class _Converter:
             view[inside:] = _ZEROS_VIEW[: length - inside]
         return view
 
+    def _prepare_compressed(self, sector_num: int, n: int, buf: bytearray, backing_buf):
+        """What a compressed item writes, worked out before its turn (compression
+        included, where the target can compress apart from storing): ("zero", offset,
+        length), ("skip",), or ("store", offset, data, packed or None, compressed)."""
+        view = memoryview(buf)
+        offset = sector_num * SECTOR
+        length = n * SECTOR
+        if self.min_sparse and _zero_range(buf, 0, length):
+            return ("zero", offset, length)
+        if backing_buf is not None:
+            backing_buf = self._read_backing(offset, length, backing_buf)
+            if (
+                not self.own.overlaps(offset, offset + length)
+                and view[:length].tobytes() == backing_buf[:length].tobytes()
+            ):
+                return ("skip",)
+        cs = self.cluster_sectors * SECTOR
+        if length < cs and offset + length < self.target.size:
+            pad = min(cs, self.target.size - offset)
+            view[length:pad] = self.target.read(offset + length, pad - length)
+            length = pad
+        data = view[:length]
+        if self.split_compression:
+            return ("store", offset, data, self.target.compress_cluster(offset, data), True)
+        return ("store", offset, data, None, False)
+
+    def _store(self, action) -> None:
+        """The writing half of a compressed item, in its turn."""
+        if action[0] == "zero":
+            self._zero(action[1], action[2])
+        elif action[0] == "store":
+            _, offset, data, packed, compressed = action
+            self._throttle(len(data))
+            if compressed:
+                self.target.store_compressed(offset, data, packed)
+            else:
+                self.target.write_compressed(offset, data)
+
     def _write_data(self, sector_num: int, n: int, buf: bytearray, backing_buf) -> None:
         """convert_co_write for a data buffer: sparse detection, then writes and zeroes."""
+        if self.compressed:
+            self._store(self._prepare_compressed(sector_num, n, buf, backing_buf))
+            return
         view = memoryview(buf)
         offset = sector_num * SECTOR
         if backing_buf is not None:
             backing_buf = self._read_backing(offset, n * SECTOR, backing_buf)
-        if self.compressed:
-            length = n * SECTOR
-            if self.min_sparse and _zero_range(buf, 0, length):
-                self._zero(offset, length)
-                return
-            if (
-                backing_buf is not None
-                and not self.own.overlaps(offset, offset + length)
-                and view[:length].tobytes() == backing_buf[:length].tobytes()
-            ):
-                return
-            cs = self.cluster_sectors * SECTOR
-            if length < cs and offset + length < self.target.size:
-                pad = min(cs, self.target.size - offset)
-                view[length:pad] = self.target.read(offset + length, pad - length)
-                length = pad
-            self._throttle(length)
-            self.target.write_compressed(offset, view[:length])
-            return
         if not self.min_sparse:
             runs = [(True, n)]
         else:
@@ -783,11 +812,29 @@ class _Converter:
         self._read(sector_num, n, memoryview(buf)[: n * SECTOR], salvage_warnings)
         return True
 
-    def _write_item(self, item, slot: int, state: dict) -> None:
+    def _prepare_item(self, item, slot: int, state: dict):
+        """For compressed output: what the item will write, compressed before its turn
+        (None: nothing to do ahead of the turn)."""
+        sector_num, n, status, _ = item
+        if not self.split_compression or self.copy_range:
+            return None
+        if status == BLK_DATA:
+            buf = self._buffers(state, slot)
+        elif status == BLK_ZERO and not self.min_sparse:  # -S 0: zeros are written as data
+            buf = self._buffers(state, slot)
+            memoryview(buf)[: n * SECTOR] = _ZEROS_VIEW[: n * SECTOR]
+        else:
+            return None
+        return self._prepare_compressed(sector_num, n, buf, state.get("backing"))
+
+    def _write_item(self, item, slot: int, state: dict, prepared=None) -> None:
         """The writing half of an item, in its turn."""
         sector_num, n, status, warnings = item
         if warnings and self.salvage is not None:
             self._report(warnings)
+        if prepared is not None:
+            self._store(prepared)
+            return
         if status == BLK_DATA:
             if self.copy_range:
                 if self._copy_range(sector_num, n):
@@ -814,19 +861,22 @@ class _Converter:
             slots.append(slot)
             if item[2] == BLK_DATA or (not self.min_sparse and item[2] == BLK_ZERO):
                 slot += 1
+        prepared = [None] * len(batch)
         if ordered and self.copy_range:
             # copy_file_range is the whole copy: it runs in the turn
             if not self._wait_turn(batch[0][0]):
                 return False
         else:
-            for item, slot in zip(batch, slots):
+            for index, (item, slot) in enumerate(zip(batch, slots)):
                 state["phase"], state["item"] = "reading", item[0]
                 self._read_item(item, slot, state)
+                state["phase"] = "writing"  # (compressing is part of the write, as in QEMU)
+                prepared[index] = self._prepare_item(item, slot, state)
             if ordered and not self._wait_turn(batch[0][0]):
                 return False
-        for item, slot in zip(batch, slots):
+        for item, slot, action in zip(batch, slots, prepared):
             state["phase"], state["item"] = "writing", item[0]
-            self._write_item(item, slot, state)
+            self._write_item(item, slot, state, action)
             if self.progress is not None:
                 self._report_progress(item)
         return True
@@ -842,9 +892,13 @@ class _Converter:
 
     def _worker(self) -> None:
         state: dict = {}
-        # Compressed output is never ordered: the writing thread compresses. Salvaging,
-        # everything is, so that the warnings come in guest order.
-        ordered = self.in_order and not self.compressed or self.salvage is not None
+        # Compressed output is ordered where the target compresses apart from storing
+        # (each worker compresses its batch, then stores it in its turn); otherwise the
+        # writing thread compresses and writes are not held back. Salvaging, everything
+        # is ordered, so that the warnings come in guest order.
+        ordered = (
+            self.in_order and (not self.compressed or self.split_compression)
+        ) or self.salvage is not None
         while True:
             with self.lock:
                 batch = self._next_batch()

@@ -1097,6 +1097,12 @@ class Qcow2Image(BlockDevice):
         Data that does not shrink is stored as a normal cluster. Compression runs before
         the lock is taken, so callers on several threads compress in parallel.
         """
+        self.store_compressed(offset, data, self.compress_cluster(offset, data))
+
+    def compress_cluster(self, offset: int, data) -> bytes | None:
+        """The first half of write_compressed: the checks and the compression, without
+        the lock, so that a caller can compress clusters in parallel and store them in
+        order (as qemu-img convert does). None: the data does not shrink."""
         view = memoryview(data).cast("B")
         self.check_request(offset, len(view), write=True)
         cs = self.cluster_size
@@ -1109,11 +1115,23 @@ class Qcow2Image(BlockDevice):
             raise UnsupportedFeatureError("Compression is not supported with an external data file")
         if self.encrypted:
             raise UnsupportedFeatureError("Compression is not supported with encryption")
-        plain = bytes(view) + bytes(cs - len(view))
+        plain = view if len(view) == cs else bytes(view) + bytes(cs - len(view))
         packed = codecs.compress(self.compression_type, plain)
-        if len(packed) >= cs:  # as QEMU: store it plain unless compressing saves space
-            self.write(offset, view)
+        return packed if len(packed) < cs else None
+
+    def store_compressed(self, offset: int, data, packed: bytes | None) -> None:
+        """The second half of write_compressed: `packed` is what compress_cluster gave
+        for this offset and data; None stores the data as a normal cluster (as QEMU
+        does where compressing saves no space)."""
+        if packed is None:
+            self.write(offset, data)
             return
+        self.check_request(offset, len(data), write=True)
+        if offset % self.cluster_size or len(packed) >= self.cluster_size:
+            raise InvalidArgumentError(
+                f"a compressed cluster at offset {offset} of {len(packed)} bytes "
+                f"(cluster size {self.cluster_size})"
+            )
         cluster_index = offset >> self.cluster_bits
         with self._cond:
             self._begin_io(range(cluster_index, cluster_index + 1))
