@@ -827,6 +827,45 @@ class _Converter:
             return None
         return self._prepare_compressed(sector_num, n, buf, state.get("backing"))
 
+    def _read_grouped(self, batch: list, slots: list, state: dict) -> set:
+        """Compressed output: each run of neighbouring data items of the batch (a cluster
+        each) read with one request, not one per cluster. The indexes of the items read;
+        a run whose read fails is left to the item-by-item reads, which name the item."""
+        done: set[int] = set()
+        if not self.split_compression or self.salvage is not None:
+            return done
+        index = 0
+        while index < len(batch):
+            end = index
+            while (
+                end < len(batch)
+                and batch[end][2] == BLK_DATA
+                and (end == index or batch[end][0] == batch[end - 1][0] + batch[end - 1][1])
+            ):
+                end += 1
+            if end - index < 2:
+                index = max(end, index + 1)
+                continue
+            first = batch[index][0]
+            sectors = batch[end - 1][0] + batch[end - 1][1] - first
+            scratch = state.get("scratch")
+            if scratch is None or len(scratch) < sectors * SECTOR:
+                scratch = state["scratch"] = bytearray(self.batch_items * self.buf_sectors * SECTOR)
+            view = memoryview(scratch)
+            try:
+                self._read(first, sectors, view[: sectors * SECTOR])
+            except Qcow2IOError:
+                index = end
+                continue
+            for member in range(index, end):
+                sector_num, n = batch[member][0], batch[member][1]
+                start = (sector_num - first) * SECTOR
+                buf = self._buffers(state, slots[member])
+                buf[: n * SECTOR] = view[start : start + n * SECTOR]
+                done.add(member)
+            index = end
+        return done
+
     def _write_item(self, item, slot: int, state: dict, prepared=None) -> None:
         """The writing half of an item, in its turn."""
         sector_num, n, status, warnings = item
@@ -867,9 +906,11 @@ class _Converter:
             if not self._wait_turn(batch[0][0]):
                 return False
         else:
+            grouped = self._read_grouped(batch, slots, state)
             for index, (item, slot) in enumerate(zip(batch, slots)):
                 state["phase"], state["item"] = "reading", item[0]
-                self._read_item(item, slot, state)
+                if index not in grouped:
+                    self._read_item(item, slot, state)
                 state["phase"] = "writing"  # (compressing is part of the write, as in QEMU)
                 prepared[index] = self._prepare_item(item, slot, state)
             if ordered and not self._wait_turn(batch[0][0]):
