@@ -934,9 +934,19 @@ class Qcow2Image(BlockDevice):
         if not has_data_file:  # before allocating: a refused request allocates nothing
             for _, run_length, host in direct:
                 self.guard_write(host, run_length)
-        if changes:
-            self._prepare_l2_tables(changes)
-            self._assign_hosts(changes)
+        # One L2 table's share at a time: its table (if new) before its data clusters,
+        # so a write across a table boundary is laid out as QEMU lays it out.
+        start = 0
+        while start < len(changes):
+            l1_index = changes[start].cluster_index // self.map.l2_entries
+            end = start + 1
+            while (
+                end < len(changes) and changes[end].cluster_index // self.map.l2_entries == l1_index
+            ):
+                end += 1
+            self._writable_l2(l1_index)
+            self._assign_hosts(changes[start:end])
+            start = end
         if not has_data_file:
             for change in changes:
                 self.guard_write(
@@ -980,11 +990,6 @@ class Qcow2Image(BlockDevice):
             for i in range(index, run_end):
                 changes[i].host = (first + i - index) << self.cluster_bits
             index = run_end
-
-    def _prepare_l2_tables(self, changes: list[_ClusterWrite]) -> None:
-        """Make every L2 table the changes touch exist and belong to this image alone."""
-        for l1_index in sorted({c.cluster_index // self.map.l2_entries for c in changes}):
-            self._writable_l2(l1_index)
 
     def _writable_l2(self, l1_index: int) -> None:
         if l1_index >= len(self.map.l1):

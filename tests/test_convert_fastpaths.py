@@ -153,8 +153,9 @@ def mixed_raw(path: Path, chunks: int = 40, chunk: int = 256 << 10) -> None:
         ["-O", "qcow2", "-c"],
         ["-O", "qcow2", "-c", "-o", "compression_type=zstd,cluster_size=4096"],
         ["-O", "raw"],
+        ["-O", "qcow2", "-o", "cluster_size=512"],
     ],
-    ids=["qcow2", "sparse-64k", "zlib", "zstd-4k", "raw"],
+    ids=["qcow2", "sparse-64k", "zlib", "zstd-4k", "raw", "l2-boundaries"],
 )
 def test_convert_output_is_qemu_img_s(tmp_path, options):
     """Several workers, batches and (for -c) parallel compression, yet the file written
