@@ -716,8 +716,9 @@ class _Converter:
             else:
                 self.target.write_compressed(offset, data)
 
-    def _write_data(self, sector_num: int, n: int, buf: bytearray, backing_buf) -> None:
-        """convert_co_write for a data buffer: sparse detection, then writes and zeroes."""
+    def _write_data(self, sector_num: int, n: int, buf: bytearray, backing_buf, runs=None) -> None:
+        """convert_co_write for a data buffer: sparse detection (unless `runs` gives its
+        result already), then writes and zeroes."""
         if self.compressed:
             self._store(self._prepare_compressed(sector_num, n, buf, backing_buf))
             return
@@ -727,7 +728,7 @@ class _Converter:
             backing_buf = self._read_backing(offset, n * SECTOR, backing_buf)
         if not self.min_sparse:
             runs = [(True, n)]
-        else:
+        elif runs is None:
             runs = sparse_runs(buf, n, self.min_sparse, sector_num, self.alignment)
         pos = 0
         for allocated, count in runs:
@@ -813,10 +814,18 @@ class _Converter:
         return True
 
     def _prepare_item(self, item, slot: int, state: dict):
-        """For compressed output: what the item will write, compressed before its turn
-        (None: nothing to do ahead of the turn)."""
+        """What can be worked out for an item before its turn, while its data is still in
+        the CPU's caches: its zero runs, or for compressed output what it will write,
+        compressed (None: nothing)."""
         sector_num, n, status, _ = item
-        if not self.split_compression or self.copy_range:
+        if self.copy_range:
+            return None
+        if not self.compressed:
+            if status != BLK_DATA or not self.min_sparse:
+                return None
+            buf = self._buffers(state, slot)
+            return ("runs", sparse_runs(buf, n, self.min_sparse, sector_num, self.alignment))
+        if not self.split_compression:
             return None
         if status == BLK_DATA:
             buf = self._buffers(state, slot)
@@ -871,6 +880,11 @@ class _Converter:
         sector_num, n, status, warnings = item
         if warnings and self.salvage is not None:
             self._report(warnings)
+        if prepared is not None and prepared[0] == "runs":
+            self._write_data(
+                sector_num, n, self._buffers(state, slot), state.get("backing"), prepared[1]
+            )
+            return
         if prepared is not None:
             self._store(prepared)
             return

@@ -886,7 +886,17 @@ class Qcow2Image(BlockDevice):
         changes: list[_ClusterWrite] = []
         sub = self.map.subcluster_size
         has_data_file = self.has_data_file
-        for cluster_index in self._guest_clusters(offset, length):
+        clusters = self._guest_clusters(offset, length)
+        if not self.extended_l2 and self._unallocated(clusters):
+            # (the common case of a new image: no entry to read, validate or free)
+            for cluster_index in clusters:
+                change = _ClusterWrite(cluster_index)
+                change.fill_end = cs
+                change.entry = S.OFLAG_COPIED
+                change.new_host = True
+                changes.append(change)
+            clusters = range(0)
+        for cluster_index in clusters:
             cluster_start = cluster_index << bits
             ws = max(offset, cluster_start) - cluster_start
             we = min(end, cluster_start + cs) - cluster_start
@@ -947,12 +957,36 @@ class Qcow2Image(BlockDevice):
             self._writable_l2(l1_index)
             self._assign_hosts(changes[start:end])
             start = end
-        if not has_data_file:
+        if not has_data_file:  # one check per run of host-contiguous fills
+            run_start = run_end = -1
             for change in changes:
-                self.guard_write(
-                    change.host + change.fill_start, change.fill_end - change.fill_start
-                )
+                start = change.host + change.fill_start
+                if start != run_end:
+                    if run_end > run_start:
+                        self.guard_write(run_start, run_end - run_start)
+                    run_start = start
+                run_end = change.host + change.fill_end
+            if run_end > run_start:
+                self.guard_write(run_start, run_end - run_start)
         return direct, changes
+
+    def _unallocated(self, clusters: range) -> bool:
+        """Whether every standard L2 entry of `clusters` (within the L1 table) is zero:
+        unallocated, no flags. Whole table slices are compared at C speed."""
+        entries = self.map.l2_entries
+        first = clusters.start
+        while first < clusters.stop:
+            l1_index = first // entries
+            stop = min(clusters.stop, (l1_index + 1) * entries)
+            if l1_index >= len(self.map.l1):
+                return False  # (the per-cluster walk reports it)
+            table = self.map.l2_table(l1_index)
+            if table is not None:
+                start_index = first - l1_index * entries
+                if table[start_index : start_index + stop - first].count(0) != stop - first:
+                    return False
+            first = stop
+        return True
 
     def _clusters_of(self, entry: int) -> list[tuple[int, int]]:
         """Host cluster runs an L2 entry holds a reference on (for freeing)."""
