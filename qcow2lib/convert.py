@@ -7,13 +7,18 @@ It is a pipeline, not a loop over bytes:
    items: data runs into buffers of at most 2 MiB, zero runs whole, exactly the way
    qemu-img's convert_iteration_sectors() walks them (including the trimming of runs
    to the source's cluster alignment and, for compressed output, whole clusters).
-2. `parallel` worker threads (qemu-img -m) take items in order from the planner. Each
-   owns one buffer, so memory stays bounded at `parallel` buffers. Reads, zero
-   detection, compression (inside Qcow2Image.write_compressed; zlib and zstd release
-   the GIL) and writes of different items overlap across the threads.
-3. Unless out_of_order (qemu-img -W), uncompressed writes reach the target in guest
-   order, so a new qcow2 target is laid out sequentially. Compressed writes are never
-   held back: compression is the expensive step and is done by the writing thread.
+2. Worker threads (qemu-img -m, capped by the CPU count: more only contend for the
+   GIL) take *batches* of consecutive items from the planner: up to four 2 MiB items,
+   or for compressed output a buffer's worth of clusters (read with one request per
+   run of neighbouring clusters). Each worker owns its batch's buffers, so memory stays
+   bounded. A worker reads its batch and works out what it can before its turn: the
+   zero runs of each buffer (while the data is still in the CPU's caches) and, for
+   compressed output, the compressed clusters (Qcow2Image.compress_cluster; zlib and
+   zstd release the GIL, so workers compress in parallel).
+3. Unless out_of_order (qemu-img -W), writes reach the target in guest order, so a new
+   qcow2 target is laid out as qemu-img lays it out, compressed clusters included. A
+   worker waits for its turn once per batch and is woken by the worker before it
+   alone (a gate of its own, not a broadcast to every worker).
 4. Zero runs are never read. Within data buffers, runs of zero sectors of at least
    `sparse_size` bytes are detected (qemu-img -S; QEMU's is_allocated_sectors_min with
    its alignment rules) and become zero writes. A zero write is skipped wherever the
