@@ -8,6 +8,7 @@ a pool keeps every core busy.
 from __future__ import annotations
 
 import os
+import threading
 
 from .errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureError
 
@@ -190,7 +191,10 @@ def _zstd_blocks(data: memoryview, start: int, where: str):
     yield size, 0
 
 
-def compress(kind: str, data: bytes) -> bytes:
+_per_thread = threading.local()
+
+
+def compress(kind: str, data: bytes | memoryview) -> bytes:
     """Compress one cluster the way QEMU does (raw deflate, 4 KiB window / one zstd frame)."""
     if kind == ZLIB:
         import zlib  # (see decompress)
@@ -198,5 +202,11 @@ def compress(kind: str, data: bytes) -> bytes:
         deflater = zlib.compressobj(6, zlib.DEFLATED, -12)
         return deflater.compress(data) + deflater.flush()
     if kind == ZSTD:
-        return _zstandard().ZstdCompressor().compress(data)
+        # One compressor per thread, kept: making one sets up a context of its own,
+        # which cost as much as compressing a 64 KiB cluster. (A compressor is not
+        # safe for two threads at once; its output does not depend on earlier calls.)
+        compressor = getattr(_per_thread, "zstd", None)
+        if compressor is None:
+            compressor = _per_thread.zstd = _zstandard().ZstdCompressor()
+        return compressor.compress(data)
     raise UnsupportedFeatureError(f"unknown compression type {kind!r}")

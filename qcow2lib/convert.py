@@ -7,13 +7,18 @@ It is a pipeline, not a loop over bytes:
    items: data runs into buffers of at most 2 MiB, zero runs whole, exactly the way
    qemu-img's convert_iteration_sectors() walks them (including the trimming of runs
    to the source's cluster alignment and, for compressed output, whole clusters).
-2. `parallel` worker threads (qemu-img -m) take items in order from the planner. Each
-   owns one buffer, so memory stays bounded at `parallel` buffers. Reads, zero
-   detection, compression (inside Qcow2Image.write_compressed; zlib and zstd release
-   the GIL) and writes of different items overlap across the threads.
-3. Unless out_of_order (qemu-img -W), uncompressed writes reach the target in guest
-   order, so a new qcow2 target is laid out sequentially. Compressed writes are never
-   held back: compression is the expensive step and is done by the writing thread.
+2. Worker threads (qemu-img -m, capped by the CPU count: more only contend for the
+   GIL) take *batches* of consecutive items from the planner: up to four 2 MiB items,
+   or for compressed output a buffer's worth of clusters (read with one request per
+   run of neighbouring clusters). Each worker owns its batch's buffers, so memory stays
+   bounded. A worker reads its batch and works out what it can before its turn: the
+   zero runs of each buffer (while the data is still in the CPU's caches) and, for
+   compressed output, the compressed clusters (Qcow2Image.compress_cluster; zlib and
+   zstd release the GIL, so workers compress in parallel).
+3. Unless out_of_order (qemu-img -W), writes reach the target in guest order, so a new
+   qcow2 target is laid out as qemu-img lays it out, compressed clusters included. A
+   worker waits for its turn once per batch and is woken by the worker before it
+   alone (a gate of its own, not a broadcast to every worker).
 4. Zero runs are never read. Within data buffers, runs of zero sectors of at least
    `sparse_size` bytes are detected (qemu-img -S; QEMU's is_allocated_sectors_min with
    its alignment rules) and become zero writes. A zero write is skipped wherever the
@@ -49,6 +54,7 @@ SECTOR = 512
 IO_BUF_SIZE = 2 << 20
 MAX_BUF_SECTORS = 32768
 MAX_COROUTINES = 16
+BATCH_ITEMS = 4  # buffered work items (of up to 2 MiB each) a worker takes at once
 BDRV_REQUEST_MAX_SECTORS = ((1 << 31) - 1) // SECTOR  # INT_MAX bytes, in whole sectors
 
 BLK_DATA, BLK_ZERO, BLK_BACKING_FILE = "data", "zero", "backing"
@@ -147,6 +153,92 @@ def is_allocated_sectors_min(
         elif pnum >= min_sparse:
             break
     return True, num_used
+
+
+def sparse_runs(
+    buf, n: int, min_sparse: int, sector_num: int, alignment: int
+) -> list[tuple[bool, int]]:
+    """(has data, sectors) of each run of the first n sectors of buf (a bytearray or bytes),
+    as is_allocated_sectors_min called again and again from sector 0 cuts them.
+
+    Those calls cut only at multiples of `alignment` (a power of two) once they reach one,
+    and there a block of `alignment` sectors counts as data unless all of it is zero. So
+    the first call runs sector by sector only if the buffer starts off that grid; the rest
+    is found from one flag per block (_zero_block_flags): no Python step per sector or
+    per data block.
+    """
+    runs: list[tuple[bool, int]] = []
+    pos = 0
+    if sector_num % alignment and n:
+        runs.append(is_allocated_sectors_min(buf, 0, n, min_sparse, sector_num, alignment))
+        pos = runs[0][1]
+    if pos >= n:
+        return runs
+    block = alignment * SECTOR
+    flags = _zero_block_flags(buf, pos * SECTOR, n * SECTOR, block)
+    blocks = len(flags)
+
+    def sectors(index: int) -> int:  # buffer sector where block `index` starts
+        return min(pos + index * alignment, n)
+
+    index = 0
+    while index < blocks:
+        start = sectors(index)
+        if not flags[index]:  # a zero run: every block up to the next data block
+            end = _find(flags, 1, index, blocks)
+            runs.append((False, sectors(end) - start))
+            index = end
+            continue
+        # Data, swallowing each zero run shorter than min_sparse that more data follows.
+        least = min(min_sparse, n - start)
+        end = _find(flags, 0, index, blocks)
+        while end < blocks:
+            zero_end = _find(flags, 1, end, blocks)
+            if zero_end == blocks or sectors(zero_end) - sectors(end) >= least:
+                break
+            end = _find(flags, 0, zero_end, blocks)
+        runs.append((True, sectors(end) - start))
+        index = end
+    return runs
+
+
+def _find(flags: bytearray, value: int, start: int, stop: int) -> int:
+    """Index of the first `value` in flags from `start`, or `stop`."""
+    found = flags.find(value, start)
+    return stop if found < 0 else found
+
+
+_NONZERO_TO_ONE = bytes([0] + [1] * 255)
+
+
+def _zero_block_flags(buf, start: int, stop: int, block: int) -> bytearray:
+    """One flag per block of `block` bytes of buf[start:stop] (the last block may be
+    short): 0 where the block is all zero bytes, 1 elsewhere.
+
+    A block is a candidate only if its first, middle and last bytes are zero (three
+    strided copies, OR-ed as integers): that rules out nearly every data block, text
+    and file tails padded with zeros included. Candidates are confirmed a run at a time.
+    """
+    view = memoryview(buf)
+    full = (stop - start) // block
+    full_end = start + full * block
+    mixed = 0
+    for within in (0, block // 2, block - 1):
+        mixed |= int.from_bytes(view[start + within : full_end : block], "little")
+    flags = bytearray(mixed.to_bytes(full, "little").translate(_NONZERO_TO_ONE))
+    if full_end < stop:
+        flags.append(0 if _zero_range(buf, full_end, stop) else 1)
+    count = len(flags)
+    first = flags.find(0)
+    while first >= 0:
+        end = _find(flags, 1, first, count)
+        if not _zero_range(buf, start + first * block, min(stop, start + end * block)):
+            for index in range(first, end):
+                block_start = start + index * block
+                if not _zero_range(buf, block_start, min(stop, block_start + block)):
+                    flags[index] = 1
+        first = flags.find(0, end)
+    return flags
 
 
 # --- interval sets ------------------------------------------------------------------------
@@ -264,8 +356,11 @@ class _Converter:
         self.min_sparse = sparse_size // SECTOR
         self.target_backing = target_backing
         # -m counts QEMU's coroutines; more threads than CPUs only contend for the GIL
-        # (I/O and codecs release it, but two per CPU already keep every CPU busy).
-        self.parallel = min(parallel, 2 * (os.cpu_count() or 1))
+        # (I/O and codecs release it): two per CPU keep every CPU compressing, and for
+        # ordered copies, whose writes go one at a time anyway, one per CPU (at least
+        # two, so that one reads while another writes).
+        cpus = os.cpu_count() or 1
+        self.parallel = min(parallel, 2 * cpus if compress or out_of_order else max(2, cpus))
         self.in_order = not out_of_order
         self.progress = progress
         self.parts: list[_Part] = []
@@ -302,7 +397,22 @@ class _Converter:
         self.status = BLK_DATA
         self.sector_num = 0
         self.lock = threading.Lock()
-        self.cond = threading.Condition()
+        self.turn_lock = threading.Lock()
+        self.turn_gates: dict[int, threading.Lock] = {}  # sector -> the gate its writer waits at
+        self.split_compression = (
+            compress and hasattr(target, "compress_cluster") and hasattr(target, "store_compressed")
+        )
+        # Items per batch: ordered copies take several (compressed ones a buffer's worth
+        # of clusters); salvaging, copy offloading, -W and compressed output that cannot
+        # be ordered take one item at a time.
+        if self.salvage is not None or self.copy_range or not self.in_order:
+            self.batch_items = 1
+        elif compress:
+            self.batch_items = max(1, IO_BUF_SIZE // SECTOR // self.cluster_sectors)
+            if not self.split_compression:
+                self.batch_items = 1
+        else:
+            self.batch_items = BATCH_ITEMS
         self.wr_offs = 0
         self.error: BaseException | None = None
         self.error_sector = -1  # the guest sector of the failed work item; -1 when unknown
@@ -573,39 +683,60 @@ class _Converter:
             view[inside:] = _ZEROS_VIEW[: length - inside]
         return view
 
-    def _write_data(self, sector_num: int, n: int, buf: bytearray, backing_buf) -> None:
-        """convert_co_write for a data buffer: sparse detection, then writes and zeroes."""
+    def _prepare_compressed(self, sector_num: int, n: int, buf: bytearray, backing_buf):
+        """What a compressed item writes, worked out before its turn (compression
+        included, where the target can compress apart from storing): ("zero", offset,
+        length), ("skip",), or ("store", offset, data, packed or None, compressed)."""
+        view = memoryview(buf)
+        offset = sector_num * SECTOR
+        length = n * SECTOR
+        if self.min_sparse and _zero_range(buf, 0, length):
+            return ("zero", offset, length)
+        if backing_buf is not None:
+            backing_buf = self._read_backing(offset, length, backing_buf)
+            if (
+                not self.own.overlaps(offset, offset + length)
+                and view[:length].tobytes() == backing_buf[:length].tobytes()
+            ):
+                return ("skip",)
+        cs = self.cluster_sectors * SECTOR
+        if length < cs and offset + length < self.target.size:
+            pad = min(cs, self.target.size - offset)
+            view[length:pad] = self.target.read(offset + length, pad - length)
+            length = pad
+        data = view[:length]
+        if self.split_compression:
+            return ("store", offset, data, self.target.compress_cluster(offset, data), True)
+        return ("store", offset, data, None, False)
+
+    def _store(self, action) -> None:
+        """The writing half of a compressed item, in its turn."""
+        if action[0] == "zero":
+            self._zero(action[1], action[2])
+        elif action[0] == "store":
+            _, offset, data, packed, compressed = action
+            self._throttle(len(data))
+            if compressed:
+                self.target.store_compressed(offset, data, packed)
+            else:
+                self.target.write_compressed(offset, data)
+
+    def _write_data(self, sector_num: int, n: int, buf: bytearray, backing_buf, runs=None) -> None:
+        """convert_co_write for a data buffer: sparse detection (unless `runs` gives its
+        result already), then writes and zeroes."""
+        if self.compressed:
+            self._store(self._prepare_compressed(sector_num, n, buf, backing_buf))
+            return
         view = memoryview(buf)
         offset = sector_num * SECTOR
         if backing_buf is not None:
             backing_buf = self._read_backing(offset, n * SECTOR, backing_buf)
-        if self.compressed:
-            length = n * SECTOR
-            if self.min_sparse and _zero_range(buf, 0, length):
-                self._zero(offset, length)
-                return
-            if (
-                backing_buf is not None
-                and not self.own.overlaps(offset, offset + length)
-                and view[:length].tobytes() == backing_buf[:length].tobytes()
-            ):
-                return
-            cs = self.cluster_sectors * SECTOR
-            if length < cs and offset + length < self.target.size:
-                pad = min(cs, self.target.size - offset)
-                view[length:pad] = self.target.read(offset + length, pad - length)
-                length = pad
-            self._throttle(length)
-            self.target.write_compressed(offset, view[:length])
-            return
+        if not self.min_sparse:
+            runs = [(True, n)]
+        elif runs is None:
+            runs = sparse_runs(buf, n, self.min_sparse, sector_num, self.alignment)
         pos = 0
-        while pos < n:
-            if not self.min_sparse:
-                allocated, count = True, n - pos
-            else:
-                allocated, count = is_allocated_sectors_min(
-                    buf, pos, n - pos, self.min_sparse, sector_num + pos, self.alignment
-                )
+        for allocated, count in runs:
             start = offset + pos * SECTOR
             if allocated:
                 bb = (
@@ -621,94 +752,224 @@ class _Converter:
     # -- workers --
 
     def _wait_turn(self, sector_num: int) -> bool:
-        with self.cond:
-            while self.wr_offs != sector_num and self.error is None:
-                self.cond.wait()
-            return self.error is None
+        """Block until every item before `sector_num` is written (False: the job failed).
+        Each waiter has a gate of its own, opened only by the write it waits for."""
+        with self.turn_lock:
+            if self.wr_offs == sector_num or self.error is not None:
+                return self.error is None
+            gate = threading.Lock()
+            gate.acquire()
+            self.turn_gates[sector_num] = gate
+        gate.acquire()
+        return self.error is None
 
     def _done_turn(self, sector_num: int, n: int) -> None:
-        with self.cond:
+        with self.turn_lock:
             self.wr_offs = sector_num + n
-            self.cond.notify_all()
+            gate = self.turn_gates.pop(self.wr_offs, None)
+        if gate is not None:
+            gate.release()
 
     def _fail(self, exc: BaseException, sector_num: int = -1) -> None:
         """Stop the job with `exc`. Of several failing I/O requests in flight the lowest in
         guest order is reported, as qemu-img's in-order writers would hit it first."""
-        with self.cond:
+        with self.turn_lock:
             if self.error is None or (0 <= sector_num < self.error_sector):
                 self.error, self.error_sector = exc, sector_num
-            self.cond.notify_all()
+            gates = list(self.turn_gates.values())
+            self.turn_gates.clear()
+        for gate in gates:
+            gate.release()
 
-    def _buffers(self, state: dict) -> bytearray:
-        if state.get("buf") is None:
-            state["buf"] = bytearray(self.buf_sectors * SECTOR)
-            if self.target_backing is not None and not self.same_backing:
-                state["backing"] = bytearray(len(state["buf"]))
-        return state["buf"]
+    def _buffers(self, state: dict, slot: int) -> bytearray:
+        """The worker's buffer for the slot-th item of its batch."""
+        buffers = state.setdefault("bufs", [])
+        while len(buffers) <= slot:
+            buffers.append(bytearray(self.buf_sectors * SECTOR))
+        if self.target_backing is not None and not self.same_backing and "backing" not in state:
+            state["backing"] = bytearray(self.buf_sectors * SECTOR)
+        return buffers[slot]
 
-    def _process(
-        self, sector_num: int, n: int, status: str, ordered: bool, state: dict, warnings: list
-    ) -> bool:
-        """One work item; False when the job was stopped by another thread's error.
-        Salvaging, its warnings are reported in its turn (all items are in order then)."""
-        waited = False
+    def _next_batch(self) -> list:
+        """Under self.lock: the next items, consecutive in guest order (empty at the end).
+        Ordered writes take a batch of up to `batch_items` items that need a buffer, so
+        that a worker waits for its turn once per batch rather than once per 2 MiB."""
+        batch = []
+        buffered = 0
+        while buffered < self.batch_items:
+            item = self._next_item()
+            if item is None:
+                break
+            batch.append(item)
+            if item[2] == BLK_DATA or (not self.min_sparse and item[2] == BLK_ZERO):
+                buffered += 1
+        return batch
 
-        def turn() -> bool:
-            nonlocal waited
-            if ordered and not waited:
-                waited = True
-                if not self._wait_turn(sector_num):
-                    return False
-                if warnings:
-                    self._report(warnings)
+    def _read_item(self, item, slot: int, state: dict) -> bool:
+        """The reading half of an item (before its turn); False: written already
+        (copy_file_range) or the job was stopped."""
+        sector_num, n, status, warnings = item
+        if status != BLK_DATA:
             return True
+        if self.copy_range:
+            return True
+        buf = self._buffers(state, slot)
+        salvage_warnings = warnings if self.salvage is not None else None
+        self._read(sector_num, n, memoryview(buf)[: n * SECTOR], salvage_warnings)
+        return True
 
-        state["phase"] = "reading"
+    def _prepare_item(self, item, slot: int, state: dict):
+        """What can be worked out for an item before its turn, while its data is still in
+        the CPU's caches: its zero runs, or for compressed output what it will write,
+        compressed (None: nothing)."""
+        sector_num, n, status, _ = item
+        if self.copy_range:
+            return None
+        if not self.compressed:
+            if status != BLK_DATA or not self.min_sparse:
+                return None
+            buf = self._buffers(state, slot)
+            return ("runs", sparse_runs(buf, n, self.min_sparse, sector_num, self.alignment))
+        if not self.split_compression:
+            return None
+        if status == BLK_DATA:
+            buf = self._buffers(state, slot)
+        elif status == BLK_ZERO and not self.min_sparse:  # -S 0: zeros are written as data
+            buf = self._buffers(state, slot)
+            memoryview(buf)[: n * SECTOR] = _ZEROS_VIEW[: n * SECTOR]
+        else:
+            return None
+        return self._prepare_compressed(sector_num, n, buf, state.get("backing"))
+
+    def _read_grouped(self, batch: list, slots: list, state: dict) -> set:
+        """Compressed output: each run of neighbouring data items of the batch (a cluster
+        each) read with one request, not one per cluster. The indexes of the items read;
+        a run whose read fails is left to the item-by-item reads, which name the item."""
+        done: set[int] = set()
+        if not self.split_compression or self.salvage is not None:
+            return done
+        index = 0
+        while index < len(batch):
+            end = index
+            while (
+                end < len(batch)
+                and batch[end][2] == BLK_DATA
+                and (end == index or batch[end][0] == batch[end - 1][0] + batch[end - 1][1])
+            ):
+                end += 1
+            if end - index < 2:
+                index = max(end, index + 1)
+                continue
+            first = batch[index][0]
+            sectors = batch[end - 1][0] + batch[end - 1][1] - first
+            scratch = state.get("scratch")
+            if scratch is None or len(scratch) < sectors * SECTOR:
+                scratch = state["scratch"] = bytearray(self.batch_items * self.buf_sectors * SECTOR)
+            view = memoryview(scratch)
+            try:
+                self._read(first, sectors, view[: sectors * SECTOR])
+            except Qcow2IOError:
+                index = end
+                continue
+            for member in range(index, end):
+                sector_num, n = batch[member][0], batch[member][1]
+                start = (sector_num - first) * SECTOR
+                buf = self._buffers(state, slots[member])
+                buf[: n * SECTOR] = view[start : start + n * SECTOR]
+                done.add(member)
+            index = end
+        return done
+
+    def _write_item(self, item, slot: int, state: dict, prepared=None) -> None:
+        """The writing half of an item, in its turn."""
+        sector_num, n, status, warnings = item
+        if warnings and self.salvage is not None:
+            self._report(warnings)
+        if prepared is not None and prepared[0] == "runs":
+            self._write_data(
+                sector_num, n, self._buffers(state, slot), state.get("backing"), prepared[1]
+            )
+            return
+        if prepared is not None:
+            self._store(prepared)
+            return
         if status == BLK_DATA:
             if self.copy_range:
-                if not turn():
-                    return False
-                state["phase"] = "writing"
                 if self._copy_range(sector_num, n):
-                    return True
+                    return
                 self.copy_range = False  # not on this file system: read and write instead
-            buf = self._buffers(state)
-            state["phase"] = "reading"
-            salvage_warnings = warnings if self.salvage is not None else None
-            self._read(sector_num, n, memoryview(buf)[: n * SECTOR], salvage_warnings)
-            if not turn():
-                return False
-            state["phase"] = "writing"
-            self._write_data(sector_num, n, buf, state.get("backing"))
+                state["phase"] = "reading"
+                self._read_item(item, slot, state)
+                state["phase"] = "writing"
+            self._write_data(sector_num, n, self._buffers(state, slot), state.get("backing"))
         elif status == BLK_ZERO:
-            if not turn():
-                return False
-            state["phase"] = "writing"
             if not self.min_sparse:  # -S 0: zeros are written as data
-                buf = self._buffers(state)
+                buf = self._buffers(state, slot)
                 memoryview(buf)[: n * SECTOR] = _ZEROS_VIEW[: n * SECTOR]
                 self._write_data(sector_num, n, buf, state.get("backing"))
             else:
                 self._zero(sector_num * SECTOR, n * SECTOR)
+
+    def _process(self, batch: list, ordered: bool, state: dict) -> bool:
+        """One batch: all reads, then (ordered: in its turn) all writes, item by item.
+        False when the job was stopped by another thread's error."""
+        slots = []
+        slot = 0
+        for item in batch:
+            slots.append(slot)
+            if item[2] == BLK_DATA or (not self.min_sparse and item[2] == BLK_ZERO):
+                slot += 1
+        prepared = [None] * len(batch)
+        if ordered and self.copy_range:
+            # copy_file_range is the whole copy: it runs in the turn
+            if not self._wait_turn(batch[0][0]):
+                return False
         else:
-            return turn()
+            grouped = self._read_grouped(batch, slots, state)
+            for index, (item, slot) in enumerate(zip(batch, slots)):
+                state["phase"], state["item"] = "reading", item[0]
+                if index not in grouped:
+                    self._read_item(item, slot, state)
+                state["phase"] = "writing"  # (compressing is part of the write, as in QEMU)
+                prepared[index] = self._prepare_item(item, slot, state)
+            if ordered and not self._wait_turn(batch[0][0]):
+                return False
+        for item, slot, action in zip(batch, slots, prepared):
+            state["phase"], state["item"] = "writing", item[0]
+            self._write_item(item, slot, state, action)
+            if self.progress is not None:
+                self._report_progress(item)
         return True
+
+    def _report_progress(self, item) -> None:
+        """After an item that copied data (or zeros written as data, -S 0)."""
+        _, n, status, _ = item
+        if status == BLK_DATA or (not self.min_sparse and status == BLK_ZERO):
+            with self.lock:
+                self.done += n * SECTOR
+                done = self.done
+            self.progress(min(done, self.total_bytes), self.total_bytes)
 
     def _worker(self) -> None:
         state: dict = {}
+        # Compressed output is ordered where the target compresses apart from storing
+        # (each worker compresses its batch, then stores it in its turn); otherwise the
+        # writing thread compresses and writes are not held back. Salvaging, everything
+        # is ordered, so that the warnings come in guest order.
+        ordered = (
+            self.in_order and (not self.compressed or self.split_compression)
+        ) or self.salvage is not None
         while True:
             with self.lock:
-                item = self._next_item()
-            if item is None:
+                batch = self._next_batch()
+            if not batch:
                 return
-            sector_num, n, status, warnings = item
-            # Compressed output is never ordered: the writing thread compresses. Salvaging,
-            # everything is, so that the warnings come in guest order.
-            ordered = self.in_order and not self.compressed or self.salvage is not None
+            first, last = batch[0], batch[-1]
             try:
-                if not self._process(sector_num, n, status, ordered, state, warnings):
+                if not self._process(batch, ordered, state):
                     return
             except Qcow2IOError as exc:
+                sector_num = state.get("item", first[0])
                 err = ConvertError(
                     exc.errno,
                     f"error while {state.get('phase', 'reading')} at "
@@ -721,6 +982,7 @@ class _Converter:
             except UnsupportedFeatureError as exc:
                 # what the target cannot store (compressed clusters in an image with an
                 # external data file): QEMU's ENOTSUP from the write
+                sector_num = state.get("item", first[0])
                 err = ConvertError(
                     errno.ENOTSUP,
                     f"error while {state.get('phase', 'reading')} "
@@ -735,18 +997,7 @@ class _Converter:
                 return
             finally:
                 if ordered:
-                    self._done_turn(sector_num, n)
-            if self.progress is not None and (
-                status == BLK_DATA or (not self.min_sparse and status == BLK_ZERO)
-            ):
-                with self.lock:
-                    self.done += n * SECTOR
-                    done = self.done
-                try:
-                    self.progress(min(done, self.total_bytes), self.total_bytes)
-                except BaseException as exc:  # a failing callback stops the job
-                    self._fail(exc)
-                    return
+                    self._done_turn(first[0], last[0] + last[1] - first[0])
 
     def run(self) -> None:
         self.total_bytes = self._count_work()
@@ -878,4 +1129,10 @@ def _write_limit(rate_limit: int, clock, sleep) -> ThrottleGroup | None:
     return ThrottleGroup.write_rate(rate_limit, **{k: v for k, v in timing.items() if v})
 
 
-__all__ = ["convert", "ConvertError", "is_allocated_sectors", "is_allocated_sectors_min"]
+__all__ = [
+    "convert",
+    "ConvertError",
+    "is_allocated_sectors",
+    "is_allocated_sectors_min",
+    "sparse_runs",
+]

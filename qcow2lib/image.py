@@ -934,7 +934,17 @@ class Qcow2Image(BlockDevice):
         changes: list[_ClusterWrite] = []
         sub = self.map.subcluster_size
         has_data_file = self.has_data_file
-        for cluster_index in self._guest_clusters(offset, length):
+        clusters = self._guest_clusters(offset, length)
+        if not self.extended_l2 and self._unallocated(clusters):
+            # (the common case of a new image: no entry to read, validate or free)
+            for cluster_index in clusters:
+                change = _ClusterWrite(cluster_index)
+                change.fill_end = cs
+                change.entry = S.OFLAG_COPIED
+                change.new_host = True
+                changes.append(change)
+            clusters = range(0)
+        for cluster_index in clusters:
             cluster_start = cluster_index << bits
             ws = max(offset, cluster_start) - cluster_start
             we = min(end, cluster_start + cs) - cluster_start
@@ -982,15 +992,49 @@ class Qcow2Image(BlockDevice):
         if not has_data_file:  # before allocating: a refused request allocates nothing
             for _, run_length, host in direct:
                 self.guard_write(host, run_length)
-        if changes:
-            self._prepare_l2_tables(changes)
-            self._assign_hosts(changes)
-        if not has_data_file:
+        # One L2 table's share at a time: its table (if new) before its data clusters,
+        # so a write across a table boundary is laid out as QEMU lays it out.
+        start = 0
+        while start < len(changes):
+            l1_index = changes[start].cluster_index // self.map.l2_entries
+            end = start + 1
+            while (
+                end < len(changes) and changes[end].cluster_index // self.map.l2_entries == l1_index
+            ):
+                end += 1
+            self._writable_l2(l1_index)
+            self._assign_hosts(changes[start:end])
+            start = end
+        if not has_data_file:  # one check per run of host-contiguous fills
+            run_start = run_end = -1
             for change in changes:
-                self.guard_write(
-                    change.host + change.fill_start, change.fill_end - change.fill_start
-                )
+                start = change.host + change.fill_start
+                if start != run_end:
+                    if run_end > run_start:
+                        self.guard_write(run_start, run_end - run_start)
+                    run_start = start
+                run_end = change.host + change.fill_end
+            if run_end > run_start:
+                self.guard_write(run_start, run_end - run_start)
         return direct, changes
+
+    def _unallocated(self, clusters: range) -> bool:
+        """Whether every standard L2 entry of `clusters` (within the L1 table) is zero:
+        unallocated, no flags. Whole table slices are compared at C speed."""
+        entries = self.map.l2_entries
+        first = clusters.start
+        while first < clusters.stop:
+            l1_index = first // entries
+            stop = min(clusters.stop, (l1_index + 1) * entries)
+            if l1_index >= len(self.map.l1):
+                return False  # (the per-cluster walk reports it)
+            table = self.map.l2_table(l1_index)
+            if table is not None:
+                start_index = first - l1_index * entries
+                if table[start_index : start_index + stop - first].count(0) != stop - first:
+                    return False
+            first = stop
+        return True
 
     def _clusters_of(self, entry: int) -> list[tuple[int, int]]:
         """Host cluster runs an L2 entry holds a reference on (for freeing)."""
@@ -1028,11 +1072,6 @@ class Qcow2Image(BlockDevice):
             for i in range(index, run_end):
                 changes[i].host = (first + i - index) << self.cluster_bits
             index = run_end
-
-    def _prepare_l2_tables(self, changes: list[_ClusterWrite]) -> None:
-        """Make every L2 table the changes touch exist and belong to this image alone."""
-        for l1_index in sorted({c.cluster_index // self.map.l2_entries for c in changes}):
-            self._writable_l2(l1_index)
 
     def _writable_l2(self, l1_index: int) -> None:
         if l1_index >= len(self.map.l1):
@@ -1145,6 +1184,12 @@ class Qcow2Image(BlockDevice):
         Data that does not shrink is stored as a normal cluster. Compression runs before
         the lock is taken, so callers on several threads compress in parallel.
         """
+        self.store_compressed(offset, data, self.compress_cluster(offset, data))
+
+    def compress_cluster(self, offset: int, data) -> bytes | None:
+        """The first half of write_compressed: the checks and the compression, without
+        the lock, so that a caller can compress clusters in parallel and store them in
+        order (as qemu-img convert does). None: the data does not shrink."""
         view = memoryview(data).cast("B")
         self.check_request(offset, len(view), write=True)
         cs = self.cluster_size
@@ -1157,11 +1202,23 @@ class Qcow2Image(BlockDevice):
             raise UnsupportedFeatureError("Compression is not supported with an external data file")
         if self.encrypted:
             raise UnsupportedFeatureError("Compression is not supported with encryption")
-        plain = bytes(view) + bytes(cs - len(view))
+        plain = view if len(view) == cs else bytes(view) + bytes(cs - len(view))
         packed = codecs.compress(self.compression_type, plain)
-        if len(packed) >= cs:  # as QEMU: store it plain unless compressing saves space
-            self.write(offset, view)
+        return packed if len(packed) < cs else None
+
+    def store_compressed(self, offset: int, data, packed: bytes | None) -> None:
+        """The second half of write_compressed: `packed` is what compress_cluster gave
+        for this offset and data; None stores the data as a normal cluster (as QEMU
+        does where compressing saves no space)."""
+        if packed is None:
+            self.write(offset, data)
             return
+        self.check_request(offset, len(data), write=True)
+        if offset % self.cluster_size or len(packed) >= self.cluster_size:
+            raise InvalidArgumentError(
+                f"a compressed cluster at offset {offset} of {len(packed)} bytes "
+                f"(cluster size {self.cluster_size})"
+            )
         cluster_index = offset >> self.cluster_bits
         with self._cond:
             self._begin_io(range(cluster_index, cluster_index + 1))
