@@ -418,7 +418,8 @@ class Header:
         if self.version >= 3 and self.cluster_size > 4096:
             # As QEMU: small header clusters keep their room for the backing file name.
             table = b"".join(
-                S.FeatureNameEntry.build(dict(type=t, bit=b, name=n)) for t, b, n in S.FEATURE_NAMES
+                S.FEATURE_NAME_ENTRY_FORMAT.pack(t, b, n.encode("ascii"))
+                for t, b, n in S.FEATURE_NAMES
             )
             result.append(Extension(S.EXT_FEATURE_TABLE, table))
         result += [e for e in self.extensions if e.type not in known]

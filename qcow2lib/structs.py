@@ -41,7 +41,8 @@ HEADER_V3_TAIL_FIELDS = (
 HEADER_V3_TAIL_FORMAT = struct.Struct(">QQQII")
 HEADER_V3_SIZE = HEADER_V2_SIZE + HEADER_V3_TAIL_FORMAT.size  # 104
 
-FEATURE_NAME_ENTRY_SIZE = 48  # type, bit, 46-byte name
+FEATURE_NAME_ENTRY_FORMAT = struct.Struct(">BB46s")  # type, bit, name padded with NULs
+FEATURE_NAME_ENTRY_SIZE = FEATURE_NAME_ENTRY_FORMAT.size  # 48
 
 
 # Header extension types.

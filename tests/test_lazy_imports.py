@@ -31,6 +31,10 @@ def test_struct_formats_match_the_construct_declarations() -> None:
     parsed = S.HeaderV2.parse(raw)
     assert tuple(parsed[name] for name in S.HEADER_V2_FIELDS) == values
     assert S.FEATURE_NAME_ENTRY_SIZE == S.FeatureNameEntry.sizeof()
+    for kind, bit, name in S.FEATURE_NAMES:
+        assert S.FeatureNameEntry.build(
+            dict(type=kind, bit=bit, name=name)
+        ) == S.FEATURE_NAME_ENTRY_FORMAT.pack(kind, bit, name.encode("ascii"))
     assert S.SNAPSHOT_ENTRY_HEADER_SIZE == S.SnapshotEntryHeader.sizeof()
     assert S.SNAPSHOT_ENTRY_HEADER_FORMAT.size == S.SNAPSHOT_ENTRY_HEADER_SIZE
     assert S.SNAPSHOT_ENTRY_HEADER_FIELDS == tuple(
