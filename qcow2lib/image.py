@@ -69,6 +69,9 @@ if TYPE_CHECKING:  # (the NBD client is imported only when an export is opened)
 
 _ZEROS = bytes(1 << 20)
 _ZEROS_VIEW = memoryview(_ZEROS)
+# Reads up to this size try the page cache under the image lock (HostFile.readinto_cached):
+# copying a cached page is quicker than handing the lock and the GIL to another thread.
+_CACHED_READ_MAX = 64 << 10
 
 
 def _fill_zeros(part: memoryview) -> None:
@@ -582,6 +585,8 @@ class Qcow2Image(BlockDevice):
 
     def read_mapped(self, cluster_map: ClusterMap, offset: int, view: memoryview) -> None:
         """Read guest data through `cluster_map` (the active L1 table, or a snapshot's)."""
+        if len(view) <= _CACHED_READ_MAX and self._read_small(cluster_map, offset, view):
+            return
         with self._lock:
             segments = cluster_map.lookup(offset, len(view))
             zeros = self._reads_as_zeros(segments)
@@ -594,6 +599,43 @@ class Qcow2Image(BlockDevice):
             self._read_segments(segments, view, offset)
         finally:
             self._end_io()
+
+    def _read_small(self, cluster_map: ClusterMap, offset: int, view: memoryview) -> bool:
+        """The small read inside one cluster, as cheap as it gets: a hole is zero-filled
+        after one lock round trip, and a data cluster whose bytes are in the page cache
+        is read while the lock is still held (no writer can free it meanwhile), so the
+        request neither counts itself in flight nor lets other threads in between. Data
+        not cached is read after the lock is dropped, counted in flight as usual, so
+        reads that wait for the disk still overlap. False: not such a read."""
+        target = self.data_host or self.file
+        plain_file = (
+            type(target) is HostFile
+            and not self.encrypted
+            and self.blkdebug is None
+            and (self.data_host is not None or not self.has_data_file)
+        )
+        with self._lock:
+            host = cluster_map.read_host(offset, len(view))
+            if host is None:
+                return False
+            if host < 0:  # unallocated: the backing file's bytes, zeros past its end
+                backing = self.backing
+                if backing is not None and offset < backing.size:
+                    return False
+            elif not plain_file:
+                return False
+            elif target.readinto_cached(view, host):
+                return True
+            else:
+                self._io_active += 1  # (as _begin_io: readers wait for no allocation)
+        if host < 0:
+            _fill_zeros(view)
+            return True
+        try:
+            target.readinto(view, host)
+        finally:
+            self._end_io()
+        return True
 
     def _require_crypto(self) -> SectorCrypto:
         """The cipher of an (encrypted) image; refused when opened without the passphrase."""
