@@ -860,6 +860,7 @@ class Qcow2Image(BlockDevice):
         clusters = self._guest_clusters(offset, len(view))
         with self._cond:
             self._begin_io(clusters)
+            unused_from = self.refcounts.end_cluster  # (clusters past it read zeros)
             try:
                 direct, changes = self._plan_write(offset, len(view))
             except CorruptImageError as exc:
@@ -869,6 +870,8 @@ class Qcow2Image(BlockDevice):
             except BaseException:
                 self._io_active -= 1
                 raise
+            if changes:
+                self._skip_zero_fill(changes, offset, len(view), unused_from)
             self._inflight.update(change.cluster_index for change in changes)
         ok = False
         try:
@@ -886,6 +889,35 @@ class Qcow2Image(BlockDevice):
                     self._io_active -= 1
                     self._cond.notify_all()
         self._maybe_write_back()
+
+    def _skip_zero_fill(
+        self, changes: list[_ClusterWrite], offset: int, length: int, unused_from: int
+    ) -> None:
+        """Under the lock, after planning: a new cluster at or past `unused_from` (the
+        refcounts' end of everything used, taken before planning) holds zeros: nothing
+        was ever written there, and only this write uses it now. Where the guest sees
+        zeros around the data, no zeros need writing: the cluster's fill shrinks to the
+        data itself, so a 4 KiB write writes 4 KiB, not a whole cluster (as QEMU zeroes a
+        new cluster without writing it). The file may then end inside the cluster, which
+        reads as zeros past the end like any file."""
+        if self.file is not self._data_target() or type(self.file) is not HostFile:
+            return  # (an external data file's clusters are not the refcounts')
+        if self.encrypted or self.blkdebug is not None:  # (zeros must be encrypted)
+            return
+        end = offset + length
+        bits = self.cluster_bits
+        for change in changes:
+            if not change.new_host or change.host >> bits < unused_from:
+                continue
+            cluster_start = change.cluster_index << bits
+            fill_start = cluster_start + change.fill_start
+            fill_end = cluster_start + change.fill_end
+            data_start, data_end = max(offset, fill_start), min(end, fill_end)
+            if (fill_start < data_start or data_end < fill_end) and self._reads_as_zeros(
+                self.map.lookup(fill_start, min(fill_end, self.size) - fill_start)
+            ):
+                change.fill_start = data_start - cluster_start
+                change.fill_end = data_end - cluster_start
 
     def _write_in_place(self, offset: int, view: memoryview) -> bool:
         """Fast path for the common small write: inside one cluster this image owns
