@@ -477,6 +477,8 @@ class Qcow2Image(BlockDevice):
             return 0
         if self.encrypted:
             self._require_crypto()
+        if len(view) <= _CACHED_READ_MAX and self._read_small(self.map, offset, view):
+            return len(view)
         self.read_mapped(self.map, offset, view)
         return len(view)
 
@@ -585,7 +587,11 @@ class Qcow2Image(BlockDevice):
 
     def read_mapped(self, cluster_map: ClusterMap, offset: int, view: memoryview) -> None:
         """Read guest data through `cluster_map` (the active L1 table, or a snapshot's)."""
-        if len(view) <= _CACHED_READ_MAX and self._read_small(cluster_map, offset, view):
+        if (
+            cluster_map is not self.map  # (readinto asked _read_small already)
+            and len(view) <= _CACHED_READ_MAX
+            and self._read_small(cluster_map, offset, view)
+        ):
             return
         with self._lock:
             segments = cluster_map.lookup(offset, len(view))
@@ -607,13 +613,6 @@ class Qcow2Image(BlockDevice):
         request neither counts itself in flight nor lets other threads in between. Data
         not cached is read after the lock is dropped, counted in flight as usual, so
         reads that wait for the disk still overlap. False: not such a read."""
-        target = self.data_host or self.file
-        plain_file = (
-            type(target) is HostFile
-            and not self.encrypted
-            and self.blkdebug is None
-            and (self.data_host is not None or not self.has_data_file)
-        )
         with self._lock:
             host = cluster_map.read_host(offset, len(view))
             if host is None:
@@ -622,14 +621,20 @@ class Qcow2Image(BlockDevice):
                 backing = self.backing
                 if backing is not None and offset < backing.size:
                     return False
-            elif not plain_file:
-                return False
-            elif target.readinto_cached(view, host):
-                return True
             else:
+                target = self.data_host or self.file
+                if (
+                    type(target) is not HostFile
+                    or self.encrypted
+                    or self.blkdebug is not None
+                    or (self.data_host is None and self.has_data_file)
+                ):
+                    return False
+                if target.readinto_cached(view, host):
+                    return True
                 self._io_active += 1  # (as _begin_io: readers wait for no allocation)
         if host < 0:
-            _fill_zeros(view)
+            view[:] = _ZEROS_VIEW[: len(view)]  # (_CACHED_READ_MAX is below its size)
             return True
         try:
             target.readinto(view, host)

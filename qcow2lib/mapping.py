@@ -262,7 +262,7 @@ class ClusterMap:
         if self.extended or (guest_offset + length - 1) >> bits != cluster_index:
             return None
         l1_index, l2_index = divmod(cluster_index, self.l2_entries)
-        if l1_index >= len(self.l1):
+        if l1_index >= len(self.l1) or not self.l1[l1_index]:
             return -1
         table = self.l2_table(l1_index)
         if table is None:
