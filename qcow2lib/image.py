@@ -466,7 +466,8 @@ class Qcow2Image(BlockDevice):
     def _end_io(self) -> None:
         with self._cond:
             self._io_active -= 1
-            self._cond.notify_all()
+            if not self._io_active:  # (only waits for no I/O at all end here)
+                self._cond.notify_all()
 
     # --- reading ------------------------------------------------------------------------
 
