@@ -23,6 +23,7 @@ import pytest
 import qcow2lib
 from qcow2lib import hostfile
 from qcow2lib.hostfile import HostFile
+from qcow2lib.mapping import DATA
 
 from qemutools import assert_clean, qemu_compare, qemu_create, qemu_io
 
@@ -288,4 +289,51 @@ def test_blocking_read_does_not_hold_the_lock(data_image, monkeypatch):
         assert not reader.is_alive()
         assert got == content[:BLOCK]
         assert image._io_active == 0
+    assert_clean(path)
+
+
+def host_of(image, guest_offset: int) -> int:
+    """Where the image keeps a guest byte (which must be allocated)."""
+    [segment] = image.map.lookup(guest_offset, 1)
+    assert segment.kind == DATA and segment.host_offset is not None
+    return segment.host_offset
+
+
+def test_fresh_cluster_gets_only_its_data(tmp_path):
+    """A 4 KiB write into a new cluster past the end of the file writes those 4 KiB and no
+    zero fill; the rest of the cluster reads as zeros, for us and for QEMU."""
+    path = tmp_path / "fresh.qcow2"
+    qemu_create(path, 4 * MiB)
+    data = b"\x3c" * BLOCK
+    with qcow2lib.open(str(path), "r+") as image:
+        before = os.path.getsize(path)
+        image.write(64 * KiB + 8 * KiB, data)
+        image.flush()
+        host = host_of(image, 64 * KiB + 8 * KiB)
+        assert os.path.getsize(path) <= max(before, host + BLOCK)  # no fill after the data
+        assert image.read(64 * KiB, 64 * KiB) == bytes(8 * KiB) + data + bytes(52 * KiB)
+    qemu_io(path, "read -P 0 64k 8k", "read -P 0x3c 72k 4k", "read -P 0 76k 52k")
+    assert_clean(path)
+
+
+def test_reused_cluster_still_gets_its_fill(tmp_path, monkeypatch):
+    """A freed cluster that still holds old bytes (a file system that cannot punch holes)
+    and is allocated again gets its zeros written: old data never shows through."""
+    monkeypatch.setattr(HostFile, "punch_hole", lambda self, offset, length: False)
+    path = tmp_path / "reuse.qcow2"
+    qemu_create(path, 4 * MiB)
+    cluster = 64 * KiB
+    with qcow2lib.open(str(path), "r+") as image:
+        image.write(0, b"\xaa" * cluster)
+        image.flush()
+        old_host = host_of(image, 0)
+        image.discard(0, cluster)
+        image.flush()
+        assert Path(path).read_bytes()[old_host : old_host + 8] == b"\xaa" * 8
+        image.write(5 * cluster + BLOCK, b"\x55" * BLOCK)
+        assert host_of(image, 5 * cluster + BLOCK) == old_host + BLOCK  # taken again
+        assert image.read(5 * cluster, cluster) == bytes(BLOCK) + b"\x55" * BLOCK + bytes(
+            cluster - 2 * BLOCK
+        )
+    qemu_io(path, "read -P 0 320k 4k", "read -P 0x55 324k 4k", "read -P 0 328k 56k")
     assert_clean(path)
