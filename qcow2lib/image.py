@@ -3,6 +3,9 @@
 Concurrency: one lock (`_lock`) guards metadata. A request takes it to translate its
 range into host runs (and to allocate), then does its data I/O without it, so reads of
 allocated data and writes into allocated clusters from many threads run in parallel.
+A small read inside one cluster whose bytes are in the page cache is the exception: it
+copies them before dropping the lock (cheaper than handing the lock and the GIL on);
+one that would wait for the disk drops the lock first.
 Guest clusters being allocated are marked in flight; a second writer of the same
 cluster waits for the first to publish its L2 entry.
 
