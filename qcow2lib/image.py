@@ -879,11 +879,12 @@ class Qcow2Image(BlockDevice):
             except BaseException:
                 self._io_active -= 1
                 raise
-            if changes:
-                self._skip_zero_fill(changes, offset, len(view), unused_from)
+            zeroed = self._skip_zero_fill(changes, offset, len(view), unused_from)
             self._inflight.update(change.cluster_index for change in changes)
         ok = False
         try:
+            for host in zeroed:  # (the file then ends where QEMU's would, past the cluster)
+                self.file.allocate(host, self.cluster_size)
             self._write_data(offset, view, direct, changes)
             ok = True
         finally:
@@ -901,18 +902,19 @@ class Qcow2Image(BlockDevice):
 
     def _skip_zero_fill(
         self, changes: list[_ClusterWrite], offset: int, length: int, unused_from: int
-    ) -> None:
+    ) -> list[int]:
         """Under the lock, after planning: a new cluster at or past `unused_from` (the
         refcounts' end of everything used, taken before planning) holds zeros: nothing
         was ever written there, and only this write uses it now. Where the guest sees
         zeros around the data, no zeros need writing: the cluster's fill shrinks to the
-        data itself, so a 4 KiB write writes 4 KiB, not a whole cluster (as QEMU zeroes a
-        new cluster without writing it). The file may then end inside the cluster, which
-        reads as zeros past the end like any file."""
-        if self.file is not self._data_target() or type(self.file) is not HostFile:
-            return  # (an external data file's clusters are not the refcounts')
+        data itself, so a 4 KiB write writes 4 KiB, not a whole cluster. Returns the host
+        offsets of those clusters, which the caller allocates in the file as zeros
+        (fallocate), as QEMU zeroes a new cluster without writing it."""
+        zeroed: list[int] = []
+        if not changes or self.file is not self._data_target() or type(self.file) is not HostFile:
+            return zeroed  # (an external data file's clusters are not the refcounts')
         if self.encrypted or self.blkdebug is not None:  # (zeros must be encrypted)
-            return
+            return zeroed
         end = offset + length
         bits = self.cluster_bits
         for change in changes:
@@ -927,6 +929,8 @@ class Qcow2Image(BlockDevice):
             ):
                 change.fill_start = data_start - cluster_start
                 change.fill_end = data_end - cluster_start
+                zeroed.append(change.host)
+        return zeroed
 
     def _write_in_place(self, offset: int, view: memoryview) -> bool:
         """Fast path for the common small write: inside one cluster this image owns

@@ -299,19 +299,34 @@ def host_of(image, guest_offset: int) -> int:
     return segment.host_offset
 
 
-def test_fresh_cluster_gets_only_its_data(tmp_path):
+def test_fresh_cluster_gets_only_its_data(tmp_path, monkeypatch):
     """A 4 KiB write into a new cluster past the end of the file writes those 4 KiB and no
-    zero fill; the rest of the cluster reads as zeros, for us and for QEMU."""
+    zero fill: the cluster is allocated in the file (fallocate, as QEMU zeroes it, so the
+    file ends where QEMU's does) and reads as zeros around the data, for us and for QEMU."""
+    written: list[tuple[int, int]] = []
+    allocated: list[tuple[int, int]] = []
+    real_pwritev, real_allocate = HostFile.pwritev, HostFile.allocate
+
+    def recording_pwritev(self, buffers, offset):
+        written.append((offset, sum(len(memoryview(b)) for b in buffers)))
+        real_pwritev(self, buffers, offset)
+
+    def recording_allocate(self, offset, length):
+        allocated.append((offset, length))
+        real_allocate(self, offset, length)
+
+    monkeypatch.setattr(HostFile, "pwritev", recording_pwritev)
+    monkeypatch.setattr(HostFile, "allocate", recording_allocate)
     path = tmp_path / "fresh.qcow2"
     qemu_create(path, 4 * MiB)
     data = b"\x3c" * BLOCK
+    cluster = 64 * KiB
     with qcow2lib.open(str(path), "r+") as image:
-        before = os.path.getsize(path)
-        image.write(64 * KiB + 8 * KiB, data)
-        image.flush()
-        host = host_of(image, 64 * KiB + 8 * KiB)
-        assert os.path.getsize(path) <= max(before, host + BLOCK)  # no fill after the data
-        assert image.read(64 * KiB, 64 * KiB) == bytes(8 * KiB) + data + bytes(52 * KiB)
+        image.write(cluster + 8 * KiB, data)
+        host = host_of(image, cluster + 8 * KiB) - 8 * KiB
+        assert written == [(host + 8 * KiB, BLOCK)] and allocated == [(host, cluster)]
+        assert os.path.getsize(path) == host + cluster
+        assert image.read(cluster, cluster) == bytes(8 * KiB) + data + bytes(52 * KiB)
     qemu_io(path, "read -P 0 64k 8k", "read -P 0x3c 72k 4k", "read -P 0 76k 52k")
     assert_clean(path)
 
