@@ -883,8 +883,11 @@ class Qcow2Image(BlockDevice):
             self._inflight.update(change.cluster_index for change in changes)
         ok = False
         try:
-            for host in zeroed:  # (the file then ends where QEMU's would, past the cluster)
-                self.file.allocate(host, self.cluster_size)
+            for change, fill_start, fill_end in zeroed:
+                try:  # (the file then ends where QEMU's would, past the cluster)
+                    self.file.allocate(change.host, self.cluster_size)
+                except Qcow2IOError:  # not on this file system: write the zeros after all
+                    change.fill_start, change.fill_end = fill_start, fill_end
             self._write_data(offset, view, direct, changes)
             ok = True
         finally:
@@ -902,15 +905,16 @@ class Qcow2Image(BlockDevice):
 
     def _skip_zero_fill(
         self, changes: list[_ClusterWrite], offset: int, length: int, unused_from: int
-    ) -> list[int]:
+    ) -> list[tuple[_ClusterWrite, int, int]]:
         """Under the lock, after planning: a new cluster at or past `unused_from` (the
         refcounts' end of everything used, taken before planning) holds zeros: nothing
         was ever written there, and only this write uses it now. Where the guest sees
         zeros around the data, no zeros need writing: the cluster's fill shrinks to the
-        data itself, so a 4 KiB write writes 4 KiB, not a whole cluster. Returns the host
-        offsets of those clusters, which the caller allocates in the file as zeros
-        (fallocate), as QEMU zeroes a new cluster without writing it."""
-        zeroed: list[int] = []
+        data itself, so a 4 KiB write writes 4 KiB, not a whole cluster. Returns those
+        changes with their planned fills; the caller allocates each cluster in the file
+        as zeros (fallocate), as QEMU zeroes a new cluster without writing it, and puts
+        the fill back where it cannot."""
+        zeroed: list[tuple[_ClusterWrite, int, int]] = []
         if not changes or self.file is not self._data_target() or type(self.file) is not HostFile:
             return zeroed  # (an external data file's clusters are not the refcounts')
         if self.encrypted or self.blkdebug is not None:  # (zeros must be encrypted)
@@ -927,9 +931,9 @@ class Qcow2Image(BlockDevice):
             if (fill_start < data_start or data_end < fill_end) and self._reads_as_zeros(
                 self.map.lookup(fill_start, min(fill_end, self.size) - fill_start)
             ):
+                zeroed.append((change, change.fill_start, change.fill_end))
                 change.fill_start = data_start - cluster_start
                 change.fill_end = data_end - cluster_start
-                zeroed.append(change.host)
         return zeroed
 
     def _write_in_place(self, offset: int, view: memoryview) -> bool:

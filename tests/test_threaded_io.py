@@ -22,6 +22,7 @@ import pytest
 
 import qcow2lib
 from qcow2lib import hostfile
+from qcow2lib.errors import Qcow2IOError
 from qcow2lib.hostfile import HostFile
 from qcow2lib.mapping import DATA
 
@@ -351,4 +352,24 @@ def test_reused_cluster_still_gets_its_fill(tmp_path, monkeypatch):
             cluster - 2 * BLOCK
         )
     qemu_io(path, "read -P 0 320k 4k", "read -P 0x55 324k 4k", "read -P 0 328k 56k")
+    assert_clean(path)
+
+
+def test_fresh_cluster_without_fallocate_gets_its_zeros(tmp_path, monkeypatch):
+    """A file system that cannot allocate zeroed space: the new cluster's zero fill is
+    written after all, and the cluster reads as zeros around the data."""
+
+    def refuse(self, offset, length):
+        raise Qcow2IOError(errno.EOPNOTSUPP, "fallocate failed: Operation not supported")
+
+    monkeypatch.setattr(HostFile, "allocate", refuse)
+    path = tmp_path / "nofalloc.qcow2"
+    qemu_create(path, 4 * MiB)
+    cluster = 64 * KiB
+    with qcow2lib.open(str(path), "r+") as image:
+        image.write(cluster + 8 * KiB, b"\x3c" * BLOCK)
+        host = host_of(image, cluster)
+        assert os.path.getsize(path) == host + cluster  # the fill was written
+        assert image.read(cluster, cluster) == bytes(8 * KiB) + b"\x3c" * BLOCK + bytes(52 * KiB)
+    qemu_io(path, "read -P 0 64k 8k", "read -P 0x3c 72k 4k", "read -P 0 76k 52k")
     assert_clean(path)
