@@ -18,6 +18,8 @@ from .errors import Qcow2IOError
 _FALLOC_FL_KEEP_SIZE = 0x01
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 _FALLOC_FL_PUNCH_HOLE = 0x02
+# preadv2's "fail with EAGAIN rather than wait for the disk" flag (0: not on this system)
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 _fallocate_call: list = []  # [libc's fallocate or None], filled on first use
 
@@ -124,6 +126,8 @@ class HostFile:
         # st_size (0), and it cannot be truncated.
         self.is_device = stat.S_ISBLK(self.st_mode) or stat.S_ISCHR(self.st_mode)
         self._closed = False
+        # Whether reads may ask for cached pages only (cleared once the file refuses).
+        self.nowait_reads = bool(_RWF_NOWAIT)
         self._flush_error: Qcow2IOError | None = None
         # cache=unsafe (qemu-img convert's default for its target): writes are never
         # made durable; for copies that are thrown away if the machine goes down.
@@ -235,6 +239,23 @@ class HostFile:
                     else:
                         batch[0] = batch[0][n:]
                         n = 0
+
+    def readinto_cached(self, buf: memoryview, offset: int) -> bool:
+        """Fill buf from the page cache alone, never waiting for the disk: True when it
+        did, False when some of it is not cached (or the system cannot read that way),
+        and the caller then reads with readinto. A caller holding a lock reads a cache
+        hit without releasing it, and drops it only for reads that wait for the disk.
+        Errors are left to readinto, which reports them."""
+        if not self.nowait_reads:
+            return False
+        try:
+            return os.preadv(self.fd, [buf], offset, _RWF_NOWAIT) == len(buf)
+        except BlockingIOError:
+            return False
+        except (OSError, OverflowError) as exc:
+            if isinstance(exc, OSError) and exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self.nowait_reads = False  # this file (or kernel) does not take the flag
+            return False
 
     def pwrite(self, data, offset: int) -> None:
         view = memoryview(data).cast("B")

@@ -3,6 +3,9 @@
 Concurrency: one lock (`_lock`) guards metadata. A request takes it to translate its
 range into host runs (and to allocate), then does its data I/O without it, so reads of
 allocated data and writes into allocated clusters from many threads run in parallel.
+A small read inside one cluster whose bytes are in the page cache is the exception: it
+copies them before dropping the lock (cheaper than handing the lock and the GIL on);
+one that would wait for the disk drops the lock first.
 Guest clusters being allocated are marked in flight; a second writer of the same
 cluster waits for the first to publish its L2 entry.
 
@@ -68,6 +71,9 @@ if TYPE_CHECKING:
 
 _ZEROS = bytes(1 << 20)
 _ZEROS_VIEW = memoryview(_ZEROS)
+# Reads up to this size try the page cache under the image lock (HostFile.readinto_cached):
+# copying a cached page is quicker than handing the lock and the GIL to another thread.
+_CACHED_READ_MAX = 64 << 10
 
 
 def _fill_zeros(part: memoryview) -> None:
@@ -462,7 +468,8 @@ class Qcow2Image(BlockDevice):
     def _end_io(self) -> None:
         with self._cond:
             self._io_active -= 1
-            self._cond.notify_all()
+            if not self._io_active:  # (only waits for no I/O at all end here)
+                self._cond.notify_all()
 
     # --- reading ------------------------------------------------------------------------
 
@@ -473,6 +480,8 @@ class Qcow2Image(BlockDevice):
             return 0
         if self.encrypted:
             self._require_crypto()
+        if len(view) <= _CACHED_READ_MAX and self._read_small(self.map, offset, view):
+            return len(view)
         self.read_mapped(self.map, offset, view)
         return len(view)
 
@@ -628,6 +637,12 @@ class Qcow2Image(BlockDevice):
 
     def read_mapped(self, cluster_map: ClusterMap, offset: int, view: memoryview) -> None:
         """Read guest data through `cluster_map` (the active L1 table, or a snapshot's)."""
+        if (
+            cluster_map is not self.map  # (readinto asked _read_small already)
+            and len(view) <= _CACHED_READ_MAX
+            and self._read_small(cluster_map, offset, view)
+        ):
+            return
         with self._lock:
             segments = cluster_map.lookup(offset, len(view))
             zeros = self._reads_as_zeros(segments)
@@ -640,6 +655,42 @@ class Qcow2Image(BlockDevice):
             self._read_segments(segments, view, offset)
         finally:
             self._end_io()
+
+    def _read_small(self, cluster_map: ClusterMap, offset: int, view: memoryview) -> bool:
+        """The small read inside one cluster, as cheap as it gets: a hole is zero-filled
+        after one lock round trip, and a data cluster whose bytes are in the page cache
+        is read while the lock is still held (no writer can free it meanwhile), so the
+        request neither counts itself in flight nor lets other threads in between. Data
+        not cached is read after the lock is dropped, counted in flight as usual, so
+        reads that wait for the disk still overlap. False: not such a read."""
+        with self._lock:
+            host = cluster_map.read_host(offset, len(view))
+            if host is None:
+                return False
+            if host < 0:  # unallocated: the backing file's bytes, zeros past its end
+                backing = self.backing
+                if backing is not None and offset < backing.size:
+                    return False
+            else:
+                target = self.data_host or self.file
+                if (
+                    type(target) is not HostFile
+                    or self.encrypted
+                    or self.blkdebug is not None
+                    or (self.data_host is None and self.has_data_file)
+                ):
+                    return False
+                if target.readinto_cached(view, host):
+                    return True
+                self._io_active += 1  # (as _begin_io: readers wait for no allocation)
+        if host < 0:
+            view[:] = _ZEROS_VIEW[: len(view)]  # (_CACHED_READ_MAX is below its size)
+            return True
+        try:
+            target.readinto(view, host)
+        finally:
+            self._end_io()
+        return True
 
     def _require_crypto(self) -> SectorCrypto:
         """The cipher of an (encrypted) image; refused when opened without the passphrase."""
@@ -864,6 +915,7 @@ class Qcow2Image(BlockDevice):
         clusters = self._guest_clusters(offset, len(view))
         with self._cond:
             self._begin_io(clusters)
+            unused_from = self.refcounts.end_cluster  # (clusters past it read zeros)
             try:
                 direct, changes = self._plan_write(offset, len(view))
             except CorruptImageError as exc:
@@ -873,9 +925,15 @@ class Qcow2Image(BlockDevice):
             except BaseException:
                 self._io_active -= 1
                 raise
+            zeroed = self._skip_zero_fill(changes, offset, len(view), unused_from)
             self._inflight.update(change.cluster_index for change in changes)
         ok = False
         try:
+            for change, fill_start, fill_end in zeroed:
+                try:  # (the file then ends where QEMU's would, past the cluster)
+                    self.file.allocate(change.host, self.cluster_size)
+                except Qcow2IOError:  # not on this file system: write the zeros after all
+                    change.fill_start, change.fill_end = fill_start, fill_end
             self._write_data(offset, view, direct, changes)
             ok = True
         finally:
@@ -890,6 +948,39 @@ class Qcow2Image(BlockDevice):
                     self._io_active -= 1
                     self._cond.notify_all()
         self._maybe_write_back()
+
+    def _skip_zero_fill(
+        self, changes: list[_ClusterWrite], offset: int, length: int, unused_from: int
+    ) -> list[tuple[_ClusterWrite, int, int]]:
+        """Under the lock, after planning: a new cluster at or past `unused_from` (the
+        refcounts' end of everything used, taken before planning) holds zeros: nothing
+        was ever written there, and only this write uses it now. Where the guest sees
+        zeros around the data, no zeros need writing: the cluster's fill shrinks to the
+        data itself, so a 4 KiB write writes 4 KiB, not a whole cluster. Returns those
+        changes with their planned fills; the caller allocates each cluster in the file
+        as zeros (fallocate), as QEMU zeroes a new cluster without writing it, and puts
+        the fill back where it cannot."""
+        zeroed: list[tuple[_ClusterWrite, int, int]] = []
+        if not changes or self.file is not self._data_target() or type(self.file) is not HostFile:
+            return zeroed  # (an external data file's clusters are not the refcounts')
+        if self.encrypted or self.blkdebug is not None:  # (zeros must be encrypted)
+            return zeroed
+        end = offset + length
+        bits = self.cluster_bits
+        for change in changes:
+            if not change.new_host or change.host >> bits < unused_from:
+                continue
+            cluster_start = change.cluster_index << bits
+            fill_start = cluster_start + change.fill_start
+            fill_end = cluster_start + change.fill_end
+            data_start, data_end = max(offset, fill_start), min(end, fill_end)
+            if (fill_start < data_start or data_end < fill_end) and self._reads_as_zeros(
+                self.map.lookup(fill_start, min(fill_end, self.size) - fill_start)
+            ):
+                zeroed.append((change, change.fill_start, change.fill_end))
+                change.fill_start = data_start - cluster_start
+                change.fill_end = data_end - cluster_start
+        return zeroed
 
     def _write_in_place(self, offset: int, view: memoryview) -> bool:
         """Fast path for the common small write: inside one cluster this image owns

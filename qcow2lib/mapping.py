@@ -251,6 +251,31 @@ class ClusterMap:
                 host, self.cluster_size, f"Data cluster of guest cluster {cluster_index}"
             )
 
+    def read_host(self, guest_offset: int, length: int) -> int | None:
+        """The small read's shortcut past `lookup`, for a range inside one cluster of a
+        standard L2 table: the host offset of its bytes when the cluster is a plain data
+        cluster (validated as `lookup` validates it), -1 when the cluster is unallocated
+        (no L2 table, or entry 0: a BACKING segment), None for anything else (zero,
+        compressed or flagged entries, extended L2, ranges over two clusters: ask lookup)."""
+        bits = self.cluster_bits
+        cluster_index = guest_offset >> bits
+        if self.extended or (guest_offset + length - 1) >> bits != cluster_index:
+            return None
+        l1_index, l2_index = divmod(cluster_index, self.l2_entries)
+        if l1_index >= len(self.l1) or not self.l1[l1_index]:
+            return -1
+        table = self.l2_table(l1_index)
+        if table is None:
+            return -1
+        entry = table[l2_index]
+        if not entry:
+            return -1
+        host = entry & S.L2E_OFFSET_MASK
+        if not host or entry & ~(S.OFLAG_COPIED | S.L2E_OFFSET_MASK):
+            return None
+        self.validate_entry(entry, 0, cluster_index)
+        return host + (guest_offset & (self.cluster_size - 1))
+
     def lookup(self, guest_offset: int, length: int) -> list[Segment]:
         """Split a guest range into segments, merging neighbours of the same kind."""
         segments, _, error = self.lookup_window(guest_offset, length)

@@ -1,0 +1,375 @@
+"""Many threads doing small random reads and writes on one image, checked against a model
+and then by the real QEMU; and the page-cache read path (HostFile.readinto_cached) falling
+back to ordinary reads.
+
+In the threaded test each 4 KiB block is owned by one thread, which alone writes it, so the
+model of every block is exact however the threads interleave. Blocks of different owners
+share clusters (and subclusters), so allocations of one cluster race between threads.
+Reads of foreign blocks are checked too: every 8-byte word is the block's original content
+or a tag naming that very block (a read served from another block's cluster would show).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+
+import qcow2lib
+from qcow2lib import hostfile
+from qcow2lib.errors import Qcow2IOError
+from qcow2lib.hostfile import HostFile
+from qcow2lib.mapping import DATA
+
+from qemutools import assert_clean, qemu_compare, qemu_create, qemu_io
+
+KiB = 1024
+MiB = 1024 * KiB
+BLOCK = 4 * KiB
+THREADS = 8
+TAG_MAGIC = 0x5EED
+
+
+def tag_bytes(block: int, version: int, length: int) -> bytes:
+    """Data for a write inside `block`: 8-byte words naming the block and the write."""
+    word = struct.pack("<IHH", block, TAG_MAGIC, version & 0xFFFF)
+    return word * (length // 8)
+
+
+def words_belong(got: bytes, original: bytes, block: int) -> bool:
+    """Whether each 8-byte word of a foreign block read is original or tagged with `block`."""
+    for pos in range(0, len(got), 8):
+        word = got[pos : pos + 8]
+        if word == original[pos : pos + 8]:
+            continue
+        number, magic, _ = struct.unpack("<IHH", word)
+        if number != block or magic != TAG_MAGIC:
+            return False
+    return True
+
+
+def build_image(tmp_path: Path, size: int, options: dict, backing: bool) -> tuple[Path, bytes]:
+    """A fresh image (with a backing file holding data in its first half if asked) and
+    the guest bytes it starts with."""
+    path = tmp_path / "img.qcow2"
+    original = bytearray(size)
+    if backing:
+        base = tmp_path / "base.qcow2"
+        qemu_create(base, size, options={"cluster_size": 65536})
+        rng = random.Random(7)
+        raw = tmp_path / "base.raw"
+        content = rng.randbytes(size // 2)
+        raw.write_bytes(content)
+        qemu_io(base, f"write -s {raw} 0 {len(content)}")
+        original[: len(content)] = content
+        qemu_create(path, size, options=options, backing=str(base), backing_fmt="qcow2")
+    else:
+        qemu_create(path, size, options=options)
+    return path, bytes(original)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(
+    "options, backing",
+    [
+        ({"cluster_size": 16384}, False),
+        ({"cluster_size": 16384}, True),
+        ({"cluster_size": 65536, "extended_l2": "on"}, True),
+        ({"cluster_size": 65536, "extended_l2": "on"}, False),
+    ],
+    ids=["16k", "16k-backing", "extl2-backing", "extl2"],
+)
+def test_threads_read_and_write_one_image(tmp_path, options, backing):
+    size = 40 * MiB  # more than one L2 table's span with 16 KiB clusters (32 MiB)
+    path, original = build_image(tmp_path, size, options, backing)
+    blocks = size // BLOCK
+    model = bytearray(original)
+    lock = threading.Lock()  # guards the model's bytes, not the image
+    errors: list[str] = []
+    image = qcow2lib.open(str(path), "r+")
+    start = threading.Barrier(THREADS + 1)
+
+    def check_read(offset: int, got: bytes, owner: int, who: str) -> bool:
+        for block in range(offset // BLOCK, (offset + len(got) - 1) // BLOCK + 1):
+            lo = max(offset, block * BLOCK)
+            hi = min(offset + len(got), (block + 1) * BLOCK)
+            piece = got[lo - offset : hi - offset]
+            if block % THREADS == owner:
+                with lock:
+                    expected = bytes(model[lo:hi])
+                if piece != expected:
+                    errors.append(f"{who}: own block {block} reads wrong ({lo}..{hi})")
+                    return False
+            elif lo % 8 == 0 and not words_belong(piece, original[lo:hi], block):
+                errors.append(f"{who}: foreign block {block} holds another block's data")
+                return False
+        return True
+
+    def worker(owner: int) -> None:
+        rng = random.Random(1000 + owner)
+        mine = list(range(owner, blocks, THREADS))
+        buf = bytearray(64 * KiB)
+        who = f"thread {owner}"
+        try:
+            start.wait()
+            for version in range(350):
+                action = rng.random()
+                if action < 0.45:  # a write inside one of my blocks
+                    block = rng.choice(mine)
+                    inside = rng.randrange(0, BLOCK, 512)
+                    length = rng.choice([BLOCK - inside, 512, 8 * rng.randint(1, 64)])
+                    length = min(length, BLOCK - inside)
+                    offset = block * BLOCK + inside
+                    data = tag_bytes(block, version, length)
+                    image.write(offset, data)
+                    with lock:
+                        model[offset : offset + length] = data
+                elif action < 0.8:  # a 4 KiB read (the fast path), own or foreign
+                    offset = rng.randrange(blocks) * BLOCK
+                    view = memoryview(buf)[:BLOCK]
+                    image.readinto(offset, view)
+                    if not check_read(offset, bytes(view), owner, who):
+                        return
+                elif action < 0.95:  # a bigger or unaligned read (the general path)
+                    offset = rng.randrange(0, size - 64 * KiB, 8)
+                    length = rng.choice([512, 24 * KiB, 64 * KiB])
+                    if not check_read(offset, image.read(offset, length), owner, who):
+                        return
+                else:
+                    image.flush()
+        except Exception as exc:  # noqa: BLE001 (reported by the main thread)
+            errors.append(f"{who}: {type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(THREADS)]
+    try:
+        for thread in threads:
+            thread.start()
+        start.wait()
+        for thread in threads:
+            thread.join(timeout=200)
+        assert not any(thread.is_alive() for thread in threads), "a thread hung"
+        assert not errors, errors[:5]
+        assert image._io_active == 0 and not image._inflight
+        for offset in range(0, size, MiB):
+            assert image.read(offset, MiB) == bytes(model[offset : offset + MiB]), offset
+    finally:
+        image.close()
+    raw = tmp_path / "model.raw"
+    raw.write_bytes(model)
+    assert qemu_compare(str(path), str(raw), fmt_a="qcow2", fmt_b="raw") == 0
+    assert_clean(path)
+
+
+@pytest.fixture
+def data_image(tmp_path) -> tuple[Path, bytes]:
+    """An image with 2 MiB of data written by QEMU, and those bytes."""
+    path = tmp_path / "data.qcow2"
+    qemu_create(path, 4 * MiB)
+    content = random.Random(3).randbytes(2 * MiB)
+    raw = tmp_path / "data.raw"
+    raw.write_bytes(content)
+    qemu_io(path, f"write -s {raw} 0 {len(content)}")
+    return path, content
+
+
+def read_all_small(image, content: bytes, threads: int = 4) -> None:
+    """4 KiB reads of every block of `content` from several threads, each checked."""
+    errors: list[str] = []
+
+    def run(first: int) -> None:
+        buf = bytearray(BLOCK)
+        for offset in range(first * BLOCK, len(content), threads * BLOCK):
+            image.readinto(offset, buf)
+            if buf != content[offset : offset + BLOCK]:
+                errors.append(f"wrong data at {offset}")
+
+    pool = [threading.Thread(target=run, args=(first,)) for first in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(timeout=60)
+    assert not errors, errors[:3]
+
+
+def test_uncached_reads_fall_back(data_image, monkeypatch):
+    """Every non-blocking read refused (EAGAIN, as for pages not in the cache): the reads
+    go the ordinary way, outside the lock and counted in flight, and return the data."""
+    path, content = data_image
+    real_preadv = os.preadv
+    calls = {"nowait": 0, "blocking": 0}
+
+    def refusing_preadv(fd, buffers, offset, flags=0):
+        if flags & os.RWF_NOWAIT:
+            calls["nowait"] += 1
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        calls["blocking"] += 1
+        return real_preadv(fd, buffers, offset, flags)
+
+    monkeypatch.setattr(hostfile.os, "preadv", refusing_preadv)
+    with qcow2lib.open(str(path)) as image:
+        read_all_small(image, content)
+        assert image.file.nowait_reads  # EAGAIN is no reason to stop asking
+        assert image._io_active == 0
+    blocks = len(content) // BLOCK
+    assert calls["nowait"] == blocks and calls["blocking"] >= blocks
+
+
+def test_unsupported_nowait_turns_off(data_image, monkeypatch):
+    """A file that refuses the flag (EOPNOTSUPP) is not asked again."""
+    path, content = data_image
+    real_preadv = os.preadv
+    refused = []
+
+    def unsupported_preadv(fd, buffers, offset, flags=0):
+        if flags:
+            refused.append(offset)
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real_preadv(fd, buffers, offset, flags)
+
+    monkeypatch.setattr(hostfile.os, "preadv", unsupported_preadv)
+    with qcow2lib.open(str(path)) as image:
+        read_all_small(image, content, threads=1)
+        assert not image.file.nowait_reads
+    assert len(refused) == 1
+
+
+def test_page_cache_miss_is_reported(data_image):
+    """On this host: pages dropped from the cache are not read without waiting (False),
+    the ordinary read brings them back, and then the cached read serves them."""
+    path, content = data_image
+    file = HostFile(str(path))
+    try:
+        host = 2 * MiB  # the qcow2 data of a fully written image lies well inside the file
+        size = file.size()
+        assert size > host + BLOCK
+        os.posix_fadvise(file.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        buf = memoryview(bytearray(BLOCK))
+        assert not file.readinto_cached(buf, host)
+        file.readinto(buf, host)
+        expected = bytes(buf)
+        buf[:] = bytes(BLOCK)
+        assert file.readinto_cached(buf, host) and bytes(buf) == expected
+    finally:
+        file.close()
+
+
+def test_blocking_read_does_not_hold_the_lock(data_image, monkeypatch):
+    """A read that must wait for the disk drops the image lock first: another thread
+    writes (allocating) and reads while it waits."""
+    path, content = data_image
+    real_preadv = os.preadv
+    entered, release = threading.Event(), threading.Event()
+    slow_offset: list[int] = []
+
+    def slow_preadv(fd, buffers, offset, flags=0):
+        if flags & os.RWF_NOWAIT and not slow_offset:
+            slow_offset.append(offset)
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        if slow_offset and offset == slow_offset[0] and not flags and not release.is_set():
+            entered.set()
+            assert release.wait(30)
+        return real_preadv(fd, buffers, offset, flags)
+
+    monkeypatch.setattr(hostfile.os, "preadv", slow_preadv)
+    with qcow2lib.open(str(path), "r+") as image:
+        got = bytearray(BLOCK)
+        reader = threading.Thread(target=image.readinto, args=(0, got))
+        reader.start()
+        assert entered.wait(30)
+        image.write(3 * MiB, b"\x5a" * BLOCK)  # allocates a cluster: needs the lock
+        assert image.read(3 * MiB, BLOCK) == b"\x5a" * BLOCK
+        assert image.read(BLOCK, BLOCK) == content[BLOCK : 2 * BLOCK]
+        assert image._io_active == 1  # the waiting read is counted in flight
+        release.set()
+        reader.join(30)
+        assert not reader.is_alive()
+        assert got == content[:BLOCK]
+        assert image._io_active == 0
+    assert_clean(path)
+
+
+def host_of(image, guest_offset: int) -> int:
+    """Where the image keeps a guest byte (which must be allocated)."""
+    [segment] = image.map.lookup(guest_offset, 1)
+    assert segment.kind == DATA and segment.host_offset is not None
+    return segment.host_offset
+
+
+def test_fresh_cluster_gets_only_its_data(tmp_path, monkeypatch):
+    """A 4 KiB write into a new cluster past the end of the file writes those 4 KiB and no
+    zero fill: the cluster is allocated in the file (fallocate, as QEMU zeroes it, so the
+    file ends where QEMU's does) and reads as zeros around the data, for us and for QEMU."""
+    written: list[tuple[int, int]] = []
+    allocated: list[tuple[int, int]] = []
+    real_pwritev, real_allocate = HostFile.pwritev, HostFile.allocate
+
+    def recording_pwritev(self, buffers, offset):
+        written.append((offset, sum(len(memoryview(b)) for b in buffers)))
+        real_pwritev(self, buffers, offset)
+
+    def recording_allocate(self, offset, length):
+        allocated.append((offset, length))
+        real_allocate(self, offset, length)
+
+    monkeypatch.setattr(HostFile, "pwritev", recording_pwritev)
+    monkeypatch.setattr(HostFile, "allocate", recording_allocate)
+    path = tmp_path / "fresh.qcow2"
+    qemu_create(path, 4 * MiB)
+    data = b"\x3c" * BLOCK
+    cluster = 64 * KiB
+    with qcow2lib.open(str(path), "r+") as image:
+        image.write(cluster + 8 * KiB, data)
+        host = host_of(image, cluster + 8 * KiB) - 8 * KiB
+        assert written == [(host + 8 * KiB, BLOCK)] and allocated == [(host, cluster)]
+        assert os.path.getsize(path) == host + cluster
+        assert image.read(cluster, cluster) == bytes(8 * KiB) + data + bytes(52 * KiB)
+    qemu_io(path, "read -P 0 64k 8k", "read -P 0x3c 72k 4k", "read -P 0 76k 52k")
+    assert_clean(path)
+
+
+def test_reused_cluster_still_gets_its_fill(tmp_path, monkeypatch):
+    """A freed cluster that still holds old bytes (a file system that cannot punch holes)
+    and is allocated again gets its zeros written: old data never shows through."""
+    monkeypatch.setattr(HostFile, "punch_hole", lambda self, offset, length: False)
+    path = tmp_path / "reuse.qcow2"
+    qemu_create(path, 4 * MiB)
+    cluster = 64 * KiB
+    with qcow2lib.open(str(path), "r+") as image:
+        image.write(0, b"\xaa" * cluster)
+        image.flush()
+        old_host = host_of(image, 0)
+        image.discard(0, cluster)
+        image.flush()
+        assert Path(path).read_bytes()[old_host : old_host + 8] == b"\xaa" * 8
+        image.write(5 * cluster + BLOCK, b"\x55" * BLOCK)
+        assert host_of(image, 5 * cluster + BLOCK) == old_host + BLOCK  # taken again
+        assert image.read(5 * cluster, cluster) == bytes(BLOCK) + b"\x55" * BLOCK + bytes(
+            cluster - 2 * BLOCK
+        )
+    qemu_io(path, "read -P 0 320k 4k", "read -P 0x55 324k 4k", "read -P 0 328k 56k")
+    assert_clean(path)
+
+
+def test_fresh_cluster_without_fallocate_gets_its_zeros(tmp_path, monkeypatch):
+    """A file system that cannot allocate zeroed space: the new cluster's zero fill is
+    written after all, and the cluster reads as zeros around the data."""
+
+    def refuse(self, offset, length):
+        raise Qcow2IOError(errno.EOPNOTSUPP, "fallocate failed: Operation not supported")
+
+    monkeypatch.setattr(HostFile, "allocate", refuse)
+    path = tmp_path / "nofalloc.qcow2"
+    qemu_create(path, 4 * MiB)
+    cluster = 64 * KiB
+    with qcow2lib.open(str(path), "r+") as image:
+        image.write(cluster + 8 * KiB, b"\x3c" * BLOCK)
+        host = host_of(image, cluster)
+        assert os.path.getsize(path) == host + cluster  # the fill was written
+        assert image.read(cluster, cluster) == bytes(8 * KiB) + b"\x3c" * BLOCK + bytes(52 * KiB)
+    qemu_io(path, "read -P 0 64k 8k", "read -P 0x3c 72k 4k", "read -P 0 76k 52k")
+    assert_clean(path)
