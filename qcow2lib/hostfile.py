@@ -90,6 +90,17 @@ def refuse_special_file(
         )
 
 
+def _drop_front(views: list[memoryview], count: int) -> None:
+    """Take the first `count` bytes off a list of byte views (what a short preadv or
+    pwritev did), slicing the view the cut falls in."""
+    while count and views:
+        if count >= len(views[0]):
+            count -= len(views.pop(0))
+        else:
+            views[0] = views[0][count:]
+            count = 0
+
+
 class HostFile:
     """A file opened for positional I/O; safe to share between threads."""
 
@@ -232,13 +243,8 @@ class HostFile:
                     return
                 offset += n
                 left -= n
-                while n and left:  # drop what was read; retry the rest
-                    if n >= len(batch[0]):
-                        n -= len(batch[0])
-                        batch.pop(0)
-                    else:
-                        batch[0] = batch[0][n:]
-                        n = 0
+                if left:  # a short read: retry the rest
+                    _drop_front(batch, n)
 
     def readinto_cached(self, buf: memoryview, offset: int) -> bool:
         """Fill buf from the page cache alone, never waiting for the disk: True when it
@@ -281,13 +287,7 @@ class HostFile:
                 except (OSError, OverflowError) as exc:
                     raise self._fail(exc, "write") from None
                 done += n
-                while n and batch:  # drop what was written; retry the rest
-                    if n >= len(batch[0]):
-                        n -= len(batch[0])
-                        batch.pop(0)
-                    else:
-                        batch[0] = batch[0][n:]
-                        n = 0
+                _drop_front(batch, n)  # (a short write: retry the rest)
             offset += total
 
     def flush(self) -> None:
