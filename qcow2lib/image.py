@@ -448,6 +448,20 @@ class Qcow2Image(BlockDevice):
 
     # --- helpers ------------------------------------------------------------------------
 
+    def _data_file(self) -> HostFile | None:
+        """The plain host file holding the guest's clusters as they are stored (no
+        encryption, no blkdebug, the external data file open if there is one): the fast
+        read paths read it directly. None: reads take the general path."""
+        target = self.data_host or self.file
+        if (
+            type(target) is not HostFile
+            or self.encrypted
+            or self.blkdebug is not None
+            or (self.has_data_file and self.data_host is None)
+        ):
+            return None
+        return target
+
     def _data_target(self) -> ContainerFile:
         if self.has_data_file and self.data_host is None:
             raise InvalidArgumentError(
@@ -488,15 +502,9 @@ class Qcow2Image(BlockDevice):
     def readv(self, offset: int, views: list[memoryview]) -> int:
         """As BlockDevice.readv: each run of data clusters is one preadv straight into the
         views; zeros, backing, compressed and encrypted data go through a buffer."""
-        data_file = self.data_host or self.file
-        if (
-            self.encrypted
-            or self.blkdebug is not None
-            or (self.has_data_file and self.data_host is None)
-            or type(data_file) is not HostFile
-            or type(self).readinto is not Qcow2Image.readinto  # reads done another way
-        ):
-            return super().readv(offset, views)
+        data_file = self._data_file()
+        if data_file is None or type(self).readinto is not Qcow2Image.readinto:
+            return super().readv(offset, views)  # (the latter: reads done another way)
         total = sum(map(len, views))
         self.check_request(offset, total)
         if not total:
@@ -559,13 +567,10 @@ class Qcow2Image(BlockDevice):
 
     def host_pieces(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
         self.check_request(offset, length)
-        data_file = self.data_host or self.file
+        data_file = self._data_file()
         if (
             not self.read_only
-            or self.encrypted
-            or self.blkdebug is not None
-            or (self.has_data_file and self.data_host is None)
-            or type(data_file) is not HostFile
+            or data_file is None
             or type(self).readinto is not Qcow2Image.readinto  # reads done another way
         ):
             return None
@@ -672,13 +677,8 @@ class Qcow2Image(BlockDevice):
                 if backing is not None and offset < backing.size:
                     return False
             else:
-                target = self.data_host or self.file
-                if (
-                    type(target) is not HostFile
-                    or self.encrypted
-                    or self.blkdebug is not None
-                    or (self.data_host is None and self.has_data_file)
-                ):
+                target = self._data_file()
+                if target is None:
                     return False
                 if target.readinto_cached(view, host):
                     return True
@@ -686,6 +686,7 @@ class Qcow2Image(BlockDevice):
         if host < 0:
             view[:] = _ZEROS_VIEW[: len(view)]  # (_CACHED_READ_MAX is below its size)
             return True
+        assert target is not None  # (a data cluster found its file above)
         try:
             target.readinto(view, host)
         finally:

@@ -422,12 +422,19 @@ class GatedDevice:
         return self.device.readv(offset, views)
 
 
-def test_requests_run_concurrently_and_complete_out_of_order(tmp_path: Path, export) -> None:
+def gated_export(tmp_path: Path, export):
+    """The pattern image behind a GatedDevice (its first request waits until a later one
+    has completed), served with two workers: (device, server, connected front-end)."""
     image = image_with_pattern(tmp_path)
     gated = GatedDevice(qcow2lib.open(str(image), "r+"))
     served = export(image, device=gated, workers=2)
     client = Frontend(served.socket_path)
     gated.released = lambda: client.used_idx() == 1
+    return gated, served, client
+
+
+def test_requests_run_concurrently_and_complete_out_of_order(tmp_path: Path, export) -> None:
+    _, _, client = gated_export(tmp_path, export)
     try:
         client.setup()
         first = client.blk_chain(T_IN, 0, in_length=512, first=0, data_addr=DATA_ADDR)
@@ -446,11 +453,7 @@ def test_a_stuck_request_does_not_hold_up_later_ones(tmp_path: Path, export) -> 
     """The ring's thread serves requests itself; while it is stuck in one, the rescuer
     takes what the driver queues next off the ring and serves it on a worker. Once the
     device is idle again, the rescuer stops polling."""
-    image = image_with_pattern(tmp_path)
-    gated = GatedDevice(qcow2lib.open(str(image), "r+"))
-    served = export(image, device=gated, workers=2)
-    client = Frontend(served.socket_path)
-    gated.released = lambda: client.used_idx() == 1
+    gated, served, client = gated_export(tmp_path, export)
     try:
         client.setup()
         first = client.blk_chain(T_IN, 0, in_length=512, first=0, data_addr=DATA_ADDR)
