@@ -48,6 +48,10 @@ class InvalidArgumentError(Qcow2Error, ValueError):
     """A caller passed an option or range the image cannot take."""
 
 
+class AmendError(Qcow2Error):
+    """An amendment QEMU refuses; the message is qemu-img's."""
+
+
 class ImageLockedError(Qcow2Error):
     """Another process holds a lock on the image that conflicts with ours."""
 

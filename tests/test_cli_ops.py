@@ -1171,6 +1171,44 @@ def test_amend_progress(twins, args):
     twins.assert_same_info("a.qcow2", "v2.qcow2")
 
 
+# How the image is made (qemu-img create options, size, qemu-io commands), the amend options.
+REFCOUNT_WIDTH_CASES = {
+    # iotest 112: the first new block fills up with its own count, so the new refcount table
+    # needs another block and QEMU walks four times (progress goes back, 66.67 -> 50.00)
+    "fourth walk": ("refcount_bits=1,cluster_size=512", "64k", ["write 0 29696"], "64"),
+    "narrower": ("cluster_size=65536", "64M", ["write 16M 32M"], "1"),
+    "wider": ("refcount_bits=1", "64M", ["write 16M 32M"], "64"),
+    "small clusters, spread": (
+        "cluster_size=512",
+        "16M",
+        ["write 0 64k", "write 4M 512", "write 12M 1M"],
+        "2",
+    ),
+    "small clusters, wider": ("cluster_size=512", "4M", ["write 0 1M", "write 3M 4k"], "64"),
+    "v2 upgraded too": ("compat=0.10", "32M", ["write 1M 2M"], "8,compat=1.1"),
+    "refused": ("refcount_bits=2", "16M", ["write 0 64k", "write 8M 64k"], "1"),
+}
+
+
+@pytest.mark.parametrize("case", REFCOUNT_WIDTH_CASES)
+def test_amend_refcount_width_progress_is_qemus(twins, case):
+    """QEMU walks its refcount table until its allocations settle and reports each walk:
+    qimg's line is the same character for character, regressions included."""
+    options, size, writes, bits = REFCOUNT_WIDTH_CASES[case]
+    first, second = twins.dirs()
+    with inside(first):
+        qemu_img("create", "-q", "-f", "qcow2", "-o", options, "r.qcow2", size)
+        qemu_io("r.qcow2", *writes)
+        if case == "refused":  # a count of 2 does not fit in one bit
+            qemu_img("snapshot", "-c", "s", "r.qcow2")
+    shutil.copyfile(first / "r.qcow2", second / "r.qcow2")
+    expected, actual = twins.both("amend", "-p", "-o", f"refcount_bits={bits}", "r.qcow2")
+    assert (actual.returncode, actual.stderr) == (expected.returncode, expected.stderr)
+    assert actual.stdout == expected.stdout
+    twins.assert_same_info("r.qcow2")
+    assert qemu_img("check", twins.qimg_dir / "r.qcow2", check=False).returncode == 0
+
+
 # --- dd ----------------------------------------------------------------------------------------
 
 

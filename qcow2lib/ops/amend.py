@@ -26,10 +26,16 @@ from collections.abc import Callable
 from .. import structs as S
 from ..blockdev import BlockDevice
 from ..cache import decode_be64
-from ..errors import CorruptImageError, InvalidArgumentError, Qcow2Error, UnsupportedFeatureError
+from ..errors import (
+    AmendError,
+    CorruptImageError,
+    InvalidArgumentError,
+    UnsupportedFeatureError,
+)
 from ..image import Qcow2Image
 from ..sizes import parse_number, parse_size
 from ..snapshot_table import pack_snapshot_table, read_snapshot_table
+from .refcount_width import change_refcount_width
 from .resize import resize
 
 AMEND_OPTIONS = (
@@ -51,10 +57,6 @@ CREATE_ONLY_OPTIONS = (
     "nocow",
     "extent_size_hint",
 )
-
-
-class AmendError(Qcow2Error):
-    """An amendment QEMU refuses; the message is qemu-img's."""
 
 
 def _bool_option(name: str, value) -> bool:
@@ -176,18 +178,19 @@ def _amend(
         progress, (new_version != old_version) + (new_bits != image.refcount_bits)
     )
     if new_version > old_version:
-        _upgrade(image)
         status.start("upgrade")
-        status(1, 1)
+        status(0, 2)  # QEMU's two steps: the snapshot table, then the header
+        _upgrade(image)
+        status(1, 2)
+        status(2, 2)
     if new_bits != image.refcount_bits:
         if new_version < 3 and new_bits != 16:
             raise AmendError(
                 "Refcount widths other than 16 bits require compatibility level "
                 "1.1 or above (use compat=1.1 or greater)"
             )
-        change_refcount_width(image, new_bits)
         status.start("refcount width")
-        status(1, 1)
+        change_refcount_width(image, new_bits, status)
     if backing_file is not None or backing_fmt is not None:
         if backing_file != image.backing_filename or backing_fmt != image.backing_format:
             raise AmendError(
@@ -274,55 +277,6 @@ def set_lazy_refcounts(image, on: bool) -> None:
 
 
 # --- refcount width -----------------------------------------------------------------------
-
-
-def _first_refcount_above(image, limit: int) -> tuple[int, int] | None:
-    """(cluster, refcount) of the first cluster whose refcount exceeds `limit`."""
-    refs = image.refcounts
-    for block_index, entry in enumerate(refs.table):
-        if not entry & S.REFT_OFFSET_MASK:
-            continue
-        block = refs.block(block_index)
-        if block is None:
-            continue
-        values = block.values
-        if block.order >= 3:
-            if max(values) <= limit:
-                continue
-            for i, value in enumerate(values):
-                if value > limit:
-                    return block_index * refs.block_entries + i, value
-        else:
-            for i in range(refs.block_entries):
-                value = block.get(i)
-                if value > limit:
-                    return block_index * refs.block_entries + i, value
-    return None
-
-
-def change_refcount_width(image, bits: int) -> None:
-    """Rewrite the refcount structure with `bits`-bit entries, its counts carried over."""
-    from ..rebuild import current_refcounts, rebuild_refcounts
-
-    image.flush()
-    if bits < image.refcount_bits:
-        found = _first_refcount_above(image, (1 << bits) - 1)
-        if found is not None:
-            cluster, value = found
-            raise AmendError(
-                f"Cannot decrease refcount entry width to {bits} bits: Cluster at "
-                f"offset {cluster << image.cluster_bits:#x} has a refcount of "
-                f"{value}"
-            )
-    counts = current_refcounts(image)
-    old_order = image.header.refcount_order
-    image.header.refcount_order = bits.bit_length() - 1
-    try:
-        rebuild_refcounts(image, counts)  # switches the header with _write_header_fields
-    except BaseException:
-        image.header.refcount_order = old_order
-        raise
-    image.refcount_bits = bits
 
 
 # --- version changes ----------------------------------------------------------------------
