@@ -1,7 +1,8 @@
 """qimg: a drop-in replacement for `qemu-img` 7.2, built on qcow2lib.
 
-The entry point only (installed as the top-level module `qimg`, console script
-`qimg = "qimg:main"`); the CLI itself is the package qcow2lib.cli.
+The entry point as a module (`python tools/qimg.py`, or `python -m qimg` with tools/ on
+the path, as the tests run it in-process); the installed `qimg` command is its twin
+tools/qimg. The CLI itself is the package qcow2lib.cli.
 """
 
 import sys
