@@ -16,6 +16,7 @@ from __future__ import annotations
 import struct
 from array import array
 from collections import Counter
+from collections.abc import Iterator
 from itertools import compress
 
 from . import structs as S
@@ -113,6 +114,16 @@ class ClusterCounts:
         chunk = self.chunks.get(cluster >> _CHUNK_BITS)
         return chunk[cluster & _CHUNK_MASK] if chunk is not None else 0
 
+    def get_many(self, clusters: list[int]) -> list[int]:
+        """get() of many clusters at once."""
+        chunks = self.chunks
+        counts = [0] * len(clusters)
+        for position, cluster in enumerate(clusters):
+            chunk = chunks.get(cluster >> _CHUNK_BITS)
+            if chunk is not None:
+                counts[position] = chunk[cluster & _CHUNK_MASK]
+        return counts
+
     chunk_size = _CHUNK_SIZE
 
     def items(self, skip: set[int] | frozenset[int] = frozenset()):
@@ -135,6 +146,18 @@ class ClusterCounts:
             start, stop = max(first - base, 0), min(end - base, _CHUNK_SIZE)
             for offset in compress(range(start, stop), chunk[start:stop]):
                 yield base + offset, chunk[offset]
+
+    def chunk_slices(self, first: int, length: int) -> Iterator[tuple[int, array]]:
+        """(first cluster, counts) of the stored stretches of [first, first + length), in
+        order; clusters in no stretch have a count of 0."""
+        end = first + length
+        for index in range(first >> _CHUNK_BITS, ((end - 1) >> _CHUNK_BITS) + 1):
+            chunk = self.chunks.get(index)
+            if chunk is None:
+                continue
+            base = index << _CHUNK_BITS
+            start, stop = max(first - base, 0), min(end - base, _CHUNK_SIZE)
+            yield base + start, chunk[start:stop]
 
     def nonzero_blocks(self, block_entries: int) -> set[int]:
         """Indices of the refcount blocks (of `block_entries` clusters each) whose range

@@ -188,6 +188,24 @@ class Refcounts:
         block = self.block(cluster // self.block_entries)
         return block.get(cluster % self.block_entries) if block else 0
 
+    def counts_of(self, clusters: list[int]) -> list[int]:
+        """The refcounts of `clusters`, each block looked up once per run of clusters in it
+        (an L2 table's clusters mostly lie in one or two)."""
+        mask = self.block_entries - 1
+        shift = mask.bit_length()
+        counts = []
+        current, lookup = -1, None
+        for cluster in clusters:
+            if cluster >> shift != current:
+                current = cluster >> shift
+                block = self.block(current)
+                if block is None:
+                    lookup = None
+                else:
+                    lookup = block.values.__getitem__ if block.order >= 3 else block.get
+            counts.append(lookup(cluster & mask) if lookup is not None else 0)
+        return counts
+
     def count_in_use(self, end_cluster: int, enough: int) -> int:
         """Clusters below `end_cluster` with a non-zero refcount, counted block by block
         (ranges without a block cost nothing, so a sparse file's size does not matter);

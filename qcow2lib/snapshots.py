@@ -26,7 +26,7 @@ from __future__ import annotations
 import errno
 import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from itertools import compress
 from operator import add
@@ -200,22 +200,42 @@ def vm_state_offset(image, disk_size: int | None = None) -> int:
     return _vm_state_index(image, image.size if disk_size is None else disk_size) * _l1_span(image)
 
 
-def _flags_for(table: array, step: int, counts, bits: int) -> array | None:
+def _flags_for(
+    table: array, step: int, counts_of: Callable[[list[int]], list[int]], bits: int
+) -> array | None:
     """A copy of an L2 table with COPIED set exactly on entries whose cluster count is 1
-    (`counts`: anything with get(cluster)), or None when it has those flags already."""
+    (`counts_of`: the counts of a list of clusters), or None when it has those flags
+    already."""
+    entries = table[::step] if step > 1 else table
+    positions = list(compress(range(len(entries)), entries))
+    values = [entries[position] for position in positions]
+    mask, compressed = S.L2E_OFFSET_MASK, S.OFLAG_COMPRESSED
+    hosts = [0 if value & compressed else (value & mask) >> bits for value in values]
     fixed = None
-    for i in compress(range(0, len(table), step), table[::step]):
-        value = table[i]
-        host = value & S.L2E_OFFSET_MASK
-        if value & S.OFLAG_COMPRESSED or not host:
-            flag = 0
-        else:
-            flag = S.OFLAG_COPIED if counts.get(host >> bits) == 1 else 0
+    for position, value, host, count in zip(positions, values, hosts, counts_of(hosts)):
+        flag = S.OFLAG_COPIED if host and count == 1 else 0
         if value & S.OFLAG_COPIED != flag:
             if fixed is None:
                 fixed = array("Q", table)
-            fixed[i] = (value & ~S.OFLAG_COPIED) | flag
+            fixed[position * step] = (value & ~S.OFLAG_COPIED) | flag
     return fixed
+
+
+_CLEAR_TOP_BIT = bytes(range(128)) * 2  # bytes.translate table: each byte & 0x7F
+
+
+def _without_copied(table: array, step: int) -> bytes | None:
+    """An L2 table encoded for the disk with COPIED clear on every entry, or None when no
+    entry has it. COPIED is the top bit of an entry's first big-endian byte, so the flags
+    are cleared with one translate of every entry's first byte."""
+    raw = bytearray(encode_be64(table))
+    stride = 8 * step
+    tops = raw[0::stride]
+    cleared = tops.translate(_CLEAR_TOP_BIT)
+    if cleared == tops:
+        return None
+    raw[0::stride] = cleared
+    return bytes(raw)
 
 
 class _NewState:
@@ -251,6 +271,10 @@ class _NewState:
         block = self._block
         count = block.get(cluster & (self.refs.block_entries - 1)) if block is not None else 0
         return count + self.delta.get(cluster)
+
+    def counts_of(self, clusters: list[int]) -> list[int]:
+        """get() of many clusters at once."""
+        return list(map(add, self.refs.counts_of(clusters), self.delta.get_many(clusters)))
 
     def change_range(self, offset: int, length: int, times: int) -> None:
         bits = self.bits
@@ -360,26 +384,15 @@ class _NewState:
             table_first = self.allocate(table_clusters)
         table = array("Q", refs.table)
         table.extend([0] * (table_clusters * cs // 8 - len(table)))
-        limit = refs.max_refcount
         freed: list[tuple[int, int]] = []
         for block_index, cluster in sorted(copies.items()):
             old = refs.block(block_index)
             block = RefcountBlock(refs.order, old.to_bytes() if old is not None else bytes(cs))
             base = block_index * entries
-            for counted, change in self.delta.block_counts(base, entries):
-                before = block.get(counted - base)
-                after = before + change
-                if not 0 <= after <= limit:
-                    raise CorruptImageError(
-                        f"Refcount of cluster {counted} (offset 0x{counted << bits:x}) would "
-                        f"become {after}, outside 0..{limit}"
-                    )
-                block.set(counted - base, after)
-                if before and not after:
-                    if freed and sum(freed[-1]) == counted:
-                        freed[-1] = (freed[-1][0], freed[-1][1] + 1)
-                    else:
-                        freed.append((counted, 1))
+            if block.order >= 3:
+                self._apply_delta_whole(block, base, entries, freed)
+            else:
+                self._apply_delta(block, self.delta.block_counts(base, entries), base, freed)
             self.image.guard_write(cluster << bits, cs)
             self.image.file.pwrite(block.to_bytes(), cluster << bits)
             self.end = max(self.end, (cluster + 1) << bits)
@@ -388,6 +401,50 @@ class _NewState:
         self.image.file.pwrite(encode_be64(table), table_first << bits)
         self.end = max(self.end, (table_first + table_clusters) << bits)
         return table_first << bits, table_clusters, freed
+
+    def _apply_delta(self, block: RefcountBlock, changes, base: int, freed: list) -> None:
+        """Add the `changes` ((cluster, change) pairs, in order) to the block of clusters
+        from `base`, noting in `freed` the runs of clusters they free."""
+        limit = self.refs.max_refcount
+        for counted, change in changes:
+            before = block.get(counted - base)
+            after = before + change
+            if not 0 <= after <= limit:
+                raise CorruptImageError(
+                    f"Refcount of cluster {counted} (offset 0x{counted << self.bits:x}) would "
+                    f"become {after}, outside 0..{limit}"
+                )
+            block.set(counted - base, after)
+            if before and not after:
+                if freed and sum(freed[-1]) == counted:
+                    freed[-1] = (freed[-1][0], freed[-1][1] + 1)
+                else:
+                    freed.append((counted, 1))
+
+    def _apply_delta_whole(self, block: RefcountBlock, base: int, entries: int, freed: list):
+        """_apply_delta for blocks of whole-byte counts, a chunk of `delta` at a time at C
+        speed (a snapshot changes the count of every cluster its tree reaches); clusters
+        are visited one by one only where counts drop to zero or leave their range."""
+        values = block.values
+        assert isinstance(values, array)
+        limit = self.refs.max_refcount
+        for first, change in self.delta.chunk_slices(base, entries):
+            low = first - base
+            high = low + len(change)
+            after = list(map(add, values[low:high], change))
+            if min(after) < 0 or max(after) > limit:
+                nonzero = compress(range(first, first + len(change)), change)
+                self._apply_delta(block, ((c, change[c - first]) for c in nonzero), base, freed)
+                continue
+            if min(change) < 0:  # clusters whose count drops to zero are freed
+                dropped = (c for c in compress(range(len(change)), change) if not after[c])
+                for index in dropped:
+                    counted = first + index
+                    if freed and sum(freed[-1]) == counted:
+                        freed[-1] = (freed[-1][0], freed[-1][1] + 1)
+                    else:
+                        freed.append((counted, 1))
+            values[low:high] = array(values.typecode, after)
 
     def undo(self) -> None:
         """Cut the file back (best effort) after a failure before the switch; clusters
@@ -444,11 +501,19 @@ def _commit_state(
         for l1 in added:
             for offset in filter(None, l1):
                 uses[offset] = uses.get(offset, 0) + 1
+        # A new snapshot shares every L2 table of the active tree, so every cluster the
+        # tree reaches is counted twice at least: no entry keeps COPIED.
+        all_shared = new_snapshot is not None
         copies: dict[int, int] = {}
         for offset in dict.fromkeys(filter(None, active)):
-            fixed = _flags_for(m.l2_cache.get(offset), m.entry_words, state, bits)
-            if fixed is not None:
-                copy_offset = state.write_new(encode_be64(fixed))
+            table = m.l2_cache.get(offset)
+            if all_shared:
+                encoded = _without_copied(table, m.entry_words)
+            else:
+                fixed = _flags_for(table, m.entry_words, state.counts_of, bits)
+                encoded = None if fixed is None else encode_be64(fixed)
+            if encoded is not None:
+                copy_offset = state.write_new(encoded)
                 copies[offset] = copy_offset
                 state.delta.add(offset >> bits, -uses[offset])
                 state.delta.add(copy_offset >> bits, uses[offset] - 1)
@@ -605,7 +670,7 @@ def refresh_copied_flags(image) -> None:
             m.l1[index] = (entry & ~S.OFLAG_COPIED) | want
             m.l1_dirty.add(index)
         table = m.l2_cache.get(l2)
-        fixed = _flags_for(table, m.entry_words, refs, bits)
+        fixed = _flags_for(table, m.entry_words, refs.counts_of, bits)
         if fixed is not None:
             table[:] = fixed
             m.l2_cache.mark_dirty(l2)
