@@ -11,7 +11,7 @@ import struct
 import sys
 from array import array
 from itertools import compress
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 _BE64 = struct.Struct(">Q")
 
@@ -94,6 +94,51 @@ class NativeRunLength:
             window *= 4
 
 
+_ZERO_ENTRY = bytes(8)
+_STRETCH = 64  # entries compared with zeros at once
+_ZERO_STRETCH = bytes(8 * _STRETCH)
+
+
+def nonzero_entries(table: array) -> array:
+    """The non-zero entries of a table of 64-bit words, in order. Iterating a table makes
+    an integer object per entry (0.06 us for an L2 entry with flags), so it is avoided
+    where the bytes say enough: a table without a zero entry is copied whole, and in a
+    sparse one each stretch of 64 zero entries is skipped with one comparison."""
+    raw = table.tobytes()
+    if _ZERO_ENTRY not in raw:  # (8 zero bytes anywhere, aligned or not)
+        return array("Q", table)
+    if _ZERO_STRETCH not in raw:
+        return array("Q", filter(None, table))
+    used = array("Q")
+    for first in _busy_stretches(raw):
+        used.extend(filter(None, table[first : first + _STRETCH]))
+    return used
+
+
+def nonzero_positions(table: array) -> list[int]:
+    """The indices of the non-zero entries of a table of 64-bit words (as nonzero_entries
+    finds them)."""
+    raw = table.tobytes()
+    if _ZERO_ENTRY not in raw:
+        return list(range(len(table)))
+    if _ZERO_STRETCH not in raw:
+        return list(compress(range(len(table)), table))
+    positions: list[int] = []
+    for first in _busy_stretches(raw):
+        stop = min(first + _STRETCH, len(table))
+        positions.extend(compress(range(first, stop), table[first:stop]))
+    return positions
+
+
+def _busy_stretches(raw: bytes) -> Iterator[int]:
+    """First entry of each stretch of `raw` (64 entries, the last maybe fewer) that is not
+    all zeros."""
+    width = len(_ZERO_STRETCH)
+    for offset in range(0, len(raw), width):
+        if raw[offset : offset + width] != _ZERO_STRETCH:
+            yield offset >> 3
+
+
 def used_runs(
     finder: RunFinder, table: array, step: int, clean: Callable[[bytearray], None]
 ) -> list[tuple[int, int, bytes]]:
@@ -102,7 +147,7 @@ def used_runs(
     big-endian entries, are each `step` past the one before, in table order. Zero entries
     are taken out first (at C speed), so that clusters allocated one after the other form
     one run however the guest maps them; so are entries that only flags made non-zero."""
-    used = array("Q", filter(None, table))
+    used = nonzero_entries(table)
     if sys.byteorder == "little":
         used.byteswap()
     packed = bytearray(used.tobytes())

@@ -43,6 +43,7 @@ from .errors import (
 )
 from .rebuild import ClusterCounts, ReferencePastEnd, count_l1_entries, count_l2_tables
 from .refcount import RefcountBlock
+from .runs import nonzero_positions
 from .snapshot_table import (
     ICOUNT_DISABLED,
     Snapshot,
@@ -207,7 +208,7 @@ def _flags_for(
     (`counts_of`: the counts of a list of clusters), or None when it has those flags
     already."""
     entries = table[::step] if step > 1 else table
-    positions = list(compress(range(len(entries)), entries))
+    positions = nonzero_positions(entries)
     values = [entries[position] for position in positions]
     mask, compressed = S.L2E_OFFSET_MASK, S.OFLAG_COMPRESSED
     hosts = [0 if value & compressed else (value & mask) >> bits for value in values]

@@ -9,7 +9,13 @@ from array import array
 import pytest
 
 from qcow2lib import structs as S
-from qcow2lib.runs import NativeRunLength, RunFinder, host_runs
+from qcow2lib.runs import (
+    NativeRunLength,
+    RunFinder,
+    host_runs,
+    nonzero_entries,
+    nonzero_positions,
+)
 
 CLUSTER_BITS = 16
 
@@ -108,3 +114,26 @@ def test_native_run_length_across_its_growing_windows() -> None:
         assert run_length(damaged, 0, 8192, table[0], step) == broken
         assert run_length(damaged, 0, broken, table[0], step) == broken
     assert run_length(array("Q", bytes(8 * 700)), 0, 700, 0, 0) == 700
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_nonzero_entries_and_positions_skip_only_zeros(seed):
+    """Dense tables (copied whole), tables with short gaps (filtered) and sparse ones
+    (zero stretches skipped), of lengths around the 64-entry stretch, give exactly the
+    non-zero entries and their indices."""
+    rng = random.Random(seed)
+    length = rng.choice([1, 7, 63, 64, 65, 127, 200, 512, 8192])
+    density = rng.choice([0.0, 0.01, 0.3, 0.9, 1.0])
+    table = array("Q", bytes(8 * length))
+    for index in range(length):
+        if rng.random() < density:
+            table[index] = rng.choice(
+                [1, 1 << 63, 256, 1 << rng.randrange(64), rng.getrandbits(64) | 1]
+            )
+    if rng.random() < 0.3:  # runs of allocated clusters between long holes
+        start = rng.randrange(length)
+        for index in range(start, min(length, start + rng.randrange(1, 40))):
+            table[index] = S.OFLAG_COPIED | (index + 5) << CLUSTER_BITS
+    expected = [index for index, entry in enumerate(table) if entry]
+    assert nonzero_positions(table) == expected
+    assert list(nonzero_entries(table)) == [table[index] for index in expected]

@@ -17,7 +17,7 @@ from operator import or_
 from .. import structs as S
 from ..records import record
 from ..cache import decode_be64
-from ..runs import RunFinder, used_runs
+from ..runs import RunFinder, nonzero_positions, used_runs
 from .report import FIX_ERRORS, _Abort, _hash_x, _Result
 from .target import (
     _CHUNK_BITS,
@@ -50,7 +50,7 @@ def _used_entries(table: array, words: int) -> Iterator[int]:
     """Indices of the L2 entries that are not all zeros (entry and extended bitmap): a
     table past the end of the file, or a mostly empty one, is then skipped at C speed."""
     if words == 1:
-        return compress(range(len(table)), table)
+        return iter(nonzero_positions(table))
     return compress(range(len(table) // 2), map(or_, table[::2], table[1::2]))
 
 
