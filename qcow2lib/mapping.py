@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import sys
 from array import array
+from bisect import bisect_right
 
 from . import structs as S
 from .cache import TableCache, decode_be64, encode_be64
 from .errors import CorruptImageError
-from .runs import NativeRunLength
+from .runs import NativeRunLength, nonzero_positions
 
 DATA, ZERO, BACKING, COMPRESSED = "data", "zero", "backing", "compressed"
 
@@ -413,11 +414,21 @@ class ClusterMap:
         data_file_copied = S.OFLAG_COPIED if self.has_data_file else 0
         index = (pos >> bits) - base
         stop = ((end - 1) >> bits) - base + 1
+        used: list[int] | None = None  # indices of the non-zero entries, once a hole needs them
         while index < stop:
             entry = table[index]
             cluster_index = base + index
             cluster_start = cluster_index << bits
             start = max(pos, cluster_start)
+            if not entry:  # a hole runs to the next entry in use (found without a loop)
+                if used is None:
+                    used = nonzero_positions(table)
+                after = bisect_right(used, index)
+                count = min(used[after] if after < len(used) else len(table), stop) - index
+                run_end = min((cluster_index + count) << bits, end)
+                _append(segments, start, run_end - start, BACKING, None)
+                index += count
+                continue
             if entry & S.OFLAG_COMPRESSED:
                 self._append_compressed(
                     segments, entry, cluster_index, start, min(end, cluster_start + cluster_size)
