@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import sys
 from array import array
-from itertools import compress
+
 
 from .cache import TableCache, decode_be64, encode_be64
 from .errors import CorruptImageError, InvalidArgumentError
 from .overlap import REFCOUNT_BLOCK, REFCOUNT_TABLE, OverlapMap
+from .runs import nonzero_positions
 from .structs import MAX_REFTABLE_BYTES, REFT_OFFSET_MASK, REFT_RESERVED_MASK
 
 _NATIVE_LITTLE = sys.byteorder == "little"
@@ -137,9 +138,9 @@ class Refcounts:
         self.table_clusters = table_clusters
         raw = file.pread(table_clusters * self.cluster_size, table_offset)
         self.table: array = decode_be64(raw)
-        # Only the nonzero entries: the table is mostly empty, and walking all of it in
-        # Python cost about a millisecond of every open.
-        for index in compress(range(len(self.table)), self.table):
+        # Only the nonzero entries (found without a Python step per entry): the table is
+        # mostly empty, and walking all of it cost a good part of every open.
+        for index in nonzero_positions(self.table):
             entry = self.table[index]
             if entry & REFT_RESERVED_MASK:
                 raise CorruptImageError(
