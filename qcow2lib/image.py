@@ -1427,6 +1427,7 @@ class Qcow2Image(BlockDevice):
         end = offset + length
         granule = self.map.subcluster_size
         physical: list[tuple[int, int]] = []  # ranges that must be written with zeros
+        released: list[tuple[int, int]] = []  # data file ranges no entry maps any more
         first_full = -(-offset // cs) * cs
         last_full = end // cs * cs
         if self.size - end < cs and end == self.size:
@@ -1444,6 +1445,7 @@ class Qcow2Image(BlockDevice):
                         last_full >> self.cluster_bits,
                         may_unmap,
                         discard,
+                        released,
                     )
             finally:
                 self._io_active -= 1
@@ -1453,6 +1455,9 @@ class Qcow2Image(BlockDevice):
                 self._zero_raw_data(offset, end)
             elif first_full < last_full:
                 self._zero_raw_data(first_full, min(last_full, self.size))
+        else:  # as QEMU passes the discard on: the data file's space goes back too
+            for host, size in released:
+                self._data_target().punch_hole(host, size)
         for start, stop in physical:
             pos = start
             while pos < stop:
@@ -1529,9 +1534,15 @@ class Qcow2Image(BlockDevice):
         )
 
     def _unmap_clusters(
-        self, first: int, stop: int, may_unmap: bool, discard: bool
+        self,
+        first: int,
+        stop: int,
+        may_unmap: bool,
+        discard: bool,
+        released: list[tuple[int, int]],
     ) -> list[tuple[int, int]]:
-        """Whole clusters [first, stop): zero flags, or unallocated, as the format allows."""
+        """Whole clusters [first, stop): zero flags, or unallocated, as the format allows.
+        Ranges of an external data file that no entry maps any more go to `released`."""
         physical: list[tuple[int, int]] = []
         v3 = self.header.version >= 3
         for cluster_index in range(first, stop):
@@ -1570,6 +1581,12 @@ class Qcow2Image(BlockDevice):
             if not self.map.has_host(new_entry):
                 for c, count in owned:
                     self.refcounts.free(c, count)
+                if mapped and self.has_data_file:
+                    host = entry & S.L2E_OFFSET_MASK
+                    if released and sum(released[-1]) == host:
+                        released[-1] = (released[-1][0], released[-1][1] + self.cluster_size)
+                    else:
+                        released.append((host, self.cluster_size))
         return physical
 
     # --- durability ---------------------------------------------------------------------

@@ -14,7 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from qemutools import qemu_img, qemu_io, qemu_map, run, to_raw
+import pytest
+
+from qemutools import inside, qemu_img, qemu_io, qemu_map, run, to_raw
 from qemutools import run_qimg_in as run_qimg
 
 
@@ -405,3 +407,43 @@ def test_directories_and_empty_files_are_refused_as_qemu_img_refuses_them(tmp_pa
         mine, real = run_qimg(tmp_path, *command), run_qemu(tmp_path, *command)
         assert real.returncode == 1, command
         assert (mine.returncode, mine.stderr) == (real.returncode, real.stderr), command
+
+
+# --- iotest 244: zeroing or discarding clusters gives the data file's space back too ----
+
+
+@pytest.mark.parametrize("extended", ["off", "on"])
+def test_unmapped_clusters_are_discarded_in_the_external_data_file(tmp_path, extended):
+    """QEMU passes a discard on to the data file when an entry stops mapping its cluster
+    (zeroing with unmap, or discard); zeroing that keeps the allocation keeps the data.
+    (A relative data file name is taken from the cwd, by QEMU and qimg alike.)"""
+
+    def qemu_io_in(d: Path, *commands: str) -> None:
+        args = [arg for command in commands for arg in ("-c", command)]
+        result = run(["qemu-io", *args, "t.qcow2"], cwd=d)
+        assert "error" not in result.stdout.lower() + result.stderr.lower(), result
+
+    def setup(d: Path) -> None:
+        options = f"data_file=t.data,extended_l2={extended}"
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", options, "t.qcow2", "4M"], cwd=d)
+        qemu_io_in(d, "write -P 1 0 2M")
+
+    ours, theirs = tmp_path / "qimg", tmp_path / "qemu"
+    for d in (ours, theirs):  # (each made afresh: a copy would fill the data file's holes)
+        d.mkdir()
+        setup(d)
+    qemu_io_in(theirs, "write -z -u 0 256k", "discard 512k 256k", "write -z 1M 256k")
+    import qcow2lib
+
+    with inside(ours), qcow2lib.open("t.qcow2", "r+") as image:
+        image.write_zeroes(0, 256 << 10, may_unmap=True)
+        image.discard(512 << 10, 256 << 10)
+        image.write_zeroes(1 << 20, 256 << 10)
+    maps = []
+    for d in (ours, theirs):
+        assert run_qemu(d, "check", "t.qcow2").returncode == 0
+        maps.append(run_qemu(d, "map", "--output=json", "t.qcow2").stdout)
+        maps.append(run_qemu(d, "map", "--output=json", "-f", "raw", "t.data").stdout)
+    assert maps[:2] == maps[2:], "\n".join(maps)
+    assert '"data": false, "offset": 0}' in maps[1]  # the first 256 KiB went back
+    assert (ours / "t.data").read_bytes() == (theirs / "t.data").read_bytes()
