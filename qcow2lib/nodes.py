@@ -128,7 +128,7 @@ def _open_over_quorum(target, mode: str, fmt: str | None, **kwargs) -> BlockDevi
     from .quorum import QuorumFile
 
     file = QuorumFile(target, writable=mode == "r+")
-    return _open_over_file(file, lambda fmt: target.name, None, (), mode, fmt, **kwargs)
+    return _open_over_file(file, target.display_name, None, (), mode, fmt, **kwargs)
 
 
 def _open_over_throttle(target, mode: str, fmt: str | None, **kwargs) -> BlockDevice:

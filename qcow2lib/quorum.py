@@ -15,69 +15,128 @@ import os
 
 from .errors import InvalidArgumentError, Qcow2IOError, UnsupportedFeatureError
 from .hostfile import open_host_file
-from .records import record
+from .records import field, record
 
-_BOOLS = {"on": True, "off": False}
+_BOOLS = {  # QEMU's spellings of a boolean option
+    "on": True,
+    "yes": True,
+    "true": True,
+    "y": True,
+    "off": False,
+    "no": False,
+    "false": False,
+    "n": False,
+}
 
 
 @record
 class QuorumTarget:
-    """The children's files and the vote threshold of a quorum node."""
+    """The children's files, the vote threshold and the read pattern of a quorum node."""
 
     name: str
     children: list[str]
     threshold: int
+    fifo: bool = False  # read-pattern=fifo: the first child that answers, no vote
+    options: dict = field(default_factory=dict)  # its own options, as given (typed if JSON)
+    drivers: list[str] = field(default_factory=list)  # the children's: file or host_device
+
+    def display_name(self, format_name: str) -> str:
+        """QEMU's json: name of the image of `format_name` above the node: the node's
+        options as given, its children's and its driver, in QDict order."""
+        from .qobject import qemu_json_compact
+
+        drivers = self.drivers or ["file"] * len(self.children)
+        children = [
+            {"driver": driver, "filename": filename}
+            for driver, filename in zip(drivers, self.children)
+        ]
+        node = {**self.options, "children": children, "driver": "quorum"}
+        return "json:" + qemu_json_compact({"driver": format_name, "file": node})
+
+
+_RUNTIME_OPTIONS = ("vote-threshold", "read-pattern", "rewrite-corrupted", "blkverify")
 
 
 def target_from_options(name: str, options: dict[str, str]) -> QuorumTarget:
     """Options of the node without "driver": vote-threshold, children.N.driver (file or
-    host_device) and children.N.filename, read-pattern, rewrite-corrupted, blkverify."""
-    children: dict[int, dict[str, str]] = {}
-    threshold = None
+    host_device) and children.N.filename, read-pattern, rewrite-corrupted, blkverify;
+    refused in QEMU's order and words (the children array, the counts, the options'
+    types, the threshold, the read pattern, then each child, then unknown options)."""
+    children: dict[str, dict[str, str]] = {}
+    runtime: dict[str, str] = {}
+    unknown = []
     for key, value in options.items():
         if key.startswith("children."):
             index, _, sub = key[len("children.") :].partition(".")
-            if not index.isdigit() or not sub:
-                raise InvalidArgumentError(f"Invalid parameter '{key}'")
-            children.setdefault(int(index), {})[sub] = value
-        elif key == "vote-threshold":
-            if not value.isdigit():
-                raise InvalidArgumentError("Parameter 'vote-threshold' expects a number")
-            threshold = int(value)
-        elif key == "read-pattern":
-            if value not in ("quorum", "fifo"):
-                raise InvalidArgumentError(
-                    f"Parameter 'read-pattern' does not accept value '{value}'"
-                )
-        elif key in ("rewrite-corrupted", "blkverify"):
-            if value not in _BOOLS:
-                raise InvalidArgumentError(f"Parameter '{key}' expects 'on' or 'off'")
-            if _BOOLS[value]:
-                raise UnsupportedFeatureError(f"qimg's quorum does not support {key}=on")
+            children.setdefault(index, {})[sub] = value
+        elif key in _RUNTIME_OPTIONS:
+            runtime[key] = value
         else:
-            raise InvalidArgumentError(
-                f"Block protocol 'quorum' doesn't support the option '{key}'"
-            )
-    if threshold is None:
-        raise InvalidArgumentError("Parameter 'vote-threshold' is missing")
-    files = []
-    for child_index in sorted(children):
-        child = children[child_index]
-        if child.get("driver", "file") not in ("file", "host_device") or set(child) - {
-            "driver",
-            "filename",
-        }:
-            raise UnsupportedFeatureError("qimg's quorum children must be plain files (filename)")
-        if "filename" not in child:
-            raise InvalidArgumentError('A block device must be specified for "children"')
-        files.append(child["filename"])
-    if not files:
+            unknown.append(key)
+    if set(children) != {str(index) for index in range(len(children))}:
+        raise InvalidArgumentError("Option children is not a valid array")
+    if not children:
         raise InvalidArgumentError("Number of provided children must be 1 or more")
+    threshold_text = runtime.get("vote-threshold", "0")
+    if not threshold_text.isdigit():
+        raise InvalidArgumentError("Parameter 'vote-threshold' expects a number")
+    flags = {}
+    for key in ("rewrite-corrupted", "blkverify"):
+        value = runtime.get(key, "off")
+        if value not in _BOOLS:
+            raise InvalidArgumentError(f"Parameter '{key}' expects 'on' or 'off'")
+        flags[key] = _BOOLS[value]
+    threshold = int(threshold_text)
     if threshold < 1:
         raise InvalidArgumentError("Parameter 'vote-threshold' expects a value >= 1")
-    if threshold > len(files):
+    if threshold > len(children):
         raise InvalidArgumentError("threshold may not exceed children count")
-    return QuorumTarget(name, files, threshold)
+    pattern = runtime.get("read-pattern", "quorum")
+    if pattern not in ("quorum", "fifo"):
+        raise InvalidArgumentError("Please set read-pattern as fifo or quorum")
+    if pattern == "quorum":  # (fifo reads ignore both)
+        if flags["blkverify"] and (len(children) != 2 or threshold != 2):
+            raise InvalidArgumentError(
+                "blkverify=on can only be set if there are exactly two files and "
+                "vote-threshold is 2"
+            )
+        if flags["rewrite-corrupted"] and flags["blkverify"]:
+            raise InvalidArgumentError("rewrite-corrupted=on cannot be used with blkverify=on")
+        for key, on in flags.items():
+            if on:
+                raise UnsupportedFeatureError(f"qimg's quorum does not support {key}=on")
+    files = []
+    for position in range(len(children)):
+        child = children[str(position)]
+        if "driver" not in child:  # (QEMU probes no format for a quorum's child)
+            raise InvalidArgumentError("Must specify either driver or file")
+        if child["driver"] not in ("file", "host_device") or set(child) - {"driver", "filename"}:
+            raise UnsupportedFeatureError("qimg's quorum children must be plain files (filename)")
+        if "filename" not in child:
+            raise InvalidArgumentError(f"The '{child['driver']}' block driver requires a file name")
+        files.append(child["filename"])
+    if unknown:
+        raise InvalidArgumentError(
+            f"Block format 'quorum' does not support the option '{unknown[0]}'"
+        )
+    drivers = [children[str(position)]["driver"] for position in range(len(children))]
+    options = _given_options(name, runtime)
+    return QuorumTarget(name, files, threshold, pattern == "fifo", options, drivers)
+
+
+def _given_options(name: str, runtime: dict[str, str]) -> dict:
+    """The node's own options for its json: name: from a json: image name with their
+    JSON types (QEMU prints 1 where the name said 1, "1" where options said "1")."""
+    if name.startswith("json:"):
+        from .chain import json_text_tree
+
+        try:
+            node = json_text_tree(name).get("file")
+        except InvalidArgumentError:
+            node = None
+        if isinstance(node, dict) and node.get("driver") == "quorum":
+            return {key: value for key, value in node.items() if key in runtime}
+    return dict(runtime)
 
 
 class QuorumFile:
@@ -87,6 +146,7 @@ class QuorumFile:
 
     def __init__(self, target: QuorumTarget, writable: bool):
         self.threshold = target.threshold
+        self.fifo = target.fifo
         self.writable = writable
         self.no_flush = False
         self.children = []
@@ -101,6 +161,16 @@ class QuorumFile:
             self.close()
             raise Qcow2IOError(errno.EIO, "quorum children differ in size")
         self.is_device = False
+
+    def _read(self, length: int, offset: int) -> bytes:
+        if not self.fifo:
+            return self._vote([child.pread(length, offset) for child in self.children])
+        for child in self.children[:-1]:  # the first child that answers
+            try:
+                return child.pread(length, offset)
+            except Qcow2IOError:
+                continue
+        return self.children[-1].pread(length, offset)
 
     def _vote(self, versions: list[bytes]) -> bytes:
         counts: dict[bytes, int] = {}
@@ -121,7 +191,7 @@ class QuorumFile:
         return sum(child.allocated_bytes() for child in self.children)
 
     def pread(self, length: int, offset: int) -> bytes:
-        return self._vote([child.pread(length, offset) for child in self.children])
+        return self._read(length, offset)
 
     def readinto(self, buf, offset: int) -> None:
         buf[:] = self.pread(len(buf), offset)
