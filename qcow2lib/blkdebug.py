@@ -68,6 +68,20 @@ class Rule:
     new_state: int = 0
 
 
+# The options QEMU's blkdebug keeps in a json: name of the node, in its order.
+_STRONG_RUNTIME_OPTIONS = (
+    "config",
+    "inject-error.",
+    "set-state.",
+    "align",
+    "max-transfer",
+    "opt-write-zero",
+    "max-write-zero",
+    "opt-discard",
+    "max-discard",
+)
+
+
 @record
 class BlkdebugTarget:
     """What a blkdebug node opens: its rules' sources and its child.
@@ -81,6 +95,7 @@ class BlkdebugTarget:
     image: str | dict[str, str]
     rule_options: dict[str, str] = field(default_factory=dict)
     other_options: bool = False  # options beyond config and image: QEMU keeps a json: name
+    options: dict[str, str] = field(default_factory=dict)  # all of them, flattened
 
     def child_filename(self) -> str:
         """The child's name as QEMU shows it (a file name, or null-co://)."""
@@ -94,6 +109,44 @@ class BlkdebugTarget:
     def display_name(self) -> str:
         """blkdebug:CONFIG:CHILD, QEMU's reconstructed name of the node."""
         return f"blkdebug:{self.config or ''}:{self.child_filename()}"
+
+    def json_name(self, format_name: str | None) -> str:
+        """QEMU's json: name for a node with options beyond config and image: "driver",
+        its strong runtime options (typed as a json: name gave them) and the child spelled
+        out under "image"; with `format_name`, that of the image of that format above the
+        node. The options pass through QEMU's dicts as they do in QEMU (flattened, joined,
+        taken by the child node, gathered by prefix), which orders keys sharing a bucket."""
+        from .qobject import node_tree, qdict_flatten, qdict_items, qemu_json_compact, reinserted
+
+        prefix = "" if format_name is None else "file."
+        tree = self._given_tree()
+        if tree is not None:  # a json: name is flattened into the open's options
+            top = qdict_flatten(tree)
+        else:  # options (--image-opts, in the order given) are joined into them
+            top = reinserted({prefix + key: value for key, value in self.options.items()})
+        options = reinserted(top, prefix)  # the node's: taken from its parent's
+        own = {
+            key: value
+            for strong in _STRONG_RUNTIME_OPTIONS
+            for key, value in qdict_items(options)
+            if (key.startswith(strong) if strong.endswith(".") else key == strong)
+        }
+        child = node_tree({k[6:]: v for k, v in options.items() if k.startswith("image.")})
+        node = {"driver": "blkdebug", **own, "image": child}
+        tree_out = node if format_name is None else {"driver": format_name, "file": node}
+        return "json:" + qemu_json_compact(tree_out)
+
+    def _given_tree(self) -> dict | None:
+        """The object of the json: name the node was given by, unless it only holds flat
+        options (qimg's spelling of --image-opts)."""
+        if not self.name.startswith("json:"):
+            return None
+        from .chain import json_text_tree
+
+        tree = json_text_tree(self.name)
+        if all(not isinstance(value, (dict, list)) for value in tree.values()):
+            return None
+        return tree
 
 
 def parse_blkdebug_name(name: str) -> BlkdebugTarget:
@@ -139,7 +192,7 @@ def target_from_options(name: str, options: dict[str, str]) -> BlkdebugTarget:
     others = any(
         key not in ("config", "image", "x-image") for key in options if key[:6] != "image."
     )
-    return BlkdebugTarget(name, config, image, rules, others)
+    return BlkdebugTarget(name, config, image, rules, others, dict(options))
 
 
 def _check_limit(key: str, value: str) -> None:
@@ -426,7 +479,7 @@ def open_blkdebug(
         child = chain.open_image(
             child_target, mode, child_fmt, backing, force_share=force_share, cache=cache
         )
-        name = target.name if target.other_options else target.display_name()
+        name = target.json_name(None) if target.other_options else target.display_name()
         return BlkdebugDevice(child, rules, name)
     image = target.image
     if isinstance(image, dict):
@@ -440,14 +493,14 @@ def open_blkdebug(
     file = BlkdebugFile(host, rules)
     # QEMU names an image above a blkdebug node by that node's blkdebug:CONFIG:FILE name
     # (map too names it for a qcow2 image's data; raw passes through to the host file)
-    name = target.name if target.other_options else target.display_name()
     if not target.other_options:
-        file.node_name = name
+        file.node_name = target.display_name()
     probed = fmt is None
     try:
         rules.event("none")
         if probed:
             fmt = "qcow2" if file.pread(4, 0) == S.QCOW_MAGIC.to_bytes(4, "big") else "raw"
+        name = target.json_name(fmt) if target.other_options else target.display_name()
         if fmt in ("raw", "file"):
             device = RawDevice(name, mode, force_share, probed, file=file)
             device.file.no_flush = cache == "unsafe"

@@ -146,3 +146,61 @@ def dump_qobject(value: Any, indent: int) -> str:
             text = ("true" if item else "false") if isinstance(item, bool) else str(item)
             lines.append(f"{' ' * 4 * indent}{label}: {text}\n")
     return "".join(lines)
+
+
+def node_tree(options: dict[str, Any]) -> dict:
+    """A node's flattened options ("file.filename") as QEMU spells the node out in a
+    json: name: nested, "driver" first, a bare filename under the "file" driver."""
+    nested: dict = {}
+    for key, value in options.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return spelled_node(nested)
+
+
+def spelled_node(node: dict) -> dict:
+    """A nested node (as a json: name gives it) as QEMU spells it out (see node_tree)."""
+    driver = node.pop("driver", "file" if "filename" in node else None)
+    out: dict = {} if driver is None else {"driver": driver}
+    for key, value in node.items():
+        out[key] = spelled_node(value) if isinstance(value, dict) else value
+    return out
+
+
+def qdict_flatten(tree: dict) -> dict:
+    """QEMU's qdict_flatten() of a parsed json: name: nested objects and lists become
+    dotted keys ("inject-error.0.event"), values keep their JSON types, and the keys are
+    inserted in the order QEMU inserts them (each object walked in QDict order, the top
+    one again from its start after each member it flattens), which decides how keys
+    that share a hash bucket are listed later."""
+    flat = dict(tree)
+    while True:
+        for key, value in qdict_items(flat):
+            if isinstance(value, (dict, list)) and value:
+                _flatten_into(value, flat, key)
+                del flat[key]
+                break
+        else:
+            return flat
+
+
+def _flatten_into(value: dict | list, target: dict, prefix: str) -> None:
+    items = qdict_items(value) if isinstance(value, dict) else list(enumerate(value))
+    for key, item in items:
+        name = f"{prefix}.{key}"
+        if isinstance(item, (dict, list)) and item:
+            _flatten_into(item, target, name)
+        else:
+            target[name] = item
+
+
+def reinserted(options: dict, prefix: str = "") -> dict:
+    """The options QEMU copies from one dict to the next (a join, or a child's options
+    taken from its parent's under `prefix`, which is dropped): inserted in the order the
+    first dict lists them."""
+    return {
+        key[len(prefix) :]: value for key, value in qdict_items(options) if key.startswith(prefix)
+    }

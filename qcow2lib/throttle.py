@@ -300,7 +300,9 @@ class ThrottleTarget:
         return "json:" + qemu_json_compact(tree)
 
     def _tree(self) -> dict:
-        child = _child_tree(self.child)
+        from .qobject import node_tree, spelled_node
+
+        child = node_tree(self.child)
         if self.name.startswith("json:"):  # its numbers and booleans stay such
             import json
 
@@ -311,7 +313,7 @@ class ThrottleTarget:
                 given = given.get("file") if isinstance(given, dict) else None
             given = given.get("file") if isinstance(given, dict) else None
             if isinstance(given, dict) and all("." not in key for key in given):
-                child = _spell(json.loads(json.dumps(given)))
+                child = spelled_node(json.loads(json.dumps(given)))
         return {"throttle-group": self.group, "driver": "throttle", "file": child}
 
     def host_filename(self) -> str:
@@ -322,28 +324,6 @@ class ThrottleTarget:
                 "qimg puts throttle beneath an image format only above a host file"
             )
         return child["filename"]
-
-
-def _child_tree(options: Mapping[str, str]) -> dict:
-    """A child's flattened options as QEMU spells the node out: "driver" first, a
-    format's file (and a bare filename) under the "file" protocol driver."""
-    nested: dict = {}
-    for key, value in options.items():
-        node = nested
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-
-    return _spell(nested)
-
-
-def _spell(node: dict) -> dict:
-    driver = node.pop("driver", "file" if "filename" in node else None)
-    out: dict = {} if driver is None else {"driver": driver}
-    for key, value in node.items():
-        out[key] = _spell(value) if isinstance(value, dict) else value
-    return out
 
 
 def target_from_options(

@@ -329,3 +329,50 @@ def test_map_names_the_files_beneath_blkdebug(tmp_path: Path):
         tmp_path, "map", "--image-opts", f"{options},image.file.filename=top.qcow2,align=4k"
     )
     assert "top.qcow2\n" in result.stdout and "base.qcow2\n" in result.stdout
+
+
+def _random_blkdebug_name(rng, beneath: bool) -> list[str]:
+    """info's arguments for a blkdebug node with random rules, as a json: name (nested,
+    typed) or as --image-opts (flat, strings), keys in random order."""
+    events = ["l2_load", "l1_update", "refblock_load", "read_aio", "write_aio", "flush_to_os"]
+    values = {"errno": 28, "once": True, "state": 2, "sector": 7, "iotype": "read"}
+    rules = []
+    for _ in range(rng.randint(1, 3)):
+        rule = {"event": rng.choice(events)}
+        rule |= {key: values[key] for key in rng.sample(sorted(values), rng.randint(0, 4))}
+        rules.append(dict(rng.sample(list(rule.items()), len(rule))))
+    states = [{"event": rng.choice(events), "new_state": 3} for _ in range(rng.randint(0, 2))]
+    node = {"driver": "blkdebug", "image": {"driver": "file", "filename": "a.qcow2"}}
+    node |= {"inject-error": rules} | ({"set-state": states} if states else {})
+    if rng.random() < 0.3:
+        node["align"] = 512
+    node = dict(rng.sample(list(node.items()), len(node)))
+    if rng.random() < 0.5:
+        tree = {"driver": "qcow2", "file": node} if beneath else node
+        return ["json:" + json.dumps(tree, separators=(",", ":"))]
+    flat = [f"image.{key}={value}" for key, value in node["image"].items()]
+    for section in ("inject-error", "set-state"):
+        for index, rule in enumerate(node.get(section, [])):
+            for key, value in rule.items():
+                text = str(value).lower() if isinstance(value, bool) else value
+                flat.append(f"{section}.{index}.{key}={text}")
+    prefix = "file." if beneath else ""
+    options = [f"{prefix}{option}" for option in rng.sample(flat, len(flat))]
+    options.append(f"{prefix}driver=blkdebug")
+    if beneath:
+        options.append("driver=qcow2")
+    return ["--image-opts", ",".join(rng.sample(options, len(options)))]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_blkdebug_json_names_are_qemus(tmp_path: Path, seed: int):
+    """A blkdebug node with rules is named by QEMU's json: re-serialization: its strong
+    options flattened, typed as given, in the order QEMU's dicts pass them on (which
+    decides how keys sharing a hash bucket are listed), its child under "image"."""
+    import random
+
+    rng = random.Random(seed)
+    qemu_img("create", "-q", "-f", "qcow2", tmp_path / "a.qcow2", "1M")
+    for beneath in (True, False):
+        args = _random_blkdebug_name(rng, beneath)
+        assert_same(tmp_path, "info", *args)
