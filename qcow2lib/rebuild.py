@@ -137,15 +137,9 @@ class ClusterCounts:
 
     def block_counts(self, first: int, length: int):
         """(cluster, count) for the clusters with a non-zero count in [first, first + length)."""
-        end = first + length
-        for index in range(first >> _CHUNK_BITS, ((end - 1) >> _CHUNK_BITS) + 1):
-            chunk = self.chunks.get(index)
-            if chunk is None:
-                continue
-            base = index << _CHUNK_BITS
-            start, stop = max(first - base, 0), min(end - base, _CHUNK_SIZE)
-            for offset in compress(range(start, stop), chunk[start:stop]):
-                yield base + offset, chunk[offset]
+        for start, counts in self.chunk_slices(first, length):
+            for offset in compress(range(len(counts)), counts):
+                yield start + offset, counts[offset]
 
     def chunk_slices(self, first: int, length: int) -> Iterator[tuple[int, array]]:
         """(first cluster, counts) of the stored stretches of [first, first + length), in
@@ -194,12 +188,7 @@ def current_refcounts(image) -> ClusterCounts:
     structure = set(range(refs.table_offset // cs, refs.table_offset // cs + refs.table_clusters))
     structure.update((e & S.REFT_OFFSET_MASK) // cs for e in refs.table if e & S.REFT_OFFSET_MASK)
     entries = refs.block_entries
-    for block_index, entry in enumerate(refs.table):
-        if not entry & S.REFT_OFFSET_MASK:
-            continue
-        block = refs.block(block_index)
-        if block is None:
-            continue
+    for block_index, block in refs.allocated_blocks():
         values = block.values if block.order >= 3 else [block.get(i) for i in range(entries)]
         base = block_index * entries
         for index in compress(range(entries), values):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from array import array
+from collections.abc import Iterator
 
 
 from .cache import TableCache, decode_be64, encode_be64
@@ -184,6 +185,14 @@ class Refcounts:
     def block(self, block_index: int) -> RefcountBlock | None:
         offset = self._block_offset(block_index)
         return self.blocks.get(offset) if offset else None
+
+    def allocated_blocks(self) -> Iterator[tuple[int, RefcountBlock]]:
+        """(index, block) of every refcount block the table points at, in order."""
+        for block_index in nonzero_positions(self.table):
+            if self.table[block_index] & REFT_OFFSET_MASK:
+                block = self.block(block_index)
+                if block is not None:
+                    yield block_index, block
 
     def get(self, cluster: int) -> int:
         block = self.block(cluster // self.block_entries)

@@ -77,12 +77,7 @@ def _report_walk(
 def _first_refcount_above(image, limit: int) -> tuple[int, int] | None:
     """(cluster, refcount) of the first cluster whose refcount exceeds `limit`."""
     refs = image.refcounts
-    for block_index, entry in enumerate(refs.table):
-        if not entry & S.REFT_OFFSET_MASK:
-            continue
-        block = refs.block(block_index)
-        if block is None:
-            continue
+    for block_index, block in refs.allocated_blocks():
         values = block.values
         if block.order >= 3:
             if max(values) <= limit:
@@ -199,12 +194,7 @@ def _nonempty_new_blocks(image, bits: int) -> set[int]:
     old_bits = 1 << refs.order
     slice_bytes = new_entries * old_bits // 8
     found: set[int] = set()
-    for block_index, entry in enumerate(refs.table):
-        if not entry & S.REFT_OFFSET_MASK:
-            continue
-        block = refs.block(block_index)
-        if block is None:
-            continue
+    for block_index, block in refs.allocated_blocks():
         raw = block.to_bytes()
         first = block_index * old_entries
         if slice_bytes >= cs:
