@@ -13,7 +13,6 @@ import sys
 from array import array
 from collections.abc import Iterator
 
-
 from .cache import TableCache, decode_be64, encode_be64
 from .errors import CorruptImageError, InvalidArgumentError
 from .overlap import REFCOUNT_BLOCK, REFCOUNT_TABLE, OverlapMap
