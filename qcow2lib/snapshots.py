@@ -239,6 +239,14 @@ def _without_copied(table: array, step: int) -> bytes | None:
     return bytes(raw)
 
 
+def _note_freed(freed: list[tuple[int, int]], cluster: int) -> None:
+    """Add a freed cluster to the runs of freed clusters (clusters come in order)."""
+    if freed and sum(freed[-1]) == cluster:
+        freed[-1] = (freed[-1][0], freed[-1][1] + 1)
+    else:
+        freed.append((cluster, 1))
+
+
 class _NewState:
     """A snapshot operation's new state, built beside the current one.
 
@@ -417,10 +425,7 @@ class _NewState:
                 )
             block.set(counted - base, after)
             if before and not after:
-                if freed and sum(freed[-1]) == counted:
-                    freed[-1] = (freed[-1][0], freed[-1][1] + 1)
-                else:
-                    freed.append((counted, 1))
+                _note_freed(freed, counted)
 
     def _apply_delta_whole(self, block: RefcountBlock, base: int, entries: int, freed: list):
         """_apply_delta for blocks of whole-byte counts, a chunk of `delta` at a time at C
@@ -440,11 +445,7 @@ class _NewState:
             if min(change) < 0:  # clusters whose count drops to zero are freed
                 dropped = (c for c in compress(range(len(change)), change) if not after[c])
                 for index in dropped:
-                    counted = first + index
-                    if freed and sum(freed[-1]) == counted:
-                        freed[-1] = (freed[-1][0], freed[-1][1] + 1)
-                    else:
-                        freed.append((counted, 1))
+                    _note_freed(freed, first + index)
             values[low:high] = array(values.typecode, after)
 
     def undo(self) -> None:
