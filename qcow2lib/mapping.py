@@ -276,6 +276,44 @@ class ClusterMap:
         self.validate_entry(entry, 0, cluster_index)
         return host + (guest_offset & (self.cluster_size - 1))
 
+    def data_run(self, guest_offset: int, length: int, overlap: bool = True) -> int | None:
+        """The host offset of [guest_offset, +length) when the range lies in one run of
+        plain data clusters of one standard L2 table (entries stepping by one cluster,
+        no flag but COPIED, all with the first's COPIED bit), validated as `lookup`
+        validates them (overlap=False: without the metadata overlap test, for a writer
+        that guards what it writes); None for anything else (ask lookup). The large
+        request's shortcut, as read_host is the small one's: no segment list."""
+        bits = self.cluster_bits
+        first = guest_offset >> bits
+        count = ((guest_offset + length - 1) >> bits) - first + 1
+        l1_index, l2_index = divmod(first, self.l2_entries)
+        if (
+            self.extended
+            or length <= 0
+            or l2_index + count > self.l2_entries
+            or l1_index >= len(self.l1)
+            or not self.l1[l1_index]
+        ):
+            return None
+        table = self.l2_table(l1_index)
+        if table is None:
+            return None
+        entry = table[l2_index]
+        host = entry & S.L2E_OFFSET_MASK
+        if entry & ~(S.OFLAG_COPIED | S.L2E_OFFSET_MASK) or not (
+            host or self.has_data_file and entry & S.OFLAG_COPIED
+        ):
+            return None
+        step = self.cluster_size
+        if count > 1 and (
+            table[l2_index + 1] != entry + step
+            or _run_length(table, l2_index, count, 1, entry, 0, step) < count
+        ):
+            return None
+        self.validate_entry(entry, 0, first, overlap)
+        self.validate_run(entry, 0, step, count, first, overlap)
+        return host + (guest_offset & (step - 1))
+
     def lookup(self, guest_offset: int, length: int) -> list[Segment]:
         """Split a guest range into segments, merging neighbours of the same kind."""
         segments, _, error = self.lookup_window(guest_offset, length)
@@ -465,7 +503,13 @@ class ClusterMap:
             index += count
 
     def validate_run(
-        self, entry: int, bitmap: int, step: int, count: int, cluster_index: int
+        self,
+        entry: int,
+        bitmap: int,
+        step: int,
+        count: int,
+        cluster_index: int,
+        overlap: bool = True,
     ) -> None:
         """Validate `count` entries (entry + k*step, bitmap) of consecutive clusters from
         `cluster_index`, whose first entry is already valid: checking the last entry and
@@ -475,9 +519,9 @@ class ClusterMap:
             return
         last = entry + (count - 1) * step
         try:
-            self.validate_entry(last, bitmap, cluster_index + count - 1)
+            self.validate_entry(last, bitmap, cluster_index + count - 1, overlap)
             maps_host = (bitmap & 0xFFFFFFFF) if self.extended else not entry & S.OFLAG_ZERO
-            if maps_host and not self.has_data_file:
+            if overlap and maps_host and not self.has_data_file:
                 self.check_no_overlap(
                     entry & S.L2E_OFFSET_MASK,
                     count * self.cluster_size,
@@ -487,7 +531,7 @@ class ClusterMap:
             # The range check is coarser (an empty metadata range inside the run counts):
             # the verdict is that of the entries one by one.
             for k in range(1, count):  # validate_entry checks each host cluster too
-                self.validate_entry(entry + k * step, bitmap, cluster_index + k)
+                self.validate_entry(entry + k * step, bitmap, cluster_index + k, overlap)
 
     def _append_compressed(
         self, segments, entry: int, cluster_index: int, pos: int, chunk_end: int

@@ -214,8 +214,8 @@ class VirtioBlk:
         if self.read_only or offset is None:
             return S_IOERR
         for batch, size in _batches(views, total):
-            # one run of guest memory is written from where it lies, several joined
-            self.device.write(offset, batch[0] if len(batch) == 1 else b"".join(batch))
+            # straight from the guest's pages: it leaves them alone until we complete
+            self.device.writev(offset, batch)
             offset += size
         return S_OK
 
