@@ -1032,7 +1032,7 @@ class Qcow2Image(BlockDevice):
             ):  # (COPIED at offset 0 of an external data file is allocated too)
                 return False
             if not self.has_data_file:
-                self.guard_write(host, length)
+                self.guard_write(host, length)  # (the whole run at once, as QEMU checks it)
             self._io_active += 1
         try:
             if self.blkdebug is not None:
