@@ -1029,7 +1029,7 @@ class Qcow2Image(BlockDevice):
                 raise
             if host is None or not self.map.get_entry(offset >> self.cluster_bits)[0] & (
                 S.OFLAG_COPIED
-            ):  # (COPIED at offset 0 of an external data file is allocated too)
+            ):  # (not COPIED: a snapshot shares the clusters, which are copied first)
                 return False
             if not self.has_data_file:
                 self.guard_write(host, length)  # (the whole run at once, as QEMU checks it)
