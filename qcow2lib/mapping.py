@@ -512,13 +512,7 @@ class ClusterMap:
             index += count
 
     def validate_run(
-        self,
-        entry: int,
-        bitmap: int,
-        step: int,
-        count: int,
-        cluster_index: int,
-        overlap: bool = True,
+        self, entry: int, bitmap: int, step: int, count: int, cluster_index: int
     ) -> None:
         """Validate `count` entries (entry + k*step, bitmap) of consecutive clusters from
         `cluster_index`, whose first entry is already valid: checking the last entry and
@@ -528,9 +522,9 @@ class ClusterMap:
             return
         last = entry + (count - 1) * step
         try:
-            self.validate_entry(last, bitmap, cluster_index + count - 1, overlap)
+            self.validate_entry(last, bitmap, cluster_index + count - 1)
             maps_host = (bitmap & 0xFFFFFFFF) if self.extended else not entry & S.OFLAG_ZERO
-            if overlap and maps_host and not self.has_data_file:
+            if maps_host and not self.has_data_file:
                 self.check_no_overlap(
                     entry & S.L2E_OFFSET_MASK,
                     count * self.cluster_size,
@@ -540,7 +534,7 @@ class ClusterMap:
             # The range check is coarser (an empty metadata range inside the run counts):
             # the verdict is that of the entries one by one.
             for k in range(1, count):  # validate_entry checks each host cluster too
-                self.validate_entry(entry + k * step, bitmap, cluster_index + k, overlap)
+                self.validate_entry(entry + k * step, bitmap, cluster_index + k)
 
     def _append_compressed(
         self, segments, entry: int, cluster_index: int, pos: int, chunk_end: int
