@@ -151,6 +151,18 @@ class BlockDevice:
         scatter(buffer, views)
         return total
 
+    def writev(self, offset: int, views: list[memoryview]) -> int:
+        """Write byte views (memoryviews of format "B", such as a guest's scattered pages)
+        back to back at `offset`, as pwritev does; returns their total length. Devices
+        whose data lies in host files write straight from the views; this default joins
+        them into one buffer for write()."""
+        if len(views) == 1:
+            self.write(offset, views[0])
+            return len(views[0])
+        joined = b"".join(views)
+        self.write(offset, joined)
+        return len(joined)
+
     def check_request(self, offset: int, length: int, write: bool = False) -> None:
         """Refuse a request to a closed device, outside the device, or a write to a
         read-only one."""
@@ -343,6 +355,20 @@ class RawDevice(BlockDevice):
         if self.blkdebug is not None:
             self.blkdebug.event("read_aio")
         return self.file.pread(length, offset)
+
+    def writev(self, offset: int, views: list[memoryview]) -> int:
+        if (
+            self.blkdebug is not None
+            or type(self.file) is not HostFile
+            or type(self).write is not RawDevice.write  # writes done another way
+            or self.probed
+            and offset < 4
+        ):
+            return super().writev(offset, views)
+        total = sum(map(len, views))
+        self.check_request(offset, total, write=True)
+        self.file.pwritev(views, offset, total)
+        return total
 
     def write(self, offset: int, data) -> None:
         view = memoryview(data).cast("B")

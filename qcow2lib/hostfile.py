@@ -224,10 +224,25 @@ class HostFile:
                 return
             done += n
 
-    def preadv(self, views: list[memoryview], offset: int) -> None:
+    def preadv(self, views: list[memoryview], offset: int, length: int | None = None) -> None:
         """Fill byte views (format "B") back to back from offset with as few syscalls as
         possible (a scatter read straight into the caller's memory); past the end of the
-        file they read as zeros, as readinto does."""
+        file they read as zeros, as readinto does. `length`, their total when the caller
+        knows it, lets the common case (up to IOV_MAX views, read whole) be one call."""
+        if length is not None and len(views) <= _IOV_MAX:
+            try:
+                n = os.preadv(self.fd, views, offset)
+            except (OSError, OverflowError) as exc:
+                raise self._fail(exc, "read") from None
+            if n == length:
+                return
+            views = list(views)
+            _drop_front(views, n)
+            offset += n
+            if n == 0:  # end of file: the rest reads as zeros
+                for view in views:
+                    view[:] = bytes(len(view))
+                return
         while views:
             batch = views[:_IOV_MAX]
             views = views[_IOV_MAX:]
@@ -273,8 +288,20 @@ class HostFile:
                 raise self._fail(exc, "write") from None
             done += n
 
-    def pwritev(self, buffers: list, offset: int) -> None:
-        """Write several buffers back to back at offset with as few syscalls as possible."""
+    def pwritev(self, buffers: list, offset: int, length: int | None = None) -> None:
+        """Write several buffers back to back at offset with as few syscalls as possible.
+        `length`: their total, when the caller knows it and every buffer is a byte view
+        (format "B"); then up to IOV_MAX of them written whole take one call."""
+        if length is not None and len(buffers) <= _IOV_MAX:
+            try:
+                n = os.pwritev(self.fd, buffers, offset)
+            except (OSError, OverflowError) as exc:
+                raise self._fail(exc, "write") from None
+            if n == length:
+                return
+            buffers = list(buffers)
+            _drop_front(buffers, n)  # (a short write: the rest the usual way)
+            offset += n
         views = [memoryview(b).cast("B") for b in buffers]
         while views:
             batch = views[:_IOV_MAX]

@@ -510,10 +510,20 @@ class Qcow2Image(BlockDevice):
         if not total:
             return 0
         with self._lock:
-            segments = self.map.lookup(offset, total)
-            zeros = self._reads_as_zeros(segments)
-            if not zeros:  # (as read_mapped)
-                self._begin_io()
+            host = self.map.data_run(offset, total)
+            if host is not None:  # the common case: no segment list
+                self._io_active += 1  # (as _begin_io)
+            else:
+                segments = self.map.lookup(offset, total)
+                zeros = self._reads_as_zeros(segments)
+                if not zeros:  # (as read_mapped)
+                    self._begin_io()
+        if host is not None:
+            try:
+                data_file.preadv(views, host, total)
+            finally:
+                self._end_io()
+            return total
         if zeros:
             for view in views:
                 _fill_zeros(view)
@@ -902,8 +912,25 @@ class Qcow2Image(BlockDevice):
     def write(self, offset: int, data) -> None:
         view = memoryview(data).cast("B")
         self.check_request(offset, len(view), write=True)
-        if not view:
-            return
+        if view:
+            self._write_checked(offset, view, in_place=True)
+
+    def writev(self, offset: int, views: list[memoryview]) -> int:
+        """As BlockDevice.writev: a range of clusters this image owns in one host run is
+        written straight from the views (one pwritev, no joined copy); anything else
+        joins them and takes write's path."""
+        total = sum(map(len, views))
+        self.check_request(offset, total, write=True)
+        if not total:
+            return 0
+        if self.encrypted or not self._write_in_place(offset, views, total):
+            # the general path, which need not try in place again
+            joined = views[0] if len(views) == 1 else memoryview(b"".join(views))
+            self._write_checked(offset, joined, in_place=False)
+        return total
+
+    def _write_checked(self, offset: int, view: memoryview, in_place: bool) -> None:
+        """A checked, non-empty write; in_place=False: _write_in_place was asked already."""
         if self.encrypted:  # ciphers work on whole sectors: read, merge, rewrite the edges
             self._require_crypto()
             start, end = offset & ~511, min(self.size, (offset + len(view) + 511) & ~511)
@@ -911,7 +938,7 @@ class Qcow2Image(BlockDevice):
                 merged = bytearray(self.read(start, end - start))
                 merged[offset - start : offset - start + len(view)] = view
                 offset, view = start, memoryview(merged)
-        elif self._write_in_place(offset, view):
+        elif in_place and self._write_in_place(offset, [view], len(view)):
             return
         clusters = self._guest_clusters(offset, len(view))
         with self._cond:
@@ -983,36 +1010,41 @@ class Qcow2Image(BlockDevice):
                 change.fill_end = data_end - cluster_start
         return zeroed
 
-    def _write_in_place(self, offset: int, view: memoryview) -> bool:
-        """Fast path for the common small write: inside one cluster this image owns
-        (standard L2 entry, COPIED, not zero, not being allocated). False: take the
-        general path."""
-        cluster_index = offset >> self.cluster_bits
-        if (offset + len(view) - 1) >> self.cluster_bits != cluster_index or self.extended_l2:
+    def _write_in_place(self, offset: int, buffers: list, length: int) -> bool:
+        """Fast path for writes into clusters this image owns: the byte views `buffers`
+        (`length` bytes in all) land in one host run of standard, COPIED data clusters,
+        none being allocated, so no metadata changes and nothing is copied. False: take
+        the general path."""
+        if self.extended_l2:
             return False
         with self._lock:
-            if cluster_index in self._inflight:
-                return False
-            entry, _ = self.map.get_entry(cluster_index)
-            if (
-                entry & (S.OFLAG_COMPRESSED | S.OFLAG_ZERO)
-                or not entry & S.OFLAG_COPIED
-                or not self.map.has_host(entry)
-            ):  # COPIED at offset 0 is unallocated
+            if self._inflight and not self._inflight.isdisjoint(
+                self._guest_clusters(offset, length)
+            ):
                 return False
             try:
-                self.map.validate_entry(entry, 0, cluster_index, overlap=False)
+                host = self.map.data_run(offset, length, overlap=False)
             except CorruptImageError as exc:
                 self._signal_corruption(exc)
                 raise
-            host = (entry & S.L2E_OFFSET_MASK) + (offset & (self.cluster_size - 1))
+            if host is None or not self.map.get_entry(offset >> self.cluster_bits)[0] & (
+                S.OFLAG_COPIED
+            ):  # (not COPIED: a snapshot shares the clusters, which are copied first)
+                return False
             if not self.has_data_file:
-                self.guard_write(host, len(view))
+                self.guard_write(host, length)  # (the whole run at once, as QEMU checks it)
             self._io_active += 1
         try:
             if self.blkdebug is not None:
                 self.blkdebug.event("write_aio")
-            self._data_target().pwrite(view, host)
+            target = self._data_target()
+            if type(target) is HostFile:
+                target.pwritev(buffers, host, length)
+            else:
+                target.pwritev(buffers, host)
+            if target is self.file and host + length > self._host_size:
+                with self._lock:
+                    self._host_size = max(self._host_size, host + length)
         finally:
             self._end_io()
         return True

@@ -277,6 +277,53 @@ class ClusterMap:
         self.validate_entry(entry, 0, cluster_index)
         return host + (guest_offset & (self.cluster_size - 1))
 
+    def data_run(self, guest_offset: int, length: int, overlap: bool = True) -> int | None:
+        """The host offset of [guest_offset, +length) when the range lies in one run of
+        plain data clusters of one standard L2 table (entries stepping by one cluster,
+        no flag but COPIED, all with the first's COPIED bit), validated as `lookup`
+        validates them (overlap=False: without the metadata overlap test, for a writer
+        that guards what it writes); None for anything else (ask lookup). The large
+        request's shortcut, as read_host is the small one's: no segment list."""
+        bits = self.cluster_bits
+        first = guest_offset >> bits
+        count = ((guest_offset + length - 1) >> bits) - first + 1
+        l1_index, l2_index = divmod(first, self.l2_entries)
+        if (
+            self.extended
+            or length <= 0
+            or l2_index + count > self.l2_entries
+            or l1_index >= len(self.l1)
+            or not self.l1[l1_index]
+        ):
+            return None
+        table = self.l2_table(l1_index)
+        if table is None:
+            return None
+        entry = table[l2_index]
+        host = entry & S.L2E_OFFSET_MASK
+        if entry & ~(S.OFLAG_COPIED | S.L2E_OFFSET_MASK) or not (
+            host or self.has_data_file and entry & S.OFLAG_COPIED
+        ):
+            return None
+        step = self.cluster_size
+        if count == 1:
+            self.validate_entry(entry, 0, first, overlap)
+            return host + (guest_offset & (step - 1))
+        if table[l2_index + 1] != entry + step or (
+            count > 2 and _run_length(table, l2_index, count, 1, entry, 0, step) < count
+        ):
+            return None
+        # The entries differ only in their offsets, all aligned alike and below the last
+        # one: the last entry and the run's host range stand for them all.
+        try:
+            self.validate_entry(entry + (count - 1) * step, 0, first + count - 1, False)
+            if overlap and not self.has_data_file:
+                self.check_no_overlap(host, count * step, "Data cluster")
+        except CorruptImageError:  # the error names the first bad cluster
+            for k in range(count):
+                self.validate_entry(entry + k * step, 0, first + k, overlap)
+        return host + (guest_offset & (step - 1))
+
     def lookup(self, guest_offset: int, length: int) -> list[Segment]:
         """Split a guest range into segments, merging neighbours of the same kind."""
         segments, _, error = self.lookup_window(guest_offset, length)

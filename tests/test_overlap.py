@@ -228,6 +228,24 @@ def test_copied_entry_pointing_at_metadata(tmp_path, name, length):
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
+    "start, name",
+    [("refcount table", "refcount table"), ("refcount block", "active L1 table")],
+)
+def test_copied_run_pointing_at_metadata(tmp_path, start, name):
+    """Two COPIED entries in one host run starting at metadata (the refcount table, then
+    the refcount block; the refcount block, then the L1 table): the in-place path of a
+    write over both clusters checks the run at once and names what QEMU names, the
+    structure of its check order's first kind met."""
+    path = base_image(tmp_path)
+    layout = Layout(path)
+    target = TARGETS[start](layout)
+    layout.set_l2_entry(0, COPIED | target)
+    layout.set_l2_entry(1, COPIED | (target + layout.cluster_size))
+    assert_refused_like_qemu(path, 4096, 2 * 65536 - 8192, tmp_path, name)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
     "offset, length, bitmap",
     [
         (0, 4096, None),  # allocated subclusters: written in place

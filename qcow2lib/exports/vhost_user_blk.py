@@ -130,35 +130,38 @@ class VirtioBlk:
 
     def handle(self, memory: GuestMemory, chain: DescriptorChain) -> int:
         """Serve one request; the status byte is the last byte the driver let us write."""
-        if not chain.writable or chain.writable[-1][1] == 0:
+        writable = chain.writable
+        if not writable or writable[-1][1] == 0:
             self.log.warning("virtio-blk request %d has no status byte", chain.head)
             return 0
-        last_addr, last_length = chain.writable[-1]
-        status_addr = last_addr + last_length - 1
+        last_addr, last_length = writable[-1]
         try:
-            memory.check(status_addr, 1)
+            status_byte = memory.locate_view(last_addr + last_length - 1, 1)
         except GuestMemoryError as exc:  # the outcome could not be told: do nothing
             self.log.warning("virtio-blk request %d: status byte: %s", chain.head, exc)
             return 0
-        into_guest = chain.writable[:-1] + [(last_addr, last_length - 1)]
+        if last_length == 1:  # (Linux gives the status byte a descriptor of its own)
+            into_guest = writable[:-1]
+        else:
+            into_guest = writable[:-1] + [(last_addr, last_length - 1)]
+        readable = chain.readable
         written = 0
         try:
-            header = _gather(memory, chain.readable, 0, REQUEST_HEADER.size)
+            if readable and readable[0][1] == REQUEST_HEADER.size:  # the header alone
+                header: bytes | memoryview = _view_or_gather(memory, readable[0])
+                out = readable[1:]
+            else:
+                header = _gather(memory, readable, 0, REQUEST_HEADER.size)
+                out = _skip(readable, REQUEST_HEADER.size)
             if len(header) < REQUEST_HEADER.size:
                 status = S_IOERR
             else:
                 kind, _, sector = REQUEST_HEADER.unpack(header)
-                status, written = self._serve(
-                    kind, sector, memory, _skip(chain.readable, REQUEST_HEADER.size), into_guest
-                )
+                status, written = self._serve(kind, sector, memory, out, into_guest)
         except GuestMemoryError as exc:
             self.log.warning("virtio-blk request %d: %s", chain.head, exc)
             status, written = S_IOERR, 0
-        try:
-            memory.write(status_addr, bytes([status]))
-        except GuestMemoryError as exc:
-            self.log.warning("virtio-blk request %d: status byte: %s", chain.head, exc)
-            return 0
+        status_byte[0] = status
         return written + 1
 
     def _serve(
@@ -214,8 +217,8 @@ class VirtioBlk:
         if self.read_only or offset is None:
             return S_IOERR
         for batch, size in _batches(views, total):
-            # one run of guest memory is written from where it lies, several joined
-            self.device.write(offset, batch[0] if len(batch) == 1 else b"".join(batch))
+            # straight from the guest's pages: it leaves them alone until we complete
+            self.device.writev(offset, batch)
             offset += size
         return S_OK
 
@@ -256,6 +259,14 @@ def _skip(segments: list[Segment], skip: int) -> list[Segment]:
             return [(guest_addr + skip, length - skip)] + segments[index + 1 :]
         skip -= length
     return []
+
+
+def _view_or_gather(memory: GuestMemory, segment: Segment) -> bytes | memoryview:
+    """The bytes of one buffer: a view where it lies in one memory region."""
+    try:
+        return memory.locate_view(*segment)
+    except GuestMemoryError:  # across regions, or outside memory (which _gather names)
+        return _gather(memory, [segment], 0, segment[1])
 
 
 def _gather(memory: GuestMemory, segments: list[Segment], skip: int, length: int) -> bytes:

@@ -31,6 +31,7 @@ DESC_F_INDIRECT = 4
 AVAIL_F_NO_INTERRUPT = 1
 DESCRIPTOR = struct.Struct("<QIHH")  # addr, len, flags, next
 USED_ELEM = struct.Struct("<II")  # id, len
+_ADDR_LENGTH = struct.Struct("<QI4x")  # a descriptor's addr and len, flags and next skipped
 U16 = struct.Struct("<H")
 
 
@@ -72,12 +73,8 @@ def _in_order_table(table: memoryview) -> DescriptorChainParts | None:
         return None
     if count > 1 and halves[7 : 8 * count - 8 : 8].tobytes() != _in_order_links(count):
         return None
-    addrs = table.cast("Q")[0::2].tolist()
-    lengths = table.cast("I")[2::4].tolist()
-    return (
-        list(zip(addrs[:readable_count], lengths[:readable_count])),
-        list(zip(addrs[readable_count:], lengths[readable_count:])),
-    )
+    segments = list(_ADDR_LENGTH.iter_unpack(table))  # (addr, len) tuples in one C loop
+    return segments[:readable_count], segments[readable_count:]
 
 
 class GuestMemoryError(Qcow2Error):

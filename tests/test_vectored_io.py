@@ -1,0 +1,171 @@
+"""BlockDevice.readv and writev between scattered buffers and an image: a range lying in
+one host run of data clusters is one preadv or pwritev straight from or into the buffers
+(ClusterMap.data_run, no segment list, no joined copy); anything else takes the general
+paths. Both are byte-checked against what qemu-img reads from the image afterwards."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+import qcow2lib
+from qcow2lib.hostfile import HostFile
+from qcow2lib.image import Qcow2Image
+from qemutools import assert_clean, qemu_create, qemu_img, qemu_io, to_raw
+
+KIB = 1024
+CLUSTER = 64 * KIB
+
+
+def scattered(data: bytes, rng: random.Random) -> tuple[list[memoryview], list[bytearray]]:
+    """`data` cut into uneven pieces (multiples of 512 bytes, 512 B to 12 KiB), each in a
+    buffer of its own, as a guest's scattered pages: (their views, the buffers)."""
+    buffers: list[bytearray] = []
+    done = 0
+    while done < len(data):
+        n = min(len(data) - done, 512 * rng.randrange(1, 25))
+        buffers.append(bytearray(data[done : done + n]))
+        done += n
+    return [memoryview(b) for b in buffers], buffers
+
+
+@pytest.fixture
+def in_place_results(monkeypatch) -> list[bool]:
+    """What every Qcow2Image._write_in_place answered (True: the write went in place)."""
+    results: list[bool] = []
+    original = Qcow2Image._write_in_place
+
+    def recording(self, offset, buffers, length):
+        result = original(self, offset, buffers, length)
+        results.append(result)
+        return result
+
+    monkeypatch.setattr(Qcow2Image, "_write_in_place", recording)
+    return results
+
+
+def allocated_image(tmp_path: Path, reverse: bool = False) -> Path:
+    """4 MiB, 64 KiB clusters, the first 1 MiB written by qemu-io: clusters 0-15 lie in
+    one host run, or (reverse) each was allocated before the one in front of it, so no
+    two neighbours are neighbours in the file."""
+    image = tmp_path / "disk.qcow2"
+    qemu_create(image, "4M")
+    order = range(15, -1, -1) if reverse else range(16)
+    qemu_io(image, *(f"write -P {0x40 + c} {c * CLUSTER} 64k" for c in order), fmt="qcow2")
+    return image
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_writev_in_place_only_over_one_host_run(tmp_path, in_place_results, reverse):
+    """Writes of scattered buffers over several clusters: in place (straight from the
+    buffers) where the clusters form one host run, the general path where they do not;
+    the image holds the same bytes either way, and a read through readv agrees."""
+    image = allocated_image(tmp_path, reverse)
+    expected = bytearray(to_raw(image, tmp_path / "before.raw"))
+    rng = random.Random(5)
+    writes = [(CLUSTER + 512, 300 * KIB), (0, CLUSTER), (5 * CLUSTER - 4096, 8192)]
+    with qcow2lib.open(str(image), "r+") as device:
+        for offset, length in writes:
+            payload = rng.randbytes(length)
+            views, _ = scattered(payload, rng)
+            assert device.writev(offset, views) == length
+            expected[offset : offset + length] = payload
+        read_views, buffers = scattered(bytes(2 * CLUSTER + 1024), rng)
+        assert device.readv(CLUSTER - 512, read_views) == 2 * CLUSTER + 1024
+        assert b"".join(buffers) == expected[CLUSTER - 512 : 3 * CLUSTER + 512]
+    # one cluster alone is one host run whatever the order; several are only in order
+    assert in_place_results == [not reverse, True, not reverse]
+    assert to_raw(image, tmp_path / "after.raw") == bytes(expected)
+    assert_clean(image)
+
+
+def test_writev_never_in_place_over_new_or_shared_clusters(tmp_path, in_place_results):
+    """A range reaching unallocated clusters, or clusters a snapshot shares (no COPIED
+    flag), is written the general way: clusters allocated, shared ones copied first, the
+    snapshot's bytes untouched."""
+    image = allocated_image(tmp_path)
+    qemu_img("snapshot", "-c", "before", str(image))
+    snapshot = to_raw(image, tmp_path / "snapshot.raw")
+    expected = bytearray(snapshot)
+    rng = random.Random(7)
+    with qcow2lib.open(str(image), "r+") as device:
+        for offset, length in ((15 * CLUSTER, 2 * CLUSTER), (3 * CLUSTER + 512, 100 * KIB)):
+            payload = rng.randbytes(length)
+            views, _ = scattered(payload, rng)
+            device.writev(offset, views)
+            expected[offset : offset + length] = payload
+    assert in_place_results == [False, False]
+    assert to_raw(image, tmp_path / "after.raw") == bytes(expected)
+    qemu_img("convert", "-O", "raw", "-l", "snapshot.name=before", image, tmp_path / "s.raw")
+    assert (tmp_path / "s.raw").read_bytes() == snapshot
+    assert_clean(image)
+
+
+def test_readv_one_run_and_mixed_ranges(tmp_path, monkeypatch):
+    """Reads into scattered buffers: one preadv for a run of data clusters (data_run
+    answers), segment by segment over zero, compressed, backing and unallocated clusters;
+    byte for byte what qemu-img reads."""
+    base = tmp_path / "base.qcow2"
+    qemu_create(base, "2M")
+    qemu_io(base, "write -P 0x31 0 2M", fmt="qcow2")
+    image = tmp_path / "top.qcow2"
+    qemu_create(image, "2M", backing=str(base), backing_fmt="qcow2")
+    qemu_io(
+        image,
+        "write -P 0x42 0 256k",
+        "write -z 256k 64k",
+        "write -c -P 0x53 320k 64k",
+        "write -P 0x64 512k 128k",
+        fmt="qcow2",
+    )
+    expected = to_raw(image, tmp_path / "top.raw")
+    answers: list[int | None] = []
+    with qcow2lib.open(str(image), "r") as device:
+        original = device.map.data_run
+
+        def recording(guest_offset, length, overlap=True):
+            answers.append(original(guest_offset, length, overlap))
+            return answers[-1]
+
+        monkeypatch.setattr(device.map, "data_run", recording)
+        rng = random.Random(9)
+        for offset, length in ((4096, 200 * KIB), (512, 1200 * KIB), (512 * KIB, 128 * KIB)):
+            views, buffers = scattered(bytes(length), rng)
+            assert device.readv(offset, views) == length
+            assert b"".join(buffers) == expected[offset : offset + length]
+    assert [answer is not None for answer in answers] == [True, False, True]
+
+
+def test_raw_writev_and_readv(tmp_path):
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(random.Random(1).randbytes(1 << 20))
+    expected = bytearray(raw.read_bytes())
+    payload = random.Random(2).randbytes(200 * KIB)
+    with qcow2lib.open(str(raw), "r+", fmt="raw") as device:
+        views, _ = scattered(payload, random.Random(3))
+        assert device.writev(8192, views) == len(payload)
+        read_views, buffers = scattered(bytes(300 * KIB), random.Random(4))
+        device.readv(0, read_views)
+    expected[8192 : 8192 + len(payload)] = payload
+    assert b"".join(buffers) == expected[: 300 * KIB]
+    assert raw.read_bytes() == bytes(expected)
+
+
+def test_hostfile_vectored_io_with_a_known_length(tmp_path):
+    """preadv/pwritev given the total: one call; a read past the end of the file leaves
+    zeros, as without it."""
+    path = tmp_path / "f"
+    path.write_bytes(b"\x11" * 6000)
+    host = HostFile(str(path), writable=True)
+    try:
+        host.pwritev([memoryview(b"\x22" * 1000), memoryview(b"\x33" * 3000)], 1000, 4000)
+        parts = [memoryview(bytearray(b"\xff" * 5000)), memoryview(bytearray(b"\xff" * 3000))]
+        host.preadv(parts, 0, 8000)
+    finally:
+        host.close()
+    assert bytes(parts[0]) == b"\x11" * 1000 + b"\x22" * 1000 + b"\x33" * 3000
+    assert bytes(parts[1]) == b"\x11" * 1000 + bytes(2000)
+    assert os.path.getsize(path) == 6000
