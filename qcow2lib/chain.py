@@ -52,8 +52,7 @@ FORMATS = ("luks", "qcow2", "raw")  # luks: luks_image.py (issue 14)
 # Protocol driver names accepted where a format is: the device's bytes as they are.
 RAW_PROTOCOLS = ("host_device", "file")
 # Every block driver qimg implements (formats, protocols, nodes), sorted as qemu-img
-# --help lists its "Supported formats". quorum is left out: qimg opens it only beneath
-# a format (file.driver=quorum), not as a node of its own.
+# --help lists its "Supported formats".
 DRIVERS = tuple(sorted(FORMATS + RAW_PROTOCOLS + ("nbd", "vmdk") + nodes.NODE_DRIVERS))
 
 
@@ -792,16 +791,6 @@ def _given_node_backing(
             )
         assert node_driver is not None  # (the caller found one)
         raise InvalidArgumentError(_named_node_refusal(node_driver, node_options))
-    if driver == "quorum":
-        from .quorum import target_from_options
-
-        if not any(key.startswith("children.") for key in opts):  # (QEMU's first check)
-            raise InvalidArgumentError("Number of provided children must be 1 or more")
-        target_from_options(image.filename, opts)  # (bad options fail in QEMU's words)
-        raise UnsupportedFeatureError(
-            "qimg opens a quorum node only beneath an image format (file.driver=quorum), "
-            "not as a backing node of its own"
-        )
     if file_driver in ("null-co", "null-aio") and driver not in _NODE_BACKING_DRIVERS:
         if driver == "qcow2":  # (a null node holds no qcow2 magic)
             raise CorruptImageError("Image is not in qcow2 format")

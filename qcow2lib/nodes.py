@@ -1,7 +1,8 @@
 """QEMU block nodes that qimg opens besides host files, images and NBD exports.
 
-blkdebug (fault injection, blkdebug.py), null-co/null-aio (nulldev.py), quorum beneath
-an image (quorum.py) and the throttle filter (throttle.py): their names
+blkdebug (fault injection, blkdebug.py), null-co/null-aio (nulldev.py), quorum (copies
+read by vote, as a node or beneath an image: quorum.py) and the throttle filter
+(throttle.py): their names
 (blkdebug:CONFIG:IMAGE, null-co://), their json: or --image-opts options, and opening
 them for open_image (chain.py), which asks open_node() first.
 """
@@ -15,7 +16,7 @@ from .blockdev import BlockDevice, RawDevice
 from .errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureError
 from .image import Qcow2Image
 
-NODE_DRIVERS = ("blkdebug", "null-co", "null-aio", "throttle")  # as "driver"
+NODE_DRIVERS = ("blkdebug", "null-co", "null-aio", "quorum", "throttle")  # as "driver"
 FILE_NODE_DRIVERS = ("blkdebug", "quorum", "throttle")  # as "file.driver", beneath an image
 
 
@@ -60,6 +61,10 @@ def node_target(driver: str | None, opts: dict[str, str], name: str):
         from . import throttle
 
         return throttle.target_from_options(name, opts), "throttle"
+    if driver == "quorum":
+        from . import quorum
+
+        return quorum.target_from_options(name, opts, beneath=False), "quorum"
     file_driver = opts.pop("file.driver")
     file_opts = {key[5:]: opts.pop(key) for key in list(opts) if key.startswith("file.")}
     if opts:
@@ -87,6 +92,10 @@ def open_node(path, mode: str, fmt: str | None, **kwargs) -> BlockDevice | None:
             return _open_over_throttle(path, mode, fmt, **kwargs)
         return throttle.open_throttle(path, mode, **kwargs)
     if loaded_instance(path, "quorum", "QuorumTarget"):
+        if path.child_options:  # a node of its own
+            from .quorum import open_quorum
+
+            return open_quorum(path, mode, **kwargs)
         return _open_over_quorum(path, mode, fmt, **kwargs)
     named = path if isinstance(path, str) else ""
     null_node = loaded_instance(path, "nulldev", "NullTarget")

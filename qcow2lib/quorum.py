@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 
-from .errors import InvalidArgumentError, Qcow2IOError, UnsupportedFeatureError
+from .blockdev import BlockDevice, Extent
+from .errors import InvalidArgumentError, Qcow2Error, Qcow2IOError, UnsupportedFeatureError
 from .hostfile import open_host_file
 from .records import field, record
 
@@ -39,25 +41,33 @@ class QuorumTarget:
     fifo: bool = False  # read-pattern=fifo: the first child that answers, no vote
     options: dict = field(default_factory=dict)  # its own options, as given (typed if JSON)
     drivers: list[str] = field(default_factory=list)  # the children's: file or host_device
+    # A node of its own (driver=quorum): each child's options, flattened (any node);
+    # beneath an image format the children are host files (`children`).
+    child_options: list[dict[str, str]] = field(default_factory=list)
 
-    def display_name(self, format_name: str) -> str:
-        """QEMU's json: name of the image of `format_name` above the node: the node's
-        options as given, its children's and its driver, in QDict order."""
-        from .qobject import qemu_json_compact
+    def display_name(self, format_name: str | None = None) -> str:
+        """QEMU's json: name of the node (or, with `format_name`, of the image of that
+        format above it): its options as given, its children's and its driver, in QDict
+        order."""
+        from .qobject import node_tree, qemu_json_compact
 
-        drivers = self.drivers or ["file"] * len(self.children)
-        children = [
-            {"driver": driver, "filename": filename}
-            for driver, filename in zip(drivers, self.children)
-        ]
+        if self.child_options:
+            children = [node_tree(dict(options)) for options in self.child_options]
+        else:
+            drivers = self.drivers or ["file"] * len(self.children)
+            children = [
+                {"driver": driver, "filename": filename}
+                for driver, filename in zip(drivers, self.children)
+            ]
         node = {**self.options, "children": children, "driver": "quorum"}
-        return "json:" + qemu_json_compact({"driver": format_name, "file": node})
+        tree = node if format_name is None else {"driver": format_name, "file": node}
+        return "json:" + qemu_json_compact(tree)
 
 
 _RUNTIME_OPTIONS = ("vote-threshold", "read-pattern", "rewrite-corrupted", "blkverify")
 
 
-def target_from_options(name: str, options: dict[str, str]) -> QuorumTarget:
+def target_from_options(name: str, options: dict[str, str], beneath: bool = True) -> QuorumTarget:
     """Options of the node without "driver": vote-threshold, children.N.driver (file or
     host_device) and children.N.filename, read-pattern, rewrite-corrupted, blkverify;
     refused in QEMU's order and words (the children array, the counts, the options'
@@ -106,37 +116,58 @@ def target_from_options(name: str, options: dict[str, str]) -> QuorumTarget:
             if on:
                 raise UnsupportedFeatureError(f"qimg's quorum does not support {key}=on")
     files = []
-    for position in range(len(children)):
-        child = children[str(position)]
+    ordered = [children[str(position)] for position in range(len(children))]
+    for child in ordered:
         if "driver" not in child:  # (QEMU probes no format for a quorum's child)
             raise InvalidArgumentError("Must specify either driver or file")
-        if child["driver"] not in ("file", "host_device") or set(child) - {"driver", "filename"}:
-            raise UnsupportedFeatureError("qimg's quorum children must be plain files (filename)")
-        if "filename" not in child:
+        if child["driver"] in ("file", "host_device") and "filename" not in child:
             raise InvalidArgumentError(f"The '{child['driver']}' block driver requires a file name")
-        files.append(child["filename"])
+        if beneath:
+            if child["driver"] not in ("file", "host_device") or set(child) - {
+                "driver",
+                "filename",
+            }:
+                raise UnsupportedFeatureError(
+                    "qimg's quorum beneath an image takes host files as children (filename)"
+                )
+            files.append(child["filename"])
     if unknown:
         raise InvalidArgumentError(
             f"Block format 'quorum' does not support the option '{unknown[0]}'"
         )
-    drivers = [children[str(position)]["driver"] for position in range(len(children))]
-    options = _given_options(name, runtime)
-    return QuorumTarget(name, files, threshold, pattern == "fifo", options, drivers)
+    drivers = [child["driver"] for child in ordered]
+    options = _given_options(name, runtime, beneath)
+    child_options = [] if beneath else ordered
+    return QuorumTarget(name, files, threshold, pattern == "fifo", options, drivers, child_options)
 
 
-def _given_options(name: str, runtime: dict[str, str]) -> dict:
+def _given_options(name: str, runtime: dict[str, str], beneath: bool) -> dict:
     """The node's own options for its json: name: from a json: image name with their
     JSON types (QEMU prints 1 where the name said 1, "1" where options said "1")."""
     if name.startswith("json:"):
         from .chain import json_text_tree
 
         try:
-            node = json_text_tree(name).get("file")
+            tree = json_text_tree(name)
+            node = tree.get("file") if beneath else tree
         except InvalidArgumentError:
             node = None
         if isinstance(node, dict) and node.get("driver") == "quorum":
             return {key: value for key, value in node.items() if key in runtime}
     return dict(runtime)
+
+
+def vote(versions: list[bytes], threshold: int) -> bytes:
+    """The version most children returned, if at least `threshold` did; else EIO."""
+    counts: dict[bytes, int] = {}
+    for version in versions:
+        counts[version] = counts.get(version, 0) + 1
+    # QEMU keeps the newest version first: of versions with equal votes, the one a later
+    # child returned wins
+    winner = max(reversed(counts), key=lambda version: counts[version])
+    if counts[winner] < threshold:  # no version has enough votes
+        raise Qcow2IOError(errno.EIO, os.strerror(errno.EIO))
+    return winner
 
 
 class QuorumFile:
@@ -173,15 +204,7 @@ class QuorumFile:
         return self.children[-1].pread(length, offset)
 
     def _vote(self, versions: list[bytes]) -> bytes:
-        counts: dict[bytes, int] = {}
-        for version in versions:
-            counts[version] = counts.get(version, 0) + 1
-        # QEMU keeps the newest version first: of versions with equal votes, the one a
-        # later child returned wins
-        winner = max(reversed(counts), key=lambda version: counts[version])
-        if counts[winner] < self.threshold:  # no version has enough votes
-            raise Qcow2IOError(errno.EIO, os.strerror(errno.EIO))
-        return winner
+        return vote(versions, self.threshold)
 
     def size(self) -> int:
         return self.children[0].size()
@@ -231,3 +254,109 @@ class QuorumFile:
         for child in self.children:
             child.close()
         self.children = []
+
+
+class QuorumDevice(BlockDevice):
+    """A quorum node of its own (driver=quorum): its children are any devices; reads
+    vote (or, read-pattern=fifo, take the first child that answers), writes, zero writes
+    and flushes go to every child. Block status is QEMU's: zero where every child says
+    so, data elsewhere, never a host offset."""
+
+    format = "quorum"
+
+    def __init__(self, target: QuorumTarget, children: list[BlockDevice]):
+        self.children = children
+        self.threshold = target.threshold
+        self.fifo = target.fifo
+        self.filename = target.display_name()
+        self.read_only = any(child.read_only for child in children)
+        if len({child.size for child in children}) > 1:
+            raise Qcow2IOError(errno.EIO, "Could not get the size: Input/output error")
+        self.size = children[0].size
+
+    def readinto(self, offset: int, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        self.check_request(offset, len(view))
+        if self.fifo:
+            for child in self.children[:-1]:
+                try:
+                    return child.readinto(offset, view)
+                except Qcow2IOError:
+                    continue
+            return self.children[-1].readinto(offset, view)
+        versions = [child.read(offset, len(view)) for child in self.children]
+        view[:] = vote(versions, self.threshold)
+        return len(view)
+
+    def write(self, offset: int, data) -> None:
+        view = memoryview(data).cast("B")
+        self.check_request(offset, len(view), write=True)
+        for child in self.children:
+            child.write(offset, view)
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
+        self.check_request(offset, length, write=True)
+        for child in self.children:
+            child.write_zeroes(offset, length, may_unmap)
+
+    def discard(self, offset: int, length: int) -> None:
+        """QEMU's quorum passes no discard on: the request does nothing."""
+        self.check_request(offset, length, write=True)
+
+    def flush(self) -> None:
+        for child in self.children:
+            child.flush()
+
+    def extent_batches(self, offset: int, length: int) -> Iterator[list[Extent]]:
+        end = offset + length
+        streams = [child.iter_extents(offset, length) for child in self.children]
+        current = [next(stream) for stream in streams]
+        batch: list[Extent] = []
+        while offset < end:
+            # QEMU's rule: data as far as the farthest copy that says data, else zero as
+            # far as the nearest change of any copy
+            data_ends = [e.offset + e.length for e in current if not e.is_zero]
+            zero = not data_ends
+            stop = min(e.offset + e.length for e in current) if zero else max(data_ends)
+            batch.append(Extent(offset, stop - offset, not zero, zero, 0))
+            offset = stop
+            for position, stream in enumerate(streams):
+                while (
+                    offset < end and current[position].offset + current[position].length <= offset
+                ):
+                    current[position] = next(stream)
+            if len(batch) >= 4096:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        errors = []
+        for child in self.children:
+            try:
+                child.close()
+            except Qcow2Error as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+
+def open_quorum(target: QuorumTarget, mode: str, **kwargs) -> QuorumDevice:
+    """The quorum node of `target` above its children, each opened as open_image opens
+    a node given by options."""
+    from .chain import open_image, options_image_target
+
+    children: list[BlockDevice] = []
+    try:
+        for options in target.child_options:
+            child_target, child_fmt = options_image_target(dict(options), target.name)
+            children.append(open_image(child_target, mode, child_fmt, **kwargs))
+        return QuorumDevice(target, children)
+    except BaseException:
+        for child in children:
+            child.close()
+        raise

@@ -151,7 +151,8 @@ def test_help_matches_qemu_img(twins, args):
     assert actual.stderr == expected.stderr == ""
     assert help_body(actual.stdout) == help_body(expected.stdout)
     formats = [line for line in actual.stdout.splitlines() if line.startswith("Supported formats")]
-    ours = "blkdebug file host_device luks nbd null-aio null-co qcow2 raw throttle vmdk".split()
+    ours = "blkdebug file host_device luks nbd null-aio null-co qcow2 quorum raw throttle vmdk"
+    ours = ours.split()
     assert formats == ["Supported formats: " + " ".join(ours)]
     # (each one qemu-img's, in its order)
     line = [line for line in expected.stdout.splitlines() if line.startswith("Supported formats")]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qemutools import qemu_img, run
+from qemutools import qemu_img, qemu_io, run
 from qemutools import run_qimg_in as run_qimg
 
 
@@ -132,3 +132,107 @@ def test_fifo_reads_the_first_child_that_answers(tmp_path: Path):
     assert ours.returncode == theirs.returncode == 0, ours.stderr
     assert (tmp_path / "ours.raw").read_bytes() == (tmp_path / "theirs.raw").read_bytes()
     assert (tmp_path / "ours.raw").read_bytes() == bytes([1]) * 65536
+
+
+# --- quorum as a node of its own (driver=quorum), and as a backing node ---------------------
+
+
+def _children(count: int) -> str:
+    return ",".join(
+        f"children.{index}.driver=qcow2,children.{index}.file.filename=c{index}.qcow2"
+        for index in range(count)
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["info", "--image-opts", f"driver=quorum,vote-threshold=1,{_children(1)}"],
+        ["info", "--output=json", "--image-opts", f"driver=quorum,vote-threshold=2,{_children(2)}"],
+        ["map", "--image-opts", f"driver=quorum,vote-threshold=1,{_children(1)}"],
+        ["map", "--output=json", "--image-opts", f"driver=quorum,vote-threshold=2,{_children(3)}"],
+        ["check", "--image-opts", f"driver=quorum,vote-threshold=1,{_children(1)}"],
+        ["compare", "--image-opts", f"driver=quorum,vote-threshold=2,{_children(2)}", "c0.qcow2"],
+        [
+            "info",
+            'json:{"driver":"quorum","vote-threshold":1,"read-pattern":"fifo","children":'
+            '[{"driver":"raw","file":{"driver":"file","filename":"c0.qcow2"}}]}',
+        ],
+        ["info", "--image-opts", f"driver=quorum,vote-threshold=4,{_children(3)}"],
+    ],
+)
+def test_quorum_node_as_qemu(tmp_path: Path, args: list[str]):
+    """A quorum of qcow2 copies, each with data in different places (two agree on each
+    byte): what it reads, its size, its block status (zero only where every copy says
+    so, no offsets), its name, and check's refusal, as qemu-img's."""
+    for index in range(3):
+        qemu_img("create", "-q", "-f", "qcow2", tmp_path / f"c{index}.qcow2", "4M")
+        qemu_io(tmp_path / f"c{index}.qcow2", "write -P 7 0 64k", f"write -P 9 {index + 1}M 64k")
+    ours, theirs = both(tmp_path, *args)
+    assert (ours.returncode, ours.stdout, ours.stderr) == (
+        theirs.returncode,
+        theirs.stdout,
+        theirs.stderr,
+    )
+
+
+def test_quorum_node_reads_writes_and_backs_an_image(tmp_path: Path):
+    """convert reads by vote; a write reaches every copy; an overlay over a quorum backing
+    node (named in its header, or given by options) reads through it as QEMU's does."""
+    for index in range(3):
+        qemu_img("create", "-q", "-f", "qcow2", tmp_path / f"c{index}.qcow2", "4M")
+        qemu_io(tmp_path / f"c{index}.qcow2", "write -P 7 0 64k")
+    qemu_io(tmp_path / "c2.qcow2", "write -P 8 0 512")  # outvoted
+    node = f"driver=quorum,vote-threshold=2,{_children(3)}"
+    ours, theirs = both(tmp_path, "convert", "--image-opts", node, "-O", "raw", "ours.raw")
+    run(["qemu-img", "convert", "--image-opts", node, "-O", "raw", "theirs.raw"], False, tmp_path)
+    assert ours.returncode == 0, ours.stderr
+    assert (tmp_path / "ours.raw").read_bytes() == (tmp_path / "theirs.raw").read_bytes()
+    import qcow2lib
+    from qemutools import inside
+
+    from qcow2lib.chain import json_image_target
+
+    target, fmt = json_image_target(quorum_node_name(3))
+    with inside(tmp_path), qcow2lib.open(target, "r+", fmt) as device:
+        assert device.format == "quorum"
+        device.write(1 << 20, b"\x33" * 4096)
+    for index in range(3):
+        qemu_io(tmp_path / f"c{index}.qcow2", "read -P 0x33 1M 4k")
+        assert qemu_img("check", tmp_path / f"c{index}.qcow2", check=False).returncode == 0
+    qemu_img("create", "-q", "-f", "qcow2", tmp_path / "plain.qcow2", "4M")  # (no backing name)
+    backing = quorum_node_name(2)
+    for tool, overlay in (("qimg", "ov-ours.qcow2"), ("qemu-img", "ov-theirs.qcow2")):
+        args = ["create", "-q", "-f", "qcow2", "-b", backing, "-F", "quorum", overlay]
+        result = (
+            run_qimg(tmp_path, *args)
+            if tool == "qimg"
+            else run(["qemu-img", *args], False, tmp_path)
+        )
+        assert result.returncode == 0, result.stderr
+    for args in (
+        ["info", "--backing-chain", "ov-theirs.qcow2"],
+        ["map", "--output=json", "ov-theirs.qcow2"],
+        [
+            "map",
+            "--output=json",
+            "--image-opts",
+            "file.filename=plain.qcow2,backing.driver=quorum,backing.vote-threshold=1,"
+            "backing.children.0.driver=qcow2,backing.children.0.file.filename=c0.qcow2",
+        ],
+        ["compare", "ov-ours.qcow2", "ov-theirs.qcow2"],
+    ):
+        ours, theirs = both(tmp_path, *args)
+        assert (ours.returncode, ours.stdout, ours.stderr) == (
+            theirs.returncode,
+            theirs.stdout,
+            theirs.stderr,
+        ), args
+
+
+def quorum_node_name(count: int) -> str:
+    children = [
+        {"driver": "qcow2", "file": {"driver": "file", "filename": f"c{index}.qcow2"}}
+        for index in range(count)
+    ]
+    return "json:" + json.dumps({"driver": "quorum", "vote-threshold": 2, "children": children})

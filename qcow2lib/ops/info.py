@@ -125,6 +125,12 @@ def _describe(img, path: str) -> dict:
     elif loaded_instance(img, "nulldev", "NullDevice"):  # stores nothing
         info["actual-size"] = 0
         del info["dirty-flag"]  # the null driver has no image information to give
+    elif img.format == "quorum":  # its copies' disk usage; no image information
+        info["actual-size"] = sum(
+            _describe(child, child.filename).get("actual-size", 0) for child in img.children
+        )
+        del info["dirty-flag"]
+        backing_base = None
     elif loaded_instance(getattr(img, "file", None), "quorum", "QuorumFile"):
         info["actual-size"] = img.file.allocated_bytes()
         backing_base = None  # its copies lie in no one directory: no relative name resolves
