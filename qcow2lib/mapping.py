@@ -160,6 +160,9 @@ class ClusterMap:
                 f"({self.file.size()} bytes)"
             )
         self.check_no_overlap(offset, self.cluster_size, "L2 table")
+        blkdebug = getattr(self.file, "blkdebug", None)
+        if blkdebug is not None:  # (a blkdebug node beneath: its rules may fail the read)
+            blkdebug.event("l2_load")
         return decode_be64(self.file.pread(self.cluster_size, offset))
 
     def l2_table(self, l1_index: int) -> array | None:

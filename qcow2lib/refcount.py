@@ -14,7 +14,7 @@ from array import array
 from collections.abc import Iterator
 
 from .cache import TableCache, decode_be64, encode_be64
-from .errors import CorruptImageError, InvalidArgumentError
+from .errors import CorruptImageError, InvalidArgumentError, Qcow2IOError
 from .overlap import REFCOUNT_BLOCK, REFCOUNT_TABLE, OverlapMap
 from .runs import nonzero_positions
 from .structs import MAX_REFTABLE_BYTES, REFT_OFFSET_MASK, REFT_RESERVED_MASK
@@ -136,7 +136,15 @@ class Refcounts:
         self.block_entries = (self.cluster_size * 8) >> refcount_order
         self.table_offset = table_offset
         self.table_clusters = table_clusters
-        raw = file.pread(table_clusters * self.cluster_size, table_offset)
+        blkdebug = getattr(file, "blkdebug", None)
+        try:
+            if blkdebug is not None:  # (a blkdebug node beneath: its rules may fail the read)
+                blkdebug.event("reftable_load")
+            raw = file.pread(table_clusters * self.cluster_size, table_offset)
+        except Qcow2IOError as exc:
+            raise Qcow2IOError(
+                exc.errno, f"Could not initialize refcount handling: {exc.strerror}"
+            ) from None
         self.table: array = decode_be64(raw)
         # Only the nonzero entries (found without a Python step per entry): the table is
         # mostly empty, and walking all of it cost a good part of every open.

@@ -376,3 +376,33 @@ def test_blkdebug_json_names_are_qemus(tmp_path: Path, seed: int):
     for beneath in (True, False):
         args = _random_blkdebug_name(rng, beneath)
         assert_same(tmp_path, "info", *args)
+
+
+@pytest.mark.parametrize("event", ["l2_load", "reftable_load"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["map"],
+        ["map", "--output=json"],
+        ["info"],
+        ["compare", "d.qcow2"],
+        ["convert", "-O", "raw", "x.raw"],
+        ["check"],
+        ["measure", "-O", "qcow2"],
+        ["snapshot", "-l"],
+    ],
+    ids=" ".join,
+)
+def test_metadata_load_events_fail_as_in_qemu(tmp_path: Path, event: str, command: list):
+    """An error injected when an L2 table or the refcount table is loaded fails the
+    commands that load one, in qemu-img's words (open: "Could not initialize refcount
+    handling"; block status: map's, compare's, convert's and measure's messages)."""
+    qemu_img("create", "-q", "-f", "qcow2", tmp_path / "d.qcow2", "4M")
+    qemu_io(tmp_path / "d.qcow2", "write -P 7 0 64k")
+    rule = {"event": event, "errno": 5}
+    node = {"driver": "blkdebug", "inject-error": [rule], "image": {"filename": "d.qcow2"}}
+    name = "json:" + json.dumps({"driver": "qcow2", "file": node})
+    args = [*command, name] if command[0] != "compare" else ["compare", name, command[1]]
+    if command[0] == "convert":
+        args = ["convert", "-O", "raw", name, command[-1]]
+    assert_same(tmp_path, *args)

@@ -194,7 +194,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except CliExit as exc:
         return exc.code
     except qcow2lib.Qcow2Error as exc:  # a library error no command turned into its own text
-        cli.error_report(str(exc))
+        from qcow2lib.ops import error_text
+
+        cli.error_report(error_text(exc))
         return 1
     finally:
         if cli.throttle_groups:  # dropped: main may run again in this process

@@ -9,7 +9,7 @@ from a qcow2 v3 source. Raw targets need exactly the virtual size.
 
 from __future__ import annotations
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, Qcow2IOError
 from ..sizes import parse_number, parse_size
 from . import virtual_size
 
@@ -138,6 +138,13 @@ def _luks_payload(opts: dict, cluster_size: int) -> int:
 
 def _source_required(source, cluster_size: int) -> int:
     """Bytes of data clusters the source allocates (block status over the whole chain)."""
+    try:
+        return _count_required(source, cluster_size)
+    except Qcow2IOError as exc:  # (qemu-img's words for a failed block status query)
+        raise Qcow2IOError(exc.errno, f"Unable to get block status: {exc.strerror}") from None
+
+
+def _count_required(source, cluster_size: int) -> int:
     ssize = virtual_size(source)
     required = 0
     offset = 0
