@@ -38,7 +38,7 @@ import pytest
 import qcow2lib
 from qcow2lib import Qcow2Error, Qcow2IOError, hostfile
 from qcow2lib import snapshots as snaps
-from qemutools import QEMU_IMG, qemu_create, qemu_io, require_root
+from qemutools import QEMU_IMG, qemu_create, qemu_img, qemu_io, require_root, run_qimg
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -724,3 +724,40 @@ def test_eio_on_read_is_reported(tmp_path):
             assert img.read(0, 4096) == b"\x41" * 4096
     finally:
         hostfile.host_file_class = saved
+
+
+@pytest.mark.parametrize("target_exists", [False, True])
+def test_convert_onto_a_full_filesystem_fails_in_qemu_img_words(tmp_path, target_exists):
+    """A 2 MiB tmpfs takes 8 MiB of random data: both tools fail on the first write with
+    strerror's text alone (no file name) and exit 1, and what they leave checks clean of
+    corruption (leaks allowed)."""
+    require_root("mounts a small tmpfs to fill it")
+    source = tmp_path / "big.raw"
+    source.write_bytes(os.urandom(8 << 20))
+    mounts = []
+    try:
+        results = []
+        for tool in ("qimg", "qemu-img"):
+            full = tmp_path / f"full-{tool}"
+            full.mkdir()
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", full], check=True)
+            mounts.append(full)
+            args = ["convert", "-O", "qcow2", source, full / "x.qcow2"]
+            if target_exists:
+                qemu_img("create", "-q", "-f", "qcow2", full / "x.qcow2", "16M")
+                args.insert(1, "-n")
+            if tool == "qimg":
+                result = run_qimg(*args)
+            else:
+                result = subprocess.run(
+                    ["qemu-img", *map(str, args)], capture_output=True, text=True
+                )
+            results.append((result.returncode, result.stderr.replace(str(full), "DIR")))
+            if target_exists:
+                check = qemu_img("check", full / "x.qcow2", check=False)
+                assert check.returncode in (0, 3), check.stdout  # (3: leaks only)
+        assert results[0] == results[1]
+        assert results[0][0] == 1 and "No space left on device" in results[0][1]
+    finally:
+        for full in mounts:
+            subprocess.run(["umount", full], check=False)
