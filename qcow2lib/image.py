@@ -911,23 +911,35 @@ class Qcow2Image(BlockDevice):
                 merged = bytearray(self.read(start, end - start))
                 merged[offset - start : offset - start + len(view)] = view
                 offset, view = start, memoryview(merged)
-        elif self._write_in_place(offset, view):
-            return
         clusters = self._guest_clusters(offset, len(view))
         with self._cond:
-            self._begin_io(clusters)
-            unused_from = self.refcounts.end_cluster  # (clusters past it read zeros)
+            # One lock round trip decides the common small write into a cluster this
+            # image owns, or else plans the general one.
+            host = -1 if self.encrypted else self._in_place_host(offset, len(view))
+            if host >= 0:
+                self._io_active += 1  # (as _begin_io: the cluster is not being allocated)
+            else:
+                self._begin_io(clusters)
+                unused_from = self.refcounts.end_cluster  # (clusters past it read zeros)
+                try:
+                    direct, changes = self._plan_write(offset, len(view))
+                except CorruptImageError as exc:
+                    self._io_active -= 1
+                    self._signal_corruption(exc)
+                    raise
+                except BaseException:
+                    self._io_active -= 1
+                    raise
+                zeroed = self._skip_zero_fill(changes, offset, len(view), unused_from)
+                self._inflight.update(change.cluster_index for change in changes)
+        if host >= 0:
             try:
-                direct, changes = self._plan_write(offset, len(view))
-            except CorruptImageError as exc:
-                self._io_active -= 1
-                self._signal_corruption(exc)
-                raise
-            except BaseException:
-                self._io_active -= 1
-                raise
-            zeroed = self._skip_zero_fill(changes, offset, len(view), unused_from)
-            self._inflight.update(change.cluster_index for change in changes)
+                if self.blkdebug is not None:
+                    self.blkdebug.event("write_aio")
+                self._data_target().pwrite(view, host)
+            finally:
+                self._end_io()
+            return
         ok = False
         try:
             for change, fill_start, fill_end in zeroed:
@@ -968,6 +980,7 @@ class Qcow2Image(BlockDevice):
             return zeroed
         end = offset + length
         bits = self.cluster_bits
+        backing_size = self.backing.size if self.backing is not None else 0
         for change in changes:
             if not change.new_host or change.host >> bits < unused_from:
                 continue
@@ -975,47 +988,46 @@ class Qcow2Image(BlockDevice):
             fill_start = cluster_start + change.fill_start
             fill_end = cluster_start + change.fill_end
             data_start, data_end = max(offset, fill_start), min(end, fill_end)
-            if (fill_start < data_start or data_end < fill_end) and self._reads_as_zeros(
-                self.map.lookup(fill_start, min(fill_end, self.size) - fill_start)
+            if not (fill_start < data_start or data_end < fill_end):
+                continue
+            fill_length = min(fill_end, self.size) - fill_start
+            if (  # an unallocated standard entry (the common case) shows the backing file
+                fill_start >= backing_size
+                if not self.extended_l2 and self.map.get_entry(change.cluster_index)[0] == 0
+                else self._reads_as_zeros(self.map.lookup(fill_start, fill_length))
             ):
                 zeroed.append((change, change.fill_start, change.fill_end))
                 change.fill_start = data_start - cluster_start
                 change.fill_end = data_end - cluster_start
         return zeroed
 
-    def _write_in_place(self, offset: int, view: memoryview) -> bool:
-        """Fast path for the common small write: inside one cluster this image owns
-        (standard L2 entry, COPIED, not zero, not being allocated). False: take the
-        general path."""
+    def _in_place_host(self, offset: int, length: int) -> int:
+        """Under the lock, for the common small write: inside one cluster this image owns
+        (standard L2 entry, COPIED, not zero, not being allocated), the host offset the
+        bytes go to, checked against the metadata. -1: take the general path."""
         cluster_index = offset >> self.cluster_bits
-        if (offset + len(view) - 1) >> self.cluster_bits != cluster_index or self.extended_l2:
-            return False
-        with self._lock:
-            if cluster_index in self._inflight:
-                return False
-            entry, _ = self.map.get_entry(cluster_index)
-            if (
-                entry & (S.OFLAG_COMPRESSED | S.OFLAG_ZERO)
-                or not entry & S.OFLAG_COPIED
-                or not self.map.has_host(entry)
-            ):  # COPIED at offset 0 is unallocated
-                return False
-            try:
-                self.map.validate_entry(entry, 0, cluster_index, overlap=False)
-            except CorruptImageError as exc:
-                self._signal_corruption(exc)
-                raise
-            host = (entry & S.L2E_OFFSET_MASK) + (offset & (self.cluster_size - 1))
-            if not self.has_data_file:
-                self.guard_write(host, len(view))
-            self._io_active += 1
+        if (
+            (offset + length - 1) >> self.cluster_bits != cluster_index
+            or self.extended_l2
+            or cluster_index in self._inflight
+        ):
+            return -1
+        entry, _ = self.map.get_entry(cluster_index)
+        if (
+            entry & (S.OFLAG_COMPRESSED | S.OFLAG_ZERO)
+            or not entry & S.OFLAG_COPIED
+            or not self.map.has_host(entry)
+        ):  # COPIED at offset 0 is unallocated
+            return -1
         try:
-            if self.blkdebug is not None:
-                self.blkdebug.event("write_aio")
-            self._data_target().pwrite(view, host)
-        finally:
-            self._end_io()
-        return True
+            self.map.validate_entry(entry, 0, cluster_index, overlap=False)
+        except CorruptImageError as exc:
+            self._signal_corruption(exc)
+            raise
+        host = (entry & S.L2E_OFFSET_MASK) + (offset & (self.cluster_size - 1))
+        if not self.has_data_file:
+            self.guard_write(host, length)
+        return host
 
     def _plan_write(self, offset: int, length: int):
         """Under the lock: direct host runs, and the clusters whose entries must change."""
@@ -1100,6 +1112,8 @@ class Qcow2Image(BlockDevice):
         if not has_data_file:  # one check per run of host-contiguous fills
             run_start = run_end = -1
             for change in changes:
+                if change.new_host:  # (the allocator checked its whole cluster)
+                    continue
                 start = change.host + change.fill_start
                 if start != run_end:
                     if run_end > run_start:
