@@ -941,18 +941,21 @@ class Qcow2Image(BlockDevice):
                 self._end_io()
             return
         ok = False
+        file_end = 0  # where the image file now ends at least
         try:
             for change, fill_start, fill_end in zeroed:
                 try:  # (the file then ends where QEMU's would, past the cluster)
                     self.file.allocate(change.host, self.cluster_size)
+                    file_end = max(file_end, change.host + self.cluster_size)
                 except Qcow2IOError:  # not on this file system: write the zeros after all
                     change.fill_start, change.fill_end = fill_start, fill_end
-            self._write_data(offset, view, direct, changes)
+            file_end = max(file_end, self._write_data(offset, view, direct, changes))
             ok = True
         finally:
             with self._cond:
                 try:
-                    if ok:
+                    if ok:  # (the file's new end is known before any entry points past it)
+                        self._host_size = max(self._host_size, file_end)
                         self._commit(changes)
                     else:
                         self._abandon(changes)
@@ -1206,8 +1209,9 @@ class Qcow2Image(BlockDevice):
         self.map.l1_dirty.add(l1_index)
         self.overlaps.add(ACTIVE_L2, new_offset, self.cluster_size)
 
-    def _write_data(self, offset: int, view: memoryview, direct, changes) -> None:
-        """Outside the lock: write the data and the copy-on-write fill, in host-contiguous runs."""
+    def _write_data(self, offset: int, view: memoryview, direct, changes) -> int:
+        """Outside the lock: write the data and the copy-on-write fill, in host-contiguous
+        runs. Returns the end of the bytes written into the image file (0: none)."""
         runs: list[list] = []  # [host offset, end offset, buffers]
 
         crypto = self.crypto
@@ -1246,13 +1250,13 @@ class Qcow2Image(BlockDevice):
                     data_end,
                 )
         target = self._data_target()
+        file_end = 0
         for host, run_end, buffers in sorted(runs, key=lambda r: r[0]):
             if self.blkdebug is not None:
                 self.blkdebug.event("write_aio")
             target.pwritev(buffers, host)
-            if target is self.file and run_end > self._host_size:
-                with self._lock:
-                    self._host_size = max(self._host_size, run_end)
+            file_end = max(file_end, run_end)
+        return file_end if target is self.file else 0
 
     def _old_content(self, guest_offset: int, length: int) -> bytes | bytearray:
         """What the guest sees now (the mapping the write will replace is still in place)."""
