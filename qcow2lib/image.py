@@ -489,15 +489,16 @@ class Qcow2Image(BlockDevice):
 
     def readinto(self, offset: int, buffer) -> int:
         view = memoryview(buffer).cast("B")
-        self.check_request(offset, len(view))
-        if not view:
+        length = len(view)
+        BlockDevice.check_request(self, offset, length)  # (what this class adds is for writes)
+        if not length:
             return 0
         if self.encrypted:
             self._require_crypto()
-        if len(view) <= _CACHED_READ_MAX and self._read_small(self.map, offset, view):
-            return len(view)
+        if length <= _CACHED_READ_MAX and self._read_small(self.map, offset, view):
+            return length
         self.read_mapped(self.map, offset, view)
-        return len(view)
+        return length
 
     def readv(self, offset: int, views: list[memoryview]) -> int:
         """As BlockDevice.readv: each run of data clusters is one preadv straight into the
@@ -667,7 +668,20 @@ class Qcow2Image(BlockDevice):
         is read while the lock is still held (no writer can free it meanwhile), so the
         request neither counts itself in flight nor lets other threads in between. Data
         not cached is read after the lock is dropped, counted in flight as usual, so
-        reads that wait for the disk still overlap. False: not such a read."""
+        reads that wait for the disk still overlap. False: not such a read.
+        A range under an L1 entry of zero (no L2 table) needs no lock: it reads as a hole
+        at the instant of that one entry's load, which a writer changes in one store."""
+        bits = cluster_map.cluster_bits
+        l1 = cluster_map.l1
+        l1_index = (offset >> bits) // cluster_map.l2_entries
+        if (
+            l1_index < len(l1)
+            and not l1[l1_index]
+            and (offset + len(view) - 1) >> bits == offset >> bits
+            and (self.backing is None or offset >= self.backing.size)
+        ):
+            view[:] = _ZEROS_VIEW[: len(view)]
+            return True
         with self._lock:
             host = cluster_map.read_host(offset, len(view))
             if host is None:
