@@ -488,7 +488,7 @@ class Qcow2Image(BlockDevice):
     # --- reading ------------------------------------------------------------------------
 
     def readinto(self, offset: int, buffer) -> int:
-        view = memoryview(buffer).cast("B")
+        view = memoryview(buffer) if type(buffer) is bytearray else memoryview(buffer).cast("B")
         length = len(view)
         BlockDevice.check_request(self, offset, length)  # (what this class adds is for writes)
         if not length:
@@ -671,13 +671,12 @@ class Qcow2Image(BlockDevice):
         reads that wait for the disk still overlap. False: not such a read.
         A range under an L1 entry of zero (no L2 table) needs no lock: it reads as a hole
         at the instant of that one entry's load, which a writer changes in one store."""
-        bits = cluster_map.cluster_bits
         l1 = cluster_map.l1
-        l1_index = (offset >> bits) // cluster_map.l2_entries
+        l1_index = offset >> cluster_map.l1_shift
         if (
             l1_index < len(l1)
             and not l1[l1_index]
-            and (offset + len(view) - 1) >> bits == offset >> bits
+            and (offset + len(view) - 1) >> cluster_map.l1_shift == l1_index
             and (self.backing is None or offset >= self.backing.size)
         ):
             view[:] = _ZEROS_VIEW[: len(view)]
