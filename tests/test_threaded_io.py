@@ -16,6 +16,7 @@ import os
 import random
 import struct
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -431,3 +432,42 @@ def test_threads_allocate_in_one_table_and_across_refcount_blocks(tmp_path):
     for chunk in range(0, len(commands), 1024):
         qemu_io(twin, *commands[chunk : chunk + 1024])
     assert qemu_compare(str(path), str(twin), fmt_a="qcow2", fmt_b="qcow2") == 0
+
+
+def test_hole_reads_under_zero_l1_entries_skip_the_lock(tmp_path):
+    """A small read under an L1 entry of zero reads as zeros without the image lock (a
+    thread holding it does not delay it), unless a backing file shows through there: an
+    overlay over a shorter backing file reads the backing's bytes below its end and
+    zeros past it, as QEMU reads them."""
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    qemu_create(base, 1 * MiB)
+    qemu_io(base, "write -P 0x6b 0 1M")
+    qemu_create(top, 64 * MiB, backing=str(base), backing_fmt="qcow2")
+    held, release = threading.Event(), threading.Event()
+    with qcow2lib.open(str(top)) as image:
+
+        def hold_lock() -> None:
+            with image._lock:
+                held.set()
+                release.wait(20)
+
+        holder = threading.Thread(target=hold_lock)
+        holder.start()
+        try:
+            assert held.wait(10)
+            buf = bytearray(b"\xff" * BLOCK)
+            started = time.monotonic()
+            for offset in (2 * MiB, 40 * MiB + 60 * KiB, 64 * MiB - BLOCK):
+                image.readinto(offset, buf)  # (would wait for the holder if it took the lock)
+                assert buf == bytes(BLOCK), offset
+                buf[:] = b"\xff" * BLOCK
+            assert time.monotonic() - started < 10, "the hole reads waited for the lock"
+        finally:
+            release.set()
+            holder.join()
+        for offset in (0, 1 * MiB - BLOCK):
+            image.readinto(offset, buf)
+            assert buf == b"\x6b" * BLOCK, offset
+        image.readinto(1 * MiB, buf)
+        assert buf == bytes(BLOCK)
+    qemu_io(top, "read -P 0x6b 0 1M", "read -P 0 1M 63M")
