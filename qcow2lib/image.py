@@ -488,16 +488,17 @@ class Qcow2Image(BlockDevice):
     # --- reading ------------------------------------------------------------------------
 
     def readinto(self, offset: int, buffer) -> int:
-        view = memoryview(buffer).cast("B")
-        self.check_request(offset, len(view))
-        if not view:
+        view = memoryview(buffer) if type(buffer) is bytearray else memoryview(buffer).cast("B")
+        length = len(view)
+        BlockDevice.check_request(self, offset, length)  # (what this class adds is for writes)
+        if not length:
             return 0
         if self.encrypted:
             self._require_crypto()
-        if len(view) <= _CACHED_READ_MAX and self._read_small(self.map, offset, view):
-            return len(view)
+        if length <= _CACHED_READ_MAX and self._read_small(self.map, offset, view):
+            return length
         self.read_mapped(self.map, offset, view)
-        return len(view)
+        return length
 
     def readv(self, offset: int, views: list[memoryview]) -> int:
         """As BlockDevice.readv: each run of data clusters is one preadv straight into the
@@ -677,7 +678,19 @@ class Qcow2Image(BlockDevice):
         is read while the lock is still held (no writer can free it meanwhile), so the
         request neither counts itself in flight nor lets other threads in between. Data
         not cached is read after the lock is dropped, counted in flight as usual, so
-        reads that wait for the disk still overlap. False: not such a read."""
+        reads that wait for the disk still overlap. False: not such a read.
+        A range under an L1 entry of zero (no L2 table) needs no lock: it reads as a hole
+        at the instant of that one entry's load, which a writer changes in one store."""
+        l1 = cluster_map.l1
+        l1_index = offset >> cluster_map.l1_shift
+        if (
+            l1_index < len(l1)
+            and not l1[l1_index]
+            and (offset + len(view) - 1) >> cluster_map.l1_shift == l1_index
+            and (self.backing is None or offset >= self.backing.size)
+        ):
+            view[:] = _ZEROS_VIEW[: len(view)]
+            return True
         with self._lock:
             host = cluster_map.read_host(offset, len(view))
             if host is None:
@@ -938,36 +951,57 @@ class Qcow2Image(BlockDevice):
                 merged = bytearray(self.read(start, end - start))
                 merged[offset - start : offset - start + len(view)] = view
                 offset, view = start, memoryview(merged)
-        elif in_place and self._write_in_place(offset, [view], len(view)):
+        elif (
+            in_place
+            and (offset + len(view) - 1) >> self.cluster_bits != offset >> self.cluster_bits
+            and self._write_in_place(offset, [view], len(view))
+        ):  # (a write inside one cluster is decided below, in one lock round trip)
             return
         clusters = self._guest_clusters(offset, len(view))
         with self._cond:
-            self._begin_io(clusters)
-            unused_from = self.refcounts.end_cluster  # (clusters past it read zeros)
+            # One lock round trip decides the common small write into a cluster this
+            # image owns, or else plans the general one.
+            host = -1 if self.encrypted or not in_place else self._in_place_host(offset, len(view))
+            if host >= 0:
+                self._io_active += 1  # (as _begin_io: the cluster is not being allocated)
+            else:
+                self._begin_io(clusters)
+                unused_from = self.refcounts.end_cluster  # (clusters past it read zeros)
+                try:
+                    direct, changes = self._plan_write(offset, len(view))
+                except CorruptImageError as exc:
+                    self._io_active -= 1
+                    self._signal_corruption(exc)
+                    raise
+                except BaseException:
+                    self._io_active -= 1
+                    raise
+                zeroed = self._skip_zero_fill(changes, offset, len(view), unused_from)
+                self._inflight.update(change.cluster_index for change in changes)
+        if host >= 0:
             try:
-                direct, changes = self._plan_write(offset, len(view))
-            except CorruptImageError as exc:
-                self._io_active -= 1
-                self._signal_corruption(exc)
-                raise
-            except BaseException:
-                self._io_active -= 1
-                raise
-            zeroed = self._skip_zero_fill(changes, offset, len(view), unused_from)
-            self._inflight.update(change.cluster_index for change in changes)
+                if self.blkdebug is not None:
+                    self.blkdebug.event("write_aio")
+                self._data_target().pwrite(view, host)
+            finally:
+                self._end_io()
+            return
         ok = False
+        file_end = 0  # where the image file now ends at least
         try:
             for change, fill_start, fill_end in zeroed:
                 try:  # (the file then ends where QEMU's would, past the cluster)
                     self.file.allocate(change.host, self.cluster_size)
+                    file_end = max(file_end, change.host + self.cluster_size)
                 except Qcow2IOError:  # not on this file system: write the zeros after all
                     change.fill_start, change.fill_end = fill_start, fill_end
-            self._write_data(offset, view, direct, changes)
+            file_end = max(file_end, self._write_data(offset, view, direct, changes))
             ok = True
         finally:
             with self._cond:
                 try:
-                    if ok:
+                    if ok:  # (the file's new end is known before any entry points past it)
+                        self._host_size = max(self._host_size, file_end)
                         self._commit(changes)
                     else:
                         self._abandon(changes)
@@ -995,6 +1029,7 @@ class Qcow2Image(BlockDevice):
             return zeroed
         end = offset + length
         bits = self.cluster_bits
+        backing_size = self.backing.size if self.backing is not None else 0
         for change in changes:
             if not change.new_host or change.host >> bits < unused_from:
                 continue
@@ -1002,8 +1037,13 @@ class Qcow2Image(BlockDevice):
             fill_start = cluster_start + change.fill_start
             fill_end = cluster_start + change.fill_end
             data_start, data_end = max(offset, fill_start), min(end, fill_end)
-            if (fill_start < data_start or data_end < fill_end) and self._reads_as_zeros(
-                self.map.lookup(fill_start, min(fill_end, self.size) - fill_start)
+            if not (fill_start < data_start or data_end < fill_end):
+                continue
+            fill_length = min(fill_end, self.size) - fill_start
+            if (  # an unallocated standard entry (the common case) shows the backing file
+                fill_start >= backing_size
+                if not self.extended_l2 and self.map.get_entry(change.cluster_index)[0] == 0
+                else self._reads_as_zeros(self.map.lookup(fill_start, fill_length))
             ):
                 zeroed.append((change, change.fill_start, change.fill_end))
                 change.fill_start = data_start - cluster_start
@@ -1048,6 +1088,34 @@ class Qcow2Image(BlockDevice):
         finally:
             self._end_io()
         return True
+
+    def _in_place_host(self, offset: int, length: int) -> int:
+        """Under the lock, for the common small write: inside one cluster this image owns
+        (standard L2 entry, COPIED, not zero, not being allocated), the host offset the
+        bytes go to, checked against the metadata. -1: take the general path."""
+        cluster_index = offset >> self.cluster_bits
+        if (
+            (offset + length - 1) >> self.cluster_bits != cluster_index
+            or self.extended_l2
+            or cluster_index in self._inflight
+        ):
+            return -1
+        entry, _ = self.map.get_entry(cluster_index)
+        if (
+            entry & (S.OFLAG_COMPRESSED | S.OFLAG_ZERO)
+            or not entry & S.OFLAG_COPIED
+            or not self.map.has_host(entry)
+        ):  # COPIED at offset 0 is unallocated
+            return -1
+        try:
+            self.map.validate_entry(entry, 0, cluster_index, overlap=False)
+        except CorruptImageError as exc:
+            self._signal_corruption(exc)
+            raise
+        host = (entry & S.L2E_OFFSET_MASK) + (offset & (self.cluster_size - 1))
+        if not self.has_data_file:
+            self.guard_write(host, length)
+        return host
 
     def _plan_write(self, offset: int, length: int):
         """Under the lock: direct host runs, and the clusters whose entries must change."""
@@ -1132,6 +1200,8 @@ class Qcow2Image(BlockDevice):
         if not has_data_file:  # one check per run of host-contiguous fills
             run_start = run_end = -1
             for change in changes:
+                if change.new_host:  # (the allocator checked its whole cluster)
+                    continue
                 start = change.host + change.fill_start
                 if start != run_end:
                     if run_end > run_start:
@@ -1224,8 +1294,9 @@ class Qcow2Image(BlockDevice):
         self.map.l1_dirty.add(l1_index)
         self.overlaps.add(ACTIVE_L2, new_offset, self.cluster_size)
 
-    def _write_data(self, offset: int, view: memoryview, direct, changes) -> None:
-        """Outside the lock: write the data and the copy-on-write fill, in host-contiguous runs."""
+    def _write_data(self, offset: int, view: memoryview, direct, changes) -> int:
+        """Outside the lock: write the data and the copy-on-write fill, in host-contiguous
+        runs. Returns the end of the bytes written into the image file (0: none)."""
         runs: list[list] = []  # [host offset, end offset, buffers]
 
         crypto = self.crypto
@@ -1264,13 +1335,13 @@ class Qcow2Image(BlockDevice):
                     data_end,
                 )
         target = self._data_target()
+        file_end = 0
         for host, run_end, buffers in sorted(runs, key=lambda r: r[0]):
             if self.blkdebug is not None:
                 self.blkdebug.event("write_aio")
             target.pwritev(buffers, host)
-            if target is self.file and run_end > self._host_size:
-                with self._lock:
-                    self._host_size = max(self._host_size, run_end)
+            file_end = max(file_end, run_end)
+        return file_end if target is self.file else 0
 
     def _old_content(self, guest_offset: int, length: int) -> bytes | bytearray:
         """What the guest sees now (the mapping the write will replace is still in place)."""

@@ -93,6 +93,8 @@ class ClusterMap:
         self.version = header.version
         self.entry_words = 2 if self.extended else 1
         self.l2_entries = header.l2_entries
+        # guest offset >> l1_shift: its L1 index (l2_entries is a power of two)
+        self.l1_shift = self.cluster_bits + self.l2_entries.bit_length() - 1
         self.subcluster_size = (
             self.cluster_size // S.SUBCLUSTERS if self.extended else self.cluster_size
         )

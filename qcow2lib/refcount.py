@@ -385,6 +385,10 @@ class Refcounts:
         """
         if count <= 0:
             raise InvalidArgumentError(f"cannot allocate {count} clusters")
+        if not at_end:
+            start = self._allocate_at_cursor(count)
+            if start >= 0:
+                return start
         n = self.block_entries
         if not at_end:  # move the cursor past the clusters in use since it was last set
             self.free_hint = self._next_free_run(self.free_hint, 1)
@@ -420,6 +424,34 @@ class Refcounts:
         self.update(start, len(missing) + count, +1)
         if start == self.free_hint:
             self.free_hint = start + count + len(missing)
+        return start
+
+    def _allocate_at_cursor(self, count: int) -> int:
+        """The allocator's common case, one block lookup instead of a search: the `count`
+        clusters from the cursor are free and their refcount block exists (a run of new
+        clusters at the end of a growing image). Returns the first cluster, -1 when that
+        is not so (the caller searches)."""
+        start = self.free_hint
+        n = self.block_entries
+        block_index, index = divmod(start, n)
+        if index + count > n:
+            return -1
+        offset = self._block_offset(block_index)
+        if not offset:
+            return -1
+        block = self.blocks.get(offset)
+        first, length = block.zero_run(index, index + count, count)
+        if first != index or length != count:
+            return -1
+        self.check_allocation(start, count)
+        if block.order >= 3:
+            block.values[index : index + count] = array(block.values.typecode, [1]) * count
+        else:
+            for i in range(index, index + count):
+                block.set(i, 1)
+        self.blocks.mark_dirty(offset)
+        self.free_hint = start + count
+        self.end_cluster = max(self.end_cluster, start + count)
         return start
 
     def allocate_at(self, cluster: int, count: int) -> bool:
