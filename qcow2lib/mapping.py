@@ -466,17 +466,18 @@ class ClusterMap:
         data_file_copied = S.OFLAG_COPIED if self.has_data_file else 0
         index = (pos >> bits) - base
         stop = ((end - 1) >> bits) - base + 1
-        used: list[int] | None = None  # indices of the non-zero entries, once a hole needs them
+        first = index
+        used: list[int] | None = None  # the non-zero entries from `first`, once a hole needs them
         while index < stop:
             entry = table[index]
             cluster_index = base + index
             cluster_start = cluster_index << bits
             start = max(pos, cluster_start)
             if not entry:  # a hole runs to the next entry in use (found without a loop)
-                if used is None:
-                    used = nonzero_positions(table)
-                after = bisect_right(used, index)
-                count = min(used[after] if after < len(used) else len(table), stop) - index
+                if used is None:  # (of the entries asked for only: a small read asks few)
+                    used = nonzero_positions(table[first:stop])  # (relative to `first`)
+                after = bisect_right(used, index - first)
+                count = (first + used[after] if after < len(used) else stop) - index
                 run_end = min((cluster_index + count) << bits, end)
                 _append(segments, start, run_end - start, BACKING, None)
                 index += count
