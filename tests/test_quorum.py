@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qemutools import qemu_img, qemu_io, run
+from qemutools import assert_same_result, qemu_img, qemu_io, run
 from qemutools import run_qimg_in as run_qimg
 
 
@@ -107,11 +107,7 @@ def test_quorum_options_checked_and_named_as_qemu(tmp_path: Path, options: str):
     shutil.copy(tmp_path / "a.qcow2", tmp_path / "b.qcow2")
     args = ("info", options) if options.startswith("json:") else ("info", "--image-opts", options)
     ours, theirs = both(tmp_path, *args)
-    assert (ours.returncode, ours.stdout, ours.stderr) == (
-        theirs.returncode,
-        theirs.stdout,
-        theirs.stderr,
-    )
+    assert_same_result(ours, theirs, args)
 
 
 def test_fifo_reads_the_first_child_that_answers(tmp_path: Path):
@@ -169,11 +165,7 @@ def test_quorum_node_as_qemu(tmp_path: Path, args: list[str]):
         qemu_img("create", "-q", "-f", "qcow2", tmp_path / f"c{index}.qcow2", "4M")
         qemu_io(tmp_path / f"c{index}.qcow2", "write -P 7 0 64k", f"write -P 9 {index + 1}M 64k")
     ours, theirs = both(tmp_path, *args)
-    assert (ours.returncode, ours.stdout, ours.stderr) == (
-        theirs.returncode,
-        theirs.stdout,
-        theirs.stderr,
-    )
+    assert_same_result(ours, theirs, args)
 
 
 def test_quorum_node_reads_writes_and_backs_an_image(tmp_path: Path):
@@ -223,11 +215,7 @@ def test_quorum_node_reads_writes_and_backs_an_image(tmp_path: Path):
         ["compare", "ov-ours.qcow2", "ov-theirs.qcow2"],
     ):
         ours, theirs = both(tmp_path, *args)
-        assert (ours.returncode, ours.stdout, ours.stderr) == (
-            theirs.returncode,
-            theirs.stdout,
-            theirs.stderr,
-        ), args
+        assert_same_result(ours, theirs, args)
 
 
 def quorum_node_name(count: int) -> str:
