@@ -178,6 +178,17 @@ def data_image(tmp_path) -> tuple[Path, bytes]:
     return path, content
 
 
+def run_threads(target, count: int, timeout: float) -> list[threading.Thread]:
+    """target(0) .. target(count - 1), each in a thread of its own, started together and
+    joined (each for at most `timeout` seconds); the threads, to check none hung."""
+    threads = [threading.Thread(target=target, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout)
+    return threads
+
+
 def read_all_small(image, content: bytes, threads: int = 4) -> None:
     """4 KiB reads of every block of `content` from several threads, each checked."""
     errors: list[str] = []
@@ -189,11 +200,7 @@ def read_all_small(image, content: bytes, threads: int = 4) -> None:
             if buf != content[offset : offset + BLOCK]:
                 errors.append(f"wrong data at {offset}")
 
-    pool = [threading.Thread(target=run, args=(first,)) for first in range(threads)]
-    for thread in pool:
-        thread.start()
-    for thread in pool:
-        thread.join(timeout=60)
+    run_threads(run, threads, timeout=60)
     assert not errors, errors[:3]
 
 
@@ -413,11 +420,7 @@ def test_threads_allocate_in_one_table_and_across_refcount_blocks(tmp_path):
             except Exception as exc:  # noqa: BLE001 (reported by the main thread)
                 errors.append(f"thread {owner}: {type(exc).__name__}: {exc}")
 
-        threads = [threading.Thread(target=worker, args=(t,)) for t in range(THREADS)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=100)
+        threads = run_threads(worker, THREADS, timeout=100)
         assert not any(thread.is_alive() for thread in threads), "a thread hung"
         assert not errors, errors[:5]
         assert image._io_active == 0 and not image._inflight
