@@ -20,7 +20,7 @@ import pytest
 
 import qcow2lib
 from qcow2lib.exports import vhost_user_blk
-from qcow2lib.exports.vhost_user_blk import VhostUserBlkServer
+from qcow2lib.exports.vhost_user_blk import SEG_MAX, VhostUserBlkServer
 from qcow2lib.image import Qcow2Image
 from guest import Guest, boot_guest
 from qemutools import assert_clean, qemu_create, qemu_io, to_raw
@@ -120,7 +120,7 @@ def test_negotiation_config_and_queue_count(tmp_path: Path, export) -> None:
         assert len(reply) == 12 + 60
         config = reply[12:]
         capacity, size_max, seg_max = struct.unpack_from("<QII", config)
-        assert capacity == 4 * MIB // 512 and seg_max >= 1 and size_max >= 4096
+        assert capacity == 4 * MIB // 512 and seg_max == SEG_MAX and size_max >= 4096
         assert struct.unpack_from("<I", config, 20)[0] == 512  # blk_size
         assert struct.unpack_from("<H", config, 34)[0] == 3  # num_queues
         max_discard, discard_segments = struct.unpack_from("<II", config, 36)
@@ -863,7 +863,8 @@ def workload_script(seed: int, cpus: int = 1) -> str:
     text = PATTERN_TEXT.decode().rstrip("\n")
     return "\n".join(
         [
-            'echo "SIZE $(cat /sys/block/vda/size) SERIAL $(cat /sys/block/vda/serial)"',
+            'echo "SIZE $(cat /sys/block/vda/size) SERIAL $(cat /sys/block/vda/serial) '
+            'SEGMENTS $(cat /sys/block/vda/queue/max_segments)"',
             f'yes "{text}" | head -c 1048576 | dd of=/dev/vda bs=65536 seek=16 iflag=fullblock '
             f"conv=fsync 2>/dev/null",
             'echo "PATTERN $(dd if=/dev/vda bs=65536 skip=16 count=16 iflag=direct 2>/dev/null '
@@ -911,7 +912,8 @@ def test_guest_on_qcow2_with_backing_file(tmp_path: Path, export) -> None:
     output = boot_guest(
         vhost_disk_args(served.socket_path), workload_script(1), 90, workdir=tmp_path
     )
-    assert f"SIZE {DISK_MIB * 2048} SERIAL qimg-test-disk" in output
+    # the guest takes our seg_max: its 1 MiB reads of 4 KiB pages are one request each
+    assert f"SIZE {DISK_MIB * 2048} SERIAL qimg-test-disk SEGMENTS {SEG_MAX}" in output
     pattern_md5 = hashlib.md5(known_pattern(MIB)).hexdigest()
     assert f"PATTERN {pattern_md5}" in output and "DISCARDED" in output
     checksums = guest_checksums(output)
