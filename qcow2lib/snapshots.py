@@ -13,8 +13,11 @@ the active L2 tables whose COPIED flags change, the L1 tables and snapshot table
 change, copies of the refcount blocks whose counts change and a new refcount table; then
 one sector write of the header switches L1 table, refcount table, snapshot table (and
 size) at once. A crash leaves the old state or the new one. The clusters only the old
-state used are free in the new refcounts: they are given back to the filesystem, the
-file is cut after its last cluster in use, and the next operation reuses them.
+state used are free in the new refcounts: the file is cut after its last cluster in use,
+and the next operation reuses them. Freed clusters are given back to the filesystem,
+except those of metadata this operation replaced with copies: the next operation's
+copies go there (first fit), and punching them one by one (an L2 table each, scattered
+over the file) would cost more than the operation itself.
 
 Cost: an operation reads the L1 tables it changes (the active one, and the snapshot it
 creates, applies or deletes) and the L2 tables whose number of paths changes, never the
@@ -264,6 +267,7 @@ class _NewState:
         self.file_size = image.file.size()
         self.delta = ClusterCounts(self.bits, -(-self.file_size >> self.bits), signed=True)
         self.search_from = 1  # first-fit search start (what lies before is taken)
+        self.superseded: set[int] = set()  # clusters of metadata replaced by copies
         self.end = self.file_size  # the file's size once the new clusters are written
         # The refcount block get() read last (the current refcounts do not change until
         # the switch): asked cluster after cluster, most calls need no lookup.
@@ -289,6 +293,13 @@ class _NewState:
         bits = self.bits
         for cluster in range(offset >> bits, ((offset + length - 1) >> bits) + 1):
             self.delta.add(cluster, times)
+
+    def supersede(self, offset: int, length: int) -> None:
+        """The metadata at [offset, +length) is replaced by a new copy: one reference
+        less on its clusters, which are not punched once free (see the module docstring)."""
+        self.change_range(offset, length, -1)
+        bits = self.bits
+        self.superseded.update(range(offset >> bits, ((offset + length - 1) >> bits) + 1))
 
     def allocate(self, count: int) -> int:
         """First cluster of `count` contiguous clusters free now and untouched by the change."""
@@ -367,7 +378,7 @@ class _NewState:
         bits, cs = self.bits, self.cs
         entries = refs.block_entries
         copies: dict[int, int] = {}  # block index -> cluster of its new copy
-        self.change_range(refs.table_offset, refs.table_clusters * cs, -1)
+        self.supersede(refs.table_offset, refs.table_clusters * cs)
         table_first, table_clusters = None, refs.table_clusters
         while True:
             todo = sorted(self.delta.nonzero_blocks(entries) - copies.keys())
@@ -375,7 +386,7 @@ class _NewState:
                 copies[block_index] = self.allocate(1)
                 old = refs._block_offset(block_index)
                 if old:
-                    self.delta.add(old >> bits, -1)
+                    self.supersede(old, cs)
             needed = max(len(refs.table), max(copies, default=0) + 1)
             if needed * 8 > S.MAX_REFTABLE_BYTES:
                 raise InvalidArgumentError(
@@ -494,7 +505,7 @@ def _commit_state(
         state.change_range(deleted[0].l1_table_offset, deleted[0].l1_size * 8, -1)
     old_table = cached_table(image)
     if snapshots is not None and old_table[1]:
-        state.change_range(hdr.snapshots_offset, old_table[1], -1)
+        state.supersede(hdr.snapshots_offset, old_table[1])
     state.check_counts()
     try:
         # 1. Active L2 tables whose COPIED flags are wrong for the new state get copies,
@@ -517,7 +528,8 @@ def _commit_state(
             if encoded is not None:
                 copy_offset = state.write_new(encoded)
                 copies[offset] = copy_offset
-                state.delta.add(offset >> bits, -uses[offset])
+                state.delta.add(offset >> bits, 1 - uses[offset])
+                state.supersede(offset, state.cs)
                 state.delta.add(copy_offset >> bits, uses[offset] - 1)
         if copies:
             for l1 in added:
@@ -530,7 +542,7 @@ def _commit_state(
         l1_offset = hdr.l1_table_offset
         if active != m.l1:
             if len(m.l1):
-                state.change_range(hdr.l1_table_offset, len(m.l1) * 8, -1)
+                state.supersede(hdr.l1_table_offset, len(m.l1) * 8)
             l1_offset = state.write_new(encode_be64(active)) if len(active) else 0
         if new_snapshot is not None:
             assert snapshot_l1 is not None  # (given with new_snapshot)
@@ -585,9 +597,21 @@ def _commit_state(
             table_bytes,
         )
     image._sync(image.file)
-    for first, count in freed:
+    for first, count in _runs_outside(freed, state.superseded):
         image.file.punch_hole(first << bits, count << bits)
     _trim_file(image, state)
+
+
+def _runs_outside(runs: list[tuple[int, int]], kept: set[int]) -> Iterator[tuple[int, int]]:
+    """The (first, count) runs of clusters less the clusters in `kept`."""
+    for first, count in runs:
+        start = first
+        for cluster in sorted(kept.intersection(range(first, first + count))):
+            if cluster > start:
+                yield start, cluster - start
+            start = cluster + 1
+        if first + count > start:
+            yield start, first + count - start
 
 
 def _trim_file(image, state: _NewState) -> None:

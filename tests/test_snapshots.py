@@ -272,6 +272,43 @@ def test_apply_restores_disk_size(tmp_path):
     assert qemu_raw(path, tmp_path)[2 * MiB : 2 * MiB + 65536] == b"\x22" * 65536
 
 
+def _allocated_bytes(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
+def test_disk_use_stays_bounded_and_freed_data_is_given_back(tmp_path):
+    """Old copies of metadata (L2 tables whose COPIED flags change) are left for the
+    next operation's copies rather than punched one by one: the file and its disk use
+    stop growing after the first round. Data clusters a delete frees are punched, as
+    QEMU discards them (pass-discard-snapshot)."""
+    path = tmp_path / "img.qcow2"
+    qemu_create(path, "8G")
+    # 16 L2 tables over the disk (one each 512 MiB), 1 MiB of data under each
+    qemu_io(path, *[f"write -P {i + 1} {i * 512}M 1M" for i in range(16)])
+    sizes = []
+    for _ in range(4):
+        with qcow2lib.open(str(path), "r+") as img:
+            create_snapshot(img, "s")
+        with qcow2lib.open(str(path), "r+") as img:
+            delete_snapshot(img, "s")
+        sizes.append((path.stat().st_size, _allocated_bytes(path)))
+    # (the filesystem's own extent blocks may come and go as holes are punched)
+    assert sizes[1][0] == sizes[2][0] == sizes[3][0], sizes
+    assert max(used for _, used in sizes[1:]) - min(used for _, used in sizes[1:]) <= 65536, sizes
+    assert_clean(path)
+    # a snapshot then owns 8 MiB of data alone: deleting it gives the space back
+    with qcow2lib.open(str(path), "r+") as img:
+        create_snapshot(img, "s")
+    qemu_io(path, *[f"write -P 0x77 {i * 512}M 512k" for i in range(16)])
+    before = _allocated_bytes(path)
+    with qcow2lib.open(str(path), "r+") as img:
+        delete_snapshot(img, "s")
+    assert before - _allocated_bytes(path) >= 16 * 512 * KiB
+    assert_clean(path)
+    with qcow2lib.open(str(path)) as img:
+        assert img.read(512 * MiB, MiB) == b"\x77" * (512 * KiB) + b"\x02" * (512 * KiB)
+
+
 # --- lookup and IDs ---------------------------------------------------------------------------
 
 
