@@ -92,10 +92,13 @@ EXTENT_WINDOW_CLUSTERS = 1 << 15
 
 
 class _ClusterWrite:
-    """One guest cluster whose L2 entry a write changes."""
+    """One guest cluster whose L2 entry a write changes; or, where a write fills
+    unallocated clusters of one L2 table, the run of them (`count` > 1: contiguous hosts,
+    the fill range measured from the first cluster's start, no bitmap, nothing freed)."""
 
     __slots__ = (
         "cluster_index",
+        "count",
         "host",
         "new_host",
         "fill_start",
@@ -105,8 +108,9 @@ class _ClusterWrite:
         "free_clusters",
     )
 
-    def __init__(self, cluster_index: int):
+    def __init__(self, cluster_index: int, count: int = 1):
         self.cluster_index = cluster_index
+        self.count = count
         self.host = 0  # host offset of the cluster the data goes to
         self.new_host = False  # host must be allocated
         self.fill_start = 0  # byte range inside the cluster that is written (data + COW fill)
@@ -977,7 +981,10 @@ class Qcow2Image(BlockDevice):
                     self._io_active -= 1
                     raise
                 zeroed = self._skip_zero_fill(changes, offset, len(view), unused_from)
-                self._inflight.update(change.cluster_index for change in changes)
+                for change in changes:
+                    self._inflight.update(
+                        range(change.cluster_index, change.cluster_index + change.count)
+                    )
         if host >= 0:
             try:
                 if self.blkdebug is not None:
@@ -991,8 +998,8 @@ class Qcow2Image(BlockDevice):
         try:
             for change, fill_start, fill_end in zeroed:
                 try:  # (the file then ends where QEMU's would, past the cluster)
-                    self.file.allocate(change.host, self.cluster_size)
-                    file_end = max(file_end, change.host + self.cluster_size)
+                    self.file.allocate(change.host, change.count * self.cluster_size)
+                    file_end = max(file_end, change.host + change.count * self.cluster_size)
                 except Qcow2IOError:  # not on this file system: write the zeros after all
                     change.fill_start, change.fill_end = fill_start, fill_end
             file_end = max(file_end, self._write_data(offset, view, direct, changes))
@@ -1006,7 +1013,10 @@ class Qcow2Image(BlockDevice):
                     else:
                         self._abandon(changes)
                 finally:
-                    self._inflight.difference_update(change.cluster_index for change in changes)
+                    for change in changes:
+                        self._inflight.difference_update(
+                            range(change.cluster_index, change.cluster_index + change.count)
+                        )
                     self._io_active -= 1
                     self._cond.notify_all()
         self._maybe_write_back()
@@ -1128,13 +1138,18 @@ class Qcow2Image(BlockDevice):
         has_data_file = self.has_data_file
         clusters = self._guest_clusters(offset, length)
         if not self.extended_l2 and self._unallocated(clusters):
-            # (the common case of a new image: no entry to read, validate or free)
-            for cluster_index in clusters:
-                change = _ClusterWrite(cluster_index)
-                change.fill_end = cs
+            # (the common case of a new image: no entry to read, validate or free; one
+            # change per L2 table's share of the clusters)
+            entries = self.map.l2_entries
+            first = clusters.start
+            while first < clusters.stop:
+                stop = min(clusters.stop, (first // entries + 1) * entries)
+                change = _ClusterWrite(first, stop - first)
+                change.fill_end = (stop - first) * cs
                 change.entry = S.OFLAG_COPIED
                 change.new_host = True
                 changes.append(change)
+                first = stop
             clusters = range(0)
         for cluster_index in clusters:
             cluster_start = cluster_index << bits
@@ -1256,15 +1271,19 @@ class Qcow2Image(BlockDevice):
                 index += 1
                 continue
             run_end = index + 1
+            clusters = changes[index].count
             while (
                 run_end < len(changes)
                 and changes[run_end].new_host
-                and changes[run_end].cluster_index == changes[run_end - 1].cluster_index + 1
+                and changes[run_end].cluster_index
+                == changes[run_end - 1].cluster_index + changes[run_end - 1].count
             ):
+                clusters += changes[run_end].count
                 run_end += 1
-            first = self.refcounts.allocate(run_end - index)
-            for i in range(index, run_end):
-                changes[i].host = (first + i - index) << self.cluster_bits
+            first = self.refcounts.allocate(clusters)
+            for change in changes[index:run_end]:
+                change.host = first << self.cluster_bits
+                first += change.count
             index = run_end
 
     def _writable_l2(self, l1_index: int) -> None:
@@ -1359,6 +1378,14 @@ class Qcow2Image(BlockDevice):
     def _commit(self, changes: list[_ClusterWrite]) -> None:
         """Under the lock: publish the new entries and release what they replace."""
         for change in changes:
+            if change.count > 1:
+                self.map.set_run(
+                    change.cluster_index,
+                    change.count,
+                    change.host | change.entry,
+                    self.cluster_size,
+                )
+                continue
             self.map.set_entry(change.cluster_index, change.host | change.entry, change.bitmap)
             for first, count in change.free_clusters:
                 self.refcounts.free(first, count)
@@ -1369,7 +1396,7 @@ class Qcow2Image(BlockDevice):
             return
         for change in changes:
             if change.new_host and change.host:
-                self.refcounts.update(change.host >> self.cluster_bits, 1, -1)
+                self.refcounts.update(change.host >> self.cluster_bits, change.count, -1)
 
     # --- compressed writes --------------------------------------------------------------
 

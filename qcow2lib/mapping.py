@@ -14,7 +14,7 @@ from bisect import bisect_right
 
 from . import structs as S
 from .cache import TableCache, decode_be64, encode_be64
-from .errors import CorruptImageError
+from .errors import CorruptImageError, InvalidArgumentError
 from .runs import NativeRunLength, nonzero_positions
 
 DATA, ZERO, BACKING, COMPRESSED = "data", "zero", "backing", "compressed"
@@ -667,6 +667,20 @@ class ClusterMap:
         if self.extended:
             return table[2 * l2_index], table[2 * l2_index + 1]
         return table[l2_index], 0
+
+    def set_run(self, cluster_index: int, count: int, entry: int, step: int) -> None:
+        """Store the standard entries entry, entry + step, ... of `count` clusters of one
+        L2 table from cluster_index, in one slice (the table must be writable)."""
+        l1_index, l2_index = divmod(cluster_index, self.l2_entries)
+        if self.extended or l2_index + count > self.l2_entries:
+            raise InvalidArgumentError(
+                f"set_run of {count} entries from cluster {cluster_index}: not within one "
+                f"standard L2 table"
+            )
+        offset = self.l2_offset(l1_index)
+        table = self.l2_cache.get(offset)
+        table[l2_index : l2_index + count] = array("Q", range(entry, entry + count * step, step))
+        self.l2_cache.mark_dirty(offset)
 
     def set_entry(self, cluster_index: int, entry: int, bitmap: int = 0) -> None:
         """Store an entry; the L2 table must already be writable (see Qcow2Image)."""
