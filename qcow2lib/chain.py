@@ -26,7 +26,6 @@ from .errors import (
 )
 from .hostfile import open_host_file, refuse_special_file
 from .image import Qcow2Image
-from .luks_image import has_luks_magic, open_luks
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:
@@ -67,6 +66,8 @@ def probe_format(path: str, backing_of: str | None = None) -> str:
         file.close()
     if first[:4] == S.QCOW_MAGIC.to_bytes(4, "big"):
         return "qcow2"
+    from .luks_image import has_luks_magic  # (here and below: not for qcow2 images)
+
     if has_luks_magic(first[:6]):  # luks: issue 14
         return "luks"
     from .vmdk import is_vmdk
@@ -282,6 +283,7 @@ def _open_nbd(
     """An NBD export (a name, or an NBDAddress): its raw content, the protocol itself when
     fmt is "nbd" (QEMU's driver=nbd), or the qcow2 image it holds (stated or probed)."""
     from .exports.nbd_client import NBDClient, NBDHostFile, parse_nbd_name
+    from .luks_image import has_luks_magic, open_luks
 
     address = parse_nbd_name(target) if isinstance(target, str) else target
     if fmt not in (None, "raw", "nbd", "qcow2", "luks"):
@@ -468,6 +470,8 @@ def _open(
             raise UnsupportedFeatureError("Block driver does not support snapshots (luks)")
         container = RawDevice(path, mode, force_share, False, backing_of, locking=locking)
         container.file.no_flush = cache == "unsafe"
+        from .luks_image import open_luks
+
         return open_luks(container, _split_passphrase(passphrase)[0])
     if fmt == "vmdk":
         from .vmdk import VmdkImage

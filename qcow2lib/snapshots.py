@@ -171,9 +171,9 @@ def _require_writable(image, what: str) -> None:
 @contextmanager
 def _exclusive(image):
     """Hold the image lock with no request in flight, metadata written back."""
-    with image._cond:
+    with image._lock:
         while image._io_active:
-            image._cond.wait()
+            image._wait()
         _flush_all(image)
         try:
             yield

@@ -7,7 +7,6 @@ import os
 import sys
 
 import qcow2lib
-from qcow2lib.bitmaps import check_qemu_constraints
 from qcow2lib import ImageLockedError, Qcow2Error
 from qcow2lib.chain import (
     BackingNode,
@@ -22,7 +21,7 @@ from qcow2lib.cli.qemuopts import CreateError, parse_qemu_opts, split_option_lis
 from qcow2lib.qobject import qemu_json_compact
 from qcow2lib.cli.secrets import secret_value
 from qcow2lib.image import Qcow2Image
-from qcow2lib.ops import error_text, full_backing_filename, host_path
+from qcow2lib.ops import check_bitmap_constraints, error_text, full_backing_filename, host_path
 from qcow2lib.records import record  # (not dataclasses: start-up time)
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
@@ -418,7 +417,7 @@ def open_spec(
         for line in getattr(device, "repair_messages", ()):
             sys.stderr.write(line + "\n")
         try:
-            check_qemu_constraints(getattr(device, "_bitmap_entries", []))
+            check_bitmap_constraints(device)
         except Qcow2Error:
             device.close()
             raise
