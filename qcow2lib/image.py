@@ -23,7 +23,6 @@ from collections.abc import Iterable, Iterator
 from itertools import groupby
 
 from . import structs as S
-from .containers import DataFileTarget, open_data_file as open_data_file_node
 from .blockdev import RAW_EXTENT_BATCH, BlockDevice, Extent, scatter, split_views
 from .cache import decode_be64
 from .errors import (
@@ -59,6 +58,7 @@ if TYPE_CHECKING:
     from typing import TypeAlias
 
     from .bitmaps import BitmapEntry, BitmapTracker
+    from .containers import DataFileTarget
     from .blkdebug import BlkdebugFile
     from .crypto import SectorCrypto
     from .hostfile import DeviceFile
@@ -225,6 +225,8 @@ class Qcow2Image(BlockDevice):
                     f"and written to that host file)"
                 )
             if open_data_file:
+                from .containers import open_data_file as open_data_file_node
+
                 self.data_host = open_data_file_node(
                     name,
                     writable=not self.read_only,
@@ -237,6 +239,8 @@ class Qcow2Image(BlockDevice):
                 "data file (data file name present, incompatible bit clear)"
             )
         elif data_file is not None and open_data_file:  # (QEMU opens it first)
+            from .containers import open_data_file as open_data_file_node
+
             open_data_file_node(data_file, not self.read_only, self.force_share).close()
             raise InvalidArgumentError(
                 "'data-file' can only be set for images with an external data file"

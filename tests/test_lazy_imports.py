@@ -229,8 +229,8 @@ INFO_MODULES = frozenset(
         *("qcow2lib", "qcow2lib.errors", "qcow2lib.structs", "qcow2lib.hostfile"),
         *("qcow2lib.blockdev", "qcow2lib.records", "qcow2lib.header", "qcow2lib.cache"),
         *("qcow2lib.runs", "qcow2lib.mapping", "qcow2lib.overlap", "qcow2lib.refcount"),
-        *("qcow2lib.image", "qcow2lib.nodes", "qcow2lib.chain", "qcow2lib.containers"),
-        *("qcow2lib.drivers", "qcow2lib.create", "qcow2lib.sizes", "qcow2lib.qobject"),
+        *("qcow2lib.image", "qcow2lib.nodes", "qcow2lib.chain", "qcow2lib.create"),
+        *("qcow2lib.sizes", "qcow2lib.qobject"),
         *("qcow2lib.ops", "qcow2lib.ops.info"),
         # the CLI: dispatch, getopt, image names, the command
         *("qcow2lib.cli", "qcow2lib.cli.common", "qcow2lib.cli.gnu_getopt"),

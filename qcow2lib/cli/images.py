@@ -14,7 +14,6 @@ from qcow2lib.chain import (
     take_child_options,
     untrusted_backing_path,
 )
-from qcow2lib.containers import DataFileTarget
 from qcow2lib.nodes import FILE_NODE_DRIVERS, NODE_DRIVERS
 from qcow2lib.cli.common import Cli
 from qcow2lib.qobject import qemu_json_compact
@@ -28,6 +27,7 @@ if TYPE_CHECKING:  # (the NBD client is imported only when an NBD export is open
 
     from qcow2lib.exports.nbd_client import NBDAddress
     from qcow2lib.chain import ImageTarget
+    from qcow2lib.containers import DataFileTarget
     from qcow2lib.cli.qemuopts import CreateError
 
 CACHE_MODES = ("none", "off", "directsync", "writeback", "unsafe", "writethrough")

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 from ..blockdev import BlockDevice
 from ..chain import FORMATS, BackingNode, json_image_target, open_image
-from ..containers import DataFileTarget
 from ..errors import InvalidArgumentError, Qcow2Error
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from ..containers import DataFileTarget
 
 __all__ = [
     "FORMATS",

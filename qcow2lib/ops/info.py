@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 
 from ..chain import BackingNode, is_nbd_name, untrusted_backing_path
-from ..containers import DataFileTarget
 from ..errors import CorruptImageError, ImageLockedError, Qcow2Error
 from ..nodes import loaded_instance
 from . import (
@@ -22,6 +21,10 @@ from . import (
     open_by_name,
     virtual_size,
 )
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from ..containers import DataFileTarget
 
 CRYPT_AES, CRYPT_LUKS = 1, 2  # qcow2 header crypt_method values
 _LUKS_KEYS = (
