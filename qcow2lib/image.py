@@ -490,7 +490,8 @@ class Qcow2Image(BlockDevice):
     def _wait(self) -> None:
         """Under the lock: sleep until another thread calls _notify_all. The condition
         variable is made by the first wait (threading is imported only where a thread
-        waits on an image, not by every qimg run: start-up time); nobody waits before."""
+        waits on an image, not by every qimg run: start-up time); until then, _notify_all
+        has nobody to wake."""
         if self._cond is None:
             import threading
 
