@@ -14,8 +14,6 @@ from collections.abc import Sequence
 from . import nodes
 from . import structs as S
 from .blockdev import BlockDevice, RawDevice
-from .containers import DataFileTarget, NodeReference, data_file_option
-from .drivers import KNOWN_DRIVERS
 from .errors import (
     CorruptImageError,
     InvalidArgumentError,
@@ -26,13 +24,13 @@ from .errors import (
 )
 from .hostfile import open_host_file, refuse_special_file
 from .image import Qcow2Image
-from .luks_image import has_luks_magic, open_luks
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:
-    from typing import TypeAlias
+    from typing import TypeAlias, TypeGuard
 
     from .blkdebug import BlkdebugTarget
+    from .containers import DataFileTarget, NodeReference
     from .exports.nbd_client import NBDAddress
     from .nulldev import NullTarget
     from .quorum import QuorumTarget
@@ -67,6 +65,8 @@ def probe_format(path: str, backing_of: str | None = None) -> str:
         file.close()
     if first[:4] == S.QCOW_MAGIC.to_bytes(4, "big"):
         return "qcow2"
+    from .luks_image import has_luks_magic  # (here and below: not for qcow2 images)
+
     if has_luks_magic(first[:6]):  # luks: issue 14
         return "luks"
     from .vmdk import is_vmdk
@@ -282,6 +282,7 @@ def _open_nbd(
     """An NBD export (a name, or an NBDAddress): its raw content, the protocol itself when
     fmt is "nbd" (QEMU's driver=nbd), or the qcow2 image it holds (stated or probed)."""
     from .exports.nbd_client import NBDClient, NBDHostFile, parse_nbd_name
+    from .luks_image import has_luks_magic, open_luks
 
     address = parse_nbd_name(target) if isinstance(target, str) else target
     if fmt not in (None, "raw", "nbd", "qcow2", "luks"):
@@ -468,6 +469,8 @@ def _open(
             raise UnsupportedFeatureError("Block driver does not support snapshots (luks)")
         container = RawDevice(path, mode, force_share, False, backing_of, locking=locking)
         container.file.no_flush = cache == "unsafe"
+        from .luks_image import open_luks
+
         return open_luks(container, _split_passphrase(passphrase)[0])
     if fmt == "vmdk":
         from .vmdk import VmdkImage
@@ -519,9 +522,15 @@ def _open(
     )
 
 
+def _is_reference(node: BackingNode | None) -> TypeGuard[NodeReference]:
+    """isinstance(node, NodeReference): only options make one, and containers.py is
+    imported only where options give a node (start-up time)."""
+    return nodes.loaded_instance(node, "containers", "NodeReference")
+
+
 def _names_backing(backing_node: BackingNode | None) -> bool:
     """Whether options give a backing node (not none: "backing": null or "")."""
-    if isinstance(backing_node, NodeReference):
+    if _is_reference(backing_node):
         return bool(backing_node.name)
     return bool(backing_node)
 
@@ -531,6 +540,8 @@ def _refuse_image_children(
 ) -> None:
     """A format without a data file or backing file given one by options (QEMU's words)."""
     if data_file is not None:
+        from .containers import data_file_option
+
         raise InvalidArgumentError(
             f"Block format '{fmt}' does not support the option '{data_file_option(data_file)}'"
         )
@@ -547,6 +558,8 @@ def take_child_options(opts: dict[str, str], key: str) -> dict[str, str] | NodeR
     ("key": name), else its own ("key.x": ... as {"x": ...}), or None when not given.
     Options beside a reference are left in `opts` (the caller refuses what is left)."""
     if key in opts:
+        from .containers import NodeReference
+
         return NodeReference(opts.pop(key))
     child = {
         name[len(key) + 1 :]: opts.pop(name) for name in list(opts) if name.startswith(key + ".")
@@ -585,13 +598,11 @@ def _finish_qcow2(
     """Open the backing chain of a qcow2 image (`path` None: it is not in a host
     directory, so relative backing names mean nothing), the one options give instead of
     the header's when `backing_node` is set, then its snapshot view if asked."""
-    if isinstance(backing_node, NodeReference) and not backing_node.name:
+    if _is_reference(backing_node) and not backing_node.name:
         image.backing_dropped = True
     elif backing_node is not None and not backing:
         option = (
-            "backing"
-            if isinstance(backing_node, NodeReference)
-            else "backing." + next(iter(backing_node))
+            "backing." + next(iter(backing_node)) if isinstance(backing_node, dict) else "backing"
         )
         image.close()
         raise InvalidArgumentError(f"Block format 'qcow2' does not support the option '{option}'")
@@ -686,6 +697,9 @@ def _given_backing(
     data_file, backing_of, locking and backing_node). A file the options name is the
     caller's (probed, opened as named); without one, the header's name is opened with the
     options' driver, as the header's own would be."""
+    from .containers import NodeReference
+    from .drivers import KNOWN_DRIVERS
+
     if isinstance(options, NodeReference):
         raise options.missing()
     opts = dict(options)

@@ -17,16 +17,12 @@ order refcount increments, L2 tables, L1 entries, refcount decrements, with a ba
 from __future__ import annotations
 
 import errno
-import threading
-from functools import partial
+from _thread import RLock
 from array import array
 from collections.abc import Iterable, Iterator
 from itertools import groupby
 
-from . import codecs
 from . import structs as S
-from .bitmaps import BitmapEntry, BitmapTracker, Untrackable, read_directory
-from .containers import DataFileTarget, open_data_file as open_data_file_node
 from .blockdev import RAW_EXTENT_BATCH, BlockDevice, Extent, scatter, split_views
 from .cache import decode_be64
 from .errors import (
@@ -58,8 +54,11 @@ from .refcount import Refcounts
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:
+    from threading import Condition
     from typing import TypeAlias
 
+    from .bitmaps import BitmapEntry, BitmapTracker
+    from .containers import DataFileTarget
     from .blkdebug import BlkdebugFile
     from .crypto import SectorCrypto
     from .hostfile import DeviceFile
@@ -85,7 +84,8 @@ def _fill_zeros(part: memoryview) -> None:
         chunk[:] = _ZEROS_VIEW[: len(chunk)]
 
 
-_new_extent = partial(tuple.__new__, Extent)  # Extent from a 7-tuple, without __new__'s frame
+# _new_tuple(Extent, values): an Extent from a 7-tuple, without Extent.__new__'s frame
+_new_tuple = tuple.__new__
 # L2 entries (subclusters count 32 each) classified per extents window: bounds the memory
 # and latency of one step of map/convert/compare whatever the image holds.
 EXTENT_WINDOW_CLUSTERS = 1 << 15
@@ -229,6 +229,8 @@ class Qcow2Image(BlockDevice):
                     f"and written to that host file)"
                 )
             if open_data_file:
+                from .containers import open_data_file as open_data_file_node
+
                 self.data_host = open_data_file_node(
                     name,
                     writable=not self.read_only,
@@ -241,13 +243,15 @@ class Qcow2Image(BlockDevice):
                 "data file (data file name present, incompatible bit clear)"
             )
         elif data_file is not None and open_data_file:  # (QEMU opens it first)
+            from .containers import open_data_file as open_data_file_node
+
             open_data_file_node(data_file, not self.read_only, self.force_share).close()
             raise InvalidArgumentError(
                 "'data-file' can only be set for images with an external data file"
             )
         self._host_size = file_size
-        self._lock = threading.RLock()
-        self._cond = threading.Condition(self._lock)
+        self._lock = RLock()
+        self._cond: Condition | None = None  # made by the first _wait
         self._inflight: set[int] = set()
         self._io_active = 0
         self._closed = False
@@ -285,6 +289,8 @@ class Qcow2Image(BlockDevice):
         """Persistent bitmaps (listed by info). Without the autoclear bit they are stale,
         and QEMU ignores them."""
         if self.header.autoclear_features & S.AUTOCLEAR_BITMAPS:
+            from .bitmaps import read_directory  # (images with bitmaps only: start-up time)
+
             self._bitmap_entries = read_directory(self.file, self.header, self.cluster_size)
             self.bitmaps = [entry.info() for entry in self._bitmap_entries]
 
@@ -312,6 +318,8 @@ class Qcow2Image(BlockDevice):
             hdr.autoclear_features &= S.AUTOCLEAR_KNOWN  # features we would not keep up to date
             changed = True
         if hdr.autoclear_features & S.AUTOCLEAR_BITMAPS:
+            from .bitmaps import BitmapTracker, Untrackable
+
             try:
                 tracker = BitmapTracker(self, self._bitmap_entries)
                 self._bitmap_tracker = tracker if tracker.tracked else None
@@ -413,7 +421,7 @@ class Qcow2Image(BlockDevice):
 
     def _build_overlaps(self) -> None:
         """Record every structure the overlap check covers, from the current state."""
-        from .bitmaps import bitmaps_extension
+        from .bitmaps import bitmaps_extension, read_directory
         from .snapshots import cached_table
 
         overlaps = self.overlaps
@@ -480,14 +488,30 @@ class Qcow2Image(BlockDevice):
         """Under the lock: wait until none of `clusters` is being allocated, then count us in."""
         if clusters is not None:
             while any(c in self._inflight for c in clusters) if self._inflight else False:
-                self._cond.wait()
+                self._wait()
         self._io_active += 1
 
+    def _wait(self) -> None:
+        """Under the lock: sleep until another thread calls _notify_all. The condition
+        variable is made by the first wait (threading is imported only where a thread
+        waits on an image, not by every qimg run: start-up time); until then, _notify_all
+        has nobody to wake."""
+        if self._cond is None:
+            import threading
+
+            self._cond = threading.Condition(self._lock)
+        self._cond.wait()
+
+    def _notify_all(self) -> None:
+        """Under the lock: wake every thread in _wait."""
+        if self._cond is not None:
+            self._cond.notify_all()
+
     def _end_io(self) -> None:
-        with self._cond:
+        with self._lock:
             self._io_active -= 1
             if not self._io_active:  # (only waits for no I/O at all end here)
-                self._cond.notify_all()
+                self._notify_all()
 
     # --- reading ------------------------------------------------------------------------
 
@@ -637,6 +661,8 @@ class Qcow2Image(BlockDevice):
                 pieces.append(b"")
         plains: Iterable[bytes]
         if len(compressed) > 1:
+            from . import codecs  # (here and below: images with compressed clusters only)
+
             plains = codecs.pool().map(lambda item: self._cluster_plain(item[1]), compressed)
         else:
             plains = [self._cluster_plain(seg) for _, seg in compressed]
@@ -749,6 +775,8 @@ class Qcow2Image(BlockDevice):
             else:
                 compressed.append((seg, part))
         if len(compressed) > 1:
+            from . import codecs
+
             results = codecs.pool().map(lambda item: self._cluster_plain(item[0]), compressed)
             for (seg, part), plain in zip(compressed, results):
                 start = seg.guest_offset - seg.cluster_offset
@@ -785,6 +813,8 @@ class Qcow2Image(BlockDevice):
         if last is not None and last[0] == seg.host_offset:
             return last[1]
         assert seg.host_offset is not None  # (a compressed segment always has one)
+        from . import codecs
+
         raw = self.file.pread(seg.compressed_size, seg.host_offset)
         plain = codecs.decompress(
             self.compression_type,
@@ -828,11 +858,16 @@ class Qcow2Image(BlockDevice):
                     and (seg.host_offset is None or not own_zero_host)
                 ):
                     # reads as zeros, nothing below (the most common segment: first)
-                    add(_new_extent((seg.guest_offset, seg.length, False, True, 0, None, False)))
+                    add(
+                        _new_tuple(
+                            Extent, (seg.guest_offset, seg.length, False, True, 0, None, False)
+                        )
+                    )
                 elif kind is ZERO:
                     add(
-                        _new_extent(
-                            (seg.guest_offset, seg.length, False, True, 0, seg.host_offset, True)
+                        _new_tuple(
+                            Extent,
+                            (seg.guest_offset, seg.length, False, True, 0, seg.host_offset, True),
                         )
                     )
                 elif kind is DATA:
@@ -845,7 +880,8 @@ class Qcow2Image(BlockDevice):
                                 add = batch.append
                     else:
                         add(
-                            _new_extent(
+                            _new_tuple(
+                                Extent,
                                 (
                                     seg.guest_offset,
                                     seg.length,
@@ -854,7 +890,7 @@ class Qcow2Image(BlockDevice):
                                     0,
                                     None if hide_host else seg.host_offset,
                                     True,
-                                )
+                                ),
                             )
                         )
                 elif kind is COMPRESSED:
@@ -962,7 +998,7 @@ class Qcow2Image(BlockDevice):
         ):  # (a write inside one cluster is decided below, in one lock round trip)
             return
         clusters = self._guest_clusters(offset, len(view))
-        with self._cond:
+        with self._lock:
             # One lock round trip decides the common small write into a cluster this
             # image owns, or else plans the general one.
             host = -1 if self.encrypted or not in_place else self._in_place_host(offset, len(view))
@@ -1005,7 +1041,7 @@ class Qcow2Image(BlockDevice):
             file_end = max(file_end, self._write_data(offset, view, direct, changes))
             ok = True
         finally:
-            with self._cond:
+            with self._lock:
                 try:
                     if ok:  # (the file's new end is known before any entry points past it)
                         self._host_size = max(self._host_size, file_end)
@@ -1018,7 +1054,7 @@ class Qcow2Image(BlockDevice):
                             range(change.cluster_index, change.cluster_index + change.count)
                         )
                     self._io_active -= 1
-                    self._cond.notify_all()
+                    self._notify_all()
         self._maybe_write_back()
 
     def _skip_zero_fill(
@@ -1424,6 +1460,8 @@ class Qcow2Image(BlockDevice):
             raise UnsupportedFeatureError("Compression is not supported with an external data file")
         if self.encrypted:
             raise UnsupportedFeatureError("Compression is not supported with encryption")
+        from . import codecs
+
         plain = view if len(view) == cs else bytes(view) + bytes(cs - len(view))
         packed = codecs.compress(self.compression_type, plain)
         return packed if len(packed) < cs else None
@@ -1442,7 +1480,7 @@ class Qcow2Image(BlockDevice):
                 f"(cluster size {self.cluster_size})"
             )
         cluster_index = offset >> self.cluster_bits
-        with self._cond:
+        with self._lock:
             self._begin_io(range(cluster_index, cluster_index + 1))
             try:
                 entry, _ = self.map.get_entry(cluster_index)
@@ -1458,7 +1496,7 @@ class Qcow2Image(BlockDevice):
             self.file.pwrite(packed, host)
             ok = True
         finally:
-            with self._cond:
+            with self._lock:
                 try:
                     if ok:
                         self._host_size = max(self._host_size, host + len(packed))
@@ -1478,7 +1516,7 @@ class Qcow2Image(BlockDevice):
                 finally:
                     self._inflight.discard(cluster_index)
                     self._io_active -= 1
-                    self._cond.notify_all()
+                    self._notify_all()
         self._maybe_write_back()
 
     def _allocate_bytes(self, size: int) -> int:
@@ -1562,7 +1600,7 @@ class Qcow2Image(BlockDevice):
         last_full = end // cs * cs
         if self.size - end < cs and end == self.size:
             last_full = -(-end // cs) * cs  # the image's last, partial cluster counts as whole
-        with self._cond:
+        with self._lock:
             self._begin_io(self._guest_clusters(offset, length))
             try:
                 if not discard:
@@ -1579,7 +1617,7 @@ class Qcow2Image(BlockDevice):
                     )
             finally:
                 self._io_active -= 1
-                self._cond.notify_all()
+                self._notify_all()
         if self.data_file_raw:  # the raw data file must stay a faithful image of the guest
             if not discard:
                 self._zero_raw_data(offset, end)
@@ -1858,9 +1896,9 @@ class Qcow2Image(BlockDevice):
             return
         try:
             if not self.read_only or self._stopped_by_corruption:
-                with self._cond:
+                with self._lock:
                     while self._io_active:
-                        self._cond.wait()
+                        self._wait()
                     self._write_back_all()
                     if self._bitmap_tracker is not None:
                         self._bitmap_tracker.close()
@@ -1885,9 +1923,9 @@ class Qcow2Image(BlockDevice):
     # exclusively (no other I/O in flight).
 
     def _resize_quiesce(self) -> None:
-        """Under self._cond: wait for in-flight I/O, then put all metadata on disk."""
+        """Under self._lock: wait for in-flight I/O, then put all metadata on disk."""
         while self._io_active:
-            self._cond.wait()
+            self._wait()
         self._write_back_all()
 
     def resize_grow_l1(self, new_l1_size: int) -> None:
@@ -1900,7 +1938,7 @@ class Qcow2Image(BlockDevice):
 
         from .cache import encode_be64
 
-        with self._cond:
+        with self._lock:
             old_size = len(self.map.l1)
             if new_l1_size <= old_size:
                 return
@@ -1956,9 +1994,9 @@ class Qcow2Image(BlockDevice):
         entries become 0 and their host clusters are released. L2 tables lying wholly in
         the range are released too. Metadata reaches the disk before the frees apply."""
         l2e = self.map.l2_entries
-        with self._cond:
+        with self._lock:
             while self._io_active:
-                self._cond.wait()
+                self._wait()
             if stop_cluster is None:
                 stop_cluster = len(self.map.l1) * l2e
             stop_cluster = min(stop_cluster, len(self.map.l1) * l2e)
@@ -1986,7 +2024,7 @@ class Qcow2Image(BlockDevice):
 
     def resize_set_size(self, new_size: int) -> None:
         """Write the new virtual size into the header (one sector write, made durable)."""
-        with self._cond:
+        with self._lock:
             self._resize_quiesce()
             self.header.size = new_size
             self._write_header_fields()
@@ -2000,7 +2038,7 @@ class Qcow2Image(BlockDevice):
         there, which may empty that block in turn. The table reaches the disk first, so a
         crash can only leak the dropped blocks."""
         refs = self.refcounts
-        with self._cond:
+        with self._lock:
             self._resize_quiesce()
             while True:
                 dropped: list[int] = []
@@ -2037,7 +2075,7 @@ class Qcow2Image(BlockDevice):
 
     def resize_truncate_file(self) -> None:
         """Cut the image file after its last cluster with a non-zero refcount."""
-        with self._cond:
+        with self._lock:
             self._resize_quiesce()
             cs = self.cluster_size
             file_size = self.file.size()
@@ -2079,9 +2117,9 @@ class Qcow2Image(BlockDevice):
         cluster's unallocated ones still show them), as QEMU's metadata growth does."""
         cs = self.cluster_size
         bits = self.cluster_bits
-        with self._cond:
+        with self._lock:
             while self._io_active:
-                self._cond.wait()
+                self._wait()
             first_index, stop_index = start >> bits, -(-end // cs)
             copy_head = copy_head and not self.extended_l2
             head_index = first_index if (cow_head or copy_head) and start % cs else None

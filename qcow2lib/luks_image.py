@@ -13,7 +13,7 @@ data then cannot be read or written (BadSecretError).
 from __future__ import annotations
 
 import errno
-import threading
+from _thread import allocate_lock  # (threading's Lock, without importing threading)
 from collections.abc import Iterator
 
 from .blockdev import BlockDevice, Extent
@@ -83,7 +83,7 @@ class LuksImage(BlockDevice):
             self.crypto = self.volume.sector_crypto(master_key, physical_offset=False)
         # Writes that share a sector with another write must not interleave their
         # read-modify-write of it; one lock orders every write (reads run in parallel).
-        self._write_lock = threading.Lock()
+        self._write_lock = allocate_lock()
 
     def _payload_size(self, container_size: int) -> int:
         """Guest bytes of a container of `container_size` (QEMU: its sector count)."""

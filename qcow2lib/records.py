@@ -29,6 +29,9 @@ else:
 
 
 _NO_DEFAULT = object()  # a field without a default (a required argument)
+# Instances a record class makes by interpreting its fields before it compiles __init__:
+# most classes make a few per qimg run (the image header one), and the compile costs more.
+_COMPILE_AFTER = 8
 _NOT_GIVEN = object()  # a defaulted argument left out: the field's factory makes its value
 
 
@@ -80,9 +83,17 @@ def _build(cls: type[_T], frozen: bool) -> type[_T]:
     # The methods are replaced on a class whose declared type mypy already knows.
     record_class: Any = cls
 
+    made = 0
+
     def first_init(self, *args, **kwargs) -> None:
-        """Compiles the real __init__ on the first instance: the compile is most of a
-        record's cost, and many record classes are never instantiated in a qimg run."""
+        """The first instances are made by _init_fields; then the real __init__ is
+        compiled: the compile is most of a record's cost, and most record classes make
+        none or a few instances in a qimg run."""
+        nonlocal made
+        made += 1
+        if made <= _COMPILE_AFTER:
+            _init_fields(self, fields, frozen, args, kwargs)
+            return
         init = _compile_init(cls, fields, frozen)
         record_class.__init__ = init
         init(self, *args, **kwargs)
@@ -98,6 +109,29 @@ def _build(cls: type[_T], frozen: bool) -> type[_T]:
     else:
         record_class.__hash__ = None
     return cls
+
+
+def _init_fields(
+    self: Any, fields: dict[str, object], frozen: bool, args: tuple, kwargs: dict
+) -> None:
+    """What the compiled __init__ does (_compile_init), by walking the fields."""
+    if len(args) > len(fields):
+        raise TypeError(f"__init__() takes {len(fields) + 1} positional arguments")
+    values = dict(zip(fields, args))
+    for name, value in kwargs.items():
+        if name not in fields:
+            raise TypeError(f"__init__() got an unexpected keyword argument {name!r}")
+        if name in values:
+            raise TypeError(f"__init__() got multiple values for argument {name!r}")
+        values[name] = value
+    assign = object.__setattr__ if frozen else setattr
+    for name, default in fields.items():
+        value = values.get(name, default)
+        if value is _NO_DEFAULT:
+            raise TypeError(f"__init__() missing required argument: {name!r}")
+        if isinstance(value, _Factory) and name not in values:
+            value = value.make()
+        assign(self, name, value)
 
 
 def _compile_init(cls: type, fields: dict[str, object], frozen: bool) -> Callable[..., None]:

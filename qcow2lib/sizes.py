@@ -163,8 +163,7 @@ def format_size(value: int) -> str:
     Three significant digits, switching to the next binary prefix once the number
     would reach 1000 of the current one.
     """
-    import math  # (here: an extension module to load, and only printed sizes need it)
-
-    _, exponent = math.frexp(value / (1000.0 / 1024.0))
+    # math.frexp's exponent of the scaled value (>= 0): its integer part's bit length
+    exponent = int(value / (1000.0 / 1024.0)).bit_length()
     shift = int((exponent - 1) / 10) * 10  # C division truncates toward zero
     return "%0.3g %sB" % (value / (1 << shift), _IEC_PREFIXES[shift // 10])

@@ -30,7 +30,6 @@ import errno
 import time
 from array import array
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from itertools import compress
 from operator import add
 
@@ -171,18 +170,30 @@ def _require_writable(image, what: str) -> None:
         )
 
 
-@contextmanager
-def _exclusive(image):
-    """Hold the image lock with no request in flight, metadata written back."""
-    with image._cond:
-        while image._io_active:
-            image._cond.wait()
-        _flush_all(image)
+class _Exclusive:
+    """`with _Exclusive(image):` holds the image lock with no request in flight, metadata
+    written back. (A class, not a contextlib generator: contextlib and the functools it
+    imports would load with every image that has snapshots, and start-up time counts.)"""
+
+    def __init__(self, image):
+        self.image = image
+
+    def __enter__(self) -> None:
+        image = self.image
+        image._lock.acquire()
         try:
-            yield
-        finally:
-            image._last_decompressed = None  # host clusters may have been freed and reused
-            image._prealloc_detected = None
+            while image._io_active:
+                image._wait()
+            _flush_all(image)
+        except BaseException:
+            image._lock.release()
+            raise
+
+    def __exit__(self, *exc_info) -> None:
+        image = self.image
+        image._last_decompressed = None  # host clusters may have been freed and reused
+        image._prealloc_detected = None
+        image._lock.release()
 
 
 def _flush_all(image) -> None:
@@ -494,7 +505,7 @@ def _commit_state(
     """Switch the image, in one header write, to the active tree `active` (L2 table
     offsets without flags), plus the new snapshot `new_snapshot` with `snapshot_l1`, less
     the snapshot `deleted` (with its L1 table); `snapshots` is the new snapshot table
-    (None: unchanged). The caller holds _exclusive. See the module docstring."""
+    (None: unchanged). The caller holds _Exclusive. See the module docstring."""
     m = image.map
     hdr = image.header
     bits = image.cluster_bits
@@ -762,7 +773,7 @@ def write_vmstate(image, pos: int, data) -> None:
         raise InvalidArgumentError(f"VM state position {pos} is negative")
     if not view:
         return
-    with _exclusive(image):
+    with _Exclusive(image):
         start = vm_state_offset(image) + pos
         end = start + len(view)
         needed = -(-end // _l1_span(image))
@@ -819,7 +830,7 @@ def create_snapshot(
         vm_state_size = vm_state_size or len(vm_state)
     if not 0 <= vm_state_size < 1 << 64:
         raise InvalidArgumentError(f"vm_state_size {vm_state_size} out of range")
-    with _exclusive(image):
+    with _Exclusive(image):
         snapshots, _ = _read_table(image)
         if len(snapshots) >= S.MAX_SNAPSHOTS:
             raise InvalidArgumentError(
@@ -883,7 +894,7 @@ def apply_snapshot(
 ) -> Snapshot:
     """Revert the active image to a snapshot (the snapshot stays)."""
     _require_writable(image, "apply a snapshot")
-    with _exclusive(image):
+    with _Exclusive(image):
         snapshots, _ = _read_table(image)
         index = _lookup(snapshots, name_or_id, id, name)
         snap = snapshots[index]
@@ -914,7 +925,7 @@ def delete_snapshot(
 ) -> Snapshot:
     """Delete a snapshot; returns the entry it had."""
     _require_writable(image, "delete a snapshot")
-    with _exclusive(image):
+    with _Exclusive(image):
         snapshots, _ = _read_table(image)
         index = _lookup(snapshots, name_or_id, id, name)
         snap = snapshots[index]

@@ -134,13 +134,19 @@ def test_cli_metadata_commands_import_no_heavy_modules(tmp_path: Path, command: 
 # What qimg costs beyond the interpreter's own start is mostly its imports (issue 13), and
 # scripts start it thousands of times. On a qcow2 image without compressed clusters,
 # info, check and map need none of these: the optional packages, zlib, dataclasses
-# (inspect, ast, dis, tokenize), typing, re and enum, signal (it imports enum), JSON (only
-# --output=json), the snapshot machinery (only images with snapshots), the nodes only
-# named images open (blkdebug, null-co, quorum, throttle) and what only other commands use.
+# (inspect, ast, dis, tokenize), typing, re and enum, signal (it imports enum), threading
+# and functools (an image makes its condition variable at the first wait), math, JSON (only
+# --output=json), the snapshot machinery (only images with snapshots), bitmaps, codecs
+# and encryption (only images that have them), --object and option-string parsing, the
+# nodes only named images open (blkdebug, null-co, quorum, throttle) and what only other
+# commands use.
 NOT_FOR_INFO_CHECK_MAP = (
     "construct",
     "cryptography",
     "zstandard",
+    "threading",
+    "functools",
+    "math",
     "dataclasses",
     "inspect",
     "typing",
@@ -157,6 +163,12 @@ NOT_FOR_INFO_CHECK_MAP = (
     "pathlib",
     "qcow2lib.snapshots",
     "qcow2lib.rebuild",
+    "qcow2lib.bitmaps",
+    "qcow2lib.codecs",
+    "qcow2lib.crypto",
+    "qcow2lib.luks_image",
+    "qcow2lib.cli.secrets",
+    "qcow2lib.cli.qemuopts",
     "qcow2lib.blkdebug",
     "qcow2lib.nulldev",
     "qcow2lib.quorum",
@@ -196,6 +208,103 @@ def test_info_check_and_map_import_nothing_they_do_not_use(
     )
     assert done.stderr.splitlines()[-1] == "exit=0 loaded=[]", done.stderr
     assert done.stdout == qemu_img(command, path).stdout
+
+
+# Everything `qimg info` on a plain qcow2 image loads beyond a bare interpreter's modules
+# (python -S), so that nothing joins its start-up path unnoticed: a module that appears
+# here needs a reason (what every info run uses), or to be imported where it is used.
+INFO_MODULES = frozenset(
+    {
+        # the standard library: os and struct, fcntl (locks), array (L1/L2 and refcount
+        # tables; it imports collections.abc, so namedtuple and OrderedDict come free),
+        # bisect, gc (freezing before exit) and `from __future__ import annotations`
+        *("os", "os.path", "posixpath", "genericpath", "stat", "_stat", "_collections_abc"),
+        *("struct", "_struct", "errno", "fcntl", "array", "bisect", "_bisect", "gc"),
+        *("collections", "collections.abc", "_collections", "itertools", "keyword"),
+        *("operator", "_operator", "reprlib", "__future__"),
+        # the engine's opening path
+        *("qcow2lib", "qcow2lib.errors", "qcow2lib.structs", "qcow2lib.hostfile"),
+        *("qcow2lib.blockdev", "qcow2lib.records", "qcow2lib.header", "qcow2lib.cache"),
+        *("qcow2lib.runs", "qcow2lib.mapping", "qcow2lib.overlap", "qcow2lib.refcount"),
+        *("qcow2lib.image", "qcow2lib.nodes", "qcow2lib.chain", "qcow2lib.create"),
+        *("qcow2lib.sizes", "qcow2lib.qobject"),
+        *("qcow2lib.ops", "qcow2lib.ops.info"),
+        # the CLI: dispatch, getopt, image names, the command
+        *("qcow2lib.cli", "qcow2lib.cli.common", "qcow2lib.cli.gnu_getopt"),
+        *("qcow2lib.cli.images", "qcow2lib.cli.info"),
+    }
+)
+
+
+@pytest.mark.parametrize("output", ["human", "json"])
+def test_info_on_a_plain_image_imports_only_what_it_needs(tmp_path: Path, output: str) -> None:
+    path = tmp_path / "a.qcow2"
+    qemu_create(path, "64M")
+    script = (
+        "import sys\n"
+        "before = set(sys.modules)\n"
+        "sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tools']\n"
+        "sys.argv = ['qemu-img', *sys.argv[2:]]\n"
+        "import qimg\n"
+        "code = qimg.main()\n"
+        "loaded = ' '.join(sorted(set(sys.modules) - before))\n"
+        "sys.stderr.write(f'exit={code} loaded={loaded}\\n')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", script, str(ROOT), "info", f"--output={output}", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    status, loaded = done.stderr.splitlines()[-1].split(" loaded=")
+    assert status == "exit=0", done.stderr
+    extra = set(loaded.split()) - INFO_MODULES - {"qimg"}
+    if output == "json":  # (the JSON output alone needs the json package)
+        extra = {name for name in extra if name != "json" and not name.startswith("json.")}
+    assert not extra, f"qimg info imports more than it needs: {sorted(extra)}"
+    assert done.stdout == qemu_img("info", f"--output={output}", path).stdout
+
+
+# create, convert and compare, the commands scripts run most after info: typing alone
+# (with re and enum, which it imports) cost create a third of its start-up; threading (and
+# functools) only convert's worker threads need, not -p's progress line.
+NOT_FOR_CREATE_CONVERT_COMPARE = ("typing", "re", "enum", "dataclasses", "json", "math")
+
+
+@pytest.mark.parametrize("command", ["create", "convert", "compare"])
+def test_create_convert_and_compare_import_no_typing_or_re(tmp_path: Path, command: str) -> None:
+    source = tmp_path / "a.qcow2"
+    qemu_create(source, "4M")
+    qemu_io(source, "write -P 0x61 0 64k")
+    target = tmp_path / "b.qcow2"
+    lazy = NOT_FOR_CREATE_CONVERT_COMPARE
+    if command == "create":
+        argv = ["-f", "qcow2", str(target), "4M"]
+    elif command == "convert":
+        argv = ["-p", "-O", "qcow2", str(source), str(target)]
+    else:
+        qemu_img("convert", "-O", "qcow2", source, target)
+        argv = ["-p", str(source), str(target)]
+    if command != "convert":
+        lazy += ("threading", "functools")
+    script = (
+        "import sys\n"
+        "sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tools']\n"
+        "names = sys.argv[2].split(',')\n"
+        "sys.argv = ['qemu-img', *sys.argv[3:]]\n"
+        "import qimg\n"
+        "code = qimg.main()\n"
+        "loaded = ','.join(sorted(name for name in names if name in sys.modules))\n"
+        "sys.stderr.write(f'exit={code} loaded=[{loaded}]\\n')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", script, str(ROOT), ",".join(lazy), command, *argv],
+        capture_output=True,
+        text=True,
+    )
+    assert done.stderr.splitlines()[-1] == "exit=0 loaded=[]", done.stderr
+    qemu_img("check", target)  # (check=True: a clean image, or the test fails)
+    if command != "create":
+        qemu_img("compare", source, target)
 
 
 def test_extent_at_run_time_is_the_namedtuple_mypy_checks() -> None:

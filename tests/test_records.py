@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 
+from qcow2lib import records
 from qcow2lib.records import FrozenInstanceError, field, frozen_record, record, replace
 
 
@@ -40,26 +41,43 @@ def _pair(frozen: bool = False):
     return ours, dataclasses.dataclass(frozen=frozen)(Theirs)
 
 
-@pytest.mark.parametrize("frozen", [False, True])
-def test_a_record_is_built_and_shown_as_a_dataclass_is(frozen: bool) -> None:
+def _made(frozen: bool, compiled: bool):
+    """A fresh _pair, its record class before its first instance (whose __init__ walks
+    the fields) or once it has compiled its __init__ (after _COMPILE_AFTER instances)."""
     ours, theirs = _pair(frozen)
+    if compiled:
+        for _ in range(records._COMPILE_AFTER + 1):
+            ours("warm-up", 0)
+    assert ours.__init__.__name__ == ("__init__" if compiled else "first_init")
+    return ours, theirs
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["walked", "compiled"])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_record_is_built_and_shown_as_a_dataclass_is(frozen: bool, compiled: bool) -> None:
     calls = [
         (("a", 1), {}),
         (("a", 1, b"x"), {"tags": [1]}),
         ((), {"name": "b", "flags": 2, "size": 7}),
+        (("a", 1, b"x", 4, [2]), {}),
     ]
     for args, kwargs in calls:
+        ours, theirs = _made(frozen, compiled)
         mine, oracle = ours(*args, **kwargs), theirs(*args, **kwargs)
         assert repr(mine) == repr(oracle)
         assert [getattr(mine, f.name) for f in dataclasses.fields(oracle)] == [
             getattr(oracle, f.name) for f in dataclasses.fields(oracle)
         ]
+    ours, _ = _made(frozen, compiled)
     assert ours("a", 1).describe() == "a:1"  # the class's own methods stay
     for bad_args, bad_kwargs in [
         (("a",), {}),
+        ((), {"flags": 1}),
         (("a", 1), {"colour": 3}),
+        (("a", 1), {"flags": 2}),
         (("a", 1, b"", 2, [], 9), {}),
     ]:
+        ours, theirs = _made(frozen, compiled)
         with pytest.raises(TypeError):
             ours(*bad_args, **bad_kwargs)
         with pytest.raises(TypeError):
@@ -68,9 +86,10 @@ def test_a_record_is_built_and_shown_as_a_dataclass_is(frozen: bool) -> None:
 
 def test_default_factories_give_each_instance_its_own_value() -> None:
     ours, _ = _pair()
-    first, second = ours("a", 1), ours("b", 2)
-    first.tags.append("x")
-    assert second.tags == [] and first.tags == ["x"]
+    made = [ours("a", index) for index in range(records._COMPILE_AFTER + 2)]  # both __init__s
+    for index, entry in enumerate(made):
+        entry.tags.append(index)
+    assert [entry.tags for entry in made] == [[index] for index in range(len(made))]
     assert "tags" not in vars(ours)  # (no shared default left on the class)
 
 

@@ -15,7 +15,6 @@ from qcow2lib.cli.images import (
     open_spec,
     report_failure,
 )
-from qcow2lib.cli.secrets import InvalidSecret, process_object
 from qcow2lib.ops import error_text, host_path
 
 # Nodes given by options whose drivers have no check: the filters and the null device.
@@ -61,6 +60,8 @@ def cmd_check(cli: Cli, argv: list[str]) -> int:
         elif c == "U":
             force_share = True
         elif c == "object":
+            from qcow2lib.cli.secrets import process_object  # (start-up time: --object only)
+
             process_object(cli, getopt.optarg)
         elif c == "image-opts":
             image_opts = True
@@ -176,6 +177,8 @@ def _check_open_failure(cli: Cli, spec: ImageSpec, repair: str | None) -> OpenFa
         if repair and dirty:
             _lock_for_repair(spec)
     except OpenFailure as exc:
+        from qcow2lib.cli.secrets import InvalidSecret
+
         cause = exc.__cause__
         text = exc.message
         if (

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from typing import NoReturn
 
 import qcow2lib
 from qcow2lib import ImageLockedError, Qcow2Error
@@ -37,6 +36,10 @@ from qcow2lib.cli.qemuopts import (
 )
 from qcow2lib.cli.secrets import process_object
 from qcow2lib.ops import error_text, host_path, virtual_size
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 MAX_COROUTINES = 16
 MAX_BUF_SECTORS = 32768

@@ -4,7 +4,6 @@ and dd use for their targets)."""
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import qcow2lib
 from qcow2lib import ImageLockedError, Qcow2Error
@@ -34,6 +33,10 @@ from qcow2lib.ops import (
     virtual_size,
 )
 from qcow2lib.sizes import SizeError, parse_number
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def print_create_option_help(cli: Cli, filename: str | None, fmt: str) -> int:

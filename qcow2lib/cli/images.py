@@ -7,7 +7,6 @@ import os
 import sys
 
 import qcow2lib
-from qcow2lib.bitmaps import check_qemu_constraints
 from qcow2lib import ImageLockedError, Qcow2Error
 from qcow2lib.chain import (
     BackingNode,
@@ -15,14 +14,11 @@ from qcow2lib.chain import (
     take_child_options,
     untrusted_backing_path,
 )
-from qcow2lib.containers import DataFileTarget
 from qcow2lib.nodes import FILE_NODE_DRIVERS, NODE_DRIVERS
 from qcow2lib.cli.common import Cli
-from qcow2lib.cli.qemuopts import CreateError, parse_qemu_opts, split_option_list
 from qcow2lib.qobject import qemu_json_compact
-from qcow2lib.cli.secrets import secret_value
 from qcow2lib.image import Qcow2Image
-from qcow2lib.ops import error_text, full_backing_filename, host_path
+from qcow2lib.ops import check_bitmap_constraints, error_text, full_backing_filename, host_path
 from qcow2lib.records import record  # (not dataclasses: start-up time)
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
@@ -31,6 +27,8 @@ if TYPE_CHECKING:  # (the NBD client is imported only when an NBD export is open
 
     from qcow2lib.exports.nbd_client import NBDAddress
     from qcow2lib.chain import ImageTarget
+    from qcow2lib.containers import DataFileTarget
+    from qcow2lib.cli.qemuopts import CreateError
 
 CACHE_MODES = ("none", "off", "directsync", "writeback", "unsafe", "writethrough")
 # --image-opts options qimg accepts and ignores (they tune QEMU's I/O, not content).
@@ -143,6 +141,8 @@ def image_spec(
         return ImageSpec(text, text, fmt, None, force_share)
     if fmt is not None:
         raise OpenFailure("--image-opts and --format are mutually exclusive")
+    from qcow2lib.cli.qemuopts import parse_qemu_opts  # (here and below: option strings only)
+
     return _options_spec(text, dict(parse_qemu_opts(text, "file")), force_share)
 
 
@@ -370,10 +370,12 @@ def _chain_layers(device):
 
 def spec_passphrases(cli: Cli, spec: ImageSpec) -> list[bytes | None]:
     """The secrets' values for each layer of the chain, the image's first."""
-    return [
-        None if name is None else secret_value(cli, name)
-        for name in (spec.key_secret, *spec.backing_secrets)
-    ]
+    names = (spec.key_secret, *spec.backing_secrets)
+    if all(name is None for name in names):
+        return [None] * len(names)
+    from qcow2lib.cli.secrets import secret_value  # (start-up time: images with secrets only)
+
+    return [None if name is None else secret_value(cli, name) for name in names]
 
 
 def open_spec(
@@ -418,7 +420,7 @@ def open_spec(
         for line in getattr(device, "repair_messages", ()):
             sys.stderr.write(line + "\n")
         try:
-            check_qemu_constraints(getattr(device, "_bitmap_entries", []))
+            check_bitmap_constraints(device)
         except Qcow2Error:
             device.close()
             raise
@@ -558,6 +560,8 @@ SNAPSHOT_OPT_BASE = "snapshot."
 def parse_snapshot_param(cli: Cli, text: str) -> dict[str, str] | None:
     """-l snapshot.id=ID,snapshot.name=NAME (QEMU's internal_snapshot_opts)."""
     result = {}
+    from qcow2lib.cli.qemuopts import split_option_list
+
     bare = [token for token in text.replace(",,", "\0").split(",") if "=" not in token]
     for name, value, _ in split_option_list(text):
         if (name in bare and value == "on") or (f"no{name}" in bare and value == "off"):

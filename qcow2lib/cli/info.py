@@ -18,7 +18,6 @@ from qcow2lib.cli.images import (
     untrusted,
 )
 from qcow2lib.qobject import dump_qobject, qemu_json
-from qcow2lib.cli.secrets import process_object
 from qcow2lib.ops import error_text
 from qcow2lib.ops.info import ImageOpenError, image_info_list
 from qcow2lib.sizes import format_size
@@ -112,6 +111,8 @@ def cmd_info(cli: Cli, argv: list[str]) -> int:
         elif c == "backing-chain":
             chain = True
         elif c == "object":
+            from qcow2lib.cli.secrets import process_object  # (start-up time: --object only)
+
             process_object(cli, getopt.optarg)
         elif c == "image-opts":
             image_opts = True

@@ -6,7 +6,6 @@ from qcow2lib import Qcow2Error
 from qcow2lib.cli.common import Cli, cvtnum
 from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
 from qcow2lib.cli.images import OpenFailure, image_spec, open_spec, report_failure
-from qcow2lib.cli.secrets import process_object
 from qcow2lib.ops import error_text, virtual_size
 
 
@@ -53,6 +52,8 @@ def cmd_map(cli: Cli, argv: list[str]) -> int:
                 return 1
             max_length = value
         elif c == "object":
+            from qcow2lib.cli.secrets import process_object  # (start-up time: --object only)
+
             process_object(cli, getopt.optarg)
         elif c == "image-opts":
             image_opts = True

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import struct
 import sys
-import threading
 import time
+from _thread import allocate_lock  # (threading's Lock, without importing threading)
 
 from qcow2lib.cli.common import Cli
 from qcow2lib.sizes import format_size
@@ -33,7 +33,7 @@ class Progress:
         self.min_skip = _f32(min_skip)
         self.current = 0.0
         self.last_print = 0.0
-        self.lock = threading.Lock()
+        self.lock = allocate_lock()
         self._last_done = -1
         self.terminal = enabled and _stdout_is_terminal()
         self._started = time.monotonic()

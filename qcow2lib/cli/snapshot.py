@@ -18,7 +18,6 @@ from qcow2lib.cli.images import (
     report_failure,
 )
 from qcow2lib.cli.info import human_snapshot_table
-from qcow2lib.cli.secrets import process_object
 from qcow2lib.ops import error_text, host_path
 
 
@@ -54,6 +53,8 @@ def cmd_snapshot(cli: Cli, argv: list[str]) -> int:
         elif c == "U":
             force_share = True
         elif c == "object":
+            from qcow2lib.cli.secrets import process_object  # (start-up time: --object only)
+
             process_object(cli, getopt.optarg)
         elif c == "image-opts":
             image_opts = True

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 from ..blockdev import BlockDevice
 from ..chain import FORMATS, BackingNode, json_image_target, open_image
-from ..containers import DataFileTarget
 from ..errors import InvalidArgumentError, Qcow2Error
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from ..containers import DataFileTarget
 
 __all__ = [
     "FORMATS",
+    "check_bitmap_constraints",
     "error_text",
     "virtual_size",
     "has_protocol",
@@ -38,6 +42,16 @@ def error_text(exc: Qcow2Error) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc)
+
+
+def check_bitmap_constraints(img: BlockDevice) -> None:
+    """Refuse a qcow2 image whose persistent bitmaps QEMU's open refuses, as qemu-img
+    does (bitmaps.check_qemu_constraints; loaded only for an image that has bitmaps)."""
+    entries = getattr(img, "_bitmap_entries", None)
+    if entries:
+        from ..bitmaps import check_qemu_constraints
+
+        check_qemu_constraints(entries)
 
 
 def virtual_size(img: BlockDevice) -> int:

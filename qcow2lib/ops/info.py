@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import os
 
-from ..bitmaps import check_qemu_constraints
 from ..chain import BackingNode, is_nbd_name, untrusted_backing_path
-from ..containers import DataFileTarget
 from ..errors import CorruptImageError, ImageLockedError, Qcow2Error
 from ..nodes import loaded_instance
-from . import error_text, full_backing_filename, host_path, image_target, open_by_name, virtual_size
+from . import (
+    check_bitmap_constraints,
+    error_text,
+    full_backing_filename,
+    host_path,
+    image_target,
+    open_by_name,
+    virtual_size,
+)
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from ..containers import DataFileTarget
 
 CRYPT_AES, CRYPT_LUKS = 1, 2  # qcow2 header crypt_method values
 _LUKS_KEYS = (
@@ -216,7 +226,7 @@ def image_info(
             data_file=data_file,
             backing_node=backing_node,
         ) as img:
-            check_qemu_constraints(getattr(img, "_bitmap_entries", []))
+            check_bitmap_constraints(img)
             target = image_target(filename, fmt)[0]
             return _describe(img, target if isinstance(target, str) else img.filename)
     except Qcow2Error as exc:
