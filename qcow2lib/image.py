@@ -51,6 +51,7 @@ from .overlap import (
     overlap_message,
 )
 from .refcount import Refcounts
+from .runs import nonzero_positions
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:
@@ -1165,73 +1166,23 @@ class Qcow2Image(BlockDevice):
 
     def _plan_write(self, offset: int, length: int):
         """Under the lock: direct host runs, and the clusters whose entries must change."""
-        cs = self.cluster_size
-        bits = self.cluster_bits
-        end = offset + length
         direct: list[tuple[int, int, int]] = []  # (guest offset, length, host offset)
         changes: list[_ClusterWrite] = []
-        sub = self.map.subcluster_size
         has_data_file = self.has_data_file
         clusters = self._guest_clusters(offset, length)
-        if not self.extended_l2 and self._unallocated(clusters):
-            # (the common case of a new image: no entry to read, validate or free; one
-            # change per L2 table's share of the clusters)
-            entries = self.map.l2_entries
-            first = clusters.start
-            while first < clusters.stop:
-                stop = min(clusters.stop, (first // entries + 1) * entries)
-                change = _ClusterWrite(first, stop - first)
-                change.fill_end = (stop - first) * cs
-                change.entry = S.OFLAG_COPIED
-                change.new_host = True
-                changes.append(change)
-                first = stop
-            clusters = range(0)
-        for cluster_index in clusters:
-            cluster_start = cluster_index << bits
-            ws = max(offset, cluster_start) - cluster_start
-            we = min(end, cluster_start + cs) - cluster_start
-            entry, bitmap = self.map.get_entry(cluster_index)
-            self.map.validate_entry(entry, bitmap, cluster_index, overlap=False)
-            host = entry & S.L2E_OFFSET_MASK
-            compressed = bool(entry & S.OFLAG_COMPRESSED)
-            mapped = self.map.has_host(entry)
-            copied = mapped and (bool(entry & S.OFLAG_COPIED) or has_data_file)
-            change = _ClusterWrite(cluster_index)
-            if not self.extended_l2:
-                if copied and not entry & S.OFLAG_ZERO:
-                    direct.append((cluster_start + ws, we - ws, host + ws))
-                    continue
-                change.fill_start, change.fill_end = 0, cs
-                change.entry = S.OFLAG_COPIED
-                if copied:  # preallocated zero cluster: reuse it
-                    change.host = host
+        if self.extended_l2:
+            for cluster_index in clusters:
+                self._plan_cluster(cluster_index, offset, length, direct, changes)
+        else:
+            for first, count, unallocated in self._standard_shares(clusters):
+                if unallocated:  # one change for the run: nothing to read, validate or free
+                    change = _ClusterWrite(first, count)
+                    change.fill_end = count * self.cluster_size
+                    change.entry = S.OFLAG_COPIED
+                    change.new_host = True
+                    changes.append(change)
                 else:
-                    change.new_host = True
-                    change.free_clusters = self._clusters_of(entry)
-            else:
-                alloc = bitmap & 0xFFFFFFFF
-                first_sub, last_sub = ws // sub, (we - 1) // sub
-                touched = ((1 << (last_sub + 1)) - 1) & ~((1 << first_sub) - 1)
-                if copied:
-                    if touched & ~alloc == 0:
-                        direct.append((cluster_start + ws, we - ws, host + ws))
-                        continue
-                    change.host = host
-                    change.fill_start, change.fill_end = first_sub * sub, (last_sub + 1) * sub
-                    new_alloc = alloc | touched
-                    change.bitmap = new_alloc | ((bitmap >> 32) & ~new_alloc) << 32
-                elif mapped or compressed:  # shared or compressed: copy the whole cluster
-                    change.new_host = True
-                    change.fill_start, change.fill_end = 0, cs
-                    change.bitmap = S.L2_BITMAP_ALL_ALLOC
-                    change.free_clusters = self._clusters_of(entry)
-                else:
-                    change.new_host = True
-                    change.fill_start, change.fill_end = first_sub * sub, (last_sub + 1) * sub
-                    change.bitmap = touched | ((bitmap >> 32) & ~touched) << 32
-                change.entry = S.OFLAG_COPIED
-            changes.append(change)
+                    self._plan_cluster(first, offset, length, direct, changes)
         if not has_data_file:  # before allocating: a refused request allocates nothing
             for _, run_length, host in direct:
                 self.guard_write(host, run_length)
@@ -1263,23 +1214,85 @@ class Qcow2Image(BlockDevice):
                 self.guard_write(run_start, run_end - run_start)
         return direct, changes
 
-    def _unallocated(self, clusters: range) -> bool:
-        """Whether every standard L2 entry of `clusters` (within the L1 table) is zero:
-        unallocated, no flags. Whole table slices are compared at C speed."""
+    def _plan_cluster(
+        self, cluster_index: int, offset: int, length: int, direct: list, changes: list
+    ) -> None:
+        """_plan_write's step for one cluster with an entry (or of an extended L2 table)."""
+        cs = self.cluster_size
+        bits = self.cluster_bits
+        end = offset + length
+        sub = self.map.subcluster_size
+        has_data_file = self.has_data_file
+        cluster_start = cluster_index << bits
+        ws = max(offset, cluster_start) - cluster_start
+        we = min(end, cluster_start + cs) - cluster_start
+        entry, bitmap = self.map.get_entry(cluster_index)
+        self.map.validate_entry(entry, bitmap, cluster_index, overlap=False)
+        host = entry & S.L2E_OFFSET_MASK
+        compressed = bool(entry & S.OFLAG_COMPRESSED)
+        mapped = self.map.has_host(entry)
+        copied = mapped and (bool(entry & S.OFLAG_COPIED) or has_data_file)
+        change = _ClusterWrite(cluster_index)
+        if not self.extended_l2:
+            if copied and not entry & S.OFLAG_ZERO:
+                direct.append((cluster_start + ws, we - ws, host + ws))
+                return
+            change.fill_start, change.fill_end = 0, cs
+            change.entry = S.OFLAG_COPIED
+            if copied:  # preallocated zero cluster: reuse it
+                change.host = host
+            else:
+                change.new_host = True
+                change.free_clusters = self._clusters_of(entry)
+        else:
+            alloc = bitmap & 0xFFFFFFFF
+            first_sub, last_sub = ws // sub, (we - 1) // sub
+            touched = ((1 << (last_sub + 1)) - 1) & ~((1 << first_sub) - 1)
+            if copied:
+                if touched & ~alloc == 0:
+                    direct.append((cluster_start + ws, we - ws, host + ws))
+                    return
+                change.host = host
+                change.fill_start, change.fill_end = first_sub * sub, (last_sub + 1) * sub
+                new_alloc = alloc | touched
+                change.bitmap = new_alloc | ((bitmap >> 32) & ~new_alloc) << 32
+            elif mapped or compressed:  # shared or compressed: copy the whole cluster
+                change.new_host = True
+                change.fill_start, change.fill_end = 0, cs
+                change.bitmap = S.L2_BITMAP_ALL_ALLOC
+                change.free_clusters = self._clusters_of(entry)
+            else:
+                change.new_host = True
+                change.fill_start, change.fill_end = first_sub * sub, (last_sub + 1) * sub
+                change.bitmap = touched | ((bitmap >> 32) & ~touched) << 32
+            change.entry = S.OFLAG_COPIED
+        changes.append(change)
+
+    def _standard_shares(self, clusters: range) -> Iterator[tuple[int, int, bool]]:
+        """(first cluster, count, unallocated) pieces of `clusters`, in order, within one
+        L2 table each: runs of zero standard entries (unallocated, no flags), found at C
+        speed, and single clusters that have an entry."""
         entries = self.map.l2_entries
         first = clusters.start
         while first < clusters.stop:
             l1_index = first // entries
             stop = min(clusters.stop, (l1_index + 1) * entries)
-            if l1_index >= len(self.map.l1):
-                return False  # (the per-cluster walk reports it)
-            table = self.map.l2_table(l1_index)
-            if table is not None:
-                start_index = first - l1_index * entries
-                if table[start_index : start_index + stop - first].count(0) != stop - first:
-                    return False
+            # (past the L1 table: _writable_l2 reports it)
+            table = self.map.l2_table(l1_index) if l1_index < len(self.map.l1) else None
+            if table is None:
+                yield first, stop - first, True
+            else:
+                low = first - l1_index * entries
+                run_start = first
+                for position in nonzero_positions(table[low : low + stop - first]):
+                    cluster_index = first + position
+                    if cluster_index > run_start:
+                        yield run_start, cluster_index - run_start, True
+                    yield cluster_index, 1, False
+                    run_start = cluster_index + 1
+                if stop > run_start:
+                    yield run_start, stop - run_start, True
             first = stop
-        return True
 
     def _clusters_of(self, entry: int) -> list[tuple[int, int]]:
         """Host cluster runs an L2 entry holds a reference on (for freeing)."""
