@@ -49,7 +49,12 @@ class InvalidArgumentError(Qcow2Error, ValueError):
 
 
 class AmendError(Qcow2Error):
-    """An amendment QEMU refuses; the message is qemu-img's."""
+    """An amendment QEMU refuses; the message is qemu-img's. `notice`: a line QEMU prints
+    before it, as it is (the driver's report of marking the image corrupt)."""
+
+    def __init__(self, *args, notice: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.notice = notice
 
 
 class ImageLockedError(Qcow2Error):

@@ -1190,6 +1190,37 @@ REFCOUNT_WIDTH_CASES = {
 }
 
 
+def _poke_u64(path: Path, offset: int, value: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(value.to_bytes(8, "big"))
+
+
+@pytest.mark.parametrize("case", ["unaligned L1 entry", "unaligned preallocated zero cluster"])
+def test_amend_downgrade_refuses_broken_tables_as_qemu(twins, case):
+    """Zero cluster expansion (compat=0.10) never reads or writes through a misaligned
+    offset: it marks the image corrupt and fails with QEMU's notice and error, leaving the
+    file exactly as qemu-img leaves it (iotest 060)."""
+    for directory in twins.dirs():
+        image = directory / "bad.qcow2"
+        qemu_img("create", "-q", "-f", "qcow2", image, "64M")
+        qemu_io(image, "write 0 64k")
+        header = image.read_bytes()[:48]
+        l1_offset = int.from_bytes(header[40:48], "big")
+        l2_offset = 0x40000  # (cluster 4: header, refcount table and block, L1 table before)
+        with open(image, "rb") as f:
+            f.seek(l1_offset)
+            assert int.from_bytes(f.read(8), "big") & ~(1 << 63) == l2_offset
+        if case == "unaligned L1 entry":
+            _poke_u64(image, l1_offset, (1 << 63) | 0x42A00)
+        else:  # COPIED, offset 0x52a00, zero flag
+            _poke_u64(image, l2_offset, (1 << 63) | 0x52A00 | 1)
+    result = twins.assert_same("amend", "-o", "compat=0.10", "bad.qcow2")
+    assert result.returncode == 1 and "Marking image as corrupt" in result.stderr
+    ours, theirs = (directory / "bad.qcow2" for directory in (twins.qimg_dir, twins.qemu_dir))
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
 @pytest.mark.parametrize("case", REFCOUNT_WIDTH_CASES)
 def test_amend_refcount_width_progress_is_qemus(twins, case):
     """QEMU walks its refcount table until its allocations settle and reports each walk:

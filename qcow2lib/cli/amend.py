@@ -280,6 +280,9 @@ def _amend_image(
         report_failure(cli, exc)
         return 1
     except Qcow2Error as exc:
+        notice = getattr(exc, "notice", None)
+        if notice:
+            sys.stderr.write(notice + "\n")
         for line in error_text(exc).split("\n")[:1]:
             cli.error_report(line)
         sys.stderr.write("".join(line + "\n" for line in error_text(exc).split("\n")[1:]))

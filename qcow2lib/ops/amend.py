@@ -379,13 +379,19 @@ def _expand_zero_clusters(image, snapshots, status=None) -> None:
     visited = 0
     with image._lock:
         for l1 in tables:
-            for l1_entry in l1:
+            for l1_index, l1_entry in enumerate(l1):
                 visited += 1
                 if status is not None:
                     status(visited, total)
                 l2_offset = l1_entry & S.L1E_OFFSET_MASK
                 if not l2_offset or l2_offset in seen:
                     continue
+                if l2_offset % cs:
+                    _expansion_corrupt(
+                        image,
+                        f"L2 table offset {_c_hex(l2_offset)} unaligned "
+                        f"(L1 index: {_c_hex(l1_index)})",
+                    )
                 seen.add(l2_offset)
                 table = image.map.l2_cache.get(l2_offset)
                 l2_refcount = image.refcounts.get(l2_offset >> bits)
@@ -394,6 +400,12 @@ def _expand_zero_clusters(image, snapshots, status=None) -> None:
                     if entry & S.OFLAG_COMPRESSED or not entry & S.OFLAG_ZERO:
                         continue
                     host = entry & S.L2E_OFFSET_MASK
+                    if host % cs:  # (never written to: it would land across two clusters)
+                        _expansion_corrupt(
+                            image,
+                            f"Cluster allocation offset {_c_hex(host)} unaligned "
+                            f"(L2 offset: {_c_hex(l2_offset)}, L2 index: {_c_hex(j)})",
+                        )
                     if host and image.refcounts.get(host >> bits) <= l2_refcount:
                         # Preallocated zero cluster only this table uses: make it hold zeros.
                         image.guard_write(host, cs)
@@ -430,6 +442,24 @@ def _expand_zero_clusters(image, snapshots, status=None) -> None:
         with image._lock:
             refresh_copied_flags(image)
         image.flush()
+
+
+def _c_hex(value: int) -> str:
+    """C's %#x, as QEMU's messages print offsets: no prefix for zero."""
+    return f"{value:#x}" if value else "0"
+
+
+def _expansion_corrupt(image, message: str) -> None:
+    """Zero cluster expansion met broken metadata: mark the image corrupt and fail, with
+    QEMU's notice and error, before anything is written through it."""
+    error = AmendError(
+        f"zero cluster expansion: {message}",
+        qemu_message="Failed to turn zero into data clusters: Input/output error",
+        notice=f"qcow2: Marking image as corrupt: {message}; further corruption events "
+        f"will be suppressed",
+    )
+    image._signal_corruption(error)
+    raise error
 
 
 def _downgrade(image, status=None) -> None:
