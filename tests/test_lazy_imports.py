@@ -22,6 +22,28 @@ from qemutools import qemu_create, qemu_img, qemu_io, run_qimg
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def run_reporting_modules(names, command: str, *argv: str) -> subprocess.CompletedProcess:
+    """Run qimg `command` in a fresh interpreter; its last stderr line is
+    `exit=N loaded=[...]`, the modules of `names` it imported. -S: as an installed qimg
+    starts (the venv's editable-install finder, run by site, would import re, enum and
+    pathlib itself and hide them)."""
+    script = (
+        "import sys\n"
+        "sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tools']\n"
+        "names = sys.argv[2].split(',')\n"
+        "sys.argv = ['qemu-img', *sys.argv[3:]]\n"
+        "import qimg\n"
+        "code = qimg.main()\n"
+        "loaded = ','.join(sorted(name for name in names if name in sys.modules))\n"
+        "sys.stderr.write(f'exit={code} loaded=[{loaded}]\\n')\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-S", "-c", script, str(ROOT), ",".join(names), command, *argv],
+        capture_output=True,
+        text=True,
+    )
+
+
 def test_struct_formats_match_the_construct_declarations() -> None:
     assert S.HEADER_V2_SIZE == S.HeaderV2.sizeof()
     assert S.HEADER_V3_SIZE == S.HEADER_V2_SIZE + S.HeaderV3Tail.sizeof()
@@ -189,23 +211,7 @@ def test_info_check_and_map_import_nothing_they_do_not_use(
         qemu_img("snapshot", "-c", "s0", path)
         if command == "info":  # lists the snapshots: the snapshot modules, no more
             lazy = tuple(name for name in lazy if not name.startswith("qcow2lib."))
-    script = (
-        "import sys, os\n"
-        "sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], 'tools')]\n"
-        "names = sys.argv[2].split(',')\n"
-        "sys.argv = ['qemu-img', *sys.argv[3:]]\n"
-        "import qimg\n"
-        "code = qimg.main()\n"
-        "loaded = ','.join(sorted(name for name in names if name in sys.modules))\n"
-        "sys.stderr.write(f'exit={code} loaded=[{loaded}]\\n')\n"
-    )
-    # -S: as an installed qimg starts; the venv's editable-install finder (site) would
-    # import re, enum and pathlib itself and hide them.
-    done = subprocess.run(
-        [sys.executable, "-S", "-c", script, str(ROOT), ",".join(lazy), command, str(path)],
-        capture_output=True,
-        text=True,
-    )
+    done = run_reporting_modules(lazy, command, str(path))
     assert done.stderr.splitlines()[-1] == "exit=0 loaded=[]", done.stderr
     assert done.stdout == qemu_img(command, path).stdout
 
@@ -286,21 +292,7 @@ def test_create_convert_and_compare_import_no_typing_or_re(tmp_path: Path, comma
         argv = ["-p", str(source), str(target)]
     if command != "convert":
         lazy += ("threading", "functools")
-    script = (
-        "import sys\n"
-        "sys.path[:0] = [sys.argv[1], sys.argv[1] + '/tools']\n"
-        "names = sys.argv[2].split(',')\n"
-        "sys.argv = ['qemu-img', *sys.argv[3:]]\n"
-        "import qimg\n"
-        "code = qimg.main()\n"
-        "loaded = ','.join(sorted(name for name in names if name in sys.modules))\n"
-        "sys.stderr.write(f'exit={code} loaded=[{loaded}]\\n')\n"
-    )
-    done = subprocess.run(
-        [sys.executable, "-S", "-c", script, str(ROOT), ",".join(lazy), command, *argv],
-        capture_output=True,
-        text=True,
-    )
+    done = run_reporting_modules(lazy, command, *argv)
     assert done.stderr.splitlines()[-1] == "exit=0 loaded=[]", done.stderr
     qemu_img("check", target)  # (check=True: a clean image, or the test fails)
     if command != "create":
