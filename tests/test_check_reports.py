@@ -254,3 +254,30 @@ def test_external_data_file_given_in_image_options(tmp_path):
         outputs.append(results)
     assert "data file: foo" in outputs[0][1][1]
     assert outputs[1] == outputs[0]
+
+
+def test_repair_that_meets_a_fatal_corruption_cannot_double_check(tmp_path):
+    """A repair that marks the image corrupt on the way (an unaligned refcount block)
+    leaves QEMU no driver to double-check with: `Check failed: No medium found`, exit 1;
+    the next repair finishes the job. Line for line and byte for byte as qemu-img
+    (iotest 060)."""
+    path = tmp_path / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "64M")
+    qemu_io(path, "write 0 128k")
+    (reftable_offset,) = struct.unpack(">Q", path.read_bytes()[48:56])
+    with open(path, "r+b") as f:
+        f.seek(reftable_offset)
+        f.write(struct.pack(">Q", 0x2A00))
+    ours, theirs = copies(path, "ours.qcow2", "theirs.qcow2")
+    exits = []
+    for args in (["-q", "-r", "all"], ["-r", "all"]):
+        expected = qemu_img("check", *args, theirs, check=False)
+        got = run_qimg("check", *args, ours)
+        assert (got.returncode, got.stdout, got.stderr) == (
+            expected.returncode,
+            expected.stdout.replace(str(theirs), str(ours)),
+            expected.stderr,
+        ), args
+        exits.append((got.returncode, "Check failed: No medium found" in got.stderr))
+    assert exits == [(1, True), (0, False)]
+    assert ours.read_bytes() == theirs.read_bytes()

@@ -203,7 +203,10 @@ def _img_check_open(t: _Target, fix: int, report: CheckReport) -> CheckReport:
     if not err and (result.corruptions_fixed or result.leaks_fixed):
         report.repaired = True
         leaks_fixed, corruptions_fixed = result.leaks_fixed, result.corruptions_fixed
-        result, err = _co_check(t, 0)
+        if t.dead:  # the repair met a fatal corruption: QEMU has no driver to check with
+            result, err = _Result(), errno.ENOMEDIUM
+        else:
+            result, err = _co_check(t, 0)
         result.leaks_fixed, result.corruptions_fixed = leaks_fixed, corruptions_fixed
     if err:
         report.failed = True
