@@ -71,6 +71,23 @@ if TYPE_CHECKING:
 
 _ZEROS = bytes(1 << 20)
 _ZEROS_VIEW = memoryview(_ZEROS)
+# read() of a hole returns zero bytes of the length asked: bytes are immutable, so the
+# block made for the last length (up to _ZERO_BLOCK_MAX) is handed out again rather than
+# allocated and cleared on every call of a reader going through holes piece by piece.
+_ZERO_BLOCK_MAX = 4 << 20
+_zero_block = [_ZEROS]
+
+
+def _zero_bytes(length: int) -> bytes:
+    block = _zero_block[0]
+    if len(block) == length:
+        return block
+    block = bytes(length)
+    if length <= _ZERO_BLOCK_MAX:
+        _zero_block[0] = block
+    return block
+
+
 # Reads up to this size try the page cache under the image lock (HostFile.readinto_cached):
 # copying a cached page is quicker than handing the lock and the GIL to another thread.
 _CACHED_READ_MAX = 64 << 10
@@ -592,7 +609,7 @@ class Qcow2Image(BlockDevice):
         with self._lock:
             segments = self.map.lookup(offset, length)
             if self._reads_as_zeros(segments):  # no host I/O, so nothing to count in
-                return bytes(length)
+                return _zero_bytes(length)
             self._begin_io()
         try:
             if len(segments) == 1 and segments[0].kind == DATA:
