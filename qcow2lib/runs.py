@@ -21,25 +21,41 @@ class RunFinder:
     arithmetic: entries [i, j) read as one integer equal `first * ones + ramp` exactly when
     they are first, first + step, first + 2 * step, ... (no carry crosses an entry, as
     every entry stays below 2**64), and the highest bit of the XOR of the two says where
-    a run ends, so a run costs a few operations at C speed, not a Python step per entry."""
+    a run ends, so a run costs a few operations at C speed, not a Python step per entry.
+    The integers compared have the window's size, not the table's: a table of many short
+    runs costs little per run."""
 
     def __init__(self) -> None:
-        self._lanes = self._step = 0
-        self._ones = self._ramp = 0
+        self._step = -1
+        self._ones = self._ramp = b""
+        self._patterns: dict[int, tuple[int, int]] = {}  # lanes: (ones, ramp) integers
+
+    def _pattern(self, lanes: int) -> tuple[int, int]:
+        """(ones, ramp) of `lanes` entries: 1 in each, and 0, step, 2 * step, ..."""
+        pattern = self._patterns.get(lanes)
+        if pattern is None:
+            pattern = (
+                int.from_bytes(self._ones[: 8 * lanes], "big"),
+                int.from_bytes(self._ramp[: 8 * lanes], "big"),
+            )
+            if len(self._patterns) < 64:  # (the growing windows; clipped ones vary)
+                self._patterns[lanes] = pattern
+        return pattern
 
     def runs(self, raw: bytearray, step: int) -> list[tuple[int, int, int]]:
         """(first index, end index, first entry) of each maximal run in which every entry
         is `step` past the one before."""
         entries = len(raw) // 8
-        if entries > self._lanes or step != self._step:  # (made for the largest table)
-            lanes = max(entries, self._lanes)
-            self._ones = int.from_bytes(b"\0\0\0\0\0\0\0\1" * lanes, "big")
-            ramp_entries = array("Q", range(0, lanes * step, step))
+        if 8 * entries > len(self._ones) or step != self._step:  # (made for the largest table)
+            lanes = max(entries, len(self._ones) // 8)
+            self._ones = b"\0\0\0\0\0\0\0\1" * lanes
+            ramp_entries = array("Q", range(0, lanes * step, step) if step else bytes(lanes))
             if sys.byteorder == "little":
                 ramp_entries.byteswap()
-            self._ramp = int.from_bytes(ramp_entries.tobytes(), "big")
-            self._lanes, self._step = lanes, step
-        ones, ramp, lanes = self._ones, self._ramp, self._lanes
+            self._ramp = ramp_entries.tobytes()
+            self._step = step
+            self._patterns.clear()
+        pattern = self._pattern
         runs: list[tuple[int, int, int]] = []
         start = 0
         while start < entries:
@@ -47,9 +63,8 @@ class RunFinder:
             window = 64  # entries compared at once, growing while they all match
             while True:
                 stop = min(entries, start + window)
-                shift = (lanes - (stop - start)) * 64  # (keeps the first stop-start lanes)
-                expected = first * (ones >> shift) + (ramp >> shift)
-                mismatch = int.from_bytes(raw[start * 8 : stop * 8], "big") ^ expected
+                ones, ramp = pattern(stop - start)
+                mismatch = int.from_bytes(raw[start * 8 : stop * 8], "big") ^ (first * ones + ramp)
                 if mismatch:
                     end = stop - (mismatch.bit_length() + 63) // 64
                     break
