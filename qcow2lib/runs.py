@@ -18,63 +18,69 @@ _BE64 = struct.Struct(">Q")
 
 class RunFinder:
     """Runs in a table of big-endian 64-bit entries, found with whole-table integer
-    arithmetic: entries [i, j) read as one integer equal `first * ones + ramp` exactly when
-    they are first, first + step, first + 2 * step, ... (no carry crosses an entry, as
-    every entry stays below 2**64), and the highest bit of the XOR of the two says where
-    a run ends, so a run costs a few operations at C speed, not a Python step per entry.
-    The integers compared have the window's size, not the table's: a table of many short
-    runs costs little per run."""
+    arithmetic: read as one integer, the table shifted by one entry and XORed with itself
+    plus `step` in every entry is zero exactly in the entries that continue the one before
+    (no carry crosses an entry while every entry stays below 2**64 - step), and OR-ing the
+    8 byte columns of that gives one byte per entry, non-zero where a run ends. A table
+    costs a few whole-table operations at C speed, not a Python step per entry, and then
+    one step per run."""
 
     def __init__(self) -> None:
-        self._step = -1
-        self._ones = self._ramp = b""
-        self._patterns: dict[int, tuple[int, int]] = {}  # lanes: (ones, ramp) integers
-
-    def _pattern(self, lanes: int) -> tuple[int, int]:
-        """(ones, ramp) of `lanes` entries: 1 in each, and 0, step, 2 * step, ..."""
-        pattern = self._patterns.get(lanes)
-        if pattern is None:
-            pattern = (
-                int.from_bytes(self._ones[: 8 * lanes], "big"),
-                int.from_bytes(self._ramp[: 8 * lanes], "big"),
-            )
-            if len(self._patterns) < 64:  # (the growing windows; clipped ones vary)
-                self._patterns[lanes] = pattern
-        return pattern
+        self._ones: dict[int, int] = {}  # entries: the integer with 1 in each entry
 
     def runs(self, raw: bytearray, step: int) -> list[tuple[int, int, int]]:
         """(first index, end index, first entry) of each maximal run in which every entry
         is `step` past the one before."""
         entries = len(raw) // 8
-        if 8 * entries > len(self._ones) or step != self._step:  # (made for the largest table)
-            lanes = max(entries, len(self._ones) // 8)
-            self._ones = b"\0\0\0\0\0\0\0\1" * lanes
-            ramp_entries = array("Q", range(0, lanes * step, step) if step else bytes(lanes))
-            if sys.byteorder == "little":
-                ramp_entries.byteswap()
-            self._ramp = ramp_entries.tobytes()
-            self._step = step
-            self._patterns.clear()
-        pattern = self._pattern
-        runs: list[tuple[int, int, int]] = []
-        start = 0
-        while start < entries:
-            (first,) = _BE64.unpack_from(raw, start * 8)
-            window = 64  # entries compared at once, growing while they all match
-            while True:
-                stop = min(entries, start + window)
-                ones, ramp = pattern(stop - start)
-                mismatch = int.from_bytes(raw[start * 8 : stop * 8], "big") ^ (first * ones + ramp)
-                if mismatch:
-                    end = stop - (mismatch.bit_length() + 63) // 64
-                    break
-                if stop == entries:
-                    end = entries
-                    break
-                window *= 4
-            runs.append((start, end, first))
-            start = end
-        return runs
+        if entries < 2:
+            return [(0, 1, _BE64.unpack_from(raw)[0])] if entries else []
+        if raw[0::8].translate(None, _BELOW_TOP[step.bit_length() > 56]):
+            return _runs_by_entry(raw, step)  # (an entry near 2**64: adding may carry)
+        ones = self._ones.get(entries)
+        if ones is None:
+            if len(self._ones) >= 4:
+                self._ones.clear()
+            ones = self._ones[entries] = int.from_bytes(b"\0\0\0\0\0\0\0\1" * entries, "big")
+        table = int.from_bytes(raw, "big")
+        # entry i of `moved` is entry i + 1 of the table (the first dropped, zero last)
+        moved = (table << 64) & ((1 << (64 * entries)) - 1)
+        differ = (moved ^ (table + step * ones)).to_bytes(8 * entries, "big")
+        columns = 0
+        for column in range(8):
+            columns |= int.from_bytes(differ[column::8], "big")
+        ends = columns.to_bytes(entries, "big")[:-1].translate(_NONZERO_TO_ONE)
+        boundaries = ends.count(1)
+        if boundaries > entries // 16:
+            starts = [0, *compress(range(1, entries), ends)]
+        else:
+            starts = [0]
+            position = ends.find(1)
+            while position >= 0:
+                starts.append(position + 1)
+                position = ends.find(1, position + 1)
+        stops = starts[1:]
+        stops.append(entries)
+        unpack = _BE64.unpack_from
+        return [(start, stop, unpack(raw, 8 * start)[0]) for start, stop in zip(starts, stops)]
+
+
+_NONZERO_TO_ONE = bytes((0, *(1,) * 255))
+# Top bytes of entries to which adding a step (below 2**56, or any) cannot carry out.
+_BELOW_TOP = (bytes(range(255)), bytes(range(128)))
+
+
+def _runs_by_entry(raw: bytearray, step: int) -> list[tuple[int, int, int]]:
+    """RunFinder.runs entry by entry, for entries where the arithmetic might carry."""
+    entries = array("Q", raw)
+    if sys.byteorder == "little":
+        entries.byteswap()
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for index in range(1, len(entries) + 1):
+        if index == len(entries) or entries[index] != entries[index - 1] + step:
+            runs.append((start, index, entries[start]))
+            start = index
+    return runs
 
 
 class NativeRunLength:
