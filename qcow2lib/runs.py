@@ -49,15 +49,7 @@ class RunFinder:
         for column in range(8):
             columns |= int.from_bytes(differ[column::8], "big")
         ends = columns.to_bytes(entries, "big")[:-1].translate(_NONZERO_TO_ONE)
-        boundaries = ends.count(1)
-        if boundaries > entries // 16:
-            starts = [0, *compress(range(1, entries), ends)]
-        else:
-            starts = [0]
-            position = ends.find(1)
-            while position >= 0:
-                starts.append(position + 1)
-                position = ends.find(1, position + 1)
+        starts = [0, *one_positions(ends, 1)]
         stops = starts[1:]
         stops.append(entries)
         unpack = _BE64.unpack_from
@@ -225,3 +217,27 @@ def _plain_bytes(cluster_bits: int) -> list[tuple[int, bytes]]:
             if (bits := (unusual >> (56 - 8 * position)) & 0xFF)
         ]
     return _PLAIN_BYTES[cluster_bits]
+
+
+def column_flags(raw: bytes, columns: range = range(8)) -> bytes:
+    """One byte per 64-bit entry of `raw`: 1 where any of the entry's bytes at `columns`
+    (positions in the entry as stored) is non-zero, else 0; found with one integer OR per
+    column, at C speed."""
+    entries = len(raw) // 8
+    combined = 0
+    for column in columns:
+        combined |= int.from_bytes(raw[column::8], "little")
+    return combined.to_bytes(entries, "little").translate(_NONZERO_TO_ONE)
+
+
+def one_positions(flags: bytes, offset: int = 0) -> list[int]:
+    """The positions (plus `offset`) of the 1 bytes of a 0/1 flag string: one find per
+    position while they are few, one C-level pass over all of them when many."""
+    if flags.count(1) > len(flags) // 16:
+        return list(compress(range(offset, offset + len(flags)), flags))
+    positions = []
+    position = flags.find(1)
+    while position >= 0:
+        positions.append(position + offset)
+        position = flags.find(1, position + 1)
+    return positions
