@@ -11,7 +11,7 @@ import struct
 import sys
 from array import array
 from itertools import compress
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 _BE64 = struct.Struct(">Q")
 
@@ -108,23 +108,36 @@ class NativeRunLength:
 
 
 _ZERO_ENTRY = bytes(8)
-_STRETCH = 64  # entries compared with zeros at once
-_ZERO_STRETCH = bytes(8 * _STRETCH)
 
 
 def nonzero_entries(table: array) -> array:
     """The non-zero entries of a table of 64-bit words, in order. Iterating a table makes
     an integer object per entry (0.06 us for an L2 entry with flags), so it is avoided
-    where the bytes say enough: a table without a zero entry is copied whole, and in a
-    sparse one each stretch of 64 zero entries is skipped with one comparison."""
+    where the bytes say enough: a table without a zero entry is copied whole, and
+    otherwise each run of non-zero entries is copied as a slice (or, when the runs are
+    many, the entries picked by one C-level pass)."""
     raw = table.tobytes()
     if _ZERO_ENTRY not in raw:  # (8 zero bytes anywhere, aligned or not)
         return array("Q", table)
-    if _ZERO_STRETCH not in raw:
-        return array("Q", filter(None, table))
+    busy_stretches = _busy_stretches(raw)
+    if busy_stretches is not None:
+        used = array("Q")
+        for first in busy_stretches:
+            busy = table[first : first + _STRETCH]
+            used += busy if _ZERO_ENTRY not in busy.tobytes() else array("Q", filter(None, busy))
+        return used
+    flags = column_flags(raw)
+    starts = flags.count(b"\0\1") + flags[0]
+    if starts > len(flags) // 16:
+        return array("Q", compress(table, flags))
     used = array("Q")
-    for first in _busy_stretches(raw):
-        used.extend(filter(None, table[first : first + _STRETCH]))
+    start = flags.find(1)
+    while start >= 0:
+        stop = flags.find(0, start)
+        if stop < 0:
+            stop = len(flags)
+        used += table[start:stop]
+        start = flags.find(1, stop)
     return used
 
 
@@ -134,36 +147,44 @@ def nonzero_positions(table: array) -> list[int]:
     raw = table.tobytes()
     if _ZERO_ENTRY not in raw:
         return list(range(len(table)))
-    if _ZERO_STRETCH not in raw:
-        return list(compress(range(len(table)), table))
-    positions: list[int] = []
-    for first in _busy_stretches(raw):
-        stop = min(first + _STRETCH, len(table))
-        positions.extend(compress(range(first, stop), table[first:stop]))
-    return positions
+    busy_stretches = _busy_stretches(raw)
+    if busy_stretches is not None:
+        positions: list[int] = []
+        for first in busy_stretches:
+            stop = min(first + _STRETCH, len(table))
+            positions.extend(compress(range(first, stop), table[first:stop]))
+        return positions
+    return one_positions(column_flags(raw))
 
 
-def _busy_stretches(raw: bytes) -> Iterator[int]:
+_STRETCH = 64  # entries compared with zeros at once
+_ZERO_STRETCH = bytes(8 * _STRETCH)
+
+
+def _busy_stretches(raw: bytes) -> list[int] | None:
     """First entry of each stretch of `raw` (64 entries, the last maybe fewer) that is not
-    all zeros."""
+    all zeros, when at most half of them are (a sparse table, where looking at these
+    alone costs least); None for a denser table, whose entries are better looked at all
+    at once, at C speed."""
     width = len(_ZERO_STRETCH)
-    for offset in range(0, len(raw), width):
-        if raw[offset : offset + width] != _ZERO_STRETCH:
-            yield offset >> 3
+    busy = [
+        offset >> 3
+        for offset in range(0, len(raw), width)
+        if raw[offset : offset + width] != _ZERO_STRETCH
+    ]
+    return busy if len(busy) * 2 * width <= len(raw) + width else None
 
 
 def used_runs(
-    finder: RunFinder, table: array, step: int, clean: Callable[[bytearray], None]
+    finder: RunFinder, raw: bytes, step: int, clean: Callable[[bytearray], None]
 ) -> list[tuple[int, int, bytes]]:
-    """(first offset, entries, their top bytes) of each run of the non-zero entries of
-    `table` (native order) whose offsets, once `clean` clears the flag bits of the packed
-    big-endian entries, are each `step` past the one before, in table order. Zero entries
-    are taken out first (at C speed), so that clusters allocated one after the other form
-    one run however the guest maps them; so are entries that only flags made non-zero."""
-    used = nonzero_entries(table)
-    if sys.byteorder == "little":
-        used.byteswap()
-    packed = bytearray(used.tobytes())
+    """(first offset, entries, their top bytes) of each run of the non-zero entries of the
+    table `raw` (big-endian, as stored) whose offsets, once `clean` clears the flag bits
+    of the packed entries, are each `step` past the one before, in table order. Zero
+    entries are taken out first (at C speed; an entry is zero in either byte order, so
+    the table is not decoded), so that clusters allocated one after the other form one
+    run however the guest maps them; so are entries that only flags made non-zero."""
+    packed = bytearray(nonzero_entries(array("Q", raw)).tobytes())
     tops = bytes(packed[0::8])
     clean(packed)
     if bytes(8) in packed:  # (maybe an entry of flags only: check entry by entry)
@@ -190,7 +211,7 @@ def host_runs(entries: array, cluster_bits: int, finder: RunFinder) -> list[tupl
             return None
     return [
         (first >> cluster_bits, count)
-        for first, count, _ in used_runs(finder, entries, 1 << cluster_bits, _offset_only)
+        for first, count, _ in used_runs(finder, packed, 1 << cluster_bits, _offset_only)
     ]
 
 

@@ -206,12 +206,12 @@ class _Compare(_CheckState):
         if data == t.zero_cluster:
             return True
         complete = True
-        table = decode_be64(data)
         dirty = 0
         if words == 1 and not t.has_data_file and t.order >= 3 and t.cache_clean():
             runs = self._plain_runs(data, self._l2_unusual_bits(), l2_offset)
             if runs is not None and all(self._copied_run_ok(*run) for run in runs):
                 return True  # (every COPIED flag as it should be: nothing to report)
+        table = decode_be64(data)
         for j in compress(range(t.l2_entries), table[::words]):
             entry = table[j * words]
             if (entry & S.OFLAG_COMPRESSED or not entry & S.L2E_OFFSET_MASK) and t.cluster_type(

@@ -444,13 +444,13 @@ class _Walk(_CheckState):
         data = t.pread(cs, l2_offset)
         if data == t.zero_cluster:  # (a table past the end of the file, say)
             return
-        table = decode_be64(data)
         next_contiguous = 0
         fix_errors = bool(self.fix & FIX_ERRORS)
         unusual = self._l2_unusual_bits()
         count_data = not t.has_data_file
         if words == 1 and self._count_plain_l2(data, l2_offset, unusual, frag, count_data):
             return
+        table = decode_be64(data)
         for i in _used_entries(table, words):
             entry = table[i * words]
             bitmap = table[i * words + 1] if words == 2 else 0
@@ -571,7 +571,7 @@ class _Walk(_CheckState):
         for position, allowed in self._plain_mask[1]:
             if data[position::8].translate(None, allowed):
                 return self._remember_plain(key, None)  # (an entry with bits to look at)
-        runs = used_runs(self._run_finder, decode_be64(data), self.t.cs, _drop_top_byte)
+        runs = used_runs(self._run_finder, data, self.t.cs, _drop_top_byte)
         if sum(tops.count(0x80) for _, _, tops in runs) != data[0::8].count(0x80):
             return self._remember_plain(key, None)  # (COPIED on an entry without an offset)
         return self._remember_plain(key, runs)
