@@ -576,6 +576,11 @@ class _Walk(_CheckState):
             return self._remember_plain(key, None)  # (COPIED on an entry without an offset)
         return self._remember_plain(key, runs)
 
+    def _known_plain_runs(self, unusual: int, l2_offset: int) -> list | None:
+        """_plain_runs of a table as last found, if it was plain and nothing was written
+        since; None if that is not known."""
+        return self._plain_cache.get((l2_offset, self.t.writes, unusual))
+
     def _remember_plain(self, key: tuple, runs: list | None) -> list | None:
         size = 1 + len(runs or ())
         if self._plain_cached + size > _MAX_REMEMBERED_RUNS:

@@ -131,7 +131,7 @@ def _write_json(device: BlockDevice, write, start: int, length: int | None) -> N
 def _json_lines(extents: list[Extent], states: dict[tuple, str]) -> str:
     """The JSON lines of `extents`, each ending in ",\n". What lies between the length
     and the offset depends only on the extent's state, so it is made once per state."""
-    lines = []
+    lines: list[str] = []
     add = lines.append
     for offset, length, is_data, is_zero, depth, host_offset, present in extents:
         state = (depth, present, is_zero, is_data)
