@@ -113,7 +113,8 @@ class ClusterMap:
         )
         self.l1_dirty: set[int] = set()
         self.l2_cache = TableCache(self._load_l2, max(16, cache_bytes // self.cluster_size))
-        # (key, entries, segments relative to the table) of the last whole table classified
+        # (key, entries, segments, guest offset of the table, length of its last segment)
+        # of the last whole table classified
         self._last_table: tuple | None = None
         # The image file's size as this lookup found it (None: not asked yet). A lookup runs
         # under the image's lock, so nothing grows the file during one; asking once spares
@@ -540,11 +541,11 @@ class ClusterMap:
         done) for any other range: the entry loop then classifies it, and names the first
         bad entry if there is one."""
         first_index = first_cluster % self.l2_entries
-        window = table[first_index : first_index + entries]
+        window = table if entries == len(table) else table[first_index : first_index + entries]
         raw = window.tobytes()
         positions: Sequence[int] | None = None
         if _ZERO_STRETCH in raw:  # (a sparse table: its zero entries taken out first)
-            positions = nonzero_positions(window)
+            positions = nonzero_positions(window, raw)
             if not positions:
                 _append(segments, pos, end - pos, BACKING, None)
                 return True

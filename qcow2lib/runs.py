@@ -141,10 +141,11 @@ def nonzero_entries(table: array) -> array:
     return used
 
 
-def nonzero_positions(table: array) -> list[int]:
+def nonzero_positions(table: array, raw: bytes | None = None) -> list[int]:
     """The indices of the non-zero entries of a table of 64-bit words (as nonzero_entries
-    finds them)."""
-    raw = table.tobytes()
+    finds them); `raw` is the table's bytes, when the caller has them already."""
+    if raw is None:
+        raw = table.tobytes()
     if _ZERO_ENTRY not in raw:
         return list(range(len(table)))
     busy_stretches = _busy_stretches(raw)
