@@ -590,29 +590,32 @@ class ClusterMap:
             places = int.from_bytes(array("Q", positions).tobytes(), "little")
             differ |= (places >> 64) ^ (places + ones)
         breaks = one_positions(column_flags(differ.to_bytes(8 * count, "little"))[:-1], 1)
+        # Each run as (guest start, guest end, host offset), made a list at a time.
         bits = self.cluster_bits
-        unpack = _LE64.unpack_from
+        firsts = [0, *breaks]
+        starts = [(first_cluster + positions[first]) << bits for first in firsts]
+        ends = [(first_cluster + positions[after - 1] + 1) << bits for after in (*breaks, count)]
+        offsets = array("Q", packed)
+        hosts = [offsets[first] for first in firsts]
+        if starts[0] < pos:  # (the range starts inside the run's first cluster)
+            hosts[0] += pos - starts[0]
+            starts[0] = pos
+        ends[-1] = min(ends[-1], end)
+        if pos < starts[0]:  # the hole before the first run
+            _append(segments, pos, starts[0] - pos, BACKING, None)
+            segments.append(Segment(starts[0], ends[0] - starts[0], DATA, hosts[0]))
+        else:
+            _append(segments, pos, ends[0] - pos, DATA, hosts[0])
         append = segments.append
-        guest = pos  # where the next segment starts
-        run_first = 0
-        for run_stop in (*breaks, count):
-            cluster_start = (first_cluster + positions[run_first]) << bits
-            if guest < cluster_start:  # the hole before the run
-                if segments and guest == pos:
-                    _append(segments, guest, cluster_start - guest, BACKING, None)
-                else:
-                    append(Segment(guest, cluster_start - guest, BACKING))
-            else:
-                cluster_start = guest  # (the range's first cluster, from `pos` on)
-            run_end = min(end, (first_cluster + positions[run_stop - 1] + 1) << bits)
-            host = unpack(packed, 8 * run_first)[0] + (cluster_start & (self.cluster_size - 1))
-            if segments and cluster_start == pos:
-                _append(segments, cluster_start, run_end - cluster_start, DATA, host)
-            else:
-                append(Segment(cluster_start, run_end - cluster_start, DATA, host))
-            guest, run_first = run_end, run_stop
-        if guest < end:
-            append(Segment(guest, end - guest, BACKING))
+        hole_end = starts[0]
+        for start, run_end, host in zip(starts, ends, hosts):
+            if hole_end < start:  # (the run before it ended at hole_end)
+                append(Segment(hole_end, start - hole_end, BACKING))
+            if start != starts[0]:
+                append(Segment(start, run_end - start, DATA, host))
+            hole_end = run_end
+        if hole_end < end:
+            append(Segment(hole_end, end - hole_end, BACKING))
         return True
 
     def _overlaps_metadata(self, offsets: bytearray) -> bool:
