@@ -174,6 +174,16 @@ class ClusterMap:
         offset = self.l2_offset(l1_index)
         return self.l2_cache.get(offset) if offset else None
 
+    def _walked_table(self, l1_index: int) -> array | None:
+        """The L2 table for a block-status walk over all of it: from the cache when there,
+        else read without being kept (a walk over a whole image would fill the cache
+        with tables it does not ask for again, each in fresh memory)."""
+        offset = self.l2_offset(l1_index)
+        if not offset:
+            return None
+        table = self.l2_cache.peek(offset)
+        return self._load_l2(offset) if table is None else table
+
     def write_dirty_l2(self) -> bool:
         return self.l2_cache.write_back(
             lambda offset, table: self.file.pwrite(encode_be64(table), offset)
@@ -377,7 +387,17 @@ class ClusterMap:
                 l1_index = (pos >> bits) // l2_entries
                 base = l1_index * l2_entries  # cluster index of the table's first entry
                 table_end = min(end, (base + l2_entries) << bits)
-                table = self.l2_table(l1_index) if l1_index < l1_size else None
+                if l1_index >= l1_size:
+                    table = None
+                elif (
+                    self._status_lookup
+                    and pos == base << bits
+                    and table_end == (base + l2_entries) << bits
+                    and (budget is None or budget >= l2_entries)
+                ):
+                    table = self._walked_table(l1_index)
+                else:
+                    table = self.l2_table(l1_index)
                 if table is None:
                     _append(segments, pos, table_end - pos, BACKING, None)
                     pos = table_end
