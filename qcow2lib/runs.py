@@ -185,7 +185,14 @@ def used_runs(
     entries are taken out first (at C speed; an entry is zero in either byte order, so
     the table is not decoded), so that clusters allocated one after the other form one
     run however the guest maps them; so are entries that only flags made non-zero."""
-    packed = bytearray(nonzero_entries(array("Q", raw)).tobytes())
+    return runs_of_used(finder, nonzero_entries(array("Q", raw)).tobytes(), step, clean)
+
+
+def runs_of_used(
+    finder: RunFinder, used: bytes, step: int, clean: Callable[[bytearray], None]
+) -> list[tuple[int, int, bytes]]:
+    """used_runs for a table whose zero entries are already taken out."""
+    packed = bytearray(used)
     tops = bytes(packed[0::8])
     clean(packed)
     if bytes(8) in packed:  # (maybe an entry of flags only: check entry by entry)

@@ -17,7 +17,7 @@ from operator import or_
 from .. import structs as S
 from ..records import record
 from ..cache import decode_be64
-from ..runs import RunFinder, nonzero_entries, nonzero_positions, used_runs
+from ..runs import RunFinder, nonzero_entries, nonzero_positions, runs_of_used
 from .report import FIX_ERRORS, _Abort, _hash_x, _Result
 from .target import (
     _CHUNK_BITS,
@@ -572,7 +572,7 @@ class _Walk(_CheckState):
         for position, allowed in self._plain_mask[1]:
             if used[position::8].translate(None, allowed):
                 return self._remember_plain(key, None)  # (an entry with bits to look at)
-        runs = used_runs(self._run_finder, used, self.t.cs, _drop_top_byte)
+        runs = runs_of_used(self._run_finder, used, self.t.cs, _drop_top_byte)
         if sum(tops.count(0x80) for _, _, tops in runs) != used[0::8].count(0x80):
             return self._remember_plain(key, None)  # (COPIED on an entry without an offset)
         return self._remember_plain(key, runs)
