@@ -574,7 +574,7 @@ class ClusterMap:
             if raw[column::8].translate(None, allowed):
                 return False  # (an entry with a flag, reserved bits or a misaligned offset)
         hosted = column_flags(raw, range(7))  # 1 where the entry has a host offset
-        copied = raw[7::8].translate(_NONZERO_TO_ONE)  # (COPIED: the only top bit left)
+        copied = column_flags(raw, range(7, 8))  # (COPIED: the only top bit left)
         if int.from_bytes(copied, "little") & ~int.from_bytes(hosted, "little"):
             return False  # (COPIED on an entry without a host offset)
         if positions is not None:
@@ -822,7 +822,6 @@ _LE64 = struct.Struct("<Q")
 _PLAIN_MIN_ENTRIES = 16  # shorter ranges (a small request's) take the entry loop
 _PLAIN_COLUMNS: dict[int, list[tuple[int, bytes]]] = {}
 _LANE_ONES: dict[int, int] = {}
-_NONZERO_TO_ONE = bytes((0, *(1,) * 255))
 _ZERO_STRETCH = bytes(8 * 64)  # 64 zero entries (or fewer, unaligned): a sparse table
 
 
