@@ -52,6 +52,11 @@ class TableCache:
             self._tables.move_to_end(offset)
         return table
 
+    def peek(self, offset: int):
+        """The table if cached (None if not), without loading it or changing the order of
+        eviction."""
+        return self._tables.get(offset)
+
     def put(self, offset: int, table, dirty: bool = True) -> None:
         self._tables[offset] = table
         self._tables.move_to_end(offset)

@@ -860,13 +860,33 @@ class Qcow2Image(BlockDevice):
         no_backing = self.backing is None
         own_zero_host = active and no_backing and not self.encrypted
         window = EXTENT_WINDOW_CLUSTERS // (S.SUBCLUSTERS if self.extended_l2 else 1)
+        # Nothing below, data not split by host holes nor hidden: a data segment is a data
+        # extent, a segment without a host offset a zero one, whatever the rest is.
+        simple = no_backing and not holes_are_zero and not hide_host
         pos, end = offset, offset + length
         while pos < end:
             with self._lock:
                 segments, stop, error = cluster_map.lookup_window(
                     pos, end - pos, window, status=True
                 )
-            batch: list[Extent] = []
+            if simple:  # (data and holes only, the usual window: one comprehension)
+                batch = [
+                    _new_extent(
+                        (seg.guest_offset, seg.length, True, False, 0, seg.host_offset, True)
+                    )
+                    if seg.kind is DATA
+                    else _new_extent((seg.guest_offset, seg.length, False, True, 0, None, False))
+                    for seg in segments
+                    if seg.kind is DATA or seg.kind is BACKING and seg.host_offset is None
+                ]
+                if len(batch) == len(segments):
+                    if batch:
+                        yield batch
+                    if error is not None:
+                        raise error
+                    pos = stop
+                    continue
+            batch = []
             add = batch.append
             for seg in segments:
                 kind = seg.kind

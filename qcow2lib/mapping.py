@@ -8,14 +8,16 @@ the file, is misaligned or has reserved bits set raises CorruptImageError.
 
 from __future__ import annotations
 
+import struct
 import sys
 from array import array
+from collections.abc import Sequence
 from bisect import bisect_right
 
 from . import structs as S
 from .cache import TableCache, decode_be64, encode_be64
 from .errors import CorruptImageError, InvalidArgumentError
-from .runs import NativeRunLength, nonzero_positions
+from .runs import NativeRunLength, column_flags, nonzero_positions, one_positions
 
 DATA, ZERO, BACKING, COMPRESSED = "data", "zero", "backing", "compressed"
 
@@ -111,7 +113,8 @@ class ClusterMap:
         )
         self.l1_dirty: set[int] = set()
         self.l2_cache = TableCache(self._load_l2, max(16, cache_bytes // self.cluster_size))
-        # (key, entries, segments relative to the table) of the last whole table classified
+        # (key, entries, segments, guest offset of the table, length of its last segment)
+        # of the last whole table classified
         self._last_table: tuple | None = None
         # The image file's size as this lookup found it (None: not asked yet). A lookup runs
         # under the image's lock, so nothing grows the file during one; asking once spares
@@ -170,6 +173,16 @@ class ClusterMap:
     def l2_table(self, l1_index: int) -> array | None:
         offset = self.l2_offset(l1_index)
         return self.l2_cache.get(offset) if offset else None
+
+    def _walked_table(self, l1_index: int) -> array | None:
+        """The L2 table for a block-status walk over all of it: from the cache when there,
+        else read without being kept (a walk over a whole image would fill the cache
+        with tables it does not ask for again, each in fresh memory)."""
+        offset = self.l2_offset(l1_index)
+        if not offset:
+            return None
+        table = self.l2_cache.peek(offset)
+        return self._load_l2(offset) if table is None else table
 
     def write_dirty_l2(self) -> bool:
         return self.l2_cache.write_back(
@@ -374,7 +387,17 @@ class ClusterMap:
                 l1_index = (pos >> bits) // l2_entries
                 base = l1_index * l2_entries  # cluster index of the table's first entry
                 table_end = min(end, (base + l2_entries) << bits)
-                table = self.l2_table(l1_index) if l1_index < l1_size else None
+                if l1_index >= l1_size:
+                    table = None
+                elif (
+                    self._status_lookup
+                    and pos == base << bits
+                    and table_end == (base + l2_entries) << bits
+                    and (budget is None or budget >= l2_entries)
+                ):
+                    table = self._walked_table(l1_index)
+                else:
+                    table = self.l2_table(l1_index)
                 if table is None:
                     _append(segments, pos, table_end - pos, BACKING, None)
                     pos = table_end
@@ -403,7 +426,7 @@ class ClusterMap:
         """Segments of a whole L2 table. The last table classified is remembered (with a
         copy of its entries and what validation depended on): a table that many L1 entries
         share, the way a hostile image multiplies its extents, is classified once and
-        then only replayed at each guest offset."""
+        then only replayed at each guest offset (a whole table always has a segment)."""
         key = (
             self.l2_offset(l1_index),
             self.data_file_size(),
@@ -413,17 +436,20 @@ class ClusterMap:
         remembered = self._last_table
         shift = base << self.cluster_bits
         if remembered is not None and remembered[0] == key and remembered[1] == table:
+            _, _, earlier, earlier_shift, tail_length = remembered
+            delta = shift - earlier_shift
             own = [
                 Segment(
-                    seg.guest_offset + shift,
+                    seg.guest_offset + delta,
                     seg.length,
                     seg.kind,
                     seg.host_offset,
                     seg.compressed_size,
-                    seg.cluster_offset + shift,
+                    seg.cluster_offset + delta,
                 )
-                for seg in remembered[2]
+                for seg in earlier
             ]
+            own[-1].length = tail_length
         else:
             own = []
             table_end = shift + (self.l2_entries << self.cluster_bits)
@@ -431,21 +457,10 @@ class ClusterMap:
                 self._classify_extended_range(own, table, base, shift, table_end)
             else:
                 self._classify_standard_range(own, table, base, shift, table_end)
-            self._last_table = (
-                key,
-                array("Q", table),
-                [
-                    Segment(
-                        seg.guest_offset - shift,
-                        seg.length,
-                        seg.kind,
-                        seg.host_offset,
-                        seg.compressed_size,
-                        seg.cluster_offset - shift,
-                    )
-                    for seg in own
-                ],
-            )
+            # The segments themselves are kept, not copies (a table of many extents would
+            # pay for a copy of each): only the last one may grow afterwards, when the
+            # next table continues it, so its length is kept beside them.
+            self._last_table = (key, array("Q", table), own, shift, own[-1].length)
         if own and own[0].kind != COMPRESSED:
             first = own[0]
             _append(segments, first.guest_offset, first.length, first.kind, first.host_offset)
@@ -466,6 +481,13 @@ class ClusterMap:
         data_file_copied = S.OFLAG_COPIED if self.has_data_file else 0
         index = (pos >> bits) - base
         stop = ((end - 1) >> bits) - base + 1
+        if (
+            stop - index >= _PLAIN_MIN_ENTRIES
+            and _NATIVE_LITTLE
+            and not self.has_data_file
+            and self._classify_plain_range(segments, table, base + index, stop - index, pos, end)
+        ):
+            return
         first = index
         used: list[int] | None = None  # the non-zero entries from `first`, once a hole needs them
         while index < stop:
@@ -527,6 +549,120 @@ class ClusterMap:
                     continue
             segments.append(Segment(start, run_end - start, kind, run_host))
             index += count
+
+    def _classify_plain_range(
+        self, segments, table: array, first_cluster: int, entries: int, pos: int, end: int
+    ) -> bool:
+        """_classify_standard_range for `entries` entries from guest cluster
+        `first_cluster` that are all zero or plain data clusters (no flag but COPIED). Zero
+        entries are taken out first (at C speed); the rest are validated, and split where
+        either their table positions or their host offsets stop following each other, with
+        whole-range byte and integer operations; then one step per run. False (nothing
+        done) for any other range: the entry loop then classifies it, and names the first
+        bad entry if there is one."""
+        first_index = first_cluster % self.l2_entries
+        window = table if entries == len(table) else table[first_index : first_index + entries]
+        raw = window.tobytes()
+        positions: Sequence[int] | None = None
+        if _ZERO_STRETCH in raw:  # (a sparse table: its zero entries taken out first)
+            positions = nonzero_positions(window, raw)
+            if not positions:
+                _append(segments, pos, end - pos, BACKING, None)
+                return True
+            raw = array("Q", map(window.__getitem__, positions)).tobytes()
+        for column, allowed in _plain_columns(self.cluster_bits):
+            if raw[column::8].translate(None, allowed):
+                return False  # (an entry with a flag, reserved bits or a misaligned offset)
+        hosted = column_flags(raw, range(7))  # 1 where the entry has a host offset
+        copied = column_flags(raw, range(7, 8))  # (COPIED: the only top bit left)
+        if int.from_bytes(copied, "little") & ~int.from_bytes(hosted, "little"):
+            return False  # (COPIED on an entry without a host offset)
+        if positions is not None:
+            count = len(positions)
+            packed = bytearray(raw)
+        else:
+            count = hosted.count(1)
+            if not count:
+                _append(segments, pos, end - pos, BACKING, None)
+                return True
+            if count == entries:
+                positions = range(entries)
+                packed = bytearray(raw)
+            else:
+                positions = one_positions(hosted)
+                packed = bytearray(array("Q", map(window.__getitem__, positions)).tobytes())
+        packed[7::8] = bytes(count)  # (the host offsets: COPIED cleared)
+        ones = _lane_ones(count)
+        values = int.from_bytes(packed, "little")
+        if not self._status_lookup:
+            # An offset at or past the file's end sets the top bit of its lane once the
+            # distance from the end to 2**63 is added (offsets stay below 2**56).
+            beyond = values + ((1 << 63) - self.data_file_size()) * ones
+            if beyond & (ones << 63):
+                return False
+        if self._overlaps_metadata(packed):
+            return False
+        # Used entry i + 1 continues entry i when its host offset is one cluster more and
+        # (with zero entries taken out) its position one more: the XOR of each, shifted by
+        # one entry, with itself plus that is zero exactly there.
+        differ = (values >> 64) ^ (values + self.cluster_size * ones)
+        if count < entries:
+            places = int.from_bytes(array("Q", positions).tobytes(), "little")
+            differ |= (places >> 64) ^ (places + ones)
+        breaks = one_positions(column_flags(differ.to_bytes(8 * count, "little"))[:-1], 1)
+        # Each run as (guest start, guest end, host offset), made a list at a time.
+        bits = self.cluster_bits
+        firsts = [0, *breaks]
+        starts = [(first_cluster + positions[first]) << bits for first in firsts]
+        ends = [(first_cluster + positions[after - 1] + 1) << bits for after in (*breaks, count)]
+        offsets = array("Q", packed)
+        hosts = [offsets[first] for first in firsts]
+        if starts[0] < pos:  # (the range starts inside the run's first cluster)
+            hosts[0] += pos - starts[0]
+            starts[0] = pos
+        ends[-1] = min(ends[-1], end)
+        if pos < starts[0]:  # the hole before the first run
+            _append(segments, pos, starts[0] - pos, BACKING, None)
+            segments.append(Segment(starts[0], ends[0] - starts[0], DATA, hosts[0]))
+        else:
+            _append(segments, pos, ends[0] - pos, DATA, hosts[0])
+        append = segments.append
+        hole_end = starts[0]
+        for start, run_end, host in zip(starts, ends, hosts):
+            if hole_end < start:  # (the run before it ended at hole_end)
+                append(Segment(hole_end, start - hole_end, BACKING))
+            if start != starts[0]:
+                append(Segment(start, run_end - start, DATA, host))
+            hole_end = run_end
+        if hole_end < end:
+            append(Segment(hole_end, end - hole_end, BACKING))
+        return True
+
+    def _overlaps_metadata(self, offsets: bytearray) -> bool:
+        """Whether any of the host offsets (packed native 64-bit words) lies in the header,
+        L1 table or refcount table: each of their clusters looked for at C speed, or the
+        offsets sorted when those tables are large."""
+        cluster_size = self.cluster_size
+        clusters = [  # (offset 0 is no host offset: the header's cluster is left out)
+            range(max(start - start % cluster_size, cluster_size), end, cluster_size)
+            for start, end, _ in self.metadata
+        ]
+        if sum(map(len, clusters)) > 64:
+            ordered = sorted(array("Q", offsets))
+            return any(
+                bisect_right(ordered, span.stop - 1) > bisect_right(ordered, span.start - 1)
+                for span in clusters
+                if span
+            )
+        for span in clusters:
+            for cluster in span:
+                needle = _LE64.pack(cluster)
+                found = offsets.find(needle)
+                while found >= 0:
+                    if found % 8 == 0:
+                        return True
+                    found = offsets.find(needle, found + 1)
+        return False
 
     def validate_run(
         self, entry: int, bitmap: int, step: int, count: int, cluster_index: int
@@ -696,6 +832,42 @@ class ClusterMap:
 
 
 _NATIVE_LITTLE = sys.byteorder == "little"
+_LE64 = struct.Struct("<Q")
+_PLAIN_MIN_ENTRIES = 16  # shorter ranges (a small request's) take the entry loop
+_PLAIN_COLUMNS: dict[int, list[tuple[int, bytes]]] = {}
+_LANE_ONES: dict[int, int] = {}
+_ZERO_STRETCH = bytes(8 * 64)  # 64 zero entries (or fewer, unaligned): a sparse table
+
+
+def _lane_ones(lanes: int) -> int:
+    """The integer with 1 in each of `lanes` native 64-bit lanes."""
+    ones = _LANE_ONES.get(lanes)
+    if ones is None:
+        if len(_LANE_ONES) >= 16:
+            _LANE_ONES.clear()
+        ones = _LANE_ONES[lanes] = int.from_bytes(b"\1\0\0\0\0\0\0\0" * lanes, "little")
+    return ones
+
+
+def _plain_columns(cluster_bits: int) -> list[tuple[int, bytes]]:
+    """Per byte of a native little-endian standard L2 entry that has bits a plain data
+    cluster's entry never sets (every flag but COPIED, reserved bits, offset bits below
+    the cluster size): the values it may have."""
+    if cluster_bits not in _PLAIN_COLUMNS:
+        unusual = (
+            S.L2E_STD_RESERVED_MASK
+            | S.OFLAG_COMPRESSED
+            | S.OFLAG_ZERO
+            | ((1 << cluster_bits) - 1) & S.L2E_OFFSET_MASK
+        )
+        _PLAIN_COLUMNS[cluster_bits] = [
+            (column, bytes(value for value in range(256) if not value & bits))
+            for column in range(8)
+            if (bits := (unusual >> (8 * column)) & 0xFF)
+        ]
+    return _PLAIN_COLUMNS[cluster_bits]
+
+
 _native_run_length = NativeRunLength()
 _ALL_ALLOCATED = 0x00000000FFFFFFFF
 _ALL_ZERO = 0xFFFFFFFF00000000

@@ -11,55 +11,68 @@ import struct
 import sys
 from array import array
 from itertools import compress
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 _BE64 = struct.Struct(">Q")
 
 
 class RunFinder:
     """Runs in a table of big-endian 64-bit entries, found with whole-table integer
-    arithmetic: entries [i, j) read as one integer equal `first * ones + ramp` exactly when
-    they are first, first + step, first + 2 * step, ... (no carry crosses an entry, as
-    every entry stays below 2**64), and the highest bit of the XOR of the two says where
-    a run ends, so a run costs a few operations at C speed, not a Python step per entry."""
+    arithmetic: read as one integer, the table shifted by one entry and XORed with itself
+    plus `step` in every entry is zero exactly in the entries that continue the one before
+    (no carry crosses an entry while every entry stays below 2**64 - step), and OR-ing the
+    8 byte columns of that gives one byte per entry, non-zero where a run ends. A table
+    costs a few whole-table operations at C speed, not a Python step per entry, and then
+    one step per run."""
 
     def __init__(self) -> None:
-        self._lanes = self._step = 0
-        self._ones = self._ramp = 0
+        self._ones: dict[int, int] = {}  # entries: the integer with 1 in each entry
 
     def runs(self, raw: bytearray, step: int) -> list[tuple[int, int, int]]:
         """(first index, end index, first entry) of each maximal run in which every entry
         is `step` past the one before."""
         entries = len(raw) // 8
-        if entries > self._lanes or step != self._step:  # (made for the largest table)
-            lanes = max(entries, self._lanes)
-            self._ones = int.from_bytes(b"\0\0\0\0\0\0\0\1" * lanes, "big")
-            ramp_entries = array("Q", range(0, lanes * step, step))
-            if sys.byteorder == "little":
-                ramp_entries.byteswap()
-            self._ramp = int.from_bytes(ramp_entries.tobytes(), "big")
-            self._lanes, self._step = lanes, step
-        ones, ramp, lanes = self._ones, self._ramp, self._lanes
-        runs: list[tuple[int, int, int]] = []
-        start = 0
-        while start < entries:
-            (first,) = _BE64.unpack_from(raw, start * 8)
-            window = 64  # entries compared at once, growing while they all match
-            while True:
-                stop = min(entries, start + window)
-                shift = (lanes - (stop - start)) * 64  # (keeps the first stop-start lanes)
-                expected = first * (ones >> shift) + (ramp >> shift)
-                mismatch = int.from_bytes(raw[start * 8 : stop * 8], "big") ^ expected
-                if mismatch:
-                    end = stop - (mismatch.bit_length() + 63) // 64
-                    break
-                if stop == entries:
-                    end = entries
-                    break
-                window *= 4
-            runs.append((start, end, first))
-            start = end
-        return runs
+        if entries < 2:
+            return [(0, 1, _BE64.unpack_from(raw)[0])] if entries else []
+        if raw[0::8].translate(None, _BELOW_TOP[step.bit_length() > 56]):
+            return _runs_by_entry(raw, step)  # (an entry near 2**64: adding may carry)
+        ones = self._ones.get(entries)
+        if ones is None:
+            if len(self._ones) >= 4:
+                self._ones.clear()
+            ones = self._ones[entries] = int.from_bytes(b"\0\0\0\0\0\0\0\1" * entries, "big")
+        table = int.from_bytes(raw, "big")
+        # entry i of `moved` is entry i + 1 of the table (the first dropped, zero last)
+        moved = (table << 64) & ((1 << (64 * entries)) - 1)
+        differ = (moved ^ (table + step * ones)).to_bytes(8 * entries, "big")
+        columns = 0
+        for column in range(8):
+            columns |= int.from_bytes(differ[column::8], "big")
+        ends = columns.to_bytes(entries, "big")[:-1].translate(_NONZERO_TO_ONE)
+        starts = [0, *one_positions(ends, 1)]
+        stops = starts[1:]
+        stops.append(entries)
+        unpack = _BE64.unpack_from
+        return [(start, stop, unpack(raw, 8 * start)[0]) for start, stop in zip(starts, stops)]
+
+
+_NONZERO_TO_ONE = bytes((0, *(1,) * 255))
+# Top bytes of entries to which adding a step (below 2**56, or any) cannot carry out.
+_BELOW_TOP = (bytes(range(255)), bytes(range(128)))
+
+
+def _runs_by_entry(raw: bytearray, step: int) -> list[tuple[int, int, int]]:
+    """RunFinder.runs entry by entry, for entries where the arithmetic might carry."""
+    entries = array("Q", raw)
+    if sys.byteorder == "little":
+        entries.byteswap()
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for index in range(1, len(entries) + 1):
+        if index == len(entries) or entries[index] != entries[index - 1] + step:
+            runs.append((start, index, entries[start]))
+            start = index
+    return runs
 
 
 class NativeRunLength:
@@ -95,62 +108,92 @@ class NativeRunLength:
 
 
 _ZERO_ENTRY = bytes(8)
-_STRETCH = 64  # entries compared with zeros at once
-_ZERO_STRETCH = bytes(8 * _STRETCH)
 
 
 def nonzero_entries(table: array) -> array:
     """The non-zero entries of a table of 64-bit words, in order. Iterating a table makes
     an integer object per entry (0.06 us for an L2 entry with flags), so it is avoided
-    where the bytes say enough: a table without a zero entry is copied whole, and in a
-    sparse one each stretch of 64 zero entries is skipped with one comparison."""
+    where the bytes say enough: a table without a zero entry is copied whole, a sparse
+    one is looked at only in its stretches of 64 entries that are not all zeros, and in
+    any other each run of non-zero entries is copied as a slice (or, when the runs are
+    many, the entries picked by one C-level pass)."""
     raw = table.tobytes()
     if _ZERO_ENTRY not in raw:  # (8 zero bytes anywhere, aligned or not)
         return array("Q", table)
-    if _ZERO_STRETCH not in raw:
-        return array("Q", filter(None, table))
+    busy_stretches = _busy_stretches(raw)
+    if busy_stretches is not None:
+        used = array("Q")
+        for first in busy_stretches:
+            busy = table[first : first + _STRETCH]
+            used += busy if _ZERO_ENTRY not in busy.tobytes() else array("Q", filter(None, busy))
+        return used
+    flags = column_flags(raw)
+    starts = flags.count(b"\0\1") + flags[0]
+    if starts > len(flags) // 16:
+        return array("Q", compress(table, flags))
     used = array("Q")
-    for first in _busy_stretches(raw):
-        used.extend(filter(None, table[first : first + _STRETCH]))
+    start = flags.find(1)
+    while start >= 0:
+        stop = flags.find(0, start)
+        if stop < 0:
+            stop = len(flags)
+        used += table[start:stop]
+        start = flags.find(1, stop)
     return used
 
 
-def nonzero_positions(table: array) -> list[int]:
+def nonzero_positions(table: array, raw: bytes | None = None) -> list[int]:
     """The indices of the non-zero entries of a table of 64-bit words (as nonzero_entries
-    finds them)."""
-    raw = table.tobytes()
+    finds them); `raw` is the table's bytes, when the caller has them already."""
+    if raw is None:
+        raw = table.tobytes()
     if _ZERO_ENTRY not in raw:
         return list(range(len(table)))
-    if _ZERO_STRETCH not in raw:
-        return list(compress(range(len(table)), table))
-    positions: list[int] = []
-    for first in _busy_stretches(raw):
-        stop = min(first + _STRETCH, len(table))
-        positions.extend(compress(range(first, stop), table[first:stop]))
-    return positions
+    busy_stretches = _busy_stretches(raw)
+    if busy_stretches is not None:
+        positions: list[int] = []
+        for first in busy_stretches:
+            stop = min(first + _STRETCH, len(table))
+            positions.extend(compress(range(first, stop), table[first:stop]))
+        return positions
+    return one_positions(column_flags(raw))
 
 
-def _busy_stretches(raw: bytes) -> Iterator[int]:
+_STRETCH = 64  # entries compared with zeros at once
+_ZERO_STRETCH = bytes(8 * _STRETCH)
+
+
+def _busy_stretches(raw: bytes) -> list[int] | None:
     """First entry of each stretch of `raw` (64 entries, the last maybe fewer) that is not
-    all zeros."""
+    all zeros, when at most half of them are (a sparse table, where looking at these
+    alone costs least); None for a denser table, whose entries are better looked at all
+    at once, at C speed."""
     width = len(_ZERO_STRETCH)
-    for offset in range(0, len(raw), width):
-        if raw[offset : offset + width] != _ZERO_STRETCH:
-            yield offset >> 3
+    busy = [
+        offset >> 3
+        for offset in range(0, len(raw), width)
+        if raw[offset : offset + width] != _ZERO_STRETCH
+    ]
+    return busy if len(busy) * 2 * width <= len(raw) + width else None
 
 
 def used_runs(
-    finder: RunFinder, table: array, step: int, clean: Callable[[bytearray], None]
+    finder: RunFinder, raw: bytes, step: int, clean: Callable[[bytearray], None]
 ) -> list[tuple[int, int, bytes]]:
-    """(first offset, entries, their top bytes) of each run of the non-zero entries of
-    `table` (native order) whose offsets, once `clean` clears the flag bits of the packed
-    big-endian entries, are each `step` past the one before, in table order. Zero entries
-    are taken out first (at C speed), so that clusters allocated one after the other form
-    one run however the guest maps them; so are entries that only flags made non-zero."""
-    used = nonzero_entries(table)
-    if sys.byteorder == "little":
-        used.byteswap()
-    packed = bytearray(used.tobytes())
+    """(first offset, entries, their top bytes) of each run of the non-zero entries of the
+    table `raw` (big-endian, as stored) whose offsets, once `clean` clears the flag bits
+    of the packed entries, are each `step` past the one before, in table order. Zero
+    entries are taken out first (at C speed; an entry is zero in either byte order, so
+    the table is not decoded), so that clusters allocated one after the other form one
+    run however the guest maps them; so are entries that only flags made non-zero."""
+    return runs_of_used(finder, nonzero_entries(array("Q", raw)).tobytes(), step, clean)
+
+
+def runs_of_used(
+    finder: RunFinder, used: bytes, step: int, clean: Callable[[bytearray], None]
+) -> list[tuple[int, int, bytes]]:
+    """used_runs for a table whose zero entries are already taken out."""
+    packed = bytearray(used)
     tops = bytes(packed[0::8])
     clean(packed)
     if bytes(8) in packed:  # (maybe an entry of flags only: check entry by entry)
@@ -177,7 +220,7 @@ def host_runs(entries: array, cluster_bits: int, finder: RunFinder) -> list[tupl
             return None
     return [
         (first >> cluster_bits, count)
-        for first, count, _ in used_runs(finder, entries, 1 << cluster_bits, _offset_only)
+        for first, count, _ in used_runs(finder, packed, 1 << cluster_bits, _offset_only)
     ]
 
 
@@ -204,3 +247,27 @@ def _plain_bytes(cluster_bits: int) -> list[tuple[int, bytes]]:
             if (bits := (unusual >> (56 - 8 * position)) & 0xFF)
         ]
     return _PLAIN_BYTES[cluster_bits]
+
+
+def column_flags(raw: bytes, columns: range = range(8)) -> bytes:
+    """One byte per 64-bit entry of `raw`: 1 where any of the entry's bytes at `columns`
+    (positions in the entry as stored) is non-zero, else 0; found with one integer OR per
+    column, at C speed."""
+    entries = len(raw) // 8
+    combined = 0
+    for column in columns:
+        combined |= int.from_bytes(raw[column::8], "little")
+    return combined.to_bytes(entries, "little").translate(_NONZERO_TO_ONE)
+
+
+def one_positions(flags: bytes, offset: int = 0) -> list[int]:
+    """The positions (plus `offset`) of the 1 bytes of a 0/1 flag string: one find per
+    position while they are few, one C-level pass over all of them when many."""
+    if flags.count(1) > len(flags) // 16:
+        return list(compress(range(offset, offset + len(flags)), flags))
+    positions = []
+    position = flags.find(1)
+    while position >= 0:
+        positions.append(position + offset)
+        position = flags.find(1, position + 1)
+    return positions

@@ -4,6 +4,7 @@ against an entry-by-entry reading of the same L2 tables."""
 from __future__ import annotations
 
 import random
+import sys
 from array import array
 
 import pytest
@@ -137,3 +138,36 @@ def test_nonzero_entries_and_positions_skip_only_zeros(seed):
     expected = [index for index, entry in enumerate(table) if entry]
     assert nonzero_positions(table) == expected
     assert list(nonzero_entries(table)) == [table[index] for index in expected]
+
+
+def entry_by_entry_runs(entries: list[int], step: int) -> list[tuple[int, int, int]]:
+    runs, start = [], 0
+    for index in range(1, len(entries) + 1):
+        if index == len(entries) or entries[index] != entries[index - 1] + step:
+            runs.append((start, index, entries[start]))
+            start = index
+    return runs
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_run_finder_matches_an_entry_by_entry_reading(seed: int) -> None:
+    """Runs of big-endian entries stepping by `step`, entries near 2**64 included (where
+    adding the step to every entry at once would carry into the next)."""
+    rng = random.Random(seed)
+    finder = RunFinder()
+    for entries in (0, 1, 2, 3, 65, 1000, 8192):
+        step = rng.choice([0, 512, 1 << CLUSTER_BITS, 1 << 21])
+        values, value = [], rng.randrange(1 << 40)
+        for _ in range(entries):
+            roll = rng.random()
+            if roll < 0.05:
+                value = rng.randrange(1 << rng.choice([8, 40, 63, 64]))
+            elif roll < 0.06 and seed % 2:
+                value = (1 << 64) - 1 - rng.randrange(3) * step
+            elif value + step < 1 << 64:
+                value += step
+            values.append(value)
+        raw = array("Q", values)
+        if sys.byteorder == "little":
+            raw.byteswap()
+        assert finder.runs(bytearray(raw.tobytes()), step) == entry_by_entry_runs(values, step)

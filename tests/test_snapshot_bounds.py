@@ -235,6 +235,66 @@ def test_thousand_snapshots_overflowing_8bit_refcounts_check_like_qemu(tmp_path)
         assert ours.read_bytes() == theirs.read_bytes()
 
 
+def own_l1_copies(path: Path, count: int) -> None:
+    """Repeat the image's single snapshot `count` times (as repeat_snapshot), each copy on
+    an L1 table of its own (a copy of the snapshot's, appended to the file): distinct L1
+    tables sharing every L2 table, as snapshots taken one after another share them."""
+    repeat_snapshot(path, count, repair=False)
+    with open(path, "r+b") as f:
+        header = f.read(104)
+        cluster_size = 1 << struct.unpack_from(">I", header, 20)[0]
+        table_offset = struct.unpack_from(">Q", header, HEADER_NB_SNAPSHOTS + 4)[0]
+        f.seek(table_offset)
+        table = bytearray(f.read(count * 1024))
+        l1_offset, l1_size = struct.unpack_from(">QI", table, 0)
+        f.seek(l1_offset)
+        l1_table = f.read(l1_size * 8).ljust(cluster_size, b"\0")
+        end = -(-f.seek(0, 2) // cluster_size) * cluster_size
+        position = 0
+        for number in range(count):
+            struct.pack_into(">Q", table, position, end + number * cluster_size)
+            extra_size, id_size, name_size = (
+                struct.unpack_from(">I", table, position + 36)[0],
+                *struct.unpack_from(">HH", table, position + 12),
+            )
+            position += 40 + extra_size + id_size + name_size
+            position += -position % 8
+        f.seek(end)
+        f.write(l1_table * count)
+        f.seek(table_offset)
+        f.write(table[:position])
+
+
+@pytest.mark.parametrize("refcount_bits", [8, 16])
+def test_snapshots_sharing_l2_tables_check_like_qemu(tmp_path, refcount_bits):
+    """300 snapshots, each on its own L1 table, all sharing the L2 tables: check counts
+    each shared table once per distinct run of clusters, with QEMU's verdict whether the
+    counts fit (16 bits: leaks of the copied tables only) or overflow (8 bits: the walk is
+    redone in QEMU's order for the overflow lines)."""
+    source = tmp_path / "source.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"refcount_bits={refcount_bits}", source, "1G")
+    qemu_io(source, "write -P 0x11 0 256k", "write -P 0x12 600M 128k", "write -P 0x13 1M 64k")
+    qemu_img("snapshot", "-c", "base", source)
+    qemu_io(source, "write -P 0x21 64k 64k")
+    own_l1_copies(source, 300)
+    ours, theirs = twins(source, tmp_path)
+    for args in (["check"], ["check", "--output=json"], ["check", "-r", "all"]):
+        result, maxrss = bounded_qimg(tmp_path, *args, ours)
+        expected = qemu_img(*args, theirs, check=False)
+        assert ("overflow" in expected.stderr) == (refcount_bits == 8)
+        assert maxrss < MAXRSS_LIMIT_KIB, f"{args}: peak RSS {maxrss} KiB"
+        assert (
+            result.returncode,
+            result.stdout.replace(str(ours), str(theirs)),
+            result.stderr,
+        ) == (
+            expected.returncode,
+            expected.stdout,
+            expected.stderr,
+        )
+        assert ours.read_bytes() == theirs.read_bytes()
+
+
 def test_dirty_lazy_refcounts_with_thousand_snapshots_opens_bounded(many_snapshots, tmp_path):
     """Opening a dirty lazy-refcounts image for writing rebuilds its refcounts: each
     shared table is counted once, with its multiplicity."""

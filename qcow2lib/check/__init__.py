@@ -90,6 +90,14 @@ class _Check(_Walk, _Compare, _Repair):
         self._deferring = True
         # Snapshots sharing one L1 table (see calculate): every inc() counts `_times` paths.
         self._times = 1
+        # Snapshots sharing L2 tables (see _defer_table): while the snapshots are walked with
+        # sharing, the plain tables met are counted up here (uses of each, and its runs)
+        # and their clusters counted once per distinct run at the end.
+        self._sharing_tables = False
+        self._table_uses: dict[int, int] = {}
+        self._table_runs: dict[int, list] = {}
+        self._table_runs_held = 0  # runs in _table_runs
+        self._tables_deferred = 0  # tables put aside in this walk of the snapshots
         # The test for an L2 table without unusual entries (mask, [(byte of an entry,
         # the values it may have)]), and the runs of the tables last found (_plain_runs).
         self._plain_mask: tuple[int | None, list[tuple[int, bytes]]] = (None, [])

@@ -44,6 +44,7 @@ class _Compare(_CheckState):
 
     # what the walk provides (see _Walk)
     _plain_runs: Callable[[bytes, int, int], list[tuple[int, int, bytes]] | None]
+    _known_plain_runs: Callable[[int, int], list[tuple[int, int, bytes]] | None]
     _l2_unusual_bits: Callable[[], int]
 
     # --- compare_refcounts ------------------------------------------------------------
@@ -202,16 +203,21 @@ class _Compare(_CheckState):
         t = self.t
         res = self.res
         words = t.words
+        fast = words == 1 and not t.has_data_file and t.order >= 3 and t.cache_clean()
+        if fast:  # (the walk just found the table's runs: no need to read it again)
+            runs = self._known_plain_runs(self._l2_unusual_bits(), l2_offset)
+            if runs is not None and all(self._copied_run_ok(*run) for run in runs):
+                return True  # (every COPIED flag as it should be: nothing to report)
         data = t.pread(t.cs, l2_offset)
         if data == t.zero_cluster:
             return True
         complete = True
-        table = decode_be64(data)
         dirty = 0
-        if words == 1 and not t.has_data_file and t.order >= 3 and t.cache_clean():
+        if fast:
             runs = self._plain_runs(data, self._l2_unusual_bits(), l2_offset)
             if runs is not None and all(self._copied_run_ok(*run) for run in runs):
-                return True  # (every COPIED flag as it should be: nothing to report)
+                return True
+        table = decode_be64(data)
         for j in compress(range(t.l2_entries), table[::words]):
             entry = table[j * words]
             if (entry & S.OFLAG_COMPRESSED or not entry & S.L2E_OFFSET_MASK) and t.cluster_type(

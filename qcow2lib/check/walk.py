@@ -17,7 +17,7 @@ from operator import or_
 from .. import structs as S
 from ..records import record
 from ..cache import decode_be64
-from ..runs import RunFinder, nonzero_positions, used_runs
+from ..runs import RunFinder, nonzero_entries, nonzero_positions, runs_of_used
 from .report import FIX_ERRORS, _Abort, _hash_x, _Result
 from .target import (
     _CHUNK_BITS,
@@ -96,6 +96,12 @@ class _Walk(_CheckState):
     _plain_cache: dict[tuple, list | None]
     _plain_cached: int
     _run_finder: RunFinder
+    # snapshots' shared L2 tables counted at the end (see _defer_table)
+    _sharing_tables: bool
+    _table_uses: dict[int, int]
+    _table_runs: dict[int, list]
+    _table_runs_held: int
+    _tables_deferred: int
     _fix_l2_entry_by_zero: Callable[[int, array, int, bool], bool]
 
     # --- the IMRT ---------------------------------------------------------------------
@@ -438,13 +444,13 @@ class _Walk(_CheckState):
         data = t.pread(cs, l2_offset)
         if data == t.zero_cluster:  # (a table past the end of the file, say)
             return
-        table = decode_be64(data)
         next_contiguous = 0
         fix_errors = bool(self.fix & FIX_ERRORS)
         unusual = self._l2_unusual_bits()
         count_data = not t.has_data_file
         if words == 1 and self._count_plain_l2(data, l2_offset, unusual, frag, count_data):
             return
+        table = decode_be64(data)
         for i in _used_entries(table, words):
             entry = table[i * words]
             bitmap = table[i * words + 1] if words == 2 else 0
@@ -562,13 +568,19 @@ class _Walk(_CheckState):
                         (position, bytes(value for value in range(256) if not value & bits))
                     )
             self._plain_mask = (unusual, allowed_bytes)
+        used = nonzero_entries(array("Q", data)).tobytes()  # (zero in either byte order)
         for position, allowed in self._plain_mask[1]:
-            if data[position::8].translate(None, allowed):
+            if used[position::8].translate(None, allowed):
                 return self._remember_plain(key, None)  # (an entry with bits to look at)
-        runs = used_runs(self._run_finder, decode_be64(data), self.t.cs, _drop_top_byte)
-        if sum(tops.count(0x80) for _, _, tops in runs) != data[0::8].count(0x80):
+        runs = runs_of_used(self._run_finder, used, self.t.cs, _drop_top_byte)
+        if sum(tops.count(0x80) for _, _, tops in runs) != used[0::8].count(0x80):
             return self._remember_plain(key, None)  # (COPIED on an entry without an offset)
         return self._remember_plain(key, runs)
+
+    def _known_plain_runs(self, unusual: int, l2_offset: int) -> list | None:
+        """_plain_runs of a table as last found, if it was plain and nothing was written
+        since; None if that is not known."""
+        return self._plain_cache.get((l2_offset, self.t.writes, unusual))
 
     def _remember_plain(self, key: tuple, runs: list | None) -> list | None:
         size = 1 + len(runs or ())
@@ -612,6 +624,11 @@ class _Walk(_CheckState):
                 next_contiguous = first + count * t.cs
         if not count_data:
             return True
+        if self._sharing_tables and not frag and self._recorded is None:
+            if last_offset >> cluster_bits >= self.nb_clusters:
+                self.nb_clusters = (last_offset >> cluster_bits) + 1
+            self._defer_table(l2_offset, runs, times)
+            return True
         if self._pending:
             self._spent += used * times
         if last_offset >> cluster_bits >= self.nb_clusters:
@@ -622,6 +639,38 @@ class _Walk(_CheckState):
                 self._recorded.extend(range(cluster, cluster + count))
             self._add_run(cluster, cluster + count, times)
         return True
+
+    def _defer_table(self, l2_offset: int, runs: list[tuple[int, int, bytes]], times: int) -> None:
+        """Count a snapshot's plain L2 table later, with every other use of it: snapshots
+        share most of their L2 tables, and copies of one table most of their runs, so the
+        clusters of each distinct run are counted once, however many tables hold it."""
+        held = self._table_runs.get(l2_offset)
+        if held is not runs:
+            if held is not None or self._table_runs_held + len(runs) > _MAX_REMEMBERED_RUNS:
+                self._count_deferred_tables()
+            self._table_runs[l2_offset] = runs
+            self._table_runs_held += len(runs)
+        self._table_uses[l2_offset] = self._table_uses.get(l2_offset, 0) + times
+        self._tables_deferred += 1
+
+    def _count_deferred_tables(self) -> None:
+        """Count the clusters of the tables _defer_table put aside. Refcounts only add up,
+        so the order changes no total; an overflow makes calculate walk again in QEMU's
+        order (sharing off), which reports it where QEMU does."""
+        if not self._table_uses:
+            return
+        self._apply_pending()  # (their bound did not include these increments)
+        cluster_bits = self.t.cluster_bits
+        uses_of_run: dict[tuple[int, int], int] = {}
+        for l2_offset, uses in self._table_uses.items():
+            for first, count, _ in self._table_runs[l2_offset]:
+                key = (first >> cluster_bits, count)
+                uses_of_run[key] = uses_of_run.get(key, 0) + uses
+        self._table_uses.clear()
+        self._table_runs.clear()
+        self._table_runs_held = 0
+        for (cluster, count), uses in uses_of_run.items():
+            self._add_run(cluster, cluster + count, uses)
 
     def _add_run(self, cluster: int, stop: int, times: int) -> None:
         """Count clusters [cluster, stop) `times` more, reporting any that overflows."""
@@ -689,7 +738,9 @@ class _Walk(_CheckState):
         size) used by several snapshots is walked once: its lines and counters are repeated
         for each later user, and its increments are added for all of them at the end (a
         thousand snapshots of one disk cost one walk, not a thousand; nothing is written
-        meanwhile, so every walk would see the same). Returns whether that happened."""
+        meanwhile, so every walk would see the same), and the plain L2 tables the snapshots
+        share are counted once per distinct run (_defer_table). Returns whether either
+        happened."""
         t = self.t
         keys = [
             None
@@ -698,6 +749,19 @@ class _Walk(_CheckState):
             for sn in t.snapshots
         ]
         uses = Counter(filter(None, keys)) if shared else Counter()
+        self._sharing_tables, self._tables_deferred = shared, 0
+        try:
+            repeats = self._walk_snapshots(keys, uses)
+        finally:
+            self._sharing_tables = False
+            self._count_deferred_tables()
+        return bool(repeats) or self._tables_deferred > 0
+
+    def _walk_snapshots(
+        self, keys: list[tuple[int, int] | None], uses: Counter[tuple[int, int]]
+    ) -> Counter[tuple[int, int]]:
+        """_check_snapshots' walk; returns how often each L1 table walked once was reused."""
+        t = self.t
         recorded: dict[tuple[int, int], tuple[int, list[str], list[tuple[str, int]]]] = {}
         repeats: Counter[tuple[int, int]] = Counter()
         for sn, key in zip(t.snapshots, keys):
@@ -735,7 +799,7 @@ class _Walk(_CheckState):
                 self.check_l1(*key, False, False)
         finally:
             self.out, self.res, self._times = out, res, 1
-        return bool(repeats)
+        return repeats
 
     def _report_bad_snapshot(self, sn: _Snapshot) -> None:
         """A snapshot table entry whose L1 table cannot be walked."""

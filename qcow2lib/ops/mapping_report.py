@@ -106,25 +106,46 @@ def write_map(
 
 
 def _write_json(device: BlockDevice, write, start: int, length: int | None) -> None:
+    """The entries go out a batch at a time, each batch's text made in one pass; every
+    line ends in ",\n" but the last, which closes the list (unless an error cuts it
+    short: then the lines found before it are written as they are, as qemu-img's)."""
     write("[")
-    pending: list[str] = []
-    previous = None
+    batch: list[Extent] = []
+    states: dict[tuple, str] = {}
+    held = ""  # the text of the last batch, written once it is known whether more follow
     try:
         for ext in _merged(device, start, length):
-            if previous is not None:  # an entry is printed once the next one is known
-                pending.append(_json_entry(previous) + ",\n")
-                if len(pending) >= _FLUSH_EVERY:
-                    write("".join(pending))
-                    pending.clear()
-            previous = ext
+            batch.append(ext)
+            if len(batch) >= _FLUSH_EVERY:
+                if held:
+                    write(held)
+                held = _json_lines(batch, states)
+                batch.clear()
     except BaseException:
-        # Merging yields an entry only once its successor is known: qemu-img printed it.
-        if previous is not None:
-            pending.append(_json_entry(previous) + ",\n")
+        write(held + _json_lines(batch, states))
         raise
-    finally:
-        write("".join(pending))
-    write(("" if previous is None else _json_entry(previous)) + "]\n")
+    text = held + _json_lines(batch, states)
+    write(text[:-2] + "]\n" if text else "]\n")
+
+
+def _json_lines(extents: list[Extent], states: dict[tuple, str]) -> str:
+    """The JSON lines of `extents`, each ending in ",\n". What lies between the length
+    and the offset depends only on the extent's state, so it is made once per state."""
+    lines: list[str] = []
+    add = lines.append
+    for offset, length, is_data, is_zero, depth, host_offset, present in extents:
+        state = (depth, present, is_zero, is_data)
+        fields = states.get(state)
+        if fields is None:
+            fields = states[state] = (
+                f'"depth": {depth}, "present": {_BOOL[present]}, "zero": {_BOOL[is_zero]}, '
+                f'"data": {_BOOL[is_data]}'
+            )
+        if host_offset is None:
+            add(f'{{ "start": {offset}, "length": {length}, {fields}}},\n')
+        else:
+            add(f'{{ "start": {offset}, "length": {length}, {fields}, "offset": {host_offset}}},\n')
+    return "".join(lines)
 
 
 def _write_human(device: BlockDevice, write, start: int, length: int | None) -> str | None:

@@ -1,0 +1,116 @@
+"""The run-based classification of plain L2 tables (mapping.ClusterMap's whole-range path
+for tables whose entries are all zero or plain data clusters): `map` of images qemu-io
+fragmented at random prints what qemu-img prints, ranges give the segments the entry by
+entry loop gives, and a table pointing into metadata or past the file fails as it does."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+import pytest
+
+import qcow2lib
+from qcow2lib import mapping
+from qcow2lib.errors import CorruptImageError
+from qemutools import qemu_img, qemu_io, run_qimg
+
+
+def fragmented_image(path, seed: int, cluster_size: int) -> None:
+    """An image written by qemu-io at random places: single clusters, runs, rewrites that
+    keep their clusters, discards (holes again) and, every few seeds, zero writes (zero
+    flags: tables the run-based path leaves to the entry loop)."""
+    rng = random.Random(seed)
+    size = 64 << 20
+    qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster_size}", path, size)
+    commands = []
+    for _ in range(300):
+        offset = rng.randrange(0, size // 512) * 512
+        length = min(
+            size - offset, rng.choice([512, 4096, cluster_size, 3 * cluster_size, 1 << 20])
+        )
+        roll = rng.random()
+        if roll < 0.1:
+            commands.append(f"discard {offset} {length}")
+        elif roll < 0.15 and seed % 3 == 0:
+            commands.append(f"write -z {offset} {length}")
+        else:
+            commands.append(f"write -P {rng.randrange(1, 255)} {offset} {length}")
+    qemu_io(path, *commands)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_map_of_fragmented_images_as_qemu(tmp_path, seed):
+    image = tmp_path / "frag.qcow2"
+    fragmented_image(image, seed, [4096, 65536][seed % 2])
+    rng = random.Random(seed)
+    windows = [[], ["-s", "0", "-l", "1M"]]
+    for _ in range(3):
+        start = rng.randrange(0, 64 << 20)
+        windows.append(["-s", str(start), "-l", str(rng.randrange(1, (64 << 20) - start + 1))])
+    for window in windows:
+        for output in (["--output=json"], []):
+            ours = run_qimg("map", *output, *window, image)
+            theirs = qemu_img("map", *output, *window, image, check=False)
+            assert (ours.returncode, ours.stdout, ours.stderr) == (
+                theirs.returncode,
+                theirs.stdout,
+                theirs.stderr,
+            ), window
+
+
+def segments(image, ranges, monkeypatch, run_based: bool) -> list:
+    """The segments of each range, with or without the run-based path."""
+    monkeypatch.setattr(mapping, "_PLAIN_MIN_ENTRIES", 1 if run_based else 1 << 40)
+    found = []
+    with qcow2lib.open(str(image), "r") as disk:
+        for start, length in ranges:
+            for status in (False, True):
+                try:
+                    segs, end, error = disk.map.lookup_window(start, length, status=status)
+                    found.append((repr(segs), end, str(error)))
+                except CorruptImageError as exc:
+                    found.append(str(exc))
+    return found
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_run_based_segments_match_the_entry_loop(tmp_path, monkeypatch, seed):
+    image = tmp_path / "frag.qcow2"
+    fragmented_image(image, seed + 100, [4096, 65536][seed % 2])
+    rng = random.Random(seed)
+    ranges = [(0, 64 << 20)]
+    for _ in range(40):
+        start = rng.randrange(0, 64 << 20)
+        ranges.append((start, rng.randrange(1, (64 << 20) - start + 1)))
+    assert segments(image, ranges, monkeypatch, True) == segments(image, ranges, monkeypatch, False)
+
+
+@pytest.mark.parametrize("target", ["l1", "refcount-table", "past-end", "copied-only"])
+def test_bad_plain_tables_fail_as_in_the_entry_loop(tmp_path, monkeypatch, target):
+    """An entry pointing at the L1 table, the refcount table or past the file's end (or
+    COPIED without an offset) inside an otherwise plain table: the run-based path leaves
+    the table to the entry loop, which names the entry."""
+    image = tmp_path / "bad.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", image, "64M")
+    qemu_io(image, "write -P 1 0 1M", "write -P 2 4M 64k")
+    with open(image, "r+b") as f:
+        header = f.read(72)
+        l1_offset = struct.unpack_from(">Q", header, 40)[0]
+        refcount_table = struct.unpack_from(">Q", header, 48)[0]
+        f.seek(l1_offset)
+        l2_offset = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
+        size = f.seek(0, 2)
+        entry = {
+            "l1": l1_offset & ~0xFFFF,
+            "refcount-table": refcount_table,
+            "past-end": (size + 0xFFFF) & ~0xFFFF,
+            "copied-only": 0,
+        }[target] | (1 << 63)
+        f.seek(l2_offset + 8 * 40)
+        f.write(struct.pack(">Q", entry))
+    ranges = [(0, 64 << 20), (0, 4 << 20), (1 << 20, 2 << 20), (2 << 20, 1 << 20)]
+    run_based = segments(image, ranges, monkeypatch, True)
+    assert run_based == segments(image, ranges, monkeypatch, False)
+    if target != "copied-only":
+        assert any("guest cluster 40" in str(result) for result in run_based)
