@@ -871,11 +871,14 @@ class Qcow2Image(BlockDevice):
                 )
             if simple:  # (data and holes only, the usual window: one comprehension)
                 batch = [
-                    _new_extent(
-                        (seg.guest_offset, seg.length, True, False, 0, seg.host_offset, True)
+                    _new_tuple(
+                        Extent,
+                        (seg.guest_offset, seg.length, True, False, 0, seg.host_offset, True),
                     )
                     if seg.kind is DATA
-                    else _new_extent((seg.guest_offset, seg.length, False, True, 0, None, False))
+                    else _new_tuple(
+                        Extent, (seg.guest_offset, seg.length, False, True, 0, None, False)
+                    )
                     for seg in segments
                     if seg.kind is DATA or seg.kind is BACKING and seg.host_offset is None
                 ]
