@@ -541,7 +541,11 @@ class Qcow2Image(BlockDevice):
             return 0
         if self.encrypted:
             self._require_crypto()
-        if length <= _CACHED_READ_MAX and self._read_small(self.map, offset, view):
+        if length <= _CACHED_READ_MAX:
+            if self._read_small(self.map, offset, view):
+                return length
+        elif self._under_zero_l1(self.map, offset, length):
+            _fill_zeros(view)
             return length
         self.read_mapped(self.map, offset, view)
         return length
@@ -720,6 +724,18 @@ class Qcow2Image(BlockDevice):
         finally:
             self._end_io()
 
+    def _under_zero_l1(self, cluster_map: ClusterMap, offset: int, length: int) -> bool:
+        """Whether the range lies under one L1 entry of zero (no L2 table) and past any
+        backing file: then it reads as zeros, without the lock (see _read_small)."""
+        l1 = cluster_map.l1
+        l1_index = offset >> cluster_map.l1_shift
+        return (
+            l1_index < len(l1)
+            and not l1[l1_index]
+            and (offset + length - 1) >> cluster_map.l1_shift == l1_index
+            and (self.backing is None or offset >= self.backing.size)
+        )
+
     def _read_small(self, cluster_map: ClusterMap, offset: int, view: memoryview) -> bool:
         """The small read inside one cluster, as cheap as it gets: a hole is zero-filled
         after one lock round trip, and a data cluster whose bytes are in the page cache
@@ -729,14 +745,7 @@ class Qcow2Image(BlockDevice):
         reads that wait for the disk still overlap. False: not such a read.
         A range under an L1 entry of zero (no L2 table) needs no lock: it reads as a hole
         at the instant of that one entry's load, which a writer changes in one store."""
-        l1 = cluster_map.l1
-        l1_index = offset >> cluster_map.l1_shift
-        if (
-            l1_index < len(l1)
-            and not l1[l1_index]
-            and (offset + len(view) - 1) >> cluster_map.l1_shift == l1_index
-            and (self.backing is None or offset >= self.backing.size)
-        ):
+        if self._under_zero_l1(cluster_map, offset, len(view)):
             view[:] = _ZEROS_VIEW[: len(view)]
             return True
         with self._lock:
