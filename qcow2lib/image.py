@@ -17,7 +17,7 @@ order refcount increments, L2 tables, L1 entries, refcount decrements, with a ba
 from __future__ import annotations
 
 import errno
-from _thread import RLock, allocate_lock
+from _thread import RLock
 from array import array
 from collections.abc import Iterable, Iterator
 from itertools import groupby
@@ -269,7 +269,9 @@ class Qcow2Image(BlockDevice):
             )
         self._host_size = file_size
         self._lock = RLock()
-        self._planned_writes = allocate_lock()  # (see _write_checked)
+        # (see _write_checked; taken before self._lock, never while holding it: whoever
+        # holds the image for a while and writes through it takes this one first)
+        self._planned_writes = RLock()
         self._cond: Condition | None = None  # made by the first _wait
         self._inflight: set[int] = set()
         self._io_active = 0

@@ -474,3 +474,31 @@ def test_hole_reads_under_zero_l1_entries_skip_the_lock(tmp_path):
         image.readinto(1 * MiB, buf)
         assert buf == bytes(BLOCK)
     qemu_io(top, "read -P 0x6b 0 1M", "read -P 0 1M 63M")
+
+
+def test_vm_state_writes_beside_allocating_guest_writes(tmp_path):
+    """Writing VM state holds the image while it writes through the engine's write path;
+    allocating guest writes from other threads take turns on their own lock meanwhile.
+    The two locks are always taken in one order: nothing hangs, and both land."""
+    from qcow2lib.snapshots import create_snapshot, read_vmstate, write_vmstate
+
+    path = tmp_path / "img.qcow2"
+    qemu_create(path, "64M")
+    state = random.Random(5).randbytes(256 * 1024)
+    with qcow2lib.open(str(path), "r+") as image:
+
+        def run(index: int) -> None:
+            if index == 0:
+                for round_ in range(20):
+                    write_vmstate(image, round_ * len(state), state)
+                return
+            rng = random.Random(index)
+            for _ in range(200):
+                block = rng.randrange(64 * 1024 * 1024 // BLOCK)
+                image.write(block * BLOCK, bytes([index]) * BLOCK)
+
+        threads = run_threads(run, 5, timeout=120)
+        assert not any(thread.is_alive() for thread in threads), "a thread hung"
+        create_snapshot(image, "vm", vm_state_size=20 * len(state))
+        assert read_vmstate(image, "vm", 19 * len(state), len(state)) == state
+    assert_clean(path)
