@@ -167,3 +167,8 @@ def format_size(value: int) -> str:
     exponent = int(value / (1000.0 / 1024.0)).bit_length()
     shift = int((exponent - 1) / 10) * 10  # C division truncates toward zero
     return "%0.3g %sB" % (value / (1 << shift), _IEC_PREFIXES[shift // 10])
+
+
+def c_hex(value: int) -> str:
+    """A number as C's %#x prints it, as QEMU's messages show offsets: no prefix for zero."""
+    return f"{value:#x}" if value else "0"

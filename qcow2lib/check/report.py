@@ -160,11 +160,6 @@ def format_check_stderr(report: CheckReport, prog: str = "qemu-img") -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def _hash_x(value: int) -> str:
-    """C's %#x: no prefix for zero."""
-    return f"{value:#x}" if value else "0"
-
-
 class _Abort(Exception):
     """A check step failed with -errno (the check does not complete)."""
 

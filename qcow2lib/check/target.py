@@ -14,7 +14,8 @@ from ..errors import Qcow2Error
 from ..header import Header
 from ..records import record
 from ..refcount import RefcountBlock
-from .report import _hash_x, _Result
+from ..sizes import c_hex
+from .report import _Result
 
 # Cluster types (qcow2_get_cluster_type).
 _UNALLOCATED, _ZERO_PLAIN, _ZERO_ALLOC, _NORMAL, _COMPRESSED = range(5)
@@ -317,7 +318,7 @@ class _Target:
             return None
         if offset & (self.cs - 1):
             self.signal_corruption(
-                f"Refblock offset {_hash_x(offset)} unaligned (reftable index: {_hash_x(index)})"
+                f"Refblock offset {c_hex(offset)} unaligned (reftable index: {c_hex(index)})"
             )
             raise _RefcountReadError()
         slot = self._cache_get(offset)

@@ -18,7 +18,8 @@ from .. import structs as S
 from ..records import record
 from ..cache import decode_be64
 from ..runs import RunFinder, nonzero_entries, nonzero_positions, runs_of_used
-from .report import FIX_ERRORS, _Abort, _hash_x, _Result
+from ..sizes import c_hex
+from .report import FIX_ERRORS, _Abort, _Result
 from .target import (
     _CHUNK_BITS,
     _CHUNK_MASK,
@@ -809,13 +810,13 @@ class _Walk(_CheckState):
         if sn.l1_table_offset & (t.cs - 1):
             self.out.append(
                 f"ERROR snapshot {sid} ({sname}) l1_offset="
-                f"{_hash_x(sn.l1_table_offset)}: L1 table is not cluster "
+                f"{c_hex(sn.l1_table_offset)}: L1 table is not cluster "
                 f"aligned; snapshot table entry corrupted"
             )
         else:
             self.out.append(
                 f"ERROR snapshot {sid} ({sname}) l1_size="
-                f"{_hash_x(sn.l1_size)}: L1 table is too large; snapshot "
+                f"{c_hex(sn.l1_size)}: L1 table is too large; snapshot "
                 f"table entry corrupted"
             )
         self.res.corruptions += 1

@@ -33,7 +33,7 @@ from ..errors import (
     UnsupportedFeatureError,
 )
 from ..image import Qcow2Image
-from ..sizes import parse_number, parse_size
+from ..sizes import c_hex, parse_number, parse_size
 from ..snapshot_table import pack_snapshot_table, read_snapshot_table
 from .refcount_width import change_refcount_width
 from .resize import resize
@@ -389,8 +389,8 @@ def _expand_zero_clusters(image, snapshots, status=None) -> None:
                 if l2_offset % cs:
                     _expansion_corrupt(
                         image,
-                        f"L2 table offset {_c_hex(l2_offset)} unaligned "
-                        f"(L1 index: {_c_hex(l1_index)})",
+                        f"L2 table offset {c_hex(l2_offset)} unaligned "
+                        f"(L1 index: {c_hex(l1_index)})",
                     )
                 seen.add(l2_offset)
                 table = image.map.l2_cache.get(l2_offset)
@@ -403,8 +403,8 @@ def _expand_zero_clusters(image, snapshots, status=None) -> None:
                     if host % cs:  # (never written to: it would land across two clusters)
                         _expansion_corrupt(
                             image,
-                            f"Cluster allocation offset {_c_hex(host)} unaligned "
-                            f"(L2 offset: {_c_hex(l2_offset)}, L2 index: {_c_hex(j)})",
+                            f"Cluster allocation offset {c_hex(host)} unaligned "
+                            f"(L2 offset: {c_hex(l2_offset)}, L2 index: {c_hex(j)})",
                         )
                     if host and image.refcounts.get(host >> bits) <= l2_refcount:
                         # Preallocated zero cluster only this table uses: make it hold zeros.
@@ -442,11 +442,6 @@ def _expand_zero_clusters(image, snapshots, status=None) -> None:
         with image._lock:
             refresh_copied_flags(image)
         image.flush()
-
-
-def _c_hex(value: int) -> str:
-    """C's %#x, as QEMU's messages print offsets: no prefix for zero."""
-    return f"{value:#x}" if value else "0"
 
 
 def _expansion_corrupt(image, message: str) -> None:
