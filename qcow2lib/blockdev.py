@@ -140,22 +140,23 @@ class BlockDevice:
         self.readinto(offset, buf)
         return bytes(buf)
 
-    def readv(self, offset: int, views: list[memoryview]) -> int:
+    def readv(self, offset: int, views: list[memoryview], length: int | None = None) -> int:
         """Fill byte views (memoryviews of format "B", such as a guest's scattered pages)
-        back to back with the bytes at `offset`, as preadv does; returns their total length.
-        Devices whose data lies in host files read straight into the views; this default
-        reads into one buffer and copies it out."""
-        total = sum(map(len, views))
+        back to back with the bytes at `offset`, as preadv does; returns their total length
+        (`length`: that total, when the caller knows it, is not counted again). Devices
+        whose data lies in host files read straight into the views; this default reads
+        into one buffer and copies it out."""
+        total = sum(map(len, views)) if length is None else length
         buffer = memoryview(bytearray(total))
         self.readinto(offset, buffer)
         scatter(buffer, views)
         return total
 
-    def writev(self, offset: int, views: list[memoryview]) -> int:
+    def writev(self, offset: int, views: list[memoryview], length: int | None = None) -> int:
         """Write byte views (memoryviews of format "B", such as a guest's scattered pages)
-        back to back at `offset`, as pwritev does; returns their total length. Devices
-        whose data lies in host files write straight from the views; this default joins
-        them into one buffer for write()."""
+        back to back at `offset`, as pwritev does; returns their total length (`length`
+        as for readv). Devices whose data lies in host files write straight from the
+        views; this default joins them into one buffer for write()."""
         if len(views) == 1:
             self.write(offset, views[0])
             return len(views[0])
@@ -337,16 +338,16 @@ class RawDevice(BlockDevice):
             return None
         return [(self.file.fd, offset, length)] if length else []
 
-    def readv(self, offset: int, views: list[memoryview]) -> int:
+    def readv(self, offset: int, views: list[memoryview], length: int | None = None) -> int:
         if (
             self.blkdebug is not None
             or type(self.file) is not HostFile
             or type(self).readinto is not RawDevice.readinto  # reads done another way
         ):
-            return super().readv(offset, views)
-        total = sum(map(len, views))
+            return super().readv(offset, views, length)
+        total = sum(map(len, views)) if length is None else length
         self.check_request(offset, total)
-        self.file.preadv(views, offset)
+        self.file.preadv(views, offset, total)
         return total
 
     def read(self, offset: int, length: int) -> bytes:
@@ -356,7 +357,7 @@ class RawDevice(BlockDevice):
             self.blkdebug.event("read_aio")
         return self.file.pread(length, offset)
 
-    def writev(self, offset: int, views: list[memoryview]) -> int:
+    def writev(self, offset: int, views: list[memoryview], length: int | None = None) -> int:
         if (
             self.blkdebug is not None
             or type(self.file) is not HostFile
@@ -364,8 +365,8 @@ class RawDevice(BlockDevice):
             or self.probed
             and offset < 4
         ):
-            return super().writev(offset, views)
-        total = sum(map(len, views))
+            return super().writev(offset, views, length)
+        total = sum(map(len, views)) if length is None else length
         self.check_request(offset, total, write=True)
         self.file.pwritev(views, offset, total)
         return total

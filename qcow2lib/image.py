@@ -553,13 +553,13 @@ class Qcow2Image(BlockDevice):
         self.read_mapped(self.map, offset, view)
         return length
 
-    def readv(self, offset: int, views: list[memoryview]) -> int:
+    def readv(self, offset: int, views: list[memoryview], length: int | None = None) -> int:
         """As BlockDevice.readv: each run of data clusters is one preadv straight into the
         views; zeros, backing, compressed and encrypted data go through a buffer."""
         data_file = self._data_file()
         if data_file is None or type(self).readinto is not Qcow2Image.readinto:
-            return super().readv(offset, views)  # (the latter: reads done another way)
-        total = sum(map(len, views))
+            return super().readv(offset, views, length)  # (the latter: reads done another way)
+        total = sum(map(len, views)) if length is None else length
         self.check_request(offset, total)
         if not total:
             return 0
@@ -1021,11 +1021,11 @@ class Qcow2Image(BlockDevice):
         if view:
             self._write_checked(offset, view, in_place=True)
 
-    def writev(self, offset: int, views: list[memoryview]) -> int:
+    def writev(self, offset: int, views: list[memoryview], length: int | None = None) -> int:
         """As BlockDevice.writev: a range of clusters this image owns in one host run is
         written straight from the views (one pwritev, no joined copy); anything else
         joins them and takes write's path."""
-        total = sum(map(len, views))
+        total = sum(map(len, views)) if length is None else length
         self.check_request(offset, total, write=True)
         if not total:
             return 0

@@ -468,9 +468,9 @@ class GatedDevice:
         self._gate(offset)
         return self.device.readinto(offset, buffer)
 
-    def readv(self, offset: int, views) -> int:
+    def readv(self, offset: int, views, length=None) -> int:
         self._gate(offset)
-        return self.device.readv(offset, views)
+        return self.device.readv(offset, views, length)
 
 
 def gated_export(tmp_path: Path, export):
@@ -542,9 +542,84 @@ def test_event_idx_suppresses_kicks_and_calls(tmp_path: Path, export) -> None:
         client.close()
 
 
+STATUS_ADDR = DATA_ADDR + 0x100
+FAR = MEMORY_SIZE + 0x1000  # past guest memory
+# Chains of (addr, length, flags) whose request fails with IOERR (or, with no status byte
+# in memory, completes with length 0) while the queue goes on.
+FAILING_REQUESTS = {
+    "outside_memory": [(DATA_ADDR, 16, 0), (FAR, 4096, 0), (STATUS_ADDR, 1, D_WRITE)],
+    "length_overflows": [
+        (DATA_ADDR, 16, 0),
+        (DATA_ADDR + 0x200, 0xFFFFFE00, 0),
+        (STATUS_ADDR, 1, D_WRITE),
+    ],
+    "address_wraps": [(DATA_ADDR, 16, 0), ((1 << 64) - 256, 512, 0), (STATUS_ADDR, 1, D_WRITE)],
+    "status_outside": [
+        (DATA_ADDR, 16, 0),
+        (DATA_ADDR + 0x200, 512, 0),
+        ((1 << 64) - 1, 1, D_WRITE),
+    ],
+    "header_outside": [(FAR, 16, 0), (DATA_ADDR + 0x200, 512, 0), (STATUS_ADDR, 1, D_WRITE)],
+    "pages_straddle_memory_end": [
+        (DATA_ADDR, 16, 0),
+        (DATA_ADDR + 0x200, 4096, 0),
+        (MEMORY_SIZE - 2048, 4096, 0),
+        (STATUS_ADDR, 1, D_WRITE),
+    ],
+}
+
+
+def put_in_order(client: Frontend, chain, table: int | None = None) -> None:
+    """Lay `chain` out as descriptors 0, 1, ... linked in order: in the descriptor table,
+    or in an indirect table at `table` that descriptor 0 points at (as Linux does)."""
+    where = {} if table is None else {"table": table}
+    for index, (addr, length, flags) in enumerate(chain):
+        last = index == len(chain) - 1
+        next_index = 0 if last else index + 1
+        client.put_descriptor(
+            index, addr, length, flags | (0 if last else D_NEXT), next_index, **where
+        )
+    if table is not None:
+        client.put_descriptor(0, table, 16 * len(chain), D_INDIRECT, 0)
+
+
+@pytest.mark.parametrize("kind", [T_IN, T_OUT])
+@pytest.mark.parametrize("case", sorted(FAILING_REQUESTS))
+def test_hostile_in_order_table(tmp_path: Path, export, case: str, kind: int) -> None:
+    """The same broken buffers in an in-order indirect table, whose addresses are checked
+    all at once: the request fails, nothing outside guest memory is touched, the image is
+    unchanged, and the next request is served."""
+    image = image_with_pattern(tmp_path)
+    before = to_raw(image, tmp_path / "before.raw")
+    served = export(image)
+    client = Frontend(served.socket_path)
+    client.memory[DATA_ADDR : DATA_ADDR + 16] = struct.pack("<IIQ", kind, 0, 0)
+    client.memory[STATUS_ADDR] = 0xFF
+    chain = [
+        (addr, length, flags | (D_WRITE if kind == T_IN and index else 0))
+        for index, (addr, length, flags) in enumerate(FAILING_REQUESTS[case])
+    ]
+    try:
+        client.setup()
+        put_in_order(client, chain, table=DATA_ADDR + 0x4000)
+        client.publish(0)
+        status_missing = case == "status_outside"
+        assert client.wait_used(1, timeout=5) == [(0, 0 if status_missing else 1)]
+        if not status_missing:
+            assert client.memory[STATUS_ADDR] == S_IOERR
+        assert client.blk(T_IN, 0, in_length=512, indirect=True)[:2] == (S_OK, b"\x11" * 512)
+    finally:
+        client.close()
+    served.close()
+    assert to_raw(image, tmp_path / "after.raw") == before
+    assert_clean(image)
+
+
 @pytest.mark.parametrize(
     "case",
     [
+        "header_outside",
+        "pages_straddle_memory_end",
         "outside_memory",
         "length_overflows",
         "address_wraps",
@@ -575,23 +650,9 @@ def test_hostile_frontend(tmp_path: Path, export, case: str) -> None:
     try:
         client.setup()
         put = client.put_descriptor
-        request_fails = True
-        if case == "outside_memory":
-            put(0, DATA_ADDR, 16, D_NEXT, 1)
-            put(1, far, 4096, D_NEXT, 2)
-            put(2, status_addr, 1, D_WRITE, 0)
-        elif case == "length_overflows":
-            put(0, DATA_ADDR, 16, D_NEXT, 1)
-            put(1, DATA_ADDR + 0x200, 0xFFFFFE00, D_NEXT, 2)
-            put(2, status_addr, 1, D_WRITE, 0)
-        elif case == "address_wraps":
-            put(0, DATA_ADDR, 16, D_NEXT, 1)
-            put(1, (1 << 64) - 256, 512, D_NEXT, 2)
-            put(2, status_addr, 1, D_WRITE, 0)
-        elif case == "status_outside":
-            put(0, DATA_ADDR, 16, D_NEXT, 1)
-            put(1, DATA_ADDR + 0x200, 512, D_NEXT, 2)
-            put(2, (1 << 64) - 1, 1, D_WRITE, 0)
+        request_fails = case in FAILING_REQUESTS
+        if request_fails:
+            put_in_order(client, FAILING_REQUESTS[case])
         else:
             request_fails = False
             if case == "loop":

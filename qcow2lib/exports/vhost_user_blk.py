@@ -133,6 +133,10 @@ class VirtioBlk:
 
     def handle(self, memory: GuestMemory, chain: DescriptorChain) -> int:
         """Serve one request; the status byte is the last byte the driver let us write."""
+        if chain.addrs is not None:
+            written = self._handle_in_order(memory, chain)
+            if written >= 0:
+                return written
         writable = chain.writable
         if not writable or writable[-1][1] == 0:
             self.log.warning("virtio-blk request %d has no status byte", chain.head)
@@ -167,15 +171,52 @@ class VirtioBlk:
         status_byte[0] = status
         return written + 1
 
+    def _handle_in_order(self, memory: GuestMemory, chain: DescriptorChain) -> int:
+        """handle() of the common chain, read from an in-order table: the header alone,
+        the data buffers, the status byte alone. -1 for anything else, and for buffers
+        outside guest memory (handle() then serves it, and says what is wrong)."""
+        addrs, lengths = chain.addrs, chain.lengths
+        assert addrs is not None and lengths is not None  # (the caller checked)
+        last = len(addrs) - 1
+        if last < 1 or lengths[0] != REQUEST_HEADER.size or lengths[last] != 1:
+            return -1
+        try:
+            status_byte = memory.locate_view(addrs[last], 1)
+            header = memory.locate_view(addrs[0], REQUEST_HEADER.size)
+            kind, _, sector = REQUEST_HEADER.unpack(header)
+            if chain.readable_count != (1 if kind == T_IN else last if kind == T_OUT else -1):
+                return -1
+            views = memory.resolve_lists(addrs[1:last], lengths[1:last])
+        except GuestMemoryError:
+            return -1
+        total = sum(lengths) - REQUEST_HEADER.size - 1
+        status, written = self._transfer(kind, sector, views, total)
+        status_byte[0] = status
+        return written + 1
+
+    def _transfer(
+        self, kind: int, sector: int, views: list[memoryview], total: int
+    ) -> tuple[int, int]:
+        """(status, bytes written into the guest) of a read (T_IN) into or a write (T_OUT)
+        from the guest's byte views `views`, `total` bytes in all."""
+        try:
+            if kind == T_IN:
+                return self._read(sector, views, total)
+            return self._write(sector, views, total), 0
+        except (Qcow2Error, OSError) as exc:
+            self.log.warning(
+                "virtio-blk request type %d at sector %d failed: %s", kind, sector, exc
+            )
+            return S_IOERR, 0
+
     def _serve(
         self, kind: int, sector: int, memory: GuestMemory, out: list[Segment], into: list[Segment]
     ) -> tuple[int, int]:
         """(status, bytes written into the guest) for one request."""
         try:
-            if kind == T_IN:
-                return self._read(sector, memory, into)
-            if kind == T_OUT:
-                return self._write(sector, memory, out), 0
+            if kind in (T_IN, T_OUT):
+                views = memory.resolve(into if kind == T_IN else out)  # all checked first
+                return self._transfer(kind, sector, views, sum(map(len, views)))
             if kind == T_FLUSH:
                 if not self.read_only:
                     self.device.flush()
@@ -201,27 +242,23 @@ class VirtioBlk:
             return None
         return offset
 
-    def _read(self, sector: int, memory: GuestMemory, into: list[Segment]) -> tuple[int, int]:
+    def _read(self, sector: int, views: list[memoryview], total: int) -> tuple[int, int]:
         """Straight into the guest's pages (BlockDevice.readv): no buffer in between."""
-        views = memory.resolve(into)  # every buffer is checked before any I/O
-        total = sum(map(len, views))
         offset = self._span(sector, total)
         if offset is None:
             return S_IOERR, 0
         for batch, size in _batches(views, total):
-            self.device.readv(offset, batch)
+            self.device.readv(offset, batch, size)
             offset += size
         return S_OK, total
 
-    def _write(self, sector: int, memory: GuestMemory, out: list[Segment]) -> int:
-        views = memory.resolve(out)
-        total = sum(map(len, views))
+    def _write(self, sector: int, views: list[memoryview], total: int) -> int:
         offset = self._span(sector, total)
         if self.read_only or offset is None:
             return S_IOERR
         for batch, size in _batches(views, total):
             # straight from the guest's pages: it leaves them alone until we complete
-            self.device.writev(offset, batch)
+            self.device.writev(offset, batch, size)
             offset += size
         return S_OK
 
