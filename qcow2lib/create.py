@@ -8,14 +8,17 @@ any guest write.
 
 from __future__ import annotations
 
+import os
+import stat
 from array import array
 
 from . import structs as S
 from .cache import encode_be64
 from .chain import is_nbd_name, open_image, resolve_backing_path
-from .errors import InvalidArgumentError, Qcow2IOError
+from .errors import InvalidArgumentError, Qcow2Error, Qcow2IOError, preallocation_failure
 from .header import Header
 from .hostfile import HostFile, create_host_file
+from .image import Qcow2Image
 from .refcount import RefcountBlock
 from .sizes import SizeError, parse_size
 
@@ -150,8 +153,32 @@ def create(
         luks_header,
     )
     if preallocation != "off":
-        with open_image(path, "r+", "qcow2", backing=False, passphrase=passphrase) as image:
+        image = open_image(path, "r+", "qcow2", backing=False, passphrase=passphrase)
+        assert isinstance(image, Qcow2Image)  # (opened as qcow2)
+        try:
             image.preallocate(preallocation)
+        except Qcow2IOError as exc:  # (QEMU grows the new image to its size: that failed)
+            failure = exc.prefixed("Could not resize image")
+            try:
+                image.close()
+            except Qcow2Error:  # the failure that stopped the preallocation says it all
+                pass
+            # As QEMU, a qcow2 image that could not be made whole is not left behind,
+            # nor the data file made for it.
+            _remove_regular_file(path)
+            if data_file:
+                _remove_regular_file(data_file)
+            raise failure from None
+        image.close()
+
+
+def _remove_regular_file(path: str) -> None:
+    """Delete a file this call created, if it is a regular file (never a device)."""
+    try:
+        if stat.S_ISREG(os.stat(path).st_mode):
+            os.unlink(path)
+    except OSError:  # (gone already, or not ours to delete: the failure is reported)
+        pass
 
 
 def _check_qcow2_options(
@@ -252,12 +279,16 @@ def _create_raw(path: str, size: int, preallocation: str) -> None:
             # As QEMU's file driver: the first block of a new file is allocated (zeros),
             # so that later probes of the file's allocation alignment find a data block.
             file.pwrite(bytes(min(size, FIRST_BLOCK)), 0)
-        if preallocation == "falloc" and size:
-            file.allocate(0, size)
-        elif preallocation == "full":
-            chunk = bytes(min(size, 1 << 20))
-            for offset in range(0, size, len(chunk) or 1):
-                file.pwrite(memoryview(chunk)[: min(len(chunk), size - offset)], offset)
+        try:
+            if preallocation == "falloc" and size:
+                file.allocate(0, size)
+            elif preallocation == "full":
+                chunk = bytes(min(size, 1 << 20))
+                for offset in range(0, size, len(chunk) or 1):
+                    file.pwrite(memoryview(chunk)[: min(len(chunk), size - offset)], offset)
+        except Qcow2IOError as exc:
+            raise preallocation_failure(exc, preallocation) from None
+        if preallocation == "full":
             file.flush()  # (an empty raw file, as qemu-img makes it, holds nothing to sync)
     finally:
         file.close()

@@ -6,6 +6,8 @@ damaged image from an unsupported one without reading a traceback.
 
 from __future__ import annotations
 
+import os
+
 
 class Qcow2Error(Exception):
     """Base of every error qcow2lib raises on purpose.
@@ -37,6 +39,25 @@ class Qcow2IOError(Qcow2Error, OSError):
 
     def __init__(self, errno_value: int | None, message: str, filename: str | None = None):
         OSError.__init__(self, errno_value, message, filename)
+
+    def in_context(self, doing: str) -> "Qcow2IOError":
+        """The same failure as QEMU reports it from a step of a larger job: `doing`, then
+        the errno's text (a host file's message names the file and the call, which QEMU's
+        does not)."""
+        cause = os.strerror(self.errno) if self.errno else str(self.strerror or self)
+        return Qcow2IOError(self.errno, f"{doing}: {cause}", self.filename)
+
+    def prefixed(self, prefix: str) -> "Qcow2IOError":
+        """The same failure as an outer step of QEMU's reports it: `prefix` before it."""
+        return Qcow2IOError(self.errno, f"{prefix}: {self.strerror}", self.filename)
+
+
+def preallocation_failure(exc: Qcow2IOError, mode: str) -> Qcow2IOError:
+    """A failed "falloc" or "full" preallocation of a file's new bytes, as QEMU's file
+    driver reports it."""
+    if mode == "falloc":
+        return exc.in_context("Could not preallocate new data")
+    return exc.in_context("Could not write zeros for preallocation")
 
 
 class UntrustedImageError(UnsupportedFeatureError):

@@ -33,6 +33,7 @@ from .errors import (
     Qcow2IOError,
     UnsupportedFeatureError,
     UntrustedImageError,
+    preallocation_failure,
 )
 from .header import Header
 from .hostfile import HostFile, open_host_file
@@ -1973,7 +1974,11 @@ class Qcow2Image(BlockDevice):
                 with self._lock:
                     while self._io_active:
                         self._wait()
-                    self._write_back_all()
+                    try:
+                        self._write_back_all()
+                    except Qcow2IOError as exc:  # (as QEMU's close names the cache)
+                        cache = "refcount block" if self.refcounts.blocks.dirty else "L2 table"
+                        raise exc.in_context(f"Failed to flush the {cache} cache") from exc
                     if self._bitmap_tracker is not None:
                         self._bitmap_tracker.close()
                     if self.lazy_refcounts:
@@ -2189,6 +2194,19 @@ class Qcow2Image(BlockDevice):
         cluster holding `start` in its middle that gets a host cluster here gets its bytes
         before `start` copied too (standard L2 entries only: with subclusters the new
         cluster's unallocated ones still show them), as QEMU's metadata growth does."""
+        try:
+            self._preallocate_range(start, end, mode, cow_head, allocate, copy_head)
+        except Qcow2IOError as exc:  # as QEMU reports the step that failed
+            if mode == "metadata":
+                raise exc.in_context("Allocating clusters failed") from None
+            failure = preallocation_failure(exc, mode)
+            if self.has_data_file:  # (QEMU preallocates the data file itself)
+                raise failure from None
+            raise failure.prefixed("Failed to resize underlying file") from None
+
+    def _preallocate_range(
+        self, start: int, end: int, mode: str, cow_head: bool, allocate: bool, copy_head: bool
+    ) -> None:
         cs = self.cluster_size
         bits = self.cluster_bits
         with self._lock:

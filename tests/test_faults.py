@@ -38,7 +38,15 @@ import pytest
 import qcow2lib
 from qcow2lib import Qcow2Error, Qcow2IOError, hostfile
 from qcow2lib import snapshots as snaps
-from qemutools import QEMU_IMG, qemu_create, qemu_img, qemu_io, require_root, run_qimg
+from qemutools import (
+    QEMU_IMG,
+    qemu_create,
+    qemu_img,
+    qemu_io,
+    require_root,
+    run_qimg,
+    run_qimg_in,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -760,6 +768,94 @@ def test_convert_onto_a_full_filesystem_fails_in_qemu_img_words(tmp_path, target
                 assert check.returncode in (0, 3), check.stdout  # (3: leaks only)
         assert results[0] == results[1]
         assert results[0][0] == 1 and "No space left on device" in results[0][1]
+    finally:
+        for full in mounts:
+            subprocess.run(["umount", full], check=False)
+
+
+# (format and options of the image made first, or None; the command that meets the full
+# filesystem). Each runs on a 300 KiB tmpfs of its own.
+PREALLOCATION_ON_A_FULL_DISK = {
+    "create qcow2 full": (None, ["create", "-f", "qcow2", "-o", "preallocation=full", "a", "1M"]),
+    "create qcow2 falloc": (
+        None,
+        ["create", "-f", "qcow2", "-o", "preallocation=falloc", "a", "1M"],
+    ),
+    "create qcow2 metadata": (
+        None,
+        ["create", "-f", "qcow2", "-o", "cluster_size=512,preallocation=metadata", "a", "100M"],
+    ),
+    "create qcow2 full, data file": (
+        None,
+        ["create", "-f", "qcow2", "-o", "data_file=d,preallocation=full", "a", "1M"],
+    ),
+    "create qcow2 falloc, data file": (
+        None,
+        ["create", "-f", "qcow2", "-o", "data_file=d,preallocation=falloc", "a", "1M"],
+    ),
+    "create raw full": (None, ["create", "-f", "raw", "-o", "preallocation=full", "a", "1M"]),
+    "create raw falloc": (None, ["create", "-f", "raw", "-o", "preallocation=falloc", "a", "1M"]),
+    "resize raw full": (
+        ("raw", "100k"),
+        ["resize", "-f", "raw", "--preallocation=full", "a", "1M"],
+    ),
+    "resize raw falloc": (
+        ("raw", "100k"),
+        ["resize", "-f", "raw", "--preallocation=falloc", "a", "1M"],
+    ),
+    "resize qcow2 full": (("qcow2", "1M"), ["resize", "--preallocation=full", "a", "2M"]),
+    "resize qcow2 falloc": (("qcow2", "1M"), ["resize", "--preallocation=falloc", "a", "2M"]),
+    "resize qcow2 metadata": (
+        ("qcow2", "1M", "cluster_size=512"),
+        ["resize", "--preallocation=metadata", "a", "100M"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(PREALLOCATION_ON_A_FULL_DISK))
+def test_preallocation_on_a_full_filesystem_fails_in_qemu_img_words(tmp_path, case):
+    """Preallocating meets ENOSPC: qimg's first line is qemu-img's whole message (QEMU's
+    chain of steps: "Could not resize image: Failed to resize underlying file: Could not
+    write zeros for preallocation: No space left on device"), both exit 1, and a qcow2
+    image left behind has leaks at most (a qcow2 image whose creation failed is deleted,
+    as QEMU deletes it). Where metadata the failed step allocated cannot
+    be written back either, qimg adds the line QEMU's close prints for that cache."""
+    require_root("mounts a small tmpfs to fill it")
+    made, args = PREALLOCATION_ON_A_FULL_DISK[case]
+    outcomes = {}
+    left = {}
+    mounts = []
+    try:
+        for tool in ("qimg", "qemu-img"):
+            full = tmp_path / tool
+            full.mkdir()
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", full], check=True)
+            mounts.append(full)
+            if made is not None:
+                options = ["-o", made[2]] if len(made) > 2 else []
+                qemu_img("create", "-q", "-f", made[0], *options, full / "a", made[1])
+            if tool == "qimg":
+                outcomes[tool] = run_qimg_in(full, *args)
+            else:
+                outcomes[tool] = subprocess.run(
+                    [QEMU_IMG, *args], capture_output=True, text=True, cwd=full
+                )
+            left[tool] = sorted(os.listdir(full))
+            if left[tool] and ("qcow2" in args or (made is not None and made[0] == "qcow2")):
+                check = qemu_img("check", full / "a", check=False)
+                assert check.returncode in (0, 3), (tool, check.stdout)  # (3: leaks only)
+        # a qcow2 image whose creation failed is deleted, with its data file; a raw file stays
+        assert left["qimg"] == left["qemu-img"]
+        ours, theirs = outcomes["qimg"], outcomes["qemu-img"]
+        assert ours.returncode == theirs.returncode == 1
+        assert "No space left on device" in theirs.stderr
+        first, *more = ours.stderr.splitlines(keepends=True)
+        assert first == theirs.stderr
+        assert all(
+            line.startswith("qemu-img: Failed to flush the ")
+            and line.endswith(" cache: No space left on device\n")
+            for line in more
+        ), ours.stderr
     finally:
         for full in mounts:
             subprocess.run(["umount", full], check=False)
