@@ -64,12 +64,6 @@ _ZEROS = bytes(MAX_BUF_SECTORS * SECTOR)
 _ZEROS_VIEW = memoryview(_ZEROS)
 
 
-def _errno_text(exc: Qcow2IOError) -> str:
-    """qemu-img's strerror(-ret) for a failed request: the system's text for the errno
-    (a host file's error carries the file's name too, which qemu-img does not print)."""
-    return os.strerror(exc.errno) if exc.errno else str(exc.strerror or exc)
-
-
 class ConvertError(Qcow2IOError):
     """A read or write failed during convert; the message is qemu-img's
     ("error while reading at byte N: ..."), the original error is the __cause__."""
@@ -481,7 +475,7 @@ class _Converter:
         except Qcow2IOError as exc:
             raise ConvertError(
                 exc.errno,
-                f"error while reading block status at offset {offset}: {_errno_text(exc)}",
+                f"error while reading block status at offset {offset}: {exc.errno_text()}",
             ) from exc
         return self._classify_extent(ext, offset, count)
 
@@ -979,7 +973,7 @@ class _Converter:
                 err = ConvertError(
                     exc.errno,
                     f"error while {state.get('phase', 'reading')} at "
-                    f"byte {sector_num * SECTOR}: {_errno_text(exc)}",
+                    f"byte {sector_num * SECTOR}: {exc.errno_text()}",
                     exc.filename,
                 )
                 err.__cause__ = exc

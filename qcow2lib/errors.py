@@ -40,12 +40,15 @@ class Qcow2IOError(Qcow2Error, OSError):
     def __init__(self, errno_value: int | None, message: str, filename: str | None = None):
         OSError.__init__(self, errno_value, message, filename)
 
+    def errno_text(self) -> str:
+        """What QEMU prints for the failed request: the system's text for its errno (a
+        host file's message also names the file and the call, which QEMU's does not)."""
+        return os.strerror(self.errno) if self.errno else str(self.strerror or self)
+
     def in_context(self, doing: str) -> "Qcow2IOError":
         """The same failure as QEMU reports it from a step of a larger job: `doing`, then
-        the errno's text (a host file's message names the file and the call, which QEMU's
-        does not)."""
-        cause = os.strerror(self.errno) if self.errno else str(self.strerror or self)
-        return Qcow2IOError(self.errno, f"{doing}: {cause}", self.filename)
+        the errno's text."""
+        return Qcow2IOError(self.errno, f"{doing}: {self.errno_text()}", self.filename)
 
     def prefixed(self, prefix: str) -> "Qcow2IOError":
         """The same failure as an outer step of QEMU's reports it: `prefix` before it."""

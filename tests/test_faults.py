@@ -775,7 +775,7 @@ def test_convert_onto_a_full_filesystem_fails_in_qemu_img_words(tmp_path, target
 
 # (format and options of the image made first, or None; the command that meets the full
 # filesystem). Each runs on a 300 KiB tmpfs of its own.
-PREALLOCATION_ON_A_FULL_DISK = {
+FULL_DISK_JOBS = {
     "create qcow2 full": (None, ["create", "-f", "qcow2", "-o", "preallocation=full", "a", "1M"]),
     "create qcow2 falloc": (
         None,
@@ -809,19 +809,30 @@ PREALLOCATION_ON_A_FULL_DISK = {
         ("qcow2", "1M", "cluster_size=512"),
         ["resize", "--preallocation=metadata", "a", "100M"],
     ),
+    "dd to a new raw file": (None, ["dd", "if=SOURCE", "of=a", "-O", "raw", "bs=64k"]),
+    "dd into a raw file": (("raw", "100k"), ["dd", "if=SOURCE", "of=a", "-O", "raw", "bs=64k"]),
+    "convert full": (None, ["convert", "-O", "raw", "-o", "preallocation=full", "SOURCE", "a"]),
+    "convert qcow2 falloc": (
+        None,
+        ["convert", "-O", "qcow2", "-o", "preallocation=falloc", "SOURCE", "a"],
+    ),
 }
 
 
-@pytest.mark.parametrize("case", list(PREALLOCATION_ON_A_FULL_DISK))
-def test_preallocation_on_a_full_filesystem_fails_in_qemu_img_words(tmp_path, case):
-    """Preallocating meets ENOSPC: qimg's first line is qemu-img's whole message (QEMU's
-    chain of steps: "Could not resize image: Failed to resize underlying file: Could not
-    write zeros for preallocation: No space left on device"), both exit 1, and a qcow2
-    image left behind has leaks at most (a qcow2 image whose creation failed is deleted,
-    as QEMU deletes it). Where metadata the failed step allocated cannot
-    be written back either, qimg adds the line QEMU's close prints for that cache."""
+@pytest.mark.parametrize("case", list(FULL_DISK_JOBS))
+def test_jobs_on_a_full_filesystem_fail_in_qemu_img_words(tmp_path, case):
+    """Preallocating (create, resize, convert) or dd meets ENOSPC: qimg's first line is
+    qemu-img's whole message (QEMU's chain of steps: "Could not resize image: Failed to
+    resize underlying file: Could not write zeros for preallocation: No space left on
+    device"), both exit 1, and a qcow2 image left behind has leaks at most (a qcow2 image
+    whose creation failed is deleted, as QEMU deletes it). Where metadata the failed step
+    allocated cannot be written back either, qimg adds the line QEMU's close prints for
+    that cache."""
     require_root("mounts a small tmpfs to fill it")
-    made, args = PREALLOCATION_ON_A_FULL_DISK[case]
+    made, args = FULL_DISK_JOBS[case]
+    source = tmp_path / "source.raw"
+    source.write_bytes(random.Random(5).randbytes(400_000))
+    args = [str(arg).replace("SOURCE", str(source)) for arg in args]
     outcomes = {}
     left = {}
     mounts = []

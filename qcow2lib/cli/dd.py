@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qcow2lib import Qcow2Error
+from qcow2lib import Qcow2Error, Qcow2IOError
 from qcow2lib.cli.common import Cli, cvtnum
 from qcow2lib.drivers import creation_refusal
 from qcow2lib.cli.convert import create_convert_target
@@ -144,14 +144,16 @@ def cmd_dd(cli: Cli, argv: list[str]) -> int:
                     data = (source.read(in_pos, inside) if inside else b"").ljust(n, b"\0")
                 except Qcow2Error as exc:
                     cli.error_report(
-                        f"error while reading from input image file: {error_text(exc)}"
+                        f"error while reading from input image file: {_request_error(exc)}"
                     )
                     return 1
                 in_pos += n
                 try:
                     target.write(out_pos, data)
                 except Qcow2Error as exc:
-                    cli.error_report(f"error while writing to output image file: {error_text(exc)}")
+                    cli.error_report(
+                        f"error while writing to output image file: {_request_error(exc)}"
+                    )
                     return 1
                 out_pos += n
             target.flush()
@@ -166,3 +168,9 @@ def _create_dd_target(cli: Cli, filename: str, fmt: str, opts: CreateOptions) ->
             f"error while converting {fmt}: ", "error while creating output image: ", 1
         )
         raise CreateError(message, exc.hint) from exc
+
+
+def _request_error(exc: Qcow2Error) -> str:
+    """qemu-img dd's strerror(-ret) for a failed read or write (our other errors say
+    what was wrong in their own words)."""
+    return exc.errno_text() if isinstance(exc, Qcow2IOError) else error_text(exc)
