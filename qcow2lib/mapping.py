@@ -342,6 +342,31 @@ class ClusterMap:
                 self.validate_entry(entry + k * step, 0, first + k, overlap)
         return host + (guest_offset & (step - 1))
 
+    def unallocated_run(self, guest_offset: int, length: int) -> bool:
+        """Whether every cluster of [guest_offset, +length) is unallocated in a standard
+        map (no L2 table, or entries of 0): what `lookup` would give as one BACKING
+        segment, found by one slice comparison (data_run's companion for holes). False
+        for anything else, extended L2 and ranges over two tables included."""
+        bits = self.cluster_bits
+        first = guest_offset >> bits
+        count = ((guest_offset + length - 1) >> bits) - first + 1
+        l1_index, l2_index = divmod(first, self.l2_entries)
+        if (
+            self.extended
+            or length <= 0
+            or l2_index + count > self.l2_entries
+            or l1_index >= len(self.l1)
+        ):
+            return False
+        if not self.l1[l1_index]:
+            return True
+        table = self.l2_table(l1_index)
+        if table is None:
+            return True
+        if table[l2_index] or table[l2_index + count - 1]:
+            return False
+        return count <= 2 or not table[l2_index : l2_index + count].tobytes().strip(b"\0")
+
     def lookup(self, guest_offset: int, length: int) -> list[Segment]:
         """Split a guest range into segments, merging neighbours of the same kind."""
         segments, _, error = self.lookup_window(guest_offset, length)
