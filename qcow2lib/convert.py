@@ -228,12 +228,13 @@ def _zero_block_flags(buf, start: int, stop: int, block: int) -> bytearray:
     strided copies, OR-ed as integers): that rules out nearly every data block, text
     and file tails padded with zeros included. Candidates are confirmed a run at a time.
     """
-    view = memoryview(buf)
+    # (a bytearray's strided slice is a plain byte loop; a memoryview's copies item by item)
+    source = buf if type(buf) is bytearray or type(buf) is bytes else memoryview(buf)
     full = (stop - start) // block
     full_end = start + full * block
     mixed = 0
     for within in (0, block // 2, block - 1):
-        mixed |= int.from_bytes(view[start + within : full_end : block], "little")
+        mixed |= int.from_bytes(source[start + within : full_end : block], "little")
     flags = bytearray(mixed.to_bytes(full, "little").translate(_NONZERO_TO_ONE))
     if full_end < stop:
         flags.append(0 if _zero_range(buf, full_end, stop) else 1)
