@@ -840,7 +840,15 @@ class ClusterMap:
             )
         offset = self.l2_offset(l1_index)
         table = self.l2_cache.get(offset)
-        table[l2_index : l2_index + count] = array("Q", range(entry, entry + count * step, step))
+        last = entry + (count - 1) * step
+        if (
+            _NATIVE_LITTLE and step > 0 and last < 1 << 64
+        ):  # the entries as one integer, lane by lane
+            lanes = entry * _lane_ones(count) + _lane_ramp(count, step)
+            run = array("Q", lanes.to_bytes(8 * count, "little"))
+        else:
+            run = array("Q", range(entry, last + 1, step))
+        table[l2_index : l2_index + count] = run
         self.l2_cache.mark_dirty(offset)
 
     def set_entry(self, cluster_index: int, entry: int, bitmap: int = 0) -> None:
@@ -861,6 +869,7 @@ _LE64 = struct.Struct("<Q")
 _PLAIN_MIN_ENTRIES = 16  # shorter ranges (a small request's) take the entry loop
 _PLAIN_COLUMNS: dict[int, list[tuple[int, bytes]]] = {}
 _LANE_ONES: dict[int, int] = {}
+_LANE_RAMPS: dict[tuple[int, int], int] = {}
 _ZERO_STRETCH = bytes(8 * 64)  # 64 zero entries (or fewer, unaligned): a sparse table
 
 
@@ -872,6 +881,18 @@ def _lane_ones(lanes: int) -> int:
             _LANE_ONES.clear()
         ones = _LANE_ONES[lanes] = int.from_bytes(b"\1\0\0\0\0\0\0\0" * lanes, "little")
     return ones
+
+
+def _lane_ramp(lanes: int, step: int) -> int:
+    """The integer with k * step in its native 64-bit lane k (of `lanes`)."""
+    key = (lanes, step)
+    ramp = _LANE_RAMPS.get(key)
+    if ramp is None:
+        if len(_LANE_RAMPS) >= 16:
+            _LANE_RAMPS.clear()
+        entries = array("Q", range(0, lanes * step, step))
+        ramp = _LANE_RAMPS[key] = int.from_bytes(entries.tobytes(), "little")
+    return ramp
 
 
 def _plain_columns(cluster_bits: int) -> list[tuple[int, bytes]]:
