@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+from array import array
 import os
 import threading
 
@@ -58,6 +59,8 @@ BATCH_ITEMS = 4  # buffered work items (of up to 2 MiB each) a worker takes at o
 BDRV_REQUEST_MAX_SECTORS = ((1 << 31) - 1) // SECTOR  # INT_MAX bytes, in whole sectors
 
 BLK_DATA, BLK_ZERO, BLK_BACKING_FILE = "data", "zero", "backing"
+_STATUSES = (BLK_DATA, BLK_ZERO, BLK_BACKING_FILE)  # (a kept plan's items hold the index)
+PLAN_MAX_ITEMS = 1 << 16  # items of the counting pass kept for the copy (1.1 MiB at most)
 
 _Z512 = bytes(SECTOR)
 _ZEROS = bytes(MAX_BUF_SECTORS * SECTOR)
@@ -219,12 +222,13 @@ def _zero_block_flags(buf, start: int, stop: int, block: int) -> bytearray:
     strided copies, OR-ed as integers): that rules out nearly every data block, text
     and file tails padded with zeros included. Candidates are confirmed a run at a time.
     """
-    view = memoryview(buf)
+    # (a bytearray's strided slice is a plain byte loop; a memoryview's copies item by item)
+    source = buf if type(buf) is bytearray or type(buf) is bytes else memoryview(buf)
     full = (stop - start) // block
     full_end = start + full * block
     mixed = 0
     for within in (0, block // 2, block - 1):
-        mixed |= int.from_bytes(view[start + within : full_end : block], "little")
+        mixed |= int.from_bytes(source[start + within : full_end : block], "little")
     flags = bytearray(mixed.to_bytes(full, "little").translate(_NONZERO_TO_ONE))
     if full_end < stop:
         flags.append(0 if _zero_range(buf, full_end, stop) else 1)
@@ -396,6 +400,8 @@ class _Converter:
         self.sector_next_status = 0
         self.status = BLK_DATA
         self.sector_num = 0
+        self.plan: tuple[array, array, bytearray] | None = None  # see _count_work
+        self.plan_index = 0
         self.lock = threading.Lock()
         self.turn_lock = threading.Lock()
         self.turn_gates: dict[int, threading.Lock] = {}  # sector -> the gate its writer waits at
@@ -532,7 +538,14 @@ class _Converter:
         return n
 
     def _next_item(self):
-        """Under self.lock: the next (sector, count, status), or None at the end."""
+        """Under self.lock: the next (sector, count, status, warnings), or None at the end."""
+        plan = self.plan
+        if plan is not None:  # (the items the counting pass kept)
+            index = self.plan_index
+            if self.error is not None or index >= len(plan[0]):
+                return None
+            self.plan_index = index + 1
+            return plan[0][index], plan[1][index], _STATUSES[plan[2][index]], ()
         if self.error is not None or self.sector_num >= self.total_sectors:
             return None
         n = self._iteration_sectors(self.sector_num)
@@ -544,15 +557,31 @@ class _Converter:
         return sector_num, n, status, warnings
 
     def _count_work(self) -> int:
-        """First pass over the plan: bytes that will be copied (for progress)."""
+        """First pass over the plan (as qemu-img makes it, before copying anything): bytes
+        that will be copied (for progress). Its items are kept, up to PLAN_MAX_ITEMS
+        (three machine words each), so that the workers take them from there rather than
+        walk the sources' extents again; a longer plan, or one made while salvaging
+        (whose block status is asked again while copying), is made again."""
         total = 0
-        while self.sector_num < self.total_sectors:
-            n = self._iteration_sectors(self.sector_num)
-            if self.status == BLK_DATA or (not self.min_sparse and self.status == BLK_ZERO):
+        starts, counts, statuses = array("q"), array("q"), bytearray()
+        keep = self.salvage is None
+        while True:
+            item = self._next_item()
+            if item is None:
+                break
+            sector_num, n, status, warnings = item
+            if status == BLK_DATA or (not self.min_sparse and status == BLK_ZERO):
                 total += n * SECTOR
-            self.sector_num += n
-            self._report(self.plan_warnings)
-            self.plan_warnings = []
+            self._report(warnings)
+            if keep:
+                starts.append(sector_num)
+                counts.append(n)
+                statuses.append(_STATUSES.index(status))
+                keep = len(starts) < PLAN_MAX_ITEMS
+        if keep:
+            self.plan = (starts, counts, statuses)
+            self.plan_index = 0
+            return total
         for part in self.parts:
             part.rewind()
         self.sector_num = 0

@@ -715,16 +715,38 @@ class Qcow2Image(BlockDevice):
             and self._read_small(cluster_map, offset, view)
         ):
             return
+        length = len(view)
+        data_file = self._data_file()
+        host = None
+        segments: list[Segment] | None = None
         with self._lock:
-            segments = cluster_map.lookup(offset, len(view))
-            zeros = self._reads_as_zeros(segments)
+            # The large read's shortcuts past `lookup` (no segment list): one run of data
+            # clusters, read with one syscall, or a range this layer leaves unallocated,
+            # read from the backing file (zeros past its end). A read through a backing
+            # chain takes one of them at every layer for each extent of the chain.
+            if data_file is not None:
+                host = cluster_map.data_run(offset, length)
+            if host is not None:
+                zeros = False
+            elif cluster_map.unallocated_run(offset, length):
+                backing = self.backing
+                zeros = backing is None or offset >= backing.size
+            else:
+                segments = cluster_map.lookup(offset, length)
+                zeros = self._reads_as_zeros(segments)
             if not zeros:  # (reads of holes touch no host cluster that a writer could free)
                 self._begin_io()
         if zeros:
             _fill_zeros(view)
             return
         try:
-            self._read_segments(segments, view, offset)
+            if host is not None:
+                assert data_file is not None  # (data_run was asked only with one)
+                data_file.readinto(view, host)
+            elif segments is None:
+                self._read_backing(offset, view)
+            else:
+                self._read_segments(segments, view, offset)
         finally:
             self._end_io()
 

@@ -342,6 +342,31 @@ class ClusterMap:
                 self.validate_entry(entry + k * step, 0, first + k, overlap)
         return host + (guest_offset & (step - 1))
 
+    def unallocated_run(self, guest_offset: int, length: int) -> bool:
+        """Whether every cluster of [guest_offset, +length) is unallocated in a standard
+        map (no L2 table, or entries of 0): what `lookup` would give as one BACKING
+        segment, found by one slice comparison (data_run's companion for holes). False
+        for anything else, extended L2 and ranges over two tables included."""
+        bits = self.cluster_bits
+        first = guest_offset >> bits
+        count = ((guest_offset + length - 1) >> bits) - first + 1
+        l1_index, l2_index = divmod(first, self.l2_entries)
+        if (
+            self.extended
+            or length <= 0
+            or l2_index + count > self.l2_entries
+            or l1_index >= len(self.l1)
+        ):
+            return False
+        if not self.l1[l1_index]:
+            return True
+        table = self.l2_table(l1_index)
+        if table is None:
+            return True
+        if table[l2_index] or table[l2_index + count - 1]:
+            return False
+        return count <= 2 or not table[l2_index : l2_index + count].tobytes().strip(b"\0")
+
     def lookup(self, guest_offset: int, length: int) -> list[Segment]:
         """Split a guest range into segments, merging neighbours of the same kind."""
         segments, _, error = self.lookup_window(guest_offset, length)
@@ -815,7 +840,15 @@ class ClusterMap:
             )
         offset = self.l2_offset(l1_index)
         table = self.l2_cache.get(offset)
-        table[l2_index : l2_index + count] = array("Q", range(entry, entry + count * step, step))
+        last = entry + (count - 1) * step
+        if (
+            _NATIVE_LITTLE and step > 0 and last < 1 << 64
+        ):  # the entries as one integer, lane by lane
+            lanes = entry * _lane_ones(count) + _lane_ramp(count, step)
+            run = array("Q", lanes.to_bytes(8 * count, "little"))
+        else:
+            run = array("Q", range(entry, last + 1, step))
+        table[l2_index : l2_index + count] = run
         self.l2_cache.mark_dirty(offset)
 
     def set_entry(self, cluster_index: int, entry: int, bitmap: int = 0) -> None:
@@ -836,6 +869,7 @@ _LE64 = struct.Struct("<Q")
 _PLAIN_MIN_ENTRIES = 16  # shorter ranges (a small request's) take the entry loop
 _PLAIN_COLUMNS: dict[int, list[tuple[int, bytes]]] = {}
 _LANE_ONES: dict[int, int] = {}
+_LANE_RAMPS: dict[tuple[int, int], int] = {}
 _ZERO_STRETCH = bytes(8 * 64)  # 64 zero entries (or fewer, unaligned): a sparse table
 
 
@@ -847,6 +881,18 @@ def _lane_ones(lanes: int) -> int:
             _LANE_ONES.clear()
         ones = _LANE_ONES[lanes] = int.from_bytes(b"\1\0\0\0\0\0\0\0" * lanes, "little")
     return ones
+
+
+def _lane_ramp(lanes: int, step: int) -> int:
+    """The integer with k * step in its native 64-bit lane k (of `lanes`)."""
+    key = (lanes, step)
+    ramp = _LANE_RAMPS.get(key)
+    if ramp is None:
+        if len(_LANE_RAMPS) >= 16:
+            _LANE_RAMPS.clear()
+        entries = array("Q", range(0, lanes * step, step))
+        ramp = _LANE_RAMPS[key] = int.from_bytes(entries.tobytes(), "little")
+    return ramp
 
 
 def _plain_columns(cluster_bits: int) -> list[tuple[int, bytes]]:

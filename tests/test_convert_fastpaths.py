@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
+import qcow2lib
+import qcow2lib.convert as convert_module
+from qcow2lib.cli import main as qimg_main
 from qcow2lib.convert import is_allocated_sectors_min, sparse_runs
-from qemutools import qemu_img, run_qimg_in
+from qemutools import qemu_create, qemu_img, qemu_io, run_qimg_in, to_raw
 
 SECTOR = 512
 
@@ -171,3 +174,66 @@ def test_convert_output_is_qemu_img_s(tmp_path, options):
     assert ours_bytes == theirs_bytes[: len(ours_bytes)]
     assert len(theirs_bytes) - len(ours_bytes) < 512
     assert not any(theirs_bytes[len(ours_bytes) :])
+
+
+def chain_of_three(tmp_path: Path, cluster_size: int) -> Path:
+    """base (the mixed content) <- mid <- top, the upper layers rewriting pieces of
+    several clusters (and parts of clusters) at scattered offsets; returns top."""
+    mixed_raw(tmp_path / "src.raw")
+    options = ["-o", f"cluster_size={cluster_size}"]
+    qemu_img(
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        *options,
+        tmp_path / "src.raw",
+        tmp_path / "base.qcow2",
+    )
+    size = (tmp_path / "src.raw").stat().st_size
+    rng = random.Random(7)
+    below = "base.qcow2"
+    for name, pattern in (("mid", 0x4D), ("top", 0x54)):
+        layer = tmp_path / f"{name}.qcow2"
+        qemu_create(
+            layer, size, options={"cluster_size": cluster_size}, backing=below, backing_fmt="qcow2"
+        )
+        writes = []
+        for _ in range(24):
+            length = rng.randrange(1, 9 * cluster_size)
+            writes.append(f"write -P {pattern} {rng.randrange(0, size - length)} {length}")
+        qemu_io(layer, *writes, fmt="qcow2")
+        below = layer.name
+    return tmp_path / "top.qcow2"
+
+
+@pytest.mark.parametrize("cluster_size", [512, 65536])
+def test_reads_through_a_chain(tmp_path, cluster_size):
+    """Reads of whole runs of clusters take shortcuts past the segment list at each layer
+    (one data run, or a range the layer leaves to its backing file); what they read at
+    any offset and length, over L2 table boundaries too (512-byte clusters), is what
+    qemu-img reads."""
+    top = chain_of_three(tmp_path, cluster_size)
+    expected = to_raw(top, tmp_path / "top.raw")
+    rng = random.Random(cluster_size)
+    with qcow2lib.open(str(top), "r") as image:
+        for _ in range(300):
+            length = rng.randrange(1, 24 * cluster_size)
+            offset = rng.randrange(0, image.size - length)
+            if rng.random() < 0.5:  # (cluster-aligned, as convert reads)
+                offset -= offset % cluster_size
+            buffer = bytearray(length)
+            image.readinto(offset, buffer)
+            assert buffer == expected[offset : offset + length], (offset, length)
+
+
+@pytest.mark.parametrize("plan_items", [convert_module.PLAN_MAX_ITEMS, 3])
+def test_chain_convert_with_kept_or_remade_plan(tmp_path, monkeypatch, plan_items):
+    """The workers take the items of the counting pass, or, past PLAN_MAX_ITEMS, walk
+    the sources' extents again: either way the file is qemu-img's, byte for byte."""
+    top = chain_of_three(tmp_path, 65536)
+    monkeypatch.setattr(convert_module, "PLAN_MAX_ITEMS", plan_items)
+    assert qimg_main(["convert", "-O", "qcow2", str(top), str(tmp_path / "ours")]) == 0
+    qemu_img("convert", "-O", "qcow2", top, tmp_path / "theirs")
+    assert (tmp_path / "ours").read_bytes() == (tmp_path / "theirs").read_bytes()
