@@ -40,9 +40,9 @@ from __future__ import annotations
 
 import bisect
 import errno
-from array import array
 import os
 import threading
+from array import array
 
 from .blockdev import BlockDevice, Extent, RawDevice
 from .errors import CorruptImageError, InvalidArgumentError, Qcow2IOError, UnsupportedFeatureError
