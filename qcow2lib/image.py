@@ -614,12 +614,19 @@ class Qcow2Image(BlockDevice):
             return b""
         if self.encrypted:  # decrypted in place in a buffer anyway
             return super().read(offset, length)
+        data_file = self._data_file()
         with self._lock:
-            segments = self.map.lookup(offset, length)
-            if self._reads_as_zeros(segments):  # no host I/O, so nothing to count in
-                return _zero_bytes(length)
+            # (one run of data clusters, as read_mapped finds it: no segment list)
+            host = self.map.data_run(offset, length) if data_file is not None else None
+            if host is None:
+                segments = self.map.lookup(offset, length)
+                if self._reads_as_zeros(segments):  # no host I/O, so nothing to count in
+                    return _zero_bytes(length)
             self._begin_io()
         try:
+            if host is not None:
+                assert data_file is not None  # (data_run was asked only with one)
+                return data_file.pread(length, host)
             if len(segments) == 1 and segments[0].kind == DATA:
                 host_offset = segments[0].host_offset
                 assert host_offset is not None  # (a data segment always has one)
