@@ -15,9 +15,9 @@ from array import array
 from . import structs as S
 from .cache import encode_be64
 from .chain import is_nbd_name, open_image, resolve_backing_path
-from .errors import InvalidArgumentError, Qcow2Error, Qcow2IOError, preallocation_failure
+from .errors import InvalidArgumentError, Qcow2Error, Qcow2IOError
 from .header import Header
-from .hostfile import HostFile, create_host_file
+from .hostfile import HostFile, create_host_file, preallocate
 from .image import Qcow2Image
 from .refcount import RefcountBlock
 from .sizes import SizeError, parse_size
@@ -279,15 +279,7 @@ def _create_raw(path: str, size: int, preallocation: str) -> None:
             # As QEMU's file driver: the first block of a new file is allocated (zeros),
             # so that later probes of the file's allocation alignment find a data block.
             file.pwrite(bytes(min(size, FIRST_BLOCK)), 0)
-        try:
-            if preallocation == "falloc" and size:
-                file.allocate(0, size)
-            elif preallocation == "full":
-                chunk = bytes(min(size, 1 << 20))
-                for offset in range(0, size, len(chunk) or 1):
-                    file.pwrite(memoryview(chunk)[: min(len(chunk), size - offset)], offset)
-        except Qcow2IOError as exc:
-            raise preallocation_failure(exc, preallocation) from None
+        preallocate(file, 0, size, preallocation)
         if preallocation == "full":
             file.flush()  # (an empty raw file, as qemu-img makes it, holds nothing to sync)
     finally:

@@ -13,7 +13,7 @@ import os
 import stat
 import struct
 
-from .errors import Qcow2IOError
+from .errors import Qcow2IOError, preallocation_failure
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
@@ -575,3 +575,18 @@ class HostFileFilter:
     @no_flush.setter
     def no_flush(self, value: bool) -> None:
         self._file.no_flush = value
+
+
+def preallocate(file: HostFile | DeviceFile, offset: int, length: int, mode: str) -> None:
+    """New bytes [offset, +length) of a file reserved ("falloc") or written as zeros
+    ("full"), as QEMU's file driver preallocates them; a failure is worded as QEMU words
+    it."""
+    try:
+        if mode == "falloc" and length:
+            file.allocate(offset, length)
+        elif mode == "full":
+            chunk = memoryview(bytes(min(length, 1 << 20)))
+            for pos in range(offset, offset + length, len(chunk) or 1):
+                file.pwrite(chunk[: min(len(chunk), offset + length - pos)], pos)
+    except Qcow2IOError as exc:
+        raise preallocation_failure(exc, mode) from None

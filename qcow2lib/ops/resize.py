@@ -11,12 +11,8 @@ truncated, with falloc/full preallocation of the new area.
 from __future__ import annotations
 
 
-from ..errors import (
-    InvalidArgumentError,
-    Qcow2IOError,
-    UnsupportedFeatureError,
-    preallocation_failure,
-)
+from ..errors import InvalidArgumentError, UnsupportedFeatureError
+from ..hostfile import preallocate
 from . import virtual_size
 
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
@@ -80,18 +76,7 @@ def _resize_raw(image, new_size: int, preallocation: str) -> None:
     old = image.size
     image.resize(new_size)
     if new_size > old:
-        try:
-            if preallocation == "falloc":
-                image.file.allocate(old, new_size - old)
-            elif preallocation == "full":
-                chunk = bytes(min(new_size - old, 1 << 20))
-                pos = old
-                while pos < new_size:
-                    n = min(len(chunk), new_size - pos)
-                    image.file.pwrite(memoryview(chunk)[:n], pos)
-                    pos += n
-        except Qcow2IOError as exc:
-            raise preallocation_failure(exc, preallocation) from None
+        preallocate(image.file, old, new_size - old, preallocation)
     image.flush()
 
 
