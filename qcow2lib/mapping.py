@@ -295,13 +295,9 @@ class ClusterMap:
         self.validate_entry(entry, 0, cluster_index)
         return host + (guest_offset & (self.cluster_size - 1))
 
-    def data_run(self, guest_offset: int, length: int, overlap: bool = True) -> int | None:
-        """The host offset of [guest_offset, +length) when the range lies in one run of
-        plain data clusters of one standard L2 table (entries stepping by one cluster,
-        no flag but COPIED, all with the first's COPIED bit), validated as `lookup`
-        validates them (overlap=False: without the metadata overlap test, for a writer
-        that guards what it writes); None for anything else (ask lookup). The large
-        request's shortcut, as read_host is the small one's: no segment list."""
+    def _in_one_table(self, guest_offset: int, length: int) -> tuple[int, int, int, int] | None:
+        """(first cluster, cluster count, l1_index, l2_index) of a non-empty range whose
+        clusters all have standard entries in one L2 table; None for any other range."""
         bits = self.cluster_bits
         first = guest_offset >> bits
         count = ((guest_offset + length - 1) >> bits) - first + 1
@@ -311,9 +307,21 @@ class ClusterMap:
             or length <= 0
             or l2_index + count > self.l2_entries
             or l1_index >= len(self.l1)
-            or not self.l1[l1_index]
         ):
             return None
+        return first, count, l1_index, l2_index
+
+    def data_run(self, guest_offset: int, length: int, overlap: bool = True) -> int | None:
+        """The host offset of [guest_offset, +length) when the range lies in one run of
+        plain data clusters of one standard L2 table (entries stepping by one cluster,
+        no flag but COPIED, all with the first's COPIED bit), validated as `lookup`
+        validates them (overlap=False: without the metadata overlap test, for a writer
+        that guards what it writes); None for anything else (ask lookup). The large
+        request's shortcut, as read_host is the small one's: no segment list."""
+        span = self._in_one_table(guest_offset, length)
+        if span is None or not self.l1[span[2]]:
+            return None
+        first, count, l1_index, l2_index = span
         table = self.l2_table(l1_index)
         if table is None:
             return None
@@ -347,17 +355,10 @@ class ClusterMap:
         map (no L2 table, or entries of 0): what `lookup` would give as one BACKING
         segment, found by one slice comparison (data_run's companion for holes). False
         for anything else, extended L2 and ranges over two tables included."""
-        bits = self.cluster_bits
-        first = guest_offset >> bits
-        count = ((guest_offset + length - 1) >> bits) - first + 1
-        l1_index, l2_index = divmod(first, self.l2_entries)
-        if (
-            self.extended
-            or length <= 0
-            or l2_index + count > self.l2_entries
-            or l1_index >= len(self.l1)
-        ):
+        span = self._in_one_table(guest_offset, length)
+        if span is None:
             return False
+        _, count, l1_index, l2_index = span
         if not self.l1[l1_index]:
             return True
         table = self.l2_table(l1_index)
