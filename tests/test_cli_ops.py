@@ -967,6 +967,9 @@ def make_rebase_images(twins: Twins) -> None:
         ["-b", "base.qcow2", "top.qcow2"],
         ["-u", "-b", "base.qcow2", "top.qcow2"],
         ["-b", "missing", "-F", "qcow2", "top.qcow2"],
+        ["-b", "missing", "top.qcow2"],  # the open fails first, then the missing format
+        ["-u", "-b", "missing", "top.qcow2"],
+        ["-b", "missing", "-F", "qcow2", "top.raw"],
         ["-b", "base.qcow2", "-F", "foo", "top.qcow2"],
         ["top.qcow2"],
         ["-b", "x"],

@@ -127,8 +127,9 @@ def rebase(
     if new_backing_fmt is not None and new_backing_fmt not in KNOWN_DRIVERS:
         raise InvalidArgumentError(f"Invalid format name: '{new_backing_fmt}'")
     new_backing = new_backing or None
-    _header_backing_check(image, new_backing, new_backing_fmt)
-    if not unsafe:
+    if unsafe:
+        _header_backing_check(image, new_backing, new_backing_fmt)
+    else:  # (which checks the header change once the new backing file is open)
         _safe_copy(image, new_backing, new_backing_fmt, progress, force_share, untrusted)
     set_backing(image, new_backing, new_backing_fmt)
 
@@ -173,12 +174,16 @@ def _safe_copy(image, new_backing, new_fmt, progress, force_share, untrusted: bo
         new, prefix_depth, opened = _open_new_backing(
             image, new_backing, new_fmt, force_share, untrusted
         )
-    if new_backing and not image.backing_filename:
-        # The image is about to get a backing file: from now on an unallocated cluster
-        # shows the new backing file, so zeroing one must write an explicit zero flag
-        # rather than leave the hole (which reads zeros only while nothing is behind it).
-        image.backing_filename = new_backing
     try:
+        # As qemu-img: a new backing file that does not open is the failure reported,
+        # before a header change it would refuse (refused here before copying anything).
+        _header_backing_check(image, new_backing, new_fmt)
+        if new_backing and not image.backing_filename:
+            # The image is about to get a backing file: from now on an unallocated
+            # cluster shows the new backing file, so zeroing one must write an explicit
+            # zero flag rather than leave the hole (which reads zeros only while nothing
+            # is behind it).
+            image.backing_filename = new_backing
         size = image.size
         old_size = old.size if old is not None else 0
         new_size = new.size if new is not None else 0
