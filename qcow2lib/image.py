@@ -309,7 +309,10 @@ class Qcow2Image(BlockDevice):
 
     def _load_bitmap_directory(self) -> None:
         """Persistent bitmaps (listed by info). Without the autoclear bit they are stale,
-        and QEMU ignores them."""
+        and QEMU ignores them (stale_bitmaps: its open warns, a writer drops them)."""
+        self.stale_bitmaps = not self.header.autoclear_features & S.AUTOCLEAR_BITMAPS and any(
+            ext.type == S.EXT_BITMAPS for ext in self.header.extensions
+        )
         if self.header.autoclear_features & S.AUTOCLEAR_BITMAPS:
             from .bitmaps import read_directory  # (images with bitmaps only: start-up time)
 
@@ -338,6 +341,9 @@ class Qcow2Image(BlockDevice):
         changed = False
         if hdr.autoclear_features & ~S.AUTOCLEAR_KNOWN:
             hdr.autoclear_features &= S.AUTOCLEAR_KNOWN  # features we would not keep up to date
+            changed = True
+        if self.stale_bitmaps:  # (as QEMU's writer: the extension no longer means anything)
+            hdr.extensions = [ext for ext in hdr.extensions if ext.type != S.EXT_BITMAPS]
             changed = True
         if hdr.autoclear_features & S.AUTOCLEAR_BITMAPS:
             from .bitmaps import BitmapTracker, Untrackable

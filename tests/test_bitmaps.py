@@ -382,3 +382,37 @@ def test_convert_bitmaps_matches_qemu_img(twins):
     ):
         twins.assert_same("convert", *args)
     _same_bitmaps(twins, "b.qcow2")
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_stale_bitmaps_are_warned_of_and_a_writer_drops_them(twins, version):
+    """A bitmaps extension without its autoclear bit (a v2 image amended down from one
+    with a bitmap, or a v3 image whose bit a program cleared): every open warns as
+    QEMU's does, in its words for each version and for a backing file too, and the first
+    read-write open drops the extension, after which opens say nothing."""
+
+    def build():
+        qemu_create("stale.qcow2", "64M")
+        qemu_img("bitmap", "--add", "stale.qcow2", "b0")
+        if version == "v2":
+            qemu_img("amend", "-o", "compat=0.10", "stale.qcow2")
+        else:
+            with open("stale.qcow2", "r+b") as f:  # autoclear_features, a u64 at byte 88
+                f.seek(88)
+                f.write(bytes(8))
+        qemu_create("top.qcow2", "64M", backing="stale.qcow2", backing_fmt="qcow2")
+
+    twins.setup_copied(build)
+    for args in (
+        ["info", "stale.qcow2"],
+        ["info", "--backing-chain", "top.qcow2"],
+        ["map", "top.qcow2"],
+        ["check", "stale.qcow2"],
+        ["amend", "-o", "cluster_size=4k", "stale.qcow2"],  # opened read-write, then refused
+        ["info", "stale.qcow2"],
+        ["map", "top.qcow2"],
+    ):
+        twins.assert_same(*args, mask=mask_disk_size)
+    for directory in twins.dirs():
+        header = (directory / "stale.qcow2").read_bytes()[:4096]
+        assert struct.pack(">I", S.EXT_BITMAPS) not in header, directory

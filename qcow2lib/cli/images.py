@@ -53,6 +53,26 @@ RAW_PROBE_WARNING = (
     "operations on block 0 will be restricted.\n"
     "         Specify the 'raw' format explicitly to remove the restrictions.\n"
 )
+# What QEMU says on opening a qcow2 image whose bitmaps extension has lost its autoclear
+# bit (a v2 image has none): the bitmaps are ignored, and a writer drops the extension.
+# The second line ends without a newline, as QEMU prints it.
+STALE_BITMAPS_WARNINGS = (
+    "This qcow2 v2 image contains bitmaps, but they may have been modified by a program "
+    "without persistent bitmap support; so now they must all be considered inconsistent",
+    "a program lacking bitmap support modified this file, so all bitmaps are now "
+    "considered inconsistent",
+)
+STALE_BITMAPS_HINT = (
+    "Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix."
+)
+
+
+def warn_stale_bitmaps(cli: Cli, device) -> None:
+    """QEMU's warning for each layer of the chain opened with stale bitmaps."""
+    for layer in _chain_layers(device):
+        if getattr(layer, "stale_bitmaps", False):
+            cli.warn_report(STALE_BITMAPS_WARNINGS[layer.header.version >= 3])
+            sys.stderr.write(STALE_BITMAPS_HINT)
 
 
 def untrusted() -> bool:
@@ -416,6 +436,7 @@ def open_spec(
             locking=spec.locking,
             backing_node=spec.backing_node,
         )
+        warn_stale_bitmaps(cli, device)
         # (QEMU prints these while it repairs a dirty image on opening it read-write)
         for line in getattr(device, "repair_messages", ()):
             sys.stderr.write(line + "\n")

@@ -16,6 +16,7 @@ from qcow2lib.cli.images import (
     json_filename,
     report_failure,
     untrusted,
+    warn_stale_bitmaps,
 )
 from qcow2lib.qobject import dump_qobject, qemu_json
 from qcow2lib.ops import error_text
@@ -146,6 +147,7 @@ def cmd_info(cli: Cli, argv: list[str]) -> int:
             locking,
             data_file=spec.data_file if spec is not None else None,
             backing_node=spec.backing_node if spec is not None else None,
+            opened=lambda device: warn_stale_bitmaps(cli, device),
         )
     except ImageOpenError as exc:
         message = str(exc)

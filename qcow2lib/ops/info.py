@@ -24,6 +24,9 @@ from . import (
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ..blockdev import BlockDevice
     from ..containers import DataFileTarget
 
 CRYPT_AES, CRYPT_LUKS = 1, 2  # qcow2 header crypt_method values
@@ -201,6 +204,7 @@ def image_info(
     locking: bool = True,
     data_file: DataFileTarget | None = None,
     backing_node: BackingNode | None = None,
+    opened: Callable[[BlockDevice], None] | None = None,
 ) -> dict:
     """The `qemu-img info` dict of one image, its backing file left unopened.
 
@@ -211,7 +215,8 @@ def image_info(
     process has open for writing; backing_of names the image whose backing file this is;
     untrusted and locking (see open_image); data_file: its external data file as given
     (data-file options, not opened); backing_node: its backing as options give it (only
-    none is taken: the backing file is not opened). Raises ImageOpenError naming the file
+    none is taken: the backing file is not opened); opened(device) is called once it is
+    open (where qemu-img warns of what it found). Raises ImageOpenError naming the file
     when it cannot be read.
     """
     try:
@@ -226,6 +231,8 @@ def image_info(
             data_file=data_file,
             backing_node=backing_node,
         ) as img:
+            if opened is not None:
+                opened(img)
             check_bitmap_constraints(img)
             target = image_target(filename, fmt)[0]
             return _describe(img, target if isinstance(target, str) else img.filename)
@@ -245,9 +252,11 @@ def image_info_list(
     locking: bool = True,
     data_file: DataFileTarget | None = None,
     backing_node: BackingNode | None = None,
+    opened: Callable[[BlockDevice], None] | None = None,
 ) -> list[dict]:
     """`qemu-img info [--backing-chain]`: the top image, then each backing file in turn.
-    data_file and backing_node: the top image's data-file and backing options.
+    data_file and backing_node: the top image's data-file and backing options; opened:
+    as for image_info, for each image.
 
     By name, as image_info(): each backing file is opened on its own (without its own
     backing file) under the name its overlay records, as qemu-img does.
@@ -266,7 +275,7 @@ def image_info_list(
             raise CorruptImageError(f"Backing file '{name}' creates an infinite loop.")
         seen.add(name)
         info = image_info(
-            name, fmt, force_share, named_by, untrusted, locking, data_file, backing_node
+            name, fmt, force_share, named_by, untrusted, locking, data_file, backing_node, opened
         )
         infos.append(info)
         # file.locking=off, data-file and backing were options of the top image only
