@@ -577,7 +577,20 @@ class HostFileFilter:
         self._file.no_flush = value
 
 
-def preallocate(file: HostFile | DeviceFile, offset: int, length: int, mode: str) -> None:
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from typing import Protocol
+
+    class GrowableFile(Protocol):
+        """What preallocate() needs of a container: HostFile, DeviceFile and the
+        blkdebug and quorum files an image may sit on."""
+
+        def allocate(self, offset: int, length: int) -> None: ...
+
+        def pwrite(self, data, offset: int) -> None: ...
+
+
+def preallocate(file: GrowableFile, offset: int, length: int, mode: str) -> None:
     """New bytes [offset, +length) of a file reserved ("falloc") or written as zeros
     ("full"), as QEMU's file driver preallocates them; a failure is worded as QEMU words
     it."""

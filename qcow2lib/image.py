@@ -36,7 +36,7 @@ from .errors import (
     preallocation_failure,
 )
 from .header import Header
-from .hostfile import HostFile, open_host_file
+from .hostfile import HostFile, open_host_file, preallocate
 from .mapping import BACKING, COMPRESSED, DATA, ZERO, ClusterMap, Segment
 from .overlap import (
     ACTIVE_L1,
@@ -2234,6 +2234,8 @@ class Qcow2Image(BlockDevice):
         except Qcow2IOError as exc:  # as QEMU reports the step that failed
             if mode == "metadata":
                 raise exc.in_context("Allocating clusters failed") from None
+            # (preallocate() words its data's failure so already; a metadata write that
+            # fails is worded the same, as the file's growth in QEMU would have met it)
             failure = preallocation_failure(exc, mode)
             if self.has_data_file:  # (QEMU preallocates the data file itself)
                 raise failure from None
@@ -2284,13 +2286,7 @@ class Qcow2Image(BlockDevice):
             for host, length in runs:
                 if target is self.file:
                     self.guard_write(host, length)
-                if mode == "falloc":
-                    target.allocate(host, length)
-                elif mode == "full":
-                    for pos in range(host, host + length, len(_ZEROS)):
-                        target.pwrite(
-                            memoryview(_ZEROS)[: min(len(_ZEROS), host + length - pos)], pos
-                        )
+                preallocate(target, host, length, mode)  # ("metadata": nothing to do)
             last_end = max(h + cs for h in hosts)
             if target.size() < last_end:
                 target.truncate(last_end)
