@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
+import threading
 import time
 from typing import Callable, Sequence
 
@@ -23,6 +25,7 @@ from .filesystem import SERVER_PID_XATTR, DiskFilesystem, serve
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 LIBFUSE_LOOP_ENDED = 8  # fuse_main's code when a signal (SIGINT, SIGTERM, SIGHUP) stops it
 UNMOUNT_TIMEOUT = 120.0  # seconds an unmount waits for the server to close the image
+ANSWER_TIMEOUT = 5.0  # seconds a server has to name itself (microseconds when it runs)
 
 DESCRIPTION = """\
 Mount a disk image (qcow2 or raw, with its backing chain) as a directory of files:
@@ -45,7 +48,8 @@ caches disk.raw and each partition file apart: reopen a file to see what was wri
 through another. Without --foreground the command returns once the filesystem is
 mounted, the server running on in the background. Unmount with
 `%(prog)s --unmount MOUNTPOINT`, `fusermount3 -u` or `umount`, or stop the server with
-SIGINT or SIGTERM: each closes the image cleanly."""
+SIGINT or SIGTERM: each closes the image cleanly. Only --unmount waits until the image
+is closed; after the others, the server closes it just after they return."""
 
 EPILOG = """\
 exit status:
@@ -202,18 +206,24 @@ def check_mountpoint(mountpoint: str) -> None:
 
 
 def _is_mountpoint(path: str) -> bool:
-    """Whether /proc/self/mountinfo lists `path` (also a dead FUSE mount, which stat fails)."""
-    target = os.path.realpath(path)
+    """Whether /proc/self/mountinfo lists `path` (also a dead FUSE mount, which stat fails).
+    The path is first resolved without looking at its last component: a stat of a mount
+    point asks its server, which may be stopped or hung."""
     try:
         with open("/proc/self/mountinfo", "rb") as mountinfo:
             lines = mountinfo.read().splitlines()
     except OSError:
         return False
+    mounted = set()
     for line in lines:
         fields = line.split(b" ")
-        if len(fields) > 4 and _unescape(fields[4]) == target:
-            return True
-    return False
+        if len(fields) > 4:
+            mounted.add(_unescape(fields[4]))
+    absolute = os.path.abspath(path)
+    head, name = os.path.split(absolute)
+    if os.path.join(os.path.realpath(head), name) in mounted:
+        return True
+    return os.path.realpath(absolute) in mounted  # a symbolic link to the mount point
 
 
 def _unescape(field: bytes) -> str:
@@ -412,10 +422,7 @@ def unmount(mountpoint: str, timeout: float = UNMOUNT_TIMEOUT) -> None:
     so that whatever runs next sees the image whole. Raises MountError."""
     if not _is_mountpoint(mountpoint):
         raise MountError(f"'{mountpoint}' is not a mount point")
-    try:
-        server_pid = int(os.getxattr(mountpoint, SERVER_PID_XATTR))
-    except (OSError, ValueError):
-        server_pid = None  # not served by fuse_mount, or its server is gone
+    server_pid = _server_pid(mountpoint)
     result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
     if result.returncode != 0:
         reason = result.stderr.strip().rsplit(": ", 1)[-1] or f"status {result.returncode}"
@@ -430,6 +437,29 @@ def unmount(mountpoint: str, timeout: float = UNMOUNT_TIMEOUT) -> None:
                 f"has not exited after {timeout:.0f} s"
             )
         time.sleep(0.02)
+
+
+def _server_pid(mountpoint: str) -> int | None:
+    """The serving process's pid, asked of the mount itself (None: not served by
+    fuse_mount, or its server is gone). A stopped or hung server never answers, and the
+    question would then keep the mount busy: that is refused after ANSWER_TIMEOUT."""
+    answer: list[int | None] = []
+
+    def ask() -> None:
+        try:
+            answer.append(int(os.getxattr(mountpoint, SERVER_PID_XATTR)))
+        except (OSError, ValueError):
+            answer.append(None)
+
+    asking = threading.Thread(target=ask, daemon=True)
+    asking.start()
+    asking.join(ANSWER_TIMEOUT)
+    if not answer:
+        raise MountError(
+            f"could not unmount '{mountpoint}': its server does not answer (stopped or "
+            f"hung); `fusermount3 -u -z {shlex.quote(mountpoint)}` detaches the mount"
+        )
+    return answer[0]
 
 
 def _running(pid: int) -> bool:

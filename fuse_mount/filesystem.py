@@ -367,6 +367,16 @@ class DiskFilesystem(mfusepy.Operations):
         if length != device.size:  # the disk's size is the image's, not the file's to change
             raise mfusepy.FuseOSError(errno.EPERM)
 
+    def _refuse_tree_change(self, path: str, *args) -> None:
+        """The tree is the image's: no file is made, removed, renamed or linked, and no
+        mode, owner or time changes (EROFS on a read-only mount, else EPERM; left
+        undefined, libfuse would answer ENOSYS, 'Function not implemented')."""
+        raise mfusepy.FuseOSError(errno.EROFS if self.read_only else errno.EPERM)
+
+    chmod = chown = utimens = _refuse_tree_change
+    create = mknod = mkdir = symlink = link = _refuse_tree_change
+    unlink = rmdir = rename = _refuse_tree_change
+
     @_fuse_errors
     def fsync(self, path: str, datasync, fi) -> None:
         device = self._device(path)

@@ -38,7 +38,9 @@ def start_foreground(*args) -> subprocess.Popen:
 
 
 def is_mounted(path: Path) -> bool:
-    target = os.path.realpath(path).encode()
+    """Asked of /proc alone: a stat of the mount point would wait for a stopped server."""
+    head, name = os.path.split(os.path.abspath(path))
+    target = os.path.join(os.path.realpath(head), name).encode()
     with open("/proc/self/mountinfo", "rb") as mountinfo:
         return any(line.split(b" ")[4] == target for line in mountinfo.read().splitlines())
 

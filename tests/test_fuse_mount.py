@@ -12,6 +12,7 @@ import json
 import os
 import random
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -189,6 +190,117 @@ def test_writes_fsync_and_fixed_size(tmp_path: Path, mountpoints) -> None:
     raw = tmp_path / "model.raw"
     raw.write_bytes(model)
     assert qemu_compare(image, raw, "qcow2", "raw") == 0
+
+
+@pytest.mark.parametrize("writable", [True, False], ids=["rw", "ro"])
+def test_the_tree_cannot_change(tmp_path: Path, mountpoints, writable: bool) -> None:
+    """Making, removing, renaming and linking files and changing modes, owners and times
+    are refused with EPERM (EROFS on a read-only mount), never 'Function not
+    implemented'; the image is untouched."""
+    image = tmp_path / "img.qcow2"
+    qemu_create(image, "1M")
+    mnt = mountpoints()
+    mount_ok(image, mnt, *(["--rw"] if writable else []))
+    disk = mnt / "disk.raw"
+    expected = errno.EPERM if writable else errno.EROFS
+    changes = {
+        "create": lambda: os.close(os.open(mnt / "new", os.O_CREAT | os.O_WRONLY, 0o644)),
+        "mknod": lambda: os.mknod(mnt / "fifo", 0o600 | stat.S_IFIFO),
+        "mkdir": lambda: os.mkdir(mnt / "dir"),
+        "unlink": lambda: os.unlink(disk),
+        "rmdir": lambda: os.rmdir(mnt / "snapshots"),
+        "rename": lambda: os.rename(disk, mnt / "other.raw"),
+        "symlink": lambda: os.symlink("disk.raw", mnt / "link"),
+        "link": lambda: os.link(disk, mnt / "hard"),
+        "chmod": lambda: os.chmod(disk, 0o600),
+        "chown": lambda: os.chown(disk, 1, 1),
+        "utime": lambda: os.utime(disk, (0, 0)),
+        "touch": lambda: os.utime(disk),
+    }
+    for name, change in changes.items():
+        with pytest.raises(OSError) as refused:
+            change()
+        assert refused.value.errno == expected, name
+    assert sorted(os.listdir(mnt)) == ["disk.raw", "info.json", "partitions", "snapshots"]
+    unmount_ok(mnt)
+    assert_clean(image)
+
+
+def test_unmount_of_a_stopped_server_does_not_hang(tmp_path: Path, mountpoints) -> None:
+    """A server that does not answer (here stopped) makes --unmount fail with a message
+    after a few seconds, not wait forever; once it runs again, the unmount works."""
+    image = tmp_path / "img.qcow2"
+    qemu_create(image, "1M")
+    mnt = mountpoints()
+    mount_ok(image, mnt, "--rw")
+    pid = server_pid(mnt)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        result = fuse_mount("--unmount", mnt, timeout=60)
+        assert time.monotonic() - started < 30
+        assert result.returncode == 1
+        assert result.stderr == (
+            f"python -m fuse_mount: could not unmount '{mnt}': its server does not answer "
+            f"(stopped "
+            f"or hung); `fusermount3 -u -z {mnt}` detaches the mount\n"
+        )
+        assert is_mounted(mnt)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    unmount_ok(mnt)
+    assert process_gone(pid)
+    assert_clean(image)
+
+
+def test_large_requests_threads_and_page_cache(tmp_path: Path, mountpoints) -> None:
+    """1 MiB requests (max_read), several server threads serving at once, and on a
+    read-only mount the kernel's page cache: a second read of disk.raw does not reach the
+    server (its read bytes do not grow)."""
+    image = tmp_path / "img.qcow2"
+    qemu_create(image, "16M")
+    qemu_io(image, "write -P 0x5a 0 16M")
+    mnt = mountpoints()
+    mount_ok(image, mnt)
+    assert "max_read=1048576" in mount_options(mnt)
+    pid = server_pid(mnt)
+
+    def server_read_bytes() -> int:
+        with open(f"/proc/{pid}/io") as io_counters:
+            return int(dict(line.split(": ") for line in io_counters)["rchar"])
+
+    expected = b"\x5a" * (16 << 20)
+    assert (mnt / "disk.raw").read_bytes() == expected
+    after_first = server_read_bytes()
+    assert (mnt / "disk.raw").read_bytes() == expected
+    assert server_read_bytes() - after_first < 1 << 20  # served from the page cache
+    unmount_ok(mnt)
+
+    # read-write: direct requests, served by several threads at once
+    mount_ok(image, mnt, "--rw")
+    pid = server_pid(mnt)
+    busy = threading.Event()
+    done = threading.Event()
+
+    def reader() -> None:
+        with open(mnt / "disk.raw", "rb", buffering=0) as disk:
+            while not done.is_set():
+                disk.seek(0)
+                disk.read(16 << 20)
+                busy.set()
+
+    readers = [threading.Thread(target=reader) for _ in range(4)]
+    for thread in readers:
+        thread.start()
+    try:
+        busy.wait(30)
+        wait_until(lambda: len(os.listdir(f"/proc/{pid}/task")) >= 3, 30, "server threads")
+    finally:
+        done.set()
+        for thread in readers:
+            thread.join(60)
+    unmount_ok(mnt)
+    assert_clean(image)
 
 
 def test_sparse_copy_keeps_holes(tmp_path: Path, mountpoints) -> None:

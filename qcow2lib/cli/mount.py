@@ -20,6 +20,10 @@ Mount a disk image (qcow2 or raw, with its backing chain) as a directory of file
   MOUNTPOINT/snapshots/NAME.raw     each internal snapshot, read-only (also id-ID.raw)
   MOUNTPOINT/partitions/N.raw       each partition of the disk's MBR or GPT table
 
+A snapshot is there as NAME.raw only when its name makes a valid file name no other
+entry has (not empty, '.', '..', with '/' or NUL, too long, shared or equal to an
+id-ID.raw); id-ID.raw is always there.
+
 The command returns once the filesystem is mounted, its server running on in the
 background (unless --foreground). `{prog} umount MOUNTPOINT` unmounts and waits until the
 image is closed cleanly; SIGINT or SIGTERM to the server do the same.
