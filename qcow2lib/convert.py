@@ -43,6 +43,7 @@ import errno
 import os
 import threading
 from array import array
+from collections.abc import Callable
 
 from .blockdev import BlockDevice, Extent, RawDevice
 from .errors import CorruptImageError, InvalidArgumentError, Qcow2IOError, UnsupportedFeatureError
@@ -56,6 +57,7 @@ IO_BUF_SIZE = 2 << 20
 MAX_BUF_SECTORS = 32768
 MAX_COROUTINES = 16
 BATCH_ITEMS = 4  # buffered work items (of up to 2 MiB each) a worker takes at once
+BATCH_MAX_ITEMS = 256  # and at most this many items in all (zero and backing runs too)
 BDRV_REQUEST_MAX_SECTORS = ((1 << 31) - 1) // SECTOR  # INT_MAX bytes, in whole sectors
 
 BLK_DATA, BLK_ZERO, BLK_BACKING_FILE = "data", "zero", "backing"
@@ -298,7 +300,7 @@ class _Part:
     """One source: its extents are streamed (queries only move forward; `rewind` starts
     the walk again), so a source with millions of extents costs one window of memory."""
 
-    __slots__ = ("device", "start", "sectors", "alignment", "extents", "current")
+    __slots__ = ("device", "start", "sectors", "alignment", "extents", "current", "pending")
 
     def __init__(self, device: BlockDevice, start: int):
         self.device = device
@@ -311,16 +313,39 @@ class _Part:
     def rewind(self) -> None:
         self.extents = self.device.iter_extents(0, self.device.size)
         self.current: Extent | None = None
+        self.pending: Extent | None = None  # read past a joined run, not yet current
+
+    def _pull(self) -> Extent | None:
+        ext, self.pending = self.pending, None
+        return ext if ext is not None else next(self.extents, None)
 
     def status_at(self, offset: int):
         """The extent holding byte `offset`."""
         ext = self.current
         while ext is None or ext.offset + ext.length <= offset:
-            ext = next(self.extents, None)
+            ext = self._pull()
             if ext is None:
                 return None
         self.current = ext
         return ext if ext.offset <= offset else None
+
+    def join_following(self, ext: Extent, end: int, joins: Callable[[Extent], bool]) -> int:
+        """Where the run that starts with `ext` (the current extent) ends, the extents that
+        follow it up to byte `end` and that `joins` accepts taken in: they become one
+        current extent, so that a later query anywhere in the run finds it. The first
+        extent refused is kept for the next query."""
+        run_end = ext.offset + ext.length
+        while run_end < end:
+            following = self._pull()
+            if following is None:
+                break
+            if following.offset != run_end or not joins(following):
+                self.pending = following
+                break
+            run_end += following.length
+        if run_end != ext.offset + ext.length:
+            self.current = ext._replace(length=run_end - ext.offset, host_offset=None)
+        return run_end
 
 
 def _same_file(a: BlockDevice | None, b: BlockDevice | None) -> bool:
@@ -483,7 +508,17 @@ class _Converter:
                 exc.errno,
                 f"error while reading block status at offset {offset}: {exc.errno_text()}",
             ) from exc
-        return self._classify_extent(ext, offset, count)
+        status, run = self._classify_extent(ext, offset, count)
+        if status == BLK_ZERO and ext is not None and run < count and self.min_sparse:
+            # zero clusters beside unallocated ones (or other zero extents that differ
+            # only in what convert does not use): one zero run, not an item per extent
+            # (-S 0 writes zeros as data, an item at a time as in qemu-img's progress)
+            end = part.join_following(ext, offset + count, self._reads_as_zero)
+            run = min(end, offset + count) - offset
+        return status, run
+
+    def _reads_as_zero(self, ext: Extent) -> bool:
+        return self._classify_extent(ext, ext.offset, ext.length)[0] == BLK_ZERO
 
     def _classify_salvaging(self, part: _Part, offset: int, count: int) -> tuple[str, int]:
         """As qemu-img --salvage: the status of [offset, offset+count) asked of the source
@@ -823,9 +858,9 @@ class _Converter:
         """Under self.lock: the next items, consecutive in guest order (empty at the end).
         Ordered writes take a batch of up to `batch_items` items that need a buffer, so
         that a worker waits for its turn once per batch rather than once per 2 MiB."""
-        batch = []
+        batch: list = []
         buffered = 0
-        while buffered < self.batch_items:
+        while buffered < self.batch_items and len(batch) < BATCH_MAX_ITEMS:
             item = self._next_item()
             if item is None:
                 break

@@ -267,15 +267,27 @@ def _copy_down(top, base, base_depth: int, progress, limiter: RateLimiter) -> No
     total = top.size
     done = 0
     buf = bytearray(IO_BUF_SIZE)
-    for ext in top.extents(0, total) if total else []:
+    zero_start = zero_end = 0  # a run of zero extents not yet written: one request for all
+
+    def write_zeroes() -> None:
+        if zero_end > zero_start:
+            base.write_zeroes(zero_start, zero_end - zero_start, may_unmap=True)
+
+    # streamed: what the loop writes lies in the extent it is at, never ahead of it
+    for ext in top.iter_extents(0, total):
         end = ext.offset + ext.length
         if ext.depth >= base_depth:
             done += ext.length
             continue  # the base (or what is below it) already provides this
         if ext.is_zero:
-            base.write_zeroes(ext.offset, ext.length, may_unmap=True)
+            if ext.offset != zero_end:
+                write_zeroes()
+                zero_start = ext.offset
+            zero_end = end
             done += ext.length
         else:
+            write_zeroes()
+            zero_start = zero_end = 0
             offset = ext.offset
             while offset < end:
                 n = min(IO_BUF_SIZE, end - offset)
@@ -287,6 +299,7 @@ def _copy_down(top, base, base_depth: int, progress, limiter: RateLimiter) -> No
                 done += n
                 if progress is not None:
                     progress(done, total)
+    write_zeroes()
     base.flush()
     if progress is not None:
         progress(total, total)

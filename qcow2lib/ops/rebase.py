@@ -190,7 +190,8 @@ def _safe_copy(image, new_backing, new_fmt, progress, force_share, untrusted: bo
         buf_old = bytearray(IO_BUF_SIZE)
         buf_new = bytearray(IO_BUF_SIZE)
         done = 0
-        for ext in image.extents(0, size) if size else []:
+        # streamed: what the loop writes lies in the extent it is at, never ahead of it
+        for ext in image.iter_extents(0, size):
             end = ext.offset + ext.length
             if ext.depth == 0 and ext.present:  # allocated in the overlay itself
                 done += ext.length
@@ -246,7 +247,15 @@ def _write_explicit_zeros(image, offset: int, length: int) -> None:
         image.write_zeroes(first, last - first)
 
 
+def _reads_zeros(device, device_size: int, offset: int, n: int) -> bool:
+    """Whether the range reads as zeros, known from the device's map alone (no read)."""
+    inside = max(0, min(n, device_size - offset)) if device is not None else 0
+    return not inside or all(ext.is_zero for ext in device.iter_extents(offset, inside))
+
+
 def _copy_differences(image, old, new, old_size, new_size, offset, n, buf_old, buf_new) -> None:
+    if _reads_zeros(old, old_size, offset, n) and _reads_zeros(new, new_size, offset, n):
+        return  # the same zeros through both backing files
     old_is_zero = offset >= old_size
     view_old = _read(old, old_size, offset, n, buf_old)
     view_new = _read(new, new_size, offset, n, buf_new)
