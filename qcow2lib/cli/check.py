@@ -6,6 +6,7 @@ import sys
 
 import qcow2lib
 from qcow2lib import ImageLockedError, Qcow2Error
+from qcow2lib.errors import UntrustedImageError
 from qcow2lib.cli.common import Cli
 from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
 from qcow2lib.cli.images import (
@@ -14,6 +15,7 @@ from qcow2lib.cli.images import (
     image_spec,
     open_spec,
     report_failure,
+    untrusted,
 )
 from qcow2lib.ops import error_text, host_path
 
@@ -160,8 +162,15 @@ def _check_open_failure(cli: Cli, spec: ImageSpec, repair: str | None) -> OpenFa
             return OpenFailure(f"Could not open '{spec.name}': {error_text(exc)}", exc.qemu_hint)
     try:
         probe = qcow2lib.open(
-            host_path(spec.path), "r", fmt=spec.fmt, backing=False, force_share=True
+            host_path(spec.path),
+            "r",
+            fmt=spec.fmt,
+            backing=False,
+            force_share=True,
+            untrusted=untrusted(),
         )
+    except UntrustedImageError as exc:  # (QIMG_UNTRUSTED) nothing it names is opened
+        return OpenFailure(f"Could not open '{spec.name}': {error_text(exc)}")
     except Qcow2Error:
         return None  # the check reports what is wrong with the file itself
     # QEMU opens an image to check it without the repair-on-open of a dirty (lazy
@@ -182,7 +191,10 @@ def _check_open_failure(cli: Cli, spec: ImageSpec, repair: str | None) -> OpenFa
         cause = exc.__cause__
         text = exc.message
         if (
-            isinstance(cause, (ImageLockedError, InvalidSecret, qcow2lib.BadSecretError))
+            isinstance(
+                cause,
+                (ImageLockedError, InvalidSecret, qcow2lib.BadSecretError, UntrustedImageError),
+            )
             or "Could not open backing file" in text
             or "loop" in text.lower()
             or "too deep" in text

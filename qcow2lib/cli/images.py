@@ -76,8 +76,11 @@ def warn_stale_bitmaps(cli: Cli, device) -> None:
 
 
 def untrusted() -> bool:
-    """QIMG_UNTRUSTED=1 (qimg's extension): open every image as untrusted (open_image)."""
-    return os.environ.get("QIMG_UNTRUSTED") == "1"
+    """QIMG_UNTRUSTED (qimg's extension): open every image as untrusted (open_image). Any
+    value but empty, 0, no, false or off turns it on: a misspelt 'yes' must not leave a
+    stranger's image trusted."""
+    value = os.environ.get("QIMG_UNTRUSTED", "").strip().lower()
+    return value not in ("", "0", "no", "false", "off")
 
 
 class OpenFailure(Exception):
