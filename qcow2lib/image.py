@@ -1909,8 +1909,15 @@ class Qcow2Image(BlockDevice):
         """Write dirty metadata in crash-safe order (see the module docstring)."""
         refs = self.refcounts
         bitmaps = self._bitmap_tracker
+        bitmap_failure = None
         if bitmaps is not None and bitmaps.pending:
-            bitmaps.allocate()  # their refcounts go to disk with the others, below
+            try:
+                bitmaps.allocate()  # their refcounts go to disk with the others, below
+            except Qcow2IOError as exc:
+                # (an allocation refused as metadata) the bitmaps stay in use, stale, but
+                # the tables of acknowledged writes are still written back before it fails
+                bitmap_failure = exc
+                bitmaps = None
         else:
             bitmaps = None
         if self.data_host is not None:
@@ -1946,6 +1953,8 @@ class Qcow2Image(BlockDevice):
             self._sync(self.file)
             for first, count in released:
                 self.file.punch_hole(first << self.cluster_bits, count << self.cluster_bits)
+        if bitmap_failure is not None:
+            raise bitmap_failure
 
     def _guard_metadata_writes(self) -> None:
         """Before a write-back: every dirty table goes where its own kind of structure lies

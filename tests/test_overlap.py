@@ -436,6 +436,69 @@ def test_bitmap_table_entry_pointing_at_l1_table(tmp_path):
         assert image.read(1 << 20, 4096) == b"\x5a" * 4096
 
 
+def bitmap_directory_offset(layout: Layout) -> int:
+    header = layout.read(0, layout.cluster_size)
+    pos = struct.unpack(">I", header[100:104])[0]
+    while True:
+        kind, length = struct.unpack(">II", header[pos : pos + 8])
+        assert kind, "no bitmaps extension"
+        if kind == 0x23852875:
+            return struct.unpack(">Q", header[pos + 24 : pos + 32])[0]
+        pos += 8 + (length + 7 & ~7)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("structure", ["bitmap directory", "bitmap table"])
+def test_allocator_refuses_bitmap_metadata_with_refcount_zero(tmp_path, structure):
+    """A bitmap directory or bitmap table whose refcount is wrongly 0: guest writes
+    allocate clusters until the allocator reaches it, and that write is refused (EIO,
+    QEMU's words, the corrupt bit) rather than given the cluster; the structure is
+    unharmed and what was written before reads back. (QEMU checks the directory, at its
+    own later point, and not the tables, which guest data may then overwrite.)"""
+    path = tmp_path / "bitmaps.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "64M")
+    qemu_img("bitmap", "--add", path, "b0")
+    qemu_io(path, "write -P 0x11 0 64k")
+    qemu_img("bitmap", "--add", path, "b1")  # b0's table is now stored
+    layout = Layout(path)
+    if structure == "bitmap directory":
+        target = bitmap_directory_offset(layout)
+    else:
+        target = bitmap_table_offset(layout)
+    content = layout.read(target, layout.cluster_size)
+    layout.zero_refcount(target // layout.cluster_size)
+    image = qcow2lib.open(str(path), "r+")
+    written = []
+    with pytest.raises(Qcow2IOError) as caught:
+        for index in range(1, 64):
+            image.write(index << 20, bytes([index]) * 4096)
+            written.append(index)
+    with pytest.raises(Qcow2IOError):
+        image.close()
+    assert caught.value.errno == errno.EIO
+    assert caught.value.strerror == (
+        f"qcow2: Marking image as corrupt: Preventing invalid write on metadata (overlaps "
+        f"with {structure}); further corruption events will be suppressed"
+    )
+    assert is_corrupt(path)
+    if structure == "bitmap table":
+        assert layout.read(target, layout.cluster_size) == content
+    else:  # only the in-use flags (a read-write open sets them) changed
+        bitmaps = qemu_info(path)["format-specific"]["data"]["bitmaps"]
+        assert [(b["name"], b["flags"]) for b in bitmaps] == [
+            ("b0", ["in-use", "auto"]),
+            ("b1", ["in-use", "auto"]),
+        ]
+        after = bytearray(layout.read(target, layout.cluster_size))
+        for entry in (0, 24 + -(-len("b0") // 8) * 8):  # each entry's flags word
+            after[entry + 12 : entry + 16] = content[entry + 12 : entry + 16]
+        assert after == content
+    with qcow2lib.open(str(path), "r") as image:
+        assert image.read(0, 65536) == b"\x11" * 65536
+        for index in written:
+            assert image.read(index << 20, 4096) == bytes([index]) * 4096, index
+
+
 # --- the map kept up to date incrementally --------------------------------------------------
 
 
