@@ -195,11 +195,12 @@ _per_thread = threading.local()
 
 
 def compress(kind: str, data: bytes | memoryview) -> bytes:
-    """Compress one cluster the way QEMU does (raw deflate, 4 KiB window / one zstd frame)."""
+    """Compress one cluster the way QEMU does (raw deflate, 4 KiB window, memory level 9 / one
+    zstd frame), so the same input gives the same bytes."""
     if kind == ZLIB:
         import zlib  # (see decompress)
 
-        deflater = zlib.compressobj(6, zlib.DEFLATED, -12)
+        deflater = zlib.compressobj(6, zlib.DEFLATED, -12, 9)  # (memLevel 9, as QEMU)
         return deflater.compress(data) + deflater.flush()
     if kind == ZSTD:
         # One compressor per thread, kept: making one sets up a context of its own,

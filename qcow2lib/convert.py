@@ -1077,6 +1077,8 @@ class _Converter:
             thread.join()
         if self.error is not None:
             raise self.error
+        if self.compressed and hasattr(self.target, "align_file_end"):
+            self.target.align_file_end()  # as qemu-img ends a compressed copy
         self.target.flush()
         if self.progress is not None:
             self.progress(self.total_bytes, self.total_bytes)

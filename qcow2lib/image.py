@@ -1629,6 +1629,15 @@ class Qcow2Image(BlockDevice):
                     self._notify_all()
         self._maybe_write_back()
 
+    def align_file_end(self) -> None:
+        """Extend the file to a whole number of 512-byte sectors, as QEMU does when a
+        compressed copy ends (compressed clusters pack bytes, leaving it anywhere), so
+        sector-based readers of the file see all of it."""
+        with self._lock:
+            size = self.file.size()
+            if size % 512:
+                self.file.truncate(size + 512 - size % 512)
+
     def _allocate_bytes(self, size: int) -> int:
         """Room for `size` compressed bytes, packed after the previous compressed cluster.
 
