@@ -31,7 +31,7 @@ DESCRIPTION = """\
 Mount a disk image (qcow2 or raw, with its backing chain) as a directory of files:
 
   MOUNTPOINT/disk.raw               the guest-visible disk, its virtual size
-  MOUNTPOINT/info.json              `qimg info --output=json` of the image's absolute path
+  MOUNTPOINT/info.json              `qimg info --output=json` of the image, as named here
   MOUNTPOINT/snapshots/NAME.raw     each internal snapshot, read-only
   MOUNTPOINT/snapshots/id-ID.raw    each internal snapshot by its ID, always there
   MOUNTPOINT/partitions/N.raw       each partition of the disk's MBR or GPT table
@@ -334,9 +334,18 @@ def _serve_image(
         info_format = base.format
 
         def info_text() -> str:
+            from qcow2lib.ops import full_backing_filename
             from qcow2lib.ops.info import image_info
 
-            return info_json(image_info(info_path, info_format, force_share=True)) + "\n"
+            info = image_info(info_path, info_format, force_share=True)
+            # named as the user named it, as `qimg info NAME` would from where the mount
+            # was made (the server opens it by its absolute path: it runs from "/")
+            info["filename"] = image
+            if "full-backing-filename" in info:
+                info["full-backing-filename"] = full_backing_filename(
+                    host_path(image), info["backing-filename"]
+                )
+            return info_json(info) + "\n"
 
         try:
             filesystem = DiskFilesystem(

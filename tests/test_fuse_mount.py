@@ -106,6 +106,36 @@ def test_tree_matches_qemu(tmp_path: Path, mountpoints) -> None:
     assert_clean(image)
 
 
+def test_info_json_names_the_image_as_given(tmp_path: Path, mountpoints) -> None:
+    """Mounted by a relative name from its directory, an image with a backing file:
+    info.json is what `qemu-img info --output=json NAME` prints there (filename and
+    full-backing-filename as the user named them, not the server's absolute path)."""
+    qemu_create(tmp_path / "base.qcow2", "4M")
+    qemu_img(
+        "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", tmp_path / "top.qcow2"
+    )
+    mnt = mountpoints()
+    result = subprocess.run(
+        [sys.executable, "-m", "fuse_mount", "top.qcow2", mnt.name],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    expected = subprocess.run(
+        ["qemu-img", "info", "--output=json", "top.qcow2"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=True,
+    ).stdout
+    assert json.loads((mnt / "info.json").read_text()) == json.loads(expected)
+    assert json.loads(expected)["full-backing-filename"] == "base.qcow2"
+    unmount_ok(mnt)
+
+
 def test_snapshot_names_that_are_no_file_names(tmp_path: Path, mountpoints) -> None:
     image = tmp_path / "img.qcow2"
     qemu_create(image, "1M")
