@@ -262,6 +262,20 @@ def commit(
             top.backing = None
 
 
+COMMIT_WINDOW_CLUSTERS = 8192  # top's extents are listed this many clusters at a time
+COMMIT_WINDOW_MAX = 512 << 20  # (an L2 table's span with 64 KiB clusters), at most
+
+
+def _extents_by_window(top, total: int):
+    """top's extents, each aligned window of them listed before any is acted on: memory
+    stays bounded, and the base's tables of a window are looked up before the copy has
+    written into them (looked up as it goes, every empty range of the top cost a walk of
+    a base table the copy had just made, not a skip of a table that is not there)."""
+    window = min(COMMIT_WINDOW_MAX, COMMIT_WINDOW_CLUSTERS * getattr(top, "cluster_size", 65536))
+    for start in range(0, total, window):
+        yield from top.extents(start, min(window, total - start))
+
+
 def _copy_down(top, base, base_depth: int, progress, limiter: RateLimiter) -> None:
     """Write what the layers above the base provide into the base, and flush it."""
     total = top.size
@@ -273,8 +287,7 @@ def _copy_down(top, base, base_depth: int, progress, limiter: RateLimiter) -> No
         if zero_end > zero_start:
             base.write_zeroes(zero_start, zero_end - zero_start, may_unmap=True)
 
-    # streamed: what the loop writes lies in the extent it is at, never ahead of it
-    for ext in top.iter_extents(0, total):
+    for ext in _extents_by_window(top, total):
         end = ext.offset + ext.length
         if ext.depth >= base_depth:
             done += ext.length
