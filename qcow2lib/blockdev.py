@@ -13,7 +13,7 @@ import io
 from collections import namedtuple
 from collections.abc import Iterable, Iterator
 
-from .errors import InvalidArgumentError, Qcow2IOError, ReadOnlyError
+from .errors import InvalidArgumentError, Qcow2Error, Qcow2IOError, ReadOnlyError
 from .structs import QCOW_MAGIC
 from .hostfile import HostFile, open_host_file
 
@@ -187,35 +187,49 @@ class BlockDevice:
         self.close()
 
 
-def iter_merged(batches: Iterable[Iterable[Extent]]) -> Iterator[Extent]:
+def iter_merged(
+    batches: Iterable[Iterable[Extent]], pending_on_error: bool = False
+) -> Iterator[Extent]:
     """The extents of the batches, neighbours that say the same thing (same state, host
-    offsets continuing or both absent) joined, zero-length ones dropped."""
+    offsets continuing or both absent) joined, zero-length ones dropped. When the batches
+    fail, the extent held back for joining is dropped (qemu-img map prints no entry it
+    had not finished), or with pending_on_error produced first (convert: only a query
+    past the last good extent fails, as in qemu-img)."""
     last = None
-    for batch in batches:
-        for ext in batch:
-            if not ext[1]:
-                continue
-            if (
-                last is not None
-                and last[0] + last[1] == ext[0]
-                and last[2] == ext[2]
-                and last[3] == ext[3]
-                and last[4] == ext[4]
-                and last[6] == ext[6]
-            ):
-                host, last_host = ext[5], last[5]
-                if (
-                    host is None
-                    and last_host is None
-                    or (host is not None and last_host is not None and last_host + last[1] == host)
-                ):
-                    last = Extent(
-                        last[0], last[1] + ext[1], last[2], last[3], last[4], last_host, last[6]
-                    )
+    try:
+        for batch in batches:
+            for ext in batch:
+                if not ext[1]:
                     continue
-            if last is not None:
-                yield last
-            last = ext
+                if (
+                    last is not None
+                    and last[0] + last[1] == ext[0]
+                    and last[2] == ext[2]
+                    and last[3] == ext[3]
+                    and last[4] == ext[4]
+                    and last[6] == ext[6]
+                ):
+                    host, last_host = ext[5], last[5]
+                    if (
+                        host is None
+                        and last_host is None
+                        or (
+                            host is not None
+                            and last_host is not None
+                            and last_host + last[1] == host
+                        )
+                    ):
+                        last = Extent(
+                            last[0], last[1] + ext[1], last[2], last[3], last[4], last_host, last[6]
+                        )
+                        continue
+                if last is not None:
+                    yield last
+                last = ext
+    except Qcow2Error:
+        if pending_on_error and last is not None:
+            yield last
+        raise
     if last is not None:
         yield last
 

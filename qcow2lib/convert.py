@@ -45,8 +45,14 @@ import threading
 from array import array
 from collections.abc import Callable
 
-from .blockdev import BlockDevice, Extent, RawDevice
-from .errors import CorruptImageError, InvalidArgumentError, Qcow2IOError, UnsupportedFeatureError
+from .blockdev import BlockDevice, Extent, RawDevice, iter_merged
+from .errors import (
+    CorruptImageError,
+    InvalidArgumentError,
+    Qcow2Error,
+    Qcow2IOError,
+    UnsupportedFeatureError,
+)
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:
@@ -300,7 +306,16 @@ class _Part:
     """One source: its extents are streamed (queries only move forward; `rewind` starts
     the walk again), so a source with millions of extents costs one window of memory."""
 
-    __slots__ = ("device", "start", "sectors", "alignment", "extents", "current", "pending")
+    __slots__ = (
+        "device",
+        "start",
+        "sectors",
+        "alignment",
+        "extents",
+        "current",
+        "pending",
+        "failure",
+    )
 
     def __init__(self, device: BlockDevice, start: int):
         self.device = device
@@ -311,12 +326,19 @@ class _Part:
         self.rewind()
 
     def rewind(self) -> None:
-        self.extents = self.device.iter_extents(0, self.device.size)
+        size = self.device.size
+        self.device.check_request(0, size)
+        batches = self.device.extent_batches(0, size) if size else iter(())
+        self.extents = iter_merged(batches, pending_on_error=True)
         self.current: Extent | None = None
         self.pending: Extent | None = None  # read past a joined run, not yet current
+        self.failure: Qcow2Error | None = None  # met reading past one, for the next query
 
     def _pull(self) -> Extent | None:
         ext, self.pending = self.pending, None
+        if ext is None and self.failure is not None:
+            failure, self.failure = self.failure, None
+            raise failure
         return ext if ext is not None else next(self.extents, None)
 
     def status_at(self, offset: int):
@@ -336,7 +358,11 @@ class _Part:
         extent refused is kept for the next query."""
         run_end = ext.offset + ext.length
         while run_end < end:
-            following = self._pull()
+            try:
+                following = self._pull()
+            except Qcow2Error as exc:  # for the query past the run (qemu-img's next one)
+                self.failure = exc
+                break
             if following is None:
                 break
             if following.offset != run_end or not joins(following):

@@ -30,6 +30,12 @@ class CorruptImageError(Qcow2Error):
     """The image contradicts the format: a field, table or entry is invalid."""
 
 
+class SignaledCorruptionError(CorruptImageError):
+    """Broken metadata QEMU's driver signals as corruption when a request meets it (an
+    unaligned table or cluster offset): a read fails with EIO after QEMU's notice, and an
+    image open for writing is marked corrupt (see Qcow2Image._met_corruption)."""
+
+
 class UnsupportedFeatureError(Qcow2Error):
     """The image is valid but uses something this engine does not implement."""
 
@@ -53,6 +59,30 @@ class Qcow2IOError(Qcow2Error, OSError):
     def prefixed(self, prefix: str) -> "Qcow2IOError":
         """The same failure as an outer step of QEMU's reports it: `prefix` before it."""
         return Qcow2IOError(self.errno, f"{prefix}: {self.strerror}", self.filename)
+
+
+class CorruptionIOError(Qcow2IOError, CorruptImageError):
+    """A request met broken metadata and failed with EIO, as QEMU fails it; `notice` is the
+    line QEMU prints when its driver finds the damage (see emit_notice)."""
+
+    notice: str = ""
+
+
+# Where the lines QEMU's drivers print as they find something wrong (an image found
+# corrupt) go: qimg sends them to stderr when they happen, as QEMU does; by default the
+# library keeps them to itself (each is also the `notice` of the error raised).
+_notice_listener = None
+
+
+def set_notice_listener(listener) -> None:
+    """listener(line) is called with each such line (None: nobody is told)."""
+    global _notice_listener
+    _notice_listener = listener
+
+
+def emit_notice(line: str) -> None:
+    if _notice_listener is not None:
+        _notice_listener(line)
 
 
 def preallocation_failure(exc: Qcow2IOError, mode: str) -> Qcow2IOError:

@@ -28,11 +28,14 @@ from .cache import decode_be64
 from .errors import (
     BadSecretError,
     CorruptImageError,
+    CorruptionIOError,
     InvalidArgumentError,
     Qcow2Error,
     Qcow2IOError,
+    SignaledCorruptionError,
     UnsupportedFeatureError,
     UntrustedImageError,
+    emit_notice,
     preallocation_failure,
 )
 from .header import Header
@@ -270,6 +273,7 @@ class Qcow2Image(BlockDevice):
             )
         self._host_size = file_size
         self._lock = RLock()
+        self._corruption_signaled = False  # (QEMU reports the first event only)
         # (see _write_checked; taken before self._lock, never while holding it: whoever
         # holds the image for a while and writes through it takes this one first)
         self._planned_writes = RLock()
@@ -551,13 +555,16 @@ class Qcow2Image(BlockDevice):
             return 0
         if self.encrypted:
             self._require_crypto()
-        if length <= _CACHED_READ_MAX:
-            if self._read_small(self.map, offset, view):
+        try:
+            if length <= _CACHED_READ_MAX:
+                if self._read_small(self.map, offset, view):
+                    return length
+            elif self._under_zero_l1(self.map, offset, length):
+                _fill_zeros(view)
                 return length
-        elif self._under_zero_l1(self.map, offset, length):
-            _fill_zeros(view)
-            return length
-        self.read_mapped(self.map, offset, view)
+            self.read_mapped(self.map, offset, view)
+        except SignaledCorruptionError as exc:
+            raise self._met_corruption(exc) from None
         return length
 
     def readv(self, offset: int, views: list[memoryview], length: int | None = None) -> int:
@@ -570,6 +577,12 @@ class Qcow2Image(BlockDevice):
         self.check_request(offset, total)
         if not total:
             return 0
+        try:
+            return self._readv(data_file, offset, views, total)
+        except SignaledCorruptionError as exc:
+            raise self._met_corruption(exc) from None
+
+    def _readv(self, data_file, offset: int, views: list[memoryview], total: int) -> int:
         with self._lock:
             host = self.map.data_run(offset, total)
             if host is not None:  # the common case: no segment list
@@ -620,6 +633,12 @@ class Qcow2Image(BlockDevice):
             return b""
         if self.encrypted:  # decrypted in place in a buffer anyway
             return super().read(offset, length)
+        try:
+            return self._read_bytes(offset, length)
+        except SignaledCorruptionError as exc:
+            raise self._met_corruption(exc) from None
+
+    def _read_bytes(self, offset: int, length: int) -> bytes:
         data_file = self._data_file()
         with self._lock:
             # (one run of data clusters, as read_mapped finds it: no segment list)
@@ -894,7 +913,10 @@ class Qcow2Image(BlockDevice):
     # --- extents ------------------------------------------------------------------------
 
     def extent_batches(self, offset: int, length: int) -> Iterator[list[Extent]]:
-        return self.mapped_extent_batches(self.map, offset, length, active=True)
+        try:
+            yield from self.mapped_extent_batches(self.map, offset, length, active=True)
+        except SignaledCorruptionError as exc:
+            raise self._met_corruption(exc) from None
 
     def mapped_extent_batches(
         self, cluster_map: ClusterMap, offset: int, length: int, active: bool
@@ -1988,6 +2010,32 @@ class Qcow2Image(BlockDevice):
         except CorruptImageError as exc:
             self._signal_corruption(exc)
             raise
+
+    def _met_corruption(self, exc: SignaledCorruptionError) -> CorruptionIOError:
+        """A read or a block-status query met broken metadata: as in QEMU, an image open
+        for writing is marked corrupt, one open read-only is only reported so, the line
+        QEMU prints goes out (once: later ones are suppressed, as QEMU's say) and the
+        request fails with EIO."""
+        fatal = not self.read_only
+        if fatal:
+            notice = (
+                f"qcow2: Marking image as corrupt: {exc}; further corruption events will "
+                f"be suppressed"
+            )
+        else:
+            notice = (
+                f"qcow2: Image is corrupt: {exc}; further non-fatal corruption events will "
+                f"be suppressed"
+            )
+        if not self._corruption_signaled or (fatal and not self.corrupt):
+            self._corruption_signaled = True
+            emit_notice(notice)
+        if fatal:
+            with self._lock:
+                self._signal_corruption(exc)
+        error = CorruptionIOError(errno.EIO, str(exc), self.filename)
+        error.notice = notice
+        return error
 
     def _signal_corruption(self, exc: Qcow2Error) -> None:
         """Metadata a write depends on is broken: mark the image corrupt and stop writing,

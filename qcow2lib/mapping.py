@@ -16,8 +16,9 @@ from bisect import bisect_right
 
 from . import structs as S
 from .cache import TableCache, decode_be64, encode_be64
-from .errors import CorruptImageError, InvalidArgumentError
+from .errors import CorruptImageError, InvalidArgumentError, SignaledCorruptionError
 from .runs import NativeRunLength, column_flags, nonzero_positions, one_positions
+from .sizes import c_hex
 
 DATA, ZERO, BACKING, COMPRESSED = "data", "zero", "backing", "compressed"
 
@@ -152,9 +153,8 @@ class ClusterMap:
         if entry & S.L1E_RESERVED_MASK:
             raise CorruptImageError(f"L1 entry {l1_index} has reserved bits set (0x{entry:016x})")
         if offset % self.cluster_size:
-            raise CorruptImageError(
-                f"L2 table offset 0x{offset:x} (L1 entry {l1_index}) is not aligned to the "
-                f"cluster size {self.cluster_size}"
+            raise SignaledCorruptionError(
+                f"L2 table offset {c_hex(offset)} unaligned (L1 index: {c_hex(l1_index)})"
             )
         return offset
 
@@ -254,9 +254,11 @@ class ClusterMap:
 
     def _check_host(self, host: int, entry: int, cluster_index: int, overlap: bool) -> None:
         if host % self.cluster_size:
-            raise CorruptImageError(
-                f"Cluster allocation offset 0x{host:x} unaligned (L2 entry 0x{entry:016x} for "
-                f"guest cluster {cluster_index})"
+            l2_index = cluster_index % self.l2_entries
+            l2_offset = self.l1[cluster_index // self.l2_entries] & S.L1E_OFFSET_MASK
+            raise SignaledCorruptionError(
+                f"Cluster allocation offset {c_hex(host)} unaligned (L2 offset: "
+                f"{c_hex(l2_offset)}, L2 index: {c_hex(l2_index)})"
             )
         if self.has_data_file:
             return

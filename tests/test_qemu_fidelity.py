@@ -447,3 +447,55 @@ def test_unmapped_clusters_are_discarded_in_the_external_data_file(tmp_path, ext
     assert maps[:2] == maps[2:], "\n".join(maps)
     assert '"data": false, "offset": 0}' in maps[1]  # the first 256 KiB went back
     assert (ours / "t.data").read_bytes() == (theirs / "t.data").read_bytes()
+
+
+# --- broken metadata met by a read or a block-status query (iotests 060, 080) -------------
+
+
+def _broken_image(directory: Path, case: str) -> None:
+    """Clusters 0 and 1G written; then either guest cluster 0's L2 entry or the second
+    L1 entry (of the unallocated range from 512M) is bent to an unaligned offset."""
+    image = directory / "t.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", image, "2G")
+    qemu_io(image, "write -P 0x11 0 64k", "write -P 0x12 1G 64k")
+    data = image.read_bytes()
+    l1_offset = int.from_bytes(data[40:48], "big")
+    if case == "L2 entry":
+        l2_offset = int.from_bytes(data[l1_offset : l1_offset + 8], "big") & ((1 << 56) - 512)
+        where, entry = l2_offset, int.from_bytes(data[l2_offset : l2_offset + 8], "big")
+    else:  # the L1 entry of the second L2 table
+        where, entry = l1_offset + 8, int.from_bytes(data[l1_offset + 8 : l1_offset + 16], "big")
+    _poke(image, where, (entry + 0x200).to_bytes(8, "big"))
+
+
+@pytest.mark.parametrize("case", ["L2 entry", "L1 entry"])
+def test_broken_metadata_met_by_reads_as_qemu_img(tmp_path, case):
+    """Each command that reads prints QEMU's one-time notice of the damage (an image
+    opened read-only is reported corrupt, not marked) and fails with EIO in its own
+    words; a read through an image open for writing marks it corrupt, as qemu-io's."""
+    ours, theirs = twin(tmp_path, lambda directory: _broken_image(directory, case))
+    offset = "0" if case == "L2 entry" else "536870912"  # (the second L2 table's range)
+    for args in (
+        ["convert", "-O", "raw", "t.qcow2", "out.raw"],
+        ["compare", "t.qcow2", "t.qcow2"],
+        ["map", "--output=json", "t.qcow2"],
+        ["measure", "-O", "qcow2", "t.qcow2"],
+        ["dd", "if=t.qcow2", "of=out.raw", "-O", "raw", f"skip={int(offset) // 4096}", "bs=4k"],
+        ["bench", "-c", "1", "-s", "4k", "-o", offset, "t.qcow2"],
+    ):
+        mine, real = run_qimg(ours, *args), run_qemu(theirs, *args)
+        assert (mine.returncode, mine.stderr) == (real.returncode, real.stderr), args
+        assert real.stderr.startswith("qcow2: Image is corrupt: "), args
+    import qcow2lib
+    from qcow2lib.errors import CorruptImageError, Qcow2IOError
+
+    with qcow2lib.open(str(ours / "t.qcow2"), "r+") as image:
+        with pytest.raises(Qcow2IOError) as failed:
+            image.read(int(offset), 4096)
+    assert failed.value.errno == 5 and isinstance(failed.value, CorruptImageError)
+    qemu = run(["qemu-io", "-c", f"read {offset} 4k", "t.qcow2"], check=False, cwd=theirs)
+    assert failed.value.notice == qemu.stderr.splitlines()[0]
+    assert failed.value.notice.startswith("qcow2: Marking image as corrupt: ")
+    for directory in (ours, theirs):
+        info = run_qemu(directory, "info", "t.qcow2").stdout
+        assert "corrupt: true" in info, directory

@@ -175,6 +175,10 @@ def run(cli: Cli, argv: list[str]) -> int:
     return handler(cli, getopt.argv[getopt.optind :])
 
 
+def _print_notice(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Run qimg with `argv` (default sys.argv[1:]); messages name `prog` (default argv[0])."""
     if argv is None:
@@ -189,6 +193,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="surrogateescape")
     cli = Cli(prog)
+    # a driver's notices (an image found corrupt) go out when they happen, as QEMU's do
+    qcow2lib.errors.set_notice_listener(_print_notice)
     try:
         return run(cli, [prog, *args])
     except CliExit as exc:

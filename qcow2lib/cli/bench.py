@@ -222,7 +222,7 @@ class _BenchRun:
                 error = None
             except Qcow2Error as exc:
                 error = (
-                    exc.strerror
+                    error_text(exc)
                     if isinstance(exc, OSError) and exc.strerror
                     else "Input/output error"
                 )

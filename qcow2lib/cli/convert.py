@@ -271,8 +271,8 @@ def _salvage_warnings(cli: Cli, quiet: bool):
     def warn(what: str, offset: int, exc: Qcow2Error) -> None:
         if not quiet:
             where = "block status at offset" if what == "block status" else "offset"
-            # broken metadata is EIO to qemu-img (the image is marked corrupt)
-            text = exc.strerror if isinstance(exc, OSError) else os.strerror(errno.EIO)
+            # broken metadata is EIO to qemu-img (its notice told what is broken)
+            text = error_text(exc) if isinstance(exc, OSError) else os.strerror(errno.EIO)
             cli.warn_report(f"error while reading {where} {offset}: {text}")
 
     return warn

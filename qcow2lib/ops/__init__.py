@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ..blockdev import BlockDevice
 from ..chain import FORMATS, BackingNode, json_image_target, open_image
-from ..errors import InvalidArgumentError, Qcow2Error
+from ..errors import CorruptionIOError, InvalidArgumentError, Qcow2Error
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:
@@ -39,9 +39,41 @@ def error_text(exc: Qcow2Error) -> str:
     qemu_message = getattr(exc, "qemu_message", None)
     if qemu_message is not None:
         return qemu_message
+    if isinstance(exc, CorruptionIOError):  # (its notice told what is broken)
+        return exc.errno_text()
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc)
+
+
+def chain_layer(top, depth: int):
+    """The image `depth` backing steps below `top` (top itself at 0)."""
+    layer = top
+    for _ in range(depth):
+        layer = layer.backing
+    return layer
+
+
+WINDOW_CLUSTERS = 8192  # extents_above lists this many clusters' extents at a time
+WINDOW_MAX = 512 << 20  # (an L2 table's span with 64 KiB clusters), at most
+
+
+def extents_above(top, depth: int, total: int):
+    """The extents of [0, total) through the layers of top's chain above `depth` (the
+    layers from there down left out: a range they would provide is not present), as
+    qemu-img asks "allocated above" for commit and rebase: the metadata below is neither
+    walked for nothing nor, if broken, a reason to fail. Each aligned window is listed
+    before the caller acts on it (memory stays bounded; what the caller writes in a
+    window is not looked up again)."""
+    window = min(WINDOW_MAX, WINDOW_CLUSTERS * getattr(top, "cluster_size", 65536))
+    above = chain_layer(top, depth - 1)
+    for start in range(0, total, window):
+        below, above.backing = above.backing, None
+        try:
+            extents = top.extents(start, min(window, total - start))
+        finally:
+            above.backing = below
+        yield from extents
 
 
 def check_bitmap_constraints(img: BlockDevice) -> None:

@@ -29,6 +29,7 @@ from ..errors import CorruptImageError, InvalidArgumentError, Qcow2Error, Qcow2I
 from ..image import Qcow2Image
 from ..nodes import is_node_name
 from ..throttle import RateLimiter
+from . import chain_layer, extents_above
 from .empty import can_start_afresh, start_afresh
 from .resize import resize
 
@@ -190,13 +191,6 @@ def _open_given_layer(layer, options, base_name, depth: int, passphrases: tuple,
     return layer.backing, is_base, None if is_base else opened.get("backing_node")
 
 
-def _layer(top, depth: int):
-    layer = top
-    for _ in range(depth):
-        layer = layer.backing
-    return layer
-
-
 def commit(
     top: BlockDevice,
     base_name: str | None = None,
@@ -239,7 +233,7 @@ def commit(
         top, base_name, tuple(backing_passphrases), untrusted, backing_node, name
     )
     try:
-        base = _layer(top, base_depth)
+        base = chain_layer(top, base_depth)
         if base.size < top.size:
             resize(base, top.size)
         try:
@@ -262,20 +256,6 @@ def commit(
             top.backing = None
 
 
-COMMIT_WINDOW_CLUSTERS = 8192  # top's extents are listed this many clusters at a time
-COMMIT_WINDOW_MAX = 512 << 20  # (an L2 table's span with 64 KiB clusters), at most
-
-
-def _extents_by_window(top, total: int):
-    """top's extents, each aligned window of them listed before any is acted on: memory
-    stays bounded, and the base's tables of a window are looked up before the copy has
-    written into them (looked up as it goes, every empty range of the top cost a walk of
-    a base table the copy had just made, not a skip of a table that is not there)."""
-    window = min(COMMIT_WINDOW_MAX, COMMIT_WINDOW_CLUSTERS * getattr(top, "cluster_size", 65536))
-    for start in range(0, total, window):
-        yield from top.extents(start, min(window, total - start))
-
-
 def _copy_down(top, base, base_depth: int, progress, limiter: RateLimiter) -> None:
     """Write what the layers above the base provide into the base, and flush it."""
     total = top.size
@@ -287,9 +267,9 @@ def _copy_down(top, base, base_depth: int, progress, limiter: RateLimiter) -> No
         if zero_end > zero_start:
             base.write_zeroes(zero_start, zero_end - zero_start, may_unmap=True)
 
-    for ext in _extents_by_window(top, total):
+    for ext in extents_above(top, base_depth, total):
         end = ext.offset + ext.length
-        if ext.depth >= base_depth:
+        if not ext.present or ext.depth >= base_depth:
             done += ext.length
             continue  # the base (or what is below it) already provides this
         if ext.is_zero:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..errors import InvalidArgumentError, Qcow2IOError
 from ..sizes import parse_number, parse_size
-from . import virtual_size
+from . import error_text, virtual_size
 
 QCOW_MAX_L1_BYTES = 32 * 1024 * 1024
 DEFAULT_CLUSTER_SIZE = 65536
@@ -141,7 +141,7 @@ def _source_required(source, cluster_size: int) -> int:
     try:
         return _count_required(source, cluster_size)
     except Qcow2IOError as exc:  # (qemu-img's words for a failed block status query)
-        raise Qcow2IOError(exc.errno, f"Unable to get block status: {exc.strerror}") from None
+        raise Qcow2IOError(exc.errno, f"Unable to get block status: {error_text(exc)}") from None
 
 
 def _count_required(source, cluster_size: int) -> int:

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from ..blockdev import BlockDevice
 from ..chain import open_image, probe_format
 from ..drivers import KNOWN_DRIVERS
-from ..errors import CorruptImageError, InvalidArgumentError, Qcow2Error
-from . import error_text, full_backing_filename
+from ..errors import CorruptImageError, InvalidArgumentError, Qcow2Error, Qcow2IOError
+from . import error_text, extents_above, full_backing_filename
 
 IO_BUF_SIZE = 2 << 20
 SECTOR = 512
@@ -190,13 +190,22 @@ def _safe_copy(image, new_backing, new_fmt, progress, force_share, untrusted: bo
         buf_old = bytearray(IO_BUF_SIZE)
         buf_new = bytearray(IO_BUF_SIZE)
         done = 0
-        # streamed: what the loop writes lies in the extent it is at, never ahead of it
-        for ext in image.iter_extents(0, size):
+        # What is allocated above the new backing file when it is a layer of the old
+        # chain (what lies there or below is unchanged), else above the old backing file.
+        above = prefix_depth if prefix_depth is not None else 1
+        extents = extents_above(image, above, size)
+        while True:
+            try:
+                ext = next(extents, None)
+            except Qcow2Error as exc:
+                raise _read_error("error while reading image metadata", exc) from exc
+            if ext is None:
+                break
             end = ext.offset + ext.length
-            if ext.depth == 0 and ext.present:  # allocated in the overlay itself
+            if ext.present and ext.depth == 0:  # allocated in the overlay itself
                 done += ext.length
                 continue
-            if prefix_depth is not None and ext.depth >= prefix_depth and ext.present:
+            if prefix_depth is not None and not ext.present:
                 # Comes from the new backing file itself (or below it): unchanged.
                 done += ext.length
                 continue
@@ -216,6 +225,28 @@ def _safe_copy(image, new_backing, new_fmt, progress, force_share, untrusted: bo
     finally:
         if opened and new is not None:
             new.close()
+
+
+class _reading:
+    """Failures of the reads inside become `what`, as qemu-img's rebase words them."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, traceback) -> None:
+        if isinstance(exc, Qcow2Error) and not isinstance(exc, RebaseError):
+            raise _read_error(self.what, exc) from exc
+
+
+def _read_error(what: str, exc: Qcow2Error) -> RebaseError:
+    """A failure of the copy as qemu-img's rebase words it."""
+    if what == "error while reading image metadata":
+        text = exc.errno_text() if isinstance(exc, Qcow2IOError) else str(exc)
+        return RebaseError(f"{what}: {text}")
+    return RebaseError(what)
 
 
 def _read(device, device_size: int, offset: int, n: int, buf: bytearray) -> memoryview:
@@ -254,17 +285,27 @@ def _reads_zeros(device, device_size: int, offset: int, n: int) -> bool:
 
 
 def _copy_differences(image, old, new, old_size, new_size, offset, n, buf_old, buf_new) -> None:
-    if _reads_zeros(old, old_size, offset, n) and _reads_zeros(new, new_size, offset, n):
-        return  # the same zeros through both backing files
-    old_is_zero = offset >= old_size
-    view_old = _read(old, old_size, offset, n, buf_old)
-    view_new = _read(new, new_size, offset, n, buf_new)
+    from_old = "error while reading from old backing file"
+    from_new = "error while reading from new backing file"
+    with _reading(from_old):
+        old_zeros = _reads_zeros(old, old_size, offset, n)
+    with _reading(from_new):
+        if old_zeros and _reads_zeros(new, new_size, offset, n):
+            return  # the same zeros through both backing files
+    with _reading(from_old):
+        view_old = _read(old, old_size, offset, n, buf_old)
+    with _reading(from_new):
+        view_new = _read(new, new_size, offset, n, buf_new)
     if view_old.tobytes() == view_new.tobytes():
         return
-    for pos, length, differs in _compare_runs(view_old, view_new):
-        if not differs:
-            continue
-        if old_is_zero:
-            _write_explicit_zeros(image, offset + pos, length)
-        else:
-            image.write(offset + pos, view_old[pos : pos + length])
+    old_is_zero = offset >= old_size
+    try:
+        for pos, length, differs in _compare_runs(view_old, view_new):
+            if not differs:
+                continue
+            if old_is_zero:
+                _write_explicit_zeros(image, offset + pos, length)
+            else:
+                image.write(offset + pos, view_old[pos : pos + length])
+    except Qcow2IOError as exc:
+        raise RebaseError(f"Error while writing to COW image: {exc.errno_text()}") from exc
