@@ -61,6 +61,63 @@ def test_rebase_without_old_backing_zeroes_what_the_new_one_would_show(tmp_path)
     assert qemu_map(ours / "t.qcow2") == qemu_map(theirs / "t.qcow2")
 
 
+def test_rebase_within_the_chain_zeroes_what_lay_past_the_old_backing_file(tmp_path):
+    """iotest 024: overlay (320K) -> base_old (256K) -> base_new (320K, data to its end).
+    The overlay's last cluster read zeros (past base_old's end); rebased onto base_new,
+    a layer of its own chain, it must still read zeros, so it is zeroed explicitly."""
+    cs = 65536
+
+    def setup(d: Path) -> None:
+        qemu_img("create", "-q", "-f", "qcow2", d / "base_new.qcow2", str(5 * cs))
+        qemu_img(
+            "create", "-q", "-f", "qcow2", "-b", "base_new.qcow2", "-F", "qcow2",
+            d / "base_old.qcow2", str(4 * cs),
+        )  # fmt: skip
+        qemu_img(
+            "create", "-q", "-f", "qcow2", "-b", "base_old.qcow2", "-F", "qcow2",
+            d / "t.qcow2", str(5 * cs),
+        )  # fmt: skip
+        qemu_io(d / "base_new.qcow2", f"write -P 0xa0 0 {5 * cs}")
+        qemu_io(d / "base_old.qcow2", f"write -P 0xa1 {cs} {2 * cs}")
+
+    ours, theirs = twin(tmp_path, setup)
+    before = to_raw(ours / "t.qcow2", tmp_path / "before.raw")
+    assert before[4 * cs :] == bytes(cs)
+    for d, runner in ((ours, run_qimg), (theirs, run_qemu)):
+        result = runner(d, "rebase", "-b", "base_new.qcow2", "-F", "qcow2", "t.qcow2")
+        assert result.returncode == 0, result.stderr
+    assert to_raw(ours / "t.qcow2", tmp_path / "after.raw") == before
+    assert qemu_map(ours / "t.qcow2") == qemu_map(theirs / "t.qcow2")
+
+
+def test_commit_past_a_shorter_middle_layer_zeroes_the_base(tmp_path):
+    """iotest 274: top (2M) -> mid (1M) -> base (2M of data). Past mid's end the chain
+    read zeros, so `commit -b base top` writes zeros there; a range no layer above the base
+    allocates is left alone; the base's result equals qemu-img's."""
+
+    def setup(d: Path) -> None:
+        qemu_img("create", "-q", "-f", "qcow2", d / "base.qcow2", "2M")
+        qemu_img(
+            "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2",
+            d / "mid.qcow2", "1M",
+        )  # fmt: skip
+        qemu_img(
+            "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
+            d / "top.qcow2", "2M",
+        )  # fmt: skip
+        qemu_io(d / "base.qcow2", "write -P 1 0 2M")
+        qemu_io(d / "top.qcow2", "write -P 2 0 64k")
+
+    ours, theirs = twin(tmp_path, setup)
+    before = to_raw(ours / "top.qcow2", tmp_path / "before.raw")
+    assert before[1 << 20 :] == bytes(1 << 20)
+    for d, runner in ((ours, run_qimg), (theirs, run_qemu)):
+        result = runner(d, "commit", "-b", "base.qcow2", "top.qcow2")
+        assert result.returncode == 0, result.stderr
+    assert to_raw(ours / "base.qcow2", tmp_path / "base.raw") == before
+    assert qemu_map(ours / "base.qcow2") == qemu_map(theirs / "base.qcow2")
+
+
 # --- iotest 029: snapshots and the VM state area -----------------------------------------
 
 

@@ -60,7 +60,9 @@ WINDOW_MAX = 512 << 20  # (an L2 table's span with 64 KiB clusters), at most
 
 def extents_above(top, depth: int, total: int):
     """The extents of [0, total) through the layers of top's chain above `depth` (the
-    layers from there down left out: a range they would provide is not present), as
+    layers from there down left out: a range they would provide is not present, at the
+    depth of the layer just above; one past the end of a layer above reads zeros, not
+    present at a lower depth), as
     qemu-img asks "allocated above" for commit and rebase: the metadata below is neither
     walked for nothing nor, if broken, a reason to fail. Each aligned window is listed
     before the caller acts on it (memory stays bounded; what the caller writes in a

@@ -269,9 +269,10 @@ def _copy_down(top, base, base_depth: int, progress, limiter: RateLimiter) -> No
 
     for ext in extents_above(top, base_depth, total):
         end = ext.offset + ext.length
-        if not ext.present or ext.depth >= base_depth:
+        if not ext.present and ext.depth == base_depth - 1:
             done += ext.length
-            continue  # the base (or what is below it) already provides this
+            continue  # the base (or what is below it) provides this: nothing above does
+        # (a range past the end of a layer above the base read zeros: a lower depth)
         if ext.is_zero:
             if ext.offset != zero_end:
                 write_zeroes()

@@ -205,8 +205,9 @@ def _safe_copy(image, new_backing, new_fmt, progress, force_share, untrusted: bo
             if ext.present and ext.depth == 0:  # allocated in the overlay itself
                 done += ext.length
                 continue
-            if prefix_depth is not None and not ext.present:
-                # Comes from the new backing file itself (or below it): unchanged.
+            if prefix_depth is not None and not ext.present and ext.depth == prefix_depth - 1:
+                # Comes from the new backing file itself (or below it): unchanged. (A
+                # range past the end of a layer above it read zeros: it has a lower depth.)
                 done += ext.length
                 continue
             offset = ext.offset
