@@ -388,17 +388,21 @@ def test_refcount_block_written_back_over_active_l2_table(tmp_path):
     assert Layout(path).read(layout.refblock_offset, layout.cluster_size) == block
 
 
-def bitmap_table_offset(layout: Layout) -> int:
-    """The first bitmap's table offset, from the bitmaps header extension's directory."""
+def bitmap_directory_offset(layout: Layout) -> int:
+    """Where the bitmap directory lies, from the bitmaps header extension."""
     header = layout.read(0, layout.cluster_size)
     pos = struct.unpack(">I", header[100:104])[0]
     while True:
         kind, length = struct.unpack(">II", header[pos : pos + 8])
         assert kind, "no bitmaps extension"
         if kind == 0x23852875:
-            directory = struct.unpack(">Q", header[pos + 24 : pos + 32])[0]
-            return layout.r64(directory)
+            return struct.unpack(">Q", header[pos + 24 : pos + 32])[0]
         pos += 8 + (length + 7 & ~7)
+
+
+def bitmap_table_offset(layout: Layout) -> int:
+    """The first bitmap's table offset, the first field of its directory entry."""
+    return layout.r64(bitmap_directory_offset(layout))
 
 
 @pytest.mark.timeout(60)
@@ -434,17 +438,6 @@ def test_bitmap_table_entry_pointing_at_l1_table(tmp_path):
     with qcow2lib.open(str(path), "r") as image:
         assert image.read(0, 65536) == b"\x11" * 65536
         assert image.read(1 << 20, 4096) == b"\x5a" * 4096
-
-
-def bitmap_directory_offset(layout: Layout) -> int:
-    header = layout.read(0, layout.cluster_size)
-    pos = struct.unpack(">I", header[100:104])[0]
-    while True:
-        kind, length = struct.unpack(">II", header[pos : pos + 8])
-        assert kind, "no bitmaps extension"
-        if kind == 0x23852875:
-            return struct.unpack(">Q", header[pos + 24 : pos + 32])[0]
-        pos += 8 + (length + 7 & ~7)
 
 
 @pytest.mark.timeout(60)

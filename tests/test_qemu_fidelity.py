@@ -35,6 +35,16 @@ def twin(tmp_path: Path, setup) -> tuple[Path, Path]:
     return ours, theirs
 
 
+def run_both_keeping_the_view(tmp_path, ours: Path, theirs: Path, args, image: str, before):
+    """Run `args` with qimg in `ours` and qemu-img in `theirs`: both succeed, qimg's
+    `image` then reads `before` (the guest's view) and maps as qemu-img's does."""
+    for d, runner in ((ours, run_qimg), (theirs, run_qemu)):
+        result = runner(d, *args)
+        assert result.returncode == 0, result.stderr
+    assert to_raw(ours / image, tmp_path / "after.raw") == before
+    assert qemu_map(ours / image) == qemu_map(theirs / image)
+
+
 # --- iotest 252: a safe rebase onto a new backing file never changes the guest's view ---
 
 
@@ -54,11 +64,8 @@ def test_rebase_without_old_backing_zeroes_what_the_new_one_would_show(tmp_path)
 
     ours, theirs = twin(tmp_path, setup)
     before = to_raw(ours / "t.qcow2", tmp_path / "before.raw")
-    for d, runner in ((ours, run_qimg), (theirs, run_qemu)):
-        result = runner(d, "rebase", "-b", "base_new.qcow2", "-F", "qcow2", "t.qcow2")
-        assert result.returncode == 0, result.stderr
-    assert to_raw(ours / "t.qcow2", tmp_path / "after.raw") == before
-    assert qemu_map(ours / "t.qcow2") == qemu_map(theirs / "t.qcow2")
+    rebase = ("rebase", "-b", "base_new.qcow2", "-F", "qcow2", "t.qcow2")
+    run_both_keeping_the_view(tmp_path, ours, theirs, rebase, "t.qcow2", before)
 
 
 def test_rebase_within_the_chain_zeroes_what_lay_past_the_old_backing_file(tmp_path):
@@ -83,11 +90,8 @@ def test_rebase_within_the_chain_zeroes_what_lay_past_the_old_backing_file(tmp_p
     ours, theirs = twin(tmp_path, setup)
     before = to_raw(ours / "t.qcow2", tmp_path / "before.raw")
     assert before[4 * cs :] == bytes(cs)
-    for d, runner in ((ours, run_qimg), (theirs, run_qemu)):
-        result = runner(d, "rebase", "-b", "base_new.qcow2", "-F", "qcow2", "t.qcow2")
-        assert result.returncode == 0, result.stderr
-    assert to_raw(ours / "t.qcow2", tmp_path / "after.raw") == before
-    assert qemu_map(ours / "t.qcow2") == qemu_map(theirs / "t.qcow2")
+    rebase = ("rebase", "-b", "base_new.qcow2", "-F", "qcow2", "t.qcow2")
+    run_both_keeping_the_view(tmp_path, ours, theirs, rebase, "t.qcow2", before)
 
 
 def test_commit_past_a_shorter_middle_layer_zeroes_the_base(tmp_path):
@@ -111,11 +115,8 @@ def test_commit_past_a_shorter_middle_layer_zeroes_the_base(tmp_path):
     ours, theirs = twin(tmp_path, setup)
     before = to_raw(ours / "top.qcow2", tmp_path / "before.raw")
     assert before[1 << 20 :] == bytes(1 << 20)
-    for d, runner in ((ours, run_qimg), (theirs, run_qemu)):
-        result = runner(d, "commit", "-b", "base.qcow2", "top.qcow2")
-        assert result.returncode == 0, result.stderr
-    assert to_raw(ours / "base.qcow2", tmp_path / "base.raw") == before
-    assert qemu_map(ours / "base.qcow2") == qemu_map(theirs / "base.qcow2")
+    commit = ("commit", "-b", "base.qcow2", "top.qcow2")
+    run_both_keeping_the_view(tmp_path, ours, theirs, commit, "base.qcow2", before)
 
 
 # --- iotest 029: snapshots and the VM state area -----------------------------------------
