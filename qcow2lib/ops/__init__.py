@@ -59,14 +59,14 @@ WINDOW_MAX = 512 << 20  # (an L2 table's span with 64 KiB clusters), at most
 
 
 def extents_above(top, depth: int, total: int):
-    """The extents of [0, total) through the layers of top's chain above `depth` (the
-    layers from there down left out: a range they would provide is not present, at the
-    depth of the layer just above; one past the end of a layer above reads zeros, not
-    present at a lower depth), as
-    qemu-img asks "allocated above" for commit and rebase: the metadata below is neither
-    walked for nothing nor, if broken, a reason to fail. Each aligned window is listed
-    before the caller acts on it (memory stays bounded; what the caller writes in a
-    window is not looked up again)."""
+    """The extents of [0, total) through the layers of top's chain above `depth`, as
+    qemu-img asks "allocated above" for commit and rebase: the layers from `depth` down
+    are left out (their metadata neither walked for nothing nor, if broken, a reason to
+    fail). A range they would provide is not present, at the depth of the layer just
+    above them; one past the end of a layer above reads zeros, not present at a lower
+    depth. Each aligned window is listed before the caller acts on it: memory stays
+    bounded, and what the caller writes in a window is not looked up again. (The chain
+    is cut while a window is listed: no other thread may use it meanwhile.)"""
     window = min(WINDOW_MAX, WINDOW_CLUSTERS * getattr(top, "cluster_size", 65536))
     above = chain_layer(top, depth - 1)
     for start in range(0, total, window):
