@@ -74,6 +74,20 @@ class CorruptionIOError(Qcow2IOError, CorruptImageError):
 _notice_listener = None
 
 
+def corruption_notice(message: str, fatal: bool = True) -> str:
+    """The line QEMU's qcow2 driver prints when it finds `message` wrong: fatal (the image
+    is open for writing) marks it corrupt; otherwise it is only reported."""
+    if fatal:
+        return (
+            f"qcow2: Marking image as corrupt: {message}; further corruption events will "
+            f"be suppressed"
+        )
+    return (
+        f"qcow2: Image is corrupt: {message}; further non-fatal corruption events will be "
+        f"suppressed"
+    )
+
+
 def set_notice_listener(listener) -> None:
     """listener(line) is called with each such line (None: nobody is told)."""
     global _notice_listener

@@ -35,6 +35,7 @@ from .errors import (
     SignaledCorruptionError,
     UnsupportedFeatureError,
     UntrustedImageError,
+    corruption_notice,
     emit_notice,
     preallocation_failure,
 )
@@ -442,12 +443,7 @@ class Qcow2Image(BlockDevice):
         self.guard_write(first_cluster << self.cluster_bits, count << self.cluster_bits)
 
     def _refuse_overlap(self, kind: int) -> None:
-        error = Qcow2IOError(
-            errno.EIO,
-            f"qcow2: Marking image as corrupt: {overlap_message(kind)}"
-            f"; further corruption events will be suppressed",
-            self.filename,
-        )
+        error = Qcow2IOError(errno.EIO, corruption_notice(overlap_message(kind)), self.filename)
         self._signal_corruption(error)
         raise error
 
@@ -2017,16 +2013,7 @@ class Qcow2Image(BlockDevice):
         QEMU prints goes out (once: later ones are suppressed, as QEMU's say) and the
         request fails with EIO."""
         fatal = not self.read_only
-        if fatal:
-            notice = (
-                f"qcow2: Marking image as corrupt: {exc}; further corruption events will "
-                f"be suppressed"
-            )
-        else:
-            notice = (
-                f"qcow2: Image is corrupt: {exc}; further non-fatal corruption events will "
-                f"be suppressed"
-            )
+        notice = corruption_notice(str(exc), fatal)
         if not self._corruption_signaled or (fatal and not self.corrupt):
             self._corruption_signaled = True
             emit_notice(notice)

@@ -31,6 +31,7 @@ from ..errors import (
     CorruptImageError,
     InvalidArgumentError,
     UnsupportedFeatureError,
+    corruption_notice,
 )
 from ..image import Qcow2Image
 from ..sizes import c_hex, parse_number, parse_size
@@ -450,8 +451,7 @@ def _expansion_corrupt(image, message: str) -> None:
     error = AmendError(
         f"zero cluster expansion: {message}",
         qemu_message="Failed to turn zero into data clusters: Input/output error",
-        notice=f"qcow2: Marking image as corrupt: {message}; further corruption events "
-        f"will be suppressed",
+        notice=corruption_notice(message),
     )
     image._signal_corruption(error)
     raise error
