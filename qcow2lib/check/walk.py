@@ -397,7 +397,9 @@ class _Walk(_CheckState):
             entries, repeated = cached[2], cached[3]
         else:  # (snapshots sharing an L1 table check it one after the other: read it once)
             self._l1_entries = None
-            entries = array("Q", filter(None, decode_be64(t.pread(l1_size * 8, l1_offset))))
+            # (zero entries out before decoding: an entry is zero in either byte order)
+            raw = array("Q", t.pread(l1_size * 8, l1_offset))
+            entries = decode_be64(nonzero_entries(raw).tobytes())
             counts = Counter(islice(entries, _MAX_COUNTED_L1_ENTRIES))
             repeated = {entry for entry, count in counts.items() if count > 1}
             self._l1_entries = (key, t.writes, entries, repeated)
