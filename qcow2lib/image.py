@@ -57,6 +57,7 @@ from .overlap import (
 )
 from .refcount import Refcounts
 from .runs import nonzero_positions
+from .sizes import c_hex
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:
@@ -1134,6 +1135,9 @@ class Qcow2Image(BlockDevice):
             unused_from = self.refcounts.end_cluster  # (clusters past it read zeros)
             try:
                 direct, changes = self._plan_write(offset, len(view))
+            except SignaledCorruptionError as exc:
+                self._io_active -= 1
+                raise self._met_corruption(exc) from None
             except CorruptImageError as exc:
                 self._io_active -= 1
                 self._signal_corruption(exc)
@@ -1226,6 +1230,8 @@ class Qcow2Image(BlockDevice):
                 return False
             try:
                 host = self.map.data_run(offset, length, overlap=False)
+            except SignaledCorruptionError:
+                return False  # (the general path meets it too, and words it as QEMU)
             except CorruptImageError as exc:
                 self._signal_corruption(exc)
                 raise
@@ -1270,7 +1276,10 @@ class Qcow2Image(BlockDevice):
         ):  # COPIED at offset 0 is unallocated
             return -1
         try:
+            self._check_copied_host(entry, offset)
             self.map.validate_entry(entry, 0, cluster_index, overlap=False)
+        except SignaledCorruptionError as exc:
+            raise self._met_corruption(exc) from None
         except CorruptImageError as exc:
             self._signal_corruption(exc)
             raise
@@ -1342,8 +1351,9 @@ class Qcow2Image(BlockDevice):
         ws = max(offset, cluster_start) - cluster_start
         we = min(end, cluster_start + cs) - cluster_start
         entry, bitmap = self.map.get_entry(cluster_index)
-        self.map.validate_entry(entry, bitmap, cluster_index, overlap=False)
         host = entry & S.L2E_OFFSET_MASK
+        self._check_copied_host(entry, cluster_start + ws)
+        self.map.validate_entry(entry, bitmap, cluster_index, overlap=False)
         compressed = bool(entry & S.OFLAG_COMPRESSED)
         mapped = self.map.has_host(entry)
         copied = mapped and (bool(entry & S.OFLAG_COPIED) or has_data_file)
@@ -2007,8 +2017,20 @@ class Qcow2Image(BlockDevice):
             self._signal_corruption(exc)
             raise
 
+    def _check_copied_host(self, entry: int, guest_offset: int) -> None:
+        """A write into a cluster it owns (COPIED) whose host offset is unaligned: QEMU's
+        words for it (a write into a shared one copies it first, and its read of the
+        cluster is what fails)."""
+        host = entry & S.L2E_OFFSET_MASK
+        if host % self.cluster_size and entry & S.OFLAG_COPIED and not entry & S.OFLAG_COMPRESSED:
+            kind = "Preallocated zero" if entry & S.OFLAG_ZERO else "Data"
+            raise SignaledCorruptionError(
+                f"{kind} cluster offset {c_hex(host)} unaligned (guest offset: "
+                f"{c_hex(guest_offset)})"
+            )
+
     def _met_corruption(self, exc: SignaledCorruptionError) -> CorruptionIOError:
-        """A read or a block-status query met broken metadata: as in QEMU, an image open
+        """A request met broken metadata: as in QEMU, an image open
         for writing is marked corrupt, one open read-only is only reported so, the line
         QEMU prints goes out (once: later ones are suppressed, as QEMU's say) and the
         request fails with EIO."""

@@ -557,3 +557,35 @@ def test_broken_metadata_met_by_reads_as_qemu_img(tmp_path, case):
     for directory in (ours, theirs):
         info = run_qemu(directory, "info", "t.qcow2").stdout
         assert "corrupt: true" in info, directory
+
+
+@pytest.mark.parametrize(
+    "case, offset, length",
+    [("data", 0, 4096), ("data", 512, 512), ("data", 0, 131072), ("preallocated zero", 0, 4096)],
+)
+def test_broken_metadata_met_by_writes_as_qemu_io(tmp_path, case, offset, length):
+    """A write into a cluster the image owns whose L2 entry holds an unaligned offset:
+    QEMU's notice in its write path's words (a data or preallocated zero cluster, the
+    guest offset written), the corrupt bit, and EIO."""
+    import qcow2lib
+    from qcow2lib.errors import CorruptImageError, Qcow2IOError
+
+    image = tmp_path / "t.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", image, "2G")
+    qemu_io(image, "write -P 0x11 0 128k", *(["write -z 0 64k"] if case != "data" else []))
+    data = image.read_bytes()
+    l1_offset = int.from_bytes(data[40:48], "big")
+    l2_offset = int.from_bytes(data[l1_offset : l1_offset + 8], "big") & ((1 << 56) - 512)
+    entry = int.from_bytes(data[l2_offset : l2_offset + 8], "big")
+    _poke(image, l2_offset, (entry + 0x200).to_bytes(8, "big"))
+    theirs = tmp_path / "theirs.qcow2"
+    shutil.copy(image, theirs)
+    with qcow2lib.open(str(image), "r+") as device:
+        with pytest.raises(Qcow2IOError) as failed:
+            device.write(offset, b"\x5a" * length)
+    assert failed.value.errno == 5 and isinstance(failed.value, CorruptImageError)
+    qemu = run(["qemu-io", "-c", f"write -P 0x5a {offset} {length}", theirs], check=False)
+    assert failed.value.notice == qemu.stderr.splitlines()[0]
+    assert failed.value.notice.startswith(f"qcow2: Marking image as corrupt: {case.capitalize()}")
+    for path in (image, theirs):
+        assert "corrupt: true" in qemu_img("info", path).stdout
