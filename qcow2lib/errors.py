@@ -68,12 +68,6 @@ class CorruptionIOError(Qcow2IOError, CorruptImageError):
     notice: str = ""
 
 
-# Where the lines QEMU's drivers print as they find something wrong (an image found
-# corrupt) go: qimg sends them to stderr when they happen, as QEMU does; by default the
-# library keeps them to itself (each is also the `notice` of the error raised).
-_notice_listener = None
-
-
 def corruption_notice(message: str, fatal: bool = True) -> str:
     """The line QEMU's qcow2 driver prints when it finds `message` wrong: fatal (the image
     is open for writing) marks it corrupt; otherwise it is only reported."""
@@ -86,6 +80,12 @@ def corruption_notice(message: str, fatal: bool = True) -> str:
         f"qcow2: Image is corrupt: {message}; further non-fatal corruption events will be "
         f"suppressed"
     )
+
+
+# Where the lines QEMU's drivers print as they find something wrong (an image found
+# corrupt) go: qimg sends them to stderr when they happen, as QEMU does; by default the
+# library keeps them to itself (each is also the `notice` of the error raised).
+_notice_listener = None
 
 
 def set_notice_listener(listener) -> None:

@@ -198,7 +198,8 @@ def _safe_copy(image, new_backing, new_fmt, progress, force_share, untrusted: bo
             try:
                 ext = next(extents, None)
             except Qcow2Error as exc:
-                raise _read_error("error while reading image metadata", exc) from exc
+                text = exc.errno_text() if isinstance(exc, Qcow2IOError) else str(exc)
+                raise RebaseError(f"error while reading image metadata: {text}") from exc
             if ext is None:
                 break
             end = ext.offset + ext.length
@@ -238,16 +239,8 @@ class _reading:
         return None
 
     def __exit__(self, kind, exc, traceback) -> None:
-        if isinstance(exc, Qcow2Error) and not isinstance(exc, RebaseError):
-            raise _read_error(self.what, exc) from exc
-
-
-def _read_error(what: str, exc: Qcow2Error) -> RebaseError:
-    """A failure of the copy as qemu-img's rebase words it."""
-    if what == "error while reading image metadata":
-        text = exc.errno_text() if isinstance(exc, Qcow2IOError) else str(exc)
-        return RebaseError(f"{what}: {text}")
-    return RebaseError(what)
+        if isinstance(exc, Qcow2Error):
+            raise RebaseError(self.what) from exc
 
 
 def _read(device, device_size: int, offset: int, n: int, buf: bytearray) -> memoryview:
