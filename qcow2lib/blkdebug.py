@@ -377,6 +377,9 @@ class BlkdebugFile(HostFileFilter):
         self.node_filename = node_filename  # QEMU's name of the node, where map shows it
         # the name of the node beneath an image format, which map shows for its data
         self.node_name: str | None = None
+        # Whether anything was written since the last flush: QEMU's block layer does not
+        # pass a flush on (nor fail it) when nothing was (write_gen == flushed_gen).
+        self._unflushed = True
 
     def pread(self, length: int, offset: int) -> bytes:
         self.blkdebug.check(offset, length, "read")
@@ -389,19 +392,33 @@ class BlkdebugFile(HostFileFilter):
     def pwrite(self, data, offset: int) -> None:
         self.blkdebug.check(offset, memoryview(data).nbytes, "write")
         self._file.pwrite(data, offset)
+        self._unflushed = True
 
     def pwritev(self, buffers: list, offset: int) -> None:
         total = sum(memoryview(b).nbytes for b in buffers)
         self.blkdebug.check(offset, total, "write")
         self._file.pwritev(buffers, offset)
+        self._unflushed = True
 
     def flush(self) -> None:
+        if not self._unflushed:
+            return
         self.blkdebug.check(0, 0, "flush")
         self._file.flush()
+        self._unflushed = False
 
     def punch_hole(self, offset: int, length: int) -> bool:
         self.blkdebug.check(offset, length, "discard")
+        self._unflushed = True
         return self._file.punch_hole(offset, length)
+
+    def truncate(self, length: int) -> None:
+        self._unflushed = True
+        self._file.truncate(length)
+
+    def allocate(self, offset: int, length: int) -> None:
+        self._unflushed = True
+        self._file.allocate(offset, length)
 
     def data_run(self, offset: int, end: int) -> tuple[bool, int]:
         self.blkdebug.check(offset, end - offset, "block-status")

@@ -118,11 +118,13 @@ class InvalidArgumentError(Qcow2Error, ValueError):
 
 class AmendError(Qcow2Error):
     """An amendment QEMU refuses; the message is qemu-img's. `notice`: a line QEMU prints
-    before it, as it is (the driver's report of marking the image corrupt)."""
+    before it, as it is (the driver's report of marking the image corrupt); `reported`:
+    a failure QEMU's driver reports on its own (error_report) before it."""
 
-    def __init__(self, *args, notice: str | None = None, **kwargs):
+    def __init__(self, *args, notice: str | None = None, reported: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.notice = notice
+        self.reported = reported
 
 
 class ImageLockedError(Qcow2Error):

@@ -24,7 +24,7 @@ from itertools import groupby
 
 from . import structs as S
 from .blockdev import RAW_EXTENT_BATCH, BlockDevice, Extent, scatter, split_views
-from .cache import decode_be64
+from .cache import decode_be64, encode_be64
 from .errors import (
     BadSecretError,
     CorruptImageError,
@@ -55,7 +55,7 @@ from .overlap import (
     OverlapMap,
     overlap_message,
 )
-from .refcount import Refcounts
+from .refcount import RefcountBlock, Refcounts
 from .runs import nonzero_positions
 from .sizes import c_hex
 
@@ -2125,8 +2125,6 @@ class Qcow2Image(BlockDevice):
         """
         from array import array
 
-        from .cache import encode_be64
-
         with self._lock:
             old_size = len(self.map.l1)
             if new_l1_size <= old_size:
@@ -2178,10 +2176,14 @@ class Qcow2Image(BlockDevice):
         self.overlaps.remove(ACTIVE_L2, offset, self.cluster_size)
         self.refcounts.free(offset >> self.cluster_bits)
 
-    def resize_drop_clusters(self, first_cluster: int, stop_cluster: int | None = None) -> None:
+    def resize_drop_clusters(
+        self, first_cluster: int, stop_cluster: int | None = None, shrink: bool = False
+    ) -> None:
         """Make guest clusters [first, stop) unallocated (QEMU's full discard): their
         entries become 0 and their host clusters are released. L2 tables lying wholly in
-        the range are released too. Metadata reaches the disk before the frees apply."""
+        the range are released too. Metadata reaches the disk before the frees apply.
+        shrink: an L1 entry the range cuts in part gets an (empty) L2 table if it has
+        none, as QEMU's shrink gives it one (its discard looks the table up to write)."""
         l2e = self.map.l2_entries
         with self._lock:
             while self._io_active:
@@ -2190,11 +2192,12 @@ class Qcow2Image(BlockDevice):
                 stop_cluster = len(self.map.l1) * l2e
             stop_cluster = min(stop_cluster, len(self.map.l1) * l2e)
             for l1_index in range(first_cluster // l2e, -(-stop_cluster // l2e)):
-                if not self.map.l2_offset(l1_index):
-                    continue
                 lo = max(first_cluster, l1_index * l2e)
                 hi = min(stop_cluster, (l1_index + 1) * l2e)
-                if lo == l1_index * l2e and hi == (l1_index + 1) * l2e:
+                whole = lo == l1_index * l2e and hi == (l1_index + 1) * l2e
+                if not self.map.l2_offset(l1_index) and (whole or not shrink or lo >= hi):
+                    continue
+                if whole:
                     self._resize_release_l2(l1_index)
                     self._maybe_write_back()
                     continue
@@ -2221,46 +2224,80 @@ class Qcow2Image(BlockDevice):
             self.size = new_size
 
     def resize_shrink_reftable(self) -> None:
-        """Drop refcount blocks that count nothing any more (after a shrink freed the
-        clusters they described), as QEMU does before cutting the file: a block counting
-        only itself goes with its table entry; one counted by another block is released
-        there, which may empty that block in turn. The table reaches the disk first, so a
-        crash can only leak the dropped blocks."""
+        """Drop the refcount blocks that count nothing any more (after a shrink freed the
+        clusters they described), as QEMU's qcow2_shrink_reftable does before cutting the
+        file: one pass finds them (a block's count of itself does not count), the table
+        without them reaches the disk, then each loses its reference in the block that
+        counts it (a crash in between only leaks them). Broken entries fail the way
+        QEMU's do: the image is marked corrupt and the resize fails with EIO."""
         refs = self.refcounts
         with self._lock:
             self._resize_quiesce()
-            while True:
-                dropped: list[int] = []
-                for block_index in range(len(refs.table)):
-                    offset = refs._block_offset(block_index)
-                    if not offset:
-                        continue
-                    block = refs.blocks.get(offset)
-                    own_cluster = offset >> self.cluster_bits
-                    own_index = None
-                    if own_cluster // refs.block_entries == block_index:
-                        own_index = own_cluster % refs.block_entries
-                    if all(block.get(i) == 0 for i in range(refs.block_entries) if i != own_index):
-                        dropped.append(block_index)
-                if not dropped:
+            try:
+                unused = [
+                    block_index
+                    for block_index in nonzero_positions(refs.table)
+                    if refs.table[block_index] & S.REFT_OFFSET_MASK
+                    and self._counts_nothing(block_index)
+                ]
+                if not unused:
                     return
-                counted_elsewhere = []
-                for block_index in dropped:
-                    offset = refs._block_offset(block_index)
-                    refs.blocks.drop(offset)
+                kept = array("Q", refs.table)
+                for block_index in unused:
+                    kept[block_index] = 0
+                self.file.pwrite(encode_be64(kept), refs.table_offset)
+                self._sync(self.file)
+                for block_index in unused:
+                    self._release_refcount_block(refs._block_offset(block_index))
                     refs.table[block_index] = 0
-                    own_cluster = offset >> self.cluster_bits
-                    if own_cluster // refs.block_entries != block_index:
-                        counted_elsewhere.append(own_cluster)
-                refs.write_table()
-                self._sync(self.file)
-                for cluster in counted_elsewhere:
-                    refs.update(cluster, 1, -1)
-                    refs.free_hint = min(refs.free_hint, cluster)
-                self._write_back_all()
-                self._sync(self.file)
-                if not counted_elsewhere:
-                    return
+            except SignaledCorruptionError as exc:
+                raise self._met_corruption(exc).in_context(
+                    "Failed to discard unused refblocks"
+                ) from None
+            self._overlaps_for = None
+            self._write_back_all()
+
+    def _counts_nothing(self, block_index: int) -> bool:
+        """Whether a refcount block counts no cluster but itself (read as QEMU reads it:
+        past the end of the file, zeros)."""
+        refs = self.refcounts
+        offset = refs.table[block_index] & S.REFT_OFFSET_MASK
+        if offset % self.cluster_size:
+            raise SignaledCorruptionError(
+                f"Cannot get entry from refcount block cache: Offset {c_hex(offset)} is unaligned"
+            )
+        block = refs.blocks.peek(offset)
+        raw = block.to_bytes() if block is not None else self.file.pread(self.cluster_size, offset)
+        counts = RefcountBlock(refs.order, raw.ljust(self.cluster_size, b"\0"))
+        own_cluster = offset >> self.cluster_bits
+        if own_cluster // refs.block_entries == block_index:
+            counts.set(own_cluster % refs.block_entries, 0)
+        return not any(counts.to_bytes())
+
+    def _release_refcount_block(self, offset: int) -> None:
+        """QEMU's qcow2_discard_refcount_block: the block's own count, wherever it is kept,
+        goes to zero and its cluster to the filesystem."""
+        refs = self.refcounts
+        cluster = offset >> self.cluster_bits
+        covering_index = cluster // refs.block_entries
+        covering = refs._block_offset(covering_index) if covering_index < len(refs.table) else 0
+        if not covering:
+            raise SignaledCorruptionError(
+                f"Refblock at {c_hex(offset)} is not covered by the refcount structures"
+            )
+        block = refs.blocks.get(covering)
+        index = cluster % refs.block_entries
+        if block.get(index) != 1:
+            raise SignaledCorruptionError(
+                f"Invalid refcount: refblock offset {c_hex(covering)}, reftable index "
+                f"{covering_index}, block offset {c_hex(offset)}, refcount "
+                f"{c_hex(block.get(index))}"
+            )
+        block.set(index, 0)
+        refs.blocks.mark_dirty(covering)
+        refs.blocks.drop(offset)  # (a block counting itself goes unwritten)
+        refs.free_hint = min(refs.free_hint, cluster)
+        self.file.punch_hole(offset, self.cluster_size)
 
     def resize_truncate_file(self) -> None:
         """Cut the image file after its last cluster with a non-zero refcount."""

@@ -159,7 +159,9 @@ class Refcounts:
         self.table_moved = False
         self.old_tables: list[tuple[int, int]] = []
         self.pending_frees: list[tuple[int, int]] = []
-        self.free_hint = 0  # no cluster below it is free: where the allocator's search starts
+        # Where the allocator's search starts: past the last allocation (gaps before it are
+        # skipped), lowered by frees, as QEMU's free_cluster_index
+        self.free_hint = 0
         self.end_cluster = (file_size + self.cluster_size - 1) >> cluster_bits
         self.file_size_hint = file_size
         self.check_no_overlap = lambda offset, length, what: None  # set by the image
@@ -422,7 +424,7 @@ class Refcounts:
             self._set_table_entry(block_index, offset)
             self.table_dirty = True
         self.update(start, len(missing) + count, +1)
-        if start == self.free_hint:
+        if not at_end:  # QEMU's free_cluster_index: past the run, gaps before it skipped
             self.free_hint = start + count + len(missing)
         return start
 

@@ -73,18 +73,6 @@ def read_snapshot_table(
         extra = body[:extra_data_size]
         ident = body[extra_data_size : extra_data_size + id_str_size]
         name = body[extra_data_size + id_str_size :]
-        if l1_table_offset % cluster_size:
-            raise CorruptImageError(
-                f"Snapshot {index}: L1 table offset 0x{l1_table_offset:x} is not aligned "
-                f"(l1_table_offset)"
-            )
-        if l1_size * 8 > S.MAX_L1_BYTES:
-            raise CorruptImageError(f"Snapshot {index}: L1 table too large (l1_size {l1_size})")
-        if l1_size and l1_table_offset + l1_size * 8 > file_size:
-            raise CorruptImageError(
-                f"Snapshot {index}: L1 table (l1_table_offset 0x{l1_table_offset:x}, "
-                f"l1_size {l1_size}) lies past the end of the file"
-            )
         # QEMU keeps ID and name as C strings: everything from a NUL byte on is lost.
         snap = Snapshot(
             ident.split(b"\0", 1)[0].decode("utf-8", "surrogateescape"),

@@ -6,22 +6,20 @@ holds one reference on each cluster it points at. Sharing a tree with a snapshot
 adds one to every cluster the tree reaches, and an entry of the active tree carries the
 COPIED flag exactly when its cluster's refcount is 1 (then it may be written in place).
 
-Crash safety: create, apply and delete change refcounts and COPIED flags together, and
-no order of in-place writes keeps those two consistent at every moment. So each operation
-builds its new state beside the old one, in clusters the old state leaves free: copies of
-the active L2 tables whose COPIED flags change, the L1 tables and snapshot table that
-change, copies of the refcount blocks whose counts change and a new refcount table; then
-one sector write of the header switches L1 table, refcount table, snapshot table (and
-size) at once. A crash leaves the old state or the new one. The clusters only the old
-state used are free in the new refcounts: the file is cut after its last cluster in use,
-and the next operation reuses them. Freed clusters are given back to the filesystem,
-except those of metadata this operation replaced with copies: the next operation's
-copies go there (first fit), and punching them one by one (an L2 table each, scattered
-over the file) would cost more than the operation itself.
+Create, apply and delete follow QEMU's steps, so an image comes out byte for byte as
+qemu-img leaves it (QEMU's own tests poke snapshot tables and L2 tables at the offsets
+its layout gives them): the snapshot's copy of the L1 table, QEMU's refcount passes over
+the trees (qcow2_update_snapshot_refcount: each count changed, each COPIED flag set
+exactly where the count is then 1), and the snapshot table written anew (new clusters,
+one header write, the old table freed). A failure between steps leaves what QEMU's
+does: leaked clusters only. The passes change counts and flags together in place, which
+no order of writes keeps consistent at every moment; they are prepared in the caches
+and reach the disk through a shadow state (shadow.py), so a crash leaves the old state
+or the new one.
 
-Cost: an operation reads the L1 tables it changes (the active one, and the snapshot it
-creates, applies or deletes) and the L2 tables whose number of paths changes, never the
-other snapshots' tables; the snapshot table is parsed once per table the header points at.
+Cost: a pass reads the L1 table it walks and the L2 tables it reaches; the other
+snapshots' tables are never read; the snapshot table is parsed once per table the
+header points at.
 """
 
 from __future__ import annotations
@@ -30,22 +28,23 @@ import errno
 import time
 from array import array
 from collections.abc import Callable, Iterator
-from itertools import compress
-from operator import add
 
 from . import structs as S
 from .blockdev import BlockDevice, Extent
 from .cache import decode_be64, encode_be64
 from .errors import (
     CorruptImageError,
+    SignaledCorruptionError,
+    emit_notice,
     InvalidArgumentError,
     Qcow2IOError,
     ReadOnlyError,
     UnsupportedFeatureError,
 )
-from .rebuild import ClusterCounts, ReferencePastEnd, count_l1_entries, count_l2_tables
 from .refcount import RefcountBlock
 from .runs import nonzero_positions
+from .shadow import commit_in_place
+from .sizes import c_hex
 from .snapshot_table import (
     ICOUNT_DISABLED,
     Snapshot,
@@ -239,461 +238,195 @@ def _flags_for(
     return fixed
 
 
-_CLEAR_TOP_BIT = bytes(range(128)) * 2  # bytes.translate table: each byte & 0x7F
-
-
-def _without_copied(table: array, step: int) -> bytes | None:
-    """An L2 table encoded for the disk with COPIED clear on every entry, or None when no
-    entry has it. COPIED is the top bit of an entry's first big-endian byte, so the flags
-    are cleared with one translate of every entry's first byte."""
-    raw = bytearray(encode_be64(table))
-    stride = 8 * step
-    tops = raw[0::stride]
-    cleared = tops.translate(_CLEAR_TOP_BIT)
-    if cleared == tops:
-        return None
-    raw[0::stride] = cleared
-    return bytes(raw)
-
-
-def _note_freed(freed: list[tuple[int, int]], cluster: int) -> None:
-    """Add a freed cluster to the runs of freed clusters (clusters come in order)."""
-    if freed and sum(freed[-1]) == cluster:
-        freed[-1] = (freed[-1][0], freed[-1][1] + 1)
-    else:
-        freed.append((cluster, 1))
-
-
-class _NewState:
-    """A snapshot operation's new state, built beside the current one.
-
-    `delta` holds, per host cluster, how the new state's references differ from the
-    current ones. New metadata goes into clusters the current state leaves free (refcount
-    0) and the change does not touch, so the state on disk stays intact until the header
-    switches. Only the refcount blocks whose counts change get new copies (and then a new
-    refcount table pointing at them and at the unchanged blocks)."""
+class _Counts:
+    """Refcount changes made in the image's cached refcount blocks, as QEMU's
+    update_refcount makes them, for one operation to commit (shadow.commit_in_place);
+    `freed` collects the clusters whose count drops to zero."""
 
     def __init__(self, image) -> None:
         self.image = image
         self.refs = image.refcounts
-        self.bits = image.cluster_bits
-        self.cs = image.cluster_size
-        self.file_size = image.file.size()
-        self.delta = ClusterCounts(self.bits, -(-self.file_size >> self.bits), signed=True)
-        self.search_from = 1  # first-fit search start (what lies before is taken)
-        self.superseded: set[int] = set()  # clusters of metadata replaced by copies
-        self.end = self.file_size  # the file's size once the new clusters are written
-        # The refcount block get() read last (the current refcounts do not change until
-        # the switch): asked cluster after cluster, most calls need no lookup.
-        self._block_bits = self.refs.block_entries.bit_length() - 1
-        self._block_index = -1
+        self.shift = self.refs.block_entries.bit_length() - 1
+        self.mask = self.refs.block_entries - 1
+        self.freed: list[int] = []
+        self._index = -1
         self._block: RefcountBlock | None = None
 
-    def get(self, cluster: int) -> int:
-        """A cluster's refcount in the new state."""
-        block_index = cluster >> self._block_bits
-        if block_index != self._block_index:
-            self._block = self.refs.block(block_index)
-            self._block_index = block_index
-        block = self._block
-        count = block.get(cluster & (self.refs.block_entries - 1)) if block is not None else 0
-        return count + self.delta.get(cluster)
-
-    def counts_of(self, clusters: list[int]) -> list[int]:
-        """get() of many clusters at once."""
-        return list(map(add, self.refs.counts_of(clusters), self.delta.get_many(clusters)))
-
-    def change_range(self, offset: int, length: int, times: int) -> None:
-        bits = self.bits
-        for cluster in range(offset >> bits, ((offset + length - 1) >> bits) + 1):
-            self.delta.add(cluster, times)
-
-    def supersede(self, offset: int, length: int) -> None:
-        """The metadata at [offset, +length) is replaced by a new copy: one reference
-        less on its clusters, which are not punched once free (see the module docstring)."""
-        self.change_range(offset, length, -1)
-        bits = self.bits
-        self.superseded.update(range(offset >> bits, ((offset + length - 1) >> bits) + 1))
-
-    def allocate(self, count: int) -> int:
-        """First cluster of `count` contiguous clusters free now and untouched by the change."""
-        candidate = self.search_from
-        while True:
-            start = self.refs._next_free_run(candidate, count)
-            busy = [c for c in range(start, start + count) if self.delta.get(c)]
-            if not busy:
-                break
-            candidate = busy[-1] + 1
-        for cluster in range(start, start + count):
-            self.delta.add(cluster, 1)
-        if count == 1 or start == self.search_from:
-            self.search_from = start + count
-        return start
-
-    def write_new(self, data: bytes) -> int:
-        """Write `data` (padded to whole clusters) into newly allocated clusters."""
-        cs = self.cs
-        clusters = max(1, -(-len(data) // cs))
-        offset = self.allocate(clusters) << self.bits
-        self.image.guard_write(offset, clusters * cs)
-        self.image.file.pwrite(bytes(data) + bytes(clusters * cs - len(data)), offset)
-        self.end = max(self.end, offset + clusters * cs)
-        return offset
-
-    def check_counts(self) -> None:
-        """Refuse, before anything is written, counts that would leave their range."""
+    def _load(self, block_index: int, cluster: int, addend: int) -> RefcountBlock | None:
         refs = self.refs
-        limit = refs.max_refcount
-        checked = self._chunks_within_range()
-        for cluster, change in self.delta.items(skip=checked):
-            count = refs.get(cluster) + change
-            if count < 0:
-                raise CorruptImageError(
-                    f"Refcount of cluster {cluster} (offset 0x{cluster << self.bits:x}) would "
-                    f"drop below zero"
+        offset = refs._block_offset(block_index)
+        if not offset:
+            if addend > 0:  # QEMU adds a refcount block there and asks for a retry
+                raise Qcow2IOError(
+                    _refcount_growth_errno(self.image, cluster << self.image.cluster_bits),
+                    f"Cluster {cluster} has no refcount block to count it",
                 )
-            if count > limit:
-                raise InvalidArgumentError(
-                    f"Refcount of cluster {cluster} (offset 0x{cluster << self.bits:x}) would "
-                    f"overflow: {count} references exceed the maximum {limit} of "
-                    f"refcount_bits={self.image.refcount_bits}"
-                )
+            return None
+        block = refs.blocks.get(offset)
+        if addend:
+            refs.blocks.mark_dirty(offset)
+            self._index, self._block = block_index, block
+        return block
 
-    def _chunks_within_range(self) -> set[int]:
-        """The chunks of `delta` whose new counts are all within range, found with one
-        sum per chunk at C speed (the rest are checked cluster by cluster)."""
-        refs = self.refs
-        chunk_size = self.delta.chunk_size
-        if refs.order < 3 or refs.block_entries % chunk_size:
-            return set()
-        within = set()
-        for index, chunk in self.delta.chunks.items():
-            first = index * chunk_size
-            try:
-                block = refs.block(first // refs.block_entries)
-            except CorruptImageError:
-                continue  # (reported in cluster order by check_counts)
-            if block is None:
-                counts = list(chunk)
-            else:
-                low = first % refs.block_entries
-                counts = list(map(add, block.values[low : low + chunk_size], chunk))
-            if min(counts) >= 0 and max(counts) <= refs.max_refcount:
-                within.add(index)
-        return within
-
-    def write_refcounts(self) -> tuple[int, int, list[tuple[int, int]]]:
-        """New copies of the refcount blocks whose counts change and a new refcount table.
-
-        Placing each copy changes counts too (the copy is used, the block it replaces is
-        free), so blocks are placed until no further block changes. Returns the table's
-        offset and clusters, and the runs of clusters the new state frees."""
-        refs = self.refs
-        bits, cs = self.bits, self.cs
-        entries = refs.block_entries
-        copies: dict[int, int] = {}  # block index -> cluster of its new copy
-        self.supersede(refs.table_offset, refs.table_clusters * cs)
-        table_first, table_clusters = None, refs.table_clusters
-        while True:
-            todo = sorted(self.delta.nonzero_blocks(entries) - copies.keys())
-            for block_index in todo:
-                copies[block_index] = self.allocate(1)
-                old = refs._block_offset(block_index)
-                if old:
-                    self.supersede(old, cs)
-            needed = max(len(refs.table), max(copies, default=0) + 1)
-            if needed * 8 > S.MAX_REFTABLE_BYTES:
-                raise InvalidArgumentError(
-                    f"Refcount table would need {needed} entries, more than the format's "
-                    f"limit of {S.MAX_REFTABLE_BYTES // 8}"
-                )
-            if table_first is not None and needed * 8 <= table_clusters * cs:
-                if not todo:
-                    break
-                continue
-            if table_first is not None:  # too small now: give it back, take a larger one
-                for cluster in range(table_first, table_first + table_clusters):
-                    self.delta.add(cluster, -1)
-            table_clusters = max(table_clusters, -(-needed * 8 // cs))
-            table_first = self.allocate(table_clusters)
-        table = array("Q", refs.table)
-        table.extend([0] * (table_clusters * cs // 8 - len(table)))
-        freed: list[tuple[int, int]] = []
-        for block_index, cluster in sorted(copies.items()):
-            old = refs.block(block_index)
-            block = RefcountBlock(refs.order, old.to_bytes() if old is not None else bytes(cs))
-            base = block_index * entries
-            if block.order >= 3:
-                self._apply_delta_whole(block, base, entries, freed)
-            else:
-                self._apply_delta(block, self.delta.block_counts(base, entries), base, freed)
-            self.image.guard_write(cluster << bits, cs)
-            self.image.file.pwrite(block.to_bytes(), cluster << bits)
-            self.end = max(self.end, (cluster + 1) << bits)
-            table[block_index] = cluster << bits
-        self.image.guard_write(table_first << bits, table_clusters * cs)
-        self.image.file.pwrite(encode_be64(table), table_first << bits)
-        self.end = max(self.end, (table_first + table_clusters) << bits)
-        return table_first << bits, table_clusters, freed
-
-    def _apply_delta(self, block: RefcountBlock, changes, base: int, freed: list) -> None:
-        """Add the `changes` ((cluster, change) pairs, in order) to the block of clusters
-        from `base`, noting in `freed` the runs of clusters they free."""
-        limit = self.refs.max_refcount
-        for counted, change in changes:
-            before = block.get(counted - base)
-            after = before + change
-            if not 0 <= after <= limit:
-                raise CorruptImageError(
-                    f"Refcount of cluster {counted} (offset 0x{counted << self.bits:x}) would "
-                    f"become {after}, outside 0..{limit}"
-                )
-            block.set(counted - base, after)
-            if before and not after:
-                _note_freed(freed, counted)
-
-    def _apply_delta_whole(self, block: RefcountBlock, base: int, entries: int, freed: list):
-        """_apply_delta for blocks of whole-byte counts, a chunk of `delta` at a time at C
-        speed (a snapshot changes the count of every cluster its tree reaches); clusters
-        are visited one by one only where counts drop to zero or leave their range."""
-        values = block.values
-        assert isinstance(values, array)
-        limit = self.refs.max_refcount
-        for first, change in self.delta.chunk_slices(base, entries):
-            low = first - base
-            high = low + len(change)
-            after = list(map(add, values[low:high], change))
-            if min(after) < 0 or max(after) > limit:
-                nonzero = compress(range(first, first + len(change)), change)
-                self._apply_delta(block, ((c, change[c - first]) for c in nonzero), base, freed)
-                continue
-            if min(change) < 0:  # clusters whose count drops to zero are freed
-                dropped = (c for c in compress(range(len(change)), change) if not after[c])
-                for index in dropped:
-                    _note_freed(freed, first + index)
-            values[low:high] = array(values.typecode, after)
-
-    def undo(self) -> None:
-        """Cut the file back (best effort) after a failure before the switch; clusters
-        written inside the file were free and stay so."""
-        try:
-            if self.image.file.size() > self.file_size:
-                self.image.file.truncate(self.file_size)
-        except Exception:  # the failure being reported matters more; this is only space
-            pass
-
-
-def _paths_changed(image, state: _NewState, added: list[array], removed: list[array]) -> None:
-    """Count into state.delta the L1 -> L2 (-> cluster) paths of the `added` L1 tables,
-    less those of the `removed` ones; L2 tables reached as often before as after cancel
-    out and are not read at all."""
-    l2_paths = ClusterCounts(state.bits, state.delta.file_clusters, signed=True)
-    for l1 in added:
-        count_l1_entries(l2_paths, l1, state.cs, 1)
-    for l1 in removed:
-        count_l1_entries(l2_paths, l1, state.cs, -1)
-    count_l2_tables(image, state.delta, l2_paths)
-
-
-def _commit_state(
-    image,
-    active: array,
-    *,
-    snapshot_l1: array | None = None,
-    new_snapshot: Snapshot | None = None,
-    deleted: tuple[Snapshot, array] | None = None,
-    snapshots: list[Snapshot] | None = None,
-    size: int | None = None,
-) -> None:
-    """Switch the image, in one header write, to the active tree `active` (L2 table
-    offsets without flags), plus the new snapshot `new_snapshot` with `snapshot_l1`, less
-    the snapshot `deleted` (with its L1 table); `snapshots` is the new snapshot table
-    (None: unchanged). The caller holds _Exclusive. See the module docstring."""
-    m = image.map
-    hdr = image.header
-    bits = image.cluster_bits
-    state = _NewState(image)
-    added = [active] + ([snapshot_l1] if snapshot_l1 is not None else [])
-    _paths_changed(image, state, added, [m.l1] + ([deleted[1]] if deleted else []))
-    if deleted is not None and deleted[0].l1_size:
-        state.change_range(deleted[0].l1_table_offset, deleted[0].l1_size * 8, -1)
-    old_table = cached_table(image)
-    if snapshots is not None and old_table[1]:
-        state.supersede(hdr.snapshots_offset, old_table[1])
-    state.check_counts()
-    try:
-        # 1. Active L2 tables whose COPIED flags are wrong for the new state get copies,
-        #    which the new L1 tables point at instead (a new snapshot shares them).
-        uses: dict[int, int] = {}  # L2 table offset -> entries of the new L1 tables on it
-        for l1 in added:
-            for offset in filter(None, l1):
-                uses[offset] = uses.get(offset, 0) + 1
-        # A new snapshot shares every L2 table of the active tree, so every cluster the
-        # tree reaches is counted twice at least: no entry keeps COPIED.
-        all_shared = new_snapshot is not None
-        copies: dict[int, int] = {}
-        for offset in dict.fromkeys(filter(None, active)):
-            table = m.l2_cache.get(offset)
-            if all_shared:
-                encoded = _without_copied(table, m.entry_words)
-            else:
-                fixed = _flags_for(table, m.entry_words, state.counts_of, bits)
-                encoded = None if fixed is None else encode_be64(fixed)
-            if encoded is not None:
-                copy_offset = state.write_new(encoded)
-                copies[offset] = copy_offset
-                state.delta.add(offset >> bits, 1 - uses[offset])
-                state.supersede(offset, state.cs)
-                state.delta.add(copy_offset >> bits, uses[offset] - 1)
-        if copies:
-            for l1 in added:
-                for index in compress(range(len(l1)), l1):
-                    l1[index] = copies.get(l1[index], l1[index])
-        for index in compress(range(len(active)), active):
-            if state.get(active[index] >> bits) == 1:
-                active[index] |= S.OFLAG_COPIED
-        # 2. The L1 tables and the snapshot table that changed.
-        l1_offset = hdr.l1_table_offset
-        if active != m.l1:
-            if len(m.l1):
-                state.supersede(hdr.l1_table_offset, len(m.l1) * 8)
-            l1_offset = state.write_new(encode_be64(active)) if len(active) else 0
-        if new_snapshot is not None:
-            assert snapshot_l1 is not None  # (given with new_snapshot)
-            new_snapshot.l1_size = len(snapshot_l1)
-            new_snapshot.l1_table_offset = (
-                state.write_new(encode_be64(snapshot_l1)) if len(snapshot_l1) else 0
+    def add(self, cluster: int, addend: int) -> int:
+        """Add `addend` (-1, 0 or 1) to a cluster's count; returns the new count."""
+        block_index = cluster >> self.shift
+        block = self._block if block_index == self._index else None
+        if block is None:
+            block = self._load(block_index, cluster, addend)
+        index = cluster & self.mask
+        before = block.get(index) if block is not None else 0
+        if not addend:
+            return before
+        after = before + addend
+        if after < 0:
+            raise CorruptImageError(
+                f"Refcount of cluster {cluster} (offset 0x{cluster << self.image.cluster_bits:x}) "
+                f"would drop below zero"
             )
-        disk_size = image.size if size is None else size
-        table_offset, table_bytes = hdr.snapshots_offset, old_table[1]
-        if snapshots is not None:
-            table = pack_snapshot_table(snapshots, disk_size) if snapshots else b""
-            table_offset = state.write_new(table) if table else 0
-            table_bytes = len(table)
-        # 3. New copies of the refcount blocks that change, and a refcount table.
-        reftable_offset, reftable_clusters, freed = state.write_refcounts()
-        image._sync(image.file)
-        # 4. The commit point: one sector write of the header.
-        fields = dict(
-            size=disk_size,
-            l1_size=len(active),
-            l1_table_offset=l1_offset,
-            nb_snapshots=len(snapshots) if snapshots is not None else hdr.nb_snapshots,
-            snapshots_offset=table_offset,
-            refcount_table_offset=reftable_offset,
-            refcount_table_clusters=reftable_clusters,
-        )
-        old_fields = {key: getattr(hdr, key) for key in fields}
-        for key, value in fields.items():
-            setattr(hdr, key, value)
-        try:
-            image._write_header_fields()
-        except BaseException:
-            for key, value in old_fields.items():
-                setattr(hdr, key, value)
-            raise
-    except BaseException:
-        state.undo()  # the header does not point there
-        raise
-    # 5. Work from the new state, which the file shows from now on (even if the flush
-    #    below fails), and give what only the old one used back to the filesystem.
-    image._host_size = max(image._host_size, state.end)
-    image.use_refcount_table(reftable_offset, reftable_clusters, max(state.end, state.file_size))
-    _use_l1(image, active, l1_offset)
-    image.size = disk_size
-    m.l2_cache.clear()
-    image._compressed_tail = 0
-    if snapshots is not None:
-        image._snapshot_table = (
-            hdr.snapshots_offset,
-            hdr.nb_snapshots,
-            list(snapshots),
-            table_bytes,
-        )
-    image._sync(image.file)
-    for first, count in _runs_outside(freed, state.superseded):
-        image.file.punch_hole(first << bits, count << bits)
-    _trim_file(image, state)
+        if after > self.refs.max_refcount:
+            raise InvalidArgumentError(
+                f"Refcount of cluster {cluster} would overflow: {after} references exceed the "
+                f"maximum {self.refs.max_refcount} of refcount_bits={self.image.refcount_bits}"
+            )
+        assert block is not None  # (a missing block was refused above)
+        block.set(index, after)
+        if not after:
+            self.freed.append(cluster)
+        return after
 
 
-def _runs_outside(runs: list[tuple[int, int]], kept: set[int]) -> Iterator[tuple[int, int]]:
-    """The (first, count) runs of clusters less the clusters in `kept`."""
-    for first, count in runs:
-        start = first
-        for cluster in sorted(kept.intersection(range(first, first + count))):
-            if cluster > start:
-                yield start, cluster - start
-            start = cluster + 1
-        if first + count > start:
-            yield start, first + count - start
-
-
-def _trim_file(image, state: _NewState) -> None:
-    """Cut the file after its last cluster in use, so the metadata one operation frees at
-    the end does not make the file grow from one operation to the next. Only clusters the
-    operation freed or wrote are cut: a cluster that was free before may still hold data
-    a damaged image points at."""
-    refs = image.refcounts
-    old_end = -(-state.file_size >> image.cluster_bits)
-    end = -(-image.file.size() >> image.cluster_bits)
-    while end > 1 and not refs.get(end - 1) and (end > old_end or state.delta.get(end - 1)):
-        end -= 1
-    if end << image.cluster_bits < image.file.size():
-        image.file.truncate(end << image.cluster_bits)
-        image._host_size = end << image.cluster_bits
-        refs.end_cluster = min(refs.end_cluster, end)
-        refs.file_size_hint = end << image.cluster_bits
-        refs.free_hint = min(refs.free_hint, end)
-
-
-def _switch_header(image, **fields) -> None:
-    """Change header fields with one sector write, made durable (the commit point)."""
-    hdr = image.header
-    old = {key: getattr(hdr, key) for key in fields}
-    for key, value in fields.items():
-        setattr(hdr, key, value)
-    try:
-        image.file.flush()  # everything the new header points at is on disk first
-        image._write_header_fields()
-        image.file.flush()
-    except BaseException:
-        for key, value in old.items():
-            setattr(hdr, key, value)
-        raise
-
-
-def _use_l1(image, l1: array, offset: int) -> None:
-    """Point the in-memory map at a new active L1 table (after the header switch)."""
+def _refcount_pass(image, l1: array, addend: int, counts: _Counts) -> bool:
+    """QEMU's qcow2_update_snapshot_refcount in the caches: add `addend` to the count of
+    every cluster the tree of `l1` (entries with flags) reaches, and give each entry of
+    the tree COPIED exactly where its cluster's count is then 1 (compressed clusters
+    never). `l1` is changed in place; returns whether it changed."""
     m = image.map
-    m.l1 = l1
-    m.l1_dirty.clear()
-    m.l1_table_offset = offset
-    m.metadata[1] = (offset, offset + len(l1) * 8, "the L1 table")
+    bits, cs = image.cluster_bits, image.cluster_size
+    step = m.entry_words
+    copied, compressed, mask = S.OFLAG_COPIED, S.OFLAG_COMPRESSED, S.L2E_OFFSET_MASK
+    changed = False
+    for l1_index in nonzero_positions(l1):
+        entry = l1[l1_index]
+        l2_offset = entry & S.L1E_OFFSET_MASK
+        if not l2_offset:
+            continue
+        if l2_offset % cs:
+            raise SignaledCorruptionError(
+                f"L2 table offset {c_hex(l2_offset)} unaligned (L1 index: {c_hex(l1_index)})"
+            )
+        table = m.l2_cache.get(l2_offset)
+        entries = table[::step] if step > 1 else table
+        dirty = False
+        for l2_index in nonzero_positions(entries):
+            value = entries[l2_index]
+            plain = value & ~copied
+            if plain & compressed:
+                if addend:
+                    host = (plain & m.compressed_offset_mask) & ~511
+                    sectors = ((plain >> m.csize_shift) & m.csize_mask) + 1
+                    for cluster in range(host >> bits, ((host + sectors * 512 - 1) >> bits) + 1):
+                        counts.add(cluster, addend)
+            elif plain & mask:
+                host = plain & mask
+                if host % cs:
+                    raise SignaledCorruptionError(
+                        f"Cluster allocation offset {c_hex(host)} unaligned (L2 offset: "
+                        f"{c_hex(l2_offset)}, L2 index: {c_hex(l2_index)})"
+                    )
+                if counts.add(host >> bits, addend) == 1:
+                    plain |= copied
+            if plain != value:
+                table[l2_index * step] = plain
+                dirty = True
+        if dirty:
+            m.l2_cache.mark_dirty(l2_offset)
+        new_entry = l2_offset | (copied if counts.add(l2_offset >> bits, addend) == 1 else 0)
+        if new_entry != entry:
+            l1[l1_index] = new_entry
+            changed = True
+    return changed
 
 
-def _read_l1(image, snap: Snapshot) -> array:
+def _in_place(image, step: Callable[[_Counts], tuple[array, list[tuple[int, array]]]]) -> None:
+    """Run `step` (QEMU's passes over the caches; returns the new active L1 table and the
+    inactive L1 tables to write) and commit what it changed; on failure nothing of it is
+    written and the caches forget it."""
+    counts = _Counts(image)
+    try:
+        active, inactive = step(counts)
+    except BaseException as exc:
+        image.map.l2_cache.clear()
+        image.refcounts.blocks.clear()
+        if isinstance(exc, SignaledCorruptionError):
+            raise image._met_corruption(exc) from None
+        raise
+    commit_in_place(image, active, inactive, counts.freed)
+
+
+def _free_clusters(image, offset: int, length: int) -> None:
+    """QEMU's qcow2_free_clusters: one reference less on the clusters of [offset,
+    +length), written back at once; a failure is only reported (the clusters leak)."""
+    if image.blkdebug is not None:
+        image.blkdebug.event("cluster_free")
+    if not length:
+        return
+    bits = image.cluster_bits
+    first = offset >> bits
+    try:
+        image.refcounts.free(first, ((offset + length - 1) >> bits) - first + 1)
+        image._write_back()
+    except Qcow2IOError as exc:
+        image.refcounts.pending_frees.clear()
+        image.refcounts.blocks.clear()
+        emit_notice(f"qcow2_free_clusters failed: {exc.strerror}")
+
+
+def _write_table(image, snapshots: list[Snapshot]) -> None:
+    """QEMU's qcow2_write_snapshots: the table in new clusters, made durable, the header
+    switched to it (one sector), then the old table freed."""
+    hdr = image.header
+    old_offset, old_bytes = hdr.snapshots_offset, cached_table(image)[1]
+    table = pack_snapshot_table(snapshots, image.size) if snapshots else b""
+    offset = image.write_new_clusters(table) if table else 0
+    image._write_back()
+    image._sync(image.file)
+    old = (hdr.nb_snapshots, hdr.snapshots_offset)
+    hdr.nb_snapshots, hdr.snapshots_offset = len(snapshots), offset
+    try:
+        image._write_header_fields()
+        image._sync(image.file)
+    except BaseException:
+        hdr.nb_snapshots, hdr.snapshots_offset = old
+        raise
+    image._snapshot_table = (offset, len(snapshots), list(snapshots), len(table))
+    image._overlaps_for = None
+    _free_clusters(image, old_offset, old_bytes)
+
+
+class SnapshotL1Error(Qcow2IOError, CorruptImageError):
+    """A snapshot's L1 table refused where it is used, as QEMU's qcow2_validate_table
+    refuses it: its message and errno (the table itself is read without that check)."""
+
+
+def _validate_l1(snap: Snapshot, cluster_size: int) -> None:
     if snap.l1_size * 8 > S.MAX_L1_BYTES:
-        raise CorruptImageError(
-            f"Snapshot '{snap.name}' L1 table too large (l1_size {snap.l1_size})"
-        )
+        raise SnapshotL1Error(errno.EFBIG, "Snapshot L1 table too large")
+    if (
+        snap.l1_table_offset % cluster_size
+        or snap.l1_table_offset > (1 << 63) - 1 - snap.l1_size * 8
+    ):
+        raise SnapshotL1Error(errno.EINVAL, "Snapshot L1 table offset invalid")
+
+
+def read_l1(image, snap: Snapshot) -> array:
+    """A snapshot's L1 table (entries with flags), validated as QEMU validates it; bytes
+    past the end of the file read as zeros, as QEMU reads them."""
+    _validate_l1(snap, image.cluster_size)
     if not snap.l1_size:
         return array("Q")
-    if snap.l1_table_offset % image.cluster_size or (
-        snap.l1_table_offset + snap.l1_size * 8 > image.file.size()
-    ):
-        raise CorruptImageError(
-            f"Snapshot '{snap.name}' L1 table offset invalid (l1_table_offset "
-            f"0x{snap.l1_table_offset:x}, l1_size {snap.l1_size})"
-        )
-    return decode_be64(image.file.pread(snap.l1_size * 8, snap.l1_table_offset))
-
-
-def _plain_offsets(image, l1: array) -> array:
-    """An L1 table's L2 table offsets without flags (malformed entries refused)."""
-    offsets = array("Q", bytes(8 * len(l1)))
-    for index in compress(range(len(l1)), l1):
-        offsets[index] = l2_table_offset(l1[index], index, image.cluster_size)
-    return offsets
+    raw = image.file.pread(snap.l1_size * 8, snap.l1_table_offset)
+    return decode_be64(raw.ljust(snap.l1_size * 8, b"\0"))
 
 
 def refresh_copied_flags(image) -> None:
@@ -714,28 +447,6 @@ def refresh_copied_flags(image) -> None:
         if fixed is not None:
             table[:] = fixed
             m.l2_cache.mark_dirty(l2)
-
-
-def _grow_l1(image, entries: int) -> None:
-    """Move the active L1 table to new clusters with `entries` entries (crash-safe)."""
-    if entries * 8 > S.MAX_L1_BYTES:
-        raise InvalidArgumentError(
-            f"L1 table would be too large (l1_size {entries}, limit {S.MAX_L1_BYTES // 8})"
-        )
-    m = image.map
-    old_offset, old_size = m.l1_table_offset, len(m.l1)
-    l1 = array("Q", m.l1)
-    l1.extend([0] * (entries - len(l1)))
-    offset = image.write_new_clusters(encode_be64(l1))
-    image._write_back()
-    _switch_header(image, l1_size=entries, l1_table_offset=offset)
-    _use_l1(image, l1, offset)
-    if old_size:
-        first = old_offset >> image.cluster_bits
-        image.refcounts.free(
-            first, ((old_offset + old_size * 8 - 1) >> image.cluster_bits) - first + 1
-        )
-    image._write_back()
 
 
 def _make_date(date) -> tuple[int, int]:
@@ -781,7 +492,7 @@ def write_vmstate(image, pos: int, data) -> None:
         end = start + len(view)
         needed = -(-end // _l1_span(image))
         if needed > len(image.map.l1):
-            _grow_l1(image, needed)
+            image.resize_grow_l1(needed)
         size = image.size
         image.size = end  # let the engine's write path reach past the disk, as QEMU does
         try:
@@ -861,23 +572,37 @@ def create_snapshot(
             image.size,
             ICOUNT_DISABLED if icount is None else icount,
         )
-        # The snapshot takes the whole active L1 table, VM state area included (data
-        # written there past vm_state_size survives a revert, as in QEMU); the VM state
-        # itself goes to the snapshot alone: QEMU drops it from the active tree.
-        snap_l1 = _plain_offsets(image, active)
-        new_active = array("Q", snap_l1)
-        new_active[vm_index:vm_end] = array("Q", bytes(8 * (vm_end - vm_index)))
-        try:
-            _commit_state(
-                image,
-                new_active,
-                snapshot_l1=snap_l1,
-                new_snapshot=snap,
-                snapshots=snapshots + [snap],
-            )
-        except ReferencePastEnd as exc:
-            raise Qcow2IOError(_refcount_growth_errno(image, exc.offset), str(exc)) from exc
+        # QEMU's order: the snapshot's copy of the L1 table (VM state area included), the
+        # counts of the tree it shares, the snapshot table; then the VM state leaves the
+        # active tree. A failure on the way leaves leaked clusters only.
+        if len(active):
+            snap.l1_table_offset = image.write_new_clusters(encode_be64(active))
+            image._write_back()
+
+        def share(counts: _Counts) -> tuple[array, list[tuple[int, array]]]:
+            shared = array("Q", image.map.l1)
+            _refcount_pass(image, shared, 1, counts)
+            return shared, []
+
+        _in_place(image, share)
+        _write_table(image, snapshots + [snap])
+        if vm_state_size:
+            _drop_vm_state(image, vm_state_size)
         return snap
+
+
+def _drop_vm_state(image, vm_state_size: int) -> None:
+    """Discard the VM state from the active tree (QEMU's qcow2_cluster_discard after a
+    snapshot took it): it would only cost copy-on-write at the next snapshot."""
+    start = vm_state_offset(image)
+    length = -(-vm_state_size // image.cluster_size) * image.cluster_size
+    size = image.size
+    image.size = start + length  # (the engine's discard reaches past the disk, as QEMU's)
+    try:
+        image.discard(start, length)
+    finally:
+        image.size = size
+    _flush_all(image)
 
 
 def _refcount_growth_errno(image, offset: int) -> int:
@@ -901,25 +626,38 @@ def apply_snapshot(
         snapshots, _ = _read_table(image)
         index = _lookup(snapshots, name_or_id, id, name)
         snap = snapshots[index]
+        _validate_l1(snap, image.cluster_size)
         disk_size = image.size if snap.disk_size is None else snap.disk_size
-        if disk_size != image.size and image.header.version < 3:
-            raise UnsupportedFeatureError(
-                f"cannot apply snapshot '{snap.name}': its disk size {disk_size} differs from "
-                f"the image's {image.size} and a version 2 image cannot be resized"
-            )
-        if disk_size % 512:
-            raise CorruptImageError(
-                f"Snapshot '{snap.name}' disk size {disk_size} is not a multiple of 512"
-            )
-        entries = max(snap.l1_size, _vm_state_index(image, disk_size))
-        if entries * 8 > S.MAX_L1_BYTES:
-            raise CorruptImageError(
-                f"Snapshot '{snap.name}' disk size {disk_size} needs too large an L1 table"
-            )
-        new_active = _plain_offsets(image, _read_l1(image, snap))
-        new_active.extend([0] * (entries - len(new_active)))
+        if disk_size != image.size:
+            if image.header.version < 3:
+                raise UnsupportedFeatureError(
+                    f"cannot apply snapshot '{snap.name}': its disk size {disk_size} differs "
+                    f"from the image's {image.size} and a version 2 image cannot be resized"
+                )
+            if disk_size % 512:
+                raise CorruptImageError(
+                    f"Snapshot '{snap.name}' disk size {disk_size} is not a multiple of 512"
+                )
+            from .ops.resize import resize
+
+            resize(image, disk_size, shrink=True)
+        image.resize_grow_l1(snap.l1_size)
+        snapshot_l1 = read_l1(image, snap)
+        new_active = array("Q", snapshot_l1)
+        new_active.extend([0] * (len(image.map.l1) - len(new_active)))
         image.invalidate_bitmaps()  # the guest's content changes
-        _commit_state(image, new_active, size=disk_size)
+
+        def revert(counts: _Counts) -> tuple[array, list[tuple[int, array]]]:
+            # QEMU's order: the snapshot's tree gains a reference, the old active tree
+            # loses one, then the new active tree's COPIED flags follow the counts.
+            inactive = []
+            if _refcount_pass(image, snapshot_l1, 1, counts):
+                inactive.append((snap.l1_table_offset, snapshot_l1))
+            _refcount_pass(image, array("Q", image.map.l1), -1, counts)
+            _refcount_pass(image, new_active, 0, counts)
+            return new_active, inactive
+
+        _in_place(image, revert)
         return snap
 
 
@@ -932,13 +670,30 @@ def delete_snapshot(
         snapshots, _ = _read_table(image)
         index = _lookup(snapshots, name_or_id, id, name)
         snap = snapshots[index]
-        deleted_l1 = _read_l1(image, snap)  # refused if invalid, as QEMU does
-        _commit_state(
-            image,
-            _plain_offsets(image, image.map.l1),
-            deleted=(snap, deleted_l1),
-            snapshots=snapshots[:index] + snapshots[index + 1 :],
-        )
+        _validate_l1(snap, image.cluster_size)
+        # QEMU's order: the snapshot leaves the table (its clusters leak until the next
+        # step), then its tree loses a reference and its L1 table is freed, and the
+        # active tree's COPIED flags follow the counts.
+        _write_table(image, snapshots[:index] + snapshots[index + 1 :])
+
+        def release(counts: _Counts) -> tuple[array, list[tuple[int, array]]]:
+            _refcount_pass(image, read_l1(image, snap), -1, counts)
+            if image.blkdebug is not None:
+                image.blkdebug.event("cluster_free")
+            bits = image.cluster_bits
+            if snap.l1_size:
+                first = snap.l1_table_offset >> bits
+                last = (snap.l1_table_offset + snap.l1_size * 8 - 1) >> bits
+                for cluster in range(first, last + 1):
+                    counts.add(cluster, -1)
+            active = array("Q", image.map.l1)
+            _refcount_pass(image, active, 0, counts)
+            return active, []
+
+        try:
+            _in_place(image, release)
+        except Qcow2IOError as exc:
+            raise exc.in_context("Failed to free the cluster and L1 table") from None
         return snap
 
 
@@ -971,7 +726,7 @@ class SnapshotView(BlockDevice):
         with image._lock:
             snapshots, _ = _read_table(image)
             self.snapshot = snap = snapshots[_lookup(snapshots, name_or_id, id, name)]
-            l1 = _read_l1(image, snap)
+            l1 = read_l1(image, snap)
             self.map = copy(image.map)
             self.map.l1 = l1
             self.map.l1_dirty = set()

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -207,3 +208,17 @@ def wait_for_listener(sock: Path, proc: subprocess.Popen, timeout: float) -> Non
                 return
             except OSError:  # not there yet, or not listening yet
                 time.sleep(0.02)
+
+
+def bytes_without_dates(path: Path) -> bytes:
+    """The file's bytes with the snapshots' date fields (the time each was taken) zeroed."""
+    data = bytearray(path.read_bytes())
+    count, table = struct.unpack(">IQ", data[60:72])
+    position = table
+    for _ in range(count):
+        id_size, name_size = struct.unpack(">HH", data[position + 12 : position + 16])
+        (extra_size,) = struct.unpack(">I", data[position + 36 : position + 40])
+        data[position + 16 : position + 24] = bytes(8)
+        position += 40 + extra_size + id_size + name_size
+        position += -position % 8
+    return bytes(data)

@@ -283,6 +283,9 @@ def _amend_image(
         notice = getattr(exc, "notice", None)
         if notice:
             sys.stderr.write(notice + "\n")
+        reported = getattr(exc, "reported", None)
+        if reported:
+            cli.error_report(reported)
         for line in error_text(exc).split("\n")[:1]:
             cli.error_report(line)
         sys.stderr.write("".join(line + "\n" for line in error_text(exc).split("\n")[1:]))

@@ -104,6 +104,9 @@ def cmd_snapshot(cli: Cli, argv: list[str]) -> int:
                 try:
                     snaps.apply_snapshot(img, name)
                     reason = None
+                except snaps.SnapshotL1Error as exc:  # told first, then its errno
+                    cli.error_report(str(exc.strerror))
+                    reason = exc.errno_text()
                 except qcow2lib.InvalidArgumentError:  # refcount overflow: QEMU's EINVAL
                     reason = "Invalid argument"
                 except Qcow2Error as exc:

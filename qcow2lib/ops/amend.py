@@ -25,7 +25,6 @@ from collections.abc import Callable
 
 from .. import structs as S
 from ..blockdev import BlockDevice
-from ..cache import decode_be64
 from ..errors import (
     AmendError,
     CorruptImageError,
@@ -343,10 +342,20 @@ def _upgrade(image) -> None:
 
 
 def _l1_tables(image, snapshots) -> list:
+    """The active L1 table and the snapshots' (refused as QEMU's zero cluster expansion
+    refuses them)."""
+    from ..snapshots import SnapshotL1Error, read_l1
+
     tables = [image.map.l1]
     for snap in snapshots:
-        if snap.l1_size:
-            tables.append(decode_be64(image.file.pread(snap.l1_size * 8, snap.l1_table_offset)))
+        try:
+            tables.append(read_l1(image, snap))
+        except SnapshotL1Error as exc:
+            raise AmendError(
+                str(exc),
+                qemu_message=f"Failed to turn zero into data clusters: {exc.errno_text()}",
+                reported=exc.strerror,
+            ) from None
     return tables
 
 

@@ -91,7 +91,7 @@ def _resize_qcow2(image, new_size: int, preallocation: str) -> None:
     l2_span = cs * image.map.l2_entries
     new_l1_size = -(-new_size // l2_span)
     if new_size < old:
-        image.resize_drop_clusters(-(-new_size // cs))
+        image.resize_drop_clusters(-(-new_size // cs), shrink=True)
         if image.data_host is not None:
             image.data_host.truncate(new_size)
         image.resize_shrink_reftable()

@@ -1,0 +1,248 @@
+"""Crash-safe in-place changes of refcounts and COPIED flags, through a shadow state.
+
+QEMU's snapshot operations change refcount blocks, L2 tables and the active L1 table in
+place, and qimg lays images out as QEMU does. But no order of in-place writes keeps
+counts and COPIED flags consistent at every moment: an active entry with COPIED whose
+cluster is counted twice, or one without it counted once, is an error to `qemu-img check`.
+
+So the new state F (prepared in the image's caches, nothing written yet) reaches the disk
+in two switches of the header, each one sector:
+1. Copies of what F changes on the active path go past the end of the file: the active
+   L2 tables F changes, the active L1 table (pointing at those copies), the refcount
+   blocks F changes or whose counts the copies change, and a refcount table. Counted as
+   they are used there, they form the shadow state T: F, with the changed active tables
+   read from their copies. The header switches to T.
+2. F is written in place: clusters T does not use on its active path (the originals, and
+   L2 tables only snapshots reach, whose entries change in their flags alone, which
+   nothing reads in an inactive table). The header switches back, and the copies are cut
+   off the end of the file.
+A crash leaves the old state, T or F. Changes without any table change (counts only) are
+written in place directly: the callers order them so that counts only drop to what the
+references on disk already are, or rise above them (leaked clusters, allowed).
+"""
+
+from __future__ import annotations
+
+from array import array
+
+from . import structs as S
+from .cache import encode_be64
+from .errors import InvalidArgumentError
+from .overlap import INACTIVE_L1
+from .refcount import RefcountBlock
+from .runs import nonzero_positions
+
+
+def commit_in_place(
+    image, active_l1: array, inactive_l1s: list[tuple[int, array]], freed: list[int]
+) -> None:
+    """Write the state prepared in the caches (dirty refcount blocks and L2 tables) with the
+    active L1 table `active_l1` (same size and place as now) and the inactive L1 tables
+    `inactive_l1s` ((offset, entries), changed in flags only); `freed`: the clusters whose
+    count dropped to zero (their tables are not written, their space is given back).
+
+    On failure the image works on from the state the header on disk names: the old one
+    (the caches forget the change), or the shadow state."""
+    m = image.map
+    refs = image.refcounts
+    bits = image.cluster_bits
+    for cluster in freed:
+        m.l2_cache.drop(cluster << bits)
+    changed_l1 = [i for i in range(len(active_l1)) if active_l1[i] != m.l1[i]]
+    active_dirty = {
+        entry & S.L1E_OFFSET_MASK for entry in active_l1 if entry & S.L1E_OFFSET_MASK
+    }.intersection(m.l2_cache.dirty)
+    old_l1, file_end = m.l1, image.file.size()
+    m.l1 = active_l1  # (a new array: the overlap map is built again from it)
+    m.l1_dirty.update(changed_l1)
+    shadow: _Shadow | None = None
+    on_disk = "old"
+    try:
+        image._guard_metadata_writes()
+        for offset, table in inactive_l1s:
+            image.guard_write(offset, len(table) * 8, INACTIVE_L1)
+        if changed_l1 or active_dirty:
+            shadow = _write_shadow(image, sorted(active_dirty))
+            _write_header(image, shadow.l1_offset, shadow.table_offset, shadow.table_clusters)
+            on_disk = "shadow"
+            image._sync(image.file)
+        refs.write_blocks()
+        m.write_dirty_l2()
+        m.write_dirty_l1()
+        for offset, table in inactive_l1s:
+            image.file.pwrite(encode_be64(table), offset)
+        image._sync(image.file)
+        if shadow is not None:
+            _write_header(image, m.l1_table_offset, refs.table_offset, refs.table_clusters)
+            on_disk = "new"
+            image._sync(image.file)
+            image.file.truncate(shadow.file_end)
+            image._host_size = shadow.file_end
+    except BaseException:
+        if on_disk == "old":
+            _forget(image, old_l1, file_end)
+        elif on_disk == "shadow" and shadow is not None:
+            _adopt(image, shadow)
+        raise
+    for first in freed:
+        image.file.punch_hole(first << bits, 1 << bits)
+        refs.free_hint = min(refs.free_hint, first)
+
+
+class _Shadow:
+    """Where the shadow state lies: its L1 table (entries and offset), its refcount
+    table, and where the file ended before it."""
+
+    def __init__(self, file_end: int, l1: array, l1_offset: int, table_offset: int, clusters: int):
+        self.file_end = file_end
+        self.l1 = l1
+        self.l1_offset = l1_offset
+        self.table_offset = table_offset
+        self.table_clusters = clusters
+
+
+def _write_header(image, l1_offset: int, reftable_offset: int, reftable_clusters: int) -> None:
+    """Point the header at an L1 table and a refcount table with one sector write (the
+    in-memory header keeps the old fields if the write fails)."""
+    hdr = image.header
+    old = (hdr.l1_table_offset, hdr.refcount_table_offset, hdr.refcount_table_clusters)
+    hdr.l1_table_offset = l1_offset
+    hdr.refcount_table_offset = reftable_offset
+    hdr.refcount_table_clusters = reftable_clusters
+    try:
+        image._write_header_fields()
+    except BaseException:
+        hdr.l1_table_offset, hdr.refcount_table_offset, hdr.refcount_table_clusters = old
+        raise
+
+
+def _forget(image, old_l1: array, file_end: int) -> None:
+    """The header still names the old state: drop the change from memory (the tables are
+    read again from the disk) and, best effort, the shadow copies from the file."""
+    m = image.map
+    m.l1 = old_l1
+    m.l1_dirty.clear()
+    m.l2_cache.clear()
+    image.refcounts.blocks.clear()
+    image._overlaps_for = None
+    try:
+        if image.file.size() > file_end:
+            image.file.truncate(file_end)
+    except Exception:  # (the failure being reported matters more; this is only space)
+        pass
+
+
+def _adopt(image, shadow: _Shadow) -> None:
+    """The header names the shadow state: work on from it. If even that cannot be read,
+    the image takes no more writes (nothing is written through a view not on disk)."""
+    m = image.map
+    m.l2_cache.clear()
+    m.l1 = shadow.l1
+    m.l1_dirty.clear()
+    m.l1_table_offset = shadow.l1_offset
+    m.metadata[1] = (shadow.l1_offset, shadow.l1_offset + len(shadow.l1) * 8, "the L1 table")
+    image._overlaps_for = None
+    try:
+        image._host_size = max(image._host_size, image.file.size())
+        image.use_refcount_table(shadow.table_offset, shadow.table_clusters, image._host_size)
+    except Exception:
+        image.read_only = True
+
+
+def _write_shadow(image, dirty_l2: list[int]) -> _Shadow:
+    """Write the shadow state T past the end of the file, durably."""
+    m = image.map
+    active_l1 = m.l1
+    refs = image.refcounts
+    bits, cs = image.cluster_bits, image.cluster_size
+    end = image.file.size()
+    next_cluster = -(-max(end, refs.end_cluster << bits) >> bits)
+    adjust: dict[int, int] = {}  # cluster -> T's count less F's
+
+    def take(count: int) -> int:
+        nonlocal next_cluster
+        first = next_cluster
+        next_cluster += count
+        for cluster in range(first, first + count):
+            adjust[cluster] = adjust.get(cluster, 0) + 1
+        return first
+
+    def release(offset: int, length: int) -> None:
+        """One reference less in T on the clusters of [offset, +length), where F counts
+        them at all (a damaged image may not: then T does not either)."""
+        for cluster in range(offset >> bits, ((offset + length - 1) >> bits) + 1):
+            if refs.get(cluster) + adjust.get(cluster, 0) > 0:
+                adjust[cluster] = adjust.get(cluster, 0) - 1
+
+    # The changed active L2 tables, copied; the L1 table points at the copies.
+    uses: dict[int, int] = {}
+    for entry in active_l1:
+        offset = entry & S.L1E_OFFSET_MASK
+        if offset in uses or (offset and offset in dirty_l2):
+            uses[offset] = uses.get(offset, 0) + 1
+    copies = {}
+    for offset in dirty_l2:
+        copies[offset] = take(1) << bits
+        release(offset, cs)
+        adjust[offset >> bits] -= uses[offset] - 1
+        adjust[copies[offset] >> bits] += uses[offset] - 1
+        image.file.pwrite(encode_be64(m.l2_cache.get(offset)), copies[offset])
+    shadow_l1 = array("Q", active_l1)
+    for index in nonzero_positions(active_l1):
+        offset = active_l1[index] & S.L1E_OFFSET_MASK
+        if offset in copies:
+            copied = S.OFLAG_COPIED if uses[offset] == 1 else 0
+            shadow_l1[index] = copies[offset] | copied
+    l1_offset = m.l1_table_offset
+    if len(shadow_l1):
+        l1_offset = take(-(-len(shadow_l1) * 8 // cs)) << bits
+        release(m.l1_table_offset, len(shadow_l1) * 8)
+        image.file.pwrite(encode_be64(shadow_l1), l1_offset)
+    # The refcount blocks whose counts differ from the disk's, and a table for them.
+    release(refs.table_offset, refs.table_clusters * cs)
+    entries = refs.block_entries
+    block_of = {refs.table[i] & S.REFT_OFFSET_MASK: i for i in nonzero_positions(refs.table)}
+    dirty_blocks = {block_of[offset] for offset in refs.blocks.dirty}
+    block_copies: dict[int, int] = {}
+    table_first, table_clusters = -1, 0
+    while True:
+        wanted = dirty_blocks.union(cluster // entries for cluster in adjust)
+        missing = sorted(wanted - block_copies.keys())
+        needed = max(len(refs.table), max(wanted) + 1)
+        if needed * 8 > S.MAX_REFTABLE_BYTES:
+            raise InvalidArgumentError(
+                f"Refcount table would need {needed} entries, more than the format's limit "
+                f"of {S.MAX_REFTABLE_BYTES // 8}"
+            )
+        fits = table_first >= 0 and needed * 8 <= table_clusters * cs
+        if not missing and fits:
+            break
+        for block_index in missing:
+            block_copies[block_index] = take(1)
+            old = refs._block_offset(block_index)
+            if old:
+                release(old, cs)
+        if not fits:
+            if table_first >= 0:  # too small now: a larger one
+                for cluster in range(table_first, table_first + table_clusters):
+                    adjust[cluster] -= 1
+            table_clusters = max(refs.table_clusters, -(-needed * 8 // cs))
+            table_first = take(table_clusters)
+    changes: dict[int, list[int]] = {}
+    for cluster, change in adjust.items():
+        if change:
+            changes.setdefault(cluster // entries, []).append(cluster)
+    table = array("Q", refs.table)
+    table.extend([0] * (table_clusters * cs // 8 - len(table)))
+    for block_index, cluster in sorted(block_copies.items()):
+        old = refs.block(block_index)
+        block = RefcountBlock(refs.order, old.to_bytes() if old is not None else bytes(cs))
+        base = block_index * entries
+        for counted in changes.get(block_index, ()):
+            count = block.get(counted - base) + adjust[counted]
+            block.set(counted - base, min(max(count, 0), refs.max_refcount))  # (damaged)
+        image.file.pwrite(block.to_bytes(), cluster << bits)
+        table[block_index] = cluster << bits
+    image.file.pwrite(encode_be64(table), table_first << bits)
+    image._sync(image.file)
+    return _Shadow(end, shadow_l1, l1_offset, table_first << bits, table_clusters)
