@@ -268,6 +268,29 @@ class _Counts:
             self._index, self._block = block_index, block
         return block
 
+    def add_many(self, clusters: list[int], addend: int) -> list[int]:
+        """add() of each cluster in turn, at one array access per cluster where the
+        counts are whole bytes (the clusters of one L2 table mostly share a block)."""
+        counts = []
+        shift, mask, limit = self.shift, self.mask, self.refs.max_refcount
+        current, values = -1, None
+        for cluster in clusters:
+            if cluster >> shift != current:
+                current = cluster >> shift
+                block = self._load(current, cluster, addend)
+                values = block.values if block is not None and block.order >= 3 else None
+            if values is None:
+                counts.append(self.add(cluster, addend))
+                continue
+            count = values[cluster & mask] + addend
+            if addend:
+                if not 0 < count <= limit:
+                    counts.append(self.add(cluster, addend))  # (refuses, or frees)
+                    continue
+                values[cluster & mask] = count
+            counts.append(count)
+        return counts
+
     def add(self, cluster: int, addend: int) -> int:
         """Add `addend` (-1, 0 or 1) to a cluster's count; returns the new count."""
         block_index = cluster >> self.shift
@@ -318,6 +341,8 @@ def _refcount_pass(image, l1: array, addend: int, counts: _Counts) -> bool:
         table = m.l2_cache.get(l2_offset)
         entries = table[::step] if step > 1 else table
         dirty = False
+        allocated: list[int] = []  # positions of entries with a host cluster
+        hosts: list[int] = []
         for l2_index in nonzero_positions(entries):
             value = entries[l2_index]
             plain = value & ~copied
@@ -328,14 +353,20 @@ def _refcount_pass(image, l1: array, addend: int, counts: _Counts) -> bool:
                     for cluster in range(host >> bits, ((host + sectors * 512 - 1) >> bits) + 1):
                         counts.add(cluster, addend)
             elif plain & mask:
-                host = plain & mask
-                if host % cs:
+                if plain & mask & (cs - 1):
                     raise SignaledCorruptionError(
-                        f"Cluster allocation offset {c_hex(host)} unaligned (L2 offset: "
-                        f"{c_hex(l2_offset)}, L2 index: {c_hex(l2_index)})"
+                        f"Cluster allocation offset {c_hex(plain & mask)} unaligned (L2 "
+                        f"offset: {c_hex(l2_offset)}, L2 index: {c_hex(l2_index)})"
                     )
-                if counts.add(host >> bits, addend) == 1:
-                    plain |= copied
+                allocated.append(l2_index)
+                hosts.append((plain & mask) >> bits)
+                continue
+            if plain != value:
+                table[l2_index * step] = plain
+                dirty = True
+        for l2_index, count in zip(allocated, counts.add_many(hosts, addend)):
+            value = entries[l2_index]
+            plain = (value & ~copied) | (copied if count == 1 else 0)
             if plain != value:
                 table[l2_index * step] = plain
                 dirty = True
