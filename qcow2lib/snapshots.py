@@ -319,17 +319,27 @@ class _Counts:
         return after
 
 
-def _refcount_pass(image, l1: array, addend: int, counts: _Counts) -> bool:
+# A commit's passes over the caches: the new active L1 table and the inactive L1
+# tables to write (see _in_place).
+Step = Callable[[_Counts], tuple[array, list[tuple[int, array]]]]
+
+
+def _refcount_pass(
+    image, l1: array, addend: int, counts: _Counts, span: range | None = None
+) -> bool:
     """QEMU's qcow2_update_snapshot_refcount in the caches: add `addend` to the count of
-    every cluster the tree of `l1` (entries with flags) reaches, and give each entry of
-    the tree COPIED exactly where its cluster's count is then 1 (compressed clusters
-    never). `l1` is changed in place; returns whether it changed."""
+    every cluster the tree of `l1` (entries with flags; those of `span` only, if given)
+    reaches, and give each entry of the tree COPIED exactly where its cluster's count is
+    then 1 (compressed clusters never). `l1` is changed in place; returns whether it
+    changed."""
     m = image.map
     bits, cs = image.cluster_bits, image.cluster_size
     step = m.entry_words
     copied, compressed, mask = S.OFLAG_COPIED, S.OFLAG_COMPRESSED, S.L2E_OFFSET_MASK
     changed = False
     for l1_index in nonzero_positions(l1):
+        if span is not None and l1_index not in span:
+            continue
         entry = l1[l1_index]
         l2_offset = entry & S.L1E_OFFSET_MASK
         if not l2_offset:
@@ -379,7 +389,20 @@ def _refcount_pass(image, l1: array, addend: int, counts: _Counts) -> bool:
     return changed
 
 
-def _in_place(image, step: Callable[[_Counts], tuple[array, list[tuple[int, array]]]]) -> None:
+SPAN_L1_ENTRIES = 1024  # L1 entries a pass prepares in memory at a time (their L2 tables)
+
+
+def _spans(l1_entries: int) -> list[range]:
+    """A pass over a tree, cut into spans of L1 entries committed one by one: what one
+    commit holds in memory stays bounded (a span's L2 tables), and each state between
+    spans is sound (counts only raised above the references, or lowered to them)."""
+    return [
+        range(first, min(first + SPAN_L1_ENTRIES, l1_entries))
+        for first in range(0, l1_entries, SPAN_L1_ENTRIES)
+    ] or [range(0)]
+
+
+def _in_place(image, step: Step) -> None:
     """Run `step` (QEMU's passes over the caches; returns the new active L1 table and the
     inactive L1 tables to write) and commit what it changed; on failure nothing of it is
     written and the caches forget it."""
@@ -610,16 +633,47 @@ def create_snapshot(
             snap.l1_table_offset = image.write_new_clusters(encode_be64(active))
             image._write_back()
 
-        def share(counts: _Counts) -> tuple[array, list[tuple[int, array]]]:
-            shared = array("Q", image.map.l1)
-            _refcount_pass(image, shared, 1, counts)
-            return shared, []
-
-        _in_place(image, share)
+        for entries in _spans(len(active)):
+            _in_place(image, _sharing(image, entries))
         _write_table(image, snapshots + [snap])
         if vm_state_size:
             _drop_vm_state(image, vm_state_size)
         return snap
+
+
+def _sharing(image, entries: range) -> Step:
+    """Snapshot creation's pass over the L1 entries `entries` of the active tree."""
+
+    def step(counts: _Counts) -> tuple[array, list[tuple[int, array]]]:
+        shared = array("Q", image.map.l1)
+        _refcount_pass(image, shared, 1, counts, entries)
+        return shared, []
+
+    return step
+
+
+def _releasing(image, snap: Snapshot, deleted_l1: array, entries: range, last: bool) -> Step:
+    """Snapshot deletion's passes over the L1 entries `entries`: the deleted tree's
+    counts drop, then the active tree's COPIED flags follow them (a cluster lies at one
+    guest offset in every tree that reaches it, so the active entries whose counts change
+    are those of the same L1 entries); the last span frees the deleted L1 table."""
+
+    def step(counts: _Counts) -> tuple[array, list[tuple[int, array]]]:
+        _refcount_pass(image, deleted_l1, -1, counts, entries)
+        if last:
+            if image.blkdebug is not None:
+                image.blkdebug.event("cluster_free")
+            bits = image.cluster_bits
+            if snap.l1_size:
+                first = snap.l1_table_offset >> bits
+                stop = ((snap.l1_table_offset + snap.l1_size * 8 - 1) >> bits) + 1
+                for cluster in range(first, stop):
+                    counts.add(cluster, -1)
+        active = array("Q", image.map.l1)
+        _refcount_pass(image, active, 0, counts, entries)
+        return active, []
+
+    return step
 
 
 def _drop_vm_state(image, vm_state_size: int) -> None:
@@ -707,22 +761,12 @@ def delete_snapshot(
         # active tree's COPIED flags follow the counts.
         _write_table(image, snapshots[:index] + snapshots[index + 1 :])
 
-        def release(counts: _Counts) -> tuple[array, list[tuple[int, array]]]:
-            _refcount_pass(image, read_l1(image, snap), -1, counts)
-            if image.blkdebug is not None:
-                image.blkdebug.event("cluster_free")
-            bits = image.cluster_bits
-            if snap.l1_size:
-                first = snap.l1_table_offset >> bits
-                last = (snap.l1_table_offset + snap.l1_size * 8 - 1) >> bits
-                for cluster in range(first, last + 1):
-                    counts.add(cluster, -1)
-            active = array("Q", image.map.l1)
-            _refcount_pass(image, active, 0, counts)
-            return active, []
-
         try:
-            _in_place(image, release)
+            deleted_l1 = read_l1(image, snap)
+            spans = _spans(max(len(deleted_l1), len(image.map.l1)))
+            for entries in spans:
+                last = entries is spans[-1]
+                _in_place(image, _releasing(image, snap, deleted_l1, entries, last))
         except Qcow2IOError as exc:
             raise exc.in_context("Failed to free the cluster and L1 table") from None
         return snap
