@@ -18,8 +18,9 @@ and reach the disk through a shadow state (shadow.py), so a crash leaves the old
 or the new one.
 
 Cost: a pass reads the L1 table it walks and the L2 tables it reaches; the other
-snapshots' tables are never read; the snapshot table is parsed once per table the
-header points at.
+snapshots' tables are never read; a pass is committed span by span of L1 entries (see
+_spans), so what it holds in memory stays bounded; the snapshot table is parsed once per
+table the header points at.
 """
 
 from __future__ import annotations
@@ -728,22 +729,31 @@ def apply_snapshot(
             resize(image, disk_size, shrink=True)
         image.resize_grow_l1(snap.l1_size)
         snapshot_l1 = read_l1(image, snap)
-        new_active = array("Q", snapshot_l1)
-        new_active.extend([0] * (len(image.map.l1) - len(new_active)))
         image.invalidate_bitmaps()  # the guest's content changes
-
-        def revert(counts: _Counts) -> tuple[array, list[tuple[int, array]]]:
-            # QEMU's order: the snapshot's tree gains a reference, the old active tree
-            # loses one, then the new active tree's COPIED flags follow the counts.
-            inactive = []
-            if _refcount_pass(image, snapshot_l1, 1, counts):
-                inactive.append((snap.l1_table_offset, snapshot_l1))
-            _refcount_pass(image, array("Q", image.map.l1), -1, counts)
-            _refcount_pass(image, new_active, 0, counts)
-            return new_active, inactive
-
-        _in_place(image, revert)
+        for entries in _spans(len(image.map.l1)):
+            _in_place(image, _reverting(image, snap, snapshot_l1, entries))
         return snap
+
+
+def _reverting(image, snap: Snapshot, snapshot_l1: array, entries: range) -> Step:
+    """Snapshot application's passes over the L1 entries `entries`, in QEMU's order: the
+    snapshot's tree gains a reference, the old active tree loses one, the active L1
+    entries take the snapshot's, and their COPIED flags follow the counts. (A crash
+    between spans leaves part of the disk reverted: the revert had not completed.)"""
+
+    def step(counts: _Counts) -> tuple[array, list[tuple[int, array]]]:
+        inactive = []
+        if _refcount_pass(image, snapshot_l1, 1, counts, entries):
+            inactive.append((snap.l1_table_offset, snapshot_l1))
+        old_active = image.map.l1
+        _refcount_pass(image, array("Q", old_active), -1, counts, entries)
+        new_active = array("Q", old_active)
+        for index in entries:
+            new_active[index] = snapshot_l1[index] if index < len(snapshot_l1) else 0
+        _refcount_pass(image, new_active, 0, counts, entries)
+        return new_active, inactive
+
+    return step
 
 
 def delete_snapshot(
