@@ -175,11 +175,11 @@ def _write_shadow(image, dirty_l2: list[int]) -> _Shadow:
                 adjust[cluster] = adjust.get(cluster, 0) - 1
 
     # The changed active L2 tables, copied; the L1 table points at the copies.
-    uses: dict[int, int] = {}
+    uses = dict.fromkeys(dirty_l2, 0)  # L2 table -> active L1 entries pointing at it
     for entry in active_l1:
         offset = entry & S.L1E_OFFSET_MASK
-        if offset in uses or (offset and offset in dirty_l2):
-            uses[offset] = uses.get(offset, 0) + 1
+        if offset in uses:
+            uses[offset] += 1
     copies = {}
     for offset in dirty_l2:
         copies[offset] = take(1) << bits
@@ -202,7 +202,7 @@ def _write_shadow(image, dirty_l2: list[int]) -> _Shadow:
     release(refs.table_offset, refs.table_clusters * cs)
     entries = refs.block_entries
     block_of = {refs.table[i] & S.REFT_OFFSET_MASK: i for i in nonzero_positions(refs.table)}
-    dirty_blocks = {block_of[offset] for offset in refs.blocks.dirty}
+    dirty_blocks = {block_of[offset] for offset in refs.blocks.dirty if offset in block_of}
     block_copies: dict[int, int] = {}
     table_first, table_clusters = -1, 0
     while True:
