@@ -77,7 +77,6 @@ def commit_in_place(
             on_disk = "new"
             image._sync(image.file)
             image.file.truncate(shadow.file_end)
-            image._host_size = shadow.file_end
     except BaseException:
         if on_disk == "old":
             _forget(image, old_l1, file_end)
