@@ -696,6 +696,7 @@ class _Converter:
         """Raw to raw with copy_file_range; False if the kernel will not do it."""
         pos = 0
         target_fd = self.target.file.fd
+        self.target.file.unflushed = True  # (written around the HostFile)
         while pos < n:
             part = self._select_part(sector_num + pos)
             first = sector_num + pos - part.start

@@ -143,6 +143,10 @@ class HostFile:
         # cache=unsafe (qemu-img convert's default for its target): writes are never
         # made durable; for copies that are thrown away if the machine goes down.
         self.no_flush = False
+        # Whether anything was written since the last flush (a writer going around this
+        # object, as copy_file_range does, sets it): a flush with nothing to make durable
+        # is skipped, as QEMU's block layer skips it (write_gen == flushed_gen).
+        self.unflushed = True
 
     def _fail(self, exc: OSError | OverflowError, what: str) -> Qcow2IOError:
         if isinstance(exc, OverflowError):  # an offset or length no file can have
@@ -281,17 +285,26 @@ class HostFile:
     def pwrite(self, data, offset: int) -> None:
         view = memoryview(data).cast("B")
         done = 0
-        while done < len(view):
-            try:
-                n = os.pwrite(self.fd, view[done:], offset + done)
-            except (OSError, OverflowError) as exc:
-                raise self._fail(exc, "write") from None
-            done += n
+        try:
+            while done < len(view):
+                try:
+                    n = os.pwrite(self.fd, view[done:], offset + done)
+                except (OSError, OverflowError) as exc:
+                    raise self._fail(exc, "write") from None
+                done += n
+        finally:  # (set once the bytes are in: a flush begun before may not cover them)
+            self.unflushed = True
 
     def pwritev(self, buffers: list, offset: int, length: int | None = None) -> None:
         """Write several buffers back to back at offset with as few syscalls as possible.
         `length`: their total, when the caller knows it and every buffer is a byte view
         (format "B"); then up to IOV_MAX of them written whole take one call."""
+        try:
+            self._pwritev(buffers, offset, length)
+        finally:
+            self.unflushed = True
+
+    def _pwritev(self, buffers: list, offset: int, length: int | None) -> None:
         if length is not None and len(buffers) <= _IOV_MAX:
             try:
                 n = os.pwritev(self.fd, buffers, offset)
@@ -325,8 +338,9 @@ class HostFile:
         """
         if self._flush_error is not None:
             raise self._flush_error
-        if self.no_flush:
+        if self.no_flush or not self.unflushed:
             return
+        self.unflushed = False
         try:
             os.fdatasync(self.fd)
         except (OSError, OverflowError) as exc:
@@ -344,6 +358,8 @@ class HostFile:
             os.ftruncate(self.fd, length)
         except (OSError, OverflowError) as exc:
             raise self._fail(exc, "truncate") from None
+        finally:
+            self.unflushed = True
 
     def allocate(self, offset: int, length: int) -> None:
         """Reserve blocks (preallocation=falloc) without changing data."""
@@ -351,6 +367,8 @@ class HostFile:
             os.posix_fallocate(self.fd, offset, length)
         except (OSError, OverflowError) as exc:
             raise self._fail(exc, "fallocate") from None
+        finally:
+            self.unflushed = True
 
     def punch_hole(self, offset: int, length: int) -> bool:
         """Give the blocks back to the filesystem; the range then reads as zeros.
@@ -366,7 +384,13 @@ class HostFile:
                 f"punch hole failed on '{self.path}': offset or length too large",
                 self.path,
             )
-        if fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        try:
+            result = fallocate(
+                self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length
+            )
+        finally:
+            self.unflushed = True
+        if result != 0:
             import ctypes
 
             err = ctypes.get_errno()

@@ -49,7 +49,6 @@ from .sizes import c_hex
 from .snapshot_table import (
     ICOUNT_DISABLED,
     Snapshot,
-    l2_table_offset,
     pack_snapshot_table,
     read_snapshot_table,
 )
@@ -216,27 +215,6 @@ def _vm_state_index(image, disk_size: int) -> int:
 def vm_state_offset(image, disk_size: int | None = None) -> int:
     """Guest offset at which the VM state of an image of disk_size starts."""
     return _vm_state_index(image, image.size if disk_size is None else disk_size) * _l1_span(image)
-
-
-def _flags_for(
-    table: array, step: int, counts_of: Callable[[list[int]], list[int]], bits: int
-) -> array | None:
-    """A copy of an L2 table with COPIED set exactly on entries whose cluster count is 1
-    (`counts_of`: the counts of a list of clusters), or None when it has those flags
-    already."""
-    entries = table[::step] if step > 1 else table
-    positions = nonzero_positions(entries)
-    values = [entries[position] for position in positions]
-    mask, compressed = S.L2E_OFFSET_MASK, S.OFLAG_COMPRESSED
-    hosts = [0 if value & compressed else (value & mask) >> bits for value in values]
-    fixed = None
-    for position, value, host, count in zip(positions, values, hosts, counts_of(hosts)):
-        flag = S.OFLAG_COPIED if host and count == 1 else 0
-        if value & S.OFLAG_COPIED != flag:
-            if fixed is None:
-                fixed = array("Q", table)
-            fixed[position * step] = (value & ~S.OFLAG_COPIED) | flag
-    return fixed
 
 
 class _Counts:
@@ -485,23 +463,15 @@ def read_l1(image, snap: Snapshot) -> array:
 
 
 def refresh_copied_flags(image) -> None:
-    """Set COPIED in the active tree exactly where the refcount is 1 (QEMU's addend 0)."""
+    """Set COPIED in the active tree exactly where the refcount is 1 (QEMU's addend-0
+    pass); the changes stay in the caches for the caller's write-back."""
     m = image.map
-    refs = image.refcounts
-    bits = image.cluster_bits
-    for index, entry in enumerate(m.l1):
-        l2 = l2_table_offset(entry, index, image.cluster_size)
-        if not l2:
-            continue
-        want = S.OFLAG_COPIED if refs.get(l2 >> bits) == 1 else 0
-        if entry & S.OFLAG_COPIED != want:
-            m.l1[index] = (entry & ~S.OFLAG_COPIED) | want
+    l1 = array("Q", m.l1)
+    _refcount_pass(image, l1, 0, _Counts(image))
+    for index in nonzero_positions(l1):
+        if l1[index] != m.l1[index]:
+            m.l1[index] = l1[index]
             m.l1_dirty.add(index)
-        table = m.l2_cache.get(l2)
-        fixed = _flags_for(table, m.entry_words, refs.counts_of, bits)
-        if fixed is not None:
-            table[:] = fixed
-            m.l2_cache.mark_dirty(l2)
 
 
 def _make_date(date) -> tuple[int, int]:
