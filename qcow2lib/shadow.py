@@ -83,9 +83,21 @@ def commit_in_place(
         elif on_disk == "shadow" and shadow is not None:
             _adopt(image, shadow)
         raise
-    for first in freed:
-        image.file.punch_hole(first << bits, 1 << bits)
-        refs.free_hint = min(refs.free_hint, first)
+    if freed:
+        refs.free_hint = min(refs.free_hint, min(freed))
+    for first, count in _runs(sorted(freed)):  # (given back a run at a time, as QEMU)
+        image.file.punch_hole(first << bits, count << bits)
+
+
+def _runs(clusters: list[int]) -> list[tuple[int, int]]:
+    """(first, count) of each run of consecutive clusters in a sorted list."""
+    runs: list[tuple[int, int]] = []
+    for cluster in clusters:
+        if runs and sum(runs[-1]) == cluster:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        elif not runs or sum(runs[-1]) < cluster:
+            runs.append((cluster, 1))
+    return runs
 
 
 class _Shadow:
