@@ -16,9 +16,10 @@ in two switches of the header, each one sector:
    L2 tables only snapshots reach, whose entries change in their flags alone, which
    nothing reads in an inactive table). The header switches back, and the copies are cut
    off the end of the file.
-A crash leaves the old state, T or F. Changes without any table change (counts only) are
-written in place directly: the callers order them so that counts only drop to what the
-references on disk already are, or rise above them (leaked clusters, allowed).
+A crash leaves the old state, T or F. Changes that leave the active tables as they are
+(counts, and flags of tables only snapshots reach) are written in place directly: the
+callers order them so that counts only drop to what the references on disk already are,
+or rise above them (leaked clusters, allowed).
 """
 
 from __future__ import annotations
