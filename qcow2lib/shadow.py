@@ -49,10 +49,11 @@ def commit_in_place(
     bits = image.cluster_bits
     for cluster in freed:
         m.l2_cache.drop(cluster << bits)
-    changed_l1 = [i for i in range(len(active_l1)) if active_l1[i] != m.l1[i]]
-    active_dirty = {
-        entry & S.L1E_OFFSET_MASK for entry in active_l1 if entry & S.L1E_OFFSET_MASK
-    }.intersection(m.l2_cache.dirty)
+    changed_l1 = (
+        [] if active_l1 == m.l1 else [i for i, entry in enumerate(active_l1) if entry != m.l1[i]]
+    )
+    active_dirty = {entry & S.L1E_OFFSET_MASK for entry in active_l1}
+    active_dirty.intersection_update(m.l2_cache.dirty)
     old_l1, file_end = m.l1, image.file.size()
     m.l1 = active_l1  # (a new array: the overlap map is built again from it)
     m.l1_dirty.update(changed_l1)

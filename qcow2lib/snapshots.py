@@ -316,9 +316,10 @@ def _refcount_pass(
     step = m.entry_words
     copied, compressed, mask = S.OFLAG_COPIED, S.OFLAG_COMPRESSED, S.L2E_OFFSET_MASK
     changed = False
-    for l1_index in nonzero_positions(l1):
-        if span is not None and l1_index not in span:
-            continue
+    first = span.start if span is not None else 0
+    stop = span.stop if span is not None else len(l1)
+    for l1_index in nonzero_positions(l1[first:stop]):
+        l1_index += first
         entry = l1[l1_index]
         l2_offset = entry & S.L1E_OFFSET_MASK
         if not l2_offset:
