@@ -29,6 +29,8 @@ import errno
 import time
 from array import array
 from collections.abc import Callable, Iterator
+from itertools import compress, groupby, repeat
+from operator import itemgetter, not_, or_, rshift, sub
 
 from . import structs as S
 from .blockdev import BlockDevice, Extent
@@ -222,7 +224,7 @@ class _Counts:
     update_refcount makes them, for one operation to commit (shadow.commit_in_place);
     `freed` collects the clusters whose count drops to zero."""
 
-    def __init__(self, image) -> None:
+    def __init__(self, image, remember_layouts: bool = False) -> None:
         self.image = image
         self.refs = image.refcounts
         self.shift = self.refs.block_entries.bit_length() - 1
@@ -230,6 +232,9 @@ class _Counts:
         self.freed: list[int] = []
         self._index = -1
         self._block: RefcountBlock | None = None
+        # L2 table offset -> its _Layout, kept for the other passes of one step (a span's
+        # tables: bounded as the step's memory is)
+        self.layouts: dict[int, _Layout] | None = {} if remember_layouts else None
 
     def _load(self, block_index: int, cluster: int, addend: int) -> RefcountBlock | None:
         refs = self.refs
@@ -248,27 +253,49 @@ class _Counts:
         return block
 
     def add_many(self, clusters: list[int], addend: int) -> list[int]:
-        """add() of each cluster in turn, at one array access per cluster where the
-        counts are whole bytes (the clusters of one L2 table mostly share a block)."""
-        counts = []
-        shift, mask, limit = self.shift, self.mask, self.refs.max_refcount
-        current, values = -1, None
-        for cluster in clusters:
-            if cluster >> shift != current:
-                current = cluster >> shift
-                block = self._load(current, cluster, addend)
-                values = block.values if block is not None and block.order >= 3 else None
-            if values is None:
-                counts.append(self.add(cluster, addend))
-                continue
-            count = values[cluster & mask] + addend
-            if addend:
-                if not 0 < count <= limit:
-                    counts.append(self.add(cluster, addend))  # (refuses, or frees)
-                    continue
-                values[cluster & mask] = count
-            counts.append(count)
+        """add() of each cluster in turn, returning the new counts (see add_runs)."""
+        return self.add_runs(_cluster_runs(clusters, self.shift), addend)
+
+    def add_runs(self, runs: list[tuple[int, int]], addend: int) -> list[int]:
+        """add() of each cluster of each (first cluster, count) run, each run within one
+        refcount block, returning the new counts: a slice of a block at a time where the
+        counts are whole bytes and none of them overflows or drops to zero; the rest one
+        by one, in order, as add() does."""
+        counts: list[int] = []
+        shift = self.shift
+        for cluster, length in runs:
+            if not self._add_slice(cluster >> shift, cluster, length, addend, counts):
+                counts.extend(self.add(c, addend) for c in range(cluster, cluster + length))
         return counts
+
+    def _add_slice(
+        self, block_index: int, cluster: int, length: int, addend: int, counts: list[int]
+    ) -> bool:
+        """Add `addend` to the counts of the clusters [cluster, +length) of one refcount
+        block at once, appending the new counts; False (nothing changed) where add() must
+        take them one by one (no block, sub-byte counts, an overflow, a count below 1)."""
+        if block_index == self._index:
+            block = self._block
+        else:
+            block = self._load(block_index, cluster, addend)
+        if block is None or block.order < 3:
+            return False
+        values = block.values
+        first = cluster & self.mask
+        before = values[first : first + length]
+        if addend > 0 and max(before) > self.refs.max_refcount - addend:
+            return False
+        if addend < 0 and min(before) < -addend:
+            return False
+        if not addend:
+            counts.extend(before)
+            return True
+        after = array(values.typecode, map(addend.__add__, before))
+        values[first : first + length] = after
+        if addend < 0 and 0 in after:
+            self.freed.extend(compress(range(cluster, cluster + length), map(not_, after)))
+        counts.extend(after)
+        return True
 
     def add(self, cluster: int, addend: int) -> int:
         """Add `addend` (-1, 0 or 1) to a cluster's count; returns the new count."""
@@ -303,6 +330,122 @@ class _Counts:
 Step = Callable[[_Counts], tuple[array, list[tuple[int, array]]]]
 
 
+def _runs_of(numbers: list[int]) -> list[tuple[int, int, int]]:
+    """(first number, count, index of the first) of each run of consecutive numbers of
+    `numbers`, in their order."""
+    if numbers and numbers[-1] - numbers[0] == len(numbers) - 1:
+        if numbers == list(range(numbers[0], numbers[-1] + 1)):  # (one run: at C speed)
+            return [(numbers[0], len(numbers), 0)]
+    runs = []
+    index = 0
+    # number - index is the same for every number of a run
+    for key, run in groupby(map(sub, numbers, range(len(numbers)))):
+        length = len(list(run))
+        runs.append((key + index, length, index))
+        index += length
+    return runs
+
+
+def _cluster_runs(clusters: list[int], shift: int) -> list[tuple[int, int]]:
+    """(first, count) of each run of consecutive clusters of `clusters`, in their order,
+    cut where a refcount block (2**shift clusters) ends."""
+    runs = []
+    for cluster, length, _ in _runs_of(clusters):
+        end = cluster + length
+        while cluster < end:
+            take = min(end - cluster, (((cluster >> shift) + 1) << shift) - cluster)
+            runs.append((cluster, take))
+            cluster += take
+    return runs
+
+
+class _Layout:
+    """What a pass needs of one L2 table, found once per step (a step's passes change
+    flags only, never which entries are in use or where they point). Its non-zero
+    entries are split in two: `odd` (compressed, unaligned, or without a host cluster:
+    counted entry by entry) and the rest, which name aligned host clusters: for these
+    the runs their clusters form and the runs of their positions (start, stop, index of
+    the first value), so that their counts and flags change a run at a time."""
+
+    __slots__ = ("odd", "values_of", "host_runs", "position_runs")
+
+    def __init__(self, image, table: array, positions: list[int], shift: int) -> None:
+        step = image.map.entry_words
+        values_of = _getter(positions if step == 1 else [p * step for p in positions])
+        values = values_of(table)
+        offsets = list(map(S.L2E_OFFSET_MASK.__and__, values))
+        irregular = S.OFLAG_COMPRESSED | (S.L2E_OFFSET_MASK & (image.cluster_size - 1))
+        self.odd: list[int] = []
+        if 0 in offsets or any(map(irregular.__and__, values)):
+            regular = [bool(o) and not v & irregular for o, v in zip(offsets, values)]
+            self.odd = [p for p, keep in zip(positions, regular) if not keep]
+            positions = list(compress(positions, regular))
+            offsets = list(compress(offsets, regular))
+            values_of = _getter(positions if step == 1 else [p * step for p in positions])
+        self.values_of = values_of
+        self.host_runs = _cluster_runs(
+            list(map(rshift, offsets, repeat(image.cluster_bits))), shift
+        )
+        self.position_runs = [
+            (start, start + length, first) for start, length, first in _runs_of(positions)
+        ]
+
+
+_NOT_COPIED = ((1 << 64) - 1) & ~S.OFLAG_COPIED
+
+
+def _getter(indices: list[int]) -> Callable[[array], tuple[int, ...]]:
+    """A function giving the items of a table at `indices`, as a tuple, at C speed."""
+    if len(indices) > 1:
+        return itemgetter(*indices)
+    if indices:
+        index = indices[0]
+        return lambda table: (table[index],)
+    return lambda table: ()
+
+
+def _count_entries(
+    image, table: array, l2_offset: int, positions: list[int], addend: int, counts: _Counts
+) -> bool:
+    """_refcount_pass's work on the entries at `positions` of one L2 table, entry by entry
+    (compressed clusters, unaligned offsets, entries without a host cluster); returns
+    whether the table changed."""
+    m = image.map
+    bits, cs, step = image.cluster_bits, image.cluster_size, m.entry_words
+    copied, compressed, mask = S.OFLAG_COPIED, S.OFLAG_COMPRESSED, S.L2E_OFFSET_MASK
+    dirty = False
+    allocated: list[int] = []  # positions of entries with a host cluster
+    hosts: list[int] = []
+    for l2_index in positions:
+        value = table[l2_index * step]
+        plain = value & ~copied
+        if plain & compressed:
+            if addend:
+                host = (plain & m.compressed_offset_mask) & ~511
+                sectors = ((plain >> m.csize_shift) & m.csize_mask) + 1
+                for cluster in range(host >> bits, ((host + sectors * 512 - 1) >> bits) + 1):
+                    counts.add(cluster, addend)
+        elif plain & mask:
+            if plain & mask & (cs - 1):
+                raise SignaledCorruptionError(
+                    f"Cluster allocation offset {c_hex(plain & mask)} unaligned (L2 "
+                    f"offset: {c_hex(l2_offset)}, L2 index: {c_hex(l2_index)})"
+                )
+            allocated.append(l2_index)
+            hosts.append((plain & mask) >> bits)
+            continue
+        if plain != value:
+            table[l2_index * step] = plain
+            dirty = True
+    for l2_index, count in zip(allocated, counts.add_many(hosts, addend)):
+        value = table[l2_index * step]
+        plain = (value & ~copied) | (copied if count == 1 else 0)
+        if plain != value:
+            table[l2_index * step] = plain
+            dirty = True
+    return dirty
+
+
 def _refcount_pass(
     image, l1: array, addend: int, counts: _Counts, span: range | None = None
 ) -> bool:
@@ -314,7 +457,9 @@ def _refcount_pass(
     m = image.map
     bits, cs = image.cluster_bits, image.cluster_size
     step = m.entry_words
-    copied, compressed, mask = S.OFLAG_COPIED, S.OFLAG_COMPRESSED, S.L2E_OFFSET_MASK
+    copied, not_copied = S.OFLAG_COPIED, _NOT_COPIED
+    copied_if_one = {1: copied}
+    layouts = counts.layouts
     changed = False
     first = span.start if span is not None else 0
     stop = span.stop if span is not None else len(l1)
@@ -329,37 +474,28 @@ def _refcount_pass(
                 f"L2 table offset {c_hex(l2_offset)} unaligned (L1 index: {c_hex(l1_index)})"
             )
         table = m.l2_cache.get(l2_offset)
-        entries = table[::step] if step > 1 else table
-        dirty = False
-        allocated: list[int] = []  # positions of entries with a host cluster
-        hosts: list[int] = []
-        for l2_index in nonzero_positions(entries):
-            value = entries[l2_index]
-            plain = value & ~copied
-            if plain & compressed:
-                if addend:
-                    host = (plain & m.compressed_offset_mask) & ~511
-                    sectors = ((plain >> m.csize_shift) & m.csize_mask) + 1
-                    for cluster in range(host >> bits, ((host + sectors * 512 - 1) >> bits) + 1):
-                        counts.add(cluster, addend)
-            elif plain & mask:
-                if plain & mask & (cs - 1):
-                    raise SignaledCorruptionError(
-                        f"Cluster allocation offset {c_hex(plain & mask)} unaligned (L2 "
-                        f"offset: {c_hex(l2_offset)}, L2 index: {c_hex(l2_index)})"
-                    )
-                allocated.append(l2_index)
-                hosts.append((plain & mask) >> bits)
-                continue
-            if plain != value:
-                table[l2_index * step] = plain
+        layout = layouts.get(l2_offset) if layouts is not None else None
+        if layout is None:
+            entries = table[::step] if step > 1 else table
+            layout = _Layout(image, table, nonzero_positions(entries), counts.shift)
+            if layouts is not None:
+                layouts[l2_offset] = layout
+        dirty = bool(layout.odd) and _count_entries(
+            image, table, l2_offset, layout.odd, addend, counts
+        )
+        if layout.host_runs:  # (the rest: counted and flagged a run at a time)
+            values = layout.values_of(table)
+            new_values = array("Q", map(
+                or_,
+                map(not_copied.__and__, values),
+                map(copied_if_one.get, counts.add_runs(layout.host_runs, addend), repeat(0)),
+            ))
+            if new_values.tolist() != list(values):
                 dirty = True
-        for l2_index, count in zip(allocated, counts.add_many(hosts, addend)):
-            value = entries[l2_index]
-            plain = (value & ~copied) | (copied if count == 1 else 0)
-            if plain != value:
-                table[l2_index * step] = plain
-                dirty = True
+                for run_start, run_stop, value_index in layout.position_runs:
+                    table[run_start * step : run_stop * step : step] = new_values[
+                        value_index : value_index + run_stop - run_start
+                    ]
         if dirty:
             m.l2_cache.mark_dirty(l2_offset)
         new_entry = l2_offset | (copied if counts.add(l2_offset >> bits, addend) == 1 else 0)
@@ -386,7 +522,7 @@ def _in_place(image, step: Step) -> None:
     """Run `step` (QEMU's passes over the caches; returns the new active L1 table and the
     inactive L1 tables to write) and commit what it changed; on failure nothing of it is
     written and the caches forget it."""
-    counts = _Counts(image)
+    counts = _Counts(image, remember_layouts=True)
     try:
         active, inactive = step(counts)
     except BaseException as exc:
