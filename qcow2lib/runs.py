@@ -146,21 +146,52 @@ def nonzero_positions(table: array, raw: bytes | None = None) -> list[int]:
     """The indices of the non-zero entries of a table of 64-bit words (as nonzero_entries
     finds them); `raw` is the table's bytes, when the caller has them already."""
     if raw is None:
+        busy_stretches = _busy_stretches_of(table)
+        if busy_stretches is not None:
+            return _positions_in(table, busy_stretches)
         raw = table.tobytes()
     if _ZERO_ENTRY not in raw:
         return list(range(len(table)))
     busy_stretches = _busy_stretches(raw)
     if busy_stretches is not None:
-        positions: list[int] = []
-        for first in busy_stretches:
-            stop = min(first + _STRETCH, len(table))
-            positions.extend(compress(range(first, stop), table[first:stop]))
-        return positions
+        return _positions_in(table, busy_stretches)
     return one_positions(column_flags(raw))
+
+
+def _positions_in(table: array, busy_stretches: list[int]) -> list[int]:
+    positions: list[int] = []
+    for first in busy_stretches:
+        stop = min(first + _STRETCH, len(table))
+        positions.extend(compress(range(first, stop), table[first:stop]))
+    return positions
 
 
 _STRETCH = 64  # entries compared with zeros at once
 _ZERO_STRETCH = bytes(8 * _STRETCH)
+
+
+_SPAN = 8 * _STRETCH  # entries a first look compares with zeros at once
+_ZERO_STRETCH_ENTRIES = array("Q", bytes(8 * _STRETCH))
+_ZERO_SPAN_ENTRIES = array("Q", bytes(8 * _SPAN))
+
+
+def _busy_stretches_of(table: array) -> list[int] | None:
+    """_busy_stretches of a table of 64-bit words compared as it is (no bytes made of
+    it): spans of zeros are passed over first, then stretches within the others; None
+    when most spans hold entries (a denser table, for the bytes' way)."""
+    length = len(table)
+    if length % _SPAN:
+        return None  # (tables of a few entries: the bytes' way costs as little)
+    zero_span, zero_stretch = _ZERO_SPAN_ENTRIES, _ZERO_STRETCH_ENTRIES
+    spans = [span for span in range(0, length, _SPAN) if table[span : span + _SPAN] != zero_span]
+    if len(spans) * _SPAN * 2 > length + _SPAN:
+        return None
+    return [
+        first
+        for span in spans
+        for first in range(span, span + _SPAN, _STRETCH)
+        if table[first : first + _STRETCH] != zero_stretch
+    ]
 
 
 def _busy_stretches(raw: bytes) -> list[int] | None:
