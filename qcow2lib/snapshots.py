@@ -278,9 +278,9 @@ class _Counts:
             block = self._block
         else:
             block = self._load(block_index, cluster, addend)
-        if block is None or block.order < 3:
+        values = block.values if block is not None else None
+        if not isinstance(values, array):  # (none, or sub-byte counts packed in bytes)
             return False
-        values = block.values
         first = cluster & self.mask
         before = values[first : first + length]
         if addend > 0 and max(before) > self.refs.max_refcount - addend:
@@ -485,11 +485,14 @@ def _refcount_pass(
         )
         if layout.host_runs:  # (the rest: counted and flagged a run at a time)
             values = layout.values_of(table)
-            new_values = array("Q", map(
-                or_,
-                map(not_copied.__and__, values),
-                map(copied_if_one.get, counts.add_runs(layout.host_runs, addend), repeat(0)),
-            ))
+            new_values = array(
+                "Q",
+                map(
+                    or_,
+                    map(not_copied.__and__, values),
+                    map(copied_if_one.get, counts.add_runs(layout.host_runs, addend), repeat(0)),
+                ),
+            )
             if new_values.tolist() != list(values):
                 dirty = True
                 for run_start, run_stop, value_index in layout.position_runs:
