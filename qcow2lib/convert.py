@@ -46,6 +46,7 @@ from array import array
 from collections.abc import Callable
 
 from .blockdev import BlockDevice, Extent, RawDevice, iter_merged
+from .hostfile import io_buffer
 from .errors import (
     CorruptImageError,
     InvalidArgumentError,
@@ -876,9 +877,9 @@ class _Converter:
         """The worker's buffer for the slot-th item of its batch."""
         buffers = state.setdefault("bufs", [])
         while len(buffers) <= slot:
-            buffers.append(bytearray(self.buf_sectors * SECTOR))
+            buffers.append(io_buffer(self.buf_sectors * SECTOR))
         if self.target_backing is not None and not self.same_backing and "backing" not in state:
-            state["backing"] = bytearray(self.buf_sectors * SECTOR)
+            state["backing"] = io_buffer(self.buf_sectors * SECTOR)
         return buffers[slot]
 
     def _next_batch(self) -> list:
@@ -955,7 +956,7 @@ class _Converter:
             sectors = batch[end - 1][0] + batch[end - 1][1] - first
             scratch = state.get("scratch")
             if scratch is None or len(scratch) < sectors * SECTOR:
-                scratch = state["scratch"] = bytearray(self.batch_items * self.buf_sectors * SECTOR)
+                scratch = state["scratch"] = io_buffer(self.batch_items * self.buf_sectors * SECTOR)
             view = memoryview(scratch)
             try:
                 self._read(first, sectors, view[: sectors * SECTOR])

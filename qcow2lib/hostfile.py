@@ -90,6 +90,17 @@ def refuse_special_file(
         )
 
 
+def io_buffer(size: int) -> bytearray:
+    """A zero-filled bytearray of `size` bytes to read into and write from, again and
+    again. glibc places a large allocation 16 bytes into fresh pages, and the kernel
+    copies to and from a buffer that starts 8 to 24 bytes into a page about 1.5 times
+    slower (a 1 GiB read from the page cache in 2 MiB preadv calls: 157 ms, against
+    98 ms at 0 or 32 bytes and beyond); the data here starts 16 bytes later."""
+    buffer = bytearray(size + 16)
+    del buffer[:16]  # (a bytearray moves the start of its data, not the data)
+    return buffer
+
+
 def _drop_front(views: list[memoryview], count: int) -> None:
     """Take the first `count` bytes off a list of byte views (what a short preadv or
     pwritev did), slicing the view the cut falls in."""

@@ -169,3 +169,26 @@ def test_hostfile_vectored_io_with_a_known_length(tmp_path):
     assert bytes(parts[0]) == b"\x11" * 1000 + b"\x22" * 1000 + b"\x33" * 3000
     assert bytes(parts[1]) == b"\x11" * 1000 + bytes(2000)
     assert os.path.getsize(path) == 6000
+
+
+def test_io_buffer_data_starts_past_the_slow_first_bytes_of_a_page():
+    """glibc maps an allocation this large afresh, its data 16 bytes into a page, where
+    the kernel's copies run about 1.5x slower; io_buffer's data starts 16 bytes later, in
+    a plain zero-filled bytearray of the size asked that keeps its place when written."""
+    import ctypes
+
+    from qcow2lib.hostfile import io_buffer
+
+    size = 64 << 20  # (above glibc's largest mmap threshold: always mapped afresh)
+    plain = bytearray(size)
+    assert ctypes.addressof(ctypes.c_char.from_buffer(plain)) % 4096 == 16
+    del plain
+    buffer = io_buffer(size)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+    assert type(buffer) is bytearray and len(buffer) == size
+    assert address % 4096 == 32
+    assert buffer.startswith(bytes(4096)) and buffer.endswith(bytes(4096))
+    buffer[:4] = b"abcd"
+    buffer[size - 4 :] = b"wxyz"
+    assert ctypes.addressof(ctypes.c_char.from_buffer(buffer)) == address
+    assert buffer[:4] == b"abcd" and buffer[-4:] == b"wxyz"

@@ -19,6 +19,7 @@ from qcow2lib.cli.images import (
     report_failure,
 )
 from qcow2lib.ops import error_text
+from qcow2lib.hostfile import io_buffer
 from qcow2lib.sizes import SizeError, parse_number
 
 INT_MAX = (1 << 31) - 1
@@ -179,7 +180,9 @@ class _BenchRun:
         self.flush_interval, self.drain = flush_interval, drain_on_flush
         # More threads than two per CPU only contend for the GIL (I/O releases it).
         self.threads = max(1, min(depth, count, 2 * (os.cpu_count() or 1)))
-        self.buffers = [bytearray([pattern]) * bufsize for _ in range(self.threads)]
+        self.buffers = [io_buffer(bufsize) for _ in range(self.threads)]
+        for buffer in self.buffers:
+            buffer[:] = bytes([pattern]) * bufsize
         self.in_flight = 0
         self.flushing = False
         self.failure: str | None = None

@@ -37,6 +37,7 @@ from typing import Callable, NamedTuple, Sequence
 
 from ..blockdev import BlockDevice, Extent
 from ..errors import InvalidArgumentError, Qcow2Error, Qcow2IOError, ReadOnlyError
+from ..hostfile import io_buffer
 from . import nbd_protocol as P
 
 __all__ = ["NBDExport", "NBDServer", "serve", "nbd_error_for", "DEFAULT_PORT"]
@@ -238,7 +239,7 @@ class _Connection:
         self.peer = peer
         self.send_lock = threading.Lock()
         self._pending = bytearray()  # received, not yet consumed (only the reader thread)
-        self._scratch = memoryview(bytearray(_RECV_AHEAD))
+        self._scratch = memoryview(io_buffer(_RECV_AHEAD))
         self._read_buffer = memoryview(bytearray(0))  # (only the reader thread)
         self.deadline: float | None = None
         self.no_zeroes = False
@@ -823,7 +824,7 @@ class _Connection:
         else:
             if total > len(self._read_buffer):  # (the first part of a reply, if ever)
                 grown = max(total, min(READ_BUFFER_KEPT, 2 * len(self._read_buffer)))
-                self._read_buffer = memoryview(bytearray(grown))
+                self._read_buffer = memoryview(io_buffer(grown))
             part = self._read_buffer[within : within + length]
         device.readinto(offset, part)
         return [part]

@@ -26,6 +26,7 @@ from ..chain import (
 )
 from ..containers import NodeReference
 from ..errors import CorruptImageError, InvalidArgumentError, Qcow2Error, Qcow2IOError
+from ..hostfile import io_buffer
 from ..image import Qcow2Image
 from ..nodes import is_node_name
 from ..throttle import RateLimiter
@@ -260,7 +261,7 @@ def _copy_down(top, base, base_depth: int, progress, limiter: RateLimiter) -> No
     """Write what the layers above the base provide into the base, and flush it."""
     total = top.size
     done = 0
-    buf = bytearray(IO_BUF_SIZE)
+    buf = io_buffer(IO_BUF_SIZE)
     zero_start = zero_end = 0  # a run of zero extents not yet written: one request for all
 
     def write_zeroes() -> None:

@@ -18,6 +18,7 @@ from ..blockdev import BlockDevice
 from ..chain import open_image, probe_format
 from ..drivers import KNOWN_DRIVERS
 from ..errors import CorruptImageError, InvalidArgumentError, Qcow2Error, Qcow2IOError
+from ..hostfile import io_buffer
 from . import error_text, extents_above, full_backing_filename
 
 IO_BUF_SIZE = 2 << 20
@@ -187,8 +188,8 @@ def _safe_copy(image, new_backing, new_fmt, progress, force_share, untrusted: bo
         size = image.size
         old_size = old.size if old is not None else 0
         new_size = new.size if new is not None else 0
-        buf_old = bytearray(IO_BUF_SIZE)
-        buf_new = bytearray(IO_BUF_SIZE)
+        buf_old = io_buffer(IO_BUF_SIZE)
+        buf_new = io_buffer(IO_BUF_SIZE)
         done = 0
         # What is allocated above the new backing file when it is a layer of the old
         # chain (what lies there or below is unchanged), else above the old backing file.
