@@ -10,7 +10,8 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
-from itertools import compress
+from itertools import compress, groupby
+from operator import sub
 from collections.abc import Callable
 
 _BE64 = struct.Struct(">Q")
@@ -289,6 +290,22 @@ def column_flags(raw: bytes, columns: range = range(8)) -> bytes:
     for column in columns:
         combined |= int.from_bytes(raw[column::8], "little")
     return combined.to_bytes(entries, "little").translate(_NONZERO_TO_ONE)
+
+
+def consecutive_runs(numbers: list[int]) -> list[tuple[int, int, int]]:
+    """(first number, count, index of the first) of each run of consecutive numbers of
+    `numbers`, in their order."""
+    if numbers and numbers[-1] - numbers[0] == len(numbers) - 1:
+        if numbers == list(range(numbers[0], numbers[-1] + 1)):  # (one run: at C speed)
+            return [(numbers[0], len(numbers), 0)]
+    runs = []
+    index = 0
+    # number - index is the same for every number of a run
+    for key, run in groupby(map(sub, numbers, range(len(numbers)))):
+        length = len(list(run))
+        runs.append((key + index, length, index))
+        index += length
+    return runs
 
 
 def one_positions(flags: bytes, offset: int = 0) -> list[int]:

@@ -31,7 +31,7 @@ from .cache import encode_be64
 from .errors import InvalidArgumentError
 from .overlap import INACTIVE_L1
 from .refcount import RefcountBlock
-from .runs import nonzero_positions
+from .runs import consecutive_runs, nonzero_positions
 
 
 def commit_in_place(
@@ -87,19 +87,8 @@ def commit_in_place(
         raise
     if freed:
         refs.free_hint = min(refs.free_hint, min(freed))
-    for first, count in _runs(sorted(freed)):  # (given back a run at a time, as QEMU)
+    for first, count, _ in consecutive_runs(sorted(set(freed))):  # (a run at a time, as QEMU)
         image.file.punch_hole(first << bits, count << bits)
-
-
-def _runs(clusters: list[int]) -> list[tuple[int, int]]:
-    """(first, count) of each run of consecutive clusters in a sorted list."""
-    runs: list[tuple[int, int]] = []
-    for cluster in clusters:
-        if runs and sum(runs[-1]) == cluster:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        elif not runs or sum(runs[-1]) < cluster:
-            runs.append((cluster, 1))
-    return runs
 
 
 class _Shadow:

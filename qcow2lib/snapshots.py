@@ -29,8 +29,8 @@ import errno
 import time
 from array import array
 from collections.abc import Callable, Iterator
-from itertools import compress, groupby, repeat
-from operator import itemgetter, not_, or_, rshift, sub
+from itertools import compress, repeat
+from operator import itemgetter, not_, or_, rshift
 
 from . import structs as S
 from .blockdev import BlockDevice, Extent
@@ -45,7 +45,7 @@ from .errors import (
     UnsupportedFeatureError,
 )
 from .refcount import RefcountBlock
-from .runs import nonzero_positions
+from .runs import consecutive_runs, nonzero_positions
 from .shadow import commit_in_place
 from .sizes import c_hex
 from .snapshot_table import (
@@ -330,27 +330,11 @@ class _Counts:
 Step = Callable[[_Counts], tuple[array, list[tuple[int, array]]]]
 
 
-def _runs_of(numbers: list[int]) -> list[tuple[int, int, int]]:
-    """(first number, count, index of the first) of each run of consecutive numbers of
-    `numbers`, in their order."""
-    if numbers and numbers[-1] - numbers[0] == len(numbers) - 1:
-        if numbers == list(range(numbers[0], numbers[-1] + 1)):  # (one run: at C speed)
-            return [(numbers[0], len(numbers), 0)]
-    runs = []
-    index = 0
-    # number - index is the same for every number of a run
-    for key, run in groupby(map(sub, numbers, range(len(numbers)))):
-        length = len(list(run))
-        runs.append((key + index, length, index))
-        index += length
-    return runs
-
-
 def _cluster_runs(clusters: list[int], shift: int) -> list[tuple[int, int]]:
     """(first, count) of each run of consecutive clusters of `clusters`, in their order,
     cut where a refcount block (2**shift clusters) ends."""
     runs = []
-    for cluster, length, _ in _runs_of(clusters):
+    for cluster, length, _ in consecutive_runs(clusters):
         end = cluster + length
         while cluster < end:
             take = min(end - cluster, (((cluster >> shift) + 1) << shift) - cluster)
@@ -387,7 +371,7 @@ class _Layout:
             list(map(rshift, offsets, repeat(image.cluster_bits))), shift
         )
         self.position_runs = [
-            (start, start + length, first) for start, length, first in _runs_of(positions)
+            (start, start + length, first) for start, length, first in consecutive_runs(positions)
         ]
 
 

@@ -13,6 +13,7 @@ from qcow2lib import structs as S
 from qcow2lib.runs import (
     NativeRunLength,
     RunFinder,
+    consecutive_runs,
     host_runs,
     nonzero_entries,
     nonzero_positions,
@@ -138,6 +139,25 @@ def test_nonzero_entries_and_positions_skip_only_zeros(seed):
     expected = [index for index, entry in enumerate(table) if entry]
     assert nonzero_positions(table) == expected
     assert list(nonzero_entries(table)) == [table[index] for index in expected]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_consecutive_runs_match_a_number_by_number_reading(seed: int) -> None:
+    """Runs of numbers each one past the one before, in the order given (a number lower
+    than or equal to the one before starts a run too): one run when all follow."""
+    rng = random.Random(seed)
+    numbers: list[int] = []
+    for _ in range(rng.randrange(0, 12)):
+        start = rng.choice([rng.randrange(1 << 40), numbers[-1] + 1 if numbers else 0, 0])
+        numbers.extend(range(start, start + rng.randrange(1, 50)))
+    expected = []
+    for index, number in enumerate(numbers):
+        if index and number == numbers[index - 1] + 1:
+            first, count, at = expected[-1]
+            expected[-1] = (first, count + 1, at)
+        else:
+            expected.append((number, 1, index))
+    assert consecutive_runs(numbers) == expected
 
 
 def entry_by_entry_runs(entries: list[int], step: int) -> list[tuple[int, int, int]]:
