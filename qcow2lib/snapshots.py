@@ -19,8 +19,10 @@ or the new one.
 
 Cost: a pass reads the L1 table it walks and the L2 tables it reaches; the other
 snapshots' tables are never read; a pass is committed span by span of L1 entries (see
-_spans), so what it holds in memory stays bounded; the snapshot table is parsed once per
-table the header points at.
+_spans), so what it holds in memory stays bounded; within an L2 table the entries that
+name aligned host clusters are counted and flagged a run of clusters at a time (_Layout),
+and the passes of one step share each table's layout; the snapshot table is parsed once
+per table the header points at.
 """
 
 from __future__ import annotations
