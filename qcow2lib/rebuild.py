@@ -216,7 +216,7 @@ def count_references(image, refcount_structure: bool = True) -> ClusterCounts:
     count_l1_entries(l2_paths, image.map.l1, cs)
     if hdr.nb_snapshots:
         snapshots, table_bytes = read_snapshot_table(
-            image.file, hdr.snapshots_offset, hdr.nb_snapshots, cs, file_size
+            image.file, hdr.snapshots_offset, hdr.nb_snapshots, file_size
         )
         refs.add_range(hdr.snapshots_offset, table_bytes)
         # Snapshots sharing one L1 table: read it once, count it as often as it is used.

@@ -37,7 +37,7 @@ class Snapshot:
 
 
 def read_snapshot_table(
-    file, offset: int, count: int, cluster_size: int, file_size: int
+    file, offset: int, count: int, file_size: int
 ) -> tuple[list[Snapshot], int]:
     """Parse `count` entries at `offset`; returns them and the table's size in bytes."""
     snapshots: list[Snapshot] = []

@@ -72,7 +72,6 @@ def cached_table(image) -> tuple[list[Snapshot], int]:
                 image.file,
                 hdr.snapshots_offset,
                 hdr.nb_snapshots,
-                image.cluster_size,
                 image.file.size(),
             )
             if hdr.nb_snapshots
@@ -254,10 +253,6 @@ class _Counts:
             self._index, self._block = block_index, block
         return block
 
-    def add_many(self, clusters: list[int], addend: int) -> list[int]:
-        """add() of each cluster in turn, returning the new counts (see add_runs)."""
-        return self.add_runs(_cluster_runs(clusters, self.shift), addend)
-
     def add_runs(self, runs: list[tuple[int, int]], addend: int) -> list[int]:
         """add() of each cluster of each (first cluster, count) run, each run within one
         refcount block, returning the new counts: a slice of a block at a time where the
@@ -393,15 +388,14 @@ def _getter(indices: list[int]) -> Callable[[array], tuple[int, ...]]:
 def _count_entries(
     image, table: array, l2_offset: int, positions: list[int], addend: int, counts: _Counts
 ) -> bool:
-    """_refcount_pass's work on the entries at `positions` of one L2 table, entry by entry
-    (compressed clusters, unaligned offsets, entries without a host cluster); returns
-    whether the table changed."""
+    """_refcount_pass's work on a table's odd entries (see _Layout), entry by entry: a
+    compressed cluster's count changes, an unaligned offset is a corruption, and neither
+    these nor entries without a host cluster keep COPIED; returns whether the table
+    changed."""
     m = image.map
-    bits, cs, step = image.cluster_bits, image.cluster_size, m.entry_words
+    bits, step = image.cluster_bits, m.entry_words
     copied, compressed, mask = S.OFLAG_COPIED, S.OFLAG_COMPRESSED, S.L2E_OFFSET_MASK
     dirty = False
-    allocated: list[int] = []  # positions of entries with a host cluster
-    hosts: list[int] = []
     for l2_index in positions:
         value = table[l2_index * step]
         plain = value & ~copied
@@ -411,21 +405,11 @@ def _count_entries(
                 sectors = ((plain >> m.csize_shift) & m.csize_mask) + 1
                 for cluster in range(host >> bits, ((host + sectors * 512 - 1) >> bits) + 1):
                     counts.add(cluster, addend)
-        elif plain & mask:
-            if plain & mask & (cs - 1):
-                raise SignaledCorruptionError(
-                    f"Cluster allocation offset {c_hex(plain & mask)} unaligned (L2 "
-                    f"offset: {c_hex(l2_offset)}, L2 index: {c_hex(l2_index)})"
-                )
-            allocated.append(l2_index)
-            hosts.append((plain & mask) >> bits)
-            continue
-        if plain != value:
-            table[l2_index * step] = plain
-            dirty = True
-    for l2_index, count in zip(allocated, counts.add_many(hosts, addend)):
-        value = table[l2_index * step]
-        plain = (value & ~copied) | (copied if count == 1 else 0)
+        elif plain & mask:  # (an odd entry with a host offset: an unaligned one)
+            raise SignaledCorruptionError(
+                f"Cluster allocation offset {c_hex(plain & mask)} unaligned (L2 "
+                f"offset: {c_hex(l2_offset)}, L2 index: {c_hex(l2_index)})"
+            )
         if plain != value:
             table[l2_index * step] = plain
             dirty = True
@@ -479,7 +463,7 @@ def _refcount_pass(
                     map(copied_if_one.get, counts.add_runs(layout.host_runs, addend), repeat(0)),
                 ),
             )
-            if new_values.tolist() != list(values):
+            if values != tuple(new_values):
                 dirty = True
                 for run_start, run_stop, value_index in layout.position_runs:
                     table[run_start * step : run_stop * step : step] = new_values[

@@ -287,7 +287,7 @@ def _snapshots(image):
     if not hdr.nb_snapshots:
         return [], 0
     return read_snapshot_table(
-        image.file, hdr.snapshots_offset, hdr.nb_snapshots, image.cluster_size, image.file.size()
+        image.file, hdr.snapshots_offset, hdr.nb_snapshots, image.file.size()
     )
 
 
