@@ -40,7 +40,7 @@ from .errors import (
     preallocation_failure,
 )
 from .header import Header
-from .hostfile import HostFile, open_host_file, preallocate
+from .hostfile import HostFile, fill_zeros, open_host_file, preallocate
 from .mapping import BACKING, COMPRESSED, DATA, ZERO, ClusterMap, Segment
 from .overlap import (
     ACTIVE_L1,
@@ -97,15 +97,6 @@ def _zero_bytes(length: int) -> bytes:
 # Reads up to this size try the page cache under the image lock (HostFile.readinto_cached):
 # copying a cached page is quicker than handing the lock and the GIL to another thread.
 _CACHED_READ_MAX = 64 << 10
-
-
-def _fill_zeros(part: memoryview) -> None:
-    """Zero a buffer by slice assignments from one shared, cache-warm zero block: a
-    memset at memory speed, with no temporary buffer however large the range."""
-    block = len(_ZEROS)
-    for start in range(0, len(part), block):
-        chunk = part[start : start + block]
-        chunk[:] = _ZEROS_VIEW[: len(chunk)]
 
 
 # _new_tuple(Extent, values): an Extent from a 7-tuple, without Extent.__new__'s frame
@@ -557,7 +548,7 @@ class Qcow2Image(BlockDevice):
                 if self._read_small(self.map, offset, view):
                     return length
             elif self._under_zero_l1(self.map, offset, length):
-                _fill_zeros(view)
+                fill_zeros(view)
                 return length
             self.read_mapped(self.map, offset, view)
         except SignaledCorruptionError as exc:
@@ -597,7 +588,7 @@ class Qcow2Image(BlockDevice):
             return total
         if zeros:
             for view in views:
-                _fill_zeros(view)
+                fill_zeros(view)
             return total
         try:
             if len(segments) == 1 and segments[0].kind == DATA:  # one host run: one preadv
@@ -612,7 +603,7 @@ class Qcow2Image(BlockDevice):
                     data_file.preadv(parts, seg.host_offset)
                 elif seg.kind == ZERO:
                     for part in parts:
-                        _fill_zeros(part)
+                        fill_zeros(part)
                 else:
                     buffer = memoryview(bytearray(seg.length))
                     self._read_segments([seg], buffer, seg.guest_offset)
@@ -766,7 +757,7 @@ class Qcow2Image(BlockDevice):
             if not zeros:  # (reads of holes touch no host cluster that a writer could free)
                 self._begin_io()
         if zeros:
-            _fill_zeros(view)
+            fill_zeros(view)
             return
         try:
             if host is not None:
@@ -851,7 +842,7 @@ class Qcow2Image(BlockDevice):
                         self.blkdebug.event("read_aio")
                     data_file.readinto(part, seg.host_offset)
             elif seg.kind == ZERO:
-                _fill_zeros(part)
+                fill_zeros(part)
             elif seg.kind == BACKING:
                 self._read_backing(seg.guest_offset, part)
             else:
@@ -887,7 +878,7 @@ class Qcow2Image(BlockDevice):
             if available:
                 backing.readinto(guest_offset, part[:available])
         if available < len(part):
-            _fill_zeros(part[available:])
+            fill_zeros(part[available:])
 
     def _cluster_plain(self, seg: Segment) -> bytes:
         """Decompressed content of a compressed cluster (the last one is remembered)."""
