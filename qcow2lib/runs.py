@@ -122,12 +122,13 @@ def nonzero_entries(table: array) -> array:
     if _ZERO_ENTRY not in raw:  # (8 zero bytes anywhere, aligned or not)
         return array("Q", table)
     busy_stretches = _busy_stretches(raw)
-    if busy_stretches is not None:
-        used = array("Q")
-        for first in busy_stretches:
-            busy = table[first : first + _STRETCH]
-            used += busy if _ZERO_ENTRY not in busy.tobytes() else array("Q", filter(None, busy))
-        return used
+    if busy_stretches is not None:  # (their bytes joined, then taken as a dense table)
+        width = len(_ZERO_STRETCH)
+        raw = b"".join([raw[8 * first : 8 * first + width] for first in busy_stretches])
+        table = array("Q")
+        table.frombytes(raw)
+        if _ZERO_ENTRY not in raw:
+            return table
     flags = column_flags(raw)
     starts = flags.count(b"\0\1") + flags[0]
     if starts > len(flags) // 16:
@@ -147,9 +148,6 @@ def nonzero_positions(table: array, raw: bytes | None = None) -> list[int]:
     """The indices of the non-zero entries of a table of 64-bit words (as nonzero_entries
     finds them); `raw` is the table's bytes, when the caller has them already."""
     if raw is None:
-        busy_stretches = _busy_stretches_of(table)
-        if busy_stretches is not None:
-            return _positions_in(table, busy_stretches)
         raw = table.tobytes()
     if _ZERO_ENTRY not in raw:
         return list(range(len(table)))
@@ -172,41 +170,29 @@ _ZERO_STRETCH = bytes(8 * _STRETCH)
 
 
 _SPAN = 8 * _STRETCH  # entries a first look compares with zeros at once
-_ZERO_STRETCH_ENTRIES = array("Q", bytes(8 * _STRETCH))
-_ZERO_SPAN_ENTRIES = array("Q", bytes(8 * _SPAN))
-
-
-def _busy_stretches_of(table: array) -> list[int] | None:
-    """_busy_stretches of a table of 64-bit words compared as it is (no bytes made of
-    it): spans of zeros are passed over first, then stretches within the others; None
-    when most spans hold entries (a denser table, for the bytes' way)."""
-    length = len(table)
-    if length % _SPAN:
-        return None  # (tables of a few entries: the bytes' way costs as little)
-    zero_span, zero_stretch = _ZERO_SPAN_ENTRIES, _ZERO_STRETCH_ENTRIES
-    spans = [span for span in range(0, length, _SPAN) if table[span : span + _SPAN] != zero_span]
-    if len(spans) * _SPAN * 2 > length + _SPAN:
-        return None
-    return [
-        first
-        for span in spans
-        for first in range(span, span + _SPAN, _STRETCH)
-        if table[first : first + _STRETCH] != zero_stretch
-    ]
+_ZERO_SPAN = bytes(8 * _SPAN)
 
 
 def _busy_stretches(raw: bytes) -> list[int] | None:
     """First entry of each stretch of `raw` (64 entries, the last maybe fewer) that is not
     all zeros, when at most half of them are (a sparse table, where looking at these
     alone costs least); None for a denser table, whose entries are better looked at all
-    at once, at C speed."""
-    width = len(_ZERO_STRETCH)
+    at once, at C speed. Spans of 512 entries are looked at first (a table most of whose
+    spans hold entries counts as dense), then the stretches of the busy spans; each is
+    compared with zeros where it lies, nothing copied."""
+    stretch, span = len(_ZERO_STRETCH), len(_ZERO_SPAN)
+    zero_stretch, zero_span = _ZERO_STRETCH, _ZERO_SPAN
+    at = raw.startswith
+    spans = [offset for offset in range(0, len(raw), span) if not at(zero_span, offset)]
+    if len(spans) * 2 * span > len(raw) + span:
+        return None  # (most spans hold entries: a denser table)
     busy = [
         offset >> 3
-        for offset in range(0, len(raw), width)
-        if raw[offset : offset + width] != _ZERO_STRETCH
+        for first in spans
+        for offset in range(first, min(first + span, len(raw)), stretch)
+        if not at(zero_stretch, offset)
     ]
-    return busy if len(busy) * 2 * width <= len(raw) + width else None
+    return busy if len(busy) * 2 * stretch <= len(raw) + stretch else None
 
 
 def used_runs(
