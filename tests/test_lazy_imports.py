@@ -361,3 +361,27 @@ def test_the_qimg_command_starts_without_re(tmp_path: Path) -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert pyproject["tool"]["setuptools"]["script-files"] == ["tools/qimg"]
     assert "scripts" not in pyproject["project"]
+
+
+def test_the_qimg_command_ends_with_all_its_output_and_its_exit_code(tmp_path: Path) -> None:
+    """tools/qimg ends the process without taking the interpreter apart: what qimg wrote
+    to a pipe (far more than a pipe holds) still arrives whole, and the exit code is
+    main's (1: the images differ)."""
+    path = tmp_path / "a.qcow2"
+    qemu_create(path, "16M", options={"cluster_size": 4096})
+    qemu_io(path, *(f"write -P 0x5a {offset} 512" for offset in range(0, 16 << 20, 8 << 10)))
+    launcher = [sys.executable, str(ROOT / "tools" / "qimg")]
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    mapped = subprocess.run(
+        [*launcher, "map", "--output=json", str(path)], capture_output=True, text=True, env=env
+    )
+    expected = qemu_img("map", "--output=json", str(path)).stdout
+    assert len(expected) > 4 * 65536
+    assert (mapped.returncode, mapped.stderr, mapped.stdout) == (0, "", expected)
+    other = tmp_path / "b.qcow2"
+    qemu_create(other, "16M")
+    differ = [str(path), str(other)]
+    compared = subprocess.run([*launcher, "compare", *differ], capture_output=True, env=env)
+    reference = qemu_img("compare", *differ, check=False)
+    assert reference.returncode == 1
+    assert (compared.returncode, compared.stdout) == (1, reference.stdout.encode())
