@@ -69,6 +69,9 @@ def commit_in_place(
             on_disk = "shadow"
             image._sync(image.file)
         refs.write_blocks()
+        if shadow is not None:  # (the changed active tables: as encoded for their copies)
+            for offset in sorted(shadow.encoded):
+                image.file.pwrite(shadow.encoded.pop(offset), offset)
         m.write_dirty_l2()
         m.write_dirty_l1()
         for offset, table in inactive_l1s:
@@ -93,14 +96,24 @@ def commit_in_place(
 
 class _Shadow:
     """Where the shadow state lies: its L1 table (entries and offset), its refcount
-    table, and where the file ended before it."""
+    table, and where the file ended before it; and the changed active L2 tables as
+    written there (offset -> bytes), to be written in place the same way."""
 
-    def __init__(self, file_end: int, l1: array, l1_offset: int, table_offset: int, clusters: int):
+    def __init__(
+        self,
+        file_end: int,
+        l1: array,
+        l1_offset: int,
+        table_offset: int,
+        clusters: int,
+        encoded: dict[int, bytes],
+    ):
         self.file_end = file_end
         self.l1 = l1
         self.l1_offset = l1_offset
         self.table_offset = table_offset
         self.table_clusters = clusters
+        self.encoded = encoded
 
 
 def _write_header(image, l1_offset: int, reftable_offset: int, reftable_clusters: int) -> None:
@@ -183,12 +196,17 @@ def _write_shadow(image, dirty_l2: list[int]) -> _Shadow:
         if offset in uses:
             uses[offset] += 1
     copies = {}
+    # Each table is encoded once, for its copy and its write in place; the cache lets go
+    # of it meanwhile (read again when next used), so its memory serves the next one.
+    encoded: dict[int, bytes] = {}
     for offset in dirty_l2:
         copies[offset] = take(1) << bits
         release(offset, cs)
         adjust[offset >> bits] -= uses[offset] - 1
         adjust[copies[offset] >> bits] += uses[offset] - 1
-        image.file.pwrite(encode_be64(m.l2_cache.get(offset)), copies[offset])
+        encoded[offset] = encode_be64(m.l2_cache.get(offset))
+        m.l2_cache.drop(offset)
+        image.file.pwrite(encoded[offset], copies[offset])
     shadow_l1 = array("Q", active_l1)
     for index in nonzero_positions(active_l1):
         offset = active_l1[index] & S.L1E_OFFSET_MASK
@@ -247,4 +265,4 @@ def _write_shadow(image, dirty_l2: list[int]) -> _Shadow:
         table[block_index] = cluster << bits
     image.file.pwrite(encode_be64(table), table_first << bits)
     image._sync(image.file)
-    return _Shadow(end, shadow_l1, l1_offset, table_first << bits, table_clusters)
+    return _Shadow(end, shadow_l1, l1_offset, table_first << bits, table_clusters, encoded)
