@@ -25,19 +25,14 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "worker.py"
 
 # Bytecode caching on, as for an installed qimg (pip compiles it): with
-# PYTHONDONTWRITEBYTECODE set, every run would compile qimg and qcow2lib again.
+# PYTHONDONTWRITEBYTECODE set, every run would compile qimg and qcow2lib again. This
+# checkout's qcow2lib comes first on the path, whatever else is installed.
 ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+ENV["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
-# qimg as its console script runs it, importing this checkout's qcow2lib (not an installed
-# one): the worktree root and tools/ go first on sys.path.
-QIMG = [
-    sys.executable,
-    "-c",
-    "import sys; sys.path[:0] = sys.argv[1:3]; del sys.argv[1:3]; "
-    "import qimg; sys.exit(qimg.main())",
-    str(ROOT),
-    str(ROOT / "tools"),
-]
+# qimg as users start it: the installed `qimg` command is tools/qimg, its first line
+# rewritten by pip to name the interpreter.
+QIMG = [sys.executable, str(ROOT / "tools" / "qimg")]
 
 
 # Set by bench.py --cpu: command rows then report the child's user + system CPU time
