@@ -217,3 +217,41 @@ def test_fill_zeros_zeroes_exactly_the_view(length):
     assert strided[::2] == bytes(length) and strided[1::2] == b"\xaa" * length
     with pytest.raises(TypeError):
         fill_zeros(memoryview(bytes(length + 1)))  # (read-only: refused, as a copy would be)
+
+
+@pytest.mark.parametrize("place", [0, 8, 16, 24, 31, 32, 4095])
+def test_readinto_fills_memory_the_kernel_copies_into_slowly(tmp_path, place, monkeypatch):
+    """HostFile.readinto into memory 1 to 31 bytes past its source within a page goes
+    through a bounce buffer a piece at a time (the kernel's copy is slow there); any
+    place, length and file offset reads the same bytes, zeros past the end of the file."""
+    import ctypes
+
+    from qcow2lib import hostfile
+
+    path = tmp_path / "data"
+    content = random.Random(place).randbytes((3 << 20) + 1234)
+    path.write_bytes(content)
+    bounced: list[int] = []
+    real = hostfile.HostFile._readinto_bounced
+
+    def recording(self, buf, offset):
+        bounced.append(len(buf))
+        real(self, buf, offset)
+
+    monkeypatch.setattr(hostfile.HostFile, "_readinto_bounced", recording)
+    file = HostFile(str(path), writable=False)
+    try:
+        memory = bytearray((4 << 20) + 8192)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+        for offset, length in [(0, 3 << 20), (4096, 300 << 10), (100, 1 << 20), (1 << 20, 3 << 20)]:
+            # the view starts `place` bytes past its source's place within a page
+            start = (offset + place - base) % 4096
+            view = memoryview(memory)[start : start + length]
+            view[:] = b"\xee" * length
+            file.readinto(view, offset)
+            expected = content[offset : offset + length]
+            assert bytes(view) == expected + bytes(length - len(expected))
+            view.release()
+    finally:
+        file.close()
+    assert bounced if 0 < place < 32 else not bounced
