@@ -136,14 +136,9 @@ def fill_zeros(view: memoryview) -> None:
     one cache-warm zero block otherwise (or when the view has no plain address)."""
     length = len(view)
     if length >= _MEMSET_MIN:
-        from_buffer, addressof, memset = _memory()
-        try:
-            cell = from_buffer(view)  # (holds the view's buffer until memset is done)
-        except (TypeError, ValueError, BufferError):
-            pass
-        else:
-            memset(addressof(cell), 0, length)
-            del cell
+        address = _address(view)  # (the memory stays: `view` holds its buffer)
+        if address is not None:
+            _memory()[2](address, 0, length)
             return
     block = len(_ZERO_BLOCK)
     for start in range(0, length, block):
