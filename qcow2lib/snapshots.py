@@ -352,7 +352,7 @@ class _Layout:
 
     def __init__(self, image, table: array, positions: list[int], shift: int) -> None:
         step = image.map.entry_words
-        values_of = _getter(positions if step == 1 else [p * step for p in positions])
+        values_of = _getter(positions, step)
         values = values_of(table)
         offsets = list(map(S.L2E_OFFSET_MASK.__and__, values))
         irregular = S.OFLAG_COMPRESSED | (S.L2E_OFFSET_MASK & (image.cluster_size - 1))
@@ -362,7 +362,7 @@ class _Layout:
             self.odd = [p for p, keep in zip(positions, regular) if not keep]
             positions = list(compress(positions, regular))
             offsets = list(compress(offsets, regular))
-            values_of = _getter(positions if step == 1 else [p * step for p in positions])
+            values_of = _getter(positions, step)
         self.values_of = values_of
         self.host_runs = _cluster_runs(
             list(map(rshift, offsets, repeat(image.cluster_bits))), shift
@@ -375,8 +375,10 @@ class _Layout:
 _NOT_COPIED = ((1 << 64) - 1) & ~S.OFLAG_COPIED
 
 
-def _getter(indices: list[int]) -> Callable[[array], tuple[int, ...]]:
-    """A function giving the items of a table at `indices`, as a tuple, at C speed."""
+def _getter(positions: list[int], step: int) -> Callable[[array], tuple[int, ...]]:
+    """A function giving the entries at `positions` of a table of `step` words an entry
+    (their first words), as a tuple, at C speed."""
+    indices = positions if step == 1 else [position * step for position in positions]
     if len(indices) > 1:
         return itemgetter(*indices)
     if indices:
