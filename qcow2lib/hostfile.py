@@ -102,48 +102,53 @@ def io_buffer(size: int) -> bytearray:
     return buffer
 
 
-_memory_calls: list = []  # [(ctypes.c_char.from_buffer, ctypes.addressof, ctypes.memset)]
+_memory_calls: list = []  # [(ctypes.c_char.from_buffer, ctypes.addressof)]
 
 
 def _memory() -> tuple:
-    """ctypes' from_buffer, addressof and memset, loaded on first use (ctypes costs
-    start-up time most commands never need)."""
+    """ctypes' from_buffer and addressof, loaded on first use (ctypes costs start-up
+    time most commands never need)."""
     if not _memory_calls:
         import ctypes
 
-        _memory_calls.append((ctypes.c_char.from_buffer, ctypes.addressof, ctypes.memset))
+        _memory_calls.append((ctypes.c_char.from_buffer, ctypes.addressof))
     return _memory_calls[0]
 
 
 def _address(view: memoryview) -> int | None:
     """Where a writable byte view's memory starts, or None if it has no plain address
     (read-only, or not contiguous)."""
-    from_buffer, addressof, _ = _memory()
+    from_buffer, addressof = _memory()
     try:
         return addressof(from_buffer(view))
     except (TypeError, ValueError, BufferError):
         return None
 
 
-# Ranges at least this long are zeroed with libc's memset (about twice the speed of a
-# copy from a zero block: it only writes); shorter ones are not worth loading ctypes for.
-_MEMSET_MIN = 256 << 10
-_ZERO_BLOCK = memoryview(bytes(1 << 20))
+# Zeros are written by struct's packing of pad bytes: packing clears the whole struct
+# with memset first, and "x" packs nothing over it. That is libc's memset on the view's
+# memory, twice the speed of a copy from a zero block (it only writes), without ctypes
+# (2.5 ms to import). Long views go a MiB at a time, so only two formats are ever made.
+_ZERO_PIECE = 1 << 20
+_ZERO_MIB = struct.Struct(f"{_ZERO_PIECE}x")
+_ZERO_BLOCK = memoryview(bytes(_ZERO_PIECE))
 
 
 def fill_zeros(view: memoryview) -> None:
-    """Zero a writable byte view: libc's memset for a long range, slice assignments from
-    one cache-warm zero block otherwise (or when the view has no plain address)."""
+    """Zero a writable byte view (a read-only one is refused with TypeError)."""
     length = len(view)
-    if length >= _MEMSET_MIN:
-        address = _address(view)  # (the memory stays: `view` holds its buffer)
-        if address is not None:
-            _memory()[2](address, 0, length)
-            return
-    block = len(_ZERO_BLOCK)
-    for start in range(0, length, block):
-        chunk = view[start : start + block]
-        chunk[:] = _ZERO_BLOCK[: len(chunk)]
+    if view.readonly:
+        raise TypeError("fill_zeros: the view is read-only")
+    if not view.contiguous:  # (struct packs into contiguous memory only: slice copies)
+        for start in range(0, length, _ZERO_PIECE):
+            chunk = view[start : start + _ZERO_PIECE]
+            chunk[:] = _ZERO_BLOCK[: len(chunk)]
+        return
+    whole = length - length % _ZERO_PIECE
+    for start in range(0, whole, _ZERO_PIECE):
+        _ZERO_MIB.pack_into(view, start)
+    if whole < length:
+        struct.pack_into(f"{length - whole}x", view, whole)
 
 
 # The kernel copies file data into memory 1.4 to 3.5 times slower when the destination

@@ -196,9 +196,9 @@ def test_io_buffer_data_starts_past_the_slow_first_bytes_of_a_page():
 
 @pytest.mark.parametrize("length", [0, 1, 4095, (256 << 10) - 1, 256 << 10, (3 << 20) + 17])
 def test_fill_zeros_zeroes_exactly_the_view(length):
-    """fill_zeros clears the view it is given, in every kind of writable buffer (memset
-    for long ranges, slice copies for short ones and views without a plain address), and
-    not one byte either side of it."""
+    """fill_zeros clears the view it is given, in every kind of writable buffer (packed
+    pad bytes a MiB at a time, slice copies for views that are not contiguous), and not
+    one byte either side of it."""
     import mmap
 
     from qcow2lib.hostfile import fill_zeros
@@ -213,7 +213,7 @@ def test_fill_zeros_zeroes_exactly_the_view(length):
             assert buffer[:32] == b"\xaa" * 32 and buffer[32 + length :] == b"\xaa" * 32
             assert buffer[32 : 32 + length] == bytes(length)
     strided = bytearray(b"\xaa" * (2 * length))
-    fill_zeros(memoryview(strided)[::2])  # (not contiguous: no address, slice copies)
+    fill_zeros(memoryview(strided)[::2])  # (not contiguous: slice copies)
     assert strided[::2] == bytes(length) and strided[1::2] == b"\xaa" * length
     with pytest.raises(TypeError):
         fill_zeros(memoryview(bytes(length + 1)))  # (read-only: refused, as a copy would be)
