@@ -21,8 +21,10 @@ Cost: a pass reads the L1 table it walks and the L2 tables it reaches; the other
 snapshots' tables are never read; a pass is committed span by span of L1 entries (see
 _spans), so what it holds in memory stays bounded; within an L2 table the entries that
 name aligned host clusters are counted and flagged a run of clusters at a time (_Layout),
-and the passes of one step share each table's layout; the snapshot table is parsed once
-per table the header points at.
+and the passes of one step share each table's layout; applying a snapshot leaves the
+L2 tables both trees share out of the two passes that would only add a reference and take
+it back (see _reverting); the snapshot table is parsed once per table the header points
+at.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from __future__ import annotations
 import errno
 import time
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from itertools import compress, repeat
 from operator import itemgetter, not_, or_, rshift
 
@@ -42,6 +44,7 @@ from .errors import (
     SignaledCorruptionError,
     emit_notice,
     InvalidArgumentError,
+    Qcow2Error,
     Qcow2IOError,
     ReadOnlyError,
     UnsupportedFeatureError,
@@ -348,7 +351,7 @@ class _Layout:
     the runs their clusters form and the runs of their positions (start, stop, index of
     the first value), so that their counts and flags change a run at a time."""
 
-    __slots__ = ("odd", "values_of", "host_runs", "position_runs")
+    __slots__ = ("odd", "odd_clusters", "values_of", "host_runs", "position_runs")
 
     def __init__(self, image, table: array, positions: list[int], shift: int) -> None:
         step = image.map.entry_words
@@ -357,9 +360,13 @@ class _Layout:
         offsets = list(map(S.L2E_OFFSET_MASK.__and__, values))
         irregular = S.OFLAG_COMPRESSED | (S.L2E_OFFSET_MASK & (image.cluster_size - 1))
         self.odd: list[int] = []
+        self.odd_clusters: list[tuple[int, int]] = []  # (first, count): clusters they name
         if 0 in offsets or any(map(irregular.__and__, values)):
             regular = [bool(o) and not v & irregular for o, v in zip(offsets, values)]
             self.odd = [p for p, keep in zip(positions, regular) if not keep]
+            self.odd_clusters = _odd_clusters(
+                image, [v for v, keep in zip(values, regular) if not keep]
+            )
             positions = list(compress(positions, regular))
             offsets = list(compress(offsets, regular))
             values_of = _getter(positions, step)
@@ -370,6 +377,27 @@ class _Layout:
         self.position_runs = [
             (start, start + length, first) for start, length, first in consecutive_runs(positions)
         ]
+
+
+def _odd_clusters(image, values: list[int]) -> list[tuple[int, int]]:
+    """(first cluster, count) of the host clusters odd entries name: a compressed
+    cluster's sectors, or the cluster an unaligned offset lies in."""
+    named = []
+    for value in values:
+        if value & S.OFLAG_COMPRESSED:
+            clusters = _compressed_clusters(image, value)
+            named.append((clusters.start, len(clusters)))
+        elif value & S.L2E_OFFSET_MASK:
+            named.append(((value & S.L2E_OFFSET_MASK) >> image.cluster_bits, 1))
+    return named
+
+
+def _compressed_clusters(image, value: int) -> range:
+    """The host clusters a compressed entry's sectors lie in."""
+    m = image.map
+    host = (value & m.compressed_offset_mask) & ~511
+    sectors = ((value >> m.csize_shift) & m.csize_mask) + 1
+    return range(host >> image.cluster_bits, ((host + sectors * 512 - 1) >> image.cluster_bits) + 1)
 
 
 _NOT_COPIED = ((1 << 64) - 1) & ~S.OFLAG_COPIED
@@ -394,8 +422,7 @@ def _count_entries(
     compressed cluster's count changes, an unaligned offset is a corruption, and neither
     these nor entries without a host cluster keep COPIED; returns whether the table
     changed."""
-    m = image.map
-    bits, step = image.cluster_bits, m.entry_words
+    step = image.map.entry_words
     copied, compressed, mask = S.OFLAG_COPIED, S.OFLAG_COMPRESSED, S.L2E_OFFSET_MASK
     dirty = False
     for l2_index in positions:
@@ -403,9 +430,7 @@ def _count_entries(
         plain = value & ~copied
         if plain & compressed:
             if addend:
-                host = (plain & m.compressed_offset_mask) & ~511
-                sectors = ((plain >> m.csize_shift) & m.csize_mask) + 1
-                for cluster in range(host >> bits, ((host + sectors * 512 - 1) >> bits) + 1):
+                for cluster in _compressed_clusters(image, plain):
                     counts.add(cluster, addend)
         elif plain & mask:  # (an odd entry with a host offset: an unaligned one)
             raise SignaledCorruptionError(
@@ -419,13 +444,18 @@ def _count_entries(
 
 
 def _refcount_pass(
-    image, l1: array, addend: int, counts: _Counts, span: range | None = None
+    image,
+    l1: array,
+    addend: int,
+    counts: _Counts,
+    span: range | None = None,
+    skip: Container[int] = (),
 ) -> bool:
     """QEMU's qcow2_update_snapshot_refcount in the caches: add `addend` to the count of
-    every cluster the tree of `l1` (entries with flags; those of `span` only, if given)
-    reaches, and give each entry of the tree COPIED exactly where its cluster's count is
-    then 1 (compressed clusters never). `l1` is changed in place; returns whether it
-    changed."""
+    every cluster the tree of `l1` (entries with flags; those of `span` only, if given,
+    less the L1 indices in `skip`) reaches, and give each entry of the tree COPIED
+    exactly where its cluster's count is then 1 (compressed clusters never). `l1` is
+    changed in place; returns whether it changed."""
     m = image.map
     bits, cs = image.cluster_bits, image.cluster_size
     step = m.entry_words
@@ -437,6 +467,8 @@ def _refcount_pass(
     stop = span.stop if span is not None else len(l1)
     for l1_index in nonzero_positions(l1[first:stop]):
         l1_index += first
+        if l1_index in skip:
+            continue
         entry = l1[l1_index]
         l2_offset = entry & S.L1E_OFFSET_MASK
         if not l2_offset:
@@ -493,20 +525,43 @@ def _spans(l1_entries: int) -> list[range]:
     ] or [range(0)]
 
 
-def _in_place(image, step: Step) -> None:
+class _NoShortcut(Exception):
+    """A step's shortcut cannot vouch for reaching QEMU's state: take the long way."""
+
+
+def _in_place(image, step: Step, shortcut: Step | None = None) -> None:
     """Run `step` (QEMU's passes over the caches; returns the new active L1 table and the
     inactive L1 tables to write) and commit what it changed; on failure nothing of it is
-    written and the caches forget it."""
+    written and the caches forget it. `shortcut`, tried first, reaches the same state
+    with less work where it can tell it does; where it cannot (or meets an error, which
+    `step` then meets in QEMU's order and reports as QEMU does), `step` runs instead."""
+    if shortcut is not None:
+        counts = _Counts(image, remember_layouts=True)
+        try:
+            active, inactive = shortcut(counts)
+        except BaseException as exc:
+            _forget_step(image)
+            if not isinstance(exc, (_NoShortcut, Qcow2Error)):
+                raise
+        else:
+            commit_in_place(image, active, inactive, counts.freed)
+            return
     counts = _Counts(image, remember_layouts=True)
     try:
         active, inactive = step(counts)
     except BaseException as exc:
-        image.map.l2_cache.clear()
-        image.refcounts.blocks.clear()
+        _forget_step(image)
         if isinstance(exc, SignaledCorruptionError):
             raise image._met_corruption(exc) from None
         raise
     commit_in_place(image, active, inactive, counts.freed)
+
+
+def _forget_step(image) -> None:
+    """Drop what a step prepared in the caches (they only ever hold one step's changes:
+    each commit writes them all)."""
+    image.map.l2_cache.clear()
+    image.refcounts.blocks.clear()
 
 
 def _free_clusters(image, offset: int, length: int) -> None:
@@ -812,30 +867,125 @@ def apply_snapshot(
         image.resize_grow_l1(snap.l1_size)
         snapshot_l1 = read_l1(image, snap)
         image.invalidate_bitmaps()  # the guest's content changes
+        named_once = _named_once(snapshot_l1, image.map.l1)
         for entries in _spans(len(image.map.l1)):
-            _in_place(image, _reverting(image, snap, snapshot_l1, entries))
+            _in_place(
+                image,
+                _reverting(image, snap, snapshot_l1, entries),
+                _reverting(image, snap, snapshot_l1, entries, named_once),
+            )
         return snap
 
 
-def _reverting(image, snap: Snapshot, snapshot_l1: array, entries: range) -> Step:
+def _reverting(
+    image, snap: Snapshot, snapshot_l1: array, entries: range, named_once: set[int] | None = None
+) -> Step:
     """Snapshot application's passes over the L1 entries `entries`, in QEMU's order: the
     snapshot's tree gains a reference, the old active tree loses one, the active L1
     entries take the snapshot's, and their COPIED flags follow the counts. (A crash
-    between spans leaves part of the disk reverted: the revert had not completed.)"""
+    between spans leaves part of the disk reverted: the revert had not completed.)
+
+    With `named_once` (the L2 tables each L1 table names once), the shortcut: an L2
+    table both trees name at the same L1 index (all of them, when nothing was written
+    since the snapshot) gains a reference and loses it again, and so does every cluster
+    it reaches; the first two passes leave such tables out, so that a revert costs what
+    changed since the snapshot, plus the last pass. _check_kept refuses it where that
+    could end anywhere else than QEMU's passes: a count that would overflow on the way
+    or drop to zero, or a cluster of such a table that another table in the step names
+    too (its count would be seen at other values on the way)."""
 
     def step(counts: _Counts) -> tuple[array, list[tuple[int, array]]]:
-        inactive = []
-        if _refcount_pass(image, snapshot_l1, 1, counts, entries):
-            inactive.append((snap.l1_table_offset, snapshot_l1))
         old_active = image.map.l1
-        _refcount_pass(image, array("Q", old_active), -1, counts, entries)
+        kept = {} if named_once is None else _kept(snapshot_l1, old_active, entries, named_once)
+        # (the shortcut works on a copy: if refused, the long way starts from the same L1)
+        new_snapshot_l1 = array("Q", snapshot_l1) if kept else snapshot_l1
+        changed = _refcount_pass(image, new_snapshot_l1, 1, counts, entries, kept)
+        for index in kept:  # (what the first pass gives their entries: counts above 1)
+            cleared = new_snapshot_l1[index] & ~S.OFLAG_COPIED
+            changed = changed or cleared != new_snapshot_l1[index]
+            new_snapshot_l1[index] = cleared
+        _refcount_pass(image, array("Q", old_active), -1, counts, entries, kept)
         new_active = array("Q", old_active)
         for index in entries:
-            new_active[index] = snapshot_l1[index] if index < len(snapshot_l1) else 0
+            new_active[index] = new_snapshot_l1[index] if index < len(new_snapshot_l1) else 0
         _refcount_pass(image, new_active, 0, counts, entries)
-        return new_active, inactive
+        if kept:
+            _check_kept(image, counts, set(kept.values()))
+            snapshot_l1[:] = new_snapshot_l1
+        return new_active, [(snap.l1_table_offset, snapshot_l1)] if changed else []
 
     return step
+
+
+def _named_once(*l1_tables: array) -> set[int]:
+    """The L2 table offsets that none of the L1 tables names more than once."""
+    seen: set[int] = set()
+    repeated: set[int] = set()
+    for l1 in l1_tables:
+        offsets = sorted(l1[index] & S.L1E_OFFSET_MASK for index in nonzero_positions(l1))
+        repeated.update(offset for offset, after in zip(offsets, offsets[1:]) if offset == after)
+        seen.update(offsets)
+    return seen - repeated
+
+
+def _kept(snapshot_l1: array, active_l1: array, entries: range, named_once: set[int]) -> dict:
+    """L1 index -> L2 table offset, for the indices of `entries` at which both L1 tables
+    name the same table of `named_once`."""
+    mask = S.L1E_OFFSET_MASK
+    kept = {}
+    stop = min(entries.stop, len(snapshot_l1))
+    for index in nonzero_positions(snapshot_l1[entries.start : stop]):
+        index += entries.start
+        offset = snapshot_l1[index] & mask
+        if offset == active_l1[index] & mask and offset in named_once:
+            kept[index] = offset
+    return kept
+
+
+def _check_kept(image, counts: _Counts, kept_tables: set[int]) -> None:
+    """Refuse the shortcut (_NoShortcut) unless the tables it left out of the first two
+    passes name only plain clusters, counted at least once and below the maximum (as
+    each of these tables is), and no other table of the step names their clusters."""
+    bits = image.cluster_bits
+    limit = image.refcounts.max_refcount
+    layouts = counts.layouts
+    assert layouts is not None  # (_in_place's counts remember them)
+    kept_runs: list[tuple[int, int]] = []
+    other_runs: list[tuple[int, int]] = []
+    for l2_offset, layout in layouts.items():  # (every table the passes reached)
+        other_runs.append((l2_offset >> bits, 1))
+        if l2_offset in kept_tables:
+            if layout.odd_clusters:
+                raise _NoShortcut
+            kept_runs.extend(layout.host_runs)
+        else:
+            other_runs.extend(layout.host_runs)
+            other_runs.extend(layout.odd_clusters)
+    for l2_offset in kept_tables:
+        found = counts.add_runs(layouts[l2_offset].host_runs, 0)
+        found.append(counts.add(l2_offset >> bits, 0))
+        if min(found) < 1 or max(found) >= limit:
+            raise _NoShortcut
+    if _any_overlap(kept_runs, other_runs):
+        raise _NoShortcut
+
+
+def _any_overlap(kept: list[tuple[int, int]], other: list[tuple[int, int]]) -> bool:
+    """Whether a (first, count) run of `kept` overlaps another of `kept` or one of
+    `other` (runs of `other` may overlap each other)."""
+    marked = sorted(
+        [(first, first + count, True) for first, count in kept]
+        + [(first, first + count, False) for first, count in other]
+    )
+    kept_end = other_end = 0
+    for start, end, is_kept in marked:
+        if start < kept_end or (is_kept and start < other_end):
+            return True
+        if is_kept:
+            kept_end = max(kept_end, end)
+        else:
+            other_end = max(other_end, end)
+    return False
 
 
 def delete_snapshot(

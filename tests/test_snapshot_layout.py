@@ -225,3 +225,110 @@ def test_passes_cut_into_spans_leave_sound_states_and_qemu_img_s_bytes(
         )
     assert len(states) > 10
     both(ours, theirs, "check", "t.qcow2")
+
+
+def _l2_entry_offset(path: Path, l1_index: int, l2_index: int) -> int:
+    """Where the active tree's entry l2_index of the L2 table at l1_index lies."""
+    data = path.read_bytes()
+    (l1_offset,) = struct.unpack(">Q", data[40:48])
+    (l1_entry,) = struct.unpack(">Q", data[l1_offset + 8 * l1_index : l1_offset + 8 * l1_index + 8])
+    return (l1_entry & 0x00FFFFFFFFFFFE00) + 8 * l2_index
+
+
+def _poke_refcount(path: Path, cluster: int, count: int) -> None:
+    """Set a cluster's 16-bit refcount (4 KiB clusters: 2048 counts a block)."""
+    data = path.read_bytes()
+    (table,) = struct.unpack(">Q", data[48:56])
+    (block,) = struct.unpack(">Q", data[table + 8 * (cluster // 2048) :][:8])
+    with open(path, "r+b") as file:
+        file.seek(block + 2 * (cluster % 2048))
+        file.write(struct.pack(">H", count))
+
+
+@pytest.mark.parametrize(
+    "case, outcome",
+    [
+        ("nothing written since", "taken"),
+        ("two tables written since", "taken"),
+        ("compressed cluster in a shared table", "refused"),
+        ("counts at the maximum", "refused"),
+        ("a count at zero", "refused"),
+        ("a shared table's cluster named again", "refused"),
+    ],
+)
+def test_reverting_skips_shared_tables_only_where_that_ends_as_qemu_img(
+    tmp_path, monkeypatch, case, outcome
+):
+    """snapshot -a leaves the L2 tables both trees share at the same L1 index out of its
+    first two passes (each gains a reference and loses it again). Where that could end
+    elsewhere than QEMU's passes (a compressed cluster, a count that would overflow on
+    the way, a cluster another table names too) the shortcut is refused and QEMU's
+    passes run: either way the bytes are qemu-img's."""
+    from qcow2lib import snapshots
+
+    outcomes: list[tuple[str, int]] = []
+    real_check = snapshots._check_kept
+
+    def spied_check(image, counts, kept_tables):
+        try:
+            real_check(image, counts, kept_tables)
+        except snapshots._NoShortcut:
+            outcomes.append(("refused", len(kept_tables)))
+            raise
+        outcomes.append(("taken", len(kept_tables)))
+
+    monkeypatch.setattr(snapshots, "_check_kept", spied_check)
+    bits = "2" if case == "counts at the maximum" else "16"
+    options = f"cluster_size=4096,refcount_bits={bits}"  # (each L2 table maps 2 MiB: 8)
+    ours, theirs = twins(tmp_path, "-o", options, "t.qcow2", "16M")
+    commands = [f"write -P {n + 1} {n * 2 * MiB} 256k" for n in range(8)]
+    if case == "compressed cluster in a shared table":
+        commands.append(f"write -c -P 9 {4 * MiB + 512 * 1024} 4k")
+    for directory in (ours, theirs):
+        qemu_io(directory / "t.qcow2", *commands)
+    both(ours, theirs, "snapshot", "-c", "s1", "t.qcow2")
+    if case == "counts at the maximum":  # (2-bit counts: 3 after a second snapshot)
+        both(ours, theirs, "snapshot", "-c", "s2", "t.qcow2")
+    if case == "two tables written since":
+        for directory in (ours, theirs):
+            qemu_io(directory / "t.qcow2", f"write -P 11 {2 * MiB} 4k", f"write {10 * MiB} 4k")
+    if case == "a count at zero":  # (QEMU's passes count it 1, then 0: and free it)
+        for directory in (ours, theirs):
+            path = directory / "t.qcow2"
+            (entry,) = struct.unpack(">Q", path.read_bytes()[_l2_entry_offset(path, 5, 0) :][:8])
+            _poke_refcount(path, (entry & 0x00FFFFFFFFFFFE00) >> 12, 0)
+    if "named again" in case:
+        # Table 0 is copied (a write) and kept by a second snapshot; its copy then names
+        # shared table 5's first data cluster too, whose count is set to 2. QEMU's second
+        # pass meets the copy first, while table 5's reference from the first pass still
+        # counts: skipping table 5 would leave COPIED on the copy's entry, QEMU does not.
+        for directory in (ours, theirs):
+            qemu_io(directory / "t.qcow2", "write -P 11 0 4k")
+        both(ours, theirs, "snapshot", "-c", "s2", "t.qcow2")
+        for directory in (ours, theirs):
+            path = directory / "t.qcow2"
+            data = path.read_bytes()
+            source = _l2_entry_offset(path, 5, 0)
+            (entry,) = struct.unpack(">Q", data[source : source + 8])
+            with open(path, "r+b") as file:
+                file.seek(_l2_entry_offset(path, 0, 1))
+                file.write(data[source : source + 8])
+            _poke_refcount(path, (entry & 0x00FFFFFFFFFFFE00) >> 12, 2)
+    outcomes.clear()
+    both(ours, theirs, "snapshot", "-a", "s1", "t.qcow2")
+    assert bytes_without_dates(ours / "t.qcow2") == bytes_without_dates(theirs / "t.qcow2")
+    kept = {"nothing written since": 8, "two tables written since": 6}.get(case)
+    assert outcomes == [(outcome, kept or outcomes[0][1])], outcomes
+    if case not in ("a shared table's cluster named again", "a count at zero"):
+        both(ours, theirs, "check", "t.qcow2")
+
+
+def test_any_overlap_looks_at_the_kept_runs_only():
+    from qcow2lib.snapshots import _any_overlap
+
+    assert not _any_overlap([(10, 5), (20, 5)], [(0, 10), (15, 5), (25, 3), (26, 2)])
+    assert _any_overlap([(10, 5), (14, 5)], [])  # kept with kept
+    assert _any_overlap([(10, 5)], [(14, 1)])  # other inside kept
+    assert _any_overlap([(10, 5)], [(0, 11)])  # kept starts inside other
+    assert _any_overlap([(10, 1)], [(10, 1)])  # the same cluster
+    assert not _any_overlap([], [(0, 5), (1, 5)])  # others may overlap each other
