@@ -32,7 +32,7 @@ from __future__ import annotations
 import errno
 import time
 from array import array
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container, Iterator, Sequence
 from itertools import compress, repeat
 from operator import itemgetter, not_, or_, rshift
 
@@ -790,25 +790,46 @@ def _sharing(image, entries: range) -> Step:
     return step
 
 
-def _releasing(image, snap: Snapshot, deleted_l1: array, entries: range, last: bool) -> Step:
+def _releasing(
+    image,
+    snap: Snapshot,
+    deleted_l1: array,
+    entries: range,
+    last: bool,
+    named_once: set[int] | None = None,
+) -> Step:
     """Snapshot deletion's passes over the L1 entries `entries`: the deleted tree's
     counts drop, then the active tree's COPIED flags follow them (a cluster lies at one
     guest offset in every tree that reaches it, so the active entries whose counts change
-    are those of the same L1 entries); the last span frees the deleted L1 table."""
+    are those of the same L1 entries); the last span frees the deleted L1 table.
+
+    With `named_once` (see _reverting), the shortcut: an L2 table both trees name at the
+    same L1 index got its flags from the first pass already, from the counts the second
+    would find, unless another table of the step (or the freed L1 table) names one of
+    its clusters (_check_kept): the second pass leaves it out, and only its L1 entry
+    follows its count."""
 
     def step(counts: _Counts) -> tuple[array, list[tuple[int, array]]]:
         _refcount_pass(image, deleted_l1, -1, counts, entries)
+        bits = image.cluster_bits
+        freed_l1: list[tuple[int, int]] = []
         if last:
             if image.blkdebug is not None:
                 image.blkdebug.event("cluster_free")
-            bits = image.cluster_bits
             if snap.l1_size:
                 first = snap.l1_table_offset >> bits
                 stop = ((snap.l1_table_offset + snap.l1_size * 8 - 1) >> bits) + 1
                 for cluster in range(first, stop):
                     counts.add(cluster, -1)
+                freed_l1.append((first, stop - first))
         active = array("Q", image.map.l1)
-        _refcount_pass(image, active, 0, counts, entries)
+        kept = {} if named_once is None else _kept(deleted_l1, active, entries, named_once)
+        _refcount_pass(image, active, 0, counts, entries, kept)
+        for index, l2_offset in kept.items():
+            copied = S.OFLAG_COPIED if counts.add(l2_offset >> bits, 0) == 1 else 0
+            active[index] = l2_offset | copied
+        if kept:
+            _check_kept(image, counts, set(kept.values()), freed_l1, counted=False)
         return active, []
 
     return step
@@ -942,31 +963,40 @@ def _kept(snapshot_l1: array, active_l1: array, entries: range, named_once: set[
     return kept
 
 
-def _check_kept(image, counts: _Counts, kept_tables: set[int]) -> None:
-    """Refuse the shortcut (_NoShortcut) unless the tables it left out of the first two
-    passes name only plain clusters, counted at least once and below the maximum (as
-    each of these tables is), and no other table of the step names their clusters."""
+def _check_kept(
+    image,
+    counts: _Counts,
+    kept_tables: set[int],
+    other_runs: Sequence[tuple[int, int]] = (),
+    counted: bool = True,
+) -> None:
+    """Refuse a shortcut (_NoShortcut) if another table the step reached, or a run of
+    `other_runs` ((first, count) of clusters the step counted), names a cluster of a
+    table it left out of a pass (or such a table names one twice). With `counted` (the
+    tables' counts were left as they were), also unless the tables name only plain
+    clusters, each counted at least once and below the maximum, as is each table."""
     bits = image.cluster_bits
-    limit = image.refcounts.max_refcount
     layouts = counts.layouts
     assert layouts is not None  # (_in_place's counts remember them)
     kept_runs: list[tuple[int, int]] = []
-    other_runs: list[tuple[int, int]] = []
+    others = list(other_runs)
     for l2_offset, layout in layouts.items():  # (every table the passes reached)
-        other_runs.append((l2_offset >> bits, 1))
+        others.append((l2_offset >> bits, 1))
         if l2_offset in kept_tables:
-            if layout.odd_clusters:
+            if counted and layout.odd_clusters:
                 raise _NoShortcut
             kept_runs.extend(layout.host_runs)
         else:
-            other_runs.extend(layout.host_runs)
-            other_runs.extend(layout.odd_clusters)
-    for l2_offset in kept_tables:
-        found = counts.add_runs(layouts[l2_offset].host_runs, 0)
-        found.append(counts.add(l2_offset >> bits, 0))
-        if min(found) < 1 or max(found) >= limit:
-            raise _NoShortcut
-    if _any_overlap(kept_runs, other_runs):
+            others.extend(layout.host_runs)
+            others.extend(layout.odd_clusters)
+    if counted:
+        limit = image.refcounts.max_refcount
+        for l2_offset in kept_tables:
+            found = counts.add_runs(layouts[l2_offset].host_runs, 0)
+            found.append(counts.add(l2_offset >> bits, 0))
+            if min(found) < 1 or max(found) >= limit:
+                raise _NoShortcut
+    if _any_overlap(kept_runs, others):
         raise _NoShortcut
 
 
@@ -1006,9 +1036,17 @@ def delete_snapshot(
         try:
             deleted_l1 = read_l1(image, snap)
             spans = _spans(max(len(deleted_l1), len(image.map.l1)))
+            # (no shortcut under blkdebug: a refused one would signal its events twice)
+            named_once = None if image.blkdebug else _named_once(deleted_l1, image.map.l1)
             for entries in spans:
                 last = entries is spans[-1]
-                _in_place(image, _releasing(image, snap, deleted_l1, entries, last))
+                _in_place(
+                    image,
+                    _releasing(image, snap, deleted_l1, entries, last),
+                    None
+                    if named_once is None
+                    else _releasing(image, snap, deleted_l1, entries, last, named_once),
+                )
         except Qcow2IOError as exc:
             raise exc.in_context("Failed to free the cluster and L1 table") from None
         return snap

@@ -245,6 +245,46 @@ def _poke_refcount(path: Path, cluster: int, count: int) -> None:
         file.write(struct.pack(">H", count))
 
 
+def _spy_on_shortcuts(monkeypatch) -> list[tuple[str, int]]:
+    """What each snapshot step's shortcut check decides: ("taken" or "refused", the
+    number of tables it left out of a pass)."""
+    from qcow2lib import snapshots
+
+    outcomes: list[tuple[str, int]] = []
+    real_check = snapshots._check_kept
+
+    def spied_check(image, counts, kept_tables, *args, **kwargs):
+        try:
+            real_check(image, counts, kept_tables, *args, **kwargs)
+        except snapshots._NoShortcut:
+            outcomes.append(("refused", len(kept_tables)))
+            raise
+        outcomes.append(("taken", len(kept_tables)))
+
+    monkeypatch.setattr(snapshots, "_check_kept", spied_check)
+    return outcomes
+
+
+def _cluster_of(path: Path, entry_offset: int) -> int:
+    """The 4 KiB cluster an L2 entry names."""
+    (entry,) = struct.unpack(">Q", path.read_bytes()[entry_offset : entry_offset + 8])
+    return (entry & 0x00FFFFFFFFFFFE00) >> 12
+
+
+def _eight_tables(tmp_path: Path, refcount_bits: int = 16, compressed: bool = False):
+    """Twin images of 16 MiB in 4 KiB clusters (each L2 table maps 2 MiB: 8 of them),
+    data in every table, snapshot s1 taken."""
+    options = f"cluster_size=4096,refcount_bits={refcount_bits}"
+    ours, theirs = twins(tmp_path, "-o", options, "t.qcow2", "16M")
+    commands = [f"write -P {n + 1} {n * 2 * MiB} 256k" for n in range(8)]
+    if compressed:
+        commands.append(f"write -c -P 9 {4 * MiB + 512 * 1024} 4k")
+    for directory in (ours, theirs):
+        qemu_io(directory / "t.qcow2", *commands)
+    both(ours, theirs, "snapshot", "-c", "s1", "t.qcow2")
+    return ours, theirs
+
+
 @pytest.mark.parametrize(
     "case, outcome",
     [
@@ -262,31 +302,14 @@ def test_reverting_skips_shared_tables_only_where_that_ends_as_qemu_img(
     """snapshot -a leaves the L2 tables both trees share at the same L1 index out of its
     first two passes (each gains a reference and loses it again). Where that could end
     elsewhere than QEMU's passes (a compressed cluster, a count that would overflow on
-    the way, a cluster another table names too) the shortcut is refused and QEMU's
-    passes run: either way the bytes are qemu-img's."""
-    from qcow2lib import snapshots
-
-    outcomes: list[tuple[str, int]] = []
-    real_check = snapshots._check_kept
-
-    def spied_check(image, counts, kept_tables):
-        try:
-            real_check(image, counts, kept_tables)
-        except snapshots._NoShortcut:
-            outcomes.append(("refused", len(kept_tables)))
-            raise
-        outcomes.append(("taken", len(kept_tables)))
-
-    monkeypatch.setattr(snapshots, "_check_kept", spied_check)
-    bits = "2" if case == "counts at the maximum" else "16"
-    options = f"cluster_size=4096,refcount_bits={bits}"  # (each L2 table maps 2 MiB: 8)
-    ours, theirs = twins(tmp_path, "-o", options, "t.qcow2", "16M")
-    commands = [f"write -P {n + 1} {n * 2 * MiB} 256k" for n in range(8)]
-    if case == "compressed cluster in a shared table":
-        commands.append(f"write -c -P 9 {4 * MiB + 512 * 1024} 4k")
-    for directory in (ours, theirs):
-        qemu_io(directory / "t.qcow2", *commands)
-    both(ours, theirs, "snapshot", "-c", "s1", "t.qcow2")
+    the way or drop to zero, a cluster another table names too) the shortcut is refused
+    and QEMU's passes run: either way the bytes are qemu-img's."""
+    outcomes = _spy_on_shortcuts(monkeypatch)
+    ours, theirs = _eight_tables(
+        tmp_path,
+        refcount_bits=2 if case == "counts at the maximum" else 16,
+        compressed=case == "compressed cluster in a shared table",
+    )
     if case == "counts at the maximum":  # (2-bit counts: 3 after a second snapshot)
         both(ours, theirs, "snapshot", "-c", "s2", "t.qcow2")
     if case == "two tables written since":
@@ -295,8 +318,7 @@ def test_reverting_skips_shared_tables_only_where_that_ends_as_qemu_img(
     if case == "a count at zero":  # (QEMU's passes count it 1, then 0: and free it)
         for directory in (ours, theirs):
             path = directory / "t.qcow2"
-            (entry,) = struct.unpack(">Q", path.read_bytes()[_l2_entry_offset(path, 5, 0) :][:8])
-            _poke_refcount(path, (entry & 0x00FFFFFFFFFFFE00) >> 12, 0)
+            _poke_refcount(path, _cluster_of(path, _l2_entry_offset(path, 5, 0)), 0)
     if "named again" in case:
         # Table 0 is copied (a write) and kept by a second snapshot; its copy then names
         # shared table 5's first data cluster too, whose count is set to 2. QEMU's second
@@ -307,19 +329,61 @@ def test_reverting_skips_shared_tables_only_where_that_ends_as_qemu_img(
         both(ours, theirs, "snapshot", "-c", "s2", "t.qcow2")
         for directory in (ours, theirs):
             path = directory / "t.qcow2"
-            data = path.read_bytes()
             source = _l2_entry_offset(path, 5, 0)
-            (entry,) = struct.unpack(">Q", data[source : source + 8])
             with open(path, "r+b") as file:
                 file.seek(_l2_entry_offset(path, 0, 1))
-                file.write(data[source : source + 8])
-            _poke_refcount(path, (entry & 0x00FFFFFFFFFFFE00) >> 12, 2)
+                file.write(path.read_bytes()[source : source + 8])
+            _poke_refcount(path, _cluster_of(path, source), 2)
     outcomes.clear()
     both(ours, theirs, "snapshot", "-a", "s1", "t.qcow2")
     assert bytes_without_dates(ours / "t.qcow2") == bytes_without_dates(theirs / "t.qcow2")
     kept = {"nothing written since": 8, "two tables written since": 6}.get(case)
     assert outcomes == [(outcome, kept or outcomes[0][1])], outcomes
     if case not in ("a shared table's cluster named again", "a count at zero"):
+        both(ours, theirs, "check", "t.qcow2")
+
+
+@pytest.mark.parametrize(
+    "case, outcome",
+    [
+        ("nothing written since", "taken"),
+        ("two tables written since", "taken"),
+        ("compressed cluster in a shared table", "taken"),
+        ("a shared table's cluster named again", "refused"),
+    ],
+)
+def test_deleting_skips_shared_tables_only_where_that_ends_as_qemu_img(
+    tmp_path, monkeypatch, case, outcome
+):
+    """snapshot -d leaves the L2 tables both trees share at the same L1 index out of its
+    second pass: the first gave them their flags from the counts the second would find.
+    Where another table's count change comes between (a cluster it names too), the
+    shortcut is refused and QEMU's passes run: either way the bytes are qemu-img's."""
+    outcomes = _spy_on_shortcuts(monkeypatch)
+    ours, theirs = _eight_tables(tmp_path, compressed=case.startswith("compressed"))
+    if case == "two tables written since":
+        for directory in (ours, theirs):
+            qemu_io(directory / "t.qcow2", f"write -P 11 {2 * MiB} 4k", f"write {10 * MiB} 4k")
+    if "named again" in case:
+        # The snapshot's own copy of table 5 (the active tree's is copied by a write)
+        # names shared table 0's first data cluster too, whose count is set to 3. QEMU's
+        # first pass meets table 0 (count 2 then), then the copy (1), and its second pass
+        # gives table 0's entry COPIED: skipping it there would leave the flag off.
+        for directory in (ours, theirs):
+            path = directory / "t.qcow2"
+            target = _l2_entry_offset(path, 5, 1)  # (table 5 as the snapshot keeps it)
+            qemu_io(path, f"write -P 11 {10 * MiB} 4k")
+            source = _l2_entry_offset(path, 0, 0)
+            with open(path, "r+b") as file:
+                file.seek(target)
+                file.write(path.read_bytes()[source : source + 8])
+            _poke_refcount(path, _cluster_of(path, source), 3)
+    outcomes.clear()
+    both(ours, theirs, "snapshot", "-d", "s1", "t.qcow2")
+    assert bytes_without_dates(ours / "t.qcow2") == bytes_without_dates(theirs / "t.qcow2")
+    kept = {"two tables written since": 6, "a shared table's cluster named again": 7}.get(case, 8)
+    assert outcomes == [(outcome, kept)], outcomes
+    if "named again" not in case:
         both(ours, theirs, "check", "t.qcow2")
 
 
