@@ -893,7 +893,9 @@ def apply_snapshot(
             _in_place(
                 image,
                 _reverting(image, snap, snapshot_l1, entries),
-                _reverting(image, snap, snapshot_l1, entries, named_once),
+                None
+                if named_once is None
+                else _reverting(image, snap, snapshot_l1, entries, named_once),
             )
         return snap
 
@@ -938,12 +940,24 @@ def _reverting(
     return step
 
 
-def _named_once(*l1_tables: array) -> set[int]:
-    """The L2 table offsets that none of the L1 tables names more than once."""
+# The most L2 tables an L1 table may name for the shortcuts of apply and delete (their
+# offsets are held as a set: a 32 TiB image's worth in 64 KiB clusters, at most a few MiB).
+SHORTCUT_MAX_TABLES = 1 << 16
+
+
+def _named_once(*l1_tables: array) -> set[int] | None:
+    """The L2 table offsets that none of the L1 tables names more than once; None (no
+    shortcut) when one of them names more than SHORTCUT_MAX_TABLES."""
     seen: set[int] = set()
     repeated: set[int] = set()
     for l1 in l1_tables:
-        offsets = sorted(l1[index] & S.L1E_OFFSET_MASK for index in nonzero_positions(l1))
+        offsets: list[int] = []
+        for first in range(0, len(l1), SHORTCUT_MAX_TABLES):  # (a bounded piece at a time)
+            piece = l1[first : first + SHORTCUT_MAX_TABLES]
+            offsets.extend(piece[index] & S.L1E_OFFSET_MASK for index in nonzero_positions(piece))
+            if len(offsets) > SHORTCUT_MAX_TABLES:
+                return None
+        offsets.sort()
         repeated.update(offset for offset, after in zip(offsets, offsets[1:]) if offset == after)
         seen.update(offsets)
     return seen - repeated

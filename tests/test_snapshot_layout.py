@@ -387,6 +387,22 @@ def test_deleting_skips_shared_tables_only_where_that_ends_as_qemu_img(
         both(ours, theirs, "check", "t.qcow2")
 
 
+def test_more_tables_than_the_shortcuts_hold_take_qemu_s_passes(tmp_path, monkeypatch):
+    """The shortcuts hold the offsets of the L2 tables each L1 table names; an image
+    naming more than SHORTCUT_MAX_TABLES (a hostile one could name millions) takes
+    QEMU's passes, whose memory is bounded by a span."""
+    from qcow2lib import snapshots
+
+    monkeypatch.setattr(snapshots, "SHORTCUT_MAX_TABLES", 7)
+    outcomes = _spy_on_shortcuts(monkeypatch)
+    ours, theirs = _eight_tables(tmp_path)
+    for action in ("-a", "-d"):
+        both(ours, theirs, "snapshot", action, "s1", "t.qcow2")
+        assert bytes_without_dates(ours / "t.qcow2") == bytes_without_dates(theirs / "t.qcow2")
+    assert outcomes == []
+    both(ours, theirs, "check", "t.qcow2")
+
+
 def test_any_overlap_looks_at_the_kept_runs_only():
     from qcow2lib.snapshots import _any_overlap
 
