@@ -17,7 +17,7 @@ from bisect import bisect_right
 from . import structs as S
 from .cache import TableCache, decode_be64, encode_be64
 from .errors import CorruptImageError, InvalidArgumentError, SignaledCorruptionError
-from .runs import NativeRunLength, column_flags, nonzero_positions, one_positions
+from .runs import NativeRunLength, column_flags, lane_ones, nonzero_positions, one_positions
 from .sizes import c_hex
 
 DATA, ZERO, BACKING, COMPRESSED = "data", "zero", "backing", "compressed"
@@ -620,7 +620,7 @@ class ClusterMap:
                 positions = one_positions(hosted)
                 packed = bytearray(array("Q", map(window.__getitem__, positions)).tobytes())
         packed[7::8] = bytes(count)  # (the host offsets: COPIED cleared)
-        ones = _lane_ones(count)
+        ones = lane_ones(count)
         values = int.from_bytes(packed, "little")
         if not self._status_lookup:
             # An offset at or past the file's end sets the top bit of its lane once the
@@ -847,7 +847,7 @@ class ClusterMap:
         if (
             _NATIVE_LITTLE and step > 0 and last < 1 << 64
         ):  # the entries as one integer, lane by lane
-            lanes = entry * _lane_ones(count) + _lane_ramp(count, step)
+            lanes = entry * lane_ones(count) + _lane_ramp(count, step)
             run = array("Q", lanes.to_bytes(8 * count, "little"))
         else:
             run = array("Q", range(entry, last + 1, step))
@@ -871,19 +871,8 @@ _NATIVE_LITTLE = sys.byteorder == "little"
 _LE64 = struct.Struct("<Q")
 _PLAIN_MIN_ENTRIES = 16  # shorter ranges (a small request's) take the entry loop
 _PLAIN_COLUMNS: dict[int, list[tuple[int, bytes]]] = {}
-_LANE_ONES: dict[int, int] = {}
 _LANE_RAMPS: dict[tuple[int, int], int] = {}
 _ZERO_STRETCH = bytes(8 * 64)  # 64 zero entries (or fewer, unaligned): a sparse table
-
-
-def _lane_ones(lanes: int) -> int:
-    """The integer with 1 in each of `lanes` native 64-bit lanes."""
-    ones = _LANE_ONES.get(lanes)
-    if ones is None:
-        if len(_LANE_ONES) >= 16:
-            _LANE_ONES.clear()
-        ones = _LANE_ONES[lanes] = int.from_bytes(b"\1\0\0\0\0\0\0\0" * lanes, "little")
-    return ones
 
 
 def _lane_ramp(lanes: int, step: int) -> int:

@@ -12,7 +12,7 @@ import sys
 from array import array
 from itertools import compress, groupby
 from operator import sub
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 _BE64 = struct.Struct(">Q")
 
@@ -278,7 +278,21 @@ def column_flags(raw: bytes, columns: range = range(8)) -> bytes:
     return combined.to_bytes(entries, "little").translate(_NONZERO_TO_ONE)
 
 
-def consecutive_runs(numbers: list[int]) -> list[tuple[int, int, int]]:
+_LANE_ONES: dict[int, int] = {}
+
+
+def lane_ones(lanes: int) -> int:
+    """The integer with 1 in each of `lanes` little-endian 64-bit lanes (for arithmetic on
+    every entry of a table at once, as one integer)."""
+    ones = _LANE_ONES.get(lanes)
+    if ones is None:
+        if len(_LANE_ONES) >= 16:
+            _LANE_ONES.clear()
+        ones = _LANE_ONES[lanes] = int.from_bytes(b"\1\0\0\0\0\0\0\0" * lanes, "little")
+    return ones
+
+
+def consecutive_runs(numbers: Sequence[int]) -> list[tuple[int, int, int]]:
     """(first number, count, index of the first) of each run of consecutive numbers of
     `numbers`, in their order."""
     if numbers and numbers[-1] - numbers[0] == len(numbers) - 1:

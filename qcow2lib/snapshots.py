@@ -30,6 +30,7 @@ at.
 from __future__ import annotations
 
 import errno
+import sys
 import time
 from array import array
 from collections.abc import Callable, Container, Iterator, Sequence
@@ -50,7 +51,7 @@ from .errors import (
     UnsupportedFeatureError,
 )
 from .refcount import RefcountBlock
-from .runs import consecutive_runs, nonzero_positions
+from .runs import column_flags, consecutive_runs, lane_ones, nonzero_positions, one_positions
 from .shadow import commit_in_place
 from .sizes import c_hex
 from .snapshot_table import (
@@ -283,13 +284,23 @@ class _Counts:
             return False
         first = cluster & self.mask
         before = values[first : first + length]
+        if not addend:
+            counts.extend(before)
+            return True
+        value = before[0]
+        if before.count(value) == length:  # (one count for all: the new one made once)
+            if not 0 <= value + addend <= self.refs.max_refcount:
+                return False  # (add() reports it)
+            after = array(values.typecode, [value + addend]) * length
+            values[first : first + length] = after
+            if not value + addend:
+                self.freed.extend(range(cluster, cluster + length))
+            counts.extend(after)
+            return True
         if addend > 0 and max(before) > self.refs.max_refcount - addend:
             return False
         if addend < 0 and min(before) < -addend:
             return False
-        if not addend:
-            counts.extend(before)
-            return True
         after = array(values.typecode, map(addend.__add__, before))
         values[first : first + length] = after
         if addend < 0 and 0 in after:
@@ -353,30 +364,103 @@ class _Layout:
 
     __slots__ = ("odd", "odd_clusters", "values_of", "host_runs", "position_runs")
 
-    def __init__(self, image, table: array, positions: list[int], shift: int) -> None:
+    def __init__(self, image, table: array, positions: Sequence[int], shift: int) -> None:
         step = image.map.entry_words
-        values_of = _getter(positions, step)
-        values = values_of(table)
-        offsets = list(map(S.L2E_OFFSET_MASK.__and__, values))
-        irregular = S.OFLAG_COMPRESSED | (S.L2E_OFFSET_MASK & (image.cluster_size - 1))
         self.odd: list[int] = []
         self.odd_clusters: list[tuple[int, int]] = []  # (first, count): clusters they name
-        if 0 in offsets or any(map(irregular.__and__, values)):
-            regular = [bool(o) and not v & irregular for o, v in zip(offsets, values)]
-            self.odd = [p for p, keep in zip(positions, regular) if not keep]
-            self.odd_clusters = _odd_clusters(
-                image, [v for v, keep in zip(values, regular) if not keep]
-            )
-            positions = list(compress(positions, regular))
-            offsets = list(compress(offsets, regular))
-            values_of = _getter(positions, step)
+        host_runs = None
+        if step == 1 and _NATIVE_LITTLE:  # (the usual table: every used entry plain)
+            host_runs = _plain_host_runs(image, table, positions, shift)
+        entries = len(table) // step
+        values_of = _getter(positions, step, entries)
+        if host_runs is None:
+            values = values_of(table)
+            offsets = list(map(S.L2E_OFFSET_MASK.__and__, values))
+            irregular = S.OFLAG_COMPRESSED | (S.L2E_OFFSET_MASK & (image.cluster_size - 1))
+            if 0 in offsets or any(map(irregular.__and__, values)):
+                regular = [bool(o) and not v & irregular for o, v in zip(offsets, values)]
+                self.odd = [p for p, keep in zip(positions, regular) if not keep]
+                self.odd_clusters = _odd_clusters(
+                    image, [v for v, keep in zip(values, regular) if not keep]
+                )
+                positions = list(compress(positions, regular))
+                offsets = list(compress(offsets, regular))
+                values_of = _getter(positions, step, entries)
+            host_runs = _cluster_runs(list(map(rshift, offsets, repeat(image.cluster_bits))), shift)
         self.values_of = values_of
-        self.host_runs = _cluster_runs(
-            list(map(rshift, offsets, repeat(image.cluster_bits))), shift
+        self.host_runs = host_runs
+        self.position_runs = (
+            [(0, len(positions), 0)]
+            if len(positions) == entries  # (a full table: positions are all)
+            else [
+                (start, start + length, first)
+                for start, length, first in consecutive_runs(positions)
+            ]
         )
-        self.position_runs = [
-            (start, start + length, first) for start, length, first in consecutive_runs(positions)
+
+
+_NATIVE_LITTLE = sys.byteorder == "little"
+_ZERO_WORD = bytes(8)  # (8 zero bytes nowhere in a table's bytes: no entry is zero)
+_NO_LOW_OFFSET_BIT = bytes(value & 0xFE for value in range(256))  # (byte 1: bit 8 is not)
+
+
+def _plain_host_runs(
+    image, table: array, positions: Sequence[int], shift: int
+) -> list[tuple[int, int]] | None:
+    """_Layout's host runs, found with whole-table byte and integer operations, when every
+    entry at `positions` (of a standard table, native little-endian words) names an
+    aligned host cluster and is not compressed: the runs of consecutive host clusters in
+    table order, cut where a refcount block (2**shift clusters) ends. None otherwise (the
+    entry by entry layout then sorts the entries out)."""
+    count = len(positions)
+    if not count:
+        return None
+    if count == len(table):
+        raw = table.tobytes()
+    else:
+        raw = array("Q", map(table.__getitem__, positions)).tobytes()
+    bits = image.cluster_bits
+    for column, allowed in _plain_columns(bits):
+        if raw[column::8].translate(None, allowed):
+            return None  # (compressed, or an offset below the cluster size)
+    offsets = bytearray(raw)  # the offsets alone: bits 9 to 55
+    offsets[0::8] = bytes(count)
+    offsets[1::8] = offsets[1::8].translate(_NO_LOW_OFFSET_BIT)
+    offsets[7::8] = bytes(count)
+    if 0 in column_flags(bytes(offsets), range(1, 7)):
+        return None  # (an entry without a host cluster)
+    # Entry i + 1 continues entry i's run where its offset is one cluster more: the XOR of
+    # the offsets shifted down one entry with the offsets plus a cluster is zero there.
+    values = int.from_bytes(offsets, "little")
+    differ = (values >> 64) ^ (values + (1 << bits) * lane_ones(count))
+    breaks = one_positions(column_flags(differ.to_bytes(8 * count, "little"))[:-1], 1)
+    words = array("Q", offsets)
+    runs = []
+    for first, stop in zip([0, *breaks], [*breaks, count]):
+        cluster = words[first] >> bits
+        end = cluster + stop - first
+        while cluster < end:  # (cut where a refcount block ends)
+            take = min(end - cluster, (((cluster >> shift) + 1) << shift) - cluster)
+            runs.append((cluster, take))
+            cluster += take
+    return runs
+
+
+_PLAIN_COLUMNS: dict[int, list[tuple[int, bytes]]] = {}
+
+
+def _plain_columns(cluster_bits: int) -> list[tuple[int, bytes]]:
+    """Per byte of a native little-endian entry that has bits a plain data cluster's entry
+    never sets (COMPRESSED, offset bits below the cluster size): the values it may have."""
+    columns = _PLAIN_COLUMNS.get(cluster_bits)
+    if columns is None:
+        irregular = S.OFLAG_COMPRESSED | (S.L2E_OFFSET_MASK & ((1 << cluster_bits) - 1))
+        columns = _PLAIN_COLUMNS[cluster_bits] = [
+            (column, bytes(value for value in range(256) if not value & mask))
+            for column in range(8)
+            if (mask := (irregular >> (8 * column)) & 0xFF)
         ]
+    return columns
 
 
 def _odd_clusters(image, values: list[int]) -> list[tuple[int, int]]:
@@ -401,11 +485,42 @@ def _compressed_clusters(image, value: int) -> range:
 
 
 _NOT_COPIED = ((1 << 64) - 1) & ~S.OFLAG_COPIED
+# COPIED is the top bit of an entry's top byte, which a native array keeps last (little
+# endian) or first: each byte value with that bit set, or cleared
+_TOP_BYTE = 7 if sys.byteorder == "little" else 0
+_WITH_COPIED = bytes(value | 0x80 for value in range(256))
+_WITHOUT_COPIED = bytes(value & 0x7F for value in range(256))
 
 
-def _getter(positions: list[int], step: int) -> Callable[[array], tuple[int, ...]]:
-    """A function giving the entries at `positions` of a table of `step` words an entry
-    (their first words), as a tuple, at C speed."""
+def _set_copied(
+    table: array, position_runs: list[tuple[int, int, int]], step: int, copied: bool
+) -> bool:
+    """Give the entries of `position_runs` (of a table of `step` words an entry) COPIED, or
+    take it from them, a run of entries at a time through their top bytes; returns
+    whether any entry changed."""
+    stride = 8 * step
+    flagged = _WITH_COPIED if copied else _WITHOUT_COPIED
+    changed = False
+    with memoryview(table) as words, words.cast("B") as raw:
+        for start, stop, _ in position_runs:
+            tops = slice(stride * start + _TOP_BYTE, stride * stop, stride)
+            before = raw[tops].tobytes()
+            after = before.translate(flagged)
+            if after != before:
+                raw[tops] = after
+                changed = True
+    return changed
+
+
+def _getter(
+    positions: Sequence[int], step: int, entries: int
+) -> Callable[[array], tuple[int, ...]]:
+    """A function giving the entries at `positions` of a table of `entries` entries of
+    `step` words each (their first words), as a tuple, at C speed. A full table's getter keeps
+    no positions (a layout is kept for each table a step reaches: 8192 positions are
+    320 KiB of integers)."""
+    if len(positions) == entries:
+        return tuple if step == 1 else lambda table: tuple(table[::step])
     indices = positions if step == 1 else [position * step for position in positions]
     if len(indices) > 1:
         return itemgetter(*indices)
@@ -481,28 +596,39 @@ def _refcount_pass(
         layout = layouts.get(l2_offset) if layouts is not None else None
         if layout is None:
             entries = table[::step] if step > 1 else table
-            layout = _Layout(image, table, nonzero_positions(entries), counts.shift)
+            raw = entries.tobytes()
+            # (a full table's positions as a range: a list of 8192 integers is 320 KiB
+            # made and freed per table, fresh memory each time)
+            positions: Sequence[int] = range(len(entries))
+            if _ZERO_WORD in raw:
+                positions = nonzero_positions(entries, raw)
+            layout = _Layout(image, table, positions, counts.shift)
             if layouts is not None:
                 layouts[l2_offset] = layout
         dirty = bool(layout.odd) and _count_entries(
             image, table, l2_offset, layout.odd, addend, counts
         )
         if layout.host_runs:  # (the rest: counted and flagged a run at a time)
-            values = layout.values_of(table)
-            new_values = array(
-                "Q",
-                map(
-                    or_,
-                    map(not_copied.__and__, values),
-                    map(copied_if_one.get, counts.add_runs(layout.host_runs, addend), repeat(0)),
-                ),
-            )
-            if values != tuple(new_values):
-                dirty = True
-                for run_start, run_stop, value_index in layout.position_runs:
-                    table[run_start * step : run_stop * step : step] = new_values[
-                        value_index : value_index + run_stop - run_start
-                    ]
+            new_counts = counts.add_runs(layout.host_runs, addend)
+            if new_counts.count(new_counts[0]) == len(new_counts):  # (one count: one flag)
+                if _set_copied(table, layout.position_runs, step, new_counts[0] == 1):
+                    dirty = True
+            else:
+                values = layout.values_of(table)
+                new_values = array(
+                    "Q",
+                    map(
+                        or_,
+                        map(not_copied.__and__, values),
+                        map(copied_if_one.get, new_counts, repeat(0)),
+                    ),
+                )
+                if values != tuple(new_values):
+                    dirty = True
+                    for run_start, run_stop, value_index in layout.position_runs:
+                        table[run_start * step : run_stop * step : step] = new_values[
+                            value_index : value_index + run_stop - run_start
+                        ]
         if dirty:
             m.l2_cache.mark_dirty(l2_offset)
         new_entry = l2_offset | (copied if counts.add(l2_offset >> bits, addend) == 1 else 0)

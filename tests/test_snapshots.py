@@ -769,3 +769,63 @@ def test_crash_at_any_write_leaves_a_consistent_image(tmp_path, config, op):
                     assert view.read(0, size) == want, f"{description}: snapshot {name}"
     # The final state repairs to nothing: qemu-img check is clean.
     assert_clean(path)
+
+
+def _random_l2_table(rng: random.Random, entries: int, cluster_bits: int, odd: bool) -> list[int]:
+    """An L2 table's entries: runs of consecutive host clusters (some across a refcount
+    block's end, some with COPIED, some with the zero flag or reserved low bits), holes,
+    and with `odd`, entries the pass takes one by one (compressed, no host cluster,
+    unaligned)."""
+    table = []
+    cluster = rng.choice([1 << 15, (1 << 15) - 3, 40])  # (near a 16-bit refcount block's end)
+    while len(table) < entries:
+        kind = rng.random()
+        length = rng.randint(1, 40)
+        if kind < 0.15:
+            table.extend([0] * length)
+            continue
+        flags = rng.choice([0, S.OFLAG_COPIED, S.OFLAG_ZERO, 0x1FE, S.OFLAG_COPIED | 1])
+        table.extend((cluster + k) << cluster_bits | flags for k in range(length))
+        cluster += length + rng.choice([0, 0, 1, 7])
+        if odd and kind > 0.9:
+            table.append(
+                rng.choice(
+                    [
+                        S.OFLAG_COMPRESSED | (cluster << cluster_bits) + 1024,
+                        S.OFLAG_ZERO,
+                        (cluster << cluster_bits) + 512,
+                    ]
+                )
+            )
+            cluster += 2
+    return table[:entries]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_table_s_layout_is_the_same_found_either_way(tmp_path, monkeypatch, seed):
+    """_Layout finds a usual table's runs with whole-table byte and integer operations;
+    any table, plain or not, full or sparse, gives what the entry by entry way gives."""
+    from array import array
+
+    from qcow2lib.runs import nonzero_positions
+
+    path = tmp_path / "t.qcow2"
+    qemu_create(path, "1G")
+    rng = random.Random(seed)
+    with qcow2lib.open(str(path)) as image:
+        bits = image.cluster_bits
+        shift = (image.refcounts.block_entries).bit_length() - 1
+        for _ in range(20):
+            entries = rng.choice([8192, 8192, 200, 64])
+            table = array("Q", _random_l2_table(rng, entries, bits, odd=rng.random() < 0.3))
+            if rng.random() < 0.3:
+                table = array("Q", [value for value in table if value]) or array("Q", [1 << bits])
+                table.extend([0] * (entries - len(table)))
+            positions = nonzero_positions(table)
+            fast = snap_api._Layout(image, table, positions, shift)
+            with monkeypatch.context() as patch:
+                patch.setattr(snap_api, "_plain_host_runs", lambda *args: None)
+                slow = snap_api._Layout(image, table, positions, shift)
+            for name in ("odd", "odd_clusters", "host_runs", "position_runs"):
+                assert getattr(fast, name) == getattr(slow, name), name
+            assert fast.values_of(table) == slow.values_of(table)
