@@ -298,6 +298,16 @@ class Fixtures:
 
         return self._once("sparse100g.qcow2", build)
 
+    def allocated100g(self) -> Path:
+        """100 GiB virtual with every cluster allocated (`preallocation=metadata`: 200 full
+        L2 tables; the data clusters are holes in the file, 16 MiB on disk), as a disk
+        provisioned in full is."""
+
+        def build(path):
+            sh(QEMU_IMG, "create", "-f", "qcow2", "-o", "preallocation=metadata", path, "100G")
+
+        return self._once("allocated100g.qcow2", build)
+
     def many_snapshots(self) -> Path:
         """Snapshots sharing L1/L2 tables: the mixed image, then a snapshot after each of
         a few scattered writes."""
@@ -376,6 +386,7 @@ def snapshot_case(fx: Fixtures) -> list[Row]:
     return [
         *snapshot_rows(fx, f"{size_label} with data", fx.mixed()),
         *snapshot_rows(fx, f"100 GiB sparse, {size_label} data", fx.sparse100g()),
+        *snapshot_rows(fx, "100 GiB, every cluster allocated", fx.allocated100g()),
     ]
 
 
