@@ -8,7 +8,6 @@ the file, is misaligned or has reserved bits set raises CorruptImageError.
 
 from __future__ import annotations
 
-import struct
 import sys
 from array import array
 from collections.abc import Sequence
@@ -620,30 +619,37 @@ class ClusterMap:
                 positions = one_positions(hosted)
                 packed = bytearray(array("Q", map(window.__getitem__, positions)).tobytes())
         packed[7::8] = bytes(count)  # (the host offsets: COPIED cleared)
-        ones = lane_ones(count)
         values = int.from_bytes(packed, "little")
         if not self._status_lookup:
             # An offset at or past the file's end sets the top bit of its lane once the
             # distance from the end to 2**63 is added (offsets stay below 2**56).
-            beyond = values + ((1 << 63) - self.data_file_size()) * ones
-            if beyond & (ones << 63):
+            beyond = values + _lanes((1 << 63) - self.data_file_size(), count)
+            if beyond & _lanes(1 << 63, count):
                 return False
-        if self._overlaps_metadata(packed):
+        if self._overlaps_metadata(values, count):
             return False
-        # Used entry i + 1 continues entry i when its host offset is one cluster more and
-        # (with zero entries taken out) its position one more: the XOR of each, shifted by
-        # one entry, with itself plus that is zero exactly there.
-        differ = (values >> 64) ^ (values + self.cluster_size * ones)
-        if count < entries:
-            places = int.from_bytes(array("Q", positions).tobytes(), "little")
-            differ |= (places >> 64) ^ (places + ones)
-        breaks = one_positions(column_flags(differ.to_bytes(8 * count, "little"))[:-1], 1)
+        offsets = array("Q", packed)
+        cluster_size = self.cluster_size
+        if (
+            count == entries
+            and offsets[-1] - offsets[0] == (count - 1) * cluster_size
+            and values == offsets[0] * lane_ones(count) + _lane_ramp(count, cluster_size)
+        ):
+            breaks: list[int] = []  # (a table of one run, as one written in order is)
+        else:
+            # Used entry i + 1 continues entry i when its host offset is one cluster more
+            # and (with zero entries taken out) its position one more: the XOR of each,
+            # shifted by one entry, with itself plus that is zero exactly there.
+            differ = (values >> 64) ^ (values + _lanes(cluster_size, count))
+            if count < entries:
+                places = int.from_bytes(array("Q", positions).tobytes(), "little")
+                differ |= (places >> 64) ^ (places + lane_ones(count))
+            breaks = one_positions(column_flags(differ.to_bytes(8 * count, "little"))[:-1], 1)
         # Each run as (guest start, guest end, host offset), made a list at a time.
         bits = self.cluster_bits
         firsts = [0, *breaks]
         starts = [(first_cluster + positions[first]) << bits for first in firsts]
         ends = [(first_cluster + positions[after - 1] + 1) << bits for after in (*breaks, count)]
-        offsets = array("Q", packed)
         hosts = [offsets[first] for first in firsts]
         if starts[0] < pos:  # (the range starts inside the run's first cluster)
             hosts[0] += pos - starts[0]
@@ -666,30 +672,32 @@ class ClusterMap:
             append(Segment(hole_end, end - hole_end, BACKING))
         return True
 
-    def _overlaps_metadata(self, offsets: bytearray) -> bool:
-        """Whether any of the host offsets (packed native 64-bit words) lies in the header,
-        L1 table or refcount table: each of their clusters looked for at C speed, or the
-        offsets sorted when those tables are large."""
+    def _overlaps_metadata(self, values: int, count: int) -> bool:
+        """Whether any of the host offsets (one an entry in the `count` 64-bit lanes of
+        `values`) lies in the header, L1 table or refcount table, every lane
+        at once: an offset at or past a bound sets its lane's top bit once the distance
+        from the bound to 2**63 is added (offsets stay below 2**56), so the offsets in
+        [start, end) are those that set it for start and not for end. When every offset
+        lies past all of them (the usual table), one such test says so."""
         cluster_size = self.cluster_size
-        clusters = [  # (offset 0 is no host offset: the header's cluster is left out)
-            range(max(start - start % cluster_size, cluster_size), end, cluster_size)
-            for start, end, _ in self.metadata
-        ]
-        if sum(map(len, clusters)) > 64:
-            ordered = sorted(array("Q", offsets))
-            return any(
-                bisect_right(ordered, span.stop - 1) > bisect_right(ordered, span.start - 1)
-                for span in clusters
-                if span
+        spans = [  # (offset 0 is no host offset: the header's cluster is left out)
+            (start, end)
+            for start, end in (
+                (max(start - start % cluster_size, cluster_size), end)
+                for start, end, _ in self.metadata
             )
-        for span in clusters:
-            for cluster in span:
-                needle = _LE64.pack(cluster)
-                found = offsets.find(needle)
-                while found >= 0:
-                    if found % 8 == 0:
-                        return True
-                    found = offsets.find(needle, found + 1)
+            if start < end
+        ]
+        if not spans:
+            return False
+        top = _lanes(1 << 63, count)
+        bias = 1 << 63
+        if (values + _lanes(bias - max(end for _, end in spans), count)) & top == top:
+            return False
+        for start, end in spans:
+            at_start = values + _lanes(bias - start, count)
+            if at_start & ~(values + _lanes(bias - end, count)) & top:
+                return True
         return False
 
     def validate_run(
@@ -868,11 +876,26 @@ class ClusterMap:
 
 
 _NATIVE_LITTLE = sys.byteorder == "little"
-_LE64 = struct.Struct("<Q")
 _PLAIN_MIN_ENTRIES = 16  # shorter ranges (a small request's) take the entry loop
 _PLAIN_COLUMNS: dict[int, list[tuple[int, bytes]]] = {}
 _LANE_RAMPS: dict[tuple[int, int], int] = {}
 _ZERO_STRETCH = bytes(8 * 64)  # 64 zero entries (or fewer, unaligned): a sparse table
+
+
+_LANES: dict[tuple[int, int], int] = {}
+
+
+def _lanes(value: int, lanes: int) -> int:
+    """The integer with `value` in each of `lanes` native 64-bit lanes, kept: the same few
+    (a cluster's size, bounds of the file and of its metadata) are asked for table after
+    table, and each costs a multiplication of the table's size."""
+    key = (value, lanes)
+    found = _LANES.get(key)
+    if found is None:
+        if len(_LANES) >= 32:
+            _LANES.clear()
+        found = _LANES[key] = value * lane_ones(lanes)
+    return found
 
 
 def _lane_ramp(lanes: int, step: int) -> int:

@@ -39,7 +39,7 @@ from operator import itemgetter, not_, or_, rshift
 
 from . import structs as S
 from .blockdev import BlockDevice, Extent
-from .cache import decode_be64, encode_be64
+from .cache import decode_be64, encode_be64, keep_freed_memory
 from .errors import (
     CorruptImageError,
     SignaledCorruptionError,
@@ -655,24 +655,13 @@ class _NoShortcut(Exception):
     """A step's shortcut cannot vouch for reaching QEMU's state: take the long way."""
 
 
-def _keep_freed_memory() -> None:
-    """glibc gives the kernel back the free memory at the top of its heap once 128 KiB lie
-    there, so the 64 KiB tables and temporaries that a pass makes and drops table after
-    table take fresh pages each time, page faults and all (12000 faults, 30 ms, in a
-    snapshot of a 100 GiB image with every cluster allocated). Freeing one block big
-    enough for mmap raises that threshold to twice its size (glibc's dynamic mmap
-    threshold, mallopt(3)); the block is never touched: two system calls. (Not done for
-    every command: convert's buffers then come from the heap, 10% more CPU.)"""
-    bytes(8 << 20)
-
-
 def _in_place(image, step: Step, shortcut: Step | None = None) -> None:
     """Run `step` (QEMU's passes over the caches; returns the new active L1 table and the
     inactive L1 tables to write) and commit what it changed; on failure nothing of it is
     written and the caches forget it. `shortcut`, tried first, reaches the same state
     with less work where it can tell it does; where it cannot (or meets an error, which
     `step` then meets in QEMU's order and reports as QEMU does), `step` runs instead."""
-    _keep_freed_memory()
+    keep_freed_memory()
     if shortcut is not None:
         counts = _Counts(image, remember_layouts=True)
         try:

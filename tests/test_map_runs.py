@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import struct
+import sys
 
 import pytest
 
@@ -114,3 +115,60 @@ def test_bad_plain_tables_fail_as_in_the_entry_loop(tmp_path, monkeypatch, targe
     assert run_based == segments(image, ranges, monkeypatch, False)
     if target != "copied-only":
         assert any("guest cluster 40" in str(result) for result in run_based)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_metadata_overlap_is_found_in_every_lane_at_once(seed):
+    """_overlaps_metadata tests all the offsets of a table at once (integer lanes): it
+    says what a test of each offset against each metadata range says, whether the
+    metadata lies below every offset (the quick answer) or among them."""
+    from array import array
+    from types import SimpleNamespace
+
+    from qcow2lib.mapping import ClusterMap
+
+    rng = random.Random(seed)
+    cluster_size = 1 << rng.choice([9, 12, 16, 21])
+    for _ in range(50):
+        metadata = [(0, cluster_size, "the image header")]
+        for name in ("the L1 table", "the refcount table"):
+            start = rng.randrange(1, 4000) * cluster_size + rng.choice([0, 8, 512])
+            metadata.append((start, start + rng.randrange(8, 3 * cluster_size), name))
+        count = rng.choice([1, 7, 512])
+        offsets = [rng.randrange(1, 5000) * cluster_size for _ in range(count)]
+        if rng.random() < 0.5:  # (every offset past the metadata)
+            offsets = [offset + 8000 * cluster_size for offset in offsets]
+        cluster_map = SimpleNamespace(cluster_size=cluster_size, metadata=metadata)
+        values = int.from_bytes(array("Q", offsets).tobytes(), sys.byteorder)
+        found = ClusterMap._overlaps_metadata(cluster_map, values, count)
+        expected = any(
+            max(start - start % cluster_size, cluster_size) <= offset < end
+            for offset in offsets
+            for start, end, _ in metadata
+        )
+        assert found == expected
+
+
+@pytest.mark.parametrize("swap", [None, (1, 510), (200, 201)])
+def test_a_full_table_of_one_run_is_told_from_one_that_only_ends_as_one(tmp_path, swap):
+    """A full L2 table whose first and last offsets are one run apart is taken as one
+    run only when every entry between follows (two entries swapped keep both ends)."""
+    image = tmp_path / "full.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", image, "4M")
+    qemu_io(image, "write -P 7 0 2M")  # (table 0: 512 entries, written in order)
+    if swap is not None:
+        data = image.read_bytes()
+        (l1_offset,) = struct.unpack(">Q", data[40:48])
+        (table,) = struct.unpack(">Q", data[l1_offset : l1_offset + 8])
+        table &= 0x00FFFFFFFFFFFE00
+        first, second = (table + 8 * index for index in swap)
+        with open(image, "r+b") as file:
+            file.seek(first)
+            file.write(data[second : second + 8])
+            file.seek(second)
+            file.write(data[first : first + 8])
+    ours = run_qimg("map", "--output=json", image)
+    theirs = qemu_img("map", "--output=json", image, check=False)
+    assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout)
+    runs = ours.stdout.count('"data": true')
+    assert runs == 1 if swap is None else runs > 1

@@ -32,7 +32,7 @@ import os
 from array import array
 
 from .. import structs as S
-from ..cache import decode_be64
+from ..cache import decode_be64, keep_freed_memory
 from ..errors import CorruptImageError, Qcow2Error, ReadOnlyError
 from ..header import Header
 from .compare import _Compare
@@ -406,6 +406,7 @@ def check_path(
         )
     fix = _REPAIR_MODES[repair]
     report = CheckReport(filename=filename)
+    keep_freed_memory()  # (a walk over every table of the image)
     from ..chain import is_nbd_name
 
     nbd = is_nbd_name(filename)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from ..blockdev import BlockDevice, Extent, iter_merged
+from ..cache import keep_freed_memory
 from . import virtual_size
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
@@ -99,6 +100,7 @@ def write_map(
     `write`, as the entries are found. Returns qemu-img's exit-1 message of the human
     format (external, encrypted or compressed data) or None; a Qcow2Error raised
     part-way leaves the entries found before it written, as qemu-img leaves them."""
+    keep_freed_memory()  # (a walk over every table of the image)
     if output == "json":
         _write_json(device, write, start, length)
         return None
