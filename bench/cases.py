@@ -432,6 +432,7 @@ def check_map_case(fx: Fixtures) -> list[Row]:
     for label, image in (
         (f"{size_label} fully allocated", fx.full()),
         (f"100 GiB sparse, {size_label} data", fx.sparse100g()),
+        ("100 GiB, every cluster allocated", fx.allocated100g()),
         ("many small extents", fx.extents()),
         (f"{fx.config.snapshots} snapshots", fx.many_snapshots()),
     ):
