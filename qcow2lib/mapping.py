@@ -600,15 +600,19 @@ class ClusterMap:
         for column, allowed in _plain_columns(self.cluster_bits):
             if raw[column::8].translate(None, allowed):
                 return False  # (an entry with a flag, reserved bits or a misaligned offset)
-        hosted = column_flags(raw, range(7))  # 1 where the entry has a host offset
-        copied = column_flags(raw, range(7, 8))  # (COPIED: the only top bit left)
-        if int.from_bytes(copied, "little") & ~int.from_bytes(hosted, "little"):
-            return False  # (COPIED on an entry without a host offset)
+        # 1 where the entry has a host offset (in the bytes that can hold its bits: those
+        # below the cluster size are zero in a plain entry)
+        hosted = column_flags(raw, range(self.cluster_bits // 8, 7))
+        hosted_count = hosted.count(1)
+        if hosted_count < len(hosted):  # (an entry without one must not have COPIED)
+            copied = column_flags(raw, range(7, 8))  # (COPIED: the only top bit left)
+            if int.from_bytes(copied, "little") & ~int.from_bytes(hosted, "little"):
+                return False
         if positions is not None:
             count = len(positions)
             packed = bytearray(raw)
         else:
-            count = hosted.count(1)
+            count = hosted_count
             if not count:
                 _append(segments, pos, end - pos, BACKING, None)
                 return True
