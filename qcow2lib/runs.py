@@ -28,6 +28,7 @@ class RunFinder:
 
     def __init__(self) -> None:
         self._ones: dict[int, int] = {}  # entries: the integer with 1 in each entry
+        self._ramps: dict[tuple[int, int], int] = {}  # (entries, step): 0, step, 2 step...
 
     def runs(self, raw: bytearray, step: int) -> list[tuple[int, int, int]]:
         """(first index, end index, first entry) of each maximal run in which every entry
@@ -43,6 +44,10 @@ class RunFinder:
                 self._ones.clear()
             ones = self._ones[entries] = int.from_bytes(b"\0\0\0\0\0\0\0\1" * entries, "big")
         table = int.from_bytes(raw, "big")
+        first = _BE64.unpack_from(raw)[0]
+        if _BE64.unpack_from(raw, 8 * entries - 8)[0] - first == (entries - 1) * step:
+            if table == first * ones + self._ramp(entries, step):  # (one run, often all)
+                return [(0, entries, first)]
         # entry i of `moved` is entry i + 1 of the table (the first dropped, zero last)
         moved = (table << 64) & ((1 << (64 * entries)) - 1)
         differ = (moved ^ (table + step * ones)).to_bytes(8 * entries, "big")
@@ -55,6 +60,20 @@ class RunFinder:
         stops.append(entries)
         unpack = _BE64.unpack_from
         return [(start, stop, unpack(raw, 8 * start)[0]) for start, stop in zip(starts, stops)]
+
+    def _ramp(self, entries: int, step: int) -> int:
+        """The integer whose big-endian entry i is i * step."""
+        if not step:
+            return 0
+        ramp = self._ramps.get((entries, step))
+        if ramp is None:
+            if len(self._ramps) >= 4:
+                self._ramps.clear()
+            words = array("Q", range(0, entries * step, step))
+            if sys.byteorder == "little":
+                words.byteswap()
+            ramp = self._ramps[entries, step] = int.from_bytes(words.tobytes(), "big")
+        return ramp
 
 
 _NONZERO_TO_ONE = bytes((0, *(1,) * 255))

@@ -191,3 +191,20 @@ def test_run_finder_matches_an_entry_by_entry_reading(seed: int) -> None:
         if sys.byteorder == "little":
             raw.byteswap()
         assert finder.runs(bytearray(raw.tobytes()), step) == entry_by_entry_runs(values, step)
+
+
+@pytest.mark.parametrize("swap", [None, (1, 2), (3, 900), (0, 8191)])
+def test_run_finder_tells_one_run_from_entries_that_only_end_as_one(swap) -> None:
+    """A table of one run is found with one comparison once its ends are one run apart;
+    entries swapped inside (the ends kept) are not one run."""
+    step = 1 << CLUSTER_BITS
+    values = [(7 << 30) + index * step for index in range(8192)]
+    if swap is not None:
+        first, second = swap
+        values[first], values[second] = values[second], values[first]
+    raw = array("Q", values)
+    if sys.byteorder == "little":
+        raw.byteswap()
+    found = RunFinder().runs(bytearray(raw.tobytes()), step)
+    assert found == entry_by_entry_runs(values, step)
+    assert (len(found) == 1) == (swap is None)
