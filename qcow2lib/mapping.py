@@ -600,6 +600,16 @@ class ClusterMap:
         for column, allowed in _plain_columns(self.cluster_bits):
             if raw[column::8].translate(None, allowed):
                 return False  # (an entry with a flag, reserved bits or a misaligned offset)
+        if positions is None:
+            run = self._one_run(raw, entries)
+            if run is not None:  # (a full range of one run, as one written in order is)
+                first_host, last_host = run
+                if not self._status_lookup and last_host >= self.data_file_size():
+                    return False
+                if self._run_overlaps_metadata(first_host, last_host):
+                    return False
+                self._add_runs(segments, first_cluster, range(entries), [], [first_host], pos, end)
+                return True
         # 1 where the entry has a host offset (in the bytes that can hold its bits: those
         # below the cluster size are zero in a plain entry)
         hosted = column_flags(raw, range(self.cluster_bits // 8, 7))
@@ -632,29 +642,37 @@ class ClusterMap:
                 return False
         if self._overlaps_metadata(values, count):
             return False
+        # Used entry i + 1 continues entry i when its host offset is one cluster more and
+        # (with zero entries taken out) its position one more: the XOR of each, shifted by
+        # one entry, with itself plus that is zero exactly there.
+        differ = (values >> 64) ^ (values + _lanes(self.cluster_size, count))
+        if count < entries:
+            places = int.from_bytes(array("Q", positions).tobytes(), "little")
+            differ |= (places >> 64) ^ (places + lane_ones(count))
+        breaks = one_positions(column_flags(differ.to_bytes(8 * count, "little"))[:-1], 1)
         offsets = array("Q", packed)
-        cluster_size = self.cluster_size
-        if (
-            count == entries
-            and offsets[-1] - offsets[0] == (count - 1) * cluster_size
-            and values == offsets[0] * lane_ones(count) + _lane_ramp(count, cluster_size)
-        ):
-            breaks: list[int] = []  # (a table of one run, as one written in order is)
-        else:
-            # Used entry i + 1 continues entry i when its host offset is one cluster more
-            # and (with zero entries taken out) its position one more: the XOR of each,
-            # shifted by one entry, with itself plus that is zero exactly there.
-            differ = (values >> 64) ^ (values + _lanes(cluster_size, count))
-            if count < entries:
-                places = int.from_bytes(array("Q", positions).tobytes(), "little")
-                differ |= (places >> 64) ^ (places + lane_ones(count))
-            breaks = one_positions(column_flags(differ.to_bytes(8 * count, "little"))[:-1], 1)
-        # Each run as (guest start, guest end, host offset), made a list at a time.
+        hosts = [offsets[first] for first in (0, *breaks)]
+        self._add_runs(segments, first_cluster, positions, breaks, hosts, pos, end)
+        return True
+
+    def _add_runs(
+        self,
+        segments: list[Segment],
+        first_cluster: int,
+        positions: Sequence[int],
+        breaks: list[int],
+        hosts: list[int],
+        pos: int,
+        end: int,
+    ) -> None:
+        """_classify_plain_range's segments for [pos, end): the used entries at
+        `positions` (from guest cluster `first_cluster`) form runs that start at index 0
+        and at each of `breaks`, at host offsets `hosts`; holes between them."""
         bits = self.cluster_bits
+        count = len(positions)
         firsts = [0, *breaks]
         starts = [(first_cluster + positions[first]) << bits for first in firsts]
         ends = [(first_cluster + positions[after - 1] + 1) << bits for after in (*breaks, count)]
-        hosts = [offsets[first] for first in firsts]
         if starts[0] < pos:  # (the range starts inside the run's first cluster)
             hosts[0] += pos - starts[0]
             starts[0] = pos
@@ -674,7 +692,29 @@ class ClusterMap:
             hole_end = run_end
         if hole_end < end:
             append(Segment(hole_end, end - hole_end, BACKING))
-        return True
+
+    def _one_run(self, raw: bytes, entries: int) -> tuple[int, int] | None:
+        """(first, last host offset) when the `entries` plain entries `raw` (native words)
+        all name consecutive clusters, in order: their ends are one run apart, then one
+        comparison of the whole range with that run; None otherwise."""
+        packed = bytearray(raw)
+        packed[7::8] = bytes(entries)  # (COPIED cleared)
+        first = int.from_bytes(packed[:8], "little")
+        last = int.from_bytes(packed[-8:], "little")
+        step = self.cluster_size
+        if not first or last - first != (entries - 1) * step:
+            return None
+        expected = first * lane_ones(entries) + _lane_ramp(entries, step)
+        return (first, last) if int.from_bytes(packed, "little") == expected else None
+
+    def _run_overlaps_metadata(self, first: int, last: int) -> bool:
+        """_overlaps_metadata for the host clusters first, first + a cluster, ... last."""
+        cluster_size = self.cluster_size
+        for start, end, _ in self.metadata:
+            lowest = max(first, start - start % cluster_size, cluster_size)
+            if lowest <= last and lowest < end:
+                return True
+        return False
 
     def _overlaps_metadata(self, values: int, count: int) -> bool:
         """Whether any of the host offsets (one an entry in the `count` 64-bit lanes of

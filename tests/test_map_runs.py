@@ -172,3 +172,28 @@ def test_a_full_table_of_one_run_is_told_from_one_that_only_ends_as_one(tmp_path
     assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout)
     runs = ours.stdout.count('"data": true')
     assert runs == 1 if swap is None else runs > 1
+
+
+@pytest.mark.parametrize("where", ["over the refcount table", "past the end of the file"])
+def test_a_full_table_of_one_run_is_checked_at_its_ends(tmp_path, where):
+    """A full table of one run is mapped from its first and last offsets: one that runs
+    over the image's metadata is still refused as the entry by entry reading refuses it,
+    and one past the end of the file still maps as qemu-img maps it."""
+    image = tmp_path / "run.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", image, "4M")
+    qemu_io(image, "write -P 7 0 2M")
+    data = image.read_bytes()
+    (l1_offset,) = struct.unpack(">Q", data[40:48])
+    (table,) = struct.unpack(">Q", data[l1_offset : l1_offset + 8])
+    first = 4096 if where.startswith("over") else (len(data) // 4096 + 10) * 4096
+    with open(image, "r+b") as file:
+        file.seek(table & 0x00FFFFFFFFFFFE00)
+        file.write(b"".join(struct.pack(">Q", 1 << 63 | first + 4096 * k) for k in range(512)))
+    ours = run_qimg("map", "--output=json", image)
+    if where.startswith("over"):
+        assert ours.returncode == 1
+        assert "at offset 0x1000 overlaps the refcount table" in ours.stderr
+    else:
+        theirs = qemu_img("map", "--output=json", image, check=False)
+        assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout)
+        assert f'"offset": {first}' in ours.stdout
