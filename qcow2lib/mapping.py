@@ -16,7 +16,14 @@ from bisect import bisect_right
 from . import structs as S
 from .cache import TableCache, decode_be64, encode_be64
 from .errors import CorruptImageError, InvalidArgumentError, SignaledCorruptionError
-from .runs import NativeRunLength, column_flags, lane_ones, nonzero_positions, one_positions
+from .runs import (
+    NativeRunLength,
+    allowed_bytes,
+    column_flags,
+    lane_ones,
+    nonzero_positions,
+    one_positions,
+)
 from .sizes import c_hex
 
 DATA, ZERO, BACKING, COMPRESSED = "data", "zero", "backing", "compressed"
@@ -921,7 +928,6 @@ class ClusterMap:
 
 _NATIVE_LITTLE = sys.byteorder == "little"
 _PLAIN_MIN_ENTRIES = 16  # shorter ranges (a small request's) take the entry loop
-_PLAIN_COLUMNS: dict[int, list[tuple[int, bytes]]] = {}
 _LANE_RAMPS: dict[tuple[int, int], int] = {}
 _ZERO_STRETCH = bytes(8 * 64)  # 64 zero entries (or fewer, unaligned): a sparse table
 
@@ -955,22 +961,14 @@ def _lane_ramp(lanes: int, step: int) -> int:
 
 
 def _plain_columns(cluster_bits: int) -> list[tuple[int, bytes]]:
-    """Per byte of a native little-endian standard L2 entry that has bits a plain data
-    cluster's entry never sets (every flag but COPIED, reserved bits, offset bits below
-    the cluster size): the values it may have."""
-    if cluster_bits not in _PLAIN_COLUMNS:
-        unusual = (
-            S.L2E_STD_RESERVED_MASK
-            | S.OFLAG_COMPRESSED
-            | S.OFLAG_ZERO
-            | ((1 << cluster_bits) - 1) & S.L2E_OFFSET_MASK
-        )
-        _PLAIN_COLUMNS[cluster_bits] = [
-            (column, bytes(value for value in range(256) if not value & bits))
-            for column in range(8)
-            if (bits := (unusual >> (8 * column)) & 0xFF)
-        ]
-    return _PLAIN_COLUMNS[cluster_bits]
+    """runs.allowed_bytes of the bits a plain data cluster's standard L2 entry never sets
+    (every flag but COPIED, reserved bits, offset bits below the cluster size)."""
+    return allowed_bytes(
+        S.L2E_STD_RESERVED_MASK
+        | S.OFLAG_COMPRESSED
+        | S.OFLAG_ZERO
+        | ((1 << cluster_bits) - 1) & S.L2E_OFFSET_MASK
+    )
 
 
 _native_run_length = NativeRunLength()

@@ -297,6 +297,25 @@ def column_flags(raw: bytes, columns: range = range(8)) -> bytes:
     return combined.to_bytes(entries, "little").translate(_NONZERO_TO_ONE)
 
 
+_ALLOWED_BYTES: dict[int, list[tuple[int, bytes]]] = {}
+
+
+def allowed_bytes(unusual: int) -> list[tuple[int, bytes]]:
+    """For each byte of a native little-endian 64-bit entry in which `unusual` has bits:
+    (its index, the values without them), for `bytes.translate(None, values)` to find an
+    entry with any of those bits at C speed, a byte column of a table at a time."""
+    columns = _ALLOWED_BYTES.get(unusual)
+    if columns is None:
+        if len(_ALLOWED_BYTES) >= 16:
+            _ALLOWED_BYTES.clear()
+        columns = _ALLOWED_BYTES[unusual] = [
+            (column, bytes(value for value in range(256) if not value & mask))
+            for column in range(8)
+            if (mask := (unusual >> (8 * column)) & 0xFF)
+        ]
+    return columns
+
+
 _LANE_ONES: dict[int, int] = {}
 
 

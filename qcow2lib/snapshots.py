@@ -33,7 +33,7 @@ import errno
 import sys
 import time
 from array import array
-from collections.abc import Callable, Container, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from itertools import compress, repeat
 from operator import itemgetter, not_, or_, rshift
 
@@ -51,7 +51,14 @@ from .errors import (
     UnsupportedFeatureError,
 )
 from .refcount import RefcountBlock
-from .runs import column_flags, consecutive_runs, lane_ones, nonzero_positions, one_positions
+from .runs import (
+    allowed_bytes,
+    column_flags,
+    consecutive_runs,
+    lane_ones,
+    nonzero_positions,
+    one_positions,
+)
 from .shadow import commit_in_place
 from .sizes import c_hex
 from .snapshot_table import (
@@ -344,14 +351,22 @@ Step = Callable[[_Counts], tuple[array, list[tuple[int, array]]]]
 def _cluster_runs(clusters: list[int], shift: int) -> list[tuple[int, int]]:
     """(first, count) of each run of consecutive clusters of `clusters`, in their order,
     cut where a refcount block (2**shift clusters) ends."""
-    runs = []
-    for cluster, length, _ in consecutive_runs(clusters):
+    return _cut_at_blocks(
+        ((cluster, length) for cluster, length, _ in consecutive_runs(clusters)), shift
+    )
+
+
+def _cut_at_blocks(runs: Iterable[tuple[int, int]], shift: int) -> list[tuple[int, int]]:
+    """The (first cluster, count) runs, each cut where a refcount block (2**shift
+    clusters) ends."""
+    cut = []
+    for cluster, length in runs:
         end = cluster + length
         while cluster < end:
             take = min(end - cluster, (((cluster >> shift) + 1) << shift) - cluster)
-            runs.append((cluster, take))
+            cut.append((cluster, take))
             cluster += take
-    return runs
+    return cut
 
 
 class _Layout:
@@ -420,7 +435,8 @@ def _plain_host_runs(
     else:
         raw = array("Q", map(table.__getitem__, positions)).tobytes()
     bits = image.cluster_bits
-    for column, allowed in _plain_columns(bits):
+    irregular = S.OFLAG_COMPRESSED | (S.L2E_OFFSET_MASK & ((1 << bits) - 1))
+    for column, allowed in allowed_bytes(irregular):
         if raw[column::8].translate(None, allowed):
             return None  # (compressed, or an offset below the cluster size)
     offsets = bytearray(raw)  # the offsets alone: bits 9 to 55
@@ -435,32 +451,10 @@ def _plain_host_runs(
     differ = (values >> 64) ^ (values + (1 << bits) * lane_ones(count))
     breaks = one_positions(column_flags(differ.to_bytes(8 * count, "little"))[:-1], 1)
     words = array("Q", offsets)
-    runs = []
-    for first, stop in zip([0, *breaks], [*breaks, count]):
-        cluster = words[first] >> bits
-        end = cluster + stop - first
-        while cluster < end:  # (cut where a refcount block ends)
-            take = min(end - cluster, (((cluster >> shift) + 1) << shift) - cluster)
-            runs.append((cluster, take))
-            cluster += take
-    return runs
-
-
-_PLAIN_COLUMNS: dict[int, list[tuple[int, bytes]]] = {}
-
-
-def _plain_columns(cluster_bits: int) -> list[tuple[int, bytes]]:
-    """Per byte of a native little-endian entry that has bits a plain data cluster's entry
-    never sets (COMPRESSED, offset bits below the cluster size): the values it may have."""
-    columns = _PLAIN_COLUMNS.get(cluster_bits)
-    if columns is None:
-        irregular = S.OFLAG_COMPRESSED | (S.L2E_OFFSET_MASK & ((1 << cluster_bits) - 1))
-        columns = _PLAIN_COLUMNS[cluster_bits] = [
-            (column, bytes(value for value in range(256) if not value & mask))
-            for column in range(8)
-            if (mask := (irregular >> (8 * column)) & 0xFF)
-        ]
-    return columns
+    starts, stops = [0, *breaks], [*breaks, count]
+    return _cut_at_blocks(
+        ((words[start] >> bits, stop - start) for start, stop in zip(starts, stops)), shift
+    )
 
 
 def _odd_clusters(image, values: list[int]) -> list[tuple[int, int]]:
