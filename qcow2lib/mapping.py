@@ -21,6 +21,8 @@ from .runs import (
     allowed_bytes,
     column_flags,
     lane_ones,
+    lane_ramp,
+    lanes,
     nonzero_positions,
     one_positions,
 )
@@ -644,15 +646,15 @@ class ClusterMap:
         if not self._status_lookup:
             # An offset at or past the file's end sets the top bit of its lane once the
             # distance from the end to 2**63 is added (offsets stay below 2**56).
-            beyond = values + _lanes((1 << 63) - self.data_file_size(), count)
-            if beyond & _lanes(1 << 63, count):
+            beyond = values + lanes((1 << 63) - self.data_file_size(), count)
+            if beyond & lanes(1 << 63, count):
                 return False
         if self._overlaps_metadata(values, count):
             return False
         # Used entry i + 1 continues entry i when its host offset is one cluster more and
         # (with zero entries taken out) its position one more: the XOR of each, shifted by
         # one entry, with itself plus that is zero exactly there.
-        differ = (values >> 64) ^ (values + _lanes(self.cluster_size, count))
+        differ = (values >> 64) ^ (values + lanes(self.cluster_size, count))
         if count < entries:
             places = int.from_bytes(array("Q", positions).tobytes(), "little")
             differ |= (places >> 64) ^ (places + lane_ones(count))
@@ -711,17 +713,25 @@ class ClusterMap:
         step = self.cluster_size
         if not first or last - first != (entries - 1) * step:
             return None
-        expected = first * lane_ones(entries) + _lane_ramp(entries, step)
+        expected = first * lane_ones(entries) + lane_ramp(entries, step)
         return (first, last) if int.from_bytes(packed, "little") == expected else None
+
+    def _metadata_spans(self) -> list[tuple[int, int]]:
+        """[start, end) of the header, L1 table and refcount table as host clusters can
+        overlap them: each start rounded down to its cluster (the header's cluster left
+        out: offset 0 is no host offset), empty spans dropped."""
+        cluster_size = self.cluster_size
+        spans = (
+            (max(start - start % cluster_size, cluster_size), end)
+            for start, end, _ in self.metadata
+        )
+        return [(start, end) for start, end in spans if start < end]
 
     def _run_overlaps_metadata(self, first: int, last: int) -> bool:
         """_overlaps_metadata for the host clusters first, first + a cluster, ... last."""
-        cluster_size = self.cluster_size
-        for start, end, _ in self.metadata:
-            lowest = max(first, start - start % cluster_size, cluster_size)
-            if lowest <= last and lowest < end:
-                return True
-        return False
+        return any(
+            max(first, start) <= last for start, end in self._metadata_spans() if first < end
+        )
 
     def _overlaps_metadata(self, values: int, count: int) -> bool:
         """Whether any of the host offsets (one an entry in the `count` 64-bit lanes of
@@ -730,24 +740,16 @@ class ClusterMap:
         from the bound to 2**63 is added (offsets stay below 2**56), so the offsets in
         [start, end) are those that set it for start and not for end. When every offset
         lies past all of them (the usual table), one such test says so."""
-        cluster_size = self.cluster_size
-        spans = [  # (offset 0 is no host offset: the header's cluster is left out)
-            (start, end)
-            for start, end in (
-                (max(start - start % cluster_size, cluster_size), end)
-                for start, end, _ in self.metadata
-            )
-            if start < end
-        ]
+        spans = self._metadata_spans()
         if not spans:
             return False
-        top = _lanes(1 << 63, count)
+        top = lanes(1 << 63, count)
         bias = 1 << 63
-        if (values + _lanes(bias - max(end for _, end in spans), count)) & top == top:
+        if (values + lanes(bias - max(end for _, end in spans), count)) & top == top:
             return False
         for start, end in spans:
-            at_start = values + _lanes(bias - start, count)
-            if at_start & ~(values + _lanes(bias - end, count)) & top:
+            at_start = values + lanes(bias - start, count)
+            if at_start & ~(values + lanes(bias - end, count)) & top:
                 return True
         return False
 
@@ -906,8 +908,8 @@ class ClusterMap:
         if (
             _NATIVE_LITTLE and step > 0 and last < 1 << 64
         ):  # the entries as one integer, lane by lane
-            lanes = entry * lane_ones(count) + _lane_ramp(count, step)
-            run = array("Q", lanes.to_bytes(8 * count, "little"))
+            entries = entry * lane_ones(count) + lane_ramp(count, step)
+            run = array("Q", entries.to_bytes(8 * count, "little"))
         else:
             run = array("Q", range(entry, last + 1, step))
         table[l2_index : l2_index + count] = run
@@ -928,36 +930,7 @@ class ClusterMap:
 
 _NATIVE_LITTLE = sys.byteorder == "little"
 _PLAIN_MIN_ENTRIES = 16  # shorter ranges (a small request's) take the entry loop
-_LANE_RAMPS: dict[tuple[int, int], int] = {}
 _ZERO_STRETCH = bytes(8 * 64)  # 64 zero entries (or fewer, unaligned): a sparse table
-
-
-_LANES: dict[tuple[int, int], int] = {}
-
-
-def _lanes(value: int, lanes: int) -> int:
-    """The integer with `value` in each of `lanes` native 64-bit lanes, kept: the same few
-    (a cluster's size, bounds of the file and of its metadata) are asked for table after
-    table, and each costs a multiplication of the table's size."""
-    key = (value, lanes)
-    found = _LANES.get(key)
-    if found is None:
-        if len(_LANES) >= 32:
-            _LANES.clear()
-        found = _LANES[key] = value * lane_ones(lanes)
-    return found
-
-
-def _lane_ramp(lanes: int, step: int) -> int:
-    """The integer with k * step in its native 64-bit lane k (of `lanes`)."""
-    key = (lanes, step)
-    ramp = _LANE_RAMPS.get(key)
-    if ramp is None:
-        if len(_LANE_RAMPS) >= 16:
-            _LANE_RAMPS.clear()
-        entries = array("Q", range(0, lanes * step, step))
-        ramp = _LANE_RAMPS[key] = int.from_bytes(entries.tobytes(), "little")
-    return ramp
 
 
 def _plain_columns(cluster_bits: int) -> list[tuple[int, bytes]]:

@@ -330,6 +330,35 @@ def lane_ones(lanes: int) -> int:
     return ones
 
 
+_LANES: dict[tuple[int, int], int] = {}
+_LANE_RAMPS: dict[tuple[int, int], int] = {}
+
+
+def lanes(value: int, count: int) -> int:
+    """The integer with `value` in each of `count` little-endian 64-bit lanes, kept: the
+    same few (a cluster's size, bounds of the file and of its metadata) are asked for
+    table after table, and each costs a multiplication of the table's size."""
+    key = (value, count)
+    found = _LANES.get(key)
+    if found is None:
+        if len(_LANES) >= 32:
+            _LANES.clear()
+        found = _LANES[key] = value * lane_ones(count)
+    return found
+
+
+def lane_ramp(count: int, step: int) -> int:
+    """The integer with k * step in its little-endian 64-bit lane k (of `count`)."""
+    key = (count, step)
+    ramp = _LANE_RAMPS.get(key)
+    if ramp is None:
+        if len(_LANE_RAMPS) >= 16:
+            _LANE_RAMPS.clear()
+        entries = array("Q", range(0, count * step, step))
+        ramp = _LANE_RAMPS[key] = int.from_bytes(entries.tobytes(), "little")
+    return ramp
+
+
 def consecutive_runs(numbers: Sequence[int]) -> list[tuple[int, int, int]]:
     """(first number, count, index of the first) of each run of consecutive numbers of
     `numbers`, in their order."""

@@ -55,7 +55,7 @@ from .runs import (
     allowed_bytes,
     column_flags,
     consecutive_runs,
-    lane_ones,
+    lanes,
     nonzero_positions,
     one_positions,
 )
@@ -448,7 +448,7 @@ def _plain_host_runs(
     # Entry i + 1 continues entry i's run where its offset is one cluster more: the XOR of
     # the offsets shifted down one entry with the offsets plus a cluster is zero there.
     values = int.from_bytes(offsets, "little")
-    differ = (values >> 64) ^ (values + (1 << bits) * lane_ones(count))
+    differ = (values >> 64) ^ (values + lanes(1 << bits, count))
     breaks = one_positions(column_flags(differ.to_bytes(8 * count, "little"))[:-1], 1)
     words = array("Q", offsets)
     starts, stops = [0, *breaks], [*breaks, count]

@@ -5,6 +5,7 @@ entry loop gives, and a table pointing into metadata or past the file fails as i
 
 from __future__ import annotations
 
+import functools
 import random
 import struct
 import sys
@@ -139,6 +140,7 @@ def test_metadata_overlap_is_found_in_every_lane_at_once(seed):
         if rng.random() < 0.5:  # (every offset past the metadata)
             offsets = [offset + 8000 * cluster_size for offset in offsets]
         cluster_map = SimpleNamespace(cluster_size=cluster_size, metadata=metadata)
+        cluster_map._metadata_spans = functools.partial(ClusterMap._metadata_spans, cluster_map)
         values = int.from_bytes(array("Q", offsets).tobytes(), sys.byteorder)
         found = ClusterMap._overlaps_metadata(cluster_map, values, count)
         expected = any(
