@@ -273,6 +273,9 @@ class Qcow2Image(BlockDevice):
         self._cond: Condition | None = None  # made by the first _wait
         self._inflight: set[int] = set()
         self._io_active = 0
+        # Opened read-only, no thread here can free or move a cluster: a read may use what
+        # it looked up after dropping the lock (which it then holds for no system call)
+        self._layout_fixed = self.read_only
         self._closed = False
         self._last_decompressed: tuple[int, bytes] | None = None
         self._prealloc_detected: bool | None = None
@@ -789,6 +792,9 @@ class Qcow2Image(BlockDevice):
         request neither counts itself in flight nor lets other threads in between. Data
         not cached is read after the lock is dropped, counted in flight as usual, so
         reads that wait for the disk still overlap. False: not such a read.
+        A read-only image's data is read after the lock is dropped, uncounted: nothing can
+        free the cluster, and a lock held across the read's release of the GIL makes the
+        other reader threads queue on it (8 threads took 1.7 times as long).
         A range under an L1 entry of zero (no L2 table) needs no lock: it reads as a hole
         at the instant of that one entry's load, which a writer changes in one store."""
         if self._under_zero_l1(cluster_map, offset, len(view)):
@@ -806,13 +812,18 @@ class Qcow2Image(BlockDevice):
                 target = self._data_file()
                 if target is None:
                     return False
-                if target.readinto_cached(view, host):
-                    return True
-                self._io_active += 1  # (as _begin_io: readers wait for no allocation)
+                counted = not self._layout_fixed
+                if counted:
+                    if target.readinto_cached(view, host):
+                        return True
+                    self._io_active += 1  # (as _begin_io: readers wait for no allocation)
         if host < 0:
             view[:] = _ZEROS_VIEW[: len(view)]  # (_CACHED_READ_MAX is below its size)
             return True
         assert target is not None  # (a data cluster found its file above)
+        if not counted:
+            target.readinto(view, host)
+            return True
         try:
             target.readinto(view, host)
         finally:

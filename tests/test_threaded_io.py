@@ -219,7 +219,7 @@ def test_uncached_reads_fall_back(data_image, monkeypatch):
         return real_preadv(fd, buffers, offset, flags)
 
     monkeypatch.setattr(hostfile.os, "preadv", refusing_preadv)
-    with qcow2lib.open(str(path)) as image:
+    with qcow2lib.open(str(path), "r+") as image:  # (read-only images read another way)
         read_all_small(image, content)
         assert image.file.nowait_reads  # EAGAIN is no reason to stop asking
         assert image._io_active == 0
@@ -240,10 +240,30 @@ def test_unsupported_nowait_turns_off(data_image, monkeypatch):
         return real_preadv(fd, buffers, offset, flags)
 
     monkeypatch.setattr(hostfile.os, "preadv", unsupported_preadv)
-    with qcow2lib.open(str(path)) as image:
+    with qcow2lib.open(str(path), "r+") as image:
         read_all_small(image, content, threads=1)
         assert not image.file.nowait_reads
     assert len(refused) == 1
+
+
+def test_read_only_image_reads_outside_the_lock(data_image, monkeypatch):
+    """A read-only image looks a small read up under the lock and reads it after letting
+    go (nothing can free its cluster), with no in-flight count; the data is right."""
+    path, content = data_image
+    real_preadv = os.preadv
+    held: list[bool] = []
+    image = qcow2lib.open(str(path))
+
+    def watching_preadv(fd, buffers, offset, flags=0):
+        if fd == image.file.fd:
+            held.append(image._lock._is_owned())
+            assert image._io_active == 0
+        return real_preadv(fd, buffers, offset, flags)
+
+    monkeypatch.setattr(hostfile.os, "preadv", watching_preadv)
+    with image:
+        read_all_small(image, content)
+    assert len(held) >= len(content) // BLOCK and not any(held)
 
 
 def test_page_cache_miss_is_reported(data_image):
