@@ -19,6 +19,7 @@ from .errors import CorruptImageError, InvalidArgumentError, SignaledCorruptionE
 from .runs import (
     NativeRunLength,
     allowed_bytes,
+    is_64k_cluster_run,
     column_flags,
     lane_ones,
     lane_ramp,
@@ -606,12 +607,17 @@ class ClusterMap:
                 _append(segments, pos, end - pos, BACKING, None)
                 return True
             raw = array("Q", map(window.__getitem__, positions)).tobytes()
-        for column, allowed in _plain_columns(self.cluster_bits):
-            if raw[column::8].translate(None, allowed):
-                return False  # (an entry with a flag, reserved bits or a misaligned offset)
+        unusual = _plain_unusual_bits(self.cluster_bits)
         if positions is None:
-            run = self._one_run(raw, entries)
+            tops = raw[7::8]
+            run = self._one_run(raw, entries, tops)
             if run is not None:  # (a full range of one run, as one written in order is)
+                # Bits 0-55 of every entry follow the first's: its own, and the top byte of
+                # each, tell whether all are plain.
+                if int.from_bytes(raw[:8], "little") & unusual & _BELOW_TOP_BYTE:
+                    return False
+                if tops.translate(None, allowed_bytes(unusual & ~_BELOW_TOP_BYTE)[0][1]):
+                    return False
                 first_host, last_host = run
                 if not self._status_lookup and last_host >= self.data_file_size():
                     return False
@@ -619,6 +625,9 @@ class ClusterMap:
                     return False
                 self._add_runs(segments, first_cluster, range(entries), [], [first_host], pos, end)
                 return True
+        for column, allowed in allowed_bytes(unusual):
+            if raw[column::8].translate(None, allowed):
+                return False  # (an entry with a flag, reserved bits or a misaligned offset)
         # 1 where the entry has a host offset (in the bytes that can hold its bits: those
         # below the cluster size are zero in a plain entry)
         hosted = column_flags(raw, range(self.cluster_bits // 8, 7))
@@ -702,17 +711,22 @@ class ClusterMap:
         if hole_end < end:
             append(Segment(hole_end, end - hole_end, BACKING))
 
-    def _one_run(self, raw: bytes, entries: int) -> tuple[int, int] | None:
-        """(first, last host offset) when the `entries` plain entries `raw` (native words)
-        all name consecutive clusters, in order: their ends are one run apart, then one
-        comparison of the whole range with that run; None otherwise."""
-        packed = bytearray(raw)
-        packed[7::8] = bytes(entries)  # (COPIED cleared)
-        first = int.from_bytes(packed[:8], "little")
-        last = int.from_bytes(packed[-8:], "little")
+    def _one_run(self, raw: bytes, entries: int, tops: bytes) -> tuple[int, int] | None:
+        """(first, last host offset, COPIED left out) when bits 0-55 of the `entries`
+        entries `raw` (native words; `tops`: their top bytes) name consecutive clusters, in
+        order: their ends are one run apart, then one comparison of the whole range with
+        that run (of bytes for 64 KiB clusters, of integers otherwise); None otherwise."""
+        first = int.from_bytes(raw[:8], "little") & ~S.OFLAG_COPIED
+        last = int.from_bytes(raw[-8:], "little") & ~S.OFLAG_COPIED
         step = self.cluster_size
         if not first or last - first != (entries - 1) * step:
             return None
+        if step == 1 << 16:
+            one_run = is_64k_cluster_run(raw, entries, tops)
+            if one_run is not None:
+                return (first, last) if one_run else None
+        packed = bytearray(raw)
+        packed[7::8] = bytes(entries)  # (COPIED cleared)
         expected = first * lane_ones(entries) + lane_ramp(entries, step)
         return (first, last) if int.from_bytes(packed, "little") == expected else None
 
@@ -933,15 +947,18 @@ _PLAIN_MIN_ENTRIES = 16  # shorter ranges (a small request's) take the entry loo
 _ZERO_STRETCH = bytes(8 * 64)  # 64 zero entries (or fewer, unaligned): a sparse table
 
 
-def _plain_columns(cluster_bits: int) -> list[tuple[int, bytes]]:
-    """runs.allowed_bytes of the bits a plain data cluster's standard L2 entry never sets
-    (every flag but COPIED, reserved bits, offset bits below the cluster size)."""
-    return allowed_bytes(
+def _plain_unusual_bits(cluster_bits: int) -> int:
+    """The bits a plain data cluster's standard L2 entry never sets (every flag but
+    COPIED, reserved bits, offset bits below the cluster size)."""
+    return (
         S.L2E_STD_RESERVED_MASK
         | S.OFLAG_COMPRESSED
         | S.OFLAG_ZERO
         | ((1 << cluster_bits) - 1) & S.L2E_OFFSET_MASK
     )
+
+
+_BELOW_TOP_BYTE = (1 << 56) - 1
 
 
 _native_run_length = NativeRunLength()

@@ -359,6 +359,44 @@ def lane_ramp(count: int, step: int) -> int:
     return ramp
 
 
+_OFFSET_BITS = (1 << 56) - 1
+_COUNTER_BYTES: list[bytes] = []  # (low, high): the bytes of 0, 1, 2 ... as 16-bit counts
+
+
+def is_64k_cluster_run(raw: bytes, count: int, tops: bytes) -> bool | None:
+    """Whether bits 0-55 of the `count` (at most 8192) little-endian 64-bit words that
+    make up `raw` (`tops`: their top bytes, raw[7::8]) are w, w + 64 KiB, w + 2 * 64 KiB... (w: the
+    first word's), with byte copies and one comparison (20 us a full table, where the
+    whole-table integer test takes 100).
+    Bits 16-31 of the words count up from w's, so their two byte columns are slices of
+    two fixed patterns; bits 32-55 are w's until those wrap, then one more; bits 0-15 are
+    w's throughout. None where the last would carry past bit 55 (no offset does), or
+    for more words than a table of 64 KiB has."""
+    if count > 8192:
+        return None
+    if not _COUNTER_BYTES:  # (made at first use: 200 KiB that most commands never need)
+        _COUNTER_BYTES.append(bytes(range(256)) * 288)
+        _COUNTER_BYTES.append(b"".join(bytes((value,)) * 256 for value in range(256)) * 2)
+    low_column, high_column = _COUNTER_BYTES
+    first = int.from_bytes(raw[:8], "little") & _OFFSET_BITS
+    counter = (first >> 16) & 0xFFFF
+    upper = first >> 32
+    before_wrap = 0x10000 - counter
+    bottom = (first & 0xFFFF).to_bytes(4, "little")
+    expected = bytearray(bottom + upper.to_bytes(4, "little"))
+    if before_wrap >= count:
+        expected *= count
+    elif upper + 1 > _OFFSET_BITS >> 32:
+        return None
+    else:
+        expected *= before_wrap
+        expected += (bottom + (upper + 1).to_bytes(4, "little")) * (count - before_wrap)
+    expected[2::8] = low_column[counter : counter + count]
+    expected[3::8] = high_column[counter : counter + count]
+    expected[7::8] = tops  # (bits 56-63 are not compared)
+    return expected == raw
+
+
 def consecutive_runs(numbers: Sequence[int]) -> list[tuple[int, int, int]]:
     """(first number, count, index of the first) of each run of consecutive numbers of
     `numbers`, in their order."""

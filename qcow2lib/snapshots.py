@@ -55,6 +55,7 @@ from .runs import (
     allowed_bytes,
     column_flags,
     consecutive_runs,
+    is_64k_cluster_run,
     lanes,
     nonzero_positions,
     one_positions,
@@ -439,6 +440,10 @@ def _plain_host_runs(
     for column, allowed in allowed_bytes(irregular):
         if raw[column::8].translate(None, allowed):
             return None  # (compressed, or an offset below the cluster size)
+    if bits == 16 and is_64k_cluster_run(raw, count, raw[7::8]):  # (one run, often all)
+        first = (int.from_bytes(raw[:8], "little") & S.L2E_OFFSET_MASK) >> bits
+        if first:
+            return _cut_at_blocks([(first, count)], shift)
     offsets = bytearray(raw)  # the offsets alone: bits 9 to 55
     offsets[0::8] = bytes(count)
     offsets[1::8] = offsets[1::8].translate(_NO_LOW_OFFSET_BIT)

@@ -15,6 +15,7 @@ from qcow2lib.runs import (
     RunFinder,
     consecutive_runs,
     host_runs,
+    is_64k_cluster_run,
     nonzero_entries,
     nonzero_positions,
 )
@@ -208,3 +209,46 @@ def test_run_finder_tells_one_run_from_entries_that_only_end_as_one(swap) -> Non
     found = RunFinder().runs(bytearray(raw.tobytes()), step)
     assert found == entry_by_entry_runs(values, step)
     assert (len(found) == 1) == (swap is None)
+
+
+def reference_64k_run(words: array) -> bool:
+    """Bits 0-55 of each word are the first's plus 64 KiB times its index."""
+    low = (1 << 56) - 1
+    base = words[0] & low
+    return all(word & low == base + index * 65536 for index, word in enumerate(words))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_64k_cluster_runs_match_a_word_by_word_reading(seed: int) -> None:
+    """Runs starting anywhere (bits 16-31 wrapping inside the run or not), with top bytes
+    that differ, and with one word off in any byte: as the word-by-word reading says."""
+    rng = random.Random(seed)
+    count = rng.choice([1, 2, 255, 256, 257, 4096, 8192])
+    first = rng.choice(
+        [
+            rng.randrange(1 << 40) << 16,
+            (0xFFFF - rng.randrange(count)) << 16 | rng.randrange(1 << 24) << 32,
+            rng.randrange(1 << 56),  # (not cluster aligned: the low bits still follow)
+        ]
+    )
+    if first + count * 65536 >= 1 << 56:
+        first = 65536
+    words = array("Q", [first + index * 65536 for index in range(count)])
+    for index in rng.sample(range(count), min(count, 3)):
+        words[index] |= rng.choice([0x80, 0x81, 0x00, 0x3F]) << 56
+    if seed % 2:
+        index = rng.randrange(count)
+        words[index] ^= 1 << rng.choice([0, 9, 16, 23, 24, 31, 32, 40, 55])
+    raw = words.tobytes()  # (mapping asks only where native words are little-endian)
+    assert is_64k_cluster_run(raw, count, raw[7::8]) == reference_64k_run(words)
+
+
+def test_64k_cluster_run_past_bit_55_is_not_told() -> None:
+    """A run whose bits 32-55 would wrap is not told apart (no offset reaches there)."""
+    first = ((1 << 24) - 1) << 32 | 0xFFFF << 16
+    words = array("Q", [first + index * 65536 for index in range(1)])
+    raw = words.tobytes()
+    assert is_64k_cluster_run(raw, 1, raw[7::8]) is True
+    words = array("Q", [first, (first + 65536) & ((1 << 56) - 1)])
+    raw = words.tobytes()
+    assert is_64k_cluster_run(raw, 2, raw[7::8]) is None
