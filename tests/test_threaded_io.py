@@ -1,6 +1,7 @@
 """Many threads doing small random reads and writes on one image, checked against a model
-and then by the real QEMU; and the page-cache read path (HostFile.readinto_cached) falling
-back to ordinary reads.
+and then by the real QEMU; the page-cache read path of a lone thread
+(HostFile.readinto_cached) falling back to ordinary reads, and the reads of threads that
+hold no lock while they read.
 
 In the threaded test each 4 KiB block is owned by one thread, which alone writes it, so the
 model of every block is exact however the threads interleave. Blocks of different owners
@@ -23,6 +24,7 @@ import pytest
 
 import qcow2lib
 from qcow2lib import hostfile
+from qcow2lib import image as image_module
 from qcow2lib.errors import Qcow2IOError
 from qcow2lib.hostfile import HostFile
 from qcow2lib.mapping import DATA
@@ -204,6 +206,17 @@ def read_all_small(image, content: bytes, threads: int = 4) -> None:
     assert not errors, errors[:3]
 
 
+def read_all_alone(image, content: bytes, monkeypatch) -> None:
+    """4 KiB reads of every block of `content` from this thread as if no other ran (the
+    page-cache path of a writable image: a test runner may have threads of its own), each
+    checked."""
+    monkeypatch.setattr(image_module, "_other_threads", lambda: 0)
+    buf = bytearray(BLOCK)
+    for offset in range(0, len(content), BLOCK):
+        image.readinto(offset, buf)
+        assert buf == content[offset : offset + BLOCK], offset
+
+
 def test_uncached_reads_fall_back(data_image, monkeypatch):
     """Every non-blocking read refused (EAGAIN, as for pages not in the cache): the reads
     go the ordinary way, outside the lock and counted in flight, and return the data."""
@@ -220,7 +233,7 @@ def test_uncached_reads_fall_back(data_image, monkeypatch):
 
     monkeypatch.setattr(hostfile.os, "preadv", refusing_preadv)
     with qcow2lib.open(str(path), "r+") as image:  # (read-only images read another way)
-        read_all_small(image, content)
+        read_all_alone(image, content, monkeypatch)
         assert image.file.nowait_reads  # EAGAIN is no reason to stop asking
         assert image._io_active == 0
     blocks = len(content) // BLOCK
@@ -241,7 +254,7 @@ def test_unsupported_nowait_turns_off(data_image, monkeypatch):
 
     monkeypatch.setattr(hostfile.os, "preadv", unsupported_preadv)
     with qcow2lib.open(str(path), "r+") as image:
-        read_all_small(image, content, threads=1)
+        read_all_alone(image, content, monkeypatch)
         assert not image.file.nowait_reads
     assert len(refused) == 1
 
@@ -286,19 +299,19 @@ def test_page_cache_miss_is_reported(data_image):
         file.close()
 
 
-def test_blocking_read_does_not_hold_the_lock(data_image, monkeypatch):
-    """A read that must wait for the disk drops the image lock first: another thread
-    writes (allocating) and reads while it waits."""
+def test_a_threaded_read_does_not_hold_the_lock(data_image, monkeypatch):
+    """With other threads running, a small read is looked up under the image lock and
+    read after dropping it, counted in flight (no page-cache read under the lock): another
+    thread writes (allocating) and reads while it is inside its read."""
     path, content = data_image
     real_preadv = os.preadv
     entered, release = threading.Event(), threading.Event()
-    slow_offset: list[int] = []
+    nowait: list[int] = []
 
     def slow_preadv(fd, buffers, offset, flags=0):
-        if flags & os.RWF_NOWAIT and not slow_offset:
-            slow_offset.append(offset)
-            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
-        if slow_offset and offset == slow_offset[0] and not flags and not release.is_set():
+        if flags & os.RWF_NOWAIT:
+            nowait.append(offset)
+        if threading.current_thread() is reader and not release.is_set():
             entered.set()
             assert release.wait(30)
         return real_preadv(fd, buffers, offset, flags)
@@ -318,6 +331,7 @@ def test_blocking_read_does_not_hold_the_lock(data_image, monkeypatch):
         assert not reader.is_alive()
         assert got == content[:BLOCK]
         assert image._io_active == 0
+    assert not nowait
     assert_clean(path)
 
 
