@@ -14,6 +14,10 @@ from itertools import compress, groupby
 from operator import sub
 from collections.abc import Callable, Sequence
 
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from typing import Literal
+
 _BE64 = struct.Struct(">Q")
 
 
@@ -43,11 +47,22 @@ class RunFinder:
             if len(self._ones) >= 4:
                 self._ones.clear()
             ones = self._ones[entries] = int.from_bytes(b"\0\0\0\0\0\0\0\1" * entries, "big")
-        table = int.from_bytes(raw, "big")
         first = _BE64.unpack_from(raw)[0]
+        table = None
         if _BE64.unpack_from(raw, 8 * entries - 8)[0] - first == (entries - 1) * step:
-            if table == first * ones + self._ramp(entries, step):  # (one run, often all)
+            # (one run, often all: for 64 KiB steps told by bytes, every top byte the first's)
+            one_run = (
+                is_64k_cluster_run(raw, entries, raw[0:1] * entries, "big")
+                if step == 1 << 16
+                else None
+            )
+            if one_run is None:
+                table = int.from_bytes(raw, "big")
+                one_run = table == first * ones + self._ramp(entries, step)
+            if one_run:
                 return [(0, entries, first)]
+        if table is None:
+            table = int.from_bytes(raw, "big")
         # entry i of `moved` is entry i + 1 of the table (the first dropped, zero last)
         moved = (table << 64) & ((1 << (64 * entries)) - 1)
         differ = (moved ^ (table + step * ones)).to_bytes(8 * entries, "big")
@@ -363,11 +378,16 @@ _OFFSET_BITS = (1 << 56) - 1
 _COUNTER_BYTES: list[bytes] = []  # (low, high): the bytes of 0, 1, 2 ... as 16-bit counts
 
 
-def is_64k_cluster_run(raw: bytes, count: int, tops: bytes) -> bool | None:
-    """Whether bits 0-55 of the `count` (at most 8192) little-endian 64-bit words that
-    make up `raw` (`tops`: their top bytes, raw[7::8]) are w, w + 64 KiB, w + 2 * 64 KiB... (w: the
-    first word's), with byte copies and one comparison (20 us a full table, where the
-    whole-table integer test takes 100).
+def is_64k_cluster_run(
+    raw: bytes | bytearray,
+    count: int,
+    tops: bytes | bytearray,
+    byteorder: Literal["little", "big"] = "little",
+) -> bool | None:
+    """Whether bits 0-55 of the `count` (at most 8192) 64-bit words in `byteorder` that make
+    up `raw` (`tops`: their top bytes, as raw[7::8] or raw[0::8] finds them) are w,
+    w + 64 KiB, w + 2 * 64 KiB... (w: the first word's), with byte copies and one
+    comparison (20 us a full table, where the whole-table integer test takes 100).
     Bits 16-31 of the words count up from w's, so their two byte columns are slices of
     two fixed patterns; bits 32-55 are w's until those wrap, then one more; bits 0-15 are
     w's throughout. None where the last would carry past bit 55 (no offset does), or
@@ -378,22 +398,29 @@ def is_64k_cluster_run(raw: bytes, count: int, tops: bytes) -> bool | None:
         _COUNTER_BYTES.append(bytes(range(256)) * 288)
         _COUNTER_BYTES.append(b"".join(bytes((value,)) * 256 for value in range(256)) * 2)
     low_column, high_column = _COUNTER_BYTES
-    first = int.from_bytes(raw[:8], "little") & _OFFSET_BITS
+    first = int.from_bytes(raw[:8], byteorder) & _OFFSET_BITS
     counter = (first >> 16) & 0xFFFF
     upper = first >> 32
     before_wrap = 0x10000 - counter
-    bottom = (first & 0xFFFF).to_bytes(4, "little")
-    expected = bytearray(bottom + upper.to_bytes(4, "little"))
+    if count > before_wrap and upper + 1 > _OFFSET_BITS >> 32:
+        return None
+    # The word with bits 16-31 clear, and after the wrap; then the columns: (low, high, top)
+    word = first & ~0xFFFF0000
+    words = (word, word + (1 << 32))
+    if byteorder == "little":
+        columns = (2, 3, 7)
+    else:
+        columns = (5, 4, 0)
+    expected = bytearray(words[0].to_bytes(8, byteorder))
     if before_wrap >= count:
         expected *= count
-    elif upper + 1 > _OFFSET_BITS >> 32:
-        return None
     else:
         expected *= before_wrap
-        expected += (bottom + (upper + 1).to_bytes(4, "little")) * (count - before_wrap)
-    expected[2::8] = low_column[counter : counter + count]
-    expected[3::8] = high_column[counter : counter + count]
-    expected[7::8] = tops  # (bits 56-63 are not compared)
+        expected += words[1].to_bytes(8, byteorder) * (count - before_wrap)
+    low, high, top = columns
+    expected[low::8] = low_column[counter : counter + count]
+    expected[high::8] = high_column[counter : counter + count]
+    expected[top::8] = tops  # (bits 56-63 are not compared)
     return expected == raw
 
 

@@ -194,13 +194,23 @@ def test_run_finder_matches_an_entry_by_entry_reading(seed: int) -> None:
         assert finder.runs(bytearray(raw.tobytes()), step) == entry_by_entry_runs(values, step)
 
 
-@pytest.mark.parametrize("swap", [None, (1, 2), (3, 900), (0, 8191)])
+@pytest.mark.parametrize(
+    "swap", [None, (1, 2), (3, 900), (0, 8191), "top byte", "into the top byte", "wrap"]
+)
 def test_run_finder_tells_one_run_from_entries_that_only_end_as_one(swap) -> None:
     """A table of one run is found with one comparison once its ends are one run apart;
-    entries swapped inside (the ends kept) are not one run."""
+    entries swapped inside (the ends kept), or one whose top byte differs, are not one
+    run; a run carrying into the top byte, or wrapping bits 16-31, is one."""
     step = 1 << CLUSTER_BITS
-    values = [(7 << 30) + index * step for index in range(8192)]
-    if swap is not None:
+    base = 7 << 30
+    if swap == "into the top byte":
+        base = (1 << 56) - 4000 * step
+    elif swap == "wrap":
+        base = (0x1234 << 32) | (0xFFFF - 100) << 16
+    values = [base + index * step for index in range(8192)]
+    if swap == "top byte":
+        values[4000] |= 1 << 63
+    elif isinstance(swap, tuple):
         first, second = swap
         values[first], values[second] = values[second], values[first]
     raw = array("Q", values)
@@ -208,7 +218,7 @@ def test_run_finder_tells_one_run_from_entries_that_only_end_as_one(swap) -> Non
         raw.byteswap()
     found = RunFinder().runs(bytearray(raw.tobytes()), step)
     assert found == entry_by_entry_runs(values, step)
-    assert (len(found) == 1) == (swap is None)
+    assert (len(found) == 1) == (swap in (None, "into the top byte", "wrap"))
 
 
 def reference_64k_run(words: array) -> bool:
@@ -218,8 +228,9 @@ def reference_64k_run(words: array) -> bool:
     return all(word & low == base + index * 65536 for index, word in enumerate(words))
 
 
+@pytest.mark.parametrize("byteorder", ["little", "big"])
 @pytest.mark.parametrize("seed", range(40))
-def test_64k_cluster_runs_match_a_word_by_word_reading(seed: int) -> None:
+def test_64k_cluster_runs_match_a_word_by_word_reading(seed: int, byteorder: str) -> None:
     """Runs starting anywhere (bits 16-31 wrapping inside the run or not), with top bytes
     that differ, and with one word off in any byte: as the word-by-word reading says."""
     rng = random.Random(seed)
@@ -239,8 +250,13 @@ def test_64k_cluster_runs_match_a_word_by_word_reading(seed: int) -> None:
     if seed % 2:
         index = rng.randrange(count)
         words[index] ^= 1 << rng.choice([0, 9, 16, 23, 24, 31, 32, 40, 55])
-    raw = words.tobytes()  # (mapping asks only where native words are little-endian)
-    assert is_64k_cluster_run(raw, count, raw[7::8]) == reference_64k_run(words)
+    if byteorder != sys.byteorder:
+        words.byteswap()
+    raw = words.tobytes()
+    if byteorder != sys.byteorder:
+        words.byteswap()
+    tops = raw[7::8] if byteorder == "little" else raw[0::8]
+    assert is_64k_cluster_run(raw, count, tops, byteorder) == reference_64k_run(words)
 
 
 def test_64k_cluster_run_past_bit_55_is_not_told() -> None:
