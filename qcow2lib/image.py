@@ -274,7 +274,7 @@ class Qcow2Image(BlockDevice):
         self._inflight: set[int] = set()
         self._io_active = 0
         # Opened read-only, no thread here can free or move a cluster: a read may use what
-        # it looked up after dropping the lock (which it then holds for no system call)
+        # it looked up after dropping the lock without counting itself in flight
         self._layout_fixed = self.read_only
         self._closed = False
         self._last_decompressed: tuple[int, bytes] | None = None

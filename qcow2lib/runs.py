@@ -404,20 +404,14 @@ def is_64k_cluster_run(
     before_wrap = 0x10000 - counter
     if count > before_wrap and upper + 1 > _OFFSET_BITS >> 32:
         return None
-    # The word with bits 16-31 clear, and after the wrap; then the columns: (low, high, top)
-    word = first & ~0xFFFF0000
-    words = (word, word + (1 << 32))
-    if byteorder == "little":
-        columns = (2, 3, 7)
-    else:
-        columns = (5, 4, 0)
-    expected = bytearray(words[0].to_bytes(8, byteorder))
+    word = first & ~0xFFFF0000  # (bits 16-31 are written below, column by column)
+    expected = bytearray(word.to_bytes(8, byteorder))
     if before_wrap >= count:
         expected *= count
     else:
         expected *= before_wrap
-        expected += words[1].to_bytes(8, byteorder) * (count - before_wrap)
-    low, high, top = columns
+        expected += (word + (1 << 32)).to_bytes(8, byteorder) * (count - before_wrap)
+    low, high, top = (2, 3, 7) if byteorder == "little" else (5, 4, 0)
     expected[low::8] = low_column[counter : counter + count]
     expected[high::8] = high_column[counter : counter + count]
     expected[top::8] = tops  # (bits 56-63 are not compared)
