@@ -443,10 +443,8 @@ class Qcow2Image(BlockDevice):
         raise error
 
     def _build_overlaps(self) -> None:
-        """Record every structure the overlap check covers, from the current state."""
-        from .bitmaps import bitmaps_extension, read_directory
-        from .snapshots import cached_table
-
+        """Record every structure the overlap check covers, from the current state (the
+        snapshot and bitmap modules loaded only for an image that has them)."""
         overlaps = self.overlaps
         overlaps.clear()
         cs = self.cluster_size
@@ -463,6 +461,8 @@ class Qcow2Image(BlockDevice):
             if entry & S.REFT_OFFSET_MASK:
                 overlaps.add(REFCOUNT_BLOCK, entry & S.REFT_OFFSET_MASK, cs)
         if hdr.nb_snapshots:
+            from .snapshots import cached_table
+
             try:
                 snapshots, table_bytes = cached_table(self)
             except CorruptImageError:  # unreadable: at least its fixed-size entry headers
@@ -470,7 +470,11 @@ class Qcow2Image(BlockDevice):
             overlaps.add(SNAPSHOT_TABLE, hdr.snapshots_offset, table_bytes)
             for snap in snapshots:
                 overlaps.add(INACTIVE_L1, snap.l1_table_offset, snap.l1_size * 8)
-        info = bitmaps_extension(hdr) if hdr.autoclear_features & S.AUTOCLEAR_BITMAPS else None
+        info = None
+        if hdr.autoclear_features & S.AUTOCLEAR_BITMAPS:
+            from .bitmaps import bitmaps_extension, read_directory
+
+            info = bitmaps_extension(hdr)
         if info is not None:
             overlaps.add(BITMAP_DIRECTORY, info.bitmap_directory_offset, info.bitmap_directory_size)
             try:
