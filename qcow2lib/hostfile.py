@@ -28,16 +28,28 @@ _fallocate_call: list = []  # [libc's fallocate or None], filled on first use
 def _fallocate():
     """libc's fallocate(2), which takes the flags os.posix_fallocate does not, or None.
 
-    Loaded on the first hole punched: ctypes costs start-up time most commands never need.
-    The symbols of the running process include libc's, so no library search is needed.
+    Loaded on the first hole punched, from `_ctypes`, the C module beneath the ctypes
+    package (which takes 2 ms more to import: every snapshot deletion punches holes). The
+    symbols of the running process include libc's, so no library search is needed; errno
+    is kept for `_ctypes.get_errno`.
     """
     if not _fallocate_call:
-        import ctypes
+        import _ctypes
+
+        class _Int(_ctypes._SimpleCData):
+            _type_ = "i"
+
+        class _Int64(_ctypes._SimpleCData):
+            _type_ = "q"
+
+        class _Fallocate(_ctypes.CFuncPtr):
+            _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+            _restype_ = _Int
+            _argtypes_ = (_Int, _Int, _Int64, _Int64)
 
         try:
-            call = ctypes.CDLL(None, use_errno=True).fallocate
-            call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        except (OSError, AttributeError):  # pragma: no cover - non-glibc hosts
+            call = _Fallocate(_ctypes.dlsym(_ctypes.dlopen(None), "fallocate"))
+        except OSError:  # pragma: no cover - non-glibc hosts
             call = None
         _fallocate_call.append(call)
     return _fallocate_call[0]
@@ -496,9 +508,9 @@ class HostFile:
         finally:
             self.unflushed = True
         if result != 0:
-            import ctypes
+            import _ctypes
 
-            err = ctypes.get_errno()
+            err = _ctypes.get_errno()
             if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 return False
             raise Qcow2IOError(

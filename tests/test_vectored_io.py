@@ -255,3 +255,33 @@ def test_readinto_fills_memory_the_kernel_copies_into_slowly(tmp_path, place, mo
     finally:
         file.close()
     assert bounced if 0 < place < 32 else not bounced
+
+
+def test_punch_hole_frees_the_range_and_names_its_failure(tmp_path):
+    """HostFile.punch_hole calls libc's fallocate (through _ctypes): the range reads as
+    zeros and its blocks are given back, the rest is kept; a failure other than "not
+    supported" is reported with the errno fallocate left (here: a descriptor opened
+    read-only, EBADF)."""
+    import errno
+
+    from qcow2lib.errors import Qcow2IOError
+
+    path = tmp_path / "file.bin"
+    path.write_bytes(b"\x5a" * (1 << 20))
+    before = os.stat(path).st_blocks
+    writable = HostFile(str(path), writable=True)
+    try:
+        assert writable.punch_hole(256 << 10, 512 << 10) is True
+    finally:
+        writable.close()
+    data = path.read_bytes()
+    assert data == b"\x5a" * (256 << 10) + bytes(512 << 10) + b"\x5a" * (256 << 10)
+    assert os.stat(path).st_blocks < before
+    read_only = HostFile(str(path))
+    try:
+        with pytest.raises(Qcow2IOError) as failure:
+            read_only.punch_hole(0, 4096)
+    finally:
+        read_only.close()
+    assert failure.value.errno == errno.EBADF
+    assert "punch hole failed" in str(failure.value)
