@@ -149,14 +149,18 @@ def _lookup(snapshots: list[Snapshot], name_or_id, id, name) -> int:
 
 
 def _new_id(snapshots: list[Snapshot]) -> str:
-    """QEMU's rule: one more than the largest ID read as a number (strtoul)."""
-    import re  # (here: listing and info need no re, and importing it costs start-up time)
-
+    """QEMU's rule: one more than the largest ID read as a number (strtoul: leading
+    space, a plus sign, then the digits up to the first other character). Parsed by
+    hand: `re` costs a snapshot's creation 3 ms of start-up."""
     highest = 0
     for snap in snapshots:
-        match = re.match(r"\s*\+?(\d+)", snap.id)
-        if match:
-            highest = max(highest, int(match.group(1)))
+        text = snap.id.lstrip()
+        text = text[1:] if text.startswith("+") else text
+        digits = 0
+        while digits < len(text) and text[digits].isdecimal():
+            digits += 1
+        if digits:
+            highest = max(highest, int(text[:digits]))
     return str(highest + 1)
 
 

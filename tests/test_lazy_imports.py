@@ -95,12 +95,14 @@ def test_opening_and_reading_an_image_imports_no_construct(tmp_path: Path) -> No
     assert result == {"ok": True, "extents": 2, "loaded": []}
 
 
-# Modules that cost start-up time and that the metadata commands below never need: the
-# optional codec/crypto packages, construct (rare structures and whole-header writes only),
-# the ctypes package (hole punching and buffer addresses use _ctypes beneath it, even in
-# the commands that free clusters), the codec thread pool
-# (compressed clusters), JSON (--output=json) and datetime (dates given as datetime).
+# Modules that cost start-up time and that the metadata commands below never need: re
+# (3 ms with enum; a new snapshot's ID is parsed by hand), the optional codec/crypto
+# packages, construct (rare structures and whole-header writes only), the ctypes package
+# (hole punching and buffer addresses use _ctypes beneath it, even in the commands that
+# free clusters), the codec thread pool (compressed clusters), JSON (--output=json) and
+# datetime (dates given as datetime).
 LAZY_FOR_METADATA_COMMANDS = (
+    "re",
     "construct",
     "cryptography",
     "zstandard",
