@@ -796,8 +796,9 @@ class Qcow2Image(BlockDevice):
         held across a read's release of the GIL, the lock would make the other threads
         queue on it (8 threads of 4 KiB reads took 1.5-1.7 times as long). Two cases are
         cheaper still: a read-only image's data is read uncounted (nothing can free the
-        cluster), and when no other thread runs, data in the page cache is read while the
-        lock is held (one lock round trip, nothing counted). False: not such a read.
+        cluster), and while no other thread started from Python runs, data in the page
+        cache is read while the lock is held (one lock round trip, nothing counted).
+        False: not such a read.
         A range under an L1 entry of zero (no L2 table) needs no lock: it reads as a hole
         at the instant of that one entry's load, which a writer changes in one store."""
         if self._under_zero_l1(cluster_map, offset, len(view)):
