@@ -608,15 +608,16 @@ class ClusterMap:
                 return True
             raw = array("Q", map(window.__getitem__, positions)).tobytes()
         unusual = _plain_unusual_bits(self.cluster_bits)
+        tops = raw[7::8]  # (the entries' top bytes: flags checked, and the run test's)
         if positions is None:
-            tops = raw[7::8]
             run = self._one_run(raw, entries, tops)
             if run is not None:  # (a full range of one run, as one written in order is)
                 # Bits 0-55 of every entry follow the first's: its own, and the top byte of
                 # each, tell whether all are plain.
                 if int.from_bytes(raw[:8], "little") & unusual & _BELOW_TOP_BYTE:
                     return False
-                if tops.translate(None, allowed_bytes(unusual & ~_BELOW_TOP_BYTE)[0][1]):
+                [(_, top_values)] = allowed_bytes(unusual & ~_BELOW_TOP_BYTE)  # (byte 7's)
+                if tops.translate(None, top_values):
                     return False
                 first_host, last_host = run
                 if not self._status_lookup and last_host >= self.data_file_size():
@@ -626,7 +627,7 @@ class ClusterMap:
                 self._add_runs(segments, first_cluster, range(entries), [], [first_host], pos, end)
                 return True
         for column, allowed in allowed_bytes(unusual):
-            if raw[column::8].translate(None, allowed):
+            if (tops if column == 7 else raw[column::8]).translate(None, allowed):
                 return False  # (an entry with a flag, reserved bits or a misaligned offset)
         # 1 where the entry has a host offset (in the bytes that can hold its bits: those
         # below the cluster size are zero in a plain entry)

@@ -441,10 +441,11 @@ def _plain_host_runs(
         raw = array("Q", map(table.__getitem__, positions)).tobytes()
     bits = image.cluster_bits
     irregular = S.OFLAG_COMPRESSED | (S.L2E_OFFSET_MASK & ((1 << bits) - 1))
+    tops = raw[7::8]  # (the top bytes: checked below, and passed to the run test)
     for column, allowed in allowed_bytes(irregular):
-        if raw[column::8].translate(None, allowed):
+        if (tops if column == 7 else raw[column::8]).translate(None, allowed):
             return None  # (compressed, or an offset below the cluster size)
-    if bits == 16 and is_64k_cluster_run(raw, count, raw[7::8]):  # (one run, often all)
+    if bits == 16 and is_64k_cluster_run(raw, count, tops):  # (one run, often all)
         first = (int.from_bytes(raw[:8], "little") & S.L2E_OFFSET_MASK) >> bits
         if first:
             return _cut_at_blocks([(first, count)], shift)
