@@ -1310,3 +1310,39 @@ def test_convert_cache_modes(twins, monkeypatch):
     assert counts["", "qcow2"] == counts["unsafe", "qcow2"], counts  # creating it syncs
     for cache in ("writeback", "none"):
         assert counts[cache, "raw"] > 0 and counts[cache, "qcow2"] > counts["", "qcow2"], counts
+
+
+def _run_with_reader_gone(argv: list, after_first_line: bool) -> tuple[int, bytes]:
+    """Run a program whose stdout is a pipe that its reader closes, after reading one line
+    or before reading anything (as `| head -1` and `| true` do): (exit code, stderr)."""
+    launcher_env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=launcher_env)
+    assert proc.stdout is not None and proc.stderr is not None
+    if after_first_line:
+        proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read()
+    return proc.wait(timeout=120), err
+
+
+def test_the_qimg_command_runs_on_when_its_reader_goes_away(tmp_path: Path) -> None:
+    """qemu-img ignores SIGPIPE and drops what it can no longer write: `map | head -1`
+    ends with map's exit code and no message, and `convert -p` whose progress reader went
+    away still writes the whole copy. The qimg program does the same."""
+    import sys
+
+    source = tmp_path / "a.qcow2"
+    qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4096", str(source), "64M")
+    # (16384 extents: map's output is many pipes long, written in several batches)
+    qemu_io(source, *(f"write -P 0x5a {offset} 512" for offset in range(0, 64 << 20, 8 << 10)))
+    root = Path(__file__).resolve().parent.parent
+    programs = {"qimg": [sys.executable, str(root / "tools" / "qimg")], "qemu-img": ["qemu-img"]}
+    for name, program in programs.items():
+        mapped = _run_with_reader_gone([*program, "map", "--output=json", str(source)], True)
+        assert mapped == (0, b""), name
+        copy = tmp_path / f"{name}.raw"
+        converted = _run_with_reader_gone(
+            [*program, "convert", "-p", "-O", "raw", str(source), str(copy)], False
+        )
+        assert converted == (0, b""), name
+        qemu_img("compare", str(source), str(copy))

@@ -20,7 +20,7 @@ import gc
 import sys
 
 import qcow2lib
-from qcow2lib.cli.common import Cli, CliExit
+from qcow2lib.cli.common import Cli, CliExit, ReaderSafeStream
 from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
 
 
@@ -192,6 +192,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="surrogateescape")
+    if argv is None:
+        sys.stdout, sys.stderr = ReaderSafeStream(sys.stdout), ReaderSafeStream(sys.stderr)
     cli = Cli(prog)
     # a driver's notices (an image found corrupt) go out when they happen, as QEMU's do
     qcow2lib.errors.set_notice_listener(_print_notice)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from qcow2lib.cli.gnu_getopt import GetoptLong
@@ -18,6 +19,41 @@ class CliExit(Exception):
     def __init__(self, code: int):
         super().__init__(code)
         self.code = code
+
+
+class ReaderSafeStream:
+    """stdout or stderr of the qimg program, whose reader may go away before qimg is done
+    (`qimg map ... | head`). qemu-img ignores SIGPIPE and its stdio drops what it can no
+    longer write: the command runs to its end, its exit code unchanged, with no message.
+    Here the first EPIPE points the stream's descriptor at /dev/null, and what was still
+    buffered and everything after goes there; the rest of the stream is the one wrapped."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._reader_gone()
+            return self._stream.write(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._reader_gone()
+            self._stream.flush()
+
+    def _reader_gone(self) -> None:
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, self._stream.fileno())
+        finally:
+            os.close(null)
 
 
 class Cli:
