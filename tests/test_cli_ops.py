@@ -1315,8 +1315,7 @@ def test_convert_cache_modes(twins, monkeypatch):
 def _run_with_reader_gone(argv: list, after_first_line: bool) -> tuple[int, bytes]:
     """Run a program whose stdout is a pipe that its reader closes, after reading one line
     or before reading anything (as `| head -1` and `| true` do): (exit code, stderr)."""
-    launcher_env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=launcher_env)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_LAUNCHER_ENV)
     assert proc.stdout is not None and proc.stderr is not None
     if after_first_line:
         proc.stdout.readline()
@@ -1325,19 +1324,25 @@ def _run_with_reader_gone(argv: list, after_first_line: bool) -> tuple[int, byte
     return proc.wait(timeout=120), err
 
 
+_ROOT = Path(__file__).resolve().parent.parent
+_LAUNCHER_ENV = dict(os.environ, PYTHONPATH=str(_ROOT))
+
+
+def _programs() -> dict[str, list[str]]:
+    import sys
+
+    return {"qimg": [sys.executable, str(_ROOT / "tools" / "qimg")], "qemu-img": ["qemu-img"]}
+
+
 def test_the_qimg_command_runs_on_when_its_reader_goes_away(tmp_path: Path) -> None:
     """qemu-img ignores SIGPIPE and drops what it can no longer write: `map | head -1`
     ends with map's exit code and no message, and `convert -p` whose progress reader went
     away still writes the whole copy. The qimg program does the same."""
-    import sys
-
     source = tmp_path / "a.qcow2"
     qemu_img("create", "-f", "qcow2", "-o", "cluster_size=4096", str(source), "64M")
     # (16384 extents: map's output is many pipes long, written in several batches)
     qemu_io(source, *(f"write -P 0x5a {offset} 512" for offset in range(0, 64 << 20, 8 << 10)))
-    root = Path(__file__).resolve().parent.parent
-    programs = {"qimg": [sys.executable, str(root / "tools" / "qimg")], "qemu-img": ["qemu-img"]}
-    for name, program in programs.items():
+    for name, program in _programs().items():
         mapped = _run_with_reader_gone([*program, "map", "--output=json", str(source)], True)
         assert mapped == (0, b""), name
         copy = tmp_path / f"{name}.raw"
@@ -1346,3 +1351,33 @@ def test_the_qimg_command_runs_on_when_its_reader_goes_away(tmp_path: Path) -> N
         )
         assert converted == (0, b""), name
         qemu_img("compare", str(source), str(copy))
+
+
+@pytest.mark.parametrize(
+    "redirect",
+    ["stdout closed", "stderr closed", "stdout a full disk"],
+)
+def test_the_qimg_command_drops_what_it_cannot_write(tmp_path: Path, redirect: str) -> None:
+    """Output to a descriptor closed before the start, or to a full disk, is dropped as
+    qemu-img's stdio drops it: the same exit code (info of an image, 0; of a missing one,
+    1), no message, and nothing written where an image took the closed descriptor."""
+    image = tmp_path / "a.qcow2"
+    qemu_img("create", "-f", "qcow2", str(image), "1M")
+    before = image.read_bytes()
+    target = str(image if redirect != "stderr closed" else tmp_path / "missing.qcow2")
+    results = {}
+    for name, program in _programs().items():
+        with open("/dev/full", "w") as full:
+            closed = {"stdout closed": 1, "stderr closed": 2}.get(redirect)
+            proc = subprocess.run(
+                [*program, "info", target],
+                stdout=full if closed is None else None,
+                stderr=subprocess.PIPE if closed != 2 else None,
+                env=_LAUNCHER_ENV,
+                # (the descriptor closed in the child, between fork and exec)
+                preexec_fn=None if closed is None else (lambda fd=closed: os.close(fd)),
+            )
+        results[name] = (proc.returncode, proc.stderr)
+    assert results["qimg"] == results["qemu-img"]
+    assert results["qemu-img"][0] == (1 if redirect == "stderr closed" else 0)
+    assert image.read_bytes() == before

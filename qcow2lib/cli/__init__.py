@@ -20,7 +20,7 @@ import gc
 import sys
 
 import qcow2lib
-from qcow2lib.cli.common import Cli, CliExit, ReaderSafeStream
+from qcow2lib.cli.common import Cli, CliExit, DroppingStream
 from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
 
 
@@ -193,7 +193,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="surrogateescape")
     if argv is None:
-        sys.stdout, sys.stderr = ReaderSafeStream(sys.stdout), ReaderSafeStream(sys.stderr)
+        sys.stdout, sys.stderr = (
+            DroppingStream.around(sys.stdout),
+            DroppingStream.around(sys.stderr),
+        )
     cli = Cli(prog)
     # a driver's notices (an image found corrupt) go out when they happen, as QEMU's do
     qcow2lib.errors.set_notice_listener(_print_notice)

@@ -21,12 +21,13 @@ class CliExit(Exception):
         self.code = code
 
 
-class ReaderSafeStream:
-    """stdout or stderr of the qimg program, whose reader may go away before qimg is done
-    (`qimg map ... | head`). qemu-img ignores SIGPIPE and its stdio drops what it can no
-    longer write: the command runs to its end, its exit code unchanged, with no message.
-    Here the first EPIPE points the stream's descriptor at /dev/null, and what was still
-    buffered and everything after goes there; the rest of the stream is the one wrapped."""
+class DroppingStream:
+    """stdout or stderr of the qimg program, treated as qemu-img's stdio treats them: what
+    cannot be written is dropped without a message, and the command runs to its end with
+    its own exit code. A reader that went away (`qimg map ... | head -1`: qemu-img ignores
+    SIGPIPE), a full disk, a descriptor closed before the start: at the first failure the
+    stream's descriptor is pointed at /dev/null, and what was still buffered and all that
+    follows goes there. Everything else is the wrapped stream's."""
 
     def __init__(self, stream) -> None:
         self._stream = stream
@@ -37,23 +38,32 @@ class ReaderSafeStream:
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
-        except BrokenPipeError:
-            self._reader_gone()
+        except OSError:
+            self._drop_the_rest()
             return self._stream.write(text)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
-        except BrokenPipeError:
-            self._reader_gone()
+        except OSError:
+            self._drop_the_rest()
             self._stream.flush()
 
-    def _reader_gone(self) -> None:
+    def _drop_the_rest(self) -> None:
         null = os.open(os.devnull, os.O_WRONLY)
         try:
             os.dup2(null, self._stream.fileno())
         finally:
             os.close(null)
+
+    @classmethod
+    def around(cls, stream) -> DroppingStream:
+        """The wrapper of a standard stream; of /dev/null where the descriptor was closed
+        before the start (Python's stream is then None; the descriptor, taken by /dev/null
+        here, can no more become an image's, which a stray message would write into)."""
+        if stream is None:
+            stream = open(os.devnull, "w", encoding="utf-8", errors="surrogateescape")
+        return cls(stream)
 
 
 class Cli:
