@@ -96,8 +96,11 @@ def create(
         container = _container(path)
         try:
             write_luks_image(container, region, size, preallocation)
-        finally:
+        except Qcow2IOError:
             container.close()
+            _remove_regular_file(path)  # (as QEMU: no half-made volume is left behind)
+            raise
+        container.close()
         return
     if fmt != "qcow2":
         raise InvalidArgumentError(f"Unknown file format '{fmt}'")
@@ -136,22 +139,30 @@ def create(
         from .crypto import create_luks_header  # loaded only when needed (start-up time)
 
         luks_header, _ = create_luks_header(passphrase, encrypt_options or {})
-    _write_empty_qcow2(
-        path,
-        size,
-        version,
-        cluster_size,
-        backing_file,
-        backing_fmt,
-        refcount_bits,
-        lazy_refcounts,
-        extended_l2,
-        data_file,
-        data_file_raw,
-        compression_type,
-        encrypt_format,
-        luks_header,
-    )
+    try:
+        _write_empty_qcow2(
+            path,
+            size,
+            version,
+            cluster_size,
+            backing_file,
+            backing_fmt,
+            refcount_bits,
+            lazy_refcounts,
+            extended_l2,
+            data_file,
+            data_file_raw,
+            compression_type,
+            encrypt_format,
+            luks_header,
+        )
+    except Qcow2IOError:
+        # As QEMU, an image that could not be written whole is not left behind, nor the
+        # data file made for it.
+        _remove_regular_file(path)
+        if data_file:
+            _remove_regular_file(data_file)
+        raise
     if preallocation != "off":
         image = open_image(path, "r+", "qcow2", backing=False, passphrase=passphrase)
         assert isinstance(image, Qcow2Image)  # (opened as qcow2)
@@ -354,24 +365,52 @@ def _write_empty_qcow2(
     table = array("Q", [(first_block + i) * cluster_size for i in range(blocks)])
     table.extend([0] * (table_clusters * cluster_size // 8 - blocks))
     file = _container(path)
-    try:
+    step: str | None = _HEADER_STEP
+    try:  # (in the order QEMU writes them: see _write_qemu_layout)
         _write_header_cluster(file, hdr.pack(), cluster_size)
+        step = _REFCOUNT_STEP
         file.pwrite(encode_be64(table), cluster_size)
-        if luks_header:
-            file.pwrite(luks_header, hdr.crypto_offset)
         for i in range(blocks):
             block = RefcountBlock(order, bytes(cluster_size))
             for j in range(min(block_entries, total - i * block_entries)):
                 block.set(j, 1)
             file.pwrite(block.to_bytes(), (first_block + i) * cluster_size)
+            step = _L1_BLOCKS_STEP
+        step = _L1_STEP
         if file.is_device:  # a device keeps old bytes where a new file would read zeros
             file.pwrite(bytes(l1_clusters * cluster_size), hdr.l1_table_offset)
         file.truncate(total * cluster_size)
+        if luks_header:
+            step = "Could not zero fill encryption header"
+            file.pwrite(luks_header, hdr.crypto_offset)
+        step = None
         file.flush()
-    except Qcow2IOError:
+    except Qcow2IOError as exc:
         file.close()
-        raise
+        raise _creation_failure(exc, step) from None
     file.close()
+
+
+# What QEMU's qcow2 creation says when writing a step of the new image fails: the header
+# cluster, then the refcount table with its first block, then (growing the L1 table to
+# the image's size) the L1 table and the refcount blocks it needs.
+_HEADER_STEP = "Could not write qcow2 header"
+_REFCOUNT_STEP = "Could not write refcount table"
+_L1_STEP = "Could not resize image: Failed to grow the L1 table"
+_L1_BLOCKS_STEP = "the refcount blocks for the L1 table"
+
+
+def _creation_failure(exc: Qcow2IOError, step: str | None) -> Qcow2IOError:
+    """A write of a new qcow2 image that failed at `step`, as QEMU reports it (None: as
+    it is). Where a refcount block the L1 table needs could not be written, QEMU's
+    refcount cache still holds it when the image is closed, and says so first."""
+    if step is None:
+        return exc
+    if step is not _L1_BLOCKS_STEP:
+        return exc.in_context(step)
+    failure = exc.in_context(_L1_STEP)
+    failure.reported = f"Failed to flush the refcount block cache: {exc.errno_text()}"
+    return failure
 
 
 def _qemu_layout(
@@ -442,8 +481,10 @@ def _write_qemu_layout(
     for block_index, cluster in blocks.items():
         table[block_index] = cluster * cluster_size
     file = _container(path)
+    step: str | None = _HEADER_STEP
     try:
         _write_header_cluster(file, hdr.pack(), cluster_size)
+        step = _REFCOUNT_STEP
         file.pwrite(encode_be64(table), cluster_size)
         for block_index, cluster in sorted(blocks.items()):
             block = RefcountBlock(order, bytes(cluster_size))
@@ -452,6 +493,8 @@ def _write_qemu_layout(
                 if base <= used_cluster < base + block_entries:
                     block.set(used_cluster - base, 1)
             file.pwrite(block.to_bytes(), cluster * cluster_size)
+            step = _L1_BLOCKS_STEP  # (the first block goes with the table, the others with L1)
+        step = _L1_STEP
         if file.is_device:  # a device (or NBD export) keeps old bytes and its size
             if l1_offset:
                 file.pwrite(bytes(-(-hdr.l1_size * 8 // cluster_size) * cluster_size), l1_offset)
@@ -459,10 +502,11 @@ def _write_qemu_layout(
             if l1_offset:
                 file.pwrite(bytes(hdr.l1_size * 8), l1_offset)
             file.truncate(file_end)
+        step = None
         file.flush()
-    except Qcow2IOError:
+    except Qcow2IOError as exc:
         file.close()
-        raise
+        raise _creation_failure(exc, step) from None
     file.close()
 
 

@@ -41,7 +41,10 @@ class UnsupportedFeatureError(Qcow2Error):
 
 
 class Qcow2IOError(Qcow2Error, OSError):
-    """The host file failed a read, write or flush (errno is kept)."""
+    """The host file failed a read, write or flush (errno is kept). `reported`: a line
+    QEMU's driver reports on its own (error_report) before the failure, if any."""
+
+    reported: str | None = None
 
     def __init__(self, errno_value: int | None, message: str, filename: str | None = None):
         OSError.__init__(self, errno_value, message, filename)

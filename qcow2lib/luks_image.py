@@ -24,6 +24,7 @@ from .errors import (
     Qcow2IOError,
     UnsupportedFeatureError,
 )
+from .hostfile import preallocate
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:
@@ -255,17 +256,16 @@ def write_luks_image(container, region: bytes, size: int, preallocation: str = "
     if preallocation not in ("off", "metadata", "falloc", "full"):
         raise InvalidArgumentError(f"Unsupported preallocation mode: {preallocation}")
     end = len(region) + size
-    if preallocation == "full":
-        chunk = bytes(ZERO_CHUNK)
-        for offset in range(0, end, ZERO_CHUNK):
-            container.pwrite(memoryview(chunk)[: min(ZERO_CHUNK, end - offset)], offset)
-    else:
+    if preallocation != "full":
         container.truncate(end)
-        if preallocation == "falloc" and end:
-            container.allocate(0, end)
+    if preallocation in ("full", "falloc"):  # (worded as QEMU's file driver words failures)
+        preallocate(container, 0, end, preallocation)
     block = 4096
-    for offset in range(0, len(region), block):
-        piece = region[offset : offset + block]
-        if piece.count(0) != len(piece):
-            container.pwrite(piece, offset)
+    try:
+        for offset in range(0, len(region), block):
+            piece = region[offset : offset + block]
+            if piece.count(0) != len(piece):
+                container.pwrite(piece, offset)
+    except Qcow2IOError as exc:
+        raise exc.in_context("Could not write encryption header") from None
     container.flush()

@@ -3,6 +3,7 @@ and dd use for their targets)."""
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import qcow2lib
@@ -348,7 +349,11 @@ def img_create(
             error_text(exc), f"Is another process using the image [{path}]?\n"
         ) from exc
     except Qcow2Error as exc:
-        raise CreateError(error_text(exc)) from exc
+        reported = getattr(exc, "reported", None)
+        if getattr(exc, "errno", None) == errno.EFBIG:  # (QEMU's bdrv_img_create words it)
+            hint = " (try using a larger cluster size)" if "cluster_size" in opts.descs else ""
+            raise CreateError(f"The image size is too large for file format '{fmt}'{hint}") from exc
+        raise CreateError(error_text(exc), reported=reported) from exc
 
 
 def cmd_create(cli: Cli, argv: list[str]) -> int:
@@ -398,6 +403,8 @@ def cmd_create(cli: Cli, argv: list[str]) -> int:
     try:
         img_create(cli, filename, fmt, base_filename, base_fmt, options, img_size, unsafe, quiet)
     except CreateError as exc:
+        if exc.reported:
+            cli.error_report(exc.reported)
         sys.stderr.write(f"{cli.prog}: {filename}: {exc.message}\n{exc.hint}")
         return 1
     return 0

@@ -113,10 +113,11 @@ UINT32_MAX = (1 << 32) - 1
 class CreateError(Exception):
     """A failure of image creation: qemu-img prints "<prog>: <file>: <message>" + hint."""
 
-    def __init__(self, message: str, hint: str = ""):
+    def __init__(self, message: str, hint: str = "", reported: str | None = None):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.reported = reported  # (a line QEMU's driver reports on its own before it)
 
 
 def join_option_list(options: str | None, text: str, report: Callable[[str], None]) -> str | None:
@@ -326,10 +327,11 @@ def parse_qemu_opts(text: str, implied: str) -> list[tuple[str, str]]:
 class ObjectError(Exception):
     """A bad --object: QEMU's message, and the hint lines printed after it."""
 
-    def __init__(self, message: str, hint: str = ""):
+    def __init__(self, message: str, hint: str = "", reported: str | None = None):
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.reported = reported  # (a line QEMU's driver reports on its own before it)
 
 
 def _keyval_key(text: str) -> bool:
