@@ -22,7 +22,7 @@ from itertools import compress
 from . import structs as S
 from .bitmaps import bitmaps_extension, read_directory
 from .cache import decode_be64, encode_be64
-from .errors import CorruptImageError, InvalidArgumentError
+from .errors import CorruptImageError, InvalidArgumentError, Qcow2IOError
 from .refcount import RefcountBlock
 from .runs import RunFinder, host_runs
 from .snapshot_table import l2_table_offset, read_snapshot_table
@@ -292,28 +292,41 @@ def _count_bitmaps(image, refs: ClusterCounts) -> None:
                 refs.add_range(value & S.BITMAP_TABLE_OFFSET_MASK, image.cluster_size)
 
 
-def rebuild_refcounts(image, refs: ClusterCounts | None = None) -> None:
+def rebuild_refcounts(
+    image, refs: ClusterCounts | None = None, steps: dict[str, str] | None = None
+) -> None:
     """Write a new refcount structure holding `refs` (by default the references the
     metadata makes), then point the header at it.
 
     The new table and blocks go past everything in use, so the old structure stays valid
     until the header switches over; the old clusters are then simply unreferenced.
+    `steps`: how a failed write is worded at each step ("refblock", "reftable", "flush",
+    "header": the text put before the errno's), as the caller's QEMU counterpart words it.
     """
     if refs is None:
         refs = count_references(image, refcount_structure=False)
-    table_offset, table_clusters, end = write_refcount_structure(image, refs)
-    image.file.flush()
-    image.header.refcount_table_offset = table_offset
-    image.header.refcount_table_clusters = table_clusters
-    image._write_header_fields()
-    image.file.flush()
+    table_offset, table_clusters, end = write_refcount_structure(image, refs, steps)
+    step = "flush"
+    try:
+        image.file.flush()
+        image.header.refcount_table_offset = table_offset
+        image.header.refcount_table_clusters = table_clusters
+        step = "header"
+        image._write_header_fields()
+        step = "flush"
+        image.file.flush()
+    except Qcow2IOError as exc:
+        raise _worded(exc, steps, step) from None
     image._host_size = max(image._host_size, end)
     image.use_refcount_table(table_offset, table_clusters, end)
 
 
-def write_refcount_structure(image, refs: ClusterCounts) -> tuple[int, int, int]:
+def write_refcount_structure(
+    image, refs: ClusterCounts, steps: dict[str, str] | None = None
+) -> tuple[int, int, int]:
     """Write a refcount table and blocks holding `refs` (plus their own clusters) past the
-    end of the file, unreferenced until a header points at them.
+    end of the file, unreferenced until a header points at them (`steps`: as for
+    rebuild_refcounts).
 
     Returns (table offset, table clusters, end of the file after them)."""
     cs = image.cluster_size
@@ -358,6 +371,18 @@ def write_refcount_structure(image, refs: ClusterCounts) -> tuple[int, int, int]
             block.set(cluster - base, count)
         for cluster in range(max(start, base), min(total, base + block_entries)):
             block.set(cluster - base, 1)  # the new table and blocks themselves
-        image.file.pwrite(block.to_bytes(), host_cluster * cs)
-    image.file.pwrite(encode_be64(table), start * cs)
+        try:
+            image.file.pwrite(block.to_bytes(), host_cluster * cs)
+        except Qcow2IOError as exc:
+            raise _worded(exc, steps, "refblock") from None
+    step = "reftable"
+    try:
+        image.file.pwrite(encode_be64(table), start * cs)
+    except Qcow2IOError as exc:
+        raise _worded(exc, steps, step) from None
     return start * cs, table_clusters, total * cs
+
+
+def _worded(exc: Qcow2IOError, steps: dict[str, str] | None, step: str) -> Qcow2IOError:
+    """A failed write of the new refcount structure, worded for `step` (rebuild_refcounts)."""
+    return exc if steps is None else exc.in_context(steps[step])

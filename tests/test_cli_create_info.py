@@ -24,7 +24,7 @@ import pytest
 import qimg
 from qcow2lib.qobject import qdict_items, qemu_json
 from qemutools import qemu_create, qemu_img, qemu_io
-from qemutools import make_launcher
+from qemutools import make_launcher, run_on_a_small_disk
 from shared import build_once
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1029,15 +1029,17 @@ def test_bitmaps_survive_what_leaves_the_guest_content_alone(twins, op):
 # (file system size, create arguments): the write of a new image that meets a full disk
 # at each step QEMU names: the header cluster, the refcount table, the L1 table, the
 # refcount blocks the L1 table needs (QEMU's refcount cache then fails to flush at close
-# and says so first), with a data file (removed as well), and preallocation.
+# and says so first), with a data file (removed as well), and preallocation (its data).
 FULL_DISK_CASES = [
-    ("32k", ["-f", "qcow2", "img", "1M"]),
-    ("96k", ["-f", "qcow2", "img", "1M"]),
-    ("200k", ["-f", "qcow2", "img", "1T"]),
-    ("200k", ["-f", "qcow2", "-o", "refcount_bits=64,cluster_size=512", "img", "64G"]),
-    ("96k", ["-f", "qcow2", "-o", "data_file=d", "img", "1M"]),
-    ("2M", ["-f", "qcow2", "-o", "preallocation=full", "img", "10M"]),
-    ("200k", ["-f", "qcow2", "-o", "preallocation=metadata", "img", "1M"]),
+    ("32k", ["-f", "qcow2", "img.qcow2", "1M"]),
+    ("96k", ["-f", "qcow2", "img.qcow2", "1M"]),
+    ("200k", ["-f", "qcow2", "img.qcow2", "1T"]),
+    ("200k", ["-f", "qcow2", "-o", "refcount_bits=64,cluster_size=512", "img.qcow2", "64G"]),
+    ("96k", ["-f", "qcow2", "-o", "data_file=d", "img.qcow2", "1M"]),
+    ("2M", ["-f", "qcow2", "-o", "preallocation=full", "img.qcow2", "10M"]),
+    ("500k", ["-f", "qcow2", "-o", "preallocation=full", "img.qcow2", "10M"]),
+    ("500k", ["-f", "qcow2", "-o", "preallocation=falloc", "img.qcow2", "10M"]),
+    ("200k", ["-f", "qcow2", "-o", "preallocation=metadata", "img.qcow2", "1M"]),
     ("32k", ["-f", "raw", "-o", "preallocation=full", "img", "1M"]),
 ]
 
@@ -1046,38 +1048,13 @@ FULL_DISK_CASES = [
 def test_create_on_a_full_disk(tmp_path: Path, size: str, args: list[str]) -> None:
     """Creating an image on a file system too small for it: qemu-img's message for the
     step that failed, its exit code, and what is left behind (a qcow2 image and its data
-    file are removed, as QEMU removes them). Each run gets a tmpfs of `size` of its own,
-    in a private mount namespace (unshare), so nothing outlives the test."""
+    file are removed, as QEMU removes them)."""
     qimg_program = make_launcher(tmp_path, "qemu-img")
     results = []
     for program in ("qemu-img", str(qimg_program)):
         disk = tmp_path / f"disk-{len(results)}"
         disk.mkdir()
-        script = (
-            'mount -t tmpfs -o size="$1" tmpfs "$2" && cd "$2" || exit 99\n'
-            "shift 2\n"
-            '"$@"\n'
-            'echo "exit $?"\n'
-            "ls -A\n"
-        )
-        done = subprocess.run(
-            [
-                "unshare",
-                "-Urm",
-                "sh",
-                "-c",
-                script,
-                "sh",
-                size,
-                str(disk),
-                program,
-                "create",
-                *args,
-            ],
-            capture_output=True,
-            text=True,
-        )
-        assert done.returncode == 0, done.stderr
+        done = run_on_a_small_disk(disk, size, [program, "create", *args])
         results.append((done.stdout, done.stderr))
     assert results[1] == results[0]
     assert "exit 1" in results[0][0]
@@ -1102,10 +1079,9 @@ def test_create_luks_on_a_full_disk(
     machine, "Unable to get accurate CPU usage"): the new volume is removed."""
     program = make_launcher(tmp_path, "qemu-img")
     (tmp_path / "disk").mkdir()
-    script = 'mount -t tmpfs -o size="$1" tmpfs "$2" && cd "$2" || exit 99\nshift 2\n"$@"\nls -A\n'
     secret = ["--object", "secret,id=s,data=pw"]
-    disk = str(tmp_path / "disk")
-    argv = ["unshare", "-Urm", "sh", "-c", script, "sh", size, disk, str(program)]
-    done = subprocess.run([*argv, "create", *secret, *args, "img", "1M"], capture_output=True)
-    assert done.stderr.decode() == f"qemu-img: img: {message}: No space left on device\n"
-    assert done.stdout.decode().splitlines()[1:] == []  # (the Formatting line, no file)
+    done = run_on_a_small_disk(
+        tmp_path / "disk", size, [str(program), "create", *secret, *args, "img", "1M"]
+    )
+    assert done.stderr == f"qemu-img: img: {message}: No space left on device\n"
+    assert done.stdout.splitlines()[1:] == ["exit 1"]  # (the Formatting line; no file)

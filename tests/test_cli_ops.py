@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from qcow2lib.cli import common, progress
-from qemutools import qemu_img, qemu_io, run
+from qemutools import make_launcher, qemu_img, qemu_io, run, run_on_a_small_disk
 from shared import build_once
 from qemutools import inside, run_qimg_in as run_qimg
 
@@ -1381,3 +1381,22 @@ def test_the_qimg_command_drops_what_it_cannot_write(tmp_path: Path, redirect: s
     assert results["qimg"] == results["qemu-img"]
     assert results["qemu-img"][0] == (1 if redirect == "stderr closed" else 0)
     assert image.read_bytes() == before
+
+
+@pytest.mark.parametrize("size", ["1M", "1100k"])
+def test_refcount_width_change_on_a_full_disk(tmp_path: Path, size: str) -> None:
+    """`amend -o refcount_bits=64` on a disk too small for the new refcount structure
+    (1M: the new blocks do not fit; 1100k: they do): qemu-img's message for the step that
+    failed, its exit code, and an image `qemu-img check` finds as qemu-img's run leaves
+    it."""
+    setup = "qemu-img create -f qcow2 a.qcow2 10M; qemu-io -c 'write -P 1 0 700k' a.qcow2"
+    qimg_program = make_launcher(tmp_path, "qemu-img")
+    results = []
+    for program in ("qemu-img", str(qimg_program)):
+        disk = tmp_path / f"disk-{len(results)}"
+        disk.mkdir()
+        argv = [program, "amend", "-o", "refcount_bits=64", "a.qcow2"]
+        done = run_on_a_small_disk(disk, size, argv, setup)
+        results.append((done.stdout, done.stderr))
+    assert results[1] == results[0]
+    assert "No errors were found" in results[0][0]

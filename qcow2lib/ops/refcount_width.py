@@ -50,13 +50,23 @@ def change_refcount_width(image, bits: int, status: Status | None = None) -> Non
     old_order = image.header.refcount_order
     image.header.refcount_order = bits.bit_length() - 1
     try:
-        rebuild_refcounts(image, counts)  # switches the header with _write_header_fields
+        # (switches the header with _write_header_fields)
+        rebuild_refcounts(image, counts, _QEMU_STEPS)
     except BaseException:
         image.header.refcount_order = old_order
         raise
     image.refcount_bits = bits
     if status is not None:  # the walk that writes the blocks, the last of all
         _report_walk(status, allocation_walks, allocation_walks + 1, table_size)
+
+
+# How qcow2_change_refcount_order words a write of the new structure that fails.
+_QEMU_STEPS = {
+    "refblock": "Failed to write refblock",
+    "reftable": "Failed to write the new reftable",
+    "flush": "Failed to flush the refblock cache",
+    "header": "Failed to update the qcow2 header",
+}
 
 
 def _report_walk(
