@@ -94,6 +94,27 @@ def commit_in_place(
         image.file.punch_hole(first << bits, count << bits)
 
 
+def room_needed(image, active_l1s: list[array], span: int, extra_clusters: int = 0) -> int:
+    """Bytes a snapshot operation may write past the end of the file at most, in one
+    commit whose active L1 table is one of `active_l1s`, cut into spans of `span`
+    entries: a copy of every L2 table a span names, the L1 table, every refcount block in
+    use, one more for the copies, a refcount table one cluster larger; and
+    `extra_clusters` the operation allocates besides (an L1 copy, a snapshot table)."""
+    refs = image.refcounts
+    cs = image.cluster_size
+    tables = max(
+        (
+            len(table[first : first + span]) - table[first : first + span].count(0)
+            for table in active_l1s
+            for first in range(0, len(table), span)
+        ),
+        default=0,
+    )
+    l1_clusters = max((-(-len(table) * 8 // cs) for table in active_l1s), default=0)
+    blocks = len(refs.table) - refs.table.count(0) + 1
+    return (tables + l1_clusters + blocks + refs.table_clusters + 1 + extra_clusters) * cs
+
+
 class _Shadow:
     """Where the shadow state lies: its L1 table (entries and offset), its refcount
     table, and where the file ended before it; and the changed active L2 tables as

@@ -30,6 +30,7 @@ at.
 from __future__ import annotations
 
 import errno
+import os
 import sys
 import time
 from array import array
@@ -50,6 +51,7 @@ from .errors import (
     ReadOnlyError,
     UnsupportedFeatureError,
 )
+from .hostfile import HostFile
 from .refcount import RefcountBlock
 from .runs import (
     allowed_bytes,
@@ -60,7 +62,7 @@ from .runs import (
     nonzero_positions,
     one_positions,
 )
-from .shadow import commit_in_place
+from .shadow import commit_in_place, room_needed
 from .sizes import c_hex
 from .snapshot_table import (
     ICOUNT_DISABLED,
@@ -713,6 +715,23 @@ def _free_clusters(image, offset: int, length: int) -> None:
         emit_notice(f"qcow2_free_clusters failed: {exc.strerror}")
 
 
+def _require_room(image, active_l1s: list[array], extra_clusters: int = 0) -> None:
+    """Refuse, before anything is written, an operation whose shadow states (shadow.py)
+    the file system has no room for: it would fail half way otherwise (a deletion after
+    the snapshot left the table, with what it held leaked). Only a host file's file
+    system is asked (statvfs: the room of any user, the bound of shadow.room_needed)."""
+    file = image.file
+    if not isinstance(file, HostFile) or file.is_device:
+        return
+    try:
+        stats = os.fstatvfs(file.fd)
+    except OSError:
+        return
+    needed = room_needed(image, active_l1s, SPAN_L1_ENTRIES, extra_clusters)
+    if needed > stats.f_bavail * stats.f_frsize:
+        raise Qcow2IOError(errno.ENOSPC, os.strerror(errno.ENOSPC), image.filename)
+
+
 def _write_table(image, snapshots: list[Snapshot]) -> None:
     """QEMU's qcow2_write_snapshots: the table in new clusters, made durable, the header
     switched to it (one sector), then the old table freed."""
@@ -874,6 +893,8 @@ def create_snapshot(
                 f"too many snapshots (nb_snapshots {len(snapshots)}, limit {S.MAX_SNAPSHOTS})"
             )
         active = image.map.l1
+        table_clusters = -(-(cached_table(image)[1] + 2 * MAX_NAME_BYTES) // image.cluster_size)
+        _require_room(image, [active], -(-len(active) * 8 // image.cluster_size) + table_clusters)
         vm_index = _vm_state_index(image, image.size)
         span = _l1_span(image)
         vm_end = vm_index + (-(-vm_state_size // span))
@@ -1002,6 +1023,7 @@ def apply_snapshot(
         index = _lookup(snapshots, name_or_id, id, name)
         snap = snapshots[index]
         _validate_l1(snap, image.cluster_size)
+        _require_room(image, [image.map.l1, read_l1(image, snap)])
         disk_size = image.size if snap.disk_size is None else snap.disk_size
         if disk_size != image.size:
             if image.header.version < 3:
@@ -1173,6 +1195,7 @@ def delete_snapshot(
         index = _lookup(snapshots, name_or_id, id, name)
         snap = snapshots[index]
         _validate_l1(snap, image.cluster_size)
+        _require_room(image, [image.map.l1], -(-cached_table(image)[1] // image.cluster_size))
         # QEMU's order: the snapshot leaves the table (its clusters leak until the next
         # step), then its tree loses a reference and its L1 table is freed, and the
         # active tree's COPIED flags follow the counts.
