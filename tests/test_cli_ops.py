@@ -1383,20 +1383,36 @@ def test_the_qimg_command_drops_what_it_cannot_write(tmp_path: Path, redirect: s
     assert image.read_bytes() == before
 
 
-@pytest.mark.parametrize("size", ["1M", "1100k"])
-def test_refcount_width_change_on_a_full_disk(tmp_path: Path, size: str) -> None:
-    """`amend -o refcount_bits=64` on a disk too small for the new refcount structure
-    (1M: the new blocks do not fit; 1100k: they do): qemu-img's message for the step that
-    failed, its exit code, and an image `qemu-img check` finds as qemu-img's run leaves
-    it."""
-    setup = "qemu-img create -f qcow2 a.qcow2 10M; qemu-io -c 'write -P 1 0 700k' a.qcow2"
+_IMAGE_700K = "qemu-img create -f qcow2 a.qcow2 10M; qemu-io -c 'write -P 1 0 700k' a.qcow2"
+_CHAIN = (
+    "qemu-img create -f qcow2 -o cluster_size=4096 base.qcow2 10M;"
+    "qemu-io -c 'write -P 1 0 300k' base.qcow2;"
+    "qemu-img create -f qcow2 -b base.qcow2 -F qcow2 -o cluster_size=4096 top.qcow2;"
+    "qemu-io -c 'write -P 2 100k 500k' top.qcow2"
+)
+
+
+@pytest.mark.parametrize(
+    "size, setup, args",
+    [
+        # the new refcount blocks do not fit; then they do
+        ("1M", _IMAGE_700K, ["amend", "-o", "refcount_bits=64", "a.qcow2"]),
+        ("1100k", _IMAGE_700K, ["amend", "-o", "refcount_bits=64", "a.qcow2"]),
+        # the block job's failure; then a commit that fits
+        ("1M", _CHAIN, ["commit", "top.qcow2"]),
+        ("1200k", _CHAIN, ["commit", "top.qcow2"]),
+    ],
+)
+def test_changes_on_a_full_disk(tmp_path: Path, size: str, setup: str, args: list[str]) -> None:
+    """A refcount width change or a commit on a disk too small for it: qemu-img's message
+    for the step that failed, its exit code, and images `qemu-img check` finds as
+    qemu-img's run leaves them."""
     qimg_program = make_launcher(tmp_path, "qemu-img")
     results = []
     for program in ("qemu-img", str(qimg_program)):
         disk = tmp_path / f"disk-{len(results)}"
         disk.mkdir()
-        argv = [program, "amend", "-o", "refcount_bits=64", "a.qcow2"]
-        done = run_on_a_small_disk(disk, size, argv, setup)
+        done = run_on_a_small_disk(disk, size, [program, *args], setup)
         results.append((done.stdout, done.stderr))
     assert results[1] == results[0]
     assert "No errors were found" in results[0][0]

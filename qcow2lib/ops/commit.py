@@ -240,7 +240,7 @@ def commit(
         try:
             _copy_down(top, base, base_depth, progress, limiter)
         except Qcow2IOError as exc:  # qemu-img runs the copy as a block job
-            raise CommitError(f"Block job failed: {exc.strerror}") from exc
+            raise CommitError(f"Block job failed: {exc.errno_text()}") from exc
         if not drop and isinstance(top, Qcow2Image):
             try:
                 if can_start_afresh(top):
