@@ -1085,3 +1085,29 @@ def test_create_luks_on_a_full_disk(
     )
     assert done.stderr == f"qemu-img: img: {message}: No space left on device\n"
     assert done.stdout.splitlines()[1:] == ["exit 1"]  # (the Formatting line; no file)
+
+
+def test_snapshot_names_longer_than_255_bytes_are_cut(twins):
+    """qemu-img copies a new snapshot's name into a 256-byte buffer: a longer name is cut
+    at 255 bytes (inside a UTF-8 character if it falls there), and the full name then
+    names no snapshot."""
+    twins.setup(lambda d: qemu_img("create", "-f", "qcow2", "a.qcow2", "1M"))
+    long_ascii, long_utf8 = "x" * 300, "é" * 200
+    for name in (long_ascii, long_utf8):
+        twins.assert_same("snapshot", "-c", name, "a.qcow2")
+    listings = []
+    for directory in twins.dirs():
+        info = json.loads(qemu_img("info", "--output=json", directory / "a.qcow2").stdout)
+        names = [snapshot["name"] for snapshot in info["snapshots"]]
+        assert names == ["x" * 255, "é" * 127 + "\ufffd"]  # (QEMU's JSON: U+FFFD for 0xc3)
+        qemu_img("check", directory / "a.qcow2")
+        listed = subprocess.run(
+            ["qemu-img", "snapshot", "-l", str(directory / "a.qcow2")],
+            capture_output=True,
+            check=True,
+        ).stdout
+        listings.append(re.sub(rb" +\S+ B 20\d\d-.*", b"", listed))  # (the dates differ)
+    assert listings[0] == listings[1]
+    assert ("é" * 127).encode() + b"\xc3\n" in listings[0]
+    twins.assert_same("snapshot", "-d", long_ascii, "a.qcow2")
+    twins.assert_same("snapshot", "-d", "x" * 255, "a.qcow2")

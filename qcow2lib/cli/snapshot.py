@@ -79,8 +79,14 @@ def cmd_snapshot(cli: Cli, argv: list[str]) -> int:
                 )
                 return 1
             now = time.time_ns() // 1000  # g_get_real_time(): microseconds
+            # qemu-img copies the name into a 256-byte buffer (pstrcpy): a longer one is
+            # cut at 255 bytes, inside a character if it must be.
+            stored = name.encode("utf-8", "surrogateescape")[: snaps.MAX_NAME_BYTES]
+            date = (now // 10**6, now % 10**6 * 1000)
             try:
-                snaps.create_snapshot(img, name, date=(now // 10**6, now % 10**6 * 1000), icount=0)
+                snaps.create_snapshot(
+                    img, stored.decode("utf-8", "surrogateescape"), date=date, icount=0
+                )
             except Qcow2Error as exc:
                 if isinstance(exc, OSError) and exc.errno:
                     code = -exc.errno
