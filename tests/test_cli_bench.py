@@ -81,3 +81,17 @@ def test_write_runs_leave_the_same_image(bench_twins, args):
 )
 def test_errors_like_qemu_img(bench_twins, args):
     bench_twins.assert_same("bench", *args, mask=_mask_time)
+
+
+@pytest.mark.parametrize("write", [False, True])
+def test_bench_of_an_empty_image_fails_its_requests(twins: Twins, write: bool) -> None:  # noqa: F811
+    """Every request to an image of 0 bytes lies outside it and fails, as a request past
+    the end fails in qemu-img (qemu-img itself dies of SIGFPE here: its next offset is
+    taken modulo the size)."""
+    twins.setup(lambda d: qemu_img("create", "-f", "raw", "empty.raw", "0"))
+    result = twins.qimg("bench", "-c", "3", *(["-w"] if write else []), "-f", "raw", "empty.raw")
+    assert (result.returncode, result.stderr) == (
+        1,
+        "qemu-img: Failed request: Input/output error\n",
+    )
+    assert result.stdout.startswith("Sending 3 ")
