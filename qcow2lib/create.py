@@ -157,11 +157,7 @@ def create(
             luks_header,
         )
     except Qcow2IOError:
-        # As QEMU, an image that could not be written whole is not left behind, nor the
-        # data file made for it.
-        _remove_regular_file(path)
-        if data_file:
-            _remove_regular_file(data_file)
+        _remove_unfinished(path, data_file)
         raise
     if preallocation != "off":
         image = open_image(path, "r+", "qcow2", backing=False, passphrase=passphrase)
@@ -174,13 +170,17 @@ def create(
                 image.close()
             except Qcow2Error:  # the failure that stopped the preallocation says it all
                 pass
-            # As QEMU, a qcow2 image that could not be made whole is not left behind,
-            # nor the data file made for it.
-            _remove_regular_file(path)
-            if data_file:
-                _remove_regular_file(data_file)
+            _remove_unfinished(path, data_file)
             raise failure from None
         image.close()
+
+
+def _remove_unfinished(path: str, data_file: str | None) -> None:
+    """As QEMU: a qcow2 image that could not be made whole is not left behind, nor the
+    data file made for it."""
+    _remove_regular_file(path)
+    if data_file:
+        _remove_regular_file(data_file)
 
 
 def _remove_regular_file(path: str) -> None:
