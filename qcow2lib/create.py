@@ -8,6 +8,7 @@ any guest write.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from array import array
@@ -20,7 +21,7 @@ from .header import Header
 from .hostfile import HostFile, create_host_file, preallocate
 from .image import Qcow2Image
 from .refcount import RefcountBlock
-from .sizes import SizeError, parse_size
+from .sizes import INT64_MAX, SizeError, parse_size
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:  # (the NBD client is imported only when an export is the target)
@@ -29,6 +30,7 @@ if TYPE_CHECKING:  # (the NBD client is imported only when an export is the targ
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
 COMPAT_LEVELS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 FIRST_BLOCK = 4096  # bytes QEMU writes at the start of a new raw file
+BDRV_MAX_LENGTH = INT64_MAX - (1 << 30) + 1  # QEMU's largest image (INT64_MAX, 1 GiB aligned)
 
 
 def _size_argument(size: int | str | None) -> int | None:
@@ -93,6 +95,8 @@ def create(
         from .luks_image import new_luks_region, write_luks_image
 
         region = new_luks_region(passphrase, encrypt_options)
+        if len(region) + size > INT64_MAX:  # (QEMU's block/crypto.c, before it writes)
+            raise InvalidArgumentError("The requested file size is too large")
         container = _container(path)
         try:
             write_luks_image(container, region, size, preallocation)
@@ -256,6 +260,12 @@ def _check_qcow2_options(
             "Non-zlib compression type is only supported with compatibility level 1.1 and "
             "above (use version=v3 or greater)"
         )
+    # QEMU grows the new image to its size through the block layer, which checks it first
+    # (a size rounded up past INT64_MAX is negative there).
+    if size > INT64_MAX:
+        fail("Could not resize image: Image size cannot be negative")
+    if size > BDRV_MAX_LENGTH:
+        fail(f"Could not resize image: offset({size}) exceeds maximum({BDRV_MAX_LENGTH})")
     l2_entries = cluster_size // (16 if extended_l2 else 8)
     l1_entries = -(-size // (cluster_size * l2_entries))
     if l1_entries * 8 > S.MAX_L1_BYTES:
@@ -281,11 +291,19 @@ def _container(path: str) -> HostFile | NBDHostFile:
 
 def _create_raw(path: str, size: int, preallocation: str) -> None:
     file = _container(path)
+    if size > INT64_MAX and preallocation != "off":  # (negative in QEMU: a shrink)
+        file.close()
+        raise InvalidArgumentError("Cannot use preallocation for shrinking files")
     if preallocation == "metadata":  # QEMU fails here too, leaving the file it made empty
         file.close()
         raise InvalidArgumentError("Unsupported preallocation mode: metadata")
     try:
-        file.truncate(size)
+        try:  # (as QEMU's file driver words it; a size past INT64_MAX is negative there)
+            if size > INT64_MAX:
+                raise Qcow2IOError(errno.EINVAL, os.strerror(errno.EINVAL), path)
+            file.truncate(size)
+        except Qcow2IOError as exc:
+            raise exc.in_context("Could not resize file") from None
         if preallocation == "off" and size and not file.is_device:
             # As QEMU's file driver: the first block of a new file is allocated (zeros),
             # so that later probes of the file's allocation alignment find a data block.

@@ -500,6 +500,9 @@ def test_create_into_missing_directory(twins, fmt):
     twins.assert_same("create", "-f", fmt, "nodir/img", "1G")
 
 
+PREALLOC = ("off", "metadata", "falloc", "full")
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -508,10 +511,22 @@ def test_create_into_missing_directory(twins, fmt):
         # (the file system refuses the size: QEMU words any EFBIG of a creation so)
         ["-f", "raw", "img", "1E"],
         ["-f", "raw", "-o", "preallocation=falloc", "img", "1E"],
+        # sizes near INT64_MAX, which QEMU's block layer checks as it grows the new image:
+        # rounded up to a sector, INT64_MAX turns negative there; past BDRV_MAX_LENGTH
+        ["-f", "qcow2", "img", str(2**63 - 1)],
+        ["-f", "qcow2", "-o", "compat=0.10", "img", str(2**63 - 1)],
+        ["-f", "qcow2", "img", str(2**63 - 2**30 + 512)],
+        ["-f", "qcow2", "-o", "cluster_size=2M", "img", str(2**63 - 2**30 + 512)],
+        ["-f", "qcow2", "-o", "cluster_size=2M", "img", str(2**63 - 2**30)],
+        ["-f", "raw", "img", str(2**63 - 1)],
+        ["-f", "raw", "img", str(2**63 - 512)],
+        *(["-f", "raw", "-o", f"preallocation={mode}", "img", str(2**63 - 1)] for mode in PREALLOC),
     ],
 )
 def test_create_too_large(twins, args):
     twins.assert_same("create", *args)
+    qemu_files, qimg_files = (sorted(os.listdir(d)) for d in twins.dirs())
+    assert qimg_files == qemu_files  # (what a failed creation leaves behind)
 
 
 def test_create_raw_metadata_preallocation(twins):
