@@ -21,7 +21,7 @@ from .header import Header
 from .hostfile import HostFile, create_host_file, preallocate
 from .image import Qcow2Image
 from .refcount import RefcountBlock
-from .sizes import INT64_MAX, SizeError, parse_size
+from .sizes import BDRV_MAX_LENGTH, INT64_MAX, SizeError, parse_size
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:  # (the NBD client is imported only when an export is the target)
@@ -30,7 +30,6 @@ if TYPE_CHECKING:  # (the NBD client is imported only when an export is the targ
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
 COMPAT_LEVELS = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 FIRST_BLOCK = 4096  # bytes QEMU writes at the start of a new raw file
-BDRV_MAX_LENGTH = INT64_MAX - (1 << 30) + 1  # QEMU's largest image (INT64_MAX, 1 GiB aligned)
 
 
 def _size_argument(size: int | str | None) -> int | None:

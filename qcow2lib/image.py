@@ -2135,11 +2135,8 @@ class Qcow2Image(BlockDevice):
             old_size = len(self.map.l1)
             if new_l1_size <= old_size:
                 return
-            if new_l1_size * 8 > S.MAX_L1_BYTES:
-                raise InvalidArgumentError(
-                    f"Failed to grow the L1 table: File too large (l1_size {new_l1_size}, limit "
-                    f"{S.MAX_L1_BYTES // 8})"
-                )
+            if new_l1_size * 8 > S.MAX_L1_BYTES:  # (as QEMU words it)
+                raise InvalidArgumentError("Failed to grow the L1 table: File too large")
             self._resize_quiesce()
             cs = self.cluster_size
             clusters = -(-new_l1_size * 8 // cs)

@@ -13,6 +13,7 @@ from .errors import InvalidArgumentError
 
 UINT64_MAX = (1 << 64) - 1
 INT64_MAX = (1 << 63) - 1
+BDRV_MAX_LENGTH = INT64_MAX - (1 << 30) + 1  # QEMU's largest image (INT64_MAX, 1 GiB aligned)
 
 _SUFFIX_POWER = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}
 _IEC_PREFIXES = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")

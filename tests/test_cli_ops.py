@@ -841,6 +841,15 @@ def test_compare(twins, args):
         ["--shrink", "cz.qcow2", "3M"],
         ["l.qcow2", "8M"],
         ["--image-opts", LUKS_OPEN.format("l.qcow2"), "8M"],
+        # sizes past what the L1 table, QEMU's block layer or the file system can take
+        ["a.qcow2", "4E"],
+        ["a.qcow2", str(2**63 - 2**30)],
+        ["a.qcow2", str(2**63 - 2**30 + 512)],
+        ["a.qcow2", str(2**63 - 1)],
+        ["-f", "raw", "r.raw", str(2**63 - 1)],
+        ["-f", "raw", "r.raw", "17T"],
+        ["--preallocation=falloc", "-f", "raw", "r.raw", "17T"],
+        ["--preallocation=full", "-f", "raw", "r.raw", str(2**63 - 1)],
     ],
     ids=" ".join,
 )

@@ -11,8 +11,9 @@ truncated, with falloc/full preallocation of the new area.
 from __future__ import annotations
 
 
-from ..errors import InvalidArgumentError, UnsupportedFeatureError
+from ..errors import InvalidArgumentError, Qcow2IOError, UnsupportedFeatureError
 from ..hostfile import preallocate
+from ..sizes import BDRV_MAX_LENGTH
 from . import virtual_size
 
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
@@ -51,6 +52,8 @@ def resize(image, new_size: int, *, shrink: bool = False, preallocation: str = "
         from ..errors import ReadOnlyError
 
         raise ReadOnlyError("Image is read-only")
+    if new_size > BDRV_MAX_LENGTH:  # (QEMU's block layer, before any driver)
+        raise InvalidArgumentError(f"offset({new_size}) exceeds maximum({BDRV_MAX_LENGTH})")
     if image.format in ("raw", "host_device", "file"):
         if image.file.is_device and new_size != image.size:
             raise UnsupportedFeatureError("Cannot resize device files")
@@ -74,8 +77,13 @@ def _resize_raw(image, new_size: int, preallocation: str) -> None:
     if preallocation == "metadata":
         raise InvalidArgumentError("Unsupported preallocation mode: metadata")
     old = image.size
-    image.resize(new_size)
-    if new_size > old:
+    if preallocation == "falloc" and new_size > old:  # (QEMU grows the file by reserving)
+        preallocate(image.file, old, new_size - old, preallocation)
+    try:
+        image.resize(new_size)
+    except Qcow2IOError as exc:  # (as QEMU's file driver words it)
+        raise exc.in_context("Could not resize file") from None
+    if preallocation == "full" and new_size > old:
         preallocate(image.file, old, new_size - old, preallocation)
     image.flush()
 
