@@ -302,6 +302,8 @@ def _create_raw(path: str, size: int, preallocation: str) -> None:
                 raise Qcow2IOError(errno.EINVAL, os.strerror(errno.EINVAL), path)
             file.truncate(size)
         except Qcow2IOError as exc:
+            if file.is_device:  # ("Cannot grow device files", as QEMU's host_device says)
+                raise
             raise exc.in_context("Could not resize file") from None
         if preallocation == "off" and size and not file.is_device:
             # As QEMU's file driver: the first block of a new file is allocated (zeros),
