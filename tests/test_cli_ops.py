@@ -1465,3 +1465,25 @@ def test_snapshot_operations_without_room_change_nothing(
         )
     assert results[1] == results[0]
     assert "exit 0" in results[0] and "No errors were found on the image." in results[0]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-O", "qcow2", "-o", "preallocation=falloc"],
+        ["-O", "qcow2", "-o", "preallocation=full"],
+        ["-O", "raw", "-o", "preallocation=full"],
+        ["-O", "raw", "-o", "preallocation=falloc"],
+    ],
+    ids=" ".join,
+)
+def test_convert_keeps_the_target_preallocated(twins, args):
+    """A target convert makes reads zeros where nothing is written (QEMU's has_zero_init),
+    so qemu-img writes none into it: a preallocated target keeps every cluster and block
+    it reserved, where zero writes that may unmap would have given the source's zero runs
+    back (a.qcow2 has some)."""
+    twins.assert_same("convert", *args, "a.qcow2", "out")
+    fmt = args[1]
+    twins.assert_same_image("out", fmt, same_map=fmt == "qcow2")
+    ours, theirs = ((d / "out").stat().st_blocks for d in (twins.qimg_dir, twins.qemu_dir))
+    assert ours == theirs

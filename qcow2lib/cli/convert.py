@@ -13,6 +13,7 @@ from qcow2lib.bitmaps import FLAG_IN_USE as BITMAP_IN_USE
 from qcow2lib.cli.common import Cli, cvtnum, parse_strtol
 from qcow2lib.cli.create import format_arguments, print_create_option_help
 from qcow2lib.drivers import creation_refusal
+from qcow2lib.hostfile import HostFile
 from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
 from qcow2lib.cli.images import (
     SNAPSHOT_OPT_BASE,
@@ -424,6 +425,8 @@ def _convert(
     if skip_create and virtual_size(target) // 512 < total_sectors:
         fail("output file is smaller than input file")
     target_backing = target.backing if has_backing else None
+    if not skip_create and target_backing is None and _reads_zeros_when_new(target):
+        has_zero_init = True  # (QEMU's bdrv_has_zero_init of the target it made)
     from qcow2lib.convert import ConvertError, convert
 
     try:
@@ -449,6 +452,26 @@ def _convert(
     if bitmaps:
         _convert_copy_bitmaps(cli, src_devices[0], target, skip_broken)
     return 0
+
+
+def _reads_zeros_when_new(target) -> bool:
+    """Whether a target convert has just made reads zeros wherever nothing is written, as
+    QEMU's bdrv_has_zero_init tells it: a raw image or a qcow2 image (preallocated or not,
+    its data file too) in a regular file, but not an encrypted one that is preallocated
+    (its reserved clusters do not decrypt to zeros), a device (its old bytes) or another
+    format. qemu-img then writes no zeros at all: its preallocated space stays allocated,
+    where zero writes that may unmap would give it back."""
+    host_file = getattr(target, "file", None)
+    if not isinstance(host_file, HostFile) or host_file.is_device:
+        return False
+    if target.format == "raw":
+        return True
+    if target.format != "qcow2":
+        return False
+    data_file = target.data_host
+    if data_file is not None and (not isinstance(data_file, HostFile) or data_file.is_device):
+        return False
+    return not (target.encrypted and any(target.map.l1))
 
 
 def _convert_copy_bitmaps(cli: Cli, source, target, skip_broken: bool) -> None:
