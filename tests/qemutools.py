@@ -180,9 +180,10 @@ def run_on_a_small_disk(
     disk: Path, size: str, program: list, setup: str = ""
 ) -> subprocess.CompletedProcess:
     """Run `program` in a tmpfs of `size` mounted on the empty directory `disk`, in a mount
-    namespace of its own (unshare: nothing outlives the call), after the shell commands
-    `setup` (run there too, their output dropped). Its stdout ends with "exit N" and the
-    names left in the file system; then `qemu-img check` of each *.qcow2 there."""
+    namespace of its own (unshare, private propagation: nothing outlives the call), after
+    the shell commands `setup` (run there too, their output dropped). Its stdout ends
+    with "exit N" and the names left in the file system; then `qemu-img check` of each
+    *.qcow2 there."""
     script = (
         'mount -t tmpfs -o size="$1" tmpfs "$2" && cd "$2" || exit 99\n'
         'eval "$3" >/dev/null 2>&1\n'
@@ -193,7 +194,9 @@ def run_on_a_small_disk(
         'for image in *.qcow2; do [ -f "$image" ] && qemu-img check "$image" 2>&1; done\n'
         "exit 0\n"
     )
-    argv = ["unshare", "-Urm", "sh", "-c", script, "sh", size, str(disk), setup, *program]
+    # (root needs no user namespace, which a machine may not allow; others do)
+    unshare = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-Urm"]
+    argv = [*unshare, "sh", "-c", script, "sh", size, str(disk), setup, *program]
     done = subprocess.run(argv, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     return done
