@@ -290,19 +290,17 @@ SIZE_SUFFIX_HINT = (
 def _qcow2_tuning(text: str, opts: dict[str, str], fail) -> int | None:
     """Check and take the qcow2 options that tune QEMU's caches and overlap checks (they
     change nothing qimg does); returns l2-cache-entry-size, checked once the image is open."""
-    from qcow2lib.sizes import parse_size
+    from qcow2lib.sizes import SizeError, parse_number, parse_size
 
     entry_size = None
-    for name in (*QCOW2_SIZE_OPTS, "l2-cache-entry-size", *QCOW2_NUMBER_OPTS):
+    for name in (*QCOW2_SIZE_OPTS, "l2-cache-entry-size"):
         if name in opts:
             value = opts.pop(name)
             try:
-                number = parse_size(value) if name not in QCOW2_NUMBER_OPTS else int(value, 0)
-                if not 0 <= number < 1 << 64:
-                    raise ValueError(value)
-            except (ValueError, Qcow2Error):
-                if name in QCOW2_NUMBER_OPTS:
-                    fail(f"Parameter '{name}' expects a number")
+                number = parse_size(value)
+            except SizeError as exc:
+                if exc.out_of_range:  # (as QEMU's parse_option_size words it)
+                    fail(f"Value '{value}' is out of range for parameter '{name}'")
                 raise OpenFailure(
                     f"Could not open '{text}': Parameter '{name}' expects a "
                     f"non-negative number below 2^64",
@@ -310,6 +308,17 @@ def _qcow2_tuning(text: str, opts: dict[str, str], fail) -> int | None:
                 ) from None
             if name == "l2-cache-entry-size":
                 entry_size = number
+    for name in QCOW2_NUMBER_OPTS:
+        if name in opts:
+            value = opts.pop(name)
+            try:  # (QEMU's parse_option_number: strtoull, "-1" wraps)
+                number = parse_number(value)
+            except SizeError as exc:
+                if exc.out_of_range:
+                    fail(f"Value '{value}' is too large for parameter '{name}'")
+                fail(f"Parameter '{name}' expects a number")
+            if name == "cache-clean-interval" and number > 0xFFFFFFFF:  # (UINT_MAX)
+                fail("Cache clean interval too big")
     for name in QCOW2_BOOL_OPTS:
         if name in opts and opts.pop(name) not in ("on", "off"):
             fail(f"Parameter '{name}' expects 'on' or 'off'")
