@@ -202,6 +202,20 @@ def run_on_a_small_disk(
     return done
 
 
+def both_on_small_disks(
+    tmp_path: Path, size: str, args: list, setup: str = ""
+) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
+    """(qemu-img's, qimg's) run of `args`, each on a small disk of its own as
+    run_on_a_small_disk makes it (qimg named "qemu-img", as its messages then are)."""
+    qimg_program = make_launcher(tmp_path, "qemu-img")
+    runs = []
+    for index, program in enumerate(("qemu-img", str(qimg_program))):
+        disk = tmp_path / f"disk-{index}"
+        disk.mkdir()
+        runs.append(run_on_a_small_disk(disk, size, [program, *args], setup))
+    return runs[0], runs[1]
+
+
 def make_launcher(directory: Path, name: str) -> Path:
     """An executable called `name` in `directory` that runs qimg from this checkout
     (argv[0] is the name qimg's messages give themselves, as qemu-img's do)."""

@@ -22,7 +22,14 @@ from pathlib import Path
 import pytest
 
 from qcow2lib.cli import common, progress
-from qemutools import make_launcher, qemu_img, qemu_io, run, run_on_a_small_disk
+from qemutools import (
+    both_on_small_disks,
+    make_launcher,
+    qemu_img,
+    qemu_io,
+    run,
+    run_on_a_small_disk,
+)
 from shared import build_once
 from qemutools import inside, run_qimg_in as run_qimg
 
@@ -1416,15 +1423,9 @@ def test_changes_on_a_full_disk(tmp_path: Path, size: str, setup: str, args: lis
     """A refcount width change or a commit on a disk too small for it: qemu-img's message
     for the step that failed, its exit code, and images `qemu-img check` finds as
     qemu-img's run leaves them."""
-    qimg_program = make_launcher(tmp_path, "qemu-img")
-    results = []
-    for program in ("qemu-img", str(qimg_program)):
-        disk = tmp_path / f"disk-{len(results)}"
-        disk.mkdir()
-        done = run_on_a_small_disk(disk, size, [program, *args], setup)
-        results.append((done.stdout, done.stderr))
-    assert results[1] == results[0]
-    assert "No errors were found" in results[0][0]
+    theirs, ours = both_on_small_disks(tmp_path, size, args, setup)
+    assert (ours.stdout, ours.stderr) == (theirs.stdout, theirs.stderr)
+    assert "No errors were found" in theirs.stdout
 
 
 @pytest.mark.parametrize("operation", [["-d", "s1"], ["-c", "s2"], ["-a", "s1"]])
@@ -1454,17 +1455,12 @@ def test_snapshot_operations_without_room_change_nothing(
     listed = re.findall(r"^\d+ +(\S+) +\d+ B ", done.stdout, re.MULTILINE)
     assert listed == ["s1"]
     assert "No errors were found on the image." in done.stdout
-    results = []
-    for runner in ("qemu-img", program):
-        disk = tmp_path / f"roomy-{len(results)}"
-        disk.mkdir()
-        results.append(
-            run_on_a_small_disk(
-                disk, "2M", [runner, "snapshot", *operation, "a.qcow2"], setup
-            ).stdout
-        )
-    assert results[1] == results[0]
-    assert "exit 0" in results[0] and "No errors were found on the image." in results[0]
+    (tmp_path / "roomy").mkdir()
+    theirs, ours = both_on_small_disks(
+        tmp_path / "roomy", "2M", ["snapshot", *operation, "a.qcow2"], setup
+    )
+    assert ours.stdout == theirs.stdout
+    assert "exit 0" in theirs.stdout and "No errors were found on the image." in theirs.stdout
 
 
 @pytest.mark.parametrize(

@@ -471,7 +471,8 @@ def _reads_zeros_when_new(target) -> bool:
     data_file = target.data_host
     if data_file is not None and (not isinstance(data_file, HostFile) or data_file.is_device):
         return False
-    return not (target.encrypted and any(target.map.l1))
+    l1 = target.map.l1
+    return not (target.encrypted and l1.count(0) != len(l1))  # (preallocated: tables)
 
 
 def _convert_copy_bitmaps(cli: Cli, source, target, skip_broken: bool) -> None:

@@ -327,11 +327,10 @@ def parse_qemu_opts(text: str, implied: str) -> list[tuple[str, str]]:
 class ObjectError(Exception):
     """A bad --object: QEMU's message, and the hint lines printed after it."""
 
-    def __init__(self, message: str, hint: str = "", reported: str | None = None):
+    def __init__(self, message: str, hint: str = ""):
         super().__init__(message)
         self.message = message
         self.hint = hint
-        self.reported = reported  # (a line QEMU's driver reports on its own before it)
 
 
 def _keyval_key(text: str) -> bool:
