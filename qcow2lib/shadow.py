@@ -115,6 +115,39 @@ def room_needed(image, active_l1s: list[array], span: int, extra_clusters: int =
     return (tables + l1_clusters + blocks + refs.table_clusters + 1 + extra_clusters) * cs
 
 
+def shadow_bytes(image, active_l1: array) -> int:
+    """At most how many bytes commit_in_place writes past the end of the file for the
+    state prepared in the caches with the active L1 table `active_l1`: none where the
+    active tables stay as they are (everything is then written in place); else the
+    copies of the changed active L2 tables and of the L1 table, the refcount blocks
+    that count what changes or what the copies move, and a refcount table."""
+    m = image.map
+    refs = image.refcounts
+    bits, cs = image.cluster_bits, image.cluster_size
+    dirty_l2 = {entry & S.L1E_OFFSET_MASK for entry in active_l1}
+    dirty_l2.intersection_update(m.l2_cache.dirty)
+    if active_l1 == m.l1 and not dirty_l2:
+        return 0
+    l1_clusters = -(-len(active_l1) * 8 // cs)
+    entries = refs.block_entries
+    moved = [offset >> bits for offset in dirty_l2]  # (T counts these differently)
+    moved += range(m.l1_table_offset >> bits, (m.l1_table_offset >> bits) + l1_clusters)
+    moved += range(refs.table_offset >> bits, (refs.table_offset >> bits) + refs.table_clusters)
+    blocks = _dirty_blocks(refs).union(cluster // entries for cluster in moved)
+    blocks.update(  # (and those counting their old places, released in T)
+        (refs._block_offset(index) >> bits) // entries for index in list(blocks)
+    )
+    copies = len(dirty_l2) + l1_clusters + len(blocks) + refs.table_clusters + 1
+    copies += copies // entries + 2  # (the blocks counting the copies themselves)
+    return copies * cs
+
+
+def _dirty_blocks(refs) -> set[int]:
+    """The indices of the refcount blocks changed in the cache."""
+    block_of = {refs.table[i] & S.REFT_OFFSET_MASK: i for i in nonzero_positions(refs.table)}
+    return {block_of[offset] for offset in refs.blocks.dirty if offset in block_of}
+
+
 class _Shadow:
     """Where the shadow state lies: its L1 table (entries and offset), its refcount
     table, and where the file ended before it; and the changed active L2 tables as
@@ -242,8 +275,7 @@ def _write_shadow(image, dirty_l2: list[int]) -> _Shadow:
     # The refcount blocks whose counts differ from the disk's, and a table for them.
     release(refs.table_offset, refs.table_clusters * cs)
     entries = refs.block_entries
-    block_of = {refs.table[i] & S.REFT_OFFSET_MASK: i for i in nonzero_positions(refs.table)}
-    dirty_blocks = {block_of[offset] for offset in refs.blocks.dirty if offset in block_of}
+    dirty_blocks = _dirty_blocks(refs)
     block_copies: dict[int, int] = {}
     table_first, table_clusters = -1, 0
     while True:

@@ -62,7 +62,7 @@ from .runs import (
     nonzero_positions,
     one_positions,
 )
-from .shadow import commit_in_place, room_needed
+from .shadow import commit_in_place, room_needed, shadow_bytes
 from .sizes import c_hex
 from .snapshot_table import (
     ICOUNT_DISABLED,
@@ -715,11 +715,19 @@ def _free_clusters(image, offset: int, length: int) -> None:
         emit_notice(f"qcow2_free_clusters failed: {exc.strerror}")
 
 
-def _require_room(image, active_l1s: list[array], extra_clusters: int = 0) -> None:
+def _require_room(
+    image,
+    active_l1s: list[array],
+    extra_clusters: int = 0,
+    steps: Callable[[], Iterable[Step]] | None = None,
+) -> None:
     """Refuse, before anything is written, an operation whose shadow states (shadow.py)
     the file system has no room for: it would fail half way otherwise (a deletion after
     the snapshot left the table, with what it held leaked). Only a host file's file
-    system is asked (statvfs: the room of any user, the bound of shadow.room_needed)."""
+    system is asked (statvfs: the room of any user). The bound of shadow.room_needed
+    comes first; where it does not fit, and the operation's `steps` are given, each is
+    prepared and measured without being written: a file system too full for the bound
+    (where a user deletes snapshots to make room) may still hold what they write."""
     file = image.file
     if not isinstance(file, HostFile) or file.is_device:
         return
@@ -727,9 +735,31 @@ def _require_room(image, active_l1s: list[array], extra_clusters: int = 0) -> No
         stats = os.fstatvfs(file.fd)
     except OSError:
         return
-    needed = room_needed(image, active_l1s, SPAN_L1_ENTRIES, extra_clusters)
-    if needed > stats.f_bavail * stats.f_frsize:
-        raise Qcow2IOError(errno.ENOSPC, os.strerror(errno.ENOSPC), image.filename)
+    room = stats.f_bavail * stats.f_frsize
+    if room_needed(image, active_l1s, SPAN_L1_ENTRIES, extra_clusters) <= room:
+        return
+    if steps is not None and image.blkdebug is None:
+        written = _most_written(image, steps())
+        if written is not None and written + extra_clusters * image.cluster_size <= room:
+            return
+    raise Qcow2IOError(errno.ENOSPC, os.strerror(errno.ENOSPC), image.filename)
+
+
+def _most_written(image, steps: Iterable[Step]) -> int | None:
+    """The most bytes the commit of one of `steps` writes past the end of the file: each
+    prepared in the caches, measured and forgotten (nothing is written); None if one
+    meets an error (the operation then meets it, or the refusal stands)."""
+    most = 0
+    try:
+        for step in steps:
+            try:
+                active, _ = step(_Counts(image, remember_layouts=True))
+                most = max(most, shadow_bytes(image, active))
+            finally:
+                _forget_step(image)
+    except Qcow2Error:
+        return None
+    return most
 
 
 def _write_table(image, snapshots: list[Snapshot]) -> None:
@@ -1195,19 +1225,24 @@ def delete_snapshot(
         index = _lookup(snapshots, name_or_id, id, name)
         snap = snapshots[index]
         _validate_l1(snap, image.cluster_size)
-        _require_room(image, [image.map.l1], -(-cached_table(image)[1] // image.cluster_size))
+        kept = snapshots[:index] + snapshots[index + 1 :]
+        table_bytes = len(pack_snapshot_table(kept, image.size)) if kept else 0
+        _require_room(
+            image,
+            [image.map.l1],
+            -(-table_bytes // image.cluster_size),
+            lambda: _deletion_steps(image, snap),
+        )
         # QEMU's order: the snapshot leaves the table (its clusters leak until the next
         # step), then its tree loses a reference and its L1 table is freed, and the
         # active tree's COPIED flags follow the counts.
-        _write_table(image, snapshots[:index] + snapshots[index + 1 :])
+        _write_table(image, kept)
 
         try:
             deleted_l1 = read_l1(image, snap)
-            spans = _spans(max(len(deleted_l1), len(image.map.l1)))
             # (no shortcut under blkdebug: a refused one would signal its events twice)
             named_once = None if image.blkdebug else _named_once(deleted_l1, image.map.l1)
-            for entries in spans:
-                last = entries is spans[-1]
+            for entries, last in _deletion_spans(image, deleted_l1):
                 _in_place(
                     image,
                     _releasing(image, snap, deleted_l1, entries, last),
@@ -1218,6 +1253,21 @@ def delete_snapshot(
         except Qcow2IOError as exc:
             raise exc.in_context("Failed to free the cluster and L1 table") from None
         return snap
+
+
+def _deletion_spans(image, deleted_l1: array) -> list[tuple[range, bool]]:
+    """The spans a deletion commits one by one (see _spans), each with whether it is the
+    last."""
+    spans = _spans(max(len(deleted_l1), len(image.map.l1)))
+    return [(entries, entries is spans[-1]) for entries in spans]
+
+
+def _deletion_steps(image, snap: Snapshot) -> Iterator[Step]:
+    """The deletion's steps on a copy of the snapshot's L1 table (a step changes the
+    table it passes over), for _require_room to measure before anything is written."""
+    deleted_l1 = read_l1(image, snap)
+    for entries, last in _deletion_spans(image, deleted_l1):
+        yield _releasing(image, snap, deleted_l1, entries, last)
 
 
 # --- reading a snapshot without applying it -------------------------------------------------

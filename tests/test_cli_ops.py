@@ -1463,6 +1463,32 @@ def test_snapshot_operations_without_room_change_nothing(
     assert "exit 0" in theirs.stdout and "No errors were found on the image." in theirs.stdout
 
 
+def test_deleting_a_snapshot_on_a_full_disk(tmp_path: Path) -> None:
+    """Users delete snapshots to make room. On a file system with no room left, a deletion
+    whose commits leave the active tables as they are (the snapshot's clusters are its
+    own: the disk has moved on since) writes no shadow state, and _require_room measures
+    that before anything is written: qimg deletes the snapshot as qemu-img does, and the
+    image is clean. One whose active tables change (the snapshot shares them) needs room
+    for their copies, and is refused with nothing written."""
+    setup = (
+        "qemu-img create -f qcow2 -o cluster_size=4096 a.qcow2 10M;"
+        "qemu-io -c 'write -P 1 0 600k' a.qcow2; qemu-img snapshot -c s1 a.qcow2;"
+        "qemu-io -c 'write -P 2 0 600k' a.qcow2; cat /dev/zero > fill"
+    )
+    args = ["snapshot", "-d", "s1", "a.qcow2"]
+    theirs, ours = both_on_small_disks(tmp_path, "2M", args, setup)
+    assert (ours.stdout, ours.stderr) == (theirs.stdout, theirs.stderr)
+    assert "exit 0" in ours.stdout and "No errors were found on the image." in ours.stdout
+    shared = setup.replace("qemu-io -c 'write -P 2 0 600k' a.qcow2;", "")
+    program = str(make_launcher(tmp_path, "qemu-img"))
+    (tmp_path / "shared").mkdir()
+    argv = ["sh", "-c", f"{program} snapshot -d s1 a.qcow2; qemu-img snapshot -l a.qcow2"]
+    done = run_on_a_small_disk(tmp_path / "shared", "2M", argv, shared)
+    assert done.stderr == "qemu-img: Could not delete snapshot 's1': No space left on device\n"
+    assert re.findall(r"^\d+ +(\S+) +\d+ B ", done.stdout, re.MULTILINE) == ["s1"]
+    assert "No errors were found on the image." in done.stdout
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -418,3 +418,50 @@ def test_refcount_table_grows_inside_a_crash_safe_commit(tmp_path):
         with qcow2lib.open(str(crashed)) as img:
             assert img.read(0, 2 << 20) == before, description
             assert [s.name for s in snaps.list_snapshots(img)] in ([], ["a"]), description
+
+
+# --- the room a commit needs, measured before it is written ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "options", ["cluster_size=512,refcount_bits=64", "cluster_size=4096,refcount_bits=4", ""]
+)
+def test_shadow_bytes_bounds_what_a_commit_writes_past_the_end(tmp_path, monkeypatch, options):
+    """shadow.shadow_bytes, which lets a deletion go ahead on a file system too full for
+    room_needed's bound, is a bound itself: every commit of snapshot operations on tables
+    shared, diverged and given back writes at most that much past the end of the file,
+    and nothing where it says so (a deletion of clusters the snapshot holds alone)."""
+    from qcow2lib import shadow
+
+    path = tmp_path / "img.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", *(["-o", options] if options else []), path, "64M")
+    qemu_io(path, "write -P 1 0 1950k", "write -P 2 20M 300k", "write -P 3 63M 1M")
+    measured: list[tuple[int, int]] = []  # (bound, bytes written past the end)
+    write_shadow, commit = shadow._write_shadow, snaps.commit_in_place
+
+    def measuring_commit(image, active_l1, inactive_l1s, freed):
+        bound, start, reached = shadow.shadow_bytes(image, active_l1), image.file.size(), []
+
+        def measuring_write(image, dirty_l2):
+            written = write_shadow(image, dirty_l2)
+            reached.append(image.file.size() - start)
+            return written
+
+        monkeypatch.setattr(shadow, "_write_shadow", measuring_write)
+        commit(image, active_l1, inactive_l1s, freed)
+        measured.append((bound, max(reached, default=0)))
+
+    monkeypatch.setattr(snaps, "commit_in_place", measuring_commit)
+    with qcow2lib.open(str(path), "r+") as img:
+        snaps.create_snapshot(img, "shared", icount=0)
+        snaps.create_snapshot(img, "alone", icount=0)
+        img.write(20 << 20, b"\x04" * (300 << 10))  # ("alone" keeps these clusters alone)
+        img.write(63 << 20, b"\x05" * (1 << 20))
+        snaps.apply_snapshot(img, "shared")
+        snaps.delete_snapshot(img, "alone")
+        snaps.delete_snapshot(img, "shared")
+    assert len(measured) >= 5
+    assert all(written <= bound for bound, written in measured), measured
+    assert any(written > 0 for _, written in measured), measured
+    assert (0, 0) in measured, measured
+    assert_clean(path)
