@@ -25,6 +25,7 @@ from .blockdev import BlockDevice, FilterDevice
 from .errors import InvalidArgumentError, Qcow2IOError
 from .hostfile import HostFileFilter
 from .records import field, record
+from .sizes import SIZE_SUFFIX_HINT
 
 EVENTS = (
     "l1_update l1_grow_alloc_table l1_grow_write_table l1_grow_activate_table l2_load "
@@ -42,10 +43,6 @@ IO_TYPES = ("read", "write", "write-zeroes", "discard", "flush", "block-status")
 # Without an iotype a rule fails every kind of request but block-status queries.
 DEFAULT_IO_TYPES = frozenset(IO_TYPES[:5])
 SECTOR = 512
-SIZE_SUFFIX_HINT = (
-    "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
-    "and exabytes, respectively.\n"
-)
 _RULE_KEYS = {
     "inject-error": ("event", "state", "iotype", "errno", "sector", "once", "immediately"),
     "set-state": ("event", "state", "new_state"),

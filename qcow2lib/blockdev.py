@@ -13,7 +13,13 @@ import io
 from collections import namedtuple
 from collections.abc import Iterable, Iterator
 
-from .errors import InvalidArgumentError, Qcow2Error, Qcow2IOError, ReadOnlyError
+from .errors import (
+    InvalidArgumentError,
+    Qcow2Error,
+    Qcow2IOError,
+    ReadOnlyError,
+    UnsupportedFeatureError,
+)
 from .structs import QCOW_MAGIC
 from .hostfile import HostFile, open_host_file
 
@@ -286,7 +292,8 @@ class FilterDevice(BlockDevice):
 
 
 class RawDevice(BlockDevice):
-    """A raw image file: guest offset == file offset.
+    """A raw image file: guest offset == file offset, or, with QEMU's raw options offset
+    and size, a window of the file: guest offset 0 at file offset `file_offset`.
 
     Durability as for qcow2 images: close() flushes what was written since the last
     flush, and once an fdatasync has failed every later flush and close fails too (the
@@ -303,9 +310,12 @@ class RawDevice(BlockDevice):
         backing_of: str | None = None,
         file=None,
         locking: bool = True,
+        offset: int = 0,
+        size: int | None = None,
     ):
         """`file`: the HostFile to use instead of opening `path` (a blkdebug layer).
-        locking=False: QEMU's file.locking=off, no lock taken or tested."""
+        locking=False: QEMU's file.locking=off, no lock taken or tested. `offset` and
+        `size`: the window (QEMU's raw options; size None: to the end of the file)."""
         self.filename = path
         self.probed = probed  # the format was guessed: sector 0 must not turn into another
         self.read_only = mode != "r+"
@@ -318,10 +328,12 @@ class RawDevice(BlockDevice):
         try:
             if locking:
                 self.file.lock_for_use(force_share)
+            self.size = _window_size(self.file.size(), offset, size)
         except BaseException:
             self.file.close()
             raise
-        self.size = self.file.size()
+        self.file_offset = offset
+        self.fixed_size = size is not None  # (QEMU then refuses to resize it)
         # blkdebug (blkdebug.py): told of each data request, as QEMU's raw driver does
         self.blkdebug = getattr(self.file, "blkdebug", None)
         self._unflushed = False  # written since the last flush
@@ -338,7 +350,7 @@ class RawDevice(BlockDevice):
         self.check_request(offset, len(view))
         if self.blkdebug is not None:
             self.blkdebug.event("read_aio")
-        self.file.readinto(view, offset)
+        self.file.readinto(view, self.file_offset + offset)
         return len(view)
 
     def host_pieces(self, offset: int, length: int) -> list[tuple[int, int, int]] | None:
@@ -350,7 +362,7 @@ class RawDevice(BlockDevice):
             or type(self).readinto is not RawDevice.readinto  # reads done another way
         ):
             return None
-        return [(self.file.fd, offset, length)] if length else []
+        return [(self.file.fd, self.file_offset + offset, length)] if length else []
 
     def readv(self, offset: int, views: list[memoryview], length: int | None = None) -> int:
         if (
@@ -361,7 +373,7 @@ class RawDevice(BlockDevice):
             return super().readv(offset, views, length)
         total = sum(map(len, views)) if length is None else length
         self.check_request(offset, total)
-        self.file.preadv(views, offset, total)
+        self.file.preadv(views, self.file_offset + offset, total)
         return total
 
     def read(self, offset: int, length: int) -> bytes:
@@ -369,7 +381,7 @@ class RawDevice(BlockDevice):
         self.check_request(offset, length)
         if self.blkdebug is not None:
             self.blkdebug.event("read_aio")
-        return self.file.pread(length, offset)
+        return self.file.pread(length, self.file_offset + offset)
 
     def writev(self, offset: int, views: list[memoryview], length: int | None = None) -> int:
         if (
@@ -382,7 +394,7 @@ class RawDevice(BlockDevice):
             return super().writev(offset, views, length)
         total = sum(map(len, views)) if length is None else length
         self.check_request(offset, total, write=True)
-        self.file.pwritev(views, offset, total)
+        self.file.pwritev(views, self.file_offset + offset, total)
         return total
 
     def write(self, offset: int, data) -> None:
@@ -392,12 +404,12 @@ class RawDevice(BlockDevice):
             self._refuse_format_change(offset, view)
         if self.blkdebug is not None:
             self.blkdebug.event("write_aio")
-        self.file.pwrite(view, offset)
+        self.file.pwrite(view, self.file_offset + offset)
 
     def _refuse_format_change(self, offset: int, view: memoryview) -> None:
         """As QEMU: a guest of a probed raw image may not write a header that would make
         the next open probe it as another format (and so read the host's files)."""
-        head = bytearray(self.file.pread(4, 0))
+        head = bytearray(self.file.pread(4, self.file_offset))
         end = min(4, offset + len(view))
         head[offset:end] = view[: end - offset]
         if bytes(head) == QCOW_MAGIC.to_bytes(4, "big"):
@@ -411,6 +423,7 @@ class RawDevice(BlockDevice):
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = False) -> None:
         self.check_request(offset, length, write=True)
+        offset += self.file_offset
         if may_unmap and self.file.punch_hole(offset, length):
             return
         chunk = bytes(min(length, 1 << 20))
@@ -422,7 +435,7 @@ class RawDevice(BlockDevice):
 
     def discard(self, offset: int, length: int) -> None:
         self.check_request(offset, length, write=True)
-        self.file.punch_hole(offset, length)
+        self.file.punch_hole(self.file_offset + offset, length)
 
     def can_zero_fast(self, offset: int, length: int, may_unmap: bool = False) -> bool:
         """Only a hole punch is fast; without may_unmap zeros are written."""
@@ -442,15 +455,16 @@ class RawDevice(BlockDevice):
 
     def extent_batches(self, offset: int, length: int) -> Iterator[list[Extent]]:
         """Data and holes as the filesystem reports them (SEEK_DATA / SEEK_HOLE)."""
-        end = offset + length
+        base = self.file_offset
+        end = base + offset + length
         batch: list[Extent] = []
-        pos = offset
+        pos = base + offset  # (a file offset)
         while pos < end:
             if len(batch) >= RAW_EXTENT_BATCH:
                 yield batch
                 batch = []
             is_data, run_end = self.file.data_run(pos, end)
-            batch.append(Extent(pos, run_end - pos, is_data, not is_data, 0, pos, True))
+            batch.append(Extent(pos - base, run_end - pos, is_data, not is_data, 0, pos, True))
             pos = run_end
         if batch:
             yield batch
@@ -458,8 +472,10 @@ class RawDevice(BlockDevice):
     def resize(self, size: int) -> None:
         if self.read_only:
             raise ReadOnlyError(f"'{self.filename}' is opened read-only")
+        if self.fixed_size:
+            raise UnsupportedFeatureError("Cannot resize fixed-size raw disks")
         self._unflushed = True
-        self.file.truncate(size)
+        self.file.truncate(self.file_offset + size)
         self.size = size
 
     def close(self) -> None:
@@ -471,6 +487,25 @@ class RawDevice(BlockDevice):
         finally:
             self._closed = True
             self.file.close()
+
+
+def _window_size(file_size: int, offset: int, size: int | None) -> int:
+    """The size of the window at `offset` of `size` bytes (None: to the end) of a file of
+    `file_size` bytes, checked as QEMU's raw driver checks it."""
+    if offset > file_size:
+        raise InvalidArgumentError(
+            f"Offset ({offset}) cannot be greater than size of the containing file ({file_size})"
+        )
+    if size is None:
+        return file_size - offset
+    if file_size - offset < size:
+        raise InvalidArgumentError(  # (QEMU's message has the two spaces)
+            f"The sum of offset ({offset}) and size ({size}) has to be smaller or equal to "
+            f"the  actual size of the containing file ({file_size})"
+        )
+    if size % 512:
+        raise InvalidArgumentError("Specified size is not multiple of 512")
+    return size
 
 
 class BlockFile(io.RawIOBase):

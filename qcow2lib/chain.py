@@ -257,6 +257,7 @@ def _in_backing_file(exc: Qcow2Error) -> Qcow2Error:
         wrapped = Qcow2IOError(exc.errno, prefix + (exc.strerror or str(exc)), exc.filename)
     else:
         wrapped = type(exc)(prefix + str(exc))
+    wrapped.qemu_hint = exc.qemu_hint
     return wrapped
 
 
@@ -341,6 +342,7 @@ def open_image(
     untrusted: bool = False,
     locking: bool = True,
     backing_node: BackingNode | None = None,
+    raw_window: tuple[int, int | None] | None = None,
 ) -> BlockDevice:
     """Open an image (and, unless backing=False, its whole backing chain, read-only).
 
@@ -377,6 +379,9 @@ def open_image(
     or NodeReference("") for no backing node (unallocated clusters read as zeros). A
     backing node given by the caller is trusted as `path` is: a file it names is probed
     (raw included) and may lie anywhere.
+
+    raw_window (offset, size) opens a raw image as a window of its file (QEMU's raw options
+    offset and size; size None: to the end of the file).
     """
     return _open(
         path,
@@ -394,6 +399,7 @@ def open_image(
         untrusted,
         locking,
         backing_node,
+        raw_window,
     )
 
 
@@ -413,6 +419,7 @@ def _open(
     untrusted: bool,
     locking: bool = True,
     backing_node: BackingNode | None = None,
+    raw_window: tuple[int, int | None] | None = None,
 ) -> BlockDevice:
     """open_image() at one level of a chain: `chain` holds the real paths of the images
     above, for loop and depth checks."""
@@ -464,6 +471,8 @@ def _open(
         )
     if fmt != "qcow2":
         _refuse_image_children(fmt, data_file, backing_node)
+    if raw_window is not None and fmt != "raw":
+        raise InvalidArgumentError(f"Block format '{fmt}' does not support the option 'offset'")
     if fmt == "luks":  # issue 14: a LUKS volume on the raw file (luks_image.py)
         if snapshot is not None:
             raise UnsupportedFeatureError("Block driver does not support snapshots (luks)")
@@ -481,7 +490,10 @@ def _open(
     if fmt == "raw" or fmt in RAW_PROTOCOLS:
         if snapshot is not None:
             raise UnsupportedFeatureError(f"Block driver does not support snapshots ({fmt})")
-        device = RawDevice(path, mode, force_share, probed, backing_of, locking=locking)
+        offset, size = raw_window or (0, None)
+        device = RawDevice(
+            path, mode, force_share, probed, backing_of, locking=locking, offset=offset, size=size
+        )
         if fmt == "host_device" and not device.file.is_device:
             device.close()
             raise InvalidArgumentError(
@@ -636,6 +648,7 @@ def _finish_qcow2(
                 untrusted,
                 opened.get("locking", True),
                 opened.get("backing_node"),
+                opened.get("raw_window"),
             )
         except Qcow2Error as exc:
             image.close()
@@ -694,7 +707,7 @@ def _given_backing(
     image: Qcow2Image, path: str | None, options: BackingNode, untrusted: bool
 ) -> tuple[ImageTarget, str | None, dict]:
     """The backing node options give: (target, format, what _open takes besides: its
-    data_file, backing_of, locking and backing_node). A file the options name is the
+    data_file, backing_of, locking, backing_node and raw_window). A file the options name is the
     caller's (probed, opened as named); without one, the header's name is opened with the
     options' driver, as the header's own would be."""
     from .containers import NodeReference
@@ -765,9 +778,32 @@ def _given_backing(
             raise InvalidArgumentError(
                 f"'host_device' driver requires '{target}' to be either a character or block device"
             )
+    if fmt == "raw" and ("offset" in opts or "size" in opts):
+        offset, size = (_size_option(opts, key) for key in ("offset", "size"))
+        opened["raw_window"] = (offset or 0, size)
     for key in opts:
         raise InvalidArgumentError(f"Block format '{fmt}' does not support the option '{key}'")
     return target, fmt, opened
+
+
+def _size_option(opts: dict[str, str], key: str) -> int | None:
+    """Take the size option `key` of a node's options (None if not given)."""
+    from .sizes import SIZE_SUFFIX_HINT, SizeError, parse_size
+
+    if key not in opts:
+        return None
+    value = opts.pop(key)
+    try:
+        return parse_size(value)
+    except SizeError as exc:
+        if exc.out_of_range:
+            raise InvalidArgumentError(
+                f"Value '{value}' is out of range for parameter '{key}'"
+            ) from None
+        raise InvalidArgumentError(
+            f"Parameter '{key}' expects a non-negative number below 2^64",
+            qemu_hint=SIZE_SUFFIX_HINT,
+        ) from None
 
 
 # drivers of backing nodes given by options that are nodes.py's or NBD's, not a format

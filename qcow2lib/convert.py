@@ -711,11 +711,13 @@ class _Converter:
             device = part.device
             assert isinstance(device, RawDevice)  # (copy_range is set for raw sources only)
             inside = max(0, min(length, device.size - src))
+            src_file = device.file_offset + src  # (where the windows of the files lie)
+            dst_file = self.target.file_offset + dst
             done = 0
             while done < inside:
                 try:
                     copied = os.copy_file_range(
-                        device.file.fd, target_fd, inside - done, src + done, dst + done
+                        device.file.fd, target_fd, inside - done, src_file + done, dst_file + done
                     )
                 except OSError:
                     return False

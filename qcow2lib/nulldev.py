@@ -60,7 +60,7 @@ def _qemu_name(driver: str, options: dict[str, str], source: str) -> str:
 def target_from_options(driver: str, options: dict[str, str], source: str = "") -> NullTarget:
     """size, read-zeroes and latency-ns (accepted: there is no I/O to delay). source: the
     name or options text the device was given by, for QEMU's name of it."""
-    from .blkdebug import SIZE_SUFFIX_HINT
+    from .sizes import SIZE_SUFFIX_HINT
     from .sizes import parse_size
 
     target = NullTarget(driver)

@@ -89,6 +89,13 @@ def parse_number(text: str, *, signed: bool = False) -> int:
     return value
 
 
+# The lines QEMU prints after refusing a size option
+SIZE_SUFFIX_HINT = (
+    "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+    "and exabytes, respectively.\n"
+)
+
+
 def parse_size(
     text: str,
     *,

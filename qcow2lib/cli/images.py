@@ -11,6 +11,7 @@ from qcow2lib import ImageLockedError, Qcow2Error
 from qcow2lib.chain import (
     BackingNode,
     json_option_values,
+    json_text_tree,
     take_child_options,
     untrusted_backing_path,
 )
@@ -119,6 +120,7 @@ class ImageSpec:
     data_file: DataFileTarget | None = None  # data-file options: the external data file
     backing_node: BackingNode | None = None  # backing options: the backing node at run time
     warnings: tuple[str, ...] = ()  # what qemu-img warns of when it opens the image
+    raw_window: tuple[int, int | None] | None = None  # raw's offset and size options
 
 
 # qcow2 options that only tune QEMU's caches and checks: accepted once valid, ignored.
@@ -246,6 +248,10 @@ def _options_spec(text: str, values: dict[str, str | None], force_share: bool) -
         except Qcow2Error as exc:
             fail(error_text(exc))
     entry_size = _qcow2_tuning(text, opts, fail) if fmt == "qcow2" else None
+    raw_window = None
+    if fmt == "raw" and ("offset" in opts or "size" in opts):
+        offset = _size_option(text, opts, "offset", fail)
+        raw_window = (0 if offset is None else offset, _size_option(text, opts, "size", fail))
     for name in opts:
         fail(f"Block format '{fmt}' does not support the option '{name}'")
     return ImageSpec(
@@ -260,6 +266,7 @@ def _options_spec(text: str, values: dict[str, str | None], force_share: bool) -
         data_file=data_file,
         backing_node=backing_node,
         warnings=warnings,
+        raw_window=raw_window,
     )
 
 
@@ -281,33 +288,33 @@ def _backing_none(opts: dict[str, str | None]) -> tuple[dict[str, str], tuple[st
     return options, tuple(warnings)
 
 
-SIZE_SUFFIX_HINT = (
-    "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
-    "and exabytes, respectively.\n"
-)
+def _size_option(text: str, opts: dict[str, str], name: str, fail) -> int | None:
+    """Take the option `name` (None if not given), a size as QEMU's parse_option_size
+    reads it and words its refusal."""
+    from qcow2lib.sizes import SIZE_SUFFIX_HINT, SizeError, parse_size
+
+    if name not in opts:
+        return None
+    value = opts.pop(name)
+    try:
+        return parse_size(value)
+    except SizeError as exc:
+        if exc.out_of_range:
+            fail(f"Value '{value}' is out of range for parameter '{name}'")
+        raise OpenFailure(
+            f"Could not open '{text}': Parameter '{name}' expects a non-negative number below 2^64",
+            SIZE_SUFFIX_HINT,
+        ) from None
 
 
 def _qcow2_tuning(text: str, opts: dict[str, str], fail) -> int | None:
     """Check and take the qcow2 options that tune QEMU's caches and overlap checks (they
     change nothing qimg does); returns l2-cache-entry-size, checked once the image is open."""
-    from qcow2lib.sizes import SizeError, parse_number, parse_size
+    from qcow2lib.sizes import SizeError, parse_number
 
-    entry_size = None
-    for name in (*QCOW2_SIZE_OPTS, "l2-cache-entry-size"):
-        if name in opts:
-            value = opts.pop(name)
-            try:
-                number = parse_size(value)
-            except SizeError as exc:
-                if exc.out_of_range:  # (as QEMU's parse_option_size words it)
-                    fail(f"Value '{value}' is out of range for parameter '{name}'")
-                raise OpenFailure(
-                    f"Could not open '{text}': Parameter '{name}' expects a "
-                    f"non-negative number below 2^64",
-                    SIZE_SUFFIX_HINT,
-                ) from None
-            if name == "l2-cache-entry-size":
-                entry_size = number
+    for name in QCOW2_SIZE_OPTS:
+        _size_option(text, opts, name, fail)
+    entry_size = _size_option(text, opts, "l2-cache-entry-size", fail)
     for name in QCOW2_NUMBER_OPTS:
         if name in opts:
             value = opts.pop(name)
@@ -447,6 +454,7 @@ def open_spec(
             untrusted=untrusted(),
             locking=spec.locking,
             backing_node=spec.backing_node,
+            raw_window=spec.raw_window,
         )
         warn_stale_bitmaps(cli, device)
         # (QEMU prints these while it repairs a dirty image on opening it read-write)
@@ -508,7 +516,7 @@ def json_filename(spec: ImageSpec, fmt: str) -> str:
     """The "json:{...}" name QEMU gives an image opened with options beyond its file name;
     options for backing files nest each backing layer's under "backing"."""
     path = host_path(spec.path)
-    top = layer = _json_layer(spec.key_secret, fmt, spec.path)
+    top = layer = _json_layer(spec.key_secret, fmt, spec.path, _raw_window_options(spec))
     for secret in spec.backing_secrets:
         with qcow2lib.open(
             path, "r", fmt=fmt, backing=False, force_share=True, open_data_file=False
@@ -570,13 +578,29 @@ def _backing_tree(overlay: str, image, given: BackingNode | None):
     return tree
 
 
-def _json_layer(key_secret: str | None, fmt: str, filename: str) -> dict:
+def _json_layer(key_secret: str | None, fmt: str, filename: str, others=None) -> dict:
+    """One layer's options in a json: name: its key secret, driver, `others`, file."""
     options: dict = {}
     if key_secret is not None:
         options["key-secret" if fmt == "luks" else "encrypt.key-secret"] = key_secret
     options["driver"] = fmt
+    options.update(others or {})
     options["file"] = {"driver": "file", "filename": filename}
     return options
+
+
+def _raw_window_options(spec: ImageSpec) -> dict:
+    """raw's offset and size options as the image's name gave them (a JSON number stays
+    one, as in QEMU's json: names; an option string gives strings)."""
+    if spec.raw_window is None:
+        return {}
+    if spec.name.startswith("json:"):
+        given = json_text_tree(spec.name)
+    else:
+        from qcow2lib.cli.qemuopts import parse_qemu_opts
+
+        given = dict(parse_qemu_opts(spec.name, "file"))
+    return {key: given[key] for key in ("offset", "size") if key in given}
 
 
 def check_cache_mode(cli: Cli, mode: str, source: bool) -> bool:

@@ -147,6 +147,7 @@ def cmd_info(cli: Cli, argv: list[str]) -> int:
             locking,
             data_file=spec.data_file if spec is not None else None,
             backing_node=spec.backing_node if spec is not None else None,
+            raw_window=spec.raw_window if spec is not None else None,
             opened=lambda device: warn_stale_bitmaps(cli, device),
         )
     except ImageOpenError as exc:
@@ -165,7 +166,7 @@ def cmd_info(cli: Cli, argv: list[str]) -> int:
         except OpenFailure as exc:
             report_failure(cli, exc)
             return 1
-    if spec is not None and spec.key_secret is not None:
+    if spec is not None and (spec.key_secret is not None or spec.raw_window is not None):
         infos[0]["filename"] = json_filename(spec, infos[0]["format"])
     if output == "json":
         cli.out(qemu_json(infos if chain else infos[0]) + "\n")

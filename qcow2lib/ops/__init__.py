@@ -156,6 +156,7 @@ def open_by_name(
     locking: bool = True,
     data_file: DataFileTarget | None = None,
     backing_node: BackingNode | None = None,
+    raw_window: tuple[int, int | None] | None = None,
 ) -> BlockDevice:
     """Open an image read-only, named as qemu-img names images (see image_target()).
 
@@ -164,7 +165,8 @@ def open_by_name(
     image names is confined to its directory; locking=False takes no locks (all as in
     open_image); data_file: the external data file given with the name
     (data-file.filename), not opened; backing_node: the backing node options give (with
-    backing False, only "none" is taken, as qemu-img info takes it).
+    backing False, only "none" is taken, as qemu-img info takes it); raw_window: raw's
+    offset and size options.
     """
     path, fmt = image_target(filename, fmt)
     if not path:
@@ -181,6 +183,7 @@ def open_by_name(
         untrusted=untrusted,
         backing_node=backing_node,
         locking=locking,
+        raw_window=raw_window,
     )
 
 

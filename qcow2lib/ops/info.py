@@ -205,6 +205,7 @@ def image_info(
     data_file: DataFileTarget | None = None,
     backing_node: BackingNode | None = None,
     opened: Callable[[BlockDevice], None] | None = None,
+    raw_window: tuple[int, int | None] | None = None,
 ) -> dict:
     """The `qemu-img info` dict of one image, its backing file left unopened.
 
@@ -216,8 +217,8 @@ def image_info(
     untrusted and locking (see open_image); data_file: its external data file as given
     (data-file options, not opened); backing_node: its backing as options give it (only
     none is taken: the backing file is not opened); opened(device) is called once it is
-    open (where qemu-img warns of what it found). Raises ImageOpenError naming the file
-    when it cannot be read.
+    open (where qemu-img warns of what it found); raw_window: raw's offset and size options.
+    Raises ImageOpenError naming the file when it cannot be read.
     """
     try:
         with open_by_name(
@@ -230,6 +231,7 @@ def image_info(
             locking=locking,
             data_file=data_file,
             backing_node=backing_node,
+            raw_window=raw_window,
         ) as img:
             if opened is not None:
                 opened(img)
@@ -253,10 +255,11 @@ def image_info_list(
     data_file: DataFileTarget | None = None,
     backing_node: BackingNode | None = None,
     opened: Callable[[BlockDevice], None] | None = None,
+    raw_window: tuple[int, int | None] | None = None,
 ) -> list[dict]:
     """`qemu-img info [--backing-chain]`: the top image, then each backing file in turn.
-    data_file and backing_node: the top image's data-file and backing options; opened:
-    as for image_info, for each image.
+    data_file, backing_node and raw_window: the top image's data-file, backing, offset and
+    size options; opened: as for image_info, for each image.
 
     By name, as image_info(): each backing file is opened on its own (without its own
     backing file) under the name its overlay records, as qemu-img does.
@@ -275,12 +278,22 @@ def image_info_list(
             raise CorruptImageError(f"Backing file '{name}' creates an infinite loop.")
         seen.add(name)
         info = image_info(
-            name, fmt, force_share, named_by, untrusted, locking, data_file, backing_node, opened
+            name,
+            fmt,
+            force_share,
+            named_by,
+            untrusted,
+            locking,
+            data_file,
+            backing_node,
+            opened,
+            raw_window,
         )
         infos.append(info)
-        # file.locking=off, data-file and backing were options of the top image only
+        # file.locking=off, data-file, backing, offset and size were the top image's options
         locking = True
         named_by, name, fmt, data_file, backing_node = name, None, None, None, None
+        raw_window = None
         if backing_chain:
             name = info.get("full-backing-filename")
             fmt = info.get("backing-filename-format")

@@ -77,14 +77,17 @@ def _resize_raw(image, new_size: int, preallocation: str) -> None:
     if preallocation == "metadata":
         raise InvalidArgumentError("Unsupported preallocation mode: metadata")
     old = image.size
+    if image.fixed_size:  # (its raw option size)
+        raise UnsupportedFeatureError("Cannot resize fixed-size raw disks")
+    grown = (image.file_offset + old, new_size - old)  # (where the file grows, if it does)
     if preallocation == "falloc" and new_size > old:  # (QEMU grows the file by reserving)
-        preallocate(image.file, old, new_size - old, preallocation)
+        preallocate(image.file, *grown, preallocation)
     try:
         image.resize(new_size)
     except Qcow2IOError as exc:  # (as QEMU's file driver words it)
         raise exc.in_context("Could not resize file") from None
     if preallocation == "full" and new_size > old:
-        preallocate(image.file, old, new_size - old, preallocation)
+        preallocate(image.file, *grown, preallocation)
     image.flush()
 
 
