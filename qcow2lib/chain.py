@@ -779,15 +779,16 @@ def _given_backing(
                 f"'host_device' driver requires '{target}' to be either a character or block device"
             )
     if fmt == "raw" and ("offset" in opts or "size" in opts):
-        offset, size = (_size_option(opts, key) for key in ("offset", "size"))
+        offset, size = (take_size_option(opts, key) for key in ("offset", "size"))
         opened["raw_window"] = (offset or 0, size)
     for key in opts:
         raise InvalidArgumentError(f"Block format '{fmt}' does not support the option '{key}'")
     return target, fmt, opened
 
 
-def _size_option(opts: dict[str, str], key: str) -> int | None:
-    """Take the size option `key` of a node's options (None if not given)."""
+def take_size_option(opts: dict[str, str], key: str) -> int | None:
+    """Take the size option `key` of a node's options (None if not given), read and
+    refused as QEMU's parse_option_size reads and words it."""
     from .sizes import SIZE_SUFFIX_HINT, SizeError, parse_size
 
     if key not in opts:

@@ -13,6 +13,7 @@ from qcow2lib.chain import (
     json_option_values,
     json_text_tree,
     take_child_options,
+    take_size_option,
     untrusted_backing_path,
 )
 from qcow2lib.nodes import FILE_NODE_DRIVERS, NODE_DRIVERS
@@ -24,6 +25,7 @@ from qcow2lib.records import record  # (not dataclasses: start-up time)
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:  # (the NBD client is imported only when an NBD export is opened)
+    from collections.abc import Callable
     from typing import NoReturn
 
     from qcow2lib.exports.nbd_client import NBDAddress
@@ -174,8 +176,8 @@ def image_spec(
 def _options_spec(text: str, values: dict[str, str | None], force_share: bool) -> ImageSpec:
     opts, warnings = _backing_none(values)
 
-    def fail(message: str) -> NoReturn:
-        raise OpenFailure(f"Could not open '{text}': {message}", warnings=warnings)
+    def fail(message: str, hint: str = "") -> NoReturn:
+        raise OpenFailure(f"Could not open '{text}': {message}", hint, warnings)
 
     share = opts.pop("force-share", None)
     if share is not None:
@@ -250,8 +252,8 @@ def _options_spec(text: str, values: dict[str, str | None], force_share: bool) -
     entry_size = _qcow2_tuning(text, opts, fail) if fmt == "qcow2" else None
     raw_window = None
     if fmt == "raw" and ("offset" in opts or "size" in opts):
-        offset = _size_option(text, opts, "offset", fail)
-        raw_window = (0 if offset is None else offset, _size_option(text, opts, "size", fail))
+        offset = _size_option(opts, "offset", fail)
+        raw_window = (0 if offset is None else offset, _size_option(opts, "size", fail))
     for name in opts:
         fail(f"Block format '{fmt}' does not support the option '{name}'")
     return ImageSpec(
@@ -288,23 +290,12 @@ def _backing_none(opts: dict[str, str | None]) -> tuple[dict[str, str], tuple[st
     return options, tuple(warnings)
 
 
-def _size_option(text: str, opts: dict[str, str], name: str, fail) -> int | None:
-    """Take the option `name` (None if not given), a size as QEMU's parse_option_size
-    reads it and words its refusal."""
-    from qcow2lib.sizes import SIZE_SUFFIX_HINT, SizeError, parse_size
-
-    if name not in opts:
-        return None
-    value = opts.pop(name)
+def _size_option(opts: dict[str, str], name: str, fail: Callable[..., NoReturn]) -> int | None:
+    """chain.take_size_option, its refusal passed to `fail` (with its hint)."""
     try:
-        return parse_size(value)
-    except SizeError as exc:
-        if exc.out_of_range:
-            fail(f"Value '{value}' is out of range for parameter '{name}'")
-        raise OpenFailure(
-            f"Could not open '{text}': Parameter '{name}' expects a non-negative number below 2^64",
-            SIZE_SUFFIX_HINT,
-        ) from None
+        return take_size_option(opts, name)
+    except Qcow2Error as exc:
+        fail(str(exc), exc.qemu_hint)
 
 
 def _qcow2_tuning(text: str, opts: dict[str, str], fail) -> int | None:
@@ -313,8 +304,8 @@ def _qcow2_tuning(text: str, opts: dict[str, str], fail) -> int | None:
     from qcow2lib.sizes import SizeError, parse_number
 
     for name in QCOW2_SIZE_OPTS:
-        _size_option(text, opts, name, fail)
-    entry_size = _size_option(text, opts, "l2-cache-entry-size", fail)
+        _size_option(opts, name, fail)
+    entry_size = _size_option(opts, "l2-cache-entry-size", fail)
     for name in QCOW2_NUMBER_OPTS:
         if name in opts:
             value = opts.pop(name)
