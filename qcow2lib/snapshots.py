@@ -1053,8 +1053,13 @@ def apply_snapshot(
         index = _lookup(snapshots, name_or_id, id, name)
         snap = snapshots[index]
         _validate_l1(snap, image.cluster_size)
-        _require_room(image, [image.map.l1, read_l1(image, snap)])
         disk_size = image.size if snap.disk_size is None else snap.disk_size
+        in_place = disk_size == image.size and snap.l1_size <= len(image.map.l1)
+        _require_room(  # (steps measured only where no resize comes first)
+            image,
+            [image.map.l1, read_l1(image, snap)],
+            steps=(lambda: _reverting_steps(image, snap)) if in_place else None,
+        )
         if disk_size != image.size:
             if image.header.version < 3:
                 raise UnsupportedFeatureError(
@@ -1081,6 +1086,15 @@ def apply_snapshot(
                 else _reverting(image, snap, snapshot_l1, entries, named_once),
             )
         return snap
+
+
+def _reverting_steps(image, snap: Snapshot) -> Iterator[Step]:
+    """The application's steps on a copy of the snapshot's L1 table, for _require_room to
+    measure before anything is written (the image's L1 table is as large as the
+    snapshot's: no resize comes first)."""
+    snapshot_l1 = read_l1(image, snap)
+    for entries in _spans(len(image.map.l1)):
+        yield _reverting(image, snap, snapshot_l1, entries)
 
 
 def _reverting(

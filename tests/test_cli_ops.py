@@ -1489,6 +1489,34 @@ def test_deleting_a_snapshot_on_a_full_disk(tmp_path: Path) -> None:
     assert "No errors were found on the image." in done.stdout
 
 
+def test_applying_a_snapshot_on_a_nearly_full_disk(tmp_path: Path) -> None:
+    """A revert after the disk moved on leaves the snapshot's L2 tables as they are: its
+    commit copies only the L1 table and refcount blocks into the shadow state, which
+    32 KiB of room holds where room_needed's bound (every active table) does not; the
+    image reads the snapshot's data, as after qemu-img's revert."""
+    writes = " ".join(f"-c 'write -P {{0}} {index * 3}M 32k'" for index in range(20))
+    setup = (
+        "qemu-img create -f qcow2 -o cluster_size=4096 a.qcow2 64M;"
+        f"qemu-io {writes.format(1)} a.qcow2; qemu-img snapshot -c s1 a.qcow2;"
+        f"qemu-io {writes.format(2)} a.qcow2;"
+        "dd if=/dev/zero of=room bs=4k count=8; cat /dev/zero > fill; rm room"
+    )
+    check = 'qemu-io -c "read -q -P 1 57M 32k" a.qcow2 && echo "read back"'
+    args = ["sh", "-c", f"qemu-img snapshot -a s1 a.qcow2 && {check}"]
+    qimg_dir = tmp_path / "qimg-bin"
+    qimg_dir.mkdir()
+    make_launcher(qimg_dir, "qemu-img")
+    runs = []
+    for name, path in (("theirs", ""), ("ours", f"{qimg_dir}:")):
+        (tmp_path / name).mkdir()
+        program = ["env", f"PATH={path}{os.environ['PATH']}", *args]
+        runs.append(run_on_a_small_disk(tmp_path / name, "4M", program, setup))
+    theirs, ours = runs
+    assert (ours.stdout, ours.stderr) == (theirs.stdout, theirs.stderr)
+    assert "read back" in ours.stdout
+    assert "exit 0" in ours.stdout and "No errors were found on the image." in ours.stdout
+
+
 @pytest.mark.parametrize(
     "args",
     [
