@@ -63,6 +63,7 @@ FIXTURES = ROOT / "tests" / "fixtures" / "fuzz"
 CASE_CPU_SECONDS = float(os.environ.get("FUZZ_CPU_LIMIT", "2.0"))
 WALL_LIMIT = 15.0  # a case still running after this is a hang: the worker is killed
 MEMORY_LIMIT = 256 << 20  # address space a case may add to the worker's
+FUZZ_KDF_BLOCKS = 1_000_000  # the worker's LUKS key derivation budget (see worker_main)
 RESTART_EVERY = 100  # cases per worker process
 READ_CAP = 4 << 20  # bytes read from the start of the guest disk (and 1 MiB at its end)
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "500"))
@@ -339,6 +340,14 @@ def worker_main() -> None:
             return super().punch_hole(offset, length)
 
     hostfile.host_file_class = WatchedHostFile
+    # LUKS key derivation may cost an open minutes of CPU (MAX_KDF_BLOCKS: what qemu-img's
+    # own slow settings make, on a faster machine): a mutated iteration count within that
+    # budget is a valid header, not a hang, but breaks CASE_CPU_SECONDS. The worker's budget
+    # is cut to 10 times what the base images' slots cost (about 100k blocks: iter-time=10),
+    # so that a mutated count is refused at once, as one past the real budget is.
+    from qcow2lib.crypto import luks
+
+    luks.MAX_KDF_BLOCKS = FUZZ_KDF_BLOCKS
     # Start every thread the engine will ever use now, so the limit only meets case data.
     warm_threads = [0.02] * (4 * (os.cpu_count() or 2))
     list(codecs.pool().map(time.sleep, warm_threads))
