@@ -482,11 +482,11 @@ def _open(
 
         return open_luks(container, _split_passphrase(passphrase)[0])
     if fmt == "vmdk":
-        from .vmdk import VmdkImage
+        from .vmdk import open_vmdk
 
         if snapshot is not None:
             raise UnsupportedFeatureError("Block driver does not support snapshots (vmdk)")
-        return VmdkImage(path, mode, force_share, backing_of, locking)
+        return open_vmdk(path, mode, force_share, backing_of, locking)
     if fmt == "raw" or fmt in RAW_PROTOCOLS:
         if snapshot is not None:
             raise UnsupportedFeatureError(f"Block driver does not support snapshots ({fmt})")

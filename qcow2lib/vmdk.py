@@ -1,4 +1,5 @@
-"""VMDK images: hosted sparse extents (monolithicSparse) and streamOptimized ones.
+"""VMDK images: hosted sparse extents (monolithicSparse) and streamOptimized ones
+(descriptor files naming extent files: vmdk_descriptor.py, which open_vmdk hands them to).
 
 A sparse extent is one file: a 512-byte header ("KDMV", little-endian fields), an
 embedded text descriptor, a grain directory (GD) of 32-bit sector offsets of grain
@@ -39,6 +40,10 @@ from .errors import (
 )
 from .hostfile import create_host_file, open_host_file
 
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from .vmdk_descriptor import VmdkDescriptorImage
+
 SECTOR = 512
 VMDK4_MAGIC = b"KDMV"
 VMDK3_MAGIC = b"COWD"
@@ -74,16 +79,6 @@ SUBFORMATS = (
     "streamOptimized",
 )
 ADAPTER_TYPES = ("ide", "buslogic", "lsilogic", "legacyESX")
-# createType values QEMU opens from a separate descriptor file.
-DESCRIPTOR_FILE_TYPES = (
-    "monolithicFlat",
-    "vmfs",
-    "vmfsSparse",
-    "twoGbMaxExtentSparse",
-    "twoGbMaxExtentFlat",
-    "seSparse",
-    "streamOptimized",
-)
 
 
 def _le32_table(data: bytes) -> array:
@@ -159,6 +154,38 @@ def _descriptor_cid(text: str, key: str) -> int:
     return int(digits[:count], 16) & 0xFFFFFFFF
 
 
+class DescriptorFile(Exception):
+    """VmdkImage met a descriptor file (at `offset`), not a sparse extent: open_vmdk
+    opens it as a VmdkDescriptorImage."""
+
+    def __init__(self, offset: int):
+        super().__init__(offset)
+        self.offset = offset
+
+
+def open_vmdk(
+    path: str,
+    mode: str = "r",
+    force_share: bool = False,
+    backing_of: str | None = None,
+    locking: bool = True,
+) -> VmdkImage | VmdkDescriptorImage:
+    """A VMDK image: a sparse extent holding its own descriptor (VmdkImage), or a
+    descriptor file naming its extent files (vmdk_descriptor, read-only)."""
+    try:
+        return VmdkImage(path, mode, force_share, backing_of, locking)
+    except DescriptorFile as found:
+        from .vmdk_descriptor import VmdkDescriptorImage
+
+        image = VmdkDescriptorImage(path, force_share, backing_of, locking, found.offset)
+    if mode != "r":  # (opened first: QEMU's refusals of a bad descriptor come first)
+        image.close()
+        raise UnsupportedFeatureError(
+            "qimg opens VMDK descriptor files (and their extent files) read-only"
+        )
+    return image
+
+
 class VmdkImage(BlockDevice):
     """A hosted sparse or streamOptimized VMDK extent (no parent image)."""
 
@@ -171,16 +198,20 @@ class VmdkImage(BlockDevice):
         force_share: bool = False,
         backing_of: str | None = None,
         locking: bool = True,
+        extent_of: str | None = None,
     ):
+        """`extent_of`: the descriptor file naming this file as one of its extents (the
+        file's own descriptor is then not read, and a descriptor file is refused)."""
         if mode not in ("r", "r+"):
             raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
         self.filename = path
         self.read_only = mode == "r"
+        self.extent_of = extent_of
         self.file = open_host_file(
             path,
             writable=not self.read_only,
-            role="backing file" if backing_of else None,
-            named_by=backing_of,
+            role="VMDK extent file" if extent_of else "backing file" if backing_of else None,
+            named_by=extent_of or backing_of,
         )
         try:
             if locking:
@@ -206,11 +237,13 @@ class VmdkImage(BlockDevice):
         if magic == VMDK3_MAGIC:
             raise UnsupportedFeatureError("qimg does not open VMDK3 (COWD) sparse extents")
         if magic != VMDK4_MAGIC:  # a descriptor file, as QEMU takes any other file
-            self._refuse_descriptor_file(0)
+            if self.extent_of is not None:
+                raise CorruptImageError("Image not in VMDK format")
+            raise DescriptorFile(0)
         header = HEADER.unpack(self.file.pread(HEADER.size, 4).ljust(HEADER.size, b"\0"))
         (version, flags, capacity, grain_sectors, desc_offset) = header[:5]
-        if capacity == 0 and desc_offset:
-            self._refuse_descriptor_file(desc_offset * SECTOR)
+        if capacity == 0 and desc_offset and self.extent_of is None:
+            raise DescriptorFile(desc_offset * SECTOR)
         if header[8] == GD_AT_END:
             header = self._footer_header(file_size)
             (version, flags, capacity, grain_sectors, desc_offset) = header[:5]
@@ -259,6 +292,9 @@ class VmdkImage(BlockDevice):
         # where the next grain goes: the end of the file, rounded up to a grain at first
         file_sectors = -(-file_size // SECTOR)
         self._next_sector = -(-file_sectors // grain_sectors) * grain_sectors
+        self.create_type = "streamOptimized" if self.compressed else "monolithicSparse"
+        if self.extent_of is not None:
+            return  # (its descriptor is the descriptor file's)
         descriptor = self.file.pread(DESCRIPTOR_SIZE, DESCRIPTOR_OFFSET).split(b"\0", 1)[0]
         text = descriptor.decode("latin-1")
         if _descriptor_value(text, "parentFileNameHint") is not None:
@@ -267,23 +303,6 @@ class VmdkImage(BlockDevice):
             )
         self.cid = _descriptor_cid(text, "CID")
         self.parent_cid = _descriptor_cid(text, "parentCID")
-        self.create_type = "streamOptimized" if self.compressed else "monolithicSparse"
-
-    def _refuse_descriptor_file(self, offset: int) -> None:
-        """A descriptor file (or a sparse header with no capacity, which only carries a
-        descriptor): QEMU's messages for what it would refuse too, else qimg's refusal
-        (it opens no separate extent files)."""
-        text = self.file.pread(DESCRIPTOR_FILE_LIMIT, offset).split(b"\0", 1)[0]
-        create_type = _descriptor_value(text.decode("latin-1"), "createType")
-        if create_type is None:
-            raise CorruptImageError("invalid VMDK image descriptor")
-        if create_type not in DESCRIPTOR_FILE_TYPES:
-            raise UnsupportedFeatureError(f"Unsupported image type '{create_type}'")
-        raise UnsupportedFeatureError(
-            f"qimg opens VMDK images whose descriptor is embedded in a sparse extent "
-            f"(monolithicSparse, streamOptimized), not descriptor files (createType "
-            f"'{create_type}')"
-        )
 
     def _footer_header(self, file_size: int) -> tuple:
         """The header kept in the footer (footer marker, header, end-of-stream marker)."""

@@ -309,7 +309,7 @@ def test_stream_optimized_takes_whole_grains_once(tmp_path):
 )
 def test_descriptor_files_are_probed_and_refused_as_qemu_img(tmp_path, text):
     """Text descriptors probe as VMDK as QEMU's probe decides; what QEMU refuses is refused
-    with its message (qimg opens no descriptor files at all)."""
+    with its message."""
     (tmp_path / "d.vmdk").write_bytes(text)
     with inside(tmp_path):
         expected = qemu_img("info", "d.vmdk", check=False)

@@ -243,23 +243,29 @@ def _img_check_open(t: _Target, fix: int, report: CheckReport) -> CheckReport:
     return report
 
 
-def _raw_or_vmdk(magic: bytes) -> str:
+_PROBE_BYTES = 2048  # what QEMU's format probes read of a file (vmdk.PROBE_SIZE)
+
+
+def _probed(head: bytes) -> str:
+    """The format QEMU probes a file starting with `head` as (of those check tells apart)."""
+    if head[:4] == S.QCOW_MAGIC.to_bytes(4, "big"):
+        return "qcow2"
     from ..vmdk import is_vmdk
 
-    return "vmdk" if is_vmdk(magic) else "raw"
+    return "vmdk" if is_vmdk(head) else "raw"
 
 
 def _check_vmdk(filename: str, fix: int, force_share: bool, report: CheckReport) -> CheckReport:
     """QEMU's VMDK check: every allocated grain must start inside the file. It repairs
     nothing, and a bad grain ends the check as a failure (EINVAL)."""
-    from ..vmdk import VmdkImage
+    from ..vmdk import open_vmdk
 
     if fix:
         report.not_supported = True
         report.error = "This image format does not support checks"
         return report
     try:
-        image = VmdkImage(filename, force_share=force_share)
+        image = open_vmdk(filename, force_share=force_share)
     except Qcow2Error as exc:
         report.failed = True
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
@@ -428,16 +434,16 @@ def check_path(
             report.error = f"Could not open '{filename}': {exc}"
             return report
         try:
-            magic = probe.pread(4, 0)
+            head = probe.pread(_PROBE_BYTES, 0)
         finally:
             probe.close()
-        fmt = "qcow2" if magic == S.QCOW_MAGIC.to_bytes(4, "big") else _raw_or_vmdk(magic)
+        fmt = _probed(head)
     elif fmt is None:
         try:  # through HostFile, which refuses a FIFO instead of waiting for a writer; opened
             # for writing when repairing, as QEMU opens it (a directory: EISDIR then)
             probe = open_host_file(filename, writable=bool(fix))
             try:
-                magic = probe.pread(4, 0)
+                head = probe.pread(_PROBE_BYTES, 0)
             finally:
                 probe.close()
         except Qcow2Error as exc:
@@ -445,7 +451,7 @@ def check_path(
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             report.error = f"Could not open '{filename}': {reason}"
             return report
-        fmt = "qcow2" if magic == S.QCOW_MAGIC.to_bytes(4, "big") else _raw_or_vmdk(magic)
+        fmt = _probed(head)
     report.format = fmt
     if fmt == "vmdk" and not nbd:
         return _check_vmdk(filename, fix, force_share, report)

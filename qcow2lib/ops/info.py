@@ -190,7 +190,10 @@ def _describe(img, path: str) -> dict:
         info["encrypted"] = True
         info["format-specific"] = {"type": "luks", "data": img.info()}
     elif img.format == "vmdk":
-        info["cluster-size"] = img.grain_size
+        if img.grain_size is not None:  # (flat extents, or sparse ones unlike each other)
+            info["cluster-size"] = img.grain_size
+        if hasattr(img, "allocated_bytes"):  # (a descriptor file and its extent files)
+            info["actual-size"] = img.allocated_bytes()
         info["format-specific"] = {"type": "vmdk", "data": img.specific_info()}
     return info
 

@@ -66,13 +66,23 @@ def _below_filters(device: BlockDevice) -> BlockDevice:
     return device
 
 
-def layer_filename(device: BlockDevice, depth: int) -> str:
-    """The file qemu-img map names for data found at `depth` of the chain."""
+def _layer_at(device: BlockDevice, depth: int) -> BlockDevice:
+    """The image at `depth` of the chain (the last one, if the chain is shorter)."""
     layer = _below_filters(device)
     for _ in range(depth):
         if layer.backing is None:
             break
         layer = _below_filters(layer.backing)
+    return layer
+
+
+def layer_filename(device: BlockDevice, depth: int, offset: int = 0) -> str:
+    """The file qemu-img map names for data found at `depth` of the chain, at guest
+    `offset` (a VMDK image's extents lie in files of their own)."""
+    layer = _layer_at(device, depth)
+    host_filename = getattr(layer, "host_filename", None)
+    if host_filename is not None:
+        return host_filename(offset)
     data_host = getattr(layer, "data_host", None)
     if data_host is not None:  # (a blkdebug node above it goes by its own name)
         return getattr(data_host, "node_filename", None) or data_host.path
@@ -156,7 +166,8 @@ def _write_human(device: BlockDevice, write, start: int, length: int | None) -> 
     one that also reads as zero and is not the first (the format folds those into zero)."""
     write(HUMAN_HEADER)
     pending: list[str] = []
-    names: dict[int, str] = {}
+    names: dict[int, str] = {}  # depth -> file, for layers in one file
+
     first = True
     try:
         for ext in _merged(device, start, length):
@@ -166,7 +177,9 @@ def _write_human(device: BlockDevice, write, start: int, length: int | None) -> 
                 if not ext[3]:
                     name = names.get(ext[4])
                     if name is None:
-                        name = names[ext[4]] = layer_filename(device, ext[4])
+                        name = layer_filename(device, ext[4], ext[0])
+                        if not hasattr(_layer_at(device, ext[4]), "host_filename"):
+                            names[ext[4]] = name
                     pending.append(_hex(ext[0]) + _hex(ext[1]) + _hex(ext[5]) + name + "\n")
                     if len(pending) >= _FLUSH_EVERY:
                         write("".join(pending))
