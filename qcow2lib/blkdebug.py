@@ -527,7 +527,7 @@ def open_blkdebug(
     own, backing_passphrase = chain._split_passphrase(passphrase)
     qcow2 = Qcow2Image(name, mode, force_share=force_share, passphrase=own, file=file)
     qcow2.file.no_flush = cache == "unsafe"
-    return chain._finish_qcow2(  # relative backing names resolve beside the host file
+    return chain._finish_image(  # relative backing names resolve beside the host file
         qcow2,
         file.path,
         backing,

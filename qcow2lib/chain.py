@@ -315,7 +315,7 @@ def _open_nbd(
         client.close()
         raise
     image.file.no_flush = cache == "unsafe"
-    return _finish_qcow2(
+    return _finish_image(
         image,
         None,
         backing,
@@ -486,7 +486,11 @@ def _open(
 
         if snapshot is not None:
             raise UnsupportedFeatureError("Block driver does not support snapshots (vmdk)")
-        return open_vmdk(path, mode, force_share, backing_of, locking)
+        vmdk = open_vmdk(path, mode, force_share, backing_of, locking, untrusted)
+        # (its parent image, parentFileNameHint, a VMDK backing file opened as qcow2's are)
+        return _finish_image(
+            vmdk, path, backing, force_share, None, True, chain + (real,), None, untrusted
+        )
     if fmt == "raw" or fmt in RAW_PROTOCOLS:
         if snapshot is not None:
             raise UnsupportedFeatureError(f"Block driver does not support snapshots ({fmt})")
@@ -520,7 +524,7 @@ def _open(
     for host in (image.file, image.data_host):
         if host is not None:
             host.no_flush = cache == "unsafe"
-    return _finish_qcow2(
+    return _finish_image(
         image,
         path,
         backing,
@@ -595,8 +599,8 @@ def _split_passphrase(passphrase):
     return (layers[0] if layers else None), layers[1:]
 
 
-def _finish_qcow2(
-    image: Qcow2Image,
+def _finish_image(
+    image,
     path: str | None,
     backing: bool,
     force_share: bool,
@@ -607,7 +611,7 @@ def _finish_qcow2(
     untrusted: bool = False,
     backing_node: BackingNode | None = None,
 ) -> BlockDevice:
-    """Open the backing chain of a qcow2 image (`path` None: it is not in a host
+    """Open the backing chain of a qcow2 (or VMDK) image (`path` None: it is not in a host
     directory, so relative backing names mean nothing), the one options give instead of
     the header's when `backing_node` is set, then its snapshot view if asked."""
     if _is_reference(backing_node) and not backing_node.name:

@@ -169,12 +169,12 @@ def _open_over_file(
     except BaseException:
         file.close()
         raise
-    from .chain import _finish_qcow2, _split_passphrase
+    from .chain import _finish_image, _split_passphrase
 
     own, backing_passphrase = _split_passphrase(kwargs.get("passphrase"))
     force_share = kwargs.get("force_share", False)
     image = Qcow2Image(name_of(fmt), mode, force_share=force_share, passphrase=own, file=file)
-    return _finish_qcow2(
+    return _finish_image(
         image,
         host_path,
         kwargs.get("backing", True),

@@ -37,6 +37,7 @@ from .errors import (
     InvalidArgumentError,
     Qcow2IOError,
     UnsupportedFeatureError,
+    UntrustedImageError,
 )
 from .hostfile import create_host_file, open_host_file
 
@@ -138,6 +139,19 @@ def _descriptor_value(text: str, key: str) -> str | None:
     return None if end < 0 else text[start:end]
 
 
+def parent_file_name(text: str) -> str | None:
+    """The parent image a descriptor names (parentFileNameHint="..."), as QEMU's
+    vmdk_parent_open finds it: the first occurrence anywhere, the value after its '="'."""
+    start = text.find("parentFileNameHint")
+    if start < 0:
+        return None
+    start += len("parentFileNameHint") + 2
+    end = text.find('"', start)
+    if end < 0 or end - start > 4095:  # (QEMU: EINVAL, with no message of its own)
+        raise InvalidArgumentError("Invalid argument")
+    return text[start:end]
+
+
 def _descriptor_cid(text: str, key: str) -> int:
     """CID or parentCID: hex digits after the first `key=` (QEMU's sscanf of %x)."""
     start = text.find(key)
@@ -169,17 +183,33 @@ def open_vmdk(
     force_share: bool = False,
     backing_of: str | None = None,
     locking: bool = True,
+    untrusted: bool = False,
 ) -> VmdkImage | VmdkDescriptorImage:
     """A VMDK image: a sparse extent holding its own descriptor (VmdkImage), or a
-    descriptor file naming its extent files (vmdk_descriptor, read-only)."""
+    descriptor file naming its extent files (vmdk_descriptor, read-only). An untrusted
+    image (chain.open_image) may not be a descriptor file: its extent names could point
+    at any host file."""
     try:
-        return VmdkImage(path, mode, force_share, backing_of, locking)
+        image: VmdkImage | VmdkDescriptorImage = VmdkImage(
+            path, mode, force_share, backing_of, locking
+        )
     except DescriptorFile as found:
         from .vmdk_descriptor import VmdkDescriptorImage
 
+        if untrusted:
+            raise UntrustedImageError(
+                f"Untrusted image '{path}' is a VMDK descriptor file, whose extent files "
+                f"may be any host files"
+            ) from None
+
         image = VmdkDescriptorImage(path, force_share, backing_of, locking, found.offset)
-    if mode != "r":  # (opened first: QEMU's refusals of a bad descriptor come first)
+    if mode != "r" and isinstance(image, VmdkImage) and image.backing_filename is not None:
         image.close()
+        raise UnsupportedFeatureError(
+            "qimg opens VMDK images with a parent image (parentFileNameHint) read-only"
+        )
+    if mode != "r" and not isinstance(image, VmdkImage):  # (opened first: QEMU's refusals
+        image.close()  # of a bad descriptor come first)
         raise UnsupportedFeatureError(
             "qimg opens VMDK descriptor files (and their extent files) read-only"
         )
@@ -207,6 +237,11 @@ class VmdkImage(BlockDevice):
         self.filename = path
         self.read_only = mode == "r"
         self.extent_of = extent_of
+        self.backing_filename: str | None = None  # the parent image the descriptor names
+        self.backing_format = "vmdk"
+        self.backing_base = 0  # the guest offset of this extent in the image it is part of
+        self.parent_cid = 0xFFFFFFFF
+        self._parent_checked = False
         self.file = open_host_file(
             path,
             writable=not self.read_only,
@@ -297,10 +332,7 @@ class VmdkImage(BlockDevice):
             return  # (its descriptor is the descriptor file's)
         descriptor = self.file.pread(DESCRIPTOR_SIZE, DESCRIPTOR_OFFSET).split(b"\0", 1)[0]
         text = descriptor.decode("latin-1")
-        if _descriptor_value(text, "parentFileNameHint") is not None:
-            raise UnsupportedFeatureError(
-                "qimg does not open VMDK images with a parent image (parentFileNameHint)"
-            )
+        self.backing_filename = parent_file_name(text)
         self.cid = _descriptor_cid(text, "CID")
         self.parent_cid = _descriptor_cid(text, "parentCID")
 
@@ -362,7 +394,9 @@ class VmdkImage(BlockDevice):
             length = min(len(view) - done, self.grain_size - in_grain)
             target = view[done : done + length]
             entry = self._grain_entry(grain_index)
-            if not entry or self._is_zeroed(entry):
+            if not entry and self.backing is not None:
+                self._read_parent(guest, target)
+            elif not entry or self._is_zeroed(entry):
                 target[:] = bytes(length)
             elif self.compressed:
                 grain = self._decompressed_grain(entry, grain_index)
@@ -376,6 +410,50 @@ class VmdkImage(BlockDevice):
                 self._read_grain(entry, grain_index, in_grain, target)
             done += length
         return len(view)
+
+    def _check_parent(self) -> None:
+        """QEMU's vmdk_is_cid_valid, before the first read from the parent: its CID must be
+        the parentCID this image records (else the parent changed since)."""
+        if self._parent_checked:
+            return
+        cid = getattr(self.backing, "cid", None)
+        if cid != self.parent_cid:
+            error = Qcow2IOError(
+                errno.EINVAL,
+                f"Invalid argument: the parent image's CID ({cid if cid is None else hex(cid)}) "
+                f"is not the parentCID {self.parent_cid:#x} '{self.extent_of or self.filename}' "
+                f"records",
+                self.filename,
+            )
+            error.qemu_message = "Invalid argument"  # (QEMU says no more)
+            raise error
+        self._parent_checked = True
+
+    def _read_parent(self, guest: int, target: memoryview) -> None:
+        """Unallocated bytes: the parent's at the same guest offset (zeros past its end)."""
+        assert self.backing is not None
+        self._check_parent()
+        offset = self.backing_base + guest
+        inside = max(0, min(len(target), self.backing.size - offset))
+        if inside:
+            self.backing.readinto(offset, target[:inside])
+        target[inside:] = bytes(len(target) - inside)
+
+    def _unallocated(self, pos: int, length: int) -> list[Extent]:
+        """What an unallocated range reports: the parent's extents one level deeper (past
+        its end, or without one, a range reading as zeros)."""
+        backing = self.backing
+        base = self.backing_base
+        inside = 0 if backing is None else max(0, min(length, backing.size - base - pos))
+        extents = []
+        if backing is not None and inside:
+            for batch in backing.extent_batches(base + pos, inside):
+                extents += [
+                    ext._replace(offset=ext.offset - base, depth=ext.depth + 1) for ext in batch
+                ]
+        if inside < length:
+            extents.append(Extent(pos + inside, length - inside, False, True, 0, None, False))
+        return extents
 
     def _read_grain(self, sector: int, grain_index: int, in_grain: int, target) -> None:
         """Uncompressed grain bytes; what lies past the end of the file reads as zeros."""
@@ -430,8 +508,9 @@ class VmdkImage(BlockDevice):
 
     def extent_batches(self, offset: int, length: int) -> Iterator[list[Extent]]:
         """One batch per grain table: unallocated grains read as zeros and are not
-        present, zeroed grains are present zeros, uncompressed grains name their host
-        offset (compressed ones have none), as QEMU's block status of a VMDK."""
+        present (or are the parent's, one level deeper), zeroed grains are present
+        zeros, uncompressed grains name their host offset (compressed ones have none), as
+        QEMU's block status of a VMDK."""
         end = offset + length
         table_span = self.grain_size * self.gtes_per_gt
         pos = offset
@@ -440,23 +519,31 @@ class VmdkImage(BlockDevice):
             table_end = min(end, (gd_index + 1) * table_span)
             table = self._grain_table(gd_index)
             if table is None:
-                yield [Extent(pos, table_end - pos, False, True, 0, None, False)]
+                yield self._unallocated(pos, table_end - pos)
                 pos = table_end
                 continue
-            batch = []
+            batch: list[Extent] = []
+            unallocated = -1  # where the run of unallocated grains being passed began
             while pos < table_end:
                 grain_index, in_grain = divmod(pos, self.grain_size)
                 run = min(table_end, (grain_index + 1) * self.grain_size) - pos
                 entry = table[grain_index % self.gtes_per_gt]
                 if not entry:
-                    batch.append(Extent(pos, run, False, True, 0, None, False))
-                elif self._is_zeroed(entry):
+                    unallocated = pos if unallocated < 0 else unallocated
+                    pos += run
+                    continue
+                if unallocated >= 0:
+                    batch += self._unallocated(unallocated, pos - unallocated)
+                    unallocated = -1
+                if self._is_zeroed(entry):
                     batch.append(Extent(pos, run, False, True, 0, None, True))
                 elif self.compressed:
                     batch.append(Extent(pos, run, True, False, 0, None, True))
                 else:
                     batch.append(Extent(pos, run, True, False, 0, entry * SECTOR + in_grain))
                 pos += run
+            if unallocated >= 0:
+                batch += self._unallocated(unallocated, pos - unallocated)
             yield batch
 
     # --- what qemu-img check looks at --------------------------------------------------
@@ -635,6 +722,8 @@ class VmdkImage(BlockDevice):
             finally:
                 self._closed = True
                 self.file.close()
+                if self.backing is not None and self.extent_of is None:  # (else the image's)
+                    self.backing.close()
 
 
 def create_vmdk(

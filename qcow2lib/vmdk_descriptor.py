@@ -7,7 +7,8 @@ and VMFS ones are raw bytes of their file from a sector offset on, SPARSE ones h
 sparse extents (vmdk.VmdkImage). Lines are read as QEMU's vmdk driver reads them (its
 sscanf format, the lines it skips and the ones it refuses); extent names are relative to
 the descriptor's directory. Opened read-only: qimg reads, converts, compares, maps and
-checks such images; it neither writes nor creates them.
+checks such images, their parent images too (chain.py opens the one parentFileNameHint
+names); it neither writes nor creates them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .vmdk import (
     SECTOR,
     VmdkImage,
     _descriptor_cid,
+    parent_file_name,
 )
 
 # createType values QEMU 7.2 opens from a descriptor file
@@ -234,6 +236,8 @@ class VmdkDescriptorImage(BlockDevice):
         header with no capacity carries one further in)."""
         self.filename = path
         self.read_only = True
+        self._parent: BlockDevice | None = None
+        self._ends: list[int] = []  # guest offset where each extent ends
         self.file = open_host_file(
             path, role="backing file" if backing_of else None, named_by=backing_of
         )
@@ -247,7 +251,6 @@ class VmdkDescriptorImage(BlockDevice):
                 extent.close()
             self.file.close()
             raise
-        self._ends: list[int] = []  # guest offset where each extent ends
         for extent in self.parts:
             self._ends.append((self._ends[-1] if self._ends else 0) + extent.size)
         self.size = self._ends[-1] if self._ends else 0
@@ -283,12 +286,24 @@ class VmdkDescriptorImage(BlockDevice):
         # file, the usual place in a sparse extent carrying one)
         head = self.file.pread(DESCRIPTOR_SIZE, descriptor_offset and DESCRIPTOR_OFFSET)
         cid_text = head.split(b"\0", 1)[0].decode("latin-1")
-        if "parentFileNameHint" in cid_text:
-            raise UnsupportedFeatureError(
-                "qimg does not open VMDK images with a parent image (parentFileNameHint)"
-            )
+        self.backing_filename = parent_file_name(cid_text)
+        self.backing_format = "vmdk"
         self.cid = _descriptor_cid(cid_text, "CID")
         self.parent_cid = _descriptor_cid(cid_text, "parentCID")
+
+    @property  # type: ignore[override]
+    def backing(self) -> BlockDevice | None:
+        return self._parent
+
+    @backing.setter
+    def backing(self, parent: BlockDevice | None) -> None:
+        """The parent image: the sparse extents read their unallocated grains from it
+        (flat extents have none), each at its own guest offset."""
+        self._parent = parent
+        for start, part in zip([0, *self._ends], self.parts):
+            if isinstance(part, _SparseExtent):
+                part.image.parent_cid = self.parent_cid
+                part.image.backing, part.image.backing_base = parent, start
 
     def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
         """(extent index, offset in it, length, offset in the request) of each piece of a
@@ -366,6 +381,8 @@ class VmdkDescriptorImage(BlockDevice):
             for extent in self.parts:
                 extent.close()
             self.file.close()
+            if self.backing is not None:
+                self.backing.close()
 
 
 def _same_kind(first, extent) -> bool:

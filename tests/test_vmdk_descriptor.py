@@ -9,7 +9,7 @@ import pytest
 
 import qcow2lib
 from qcow2lib import UnsupportedFeatureError
-from qemutools import assert_same_in, qemu_img, qemu_io, run_both_in
+from qemutools import assert_same_in, qemu_img, qemu_io, run_both_in, run_qimg_in
 
 MiB = 1 << 20
 SUBFORMATS = ["monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat"]
@@ -137,13 +137,110 @@ def test_descriptor_image_through_the_api(tmp_path: Path) -> None:
     assert qemu_img("compare", descriptor, tmp_path / "a-flat.vmdk", check=False).returncode == 1
 
 
-def test_parent_images_refused(tmp_path: Path) -> None:
-    """A descriptor naming a parent (a linked clone, a Workstation snapshot) is refused
-    by qimg, which opens no VMDK backing files."""
-    (tmp_path / "esx-flat.vmdk").write_bytes(bytes(MiB))
-    text = _descriptor(
-        "monolithicFlat", 'RW 2048 FLAT "esx-flat.vmdk" 0', 'parentFileNameHint="base.vmdk"\n'
+@pytest.fixture(scope="module")
+def with_parents(tmp_path_factory) -> Path:
+    """VMware-style chains qemu-img makes: a monolithicSparse base, a sparse child of it
+    and a grandchild, and a twoGbMaxExtentSparse child; each writes over part of what is
+    below."""
+    directory = tmp_path_factory.mktemp("vmdk-parents")
+    base, mid, top, split = (directory / f"{n}.vmdk" for n in ("base", "mid", "top", "split"))
+    qemu_img("create", "-q", "-f", "vmdk", base, "100M")
+    qemu_io(base, "write -P 1 0 1M", "write -P 2 10M 1M")
+    # (each child after its parent's last write: a write gives an image a new CID, which
+    # its children's parentCID would no longer match)
+    steps = (
+        (mid, base, [], ["write -P 3 512k 64k", "write -P 4 50M 4k"]),
+        (top, mid, [], ["write -P 5 10M 64k"]),
+        (split, base, ["-o", "subformat=twoGbMaxExtentSparse"], ["write -P 6 1M 1M"]),
     )
+    for child, parent, options, writes in steps:
+        qemu_img("create", "-q", "-f", "vmdk", *options, "-b", parent.name, "-F", "vmdk", child)
+        qemu_io(child, *writes)
+    return directory
+
+
+@pytest.mark.parametrize("image", ["mid", "top", "split"])
+@pytest.mark.parametrize(
+    "command",
+    [*COMMANDS, ["info", "--backing-chain"], ["info", "--backing-chain", "--output=json"]],
+    ids=" ".join,
+)
+def test_parent_images_read_as_qemu_img_reads_them(
+    with_parents: Path, image: str, command: list[str]
+) -> None:
+    """parentFileNameHint names the backing file (VMDK, relative to the image's
+    directory): info shows it, map reports the parent's data one level deeper, and
+    convert reads through the chain."""
+    assert_same_in(with_parents, *command, f"{image}.vmdk")
+
+
+@pytest.mark.parametrize("image", ["top", "split"])
+def test_parent_images_converted(with_parents: Path, tmp_path: Path, image: str) -> None:
+    source = with_parents / f"{image}.vmdk"
+    ours, theirs = run_both_in(tmp_path, "convert", "-O", "raw", source, "copy.raw")
+    assert ours.returncode == theirs.returncode == 0, (ours.stderr, theirs.stderr)
+    assert qemu_img("compare", source, tmp_path / "copy.raw").returncode == 0
+    with qcow2lib.open(str(source)) as device:
+        assert device.read(0, 2 * MiB) == (tmp_path / "copy.raw").read_bytes()[: 2 * MiB]
+    with pytest.raises(UnsupportedFeatureError, match="read-only"):
+        qcow2lib.open(str(source), "r+")
+
+
+def test_changed_parent_refused_as_qemu_img_refuses_it(with_parents: Path, tmp_path: Path) -> None:
+    """A parent whose CID is no longer the parentCID its child records has changed since:
+    reads of what the child leaves to it fail with EINVAL, as in QEMU."""
+    for name in ("base.vmdk", "mid.vmdk"):
+        (tmp_path / name).write_bytes((with_parents / name).read_bytes())
+    data = bytearray((tmp_path / "base.vmdk").read_bytes())
+    cid = data.find(b"\nCID=") + 5
+    data[cid : cid + 8] = b"12345678"
+    (tmp_path / "base.vmdk").write_bytes(data)
+    for command in (
+        ["compare", "mid.vmdk", "mid.vmdk"],
+        ["map", "mid.vmdk"],
+        ["dd", "if=mid.vmdk", "of=out", "count=1"],
+    ):
+        assert_same_in(tmp_path, *command)
+    with qcow2lib.open(str(tmp_path / "mid.vmdk")) as device:
+        assert device.read(512 * 1024, 4096) == b"\x03" * 4096  # (its own grains read)
+        with pytest.raises(qcow2lib.Qcow2IOError, match="parentCID"):
+            device.read(0, 4096)
+
+
+def test_missing_parent_as_qemu_img_reports_it(tmp_path: Path) -> None:
+    """info shows the parent a descriptor names without opening it; what reads through
+    it fails as qemu-img fails."""
+    (tmp_path / "esx-flat.vmdk").write_bytes(bytes(MiB))
+    parent = 'parentFileNameHint="base.vmdk"\n'
+    text = _descriptor("monolithicFlat", 'RW 2048 FLAT "esx-flat.vmdk" 0', parent)
     (tmp_path / "disk.vmdk").write_text(text)
-    with pytest.raises(UnsupportedFeatureError, match="parentFileNameHint"):
-        qcow2lib.open(str(tmp_path / "disk.vmdk"))
+    for command in (["info"], ["map"], ["check"]):
+        assert_same_in(tmp_path, *command, "disk.vmdk")
+
+
+def test_untrusted_descriptor_files_refused(tmp_path: Path, monkeypatch) -> None:
+    """A descriptor may name any host file as an extent (here one outside its directory):
+    an untrusted image is refused as soon as it turns out to be a descriptor file, before
+    any extent is opened; a VMDK parent is not a qcow2 backing file, refused as well."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret"
+    secret.write_bytes(b"s" * MiB)
+    inside_dir = tmp_path / "inside"
+    inside_dir.mkdir()
+    descriptor = inside_dir / "disk.vmdk"
+    descriptor.write_text(_descriptor("monolithicFlat", f'RW 2048 FLAT "{secret}" 0'))
+    with qcow2lib.open(str(descriptor)) as trusted:  # (as qemu-img opens it)
+        assert trusted.read(0, 4) == b"ssss"
+    for fmt in (None, "vmdk"):
+        with pytest.raises(qcow2lib.UntrustedImageError, match="descriptor file"):
+            qcow2lib.open(str(descriptor), fmt=fmt, untrusted=True)
+    monkeypatch.setenv("QIMG_UNTRUSTED", "1")
+    ours = run_qimg_in(inside_dir, "convert", "-O", "raw", "disk.vmdk", "out.raw")
+    assert ours.returncode == 1 and "descriptor file" in ours.stderr
+    assert not (inside_dir / "out.raw").exists()
+    child = inside_dir / "child.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", inside_dir / "base.vmdk", "1M")
+    qemu_img("create", "-q", "-f", "vmdk", "-b", "base.vmdk", "-F", "vmdk", child)
+    with pytest.raises(qcow2lib.UntrustedImageError):
+        qcow2lib.open(str(child), untrusted=True)

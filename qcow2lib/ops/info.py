@@ -171,18 +171,18 @@ def _describe(img, path: str) -> dict:
     else:
         info["actual-size"] = os.stat(path).st_blocks * 512
     info["virtual-size"] = virtual_size(img)
+    if img.format in ("qcow2", "vmdk") and img.backing_filename:
+        info["backing-filename"] = img.backing_filename
+        if backing_base is not None:  # else qemu-img "cannot determine actual path"
+            info["full-backing-filename"] = full_backing_filename(
+                backing_base, img.backing_filename
+            )
+        if img.backing_format:
+            info["backing-filename-format"] = img.backing_format
     if img.format == "qcow2":
         info["cluster-size"] = img.cluster_size
         if img.encrypted:
             info["encrypted"] = True
-        if img.backing_filename:
-            info["backing-filename"] = img.backing_filename
-            if backing_base is not None:  # else qemu-img "cannot determine actual path"
-                info["full-backing-filename"] = full_backing_filename(
-                    backing_base, img.backing_filename
-                )
-            if img.backing_format:
-                info["backing-filename-format"] = img.backing_format
         if img.header.nb_snapshots:
             info["snapshots"] = _snapshot_list(img)
         info["format-specific"] = {"type": "qcow2", "data": _qcow2_specific(img)}
