@@ -229,14 +229,18 @@ class VmdkImage(BlockDevice):
         backing_of: str | None = None,
         locking: bool = True,
         extent_of: str | None = None,
+        gd_budget: int = MAX_GD_ENTRIES,
     ):
         """`extent_of`: the descriptor file naming this file as one of its extents (the
-        file's own descriptor is then not read, and a descriptor file is refused)."""
+        file's own descriptor is then not read, and a descriptor file is refused), and
+        `gd_budget` the grain directory entries the image's other extents leave it (their
+        memory is bounded in all, not extent by extent)."""
         if mode not in ("r", "r+"):
             raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
         self.filename = path
         self.read_only = mode == "r"
         self.extent_of = extent_of
+        self.gd_budget = gd_budget
         self.backing_filename: str | None = None  # the parent image the descriptor names
         self.backing_format = "vmdk"
         self.backing_base = 0  # the guest offset of this extent in the image it is part of
@@ -299,6 +303,11 @@ class VmdkImage(BlockDevice):
             raise CorruptImageError("Invalid granularity, image may be corrupt")
         if gd_entries > MAX_GD_ENTRIES:
             raise CorruptImageError("L1 size too big")
+        if gd_entries > self.gd_budget:
+            raise CorruptImageError(
+                f"The grain directories of the image's sparse extents would hold more than "
+                f"{MAX_GD_ENTRIES} entries in all (what one extent may hold)"
+            )
         if gd_offset * SECTOR + gd_entries * 4 > file_size:
             raise CorruptImageError(
                 f"Grain directory at offset {gd_offset * SECTOR} ({gd_entries} entries) "

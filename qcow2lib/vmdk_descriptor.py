@@ -23,6 +23,7 @@ from .vmdk import (
     DESCRIPTOR_FILE_LIMIT,
     DESCRIPTOR_OFFSET,
     DESCRIPTOR_SIZE,
+    MAX_GD_ENTRIES,
     SECTOR,
     VmdkImage,
     _descriptor_cid,
@@ -268,6 +269,7 @@ class VmdkDescriptorImage(BlockDevice):
             raise UnsupportedFeatureError(f"Unsupported image type '{create_type}'")
         self.create_type = create_type
         directory = self.filename[: self.filename.rfind("/") + 1]  # (QEMU's bdrv_dirname)
+        directory_entries = 0  # in the sparse extents' grain directories, all loaded
         for kind, sectors, name, offset in parse_extent_lines(text):
             path = name if name.startswith("/") else directory + name
             if kind in ("FLAT", "VMFS"):
@@ -280,8 +282,10 @@ class VmdkDescriptorImage(BlockDevice):
                     f"qimg does not open seSparse VMDK extents ('{path}')"
                 )
             else:
-                image = VmdkImage(path, "r", force_share, None, locking, extent_of=self.filename)
+                budget = MAX_GD_ENTRIES - directory_entries
+                image = VmdkImage(path, "r", force_share, None, locking, self.filename, budget)
                 self.parts.append(_SparseExtent(image, kind))
+                directory_entries += len(image.grain_directory)
         # (the CID and a parent come from where QEMU reads them: the start of a descriptor
         # file, the usual place in a sparse extent carrying one)
         head = self.file.pread(DESCRIPTOR_SIZE, descriptor_offset and DESCRIPTOR_OFFSET)

@@ -3,6 +3,7 @@ text descriptor naming flat or sparse extent files, read side by side with qemu-
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import pytest
@@ -244,3 +245,26 @@ def test_untrusted_descriptor_files_refused(tmp_path: Path, monkeypatch) -> None
     qemu_img("create", "-q", "-f", "vmdk", "-b", "base.vmdk", "-F", "vmdk", child)
     with pytest.raises(qcow2lib.UntrustedImageError):
         qcow2lib.open(str(child), untrusted=True)
+
+
+def test_sparse_extents_grain_directories_bounded_in_all(tmp_path: Path) -> None:
+    """One sparse extent's grain directory may hold QEMU's limit of 32M entries (128 MiB,
+    loaded on opening); a descriptor naming many such extents would multiply that. The
+    extents of one image share the limit: the one that would pass it is refused before
+    its directory is read."""
+    extent = tmp_path / "big.vmdk"
+    qemu_img("create", "-q", "-f", "vmdk", extent, "1G")
+    entries = 20 << 20  # (80 MiB of directory: two of them pass the limit)
+    with open(extent, "r+b") as f:
+        header = f.read(512)
+        gd_offset = struct.unpack_from("<Q", header, 4 + 52)[0]
+        f.seek(4 + 8)
+        f.write(struct.pack("<Q", entries * 512 * 128))  # capacity, in sectors
+        f.truncate(gd_offset * 512 + entries * 4 + MiB)
+    lines = 'RW 10000 SPARSE "big.vmdk"\nRW 10000 SPARSE "big.vmdk"'
+    (tmp_path / "disk.vmdk").write_text(_descriptor("twoGbMaxExtentSparse", lines))
+    with pytest.raises(qcow2lib.CorruptImageError, match="grain directories"):
+        qcow2lib.open(str(tmp_path / "disk.vmdk"))
+    (tmp_path / "one.vmdk").write_text(_descriptor("twoGbMaxExtentSparse", lines.split("\n")[0]))
+    with qcow2lib.open(str(tmp_path / "one.vmdk")) as image:
+        assert image.size == entries * 512 * 128 * 512
