@@ -14,11 +14,18 @@ names); it neither writes nor creates them.
 from __future__ import annotations
 
 import bisect
+import errno
 from collections.abc import Iterator
 
 from .blockdev import BlockDevice, Extent
-from .errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureError
+from .errors import (
+    CorruptImageError,
+    InvalidArgumentError,
+    Qcow2IOError,
+    UnsupportedFeatureError,
+)
 from .hostfile import HostFile, open_host_file
+from .sizes import BDRV_MAX_LENGTH
 from .vmdk import (
     DESCRIPTOR_FILE_LIMIT,
     DESCRIPTOR_OFFSET,
@@ -40,6 +47,7 @@ DESCRIPTOR_FILE_TYPES = (
     "twoGbMaxExtentFlat",
 )
 EXTENT_TYPES = ("FLAT", "SPARSE", "VMFS", "VMFSSPARSE", "SESPARSE")
+SESPARSE_CONST_HEADER_MAGIC = 0xCAFEBABE  # (a little-endian 64-bit field)
 _WHITESPACE = " \t\n\v\f\r"  # (what a space in a scanf format skips)
 _INT64_MAX = (1 << 63) - 1
 
@@ -117,10 +125,10 @@ def _scan_extent_line(text: str, pos: int) -> tuple:
     return (5 if values[4] is not None else 4, *values)
 
 
-def parse_extent_lines(text: str) -> list[tuple[str, int, str, int]]:
+def parse_extent_lines(text: str) -> Iterator[tuple[str, int, str, int]]:
     """(type, sectors, file name, offset in sectors: FLAT and VMFS only) of each extent
-    line QEMU takes, in order; a line it refuses raises its "Invalid extent line"."""
-    extents = []
+    line QEMU takes, in order; a line it refuses raises its "Invalid extent line" when it
+    is reached (QEMU opens each extent as it reads its line)."""
     pos = 0
     while pos < len(text):
         newline = text.find("\n", pos)
@@ -141,8 +149,7 @@ def parse_extent_lines(text: str) -> list[tuple[str, int, str, int]]:
             raise InvalidArgumentError(f"Invalid extent line: {line}")
         if sectors <= 0 or kind not in EXTENT_TYPES:
             continue
-        extents.append((kind, sectors, name, offset if offset is not None else 0))
-    return extents
+        yield kind, sectors, name, offset if offset is not None else 0
 
 
 class _FlatExtent:
@@ -157,7 +164,8 @@ class _FlatExtent:
         self.start = start
 
     def readinto(self, offset: int, view: memoryview) -> None:
-        data = self.file.pread(len(view), self.start + offset)
+        position = self.start + offset
+        data = self.file.pread(len(view), position) if position < self.file.size() else b""
         view[: len(data)] = data
         view[len(data) :] = bytes(len(view) - len(data))
 
@@ -166,9 +174,10 @@ class _FlatExtent:
         data reading as zeros, as QEMU's block status of a flat extent recursing into its
         file reports them."""
         pos, end = self.start + offset, self.start + offset + length
+        file_end = self.file.size()  # (no file reaches 2**63: asked past its end, none is)
         batch: list[Extent] = []
         while pos < end:
-            is_data, run_end = self.file.data_run(pos, end)
+            is_data, run_end = self.file.data_run(pos, end) if pos < file_end else (False, end)
             batch.append(Extent(pos - self.start, run_end - pos, True, not is_data, 0, pos, True))
             pos = run_end
         yield batch
@@ -255,6 +264,11 @@ class VmdkDescriptorImage(BlockDevice):
         for extent in self.parts:
             self._ends.append((self._ends[-1] if self._ends else 0) + extent.size)
         self.size = self._ends[-1] if self._ends else 0
+        if self.size > BDRV_MAX_LENGTH:  # (QEMU's block layer, once the driver opened)
+            self.close()
+            raise Qcow2IOError(
+                errno.EFBIG, "Could not refresh total sector count: File too large", path
+            )
         first = self.parts[0] if self.parts else None
         same = all(_same_kind(first, extent) for extent in self.parts)
         # qemu-img info's cluster size: that of sparse extents all alike
@@ -277,7 +291,14 @@ class VmdkDescriptorImage(BlockDevice):
                 self.parts.append(_FlatExtent(file, kind, sectors, offset * SECTOR))
                 if locking:
                     file.lock_for_use(force_share)
-            elif kind == "SESPARSE":
+            elif kind == "SESPARSE":  # (QEMU's first refusal of another file, then qimg's)
+                file = open_host_file(path, role="VMDK extent file", named_by=self.filename)
+                try:
+                    magic = int.from_bytes(file.pread(8, 0).ljust(8, b"\0"), "little")
+                finally:
+                    file.close()
+                if magic != SESPARSE_CONST_HEADER_MAGIC:
+                    raise CorruptImageError(f"Bad const header magic: 0x{magic:016x}")
                 raise UnsupportedFeatureError(
                     f"qimg does not open seSparse VMDK extents ('{path}')"
                 )
