@@ -129,16 +129,6 @@ def is_vmdk(first_bytes: bytes) -> bool:
     return False
 
 
-def _descriptor_value(text: str, key: str) -> str | None:
-    """The quoted value of `key="..."` in a descriptor, as QEMU finds it (first match)."""
-    start = text.find(key)
-    if start < 0:
-        return None
-    start += len(key) + 2
-    end = text.find('"', start)
-    return None if end < 0 else text[start:end]
-
-
 def parent_file_name(text: str) -> str | None:
     """The parent image a descriptor names (parentFileNameHint="..."), as QEMU's
     vmdk_parent_open finds it: the first occurrence anywhere, the value after its '="'."""
@@ -152,7 +142,7 @@ def parent_file_name(text: str) -> str | None:
     return text[start:end]
 
 
-def _descriptor_cid(text: str, key: str) -> int:
+def descriptor_cid(text: str, key: str) -> int:
     """CID or parentCID: hex digits after the first `key=` (QEMU's sscanf of %x)."""
     start = text.find(key)
     if start < 0:
@@ -342,8 +332,8 @@ class VmdkImage(BlockDevice):
         descriptor = self.file.pread(DESCRIPTOR_SIZE, DESCRIPTOR_OFFSET).split(b"\0", 1)[0]
         text = descriptor.decode("latin-1")
         self.backing_filename = parent_file_name(text)
-        self.cid = _descriptor_cid(text, "CID")
-        self.parent_cid = _descriptor_cid(text, "parentCID")
+        self.cid = descriptor_cid(text, "CID")
+        self.parent_cid = descriptor_cid(text, "parentCID")
 
     def _footer_header(self, file_size: int) -> tuple:
         """The header kept in the footer (footer marker, header, end-of-stream marker)."""

@@ -17,7 +17,7 @@ import bisect
 import errno
 from collections.abc import Iterator
 
-from .blockdev import BlockDevice, Extent
+from .blockdev import RAW_EXTENT_BATCH, BlockDevice, Extent
 from .errors import (
     CorruptImageError,
     InvalidArgumentError,
@@ -33,7 +33,7 @@ from .vmdk import (
     MAX_GD_ENTRIES,
     SECTOR,
     VmdkImage,
-    _descriptor_cid,
+    descriptor_cid,
     parent_file_name,
 )
 
@@ -177,6 +177,9 @@ class _FlatExtent:
         file_end = self.file.size()  # (no file reaches 2**63: asked past its end, none is)
         batch: list[Extent] = []
         while pos < end:
+            if len(batch) >= RAW_EXTENT_BATCH:  # (memory bounded however many runs)
+                yield batch
+                batch = []
             is_data, run_end = self.file.data_run(pos, end) if pos < file_end else (False, end)
             batch.append(Extent(pos - self.start, run_end - pos, True, not is_data, 0, pos, True))
             pos = run_end
@@ -313,8 +316,8 @@ class VmdkDescriptorImage(BlockDevice):
         cid_text = head.split(b"\0", 1)[0].decode("latin-1")
         self.backing_filename = parent_file_name(cid_text)
         self.backing_format = "vmdk"
-        self.cid = _descriptor_cid(cid_text, "CID")
-        self.parent_cid = _descriptor_cid(cid_text, "parentCID")
+        self.cid = descriptor_cid(cid_text, "CID")
+        self.parent_cid = descriptor_cid(cid_text, "parentCID")
 
     @property  # type: ignore[override]
     def backing(self) -> BlockDevice | None:
