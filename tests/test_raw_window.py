@@ -210,3 +210,26 @@ def test_backing_node_window(tmp_path: Path, disk: Path) -> None:
     )
     assert ours[:3] == theirs[:3] == (0, "", "")
     assert (tmp_path / "c.img").read_bytes() == disk.read_bytes()[MIB : 5 * MIB]
+
+
+def test_window_served_over_nbd(tmp_path: Path, disk: Path) -> None:
+    """A read-only window names host file pieces at its own offsets, which the NBD export
+    sends as they are (sendfile); a client reads the window's bytes and nothing around
+    them, and sees the size of the window."""
+    import threading
+
+    from qcow2lib.exports.nbd import NBDServer
+
+    with qcow2lib.open(str(disk), fmt="raw", raw_window=(MIB + 512, 2 * MIB)) as window:
+        assert window.host_pieces(0, 4096) == [(window.file.fd, MIB + 512, 4096)]
+        server = NBDServer(window, unix_path=tmp_path / "nbd.sock", persistent=True)
+        server.start()
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            url = f"nbd+unix:///?socket={tmp_path / 'nbd.sock'}"
+            qemu_img("convert", "-f", "raw", "-O", "raw", url, tmp_path / "copy.raw")
+        finally:
+            server.shutdown()
+            thread.join(10)
+    assert (tmp_path / "copy.raw").read_bytes() == disk.read_bytes()[MIB + 512 : 3 * MIB + 512]
