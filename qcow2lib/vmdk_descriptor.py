@@ -164,8 +164,8 @@ class _FlatExtent:
         self.start = start
 
     def readinto(self, offset: int, view: memoryview) -> None:
-        position = self.start + offset
-        data = self.file.pread(len(view), position) if position < self.file.size() else b""
+        position = self.start + offset  # (no file reaches 2**63: past that, nothing to read)
+        data = self.file.pread(len(view), position) if position + len(view) <= _INT64_MAX else b""
         view[: len(data)] = data
         view[len(data) :] = bytes(len(view) - len(data))
 
