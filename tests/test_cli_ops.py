@@ -1531,9 +1531,11 @@ def test_convert_keeps_the_target_preallocated(twins, args):
     """A target convert makes reads zeros where nothing is written (QEMU's has_zero_init),
     so qemu-img writes none into it: a preallocated target keeps every cluster and block
     it reserved, where zero writes that may unmap would have given the source's zero runs
-    back (a.qcow2 has some)."""
+    back (a.qcow2 has some: 1 MiB and 64 KiB ones). st_blocks also counts the file system's
+    own blocks (an ext4 extent tree block, one more when the free space was fragmented,
+    as CI once saw), so the two may differ by a few blocks, never by a run."""
     twins.assert_same("convert", *args, "a.qcow2", "out")
     fmt = args[1]
     twins.assert_same_image("out", fmt, same_map=fmt == "qcow2")
     ours, theirs = ((d / "out").stat().st_blocks for d in (twins.qimg_dir, twins.qemu_dir))
-    assert ours == theirs
+    assert abs(ours - theirs) * 512 < 64 << 10

@@ -836,6 +836,32 @@ def test_shutdown_with_a_frontend_connected(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_serve_stops_cleanly_on_a_signal_while_it_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signum: int
+) -> None:
+    """A signal that arrives while the server starts (here: just after its thread did)
+    waits until serve() can shut the server down, instead of raising out of start()
+    with the server still running (CI once caught a SIGINT there under load)."""
+    assert threading.current_thread() is threading.main_thread()
+    image = image_with_pattern(tmp_path)
+    socket_path = tmp_path / "s.sock"
+    started = VhostUserBlkServer.start
+
+    def start_then_signal(server: VhostUserBlkServer) -> None:
+        started(server)
+        signal.raise_signal(signum)
+
+    monkeypatch.setattr(VhostUserBlkServer, "start", start_then_signal)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with qcow2lib.open(str(image), "r+") as device:
+        vhost_user_blk.serve(device, str(socket_path))
+    assert not socket_path.exists()
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_serve_stops_cleanly_on_a_signal(tmp_path: Path, signum: int) -> None:
     image = image_with_pattern(tmp_path)
     socket_path = tmp_path / "s.sock"

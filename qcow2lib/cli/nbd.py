@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-from contextlib import ExitStack, contextmanager
-from typing import Callable
+from contextlib import ExitStack
 
 from qcow2lib import Qcow2Error
 from qcow2lib.cli.common import Cli
@@ -20,6 +18,7 @@ from qcow2lib.cli.images import (
     parse_snapshot_param,
 )
 from qcow2lib.cli.secrets import process_object
+from qcow2lib.exports.stop_signals import hold_stop_signals, stop_on_signals
 from qcow2lib.ops import error_text
 
 NBD_HELP = """\
@@ -254,38 +253,3 @@ def log_to_stderr(cli: Cli) -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
-
-
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
-def hold_stop_signals(cleanup: ExitStack) -> None:
-    """Block SIGINT and SIGTERM until stop_on_signals() is entered: one that arrives while
-    the image opens or the server starts waits and then stops the server cleanly, instead
-    of killing the process half-way. (Threads started meanwhile keep them blocked, so
-    they go to the main thread, where Python runs handlers anyway.) `cleanup` restores
-    the caller's signal mask, also when the command fails before serving."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    cleanup.callback(signal.pthread_sigmask, signal.SIG_SETMASK, previous)
-
-
-@contextmanager
-def stop_on_signals(stop: Callable[[], None]):
-    """While inside, the first SIGINT or SIGTERM calls stop() (a server's shutdown, which
-    must be safe from a signal handler) instead of killing the process or raising; later
-    ones do nothing, so that a shutdown is never interrupted by another. Signals held by
-    hold_stop_signals() are delivered on entry."""
-    signalled: list[int] = []
-
-    def handler(signum, frame) -> None:
-        if not signalled:
-            signalled.append(signum)
-            stop()
-
-    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        for signum, earlier in previous.items():
-            signal.signal(signum, earlier)

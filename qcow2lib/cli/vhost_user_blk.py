@@ -9,8 +9,9 @@ from qcow2lib import Qcow2Error
 from qcow2lib.cli.common import Cli
 from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
 from qcow2lib.cli.images import OpenFailure, image_spec, open_spec
-from qcow2lib.cli.nbd import hold_stop_signals, log_to_stderr, stop_on_signals
+from qcow2lib.cli.nbd import log_to_stderr
 from qcow2lib.cli.secrets import process_object
+from qcow2lib.exports.stop_signals import hold_stop_signals, stop_on_signals
 from qcow2lib.ops import error_text
 
 VHOST_USER_BLK_HELP = """\

@@ -18,15 +18,16 @@ from __future__ import annotations
 import logging
 import os
 import select
-import signal
 import socket
 import stat
 import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, nullcontext
 
 from ..blockdev import BlockDevice
 from ..errors import InvalidArgumentError, Qcow2Error
+from .stop_signals import hold_stop_signals, stop_on_signals
 from .vhost_user import F_RING_EVENT_IDX, F_RING_INDIRECT_DESC, F_VERSION_1, VhostUserConnection
 from .virtqueue import DescriptorChain, GuestMemory, GuestMemoryError, Segment
 
@@ -516,9 +517,10 @@ def serve(
     serial: str | None = None,
     logger: logging.Logger | None = None,
 ) -> None:
-    """Serve `device` until SIGINT (KeyboardInterrupt) or, when called from the main
-    thread, SIGTERM; the server always shuts down cleanly (front-end disconnected,
-    requests drained, device flushed, socket removed) before this returns."""
+    """Serve `device` until SIGINT or SIGTERM (called from the main thread, where Python
+    runs signal handlers; from another, until the process ends). The server always stops
+    cleanly (front-end disconnected, requests drained, device flushed, socket removed)
+    before this returns: a signal while it starts waits until it can stop it."""
     server = VhostUserBlkServer(
         device,
         socket_path,
@@ -528,16 +530,11 @@ def serve(
         serial=serial,
         logger=logger,
     )
-    server.start()
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = (
-        signal.signal(signal.SIGTERM, lambda *_: server.shutdown()) if in_main_thread else None
-    )
-    try:
-        server.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.shutdown()
+    with ExitStack() as cleanup:
         if in_main_thread:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+            hold_stop_signals(cleanup)
+        server.start()
+        cleanup.callback(server.shutdown)
+        with stop_on_signals(server.shutdown) if in_main_thread else nullcontext():
+            server.wait()
