@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import errno
 import io
-from collections import namedtuple
-from collections.abc import Iterable, Iterator
 
 from .errors import (
     InvalidArgumentError,
@@ -29,6 +27,7 @@ RAW_EXTENT_BATCH = 4096  # SEEK_DATA/SEEK_HOLE pairs per batch of a raw file's e
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
     from typing import NamedTuple
 
     class Extent(NamedTuple):
@@ -42,14 +41,42 @@ if TYPE_CHECKING:
         host_offset: int | None = None
         present: bool = True
 
-else:  # the same tuple without typing's NamedTuple (importing typing costs start-up time);
-    # keep both field lists in step: mypy checks the one above, the code runs this one
-    Extent = namedtuple(
-        "Extent",
-        ("offset", "length", "is_data", "is_zero", "depth", "host_offset", "present"),
-        defaults=(None, True),
-    )
-    Extent.__doc__ = "A run of guest bytes with one allocation state (qemu-img map's fields)."
+else:  # the same tuple without typing's NamedTuple or collections' namedtuple (their imports
+    # cost start-up time); keep both field lists in step: mypy checks the one above, the
+    # code runs this one. (_tuplegetter is the field descriptor namedtuple itself uses.)
+    from _collections import _tuplegetter
+
+    class Extent(tuple):
+        """A run of guest bytes with one allocation state (qemu-img map's fields)."""
+
+        __slots__ = ()
+        _fields = ("offset", "length", "is_data", "is_zero", "depth", "host_offset", "present")
+
+        def __new__(cls, offset, length, is_data, is_zero, depth, host_offset=None, present=True):
+            return tuple.__new__(
+                cls, (offset, length, is_data, is_zero, depth, host_offset, present)
+            )
+
+        def __getnewargs__(self):
+            return tuple(self)
+
+        def _replace(self, **changes) -> Extent:
+            replaced = tuple.__new__(Extent, map(changes.pop, self._fields, self))
+            if changes:
+                raise ValueError(f"Got unexpected field names: {list(changes)!r}")
+            return replaced
+
+        def __repr__(self) -> str:
+            fields = ", ".join(f"{name}={value!r}" for name, value in zip(self._fields, self))
+            return f"Extent({fields})"
+
+        offset = _tuplegetter(0, "guest offset")
+        length = _tuplegetter(1, "bytes")
+        is_data = _tuplegetter(2, "read from a file (this layer's or a backing one's)")
+        is_zero = _tuplegetter(3, "reads as zeros")
+        depth = _tuplegetter(4, "layer answering: 0 this one, 1 its backing file, ...")
+        host_offset = _tuplegetter(5, "where the bytes are in the file (None: nowhere)")
+        present = _tuplegetter(6, "some layer of the chain answers (False: past them all)")
 
 
 class BlockDevice:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Sequence
 
 from . import nodes
 from . import structs as S
@@ -27,6 +26,7 @@ from .image import Qcow2Image
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from typing import TypeAlias, TypeGuard
 
     from .blkdebug import BlkdebugTarget

@@ -11,16 +11,13 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from array import array
 
 from . import structs as S
-from .cache import encode_be64
 from .chain import is_nbd_name, open_image, resolve_backing_path
 from .errors import InvalidArgumentError, Qcow2Error, Qcow2IOError
 from .header import Header
 from .hostfile import HostFile, create_host_file, preallocate
 from .image import Qcow2Image
-from .refcount import RefcountBlock
 from .sizes import BDRV_MAX_LENGTH, INT64_MAX, SizeError, parse_size
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
@@ -332,6 +329,11 @@ def _write_empty_qcow2(
     encrypt_format,
     luks_header,
 ) -> None:
+    from array import array  # (the table machinery, loaded when an image is made)
+
+    from .cache import encode_be64
+    from .refcount import RefcountBlock
+
     bits = cluster_size.bit_length() - 1
     order = refcount_bits.bit_length() - 1
     hdr = Header(
@@ -487,6 +489,11 @@ def _write_qemu_layout(
     the L1 table's bytes are written, not left sparse, so the file's allocation is
     qemu-img's: QEMU takes an image using much less disk than its refcounts count for one
     with preallocated metadata, and then reports zeros where a data cluster is missing."""
+    from array import array  # (the table machinery, loaded when an image is made)
+
+    from .cache import encode_be64
+    from .refcount import RefcountBlock
+
     order = refcount_bits.bit_length() - 1
     block_entries = cluster_size * 8 // refcount_bits
     hdr.refcount_table_offset = cluster_size

@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import errno
 from _thread import RLock, _count as _other_threads
-from array import array
-from collections.abc import Iterable, Iterator
 from itertools import groupby
 
 from . import structs as S
 from .blockdev import RAW_EXTENT_BATCH, BlockDevice, Extent, scatter, split_views
-from .cache import decode_be64, encode_be64
 from .errors import (
     BadSecretError,
     CorruptImageError,
@@ -41,7 +38,6 @@ from .errors import (
 )
 from .header import Header
 from .hostfile import HostFile, fill_zeros, open_host_file, preallocate
-from .mapping import BACKING, COMPRESSED, DATA, ZERO, ClusterMap, Segment
 from .overlap import (
     ACTIVE_L1,
     ACTIVE_L2,
@@ -55,14 +51,19 @@ from .overlap import (
     OverlapMap,
     overlap_message,
 )
-from .refcount import RefcountBlock, Refcounts
-from .runs import nonzero_positions
+from .segment import BACKING, COMPRESSED, DATA, ZERO
 from .sizes import c_hex
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:
+    from array import array
+    from collections.abc import Iterable, Iterator
     from threading import Condition
     from typing import TypeAlias
+
+    from .mapping import ClusterMap
+    from .refcount import Refcounts
+    from .segment import Segment
 
     from .bitmaps import BitmapEntry, BitmapTracker
     from .containers import DataFileTarget
@@ -266,6 +267,7 @@ class Qcow2Image(BlockDevice):
             )
         self._host_size = file_size
         self._lock = RLock()
+        self._tables_lock = RLock()  # (see __getattr__)
         self._corruption_signaled = False  # (QEMU reports the first event only)
         # (see _write_checked; taken before self._lock, never while holding it: whoever
         # holds the image for a while and writes through it takes this one first)
@@ -284,13 +286,15 @@ class Qcow2Image(BlockDevice):
         # acknowledged until then is still written back (flush, close).
         self._stopped_by_corruption = False
         self._compressed_tail = 0  # next free byte after the last compressed cluster written
-        self.map = ClusterMap(self.file, hdr, self._data_size)
         # Where metadata lies, for the pre-write overlap check: built at the first check
         # for the active L1 table `_overlaps_for`; a new L1 table, refcount structure or
         # header (set to None) has it rebuilt.
         self.overlaps = OverlapMap(self.cluster_bits)
         self._overlaps_for: array | None = None
-        self.use_refcount_table(hdr.refcount_table_offset, hdr.refcount_table_clusters, file_size)
+        # self.map and self.refcounts: made at their first use (__getattr__); with blkdebug
+        # beneath at open, as QEMU loads them (its rules may fail the reftable_load event)
+        if self.blkdebug is not None:
+            self.load_tables()
         self._load_bitmap_directory()
         self.crypto = None
         if self.encrypted and passphrase is not None:
@@ -319,8 +323,43 @@ class Qcow2Image(BlockDevice):
             self._bitmap_entries = read_directory(self.file, self.header, self.cluster_size)
             self.bitmaps = [entry.info() for entry in self._bitmap_entries]
 
+    # The cluster map (L1 table, L2 cache) and the refcount structure are made at their
+    # first use, not at open: info, snapshot -l and the like need neither, and their
+    # modules (arrays, run finding) and tables cost about 2 ms of every start. QEMU reads
+    # both tables at open but validates neither's entries there, so what an entry says
+    # is judged, as before, where it is used.
+    map: ClusterMap
+    refcounts: Refcounts
+
+    def __getattr__(self, name: str):
+        if (name == "map" or name == "refcounts") and "_tables_lock" in self.__dict__:
+            self.load_tables()  # (_tables_lock: the header is read, the open got that far)
+            return self.__dict__[name]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
+    def load_tables(self) -> None:
+        """Make the cluster map and the refcounts (reading the L1 and refcount tables) if
+        not made yet. Two threads' first uses make one map; the lock is one of its own,
+        which nothing else holds, so a first read never waits for the image's lock."""
+        with self._tables_lock:
+            if "refcounts" not in self.__dict__:
+                from .mapping import ClusterMap
+
+                hdr = self.header
+                self.map = ClusterMap(self.file, hdr, self._data_size)
+                self.use_refcount_table(
+                    hdr.refcount_table_offset, hdr.refcount_table_clusters, self._host_size
+                )
+
+    @property
+    def tables_loaded(self) -> bool:
+        """Whether the cluster map and refcounts were made (nothing to write back if not)."""
+        return "refcounts" in self.__dict__
+
     def use_refcount_table(self, offset: int, clusters: int, file_size: int) -> None:
         """(Re)load the refcount structure from a table at offset."""
+        from .refcount import Refcounts
+
         self.refcounts = Refcounts(
             self.file, self.cluster_bits, self.header.refcount_order, offset, clusters, file_size
         )
@@ -1403,6 +1442,8 @@ class Qcow2Image(BlockDevice):
         """(first cluster, count, unallocated) pieces of `clusters`, in order, within one
         L2 table each: runs of zero standard entries (unallocated, no flags), found at C
         speed, and single clusters that have an entry."""
+        from .runs import nonzero_positions
+
         entries = self.map.l2_entries
         first = clusters.start
         while first < clusters.stop:
@@ -1467,6 +1508,8 @@ class Qcow2Image(BlockDevice):
             index = run_end
 
     def _writable_l2(self, l1_index: int) -> None:
+        from .cache import decode_be64  # (a new L2 table: not the hot path)
+
         if l1_index >= len(self.map.l1):
             raise CorruptImageError(
                 f"guest offset beyond the L1 table (L1 index {l1_index}, "
@@ -1945,11 +1988,13 @@ class Qcow2Image(BlockDevice):
     def _write_back_all(self) -> None:
         """Write back everything, including decrements a first pass had to leave queued."""
         self._write_back()
-        if self.refcounts.pending_frees:
+        if self.tables_loaded and self.refcounts.pending_frees:
             self._write_back()
 
     def _write_back(self) -> None:
         """Write dirty metadata in crash-safe order (see the module docstring)."""
+        if not self.tables_loaded:
+            return  # (no guest write yet: every one goes through the map)
         refs = self.refcounts
         bitmaps = self._bitmap_tracker
         bitmap_failure = None
@@ -2131,6 +2176,8 @@ class Qcow2Image(BlockDevice):
         """
         from array import array
 
+        from .cache import encode_be64
+
         with self._lock:
             old_size = len(self.map.l1)
             if new_l1_size <= old_size:
@@ -2233,6 +2280,11 @@ class Qcow2Image(BlockDevice):
         without them reaches the disk, then each loses its reference in the block that
         counts it (a crash in between only leaks them). Broken entries fail the way
         QEMU's do: the image is marked corrupt and the resize fails with EIO."""
+        from array import array
+
+        from .cache import encode_be64
+        from .runs import nonzero_positions
+
         refs = self.refcounts
         with self._lock:
             self._resize_quiesce()
@@ -2263,6 +2315,8 @@ class Qcow2Image(BlockDevice):
     def _counts_nothing(self, block_index: int) -> bool:
         """Whether a refcount block counts no cluster but itself (read as QEMU reads it:
         past the end of the file, zeros)."""
+        from .refcount import RefcountBlock
+
         refs = self.refcounts
         offset = refs.table[block_index] & S.REFT_OFFSET_MASK
         if offset % self.cluster_size:

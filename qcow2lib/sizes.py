@@ -7,9 +7,11 @@ the same spellings (and reject the same ones) and print the same rounding.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from .errors import InvalidArgumentError
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 UINT64_MAX = (1 << 64) - 1
 INT64_MAX = (1 << 63) - 1
