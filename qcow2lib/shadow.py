@@ -35,12 +35,19 @@ from .runs import consecutive_runs, nonzero_positions
 
 
 def commit_in_place(
-    image, active_l1: array, inactive_l1s: list[tuple[int, array]], freed: list[int]
+    image,
+    active_l1: array,
+    inactive_l1s: list[tuple[int, array]],
+    freed: list[int],
+    header_fields: dict[str, int] | None = None,
 ) -> None:
     """Write the state prepared in the caches (dirty refcount blocks and L2 tables) with the
     active L1 table `active_l1` (same size and place as now) and the inactive L1 tables
     `inactive_l1s` ((offset, entries), changed in flags only); `freed`: the clusters whose
     count dropped to zero (their tables are not written, their space is given back).
+    `header_fields`: header fields the new state sets besides (a new snapshot table, its
+    bytes already written to clusters the caches count): the last header write, once
+    the state is durable, sets them too (one sector), saving a commit of their own.
 
     On failure the image works on from the state the header on disk names: the old one
     (the caches forget the change), or the shadow state."""
@@ -77,11 +84,14 @@ def commit_in_place(
         for offset, table in inactive_l1s:
             image.file.pwrite(encode_be64(table), offset)
         image._sync(image.file)
-        if shadow is not None:
-            _write_header(image, m.l1_table_offset, refs.table_offset, refs.table_clusters)
+        if shadow is not None or header_fields:
+            _write_header(
+                image, m.l1_table_offset, refs.table_offset, refs.table_clusters, header_fields
+            )
             on_disk = "new"
             image._sync(image.file)
-            image.file.truncate(shadow.file_end)
+            if shadow is not None:
+                image.file.truncate(shadow.file_end)
     except BaseException:
         if on_disk == "old":
             _forget(image, old_l1, file_end)
@@ -170,18 +180,30 @@ class _Shadow:
         self.encoded = encoded
 
 
-def _write_header(image, l1_offset: int, reftable_offset: int, reftable_clusters: int) -> None:
-    """Point the header at an L1 table and a refcount table with one sector write (the
-    in-memory header keeps the old fields if the write fails)."""
+def _write_header(
+    image,
+    l1_offset: int,
+    reftable_offset: int,
+    reftable_clusters: int,
+    fields: dict[str, int] | None = None,
+) -> None:
+    """Point the header at an L1 table and a refcount table, and set `fields`, with one
+    sector write (the in-memory header keeps the old fields if the write fails)."""
     hdr = image.header
-    old = (hdr.l1_table_offset, hdr.refcount_table_offset, hdr.refcount_table_clusters)
-    hdr.l1_table_offset = l1_offset
-    hdr.refcount_table_offset = reftable_offset
-    hdr.refcount_table_clusters = reftable_clusters
+    changes = {
+        "l1_table_offset": l1_offset,
+        "refcount_table_offset": reftable_offset,
+        "refcount_table_clusters": reftable_clusters,
+        **(fields or {}),
+    }
+    old = {name: getattr(hdr, name) for name in changes}
+    for name, value in changes.items():
+        setattr(hdr, name, value)
     try:
         image._write_header_fields()
     except BaseException:
-        hdr.l1_table_offset, hdr.refcount_table_offset, hdr.refcount_table_clusters = old
+        for name, value in old.items():
+            setattr(hdr, name, value)
         raise
 
 

@@ -661,13 +661,21 @@ class _NoShortcut(Exception):
     """A step's shortcut cannot vouch for reaching QEMU's state: take the long way."""
 
 
-def _in_place(image, step: Step, shortcut: Step | None = None) -> None:
+def _in_place(
+    image,
+    step: Step,
+    shortcut: Step | None = None,
+    new_table: list[Snapshot] | None = None,
+) -> None:
     """Run `step` (QEMU's passes over the caches; returns the new active L1 table and the
     inactive L1 tables to write) and commit what it changed; on failure nothing of it is
     written and the caches forget it. `shortcut`, tried first, reaches the same state
     with less work where it can tell it does; where it cannot (or meets an error, which
-    `step` then meets in QEMU's order and reports as QEMU does), `step` runs instead."""
+    `step` then meets in QEMU's order and reports as QEMU does), `step` runs instead.
+    `new_table`: the snapshot table the new state has (written to new clusters after the
+    step, named by the commit's last header write)."""
     keep_freed_memory()
+    placed = _place_table(image, new_table)
     if shortcut is not None:
         counts = _Counts(image, remember_layouts=True)
         try:
@@ -676,8 +684,9 @@ def _in_place(image, step: Step, shortcut: Step | None = None) -> None:
             _forget_step(image)
             if not isinstance(exc, (_NoShortcut, Qcow2Error)):
                 raise
+            placed = _place_table(image, new_table, placed)
         else:
-            commit_in_place(image, active, inactive, counts.freed)
+            _commit(image, active, inactive, counts.freed, placed)
             return
     counts = _Counts(image, remember_layouts=True)
     try:
@@ -687,7 +696,59 @@ def _in_place(image, step: Step, shortcut: Step | None = None) -> None:
         if isinstance(exc, SignaledCorruptionError):
             raise image._met_corruption(exc) from None
         raise
-    commit_in_place(image, active, inactive, counts.freed)
+    _commit(image, active, inactive, counts.freed, placed)
+
+
+class _PlacedTable:
+    """A snapshot table written to new clusters, not yet named by the header, and the
+    table it replaces (its clusters are freed once the new one is named). Its count stays
+    in the caches for the commit that names it (a failed step forgets it: nothing leaks,
+    as nothing would in QEMU, which writes the table last), unless counting it took a new
+    refcount block: that changes the refcount table, which a commit keeps as it is, so
+    then it is written back (durable) at once."""
+
+    def __init__(self, image, snapshots: list[Snapshot]):
+        hdr = image.header
+        self.old_offset, self.old_bytes = hdr.snapshots_offset, cached_table(image)[1]
+        self.snapshots = snapshots
+        table = pack_snapshot_table(snapshots, image.size) if snapshots else b""
+        self.length = len(table)
+        self.offset = image.write_new_clusters(table) if table else 0
+        self.durable = image.refcounts.table_dirty
+        if self.durable:
+            image._write_back()
+
+    def header_fields(self) -> dict[str, int]:
+        return {"nb_snapshots": len(self.snapshots), "snapshots_offset": self.offset}
+
+    def adopted(self, image) -> None:
+        """The header names the new table: remember it and free the old one."""
+        image._snapshot_table = (
+            self.offset,
+            len(self.snapshots),
+            list(self.snapshots),
+            self.length,
+        )
+        image._overlaps_for = None
+        _free_clusters(image, self.old_offset, self.old_bytes)
+
+
+def _place_table(
+    image, snapshots: list[Snapshot] | None, earlier: _PlacedTable | None = None
+) -> _PlacedTable | None:
+    """The table placed for a step (`earlier`: placed before a step the caches forgot,
+    placed again unless its count was durable already)."""
+    if snapshots is None or (earlier is not None and earlier.durable):
+        return earlier
+    return _PlacedTable(image, snapshots)
+
+
+def _commit(image, active, inactive, freed: list[int], placed: _PlacedTable | None) -> None:
+    if placed is None:
+        commit_in_place(image, active, inactive, freed)
+    else:
+        commit_in_place(image, active, inactive, freed, placed.header_fields())
+        placed.adopted(image)
 
 
 def _forget_step(image) -> None:
@@ -766,22 +827,18 @@ def _write_table(image, snapshots: list[Snapshot]) -> None:
     """QEMU's qcow2_write_snapshots: the table in new clusters, made durable, the header
     switched to it (one sector), then the old table freed."""
     hdr = image.header
-    old_offset, old_bytes = hdr.snapshots_offset, cached_table(image)[1]
-    table = pack_snapshot_table(snapshots, image.size) if snapshots else b""
-    offset = image.write_new_clusters(table) if table else 0
+    placed = _PlacedTable(image, snapshots)
     image._write_back()
     image._sync(image.file)
     old = (hdr.nb_snapshots, hdr.snapshots_offset)
-    hdr.nb_snapshots, hdr.snapshots_offset = len(snapshots), offset
+    hdr.nb_snapshots, hdr.snapshots_offset = len(snapshots), placed.offset
     try:
         image._write_header_fields()
         image._sync(image.file)
     except BaseException:
         hdr.nb_snapshots, hdr.snapshots_offset = old
         raise
-    image._snapshot_table = (offset, len(snapshots), list(snapshots), len(table))
-    image._overlaps_for = None
-    _free_clusters(image, old_offset, old_bytes)
+    placed.adopted(image)
 
 
 class SnapshotL1Error(Qcow2IOError, CorruptImageError):
@@ -948,14 +1005,18 @@ def create_snapshot(
         )
         # QEMU's order: the snapshot's copy of the L1 table (VM state area included), the
         # counts of the tree it shares, the snapshot table; then the VM state leaves the
-        # active tree. A failure on the way leaves leaked clusters only.
+        # active tree. A failure on the way leaves leaked clusters only (the copy, as
+        # QEMU's). The table goes to the disk with the last commit, whose last header
+        # write names it: two syncs fewer than a commit of its own.
         if len(active):
             snap.l1_table_offset = image.write_new_clusters(encode_be64(active))
             image._write_back()
-
-        for entries in _spans(len(active)):
-            _in_place(image, _sharing(image, entries))
-        _write_table(image, snapshots + [snap])
+        spans = _spans(len(active))
+        for entries in spans:
+            last = entries is spans[-1]
+            _in_place(
+                image, _sharing(image, entries), new_table=snapshots + [snap] if last else None
+            )
         if vm_state_size:
             _drop_vm_state(image, vm_state_size)
         return snap

@@ -380,6 +380,44 @@ def test_65536_snapshots_table_parsed_once(tmp_path, monkeypatch):
 # --- the refcount table grows inside a commit -----------------------------------------------
 
 
+@pytest.mark.parametrize("data", [True, False], ids=["with data", "empty"])
+def test_a_new_snapshot_table_is_named_by_the_commits_last_header_write(tmp_path, data):
+    """Snapshot creation writes its table with the last commit of the shared counts: the
+    header write that switches back from the shadow state (or, with no table to copy, the
+    one after the in-place writes) names the table too. So a creation syncs five times
+    (the L1 copy, the shadow, its header, the state in place, the last header), or three
+    without a shadow, not two more for a table commit of its own. Each header write is
+    one sector; the result is qemu-img's image."""
+    from test_snapshots import _Recorder
+
+    path = tmp_path / "img.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "64M")
+    if data:
+        qemu_io(path, "write -P 0x61 0 1M", "write -P 0x62 40M 64k")
+    twin = tmp_path / "twin.qcow2"
+    shutil.copyfile(path, twin)
+    with qcow2lib.open(str(path), "r+") as img:
+        img.load_tables()
+        recorder = _Recorder(img.file)
+        snaps.create_snapshot(img, "second", icount=0)
+        recorder.stop()
+        table = (img.header.nb_snapshots, img.header.snapshots_offset)
+    ops = recorder.ops
+    header_writes = [index for index, op in enumerate(ops) if op[0] == "w" and op[1] == 0]
+    assert len(header_writes) == (2 if data else 1)
+    assert all(len(ops[index][2]) <= 512 for index in header_writes)
+    last = header_writes[-1]
+    assert struct.unpack(">IQ", ops[last][2][60:72]) == table == (1, table[1])
+    assert ops[last - 1] == ops[last + 1] == ("f",)
+    table_write = next(i for i, op in enumerate(ops) if op[0] == "w" and op[1] == table[1])
+    assert table_write < last
+    syncs = [i for i, op in enumerate(ops) if op == ("f",) and i and ops[i - 1] != ("f",)]
+    assert len(syncs) == (5 if data else 3), ops
+    qemu_img("snapshot", "-c", "second", twin)
+    assert_same_images(path, twin, tmp_path)
+    assert_clean(path)
+
+
 def test_refcount_table_grows_inside_a_crash_safe_commit(tmp_path):
     """512-byte clusters with 64-bit refcounts: a refcount table cluster reaches 4096
     clusters, and a snapshot of 1950 KiB of data has its shadow state (shadow.py) copy ~60
@@ -439,7 +477,7 @@ def test_shadow_bytes_bounds_what_a_commit_writes_past_the_end(tmp_path, monkeyp
     measured: list[tuple[int, int]] = []  # (bound, bytes written past the end)
     write_shadow, commit = shadow._write_shadow, snaps.commit_in_place
 
-    def measuring_commit(image, active_l1, inactive_l1s, freed):
+    def measuring_commit(image, active_l1, inactive_l1s, freed, header_fields=None):
         bound, start, reached = shadow.shadow_bytes(image, active_l1), image.file.size(), []
 
         def measuring_write(image, dirty_l2):
@@ -448,7 +486,7 @@ def test_shadow_bytes_bounds_what_a_commit_writes_past_the_end(tmp_path, monkeyp
             return written
 
         monkeypatch.setattr(shadow, "_write_shadow", measuring_write)
-        commit(image, active_l1, inactive_l1s, freed)
+        commit(image, active_l1, inactive_l1s, freed, header_fields)
         measured.append((bound, max(reached, default=0)))
 
     monkeypatch.setattr(snaps, "commit_in_place", measuring_commit)
