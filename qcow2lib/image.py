@@ -500,7 +500,7 @@ class Qcow2Image(BlockDevice):
             if entry & S.REFT_OFFSET_MASK:
                 overlaps.add(REFCOUNT_BLOCK, entry & S.REFT_OFFSET_MASK, cs)
         if hdr.nb_snapshots:
-            from .snapshots import cached_table
+            from .snapshot_table import cached_table
 
             try:
                 snapshots, table_bytes = cached_table(self)

@@ -1,6 +1,8 @@
 """The snapshot table on disk: its entries (Snapshot), parsed and packed as QEMU writes
 them, and the L2 table offset an L1 entry gives. Below both the snapshot operations
-(snapshots.py) and the reference walk (rebuild.py), which read snapshots' L1 tables."""
+(snapshots.py) and the reference walk (rebuild.py), which read snapshots' L1 tables;
+listing an image's snapshots (info, snapshot -l) needs nothing more, and none of the
+table machinery snapshots.py loads."""
 
 from __future__ import annotations
 
@@ -149,3 +151,44 @@ def l2_table_offset(entry: int, index: int, cluster_size: int) -> int:
             f"aligned to the cluster size {cluster_size}"
         )
     return offset
+
+
+# --- the table an image's header names (parsed once; what listing a snapshot needs) -------
+
+
+def cached_table(image) -> tuple[list[Snapshot], int]:
+    """The parsed snapshot table and its size in bytes, parsed once for each table the
+    header points at (65536 entries take a while; lookups must not parse it again)."""
+    hdr = image.header
+    key = (hdr.snapshots_offset, hdr.nb_snapshots)
+    cached = getattr(image, "_snapshot_table", None)
+    if cached is None or cached[:2] != key:
+        snapshots, table_bytes = (
+            read_snapshot_table(
+                image.file,
+                hdr.snapshots_offset,
+                hdr.nb_snapshots,
+                image.file.size(),
+            )
+            if hdr.nb_snapshots
+            else ([], 0)
+        )
+        cached = image._snapshot_table = (*key, snapshots, table_bytes)
+    return cached[2], cached[3]
+
+
+def require_qcow2(image) -> None:
+    """Refuse an image without internal snapshots: anything but a Qcow2Image (a device's
+    format name alone does not make it one)."""
+    if getattr(image, "format", None) != "qcow2" or not hasattr(image, "load_tables"):
+        raise InvalidArgumentError(
+            f"internal snapshots need a qcow2 image ('{getattr(image, 'filename', image)}' is "
+            f"{getattr(image, 'format', type(image).__name__)})"
+        )
+
+
+def list_snapshots(image) -> list[Snapshot]:
+    """The image's snapshots, in table order."""
+    require_qcow2(image)
+    with image._lock:
+        return list(cached_table(image)[0])

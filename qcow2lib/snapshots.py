@@ -65,47 +65,21 @@ from .runs import (
 from .shadow import commit_in_place, room_needed, shadow_bytes
 from .sizes import c_hex
 from .snapshot_table import (
+    cached_table,
+    list_snapshots,
+    require_qcow2 as _require_qcow2,
     ICOUNT_DISABLED,
     Snapshot,
     pack_snapshot_table,
-    read_snapshot_table,
 )
 
 MAX_NAME_BYTES = 255  # QEMU keeps names in a 256-byte buffer
-
-
-def cached_table(image) -> tuple[list[Snapshot], int]:
-    """The parsed snapshot table and its size in bytes, parsed once for each table the
-    header points at (65536 entries take a while; lookups must not parse it again)."""
-    hdr = image.header
-    key = (hdr.snapshots_offset, hdr.nb_snapshots)
-    cached = getattr(image, "_snapshot_table", None)
-    if cached is None or cached[:2] != key:
-        snapshots, table_bytes = (
-            read_snapshot_table(
-                image.file,
-                hdr.snapshots_offset,
-                hdr.nb_snapshots,
-                image.file.size(),
-            )
-            if hdr.nb_snapshots
-            else ([], 0)
-        )
-        cached = image._snapshot_table = (*key, snapshots, table_bytes)
-    return cached[2], cached[3]
 
 
 def _read_table(image) -> tuple[list[Snapshot], int]:
     """A copy of the snapshot list (callers may change it) and the table's size."""
     snapshots, table_bytes = cached_table(image)
     return list(snapshots), table_bytes
-
-
-def list_snapshots(image) -> list[Snapshot]:
-    """The image's snapshots, in table order."""
-    _require_qcow2(image)
-    with image._lock:
-        return _read_table(image)[0]
 
 
 def _select(
@@ -167,14 +141,6 @@ def _new_id(snapshots: list[Snapshot]) -> str:
 
 
 # --- helpers over the engine ----------------------------------------------------------------
-
-
-def _require_qcow2(image) -> None:
-    if getattr(image, "format", None) != "qcow2" or not hasattr(image, "map"):
-        raise InvalidArgumentError(
-            f"internal snapshots need a qcow2 image ('{getattr(image, 'filename', image)}' is "
-            f"{getattr(image, 'format', type(image).__name__)})"
-        )
 
 
 def _require_writable(image, what: str) -> None:
@@ -681,7 +647,7 @@ def _in_place(
         try:
             active, inactive = shortcut(counts)
         except BaseException as exc:
-            _forget_step(image)
+            _forget_step(image, placed)
             if not isinstance(exc, (_NoShortcut, Qcow2Error)):
                 raise
             placed = _place_table(image, new_table, placed)
@@ -692,7 +658,7 @@ def _in_place(
     try:
         active, inactive = step(counts)
     except BaseException as exc:
-        _forget_step(image)
+        _forget_step(image, placed)
         if isinstance(exc, SignaledCorruptionError):
             raise image._met_corruption(exc) from None
         raise
@@ -713,10 +679,23 @@ class _PlacedTable:
         self.snapshots = snapshots
         table = pack_snapshot_table(snapshots, image.size) if snapshots else b""
         self.length = len(table)
+        self.file_end = image.file.size()
         self.offset = image.write_new_clusters(table) if table else 0
         self.durable = image.refcounts.table_dirty
         if self.durable:
             image._write_back()
+
+    def forget(self, image) -> None:
+        """The step failed and the caches forgot the table's count: where its bytes made
+        the file longer, they go too (QEMU, which writes the table last, never wrote
+        them; iotest 112 compares the image after such a failure)."""
+        if self.durable or not self.length:
+            return
+        try:
+            if image.file.size() > self.file_end:
+                image.file.truncate(self.file_end)
+        except Qcow2Error:  # (the failure being reported matters more; this is only space)
+            pass
 
     def header_fields(self) -> dict[str, int]:
         return {"nb_snapshots": len(self.snapshots), "snapshots_offset": self.offset}
@@ -751,11 +730,13 @@ def _commit(image, active, inactive, freed: list[int], placed: _PlacedTable | No
         placed.adopted(image)
 
 
-def _forget_step(image) -> None:
+def _forget_step(image, placed: _PlacedTable | None = None) -> None:
     """Drop what a step prepared in the caches (they only ever hold one step's changes:
-    each commit writes them all)."""
+    each commit writes them all), and the snapshot table `placed` for it."""
     image.map.l2_cache.clear()
     image.refcounts.blocks.clear()
+    if placed is not None:
+        placed.forget(image)
 
 
 def _free_clusters(image, offset: int, length: int) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import qcow2lib
+from qcow2lib import snapshot_table
 from qcow2lib import snapshots as snaps
 from qemutools import assert_clean, qemu_img, qemu_io, bytes_without_dates, run_qimg
 from shared import build_once
@@ -355,13 +356,13 @@ def test_65536_snapshots_table_parsed_once(tmp_path, monkeypatch):
     qemu_img("snapshot", "-c", "base", path)
     repeat_snapshot(path, 65536, verify=False)  # the qemu-img check at the end covers it
     parses = []
-    real_parse = snaps.read_snapshot_table
+    real_parse = snapshot_table.read_snapshot_table
 
     def counting_parse(*args, **kwargs):
         parses.append(args[2])
         return real_parse(*args, **kwargs)
 
-    monkeypatch.setattr(snaps, "read_snapshot_table", counting_parse)
+    monkeypatch.setattr(snapshot_table, "read_snapshot_table", counting_parse)
     with qcow2lib.open(str(path), "r+") as img:
         assert len(snaps.list_snapshots(img)) == 65536
         for number in range(1, 65537, 997):

@@ -23,7 +23,6 @@ from qcow2lib.ops import error_text, host_path
 
 def cmd_snapshot(cli: Cli, argv: list[str]) -> int:
     """`snapshot`: list (-l), create (-c), apply (-a) or delete (-d) internal snapshots."""
-    from qcow2lib import snapshots as snaps
     from qcow2lib.ops.info import _snapshot_list
 
     action: str | None = None
@@ -72,7 +71,11 @@ def cmd_snapshot(cli: Cli, argv: list[str]) -> int:
         if action == "l":
             if qcow2 and img.header.nb_snapshots:
                 cli.out("Snapshot list:\n" + human_snapshot_table(_snapshot_list(img)))
-        elif action == "c":
+            return 0
+        # (not for -l: listing needs none of the machinery that changes snapshots)
+        from qcow2lib import snapshots as snaps
+
+        if action == "c":
             if not qcow2:
                 cli.error_report(
                     f"Could not create snapshot '{name}': -95 (Operation not supported)"

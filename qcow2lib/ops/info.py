@@ -104,7 +104,7 @@ def _encryption(img) -> dict:
 
 def _snapshot_list(img) -> list[dict]:
     """The internal snapshots of a qcow2 image as QEMU's SnapshotInfo dicts."""
-    from ..snapshots import list_snapshots  # (images without snapshots skip its import)
+    from ..snapshot_table import list_snapshots  # (images without snapshots skip it)
 
     infos = []
     for snap in list_snapshots(img):
