@@ -14,7 +14,7 @@ import stat
 
 from . import structs as S
 from .chain import is_nbd_name, open_image, resolve_backing_path
-from .errors import InvalidArgumentError, Qcow2Error, Qcow2IOError
+from .errors import CorruptImageError, InvalidArgumentError, Qcow2Error, Qcow2IOError
 from .header import Header
 from .hostfile import HostFile, create_host_file, preallocate
 from .image import Qcow2Image
@@ -397,6 +397,7 @@ def _write_empty_qcow2(
                 block.set(j, 1)
             file.pwrite(block.to_bytes(), (first_block + i) * cluster_size)
             step = _L1_BLOCKS_STEP
+        _check_header_kept(file)
         step = _L1_STEP
         if file.is_device:  # a device keeps old bytes where a new file would read zeros
             file.pwrite(bytes(l1_clusters * cluster_size), hdr.l1_table_offset)
@@ -409,6 +410,9 @@ def _write_empty_qcow2(
     except Qcow2IOError as exc:
         file.close()
         raise _creation_failure(exc, step) from None
+    except CorruptImageError:
+        file.close()
+        raise
     file.close()
 
 
@@ -520,6 +524,7 @@ def _write_qemu_layout(
                     block.set(used_cluster - base, 1)
             file.pwrite(block.to_bytes(), cluster * cluster_size)
             step = _L1_BLOCKS_STEP  # (the first block goes with the table, the others with L1)
+        _check_header_kept(file)
         step = _L1_STEP
         if file.is_device:  # a device (or NBD export) keeps old bytes and its size
             if l1_offset:
@@ -533,7 +538,17 @@ def _write_qemu_layout(
     except Qcow2IOError as exc:
         file.close()
         raise _creation_failure(exc, step) from None
+    except CorruptImageError:
+        file.close()
+        raise
     file.close()
+
+
+def _check_header_kept(file) -> None:
+    """QEMU opens the image it creates once its header and refcounts are written, and a
+    device that does not keep what is written to it (/dev/null) fails there, as here."""
+    if file.is_device and file.pread(4, 0) != S.QCOW_MAGIC.to_bytes(4, "big"):
+        raise CorruptImageError("Image is not in qcow2 format")
 
 
 def _write_header_cluster(file, header: bytes, cluster_size: int) -> None:

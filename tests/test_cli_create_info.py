@@ -24,7 +24,7 @@ import pytest
 import qimg
 from qcow2lib.qobject import qdict_items, qemu_json
 from qemutools import qemu_create, qemu_img, qemu_io
-from qemutools import both_on_small_disks, make_launcher, run_on_a_small_disk
+from qemutools import assert_same_in, both_on_small_disks, make_launcher, run_on_a_small_disk
 from shared import build_once
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -1120,3 +1120,22 @@ def test_snapshot_names_longer_than_255_bytes_are_cut(twins):
     assert ("é" * 127).encode() + b"\xc3\n" in listings[0]
     twins.assert_same("snapshot", "-d", long_ascii, "a.qcow2")
     twins.assert_same("snapshot", "-d", "x" * 255, "a.qcow2")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["create", "-f", "qcow2", "/dev/null", "1M"],
+        ["create", "-f", "qcow2", "-o", "preallocation=metadata", "/dev/zero", "1M"],
+        ["convert", "-O", "qcow2", "a.qcow2", "/dev/null"],
+        ["convert", "-O", "raw", "a.qcow2", "/dev/null"],
+    ],
+    ids=" ".join,
+)
+def test_a_qcow2_image_made_on_a_device_that_keeps_nothing(tmp_path, args):
+    """/dev/null takes the writes and keeps nothing: qemu-img's creation fails when it
+    opens the new image ("Image is not in qcow2 format", or for convert "error while
+    converting qcow2: ..."), not at a flush (fdatasync's EINVAL: nothing to sync there)."""
+    qemu_img("create", "-q", "-f", "qcow2", tmp_path / "a.qcow2", "1M")
+    result = assert_same_in(tmp_path, *args)
+    assert result.returncode == 1
