@@ -324,37 +324,52 @@ class Qcow2Image(BlockDevice):
             self.bitmaps = [entry.info() for entry in self._bitmap_entries]
 
     # The cluster map (L1 table, L2 cache) and the refcount structure are made at their
-    # first use, not at open: info, snapshot -l and the like need neither, and their
-    # modules (arrays, run finding) and tables cost about 2 ms of every start. QEMU reads
-    # both tables at open but validates neither's entries there, so what an entry says
-    # is judged, as before, where it is used.
+    # first use, not at open: info, snapshot -l and the like need neither, reads and map
+    # need no refcounts, and the modules (arrays, run finding) and tables cost about 2 ms
+    # of every start. QEMU reads both tables at open but validates neither's entries
+    # there, so what an entry says is judged, as before, where it is used (a refcount
+    # table entry with reserved bits fails a write, not a read).
     map: ClusterMap
     refcounts: Refcounts
 
     def __getattr__(self, name: str):
-        if (name == "map" or name == "refcounts") and "_tables_lock" in self.__dict__:
-            self.load_tables()  # (_tables_lock: the header is read, the open got that far)
-            return self.__dict__[name]
+        if "_tables_lock" in self.__dict__:  # (the header is read: the open got that far)
+            if name == "map":
+                self._load_map()
+                return self.__dict__["map"]
+            if name == "refcounts":
+                self.load_tables()
+                return self.__dict__["refcounts"]
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
 
-    def load_tables(self) -> None:
-        """Make the cluster map and the refcounts (reading the L1 and refcount tables) if
-        not made yet. Two threads' first uses make one map; the lock is one of its own,
-        which nothing else holds, so a first read never waits for the image's lock."""
+    def _load_map(self) -> None:
+        """Make the cluster map (reading the L1 table) if not made yet. Two threads' first
+        uses make one; the lock is one of its own, which nothing else holds, so a first
+        read never waits for the image's lock."""
         with self._tables_lock:
-            if "refcounts" not in self.__dict__:
+            if "map" not in self.__dict__:
                 from .mapping import ClusterMap
 
+                self.map = ClusterMap(self.file, self.header, self._data_size)
+
+    def load_tables(self) -> None:
+        """Make the cluster map and the refcounts (reading the L1 and refcount tables)
+        where not made yet."""
+        with self._tables_lock:
+            self._load_map()
+            if "refcounts" not in self.__dict__:
                 hdr = self.header
-                self.map = ClusterMap(self.file, hdr, self._data_size)
                 self.use_refcount_table(
                     hdr.refcount_table_offset, hdr.refcount_table_clusters, self._host_size
                 )
 
-    @property
-    def tables_loaded(self) -> bool:
-        """Whether the cluster map and refcounts were made (nothing to write back if not)."""
-        return "refcounts" in self.__dict__
+    def _nothing_to_write_back(self) -> bool:
+        """No refcounts made (every allocation and free makes them) and no map, or one
+        with nothing changed: no metadata waits to be written."""
+        if "refcounts" in self.__dict__:
+            return False
+        cluster_map = self.__dict__.get("map")
+        return cluster_map is None or not (cluster_map.l2_cache.dirty or cluster_map.l1_dirty)
 
     def use_refcount_table(self, offset: int, clusters: int, file_size: int) -> None:
         """(Re)load the refcount structure from a table at offset."""
@@ -410,6 +425,8 @@ class Qcow2Image(BlockDevice):
     def check_request(self, offset: int, length: int, write: bool = False) -> None:
         super().check_request(offset, length, write)
         if write:
+            if "refcounts" not in self.__dict__:  # (made before the write counts itself in
+                self.load_tables()  # flight: a table refused fails it before it begins)
             if self._bitmap_tracker is not None:
                 with self._lock:
                     if self._bitmap_tracker is not None:
@@ -1074,7 +1091,12 @@ class Qcow2Image(BlockDevice):
                 real_clusters = self.file.allocated_bytes() // self.cluster_size
                 threshold = max(real_clusters * 10 // 9, real_clusters + 2)
                 end_cluster = -(-self.file.size() // self.cluster_size)
-                count = self.refcounts.count_in_use(end_cluster, threshold)
+                try:
+                    refcounts = self.refcounts
+                except CorruptImageError:  # (a table refused for writes: reads and map go
+                    self._prealloc_detected = False  # on, as QEMU's, which masks the bits)
+                    return False
+                count = refcounts.count_in_use(end_cluster, threshold)
                 self._prealloc_detected = count >= threshold
         return self._prealloc_detected
 
@@ -1988,13 +2010,13 @@ class Qcow2Image(BlockDevice):
     def _write_back_all(self) -> None:
         """Write back everything, including decrements a first pass had to leave queued."""
         self._write_back()
-        if self.tables_loaded and self.refcounts.pending_frees:
+        if "refcounts" in self.__dict__ and self.refcounts.pending_frees:
             self._write_back()
 
     def _write_back(self) -> None:
         """Write dirty metadata in crash-safe order (see the module docstring)."""
-        if not self.tables_loaded:
-            return  # (no guest write yet: every one goes through the map)
+        if self._nothing_to_write_back():
+            return
         refs = self.refcounts
         bitmaps = self._bitmap_tracker
         bitmap_failure = None

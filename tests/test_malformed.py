@@ -1111,3 +1111,50 @@ def test_probe_does_not_hide_corruption(v3):
     silently fall back to raw)."""
     put(v3, "l1_size", 0x10000000)
     open_fails(v3, BOTH, ("l1_size", 0x10000000), fmt=None)
+
+
+def test_reserved_bits_in_the_refcount_table_are_judged_where_it_is_used(tmp_path):
+    """QEMU reads the refcount table at open without judging its entries: info, map and
+    reads of such an image work, as with qemu-img. The table is loaded at its first use
+    here (not at open), and a write, which needs it, is refused naming the entry; check
+    reports it as qemu-img check does. Many threads' first reads make one cluster map."""
+    import threading
+
+    from qemutools import run_qimg
+
+    path = tmp_path / "a.qcow2"
+    qemu_create(path, "4M")
+    qemu_io(path, "write -P 0x61 0 64k")
+    with open(path, "r+b") as f:
+        table_offset = struct.unpack(">Q", f.read(56)[48:56])[0]
+        f.seek(table_offset)
+        entry = struct.unpack(">Q", f.read(8))[0]
+        f.seek(table_offset)
+        f.write(struct.pack(">Q", entry | 1))
+    for command in (["info"], ["map", "--output=json"]):
+        ours = run_qimg(*command, path)
+        assert (ours.returncode, ours.stdout) == (0, qemu_img(*command, path).stdout)
+    with qcow2lib.open(str(path), "r+") as image:
+        assert "map" not in vars(image)  # (opening read the header alone)
+        maps, start = [], threading.Barrier(8)
+
+        def first_read() -> None:
+            start.wait()
+            assert image.read(0, 65536) == b"\x61" * 65536
+            maps.append(image.map)
+
+        threads = [threading.Thread(target=first_read) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(maps) == 8 and all(m is maps[0] for m in maps)
+        with pytest.raises(CorruptImageError, match="Refcount table entry 0 has reserved bits"):
+            image.write(65536, b"\x62" * 512)
+    ours = run_qimg("check", path)
+    theirs = qemu_img("check", path, check=False)
+    assert (ours.returncode, ours.stdout, ours.stderr) == (
+        theirs.returncode,
+        theirs.stdout,
+        theirs.stderr,
+    )
