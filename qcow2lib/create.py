@@ -408,12 +408,9 @@ def _write_empty_qcow2(
         step = None
         file.flush()
     except Qcow2IOError as exc:
-        file.close()
         raise _creation_failure(exc, step) from None
-    except CorruptImageError:
+    finally:
         file.close()
-        raise
-    file.close()
 
 
 # What QEMU's qcow2 creation says when writing a step of the new image fails: the header
@@ -536,12 +533,9 @@ def _write_qemu_layout(
         step = None
         file.flush()
     except Qcow2IOError as exc:
-        file.close()
         raise _creation_failure(exc, step) from None
-    except CorruptImageError:
+    finally:
         file.close()
-        raise
-    file.close()
 
 
 def _check_header_kept(file) -> None:

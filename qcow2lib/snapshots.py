@@ -638,7 +638,7 @@ def _in_place(
     written and the caches forget it. `shortcut`, tried first, reaches the same state
     with less work where it can tell it does; where it cannot (or meets an error, which
     `step` then meets in QEMU's order and reports as QEMU does), `step` runs instead.
-    `new_table`: the snapshot table the new state has (written to new clusters after the
+    `new_table`: the snapshot table the new state has (written to new clusters before the
     step, named by the commit's last header write)."""
     keep_freed_memory()
     placed = _place_table(image, new_table)
@@ -687,8 +687,8 @@ class _PlacedTable:
 
     def forget(self, image) -> None:
         """The step failed and the caches forgot the table's count: where its bytes made
-        the file longer, they go too (QEMU, which writes the table last, never wrote
-        them; iotest 112 compares the image after such a failure)."""
+        the file longer, they go too: QEMU, which writes the table last, never wrote them
+        (after iotest 112's refcount overflow the image is byte for byte qemu-img's)."""
         if self.durable or not self.length:
             return
         try:
