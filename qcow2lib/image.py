@@ -1464,8 +1464,6 @@ class Qcow2Image(BlockDevice):
         """(first cluster, count, unallocated) pieces of `clusters`, in order, within one
         L2 table each: runs of zero standard entries (unallocated, no flags), found at C
         speed, and single clusters that have an entry."""
-        from .runs import nonzero_positions
-
         entries = self.map.l2_entries
         first = clusters.start
         while first < clusters.stop:
@@ -1476,6 +1474,8 @@ class Qcow2Image(BlockDevice):
             if table is None:
                 yield first, stop - first, True
             else:
+                from .runs import nonzero_positions  # (loaded with the map already)
+
                 low = first - l1_index * entries
                 run_start = first
                 for position in nonzero_positions(table[low : low + stop - first]):
@@ -1530,8 +1530,6 @@ class Qcow2Image(BlockDevice):
             index = run_end
 
     def _writable_l2(self, l1_index: int) -> None:
-        from .cache import decode_be64  # (a new L2 table: not the hot path)
-
         if l1_index >= len(self.map.l1):
             raise CorruptImageError(
                 f"guest offset beyond the L1 table (L1 index {l1_index}, "
@@ -1547,6 +1545,8 @@ class Qcow2Image(BlockDevice):
             # the clusters it points at keep their counts; only the table changes hands.
             table = self.map.l2_cache.get(offset).__copy__()
         else:
+            from .cache import decode_be64  # (a new L2 table: not the hot path)
+
             table = decode_be64(bytes(words * 8))
         new_cluster = self.refcounts.allocate(1)
         new_offset = new_cluster << self.cluster_bits
