@@ -17,14 +17,11 @@ from qcow2lib.cli.images import (
     open_spec,
     report_failure,
 )
-from qcow2lib.cli.info import human_snapshot_table
 from qcow2lib.ops import error_text, host_path
 
 
 def cmd_snapshot(cli: Cli, argv: list[str]) -> int:
     """`snapshot`: list (-l), create (-c), apply (-a) or delete (-d) internal snapshots."""
-    from qcow2lib.ops.info import _snapshot_list
-
     action: str | None = None
     name = ""  # what -a, -c or -d names
     force_share = image_opts = False
@@ -70,6 +67,10 @@ def cmd_snapshot(cli: Cli, argv: list[str]) -> int:
         qcow2 = img.format == "qcow2" and not img.header.incompatible_features & 4
         if action == "l":
             if qcow2 and img.header.nb_snapshots:
+                # (here: -c, -a and -d need none of info's formatting)
+                from qcow2lib.cli.info import human_snapshot_table
+                from qcow2lib.ops.info import _snapshot_list
+
                 cli.out("Snapshot list:\n" + human_snapshot_table(_snapshot_list(img)))
             return 0
         # (not for -l: listing needs none of the machinery that changes snapshots)
