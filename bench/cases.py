@@ -462,6 +462,34 @@ def check_map_case(fx: Fixtures) -> list[Row]:
     return rows
 
 
+def compare_case(fx: Fixtures) -> list[Row]:
+    """compare reads every allocated cluster of both sides (a user's check that a copy
+    came out right), or up to the first difference."""
+    mixed = fx.mixed()
+    copy = fx.dir / "compare-copy.qcow2"
+    copy_sparse(mixed, copy)
+    changed = fx.dir / "compare-changed.qcow2"
+    copy_sparse(mixed, changed)
+    half = fx.config.size // 2
+    qemu_io(changed, [f"write -P 0xa5 {half} 4k"])
+    rows = []
+    for label, args, accept in (
+        ("compare -s, qcow2 and its copy (identical)", ["-s", mixed, copy], (0,)),
+        ("compare, qcow2 and the raw file it came from", [mixed, fx.mixed_raw()], (0,)),
+        ("compare, a difference half-way", [mixed, changed], (1,)),
+    ):
+        rows.append(
+            Row(
+                f"{label}, mixed",
+                wall([*QIMG, "compare", *args], accept),
+                wall([QEMU_IMG, "compare", *args], accept),
+                Target(max_ratio=1.0),
+                "qemu-img compare",
+            )
+        )
+    return rows
+
+
 def random_io_case(fx: Fixtures) -> list[Row]:
     count = fx.config.io_count
     step = 4096 * 7919  # visits the 4 KiB blocks in a scattered order
@@ -900,6 +928,7 @@ CASES = [
     Case("snapshot", "snapshot -c/-a/-d", snapshot_case),
     Case("convert", "convert", convert_case),
     Case("checkmap", "check and map on metadata-heavy images", check_map_case),
+    Case("compare", "compare two images", compare_case),
     Case("randio", "random 4 KiB I/O", random_io_case),
     Case("read", "whole-image read vs pyqcow and dissect", read_case),
     Case("readwhy", "old bench vs user: buffer size, read/readinto, image", read_why_case),

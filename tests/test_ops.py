@@ -764,6 +764,30 @@ def test_compare_matches_qemu(tmp_path, chain3):
             assert (code, message) == (result.returncode, result.stdout.strip()), (a, b, strict)
 
 
+def test_compare_reuses_its_buffers_without_stale_bytes(tmp_path):
+    """compare reads into two buffers it keeps: a shorter read after a full one (the
+    partial last sector of a raw file, read as zeros past its end; a mismatch found
+    within a chunk) must not see the bytes the earlier read left there."""
+    size = 2 * MiB + 1000  # (one full 2 MiB chunk, then a partial sector)
+    raw = tmp_path / "ones.raw"
+    raw.write_bytes(b"\x01" * size)
+    same = tmp_path / "same.qcow2"
+    qemu_img("convert", "-f", "raw", "-O", "qcow2", raw, same)
+    dirty_tail = tmp_path / "tail.qcow2"
+    shutil.copy(same, dirty_tail)
+    qemu_io(dirty_tail, "write -P 2 2098150 1")  # (past the raw file's end, in its sector)
+    inside = tmp_path / "inside.qcow2"
+    shutil.copy(same, inside)
+    qemu_io(inside, "write -P 2 2097700 1")  # (second sector of the last chunk)
+    for other in (same, dirty_tail, inside):
+        for a, b in ((raw, other), (other, raw)):
+            result = qemu_img("compare", a, b, check=False)
+            with qcow2lib.open(str(a)) as da, qcow2lib.open(str(b)) as db:
+                assert compare(da, db) == (result.returncode, result.stdout.strip()), (a, b)
+    assert qemu_img("compare", raw, dirty_tail, check=False).returncode == 1
+    assert qemu_img("compare", raw, inside, check=False).returncode == 1
+
+
 # --- measure --------------------------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 
 from ..blockdev import BlockDevice, Extent
 from ..errors import Qcow2Error
+from ..hostfile import io_buffer
 from . import error_text, virtual_size
 
 IO_BUF_SIZE = 2 << 20
@@ -31,11 +32,13 @@ class _ReadFailed(Exception):
         self.message = message
 
 
-def _read(dev: BlockDevice, name: str, offset: int, length: int) -> bytearray:
-    """`length` bytes at `offset`; past the end of the device (a raw file's partial last
-    sector) reads zeros."""
-    buf = bytearray(length)
+def _read(dev: BlockDevice, name: str, offset: int, length: int, buf: bytearray) -> bytearray:
+    """`buf` (one of a compare's two reused buffers: a new one per read costs a page fault
+    for each of its pages), its first `length` bytes read from `offset`; past the end of
+    the device (a raw file's partial last sector) they read zeros."""
     inside = max(0, min(length, dev.size - offset))
+    if inside < length:
+        buf[inside:length] = _ZEROS_VIEW[: length - inside]
     if inside:
         try:
             dev.readinto(offset, memoryview(buf)[:inside])
@@ -46,24 +49,18 @@ def _read(dev: BlockDevice, name: str, offset: int, length: int) -> bytearray:
     return buf
 
 
-def _is_zero(buf: bytearray, start: int = 0, end: int | None = None) -> bool:
-    end = len(buf) if end is None else end
-    return (
-        buf.startswith(_ZEROS_VIEW[: end - start], start)
-        if end - start <= IO_BUF_SIZE
-        else not buf[start:end].strip(b"\0")
-    )
+def _is_zero(buf: bytearray, start: int, end: int) -> bool:
+    return buf.startswith(_ZEROS_VIEW[: end - start], start)
 
 
-def find_nonzero(buf: bytearray) -> int:
-    """Offset of the first 512-byte sector holding a non-zero byte, or -1 (QEMU's
-    find_nonzero: a sector-aligned index)."""
-    n = len(buf)
-    if _is_zero(buf):
+def find_nonzero(buf: bytearray, length: int) -> int:
+    """Offset of the first 512-byte sector of buf[:length] (at most IO_BUF_SIZE) holding a
+    non-zero byte, or -1 (QEMU's find_nonzero: a sector-aligned index)."""
+    if _is_zero(buf, 0, length):
         return -1
     step = 64 * SECTOR
-    for block in range(0, n, step):
-        block_end = min(n, block + step)
+    for block in range(0, length, step):
+        block_end = min(length, block + step)
         if _is_zero(buf, block, block_end):
             continue
         for sector in range(block, block_end, SECTOR):
@@ -72,20 +69,20 @@ def find_nonzero(buf: bytearray) -> int:
     return -1
 
 
-def first_difference(buf1: bytearray, buf2: bytearray) -> int:
-    """Sector-aligned offset of the first differing sector, or -1 when equal."""
-    if buf1 == buf2:
+def first_difference(buf1: bytearray, buf2: bytearray, length: int) -> int:
+    """Sector-aligned offset of the first differing sector of buf1[:length] and
+    buf2[:length], or -1 when they are equal (compared with memcmp: startswith at an
+    offset, no slice copied)."""
+    view2 = memoryview(buf2)
+    if buf1.startswith(view2[:length]):
         return -1
-    n = len(buf1)
-    view1, view2 = memoryview(buf1), memoryview(buf2)
     step = 64 * SECTOR
-    for block in range(0, n, step):
-        block_end = min(n, block + step)
-        if view1[block:block_end].tobytes() == view2[block:block_end].tobytes():
+    for block in range(0, length, step):
+        block_end = min(length, block + step)
+        if buf1.startswith(view2[block:block_end], block):
             continue
         for sector in range(block, block_end, SECTOR):
-            end = min(block_end, sector + SECTOR)
-            if view1[sector:end].tobytes() != view2[sector:end].tobytes():
+            if not buf1.startswith(view2[sector : min(block_end, sector + SECTOR)], sector):
                 return sector
     return -1
 
@@ -155,6 +152,7 @@ def _compare(a, b, strict, name_a, name_b, progress, out: list[str]) -> tuple[in
     progress_base = max(size1, size2)
     if strict and size1 != size2:
         return 1, "Strict mode: Image size mismatch!"
+    buf1, buf2 = io_buffer(IO_BUF_SIZE), io_buffer(IO_BUF_SIZE)
     ext1 = _extents(a, name_a, 0, total)
     ext2 = _extents(b, name_b, 0, total)
     e1 = e2 = None
@@ -176,12 +174,12 @@ def _compare(a, b, strict, name_a, name_b, progress, out: list[str]) -> tuple[in
             while offset < end:
                 chunk = min(end - offset, IO_BUF_SIZE)
                 if e1.present == e2.present:
-                    buf1 = _read(a, name_a, offset, chunk)
-                    buf2 = _read(b, name_b, offset, chunk)
-                    diff = first_difference(buf1, buf2)
+                    _read(a, name_a, offset, chunk, buf1)
+                    _read(b, name_b, offset, chunk, buf2)
+                    diff = first_difference(buf1, buf2, chunk)
                 else:
                     dev, name = (a, name_a) if e1.present else (b, name_b)
-                    diff = find_nonzero(_read(dev, name, offset, chunk))
+                    diff = find_nonzero(_read(dev, name, offset, chunk, buf1), chunk)
                 if diff >= 0:
                     return 1, "\n".join(out + [f"Content mismatch at offset {offset + diff}!"])
                 offset += chunk
@@ -199,7 +197,7 @@ def _compare(a, b, strict, name_a, name_b, progress, out: list[str]) -> tuple[in
             pos, ext_end = ext.offset, ext.offset + ext.length
             while pos < ext_end:
                 chunk = min(ext_end - pos, IO_BUF_SIZE)
-                diff = find_nonzero(_read(dev, name, pos, chunk))
+                diff = find_nonzero(_read(dev, name, pos, chunk, buf1), chunk)
                 if diff >= 0:
                     return 1, "\n".join(out + [f"Content mismatch at offset {pos + diff}!"])
                 pos += chunk
