@@ -490,6 +490,37 @@ def compare_case(fx: Fixtures) -> list[Row]:
     return rows
 
 
+def rebase_case(fx: Fixtures) -> list[Row]:
+    """Safe rebase of an overlay over the mixed image (128 MiB of its own data): onto no
+    backing file (the overlay flattened), and onto the many-extents image (every range
+    compared with other data). Each run starts from a fresh copy of the overlay."""
+    overlay = fx.dir / "rebase-overlay.qcow2"
+    sh(QEMU_IMG, "create", "-f", "qcow2", "-b", fx.mixed(), "-F", "qcow2", overlay)
+    quarter = fx.config.size // 4
+    qemu_io(overlay, [f"write -P 9 0 {quarter // 2}", f"write -P 8 {2 * quarter} {quarter // 2}"])
+    work = fx.dir / "rebase-work.qcow2"
+
+    def fresh_copy(_side: str) -> None:
+        work.unlink(missing_ok=True)
+        copy_sparse(overlay, work)
+        os.sync()
+
+    return [
+        Row(
+            f"rebase {label}, overlay of the mixed image",
+            wall([*QIMG, "rebase", *args, work]),
+            wall([QEMU_IMG, "rebase", *args, work]),
+            Target(max_ratio=1.0),
+            "qemu-img rebase",
+            prepare=fresh_copy,
+        )
+        for label, args in (
+            ("-b '' (flatten)", ["-b", ""]),
+            ("onto other data", ["-b", fx.extents(), "-F", "qcow2"]),
+        )
+    ]
+
+
 def random_io_case(fx: Fixtures) -> list[Row]:
     count = fx.config.io_count
     step = 4096 * 7919  # visits the 4 KiB blocks in a scattered order
@@ -929,6 +960,7 @@ CASES = [
     Case("convert", "convert", convert_case),
     Case("checkmap", "check and map on metadata-heavy images", check_map_case),
     Case("compare", "compare two images", compare_case),
+    Case("rebase", "safe rebase of an overlay", rebase_case),
     Case("randio", "random 4 KiB I/O", random_io_case),
     Case("read", "whole-image read vs pyqcow and dissect", read_case),
     Case("readwhy", "old bench vs user: buffer size, read/readinto, image", read_why_case),
