@@ -53,11 +53,40 @@ class BitmapEntry:
         return {"name": self.name, "granularity": 1 << self.granularity_bits, "flags": flags}
 
 
-def bitmaps_extension(header):
+@record
+class BitmapsExtension:
+    """The bitmaps header extension's fields (S.BITMAPS_EXTENSION_FIELDS)."""
+
+    nb_bitmaps: int
+    reserved: int
+    bitmap_directory_size: int
+    bitmap_directory_offset: int
+
+
+@record
+class DirectoryEntryHead:
+    """The fixed part of a bitmap directory entry (S.BITMAP_DIRECTORY_ENTRY_FIELDS)."""
+
+    bitmap_table_offset: int
+    bitmap_table_size: int
+    flags: int
+    type: int
+    granularity_bits: int
+    name_size: int
+    extra_data_size: int
+
+
+def parse_entry_head(directory: bytes, pos: int) -> DirectoryEntryHead:
+    """The fixed part of the directory entry at `pos` (24 bytes there, checked by the
+    caller)."""
+    return DirectoryEntryHead(*S.BITMAP_DIRECTORY_ENTRY_FORMAT.unpack_from(directory, pos))
+
+
+def bitmaps_extension(header) -> BitmapsExtension | None:
     """The parsed bitmaps header extension, or None."""
     for ext in header.extensions:
-        if ext.type == S.EXT_BITMAPS and len(ext.data) >= S.BitmapsExtension.sizeof():
-            return S.BitmapsExtension.parse(ext.data)
+        if ext.type == S.EXT_BITMAPS and len(ext.data) >= S.BITMAPS_EXTENSION_FORMAT.size:
+            return BitmapsExtension(*S.BITMAPS_EXTENSION_FORMAT.unpack_from(ext.data))
     return None
 
 
@@ -112,7 +141,7 @@ def read_directory(file, header, cluster_size: int) -> list[BitmapEntry]:
     for _ in range(info.nb_bitmaps):
         if pos + S.BITMAP_DIRECTORY_ENTRY_SIZE > len(directory):
             raise CorruptImageError(f"Bitmap directory truncated (nb_bitmaps {info.nb_bitmaps})")
-        raw = S.BitmapDirectoryEntry.parse(directory[pos : pos + S.BITMAP_DIRECTORY_ENTRY_SIZE])
+        raw = parse_entry_head(directory, pos)
         name_at = pos + S.BITMAP_DIRECTORY_ENTRY_SIZE + raw.extra_data_size
         entries.append(
             BitmapEntry(

@@ -125,7 +125,25 @@ MAX_SNAPSHOT_EXTRA_DATA = 1024
 MAX_SNAPSHOT_TABLE_BYTES = 1024 * MAX_SNAPSHOTS
 
 # The bitmaps header extension and one bitmap directory entry (followed by extra data,
-# the name, padding to 8).
+# the name, padding to 8), for struct as the snapshot entries are (an image with bitmaps
+# is read at every open; tests keep them in agreement with the declarations below).
+BITMAPS_EXTENSION_FIELDS = (
+    "nb_bitmaps",
+    "reserved",
+    "bitmap_directory_size",
+    "bitmap_directory_offset",
+)
+BITMAPS_EXTENSION_FORMAT = struct.Struct(">IIQQ")
+BITMAP_DIRECTORY_ENTRY_FIELDS = (
+    "bitmap_table_offset",
+    "bitmap_table_size",
+    "flags",
+    "type",
+    "granularity_bits",
+    "name_size",
+    "extra_data_size",
+)
+BITMAP_DIRECTORY_ENTRY_FORMAT = struct.Struct(">QIIBBHI")
 BITMAP_DIRECTORY_ENTRY_SIZE = 24  # BitmapDirectoryEntry.sizeof()
 MAX_BITMAPS = 65535
 MAX_BITMAP_DIRECTORY_BYTES = 1024 * MAX_BITMAPS

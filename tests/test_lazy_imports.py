@@ -73,6 +73,13 @@ def test_struct_formats_match_the_construct_declarations() -> None:
         dict(zip(S.HEADER_V3_TAIL_FIELDS, v3_values))
     ) == S.HEADER_V3_TAIL_FORMAT.pack(*v3_values)
     assert S.BITMAP_DIRECTORY_ENTRY_SIZE == S.BitmapDirectoryEntry.sizeof()
+    for declared, fields, packer in (
+        (S.BitmapsExtension, S.BITMAPS_EXTENSION_FIELDS, S.BITMAPS_EXTENSION_FORMAT),
+        (S.BitmapDirectoryEntry, S.BITMAP_DIRECTORY_ENTRY_FIELDS, S.BITMAP_DIRECTORY_ENTRY_FORMAT),
+    ):
+        assert fields == tuple(sub.name for sub in declared.subcons)
+        values = tuple(range(1, len(fields) + 1))
+        assert declared.build(dict(zip(fields, values))) == packer.pack(*values)
 
 
 def test_opening_and_reading_an_image_imports_no_construct(tmp_path: Path) -> None:
@@ -155,6 +162,30 @@ def test_cli_metadata_commands_import_no_heavy_modules(tmp_path: Path, command: 
     assert done.stderr.splitlines()[-1] == "exit=0 loaded=[]", done.stderr
     if command[:2] == ["snapshot", "-l"]:
         assert " s0 " in done.stdout
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["info", "{}"],
+        ["check", "{}"],
+        ["map", "{}"],
+        ["bitmap", "--add", "{}", "b1"],
+        ["bitmap", "--remove", "{}", "b0"],
+        ["amend", "-o", "lazy_refcounts=on", "{}"],
+    ],
+    ids=lambda command: command[0] if command[0] != "bitmap" else " ".join(command[:2]),
+)
+def test_commands_on_an_image_with_bitmaps_import_no_construct(tmp_path: Path, command) -> None:
+    """A persistent dirty bitmap (as libvirt's incremental backups leave them) is read at
+    every open: its extension and directory entries are parsed with struct, and amend
+    loads the LUKS machinery only for encrypt.* options."""
+    path = tmp_path / "a.qcow2"
+    qemu_create(path, "4M")
+    qemu_img("bitmap", "--add", path, "b0")
+    argv = [arg.format(path) for arg in command[1:]]
+    done = run_reporting_modules(list(LAZY_FOR_METADATA_COMMANDS), command[0], *argv)
+    assert done.stderr.splitlines()[-1] == "exit=0 loaded=[]", done.stderr
 
 
 # What qimg costs beyond the interpreter's own start is mostly its imports (issue 13), and

@@ -432,7 +432,9 @@ class _Target:
             if _any_cluster_within(self._refblock_starts, cs, offset, size):
                 return _OL_REFCOUNT_BLOCK
         if chk & _OL_BITMAP_DIRECTORY and hdr.autoclear_features & S.AUTOCLEAR_BITMAPS:
-            info = _bitmaps_extension(hdr)
+            from ..bitmaps import bitmaps_extension  # (here: most images have no bitmaps)
+
+            info = bitmaps_extension(hdr)
             if info and hit(info.bitmap_directory_offset, info.bitmap_directory_size):
                 return _OL_BITMAP_DIRECTORY
         return 0
@@ -466,13 +468,6 @@ def _any_cluster_within(starts: list[int], cs: int, offset: int, size: int) -> b
     and a test per write that is too slow here."""
     index = bisect_right(starts, offset - cs)
     return index < len(starts) and starts[index] < offset + size
-
-
-def _bitmaps_extension(hdr: Header):
-    for ext in hdr.extensions:
-        if ext.type == S.EXT_BITMAPS and len(ext.data) >= S.BitmapsExtension.sizeof():
-            return S.BitmapsExtension.parse(ext.data)
-    return None
 
 
 class _CheckState:

@@ -33,7 +33,6 @@ from .target import (
     _ZERO_ALLOC,
     _CheckState,
     _Snapshot,
-    _bitmaps_extension,
 )
 
 _L2_BITMAP_ALL_ALLOC = 0xFFFFFFFF
@@ -828,7 +827,9 @@ class _Walk(_CheckState):
         t = self.t
         if not t.hdr.autoclear_features & S.AUTOCLEAR_BITMAPS:
             return
-        info = _bitmaps_extension(t.hdr)
+        from ..bitmaps import bitmaps_extension  # (here: most images have no bitmaps)
+
+        info = bitmaps_extension(t.hdr)
         if info is None or info.nb_bitmaps == 0:
             return
         self.inc(info.bitmap_directory_offset, info.bitmap_directory_size)
@@ -856,6 +857,8 @@ class _Walk(_CheckState):
 
     def _bitmap_directory(self, info):
         """bitmap_list_load: the directory entries, or None where QEMU refuses the list."""
+        from ..bitmaps import parse_entry_head
+
         t = self.t
         size = info.bitmap_directory_size
         if size == 0 or size > 1024 * 65535:
@@ -866,9 +869,7 @@ class _Walk(_CheckState):
         while pos < size:
             if pos + S.BITMAP_DIRECTORY_ENTRY_SIZE > size or len(entries) >= info.nb_bitmaps:
                 return None
-            entry = S.BitmapDirectoryEntry.parse(
-                directory[pos : pos + S.BITMAP_DIRECTORY_ENTRY_SIZE]
-            )
+            entry = parse_entry_head(directory, pos)
             step = S.BITMAP_DIRECTORY_ENTRY_SIZE + entry.extra_data_size + entry.name_size
             step += -step % 8
             if pos + step > size or entry.extra_data_size:

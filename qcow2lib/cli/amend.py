@@ -96,7 +96,6 @@ def _luks_amend_options(cli: Cli, opts: CreateOptions, prefix: str = "encrypt.")
 
 def cmd_amend(cli: Cli, argv: list[str]) -> int:
     """`amend`: change qcow2 options of an existing image (compat, refcounts, LUKS slots...)."""
-    from qcow2lib.crypto import amend_luks
     from qcow2lib.ops.amend import amend
 
     fmt = options = None
@@ -140,12 +139,12 @@ def cmd_amend(cli: Cli, argv: list[str]) -> int:
         cli.error_exit("Must specify options (-o)")
     meter = Progress(cli, progress and not quiet, 1.0)
     try:
-        return _amend(cli, getopt, options, fmt, cache, image_opts, force, meter, amend, amend_luks)
+        return _amend(cli, getopt, options, fmt, cache, image_opts, force, meter, amend)
     finally:
         meter.end()
 
 
-def _amend(cli, getopt, options, fmt, cache, image_opts, force, meter, amend, amend_luks) -> int:
+def _amend(cli, getopt, options, fmt, cache, image_opts, force, meter, amend) -> int:
     argv, optind = getopt.argv, getopt.optind
     wants_help = any(is_help for _, _, is_help in split_option_list(options))
     if fmt is not None and wants_help:
@@ -200,7 +199,7 @@ def _amend(cli, getopt, options, fmt, cache, image_opts, force, meter, amend, am
             arguments[name] = opts.value(name)
     try:
         code = _amend_image(
-            cli, spec, opts, arguments, encrypted, luks, passphrase, force, meter, amend, amend_luks
+            cli, spec, opts, arguments, encrypted, luks, passphrase, force, meter, amend
         )
     finally:
         meter.print(100, 0)  # qemu-img reports 100% whether the amendment worked or not
@@ -227,7 +226,7 @@ def _amend_luks_format(cli: Cli, spec, options: str, passphrase, force: bool) ->
 
 
 def _amend_image(
-    cli, spec, opts, arguments, encrypted, luks, passphrase, force, meter, amend, amend_luks
+    cli, spec, opts, arguments, encrypted, luks, passphrase, force, meter, amend
 ) -> int:
     compat = arguments.get("compat")
     if compat is not None and compat not in ("0.10", "v2", "1.1", "v3"):
@@ -244,6 +243,8 @@ def _amend_image(
             if not luks:
                 raise CreateError("Only LUKS encryption options can be amended")
             luks_options = _luks_amend_options(cli, opts)
+            from qcow2lib.crypto import amend_luks  # (here: it loads cryptography, construct)
+
             with open_spec(cli, spec, "r+", passphrase=passphrase) as image:
                 hdr = image.header
                 amend_luks(

@@ -9,7 +9,6 @@ from qcow2lib import Qcow2Error
 from qcow2lib.cli.common import Cli, cvtnum
 from qcow2lib.cli.gnu_getopt import GetoptLong, LongOpt
 from qcow2lib.cli.images import OpenFailure, image_spec, open_spec, report_failure
-from qcow2lib.cli.secrets import process_object
 from qcow2lib.ops import error_text
 
 
@@ -62,6 +61,8 @@ def cmd_bitmap(cli: Cli, argv: list[str]) -> int:
             add = add or c == "add"
             merge = merge or c == "merge"
         elif c == "object":
+            from qcow2lib.cli.secrets import process_object  # (start-up time: --object only)
+
             process_object(cli, arg)
         elif c == "image-opts":
             image_opts = True

@@ -11,8 +11,6 @@ QEMU's messages (without its "Operation ... failed: " prefix).
 
 from __future__ import annotations
 
-import functools
-import re
 import struct
 
 from .. import structs as S
@@ -270,13 +268,16 @@ class BitmapSession:
 
 
 def _one_operation(operation):
-    """A module-level operation: one session around one change, under the image lock."""
+    """A module-level operation: one session around one change, under the image lock.
+    (functools.wraps by hand: functools and what it imports cost a bitmap command's start.)"""
 
-    @functools.wraps(operation)
     def run(image, *args, **kwargs):
         with BitmapSession(image) as session:
             operation(session, *args, **kwargs)
 
+    run.__name__, run.__qualname__ = operation.__name__, operation.__qualname__
+    run.__doc__, run.__module__ = operation.__doc__, operation.__module__
+    run.__wrapped__ = operation  # type: ignore[attr-defined]
     return run
 
 
@@ -347,6 +348,8 @@ def read_bits(image, entry: BitmapEntry) -> bytearray:
 
 def _set_ranges(bits: bytearray, granularity_bits: int, disk_size: int):
     """(guest offset, length) runs covering every set bit (runs of 0xff bytes at once)."""
+    import re  # (here: only a merge across granularities needs it; re costs 3 ms to load)
+
     for match in re.finditer(rb"\xff+|[^\x00\xff]", bits):
         start, end = match.span()
         if bits[start] == 0xFF:
@@ -404,16 +407,14 @@ def _find(entries: list[BitmapEntry], name: str) -> BitmapEntry:
 def _pack_entry(entry: BitmapEntry) -> bytes:
     name = entry.name.encode()
     out = (
-        S.BitmapDirectoryEntry.build(
-            dict(
-                bitmap_table_offset=entry.table_offset,
-                bitmap_table_size=entry.table_size,
-                flags=entry.flags,
-                type=entry.type,
-                granularity_bits=entry.granularity_bits,
-                name_size=len(name),
-                extra_data_size=len(entry.extra_data),
-            )
+        S.BITMAP_DIRECTORY_ENTRY_FORMAT.pack(
+            entry.table_offset,
+            entry.table_size,
+            entry.flags,
+            entry.type,
+            entry.granularity_bits,
+            len(name),
+            len(entry.extra_data),
         )
         + entry.extra_data
         + name
@@ -437,14 +438,7 @@ def _switch_directory(image, entries: list[BitmapEntry], replaced: list[BitmapEn
         image.header.extensions.append(
             Extension(
                 S.EXT_BITMAPS,
-                S.BitmapsExtension.build(
-                    dict(
-                        nb_bitmaps=len(entries),
-                        reserved=0,
-                        bitmap_directory_size=len(directory),
-                        bitmap_directory_offset=directory_offset,
-                    )
-                ),
+                S.BITMAPS_EXTENSION_FORMAT.pack(len(entries), 0, len(directory), directory_offset),
             )
         )
         image.header.autoclear_features |= S.AUTOCLEAR_BITMAPS
