@@ -2432,6 +2432,36 @@ class Qcow2Image(BlockDevice):
                 raise failure from None
             raise failure.prefixed("Failed to resize underlying file") from None
 
+    def _unhosted_runs(self, first_index: int, stop_index: int) -> list[tuple[int, int]]:
+        """(first, count) of each run of guest clusters of [first_index, stop_index) without
+        a host cluster (nor compressed data), each within one L2 table, in order; a table
+        with no entry in use, or none at all, costs one count."""
+        m = self.map
+        per_table, step = m.l2_entries, m.entry_words
+        found: list[tuple[int, int]] = []
+        for l1_index in range(first_index // per_table, (stop_index - 1) // per_table + 1):
+            base = l1_index * per_table
+            low, high = max(first_index, base), min(stop_index, base + per_table)
+            table = m.l2_table(l1_index) if l1_index < len(m.l1) else None
+            entries = (
+                table[(low - base) * step : (high - base) * step : step]
+                if table is not None
+                else None
+            )
+            if entries is None or entries.count(0) == len(entries):
+                found.append((low, high - low))
+                continue
+            from .runs import consecutive_runs  # (here: `info` loads no array machinery)
+
+            has_host = m.has_host
+            unhosted = [
+                low + k
+                for k, entry in enumerate(entries)
+                if not has_host(entry) and not entry & S.OFLAG_COMPRESSED
+            ]
+            found += ((first, count) for first, count, _ in consecutive_runs(unhosted))
+        return found
+
     def _preallocate_range(
         self, start: int, end: int, mode: str, cow_head: bool, allocate: bool, copy_head: bool
     ) -> None:
@@ -2443,58 +2473,67 @@ class Qcow2Image(BlockDevice):
             first_index, stop_index = start >> bits, -(-end // cs)
             copy_head = copy_head and not self.extended_l2
             head_index = first_index if (cow_head or copy_head) and start % cs else None
-            todo = [
-                i
-                for i in range(first_index, stop_index)
-                if (cow_head and i == head_index)
-                or (
-                    not self.map.has_host(self.map.get_entry(i)[0])
-                    and not self.map.get_entry(i)[0] & S.OFLAG_COMPRESSED
-                )
-            ]
+            todo = self._unhosted_runs(first_index, stop_index)
+            if head_index is not None and todo and todo[0][0] == head_index:
+                # (the head cluster alone: its bytes are copied, entry by entry)
+                count = todo[0][1]
+                todo[:1] = [(head_index, 1)] + ([(head_index + 1, count - 1)] if count > 1 else [])
+            elif cow_head and head_index is not None:
+                todo.insert(0, (head_index, 1))
+            else:
+                head_index = None  # (copy_head: the cluster keeps the host cluster it has)
             if not todo:
                 return
-            if head_index is not None and todo[0] != head_index:
-                head_index = None  # (copy_head: the cluster keeps the host cluster it has)
             head = None
             if head_index is not None:
                 head_start = head_index << bits
                 head = self._old_content(head_start, start - head_start)
             # As QEMU lays it out: each L2 table, then the data clusters it maps.
             target = self._data_target() if self.has_data_file else self.file
-            hosts: list[int] = []
-            runs: list[tuple[int, int]] = []
-            for l1_index, grouped in groupby(todo, key=lambda i: i // self.map.l2_entries):
-                group = list(grouped)
+            mapped: list[tuple[int, int, int]] = []  # (first guest cluster, count, host offset)
+            extents: list[tuple[int, int]] = []  # (host offset, length) to preallocate
+            per_table = self.map.l2_entries
+            for l1_index, grouped in groupby(todo, key=lambda run: run[0] // per_table):
+                table_runs = list(grouped)
                 self._writable_l2(l1_index)
                 if self.has_data_file:  # guest offset == host offset
-                    hosts += [i << bits for i in group]
-                    runs += [(i << bits, cs) for i in group]
+                    for first, count in table_runs:
+                        mapped.append((first, count, first << bits))
+                        extents.append((first << bits, count << bits))
                 else:  # past the end of the file, where clusters read zeros
-                    first = self.refcounts.allocate(len(group), at_end=True)
-                    hosts += [(first + i) << bits for i in range(len(group))]
-                    runs.append((first << bits, len(group) * cs))
-            for host, length in runs:
+                    total = sum(count for _, count in table_runs)
+                    host = self.refcounts.allocate(total, at_end=True) << bits
+                    extents.append((host, total << bits))
+                    for first, count in table_runs:
+                        mapped.append((first, count, host))
+                        host += count << bits
+            for host, length in extents:
                 if target is self.file:
                     self.guard_write(host, length)
                 preallocate(target, host, length, mode)  # ("metadata": nothing to do)
-            last_end = max(h + cs for h in hosts)
+            last_end = max(host + length for host, length in extents)
             if target.size() < last_end:
                 target.truncate(last_end)
             if head is not None:
-                target.pwrite(head, hosts[0])
+                target.pwrite(head, mapped[0][2])
             if target is self.file:
                 self._host_size = max(self._host_size, last_end)
             self._prealloc_detected = None
-            for index, host in zip(todo, hosts):
-                # With subclusters, preallocation maps the cluster but leaves its bitmap
-                # as it was (QEMU's prealloc link): unallocated subclusters keep showing
-                # the backing file, or zeros without one.
-                old_entry, bitmap = self.map.get_entry(index)
-                if allocate and self.extended_l2:
-                    bitmap = S.L2_BITMAP_ALL_ALLOC
-                self.map.set_entry(index, host | S.OFLAG_COPIED, bitmap)
-                for first, count in self._clusters_of(old_entry):
-                    self.refcounts.free(first, count)
+            for first, count, host in mapped:
+                if first == head_index or self.extended_l2:
+                    for index in range(first, first + count):
+                        # With subclusters, preallocation maps the cluster but leaves its
+                        # bitmap as it was (QEMU's prealloc link): unallocated subclusters
+                        # keep showing the backing file, or zeros without one.
+                        old_entry, bitmap = self.map.get_entry(index)
+                        if allocate and self.extended_l2:
+                            bitmap = S.L2_BITMAP_ALL_ALLOC
+                        self.map.set_entry(
+                            index, (host + ((index - first) << bits)) | S.OFLAG_COPIED, bitmap
+                        )
+                        for old_first, old_count in self._clusters_of(old_entry):
+                            self.refcounts.free(old_first, old_count)
+                else:  # (no host cluster before: nothing to free)
+                    self.map.set_run(first, count, host | S.OFLAG_COPIED, cs)
                 self._maybe_write_back()
             self._write_back()

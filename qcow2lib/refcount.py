@@ -259,25 +259,48 @@ class Refcounts:
             offset = self._block_offset(block_index)
             stop = min(end, (block_index + 1) * self.block_entries)
             base = block_index * self.block_entries
-            for c in range(cluster, stop):
-                value = block.get(c - base) + delta
-                if value < 0:
-                    raise CorruptImageError(
-                        f"Refcount of cluster {c} (offset 0x{c << self.cluster_bits:x}) would "
-                        f"drop below zero"
-                    )
-                if value > self.max_refcount:
-                    raise InvalidArgumentError(
-                        f"Refcount of cluster {c} would overflow {1 << self.order}-bit refcounts "
-                        f"(max {self.max_refcount})"
-                    )
-                block.set(c - base, value)
+            if not self._add_to_slice(block, cluster - base, stop - base, delta):
+                self._add_one_by_one(block, base, cluster, stop, delta)
             self.blocks.mark_dirty(offset)
             cluster = stop
         if delta > 0:
             self.end_cluster = max(self.end_cluster, end)
         else:
             self.free_hint = min(self.free_hint, end - count)
+
+    def _add_to_slice(self, block: RefcountBlock, first: int, stop: int, delta: int) -> bool:
+        """Add delta to the counts [first, stop) of a block at once; False (nothing done)
+        for sub-byte counts, or where a count would leave the range (the caller then goes
+        one by one and names the first such cluster)."""
+        values = block.values
+        if not isinstance(values, array):
+            return False
+        before = values[first:stop]
+        low, high = min(before), max(before)
+        if low + delta < 0 or high + delta > self.max_refcount:
+            return False
+        if low == high:
+            values[first:stop] = array(values.typecode, [low + delta]) * (stop - first)
+        else:
+            values[first:stop] = array(values.typecode, map(delta.__add__, before))
+        return True
+
+    def _add_one_by_one(
+        self, block: RefcountBlock, base: int, cluster: int, stop: int, delta: int
+    ) -> None:
+        for c in range(cluster, stop):
+            value = block.get(c - base) + delta
+            if value < 0:
+                raise CorruptImageError(
+                    f"Refcount of cluster {c} (offset 0x{c << self.cluster_bits:x}) would "
+                    f"drop below zero"
+                )
+            if value > self.max_refcount:
+                raise InvalidArgumentError(
+                    f"Refcount of cluster {c} would overflow {1 << self.order}-bit refcounts "
+                    f"(max {self.max_refcount})"
+                )
+            block.set(c - base, value)
 
     def free(self, cluster: int, count: int = 1) -> None:
         """Queue a decrement; applied by `apply_frees` once no pointer on disk needs it."""
