@@ -1274,7 +1274,7 @@ class Qcow2Image(BlockDevice):
                 continue
             fill_length = min(fill_end, self.size) - fill_start
             if (  # an unallocated standard entry (the common case) shows the backing file
-                fill_start >= backing_size
+                self._backing_reads_zeros(fill_start, fill_length, backing_size)
                 if not self.extended_l2 and self.map.get_entry(change.cluster_index)[0] == 0
                 else self._reads_as_zeros(self.map.lookup(fill_start, fill_length))
             ):
@@ -1282,6 +1282,20 @@ class Qcow2Image(BlockDevice):
                 change.fill_start = data_start - cluster_start
                 change.fill_end = data_end - cluster_start
         return zeroed
+
+    def _backing_reads_zeros(self, offset: int, length: int, backing_size: int) -> bool:
+        """Whether the backing file reads zeros over [offset, +length) (past its end it
+        does), told by its block status alone, as QEMU's is_zero_cow asks: a first small
+        write where the backing file has a hole (a rebase, an overlay over a sparse
+        image) then writes its data, not a cluster of zeros."""
+        inside = min(length, backing_size - offset)
+        backing = self.backing
+        if inside <= 0 or backing is None:
+            return True
+        try:
+            return all(ext.is_zero for ext in backing.iter_extents(offset, inside))
+        except Qcow2Error:  # (no answer: the zeros are written, as they always were)
+            return False
 
     def _write_in_place(self, offset: int, buffers: list, length: int) -> bool:
         """Fast path for writes into clusters this image owns: the byte views `buffers`

@@ -374,6 +374,59 @@ def test_fresh_cluster_gets_only_its_data(tmp_path, monkeypatch):
     assert_clean(path)
 
 
+@pytest.mark.parametrize("depth", [1, 2], ids=["backing file", "backing chain"])
+def test_fresh_cluster_over_a_backing_hole_gets_only_its_data(tmp_path, monkeypatch, depth):
+    """Where the backing chain reads zeros (a hole, a zero cluster), a first 4 KiB write
+    into the overlay writes its 4 KiB and allocates the cluster as zeros, as QEMU's
+    is_zero_cow lets it; where any layer below has data there, the fill is that data."""
+    written: list[tuple[int, int]] = []
+    real_pwritev = HostFile.pwritev
+
+    def recording_pwritev(self, buffers, offset):
+        if Path(self.path).name == "top.qcow2":
+            written.append((offset, sum(len(memoryview(b)) for b in buffers)))
+        real_pwritev(self, buffers, offset)
+
+    cluster = 64 * KiB
+    base = tmp_path / "base.qcow2"
+    qemu_create(base, 4 * MiB)
+    qemu_io(base, "write -P 0x11 0 64k", "write -z 128k 64k")  # data, a zero cluster
+    below = base
+    if depth == 2:  # (the data lies two layers down; the middle layer has none there)
+        below = tmp_path / "mid.qcow2"
+        qemu_create(below, 4 * MiB, backing=base, backing_fmt="qcow2")
+        qemu_io(below, "write -P 0x22 256k 64k")
+    top = tmp_path / "top.qcow2"
+    qemu_create(top, 4 * MiB, backing=below, backing_fmt="qcow2")
+    monkeypatch.setattr(HostFile, "pwritev", recording_pwritev)
+    data = b"\x3c" * BLOCK
+    with qcow2lib.open(str(top), "r+") as image:
+        for guest in (cluster, 2 * cluster, 3 * cluster):  # hole, zero cluster, beyond data
+            written.clear()
+            image.write(guest + 8 * KiB, data)
+            host = host_of(image, guest + 8 * KiB) - 8 * KiB
+            assert written == [(host + 8 * KiB, BLOCK)], guest
+            assert image.read(guest, cluster) == bytes(8 * KiB) + data + bytes(52 * KiB)
+        written.clear()
+        image.write(8 * KiB, data)  # over the base's data: the fill is its data
+        assert sum(length for _, length in written) == cluster
+        expected = b"\x11" * 8 * KiB + data + b"\x11" * 52 * KiB
+        assert image.read(0, cluster) == expected
+        if depth == 2:
+            written.clear()
+            image.write(4 * cluster + 8 * KiB, data)  # over the middle layer's data
+            assert sum(length for _, length in written) == cluster
+    qemu_io(top, "read -P 0x11 0 8k", "read -P 0x3c 8k 4k", "read -P 0x11 12k 52k")
+    for guest in (64, 128, 192):
+        qemu_io(
+            top,
+            f"read -P 0 {guest}k 8k",
+            f"read -P 0x3c {guest + 8}k 4k",
+            f"read -P 0 {guest + 12}k 52k",
+        )
+    assert_clean(top)
+
+
 def test_reused_cluster_still_gets_its_fill(tmp_path, monkeypatch):
     """A freed cluster that still holds old bytes (a file system that cannot punch holes)
     and is allocated again gets its zeros written: old data never shows through."""
