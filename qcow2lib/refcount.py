@@ -71,6 +71,24 @@ class RefcountBlock:
         byte = index // per_byte
         self.values[byte] = (self.values[byte] & ~mask) | (value << shift)
 
+    def add_to_slice(self, first: int, stop: int, delta: int, max_refcount: int) -> array | None:
+        """Add delta to the counts [first, stop) at once and return the new counts; None
+        (nothing done) for sub-byte counts, or where a count would leave 0..max_refcount
+        (the caller then goes one by one, and names the first such cluster)."""
+        values = self.values
+        if not isinstance(values, array):
+            return None
+        before = values[first:stop]
+        low, high = min(before), max(before)
+        if low + delta < 0 or high + delta > max_refcount:
+            return None
+        if low == high:  # (one count for all: the new one made once)
+            after = array(values.typecode, [low + delta]) * (stop - first)
+        else:
+            after = array(values.typecode, map(delta.__add__, before))
+        values[first:stop] = after
+        return after
+
     def zero_run(self, start: int, limit: int, want: int) -> tuple[int, int]:
         """(first index >= start with refcount 0, length of the zero run there, at most want)."""
         values = self.values
@@ -259,7 +277,7 @@ class Refcounts:
             offset = self._block_offset(block_index)
             stop = min(end, (block_index + 1) * self.block_entries)
             base = block_index * self.block_entries
-            if not self._add_to_slice(block, cluster - base, stop - base, delta):
+            if block.add_to_slice(cluster - base, stop - base, delta, self.max_refcount) is None:
                 self._add_one_by_one(block, base, cluster, stop, delta)
             self.blocks.mark_dirty(offset)
             cluster = stop
@@ -267,23 +285,6 @@ class Refcounts:
             self.end_cluster = max(self.end_cluster, end)
         else:
             self.free_hint = min(self.free_hint, end - count)
-
-    def _add_to_slice(self, block: RefcountBlock, first: int, stop: int, delta: int) -> bool:
-        """Add delta to the counts [first, stop) of a block at once; False (nothing done)
-        for sub-byte counts, or where a count would leave the range (the caller then goes
-        one by one and names the first such cluster)."""
-        values = block.values
-        if not isinstance(values, array):
-            return False
-        before = values[first:stop]
-        low, high = min(before), max(before)
-        if low + delta < 0 or high + delta > self.max_refcount:
-            return False
-        if low == high:
-            values[first:stop] = array(values.typecode, [low + delta]) * (stop - first)
-        else:
-            values[first:stop] = array(values.typecode, map(delta.__add__, before))
-        return True
 
     def _add_one_by_one(
         self, block: RefcountBlock, base: int, cluster: int, stop: int, delta: int

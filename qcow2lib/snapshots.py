@@ -259,30 +259,17 @@ class _Counts:
             block = self._block
         else:
             block = self._load(block_index, cluster, addend)
-        values = block.values if block is not None else None
-        if not isinstance(values, array):  # (none, or sub-byte counts packed in bytes)
+        if block is None:
             return False
         first = cluster & self.mask
-        before = values[first : first + length]
         if not addend:
-            counts.extend(before)
+            if not isinstance(block.values, array):  # (sub-byte counts packed in bytes)
+                return False
+            counts.extend(block.values[first : first + length])
             return True
-        value = before[0]
-        if before.count(value) == length:  # (one count for all: the new one made once)
-            if not 0 <= value + addend <= self.refs.max_refcount:
-                return False  # (add() reports it)
-            after = array(values.typecode, [value + addend]) * length
-            values[first : first + length] = after
-            if not value + addend:
-                self.freed.extend(range(cluster, cluster + length))
-            counts.extend(after)
-            return True
-        if addend > 0 and max(before) > self.refs.max_refcount - addend:
+        after = block.add_to_slice(first, first + length, addend, self.refs.max_refcount)
+        if after is None:  # (sub-byte counts, or a count out of range: add() reports it)
             return False
-        if addend < 0 and min(before) < -addend:
-            return False
-        after = array(values.typecode, map(addend.__add__, before))
-        values[first : first + length] = after
         if addend < 0 and 0 in after:
             self.freed.extend(compress(range(cluster, cluster + length), map(not_, after)))
         counts.extend(after)
