@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import io
+from _operator import itemgetter, not_  # (operator.py itself: 0.2 ms more of every start)
 
 from .errors import (
     InvalidArgumentError,
@@ -228,43 +229,83 @@ def iter_merged(
     fail, the extent held back for joining is dropped (qemu-img map prints no entry it
     had not finished), or with pending_on_error produced first (convert: only a query
     past the last good extent fails, as in qemu-img)."""
+    for batch in merged_batches(batches, pending_on_error):
+        yield from batch
+
+
+def merged_batches(
+    batches: Iterable[Iterable[Extent]], pending_on_error: bool = False
+) -> Iterator[list[Extent]]:
+    """iter_merged a list at a time (none empty; the extent held back for joining comes
+    at the head of a later list). A batch in which every extent is data where the one
+    before is not, or the other way round, and none is empty (a fragmented image's
+    shape: data, hole, data...) has nothing to join inside: it is taken whole, at C
+    speed, and only its first extent may join the one held back."""
     last = None
     try:
         for batch in batches:
+            if (
+                type(batch) is list
+                and len(batch) > 1
+                and 0 not in map(_length_of, batch)
+                and _alternating(bytes(map(not_, map(_is_data_of, batch))))
+            ):
+                if last is None:
+                    out = batch[:-1]
+                else:
+                    joined = _joined(last, batch[0])
+                    out = [last, *batch[:-1]] if joined is None else [joined, *batch[1:-1]]
+                last = batch[-1]
+                if out:
+                    yield out
+                continue
+            out = []
             for ext in batch:
                 if not ext[1]:
                     continue
-                if (
-                    last is not None
-                    and last[0] + last[1] == ext[0]
-                    and last[2] == ext[2]
-                    and last[3] == ext[3]
-                    and last[4] == ext[4]
-                    and last[6] == ext[6]
-                ):
-                    host, last_host = ext[5], last[5]
-                    if (
-                        host is None
-                        and last_host is None
-                        or (
-                            host is not None
-                            and last_host is not None
-                            and last_host + last[1] == host
-                        )
-                    ):
-                        last = Extent(
-                            last[0], last[1] + ext[1], last[2], last[3], last[4], last_host, last[6]
-                        )
-                        continue
                 if last is not None:
-                    yield last
+                    joined = _joined(last, ext)
+                    if joined is not None:
+                        last = joined
+                        continue
+                    out.append(last)
                 last = ext
+            if out:
+                yield out
     except Qcow2Error:
         if pending_on_error and last is not None:
-            yield last
+            yield [last]
         raise
     if last is not None:
-        yield last
+        yield [last]
+
+
+_length_of = itemgetter(1)
+_is_data_of = itemgetter(2)
+
+
+def _alternating(flags: bytes) -> bool:
+    """Whether no two neighbours of a string of 0/1 bytes are the same."""
+    return b"\0\0" not in flags and b"\1\1" not in flags
+
+
+def _joined(last: Extent, ext: Extent) -> Extent | None:
+    """`last` and `ext` as one extent, if ext continues last saying the same thing."""
+    if (
+        last[0] + last[1] == ext[0]
+        and last[2] == ext[2]
+        and last[3] == ext[3]
+        and last[4] == ext[4]
+        and last[6] == ext[6]
+    ):
+        host, last_host = ext[5], last[5]
+        if (
+            host is None
+            and last_host is None
+            or (host is not None and last_host is not None and last_host + last[1] == host)
+        ):
+            return Extent(last[0], last[1] + ext[1], last[2], last[3], last[4], last_host, last[6])
+    return None
 
 
 class FilterDevice(BlockDevice):

@@ -12,6 +12,8 @@ import sys
 from array import array
 from collections.abc import Sequence
 from bisect import bisect_right
+from itertools import chain, compress, repeat
+from operator import sub
 
 from . import structs as S
 from .cache import TableCache, decode_be64, encode_be64
@@ -27,8 +29,10 @@ from .runs import (
     nonzero_positions,
     one_positions,
 )
-from .segment import BACKING, COMPRESSED, DATA, ZERO, Segment
+from .segment import BACKING, COMPRESSED, DATA, ZERO, Segment, new_segments
 from .sizes import c_hex
+
+_new_tuple = tuple.__new__  # (a Segment from its 6 values, without Segment.__new__'s frame)
 
 
 class ClusterMap:
@@ -410,20 +414,22 @@ class ClusterMap:
         remembered = self._last_table
         shift = base << self.cluster_bits
         if remembered is not None and remembered[0] == key and remembered[1] == table:
-            _, _, earlier, earlier_shift, tail_length = remembered
+            _, _, earlier, earlier_shift = remembered
             delta = shift - earlier_shift
             own = [
-                Segment(
-                    seg.guest_offset + delta,
-                    seg.length,
-                    seg.kind,
-                    seg.host_offset,
-                    seg.compressed_size,
-                    seg.cluster_offset + delta,
+                _new_tuple(
+                    Segment,
+                    (
+                        seg.guest_offset + delta,
+                        seg.length,
+                        seg.kind,
+                        seg.host_offset,
+                        seg.compressed_size,
+                        seg.cluster_offset + delta,
+                    ),
                 )
                 for seg in earlier
             ]
-            own[-1].length = tail_length
         else:
             own = []
             table_end = shift + (self.l2_entries << self.cluster_bits)
@@ -431,10 +437,8 @@ class ClusterMap:
                 self._classify_extended_range(own, table, base, shift, table_end)
             else:
                 self._classify_standard_range(own, table, base, shift, table_end)
-            # The segments themselves are kept, not copies (a table of many extents would
-            # pay for a copy of each): only the last one may grow afterwards, when the
-            # next table continues it, so its length is kept beside them.
-            self._last_table = (key, array("Q", table), own, shift, own[-1].length)
+            # (the segments themselves are kept, not copies: they never change)
+            self._last_table = (key, array("Q", table), own, shift)
         if own and own[0].kind != COMPRESSED:
             first = own[0]
             _append(segments, first.guest_offset, first.length, first.kind, first.host_offset)
@@ -518,10 +522,10 @@ class ClusterMap:
                         )
                     )
                 ):
-                    last.length += run_end - start
+                    segments[-1] = last.longer(run_end - start)
                     index += count
                     continue
-            segments.append(Segment(start, run_end - start, kind, run_host))
+            segments.append(_new_tuple(Segment, (start, run_end - start, kind, run_host, 0, 0)))
             index += count
 
     def _classify_plain_range(
@@ -638,16 +642,33 @@ class ClusterMap:
             segments.append(Segment(starts[0], ends[0] - starts[0], DATA, hosts[0]))
         else:
             _append(segments, pos, ends[0] - pos, DATA, hosts[0])
-        append = segments.append
-        hole_end = starts[0]
-        for start, run_end, host in zip(starts, ends, hosts):
-            if hole_end < start:  # (the run before it ended at hole_end)
-                append(Segment(hole_end, start - hole_end, BACKING))
-            if start != starts[0]:
-                append(Segment(start, run_end - start, DATA, host))
-            hole_end = run_end
-        if hole_end < end:
-            append(Segment(hole_end, end - hole_end, BACKING))
+        # The other runs, each after the hole between it and the one before, if any: made
+        # a column at a time (a fragmented table has thousands of runs).
+        later_starts = starts[1:]
+        runs = list(
+            new_segments(later_starts, map(sub, ends[1:], later_starts), repeat(DATA), hosts[1:])
+        )
+        gaps = list(map(sub, later_starts, ends))  # (the hole before each of them)
+        holed = len(gaps) - gaps.count(0)
+        if holed:
+            holes = list(
+                new_segments(
+                    compress(ends, gaps), compress(gaps, gaps), repeat(BACKING), repeat(None)
+                )
+            )
+            if holed == len(gaps):  # (every run apart from the one before: alternating)
+                pieces: list = [None] * (2 * len(runs))
+                pieces[0::2], pieces[1::2] = holes, runs
+                segments += pieces
+            else:
+                before: list = [None] * len(runs)
+                for index, hole in zip(compress(range(len(gaps)), gaps), holes):
+                    before[index] = hole
+                segments += filter(None, chain.from_iterable(zip(before, runs)))
+        else:
+            segments += runs
+        if ends[-1] < end:
+            segments.append(Segment(ends[-1], end - ends[-1], BACKING))
 
     def _one_run(self, raw: bytes, entries: int, tops: bytes) -> tuple[int, int] | None:
         """(first, last host offset, COPIED left out) when bits 0-55 of the `entries`
@@ -957,13 +978,13 @@ def _append(segments: list[Segment], pos: int, length: int, kind: str, host: int
         last = segments[-1]
         if last.kind == kind and last.kind != COMPRESSED and last.guest_offset + last.length == pos:
             if host is None and last.host_offset is None:
-                last.length += length
+                segments[-1] = last.longer(length)
                 return
             if (
                 host is not None
                 and last.host_offset is not None
                 and last.host_offset + last.length == host
             ):
-                last.length += length
+                segments[-1] = last.longer(length)
                 return
-    segments.append(Segment(pos, length, kind, host))
+    segments.append(_new_tuple(Segment, (pos, length, kind, host, 0, 0)))

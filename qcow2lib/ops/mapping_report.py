@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from ..blockdev import BlockDevice, Extent, iter_merged
+from ..blockdev import BlockDevice, Extent, merged_batches
 from ..cache import keep_freed_memory
 from . import virtual_size
 
@@ -24,15 +24,15 @@ _BOOL = ("false", "true")
 _JSON_KEYS = ("start", "length", "depth", "present", "zero", "data")
 
 
-def _merged(device: BlockDevice, start: int, length: int | None) -> Iterator[Extent]:
-    """The map's entries: as in qemu-img it covers [start, min(start + length, size)), a
-    raw file's partial last sector reads as zeros, and a start at or past the end gives
-    one empty entry."""
+def _merged(device: BlockDevice, start: int, length: int | None) -> Iterator[list[Extent]]:
+    """The map's entries, a list at a time: as in qemu-img it covers [start, min(start +
+    length, size)), a raw file's partial last sector reads as zeros, and a start at or
+    past the end gives one empty entry."""
     size = virtual_size(device)
     end = size if length is None else min(start + length, size)
     if start >= end:
-        return iter((Extent(start, 0, False, False, 0, None, False),))
-    return iter_merged(_extent_batches(device, start, end))
+        return iter(([Extent(start, 0, False, False, 0, None, False)],))
+    return merged_batches(_extent_batches(device, start, end))
 
 
 def _extent_batches(device: BlockDevice, start: int, end: int) -> Iterator[list[Extent]]:
@@ -96,7 +96,6 @@ def layer_filename(device: BlockDevice, depth: int, offset: int = 0) -> str:
 
 HUMAN_HEADER = f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File\n"
 EXTERNAL_ERROR = "File contains external, encrypted or compressed clusters."
-_FLUSH_EVERY = 4096  # entries per write: output goes out as the map is walked
 
 
 def write_map(
@@ -122,22 +121,17 @@ def _write_json(device: BlockDevice, write, start: int, length: int | None) -> N
     line ends in ",\n" but the last, which closes the list (unless an error cuts it
     short: then the lines found before it are written as they are, as qemu-img's)."""
     write("[")
-    batch: list[Extent] = []
     states: dict[tuple, str] = {}
     held = ""  # the text of the last batch, written once it is known whether more follow
     try:
-        for ext in _merged(device, start, length):
-            batch.append(ext)
-            if len(batch) >= _FLUSH_EVERY:
-                if held:
-                    write(held)
-                held = _json_lines(batch, states)
-                batch.clear()
+        for batch in _merged(device, start, length):
+            if held:
+                write(held)
+            held = _json_lines(batch, states)
     except BaseException:
-        write(held + _json_lines(batch, states))
+        write(held)
         raise
-    text = held + _json_lines(batch, states)
-    write(text[:-2] + "]\n" if text else "]\n")
+    write(held[:-2] + "]\n" if held else "]\n")
 
 
 def _json_lines(extents: list[Extent], states: dict[tuple, str]) -> str:
@@ -170,21 +164,21 @@ def _write_human(device: BlockDevice, write, start: int, length: int | None) -> 
 
     first = True
     try:
-        for ext in _merged(device, start, length):
-            if ext[2] and (first or not ext[3]):
-                if ext[5] is None:
-                    return EXTERNAL_ERROR
-                if not ext[3]:
-                    name = names.get(ext[4])
-                    if name is None:
-                        name = layer_filename(device, ext[4], ext[0])
-                        if not hasattr(_layer_at(device, ext[4]), "host_filename"):
-                            names[ext[4]] = name
-                    pending.append(_hex(ext[0]) + _hex(ext[1]) + _hex(ext[5]) + name + "\n")
-                    if len(pending) >= _FLUSH_EVERY:
-                        write("".join(pending))
-                        pending.clear()
-            first = False
+        for batch in _merged(device, start, length):
+            for ext in batch:
+                if ext[2] and (first or not ext[3]):
+                    if ext[5] is None:
+                        return EXTERNAL_ERROR
+                    if not ext[3]:
+                        name = names.get(ext[4])
+                        if name is None:
+                            name = layer_filename(device, ext[4], ext[0])
+                            if not hasattr(_layer_at(device, ext[4]), "host_filename"):
+                                names[ext[4]] = name
+                        pending.append(_hex(ext[0]) + _hex(ext[1]) + _hex(ext[5]) + name + "\n")
+                first = False
+            write("".join(pending))
+            pending.clear()
     finally:
         write("".join(pending))
     return None
@@ -194,7 +188,7 @@ def map_entries(device: BlockDevice, start: int = 0, length: int | None = None) 
     """The entries `qemu-img map --output=json [-s start] [-l length]` prints, as a list
     (for bounded ranges: `write_map` streams a whole image)."""
     entries = []
-    for ext in _merged(device, start, length):
+    for ext in (ext for batch in _merged(device, start, length) for ext in batch):
         entry = dict(
             zip(_JSON_KEYS, (ext[0], ext[1], ext[4], bool(ext[6]), bool(ext[3]), bool(ext[2])))
         )
