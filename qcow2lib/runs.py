@@ -10,8 +10,8 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
-from itertools import compress, groupby
-from operator import sub
+from itertools import accumulate, compress, groupby
+from operator import add, itemgetter, sub
 from collections.abc import Callable, Sequence
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
@@ -33,6 +33,7 @@ class RunFinder:
     def __init__(self) -> None:
         self._ones: dict[int, int] = {}  # entries: the integer with 1 in each entry
         self._ramps: dict[tuple[int, int], int] = {}  # (entries, step): 0, step, 2 step...
+        self._masks: dict[tuple[int, int], tuple[int, int, int, int]] = {}  # _lane_masks
 
     def runs(self, raw: bytearray, step: int) -> list[tuple[int, int, int]]:
         """(first index, end index, first entry) of each maximal run in which every entry
@@ -63,18 +64,49 @@ class RunFinder:
                 return [(0, entries, first)]
         if table is None:
             table = int.from_bytes(raw, "big")
+        all_ones, steps, top_bits, below_top_bits = self._lane_masks(entries, step)
         # entry i of `moved` is entry i + 1 of the table (the first dropped, zero last)
-        moved = (table << 64) & ((1 << (64 * entries)) - 1)
-        differ = (moved ^ (table + step * ones)).to_bytes(8 * entries, "big")
-        columns = 0
-        for column in range(8):
-            columns |= int.from_bytes(differ[column::8], "big")
-        ends = columns.to_bytes(entries, "big")[:-1].translate(_NONZERO_TO_ONE)
+        moved = (table << 64) & all_ones
+        differ = moved ^ (table + steps)
+        if step < 1 << 62 and not raw[0::8].translate(None, _BELOW_2_62):
+            # Every entry of `differ` is below 2**63: adding 2**63 - 1 to each sets its top
+            # bit exactly where it is not zero, without a carry out of it.
+            flagged = (differ + below_top_bits) & top_bits
+            ends = flagged.to_bytes(8 * entries, "big")[0 : 8 * entries - 8 : 8]
+        else:  # (OR-ing the entries' 8 byte columns)
+            differ_bytes = differ.to_bytes(8 * entries, "big")
+            columns = 0
+            for column in range(8):
+                columns |= int.from_bytes(differ_bytes[column::8], "big")
+            ends = columns.to_bytes(entries, "big")[:-1]
+        ends = ends.translate(_NONZERO_TO_ONE)
         starts = [0, *one_positions(ends, 1)]
         stops = starts[1:]
         stops.append(entries)
-        unpack = _BE64.unpack_from
-        return [(start, stop, unpack(raw, 8 * start)[0]) for start, stop in zip(starts, stops)]
+        if len(starts) < 8:
+            unpack = _BE64.unpack_from
+            return [(start, stop, unpack(raw, 8 * start)[0]) for start, stop in zip(starts, stops)]
+        words = array("Q", raw)  # (the runs' first entries picked at C speed: a table of
+        if sys.byteorder == "little":  # a fragmented image has hundreds of runs)
+            words.byteswap()
+        return list(zip(starts, stops, itemgetter(*starts)(words)))
+
+    def _lane_masks(self, entries: int, step: int) -> tuple[int, int, int, int]:
+        """The integers of `entries` entries each: all bits set; `step` in each entry;
+        2**63 in each; 2**63 - 1 in each (made once for a table size)."""
+        masks = self._masks.get((entries, step))
+        if masks is None:
+            if len(self._masks) >= 4:
+                self._masks.clear()
+            ones = self._ones[entries]
+            top_bits = int.from_bytes(b"\x80\0\0\0\0\0\0\0" * entries, "big")
+            masks = self._masks[entries, step] = (
+                (1 << (64 * entries)) - 1,
+                step * ones,
+                top_bits,
+                top_bits - ones,
+            )
+        return masks
 
     def _ramp(self, entries: int, step: int) -> int:
         """The integer whose big-endian entry i is i * step."""
@@ -94,6 +126,7 @@ class RunFinder:
 _NONZERO_TO_ONE = bytes((0, *(1,) * 255))
 # Top bytes of entries to which adding a step (below 2**56, or any) cannot carry out.
 _BELOW_TOP = (bytes(range(255)), bytes(range(128)))
+_BELOW_2_62 = bytes(range(64))  # (top bytes of entries below 2**62)
 
 
 def _runs_by_entry(raw: bytearray, step: int) -> list[tuple[int, int, int]]:
@@ -435,13 +468,15 @@ def consecutive_runs(numbers: Sequence[int]) -> list[tuple[int, int, int]]:
 
 
 def one_positions(flags: bytes, offset: int = 0) -> list[int]:
-    """The positions (plus `offset`) of the 1 bytes of a 0/1 flag string: one find per
-    position while they are few, one C-level pass over all of them when many."""
-    if flags.count(1) > len(flags) // 16:
+    """The positions (plus `offset`) of the 1 bytes of a 0/1 flag string, at C speed: from
+    the lengths of the runs of zeros between them while they are a fifth of the flags or
+    fewer (a split, then running sums), else by one pass over all the flags."""
+    if flags.count(1) > len(flags) // 5:
         return list(compress(range(offset, offset + len(flags)), flags))
-    positions = []
-    position = flags.find(1)
-    while position >= 0:
-        positions.append(position + offset)
-        position = flags.find(1, position + 1)
-    return positions
+    gaps = list(map(len, flags.split(b"\1")))
+    gaps.pop()  # (the zeros after the last 1)
+    if not gaps:
+        return []
+    gaps[0] += offset
+    # the k-th 1 lies past the first k + 1 gaps and the k ones before it
+    return list(map(add, accumulate(gaps), range(len(gaps))))

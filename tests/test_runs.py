@@ -18,6 +18,7 @@ from qcow2lib.runs import (
     is_64k_cluster_run,
     nonzero_entries,
     nonzero_positions,
+    one_positions,
 )
 
 CLUSTER_BITS = 16
@@ -192,6 +193,42 @@ def test_run_finder_matches_an_entry_by_entry_reading(seed: int) -> None:
         if sys.byteorder == "little":
             raw.byteswap()
         assert finder.runs(bytearray(raw.tobytes()), step) == entry_by_entry_runs(values, step)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_run_finder_below_2_62_matches_an_entry_by_entry_reading(seed: int) -> None:
+    """Entries all below 2**62 (every L2 table's, flags cleared) take the top-bit test of
+    each entry's difference; those just below 2**62, and runs that cross 2**56, included."""
+    rng = random.Random(seed)
+    finder = RunFinder()
+    for entries in (2, 9, 300, 8192):
+        step = rng.choice([512, 1 << CLUSTER_BITS, 1 << 21])
+        top = (1 << 62) - 1 - entries * step
+        value = rng.choice([rng.randrange(1 << 40), top, (1 << 56) - 3 * step])
+        values = []
+        for _ in range(entries):
+            roll = rng.random()
+            if roll < 0.1:
+                value = rng.choice([0, rng.randrange(1 << 62), top, value + 2 * step])
+            elif roll < 0.15:
+                value = max(value - step, 0)
+            else:
+                value = min(value + step, (1 << 62) - 1)
+            values.append(value)
+        raw = array("Q", values)
+        if sys.byteorder == "little":
+            raw.byteswap()
+        assert finder.runs(bytearray(raw.tobytes()), step) == entry_by_entry_runs(values, step)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_one_positions_match_a_byte_by_byte_reading(seed: int) -> None:
+    rng = random.Random(seed)
+    for length in (0, 1, 7, 100, 4992):
+        density = rng.choice([0, 0.01, 0.1, 0.19, 0.21, 0.5, 1])
+        flags = bytes(int(rng.random() < density) for _ in range(length))
+        offset = rng.choice([0, 1, 4096])
+        assert one_positions(flags, offset) == [i + offset for i, f in enumerate(flags) if f]
 
 
 @pytest.mark.parametrize(

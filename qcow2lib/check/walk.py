@@ -11,8 +11,8 @@ import struct
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator
-from itertools import compress, islice
-from operator import or_
+from itertools import chain, compress, islice, repeat
+from operator import add, itemgetter, mul, or_
 
 from .. import structs as S
 from ..records import record
@@ -36,6 +36,8 @@ from .target import (
 )
 
 _L2_BITMAP_ALL_ALLOC = 0xFFFFFFFF
+_first_of, _count_of = itemgetter(0), itemgetter(1)  # (of a run: first offset, count, tops)
+_first_and_count = itemgetter(0, 1)
 _MAX_REMEMBERED_RUNS = 1 << 16  # runs of L2 tables kept between the walk and compare
 _MAX_L1_ENTRIES = S.MAX_L1_BYTES // 8
 _BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
@@ -575,8 +577,9 @@ class _Walk(_CheckState):
             if used[position::8].translate(None, allowed):
                 return self._remember_plain(key, None)  # (an entry with bits to look at)
         runs = runs_of_used(self._run_finder, used, self.t.cs, _drop_top_byte)
-        if sum(tops.count(0x80) for _, _, tops in runs) != used[0::8].count(0x80):
-            return self._remember_plain(key, None)  # (COPIED on an entry without an offset)
+        if sum(map(_count_of, runs)) * 8 != len(used):  # (entries of flags only left out)
+            if sum(tops.count(0x80) for _, _, tops in runs) != used[0::8].count(0x80):
+                return self._remember_plain(key, None)  # (COPIED on one without an offset)
         return self._remember_plain(key, runs)
 
     def _known_plain_runs(self, unusual: int, l2_offset: int) -> list | None:
@@ -609,8 +612,11 @@ class _Walk(_CheckState):
             return True
         cluster_bits = t.cluster_bits
         times = self._times
-        used = sum(count for _, count, _ in runs)
-        last_offset = max(first + (count - 1) * t.cs for first, count, _ in runs)
+        used = sum(map(_count_of, runs))  # (at C speed: a fragmented table has hundreds)
+        last_offset = max(
+            map(add, map(_first_of, runs), map(mul, map(_count_of, runs), repeat(t.cs)))
+        )
+        last_offset -= t.cs
         if count_data:
             if last_offset >= t.file_size():
                 return False  # (inc reports clusters past the end one by one)
@@ -663,11 +669,20 @@ class _Walk(_CheckState):
             return
         self._apply_pending()  # (their bound did not include these increments)
         cluster_bits = self.t.cluster_bits
-        uses_of_run: dict[tuple[int, int], int] = {}
+        tables_used: dict[int, list[int]] = {}  # uses -> the tables used that often
         for l2_offset, uses in self._table_uses.items():
-            for first, count, _ in self._table_runs[l2_offset]:
+            tables_used.setdefault(uses, []).append(l2_offset)
+        uses_of_run: dict[tuple[int, int], int] = {}
+        for uses, tables in tables_used.items():
+            # the runs (first host offset, clusters) of all of them, counted at C speed
+            found = Counter(
+                chain.from_iterable(
+                    map(_first_and_count, self._table_runs[table]) for table in tables
+                )
+            )
+            for (first, count), tables_holding in found.items():
                 key = (first >> cluster_bits, count)
-                uses_of_run[key] = uses_of_run.get(key, 0) + uses
+                uses_of_run[key] = uses_of_run.get(key, 0) + tables_holding * uses
         self._table_uses.clear()
         self._table_runs.clear()
         self._table_runs_held = 0
