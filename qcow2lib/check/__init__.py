@@ -104,6 +104,11 @@ class _Check(_Walk, _Compare, _Repair):
         self._plain_cache: dict[tuple, list | None] = {}
         self._plain_cached = 0  # tables and runs in _plain_cache
         self._run_finder = RunFinder()
+        # Snapshots' tables that are near copies of one another (_near_copy_runs): the
+        # index among its L1 table's entries of the entry being walked (None in the
+        # active walk), and the plain table last met at each.
+        self._l1_slot: int | None = None
+        self._near_tables: dict[int, tuple[bytes, int, list]] = {}
         self._overflows = 0
         # The non-zero entries of the L1 table checked last: (offset, size), t.writes
         # when read, entries, those repeated.

@@ -17,7 +17,14 @@ from operator import add, itemgetter, mul, or_
 from .. import structs as S
 from ..records import record
 from ..cache import decode_be64
-from ..runs import RunFinder, nonzero_entries, nonzero_positions, runs_of_used
+from ..runs import (
+    RunFinder,
+    column_flags,
+    nonzero_entries,
+    nonzero_positions,
+    one_positions,
+    runs_of_used,
+)
 from ..sizes import c_hex
 from .report import FIX_ERRORS, _Abort, _Result
 from .target import (
@@ -38,6 +45,13 @@ from .target import (
 _L2_BITMAP_ALL_ALLOC = 0xFFFFFFFF
 _first_of, _count_of = itemgetter(0), itemgetter(1)  # (of a run: first offset, count, tops)
 _first_and_count = itemgetter(0, 1)
+# A snapshot's L2 table whose bytes differ from those of the table at the same place of the
+# L1 table walked before in at most this many entries has its runs found from that one's;
+# the tables kept for that, one per place, take at most this many bytes.
+_NEAR_ENTRIES = 64
+_NEAR_BYTES = 16 << 20
+_BE64 = struct.Struct(">Q")
+_BELOW_TOP_BYTE = (1 << 56) - 1
 _MAX_REMEMBERED_RUNS = 1 << 16  # runs of L2 tables kept between the walk and compare
 _MAX_L1_ENTRIES = S.MAX_L1_BYTES // 8
 _BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
@@ -98,6 +112,8 @@ class _Walk(_CheckState):
     _plain_cache: dict[tuple, list | None]
     _plain_cached: int
     _run_finder: RunFinder
+    _l1_slot: int | None
+    _near_tables: dict[int, tuple[bytes, int, list]]
     # snapshots' shared L2 tables counted at the end (see _defer_table)
     _sharing_tables: bool
     _table_uses: dict[int, int]
@@ -408,7 +424,8 @@ class _Walk(_CheckState):
         writes = t.writes
         self._deferring = True
         try:
-            for entry in entries:
+            for slot, entry in enumerate(entries):
+                self._l1_slot = None if frag else slot
                 if t.writes != writes:  # a repair wrote: what was recorded may not hold
                     replays.clear()
                     writes = t.writes
@@ -422,6 +439,7 @@ class _Walk(_CheckState):
                 else:
                     self._check_l1_entry(entry, frag, active)
         finally:
+            self._l1_slot = None
             self._apply_pending()
 
     def _check_l1_entry(self, entry: int, frag: bool, active: bool) -> None:
@@ -572,6 +590,12 @@ class _Walk(_CheckState):
                         (position, bytes(value for value in range(256) if not value & bits))
                     )
             self._plain_mask = (unusual, allowed_bytes)
+        slot = self._l1_slot
+        if slot is not None:  # (a snapshot's table: most are near copies of one before)
+            runs = self._near_copy_runs(data, unusual, slot)
+            if runs is not None:
+                self._remember_near(slot, data, unusual, runs)
+                return self._remember_plain(key, runs)
         used = nonzero_entries(array("Q", data)).tobytes()  # (zero in either byte order)
         for position, allowed in self._plain_mask[1]:
             if used[position::8].translate(None, allowed):
@@ -580,7 +604,68 @@ class _Walk(_CheckState):
         if sum(map(_count_of, runs)) * 8 != len(used):  # (entries of flags only left out)
             if sum(tops.count(0x80) for _, _, tops in runs) != used[0::8].count(0x80):
                 return self._remember_plain(key, None)  # (COPIED on one without an offset)
+        if slot is not None:
+            self._remember_near(slot, data, unusual, runs)
         return self._remember_plain(key, runs)
+
+    def _near_copy_runs(self, data: bytes, unusual: int, slot: int) -> list | None:
+        """_plain_runs of a table from those of the plain table met last at the same place
+        of an L1 table (`slot`: the index among its entries), when the two differ in at
+        most _NEAR_ENTRIES entries, as a snapshot's table and the copy-on-write copy made
+        of it do: the old entries' clusters cut out of the runs, the new ones added as runs
+        of their own. The runs then come in no particular order (only the active walk's
+        fragmentation count asks for table order, and it finds its runs itself). None
+        where that does not hold, or any changed entry is not plain."""
+        near = self._near_tables.get(slot)
+        if near is None or near[1] != unusual or len(near[0]) != len(data):
+            return None
+        base, _, base_runs = near
+        differ = int.from_bytes(base, "little") ^ int.from_bytes(data, "little")
+        if not differ:
+            return base_runs
+        changed = column_flags(differ.to_bytes(len(data), "little"))
+        if changed.count(1) > _NEAR_ENTRIES:
+            return None
+        cs = self.t.cs
+        runs = list(base_runs)
+        added = []
+        for index in one_positions(changed):
+            old, new = _BE64.unpack_from(base, 8 * index)[0], _BE64.unpack_from(data, 8 * index)[0]
+            if new & unusual or (new & S.OFLAG_COPIED and not new & _BELOW_TOP_BYTE):
+                return None  # (an entry to look at, or COPIED without an offset)
+            if old & _BELOW_TOP_BYTE:  # (its cluster out of the run holding it)
+                host = old & _BELOW_TOP_BYTE
+                at = next(
+                    (
+                        i
+                        for i, (first, count, _) in enumerate(runs)
+                        if 0 <= host - first < count * cs
+                    ),
+                    None,
+                )
+                if at is None:
+                    return None
+                first, count, tops = runs[at]
+                cut = (host - first) // cs
+                runs[at : at + 1] = [
+                    run
+                    for run in (
+                        (first, cut, tops[:cut]),
+                        (host + cs, count - cut - 1, tops[cut + 1 :]),
+                    )
+                    if run[1]
+                ]
+            if new & _BELOW_TOP_BYTE:
+                added.append((new & _BELOW_TOP_BYTE, 1, bytes((new >> 56,))))
+        runs += added
+        return runs
+
+    def _remember_near(self, slot: int, data: bytes, unusual: int, runs: list) -> None:
+        """Keep a plain table as the one _near_copy_runs compares the next at `slot` with
+        (a table's bytes for each slot, up to _NEAR_BYTES in all)."""
+        if slot not in self._near_tables and len(self._near_tables) * len(data) >= _NEAR_BYTES:
+            return
+        self._near_tables[slot] = (data, unusual, runs)
 
     def _known_plain_runs(self, unusual: int, l2_offset: int) -> list | None:
         """_plain_runs of a table as last found, if it was plain and nothing was written
