@@ -162,6 +162,14 @@ def test_consecutive_runs_match_a_number_by_number_reading(seed: int) -> None:
     assert consecutive_runs(numbers) == expected
 
 
+def assert_runs_as_entry_by_entry(finder: RunFinder, values: list[int], step: int) -> None:
+    """The finder's runs of `values` stored big-endian are those read entry by entry."""
+    raw = array("Q", values)
+    if sys.byteorder == "little":
+        raw.byteswap()
+    assert finder.runs(bytearray(raw.tobytes()), step) == entry_by_entry_runs(values, step)
+
+
 def entry_by_entry_runs(entries: list[int], step: int) -> list[tuple[int, int, int]]:
     runs, start = [], 0
     for index in range(1, len(entries) + 1):
@@ -189,10 +197,7 @@ def test_run_finder_matches_an_entry_by_entry_reading(seed: int) -> None:
             elif value + step < 1 << 64:
                 value += step
             values.append(value)
-        raw = array("Q", values)
-        if sys.byteorder == "little":
-            raw.byteswap()
-        assert finder.runs(bytearray(raw.tobytes()), step) == entry_by_entry_runs(values, step)
+        assert_runs_as_entry_by_entry(finder, values, step)
 
 
 @pytest.mark.parametrize("seed", range(12))
@@ -215,10 +220,7 @@ def test_run_finder_below_2_62_matches_an_entry_by_entry_reading(seed: int) -> N
             else:
                 value = min(value + step, (1 << 62) - 1)
             values.append(value)
-        raw = array("Q", values)
-        if sys.byteorder == "little":
-            raw.byteswap()
-        assert finder.runs(bytearray(raw.tobytes()), step) == entry_by_entry_runs(values, step)
+        assert_runs_as_entry_by_entry(finder, values, step)
 
 
 @pytest.mark.parametrize("seed", range(8))
