@@ -86,8 +86,13 @@ def check_both_ways(monkeypatch, path) -> tuple[tuple, int]:
     return near, sum(found)
 
 
+@pytest.mark.parametrize("sorted_runs", [False, True])
 @pytest.mark.parametrize("seed", range(6))
-def test_snapshots_near_copies_check_as_qemu(tmp_path, monkeypatch, seed):
+def test_snapshots_near_copies_check_as_qemu(tmp_path, monkeypatch, seed, sorted_runs):
+    """sorted_runs: the runs holding the clusters cut out are found through the runs
+    sorted by first cluster (as for a table of many runs), not one by one."""
+    if sorted_runs:
+        monkeypatch.setattr(walk, "_NEAR_SCAN", 0)
     image = tmp_path / "snaps.qcow2"
     snapshot_series(image, seed, [4096, 65536][seed % 2])
     _, near_copies = check_both_ways(monkeypatch, image)

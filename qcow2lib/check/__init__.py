@@ -108,7 +108,7 @@ class _Check(_Walk, _Compare, _Repair):
         # index among its L1 table's entries of the entry being walked (None in the
         # active walk), and the plain table last met at each.
         self._l1_slot: int | None = None
-        self._near_tables: dict[int, tuple[bytes, int, list]] = {}
+        self._near_tables: dict = {}  # slot -> walk._NearTable
         self._overflows = 0
         # The non-zero entries of the L1 table checked last: (offset, size), t.writes
         # when read, entries, those repeated.

@@ -9,6 +9,7 @@ import errno
 import os
 import struct
 from array import array
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable, Iterator
 from itertools import chain, compress, islice, repeat
@@ -50,6 +51,7 @@ _first_and_count = itemgetter(0, 1)
 # the tables kept for that, one per place, take at most this many bytes.
 _NEAR_ENTRIES = 64
 _NEAR_BYTES = 16 << 20
+_NEAR_SCAN = 4096  # runs looked through one by one for the clusters cut out, at most
 _BE64 = struct.Struct(">Q")
 _BELOW_TOP_BYTE = (1 << 56) - 1
 _MAX_REMEMBERED_RUNS = 1 << 16  # runs of L2 tables kept between the walk and compare
@@ -94,6 +96,37 @@ def _drop_top_byte(packed: bytearray) -> None:
     packed[0::8] = bytes(len(packed) // 8)
 
 
+class _NearTable:
+    """A plain L2 table as _Walk._near_copy_runs compares the next at its place with: its
+    bytes, the unusual-bits mask it was found plain under, its runs, and how many runs the
+    last table found whole there had."""
+
+    __slots__ = ("data", "unusual", "runs", "whole_runs", "_by_first", "_firsts")
+
+    def __init__(self, data: bytes, unusual: int, runs: list, whole_runs: int) -> None:
+        self.data, self.unusual, self.runs, self.whole_runs = data, unusual, runs, whole_runs
+        self._by_first: list[int] = []
+        self._firsts: list[int] = []
+
+    def run_holding(self, host: int, cs: int, lookups: int) -> int | None:
+        """The index of a run holding the cluster at `host`, one of `lookups`: looked for
+        run by run while that costs less than sorting the runs by their first cluster
+        once, then through them so sorted."""
+        runs = self.runs
+        if not self._by_first and lookups * len(runs) > _NEAR_SCAN:
+            self._by_first = sorted(range(len(runs)), key=lambda i: runs[i][0])
+            self._firsts = [runs[i][0] for i in self._by_first]
+        if not self._by_first:
+            return next(
+                (i for i, (first, count, _) in enumerate(runs) if 0 <= host - first < count * cs),
+                None,
+            )
+        at = bisect_right(self._firsts, host) - 1  # (the last run to start at or before it)
+        if at < 0 or host - self._firsts[at] >= runs[self._by_first[at]][1] * cs:
+            return None
+        return self._by_first[at]
+
+
 class _Walk(_CheckState):
     """The reference walk and the IMRT it counts into (a mixin of _Check)."""
 
@@ -113,7 +146,7 @@ class _Walk(_CheckState):
     _plain_cached: int
     _run_finder: RunFinder
     _l1_slot: int | None
-    _near_tables: dict[int, tuple[bytes, int, list]]
+    _near_tables: dict[int, _NearTable]
     # snapshots' shared L2 tables counted at the end (see _defer_table)
     _sharing_tables: bool
     _table_uses: dict[int, int]
@@ -594,7 +627,6 @@ class _Walk(_CheckState):
         if slot is not None:  # (a snapshot's table: most are near copies of one before)
             runs = self._near_copy_runs(data, unusual, slot)
             if runs is not None:
-                self._remember_near(slot, data, unusual, runs)
                 return self._remember_plain(key, runs)
         used = nonzero_entries(array("Q", data)).tobytes()  # (zero in either byte order)
         for position, allowed in self._plain_mask[1]:
@@ -612,60 +644,65 @@ class _Walk(_CheckState):
         """_plain_runs of a table from those of the plain table met last at the same place
         of an L1 table (`slot`: the index among its entries), when the two differ in at
         most _NEAR_ENTRIES entries, as a snapshot's table and the copy-on-write copy made
-        of it do: the old entries' clusters cut out of the runs, the new ones added as runs
-        of their own. The runs then come in no particular order (only the active walk's
-        fragmentation count asks for table order, and it finds its runs itself). None
-        where that does not hold, or any changed entry is not plain."""
+        of it do: the old entries' clusters cut out of the runs holding them, the new ones
+        added as runs of their own. The runs then come in no particular order (only the
+        active walk's fragmentation count asks for table order, and it finds its runs
+        itself). None where that does not hold, or any changed entry is not plain."""
         near = self._near_tables.get(slot)
-        if near is None or near[1] != unusual or len(near[0]) != len(data):
+        if near is None or near.unusual != unusual or len(near.data) != len(data):
             return None
-        base, _, base_runs = near
+        base, base_runs = near.data, near.runs
         differ = int.from_bytes(base, "little") ^ int.from_bytes(data, "little")
         if not differ:
             return base_runs
-        changed = column_flags(differ.to_bytes(len(data), "little"))
-        if changed.count(1) > _NEAR_ENTRIES:
+        positions = one_positions(column_flags(differ.to_bytes(len(data), "little")))
+        if len(positions) > _NEAR_ENTRIES:
             return None
         cs = self.t.cs
-        runs = list(base_runs)
+        cut_out = []  # the old entries' clusters
         added = []
-        for index in one_positions(changed):
+        for index in positions:
             old, new = _BE64.unpack_from(base, 8 * index)[0], _BE64.unpack_from(data, 8 * index)[0]
             if new & unusual or (new & S.OFLAG_COPIED and not new & _BELOW_TOP_BYTE):
                 return None  # (an entry to look at, or COPIED without an offset)
-            if old & _BELOW_TOP_BYTE:  # (its cluster out of the run holding it)
-                host = old & _BELOW_TOP_BYTE
-                at = next(
-                    (
-                        i
-                        for i, (first, count, _) in enumerate(runs)
-                        if 0 <= host - first < count * cs
-                    ),
-                    None,
-                )
-                if at is None:
-                    return None
-                first, count, tops = runs[at]
-                cut = (host - first) // cs
-                runs[at : at + 1] = [
-                    run
-                    for run in (
-                        (first, cut, tops[:cut]),
-                        (host + cs, count - cut - 1, tops[cut + 1 :]),
-                    )
-                    if run[1]
-                ]
+            if old & _BELOW_TOP_BYTE:
+                cut_out.append(old & _BELOW_TOP_BYTE)
             if new & _BELOW_TOP_BYTE:
                 added.append((new & _BELOW_TOP_BYTE, 1, bytes((new >> 56,))))
+        cuts: dict[int, list[int]] = {}  # index of a base run -> the clusters cut out of it
+        for host in cut_out:
+            at = near.run_holding(host, cs, len(cut_out))
+            if at is None:
+                return None
+            cuts.setdefault(at, []).append(host)
+        runs = list(base_runs)
+        for at in sorted(cuts, reverse=True):  # (from the last: the indices before hold)
+            first, count, tops = base_runs[at]
+            hosts = sorted(cuts[at])
+            if len(set(hosts)) != len(hosts):
+                return None  # (one cluster named twice: the whole-table way counts it)
+            pieces = []  # those between the clusters cut out, by index in the run
+            start = 0
+            for stop in [(host - first) // cs for host in hosts] + [count]:
+                if stop > start:
+                    pieces.append((first + start * cs, stop - start, tops[start:stop]))
+                start = stop + 1
+            runs[at : at + 1] = pieces
         runs += added
+        if len(runs) <= 2 * near.whole_runs + _NEAR_ENTRIES:  # (the next compared with this)
+            self._near_tables[slot] = _NearTable(data, unusual, runs, near.whole_runs)
+        else:  # (scattered enough: the next at this place is found whole)
+            del self._near_tables[slot]
         return runs
 
     def _remember_near(self, slot: int, data: bytes, unusual: int, runs: list) -> None:
-        """Keep a plain table as the one _near_copy_runs compares the next at `slot` with
-        (a table's bytes for each slot, up to _NEAR_BYTES in all)."""
+        """Keep a plain table found whole as the one _near_copy_runs compares the next at
+        `slot` with (a table's bytes for each slot, up to _NEAR_BYTES in all). A table
+        found from one takes its place, until its runs, cut and added to at each step, are
+        twice as many as the whole table's and _NEAR_ENTRIES more."""
         if slot not in self._near_tables and len(self._near_tables) * len(data) >= _NEAR_BYTES:
             return
-        self._near_tables[slot] = (data, unusual, runs)
+        self._near_tables[slot] = _NearTable(data, unusual, runs, len(runs))
 
     def _known_plain_runs(self, unusual: int, l2_offset: int) -> list | None:
         """_plain_runs of a table as last found, if it was plain and nothing was written
