@@ -239,3 +239,22 @@ def test_a_full_64k_table_of_one_run_is_told_by_its_bytes(tmp_path, monkeypatch,
     assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout)
     if change in ("none", "zero flag in all"):
         assert ours.stdout.count("\n") == 1  # (one extent: the whole table)
+
+
+@pytest.mark.parametrize("name", ["plain.img", "100%.img", "a%sb%%c%d.img"])
+def test_human_map_names_the_file_as_qemu(tmp_path, name):
+    """Human map lines are formatted in one go where no field is zero: a file name with
+    % signs is printed as it is, and the lines at offset 0 of a raw file (host offset 0)
+    as C prints zero."""
+    for fmt in ("qcow2", "raw"):
+        image = tmp_path / f"{fmt}-{name}"
+        qemu_img("create", "-q", "-f", fmt, image, "8M")
+        qemu_io(image, "write -P 1 0 64k", "write -P 2 1M 192k", "write -P 3 7M 4k", fmt=fmt)
+        ours = run_qimg("map", "-f", fmt, image)
+        theirs = qemu_img("map", "-f", fmt, image, check=False)
+        assert (ours.returncode, ours.stdout, ours.stderr) == (
+            theirs.returncode,
+            theirs.stdout,
+            theirs.stderr,
+        )
+        assert name in ours.stdout

@@ -58,6 +58,11 @@ def _hex(value: int) -> str:
     return ("0x%x" % value if value else "0").ljust(16)
 
 
+# A human map line's offset, length and host offset where none is zero (Python's "%#x"
+# writes zero as 0x0, C's as 0): one formatting for the line, not three
+_HUMAN_LINE = "%#-16x%#-16x%#-16x"
+
+
 def _below_filters(device: BlockDevice) -> BlockDevice:
     """The device under any filter nodes (blkdebug): map names the files data lives in."""
     child = getattr(device, "child", None)
@@ -160,7 +165,8 @@ def _write_human(device: BlockDevice, write, start: int, length: int | None) -> 
     one that also reads as zero and is not the first (the format folds those into zero)."""
     write(HUMAN_HEADER)
     pending: list[str] = []
-    names: dict[int, str] = {}  # depth -> file, for layers in one file
+    # depth -> (the file, a line's format with it): for layers in one file
+    names: dict[int, tuple[str, str]] = {}
 
     first = True
     try:
@@ -170,12 +176,18 @@ def _write_human(device: BlockDevice, write, start: int, length: int | None) -> 
                     if ext[5] is None:
                         return EXTERNAL_ERROR
                     if not ext[3]:
-                        name = names.get(ext[4])
-                        if name is None:
+                        named = names.get(ext[4])
+                        if named is None:
                             name = layer_filename(device, ext[4], ext[0])
+                            named = (name, _HUMAN_LINE + name.replace("%", "%%") + "\n")
                             if not hasattr(_layer_at(device, ext[4]), "host_filename"):
-                                names[ext[4]] = name
-                        pending.append(_hex(ext[0]) + _hex(ext[1]) + _hex(ext[5]) + name + "\n")
+                                names[ext[4]] = named
+                        if ext[0] and ext[5]:  # (one format for the three: none is zero)
+                            pending.append(named[1] % (ext[0], ext[1], ext[5]))
+                        else:
+                            pending.append(
+                                _hex(ext[0]) + _hex(ext[1]) + _hex(ext[5]) + named[0] + "\n"
+                            )
                 first = False
             write("".join(pending))
             pending.clear()
