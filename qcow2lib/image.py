@@ -114,7 +114,8 @@ def _data_and_hole_extents(segments: list) -> list[Extent] | None:
     if kinds.count(DATA) + holes != len(kinds):
         return None
     is_data = list(map(DATA.__eq__, kinds))
-    if holes and list(compress(host_offsets, map(not_, is_data))).count(None) != holes:
+    is_zero = list(map(not_, is_data))  # (the holes)
+    if holes and list(compress(host_offsets, is_zero)).count(None) != holes:
         return None  # (a hole with a host offset: the preallocated zeros of a data file)
     return list(
         map(
@@ -124,7 +125,7 @@ def _data_and_hole_extents(segments: list) -> list[Extent] | None:
                 guest_offsets,
                 lengths,
                 is_data,
-                map(not_, is_data),
+                is_zero,
                 repeat(0),
                 host_offsets,
                 is_data,
