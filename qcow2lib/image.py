@@ -4,8 +4,10 @@ Concurrency: one lock (`_lock`) guards metadata. A request takes it to translate
 range into host runs (and to allocate), then does its data I/O without it, so reads of
 allocated data and writes into allocated clusters from many threads run in parallel.
 A small read inside one cluster whose bytes are in the page cache is the exception: it
-copies them before dropping the lock (cheaper than handing the lock and the GIL on);
-one that would wait for the disk drops the lock first.
+copies them before dropping the lock, keeping the GIL when other threads run (cheaper
+than handing the lock and the GIL on); one that would wait for the disk drops the lock
+first. The lock is an ImageLock, whose waiters retry before they block, so that threads
+making short requests do not fall into a convoy behind the GIL.
 Guest clusters being allocated are marked in flight; a second writer of the same
 cluster waits for the first to publish its L2 entry.
 
@@ -17,12 +19,13 @@ order refcount increments, L2 tables, L1 entries, refcount decrements, with a ba
 from __future__ import annotations
 
 import errno
-from _thread import RLock, _count as _other_threads
+from _thread import RLock
 from _operator import not_
 from itertools import compress, groupby, repeat
 
 from . import structs as S
 from .blockdev import RAW_EXTENT_BATCH, BlockDevice, Extent, scatter, split_views
+from .imagelock import ImageLock
 from .errors import (
     BadSecretError,
     CorruptImageError,
@@ -298,7 +301,7 @@ class Qcow2Image(BlockDevice):
                 "'data-file' can only be set for images with an external data file"
             )
         self._host_size = file_size
-        self._lock = RLock()
+        self._lock = ImageLock()
         self._tables_lock = RLock()  # (see __getattr__)
         self._corruption_signaled = False  # (QEMU reports the first event only)
         # (see _write_checked; taken before self._lock, never while holding it: whoever
@@ -614,7 +617,7 @@ class Qcow2Image(BlockDevice):
         if self._cond is None:
             import threading
 
-            self._cond = threading.Condition(self._lock)
+            self._cond = threading.Condition(self._lock)  # type: ignore[arg-type]
         self._cond.wait()
 
     def _notify_all(self) -> None:
@@ -879,14 +882,13 @@ class Qcow2Image(BlockDevice):
 
     def _read_small(self, cluster_map: ClusterMap, offset: int, view: memoryview) -> bool:
         """The small read inside one cluster, as cheap as it gets: a hole is zero-filled
-        after one lock round trip. Data is read after the lock is dropped, counted in
-        flight as usual (no writer frees the cluster meanwhile), so that reads overlap:
-        held across a read's release of the GIL, the lock would make the other threads
-        queue on it (8 threads of 4 KiB reads took 1.5-1.7 times as long). Two cases are
-        cheaper still: a read-only image's data is read uncounted (nothing can free the
-        cluster), and while no other thread started from Python runs, data in the page
-        cache is read while the lock is held (one lock round trip, nothing counted).
-        False: not such a read.
+        after one lock round trip, and data in the page cache is read while the lock is
+        held (one lock round trip, nothing counted; with other threads running, by a
+        read that keeps the GIL, so that no other thread can queue on the lock while it
+        lasts). Data that is not cached is read after the lock is dropped, counted in
+        flight as usual (no writer frees the cluster meanwhile), so that reads waiting
+        for the disk overlap; a read-only image's is read uncounted (nothing can free
+        the cluster). False: not such a read.
         A range under an L1 entry of zero (no L2 table) needs no lock: it reads as a hole
         at the instant of that one entry's load, which a writer changes in one store."""
         if self._under_zero_l1(cluster_map, offset, len(view)):
@@ -904,10 +906,10 @@ class Qcow2Image(BlockDevice):
                 target = self._data_file()
                 if target is None:
                     return False
+                if target.readinto_cached(view, host):
+                    return True
                 counted = not self._layout_fixed
                 if counted:
-                    if not _other_threads() and target.readinto_cached(view, host):
-                        return True
                     self._io_active += 1  # (as _begin_io: readers wait for no allocation)
         if host < 0:
             view[:] = _ZEROS_VIEW[: len(view)]  # (_CACHED_READ_MAX is below its size)

@@ -284,7 +284,8 @@ INFO_MODULES = frozenset(
         # the engine's opening path
         *("qcow2lib", "qcow2lib.errors", "qcow2lib.structs", "qcow2lib.hostfile"),
         *("qcow2lib.blockdev", "qcow2lib.records", "qcow2lib.header", "qcow2lib.segment"),
-        *("qcow2lib.overlap", "qcow2lib.image", "qcow2lib.nodes", "qcow2lib.chain"),
+        *("qcow2lib.overlap", "qcow2lib.image", "qcow2lib.imagelock", "qcow2lib.nodes"),
+        "qcow2lib.chain",
         *("qcow2lib.create", "qcow2lib.sizes", "qcow2lib.qobject"),
         *("qcow2lib.ops", "qcow2lib.ops.info"),
         # the CLI: dispatch, getopt, image names, the command

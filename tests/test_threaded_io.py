@@ -24,7 +24,6 @@ import pytest
 
 import qcow2lib
 from qcow2lib import hostfile
-from qcow2lib import image as image_module
 from qcow2lib.errors import Qcow2IOError
 from qcow2lib.hostfile import HostFile
 from qcow2lib.mapping import DATA
@@ -210,7 +209,7 @@ def read_all_alone(image, content: bytes, monkeypatch) -> None:
     """4 KiB reads of every block of `content` from this thread as if no other ran (the
     page-cache path of a writable image: a test runner may have threads of its own), each
     checked."""
-    monkeypatch.setattr(image_module, "_other_threads", lambda: 0)
+    monkeypatch.setattr(hostfile, "_other_threads", lambda: 0)
     buf = bytearray(BLOCK)
     for offset in range(0, len(content), BLOCK):
         image.readinto(offset, buf)
@@ -259,24 +258,81 @@ def test_unsupported_nowait_turns_off(data_image, monkeypatch):
     assert len(refused) == 1
 
 
-def test_read_only_image_reads_outside_the_lock(data_image, monkeypatch):
-    """A read-only image looks a small read up under the lock and reads it after letting
-    go (nothing can free its cluster), with no in-flight count; the data is right."""
+def refuse_held_reads(monkeypatch, refused: list, errno_value: int = errno.EAGAIN) -> None:
+    """Every read that keeps the GIL (threads running) answers -errno_value, as for pages
+    not in the cache; the offsets asked, and whether the image lock was held, go in
+    `refused`."""
+    monkeypatch.setattr(hostfile, "_held_read_call", [lambda fd, buf, offset: -errno_value])
+    real = HostFile.readinto_cached
+
+    def recording(self, buf, offset):
+        refused.append(offset)
+        return real(self, buf, offset)
+
+    monkeypatch.setattr(HostFile, "readinto_cached", recording)
+
+
+def test_read_only_image_reads_a_miss_outside_the_lock(data_image, monkeypatch):
+    """A read-only image looks a small read up under the lock; what the page cache cannot
+    give is read after letting go (nothing can free its cluster), with no in-flight count;
+    the data is right."""
     path, content = data_image
     real_preadv = os.preadv
     held: list[bool] = []
+    asked: list[int] = []
     image = qcow2lib.open(str(path))
 
     def watching_preadv(fd, buffers, offset, flags=0):
         if fd == image.file.fd:
             held.append(image._lock._is_owned())
-            assert image._io_active == 0
+            assert image._io_active == 0 and not flags
         return real_preadv(fd, buffers, offset, flags)
 
     monkeypatch.setattr(hostfile.os, "preadv", watching_preadv)
+    refuse_held_reads(monkeypatch, asked)
     with image:
         read_all_small(image, content)
-    assert len(held) >= len(content) // BLOCK and not any(held)
+    blocks = len(content) // BLOCK
+    assert len(held) >= blocks and not any(held) and len(asked) == blocks
+
+
+def test_threaded_cached_reads_keep_the_gil_and_the_lock(data_image, monkeypatch):
+    """With other threads running, a small read of cached data is one read that keeps the
+    GIL (no os.preadv, which lets it go), made under the image lock; the data is right."""
+    path, content = data_image
+    real_held = hostfile._held_read()
+    assert real_held is not None  # (glibc has preadv2)
+    locked: list[bool] = []
+    images: list = []
+
+    def watching_held(fd, buf, offset):
+        locked.append(images[0]._lock._is_owned())
+        return real_held(fd, buf, offset)
+
+    def no_preadv(fd, buffers, offset, flags=0):
+        raise AssertionError("read that lets the GIL go")
+
+    with qcow2lib.open(str(path), "r+") as image:
+        images.append(image)
+        image.read(0, len(content))  # (brings the data into the page cache)
+        monkeypatch.setattr(hostfile, "_held_read_call", [watching_held])
+        monkeypatch.setattr(hostfile.os, "preadv", no_preadv)
+        read_all_small(image, content)
+        assert image._io_active == 0
+    assert len(locked) == len(content) // BLOCK and all(locked)
+
+
+def test_threaded_unsupported_nowait_turns_off(data_image, monkeypatch):
+    """A file that refuses the flag to a read keeping the GIL (EOPNOTSUPP) is not asked
+    again; its reads go the ordinary way and return the data."""
+    path, content = data_image
+    asked: list[int] = []
+    refuse_held_reads(monkeypatch, asked, errno.EOPNOTSUPP)
+    with qcow2lib.open(str(path), "r+") as image:
+        read_all_small(image, content)
+        assert not image.file.nowait_reads
+        assert image._io_active == 0
+    assert len(asked) == len(content) // BLOCK  # (each asked; the flag is off after one)
 
 
 def test_page_cache_miss_is_reported(data_image):
@@ -295,18 +351,30 @@ def test_page_cache_miss_is_reported(data_image):
         expected = bytes(buf)
         buf[:] = bytes(BLOCK)
         assert file.readinto_cached(buf, host) and bytes(buf) == expected
+        # the same through the read that keeps the GIL (what threads use)
+        held_read = hostfile._held_read()
+        os.posix_fadvise(file.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert held_read(file.fd, buf, host) == -errno.EAGAIN
+        file.readinto(buf, host)
+        buf[:] = bytes(BLOCK)
+        assert held_read(file.fd, buf, host) == BLOCK and bytes(buf) == expected
+        file.readinto(memoryview(bytearray(100)), size - 100)
+        assert held_read(file.fd, buf, size - 100) == 100  # (a short read at the end)
+        for offset in (-1, 1 << 63, 1 << 64):  # (refused, not wrapped round to 0)
+            assert held_read(file.fd, buf, offset) == -errno.EOVERFLOW
     finally:
         file.close()
 
 
 def test_a_threaded_read_does_not_hold_the_lock(data_image, monkeypatch):
-    """With other threads running, a small read is looked up under the image lock and
-    read after dropping it, counted in flight (no page-cache read under the lock): another
-    thread writes (allocating) and reads while it is inside its read."""
+    """With other threads running, a small read the page cache cannot give is looked up
+    under the image lock and read after dropping it, counted in flight: another thread
+    writes (allocating) and reads while it is inside its read."""
     path, content = data_image
     real_preadv = os.preadv
     entered, release = threading.Event(), threading.Event()
     nowait: list[int] = []
+    refuse_held_reads(monkeypatch, [])
 
     def slow_preadv(fd, buffers, offset, flags=0):
         if flags & os.RWF_NOWAIT:
