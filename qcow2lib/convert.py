@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from .throttle import ThrottleGroup
 
 SECTOR = 512
+_DIRECT_MAX_DEPTH = 64  # layers of a chain whose data items are read directly
 IO_BUF_SIZE = 2 << 20
 MAX_BUF_SECTORS = 32768
 MAX_COROUTINES = 16
@@ -447,6 +448,8 @@ class _Converter:
             and isinstance(target, RawDevice)
             and all(isinstance(s, RawDevice) for s in sources)
         )
+        self.direct_files = self._direct_files(sources)
+        self.status_ext: Extent | None = None  # the data extent of the current status run
         self.diff_granule = getattr(target, "cluster_size", 65536) or 65536
         self._target_maps(target_is_zero)
         if existing_target and not target_is_zero:
@@ -455,7 +458,7 @@ class _Converter:
         self.sector_next_status = 0
         self.status = BLK_DATA
         self.sector_num = 0
-        self.plan: tuple[array, array, bytearray] | None = None  # see _count_work
+        self.plan: tuple[array, array, bytearray, array, bytearray] | None = None  # _count_work
         self.plan_index = 0
         self.lock = threading.Lock()
         self.turn_lock = threading.Lock()
@@ -519,6 +522,36 @@ class _Converter:
         self.known_zero = _Intervals(zero)
         self.own = _Intervals(own)
 
+    def _direct_files(self, sources) -> list:
+        """For one source whose chain is plain qcow2 images opened read-only (the usual
+        convert): depth -> the file that layer's extents' host offsets point into (None
+        from the first layer that is not so). Data items are then read there directly,
+        not through every layer above the one holding them (a read through a 3-deep chain
+        asked each layer above for its mapping in turn)."""
+        files: list = []
+        if len(sources) != 1 or self.salvage is not None or self.copy_range:
+            return files
+        layer = sources[0]
+        while layer is not None and len(files) < _DIRECT_MAX_DEPTH:
+            plain = getattr(layer, "plain_data_file", None)
+            data_file = plain() if plain is not None else None
+            if data_file is None:
+                break
+            files.append(data_file)
+            layer = layer.backing
+        return files
+
+    def _direct_source(self, sector_num: int, n: int) -> tuple[int, int] | None:
+        """(depth, host offset) where a data item can be read directly, or None."""
+        ext = self.status_ext
+        if ext is None or ext[5] is None or ext[4] >= len(self.direct_files):
+            return None
+        offset = sector_num * SECTOR
+        end = offset + n * SECTOR
+        if offset < ext[0] or end > ext[0] + ext[1] or end > self.parts[0].device.size:
+            return None  # (a compressed copy's item may reach past it, to a whole cluster)
+        return ext[4], ext[5] + offset - ext[0]
+
     # -- planning --
 
     def _select_part(self, sector_num: int) -> _Part:
@@ -539,6 +572,7 @@ class _Converter:
                 f"error while reading block status at offset {offset}: {exc.errno_text()}",
             ) from exc
         status, run = self._classify_extent(ext, offset, count)
+        self.status_ext = ext if status == BLK_DATA and self.direct_files else None
         if status == BLK_ZERO and ext is not None and run < count and self.min_sparse:
             # zero clusters beside unallocated ones (or other zero extents that differ
             # only in what convert does not use): one zero run, not an item per extent
@@ -610,7 +644,9 @@ class _Converter:
             if self.error is not None or index >= len(plan[0]):
                 return None
             self.plan_index = index + 1
-            return plan[0][index], plan[1][index], _STATUSES[plan[2][index]], ()
+            host = plan[3][index]
+            direct = (plan[4][index], host) if host >= 0 else None
+            return plan[0][index], plan[1][index], _STATUSES[plan[2][index]], (), direct
         if self.error is not None or self.sector_num >= self.total_sectors:
             return None
         n = self._iteration_sectors(self.sector_num)
@@ -619,22 +655,24 @@ class _Converter:
             n = min(n, self.buf_sectors)
         self.sector_num += n
         warnings, self.plan_warnings = self.plan_warnings, []
-        return sector_num, n, status, warnings
+        direct = self._direct_source(sector_num, n) if status == BLK_DATA else None
+        return sector_num, n, status, warnings, direct
 
     def _count_work(self) -> int:
         """First pass over the plan (as qemu-img makes it, before copying anything): bytes
         that will be copied (for progress). Its items are kept, up to PLAN_MAX_ITEMS
-        (three machine words each), so that the workers take them from there rather than
-        walk the sources' extents again; a longer plan, or one made while salvaging
-        (whose block status is asked again while copying), is made again."""
+        (three machine words and a byte each), so that the workers take them from there
+        rather than walk the sources' extents again; a longer plan, or one made while
+        salvaging (whose block status is asked again while copying), is made again."""
         total = 0
         starts, counts, statuses = array("q"), array("q"), bytearray()
+        hosts, depths = array("q"), bytearray()  # (where an item is read directly; -1: not)
         keep = self.salvage is None
         while True:
             item = self._next_item()
             if item is None:
                 break
-            sector_num, n, status, warnings = item
+            sector_num, n, status, warnings, direct = item
             if status == BLK_DATA or (not self.min_sparse and status == BLK_ZERO):
                 total += n * SECTOR
             self._report(warnings)
@@ -642,9 +680,11 @@ class _Converter:
                 starts.append(sector_num)
                 counts.append(n)
                 statuses.append(_STATUSES.index(status))
+                hosts.append(-1 if direct is None else direct[1])
+                depths.append(0 if direct is None else direct[0])
                 keep = len(starts) < PLAN_MAX_ITEMS
         if keep:
-            self.plan = (starts, counts, statuses)
+            self.plan = (starts, counts, statuses, hosts, depths)
             self.plan_index = 0
             return total
         for part in self.parts:
@@ -652,6 +692,7 @@ class _Converter:
         self.sector_num = 0
         self.sector_next_status = 0
         self.status = BLK_DATA
+        self.status_ext = None
         return total
 
     # -- I/O --
@@ -905,12 +946,15 @@ class _Converter:
     def _read_item(self, item, slot: int, state: dict) -> bool:
         """The reading half of an item (before its turn); False: written already
         (copy_file_range) or the job was stopped."""
-        sector_num, n, status, warnings = item
+        sector_num, n, status, warnings, direct = item
         if status != BLK_DATA:
             return True
         if self.copy_range:
             return True
         buf = self._buffers(state, slot)
+        if direct is not None:
+            self.direct_files[direct[0]].readinto(memoryview(buf)[: n * SECTOR], direct[1])
+            return True
         salvage_warnings = warnings if self.salvage is not None else None
         self._read(sector_num, n, memoryview(buf)[: n * SECTOR], salvage_warnings)
         return True
@@ -919,7 +963,7 @@ class _Converter:
         """What can be worked out for an item before its turn, while its data is still in
         the CPU's caches: its zero runs, or for compressed output what it will write,
         compressed (None: nothing)."""
-        sector_num, n, status, _ = item
+        sector_num, n, status, _, _ = item
         if self.copy_range:
             return None
         if not self.compressed:
@@ -979,7 +1023,7 @@ class _Converter:
 
     def _write_item(self, item, slot: int, state: dict, prepared=None) -> None:
         """The writing half of an item, in its turn."""
-        sector_num, n, status, warnings = item
+        sector_num, n, status, warnings, _ = item
         if warnings and self.salvage is not None:
             self._report(warnings)
         if prepared is not None and prepared[0] == "runs":
@@ -1040,7 +1084,7 @@ class _Converter:
 
     def _report_progress(self, item) -> None:
         """After an item that copied data (or zeros written as data, -S 0)."""
-        _, n, status, _ = item
+        _, n, status, _, _ = item
         if status == BLK_DATA or (not self.min_sparse and status == BLK_ZERO):
             with self.lock:
                 self.done += n * SECTOR

@@ -137,6 +137,60 @@ def _data_and_hole_extents(segments: list) -> list[Extent] | None:
     )
 
 
+class _BackingCursor:
+    """One forward walk over a backing file's extents, for one walk over the layer above:
+    each range that layer leaves unallocated (asked in increasing order) is cut from the
+    batches as they come, where a walk of its own for each range classified the same
+    tables again and again (a layer of 4096 small extents over its backing file: 5 times
+    qemu-img's map). A range before the last one asked starts the walk again there. An
+    error of the walk reaches the range that needs the extents past it, as it would
+    reach that range's own walk."""
+
+    __slots__ = ("device", "batches", "batch", "index", "position")
+
+    def __init__(self, device: BlockDevice) -> None:
+        self.device = device
+        self.position = device.size  # (nothing walked yet: the first range starts it)
+        self.batches: Iterator[list[Extent]] = iter(())
+        self.batch: list[Extent] = []
+        self.index = 0
+
+    def take(self, start: int, end: int) -> tuple[list[Extent], Qcow2Error | None]:
+        """The backing file's extents of [start, end) (inside its size), one level deeper,
+        and the error that stopped the walk before their end, if one did (the extents
+        before it are still reported, as a walk of the range would yield them first)."""
+        if start < self.position:
+            self.batches = self.device.extent_batches(start, self.device.size - start)
+            self.batch, self.index = [], 0
+        self.position = end
+        out: list[Extent] = []
+        add = out.append
+        while True:
+            batch, index = self.batch, self.index
+            while index < len(batch):
+                ext_start, ext_length, is_data, is_zero, depth, host, present = batch[index]
+                ext_end = ext_start + ext_length
+                if ext_end > start:
+                    first = max(ext_start, start)
+                    if host is not None:
+                        host += first - ext_start
+                    last = min(ext_end, end)
+                    add(Extent(first, last - first, is_data, is_zero, depth + 1, host, present))
+                    if ext_end >= end:
+                        self.index = index if ext_end > end else index + 1
+                        return out, None
+                index += 1
+            self.batch, self.index = [], 0
+            try:
+                following = next(self.batches, None)
+            except Qcow2Error as exc:
+                self.position = self.device.size  # (a later range walks again)
+                return out, exc
+            if following is None:  # (the walk ended: the range lay past what it gave)
+                return out, None
+            self.batch = following
+
+
 # L2 entries (subclusters count 32 each) classified per extents window: bounds the memory
 # and latency of one step of map/convert/compare whatever the image holds.
 EXTENT_WINDOW_CLUSTERS = 1 << 15
@@ -592,6 +646,13 @@ class Qcow2Image(BlockDevice):
             return None
         return target
 
+    def plain_data_file(self) -> HostFile | None:
+        """For a reader that takes host offsets from this image's extents: the file they
+        point into, where reading them gives what reading the image does (as
+        _data_file), while the image is open read-only (no cluster can be freed or
+        moved meanwhile). None: read through the image."""
+        return self._data_file() if self._layout_fixed else None
+
     def _data_target(self) -> ContainerFile:
         if self.has_data_file and self.data_host is None:
             raise InvalidArgumentError(
@@ -1026,6 +1087,7 @@ class Qcow2Image(BlockDevice):
         # Nothing below, data not split by host holes nor hidden: a data segment is a data
         # extent, a segment without a host offset a zero one, whatever the rest is.
         simple = no_backing and not holes_are_zero and not hide_host
+        below: list[_BackingCursor] = []  # (made by the first range left to the backing file)
         pos, end = offset, offset + length
         while pos < end:
             with self._lock:
@@ -1092,12 +1154,20 @@ class Qcow2Image(BlockDevice):
                     add(
                         Extent(seg.guest_offset, seg.length, False, True, 0, seg.host_offset, False)
                     )
-                else:
-                    if batch:
-                        yield batch
-                        batch = []
-                        add = batch.append
-                    yield from self._backing_extent_batches(seg.guest_offset, seg.length)
+                else:  # (the backing file's answer joins the batch: small ones are many)
+                    try:
+                        for piece in self._backing_extent_batches(
+                            seg.guest_offset, seg.length, below
+                        ):
+                            batch += piece
+                            if len(batch) >= RAW_EXTENT_BATCH:
+                                yield batch
+                                batch = []
+                                add = batch.append
+                    except Qcow2Error:
+                        if batch:  # (what was found before the error is reported)
+                            yield batch
+                        raise
             if batch:
                 yield batch
             if error is not None:
@@ -1136,25 +1206,37 @@ class Qcow2Image(BlockDevice):
             )
             pos = run_end
 
-    def _backing_extent_batches(self, offset: int, length: int) -> Iterator[list[Extent]]:
+    def _backing_extent_batches(
+        self, offset: int, length: int, below: list[_BackingCursor]
+    ) -> Iterator[list[Extent]]:
         """What the backing file says of a range this layer leaves unallocated (one level
-        deeper); past its end, or without one, the range reads as zeros."""
+        deeper); past its end, or without one, the range reads as zeros. `below`: the
+        walk's cursor over a backing file nothing writes (made on first use), which
+        answers the walk's ranges, asked in order, from one walk of its tables."""
         backing = self.backing
         inside = 0 if backing is None else max(0, min(length, backing.size - offset))
         if backing is not None and inside:
-            for batch in backing.extent_batches(offset, inside):
-                yield [
-                    Extent(
-                        ext.offset,
-                        ext.length,
-                        ext.is_data,
-                        ext.is_zero,
-                        ext.depth + 1,
-                        ext.host_offset,
-                        ext.present,
-                    )
-                    for ext in batch
-                ]
+            if getattr(backing, "_layout_fixed", False):
+                if not below:
+                    below.append(_BackingCursor(backing))
+                extents, error = below[0].take(offset, offset + inside)
+                yield extents
+                if error is not None:
+                    raise error
+            else:
+                for batch in backing.extent_batches(offset, inside):
+                    yield [
+                        Extent(
+                            ext.offset,
+                            ext.length,
+                            ext.is_data,
+                            ext.is_zero,
+                            ext.depth + 1,
+                            ext.host_offset,
+                            ext.present,
+                        )
+                        for ext in batch
+                    ]
         if inside < length:
             yield [Extent(offset + inside, length - inside, False, True, 0, None, False)]
 
