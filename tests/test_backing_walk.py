@@ -13,6 +13,7 @@ import pytest
 
 import qcow2lib
 from qcow2lib import image as image_module
+from qcow2lib.convert import convert
 from qemutools import qemu_img, qemu_io, run_qimg
 
 MiB = 1 << 20
@@ -135,3 +136,35 @@ def test_an_error_in_the_backing_file_reaches_the_range_that_needs_it(tmp_path):
     for output in (["--output=json"], []):
         same_as_qemu("map", *output, str(top))
         same_as_qemu("map", *output, "-l", "6M", str(top))
+
+
+@pytest.mark.parametrize("layers", ["plain", "compressed base", "writable source"])
+def test_convert_reads_a_plain_chain_where_its_extents_point(tmp_path, monkeypatch, layers):
+    """A plain chain opened read-only: convert reads its data from the layers' files
+    directly, never through Qcow2Image.readinto; a layer whose data must be decoded
+    (compressed clusters) or an image others may write (opened r+) is read through the
+    image. The copy is the chain's content either way."""
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", base, 8 * MiB)
+    qemu_io(base, "write -P 3 0 3M", "write -P 4 5M 1M")
+    if layers == "compressed base":
+        packed = tmp_path / "packed.qcow2"
+        qemu_img("convert", "-c", "-O", "qcow2", base, packed)
+        base = packed
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top, 8 * MiB)
+    qemu_io(top, "write -P 5 1M 64k", "write -P 6 6M 4k")
+    through_image: list[int] = []
+    real = image_module.Qcow2Image.readinto
+
+    def counting(self, offset, buffer):
+        through_image.append(offset)
+        return real(self, offset, buffer)
+
+    monkeypatch.setattr(image_module.Qcow2Image, "readinto", counting)
+    out = tmp_path / "out.raw"
+    qemu_img("create", "-q", "-f", "raw", out, 8 * MiB)
+    with qcow2lib.open(str(top), "r+" if layers == "writable source" else "r") as source:
+        with qcow2lib.open(str(out), "r+", fmt="raw") as target:
+            convert(source, target, copy_range=False)
+    assert (not through_image) == (layers == "plain")
+    qemu_img("compare", "-f", "qcow2", "-F", "raw", top, out)
