@@ -18,7 +18,7 @@ from ..blockdev import BlockDevice
 from ..chain import open_image, probe_format
 from ..drivers import KNOWN_DRIVERS
 from ..errors import CorruptImageError, InvalidArgumentError, Qcow2Error, Qcow2IOError
-from ..hostfile import io_buffer
+from ..hostfile import fill_zeros, io_buffer
 from . import error_text, extents_above, full_backing_filename
 
 IO_BUF_SIZE = 2 << 20
@@ -315,8 +315,8 @@ def _read(device, device_size: int, offset: int, n: int, buf: bytearray) -> memo
     inside = max(0, min(n, device_size - offset)) if device is not None else 0
     if inside:
         device.readinto(offset, view[:inside])
-    if inside < n:
-        view[inside:] = bytes(n - inside)
+    if inside < n:  # (past the device, or none: zeros, cleared in place, no new buffer)
+        fill_zeros(view[inside:])
     return view
 
 
