@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 from .blockdev import BlockDevice, Extent
 from .errors import InvalidArgumentError
+from .hostfile import fill_zeros
 from .records import record
 
 NULL_DRIVERS = ("null-co", "null-aio")
@@ -101,7 +102,7 @@ class NullDevice(BlockDevice):
     def readinto(self, offset: int, buffer) -> int:
         view = memoryview(buffer).cast("B")
         self.check_request(offset, len(view))
-        view[:] = bytes(len(view))
+        fill_zeros(view)
         return len(view)
 
     def write(self, offset: int, data) -> None:

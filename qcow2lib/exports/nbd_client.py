@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from ..chain import is_nbd_name
 from ..blockdev import BlockDevice, Extent
 from ..errors import InvalidArgumentError, Qcow2IOError, ReadOnlyError
-from ..hostfile import DeviceFile
+from ..hostfile import DeviceFile, fill_zeros
 from . import nbd_protocol as P
 
 __all__ = ["NBDAddress", "NBDClient", "is_nbd_name", "parse_nbd_name", "nbd_address_from_options"]
@@ -465,7 +465,7 @@ class NBDClient(BlockDevice):
                 start = chunk_offset - offset
                 if start < 0 or start + hole_length > length:
                     raise self._lost(f"read hole chunk at {chunk_offset} outside the request")
-                into[start : start + hole_length] = bytes(hole_length)
+                fill_zeros(into[start : start + hole_length])
             elif (
                 kind == P.REPLY_TYPE_BLOCK_STATUS
                 and command == P.CMD_BLOCK_STATUS
