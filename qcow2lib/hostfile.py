@@ -24,6 +24,13 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 
+def _c_type(code: str):
+    """The ctypes simple type of a struct-style code ("i", "q", "c"...), from `_ctypes`."""
+    import _ctypes
+
+    return type(f"c_{code}", (_ctypes._SimpleCData,), {"_type_": code})
+
+
 def _libc_function(name: str, restype: str, argtypes: str | None, keep_gil: bool = False):
     """libc's function `name` called through `_ctypes`, the C module beneath the ctypes
     package (which takes 2 ms more to import), or None where libc has no such function.
@@ -34,15 +41,12 @@ def _libc_function(name: str, restype: str, argtypes: str | None, keep_gil: bool
     for `_ctypes.get_errno`."""
     import _ctypes
 
-    def c_type(code: str):
-        return type(f"c_{code}", (_ctypes._SimpleCData,), {"_type_": code})
-
     flags = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
     if keep_gil:
         flags |= _ctypes.FUNCFLAG_PYTHONAPI
-    members = {"_flags_": flags, "_restype_": c_type(restype)}
+    members = {"_flags_": flags, "_restype_": _c_type(restype)}
     if argtypes is not None:
-        members["_argtypes_"] = tuple(map(c_type, argtypes))
+        members["_argtypes_"] = tuple(map(_c_type, argtypes))
     function_type = type(f"libc_{name}", (_ctypes.CFuncPtr,), members)
     try:
         return function_type(_ctypes.dlsym(_ctypes.dlopen(None), name))  # type: ignore[arg-type]
@@ -83,9 +87,9 @@ def _held_read():
         preadv2 = _libc_function("preadv2", "l", None, keep_gil=True)
         read = None
         if preadv2 is not None:
-            int64 = type("c_q", (_ctypes._SimpleCData,), {"_type_": "q"})
+            int64 = _c_type("q")
             address = _ctypes.addressof
-            from_buffer = type("c_c", (_ctypes._SimpleCData,), {"_type_": "c"}).from_buffer
+            from_buffer = _c_type("c").from_buffer
             iovec = struct.Struct("PN").pack  # (struct iovec: base, length)
             get_errno = _ctypes.get_errno
 

@@ -56,6 +56,22 @@ def qemu_io(image, *commands: str, fmt: str | None = None, extra: list[str] | No
         raise AssertionError(f"qemu-io failed: {result.stdout}{result.stderr}")
 
 
+def random_io_command(
+    rng, size: int, align: int, lengths: list[int], discard_below: float, zero_below: float
+) -> str:
+    """One qemu-io command at a random `align`-ed place of a `size`-byte image, of a
+    length from `lengths` (cut at the end): with rng.random() below discard_below a
+    discard, below zero_below a zero write, else a write of a random pattern."""
+    offset = rng.randrange(0, size // align) * align
+    length = min(size - offset, rng.choice(lengths))
+    roll = rng.random()
+    if roll < discard_below:
+        return f"discard {offset} {length}"
+    if roll < zero_below:
+        return f"write -z {offset} {length}"
+    return f"write -P {rng.randrange(1, 255)} {offset} {length}"
+
+
 def qemu_create(
     path,
     size,

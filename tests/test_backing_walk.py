@@ -14,7 +14,7 @@ import pytest
 import qcow2lib
 from qcow2lib import image as image_module
 from qcow2lib.convert import convert
-from qemutools import qemu_img, qemu_io, run_qimg
+from qemutools import qemu_img, qemu_io, random_io_command, run_qimg
 
 MiB = 1 << 20
 
@@ -22,18 +22,8 @@ MiB = 1 << 20
 def scatter_writes(path, seed: int, size: int, count: int) -> None:
     """qemu-io writes at random places: small and large, some zero writes and discards."""
     rng = random.Random(seed)
-    commands = []
-    for _ in range(count):
-        offset = rng.randrange(0, size // 4096) * 4096
-        length = min(size - offset, rng.choice([4096, 65536, 3 * 65536, MiB]))
-        roll = rng.random()
-        if roll < 0.1:
-            commands.append(f"discard {offset} {length}")
-        elif roll < 0.2:
-            commands.append(f"write -z {offset} {length}")
-        else:
-            commands.append(f"write -P {rng.randrange(1, 255)} {offset} {length}")
-    qemu_io(path, *commands)
+    lengths = [4096, 65536, 3 * 65536, MiB]
+    qemu_io(path, *(random_io_command(rng, size, 4096, lengths, 0.1, 0.2) for _ in range(count)))
 
 
 def fragmented_chain(tmp_path, seed: int) -> tuple:

@@ -21,6 +21,7 @@ from qemutools import (
     assert_same_result,
     qemu_img,
     qemu_io,
+    random_io_command,
     run,
     run_qimg_in,
 )
@@ -36,18 +37,12 @@ def snapshot_series(path, seed: int, cluster_size: int) -> None:
     qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster_size}", path, SIZE)
     qemu_io(path, *(f"write -P {i + 1} {i * (1 << 20)} 512k" for i in range(0, SIZE >> 20, 2)))
     for index in range(8):
-        commands = []
-        for _ in range(rng.randrange(1, 4)):
-            offset = rng.randrange(0, SIZE // 512) * 512
-            length = min(SIZE - offset, rng.choice([512, cluster_size, 3 * cluster_size]))
-            roll = rng.random()
-            if roll < 0.15:
-                commands.append(f"discard {offset} {length}")
-            elif roll < 0.25:
-                commands.append(f"write -z {offset} {length}")
-            else:
-                commands.append(f"write -P {rng.randrange(1, 255)} {offset} {length}")
-        qemu_io(path, *commands)
+        lengths = [512, cluster_size, 3 * cluster_size]
+        count = rng.randrange(1, 4)
+        qemu_io(
+            path,
+            *(random_io_command(rng, SIZE, 512, lengths, 0.15, 0.25) for _ in range(count)),
+        )
         qemu_img("snapshot", "-c", f"s{index}", path)
         if index == 5 and seed % 2:
             qemu_img("snapshot", "-d", "s2", path)

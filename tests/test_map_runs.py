@@ -15,7 +15,7 @@ import pytest
 import qcow2lib
 from qcow2lib import mapping
 from qcow2lib.errors import CorruptImageError
-from qemutools import qemu_img, qemu_io, run_qimg
+from qemutools import qemu_img, qemu_io, random_io_command, run_qimg
 
 
 def fragmented_image(path, seed: int, cluster_size: int) -> None:
@@ -25,20 +25,11 @@ def fragmented_image(path, seed: int, cluster_size: int) -> None:
     rng = random.Random(seed)
     size = 64 << 20
     qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster_size}", path, size)
-    commands = []
-    for _ in range(300):
-        offset = rng.randrange(0, size // 512) * 512
-        length = min(
-            size - offset, rng.choice([512, 4096, cluster_size, 3 * cluster_size, 1 << 20])
-        )
-        roll = rng.random()
-        if roll < 0.1:
-            commands.append(f"discard {offset} {length}")
-        elif roll < 0.15 and seed % 3 == 0:
-            commands.append(f"write -z {offset} {length}")
-        else:
-            commands.append(f"write -P {rng.randrange(1, 255)} {offset} {length}")
-    qemu_io(path, *commands)
+    lengths = [512, 4096, cluster_size, 3 * cluster_size, 1 << 20]
+    zero_below = 0.15 if seed % 3 == 0 else 0.1
+    qemu_io(
+        path, *(random_io_command(rng, size, 512, lengths, 0.1, zero_below) for _ in range(300))
+    )
 
 
 @pytest.mark.parametrize("seed", range(6))
