@@ -129,6 +129,8 @@ VARIANTS = {
     "v2-snapshot": dict(opts={"compat": "0.10"}, snapshot=True),
     "extl2-snapshot": dict(opts={"extended_l2": "on"}, snapshot=True),
     "small-clusters": dict(opts={"cluster_size": 4096, "refcount_bits": 8}, snapshot=True),
+    # (L2 tables of 2 MiB: L1 entries 0, 1 and 3 in use)
+    "spread": dict(opts={"cluster_size": 4096}, writes=["write -P 0x77 7M 4k"]),
 }
 
 
@@ -147,6 +149,8 @@ def bases(tmp_path_factory):
                 args += ["-o", ",".join(f"{k}={v}" for k, v in spec["opts"].items())]
             qemu_img(*args, path, "8M")
             qemu_io(path, "write -P 0x11 0 192k", "write -P 0x22 1M 64k", "write -P 0x33 3M 128k")
+            if spec.get("writes"):
+                qemu_io(path, *spec["writes"])
             if spec.get("compressed"):
                 qemu_io(path, "write -c -P 0x44 5M 128k")
             if spec.get("snapshot"):
@@ -205,6 +209,14 @@ def clear_l1_copied(img):
     img.w64(img.l1_off, img.r64(img.l1_off) & ~COPIED)
 
 
+def flip_l1_copied(img):
+    """COPIED wrong on every L1 entry in use (repaired in runs of neighbouring entries)."""
+    for l1_index in range(img.l1_size):
+        entry = img.r64(img.l1_off + 8 * l1_index)
+        if entry & OFFSET_MASK:
+            img.w64(img.l1_off + 8 * l1_index, entry ^ COPIED)
+
+
 def copied_on_shared(img):
     index, entry = _shared(img)
     img.w64(img.l2e_addr(index), entry | COPIED)
@@ -258,6 +270,7 @@ DAMAGES = {
         refcount_too_low,
         clear_copied,
         clear_l1_copied,
+        flip_l1_copied,
         l2_entry_past_end,
         l2_entry_misaligned,
         l2_entry_on_l1_table,
@@ -277,6 +290,7 @@ SNAPSHOT_DAMAGES = {
 }
 
 CASES = [("default", d) for d in DAMAGES]
+CASES += [(v, "flip_l1_copied") for v in ("spread", "small-clusters", "snapshot")]
 CASES += [
     (v, d)
     for v in ("v2", "refcount1", "refcount64", "extl2")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import os
-import struct
 from array import array
 from itertools import compress
 from collections.abc import Callable
@@ -149,6 +148,11 @@ class _Compare(_CheckState):
         tables: dict[int, tuple[list[str], int]] = {}
         writes = t.writes
         l1 = t.l1
+        # QEMU writes and syncs each repaired L1 entry; the entries are independent of
+        # each other, and the overlap check keeps them out of every L2 table and refcount
+        # block read here, so they are written in runs at the end (a hostile L1 table can
+        # have tens of thousands to repair).
+        repaired_l1: list[int] = []
         out = self.out
         for i in compress(range(len(l1)), l1):
             l1_entry = l1[i]
@@ -169,13 +173,11 @@ class _Compare(_CheckState):
                     l1[i] = (
                         l1_entry | S.OFLAG_COPIED if refcount == 1 else l1_entry & ~S.OFLAG_COPIED
                     )
-                    where = t.hdr.l1_table_offset + 8 * i
-                    if t.overlap_check(_OL_ACTIVE_L1, where, 8):
+                    if t.overlap_check(_OL_ACTIVE_L1, t.hdr.l1_table_offset + 8 * i, 8):
                         res.check_errors += 1
+                        self._write_l1_entries(repaired_l1)
                         raise _Abort(errno.EIO)
-                    # QEMU syncs each entry; the entries are independent of each other
-                    # and of the L2 writes here, so the flush at the end does for all.
-                    t.pwrite(struct.pack(">Q", l1[i]), where)
+                    repaired_l1.append(i)
                     res.corruptions -= 1
                     res.corruptions_fixed += 1
             if t.writes != writes:
@@ -193,7 +195,21 @@ class _Compare(_CheckState):
                 and t.writes == writes
             ):
                 tables[l2_offset] = (out[mark:], res.corruptions - corruptions)
+        self._write_l1_entries(repaired_l1)
         t.flush()
+
+    def _write_l1_entries(self, indices: list[int]) -> None:
+        """Write these entries of the in-memory active L1 table (ascending) to the file,
+        each run of neighbours in one write."""
+        t = self.t
+        start = 0
+        while start < len(indices):
+            end = start + 1
+            while end < len(indices) and indices[end] == indices[end - 1] + 1:
+                end += 1
+            first, last = indices[start], indices[end - 1]
+            t.pwrite(encode_be64(t.l1[first : last + 1]), t.hdr.l1_table_offset + 8 * first)
+            start = end
 
     def _check_l2_copied(
         self, l2_offset: int, repair: bool, word: str, refcount_of: Callable[[int], int]
@@ -201,6 +217,8 @@ class _Compare(_CheckState):
         """The data cluster part of check_oflag_copied for one L2 table; False if a refcount
         could not be read."""
         t = self.t
+        if l2_offset >= t.file_size():
+            return True  # (a table past the end of the file reads as zeros: nothing in it)
         res = self.res
         words = t.words
         fast = words == 1 and not t.has_data_file and t.order >= 3 and t.cache_clean()

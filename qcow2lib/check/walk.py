@@ -496,8 +496,10 @@ class _Walk(_CheckState):
         res = self.res
         cs = t.cs
         words = t.words
+        if l2_offset >= t.file_size():
+            return  # (reads as zeros: nothing in it)
         data = t.pread(cs, l2_offset)
-        if data == t.zero_cluster:  # (a table past the end of the file, say)
+        if data == t.zero_cluster:
             return
         next_contiguous = 0
         fix_errors = bool(self.fix & FIX_ERRORS)
