@@ -109,6 +109,10 @@ class ClusterMap:
         return offset
 
     def _load_l2(self, offset: int) -> array:
+        return decode_be64(self._read_l2(offset))
+
+    def _read_l2(self, offset: int) -> bytes:
+        """The bytes of the L2 table at `offset`, its place checked first."""
         if offset == 0 or offset + self.cluster_size > self.file.size():
             raise CorruptImageError(
                 f"L2 table offset 0x{offset:x} lies outside the image file "
@@ -118,21 +122,44 @@ class ClusterMap:
         blkdebug = getattr(self.file, "blkdebug", None)
         if blkdebug is not None:  # (a blkdebug node beneath: its rules may fail the read)
             blkdebug.event("l2_load")
-        return decode_be64(self.file.pread(self.cluster_size, offset))
+        return self.file.pread(self.cluster_size, offset)
 
     def l2_table(self, l1_index: int) -> array | None:
         offset = self.l2_offset(l1_index)
         return self.l2_cache.get(offset) if offset else None
 
-    def _walked_table(self, l1_index: int) -> array | None:
-        """The L2 table for a block-status walk over all of it: from the cache when there,
-        else read without being kept (a walk over a whole image would fill the cache
-        with tables it does not ask for again, each in fresh memory)."""
-        offset = self.l2_offset(l1_index)
-        if not offset:
-            return None
-        table = self.l2_cache.peek(offset)
-        return self._load_l2(offset) if table is None else table
+    def _classify_raw_run(self, segments: list[Segment], raw: bytes, base: int) -> bool:
+        """_classify_plain_range's one-run case for a whole standard table of 64 KiB
+        clusters as read (big-endian entries), from guest cluster `base`: True (its
+        segment added) when its entries are plain data clusters, one after the other, and
+        none lies in the metadata QEMU checks; False (nothing done) for any other table."""
+        entries = self.l2_entries
+        if (
+            self.cluster_bits != 16
+            or self.extended
+            or self.has_data_file
+            or entries < _PLAIN_MIN_ENTRIES
+        ):
+            return False
+        tops = raw[0::8]
+        first = int.from_bytes(raw[:8], "big")
+        unusual = _plain_unusual_bits(self.cluster_bits)
+        if first & unusual & _BELOW_TOP_BYTE or not first & S.L2E_OFFSET_MASK:
+            return False
+        [(_, top_values)] = allowed_bytes(unusual & ~_BELOW_TOP_BYTE)
+        if tops.translate(None, top_values) or not is_64k_cluster_run(raw, entries, tops, "big"):
+            return False
+        first_host = first & S.L2E_OFFSET_MASK
+        last_host = first_host + ((entries - 1) << 16)
+        if not self._status_lookup and last_host >= self.data_file_size():
+            return False
+        if self._run_overlaps_metadata(first_host, last_host):
+            return False
+        start = base << 16
+        self._add_runs(
+            segments, base, range(entries), [], [first_host], start, start + (entries << 16)
+        )
+        return True
 
     def write_dirty_l2(self) -> bool:
         return self.l2_cache.write_back(
@@ -373,7 +400,22 @@ class ClusterMap:
                     and table_end == (base + l2_entries) << bits
                     and (budget is None or budget >= l2_entries)
                 ):
-                    table = self._walked_table(l1_index)
+                    # A block-status walk over a whole table: from the cache when there,
+                    # else read without being kept (a walk over a whole image would fill
+                    # the cache with tables it does not ask for again, each in fresh
+                    # memory). One that is a single run of plain data clusters, as a disk
+                    # written in order has, is classified from its bytes (decoding them is
+                    # most of what classifying it costs).
+                    offset = self.l2_offset(l1_index)
+                    table = self.l2_cache.peek(offset) if offset else None
+                    if offset and table is None:
+                        raw = self._read_l2(offset)
+                        if self._classify_raw_run(segments, raw, base):
+                            if budget is not None:
+                                budget -= l2_entries
+                            pos = table_end
+                            continue
+                        table = decode_be64(raw)
                 else:
                     table = self.l2_table(l1_index)
                 if table is None:

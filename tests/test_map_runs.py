@@ -53,10 +53,11 @@ def test_map_of_fragmented_images_as_qemu(tmp_path, seed):
 
 
 def segments(image, ranges, monkeypatch, run_based: bool) -> list:
-    """The segments of each range, with or without the run-based path."""
-    monkeypatch.setattr(mapping, "_PLAIN_MIN_ENTRIES", 1 if run_based else 1 << 40)
+    """The segments of each range, with or without the run-based paths (as they were
+    again afterwards)."""
     found = []
-    with qcow2lib.open(str(image), "r") as disk:
+    with monkeypatch.context() as patch, qcow2lib.open(str(image), "r") as disk:
+        patch.setattr(mapping, "_PLAIN_MIN_ENTRIES", 1 if run_based else 1 << 40)
         for start, length in ranges:
             for status in (False, True):
                 try:
@@ -193,14 +194,28 @@ def test_a_full_table_of_one_run_is_checked_at_its_ends(tmp_path, where):
 
 
 @pytest.mark.parametrize(
-    "change", ["none", "compressed flag", "reserved bit", "zero flag in all", "one off"]
+    "change",
+    [
+        "none",
+        "compressed flag",
+        "reserved bit",
+        "zero flag in all",
+        "one off",
+        "copied cleared in all",
+        "over the refcount table",
+        "past the end of the file",
+        "past the end, counting across bit 32",
+    ],
 )
 def test_a_full_64k_table_of_one_run_is_told_by_its_bytes(tmp_path, monkeypatch, change):
     """64 KiB clusters: a full table of one run is told by comparing its bytes with the
     run's (runs.is_64k_cluster_run), checking only the first entry and the flag byte of
-    each: a flag in one entry, zero flags in all, or one entry off the run map as the entry
-    by entry reading maps them, and as qemu-img does (a reserved bit excepted: qemu-img
-    map passes over it, qimg refuses it as qemu-img check does)."""
+    each, from the bytes as read when a block-status walk (map) reads the table: a flag
+    in one entry, zero flags in all, or one entry off the run map as the entry by entry
+    reading maps them, and as qemu-img does (a reserved bit excepted: qemu-img map passes
+    over it, qimg refuses it as qemu-img check does); so do runs without COPIED (as a
+    snapshot leaves them) and runs past the end of the file; a run over the metadata is
+    refused."""
     image = tmp_path / "run.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", image, "512M")
     data = image.read_bytes()
@@ -216,6 +231,13 @@ def test_a_full_64k_table_of_one_run_is_told_by_its_bytes(tmp_path, monkeypatch,
         entries = [entry | 1 for entry in entries]
     elif change == "one off":
         entries[4000] += 65536
+    elif change == "copied cleared in all":
+        entries = [entry & ~(1 << 63) for entry in entries]
+    elif change == "over the refcount table":
+        entries = [1 << 63 | 65536 * (1 + k) for k in range(8192)]
+    elif change.startswith("past the end"):
+        first = 1 << 40 if change == "past the end of the file" else 1 << 40 | 0xFFF0 << 16
+        entries = [1 << 63 | first + 65536 * k for k in range(8192)]
     with open(image, "r+b") as file:
         file.seek(table)
         file.write(struct.pack(">8192Q", *entries))
@@ -226,9 +248,13 @@ def test_a_full_64k_table_of_one_run_is_told_by_its_bytes(tmp_path, monkeypatch,
     if change == "reserved bit":  # (qemu-img maps past it; qimg names it, as check does)
         assert ours.returncode == 1 and "guest cluster 4000 has reserved bits" in ours.stderr
         return
+    if change == "over the refcount table":
+        assert ours.returncode == 1
+        assert "at offset 0x10000 overlaps the refcount table" in ours.stderr
+        return
     theirs = qemu_img("map", "--output=json", image, check=False)
     assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout)
-    if change in ("none", "zero flag in all"):
+    if change not in ("compressed flag", "one off"):
         assert ours.stdout.count("\n") == 1  # (one extent: the whole table)
 
 
