@@ -481,7 +481,7 @@ class Qcow2Image(BlockDevice):
 
     def _open_for_writing(self) -> None:
         hdr = self.header
-        changed = False
+        changed = False  # the header cluster is rewritten, as QEMU's update of the header
         if hdr.autoclear_features & ~S.AUTOCLEAR_KNOWN:
             hdr.autoclear_features &= S.AUTOCLEAR_KNOWN  # features we would not keep up to date
             changed = True
@@ -506,9 +506,11 @@ class Qcow2Image(BlockDevice):
             changed = True
         if self.lazy_refcounts:
             hdr.incompatible_features |= S.INCOMPAT_DIRTY
-            changed = True
         if changed:
             self._write_header()
+        elif self.lazy_refcounts:  # (the fields alone, as QEMU marks an image dirty)
+            self._write_header_fields()
+        if changed or self.lazy_refcounts:
             self._sync(self.file)
 
     def check_request(self, offset: int, length: int, write: bool = False) -> None:
@@ -553,10 +555,11 @@ class Qcow2Image(BlockDevice):
         return offset
 
     def _write_header(self) -> None:
-        """Rewrite the header cluster's content (header, extensions, backing name)."""
+        """Rewrite the header cluster (header, extensions, backing name), zeros after them
+        to its end as QEMU writes it: nothing of an old extension or backing name stays."""
         data = self.header.pack()
         self._overlaps_for = None  # it may point at other structures now
-        self.file.pwrite(data, 0)
+        self.file.pwrite(data + bytes(max(0, self.cluster_size - len(data))), 0)
 
     def _write_header_fields(self) -> None:
         """Rewrite only the fixed header fields: one sector, so the write is atomic."""
@@ -2283,9 +2286,9 @@ class Qcow2Image(BlockDevice):
                         raise exc.in_context(f"Failed to flush the {cache} cache") from exc
                     if self._bitmap_tracker is not None:
                         self._bitmap_tracker.close()
-                    if self.lazy_refcounts:
+                    if self.lazy_refcounts:  # (as QEMU marks it clean: the whole header)
                         self.header.incompatible_features &= ~S.INCOMPAT_DIRTY
-                        self._write_header_fields()
+                        self._write_header()
                         self._sync(self.file)
         finally:
             self._closed = True

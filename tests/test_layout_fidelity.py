@@ -76,6 +76,45 @@ def assert_same_layout(ours: Path, theirs: Path) -> None:
         assert mine[offset] == data, f"cluster at 0x{offset:x} differs"
 
 
+# --- header updates rewrite the header cluster whole -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["rebase", "-u", "-b", "", "img"],
+        ["rebase", "-u", "-b", "other-base", "-F", "qcow2", "img"],
+        ["bitmap", "--add", "img", "b0"],
+        ["amend", "-o", "lazy_refcounts=on", "img"],
+        ["bench", "-w", "-c", "1", "-s", "4k", "img"],  # (a lazy refcounts image: marked clean)
+    ],
+    ids=["rebase-none", "rebase-other", "bitmap-add", "amend", "lazy-write"],
+)
+def test_header_updates_zero_the_rest_of_the_header_cluster(tmp_path, command):
+    """QEMU writes the header, its extensions and the backing name with zeros to the end of
+    the cluster whenever it updates them: bytes left there before (an old backing name,
+    anything) are gone, and the files end up byte for byte the same."""
+
+    def setup(d: Path) -> None:
+        qemu_img("create", "-q", "-f", "qcow2", d / "base", "64M")
+        qemu_img("create", "-q", "-f", "qcow2", d / "other-base", "64M")
+        lazy = ["-o", "lazy_refcounts=on"] if command[0] == "bench" else []
+        qemu_img("create", "-q", "-f", "qcow2", *lazy, "-b", "base", "-F", "qcow2", d / "img")
+        with open(d / "img", "r+b") as file:
+            for offset in (3000, 60000):
+                file.seek(offset)
+                file.write(b"left over")
+
+    ours, theirs = twin(tmp_path, setup)
+    if command[0] == "bench":  # (its output holds the time it took)
+        assert run_qimg(ours, *command).returncode == run_qemu(theirs, *command).returncode == 0
+    else:
+        both(ours, theirs, *command)
+    mine, real = (ours / "img").read_bytes(), (theirs / "img").read_bytes()
+    assert b"left over" not in real[:65536]
+    assert mine == real
+
+
 # --- iotest 031: rebase -u records any driver name QEMU knows as the backing format --------
 
 
