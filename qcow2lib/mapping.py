@@ -130,9 +130,10 @@ class ClusterMap:
 
     def _classify_raw_run(self, segments: list[Segment], raw: bytes, base: int) -> bool:
         """_classify_plain_range's one-run case for a whole standard table of 64 KiB
-        clusters as read (big-endian entries), from guest cluster `base`: True (its
-        segment added) when its entries are plain data clusters, one after the other, and
-        none lies in the metadata QEMU checks; False (nothing done) for any other table."""
+        clusters as read (big-endian entries), from guest cluster `base`, in a block-status
+        walk (where data past the end of the file is no error): True (its segment added)
+        when its entries are plain data clusters, one after the other, and none lies in
+        the metadata QEMU checks; False (nothing done) for any other table."""
         entries = self.l2_entries
         if (
             self.cluster_bits != 16
@@ -151,8 +152,6 @@ class ClusterMap:
             return False
         first_host = first & S.L2E_OFFSET_MASK
         last_host = first_host + ((entries - 1) << 16)
-        if not self._status_lookup and last_host >= self.data_file_size():
-            return False
         if self._run_overlaps_metadata(first_host, last_host):
             return False
         start = base << 16
