@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from .. import structs as S
 from ..cache import decode_be64, encode_be64
+from ..runs import consecutive_runs
 from .report import FIX_ERRORS, FIX_LEAKS, _Abort
 from .target import (
     _CHUNK_BITS,
@@ -202,14 +203,8 @@ class _Compare(_CheckState):
         """Write these entries of the in-memory active L1 table (ascending) to the file,
         each run of neighbours in one write."""
         t = self.t
-        start = 0
-        while start < len(indices):
-            end = start + 1
-            while end < len(indices) and indices[end] == indices[end - 1] + 1:
-                end += 1
-            first, last = indices[start], indices[end - 1]
-            t.pwrite(encode_be64(t.l1[first : last + 1]), t.hdr.l1_table_offset + 8 * first)
-            start = end
+        for first, count, _ in consecutive_runs(indices):
+            t.pwrite(encode_be64(t.l1[first : first + count]), t.hdr.l1_table_offset + 8 * first)
 
     def _check_l2_copied(
         self, l2_offset: int, repair: bool, word: str, refcount_of: Callable[[int], int]
