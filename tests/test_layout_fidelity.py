@@ -115,6 +115,63 @@ def test_header_updates_zero_the_rest_of_the_header_cluster(tmp_path, command):
     assert mine == real
 
 
+# --- whole files after the everyday commands ---------------------------------------------
+
+_DATA = ["write -P 1 0 3M", "write -P 2 10M 1M"]
+_SNAPSHOT = ["write -P 1 0 3M", "SNAPSHOT", "write -P 3 1M 1M"]
+_OVERLAY = ["BACKING", "write -P 5 1M 2M"]
+# Not here: `snapshot -c` (the snapshot's date differs), `amend -o refcount_bits=N` (qimg
+# puts the new refcount table before the new blocks, QEMU after them: same end offset).
+
+
+@pytest.mark.parametrize(
+    "setup,command",
+    [
+        (_DATA, ["resize", "img", "128M"]),
+        (_DATA, ["resize", "--shrink", "img", "32M"]),
+        (_DATA, ["amend", "-o", "compat=0.10", "img"]),
+        (_DATA, ["amend", "-o", "lazy_refcounts=on", "img"]),
+        (_SNAPSHOT, ["snapshot", "-d", "s1", "img"]),
+        (_SNAPSHOT, ["snapshot", "-a", "s1", "img"]),
+        (_OVERLAY, ["commit", "img"]),
+        (_OVERLAY, ["rebase", "-b", "", "img"]),
+        (_OVERLAY, ["check", "-r", "all", "img"]),
+    ],
+    ids=[
+        "resize-grow",
+        "resize-shrink",
+        "amend-compat",
+        "amend-lazy",
+        "snapshot-delete",
+        "snapshot-apply",
+        "commit",
+        "rebase-flatten",
+        "check-repair",
+    ],
+)
+def test_everyday_commands_leave_the_files_qemu_img_leaves(tmp_path, setup, command):
+    """Each of these commands, on the same image, leaves every file byte for byte as
+    qemu-img leaves it: the same clusters allocated in the same places, the same tables."""
+
+    def make(d: Path) -> None:
+        if "BACKING" in setup:
+            qemu_img("create", "-q", "-f", "qcow2", d / "base", "64M")
+            qemu_io(d / "base", "write -P 1 0 3M")
+            qemu_img("create", "-q", "-f", "qcow2", "-b", "base", "-F", "qcow2", d / "img")
+        else:
+            qemu_img("create", "-q", "-f", "qcow2", d / "img", "64M")
+        for step in setup:
+            if step == "SNAPSHOT":
+                qemu_img("snapshot", "-c", "s1", d / "img")
+            elif step != "BACKING":
+                qemu_io(d / "img", step)
+
+    ours, theirs = twin(tmp_path, make)
+    both(ours, theirs, *command)
+    for name in sorted(p.name for p in theirs.iterdir()):
+        assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
+
+
 # --- iotest 031: rebase -u records any driver name QEMU knows as the backing format --------
 
 
