@@ -344,6 +344,7 @@ def test_page_cache_miss_is_reported(data_image):
         host = 2 * MiB  # the qcow2 data of a fully written image lies well inside the file
         size = file.size()
         assert size > host + BLOCK
+        os.fsync(file.fd)  # (the kernel drops clean pages only: written back first)
         os.posix_fadvise(file.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         buf = memoryview(bytearray(BLOCK))
         assert not file.readinto_cached(buf, host)
