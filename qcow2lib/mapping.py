@@ -28,6 +28,7 @@ from .runs import (
     lanes,
     nonzero_positions,
     one_positions,
+    used_entry_runs,
 )
 from .segment import BACKING, COMPRESSED, DATA, ZERO, Segment, new_segments
 from .sizes import c_hex
@@ -128,12 +129,15 @@ class ClusterMap:
         offset = self.l2_offset(l1_index)
         return self.l2_cache.get(offset) if offset else None
 
-    def _classify_raw_run(self, segments: list[Segment], raw: bytes, base: int) -> bool:
-        """_classify_plain_range's one-run case for a whole standard table of 64 KiB
+    def _classify_raw_runs(self, segments: list[Segment], raw: bytes, base: int) -> bool:
+        """_classify_plain_range's case of whole runs for a whole standard table of 64 KiB
         clusters as read (big-endian entries), from guest cluster `base`, in a block-status
-        walk (where data past the end of the file is no error): True (its segment added)
-        when its entries are plain data clusters, one after the other, and none lies in
-        the metadata QEMU checks; False (nothing done) for any other table."""
+        walk (where data past the end of the file is no error): True (its segments added)
+        when the table is one run of plain data clusters one after the other, or a sparse
+        table each of whose runs of non-zero entries is one, none lying in the metadata
+        QEMU checks. Only those runs' bytes are looked at (a sparse table of a large disk
+        holds a few of its 8192 entries; decoding it whole is most of its cost). False
+        (nothing done) for any other table."""
         entries = self.l2_entries
         if (
             self.cluster_bits != 16
@@ -142,22 +146,46 @@ class ClusterMap:
             or entries < _PLAIN_MIN_ENTRIES
         ):
             return False
-        tops = raw[0::8]
-        first = int.from_bytes(raw[:8], "big")
+        used = used_entry_runs(raw, _RAW_RUNS_MAX)
+        if used is None:  # (a denser table: classified here only if it is one run)
+            used = [(0, entries)]
         unusual = _plain_unusual_bits(self.cluster_bits)
-        if first & unusual & _BELOW_TOP_BYTE or not first & S.L2E_OFFSET_MASK:
-            return False
         [(_, top_values)] = allowed_bytes(unusual & ~_BELOW_TOP_BYTE)
-        if tops.translate(None, top_values) or not is_64k_cluster_run(raw, entries, tops, "big"):
-            return False
-        first_host = first & S.L2E_OFFSET_MASK
-        last_host = first_host + ((entries - 1) << 16)
-        if self._run_overlaps_metadata(first_host, last_host):
-            return False
+        spans = self._metadata_spans()
+        metadata_end = max((end for _, end in spans), default=0)
+        hosts = []
+        for first, end in used:
+            run = raw[8 * first : 8 * end] if end - first < entries else raw
+            tops = run[0::8]
+            word = int.from_bytes(run[:8], "big")
+            if word & unusual & _BELOW_TOP_BYTE or not word & S.L2E_OFFSET_MASK:
+                return False
+            if tops.translate(None, top_values):
+                return False
+            if not is_64k_cluster_run(run, end - first, tops, "big"):
+                return False
+            host = word & S.L2E_OFFSET_MASK
+            if host < metadata_end:  # (a run past all of it, as usual, needs no closer look)
+                last = host + ((end - first - 1) << 16)
+                if any(max(host, start) <= last for start, stop in spans if host < stop):
+                    return False
+            hosts.append(host)
+        # The segments: a hole before each run that does not start where the one before
+        # ended, and after the last; only the first can join the segment before the table.
         start = base << 16
-        self._add_runs(
-            segments, base, range(entries), [], [first_host], start, start + (entries << 16)
-        )
+        guest = start
+        for (first, end), host in zip(used, hosts):
+            run_start = start + (first << 16)
+            run_length = (end - first) << 16
+            if run_start > guest:
+                _append(segments, guest, run_start - guest, BACKING, None)
+                segments.append(_new_tuple(Segment, (run_start, run_length, DATA, host, 0, 0)))
+            else:
+                _append(segments, run_start, run_length, DATA, host)
+            guest = run_start + run_length
+        table_end = start + (entries << 16)
+        if guest < table_end:
+            _append(segments, guest, table_end - guest, BACKING, None)
         return True
 
     def write_dirty_l2(self) -> bool:
@@ -409,14 +437,17 @@ class ClusterMap:
                     table = self.l2_cache.peek(offset) if offset else None
                     if offset and table is None:
                         raw = self._read_l2(offset)
-                        if self._classify_raw_run(segments, raw, base):
+                        if self._classify_raw_runs(segments, raw, base):
                             if budget is not None:
                                 budget -= l2_entries
                             pos = table_end
                             continue
                         table = decode_be64(raw)
                 else:
-                    table = self.l2_table(l1_index)
+                    offset = self.l2_offset(l1_index)
+                    if offset and budget is not None and budget <= 0:
+                        break  # (the window is full: the table is the next one's, read there)
+                    table = self.l2_cache.get(offset) if offset else None
                 if table is None:
                     _append(segments, pos, table_end - pos, BACKING, None)
                     pos = table_end
@@ -944,6 +975,7 @@ class ClusterMap:
 
 _NATIVE_LITTLE = sys.byteorder == "little"
 _PLAIN_MIN_ENTRIES = 16  # shorter ranges (a small request's) take the entry loop
+_RAW_RUNS_MAX = 64  # runs of a sparse table looked at one by one, before it is decoded
 _ZERO_STRETCH = bytes(8 * 64)  # 64 zero entries (or fewer, unaligned): a sparse table
 
 

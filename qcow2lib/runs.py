@@ -12,7 +12,7 @@ import sys
 from array import array
 from itertools import accumulate, compress, groupby
 from operator import add, itemgetter, sub
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:
@@ -260,6 +260,50 @@ def _busy_stretches(raw: bytes) -> list[int] | None:
         if not at(zero_stretch, offset)
     ]
     return busy if len(busy) * 2 * stretch <= len(raw) + stretch else None
+
+
+def used_entry_runs(raw: bytes, limit: int) -> list[tuple[int, int]] | None:
+    """[first, end) entry indices of each run of non-zero 64-bit entries of the table
+    `raw` (in either byte order: a zero entry is zero in both, so the table is not
+    decoded), found in the stretches where a sparse table holds entries; None for a
+    denser table (see _busy_stretches) or one of more than `limit` runs (where a look at
+    each would cost more than decoding the table whole)."""
+    entries = len(raw) // 8
+    if _ZERO_ENTRY not in raw:
+        return [(0, entries)]
+    stretches = _busy_stretches(raw)
+    if stretches is None:
+        return None
+    found: list[tuple[int, int]] = []
+    for first in stretches:
+        chunk = raw[8 * first : 8 * (first + _STRETCH)]
+        # The entries from the first non-zero byte's to the last's: one run when no 8 zero
+        # bytes lie between (as usual), else the stretch is looked at entry by entry.
+        start = (len(chunk) - len(chunk.lstrip(b"\0"))) >> 3
+        stop = (len(chunk.rstrip(b"\0")) + 7) >> 3
+        if _ZERO_ENTRY not in chunk[8 * start : 8 * stop]:
+            stretch_runs: Iterable[tuple[int, int]] = ((start, stop),)
+        else:
+            stretch_runs = _flag_runs(bytes(map(bool, array("Q", chunk))))
+        for start, stop in stretch_runs:
+            if found and found[-1][1] == first + start:  # (continues across stretches)
+                found[-1] = (found[-1][0], first + stop)
+            elif len(found) < limit:
+                found.append((first + start, first + stop))
+            else:
+                return None
+    return found
+
+
+def _flag_runs(flags: bytes) -> Iterator[tuple[int, int]]:
+    """[start, end) of each run of 1s of a 0/1 flag string."""
+    start = flags.find(1)
+    while start >= 0:
+        stop = flags.find(0, start)
+        if stop < 0:
+            stop = len(flags)
+        yield start, stop
+        start = flags.find(1, stop)
 
 
 def used_runs(

@@ -275,3 +275,112 @@ def test_human_map_names_the_file_as_qemu(tmp_path, name):
             theirs.stderr,
         )
         assert name in ours.stdout
+
+
+SPARSE_RUNS = [(0, 5), (60, 70), (1024, 1040), (4100, 4101), (8180, 8192)]
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "runs",
+        "runs without COPIED",
+        "runs past the end of the file",
+        "two runs one zero entry apart",
+        "two host runs in one run of entries",
+        "a compressed flag in a run",
+        "a run over the refcount table",
+        "more runs than are looked at one by one",
+        "empty",
+    ],
+)
+def test_a_sparse_64k_table_is_classified_from_its_used_entries(tmp_path, monkeypatch, layout):
+    """64 KiB clusters: a sparse table (a few runs of entries among zeros) read by a
+    block-status walk is classified from the bytes of its used entries alone
+    (ClusterMap._classify_raw_runs, runs.used_entry_runs), stretch by stretch: runs at
+    either end of the table, across a stretch boundary, of one entry, one zero entry
+    apart, without COPIED or past the end of the file map as the entry by entry reading
+    and qemu-img map them. A run of entries that is not one host run, a flag, a run over
+    the metadata or too many runs leave the table to be decoded whole, which maps (or
+    refuses) it as before."""
+    image = tmp_path / "sparse.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", image, "512M")
+    data = image.read_bytes()
+    (l1_offset,) = struct.unpack(">Q", data[40:48])
+    (table,) = struct.unpack(">Q", data[l1_offset : l1_offset + 8])
+    table &= 0x00FFFFFFFFFFFE00
+    full = list(struct.unpack(">8192Q", data[table : table + 65536]))
+    runs = {
+        "two runs one zero entry apart": [(100, 104), (105, 110)],
+        "more runs than are looked at one by one": [(2 * k, 2 * k + 1) for k in range(65)],
+        "empty": [],
+    }.get(layout, SPARSE_RUNS)
+    entries = [0] * 8192
+    for first, end in runs:
+        entries[first:end] = full[first:end]
+    if layout == "runs without COPIED":
+        entries = [entry & ~(1 << 63) for entry in entries]
+    elif layout == "runs past the end of the file":
+        entries = [entry and entry + (1 << 40) for entry in entries]
+    elif layout == "two host runs in one run of entries":
+        entries[1030:1040] = full[3000:3010]
+    elif layout == "a compressed flag in a run":
+        entries[1030] |= 1 << 62
+    elif layout == "a run over the refcount table":
+        (refcount_table,) = struct.unpack(">Q", data[48:56])
+        entries[1024:1040] = [1 << 63 | refcount_table + 65536 * k for k in range(16)]
+    raw = struct.pack(">8192Q", *entries)
+    with open(image, "r+b") as file:
+        file.seek(table)
+        file.write(raw)
+    with qcow2lib.open(str(image), "r") as disk:
+        taken = disk.map._classify_raw_runs([], raw, 0)
+    assert taken == (
+        layout
+        in (
+            "runs",
+            "runs without COPIED",
+            "runs past the end of the file",
+            "two runs one zero entry apart",
+            "empty",
+        )
+    )
+    ranges = [(0, 512 << 20), (0, 1 << 30), (3 << 20, 100 << 20)]
+    run_based = segments(image, ranges, monkeypatch, True)
+    assert run_based == segments(image, ranges, monkeypatch, False)
+    ours = run_qimg("map", "--output=json", image)
+    if layout == "a run over the refcount table":
+        assert ours.returncode == 1 and "overlaps the refcount table" in ours.stderr
+        return
+    theirs = qemu_img("map", "--output=json", image, check=False)
+    assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout)
+
+
+def test_used_entry_runs_finds_every_run_of_a_sparse_table():
+    """runs.used_entry_runs against a look at each entry, on random sparse tables (runs
+    across stretches, entries whose bytes are mostly zero), with its limit on runs."""
+    from qcow2lib.runs import used_entry_runs
+
+    rng = random.Random(5)
+    for _ in range(300):
+        entries = [0] * 8192
+        for _ in range(rng.randrange(0, 40)):
+            first = rng.randrange(8192)
+            for index in range(first, min(8192, first + rng.choice([1, 2, 16, 70, 300]))):
+                entries[index] = rng.choice([1, 1 << 63, 0x50000, rng.getrandbits(64) | 1])
+        raw = struct.pack(">8192Q", *entries)
+        expected = []
+        for index, entry in enumerate(entries):
+            if entry:
+                if expected and expected[-1][1] == index:
+                    expected[-1] = (expected[-1][0], index + 1)
+                else:
+                    expected.append((index, index + 1))
+        found = used_entry_runs(raw, 64)
+        if found is None:  # (more runs than the limit, or a denser table: entries in over
+            # half of its spans of 512 entries or of its stretches of 64)
+            used = [index for index, entry in enumerate(entries) if entry]
+            spans, stretches = {index // 512 for index in used}, {index // 64 for index in used}
+            assert len(expected) > 64 or len(spans) > 8 or len(stretches) > 64
+        else:
+            assert found == expected
