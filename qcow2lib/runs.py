@@ -11,7 +11,7 @@ import struct
 import sys
 from array import array
 from itertools import accumulate, compress, groupby
-from operator import add, itemgetter, sub
+from operator import add, itemgetter, ne, sub
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
@@ -304,6 +304,29 @@ def _flag_runs(flags: bytes) -> Iterator[tuple[int, int]]:
             stop = len(flags)
         yield start, stop
         start = flags.find(1, stop)
+
+
+def differing_entries(old: bytes, new: bytes, limit: int) -> list[int] | None:
+    """The indices of the 64-bit entries in which two tables of the same size differ, in
+    order; None when more than `limit` do. Stretches of 64 entries are compared where
+    they lie (a memcmp each), and only those that differ entry by entry: two copies of a
+    table that differ in a few entries cost a few microseconds, not a pass over both as
+    integers."""
+    if old == new:
+        return []
+    old_view = memoryview(old)
+    found: list[int] = []
+    stretch = 8 * _STRETCH
+    for offset in range(0, len(new), stretch):
+        if new.startswith(old_view[offset : offset + stretch], offset):
+            continue
+        first = offset >> 3
+        old_words = array("Q", old[offset : offset + stretch])
+        new_words = array("Q", new[offset : offset + stretch])
+        found += compress(range(first, first + len(new_words)), map(ne, old_words, new_words))
+        if len(found) > limit:
+            return None
+    return found
 
 
 def used_runs(

@@ -354,33 +354,3 @@ def test_a_sparse_64k_table_is_classified_from_its_used_entries(tmp_path, monkey
         return
     theirs = qemu_img("map", "--output=json", image, check=False)
     assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout)
-
-
-def test_used_entry_runs_finds_every_run_of_a_sparse_table():
-    """runs.used_entry_runs against a look at each entry, on random sparse tables (runs
-    across stretches, entries whose bytes are mostly zero), with its limit on runs."""
-    from qcow2lib.runs import used_entry_runs
-
-    rng = random.Random(5)
-    for _ in range(300):
-        entries = [0] * 8192
-        for _ in range(rng.randrange(0, 40)):
-            first = rng.randrange(8192)
-            for index in range(first, min(8192, first + rng.choice([1, 2, 16, 70, 300]))):
-                entries[index] = rng.choice([1, 1 << 63, 0x50000, rng.getrandbits(64) | 1])
-        raw = struct.pack(">8192Q", *entries)
-        expected = []
-        for index, entry in enumerate(entries):
-            if entry:
-                if expected and expected[-1][1] == index:
-                    expected[-1] = (expected[-1][0], index + 1)
-                else:
-                    expected.append((index, index + 1))
-        found = used_entry_runs(raw, 64)
-        if found is None:  # (more runs than the limit, or a denser table: entries in over
-            # half of its spans of 512 entries or of its stretches of 64)
-            used = [index for index, entry in enumerate(entries) if entry]
-            spans, stretches = {index // 512 for index in used}, {index // 64 for index in used}
-            assert len(expected) > 64 or len(spans) > 8 or len(stretches) > 64
-        else:
-            assert found == expected

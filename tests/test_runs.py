@@ -11,6 +11,8 @@ import pytest
 
 from qcow2lib import structs as S
 from qcow2lib.runs import (
+    differing_entries,
+    used_entry_runs,
     NativeRunLength,
     RunFinder,
     consecutive_runs,
@@ -307,3 +309,51 @@ def test_64k_cluster_run_past_bit_55_is_not_told() -> None:
     words = array("Q", [first, (first + 65536) & ((1 << 56) - 1)])
     raw = words.tobytes()
     assert is_64k_cluster_run(raw, 2, raw[7::8]) is None
+
+
+def test_used_entry_runs_finds_every_run_of_a_sparse_table():
+    """runs.used_entry_runs against a look at each entry, on random sparse tables (runs
+    across stretches, entries whose bytes are mostly zero), with its limit on runs."""
+    rng = random.Random(5)
+    for _ in range(300):
+        entries = [0] * 8192
+        for _ in range(rng.randrange(0, 40)):
+            first = rng.randrange(8192)
+            for index in range(first, min(8192, first + rng.choice([1, 2, 16, 70, 300]))):
+                entries[index] = rng.choice([1, 1 << 63, 0x50000, rng.getrandbits(64) | 1])
+        raw = array("Q", entries)
+        if sys.byteorder == "little":
+            raw.byteswap()
+        raw = raw.tobytes()
+        expected = []
+        for index, entry in enumerate(entries):
+            if entry:
+                if expected and expected[-1][1] == index:
+                    expected[-1] = (expected[-1][0], index + 1)
+                else:
+                    expected.append((index, index + 1))
+        found = used_entry_runs(raw, 64)
+        if found is None:  # (more runs than the limit, or a denser table: entries in over
+            # half of its spans of 512 entries or of its stretches of 64)
+            used = [index for index, entry in enumerate(entries) if entry]
+            spans, stretches = {index // 512 for index in used}, {index // 64 for index in used}
+            assert len(expected) > 64 or len(spans) > 8 or len(stretches) > 64
+        else:
+            assert found == expected
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_differing_entries_match_an_entry_by_entry_comparison(seed: int) -> None:
+    """runs.differing_entries against a comparison of each entry: no, one, a few and many
+    entries changed, at either end of a stretch of 64 and anywhere, with its limit."""
+    rng = random.Random(seed)
+    for _ in range(200):
+        count = rng.choice([8192, 512, 64, 70])
+        old = [rng.choice([0, 1 << 63 | rng.randrange(1, 1 << 40) << 16]) for _ in range(count)]
+        new = list(old)
+        for _ in range(rng.choice([0, 1, 2, 5, 70, 400])):
+            index = rng.choice([0, 63, 64, count - 1, rng.randrange(count)]) % count
+            new[index] = rng.choice([0, new[index] ^ 1 << rng.randrange(64)])
+        expected = [index for index in range(count) if old[index] != new[index]]
+        found = differing_entries(array("Q", old).tobytes(), array("Q", new).tobytes(), 64)
+        assert found == (expected if len(expected) <= 64 else None)

@@ -20,10 +20,9 @@ from ..records import record
 from ..cache import decode_be64
 from ..runs import (
     RunFinder,
-    column_flags,
+    differing_entries,
     nonzero_entries,
     nonzero_positions,
-    one_positions,
     runs_of_used,
 )
 from ..sizes import c_hex
@@ -654,12 +653,11 @@ class _Walk(_CheckState):
         if near is None or near.unusual != unusual or len(near.data) != len(data):
             return None
         base, base_runs = near.data, near.runs
-        differ = int.from_bytes(base, "little") ^ int.from_bytes(data, "little")
-        if not differ:
-            return base_runs
-        positions = one_positions(column_flags(differ.to_bytes(len(data), "little")))
-        if len(positions) > _NEAR_ENTRIES:
+        positions = differing_entries(base, data, _NEAR_ENTRIES)
+        if positions is None:
             return None
+        if not positions:
+            return base_runs
         cs = self.t.cs
         cut_out = []  # the old entries' clusters
         added = []
