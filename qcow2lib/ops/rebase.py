@@ -355,13 +355,17 @@ def _copy_differences(image, old, new, old_size, new_size, offset, n, buffers) -
             return  # the same zeros through both backing files
     with _reading(from_old):
         view_old = _read(old, old_size, offset, n, buffers.old)
-    with _reading(from_new):
-        view_new = _read(new, new_size, offset, n, buffers.new)
-    if buffers.old.startswith(view_new):  # (memcmp: the views are the buffers' first n bytes)
-        return
+    if new is None or offset >= new_size:  # (a flattening: the new side is zeros, unread)
+        runs = _nonzero_runs(buffers.old, n)
+    else:
+        with _reading(from_new):
+            view_new = _read(new, new_size, offset, n, buffers.new)
+        if buffers.old.startswith(view_new):  # (memcmp: the views are the buffers' first n)
+            return
+        runs = _differing_runs(buffers, n)
     old_is_zero = offset >= old_size
     try:
-        for start, end in _differing_runs(buffers, n):
+        for start, end in runs:
             if old_is_zero:
                 _write_explicit_zeros(image, offset + start, end - start)
             else:
