@@ -193,6 +193,17 @@ def test_a_full_table_of_one_run_is_checked_at_its_ends(tmp_path, where):
         assert f'"offset": {first}' in ours.stdout
 
 
+def preallocated_64k_table(image) -> tuple[int, list[int]]:
+    """A 512 MiB image with 64 KiB clusters and its metadata preallocated: (the offset of
+    its one L2 table, the table's 8192 entries, one run of data clusters)."""
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", image, "512M")
+    data = image.read_bytes()
+    (l1_offset,) = struct.unpack(">Q", data[40:48])
+    (table,) = struct.unpack(">Q", data[l1_offset : l1_offset + 8])
+    table &= 0x00FFFFFFFFFFFE00
+    return table, list(struct.unpack(">8192Q", data[table : table + 65536]))
+
+
 @pytest.mark.parametrize(
     "change",
     [
@@ -217,12 +228,7 @@ def test_a_full_64k_table_of_one_run_is_told_by_its_bytes(tmp_path, monkeypatch,
     snapshot leaves them) and runs past the end of the file; a run over the metadata is
     refused."""
     image = tmp_path / "run.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", image, "512M")
-    data = image.read_bytes()
-    (l1_offset,) = struct.unpack(">Q", data[40:48])
-    (table,) = struct.unpack(">Q", data[l1_offset : l1_offset + 8])
-    table &= 0x00FFFFFFFFFFFE00
-    entries = list(struct.unpack(">8192Q", data[table : table + 65536]))
+    table, entries = preallocated_64k_table(image)
     if change == "compressed flag":
         entries[4000] |= 1 << 62
     elif change == "reserved bit":
@@ -304,12 +310,7 @@ def test_a_sparse_64k_table_is_classified_from_its_used_entries(tmp_path, monkey
     the metadata or too many runs leave the table to be decoded whole, which maps (or
     refuses) it as before."""
     image = tmp_path / "sparse.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", image, "512M")
-    data = image.read_bytes()
-    (l1_offset,) = struct.unpack(">Q", data[40:48])
-    (table,) = struct.unpack(">Q", data[l1_offset : l1_offset + 8])
-    table &= 0x00FFFFFFFFFFFE00
-    full = list(struct.unpack(">8192Q", data[table : table + 65536]))
+    table, full = preallocated_64k_table(image)
     runs = {
         "two runs one zero entry apart": [(100, 104), (105, 110)],
         "more runs than are looked at one by one": [(2 * k, 2 * k + 1) for k in range(65)],
@@ -327,7 +328,7 @@ def test_a_sparse_64k_table_is_classified_from_its_used_entries(tmp_path, monkey
     elif layout == "a compressed flag in a run":
         entries[1030] |= 1 << 62
     elif layout == "a run over the refcount table":
-        (refcount_table,) = struct.unpack(">Q", data[48:56])
+        (refcount_table,) = struct.unpack(">Q", image.read_bytes()[48:56])
         entries[1024:1040] = [1 << 63 | refcount_table + 65536 * k for k in range(16)]
     raw = struct.pack(">8192Q", *entries)
     with open(image, "r+b") as file:
