@@ -201,13 +201,8 @@ def nonzero_entries(table: array) -> array:
     if starts > len(flags) // 16:
         return array("Q", compress(table, flags))
     used = array("Q")
-    start = flags.find(1)
-    while start >= 0:
-        stop = flags.find(0, start)
-        if stop < 0:
-            stop = len(flags)
+    for start, stop in _flag_runs(flags):
         used += table[start:stop]
-        start = flags.find(1, stop)
     return used
 
 
