@@ -239,15 +239,16 @@ def _busy_stretches(raw: bytes) -> list[int] | None:
     """First entry of each stretch of `raw` (64 entries, the last maybe fewer) that is not
     all zeros, when at most half of them are (a sparse table, where looking at these
     alone costs least); None for a denser table, whose entries are better looked at all
-    at once, at C speed. Spans of 512 entries are looked at first (a table most of whose
-    spans hold entries counts as dense), then the stretches of the busy spans; each is
-    compared with zeros where it lies, nothing copied."""
+    at once, at C speed. Spans of 512 entries are looked at first, then the stretches of
+    the busy spans (of all of them when most spans hold entries: a few in each, maybe);
+    each is compared with zeros where it lies, nothing copied."""
     stretch, span = len(_ZERO_STRETCH), len(_ZERO_SPAN)
     zero_stretch, zero_span = _ZERO_STRETCH, _ZERO_SPAN
     at = raw.startswith
-    spans = [offset for offset in range(0, len(raw), span) if not at(zero_span, offset)]
-    if len(spans) * 2 * span > len(raw) + span:
-        return None  # (most spans hold entries: a denser table)
+    busy_spans = [offset for offset in range(0, len(raw), span) if not at(zero_span, offset)]
+    spans = (
+        busy_spans if len(busy_spans) * 2 * span <= len(raw) + span else range(0, len(raw), span)
+    )
     busy = [
         offset >> 3
         for first in spans
