@@ -270,6 +270,10 @@ def used_entry_runs(raw: bytes, limit: int) -> list[tuple[int, int]] | None:
     stretches = _busy_stretches(raw)
     if stretches is None:
         return None
+    # (each group of neighbouring busy stretches holds a run at least: too many groups,
+    # too many runs, known before any stretch is looked into)
+    if 1 + sum(after - first != _STRETCH for first, after in zip(stretches, stretches[1:])) > limit:
+        return None
     found: list[tuple[int, int]] = []
     for first in stretches:
         chunk = raw[8 * first : 8 * (first + _STRETCH)]
