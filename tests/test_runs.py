@@ -311,9 +311,11 @@ def test_64k_cluster_run_past_bit_55_is_not_told() -> None:
     assert is_64k_cluster_run(raw, 2, raw[7::8]) is None
 
 
-def test_used_entry_runs_finds_every_run_of_a_sparse_table():
+@pytest.mark.parametrize("limit", [64, 4])
+def test_used_entry_runs_finds_every_run_of_a_sparse_table(limit: int) -> None:
     """runs.used_entry_runs against a look at each entry, on random sparse tables (runs
-    across stretches, entries whose bytes are mostly zero), with its limit on runs."""
+    across stretches, entries whose bytes are mostly zero, entries in most spans of 512),
+    with its limit on runs."""
     rng = random.Random(5)
     for _ in range(300):
         entries = [0] * 8192
@@ -332,12 +334,11 @@ def test_used_entry_runs_finds_every_run_of_a_sparse_table():
                     expected[-1] = (expected[-1][0], index + 1)
                 else:
                     expected.append((index, index + 1))
-        found = used_entry_runs(raw, 64)
-        if found is None:  # (more runs than the limit, or a denser table: entries in over
-            # half of its spans of 512 entries or of its stretches of 64)
-            used = [index for index, entry in enumerate(entries) if entry]
-            spans, stretches = {index // 512 for index in used}, {index // 64 for index in used}
-            assert len(expected) > 64 or len(spans) > 8 or len(stretches) > 64
+        found = used_entry_runs(raw, limit)
+        if found is None:  # (more runs than the limit, or a denser table: entries in
+            # over half of its stretches of 64)
+            stretches = {index // 64 for index, entry in enumerate(entries) if entry}
+            assert len(expected) > limit or len(stretches) > 64
         else:
             assert found == expected
 
