@@ -135,10 +135,10 @@ class ClusterMap:
         clusters as read (big-endian entries), from guest cluster `base`, in a block-status
         walk (where data past the end of the file is no error): True (its segments added)
         when the table is one run of plain data clusters one after the other, or a sparse
-        table each of whose runs of non-zero entries is one, none lying in the metadata
-        QEMU checks. Only those runs' bytes are looked at (a sparse table of a large disk
-        holds a few of its 8192 entries; decoding it whole is most of its cost). False
-        (nothing done) for any other table."""
+        table of at most _RAW_RUNS_MAX runs of non-zero entries, all plain data clusters,
+        none lying in the metadata QEMU checks. Only those runs' bytes are looked at (a
+        sparse table of a large disk holds a few of its 8192 entries; decoding it whole is
+        most of its cost). False (nothing done) for any other table."""
         entries = self.l2_entries
         if (
             self.cluster_bits != 16
@@ -157,16 +157,14 @@ class ClusterMap:
         for first, end in used:
             count = end - first
             if count == entries:  # (a full table: told one run from its bytes, at C speed)
-                word = int.from_bytes(raw[:8], "big")
+                # (its top bytes are not compared as a run: each is checked for flags)
                 [(_, top_values)] = allowed_bytes(unusual & ~_BELOW_TOP_BYTE)
                 tops = raw[0::8]
-                if (
-                    word & unusual & _BELOW_TOP_BYTE
-                    or tops.translate(None, top_values)
-                    or not is_64k_cluster_run(raw, entries, tops, "big")
+                if tops.translate(None, top_values) or not is_64k_cluster_run(
+                    raw, entries, tops, "big"
                 ):
                     return False
-                pieces = [(0, count, word)]
+                pieces = [(0, count, int.from_bytes(raw[:8], "big"))]
             else:  # the entries of a sparse table's run, split where a cluster run breaks
                 words = struct.unpack_from(f">{count}Q", raw, 8 * first)
                 head, tail = words[0], words[-1]
