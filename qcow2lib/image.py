@@ -481,7 +481,7 @@ class Qcow2Image(BlockDevice):
 
     def _open_for_writing(self) -> None:
         hdr = self.header
-        changed = False  # the header cluster is rewritten, as QEMU's update of the header
+        changed = False  # (True: the whole header cluster is rewritten, as QEMU updates it)
         if hdr.autoclear_features & ~S.AUTOCLEAR_KNOWN:
             hdr.autoclear_features &= S.AUTOCLEAR_KNOWN  # features we would not keep up to date
             changed = True

@@ -184,10 +184,11 @@ class ClusterMap:
                 if (word | last) & unusual or not word & S.L2E_OFFSET_MASK:
                     return False
                 host = word & S.L2E_OFFSET_MASK
-                if host < metadata_end:  # (a run past all of it, as usual, needs no closer look)
-                    last &= S.L2E_OFFSET_MASK
-                    if any(max(host, start) <= last for start, stop in spans if host < stop):
-                        return False
+                # (a run past all of the metadata, as usual, needs no closer look)
+                if host < metadata_end and self._run_overlaps_metadata(
+                    host, last & S.L2E_OFFSET_MASK, spans
+                ):
+                    return False
                 runs.append((first + low, first + high, host))
         # The segments: a hole before each run that does not start where the one before
         # ended, and after the last; a run that does joins the one before when their
@@ -450,9 +451,9 @@ class ClusterMap:
                     # A block-status walk over a whole table: from the cache when there,
                     # else read without being kept (a walk over a whole image would fill
                     # the cache with tables it does not ask for again, each in fresh
-                    # memory). One that is a single run of plain data clusters, as a disk
-                    # written in order has, is classified from its bytes (decoding them is
-                    # most of what classifying it costs).
+                    # memory). One of a single run of plain data clusters, as a disk
+                    # written in order has, or a sparse one of a few runs, is classified
+                    # from its bytes (decoding them is most of what classifying it costs).
                     offset = self.l2_offset(l1_index)
                     table = self.l2_cache.peek(offset) if offset else None
                     if offset and table is None:
@@ -792,11 +793,14 @@ class ClusterMap:
         )
         return [(start, end) for start, end in spans if start < end]
 
-    def _run_overlaps_metadata(self, first: int, last: int) -> bool:
-        """_overlaps_metadata for the host clusters first, first + a cluster, ... last."""
-        return any(
-            max(first, start) <= last for start, end in self._metadata_spans() if first < end
-        )
+    def _run_overlaps_metadata(
+        self, first: int, last: int, spans: list[tuple[int, int]] | None = None
+    ) -> bool:
+        """_overlaps_metadata for the host clusters first, first + a cluster, ... last
+        (`spans`: _metadata_spans(), when the caller has them for many runs)."""
+        if spans is None:
+            spans = self._metadata_spans()
+        return any(max(first, start) <= last for start, end in spans if first < end)
 
     def _overlaps_metadata(self, values: int, count: int) -> bool:
         """Whether any of the host offsets (one an entry in the `count` 64-bit lanes of
