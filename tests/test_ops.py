@@ -946,6 +946,53 @@ def test_measure_image_matches_qemu(tmp_path, chain3, sparse_raw):
             assert measure(source=dev, fmt="raw") == expected
 
 
+def test_measure_counts_each_touched_cluster_once(tmp_path):
+    """The required size counts every target cluster some data extent touches, once:
+    extents smaller than a target cluster and sharing one, extents that end or start
+    inside a cluster the one before counted, zero clusters and discarded ones between
+    them, data from a backing file, a partial last cluster, and the preallocated zeros
+    (data that reads as zeros) of a metadata-preallocated image, each measured with
+    target clusters smaller and larger than the source's."""
+    base = make(tmp_path / "base.qcow2", 8 * MiB + 1536, "write -P 1 7M 1M", "write -P 2 8M 1k")
+    writes = [f"write -P 3 {offset} 4k" for offset in range(0, 2 * MiB, 12 * KiB)]
+    writes += [
+        "write -P 4 2100k 70k",  # (ends inside a 64k cluster that the next one starts in)
+        "write -P 5 2170k 3k",
+        "write -z 2304k 128k",
+        "write -P 6 2432k 8k",
+        "discard 2436k 4k",
+        "write -P 7 3M 1M",
+        "write -z 3200k 64k",  # (zeros inside data)
+        "write -P 9 5M 64k",
+        "write -z 5M 64k",  # (zeros in clusters still allocated)
+        "write -P 8 6100k 1k",
+    ]
+    top = make(
+        tmp_path / "top.qcow2",
+        8 * MiB + 1536,
+        *writes,
+        backing=base,
+        backing_fmt="qcow2",
+        options={"cluster_size": "4k"},
+    )
+    preallocated = make(
+        tmp_path / "prealloc.qcow2",
+        MiB,
+        "write -P 9 512k 4k",
+        "write -P 9 700k 1k",
+        options={"cluster_size": "4k", "preallocation": "metadata"},
+    )
+    for options in ({}, {"cluster_size": "512"}, {"cluster_size": "4k"}, {"cluster_size": "1M"}):
+        opts = ["-o", ",".join(f"{k}={v}" for k, v in options.items())] if options else []
+        for image in (top, base, preallocated):
+            expected = _qemu_measure("-O", "qcow2", *opts, image)
+            with qcow2lib.open(str(image)) as dev:
+                assert measure(source=dev, fmt="qcow2", options=options) == expected, (
+                    image,
+                    options,
+                )
+
+
 def test_measure_errors_match_qemu():
     for options in (
         {"cluster_size": "3k"},
