@@ -289,6 +289,26 @@ class Fixtures:
 
         return self._once("extents.qcow2", build)
 
+    def scattered(self) -> Path:
+        """16 GiB written the way a guest's file system scatters its writes: `size` of
+        data in 1 MiB writes at random 512-byte offsets (a seeded generator, so every
+        run builds the same image). Most L2 tables then hold a few dozen runs of
+        clusters, each starting inside a cluster."""
+
+        def build(path):
+            sh(QEMU_IMG, "create", "-f", "qcow2", path, "16G")
+            chosen = random.Random(7)
+            last = (16 << 30) - MIB
+            qemu_io(
+                path,
+                [
+                    f"write -P {index % 251} {chosen.randrange(0, last) // 512 * 512} 1M"
+                    for index in range(self.config.size // MIB)
+                ],
+            )
+
+        return self._once("scattered.qcow2", build)
+
     def sparse100g(self) -> Path:
         """100 GiB virtual, `size` of data in 1 MiB pieces spread evenly over it."""
 
@@ -439,6 +459,7 @@ def check_map_case(fx: Fixtures) -> list[Row]:
         (f"100 GiB sparse, {size_label} data", fx.sparse100g()),
         ("100 GiB, every cluster allocated", fx.allocated100g()),
         ("many small extents", fx.extents()),
+        (f"16 GiB written at random, {size_label}", fx.scattered()),
         (f"{fx.config.snapshots} snapshots", fx.many_snapshots()),
     ):
         rows.append(
@@ -457,6 +478,21 @@ def check_map_case(fx: Fixtures) -> list[Row]:
                 wall([QEMU_IMG, "map", "--output=json", image]),
                 Target(max_ratio=1.0),
                 "qemu-img map",
+            )
+        )
+    # measure walks the same block status (not a row of the issue's: a user sizing a copy)
+    for label, image in (
+        (f"100 GiB sparse, {size_label} data", fx.sparse100g()),
+        ("many small extents", fx.extents()),
+        (f"16 GiB written at random, {size_label}", fx.scattered()),
+    ):
+        rows.append(
+            Row(
+                f"measure -O qcow2, {label}",
+                wall([*QIMG, "measure", "-O", "qcow2", image]),
+                wall([QEMU_IMG, "measure", "-O", "qcow2", image]),
+                Target(max_ratio=1.0),
+                "qemu-img measure",
             )
         )
     return rows

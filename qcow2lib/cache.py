@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import sys
 from array import array
-from collections import OrderedDict
-from collections.abc import Callable
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 _NATIVE_LITTLE = sys.byteorder == "little"
 
@@ -56,7 +58,7 @@ class TableCache:
     def __init__(self, load: Callable[[int], object], max_entries: int):
         self._load = load
         self.max_entries = max(4, max_entries)
-        self._tables: OrderedDict[int, object] = OrderedDict()
+        self._tables: dict[int, object] = {}  # (in order of use: the last used last)
         self.dirty: set[int] = set()
 
     def get(self, offset: int):
@@ -66,7 +68,7 @@ class TableCache:
             self._tables[offset] = table
             self._evict()
         else:
-            self._tables.move_to_end(offset)
+            self._tables[offset] = self._tables.pop(offset)  # (now the last used)
         return table
 
     def peek(self, offset: int):
@@ -75,8 +77,8 @@ class TableCache:
         return self._tables.get(offset)
 
     def put(self, offset: int, table, dirty: bool = True) -> None:
+        self._tables.pop(offset, None)
         self._tables[offset] = table
-        self._tables.move_to_end(offset)
         if dirty:
             self.dirty.add(offset)
         self._evict()

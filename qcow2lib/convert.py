@@ -43,7 +43,6 @@ import errno
 import os
 import threading
 from array import array
-from collections.abc import Callable
 
 from .blockdev import BlockDevice, Extent, RawDevice, iter_merged
 from .hostfile import io_buffer
@@ -57,6 +56,7 @@ from .errors import (
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from .throttle import ThrottleGroup
 
 SECTOR = 512

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 from _thread import allocate_lock  # (threading's Lock, without importing threading)
-from collections.abc import Iterator
 
 from .blockdev import BlockDevice, Extent
 from .errors import (
@@ -28,6 +27,7 @@ from .hostfile import preallocate
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from .crypto.ciphers import SectorCrypto
 
 # The crypto package (construct, cryptography) loads only when a LUKS volume is opened or

@@ -11,7 +11,6 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
-from collections.abc import Sequence
 from bisect import bisect_right
 from itertools import chain, compress, repeat
 from operator import sub
@@ -33,6 +32,10 @@ from .runs import (
 )
 from .segment import BACKING, COMPRESSED, DATA, ZERO, Segment, new_segments
 from .sizes import c_hex
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 _new_tuple = tuple.__new__  # (a Segment from its 6 values, without Segment.__new__'s frame)
 

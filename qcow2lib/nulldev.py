@@ -7,12 +7,15 @@ endless source in tests and benchmarks: null-co:// names one of 1 GiB.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 from .blockdev import BlockDevice, Extent
 from .errors import InvalidArgumentError
 from .hostfile import fill_zeros
 from .records import record
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 NULL_DRIVERS = ("null-co", "null-aio")
 DEFAULT_SIZE = 1 << 30

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
 
 from .blockdev import BlockDevice, Extent
 from .errors import InvalidArgumentError, Qcow2Error, Qcow2IOError, UnsupportedFeatureError
 from .hostfile import open_host_file
 from .records import field, record
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 _BOOLS = {  # QEMU's spellings of a boolean option
     "on": True,

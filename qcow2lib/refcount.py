@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import sys
 from array import array
-from collections.abc import Iterator
 
 from .cache import TableCache, decode_be64, encode_be64
 from .errors import CorruptImageError, InvalidArgumentError, Qcow2IOError
 from .overlap import REFCOUNT_BLOCK, REFCOUNT_TABLE, OverlapMap
 from .runs import nonzero_positions
 from .structs import MAX_REFTABLE_BYTES, REFT_OFFSET_MASK, REFT_RESERVED_MASK
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 _NATIVE_LITTLE = sys.byteorder == "little"
 _TYPECODES = {3: "B", 4: "H", 5: "I", 6: "Q"}

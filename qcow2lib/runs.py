@@ -12,10 +12,10 @@ import sys
 from array import array
 from itertools import accumulate, compress, groupby
 from operator import add, itemgetter, ne, sub
-from collections.abc import Callable, Iterable, Iterator, Sequence
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator, Sequence
     from typing import Literal
 
 _BE64 = struct.Struct(">Q")

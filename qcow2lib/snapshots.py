@@ -34,7 +34,6 @@ import os
 import sys
 import time
 from array import array
-from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from itertools import compress, repeat
 from operator import itemgetter, not_, or_, rshift
 
@@ -72,6 +71,10 @@ from .snapshot_table import (
     Snapshot,
     pack_snapshot_table,
 )
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 
 MAX_NAME_BYTES = 255  # QEMU keeps names in a 256-byte buffer
 
@@ -303,9 +306,10 @@ class _Counts:
         return after
 
 
-# A commit's passes over the caches: the new active L1 table and the inactive L1
-# tables to write (see _in_place).
-Step = Callable[[_Counts], tuple[array, list[tuple[int, array]]]]
+if TYPE_CHECKING:
+    # A commit's passes over the caches: the new active L1 table and the inactive L1
+    # tables to write (see _in_place).
+    Step = Callable[[_Counts], tuple[array, list[tuple[int, array]]]]
 
 
 def _cluster_runs(clusters: list[int], shift: int) -> list[tuple[int, int]]:

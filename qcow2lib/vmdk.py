@@ -29,7 +29,6 @@ import sys
 import threading
 import zlib
 from array import array
-from collections.abc import Iterator
 
 from .blockdev import BlockDevice, Extent
 from .errors import (
@@ -43,6 +42,7 @@ from .hostfile import create_host_file, open_host_file
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from .vmdk_descriptor import VmdkDescriptorImage
 
 SECTOR = 512

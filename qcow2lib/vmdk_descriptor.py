@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import bisect
 import errno
-from collections.abc import Iterator
 
 from .blockdev import RAW_EXTENT_BATCH, BlockDevice, Extent
 from .errors import (
@@ -36,6 +35,10 @@ from .vmdk import (
     descriptor_cid,
     parent_file_name,
 )
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 # createType values QEMU 7.2 opens from a descriptor file
 DESCRIPTOR_FILE_TYPES = (

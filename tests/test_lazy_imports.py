@@ -461,3 +461,55 @@ def test_the_qimg_command_ends_with_all_its_output_and_its_exit_code(tmp_path: P
     reference = qemu_img("compare", *differ, check=False)
     assert reference.returncode == 1
     assert (compared.returncode, compared.stdout) == (1, reference.stdout.encode())
+
+
+def test_the_qimg_command_loads_array_without_collections(tmp_path: Path) -> None:
+    """tools/qimg imports `array` without the collections package that array's own
+    import would bring in (nothing on the metadata commands' paths needs it), and leaves
+    no trace of how: array is still a registered MutableSequence, and a later `import
+    collections.abc` (as a convert's threads make) loads the real package, whose ABCs
+    are the same objects."""
+    path = tmp_path / "a.qcow2"
+    qemu_create(path, "16M", options={"cluster_size": 4096})
+    qemu_io(path, "write -P 0x5a 0 64k", "write -P 0x33 1M 4k")
+    launcher = str(ROOT / "tools" / "qimg")
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    for command in (["check"], ["map", "--output=json"], ["measure", "-O", "qcow2"]):
+        done = subprocess.run(
+            [sys.executable, "-X", "importtime", launcher, *command, str(path)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        imported = {
+            line.rsplit("|", 1)[1].strip()
+            for line in done.stderr.splitlines()
+            if line.startswith("import time:")
+        }
+        assert done.stdout == qemu_img(*command, path).stdout
+        assert "array" in imported, command
+        assert not imported & {"collections", "collections.abc", "typing"}, command
+    # in the launcher's own process, at its exit: the registration and the real package
+    script = (
+        "import atexit, sys\n"
+        "def report():\n"
+        "    import array, collections.abc, _collections_abc\n"
+        "    registered = isinstance(array.array('b'), collections.abc.MutableSequence)\n"
+        "    same = collections.abc.Sequence is _collections_abc.Sequence\n"
+        "    real = hasattr(collections, 'OrderedDict') and collections.abc.__name__\n"
+        "    sys.stderr.write(f'registered={registered} same={same} real={real}\\n')\n"
+        "atexit.register(report)\n"
+        "launcher = sys.argv[1]\n"
+        "sys.argv = ['qemu-img', *sys.argv[2:]]\n"
+        "exec(compile(open(launcher).read(), launcher, 'exec'), {'__name__': '__main__'})\n"
+    )
+    out = tmp_path / "b.qcow2"
+    for args in (["check", str(path)], ["convert", "-O", "qcow2", str(path), str(out)]):
+        done = subprocess.run(
+            [sys.executable, "-c", script, launcher, *args], capture_output=True, text=True, env=env
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stderr.splitlines()[-1] == ("registered=True same=True real=collections.abc"), (
+            done.stderr
+        )
+    assert qemu_img("compare", path, out).returncode == 0

@@ -8,7 +8,6 @@ import errno
 import os
 from array import array
 from itertools import compress
-from collections.abc import Callable
 
 from .. import structs as S
 from ..cache import decode_be64, encode_be64
@@ -23,6 +22,10 @@ from .target import (
     _CheckState,
     _RefcountReadError,
 )
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 _MAX_REMEMBERED_REFCOUNTS = 1 << 16  # refcounts check_oflag_copied keeps at hand
 _COMPARE_STEP = 256  # clusters compared at once before looking at each

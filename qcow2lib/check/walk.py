@@ -10,8 +10,6 @@ import os
 import struct
 from array import array
 from bisect import bisect_right
-from collections import Counter
-from collections.abc import Callable, Iterator
 from itertools import chain, compress, islice, repeat
 from operator import add, itemgetter, mul, or_
 
@@ -41,6 +39,26 @@ from .target import (
     _CheckState,
     _Snapshot,
 )
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Hashable, Iterable, Iterator
+    from typing import TypeVar
+
+    _K = TypeVar("_K", bound=Hashable)
+
+    def _count_elements(counts: dict[_K, int], items: Iterable[_K]) -> None: ...
+
+else:  # (Counter's own counting loop, in C, without importing collections at start-up)
+    from _collections import _count_elements
+
+
+def _counts(items: Iterable[_K]) -> dict[_K, int]:
+    """How often each item occurs (collections.Counter's counts, as a plain dict)."""
+    counts: dict[_K, int] = {}
+    _count_elements(counts, items)
+    return counts
+
 
 _L2_BITMAP_ALL_ALLOC = 0xFFFFFFFF
 _first_of, _count_of = itemgetter(0), itemgetter(1)  # (of a run: first offset, count, tops)
@@ -230,7 +248,7 @@ class _Walk(_CheckState):
             for name, value in zip(_Result.__slots__, before)
             if getattr(res, name) != value
         ]
-        counts = Counter(clusters)
+        counts = _counts(clusters)
         return _Replay(
             self.out[mark:], counters, list(counts.items()), max(counts.values(), default=0)
         )
@@ -449,7 +467,7 @@ class _Walk(_CheckState):
             # (zero entries out before decoding: an entry is zero in either byte order)
             raw = array("Q", t.pread(l1_size * 8, l1_offset))
             entries = decode_be64(nonzero_entries(raw).tobytes())
-            counts = Counter(islice(entries, _MAX_COUNTED_L1_ENTRIES))
+            counts = _counts(islice(entries, _MAX_COUNTED_L1_ENTRIES))
             repeated = {entry for entry, count in counts.items() if count > 1}
             self._l1_entries = (key, t.writes, entries, repeated)
         replays: dict[int, _Replay] = {}
@@ -797,7 +815,7 @@ class _Walk(_CheckState):
         uses_of_run: dict[tuple[int, int], int] = {}
         for uses, tables in tables_used.items():
             # the runs (first host offset, clusters) of all of them, counted at C speed
-            found = Counter(
+            found = _counts(
                 chain.from_iterable(
                     map(_first_and_count, self._table_runs[table]) for table in tables
                 )
@@ -887,7 +905,7 @@ class _Walk(_CheckState):
             else (sn.l1_table_offset, sn.l1_size)
             for sn in t.snapshots
         ]
-        uses = Counter(filter(None, keys)) if shared else Counter()
+        uses = _counts(filter(None, keys)) if shared else {}
         self._sharing_tables, self._tables_deferred = shared, 0
         try:
             repeats = self._walk_snapshots(keys, uses)
@@ -897,12 +915,12 @@ class _Walk(_CheckState):
         return bool(repeats) or self._tables_deferred > 0
 
     def _walk_snapshots(
-        self, keys: list[tuple[int, int] | None], uses: Counter[tuple[int, int]]
-    ) -> Counter[tuple[int, int]]:
+        self, keys: list[tuple[int, int] | None], uses: dict[tuple[int, int], int]
+    ) -> dict[tuple[int, int], int]:
         """_check_snapshots' walk; returns how often each L1 table walked once was reused."""
         t = self.t
         recorded: dict[tuple[int, int], tuple[int, list[str], list[tuple[str, int]]]] = {}
-        repeats: Counter[tuple[int, int]] = Counter()
+        repeats: dict[tuple[int, int], int] = {}
         for sn, key in zip(t.snapshots, keys):
             if key is None:
                 self._report_bad_snapshot(sn)
@@ -911,9 +929,9 @@ class _Walk(_CheckState):
             if replay is not None and replay[0] == t.writes:
                 self.out.extend(replay[1])
                 self._add_counters(replay[2], 1)
-                repeats[key] += 1
+                repeats[key] = repeats.get(key, 0) + 1
                 continue
-            if uses[key] < 2:
+            if uses.get(key, 0) < 2:
                 self.check_l1(*key, False, False)
                 continue
             mark = len(self.out)

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 
 from qcow2lib.records import frozen_record
 from qcow2lib.sizes import INT64_MAX, SizeError, parse_number, parse_size
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 

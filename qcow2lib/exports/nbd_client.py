@@ -19,7 +19,6 @@ import socket
 import struct
 import threading
 import urllib.parse
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..chain import is_nbd_name
@@ -27,6 +26,10 @@ from ..blockdev import BlockDevice, Extent
 from ..errors import InvalidArgumentError, Qcow2IOError, ReadOnlyError
 from ..hostfile import DeviceFile, fill_zeros
 from . import nbd_protocol as P
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 __all__ = ["NBDAddress", "NBDClient", "is_nbd_name", "parse_nbd_name", "nbd_address_from_options"]
 

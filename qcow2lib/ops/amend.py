@@ -21,7 +21,6 @@ QEMU's error messages.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 
 from .. import structs as S
 from ..blockdev import BlockDevice
@@ -37,6 +36,10 @@ from ..sizes import c_hex, parse_number, parse_size
 from ..snapshot_table import pack_snapshot_table, read_snapshot_table
 from .refcount_width import change_refcount_width
 from .resize import resize
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 AMEND_OPTIONS = (
     "compat",

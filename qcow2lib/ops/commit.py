@@ -12,7 +12,6 @@ the images between it and the top are no longer consistent, so the top is kept.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
 
 from ..blockdev import BlockDevice
 from ..chain import (
@@ -33,6 +32,10 @@ from ..throttle import RateLimiter
 from . import chain_layer, extents_above
 from .empty import can_start_afresh, start_afresh
 from .resize import resize
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
 
 IO_BUF_SIZE = 2 << 20
 

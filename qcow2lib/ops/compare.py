@@ -13,12 +13,15 @@ zero is checked by reading that other side alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 from ..blockdev import BlockDevice, Extent
 from ..errors import Qcow2Error
 from ..hostfile import io_buffer
 from . import error_text, virtual_size
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 IO_BUF_SIZE = 2 << 20
 SECTOR = 512

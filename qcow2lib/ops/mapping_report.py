@@ -10,7 +10,6 @@ that want a (bounded) list; `map_json_text` and `map_human_text` render as qemu-
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 
 from ..blockdev import BlockDevice, Extent, merged_batches
 from ..cache import keep_freed_memory
@@ -18,6 +17,7 @@ from . import virtual_size
 
 TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
     from typing import Any
 
 _BOOL = ("false", "true")

@@ -12,7 +12,6 @@ name and format are rewritten. `new_backing` "" or None removes the backing file
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 from ..blockdev import BlockDevice
 from ..chain import open_image, probe_format
@@ -20,6 +19,10 @@ from ..drivers import KNOWN_DRIVERS
 from ..errors import CorruptImageError, InvalidArgumentError, Qcow2Error, Qcow2IOError
 from ..hostfile import fill_zeros, io_buffer
 from . import error_text, extents_above, full_backing_filename
+
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 IO_BUF_SIZE = 2 << 20
 SECTOR = 512

@@ -12,12 +12,15 @@ image as it stands to count those walks, so qimg's progress line is qemu-img's.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
 
 from .. import structs as S
 from ..errors import AmendError
 
-Status = Callable[[int, int], None]
+TYPE_CHECKING = False  # typing's, without importing typing (start-up time)
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    Status = Callable[[int, int], None]
 
 # Progress is reported at every old refcount table entry up to this many entries per walk
 # (8192 for a one-cluster table of 64 KiB clusters); larger tables report at a stride.
