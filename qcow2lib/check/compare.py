@@ -222,7 +222,7 @@ class _Compare(_CheckState):
         fast = words == 1 and not t.has_data_file and t.order >= 3 and t.cache_clean()
         if fast:  # (the walk just found the table's runs: no need to read it again)
             runs = self._known_plain_runs(self._l2_unusual_bits(), l2_offset)
-            if runs is not None and all(self._copied_run_ok(*run) for run in runs):
+            if runs is not None and self._copied_runs_ok(runs):
                 return True  # (every COPIED flag as it should be: nothing to report)
         data = t.pread(t.cs, l2_offset)
         if data == t.zero_cluster:
@@ -231,7 +231,7 @@ class _Compare(_CheckState):
         dirty = 0
         if fast:
             runs = self._plain_runs(data, self._l2_unusual_bits(), l2_offset)
-            if runs is not None and all(self._copied_run_ok(*run) for run in runs):
+            if runs is not None and self._copied_runs_ok(runs):
                 return True
         table = decode_be64(data)
         for j in compress(range(t.l2_entries), table[::words]):
@@ -271,37 +271,47 @@ class _Compare(_CheckState):
             res.corruptions_fixed += dirty
         return complete
 
-    def _copied_run_ok(self, first: int, count: int, flags: bytes) -> bool:
-        """Whether the L2 entries of `count` data clusters from host offset `first` on,
-        with these top bytes, have COPIED exactly where the refcount is 1, checked a
-        refcount block at a time (all of them with COPIED, or none); False when that is
-        not so or not sure, and the entry-by-entry check must run."""
+    def _copied_runs_ok(self, runs: list[tuple[int, int, bytes]]) -> bool:
+        """Whether the L2 entries of each run of data clusters (first host offset, count,
+        the entries' top bytes) have COPIED exactly where the refcount is 1, checked a
+        refcount block at a time (each run all with COPIED, or all without); False when
+        that is not so or not sure, and the entry-by-entry check must run. A fragmented
+        table's runs mostly share one refcount block: it is looked up once for them (in
+        the same order of use, so the block cache evicts as it would run by run)."""
         t = self.t
-        copied = flags[0] == 0x80
-        if flags.count(flags[0]) != count:
-            return False
-        cluster = first >> t.cluster_bits
-        stop = cluster + count
-        while cluster < stop:
-            index = cluster >> t.rb_bits
-            if index >= len(t.reftable):
+        cluster_bits, rb_bits, rb_mask = t.cluster_bits, t.rb_bits, t.rb_size - 1
+        index = -1  # the refcount block whose values are at hand
+        values: array | bytearray = bytearray()
+        one: array | bytearray = bytearray()
+        for first, count, flags in runs:
+            if flags.count(flags[0]) != count:
                 return False
-            block_offset = t.reftable[index] & S.REFT_OFFSET_MASK
-            if not block_offset or block_offset & (t.cs - 1):
-                return False  # (refcount 0, or a corruption the slow path reports)
-            block = t.refblock(index)
-            if block is None:
-                return False  # (not loaded: the slow path reads and reports it)
-            values = block.values
-            low = cluster & (t.rb_size - 1)
-            high = min(t.rb_size, low + stop - cluster)
-            if copied:
-                ones = (
-                    array(values.typecode, [1]) if isinstance(values, array) else bytearray(b"\1")
-                )
-                if values[low:high] != ones * (high - low):
+            copied = flags[0] == 0x80
+            cluster = first >> cluster_bits
+            stop = cluster + count
+            while cluster < stop:
+                if cluster >> rb_bits != index:
+                    index = cluster >> rb_bits
+                    if index >= len(t.reftable):
+                        return False
+                    block_offset = t.reftable[index] & S.REFT_OFFSET_MASK
+                    if not block_offset or block_offset & (t.cs - 1):
+                        return False  # (refcount 0, or a corruption the slow path reports)
+                    block = t.refblock(index)
+                    if block is None:
+                        return False  # (not loaded: the slow path reads and reports it)
+                    values = block.values
+                    one = (
+                        array(values.typecode, [1])
+                        if isinstance(values, array)
+                        else bytearray(b"\1")
+                    )
+                low = cluster & rb_mask
+                high = min(rb_mask + 1, low + stop - cluster)
+                if copied:
+                    if values[low:high] != one * (high - low):
+                        return False
+                elif 1 in values[low:high]:
                     return False
-            elif 1 in values[low:high]:
-                return False
-            cluster += high - low
+                cluster += high - low
         return True
