@@ -7,7 +7,6 @@ endless source in tests and benchmarks: null-co:// names one of 1 GiB.
 
 from __future__ import annotations
 
-
 from .blockdev import BlockDevice, Extent
 from .errors import InvalidArgumentError
 from .hostfile import fill_zeros

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-
 from qcow2lib.records import frozen_record
 from qcow2lib.sizes import INT64_MAX, SizeError, parse_number, parse_size
 

@@ -21,7 +21,6 @@ QEMU's error messages.
 
 from __future__ import annotations
 
-
 from .. import structs as S
 from ..blockdev import BlockDevice
 from ..errors import (

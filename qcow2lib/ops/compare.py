@@ -13,7 +13,6 @@ zero is checked by reading that other side alone.
 
 from __future__ import annotations
 
-
 from ..blockdev import BlockDevice, Extent
 from ..errors import Qcow2Error
 from ..hostfile import io_buffer

@@ -10,7 +10,6 @@ that want a (bounded) list; `map_json_text` and `map_human_text` render as qemu-
 
 from __future__ import annotations
 
-
 from ..blockdev import BlockDevice, Extent, merged_batches
 from ..cache import keep_freed_memory
 from . import virtual_size
