@@ -509,7 +509,6 @@ def test_the_qimg_command_loads_array_without_collections(tmp_path: Path) -> Non
             [sys.executable, "-c", script, launcher, *args], capture_output=True, text=True, env=env
         )
         assert done.returncode == 0, done.stderr
-        assert done.stderr.splitlines()[-1] == ("registered=True same=True real=collections.abc"), (
-            done.stderr
-        )
+        report = done.stderr.splitlines()[-1]
+        assert report == "registered=True same=True real=collections.abc", done.stderr
     assert qemu_img("compare", path, out).returncode == 0
