@@ -20,7 +20,7 @@ import qcow2lib
 from qcow2lib.errors import ImageLockedError, Qcow2Error
 from qcow2lib.ops import error_text, host_path
 
-from .filesystem import SERVER_PID_XATTR, DiskFilesystem, serve
+from .filesystem import DiskFilesystem, serve, server_pid
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 LIBFUSE_LOOP_ENDED = 8  # fuse_main's code when a signal (SIGINT, SIGTERM, SIGHUP) stops it
@@ -456,8 +456,8 @@ def _server_pid(mountpoint: str) -> int | None:
 
     def ask() -> None:
         try:
-            answer.append(int(os.getxattr(mountpoint, SERVER_PID_XATTR)))
-        except (OSError, ValueError):
+            answer.append(server_pid(mountpoint))
+        except OSError:
             answer.append(None)
 
     asking = threading.Thread(target=ask, daemon=True)

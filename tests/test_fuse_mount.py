@@ -820,3 +820,109 @@ def test_hostile_snapshot_table_is_refused(tmp_path: Path, mountpoints) -> None:
     assert result.stderr.startswith(f"python -m fuse_mount: Could not open '{image}': ")
     assert result.stderr.count("\n") == 1
     assert not is_mounted(mnt) and digest(image) == before
+
+
+def test_each_write_is_one_request(tmp_path: Path, mountpoints) -> None:
+    """The filesystem has no extended attributes, so the kernel learns that once and asks
+    nothing before a write (with a getxattr handler it asks for security.capability before
+    every one): 200 direct writes reach the server as about 200 reads of /dev/fuse."""
+    image = tmp_path / "img.qcow2"
+    qemu_create(image, "16M")
+    qemu_io(image, "write -P 0x11 0 16M")
+    mnt = mountpoints()
+    mount_ok(image, mnt, "--rw")
+    pid = server_pid(mnt)
+
+    def server_reads() -> int:
+        with open(f"/proc/{pid}/io") as io_counters:
+            return int(dict(line.split(": ") for line in io_counters)["syscr"])
+
+    block = b"\x22" * 4096
+    fd = os.open(mnt / "disk.raw", os.O_WRONLY | os.O_DIRECT)
+    try:
+        os.pwrite(fd, block, 0)  # (the first write: the kernel asks, learns, and stops)
+        before = server_reads()
+        for index in range(1, 201):
+            os.pwrite(fd, block, index * 65536)
+        requests = server_reads() - before
+    finally:
+        os.close(fd)
+    assert 200 <= requests < 260, requests
+    with pytest.raises(OSError) as raised:
+        os.getxattr(mnt / "disk.raw", "security.capability")
+    assert raised.value.errno == errno.EOPNOTSUPP
+    unmount_ok(mnt)
+    assert_clean(image)
+    expected = bytearray(b"\x11" * (16 << 20))
+    for index in range(201):
+        expected[index * 65536 : index * 65536 + 4096] = b"\x22" * 4096
+    qemu_img("convert", "-O", "raw", image, tmp_path / "check.raw")
+    assert (tmp_path / "check.raw").read_bytes() == expected
+
+
+SERVER_SCRIPT = """
+import json, sys, threading
+import qcow2lib
+from fuse_mount import filesystem
+
+counts = {}
+calls = threading.local()
+
+
+class Counting(filesystem.DiskFilesystem):
+    def read(self, path, size, offset, fi):
+        calls.count = getattr(calls, "count", 0) + 1
+        counts[threading.get_native_id()] = calls.count
+        return super().read(path, size, offset, fi)
+
+
+device = qcow2lib.open(sys.argv[1])
+filesystem.serve(Counting(device), sys.argv[2])
+device.close()
+print(json.dumps(counts))
+"""
+
+
+def test_server_threads_keep_their_state(tmp_path: Path, mountpoints) -> None:
+    """Each of libfuse's threads keeps its Python thread state from one request to the
+    next (per-thread buffers and decoders live on): a thread-local count of the reads a
+    thread served adds up to every read, where a state made afresh per request would
+    count each read as its thread's first."""
+    image = tmp_path / "img.qcow2"
+    qemu_create(image, "8M")
+    qemu_io(image, "write -P 0x33 0 8M")
+    mnt = mountpoints()
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVER_SCRIPT, str(image), str(mnt)],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: (mnt / "disk.raw").exists(), 30, "the mount")
+        block = memoryview(bytearray(4096))
+
+        def reader(first: int) -> None:
+            fd = os.open(mnt / "disk.raw", os.O_RDONLY | os.O_DIRECT)
+            try:
+                for index in range(first, 2048, 4):
+                    assert os.preadv(fd, [block], index * 4096) == 4096
+            finally:
+                os.close(fd)
+
+        readers = [threading.Thread(target=reader, args=(first,)) for first in range(4)]
+        for thread in readers:
+            thread.start()
+        for thread in readers:
+            thread.join(60)
+        assert subprocess.run(["fusermount3", "-u", str(mnt)]).returncode == 0
+        out, err = server.communicate(timeout=60)
+    finally:
+        if server.poll() is None:
+            force_unmount(mnt)
+            server.kill()
+    assert server.returncode == 0, err
+    counts = json.loads(out)
+    assert sum(counts.values()) >= 2048, counts
+    assert len(counts) <= 4 + 1, counts  # (libfuse's workers, at most max_threads)
