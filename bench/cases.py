@@ -832,6 +832,126 @@ def exports_case(fx: Fixtures) -> list[Row]:
     return rows
 
 
+# --- the FUSE mount, against qemu-storage-daemon's FUSE export ---------------------------
+
+
+def _mounted(path: Path) -> bool:
+    """Asked of /proc alone (a stat would wait on a server still starting)."""
+    target = os.fsencode(os.path.realpath(path))
+    with open("/proc/self/mountinfo", "rb") as mountinfo:
+        return any(line.split(b" ")[4] == target for line in mountinfo.read().splitlines())
+
+
+def mounted_sampler(
+    server_argv: list,
+    mountpoint: Path,
+    client: Callable[[], float],
+    before: Callable[[], None] | None = None,
+) -> Callable[[], Sample]:
+    """The seconds `client()` returns against a FUSE server started (untimed) on
+    `mountpoint`; the RSS is the server's, once SIGTERM has stopped it (and unmounted).
+    Each sample mounts afresh: the kernel's cache of the last mount's file is gone."""
+
+    def sample() -> Sample:
+        if before is not None:
+            before()
+        server = Launched(server_argv)
+        try:
+            deadline = time.monotonic() + 30
+            while not _mounted(mountpoint):
+                if server.proc.poll() is not None or time.monotonic() > deadline:
+                    raise BenchError(f"{server_argv[0]} did not mount {mountpoint}")
+                time.sleep(0.01)
+            seconds = client()
+        finally:
+            server.terminate()
+            _, rss, _ = server.wait(timeout=60, accept=(0, -signal.SIGTERM))
+        if _mounted(mountpoint):
+            raise BenchError(f"{mountpoint} is still mounted after its server stopped")
+        return Sample(seconds, rss)
+
+    return sample
+
+
+def mount_case(fx: Fixtures) -> list[Row]:
+    """`qimg mount` (a directory holding disk.raw) against qemu-storage-daemon exporting
+    the same image over FUSE (on a file): dd of the whole disk, and qemu-img bench's
+    direct 4 KiB requests, 8 in flight, reads and (on a fresh copy) writes in place."""
+    if QEMU_STORAGE_DAEMON is None:
+        return [
+            Row(
+                "FUSE mount",
+                lambda: Sample(0, 0),
+                None,
+                Target(),
+                missing="qemu-storage-daemon not installed (qemu-utils)",
+            )
+        ]
+    ours_dir = fx.dir / "mount-ours"
+    theirs_file = fx.dir / "mount-theirs.raw"
+    ours_dir.mkdir(exist_ok=True)
+    theirs_file.touch()
+    ours_disk = ours_dir / "disk.raw"
+
+    def servers(image: Path, writable: bool) -> tuple[list, list]:
+        ours = [*QIMG, "mount", "--foreground", *(["--rw"] if writable else []), image, ours_dir]
+        theirs = [
+            QEMU_STORAGE_DAEMON,
+            "--blockdev",
+            f"driver=file,node-name=file,filename={image}",
+            "--blockdev",
+            "driver=qcow2,node-name=disk,file=file",
+            "--export",
+            f"type=fuse,id=exp,node-name=disk,mountpoint={theirs_file},"
+            f"writable={'on' if writable else 'off'}",
+        ]
+        return ours, theirs
+
+    def dd(disk: Path) -> Callable[[], float]:
+        return lambda: run_child(["dd", f"if={disk}", "of=/dev/null", "bs=1M"])[0]
+
+    def bench(disk: Path, write: bool) -> Callable[[], float]:
+        argv = [
+            QEMU_IMG, "bench", "-f", "raw", "-t", "none", "-i", "threads", "-d", 8,
+            "-c", fx.config.io_count, "-s", "4k", "-S", 4096 * 7919,
+            *(["-w"] if write else []), disk,
+        ]  # fmt: skip
+
+        def client() -> float:
+            stdout = run_child(argv)[2]
+            return float(stdout.rsplit("Run completed in ", 1)[1].split()[0])
+
+        return client
+
+    rows = []
+    ours, theirs = servers(fx.full(), writable=False)
+    rows.append(
+        Row(
+            "FUSE mount: dd 1 MiB reads of the whole disk, full",
+            mounted_sampler(ours, ours_dir, dd(ours_disk)),
+            mounted_sampler(theirs, theirs_file, dd(theirs_file)),
+            Target(max_ratio=1.2),
+            "qemu-storage-daemon",
+        )
+    )
+    fresh = fx.dir / "mount-fresh.qcow2"
+    for write in (False, True):
+        image = fresh if write else fx.full()
+        ours, theirs = servers(image, writable=write)
+        before = (lambda: copy_sparse(fx.full(), fresh)) if write else None
+        verb = "writes" if write else "reads"
+        rows.append(
+            Row(
+                f"FUSE mount: qemu-img bench -d 8, 4k random direct {verb} x{fx.config.io_count}",
+                mounted_sampler(ours, ours_dir, bench(ours_disk, write), before),
+                mounted_sampler(theirs, theirs_file, bench(theirs_file, write), before),
+                Target(max_ratio=1.5),
+                "qemu-storage-daemon",
+            )
+        )
+    return rows
+
+
 # --- the guest's own view of a vhost-user-blk disk ---------------------------------------
 
 GUEST_DISK_MIB = 256  # the guest reads all of it, writes half of it (TCG is slow)
@@ -1002,5 +1122,6 @@ CASES = [
     Case("readwhy", "old bench vs user: buffer size, read/readinto, image", read_why_case),
     Case("open", "open an 8 TiB image", open_case),
     Case("exports", "NBD export: nbdcopy and qemu-img bench as clients", exports_case),
+    Case("mount", "the FUSE mount against qemu-storage-daemon's FUSE export", mount_case),
     Case("guest", "a Linux guest's I/O on the vhost-user-blk export", guest_case),
 ]

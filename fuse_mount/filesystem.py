@@ -340,20 +340,24 @@ class DiskFilesystem(mfusepy.Operations):
         return 0
 
     @_fuse_errors
-    def read(self, path: str, size: int, offset: int, fi) -> bytes:
+    def read(self, path: str, buffer: memoryview, offset: int, fi) -> int:  # type: ignore[override]
+        """Read into `buffer`, libfuse's reply buffer (see _Fuse.read): the bytes are made
+        where they are sent from, without a bytes object and a copy of it."""
         if fi.fh:
             with self._info_lock:
-                return self._info[fi.fh][offset : offset + size]
+                data = self._info[fi.fh][offset : offset + len(buffer)]
+            buffer[: len(data)] = data
+            return len(data)
         device = self._device(path)
-        size = max(0, min(size, device.size - offset))
-        return device.read(offset, size) if size else b""
+        size = max(0, min(len(buffer), device.size - offset))
+        return device.readinto(offset, buffer[:size]) if size else 0
 
     def _written(self, path: str, device: BlockDevice, offset: int, length: int) -> None:
         disk_offset = offset + (device.offset if isinstance(device, DiskSlice) else 0)
         self.partitions.written(disk_offset, length)
 
     @_fuse_errors
-    def write(self, path: str, data: bytes, offset: int, fi) -> int:
+    def write(self, path: str, data: memoryview, offset: int, fi) -> int:  # type: ignore[override]
         device = self._device(path)
         if device.read_only:
             raise mfusepy.FuseOSError(errno.EROFS)
@@ -474,12 +478,20 @@ class DiskFilesystem(mfusepy.Operations):
 
 # Set in each libfuse thread whose Python thread state is kept (see _Fuse._wrapper).
 _kept_state = threading.local()
+# A writable memoryview of C memory (libfuse's request and reply buffers), from CPython.
+_memory_view = ctypes.pythonapi.PyMemoryView_FromMemory
+_memory_view.restype = ctypes.py_object
+_memory_view.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)
+_PYBUF_WRITE = 0x200
 
 
 class _Fuse(mfusepy.FUSE):
     """mfusepy's FUSE with the libfuse 3 lseek callback, which mfusepy declares but does
-    not forward (SEEK_DATA/SEEK_HOLE, so sparse copies keep their holes), and with the
-    Python thread state of each of libfuse's threads kept between requests."""
+    not forward (SEEK_DATA/SEEK_HOLE, so sparse copies keep their holes); reads and writes
+    hand libfuse's buffers to the filesystem as memoryviews (mfusepy copies each request's
+    data into a bytes object, and each reply's out of one: dd of a whole disk in 1 MiB
+    reads, 1.23 -> 1.10 s a GiB); and the Python thread state of each of libfuse's threads
+    kept between requests."""
 
     def _wrapper(self, func, *args, **kwargs):
         """ctypes runs a callback on a thread Python did not start in a thread state made
@@ -491,6 +503,16 @@ class _Fuse(mfusepy.FUSE):
             ctypes.pythonapi.PyGILState_Ensure()
             _kept_state.kept = True
         return super()._wrapper(func, *args, **kwargs)
+
+    def read(self, path: bytes | None, buf, size: int, offset: int, fip) -> int:
+        name = None if path is None else path.decode(self.encoding, self.errors)
+        reply = _memory_view(buf, size, _PYBUF_WRITE)
+        return self.operations.read(name, reply, offset, fip.contents)
+
+    def write(self, path: bytes | None, buf, size: int, offset: int, fip) -> int:
+        name = None if path is None else path.decode(self.encoding, self.errors)
+        request = _memory_view(buf, size, _PYBUF_WRITE)
+        return self.operations.write(name, request, offset, fip.contents)
 
     def lseek(self, path: bytes | None, offset: int, whence: int, fip) -> int:
         name = None if path is None else path.decode(self.encoding, self.errors)

@@ -870,10 +870,10 @@ calls = threading.local()
 
 
 class Counting(filesystem.DiskFilesystem):
-    def read(self, path, size, offset, fi):
+    def read(self, path, buffer, offset, fi):
         calls.count = getattr(calls, "count", 0) + 1
         counts[threading.get_native_id()] = calls.count
-        return super().read(path, size, offset, fi)
+        return super().read(path, buffer, offset, fi)
 
 
 device = qcow2lib.open(sys.argv[1])
