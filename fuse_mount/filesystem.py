@@ -533,15 +533,15 @@ def server_pid(mountpoint: str) -> int:
 
 
 def serve(
-    filesystem: DiskFilesystem, mountpoint: str, *, allow_other: bool = False, max_threads: int = 4
+    filesystem: DiskFilesystem, mountpoint: str, *, allow_other: bool = False, max_threads: int = 2
 ) -> int:
     """Mount and serve until unmounted or signalled; libfuse's return code (0: unmounted,
     8: its loop ended, which a SIGINT/SIGTERM/SIGHUP does).
 
-    Requests run Python one at a time (the GIL), so threads beyond the few that wait on
-    the disk at once only hand the GIL to each other (4 KiB direct reads, 8 at a time,
-    20000 of them: 1.2-1.3 s with 2 to 4 threads, 2.3 s with 16; from a cold page cache
-    4 threads read as fast as 16 and a third faster than one)."""
+    Requests run their Python one at a time (the GIL): two threads let one request wait on
+    the disk while another is served; more only hand the GIL to each other (4 KiB direct
+    reads, 8 at a time, 20000 of them, medians of 7: 1.30 s with 2 threads, 1.64 with 4,
+    2.3 with 16; from a cold page cache 2 and 4 threads alike, a third faster than one)."""
     options = {
         "fsname": "qcow2lib",
         "subtype": "qcow2lib",
