@@ -704,30 +704,45 @@ def _wait_for_socket(path: Path, proc: subprocess.Popen, timeout: float = 30) ->
 
 def served_sampler(
     server_argv: list,
-    sock: Path,
+    ready: Callable[[subprocess.Popen], None],
     client: Callable[[], float],
     before: Callable[[], None] | None = None,
+    after: Callable[[], None] | None = None,
 ) -> Callable[[], Sample]:
-    """The seconds `client()` returns against a server started (untimed) for it on `sock`;
-    the RSS is the server's, once SIGTERM has stopped it. `before` runs (untimed) before
-    the server starts: the place to give it a fresh copy of its image."""
+    """The seconds `client()` returns against a server started (untimed) for it, once
+    `ready(proc)` has returned; the RSS is the server's, once SIGTERM has stopped it.
+    `before` runs (untimed) before the server starts (the place to give it a fresh copy of
+    its image), `after` once it has stopped (a check that it left nothing behind)."""
 
     def sample() -> Sample:
         if before is not None:
             before()
-        sock.unlink(missing_ok=True)
         server = Launched(server_argv)
         try:
-            _wait_for_socket(sock, server.proc)
+            ready(server.proc)
             seconds = client()
         finally:
             server.terminate()
-            # SIGTERM stops qimg and qemu-nbd with exit 0 (qcow2lib.exports.nbd.serve run
-            # bare keeps Python's default handler: killed by the signal).
-            _, rss, _ = server.wait(timeout=30, accept=(0, -signal.SIGTERM))
+            # SIGTERM stops qimg and the QEMU tools with exit 0 (qcow2lib.exports.nbd.serve
+            # run bare keeps Python's default handler: killed by the signal).
+            _, rss, _ = server.wait(timeout=60, accept=(0, -signal.SIGTERM))
+        if after is not None:
+            after()
         return Sample(seconds, rss)
 
     return sample
+
+
+def socket_sampler(
+    server_argv: list, sock: Path, client: Callable[[], float]
+) -> Callable[[], Sample]:
+    """served_sampler for a server listening on the unix socket `sock`."""
+    return served_sampler(
+        server_argv,
+        lambda proc: _wait_for_socket(sock, proc),
+        client,
+        before=lambda: sock.unlink(missing_ok=True),
+    )
 
 
 def nbdcopy_client(sock: Path) -> Callable[[], float]:
@@ -788,8 +803,8 @@ def exports_case(fx: Fixtures) -> list[Row]:
         rows.append(
             Row(
                 f"nbdcopy to null:, {label}",
-                served_sampler(ours, sock, nbdcopy_client(sock)),
-                served_sampler(theirs, sock, nbdcopy_client(sock)),
+                socket_sampler(ours, sock, nbdcopy_client(sock)),
+                socket_sampler(theirs, sock, nbdcopy_client(sock)),
                 Target(max_ratio=1.2),
                 "qemu-nbd",
             )
@@ -823,8 +838,8 @@ def exports_case(fx: Fixtures) -> list[Row]:
         rows.append(
             Row(
                 f"NBD qemu-img bench -d 16, {label}",
-                served_sampler(ours, sock, qemu_img_bench_client(sock, args)),
-                served_sampler(theirs, sock, qemu_img_bench_client(sock, args)),
+                socket_sampler(ours, sock, qemu_img_bench_client(sock, args)),
+                socket_sampler(theirs, sock, qemu_img_bench_client(sock, args)),
                 target,
                 "qemu-nbd",
             )
@@ -848,29 +863,21 @@ def mounted_sampler(
     client: Callable[[], float],
     before: Callable[[], None] | None = None,
 ) -> Callable[[], Sample]:
-    """The seconds `client()` returns against a FUSE server started (untimed) on
-    `mountpoint`; the RSS is the server's, once SIGTERM has stopped it (and unmounted).
-    Each sample mounts afresh: the kernel's cache of the last mount's file is gone."""
+    """served_sampler for a FUSE server mounting `mountpoint`. Each sample mounts afresh:
+    the kernel's cache of the last mount's file is gone."""
 
-    def sample() -> Sample:
-        if before is not None:
-            before()
-        server = Launched(server_argv)
-        try:
-            deadline = time.monotonic() + 30
-            while not _mounted(mountpoint):
-                if server.proc.poll() is not None or time.monotonic() > deadline:
-                    raise BenchError(f"{server_argv[0]} did not mount {mountpoint}")
-                time.sleep(0.01)
-            seconds = client()
-        finally:
-            server.terminate()
-            _, rss, _ = server.wait(timeout=60, accept=(0, -signal.SIGTERM))
+    def ready(proc: subprocess.Popen) -> None:
+        deadline = time.monotonic() + 30
+        while not _mounted(mountpoint):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"{server_argv[0]} did not mount {mountpoint}")
+            time.sleep(0.01)
+
+    def unmounted() -> None:
         if _mounted(mountpoint):
             raise BenchError(f"{mountpoint} is still mounted after its server stopped")
-        return Sample(seconds, rss)
 
-    return sample
+    return served_sampler(server_argv, ready, client, before, unmounted)
 
 
 def mount_case(fx: Fixtures) -> list[Row]:
