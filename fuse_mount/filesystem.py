@@ -44,7 +44,13 @@ FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x
 MAX_IO = 1 << 20  # the largest request libfuse 3 accepts (256 pages)
 # ioctl _IOR('q', 1, u64) on the mount's root: the serving process's pid
 SERVER_PID_IOCTL = (2 << 30) | (8 << 16) | (ord("q") << 8) | 1
-EXTENT_WINDOW = 1 << 30  # SEEK_DATA/SEEK_HOLE look at this much of the disk per query
+# SEEK_DATA/SEEK_HOLE look at the disk's extents this much at first, twice as far at each
+# next step, and at most EXTENT_WINDOW a step: the answer is usually near (the end of the
+# run cp just copied). cp's lseeks over a 100 GiB disk holding 1024 runs of data took 179
+# us each in-process with 1 GiB steps (4 MiB first: 92 us, 16 MiB: 73); through the
+# mount, 266-294 us each, a quarter of cp's time.
+FIRST_EXTENT_WINDOW = 16 << 20
+EXTENT_WINDOW = 1 << 30
 
 
 class DiskSlice(BlockDevice):
@@ -427,14 +433,15 @@ class DiskFilesystem(mfusepy.Operations):
         if offset < 0 or offset >= device.size:
             raise mfusepy.FuseOSError(errno.ENXIO)
         want_data = whence == SEEK_DATA
-        position = offset
+        position, window = offset, FIRST_EXTENT_WINDOW
         while position < device.size:
-            window = min(EXTENT_WINDOW, device.size - position)
-            for ext in device.extents(position, window):
+            span = min(window, device.size - position)
+            for ext in device.extents(position, span):
                 is_hole = ext.is_zero and not ext.is_data
                 if is_hole != want_data:
                     return max(ext.offset, offset)
-            position += window
+            position += span
+            window = min(2 * window, EXTENT_WINDOW)
         if want_data:
             raise mfusepy.FuseOSError(errno.ENXIO)
         return device.size

@@ -368,6 +368,34 @@ def test_sparse_copy_keeps_holes(tmp_path: Path, mountpoints) -> None:
     assert qemu_compare(image, copy, "qcow2", "raw") == 0
 
 
+def test_seek_across_many_windows(tmp_path: Path, mountpoints) -> None:
+    """SEEK_DATA/SEEK_HOLE look further at each step (16 MiB, then twice as far): a run
+    of data and a hole each spanning several steps, and the ends of the disk, answered
+    as the image's own map says."""
+    image = tmp_path / "img.qcow2"
+    qemu_create(image, "512M")
+    qemu_io(image, "write -P 0x01 2M 70M", "write -P 0x02 400M 64k", "write -P 0x03 511M 1M")
+    mnt = mountpoints()
+    mount_ok(image, mnt)
+    fd = os.open(mnt / "disk.raw", os.O_RDONLY)
+    try:
+        mib = 1 << 20
+        assert os.lseek(fd, 0, SEEK_HOLE) == 0
+        assert os.lseek(fd, 0, SEEK_DATA) == 2 * mib
+        assert os.lseek(fd, 2 * mib, SEEK_HOLE) == 72 * mib  # (data through 3 steps)
+        assert os.lseek(fd, 71 * mib + 7, SEEK_DATA) == 71 * mib + 7
+        assert os.lseek(fd, 72 * mib, SEEK_DATA) == 400 * mib  # (a hole through 5 steps)
+        assert os.lseek(fd, 400 * mib, SEEK_HOLE) == 400 * mib + (64 << 10)
+        assert os.lseek(fd, 401 * mib, SEEK_DATA) == 511 * mib
+        assert os.lseek(fd, 511 * mib + 1, SEEK_HOLE) == 512 * mib  # (the end)
+        with pytest.raises(OSError) as past_end:
+            os.lseek(fd, 512 * mib, SEEK_DATA)
+        assert past_end.value.errno == errno.ENXIO
+    finally:
+        os.close(fd)
+    unmount_ok(mnt)
+
+
 def _ext4_workload(tmp_path: Path, mountpoints, populate) -> None:
     """An ext4 made through disk.raw of an overlay, changed by `populate(disk_raw)`;
     the image must be clean, the backing file untouched and the filesystem whole."""
