@@ -882,8 +882,9 @@ def mounted_sampler(
 
 def mount_case(fx: Fixtures) -> list[Row]:
     """`qimg mount` (a directory holding disk.raw) against qemu-storage-daemon exporting
-    the same image over FUSE (on a file): dd of the whole disk, and qemu-img bench's
-    direct 4 KiB requests, 8 in flight, reads and (on a fresh copy) writes in place."""
+    the same image over FUSE (on a file): dd of the whole disk, cp --sparse=always of a
+    sparse one (its holes found by SEEK_DATA/SEEK_HOLE), and qemu-img bench's direct
+    4 KiB requests, 8 in flight, reads and (on a fresh copy) writes in place."""
     if QEMU_STORAGE_DAEMON is None:
         return [
             Row(
@@ -937,6 +938,26 @@ def mount_case(fx: Fixtures) -> list[Row]:
             "FUSE mount: dd 1 MiB reads of the whole disk, full",
             mounted_sampler(ours, ours_dir, dd(ours_disk)),
             mounted_sampler(theirs, theirs_file, dd(theirs_file)),
+            Target(max_ratio=1.2),
+            "qemu-storage-daemon",
+        )
+    )
+    copy = fx.dir / "mount-copy.raw"
+
+    def cp(disk: Path) -> Callable[[], float]:
+        def client() -> float:
+            seconds = run_child(["cp", "--sparse=always", disk, copy])[0]
+            copy.unlink()
+            return seconds
+
+        return client
+
+    ours, theirs = servers(fx.sparse100g(), writable=False)
+    rows.append(
+        Row(
+            "FUSE mount: cp --sparse=always of the disk, 100 GiB sparse, 1024 MiB data",
+            mounted_sampler(ours, ours_dir, cp(ours_disk)),
+            mounted_sampler(theirs, theirs_file, cp(theirs_file)),
             Target(max_ratio=1.2),
             "qemu-storage-daemon",
         )
