@@ -931,17 +931,6 @@ def mount_case(fx: Fixtures) -> list[Row]:
 
         return client
 
-    rows = []
-    ours, theirs = servers(fx.full(), writable=False)
-    rows.append(
-        Row(
-            "FUSE mount: dd 1 MiB reads of the whole disk, full",
-            mounted_sampler(ours, ours_dir, dd(ours_disk)),
-            mounted_sampler(theirs, theirs_file, dd(theirs_file)),
-            Target(max_ratio=1.2),
-            "qemu-storage-daemon",
-        )
-    )
     copy = fx.dir / "mount-copy.raw"
 
     def cp(disk: Path) -> Callable[[], float]:
@@ -952,32 +941,42 @@ def mount_case(fx: Fixtures) -> list[Row]:
 
         return client
 
-    ours, theirs = servers(fx.sparse100g(), writable=False)
-    rows.append(
-        Row(
-            "FUSE mount: cp --sparse=always of the disk, 100 GiB sparse, 1024 MiB data",
-            mounted_sampler(ours, ours_dir, cp(ours_disk)),
-            mounted_sampler(theirs, theirs_file, cp(theirs_file)),
-            Target(max_ratio=1.2),
+    def row(label: str, image: Path, client, target: Target, before=None) -> Row:
+        """Both sides' samplers of one job: the mount read-write when `before` gives the
+        image a fresh copy."""
+        ours, theirs = servers(image, writable=before is not None)
+        return Row(
+            f"FUSE mount: {label}",
+            mounted_sampler(ours, ours_dir, client(ours_disk), before),
+            mounted_sampler(theirs, theirs_file, client(theirs_file), before),
+            target,
             "qemu-storage-daemon",
         )
-    )
+
     fresh = fx.dir / "mount-fresh.qcow2"
-    for write in (False, True):
-        image = fresh if write else fx.full()
-        ours, theirs = servers(image, writable=write)
-        before = (lambda: copy_sparse(fx.full(), fresh)) if write else None
-        verb = "writes" if write else "reads"
-        rows.append(
-            Row(
-                f"FUSE mount: qemu-img bench -d 8, 4k random direct {verb} x{fx.config.io_count}",
-                mounted_sampler(ours, ours_dir, bench(ours_disk, write), before),
-                mounted_sampler(theirs, theirs_file, bench(theirs_file, write), before),
-                Target(max_ratio=1.5),
-                "qemu-storage-daemon",
-            )
-        )
-    return rows
+    count = fx.config.io_count
+    return [
+        row("dd 1 MiB reads of the whole disk, full", fx.full(), dd, Target(max_ratio=1.2)),
+        row(
+            f"cp --sparse=always of the disk, 100 GiB sparse, {fx.config.size // MIB} MiB data",
+            fx.sparse100g(),
+            cp,
+            Target(max_ratio=1.2),
+        ),
+        row(
+            f"qemu-img bench -d 8, 4k random direct reads x{count}",
+            fx.full(),
+            lambda disk: bench(disk, write=False),
+            Target(max_ratio=1.5),
+        ),
+        row(
+            f"qemu-img bench -d 8, 4k random direct writes x{count}",
+            fresh,
+            lambda disk: bench(disk, write=True),
+            Target(max_ratio=1.5),
+            before=lambda: copy_sparse(fx.full(), fresh),
+        ),
+    ]
 
 
 # --- the guest's own view of a vhost-user-blk disk ---------------------------------------
