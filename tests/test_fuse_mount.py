@@ -396,6 +396,27 @@ def test_seek_across_many_windows(tmp_path: Path, mountpoints) -> None:
     unmount_ok(mnt)
 
 
+def test_seek_sees_writes_on_a_writable_mount(tmp_path: Path, mountpoints) -> None:
+    """A read-only disk's last SEEK window is kept for the next query; a writable one's is
+    not: data written into a hole is found by the next SEEK_DATA."""
+    image = tmp_path / "img.qcow2"
+    qemu_create(image, "64M")
+    qemu_io(image, "write -P 0x01 8M 1M")
+    mnt = mountpoints()
+    mount_ok(image, mnt, "--rw")
+    fd = os.open(mnt / "disk.raw", os.O_RDWR)
+    try:
+        assert os.lseek(fd, 0, SEEK_DATA) == 8 << 20
+        assert os.lseek(fd, 1 << 20, SEEK_HOLE) == 1 << 20
+        os.pwrite(fd, b"\x02" * 65536, 2 << 20)
+        assert os.lseek(fd, 0, SEEK_DATA) == 2 << 20
+        assert os.lseek(fd, 2 << 20, SEEK_HOLE) == (2 << 20) + 65536
+    finally:
+        os.close(fd)
+    unmount_ok(mnt)
+    assert_clean(image)
+
+
 def _ext4_workload(tmp_path: Path, mountpoints, populate) -> None:
     """An ext4 made through disk.raw of an overlay, changed by `populate(disk_raw)`;
     the image must be clean, the backing file untouched and the filesystem whole."""
