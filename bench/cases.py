@@ -847,6 +847,19 @@ def exports_case(fx: Fixtures) -> list[Row]:
     return rows
 
 
+def storage_daemon(image: Path, export: str) -> list:
+    """qemu-storage-daemon serving the qcow2 `image` as node "disk" through `export`."""
+    return [
+        QEMU_STORAGE_DAEMON,
+        "--blockdev",
+        f"driver=file,node-name=file,filename={image}",
+        "--blockdev",
+        "driver=qcow2,node-name=disk,file=file",
+        "--export",
+        export,
+    ]
+
+
 # --- the FUSE mount, against qemu-storage-daemon's FUSE export ---------------------------
 
 
@@ -903,16 +916,11 @@ def mount_case(fx: Fixtures) -> list[Row]:
 
     def servers(image: Path, writable: bool) -> tuple[list, list]:
         ours = [*QIMG, "mount", "--foreground", *(["--rw"] if writable else []), image, ours_dir]
-        theirs = [
-            QEMU_STORAGE_DAEMON,
-            "--blockdev",
-            f"driver=file,node-name=file,filename={image}",
-            "--blockdev",
-            "driver=qcow2,node-name=disk,file=file",
-            "--export",
+        theirs = storage_daemon(
+            image,
             f"type=fuse,id=exp,node-name=disk,mountpoint={theirs_file},"
             f"writable={'on' if writable else 'off'}",
-        ]
+        )
         return ours, theirs
 
     def dd(disk: Path) -> Callable[[], float]:
@@ -1051,16 +1059,11 @@ class GuestRuns:
     def server(self, side: str, image: Path, sock: Path) -> list:
         if side == "ours":
             return [*QIMG, "vhost-user-blk", "--socket", sock, image]
-        return [
-            QEMU_STORAGE_DAEMON,
-            "--blockdev",
-            f"driver=file,node-name=file,filename={image}",
-            "--blockdev",
-            "driver=qcow2,node-name=disk,file=file",
-            "--export",
+        return storage_daemon(
+            image,
             "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,"
             f"addr.path={sock},writable=on",
-        ]
+        )
 
     def boot(self, side: str) -> None:
         image = self.fx.dir / f"guest-{side}.qcow2"

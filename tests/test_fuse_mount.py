@@ -46,6 +46,15 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def run_threads(work, count: int, timeout: float) -> None:
+    """work(0) ... work(count - 1), each in a thread of its own, all at once."""
+    threads = [threading.Thread(target=work, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+
+
 def mount_ok(image: Path, mountpoint: Path, *options: str) -> None:
     result = fuse_mount(image, mountpoint, *options)
     assert result.returncode == 0, result.stderr
@@ -802,11 +811,7 @@ def test_parallel_readers_and_writers(tmp_path: Path, mountpoints) -> None:
         except BaseException as exc:  # noqa: B902 (reported by the main thread)
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(index,)) for index in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    run_threads(worker, 6, 120)
     assert not errors, errors
     unmount_ok(mnt)
     assert_clean(image)
@@ -960,11 +965,7 @@ def test_server_threads_keep_their_state(tmp_path: Path, mountpoints) -> None:
             finally:
                 os.close(fd)
 
-        readers = [threading.Thread(target=reader, args=(first,)) for first in range(4)]
-        for thread in readers:
-            thread.start()
-        for thread in readers:
-            thread.join(60)
+        run_threads(reader, 4, 60)
         assert subprocess.run(["fusermount3", "-u", str(mnt)]).returncode == 0
         out, err = server.communicate(timeout=60)
     finally:
