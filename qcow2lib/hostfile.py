@@ -105,6 +105,99 @@ def _held_read():
     return _held_read_call[0]
 
 
+_HELD_WRITE_MAX = 64 << 10  # the largest write that may keep the GIL
+_PAGE_SIZE = os.sysconf("SC_PAGESIZE") if hasattr(os, "sysconf") else 4096
+_held_write_call: list = []  # [writer, vectored writer], or [None]: filled on first use
+_dirty_allowance_value: list = []  # [bytes], filled on first use
+_probe_byte = memoryview(bytearray(1))  # (where a page's cache probe reads to: unread)
+
+
+def _held_write():
+    """Writes that keep the GIL: (write(fd, data, offset), writev(fd, views, offset)) ->
+    bytes written or -errno, or None where the system has no pwritev. `data` is bytes or a
+    writable byte view, `views` writable byte views (a read-only one has no address
+    ctypes can take).
+
+    os.pwrite lets the GIL go for the call, and with other threads waiting a write into
+    the page cache costs less than the hand-over (20000 writes of 4 KiB in place from 8
+    threads: 0.69-0.82 s, where one thread takes 0.22-0.26). HostFile keeps it only for
+    writes that do not wait for the disk (see HostFile._write_keeps_gil). Loaded on
+    first use.
+    """
+    if not _held_write_call:
+        import _ctypes
+
+        pwrite = _libc_function("pwrite", "l", None, keep_gil=True)
+        pwritev = _libc_function("pwritev", "l", None, keep_gil=True)
+        if pwrite is None or pwritev is None:
+            _held_write_call.append(None)
+            return None
+        int64, size, pointer = _c_type("q"), _c_type("L"), _c_type("P")
+        address = _ctypes.addressof
+        from_buffer = _c_type("c").from_buffer
+        iovec = struct.Struct("PN").pack
+        get_errno = _ctypes.get_errno
+
+        def write(fd: int, data, offset: int) -> int:
+            if not 0 <= offset < _OFFSET_END:  # (ctypes would wrap it round)
+                return -errno.EOVERFLOW
+            where = data if type(data) is bytes else pointer(address(from_buffer(data)))
+            done = pwrite(fd, where, size(len(data)), int64(offset))
+            return done if done >= 0 else -get_errno()
+
+        def writev(fd: int, views: list, offset: int) -> int:
+            if not 0 <= offset < _OFFSET_END:
+                return -errno.EOVERFLOW
+            vector = b"".join([iovec(address(from_buffer(view)), len(view)) for view in views])
+            done = pwritev(fd, vector, len(views), int64(offset))
+            return done if done >= 0 else -get_errno()
+
+        _held_write_call.append((write, writev))
+    return _held_write_call[0]
+
+
+def _addressable(view: memoryview):
+    """What a held write can take `view`'s bytes from: the bytes object it shows whole,
+    or the view itself if writable; None otherwise (a part of a read-only buffer)."""
+    if not view.readonly:
+        return view
+    whole = view.obj
+    return whole if type(whole) is bytes and len(whole) == view.nbytes else None
+
+
+def _writable_bytes(buffer) -> bool:
+    """Whether ctypes can take the address of `buffer`'s bytes (a writable, non-empty one)."""
+    view = memoryview(buffer)
+    return not view.readonly and view.nbytes > 0
+
+
+def _dirty_allowance() -> int:
+    """How many bytes a file may have written since its last flush and still have its
+    small writes keep the GIL (see dirty_allowance). Read on first use."""
+    if not _dirty_allowance_value:
+        _dirty_allowance_value.append(dirty_allowance("/proc"))
+    return _dirty_allowance_value[0]
+
+
+def dirty_allowance(proc: str) -> int:
+    """A quarter of the kernel's background writeback threshold (dirty_background_bytes,
+    or dirty_background_ratio percent of the available memory), as the /proc at `proc`
+    gives them: well below where the kernel makes writers wait (half-way between that
+    threshold and dirty_ratio's). 0 (no write keeps the GIL) where they cannot be read."""
+    try:
+        with open(f"{proc}/sys/vm/dirty_background_bytes", "rb") as source:
+            threshold = int(source.read())
+        if not threshold:
+            with open(f"{proc}/sys/vm/dirty_background_ratio", "rb") as source:
+                ratio = int(source.read())
+            with open(f"{proc}/meminfo", "rb") as source:
+                fields = dict(line.split(b":", 1) for line in source.read().splitlines())
+            threshold = int(fields[b"MemAvailable"].split()[0]) * 1024 * ratio // 100
+    except (OSError, ValueError, KeyError, IndexError):
+        threshold = 0
+    return max(threshold, 0) // 4
+
+
 # QEMU's image locking: byte 100+i is held by whoever uses permission i, byte 200+i by
 # whoever does not let others have it (open file description locks, so they work across
 # processes and between threads of one process alike).
@@ -301,6 +394,9 @@ class HostFile:
         # object, as copy_file_range does, sets it): a flush with nothing to make durable
         # is skipped, as QEMU's block layer skips it (write_gen == flushed_gen).
         self.unflushed = True
+        # Bytes written through pwrite and pwritev since the last flush began (an upper
+        # bound of what they left dirty in the page cache: see _write_keeps_gil).
+        self.written_since_flush = 0
 
     def _fail(self, exc: OSError | OverflowError, what: str) -> Qcow2IOError:
         if isinstance(exc, OverflowError):  # an offset or length no file can have
@@ -459,9 +555,40 @@ class HostFile:
                 self.nowait_reads = False  # this file (or kernel) does not take the flag
             return False
 
+    def _write_keeps_gil(self, offset: int, length: int) -> bool:
+        """Whether a small write of [offset, offset + length), with other threads about,
+        is made keeping the GIL: only when it cannot wait for the disk in any usual way.
+        Each page it writes only part of is in the page cache (a cached-only read of one
+        byte of it succeeds), so no page is read in; and the bytes this file has written
+        since its last flush stay below _dirty_allowance, so the kernel has no reason to
+        make the writer wait for writeback. (A page written whole is not read.)"""
+        if self.written_since_flush + length > _dirty_allowance():
+            return False
+        end = offset + length
+        first_page = offset - offset % _PAGE_SIZE
+        last_page = (end - 1) - (end - 1) % _PAGE_SIZE
+        if (offset != first_page or end < first_page + _PAGE_SIZE) and not self._page_cached(
+            first_page
+        ):
+            return False
+        return last_page == first_page or not end % _PAGE_SIZE or self._page_cached(last_page)
+
+    def _page_cached(self, page_offset: int) -> bool:
+        if not self.nowait_reads:
+            return False
+        held_read = _held_read()
+        return held_read is not None and held_read(self.fd, _probe_byte, page_offset) == 1
+
     def pwrite(self, data, offset: int) -> None:
         view = memoryview(data).cast("B")
         done = 0
+        if 0 < len(view) <= _HELD_WRITE_MAX and _other_threads():
+            source = _addressable(view)
+            if source is not None and self._write_keeps_gil(offset, len(view)):
+                held = _held_write()
+                if held is not None:  # (an error: the loop below tries again and reports it)
+                    done = max(held[0](self.fd, source, offset), 0)
+        self.written_since_flush += len(view)
         try:
             while done < len(view):
                 try:
@@ -482,6 +609,26 @@ class HostFile:
             self.unflushed = True
 
     def _pwritev(self, buffers: list, offset: int, length: int | None) -> None:
+        if length is not None:
+            if (
+                0 < length <= _HELD_WRITE_MAX
+                and len(buffers) <= _IOV_MAX
+                and _other_threads()
+                and all(map(_writable_bytes, buffers))
+                and self._write_keeps_gil(offset, length)
+            ):
+                held = _held_write()
+                done = held[1](self.fd, buffers, offset) if held is not None else -1
+                if done == length:
+                    self.written_since_flush += length
+                    return
+                if done > 0:  # (a short write: the rest the usual way)
+                    self.written_since_flush += done
+                    buffers = list(buffers)
+                    _drop_front(buffers, done)
+                    offset += done
+                    length -= done
+            self.written_since_flush += length
         if length is not None and len(buffers) <= _IOV_MAX:
             try:
                 n = os.pwritev(self.fd, buffers, offset)
@@ -493,6 +640,8 @@ class HostFile:
             _drop_front(buffers, n)  # (a short write: the rest the usual way)
             offset += n
         views = [memoryview(b).cast("B") for b in buffers]
+        if length is None:
+            self.written_since_flush += sum(map(len, views))
         while views:
             batch = views[:_IOV_MAX]
             views = views[_IOV_MAX:]
@@ -518,6 +667,7 @@ class HostFile:
         if self.no_flush or not self.unflushed:
             return
         self.unflushed = False
+        self.written_since_flush = 0
         try:
             os.fdatasync(self.fd)
         except (OSError, OverflowError) as exc:
