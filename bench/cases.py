@@ -844,6 +844,29 @@ def exports_case(fx: Fixtures) -> list[Row]:
                 "qemu-nbd",
             )
         )
+    # The same writes on a fresh empty image (a copy made before each sample): each
+    # allocates a cluster, as a guest's writes to a new disk do.
+    fresh = fx.dir / "nbd-fresh.qcow2"
+    empty = fx.empty()
+    args = ["-c", count, "-d", 16, "-s", "4k", "-S", step, "-w"]
+    rows.append(
+        Row(
+            f"NBD qemu-img bench -d 16, 4k random writes x{count}, unallocated",
+            socket_sampler(
+                [*QIMG, "nbd", "-k", sock, "-t", "-f", "qcow2", fresh],
+                sock,
+                qemu_img_bench_client(sock, args),
+            ),
+            socket_sampler(
+                [QEMU_NBD, "-k", sock, "-t", "-f", "qcow2", fresh],
+                sock,
+                qemu_img_bench_client(sock, args),
+            ),
+            Target(max_ratio=1.5),
+            "qemu-nbd",
+            prepare=lambda _side: copy_sparse(empty, fresh),
+        )
+    )
     return rows
 
 
