@@ -610,25 +610,24 @@ class HostFile:
 
     def _pwritev(self, buffers: list, offset: int, length: int | None) -> None:
         if length is not None:
-            if (
+            keeps_gil = (
                 0 < length <= _HELD_WRITE_MAX
                 and len(buffers) <= _IOV_MAX
                 and _other_threads()
                 and all(map(_writable_bytes, buffers))
                 and self._write_keeps_gil(offset, length)
-            ):
-                held = _held_write()
-                done = held[1](self.fd, buffers, offset) if held is not None else -1
+            )
+            self.written_since_flush += length
+            held = _held_write() if keeps_gil else None
+            if held is not None:
+                done = held[1](self.fd, buffers, offset)
                 if done == length:
-                    self.written_since_flush += length
                     return
                 if done > 0:  # (a short write: the rest the usual way)
-                    self.written_since_flush += done
                     buffers = list(buffers)
                     _drop_front(buffers, done)
                     offset += done
                     length -= done
-            self.written_since_flush += length
         if length is not None and len(buffers) <= _IOV_MAX:
             try:
                 n = os.pwritev(self.fd, buffers, offset)
