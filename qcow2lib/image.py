@@ -1595,6 +1595,8 @@ class Qcow2Image(BlockDevice):
             table = self.map.l2_table(l1_index) if l1_index < len(self.map.l1) else None
             if table is None:
                 yield first, stop - first, True
+            elif stop - first == 1:  # (a write inside one cluster: its entry alone)
+                yield first, 1, not table[first - l1_index * entries]
             else:
                 from .runs import nonzero_positions  # (loaded with the map already)
 
