@@ -439,25 +439,33 @@ def test_rebase_onto_prefix_of_chain_skips_untouched(tmp_path, chain3):
     assert first["start"] == 0 and first["depth"] == 1
 
 
-def _naive_differing_runs(old: bytes, new: bytes) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
+def _naive_differing_runs(old: bytes, new: bytes, offset: int, unit: int):
+    """The runs of allocation units (from multiples of `unit` in the guest, clipped to the
+    buffers) holding a differing sector, as QEMU's sector-by-sector writes allocate them."""
+    touched: list[int] = []  # the first guest offset of each unit with a differing sector
     for sector in range(0, len(old), 512):
         end = min(len(old), sector + 512)
         if old[sector:end] != new[sector:end]:
-            if runs and runs[-1][1] == sector:
-                runs[-1] = (runs[-1][0], end)
-            else:
-                runs.append((sector, end))
+            start = (offset + sector) // unit * unit
+            if not touched or touched[-1] != start:
+                touched.append(start)
+    runs: list[tuple[int, int]] = []
+    for start in touched:
+        piece = (max(start - offset, 0), min(start + unit - offset, len(old)))
+        if runs and runs[-1][1] == piece[0]:
+            runs[-1] = (runs[-1][0], piece[1])
+        else:
+            runs.append(piece)
     return runs
 
 
-# Stretches of one byte value, zero most often, of lengths around a sector's: a zero
-# sector found only after a shorter zero stretch, a sector non-zero in its last byte alone.
+# Stretches of one byte value, zero most often, of lengths around a sector's and a
+# subcluster's: units that differ in their last byte alone, or in one sector of many.
 _PIECE = st.tuples(
     st.sampled_from([b"\0", b"\0", b"\x01", b"\x02"]),
     st.one_of(
         st.integers(1, 1100),
-        st.sampled_from([1, 300, 511, 512, 513, 600, 1023, 1024, 32767, 32768, 40000]),
+        st.sampled_from([1, 300, 511, 512, 513, 600, 1023, 1024, 2048, 32767, 32768, 40000]),
     ),
 )
 
@@ -467,18 +475,20 @@ _PIECE = st.tuples(
     pieces=st.lists(_PIECE, min_size=1, max_size=16),
     changes=st.lists(st.tuples(st.integers(0, 70000), st.integers(1, 1200)), max_size=4),
     zero_side=st.sampled_from(["old", "new", None]),
+    unit=st.sampled_from([512, 2048, 65536]),
+    offset=st.sampled_from([0, 512, 65536 * 3, 65536 + 1536]),
 )
-def test_rebase_finds_the_differing_sectors_qemu_does(pieces, changes, zero_side):
-    """rebase's run finder against a sector-by-sector comparison: buffers of zero and
-    non-zero stretches of any length (a partial last sector too), one side all zeros or
-    both with data."""
+def test_rebase_finds_the_units_qemu_writes(pieces, changes, zero_side, unit, offset):
+    """rebase's run finder against a sector-by-sector comparison widened to the units it
+    touches: buffers of zero and non-zero stretches of any length (a partial last sector
+    too), one side all zeros or both with data, ranges starting inside a unit."""
     from qcow2lib.ops.rebase import _Buffers, _differing_runs
 
     buffers = _Buffers()
     data = b"".join(pattern * count for pattern, count in pieces)[: len(buffers.old)]
     other = bytearray(data)
-    for offset, length in changes:
-        other[offset : offset + length] = b"\x05" * len(other[offset : offset + length])
+    for at, length in changes:
+        other[at : at + length] = b"\x05" * len(other[at : at + length])
     if zero_side == "old":
         data = bytes(len(data))
     elif zero_side == "new":
@@ -486,50 +496,50 @@ def test_rebase_finds_the_differing_sectors_qemu_does(pieces, changes, zero_side
     n = len(data)
     buffers.old[:n], buffers.new[:n] = data, other
     buffers.old[n : n + 3] = b"\x09\x09\x09"  # (bytes past n are not looked at)
-    assert _differing_runs(buffers, n) == _naive_differing_runs(bytes(data), bytes(other))
+    found = _differing_runs(buffers.old, memoryview(buffers.new), offset, n, unit)
+    assert found == _naive_differing_runs(bytes(data), bytes(other), offset, unit)
 
 
 def _one_byte_at(size: int, *offsets: int) -> bytes:
     data = bytearray(size)
-    for offset in offsets:
-        data[offset] = 7
+    for at in offsets:
+        data[at] = 7
     return bytes(data)
 
 
 @pytest.mark.parametrize(
-    "old, new",
+    "old, new, offset, unit",
     [
-        # a difference in the last byte of a 32 KiB block alone, both sides with data
-        (b"\x01" * 70000, b"\x01" * 32767 + b"\x02" + b"\x01" * 37232),
-        # a zero block but for its last byte, after a non-zero sector
-        (_one_byte_at(70000, 0, 512 + 32767), bytes(70000)),
-        # a sector non-zero in its last byte alone
-        (_one_byte_at(4096, 0, 2047), bytes(4096)),
-        # zeros from 300 to 900, then a zero sector at 1024 (found by a second search)
-        (_one_byte_at(2048, 0, 900), bytes(2048)),
-        # a partial last sector, zero and not
-        (_one_byte_at(1500, 0), bytes(1500)),
-        (_one_byte_at(1500, 1499), bytes(1500)),
-        (_one_byte_at(1500, 0, 1023), bytes(1500)),  # (found only by the check of the tail)
+        # a difference in the last byte of a unit alone, both sides with data
+        (b"\x01" * 70000, b"\x01" * 65535 + b"\x02" + b"\x01" * 4464, 0, 65536),
+        # the same byte when the range starts inside a unit: the next unit's first byte
+        (b"\x01" * 70000, b"\x01" * 65535 + b"\x02" + b"\x01" * 4464, 512, 65536),
+        # a range inside one unit: the run is the range
+        (_one_byte_at(4096, 2047), bytes(4096), 1024, 65536),
+        # a partial last sector, differing and not
+        (_one_byte_at(1500, 1499), bytes(1500), 0, 512),
+        (_one_byte_at(1500, 0), bytes(1500), 0, 512),
+        # units on both sides of an equal one
+        (_one_byte_at(6144, 0, 4096), bytes(6144), 0, 2048),
     ],
     ids=[
-        "block's last byte",
-        "zero block's last byte",
-        "sector's last byte",
-        "second search",
-        "zero partial sector",
+        "unit's last byte",
+        "unit's last byte, range inside a unit",
+        "range inside one unit",
         "non-zero partial sector",
-        "zero partial sector alone",
+        "zero partial sector",
+        "two runs",
     ],
 )
-def test_rebase_differing_sectors_at_the_edges(old, new):
+def test_rebase_differing_units_at_the_edges(old, new, offset, unit):
     from qcow2lib.ops.rebase import _Buffers, _differing_runs
 
     n = len(old)
     for first, second in ((old, new), (new, old)):
         buffers = _Buffers()
         buffers.old[:n], buffers.new[:n] = first, second
-        assert _differing_runs(buffers, n) == _naive_differing_runs(first, second)
+        found = _differing_runs(buffers.old, memoryview(buffers.new), offset, n, unit)
+        assert found == _naive_differing_runs(first, second, offset, unit)
 
 
 def test_rebase_unsafe_and_errors(tmp_path, chain3):

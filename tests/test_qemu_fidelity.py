@@ -94,6 +94,49 @@ def test_rebase_within_the_chain_zeroes_what_lay_past_the_old_backing_file(tmp_p
     run_both_keeping_the_view(tmp_path, ours, theirs, rebase, "t.qcow2", before)
 
 
+@pytest.mark.parametrize(
+    "options", ["cluster_size=4096", "extended_l2=on", "cluster_size=512"], ids=str
+)
+def test_rebase_allocates_the_units_qemu_does(tmp_path, options):
+    """Old and new backing files differing in a few sectors here and there, some inside
+    a (sub)cluster, some across the end of one, where the old chain has data, written
+    zeros or a hole, and around what the overlay holds itself: qimg's rebase allocates
+    the clusters (or subclusters) qemu-img's does, with the same content."""
+
+    def setup(d: Path) -> None:
+        for name in ("old.qcow2", "new.qcow2"):
+            qemu_img("create", "-q", "-f", "qcow2", d / name, "1M")
+        qemu_img(
+            "create", "-q", "-f", "qcow2", "-o", options, "-b", "old.qcow2", "-F", "qcow2",
+            d / "t.qcow2", "1M",
+        )  # fmt: skip
+        qemu_io(
+            d / "old.qcow2",
+            "write -P 0x11 0 24k",
+            "write -z 40k 8k",
+            "write -P 0 64k 16k",
+            "write -P 0x12 300k 100k",
+        )
+        qemu_io(
+            d / "new.qcow2",
+            "write -P 0x11 0 24k",
+            "write -P 0x5a 1k 1k",
+            "write -P 0x5a 20k 1k",
+            "write -P 0x5a 42k 4k",
+            "write -P 0x5a 70k 3k",
+            "write -P 0x12 300k 100k",
+            "write -P 0x5a 319k 2k",
+            "write -P 0x5a 511k 2k",
+            "write -P 0x5a 600k 512",
+        )
+        qemu_io(d / "t.qcow2", "write -P 0x77 4k 2k", "write -P 0x77 320k 1k")
+
+    ours, theirs = twin(tmp_path, setup)
+    before = to_raw(ours / "t.qcow2", tmp_path / "before.raw")
+    rebase = ("rebase", "-b", "new.qcow2", "-F", "qcow2", "t.qcow2")
+    run_both_keeping_the_view(tmp_path, ours, theirs, rebase, "t.qcow2", before)
+
+
 def test_commit_past_a_shorter_middle_layer_zeroes_the_base(tmp_path):
     """iotest 274: top (2M) -> mid (1M) -> base (2M of data). Past mid's end the chain
     read zeros, so `commit -b base top` writes zeros there; a range no layer above the base

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 IO_BUF_SIZE = 2 << 20
-SECTOR = 512
 _ZEROS_VIEW = memoryview(bytes(IO_BUF_SIZE))
 
 
@@ -33,94 +32,40 @@ class RebaseError(Qcow2Error):
     """A rebase failed; the message is qemu-img's."""
 
 
-_ZERO_SECTOR = bytes(SECTOR)
-_BLOCK = 64 * SECTOR  # (zero stretches are skipped a block at a time)
-_ZERO_BLOCK = memoryview(bytes(_BLOCK))
-
-
 class _Buffers:
-    """A rebase's two read buffers, reused for every range, and views of the new one's
-    sectors, made once: comparing sector by sector is then one map() at C speed."""
+    """A rebase's two read buffers, reused for every range."""
 
     def __init__(self) -> None:
         self.old = io_buffer(IO_BUF_SIZE)
         self.new = io_buffer(IO_BUF_SIZE)
-        view = memoryview(self.new)
-        self.new_sectors = [
-            view[sector : sector + SECTOR] for sector in range(0, IO_BUF_SIZE, SECTOR)
-        ]
 
 
-def _differing_runs(buffers: _Buffers, n: int) -> list[tuple[int, int]]:
-    """[start, end) of each run of 512-byte sectors (the last may be partial) in which the
-    first n bytes of the buffers differ: what QEMU's compare_buffers finds, sector by
-    sector. Where one side is all zeros (a flattening, a sparse new backing file) these
-    are the other side's non-zero sectors, found by a search for zero sectors."""
-    old, new = buffers.old, buffers.new
-    if new.startswith(_ZEROS_VIEW[:n]):
-        return _nonzero_runs(old, n)
-    if old.startswith(_ZEROS_VIEW[:n]):
-        return _nonzero_runs(new, n)
-    full = n // SECTOR
-    same = bytes(map(old.startswith, buffers.new_sectors[:full], range(0, n, SECTOR)))
-    if full * SECTOR < n:  # (a partial last sector)
-        same += (
-            b"\1" if old.startswith(memoryview(new)[full * SECTOR : n], full * SECTOR) else b"\0"
-        )
+def _differing_runs(
+    old: bytearray, new: memoryview, offset: int, n: int, unit: int
+) -> list[tuple[int, int]]:
+    """[start, end) of each run of the overlay's allocation units (clusters, or
+    subclusters with extended L2: `unit` bytes from a multiple of it in the guest, the
+    first and last clipped to the range) in which old[:n] and new[:n] differ, for the
+    guest range at `offset`.
+
+    QEMU compares sector by sector and writes each differing run of sectors; each write
+    fills the rest of its units from the old chain (copy-on-write), which is what `old`
+    holds. Writing `old` over the whole units instead allocates the same units with the
+    same content, and takes one comparison a unit, one write a run of units and no
+    copy-on-write reads."""
+    first = -offset % unit or unit
+    starts = [0, *range(first, n, unit)]
+    ends = [*starts[1:], n]
+    same = bytes(map(old.startswith, map(new.__getitem__, map(slice, starts, ends)), starts))
     runs = []
-    first = same.find(0)
-    while first >= 0:
-        stop = same.find(1, first)
+    index = same.find(0)
+    while index >= 0:
+        stop = same.find(1, index)
         if stop < 0:
             stop = len(same)
-        runs.append((first * SECTOR, min(stop * SECTOR, n)))
-        first = same.find(0, stop)
+        runs.append((starts[index], ends[stop - 1]))
+        index = same.find(0, stop)
     return runs
-
-
-def _extend(runs: list[tuple[int, int]], start: int, end: int) -> None:
-    if runs and runs[-1][1] == start:
-        runs[-1] = (runs[-1][0], end)
-    else:
-        runs.append((start, end))
-
-
-def _nonzero_runs(buf: bytearray, n: int) -> list[tuple[int, int]]:
-    """[start, end) of each run of sectors of buf[:n] holding a non-zero byte."""
-    runs: list[tuple[int, int]] = []
-    pos = 0
-    while pos < n:
-        zero = _next_zero_sector(buf, pos, n)
-        if zero > pos:
-            _extend(runs, pos, zero)
-        pos = zero
-        while pos < n:  # (past the zero sectors: whole zero blocks at a time where it can)
-            if pos + _BLOCK <= n and buf.startswith(_ZERO_BLOCK, pos):
-                pos += _BLOCK
-            elif buf.startswith(_ZEROS_VIEW[: min(SECTOR, n - pos)], pos):
-                pos += SECTOR
-            else:
-                break
-    return runs
-
-
-def _next_zero_sector(buf: bytearray, pos: int, n: int) -> int:
-    """The first sector of buf[:n] from `pos` (a sector's start) whose bytes are all zero,
-    or n. A zero sector starting at s is 512 zero bytes, so bytes.find from `pos` stops at
-    or before it: only the sector starting where that find lands, rounded up, can be the
-    first, and when it is not, the next search starts one sector further."""
-    tail = n - n % SECTOR  # (where a partial last sector starts, or n)
-    search = pos
-    while True:
-        found = buf.find(_ZERO_SECTOR, search, n)
-        sector = tail if found < 0 else -(-found // SECTOR) * SECTOR
-        if sector >= tail:
-            if tail < n and buf.startswith(_ZEROS_VIEW[: n - tail], tail):
-                return tail
-            return n
-        if buf.startswith(_ZERO_SECTOR, sector):
-            return sector
-        search = sector + SECTOR
 
 
 def _header_backing_check(image, backing_name: str | None, backing_fmt: str | None) -> None:
@@ -359,13 +304,13 @@ def _copy_differences(image, old, new, old_size, new_size, offset, n, buffers) -
     with _reading(from_old):
         view_old = _read(old, old_size, offset, n, buffers.old)
     if new is None or offset >= new_size:  # (a flattening: the new side is zeros, unread)
-        runs = _nonzero_runs(buffers.old, n)
+        view_new = _ZEROS_VIEW
     else:
         with _reading(from_new):
             view_new = _read(new, new_size, offset, n, buffers.new)
         if buffers.old.startswith(view_new):  # (memcmp: the views are the buffers' first n)
             return
-        runs = _differing_runs(buffers, n)
+    runs = _differing_runs(buffers.old, view_new, offset, n, image.map.subcluster_size)
     old_is_zero = offset >= old_size
     try:
         for start, end in runs:
