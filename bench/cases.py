@@ -529,30 +529,56 @@ def compare_case(fx: Fixtures) -> list[Row]:
 def rebase_case(fx: Fixtures) -> list[Row]:
     """Safe rebase of an overlay over the mixed image (128 MiB of its own data): onto no
     backing file (the overlay flattened), and onto the many-extents image (every range
-    compared with other data). Each run starts from a fresh copy of the overlay."""
+    compared with other data); and of an empty overlay of the fully allocated image onto
+    a copy of it with two sectors changed in every cluster (a base image updated in
+    place). Each run starts from a fresh copy of the overlay."""
     overlay = fx.dir / "rebase-overlay.qcow2"
     sh(QEMU_IMG, "create", "-f", "qcow2", "-b", fx.mixed(), "-F", "qcow2", overlay)
     quarter = fx.config.size // 4
     qemu_io(overlay, [f"write -P 9 0 {quarter // 2}", f"write -P 8 {2 * quarter} {quarter // 2}"])
+    full_overlay = fx.dir / "rebase-full-overlay.qcow2"
+    sh(QEMU_IMG, "create", "-f", "qcow2", "-b", fx.full(), "-F", "qcow2", full_overlay)
+    updated = fx.dir / "rebase-full-updated.qcow2"
+    copy_sparse(fx.full(), updated)
+    qemu_io(
+        updated,
+        [
+            f"write -P {pattern} {cluster + at} 512"
+            for cluster in range(0, fx.config.size, 65536)
+            for pattern, at in ((0x77, 4096), (0x66, 40960))
+        ],
+    )
     work = fx.dir / "rebase-work.qcow2"
 
-    def fresh_copy(_side: str) -> None:
-        work.unlink(missing_ok=True)
-        copy_sparse(overlay, work)
-        os.sync()
+    def fresh_copy(source: Path) -> Callable[[str], None]:
+        def prepare(_side: str) -> None:
+            work.unlink(missing_ok=True)
+            copy_sparse(source, work)
+            os.sync()
+
+        return prepare
 
     return [
         Row(
-            f"rebase {label}, overlay of the mixed image",
+            f"rebase {label}",
             wall([*QIMG, "rebase", *args, work]),
             wall([QEMU_IMG, "rebase", *args, work]),
             Target(max_ratio=1.0),
             "qemu-img rebase",
-            prepare=fresh_copy,
+            prepare=fresh_copy(source),
         )
-        for label, args in (
-            ("-b '' (flatten)", ["-b", ""]),
-            ("onto other data", ["-b", fx.extents(), "-F", "qcow2"]),
+        for label, args, source in (
+            ("-b '' (flatten), overlay of the mixed image", ["-b", ""], overlay),
+            (
+                "onto other data, overlay of the mixed image",
+                ["-b", fx.extents(), "-F", "qcow2"],
+                overlay,
+            ),
+            (
+                "onto a copy with 2 sectors a cluster changed, empty overlay of the full image",
+                ["-b", updated, "-F", "qcow2"],
+                full_overlay,
+            ),
         )
     ]
 
