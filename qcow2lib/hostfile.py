@@ -54,15 +54,17 @@ def _libc_function(name: str, restype: str, argtypes: str | None, keep_gil: bool
         return None
 
 
-_fallocate_call: list = []  # [libc's fallocate or None], filled on first use
+_fallocate_calls: dict = {}  # keep_gil -> libc's fallocate or None
 
 
-def _fallocate():
+def _fallocate(keep_gil: bool = False):
     """libc's fallocate(2), which takes the flags os.posix_fallocate does not, or None.
-    Loaded on the first hole punched (every snapshot deletion punches holes)."""
-    if not _fallocate_call:
-        _fallocate_call.append(_libc_function("fallocate", "i", "iiqq"))
-    return _fallocate_call[0]
+    Loaded on the first hole punched (every snapshot deletion punches holes), or on the
+    first cluster a write allocates while other threads run (keep_gil: the call keeps
+    the GIL, see HostFile.allocate)."""
+    if keep_gil not in _fallocate_calls:
+        _fallocate_calls[keep_gil] = _libc_function("fallocate", "i", "iiqq", keep_gil)
+    return _fallocate_calls[keep_gil]
 
 
 _OFFSET_END = 1 << 63  # (off_t's)
@@ -106,6 +108,7 @@ def _held_read():
 
 
 _HELD_WRITE_MAX = 64 << 10  # the largest write that may keep the GIL
+_HELD_ALLOCATE_MAX = 2 << 20  # the largest reservation that may keep it (a 2 MiB cluster)
 _PAGE_SIZE = os.sysconf("SC_PAGESIZE") if hasattr(os, "sysconf") else 4096
 _held_write_call: list = []  # [writer, vectored writer], or [None]: filled on first use
 _dirty_allowance_value: list = []  # [bytes], filled on first use
@@ -690,8 +693,18 @@ class HostFile:
             self.unflushed = True
 
     def allocate(self, offset: int, length: int) -> None:
-        """Reserve blocks (preallocation=falloc) without changing data."""
+        """Reserve blocks (preallocation=falloc, a cluster a write allocates) without
+        changing data. While other threads run, up to _HELD_ALLOCATE_MAX bytes are reserved
+        by libc's fallocate keeping the GIL: a write's new cluster is a short change of the
+        file's block map, and with other threads waiting, taking the GIL back after it
+        costs more than the call (as for the writes that keep it). Anything else, and a
+        failure of that call, goes through os.posix_fallocate, which reports the error or
+        writes zeros where the file system cannot reserve."""
         try:
+            if 0 < length <= _HELD_ALLOCATE_MAX and 0 <= offset < _OFFSET_END - length:
+                fallocate = _fallocate(keep_gil=True) if _other_threads() else None
+                if fallocate is not None and fallocate(self.fd, 0, offset, length) == 0:
+                    return
             os.posix_fallocate(self.fd, offset, length)
         except (OSError, OverflowError) as exc:
             raise self._fail(exc, "fallocate") from None

@@ -169,7 +169,6 @@ class _Exclusive:
 
     def __enter__(self) -> None:
         image = self.image
-        image._planned_writes.acquire()  # (the lock order: VM state is written under both)
         image._lock.acquire()
         try:
             while image._io_active:
@@ -177,7 +176,6 @@ class _Exclusive:
             _flush_all(image)
         except BaseException:
             image._lock.release()
-            image._planned_writes.release()
             raise
 
     def __exit__(self, *exc_info) -> None:
@@ -185,7 +183,6 @@ class _Exclusive:
         image._last_decompressed = None  # host clusters may have been freed and reused
         image._prealloc_detected = None
         image._lock.release()
-        image._planned_writes.release()
 
 
 def _flush_all(image) -> None:

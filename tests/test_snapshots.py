@@ -611,10 +611,10 @@ class _Recorder:
             self.ops.append(("w", offset, bytes(memoryview(data).cast("B"))))
             return self._saved["pwrite"](data, offset)
 
-        def pwritev(buffers, offset):
+        def pwritev(buffers, offset, length=None):
             blob = b"".join(bytes(memoryview(b).cast("B")) for b in buffers)
             self.ops.append(("w", offset, blob))
-            return self._saved["pwritev"](buffers, offset)
+            return self._saved["pwritev"](buffers, offset, length)
 
         def flush():
             self.ops.append(("f",))

@@ -419,9 +419,9 @@ def test_fresh_cluster_gets_only_its_data(tmp_path, monkeypatch):
     allocated: list[tuple[int, int]] = []
     real_pwritev, real_allocate = HostFile.pwritev, HostFile.allocate
 
-    def recording_pwritev(self, buffers, offset):
+    def recording_pwritev(self, buffers, offset, length=None):
         written.append((offset, sum(len(memoryview(b)) for b in buffers)))
-        real_pwritev(self, buffers, offset)
+        real_pwritev(self, buffers, offset, length)
 
     def recording_allocate(self, offset, length):
         allocated.append((offset, length))
@@ -451,10 +451,10 @@ def test_fresh_cluster_over_a_backing_hole_gets_only_its_data(tmp_path, monkeypa
     written: list[tuple[int, int]] = []
     real_pwritev = HostFile.pwritev
 
-    def recording_pwritev(self, buffers, offset):
+    def recording_pwritev(self, buffers, offset, length=None):
         if Path(self.path).name == "top.qcow2":
             written.append((offset, sum(len(memoryview(b)) for b in buffers)))
-        real_pwritev(self, buffers, offset)
+        real_pwritev(self, buffers, offset, length)
 
     cluster = 64 * KiB
     base = tmp_path / "base.qcow2"
