@@ -1305,7 +1305,7 @@ class Qcow2Image(BlockDevice):
         # held writes), so that a thread rarely finds the lock held: letting the GIL go
         # at each of them made the threads queue on the lock, or on a lock around the
         # whole write, handing the GIL over at every write (8 threads of 4 KiB writes to
-        # new clusters: 1.42-1.72 s both ways, 1.10-1.25 s keeping it, one thread 0.74).
+        # new clusters: 1.4-1.8 s either way, 1.0-1.3 s keeping it).
         self._write_planned(offset, view)
         self._maybe_write_back()
 
